@@ -1,0 +1,133 @@
+//! The `ludus` command line: argument types (clap) and one module per subcommand.
+//! `main.rs` parses, sets up logging and calls [`run`].
+
+mod bench;
+mod generate;
+mod inspect;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::inference::model::{parse_dtype, DeviceChoice};
+use crate::inference::{Engine, Model};
+use crate::settings::Settings;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ludus",
+    version,
+    about = "LLM inference for games on a decentralized compute network"
+)]
+pub struct Cli {
+    /// Configuration file layered over config/default.toml.
+    #[arg(long, global = true, env = "LUDUS_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a completion locally with a model file.
+    Generate(generate::GenerateArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: String,
+        /// Add the model's BOS token when it asks for one.
+        #[arg(long)]
+        add_special: bool,
+    },
+    /// Model tools.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Print architecture, sizes and tensor types of a GGUF file or safetensors directory.
+    Inspect { path: PathBuf },
+}
+
+/// Device and dtype flags shared by the commands that run a model.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// auto (CUDA when present), cpu, cuda or cuda:N. Default: the config's engine.device.
+    #[arg(long)]
+    pub device: Option<DeviceChoice>,
+    /// f32, bf16 or f16. Default: f32 on CPU, bf16 on CUDA.
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<tch::Kind>,
+    /// libtorch threads (0 = all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl RuntimeArgs {
+    /// Loads a model and starts an engine with the settings' engine section.
+    pub fn start_engine(
+        &self,
+        settings: &Settings,
+        path: &std::path::Path,
+        max_batch: Option<usize>,
+    ) -> anyhow::Result<Engine> {
+        let threads = self.threads.unwrap_or(settings.engine.threads);
+        if threads > 0 {
+            tch::set_num_threads(threads as i32);
+        }
+        let device = match self.device {
+            Some(d) => d,
+            None => settings.engine.device.parse().map_err(anyhow::Error::msg)?,
+        };
+        let device = device.resolve()?;
+        let dtype = match (self.dtype, settings.engine.dtype.as_str()) {
+            (Some(k), _) => Some(k),
+            (None, "") => None,
+            (None, s) => Some(parse_dtype(s).map_err(anyhow::Error::msg)?),
+        };
+        let started = std::time::Instant::now();
+        let model = Model::load(path, device, dtype)?;
+        tracing::info!(model = %model.name, ?device, kind = ?model.llama.kind, secs = started.elapsed().as_secs_f32(), "model loaded");
+        let mut config = settings.engine_config();
+        if let Some(b) = max_batch {
+            config.max_batch = b;
+        }
+        Ok(Engine::start(model, config)?)
+    }
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Generate(args) => generate::run(&settings, args),
+        Command::Tokenize {
+            model,
+            text,
+            add_special,
+        } => {
+            let tokenizer = inspect::load_tokenizer(&model)?;
+            let ids = tokenizer.encode(&text, add_special)?;
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        Command::Model(ModelCommand::Inspect { path }) => inspect::run(&path),
+        Command::Bench(cmd) => bench::run(&settings, cmd),
+    }
+}
+
+/// Initializes tracing logs to stderr: `RUST_LOG` when set, else `level`.
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,648 @@
+//! The engine: continuous batching over one [`Model`] on a dedicated thread.
+//!
+//! Sequences join and leave the running batch between decode steps. Each step runs at
+//! most one prefill chunk (of the oldest admitted sequence, [`EngineConfig::prefill_chunk`]
+//! tokens) and then one decode step for every running sequence, so a long prompt never
+//! stalls the others for more than one chunk. Running sequences occupy KV slots `0..B`
+//! (compacted when one leaves), which makes the batch's cache a zero-copy view.
+//!
+//! Callers get a channel of [`Event`]s per request; dropping the receiver cancels the
+//! sequence, and its slot is free at the next step.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::error::{InferError, Result};
+use super::kv_cache::KvCache;
+use super::llama::LogitsFor;
+use super::model::Model;
+use super::sampling::{apply_penalties, sample, SamplingParams, TokenHistory};
+use super::tokenizer::{StreamDecoder, Tokenizer};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences decoded together (KV slots).
+    pub max_batch: usize,
+    /// Longest sequence (prompt + completion) in tokens; bounded by the model's context.
+    pub max_context: usize,
+    /// Prompt tokens run per prefill chunk.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            max_context: 4096,
+            prefill_chunk: 256,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    /// Completion tokens already produced elsewhere (mid-stream failover): prefilled after
+    /// the prompt, counted as generated, and never re-emitted.
+    pub prefix: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Send the final hidden state of every position (proof of inference).
+    pub collect_hidden: bool,
+    /// End-of-sequence tokens are masked out until this many tokens were generated.
+    pub min_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub queued_ms: f64,
+    pub time_to_first_token_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: FinishReason,
+    /// Text held back (a possible stop-sequence prefix) that turned out not to be one.
+    pub tail: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The prompt's final hidden states, `[rows, hidden]` flattened (with `collect_hidden`).
+    PromptHidden {
+        rows: usize,
+        values: Vec<f32>,
+    },
+    /// One sampled token and the text it releases (possibly empty). `hidden` is the final
+    /// hidden state of the position whose logits chose it (with `collect_hidden`).
+    Token {
+        id: u32,
+        text: String,
+        hidden: Option<Vec<f32>>,
+    },
+    Done(Finished),
+    Error(String),
+}
+
+/// Live load figures, read by the node's heartbeats.
+#[derive(Debug, Default)]
+pub struct EngineLoad {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub queued_tokens: AtomicUsize,
+    pub generated_tokens: AtomicU64,
+}
+
+struct Command {
+    request: GenerateRequest,
+    events: UnboundedSender<Event>,
+    received: Instant,
+}
+
+/// Handle to the engine thread.
+pub struct Engine {
+    commands: mpsc::Sender<Command>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub model_name: String,
+    pub config: EngineConfig,
+    pub load: Arc<EngineLoad>,
+    pub device: Device,
+    pub kind: Kind,
+    pub weight_bytes: usize,
+    pub hidden_size: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts the engine thread; the KV cache is sized by `config`.
+    pub fn start(model: Model, mut config: EngineConfig) -> Result<Self> {
+        config.max_context = config
+            .max_context
+            .min(model.llama.config.max_position_embeddings)
+            .max(2);
+        config.max_batch = config.max_batch.max(1);
+        config.prefill_chunk = config.prefill_chunk.max(1);
+        let cache = KvCache::new(
+            &model.llama.config,
+            config.max_batch,
+            config.max_context,
+            model.llama.device,
+            model.llama.kind,
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let load = Arc::new(EngineLoad::default());
+        let handle = Self {
+            commands: tx,
+            tokenizer: model.tokenizer.clone(),
+            model_name: model.name.clone(),
+            config: config.clone(),
+            load: load.clone(),
+            device: model.llama.device,
+            kind: model.llama.kind,
+            weight_bytes: model.llama.weight_bytes(),
+            hidden_size: model.llama.config.hidden_size,
+            thread: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("ludus-engine".into())
+            .spawn(move || {
+                Scheduler {
+                    model,
+                    config,
+                    cache,
+                    rx,
+                    load,
+                    waiting: VecDeque::new(),
+                    prefilling: None,
+                    running: Vec::new(),
+                }
+                .run()
+            })
+            .map_err(|e| InferError::io("engine thread", e))?;
+        Ok(Self {
+            thread: Some(thread),
+            ..handle
+        })
+    }
+
+    /// Queues a request; events arrive on the returned channel. Dropping it cancels.
+    pub fn submit(&self, request: GenerateRequest) -> Result<UnboundedReceiver<Event>> {
+        request
+            .params
+            .validate()
+            .map_err(InferError::InvalidRequest)?;
+        if request.prompt.is_empty() {
+            return Err(InferError::InvalidRequest("the prompt is empty".into()));
+        }
+        let (events, rx) = unbounded_channel();
+        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        self.commands
+            .send(Command {
+                request,
+                events,
+                received: Instant::now(),
+            })
+            .map_err(|_| InferError::EngineStopped)?;
+        Ok(rx)
+    }
+
+    /// Stops accepting work and waits until running sequences finish.
+    pub fn shutdown(mut self) {
+        let thread = self.thread.take();
+        drop(self);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Sequence {
+    request: GenerateRequest,
+    events: UnboundedSender<Event>,
+    received: Instant,
+    started: Instant,
+    first_token: Option<Instant>,
+    slot: usize,
+    /// Prompt + prefix + generated tokens.
+    tokens: Vec<u32>,
+    /// How many of `tokens` are in the KV cache.
+    cached: usize,
+    generated: usize,
+    history: TokenHistory,
+    decoder: StreamDecoder,
+    text: String,
+    released: usize,
+    max_stop_len: usize,
+}
+
+struct Scheduler {
+    model: Model,
+    config: EngineConfig,
+    cache: KvCache,
+    rx: mpsc::Receiver<Command>,
+    load: Arc<EngineLoad>,
+    waiting: VecDeque<Command>,
+    prefilling: Option<Sequence>,
+    running: Vec<Sequence>,
+}
+
+enum Outcome {
+    Continue,
+    Finished(FinishReason),
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        let mut open = true;
+        loop {
+            let idle =
+                self.waiting.is_empty() && self.prefilling.is_none() && self.running.is_empty();
+            if idle {
+                if !open {
+                    return;
+                }
+                match self.rx.recv() {
+                    Ok(cmd) => self.waiting.push_back(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => self.waiting.push_back(cmd),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            if let Err(e) = self.prefill_step() {
+                tracing::error!(error = %e, "prefill failed");
+                if let Some(seq) = self.prefilling.take() {
+                    let _ = seq.events.send(Event::Error(e.to_string()));
+                }
+            }
+            if let Err(e) = self.decode_step() {
+                tracing::error!(error = %e, "decode step failed; failing the running batch");
+                for seq in self.running.drain(..) {
+                    let _ = seq.events.send(Event::Error(e.to_string()));
+                }
+                self.compact();
+            }
+            self.publish_load();
+        }
+    }
+
+    fn publish_load(&self) {
+        let queued: usize = self
+            .waiting
+            .iter()
+            .map(|c| c.request.prompt.len() + c.request.max_tokens)
+            .sum::<usize>()
+            + self
+                .running
+                .iter()
+                .chain(self.prefilling.as_ref())
+                .map(|s| s.request.max_tokens.saturating_sub(s.generated))
+                .sum::<usize>();
+        self.load.running.store(
+            self.running.len() + self.prefilling.is_some() as usize,
+            Ordering::Relaxed,
+        );
+        self.load
+            .waiting
+            .store(self.waiting.len(), Ordering::Relaxed);
+        self.load.queued_tokens.store(queued, Ordering::Relaxed);
+    }
+
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|c| !c.events.is_closed());
+        if self
+            .prefilling
+            .as_ref()
+            .is_some_and(|s| s.events.is_closed())
+        {
+            self.prefilling = None;
+        }
+        let before = self.running.len();
+        self.running.retain(|s| !s.events.is_closed());
+        if self.running.len() != before {
+            self.compact();
+        }
+    }
+
+    /// Re-packs running sequences into slots `0..B` and the prefilling one into slot `B`.
+    fn compact(&mut self) {
+        for i in 0..self.running.len() {
+            let from = self.running[i].slot;
+            if from != i {
+                if let Err(e) = self.cache.move_slot(from, i) {
+                    tracing::error!(error = %e, "KV slot move failed");
+                }
+                self.running[i].slot = i;
+            }
+        }
+        let b = self.running.len();
+        if let Some(seq) = self.prefilling.as_mut() {
+            if seq.slot != b {
+                if let Err(e) = self.cache.move_slot(seq.slot, b) {
+                    tracing::error!(error = %e, "KV slot move failed");
+                }
+                seq.slot = b;
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.prefilling.is_none() && self.running.len() < self.config.max_batch {
+            let Some(cmd) = self.waiting.pop_front() else {
+                return;
+            };
+            let r = &cmd.request;
+            let context = r.prompt.len() + r.prefix.len();
+            if context + 1 > self.config.max_context || r.prefix.len() >= r.max_tokens.max(1) {
+                let err = InferError::ContextOverflow {
+                    got: context,
+                    max_new: r.max_tokens,
+                    limit: self.config.max_context,
+                };
+                let _ = cmd.events.send(Event::Error(err.to_string()));
+                continue;
+            }
+            if let Some(bad) = r
+                .prompt
+                .iter()
+                .chain(&r.prefix)
+                .find(|&&t| t as usize >= self.model.llama.config.vocab_size)
+            {
+                let _ = cmd.events.send(Event::Error(format!(
+                    "token id {bad} is outside the vocabulary"
+                )));
+                continue;
+            }
+            let mut history = TokenHistory::new(&r.prompt);
+            for &t in &r.prefix {
+                history.push_generated(t);
+            }
+            let slot = self.running.len();
+            self.cache.clear(slot);
+            let tokens: Vec<u32> = r.prompt.iter().chain(&r.prefix).copied().collect();
+            let max_stop_len = r.stop.iter().map(String::len).max().unwrap_or(0);
+            self.prefilling = Some(Sequence {
+                generated: r.prefix.len(),
+                request: cmd.request,
+                events: cmd.events,
+                received: cmd.received,
+                started: Instant::now(),
+                first_token: None,
+                slot,
+                tokens,
+                cached: 0,
+                history,
+                decoder: StreamDecoder::default(),
+                text: String::new(),
+                released: 0,
+                max_stop_len,
+            });
+        }
+    }
+
+    fn prefill_step(&mut self) -> Result<()> {
+        let Some(seq) = self.prefilling.as_mut() else {
+            return Ok(());
+        };
+        let end = (seq.cached + self.config.prefill_chunk).min(seq.tokens.len());
+        let last = end == seq.tokens.len();
+        let chunk = seq.tokens[seq.cached..end].to_vec();
+        let out = {
+            let _guard = tch::no_grad_guard();
+            self.model.llama.prefill(
+                &mut self.cache,
+                seq.slot,
+                &chunk,
+                seq.cached,
+                if last {
+                    LogitsFor::Last
+                } else {
+                    LogitsFor::None
+                },
+            )?
+        };
+        seq.cached = end;
+        if seq.request.collect_hidden {
+            let rows = chunk.len();
+            let values = tensor_to_vec(&out.hidden)?;
+            let _ = seq.events.send(Event::PromptHidden { rows, values });
+        }
+        if !last {
+            return Ok(());
+        }
+        let mut seq = self.prefilling.take().expect("checked above");
+        let logits = tensor_to_vec(&out.logits)?;
+        let hidden = if seq.request.collect_hidden {
+            Some(last_row(&out.hidden)?)
+        } else {
+            None
+        };
+        let tokenizer = self.model.tokenizer.clone();
+        match emit(
+            &mut seq,
+            &tokenizer,
+            logits,
+            hidden,
+            self.config.max_context,
+        ) {
+            Outcome::Continue => {
+                seq.slot = self.running.len();
+                self.running.push(seq);
+            }
+            Outcome::Finished(reason) => finish(seq, reason, &self.load),
+        }
+        Ok(())
+    }
+
+    fn decode_step(&mut self) -> Result<()> {
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        let tokens: Vec<u32> = self
+            .running
+            .iter()
+            .map(|s| *s.tokens.last().expect("running sequences have tokens"))
+            .collect();
+        let positions: Vec<usize> = self.running.iter().map(|s| s.cached).collect();
+        let out = {
+            let _guard = tch::no_grad_guard();
+            self.model
+                .llama
+                .decode(&mut self.cache, &tokens, &positions)?
+        };
+        let vocab = self.model.llama.config.vocab_size;
+        let logits = tensor_to_vec(&out.logits)?;
+        let want_hidden = self.running.iter().any(|s| s.request.collect_hidden);
+        let hidden = if want_hidden {
+            Some(tensor_to_vec(&out.hidden)?)
+        } else {
+            None
+        };
+        let d = self.model.llama.config.hidden_size;
+        let tokenizer = self.model.tokenizer.clone();
+        let mut finished = Vec::new();
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            seq.cached += 1;
+            let row = logits[i * vocab..(i + 1) * vocab].to_vec();
+            let h = match (&hidden, seq.request.collect_hidden) {
+                (Some(all), true) => Some(all[i * d..(i + 1) * d].to_vec()),
+                _ => None,
+            };
+            if let Outcome::Finished(reason) =
+                emit(seq, &tokenizer, row, h, self.config.max_context)
+            {
+                finished.push((i, reason));
+            }
+        }
+        for (i, reason) in finished.into_iter().rev() {
+            let seq = self.running.remove(i);
+            finish(seq, reason, &self.load);
+        }
+        self.compact();
+        Ok(())
+    }
+}
+
+/// Samples the next token of `seq` from `logits`, streams it, and says whether it ends.
+fn emit(
+    seq: &mut Sequence,
+    tokenizer: &Tokenizer,
+    mut logits: Vec<f32>,
+    hidden: Option<Vec<f32>>,
+    max_context: usize,
+) -> Outcome {
+    apply_penalties(&mut logits, &seq.request.params, &seq.history);
+    if seq.generated < seq.request.min_tokens {
+        for &t in &tokenizer.stop_tokens {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let position = seq.tokens.len() as u64;
+    let token = sample(&logits, &seq.request.params, position);
+    seq.tokens.push(token);
+    seq.generated += 1;
+    seq.history.push_generated(token);
+    seq.first_token.get_or_insert_with(Instant::now);
+    let is_stop_token = tokenizer.stop_tokens.contains(&token);
+    let piece = if is_stop_token {
+        String::new()
+    } else {
+        seq.decoder.push(tokenizer, token)
+    };
+    seq.text.push_str(&piece);
+    let mut reason = None;
+    // A stop sequence can only start in text not yet released (see `releasable`).
+    let unreleased = &seq.text[seq.released..];
+    let hit = seq
+        .request
+        .stop
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| unreleased.find(s.as_str()))
+        .min();
+    let release_to = match hit {
+        Some(pos) => {
+            reason = Some(FinishReason::Stop);
+            seq.released + pos
+        }
+        None => seq.released + releasable(unreleased, &seq.request.stop, seq.max_stop_len),
+    };
+    let text = seq.text[seq.released..release_to].to_string();
+    seq.released = release_to;
+    if hit.is_some() {
+        seq.text.truncate(release_to);
+        seq.decoder.finish();
+    }
+    let _ = seq.events.send(Event::Token {
+        id: token,
+        text,
+        hidden,
+    });
+    if is_stop_token {
+        reason.get_or_insert(FinishReason::Stop);
+    }
+    if seq.generated >= seq.request.max_tokens || seq.tokens.len() >= max_context {
+        reason.get_or_insert(FinishReason::Length);
+    }
+    match reason {
+        Some(r) => Outcome::Finished(r),
+        None => Outcome::Continue,
+    }
+}
+
+/// How much of `text` can be released: all but the longest suffix that starts a stop sequence.
+fn releasable(text: &str, stops: &[String], max_stop_len: usize) -> usize {
+    if max_stop_len == 0 {
+        return text.len();
+    }
+    let lowest = text.len().saturating_sub(max_stop_len - 1);
+    for start in (lowest..text.len()).filter(|&i| text.is_char_boundary(i)) {
+        let suffix = &text[start..];
+        if stops.iter().any(|s| s.starts_with(suffix)) {
+            return start;
+        }
+    }
+    text.len()
+}
+
+fn finish(mut seq: Sequence, reason: FinishReason, load: &EngineLoad) {
+    let now = Instant::now();
+    let mut tail = seq.text[seq.released..].to_string();
+    tail.push_str(&seq.decoder.finish());
+    load.generated_tokens.fetch_add(
+        (seq.generated - seq.request.prefix.len()) as u64,
+        Ordering::Relaxed,
+    );
+    let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+    let timings = Timings {
+        queued_ms: ms(seq.received, seq.started),
+        time_to_first_token_ms: ms(seq.received, seq.first_token.unwrap_or(now)),
+        total_ms: ms(seq.received, now),
+    };
+    let done = Finished {
+        reason,
+        tail,
+        prompt_tokens: seq.request.prompt.len(),
+        completion_tokens: seq.generated,
+        timings,
+    };
+    let _ = seq.events.send(Event::Done(done));
+}
+
+fn tensor_to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    let flat = t
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_flatten(0, -1)?;
+    Ok(Vec::<f32>::try_from(&flat)?)
+}
+
+fn last_row(t: &Tensor) -> Result<Vec<f32>> {
+    let n = t.size()[0];
+    tensor_to_vec(&t.f_narrow(0, n - 1, 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::releasable;
+
+    #[test]
+    fn stop_sequence_prefixes_are_held_back() {
+        let stops = vec!["END".to_string()];
+        assert_eq!(releasable("hello E", &stops, 3), 6);
+        assert_eq!(releasable("hello EN", &stops, 3), 6);
+        assert_eq!(releasable("hello EX", &stops, 3), 8);
+        assert_eq!(releasable("hé", &["éx".to_string()], 3), 1);
+    }
+}

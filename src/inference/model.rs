@@ -1,0 +1,171 @@
+//! `Model`: everything needed to serve one checkpoint — the transformer, its tokenizer and
+//! its chat template — loaded from a GGUF file or a Hugging Face directory, plus the
+//! device and dtype choice (`auto` = CUDA when present, else CPU).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tch::{Device, Kind};
+
+use super::chat_template::{ChatMessage, ChatTemplate};
+use super::error::{InferError, Result};
+use super::llama::Llama;
+use super::tokenizer::Tokenizer;
+use super::weights::WeightSource;
+
+/// `--device auto|cpu|cuda[:N]`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device `{other}` (auto, cpu, cuda, cuda:N)")),
+        }
+    }
+}
+
+impl DeviceChoice {
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto => Ok(if tch::Cuda::is_available() {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            }),
+            Self::Cuda(n)
+                if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize =>
+            {
+                Ok(Device::Cuda(n))
+            }
+            Self::Cuda(n) => Err(InferError::DeviceUnavailable(format!("cuda:{n}"))),
+        }
+    }
+}
+
+/// `--dtype f32|bf16|f16`; the default is f32 on CPU and bf16 on CUDA.
+pub fn parse_dtype(s: &str) -> Result<Kind, String> {
+    match s {
+        "f32" | "float32" => Ok(Kind::Float),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        "f16" | "float16" => Ok(Kind::Half),
+        other => Err(format!("unknown dtype `{other}` (f32, bf16, f16)")),
+    }
+}
+
+pub fn default_dtype(device: Device) -> Kind {
+    if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    }
+}
+
+pub struct Model {
+    /// The name games ask for (`model` in the API): the file or directory stem.
+    pub name: String,
+    pub path: PathBuf,
+    pub llama: Llama,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Arc<ChatTemplate>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The name a model file is served under.
+pub fn model_name(path: &Path) -> String {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    file.strip_suffix(".gguf").unwrap_or(&file).to_string()
+}
+
+impl Model {
+    /// Loads a model on `device` in `dtype` (None = the device's default).
+    pub fn load(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Self> {
+        let source = WeightSource::open(path)?;
+        let kind = dtype.unwrap_or_else(|| default_dtype(device));
+        let (tokenizer, template_src) = match &source {
+            WeightSource::Gguf(g) => (
+                Tokenizer::from_gguf(g)?,
+                g.get_str("tokenizer.chat_template").map(str::to_string),
+            ),
+            WeightSource::Safetensors(s) => {
+                (Tokenizer::from_hf_dir(&s.dir)?, hf_chat_template(&s.dir))
+            }
+        };
+        let llama = Llama::load(&source, device, kind)?;
+        if tokenizer.vocab_size() > llama.config.vocab_size {
+            return Err(InferError::Tokenizer(format!(
+                "tokenizer has {} tokens but the model only {}",
+                tokenizer.vocab_size(),
+                llama.config.vocab_size
+            )));
+        }
+        let text = |id: Option<u32>| {
+            id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned())
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            template_src.as_deref(),
+            &text(tokenizer.bos),
+            &text(tokenizer.eos),
+        )?;
+        Ok(Self {
+            name: model_name(path),
+            path: path.to_path_buf(),
+            llama,
+            tokenizer: Arc::new(tokenizer),
+            template: Arc::new(template),
+        })
+    }
+
+    /// Renders and tokenizes a conversation, ready for generation.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode(&text, false)
+    }
+
+    /// Tokenizes a plain completion prompt (with BOS when the model wants one).
+    pub fn completion_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(prompt, true)
+    }
+}
+
+fn hf_chat_template(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match &json["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+    .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok())
+}

@@ -1,0 +1,88 @@
+//! Layered configuration: `config/default.toml` (compiled in), an optional file given
+//! with `--config`, then environment variables `LUDUS__SECTION__KEY`. One typed
+//! [`Settings`] comes out; every subsystem reads its own section.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EngineSettings {
+    pub max_batch: usize,
+    pub max_context: usize,
+    pub prefill_chunk: usize,
+    pub device: String,
+    pub dtype: String,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub engine: EngineSettings,
+    pub log: LogSettings,
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (when given), then `LUDUS__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder
+            .add_source(
+                config::Environment::with_prefix("LUDUS")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()
+    }
+
+    pub fn engine_config(&self) -> crate::inference::EngineConfig {
+        crate::inference::EngineConfig {
+            max_batch: self.engine.max_batch,
+            max_context: self.engine.max_context,
+            prefill_chunk: self.engine.prefill_chunk,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_files_override() {
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.engine.max_batch, 16);
+        assert_eq!(s.engine.device, "auto");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.toml");
+        std::fs::write(&path, "[engine]\nmax_batch = 3\n").unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.engine.max_batch, 3);
+        assert_eq!(
+            s.engine.prefill_chunk, 256,
+            "unset keys keep their defaults"
+        );
+    }
+
+    #[test]
+    fn a_bad_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[engine]\nmax_batch = \"lots\"\n").unwrap();
+        let err = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("max_batch"), "{err}");
+    }
+}

@@ -1,0 +1,80 @@
+//! Shared test helpers: tiny models on disk, the real SmolLM2 when present, engines.
+
+use std::path::{Path, PathBuf};
+
+use ludus::inference::tiny_model::{write_gguf, write_safetensors_dir, TinySpec};
+use ludus::inference::{Engine, EngineConfig, Event, Finished, GenerateRequest, Model};
+use tch::Device;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2")
+}
+
+/// The real SmolLM2 model: `None` (the test is skipped) unless `scripts/setup` fetched it;
+/// with `LUDUS_REQUIRE_MODEL=1` (CI) a missing model fails the test instead.
+pub fn smollm2() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("LUDUS_REQUIRE_MODEL").is_err(),
+        "LUDUS_REQUIRE_MODEL is set but {} is missing: run scripts/setup",
+        path.display()
+    );
+    eprintln!("skipped: {} not found (run scripts/setup)", path.display());
+    None
+}
+
+/// A tiny model written to a temporary directory (GGUF file and HF directory).
+pub struct Tiny {
+    pub dir: tempfile::TempDir,
+    pub gguf: PathBuf,
+    pub hf: PathBuf,
+}
+
+pub fn tiny(spec: &TinySpec) -> Tiny {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gguf = dir.path().join("tiny.gguf");
+    let hf = dir.path().join("tiny-hf");
+    write_gguf(&gguf, spec).expect("write tiny gguf");
+    write_safetensors_dir(&hf, spec).expect("write tiny safetensors");
+    Tiny { dir, gguf, hf }
+}
+
+pub fn engine(path: &Path, max_batch: usize) -> Engine {
+    let model = Model::load(path, Device::Cpu, None).expect("model loads");
+    Engine::start(
+        model,
+        EngineConfig {
+            max_batch,
+            max_context: 1024,
+            prefill_chunk: 64,
+        },
+    )
+    .expect("engine starts")
+}
+
+/// Runs a request to the end: (token ids, text, finish).
+pub fn collect(engine: &Engine, request: GenerateRequest) -> (Vec<u32>, String, Finished) {
+    drain(engine.submit(request).expect("submit"))
+}
+
+pub fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, String, Finished) {
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            Event::Token { id, text: t, .. } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            Event::Done(done) => {
+                text.push_str(&done.tail);
+                return (ids, text, done);
+            }
+            Event::Error(e) => panic!("generation failed: {e}"),
+            Event::PromptHidden { .. } => {}
+        }
+    }
+    panic!("stream ended without Done");
+}
