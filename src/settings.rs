@@ -53,6 +53,7 @@ impl Settings {
             max_batch: self.engine.max_batch,
             max_context: self.engine.max_context,
             prefill_chunk: self.engine.prefill_chunk,
+            threads: self.engine.threads,
         }
     }
 }

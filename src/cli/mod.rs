@@ -95,6 +95,7 @@ impl RuntimeArgs {
         let model = Model::load(path, device, dtype)?;
         tracing::info!(model = %model.name, ?device, kind = ?model.llama.kind, secs = started.elapsed().as_secs_f32(), "model loaded");
         let mut config = settings.engine_config();
+        config.threads = threads;
         if let Some(b) = max_batch {
             config.max_batch = b;
         }

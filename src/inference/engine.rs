@@ -19,7 +19,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::error::{InferError, Result};
 use super::kv_cache::KvCache;
-use super::llama::LogitsFor;
+use super::llama::{LogitsFor, PrefillChunk};
 use super::model::Model;
 use super::sampling::{apply_penalties, sample, SamplingParams, TokenHistory};
 use super::tokenizer::{StreamDecoder, Tokenizer};
@@ -32,6 +32,9 @@ pub struct EngineConfig {
     pub max_context: usize,
     /// Prompt tokens run per prefill chunk.
     pub prefill_chunk: usize,
+    /// libtorch intra-op threads for the engine thread (0 = libtorch's default). OpenMP
+    /// settings are per thread, so the engine thread sets its own.
+    pub threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +43,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             max_context: 4096,
             prefill_chunk: 256,
+            threads: 0,
         }
     }
 }
@@ -253,6 +257,9 @@ enum Outcome {
 
 impl Scheduler {
     fn run(mut self) {
+        if self.config.threads > 0 {
+            tch::set_num_threads(self.config.threads as i32);
+        }
         let mut open = true;
         loop {
             let idle =
@@ -278,18 +285,11 @@ impl Scheduler {
             }
             self.drop_cancelled();
             self.admit();
-            if let Err(e) = self.prefill_step() {
-                tracing::error!(error = %e, "prefill failed");
-                if let Some(seq) = self.prefilling.take() {
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "engine step failed; failing the sequences in it");
+                for seq in self.running.drain(..).chain(self.prefilling.take()) {
                     let _ = seq.events.send(Event::Error(e.to_string()));
                 }
-            }
-            if let Err(e) = self.decode_step() {
-                tracing::error!(error = %e, "decode step failed; failing the running batch");
-                for seq in self.running.drain(..) {
-                    let _ = seq.events.send(Event::Error(e.to_string()));
-                }
-                self.compact();
             }
             self.publish_load();
         }
@@ -409,62 +409,10 @@ impl Scheduler {
         }
     }
 
-    fn prefill_step(&mut self) -> Result<()> {
-        let Some(seq) = self.prefilling.as_mut() else {
-            return Ok(());
-        };
-        let end = (seq.cached + self.config.prefill_chunk).min(seq.tokens.len());
-        let last = end == seq.tokens.len();
-        let chunk = seq.tokens[seq.cached..end].to_vec();
-        let out = {
-            let _guard = tch::no_grad_guard();
-            self.model.llama.prefill(
-                &mut self.cache,
-                seq.slot,
-                &chunk,
-                seq.cached,
-                if last {
-                    LogitsFor::Last
-                } else {
-                    LogitsFor::None
-                },
-            )?
-        };
-        seq.cached = end;
-        if seq.request.collect_hidden {
-            let rows = chunk.len();
-            let values = tensor_to_vec(&out.hidden)?;
-            let _ = seq.events.send(Event::PromptHidden { rows, values });
-        }
-        if !last {
-            return Ok(());
-        }
-        let mut seq = self.prefilling.take().expect("checked above");
-        let logits = tensor_to_vec(&out.logits)?;
-        let hidden = if seq.request.collect_hidden {
-            Some(last_row(&out.hidden)?)
-        } else {
-            None
-        };
-        let tokenizer = self.model.tokenizer.clone();
-        match emit(
-            &mut seq,
-            &tokenizer,
-            logits,
-            hidden,
-            self.config.max_context,
-        ) {
-            Outcome::Continue => {
-                seq.slot = self.running.len();
-                self.running.push(seq);
-            }
-            Outcome::Finished(reason) => finish(seq, reason, &self.load),
-        }
-        Ok(())
-    }
-
-    fn decode_step(&mut self) -> Result<()> {
-        if self.running.is_empty() {
+    /// One pass over the weights: a decode token for every running sequence plus the
+    /// next prefill chunk of the admitted sequence, if any.
+    fn step(&mut self) -> Result<()> {
+        if self.running.is_empty() && self.prefilling.is_none() {
             return Ok(());
         }
         let tokens: Vec<u32> = self
@@ -473,39 +421,96 @@ impl Scheduler {
             .map(|s| *s.tokens.last().expect("running sequences have tokens"))
             .collect();
         let positions: Vec<usize> = self.running.iter().map(|s| s.cached).collect();
+        let chunk_range = self.prefilling.as_ref().map(|seq| {
+            let end = (seq.cached + self.config.prefill_chunk).min(seq.tokens.len());
+            (seq.slot, seq.cached, end, end == seq.tokens.len())
+        });
+        let chunk_tokens: Vec<u32> = match (&self.prefilling, chunk_range) {
+            (Some(seq), Some((_, start, end, _))) => seq.tokens[start..end].to_vec(),
+            _ => Vec::new(),
+        };
+        let chunk = chunk_range.map(|(slot, start, _, last)| PrefillChunk {
+            slot,
+            tokens: &chunk_tokens,
+            start,
+            logits: if last {
+                LogitsFor::Last
+            } else {
+                LogitsFor::None
+            },
+        });
         let out = {
             let _guard = tch::no_grad_guard();
             self.model
                 .llama
-                .decode(&mut self.cache, &tokens, &positions)?
+                .step(&mut self.cache, &tokens, &positions, chunk)?
         };
-        let vocab = self.model.llama.config.vocab_size;
-        let logits = tensor_to_vec(&out.logits)?;
-        let want_hidden = self.running.iter().any(|s| s.request.collect_hidden);
-        let hidden = if want_hidden {
-            Some(tensor_to_vec(&out.hidden)?)
-        } else {
-            None
-        };
-        let d = self.model.llama.config.hidden_size;
         let tokenizer = self.model.tokenizer.clone();
-        let mut finished = Vec::new();
-        for (i, seq) in self.running.iter_mut().enumerate() {
-            seq.cached += 1;
-            let row = logits[i * vocab..(i + 1) * vocab].to_vec();
-            let h = match (&hidden, seq.request.collect_hidden) {
-                (Some(all), true) => Some(all[i * d..(i + 1) * d].to_vec()),
-                _ => None,
+        let d = self.model.llama.config.hidden_size;
+        let vocab = self.model.llama.config.vocab_size;
+        // Decode rows.
+        if !self.running.is_empty() {
+            let logits = tensor_to_vec(&out.decode.logits)?;
+            let want_hidden = self.running.iter().any(|s| s.request.collect_hidden);
+            let hidden = if want_hidden {
+                Some(tensor_to_vec(&out.decode.hidden)?)
+            } else {
+                None
             };
-            if let Outcome::Finished(reason) =
-                emit(seq, &tokenizer, row, h, self.config.max_context)
-            {
-                finished.push((i, reason));
+            let mut finished = Vec::new();
+            for (i, seq) in self.running.iter_mut().enumerate() {
+                seq.cached += 1;
+                let row = logits[i * vocab..(i + 1) * vocab].to_vec();
+                let h = match (&hidden, seq.request.collect_hidden) {
+                    (Some(all), true) => Some(all[i * d..(i + 1) * d].to_vec()),
+                    _ => None,
+                };
+                if let Outcome::Finished(reason) =
+                    emit(seq, &tokenizer, row, h, self.config.max_context)
+                {
+                    finished.push((i, reason));
+                }
+            }
+            for (i, reason) in finished.into_iter().rev() {
+                let seq = self.running.remove(i);
+                finish(seq, reason, &self.load);
             }
         }
-        for (i, reason) in finished.into_iter().rev() {
-            let seq = self.running.remove(i);
-            finish(seq, reason, &self.load);
+        // The prefill chunk.
+        if let (Some(prefill), Some((_, _, end, last))) = (out.prefill, chunk_range) {
+            let seq = self
+                .prefilling
+                .as_mut()
+                .expect("a chunk implies a prefilling sequence");
+            seq.cached = end;
+            if seq.request.collect_hidden {
+                let values = tensor_to_vec(&prefill.hidden)?;
+                let _ = seq.events.send(Event::PromptHidden {
+                    rows: chunk_tokens.len(),
+                    values,
+                });
+            }
+            if last {
+                let mut seq = self.prefilling.take().expect("checked above");
+                let logits = tensor_to_vec(&prefill.logits)?;
+                let hidden = if seq.request.collect_hidden {
+                    Some(last_row(&prefill.hidden)?)
+                } else {
+                    None
+                };
+                match emit(
+                    &mut seq,
+                    &tokenizer,
+                    logits,
+                    hidden,
+                    self.config.max_context,
+                ) {
+                    Outcome::Continue => {
+                        self.running.push(seq);
+                    }
+                    Outcome::Finished(reason) => finish(seq, reason, &self.load),
+                }
+            }
         }
         self.compact();
         Ok(())

@@ -10,6 +10,9 @@ use tch::{Device, Kind, Tensor};
 use super::config::LlamaConfig;
 use super::error::{InferError, Result};
 
+/// Positions zeroed at once by [`KvCache::ensure_initialized`].
+const ZERO_BLOCK: usize = 128;
+
 pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
@@ -83,17 +86,22 @@ impl KvCache {
         Ok(())
     }
 
-    /// Makes positions `0..upto` of `slot` finite, zeroing what was never written.
+    /// Makes positions `0..upto` of `slot` finite, zeroing what was never written. Zeroes
+    /// [`ZERO_BLOCK`] positions at a time so that growing sequences do not pay per step.
     pub(crate) fn ensure_initialized(&mut self, slot: usize, upto: usize) -> Result<()> {
         let from = self.initialized[slot];
         if upto > from {
+            let to = upto
+                .div_ceil(ZERO_BLOCK)
+                .saturating_mul(ZERO_BLOCK)
+                .min(self.max_len);
             for t in self.keys.iter().chain(self.values.iter()) {
                 let _ = t
                     .f_get(slot as i64)?
-                    .f_narrow(1, from as i64, (upto - from) as i64)?
+                    .f_narrow(1, from as i64, (to - from) as i64)?
                     .f_zero_()?;
             }
-            self.initialized[slot] = upto;
+            self.initialized[slot] = to;
         }
         Ok(())
     }

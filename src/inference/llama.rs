@@ -22,6 +22,22 @@ pub enum LogitsFor {
     All,
 }
 
+/// A chunk of one sequence's prompt to prefill within a step.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillChunk<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in its cache slot.
+    pub start: usize,
+    pub logits: LogitsFor,
+}
+
+/// What [`Llama::step`] returns: the decode rows and the prefill chunk's rows.
+pub struct StepOutput {
+    pub decode: ForwardOutput,
+    pub prefill: Option<ForwardOutput>,
+}
+
 /// What a forward pass returns.
 pub struct ForwardOutput {
     /// `[positions, hidden_size]`: the final hidden state (after the output norm).
@@ -80,25 +96,21 @@ impl Rope {
         })
     }
 
-    /// Rotates `x` of shape `[n, heads, head_dim]` by the angles of `positions` (`[n]`).
-    fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let kind = x.kind();
+    /// One rotation matrix per position (`[n, head_dim, head_dim]`), so that rotating a
+    /// row vector `x` (half-split form) is `x @ R`: built once per forward pass, then each
+    /// layer's rotary embedding is a single batched matmul instead of a dozen small ops.
+    fn rotations(&self, positions: &Tensor, kind: Kind) -> Result<Tensor> {
         let cos = self
             .cos
             .f_index_select(0, positions)?
-            .f_unsqueeze(1)?
-            .f_to_kind(kind)?;
+            .f_diag_embed(0, -2, -1)?;
         let sin = self
             .sin
             .f_index_select(0, positions)?
-            .f_unsqueeze(1)?
-            .f_to_kind(kind)?;
-        let half = x.size()[2] / 2;
-        let x1 = x.f_narrow(2, 0, half)?;
-        let x2 = x.f_narrow(2, half, half)?;
-        let a = x1.f_mul(&cos)?.f_sub(&x2.f_mul(&sin)?)?;
-        let b = x2.f_mul(&cos)?.f_add(&x1.f_mul(&sin)?)?;
-        Ok(Tensor::f_cat(&[a, b], 2)?)
+            .f_diag_embed(0, -2, -1)?;
+        let top = Tensor::f_cat(&[&cos, &sin], -1)?;
+        let bottom = Tensor::f_cat(&[&sin.f_neg()?, &cos], -1)?;
+        Ok(Tensor::f_cat(&[top, bottom], -2)?.f_to_kind(kind)?)
     }
 }
 
@@ -106,11 +118,14 @@ struct Block {
     attn_norm: Tensor,
     /// Q, K and V projections fused: `[(heads + 2 kv_heads) * head_dim, hidden]`.
     qkv: Tensor,
-    o: Tensor,
+    /// Output projection, stored transposed (`[heads * head_dim, hidden]`, a view) so the
+    /// residual add fuses into one `addmm`.
+    o_t: Tensor,
     ffn_norm: Tensor,
     /// Gate and up projections fused: `[2 * intermediate, hidden]`.
     gate_up: Tensor,
-    down: Tensor,
+    /// Down projection, stored transposed like `o_t`.
+    down_t: Tensor,
 }
 
 pub struct Llama {
@@ -125,12 +140,7 @@ pub struct Llama {
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let xf = x.f_to_kind(Kind::Float)?;
-    let var = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
-    let normed = xf
-        .f_mul(&var.f_add_scalar(eps)?.f_rsqrt()?)?
-        .f_to_kind(x.kind())?;
-    Ok(normed.f_mul(weight)?)
+    Ok(x.f_rms_norm(weight.size().as_slice(), Some(weight), eps)?)
 }
 
 impl Llama {
@@ -158,10 +168,10 @@ impl Llama {
             layers.push(Block {
                 attn_norm: place(get(&name("attn_norm"), &[d])?, device, kind)?,
                 qkv: place(Tensor::f_cat(&[q, k, v], 0)?, device, kind)?,
-                o: place(get(&name("attn_output"), &[d, h * hd])?, device, kind)?,
+                o_t: place(get(&name("attn_output"), &[d, h * hd])?, device, kind)?.tr(),
                 ffn_norm: place(get(&name("ffn_norm"), &[d])?, device, kind)?,
                 gate_up: place(Tensor::f_cat(&[gate, up], 0)?, device, kind)?,
-                down: place(get(&name("ffn_down"), &[d, f])?, device, kind)?,
+                down_t: place(get(&name("ffn_down"), &[d, f])?, device, kind)?.tr(),
             });
         }
         let norm = place(get("output_norm.weight", &[d])?, device, kind)?;
@@ -182,8 +192,8 @@ impl Llama {
     pub fn weight_bytes(&self) -> usize {
         let mut n = self.norm.numel() + self.lm_head.numel();
         for b in &self.layers {
-            n += b.attn_norm.numel() + b.qkv.numel() + b.o.numel() + b.ffn_norm.numel();
-            n += b.gate_up.numel() + b.down.numel();
+            n += b.attn_norm.numel() + b.qkv.numel() + b.o_t.numel() + b.ffn_norm.numel();
+            n += b.gate_up.numel() + b.down_t.numel();
         }
         n * self.kind.elt_size_in_bytes()
     }
@@ -202,48 +212,14 @@ impl Llama {
         start: usize,
         logits: LogitsFor,
     ) -> Result<ForwardOutput> {
-        let n = tokens.len() as i64;
-        let total = start as i64 + n;
-        cache.check(slot, start + tokens.len())?;
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let positions = self.ids(&(start as i64..total).collect::<Vec<_>>())?;
-        // Row r = (group, t) of the grouped query may see keys 0..=start+t.
-        let groups = (self.config.num_heads / self.config.num_kv_heads) as i64;
-        let key_pos = Tensor::f_arange(total, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
-        let query_pos = positions.f_unsqueeze(1)?;
-        let mask = Tensor::f_zeros([n, total], (Kind::Float, self.device))?
-            .f_masked_fill(&key_pos.f_gt_tensor(&query_pos)?, f64::NEG_INFINITY)?
-            .f_repeat([groups, 1])?;
-        let mut x = self.embed.f_index_select(0, &self.ids(&ids)?)?;
-        for (l, block) in self.layers.iter().enumerate() {
-            x = self.block_forward(block, &x, &positions, |q, k, v| {
-                let (k_cache, v_cache) = cache.layer_mut(l);
-                let k_slot = k_cache.f_get(slot as i64)?;
-                let v_slot = v_cache.f_get(slot as i64)?;
-                k_slot
-                    .f_narrow(1, start as i64, n)?
-                    .f_copy_(&k.f_transpose(0, 1)?)?;
-                v_slot
-                    .f_narrow(1, start as i64, n)?
-                    .f_copy_(&v.f_transpose(0, 1)?)?;
-                let keys = k_slot.f_narrow(1, 0, total)?;
-                let values = v_slot.f_narrow(1, 0, total)?;
-                // q: [n, heads, hd] -> [kv_heads, groups * n, hd]
-                let (kv, hd) = (keys.size()[0], keys.size()[2]);
-                let q = q
-                    .f_transpose(0, 1)?
-                    .f_contiguous()?
-                    .f_view([kv, groups * n, hd])?;
-                let out = attention(&q, &keys, &values, &mask)?; // [kv, groups * n, hd]
-                Ok(out
-                    .f_view([kv * groups, n, hd])?
-                    .f_transpose(0, 1)?
-                    .f_reshape([n, kv * groups * hd])?)
-            })?;
-        }
-        cache.set_len(slot, start + tokens.len());
-        cache.mark_written(slot, start + tokens.len());
-        self.finish(x, logits)
+        let chunk = PrefillChunk {
+            slot,
+            tokens,
+            start,
+            logits,
+        };
+        let out = self.step(cache, &[], &[], Some(chunk))?;
+        Ok(out.prefill.expect("a prefill chunk was given"))
     }
 
     /// Advances the sequences in cache slots `0..tokens.len()` by one token each;
@@ -254,49 +230,148 @@ impl Llama {
         tokens: &[u32],
         positions: &[usize],
     ) -> Result<ForwardOutput> {
+        Ok(self.step(cache, tokens, positions, None)?.decode)
+    }
+
+    /// One engine step: a decode token for each sequence in slots `0..tokens.len()` and,
+    /// optionally, a prefill chunk of another sequence, in one pass over the weights —
+    /// the chunk's rows ride along in the same matrix multiplications.
+    pub fn step(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        positions: &[usize],
+        prefill: Option<PrefillChunk<'_>>,
+    ) -> Result<StepOutput> {
         let b = tokens.len() as i64;
         for (slot, &pos) in positions.iter().enumerate() {
             cache.check(slot, pos + 1)?;
         }
-        let longest = positions.iter().max().map_or(1, |&p| p + 1) as i64;
+        let longest = positions.iter().max().map_or(0, |&p| p + 1) as i64;
         for slot in 0..positions.len() {
             cache.ensure_initialized(slot, longest as usize)?;
         }
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let pos64: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-        let positions_t = self.ids(&pos64)?;
-        let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
-        let key_pos = Tensor::f_arange(longest, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
-        let mask = Tensor::f_zeros([b, longest], (Kind::Float, self.device))?
-            .f_masked_fill(
-                &key_pos.f_gt_tensor(&positions_t.f_unsqueeze(1)?)?,
-                f64::NEG_INFINITY,
-            )?
-            .f_view([b, 1, 1, longest])?;
+        let mut ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let mut pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+        let (mut n, mut total) = (0i64, 0i64);
+        if let Some(chunk) = &prefill {
+            n = chunk.tokens.len() as i64;
+            total = (chunk.start + chunk.tokens.len()) as i64;
+            cache.check(chunk.slot, total as usize)?;
+            ids.extend(chunk.tokens.iter().map(|&t| t as i64));
+            pos.extend(chunk.start as i64..total);
+        }
         let groups = (self.config.num_heads / self.config.num_kv_heads) as i64;
+        let positions_t = self.ids(&pos)?;
+        let decode_pos = positions_t.f_narrow(0, 0, b)?;
+        let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
+        // Decode: sequence i sees keys 0..=pos_i. Prefill: row (group, t) sees 0..=start+t.
+        let decode_mask = causal_mask(&decode_pos, longest, self.device)?
+            .f_view([b, 1, 1, longest])?
+            .f_to_kind(self.kind)?;
+        let prefill_pos = positions_t.f_narrow(0, b, n)?;
+        let prefill_mask = causal_mask(&prefill_pos, total, self.device)?
+            .f_repeat([groups, 1])?
+            .f_to_kind(self.kind)?;
+        let rotations = self.rope.rotations(&positions_t, self.kind)?;
         let mut x = self.embed.f_index_select(0, &self.ids(&ids)?)?;
         for (l, block) in self.layers.iter().enumerate() {
-            x = self.block_forward(block, &x, &positions_t, |q, k, v| {
+            x = self.block_forward(block, &x, &rotations, |q, k, v| {
                 let (k_cache, v_cache) = cache.layer_mut(l);
-                let index = [
-                    Some(slots.shallow_clone()),
-                    None,
-                    Some(positions_t.shallow_clone()),
-                ];
-                let _ = k_cache.f_index_put_(&index, k, false)?;
-                let _ = v_cache.f_index_put_(&index, v, false)?;
-                let keys = k_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
-                let values = v_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
-                let (kv, hd) = (keys.size()[1], keys.size()[3]);
-                let q = q.f_view([b, kv, groups, hd])?;
-                let out = attention(&q, &keys, &values, &mask)?; // [b, kv, groups, hd]
-                Ok(out.f_reshape([b, kv * groups * hd])?)
+                let mut outputs = Vec::with_capacity(2);
+                if b > 0 {
+                    let index = [
+                        Some(slots.shallow_clone()),
+                        None,
+                        Some(decode_pos.shallow_clone()),
+                    ];
+                    let _ = k_cache.f_index_put_(&index, &k.f_narrow(0, 0, b)?, false)?;
+                    let _ = v_cache.f_index_put_(&index, &v.f_narrow(0, 0, b)?, false)?;
+                    let keys = k_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
+                    let values = v_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
+                    let (kv, hd) = (keys.size()[1], keys.size()[3]);
+                    let q = q.f_narrow(0, 0, b)?.f_view([b, kv, groups, hd])?;
+                    let out = attention(&q, &keys, &values, &decode_mask)?; // [b, kv, groups, hd]
+                    outputs.push(out.f_reshape([b, kv * groups * hd])?);
+                }
+                if let Some(chunk) = &prefill {
+                    let k_slot = k_cache.f_get(chunk.slot as i64)?;
+                    let v_slot = v_cache.f_get(chunk.slot as i64)?;
+                    let start = chunk.start as i64;
+                    k_slot
+                        .f_narrow(1, start, n)?
+                        .f_copy_(&k.f_narrow(0, b, n)?.f_transpose(0, 1)?)?;
+                    v_slot
+                        .f_narrow(1, start, n)?
+                        .f_copy_(&v.f_narrow(0, b, n)?.f_transpose(0, 1)?)?;
+                    let keys = k_slot.f_narrow(1, 0, total)?;
+                    let values = v_slot.f_narrow(1, 0, total)?;
+                    let (kv, hd) = (keys.size()[0], keys.size()[2]);
+                    // q: [n, heads, hd] -> [kv_heads, groups * n, hd]
+                    let q = q
+                        .f_narrow(0, b, n)?
+                        .f_transpose(0, 1)?
+                        .f_contiguous()?
+                        .f_view([kv, groups * n, hd])?;
+                    let out = attention(&q, &keys, &values, &prefill_mask)?; // [kv, groups * n, hd]
+                    let out = out.f_view([kv * groups, n, hd])?.f_transpose(0, 1)?;
+                    outputs.push(out.f_reshape([n, kv * groups * hd])?);
+                }
+                Ok(if outputs.len() == 1 {
+                    outputs.pop().expect("one output")
+                } else {
+                    Tensor::f_cat(&outputs, 0)?
+                })
             })?;
         }
-        for (slot, &pos) in positions.iter().enumerate() {
-            cache.set_len(slot, pos + 1);
+        for (slot, &p) in positions.iter().enumerate() {
+            cache.set_len(slot, p + 1);
         }
-        self.finish(x, LogitsFor::All)
+        if let Some(chunk) = &prefill {
+            cache.set_len(chunk.slot, total as usize);
+            cache.mark_written(chunk.slot, total as usize);
+        }
+        let hidden = self.norm_out(&x)?;
+        // Logits rows: every decode row, plus the chunk's last row or all its rows.
+        let prefill_logits = prefill.as_ref().map_or(LogitsFor::None, |c| c.logits);
+        let rows = match prefill_logits {
+            LogitsFor::None => hidden.f_narrow(0, 0, b)?,
+            LogitsFor::Last if b == 0 => hidden.f_narrow(0, n - 1, 1)?,
+            LogitsFor::Last => Tensor::f_cat(
+                &[hidden.f_narrow(0, 0, b)?, hidden.f_narrow(0, b + n - 1, 1)?],
+                0,
+            )?,
+            LogitsFor::All => hidden.shallow_clone(),
+        };
+        let logits = self.logits(&rows)?;
+        let decode = ForwardOutput {
+            hidden: hidden.f_narrow(0, 0, b)?,
+            logits: logits.f_narrow(0, 0, b)?,
+        };
+        let prefill = match prefill {
+            None => None,
+            Some(_) => Some(ForwardOutput {
+                hidden: hidden.f_narrow(0, b, n)?,
+                logits: logits.f_narrow(0, b, logits.size()[0] - b)?,
+            }),
+        };
+        Ok(StepOutput { decode, prefill })
+    }
+
+    fn norm_out(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    fn logits(&self, rows: &Tensor) -> Result<Tensor> {
+        if rows.size()[0] == 0 {
+            return Ok(Tensor::f_zeros(
+                [0, self.config.vocab_size as i64],
+                (Kind::Float, self.device),
+            )?);
+        }
+        Ok(rows
+            .f_linear::<Tensor>(&self.lm_head, None)?
+            .f_to_kind(Kind::Float)?)
     }
 
     /// One transformer block over `x` (`[n, hidden]`); `attend` stores K/V in the cache and
@@ -305,7 +380,7 @@ impl Llama {
         &self,
         block: &Block,
         x: &Tensor,
-        positions: &Tensor,
+        rotations: &Tensor,
         attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -314,14 +389,14 @@ impl Llama {
         let normed = rms_norm(x, &block.attn_norm, c.rms_norm_eps)?;
         let qkv = normed.f_linear::<Tensor>(&block.qkv, None)?;
         let qk = qkv.f_narrow(1, 0, (h + kv) * hd)?.f_view([n, h + kv, hd])?;
-        let qk = self.rope.apply(&qk, positions)?;
+        let qk = qk.f_matmul(rotations)?;
         let q = qk.f_narrow(1, 0, h)?;
         let k = qk.f_narrow(1, h, kv)?;
         let v = qkv
             .f_narrow(1, (h + kv) * hd, kv * hd)?
             .f_view([n, kv, hd])?;
         let attn = attend(&q, &k, &v)?;
-        let x = x.f_add(&attn.f_linear::<Tensor>(&block.o, None)?)?;
+        let x = x.f_addmm(&attn, &block.o_t)?;
         let normed = rms_norm(&x, &block.ffn_norm, c.rms_norm_eps)?;
         let gate_up = normed.f_linear::<Tensor>(&block.gate_up, None)?;
         let f = c.intermediate_size as i64;
@@ -329,39 +404,32 @@ impl Llama {
             .f_narrow(1, 0, f)?
             .f_silu()?
             .f_mul(&gate_up.f_narrow(1, f, f)?)?;
-        Ok(x.f_add(&act.f_linear::<Tensor>(&block.down, None)?)?)
-    }
-
-    fn finish(&self, x: Tensor, logits: LogitsFor) -> Result<ForwardOutput> {
-        let hidden = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        let n = hidden.size()[0];
-        let logits = match logits {
-            LogitsFor::None => Tensor::f_zeros(
-                [0, self.config.vocab_size as i64],
-                (Kind::Float, self.device),
-            )?,
-            LogitsFor::Last => hidden
-                .f_narrow(0, n - 1, 1)?
-                .f_linear::<Tensor>(&self.lm_head, None)?
-                .f_to_kind(Kind::Float)?,
-            LogitsFor::All => hidden
-                .f_linear::<Tensor>(&self.lm_head, None)?
-                .f_to_kind(Kind::Float)?,
-        };
-        Ok(ForwardOutput { hidden, logits })
+        Ok(x.f_addmm(&act, &block.down_t)?)
     }
 }
 
-/// Scaled dot-product attention with an additive mask, softmax in f32.
+/// Additive mask `[rows, keys]`: row r may see keys `0..=positions[r]`.
+fn causal_mask(positions: &Tensor, keys: i64, device: Device) -> Result<Tensor> {
+    let rows = positions.size()[0];
+    let key_pos = Tensor::f_arange(keys, (Kind::Int64, device))?.f_unsqueeze(0)?;
+    Ok(
+        Tensor::f_zeros([rows, keys], (Kind::Float, device))?.f_masked_fill(
+            &key_pos.f_gt_tensor(&positions.f_unsqueeze(1)?)?,
+            f64::NEG_INFINITY,
+        )?,
+    )
+}
+
+/// Scaled dot-product attention with an additive mask (libtorch's fused kernel).
 fn attention(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let hd = q.size()[q.dim() - 1];
-    let scores = q
-        .f_matmul(&keys.f_transpose(-2, -1)?)?
-        .f_mul_scalar(1.0 / (hd as f64).sqrt())?;
-    let probs = scores
-        .f_to_kind(Kind::Float)?
-        .f_add(mask)?
-        .f_softmax(-1, Kind::Float)?
-        .f_to_kind(q.kind())?;
-    Ok(probs.f_matmul(values)?)
+    Ok(Tensor::f_scaled_dot_product_attention(
+        q,
+        keys,
+        values,
+        Some(mask),
+        0.0,
+        false,
+        None,
+        false,
+    )?)
 }

@@ -104,9 +104,11 @@ fn pattern_for_pre(pre: &str) -> Result<(&'static str, bool)> {
         "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" | "tekken" => {
             (LLAMA3_PATTERN, false)
         }
-        other => return Err(InferError::Tokenizer(format!(
+        other => {
+            return Err(InferError::Tokenizer(format!(
             "unknown pre-tokenizer `{other}` (supported: smollm, gpt-2, llama3 and their aliases)"
-        ))),
+        )))
+        }
     })
 }
 

@@ -50,6 +50,7 @@ pub fn engine(path: &Path, max_batch: usize) -> Engine {
             max_batch,
             max_context: 1024,
             prefill_chunk: 64,
+            threads: 0,
         },
     )
     .expect("engine starts")
