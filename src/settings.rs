@@ -16,6 +16,7 @@ pub struct EngineSettings {
     pub device: String,
     pub dtype: String,
     pub threads: usize,
+    pub single_sequence_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +55,7 @@ impl Settings {
             max_context: self.engine.max_context,
             prefill_chunk: self.engine.prefill_chunk,
             threads: self.engine.threads,
+            single_sequence_threads: self.engine.single_sequence_threads,
         }
     }
 }

@@ -67,6 +67,9 @@ pub struct RuntimeArgs {
     /// libtorch threads (0 = all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Threads when decoding a single sequence (0 = --threads).
+    #[arg(long)]
+    pub single_sequence_threads: Option<usize>,
 }
 
 impl RuntimeArgs {
@@ -96,6 +99,9 @@ impl RuntimeArgs {
         tracing::info!(model = %model.name, ?device, kind = ?model.llama.kind, secs = started.elapsed().as_secs_f32(), "model loaded");
         let mut config = settings.engine_config();
         config.threads = threads;
+        if let Some(t) = self.single_sequence_threads {
+            config.single_sequence_threads = t;
+        }
         if let Some(b) = max_batch {
             config.max_batch = b;
         }

@@ -35,6 +35,10 @@ pub struct EngineConfig {
     /// libtorch intra-op threads for the engine thread (0 = libtorch's default). OpenMP
     /// settings are per thread, so the engine thread sets its own.
     pub threads: usize,
+    /// Threads for a step that decodes a single sequence and prefills nothing (0 = same
+    /// as `threads`). Such a step is bound by memory bandwidth, which one core saturates
+    /// on typical desktop CPUs; more threads only add synchronization (docs/benchmarks.md).
+    pub single_sequence_threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +48,7 @@ impl Default for EngineConfig {
             max_context: 4096,
             prefill_chunk: 256,
             threads: 0,
+            single_sequence_threads: 1,
         }
     }
 }
@@ -257,9 +262,13 @@ enum Outcome {
 
 impl Scheduler {
     fn run(mut self) {
-        if self.config.threads > 0 {
-            tch::set_num_threads(self.config.threads as i32);
+        if self.config.threads == 0 {
+            self.config.threads = tch::get_num_threads().max(1) as usize;
         }
+        if self.config.single_sequence_threads == 0 {
+            self.config.single_sequence_threads = self.config.threads;
+        }
+        let mut current_threads = 0;
         let mut open = true;
         loop {
             let idle =
@@ -285,6 +294,12 @@ impl Scheduler {
             }
             self.drop_cancelled();
             self.admit();
+            let single = self.running.len() + self.prefilling.is_some() as usize == 1 && self.prefilling.is_none();
+            let threads = if single { self.config.single_sequence_threads } else { self.config.threads };
+            if threads != current_threads {
+                tch::set_num_threads(threads as i32);
+                current_threads = threads;
+            }
             if let Err(e) = self.step() {
                 tracing::error!(error = %e, "engine step failed; failing the sequences in it");
                 for seq in self.running.drain(..).chain(self.prefilling.take()) {

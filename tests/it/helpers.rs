@@ -51,6 +51,7 @@ pub fn engine(path: &Path, max_batch: usize) -> Engine {
             max_context: 1024,
             prefill_chunk: 64,
             threads: 0,
+            single_sequence_threads: 0,
         },
     )
     .expect("engine starts")
