@@ -21,4 +21,5 @@
 
 pub mod cli;
 pub mod inference;
+pub mod protocol;
 pub mod settings;

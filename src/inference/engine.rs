@@ -294,8 +294,13 @@ impl Scheduler {
             }
             self.drop_cancelled();
             self.admit();
-            let single = self.running.len() + self.prefilling.is_some() as usize == 1 && self.prefilling.is_none();
-            let threads = if single { self.config.single_sequence_threads } else { self.config.threads };
+            let single = self.running.len() + self.prefilling.is_some() as usize == 1
+                && self.prefilling.is_none();
+            let threads = if single {
+                self.config.single_sequence_threads
+            } else {
+                self.config.threads
+            };
             if threads != current_threads {
                 tch::set_num_threads(threads as i32);
                 current_threads = threads;

@@ -712,3 +712,86 @@ impl StreamDecoder {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SentencePiece-style vocabulary: specials, 256 byte tokens, then pieces whose
+    /// scores favour longer merges.
+    fn spm() -> Tokenizer {
+        let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        let pieces = [
+            "▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "hell", "hello", "▁hello", "▁w",
+            "or", "ld", "▁wor", "▁world",
+        ];
+        let first_piece = tokens.len();
+        tokens.extend(pieces.iter().map(|p| p.to_string()));
+        let scores: Vec<f32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if i >= first_piece {
+                    t.chars().count() as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let control: HashSet<u32> = [1, 2].into_iter().collect();
+        let mut tok = Tokenizer::build(
+            Style::SentencePiece {
+                add_space_prefix: true,
+            },
+            None,
+            false,
+            tokens,
+            (Vec::new(), scores),
+            &[1, 2],
+            control,
+        )
+        .unwrap();
+        tok.bos = Some(1);
+        tok.eos = Some(2);
+        tok.add_bos = true;
+        tok
+    }
+
+    #[test]
+    fn sentencepiece_merges_by_score_and_falls_back_to_bytes() {
+        let tok = spm();
+        let ids = tok.encode("hello world", true).unwrap();
+        let pieces: Vec<String> = ids
+            .iter()
+            .map(|&i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
+            .collect();
+        assert_eq!(ids[0], 1, "BOS first");
+        assert_eq!(pieces[1..], [" hello", " world"]);
+        assert_eq!(tok.decode(&ids, true), "hello world");
+        // 'é' is not a piece: its two UTF-8 bytes become <0xC3><0xA9>.
+        let ids = tok.encode("hé", false).unwrap();
+        let c3 = tok.token_id("<0xC3>").unwrap();
+        let a9 = tok.token_id("<0xA9>").unwrap();
+        assert_eq!(&ids[ids.len() - 2..], &[c3, a9]);
+        assert_eq!(tok.decode(&ids, true), "hé");
+        // Special tokens in the text are matched literally.
+        let ids = tok.encode("hello</s>", false).unwrap();
+        assert_eq!(ids.last(), Some(&2));
+    }
+
+    #[test]
+    fn digits_split_one_by_one_when_asked() {
+        assert_eq!(
+            split_digits("ab12 c3", true),
+            vec!["ab", "1", "2", " c", "3"]
+        );
+        assert_eq!(split_digits("ab12", false), vec!["ab12"]);
+    }
+
+    #[test]
+    fn unknown_pre_tokenizers_are_named() {
+        let err = pattern_for_pre("qwen9").unwrap_err().to_string();
+        assert!(err.contains("qwen9"), "{err}");
+    }
+}

@@ -152,3 +152,70 @@ fn streamed_text_never_splits_a_utf8_sequence() {
     assert_eq!(chunks.concat(), text);
     assert_eq!(model.tokenizer.decode(&ids, true), text);
 }
+
+#[test]
+fn bf16_and_f16_run_close_to_f32() {
+    let t = tiny(&TinySpec::default());
+    let reference = logits_all(
+        &Model::load(&t.gguf, Device::Cpu, Some(Kind::Float)).unwrap(),
+        TOKENS,
+    );
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let model = Model::load(&t.gguf, Device::Cpu, Some(kind)).unwrap();
+        assert_eq!(model.llama.kind, kind);
+        let logits = logits_all(&model, TOKENS);
+        let err = rel_err(&logits, &reference);
+        assert!(err < 0.05, "{kind:?}: relative error {err}");
+    }
+}
+
+#[test]
+fn cli_tokenize_and_inspect_describe_the_model() {
+    let t = tiny(&TinySpec::default());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ludus"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let gguf = t.gguf.to_str().unwrap();
+    let ids = run(&["tokenize", "--model", gguf, "--text", "the 42"]);
+    let model = Model::load(&t.gguf, Device::Cpu, None).unwrap();
+    let expected = model.tokenizer.encode("the 42", false).unwrap();
+    assert_eq!(ids, serde_json::json!(expected));
+    let info = run(&["model", "inspect", gguf]);
+    assert_eq!(info["layers"], 2);
+    assert_eq!(info["kv_heads"], 2);
+    assert_eq!(info["vocab_size"], 275);
+    assert_eq!(info["tensor_types"]["F32"]["tensors"], 20);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ludus"))
+        .args([
+            "generate",
+            "--model",
+            gguf,
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "5",
+            "--seed",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["completion_tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(json["finish_reason"], "length");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_ludus"))
+        .args(["model", "inspect", "/nonexistent.gguf"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.gguf"));
+}

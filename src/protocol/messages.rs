@@ -1,0 +1,126 @@
+//! Node link messages. `ServerMessage` flows distributor → node, `NodeMessage` node →
+//! distributor. Prompts travel as chat messages or text; the node renders its model's
+//! template and tokenizes, so the server needs no model to route.
+
+use serde::{Deserialize, Serialize};
+
+use crate::inference::{ChatMessage, SamplingParams};
+
+/// A task's id, unique per server process lifetime (and across restarts: it starts from a
+/// random base).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskId(pub u64);
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// What to complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskInput {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+}
+
+/// One unit of work for a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub id: TaskId,
+    pub model: String,
+    pub input: TaskInput,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Completion tokens already streamed by a failed node (mid-stream failover): the node
+    /// prefills them after the prompt and continues with the same seed schedule.
+    pub prefix: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl From<crate::inference::FinishReason> for FinishReason {
+    fn from(r: crate::inference::FinishReason) -> Self {
+        match r {
+            crate::inference::FinishReason::Stop => Self::Stop,
+            crate::inference::FinishReason::Length => Self::Length,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskUsage {
+    pub prompt_tokens: usize,
+    /// Tokens this task produced, prefix included.
+    pub completion_tokens: usize,
+}
+
+/// A node's load, sent with every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeLoad {
+    pub running: usize,
+    pub waiting: usize,
+    pub queued_tokens: usize,
+    pub tokens_per_s: f64,
+    pub free_memory_bytes: u64,
+}
+
+/// Distributor → node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Welcome {
+        session_id: u64,
+        heartbeat_interval_ms: u64,
+    },
+    Task(TaskSpec),
+    /// The game went away: stop generating and free the slot.
+    Cancel {
+        id: TaskId,
+    },
+    /// Refusal or shutdown, with the reason; the link closes after it.
+    Goodbye {
+        reason: String,
+    },
+}
+
+/// Node → distributor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeMessage {
+    Hello {
+        version: u16,
+        /// The node's payout address (0x…, 20 bytes hex).
+        node_address: String,
+        models: Vec<String>,
+        /// Sequences it runs at once.
+        capacity: usize,
+        device: String,
+    },
+    Heartbeat(NodeLoad),
+    /// One completion token: `index` counts from 0 over the whole completion (prefix
+    /// included), so the receiver can detect gaps and duplicates.
+    Token {
+        id: TaskId,
+        index: usize,
+        token: u32,
+        text: String,
+    },
+    Done {
+        id: TaskId,
+        finish_reason: FinishReason,
+        usage: TaskUsage,
+        tail: String,
+    },
+    Failed {
+        id: TaskId,
+        error: String,
+    },
+}

@@ -1,0 +1,11 @@
+//! The node link protocol: the messages the distributor and compute nodes exchange over
+//! one websocket, and their framing. Shared by the server's `NodeProxy` actors and the
+//! node agent, so both sides always agree. Specified in `docs/protocol.md`.
+
+pub mod frame;
+pub mod messages;
+
+pub use frame::{decode_frame, encode_frame, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+pub use messages::{
+    FinishReason, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage,
+};
