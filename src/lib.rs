@@ -13,13 +13,20 @@
 //!
 //! - [`inference`]: model files → tokens. GGUF/safetensors loaders, the Llama model on
 //!   libtorch, tokenizers, chat templates, pure seeded sampling, continuous batching.
-//! - [`cli`]: the `ludus` subcommands (`generate`, `tokenize`, `model inspect`, `bench`).
+//! - [`protocol`]: the node link's messages and framing, shared by both ends.
+//! - [`actors`]: Gateway, Distributor and one NodeProxy per node — the `ludus serve` runtime.
+//! - [`http`]: the OpenAI-compatible API, SSE streaming and the node websocket upgrade.
+//! - [`node`]: the compute node agent (`ludus node`).
+//! - [`cli`]: the `ludus` subcommands.
 //! - [`settings`]: layered configuration (`config/default.toml`, a file, `LUDUS__*`).
 //!
 //! Dependencies point one way: the network and node layers stand on `inference`; the
 //! engine knows nothing of them.
 
+pub mod actors;
 pub mod cli;
+pub mod http;
 pub mod inference;
+pub mod node;
 pub mod protocol;
 pub mod settings;

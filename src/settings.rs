@@ -20,12 +20,42 @@ pub struct EngineSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub bind: String,
+    pub workers: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_s: u64,
+    pub data_dir: std::path::PathBuf,
+    pub default_max_tokens: usize,
+    pub max_tokens_limit: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DistributorSettings {
+    pub queue_capacity: usize,
+    pub queue_timeout_ms: u64,
+    pub max_attempts: usize,
+    pub heartbeat_interval_ms: u64,
+    pub node_timeout_ms: u64,
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GamesSettings {
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
     pub level: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
+    pub server: ServerSettings,
+    pub distributor: DistributorSettings,
+    pub games: GamesSettings,
     pub engine: EngineSettings,
     pub log: LogSettings,
 }

@@ -28,6 +28,8 @@ pub enum BenchCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Load generator against a server (or a self-hosted one with fake-engine nodes).
+    Load(super::load::LoadArgs),
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes.
@@ -49,7 +51,10 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         tokens,
         prompt_tokens,
         runtime,
-    } = cmd;
+    } = cmd
+    else {
+        anyhow::bail!("`bench load` is handled by cli::load");
+    };
     let max_batch = batch.iter().copied().max().unwrap_or(1);
     let engine = runtime.start_engine(settings, &model, Some(max_batch))?;
     let text = "In a quiet village at the edge of the forest, the blacksmith told stories to every traveller. ";

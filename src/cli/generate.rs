@@ -59,7 +59,7 @@ pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
                     messages.push(ChatMessage::new("system", system));
                 }
                 messages.push(ChatMessage::new("user", user));
-                model_prompt(engine_template_render(&args.model, &engine, &messages)?)?
+                model_prompt(engine.template.render(&messages, true)?)?
             }
             (None, None) => anyhow::bail!("give --prompt or --chat"),
         }
@@ -126,32 +126,6 @@ pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     anyhow::bail!("the engine stopped before finishing")
-}
-
-fn engine_template_render(
-    path: &std::path::Path,
-    _engine: &crate::inference::Engine,
-    messages: &[ChatMessage],
-) -> anyhow::Result<String> {
-    // The template is light: load it from the file again rather than crossing threads.
-    let tokenizer = super::inspect::load_tokenizer(path)?;
-    let source = crate::inference::weights::WeightSource::open(path)?;
-    let template_src = match &source {
-        crate::inference::weights::WeightSource::Gguf(g) => {
-            g.get_str("tokenizer.chat_template").map(str::to_string)
-        }
-        crate::inference::weights::WeightSource::Safetensors(_) => None,
-    };
-    let text = |id: Option<u32>| {
-        id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned())
-            .unwrap_or_default()
-    };
-    let template = crate::inference::ChatTemplate::new(
-        template_src.as_deref(),
-        &text(tokenizer.bos),
-        &text(tokenizer.eos),
-    )?;
-    Ok(template.render(messages, true)?)
 }
 
 fn decode_rate(tokens: usize, ttft_ms: f64, total_ms: f64) -> f64 {

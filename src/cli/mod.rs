@@ -4,6 +4,8 @@
 mod bench;
 mod generate;
 mod inspect;
+mod load;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -44,9 +46,24 @@ pub enum Command {
     /// Model tools.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Run the gateway, distributor and node websocket endpoint.
+    Serve,
+    /// Run a compute node connected to a distributor.
+    Node(serve::NodeArgs),
+    /// Manage games and their API keys.
+    #[command(subcommand)]
+    Games(GamesCommand),
+    /// Serve plus local nodes with the default model on loopback, ready for curl.
+    Demo(serve::DemoArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GamesCommand {
+    /// Create a game and print its API key once.
+    Add(serve::GamesAddArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,7 +142,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Model(ModelCommand::Inspect { path }) => inspect::run(&path),
+        Command::Bench(bench::BenchCommand::Load(args)) => load::run(&settings, args),
         Command::Bench(cmd) => bench::run(&settings, cmd),
+        Command::Serve => serve::serve(settings),
+        Command::Node(args) => serve::node(settings, args),
+        Command::Games(GamesCommand::Add(args)) => serve::games_add(&settings, args),
+        Command::Demo(args) => serve::demo(settings, args),
     }
 }
 

@@ -132,6 +132,7 @@ struct Command {
 pub struct Engine {
     commands: mpsc::Sender<Command>,
     pub tokenizer: Arc<Tokenizer>,
+    pub template: Arc<super::chat_template::ChatTemplate>,
     pub model_name: String,
     pub config: EngineConfig,
     pub load: Arc<EngineLoad>,
@@ -163,6 +164,7 @@ impl Engine {
         let handle = Self {
             commands: tx,
             tokenizer: model.tokenizer.clone(),
+            template: model.template.clone(),
             model_name: model.name.clone(),
             config: config.clone(),
             load: load.clone(),

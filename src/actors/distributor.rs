@@ -1,0 +1,390 @@
+//! The Distributor: the table of live nodes, per-model queues, node selection
+//! ([`super::scheduling`]), retries before the first token and mid-stream failover after
+//! it. It never touches tokens: those go from a NodeProxy straight to the job's channel.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::error::ServeError;
+use super::messages::*;
+use super::node_proxy::NodeProxy;
+use super::scheduling::{pick_two, NodeStats, DEFAULT_MS_PER_TOKEN};
+use crate::protocol::{NodeLoad, TaskId};
+
+/// How often queued jobs are checked for expiry and cancellation.
+/// Messages that may wait in the mailbox before `send` callers wait (do_send never does).
+const MAILBOX_CAPACITY: usize = 65_536;
+const QUEUE_SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// Retry-After suggested when a queue is full.
+const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct DistributorConfig {
+    /// Jobs waiting per model before new ones get 429.
+    pub queue_capacity: usize,
+    /// Longest a job waits for a node before it fails with 503.
+    pub queue_timeout: Duration,
+    /// Nodes tried per job (first try included).
+    pub max_attempts: usize,
+    /// Models the network sells; empty = whatever live nodes announce.
+    pub catalog: Vec<String>,
+}
+
+struct NodeEntry {
+    proxy: Addr<NodeProxy>,
+    address: String,
+    models: Vec<String>,
+    stats: NodeStats,
+    load: NodeLoad,
+}
+
+/// Where a running job is and what it reserved.
+struct Running {
+    node: NodeId,
+    reserved_tokens: usize,
+}
+
+pub struct Distributor {
+    config: DistributorConfig,
+    nodes: HashMap<NodeId, NodeEntry>,
+    queues: HashMap<String, VecDeque<Job>>,
+    running: HashMap<TaskId, Running>,
+    rng: StdRng,
+    draining: bool,
+}
+
+impl Distributor {
+    pub fn new(config: DistributorConfig) -> Self {
+        Self {
+            config,
+            nodes: HashMap::new(),
+            queues: HashMap::new(),
+            running: HashMap::new(),
+            rng: StdRng::from_os_rng(),
+            draining: false,
+        }
+    }
+
+    fn serves(&self, model: &str) -> bool {
+        self.nodes
+            .values()
+            .any(|n| n.models.iter().any(|m| m == model))
+    }
+
+    fn known(&self, model: &str) -> bool {
+        self.config.catalog.iter().any(|m| m == model) || self.serves(model)
+    }
+
+    /// Sends `job` to the best node with room, or gives it back.
+    fn try_dispatch(&mut self, job: Job) -> Result<(), Job> {
+        let now = Instant::now();
+        let known: Vec<f64> = self
+            .nodes
+            .values()
+            .filter_map(|n| n.stats.latency_ms)
+            .collect();
+        let default_latency = if known.is_empty() {
+            DEFAULT_MS_PER_TOKEN
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
+        let costs: Vec<(NodeId, f64)> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| {
+                n.stats.has_room()
+                    && n.models.contains(&job.model)
+                    && !job.failed_nodes.contains(id)
+            })
+            .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
+            .collect();
+        let Some(id) = pick_two(&costs, &mut self.rng) else {
+            return Err(job);
+        };
+        let node = self.nodes.get_mut(&id).expect("picked from the table");
+        let reserved_tokens = job.max_tokens.saturating_sub(job.emitted.len());
+        node.stats.in_flight += 1;
+        node.stats.outstanding_tokens += reserved_tokens;
+        self.running.insert(
+            job.id,
+            Running {
+                node: id,
+                reserved_tokens,
+            },
+        );
+        node.proxy.do_send(Dispatch(job));
+        Ok(())
+    }
+
+    /// Frees what a finished, cancelled or returned job reserved on its node.
+    fn release(&mut self, task: TaskId) -> Option<NodeId> {
+        let run = self.running.remove(&task)?;
+        if let Some(node) = self.nodes.get_mut(&run.node) {
+            node.stats.in_flight = node.stats.in_flight.saturating_sub(1);
+            node.stats.outstanding_tokens = node
+                .stats
+                .outstanding_tokens
+                .saturating_sub(run.reserved_tokens);
+        }
+        Some(run.node)
+    }
+
+    /// Moves queued jobs onto nodes with room, oldest first.
+    fn drain_queues(&mut self) {
+        let models: Vec<String> = self.queues.keys().cloned().collect();
+        for model in models {
+            while let Some(job) = self.queues.get_mut(&model).and_then(VecDeque::pop_front) {
+                if job.cancelled() {
+                    continue;
+                }
+                if let Err(job) = self.try_dispatch(job) {
+                    self.queues.get_mut(&model).expect("exists").push_front(job);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn sweep_queues(&mut self) {
+        let timeout = self.config.queue_timeout;
+        for queue in self.queues.values_mut() {
+            queue.retain(|job| {
+                if job.cancelled() {
+                    return false;
+                }
+                let waited = job.received.elapsed();
+                if waited > timeout {
+                    let _ = job.events.send(JobEvent::Failed(ServeError::QueueTimeout {
+                        model: job.model.clone(),
+                        waited,
+                    }));
+                    return false;
+                }
+                true
+            });
+        }
+        self.queues.retain(|_, q| !q.is_empty());
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+}
+
+impl Actor for Distributor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        ctx.run_interval(QUEUE_SWEEP_INTERVAL, |this, _| this.sweep_queues());
+    }
+}
+
+impl Supervised for Distributor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        tracing::warn!(
+            nodes = self.nodes.len(),
+            queued = self.queued(),
+            "distributor restarting; keeping its tables"
+        );
+    }
+}
+
+impl Handler<Submit> for Distributor {
+    type Result = Result<(), ServeError>;
+
+    /// Dispatches a new job now, queues it, or refuses it (404 / 503 / 429).
+    fn handle(&mut self, Submit(job): Submit, _: &mut Self::Context) -> Self::Result {
+        if self.draining {
+            return Err(ServeError::ShuttingDown);
+        }
+        if !self.known(&job.model) {
+            return Err(ServeError::UnknownModel(job.model));
+        }
+        if !self.serves(&job.model) {
+            return Err(ServeError::NoNode(job.model));
+        }
+        let model = job.model.clone();
+        let queue_empty = self.queues.get(&model).is_none_or(VecDeque::is_empty);
+        let job = if queue_empty {
+            match self.try_dispatch(job) {
+                Ok(()) => return Ok(()),
+                Err(job) => job,
+            }
+        } else {
+            job
+        };
+        let queue = self.queues.entry(model.clone()).or_default();
+        if queue.len() >= self.config.queue_capacity {
+            return Err(ServeError::QueueFull {
+                model,
+                retry_after: QUEUE_FULL_RETRY_AFTER,
+            });
+        }
+        queue.push_back(job);
+        Ok(())
+    }
+}
+
+impl Handler<NodeConnected> for Distributor {
+    type Result = ();
+
+    /// Adds a node to the table and gives it queued work.
+    fn handle(&mut self, msg: NodeConnected, _: &mut Self::Context) {
+        tracing::info!(node = msg.id, address = %msg.address, models = ?msg.models, capacity = msg.capacity, "node joined");
+        let stats = NodeStats::new(msg.capacity, Instant::now());
+        self.nodes.insert(
+            msg.id,
+            NodeEntry {
+                proxy: msg.proxy,
+                address: msg.address,
+                models: msg.models,
+                stats,
+                load: NodeLoad::default(),
+            },
+        );
+        self.drain_queues();
+    }
+}
+
+impl Handler<NodeDisconnected> for Distributor {
+    type Result = ();
+
+    /// Removes a node; its unfinished jobs arrive as `TaskReturned` from its proxy.
+    fn handle(&mut self, msg: NodeDisconnected, _: &mut Self::Context) {
+        if let Some(node) = self.nodes.remove(&msg.id) {
+            tracing::warn!(node = msg.id, address = %node.address, reason = %msg.reason, "node left");
+        }
+        self.running.retain(|_, r| r.node != msg.id);
+        // Queued jobs for a model nobody serves any more fail now rather than time out.
+        let orphaned: Vec<String> = self
+            .queues
+            .keys()
+            .filter(|m| !self.serves(m))
+            .cloned()
+            .collect();
+        for model in orphaned {
+            for job in self.queues.remove(&model).into_iter().flatten() {
+                let _ = job
+                    .events
+                    .send(JobEvent::Failed(ServeError::NoNode(model.clone())));
+            }
+        }
+    }
+}
+
+impl Handler<NodeHeartbeat> for Distributor {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeHeartbeat, _: &mut Self::Context) {
+        if let Some(node) = self.nodes.get_mut(&msg.id) {
+            node.load = msg.load;
+        }
+    }
+}
+
+impl Handler<TaskCompleted> for Distributor {
+    type Result = ();
+
+    /// Updates the node's latency estimate and frees its slot.
+    fn handle(&mut self, msg: TaskCompleted, _: &mut Self::Context) {
+        self.release(msg.task);
+        if let Some(node) = self.nodes.get_mut(&msg.node) {
+            node.stats.completed += 1;
+            if msg.completion_tokens > 0 {
+                let ms = msg.duration.as_secs_f64() * 1e3 / msg.completion_tokens as f64;
+                node.stats.observe_latency(ms, Instant::now());
+            }
+        }
+        self.drain_queues();
+    }
+}
+
+impl Handler<TaskCancelled> for Distributor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TaskCancelled, _: &mut Self::Context) {
+        self.release(msg.task);
+        self.drain_queues();
+    }
+}
+
+impl Handler<TaskReturned> for Distributor {
+    type Result = ();
+
+    /// A node failed a job: try another node (with the tokens already sent as prefix),
+    /// queue it at the front, or fail it when no node is left.
+    fn handle(&mut self, msg: TaskReturned, _: &mut Self::Context) {
+        let TaskReturned {
+            node,
+            mut job,
+            reason,
+        } = msg;
+        self.release(job.id);
+        if let Some(entry) = self.nodes.get_mut(&node) {
+            entry.stats.record_failure(Instant::now());
+        }
+        if job.cancelled() {
+            return;
+        }
+        tracing::warn!(task = %job.id, node, emitted = job.emitted.len(), %reason, "task returned; retrying elsewhere");
+        job.failed_nodes.push(node);
+        if job.failed_nodes.len() >= self.config.max_attempts {
+            let _ = job
+                .events
+                .send(JobEvent::Failed(ServeError::NodeFailed(reason)));
+            return;
+        }
+        let alternatives = self
+            .nodes
+            .iter()
+            .any(|(id, n)| n.models.contains(&job.model) && !job.failed_nodes.contains(id));
+        if !alternatives {
+            let _ = job
+                .events
+                .send(JobEvent::Failed(ServeError::NodeFailed(reason)));
+            return;
+        }
+        if let Err(job) = self.try_dispatch(job) {
+            self.queues
+                .entry(job.model.clone())
+                .or_default()
+                .push_front(job);
+        }
+    }
+}
+
+impl Handler<ListModels> for Distributor {
+    type Result = Vec<(String, usize)>;
+
+    fn handle(&mut self, _: ListModels, _: &mut Self::Context) -> Self::Result {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for node in self.nodes.values() {
+            for m in &node.models {
+                *counts.entry(m.as_str()).or_default() += 1;
+            }
+        }
+        let mut out: Vec<(String, usize)> = counts
+            .into_iter()
+            .map(|(m, n)| (m.to_string(), n))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Handler<Drain> for Distributor {
+    type Result = ();
+
+    /// Graceful shutdown: refuse new jobs, fail the queued ones; running ones finish.
+    fn handle(&mut self, _: Drain, _: &mut Self::Context) {
+        self.draining = true;
+        for job in self.queues.drain().flat_map(|(_, q)| q) {
+            let _ = job.events.send(JobEvent::Failed(ServeError::ShuttingDown));
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! `ServeError`: why the network could not serve a request. The HTTP layer maps each to
+//! an OpenAI-style error with a stable status, type and code (`crate::http::errors`).
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "invalid API key: pass `Authorization: Bearer <key>` with a key from `ludus games add`"
+    )]
+    Unauthorized,
+    #[error("the game `{0}` is suspended")]
+    Suspended(String),
+    #[error("rate limit reached: {what}; retry in {} s", retry_after.as_secs().max(1))]
+    RateLimited { what: String, retry_after: Duration },
+    #[error("the model `{0}` does not exist (GET /v1/models lists the served models)")]
+    UnknownModel(String),
+    #[error("no compute node is serving `{0}` right now; retry later")]
+    NoNode(String),
+    #[error("the queue for `{model}` is full; retry in {} s", retry_after.as_secs().max(1))]
+    QueueFull {
+        model: String,
+        retry_after: Duration,
+    },
+    #[error("timed out after {} s waiting for a node to serve `{model}`", waited.as_secs())]
+    QueueTimeout { model: String, waited: Duration },
+    #[error("the task failed on every node tried: {0}")]
+    NodeFailed(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}

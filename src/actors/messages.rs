@@ -1,0 +1,177 @@
+//! Every message the actors exchange, as small named structs, and the `Job` that travels
+//! from the Gateway to a NodeProxy.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::error::ServeError;
+use super::node_proxy::NodeProxy;
+use crate::inference::SamplingParams;
+use crate::protocol::{FinishReason, NodeLoad, TaskId, TaskInput, TaskSpec, TaskUsage};
+
+/// A node's session id on this server.
+pub type NodeId = u64;
+
+/// What the HTTP handler receives for its job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    Text(String),
+    Done {
+        finish_reason: FinishReason,
+        usage: TaskUsage,
+    },
+    Failed(ServeError),
+}
+
+/// A request on its way through the network.
+#[derive(Debug)]
+pub struct Job {
+    pub id: TaskId,
+    pub game: String,
+    pub key_hash: String,
+    pub model: String,
+    pub input: TaskInput,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<JobEvent>,
+    pub received: Instant,
+    /// Nodes tried and failed, never chosen again for this job.
+    pub failed_nodes: Vec<NodeId>,
+    /// Completion tokens already delivered to the game (mid-stream failover prefix).
+    pub emitted: Vec<u32>,
+}
+
+impl Job {
+    /// The task a node runs for this job (with the failover prefix, if any).
+    pub fn spec(&self) -> TaskSpec {
+        TaskSpec {
+            id: self.id,
+            model: self.model.clone(),
+            input: self.input.clone(),
+            params: self.params.clone(),
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            prefix: self.emitted.clone(),
+        }
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+}
+
+// ---- Distributor -------------------------------------------------------------------
+
+/// A new job from the Gateway: dispatched now, queued, or refused.
+#[derive(Message)]
+#[rtype(result = "Result<(), ServeError>")]
+pub struct Submit(pub Job);
+
+/// A node finished its handshake.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeConnected {
+    pub id: NodeId,
+    pub proxy: Addr<NodeProxy>,
+    pub address: String,
+    pub models: Vec<String>,
+    pub capacity: usize,
+}
+
+/// A node's websocket closed or timed out; its unfinished jobs come back separately.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeDisconnected {
+    pub id: NodeId,
+    pub reason: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeHeartbeat {
+    pub id: NodeId,
+    pub load: NodeLoad,
+}
+
+/// A job finished on a node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskCompleted {
+    pub node: NodeId,
+    pub task: TaskId,
+    pub completion_tokens: usize,
+    pub time_to_first_token: Option<Duration>,
+    pub duration: Duration,
+}
+
+/// The game went away; the node was told to stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskCancelled {
+    pub node: NodeId,
+    pub task: TaskId,
+}
+
+/// A node could not finish a job (failure or disconnect): retry or fail over.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskReturned {
+    pub node: NodeId,
+    pub job: Job,
+    pub reason: String,
+}
+
+/// Models with at least one live node, with their node counts.
+#[derive(Message)]
+#[rtype(result = "Vec<(String, usize)>")]
+pub struct ListModels;
+
+/// Stop accepting work (graceful shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+// ---- NodeProxy ---------------------------------------------------------------------
+
+/// Run this job on the proxy's node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Dispatch(pub Job);
+
+/// Close the link with a reason.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect(pub String);
+
+// ---- Gateway -----------------------------------------------------------------------
+
+/// An authenticated, validated request to admit.
+#[derive(Message)]
+#[rtype(result = "Result<Admitted, ServeError>")]
+pub struct Admit {
+    pub bearer: Option<String>,
+    pub model: String,
+    pub input: TaskInput,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+}
+
+/// Tokens a finished job used, for the per-key token limits.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RecordUsage {
+    pub key_hash: String,
+    pub tokens: usize,
+}
+
+/// A job the Gateway accepted: its id, the key it counts against, and its events.
+#[derive(Debug)]
+pub struct Admitted {
+    pub id: TaskId,
+    pub key_hash: String,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
+}

@@ -1,0 +1,27 @@
+//! The actors of `ludus serve`, one actix System in one process:
+//!
+//! ```text
+//! HTTP handler ──Admit──▶ Gateway ──Submit──▶ Distributor ──Dispatch──▶ NodeProxy ══ws══▶ node
+//!      ▲                  (keys,              (node table,               (one per node
+//!      │                   limits)             queues, P2C,               websocket)
+//!      │                                       retries, failover)            │
+//!      └────────────────────── JobEvent channel (tokens) ◀────────────────────┘
+//! ```
+//!
+//! Tokens flow from a `NodeProxy` straight into the job's channel, never through the
+//! Distributor's mailbox. The Gateway and the Distributor run under actix's `Supervisor`.
+
+pub mod distributor;
+pub mod error;
+pub mod game_store;
+pub mod gateway;
+pub mod messages;
+pub mod node_proxy;
+pub mod rate_limit;
+pub mod scheduling;
+
+pub use distributor::Distributor;
+pub use error::ServeError;
+pub use gateway::Gateway;
+pub use messages::{Job, JobEvent};
+pub use node_proxy::NodeProxy;

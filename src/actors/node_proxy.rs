@@ -1,0 +1,369 @@
+//! `NodeProxy`: one actor per node websocket. It runs the handshake, turns jobs into task
+//! frames, forwards token frames straight into each job's channel, notices cancelled
+//! games and dead nodes, and hands unfinished jobs back to the Distributor.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::web::Bytes;
+use actix_ws::{Message as WsMessage, ProtocolError, Session};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+use super::distributor::Distributor;
+use super::messages::*;
+use crate::protocol::{
+    decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, PROTOCOL_VERSION,
+};
+
+/// A node must say Hello within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most sequences one node may claim to run at once.
+const MAX_CAPACITY: usize = 4096;
+
+static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug, Clone)]
+pub struct NodeProxyConfig {
+    /// How often nodes send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// A node silent for this long is considered dead.
+    pub node_timeout: Duration,
+}
+
+enum Outgoing {
+    Binary(Bytes),
+    Pong(Bytes),
+    Close(String),
+}
+
+struct InFlight {
+    job: Job,
+    /// Tokens the job had already emitted elsewhere when it came here (failover).
+    prefix_len: usize,
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+pub struct NodeProxy {
+    id: NodeId,
+    config: NodeProxyConfig,
+    distributor: Addr<Distributor>,
+    out: UnboundedSender<Outgoing>,
+    ready: bool,
+    last_seen: Instant,
+    in_flight: HashMap<TaskId, InFlight>,
+    close_reason: String,
+}
+
+impl NodeProxy {
+    /// Wraps an upgraded websocket; the writer task owns the session so frames leave in
+    /// the order they were produced.
+    pub fn new(session: Session, distributor: Addr<Distributor>, config: NodeProxyConfig) -> Self {
+        let (out, mut rx) = unbounded_channel::<Outgoing>();
+        actix_web::rt::spawn(async move {
+            let mut session = session;
+            while let Some(item) = rx.recv().await {
+                let sent = match item {
+                    Outgoing::Binary(b) => session.binary(b).await,
+                    Outgoing::Pong(b) => session.pong(&b).await,
+                    Outgoing::Close(reason) => {
+                        let _ = session
+                            .close(Some(actix_ws::CloseReason {
+                                code: actix_ws::CloseCode::Normal,
+                                description: Some(reason),
+                            }))
+                            .await;
+                        return;
+                    }
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
+            config,
+            distributor,
+            out,
+            ready: false,
+            last_seen: Instant::now(),
+            in_flight: HashMap::new(),
+            close_reason: "connection closed".into(),
+        }
+    }
+
+    fn send(&self, message: &ServerMessage) {
+        let _ = self
+            .out
+            .send(Outgoing::Binary(Bytes::from(encode_frame(message))));
+    }
+
+    /// Closes the link, logging why.
+    fn fail(&mut self, ctx: &mut Context<Self>, reason: impl Into<String>) {
+        self.close_reason = reason.into();
+        tracing::warn!(node = self.id, reason = %self.close_reason, "closing node link");
+        self.send(&ServerMessage::Goodbye {
+            reason: self.close_reason.clone(),
+        });
+        ctx.stop();
+    }
+
+    fn on_hello(
+        &mut self,
+        ctx: &mut Context<Self>,
+        version: u16,
+        node_address: String,
+        models: Vec<String>,
+        capacity: usize,
+        device: String,
+    ) {
+        if version != PROTOCOL_VERSION as u16 {
+            return self.fail(ctx, format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"));
+        }
+        let valid_address = node_address.len() == 42
+            && node_address.starts_with("0x")
+            && node_address[2..].chars().all(|c| c.is_ascii_hexdigit());
+        if !valid_address {
+            return self.fail(
+                ctx,
+                format!("node address `{node_address}` is not a 0x-prefixed 20-byte hex address"),
+            );
+        }
+        if models.is_empty() || capacity == 0 || capacity > MAX_CAPACITY {
+            return self.fail(
+                ctx,
+                format!("a node must serve a model and claim a capacity of 1..={MAX_CAPACITY}"),
+            );
+        }
+        self.ready = true;
+        self.send(&ServerMessage::Welcome {
+            session_id: self.id,
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+        });
+        tracing::info!(node = self.id, %node_address, %device, "node handshake complete");
+        self.distributor.do_send(NodeConnected {
+            id: self.id,
+            proxy: ctx.address(),
+            address: node_address,
+            models,
+            capacity,
+        });
+    }
+
+    fn on_message(&mut self, ctx: &mut Context<Self>, message: NodeMessage) {
+        match message {
+            NodeMessage::Hello {
+                version,
+                node_address,
+                models,
+                capacity,
+                device,
+            } if !self.ready => self.on_hello(ctx, version, node_address, models, capacity, device),
+            _ if !self.ready => self.fail(ctx, "the first frame must be Hello"),
+            NodeMessage::Hello { .. } => self.fail(ctx, "Hello sent twice"),
+            NodeMessage::Heartbeat(load) => self
+                .distributor
+                .do_send(NodeHeartbeat { id: self.id, load }),
+            NodeMessage::Token {
+                id,
+                index,
+                token,
+                text,
+            } => self.on_token(ctx, id, index, token, text),
+            NodeMessage::Done {
+                id,
+                finish_reason,
+                usage,
+                tail,
+            } => {
+                let Some(run) = self.in_flight.remove(&id) else {
+                    return;
+                };
+                if !tail.is_empty() {
+                    let _ = run.job.events.send(JobEvent::Text(tail));
+                }
+                let _ = run.job.events.send(JobEvent::Done {
+                    finish_reason,
+                    usage,
+                });
+                self.distributor.do_send(TaskCompleted {
+                    node: self.id,
+                    task: id,
+                    completion_tokens: run.job.emitted.len().saturating_sub(run.prefix_len),
+                    time_to_first_token: run.first_token.map(|t| t - run.started),
+                    duration: run.started.elapsed(),
+                });
+            }
+            NodeMessage::Failed { id, error } => {
+                if let Some(run) = self.in_flight.remove(&id) {
+                    self.distributor.do_send(TaskReturned {
+                        node: self.id,
+                        job: run.job,
+                        reason: error,
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_token(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: TaskId,
+        index: usize,
+        token: u32,
+        text: String,
+    ) {
+        let Some(run) = self.in_flight.get_mut(&id) else {
+            return;
+        }; // cancelled or unknown
+        if index != run.job.emitted.len() {
+            let expected = run.job.emitted.len();
+            return self.fail(
+                ctx,
+                format!("task {id}: token index {index}, expected {expected}"),
+            );
+        }
+        run.job.emitted.push(token);
+        run.first_token.get_or_insert_with(Instant::now);
+        if text.is_empty() {
+            return;
+        }
+        if run.job.events.send(JobEvent::Text(text)).is_err() {
+            // The game closed its connection: free the node's slot now.
+            self.in_flight.remove(&id);
+            self.send(&ServerMessage::Cancel { id });
+            self.distributor.do_send(TaskCancelled {
+                node: self.id,
+                task: id,
+            });
+        }
+    }
+}
+
+impl Actor for NodeProxy {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_later(HANDSHAKE_TIMEOUT, |this, ctx| {
+            if !this.ready {
+                this.fail(ctx, "no Hello within the handshake timeout");
+            }
+        });
+        let check = self
+            .config
+            .heartbeat_interval
+            .min(self.config.node_timeout / 2)
+            .max(Duration::from_millis(50));
+        ctx.run_interval(check, |this, ctx| {
+            if this.last_seen.elapsed() > this.config.node_timeout {
+                let silent = this.last_seen.elapsed();
+                this.fail(
+                    ctx,
+                    format!("no frame for {} ms (heartbeat timeout)", silent.as_millis()),
+                );
+            }
+            // Jobs whose game left before any token arrived are cancelled here.
+            let gone: Vec<TaskId> = this
+                .in_flight
+                .iter()
+                .filter(|(_, r)| r.job.cancelled())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in gone {
+                this.in_flight.remove(&id);
+                this.send(&ServerMessage::Cancel { id });
+                this.distributor.do_send(TaskCancelled {
+                    node: this.id,
+                    task: id,
+                });
+            }
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        for (_, run) in self.in_flight.drain() {
+            self.distributor.do_send(TaskReturned {
+                node: self.id,
+                job: run.job,
+                reason: format!("node disconnected: {}", self.close_reason),
+            });
+        }
+        if self.ready {
+            self.distributor.do_send(NodeDisconnected {
+                id: self.id,
+                reason: self.close_reason.clone(),
+            });
+        }
+        let _ = self.out.send(Outgoing::Close(self.close_reason.clone()));
+        Running::Stop
+    }
+}
+
+impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
+    fn handle(&mut self, item: Result<WsMessage, ProtocolError>, ctx: &mut Self::Context) {
+        self.last_seen = Instant::now();
+        match item {
+            Ok(WsMessage::Binary(bytes)) => match decode_frame::<NodeMessage>(&bytes) {
+                Ok(message) => self.on_message(ctx, message),
+                Err(e) => self.fail(ctx, format!("bad frame: {e}")),
+            },
+            Ok(WsMessage::Ping(bytes)) => {
+                let _ = self.out.send(Outgoing::Pong(bytes));
+            }
+            Ok(WsMessage::Pong(_)) | Ok(WsMessage::Nop) => {}
+            Ok(WsMessage::Close(reason)) => {
+                self.close_reason = format!("node closed the link: {reason:?}");
+                ctx.stop();
+            }
+            Ok(WsMessage::Text(_)) | Ok(WsMessage::Continuation(_)) => {
+                self.fail(ctx, "only binary frames are allowed")
+            }
+            Err(e) => {
+                self.close_reason = format!("websocket error: {e}");
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Dispatch> for NodeProxy {
+    type Result = ();
+
+    /// Sends a task to the node (unless the game already left).
+    fn handle(&mut self, Dispatch(job): Dispatch, _: &mut Self::Context) {
+        if job.cancelled() {
+            self.distributor.do_send(TaskCancelled {
+                node: self.id,
+                task: job.id,
+            });
+            return;
+        }
+        self.send(&ServerMessage::Task(job.spec()));
+        let prefix_len = job.emitted.len();
+        self.in_flight.insert(
+            job.id,
+            InFlight {
+                job,
+                prefix_len,
+                started: Instant::now(),
+                first_token: None,
+            },
+        );
+    }
+}
+
+impl Handler<Disconnect> for NodeProxy {
+    type Result = ();
+
+    fn handle(&mut self, Disconnect(reason): Disconnect, ctx: &mut Self::Context) {
+        self.fail(ctx, reason);
+    }
+}

@@ -1,0 +1,227 @@
+//! `ludus bench load`: a load generator for the whole network path (HTTP → gateway →
+//! distributor → node websocket → back). Fixed-concurrency (closed loop) or fixed
+//! arrival rate (open loop). With no `--url` it self-hosts a server with fake-engine
+//! nodes on loopback, so it measures the network's own overhead: the fake engine's
+//! direct call latency is measured too and subtracted.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::actors::game_store::GameStore;
+use crate::http::start_server;
+use crate::inference::Event;
+use crate::node::{run_node, Backend, FakeSpec, NodeOptions};
+use crate::protocol::{TaskId, TaskInput, TaskSpec};
+use crate::settings::Settings;
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Server base URL; omitted = self-host a server with fake-engine nodes.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// API key (required with --url).
+    #[arg(long)]
+    pub key: Option<String>,
+    #[arg(long, default_value = "fake")]
+    pub model: String,
+    /// Closed loop: this many requests in flight at all times.
+    #[arg(long, conflicts_with = "rate")]
+    pub concurrency: Option<usize>,
+    /// Open loop: requests started per second.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, default_value_t = 10.0)]
+    pub duration_s: f64,
+    /// Completion tokens per request.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
+    /// Fake-engine nodes when self-hosting.
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// Stream responses (SSE) instead of whole JSON bodies.
+    #[arg(long)]
+    pub stream: bool,
+}
+
+#[derive(Default)]
+struct Results {
+    latencies: Vec<Duration>,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
+    let settings = settings.clone();
+    actix_web::rt::System::new().block_on(async move {
+        let _guard;
+        let (base, key) = match (&args.url, &args.key) {
+            (Some(url), Some(key)) => (url.trim_end_matches('/').to_string(), key.clone()),
+            (Some(_), None) => anyhow::bail!("--url needs --key"),
+            (None, _) => {
+                let dir = tempfile::tempdir()?;
+                let mut s = settings.clone();
+                s.server.bind = "127.0.0.1:0".into();
+                s.server.data_dir = dir.path().to_path_buf();
+                s.distributor.queue_capacity = 100_000;
+                let key = GameStore::open(dir.path().join("games.json")).add_game("load", u32::MAX / 2, u32::MAX / 2)?;
+                let (handle, server) = start_server(&s).await?;
+                actix_web::rt::spawn(server);
+                for i in 0..args.nodes {
+                    let spec = FakeSpec { tokens: args.max_tokens, per_token: Duration::ZERO, model: args.model.clone() };
+                    let options = NodeOptions { connect: format!("ws://{}/ws/node", handle.addr), key: dir.path().join(format!("n{i}.key")), capacity: 100_000 };
+                    actix_web::rt::spawn(async move {
+                        let _ = run_node(Arc::new(Backend::Fake(spec)), options).await;
+                    });
+                }
+                // Wait until every node has joined.
+                let client = awc::Client::default();
+                let models_url = format!("http://{}/v1/models", handle.addr);
+                for _ in 0..200 {
+                    let joined = match client.get(&models_url).send().await {
+                        Ok(mut r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v["data"][0]["nodes"].as_u64()).unwrap_or(0),
+                        Err(_) => 0,
+                    };
+                    if joined as usize >= args.nodes {
+                        break;
+                    }
+                    actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+                }
+                _guard = dir;
+                (format!("http://{}", handle.addr), key)
+            }
+        };
+        let direct = direct_engine_latency(args.max_tokens).await;
+        let body = serde_json::json!({
+            "model": args.model, "max_tokens": args.max_tokens, "stream": args.stream,
+            "messages": [{"role": "user", "content": "Say something, villager."}],
+        });
+        let connections = args.concurrency.unwrap_or(256);
+        let client = awc::Client::builder()
+            .connector(awc::Connector::new().limit(connections))
+            .timeout(Duration::from_secs(60))
+            .finish();
+        let url = format!("{base}/v1/chat/completions");
+        let results: Rc<RefCell<Results>> = Rc::default();
+        let deadline = Instant::now() + Duration::from_secs_f64(args.duration_s);
+        let one = {
+            let (client, url, key, body, results) = (client.clone(), url.clone(), key.clone(), body.clone(), results.clone());
+            move || {
+                let (client, url, key, body, results) = (client.clone(), url.clone(), key.clone(), body.clone(), results.clone());
+                async move {
+                    let started = Instant::now();
+                    let outcome = async {
+                        let mut response = client.post(&url).bearer_auth(&key).send_json(&body).await.map_err(|e| e.to_string())?;
+                        let bytes = response.body().limit(1 << 20).await.map_err(|e| e.to_string())?;
+                        if !response.status().is_success() {
+                            return Err(format!("HTTP {}: {}", response.status(), String::from_utf8_lossy(&bytes)));
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    let mut r = results.borrow_mut();
+                    match outcome {
+                        Ok(()) => r.latencies.push(started.elapsed()),
+                        Err(e) => {
+                            r.errors += 1;
+                            r.first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+        };
+        let started = Instant::now();
+        let mode = if let Some(rate) = args.rate {
+            let mut tick = actix_web::rt::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut handles = Vec::new();
+            while Instant::now() < deadline {
+                tick.tick().await;
+                handles.push(actix_web::rt::spawn(one()));
+            }
+            for h in handles {
+                let _ = h.await;
+            }
+            format!("fixed rate {rate} req/s")
+        } else {
+            let workers: Vec<_> = (0..connections)
+                .map(|_| {
+                    let one = one.clone();
+                    actix_web::rt::spawn(async move {
+                        while Instant::now() < deadline {
+                            one().await;
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                let _ = w.await;
+            }
+            format!("fixed concurrency {connections}")
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut r = results.borrow_mut();
+        r.latencies.sort();
+        let n = r.latencies.len();
+        let report = serde_json::json!({
+            "mode": mode,
+            "stream": args.stream,
+            "max_tokens": args.max_tokens,
+            "requests_ok": n,
+            "errors": r.errors,
+            "first_error": r.first_error,
+            "requests_per_s": n as f64 / elapsed,
+            "latency_ms": {"p50": percentile(&r.latencies, 0.5), "p90": percentile(&r.latencies, 0.9), "p99": percentile(&r.latencies, 0.99)},
+            "direct_engine_ms": {"p50": percentile(&direct, 0.5), "p99": percentile(&direct, 0.99)},
+            "added_latency_ms": {
+                "p50": percentile(&r.latencies, 0.5) - percentile(&direct, 0.5),
+                "p90": percentile(&r.latencies, 0.9) - percentile(&direct, 0.9),
+                "p99": percentile(&r.latencies, 0.99) - percentile(&direct, 0.99),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        Ok(())
+    })
+}
+
+/// Latency of calling the fake engine directly (no network), for the same token count.
+async fn direct_engine_latency(tokens: usize) -> Vec<Duration> {
+    let backend = Arc::new(Backend::Fake(FakeSpec {
+        tokens,
+        per_token: Duration::ZERO,
+        model: "fake".into(),
+    }));
+    let mut out = Vec::new();
+    for i in 0..200 {
+        let spec = TaskSpec {
+            id: TaskId(i),
+            model: "fake".into(),
+            input: TaskInput::Text("x".into()),
+            params: Default::default(),
+            max_tokens: tokens,
+            stop: vec![],
+            prefix: vec![],
+        };
+        let started = Instant::now();
+        if let Ok(mut rx) = backend.start(&spec) {
+            while let Some(ev) = rx.recv().await {
+                if matches!(ev, Event::Done(_) | Event::Error(_)) {
+                    break;
+                }
+            }
+        }
+        out.push(started.elapsed());
+    }
+    out.sort();
+    out
+}

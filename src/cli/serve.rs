@@ -1,0 +1,184 @@
+//! `ludus serve`, `ludus node`, `ludus games add` and `ludus demo`: starting the network's
+//! processes from the command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::RuntimeArgs;
+use crate::actors::game_store::GameStore;
+use crate::http::server::shutdown_signal;
+use crate::http::start_server;
+use crate::node::{run_node, Backend, FakeSpec, NodeOptions};
+use crate::settings::Settings;
+
+/// Runs the server until SIGINT/SIGTERM, then shuts down gracefully.
+pub fn serve(settings: Settings) -> anyhow::Result<()> {
+    actix_web::rt::System::new().block_on(async move {
+        let (handle, server) = start_server(&settings).await?;
+        tracing::info!(addr = %handle.addr, "serving");
+        eprintln!("ludus listening on http://{}", handle.addr);
+        let server = actix_web::rt::spawn(server);
+        shutdown_signal().await;
+        tracing::info!(
+            grace_s = handle.grace.as_secs(),
+            "shutting down: draining running jobs"
+        );
+        handle.shutdown().await;
+        server.await??;
+        Ok(())
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Distributor websocket URL, e.g. ws://127.0.0.1:8080/ws/node
+    #[arg(long)]
+    pub connect: String,
+    /// Model file or directory (not needed with --fake-engine).
+    #[arg(long, required_unless_present = "fake_engine")]
+    pub model: Option<PathBuf>,
+    /// Node key file (created on first use, mode 0600).
+    #[arg(long, default_value = ".ludus/node.key")]
+    pub key: PathBuf,
+    /// Sequences to run at once (default: the engine's max_batch).
+    #[arg(long, default_value_t = 0)]
+    pub capacity: usize,
+    /// TEST DOUBLE for load tests: emit TOKENS tokens (MS_PER_TOKEN apart) without a model.
+    #[arg(long, value_name = "TOKENS[:MS_PER_TOKEN]")]
+    pub fake_engine: Option<FakeSpec>,
+    /// Model name the fake engine announces.
+    #[arg(long, default_value = "fake", requires = "fake_engine")]
+    pub fake_model_name: String,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// Builds the backend a node runs on.
+pub fn node_backend(settings: &Settings, args: &NodeArgs) -> anyhow::Result<Backend> {
+    Ok(match (&args.fake_engine, &args.model) {
+        (Some(spec), _) => {
+            tracing::warn!("running the FAKE engine: tokens are not produced by a model");
+            Backend::Fake(FakeSpec {
+                model: args.fake_model_name.clone(),
+                ..spec.clone()
+            })
+        }
+        (None, Some(model)) => Backend::Engine(args.runtime.start_engine(settings, model, None)?),
+        (None, None) => anyhow::bail!("give --model PATH (or --fake-engine for load tests)"),
+    })
+}
+
+pub fn node(settings: Settings, args: NodeArgs) -> anyhow::Result<()> {
+    let backend = Arc::new(node_backend(&settings, &args)?);
+    let options = NodeOptions {
+        connect: args.connect.clone(),
+        key: args.key.clone(),
+        capacity: args.capacity,
+    };
+    actix_web::rt::System::new().block_on(async move {
+        tokio::select! {
+            result = run_node(backend, options) => result,
+            _ = shutdown_signal() => Ok(()),
+        }
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct GamesAddArgs {
+    /// The game's name (letters, digits, '-' and '_').
+    pub name: String,
+    /// Requests per minute allowed for the key (default: [games] in the config).
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute allowed for the key.
+    #[arg(long)]
+    pub tpm: Option<u32>,
+}
+
+pub fn games_add(settings: &Settings, args: GamesAddArgs) -> anyhow::Result<()> {
+    let store = GameStore::open(settings.server.data_dir.join("games.json"));
+    let key = store.add_game(
+        &args.name,
+        args.rpm.unwrap_or(settings.games.requests_per_minute),
+        args.tpm.unwrap_or(settings.games.tokens_per_minute),
+    )?;
+    eprintln!(
+        "created game `{}` in {}; its API key (shown once, stored hashed):",
+        args.name,
+        store.path().display()
+    );
+    println!("{key}");
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Local compute nodes to start.
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// Serve plus N local nodes on loopback, with a demo key; runs until Ctrl-C.
+pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
+    let demo_dir = PathBuf::from(".ludus/demo");
+    settings.server.data_dir = demo_dir.join("data");
+    std::fs::create_dir_all(&settings.server.data_dir)?;
+    let key_file = demo_dir.join("api-key");
+    let store = GameStore::open(settings.server.data_dir.join("games.json"));
+    let key = match std::fs::read_to_string(&key_file)
+        .ok()
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+    {
+        Some(k) if store.lookup(&k)?.is_some() => k,
+        _ => {
+            let name = format!("demo-{}", std::process::id());
+            let k = store.add_game(&name, 100_000, 100_000_000)?;
+            std::fs::write(&key_file, format!("{k}\n"))?;
+            k
+        }
+    };
+    let model_name = crate::inference::model::model_name(&args.model);
+    actix_web::rt::System::new().block_on(async move {
+        let (handle, server) = start_server(&settings).await?;
+        let server = actix_web::rt::spawn(server);
+        let url = format!("ws://{}/ws/node", handle.addr);
+        for i in 0..args.nodes {
+            let node_args = NodeArgs {
+                connect: url.clone(),
+                model: Some(args.model.clone()),
+                key: demo_dir.join(format!("node-{i}.key")),
+                capacity: 0,
+                fake_engine: None,
+                fake_model_name: String::new(),
+                runtime: args.runtime.clone(),
+            };
+            let backend = Arc::new(node_backend(&settings, &node_args)?);
+            let options = NodeOptions { connect: node_args.connect, key: node_args.key, capacity: 0 };
+            std::thread::Builder::new().name(format!("demo-node-{i}")).spawn(move || {
+                actix_web::rt::System::new().block_on(async move {
+                    if let Err(e) = run_node(backend, options).await {
+                        tracing::error!(error = %e, "demo node stopped");
+                    }
+                })
+            })?;
+        }
+        println!("Ludus demo: http://{} with {} node(s) serving `{model_name}`", handle.addr, args.nodes);
+        println!("API key (also in {}): {key}", key_file.display());
+        println!();
+        println!("curl http://{}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\", handle.addr);
+        println!("  -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Greet the traveller as a grumpy blacksmith.\"}}]}}'");
+        println!();
+        println!("Ctrl-C to stop.");
+        shutdown_signal().await;
+        handle.shutdown().await;
+        server.await??;
+        Ok(())
+    })
+}

@@ -1,0 +1,12 @@
+//! The HTTP face of `ludus serve`: the OpenAI-compatible API, the node websocket upgrade
+//! and health. Routes are registered by one [`routes::configure`], used by the server and
+//! by tests alike; errors become OpenAI-style JSON in one place ([`errors`]).
+
+pub mod errors;
+pub mod node_ws;
+pub mod openai;
+pub mod routes;
+pub mod server;
+pub mod sse;
+
+pub use server::{start_server, ServerHandle};

@@ -1,0 +1,25 @@
+//! `GET /ws/node`: upgrades a compute node's connection to a websocket and starts its
+//! `NodeProxy` actor on this worker's arbiter.
+
+use actix::{Actor, AsyncContext};
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::server::AppState;
+use crate::actors::NodeProxy;
+use crate::protocol::MAX_FRAME_BYTES;
+
+pub async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> actix_web::Result<HttpResponse> {
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let stream = stream.max_frame_size(MAX_FRAME_BYTES);
+    let distributor = state.distributor.clone();
+    let config = state.proxy_config.clone();
+    NodeProxy::create(move |ctx| {
+        ctx.add_stream(stream);
+        NodeProxy::new(session, distributor, config)
+    });
+    Ok(response)
+}

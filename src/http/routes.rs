@@ -1,0 +1,151 @@
+//! Route table and handlers. [`configure`] registers everything; the server and the
+//! tests (`actix_web::test`) share it.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+
+use super::errors::ApiError;
+use super::node_ws;
+use super::openai::{parse_request, Endpoint, ResponseMeta};
+use super::server::AppState;
+use super::sse::stream_response;
+use crate::actors::messages::{Admit, ListModels, RecordUsage};
+use crate::actors::{JobEvent, ServeError};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/chat/completions", web::post().to(chat_completions))
+        .route("/v1/completions", web::post().to(completions))
+        .route("/v1/models", web::get().to(models))
+        .route("/ws/node", web::get().to(node_ws::upgrade))
+        .route("/health", web::get().to(health));
+}
+
+async fn chat_completions(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    complete(req, body, state, Endpoint::Chat).await
+}
+
+async fn completions(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    complete(req, body, state, Endpoint::Completions).await
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ServeError::Internal(e.to_string()).into()
+}
+
+/// Reads the body, refusing more than `limit` bytes before buffering them.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_json(format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn bearer(req: &HttpRequest) -> Option<String> {
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let key = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?
+        .trim();
+    (!key.is_empty()).then(|| key.to_string())
+}
+
+async fn complete(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+    endpoint: Endpoint,
+) -> Result<HttpResponse, ApiError> {
+    let bearer = bearer(&req).ok_or(ServeError::Unauthorized)?;
+    let body = read_body(&req, body, state.max_body_bytes).await?;
+    let valid = parse_request(&body, endpoint, state.request_limits)?;
+    let admit = Admit {
+        bearer: Some(bearer),
+        model: valid.model.clone(),
+        input: valid.input,
+        params: valid.params,
+        max_tokens: valid.max_tokens,
+        stop: valid.stop,
+    };
+    let mut admitted = state.gateway.send(admit).await.map_err(internal)??;
+    let prefix = if endpoint == Endpoint::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let meta = ResponseMeta {
+        id: format!("{prefix}-{}", admitted.id),
+        created,
+        model: valid.model,
+        endpoint,
+    };
+    if valid.stream {
+        return Ok(stream_response(
+            admitted,
+            meta,
+            valid.include_usage,
+            state.gateway.clone(),
+        ));
+    }
+    let mut text = String::new();
+    while let Some(event) = admitted.events.recv().await {
+        match event {
+            JobEvent::Text(t) => text.push_str(&t),
+            JobEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                state.gateway.do_send(RecordUsage {
+                    key_hash: admitted.key_hash.clone(),
+                    tokens: usage.prompt_tokens + usage.completion_tokens,
+                });
+                return Ok(HttpResponse::Ok().json(meta.full(&text, finish_reason, usage)));
+            }
+            JobEvent::Failed(e) => return Err(e.into()),
+        }
+    }
+    Err(internal("the job ended without a result"))
+}
+
+async fn models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let list = state.distributor.send(ListModels).await.map_err(internal)?;
+    let data: Vec<_> = list
+        .into_iter()
+        .map(|(id, nodes)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "ludus", "nodes": nodes}))
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}

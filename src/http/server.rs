@@ -1,0 +1,117 @@
+//! Starting `ludus serve`: the supervised actors, the HTTP server, and graceful shutdown
+//! (stop accepting, let running jobs finish within the grace period, fail queued ones).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Addr, Supervisor};
+use actix_web::{web, App, HttpServer};
+
+use super::openai::RequestLimits;
+use super::routes;
+use crate::actors::distributor::DistributorConfig;
+use crate::actors::game_store::GameStore;
+use crate::actors::messages::Drain;
+use crate::actors::node_proxy::NodeProxyConfig;
+use crate::actors::{Distributor, Gateway};
+use crate::settings::Settings;
+
+/// Shared by every HTTP worker.
+pub struct AppState {
+    pub gateway: Addr<Gateway>,
+    pub distributor: Addr<Distributor>,
+    pub request_limits: RequestLimits,
+    pub max_body_bytes: usize,
+    pub proxy_config: NodeProxyConfig,
+}
+
+/// A running server.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub http: actix_web::dev::ServerHandle,
+    pub distributor: Addr<Distributor>,
+    pub grace: Duration,
+}
+
+impl ServerHandle {
+    /// Graceful stop: drain the distributor, then let HTTP finish within the grace period.
+    pub async fn shutdown(&self) {
+        let _ = self.distributor.send(Drain).await;
+        self.http.stop(true).await;
+    }
+}
+
+/// Starts the actors and the HTTP server inside the current actix System. The returned
+/// future runs the server until it stops.
+pub async fn start_server(
+    settings: &Settings,
+) -> std::io::Result<(ServerHandle, actix_web::dev::Server)> {
+    let s = settings.clone();
+    let store = Arc::new(GameStore::open(s.server.data_dir.join("games.json")));
+    let config = DistributorConfig {
+        queue_capacity: s.distributor.queue_capacity,
+        queue_timeout: Duration::from_millis(s.distributor.queue_timeout_ms),
+        max_attempts: s.distributor.max_attempts,
+        catalog: s.distributor.models.clone(),
+    };
+    let distributor = Supervisor::start(move |_| Distributor::new(config));
+    let gateway = {
+        let distributor = distributor.clone();
+        Supervisor::start(move |_| Gateway::new(store, distributor))
+    };
+    let state = web::Data::new(AppState {
+        gateway,
+        distributor: distributor.clone(),
+        request_limits: RequestLimits {
+            default_max_tokens: s.server.default_max_tokens,
+            max_tokens_limit: s.server.max_tokens_limit,
+        },
+        max_body_bytes: s.server.max_body_bytes,
+        proxy_config: NodeProxyConfig {
+            heartbeat_interval: Duration::from_millis(s.distributor.heartbeat_interval_ms),
+            node_timeout: Duration::from_millis(s.distributor.node_timeout_ms),
+        },
+    });
+    let grace = Duration::from_secs(s.server.shutdown_grace_s);
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(routes::configure)
+    })
+    .disable_signals()
+    .shutdown_timeout(grace.as_secs())
+    .backlog(4096)
+    .max_connections(50_000);
+    if s.server.workers > 0 {
+        server = server.workers(s.server.workers);
+    }
+    let server = server.bind(&s.server.bind)?;
+    let addr = *server
+        .addrs()
+        .first()
+        .ok_or_else(|| std::io::Error::other("the server bound no address"))?;
+    let server = server.run();
+    let handle = ServerHandle {
+        addr,
+        http: server.handle(),
+        distributor,
+        grace,
+    };
+    Ok((handle, server))
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

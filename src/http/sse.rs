@@ -1,0 +1,96 @@
+//! Server-sent events for `stream: true`: one `data:` line per chunk, the finish chunk,
+//! the usage chunk when asked for, then `data: [DONE]`. An error after the stream began
+//! is sent as an `error` object (OpenAI's SDKs raise it) before `[DONE]`.
+
+use actix::Addr;
+use actix_web::web::Bytes;
+use actix_web::HttpResponse;
+
+use super::errors::ApiError;
+use super::openai::ResponseMeta;
+use crate::actors::messages::{Admitted, RecordUsage};
+use crate::actors::{Gateway, JobEvent, ServeError};
+
+fn event(value: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+const DONE: &str = "data: [DONE]\n\n";
+
+struct StreamState {
+    admitted: Admitted,
+    meta: ResponseMeta,
+    include_usage: bool,
+    gateway: Addr<Gateway>,
+    first: bool,
+    finished: bool,
+}
+
+/// The streaming response for an admitted job. Dropping it (the game hung up) drops the
+/// job's channel, which cancels the task on its node.
+pub fn stream_response(
+    admitted: Admitted,
+    meta: ResponseMeta,
+    include_usage: bool,
+    gateway: Addr<Gateway>,
+) -> HttpResponse {
+    let state = StreamState {
+        admitted,
+        meta,
+        include_usage,
+        gateway,
+        first: true,
+        finished: false,
+    };
+    let body = futures_util::stream::unfold(state, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let bytes = match st.admitted.events.recv().await {
+            Some(JobEvent::Text(text)) => {
+                let chunk = st.meta.chunk(Some(&text), st.first, None);
+                st.first = false;
+                event(&chunk)
+            }
+            Some(JobEvent::Done {
+                finish_reason,
+                usage,
+            }) => {
+                st.finished = true;
+                st.gateway.do_send(RecordUsage {
+                    key_hash: st.admitted.key_hash.clone(),
+                    tokens: usage.prompt_tokens + usage.completion_tokens,
+                });
+                let mut out = event(&st.meta.chunk(None, st.first, Some(finish_reason))).to_vec();
+                if st.include_usage {
+                    out.extend_from_slice(&event(&st.meta.usage_chunk(usage)));
+                }
+                out.extend_from_slice(DONE.as_bytes());
+                Bytes::from(out)
+            }
+            Some(JobEvent::Failed(e)) => {
+                st.finished = true;
+                Bytes::from(
+                    [
+                        event(&ApiError::from(e).body()).to_vec(),
+                        DONE.as_bytes().to_vec(),
+                    ]
+                    .concat(),
+                )
+            }
+            None => {
+                st.finished = true;
+                let e = ApiError::from(ServeError::Internal(
+                    "the job ended without a result".into(),
+                ));
+                Bytes::from([event(&e.body()).to_vec(), DONE.as_bytes().to_vec()].concat())
+            }
+        };
+        Some((Ok::<_, actix_web::Error>(bytes), st))
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body)
+}

@@ -1,0 +1,10 @@
+//! The compute node agent (`ludus node`): a websocket client around the inference engine.
+//! It connects to a distributor, says Hello, runs the tasks it is sent and streams tokens
+//! back, sends heartbeats with its load, and reconnects with jittered exponential backoff.
+
+pub mod agent;
+pub mod backend;
+pub mod identity;
+
+pub use agent::{run_node, NodeOptions};
+pub use backend::{Backend, FakeSpec};
