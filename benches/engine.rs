@@ -18,27 +18,14 @@ fn load_model() -> (Model, Option<tempfile::TempDir>) {
     tch::set_num_threads(2);
     let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if real.exists() {
-        return (
-            Model::load(&real, Device::Cpu, None).expect("SmolLM2 loads"),
-            None,
-        );
+        return (Model::load(&real, Device::Cpu, None).expect("SmolLM2 loads"), None);
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("tiny.gguf");
-    let spec = TinySpec {
-        layers: 4,
-        hidden: 256,
-        heads: 8,
-        kv_heads: 4,
-        ffn: 512,
-        context: 1024,
-        ..TinySpec::default()
-    };
+    let spec =
+        TinySpec { layers: 4, hidden: 256, heads: 8, kv_heads: 4, ffn: 512, context: 1024, ..TinySpec::default() };
     write_gguf(&path, &spec).expect("tiny model");
-    (
-        Model::load(&path, Device::Cpu, None).expect("tiny model loads"),
-        Some(dir),
-    )
+    (Model::load(&path, Device::Cpu, None).expect("tiny model loads"), Some(dir))
 }
 
 fn model_benches(c: &mut Criterion) {
@@ -46,24 +33,11 @@ fn model_benches(c: &mut Criterion) {
     let _guard = tch::no_grad_guard();
     let prompt: Vec<u32> = (0..128u32).map(|i| 100 + i * 13 % 5000).collect();
     let mut group = c.benchmark_group("model");
-    group
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(8))
-        .warm_up_time(Duration::from_secs(2));
+    group.sample_size(20).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(2));
     for batch in [1usize, 8] {
-        let mut cache = KvCache::new(
-            &model.llama.config,
-            batch,
-            512,
-            Device::Cpu,
-            model.llama.kind,
-        )
-        .unwrap();
+        let mut cache = KvCache::new(&model.llama.config, batch, 512, Device::Cpu, model.llama.kind).unwrap();
         for slot in 0..batch {
-            model
-                .llama
-                .prefill(&mut cache, slot, &prompt[..64], 0, LogitsFor::None)
-                .unwrap();
+            model.llama.prefill(&mut cache, slot, &prompt[..64], 0, LogitsFor::None).unwrap();
         }
         let tokens = vec![42u32; batch];
         let positions = vec![64usize; batch];
@@ -73,33 +47,21 @@ fn model_benches(c: &mut Criterion) {
             b.iter(|| model.llama.decode(&mut cache, &tokens, &positions).unwrap())
         });
     }
-    let mut cache =
-        KvCache::new(&model.llama.config, 1, 512, Device::Cpu, model.llama.kind).unwrap();
+    let mut cache = KvCache::new(&model.llama.config, 1, 512, Device::Cpu, model.llama.kind).unwrap();
     group.throughput(Throughput::Elements(prompt.len() as u64));
     group.bench_function("prefill_128", |b| {
-        b.iter(|| {
-            model
-                .llama
-                .prefill(&mut cache, 0, &prompt, 0, LogitsFor::Last)
-                .unwrap()
-        })
+        b.iter(|| model.llama.prefill(&mut cache, 0, &prompt, 0, LogitsFor::Last).unwrap())
     });
     group.finish();
 }
 
 fn sampler_benches(c: &mut Criterion) {
-    let logits: Vec<f32> = (0..49_152u32)
-        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 16) % 2000) as f32 / 100.0 - 10.0)
-        .collect();
+    let logits: Vec<f32> =
+        (0..49_152u32).map(|i| ((i.wrapping_mul(2_654_435_761) >> 16) % 2000) as f32 / 100.0 - 10.0).collect();
     let mut group = c.benchmark_group("sampling");
     let greedy = SamplingParams::greedy();
     group.bench_function("greedy_49k", |b| b.iter(|| sample(&logits, &greedy, 7)));
-    let seeded = SamplingParams {
-        temperature: 0.8,
-        top_p: 0.95,
-        seed: 1,
-        ..Default::default()
-    };
+    let seeded = SamplingParams { temperature: 0.8, top_p: 0.95, seed: 1, ..Default::default() };
     group.bench_function("top_p_49k", |b| b.iter(|| sample(&logits, &seeded, 7)));
     group.finish();
 }
@@ -109,9 +71,7 @@ fn tokenizer_benches(c: &mut Criterion) {
     let text = "The blacksmith looked up from the anvil. \"Another sword? That'll be 30 gold, traveller.\" ".repeat(20);
     let mut group = c.benchmark_group("tokenizer");
     group.throughput(Throughput::Bytes(text.len() as u64));
-    group.bench_function("encode", |b| {
-        b.iter(|| model.tokenizer.encode(&text, false).unwrap())
-    });
+    group.bench_function("encode", |b| b.iter(|| model.tokenizer.encode(&text, false).unwrap()));
     group.finish();
 }
 

@@ -63,17 +63,14 @@ pub struct Settings {
 impl Settings {
     /// Loads defaults, then `file` (when given), then `LUDUS__*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
         builder
             .add_source(
-                config::Environment::with_prefix("LUDUS")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
+                config::Environment::with_prefix("LUDUS").prefix_separator("__").separator("__").try_parsing(true),
             )
             .build()?
             .try_deserialize()
@@ -104,10 +101,7 @@ mod tests {
         std::fs::write(&path, "[engine]\nmax_batch = 3\n").unwrap();
         let s = Settings::load(Some(&path)).unwrap();
         assert_eq!(s.engine.max_batch, 3);
-        assert_eq!(
-            s.engine.prefill_chunk, 256,
-            "unset keys keep their defaults"
-        );
+        assert_eq!(s.engine.prefill_chunk, 256, "unset keys keep their defaults");
     }
 
     #[test]

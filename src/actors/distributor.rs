@@ -70,9 +70,7 @@ impl Distributor {
     }
 
     fn serves(&self, model: &str) -> bool {
-        self.nodes
-            .values()
-            .any(|n| n.models.iter().any(|m| m == model))
+        self.nodes.values().any(|n| n.models.iter().any(|m| m == model))
     }
 
     fn known(&self, model: &str) -> bool {
@@ -82,24 +80,13 @@ impl Distributor {
     /// Sends `job` to the best node with room, or gives it back.
     fn try_dispatch(&mut self, job: Job) -> Result<(), Job> {
         let now = Instant::now();
-        let known: Vec<f64> = self
-            .nodes
-            .values()
-            .filter_map(|n| n.stats.latency_ms)
-            .collect();
-        let default_latency = if known.is_empty() {
-            DEFAULT_MS_PER_TOKEN
-        } else {
-            known.iter().sum::<f64>() / known.len() as f64
-        };
+        let known: Vec<f64> = self.nodes.values().filter_map(|n| n.stats.latency_ms).collect();
+        let default_latency =
+            if known.is_empty() { DEFAULT_MS_PER_TOKEN } else { known.iter().sum::<f64>() / known.len() as f64 };
         let costs: Vec<(NodeId, f64)> = self
             .nodes
             .iter()
-            .filter(|(id, n)| {
-                n.stats.has_room()
-                    && n.models.contains(&job.model)
-                    && !job.failed_nodes.contains(id)
-            })
+            .filter(|(id, n)| n.stats.has_room() && n.models.contains(&job.model) && !job.failed_nodes.contains(id))
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
         let Some(id) = pick_two(&costs, &mut self.rng) else {
@@ -109,13 +96,7 @@ impl Distributor {
         let reserved_tokens = job.max_tokens.saturating_sub(job.emitted.len());
         node.stats.in_flight += 1;
         node.stats.outstanding_tokens += reserved_tokens;
-        self.running.insert(
-            job.id,
-            Running {
-                node: id,
-                reserved_tokens,
-            },
-        );
+        self.running.insert(job.id, Running { node: id, reserved_tokens });
         node.proxy.do_send(Dispatch(job));
         Ok(())
     }
@@ -125,10 +106,7 @@ impl Distributor {
         let run = self.running.remove(&task)?;
         if let Some(node) = self.nodes.get_mut(&run.node) {
             node.stats.in_flight = node.stats.in_flight.saturating_sub(1);
-            node.stats.outstanding_tokens = node
-                .stats
-                .outstanding_tokens
-                .saturating_sub(run.reserved_tokens);
+            node.stats.outstanding_tokens = node.stats.outstanding_tokens.saturating_sub(run.reserved_tokens);
         }
         Some(run.node)
     }
@@ -158,10 +136,9 @@ impl Distributor {
                 }
                 let waited = job.received.elapsed();
                 if waited > timeout {
-                    let _ = job.events.send(JobEvent::Failed(ServeError::QueueTimeout {
-                        model: job.model.clone(),
-                        waited,
-                    }));
+                    let _ = job
+                        .events
+                        .send(JobEvent::Failed(ServeError::QueueTimeout { model: job.model.clone(), waited }));
                     return false;
                 }
                 true
@@ -186,11 +163,7 @@ impl Actor for Distributor {
 
 impl Supervised for Distributor {
     fn restarting(&mut self, _: &mut Self::Context) {
-        tracing::warn!(
-            nodes = self.nodes.len(),
-            queued = self.queued(),
-            "distributor restarting; keeping its tables"
-        );
+        tracing::warn!(nodes = self.nodes.len(), queued = self.queued(), "distributor restarting; keeping its tables");
     }
 }
 
@@ -220,10 +193,7 @@ impl Handler<Submit> for Distributor {
         };
         let queue = self.queues.entry(model.clone()).or_default();
         if queue.len() >= self.config.queue_capacity {
-            return Err(ServeError::QueueFull {
-                model,
-                retry_after: QUEUE_FULL_RETRY_AFTER,
-            });
+            return Err(ServeError::QueueFull { model, retry_after: QUEUE_FULL_RETRY_AFTER });
         }
         queue.push_back(job);
         Ok(())
@@ -239,13 +209,7 @@ impl Handler<NodeConnected> for Distributor {
         let stats = NodeStats::new(msg.capacity, Instant::now());
         self.nodes.insert(
             msg.id,
-            NodeEntry {
-                proxy: msg.proxy,
-                address: msg.address,
-                models: msg.models,
-                stats,
-                load: NodeLoad::default(),
-            },
+            NodeEntry { proxy: msg.proxy, address: msg.address, models: msg.models, stats, load: NodeLoad::default() },
         );
         self.drain_queues();
     }
@@ -261,17 +225,10 @@ impl Handler<NodeDisconnected> for Distributor {
         }
         self.running.retain(|_, r| r.node != msg.id);
         // Queued jobs for a model nobody serves any more fail now rather than time out.
-        let orphaned: Vec<String> = self
-            .queues
-            .keys()
-            .filter(|m| !self.serves(m))
-            .cloned()
-            .collect();
+        let orphaned: Vec<String> = self.queues.keys().filter(|m| !self.serves(m)).cloned().collect();
         for model in orphaned {
             for job in self.queues.remove(&model).into_iter().flatten() {
-                let _ = job
-                    .events
-                    .send(JobEvent::Failed(ServeError::NoNode(model.clone())));
+                let _ = job.events.send(JobEvent::Failed(ServeError::NoNode(model.clone())));
             }
         }
     }
@@ -319,11 +276,7 @@ impl Handler<TaskReturned> for Distributor {
     /// A node failed a job: try another node (with the tokens already sent as prefix),
     /// queue it at the front, or fail it when no node is left.
     fn handle(&mut self, msg: TaskReturned, _: &mut Self::Context) {
-        let TaskReturned {
-            node,
-            mut job,
-            reason,
-        } = msg;
+        let TaskReturned { node, mut job, reason } = msg;
         self.release(job.id);
         if let Some(entry) = self.nodes.get_mut(&node) {
             entry.stats.record_failure(Instant::now());
@@ -334,26 +287,17 @@ impl Handler<TaskReturned> for Distributor {
         tracing::warn!(task = %job.id, node, emitted = job.emitted.len(), %reason, "task returned; retrying elsewhere");
         job.failed_nodes.push(node);
         if job.failed_nodes.len() >= self.config.max_attempts {
-            let _ = job
-                .events
-                .send(JobEvent::Failed(ServeError::NodeFailed(reason)));
+            let _ = job.events.send(JobEvent::Failed(ServeError::NodeFailed(reason)));
             return;
         }
-        let alternatives = self
-            .nodes
-            .iter()
-            .any(|(id, n)| n.models.contains(&job.model) && !job.failed_nodes.contains(id));
+        let alternatives =
+            self.nodes.iter().any(|(id, n)| n.models.contains(&job.model) && !job.failed_nodes.contains(id));
         if !alternatives {
-            let _ = job
-                .events
-                .send(JobEvent::Failed(ServeError::NodeFailed(reason)));
+            let _ = job.events.send(JobEvent::Failed(ServeError::NodeFailed(reason)));
             return;
         }
         if let Err(job) = self.try_dispatch(job) {
-            self.queues
-                .entry(job.model.clone())
-                .or_default()
-                .push_front(job);
+            self.queues.entry(job.model.clone()).or_default().push_front(job);
         }
     }
 }
@@ -368,10 +312,7 @@ impl Handler<ListModels> for Distributor {
                 *counts.entry(m.as_str()).or_default() += 1;
             }
         }
-        let mut out: Vec<(String, usize)> = counts
-            .into_iter()
-            .map(|(m, n)| (m.to_string(), n))
-            .collect();
+        let mut out: Vec<(String, usize)> = counts.into_iter().map(|(m, n)| (m.to_string(), n)).collect();
         out.sort();
         out
     }

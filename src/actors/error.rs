@@ -5,9 +5,7 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ServeError {
-    #[error(
-        "invalid API key: pass `Authorization: Bearer <key>` with a key from `ludus games add`"
-    )]
+    #[error("invalid API key: pass `Authorization: Bearer <key>` with a key from `ludus games add`")]
     Unauthorized,
     #[error("the game `{0}` is suspended")]
     Suspended(String),
@@ -18,10 +16,7 @@ pub enum ServeError {
     #[error("no compute node is serving `{0}` right now; retry later")]
     NoNode(String),
     #[error("the queue for `{model}` is full; retry in {} s", retry_after.as_secs().max(1))]
-    QueueFull {
-        model: String,
-        retry_after: Duration,
-    },
+    QueueFull { model: String, retry_after: Duration },
     #[error("timed out after {} s waiting for a node to serve `{model}`", waited.as_secs())]
     QueueTimeout { model: String, waited: Duration },
     #[error("the task failed on every node tried: {0}")]

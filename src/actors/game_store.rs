@@ -64,10 +64,7 @@ pub fn hash_key(key: &str) -> String {
 impl GameStore {
     /// Opens (without creating) the store at `path`.
     pub fn open(path: impl Into<PathBuf>) -> Self {
-        Self {
-            path: path.into(),
-            cache: Mutex::new((None, Vec::new())),
-        }
+        Self { path: path.into(), cache: Mutex::new((None, Vec::new())) }
     }
 
     pub fn path(&self) -> &Path {
@@ -75,17 +72,12 @@ impl GameStore {
     }
 
     fn io(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Io {
-            path: self.path.clone(),
-            message: e.to_string(),
-        }
+        StoreError::Io { path: self.path.clone(), message: e.to_string() }
     }
 
     fn read(&self) -> Result<Vec<GameRecord>, StoreError> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => Ok(serde_json::from_slice::<StoreFile>(&bytes)
-                .map_err(|e| self.io(e))?
-                .games),
+            Ok(bytes) => Ok(serde_json::from_slice::<StoreFile>(&bytes).map_err(|e| self.io(e))?.games),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(self.io(e)),
         }
@@ -96,29 +88,17 @@ impl GameStore {
             std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
         }
         let tmp = self.path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(&StoreFile {
-            games: games.to_vec(),
-        })
-        .map_err(|e| self.io(e))?;
+        let body = serde_json::to_vec_pretty(&StoreFile { games: games.to_vec() }).map_err(|e| self.io(e))?;
         std::fs::write(&tmp, body).map_err(|e| self.io(e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| self.io(e))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| self.io(e))?;
         std::fs::rename(&tmp, &self.path).map_err(|e| self.io(e))
     }
 
     /// Creates a game with one key and returns the key (shown once, stored hashed).
-    pub fn add_game(
-        &self,
-        name: &str,
-        requests_per_minute: u32,
-        tokens_per_minute: u32,
-    ) -> Result<String, StoreError> {
+    pub fn add_game(&self, name: &str, requests_per_minute: u32, tokens_per_minute: u32) -> Result<String, StoreError> {
         let valid = !name.is_empty()
             && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid {
             return Err(StoreError::BadName(name.to_string()));
         }
@@ -129,18 +109,11 @@ impl GameStore {
         let mut secret = [0u8; 24];
         rand::rng().fill_bytes(&mut secret);
         let key = format!("ludus-{}", hex::encode(secret));
-        let created_unix = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         games.push(GameRecord {
             name: name.to_string(),
             suspended: false,
-            keys: vec![KeyRecord {
-                hash: hash_key(&key),
-                requests_per_minute,
-                tokens_per_minute,
-                created_unix,
-            }],
+            keys: vec![KeyRecord { hash: hash_key(&key), requests_per_minute, tokens_per_minute, created_unix }],
         });
         self.write(&games)?;
         Ok(key)
@@ -149,9 +122,7 @@ impl GameStore {
     /// Resolves a presented key, re-reading the file when it changed.
     pub fn lookup(&self, key: &str) -> Result<Option<KeyInfo>, StoreError> {
         let hash = hash_key(key);
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         let mut cache = self.cache.lock().map_err(|_| self.io("lock poisoned"))?;
         if cache.0 != modified || modified.is_none() {
             *cache = (modified, self.read()?);
@@ -184,19 +155,10 @@ mod tests {
         let raw = std::fs::read_to_string(store.path()).unwrap();
         assert!(!raw.contains(&key), "the key itself is never written");
         let info = store.lookup(&key).unwrap().unwrap();
-        assert_eq!(
-            (info.game.as_str(), info.requests_per_minute),
-            ("orc-wars", 60)
-        );
+        assert_eq!((info.game.as_str(), info.requests_per_minute), ("orc-wars", 60));
         assert!(store.lookup("ludus-wrong").unwrap().is_none());
-        assert!(matches!(
-            store.add_game("orc-wars", 1, 1),
-            Err(StoreError::Exists(_))
-        ));
-        assert!(matches!(
-            store.add_game("bad name!", 1, 1),
-            Err(StoreError::BadName(_))
-        ));
+        assert!(matches!(store.add_game("orc-wars", 1, 1), Err(StoreError::Exists(_))));
+        assert!(matches!(store.add_game("bad name!", 1, 1), Err(StoreError::BadName(_))));
         // A second store on the same file (another process) sees new games.
         let other = GameStore::open(dir.path().join("games.json"));
         let key2 = other.add_game("elf-farm", 1, 1).unwrap();

@@ -36,12 +36,7 @@ impl Gateway {
     pub fn new(store: Arc<GameStore>, distributor: Addr<Distributor>) -> Self {
         // Task ids start at a random base so they stay unique across restarts.
         let base = rand::rng().next_u64() & 0xffff_ffff_0000_0000;
-        Self {
-            store,
-            distributor,
-            limits: HashMap::new(),
-            next_task: AtomicU64::new(base),
-        }
+        Self { store, distributor, limits: HashMap::new(), next_task: AtomicU64::new(base) }
     }
 }
 
@@ -75,27 +70,18 @@ impl Handler<Admit> for Gateway {
                 return Err(ServeError::Suspended(info.game));
             }
             let now = Instant::now();
-            let limits = self
-                .limits
-                .entry(info.hash.clone())
-                .or_insert_with(|| KeyLimits {
-                    requests: Bucket::per_minute(info.requests_per_minute, now),
-                    tokens: Bucket::per_minute(info.tokens_per_minute, now),
-                });
-            limits
-                .tokens
-                .check_positive(now)
-                .map_err(|retry_after| ServeError::RateLimited {
-                    what: format!("{} tokens per minute", info.tokens_per_minute),
-                    retry_after,
-                })?;
-            limits
-                .requests
-                .take(1.0, now)
-                .map_err(|retry_after| ServeError::RateLimited {
-                    what: format!("{} requests per minute", info.requests_per_minute),
-                    retry_after,
-                })?;
+            let limits = self.limits.entry(info.hash.clone()).or_insert_with(|| KeyLimits {
+                requests: Bucket::per_minute(info.requests_per_minute, now),
+                tokens: Bucket::per_minute(info.tokens_per_minute, now),
+            });
+            limits.tokens.check_positive(now).map_err(|retry_after| ServeError::RateLimited {
+                what: format!("{} tokens per minute", info.tokens_per_minute),
+                retry_after,
+            })?;
+            limits.requests.take(1.0, now).map_err(|retry_after| ServeError::RateLimited {
+                what: format!("{} requests per minute", info.requests_per_minute),
+                retry_after,
+            })?;
             Ok(info)
         })();
         let info = match checked {
@@ -124,11 +110,7 @@ impl Handler<Admit> for Gateway {
                 .send(Submit(job))
                 .await
                 .map_err(|e| ServeError::Internal(format!("distributor unavailable: {e}")))??;
-            Ok(Admitted {
-                id,
-                key_hash: info.hash,
-                events: rx,
-            })
+            Ok(Admitted { id, key_hash: info.hash, events: rx })
         })
     }
 }

@@ -18,10 +18,7 @@ pub type NodeId = u64;
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
     Text(String),
-    Done {
-        finish_reason: FinishReason,
-        usage: TaskUsage,
-    },
+    Done { finish_reason: FinishReason, usage: TaskUsage },
     Failed(ServeError),
 }
 

@@ -13,9 +13,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::distributor::Distributor;
 use super::messages::*;
-use crate::protocol::{
-    decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, PROTOCOL_VERSION,
-};
+use crate::protocol::{decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, PROTOCOL_VERSION};
 
 /// A node must say Hello within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,18 +94,14 @@ impl NodeProxy {
     }
 
     fn send(&self, message: &ServerMessage) {
-        let _ = self
-            .out
-            .send(Outgoing::Binary(Bytes::from(encode_frame(message))));
+        let _ = self.out.send(Outgoing::Binary(Bytes::from(encode_frame(message))));
     }
 
     /// Closes the link, logging why.
     fn fail(&mut self, ctx: &mut Context<Self>, reason: impl Into<String>) {
         self.close_reason = reason.into();
         tracing::warn!(node = self.id, reason = %self.close_reason, "closing node link");
-        self.send(&ServerMessage::Goodbye {
-            reason: self.close_reason.clone(),
-        });
+        self.send(&ServerMessage::Goodbye { reason: self.close_reason.clone() });
         ctx.stop();
     }
 
@@ -121,22 +115,17 @@ impl NodeProxy {
         device: String,
     ) {
         if version != PROTOCOL_VERSION as u16 {
-            return self.fail(ctx, format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"));
+            return self
+                .fail(ctx, format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"));
         }
         let valid_address = node_address.len() == 42
             && node_address.starts_with("0x")
             && node_address[2..].chars().all(|c| c.is_ascii_hexdigit());
         if !valid_address {
-            return self.fail(
-                ctx,
-                format!("node address `{node_address}` is not a 0x-prefixed 20-byte hex address"),
-            );
+            return self.fail(ctx, format!("node address `{node_address}` is not a 0x-prefixed 20-byte hex address"));
         }
         if models.is_empty() || capacity == 0 || capacity > MAX_CAPACITY {
-            return self.fail(
-                ctx,
-                format!("a node must serve a model and claim a capacity of 1..={MAX_CAPACITY}"),
-            );
+            return self.fail(ctx, format!("a node must serve a model and claim a capacity of 1..={MAX_CAPACITY}"));
         }
         self.ready = true;
         self.send(&ServerMessage::Welcome {
@@ -155,40 +144,21 @@ impl NodeProxy {
 
     fn on_message(&mut self, ctx: &mut Context<Self>, message: NodeMessage) {
         match message {
-            NodeMessage::Hello {
-                version,
-                node_address,
-                models,
-                capacity,
-                device,
-            } if !self.ready => self.on_hello(ctx, version, node_address, models, capacity, device),
+            NodeMessage::Hello { version, node_address, models, capacity, device } if !self.ready => {
+                self.on_hello(ctx, version, node_address, models, capacity, device)
+            }
             _ if !self.ready => self.fail(ctx, "the first frame must be Hello"),
             NodeMessage::Hello { .. } => self.fail(ctx, "Hello sent twice"),
-            NodeMessage::Heartbeat(load) => self
-                .distributor
-                .do_send(NodeHeartbeat { id: self.id, load }),
-            NodeMessage::Token {
-                id,
-                index,
-                token,
-                text,
-            } => self.on_token(ctx, id, index, token, text),
-            NodeMessage::Done {
-                id,
-                finish_reason,
-                usage,
-                tail,
-            } => {
+            NodeMessage::Heartbeat(load) => self.distributor.do_send(NodeHeartbeat { id: self.id, load }),
+            NodeMessage::Token { id, index, token, text } => self.on_token(ctx, id, index, token, text),
+            NodeMessage::Done { id, finish_reason, usage, tail } => {
                 let Some(run) = self.in_flight.remove(&id) else {
                     return;
                 };
                 if !tail.is_empty() {
                     let _ = run.job.events.send(JobEvent::Text(tail));
                 }
-                let _ = run.job.events.send(JobEvent::Done {
-                    finish_reason,
-                    usage,
-                });
+                let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
                 self.distributor.do_send(TaskCompleted {
                     node: self.id,
                     task: id,
@@ -199,33 +169,19 @@ impl NodeProxy {
             }
             NodeMessage::Failed { id, error } => {
                 if let Some(run) = self.in_flight.remove(&id) {
-                    self.distributor.do_send(TaskReturned {
-                        node: self.id,
-                        job: run.job,
-                        reason: error,
-                    });
+                    self.distributor.do_send(TaskReturned { node: self.id, job: run.job, reason: error });
                 }
             }
         }
     }
 
-    fn on_token(
-        &mut self,
-        ctx: &mut Context<Self>,
-        id: TaskId,
-        index: usize,
-        token: u32,
-        text: String,
-    ) {
+    fn on_token(&mut self, ctx: &mut Context<Self>, id: TaskId, index: usize, token: u32, text: String) {
         let Some(run) = self.in_flight.get_mut(&id) else {
             return;
         }; // cancelled or unknown
         if index != run.job.emitted.len() {
             let expected = run.job.emitted.len();
-            return self.fail(
-                ctx,
-                format!("task {id}: token index {index}, expected {expected}"),
-            );
+            return self.fail(ctx, format!("task {id}: token index {index}, expected {expected}"));
         }
         run.job.emitted.push(token);
         run.first_token.get_or_insert_with(Instant::now);
@@ -236,10 +192,7 @@ impl NodeProxy {
             // The game closed its connection: free the node's slot now.
             self.in_flight.remove(&id);
             self.send(&ServerMessage::Cancel { id });
-            self.distributor.do_send(TaskCancelled {
-                node: self.id,
-                task: id,
-            });
+            self.distributor.do_send(TaskCancelled { node: self.id, task: id });
         }
     }
 }
@@ -253,33 +206,19 @@ impl Actor for NodeProxy {
                 this.fail(ctx, "no Hello within the handshake timeout");
             }
         });
-        let check = self
-            .config
-            .heartbeat_interval
-            .min(self.config.node_timeout / 2)
-            .max(Duration::from_millis(50));
+        let check = self.config.heartbeat_interval.min(self.config.node_timeout / 2).max(Duration::from_millis(50));
         ctx.run_interval(check, |this, ctx| {
             if this.last_seen.elapsed() > this.config.node_timeout {
                 let silent = this.last_seen.elapsed();
-                this.fail(
-                    ctx,
-                    format!("no frame for {} ms (heartbeat timeout)", silent.as_millis()),
-                );
+                this.fail(ctx, format!("no frame for {} ms (heartbeat timeout)", silent.as_millis()));
             }
             // Jobs whose game left before any token arrived are cancelled here.
-            let gone: Vec<TaskId> = this
-                .in_flight
-                .iter()
-                .filter(|(_, r)| r.job.cancelled())
-                .map(|(&id, _)| id)
-                .collect();
+            let gone: Vec<TaskId> =
+                this.in_flight.iter().filter(|(_, r)| r.job.cancelled()).map(|(&id, _)| id).collect();
             for id in gone {
                 this.in_flight.remove(&id);
                 this.send(&ServerMessage::Cancel { id });
-                this.distributor.do_send(TaskCancelled {
-                    node: this.id,
-                    task: id,
-                });
+                this.distributor.do_send(TaskCancelled { node: this.id, task: id });
             }
         });
     }
@@ -293,10 +232,7 @@ impl Actor for NodeProxy {
             });
         }
         if self.ready {
-            self.distributor.do_send(NodeDisconnected {
-                id: self.id,
-                reason: self.close_reason.clone(),
-            });
+            self.distributor.do_send(NodeDisconnected { id: self.id, reason: self.close_reason.clone() });
         }
         let _ = self.out.send(Outgoing::Close(self.close_reason.clone()));
         Running::Stop
@@ -319,9 +255,7 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
                 self.close_reason = format!("node closed the link: {reason:?}");
                 ctx.stop();
             }
-            Ok(WsMessage::Text(_)) | Ok(WsMessage::Continuation(_)) => {
-                self.fail(ctx, "only binary frames are allowed")
-            }
+            Ok(WsMessage::Text(_)) | Ok(WsMessage::Continuation(_)) => self.fail(ctx, "only binary frames are allowed"),
             Err(e) => {
                 self.close_reason = format!("websocket error: {e}");
                 ctx.stop();
@@ -340,23 +274,12 @@ impl Handler<Dispatch> for NodeProxy {
     /// Sends a task to the node (unless the game already left).
     fn handle(&mut self, Dispatch(job): Dispatch, _: &mut Self::Context) {
         if job.cancelled() {
-            self.distributor.do_send(TaskCancelled {
-                node: self.id,
-                task: job.id,
-            });
+            self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
             return;
         }
         self.send(&ServerMessage::Task(job.spec()));
         let prefix_len = job.emitted.len();
-        self.in_flight.insert(
-            job.id,
-            InFlight {
-                job,
-                prefix_len,
-                started: Instant::now(),
-                first_token: None,
-            },
-        );
+        self.in_flight.insert(job.id, InFlight { job, prefix_len, started: Instant::now(), first_token: None });
     }
 }
 

@@ -15,12 +15,7 @@ pub struct Bucket {
 impl Bucket {
     pub fn per_minute(limit: u32, now: Instant) -> Self {
         let capacity = limit as f64;
-        Self {
-            capacity,
-            level: capacity,
-            per_second: capacity / 60.0,
-            updated: now,
-        }
+        Self { capacity, level: capacity, per_second: capacity / 60.0, updated: now }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -60,8 +55,7 @@ impl Bucket {
         if self.per_second <= 0.0 {
             return Duration::from_secs(60);
         }
-        Duration::from_secs_f64(((amount - self.level) / self.per_second).max(0.0))
-            .max(Duration::from_secs(1))
+        Duration::from_secs_f64(((amount - self.level) / self.per_second).max(0.0)).max(Duration::from_secs(1))
     }
 }
 

@@ -37,49 +37,28 @@ pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
 }
 
 pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Decode {
-        model,
-        batch,
-        tokens,
-        prompt_tokens,
-        runtime,
-    } = cmd
-    else {
+    let BenchCommand::Decode { model, batch, tokens, prompt_tokens, runtime } = cmd else {
         anyhow::bail!("`bench load` is handled by cli::load");
     };
     let max_batch = batch.iter().copied().max().unwrap_or(1);
     let engine = runtime.start_engine(settings, &model, Some(max_batch))?;
     let text = "In a quiet village at the edge of the forest, the blacksmith told stories to every traveller. ";
-    let mut long_prompt = engine
-        .tokenizer
-        .encode(&text.repeat(prompt_tokens / 10 + 1), false)?;
+    let mut long_prompt = engine.tokenizer.encode(&text.repeat(prompt_tokens / 10 + 1), false)?;
     long_prompt.truncate(prompt_tokens.max(1));
-    let short_prompt = engine
-        .tokenizer
-        .encode("Once upon a time, a knight", false)?;
+    let short_prompt = engine.tokenizer.encode("Once upon a time, a knight", false)?;
     let run_batch = |prompt: &[u32], b: usize, n: usize| -> anyhow::Result<(f64, f64, f64)> {
         let started = Instant::now();
         let mut streams = Vec::new();
         for i in 0..b {
-            let params = SamplingParams {
-                seed: i as u64,
-                ..SamplingParams::greedy()
-            };
-            let request = GenerateRequest {
-                prompt: prompt.to_vec(),
-                params,
-                max_tokens: n,
-                min_tokens: n,
-                ..Default::default()
-            };
+            let params = SamplingParams { seed: i as u64, ..SamplingParams::greedy() };
+            let request =
+                GenerateRequest { prompt: prompt.to_vec(), params, max_tokens: n, min_tokens: n, ..Default::default() };
             streams.push(engine.submit(request)?);
         }
         let (mut first, mut last, mut generated) = (f64::MAX, 0f64, 0usize);
@@ -109,15 +88,12 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         // Decode rate after all sequences produced their first token.
         let decode_tok_s = (generated - b as f64) / ((total_ms - first_ms).max(1e-3) / 1e3);
         let per_seq = decode_tok_s / b as f64;
-        rows.push(serde_json::json!({"batch": b, "decode_tokens_per_s": decode_tok_s, "per_sequence_tokens_per_s": per_seq}));
-        eprintln!(
-            "batch {b:>3}: {decode_tok_s:8.1} tokens/s aggregate, {per_seq:6.1} per sequence"
+        rows.push(
+            serde_json::json!({"batch": b, "decode_tokens_per_s": decode_tok_s, "per_sequence_tokens_per_s": per_seq}),
         );
+        eprintln!("batch {b:>3}: {decode_tok_s:8.1} tokens/s aggregate, {per_seq:6.1} per sequence");
     }
-    let batch1 = rows
-        .iter()
-        .find(|r| r["batch"] == 1)
-        .and_then(|r| r["decode_tokens_per_s"].as_f64());
+    let batch1 = rows.iter().find(|r| r["batch"] == 1).and_then(|r| r["decode_tokens_per_s"].as_f64());
     let report = serde_json::json!({
         "model": engine.model_name,
         "device": format!("{:?}", engine.device),

@@ -48,9 +48,8 @@ pub struct GenerateArgs {
 pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
     let engine = args.runtime.start_engine(settings, &args.model, Some(1))?;
     let (prompt, prompt_text) = {
-        let model_prompt = |text: String| -> anyhow::Result<(Vec<u32>, String)> {
-            Ok((engine.tokenizer.encode(&text, false)?, text))
-        };
+        let model_prompt =
+            |text: String| -> anyhow::Result<(Vec<u32>, String)> { Ok((engine.tokenizer.encode(&text, false)?, text)) };
         match (&args.prompt, &args.chat) {
             (Some(p), _) => (engine.tokenizer.encode(p, true)?, p.clone()),
             (None, Some(user)) => {
@@ -66,9 +65,7 @@ pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
     };
     tracing::debug!(prompt = %prompt_text, tokens = prompt.len(), "prompt");
     let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
     });
     let params = SamplingParams {
         temperature: args.temperature,
@@ -90,9 +87,7 @@ pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = events.blocking_recv() {
         match event {
-            Event::Token {
-                id, text: piece, ..
-            } => {
+            Event::Token { id, text: piece, .. } => {
                 ids.push(id);
                 text.push_str(&piece);
                 if !args.json {

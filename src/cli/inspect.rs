@@ -24,11 +24,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
                 e.0 += 1;
                 e.1 += t.numel();
             }
-            (
-                format!("GGUF v{}", g.version),
-                g.tensors.len(),
-                g.tensors.values().map(|t| t.n_bytes).sum::<usize>(),
-            )
+            (format!("GGUF v{}", g.version), g.tensors.len(), g.tensors.values().map(|t| t.n_bytes).sum::<usize>())
         }
         WeightSource::Safetensors(s) => {
             for t in s.tensors.values() {
@@ -36,13 +32,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
                 e.0 += 1;
                 e.1 += t.shape.iter().product::<usize>();
             }
-            (
-                "safetensors".to_string(),
-                s.tensors.len(),
-                std::fs::metadata(path)
-                    .map(|m| m.len() as usize)
-                    .unwrap_or(0),
-            )
+            ("safetensors".to_string(), s.tensors.len(), std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0))
         }
     };
     let params = config.num_parameters();

@@ -79,7 +79,7 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
                 let (handle, server) = start_server(&s).await?;
                 actix_web::rt::spawn(server);
                 for i in 0..args.nodes {
-                    let spec = FakeSpec { tokens: args.max_tokens, per_token: Duration::ZERO, model: args.model.clone() };
+                    let spec = FakeSpec { tokens: args.max_tokens, per_token: Duration::ZERO, model: args.model.clone(), text: " tok".into() };
                     let options = NodeOptions { connect: format!("ws://{}/ws/node", handle.addr), key: dir.path().join(format!("n{i}.key")), capacity: 100_000 };
                     actix_web::rt::spawn(async move {
                         let _ = run_node(Arc::new(Backend::Fake(spec)), options).await;
@@ -200,6 +200,7 @@ async fn direct_engine_latency(tokens: usize) -> Vec<Duration> {
         tokens,
         per_token: Duration::ZERO,
         model: "fake".into(),
+        text: " tok".into(),
     }));
     let mut out = Vec::new();
     for i in 0..200 {

@@ -16,11 +16,7 @@ use crate::inference::{Engine, Model};
 use crate::settings::Settings;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ludus",
-    version,
-    about = "LLM inference for games on a decentralized compute network"
-)]
+#[command(name = "ludus", version, about = "LLM inference for games on a decentralized compute network")]
 pub struct Cli {
     /// Configuration file layered over config/default.toml.
     #[arg(long, global = true, env = "LUDUS_CONFIG")]
@@ -131,11 +127,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Generate(args) => generate::run(&settings, args),
-        Command::Tokenize {
-            model,
-            text,
-            add_special,
-        } => {
+        Command::Tokenize { model, text, add_special } => {
             let tokenizer = inspect::load_tokenizer(&model)?;
             let ids = tokenizer.encode(&text, add_special)?;
             println!("{}", serde_json::to_string(&ids)?);
@@ -155,8 +147,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }

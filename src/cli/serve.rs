@@ -21,10 +21,7 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         eprintln!("ludus listening on http://{}", handle.addr);
         let server = actix_web::rt::spawn(server);
         shutdown_signal().await;
-        tracing::info!(
-            grace_s = handle.grace.as_secs(),
-            "shutting down: draining running jobs"
-        );
+        tracing::info!(grace_s = handle.grace.as_secs(), "shutting down: draining running jobs");
         handle.shutdown().await;
         server.await??;
         Ok(())
@@ -51,6 +48,9 @@ pub struct NodeArgs {
     /// Model name the fake engine announces.
     #[arg(long, default_value = "fake", requires = "fake_engine")]
     pub fake_model_name: String,
+    /// Text of each fake token.
+    #[arg(long, default_value = " tok", requires = "fake_engine")]
+    pub fake_text: String,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -62,6 +62,7 @@ pub fn node_backend(settings: &Settings, args: &NodeArgs) -> anyhow::Result<Back
             tracing::warn!("running the FAKE engine: tokens are not produced by a model");
             Backend::Fake(FakeSpec {
                 model: args.fake_model_name.clone(),
+                text: args.fake_text.clone(),
                 ..spec.clone()
             })
         }
@@ -72,11 +73,7 @@ pub fn node_backend(settings: &Settings, args: &NodeArgs) -> anyhow::Result<Back
 
 pub fn node(settings: Settings, args: NodeArgs) -> anyhow::Result<()> {
     let backend = Arc::new(node_backend(&settings, &args)?);
-    let options = NodeOptions {
-        connect: args.connect.clone(),
-        key: args.key.clone(),
-        capacity: args.capacity,
-    };
+    let options = NodeOptions { connect: args.connect.clone(), key: args.key.clone(), capacity: args.capacity };
     actix_web::rt::System::new().block_on(async move {
         tokio::select! {
             result = run_node(backend, options) => result,
@@ -104,11 +101,7 @@ pub fn games_add(settings: &Settings, args: GamesAddArgs) -> anyhow::Result<()> 
         args.rpm.unwrap_or(settings.games.requests_per_minute),
         args.tpm.unwrap_or(settings.games.tokens_per_minute),
     )?;
-    eprintln!(
-        "created game `{}` in {}; its API key (shown once, stored hashed):",
-        args.name,
-        store.path().display()
-    );
+    eprintln!("created game `{}` in {}; its API key (shown once, stored hashed):", args.name, store.path().display());
     println!("{key}");
     Ok(())
 }
@@ -131,11 +124,7 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.server.data_dir)?;
     let key_file = demo_dir.join("api-key");
     let store = GameStore::open(settings.server.data_dir.join("games.json"));
-    let key = match std::fs::read_to_string(&key_file)
-        .ok()
-        .map(|k| k.trim().to_string())
-        .filter(|k| !k.is_empty())
-    {
+    let key = match std::fs::read_to_string(&key_file).ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()) {
         Some(k) if store.lookup(&k)?.is_some() => k,
         _ => {
             let name = format!("demo-{}", std::process::id());
@@ -157,6 +146,7 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
                 capacity: 0,
                 fake_engine: None,
                 fake_model_name: String::new(),
+                fake_text: String::new(),
                 runtime: args.runtime.clone(),
             };
             let backend = Arc::new(node_backend(&settings, &node_args)?);

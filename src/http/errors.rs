@@ -62,20 +62,10 @@ impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
         let message = e.to_string();
         let (status, kind, code, retry_after_s, param) = match &e {
-            ServeError::Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "invalid_api_key",
-                None,
-                None,
-            ),
-            ServeError::Suspended(_) => (
-                StatusCode::FORBIDDEN,
-                "permission_error",
-                "game_suspended",
-                None,
-                None,
-            ),
+            ServeError::Unauthorized => {
+                (StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", None, None)
+            }
+            ServeError::Suspended(_) => (StatusCode::FORBIDDEN, "permission_error", "game_suspended", None, None),
             ServeError::RateLimited { retry_after, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -83,20 +73,12 @@ impl From<ServeError> for ApiError {
                 Some(retry_after.as_secs().max(1)),
                 None,
             ),
-            ServeError::UnknownModel(_) => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                None,
-                Some("model".to_string()),
-            ),
-            ServeError::NoNode(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "no_node_available",
-                Some(5),
-                None,
-            ),
+            ServeError::UnknownModel(_) => {
+                (StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", None, Some("model".to_string()))
+            }
+            ServeError::NoNode(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", "no_node_available", Some(5), None)
+            }
             ServeError::QueueFull { retry_after, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -104,43 +86,18 @@ impl From<ServeError> for ApiError {
                 Some(retry_after.as_secs().max(1)),
                 None,
             ),
-            ServeError::QueueTimeout { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "queue_timeout",
-                Some(5),
-                None,
-            ),
-            ServeError::NodeFailed(_) => (
-                StatusCode::BAD_GATEWAY,
-                "server_error",
-                "node_failed",
-                None,
-                None,
-            ),
-            ServeError::ShuttingDown => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "shutting_down",
-                Some(5),
-                None,
-            ),
-            ServeError::Internal(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal_error",
-                None,
-                None,
-            ),
+            ServeError::QueueTimeout { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", "queue_timeout", Some(5), None)
+            }
+            ServeError::NodeFailed(_) => (StatusCode::BAD_GATEWAY, "server_error", "node_failed", None, None),
+            ServeError::ShuttingDown => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", Some(5), None)
+            }
+            ServeError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", None, None)
+            }
         };
-        Self {
-            status,
-            message,
-            kind,
-            param,
-            code: Some(code),
-            retry_after_s,
-        }
+        Self { status, message, kind, param, code: Some(code), retry_after_s }
     }
 }
 

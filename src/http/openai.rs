@@ -41,24 +41,15 @@ fn number(obj: &Map<String, Value>, field: &str) -> Result<Option<f64>, ApiError
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(other) => Err(ApiError::invalid(
-            field,
-            format!("`{field}` must be a number, not {}", type_name(other)),
-        )),
+        Some(other) => Err(ApiError::invalid(field, format!("`{field}` must be a number, not {}", type_name(other)))),
     }
 }
 
-fn ranged(
-    obj: &Map<String, Value>,
-    field: &str,
-    lo: f64,
-    hi: f64,
-) -> Result<Option<f32>, ApiError> {
+fn ranged(obj: &Map<String, Value>, field: &str, lo: f64, hi: f64) -> Result<Option<f32>, ApiError> {
     match number(obj, field)? {
-        Some(v) if !(lo..=hi).contains(&v) => Err(ApiError::invalid(
-            field,
-            format!("`{field}` must be between {lo} and {hi}, got {v}"),
-        )),
+        Some(v) if !(lo..=hi).contains(&v) => {
+            Err(ApiError::invalid(field, format!("`{field}` must be between {lo} and {hi}, got {v}")))
+        }
         other => Ok(other.map(|v| v as f32)),
     }
 }
@@ -68,15 +59,9 @@ fn positive_int(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, Ap
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(v) if v > 0 => Ok(Some(v)),
-            _ => Err(ApiError::invalid(
-                field,
-                format!("`{field}` must be a positive integer, got {n}"),
-            )),
+            _ => Err(ApiError::invalid(field, format!("`{field}` must be a positive integer, got {n}"))),
         },
-        Some(other) => Err(ApiError::invalid(
-            field,
-            format!("`{field}` must be an integer, not {}", type_name(other)),
-        )),
+        Some(other) => Err(ApiError::invalid(field, format!("`{field}` must be an integer, not {}", type_name(other)))),
     }
 }
 
@@ -96,68 +81,47 @@ fn content_text(value: &Value, param: &str) -> Result<String, ApiError> {
         Value::String(s) => Ok(s.clone()),
         Value::Array(parts) => parts
             .iter()
-            .map(|p| {
-                match (
-                    p.get("type").and_then(Value::as_str),
-                    p.get("text").and_then(Value::as_str),
-                ) {
-                    (Some("text"), Some(t)) => Ok(t.to_string()),
-                    _ => Err(ApiError::invalid(
-                        param,
-                        format!("`{param}` parts must be {{\"type\": \"text\", \"text\": ...}}"),
-                    )),
-                }
+            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(t)) => Ok(t.to_string()),
+                _ => Err(ApiError::invalid(
+                    param,
+                    format!("`{param}` parts must be {{\"type\": \"text\", \"text\": ...}}"),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|t| t.join("")),
         Value::Null => Ok(String::new()),
-        other => Err(ApiError::invalid(
-            param,
-            format!("`{param}` must be a string, not {}", type_name(other)),
-        )),
+        other => Err(ApiError::invalid(param, format!("`{param}` must be a string, not {}", type_name(other)))),
     }
 }
 
 fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
     let list = match obj.get("messages") {
         Some(Value::Array(list)) => list,
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid("messages", "`messages` is required"))
-        }
+        None | Some(Value::Null) => return Err(ApiError::invalid("messages", "`messages` is required")),
         Some(other) => {
-            return Err(ApiError::invalid(
-                "messages",
-                format!("`messages` must be an array, not {}", type_name(other)),
-            ))
+            return Err(ApiError::invalid("messages", format!("`messages` must be an array, not {}", type_name(other))))
         }
     };
     if list.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "`messages` must not be empty",
-        ));
+        return Err(ApiError::invalid("messages", "`messages` must not be empty"));
     }
     list.iter()
         .enumerate()
         .map(|(i, m)| {
             let role_param = format!("messages[{i}].role");
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-                ApiError::invalid(&role_param, format!("`{role_param}` must be a string"))
-            })?;
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::invalid(&role_param, format!("`{role_param}` must be a string")))?;
             if !ROLES.contains(&role) {
                 return Err(ApiError::invalid(
                     &role_param,
                     format!("`{role_param}` must be one of {ROLES:?}, got `{role}`"),
                 ));
             }
-            let content = content_text(
-                m.get("content").unwrap_or(&Value::Null),
-                &format!("messages[{i}].content"),
-            )?;
-            Ok(ChatMessage::new(
-                if role == "developer" { "system" } else { role },
-                &content,
-            ))
+            let content = content_text(m.get("content").unwrap_or(&Value::Null), &format!("messages[{i}].content"))?;
+            Ok(ChatMessage::new(if role == "developer" { "system" } else { role }, &content))
         })
         .collect()
 }
@@ -167,21 +131,12 @@ fn prompt(obj: &Map<String, Value>) -> Result<String, ApiError> {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         Some(Value::Array(items)) if items.len() == 1 => match &items[0] {
             Value::String(s) if !s.is_empty() => Ok(s.clone()),
-            _ => Err(ApiError::invalid(
-                "prompt",
-                "`prompt` must be a non-empty string",
-            )),
+            _ => Err(ApiError::invalid("prompt", "`prompt` must be a non-empty string")),
         },
-        Some(Value::Array(_)) => Err(ApiError::invalid(
-            "prompt",
-            "`prompt` must hold exactly one string (n = 1)",
-        )),
+        Some(Value::Array(_)) => Err(ApiError::invalid("prompt", "`prompt` must hold exactly one string (n = 1)")),
         None | Some(Value::Null) => Err(ApiError::invalid("prompt", "`prompt` is required")),
         Some(Value::String(_)) => Err(ApiError::invalid("prompt", "`prompt` must not be empty")),
-        Some(other) => Err(ApiError::invalid(
-            "prompt",
-            format!("`prompt` must be a string, not {}", type_name(other)),
-        )),
+        Some(other) => Err(ApiError::invalid("prompt", format!("`prompt` must be a string, not {}", type_name(other)))),
     }
 }
 
@@ -192,36 +147,24 @@ fn stop(obj: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ApiError::invalid("stop", "`stop` must hold strings"))
+                v.as_str().map(str::to_string).ok_or_else(|| ApiError::invalid("stop", "`stop` must hold strings"))
             })
             .collect::<Result<_, _>>()?,
         Some(other) => {
             return Err(ApiError::invalid(
                 "stop",
-                format!(
-                    "`stop` must be a string or an array, not {}",
-                    type_name(other)
-                ),
+                format!("`stop` must be a string or an array, not {}", type_name(other)),
             ))
         }
     };
     if stops.len() > 4 || stops.iter().any(|s| s.is_empty() || s.len() > 256) {
-        return Err(ApiError::invalid(
-            "stop",
-            "`stop` takes up to 4 non-empty sequences of at most 256 bytes",
-        ));
+        return Err(ApiError::invalid("stop", "`stop` takes up to 4 non-empty sequences of at most 256 bytes"));
     }
     Ok(stops)
 }
 
 /// Parses and validates a request body.
-pub fn parse_request(
-    body: &[u8],
-    endpoint: Endpoint,
-    limits: RequestLimits,
-) -> Result<ValidRequest, ApiError> {
+pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> Result<ValidRequest, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(ApiError::bad_json)?;
     let Value::Object(obj) = value else {
         return Err(ApiError::bad_json("expected a JSON object"));
@@ -232,29 +175,18 @@ pub fn parse_request(
             return Err(ApiError::invalid("model", "`model` is required"))
         }
         Some(other) => {
-            return Err(ApiError::invalid(
-                "model",
-                format!("`model` must be a string, not {}", type_name(other)),
-            ))
+            return Err(ApiError::invalid("model", format!("`model` must be a string, not {}", type_name(other))))
         }
     };
     let input = match endpoint {
         Endpoint::Chat => TaskInput::Chat(messages(&obj)?),
         Endpoint::Completions => TaskInput::Text(prompt(&obj)?),
     };
-    let max_tokens =
-        positive_int(&obj, "max_completion_tokens")?.or(positive_int(&obj, "max_tokens")?);
+    let max_tokens = positive_int(&obj, "max_completion_tokens")?.or(positive_int(&obj, "max_tokens")?);
     let max_tokens = max_tokens.map_or(limits.default_max_tokens, |v| v as usize);
     if max_tokens > limits.max_tokens_limit {
-        let param = if obj.contains_key("max_completion_tokens") {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
-        return Err(ApiError::invalid(
-            param,
-            format!("`{param}` must be at most {}", limits.max_tokens_limit),
-        ));
+        let param = if obj.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" };
+        return Err(ApiError::invalid(param, format!("`{param}` must be at most {}", limits.max_tokens_limit)));
     }
     if let Some(n) = positive_int(&obj, "n")? {
         if n != 1 {
@@ -272,17 +204,11 @@ pub fn parse_request(
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(other) => {
-            return Err(ApiError::invalid(
-                "stream",
-                format!("`stream` must be a boolean, not {}", type_name(other)),
-            ))
+            return Err(ApiError::invalid("stream", format!("`stream` must be a boolean, not {}", type_name(other))))
         }
     };
-    let include_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage =
+        obj.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
     if let Some(user) = obj.get("user") {
         if !user.is_string() && !user.is_null() {
             return Err(ApiError::invalid("user", "`user` must be a string"));
@@ -291,9 +217,7 @@ pub fn parse_request(
     let params = SamplingParams {
         temperature: ranged(&obj, "temperature", 0.0, 2.0)?.unwrap_or(1.0),
         top_p: match ranged(&obj, "top_p", 0.0, 1.0)? {
-            Some(p) if p <= 0.0 => {
-                return Err(ApiError::invalid("top_p", "`top_p` must be greater than 0"))
-            }
+            Some(p) if p <= 0.0 => return Err(ApiError::invalid("top_p", "`top_p` must be greater than 0")),
             other => other.unwrap_or(1.0),
         },
         presence_penalty: ranged(&obj, "presence_penalty", -2.0, 2.0)?.unwrap_or(0.0),
@@ -301,16 +225,7 @@ pub fn parse_request(
         seed,
         ..SamplingParams::default()
     };
-    Ok(ValidRequest {
-        endpoint,
-        model,
-        input,
-        params,
-        max_tokens,
-        stop: stop(&obj)?,
-        stream,
-        include_usage,
-    })
+    Ok(ValidRequest { endpoint, model, input, params, max_tokens, stop: stop(&obj)?, stream, include_usage })
 }
 
 fn finish(reason: FinishReason) -> &'static str {
@@ -378,11 +293,7 @@ impl ResponseMeta {
 
     /// The usage chunk sent before `[DONE]` when `stream_options.include_usage` is set.
     pub fn usage_chunk(&self, usage: TaskUsage) -> Value {
-        let object = if self.endpoint == Endpoint::Chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
+        let object = if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(usage)})
     }
 }
@@ -391,10 +302,7 @@ impl ResponseMeta {
 mod tests {
     use super::*;
 
-    const LIMITS: RequestLimits = RequestLimits {
-        default_max_tokens: 256,
-        max_tokens_limit: 4096,
-    };
+    const LIMITS: RequestLimits = RequestLimits { default_max_tokens: 256, max_tokens_limit: 4096 };
 
     fn parse(body: &str) -> Result<ValidRequest, ApiError> {
         parse_request(body.as_bytes(), Endpoint::Chat, LIMITS)
@@ -411,66 +319,27 @@ mod tests {
         assert!(r.stream && r.include_usage);
         assert_eq!(
             r.input,
-            TaskInput::Chat(vec![
-                ChatMessage::new("system", "be brief"),
-                ChatMessage::new("user", "hi")
-            ])
+            TaskInput::Chat(vec![ChatMessage::new("system", "be brief"), ChatMessage::new("user", "hi")])
         );
     }
 
     #[test]
     fn every_error_names_its_field() {
         let cases = [
-            (
-                r#"{"messages":[{"role":"user","content":"x"}]}"#,
-                Some("model"),
-            ),
+            (r#"{"messages":[{"role":"user","content":"x"}]}"#, Some("model")),
             (r#"{"model":"m","messages":[]}"#, Some("messages")),
             (r#"{"model":"m","messages":"hi"}"#, Some("messages")),
-            (
-                r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
-                Some("messages[0].role"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
-                Some("messages[0].content"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
-                Some("temperature"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
-                Some("temperature"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
-                Some("max_tokens"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":100000}"#,
-                Some("max_tokens"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
-                Some("n"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
-                Some("stop"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"seed":1.5}"#,
-                Some("seed"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
-                Some("stream"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":0}"#,
-                Some("top_p"),
-            ),
+            (r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#, Some("messages[0].role")),
+            (r#"{"model":"m","messages":[{"role":"user","content":5}]}"#, Some("messages[0].content")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#, Some("temperature")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, Some("temperature")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, Some("max_tokens")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":100000}"#, Some("max_tokens")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, Some("n")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, Some("stop")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"seed":1.5}"#, Some("seed")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, Some("stream")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":0}"#, Some("top_p")),
             ("not json", None),
             ("[1,2]", None),
         ];
@@ -479,12 +348,7 @@ mod tests {
             assert_eq!(err.status, 400, "{body}");
             assert_eq!(err.param.as_deref(), param, "{body}: {}", err.message);
         }
-        let err = parse_request(
-            br#"{"model":"m","prompt":["a","b"]}"#,
-            Endpoint::Completions,
-            LIMITS,
-        )
-        .unwrap_err();
+        let err = parse_request(br#"{"model":"m","prompt":["a","b"]}"#, Endpoint::Completions, LIMITS).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("prompt"));
     }
 }

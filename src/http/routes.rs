@@ -43,23 +43,15 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// Reads the body, refusing more than `limit` bytes before buffering them.
-async fn read_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<web::Bytes, ApiError> {
-    let declared = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    let declared =
+        req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::too_large(limit));
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_json(format!("could not read the body: {e}")))?;
+        let chunk = chunk.map_err(|e| ApiError::bad_json(format!("could not read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::too_large(limit));
         }
@@ -70,10 +62,7 @@ async fn read_body(
 
 fn bearer(req: &HttpRequest) -> Option<String> {
     let value = req.headers().get("authorization")?.to_str().ok()?;
-    let key = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))?
-        .trim();
+    let key = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
     (!key.is_empty()).then(|| key.to_string())
 }
 
@@ -95,36 +84,17 @@ async fn complete(
         stop: valid.stop,
     };
     let mut admitted = state.gateway.send(admit).await.map_err(internal)??;
-    let prefix = if endpoint == Endpoint::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    };
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let meta = ResponseMeta {
-        id: format!("{prefix}-{}", admitted.id),
-        created,
-        model: valid.model,
-        endpoint,
-    };
+    let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let meta = ResponseMeta { id: format!("{prefix}-{}", admitted.id), created, model: valid.model, endpoint };
     if valid.stream {
-        return Ok(stream_response(
-            admitted,
-            meta,
-            valid.include_usage,
-            state.gateway.clone(),
-        ));
+        return Ok(stream_response(admitted, meta, valid.include_usage, state.gateway.clone()));
     }
     let mut text = String::new();
     while let Some(event) = admitted.events.recv().await {
         match event {
             JobEvent::Text(t) => text.push_str(&t),
-            JobEvent::Done {
-                finish_reason,
-                usage,
-            } => {
+            JobEvent::Done { finish_reason, usage } => {
                 state.gateway.do_send(RecordUsage {
                     key_hash: admitted.key_hash.clone(),
                     tokens: usage.prompt_tokens + usage.completion_tokens,

@@ -44,9 +44,7 @@ impl ServerHandle {
 
 /// Starts the actors and the HTTP server inside the current actix System. The returned
 /// future runs the server until it stops.
-pub async fn start_server(
-    settings: &Settings,
-) -> std::io::Result<(ServerHandle, actix_web::dev::Server)> {
+pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle, actix_web::dev::Server)> {
     let s = settings.clone();
     let store = Arc::new(GameStore::open(s.server.data_dir.join("games.json")));
     let config = DistributorConfig {
@@ -74,30 +72,18 @@ pub async fn start_server(
         },
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .configure(routes::configure)
-    })
-    .disable_signals()
-    .shutdown_timeout(grace.as_secs())
-    .backlog(4096)
-    .max_connections(50_000);
+    let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
+        .disable_signals()
+        .shutdown_timeout(grace.as_secs())
+        .backlog(4096)
+        .max_connections(50_000);
     if s.server.workers > 0 {
         server = server.workers(s.server.workers);
     }
     let server = server.bind(&s.server.bind)?;
-    let addr = *server
-        .addrs()
-        .first()
-        .ok_or_else(|| std::io::Error::other("the server bound no address"))?;
+    let addr = *server.addrs().first().ok_or_else(|| std::io::Error::other("the server bound no address"))?;
     let server = server.run();
-    let handle = ServerHandle {
-        addr,
-        http: server.handle(),
-        distributor,
-        grace,
-    };
+    let handle = ServerHandle { addr, http: server.handle(), distributor, grace };
     Ok((handle, server))
 }
 

@@ -34,14 +34,7 @@ pub fn stream_response(
     include_usage: bool,
     gateway: Addr<Gateway>,
 ) -> HttpResponse {
-    let state = StreamState {
-        admitted,
-        meta,
-        include_usage,
-        gateway,
-        first: true,
-        finished: false,
-    };
+    let state = StreamState { admitted, meta, include_usage, gateway, first: true, finished: false };
     let body = futures_util::stream::unfold(state, |mut st| async move {
         if st.finished {
             return None;
@@ -52,10 +45,7 @@ pub fn stream_response(
                 st.first = false;
                 event(&chunk)
             }
-            Some(JobEvent::Done {
-                finish_reason,
-                usage,
-            }) => {
+            Some(JobEvent::Done { finish_reason, usage }) => {
                 st.finished = true;
                 st.gateway.do_send(RecordUsage {
                     key_hash: st.admitted.key_hash.clone(),
@@ -70,19 +60,11 @@ pub fn stream_response(
             }
             Some(JobEvent::Failed(e)) => {
                 st.finished = true;
-                Bytes::from(
-                    [
-                        event(&ApiError::from(e).body()).to_vec(),
-                        DONE.as_bytes().to_vec(),
-                    ]
-                    .concat(),
-                )
+                Bytes::from([event(&ApiError::from(e).body()).to_vec(), DONE.as_bytes().to_vec()].concat())
             }
             None => {
                 st.finished = true;
-                let e = ApiError::from(ServeError::Internal(
-                    "the job ended without a result".into(),
-                ));
+                let e = ApiError::from(ServeError::Internal("the job ended without a result".into()));
                 Bytes::from([event(&e.body()).to_vec(), DONE.as_bytes().to_vec()].concat())
             }
         };

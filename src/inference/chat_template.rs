@@ -19,10 +19,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.to_string(),
-            content: content.to_string(),
-        }
+        Self { role: role.to_string(), content: content.to_string() }
     }
 }
 
@@ -45,35 +42,21 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_template_owned("chat", source.unwrap_or(CHATML).to_string())
-            .map_err(|e| {
-                InferError::Template(format!("the model's chat template does not compile: {e}"))
-            })?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.to_string(),
-            eos_token: eos_token.to_string(),
-        })
+            .map_err(|e| InferError::Template(format!("the model's chat template does not compile: {e}")))?;
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// Renders a conversation; with `add_generation_prompt` the text ends where the
     /// assistant's answer begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         if messages.is_empty() {
-            return Err(InferError::InvalidRequest(
-                "messages must not be empty".into(),
-            ));
+            return Err(InferError::InvalidRequest("messages must not be empty".into()));
         }
-        let template = self
-            .env
-            .get_template("chat")
-            .map_err(|e| InferError::Template(e.to_string()))?;
+        let template = self.env.get_template("chat").map_err(|e| InferError::Template(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -93,24 +76,15 @@ mod tests {
     fn chatml_fallback_renders_the_generation_prompt() {
         let t = ChatTemplate::new(None, "", "").unwrap();
         let text = t.render(&[ChatMessage::new("user", "Hi")], true).unwrap();
-        assert_eq!(
-            text,
-            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        assert_eq!(text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn python_methods_and_raise_exception_work() {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ bos_token }}{{ messages[0]['content'].strip() }}";
         let t = ChatTemplate::new(Some(src), "<s>", "</s>").unwrap();
-        assert_eq!(
-            t.render(&[ChatMessage::new("user", "  x  ")], false)
-                .unwrap(),
-            "<s>x"
-        );
-        let err = t
-            .render(&[ChatMessage::new("system", "x")], false)
-            .unwrap_err();
+        assert_eq!(t.render(&[ChatMessage::new("user", "  x  ")], false).unwrap(), "<s>x");
+        let err = t.render(&[ChatMessage::new("system", "x")], false).unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
         assert!(t.render(&[], false).is_err());
     }

@@ -39,11 +39,7 @@ impl LlamaConfig {
         let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads);
         let per_layer = attn + 3 * d * f + 2 * d;
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * d
-        };
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
         self.vocab_size * d + self.num_layers * per_layer + d + head
     }
 
@@ -54,12 +50,8 @@ impl LlamaConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(InferError::InvalidRequest(format!("model config: {what}")));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
-        {
-            return bad(format!(
-                "{} heads cannot share {} KV heads",
-                self.num_heads, self.num_kv_heads
-            ));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!("{} heads cannot share {} KV heads", self.num_heads, self.num_kv_heads));
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("head dimension {} is odd", self.head_dim));
@@ -72,24 +64,16 @@ impl LlamaConfig {
 
     /// Reads the `{arch}.*` keys of a GGUF file (arch = `llama` or `mistral`).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let arch = file
-            .get_str("general.architecture")
-            .unwrap_or("")
-            .to_string();
+        let arch = file.get_str("general.architecture").unwrap_or("").to_string();
         if !matches!(arch.as_str(), "llama" | "mistral") {
             return Err(InferError::UnsupportedArchitecture(arch));
         }
         let int = |key: &str| -> Result<usize> {
             let full = format!("{arch}.{key}");
-            file.get_u64(&full)
-                .map(|v| v as usize)
-                .ok_or(InferError::MissingMetadata(full))
+            file.get_u64(&full).map(|v| v as usize).ok_or(InferError::MissingMetadata(full))
         };
-        let float = |key: &str, default: f64| {
-            file.get(&format!("{arch}.{key}"))
-                .and_then(|v| v.as_f64())
-                .unwrap_or(default)
-        };
+        let float =
+            |key: &str, default: f64| file.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).unwrap_or(default);
         let hidden_size = int("embedding_length")?;
         let num_heads = int("attention.head_count")?;
         let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
@@ -140,30 +124,19 @@ impl LlamaConfig {
             tie_word_embeddings: Option<bool>,
         }
         let text = std::fs::read_to_string(path).map_err(|e| InferError::io(path, e))?;
-        let hf: Hf =
-            serde_json::from_str(&text).map_err(|e| InferError::format(path, e.to_string()))?;
+        let hf: Hf = serde_json::from_str(&text).map_err(|e| InferError::format(path, e.to_string()))?;
         let kind = hf.model_type.clone().unwrap_or_default();
         let arch_ok = matches!(kind.as_str(), "llama" | "mistral")
-            || hf
-                .architectures
-                .iter()
-                .flatten()
-                .any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
+            || hf.architectures.iter().flatten().any(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
         if !arch_ok {
             return Err(InferError::UnsupportedArchitecture(kind));
         }
         let rope_scaling = match hf.rope_scaling {
-            Some(v) if v.get("rope_type").and_then(|t| t.as_str()) == Some("llama3") => Some(
-                serde_json::from_value(v)
-                    .map_err(|e| InferError::format(path, format!("rope_scaling: {e}")))?,
-            ),
-            Some(serde_json::Value::Null) | None => None,
-            Some(other) => {
-                return Err(InferError::format(
-                    path,
-                    format!("unsupported rope_scaling {other}"),
-                ))
+            Some(v) if v.get("rope_type").and_then(|t| t.as_str()) == Some("llama3") => {
+                Some(serde_json::from_value(v).map_err(|e| InferError::format(path, format!("rope_scaling: {e}")))?)
             }
+            Some(serde_json::Value::Null) | None => None,
+            Some(other) => return Err(InferError::format(path, format!("unsupported rope_scaling {other}"))),
         };
         let config = Self {
             vocab_size: hf.vocab_size,
@@ -172,9 +145,7 @@ impl LlamaConfig {
             num_layers: hf.num_hidden_layers,
             num_heads: hf.num_attention_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-5),
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
             rope_scaling,

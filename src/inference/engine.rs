@@ -43,13 +43,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self {
-            max_batch: 16,
-            max_context: 4096,
-            prefill_chunk: 256,
-            threads: 0,
-            single_sequence_threads: 1,
-        }
+        Self { max_batch: 16, max_context: 4096, prefill_chunk: 256, threads: 0, single_sequence_threads: 1 }
     }
 }
 
@@ -146,10 +140,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; the KV cache is sized by `config`.
     pub fn start(model: Model, mut config: EngineConfig) -> Result<Self> {
-        config.max_context = config
-            .max_context
-            .min(model.llama.config.max_position_embeddings)
-            .max(2);
+        config.max_context = config.max_context.min(model.llama.config.max_position_embeddings).max(2);
         config.max_batch = config.max_batch.max(1);
         config.prefill_chunk = config.prefill_chunk.max(1);
         let cache = KvCache::new(
@@ -190,29 +181,19 @@ impl Engine {
                 .run()
             })
             .map_err(|e| InferError::io("engine thread", e))?;
-        Ok(Self {
-            thread: Some(thread),
-            ..handle
-        })
+        Ok(Self { thread: Some(thread), ..handle })
     }
 
     /// Queues a request; events arrive on the returned channel. Dropping it cancels.
     pub fn submit(&self, request: GenerateRequest) -> Result<UnboundedReceiver<Event>> {
-        request
-            .params
-            .validate()
-            .map_err(InferError::InvalidRequest)?;
+        request.params.validate().map_err(InferError::InvalidRequest)?;
         if request.prompt.is_empty() {
             return Err(InferError::InvalidRequest("the prompt is empty".into()));
         }
         let (events, rx) = unbounded_channel();
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.commands
-            .send(Command {
-                request,
-                events,
-                received: Instant::now(),
-            })
+            .send(Command { request, events, received: Instant::now() })
             .map_err(|_| InferError::EngineStopped)?;
         Ok(rx)
     }
@@ -273,8 +254,7 @@ impl Scheduler {
         let mut current_threads = 0;
         let mut open = true;
         loop {
-            let idle =
-                self.waiting.is_empty() && self.prefilling.is_none() && self.running.is_empty();
+            let idle = self.waiting.is_empty() && self.prefilling.is_none() && self.running.is_empty();
             if idle {
                 if !open {
                     return;
@@ -296,13 +276,8 @@ impl Scheduler {
             }
             self.drop_cancelled();
             self.admit();
-            let single = self.running.len() + self.prefilling.is_some() as usize == 1
-                && self.prefilling.is_none();
-            let threads = if single {
-                self.config.single_sequence_threads
-            } else {
-                self.config.threads
-            };
+            let single = self.running.len() + self.prefilling.is_some() as usize == 1 && self.prefilling.is_none();
+            let threads = if single { self.config.single_sequence_threads } else { self.config.threads };
             if threads != current_threads {
                 tch::set_num_threads(threads as i32);
                 current_threads = threads;
@@ -318,34 +293,21 @@ impl Scheduler {
     }
 
     fn publish_load(&self) {
-        let queued: usize = self
-            .waiting
-            .iter()
-            .map(|c| c.request.prompt.len() + c.request.max_tokens)
-            .sum::<usize>()
+        let queued: usize = self.waiting.iter().map(|c| c.request.prompt.len() + c.request.max_tokens).sum::<usize>()
             + self
                 .running
                 .iter()
                 .chain(self.prefilling.as_ref())
                 .map(|s| s.request.max_tokens.saturating_sub(s.generated))
                 .sum::<usize>();
-        self.load.running.store(
-            self.running.len() + self.prefilling.is_some() as usize,
-            Ordering::Relaxed,
-        );
-        self.load
-            .waiting
-            .store(self.waiting.len(), Ordering::Relaxed);
+        self.load.running.store(self.running.len() + self.prefilling.is_some() as usize, Ordering::Relaxed);
+        self.load.waiting.store(self.waiting.len(), Ordering::Relaxed);
         self.load.queued_tokens.store(queued, Ordering::Relaxed);
     }
 
     fn drop_cancelled(&mut self) {
         self.waiting.retain(|c| !c.events.is_closed());
-        if self
-            .prefilling
-            .as_ref()
-            .is_some_and(|s| s.events.is_closed())
-        {
+        if self.prefilling.as_ref().is_some_and(|s| s.events.is_closed()) {
             self.prefilling = None;
         }
         let before = self.running.len();
@@ -385,23 +347,15 @@ impl Scheduler {
             let r = &cmd.request;
             let context = r.prompt.len() + r.prefix.len();
             if context + 1 > self.config.max_context || r.prefix.len() >= r.max_tokens.max(1) {
-                let err = InferError::ContextOverflow {
-                    got: context,
-                    max_new: r.max_tokens,
-                    limit: self.config.max_context,
-                };
+                let err =
+                    InferError::ContextOverflow { got: context, max_new: r.max_tokens, limit: self.config.max_context };
                 let _ = cmd.events.send(Event::Error(err.to_string()));
                 continue;
             }
-            if let Some(bad) = r
-                .prompt
-                .iter()
-                .chain(&r.prefix)
-                .find(|&&t| t as usize >= self.model.llama.config.vocab_size)
+            if let Some(bad) =
+                r.prompt.iter().chain(&r.prefix).find(|&&t| t as usize >= self.model.llama.config.vocab_size)
             {
-                let _ = cmd.events.send(Event::Error(format!(
-                    "token id {bad} is outside the vocabulary"
-                )));
+                let _ = cmd.events.send(Event::Error(format!("token id {bad} is outside the vocabulary")));
                 continue;
             }
             let mut history = TokenHistory::new(&r.prompt);
@@ -437,11 +391,8 @@ impl Scheduler {
         if self.running.is_empty() && self.prefilling.is_none() {
             return Ok(());
         }
-        let tokens: Vec<u32> = self
-            .running
-            .iter()
-            .map(|s| *s.tokens.last().expect("running sequences have tokens"))
-            .collect();
+        let tokens: Vec<u32> =
+            self.running.iter().map(|s| *s.tokens.last().expect("running sequences have tokens")).collect();
         let positions: Vec<usize> = self.running.iter().map(|s| s.cached).collect();
         let chunk_range = self.prefilling.as_ref().map(|seq| {
             let end = (seq.cached + self.config.prefill_chunk).min(seq.tokens.len());
@@ -455,17 +406,11 @@ impl Scheduler {
             slot,
             tokens: &chunk_tokens,
             start,
-            logits: if last {
-                LogitsFor::Last
-            } else {
-                LogitsFor::None
-            },
+            logits: if last { LogitsFor::Last } else { LogitsFor::None },
         });
         let out = {
             let _guard = tch::no_grad_guard();
-            self.model
-                .llama
-                .step(&mut self.cache, &tokens, &positions, chunk)?
+            self.model.llama.step(&mut self.cache, &tokens, &positions, chunk)?
         };
         let tokenizer = self.model.tokenizer.clone();
         let d = self.model.llama.config.hidden_size;
@@ -474,11 +419,7 @@ impl Scheduler {
         if !self.running.is_empty() {
             let logits = tensor_to_vec(&out.decode.logits)?;
             let want_hidden = self.running.iter().any(|s| s.request.collect_hidden);
-            let hidden = if want_hidden {
-                Some(tensor_to_vec(&out.decode.hidden)?)
-            } else {
-                None
-            };
+            let hidden = if want_hidden { Some(tensor_to_vec(&out.decode.hidden)?) } else { None };
             let mut finished = Vec::new();
             for (i, seq) in self.running.iter_mut().enumerate() {
                 seq.cached += 1;
@@ -487,9 +428,7 @@ impl Scheduler {
                     (Some(all), true) => Some(all[i * d..(i + 1) * d].to_vec()),
                     _ => None,
                 };
-                if let Outcome::Finished(reason) =
-                    emit(seq, &tokenizer, row, h, self.config.max_context)
-                {
+                if let Outcome::Finished(reason) = emit(seq, &tokenizer, row, h, self.config.max_context) {
                     finished.push((i, reason));
                 }
             }
@@ -500,33 +439,17 @@ impl Scheduler {
         }
         // The prefill chunk.
         if let (Some(prefill), Some((_, _, end, last))) = (out.prefill, chunk_range) {
-            let seq = self
-                .prefilling
-                .as_mut()
-                .expect("a chunk implies a prefilling sequence");
+            let seq = self.prefilling.as_mut().expect("a chunk implies a prefilling sequence");
             seq.cached = end;
             if seq.request.collect_hidden {
                 let values = tensor_to_vec(&prefill.hidden)?;
-                let _ = seq.events.send(Event::PromptHidden {
-                    rows: chunk_tokens.len(),
-                    values,
-                });
+                let _ = seq.events.send(Event::PromptHidden { rows: chunk_tokens.len(), values });
             }
             if last {
                 let mut seq = self.prefilling.take().expect("checked above");
                 let logits = tensor_to_vec(&prefill.logits)?;
-                let hidden = if seq.request.collect_hidden {
-                    Some(last_row(&prefill.hidden)?)
-                } else {
-                    None
-                };
-                match emit(
-                    &mut seq,
-                    &tokenizer,
-                    logits,
-                    hidden,
-                    self.config.max_context,
-                ) {
+                let hidden = if seq.request.collect_hidden { Some(last_row(&prefill.hidden)?) } else { None };
+                match emit(&mut seq, &tokenizer, logits, hidden, self.config.max_context) {
                     Outcome::Continue => {
                         self.running.push(seq);
                     }
@@ -562,22 +485,12 @@ fn emit(
     seq.history.push_generated(token);
     seq.first_token.get_or_insert_with(Instant::now);
     let is_stop_token = tokenizer.stop_tokens.contains(&token);
-    let piece = if is_stop_token {
-        String::new()
-    } else {
-        seq.decoder.push(tokenizer, token)
-    };
+    let piece = if is_stop_token { String::new() } else { seq.decoder.push(tokenizer, token) };
     seq.text.push_str(&piece);
     let mut reason = None;
     // A stop sequence can only start in text not yet released (see `releasable`).
     let unreleased = &seq.text[seq.released..];
-    let hit = seq
-        .request
-        .stop
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| unreleased.find(s.as_str()))
-        .min();
+    let hit = seq.request.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| unreleased.find(s.as_str())).min();
     let release_to = match hit {
         Some(pos) => {
             reason = Some(FinishReason::Stop);
@@ -591,11 +504,7 @@ fn emit(
         seq.text.truncate(release_to);
         seq.decoder.finish();
     }
-    let _ = seq.events.send(Event::Token {
-        id: token,
-        text,
-        hidden,
-    });
+    let _ = seq.events.send(Event::Token { id: token, text, hidden });
     if is_stop_token {
         reason.get_or_insert(FinishReason::Stop);
     }
@@ -627,31 +536,20 @@ fn finish(mut seq: Sequence, reason: FinishReason, load: &EngineLoad) {
     let now = Instant::now();
     let mut tail = seq.text[seq.released..].to_string();
     tail.push_str(&seq.decoder.finish());
-    load.generated_tokens.fetch_add(
-        (seq.generated - seq.request.prefix.len()) as u64,
-        Ordering::Relaxed,
-    );
+    load.generated_tokens.fetch_add((seq.generated - seq.request.prefix.len()) as u64, Ordering::Relaxed);
     let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
     let timings = Timings {
         queued_ms: ms(seq.received, seq.started),
         time_to_first_token_ms: ms(seq.received, seq.first_token.unwrap_or(now)),
         total_ms: ms(seq.received, now),
     };
-    let done = Finished {
-        reason,
-        tail,
-        prompt_tokens: seq.request.prompt.len(),
-        completion_tokens: seq.generated,
-        timings,
-    };
+    let done =
+        Finished { reason, tail, prompt_tokens: seq.request.prompt.len(), completion_tokens: seq.generated, timings };
     let _ = seq.events.send(Event::Done(done));
 }
 
 fn tensor_to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    let flat = t
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(Kind::Float)?
-        .f_flatten(0, -1)?;
+    let flat = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?;
     Ok(Vec::<f32>::try_from(&flat)?)
 }
 

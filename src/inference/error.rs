@@ -21,11 +21,7 @@ pub enum InferError {
     #[error("the model has no tensor `{0}`: the checkpoint is incomplete or not a Llama model")]
     MissingTensor(String),
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    Shape {
-        name: String,
-        got: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    Shape { name: String, got: Vec<usize>, expected: Vec<usize> },
     #[error("missing model metadata `{0}`")]
     MissingMetadata(String),
     #[error("tokenizer: {0}")]
@@ -34,14 +30,8 @@ pub enum InferError {
     Template(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error(
-        "prompt of {got} tokens plus {max_new} new tokens exceeds the context of {limit} tokens"
-    )]
-    ContextOverflow {
-        got: usize,
-        max_new: usize,
-        limit: usize,
-    },
+    #[error("prompt of {got} tokens plus {max_new} new tokens exceeds the context of {limit} tokens")]
+    ContextOverflow { got: usize, max_new: usize, limit: usize },
     #[error("device `{0}` is not available (use --device cpu, or auto)")]
     DeviceUnavailable(String),
     #[error("the engine has stopped")]
@@ -52,16 +42,10 @@ pub enum InferError {
 
 impl InferError {
     pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::Format {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Self::Format { path: path.into(), reason: reason.into() }
     }
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io { path: path.into(), source }
     }
 }
 

@@ -123,16 +123,9 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&end| end <= self.data.len())
-            .ok_or_else(|| {
-                InferError::format(
-                    self.path,
-                    format!("truncated header: wanted {n} bytes at offset {}", self.pos),
-                )
-            })?;
+        let end = self.pos.checked_add(n).filter(|&end| end <= self.data.len()).ok_or_else(|| {
+            InferError::format(self.path, format!("truncated header: wanted {n} bytes at offset {}", self.pos))
+        })?;
         let bytes = &self.data[self.pos..end];
         self.pos = end;
         Ok(bytes)
@@ -150,20 +143,14 @@ impl<'a> Cursor<'a> {
     fn count(&mut self, what: &str) -> Result<usize> {
         let n = self.u64()?;
         if n > MAX_COUNT {
-            return Err(InferError::format(
-                self.path,
-                format!("implausible {what} count {n}"),
-            ));
+            return Err(InferError::format(self.path, format!("implausible {what} count {n}")));
         }
         Ok(n as usize)
     }
     fn string(&mut self) -> Result<String> {
         let len = self.u64()?;
         if len > self.data.len() as u64 {
-            return Err(InferError::format(
-                self.path,
-                format!("string length {len} exceeds the file"),
-            ));
+            return Err(InferError::format(self.path, format!("string length {len} exceeds the file")));
         }
         let bytes = self.take(len as usize)?;
         // Some tokenizers carry invalid UTF-8 fragments; keep them readable rather than failing.
@@ -182,10 +169,7 @@ impl<'a> Cursor<'a> {
             8 => MetaValue::Str(self.string()?),
             9 => {
                 if depth > 2 {
-                    return Err(InferError::format(
-                        self.path,
-                        "metadata arrays nested too deeply",
-                    ));
+                    return Err(InferError::format(self.path, "metadata arrays nested too deeply"));
                 }
                 let inner = self.u32()?;
                 let n = self.count("array")?;
@@ -198,12 +182,7 @@ impl<'a> Cursor<'a> {
             10 => MetaValue::U64(self.u64()?),
             11 => MetaValue::I64(i64::from_le_bytes(self.array()?)),
             12 => MetaValue::F64(f64::from_le_bytes(self.array()?)),
-            other => {
-                return Err(InferError::format(
-                    self.path,
-                    format!("unknown metadata value type {other}"),
-                ))
-            }
+            other => return Err(InferError::format(self.path, format!("unknown metadata value type {other}"))),
         })
     }
 }
@@ -215,23 +194,13 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|e| InferError::io(path, e))?;
         // SAFETY: the map is read-only; Ludus never writes model files while serving them.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| InferError::io(path, e))?;
-        let mut cur = Cursor {
-            path,
-            data: &mmap,
-            pos: 0,
-        };
+        let mut cur = Cursor { path, data: &mmap, pos: 0 };
         if cur.take(4).ok() != Some(MAGIC.as_slice()) {
-            return Err(InferError::format(
-                path,
-                "missing GGUF magic (is this a GGUF file?)",
-            ));
+            return Err(InferError::format(path, "missing GGUF magic (is this a GGUF file?)"));
         }
         let version = cur.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(InferError::format(
-                path,
-                format!("GGUF version {version} (supported: 2, 3)"),
-            ));
+            return Err(InferError::format(path, format!("GGUF version {version} (supported: 2, 3)")));
         }
         let n_tensors = cur.count("tensor")?;
         let n_meta = cur.count("metadata")?;
@@ -247,10 +216,7 @@ impl GgufFile {
             let name = cur.string()?;
             let n_dims = cur.u32()? as usize;
             if n_dims > 4 {
-                return Err(InferError::format(
-                    path,
-                    format!("tensor `{name}` has {n_dims} dimensions"),
-                ));
+                return Err(InferError::format(path, format!("tensor `{name}` has {n_dims} dimensions")));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -260,30 +226,20 @@ impl GgufFile {
             let offset = cur.u64()?;
             raw.push((name, dims, kind, offset));
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(MetaValue::as_u64)
-            .unwrap_or(DEFAULT_ALIGNMENT);
+        let alignment = metadata.get("general.alignment").and_then(MetaValue::as_u64).unwrap_or(DEFAULT_ALIGNMENT);
         if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(InferError::format(
-                path,
-                format!("alignment {alignment} is not a power of two"),
-            ));
+            return Err(InferError::format(path, format!("alignment {alignment} is not a power of two")));
         }
         let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, dims, kind, offset) in raw {
-            let dtype =
-                GgmlType::from_id(kind).ok_or_else(|| InferError::UnsupportedTensorType {
-                    tensor: name.clone(),
-                    dtype: format!("GGML type {kind}"),
-                })?;
+            let dtype = GgmlType::from_id(kind).ok_or_else(|| InferError::UnsupportedTensorType {
+                tensor: name.clone(),
+                dtype: format!("GGML type {kind}"),
+            })?;
             let numel = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
             let n_bytes = numel.and_then(|n| dtype.bytes_for(n)).ok_or_else(|| {
-                InferError::format(
-                    path,
-                    format!("tensor `{name}` has invalid dimensions {dims:?} for {dtype:?}"),
-                )
+                InferError::format(path, format!("tensor `{name}` has invalid dimensions {dims:?} for {dtype:?}"))
             })?;
             let start = data_start.checked_add(offset);
             let end = start.and_then(|s| s.checked_add(n_bytes));
@@ -302,21 +258,12 @@ impl GgufFile {
                 _ => {
                     return Err(InferError::format(
                         path,
-                        format!(
-                            "truncated: tensor `{name}` ends past the end of the file ({} bytes)",
-                            mmap.len()
-                        ),
+                        format!("truncated: tensor `{name}` ends past the end of the file ({} bytes)", mmap.len()),
                     ))
                 }
             }
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            version,
-            metadata,
-            tensors,
-            mmap,
-        })
+        Ok(Self { path: path.to_path_buf(), version, metadata, tensors, mmap })
     }
 
     pub fn get(&self, key: &str) -> Option<&MetaValue> {
@@ -324,8 +271,7 @@ impl GgufFile {
     }
 
     pub fn require(&self, key: &str) -> Result<&MetaValue> {
-        self.get(key)
-            .ok_or_else(|| InferError::MissingMetadata(key.to_string()))
+        self.get(key).ok_or_else(|| InferError::MissingMetadata(key.to_string()))
     }
 
     pub fn get_str(&self, key: &str) -> Option<&str> {
@@ -343,16 +289,11 @@ impl GgufFile {
 
     /// Dequantizes one tensor into a row-major `Vec<f32>` of [`TensorInfo::shape`].
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| InferError::MissingTensor(name.to_string()))?;
+        let info = self.tensors.get(name).ok_or_else(|| InferError::MissingTensor(name.to_string()))?;
         let values = info
             .dtype
             .dequantize(self.tensor_bytes(info), info.numel())
-            .map_err(|reason| {
-                InferError::format(&self.path, format!("tensor `{name}`: {reason}"))
-            })?;
+            .map_err(|reason| InferError::format(&self.path, format!("tensor `{name}`: {reason}")))?;
         Ok((values, info.shape.clone()))
     }
 }

@@ -23,32 +23,15 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(
-        config: &LlamaConfig,
-        slots: usize,
-        max_len: usize,
-        device: Device,
-        kind: Kind,
-    ) -> Result<Self> {
-        let shape = [
-            slots as i64,
-            config.num_kv_heads as i64,
-            max_len as i64,
-            config.head_dim as i64,
-        ];
+    pub fn new(config: &LlamaConfig, slots: usize, max_len: usize, device: Device, kind: Kind) -> Result<Self> {
+        let shape = [slots as i64, config.num_kv_heads as i64, max_len as i64, config.head_dim as i64];
         let mut keys = Vec::with_capacity(config.num_layers);
         let mut values = Vec::with_capacity(config.num_layers);
         for _ in 0..config.num_layers {
             keys.push(Tensor::f_empty(shape, (kind, device))?);
             values.push(Tensor::f_empty(shape, (kind, device))?);
         }
-        Ok(Self {
-            keys,
-            values,
-            lens: vec![0; slots],
-            initialized: vec![0; slots],
-            max_len,
-        })
+        Ok(Self { keys, values, lens: vec![0; slots], initialized: vec![0; slots], max_len })
     }
 
     pub fn slots(&self) -> usize {
@@ -71,17 +54,10 @@ impl KvCache {
     /// Fails unless `slot` exists and can hold `len` tokens.
     pub(crate) fn check(&self, slot: usize, len: usize) -> Result<()> {
         if slot >= self.slots() {
-            return Err(InferError::InvalidRequest(format!(
-                "KV slot {slot} of {}",
-                self.slots()
-            )));
+            return Err(InferError::InvalidRequest(format!("KV slot {slot} of {}", self.slots())));
         }
         if len > self.max_len {
-            return Err(InferError::ContextOverflow {
-                got: len,
-                max_new: 0,
-                limit: self.max_len,
-            });
+            return Err(InferError::ContextOverflow { got: len, max_new: 0, limit: self.max_len });
         }
         Ok(())
     }
@@ -91,15 +67,9 @@ impl KvCache {
     pub(crate) fn ensure_initialized(&mut self, slot: usize, upto: usize) -> Result<()> {
         let from = self.initialized[slot];
         if upto > from {
-            let to = upto
-                .div_ceil(ZERO_BLOCK)
-                .saturating_mul(ZERO_BLOCK)
-                .min(self.max_len);
+            let to = upto.div_ceil(ZERO_BLOCK).saturating_mul(ZERO_BLOCK).min(self.max_len);
             for t in self.keys.iter().chain(self.values.iter()) {
-                let _ = t
-                    .f_get(slot as i64)?
-                    .f_narrow(1, from as i64, (to - from) as i64)?
-                    .f_zero_()?;
+                let _ = t.f_get(slot as i64)?.f_narrow(1, from as i64, (to - from) as i64)?.f_zero_()?;
             }
             self.initialized[slot] = to;
         }
@@ -121,9 +91,7 @@ impl KvCache {
         if from != to && len > 0 {
             for t in self.keys.iter().chain(self.values.iter()) {
                 let src = t.f_get(from as i64)?.f_narrow(1, 0, len as i64)?;
-                t.f_get(to as i64)?
-                    .f_narrow(1, 0, len as i64)?
-                    .f_copy_(&src)?;
+                t.f_get(to as i64)?.f_narrow(1, 0, len as i64)?.f_copy_(&src)?;
             }
         }
         self.lens[to] = len;

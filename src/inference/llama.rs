@@ -55,13 +55,8 @@ struct Rope {
 impl Rope {
     fn new(config: &LlamaConfig, max_len: usize, device: Device) -> Result<Self> {
         let half = config.head_dim / 2;
-        let mut inv_freq: Vec<f64> = (0..half)
-            .map(|i| {
-                1.0 / config
-                    .rope_theta
-                    .powf((2 * i) as f64 / config.head_dim as f64)
-            })
-            .collect();
+        let mut inv_freq: Vec<f64> =
+            (0..half).map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / config.head_dim as f64)).collect();
         if let Some(s) = &config.rope_scaling {
             let old = s.original_max_position_embeddings as f64;
             let (low_wavelen, high_wavelen) = (old / s.low_freq_factor, old / s.high_freq_factor);
@@ -70,8 +65,7 @@ impl Rope {
                 if wavelen > low_wavelen {
                     *f /= s.factor;
                 } else if wavelen >= high_wavelen {
-                    let smooth = (old / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                     *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
                 }
             }
@@ -87,12 +81,8 @@ impl Rope {
         }
         let shape = [max_len as i64, half as i64];
         Ok(Self {
-            cos: Tensor::f_from_slice(&cos)?
-                .f_reshape(shape)?
-                .f_to_device(device)?,
-            sin: Tensor::f_from_slice(&sin)?
-                .f_reshape(shape)?
-                .f_to_device(device)?,
+            cos: Tensor::f_from_slice(&cos)?.f_reshape(shape)?.f_to_device(device)?,
+            sin: Tensor::f_from_slice(&sin)?.f_reshape(shape)?.f_to_device(device)?,
         })
     }
 
@@ -100,14 +90,8 @@ impl Rope {
     /// row vector `x` (half-split form) is `x @ R`: built once per forward pass, then each
     /// layer's rotary embedding is a single batched matmul instead of a dozen small ops.
     fn rotations(&self, positions: &Tensor, kind: Kind) -> Result<Tensor> {
-        let cos = self
-            .cos
-            .f_index_select(0, positions)?
-            .f_diag_embed(0, -2, -1)?;
-        let sin = self
-            .sin
-            .f_index_select(0, positions)?
-            .f_diag_embed(0, -2, -1)?;
+        let cos = self.cos.f_index_select(0, positions)?.f_diag_embed(0, -2, -1)?;
+        let sin = self.sin.f_index_select(0, positions)?.f_diag_embed(0, -2, -1)?;
         let top = Tensor::f_cat(&[&cos, &sin], -1)?;
         let bottom = Tensor::f_cat(&[&sin.f_neg()?, &cos], -1)?;
         Ok(Tensor::f_cat(&[top, bottom], -2)?.f_to_kind(kind)?)
@@ -176,16 +160,7 @@ impl Llama {
         }
         let norm = place(get("output_norm.weight", &[d])?, device, kind)?;
         let rope = Rope::new(&c, c.max_position_embeddings.max(1), device)?;
-        Ok(Self {
-            config: c,
-            device,
-            kind,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            rope,
-        })
+        Ok(Self { config: c, device, kind, embed, layers, norm, lm_head, rope })
     }
 
     /// Bytes of weights read per decoded token (embedding rows excluded).
@@ -212,24 +187,14 @@ impl Llama {
         start: usize,
         logits: LogitsFor,
     ) -> Result<ForwardOutput> {
-        let chunk = PrefillChunk {
-            slot,
-            tokens,
-            start,
-            logits,
-        };
+        let chunk = PrefillChunk { slot, tokens, start, logits };
         let out = self.step(cache, &[], &[], Some(chunk))?;
         Ok(out.prefill.expect("a prefill chunk was given"))
     }
 
     /// Advances the sequences in cache slots `0..tokens.len()` by one token each;
     /// `positions[i]` is the number of tokens already in slot `i`.
-    pub fn decode(
-        &self,
-        cache: &mut KvCache,
-        tokens: &[u32],
-        positions: &[usize],
-    ) -> Result<ForwardOutput> {
+    pub fn decode(&self, cache: &mut KvCache, tokens: &[u32], positions: &[usize]) -> Result<ForwardOutput> {
         Ok(self.step(cache, tokens, positions, None)?.decode)
     }
 
@@ -266,13 +231,11 @@ impl Llama {
         let decode_pos = positions_t.f_narrow(0, 0, b)?;
         let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
         // Decode: sequence i sees keys 0..=pos_i. Prefill: row (group, t) sees 0..=start+t.
-        let decode_mask = causal_mask(&decode_pos, longest, self.device)?
-            .f_view([b, 1, 1, longest])?
-            .f_to_kind(self.kind)?;
+        let decode_mask =
+            causal_mask(&decode_pos, longest, self.device)?.f_view([b, 1, 1, longest])?.f_to_kind(self.kind)?;
         let prefill_pos = positions_t.f_narrow(0, b, n)?;
-        let prefill_mask = causal_mask(&prefill_pos, total, self.device)?
-            .f_repeat([groups, 1])?
-            .f_to_kind(self.kind)?;
+        let prefill_mask =
+            causal_mask(&prefill_pos, total, self.device)?.f_repeat([groups, 1])?.f_to_kind(self.kind)?;
         let rotations = self.rope.rotations(&positions_t, self.kind)?;
         let mut x = self.embed.f_index_select(0, &self.ids(&ids)?)?;
         for (l, block) in self.layers.iter().enumerate() {
@@ -280,11 +243,7 @@ impl Llama {
                 let (k_cache, v_cache) = cache.layer_mut(l);
                 let mut outputs = Vec::with_capacity(2);
                 if b > 0 {
-                    let index = [
-                        Some(slots.shallow_clone()),
-                        None,
-                        Some(decode_pos.shallow_clone()),
-                    ];
+                    let index = [Some(slots.shallow_clone()), None, Some(decode_pos.shallow_clone())];
                     let _ = k_cache.f_index_put_(&index, &k.f_narrow(0, 0, b)?, false)?;
                     let _ = v_cache.f_index_put_(&index, &v.f_narrow(0, 0, b)?, false)?;
                     let keys = k_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
@@ -298,30 +257,18 @@ impl Llama {
                     let k_slot = k_cache.f_get(chunk.slot as i64)?;
                     let v_slot = v_cache.f_get(chunk.slot as i64)?;
                     let start = chunk.start as i64;
-                    k_slot
-                        .f_narrow(1, start, n)?
-                        .f_copy_(&k.f_narrow(0, b, n)?.f_transpose(0, 1)?)?;
-                    v_slot
-                        .f_narrow(1, start, n)?
-                        .f_copy_(&v.f_narrow(0, b, n)?.f_transpose(0, 1)?)?;
+                    k_slot.f_narrow(1, start, n)?.f_copy_(&k.f_narrow(0, b, n)?.f_transpose(0, 1)?)?;
+                    v_slot.f_narrow(1, start, n)?.f_copy_(&v.f_narrow(0, b, n)?.f_transpose(0, 1)?)?;
                     let keys = k_slot.f_narrow(1, 0, total)?;
                     let values = v_slot.f_narrow(1, 0, total)?;
                     let (kv, hd) = (keys.size()[0], keys.size()[2]);
                     // q: [n, heads, hd] -> [kv_heads, groups * n, hd]
-                    let q = q
-                        .f_narrow(0, b, n)?
-                        .f_transpose(0, 1)?
-                        .f_contiguous()?
-                        .f_view([kv, groups * n, hd])?;
+                    let q = q.f_narrow(0, b, n)?.f_transpose(0, 1)?.f_contiguous()?.f_view([kv, groups * n, hd])?;
                     let out = attention(&q, &keys, &values, &prefill_mask)?; // [kv, groups * n, hd]
                     let out = out.f_view([kv * groups, n, hd])?.f_transpose(0, 1)?;
                     outputs.push(out.f_reshape([n, kv * groups * hd])?);
                 }
-                Ok(if outputs.len() == 1 {
-                    outputs.pop().expect("one output")
-                } else {
-                    Tensor::f_cat(&outputs, 0)?
-                })
+                Ok(if outputs.len() == 1 { outputs.pop().expect("one output") } else { Tensor::f_cat(&outputs, 0)? })
             })?;
         }
         for (slot, &p) in positions.iter().enumerate() {
@@ -337,17 +284,11 @@ impl Llama {
         let rows = match prefill_logits {
             LogitsFor::None => hidden.f_narrow(0, 0, b)?,
             LogitsFor::Last if b == 0 => hidden.f_narrow(0, n - 1, 1)?,
-            LogitsFor::Last => Tensor::f_cat(
-                &[hidden.f_narrow(0, 0, b)?, hidden.f_narrow(0, b + n - 1, 1)?],
-                0,
-            )?,
+            LogitsFor::Last => Tensor::f_cat(&[hidden.f_narrow(0, 0, b)?, hidden.f_narrow(0, b + n - 1, 1)?], 0)?,
             LogitsFor::All => hidden.shallow_clone(),
         };
         let logits = self.logits(&rows)?;
-        let decode = ForwardOutput {
-            hidden: hidden.f_narrow(0, 0, b)?,
-            logits: logits.f_narrow(0, 0, b)?,
-        };
+        let decode = ForwardOutput { hidden: hidden.f_narrow(0, 0, b)?, logits: logits.f_narrow(0, 0, b)? };
         let prefill = match prefill {
             None => None,
             Some(_) => Some(ForwardOutput {
@@ -364,14 +305,9 @@ impl Llama {
 
     fn logits(&self, rows: &Tensor) -> Result<Tensor> {
         if rows.size()[0] == 0 {
-            return Ok(Tensor::f_zeros(
-                [0, self.config.vocab_size as i64],
-                (Kind::Float, self.device),
-            )?);
+            return Ok(Tensor::f_zeros([0, self.config.vocab_size as i64], (Kind::Float, self.device))?);
         }
-        Ok(rows
-            .f_linear::<Tensor>(&self.lm_head, None)?
-            .f_to_kind(Kind::Float)?)
+        Ok(rows.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
     }
 
     /// One transformer block over `x` (`[n, hidden]`); `attend` stores K/V in the cache and
@@ -392,18 +328,13 @@ impl Llama {
         let qk = qk.f_matmul(rotations)?;
         let q = qk.f_narrow(1, 0, h)?;
         let k = qk.f_narrow(1, h, kv)?;
-        let v = qkv
-            .f_narrow(1, (h + kv) * hd, kv * hd)?
-            .f_view([n, kv, hd])?;
+        let v = qkv.f_narrow(1, (h + kv) * hd, kv * hd)?.f_view([n, kv, hd])?;
         let attn = attend(&q, &k, &v)?;
         let x = x.f_addmm(&attn, &block.o_t)?;
         let normed = rms_norm(&x, &block.ffn_norm, c.rms_norm_eps)?;
         let gate_up = normed.f_linear::<Tensor>(&block.gate_up, None)?;
         let f = c.intermediate_size as i64;
-        let act = gate_up
-            .f_narrow(1, 0, f)?
-            .f_silu()?
-            .f_mul(&gate_up.f_narrow(1, f, f)?)?;
+        let act = gate_up.f_narrow(1, 0, f)?.f_silu()?.f_mul(&gate_up.f_narrow(1, f, f)?)?;
         Ok(x.f_addmm(&act, &block.down_t)?)
     }
 }
@@ -412,24 +343,11 @@ impl Llama {
 fn causal_mask(positions: &Tensor, keys: i64, device: Device) -> Result<Tensor> {
     let rows = positions.size()[0];
     let key_pos = Tensor::f_arange(keys, (Kind::Int64, device))?.f_unsqueeze(0)?;
-    Ok(
-        Tensor::f_zeros([rows, keys], (Kind::Float, device))?.f_masked_fill(
-            &key_pos.f_gt_tensor(&positions.f_unsqueeze(1)?)?,
-            f64::NEG_INFINITY,
-        )?,
-    )
+    Ok(Tensor::f_zeros([rows, keys], (Kind::Float, device))?
+        .f_masked_fill(&key_pos.f_gt_tensor(&positions.f_unsqueeze(1)?)?, f64::NEG_INFINITY)?)
 }
 
 /// Scaled dot-product attention with an additive mask (libtorch's fused kernel).
 fn attention(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::f_scaled_dot_product_attention(
-        q,
-        keys,
-        values,
-        Some(mask),
-        0.0,
-        false,
-        None,
-        false,
-    )?)
+    Ok(Tensor::f_scaled_dot_product_attention(q, keys, values, Some(mask), 0.0, false, None, false)?)
 }

@@ -43,16 +43,8 @@ impl DeviceChoice {
     pub fn resolve(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Auto => Ok(if tch::Cuda::is_available() {
-                Device::Cuda(0)
-            } else {
-                Device::Cpu
-            }),
-            Self::Cuda(n)
-                if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize =>
-            {
-                Ok(Device::Cuda(n))
-            }
+            Self::Auto => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+            Self::Cuda(n) if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize => Ok(Device::Cuda(n)),
             Self::Cuda(n) => Err(InferError::DeviceUnavailable(format!("cuda:{n}"))),
         }
     }
@@ -87,19 +79,13 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
-            .field("name", &self.name)
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("Model").field("name", &self.name).field("path", &self.path).finish_non_exhaustive()
     }
 }
 
 /// The name a model file is served under.
 pub fn model_name(path: &Path) -> String {
-    let file = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     file.strip_suffix(".gguf").unwrap_or(&file).to_string()
 }
 
@@ -109,13 +95,10 @@ impl Model {
         let source = WeightSource::open(path)?;
         let kind = dtype.unwrap_or_else(|| default_dtype(device));
         let (tokenizer, template_src) = match &source {
-            WeightSource::Gguf(g) => (
-                Tokenizer::from_gguf(g)?,
-                g.get_str("tokenizer.chat_template").map(str::to_string),
-            ),
-            WeightSource::Safetensors(s) => {
-                (Tokenizer::from_hf_dir(&s.dir)?, hf_chat_template(&s.dir))
+            WeightSource::Gguf(g) => {
+                (Tokenizer::from_gguf(g)?, g.get_str("tokenizer.chat_template").map(str::to_string))
             }
+            WeightSource::Safetensors(s) => (Tokenizer::from_hf_dir(&s.dir)?, hf_chat_template(&s.dir)),
         };
         let llama = Llama::load(&source, device, kind)?;
         if tokenizer.vocab_size() > llama.config.vocab_size {
@@ -126,14 +109,9 @@ impl Model {
             )));
         }
         let text = |id: Option<u32>| {
-            id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned())
-                .unwrap_or_default()
+            id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned()).unwrap_or_default()
         };
-        let template = ChatTemplate::new(
-            template_src.as_deref(),
-            &text(tokenizer.bos),
-            &text(tokenizer.eos),
-        )?;
+        let template = ChatTemplate::new(template_src.as_deref(), &text(tokenizer.bos), &text(tokenizer.eos))?;
         Ok(Self {
             name: model_name(path),
             path: path.to_path_buf(),
@@ -160,11 +138,9 @@ fn hf_chat_template(dir: &Path) -> Option<String> {
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     match &json["chat_template"] {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(items) => items
-            .iter()
-            .find(|t| t["name"] == "default")
-            .and_then(|t| t["template"].as_str())
-            .map(str::to_string),
+        serde_json::Value::Array(items) => {
+            items.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_string)
+        }
         _ => None,
     }
     .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok())

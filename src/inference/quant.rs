@@ -81,21 +81,14 @@ impl GgmlType {
     pub fn dequantize(self, data: &[u8], numel: usize) -> Result<Vec<f32>, String> {
         let (elems, bytes) = self.block();
         if numel % elems != 0 || data.len() != numel / elems * bytes {
-            return Err(format!(
-                "{} bytes do not hold {numel} {self:?} elements",
-                data.len()
-            ));
+            return Err(format!("{} bytes do not hold {numel} {self:?} elements", data.len()));
         }
         let mut out = vec![0f32; numel];
         let blocks = data.chunks_exact(bytes).zip(out.chunks_exact_mut(elems));
         match self {
-            Self::F32 => {
-                blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            }
+            Self::F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             Self::F16 => blocks.for_each(|(b, y)| y[0] = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            Self::BF16 => {
-                blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            }
+            Self::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             Self::Q4_0 => blocks.for_each(|(b, y)| dequant_q4_0(b, y)),
             Self::Q4_1 => blocks.for_each(|(b, y)| dequant_q4_1(b, y)),
             Self::Q8_0 => blocks.for_each(|(b, y)| dequant_q8_0(b, y)),
@@ -111,10 +104,7 @@ impl GgmlType {
     pub fn quantize(self, values: &[f32]) -> Result<Vec<u8>, String> {
         let (elems, _) = self.block();
         if values.len() % elems != 0 {
-            return Err(format!(
-                "{} values are not a whole number of {self:?} blocks",
-                values.len()
-            ));
+            return Err(format!("{} values are not a whole number of {self:?} blocks", values.len()));
         }
         let mut out = Vec::with_capacity(self.bytes_for(values.len() as u64).unwrap_or(0) as usize);
         for x in values.chunks_exact(elems) {
@@ -125,9 +115,7 @@ impl GgmlType {
                 Self::Q8_0 => quant_q8_0(x, &mut out),
                 Self::Q4_0 => quant_q4_0(x, &mut out),
                 Self::Q4_1 => quant_q4_1(x, &mut out),
-                Self::Q4K | Self::Q5K | Self::Q6K => {
-                    return Err(format!("no quantizer for {self:?}"))
-                }
+                Self::Q4K | Self::Q5K | Self::Q6K => return Err(format!("no quantizer for {self:?}")),
             }
         }
         Ok(out)
@@ -242,9 +230,7 @@ fn quant_q8_0(x: &[f32], out: &mut Vec<u8>) {
 
 fn quant_q4_0(x: &[f32], out: &mut Vec<u8>) {
     // ggml's reference: the value of largest magnitude maps to -8.
-    let max = x
-        .iter()
-        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
     let d = max / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -275,16 +261,8 @@ mod tests {
 
     #[test]
     fn simple_quantizers_round_trip_within_one_step() {
-        let x: Vec<f32> = (0..64)
-            .map(|i| ((i * 37 % 64) as f32 - 31.5) / 10.0)
-            .collect();
-        for kind in [
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::F16,
-            GgmlType::BF16,
-        ] {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 31.5) / 10.0).collect();
+        for kind in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::F16, GgmlType::BF16] {
             let packed = kind.quantize(&x).unwrap();
             assert_eq!(packed.len() as u64, kind.bytes_for(64).unwrap());
             let y = kind.dequantize(&packed, 64).unwrap();
@@ -305,9 +283,6 @@ mod tests {
         assert!(GgmlType::Q4K.dequantize(&[0; 143], 256).is_err());
         assert!(GgmlType::Q4_0.dequantize(&[0; 18], 31).is_err());
         assert!(GgmlType::Q4_0.quantize(&[0.0; 33]).is_err());
-        assert!(
-            GgmlType::from_id(6).is_none(),
-            "Q5_0 is not supported and must say so"
-        );
+        assert!(GgmlType::from_id(6).is_none(), "Q5_0 is not supported and must say so");
     }
 }

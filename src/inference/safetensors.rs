@@ -59,10 +59,7 @@ impl SafetensorsDir {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(InferError::format(
-                dir,
-                "no *.safetensors file in the directory",
-            ));
+            return Err(InferError::format(dir, "no *.safetensors file in the directory"));
         }
         let mut tensors = BTreeMap::new();
         let mut maps = Vec::new();
@@ -75,33 +72,17 @@ impl SafetensorsDir {
             }
             maps.push(mmap);
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            tensors,
-            maps,
-        })
+        Ok(Self { dir: dir.to_path_buf(), tensors, maps })
     }
 
     /// One tensor as row-major `f32` values and its shape.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| InferError::MissingTensor(name.to_string()))?;
+        let t = self.tensors.get(name).ok_or_else(|| InferError::MissingTensor(name.to_string()))?;
         let bytes = &self.maps[t.file][t.start..t.end];
         let values = match t.dtype {
-            StDtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            StDtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            StDtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            StDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            StDtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            StDtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         };
         Ok((values, t.shape.clone()))
     }
@@ -109,34 +90,26 @@ impl SafetensorsDir {
 
 fn parse_header(path: &Path, data: &[u8], file: usize) -> Result<Vec<(String, StTensor)>> {
     let bad = |reason: String| InferError::format(path, reason);
-    let len_bytes: [u8; 8] = data
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| bad("shorter than 8 bytes".into()))?;
+    let len_bytes: [u8; 8] =
+        data.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| bad("shorter than 8 bytes".into()))?;
     let header_len = u64::from_le_bytes(len_bytes) as usize;
     let header_end = 8usize
         .checked_add(header_len)
         .filter(|&e| e <= data.len())
         .ok_or_else(|| bad(format!("truncated: header of {header_len} bytes")))?;
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&data[8..header_end])
-        .map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&data[8..header_end]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
     let mut out = Vec::new();
     for (name, value) in header {
         if name == "__metadata__" {
             continue;
         }
-        let entry: HeaderEntry =
-            serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let entry: HeaderEntry = serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
         let dtype = match entry.dtype.as_str() {
             "F32" => StDtype::F32,
             "F16" => StDtype::F16,
             "BF16" => StDtype::BF16,
-            other => {
-                return Err(InferError::UnsupportedTensorType {
-                    tensor: name,
-                    dtype: other.to_string(),
-                })
-            }
+            other => return Err(InferError::UnsupportedTensorType { tensor: name, dtype: other.to_string() }),
         };
         let [begin, end] = entry.data_offsets;
         let numel: usize = entry.shape.iter().product();
@@ -149,20 +122,9 @@ fn parse_header(path: &Path, data: &[u8], file: usize) -> Result<Vec<(String, St
             )));
         }
         if stop > data.len() {
-            return Err(bad(format!(
-                "truncated: tensor `{name}` ends past the end of the file"
-            )));
+            return Err(bad(format!("truncated: tensor `{name}` ends past the end of the file")));
         }
-        out.push((
-            name,
-            StTensor {
-                shape: entry.shape,
-                dtype,
-                file,
-                start,
-                end: stop,
-            },
-        ));
+        out.push((name, StTensor { shape: entry.shape, dtype, file, start, end: stop }));
     }
     Ok(out)
 }

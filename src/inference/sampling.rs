@@ -50,10 +50,7 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            ..Self::default()
-        }
+        Self { temperature: 0.0, ..Self::default() }
     }
 
     /// Checks ranges; the message names the offending parameter.
@@ -83,9 +80,7 @@ impl SamplingParams {
         if self.repetition_penalty <= 0.0 {
             return Err("repetition_penalty must be positive".into());
         }
-        if !(-2.0..=2.0).contains(&self.frequency_penalty)
-            || !(-2.0..=2.0).contains(&self.presence_penalty)
-        {
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) || !(-2.0..=2.0).contains(&self.presence_penalty) {
             return Err("frequency_penalty and presence_penalty must be between -2 and 2".into());
         }
         Ok(())
@@ -125,10 +120,9 @@ fn mix(mut z: u64) -> u64 {
 
 /// Uniform in (0, 1) for (seed, position, token).
 pub fn uniform(seed: u64, position: u64, token: u32) -> f64 {
-    let h = mix(mix(seed ^ 0x9e37_79b9_7f4a_7c15)
-        .wrapping_add(position)
-        .wrapping_mul(0x2545_f491_4f6c_dd1d)
-        ^ token as u64);
+    let h = mix(
+        mix(seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(position).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ token as u64
+    );
     let h = mix(h);
     ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
 }
@@ -143,11 +137,7 @@ pub fn apply_penalties(logits: &mut [f32], params: &SamplingParams, history: &To
     if params.repetition_penalty != 1.0 {
         for &t in history.seen.keys() {
             if let Some(l) = logits.get_mut(t as usize) {
-                *l = if *l > 0.0 {
-                    *l / params.repetition_penalty
-                } else {
-                    *l * params.repetition_penalty
-                };
+                *l = if *l > 0.0 { *l / params.repetition_penalty } else { *l * params.repetition_penalty };
             }
         }
     }
@@ -176,12 +166,7 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// The candidates after the temperature and the filters: (token, scaled logit), best first.
 pub fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
     let inv_t = 1.0 / params.temperature.max(1e-6);
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|v| !v.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max)
-        * inv_t;
+    let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max) * inv_t;
     let floor = max - CANDIDATE_WINDOW;
     let mut cands: Vec<(u32, f32)> = logits
         .iter()
@@ -194,19 +179,12 @@ pub fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
         cands.truncate(params.top_k);
     }
     if params.top_p < 1.0 || params.min_p > 0.0 {
-        let weights: Vec<f64> = cands
-            .iter()
-            .map(|&(_, s)| ((s - max) as f64).exp())
-            .collect();
+        let weights: Vec<f64> = cands.iter().map(|&(_, s)| ((s - max) as f64).exp()).collect();
         let total: f64 = weights.iter().sum();
         let mut keep = cands.len();
         if params.min_p > 0.0 {
             // The best candidate's weight is exp(0) = 1.
-            keep = weights
-                .iter()
-                .take_while(|&&w| w >= params.min_p as f64)
-                .count()
-                .max(1);
+            keep = weights.iter().take_while(|&&w| w >= params.min_p as f64).count().max(1);
         }
         if params.top_p < 1.0 {
             let mut cum = 0.0;
@@ -244,33 +222,21 @@ mod tests {
     use super::*;
 
     fn params(t: f32) -> SamplingParams {
-        SamplingParams {
-            temperature: t,
-            seed: 42,
-            ..Default::default()
-        }
+        SamplingParams { temperature: t, seed: 42, ..Default::default() }
     }
 
     #[test]
     fn greedy_is_argmax_with_lowest_index_on_ties() {
-        assert_eq!(
-            sample(&[0.1, 3.0, 3.0, -1.0], &SamplingParams::greedy(), 0),
-            1
-        );
+        assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &SamplingParams::greedy(), 0), 1);
     }
 
     #[test]
     fn sampling_is_a_pure_function_of_seed_and_position() {
-        let logits: Vec<f32> = (0..1000)
-            .map(|i| ((i * 7919) % 1000) as f32 / 300.0)
-            .collect();
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 300.0).collect();
         let a: Vec<u32> = (0..50).map(|p| sample(&logits, &params(1.0), p)).collect();
         let b: Vec<u32> = (0..50).map(|p| sample(&logits, &params(1.0), p)).collect();
         assert_eq!(a, b);
-        let other = SamplingParams {
-            seed: 43,
-            ..params(1.0)
-        };
+        let other = SamplingParams { seed: 43, ..params(1.0) };
         let c: Vec<u32> = (0..50).map(|p| sample(&logits, &other, p)).collect();
         assert_ne!(a, c, "a different seed must change the draws");
     }
@@ -292,27 +258,12 @@ mod tests {
     #[test]
     fn filters_restrict_the_candidates() {
         let logits = [5.0f32, 4.0, 3.0, 2.0, 1.0];
-        let top2 = SamplingParams {
-            top_k: 2,
-            ..params(1.0)
-        };
+        let top2 = SamplingParams { top_k: 2, ..params(1.0) };
         assert!((0..500).all(|p| sample(&logits, &top2, p) < 2));
-        let top_p = SamplingParams {
-            top_p: 0.5,
-            ..params(1.0)
-        };
-        assert!(
-            (0..500).all(|p| sample(&logits, &top_p, p) == 0),
-            "token 0 alone holds > 50%"
-        );
-        let min_p = SamplingParams {
-            min_p: 0.3,
-            ..params(1.0)
-        };
-        assert!(
-            (0..500).all(|p| sample(&logits, &min_p, p) < 2),
-            "e^-1 > 0.3 > e^-2"
-        );
+        let top_p = SamplingParams { top_p: 0.5, ..params(1.0) };
+        assert!((0..500).all(|p| sample(&logits, &top_p, p) == 0), "token 0 alone holds > 50%");
+        let min_p = SamplingParams { min_p: 0.3, ..params(1.0) };
+        assert!((0..500).all(|p| sample(&logits, &min_p, p) < 2), "e^-1 > 0.3 > e^-2");
     }
 
     #[test]
@@ -321,27 +272,17 @@ mod tests {
         let mut history = TokenHistory::new(&[0, 2]);
         history.push_generated(1);
         history.push_generated(1);
-        let p = SamplingParams {
-            repetition_penalty: 2.0,
-            frequency_penalty: 0.5,
-            presence_penalty: 0.25,
-            ..params(1.0)
-        };
+        let p =
+            SamplingParams { repetition_penalty: 2.0, frequency_penalty: 0.5, presence_penalty: 0.25, ..params(1.0) };
         apply_penalties(&mut logits, &p, &history);
         assert_eq!(logits, vec![1.0, 2.0 / 2.0 - 1.0 - 0.25, -2.0]);
     }
 
     #[test]
     fn invalid_parameters_are_named() {
-        let bad = SamplingParams {
-            top_p: 0.0,
-            ..Default::default()
-        };
+        let bad = SamplingParams { top_p: 0.0, ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("top_p"));
-        let bad = SamplingParams {
-            temperature: f32::NAN,
-            ..Default::default()
-        };
+        let bad = SamplingParams { temperature: f32::NAN, ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("temperature"));
     }
 }

@@ -26,16 +26,7 @@ pub struct TinySpec {
 
 impl Default for TinySpec {
     fn default() -> Self {
-        Self {
-            layers: 2,
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            ffn: 128,
-            context: 256,
-            seed: 7,
-            dtype: GgmlType::F32,
-        }
+        Self { layers: 2, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, context: 256, seed: 7, dtype: GgmlType::F32 }
     }
 }
 
@@ -71,8 +62,7 @@ fn byte_chars() -> Vec<char> {
     let mut out = Vec::with_capacity(256);
     let mut next = 256u32;
     for b in 0..256u32 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         out.push(
             if printable {
                 char::from_u32(b)
@@ -109,20 +99,12 @@ fn weights(spec: &TinySpec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let hd = spec.hidden / spec.heads;
     let v = vocab().len();
     let (d, f) = (spec.hidden, spec.ffn);
-    let mut out = vec![(
-        "token_embd.weight".to_string(),
-        vec![v, d],
-        rng.tensor(v * d, 0.5),
-    )];
+    let mut out = vec![("token_embd.weight".to_string(), vec![v, d], rng.tensor(v * d, 0.5))];
     for i in 0..spec.layers {
         let mut norm = rng.tensor(d, 0.1);
         norm.iter_mut().for_each(|x| *x += 1.0);
         out.push((format!("blk.{i}.attn_norm.weight"), vec![d], norm.clone()));
-        out.push((
-            format!("blk.{i}.attn_q.weight"),
-            vec![spec.heads * hd, d],
-            rng.tensor(spec.heads * hd * d, 0.15),
-        ));
+        out.push((format!("blk.{i}.attn_q.weight"), vec![spec.heads * hd, d], rng.tensor(spec.heads * hd * d, 0.15)));
         out.push((
             format!("blk.{i}.attn_k.weight"),
             vec![spec.kv_heads * hd, d],
@@ -139,21 +121,9 @@ fn weights(spec: &TinySpec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             rng.tensor(d * spec.heads * hd, 0.1),
         ));
         out.push((format!("blk.{i}.ffn_norm.weight"), vec![d], norm));
-        out.push((
-            format!("blk.{i}.ffn_gate.weight"),
-            vec![f, d],
-            rng.tensor(f * d, 0.15),
-        ));
-        out.push((
-            format!("blk.{i}.ffn_up.weight"),
-            vec![f, d],
-            rng.tensor(f * d, 0.15),
-        ));
-        out.push((
-            format!("blk.{i}.ffn_down.weight"),
-            vec![d, f],
-            rng.tensor(d * f, 0.1),
-        ));
+        out.push((format!("blk.{i}.ffn_gate.weight"), vec![f, d], rng.tensor(f * d, 0.15)));
+        out.push((format!("blk.{i}.ffn_up.weight"), vec![f, d], rng.tensor(f * d, 0.15)));
+        out.push((format!("blk.{i}.ffn_down.weight"), vec![d, f], rng.tensor(d * f, 0.1)));
     }
     out.push(("output_norm.weight".to_string(), vec![d], vec![1.0; d]));
     out
@@ -227,16 +197,13 @@ fn io_err(path: &Path, e: std::io::Error) -> InferError {
 pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     let tokens = vocab();
     let n_regular = 256 + MERGES.len();
-    let types: Vec<i32> = (0..tokens.len())
-        .map(|i| if i < n_regular { 1 } else { 3 })
-        .collect();
+    let types: Vec<i32> = (0..tokens.len()).map(|i| if i < n_regular { 1 } else { 3 }).collect();
     let merges: Vec<String> = MERGES.iter().map(|(a, b)| format!("{a} {b}")).collect();
     let tensors = weights(spec);
     let mut w = GgufWriter { buf: Vec::new() };
     w.buf.extend_from_slice(b"GGUF");
     w.buf.extend_from_slice(&3u32.to_le_bytes());
-    w.buf
-        .extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    w.buf.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
     w.buf.extend_from_slice(&18u64.to_le_bytes());
     w.kv_str("general.architecture", "llama");
     w.kv_str("general.name", "tiny-random-llama");
@@ -266,14 +233,8 @@ pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         } else {
             values.clone()
         };
-        let dtype = if shape.len() == 2 {
-            spec.dtype
-        } else {
-            GgmlType::F32
-        };
-        let bytes = dtype
-            .quantize(&values)
-            .map_err(|e| InferError::format(path, e))?;
+        let dtype = if shape.len() == 2 { spec.dtype } else { GgmlType::F32 };
+        let bytes = dtype.quantize(&values).map_err(|e| InferError::format(path, e))?;
         while data.len() % 32 != 0 {
             data.push(0);
         }
@@ -305,22 +266,14 @@ pub fn write_safetensors_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
         "num_key_value_heads": spec.kv_heads, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": spec.context, "tie_word_embeddings": true,
     });
-    let write = |name: &str, bytes: &[u8]| {
-        std::fs::write(dir.join(name), bytes).map_err(|e| io_err(&dir.join(name), e))
-    };
-    write(
-        "config.json",
-        serde_json::to_string_pretty(&config)
-            .expect("JSON values serialize")
-            .as_bytes(),
-    )?;
+    let write =
+        |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(|e| io_err(&dir.join(name), e));
+    write("config.json", serde_json::to_string_pretty(&config).expect("JSON values serialize").as_bytes())?;
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
     for (name, shape, values) in weights(spec) {
         let start = data.len();
-        values
-            .iter()
-            .for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
+        values.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
         let entry = serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]});
         header.insert(super::weights::hf_name(&name), entry);
     }
@@ -331,12 +284,8 @@ pub fn write_safetensors_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
     file.extend_from_slice(&data);
     write("model.safetensors", &file)?;
     let n_regular = 256 + MERGES.len();
-    let vocab_map: serde_json::Map<String, serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .take(n_regular)
-        .map(|(i, t)| (t.clone(), i.into()))
-        .collect();
+    let vocab_map: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().take(n_regular).map(|(i, t)| (t.clone(), i.into())).collect();
     let added: Vec<_> = SPECIALS
         .iter()
         .enumerate()
@@ -350,22 +299,9 @@ pub fn write_safetensors_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
         "post_processor": null, "decoder": {"type": "ByteLevel"},
         "model": {"type": "BPE", "vocab": vocab_map, "merges": MERGES.iter().map(|(a, b)| format!("{a} {b}")).collect::<Vec<_>>()},
     });
-    write(
-        "tokenizer.json",
-        serde_json::to_string(&tokenizer)
-            .expect("JSON values serialize")
-            .as_bytes(),
-    )?;
+    write("tokenizer.json", serde_json::to_string(&tokenizer).expect("JSON values serialize").as_bytes())?;
     let tok_config = serde_json::json!({"bos_token": SPECIALS[1], "eos_token": SPECIALS[2], "add_bos_token": false, "chat_template": CHATML});
-    write(
-        "tokenizer_config.json",
-        serde_json::to_string(&tok_config)
-            .expect("JSON values serialize")
-            .as_bytes(),
-    )?;
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(dir.join("config.json"))
-        .map_err(|e| io_err(dir, e))?;
+    write("tokenizer_config.json", serde_json::to_string(&tok_config).expect("JSON values serialize").as_bytes())?;
+    let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("config.json")).map_err(|e| io_err(dir, e))?;
     f.write_all(b"\n").map_err(|e| io_err(dir, e))
 }

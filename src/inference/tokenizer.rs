@@ -19,8 +19,7 @@ use super::error::{InferError, Result};
 use super::gguf::{GgufFile, MetaValue};
 
 /// GPT-2's pre-tokenizer pattern.
-pub const GPT2_PATTERN: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+pub const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3's pre-tokenizer pattern.
 pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -64,10 +63,7 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("style", &self.style)
-            .field("vocab", &self.vocab.len())
-            .finish()
+        f.debug_struct("Tokenizer").field("style", &self.style).field("vocab", &self.vocab.len()).finish()
     }
 }
 
@@ -76,8 +72,7 @@ fn byte_to_char() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut next = 256u32;
     for b in 0..256u32 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).expect("byte values are chars")
         } else {
@@ -90,24 +85,18 @@ fn byte_to_char() -> [char; 256] {
 
 fn parse_byte_token(token: &str) -> Option<u8> {
     let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
-    (hex.len() == 2)
-        .then(|| u8::from_str_radix(hex, 16).ok())
-        .flatten()
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
 }
 
 fn pattern_for_pre(pre: &str) -> Result<(&'static str, bool)> {
     Ok(match pre {
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-            (GPT2_PATTERN, true)
-        }
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => (GPT2_PATTERN, true),
         "gpt-2" | "gpt2" | "default" | "olmo" | "jais" | "poro-chat" => (GPT2_PATTERN, false),
-        "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" | "tekken" => {
-            (LLAMA3_PATTERN, false)
-        }
+        "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" | "tekken" => (LLAMA3_PATTERN, false),
         other => {
             return Err(InferError::Tokenizer(format!(
-            "unknown pre-tokenizer `{other}` (supported: smollm, gpt-2, llama3 and their aliases)"
-        )))
+                "unknown pre-tokenizer `{other}` (supported: smollm, gpt-2, llama3 and their aliases)"
+            )))
         }
     })
 }
@@ -119,10 +108,8 @@ impl Tokenizer {
             .get_str("tokenizer.ggml.model")
             .ok_or_else(|| InferError::MissingMetadata("tokenizer.ggml.model".into()))?;
         let strings = |key: &str| -> Result<Vec<String>> {
-            let arr = file
-                .require(key)?
-                .as_array()
-                .ok_or_else(|| InferError::Tokenizer(format!("{key} is not an array")))?;
+            let arr =
+                file.require(key)?.as_array().ok_or_else(|| InferError::Tokenizer(format!("{key} is not an array")))?;
             arr.iter()
                 .map(|v| {
                     v.as_str()
@@ -140,22 +127,17 @@ impl Tokenizer {
         let id = |key: &str| file.get_u64(key).map(|v| v as u32);
         let (style, pre, split_digits, merges) = match model {
             "gpt2" => {
-                let (pattern, digits) =
-                    pattern_for_pre(file.get_str("tokenizer.ggml.pre").unwrap_or("default"))?;
+                let (pattern, digits) = pattern_for_pre(file.get_str("tokenizer.ggml.pre").unwrap_or("default"))?;
                 let merges = strings("tokenizer.ggml.merges")?;
                 (Style::ByteLevel, Some(pattern), digits, Some(merges))
             }
             "llama" => {
-                let add_space_prefix = file
-                    .get("tokenizer.ggml.add_space_prefix")
-                    .and_then(MetaValue::as_bool)
-                    .unwrap_or(true);
+                let add_space_prefix =
+                    file.get("tokenizer.ggml.add_space_prefix").and_then(MetaValue::as_bool).unwrap_or(true);
                 (Style::SentencePiece { add_space_prefix }, None, false, None)
             }
             other => {
-                return Err(InferError::Tokenizer(format!(
-                    "tokenizer model `{other}` is not supported (gpt2, llama)"
-                )))
+                return Err(InferError::Tokenizer(format!("tokenizer model `{other}` is not supported (gpt2, llama)")))
             }
         };
         let merge_rule = match merges {
@@ -164,41 +146,17 @@ impl Tokenizer {
                 let scores = file
                     .get("tokenizer.ggml.scores")
                     .and_then(MetaValue::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .map(|v| v.as_f64().unwrap_or(0.0) as f32)
-                            .collect::<Vec<_>>()
-                    })
+                    .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect::<Vec<_>>())
                     .ok_or_else(|| InferError::MissingMetadata("tokenizer.ggml.scores".into()))?;
                 (Vec::new(), scores)
             }
         };
-        let specials: Vec<u32> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(i, _)| i as u32)
-            .collect();
-        let control: HashSet<u32> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == 3)
-            .map(|(i, _)| i as u32)
-            .collect();
+        let specials: Vec<u32> =
+            types.iter().enumerate().filter(|(_, &t)| t == 3 || t == 4).map(|(i, _)| i as u32).collect();
+        let control: HashSet<u32> = types.iter().enumerate().filter(|(_, &t)| t == 3).map(|(i, _)| i as u32).collect();
         let add_bos_default = matches!(style, Style::SentencePiece { .. });
-        let add_bos = file
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(MetaValue::as_bool)
-            .unwrap_or(add_bos_default);
-        let mut tok = Self::build(
-            style,
-            pre,
-            split_digits,
-            tokens,
-            merge_rule,
-            &specials,
-            control,
-        )?;
+        let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(add_bos_default);
+        let mut tok = Self::build(style, pre, split_digits, tokens, merge_rule, &specials, control)?;
         tok.bos = id("tokenizer.ggml.bos_token_id");
         tok.eos = id("tokenizer.ggml.eos_token_id");
         tok.unk = id("tokenizer.ggml.unknown_token_id").or(tok.unk);
@@ -217,22 +175,13 @@ impl Tokenizer {
             serde_json::from_str(&text).map_err(|e| InferError::format(&path, e.to_string()))?;
         let model = &json["model"];
         if model["type"].as_str().unwrap_or("BPE") != "BPE" {
-            return Err(InferError::Tokenizer(format!(
-                "{}: only BPE tokenizers are supported",
-                path.display()
-            )));
+            return Err(InferError::Tokenizer(format!("{}: only BPE tokenizers are supported", path.display())));
         }
-        let vocab_map = model["vocab"]
-            .as_object()
-            .ok_or_else(|| InferError::format(&path, "model.vocab missing"))?;
+        let vocab_map = model["vocab"].as_object().ok_or_else(|| InferError::format(&path, "model.vocab missing"))?;
         let mut added: Vec<(String, u32, bool)> = Vec::new();
         for t in json["added_tokens"].as_array().into_iter().flatten() {
             if let (Some(content), Some(id)) = (t["content"].as_str(), t["id"].as_u64()) {
-                added.push((
-                    content.to_string(),
-                    id as u32,
-                    t["special"].as_bool().unwrap_or(true),
-                ));
+                added.push((content.to_string(), id as u32, t["special"].as_bool().unwrap_or(true)));
             }
         }
         let size = vocab_map
@@ -243,9 +192,7 @@ impl Tokenizer {
             .map_or(0, |m| m as usize + 1);
         let mut tokens = vec![String::new(); size];
         for (s, id) in vocab_map {
-            let id = id
-                .as_u64()
-                .ok_or_else(|| InferError::format(&path, "vocab ids must be integers"))?;
+            let id = id.as_u64().ok_or_else(|| InferError::format(&path, "vocab ids must be integers"))?;
             tokens[id as usize] = s.clone();
         }
         for (s, id, _) in &added {
@@ -257,40 +204,29 @@ impl Tokenizer {
             .flatten()
             .filter_map(|m| match m {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Array(pair) => Some(format!(
-                    "{} {}",
-                    pair.first()?.as_str()?,
-                    pair.get(1)?.as_str()?
-                )),
+                serde_json::Value::Array(pair) => {
+                    Some(format!("{} {}", pair.first()?.as_str()?, pair.get(1)?.as_str()?))
+                }
                 _ => None,
             })
             .collect();
         let pre_json = json["pre_tokenizer"].to_string();
-        let byte_level =
-            pre_json.contains("ByteLevel") || json["decoder"].to_string().contains("ByteLevel");
+        let byte_level = pre_json.contains("ByteLevel") || json["decoder"].to_string().contains("ByteLevel");
         let style = if byte_level {
             Style::ByteLevel
         } else {
             let norm = json["normalizer"].to_string();
-            let add_space_prefix = norm.contains("Prepend")
-                || (pre_json.contains("Metaspace") && !pre_json.contains("\"never\""));
+            let add_space_prefix =
+                norm.contains("Prepend") || (pre_json.contains("Metaspace") && !pre_json.contains("\"never\""));
             Style::SentencePiece { add_space_prefix }
         };
         let split_pattern = find_split_regex(&json["pre_tokenizer"]);
         let pattern = byte_level.then(|| split_pattern.unwrap_or_else(|| GPT2_PATTERN.to_string()));
-        let split_digits =
-            pre_json.contains("\"Digits\"") && pre_json.contains("\"individual_digits\":true");
+        let split_digits = pre_json.contains("\"Digits\"") && pre_json.contains("\"individual_digits\":true");
         let specials: Vec<u32> = added.iter().map(|a| a.1).collect();
         let control: HashSet<u32> = added.iter().filter(|a| a.2).map(|a| a.1).collect();
-        let mut tok = Self::build_owned(
-            style.clone(),
-            pattern,
-            split_digits,
-            tokens,
-            (merges, Vec::new()),
-            &specials,
-            control,
-        )?;
+        let mut tok =
+            Self::build_owned(style.clone(), pattern, split_digits, tokens, (merges, Vec::new()), &specials, control)?;
         tok.ignore_merges = model["ignore_merges"].as_bool().unwrap_or(false);
         let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
@@ -304,14 +240,9 @@ impl Tokenizer {
         tok.eos = token_id(&config["eos_token"]);
         tok.unk = token_id(&config["unk_token"]).or(tok.unk);
         let post = json["post_processor"].to_string();
-        let bos_in_post = tok.bos.is_some_and(|_| {
-            config["bos_token"]
-                .as_str()
-                .is_some_and(|b| post.contains(b))
-        });
-        tok.add_bos = config["add_bos_token"]
-            .as_bool()
-            .unwrap_or(bos_in_post || matches!(style, Style::SentencePiece { .. }));
+        let bos_in_post = tok.bos.is_some_and(|_| config["bos_token"].as_str().is_some_and(|b| post.contains(b)));
+        tok.add_bos =
+            config["add_bos_token"].as_bool().unwrap_or(bos_in_post || matches!(style, Style::SentencePiece { .. }));
         tok.find_stop_tokens(None);
         Ok(tok)
     }
@@ -325,15 +256,7 @@ impl Tokenizer {
         specials: &[u32],
         control: HashSet<u32>,
     ) -> Result<Self> {
-        Self::build_owned(
-            style,
-            pattern.map(str::to_string),
-            split_digits,
-            tokens,
-            merges,
-            specials,
-            control,
-        )
+        Self::build_owned(style, pattern.map(str::to_string), split_digits, tokens, merges, specials, control)
     }
 
     fn build_owned(
@@ -346,21 +269,14 @@ impl Tokenizer {
         control: HashSet<u32>,
     ) -> Result<Self> {
         let pre = match pattern {
-            Some(p) => Some(
-                Regex::new(&p)
-                    .map_err(|e| InferError::Tokenizer(format!("pre-tokenizer regex: {e}")))?,
-            ),
+            Some(p) => Some(Regex::new(&p).map_err(|e| InferError::Tokenizer(format!("pre-tokenizer regex: {e}")))?),
             None => None,
         };
         let mut vocab = HashMap::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
             vocab.entry(t.clone()).or_insert(i as u32);
         }
-        let char_to_byte: HashMap<char, u8> = byte_to_char()
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
+        let char_to_byte: HashMap<char, u8> = byte_to_char().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         let special_set: HashSet<u32> = specials.iter().copied().collect();
         let mut byte_tokens = [None; 256];
         let token_bytes = tokens
@@ -371,10 +287,7 @@ impl Tokenizer {
                     return t.as_bytes().to_vec();
                 }
                 match style {
-                    Style::ByteLevel => t
-                        .chars()
-                        .map(|c| char_to_byte.get(&c).copied().unwrap_or(b'?'))
-                        .collect(),
+                    Style::ByteLevel => t.chars().map(|c| char_to_byte.get(&c).copied().unwrap_or(b'?')).collect(),
                     Style::SentencePiece { .. } => match parse_byte_token(t) {
                         Some(b) => {
                             byte_tokens[b as usize].get_or_insert(i as u32);
@@ -390,20 +303,16 @@ impl Tokenizer {
         } else {
             let mut ranks = HashMap::with_capacity(merges.len());
             for (rank, m) in merges.iter().enumerate() {
-                let (a, b) = m
-                    .split_once(' ')
-                    .ok_or_else(|| InferError::Tokenizer(format!("malformed merge `{m}`")))?;
+                let (a, b) =
+                    m.split_once(' ').ok_or_else(|| InferError::Tokenizer(format!("malformed merge `{m}`")))?;
                 if let (Some(&a), Some(&b)) = (vocab.get(a), vocab.get(b)) {
                     ranks.entry((a, b)).or_insert(rank as u32);
                 }
             }
             MergeRule::Ranks(ranks)
         };
-        let mut specials: Vec<(String, u32)> = specials
-            .iter()
-            .map(|&i| (tokens[i as usize].clone(), i))
-            .filter(|(s, _)| !s.is_empty())
-            .collect();
+        let mut specials: Vec<(String, u32)> =
+            specials.iter().map(|&i| (tokens[i as usize].clone(), i)).filter(|(s, _)| !s.is_empty()).collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         let unk = vocab.get("<unk>").copied();
         Ok(Self {
@@ -427,14 +336,7 @@ impl Tokenizer {
 
     fn find_stop_tokens(&mut self, eot: Option<u32>) {
         let mut stops: Vec<u32> = self.eos.into_iter().chain(eot).collect();
-        for name in [
-            "<|im_end|>",
-            "<|eot_id|>",
-            "<|end_of_text|>",
-            "<|endoftext|>",
-            "</s>",
-            "<|end|>",
-        ] {
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>"] {
             if let Some(&id) = self.vocab.get(name) {
                 if self.control.contains(&id) || Some(id) == self.eos {
                     stops.push(id);
@@ -501,17 +403,11 @@ impl Tokenizer {
         match &self.style {
             Style::ByteLevel => {
                 let table = byte_to_char();
-                let pre = self
-                    .pre
-                    .as_ref()
-                    .expect("byte-level tokenizers always have a pre-tokenizer");
+                let pre = self.pre.as_ref().expect("byte-level tokenizers always have a pre-tokenizer");
                 for piece in split_digits(text, self.split_digits) {
                     for m in pre.find_iter(piece) {
-                        let m = m.map_err(|e| {
-                            InferError::Tokenizer(format!("pre-tokenizer failed: {e}"))
-                        })?;
-                        let mapped: String =
-                            m.as_str().bytes().map(|b| table[b as usize]).collect();
+                        let m = m.map_err(|e| InferError::Tokenizer(format!("pre-tokenizer failed: {e}")))?;
+                        let mapped: String = m.as_str().bytes().map(|b| table[b as usize]).collect();
                         self.bpe(&mapped, ids);
                     }
                 }
@@ -539,10 +435,7 @@ impl Tokenizer {
             }
             // Higher score first; scores are compared through their bits made monotonic.
             MergeRule::Scores(scores) => {
-                let s = scores
-                    .get(id as usize)
-                    .copied()
-                    .unwrap_or(f32::NEG_INFINITY);
+                let s = scores.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
                 let bits = s.to_bits() as i32;
                 let ordered = if bits < 0 { !bits ^ i32::MIN } else { bits } as i64;
                 Some((-ordered, id))
@@ -571,9 +464,7 @@ impl Tokenizer {
                     r: usize,
                     start: &[usize],
                     end: &[usize]| {
-            if let Some((rank, _)) =
-                self.merge_rank(&word[start[l]..end[l]], &word[start[r]..end[r]])
-            {
+            if let Some((rank, _)) = self.merge_rank(&word[start[l]..end[l]], &word[start[r]..end[r]]) {
                 heap.push(Reverse((rank, start[l], l, end[r])));
             }
         };
@@ -623,13 +514,7 @@ impl Tokenizer {
             bytes.extend_from_slice(self.token_bytes(id));
         }
         let mut text = String::from_utf8_lossy(&bytes).into_owned();
-        if matches!(
-            self.style,
-            Style::SentencePiece {
-                add_space_prefix: true
-            }
-        ) && text.starts_with(' ')
-        {
+        if matches!(self.style, Style::SentencePiece { add_space_prefix: true }) && text.starts_with(' ') {
             text.remove(0);
         }
         text
@@ -641,11 +526,7 @@ fn find_split_regex(v: &serde_json::Value) -> Option<String> {
     match v {
         serde_json::Value::Object(map) => {
             if map.get("type").and_then(|t| t.as_str()) == Some("Split") {
-                if let Some(re) = map
-                    .get("pattern")
-                    .and_then(|p| p.get("Regex"))
-                    .and_then(|r| r.as_str())
-                {
+                if let Some(re) = map.get("pattern").and_then(|p| p.get("Regex")).and_then(|r| r.as_str()) {
                     return Some(re.to_string());
                 }
             }
@@ -723,27 +604,19 @@ mod tests {
         let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
         tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
         let pieces = [
-            "▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "hell", "hello", "▁hello", "▁w",
-            "or", "ld", "▁wor", "▁world",
+            "▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "hell", "hello", "▁hello", "▁w", "or", "ld", "▁wor",
+            "▁world",
         ];
         let first_piece = tokens.len();
         tokens.extend(pieces.iter().map(|p| p.to_string()));
         let scores: Vec<f32> = tokens
             .iter()
             .enumerate()
-            .map(|(i, t)| {
-                if i >= first_piece {
-                    t.chars().count() as f32
-                } else {
-                    0.0
-                }
-            })
+            .map(|(i, t)| if i >= first_piece { t.chars().count() as f32 } else { 0.0 })
             .collect();
         let control: HashSet<u32> = [1, 2].into_iter().collect();
         let mut tok = Tokenizer::build(
-            Style::SentencePiece {
-                add_space_prefix: true,
-            },
+            Style::SentencePiece { add_space_prefix: true },
             None,
             false,
             tokens,
@@ -762,10 +635,8 @@ mod tests {
     fn sentencepiece_merges_by_score_and_falls_back_to_bytes() {
         let tok = spm();
         let ids = tok.encode("hello world", true).unwrap();
-        let pieces: Vec<String> = ids
-            .iter()
-            .map(|&i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
-            .collect();
+        let pieces: Vec<String> =
+            ids.iter().map(|&i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned()).collect();
         assert_eq!(ids[0], 1, "BOS first");
         assert_eq!(pieces[1..], [" hello", " world"]);
         assert_eq!(tok.decode(&ids, true), "hello world");
@@ -782,10 +653,7 @@ mod tests {
 
     #[test]
     fn digits_split_one_by_one_when_asked() {
-        assert_eq!(
-            split_digits("ab12 c3", true),
-            vec!["ab", "1", "2", " c", "3"]
-        );
+        assert_eq!(split_digits("ab12 c3", true), vec!["ab", "1", "2", " c", "3"]);
         assert_eq!(split_digits("ab12", false), vec!["ab12"]);
     }
 

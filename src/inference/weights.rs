@@ -27,10 +27,7 @@ impl WeightSource {
         } else if path.exists() {
             Ok(Self::Gguf(GgufFile::open(path)?))
         } else {
-            Err(InferError::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-            ))
+            Err(InferError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
         }
     }
 
@@ -62,11 +59,7 @@ impl WeightSource {
             Self::Safetensors(s) => s.tensor_f32(&hf_name(name))?,
         };
         if got != shape {
-            return Err(InferError::Shape {
-                name: name.to_string(),
-                got,
-                expected: shape.to_vec(),
-            });
+            return Err(InferError::Shape { name: name.to_string(), got, expected: shape.to_vec() });
         }
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_slice(&values)?.f_reshape(&dims)?;
@@ -87,9 +80,7 @@ fn unpermute_rotary(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (rows, cols) = w.size2()?;
     let n_head = n_head as i64;
     let half = rows / n_head / 2;
-    Ok(w.f_reshape([n_head, half, 2, cols])?
-        .f_transpose(1, 2)?
-        .f_reshape([rows, cols])?)
+    Ok(w.f_reshape([n_head, half, 2, cols])?.f_transpose(1, 2)?.f_reshape([rows, cols])?)
 }
 
 /// Maps a GGUF tensor name to its Hugging Face name.

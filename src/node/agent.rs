@@ -17,8 +17,8 @@ use super::backend::Backend;
 use super::identity;
 use crate::inference::Event;
 use crate::protocol::{
-    decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, TaskSpec, TaskUsage,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, TaskSpec, TaskUsage, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
 };
 
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -70,21 +70,13 @@ fn frame(message: &NodeMessage) -> ws::Message {
 
 async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -> SessionEnd {
     let client = awc::Client::builder().timeout(CONNECT_TIMEOUT).finish();
-    let connected = client
-        .ws(&options.connect)
-        .max_frame_size(MAX_FRAME_BYTES)
-        .connect()
-        .await;
+    let connected = client.ws(&options.connect).max_frame_size(MAX_FRAME_BYTES).connect().await;
     let (_, framed) = match connected {
         Ok(ok) => ok,
         Err(e) => return SessionEnd::BeforeWelcome(format!("connect to {}: {e}", options.connect)),
     };
     let (mut sink, mut stream) = framed.split();
-    let capacity = if options.capacity > 0 {
-        options.capacity
-    } else {
-        backend.capacity()
-    };
+    let capacity = if options.capacity > 0 { options.capacity } else { backend.capacity() };
     let hello = NodeMessage::Hello {
         version: PROTOCOL_VERSION as u16,
         node_address: address.to_string(),
@@ -95,23 +87,14 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -
     if let Err(e) = sink.send(frame(&hello)).await {
         return SessionEnd::BeforeWelcome(format!("send Hello: {e}"));
     }
-    let heartbeat_interval = match actix_web::rt::time::timeout(WELCOME_TIMEOUT, stream.next())
-        .await
-    {
+    let heartbeat_interval = match actix_web::rt::time::timeout(WELCOME_TIMEOUT, stream.next()).await {
         Ok(Some(Ok(ws::Frame::Binary(bytes)))) => match decode_frame::<ServerMessage>(&bytes) {
-            Ok(ServerMessage::Welcome {
-                heartbeat_interval_ms,
-                session_id,
-            }) => {
+            Ok(ServerMessage::Welcome { heartbeat_interval_ms, session_id }) => {
                 tracing::info!(session_id, "joined the distributor");
                 Duration::from_millis(heartbeat_interval_ms.max(50))
             }
-            Ok(ServerMessage::Goodbye { reason }) => {
-                return SessionEnd::BeforeWelcome(format!("refused: {reason}"))
-            }
-            Ok(other) => {
-                return SessionEnd::BeforeWelcome(format!("expected Welcome, got {other:?}"))
-            }
+            Ok(ServerMessage::Goodbye { reason }) => return SessionEnd::BeforeWelcome(format!("refused: {reason}")),
+            Ok(other) => return SessionEnd::BeforeWelcome(format!("expected Welcome, got {other:?}")),
             Err(e) => return SessionEnd::BeforeWelcome(format!("bad Welcome frame: {e}")),
         },
         Ok(other) => return SessionEnd::BeforeWelcome(format!("expected Welcome, got {other:?}")),
@@ -135,6 +118,7 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -
                 Some(Ok(ws::Frame::Binary(bytes))) => match decode_frame::<ServerMessage>(&bytes) {
                     Ok(ServerMessage::Task(spec)) => {
                         let id = spec.id;
+                        tracing::info!(task = %id, model = %spec.model, prefix = spec.prefix.len(), "task started");
                         let handle = actix_web::rt::spawn(run_task(backend.clone(), spec, out.clone(), tasks.clone()));
                         tasks.borrow_mut().insert(id, handle);
                     }
@@ -186,28 +170,14 @@ async fn run_task(
         }
         Ok(mut events) => loop {
             match events.recv().await {
-                Some(Event::Token {
-                    id: token, text, ..
-                }) => {
-                    let _ = out.send(frame(&NodeMessage::Token {
-                        id,
-                        index,
-                        token,
-                        text,
-                    }));
+                Some(Event::Token { id: token, text, .. }) => {
+                    let _ = out.send(frame(&NodeMessage::Token { id, index, token, text }));
                     index += 1;
                 }
                 Some(Event::Done(done)) => {
-                    let usage = TaskUsage {
-                        prompt_tokens: done.prompt_tokens,
-                        completion_tokens: done.completion_tokens,
-                    };
-                    let message = NodeMessage::Done {
-                        id,
-                        finish_reason: done.reason.into(),
-                        usage,
-                        tail: done.tail,
-                    };
+                    let usage =
+                        TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
+                    let message = NodeMessage::Done { id, finish_reason: done.reason.into(), usage, tail: done.tail };
                     let _ = out.send(frame(&message));
                     break;
                 }
@@ -217,10 +187,7 @@ async fn run_task(
                 }
                 Some(Event::PromptHidden { .. }) => {}
                 None => {
-                    let _ = out.send(frame(&NodeMessage::Failed {
-                        id,
-                        error: "the engine stopped".into(),
-                    }));
+                    let _ = out.send(frame(&NodeMessage::Failed { id, error: "the engine stopped".into() }));
                     break;
                 }
             }

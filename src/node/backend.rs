@@ -17,23 +17,17 @@ pub struct FakeSpec {
     pub tokens: usize,
     pub per_token: Duration,
     pub model: String,
+    /// Text of every fake token (tests tag nodes with it).
+    pub text: String,
 }
 
 impl std::str::FromStr for FakeSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (n, ms) = s.split_once(':').unwrap_or((s, "0"));
-        let tokens = n
-            .parse()
-            .map_err(|_| format!("`{s}`: expected TOKENS[:MS_PER_TOKEN]"))?;
-        let ms: f64 = ms
-            .parse()
-            .map_err(|_| format!("`{s}`: expected TOKENS[:MS_PER_TOKEN]"))?;
-        Ok(Self {
-            tokens,
-            per_token: Duration::from_secs_f64(ms / 1e3),
-            model: "fake".into(),
-        })
+        let tokens = n.parse().map_err(|_| format!("`{s}`: expected TOKENS[:MS_PER_TOKEN]"))?;
+        let ms: f64 = ms.parse().map_err(|_| format!("`{s}`: expected TOKENS[:MS_PER_TOKEN]"))?;
+        Ok(Self { tokens, per_token: Duration::from_secs_f64(ms / 1e3), model: "fake".into(), text: " tok".into() })
     }
 }
 
@@ -78,13 +72,7 @@ impl Backend {
                 };
                 (load, l.generated_tokens.load(Ordering::Relaxed))
             }
-            Self::Fake(_) => (
-                NodeLoad {
-                    free_memory_bytes: free_memory_bytes(),
-                    ..NodeLoad::default()
-                },
-                0,
-            ),
+            Self::Fake(_) => (NodeLoad { free_memory_bytes: free_memory_bytes(), ..NodeLoad::default() }, 0),
         }
     }
 
@@ -97,10 +85,7 @@ impl Backend {
             Self::Engine(engine) => {
                 let prompt = match &task.input {
                     TaskInput::Chat(messages) => {
-                        let text = engine
-                            .template
-                            .render(messages, true)
-                            .map_err(|e| e.to_string())?;
+                        let text = engine.template.render(messages, true).map_err(|e| e.to_string())?;
                         engine.tokenizer.encode(&text, false)
                     }
                     TaskInput::Text(text) => engine.tokenizer.encode(text, true),
@@ -121,7 +106,7 @@ impl Backend {
     }
 }
 
-/// The fake engine: `spec.tokens` tokens (capped by `max_tokens`) of " tok", paced.
+/// The fake engine: `spec.tokens` tokens (capped by `max_tokens`) of `spec.text`, paced.
 fn fake_run(spec: FakeSpec, task: &TaskSpec) -> UnboundedReceiver<Event> {
     let (tx, rx) = unbounded_channel();
     let total = spec.tokens.min(task.max_tokens);
@@ -136,23 +121,12 @@ fn fake_run(spec: FakeSpec, task: &TaskSpec) -> UnboundedReceiver<Event> {
             if !spec.per_token.is_zero() {
                 actix_web::rt::time::sleep(spec.per_token).await;
             }
-            if tx
-                .send(Event::Token {
-                    id: 1000 + i as u32,
-                    text: " tok".into(),
-                    hidden: None,
-                })
-                .is_err()
-            {
+            if tx.send(Event::Token { id: 1000 + i as u32, text: spec.text.clone(), hidden: None }).is_err() {
                 return;
             }
         }
         let ms = received.elapsed().as_secs_f64() * 1e3;
-        let timings = Timings {
-            queued_ms: 0.0,
-            time_to_first_token_ms: ms,
-            total_ms: ms,
-        };
+        let timings = Timings { queued_ms: 0.0, time_to_first_token_ms: ms, total_ms: ms };
         let done = Finished {
             reason: FinishReason::Length,
             tail: String::new(),

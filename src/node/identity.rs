@@ -11,14 +11,9 @@ use sha2::{Digest, Sha256};
 pub fn load_or_create(path: &Path) -> anyhow::Result<String> {
     let secret = match std::fs::read_to_string(path) {
         Ok(text) => {
-            let bytes = hex::decode(text.trim())
-                .map_err(|e| anyhow::anyhow!("{}: not a hex key: {e}", path.display()))?;
-            anyhow::ensure!(
-                bytes.len() == 32,
-                "{}: a key is 32 bytes, this one has {}",
-                path.display(),
-                bytes.len()
-            );
+            let bytes =
+                hex::decode(text.trim()).map_err(|e| anyhow::anyhow!("{}: not a hex key: {e}", path.display()))?;
+            anyhow::ensure!(bytes.len() == 32, "{}: a key is 32 bytes, this one has {}", path.display(), bytes.len());
             bytes
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -58,10 +53,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
         std::fs::write(dir.path().join("bad.key"), "zz").unwrap();
         assert!(super::load_or_create(&dir.path().join("bad.key")).is_err());

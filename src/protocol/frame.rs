@@ -45,28 +45,14 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_reject_bad_input() {
-        let msg = NodeMessage::Token {
-            id: TaskId(7),
-            index: 3,
-            token: 42,
-            text: "hé".into(),
-        };
+        let msg = NodeMessage::Token { id: TaskId(7), index: 3, token: 42, text: "hé".into() };
         let bytes = encode_frame(&msg);
         assert_eq!(decode_frame::<NodeMessage>(&bytes).unwrap(), msg);
         let mut wrong = bytes.clone();
         wrong[0] = 9;
-        assert_eq!(
-            decode_frame::<NodeMessage>(&wrong),
-            Err(FrameError::Version(9))
-        );
-        assert!(matches!(
-            decode_frame::<NodeMessage>(&bytes[..bytes.len() - 2]),
-            Err(FrameError::Malformed(_))
-        ));
+        assert_eq!(decode_frame::<NodeMessage>(&wrong), Err(FrameError::Version(9)));
+        assert!(matches!(decode_frame::<NodeMessage>(&bytes[..bytes.len() - 2]), Err(FrameError::Malformed(_))));
         assert_eq!(decode_frame::<NodeMessage>(&[]), Err(FrameError::Empty));
-        assert!(matches!(
-            decode_frame::<NodeMessage>(&vec![1u8; MAX_FRAME_BYTES + 1]),
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(decode_frame::<NodeMessage>(&vec![1u8; MAX_FRAME_BYTES + 1]), Err(FrameError::TooLarge(_))));
     }
 }

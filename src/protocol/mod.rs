@@ -6,6 +6,4 @@ pub mod frame;
 pub mod messages;
 
 pub use frame::{decode_frame, encode_frame, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
-pub use messages::{
-    FinishReason, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage,
-};
+pub use messages::{FinishReason, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage};

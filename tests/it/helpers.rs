@@ -46,13 +46,7 @@ pub fn engine(path: &Path, max_batch: usize) -> Engine {
     let model = Model::load(path, Device::Cpu, None).expect("model loads");
     Engine::start(
         model,
-        EngineConfig {
-            max_batch,
-            max_context: 1024,
-            prefill_chunk: 64,
-            threads: 0,
-            single_sequence_threads: 0,
-        },
+        EngineConfig { max_batch, max_context: 1024, prefill_chunk: 64, threads: 0, single_sequence_threads: 0 },
     )
     .expect("engine starts")
 }

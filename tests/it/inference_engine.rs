@@ -7,13 +7,7 @@ use ludus::inference::{Event, FinishReason, GenerateRequest, SamplingParams};
 use crate::helpers::{collect, drain, engine, tiny};
 
 fn request(prompt: &[u32], params: SamplingParams, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        prompt: prompt.to_vec(),
-        params,
-        max_tokens,
-        min_tokens: max_tokens,
-        ..Default::default()
-    }
+    GenerateRequest { prompt: prompt.to_vec(), params, max_tokens, min_tokens: max_tokens, ..Default::default() }
 }
 
 #[test]
@@ -21,14 +15,7 @@ fn a_sequence_gives_the_same_tokens_alone_and_in_a_batch() {
     let t = tiny(&TinySpec::default());
     let engine = engine(&t.gguf, 8);
     let prompt = [10u32, 20, 30, 40];
-    for params in [
-        SamplingParams::greedy(),
-        SamplingParams {
-            temperature: 0.9,
-            seed: 1234,
-            ..Default::default()
-        },
-    ] {
+    for params in [SamplingParams::greedy(), SamplingParams { temperature: 0.9, seed: 1234, ..Default::default() }] {
         let (alone, _, _) = collect(&engine, request(&prompt, params.clone(), 40));
         // Seven other sequences with other prompts and lengths, submitted together.
         let mut others = Vec::new();
@@ -36,14 +23,7 @@ fn a_sequence_gives_the_same_tokens_alone_and_in_a_batch() {
             let p: Vec<u32> = (0..(3 + i * 5)).map(|j| (i * 31 + j * 7) % 250).collect();
             others.push(
                 engine
-                    .submit(request(
-                        &p,
-                        SamplingParams {
-                            seed: i as u64,
-                            ..params.clone()
-                        },
-                        20 + i as usize * 6,
-                    ))
+                    .submit(request(&p, SamplingParams { seed: i as u64, ..params.clone() }, 20 + i as usize * 6))
                     .unwrap(),
             );
         }
@@ -60,9 +40,7 @@ fn a_sequence_gives_the_same_tokens_alone_and_in_a_batch() {
 fn dropping_the_receiver_frees_the_slot() {
     let t = tiny(&TinySpec::default());
     let engine = engine(&t.gguf, 1);
-    let mut long = engine
-        .submit(request(&[1, 2, 3], SamplingParams::greedy(), 100_000))
-        .unwrap();
+    let mut long = engine.submit(request(&[1, 2, 3], SamplingParams::greedy(), 100_000)).unwrap();
     assert!(matches!(long.blocking_recv(), Some(Event::Token { .. })));
     drop(long);
     // With one slot, this only completes if the cancelled sequence left it.
@@ -92,29 +70,13 @@ fn stop_sequences_cut_the_text_and_end_the_stream() {
 fn context_overflow_and_bad_requests_fail_cleanly() {
     let t = tiny(&TinySpec::default());
     let engine = engine(&t.gguf, 2);
-    assert!(
-        engine
-            .submit(request(&[], SamplingParams::greedy(), 4))
-            .is_err(),
-        "empty prompt"
-    );
-    let bad = SamplingParams {
-        top_p: 2.0,
-        ..Default::default()
-    };
-    assert!(engine
-        .submit(request(&[1], bad, 4))
-        .unwrap_err()
-        .to_string()
-        .contains("top_p"));
+    assert!(engine.submit(request(&[], SamplingParams::greedy(), 4)).is_err(), "empty prompt");
+    let bad = SamplingParams { top_p: 2.0, ..Default::default() };
+    assert!(engine.submit(request(&[1], bad, 4)).unwrap_err().to_string().contains("top_p"));
     let too_long: Vec<u32> = (0..300).map(|i| i % 200).collect(); // the tiny model's context is 256
-    let mut rx = engine
-        .submit(request(&too_long, SamplingParams::greedy(), 4))
-        .unwrap();
+    let mut rx = engine.submit(request(&too_long, SamplingParams::greedy(), 4)).unwrap();
     assert!(matches!(rx.blocking_recv(), Some(Event::Error(e)) if e.contains("context")));
-    let mut rx = engine
-        .submit(request(&[99_999], SamplingParams::greedy(), 4))
-        .unwrap();
+    let mut rx = engine.submit(request(&[99_999], SamplingParams::greedy(), 4)).unwrap();
     assert!(matches!(rx.blocking_recv(), Some(Event::Error(e)) if e.contains("vocabulary")));
     // The engine still serves afterwards.
     let (ids, _, _) = collect(&engine, request(&[1, 2], SamplingParams::greedy(), 3));
@@ -135,11 +97,7 @@ fn generation_stops_at_the_context_limit() {
 fn failover_prefix_continues_the_same_stream() {
     let t = tiny(&TinySpec::default());
     let engine = engine(&t.gguf, 2);
-    let params = SamplingParams {
-        temperature: 0.8,
-        seed: 99,
-        ..Default::default()
-    };
+    let params = SamplingParams { temperature: 0.8, seed: 99, ..Default::default() };
     let prompt = [7u32, 8, 9, 10];
     let (full, _, _) = collect(&engine, request(&prompt, params.clone(), 30));
     // A replacement node gets the prompt plus the 12 tokens already sent.
@@ -164,9 +122,7 @@ fn hidden_states_are_reported_when_asked() {
                 assert_eq!(values.len(), rows * 64);
                 prompt_rows += rows;
             }
-            Event::Token {
-                hidden: Some(h), ..
-            } => {
+            Event::Token { hidden: Some(h), .. } => {
                 assert_eq!(h.len(), 64);
                 assert!(h.iter().all(|v| v.is_finite()));
                 token_hidden += 1;

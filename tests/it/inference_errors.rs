@@ -8,9 +8,7 @@ use tch::Device;
 use crate::helpers::tiny;
 
 fn load_err(path: &std::path::Path) -> String {
-    Model::load(path, Device::Cpu, None)
-        .expect_err("must not load")
-        .to_string()
+    Model::load(path, Device::Cpu, None).expect_err("must not load").to_string()
 }
 
 #[test]
@@ -31,9 +29,7 @@ fn not_a_gguf_file_says_so() {
     let path = dir.path().join("x.gguf");
     std::fs::write(&path, b"PK\x03\x04 this is a zip").unwrap();
     assert!(load_err(&path).contains("GGUF magic"));
-    assert!(load_err(&dir.path().join("missing.gguf"))
-        .to_lowercase()
-        .contains("no such file"));
+    assert!(load_err(&dir.path().join("missing.gguf")).to_lowercase().contains("no such file"));
 }
 
 #[test]
@@ -44,10 +40,7 @@ fn unknown_architecture_is_named() {
     let path = t.dir.path().join("bloom.gguf");
     std::fs::write(&path, patched).unwrap();
     let err = Model::load(&path, Device::Cpu, None).unwrap_err();
-    assert!(
-        matches!(err, InferError::UnsupportedArchitecture(ref a) if a == "bloom"),
-        "{err}"
-    );
+    assert!(matches!(err, InferError::UnsupportedArchitecture(ref a) if a == "bloom"), "{err}");
 }
 
 #[test]
@@ -61,10 +54,7 @@ fn unsupported_tensor_type_is_named() {
     let path = t.dir.path().join("q5_0.gguf");
     std::fs::write(&path, bytes).unwrap();
     let err = GgufFile::open(&path).unwrap_err().to_string();
-    assert!(
-        err.contains("output_norm.weight") && err.contains("GGML type 6"),
-        "{err}"
-    );
+    assert!(err.contains("output_norm.weight") && err.contains("GGML type 6"), "{err}");
 }
 
 #[test]

@@ -14,13 +14,8 @@ use crate::helpers::tiny;
 const TOKENS: &[u32] = &[5, 71, 258, 100, 33, 260, 12, 99, 150, 201, 3, 44];
 
 fn logits_all(model: &Model, tokens: &[u32]) -> Tensor {
-    let mut cache =
-        KvCache::new(&model.llama.config, 1, 64, Device::Cpu, model.llama.kind).unwrap();
-    model
-        .llama
-        .prefill(&mut cache, 0, tokens, 0, LogitsFor::All)
-        .unwrap()
-        .logits
+    let mut cache = KvCache::new(&model.llama.config, 1, 64, Device::Cpu, model.llama.kind).unwrap();
+    model.llama.prefill(&mut cache, 0, tokens, 0, LogitsFor::All).unwrap().logits
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -42,10 +37,7 @@ fn gguf_and_safetensors_copies_give_the_same_logits() {
     // The GGUF copy stores Q/K permuted; a wrong un-permutation gives errors near 1.
     assert!(rel_err(&a, &b) < 1e-5, "relative error {}", rel_err(&a, &b));
     let text = "the cat sat on 12 mats\n\n<|im_start|>user";
-    assert_eq!(
-        from_gguf.tokenizer.encode(text, false).unwrap(),
-        from_hf.tokenizer.encode(text, false).unwrap()
-    );
+    assert_eq!(from_gguf.tokenizer.encode(text, false).unwrap(), from_hf.tokenizer.encode(text, false).unwrap());
 }
 
 #[test]
@@ -53,28 +45,16 @@ fn quantized_copies_stay_close_to_f32() {
     let base = tiny(&TinySpec::default());
     let reference = logits_all(&Model::load(&base.gguf, Device::Cpu, None).unwrap(), TOKENS);
     let mut errors = Vec::new();
-    for (dtype, tolerance) in [
-        (GgmlType::F16, 0.01),
-        (GgmlType::Q8_0, 0.05),
-        (GgmlType::Q4_1, 0.6),
-        (GgmlType::Q4_0, 0.6),
-    ] {
-        let q = tiny(&TinySpec {
-            dtype,
-            ..TinySpec::default()
-        });
+    for (dtype, tolerance) in
+        [(GgmlType::F16, 0.01), (GgmlType::Q8_0, 0.05), (GgmlType::Q4_1, 0.6), (GgmlType::Q4_0, 0.6)]
+    {
+        let q = tiny(&TinySpec { dtype, ..TinySpec::default() });
         let logits = logits_all(&Model::load(&q.gguf, Device::Cpu, None).unwrap(), TOKENS);
         let err = rel_err(&logits, &reference);
-        assert!(
-            err < tolerance && err > 0.0,
-            "{dtype:?}: relative error {err}"
-        );
+        assert!(err < tolerance && err > 0.0, "{dtype:?}: relative error {err}");
         errors.push(err);
     }
-    assert!(
-        errors[0] < errors[1] && errors[1] < errors[2].min(errors[3]),
-        "more bits, less error: {errors:?}"
-    );
+    assert!(errors[0] < errors[1] && errors[1] < errors[2].min(errors[3]), "more bits, less error: {errors:?}");
 }
 
 #[test]
@@ -85,14 +65,8 @@ fn chunked_prefill_and_cached_decode_equal_one_full_pass() {
     let mut cache = KvCache::new(&model.llama.config, 3, 64, Device::Cpu, Kind::Float).unwrap();
     // Slot 2, prefill 5 tokens in two chunks, then decode the rest one at a time after
     // moving the sequence to slot 0 (what the engine does when compacting).
-    model
-        .llama
-        .prefill(&mut cache, 2, &TOKENS[..3], 0, LogitsFor::None)
-        .unwrap();
-    let out = model
-        .llama
-        .prefill(&mut cache, 2, &TOKENS[3..5], 3, LogitsFor::All)
-        .unwrap();
+    model.llama.prefill(&mut cache, 2, &TOKENS[..3], 0, LogitsFor::None).unwrap();
+    let out = model.llama.prefill(&mut cache, 2, &TOKENS[3..5], 3, LogitsFor::All).unwrap();
     assert!(rel_err(&out.logits, &full.narrow(0, 3, 2)) < 1e-5);
     cache.move_slot(2, 0).unwrap();
     for (i, &tok) in TOKENS.iter().enumerate().skip(5) {
@@ -109,18 +83,9 @@ fn batched_decode_of_different_lengths_matches_single_decodes() {
     let a: &[u32] = &TOKENS[..7];
     let b: &[u32] = &TOKENS[4..8];
     let mut cache = KvCache::new(&model.llama.config, 2, 64, Device::Cpu, Kind::Float).unwrap();
-    model
-        .llama
-        .prefill(&mut cache, 0, &a[..6], 0, LogitsFor::None)
-        .unwrap();
-    model
-        .llama
-        .prefill(&mut cache, 1, &b[..3], 0, LogitsFor::None)
-        .unwrap();
-    let out = model
-        .llama
-        .decode(&mut cache, &[a[6], b[3]], &[6, 3])
-        .unwrap();
+    model.llama.prefill(&mut cache, 0, &a[..6], 0, LogitsFor::None).unwrap();
+    model.llama.prefill(&mut cache, 1, &b[..3], 0, LogitsFor::None).unwrap();
+    let out = model.llama.decode(&mut cache, &[a[6], b[3]], &[6, 3]).unwrap();
     let alone_a = logits_all(&model, a);
     let alone_b = logits_all(&model, b);
     assert!(rel_err(&out.logits.get(0), &alone_a.get(6)) < 1e-5);
@@ -134,10 +99,7 @@ fn streamed_text_never_splits_a_utf8_sequence() {
     let model = Model::load(&t.gguf, Device::Cpu, None).unwrap();
     let text = "héllo 🎮 wörld — 日本";
     let ids = model.tokenizer.encode(text, false).unwrap();
-    assert!(
-        ids.len() > text.chars().count(),
-        "multi-byte chars are several byte tokens here"
-    );
+    assert!(ids.len() > text.chars().count(), "multi-byte chars are several byte tokens here");
     let mut decoder = StreamDecoder::default();
     let mut chunks = Vec::new();
     for &id in &ids {
@@ -145,10 +107,7 @@ fn streamed_text_never_splits_a_utf8_sequence() {
     }
     chunks.push(decoder.finish());
     assert!(chunks.iter().all(|c| !c.contains('\u{fffd}')), "{chunks:?}");
-    assert!(
-        chunks.iter().any(String::is_empty),
-        "incomplete sequences are held back"
-    );
+    assert!(chunks.iter().any(String::is_empty), "incomplete sequences are held back");
     assert_eq!(chunks.concat(), text);
     assert_eq!(model.tokenizer.decode(&ids, true), text);
 }
@@ -156,10 +115,7 @@ fn streamed_text_never_splits_a_utf8_sequence() {
 #[test]
 fn bf16_and_f16_run_close_to_f32() {
     let t = tiny(&TinySpec::default());
-    let reference = logits_all(
-        &Model::load(&t.gguf, Device::Cpu, Some(Kind::Float)).unwrap(),
-        TOKENS,
-    );
+    let reference = logits_all(&Model::load(&t.gguf, Device::Cpu, Some(Kind::Float)).unwrap(), TOKENS);
     for kind in [Kind::BFloat16, Kind::Half] {
         let model = Model::load(&t.gguf, Device::Cpu, Some(kind)).unwrap();
         assert_eq!(model.llama.kind, kind);
@@ -173,15 +129,8 @@ fn bf16_and_f16_run_close_to_f32() {
 fn cli_tokenize_and_inspect_describe_the_model() {
     let t = tiny(&TinySpec::default());
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ludus"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ludus")).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let gguf = t.gguf.to_str().unwrap();
@@ -195,18 +144,7 @@ fn cli_tokenize_and_inspect_describe_the_model() {
     assert_eq!(info["vocab_size"], 275);
     assert_eq!(info["tensor_types"]["F32"]["tensors"], 20);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ludus"))
-        .args([
-            "generate",
-            "--model",
-            gguf,
-            "--prompt",
-            "the",
-            "--max-tokens",
-            "5",
-            "--seed",
-            "3",
-            "--json",
-        ])
+        .args(["generate", "--model", gguf, "--prompt", "the", "--max-tokens", "5", "--seed", "3", "--json"])
         .output()
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

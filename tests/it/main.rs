@@ -1,7 +1,10 @@
 //! Integration tests: one binary, one module per subsystem.
 
+mod cluster;
 mod helpers;
 mod inference_engine;
 mod inference_errors;
 mod inference_tiny;
+mod network_api;
+mod network_routing;
 mod smollm2_reference;

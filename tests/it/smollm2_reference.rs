@@ -43,8 +43,7 @@ fn dequantization_matches_gguf_py_bit_for_bit() {
         values: Vec<f32>,
     }
     let cases: Vec<Case> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("dequant.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("dequant.json")).unwrap()).unwrap();
     assert_eq!(cases.len(), 8);
     for case in cases {
         let raw: Vec<u8> = (0..case.raw_hex.len())
@@ -54,12 +53,7 @@ fn dequantization_matches_gguf_py_bit_for_bit() {
         let kind = GgmlType::from_id(case.type_id).unwrap();
         let got = kind.dequantize(&raw, case.values.len()).unwrap();
         for (i, (g, e)) in got.iter().zip(&case.values).enumerate() {
-            assert_eq!(
-                g.to_bits(),
-                e.to_bits(),
-                "{} element {i}: {g} vs {e}",
-                case.name
-            );
+            assert_eq!(g.to_bits(), e.to_bits(), "{} element {i}: {g} vs {e}", case.name);
         }
     }
 }
@@ -69,8 +63,7 @@ fn tokenization_matches_the_reference() {
     let Some(path) = smollm2() else { return };
     let model = Model::load(&path, Device::Cpu, None).unwrap();
     let cases: Vec<TokenCase> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenize.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenize.json")).unwrap()).unwrap();
     assert!(cases.len() >= 20);
     for case in cases {
         let ids = model.tokenizer.encode(&case.text, false).unwrap();
@@ -84,43 +77,19 @@ fn chat_prompts_and_last_logits_match_transformers() {
     let Some(path) = smollm2() else { return };
     let model = Model::load(&path, Device::Cpu, None).unwrap();
     for case in chat_cases() {
-        assert_eq!(
-            model.template.render(&case.messages, true).unwrap(),
-            case.prompt_text
-        );
+        assert_eq!(model.template.render(&case.messages, true).unwrap(), case.prompt_text);
         let ids = model.chat_prompt(&case.messages).unwrap();
         assert_eq!(ids, case.prompt_ids);
         let bytes = std::fs::read(fixtures().join(&case.logits_file)).unwrap();
-        let expected: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let mut cache = KvCache::new(
-            &model.llama.config,
-            1,
-            ids.len(),
-            Device::Cpu,
-            model.llama.kind,
-        )
-        .unwrap();
+        let expected: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let mut cache = KvCache::new(&model.llama.config, 1, ids.len(), Device::Cpu, model.llama.kind).unwrap();
         let _guard = tch::no_grad_guard();
-        let out = model
-            .llama
-            .prefill(&mut cache, 0, &ids, 0, LogitsFor::Last)
-            .unwrap();
+        let out = model.llama.prefill(&mut cache, 0, &ids, 0, LogitsFor::Last).unwrap();
         let got = Vec::<f32>::try_from(&out.logits.flatten(0, -1)).unwrap();
         assert_eq!(got.len(), expected.len());
         let max_abs = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let max_err = got
-            .iter()
-            .zip(&expected)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            max_err / max_abs < 1e-3,
-            "{:?}: relative max error {}",
-            case.messages[0].content,
-            max_err / max_abs
-        );
+        let max_err = got.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(max_err / max_abs < 1e-3, "{:?}: relative max error {}", case.messages[0].content, max_err / max_abs);
     }
 }
 
@@ -146,12 +115,7 @@ fn greedy_continuations_match_transformers_in_one_batch() {
         .collect();
     for (case, rx) in cases.iter().zip(streams) {
         let (ids, _, _) = drain(rx);
-        assert_eq!(
-            ids,
-            case.greedy_ids,
-            "{:?}",
-            case.messages.last().unwrap().content
-        );
+        assert_eq!(ids, case.greedy_ids, "{:?}", case.messages.last().unwrap().content);
     }
     // Until EOS, as a game would see it.
     for case in &cases {
@@ -181,11 +145,7 @@ fn the_capital_of_france_is_paris() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
 }
 
@@ -198,30 +158,18 @@ fn seeded_sampling_is_batch_invariant_up_to_near_ties() {
     let engine = crate::helpers::engine(&path, 8);
     let model = Model::load(&path, Device::Cpu, None).unwrap();
     let cases = chat_cases();
-    let params = SamplingParams {
-        temperature: 0.8,
-        top_p: 0.95,
-        seed: 2024,
-        ..Default::default()
-    };
+    let params = SamplingParams { temperature: 0.8, top_p: 0.95, seed: 2024, ..Default::default() };
     let prompt = cases[1].prompt_ids.clone();
     let req = |seed: u64, prompt: &[u32]| GenerateRequest {
         prompt: prompt.to_vec(),
-        params: SamplingParams {
-            seed,
-            ..params.clone()
-        },
+        params: SamplingParams { seed, ..params.clone() },
         max_tokens: 48,
         min_tokens: 48,
         ..Default::default()
     };
     let (alone, _, _) = collect(&engine, req(2024, &prompt));
     let mut streams = vec![engine.submit(req(2024, &prompt)).unwrap()];
-    for (i, c) in cases
-        .iter()
-        .enumerate()
-        .chain(cases.iter().enumerate().take(2))
-    {
+    for (i, c) in cases.iter().enumerate().chain(cases.iter().enumerate().take(2)) {
         streams.push(engine.submit(req(i as u64 + 1, &c.prompt_ids)).unwrap());
     }
     let mut results = streams.into_iter().map(|rx| drain(rx).0);
@@ -229,34 +177,18 @@ fn seeded_sampling_is_batch_invariant_up_to_near_ties() {
     results.for_each(drop);
     if let Some(k) = alone.iter().zip(&batched).position(|(a, b)| a != b) {
         let context: Vec<u32> = prompt.iter().chain(&alone[..k]).copied().collect();
-        let mut cache = KvCache::new(
-            &model.llama.config,
-            1,
-            context.len(),
-            Device::Cpu,
-            model.llama.kind,
-        )
-        .unwrap();
+        let mut cache = KvCache::new(&model.llama.config, 1, context.len(), Device::Cpu, model.llama.kind).unwrap();
         let _guard = tch::no_grad_guard();
-        let logits = model
-            .llama
-            .prefill(&mut cache, 0, &context, 0, LogitsFor::Last)
-            .unwrap()
-            .logits;
+        let logits = model.llama.prefill(&mut cache, 0, &context, 0, LogitsFor::Last).unwrap().logits;
         let logits = Vec::<f32>::try_from(&logits.flatten(0, -1)).unwrap();
         let position = context.len() as u64;
         let score = |t: u32| {
-            let (_, s) = candidates(&logits, &params)
-                .into_iter()
-                .find(|c| c.0 == t)
-                .expect("both choices are candidates");
+            let (_, s) =
+                candidates(&logits, &params).into_iter().find(|c| c.0 == t).expect("both choices are candidates");
             s as f64 + gumbel(params.seed, position, t)
         };
         let gap = (score(alone[k]) - score(batched[k])).abs();
-        assert!(
-            gap < 1e-3,
-            "diverged at step {k} with a score gap of {gap}: not a near-tie"
-        );
+        assert!(gap < 1e-3, "diverged at step {k} with a score gap of {gap}: not a near-tie");
         eprintln!("diverged at step {k} at a near-tie (gap {gap})");
     }
 }

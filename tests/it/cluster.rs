@@ -1,0 +1,255 @@
+//! Test harness for the network: real `ludus serve` and `ludus node` processes on
+//! loopback (port 0), a tiny raw HTTP/1.1 client (so malformed input reaches the server
+//! as sent), and an SSE reader for streams.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ludus");
+
+/// A child process killed on drop, with its stderr in a log file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub addr: String,
+    pub key: String,
+    #[allow(dead_code)] // kept alive (killed on drop)
+    pub server: Proc,
+    pub nodes: Vec<Proc>,
+}
+
+fn spawn(args: &[&str], log: PathBuf) -> Proc {
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("spawn ludus");
+    Proc { child, log }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+impl Cluster {
+    /// Starts a server with fast heartbeats; `extra` is appended to its config file.
+    pub fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ludus.toml");
+        let data = dir.path().join("data");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nbind = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nworkers = 2\nshutdown_grace_s = 5\n\
+                 [distributor]\nheartbeat_interval_ms = 200\nnode_timeout_ms = 800\nqueue_timeout_ms = 10000\n{extra}",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let cfg = config.to_str().unwrap().to_string();
+        let out = Command::new(BIN).args(["--config", &cfg, "games", "add", "testgame"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let server = spawn(&["--config", &cfg, "serve"], dir.path().join("serve.log"));
+        let mut addr = String::new();
+        wait_for("the server to listen", Duration::from_secs(20), || {
+            let log = server.log_text();
+            if let Some(line) = log.lines().find(|l| l.starts_with("ludus listening on http://")) {
+                addr = line.trim_start_matches("ludus listening on http://").trim().to_string();
+                return true;
+            }
+            false
+        });
+        Self { dir, config, addr, key, server, nodes: Vec::new() }
+    }
+
+    /// Starts `ludus node` with extra arguments; returns its index.
+    pub fn add_node(&mut self, args: &[&str]) -> usize {
+        let i = self.nodes.len();
+        let url = format!("ws://{}/ws/node", self.addr);
+        let key = self.dir.path().join(format!("node{i}.key"));
+        let cfg = self.config.to_str().unwrap().to_string();
+        let mut all = vec!["--config", &cfg, "node", "--connect", &url, "--key", key.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let log = self.dir.path().join(format!("node{i}.log"));
+        self.nodes.push(spawn(&all, log));
+        i
+    }
+
+    /// Waits until `model` is served by `n` live nodes.
+    pub fn wait_nodes(&self, model: &str, n: u64) {
+        wait_for(&format!("{n} node(s) serving {model}"), Duration::from_secs(60), || {
+            let (status, body) = self.get("/v1/models");
+            status == 200
+                && serde_json::from_str::<serde_json::Value>(&body).ok().is_some_and(|v| {
+                    v["data"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|m| m["id"] == model && m["nodes"].as_u64() == Some(n))
+                })
+        });
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let r = raw(&self.addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes());
+        (r.status, r.body)
+    }
+
+    /// POSTs JSON with the cluster's key.
+    pub fn post(&self, path: &str, body: &str) -> Response {
+        post_with(&self.addr, path, Some(&self.key), body.as_bytes())
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+pub fn post_with(addr: &str, path: &str, key: Option<&str>, body: &[u8]) -> Response {
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    raw(addr, &request)
+}
+
+/// Sends raw bytes, reads the whole response (de-chunked).
+pub fn raw(addr: &str, request: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // The server may answer (413) before reading a huge body: ignore write errors.
+    let _ = stream.write_all(request);
+    let mut reader = BufReader::new(stream);
+    let (status, headers) = read_head(&mut reader);
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let mut body = Vec::new();
+    if chunked {
+        while let Some(chunk) = read_chunk(&mut reader) {
+            body.extend_from_slice(&chunk);
+        }
+    } else {
+        let _ = reader.read_to_end(&mut body);
+    }
+    Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+fn read_head(reader: &mut impl BufRead) -> (u16, Vec<(String, String)>) {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    (status, headers)
+}
+
+fn read_chunk(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut size_line = String::new();
+    if reader.read_line(&mut size_line).ok()? == 0 {
+        return None;
+    }
+    let size = usize::from_str_radix(size_line.trim(), 16).ok()?;
+    if size == 0 {
+        return None;
+    }
+    let mut chunk = vec![0u8; size + 2];
+    reader.read_exact(&mut chunk).ok()?;
+    chunk.truncate(size);
+    Some(chunk)
+}
+
+/// An open SSE stream: yields each `data:` payload as it arrives.
+pub struct SseStream {
+    reader: BufReader<TcpStream>,
+    pending: String,
+    pub status: u16,
+}
+
+impl SseStream {
+    pub fn open(addr: &str, key: &str, body: &str) -> Self {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut reader = BufReader::new(stream);
+        let (status, _) = read_head(&mut reader);
+        Self { reader, pending: String::new(), status }
+    }
+
+    /// The next `data:` payload, or None at the end of the stream.
+    pub fn next_data(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.pending.find("\n\n") {
+                let event: String = self.pending.drain(..end + 2).collect();
+                if let Some(data) = event.trim().strip_prefix("data: ") {
+                    return Some(data.to_string());
+                }
+                continue;
+            }
+            let chunk = read_chunk(&mut self.reader)?;
+            self.pending.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The OpenAI-compatible API over real processes: malformed input, keys, limits, unknown
+//! models and missing nodes get the right OpenAI errors; the official `openai` Python SDK
+//! works against it (non-streaming, streaming, errors).
+
+use std::process::Command;
+
+use ludus::inference::tiny_model::TinySpec;
+
+use crate::cluster::{post_with, raw, Cluster, BIN};
+use crate::helpers::tiny;
+
+const CHAT: &str = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
+
+#[test]
+fn malformed_input_and_refusals_get_openai_errors() {
+    let mut c = Cluster::start("models = [\"fake\", \"offline-model\"]\n");
+    c.add_node(&["--fake-engine", "8"]);
+    c.wait_nodes("fake", 1);
+    let ok = c.post("/v1/chat/completions", CHAT);
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let v = ok.json();
+    assert_eq!(v["choices"][0]["message"]["content"], " tok tok tok tok");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    let check = |r: crate::cluster::Response, status: u16, kind: &str, param: Option<&str>| {
+        assert_eq!(r.status, status, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["error"]["type"], kind, "{}", r.body);
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{}", r.body);
+        }
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        r
+    };
+    check(c.post("/v1/chat/completions", "{\"model\": \"fake\", "), 400, "invalid_request_error", None);
+    check(
+        c.post(
+            "/v1/chat/completions",
+            r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#,
+        ),
+        400,
+        "invalid_request_error",
+        Some("temperature"),
+    );
+    check(
+        c.post("/v1/chat/completions", r#"{"model":"fake","messages":[]}"#),
+        400,
+        "invalid_request_error",
+        Some("messages"),
+    );
+    check(
+        c.post(
+            "/v1/chat/completions",
+            r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":"many"}"#,
+        ),
+        400,
+        "invalid_request_error",
+        Some("max_tokens"),
+    );
+    check(c.post("/v1/completions", r#"{"model":"fake","prompt":42}"#), 400, "invalid_request_error", Some("prompt"));
+    let big = format!(r#"{{"model":"fake","messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(10 << 20));
+    check(c.post("/v1/chat/completions", &big), 413, "invalid_request_error", None);
+    check(
+        c.post("/v1/chat/completions", &CHAT.replace("fake", "no-such-model")),
+        404,
+        "invalid_request_error",
+        Some("model"),
+    );
+    check(post_with(&c.addr, "/v1/chat/completions", None, CHAT.as_bytes()), 401, "authentication_error", None);
+    check(
+        post_with(&c.addr, "/v1/chat/completions", Some("ludus-wrong"), CHAT.as_bytes()),
+        401,
+        "authentication_error",
+        None,
+    );
+    let r = check(c.post("/v1/chat/completions", &CHAT.replace("fake", "offline-model")), 503, "server_error", None);
+    assert!(r.header("Retry-After").is_some());
+
+    // The server is still healthy after all that.
+    assert_eq!(
+        c.post("/v1/completions", r#"{"model":"fake","prompt":"Once","max_tokens":2}"#).json()["choices"][0]["text"],
+        " tok tok"
+    );
+
+    // A key limited to 2 requests per minute gets 429 with Retry-After on the third.
+    let cfg = c.config.to_str().unwrap().to_string();
+    let out = Command::new(BIN).args(["--config", &cfg, "games", "add", "tiny-budget", "--rpm", "2"]).output().unwrap();
+    let limited = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    for _ in 0..2 {
+        assert_eq!(post_with(&c.addr, "/v1/chat/completions", Some(&limited), CHAT.as_bytes()).status, 200);
+    }
+    let r = check(
+        post_with(&c.addr, "/v1/chat/completions", Some(&limited), CHAT.as_bytes()),
+        429,
+        "rate_limit_error",
+        None,
+    );
+    assert!(r.header("Retry-After").and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s >= 1));
+    // Raw garbage on the socket does not hurt the server.
+    let r = raw(&c.addr, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n\xff\xfe\x00\x01\x02");
+    assert_eq!(r.status, 401);
+    assert_eq!(c.get("/health").0, 200);
+}
+
+#[test]
+fn the_openai_python_sdk_works_against_the_server() {
+    let python = std::env::var("LUDUS_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.cache/ludus/venv/bin/python", std::env::var("HOME").unwrap()));
+    let has_sdk = Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !has_sdk {
+        assert!(std::env::var("LUDUS_REQUIRE_MODEL").is_err(), "the openai SDK is missing: run scripts/setup --test");
+        eprintln!("skipped: {python} cannot import openai (run scripts/setup --test)");
+        return;
+    }
+    let t = tiny(&TinySpec::default());
+    let mut c = Cluster::start("");
+    c.add_node(&["--model", t.gguf.to_str().unwrap()]);
+    c.wait_nodes("tiny", 1);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_sdk.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .env("LUDUS_BASE_URL", format!("http://{}/v1", c.addr))
+        .env("LUDUS_KEY", &c.key)
+        .env("LUDUS_MODEL", "tiny")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all openai SDK checks passed"));
+}
