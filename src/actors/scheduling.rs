@@ -12,6 +12,8 @@ const EWMA_TAU: Duration = Duration::from_secs(10);
 const FAILURE_DECAY: Duration = Duration::from_secs(15);
 /// Cost multiplier right after a failure.
 const FAILURE_PENALTY: f64 = 20.0;
+/// Latency a failure counts as (ms per token).
+const FAILURE_LATENCY_MS: f64 = 1000.0;
 /// Latency assumed for a node that has not finished a task yet (ms per token).
 pub const DEFAULT_MS_PER_TOKEN: f64 = 50.0;
 
@@ -58,9 +60,13 @@ impl NodeStats {
         self.updated = now;
     }
 
+    /// A failure counts as a very slow completion (a peak the EWMA only slowly forgets),
+    /// so a node cannot look fast by failing fast.
     pub fn record_failure(&mut self, now: Instant) {
         self.failed += 1;
         self.last_failure = Some(now);
+        let peak = self.latency_ms.unwrap_or(DEFAULT_MS_PER_TOKEN).max(FAILURE_LATENCY_MS);
+        self.observe_latency(peak, now);
     }
 
     pub fn has_room(&self) -> bool {
