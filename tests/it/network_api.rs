@@ -133,3 +133,51 @@ fn the_openai_python_sdk_works_against_the_server() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("all openai SDK checks passed"));
 }
+
+/// A game that hangs up mid-stream frees its node slot at once: with capacity 1 and a
+/// 10-second answer in progress, the next request is served right away.
+#[test]
+fn a_closed_connection_frees_the_node_slot() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "1000:10", "--capacity", "1"]);
+    c.wait_nodes("fake", 1);
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
+    let mut stream = crate::cluster::SseStream::open(&c.addr, &c.key, body);
+    assert_eq!(stream.status, 200);
+    for _ in 0..3 {
+        assert!(stream.next_data().is_some());
+    }
+    drop(stream); // the game goes away
+    let started = std::time::Instant::now();
+    let r = c.post("/v1/chat/completions", &CHAT.replace("\"max_tokens\":4", "\"max_tokens\":2"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "the slot was not freed: {:?}", started.elapsed());
+    assert!(c.nodes[0].log_text().contains("task started"));
+}
+
+/// SIGTERM: running streams finish, the process exits cleanly within the grace period.
+#[test]
+fn sigterm_lets_running_streams_finish() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "20:50"]);
+    c.wait_nodes("fake", 1);
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":20,"stream":true}"#;
+    let mut stream = crate::cluster::SseStream::open(&c.addr, &c.key, body);
+    assert!(stream.next_data().is_some());
+    let pid = c.server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut chunks = 1;
+    let mut done = false;
+    while let Some(data) = stream.next_data() {
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        assert!(!data.contains("\"error\""), "{data}");
+        chunks += 1;
+    }
+    assert!(done, "the stream was cut");
+    assert_eq!(chunks, 21, "20 token chunks and the finish chunk");
+    let status = c.server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
