@@ -14,7 +14,7 @@ test:
 	$(call ENV,--test) LUDUS_REQUIRE_MODEL=1 cargo test --locked
 
 demo:
-	$(call ENV,) cargo run --release --locked -- generate --model $(MODEL) --chat "Greet the traveller as a grumpy blacksmith NPC." --temperature 0.7
+	$(call ENV,) cargo run --release --locked -- demo --model $(MODEL) --nodes 2
 
 bench:
 	$(call ENV,) cargo build --release --locked && $(CARGO_TARGET_DIR)/release/ludus bench decode --model $(MODEL) --threads 2 && cargo bench --locked

@@ -80,7 +80,7 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
                 actix_web::rt::spawn(server);
                 for i in 0..args.nodes {
                     let spec = FakeSpec { tokens: args.max_tokens, per_token: Duration::ZERO, model: args.model.clone(), text: " tok".into() };
-                    let options = NodeOptions { connect: format!("ws://{}/ws/node", handle.addr), key: dir.path().join(format!("n{i}.key")), capacity: 100_000 };
+                    let options = NodeOptions { connect: format!("ws://{}/ws/node", handle.addr), key: dir.path().join(format!("n{i}.key")), capacity: 4096 };
                     actix_web::rt::spawn(async move {
                         let _ = run_node(Arc::new(Backend::Fake(spec)), options).await;
                     });
@@ -88,9 +88,15 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
                 // Wait until every node has joined.
                 let client = awc::Client::default();
                 let models_url = format!("http://{}/v1/models", handle.addr);
+                let mut joined = 0;
                 for _ in 0..200 {
-                    let joined = match client.get(&models_url).send().await {
-                        Ok(mut r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v["data"][0]["nodes"].as_u64()).unwrap_or(0),
+                    joined = match client.get(&models_url).send().await {
+                        Ok(mut r) => r
+                            .json::<serde_json::Value>()
+                            .await
+                            .ok()
+                            .and_then(|v| v["data"][0]["nodes"].as_u64())
+                            .unwrap_or(0),
                         Err(_) => 0,
                     };
                     if joined as usize >= args.nodes {
@@ -98,6 +104,7 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
                     }
                     actix_web::rt::time::sleep(Duration::from_millis(50)).await;
                 }
+                anyhow::ensure!(joined as usize >= args.nodes, "only {joined} of {} fake nodes joined", args.nodes);
                 _guard = dir;
                 (format!("http://{}", handle.addr), key)
             }
@@ -117,6 +124,7 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs_f64(args.duration_s);
         let one = {
             let (client, url, key, body, results) = (client.clone(), url.clone(), key.clone(), body.clone(), results.clone());
+            let (stream, max_tokens) = (args.stream, args.max_tokens);
             move || {
                 let (client, url, key, body, results) = (client.clone(), url.clone(), key.clone(), body.clone(), results.clone());
                 async move {
@@ -126,6 +134,18 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
                         let bytes = response.body().limit(1 << 20).await.map_err(|e| e.to_string())?;
                         if !response.status().is_success() {
                             return Err(format!("HTTP {}: {}", response.status(), String::from_utf8_lossy(&bytes)));
+                        }
+                        // Count a request only when the whole answer arrived.
+                        let complete = if stream {
+                            bytes.ends_with(b"data: [DONE]\n\n")
+                        } else {
+                            serde_json::from_slice::<serde_json::Value>(&bytes)
+                                .ok()
+                                .and_then(|v| v["usage"]["completion_tokens"].as_u64())
+                                == Some(max_tokens as u64)
+                        };
+                        if !complete {
+                            return Err(format!("incomplete answer: {}", String::from_utf8_lossy(&bytes)));
                         }
                         Ok(())
                     }

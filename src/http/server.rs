@@ -73,6 +73,12 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
     let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
+        // Tokens are small writes: without TCP_NODELAY, Nagle + delayed ACKs hold them ~40 ms.
+        .on_connect(|conn, _| {
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
         .disable_signals()
         .shutdown_timeout(grace.as_secs())
         .backlog(4096)

@@ -103,8 +103,18 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -
     // One writer keeps frames in order; tasks and heartbeats feed it.
     let (out, mut out_rx) = unbounded_channel::<ws::Message>();
     let writer = actix_web::rt::spawn(async move {
+        // Everything queued goes out in one flush: fewer small TCP segments for Nagle's
+        // algorithm to hold back behind a delayed ACK.
         while let Some(message) = out_rx.recv().await {
-            if sink.send(message).await.is_err() {
+            if sink.feed(message).await.is_err() {
+                return;
+            }
+            while let Ok(message) = out_rx.try_recv() {
+                if sink.feed(message).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
                 return;
             }
         }
