@@ -41,6 +41,12 @@ pub struct DistributorSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct ClockSettings {
+    pub block_time_ms: u64,
+    pub epoch_time_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct GamesSettings {
     pub requests_per_minute: u32,
     pub tokens_per_minute: u32,
@@ -56,6 +62,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub distributor: DistributorSettings,
     pub games: GamesSettings,
+    pub clock: ClockSettings,
     pub engine: EngineSettings,
     pub log: LogSettings,
 }

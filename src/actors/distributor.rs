@@ -50,6 +50,8 @@ struct Running {
 
 pub struct Distributor {
     config: DistributorConfig,
+    /// Tasks completed since the last block tick (for the per-block log line).
+    completed_in_block: u64,
     nodes: HashMap<NodeId, NodeEntry>,
     queues: HashMap<String, VecDeque<Job>>,
     running: HashMap<TaskId, Running>,
@@ -61,6 +63,7 @@ impl Distributor {
     pub fn new(config: DistributorConfig) -> Self {
         Self {
             config,
+            completed_in_block: 0,
             nodes: HashMap::new(),
             queues: HashMap::new(),
             running: HashMap::new(),
@@ -145,6 +148,16 @@ impl Distributor {
             });
         }
         self.queues.retain(|_, q| !q.is_empty());
+    }
+
+    /// During a graceful shutdown, once no job runs, tell every node goodbye so the HTTP
+    /// server is not kept waiting on their websockets.
+    fn maybe_release_nodes(&mut self) {
+        if self.draining && self.running.is_empty() {
+            for node in self.nodes.values() {
+                node.proxy.do_send(Disconnect("the server is shutting down".into()));
+            }
+        }
     }
 
     pub fn queued(&self) -> usize {
@@ -250,6 +263,7 @@ impl Handler<TaskCompleted> for Distributor {
     /// Updates the node's latency estimate and frees its slot.
     fn handle(&mut self, msg: TaskCompleted, _: &mut Self::Context) {
         self.release(msg.task);
+        self.completed_in_block += 1;
         if let Some(node) = self.nodes.get_mut(&msg.node) {
             node.stats.completed += 1;
             if msg.completion_tokens > 0 {
@@ -258,6 +272,7 @@ impl Handler<TaskCompleted> for Distributor {
             }
         }
         self.drain_queues();
+        self.maybe_release_nodes();
     }
 }
 
@@ -267,6 +282,7 @@ impl Handler<TaskCancelled> for Distributor {
     fn handle(&mut self, msg: TaskCancelled, _: &mut Self::Context) {
         self.release(msg.task);
         self.drain_queues();
+        self.maybe_release_nodes();
     }
 }
 
@@ -302,6 +318,25 @@ impl Handler<TaskReturned> for Distributor {
     }
 }
 
+impl Handler<super::clock::BlockTick> for Distributor {
+    type Result = ();
+
+    /// One log line per block with the traffic it saw.
+    fn handle(&mut self, tick: super::clock::BlockTick, _: &mut Self::Context) {
+        let completed = std::mem::take(&mut self.completed_in_block);
+        if completed > 0 || !self.running.is_empty() {
+            tracing::info!(
+                block = tick.number,
+                completed,
+                running = self.running.len(),
+                queued = self.queued(),
+                nodes = self.nodes.len(),
+                "block"
+            );
+        }
+    }
+}
+
 impl Handler<ListModels> for Distributor {
     type Result = Vec<(String, usize)>;
 
@@ -327,5 +362,6 @@ impl Handler<Drain> for Distributor {
         for job in self.queues.drain().flat_map(|(_, q)| q) {
             let _ = job.events.send(JobEvent::Failed(ServeError::ShuttingDown));
         }
+        self.maybe_release_nodes();
     }
 }

@@ -9,8 +9,10 @@
 //! ```
 //!
 //! Tokens flow from a `NodeProxy` straight into the job's channel, never through the
-//! Distributor's mailbox. The Gateway and the Distributor run under actix's `Supervisor`.
+//! Distributor's mailbox. The Clock fires block and epoch ticks. Gateway, Distributor and
+//! Clock run under actix's `Supervisor`.
 
+pub mod clock;
 pub mod distributor;
 pub mod error;
 pub mod game_store;
@@ -20,6 +22,7 @@ pub mod node_proxy;
 pub mod rate_limit;
 pub mod scheduling;
 
+pub use clock::Clock;
 pub use distributor::Distributor;
 pub use error::ServeError;
 pub use gateway::Gateway;

@@ -116,6 +116,7 @@ async fn models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
 }
 
-async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let block = state.clock.send(crate::actors::clock::CurrentBlock).await.ok();
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "block": block}))
 }

@@ -10,15 +10,17 @@ use actix_web::{web, App, HttpServer};
 
 use super::openai::RequestLimits;
 use super::routes;
+use crate::actors::clock::SubscribeBlocks;
 use crate::actors::distributor::DistributorConfig;
 use crate::actors::game_store::GameStore;
 use crate::actors::messages::Drain;
 use crate::actors::node_proxy::NodeProxyConfig;
-use crate::actors::{Distributor, Gateway};
+use crate::actors::{Clock, Distributor, Gateway};
 use crate::settings::Settings;
 
 /// Shared by every HTTP worker.
 pub struct AppState {
+    pub clock: Addr<Clock>,
     pub gateway: Addr<Gateway>,
     pub distributor: Addr<Distributor>,
     pub request_limits: RequestLimits,
@@ -54,11 +56,17 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         catalog: s.distributor.models.clone(),
     };
     let distributor = Supervisor::start(move |_| Distributor::new(config));
+    let clock = {
+        let (block, epoch) = (Duration::from_millis(s.clock.block_time_ms), Duration::from_secs(s.clock.epoch_time_s));
+        Supervisor::start(move |_| Clock::new(block, epoch))
+    };
+    clock.do_send(SubscribeBlocks(distributor.clone().recipient()));
     let gateway = {
         let distributor = distributor.clone();
         Supervisor::start(move |_| Gateway::new(store, distributor))
     };
     let state = web::Data::new(AppState {
+        clock,
         gateway,
         distributor: distributor.clone(),
         request_limits: RequestLimits {
