@@ -13,7 +13,7 @@ use super::error::ServeError;
 use super::messages::*;
 use super::node_proxy::NodeProxy;
 use super::scheduling::{pick_two, NodeStats, DEFAULT_MS_PER_TOKEN};
-use crate::protocol::{NodeLoad, TaskId};
+use crate::protocol::{FinishReason, NodeLoad, TaskId, TaskUsage};
 
 /// How often queued jobs are checked for expiry and cancellation.
 /// Messages that may wait in the mailbox before `send` callers wait (do_send never does).
@@ -81,7 +81,20 @@ impl Distributor {
     }
 
     /// Sends `job` to the best node with room, or gives it back.
-    fn try_dispatch(&mut self, job: Job) -> Result<(), Job> {
+    #[allow(clippy::result_large_err)] // the job comes back whole, by design
+    fn try_dispatch(&mut self, mut job: Job) -> Result<(), Job> {
+        loop {
+            match self.dispatch_once(job) {
+                Ok(()) => return Ok(()),
+                Err((job_back, false)) => return Err(job_back),
+                // The chosen proxy had already stopped: never pick it again, try another.
+                Err((job_back, true)) => job = job_back,
+            }
+        }
+    }
+
+    /// One pick and send; `Err((job, true))` when the picked node's proxy is gone.
+    fn dispatch_once(&mut self, job: Job) -> Result<(), (Job, bool)> {
         let now = Instant::now();
         let known: Vec<f64> = self.nodes.values().filter_map(|n| n.stats.latency_ms).collect();
         let default_latency =
@@ -93,15 +106,35 @@ impl Distributor {
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
         let Some(id) = pick_two(&costs, &mut self.rng) else {
-            return Err(job);
+            return Err((job, false));
         };
         let node = self.nodes.get_mut(&id).expect("picked from the table");
         let reserved_tokens = job.max_tokens.saturating_sub(job.emitted.len());
+        let task = job.id;
+        match node.proxy.try_send(Dispatch(job)) {
+            Ok(()) => {}
+            Err(SendError::Full(dispatch)) => node.proxy.do_send(dispatch),
+            Err(SendError::Closed(Dispatch(mut job))) => {
+                self.nodes.remove(&id);
+                job.failed_nodes.push(id);
+                return Err((job, true));
+            }
+        }
         node.stats.in_flight += 1;
         node.stats.outstanding_tokens += reserved_tokens;
-        self.running.insert(job.id, Running { node: id, reserved_tokens });
-        node.proxy.do_send(Dispatch(job));
+        self.running.insert(task, Running { node: id, reserved_tokens });
         Ok(())
+    }
+
+    /// Puts a job in its model's queue (front for retries), stamping when it entered.
+    fn enqueue(&mut self, mut job: Job, front: bool) {
+        job.queued_at = Instant::now();
+        let queue = self.queues.entry(job.model.clone()).or_default();
+        if front {
+            queue.push_front(job);
+        } else {
+            queue.push_back(job);
+        }
     }
 
     /// Frees what a finished, cancelled or returned job reserved on its node.
@@ -118,14 +151,24 @@ impl Distributor {
     fn drain_queues(&mut self) {
         let models: Vec<String> = self.queues.keys().cloned().collect();
         for model in models {
-            while let Some(job) = self.queues.get_mut(&model).and_then(VecDeque::pop_front) {
+            // A retried job may only fit on some nodes: keep scanning past it, in order.
+            let Some(queue) = self.queues.remove(&model) else { continue };
+            let mut kept = VecDeque::with_capacity(queue.len());
+            for job in queue {
                 if job.cancelled() {
                     continue;
                 }
-                if let Err(job) = self.try_dispatch(job) {
-                    self.queues.get_mut(&model).expect("exists").push_front(job);
-                    break;
+                let room = self.nodes.values().any(|n| n.stats.has_room() && n.models.contains(&model));
+                if !room {
+                    kept.push_back(job);
+                    continue;
                 }
+                if let Err(job) = self.try_dispatch(job) {
+                    kept.push_back(job);
+                }
+            }
+            if !kept.is_empty() {
+                self.queues.insert(model, kept);
             }
         }
     }
@@ -137,7 +180,7 @@ impl Distributor {
                 if job.cancelled() {
                     return false;
                 }
-                let waited = job.received.elapsed();
+                let waited = job.queued_at.elapsed();
                 if waited > timeout {
                     let _ = job
                         .events
@@ -188,7 +231,8 @@ impl Handler<Submit> for Distributor {
         if self.draining {
             return Err(ServeError::ShuttingDown);
         }
-        if !self.known(&job.model) {
+        let outside_catalog = !self.config.catalog.is_empty() && !self.config.catalog.contains(&job.model);
+        if outside_catalog || !self.known(&job.model) {
             return Err(ServeError::UnknownModel(job.model));
         }
         if !self.serves(&job.model) {
@@ -204,11 +248,10 @@ impl Handler<Submit> for Distributor {
         } else {
             job
         };
-        let queue = self.queues.entry(model.clone()).or_default();
-        if queue.len() >= self.config.queue_capacity {
+        if self.queues.get(&model).is_some_and(|q| q.len() >= self.config.queue_capacity) {
             return Err(ServeError::QueueFull { model, retry_after: QUEUE_FULL_RETRY_AFTER });
         }
-        queue.push_back(job);
+        self.enqueue(job, false);
         Ok(())
     }
 }
@@ -237,6 +280,7 @@ impl Handler<NodeDisconnected> for Distributor {
             tracing::warn!(node = msg.id, address = %node.address, reason = %msg.reason, "node left");
         }
         self.running.retain(|_, r| r.node != msg.id);
+        self.maybe_release_nodes();
         // Queued jobs for a model nobody serves any more fail now rather than time out.
         let orphaned: Vec<String> = self.queues.keys().filter(|m| !self.serves(m)).cloned().collect();
         for model in orphaned {
@@ -292,12 +336,31 @@ impl Handler<TaskReturned> for Distributor {
     /// A node failed a job: try another node (with the tokens already sent as prefix),
     /// queue it at the front, or fail it when no node is left.
     fn handle(&mut self, msg: TaskReturned, _: &mut Self::Context) {
-        let TaskReturned { node, mut job, reason } = msg;
+        let TaskReturned { node, job, reason, request_error } = msg;
         self.release(job.id);
+        self.retry(node, job, reason, request_error);
+        self.drain_queues();
+        self.maybe_release_nodes();
+    }
+}
+
+impl Distributor {
+    /// Decides what happens to a returned job (see `Handler<TaskReturned>`).
+    fn retry(&mut self, node: NodeId, mut job: Job, reason: String, request_error: bool) {
+        if request_error {
+            let _ = job.events.send(JobEvent::Failed(ServeError::Rejected(reason)));
+            return;
+        }
         if let Some(entry) = self.nodes.get_mut(&node) {
             entry.stats.record_failure(Instant::now());
         }
         if job.cancelled() {
+            return;
+        }
+        if job.emitted.len() >= job.max_tokens {
+            // The node died after the last token but before saying so: the answer is whole.
+            let usage = TaskUsage { prompt_tokens: 0, completion_tokens: job.emitted.len() };
+            let _ = job.events.send(JobEvent::Done { finish_reason: FinishReason::Length, usage });
             return;
         }
         tracing::warn!(task = %job.id, node, emitted = job.emitted.len(), %reason, "task returned; retrying elsewhere");
@@ -313,7 +376,7 @@ impl Handler<TaskReturned> for Distributor {
             return;
         }
         if let Err(job) = self.try_dispatch(job) {
-            self.queues.entry(job.model.clone()).or_default().push_front(job);
+            self.enqueue(job, true);
         }
     }
 }

@@ -19,6 +19,10 @@ pub enum ServeError {
     QueueFull { model: String, retry_after: Duration },
     #[error("timed out after {} s waiting for a node to serve `{model}`", waited.as_secs())]
     QueueTimeout { model: String, waited: Duration },
+    #[error("the request cannot be served: {0}")]
+    Rejected(String),
+    #[error("the request is too large to send to a node ({0} bytes)")]
+    TooLarge(usize),
     #[error("the task failed on every node tried: {0}")]
     NodeFailed(String),
     #[error("the server is shutting down")]

@@ -101,6 +101,7 @@ impl Handler<Admit> for Gateway {
             stop: msg.stop,
             events,
             received: Instant::now(),
+            queued_at: Instant::now(),
             failed_nodes: Vec::new(),
             emitted: Vec::new(),
         };

@@ -35,6 +35,8 @@ pub struct Job {
     pub stop: Vec<String>,
     pub events: UnboundedSender<JobEvent>,
     pub received: Instant,
+    /// When the job last entered a queue (queue timeouts count from here).
+    pub queued_at: Instant,
     /// Nodes tried and failed, never chosen again for this job.
     pub failed_nodes: Vec<NodeId>,
     /// Completion tokens already delivered to the game (mid-stream failover prefix).
@@ -119,6 +121,8 @@ pub struct TaskReturned {
     pub node: NodeId,
     pub job: Job,
     pub reason: String,
+    /// The request itself is at fault (no retry, no penalty for the node).
+    pub request_error: bool,
 }
 
 /// Models with at least one live node, with their node counts.

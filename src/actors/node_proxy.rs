@@ -12,11 +12,18 @@ use actix_ws::{Message as WsMessage, ProtocolError, Session};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::distributor::Distributor;
+use super::error::ServeError;
 use super::messages::*;
-use crate::protocol::{decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, PROTOCOL_VERSION};
+use crate::protocol::{
+    decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, TaskUsage, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
 
 /// A node must say Hello within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A running task with no token for this long is taken away from its node.
+const TASK_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound on the prompt size a node may report (billing sanity).
+const MAX_REPORTED_PROMPT_TOKENS: usize = 10_000_000;
 /// Most sequences one node may claim to run at once.
 const MAX_CAPACITY: usize = 4096;
 
@@ -42,6 +49,7 @@ struct InFlight {
     prefix_len: usize,
     started: Instant,
     first_token: Option<Instant>,
+    last_progress: Instant,
 }
 
 pub struct NodeProxy {
@@ -158,6 +166,12 @@ impl NodeProxy {
                 if !tail.is_empty() {
                     let _ = run.job.events.send(JobEvent::Text(tail));
                 }
+                // Usage the game is billed on: completion tokens are what the server saw
+                // arrive; the prompt count is the node's word, bounded.
+                let usage = TaskUsage {
+                    prompt_tokens: usage.prompt_tokens.min(MAX_REPORTED_PROMPT_TOKENS),
+                    completion_tokens: run.job.emitted.len(),
+                };
                 let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
                 self.distributor.do_send(TaskCompleted {
                     node: self.id,
@@ -167,9 +181,14 @@ impl NodeProxy {
                     duration: run.started.elapsed(),
                 });
             }
-            NodeMessage::Failed { id, error } => {
+            NodeMessage::Failed { id, error, request_error } => {
                 if let Some(run) = self.in_flight.remove(&id) {
-                    self.distributor.do_send(TaskReturned { node: self.id, job: run.job, reason: error });
+                    self.distributor.do_send(TaskReturned {
+                        node: self.id,
+                        job: run.job,
+                        reason: error,
+                        request_error,
+                    });
                 }
             }
         }
@@ -184,6 +203,7 @@ impl NodeProxy {
             return self.fail(ctx, format!("task {id}: token index {index}, expected {expected}"));
         }
         run.job.emitted.push(token);
+        run.last_progress = Instant::now();
         run.first_token.get_or_insert_with(Instant::now);
         if text.is_empty() {
             return;
@@ -201,6 +221,7 @@ impl Actor for NodeProxy {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(65_536);
         ctx.run_later(HANDSHAKE_TIMEOUT, |this, ctx| {
             if !this.ready {
                 this.fail(ctx, "no Hello within the handshake timeout");
@@ -220,6 +241,25 @@ impl Actor for NodeProxy {
                 this.send(&ServerMessage::Cancel { id });
                 this.distributor.do_send(TaskCancelled { node: this.id, task: id });
             }
+            // A task without progress for too long goes elsewhere (wedged or lying node).
+            let stalled: Vec<TaskId> = this
+                .in_flight
+                .iter()
+                .filter(|(_, r)| r.last_progress.elapsed() > TASK_STALL_TIMEOUT)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in stalled {
+                if let Some(run) = this.in_flight.remove(&id) {
+                    this.send(&ServerMessage::Cancel { id });
+                    let reason = format!("no progress for {} s", TASK_STALL_TIMEOUT.as_secs());
+                    this.distributor.do_send(TaskReturned {
+                        node: this.id,
+                        job: run.job,
+                        reason,
+                        request_error: false,
+                    });
+                }
+            }
         });
     }
 
@@ -229,6 +269,7 @@ impl Actor for NodeProxy {
                 node: self.id,
                 job: run.job,
                 reason: format!("node disconnected: {}", self.close_reason),
+                request_error: false,
             });
         }
         if self.ready {
@@ -277,9 +318,17 @@ impl Handler<Dispatch> for NodeProxy {
             self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
             return;
         }
-        self.send(&ServerMessage::Task(job.spec()));
+        let frame = encode_frame(&ServerMessage::Task(job.spec()));
+        if frame.len() > MAX_FRAME_BYTES {
+            let _ = job.events.send(JobEvent::Failed(ServeError::TooLarge(frame.len())));
+            self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
+            return;
+        }
+        let _ = self.out.send(Outgoing::Binary(Bytes::from(frame)));
         let prefix_len = job.emitted.len();
-        self.in_flight.insert(job.id, InFlight { job, prefix_len, started: Instant::now(), first_token: None });
+        let now = Instant::now();
+        self.in_flight
+            .insert(job.id, InFlight { job, prefix_len, started: now, first_token: None, last_progress: now });
     }
 }
 

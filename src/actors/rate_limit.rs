@@ -48,14 +48,17 @@ impl Bucket {
     /// Records usage, possibly going into debt.
     pub fn spend(&mut self, amount: f64, now: Instant) {
         self.refill(now);
-        self.level -= amount;
+        // Debt is capped at one hour of allowance, whatever a node claims.
+        self.level = (self.level - amount.max(0.0)).max(-60.0 * self.capacity);
     }
 
     fn wait_for(&self, amount: f64) -> Duration {
         if self.per_second <= 0.0 {
             return Duration::from_secs(60);
         }
-        Duration::from_secs_f64(((amount - self.level) / self.per_second).max(0.0)).max(Duration::from_secs(1))
+        Duration::try_from_secs_f64(((amount - self.level) / self.per_second).max(0.0))
+            .unwrap_or(Duration::from_secs(3600))
+            .max(Duration::from_secs(1))
     }
 }
 

@@ -70,7 +70,7 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
                         generated += done.completion_tokens;
                         break;
                     }
-                    Event::Error(e) => anyhow::bail!("{e}"),
+                    Event::Error(e) | Event::Rejected(e) => anyhow::bail!("{e}"),
                     _ => {}
                 }
             }

@@ -116,7 +116,7 @@ pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            Event::Error(e) => anyhow::bail!("generation failed: {e}"),
+            Event::Error(e) | Event::Rejected(e) => anyhow::bail!("generation failed: {e}"),
             Event::PromptHidden { .. } => {}
         }
     }

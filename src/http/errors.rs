@@ -89,6 +89,12 @@ impl From<ServeError> for ApiError {
             ServeError::QueueTimeout { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", "queue_timeout", Some(5), None)
             }
+            ServeError::Rejected(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "request_rejected", None, None)
+            }
+            ServeError::TooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "request_too_large", None, None)
+            }
             ServeError::NodeFailed(_) => (StatusCode::BAD_GATEWAY, "server_error", "node_failed", None, None),
             ServeError::ShuttingDown => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", Some(5), None)

@@ -88,7 +88,13 @@ async fn complete(
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let meta = ResponseMeta { id: format!("{prefix}-{}", admitted.id), created, model: valid.model, endpoint };
     if valid.stream {
-        return Ok(stream_response(admitted, meta, valid.include_usage, state.gateway.clone()));
+        // Hold the headers until the first event, so a failure before any token (no node,
+        // queue timeout) gets its real status and Retry-After instead of a 200.
+        let first = admitted.events.recv().await.ok_or_else(|| internal("the job ended without a result"))?;
+        if let JobEvent::Failed(e) = first {
+            return Err(e.into());
+        }
+        return Ok(stream_response(admitted, first, meta, valid.include_usage, state.gateway.clone()));
     }
     let mut text = String::new();
     while let Some(event) = admitted.events.recv().await {
@@ -97,7 +103,7 @@ async fn complete(
             JobEvent::Done { finish_reason, usage } => {
                 state.gateway.do_send(RecordUsage {
                     key_hash: admitted.key_hash.clone(),
-                    tokens: usage.prompt_tokens + usage.completion_tokens,
+                    tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
                 });
                 return Ok(HttpResponse::Ok().json(meta.full(&text, finish_reason, usage)));
             }

@@ -19,6 +19,8 @@ const DONE: &str = "data: [DONE]\n\n";
 
 struct StreamState {
     admitted: Admitted,
+    /// The first event, already received before the headers went out.
+    pending: Option<JobEvent>,
     meta: ResponseMeta,
     include_usage: bool,
     gateway: Addr<Gateway>,
@@ -30,16 +32,29 @@ struct StreamState {
 /// job's channel, which cancels the task on its node.
 pub fn stream_response(
     admitted: Admitted,
+    first_event: JobEvent,
     meta: ResponseMeta,
     include_usage: bool,
     gateway: Addr<Gateway>,
 ) -> HttpResponse {
-    let state = StreamState { admitted, meta, include_usage, gateway, first: true, finished: false };
+    let state = StreamState {
+        admitted,
+        pending: Some(first_event),
+        meta,
+        include_usage,
+        gateway,
+        first: true,
+        finished: false,
+    };
     let body = futures_util::stream::unfold(state, |mut st| async move {
         if st.finished {
             return None;
         }
-        let bytes = match st.admitted.events.recv().await {
+        let next = match st.pending.take() {
+            Some(pending) => Some(pending),
+            None => st.admitted.events.recv().await,
+        };
+        let bytes = match next {
             Some(JobEvent::Text(text)) => {
                 let chunk = st.meta.chunk(Some(&text), st.first, None);
                 st.first = false;
@@ -49,7 +64,7 @@ pub fn stream_response(
                 st.finished = true;
                 st.gateway.do_send(RecordUsage {
                     key_hash: st.admitted.key_hash.clone(),
-                    tokens: usage.prompt_tokens + usage.completion_tokens,
+                    tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
                 });
                 let mut out = event(&st.meta.chunk(None, st.first, Some(finish_reason))).to_vec();
                 if st.include_usage {

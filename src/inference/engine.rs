@@ -104,6 +104,9 @@ pub enum Event {
         hidden: Option<Vec<f32>>,
     },
     Done(Finished),
+    /// The request cannot run (context overflow, unknown token): the caller's fault.
+    Rejected(String),
+    /// The engine failed while running the sequence.
     Error(String),
 }
 
@@ -349,13 +352,25 @@ impl Scheduler {
             if context + 1 > self.config.max_context || r.prefix.len() >= r.max_tokens.max(1) {
                 let err =
                     InferError::ContextOverflow { got: context, max_new: r.max_tokens, limit: self.config.max_context };
-                let _ = cmd.events.send(Event::Error(err.to_string()));
+                let _ = cmd.events.send(Event::Rejected(err.to_string()));
                 continue;
             }
             if let Some(bad) =
                 r.prompt.iter().chain(&r.prefix).find(|&&t| t as usize >= self.model.llama.config.vocab_size)
             {
-                let _ = cmd.events.send(Event::Error(format!("token id {bad} is outside the vocabulary")));
+                let _ = cmd.events.send(Event::Rejected(format!("token id {bad} is outside the vocabulary")));
+                continue;
+            }
+            // Failover after the old node sampled end-of-sequence: nothing is left to do.
+            if r.prefix.last().is_some_and(|t| self.model.tokenizer.stop_tokens.contains(t)) {
+                let done = Finished {
+                    reason: FinishReason::Stop,
+                    tail: String::new(),
+                    prompt_tokens: r.prompt.len(),
+                    completion_tokens: r.prefix.len(),
+                    timings: Timings::default(),
+                };
+                let _ = cmd.events.send(Event::Done(done));
                 continue;
             }
             let mut history = TokenHistory::new(&r.prompt);

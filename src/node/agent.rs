@@ -176,7 +176,7 @@ async fn run_task(
     let mut index = spec.prefix.len();
     match backend.start(&spec) {
         Err(error) => {
-            let _ = out.send(frame(&NodeMessage::Failed { id, error }));
+            let _ = out.send(frame(&NodeMessage::Failed { id, error, request_error: true }));
         }
         Ok(mut events) => loop {
             match events.recv().await {
@@ -191,13 +191,21 @@ async fn run_task(
                     let _ = out.send(frame(&message));
                     break;
                 }
+                Some(Event::Rejected(error)) => {
+                    let _ = out.send(frame(&NodeMessage::Failed { id, error, request_error: true }));
+                    break;
+                }
                 Some(Event::Error(error)) => {
-                    let _ = out.send(frame(&NodeMessage::Failed { id, error }));
+                    let _ = out.send(frame(&NodeMessage::Failed { id, error, request_error: false }));
                     break;
                 }
                 Some(Event::PromptHidden { .. }) => {}
                 None => {
-                    let _ = out.send(frame(&NodeMessage::Failed { id, error: "the engine stopped".into() }));
+                    let _ = out.send(frame(&NodeMessage::Failed {
+                        id,
+                        error: "the engine stopped".into(),
+                        request_error: false,
+                    }));
                     break;
                 }
             }

@@ -122,5 +122,9 @@ pub enum NodeMessage {
     Failed {
         id: TaskId,
         error: String,
+        /// The request itself cannot run (too long, invalid): retrying elsewhere is futile
+        /// and the node is not at fault.
+        #[serde(default)]
+        request_error: bool,
     },
 }

@@ -68,7 +68,7 @@ pub fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, 
                 text.push_str(&done.tail);
                 return (ids, text, done);
             }
-            Event::Error(e) => panic!("generation failed: {e}"),
+            Event::Error(e) | Event::Rejected(e) => panic!("generation failed: {e}"),
             Event::PromptHidden { .. } => {}
         }
     }

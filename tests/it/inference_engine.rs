@@ -75,9 +75,9 @@ fn context_overflow_and_bad_requests_fail_cleanly() {
     assert!(engine.submit(request(&[1], bad, 4)).unwrap_err().to_string().contains("top_p"));
     let too_long: Vec<u32> = (0..300).map(|i| i % 200).collect(); // the tiny model's context is 256
     let mut rx = engine.submit(request(&too_long, SamplingParams::greedy(), 4)).unwrap();
-    assert!(matches!(rx.blocking_recv(), Some(Event::Error(e)) if e.contains("context")));
+    assert!(matches!(rx.blocking_recv(), Some(Event::Rejected(e)) if e.contains("context")));
     let mut rx = engine.submit(request(&[99_999], SamplingParams::greedy(), 4)).unwrap();
-    assert!(matches!(rx.blocking_recv(), Some(Event::Error(e)) if e.contains("vocabulary")));
+    assert!(matches!(rx.blocking_recv(), Some(Event::Rejected(e)) if e.contains("vocabulary")));
     // The engine still serves afterwards.
     let (ids, _, _) = collect(&engine, request(&[1, 2], SamplingParams::greedy(), 3));
     assert_eq!(ids.len(), 3);

@@ -76,6 +76,8 @@ fn malformed_input_and_refusals_get_openai_errors() {
     );
     let r = check(c.post("/v1/chat/completions", &CHAT.replace("fake", "offline-model")), 503, "server_error", None);
     assert!(r.header("Retry-After").is_some());
+    let stream = CHAT.replace("fake", "offline-model").replace("\"max_tokens\":4", "\"max_tokens\":4,\"stream\":true");
+    check(c.post("/v1/chat/completions", &stream), 503, "server_error", None);
 
     // The server is still healthy after all that.
     assert_eq!(
@@ -180,4 +182,26 @@ fn sigterm_lets_running_streams_finish() {
     assert_eq!(chunks, 21, "20 token chunks and the finish chunk");
     let status = c.server.child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// A request the node cannot run (prompt longer than the model's context) is the game's
+/// fault: a 400 at once, no retry on other nodes, and the node keeps serving.
+#[test]
+fn requests_a_node_rejects_are_400_not_node_failures() {
+    let t = tiny(&TinySpec::default());
+    let mut c = Cluster::start("");
+    c.add_node(&["--model", t.gguf.to_str().unwrap()]);
+    c.wait_nodes("tiny", 1);
+    let long = "word ".repeat(400); // about 800 tokens; the tiny model's context is 256
+    let body = format!(r#"{{"model":"tiny","messages":[{{"role":"user","content":"{long}"}}],"max_tokens":4}}"#);
+    let r = c.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "request_rejected");
+    assert!(r.body.contains("context"), "{}", r.body);
+    // Streaming gets the same status before any byte of the stream is sent.
+    let stream_body = body.replace("\"max_tokens\":4", "\"max_tokens\":4,\"stream\":true");
+    assert_eq!(c.post("/v1/chat/completions", &stream_body).status, 400);
+    let ok = c
+        .post("/v1/chat/completions", r#"{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#);
+    assert_eq!(ok.status, 200, "{}", ok.body);
 }
