@@ -94,6 +94,7 @@ impl Distributor {
     }
 
     /// One pick and send; `Err((job, true))` when the picked node's proxy is gone.
+    #[allow(clippy::result_large_err)] // the job comes back whole, by design
     fn dispatch_once(&mut self, job: Job) -> Result<(), (Job, bool)> {
         let now = Instant::now();
         let known: Vec<f64> = self.nodes.values().filter_map(|n| n.stats.latency_ms).collect();

@@ -94,7 +94,8 @@ fn mid_stream_failover_is_invisible_to_the_game() {
     let body = format!(
         r#"{{"model":"{name}","messages":[{{"role":"user","content":"Describe a medieval market town in detail."}}],"max_tokens":64,"temperature":0,"seed":11,"stream":true}}"#
     );
-    let collect = |stream: &mut SseStream, mut on_chunk: Box<dyn FnMut(usize, &serde_json::Value) + '_>| {
+    type OnChunk<'a> = Box<dyn FnMut(usize, &serde_json::Value) + 'a>;
+    let collect = |stream: &mut SseStream, mut on_chunk: OnChunk<'_>| {
         let mut text = String::new();
         let mut n = 0;
         while let Some(data) = stream.next_data() {
