@@ -13,6 +13,7 @@
 //!
 //! - [`inference`]: model files → tokens. GGUF/safetensors loaders, the Llama model on
 //!   libtorch, tokenizers, chat templates, pure seeded sampling, continuous batching.
+//! - [`crypto`]: secp256k1 identities, sealed X25519/HKDF/AES-GCM-SIV sessions.
 //! - [`protocol`]: the node link's messages and framing, shared by both ends.
 //! - [`actors`]: Gateway, Distributor and one NodeProxy per node — the `ludus serve` runtime.
 //! - [`http`]: the OpenAI-compatible API, SSE streaming and the node websocket upgrade.
@@ -25,6 +26,7 @@
 
 pub mod actors;
 pub mod cli;
+pub mod crypto;
 pub mod http;
 pub mod inference;
 pub mod node;

@@ -46,6 +46,9 @@ pub enum Command {
     Serve,
     /// Run a compute node connected to a distributor.
     Node(serve::NodeArgs),
+    /// Manage node and distributor keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Manage games and their API keys.
     #[command(subcommand)]
     Games(GamesCommand),
@@ -54,6 +57,17 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a secp256k1 key file (mode 0600) and print its address.
+    New {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the address of a key file.
+    Address { path: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +153,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve::serve(settings),
         Command::Node(args) => serve::node(settings, args),
         Command::Games(GamesCommand::Add(args)) => serve::games_add(&settings, args),
+        Command::Keys(KeysCommand::New { out }) => {
+            let identity = crate::crypto::identity::Identity::create(&out)?;
+            eprintln!("wrote {} (keep it secret; it controls the payouts)", out.display());
+            println!("{}", identity.address);
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Address { path }) => {
+            println!("{}", crate::crypto::identity::Identity::load(&path)?.address);
+            Ok(())
+        }
         Command::Demo(args) => serve::demo(settings, args),
     }
 }

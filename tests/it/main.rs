@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per subsystem.
 
+mod build_linkage;
 mod cluster;
 mod helpers;
 mod inference_engine;
