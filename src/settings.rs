@@ -26,6 +26,8 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub shutdown_grace_s: u64,
     pub data_dir: std::path::PathBuf,
+    /// The distributor's secp256k1 key file (default: `data_dir/distributor.key`).
+    pub key_file: Option<std::path::PathBuf>,
     pub default_max_tokens: usize,
     pub max_tokens_limit: usize,
 }
@@ -38,6 +40,7 @@ pub struct DistributorSettings {
     pub heartbeat_interval_ms: u64,
     pub node_timeout_ms: u64,
     pub models: Vec<String>,
+    pub banned_nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

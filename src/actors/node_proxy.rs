@@ -2,8 +2,9 @@
 //! frames, forwards token frames straight into each job's channel, notices cancelled
 //! games and dead nodes, and hands unfinished jobs back to the Distributor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -14,6 +15,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
+use crate::crypto::identity::{verify, Address, Identity};
+use crate::crypto::session::{KeyExchange, Opener, Role, Sealer};
+use crate::protocol::handshake::{
+    distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
+};
 use crate::protocol::{
     decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, TaskUsage, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
@@ -35,6 +41,21 @@ pub struct NodeProxyConfig {
     pub heartbeat_interval: Duration,
     /// A node silent for this long is considered dead.
     pub node_timeout: Duration,
+    /// The distributor's key: it signs every handshake challenge.
+    pub identity: Arc<Identity>,
+    /// Node addresses refused at the handshake.
+    pub banned: Arc<HashSet<Address>>,
+}
+
+/// A handshake between Hello and Auth.
+struct Pending {
+    exchange: KeyExchange,
+    node_x25519: [u8; 32],
+    nonce: [u8; 32],
+    transcript: Vec<u8>,
+    address: Address,
+    models: Vec<String>,
+    capacity: usize,
 }
 
 enum Outgoing {
@@ -57,6 +78,9 @@ pub struct NodeProxy {
     config: NodeProxyConfig,
     distributor: Addr<Distributor>,
     out: UnboundedSender<Outgoing>,
+    pending: Option<Pending>,
+    sealer: Option<Sealer>,
+    opener: Option<Opener>,
     ready: bool,
     last_seen: Instant,
     in_flight: HashMap<TaskId, InFlight>,
@@ -94,6 +118,9 @@ impl NodeProxy {
             config,
             distributor,
             out,
+            pending: None,
+            sealer: None,
+            opener: None,
             ready: false,
             last_seen: Instant::now(),
             in_flight: HashMap::new(),
@@ -101,8 +128,17 @@ impl NodeProxy {
         }
     }
 
-    fn send(&self, message: &ServerMessage) {
-        let _ = self.out.send(Outgoing::Binary(Bytes::from(encode_frame(message))));
+    /// The frame for `message`: sealed once the session is up, clear during the handshake.
+    fn frame(&mut self, message: &ServerMessage) -> Vec<u8> {
+        match self.sealer.as_mut() {
+            Some(sealer) => seal_message(sealer, message),
+            None => encode_frame(message),
+        }
+    }
+
+    fn send(&mut self, message: &ServerMessage) {
+        let frame = self.frame(message);
+        let _ = self.out.send(Outgoing::Binary(Bytes::from(frame)));
     }
 
     /// Closes the link, logging why.
@@ -113,6 +149,7 @@ impl NodeProxy {
         ctx.stop();
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_hello(
         &mut self,
         ctx: &mut Context<Self>,
@@ -121,42 +158,79 @@ impl NodeProxy {
         models: Vec<String>,
         capacity: usize,
         device: String,
+        x25519_public: String,
     ) {
         if version != PROTOCOL_VERSION as u16 {
             return self
                 .fail(ctx, format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"));
         }
-        let valid_address = node_address.len() == 42
-            && node_address.starts_with("0x")
-            && node_address[2..].chars().all(|c| c.is_ascii_hexdigit());
-        if !valid_address {
+        let Ok(address) = node_address.parse::<Address>() else {
             return self.fail(ctx, format!("node address `{node_address}` is not a 0x-prefixed 20-byte hex address"));
+        };
+        if self.config.banned.contains(&address) {
+            return self.fail(ctx, format!("node {address} is banned"));
         }
         if models.is_empty() || capacity == 0 || capacity > MAX_CAPACITY {
             return self.fail(ctx, format!("a node must serve a model and claim a capacity of 1..={MAX_CAPACITY}"));
         }
-        self.ready = true;
-        self.send(&ServerMessage::Welcome {
+        let Ok(node_x25519) = hex32(&x25519_public) else {
+            return self.fail(ctx, "the node's X25519 key is not 32 bytes of hex");
+        };
+        let exchange = KeyExchange::new();
+        let mut nonce = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
+        let transcript = transcript(self.id, &nonce, &node_x25519, &exchange.public, &address);
+        let signature = self.config.identity.sign(&distributor_challenge_message(&transcript));
+        self.send(&ServerMessage::Challenge {
             session_id: self.id,
-            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            nonce: hex::encode(nonce),
+            x25519_public: hex::encode(exchange.public),
+            distributor_address: self.config.identity.address.to_string(),
+            signature: hex::encode(signature),
         });
-        tracing::info!(node = self.id, %node_address, %device, "node handshake complete");
+        tracing::debug!(node = self.id, %address, %device, "challenge sent");
+        self.pending = Some(Pending { exchange, node_x25519, nonce, transcript, address, models, capacity });
+    }
+
+    fn on_auth(&mut self, ctx: &mut Context<Self>, signature: String) {
+        let Some(p) = self.pending.take() else {
+            return self.fail(ctx, "Auth before Hello");
+        };
+        let signature = hex::decode(&signature).unwrap_or_default();
+        if let Err(e) = verify(&node_auth_message(&p.transcript), &signature, &p.address) {
+            return self.fail(ctx, format!("node authentication failed: {e}"));
+        }
+        let session = match p.exchange.finish(Role::Distributor, &p.node_x25519, &p.nonce, self.id) {
+            Ok(session) => session,
+            Err(e) => return self.fail(ctx, format!("key agreement failed: {e}")),
+        };
+        self.sealer = Some(session.sealer);
+        self.opener = Some(session.opener);
+        self.ready = true;
+        let heartbeat_interval_ms = self.config.heartbeat_interval.as_millis() as u64;
+        self.send(&ServerMessage::Welcome { session_id: self.id, heartbeat_interval_ms });
+        tracing::info!(node = self.id, address = %p.address, "node authenticated; session sealed");
         self.distributor.do_send(NodeConnected {
             id: self.id,
             proxy: ctx.address(),
-            address: node_address,
-            models,
-            capacity,
+            address: p.address.to_string(),
+            models: p.models,
+            capacity: p.capacity,
         });
     }
 
     fn on_message(&mut self, ctx: &mut Context<Self>, message: NodeMessage) {
         match message {
-            NodeMessage::Hello { version, node_address, models, capacity, device } if !self.ready => {
-                self.on_hello(ctx, version, node_address, models, capacity, device)
+            NodeMessage::Hello { version, node_address, models, capacity, device, x25519_public }
+                if !self.ready && self.pending.is_none() =>
+            {
+                self.on_hello(ctx, version, node_address, models, capacity, device, x25519_public)
             }
-            _ if !self.ready => self.fail(ctx, "the first frame must be Hello"),
-            NodeMessage::Hello { .. } => self.fail(ctx, "Hello sent twice"),
+            NodeMessage::Auth { signature } if !self.ready => self.on_auth(ctx, signature),
+            _ if !self.ready => self.fail(ctx, "the handshake is Hello, then Auth"),
+            NodeMessage::Hello { .. } | NodeMessage::Auth { .. } => {
+                self.fail(ctx, "handshake messages after the handshake")
+            }
             NodeMessage::Heartbeat(load) => self.distributor.do_send(NodeHeartbeat { id: self.id, load }),
             NodeMessage::Token { id, index, token, text } => self.on_token(ctx, id, index, token, text),
             NodeMessage::Done { id, finish_reason, usage, tail } => {
@@ -284,10 +358,17 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
     fn handle(&mut self, item: Result<WsMessage, ProtocolError>, ctx: &mut Self::Context) {
         self.last_seen = Instant::now();
         match item {
-            Ok(WsMessage::Binary(bytes)) => match decode_frame::<NodeMessage>(&bytes) {
-                Ok(message) => self.on_message(ctx, message),
-                Err(e) => self.fail(ctx, format!("bad frame: {e}")),
-            },
+            Ok(WsMessage::Binary(bytes)) => {
+                // After the handshake only sealed frames are accepted.
+                let decoded = match self.opener.as_mut() {
+                    Some(opener) => open_message::<NodeMessage>(opener, &bytes),
+                    None => decode_frame::<NodeMessage>(&bytes).map_err(|e| e.to_string()),
+                };
+                match decoded {
+                    Ok(message) => self.on_message(ctx, message),
+                    Err(e) => self.fail(ctx, format!("bad frame: {e}")),
+                }
+            }
             Ok(WsMessage::Ping(bytes)) => {
                 let _ = self.out.send(Outgoing::Pong(bytes));
             }
@@ -318,7 +399,7 @@ impl Handler<Dispatch> for NodeProxy {
             self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
             return;
         }
-        let frame = encode_frame(&ServerMessage::Task(job.spec()));
+        let frame = self.frame(&ServerMessage::Task(job.spec()));
         if frame.len() > MAX_FRAME_BYTES {
             let _ = job.events.send(JobEvent::Failed(ServeError::TooLarge(frame.len())));
             self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });

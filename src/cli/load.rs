@@ -80,7 +80,7 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
                 actix_web::rt::spawn(server);
                 for i in 0..args.nodes {
                     let spec = FakeSpec { tokens: args.max_tokens, per_token: Duration::ZERO, model: args.model.clone(), text: " tok".into() };
-                    let options = NodeOptions { connect: format!("ws://{}/ws/node", handle.addr), key: dir.path().join(format!("n{i}.key")), capacity: 4096 };
+                    let options = NodeOptions { connect: format!("ws://{}/ws/node", handle.addr), key: dir.path().join(format!("n{i}.key")), capacity: 4096, distributor_address: Some(handle.distributor_address) };
                     actix_web::rt::spawn(async move {
                         let _ = run_node(Arc::new(Backend::Fake(spec)), options).await;
                     });

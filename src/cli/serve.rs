@@ -19,6 +19,7 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         let (handle, server) = start_server(&settings).await?;
         tracing::info!(addr = %handle.addr, "serving");
         eprintln!("ludus listening on http://{}", handle.addr);
+        eprintln!("distributor address {} (nodes may pin it with --distributor-address)", handle.distributor_address);
         let server = actix_web::rt::spawn(server);
         shutdown_signal().await;
         tracing::info!(grace_s = handle.grace.as_secs(), "shutting down: draining running jobs");
@@ -39,6 +40,9 @@ pub struct NodeArgs {
     /// Node key file (created on first use, mode 0600).
     #[arg(long, default_value = ".ludus/node.key")]
     pub key: PathBuf,
+    /// Only join a distributor whose key has this address (printed by `ludus serve`).
+    #[arg(long)]
+    pub distributor_address: Option<crate::crypto::identity::Address>,
     /// Sequences to run at once (default: the engine's max_batch).
     #[arg(long, default_value_t = 0)]
     pub capacity: usize,
@@ -73,7 +77,12 @@ pub fn node_backend(settings: &Settings, args: &NodeArgs) -> anyhow::Result<Back
 
 pub fn node(settings: Settings, args: NodeArgs) -> anyhow::Result<()> {
     let backend = Arc::new(node_backend(&settings, &args)?);
-    let options = NodeOptions { connect: args.connect.clone(), key: args.key.clone(), capacity: args.capacity };
+    let options = NodeOptions {
+        connect: args.connect.clone(),
+        key: args.key.clone(),
+        capacity: args.capacity,
+        distributor_address: args.distributor_address,
+    };
     actix_web::rt::System::new().block_on(async move {
         tokio::select! {
             result = run_node(backend, options) => result,
@@ -144,13 +153,19 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
                 model: Some(args.model.clone()),
                 key: demo_dir.join(format!("node-{i}.key")),
                 capacity: 0,
+                distributor_address: None,
                 fake_engine: None,
                 fake_model_name: String::new(),
                 fake_text: String::new(),
                 runtime: args.runtime.clone(),
             };
             let backend = Arc::new(node_backend(&settings, &node_args)?);
-            let options = NodeOptions { connect: node_args.connect, key: node_args.key, capacity: 0 };
+            let options = NodeOptions {
+                connect: node_args.connect,
+                key: node_args.key,
+                capacity: 0,
+                distributor_address: Some(handle.distributor_address),
+            };
             std::thread::Builder::new().name(format!("demo-node-{i}")).spawn(move || {
                 actix_web::rt::System::new().block_on(async move {
                     if let Err(e) = run_node(backend, options).await {

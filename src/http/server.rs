@@ -1,6 +1,7 @@
 //! Starting `ludus serve`: the supervised actors, the HTTP server, and graceful shutdown
 //! (stop accepting, let running jobs finish within the grace period, fail queued ones).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::actors::game_store::GameStore;
 use crate::actors::messages::Drain;
 use crate::actors::node_proxy::NodeProxyConfig;
 use crate::actors::{Clock, Distributor, Gateway};
+use crate::crypto::identity::{Address, Identity};
 use crate::settings::Settings;
 
 /// Shared by every HTTP worker.
@@ -31,6 +33,8 @@ pub struct AppState {
 /// A running server.
 pub struct ServerHandle {
     pub addr: SocketAddr,
+    /// The distributor's identity address (nodes may pin it).
+    pub distributor_address: Address,
     pub http: actix_web::dev::ServerHandle,
     pub distributor: Addr<Distributor>,
     pub grace: Duration,
@@ -65,6 +69,16 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         let distributor = distributor.clone();
         Supervisor::start(move |_| Gateway::new(store, distributor))
     };
+    let key_file = s.server.key_file.clone().unwrap_or_else(|| s.server.data_dir.join("distributor.key"));
+    let identity = Arc::new(Identity::load_or_create(&key_file).map_err(std::io::Error::other)?);
+    tracing::info!(address = %identity.address, key = %key_file.display(), "distributor identity (nodes may pin it)");
+    let mut banned = HashSet::new();
+    for a in &s.distributor.banned_nodes {
+        banned
+            .insert(a.parse::<Address>().map_err(|e| std::io::Error::other(format!("distributor.banned_nodes: {e}")))?);
+    }
+    let banned = Arc::new(banned);
+    let distributor_address = identity.address;
     let state = web::Data::new(AppState {
         clock,
         gateway,
@@ -77,6 +91,8 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         proxy_config: NodeProxyConfig {
             heartbeat_interval: Duration::from_millis(s.distributor.heartbeat_interval_ms),
             node_timeout: Duration::from_millis(s.distributor.node_timeout_ms),
+            identity,
+            banned,
         },
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
@@ -97,7 +113,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let server = server.bind(&s.server.bind)?;
     let addr = *server.addrs().first().ok_or_else(|| std::io::Error::other("the server bound no address"))?;
     let server = server.run();
-    let handle = ServerHandle { addr, http: server.handle(), distributor, grace };
+    let handle = ServerHandle { addr, distributor_address, http: server.handle(), distributor, grace };
     Ok((handle, server))
 }
 

@@ -14,8 +14,12 @@ use rand::Rng;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::backend::Backend;
-use super::identity;
+use crate::crypto::identity::{verify, Address, Identity};
+use crate::crypto::session::{KeyExchange, Role, Session};
 use crate::inference::Event;
+use crate::protocol::handshake::{
+    distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
+};
 use crate::protocol::{
     decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, TaskSpec, TaskUsage, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -33,6 +37,8 @@ pub struct NodeOptions {
     pub key: PathBuf,
     /// Sequences announced to the distributor (0 = the backend's own capacity).
     pub capacity: usize,
+    /// Only join a distributor whose key has this address (`--distributor-address`).
+    pub distributor_address: Option<Address>,
 }
 
 /// Why a session ended.
@@ -45,11 +51,12 @@ enum SessionEnd {
 
 /// Runs the node until the process is stopped: connects, serves, reconnects.
 pub async fn run_node(backend: Arc<Backend>, options: NodeOptions) -> anyhow::Result<()> {
-    let address = identity::load_or_create(&options.key)?;
+    let identity = Identity::load_or_create(&options.key)?;
+    let address = identity.address;
     tracing::info!(%address, models = ?backend.models(), device = %backend.device(), "node starting");
     let mut backoff = MIN_BACKOFF;
     loop {
-        match session(&backend, &options, &address).await {
+        match session(&backend, &options, &identity).await {
             SessionEnd::AfterWelcome(reason) => {
                 tracing::warn!(%reason, "link to the distributor lost; reconnecting");
                 backoff = MIN_BACKOFF;
@@ -64,11 +71,27 @@ pub async fn run_node(backend: Arc<Backend>, options: NodeOptions) -> anyhow::Re
     }
 }
 
-fn frame(message: &NodeMessage) -> ws::Message {
-    ws::Message::Binary(encode_frame(message).into())
+/// What the writer task sends: messages (sealed on the way out) and pongs.
+enum Outgoing {
+    Message(NodeMessage),
+    Pong(actix_web::web::Bytes),
 }
 
-async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -> SessionEnd {
+/// Reads the next binary frame, within `limit`.
+async fn next_binary<S>(stream: &mut S, limit: Duration) -> Result<actix_web::web::Bytes, String>
+where
+    S: futures_util::Stream<Item = Result<ws::Frame, awc::error::WsProtocolError>> + Unpin,
+{
+    match actix_web::rt::time::timeout(limit, stream.next()).await {
+        Ok(Some(Ok(ws::Frame::Binary(bytes)))) => Ok(bytes),
+        Ok(Some(Ok(other))) => Err(format!("expected a binary frame, got {other:?}")),
+        Ok(Some(Err(e))) => Err(format!("websocket error: {e}")),
+        Ok(None) => Err("connection closed".into()),
+        Err(_) => Err("no answer within the timeout".into()),
+    }
+}
+
+async fn session(backend: &Arc<Backend>, options: &NodeOptions, identity: &Identity) -> SessionEnd {
     let client = awc::Client::builder().timeout(CONNECT_TIMEOUT).finish();
     let connected = client.ws(&options.connect).max_frame_size(MAX_FRAME_BYTES).connect().await;
     let (_, framed) = match connected {
@@ -77,40 +100,82 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -
     };
     let (mut sink, mut stream) = framed.split();
     let capacity = if options.capacity > 0 { options.capacity } else { backend.capacity() };
+    // Handshake (DESIGN.md §4): Hello → Challenge → Auth → sealed Welcome.
+    let exchange = KeyExchange::new();
     let hello = NodeMessage::Hello {
         version: PROTOCOL_VERSION as u16,
-        node_address: address.to_string(),
+        node_address: identity.address.to_string(),
         models: backend.models(),
         capacity,
         device: backend.device(),
+        x25519_public: hex::encode(exchange.public),
     };
-    if let Err(e) = sink.send(frame(&hello)).await {
+    if let Err(e) = sink.send(ws::Message::Binary(encode_frame(&hello).into())).await {
         return SessionEnd::BeforeWelcome(format!("send Hello: {e}"));
     }
-    let heartbeat_interval = match actix_web::rt::time::timeout(WELCOME_TIMEOUT, stream.next()).await {
-        Ok(Some(Ok(ws::Frame::Binary(bytes)))) => match decode_frame::<ServerMessage>(&bytes) {
+    let challenge = match next_binary(&mut stream, WELCOME_TIMEOUT).await.map(|b| decode_frame::<ServerMessage>(&b)) {
+        Ok(Ok(ServerMessage::Challenge { session_id, nonce, x25519_public, distributor_address, signature })) => {
+            (session_id, nonce, x25519_public, distributor_address, signature)
+        }
+        Ok(Ok(ServerMessage::Goodbye { reason })) => return SessionEnd::BeforeWelcome(format!("refused: {reason}")),
+        Ok(Ok(other)) => return SessionEnd::BeforeWelcome(format!("expected Challenge, got {other:?}")),
+        Ok(Err(e)) => return SessionEnd::BeforeWelcome(format!("bad Challenge: {e}")),
+        Err(e) => return SessionEnd::BeforeWelcome(e),
+    };
+    let (session_id, nonce, dist_x25519, distributor_address, signature) = challenge;
+    let (Ok(nonce), Ok(dist_x25519)) = (hex32(&nonce), hex32(&dist_x25519)) else {
+        return SessionEnd::BeforeWelcome("malformed Challenge keys".into());
+    };
+    let Ok(claimed) = distributor_address.parse::<Address>() else {
+        return SessionEnd::BeforeWelcome(format!("malformed distributor address `{distributor_address}`"));
+    };
+    if let Some(pinned) = options.distributor_address {
+        if pinned != claimed {
+            return SessionEnd::BeforeWelcome(format!("distributor {claimed} is not the pinned {pinned}: refusing"));
+        }
+    }
+    let transcript = transcript(session_id, &nonce, &exchange.public, &dist_x25519, &identity.address);
+    let signature = hex::decode(&signature).unwrap_or_default();
+    if let Err(e) = verify(&distributor_challenge_message(&transcript), &signature, &claimed) {
+        return SessionEnd::BeforeWelcome(format!("the distributor's challenge signature is invalid: {e}"));
+    }
+    let auth = NodeMessage::Auth { signature: hex::encode(identity.sign(&node_auth_message(&transcript))) };
+    if let Err(e) = sink.send(ws::Message::Binary(encode_frame(&auth).into())).await {
+        return SessionEnd::BeforeWelcome(format!("send Auth: {e}"));
+    }
+    let Session { mut sealer, mut opener } = match exchange.finish(Role::Node, &dist_x25519, &nonce, session_id) {
+        Ok(session) => session,
+        Err(e) => return SessionEnd::BeforeWelcome(format!("key agreement failed: {e}")),
+    };
+    let heartbeat_interval = match next_binary(&mut stream, WELCOME_TIMEOUT).await {
+        Ok(bytes) => match open_message::<ServerMessage>(&mut opener, &bytes)
+            .or_else(|sealed_err| decode_frame::<ServerMessage>(&bytes).map_err(|_| sealed_err))
+        {
             Ok(ServerMessage::Welcome { heartbeat_interval_ms, session_id }) => {
-                tracing::info!(session_id, "joined the distributor");
+                tracing::info!(session_id, distributor = %claimed, "joined the distributor; session sealed");
                 Duration::from_millis(heartbeat_interval_ms.max(50))
             }
             Ok(ServerMessage::Goodbye { reason }) => return SessionEnd::BeforeWelcome(format!("refused: {reason}")),
             Ok(other) => return SessionEnd::BeforeWelcome(format!("expected Welcome, got {other:?}")),
-            Err(e) => return SessionEnd::BeforeWelcome(format!("bad Welcome frame: {e}")),
+            Err(e) => return SessionEnd::BeforeWelcome(format!("bad Welcome: {e}")),
         },
-        Ok(other) => return SessionEnd::BeforeWelcome(format!("expected Welcome, got {other:?}")),
-        Err(_) => return SessionEnd::BeforeWelcome("no Welcome within the timeout".into()),
+        Err(e) => return SessionEnd::BeforeWelcome(e),
     };
     // One writer keeps frames in order; tasks and heartbeats feed it.
-    let (out, mut out_rx) = unbounded_channel::<ws::Message>();
+    let (out, mut out_rx) = unbounded_channel::<Outgoing>();
     let writer = actix_web::rt::spawn(async move {
         // Everything queued goes out in one flush: fewer small TCP segments for Nagle's
         // algorithm to hold back behind a delayed ACK.
-        while let Some(message) = out_rx.recv().await {
-            if sink.feed(message).await.is_err() {
+        let mut seal = move |item: Outgoing| match item {
+            Outgoing::Message(message) => ws::Message::Binary(seal_message(&mut sealer, &message).into()),
+            Outgoing::Pong(p) => ws::Message::Pong(p),
+        };
+        while let Some(item) = out_rx.recv().await {
+            if sink.feed(seal(item)).await.is_err() {
                 return;
             }
-            while let Ok(message) = out_rx.try_recv() {
-                if sink.feed(message).await.is_err() {
+            while let Ok(item) = out_rx.try_recv() {
+                if sink.feed(seal(item)).await.is_err() {
                     return;
                 }
             }
@@ -125,7 +190,7 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -
     let end = loop {
         tokio::select! {
             item = stream.next() => match item {
-                Some(Ok(ws::Frame::Binary(bytes))) => match decode_frame::<ServerMessage>(&bytes) {
+                Some(Ok(ws::Frame::Binary(bytes))) => match open_message::<ServerMessage>(&mut opener, &bytes) {
                     Ok(ServerMessage::Task(spec)) => {
                         let id = spec.id;
                         tracing::info!(task = %id, model = %spec.model, prefix = spec.prefix.len(), "task started");
@@ -138,10 +203,12 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -
                         }
                     }
                     Ok(ServerMessage::Goodbye { reason }) => break format!("distributor said goodbye: {reason}"),
-                    Ok(ServerMessage::Welcome { .. }) => break "unexpected second Welcome".to_string(),
+                    Ok(ServerMessage::Welcome { .. } | ServerMessage::Challenge { .. }) => {
+                        break "unexpected handshake message".to_string()
+                    }
                     Err(e) => break format!("bad frame from the distributor: {e}"),
                 },
-                Some(Ok(ws::Frame::Ping(p))) => { let _ = out.send(ws::Message::Pong(p)); }
+                Some(Ok(ws::Frame::Ping(p))) => { let _ = out.send(Outgoing::Pong(p)); }
                 Some(Ok(ws::Frame::Close(reason))) => break format!("closed by the distributor: {reason:?}"),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break format!("websocket error: {e}"),
@@ -152,7 +219,7 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -
                 let dt = last_at.elapsed().as_secs_f64().max(1e-3);
                 load.tokens_per_s = count.saturating_sub(last_count) as f64 / dt;
                 (last_count, last_at) = (count, Instant::now());
-                if out.send(frame(&NodeMessage::Heartbeat(load))).is_err() {
+                if out.send(Outgoing::Message(NodeMessage::Heartbeat(load))).is_err() {
                     break "writer stopped".to_string();
                 }
             }
@@ -169,39 +236,39 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, address: &str) -
 async fn run_task(
     backend: Arc<Backend>,
     spec: TaskSpec,
-    out: UnboundedSender<ws::Message>,
+    out: UnboundedSender<Outgoing>,
     tasks: Rc<RefCell<HashMap<TaskId, actix_web::rt::task::JoinHandle<()>>>>,
 ) {
     let id = spec.id;
     let mut index = spec.prefix.len();
     match backend.start(&spec) {
         Err(error) => {
-            let _ = out.send(frame(&NodeMessage::Failed { id, error, request_error: true }));
+            let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
         }
         Ok(mut events) => loop {
             match events.recv().await {
                 Some(Event::Token { id: token, text, .. }) => {
-                    let _ = out.send(frame(&NodeMessage::Token { id, index, token, text }));
+                    let _ = out.send(Outgoing::Message(NodeMessage::Token { id, index, token, text }));
                     index += 1;
                 }
                 Some(Event::Done(done)) => {
                     let usage =
                         TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
                     let message = NodeMessage::Done { id, finish_reason: done.reason.into(), usage, tail: done.tail };
-                    let _ = out.send(frame(&message));
+                    let _ = out.send(Outgoing::Message(message));
                     break;
                 }
                 Some(Event::Rejected(error)) => {
-                    let _ = out.send(frame(&NodeMessage::Failed { id, error, request_error: true }));
+                    let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
                     break;
                 }
                 Some(Event::Error(error)) => {
-                    let _ = out.send(frame(&NodeMessage::Failed { id, error, request_error: false }));
+                    let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: false }));
                     break;
                 }
                 Some(Event::PromptHidden { .. }) => {}
                 None => {
-                    let _ = out.send(frame(&NodeMessage::Failed {
+                    let _ = out.send(Outgoing::Message(NodeMessage::Failed {
                         id,
                         error: "the engine stopped".into(),
                         request_error: false,

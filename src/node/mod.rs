@@ -4,7 +4,6 @@
 
 pub mod agent;
 pub mod backend;
-pub mod identity;
 
 pub use agent::{run_node, NodeOptions};
 pub use backend::{Backend, FakeSpec};

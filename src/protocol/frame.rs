@@ -20,6 +20,38 @@ pub enum FrameError {
     Malformed(String),
 }
 
+/// Marker byte after the version that says "sealed" (a JSON body starts with `{`).
+const SEALED: u8 = 0;
+/// Version + marker + sequence number.
+const SEALED_HEADER: usize = 10;
+
+/// A sealed frame: `[version][0][seq: u64 LE][ciphertext]`.
+pub fn encode_sealed(seq: u64, ciphertext: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SEALED_HEADER + ciphertext.len());
+    out.push(PROTOCOL_VERSION);
+    out.push(SEALED);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(ciphertext);
+    out
+}
+
+/// Splits a sealed frame into its sequence number and ciphertext (checked before any
+/// decryption is attempted).
+pub fn decode_sealed(bytes: &[u8]) -> Result<(u64, &[u8]), FrameError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    let (&version, rest) = bytes.split_first().ok_or(FrameError::Empty)?;
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::Version(version));
+    }
+    if rest.first() != Some(&SEALED) || bytes.len() < SEALED_HEADER {
+        return Err(FrameError::Malformed("expected a sealed frame".into()));
+    }
+    let seq = u64::from_le_bytes(bytes[2..SEALED_HEADER].try_into().expect("8 bytes"));
+    Ok((seq, &bytes[SEALED_HEADER..]))
+}
+
 pub fn encode_frame<T: Serialize>(message: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
     out.push(PROTOCOL_VERSION);

@@ -76,6 +76,19 @@ pub struct NodeLoad {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
+    /// Handshake step 2 (clear): the distributor's ephemeral X25519 key and a fresh nonce,
+    /// signed by the distributor's secp256k1 key over the transcript.
+    Challenge {
+        session_id: u64,
+        /// 32 bytes, hex.
+        nonce: String,
+        /// 32 bytes, hex.
+        x25519_public: String,
+        distributor_address: String,
+        /// 65-byte recoverable signature, hex.
+        signature: String,
+    },
+    /// Handshake step 4 (sealed): the session is up.
     Welcome {
         session_id: u64,
         heartbeat_interval_ms: u64,
@@ -103,6 +116,14 @@ pub enum NodeMessage {
         /// Sequences it runs at once.
         capacity: usize,
         device: String,
+        /// The node's ephemeral X25519 key, 32 bytes hex.
+        x25519_public: String,
+    },
+    /// Handshake step 3 (clear): the node's signature over the transcript, proving it holds
+    /// the key of `node_address`.
+    Auth {
+        /// 65-byte recoverable signature, hex.
+        signature: String,
     },
     Heartbeat(NodeLoad),
     /// One completion token: `index` counts from 0 over the whole completion (prefix

@@ -3,7 +3,10 @@
 //! node agent, so both sides always agree. Specified in `docs/protocol.md`.
 
 pub mod frame;
+pub mod handshake;
 pub mod messages;
 
-pub use frame::{decode_frame, encode_frame, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+pub use frame::{
+    decode_frame, decode_sealed, encode_frame, encode_sealed, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
 pub use messages::{FinishReason, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage};

@@ -96,8 +96,14 @@ impl Cluster {
 
     /// Starts `ludus node` with extra arguments; returns its index.
     pub fn add_node(&mut self, args: &[&str]) -> usize {
+        let addr = self.addr.clone();
+        self.add_node_via(&addr, args)
+    }
+
+    /// Starts `ludus node` connecting through `via` (e.g. a [`Tap`]).
+    pub fn add_node_via(&mut self, via: &str, args: &[&str]) -> usize {
         let i = self.nodes.len();
-        let url = format!("ws://{}/ws/node", self.addr);
+        let url = format!("ws://{via}/ws/node");
         let key = self.dir.path().join(format!("node{i}.key"));
         let cfg = self.config.to_str().unwrap().to_string();
         let mut all = vec!["--config", &cfg, "node", "--connect", &url, "--key", key.to_str().unwrap()];
@@ -251,5 +257,84 @@ impl SseStream {
             let chunk = read_chunk(&mut self.reader)?;
             self.pending.push_str(&String::from_utf8_lossy(&chunk));
         }
+    }
+}
+
+/// A TCP relay in front of the server that records every byte both ways (a tap on a
+/// node's socket).
+pub struct Tap {
+    pub addr: String,
+    /// Bytes the node sent (websocket frames, masked as RFC 6455 requires of clients).
+    pub to_server: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Bytes the server sent.
+    pub to_node: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Tap {
+    pub fn start(upstream: &str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let to_server: std::sync::Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
+        let to_node: std::sync::Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
+        let (up_record, down_record, upstream) = (to_server.clone(), to_node.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else { return };
+                for (mut from, mut to, record) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap(), up_record.clone()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap(), down_record.clone()),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            record.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { addr, to_server, to_node }
+    }
+
+    /// Everything an eavesdropper can read: the server's bytes as sent, and the node's
+    /// websocket payloads with the client masking removed.
+    pub fn readable(&self) -> Vec<u8> {
+        let mut out = self.to_node.lock().unwrap().clone();
+        let up = self.to_server.lock().unwrap().clone();
+        let Some(start) = up.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else { return out };
+        out.extend_from_slice(&up[..start]);
+        let mut i = start;
+        while i + 2 <= up.len() {
+            let masked = up[i + 1] & 0x80 != 0;
+            let mut len = (up[i + 1] & 0x7f) as usize;
+            i += 2;
+            if len == 126 && i + 2 <= up.len() {
+                len = u16::from_be_bytes([up[i], up[i + 1]]) as usize;
+                i += 2;
+            } else if len == 127 && i + 8 <= up.len() {
+                len = u64::from_be_bytes(up[i..i + 8].try_into().unwrap()) as usize;
+                i += 8;
+            }
+            let mask = if masked && i + 4 <= up.len() { [up[i], up[i + 1], up[i + 2], up[i + 3]] } else { [0; 4] };
+            if masked {
+                i += 4;
+            }
+            let end = (i + len).min(up.len());
+            out.extend(up[i..end].iter().enumerate().map(|(k, b)| b ^ mask[k % 4]));
+            i = end;
+        }
+        out
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.readable().windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    pub fn len(&self) -> usize {
+        self.to_server.lock().unwrap().len() + self.to_node.lock().unwrap().len()
     }
 }

@@ -7,5 +7,6 @@ mod inference_engine;
 mod inference_errors;
 mod inference_tiny;
 mod network_api;
+mod network_crypto;
 mod network_routing;
 mod smollm2_reference;
