@@ -89,3 +89,77 @@ fn banned_and_mispinned_nodes_never_join() {
     assert!(c.nodes[mispinned].log_text().contains("not the pinned"), "{}", c.nodes[mispinned].log_text());
     banned_node.kill();
 }
+
+/// Hand-made clients speaking the protocol wrongly are refused with a reason: an Auth
+/// signed by another key, an unknown protocol version, a text frame, frames before Hello.
+#[test]
+fn wrong_handshakes_are_refused_with_a_reason() {
+    use awc::ws;
+    use futures_util::{SinkExt, StreamExt};
+    use ludus::crypto::identity::Identity;
+    use ludus::crypto::session::KeyExchange;
+    use ludus::protocol::handshake::{hex32, node_auth_message, transcript};
+    use ludus::protocol::{decode_frame, encode_frame, NodeMessage, ServerMessage};
+
+    let c = Cluster::start("");
+    let url = format!("ws://{}/ws/node", c.addr);
+    let node_x25519 = KeyExchange::new().public;
+    let hello = move |address: String, version: u16| NodeMessage::Hello {
+        version,
+        node_address: address,
+        models: vec!["m".into()],
+        capacity: 1,
+        device: "test".into(),
+        x25519_public: hex::encode(node_x25519),
+    };
+    actix_web::rt::System::new().block_on(async move {
+        // Returns the Goodbye reason the server sends after `frames`.
+        let exchange = |frames: Vec<ws::Message>, sign_with: Option<(Identity, ludus::crypto::identity::Address)>| {
+            let url = url.clone();
+            async move {
+                let (_, framed) = awc::Client::new().ws(&url).connect().await.unwrap();
+                let (mut sink, mut stream) = framed.split();
+                for f in frames {
+                    sink.send(f).await.unwrap();
+                }
+                while let Some(Ok(frame)) = stream.next().await {
+                    let ws::Frame::Binary(bytes) = frame else { continue };
+                    match decode_frame::<ServerMessage>(&bytes).unwrap() {
+                        ServerMessage::Goodbye { reason } => return reason,
+                        ServerMessage::Challenge { session_id, nonce, x25519_public, .. } => {
+                            // The right transcript (for the claimed address), signed by another key.
+                            let (signer, claimed) = sign_with.as_ref().expect("a signer for the challenge");
+                            let t = transcript(
+                                session_id,
+                                &hex32(&nonce).unwrap(),
+                                &node_x25519,
+                                &hex32(&x25519_public).unwrap(),
+                                claimed,
+                            );
+                            let auth =
+                                NodeMessage::Auth { signature: hex::encode(signer.sign(&node_auth_message(&t))) };
+                            sink.send(ws::Message::Binary(encode_frame(&auth).into())).await.unwrap();
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                "closed without a reason".to_string()
+            }
+        };
+        let honest = Identity::generate();
+        let impostor = Identity::generate();
+        let frame = |m: &NodeMessage| ws::Message::Binary(encode_frame(m).into());
+        // Claims `honest`'s address but signs with the impostor's key.
+        let reason =
+            exchange(vec![frame(&hello(honest.address.to_string(), 1))], Some((impostor, honest.address))).await;
+        assert!(reason.contains("authentication failed"), "{reason}");
+        let reason = exchange(vec![frame(&hello(honest.address.to_string(), 9))], None).await;
+        assert!(reason.contains("protocol version 9"), "{reason}");
+        let reason = exchange(vec![ws::Message::Text("hello".into())], None).await;
+        assert!(reason.contains("binary"), "{reason}");
+        let reason = exchange(vec![frame(&NodeMessage::Auth { signature: "00".into() })], None).await;
+        assert!(reason.contains("Auth before Hello") || reason.contains("Hello, then Auth"), "{reason}");
+        let reason = exchange(vec![ws::Message::Binary(vec![1u8, b'{', b'x'].into())], None).await;
+        assert!(reason.contains("bad frame"), "{reason}");
+    });
+}
