@@ -10,10 +10,18 @@ pub fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
     Ok(match WeightSource::open(path)? {
         WeightSource::Gguf(g) => Tokenizer::from_gguf(&g)?,
         WeightSource::Safetensors(s) => Tokenizer::from_hf_dir(&s.dir)?,
+        WeightSource::Memory { .. } => anyhow::bail!("in-memory weights have no tokenizer file"),
     })
 }
 
 pub fn run(path: &Path) -> anyhow::Result<()> {
+    if crate::crypto::protect::is_bundle(path) {
+        let m = crate::crypto::protect::read_manifest(path)?;
+        let report = serde_json::json!({"path": path.display().to_string(), "format": m.format, "name": m.name,
+            "key_id": m.key_id, "parameters": m.config.num_parameters(), "config": m.config, "tokenizer": m.tokenizer});
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let source = WeightSource::open(path)?;
     let config = source.config()?;
     let mut types: BTreeMap<String, (usize, usize)> = BTreeMap::new();
@@ -34,6 +42,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             }
             ("safetensors".to_string(), s.tensors.len(), std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0))
         }
+        WeightSource::Memory { .. } => anyhow::bail!("in-memory weights cannot be inspected"),
     };
     let params = config.num_parameters();
     let report = serde_json::json!({

@@ -80,6 +80,19 @@ pub enum GamesCommand {
 pub enum ModelCommand {
     /// Print architecture, sizes and tensor types of a GGUF file or safetensors directory.
     Inspect { path: PathBuf },
+    /// Protect a model: fold norms, rotate the residual stream, permute heads and FFN
+    /// units, encrypt. Writes the bundle directory and a new key file (mode 0600).
+    Protect {
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Where to write the bundle's key (keep it in the distributor's key store).
+        #[arg(long)]
+        key_out: PathBuf,
+        /// Name the bundle is served under (default: the input's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 /// Device and dtype flags shared by the commands that run a model.
@@ -94,6 +107,9 @@ pub struct RuntimeArgs {
     /// libtorch threads (0 = all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Key file of a protected model bundle (hex, 32 bytes).
+    #[arg(long)]
+    pub model_key: Option<PathBuf>,
     /// Threads when decoding a single sequence (0 = --threads).
     #[arg(long)]
     pub single_sequence_threads: Option<usize>,
@@ -122,7 +138,11 @@ impl RuntimeArgs {
             (None, s) => Some(parse_dtype(s).map_err(anyhow::Error::msg)?),
         };
         let started = std::time::Instant::now();
-        let model = Model::load(path, device, dtype)?;
+        let key = match &self.model_key {
+            Some(file) => Some(read_model_key(file)?),
+            None => None,
+        };
+        let model = Model::load_with_key(path, device, dtype, key.as_ref())?;
         tracing::info!(model = %model.name, ?device, kind = ?model.llama.kind, secs = started.elapsed().as_secs_f32(), "model loaded");
         let mut config = settings.engine_config();
         config.threads = threads;
@@ -148,6 +168,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Model(ModelCommand::Inspect { path }) => inspect::run(&path),
+        Command::Model(ModelCommand::Protect { input, out, key_out, name }) => {
+            let key = crate::crypto::protect::new_key();
+            write_model_key(&key_out, &key)?;
+            let name = name.unwrap_or_else(|| crate::inference::model::model_name(&input));
+            let manifest = crate::crypto::protect::write_bundle(&input, &out, &name, &key)?;
+            eprintln!(
+                "protected `{}` into {} (key id {}, key in {})",
+                manifest.name,
+                out.display(),
+                manifest.key_id,
+                key_out.display()
+            );
+            Ok(())
+        }
         Command::Bench(bench::BenchCommand::Load(args)) => load::run(&settings, args),
         Command::Bench(cmd) => bench::run(&settings, cmd),
         Command::Serve => serve::serve(settings),
@@ -173,4 +207,23 @@ pub fn init_logging(level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+}
+
+/// Reads a protected bundle's key file.
+pub fn read_model_key(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let bytes = hex::decode(text.trim()).map_err(|e| anyhow::anyhow!("{}: not hex: {e}", path.display()))?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("{}: a model key is 32 bytes", path.display()))
+}
+
+/// Writes a new key file with mode 0600, refusing to overwrite one.
+fn write_model_key(path: &std::path::Path, key: &[u8; 32]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    file.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
+    Ok(())
 }

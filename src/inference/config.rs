@@ -9,7 +9,7 @@ use super::error::{InferError, Result};
 use super::gguf::GgufFile;
 
 /// Llama 3.1-style frequency-dependent rotary scaling.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct RopeScaling {
     pub factor: f64,
     pub low_freq_factor: f64,
@@ -17,7 +17,7 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct LlamaConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -297,3 +297,62 @@ impl GgufFile {
         Ok((values, info.shape.clone()))
     }
 }
+
+/// Writes a GGUF v3 file holding only `metadata` (no tensors): protected model bundles
+/// carry their tokenizer and chat template this way.
+pub fn write_metadata_only(path: &Path, metadata: &BTreeMap<String, MetaValue>) -> Result<()> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    fn kind(v: &MetaValue) -> u32 {
+        match v {
+            MetaValue::U8(_) => 0,
+            MetaValue::I8(_) => 1,
+            MetaValue::U16(_) => 2,
+            MetaValue::I16(_) => 3,
+            MetaValue::U32(_) => 4,
+            MetaValue::I32(_) => 5,
+            MetaValue::F32(_) => 6,
+            MetaValue::Bool(_) => 7,
+            MetaValue::Str(_) => 8,
+            MetaValue::Array(_) => 9,
+            MetaValue::U64(_) => 10,
+            MetaValue::I64(_) => 11,
+            MetaValue::F64(_) => 12,
+        }
+    }
+    fn value(out: &mut Vec<u8>, v: &MetaValue) {
+        match v {
+            MetaValue::U8(x) => out.push(*x),
+            MetaValue::I8(x) => out.push(*x as u8),
+            MetaValue::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+            MetaValue::Bool(x) => out.push(*x as u8),
+            MetaValue::Str(s) => string(out, s),
+            MetaValue::Array(items) => {
+                let inner = items.first().map_or(8, kind);
+                out.extend_from_slice(&inner.to_le_bytes());
+                out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                items.iter().for_each(|i| value(out, i));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        string(&mut out, k);
+        out.extend_from_slice(&kind(v).to_le_bytes());
+        value(&mut out, v);
+    }
+    std::fs::write(path, out).map_err(|e| InferError::io(path, e))
+}

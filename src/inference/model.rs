@@ -10,6 +10,7 @@ use tch::{Device, Kind};
 
 use super::chat_template::{ChatMessage, ChatTemplate};
 use super::error::{InferError, Result};
+use super::gguf::GgufFile;
 use super::llama::Llama;
 use super::tokenizer::Tokenizer;
 use super::weights::WeightSource;
@@ -92,13 +93,32 @@ pub fn model_name(path: &Path) -> String {
 impl Model {
     /// Loads a model on `device` in `dtype` (None = the device's default).
     pub fn load(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Self> {
-        let source = WeightSource::open(path)?;
+        Self::load_with_key(path, device, dtype, None)
+    }
+
+    /// Loads a model file, directory, or protected bundle (which needs its `key`; the
+    /// bundle is decrypted in memory only).
+    pub fn load_with_key(path: &Path, device: Device, dtype: Option<Kind>, key: Option<&[u8; 32]>) -> Result<Self> {
         let kind = dtype.unwrap_or_else(|| default_dtype(device));
-        let (tokenizer, template_src) = match &source {
-            WeightSource::Gguf(g) => {
-                (Tokenizer::from_gguf(g)?, g.get_str("tokenizer.chat_template").map(str::to_string))
-            }
-            WeightSource::Safetensors(s) => (Tokenizer::from_hf_dir(&s.dir)?, hf_chat_template(&s.dir)),
+        let (name, source, tokenizer, template_src) = if crate::crypto::protect::is_bundle(path) {
+            let (manifest, source) = crate::crypto::protect::open_bundle(path, key)?;
+            let (tokenizer, template) = if path.join("tokenizer.gguf").exists() {
+                let g = GgufFile::open(path.join("tokenizer.gguf"))?;
+                (Tokenizer::from_gguf(&g)?, g.get_str("tokenizer.chat_template").map(str::to_string))
+            } else {
+                (Tokenizer::from_hf_dir(path)?, hf_chat_template(path))
+            };
+            (manifest.name, source, tokenizer, template)
+        } else {
+            let source = WeightSource::open(path)?;
+            let (tokenizer, template) = match &source {
+                WeightSource::Gguf(g) => {
+                    (Tokenizer::from_gguf(g)?, g.get_str("tokenizer.chat_template").map(str::to_string))
+                }
+                WeightSource::Safetensors(s) => (Tokenizer::from_hf_dir(&s.dir)?, hf_chat_template(&s.dir)),
+                WeightSource::Memory { .. } => unreachable!("WeightSource::open never returns in-memory weights"),
+            };
+            (model_name(path), source, tokenizer, template)
         };
         let llama = Llama::load(&source, device, kind)?;
         if tokenizer.vocab_size() > llama.config.vocab_size {
@@ -112,13 +132,7 @@ impl Model {
             id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned()).unwrap_or_default()
         };
         let template = ChatTemplate::new(template_src.as_deref(), &text(tokenizer.bos), &text(tokenizer.eos))?;
-        Ok(Self {
-            name: model_name(path),
-            path: path.to_path_buf(),
-            llama,
-            tokenizer: Arc::new(tokenizer),
-            template: Arc::new(template),
-        })
+        Ok(Self { name, path: path.to_path_buf(), llama, tokenizer: Arc::new(tokenizer), template: Arc::new(template) })
     }
 
     /// Renders and tokenizes a conversation, ready for generation.

@@ -17,6 +17,13 @@ use super::safetensors::SafetensorsDir;
 pub enum WeightSource {
     Gguf(GgufFile),
     Safetensors(SafetensorsDir),
+    /// Weights already decoded in memory (a decrypted protected bundle), in the model's
+    /// own layout: nothing is un-permuted.
+    Memory {
+        path: PathBuf,
+        config: LlamaConfig,
+        tensors: std::collections::HashMap<String, Tensor>,
+    },
 }
 
 impl WeightSource {
@@ -35,6 +42,7 @@ impl WeightSource {
         match self {
             Self::Gguf(g) => g.path.clone(),
             Self::Safetensors(s) => s.dir.clone(),
+            Self::Memory { path, .. } => path.clone(),
         }
     }
 
@@ -42,6 +50,7 @@ impl WeightSource {
         match self {
             Self::Gguf(g) => LlamaConfig::from_gguf(g),
             Self::Safetensors(s) => LlamaConfig::from_hf_json(&s.dir.join("config.json")),
+            Self::Memory { config, .. } => Ok(config.clone()),
         }
     }
 
@@ -49,6 +58,7 @@ impl WeightSource {
         match self {
             Self::Gguf(g) => g.tensors.contains_key(name),
             Self::Safetensors(s) => s.tensors.contains_key(&hf_name(name)),
+            Self::Memory { tensors, .. } => tensors.contains_key(name),
         }
     }
 
@@ -57,6 +67,14 @@ impl WeightSource {
         let (values, got) = match self {
             Self::Gguf(g) => g.tensor_f32(name)?,
             Self::Safetensors(s) => s.tensor_f32(&hf_name(name))?,
+            Self::Memory { tensors, .. } => {
+                let t = tensors.get(name).ok_or_else(|| InferError::MissingTensor(name.to_string()))?;
+                let got: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+                if got != shape {
+                    return Err(InferError::Shape { name: name.to_string(), got, expected: shape.to_vec() });
+                }
+                return Ok(t.shallow_clone());
+            }
         };
         if got != shape {
             return Err(InferError::Shape { name: name.to_string(), got, expected: shape.to_vec() });

@@ -9,4 +9,5 @@ mod inference_tiny;
 mod network_api;
 mod network_crypto;
 mod network_routing;
+mod protect;
 mod smollm2_reference;
