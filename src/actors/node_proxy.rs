@@ -26,6 +26,8 @@ use crate::protocol::{
 
 /// A node must say Hello within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an authenticated node may take to load its model before its first heartbeat.
+const MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// A running task with no token for this long is taken away from its node.
 const TASK_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound on the prompt size a node may report (billing sanity).
@@ -45,6 +47,8 @@ pub struct NodeProxyConfig {
     pub identity: Arc<Identity>,
     /// Node addresses refused at the handshake.
     pub banned: Arc<HashSet<Address>>,
+    /// Keys of protected model bundles, by key id (`data_dir/model-keys/*.key`).
+    pub model_keys: Arc<std::collections::BTreeMap<String, String>>,
 }
 
 /// A handshake between Hello and Auth.
@@ -56,6 +60,7 @@ struct Pending {
     address: Address,
     models: Vec<String>,
     capacity: usize,
+    bundles: Vec<String>,
 }
 
 enum Outgoing {
@@ -79,6 +84,10 @@ pub struct NodeProxy {
     distributor: Addr<Distributor>,
     out: UnboundedSender<Outgoing>,
     pending: Option<Pending>,
+    /// Authenticated but not yet in the distributor's table (until its first heartbeat).
+    joining: Option<(Address, Vec<String>, usize)>,
+    registered: bool,
+    welcomed_at: Option<Instant>,
     sealer: Option<Sealer>,
     opener: Option<Opener>,
     ready: bool,
@@ -119,6 +128,9 @@ impl NodeProxy {
             distributor,
             out,
             pending: None,
+            joining: None,
+            registered: false,
+            welcomed_at: None,
             sealer: None,
             opener: None,
             ready: false,
@@ -159,6 +171,7 @@ impl NodeProxy {
         capacity: usize,
         device: String,
         x25519_public: String,
+        bundles: Vec<String>,
     ) {
         if version != PROTOCOL_VERSION as u16 {
             return self
@@ -189,7 +202,7 @@ impl NodeProxy {
             signature: hex::encode(signature),
         });
         tracing::debug!(node = self.id, %address, %device, "challenge sent");
-        self.pending = Some(Pending { exchange, node_x25519, nonce, transcript, address, models, capacity });
+        self.pending = Some(Pending { exchange, node_x25519, nonce, transcript, address, models, capacity, bundles });
     }
 
     fn on_auth(&mut self, ctx: &mut Context<Self>, signature: String) {
@@ -204,34 +217,52 @@ impl NodeProxy {
             Ok(session) => session,
             Err(e) => return self.fail(ctx, format!("key agreement failed: {e}")),
         };
+        let mut model_keys = std::collections::BTreeMap::new();
+        for id in &p.bundles {
+            match self.config.model_keys.get(id) {
+                Some(key) => {
+                    model_keys.insert(id.clone(), key.clone());
+                }
+                None => return self.fail(ctx, format!("this distributor holds no key for model bundle {id}")),
+            }
+        }
         self.sealer = Some(session.sealer);
         self.opener = Some(session.opener);
         self.ready = true;
         let heartbeat_interval_ms = self.config.heartbeat_interval.as_millis() as u64;
-        self.send(&ServerMessage::Welcome { session_id: self.id, heartbeat_interval_ms });
-        tracing::info!(node = self.id, address = %p.address, "node authenticated; session sealed");
-        self.distributor.do_send(NodeConnected {
-            id: self.id,
-            proxy: ctx.address(),
-            address: p.address.to_string(),
-            models: p.models,
-            capacity: p.capacity,
-        });
+        // Sealed: bundle keys never cross the link in clear.
+        self.send(&ServerMessage::Welcome { session_id: self.id, heartbeat_interval_ms, model_keys });
+        tracing::info!(node = self.id, address = %p.address, bundles = p.bundles.len(), "node authenticated; session sealed");
+        // The node joins the table with its first heartbeat: it may still be loading.
+        self.joining = Some((p.address, p.models, p.capacity));
+        self.welcomed_at = Some(Instant::now());
     }
 
     fn on_message(&mut self, ctx: &mut Context<Self>, message: NodeMessage) {
         match message {
-            NodeMessage::Hello { version, node_address, models, capacity, device, x25519_public }
+            NodeMessage::Hello { version, node_address, models, capacity, device, x25519_public, bundles }
                 if !self.ready && self.pending.is_none() =>
             {
-                self.on_hello(ctx, version, node_address, models, capacity, device, x25519_public)
+                self.on_hello(ctx, version, node_address, models, capacity, device, x25519_public, bundles)
             }
             NodeMessage::Auth { signature } if !self.ready => self.on_auth(ctx, signature),
             _ if !self.ready => self.fail(ctx, "the handshake is Hello, then Auth"),
             NodeMessage::Hello { .. } | NodeMessage::Auth { .. } => {
                 self.fail(ctx, "handshake messages after the handshake")
             }
-            NodeMessage::Heartbeat(load) => self.distributor.do_send(NodeHeartbeat { id: self.id, load }),
+            NodeMessage::Heartbeat(load) => {
+                if let Some((address, models, capacity)) = self.joining.take() {
+                    self.registered = true;
+                    self.distributor.do_send(NodeConnected {
+                        id: self.id,
+                        proxy: ctx.address(),
+                        address: address.to_string(),
+                        models,
+                        capacity,
+                    });
+                }
+                self.distributor.do_send(NodeHeartbeat { id: self.id, load })
+            }
             NodeMessage::Token { id, index, token, text } => self.on_token(ctx, id, index, token, text),
             NodeMessage::Done { id, finish_reason, usage, tail } => {
                 let Some(run) = self.in_flight.remove(&id) else {
@@ -303,7 +334,8 @@ impl Actor for NodeProxy {
         });
         let check = self.config.heartbeat_interval.min(self.config.node_timeout / 2).max(Duration::from_millis(50));
         ctx.run_interval(check, |this, ctx| {
-            if this.last_seen.elapsed() > this.config.node_timeout {
+            let loading = this.welcomed_at.is_some_and(|t| !this.registered && t.elapsed() < MODEL_LOAD_TIMEOUT);
+            if this.last_seen.elapsed() > this.config.node_timeout && !loading {
                 let silent = this.last_seen.elapsed();
                 this.fail(ctx, format!("no frame for {} ms (heartbeat timeout)", silent.as_millis()));
             }
@@ -346,7 +378,7 @@ impl Actor for NodeProxy {
                 request_error: false,
             });
         }
-        if self.ready {
+        if self.registered {
             self.distributor.do_send(NodeDisconnected { id: self.id, reason: self.close_reason.clone() });
         }
         let _ = self.out.send(Outgoing::Close(self.close_reason.clone()));

@@ -123,6 +123,22 @@ impl RuntimeArgs {
         path: &std::path::Path,
         max_batch: Option<usize>,
     ) -> anyhow::Result<Engine> {
+        let key = match &self.model_key {
+            Some(file) => Some(crate::crypto::protect::read_key_file(file)?),
+            None => None,
+        };
+        self.start_engine_with_key(settings, path, max_batch, key)
+    }
+
+    /// Like [`Self::start_engine`], with a protected bundle's key given directly (nodes
+    /// receive it from the distributor and never store it).
+    pub fn start_engine_with_key(
+        &self,
+        settings: &Settings,
+        path: &std::path::Path,
+        max_batch: Option<usize>,
+        key: Option<[u8; 32]>,
+    ) -> anyhow::Result<Engine> {
         let threads = self.threads.unwrap_or(settings.engine.threads);
         if threads > 0 {
             tch::set_num_threads(threads as i32);
@@ -138,10 +154,6 @@ impl RuntimeArgs {
             (None, s) => Some(parse_dtype(s).map_err(anyhow::Error::msg)?),
         };
         let started = std::time::Instant::now();
-        let key = match &self.model_key {
-            Some(file) => Some(read_model_key(file)?),
-            None => None,
-        };
         let model = Model::load_with_key(path, device, dtype, key.as_ref())?;
         tracing::info!(model = %model.name, ?device, kind = ?model.llama.kind, secs = started.elapsed().as_secs_f32(), "model loaded");
         let mut config = settings.engine_config();
@@ -207,13 +219,6 @@ pub fn init_logging(level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
-}
-
-/// Reads a protected bundle's key file.
-pub fn read_model_key(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let bytes = hex::decode(text.trim()).map_err(|e| anyhow::anyhow!("{}: not hex: {e}", path.display()))?;
-    bytes.try_into().map_err(|_| anyhow::anyhow!("{}: a model key is 32 bytes", path.display()))
 }
 
 /// Writes a new key file with mode 0600, refusing to overwrite one.

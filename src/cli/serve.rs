@@ -10,7 +10,7 @@ use super::RuntimeArgs;
 use crate::actors::game_store::GameStore;
 use crate::http::server::shutdown_signal;
 use crate::http::start_server;
-use crate::node::{run_node, Backend, FakeSpec, NodeOptions};
+use crate::node::{run_node, Backend, FakeSpec, NodeModel, NodeOptions};
 use crate::settings::Settings;
 
 /// Runs the server until SIGINT/SIGTERM, then shuts down gracefully.
@@ -76,7 +76,24 @@ pub fn node_backend(settings: &Settings, args: &NodeArgs) -> anyhow::Result<Back
 }
 
 pub fn node(settings: Settings, args: NodeArgs) -> anyhow::Result<()> {
-    let backend = Arc::new(node_backend(&settings, &args)?);
+    let bundle = args.model.as_deref().filter(|p| args.fake_engine.is_none() && crate::crypto::protect::is_bundle(p));
+    let model = match bundle {
+        Some(path) => {
+            // The key arrives inside the sealed session; the model loads in memory then.
+            let manifest = crate::crypto::protect::read_manifest(path)?;
+            let capacity = settings.engine.max_batch;
+            let (settings, runtime, path) = (settings.clone(), args.runtime.clone(), path.to_path_buf());
+            NodeModel::Bundle {
+                name: manifest.name,
+                key_id: manifest.key_id,
+                capacity,
+                load: Arc::new(move |key| {
+                    Ok(Backend::Engine(runtime.start_engine_with_key(&settings, &path, None, Some(key))?))
+                }),
+            }
+        }
+        None => NodeModel::Ready(Arc::new(node_backend(&settings, &args)?)),
+    };
     let options = NodeOptions {
         connect: args.connect.clone(),
         key: args.key.clone(),
@@ -85,7 +102,7 @@ pub fn node(settings: Settings, args: NodeArgs) -> anyhow::Result<()> {
     };
     actix_web::rt::System::new().block_on(async move {
         tokio::select! {
-            result = run_node(backend, options) => result,
+            result = run_node(model, options) => result,
             _ = shutdown_signal() => Ok(()),
         }
     })

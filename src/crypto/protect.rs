@@ -72,6 +72,13 @@ pub fn new_key() -> [u8; 32] {
     key
 }
 
+/// Reads a bundle key file (hex, 32 bytes).
+pub fn read_key_file(path: &Path) -> Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path).map_err(|e| InferError::io(path, e))?;
+    let bytes = hex::decode(text.trim()).map_err(|e| InferError::format(path, format!("not a hex key: {e}")))?;
+    bytes.try_into().map_err(|_| InferError::format(path, "a model key is 32 bytes"))
+}
+
 pub fn key_id(key: &[u8; 32]) -> String {
     hex::encode(&Sha256::digest(key)[..8])
 }

@@ -79,6 +79,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     }
     let banned = Arc::new(banned);
     let distributor_address = identity.address;
+    let model_keys = Arc::new(load_model_keys(&s.server.data_dir.join("model-keys"))?);
     let state = web::Data::new(AppState {
         clock,
         gateway,
@@ -93,6 +94,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             node_timeout: Duration::from_millis(s.distributor.node_timeout_ms),
             identity,
             banned,
+            model_keys,
         },
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
@@ -130,4 +132,21 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Reads the distributor's model key store: every `*.key` file (hex, 32 bytes) in `dir`,
+/// indexed by key id. A missing directory is an empty store.
+fn load_model_keys(dir: &std::path::Path) -> std::io::Result<std::collections::BTreeMap<String, String>> {
+    let mut keys = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(keys) };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "key") {
+            continue;
+        }
+        let key = crate::crypto::protect::read_key_file(&path).map_err(|e| std::io::Error::other(e.to_string()))?;
+        keys.insert(crate::crypto::protect::key_id(&key), hex::encode(key));
+    }
+    tracing::info!(keys = keys.len(), dir = %dir.display(), "model key store loaded");
+    Ok(keys)
 }

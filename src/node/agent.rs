@@ -49,14 +49,34 @@ enum SessionEnd {
     BeforeWelcome(String),
 }
 
+/// What a node serves: a loaded backend, or a protected bundle loaded (in memory) with the
+/// key the distributor sends inside the sealed session.
+pub enum NodeModel {
+    Ready(Arc<Backend>),
+    Bundle {
+        name: String,
+        key_id: String,
+        capacity: usize,
+        load: Arc<dyn Fn([u8; 32]) -> anyhow::Result<Backend> + Send + Sync>,
+    },
+}
+
 /// Runs the node until the process is stopped: connects, serves, reconnects.
-pub async fn run_node(backend: Arc<Backend>, options: NodeOptions) -> anyhow::Result<()> {
+pub async fn run_node(model: impl Into<NodeModel>, options: NodeOptions) -> anyhow::Result<()> {
+    let model = model.into();
     let identity = Identity::load_or_create(&options.key)?;
     let address = identity.address;
-    tracing::info!(%address, models = ?backend.models(), device = %backend.device(), "node starting");
+    let mut loaded = match &model {
+        NodeModel::Ready(b) => Some(b.clone()),
+        NodeModel::Bundle { .. } => None,
+    };
+    match &loaded {
+        Some(b) => tracing::info!(%address, models = ?b.models(), device = %b.device(), "node starting"),
+        None => tracing::info!(%address, "node starting; its protected model loads once the distributor sends the key"),
+    }
     let mut backoff = MIN_BACKOFF;
     loop {
-        match session(&backend, &options, &identity).await {
+        match session(&model, &mut loaded, &options, &identity).await {
             SessionEnd::AfterWelcome(reason) => {
                 tracing::warn!(%reason, "link to the distributor lost; reconnecting");
                 backoff = MIN_BACKOFF;
@@ -91,7 +111,18 @@ where
     }
 }
 
-async fn session(backend: &Arc<Backend>, options: &NodeOptions, identity: &Identity) -> SessionEnd {
+impl From<Arc<Backend>> for NodeModel {
+    fn from(b: Arc<Backend>) -> Self {
+        Self::Ready(b)
+    }
+}
+
+async fn session(
+    model: &NodeModel,
+    loaded: &mut Option<Arc<Backend>>,
+    options: &NodeOptions,
+    identity: &Identity,
+) -> SessionEnd {
     let client = awc::Client::builder().timeout(CONNECT_TIMEOUT).finish();
     let connected = client.ws(&options.connect).max_frame_size(MAX_FRAME_BYTES).connect().await;
     let (_, framed) = match connected {
@@ -99,16 +130,24 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, identity: &Ident
         Err(e) => return SessionEnd::BeforeWelcome(format!("connect to {}: {e}", options.connect)),
     };
     let (mut sink, mut stream) = framed.split();
-    let capacity = if options.capacity > 0 { options.capacity } else { backend.capacity() };
+    let (models, own_capacity, device, bundles) = match (loaded.as_ref(), model) {
+        (Some(b), _) => (b.models(), b.capacity(), b.device(), Vec::new()),
+        (None, NodeModel::Bundle { name, key_id, capacity, .. }) => {
+            (vec![name.clone()], *capacity, "loading".to_string(), vec![key_id.clone()])
+        }
+        (None, NodeModel::Ready(_)) => unreachable!("a ready model is always loaded"),
+    };
+    let capacity = if options.capacity > 0 { options.capacity } else { own_capacity };
     // Handshake (DESIGN.md §4): Hello → Challenge → Auth → sealed Welcome.
     let exchange = KeyExchange::new();
     let hello = NodeMessage::Hello {
         version: PROTOCOL_VERSION as u16,
         node_address: identity.address.to_string(),
-        models: backend.models(),
+        models,
         capacity,
-        device: backend.device(),
+        device,
         x25519_public: hex::encode(exchange.public),
+        bundles,
     };
     if let Err(e) = sink.send(ws::Message::Binary(encode_frame(&hello).into())).await {
         return SessionEnd::BeforeWelcome(format!("send Hello: {e}"));
@@ -151,8 +190,27 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, identity: &Ident
         Ok(bytes) => match open_message::<ServerMessage>(&mut opener, &bytes)
             .or_else(|sealed_err| decode_frame::<ServerMessage>(&bytes).map_err(|_| sealed_err))
         {
-            Ok(ServerMessage::Welcome { heartbeat_interval_ms, session_id }) => {
+            Ok(ServerMessage::Welcome { heartbeat_interval_ms, session_id, model_keys }) => {
                 tracing::info!(session_id, distributor = %claimed, "joined the distributor; session sealed");
+                if let (None, NodeModel::Bundle { key_id, load, .. }) = (loaded.as_ref(), model) {
+                    let Some(key) = model_keys
+                        .get(key_id)
+                        .and_then(|k| hex::decode(k).ok())
+                        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                    else {
+                        return SessionEnd::BeforeWelcome(format!("the distributor sent no key for bundle {key_id}"));
+                    };
+                    let load = load.clone();
+                    // Decrypt and load off the event loop; the key lives only in this closure.
+                    match actix_web::rt::task::spawn_blocking(move || load(key)).await {
+                        Ok(Ok(backend)) => *loaded = Some(Arc::new(backend)),
+                        Ok(Err(e)) => {
+                            return SessionEnd::BeforeWelcome(format!("loading the protected model failed: {e:#}"))
+                        }
+                        Err(e) => return SessionEnd::BeforeWelcome(format!("model loader panicked: {e}")),
+                    }
+                    tracing::info!("protected model loaded in memory");
+                }
                 Duration::from_millis(heartbeat_interval_ms.max(50))
             }
             Ok(ServerMessage::Goodbye { reason }) => return SessionEnd::BeforeWelcome(format!("refused: {reason}")),
@@ -161,6 +219,8 @@ async fn session(backend: &Arc<Backend>, options: &NodeOptions, identity: &Ident
         },
         Err(e) => return SessionEnd::BeforeWelcome(e),
     };
+    let backend = loaded.clone().expect("loaded above");
+    let backend = &backend;
     // One writer keeps frames in order; tasks and heartbeats feed it.
     let (out, mut out_rx) = unbounded_channel::<Outgoing>();
     let writer = actix_web::rt::spawn(async move {

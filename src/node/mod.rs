@@ -5,5 +5,5 @@
 pub mod agent;
 pub mod backend;
 
-pub use agent::{run_node, NodeOptions};
+pub use agent::{run_node, NodeModel, NodeOptions};
 pub use backend::{Backend, FakeSpec};

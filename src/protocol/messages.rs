@@ -88,10 +88,14 @@ pub enum ServerMessage {
         /// 65-byte recoverable signature, hex.
         signature: String,
     },
-    /// Handshake step 4 (sealed): the session is up.
+    /// Handshake step 4 (sealed): the session is up. Carries the keys of the protected
+    /// model bundles the node asked for: they exist on the node only in memory.
     Welcome {
         session_id: u64,
         heartbeat_interval_ms: u64,
+        /// key id → 32-byte key, hex.
+        #[serde(default)]
+        model_keys: std::collections::BTreeMap<String, String>,
     },
     Task(TaskSpec),
     /// The game went away: stop generating and free the slot.
@@ -118,6 +122,9 @@ pub enum NodeMessage {
         device: String,
         /// The node's ephemeral X25519 key, 32 bytes hex.
         x25519_public: String,
+        /// Key ids of the protected bundles it needs keys for.
+        #[serde(default)]
+        bundles: Vec<String>,
     },
     /// Handshake step 3 (clear): the node's signature over the transcript, proving it holds
     /// the key of `node_address`.

@@ -65,9 +65,17 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
 impl Cluster {
     /// Starts a server with fast heartbeats; `extra` is appended to its config file.
     pub fn start(extra: &str) -> Self {
+        Self::start_prepared(extra, |_| {})
+    }
+
+    /// Like [`Cluster::start`], running `prepare` on the data directory before the
+    /// server starts (to place model keys, say).
+    pub fn start_prepared(extra: &str, prepare: impl FnOnce(&std::path::Path)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("ludus.toml");
         let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        prepare(&data);
         std::fs::write(
             &config,
             format!(

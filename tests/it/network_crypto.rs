@@ -111,6 +111,7 @@ fn wrong_handshakes_are_refused_with_a_reason() {
         capacity: 1,
         device: "test".into(),
         x25519_public: hex::encode(node_x25519),
+        bundles: vec![],
     };
     actix_web::rt::System::new().block_on(async move {
         // Returns the Goodbye reason the server sends after `frames`.
@@ -162,4 +163,41 @@ fn wrong_handshakes_are_refused_with_a_reason() {
         let reason = exchange(vec![ws::Message::Binary(vec![1u8, b'{', b'x'].into())], None).await;
         assert!(reason.contains("bad frame"), "{reason}");
     });
+}
+
+/// A node serving a protected bundle gets its key only inside the sealed session, loads it
+/// in memory, and answers exactly like a node serving the original model.
+#[test]
+fn protected_bundles_are_served_with_keys_sent_in_the_session() {
+    use ludus::crypto::protect::{new_key, write_bundle};
+    use ludus::inference::tiny_model::TinySpec;
+
+    let t = crate::helpers::tiny(&TinySpec::default());
+    let bundle = t.dir.path().join("bundle");
+    let key = new_key();
+    write_bundle(&t.gguf, &bundle, "tiny-protected", &key).unwrap();
+    let other_bundle = t.dir.path().join("other");
+    write_bundle(&t.gguf, &other_bundle, "tiny-other", &new_key()).unwrap();
+    let key_hex = hex::encode(key);
+    let mut c = Cluster::start_prepared("", |data| {
+        std::fs::create_dir_all(data.join("model-keys")).unwrap();
+        std::fs::write(data.join("model-keys/tiny.key"), format!("{key_hex}\n")).unwrap();
+    });
+    c.add_node(&["--model", bundle.to_str().unwrap()]);
+    c.add_node(&["--model", t.gguf.to_str().unwrap()]);
+    let unknown = c.add_node(&["--model", other_bundle.to_str().unwrap()]);
+    c.wait_nodes("tiny-protected", 1);
+    c.wait_nodes("tiny", 1);
+    let ask = |model: &str| {
+        let body = format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"the cat"}}],"max_tokens":10,"temperature":0}}"#
+        );
+        let r = c.post("/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    };
+    assert_eq!(ask("tiny-protected"), ask("tiny"), "protection must not change answers");
+    assert!(!c.nodes[0].log_text().contains(&key_hex), "the key must never be logged");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(c.nodes[unknown].log_text().contains("holds no key"), "{}", c.nodes[unknown].log_text());
 }
