@@ -205,3 +205,23 @@ fn requests_a_node_rejects_are_400_not_node_failures() {
         .post("/v1/chat/completions", r#"{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#);
     assert_eq!(ok.status, 200, "{}", ok.body);
 }
+
+/// Tokens per minute: a key that spent its budget gets 429 (tokens) until it refills.
+#[test]
+fn a_key_over_its_token_budget_gets_429() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "16"]);
+    c.wait_nodes("fake", 1);
+    let cfg = c.config.to_str().unwrap().to_string();
+    let out = Command::new(BIN).args(["--config", &cfg, "games", "add", "thrifty", "--tpm", "10"]).output().unwrap();
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":16}"#;
+    let first = post_with(&c.addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+    assert_eq!(first.status, 200, "{}", first.body);
+    // 16 completion tokens plus the prompt overdraw the 10-token budget: blocked ~30 s.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let second = post_with(&c.addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+    assert_eq!(second.status, 429, "{}", second.body);
+    assert!(second.body.contains("tokens per minute"), "{}", second.body);
+    assert!(second.header("Retry-After").is_some());
+}
