@@ -322,22 +322,36 @@ impl Scheduler {
 
     /// Re-packs running sequences into slots `0..B` and the prefilling one into slot `B`.
     fn compact(&mut self) {
+        // A sequence whose cache could not be moved is failed, never run on a corrupt cache.
+        let mut broken = Vec::new();
         for i in 0..self.running.len() {
             let from = self.running[i].slot;
             if from != i {
                 if let Err(e) = self.cache.move_slot(from, i) {
-                    tracing::error!(error = %e, "KV slot move failed");
+                    tracing::error!(error = %e, "KV slot move failed; failing the sequence");
+                    broken.push((i, e.to_string()));
                 }
                 self.running[i].slot = i;
             }
         }
+        for (i, error) in broken.iter().rev() {
+            let seq = self.running.remove(*i);
+            let _ = seq.events.send(Event::Error(format!("KV cache move failed: {error}")));
+        }
+        if !broken.is_empty() {
+            return self.compact();
+        }
         let b = self.running.len();
         if let Some(seq) = self.prefilling.as_mut() {
             if seq.slot != b {
-                if let Err(e) = self.cache.move_slot(seq.slot, b) {
-                    tracing::error!(error = %e, "KV slot move failed");
-                }
+                let moved = self.cache.move_slot(seq.slot, b);
                 seq.slot = b;
+                if let Err(e) = moved {
+                    tracing::error!(error = %e, "KV slot move failed; failing the sequence");
+                    if let Some(seq) = self.prefilling.take() {
+                        let _ = seq.events.send(Event::Error(format!("KV cache move failed: {e}")));
+                    }
+                }
             }
         }
     }
@@ -461,9 +475,12 @@ impl Scheduler {
                 let _ = seq.events.send(Event::PromptHidden { rows: chunk_tokens.len(), values });
             }
             if last {
-                let mut seq = self.prefilling.take().expect("checked above");
+                // Convert first: on error the sequence is still in `prefilling` and gets its
+                // Error event from the caller.
                 let logits = tensor_to_vec(&prefill.logits)?;
-                let hidden = if seq.request.collect_hidden { Some(last_row(&prefill.hidden)?) } else { None };
+                let wants_hidden = self.prefilling.as_ref().is_some_and(|s| s.request.collect_hidden);
+                let hidden = if wants_hidden { Some(last_row(&prefill.hidden)?) } else { None };
+                let mut seq = self.prefilling.take().expect("checked above");
                 match emit(&mut seq, &tokenizer, logits, hidden, self.config.max_context) {
                     Outcome::Continue => {
                         self.running.push(seq);
