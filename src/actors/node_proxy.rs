@@ -21,7 +21,7 @@ use crate::protocol::handshake::{
     distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
 };
 use crate::protocol::{
-    decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, TaskUsage, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    decode_frame, encode_frame, Hello, NodeMessage, ServerMessage, TaskId, TaskUsage, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 /// A node must say Hello within this time.
@@ -161,18 +161,8 @@ impl NodeProxy {
         ctx.stop();
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_hello(
-        &mut self,
-        ctx: &mut Context<Self>,
-        version: u16,
-        node_address: String,
-        models: Vec<String>,
-        capacity: usize,
-        device: String,
-        x25519_public: String,
-        bundles: Vec<String>,
-    ) {
+    fn on_hello(&mut self, ctx: &mut Context<Self>, hello: Hello) {
+        let Hello { version, node_address, models, capacity, device, x25519_public, bundles } = hello;
         if version != PROTOCOL_VERSION as u16 {
             return self
                 .fail(ctx, format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"));
@@ -240,14 +230,10 @@ impl NodeProxy {
 
     fn on_message(&mut self, ctx: &mut Context<Self>, message: NodeMessage) {
         match message {
-            NodeMessage::Hello { version, node_address, models, capacity, device, x25519_public, bundles }
-                if !self.ready && self.pending.is_none() =>
-            {
-                self.on_hello(ctx, version, node_address, models, capacity, device, x25519_public, bundles)
-            }
+            NodeMessage::Hello(hello) if !self.ready && self.pending.is_none() => self.on_hello(ctx, hello),
             NodeMessage::Auth { signature } if !self.ready => self.on_auth(ctx, signature),
             _ if !self.ready => self.fail(ctx, "the handshake is Hello, then Auth"),
-            NodeMessage::Hello { .. } | NodeMessage::Auth { .. } => {
+            NodeMessage::Hello(_) | NodeMessage::Auth { .. } => {
                 self.fail(ctx, "handshake messages after the handshake")
             }
             NodeMessage::Heartbeat(load) => {

@@ -21,7 +21,7 @@ use crate::protocol::handshake::{
     distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
 };
 use crate::protocol::{
-    decode_frame, encode_frame, NodeMessage, ServerMessage, TaskId, TaskSpec, TaskUsage, MAX_FRAME_BYTES,
+    decode_frame, encode_frame, Hello, NodeMessage, ServerMessage, TaskId, TaskSpec, TaskUsage, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
 };
 
@@ -140,7 +140,7 @@ async fn session(
     let capacity = if options.capacity > 0 { options.capacity } else { own_capacity };
     // Handshake (DESIGN.md §4): Hello → Challenge → Auth → sealed Welcome.
     let exchange = KeyExchange::new();
-    let hello = NodeMessage::Hello {
+    let hello = NodeMessage::Hello(Hello {
         version: PROTOCOL_VERSION as u16,
         node_address: identity.address.to_string(),
         models,
@@ -148,7 +148,7 @@ async fn session(
         device,
         x25519_public: hex::encode(exchange.public),
         bundles,
-    };
+    });
     if let Err(e) = sink.send(ws::Message::Binary(encode_frame(&hello).into())).await {
         return SessionEnd::BeforeWelcome(format!("send Hello: {e}"));
     }

@@ -108,24 +108,28 @@ pub enum ServerMessage {
     },
 }
 
+/// Handshake step 1 (clear): who the node is and what it serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u16,
+    /// The node's payout address (0x…, 20 bytes hex).
+    pub node_address: String,
+    pub models: Vec<String>,
+    /// Sequences it runs at once.
+    pub capacity: usize,
+    pub device: String,
+    /// The node's ephemeral X25519 key, 32 bytes hex.
+    pub x25519_public: String,
+    /// Key ids of the protected bundles it needs keys for.
+    #[serde(default)]
+    pub bundles: Vec<String>,
+}
+
 /// Node → distributor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum NodeMessage {
-    Hello {
-        version: u16,
-        /// The node's payout address (0x…, 20 bytes hex).
-        node_address: String,
-        models: Vec<String>,
-        /// Sequences it runs at once.
-        capacity: usize,
-        device: String,
-        /// The node's ephemeral X25519 key, 32 bytes hex.
-        x25519_public: String,
-        /// Key ids of the protected bundles it needs keys for.
-        #[serde(default)]
-        bundles: Vec<String>,
-    },
+    Hello(Hello),
     /// Handshake step 3 (clear): the node's signature over the transcript, proving it holds
     /// the key of `node_address`.
     Auth {

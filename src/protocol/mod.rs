@@ -9,4 +9,4 @@ pub mod messages;
 pub use frame::{
     decode_frame, decode_sealed, encode_frame, encode_sealed, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
-pub use messages::{FinishReason, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage};
+pub use messages::{FinishReason, Hello, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage};

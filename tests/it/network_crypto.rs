@@ -104,14 +104,16 @@ fn wrong_handshakes_are_refused_with_a_reason() {
     let c = Cluster::start("");
     let url = format!("ws://{}/ws/node", c.addr);
     let node_x25519 = KeyExchange::new().public;
-    let hello = move |address: String, version: u16| NodeMessage::Hello {
-        version,
-        node_address: address,
-        models: vec!["m".into()],
-        capacity: 1,
-        device: "test".into(),
-        x25519_public: hex::encode(node_x25519),
-        bundles: vec![],
+    let hello = move |address: String, version: u16| {
+        NodeMessage::Hello(ludus::protocol::Hello {
+            version,
+            node_address: address,
+            models: vec!["m".into()],
+            capacity: 1,
+            device: "test".into(),
+            x25519_public: hex::encode(node_x25519),
+            bundles: vec![],
+        })
     };
     actix_web::rt::System::new().block_on(async move {
         // Returns the Goodbye reason the server sends after `frames`.
