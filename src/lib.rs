@@ -29,6 +29,7 @@ pub mod cli;
 pub mod crypto;
 pub mod http;
 pub mod inference;
+pub mod ledger;
 pub mod node;
 pub mod protocol;
 pub mod settings;

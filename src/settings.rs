@@ -30,6 +30,9 @@ pub struct ServerSettings {
     pub key_file: Option<std::path::PathBuf>,
     pub default_max_tokens: usize,
     pub max_tokens_limit: usize,
+    /// Bearer token for `/admin/*`; empty = `data_dir/admin-token` (created on first start).
+    #[serde(default)]
+    pub admin_token: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +58,58 @@ pub struct GamesSettings {
     pub tokens_per_minute: u32,
 }
 
+/// A secret from the configuration: never printed by `Debug`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"<redacted>\"" })
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// Postgres URL; empty = a private cluster in `data_dir/postgres`.
+    pub url: Secret,
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RegistrySettings {
+    pub max_buffered_receipts: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PriceSettings {
+    pub prompt_per_1k: crate::ledger::Units,
+    pub completion_per_1k: crate::ledger::Units,
+    #[serde(default)]
+    pub models: std::collections::HashMap<String, crate::ledger::Price>,
+}
+
+impl PriceSettings {
+    pub fn table(&self) -> crate::ledger::PriceTable {
+        crate::ledger::PriceTable {
+            default: crate::ledger::Price {
+                prompt_per_1k: self.prompt_per_1k,
+                completion_per_1k: self.completion_per_1k,
+            },
+            models: self.models.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
     pub level: String,
@@ -67,6 +122,9 @@ pub struct Settings {
     pub games: GamesSettings,
     pub clock: ClockSettings,
     pub engine: EngineSettings,
+    pub database: DatabaseSettings,
+    pub registry: RegistrySettings,
+    pub prices: PriceSettings,
     pub log: LogSettings,
 }
 
@@ -112,6 +170,27 @@ mod tests {
         let s = Settings::load(Some(&path)).unwrap();
         assert_eq!(s.engine.max_batch, 3);
         assert_eq!(s.engine.prefill_chunk, 256, "unset keys keep their defaults");
+    }
+
+    #[test]
+    fn secrets_never_print_and_prices_parse_per_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.toml");
+        std::fs::write(
+            &path,
+            "[database]\nurl = \"postgres://u:hunter2@db/ludus\"\n\
+             [prices.models.\"big\"]\nprompt_per_1k = \"5\"\ncompletion_per_1k = \"7\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.database.url.expose(), "postgres://u:hunter2@db/ludus");
+        let table = s.prices.table();
+        assert_eq!(table.for_model("big").completion_per_1k, crate::ledger::Units(7));
+        assert_eq!(table.for_model("other"), table.default);
+        std::fs::write(&path, "[prices]\nprompt_per_1k = \"1.5\"\n").unwrap();
+        let err = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("not an amount"), "{err}");
     }
 
     #[test]

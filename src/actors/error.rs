@@ -7,8 +7,16 @@ use std::time::Duration;
 pub enum ServeError {
     #[error("invalid API key: pass `Authorization: Bearer <key>` with a key from `ludus games add`")]
     Unauthorized,
-    #[error("the game `{0}` is suspended")]
-    Suspended(String),
+    #[error("the game `{game}` is suspended: {reason}")]
+    Suspended { game: String, reason: String },
+    #[error("the registry database is unreachable ({0}); retry shortly")]
+    Unavailable(String),
+    #[error(
+        "admin endpoints need `Authorization: Bearer <admin token>` (server.admin_token, or data_dir/admin-token)"
+    )]
+    AdminUnauthorized,
+    #[error("{0} not found")]
+    NotFound(String),
     #[error("rate limit reached: {what}; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited { what: String, retry_after: Duration },
     #[error("the model `{0}` does not exist (GET /v1/models lists the served models)")]

@@ -1,11 +1,14 @@
-//! The Gateway: authenticates bearer keys (stored hashed, see [`super::game_store`]),
-//! rejects suspended games and keys over their per-minute limits, turns an admitted
-//! request into a [`Job`] and submits it to the Distributor.
+//! The Gateway: authenticates bearer keys against the registry's `api_keys` (stored
+//! hashed), rejects suspended games and keys over their per-minute limits, turns an
+//! admitted request into a [`Job`] and submits it to the Distributor.
+//!
+//! Key lookups are cached for [`KEY_CACHE_TTL`], so a suspension or a new key takes
+//! effect within seconds without a database round trip per request; while the database
+//! is unreachable, cached keys keep working (stale) and unknown ones get a 503.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use rand::RngCore;
@@ -13,30 +16,86 @@ use tokio::sync::mpsc::unbounded_channel;
 
 use super::distributor::Distributor;
 use super::error::ServeError;
-use super::game_store::GameStore;
 use super::messages::*;
 use super::rate_limit::Bucket;
+use crate::ledger::{hash_key, KeyInfo, Store};
 use crate::protocol::TaskId;
 
 /// Messages that may wait in the mailbox before `send` callers wait (do_send never does).
 const MAILBOX_CAPACITY: usize = 65_536;
+/// How long a key lookup (found or not) is trusted.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(2);
+/// Cached lookups kept at most (unknown keys included); the cache is cleared beyond.
+const KEY_CACHE_MAX: usize = 100_000;
+
 struct KeyLimits {
     requests: Bucket,
     tokens: Bucket,
 }
 
 pub struct Gateway {
-    store: Arc<GameStore>,
+    store: Store,
     distributor: Addr<Distributor>,
+    keys: HashMap<String, (Option<KeyInfo>, Instant)>,
     limits: HashMap<String, KeyLimits>,
     next_task: AtomicU64,
 }
 
 impl Gateway {
-    pub fn new(store: Arc<GameStore>, distributor: Addr<Distributor>) -> Self {
+    pub fn new(store: Store, distributor: Addr<Distributor>) -> Self {
         // Task ids start at a random base so they stay unique across restarts.
         let base = rand::rng().next_u64() & 0xffff_ffff_0000_0000;
-        Self { store, distributor, limits: HashMap::new(), next_task: AtomicU64::new(base) }
+        Self { store, distributor, keys: HashMap::new(), limits: HashMap::new(), next_task: AtomicU64::new(base) }
+    }
+
+    /// The key's record: from the cache when fresh, else from the database.
+    fn resolve(&mut self, bearer: Option<String>) -> ResponseActFuture<Self, Result<KeyInfo, ServeError>> {
+        let Some(key) = bearer else { return Box::pin(fut::ready(Err(ServeError::Unauthorized))) };
+        let hash = hash_key(&key);
+        if let Some((info, at)) = self.keys.get(&hash) {
+            if at.elapsed() < KEY_CACHE_TTL {
+                return Box::pin(fut::ready(info.clone().ok_or(ServeError::Unauthorized)));
+            }
+        }
+        let store = self.store.clone();
+        let lookup_hash = hash.clone();
+        Box::pin(async move { store.lookup_key(&lookup_hash).await }.into_actor(self).map(move |found, this, _| {
+            match found {
+                Ok(info) => {
+                    if this.keys.len() >= KEY_CACHE_MAX {
+                        this.keys.clear();
+                    }
+                    this.keys.insert(hash, (info.clone(), Instant::now()));
+                    info.ok_or(ServeError::Unauthorized)
+                }
+                // Database down: a key seen before keeps working.
+                Err(e) => match this.keys.get(&hash) {
+                    Some((Some(info), _)) => Ok(info.clone()),
+                    _ => Err(ServeError::Unavailable(e.to_string())),
+                },
+            }
+        }))
+    }
+
+    /// Status and per-minute limits.
+    fn check(&mut self, info: &KeyInfo) -> Result<(), ServeError> {
+        if info.status != "active" {
+            let reason = info.status_reason.clone().unwrap_or_else(|| format!("status {}", info.status));
+            return Err(ServeError::Suspended { game: info.game.clone(), reason });
+        }
+        let now = Instant::now();
+        let limits = self.limits.entry(info.hash.clone()).or_insert_with(|| KeyLimits {
+            requests: Bucket::per_minute(info.requests_per_minute, now),
+            tokens: Bucket::per_minute(info.tokens_per_minute, now),
+        });
+        limits.tokens.check_positive(now).map_err(|retry_after| ServeError::RateLimited {
+            what: format!("{} tokens per minute", info.tokens_per_minute),
+            retry_after,
+        })?;
+        limits.requests.take(1.0, now).map_err(|retry_after| ServeError::RateLimited {
+            what: format!("{} requests per minute", info.requests_per_minute),
+            retry_after,
+        })
     }
 }
 
@@ -55,64 +114,54 @@ impl Supervised for Gateway {
 }
 
 impl Handler<Admit> for Gateway {
-    type Result = ResponseFuture<Result<Admitted, ServeError>>;
+    type Result = ResponseActFuture<Self, Result<Admitted, ServeError>>;
 
     /// Checks the key, the game and the limits, then submits the job.
     fn handle(&mut self, msg: Admit, _: &mut Self::Context) -> Self::Result {
-        let checked = (|| {
-            let key = msg.bearer.as_deref().ok_or(ServeError::Unauthorized)?;
-            let info = self
-                .store
-                .lookup(key)
-                .map_err(|e| ServeError::Internal(e.to_string()))?
-                .ok_or(ServeError::Unauthorized)?;
-            if info.suspended {
-                return Err(ServeError::Suspended(info.game));
-            }
-            let now = Instant::now();
-            let limits = self.limits.entry(info.hash.clone()).or_insert_with(|| KeyLimits {
-                requests: Bucket::per_minute(info.requests_per_minute, now),
-                tokens: Bucket::per_minute(info.tokens_per_minute, now),
+        let Admit { bearer, model, input, params, max_tokens, stop } = msg;
+        Box::pin(self.resolve(bearer).then(move |info, this, _| {
+            let submitted = info.and_then(|info| {
+                this.check(&info)?;
+                let (events, rx) = unbounded_channel();
+                let id = TaskId(this.next_task.fetch_add(1, Ordering::Relaxed));
+                let now = Instant::now();
+                let job = Job {
+                    id,
+                    game: info.game,
+                    game_id: info.game_id,
+                    key_hash: info.hash.clone(),
+                    model,
+                    input,
+                    params,
+                    max_tokens,
+                    stop,
+                    events,
+                    received: now,
+                    queued_at: now,
+                    failed_nodes: Vec::new(),
+                    emitted: Vec::new(),
+                };
+                Ok((job, Admitted { id, key_hash: info.hash, events: rx }))
             });
-            limits.tokens.check_positive(now).map_err(|retry_after| ServeError::RateLimited {
-                what: format!("{} tokens per minute", info.tokens_per_minute),
-                retry_after,
-            })?;
-            limits.requests.take(1.0, now).map_err(|retry_after| ServeError::RateLimited {
-                what: format!("{} requests per minute", info.requests_per_minute),
-                retry_after,
-            })?;
-            Ok(info)
-        })();
-        let info = match checked {
-            Ok(info) => info,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
-        let (events, rx) = unbounded_channel();
-        let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
-        let job = Job {
-            id,
-            game: info.game,
-            key_hash: info.hash.clone(),
-            model: msg.model,
-            input: msg.input,
-            params: msg.params,
-            max_tokens: msg.max_tokens,
-            stop: msg.stop,
-            events,
-            received: Instant::now(),
-            queued_at: Instant::now(),
-            failed_nodes: Vec::new(),
-            emitted: Vec::new(),
-        };
-        let distributor = self.distributor.clone();
-        Box::pin(async move {
-            distributor
-                .send(Submit(job))
-                .await
-                .map_err(|e| ServeError::Internal(format!("distributor unavailable: {e}")))??;
-            Ok(Admitted { id, key_hash: info.hash, events: rx })
-        })
+            let distributor = this.distributor.clone();
+            async move {
+                let (job, admitted) = submitted?;
+                distributor
+                    .send(Submit(job))
+                    .await
+                    .map_err(|e| ServeError::Internal(format!("distributor unavailable: {e}")))??;
+                Ok(admitted)
+            }
+            .into_actor(this)
+        }))
+    }
+}
+
+impl Handler<Authenticate> for Gateway {
+    type Result = ResponseActFuture<Self, Result<KeyInfo, ServeError>>;
+
+    fn handle(&mut self, msg: Authenticate, _: &mut Self::Context) -> Self::Result {
+        self.resolve(msg.bearer)
     }
 }
 

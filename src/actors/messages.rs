@@ -8,8 +8,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::ServeError;
 use super::node_proxy::NodeProxy;
+use crate::crypto::identity::Address;
 use crate::inference::SamplingParams;
-use crate::protocol::{FinishReason, NodeLoad, TaskId, TaskInput, TaskSpec, TaskUsage};
+use crate::ledger::{ConfirmStatus, Receipt};
+use crate::protocol::{FinishReason, NodeLoad, TaskId, TaskInput, TaskSpec, TaskTicket, TaskUsage};
 
 /// A node's session id on this server.
 pub type NodeId = u64;
@@ -27,6 +29,8 @@ pub enum JobEvent {
 pub struct Job {
     pub id: TaskId,
     pub game: String,
+    /// The game's id in the registry (billing).
+    pub game_id: i64,
     pub key_hash: String,
     pub model: String,
     pub input: TaskInput,
@@ -45,7 +49,7 @@ pub struct Job {
 
 impl Job {
     /// The task a node runs for this job (with the failover prefix, if any).
-    pub fn spec(&self) -> TaskSpec {
+    pub fn spec(&self, ticket: TaskTicket) -> TaskSpec {
         TaskSpec {
             id: self.id,
             model: self.model.clone(),
@@ -54,6 +58,7 @@ impl Job {
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
             prefix: self.emitted.clone(),
+            ticket,
         }
     }
 
@@ -147,6 +152,50 @@ pub struct Dispatch(pub Job);
 #[rtype(result = "()")]
 pub struct Disconnect(pub String);
 
+// ---- Registry ----------------------------------------------------------------------
+
+/// A checked, priced receipt for the next block; `reply_to` hears when it is recorded.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RecordReceipt {
+    pub receipt: Receipt,
+    pub reply_to: Recipient<ReceiptsRecorded>,
+}
+
+/// To a node's proxy: `block` holds these tasks of the node (all of them).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct ReceiptsRecorded {
+    pub block: u64,
+    pub tasks: Vec<TaskId>,
+}
+
+/// A node's confirmation of a block, its signature already checked by the proxy.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConfirmBlock {
+    pub node: Address,
+    pub block: u64,
+    pub root: [u8; 32],
+    pub count: u32,
+    pub disputed: Vec<TaskId>,
+    pub signature: Vec<u8>,
+    pub reply_to: Recipient<BlockConfirmed>,
+}
+
+/// To a node's proxy: the registry stored the node's confirmation of `block`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct BlockConfirmed {
+    pub block: u64,
+    pub status: ConfirmStatus,
+}
+
+/// Commit what is buffered now (if no commit runs); answers (still buffered, committing).
+#[derive(Message)]
+#[rtype(result = "(usize, bool)")]
+pub struct FlushReceipts;
+
 // ---- Gateway -----------------------------------------------------------------------
 
 /// An authenticated, validated request to admit.
@@ -167,6 +216,13 @@ pub struct Admit {
 pub struct RecordUsage {
     pub key_hash: String,
     pub tokens: usize,
+}
+
+/// Resolve a bearer key to its game (for `/v1/usage`).
+#[derive(Message)]
+#[rtype(result = "Result<crate::ledger::KeyInfo, ServeError>")]
+pub struct Authenticate {
+    pub bearer: Option<String>,
 }
 
 /// A job the Gateway accepted: its id, the key it counts against, and its events.

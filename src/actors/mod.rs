@@ -15,11 +15,11 @@
 pub mod clock;
 pub mod distributor;
 pub mod error;
-pub mod game_store;
 pub mod gateway;
 pub mod messages;
 pub mod node_proxy;
 pub mod rate_limit;
+pub mod registry;
 pub mod scheduling;
 
 pub use clock::Clock;
@@ -28,3 +28,4 @@ pub use error::ServeError;
 pub use gateway::Gateway;
 pub use messages::{Job, JobEvent};
 pub use node_proxy::NodeProxy;
+pub use registry::Registry;

@@ -15,11 +15,14 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
-use crate::crypto::identity::{verify, Address, Identity};
+use super::registry::Registry;
+use crate::crypto::identity::{recover, verify, Address, Identity};
 use crate::crypto::session::{KeyExchange, Opener, Role, Sealer};
+use crate::ledger::PriceTable;
 use crate::protocol::handshake::{
     distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
 };
+use crate::protocol::receipt::{confirmation_message, SignedReceipt, TaskTicket};
 use crate::protocol::{
     decode_frame, encode_frame, Hello, NodeMessage, ServerMessage, TaskId, TaskUsage, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
@@ -34,6 +37,8 @@ const TASK_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_REPORTED_PROMPT_TOKENS: usize = 10_000_000;
 /// Most sequences one node may claim to run at once.
 const MAX_CAPACITY: usize = 4096;
+/// Most receipts one `Receipts` frame may carry.
+const MAX_RECEIPTS_PER_FRAME: usize = 2048;
 
 static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -49,6 +54,10 @@ pub struct NodeProxyConfig {
     pub banned: Arc<HashSet<Address>>,
     /// Keys of protected model bundles, by key id (`data_dir/model-keys/*.key`).
     pub model_keys: Arc<std::collections::BTreeMap<String, String>>,
+    /// Authenticates task tickets; shared by every server on the registry database.
+    pub ticket_secret: Arc<[u8; 32]>,
+    pub prices: Arc<PriceTable>,
+    pub registry: Addr<Registry>,
 }
 
 /// A handshake between Hello and Auth.
@@ -86,6 +95,8 @@ pub struct NodeProxy {
     pending: Option<Pending>,
     /// Authenticated but not yet in the distributor's table (until its first heartbeat).
     joining: Option<(Address, Vec<String>, usize)>,
+    /// The node's address, once authenticated.
+    address: Option<Address>,
     registered: bool,
     welcomed_at: Option<Instant>,
     sealer: Option<Sealer>,
@@ -129,6 +140,7 @@ impl NodeProxy {
             out,
             pending: None,
             joining: None,
+            address: None,
             registered: false,
             welcomed_at: None,
             sealer: None,
@@ -224,6 +236,7 @@ impl NodeProxy {
         self.send(&ServerMessage::Welcome { session_id: self.id, heartbeat_interval_ms, model_keys });
         tracing::info!(node = self.id, address = %p.address, bundles = p.bundles.len(), "node authenticated; session sealed");
         // The node joins the table with its first heartbeat: it may still be loading.
+        self.address = Some(p.address);
         self.joining = Some((p.address, p.models, p.capacity));
         self.welcomed_at = Some(Instant::now());
     }
@@ -250,8 +263,9 @@ impl NodeProxy {
                 self.distributor.do_send(NodeHeartbeat { id: self.id, load })
             }
             NodeMessage::Token { id, index, token, text } => self.on_token(ctx, id, index, token, text),
-            NodeMessage::Done { id, finish_reason, usage, tail } => {
+            NodeMessage::Done { id, finish_reason, usage, tail, receipt } => {
                 let Some(run) = self.in_flight.remove(&id) else {
+                    // Finished after a cancel or a stall: the game never got it whole.
                     return;
                 };
                 if !tail.is_empty() {
@@ -264,6 +278,8 @@ impl NodeProxy {
                     completion_tokens: run.job.emitted.len(),
                 };
                 let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
+                let latency_ms = run.started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+                self.record(ctx, receipt, Some((&run.job, latency_ms)));
                 self.distributor.do_send(TaskCompleted {
                     node: self.id,
                     task: id,
@@ -271,6 +287,18 @@ impl NodeProxy {
                     time_to_first_token: run.first_token.map(|t| t - run.started),
                     duration: run.started.elapsed(),
                 });
+            }
+            NodeMessage::Receipts { receipts } => {
+                if receipts.len() > MAX_RECEIPTS_PER_FRAME {
+                    return self.fail(ctx, format!("more than {MAX_RECEIPTS_PER_FRAME} receipts in one frame"));
+                }
+                tracing::info!(node = self.id, receipts = receipts.len(), "node re-sent unconfirmed receipts");
+                for receipt in receipts {
+                    self.record(ctx, receipt, None);
+                }
+            }
+            NodeMessage::Confirm { block, root, count, disputed, signature } => {
+                self.on_confirm(ctx, block, root, count, disputed, signature)
             }
             NodeMessage::Failed { id, error, request_error } => {
                 if let Some(run) = self.in_flight.remove(&id) {
@@ -283,6 +311,83 @@ impl NodeProxy {
                 }
             }
         }
+    }
+
+    /// Checks a node's receipt and hands it to the Registry. `live` is the job it closes
+    /// (absent for receipts re-sent after a reconnect) and the latency observed here.
+    fn record(&mut self, ctx: &mut Context<Self>, receipt: SignedReceipt, live: Option<(&Job, i32)>) {
+        let Some(address) = self.address else { return };
+        let task = receipt.ticket.task;
+        let checked =
+            receipt.check(&self.config.ticket_secret, &address).map_err(|e| e.to_string()).and_then(|()| match live {
+                Some((job, _)) if receipt.ticket.task != job.id => Err(format!("it names task {task}, not {}", job.id)),
+                Some((job, _)) if receipt.completion_tokens as usize != job.emitted.len() => Err(format!(
+                    "it claims {} completion tokens; {} arrived",
+                    receipt.completion_tokens,
+                    job.emitted.len()
+                )),
+                _ => Ok(()),
+            });
+        if let Err(reason) = checked {
+            // Not recorded: neither billed nor paid. An honest node never gets here.
+            tracing::warn!(node = self.id, %address, task = %task, %reason, "receipt refused");
+            return;
+        }
+        let prompt_tokens = receipt.prompt_tokens.min(MAX_REPORTED_PROMPT_TOKENS as u32);
+        let price = self.config.prices.for_model(&receipt.ticket.model);
+        let Ok(price) = price.charge(prompt_tokens as u64, receipt.completion_tokens as u64) else {
+            tracing::warn!(task = %task, "receipt price overflows; refused");
+            return;
+        };
+        let output_hash: [u8; 32] =
+            hex::decode(&receipt.output_hash).ok().and_then(|h| h.try_into().ok()).expect("checked: 32 bytes of hex");
+        let ledger_receipt = crate::ledger::Receipt {
+            task: task.0,
+            game_id: receipt.ticket.game,
+            node: address.to_string(),
+            model: receipt.ticket.model.clone(),
+            prompt_tokens,
+            completion_tokens: receipt.completion_tokens,
+            price,
+            latency_ms: live.map_or(-1, |(_, ms)| ms),
+            output_hash,
+            receipt_hash: receipt.hash(),
+            signature: hex::decode(&receipt.signature).unwrap_or_default(),
+        };
+        self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to: ctx.address().recipient() });
+    }
+
+    /// Checks a block confirmation's signature and passes it to the Registry.
+    fn on_confirm(
+        &mut self,
+        ctx: &mut Context<Self>,
+        block: u64,
+        root: String,
+        count: u32,
+        disputed: Vec<TaskId>,
+        signature: String,
+    ) {
+        let Some(address) = self.address else { return };
+        let Ok(root) = hex32(&root) else {
+            return self.fail(ctx, "a confirmation root is not 32 bytes of hex");
+        };
+        let signature = hex::decode(&signature).unwrap_or_default();
+        match recover(&confirmation_message(block, &root, count, &disputed), &signature) {
+            Ok(signer) if signer == address => {}
+            _ => {
+                tracing::warn!(node = self.id, %address, block, "confirmation not signed by the node; ignored");
+                return;
+            }
+        }
+        self.config.registry.do_send(ConfirmBlock {
+            node: address,
+            block,
+            root,
+            count,
+            disputed,
+            signature,
+            reply_to: ctx.address().recipient(),
+        });
     }
 
     fn on_token(&mut self, ctx: &mut Context<Self>, id: TaskId, index: usize, token: u32, text: String) {
@@ -417,7 +522,15 @@ impl Handler<Dispatch> for NodeProxy {
             self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
             return;
         }
-        let frame = self.frame(&ServerMessage::Task(job.spec()));
+        let Some(address) = self.address else {
+            let _ = job.events.send(JobEvent::Failed(ServeError::Internal("node not authenticated".into())));
+            self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
+            return;
+        };
+        let max_tokens = u32::try_from(job.max_tokens).unwrap_or(u32::MAX);
+        let ticket =
+            TaskTicket::issue(&self.config.ticket_secret, job.id, job.game_id, &job.model, max_tokens, &address);
+        let frame = self.frame(&ServerMessage::Task(job.spec(ticket)));
         if frame.len() > MAX_FRAME_BYTES {
             let _ = job.events.send(JobEvent::Failed(ServeError::TooLarge(frame.len())));
             self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
@@ -436,5 +549,23 @@ impl Handler<Disconnect> for NodeProxy {
 
     fn handle(&mut self, Disconnect(reason): Disconnect, ctx: &mut Self::Context) {
         self.fail(ctx, reason);
+    }
+}
+
+impl Handler<ReceiptsRecorded> for NodeProxy {
+    type Result = ();
+
+    /// Tells the node which of its tasks a block holds; it answers with a confirmation.
+    fn handle(&mut self, msg: ReceiptsRecorded, _: &mut Self::Context) {
+        self.send(&ServerMessage::Recorded { block: msg.block, tasks: msg.tasks });
+    }
+}
+
+impl Handler<BlockConfirmed> for NodeProxy {
+    type Result = ();
+
+    /// Tells the node its confirmation is stored: it may forget those receipts.
+    fn handle(&mut self, msg: BlockConfirmed, _: &mut Self::Context) {
+        self.send(&ServerMessage::Confirmed { block: msg.block, status: msg.status.as_str().to_string() });
     }
 }

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::actors::game_store::GameStore;
 use crate::http::start_server;
 use crate::inference::Event;
 use crate::node::{run_node, Backend, FakeSpec, NodeOptions};
@@ -75,12 +74,17 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
                 s.server.bind = "127.0.0.1:0".into();
                 s.server.data_dir = dir.path().to_path_buf();
                 s.distributor.queue_capacity = 100_000;
-                let key = GameStore::open(dir.path().join("games.json")).add_game("load", u32::MAX / 2, u32::MAX / 2)?;
+                if s.database.url.is_empty() {
+                    // A throwaway database, so a load run never touches real books.
+                    let cluster = actix_web::rt::task::spawn_blocking(crate::ledger::cluster::PrivateCluster::throwaway).await??;
+                    s.database.url = crate::settings::Secret(cluster.url("postgres"));
+                }
                 let (handle, server) = start_server(&s).await?;
+                let (_, key) = handle.store.add_game(&format!("load-{}", std::process::id()), u32::MAX / 2, u32::MAX / 2).await?;
                 actix_web::rt::spawn(server);
                 for i in 0..args.nodes {
                     let spec = FakeSpec { tokens: args.max_tokens, per_token: Duration::ZERO, model: args.model.clone(), text: " tok".into() };
-                    let options = NodeOptions { connect: format!("ws://{}/ws/node", handle.addr), key: dir.path().join(format!("n{i}.key")), capacity: 4096, distributor_address: Some(handle.distributor_address) };
+                    let options = NodeOptions { connect: format!("ws://{}/ws/node", handle.addr), key: dir.path().join(format!("n{i}.key")), capacity: 4096, distributor_address: Some(handle.distributor_address), receipts: None };
                     actix_web::rt::spawn(async move {
                         let _ = run_node(Arc::new(Backend::Fake(spec)), options).await;
                     });
@@ -232,6 +236,14 @@ async fn direct_engine_latency(tokens: usize) -> Vec<Duration> {
             max_tokens: tokens,
             stop: vec![],
             prefix: vec![],
+            ticket: crate::protocol::TaskTicket::issue(
+                &[0; 32],
+                TaskId(i),
+                0,
+                "fake",
+                tokens as u32,
+                &crate::crypto::identity::Address([0; 20]),
+            ),
         };
         let started = Instant::now();
         if let Ok(mut rx) = backend.start(&spec) {

@@ -74,6 +74,16 @@ pub enum KeysCommand {
 pub enum GamesCommand {
     /// Create a game and print its API key once.
     Add(serve::GamesAddArgs),
+    /// List games with their status, escrow and key count (JSON).
+    List,
+    /// Suspend a game: its keys get 403 with the reason.
+    Suspend {
+        name: String,
+        #[arg(long, default_value = "suspended by the operator")]
+        reason: String,
+    },
+    /// Reactivate a suspended game.
+    Resume { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +209,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve::serve(settings),
         Command::Node(args) => serve::node(settings, args),
         Command::Games(GamesCommand::Add(args)) => serve::games_add(&settings, args),
+        Command::Games(GamesCommand::List) => serve::games_list(&settings),
+        Command::Games(GamesCommand::Suspend { name, reason }) => {
+            serve::games_set_status(&settings, &name, Some(&reason))
+        }
+        Command::Games(GamesCommand::Resume { name }) => serve::games_set_status(&settings, &name, None),
         Command::Keys(KeysCommand::New { out }) => {
             let identity = crate::crypto::identity::Identity::create(&out)?;
             eprintln!("wrote {} (keep it secret; it controls the payouts)", out.display());

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::RuntimeArgs;
-use crate::actors::game_store::GameStore;
-use crate::http::server::shutdown_signal;
+use crate::http::server::{open_store, shutdown_signal};
 use crate::http::start_server;
+use crate::ledger::Store;
 use crate::node::{run_node, Backend, FakeSpec, NodeModel, NodeOptions};
 use crate::settings::Settings;
 
@@ -46,6 +46,10 @@ pub struct NodeArgs {
     /// Sequences to run at once (default: the engine's max_batch).
     #[arg(long, default_value_t = 0)]
     pub capacity: usize,
+    /// Local log of signed receipts kept until the registry confirms them
+    /// (default: the key file's path + `.receipts`).
+    #[arg(long)]
+    pub receipts: Option<PathBuf>,
     /// TEST DOUBLE for load tests: emit TOKENS tokens (MS_PER_TOKEN apart) without a model.
     #[arg(long, value_name = "TOKENS[:MS_PER_TOKEN]")]
     pub fake_engine: Option<FakeSpec>,
@@ -99,6 +103,7 @@ pub fn node(settings: Settings, args: NodeArgs) -> anyhow::Result<()> {
         key: args.key.clone(),
         capacity: args.capacity,
         distributor_address: args.distributor_address,
+        receipts: args.receipts.clone(),
     };
     actix_web::rt::System::new().block_on(async move {
         tokio::select! {
@@ -120,15 +125,39 @@ pub struct GamesAddArgs {
     pub tpm: Option<u32>,
 }
 
+/// Runs `f` against the registry database (the private cluster is stopped afterwards
+/// if this command had to start it).
+fn with_store<T>(settings: &Settings, f: impl AsyncFnOnce(Store) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    actix_web::rt::System::new().block_on(async move {
+        let (store, cluster) = open_store(settings).await?;
+        let result = f(store).await;
+        if let Some(cluster) = cluster.filter(|c| c.started_here) {
+            cluster.stop()?;
+        }
+        result
+    })
+}
+
 pub fn games_add(settings: &Settings, args: GamesAddArgs) -> anyhow::Result<()> {
-    let store = GameStore::open(settings.server.data_dir.join("games.json"));
-    let key = store.add_game(
-        &args.name,
-        args.rpm.unwrap_or(settings.games.requests_per_minute),
-        args.tpm.unwrap_or(settings.games.tokens_per_minute),
-    )?;
-    eprintln!("created game `{}` in {}; its API key (shown once, stored hashed):", args.name, store.path().display());
+    let rpm = args.rpm.unwrap_or(settings.games.requests_per_minute);
+    let tpm = args.tpm.unwrap_or(settings.games.tokens_per_minute);
+    let (id, key) = with_store(settings, async |store| Ok(store.add_game(&args.name, rpm, tpm).await?))?;
+    eprintln!("created game `{}` (id {id}); its API key (shown once, stored hashed):", args.name);
     println!("{key}");
+    Ok(())
+}
+
+pub fn games_list(settings: &Settings) -> anyhow::Result<()> {
+    let games = with_store(settings, async |store| Ok(store.list_games().await?))?;
+    println!("{}", serde_json::to_string_pretty(&games)?);
+    Ok(())
+}
+
+/// `ludus games suspend NAME --reason …` and `ludus games resume NAME`.
+pub fn games_set_status(settings: &Settings, name: &str, suspend: Option<&str>) -> anyhow::Result<()> {
+    let status = if suspend.is_some() { "suspended" } else { "active" };
+    with_store(settings, async |store| Ok(store.set_game_status(name, status, suspend).await?))?;
+    eprintln!("game `{name}` is now {status} (keys take it up within seconds)");
     Ok(())
 }
 
@@ -149,20 +178,25 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     settings.server.data_dir = demo_dir.join("data");
     std::fs::create_dir_all(&settings.server.data_dir)?;
     let key_file = demo_dir.join("api-key");
-    let store = GameStore::open(settings.server.data_dir.join("games.json"));
-    let key = match std::fs::read_to_string(&key_file).ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()) {
-        Some(k) if store.lookup(&k)?.is_some() => k,
-        _ => {
-            let name = format!("demo-{}", std::process::id());
-            let k = store.add_game(&name, 100_000, 100_000_000)?;
-            std::fs::write(&key_file, format!("{k}\n"))?;
-            k
-        }
-    };
     let model_name = crate::inference::model::model_name(&args.model);
     actix_web::rt::System::new().block_on(async move {
         let (handle, server) = start_server(&settings).await?;
         let server = actix_web::rt::spawn(server);
+        // The demo game's key survives restarts (the private database keeps the game).
+        let saved = std::fs::read_to_string(&key_file).ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty());
+        let known = match &saved {
+            Some(k) => handle.store.lookup_key(&crate::ledger::hash_key(k)).await?.is_some(),
+            None => false,
+        };
+        let key = match saved {
+            Some(k) if known => k,
+            _ => {
+                let name = format!("demo-{}", std::process::id());
+                let (_, k) = handle.store.add_game(&name, 100_000, 100_000_000).await?;
+                std::fs::write(&key_file, format!("{k}\n"))?;
+                k
+            }
+        };
         let url = format!("ws://{}/ws/node", handle.addr);
         for i in 0..args.nodes {
             let node_args = NodeArgs {
@@ -171,6 +205,7 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
                 key: demo_dir.join(format!("node-{i}.key")),
                 capacity: 0,
                 distributor_address: None,
+                receipts: None,
                 fake_engine: None,
                 fake_model_name: String::new(),
                 fake_text: String::new(),
@@ -182,6 +217,7 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
                 key: node_args.key,
                 capacity: 0,
                 distributor_address: Some(handle.distributor_address),
+                receipts: None,
             };
             std::thread::Builder::new().name(format!("demo-node-{i}")).spawn(move || {
                 actix_web::rt::System::new().block_on(async move {

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod identity;
+pub mod merkle;
 pub mod protect;
 pub mod session;
 

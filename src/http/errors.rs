@@ -65,7 +65,14 @@ impl From<ServeError> for ApiError {
             ServeError::Unauthorized => {
                 (StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", None, None)
             }
-            ServeError::Suspended(_) => (StatusCode::FORBIDDEN, "permission_error", "game_suspended", None, None),
+            ServeError::Suspended { .. } => (StatusCode::FORBIDDEN, "permission_error", "game_suspended", None, None),
+            ServeError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", "registry_unavailable", Some(2), None)
+            }
+            ServeError::AdminUnauthorized => {
+                (StatusCode::UNAUTHORIZED, "authentication_error", "invalid_admin_token", None, None)
+            }
+            ServeError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found", None, None),
             ServeError::RateLimited { retry_after, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",

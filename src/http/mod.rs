@@ -5,6 +5,7 @@
 pub mod errors;
 pub mod node_ws;
 pub mod openai;
+pub mod registry_api;
 pub mod routes;
 pub mod server;
 pub mod sse;

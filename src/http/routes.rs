@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use super::errors::ApiError;
 use super::node_ws;
 use super::openai::{parse_request, Endpoint, ResponseMeta};
+use super::registry_api;
 use super::server::AppState;
 use super::sse::stream_response;
 use crate::actors::messages::{Admit, ListModels, RecordUsage};
@@ -18,6 +19,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/completions", web::post().to(completions))
         .route("/v1/models", web::get().to(models))
+        .route("/v1/usage", web::get().to(registry_api::usage))
+        .route("/admin/blocks/{number}", web::get().to(registry_api::block))
+        .route("/admin/nodes", web::get().to(registry_api::nodes))
         .route("/ws/node", web::get().to(node_ws::upgrade))
         .route("/health", web::get().to(health));
 }
@@ -60,7 +64,7 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
     Ok(body.freeze())
 }
 
-fn bearer(req: &HttpRequest) -> Option<String> {
+pub fn bearer(req: &HttpRequest) -> Option<String> {
     let value = req.headers().get("authorization")?.to_str().ok()?;
     let key = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
     (!key.is_empty()).then(|| key.to_string())

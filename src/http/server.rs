@@ -13,12 +13,16 @@ use super::openai::RequestLimits;
 use super::routes;
 use crate::actors::clock::SubscribeBlocks;
 use crate::actors::distributor::DistributorConfig;
-use crate::actors::game_store::GameStore;
-use crate::actors::messages::Drain;
+use crate::actors::messages::{Drain, FlushReceipts};
 use crate::actors::node_proxy::NodeProxyConfig;
-use crate::actors::{Clock, Distributor, Gateway};
+use crate::actors::{Clock, Distributor, Gateway, Registry};
 use crate::crypto::identity::{Address, Identity};
+use crate::ledger::cluster::PrivateCluster;
+use crate::ledger::Store;
 use crate::settings::Settings;
+
+/// How long a graceful shutdown waits for the last receipts to be committed.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Shared by every HTTP worker.
 pub struct AppState {
@@ -28,6 +32,9 @@ pub struct AppState {
     pub request_limits: RequestLimits,
     pub max_body_bytes: usize,
     pub proxy_config: NodeProxyConfig,
+    pub store: Store,
+    /// SHA-256 (hex) of the admin token.
+    pub admin_token_hash: String,
 }
 
 /// A running server.
@@ -37,22 +44,83 @@ pub struct ServerHandle {
     pub distributor_address: Address,
     pub http: actix_web::dev::ServerHandle,
     pub distributor: Addr<Distributor>,
+    pub registry: Addr<Registry>,
+    pub store: Store,
     pub grace: Duration,
+    /// The private Postgres cluster, when no database URL was configured.
+    pub cluster: Option<PrivateCluster>,
 }
 
 impl ServerHandle {
-    /// Graceful stop: drain the distributor, then let HTTP finish within the grace period.
+    /// Graceful stop: drain the distributor, let HTTP finish within the grace period,
+    /// commit the last receipts, and stop the private database if this process started it.
     pub async fn shutdown(&self) {
         let _ = self.distributor.send(Drain).await;
         self.http.stop(true).await;
+        let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
+        loop {
+            match self.registry.send(FlushReceipts).await {
+                Ok((0, false)) | Err(_) => break,
+                Ok((buffered, _)) if std::time::Instant::now() > deadline => {
+                    tracing::warn!(buffered, "receipts not committed at shutdown; the nodes still hold them");
+                    break;
+                }
+                Ok(_) => actix_web::rt::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        if let Some(cluster) = self.cluster.as_ref().filter(|c| c.started_here) {
+            if let Err(e) = cluster.stop() {
+                tracing::warn!(error = %e, "could not stop the private Postgres cluster");
+            }
+        }
     }
+}
+
+/// The registry database: the configured URL, or the data directory's private cluster.
+pub async fn open_store(settings: &Settings) -> std::io::Result<(Store, Option<PrivateCluster>)> {
+    let (url, cluster) = if settings.database.url.is_empty() {
+        let data_dir = settings.server.data_dir.clone();
+        let (cluster, url) = actix_web::rt::task::spawn_blocking(move || PrivateCluster::for_data_dir(&data_dir))
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?;
+        (url, Some(cluster))
+    } else {
+        (settings.database.url.expose().to_string(), None)
+    };
+    let store = Store::open(&url, settings.database.pool_size)
+        .await
+        .map_err(|e| std::io::Error::other(format!("registry database: {e}")))?;
+    Ok((store, cluster))
+}
+
+/// The admin token's hash: from the config, else `data_dir/admin-token` (created, 0600).
+fn admin_token_hash(settings: &Settings) -> std::io::Result<String> {
+    if !settings.server.admin_token.is_empty() {
+        return Ok(crate::ledger::hash_key(settings.server.admin_token.expose()));
+    }
+    let path = settings.server.data_dir.join("admin-token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let token = format!("ludus-admin-{}", hex::encode(rand::random::<[u8; 24]>()));
+            std::fs::create_dir_all(&settings.server.data_dir)?;
+            let mut options = std::fs::OpenOptions::new();
+            std::os::unix::fs::OpenOptionsExt::mode(options.write(true).create(true).truncate(true), 0o600);
+            std::io::Write::write_all(&mut options.open(&path)?, format!("{token}\n").as_bytes())?;
+            tracing::info!(path = %path.display(), "created the admin token");
+            token
+        }
+    };
+    Ok(crate::ledger::hash_key(&token))
 }
 
 /// Starts the actors and the HTTP server inside the current actix System. The returned
 /// future runs the server until it stops.
 pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle, actix_web::dev::Server)> {
     let s = settings.clone();
-    let store = Arc::new(GameStore::open(s.server.data_dir.join("games.json")));
+    let (store, cluster) = open_store(&s).await?;
+    let ticket_secret = Arc::new(store.shared_secret("ticket_mac").await.map_err(std::io::Error::other)?);
     let config = DistributorConfig {
         queue_capacity: s.distributor.queue_capacity,
         queue_timeout: Duration::from_millis(s.distributor.queue_timeout_ms),
@@ -66,11 +134,16 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     };
     clock.do_send(SubscribeBlocks(distributor.clone().recipient()));
     let gateway = {
-        let distributor = distributor.clone();
+        let (store, distributor) = (store.clone(), distributor.clone());
         Supervisor::start(move |_| Gateway::new(store, distributor))
     };
     let key_file = s.server.key_file.clone().unwrap_or_else(|| s.server.data_dir.join("distributor.key"));
     let identity = Arc::new(Identity::load_or_create(&key_file).map_err(std::io::Error::other)?);
+    let registry = {
+        let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
+        Supervisor::start(move |_| Registry::new(store, server, max))
+    };
+    clock.do_send(SubscribeBlocks(registry.clone().recipient()));
     tracing::info!(address = %identity.address, key = %key_file.display(), "distributor identity (nodes may pin it)");
     let mut banned = HashSet::new();
     for a in &s.distributor.banned_nodes {
@@ -95,7 +168,12 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             identity,
             banned,
             model_keys,
+            ticket_secret,
+            prices: Arc::new(s.prices.table()),
+            registry: registry.clone(),
         },
+        store: store.clone(),
+        admin_token_hash: admin_token_hash(&s)?,
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
     let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
@@ -115,7 +193,8 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let server = server.bind(&s.server.bind)?;
     let addr = *server.addrs().first().ok_or_else(|| std::io::Error::other("the server bound no address"))?;
     let server = server.run();
-    let handle = ServerHandle { addr, distributor_address, http: server.handle(), distributor, grace };
+    let handle =
+        ServerHandle { addr, distributor_address, http: server.handle(), distributor, registry, store, grace, cluster };
     Ok((handle, server))
 }
 

@@ -14,21 +14,23 @@ use rand::Rng;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::backend::Backend;
-use crate::crypto::identity::{verify, Address, Identity};
-use crate::crypto::session::{KeyExchange, Role, Session};
+use super::link::{join, Announce, Link};
+use super::receipts::ReceiptLog;
+use crate::crypto::identity::{Address, Identity};
+use crate::crypto::merkle::task_root;
 use crate::inference::Event;
-use crate::protocol::handshake::{
-    distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
-};
-use crate::protocol::{
-    decode_frame, encode_frame, Hello, NodeMessage, ServerMessage, TaskId, TaskSpec, TaskUsage, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
-};
+use crate::protocol::handshake::{open_message, seal_message};
+use crate::protocol::receipt::confirmation_message;
+use crate::protocol::SignedReceipt;
+use crate::protocol::{NodeMessage, ServerMessage, TaskId, TaskSpec, TaskUsage};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receipts per re-send frame (well under the frame size limit).
+const RECEIPTS_PER_FRAME: usize = 500;
+
+/// The receipt log, shared by the session loop and its task runners (one thread).
+type SharedLog = Rc<RefCell<ReceiptLog>>;
 
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -39,6 +41,18 @@ pub struct NodeOptions {
     pub capacity: usize,
     /// Only join a distributor whose key has this address (`--distributor-address`).
     pub distributor_address: Option<Address>,
+    /// The local receipt log (default: next to the key, `<key>.receipts`).
+    pub receipts: Option<PathBuf>,
+}
+
+impl NodeOptions {
+    pub fn receipts_path(&self) -> PathBuf {
+        self.receipts.clone().unwrap_or_else(|| {
+            let mut name = self.key.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            name.push(".receipts");
+            self.key.with_file_name(name)
+        })
+    }
 }
 
 /// Why a session ended.
@@ -64,8 +78,12 @@ pub enum NodeModel {
 /// Runs the node until the process is stopped: connects, serves, reconnects.
 pub async fn run_node(model: impl Into<NodeModel>, options: NodeOptions) -> anyhow::Result<()> {
     let model = model.into();
-    let identity = Identity::load_or_create(&options.key)?;
+    let identity = Arc::new(Identity::load_or_create(&options.key)?);
     let address = identity.address;
+    let log: SharedLog = Rc::new(RefCell::new(ReceiptLog::open(&options.receipts_path())?));
+    if log.borrow().pending() > 0 {
+        tracing::info!(pending = log.borrow().pending(), "unconfirmed receipts from an earlier run will be re-sent");
+    }
     let mut loaded = match &model {
         NodeModel::Ready(b) => Some(b.clone()),
         NodeModel::Bundle { .. } => None,
@@ -76,7 +94,7 @@ pub async fn run_node(model: impl Into<NodeModel>, options: NodeOptions) -> anyh
     }
     let mut backoff = MIN_BACKOFF;
     loop {
-        match session(&model, &mut loaded, &options, &identity).await {
+        match session(&model, &mut loaded, &options, &identity, &log).await {
             SessionEnd::AfterWelcome(reason) => {
                 tracing::warn!(%reason, "link to the distributor lost; reconnecting");
                 backoff = MIN_BACKOFF;
@@ -97,20 +115,6 @@ enum Outgoing {
     Pong(actix_web::web::Bytes),
 }
 
-/// Reads the next binary frame, within `limit`.
-async fn next_binary<S>(stream: &mut S, limit: Duration) -> Result<actix_web::web::Bytes, String>
-where
-    S: futures_util::Stream<Item = Result<ws::Frame, awc::error::WsProtocolError>> + Unpin,
-{
-    match actix_web::rt::time::timeout(limit, stream.next()).await {
-        Ok(Some(Ok(ws::Frame::Binary(bytes)))) => Ok(bytes),
-        Ok(Some(Ok(other))) => Err(format!("expected a binary frame, got {other:?}")),
-        Ok(Some(Err(e))) => Err(format!("websocket error: {e}")),
-        Ok(None) => Err("connection closed".into()),
-        Err(_) => Err("no answer within the timeout".into()),
-    }
-}
-
 impl From<Arc<Backend>> for NodeModel {
     fn from(b: Arc<Backend>) -> Self {
         Self::Ready(b)
@@ -121,15 +125,9 @@ async fn session(
     model: &NodeModel,
     loaded: &mut Option<Arc<Backend>>,
     options: &NodeOptions,
-    identity: &Identity,
+    identity: &Arc<Identity>,
+    log: &SharedLog,
 ) -> SessionEnd {
-    let client = awc::Client::builder().timeout(CONNECT_TIMEOUT).finish();
-    let connected = client.ws(&options.connect).max_frame_size(MAX_FRAME_BYTES).connect().await;
-    let (_, framed) = match connected {
-        Ok(ok) => ok,
-        Err(e) => return SessionEnd::BeforeWelcome(format!("connect to {}: {e}", options.connect)),
-    };
-    let (mut sink, mut stream) = framed.split();
     let (models, own_capacity, device, bundles) = match (loaded.as_ref(), model) {
         (Some(b), _) => (b.models(), b.capacity(), b.device(), Vec::new()),
         (None, NodeModel::Bundle { name, key_id, capacity, .. }) => {
@@ -138,87 +136,28 @@ async fn session(
         (None, NodeModel::Ready(_)) => unreachable!("a ready model is always loaded"),
     };
     let capacity = if options.capacity > 0 { options.capacity } else { own_capacity };
-    // Handshake (DESIGN.md §4): Hello → Challenge → Auth → sealed Welcome.
-    let exchange = KeyExchange::new();
-    let hello = NodeMessage::Hello(Hello {
-        version: PROTOCOL_VERSION as u16,
-        node_address: identity.address.to_string(),
-        models,
-        capacity,
-        device,
-        x25519_public: hex::encode(exchange.public),
-        bundles,
-    });
-    if let Err(e) = sink.send(ws::Message::Binary(encode_frame(&hello).into())).await {
-        return SessionEnd::BeforeWelcome(format!("send Hello: {e}"));
-    }
-    let challenge = match next_binary(&mut stream, WELCOME_TIMEOUT).await.map(|b| decode_frame::<ServerMessage>(&b)) {
-        Ok(Ok(ServerMessage::Challenge { session_id, nonce, x25519_public, distributor_address, signature })) => {
-            (session_id, nonce, x25519_public, distributor_address, signature)
-        }
-        Ok(Ok(ServerMessage::Goodbye { reason })) => return SessionEnd::BeforeWelcome(format!("refused: {reason}")),
-        Ok(Ok(other)) => return SessionEnd::BeforeWelcome(format!("expected Challenge, got {other:?}")),
-        Ok(Err(e)) => return SessionEnd::BeforeWelcome(format!("bad Challenge: {e}")),
+    let announce = Announce { models, capacity, device, bundles };
+    let link = match join(&options.connect, identity, announce, options.distributor_address).await {
+        Ok(link) => link,
         Err(e) => return SessionEnd::BeforeWelcome(e),
     };
-    let (session_id, nonce, dist_x25519, distributor_address, signature) = challenge;
-    let (Ok(nonce), Ok(dist_x25519)) = (hex32(&nonce), hex32(&dist_x25519)) else {
-        return SessionEnd::BeforeWelcome("malformed Challenge keys".into());
-    };
-    let Ok(claimed) = distributor_address.parse::<Address>() else {
-        return SessionEnd::BeforeWelcome(format!("malformed distributor address `{distributor_address}`"));
-    };
-    if let Some(pinned) = options.distributor_address {
-        if pinned != claimed {
-            return SessionEnd::BeforeWelcome(format!("distributor {claimed} is not the pinned {pinned}: refusing"));
+    tracing::info!(session_id = link.session_id, distributor = %link.distributor, "joined the distributor; session sealed");
+    if let (None, NodeModel::Bundle { key_id, load, .. }) = (loaded.as_ref(), model) {
+        let Some(key) =
+            link.model_keys.get(key_id).and_then(|k| hex::decode(k).ok()).and_then(|k| <[u8; 32]>::try_from(k).ok())
+        else {
+            return SessionEnd::BeforeWelcome(format!("the distributor sent no key for bundle {key_id}"));
+        };
+        let load = load.clone();
+        // Decrypt and load off the event loop; the key lives only in this closure.
+        match actix_web::rt::task::spawn_blocking(move || load(key)).await {
+            Ok(Ok(backend)) => *loaded = Some(Arc::new(backend)),
+            Ok(Err(e)) => return SessionEnd::BeforeWelcome(format!("loading the protected model failed: {e:#}")),
+            Err(e) => return SessionEnd::BeforeWelcome(format!("model loader panicked: {e}")),
         }
+        tracing::info!("protected model loaded in memory");
     }
-    let transcript = transcript(session_id, &nonce, &exchange.public, &dist_x25519, &identity.address);
-    let signature = hex::decode(&signature).unwrap_or_default();
-    if let Err(e) = verify(&distributor_challenge_message(&transcript), &signature, &claimed) {
-        return SessionEnd::BeforeWelcome(format!("the distributor's challenge signature is invalid: {e}"));
-    }
-    let auth = NodeMessage::Auth { signature: hex::encode(identity.sign(&node_auth_message(&transcript))) };
-    if let Err(e) = sink.send(ws::Message::Binary(encode_frame(&auth).into())).await {
-        return SessionEnd::BeforeWelcome(format!("send Auth: {e}"));
-    }
-    let Session { mut sealer, mut opener } = match exchange.finish(Role::Node, &dist_x25519, &nonce, session_id) {
-        Ok(session) => session,
-        Err(e) => return SessionEnd::BeforeWelcome(format!("key agreement failed: {e}")),
-    };
-    let heartbeat_interval = match next_binary(&mut stream, WELCOME_TIMEOUT).await {
-        Ok(bytes) => match open_message::<ServerMessage>(&mut opener, &bytes)
-            .or_else(|sealed_err| decode_frame::<ServerMessage>(&bytes).map_err(|_| sealed_err))
-        {
-            Ok(ServerMessage::Welcome { heartbeat_interval_ms, session_id, model_keys }) => {
-                tracing::info!(session_id, distributor = %claimed, "joined the distributor; session sealed");
-                if let (None, NodeModel::Bundle { key_id, load, .. }) = (loaded.as_ref(), model) {
-                    let Some(key) = model_keys
-                        .get(key_id)
-                        .and_then(|k| hex::decode(k).ok())
-                        .and_then(|k| <[u8; 32]>::try_from(k).ok())
-                    else {
-                        return SessionEnd::BeforeWelcome(format!("the distributor sent no key for bundle {key_id}"));
-                    };
-                    let load = load.clone();
-                    // Decrypt and load off the event loop; the key lives only in this closure.
-                    match actix_web::rt::task::spawn_blocking(move || load(key)).await {
-                        Ok(Ok(backend)) => *loaded = Some(Arc::new(backend)),
-                        Ok(Err(e)) => {
-                            return SessionEnd::BeforeWelcome(format!("loading the protected model failed: {e:#}"))
-                        }
-                        Err(e) => return SessionEnd::BeforeWelcome(format!("model loader panicked: {e}")),
-                    }
-                    tracing::info!("protected model loaded in memory");
-                }
-                Duration::from_millis(heartbeat_interval_ms.max(50))
-            }
-            Ok(ServerMessage::Goodbye { reason }) => return SessionEnd::BeforeWelcome(format!("refused: {reason}")),
-            Ok(other) => return SessionEnd::BeforeWelcome(format!("expected Welcome, got {other:?}")),
-            Err(e) => return SessionEnd::BeforeWelcome(format!("bad Welcome: {e}")),
-        },
-        Err(e) => return SessionEnd::BeforeWelcome(e),
-    };
+    let Link { mut sink, mut stream, mut sealer, mut opener, heartbeat_interval, .. } = link;
     let backend = loaded.clone().expect("loaded above");
     let backend = &backend;
     // One writer keeps frames in order; tasks and heartbeats feed it.
@@ -244,6 +183,8 @@ async fn session(
             }
         }
     });
+    // Whatever the registry has not confirmed goes again: it may have crashed.
+    resend(log, &out, true);
     let tasks: Rc<RefCell<HashMap<TaskId, actix_web::rt::task::JoinHandle<()>>>> = Rc::default();
     let mut heartbeat = actix_web::rt::time::interval(heartbeat_interval);
     let (mut last_count, mut last_at) = (backend.load().1, Instant::now());
@@ -254,12 +195,26 @@ async fn session(
                     Ok(ServerMessage::Task(spec)) => {
                         let id = spec.id;
                         tracing::info!(task = %id, model = %spec.model, prefix = spec.prefix.len(), "task started");
-                        let handle = actix_web::rt::spawn(run_task(backend.clone(), spec, out.clone(), tasks.clone()));
+                        let runner = TaskRunner { identity: identity.clone(), log: log.clone(), out: out.clone(), tasks: tasks.clone() };
+                        let handle = actix_web::rt::spawn(run_task(backend.clone(), spec, runner));
                         tasks.borrow_mut().insert(id, handle);
                     }
                     Ok(ServerMessage::Cancel { id }) => {
                         if let Some(handle) = tasks.borrow_mut().remove(&id) {
                             handle.abort(); // drops the engine's receiver: the slot frees next step
+                        }
+                    }
+                    Ok(ServerMessage::Recorded { block, tasks }) => {
+                        if let Err(e) = confirm(identity, log, &out, block, &tasks) {
+                            break format!("receipt log: {e:#}");
+                        }
+                    }
+                    Ok(ServerMessage::Confirmed { block, status }) => {
+                        if status != "matched" {
+                            tracing::warn!(block, %status, "the registry does not agree with our confirmation");
+                        }
+                        if let Err(e) = log.borrow_mut().confirmed(block) {
+                            break format!("receipt log: {e:#}");
                         }
                     }
                     Ok(ServerMessage::Goodbye { reason }) => break format!("distributor said goodbye: {reason}"),
@@ -282,6 +237,7 @@ async fn session(
                 if out.send(Outgoing::Message(NodeMessage::Heartbeat(load))).is_err() {
                     break "writer stopped".to_string();
                 }
+                resend(log, &out, false);
             }
         }
     };
@@ -289,18 +245,65 @@ async fn session(
         handle.abort();
     }
     writer.abort();
+    if let Err(e) = log.borrow().sync() {
+        tracing::warn!(error = %e, "could not sync the receipt log");
+    }
     SessionEnd::AfterWelcome(end)
 }
 
-/// Runs one task on the backend and streams its events as frames.
-async fn run_task(
-    backend: Arc<Backend>,
-    spec: TaskSpec,
+/// Sends unconfirmed receipts again: all of them (`all`, after a reconnect) or the ones
+/// unanswered for a while.
+fn resend(log: &SharedLog, out: &UnboundedSender<Outgoing>, all: bool) {
+    let due = log.borrow_mut().due(all);
+    if due.is_empty() {
+        return;
+    }
+    tracing::info!(receipts = due.len(), "sending unconfirmed receipts again");
+    for chunk in due.chunks(RECEIPTS_PER_FRAME) {
+        let _ = out.send(Outgoing::Message(NodeMessage::Receipts { receipts: chunk.to_vec() }));
+    }
+}
+
+/// Answers the registry's list of our tasks in `block` with a signed confirmation of the
+/// ones we hold receipts for (the rest disputed).
+fn confirm(
+    identity: &Identity,
+    log: &SharedLog,
+    out: &UnboundedSender<Outgoing>,
+    block: u64,
+    tasks: &[TaskId],
+) -> anyhow::Result<()> {
+    let (agreed, disputed) = log.borrow_mut().recorded(block, tasks)?;
+    if !disputed.is_empty() {
+        tracing::warn!(block, disputed = disputed.len(), "the registry lists tasks this node did not run");
+    }
+    let root = task_root(&agreed.iter().map(|t| t.0).collect::<Vec<_>>());
+    let count = agreed.len() as u32;
+    let signature = hex::encode(identity.sign(&confirmation_message(block, &root, count, &disputed)));
+    let _ = out.send(Outgoing::Message(NodeMessage::Confirm {
+        block,
+        root: hex::encode(root),
+        count,
+        disputed,
+        signature,
+    }));
+    Ok(())
+}
+
+/// What a task runner needs besides the backend and the task.
+struct TaskRunner {
+    identity: Arc<Identity>,
+    log: SharedLog,
     out: UnboundedSender<Outgoing>,
     tasks: Rc<RefCell<HashMap<TaskId, actix_web::rt::task::JoinHandle<()>>>>,
-) {
+}
+
+/// Runs one task on the backend and streams its events as frames; on completion, signs
+/// the receipt and logs it before reporting the task done.
+async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
+    let TaskRunner { identity, log, out, tasks } = runner;
     let id = spec.id;
-    let mut index = spec.prefix.len();
+    let mut completion = spec.prefix.clone();
     match backend.start(&spec) {
         Err(error) => {
             let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
@@ -308,13 +311,22 @@ async fn run_task(
         Ok(mut events) => loop {
             match events.recv().await {
                 Some(Event::Token { id: token, text, .. }) => {
+                    let index = completion.len();
+                    completion.push(token);
                     let _ = out.send(Outgoing::Message(NodeMessage::Token { id, index, token, text }));
-                    index += 1;
                 }
                 Some(Event::Done(done)) => {
+                    let prompt_tokens = u32::try_from(done.prompt_tokens).unwrap_or(u32::MAX);
+                    let receipt = SignedReceipt::sign(&identity, spec.ticket.clone(), prompt_tokens, &completion);
+                    if let Err(e) = log.borrow_mut().add(&receipt) {
+                        // Still report the task: the game is waiting. The receipt is only
+                        // at risk if the server crashes before committing it.
+                        tracing::error!(task = %id, error = %e, "could not log a receipt");
+                    }
                     let usage =
                         TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
-                    let message = NodeMessage::Done { id, finish_reason: done.reason.into(), usage, tail: done.tail };
+                    let message =
+                        NodeMessage::Done { id, finish_reason: done.reason.into(), usage, tail: done.tail, receipt };
                     let _ = out.send(Outgoing::Message(message));
                     break;
                 }

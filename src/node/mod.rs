@@ -4,6 +4,8 @@
 
 pub mod agent;
 pub mod backend;
+pub mod link;
+pub mod receipts;
 
 pub use agent::{run_node, NodeModel, NodeOptions};
 pub use backend::{Backend, FakeSpec};

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::receipt::{SignedReceipt, TaskTicket};
 use crate::inference::{ChatMessage, SamplingParams};
 
 /// A task's id, unique per server process lifetime (and across restarts: it starts from a
@@ -37,6 +38,9 @@ pub struct TaskSpec {
     /// Completion tokens already streamed by a failed node (mid-stream failover): the node
     /// prefills them after the prompt and continues with the same seed schedule.
     pub prefix: Vec<u32>,
+    /// The distributor's authenticated statement of what this task is; the node signs
+    /// its receipt over it.
+    pub ticket: TaskTicket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +110,18 @@ pub enum ServerMessage {
     Goodbye {
         reason: String,
     },
+    /// The registry committed receipts of this node: `tasks` is every task of this node
+    /// that `block` holds. The node answers with a `Confirm`.
+    Recorded {
+        block: u64,
+        tasks: Vec<TaskId>,
+    },
+    /// The registry stored the node's confirmation of `block` (`matched` or `mismatch`):
+    /// the node may forget those receipts.
+    Confirmed {
+        block: u64,
+        status: String,
+    },
 }
 
 /// Handshake step 1 (clear): who the node is and what it serves.
@@ -150,6 +166,23 @@ pub enum NodeMessage {
         finish_reason: FinishReason,
         usage: TaskUsage,
         tail: String,
+        /// The node's signed receipt (also kept in its local log until confirmed).
+        receipt: SignedReceipt,
+    },
+    /// Receipts not yet confirmed, sent again after a reconnect or when unanswered.
+    Receipts {
+        receipts: Vec<SignedReceipt>,
+    },
+    /// The node's signed confirmation of its tasks in a block (answer to `Recorded`).
+    Confirm {
+        block: u64,
+        /// Merkle root over the agreed task ids (all listed minus `disputed`), hex.
+        root: String,
+        count: u32,
+        /// Listed tasks the node has no receipt for.
+        disputed: Vec<TaskId>,
+        /// Signature over `receipt::confirmation_message`, hex.
+        signature: String,
     },
     Failed {
         id: TaskId,

@@ -5,8 +5,10 @@
 pub mod frame;
 pub mod handshake;
 pub mod messages;
+pub mod receipt;
 
 pub use frame::{
     decode_frame, decode_sealed, encode_frame, encode_sealed, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 pub use messages::{FinishReason, Hello, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage};
+pub use receipt::{ReceiptError, SignedReceipt, TaskTicket};

@@ -37,9 +37,11 @@ pub struct Cluster {
     pub config: PathBuf,
     pub addr: String,
     pub key: String,
-    #[allow(dead_code)] // kept alive (killed on drop)
+    /// The test's own registry database.
+    pub db_url: String,
     pub server: Proc,
     pub nodes: Vec<Proc>,
+    restarts: usize,
 }
 
 fn spawn(args: &[&str], log: PathBuf) -> Proc {
@@ -54,7 +56,21 @@ fn spawn(args: &[&str], log: PathBuf) -> Proc {
     Proc { child, log }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+fn listening_addr(server: &Proc) -> String {
+    let mut addr = String::new();
+    wait_for("the server to listen", Duration::from_secs(30), || {
+        let log = server.log_text();
+        if let Some(line) = log.lines().find(|l| l.starts_with("ludus listening on http://")) {
+            addr = line.trim_start_matches("ludus listening on http://").trim().to_string();
+            return true;
+        }
+        assert!(!log.contains("Error:"), "the server failed to start:\n{log}");
+        false
+    });
+    addr
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
@@ -71,17 +87,30 @@ impl Cluster {
     /// Like [`Cluster::start`], running `prepare` on the data directory before the
     /// server starts (to place model keys, say).
     pub fn start_prepared(extra: &str, prepare: impl FnOnce(&std::path::Path)) -> Self {
+        Self::start_full(extra, prepare, None)
+    }
+
+    /// Like [`Cluster::start`], on the given database instead of a fresh one.
+    pub fn start_with_database(extra: &str, db_url: &str) -> Self {
+        Self::start_full(extra, |_| {}, Some(db_url.to_string()))
+    }
+
+    fn start_full(extra: &str, prepare: impl FnOnce(&std::path::Path), db_url: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("ludus.toml");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         prepare(&data);
+        let db_url = db_url.unwrap_or_else(super::database::fresh_database);
         std::fs::write(
             &config,
             format!(
                 "[server]\nbind = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nworkers = 2\nshutdown_grace_s = 5\n\
+                 [database]\nurl = \"{db_url}\"\npool_size = 4\n{}\
                  [distributor]\nheartbeat_interval_ms = 200\nnode_timeout_ms = 800\nqueue_timeout_ms = 10000\n{extra}",
-                data.display()
+                data.display(),
+                // A test may set its own block time.
+                if extra.contains("[clock]") { "" } else { "[clock]\nblock_time_ms = 300\n" },
             ),
         )
         .unwrap();
@@ -90,16 +119,37 @@ impl Cluster {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
         let server = spawn(&["--config", &cfg, "serve"], dir.path().join("serve.log"));
-        let mut addr = String::new();
-        wait_for("the server to listen", Duration::from_secs(20), || {
-            let log = server.log_text();
-            if let Some(line) = log.lines().find(|l| l.starts_with("ludus listening on http://")) {
-                addr = line.trim_start_matches("ludus listening on http://").trim().to_string();
-                return true;
-            }
-            false
-        });
-        Self { dir, config, addr, key, server, nodes: Vec::new() }
+        let addr = listening_addr(&server);
+        Self { dir, config, addr, key, db_url, server, nodes: Vec::new(), restarts: 0 }
+    }
+
+    /// Kills the server with SIGKILL (no graceful anything).
+    pub fn kill_server(&mut self) {
+        self.server.kill();
+    }
+
+    /// Starts the server again on the same address (same data dir and database).
+    pub fn restart_server(&mut self) {
+        self.server.kill();
+        self.restarts += 1;
+        let cfg = self.config.to_str().unwrap().to_string();
+        let log = self.dir.path().join(format!("serve-{}.log", self.restarts));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(["--config", &cfg, "serve"])
+            .env("RUST_LOG", "info")
+            .env("LUDUS__SERVER__BIND", &self.addr)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn ludus");
+        self.server = Proc { child, log };
+        assert_eq!(listening_addr(&self.server), self.addr);
+    }
+
+    /// The registry database of this cluster.
+    pub fn store(&self) -> ludus::ledger::Store {
+        super::database::open(&self.db_url)
     }
 
     /// Starts `ludus node` with extra arguments; returns its index.

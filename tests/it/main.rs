@@ -2,6 +2,7 @@
 
 mod build_linkage;
 mod cluster;
+mod database;
 mod helpers;
 mod inference_engine;
 mod inference_errors;
@@ -10,4 +11,5 @@ mod network_api;
 mod network_crypto;
 mod network_routing;
 mod protect;
+mod registry;
 mod smollm2_reference;

@@ -1,0 +1,167 @@
+//! The Registry: buffers checked receipts and, on every block tick, commits them to
+//! Postgres in one transaction ([`crate::ledger::Store::commit_block`]). After a commit it
+//! tells each node's proxy which of its tasks the block holds; the node answers with a
+//! signed confirmation, which the Registry records. A failed commit (database down) keeps
+//! the receipts and retries on the next tick; nodes keep their receipts until confirmed,
+//! so even a crash of this process loses nothing.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+
+use super::clock::BlockTick;
+use super::messages::*;
+use crate::ledger::{CommitOutcome, Receipt, Store};
+use crate::protocol::TaskId;
+
+/// Messages that may wait in the mailbox before `send` callers wait.
+const MAILBOX_CAPACITY: usize = 65_536;
+
+pub struct Registry {
+    store: Store,
+    /// This server's address, stored with each block it commits.
+    server: String,
+    max_buffered: usize,
+    buffer: Vec<RecordReceipt>,
+    committing: bool,
+    /// Consecutive failed commits (for the log).
+    failures: u32,
+    dropped: u64,
+}
+
+impl Registry {
+    pub fn new(store: Store, server: String, max_buffered: usize) -> Self {
+        Self { store, server, max_buffered, buffer: Vec::new(), committing: false, failures: 0, dropped: 0 }
+    }
+
+    /// Starts committing the buffer, unless a commit is running or there is nothing to do.
+    fn commit(&mut self, ctx: &mut Context<Self>) {
+        if self.committing || self.buffer.is_empty() {
+            return;
+        }
+        self.committing = true;
+        let batch = std::mem::take(&mut self.buffer);
+        let receipts: Vec<Receipt> = batch.iter().map(|r| r.receipt.clone()).collect();
+        let (store, server) = (self.store.clone(), self.server.clone());
+        let started = std::time::Instant::now();
+        async move { store.commit_block(&receipts, &server).await }
+            .into_actor(self)
+            .map(move |result, this, _| {
+                this.committing = false;
+                match result {
+                    Ok(outcome) => {
+                        if this.failures > 0 {
+                            tracing::info!(after_failures = this.failures, "registry commits resumed");
+                        }
+                        this.failures = 0;
+                        tracing::info!(
+                            block = ?outcome.block,
+                            recorded = outcome.recorded,
+                            duplicates = outcome.duplicates,
+                            refused = outcome.refused,
+                            ms = started.elapsed().as_millis() as u64,
+                            "block committed"
+                        );
+                        acknowledge(&batch, outcome);
+                    }
+                    Err(e) => {
+                        this.failures += 1;
+                        tracing::warn!(error = %e, receipts = batch.len(), failures = this.failures,
+                            "block commit failed; keeping the receipts for the next block");
+                        let newer = std::mem::replace(&mut this.buffer, batch);
+                        this.buffer.extend(newer);
+                    }
+                }
+            })
+            .spawn(ctx);
+    }
+}
+
+/// Tells each node's proxy what the block holds of its tasks.
+fn acknowledge(batch: &[RecordReceipt], outcome: CommitOutcome) {
+    let mut proxies: HashMap<&str, &Recipient<ReceiptsRecorded>> = HashMap::new();
+    for r in batch {
+        proxies.insert(r.receipt.node.as_str(), &r.reply_to);
+    }
+    for ack in outcome.acks {
+        if let Some(proxy) = proxies.get(ack.node.as_str()) {
+            proxy.do_send(ReceiptsRecorded { block: ack.block, tasks: ack.tasks.into_iter().map(TaskId).collect() });
+        }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
+}
+
+impl Supervised for Registry {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        // The buffer survives a restart (the struct is kept); a commit in flight is lost
+        // with the old context, and its receipts come back when the nodes re-send them.
+        self.committing = false;
+        tracing::warn!(buffered = self.buffer.len(), "registry restarting");
+    }
+}
+
+impl Handler<RecordReceipt> for Registry {
+    type Result = ();
+
+    /// Buffers a receipt for the next block (dropped, and re-sent later by its node, when
+    /// the buffer is full because the database has been down for long).
+    fn handle(&mut self, msg: RecordReceipt, _: &mut Self::Context) {
+        if self.buffer.len() >= self.max_buffered {
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                tracing::warn!(dropped = self.dropped, "receipt buffer full; nodes will re-send the dropped receipts");
+            }
+            return;
+        }
+        self.buffer.push(msg);
+    }
+}
+
+impl Handler<BlockTick> for Registry {
+    type Result = ();
+
+    /// Commits the block's receipts.
+    fn handle(&mut self, _: BlockTick, ctx: &mut Self::Context) {
+        self.commit(ctx);
+    }
+}
+
+impl Handler<FlushReceipts> for Registry {
+    type Result = MessageResult<FlushReceipts>;
+
+    fn handle(&mut self, _: FlushReceipts, ctx: &mut Self::Context) -> Self::Result {
+        self.commit(ctx);
+        MessageResult((self.buffer.len(), self.committing))
+    }
+}
+
+impl Handler<ConfirmBlock> for Registry {
+    type Result = ();
+
+    /// Records a node's confirmation and tells its proxy the outcome.
+    fn handle(&mut self, msg: ConfirmBlock, ctx: &mut Self::Context) {
+        let store = self.store.clone();
+        let node = msg.node.to_string();
+        let disputed: Vec<u64> = msg.disputed.iter().map(|t| t.0).collect();
+        async move { store.confirm_block(&node, msg.block, msg.root, msg.count, &disputed, &msg.signature).await }
+            .into_actor(self)
+            .map(move |result, _, _| match result {
+                Ok(status) => {
+                    if status != crate::ledger::ConfirmStatus::Matched {
+                        tracing::warn!(node = %msg.node, block = msg.block, status = status.as_str(), "block confirmation does not match");
+                    }
+                    msg.reply_to.do_send(BlockConfirmed { block: msg.block, status });
+                }
+                Err(e) => tracing::warn!(node = %msg.node, block = msg.block, error = %e,
+                    "could not record a confirmation; the node will confirm again"),
+            })
+            .spawn(ctx);
+    }
+}

@@ -1,0 +1,129 @@
+//! Games and their API keys. Keys are random, shown once, and stored only as SHA-256
+//! hashes; each belongs to one game and carries its own per-minute limits.
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use super::error::LedgerError;
+use super::money::Units;
+use super::store::Store;
+
+/// What a presented key resolves to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyInfo {
+    pub game_id: i64,
+    pub game: String,
+    pub hash: String,
+    /// `active`, `suspended` or `removed`.
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+}
+
+/// A game as `ludus games list` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GameSummary {
+    pub id: i64,
+    pub name: String,
+    pub status: String,
+    pub escrow: Units,
+    pub keys: i64,
+}
+
+/// SHA-256 of a key, hex.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn to_i32(v: u32) -> i32 {
+    v.min(i32::MAX as u32) as i32
+}
+
+impl Store {
+    /// Creates a game with one key; returns the game id and the key (shown once).
+    pub async fn add_game(&self, name: &str, rpm: u32, tpm: u32) -> Result<(i64, String), LedgerError> {
+        if !valid_name(name) {
+            return Err(LedgerError::BadGameName(name.to_string()));
+        }
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let row = tx
+            .query_opt("INSERT INTO games (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id", &[&name])
+            .await?;
+        let Some(row) = row else { return Err(LedgerError::GameExists(name.to_string())) };
+        let id: i64 = row.get(0);
+        let mut secret = [0u8; 24];
+        rand::rng().fill_bytes(&mut secret);
+        let key = format!("ludus-{}", hex::encode(secret));
+        tx.execute(
+            "INSERT INTO api_keys (hash, game_id, requests_per_minute, tokens_per_minute) VALUES ($1, $2, $3, $4)",
+            &[&hash_key(&key), &id, &to_i32(rpm), &to_i32(tpm)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((id, key))
+    }
+
+    /// Resolves a key hash (revoked keys resolve to nothing).
+    pub async fn lookup_key(&self, hash: &str) -> Result<Option<KeyInfo>, LedgerError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT g.id, g.name, k.hash, g.status, g.status_reason, k.requests_per_minute, k.tokens_per_minute
+                 FROM api_keys k JOIN games g ON g.id = k.game_id
+                 WHERE k.hash = $1 AND k.revoked_at IS NULL",
+                &[&hash],
+            )
+            .await?;
+        Ok(row.map(|r| KeyInfo {
+            game_id: r.get(0),
+            game: r.get(1),
+            hash: r.get(2),
+            status: r.get(3),
+            status_reason: r.get(4),
+            requests_per_minute: r.get::<_, i32>(5).max(0) as u32,
+            tokens_per_minute: r.get::<_, i32>(6).max(0) as u32,
+        }))
+    }
+
+    pub async fn list_games(&self) -> Result<Vec<GameSummary>, LedgerError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT g.id, g.name, g.status, g.escrow_units::text,
+                        (SELECT count(*) FROM api_keys k WHERE k.game_id = g.id AND k.revoked_at IS NULL)
+                 FROM games g ORDER BY g.id",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let escrow: String = r.get(3);
+                Ok(GameSummary {
+                    id: r.get(0),
+                    name: r.get(1),
+                    status: r.get(2),
+                    escrow: escrow.parse().map_err(|e| LedgerError::Corrupt(format!("escrow: {e}")))?,
+                    keys: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    /// Suspends (with a reason) or reactivates a game by name.
+    pub async fn set_game_status(&self, name: &str, status: &str, reason: Option<&str>) -> Result<(), LedgerError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute("UPDATE games SET status = $2, status_reason = $3 WHERE name = $1", &[&name, &status, &reason])
+            .await?;
+        if n == 0 {
+            return Err(LedgerError::NoSuchGame(name.to_string()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,58 @@
+//! Schema migrations: every `migrations/NNNN_name.sql` compiled in, applied in order at
+//! startup, each in its own transaction, recorded in `schema_migrations`. An advisory
+//! lock serializes servers that start together on one database.
+
+use super::error::LedgerError;
+use super::pool::Conn;
+
+/// (version, name, SQL), in order. Append only: an applied migration never changes.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "registry", include_str!("../../migrations/0001_registry.sql"))];
+
+/// Advisory lock key held while migrating ("ludusmig").
+const MIGRATION_LOCK: i64 = 0x6c75_6475_736d_6967;
+
+/// Applies the migrations this database lacks; returns how many it applied.
+pub async fn migrate(conn: &mut Conn) -> Result<usize, LedgerError> {
+    conn.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .await
+    .or_else(|e| {
+        // Two servers creating the table at once: the loser sees a unique violation.
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
+    conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    let result = apply(conn).await;
+    conn.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
+    result
+}
+
+async fn apply(conn: &mut Conn) -> Result<usize, LedgerError> {
+    let applied: Vec<i32> =
+        conn.query("SELECT version FROM schema_migrations", &[]).await?.iter().map(|r| r.get(0)).collect();
+    if let Some(newer) = applied.iter().find(|v| !MIGRATIONS.iter().any(|(m, _, _)| m == *v)) {
+        return Err(LedgerError::Corrupt(format!(
+            "the database has migration {newer}, which this ludus does not know: upgrade ludus"
+        )));
+    }
+    let mut count = 0;
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        let tx = conn.transaction().await?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| LedgerError::Database(format!("migration {version} ({name}): {}", LedgerError::from(e))))?;
+        tx.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", &[version, name]).await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "applied migration");
+        count += 1;
+    }
+    Ok(count)
+}

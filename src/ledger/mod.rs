@@ -1,0 +1,25 @@
+//! The registry's ledger: Postgres, and nothing else. Knows nothing of actors or HTTP.
+//!
+//! - [`store`]: the database handle (pool + migrations from `migrations/*.sql`).
+//! - [`games`]: games and hashed API keys.
+//! - [`receipts`]: block commits (COPY + idempotent insert + Merkle root) and node
+//!   confirmations.
+//! - [`reports`]: usage by day, block and node views.
+//! - [`money`]: integer base units and per-model prices.
+//! - [`cluster`]: a private Postgres cluster when no `database.url` is configured.
+
+pub mod cluster;
+pub mod error;
+pub mod games;
+pub mod migrate;
+pub mod money;
+pub mod pool;
+pub mod receipts;
+pub mod reports;
+pub mod store;
+
+pub use error::LedgerError;
+pub use games::{hash_key, KeyInfo};
+pub use money::{Price, PriceTable, Units};
+pub use receipts::{BlockAck, CommitOutcome, ConfirmStatus, Receipt};
+pub use store::Store;

@@ -1,0 +1,124 @@
+//! A small connection pool for `tokio-postgres`. Connections run on one dedicated I/O
+//! thread, so a client can be used from any actix arbiter; broken connections (a
+//! Postgres restart) are dropped and replaced on the next checkout.
+
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::{Client, NoTls};
+
+use super::error::LedgerError;
+
+/// How long a checkout waits to connect before it fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Inner {
+    url: String,
+    idle: Mutex<Vec<Client>>,
+    slots: Arc<Semaphore>,
+    io: tokio::runtime::Handle,
+}
+
+/// Up to `size` connections to one database.
+#[derive(Clone)]
+pub struct Pool(Arc<Inner>);
+
+/// A checked-out connection; it goes back to the pool on drop unless it broke.
+pub struct Conn {
+    client: Option<Client>,
+    pool: Pool,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Deref for Conn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            if !client.is_closed() {
+                if let Ok(mut idle) = self.pool.0.idle.lock() {
+                    idle.push(client);
+                }
+            }
+        }
+    }
+}
+
+/// The I/O thread shared by every pool of this process.
+fn io_handle() -> tokio::runtime::Handle {
+    static HANDLE: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("ledger-io".into())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("building the ledger I/O runtime");
+                    let _ = tx.send(rt.handle().clone());
+                    rt.block_on(std::future::pending::<()>());
+                })
+                .expect("spawning the ledger I/O thread");
+            rx.recv().expect("the ledger I/O thread starts")
+        })
+        .clone()
+}
+
+impl Pool {
+    pub fn new(url: &str, size: usize) -> Self {
+        Pool(Arc::new(Inner {
+            url: url.to_string(),
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(size.max(1))),
+            io: io_handle(),
+        }))
+    }
+
+    /// A connection: an idle one that still works, or a new one.
+    pub async fn get(&self) -> Result<Conn, LedgerError> {
+        let slot =
+            self.0.slots.clone().acquire_owned().await.map_err(|_| LedgerError::Database("pool closed".into()))?;
+        let reused = {
+            let mut idle = self.0.idle.lock().map_err(|_| LedgerError::Database("pool lock poisoned".into()))?;
+            idle.retain(|c| !c.is_closed());
+            idle.pop()
+        };
+        let client = match reused {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        Ok(Conn { client: Some(client), pool: self.clone(), _slot: slot })
+    }
+
+    async fn connect(&self) -> Result<Client, LedgerError> {
+        let url = self.0.url.clone();
+        let connecting = self.0.io.spawn(async move {
+            let (client, connection) =
+                tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(&url, NoTls)).await.map_err(|_| {
+                    LedgerError::Database(format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()))
+                })??;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "database connection closed");
+                }
+            });
+            Ok::<_, LedgerError>(client)
+        });
+        connecting.await.map_err(|e| LedgerError::Database(format!("connect task: {e}")))?
+    }
+}

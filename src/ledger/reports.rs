@@ -1,0 +1,190 @@
+//! Read-only views of the books: a game's usage by day (`GET /v1/usage`), a block with
+//! its confirmations and discrepancies, and the node table (`/admin/*`).
+
+use serde::Serialize;
+
+use super::error::LedgerError;
+use super::money::Units;
+use super::store::Store;
+
+fn units(s: Option<String>) -> Result<Units, LedgerError> {
+    s.unwrap_or_else(|| "0".into()).parse().map_err(|e| LedgerError::Corrupt(format!("amount: {e}")))
+}
+
+/// One UTC day of a game's traffic.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageDay {
+    pub date: String,
+    pub tasks: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// Sum of the recorded tasks' prices (base units).
+    pub charges: Units,
+}
+
+/// One node's part of a block.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BlockNode {
+    pub node: String,
+    pub tasks: i64,
+    pub confirmed: i64,
+    pub disputed: i64,
+    /// `matched`, `mismatch`, or `unconfirmed` (no confirmation yet).
+    pub confirmation: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BlockReport {
+    pub number: i64,
+    pub merkle_root: String,
+    pub receipt_count: i32,
+    pub committed_by: String,
+    pub committed_at_unix: i64,
+    pub charges: Units,
+    pub nodes: Vec<BlockNode>,
+    /// Human-readable discrepancies: mismatched or missing confirmations, disputed tasks.
+    pub discrepancies: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeReport {
+    pub address: String,
+    pub status: String,
+    pub reputation_bps: i32,
+    pub tasks: i64,
+    pub completion_tokens: i64,
+    /// Confirmed, not failed verification: what the node will be paid for.
+    pub payable: Units,
+    pub pending_confirmation: i64,
+    pub disputed: i64,
+    pub mismatched_blocks: i64,
+    pub last_seen_unix: i64,
+}
+
+impl Store {
+    /// A game's usage over the last `days` days, oldest first.
+    pub async fn usage(&self, game_id: i64, days: u32) -> Result<Vec<UsageDay>, LedgerError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') AS day, count(*),
+                        coalesce(sum(prompt_tokens), 0)::bigint, coalesce(sum(completion_tokens), 0)::bigint,
+                        sum(price_units)::text
+                 FROM receipts
+                 WHERE game_id = $1 AND created_at > now() - make_interval(days => $2) AND verification <> 'failed'
+                 GROUP BY day ORDER BY day",
+                &[&game_id, &(days as i32)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageDay {
+                    date: r.get(0),
+                    tasks: r.get(1),
+                    prompt_tokens: r.get(2),
+                    completion_tokens: r.get(3),
+                    charges: units(r.get(4))?,
+                })
+            })
+            .collect()
+    }
+
+    /// A block with each node's part and its discrepancies; `None` if there is no such block.
+    pub async fn block_report(&self, number: i64) -> Result<Option<BlockReport>, LedgerError> {
+        let conn = self.conn().await?;
+        let Some(b) = conn
+            .query_opt(
+                "SELECT number, merkle_root, receipt_count, committed_by, extract(epoch FROM committed_at)::bigint,
+                        (SELECT sum(price_units)::text FROM receipts WHERE block = $1)
+                 FROM blocks WHERE number = $1",
+                &[&number],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let rows = conn
+            .query(
+                "SELECT r.node_address, count(*),
+                        count(*) FILTER (WHERE r.confirmation = 'confirmed'),
+                        count(*) FILTER (WHERE r.confirmation = 'disputed'),
+                        coalesce(c.status, 'unconfirmed')
+                 FROM receipts r
+                 LEFT JOIN confirmations c ON c.node_address = r.node_address AND c.block = r.block
+                 WHERE r.block = $1
+                 GROUP BY r.node_address, c.status ORDER BY r.node_address",
+                &[&number],
+            )
+            .await?;
+        let nodes: Vec<BlockNode> = rows
+            .iter()
+            .map(|r| BlockNode {
+                node: r.get(0),
+                tasks: r.get(1),
+                confirmed: r.get(2),
+                disputed: r.get(3),
+                confirmation: r.get(4),
+            })
+            .collect();
+        let mut discrepancies = Vec::new();
+        for n in &nodes {
+            match n.confirmation.as_str() {
+                "mismatch" => discrepancies
+                    .push(format!("{}: its confirmation does not match the registry's {} task(s)", n.node, n.tasks)),
+                "unconfirmed" => {
+                    discrepancies.push(format!("{}: has not confirmed its {} task(s) yet", n.node, n.tasks))
+                }
+                _ => {}
+            }
+            if n.disputed > 0 {
+                discrepancies.push(format!("{}: disputes {} task(s) the registry recorded for it", n.node, n.disputed));
+            }
+        }
+        let root: Vec<u8> = b.get(1);
+        Ok(Some(BlockReport {
+            number: b.get(0),
+            merkle_root: format!("0x{}", hex::encode(root)),
+            receipt_count: b.get(2),
+            committed_by: b.get(3),
+            committed_at_unix: b.get(4),
+            charges: units(b.get(5))?,
+            nodes,
+            discrepancies,
+        }))
+    }
+
+    /// Every node the registry has seen, with its books.
+    pub async fn node_reports(&self) -> Result<Vec<NodeReport>, LedgerError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT n.address, n.status, n.reputation,
+                        count(r.task_id), coalesce(sum(r.completion_tokens), 0)::bigint,
+                        sum(r.price_units) FILTER (WHERE r.confirmation = 'confirmed' AND r.verification <> 'failed')::text,
+                        count(r.task_id) FILTER (WHERE r.confirmation = 'pending'),
+                        count(r.task_id) FILTER (WHERE r.confirmation = 'disputed'),
+                        (SELECT count(*) FROM confirmations c WHERE c.node_address = n.address AND c.status = 'mismatch'),
+                        extract(epoch FROM n.last_seen)::bigint
+                 FROM nodes n LEFT JOIN receipts r ON r.node_address = n.address
+                 GROUP BY n.address ORDER BY n.address",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeReport {
+                    address: r.get(0),
+                    status: r.get(1),
+                    reputation_bps: r.get(2),
+                    tasks: r.get(3),
+                    completion_tokens: r.get(4),
+                    payable: units(r.get(5))?,
+                    pending_confirmation: r.get(6),
+                    disputed: r.get(7),
+                    mismatched_blocks: r.get(8),
+                    last_seen_unix: r.get(9),
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,204 @@
+//! Tickets, receipts and confirmations: the node link's bookkeeping messages.
+//!
+//! - A [`TaskTicket`] rides with each task. The distributor authenticates it with a MAC
+//!   under a secret shared by every server on the registry database, so a receipt re-sent
+//!   after a server crash still proves the task was really given to that node, for that
+//!   game, without any per-task database write on the hot path.
+//! - A [`SignedReceipt`] is the node's signed statement of a finished task. The node keeps
+//!   it in its local log until the registry has recorded and it has confirmed it.
+//! - A block confirmation is the node's signature over (block, root of its task ids,
+//!   count, disputed ids): see [`confirmation_message`].
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use super::messages::TaskId;
+use crate::crypto::identity::{keccak, recover, Address, Identity};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// What a task is, who runs it and for whom; authenticated by the distributor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskTicket {
+    pub task: TaskId,
+    /// The game's id in the registry.
+    pub game: i64,
+    pub model: String,
+    pub max_tokens: u32,
+    /// The node the task was given to (0x…).
+    pub node: String,
+    pub issued_unix_ms: u64,
+    /// HMAC-SHA256 over the fields above, hex.
+    pub mac: String,
+}
+
+fn ticket_bytes(t: &TaskTicket) -> Vec<u8> {
+    let mut out = b"ludus-ticket-v1".to_vec();
+    out.extend_from_slice(&t.task.0.to_be_bytes());
+    out.extend_from_slice(&t.game.to_be_bytes());
+    out.extend_from_slice(&(t.model.len() as u32).to_be_bytes());
+    out.extend_from_slice(t.model.as_bytes());
+    out.extend_from_slice(&t.max_tokens.to_be_bytes());
+    out.extend_from_slice(&(t.node.len() as u32).to_be_bytes());
+    out.extend_from_slice(t.node.as_bytes());
+    out.extend_from_slice(&t.issued_unix_ms.to_be_bytes());
+    out
+}
+
+fn ticket_mac(secret: &[u8; 32], t: &TaskTicket) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(&ticket_bytes(t));
+    mac
+}
+
+impl TaskTicket {
+    /// Issues a ticket (fills in the MAC).
+    pub fn issue(secret: &[u8; 32], task: TaskId, game: i64, model: &str, max_tokens: u32, node: &Address) -> Self {
+        let issued_unix_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let mut t = TaskTicket {
+            task,
+            game,
+            model: model.to_string(),
+            max_tokens,
+            node: node.to_string(),
+            issued_unix_ms,
+            mac: String::new(),
+        };
+        t.mac = hex::encode(ticket_mac(secret, &t).finalize().into_bytes());
+        t
+    }
+
+    /// Whether the MAC is right (constant-time comparison).
+    pub fn authentic(&self, secret: &[u8; 32]) -> bool {
+        hex::decode(&self.mac).is_ok_and(|m| ticket_mac(secret, self).verify_slice(&m).is_ok())
+    }
+}
+
+/// A node's signed statement that it finished a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedReceipt {
+    pub ticket: TaskTicket,
+    pub prompt_tokens: u32,
+    /// Completion tokens, failover prefix included.
+    pub completion_tokens: u32,
+    /// Keccak-256 of the completion token ids (u32 big-endian), hex.
+    pub output_hash: String,
+    /// 65-byte recoverable secp256k1 signature over [`SignedReceipt::hash`], hex.
+    pub signature: String,
+}
+
+/// Why a receipt was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiptError {
+    #[error("the ticket's MAC is wrong (not issued by this network)")]
+    ForgedTicket,
+    #[error("the ticket was issued to {ticket}, not to {sender}")]
+    WrongNode { ticket: String, sender: String },
+    #[error("the signature is not {0}'s")]
+    BadSignature(String),
+    #[error("{completion} completion tokens exceed the ticket's max_tokens {max}")]
+    TooManyTokens { completion: u32, max: u32 },
+    #[error("malformed receipt: {0}")]
+    Malformed(String),
+}
+
+/// Keccak-256 of a completion's token ids.
+pub fn output_hash(tokens: &[u32]) -> [u8; 32] {
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_be_bytes()).collect();
+    keccak(&bytes)
+}
+
+impl SignedReceipt {
+    /// Signs a receipt for `ticket` with the node's key.
+    pub fn sign(identity: &Identity, ticket: TaskTicket, prompt_tokens: u32, completion: &[u32]) -> Self {
+        let mut r = SignedReceipt {
+            ticket,
+            prompt_tokens,
+            completion_tokens: completion.len() as u32,
+            output_hash: hex::encode(output_hash(completion)),
+            signature: String::new(),
+        };
+        r.signature = hex::encode(identity.sign(&r.hash()));
+        r
+    }
+
+    /// The 32 bytes the node signs and the block's Merkle tree commits to.
+    pub fn hash(&self) -> [u8; 32] {
+        let mut bytes = b"ludus-receipt-v1".to_vec();
+        bytes.extend_from_slice(&ticket_bytes(&self.ticket));
+        bytes.extend_from_slice(self.ticket.mac.as_bytes());
+        bytes.extend_from_slice(&self.prompt_tokens.to_be_bytes());
+        bytes.extend_from_slice(&self.completion_tokens.to_be_bytes());
+        bytes.extend_from_slice(self.output_hash.as_bytes());
+        keccak(&bytes)
+    }
+
+    /// Checks everything a registry can check without the output: the ticket is ours and
+    /// was issued to `sender`, the signature is `sender`'s, the counts fit the ticket.
+    pub fn check(&self, secret: &[u8; 32], sender: &Address) -> Result<(), ReceiptError> {
+        if !self.ticket.authentic(secret) {
+            return Err(ReceiptError::ForgedTicket);
+        }
+        if self.ticket.node != sender.to_string() {
+            return Err(ReceiptError::WrongNode { ticket: self.ticket.node.clone(), sender: sender.to_string() });
+        }
+        if self.completion_tokens > self.ticket.max_tokens {
+            return Err(ReceiptError::TooManyTokens {
+                completion: self.completion_tokens,
+                max: self.ticket.max_tokens,
+            });
+        }
+        if hex::decode(&self.output_hash).map(|h| h.len()) != Ok(32) {
+            return Err(ReceiptError::Malformed("output_hash is not 32 bytes of hex".into()));
+        }
+        let signature = hex::decode(&self.signature).map_err(|e| ReceiptError::Malformed(format!("signature: {e}")))?;
+        match recover(&self.hash(), &signature) {
+            Ok(signer) if signer == *sender => Ok(()),
+            _ => Err(ReceiptError::BadSignature(sender.to_string())),
+        }
+    }
+}
+
+/// The bytes a node signs to confirm its tasks in a block.
+pub fn confirmation_message(block: u64, root: &[u8; 32], count: u32, disputed: &[TaskId]) -> Vec<u8> {
+    let mut bytes = b"ludus-confirm-v1".to_vec();
+    bytes.extend_from_slice(&block.to_be_bytes());
+    bytes.extend_from_slice(root);
+    bytes.extend_from_slice(&count.to_be_bytes());
+    for t in disputed {
+        bytes.extend_from_slice(&t.0.to_be_bytes());
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_check_ticket_node_signature_and_counts() {
+        let secret = [7u8; 32];
+        let node = Identity::generate();
+        let other = Identity::generate();
+        let ticket = TaskTicket::issue(&secret, TaskId(42), 3, "m", 16, &node.address);
+        let receipt = SignedReceipt::sign(&node, ticket.clone(), 5, &[1, 2, 3]);
+        receipt.check(&secret, &node.address).unwrap();
+        // Another node presenting it, or a ticket from another network: refused.
+        assert!(matches!(receipt.check(&secret, &other.address), Err(ReceiptError::WrongNode { .. })));
+        assert_eq!(receipt.check(&[8u8; 32], &node.address), Err(ReceiptError::ForgedTicket));
+        // Signed by another key: refused.
+        let forged = SignedReceipt::sign(&other, ticket.clone(), 5, &[1, 2, 3]);
+        assert!(matches!(forged.check(&secret, &node.address), Err(ReceiptError::BadSignature(_))));
+        // Any edit after signing breaks the signature; a ticket edit breaks the MAC.
+        let mut edited = receipt.clone();
+        edited.prompt_tokens += 1;
+        assert!(matches!(edited.check(&secret, &node.address), Err(ReceiptError::BadSignature(_))));
+        let mut regamed = receipt.clone();
+        regamed.ticket.game = 4;
+        assert_eq!(regamed.check(&secret, &node.address), Err(ReceiptError::ForgedTicket));
+        let long = SignedReceipt::sign(&node, ticket, 5, &[0; 17]);
+        assert!(matches!(long.check(&secret, &node.address), Err(ReceiptError::TooManyTokens { .. })));
+    }
+}

@@ -1,0 +1,385 @@
+//! The registry end to end, on a real Postgres: receipts committed per block with their
+//! Merkle root and confirmed by the nodes; nothing lost when the server is killed mid-block
+//! or Postgres restarts under load; duplicate and forged submissions never change the books.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ludus::crypto::identity::Identity;
+use ludus::crypto::merkle;
+use ludus::node::link::{join, Announce, Link};
+use ludus::protocol::receipt::confirmation_message;
+use ludus::protocol::{NodeLoad, NodeMessage, ServerMessage, SignedReceipt, TaskId, TaskSpec, TaskUsage};
+
+use super::cluster::{wait_for, Cluster};
+use super::database::{block_on, numbers};
+
+/// One non-streamed chat request that never panics: the task id of a 200, else None.
+fn try_chat(addr: &str, key: &str, model: &str) -> Option<u64> {
+    let body = format!(r#"{{"model": "{model}", "max_tokens": 4, "messages": [{{"role": "user", "content": "hi"}}]}}"#);
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    if !response.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_str(response.split("\r\n\r\n").nth(1)?).ok()?;
+    json["choices"][0]["finish_reason"].as_str()?;
+    u64::from_str_radix(json["id"].as_str()?.strip_prefix("chatcmpl-")?, 16).ok()
+}
+
+/// Requests from `threads` clients until `stop`; the ids of the answers that reached the game.
+fn load(addr: &str, key: &str, threads: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<Vec<u64>>> {
+    (0..threads)
+        .map(|_| {
+            let (addr, key, stop) = (addr.to_string(), key.to_string(), stop.clone());
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match try_chat(&addr, &key, "fake") {
+                        Some(id) => done.push(id),
+                        None => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+                done
+            })
+        })
+        .collect()
+}
+
+fn recorded_tasks(cluster: &Cluster) -> Vec<u64> {
+    let store = cluster.store();
+    block_on(async {
+        let conn = store.conn().await.unwrap();
+        conn.query("SELECT task_id FROM receipts", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect()
+    })
+}
+
+/// Waits until every id in `completed` is on the books; asserts nothing is there twice.
+fn assert_all_recorded_once(cluster: &Cluster, completed: &[u64]) {
+    let wanted: BTreeSet<u64> = completed.iter().copied().collect();
+    assert_eq!(wanted.len(), completed.len(), "task ids are unique");
+    let mut missing = wanted.len();
+    wait_for("every completed task on the books", Duration::from_secs(60), || {
+        let recorded = recorded_tasks(cluster);
+        let set: BTreeSet<u64> = recorded.iter().copied().collect();
+        assert_eq!(set.len(), recorded.len(), "a task recorded twice");
+        missing = wanted.difference(&set).count();
+        missing == 0
+    });
+}
+
+#[test]
+fn receipts_are_committed_confirmed_and_reported() {
+    let mut cluster = Cluster::start("");
+    cluster.add_node(&["--fake-engine", "5:1"]);
+    cluster.add_node(&["--fake-engine", "5:1"]);
+    cluster.wait_nodes("fake", 2);
+    let ids: Vec<u64> = (0..12).map(|_| try_chat(&cluster.addr, &cluster.key, "fake").expect("200")).collect();
+    assert_all_recorded_once(&cluster, &ids);
+    let store = cluster.store();
+    wait_for("both nodes to confirm", Duration::from_secs(30), || {
+        numbers(&store, "SELECT count(*) FILTER (WHERE confirmation = 'confirmed') FROM receipts") == vec![12]
+    });
+    // Each block's root is the Merkle root of its receipt hashes in task order.
+    let blocks: Vec<(i64, Vec<u8>, Vec<Vec<u8>>)> = block_on(async {
+        let conn = store.conn().await.unwrap();
+        let mut out = Vec::new();
+        for b in conn.query("SELECT number, merkle_root FROM blocks ORDER BY number", &[]).await.unwrap() {
+            let n: i64 = b.get(0);
+            let hashes = conn
+                .query("SELECT receipt_hash FROM receipts WHERE block = $1 ORDER BY task_id", &[&n])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, Vec<u8>>(0))
+                .collect();
+            out.push((n, b.get(1), hashes));
+        }
+        out
+    });
+    assert!(!blocks.is_empty());
+    for (n, root, hashes) in &blocks {
+        let leaves: Vec<[u8; 32]> = hashes.iter().map(|h| h.as_slice().try_into().unwrap()).collect();
+        assert_eq!(merkle::root(&leaves).as_slice(), root.as_slice(), "block {n}");
+    }
+    // The game sees its usage; charges are the default prices: ceil((p*1e13 + c*2e13)/1000).
+    let r = super::cluster::raw(
+        &cluster.addr,
+        format!(
+            "GET /v1/usage HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+            cluster.key
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let usage: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let day = &usage["data"][0];
+    assert_eq!(day["tasks"], 12);
+    assert_eq!(day["completion_tokens"], 12 * 4, "max_tokens 4 caps the fake node's 5 tokens");
+    let prompt = day["prompt_tokens"].as_u64().unwrap() as u128;
+    let expected = (prompt * 10_000_000_000_000 + 48 * 20_000_000_000_000).div_ceil(1000);
+    // Per task rounding can only add: the sum of ceilings is at least the ceiling of the sum.
+    let charged: u128 = day["charges"].as_str().unwrap().parse().unwrap();
+    assert!(charged >= expected && charged < expected + 12, "{charged} vs {expected}");
+    // Admin views need the admin token.
+    let token = std::fs::read_to_string(cluster.dir.path().join("data/admin-token")).unwrap();
+    let admin = |path: &str, token: &str| {
+        super::cluster::raw(
+            &cluster.addr,
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+                token.trim()
+            )
+            .as_bytes(),
+        )
+    };
+    assert_eq!(admin("/admin/nodes", &cluster.key).status, 401, "a game key is not an admin token");
+    let nodes = admin("/admin/nodes", &token);
+    assert_eq!(nodes.status, 200);
+    let nodes: serde_json::Value = serde_json::from_str(&nodes.body).unwrap();
+    let tasks: i64 = nodes["data"].as_array().unwrap().iter().map(|n| n["tasks"].as_i64().unwrap()).sum();
+    assert_eq!(tasks, 12);
+    let payable: u128 =
+        nodes["data"].as_array().unwrap().iter().map(|n| n["payable"].as_str().unwrap().parse::<u128>().unwrap()).sum();
+    assert_eq!(payable, charged, "every confirmed task is payable");
+    let first = admin(&format!("/admin/blocks/{}", blocks[0].0), &token);
+    assert_eq!(first.status, 200);
+    let report: serde_json::Value = serde_json::from_str(&first.body).unwrap();
+    assert_eq!(report["merkle_root"], format!("0x{}", hex::encode(&blocks[0].1)));
+    assert!(report["discrepancies"].as_array().unwrap().is_empty(), "{report}");
+    assert_eq!(admin("/admin/blocks/999999", &token).status, 404);
+}
+
+#[test]
+fn killing_the_server_mid_block_loses_no_receipt() {
+    // Long blocks: a kill almost always lands with receipts buffered and not committed.
+    let mut cluster = Cluster::start("[clock]\nblock_time_ms = 1500\n");
+    cluster.add_node(&["--fake-engine", "4:2"]);
+    cluster.add_node(&["--fake-engine", "4:2"]);
+    cluster.wait_nodes("fake", 2);
+    let mut completed = Vec::new();
+    let mut caught_uncommitted = 0;
+    for round in 0..10 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = load(&cluster.addr, &cluster.key, 4, stop.clone());
+        std::thread::sleep(Duration::from_millis(400 + 70 * round));
+        cluster.kill_server();
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            completed.extend(c.join().unwrap());
+        }
+        let on_books: BTreeSet<u64> = recorded_tasks(&cluster).into_iter().collect();
+        caught_uncommitted += completed.iter().filter(|t| !on_books.contains(t)).count();
+        cluster.restart_server();
+        cluster.wait_nodes("fake", 2);
+    }
+    assert!(completed.len() > 50, "the load ran: {} tasks", completed.len());
+    assert!(caught_uncommitted > 0, "no kill landed mid-block; the test proves nothing");
+    // The nodes re-send what the dead server never committed.
+    assert_all_recorded_once(&cluster, &completed);
+    eprintln!("{} tasks over 10 kills; {caught_uncommitted} were uncommitted at a kill", completed.len());
+}
+
+#[test]
+fn postgres_restarted_under_load_loses_no_receipt() {
+    // Its own Postgres: the shared one serves other tests.
+    let pg = ludus::ledger::cluster::PrivateCluster::throwaway().unwrap();
+    let mut cluster = Cluster::start_with_database("", &pg.url("postgres"));
+    cluster.add_node(&["--fake-engine", "4:2"]);
+    cluster.wait_nodes("fake", 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&cluster.addr, &cluster.key, 3, stop.clone());
+    std::thread::sleep(Duration::from_millis(800));
+    pg.stop().unwrap();
+    // Keys are cached: the game keeps being served while the database is away.
+    std::thread::sleep(Duration::from_millis(3000));
+    pg.restart_on_same_port().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    let completed: Vec<u64> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert!(completed.len() > 20, "{}", completed.len());
+    assert_all_recorded_once(&cluster, &completed);
+    let log = cluster.server.log_text();
+    assert!(log.contains("block commit failed"), "the outage was seen");
+    assert!(log.contains("registry commits resumed"), "commits resumed by themselves");
+}
+
+/// The books as a tuple that any change would alter.
+fn books(cluster: &Cluster) -> (i64, String, i64, i64) {
+    let store = cluster.store();
+    block_on(async {
+        let conn = store.conn().await.unwrap();
+        let r = conn
+            .query_one(
+                "SELECT count(*), coalesce(sum(price_units), 0)::text,
+                        count(*) FILTER (WHERE confirmation = 'confirmed'),
+                        (SELECT count(*) FROM confirmations)
+                 FROM receipts",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    })
+}
+
+/// A node speaking the real protocol, driven by the test.
+struct Rogue {
+    id: Identity,
+    link: Link,
+}
+
+impl Rogue {
+    async fn join(addr: &str, model: &str) -> Self {
+        let id = Identity::generate();
+        let announce = Announce { models: vec![model.into()], capacity: 4, device: "cpu".into(), bundles: vec![] };
+        let link = join(&format!("ws://{addr}/ws/node"), &id, announce, None).await.unwrap();
+        Self { id, link }
+    }
+
+    /// Heartbeats until a message matching `want` arrives (others are dropped).
+    async fn wait(&mut self, others: &mut [&mut Rogue], want: impl Fn(&ServerMessage) -> bool) -> ServerMessage {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "no matching message from the server");
+            for r in std::iter::once(&mut *self).chain(others.iter_mut().map(|r| &mut **r)) {
+                r.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.unwrap();
+            }
+            match self.link.recv(Duration::from_millis(50)).await {
+                Ok(m) if want(&m) => return m,
+                Ok(_) => {}
+                Err(e) if e.contains("timeout") => {}
+                Err(e) => panic!("link failed: {e}"),
+            }
+        }
+    }
+
+    /// Heartbeats (and drops whatever arrives) for `time`.
+    async fn idle(&mut self, others: &mut [&mut Rogue], time: Duration) {
+        let until = Instant::now() + time;
+        while Instant::now() < until {
+            for r in std::iter::once(&mut *self).chain(others.iter_mut().map(|r| &mut **r)) {
+                r.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.unwrap();
+            }
+            let _ = self.link.recv(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn task(&mut self, others: &mut [&mut Rogue]) -> TaskSpec {
+        match self.wait(others, |m| matches!(m, ServerMessage::Task(_))).await {
+            ServerMessage::Task(spec) => spec,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Streams two tokens and reports done with `receipt`.
+    async fn finish(&mut self, spec: &TaskSpec, receipt: SignedReceipt) {
+        for (index, token) in [7u32, 8].into_iter().enumerate() {
+            let m = NodeMessage::Token { id: spec.id, index, token, text: "x".into() };
+            self.link.send(&m).await.unwrap();
+        }
+        let usage = TaskUsage { prompt_tokens: 5, completion_tokens: 2 };
+        let done = NodeMessage::Done {
+            id: spec.id,
+            finish_reason: ludus::protocol::FinishReason::Stop,
+            usage,
+            tail: String::new(),
+            receipt,
+        };
+        self.link.send(&done).await.unwrap();
+    }
+
+    fn honest_receipt(&self, spec: &TaskSpec) -> SignedReceipt {
+        SignedReceipt::sign(&self.id, spec.ticket.clone(), 5, &[7, 8])
+    }
+
+    fn confirm(&self, signer: &Identity, block: u64, tasks: &[u64]) -> NodeMessage {
+        let root = merkle::task_root(tasks);
+        let count = tasks.len() as u32;
+        let signature = hex::encode(signer.sign(&confirmation_message(block, &root, count, &[])));
+        NodeMessage::Confirm { block, root: hex::encode(root), count, disputed: vec![], signature }
+    }
+
+    async fn recorded(&mut self, others: &mut [&mut Rogue]) -> (u64, Vec<TaskId>) {
+        match self.wait(others, |m| matches!(m, ServerMessage::Recorded { .. })).await {
+            ServerMessage::Recorded { block, tasks } => (block, tasks),
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[test]
+fn duplicate_and_forged_submissions_never_change_the_books() {
+    let cluster = Cluster::start("");
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let request = |model: &'static str| {
+        let (addr, key) = (addr.clone(), key.clone());
+        std::thread::spawn(move || try_chat(&addr, &key, model))
+    };
+    actix_rt::System::new().block_on(async {
+        let mut a = Rogue::join(&cluster.addr, "model-a").await;
+        let mut b = Rogue::join(&cluster.addr, "model-b").await;
+        // An honest task on each node, recorded and confirmed.
+        let game = request("model-a");
+        let spec_a = a.task(&mut [&mut b]).await;
+        let receipt_a = a.honest_receipt(&spec_a);
+        a.finish(&spec_a, receipt_a.clone()).await;
+        let (block_a, tasks) = a.recorded(&mut [&mut b]).await;
+        assert_eq!(tasks, vec![spec_a.id]);
+        a.link.send(&a.confirm(&a.id, block_a, &[spec_a.id.0])).await.unwrap();
+        a.wait(&mut [&mut b], |m| matches!(m, ServerMessage::Confirmed { status, .. } if status == "matched")).await;
+        assert!(game.join().unwrap().is_some());
+        let game = request("model-b");
+        let spec_b = b.task(&mut [&mut a]).await;
+        let receipt_b = b.honest_receipt(&spec_b);
+        b.finish(&spec_b, receipt_b.clone()).await;
+        let (block_b, _) = b.recorded(&mut [&mut a]).await;
+        b.link.send(&b.confirm(&b.id, block_b, &[spec_b.id.0])).await.unwrap();
+        b.wait(&mut [&mut a], |m| matches!(m, ServerMessage::Confirmed { .. })).await;
+        assert!(game.join().unwrap().is_some());
+        let honest = books(&cluster);
+        assert_eq!((honest.0, honest.2, honest.3), (2, 2, 2), "{honest:?}");
+
+        // 1. A receipt sent again: acknowledged with its old block, recorded once.
+        a.link.send(&NodeMessage::Receipts { receipts: vec![receipt_a.clone(), receipt_a.clone()] }).await.unwrap();
+        assert_eq!(a.recorded(&mut [&mut b]).await, (block_a, vec![spec_a.id]));
+        assert_eq!(books(&cluster), honest, "a re-sent receipt");
+
+        // 2. A task whose receipt is signed by another node's key: the game is served,
+        //    nothing is recorded.
+        let game = request("model-a");
+        let spec = a.task(&mut [&mut b]).await;
+        let forged = SignedReceipt::sign(&b.id, spec.ticket.clone(), 5, &[7, 8]);
+        a.finish(&spec, forged).await;
+        assert!(game.join().unwrap().is_some());
+        // 3. Node a presents node b's receipt as its own.
+        a.link.send(&NodeMessage::Receipts { receipts: vec![receipt_b.clone()] }).await.unwrap();
+        // 4. Node a confirms node b's task in b's block, and sends a confirmation signed by b.
+        a.link.send(&a.confirm(&a.id, block_b, &[spec_b.id.0])).await.unwrap();
+        a.link.send(&a.confirm(&b.id, block_b, &[spec_b.id.0])).await.unwrap();
+        // Let a few blocks pass so anything accepted would have been committed.
+        a.idle(&mut [&mut b], Duration::from_millis(1500)).await;
+        assert_eq!(books(&cluster), honest, "forged submissions");
+        assert!(!recorded_tasks(&cluster).contains(&spec.id.0), "the task with a forged receipt is not on the books");
+        let log = cluster.server.log_text();
+        assert!(log.contains("receipt refused"), "{log}");
+        assert!(log.contains("confirmation not signed by the node"));
+    });
+}
