@@ -383,3 +383,61 @@ fn duplicate_and_forged_submissions_never_change_the_books() {
         assert!(log.contains("confirmation not signed by the node"));
     });
 }
+
+#[test]
+fn games_are_managed_from_the_cli_with_clear_errors() {
+    let mut cluster = Cluster::start("");
+    cluster.add_node(&["--fake-engine", "2"]);
+    cluster.wait_nodes("fake", 1);
+    let cfg = cluster.config.to_str().unwrap().to_string();
+    let ludus = |args: &[&str]| {
+        let out = std::process::Command::new(super::cluster::BIN).args(["--config", &cfg]).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = ludus(&["games", "add", "testgame"]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, _, err) = ludus(&["games", "add", "no spaces!"]);
+    assert!(!ok && err.contains("invalid game name"), "{err}");
+    let (ok, _, err) = ludus(&["games", "suspend", "ghost"]);
+    assert!(!ok && err.contains("no game named `ghost`"), "{err}");
+    let (ok, list, _) = ludus(&["games", "list"]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list[0]["name"], "testgame");
+    assert_eq!(list[0]["status"], "active");
+    // Suspension reaches the gateway within its cache time, with the reason; resume undoes it.
+    let (ok, _, err) = ludus(&["games", "suspend", "testgame", "--reason", "escrow empty"]);
+    assert!(ok, "{err}");
+    let body = r#"{"model": "fake", "messages": [{"role": "user", "content": "hi"}]}"#;
+    wait_for("the suspension to apply", Duration::from_secs(10), || {
+        cluster.post("/v1/chat/completions", body).status == 403
+    });
+    let r = cluster.post("/v1/chat/completions", body);
+    assert_eq!(r.json()["error"]["code"], "game_suspended");
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("escrow empty"), "{}", r.body);
+    assert!(ludus(&["games", "resume", "testgame"]).0);
+    wait_for("the game to be served again", Duration::from_secs(10), || {
+        cluster.post("/v1/chat/completions", body).status == 200
+    });
+    // A key of a new game works at once (no restart); a bad usage window is a 400.
+    let (ok, key, _) = ludus(&["games", "add", "second"]);
+    assert!(ok);
+    assert_eq!(
+        super::cluster::post_with(&cluster.addr, "/v1/chat/completions", Some(key.trim()), body.as_bytes()).status,
+        200
+    );
+    let r = super::cluster::raw(
+        &cluster.addr,
+        format!(
+            "GET /v1/usage?days=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+            cluster.key
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    cluster.nodes.clear();
+}
