@@ -31,5 +31,6 @@ pub mod http;
 pub mod inference;
 pub mod ledger;
 pub mod node;
+pub mod proof;
 pub mod protocol;
 pub mod settings;

@@ -111,6 +111,29 @@ impl PriceSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct VerifierSettings {
+    pub models: std::collections::BTreeMap<String, std::path::PathBuf>,
+    pub pool_size: usize,
+    pub first_tasks: u64,
+    pub sample_rate: f64,
+    pub suspect_below: i32,
+    pub quarantine_s: u64,
+    pub max_value_error: f32,
+    pub min_index_overlap: f32,
+    pub max_tie_margin: f32,
+}
+
+impl VerifierSettings {
+    pub fn tolerances(&self) -> crate::proof::Tolerances {
+        crate::proof::Tolerances {
+            max_value_error: self.max_value_error,
+            min_index_overlap: self.min_index_overlap,
+            max_tie_margin: self.max_tie_margin,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
     pub level: String,
 }
@@ -125,6 +148,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub registry: RegistrySettings,
     pub prices: PriceSettings,
+    pub verifier: VerifierSettings,
     pub log: LogSettings,
 }
 

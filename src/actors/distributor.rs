@@ -32,6 +32,8 @@ pub struct DistributorConfig {
     pub max_attempts: usize,
     /// Models the network sells; empty = whatever live nodes announce.
     pub catalog: Vec<String>,
+    /// How long a node that failed a proof-of-inference check gets no work.
+    pub quarantine: Duration,
 }
 
 struct NodeEntry {
@@ -57,6 +59,8 @@ pub struct Distributor {
     running: HashMap<TaskId, Running>,
     rng: StdRng,
     draining: bool,
+    /// Node addresses that failed a check, until when (survives reconnects).
+    quarantined: HashMap<String, Instant>,
 }
 
 impl Distributor {
@@ -69,7 +73,12 @@ impl Distributor {
             running: HashMap::new(),
             rng: StdRng::from_os_rng(),
             draining: false,
+            quarantined: HashMap::new(),
         }
+    }
+
+    fn is_quarantined(&self, address: &str, now: Instant) -> bool {
+        self.quarantined.get(address).is_some_and(|until| *until > now)
     }
 
     fn serves(&self, model: &str) -> bool {
@@ -103,7 +112,12 @@ impl Distributor {
         let costs: Vec<(NodeId, f64)> = self
             .nodes
             .iter()
-            .filter(|(id, n)| n.stats.has_room() && n.models.contains(&job.model) && !job.failed_nodes.contains(id))
+            .filter(|(id, n)| {
+                n.stats.has_room()
+                    && n.models.contains(&job.model)
+                    && !job.failed_nodes.contains(id)
+                    && !self.is_quarantined(&n.address, now)
+            })
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
         let Some(id) = pick_two(&costs, &mut self.rng) else {
@@ -398,6 +412,23 @@ impl Handler<super::clock::BlockTick> for Distributor {
                 "block"
             );
         }
+    }
+}
+
+impl Handler<VerificationDone> for Distributor {
+    type Result = ();
+
+    /// A failed proof-of-inference check takes the node out of rotation for a while.
+    fn handle(&mut self, msg: VerificationDone, _: &mut Self::Context) {
+        if msg.accepted {
+            return;
+        }
+        let address = msg.node.to_string();
+        tracing::warn!(node = %address, task = %msg.task, detail = %msg.detail,
+            quarantine_s = self.config.quarantine.as_secs(), "node quarantined: proof of inference failed");
+        self.quarantined.insert(address, Instant::now() + self.config.quarantine);
+        let now = Instant::now();
+        self.quarantined.retain(|_, until| *until > now);
     }
 }
 

@@ -49,7 +49,7 @@ pub struct Job {
 
 impl Job {
     /// The task a node runs for this job (with the failover prefix, if any).
-    pub fn spec(&self, ticket: TaskTicket) -> TaskSpec {
+    pub fn spec(&self, ticket: TaskTicket, challenge: Option<[u8; 32]>) -> TaskSpec {
         TaskSpec {
             id: self.id,
             model: self.model.clone(),
@@ -59,6 +59,7 @@ impl Job {
             stop: self.stop.clone(),
             prefix: self.emitted.clone(),
             ticket,
+            challenge: challenge.map(hex::encode),
         }
     }
 
@@ -189,6 +190,16 @@ pub struct ConfirmBlock {
 pub struct BlockConfirmed {
     pub block: u64,
     pub status: ConfirmStatus,
+}
+
+/// A proof-of-inference verdict (to the Registry and the Distributor).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct VerificationDone {
+    pub task: TaskId,
+    pub node: Address,
+    pub accepted: bool,
+    pub detail: String,
 }
 
 /// Commit what is buffered now (if no commit runs); answers (still buffered, committing).

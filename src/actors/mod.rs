@@ -21,6 +21,7 @@ pub mod node_proxy;
 pub mod rate_limit;
 pub mod registry;
 pub mod scheduling;
+pub mod verifier;
 
 pub use clock::Clock;
 pub use distributor::Distributor;

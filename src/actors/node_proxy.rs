@@ -58,6 +58,25 @@ pub struct NodeProxyConfig {
     pub ticket_secret: Arc<[u8; 32]>,
     pub prices: Arc<PriceTable>,
     pub registry: Addr<Registry>,
+    /// Proof of inference: absent when no reference model is configured.
+    pub verification: Option<Verification>,
+}
+
+/// What a proxy needs to have tasks checked.
+#[derive(Clone)]
+pub struct Verification {
+    /// Served models with a reference copy: their tasks carry a challenge.
+    pub models: Arc<HashSet<String>>,
+    pub policy: Arc<crate::proof::policy::Policy>,
+    pub pool: Addr<super::verifier::Verifier>,
+    /// Who hears each verdict (Registry, Distributor).
+    pub report: Vec<Recipient<VerificationDone>>,
+}
+
+impl std::fmt::Debug for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verification").field("models", &self.models).finish_non_exhaustive()
+    }
 }
 
 /// A handshake between Hello and Auth.
@@ -80,6 +99,8 @@ enum Outgoing {
 
 struct InFlight {
     job: Job,
+    /// The proof-of-inference challenge sent with the task.
+    challenge: Option<[u8; 32]>,
     /// Tokens the job had already emitted elsewhere when it came here (failover).
     prefix_len: usize,
     started: Instant,
@@ -263,7 +284,7 @@ impl NodeProxy {
                 self.distributor.do_send(NodeHeartbeat { id: self.id, load })
             }
             NodeMessage::Token { id, index, token, text } => self.on_token(ctx, id, index, token, text),
-            NodeMessage::Done { id, finish_reason, usage, tail, receipt } => {
+            NodeMessage::Done { id, finish_reason, usage, tail, receipt, proof } => {
                 let Some(run) = self.in_flight.remove(&id) else {
                     // Finished after a cancel or a stall: the game never got it whole.
                     return;
@@ -280,6 +301,7 @@ impl NodeProxy {
                 let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
                 let latency_ms = run.started.elapsed().as_millis().min(i32::MAX as u128) as i32;
                 self.record(ctx, receipt, Some((&run.job, latency_ms)));
+                self.maybe_verify(&run, proof);
                 self.distributor.do_send(TaskCompleted {
                     node: self.id,
                     task: id,
@@ -355,6 +377,30 @@ impl NodeProxy {
             signature: hex::decode(&receipt.signature).unwrap_or_default(),
         };
         self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to: ctx.address().recipient() });
+    }
+
+    /// Sends a finished task to the verifier pool when the policy picks it.
+    fn maybe_verify(&self, run: &InFlight, proof: Option<Box<crate::proof::Proof>>) {
+        let (Some(v), Some(challenge), Some(node)) = (&self.config.verification, run.challenge, self.address) else {
+            return;
+        };
+        if !v.policy.should_verify(&node) {
+            return;
+        }
+        let task = super::verifier::VerifyTask {
+            task: run.job.id,
+            node,
+            model: run.job.model.clone(),
+            input: run.job.input.clone(),
+            params: run.job.params.clone(),
+            completion: run.job.emitted.clone(),
+            challenge,
+            proof,
+            report: v.report.clone(),
+        };
+        if v.pool.try_send(task).is_err() {
+            tracing::warn!(task = %run.job.id, "verifier pool saturated; task left unchecked");
+        }
     }
 
     /// Checks a block confirmation's signature and passes it to the Registry.
@@ -530,7 +576,14 @@ impl Handler<Dispatch> for NodeProxy {
         let max_tokens = u32::try_from(job.max_tokens).unwrap_or(u32::MAX);
         let ticket =
             TaskTicket::issue(&self.config.ticket_secret, job.id, job.game_id, &job.model, max_tokens, &address);
-        let frame = self.frame(&ServerMessage::Task(job.spec(ticket)));
+        // A fresh challenge for models the verifiers hold (not for failover continuations).
+        let challenge = self
+            .config
+            .verification
+            .as_ref()
+            .filter(|v| v.models.contains(&job.model) && job.emitted.is_empty())
+            .map(|_| rand::random::<[u8; 32]>());
+        let frame = self.frame(&ServerMessage::Task(job.spec(ticket, challenge)));
         if frame.len() > MAX_FRAME_BYTES {
             let _ = job.events.send(JobEvent::Failed(ServeError::TooLarge(frame.len())));
             self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
@@ -539,8 +592,10 @@ impl Handler<Dispatch> for NodeProxy {
         let _ = self.out.send(Outgoing::Binary(Bytes::from(frame)));
         let prefix_len = job.emitted.len();
         let now = Instant::now();
-        self.in_flight
-            .insert(job.id, InFlight { job, prefix_len, started: now, first_token: None, last_progress: now });
+        self.in_flight.insert(
+            job.id,
+            InFlight { job, challenge, prefix_len, started: now, first_token: None, last_progress: now },
+        );
     }
 }
 

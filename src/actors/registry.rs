@@ -19,6 +19,8 @@ const MAILBOX_CAPACITY: usize = 65_536;
 
 pub struct Registry {
     store: Store,
+    /// Marks nodes whose reputation fell below `suspect_below` for checks on every task.
+    policy: Option<(std::sync::Arc<crate::proof::policy::Policy>, i32)>,
     /// This server's address, stored with each block it commits.
     server: String,
     max_buffered: usize,
@@ -31,7 +33,22 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(store: Store, server: String, max_buffered: usize) -> Self {
-        Self { store, server, max_buffered, buffer: Vec::new(), committing: false, failures: 0, dropped: 0 }
+        Self {
+            store,
+            policy: None,
+            server,
+            max_buffered,
+            buffer: Vec::new(),
+            committing: false,
+            failures: 0,
+            dropped: 0,
+        }
+    }
+
+    /// With proof of inference: the sampling policy and the reputation floor for suspects.
+    pub fn with_policy(mut self, policy: std::sync::Arc<crate::proof::policy::Policy>, suspect_below: i32) -> Self {
+        self.policy = Some((policy, suspect_below));
+        self
     }
 
     /// Starts committing the buffer, unless a commit is running or there is nothing to do.
@@ -161,6 +178,28 @@ impl Handler<ConfirmBlock> for Registry {
                 }
                 Err(e) => tracing::warn!(node = %msg.node, block = msg.block, error = %e,
                     "could not record a confirmation; the node will confirm again"),
+            })
+            .spawn(ctx);
+    }
+}
+
+impl Handler<VerificationDone> for Registry {
+    type Result = ();
+
+    /// Records a verdict: the receipt's verification state and the node's reputation.
+    fn handle(&mut self, msg: VerificationDone, ctx: &mut Self::Context) {
+        let store = self.store.clone();
+        let node = msg.node.to_string();
+        let detail = msg.detail.clone();
+        async move { store.record_verification(msg.task.0, &node, msg.accepted, &detail).await }
+            .into_actor(self)
+            .map(move |result, this, _| match result {
+                Ok(reputation) => {
+                    if let Some((policy, floor)) = &this.policy {
+                        policy.set_suspect(&msg.node, reputation < *floor);
+                    }
+                }
+                Err(e) => tracing::warn!(task = %msg.task, error = %e, "could not record a verification"),
             })
             .spawn(ctx);
     }

@@ -236,6 +236,7 @@ async fn direct_engine_latency(tokens: usize) -> Vec<Duration> {
             max_tokens: tokens,
             stop: vec![],
             prefix: vec![],
+            challenge: None,
             ticket: crate::protocol::TaskTicket::issue(
                 &[0; 32],
                 TaskId(i),

@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod load;
 mod serve;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,8 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Check a stored proof of inference offline against a reference model.
+    Verify(verify::VerifyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,6 +228,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => serve::demo(settings, args),
+        Command::Verify(args) => {
+            if !verify::run(args)? {
+                anyhow::bail!("the proof was rejected");
+            }
+            Ok(())
+        }
     }
 }
 

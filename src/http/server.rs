@@ -126,6 +126,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         queue_timeout: Duration::from_millis(s.distributor.queue_timeout_ms),
         max_attempts: s.distributor.max_attempts,
         catalog: s.distributor.models.clone(),
+        quarantine: Duration::from_secs(s.verifier.quarantine_s),
     };
     let distributor = Supervisor::start(move |_| Distributor::new(config));
     let clock = {
@@ -139,9 +140,11 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     };
     let key_file = s.server.key_file.clone().unwrap_or_else(|| s.server.data_dir.join("distributor.key"));
     let identity = Arc::new(Identity::load_or_create(&key_file).map_err(std::io::Error::other)?);
+    let policy = Arc::new(crate::proof::policy::Policy::new(s.verifier.first_tasks, s.verifier.sample_rate));
     let registry = {
         let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
-        Supervisor::start(move |_| Registry::new(store, server, max))
+        let (policy, floor) = (policy.clone(), s.verifier.suspect_below);
+        Supervisor::start(move |_| Registry::new(store, server, max).with_policy(policy, floor))
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));
     tracing::info!(address = %identity.address, key = %key_file.display(), "distributor identity (nodes may pin it)");
@@ -153,6 +156,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let banned = Arc::new(banned);
     let distributor_address = identity.address;
     let model_keys = Arc::new(load_model_keys(&s.server.data_dir.join("model-keys"))?);
+    let verification = start_verifiers(&s, &model_keys, policy, &registry, &distributor)?;
     let state = web::Data::new(AppState {
         clock,
         gateway,
@@ -171,6 +175,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             ticket_secret,
             prices: Arc::new(s.prices.table()),
             registry: registry.clone(),
+            verification,
         },
         store: store.clone(),
         admin_token_hash: admin_token_hash(&s)?,
@@ -196,6 +201,40 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let handle =
         ServerHandle { addr, distributor_address, http: server.handle(), distributor, registry, store, grace, cluster };
     Ok((handle, server))
+}
+
+/// Starts the verifier pool when reference models are configured (each thread loads its
+/// own copies; a model that fails to load stops the server with the reason).
+fn start_verifiers(
+    s: &Settings,
+    keys: &Arc<std::collections::BTreeMap<String, String>>,
+    policy: Arc<crate::proof::policy::Policy>,
+    registry: &Addr<Registry>,
+    distributor: &Addr<Distributor>,
+) -> std::io::Result<Option<crate::actors::node_proxy::Verification>> {
+    if s.verifier.models.is_empty() {
+        return Ok(None);
+    }
+    // Load once here so a bad path fails the start with a clear error, not a thread panic.
+    let (refs, tol, dir) =
+        (s.verifier.models.clone(), s.verifier.tolerances(), s.server.data_dir.join("proofs/rejected"));
+    let first =
+        crate::actors::verifier::Verifier::load(&refs, keys, tol, dir.clone()).map_err(std::io::Error::other)?;
+    let first = std::sync::Mutex::new(Some(first));
+    let keys = keys.clone();
+    let pool = actix::SyncArbiter::start(s.verifier.pool_size.max(1), move || {
+        first.lock().ok().and_then(|mut f| f.take()).unwrap_or_else(|| {
+            crate::actors::verifier::Verifier::load(&refs, &keys, tol, dir.clone())
+                .expect("reference models loaded once already")
+        })
+    });
+    tracing::info!(models = ?s.verifier.models.keys().collect::<Vec<_>>(), pool = s.verifier.pool_size, "verifier pool started");
+    Ok(Some(crate::actors::node_proxy::Verification {
+        models: Arc::new(s.verifier.models.keys().cloned().collect()),
+        policy,
+        pool,
+        report: vec![registry.clone().recipient(), distributor.clone().recipient()],
+    }))
 }
 
 /// Waits for SIGINT or SIGTERM.

@@ -20,6 +20,8 @@ pub enum LogitsFor {
     None,
     Last,
     All,
+    /// Rows from this index of the chunk on (a verifier needs no logits for the prompt).
+    From(usize),
 }
 
 /// A chunk of one sequence's prompt to prefill within a step.
@@ -286,6 +288,10 @@ impl Llama {
             LogitsFor::Last if b == 0 => hidden.f_narrow(0, n - 1, 1)?,
             LogitsFor::Last => Tensor::f_cat(&[hidden.f_narrow(0, 0, b)?, hidden.f_narrow(0, b + n - 1, 1)?], 0)?,
             LogitsFor::All => hidden.shallow_clone(),
+            LogitsFor::From(k) => {
+                let k = (k as i64).min(n);
+                Tensor::f_cat(&[hidden.f_narrow(0, 0, b)?, hidden.f_narrow(0, b + k, n - k)?], 0)?
+            }
         };
         let logits = self.logits(&rows)?;
         let decode = ForwardOutput { hidden: hidden.f_narrow(0, 0, b)?, logits: logits.f_narrow(0, 0, b)? };

@@ -163,7 +163,8 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// The candidates after the temperature and the filters: (token, scaled logit), best first.
+/// The candidates after the temperature and the filters: (token, scaled logit), best first
+/// when a filter is set (in token order otherwise).
 pub fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
     let inv_t = 1.0 / params.temperature.max(1e-6);
     let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max) * inv_t;
@@ -174,6 +175,10 @@ pub fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
         .map(|(i, &l)| (i as u32, l * inv_t))
         .filter(|&(_, s)| s >= floor && s.is_finite())
         .collect();
+    if params.top_k == 0 && params.top_p >= 1.0 && params.min_p <= 0.0 {
+        // No filter needs the order: skip the sort (thousands of candidates at T ≈ 1).
+        return cands;
+    }
     cands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if params.top_k > 0 {
         cands.truncate(params.top_k);

@@ -6,7 +6,10 @@ use super::error::LedgerError;
 use super::pool::Conn;
 
 /// (version, name, SQL), in order. Append only: an applied migration never changes.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "registry", include_str!("../../migrations/0001_registry.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "registry", include_str!("../../migrations/0001_registry.sql")),
+    (2, "verifications", include_str!("../../migrations/0002_verifications.sql")),
+];
 
 /// Advisory lock key held while migrating ("ludusmig").
 const MIGRATION_LOCK: i64 = 0x6c75_6475_736d_6967;

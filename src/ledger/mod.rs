@@ -17,6 +17,7 @@ pub mod pool;
 pub mod receipts;
 pub mod reports;
 pub mod store;
+pub mod verifications;
 
 pub use error::LedgerError;
 pub use games::{hash_key, KeyInfo};

@@ -193,6 +193,13 @@ impl Store {
             tx.rollback().await?;
         } else {
             let root = merkle::root(&inserted.iter().map(|(_, _, h)| *h).collect::<Vec<_>>());
+            // Checks that finished before the receipt arrived.
+            tx.execute(
+                "UPDATE receipts r SET verification = v.outcome FROM verifications v
+                 WHERE v.task_id = r.task_id AND r.block = $1",
+                &[&block],
+            )
+            .await?;
             tx.execute(
                 "INSERT INTO blocks (number, merkle_root, receipt_count, committed_by) VALUES ($1, $2, $3, $4)",
                 &[&block, &root.as_slice(), &(inserted.len() as i32), &committed_by],

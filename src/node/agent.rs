@@ -19,6 +19,8 @@ use super::receipts::ReceiptLog;
 use crate::crypto::identity::{Address, Identity};
 use crate::crypto::merkle::task_root;
 use crate::inference::Event;
+use crate::proof::commitment::DEFAULT_TOP_K;
+use crate::proof::ProofBuilder;
 use crate::protocol::handshake::{open_message, seal_message};
 use crate::protocol::receipt::confirmation_message;
 use crate::protocol::SignedReceipt;
@@ -304,13 +306,19 @@ async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
     let TaskRunner { identity, log, out, tasks } = runner;
     let id = spec.id;
     let mut completion = spec.prefix.clone();
+    let challenge =
+        spec.challenge.as_deref().and_then(|c| hex::decode(c).ok()).and_then(|c| <[u8; 32]>::try_from(c).ok());
+    let mut prover = challenge.filter(|_| spec.prefix.is_empty()).map(|c| ProofBuilder::new(c, DEFAULT_TOP_K));
     match backend.start(&spec) {
         Err(error) => {
             let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
         }
         Ok(mut events) => loop {
             match events.recv().await {
-                Some(Event::Token { id: token, text, .. }) => {
+                Some(Event::Token { id: token, text, hidden }) => {
+                    if let (Some(p), Some(h)) = (prover.as_mut(), hidden.as_deref()) {
+                        p.token_row(h); // the row whose logits chose this token
+                    }
                     let index = completion.len();
                     completion.push(token);
                     let _ = out.send(Outgoing::Message(NodeMessage::Token { id, index, token, text }));
@@ -325,8 +333,16 @@ async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
                     }
                     let usage =
                         TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
-                    let message =
-                        NodeMessage::Done { id, finish_reason: done.reason.into(), usage, tail: done.tail, receipt };
+                    let proof =
+                        prover.take().and_then(|p| p.finish(&identity, id.0, &spec.model, &completion)).map(Box::new);
+                    let message = NodeMessage::Done {
+                        id,
+                        finish_reason: done.reason.into(),
+                        usage,
+                        tail: done.tail,
+                        receipt,
+                        proof,
+                    };
                     let _ = out.send(Outgoing::Message(message));
                     break;
                 }
@@ -338,7 +354,11 @@ async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
                     let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: false }));
                     break;
                 }
-                Some(Event::PromptHidden { .. }) => {}
+                Some(Event::PromptHidden { rows, values }) => {
+                    if let Some(p) = prover.as_mut() {
+                        p.prompt_rows(rows, &values);
+                    }
+                }
                 None => {
                     let _ = out.send(Outgoing::Message(NodeMessage::Failed {
                         id,

@@ -97,6 +97,9 @@ impl Backend {
                     params: task.params.clone(),
                     max_tokens: task.max_tokens,
                     stop: task.stop.clone(),
+                    // Hidden states for the proof of inference (not for failover tasks:
+                    // another node produced part of the output).
+                    collect_hidden: task.challenge.is_some() && task.prefix.is_empty(),
                     ..GenerateRequest::default()
                 };
                 engine.submit(request).map_err(|e| e.to_string())

@@ -41,6 +41,10 @@ pub struct TaskSpec {
     /// The distributor's authenticated statement of what this task is; the node signs
     /// its receipt over it.
     pub ticket: TaskTicket,
+    /// A fresh secret (32 bytes, hex) when the distributor wants a proof of inference: it
+    /// selects the committed rows (`proof::commitment`).
+    #[serde(default)]
+    pub challenge: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +172,9 @@ pub enum NodeMessage {
         tail: String,
         /// The node's signed receipt (also kept in its local log until confirmed).
         receipt: SignedReceipt,
+        /// The proof of inference, when the task carried a challenge.
+        #[serde(default)]
+        proof: Option<Box<crate::proof::Proof>>,
     },
     /// Receipts not yet confirmed, sent again after a reconnect or when unanswered.
     Receipts {

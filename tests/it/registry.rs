@@ -19,7 +19,7 @@ use super::cluster::{wait_for, Cluster};
 use super::database::{block_on, numbers};
 
 /// One non-streamed chat request that never panics: the task id of a 200, else None.
-fn try_chat(addr: &str, key: &str, model: &str) -> Option<u64> {
+pub fn try_chat(addr: &str, key: &str, model: &str) -> Option<u64> {
     let body = format!(r#"{{"model": "{model}", "max_tokens": 4, "messages": [{{"role": "user", "content": "hi"}}]}}"#);
     let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
@@ -241,13 +241,13 @@ fn books(cluster: &Cluster) -> (i64, String, i64, i64) {
 }
 
 /// A node speaking the real protocol, driven by the test.
-struct Rogue {
-    id: Identity,
-    link: Link,
+pub struct Rogue {
+    pub id: Identity,
+    pub link: Link,
 }
 
 impl Rogue {
-    async fn join(addr: &str, model: &str) -> Self {
+    pub async fn join(addr: &str, model: &str) -> Self {
         let id = Identity::generate();
         let announce = Announce { models: vec![model.into()], capacity: 4, device: "cpu".into(), bundles: vec![] };
         let link = join(&format!("ws://{addr}/ws/node"), &id, announce, None).await.unwrap();
@@ -255,7 +255,7 @@ impl Rogue {
     }
 
     /// Heartbeats until a message matching `want` arrives (others are dropped).
-    async fn wait(&mut self, others: &mut [&mut Rogue], want: impl Fn(&ServerMessage) -> bool) -> ServerMessage {
+    pub async fn wait(&mut self, others: &mut [&mut Rogue], want: impl Fn(&ServerMessage) -> bool) -> ServerMessage {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             assert!(Instant::now() < deadline, "no matching message from the server");
@@ -272,7 +272,7 @@ impl Rogue {
     }
 
     /// Heartbeats (and drops whatever arrives) for `time`.
-    async fn idle(&mut self, others: &mut [&mut Rogue], time: Duration) {
+    pub async fn idle(&mut self, others: &mut [&mut Rogue], time: Duration) {
         let until = Instant::now() + time;
         while Instant::now() < until {
             for r in std::iter::once(&mut *self).chain(others.iter_mut().map(|r| &mut **r)) {
@@ -282,7 +282,7 @@ impl Rogue {
         }
     }
 
-    async fn task(&mut self, others: &mut [&mut Rogue]) -> TaskSpec {
+    pub async fn task(&mut self, others: &mut [&mut Rogue]) -> TaskSpec {
         match self.wait(others, |m| matches!(m, ServerMessage::Task(_))).await {
             ServerMessage::Task(spec) => spec,
             _ => unreachable!(),
@@ -302,6 +302,7 @@ impl Rogue {
             usage,
             tail: String::new(),
             receipt,
+            proof: None,
         };
         self.link.send(&done).await.unwrap();
     }

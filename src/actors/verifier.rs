@@ -1,0 +1,138 @@
+//! The Verifier pool: a `SyncArbiter` of threads, each holding f32 reference copies of
+//! the models it checks (CPU work never runs on an async arbiter). A `VerifyTask` is a
+//! finished task with its proof; the verdict ([`crate::proof::verify`]) goes to the
+//! Registry (books, reputation) and the Distributor (quarantine). Rejected proofs are kept
+//! in `data_dir/proofs/rejected/` for `ludus verify`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use actix::prelude::*;
+
+use super::messages::VerificationDone;
+use crate::crypto::identity::Address;
+use crate::inference::{Model, SamplingParams};
+use crate::proof::{verify, Proof, StoredProof, Tolerances};
+use crate::protocol::{TaskId, TaskInput};
+
+/// A finished task to check.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct VerifyTask {
+    pub task: TaskId,
+    pub node: Address,
+    pub model: String,
+    pub input: TaskInput,
+    pub params: SamplingParams,
+    /// The completion the game received.
+    pub completion: Vec<u32>,
+    /// The challenge the distributor issued.
+    pub challenge: [u8; 32],
+    pub proof: Option<Box<Proof>>,
+    pub report: Vec<Recipient<VerificationDone>>,
+}
+
+pub struct Verifier {
+    models: HashMap<String, Model>,
+    tol: Tolerances,
+    rejected_dir: PathBuf,
+}
+
+impl Verifier {
+    /// Loads every reference model (f32, CPU); bundles take their key from `keys` (key id → hex).
+    pub fn load(
+        references: &BTreeMap<String, PathBuf>,
+        keys: &BTreeMap<String, String>,
+        tol: Tolerances,
+        rejected_dir: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let mut models = HashMap::new();
+        for (name, path) in references {
+            let key = if crate::crypto::protect::is_bundle(path) {
+                let manifest = crate::crypto::protect::read_manifest(path)?;
+                let hex_key = keys.get(&manifest.key_id).ok_or_else(|| {
+                    anyhow::anyhow!("verifier model {name}: no key {} in the model key store", manifest.key_id)
+                })?;
+                Some(<[u8; 32]>::try_from(hex::decode(hex_key)?).map_err(|_| anyhow::anyhow!("bad key length"))?)
+            } else {
+                None
+            };
+            let model = Model::load_with_key(path, tch::Device::Cpu, Some(tch::Kind::Float), key.as_ref())
+                .map_err(|e| anyhow::anyhow!("verifier model {name} ({}): {e}", path.display()))?;
+            models.insert(name.clone(), model);
+        }
+        Ok(Self { models, tol, rejected_dir })
+    }
+
+    /// The verdict: (accepted, detail).
+    fn check(&self, t: &VerifyTask) -> (bool, String) {
+        let Some(model) = self.models.get(&t.model) else {
+            return (true, "no reference model (unchecked)".into());
+        };
+        let Some(proof) = t.proof.as_deref() else {
+            return (false, "no proof for a task that carried a challenge".into());
+        };
+        if proof.task != t.task.0 || proof.challenge != hex::encode(t.challenge) {
+            return (false, "the proof is for another task or challenge".into());
+        }
+        match proof.signer() {
+            Ok(signer) if signer == t.node => {}
+            _ => return (false, "the proof is not signed by the node".into()),
+        }
+        let prompt = match &t.input {
+            TaskInput::Chat(messages) => model.chat_prompt(messages),
+            TaskInput::Text(text) => model.completion_prompt(text),
+        };
+        let prompt = match prompt {
+            Ok(p) => p,
+            Err(e) => return (true, format!("cannot tokenize the task ({e}): unchecked")),
+        };
+        match verify(model, proof, &prompt, &t.completion, &t.params, &self.tol) {
+            Ok(v) if v.accepted => {
+                (true, format!("value error {:.4}, overlap {:.3}", v.worst_value_error, v.worst_index_overlap))
+            }
+            Ok(v) => (false, v.reasons.join("; ")),
+            Err(e) => (true, format!("verifier error ({e}): unchecked")),
+        }
+    }
+
+    fn keep_rejected(&self, t: &VerifyTask) {
+        let Some(proof) = t.proof.as_deref() else { return };
+        let stored = StoredProof {
+            proof: proof.clone(),
+            input: t.input.clone(),
+            params: t.params.clone(),
+            completion: t.completion.clone(),
+        };
+        let path = self.rejected_dir.join(format!("{}.json", t.task));
+        let written = std::fs::create_dir_all(&self.rejected_dir)
+            .and_then(|_| std::fs::write(&path, serde_json::to_vec_pretty(&stored).unwrap_or_default()));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "could not keep a rejected proof");
+        }
+    }
+}
+
+impl Actor for Verifier {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<VerifyTask> for Verifier {
+    type Result = ();
+
+    /// Checks one task and reports the verdict.
+    fn handle(&mut self, t: VerifyTask, _: &mut Self::Context) {
+        let started = std::time::Instant::now();
+        let (accepted, detail) = self.check(&t);
+        let ms = started.elapsed().as_millis() as u64;
+        if accepted {
+            tracing::debug!(task = %t.task, node = %t.node, ms, %detail, "proof verified");
+        } else {
+            tracing::warn!(task = %t.task, node = %t.node, ms, %detail, "proof REJECTED");
+            self.keep_rejected(&t);
+        }
+        for r in &t.report {
+            r.do_send(VerificationDone { task: t.task, node: t.node, accepted, detail: detail.clone() });
+        }
+    }
+}

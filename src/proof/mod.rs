@@ -1,0 +1,21 @@
+//! Proof of inference: how a node shows that its output came from the model it was paid
+//! to run, at a fraction of the cost of running it again.
+//!
+//! - [`commitment`]: top-k commitments of final hidden states at challenge-drawn rows.
+//! - [`signed`]: the signed proof and the builder a node fills while generating.
+//! - [`policy`]: which finished tasks get checked.
+//! - [`stored`]: a proof with its task, for offline checks (`ludus verify`).
+//! - [`verify`]: the reference check — one prefill, commitments within tolerances, every
+//!   token against the seeded sampler (near-ties forgiven).
+//!
+//! Knows the inference engine's model and sampler; nothing of actors or HTTP.
+
+pub mod commitment;
+pub mod policy;
+pub mod signed;
+pub mod stored;
+pub mod verify;
+
+pub use signed::{Proof, ProofBuilder};
+pub use stored::StoredProof;
+pub use verify::{verify, Tolerances, Verdict};

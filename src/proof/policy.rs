@@ -1,0 +1,63 @@
+//! Which finished tasks get checked: every task of a node's first `first_tasks`, every
+//! task of a suspect node (reputation below the configured floor), and otherwise a random
+//! `sample_rate` share. Shared by the node proxies; the Registry marks suspects.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use crate::crypto::identity::Address;
+
+pub struct Policy {
+    first_tasks: u64,
+    sample_rate: f64,
+    seen: Mutex<HashMap<Address, u64>>,
+    suspects: Mutex<HashSet<Address>>,
+}
+
+impl Policy {
+    pub fn new(first_tasks: u64, sample_rate: f64) -> Self {
+        Self { first_tasks, sample_rate, seen: Mutex::default(), suspects: Mutex::default() }
+    }
+
+    /// Counts a finished task of `node` and says whether to check it.
+    pub fn should_verify(&self, node: &Address) -> bool {
+        let n = {
+            let mut seen = self.seen.lock().expect("policy lock");
+            let n = seen.entry(*node).or_default();
+            *n += 1;
+            *n
+        };
+        n <= self.first_tasks
+            || self.suspects.lock().expect("policy lock").contains(node)
+            || rand::random::<f64>() < self.sample_rate
+    }
+
+    pub fn set_suspect(&self, node: &Address, suspect: bool) {
+        let mut suspects = self.suspects.lock().expect("policy lock");
+        if suspect {
+            suspects.insert(*node);
+        } else {
+            suspects.remove(node);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_and_suspect_nodes_are_always_checked_others_sampled() {
+        let policy = Policy::new(3, 0.0);
+        let (a, b) = (Address([1; 20]), Address([2; 20]));
+        assert!((0..3).all(|_| policy.should_verify(&a)));
+        assert!(!policy.should_verify(&a), "past its first tasks, a 0 % sample checks nothing");
+        policy.set_suspect(&a, true);
+        assert!((0..10).all(|_| policy.should_verify(&a)));
+        policy.set_suspect(&a, false);
+        assert!(!policy.should_verify(&a));
+        assert!(policy.should_verify(&b), "counts are per node");
+        let always = Policy::new(0, 1.0);
+        assert!((0..10).all(|_| always.should_verify(&a)));
+    }
+}

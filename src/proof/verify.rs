@@ -1,0 +1,214 @@
+//! Checking a proof against a reference copy of the model: one prefill over prompt +
+//! completion (in chunks, far cheaper than decoding), then
+//!
+//! 1. every commitment against the recomputed hidden state of its row, within
+//!    [`Tolerances`] (relative RMS error of the committed values, share of the committed
+//!    indices still in the top-k);
+//! 2. every generated token against the seeded sampler on the recomputed logits (the
+//!    sampler is a pure function of logits, seed and position); a different pick is
+//!    forgiven only when it was a near-tie.
+
+use serde::Serialize;
+use tch::Device;
+
+use super::commitment::{positions, TopK, CHUNK};
+use super::signed::Proof;
+use crate::inference::kv_cache::KvCache;
+use crate::inference::llama::LogitsFor;
+use crate::inference::sampling::{apply_penalties, candidates, gumbel, sample, TokenHistory};
+use crate::inference::{InferError, Model, SamplingParams};
+
+/// Rows per verification prefill chunk (bounds the logits held at once).
+const VERIFY_CHUNK: usize = 256;
+
+/// How close an honest run must come. Calibrated in `docs/proof-of-inference.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct Tolerances {
+    /// Largest relative RMS error of a commitment's values.
+    pub max_value_error: f32,
+    /// Smallest share of committed indices that must be in the recomputed top-k.
+    pub min_index_overlap: f32,
+    /// Largest score gap (scaled logit + Gumbel noise; logits when greedy) between the
+    /// verifier's pick and the node's token for which a different token is a near-tie.
+    pub max_tie_margin: f32,
+}
+
+impl Default for Tolerances {
+    fn default() -> Self {
+        Self { max_value_error: 0.05, min_index_overlap: 0.85, max_tie_margin: 0.5 }
+    }
+}
+
+/// The outcome of a check, with the measurements behind it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub accepted: bool,
+    /// Why it was rejected (empty when accepted).
+    pub reasons: Vec<String>,
+    pub commitments: usize,
+    pub worst_value_error: f32,
+    pub worst_index_overlap: f32,
+    pub tokens: usize,
+    /// Tokens the verifier's sampler would not have picked, beyond a near-tie.
+    pub token_mismatches: usize,
+    /// Tokens that differ from the verifier's pick but by a near-tie.
+    pub near_ties: usize,
+}
+
+fn tensor_rows(t: &tch::Tensor) -> Result<Vec<f32>, InferError> {
+    let t = t.f_to_kind(tch::Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    let mut out = vec![0f32; t.numel()];
+    t.f_copy_data(&mut out, t.numel())?;
+    Ok(out)
+}
+
+fn penalties_apply(params: &SamplingParams) -> bool {
+    params.repetition_penalty != 1.0 || params.frequency_penalty != 0.0 || params.presence_penalty != 0.0
+}
+
+/// How far the node's token is below the verifier's pick (0 when they agree).
+fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: u32, actual: u32) -> f32 {
+    if expected == actual {
+        return 0.0;
+    }
+    if params.temperature == 0.0 {
+        return logits.get(expected as usize).copied().unwrap_or(f32::INFINITY)
+            - logits.get(actual as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    }
+    let cands = candidates(logits, params);
+    let score = |t: u32| cands.iter().find(|(c, _)| *c == t).map(|&(_, s)| s as f64 + gumbel(params.seed, position, t));
+    match (score(expected), score(actual)) {
+        (Some(e), Some(a)) => (e - a) as f32,
+        _ => f32::INFINITY, // the node's token was not even a candidate
+    }
+}
+
+/// Checks `proof` for the task (`prompt` tokens, the `completion` the game received,
+/// `params` with the seed the distributor fixed) on the reference `model`.
+pub fn verify(
+    model: &Model,
+    proof: &Proof,
+    prompt: &[u32],
+    completion: &[u32],
+    params: &SamplingParams,
+    tol: &Tolerances,
+) -> Result<Verdict, InferError> {
+    let mut v = Verdict {
+        accepted: false,
+        reasons: Vec::new(),
+        commitments: 0,
+        worst_value_error: 0.0,
+        worst_index_overlap: 1.0,
+        tokens: completion.len(),
+        token_mismatches: 0,
+        near_ties: 0,
+    };
+    let (p, g) = (prompt.len(), completion.len());
+    let challenge = match proof.challenge_bytes() {
+        Ok(c) => c,
+        Err(e) => {
+            v.reasons.push(e);
+            return Ok(v);
+        }
+    };
+    if proof.prompt_tokens as usize != p || proof.completion_tokens as usize != g {
+        v.reasons.push(format!(
+            "the proof covers {} prompt and {} completion tokens; the task has {p} and {g}",
+            proof.prompt_tokens, proof.completion_tokens
+        ));
+    }
+    if proof.output_hash != hex::encode(crate::protocol::receipt::output_hash(completion)) {
+        v.reasons.push("the proof is for another completion (output hash)".into());
+    }
+    if proof.chunks.len() != g.div_ceil(CHUNK) {
+        v.reasons.push(format!("{} chunk commitments for {g} tokens", proof.chunks.len()));
+    }
+    if p == 0 {
+        v.reasons.push("the task has an empty prompt".into());
+    }
+    if !v.reasons.is_empty() {
+        return Ok(v);
+    }
+    let decode = |hex_str: &str| hex::decode(hex_str).map_err(|e| e.to_string()).and_then(|b| TopK::decode(&b));
+    let mut commitments = Vec::new();
+    let pos = positions(&challenge, p, g);
+    for (row, text) in
+        std::iter::once((pos.prompt_row, &proof.prompt)).chain(pos.chunk_rows.iter().copied().zip(&proof.chunks))
+    {
+        match decode(text) {
+            Ok(top) if top.entries.len() == proof.top_k as usize => commitments.push((row, top)),
+            Ok(_) => v.reasons.push("a commitment has the wrong number of entries".into()),
+            Err(e) => v.reasons.push(format!("a commitment is malformed: {e}")),
+        }
+    }
+    if !v.reasons.is_empty() {
+        return Ok(v);
+    }
+    // One prefill over prompt + completion (the last token needs no row), in chunks.
+    let llama = &model.llama;
+    let tokens: Vec<u32> = prompt.iter().chain(completion.iter().take(g.saturating_sub(1))).copied().collect();
+    let mut cache = KvCache::new(&llama.config, 1, tokens.len().max(1), llama.device, llama.kind)?;
+    let d = llama.config.hidden_size;
+    let mut history = TokenHistory::new(prompt);
+    for start in (0..tokens.len()).step_by(VERIFY_CHUNK) {
+        let end = (start + VERIFY_CHUNK).min(tokens.len());
+        // Logits only from row P-1 on: earlier rows chose no generated token.
+        let first = (p - 1).max(start);
+        let want = if first >= end { LogitsFor::None } else { LogitsFor::From(first - start) };
+        let out = llama.prefill(&mut cache, 0, &tokens[start..end], start, want)?;
+        let hidden = tensor_rows(&out.hidden)?;
+        for (row, top) in commitments.iter().filter(|(r, _)| (start..end).contains(r)) {
+            let local = row - start;
+            let dist = top.distance(&hidden[local * d..(local + 1) * d]);
+            v.commitments += 1;
+            v.worst_value_error = v.worst_value_error.max(dist.value_error);
+            v.worst_index_overlap = v.worst_index_overlap.min(dist.index_overlap);
+        }
+        // Rows P-1.. chose the generated tokens.
+        if first >= end {
+            continue;
+        }
+        let logits = tensor_rows(&out.logits)?;
+        let vocab = logits.len() / (end - first);
+        for (i, row) in (first..end).enumerate() {
+            let gi = row + 1 - p;
+            let row_logits = &logits[i * vocab..(i + 1) * vocab];
+            let penalized;
+            let l: &[f32] = if penalties_apply(params) {
+                let mut copy = row_logits.to_vec();
+                apply_penalties(&mut copy, params, &history);
+                penalized = copy;
+                &penalized
+            } else {
+                row_logits
+            };
+            let position = (p + gi) as u64;
+            let expected = sample(l, params, position);
+            let margin = tie_margin(l, params, position, expected, completion[gi]);
+            if margin > tol.max_tie_margin {
+                v.token_mismatches += 1;
+            } else if margin > 0.0 || expected != completion[gi] {
+                v.near_ties += 1;
+            }
+            history.push_generated(completion[gi]);
+        }
+    }
+    if v.commitments != commitments.len() {
+        v.reasons.push("a committed row is outside the task".into());
+    }
+    if v.worst_value_error > tol.max_value_error {
+        v.reasons
+            .push(format!("hidden states differ: value error {:.4} > {}", v.worst_value_error, tol.max_value_error));
+    }
+    if v.worst_index_overlap < tol.min_index_overlap {
+        v.reasons.push(format!(
+            "hidden states differ: top-k overlap {:.3} < {}",
+            v.worst_index_overlap, tol.min_index_overlap
+        ));
+    }
+    if v.token_mismatches > 0 {
+        v.reasons.push(format!("{} token(s) are not what the seeded sampler picks", v.token_mismatches));
+    }
+    v.accepted = v.reasons.is_empty();
+    Ok(v)
+}

@@ -1,0 +1,342 @@
+//! Proof of inference on the real SmolLM2: honest runs in every dtype, batch size and
+//! thread count pass; cheating nodes (another model of the same shape, another
+//! quantization, a skipped layer, an edited token, an edited prompt, replayed
+//! commitments) fail. The verifier is always the f32 reference.
+//!
+//! `LUDUS_PROOF_TASKS=N` sets the tasks per case (default 6 in CI); the table in
+//! docs/proof-of-inference.md comes from `LUDUS_PROOF_TASKS=100 cargo test --release
+//! --test it proof:: -- --nocapture`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use ludus::crypto::identity::Identity;
+use ludus::inference::llama::Llama;
+use ludus::inference::weights::WeightSource;
+use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, SamplingParams};
+use ludus::proof::{verify, Proof, ProofBuilder, Tolerances};
+use tch::{Device, Kind, Tensor};
+
+use super::helpers::smollm2;
+
+const COMPLETION: usize = 40;
+
+fn tasks_per_case() -> usize {
+    std::env::var("LUDUS_PROOF_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(6)
+}
+
+const ASKS: &[&str] = &[
+    "Greet the traveller as a grumpy blacksmith.",
+    "What do you sell, merchant?",
+    "Tell me a rumour about the old mill.",
+    "Describe the castle gate in one sentence.",
+    "Why is the bridge closed today?",
+    "Give the hero a riddle.",
+    "What is the price of a healing potion?",
+    "Warn the player about wolves in the forest.",
+];
+
+/// The i-th task: a prompt and sampling parameters (greedy or seeded sampling).
+fn task(model: &Model, i: usize) -> (Vec<u32>, SamplingParams) {
+    let messages = vec![
+        ChatMessage { role: "system".into(), content: "You are an NPC in a fantasy village.".into() },
+        ChatMessage { role: "user".into(), content: format!("{} (#{i})", ASKS[i % ASKS.len()]) },
+    ];
+    let prompt = model.chat_prompt(&messages).unwrap();
+    let params = if i % 2 == 0 {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams { temperature: 0.8, top_p: 0.95, seed: 1000 + i as u64, ..Default::default() }
+    };
+    (prompt, params)
+}
+
+fn challenge(i: usize) -> [u8; 32] {
+    ludus::crypto::identity::keccak(&(i as u64).to_be_bytes())
+}
+
+/// Runs `prompts` on `engine` together (one batch) and builds each task's proof.
+fn generate(engine: &Engine, node: &Identity, jobs: &[(usize, Vec<u32>, SamplingParams)]) -> Vec<(Vec<u32>, Proof)> {
+    let receivers: Vec<_> = jobs
+        .iter()
+        .map(|(_, prompt, params)| {
+            let request = GenerateRequest {
+                prompt: prompt.clone(),
+                params: params.clone(),
+                max_tokens: COMPLETION,
+                collect_hidden: true,
+                ..GenerateRequest::default()
+            };
+            engine.submit(request).unwrap()
+        })
+        .collect();
+    receivers
+        .into_iter()
+        .zip(jobs)
+        .map(|(rx, (i, _, _))| {
+            let mut builder = ProofBuilder::new(challenge(*i), 64);
+            let completion = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
+            let proof = builder.finish(node, *i as u64, "smollm2", &completion).expect("a proof");
+            (completion, proof)
+        })
+        .collect()
+}
+
+/// Every weight of the model as an f32 tensor in the model's own layout.
+fn weights(path: &std::path::Path) -> (ludus::inference::config::LlamaConfig, HashMap<String, Tensor>) {
+    let source = WeightSource::open(path).unwrap();
+    let config = source.config().unwrap();
+    let WeightSource::Gguf(g) = &source else { panic!("a GGUF model") };
+    let mut tensors = HashMap::new();
+    for name in g.tensors.keys() {
+        let (_, shape) = g.tensor_f32(name).unwrap();
+        tensors.insert(name.clone(), source.tensor(name, &shape, &config).unwrap());
+    }
+    (config, tensors)
+}
+
+/// A model from edited weights, with the reference's tokenizer and template.
+fn model_from(
+    reference_path: &std::path::Path,
+    edit: impl Fn(&mut HashMap<String, Tensor>, usize),
+    kind: Kind,
+) -> Model {
+    let (config, mut tensors) = weights(reference_path);
+    edit(&mut tensors, config.num_layers);
+    let source = WeightSource::Memory { path: reference_path.to_path_buf(), config, tensors };
+    let base = Model::load(reference_path, Device::Cpu, Some(Kind::Float)).unwrap();
+    Model { llama: Llama::load(&source, Device::Cpu, kind).unwrap(), ..base }
+}
+
+/// Round-to-nearest 4-bit symmetric quantization in blocks of 32 (like GGUF Q4_0).
+fn requantize_q4(t: &Tensor) -> Tensor {
+    let shape = t.size();
+    let blocks = t.reshape([-1, 32]);
+    let scale = blocks.abs().amax([1], true) / 7.0;
+    let q = (&blocks / &scale.clamp_min(1e-12)).round().clamp(-8.0, 7.0);
+    (q * scale).reshape(&shape)
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Cheat {
+    None,
+    EditToken,
+    EditPrompt,
+    Replay,
+}
+
+struct Case {
+    name: &'static str,
+    honest: bool,
+    batch: usize,
+    threads: usize,
+    cheat: Cheat,
+    model: Box<dyn Fn() -> Model>,
+}
+
+#[test]
+fn honest_runs_pass_and_cheaters_fail() {
+    let Some(path) = smollm2() else { return };
+    let reference = Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap();
+    let tol = Tolerances::default();
+    let node = Identity::generate();
+    let p = path.clone();
+    let load = move |kind: Kind| {
+        let p = p.clone();
+        Box::new(move || Model::load(&p, Device::Cpu, Some(kind)).unwrap()) as Box<dyn Fn() -> Model>
+    };
+    let edited = |edit: fn(&mut HashMap<String, Tensor>, usize)| {
+        let p = path.clone();
+        Box::new(move || model_from(&p, edit, Kind::Float)) as Box<dyn Fn() -> Model>
+    };
+    let cases = vec![
+        Case {
+            name: "honest f32, batch 1, 2 threads",
+            honest: true,
+            batch: 1,
+            threads: 2,
+            cheat: Cheat::None,
+            model: load(Kind::Float),
+        },
+        Case {
+            name: "honest f32, batch 8, 2 threads",
+            honest: true,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::None,
+            model: load(Kind::Float),
+        },
+        Case {
+            name: "honest f32, batch 8, 1 thread",
+            honest: true,
+            batch: 8,
+            threads: 1,
+            cheat: Cheat::None,
+            model: load(Kind::Float),
+        },
+        Case {
+            name: "honest bf16, batch 8",
+            honest: true,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::None,
+            model: load(Kind::BFloat16),
+        },
+        Case {
+            name: "honest f16, batch 8",
+            honest: true,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::None,
+            model: load(Kind::Half),
+        },
+        Case {
+            name: "another model, same shapes (layers shifted by one)",
+            honest: false,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::None,
+            model: edited(|t, layers| {
+                let old: HashMap<String, Tensor> = t.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+                for (name, tensor) in t.iter_mut() {
+                    if let Some(rest) = name.strip_prefix("blk.") {
+                        let (layer, field) = rest.split_once('.').unwrap();
+                        let next = (layer.parse::<usize>().unwrap() + 1) % layers;
+                        *tensor = old[&format!("blk.{next}.{field}")].shallow_clone();
+                    }
+                }
+            }),
+        },
+        Case {
+            name: "same model, requantized to 4-bit Q4_0-style",
+            honest: false,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::None,
+            model: edited(|t, _| {
+                for (name, tensor) in t.iter_mut() {
+                    if name.starts_with("blk.") && tensor.dim() == 2 {
+                        *tensor = requantize_q4(tensor);
+                    }
+                }
+            }),
+        },
+        Case {
+            name: "one layer skipped (layer 15)",
+            honest: false,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::None,
+            model: edited(|t, _| {
+                for f in ["attn_output", "ffn_down"] {
+                    let w = t.get_mut(&format!("blk.15.{f}.weight")).unwrap();
+                    *w = w.zeros_like();
+                }
+            }),
+        },
+        Case {
+            name: "one output token edited",
+            honest: false,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::EditToken,
+            model: load(Kind::Float),
+        },
+        Case {
+            name: "prompt edited (one token of the request)",
+            honest: false,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::EditPrompt,
+            model: load(Kind::Float),
+        },
+        Case {
+            name: "commitments replayed from another task",
+            honest: false,
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::Replay,
+            model: load(Kind::Float),
+        },
+    ];
+    let n = tasks_per_case();
+    let mut table = String::from(
+        "| case | tasks | accepted | worst value error | worst top-k overlap | token mismatches | near-ties | gen s | verify s |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut failures = Vec::new();
+    for case in &cases {
+        let engine = Engine::start(
+            (case.model)(),
+            EngineConfig {
+                max_batch: case.batch,
+                max_context: 512,
+                prefill_chunk: 256,
+                threads: case.threads,
+                single_sequence_threads: 0,
+            },
+        )
+        .unwrap();
+        let (mut accepted, mut worst_err, mut worst_overlap, mut mismatches, mut ties) = (0, 0f32, 1f32, 0, 0);
+        let (mut gen_s, mut verify_s) = (0f64, 0f64);
+        for start in (0..n).step_by(case.batch) {
+            let jobs: Vec<(usize, Vec<u32>, SamplingParams)> = (start..(start + case.batch).min(n))
+                .map(|i| {
+                    let (mut prompt, params) = task(&reference, i);
+                    if case.cheat == Cheat::EditPrompt {
+                        // The node runs the prompt with one token of the user's message
+                        // changed (same length, so only the states can tell).
+                        let at = prompt.len() - 12 - i % 4;
+                        prompt[at] = (prompt[at] + 7919 * (1 + i as u32)) % 49_152;
+                    }
+                    (i, prompt, params)
+                })
+                .collect();
+            let t = Instant::now();
+            let results = generate(&engine, &node, &jobs);
+            gen_s += t.elapsed().as_secs_f64();
+            for ((i, _, params), (mut completion, mut proof)) in jobs.iter().zip(results) {
+                let (true_prompt, _) = task(&reference, *i);
+                match case.cheat {
+                    Cheat::EditToken => {
+                        let at = (i * 7) % completion.len();
+                        completion[at] = (completion[at] + 1 + (*i as u32 * 131) % 1000) % 49_152;
+                        // A consistent lie: the proof is re-signed over the edited output.
+                        proof.output_hash = hex::encode(ludus::protocol::receipt::output_hash(&completion));
+                        proof.signature = hex::encode(node.sign(&proof.digest()));
+                    }
+                    Cheat::Replay => {
+                        // Commitments of another task, relabelled for this one.
+                        let other =
+                            &generate(&engine, &node, &[(i + 1000, task(&reference, i + 1000).0, params.clone())])[0].1;
+                        proof.prompt = other.prompt.clone();
+                        proof.chunks = other.chunks.clone();
+                        proof.signature = hex::encode(node.sign(&proof.digest()));
+                    }
+                    _ => {}
+                }
+                let t = Instant::now();
+                let verdict = verify(&reference, &proof, &true_prompt, &completion, params, &tol).unwrap();
+                verify_s += t.elapsed().as_secs_f64();
+                accepted += verdict.accepted as usize;
+                worst_err = worst_err.max(verdict.worst_value_error);
+                worst_overlap = worst_overlap.min(verdict.worst_index_overlap);
+                mismatches += verdict.token_mismatches;
+                ties += verdict.near_ties;
+                if verdict.accepted != case.honest {
+                    failures.push(format!("{} task {i}: {:?}", case.name, verdict));
+                }
+            }
+        }
+        engine.shutdown();
+        table.push_str(&format!(
+            "| {} | {n} | {accepted} | {worst_err:.4} | {worst_overlap:.3} | {mismatches} | {ties} | {gen_s:.1} | {verify_s:.1} |\n",
+            case.name
+        ));
+        eprintln!("{}", table.lines().last().unwrap());
+    }
+    eprintln!("\n{table}");
+    if let Ok(out) = std::env::var("LUDUS_PROOF_TABLE") {
+        std::fs::write(out, &table).unwrap();
+    }
+    assert!(failures.is_empty(), "{} wrong verdicts:\n{}", failures.len(), failures.join("\n"));
+}
