@@ -114,6 +114,7 @@ impl PriceSettings {
 pub struct VerifierSettings {
     pub models: std::collections::BTreeMap<String, std::path::PathBuf>,
     pub pool_size: usize,
+    pub synchronous: bool,
     pub first_tasks: u64,
     pub sample_rate: f64,
     pub suspect_below: i32,

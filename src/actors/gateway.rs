@@ -118,7 +118,7 @@ impl Handler<Admit> for Gateway {
 
     /// Checks the key, the game and the limits, then submits the job.
     fn handle(&mut self, msg: Admit, _: &mut Self::Context) -> Self::Result {
-        let Admit { bearer, model, input, params, max_tokens, stop } = msg;
+        let Admit { bearer, stream, model, input, params, max_tokens, stop } = msg;
         Box::pin(self.resolve(bearer).then(move |info, this, _| {
             let submitted = info.and_then(|info| {
                 this.check(&info)?;
@@ -139,6 +139,7 @@ impl Handler<Admit> for Gateway {
                     received: now,
                     queued_at: now,
                     failed_nodes: Vec::new(),
+                    stream,
                     emitted: Vec::new(),
                 };
                 Ok((job, Admitted { id, key_hash: info.hash, events: rx }))

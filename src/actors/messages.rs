@@ -20,7 +20,13 @@ pub type NodeId = u64;
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
     Text(String),
-    Done { finish_reason: FinishReason, usage: TaskUsage },
+    /// Forget the text so far: the answer is being produced again (its first version
+    /// failed a synchronous proof check). Only non-streamed jobs receive it.
+    Reset,
+    Done {
+        finish_reason: FinishReason,
+        usage: TaskUsage,
+    },
     Failed(ServeError),
 }
 
@@ -43,6 +49,8 @@ pub struct Job {
     pub queued_at: Instant,
     /// Nodes tried and failed, never chosen again for this job.
     pub failed_nodes: Vec<NodeId>,
+    /// The game streams the answer (synchronous verification applies only when not).
+    pub stream: bool,
     /// Completion tokens already delivered to the game (mid-stream failover prefix).
     pub emitted: Vec<u32>,
 }
@@ -214,6 +222,7 @@ pub struct FlushReceipts;
 #[rtype(result = "Result<Admitted, ServeError>")]
 pub struct Admit {
     pub bearer: Option<String>,
+    pub stream: bool,
     pub model: String,
     pub input: TaskInput,
     pub params: SamplingParams,

@@ -71,6 +71,9 @@ pub struct Verification {
     pub pool: Addr<super::verifier::Verifier>,
     /// Who hears each verdict (Registry, Distributor).
     pub report: Vec<Recipient<VerificationDone>>,
+    /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
+    /// when it fails.
+    pub synchronous: bool,
 }
 
 impl std::fmt::Debug for Verification {
@@ -125,6 +128,8 @@ pub struct NodeProxy {
     ready: bool,
     last_seen: Instant,
     in_flight: HashMap<TaskId, InFlight>,
+    /// Finished non-streamed jobs waiting for their synchronous verdict.
+    awaiting_verdict: HashMap<TaskId, (Job, crate::protocol::FinishReason, TaskUsage)>,
     close_reason: String,
 }
 
@@ -169,6 +174,7 @@ impl NodeProxy {
             ready: false,
             last_seen: Instant::now(),
             in_flight: HashMap::new(),
+            awaiting_verdict: HashMap::new(),
             close_reason: "connection closed".into(),
         }
     }
@@ -298,10 +304,21 @@ impl NodeProxy {
                     prompt_tokens: usage.prompt_tokens.min(MAX_REPORTED_PROMPT_TOKENS),
                     completion_tokens: run.job.emitted.len(),
                 };
-                let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
                 let latency_ms = run.started.elapsed().as_millis().min(i32::MAX as u128) as i32;
                 self.record(ctx, receipt, Some((&run.job, latency_ms)));
-                self.maybe_verify(&run, proof);
+                if self.maybe_verify(ctx, &run, proof) {
+                    // Synchronous: the game hears Done only with an accepted proof.
+                    self.distributor.do_send(TaskCompleted {
+                        node: self.id,
+                        task: id,
+                        completion_tokens: run.job.emitted.len().saturating_sub(run.prefix_len),
+                        time_to_first_token: run.first_token.map(|t| t - run.started),
+                        duration: run.started.elapsed(),
+                    });
+                    self.awaiting_verdict.insert(id, (run.job, finish_reason, usage));
+                    return;
+                }
+                let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
                 self.distributor.do_send(TaskCompleted {
                     node: self.id,
                     task: id,
@@ -379,13 +396,20 @@ impl NodeProxy {
         self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to: ctx.address().recipient() });
     }
 
-    /// Sends a finished task to the verifier pool when the policy picks it.
-    fn maybe_verify(&self, run: &InFlight, proof: Option<Box<crate::proof::Proof>>) {
+    /// Sends a finished task to the verifier pool when the policy picks it (always, for a
+    /// non-streamed job in synchronous mode). Returns whether the job must wait for the
+    /// verdict before the game hears Done.
+    fn maybe_verify(&self, ctx: &mut Context<Self>, run: &InFlight, proof: Option<Box<crate::proof::Proof>>) -> bool {
         let (Some(v), Some(challenge), Some(node)) = (&self.config.verification, run.challenge, self.address) else {
-            return;
+            return false;
         };
-        if !v.policy.should_verify(&node) {
-            return;
+        let synchronous = v.synchronous && !run.job.stream;
+        if !v.policy.should_verify(&node) && !synchronous {
+            return false;
+        }
+        let mut report = v.report.clone();
+        if synchronous {
+            report.push(ctx.address().recipient());
         }
         let task = super::verifier::VerifyTask {
             task: run.job.id,
@@ -396,11 +420,13 @@ impl NodeProxy {
             completion: run.job.emitted.clone(),
             challenge,
             proof,
-            report: v.report.clone(),
+            report,
         };
         if v.pool.try_send(task).is_err() {
             tracing::warn!(task = %run.job.id, "verifier pool saturated; task left unchecked");
+            return false;
         }
+        synchronous
     }
 
     /// Checks a block confirmation's signature and passes it to the Registry.
@@ -507,6 +533,13 @@ impl Actor for NodeProxy {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        // Answers still waiting for a synchronous verdict are produced again elsewhere.
+        for (_, (mut job, _, _)) in self.awaiting_verdict.drain() {
+            let _ = job.events.send(JobEvent::Reset);
+            job.emitted.clear();
+            let reason = "node disconnected before its answer was verified".to_string();
+            self.distributor.do_send(TaskReturned { node: self.id, job, reason, request_error: false });
+        }
         for (_, run) in self.in_flight.drain() {
             self.distributor.do_send(TaskReturned {
                 node: self.id,
@@ -622,5 +655,25 @@ impl Handler<BlockConfirmed> for NodeProxy {
     /// Tells the node its confirmation is stored: it may forget those receipts.
     fn handle(&mut self, msg: BlockConfirmed, _: &mut Self::Context) {
         self.send(&ServerMessage::Confirmed { block: msg.block, status: msg.status.as_str().to_string() });
+    }
+}
+
+impl Handler<VerificationDone> for NodeProxy {
+    type Result = ();
+
+    /// A synchronous verdict: release the held answer, or have it produced again elsewhere.
+    fn handle(&mut self, msg: VerificationDone, _: &mut Self::Context) {
+        let Some((mut job, finish_reason, usage)) = self.awaiting_verdict.remove(&msg.task) else { return };
+        if msg.accepted {
+            let _ = job.events.send(JobEvent::Done { finish_reason, usage });
+            return;
+        }
+        let _ = job.events.send(JobEvent::Reset);
+        job.emitted.clear();
+        // A new task id for the re-run, so the honest node's receipt is not taken for a
+        // duplicate of the failed one (the game's response keeps its id).
+        job.id = TaskId(rand::random());
+        let reason = format!("the node's answer failed verification: {}", msg.detail);
+        self.distributor.do_send(TaskReturned { node: self.id, job, reason, request_error: false });
     }
 }

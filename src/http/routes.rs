@@ -81,6 +81,7 @@ async fn complete(
     let valid = parse_request(&body, endpoint, state.request_limits)?;
     let admit = Admit {
         bearer: Some(bearer),
+        stream: valid.stream,
         model: valid.model.clone(),
         input: valid.input,
         params: valid.params,
@@ -104,6 +105,7 @@ async fn complete(
     while let Some(event) = admitted.events.recv().await {
         match event {
             JobEvent::Text(t) => text.push_str(&t),
+            JobEvent::Reset => text.clear(),
             JobEvent::Done { finish_reason, usage } => {
                 state.gateway.do_send(RecordUsage {
                     key_hash: admitted.key_hash.clone(),

@@ -234,6 +234,7 @@ fn start_verifiers(
         policy,
         pool,
         report: vec![registry.clone().recipient(), distributor.clone().recipient()],
+        synchronous: s.verifier.synchronous,
     }))
 }
 

@@ -60,6 +60,8 @@ pub fn stream_response(
                 st.first = false;
                 event(&chunk)
             }
+            // Never sent to streams (their text is already out); nothing to emit.
+            Some(JobEvent::Reset) => Bytes::new(),
             Some(JobEvent::Done { finish_reason, usage }) => {
                 st.finished = true;
                 st.gateway.do_send(RecordUsage {

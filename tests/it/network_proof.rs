@@ -3,9 +3,12 @@
 //! the real protocol, running the real model in-process) is caught, quarantined and not
 //! paid, and its rejected proof fails `ludus verify` offline too.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ludus::inference::{Engine, EngineConfig, Event, GenerateRequest, Model};
+use ludus::node::{run_node, Backend, NodeOptions};
 use ludus::proof::commitment::DEFAULT_TOP_K;
 use ludus::proof::ProofBuilder;
 use ludus::protocol::{FinishReason, NodeMessage, SignedReceipt, TaskInput, TaskUsage};
@@ -14,7 +17,7 @@ use tch::Device;
 use super::cluster::{wait_for, Cluster, BIN};
 use super::database::numbers;
 use super::helpers::smollm2;
-use super::registry::{try_chat, Rogue};
+use super::registry::{try_chat, try_post_chat, Rogue};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
@@ -138,5 +141,352 @@ fn a_node_that_edits_a_token_is_caught_quarantined_and_unpaid() {
     let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(verdict["verdict"]["accepted"], false);
     assert!(verdict["verdict"]["token_mismatches"].as_u64().unwrap() >= 1, "{verdict}");
+    engine.shutdown();
+}
+
+/// How a protocol-level liar cheats.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Lie {
+    EditToken,
+    EditPrompt,
+    Replay,
+}
+
+enum NodeKind {
+    /// An honest `ludus node` process with these extra flags.
+    Binary(&'static [&'static str]),
+    /// The real node agent, in-process, serving a cheater model.
+    Agent(fn(&std::path::Path) -> Model),
+    /// A test double that runs the real model and lies about the output.
+    Rogue(Lie),
+}
+
+struct NetCase {
+    name: &'static str,
+    honest: bool,
+    node: NodeKind,
+}
+
+const ASKS: &[&str] = &[
+    "Greet the traveller as a grumpy blacksmith.",
+    "What do you sell, merchant?",
+    "Tell me a rumour about the old mill.",
+    "Why is the bridge closed today?",
+    "Give the hero a riddle.",
+    "Warn the player about wolves in the forest.",
+];
+
+fn body(i: usize) -> String {
+    let sampling = if i % 2 == 0 {
+        r#""temperature": 0"#.to_string()
+    } else {
+        format!(r#""temperature": 0.8, "top_p": 0.95, "seed": {i}"#)
+    };
+    serde_json::json!({
+        "model": MODEL, "max_tokens": 40,
+        "messages": [
+            {"role": "system", "content": "You are an NPC in a fantasy village."},
+            {"role": "user", "content": format!("{} (#{i})", ASKS[i % ASKS.len()])}
+        ]
+    })
+    .to_string()
+    .replacen('{', &format!("{{{sampling}, "), 1)
+}
+
+/// Answers one task as `lie` says: real model, then a lie about the output or its proof.
+async fn answer(
+    rogue: &mut Rogue,
+    model: &Model,
+    engine: &Engine,
+    spec: ludus::protocol::TaskSpec,
+    lie: Lie,
+    last: &mut Option<ludus::proof::Proof>,
+) {
+    let challenge: [u8; 32] = hex::decode(spec.challenge.as_deref().expect("a challenge")).unwrap().try_into().unwrap();
+    let TaskInput::Chat(messages) = &spec.input else { panic!("a chat task") };
+    let mut prompt = model.chat_prompt(messages).unwrap();
+    if lie == Lie::EditPrompt {
+        let at = prompt.len() - 12 - (spec.id.0 % 4) as usize;
+        prompt[at] = (prompt[at] + 7919 * (1 + (spec.id.0 % 7) as u32)) % 49_152;
+    }
+    let request = GenerateRequest {
+        prompt,
+        params: spec.params.clone(),
+        max_tokens: spec.max_tokens,
+        collect_hidden: true,
+        ..GenerateRequest::default()
+    };
+    let mut rx = engine.submit(request).unwrap();
+    let mut builder = ProofBuilder::new(challenge, DEFAULT_TOP_K);
+    let mut completion = Vec::new();
+    let mut beat = actix_rt::time::interval(Duration::from_millis(100));
+    loop {
+        // Keep heartbeating while generating, like a real node.
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            _ = beat.tick() => {
+                let _ = rogue.link.send(&NodeMessage::Heartbeat(Default::default())).await;
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
+        builder.observe(&event);
+        match event {
+            Event::Token { id, .. } => completion.push(id),
+            Event::Done(_) => break,
+            Event::PromptHidden { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    if lie == Lie::EditToken && completion.len() > 2 {
+        completion[2] = (completion[2] + 4242) % 49_152;
+    }
+    let mut proof = builder.finish(&rogue.id, spec.id.0, MODEL, &completion).unwrap();
+    if lie == Lie::Replay {
+        if let Some(previous) = last.replace(proof.clone()) {
+            proof.prompt = previous.prompt;
+            proof.chunks = previous.chunks;
+            proof.chunks.resize(completion.len().div_ceil(32), proof.prompt.clone());
+            proof.signature = hex::encode(rogue.id.sign(&proof.digest()));
+        }
+    }
+    for (index, &token) in completion.iter().enumerate() {
+        rogue.link.send(&NodeMessage::Token { id: spec.id, index, token, text: "x".into() }).await.unwrap();
+    }
+    let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), 30, &completion);
+    let usage = TaskUsage { prompt_tokens: 30, completion_tokens: completion.len() };
+    let done = NodeMessage::Done {
+        id: spec.id,
+        finish_reason: FinishReason::Length,
+        usage,
+        tail: String::new(),
+        receipt,
+        proof: Some(Box::new(proof)),
+    };
+    rogue.link.send(&done).await.unwrap();
+}
+
+/// Starts the case's node; it runs until `stop`.
+fn start_node(
+    case: &NetCase,
+    cluster: &mut Cluster,
+    path: &std::path::Path,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let (addr, path) = (cluster.addr.clone(), path.to_path_buf());
+    let until_stopped = move |stop: Arc<AtomicBool>| async move {
+        while !stop.load(Ordering::Relaxed) {
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    match case.node {
+        NodeKind::Binary(flags) => {
+            let mut args = vec!["--model", path.to_str().unwrap()];
+            args.extend_from_slice(flags);
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            cluster.add_node(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            None
+        }
+        NodeKind::Agent(make) => {
+            let key = cluster.dir.path().join("agent.key");
+            Some(std::thread::spawn(move || {
+                let config = EngineConfig { max_batch: 8, threads: 2, ..Default::default() };
+                let backend = Arc::new(Backend::Engine(Engine::start(make(&path), config).unwrap()));
+                let options = NodeOptions {
+                    connect: format!("ws://{addr}/ws/node"),
+                    key,
+                    capacity: 8,
+                    distributor_address: None,
+                    receipts: None,
+                };
+                actix_rt::System::new().block_on(async move {
+                    tokio::select! {
+                        _ = run_node(backend, options) => {}
+                        _ = until_stopped(stop) => {}
+                    }
+                });
+            }))
+        }
+        NodeKind::Rogue(lie) => {
+            let model = Model::load(&path, Device::Cpu, None).unwrap();
+            let config = EngineConfig { max_batch: 1, max_context: 512, threads: 2, ..Default::default() };
+            let engine = Engine::start(Model::load(&path, Device::Cpu, None).unwrap(), config).unwrap();
+            Some(std::thread::spawn(move || {
+                actix_rt::System::new().block_on(async {
+                    let mut rogue = Rogue::join(&addr, MODEL).await;
+                    let mut last = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(spec) = rogue.next_task(Duration::from_millis(300)).await {
+                            answer(&mut rogue, &model, &engine, spec, lie, &mut last).await;
+                        }
+                    }
+                });
+                engine.shutdown();
+            }))
+        }
+    }
+}
+
+/// Honest nodes in every dtype, batch and thread setting, and cheaters of every kind,
+/// all over the real protocol, every task checked by the server's verifier pool.
+/// `LUDUS_PROOF_TASKS=N` tasks per case (default 3); the table in
+/// docs/proof-of-inference.md is `LUDUS_PROOF_TASKS=100 cargo test --test it
+/// network_proof::every -- --nocapture`.
+#[test]
+fn every_cheater_is_rejected_and_no_honest_node_is() {
+    let Some(path) = smollm2() else { return };
+    let n: usize = std::env::var("LUDUS_PROOF_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let cases = [
+        NetCase {
+            name: "honest f32, batch 1",
+            honest: true,
+            node: NodeKind::Binary(&["--capacity", "1", "--threads", "2"]),
+        },
+        NetCase {
+            name: "honest f32, batch 8, 2 threads",
+            honest: true,
+            node: NodeKind::Binary(&["--capacity", "8", "--threads", "2"]),
+        },
+        NetCase {
+            name: "honest f32, batch 8, 1 thread",
+            honest: true,
+            node: NodeKind::Binary(&["--capacity", "8", "--threads", "1"]),
+        },
+        NetCase {
+            name: "honest bf16, batch 8",
+            honest: true,
+            node: NodeKind::Binary(&["--capacity", "8", "--dtype", "bf16"]),
+        },
+        NetCase {
+            name: "honest f16, batch 8",
+            honest: true,
+            node: NodeKind::Binary(&["--capacity", "8", "--dtype", "f16"]),
+        },
+        NetCase {
+            name: "another model, same shapes",
+            honest: false,
+            node: NodeKind::Agent(super::proof::shifted_layers),
+        },
+        NetCase {
+            name: "same model, requantized (4-bit)",
+            honest: false,
+            node: NodeKind::Agent(super::proof::requantized),
+        },
+        NetCase { name: "one layer skipped", honest: false, node: NodeKind::Agent(super::proof::layer_skipped) },
+        NetCase { name: "one output token edited", honest: false, node: NodeKind::Rogue(Lie::EditToken) },
+        NetCase { name: "prompt edited (one token)", honest: false, node: NodeKind::Rogue(Lie::EditPrompt) },
+        NetCase { name: "commitments replayed from another task", honest: false, node: NodeKind::Rogue(Lie::Replay) },
+    ];
+    let mut table = String::from(
+        "| node (over the real protocol) | tasks | verified | rejected | rejection rate |\n|---|---|---|---|---|\n",
+    );
+    let mut wrong = Vec::new();
+    // LUDUS_PROOF_CASES=text runs only the cases whose name contains it.
+    let only = std::env::var("LUDUS_PROOF_CASES").unwrap_or_default();
+    for case in cases.iter().filter(|c| c.name.contains(only.as_str())) {
+        // Every task checked; no quarantine, so a cheater keeps getting tasks to be judged on.
+        let extra = verifier_config(&path).replace("quarantine_s = 60", "quarantine_s = 0");
+        let mut cluster = Cluster::start(&extra);
+        let stop = Arc::new(AtomicBool::new(false));
+        let node = start_node(case, &mut cluster, &path, stop.clone());
+        cluster.wait_nodes(MODEL, 1);
+        let clients = if matches!(case.node, NodeKind::Rogue(_)) { 1 } else { 4 };
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done: Vec<u64> = (0..clients)
+            .map(|_| {
+                let (addr, key, next) = (cluster.addr.clone(), cluster.key.clone(), next.clone());
+                std::thread::spawn(move || {
+                    let mut ids = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return ids;
+                        }
+                        ids.extend(try_post_chat(&addr, &key, &body(i)));
+                    }
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(done.len(), n, "{}: every request answered", case.name);
+        let store = cluster.store();
+        wait_for("every task checked", Duration::from_secs(600), || {
+            numbers(&store, "SELECT count(*) FROM verifications") == vec![n as i64]
+        });
+        let verified = numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'verified'")[0] as usize;
+        let rejected = n - verified;
+        if (rejected == 0) != case.honest {
+            wrong.push(format!("{}: {verified} verified, {rejected} rejected", case.name));
+        }
+        let row = format!(
+            "| {} | {n} | {verified} | {rejected} | {:.1} % |\n",
+            case.name,
+            100.0 * rejected as f64 / n as f64
+        );
+        eprint!("{row}");
+        table.push_str(&row);
+        stop.store(true, Ordering::Relaxed);
+        if let Some(h) = node {
+            h.join().unwrap();
+        }
+    }
+    eprintln!("\n{table}");
+    if let Ok(out) = std::env::var("LUDUS_PROOF_NET_TABLE") {
+        std::fs::write(out, &table).unwrap();
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
+    let Some(path) = smollm2() else { return };
+    let mut cluster = Cluster::start(&format!("{}synchronous = true\n", verifier_config(&path)));
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let engine = Engine::start(
+        Model::load(&path, Device::Cpu, None).unwrap(),
+        EngineConfig { max_batch: 1, max_context: 512, threads: 2, ..Default::default() },
+    )
+    .unwrap();
+    let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Name three fruits."}]}"#;
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let system = actix_rt::System::new();
+    let mut rogue = system.block_on(Rogue::join(&cluster.addr, MODEL));
+    let spec = system.block_on(async {
+        let _ = rogue.next_task(Duration::from_millis(300)).await; // registers with a heartbeat
+        std::thread::spawn(move || {
+            let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+            (r.status, r.body)
+        })
+    });
+    let game = spec;
+    let task =
+        system.block_on(async { rogue.next_task(Duration::from_secs(20)).await.expect("the rogue gets the task") });
+    // An honest node joins before the rogue answers: the re-run goes there.
+    cluster.add_node(&["--model", path.to_str().unwrap()]);
+    let nodes = |c: &Cluster| {
+        let (_, body) = c.get("/v1/models");
+        serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["data"][0]["nodes"].as_u64()).unwrap_or(0)
+    };
+    let joined = std::time::Instant::now();
+    while nodes(&cluster) < 2 {
+        assert!(joined.elapsed() < Duration::from_secs(60), "the honest node never joined");
+        system.block_on(rogue.idle(&mut [], Duration::from_millis(200))); // keep the rogue alive
+    }
+    let mut last = None;
+    system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
+    system.block_on(rogue.idle(&mut [], Duration::from_millis(500)));
+    let (status, body) = game.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let text = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty() && !text.chars().all(|c| c == 'x'), "the rogue's answer reached the game: {text:?}");
+    let store = cluster.store();
+    wait_for("one failed and one verified check", Duration::from_secs(30), || {
+        numbers(&store, "SELECT count(*) FILTER (WHERE outcome = 'failed'), count(*) FILTER (WHERE outcome = 'verified') FROM verifications")
+            == vec![1, 1]
+    });
+    assert!(cluster.server.log_text().contains("failed verification"));
     engine.shutdown();
 }

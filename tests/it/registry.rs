@@ -21,6 +21,11 @@ use super::database::{block_on, numbers};
 /// One non-streamed chat request that never panics: the task id of a 200, else None.
 pub fn try_chat(addr: &str, key: &str, model: &str) -> Option<u64> {
     let body = format!(r#"{{"model": "{model}", "max_tokens": 4, "messages": [{{"role": "user", "content": "hi"}}]}}"#);
+    try_post_chat(addr, key, &body)
+}
+
+/// POSTs a chat completion body; the task id of a 200, else None (never panics).
+pub fn try_post_chat(addr: &str, key: &str, body: &str) -> Option<u64> {
     let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
     let request = format!(
@@ -280,6 +285,21 @@ impl Rogue {
             }
             let _ = self.link.recv(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The next task within `limit` (heartbeating meanwhile), if one comes.
+    pub async fn next_task(&mut self, limit: Duration) -> Option<TaskSpec> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            self.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.ok()?;
+            match self.link.recv(Duration::from_millis(50)).await {
+                Ok(ServerMessage::Task(spec)) => return Some(spec),
+                Ok(_) => {}
+                Err(e) if e.contains("timeout") => {}
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     pub async fn task(&mut self, others: &mut [&mut Rogue]) -> TaskSpec {
