@@ -115,6 +115,7 @@ pub struct VerifierSettings {
     pub models: std::collections::BTreeMap<String, std::path::PathBuf>,
     pub pool_size: usize,
     pub synchronous: bool,
+    pub quality_check_rate: f64,
     pub first_tasks: u64,
     pub sample_rate: f64,
     pub suspect_below: i32,

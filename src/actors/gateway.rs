@@ -140,6 +140,7 @@ impl Handler<Admit> for Gateway {
                     queued_at: now,
                     failed_nodes: Vec::new(),
                     stream,
+                    shadow_of: None,
                     emitted: Vec::new(),
                 };
                 Ok((job, Admitted { id, key_hash: info.hash, events: rx }))

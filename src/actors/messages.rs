@@ -51,8 +51,20 @@ pub struct Job {
     pub failed_nodes: Vec<NodeId>,
     /// The game streams the answer (synchronous verification applies only when not).
     pub stream: bool,
+    /// Set on a quality-check re-run: the original task, to compare with.
+    pub shadow_of: Option<Box<ShadowOf>>,
     /// Completion tokens already delivered to the game (mid-stream failover prefix).
     pub emitted: Vec<u32>,
+}
+
+/// The task a quality check re-runs on a second node (same input, same seed).
+#[derive(Debug)]
+pub struct ShadowOf {
+    pub task: TaskId,
+    pub node: Address,
+    pub completion: Vec<u32>,
+    pub challenge: Option<[u8; 32]>,
+    pub proof: Option<Box<crate::proof::Proof>>,
 }
 
 impl Job {

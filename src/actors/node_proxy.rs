@@ -74,6 +74,10 @@ pub struct Verification {
     /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
     /// when it fails.
     pub synchronous: bool,
+    /// Share of finished tasks re-run on a second node with the same seed and compared.
+    pub quality_check_rate: f64,
+    /// The internal game quality-check re-runs are billed to (the operator pays).
+    pub quality_game: i64,
 }
 
 impl std::fmt::Debug for Verification {
@@ -306,6 +310,11 @@ impl NodeProxy {
                 };
                 let latency_ms = run.started.elapsed().as_millis().min(i32::MAX as u128) as i32;
                 self.record(ctx, receipt, Some((&run.job, latency_ms)));
+                if let Some(shadow) = run.job.shadow_of.as_deref() {
+                    self.compare_quality(shadow, &run.job);
+                } else {
+                    self.maybe_quality_check(&run, proof.clone());
+                }
                 if self.maybe_verify(ctx, &run, proof) {
                     // Synchronous: the game hears Done only with an accepted proof.
                     self.distributor.do_send(TaskCompleted {
@@ -394,6 +403,68 @@ impl NodeProxy {
             signature: hex::decode(&receipt.signature).unwrap_or_default(),
         };
         self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to: ctx.address().recipient() });
+    }
+
+    /// Now and then re-runs a finished task on another node with the same seed.
+    fn maybe_quality_check(&self, run: &InFlight, proof: Option<Box<crate::proof::Proof>>) {
+        let (Some(v), Some(node)) = (&self.config.verification, self.address) else { return };
+        if run.prefix_len > 0 || rand::random::<f64>() >= v.quality_check_rate {
+            return;
+        }
+        // Nobody waits for the re-run's text: drain it.
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        actix_web::rt::spawn(async move { while rx.recv().await.is_some() {} });
+        let now = Instant::now();
+        let job = Job {
+            id: TaskId(rand::random()),
+            game: "quality-checks".into(),
+            game_id: v.quality_game,
+            key_hash: String::new(),
+            model: run.job.model.clone(),
+            input: run.job.input.clone(),
+            params: run.job.params.clone(),
+            max_tokens: run.job.max_tokens,
+            stop: run.job.stop.clone(),
+            events,
+            received: now,
+            queued_at: now,
+            failed_nodes: vec![self.id],
+            stream: true,
+            shadow_of: Some(Box::new(ShadowOf {
+                task: run.job.id,
+                node,
+                completion: run.job.emitted.clone(),
+                challenge: run.challenge,
+                proof,
+            })),
+            emitted: Vec::new(),
+        };
+        tracing::info!(task = %run.job.id, rerun = %job.id, "quality check: re-running on another node");
+        self.distributor.do_send(Submit(job));
+    }
+
+    /// A quality-check re-run finished here: compare with the original; on disagreement,
+    /// have the original checked against the reference model.
+    fn compare_quality(&self, shadow: &ShadowOf, rerun: &Job) {
+        if rerun.emitted == shadow.completion {
+            tracing::info!(task = %shadow.task, node = %shadow.node, "quality check agreed");
+            return;
+        }
+        let first_difference = rerun.emitted.iter().zip(&shadow.completion).take_while(|(a, b)| a == b).count();
+        tracing::warn!(task = %shadow.task, node = %shadow.node, first_difference, "quality check disagreed; verifying the original");
+        let (Some(v), Some(challenge)) = (&self.config.verification, shadow.challenge) else { return };
+        let task = super::verifier::VerifyTask {
+            task: shadow.task,
+            node: shadow.node,
+            model: rerun.model.clone(),
+            input: rerun.input.clone(),
+            params: rerun.params.clone(),
+            completion: shadow.completion.clone(),
+            challenge,
+            proof: shadow.proof.clone(),
+            report: v.report.clone(),
+        };
+        let _ = v.pool.try_send(task);
     }
 
     /// Sends a finished task to the verifier pool when the policy picks it (always, for a

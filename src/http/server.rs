@@ -156,7 +156,8 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let banned = Arc::new(banned);
     let distributor_address = identity.address;
     let model_keys = Arc::new(load_model_keys(&s.server.data_dir.join("model-keys"))?);
-    let verification = start_verifiers(&s, &model_keys, policy, &registry, &distributor)?;
+    let quality_game = store.internal_game("ludus-quality-checks").await.map_err(std::io::Error::other)?;
+    let verification = start_verifiers(&s, &model_keys, policy, &registry, &distributor, quality_game)?;
     let state = web::Data::new(AppState {
         clock,
         gateway,
@@ -211,6 +212,7 @@ fn start_verifiers(
     policy: Arc<crate::proof::policy::Policy>,
     registry: &Addr<Registry>,
     distributor: &Addr<Distributor>,
+    quality_game: i64,
 ) -> std::io::Result<Option<crate::actors::node_proxy::Verification>> {
     if s.verifier.models.is_empty() {
         return Ok(None);
@@ -235,6 +237,8 @@ fn start_verifiers(
         pool,
         report: vec![registry.clone().recipient(), distributor.clone().recipient()],
         synchronous: s.verifier.synchronous,
+        quality_check_rate: s.verifier.quality_check_rate,
+        quality_game,
     }))
 }
 

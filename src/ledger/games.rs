@@ -69,6 +69,14 @@ impl Store {
         Ok((id, key))
     }
 
+    /// The id of an internal game (created on first use, with no key): what the operator's
+    /// own tasks, such as quality-check re-runs, are billed to.
+    pub async fn internal_game(&self, name: &str) -> Result<i64, LedgerError> {
+        let conn = self.conn().await?;
+        conn.execute("INSERT INTO games (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name]).await?;
+        Ok(conn.query_one("SELECT id FROM games WHERE name = $1", &[&name]).await?.get(0))
+    }
+
     /// Resolves a key hash (revoked keys resolve to nothing).
     pub async fn lookup_key(&self, hash: &str) -> Result<Option<KeyInfo>, LedgerError> {
         let conn = self.conn().await?;

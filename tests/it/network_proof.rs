@@ -193,6 +193,15 @@ fn body(i: usize) -> String {
     .replacen('{', &format!("{{{sampling}, "), 1)
 }
 
+/// The real model for a liar: one copy to render prompts, one in an engine.
+fn liar_model(path: &std::path::Path) -> (Model, Engine) {
+    let config = EngineConfig { max_batch: 1, max_context: 512, threads: 2, ..Default::default() };
+    (
+        Model::load(path, Device::Cpu, None).unwrap(),
+        Engine::start(Model::load(path, Device::Cpu, None).unwrap(), config).unwrap(),
+    )
+}
+
 /// Answers one task as `lie` says: real model, then a lie about the output or its proof.
 async fn answer(
     rogue: &mut Rogue,
@@ -308,9 +317,7 @@ fn start_node(
             }))
         }
         NodeKind::Rogue(lie) => {
-            let model = Model::load(&path, Device::Cpu, None).unwrap();
-            let config = EngineConfig { max_batch: 1, max_context: 512, threads: 2, ..Default::default() };
-            let engine = Engine::start(Model::load(&path, Device::Cpu, None).unwrap(), config).unwrap();
+            let (model, engine) = liar_model(&path);
             Some(std::thread::spawn(move || {
                 actix_rt::System::new().block_on(async {
                     let mut rogue = Rogue::join(&addr, MODEL).await;
@@ -443,12 +450,7 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
 fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
     let Some(path) = smollm2() else { return };
     let mut cluster = Cluster::start(&format!("{}synchronous = true\n", verifier_config(&path)));
-    let model = Model::load(&path, Device::Cpu, None).unwrap();
-    let engine = Engine::start(
-        Model::load(&path, Device::Cpu, None).unwrap(),
-        EngineConfig { max_batch: 1, max_context: 512, threads: 2, ..Default::default() },
-    )
-    .unwrap();
+    let (model, engine) = liar_model(&path);
     let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Name three fruits."}]}"#;
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
     let system = actix_rt::System::new();
@@ -488,5 +490,48 @@ fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
             == vec![1, 1]
     });
     assert!(cluster.server.log_text().contains("failed verification"));
+    engine.shutdown();
+}
+
+#[test]
+fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
+    let Some(path) = smollm2() else { return };
+    // No sampled checks at all: only the quality-check re-run can catch the rogue.
+    let config = verifier_config(&path)
+        .replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 0\nquality_check_rate = 1.0");
+    let mut cluster = Cluster::start(&config);
+    let (model, engine) = liar_model(&path);
+    let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Name three rivers."}]}"#;
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let system = actix_rt::System::new();
+    let mut rogue = system.block_on(Rogue::join(&cluster.addr, MODEL));
+    let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
+    let game = std::thread::spawn(move || {
+        super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes()).status
+    });
+    let task = system.block_on(rogue.next_task(Duration::from_secs(20))).expect("the rogue gets the task");
+    let original = task.id;
+    let mut last = None;
+    system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
+    assert_eq!(game.join().unwrap(), 200, "not synchronous: the game got the rogue's answer");
+    // The re-run needs a second node; the rogue stays connected meanwhile.
+    cluster.add_node(&["--model", path.to_str().unwrap()]);
+    let store = cluster.store();
+    let started = std::time::Instant::now();
+    let failed =
+        format!("SELECT count(*) FROM verifications WHERE task_id = {} AND outcome = 'failed'", original.0 as i64);
+    while numbers(&store, &failed) != vec![1] {
+        assert!(started.elapsed() < Duration::from_secs(90), "the quality check never condemned the rogue");
+        system.block_on(rogue.idle(&mut [], Duration::from_millis(300)));
+    }
+    let log = cluster.server.log_text();
+    assert!(log.contains("quality check disagreed"), "{log}");
+    // The re-run is billed to the operator's internal game, never to the player's.
+    wait_for("the re-run's receipt", Duration::from_secs(30), || {
+        numbers(
+            &store,
+            "SELECT count(*) FROM receipts r JOIN games g ON g.id = r.game_id WHERE g.name = 'ludus-quality-checks'",
+        ) == vec![1]
+    });
     engine.shutdown();
 }
