@@ -371,3 +371,53 @@ fn honest_runs_pass_and_cheaters_fail() {
     }
     assert!(failures.is_empty(), "{} wrong verdicts:\n{}", failures.len(), failures.join("\n"));
 }
+
+#[test]
+fn ludus_verify_checks_stored_proofs_offline() {
+    let Some(path) = smollm2() else { return };
+    let reference = Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap();
+    let engine = Engine::start(
+        Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap(),
+        EngineConfig { max_batch: 1, max_context: 512, prefill_chunk: 256, threads: 2, single_sequence_threads: 0 },
+    )
+    .unwrap();
+    let node = Identity::generate();
+    let (prompt, params) = task(&reference, 3);
+    let (completion, proof) = generate(&engine, &node, &[(3, prompt, params.clone())]).remove(0);
+    engine.shutdown();
+    let messages = vec![
+        ChatMessage { role: "system".into(), content: "You are an NPC in a fantasy village.".into() },
+        ChatMessage { role: "user".into(), content: format!("{} (#3)", ASKS[3]) },
+    ];
+    let stored =
+        ludus::proof::StoredProof { proof, input: ludus::protocol::TaskInput::Chat(messages), params, completion };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |stored: &serde_json::Value| {
+        let file = dir.path().join("proof.json");
+        std::fs::write(&file, serde_json::to_vec(stored).unwrap()).unwrap();
+        let out = std::process::Command::new(super::cluster::BIN)
+            .args(["verify", file.to_str().unwrap(), "--model", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let honest = serde_json::to_value(&stored).unwrap();
+    let (ok, out, err) = run(&honest);
+    assert!(ok, "{out}{err}");
+    let verdict: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(verdict["signer"], node.address.to_string());
+    assert_eq!(verdict["verdict"]["accepted"], true);
+    // The completion edited after the fact: the output hash no longer matches.
+    let mut tampered = honest.clone();
+    tampered["completion"][1] = serde_json::json!(stored.completion[1] + 1);
+    let (ok, out, _) = run(&tampered);
+    assert!(!ok);
+    assert!(out.contains("another completion"), "{out}");
+    // Not a proof at all: a clear error naming the file.
+    let (ok, _, err) = run(&serde_json::json!({"hello": 1}));
+    assert!(!ok && err.contains("is not a stored proof"), "{err}");
+}
