@@ -421,3 +421,38 @@ fn ludus_verify_checks_stored_proofs_offline() {
     let (ok, _, err) = run(&serde_json::json!({"hello": 1}));
     assert!(!ok && err.contains("is not a stored proof"), "{err}");
 }
+
+#[test]
+fn the_verifier_holds_the_reference_in_the_same_protected_form() {
+    use ludus::actors::verifier::Verifier;
+    use ludus::crypto::protect::{key_id, new_key, write_bundle};
+    let tiny = super::helpers::tiny(&ludus::inference::tiny_model::TinySpec::default());
+    let bundle = tiny.dir.path().join("bundle");
+    let key = new_key();
+    write_bundle(&tiny.gguf, &bundle, "tiny", &key).unwrap();
+    let references = std::collections::BTreeMap::from([("tiny".to_string(), bundle.clone())]);
+    // The verifier takes the bundle's key from the distributor's key store.
+    let err =
+        Verifier::load(&references, &Default::default(), Tolerances::default(), tiny.dir.path().into()).err().unwrap();
+    assert!(err.to_string().contains("no key"), "{err}");
+    let keys = std::collections::BTreeMap::from([(key_id(&key), hex::encode(key))]);
+    Verifier::load(&references, &keys, Tolerances::default(), tiny.dir.path().into()).unwrap();
+    // A node serving the bundle proves against the bundle, not against the public model:
+    // the protection rotates the hidden states.
+    let protected = Model::load_with_key(&bundle, Device::Cpu, None, Some(&key)).unwrap();
+    let public = Model::load(&tiny.gguf, Device::Cpu, None).unwrap();
+    let engine = Engine::start(
+        Model::load_with_key(&bundle, Device::Cpu, None, Some(&key)).unwrap(),
+        EngineConfig { max_batch: 1, max_context: 256, prefill_chunk: 64, threads: 1, single_sequence_threads: 0 },
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (1..20).collect();
+    let (completion, proof) =
+        generate(&engine, &Identity::generate(), &[(5, prompt.clone(), SamplingParams::greedy())]).remove(0);
+    engine.shutdown();
+    let tol = Tolerances::default();
+    let against_bundle = verify(&protected, &proof, &prompt, &completion, &SamplingParams::greedy(), &tol).unwrap();
+    assert!(against_bundle.accepted, "{against_bundle:?}");
+    let against_public = verify(&public, &proof, &prompt, &completion, &SamplingParams::greedy(), &tol).unwrap();
+    assert!(!against_public.accepted && against_public.worst_value_error > 0.5, "{against_public:?}");
+}
