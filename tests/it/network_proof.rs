@@ -392,7 +392,11 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
     let only = std::env::var("LUDUS_PROOF_CASES").unwrap_or_default();
     for case in cases.iter().filter(|c| c.name.contains(only.as_str())) {
         // Every task checked; no quarantine, so a cheater keeps getting tasks to be judged on.
-        let extra = verifier_config(&path).replace("quarantine_s = 60", "quarantine_s = 0");
+        // (Distributor keys first: `extra` continues the [distributor] table.)
+        let extra = format!(
+            "node_timeout_ms = 5000\n{}",
+            verifier_config(&path).replace("quarantine_s = 60", "quarantine_s = 0")
+        );
         let mut cluster = Cluster::start(&extra);
         let stop = Arc::new(AtomicBool::new(false));
         let node = start_node(case, &mut cluster, &path, stop.clone());
@@ -426,7 +430,9 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
         });
         let verified = numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'verified'")[0] as usize;
         let rejected = n - verified;
-        if (rejected == 0) != case.honest {
+        // No honest task rejected; at least 99 % of a cheater's tasks rejected.
+        let bad = if case.honest { rejected > 0 } else { (rejected as f64 / n as f64) < 0.99 };
+        if bad {
             wrong.push(format!("{}: {verified} verified, {rejected} rejected", case.name));
         }
         let row = format!(

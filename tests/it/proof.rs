@@ -353,12 +353,17 @@ fn honest_runs_pass_and_cheaters_fail() {
                 mismatches += verdict.token_mismatches;
                 ties += verdict.near_ties;
                 gap = gap.max(verdict.worst_tie_margin);
-                if verdict.accepted != case.honest {
+                if case.honest && !verdict.accepted {
                     failures.push(format!("{} task {i}: {:?}", case.name, verdict));
                 }
             }
         }
         engine.shutdown();
+        // Acceptance: no honest task rejected; at least 99 % of each cheat's tasks rejected
+        // (so every one of them at CI's small counts).
+        if !case.honest && ((n - accepted) as f64 / n as f64) < 0.99 {
+            failures.push(format!("{}: only {} of {n} rejected", case.name, n - accepted));
+        }
         table.push_str(&format!(
             "| {} | {n} | {accepted} | {worst_err:.4} | {worst_overlap:.3} | {mismatches} | {ties} | {gap:.2} | {gen_s:.1} | {verify_s:.1} |\n",
             case.name
