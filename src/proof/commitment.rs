@@ -11,6 +11,8 @@ use crate::crypto::identity::keccak;
 
 /// Generated tokens per commitment.
 pub const CHUNK: usize = 32;
+/// Prompt rows committed (distinct, among the prompt's last [`CHUNK`]).
+pub const PROMPT_COMMITMENTS: usize = 4;
 /// Entries kept per committed hidden state.
 pub const DEFAULT_TOP_K: usize = 64;
 
@@ -19,7 +21,8 @@ pub const DEFAULT_TOP_K: usize = 64;
 /// a proof commits to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Positions {
-    pub prompt_row: usize,
+    /// Ascending.
+    pub prompt_rows: Vec<usize>,
     /// One per chunk of generated tokens.
     pub chunk_rows: Vec<usize>,
 }
@@ -31,10 +34,23 @@ fn draw(challenge: &[u8; 32], label: &[u8], index: u32) -> u64 {
     u64::from_be_bytes(keccak(&bytes)[..8].try_into().expect("8 bytes"))
 }
 
-/// The row committed for the prompt: one of its last [`CHUNK`] rows.
-pub fn prompt_row(challenge: &[u8; 32], prompt_len: usize) -> usize {
-    let window = prompt_len.clamp(1, CHUNK) as u64;
-    prompt_len.saturating_sub(1) - (draw(challenge, b"prompt", 0) % window) as usize
+/// The rows committed for the prompt: [`PROMPT_COMMITMENTS`] distinct rows among its last
+/// [`CHUNK`] (all of them for shorter prompts), ascending. Several rows, because an edit of
+/// the prompt shows most at and right after the edited position.
+pub fn prompt_rows(challenge: &[u8; 32], prompt_len: usize) -> Vec<usize> {
+    let window = prompt_len.min(CHUNK);
+    let mut offsets: Vec<usize> = Vec::with_capacity(PROMPT_COMMITMENTS);
+    let mut i = 0u32;
+    while offsets.len() < PROMPT_COMMITMENTS.min(window) {
+        let offset = (draw(challenge, b"prompt", i) % window as u64) as usize;
+        if !offsets.contains(&offset) {
+            offsets.push(offset);
+        }
+        i += 1;
+    }
+    let mut rows: Vec<usize> = offsets.into_iter().map(|o| prompt_len - 1 - o).collect();
+    rows.sort_unstable();
+    rows
 }
 
 /// The generated-token index committed in chunk `c`, whose length is `len` (≤ CHUNK).
@@ -50,7 +66,7 @@ pub fn positions(challenge: &[u8; 32], prompt_len: usize, completion_len: usize)
             prompt_len + c * CHUNK + chunk_offset(challenge, c, len) - 1
         })
         .collect();
-    Positions { prompt_row: prompt_row(challenge, prompt_len), chunk_rows }
+    Positions { prompt_rows: prompt_rows(challenge, prompt_len), chunk_rows }
 }
 
 /// The top-k entries of a hidden state, values rounded to f16, sorted by index.
@@ -147,7 +163,9 @@ mod tests {
         for (p, g) in [(1, 1), (5, 31), (40, 32), (40, 33), (100, 128), (7, 200)] {
             let pos = positions(&a, p, g);
             assert_eq!(pos.chunk_rows.len(), g.div_ceil(CHUNK));
-            assert!(pos.prompt_row < p && pos.prompt_row + CHUNK >= p);
+            assert_eq!(pos.prompt_rows.len(), p.min(PROMPT_COMMITMENTS));
+            assert!(pos.prompt_rows.windows(2).all(|w| w[0] < w[1]), "distinct, ascending");
+            assert!(pos.prompt_rows.iter().all(|&r| r < p && r + CHUNK >= p));
             for (c, &row) in pos.chunk_rows.iter().enumerate() {
                 // The row that chose a token of chunk c.
                 assert!(row + 1 >= p + c * CHUNK && row + 1 < p + (c * CHUNK + CHUNK).min(g), "p={p} g={g} c={c}");

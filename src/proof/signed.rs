@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::commitment::{chunk_offset, prompt_row, TopK, CHUNK};
+use super::commitment::{chunk_offset, prompt_rows, TopK, CHUNK};
 use crate::crypto::identity::{keccak, recover, Address, Identity};
 
 /// A signed proof of inference.
@@ -19,8 +19,8 @@ pub struct Proof {
     pub output_hash: String,
     pub completion_tokens: u32,
     pub top_k: u16,
-    /// Commitment for the prompt row, hex.
-    pub prompt: String,
+    /// Commitments for the prompt rows (ascending), hex.
+    pub prompt: Vec<String>,
     /// One commitment per chunk of generated tokens, hex.
     pub chunks: Vec<String>,
     /// The node's signature over [`Proof::digest`], hex.
@@ -39,7 +39,10 @@ impl Proof {
         b.extend_from_slice(self.output_hash.as_bytes());
         b.extend_from_slice(&self.completion_tokens.to_be_bytes());
         b.extend_from_slice(&self.top_k.to_be_bytes());
-        b.extend_from_slice(self.prompt.as_bytes());
+        for p in &self.prompt {
+            b.push(b'^');
+            b.extend_from_slice(p.as_bytes());
+        }
         for c in &self.chunks {
             b.push(b'|');
             b.extend_from_slice(c.as_bytes());
@@ -68,13 +71,13 @@ impl Proof {
 
 /// Collects the committed rows while a task generates. It learns the prompt's length
 /// from the rows it is given, keeping the top-k of the last [`CHUNK`] of them (the
-/// committed prompt row is among those).
+/// committed prompt rows are among those).
 pub struct ProofBuilder {
     challenge: [u8; 32],
     top_k: usize,
     prompt_seen: usize,
     window: std::collections::VecDeque<TopK>,
-    prompt: Option<TopK>,
+    prompt: Option<Vec<TopK>>,
     /// Top-k of each row of the current chunk, by generated-token index within it.
     current: Vec<TopK>,
     chunks: Vec<TopK>,
@@ -112,9 +115,11 @@ impl ProofBuilder {
         if self.prompt.is_some() || self.prompt_seen == 0 {
             return;
         }
-        let row = prompt_row(&self.challenge, self.prompt_seen);
         let first_in_window = self.prompt_seen - self.window.len();
-        self.prompt = row.checked_sub(first_in_window).and_then(|i| self.window.get(i).cloned());
+        self.prompt = prompt_rows(&self.challenge, self.prompt_seen)
+            .into_iter()
+            .map(|row| row.checked_sub(first_in_window).and_then(|i| self.window.get(i).cloned()))
+            .collect();
     }
 
     /// Feeds an engine event (prompt rows and token rows; others are ignored).
@@ -157,7 +162,7 @@ impl ProofBuilder {
             output_hash: hex::encode(crate::protocol::receipt::output_hash(completion)),
             completion_tokens: completion.len() as u32,
             top_k: self.top_k as u16,
-            prompt: hex::encode(prompt.encode()),
+            prompt: prompt.iter().map(|p| hex::encode(p.encode())).collect(),
             chunks: self.chunks.iter().map(|c| hex::encode(c.encode())).collect(),
             signature: String::new(),
         };

@@ -64,6 +64,11 @@ fn tensor_rows(t: &tch::Tensor) -> Result<Vec<f32>, InferError> {
     Ok(out)
 }
 
+/// Prompt commitments expected for a prompt of `p` tokens.
+fn pos_count(p: usize) -> usize {
+    p.min(super::commitment::PROMPT_COMMITMENTS)
+}
+
 fn penalties_apply(params: &SamplingParams) -> bool {
     params.repetition_penalty != 1.0 || params.frequency_penalty != 0.0 || params.presence_penalty != 0.0
 }
@@ -132,6 +137,9 @@ pub fn verify(
     if proof.output_hash != hex::encode(crate::protocol::receipt::output_hash(completion)) {
         v.reasons.push("the proof is for another completion (output hash)".into());
     }
+    if proof.prompt.len() != pos_count(p) {
+        v.reasons.push(format!("{} prompt commitments, expected {}", proof.prompt.len(), pos_count(p)));
+    }
     if proof.chunks.len() != g.div_ceil(CHUNK) {
         v.reasons.push(format!("{} chunk commitments for {g} tokens", proof.chunks.len()));
     }
@@ -145,7 +153,7 @@ pub fn verify(
     let mut commitments = Vec::new();
     let pos = positions(&challenge, p, g);
     for (row, text) in
-        std::iter::once((pos.prompt_row, &proof.prompt)).chain(pos.chunk_rows.iter().copied().zip(&proof.chunks))
+        pos.prompt_rows.iter().copied().zip(&proof.prompt).chain(pos.chunk_rows.iter().copied().zip(&proof.chunks))
     {
         match decode(text) {
             Ok(top) if top.entries.len() == proof.top_k as usize => commitments.push((row, top)),
