@@ -387,12 +387,12 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
         NetCase { name: "commitments replayed from another task", honest: false, node: NodeKind::Rogue(Lie::Replay) },
     ];
     let mut table = String::from(
-        "| node (over the real protocol) | tasks | verified | rejected | rejection rate |\n|---|---|---|---|---|\n",
+        "| node (over the real protocol) | answered tasks | verified | rejected | rejection rate |\n|---|---|---|---|---|\n",
     );
     let mut wrong = Vec::new();
-    // LUDUS_PROOF_CASES=text runs only the cases whose name contains it.
+    // LUDUS_PROOF_CASES=a|b runs only the cases whose name contains one of those.
     let only = std::env::var("LUDUS_PROOF_CASES").unwrap_or_default();
-    for case in cases.iter().filter(|c| c.name.contains(only.as_str())) {
+    for case in cases.iter().filter(|c| only.split('|').any(|o| c.name.contains(o))) {
         // Every task checked; no quarantine, so a cheater keeps getting tasks to be judged on.
         // (Distributor keys first: `extra` continues the [distributor] table.)
         let extra = format!(
@@ -425,10 +425,11 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
             .into_iter()
             .flat_map(|h| h.join().unwrap())
             .collect();
-        // Honest nodes answer every request; a liar's frames may occasionally not add up to
-        // an answer (the judged tasks are the answered ones).
+        // Honest nodes answer every request. A cheater's reliability is not what is measured
+        // (a doctored model under load may fail or time out a request): it is judged on the
+        // tasks it answered, which must be most of them.
         let answered = done.len();
-        assert!(answered == n || (!case.honest && answered + 2 >= n), "{}: {answered} of {n} answered", case.name);
+        assert!(answered == n || (!case.honest && answered * 2 >= n), "{}: {answered} of {n} answered", case.name);
         let store = cluster.store();
         wait_for("every answered task checked", Duration::from_secs(600), || {
             numbers(&store, "SELECT count(*) FROM verifications") == vec![answered as i64]
