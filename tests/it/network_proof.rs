@@ -254,12 +254,35 @@ async fn answer(
     }
     let mut proof = builder.finish(&rogue.id, spec.id.0, MODEL, &completion).unwrap();
     if lie == Lie::Replay {
-        if let Some(previous) = last.replace(proof.clone()) {
-            proof.prompt = previous.prompt;
-            proof.chunks = previous.chunks;
-            proof.chunks.resize(completion.len().div_ceil(32), proof.prompt[0].clone());
-            proof.signature = hex::encode(rogue.id.sign(&proof.digest()));
-        }
+        let previous = match last.replace(proof.clone()) {
+            Some(previous) => previous,
+            // The first task: commitments of another task made up front.
+            None => {
+                let other = model.completion_prompt("Another task entirely: describe the sea.").unwrap();
+                let request = GenerateRequest {
+                    prompt: other,
+                    max_tokens: spec.max_tokens,
+                    collect_hidden: true,
+                    ..GenerateRequest::default()
+                };
+                let mut builder = ProofBuilder::new(rand::random(), DEFAULT_TOP_K);
+                let mut rx = engine.submit(request).unwrap();
+                let mut tokens = Vec::new();
+                while let Some(event) = rx.recv().await {
+                    builder.observe(&event);
+                    match event {
+                        Event::Token { id, .. } => tokens.push(id),
+                        Event::Done(_) => break,
+                        _ => {}
+                    }
+                }
+                builder.finish(&rogue.id, 0, MODEL, &tokens).unwrap()
+            }
+        };
+        proof.prompt = previous.prompt;
+        proof.chunks = previous.chunks;
+        proof.chunks.resize(completion.len().div_ceil(32), proof.prompt[0].clone());
+        proof.signature = hex::encode(rogue.id.sign(&proof.digest()));
     }
     for (index, &token) in completion.iter().enumerate() {
         rogue.link.send(&NodeMessage::Token { id: spec.id, index, token, text: "x".into() }).await.unwrap();
