@@ -315,19 +315,7 @@ impl NodeProxy {
                 } else {
                     self.maybe_quality_check(&run, proof.clone());
                 }
-                if self.maybe_verify(ctx, &run, proof) {
-                    // Synchronous: the game hears Done only with an accepted proof.
-                    self.distributor.do_send(TaskCompleted {
-                        node: self.id,
-                        task: id,
-                        completion_tokens: run.job.emitted.len().saturating_sub(run.prefix_len),
-                        time_to_first_token: run.first_token.map(|t| t - run.started),
-                        duration: run.started.elapsed(),
-                    });
-                    self.awaiting_verdict.insert(id, (run.job, finish_reason, usage));
-                    return;
-                }
-                let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
+                // The node's part is over either way: free its slot, learn its speed.
                 self.distributor.do_send(TaskCompleted {
                     node: self.id,
                     task: id,
@@ -335,6 +323,12 @@ impl NodeProxy {
                     time_to_first_token: run.first_token.map(|t| t - run.started),
                     duration: run.started.elapsed(),
                 });
+                if self.maybe_verify(ctx, &run, proof) {
+                    // Synchronous: the game hears Done only with an accepted proof.
+                    self.awaiting_verdict.insert(id, (run.job, finish_reason, usage));
+                    return;
+                }
+                let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
             }
             NodeMessage::Receipts { receipts } => {
                 if receipts.len() > MAX_RECEIPTS_PER_FRAME {
