@@ -15,7 +15,11 @@
 //!   libtorch, tokenizers, chat templates, pure seeded sampling, continuous batching.
 //! - [`crypto`]: secp256k1 identities, sealed X25519/HKDF/AES-GCM-SIV sessions.
 //! - [`protocol`]: the node link's messages and framing, shared by both ends.
-//! - [`actors`]: Gateway, Distributor and one NodeProxy per node — the `ludus serve` runtime.
+//! - [`actors`]: Gateway, Distributor, one NodeProxy per node, Registry, Settlement, Clock
+//!   and the verifier pool — the `ludus serve` runtime.
+//! - [`proof`]: proof of inference (commitments, signed proofs, the verifier, the policy).
+//! - [`ledger`]: the Postgres registry (receipts, blocks, games, epochs, escrow).
+//! - [`chain`]: the settlement contract's bindings and clients (alloy), anvil for demos.
 //! - [`http`]: the OpenAI-compatible API, SSE streaming and the node websocket upgrade.
 //! - [`node`]: the compute node agent (`ludus node`).
 //! - [`cli`]: the `ludus` subcommands.
@@ -25,6 +29,7 @@
 //! engine knows nothing of them.
 
 pub mod actors;
+pub mod chain;
 pub mod cli;
 pub mod crypto;
 pub mod http;

@@ -136,6 +136,32 @@ impl VerifierSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct SettlementSettings {
+    /// The chain's JSON-RPC URL; empty = settlement off.
+    pub rpc_url: String,
+    /// The settlement contract (`ludus chain deploy` prints it).
+    pub contract: String,
+    /// Hex key file of the contract's operator; empty = the server's identity key.
+    pub operator_key: Option<std::path::PathBuf>,
+    /// Share of each charge paid to the node, in basis points (the rest is the fee).
+    pub node_share_bps: u32,
+    /// Blocks (counting its own) before an epoch's post is final.
+    pub confirmations: u64,
+    pub retry_s: f64,
+    pub poll_ms: u64,
+    /// Re-read the games' escrow every this many block ticks.
+    pub escrow_check_blocks: u64,
+    /// The RPC URL nodes are told to claim through; empty = `rpc_url`.
+    pub public_rpc_url: String,
+}
+
+impl SettlementSettings {
+    pub fn enabled(&self) -> bool {
+        !self.rpc_url.trim().is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
     pub level: String,
 }
@@ -151,6 +177,7 @@ pub struct Settings {
     pub registry: RegistrySettings,
     pub prices: PriceSettings,
     pub verifier: VerifierSettings,
+    pub settlement: SettlementSettings,
     pub log: LogSettings,
 }
 

@@ -1,9 +1,11 @@
 //! The Clock: the network's heartbeat. It fires a `BlockTick` every block time (2 s by
-//! default) and an `EpochTick` every epoch (24 h by default) to whoever subscribed. The
-//! Distributor logs per-block traffic on block ticks; the Registry and Settlement will
-//! commit blocks and settle epochs on them.
+//! default) and an `EpochTick` at every epoch boundary (24 h by default) to whoever
+//! subscribed. Epoch boundaries are multiples of the epoch length since the Unix epoch
+//! (00:00 UTC for daily epochs), so a restart does not move them. The Distributor logs
+//! per-block traffic on block ticks, the Registry commits blocks on them, and Settlement
+//! settles an epoch on each epoch tick.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 
@@ -36,9 +38,23 @@ pub struct SubscribeEpochs(pub Recipient<EpochTick>);
 #[rtype(result = "u64")]
 pub struct CurrentBlock;
 
+/// The latest epoch boundary at or before `now`.
+pub fn last_boundary(now: SystemTime, epoch: Duration) -> SystemTime {
+    let len = epoch.as_millis().max(1);
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    UNIX_EPOCH + Duration::from_millis((since - since % len) as u64)
+}
+
+/// How long from `now` until the next epoch boundary.
+pub fn until_next_boundary(now: SystemTime, epoch: Duration) -> Duration {
+    (last_boundary(now, epoch) + epoch).duration_since(now).unwrap_or(epoch)
+}
+
 pub struct Clock {
     block_time: Duration,
     epoch_time: Duration,
+    /// Delay of the first epoch tick (then one every `epoch_time`).
+    first_epoch_in: Duration,
     block: u64,
     epoch: u64,
     block_subscribers: Vec<Recipient<BlockTick>>,
@@ -50,11 +66,24 @@ impl Clock {
         Self {
             block_time,
             epoch_time,
+            first_epoch_in: until_next_boundary(SystemTime::now(), epoch_time),
             block: 0,
             epoch: 0,
             block_subscribers: Vec::new(),
             epoch_subscribers: Vec::new(),
         }
+    }
+
+    /// Fires the first epoch tick after `delay` instead of at the next boundary.
+    pub fn first_epoch_after(mut self, delay: Duration) -> Self {
+        self.first_epoch_in = delay;
+        self
+    }
+
+    fn fire_epoch(&mut self) {
+        self.epoch += 1;
+        let tick = EpochTick { number: self.epoch };
+        self.epoch_subscribers.retain(|r| r.try_send(tick).is_ok() || r.connected());
     }
 }
 
@@ -67,10 +96,10 @@ impl Actor for Clock {
             let tick = BlockTick { number: this.block };
             this.block_subscribers.retain(|r| r.try_send(tick).is_ok() || r.connected());
         });
-        ctx.run_interval(self.epoch_time, |this, _| {
-            this.epoch += 1;
-            let tick = EpochTick { number: this.epoch };
-            this.epoch_subscribers.retain(|r| r.try_send(tick).is_ok() || r.connected());
+        let every = self.epoch_time;
+        ctx.run_later(self.first_epoch_in, move |this, ctx| {
+            this.fire_epoch();
+            ctx.run_interval(every, |this, _| this.fire_epoch());
         });
     }
 }
@@ -78,6 +107,7 @@ impl Actor for Clock {
 impl Supervised for Clock {
     fn restarting(&mut self, _: &mut Self::Context) {
         tracing::warn!(block = self.block, "clock restarting; numbering continues");
+        self.first_epoch_in = until_next_boundary(SystemTime::now(), self.epoch_time);
     }
 }
 
@@ -131,7 +161,9 @@ mod tests {
         tokio::time::pause();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let recorder = Recorder(seen.clone()).start();
-        let clock = Clock::new(Duration::from_secs(2), Duration::from_secs(7)).start();
+        let clock = Clock::new(Duration::from_secs(2), Duration::from_secs(7))
+            .first_epoch_after(Duration::from_secs(7))
+            .start();
         clock.send(SubscribeBlocks(recorder.clone().recipient())).await.unwrap();
         clock.send(SubscribeEpochs(recorder.recipient())).await.unwrap();
         // 8.5 s of virtual time, in small steps so every timer fires and is handled.
@@ -143,5 +175,16 @@ mod tests {
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.iter().filter(|&&n| n < 1000).copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert_eq!(seen.iter().filter(|&&n| n > 1000).count(), 1, "one epoch in 8.5 s of 7-s epochs: {seen:?}");
+    }
+
+    #[test]
+    fn epoch_boundaries_are_multiples_of_the_epoch_length() {
+        let day = Duration::from_secs(86_400);
+        let now = UNIX_EPOCH + Duration::from_secs(3 * 86_400 + 3_600);
+        assert_eq!(last_boundary(now, day), UNIX_EPOCH + Duration::from_secs(3 * 86_400));
+        assert_eq!(until_next_boundary(now, day), Duration::from_secs(86_400 - 3_600));
+        let exactly = UNIX_EPOCH + Duration::from_secs(5 * 86_400);
+        assert_eq!(last_boundary(exactly, day), exactly);
+        assert_eq!(until_next_boundary(exactly, day), day);
     }
 }

@@ -9,6 +9,9 @@ pub enum ServeError {
     Unauthorized,
     #[error("the game `{game}` is suspended: {reason}")]
     Suspended { game: String, reason: String },
+    /// Suspended by settlement until the game's escrow covers its charges.
+    #[error("the game `{game}` is suspended: {reason}")]
+    EscrowShort { game: String, reason: String },
     #[error("the registry database is unreachable ({0}); retry shortly")]
     Unavailable(String),
     #[error(

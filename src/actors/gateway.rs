@@ -81,6 +81,9 @@ impl Gateway {
     fn check(&mut self, info: &KeyInfo) -> Result<(), ServeError> {
         if info.status != "active" {
             let reason = info.status_reason.clone().unwrap_or_else(|| format!("status {}", info.status));
+            if info.suspended_by.as_deref() == Some("escrow") {
+                return Err(ServeError::EscrowShort { game: info.game.clone(), reason });
+            }
             return Err(ServeError::Suspended { game: info.game.clone(), reason });
         }
         let now = Instant::now();

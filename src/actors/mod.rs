@@ -9,8 +9,9 @@
 //! ```
 //!
 //! Tokens flow from a `NodeProxy` straight into the job's channel, never through the
-//! Distributor's mailbox. The Clock fires block and epoch ticks. Gateway, Distributor and
-//! Clock run under actix's `Supervisor`.
+//! Distributor's mailbox. The Clock fires block and epoch ticks; the Registry commits
+//! receipts per block and Settlement posts each epoch on chain ([`settler`] holds its
+//! state machine). They run under actix's `Supervisor`.
 
 pub mod clock;
 pub mod distributor;
@@ -21,6 +22,8 @@ pub mod node_proxy;
 pub mod rate_limit;
 pub mod registry;
 pub mod scheduling;
+pub mod settlement;
+pub mod settler;
 pub mod verifier;
 
 pub use clock::Clock;
@@ -30,3 +33,4 @@ pub use gateway::Gateway;
 pub use messages::{Job, JobEvent};
 pub use node_proxy::NodeProxy;
 pub use registry::Registry;
+pub use settlement::Settlement;

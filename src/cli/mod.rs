@@ -2,6 +2,7 @@
 //! `main.rs` parses, sets up logging and calls [`run`].
 
 mod bench;
+mod chain;
 mod generate;
 mod inspect;
 mod load;
@@ -60,6 +61,11 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Check a stored proof of inference offline against a reference model.
     Verify(verify::VerifyArgs),
+    /// Settlement contract tools for operators.
+    #[command(subcommand)]
+    Chain(chain::ChainCommand),
+    /// Claim this node's payouts for every settled epoch not claimed yet.
+    Claim(chain::ClaimArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,6 +93,8 @@ pub enum GamesCommand {
     },
     /// Reactivate a suspended game.
     Resume { name: String },
+    /// Set the wallet (0x…) a game keeps its escrow in on the settlement contract.
+    SetWallet { name: String, wallet: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +225,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             serve::games_set_status(&settings, &name, Some(&reason))
         }
         Command::Games(GamesCommand::Resume { name }) => serve::games_set_status(&settings, &name, None),
+        Command::Games(GamesCommand::SetWallet { name, wallet }) => serve::games_set_wallet(&settings, &name, &wallet),
+        Command::Chain(cmd) => chain::run(cmd),
+        Command::Claim(args) => chain::claim(args),
         Command::Keys(KeysCommand::New { out }) => {
             let identity = crate::crypto::identity::Identity::create(&out)?;
             eprintln!("wrote {} (keep it secret; it controls the payouts)", out.display());

@@ -123,6 +123,9 @@ pub struct GamesAddArgs {
     /// Tokens per minute allowed for the key.
     #[arg(long)]
     pub tpm: Option<u32>,
+    /// The wallet (0x…) the game keeps its escrow in on the settlement contract.
+    #[arg(long)]
+    pub wallet: Option<String>,
 }
 
 /// Runs `f` against the registry database (the private cluster is stopped afterwards
@@ -141,7 +144,16 @@ fn with_store<T>(settings: &Settings, f: impl AsyncFnOnce(Store) -> anyhow::Resu
 pub fn games_add(settings: &Settings, args: GamesAddArgs) -> anyhow::Result<()> {
     let rpm = args.rpm.unwrap_or(settings.games.requests_per_minute);
     let tpm = args.tpm.unwrap_or(settings.games.tokens_per_minute);
-    let (id, key) = with_store(settings, async |store| Ok(store.add_game(&args.name, rpm, tpm).await?))?;
+    if let Some(w) = &args.wallet {
+        crate::ledger::games::normalize_wallet(w)?;
+    }
+    let (id, key) = with_store(settings, async |store| {
+        let (id, key) = store.add_game(&args.name, rpm, tpm).await?;
+        if let Some(w) = &args.wallet {
+            store.set_game_wallet(&args.name, w).await?;
+        }
+        Ok((id, key))
+    })?;
     eprintln!("created game `{}` (id {id}); its API key (shown once, stored hashed):", args.name);
     println!("{key}");
     Ok(())
@@ -150,6 +162,13 @@ pub fn games_add(settings: &Settings, args: GamesAddArgs) -> anyhow::Result<()> 
 pub fn games_list(settings: &Settings) -> anyhow::Result<()> {
     let games = with_store(settings, async |store| Ok(store.list_games().await?))?;
     println!("{}", serde_json::to_string_pretty(&games)?);
+    Ok(())
+}
+
+/// `ludus games set-wallet NAME 0x…`.
+pub fn games_set_wallet(settings: &Settings, name: &str, wallet: &str) -> anyhow::Result<()> {
+    let wallet = with_store(settings, async |store| Ok(store.set_game_wallet(name, wallet).await?))?;
+    eprintln!("game `{name}` keeps its escrow at {wallet}; deposit with the settlement contract's deposit()");
     Ok(())
 }
 
@@ -179,7 +198,10 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.server.data_dir)?;
     let key_file = demo_dir.join("api-key");
     let model_name = crate::inference::model::model_name(&args.model);
+    // The demo's chain: anvil on loopback, its state kept next to the demo's database.
+    let anvil = crate::chain::anvil::Anvil::start_with_state(Some(1), Some(&demo_dir.join("anvil-state.json")))?;
     actix_web::rt::System::new().block_on(async move {
+        let deployment = demo_chain(&mut settings, &anvil, &demo_dir).await?;
         let (handle, server) = start_server(&settings).await?;
         let server = actix_web::rt::spawn(server);
         // The demo game's key survives restarts (the private database keeps the game).
@@ -193,10 +215,22 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
             _ => {
                 let name = format!("demo-{}", std::process::id());
                 let (_, k) = handle.store.add_game(&name, 100_000, 100_000_000).await?;
+                // The game's wallet is anvil's third account, funded with test tokens below.
+                handle.store.set_game_wallet(&name, &format!("{:#x}", anvil.keys[2].address())).await?;
                 std::fs::write(&key_file, format!("{k}\n"))?;
                 k
             }
         };
+        // Keep the demo game's escrow topped up (a fresh chain starts it at zero).
+        let game = anvil.keys[2].clone();
+        let escrow =
+            crate::chain::deploy::available_escrow(&anvil.url, deployment.settlement, game.address()).await?;
+        let floor = crate::ledger::Units(100 * 10u128.pow(18));
+        if escrow < floor {
+            let amount = crate::ledger::Units(1_000 * 10u128.pow(18));
+            crate::chain::deploy::mint_and_deposit(&anvil.url, &deployment, anvil.keys[0].clone(), game, amount)
+                .await?;
+        }
         let url = format!("ws://{}/ws/node", handle.addr);
         for i in 0..args.nodes {
             let node_args = NodeArgs {
@@ -233,10 +267,60 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         println!("curl http://{}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\", handle.addr);
         println!("  -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Greet the traveller as a grumpy blacksmith.\"}}]}}'");
         println!();
+        println!(
+            "Settlement: anvil at {}, contract {:#x}, an epoch every {} s (GET /admin/epochs with the token in {}).",
+            anvil.url,
+            deployment.settlement,
+            settings.clock.epoch_time_s,
+            settings.server.data_dir.join("admin-token").display()
+        );
+        println!(
+            "Claim a node's earnings: ludus claim --key {} --server http://{} --gas-key <a funded key>",
+            demo_dir.join("node-0.key").display(),
+            handle.addr
+        );
         println!("Ctrl-C to stop.");
         shutdown_signal().await;
         handle.shutdown().await;
         server.await??;
         Ok(())
     })
+}
+
+/// The demo's settlement: deploys the contract and test token on the demo's anvil (once;
+/// kept in `demo_dir/deployment.json` while the chain state lasts), makes the server's
+/// identity the operator with gas money, and points `settings` at it.
+async fn demo_chain(
+    settings: &mut Settings,
+    anvil: &crate::chain::anvil::Anvil,
+    demo_dir: &std::path::Path,
+) -> anyhow::Result<crate::chain::deploy::Deployment> {
+    use crate::chain::deploy::{deploy, has_code, send_native, DeployPlan, Deployment};
+    let saved_at = demo_dir.join("deployment.json");
+    let saved: Option<Deployment> = std::fs::read_to_string(&saved_at).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let deployment = match saved {
+        Some(d) if has_code(&anvil.url, d.settlement).await? => d,
+        _ => {
+            let key_file =
+                settings.server.key_file.clone().unwrap_or_else(|| settings.server.data_dir.join("distributor.key"));
+            let operator = crate::crypto::identity::Identity::load_or_create(&key_file)?;
+            let operator = crate::chain::signer_of(&operator).address();
+            let deployer = anvil.keys[0].clone();
+            let plan = DeployPlan { token: None, operator, treasury: operator, withdrawal_delay_s: 60 };
+            let d = deploy(&anvil.url, deployer.clone(), &plan).await?;
+            send_native(&anvil.url, deployer, operator, alloy::primitives::U256::from(10u128.pow(20))).await?;
+            std::fs::write(&saved_at, serde_json::to_string_pretty(&d)?)?;
+            d
+        }
+    };
+    settings.settlement.rpc_url = anvil.url.clone();
+    settings.settlement.contract = format!("{:#x}", deployment.settlement);
+    settings.settlement.confirmations = 1;
+    settings.settlement.retry_s = 2.0;
+    settings.settlement.poll_ms = 500;
+    settings.settlement.escrow_check_blocks = 5;
+    if settings.clock.epoch_time_s >= 86_400 {
+        settings.clock.epoch_time_s = 60;
+    }
+    Ok(deployment)
 }

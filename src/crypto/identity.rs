@@ -76,6 +76,11 @@ impl Identity {
         Ok(Self { key, address })
     }
 
+    /// The secp256k1 key itself, for signers that need it (chain transactions).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
     /// Loads a hex key file.
     pub fn load(path: &Path) -> Result<Self, CryptoError> {
         let err = |reason: String| CryptoError::KeyFile { path: path.display().to_string(), reason };

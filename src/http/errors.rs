@@ -66,6 +66,9 @@ impl From<ServeError> for ApiError {
                 (StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", None, None)
             }
             ServeError::Suspended { .. } => (StatusCode::FORBIDDEN, "permission_error", "game_suspended", None, None),
+            ServeError::EscrowShort { .. } => {
+                (StatusCode::PAYMENT_REQUIRED, "insufficient_quota", "escrow_shortfall", None, None)
+            }
             ServeError::Unavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", "registry_unavailable", Some(2), None)
             }

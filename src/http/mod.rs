@@ -8,6 +8,7 @@ pub mod openai;
 pub mod registry_api;
 pub mod routes;
 pub mod server;
+pub mod settlement_api;
 pub mod sse;
 
 pub use server::{start_server, ServerHandle};

@@ -13,11 +13,11 @@ use crate::actors::ServeError;
 /// The longest window `/v1/usage` reports.
 const MAX_USAGE_DAYS: u32 = 366;
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
+pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ServeError::Unavailable(e.to_string()).into()
 }
 
-fn require_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+pub fn require_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let presented = bearer(req).map(|t| crate::ledger::hash_key(&t));
     // Comparing hashes: the comparison time says nothing about the token.
     if presented.as_deref() == Some(state.admin_token_hash.as_str()) {

@@ -11,6 +11,7 @@ use super::node_ws;
 use super::openai::{parse_request, Endpoint, ResponseMeta};
 use super::registry_api;
 use super::server::AppState;
+use super::settlement_api;
 use super::sse::stream_response;
 use crate::actors::messages::{Admit, ListModels, RecordUsage};
 use crate::actors::{JobEvent, ServeError};
@@ -22,6 +23,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/usage", web::get().to(registry_api::usage))
         .route("/admin/blocks/{number}", web::get().to(registry_api::block))
         .route("/admin/nodes", web::get().to(registry_api::nodes))
+        .route("/v1/settlement", web::get().to(settlement_api::info))
+        .route("/v1/settlement/payouts/{address}", web::get().to(settlement_api::payouts))
+        .route("/admin/epochs", web::get().to(settlement_api::epochs))
+        .route("/admin/settle", web::post().to(settlement_api::settle))
         .route("/ws/node", web::get().to(node_ws::upgrade))
         .route("/health", web::get().to(health));
 }

@@ -11,11 +11,12 @@ use actix_web::{web, App, HttpServer};
 
 use super::openai::RequestLimits;
 use super::routes;
-use crate::actors::clock::SubscribeBlocks;
+use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
 use crate::actors::distributor::DistributorConfig;
 use crate::actors::messages::{Drain, FlushReceipts};
 use crate::actors::node_proxy::NodeProxyConfig;
-use crate::actors::{Clock, Distributor, Gateway, Registry};
+use crate::actors::settler::{Settler, SettlerConfig};
+use crate::actors::{Clock, Distributor, Gateway, Registry, Settlement};
 use crate::crypto::identity::{Address, Identity};
 use crate::ledger::cluster::PrivateCluster;
 use crate::ledger::Store;
@@ -35,6 +36,17 @@ pub struct AppState {
     pub store: Store,
     /// SHA-256 (hex) of the admin token.
     pub admin_token_hash: String,
+    /// Settlement, when `[settlement] rpc_url` is set.
+    pub settlement: Option<SettlementInfo>,
+}
+
+/// What the HTTP layer knows of settlement.
+pub struct SettlementInfo {
+    pub actor: Addr<Settlement>,
+    /// `0x…`
+    pub contract: String,
+    /// The RPC URL nodes claim through.
+    pub rpc_url: String,
 }
 
 /// A running server.
@@ -147,6 +159,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         Supervisor::start(move |_| Registry::new(store, server, max).with_policy(policy, floor))
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));
+    let settlement = start_settlement(&s, &store, &clock, &identity)?;
     tracing::info!(address = %identity.address, key = %key_file.display(), "distributor identity (nodes may pin it)");
     let mut banned = HashSet::new();
     for a in &s.distributor.banned_nodes {
@@ -180,6 +193,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         },
         store: store.clone(),
         admin_token_hash: admin_token_hash(&s)?,
+        settlement,
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
     let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
@@ -202,6 +216,52 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let handle =
         ServerHandle { addr, distributor_address, http: server.handle(), distributor, registry, store, grace, cluster };
     Ok((handle, server))
+}
+
+/// Starts Settlement when `[settlement] rpc_url` is set. The chain is reached lazily (an
+/// RPC outage at start only delays settlement); a bad contract address or key file stops
+/// the start with the reason.
+fn start_settlement(
+    s: &Settings,
+    store: &Store,
+    clock: &Addr<Clock>,
+    identity: &Identity,
+) -> std::io::Result<Option<SettlementInfo>> {
+    let cfg = &s.settlement;
+    if !cfg.enabled() {
+        tracing::info!("settlement off ([settlement] rpc_url is empty)");
+        return Ok(None);
+    }
+    let contract = crate::chain::parse_address("settlement.contract", &cfg.contract).map_err(std::io::Error::other)?;
+    let signer = match &cfg.operator_key {
+        Some(path) => crate::chain::signer_of(
+            &Identity::load(path).map_err(|e| std::io::Error::other(format!("settlement.operator_key: {e}")))?,
+        ),
+        None => crate::chain::signer_of(identity),
+    };
+    if cfg.node_share_bps > crate::ledger::epochs::BPS {
+        return Err(std::io::Error::other("settlement.node_share_bps must be at most 10000"));
+    }
+    let operator = signer.address();
+    let config = SettlerConfig {
+        rpc_url: cfg.rpc_url.clone(),
+        contract,
+        node_share_bps: cfg.node_share_bps,
+        confirmations: cfg.confirmations.max(1),
+        epoch_time: Duration::from_secs(s.clock.epoch_time_s.max(1)),
+    };
+    let settler = Arc::new(Settler::new(store.clone(), config, signer));
+    let (retry, poll, every) = (
+        Duration::from_secs_f64(cfg.retry_s.max(0.05)),
+        Duration::from_millis(cfg.poll_ms.max(10)),
+        cfg.escrow_check_blocks,
+    );
+    let actor = Supervisor::start(move |_| Settlement::new(settler, retry, poll, every));
+    clock.do_send(SubscribeEpochs(actor.clone().recipient()));
+    clock.do_send(SubscribeBlocks(actor.clone().recipient()));
+    tracing::info!(contract = %format!("{contract:#x}"), operator = %format!("{operator:#x}"), rpc = %cfg.rpc_url, "settlement on");
+    let rpc_url = if cfg.public_rpc_url.is_empty() { cfg.rpc_url.clone() } else { cfg.public_rpc_url.clone() };
+    Ok(Some(SettlementInfo { actor, contract: format!("{contract:#x}"), rpc_url }))
 }
 
 /// Starts the verifier pool when reference models are configured (each thread loads its

@@ -74,13 +74,13 @@ impl GgmlType {
     /// Bytes taken by `numel` elements; `None` when `numel` is not a whole number of blocks.
     pub fn bytes_for(self, numel: u64) -> Option<u64> {
         let (elems, bytes) = self.block();
-        (numel % elems as u64 == 0).then(|| numel / elems as u64 * bytes as u64)
+        numel.is_multiple_of(elems as u64).then(|| numel / elems as u64 * bytes as u64)
     }
 
     /// Dequantizes `numel` elements stored in `data`.
     pub fn dequantize(self, data: &[u8], numel: usize) -> Result<Vec<f32>, String> {
         let (elems, bytes) = self.block();
-        if numel % elems != 0 || data.len() != numel / elems * bytes {
+        if !numel.is_multiple_of(elems) || data.len() != numel / elems * bytes {
             return Err(format!("{} bytes do not hold {numel} {self:?} elements", data.len()));
         }
         let mut out = vec![0f32; numel];
@@ -103,7 +103,7 @@ impl GgmlType {
     /// Supported for F32, F16, BF16, Q8_0, Q4_0 and Q4_1.
     pub fn quantize(self, values: &[f32]) -> Result<Vec<u8>, String> {
         let (elems, _) = self.block();
-        if values.len() % elems != 0 {
+        if !values.len().is_multiple_of(elems) {
             return Err(format!("{} values are not a whole number of {self:?} blocks", values.len()));
         }
         let mut out = Vec::with_capacity(self.bytes_for(values.len() as u64).unwrap_or(0) as usize);

@@ -247,7 +247,7 @@ pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         w.buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
         data.extend_from_slice(&bytes);
     }
-    while w.buf.len() % 32 != 0 {
+    while !w.buf.len().is_multiple_of(32) {
         w.buf.push(0);
     }
     w.buf.extend_from_slice(&data);

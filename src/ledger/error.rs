@@ -14,6 +14,10 @@ pub enum LedgerError {
     BadGameName(String),
     #[error("no game named `{0}` (`ludus games list` shows them)")]
     NoSuchGame(String),
+    #[error("`{0}` is not a wallet address: give 0x followed by 40 hex digits")]
+    BadWallet(String),
+    #[error("the wallet {0} already belongs to another game")]
+    WalletTaken(String),
     #[error("bad data in the database: {0}")]
     Corrupt(String),
 }

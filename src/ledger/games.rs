@@ -17,6 +17,8 @@ pub struct KeyInfo {
     /// `active`, `suspended` or `removed`.
     pub status: String,
     pub status_reason: Option<String>,
+    /// `operator` or `escrow` (settlement found the escrow short), when suspended.
+    pub suspended_by: Option<String>,
     pub requests_per_minute: u32,
     pub tokens_per_minute: u32,
 }
@@ -27,8 +29,22 @@ pub struct GameSummary {
     pub id: i64,
     pub name: String,
     pub status: String,
+    /// Escrow settlement last saw on chain (available: less pending withdrawals).
     pub escrow: Units,
     pub keys: i64,
+    /// Where the game keeps escrow on chain, `0x…` lower case.
+    pub wallet: Option<String>,
+    pub status_reason: Option<String>,
+}
+
+/// Parses an Ethereum address into the ledger's form (`0x` + 40 lower-case hex digits).
+pub fn normalize_wallet(wallet: &str) -> Result<String, LedgerError> {
+    let w = wallet.trim();
+    let hex_part = w.strip_prefix("0x").or_else(|| w.strip_prefix("0X")).unwrap_or(w);
+    if hex_part.len() != 40 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(LedgerError::BadWallet(wallet.to_string()));
+    }
+    Ok(format!("0x{}", hex_part.to_ascii_lowercase()))
 }
 
 /// SHA-256 of a key, hex.
@@ -73,7 +89,11 @@ impl Store {
     /// own tasks, such as quality-check re-runs, are billed to.
     pub async fn internal_game(&self, name: &str) -> Result<i64, LedgerError> {
         let conn = self.conn().await?;
-        conn.execute("INSERT INTO games (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", &[&name]).await?;
+        conn.execute(
+            "INSERT INTO games (name, internal) VALUES ($1, true) ON CONFLICT (name) DO UPDATE SET internal = true",
+            &[&name],
+        )
+        .await?;
         Ok(conn.query_one("SELECT id FROM games WHERE name = $1", &[&name]).await?.get(0))
     }
 
@@ -82,7 +102,8 @@ impl Store {
         let conn = self.conn().await?;
         let row = conn
             .query_opt(
-                "SELECT g.id, g.name, k.hash, g.status, g.status_reason, k.requests_per_minute, k.tokens_per_minute
+                "SELECT g.id, g.name, k.hash, g.status, g.status_reason, k.requests_per_minute, k.tokens_per_minute,
+                        g.suspended_by
                  FROM api_keys k JOIN games g ON g.id = k.game_id
                  WHERE k.hash = $1 AND k.revoked_at IS NULL",
                 &[&hash],
@@ -96,6 +117,7 @@ impl Store {
             status_reason: r.get(4),
             requests_per_minute: r.get::<_, i32>(5).max(0) as u32,
             tokens_per_minute: r.get::<_, i32>(6).max(0) as u32,
+            suspended_by: r.get(7),
         }))
     }
 
@@ -104,7 +126,8 @@ impl Store {
         let rows = conn
             .query(
                 "SELECT g.id, g.name, g.status, g.escrow_units::text,
-                        (SELECT count(*) FROM api_keys k WHERE k.game_id = g.id AND k.revoked_at IS NULL)
+                        (SELECT count(*) FROM api_keys k WHERE k.game_id = g.id AND k.revoked_at IS NULL),
+                        g.wallet, g.status_reason
                  FROM games g ORDER BY g.id",
                 &[],
             )
@@ -118,20 +141,46 @@ impl Store {
                     status: r.get(2),
                     escrow: escrow.parse().map_err(|e| LedgerError::Corrupt(format!("escrow: {e}")))?,
                     keys: r.get(4),
+                    wallet: r.get(5),
+                    status_reason: r.get(6),
                 })
             })
             .collect()
     }
 
-    /// Suspends (with a reason) or reactivates a game by name.
+    /// Suspends (with a reason) or reactivates a game by name, as the operator.
     pub async fn set_game_status(&self, name: &str, status: &str, reason: Option<&str>) -> Result<(), LedgerError> {
         let conn = self.conn().await?;
+        let by = (status != "active").then_some("operator");
         let n = conn
-            .execute("UPDATE games SET status = $2, status_reason = $3 WHERE name = $1", &[&name, &status, &reason])
+            .execute(
+                "UPDATE games SET status = $2, status_reason = $3, suspended_by = $4 WHERE name = $1",
+                &[&name, &status, &reason, &by],
+            )
             .await?;
         if n == 0 {
             return Err(LedgerError::NoSuchGame(name.to_string()));
         }
         Ok(())
+    }
+
+    /// Sets the wallet a game keeps its escrow in (`ludus games add --wallet`,
+    /// `ludus games set-wallet`). One wallet serves one game.
+    pub async fn set_game_wallet(&self, name: &str, wallet: &str) -> Result<String, LedgerError> {
+        let wallet = normalize_wallet(wallet)?;
+        let conn = self.conn().await?;
+        let n =
+            conn.execute("UPDATE games SET wallet = $2 WHERE name = $1", &[&name, &wallet]).await.map_err(
+                |e| match e.code() {
+                    Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                        LedgerError::WalletTaken(wallet.clone())
+                    }
+                    _ => LedgerError::from(e),
+                },
+            )?;
+        if n == 0 {
+            return Err(LedgerError::NoSuchGame(name.to_string()));
+        }
+        Ok(wallet)
     }
 }

@@ -5,11 +5,15 @@
 //! - [`receipts`]: block commits (COPY + idempotent insert + Merkle root) and node
 //!   confirmations.
 //! - [`reports`]: usage by day, block and node views.
+//! - [`epochs`]: settlement's epochs (planning, posting state, payout proofs).
+//! - [`escrow`]: games' debts against their on-chain escrow; suspension.
 //! - [`money`]: integer base units and per-model prices.
 //! - [`cluster`]: a private Postgres cluster when no `database.url` is configured.
 
 pub mod cluster;
+pub mod epochs;
 pub mod error;
+pub mod escrow;
 pub mod games;
 pub mod migrate;
 pub mod money;

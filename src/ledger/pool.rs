@@ -89,6 +89,11 @@ impl Pool {
         }))
     }
 
+    /// The database URL this pool connects to.
+    pub fn url(&self) -> &str {
+        &self.0.url
+    }
+
     /// A connection: an idle one that still works, or a new one.
     pub async fn get(&self) -> Result<Conn, LedgerError> {
         let slot =

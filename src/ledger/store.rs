@@ -27,6 +27,12 @@ impl Store {
         self.pool.get().await
     }
 
+    /// A connection outside the pool, for session state such as an advisory lock held
+    /// for as long as the connection lives.
+    pub async fn dedicated_conn(&self) -> Result<Conn, LedgerError> {
+        Pool::new(self.pool.url(), 1).get().await
+    }
+
     /// A 32-byte secret shared by every server on this database (created by the first),
     /// e.g. the key that authenticates task tickets.
     pub async fn shared_secret(&self, name: &str) -> Result<[u8; 32], LedgerError> {

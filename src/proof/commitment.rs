@@ -118,7 +118,7 @@ impl TopK {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return Err(format!("a commitment is 4 bytes per entry, got {} bytes", bytes.len()));
         }
         let entries: Vec<(u16, f32)> = bytes

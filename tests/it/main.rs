@@ -14,4 +14,5 @@ mod network_routing;
 mod proof;
 mod protect;
 mod registry;
+mod settlement;
 mod smollm2_reference;

@@ -177,7 +177,7 @@ const ASKS: &[&str] = &[
 ];
 
 fn body(i: usize) -> String {
-    let sampling = if i % 2 == 0 {
+    let sampling = if i.is_multiple_of(2) {
         r#""temperature": 0"#.to_string()
     } else {
         format!(r#""temperature": 0.8, "top_p": 0.95, "seed": {i}"#)

@@ -43,7 +43,7 @@ fn task(model: &Model, i: usize) -> (Vec<u32>, SamplingParams) {
         ChatMessage { role: "user".into(), content: format!("{} (#{i})", ASKS[i % ASKS.len()]) },
     ];
     let prompt = model.chat_prompt(&messages).unwrap();
-    let params = if i % 2 == 0 {
+    let params = if i.is_multiple_of(2) {
         SamplingParams::greedy()
     } else {
         SamplingParams { temperature: 0.8, top_p: 0.95, seed: 1000 + i as u64, ..Default::default() }

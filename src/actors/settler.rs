@@ -1,0 +1,327 @@
+//! The settlement state machine, driven by the Settlement actor: plan an epoch from the
+//! ledger, sign its post, store the signed transaction, broadcast it, and confirm it —
+//! each step persisted in Postgres, so any step can be interrupted (crash, RPC outage,
+//! database restart) and resumed without posting twice or skipping an epoch.
+//!
+//! ```text
+//!            plan (receipts → epoch, charges, payouts, root)
+//!   (none) ─────────────────────────────────────────────▶ planned
+//!   planned ── sign, store tx, broadcast ───────────────▶ sent(tx)
+//!   sent ──── mined, enough confirmations ──────────────▶ confirmed
+//!   sent ──── reverted / nonce taken by another tx ─────▶ planned (signed again)
+//!   sent ──── unknown to the node, nonce unused ────────▶ sent (same bytes re-broadcast)
+//!   planned ─ estimate reverts (escrow shrank) ─────────▶ (discarded; planned anew)
+//! ```
+//!
+//! Only the holder of a Postgres advisory lock (on a connection of its own) runs it; the
+//! contract adds its own guard: epochs are accepted only in order, each once.
+
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use alloy::signers::local::PrivateKeySigner;
+
+use crate::chain::{ChainError, SettlementClient, TxStatus};
+use crate::ledger::epochs::{Epoch, EpochStatus};
+use crate::ledger::escrow::escrow_action;
+use crate::ledger::pool::Conn;
+use crate::ledger::{LedgerError, Store, Units};
+
+/// Advisory lock key of the settlement runner ("ludusset").
+pub const SETTLEMENT_LOCK: i64 = 0x6c75_6475_7373_6574;
+
+/// How settlement runs.
+#[derive(Debug, Clone)]
+pub struct SettlerConfig {
+    pub rpc_url: String,
+    pub contract: Address,
+    /// Share of each charge paid to the node, in basis points.
+    pub node_share_bps: u32,
+    /// Blocks (counting the one it is in) before a post counts as final.
+    pub confirmations: u64,
+    pub epoch_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The chain and the ledger disagree about a posted epoch: needs an operator.
+    #[error("ledger and chain disagree: {0}")]
+    Diverged(String),
+}
+
+/// What one run ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Another server holds the settlement lock.
+    Standby,
+    /// Nothing open: every epoch is confirmed.
+    Idle,
+    /// A post is on its way (in the mempool, or waiting for confirmations).
+    Waiting,
+}
+
+/// A run's result: where it stopped, and whether it planned (or found nothing to plan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub progress: Progress,
+    pub planned: bool,
+}
+
+enum Step {
+    /// The epoch moved on: look again.
+    Again,
+    Wait,
+}
+
+pub struct Settler {
+    store: Store,
+    config: SettlerConfig,
+    signer: PrivateKeySigner,
+    chain: tokio::sync::OnceCell<SettlementClient>,
+    lock: tokio::sync::Mutex<Option<Conn>>,
+}
+
+fn address_of(wallet: &str) -> Result<Address, SettleError> {
+    wallet.parse().map_err(|_| SettleError::Ledger(LedgerError::Corrupt(format!("wallet `{wallet}`"))))
+}
+
+impl Settler {
+    pub fn new(store: Store, config: SettlerConfig, signer: PrivateKeySigner) -> Self {
+        Self { store, config, signer, chain: tokio::sync::OnceCell::new(), lock: tokio::sync::Mutex::new(None) }
+    }
+
+    pub fn config(&self) -> &SettlerConfig {
+        &self.config
+    }
+
+    /// The chain client, connected (and checked) on first use.
+    async fn chain(&self) -> Result<&SettlementClient, SettleError> {
+        let chain = self
+            .chain
+            .get_or_try_init(|| {
+                SettlementClient::connect(&self.config.rpc_url, self.config.contract, self.signer.clone())
+            })
+            .await?;
+        Ok(chain)
+    }
+
+    /// Takes (or re-checks) the settlement lock on a dedicated connection. A broken
+    /// connection released the lock in Postgres, so it is taken again, or lost to another.
+    async fn hold_lock(&self) -> Result<bool, SettleError> {
+        let mut held = self.lock.lock().await;
+        if let Some(conn) = held.as_ref() {
+            if !conn.is_closed() && conn.execute("SELECT 1", &[]).await.is_ok() {
+                return Ok(true);
+            }
+            tracing::warn!("the settlement lock's connection broke; taking the lock again");
+            *held = None;
+        }
+        let conn = self.store.dedicated_conn().await?;
+        let got: bool = conn
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&SETTLEMENT_LOCK])
+            .await
+            .map_err(LedgerError::from)?
+            .get(0);
+        if got {
+            tracing::info!("holding the settlement lock: this server settles");
+            *held = Some(conn);
+        }
+        Ok(got)
+    }
+
+    /// Whether an epoch is due: no planning attempt since the last epoch boundary
+    /// (boundaries are multiples of the epoch length since the Unix epoch, e.g. 00:00 UTC
+    /// daily). This catches up on a boundary missed while no server was running.
+    pub async fn is_due(&self, now: std::time::SystemTime) -> Result<bool, SettleError> {
+        let last = self.store.last_settlement_attempt().await?;
+        Ok(last < crate::actors::clock::last_boundary(now, self.config.epoch_time))
+    }
+
+    /// Moves settlement as far as it can go now; plans a new epoch when `plan` is set and
+    /// nothing older is open.
+    pub async fn run(&self, plan: bool) -> Result<Outcome, SettleError> {
+        if !self.hold_lock().await? {
+            return Ok(Outcome { progress: Progress::Standby, planned: false });
+        }
+        let mut planned = false;
+        loop {
+            match self.store.open_epoch().await? {
+                Some(epoch) => match self.advance(epoch).await? {
+                    Step::Again => continue,
+                    Step::Wait => return Ok(Outcome { progress: Progress::Waiting, planned }),
+                },
+                None if plan && !planned => {
+                    planned = true;
+                    if self.plan().await?.is_none() {
+                        return Ok(Outcome { progress: Progress::Idle, planned });
+                    }
+                }
+                None => return Ok(Outcome { progress: Progress::Idle, planned }),
+            }
+        }
+    }
+
+    /// Plans the next epoch against the escrow on chain now; updates suspensions.
+    async fn plan(&self) -> Result<Option<Epoch>, SettleError> {
+        let chain = self.chain().await?;
+        self.store.assign_internal_wallets(&format!("{:#x}", chain.operator())).await?;
+        let escrows = self.escrows().await?;
+        let budgets: Vec<(i64, Units)> = escrows.iter().map(|(g, a)| (g.game_id, *a)).collect();
+        let contract = format!("{:#x}", chain.contract_address());
+        let epoch = self.store.plan_epoch(&contract, &budgets, self.config.node_share_bps).await?;
+        self.store.record_settlement_attempt().await?;
+        match &epoch {
+            Some(e) => tracing::info!(
+                epoch = e.number, tasks = e.task_count, games = e.charges.len(), charges = %e.charge_total,
+                payouts = %e.payout_total, "epoch planned"
+            ),
+            None => tracing::info!("epoch due, but nothing to settle"),
+        }
+        self.apply_escrows(&escrows).await?;
+        Ok(epoch)
+    }
+
+    /// Every game settlement tracks, with the escrow available to it on chain (zero
+    /// without a wallet).
+    async fn escrows(&self) -> Result<Vec<(crate::ledger::escrow::GameBalance, Units)>, SettleError> {
+        let chain = self.chain().await?;
+        let games = self.store.game_balances().await?;
+        let with_wallet: Vec<(usize, Address)> = games
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| g.wallet.as_deref().map(|w| address_of(w).map(|a| (i, a))))
+            .collect::<Result<_, _>>()?;
+        let amounts = chain.available_escrows(&with_wallet.iter().map(|(_, a)| *a).collect::<Vec<_>>()).await?;
+        let mut available = vec![Units::ZERO; games.len()];
+        for ((i, _), amount) in with_wallet.iter().zip(amounts) {
+            available[*i] = amount;
+        }
+        Ok(games.into_iter().zip(available).collect())
+    }
+
+    async fn apply_escrows(&self, escrows: &[(crate::ledger::escrow::GameBalance, Units)]) -> Result<(), SettleError> {
+        for (game, available) in escrows {
+            let action = escrow_action(game, *available);
+            if let crate::ledger::escrow::EscrowAction::Suspend(reason) = &action {
+                tracing::warn!(game = %game.name, %reason, "suspending a game");
+            } else if action == crate::ledger::escrow::EscrowAction::Resume {
+                tracing::info!(game = %game.name, escrow = %available, "escrow covers the debt again: game resumed");
+            }
+            self.store.apply_escrow(game.game_id, *available, &action).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads every game's escrow and suspends or resumes games (between epochs too).
+    pub async fn check_escrows(&self) -> Result<(), SettleError> {
+        if !self.hold_lock().await? {
+            return Ok(());
+        }
+        let escrows = self.escrows().await?;
+        self.apply_escrows(&escrows).await
+    }
+
+    async fn advance(&self, epoch: Epoch) -> Result<Step, SettleError> {
+        let chain = self.chain().await?;
+        let n = epoch.number;
+        match epoch.state() {
+            EpochStatus::Confirmed => Ok(Step::Again),
+            EpochStatus::Planned => {
+                let last = chain.last_epoch().await?;
+                if last >= n {
+                    return self.adopt_posted(&epoch).await;
+                }
+                if last + 1 != n {
+                    return Err(SettleError::Diverged(format!(
+                        "the contract's last epoch is {last} but the ledger's next is {n}; was the contract replaced?"
+                    )));
+                }
+                let charges: Vec<(Address, Units)> =
+                    epoch.charges.iter().map(|(w, a)| Ok((address_of(w)?, *a))).collect::<Result<_, SettleError>>()?;
+                let sent = match chain.sign_post(n, epoch.payout_root, epoch.payout_total, &charges).await {
+                    Ok(sent) => sent,
+                    Err(ChainError::Reverted(reason)) => {
+                        // Escrow changed since planning: settle again from the current state.
+                        tracing::warn!(epoch = n, %reason, "the planned post would revert; planning the epoch again");
+                        self.store.discard_planned_epoch(n).await?;
+                        return Err(SettleError::Chain(ChainError::Reverted(reason)));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                // Stored first: from here on, this exact transaction is the epoch's post.
+                self.store.mark_epoch_sent(n, &sent).await?;
+                tracing::info!(epoch = n, tx = %format!("0x{}", hex::encode(sent.hash)), nonce = sent.nonce, "epoch post signed and stored; broadcasting");
+                chain.broadcast(&sent.raw).await?;
+                Ok(Step::Wait)
+            }
+            EpochStatus::Sent => {
+                let sent = epoch
+                    .sent
+                    .clone()
+                    .ok_or_else(|| LedgerError::Corrupt(format!("epoch {n} is sent but has no transaction")))?;
+                match chain.tx_status(sent.hash).await? {
+                    TxStatus::Mined { success: true, block, gas_used, confirmations } => {
+                        if confirmations < self.config.confirmations {
+                            return Ok(Step::Wait);
+                        }
+                        self.store.mark_epoch_confirmed(n, block, gas_used).await?;
+                        tracing::info!(epoch = n, block, gas_used, "epoch posted and confirmed on chain");
+                        Ok(Step::Again)
+                    }
+                    TxStatus::Mined { success: false, .. } => {
+                        if chain.last_epoch().await? >= n {
+                            return self.adopt_posted(&epoch).await;
+                        }
+                        tracing::warn!(epoch = n, "the epoch's post reverted on chain; signing it again");
+                        self.store.mark_epoch_unsent(n).await?;
+                        Ok(Step::Again)
+                    }
+                    TxStatus::Pending => Ok(Step::Wait),
+                    TxStatus::Unknown => {
+                        if chain.mined_nonce().await? > sent.nonce {
+                            // Our nonce went to another transaction: ours can never be mined.
+                            if chain.last_epoch().await? >= n {
+                                return self.adopt_posted(&epoch).await;
+                            }
+                            tracing::warn!(
+                                epoch = n,
+                                "the post's nonce was used by another transaction; signing again"
+                            );
+                            self.store.mark_epoch_unsent(n).await?;
+                            return Ok(Step::Again);
+                        }
+                        tracing::warn!(
+                            epoch = n,
+                            "the chain does not know the stored post; broadcasting the same bytes again"
+                        );
+                        chain.broadcast(&sent.raw).await?;
+                        Ok(Step::Wait)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The chain already has epoch `n`: accept it only if it is exactly ours.
+    async fn adopt_posted(&self, epoch: &Epoch) -> Result<Step, SettleError> {
+        let chain = self.chain().await?;
+        let posted = chain.posted_epoch(epoch.number).await?;
+        match posted {
+            Some(p) if p.payout_root == epoch.payout_root && p.payout_total == epoch.payout_total => {
+                self.store.mark_epoch_confirmed(epoch.number, 0, 0).await?;
+                tracing::warn!(epoch = epoch.number, "the epoch was already on chain, as planned: marked confirmed");
+                Ok(Step::Again)
+            }
+            other => Err(SettleError::Diverged(format!(
+                "epoch {} on chain is {other:?}, the ledger planned root 0x{} total {}: settlement stopped",
+                epoch.number,
+                hex::encode(epoch.payout_root),
+                epoch.payout_total
+            ))),
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The operator's settlement client: reads the contract (last epoch, posted roots,
+//! escrow) and posts epochs. A post is signed here — nonce, gas estimate with headroom,
+//! EIP-1559 fees — and handed back as bytes with its hash *before* it is broadcast, so
+//! the caller can store it first and, after any crash, look the same transaction up or
+//! broadcast it again instead of signing a second one.
+
+use std::time::Duration;
+
+use alloy::eips::eip2718::Encodable2718;
+use alloy::network::{EthereumWallet, TransactionBuilder};
+use alloy::primitives::{Address, FixedBytes, B256, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::signers::local::PrivateKeySigner;
+
+use super::contracts::Settlement;
+use super::error::ChainError;
+use super::{from_u256, to_u256};
+use crate::crypto::merkle::Hash;
+use crate::ledger::epochs::SentTx;
+use crate::ledger::Units;
+
+/// How long one RPC call may take before it counts as an outage.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Gas limit = estimate × this / 100.
+const GAS_HEADROOM_PERCENT: u64 = 130;
+
+/// Where a sent transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// Neither in the mempool nor on chain.
+    Unknown,
+    /// In the mempool.
+    Pending,
+    /// In a block, with `confirmations` blocks on top counted (1 = just mined).
+    Mined { block: u64, success: bool, gas_used: u64, confirmations: u64 },
+}
+
+/// An epoch as posted on chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostedEpoch {
+    pub payout_root: Hash,
+    pub payout_total: Units,
+    pub charge_total: Units,
+}
+
+/// Maps an RPC or contract failure: a decoded contract error is a revert, anything else
+/// on the wire an outage worth retrying.
+pub fn contract_error(context: &str, e: alloy::contract::Error) -> ChainError {
+    if let Some(revert) = e.as_decoded_interface_error::<Settlement::SettlementErrors>() {
+        return ChainError::Reverted(format!("{context}: {}", super::contracts::describe_revert(&revert)));
+    }
+    match &e {
+        alloy::contract::Error::TransportError(t) if t.as_error_resp().is_some() => {
+            ChainError::Reverted(format!("{context}: {t}"))
+        }
+        alloy::contract::Error::TransportError(_) => ChainError::Rpc(format!("{context}: {e}")),
+        _ => ChainError::Unexpected(format!("{context}: {e}")),
+    }
+}
+
+fn rpc_error(context: &str, e: impl std::fmt::Display) -> ChainError {
+    ChainError::Rpc(format!("{context}: {e}"))
+}
+
+/// Runs one RPC future with the timeout, as an outage when it expires.
+async fn timed<T, E: std::fmt::Display>(
+    context: &str,
+    f: impl std::future::IntoFuture<Output = Result<T, E>>,
+) -> Result<T, ChainError> {
+    match tokio::time::timeout(RPC_TIMEOUT, f.into_future()).await {
+        Ok(result) => result.map_err(|e| rpc_error(context, e)),
+        Err(_) => Err(ChainError::Rpc(format!("{context}: no answer within {} s", RPC_TIMEOUT.as_secs()))),
+    }
+}
+
+/// Polls for the receipt of `hash` until `timeout` (no background watcher: works from
+/// any runtime, and an RPC hiccup only costs one poll).
+pub async fn wait_receipt(
+    provider: &DynProvider,
+    hash: B256,
+    timeout: Duration,
+) -> Result<alloy::rpc::types::TransactionReceipt, ChainError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match provider.get_transaction_receipt(hash).await {
+            Ok(Some(receipt)) => return Ok(receipt),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "receipt poll failed; polling again"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ChainError::Rpc(format!("transaction {hash} not mined within {} s", timeout.as_secs())));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A provider with `signer` as its wallet.
+pub fn provider_for(rpc_url: &str, signer: PrivateKeySigner) -> Result<DynProvider, ChainError> {
+    let url = rpc_url.parse().map_err(|e| ChainError::Config(format!("rpc_url `{rpc_url}`: {e}")))?;
+    Ok(ProviderBuilder::new().wallet(EthereumWallet::from(signer)).connect_http(url).erased())
+}
+
+/// The settlement contract, seen by its operator.
+#[derive(Clone)]
+pub struct SettlementClient {
+    provider: DynProvider,
+    wallet: EthereumWallet,
+    contract: Settlement::SettlementInstance<DynProvider>,
+    operator: Address,
+    chain_id: u64,
+}
+
+impl SettlementClient {
+    /// Connects and checks the setup: a contract at `contract`, operated by `signer`.
+    pub async fn connect(rpc_url: &str, contract: Address, signer: PrivateKeySigner) -> Result<Self, ChainError> {
+        let operator = signer.address();
+        let wallet = EthereumWallet::from(signer.clone());
+        let provider = provider_for(rpc_url, signer)?;
+        let chain_id = timed("chain id", provider.get_chain_id()).await?;
+        let code = timed("contract code", provider.get_code_at(contract)).await?;
+        if code.is_empty() {
+            return Err(ChainError::Config(format!(
+                "no contract at {contract} on chain {chain_id}: deploy one with `ludus chain deploy`"
+            )));
+        }
+        let instance = Settlement::new(contract, provider.clone());
+        let on_chain = instance.operator().call().await.map_err(|e| contract_error("operator()", e))?;
+        if on_chain != operator {
+            return Err(ChainError::Config(format!(
+                "the settlement key's address {operator} is not the contract's operator ({on_chain})"
+            )));
+        }
+        Ok(Self { provider, wallet, contract: instance, operator, chain_id })
+    }
+
+    pub fn contract_address(&self) -> Address {
+        *self.contract.address()
+    }
+
+    pub fn operator(&self) -> Address {
+        self.operator
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    pub fn provider(&self) -> &DynProvider {
+        &self.provider
+    }
+
+    /// The last epoch posted.
+    pub async fn last_epoch(&self) -> Result<u64, ChainError> {
+        let call = self.contract.lastEpoch();
+        timed("lastEpoch()", call.call()).await
+    }
+
+    /// Epoch `n` as posted (None when not posted).
+    pub async fn posted_epoch(&self, n: u64) -> Result<Option<PostedEpoch>, ChainError> {
+        let call = self.contract.epochs(n);
+        let e = timed("epochs()", call.call()).await?;
+        if e.postedAt == 0 {
+            return Ok(None);
+        }
+        Ok(Some(PostedEpoch {
+            payout_root: e.payoutRoot.0,
+            payout_total: Units(e.payoutTotal),
+            charge_total: Units(e.chargeTotal),
+        }))
+    }
+
+    /// Escrow settlement can count on, per wallet (balance less pending withdrawals).
+    pub async fn available_escrows(&self, wallets: &[Address]) -> Result<Vec<Units>, ChainError> {
+        if wallets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let call = self.contract.availableEscrows(wallets.to_vec());
+        let amounts = timed("availableEscrows()", call.call()).await?;
+        amounts.into_iter().map(from_u256).collect()
+    }
+
+    /// Signs the post of one epoch at the operator's next nonce. Reverts that the gas
+    /// estimate reveals (e.g. `EscrowShort`) come back as [`ChainError::Reverted`].
+    pub async fn sign_post(
+        &self,
+        epoch: u64,
+        payout_root: Hash,
+        payout_total: Units,
+        charges: &[(Address, Units)],
+    ) -> Result<SentTx, ChainError> {
+        let games: Vec<Address> = charges.iter().map(|(g, _)| *g).collect();
+        let amounts: Vec<U256> = charges.iter().map(|(_, a)| to_u256(*a)).collect();
+        let call = self
+            .contract
+            .postEpoch(epoch, FixedBytes(payout_root), to_u256(payout_total), games, amounts)
+            .from(self.operator);
+        let gas = match tokio::time::timeout(RPC_TIMEOUT, call.estimate_gas()).await {
+            Ok(result) => result.map_err(|e| contract_error("postEpoch() gas estimate", e))?,
+            Err(_) => return Err(ChainError::Rpc("postEpoch() gas estimate: timed out".into())),
+        };
+        let nonce = timed("nonce", self.provider.get_transaction_count(self.operator).pending()).await?;
+        let fees = timed("fee estimate", self.provider.estimate_eip1559_fees()).await?;
+        let request = call
+            .into_transaction_request()
+            .with_nonce(nonce)
+            .with_chain_id(self.chain_id)
+            .with_gas_limit(gas * GAS_HEADROOM_PERCENT / 100)
+            .with_max_fee_per_gas(fees.max_fee_per_gas)
+            .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
+        let envelope =
+            request.build(&self.wallet).await.map_err(|e| ChainError::Unexpected(format!("signing: {e}")))?;
+        Ok(SentTx { hash: envelope.tx_hash().0, raw: envelope.encoded_2718(), nonce })
+    }
+
+    /// Broadcasts a signed transaction. "Already known" and "nonce too low" answers are
+    /// not failures here: the status check that follows tells what happened.
+    pub async fn broadcast(&self, raw: &[u8]) -> Result<(), ChainError> {
+        match tokio::time::timeout(RPC_TIMEOUT, self.provider.send_raw_transaction(raw)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.as_error_resp().is_some() => {
+                tracing::info!(error = %e, "broadcast answered with an error; checking the transaction's status");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(rpc_error("broadcast", e)),
+            Err(_) => Err(ChainError::Rpc("broadcast: timed out".into())),
+        }
+    }
+
+    /// Where transaction `hash` stands.
+    pub async fn tx_status(&self, hash: Hash) -> Result<TxStatus, ChainError> {
+        let hash = B256::from(hash);
+        if let Some(receipt) = timed("transaction receipt", self.provider.get_transaction_receipt(hash)).await? {
+            let block = receipt.block_number.unwrap_or_default();
+            let head = timed("block number", self.provider.get_block_number()).await?;
+            return Ok(TxStatus::Mined {
+                block,
+                success: receipt.status(),
+                gas_used: receipt.gas_used,
+                confirmations: head.saturating_sub(block) + 1,
+            });
+        }
+        let known = timed("transaction", self.provider.get_transaction_by_hash(hash)).await?;
+        Ok(if known.is_some() { TxStatus::Pending } else { TxStatus::Unknown })
+    }
+
+    /// The operator's nonce in the latest block: how many of its transactions were mined.
+    pub async fn mined_nonce(&self) -> Result<u64, ChainError> {
+        timed("nonce", self.provider.get_transaction_count(self.operator).latest()).await
+    }
+}

@@ -1,0 +1,149 @@
+//! `ludus chain deploy` (operators) and `ludus claim` (node owners).
+
+use std::path::PathBuf;
+
+use alloy::primitives::Address;
+use clap::{Args, Subcommand};
+
+use crate::chain::deploy::{deploy, DeployPlan};
+use crate::chain::{parse_address, signer_of};
+use crate::crypto::identity::Identity;
+use crate::ledger::epochs::PayoutClaim;
+
+#[derive(Debug, Subcommand)]
+pub enum ChainCommand {
+    /// Deploy the settlement contract (and, with --test-token, a mintable test ERC-20).
+    Deploy(DeployArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The chain's JSON-RPC URL.
+    #[arg(long, env = "LUDUS_RPC_URL")]
+    pub rpc: String,
+    /// Hex key file of the deploying account (pays the gas).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The ERC-20 games pay in. Omit it together with --test-token for tests and demos.
+    #[arg(long, conflicts_with = "test_token", required_unless_present = "test_token")]
+    pub token: Option<String>,
+    /// Deploy the mintable test token (the deployer mints) and settle in it.
+    #[arg(long)]
+    pub test_token: bool,
+    /// The operator that posts epochs: the server's settlement key (`[settlement]
+    /// operator_key`, else its identity key). Default: the deploying account.
+    #[arg(long)]
+    pub operator: Option<String>,
+    /// Who collects the fees. Default: the operator.
+    #[arg(long)]
+    pub treasury: Option<String>,
+    /// Seconds between a game asking for its escrow back and getting it.
+    #[arg(long, default_value_t = 86_400)]
+    pub withdrawal_delay: u64,
+    /// Also write the deployment (JSON) to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClaimArgs {
+    /// The node's key file: payouts go to its address.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The server the node works for (it serves the payouts and their proofs).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// The chain's RPC URL. Default: the one the server advertises.
+    #[arg(long, env = "LUDUS_RPC_URL")]
+    pub rpc: Option<String>,
+    /// Key file of the account that pays the claim's gas. Default: the node's key
+    /// (its address then needs a little of the chain's native currency).
+    #[arg(long)]
+    pub gas_key: Option<PathBuf>,
+}
+
+fn load(path: &std::path::Path, what: &str) -> anyhow::Result<Identity> {
+    Identity::load(path).map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
+}
+
+pub fn run(cmd: ChainCommand) -> anyhow::Result<()> {
+    match cmd {
+        ChainCommand::Deploy(args) => {
+            let deployer = signer_of(&load(&args.key, "--key")?);
+            let operator = match &args.operator {
+                Some(a) => parse_address("--operator", a)?,
+                None => deployer.address(),
+            };
+            let treasury = match &args.treasury {
+                Some(a) => parse_address("--treasury", a)?,
+                None => operator,
+            };
+            let token = args.token.as_deref().map(|t| parse_address("--token", t)).transpose()?;
+            let plan = DeployPlan { token, operator, treasury, withdrawal_delay_s: args.withdrawal_delay };
+            let deployment = actix_web::rt::System::new().block_on(deploy(&args.rpc, deployer, &plan))?;
+            let json = serde_json::to_string_pretty(&deployment)?;
+            if let Some(out) = &args.out {
+                std::fs::write(out, format!("{json}\n")).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            }
+            println!("{json}");
+            eprintln!(
+                "deployed Settlement at {:#x}; set [settlement] contract = \"{:#x}\" and rpc_url in the server's config",
+                deployment.settlement, deployment.settlement
+            );
+            Ok(())
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct PayoutsResponse {
+    contract: String,
+    rpc_url: String,
+    data: Vec<PayoutClaim>,
+}
+
+/// Fetches the node's payouts from the server and claims the unclaimed ones.
+pub fn claim(args: ClaimArgs) -> anyhow::Result<()> {
+    let node = load(&args.key, "--key")?;
+    let own_gas = args.gas_key.is_none();
+    let payer = match &args.gas_key {
+        Some(path) => signer_of(&load(path, "--gas-key")?),
+        None => signer_of(&node),
+    };
+    let node_address: Address = parse_address("node", &node.address.to_string())?;
+    actix_web::rt::System::new().block_on(async move {
+        let url = format!("{}/v1/settlement/payouts/{:#x}", args.server.trim_end_matches('/'), node_address);
+        let client = awc::Client::builder().timeout(std::time::Duration::from_secs(30)).finish();
+        let mut response = client.get(&url).send().await.map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
+        let body = response.body().limit(64 << 20).await.map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
+        if !response.status().is_success() {
+            anyhow::bail!("GET {url}: {} {}", response.status(), String::from_utf8_lossy(&body));
+        }
+        let payouts: PayoutsResponse = serde_json::from_slice(&body)?;
+        let rpc = args.rpc.clone().unwrap_or(payouts.rpc_url);
+        let contract = parse_address("the server's contract", &payouts.contract)?;
+        let payer_address = payer.address();
+        let provider = crate::chain::client::provider_for(&rpc, payer)?;
+        if own_gas && !payouts.data.is_empty() {
+            use alloy::providers::Provider;
+            let balance = provider.get_balance(payer_address).await.map_err(|e| anyhow::anyhow!("{rpc}: {e}"))?;
+            if balance.is_zero() {
+                anyhow::bail!(
+                    "{node_address:#x} has no gas money on this chain: send it a little of the chain's native \
+                     currency, or pass --gas-key FILE to pay the claim from another account"
+                );
+            }
+        }
+        let report = crate::chain::claim::claim_all(&provider, contract, node_address, &payouts.data).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        if report.claimed.is_empty() {
+            eprintln!(
+                "nothing to claim for {node_address:#x} ({} epochs claimed before)",
+                report.already_claimed.len()
+            );
+        } else {
+            eprintln!("claimed {} base units for {node_address:#x} over {} epochs", report.total, report.claimed.len());
+        }
+        Ok(())
+    })
+}

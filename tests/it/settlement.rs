@@ -1,0 +1,521 @@
+//! Settlement on a real chain (anvil from npm) with a real Postgres: a full day of
+//! receipts settled in one post and claimed by every node, the contract's refusals,
+//! gas per post independent of the task count, a server killed between "sent" and
+//! "confirmed", `ludus claim`, and a game suspended for overspending until it tops up.
+
+use std::future::IntoFuture;
+use std::process::Command;
+use std::time::Duration;
+
+use alloy::primitives::{Address, FixedBytes, U256};
+use alloy::providers::{DynProvider, Provider};
+use alloy::signers::local::PrivateKeySigner;
+use ludus::actors::settler::{Progress, Settler, SettlerConfig};
+use ludus::chain::anvil::Anvil;
+use ludus::chain::client::{contract_error, provider_for, wait_receipt};
+use ludus::chain::contracts::Settlement;
+use ludus::chain::deploy::{deploy, mint_and_deposit, token_balance, DeployPlan, Deployment};
+use ludus::chain::{ChainError, SettlementClient};
+use ludus::crypto::identity::Identity;
+use ludus::crypto::merkle;
+use ludus::ledger::epochs::payout_leaf;
+use ludus::ledger::{Receipt, Store, Units};
+use ludus::protocol::receipt::confirmation_message;
+
+use super::cluster::{wait_for, Cluster, BIN};
+use super::database::{block_on, fresh_database, numbers, open};
+use super::registry::try_chat;
+
+const SHARE_BPS: u128 = 9_000;
+
+/// Anvil's account `i` as a key file the CLI can read.
+fn key_file(dir: &std::path::Path, signer: &PrivateKeySigner, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{}\n", hex::encode(signer.to_bytes()))).unwrap();
+    path
+}
+
+fn rpc(anvil: &Anvil, method: &'static str, params: serde_json::Value) -> serde_json::Value {
+    let p = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
+    block_on(async move { p.raw_request::<_, serde_json::Value>(method.into(), params).await.unwrap() })
+}
+
+fn deploy_default(anvil: &Anvil) -> Deployment {
+    let plan = DeployPlan {
+        token: None,
+        operator: anvil.keys[1].address(),
+        treasury: anvil.keys[9].address(),
+        withdrawal_delay_s: 3600,
+    };
+    block_on(deploy(&anvil.url, anvil.keys[0].clone(), &plan)).expect("deploy")
+}
+
+fn fund(anvil: &Anvil, d: &Deployment, game: &PrivateKeySigner, amount: u128) {
+    block_on(mint_and_deposit(&anvil.url, d, anvil.keys[0].clone(), game.clone(), Units(amount))).expect("fund");
+}
+
+/// Commits `count` receipts (task ids from `first`) in blocks of `per_block`, spread over
+/// `nodes` and `games`, and has each node confirm its blocks (signed, as nodes do).
+fn record_day(store: &Store, nodes: &[Identity], games: &[i64], first: u64, count: u64, per_block: u64) {
+    let tasks: Vec<u64> = (first..first + count).collect();
+    for chunk in tasks.chunks(per_block as usize) {
+        let receipts: Vec<Receipt> = chunk
+            .iter()
+            .map(|&t| Receipt {
+                task: t,
+                game_id: games[(t % games.len() as u64) as usize],
+                node: nodes[((t * 7) % nodes.len() as u64) as usize].address.to_string(),
+                model: "fake".into(),
+                prompt_tokens: 10,
+                completion_tokens: (t % 50) as u32,
+                price: Units(1_000_000_000_000 + (t as u128 % 977) * 1_000_000),
+                latency_ms: 5,
+                output_hash: [1; 32],
+                receipt_hash: ludus::crypto::identity::keccak(&t.to_be_bytes()),
+                signature: vec![0; 65],
+            })
+            .collect();
+        let outcome = block_on(store.commit_block(&receipts, "0x00000000000000000000000000000000000000ee")).unwrap();
+        for ack in outcome.acks {
+            let node = nodes.iter().find(|n| n.address.to_string() == ack.node).unwrap();
+            let root = merkle::task_root(&ack.tasks);
+            let count = ack.tasks.len() as u32;
+            let signature = node.sign(&confirmation_message(ack.block, &root, count, &[]));
+            block_on(store.confirm_block(&ack.node, ack.block, root, count, &[], &signature)).unwrap();
+        }
+    }
+}
+
+/// Runs the settler until nothing is open (automine: a post is mined at once).
+fn settle(settler: &Settler) -> u32 {
+    let mut runs = 0;
+    let mut plan = true;
+    loop {
+        runs += 1;
+        assert!(runs < 50, "settlement did not finish");
+        let outcome = block_on(settler.run(plan)).expect("settlement run");
+        if outcome.planned {
+            plan = false;
+        }
+        match outcome.progress {
+            Progress::Idle => return runs,
+            Progress::Waiting => std::thread::sleep(Duration::from_millis(50)),
+            Progress::Standby => panic!("another settler holds the lock"),
+        }
+    }
+}
+
+fn reverted(result: Result<impl std::fmt::Debug, alloy::contract::Error>, what: &str) -> String {
+    match result.map_err(|e| contract_error(what, e)) {
+        Err(ChainError::Reverted(reason)) => reason,
+        other => panic!("{what}: expected a revert, got {other:?}"),
+    }
+}
+
+fn receipt_gas(p: &DynProvider, hash: &str) -> u64 {
+    let hash: FixedBytes<32> = hash.parse().unwrap();
+    block_on(async { p.get_transaction_receipt(hash).await.unwrap().unwrap().gas_used })
+}
+
+#[test]
+fn a_full_day_settles_in_one_post_and_every_node_claims_exactly_its_payout() {
+    let anvil = Anvil::start(None).expect("anvil (run scripts/setup)");
+    let d = deploy_default(&anvil);
+    let store = open(&fresh_database());
+    let game_keys: Vec<PrivateKeySigner> = (2..7).map(|i| anvil.keys[i].clone()).collect();
+    let mut games = Vec::new();
+    for (i, key) in game_keys.iter().enumerate() {
+        let name = format!("game{i}");
+        let (id, _) = block_on(store.add_game(&name, 1000, 1_000_000)).unwrap();
+        block_on(store.set_game_wallet(&name, &format!("{:#x}", key.address()))).unwrap();
+        fund(&anvil, &d, key, 10u128.pow(24));
+        games.push(id);
+    }
+    let nodes: Vec<Identity> = (0..50).map(|_| Identity::generate()).collect();
+    // A day: 10,000 receipts over 40 blocks, every node confirming its blocks.
+    record_day(&store, &nodes, &games, 1, 10_000, 250);
+    // Not payable: a task its node disputes, and a block one node never confirmed.
+    let extra: Vec<u64> = (20_001..20_011).collect();
+    record_unconfirmed(&store, &nodes[0], games[0], &extra);
+
+    let config = SettlerConfig {
+        rpc_url: anvil.url.clone(),
+        contract: d.settlement,
+        node_share_bps: SHARE_BPS as u32,
+        confirmations: 1,
+        epoch_time: Duration::from_secs(86_400),
+    };
+    let settler = Settler::new(store.clone(), config.clone(), anvil.keys[1].clone());
+    settle(&settler);
+
+    // The post: one epoch, its root and totals equal to the ledger's and to a
+    // recomputation from the receipts here.
+    let epoch = block_on(store.epoch(1)).unwrap().expect("epoch 1");
+    assert_eq!(epoch.status, "confirmed");
+    assert_eq!(epoch.task_count, 10_000, "only confirmed receipts settle");
+    let mut expected: std::collections::BTreeMap<String, u128> = Default::default();
+    let mut charged = vec![0u128; games.len()];
+    for t in 1..=10_000u64 {
+        let price = 1_000_000_000_000 + (t as u128 % 977) * 1_000_000;
+        *expected.entry(nodes[((t * 7) % 50) as usize].address.to_string()).or_default() += price;
+        charged[(t % 5) as usize] += price;
+    }
+    let expected: Vec<(String, u128)> = expected.into_iter().map(|(n, s)| (n, s * SHARE_BPS / 10_000)).collect();
+    let payouts = block_on(store.epoch_payouts(1)).unwrap();
+    assert_eq!(payouts.len(), 50);
+    assert_eq!(payouts.iter().map(|(n, a)| (n.clone(), a.0)).collect::<Vec<_>>(), expected);
+    let leaves: Vec<[u8; 32]> =
+        expected.iter().map(|(n, a)| payout_leaf(&n.parse::<Address>().unwrap().0 .0, Units(*a))).collect();
+    assert_eq!(epoch.payout_root, merkle::root(&leaves));
+    let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
+    let posted = block_on(chain.posted_epoch(1)).unwrap().expect("posted");
+    assert_eq!(posted.payout_root, epoch.payout_root, "on-chain root = ledger root");
+    assert_eq!(posted.payout_total, epoch.payout_total);
+    assert_eq!(posted.charge_total.0, charged.iter().sum::<u128>());
+    assert_eq!(block_on(chain.last_epoch()).unwrap(), 1);
+    // Each game paid its charge out of escrow.
+    let escrows =
+        block_on(chain.available_escrows(&game_keys.iter().map(|k| k.address()).collect::<Vec<_>>())).unwrap();
+    for (i, escrow) in escrows.iter().enumerate() {
+        assert_eq!(escrow.0, 10u128.pow(24) - charged[i], "game {i}");
+    }
+    // The contract's leaf is ours.
+    let relayer = provider_for(&anvil.url, anvil.keys[8].clone()).unwrap();
+    let contract = Settlement::new(d.settlement, relayer.clone());
+    let (n0, a0) = &expected[0];
+    let their_leaf = block_on(contract.payoutLeaf(n0.parse().unwrap(), U256::from(*a0)).call().into_future()).unwrap();
+    assert_eq!(their_leaf.0, leaves[0]);
+
+    // Before any claim: an inflated amount, and another node's proof, are refused.
+    let own_proof: Vec<FixedBytes<32>> =
+        block_on(store.payout_claims(n0)).unwrap()[0].proof.iter().map(|h| h.parse().unwrap()).collect();
+    let (n1, a1) = &expected[1];
+    let r = block_on(
+        contract
+            .claim(
+                1,
+                n1.parse().unwrap(),
+                U256::from(*a1 + 1),
+                block_on(store.payout_claims(n1)).unwrap()[0].proof.iter().map(|h| h.parse().unwrap()).collect(),
+            )
+            .call()
+            .into_future(),
+    );
+    assert!(reverted(r, "inflated claim").contains("InvalidProof"));
+    let r = block_on(contract.claim(1, n1.parse().unwrap(), U256::from(*a1), own_proof).call().into_future());
+    assert!(reverted(r, "someone else's proof").contains("InvalidProof"));
+    // Every node claims (relayed by an account with gas); each gets exactly its payout.
+    let mut claim_gas = 0;
+    for (node, amount) in &expected {
+        let address: Address = node.parse().unwrap();
+        let claims = block_on(store.payout_claims(node)).unwrap();
+        assert_eq!(claims.len(), 1);
+        let report = block_on(ludus::chain::claim::claim_all(&relayer, d.settlement, address, &claims)).unwrap();
+        assert_eq!(report.total.0, *amount);
+        claim_gas = receipt_gas(&relayer, report.tx_hash.as_deref().unwrap());
+        assert_eq!(block_on(token_balance(&anvil.url, d.token, address)).unwrap(), U256::from(*amount));
+    }
+    // A second claim, a wrong amount, a wrong proof: all refused.
+    let address: Address = n0.parse().unwrap();
+    let claims = block_on(store.payout_claims(n0)).unwrap();
+    let again = block_on(ludus::chain::claim::claim_all(&relayer, d.settlement, address, &claims)).unwrap();
+    assert!(again.claimed.is_empty() && again.already_claimed == vec![1]);
+    let proof: Vec<FixedBytes<32>> = claims[0].proof.iter().map(|h| h.parse().unwrap()).collect();
+    let r = block_on(contract.claim(1, address, U256::from(*a0), proof.clone()).call().into_future());
+    assert!(reverted(r, "second claim").contains("AlreadyClaimed"));
+    // Only the operator posts, and epoch 1 cannot be posted again.
+    let stranger = Settlement::new(d.settlement, provider_for(&anvil.url, anvil.keys[5].clone()).unwrap());
+    let r = block_on(stranger.postEpoch(2, FixedBytes([7; 32]), U256::ZERO, vec![], vec![]).call().into_future());
+    assert!(reverted(r, "non-operator post").contains("NotOperator"));
+    let operator = Settlement::new(d.settlement, provider_for(&anvil.url, anvil.keys[1].clone()).unwrap());
+    let r = block_on(operator.postEpoch(1, FixedBytes([7; 32]), U256::ZERO, vec![], vec![]).call().into_future());
+    assert!(reverted(r, "second post of epoch 1").contains("EpochOutOfOrder"));
+    // Fees: charges not paid out.
+    let fees = block_on(contract.fees().call().into_future()).unwrap();
+    assert_eq!(fees, U256::from(epoch.charge_total.0 - epoch.payout_total.0));
+
+    // Gas per post does not grow with tasks: 100 tasks vs 5,000 tasks, same 5 games.
+    record_day(&store, &nodes, &games, 30_001, 100, 100);
+    settle(&settler);
+    record_day(&store, &nodes, &games, 40_001, 5_000, 500);
+    settle(&settler);
+    let (e2, e3) = (block_on(store.epoch(2)).unwrap().unwrap(), block_on(store.epoch(3)).unwrap().unwrap());
+    assert_eq!((e2.task_count, e3.task_count), (100, 5_000));
+    let (g1, g2, g3) = (epoch.gas_used.unwrap(), e2.gas_used.unwrap(), e3.gas_used.unwrap());
+    assert!(g3.abs_diff(g2) * 100 <= g2, "gas per post must not grow with tasks: {g2} for 100, {g3} for 5000");
+    // Deposit gas, for the report.
+    let depositor = provider_for(&anvil.url, anvil.keys[2].clone()).unwrap();
+    let token =
+        ludus::chain::contracts::LudusTestToken::new(d.token, provider_for(&anvil.url, anvil.keys[0].clone()).unwrap());
+    let wait = |p: &DynProvider, hash| {
+        let p = p.clone();
+        block_on(async move { wait_receipt(&p, hash, Duration::from_secs(30)).await.unwrap() })
+    };
+    let minter = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
+    let hash =
+        block_on(async { *token.mint(anvil.keys[2].address(), U256::from(10u64)).send().await.unwrap().tx_hash() });
+    wait(&minter, hash);
+    let t2 = ludus::chain::contracts::LudusTestToken::new(d.token, depositor.clone());
+    let hash = block_on(async { *t2.approve(d.settlement, U256::from(10u64)).send().await.unwrap().tx_hash() });
+    wait(&depositor, hash);
+    let s2 = Settlement::new(d.settlement, depositor.clone());
+    let hash = block_on(async { *s2.deposit(U256::from(10u64)).send().await.unwrap().tx_hash() });
+    let deposit_gas = wait(&depositor, hash).gas_used;
+    eprintln!(
+        "GAS REPORT: post epoch 1 (10,000 tasks, 50 nodes, 5 games) {g1}; epoch 2 (100 tasks) {g2}; \
+         epoch 3 (5,000 tasks) {g3}; claim (one epoch) {claim_gas}; deposit {deposit_gas}"
+    );
+    // The unconfirmed receipts are still unsettled, owed by their game.
+    assert_eq!(numbers(&store, "SELECT count(*) FROM receipts WHERE epoch IS NULL"), vec![10]);
+}
+
+/// Receipts committed but never confirmed by their node.
+fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) {
+    let receipts: Vec<Receipt> = tasks
+        .iter()
+        .map(|&t| Receipt {
+            task: t,
+            game_id: game,
+            node: node.address.to_string(),
+            model: "fake".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            price: Units(5),
+            latency_ms: 1,
+            output_hash: [0; 32],
+            receipt_hash: [3; 32],
+            signature: vec![0; 65],
+        })
+        .collect();
+    block_on(store.commit_block(&receipts, "0x00000000000000000000000000000000000000ee")).unwrap();
+}
+
+/// A cluster whose server settles on `anvil` (operator: anvil's account 1).
+fn settling_cluster(anvil: &Anvil, extra: &str) -> (Cluster, Deployment, std::path::PathBuf) {
+    let keys = tempfile::tempdir().unwrap().keep();
+    let deployer = key_file(&keys, &anvil.keys[0], "deployer.key");
+    let operator = key_file(&keys, &anvil.keys[1], "operator.key");
+    // Deployed through the CLI, as an operator would.
+    let out = Command::new(BIN)
+        .args(["chain", "deploy", "--rpc", &anvil.url, "--key", deployer.to_str().unwrap(), "--test-token"])
+        .args(["--operator", &format!("{:#x}", anvil.keys[1].address()), "--withdrawal-delay", "60"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: Deployment = serde_json::from_slice(&out.stdout).unwrap();
+    let cluster = Cluster::start(&format!(
+        "[settlement]\nrpc_url = \"{}\"\ncontract = \"{:#x}\"\noperator_key = \"{}\"\nconfirmations = 1\n\
+         retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\n{extra}",
+        anvil.url,
+        d.settlement,
+        operator.display()
+    ));
+    (cluster, d, keys)
+}
+
+fn ludus(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    Command::new(BIN).arg("--config").arg(&cluster.config).args(args).output().unwrap()
+}
+
+fn admin_post(cluster: &Cluster, path: &str) -> u16 {
+    let token = std::fs::read_to_string(cluster.dir.path().join("data/admin-token")).unwrap();
+    super::cluster::raw(
+        &cluster.addr,
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n", token.trim())
+            .as_bytes(),
+    )
+    .status
+}
+
+fn epoch_status(store: &Store, n: i64) -> Option<(String, Option<String>)> {
+    block_on(async {
+        let conn = store.conn().await.unwrap();
+        conn.query_opt("SELECT status, tx_hash FROM epochs WHERE number = $1", &[&n])
+            .await
+            .unwrap()
+            .map(|r| (r.get(0), r.get(1)))
+    })
+}
+
+fn chats(cluster: &Cluster, n: usize, store: &Store, confirmed_total: i64) {
+    for _ in 0..n {
+        try_chat(&cluster.addr, &cluster.key, "fake").expect("200");
+    }
+    wait_for("the nodes to confirm their receipts", Duration::from_secs(30), || {
+        numbers(store, "SELECT count(*) FILTER (WHERE confirmation = 'confirmed') FROM receipts")
+            == vec![confirmed_total]
+    });
+}
+
+#[test]
+fn a_server_killed_between_sent_and_confirmed_posts_each_epoch_exactly_once_and_nodes_claim() {
+    let anvil = Anvil::start(None).expect("anvil");
+    let (mut cluster, d, keys) = settling_cluster(&anvil, "");
+    let game = anvil.keys[2].clone();
+    let out = ludus(&cluster, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    fund(&anvil, &d, &game, 10u128.pow(22));
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 2);
+    let store = cluster.store();
+    let operator = anvil.keys[1].address();
+    let nonce = || {
+        let p = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
+        block_on(async move { p.get_transaction_count(operator).latest().await.unwrap() })
+    };
+    let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
+
+    // Epoch 1: the signed post is lost with the server (killed, and dropped from the
+    // mempool); the restarted server re-broadcasts the same stored transaction.
+    chats(&cluster, 8, &store, 8);
+    rpc(&anvil, "evm_setAutomine", serde_json::json!([false]));
+    assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
+    wait_for("epoch 1 to be sent", Duration::from_secs(30), || {
+        epoch_status(&store, 1).is_some_and(|(s, _)| s == "sent")
+    });
+    let (_, tx1) = epoch_status(&store, 1).unwrap();
+    let in_mempool = |tx: &str| !rpc(&anvil, "eth_getTransactionByHash", serde_json::json!([tx])).is_null();
+    wait_for("the post to reach anvil's mempool", Duration::from_secs(10), || in_mempool(tx1.as_deref().unwrap()));
+    cluster.kill_server();
+    rpc(&anvil, "anvil_dropAllTransactions", serde_json::json!([]));
+    assert!(!in_mempool(tx1.as_deref().unwrap()), "the post is lost");
+    rpc(&anvil, "evm_setAutomine", serde_json::json!([true]));
+    assert_eq!(block_on(chain.last_epoch()).unwrap(), 0, "nothing posted yet");
+    cluster.restart_server();
+    wait_for("epoch 1 to be confirmed", Duration::from_secs(30), || {
+        epoch_status(&store, 1).is_some_and(|(s, _)| s == "confirmed")
+    });
+    assert_eq!(epoch_status(&store, 1).unwrap().1, tx1, "the same transaction, not a second one");
+    assert_eq!(block_on(chain.last_epoch()).unwrap(), 1);
+    assert_eq!(nonce(), 1, "the operator sent exactly one transaction");
+    cluster.wait_nodes("fake", 2);
+
+    // Epoch 2: the post is still in the mempool when the server dies; the restarted
+    // server waits for it instead of signing another.
+    chats(&cluster, 6, &store, 14);
+    rpc(&anvil, "evm_setAutomine", serde_json::json!([false]));
+    assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
+    wait_for("epoch 2 to be sent", Duration::from_secs(30), || {
+        epoch_status(&store, 2).is_some_and(|(s, _)| s == "sent")
+    });
+    let tx2 = epoch_status(&store, 2).unwrap().1.unwrap();
+    wait_for("the post to reach anvil's mempool", Duration::from_secs(10), || in_mempool(&tx2));
+    cluster.kill_server();
+    cluster.restart_server();
+    cluster.wait_nodes("fake", 2);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(epoch_status(&store, 2).unwrap().0, "sent", "still waiting for the pending post");
+    rpc(&anvil, "evm_setAutomine", serde_json::json!([true]));
+    rpc(&anvil, "evm_mine", serde_json::json!([]));
+    wait_for("epoch 2 to be confirmed", Duration::from_secs(30), || {
+        epoch_status(&store, 2).is_some_and(|(s, _)| s == "confirmed")
+    });
+    assert_eq!(block_on(chain.last_epoch()).unwrap(), 2);
+    assert_eq!(nonce(), 2, "one transaction per epoch, across two crashes");
+    assert_eq!(epoch_status(&store, 2).unwrap().1.unwrap(), tx2);
+    assert_eq!(numbers(&store, "SELECT count(*) FROM receipts WHERE epoch IS NULL"), vec![0]);
+    for n in 1..=2u64 {
+        let e = block_on(store.epoch(n)).unwrap().unwrap();
+        assert_eq!(block_on(chain.posted_epoch(n)).unwrap().unwrap().payout_root, e.payout_root, "epoch {n}");
+    }
+
+    // `ludus claim` for node 0, its gas paid by another account: both epochs at once.
+    let node_key = cluster.dir.path().join("node0.key");
+    let node = Identity::load(&node_key).unwrap().address.to_string();
+    let epochs_paid = block_on(store.payout_claims(&node)).unwrap().len();
+    let owed: u128 = block_on(store.payout_claims(&node)).unwrap().iter().map(|c| c.amount.0).sum();
+    assert!(owed > 0 && epochs_paid >= 1);
+    let gas_key = key_file(&keys, &anvil.keys[8], "gas.key");
+    let claim = |gas: Option<&std::path::Path>| {
+        let server = format!("http://{}", cluster.addr);
+        let mut args = vec!["claim", "--key", node_key.to_str().unwrap(), "--server", &server];
+        if let Some(g) = gas {
+            args.extend(["--gas-key", g.to_str().unwrap()]);
+        }
+        ludus(&cluster, &args)
+    };
+    // The node's own address has no gas money: a clear error saying what to do.
+    let out = claim(None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--gas-key"), "{}", String::from_utf8_lossy(&out.stderr));
+    let claim = |expect_claims: usize| {
+        let out = claim(Some(&gas_key));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["claimed"].as_array().unwrap().len(), expect_claims, "{report}");
+        report
+    };
+    let report = claim(epochs_paid);
+    assert_eq!(report["total"], owed.to_string());
+    assert_eq!(block_on(token_balance(&anvil.url, d.token, node.parse().unwrap())).unwrap(), U256::from(owed));
+    let report = claim(0);
+    assert_eq!(report["already_claimed"].as_array().unwrap().len(), epochs_paid);
+    assert_eq!(block_on(token_balance(&anvil.url, d.token, node.parse().unwrap())).unwrap(), U256::from(owed));
+}
+
+#[test]
+fn a_game_that_overspends_its_escrow_is_suspended_naming_the_shortfall_and_recovers_after_a_deposit() {
+    let anvil = Anvil::start(None).expect("anvil");
+    let (mut cluster, d, _keys) = settling_cluster(&anvil, "");
+    let game = anvil.keys[3].clone();
+    let out = ludus(&cluster, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    fund(&anvil, &d, &game, 1);
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 1);
+    let store = cluster.store();
+    try_chat(&cluster.addr, &cluster.key, "fake").expect("the first request is served");
+    let body = r#"{"model": "fake", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}"#;
+    let mut refusal = None;
+    wait_for("the game to be suspended", Duration::from_secs(30), || {
+        let r = cluster.post("/v1/chat/completions", body);
+        if r.status == 402 {
+            refusal = Some(r.json());
+            true
+        } else {
+            false
+        }
+    });
+    let refusal = refusal.unwrap();
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert_eq!(refusal["error"]["code"], "escrow_shortfall", "{refusal}");
+    assert!(message.contains("escrow shortfall of"), "{message}");
+    assert!(message.contains(&format!("{:#x}", game.address())), "{message}");
+    let owed: u128 = block_on(store.game_balances()).unwrap().iter().find(|g| g.name == "testgame").unwrap().owed.0;
+    let short: u128 = message.split("shortfall of ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(short >= 1 && short < owed, "shortfall {short} of a debt of {owed} against an escrow of 1");
+    // Settling now can charge nothing: the escrow covers none of the tasks.
+    assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(numbers(&store, "SELECT count(*) FROM epochs"), vec![0]);
+    // A deposit lifts the suspension; the debt is then settled.
+    fund(&anvil, &d, &game, 10u128.pow(20));
+    wait_for("the game to be served again", Duration::from_secs(30), || {
+        cluster.post("/v1/chat/completions", body).status == 200
+    });
+    wait_for("all receipts confirmed", Duration::from_secs(30), || {
+        let n = numbers(&store, "SELECT count(*) FILTER (WHERE confirmation <> 'confirmed'), count(*) FROM receipts");
+        n[0] == 0 && n[1] >= 2
+    });
+    assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
+    wait_for("the epoch to be confirmed", Duration::from_secs(30), || {
+        epoch_status(&store, 1).is_some_and(|(s, _)| s == "confirmed")
+    });
+    let charged: Vec<i64> = numbers(&store, "SELECT (SELECT sum(amount) FROM charges)::bigint, (SELECT sum(price_units) FROM receipts WHERE epoch = 1)::bigint");
+    assert_eq!(charged[0], charged[1]);
+    let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
+    let escrow = block_on(chain.available_escrows(&[game.address()])).unwrap()[0].0;
+    assert_eq!(escrow, 1 + 10u128.pow(20) - charged[0] as u128);
+}
+
+#[test]
+fn committed_contract_artifacts_match_the_sources() {
+    let out = Command::new("scripts/contracts").arg("--check").output().expect("scripts/contracts");
+    assert!(
+        out.status.success(),
+        "stale or uncompilable contracts:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
