@@ -83,6 +83,7 @@ pub struct Settler {
     signer: PrivateKeySigner,
     chain: tokio::sync::OnceCell<SettlementClient>,
     lock: tokio::sync::Mutex<Option<Conn>>,
+    standby_logged: std::sync::atomic::AtomicBool,
 }
 
 fn address_of(wallet: &str) -> Result<Address, SettleError> {
@@ -91,7 +92,14 @@ fn address_of(wallet: &str) -> Result<Address, SettleError> {
 
 impl Settler {
     pub fn new(store: Store, config: SettlerConfig, signer: PrivateKeySigner) -> Self {
-        Self { store, config, signer, chain: tokio::sync::OnceCell::new(), lock: tokio::sync::Mutex::new(None) }
+        Self {
+            store,
+            config,
+            signer,
+            chain: tokio::sync::OnceCell::new(),
+            lock: tokio::sync::Mutex::new(None),
+            standby_logged: Default::default(),
+        }
     }
 
     pub fn config(&self) -> &SettlerConfig {
@@ -129,6 +137,8 @@ impl Settler {
         if got {
             tracing::info!("holding the settlement lock: this server settles");
             *held = Some(conn);
+        } else if !self.standby_logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!("another server holds the settlement lock: standing by");
         }
         Ok(got)
     }

@@ -215,14 +215,18 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
             _ => {
                 let name = format!("demo-{}", std::process::id());
                 let (_, k) = handle.store.add_game(&name, 100_000, 100_000_000).await?;
-                // The game's wallet is anvil's third account, funded with test tokens below.
-                handle.store.set_game_wallet(&name, &format!("{:#x}", anvil.keys[2].address())).await?;
                 std::fs::write(&key_file, format!("{k}\n"))?;
                 k
             }
         };
-        // Keep the demo game's escrow topped up (a fresh chain starts it at zero).
+        // The demo game keeps its escrow at anvil's third account, topped up below (a
+        // fresh chain starts it at zero).
         let game = anvil.keys[2].clone();
+        if let Some(info) = handle.store.lookup_key(&crate::ledger::hash_key(&key)).await? {
+            if let Err(e) = handle.store.set_game_wallet(&info.game, &format!("{:#x}", game.address())).await {
+                tracing::warn!(error = %e, "could not give the demo game its wallet");
+            }
+        }
         let escrow =
             crate::chain::deploy::available_escrow(&anvil.url, deployment.settlement, game.address()).await?;
         let floor = crate::ledger::Units(100 * 10u128.pow(18));
@@ -274,10 +278,14 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
             settings.clock.epoch_time_s,
             settings.server.data_dir.join("admin-token").display()
         );
+        // A funded anvil account to pay claims' gas with (the node keys hold no ether).
+        let gas_key = demo_dir.join("gas.key");
+        std::fs::write(&gas_key, format!("{}\n", hex::encode(anvil.keys[8].to_bytes())))?;
         println!(
-            "Claim a node's earnings: ludus claim --key {} --server http://{} --gas-key <a funded key>",
+            "Claim a node's earnings after an epoch: ludus claim --key {} --server http://{} --gas-key {}",
             demo_dir.join("node-0.key").display(),
-            handle.addr
+            handle.addr,
+            gas_key.display()
         );
         println!("Ctrl-C to stop.");
         shutdown_signal().await;

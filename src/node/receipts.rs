@@ -63,6 +63,10 @@ impl ReceiptLog {
             for (n, line) in BufReader::new(existing).lines().enumerate() {
                 let line = line.map_err(|e| io_err(path, e))?;
                 lines += 1;
+                // Blank lines are the separators written after a torn tail at open.
+                if line.trim().is_empty() {
+                    continue;
+                }
                 match serde_json::from_str::<Line>(&line) {
                     Ok(Line::Receipt(r)) => {
                         open.entry(r.ticket.task).or_insert(Open { receipt: r, block: None, last_sent: None });

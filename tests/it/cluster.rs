@@ -70,6 +70,12 @@ fn listening_addr(server: &Proc) -> String {
     addr
 }
 
+/// A number that differs between calls in one process.
+fn rand_suffix() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
@@ -101,6 +107,7 @@ impl Cluster {
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         prepare(&data);
+        let shared = db_url.is_some();
         let db_url = db_url.unwrap_or_else(super::database::fresh_database);
         std::fs::write(
             &config,
@@ -117,7 +124,9 @@ impl Cluster {
         )
         .unwrap();
         let cfg = config.to_str().unwrap().to_string();
-        let out = Command::new(BIN).args(["--config", &cfg, "games", "add", "testgame"]).output().unwrap();
+        // A second cluster on a shared database gets a game of its own.
+        let game = if shared { format!("testgame-{}", std::process::id() ^ rand_suffix()) } else { "testgame".into() };
+        let out = Command::new(BIN).args(["--config", &cfg, "games", "add", &game]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
         let server = spawn(&["--config", &cfg, "serve"], dir.path().join("serve.log"));

@@ -292,6 +292,11 @@ fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) 
 
 /// A cluster whose server settles on `anvil` (operator: anvil's account 1).
 fn settling_cluster(anvil: &Anvil, extra: &str) -> (Cluster, Deployment, std::path::PathBuf) {
+    settling_cluster_via(anvil, &anvil.url, extra)
+}
+
+/// Like [`settling_cluster`], the server reaching the chain at `rpc_url` (a relay).
+fn settling_cluster_via(anvil: &Anvil, rpc_url: &str, extra: &str) -> (Cluster, Deployment, std::path::PathBuf) {
     let keys = tempfile::tempdir().unwrap().keep();
     let deployer = key_file(&keys, &anvil.keys[0], "deployer.key");
     let operator = key_file(&keys, &anvil.keys[1], "operator.key");
@@ -306,7 +311,7 @@ fn settling_cluster(anvil: &Anvil, extra: &str) -> (Cluster, Deployment, std::pa
     let cluster = Cluster::start(&format!(
         "[settlement]\nrpc_url = \"{}\"\ncontract = \"{:#x}\"\noperator_key = \"{}\"\nconfirmations = 1\n\
          retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\n{extra}",
-        anvil.url,
+        rpc_url,
         d.settlement,
         operator.display()
     ));
@@ -507,6 +512,165 @@ fn a_game_that_overspends_its_escrow_is_suspended_naming_the_shortfall_and_recov
     let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
     let escrow = block_on(chain.available_escrows(&[game.address()])).unwrap()[0].0;
     assert_eq!(escrow, 1 + 10u128.pow(20) - charged[0] as u128);
+}
+
+/// A TCP relay to the chain that can be cut: while down it refuses new connections and
+/// has closed the open ones (an RPC outage as the server sees it).
+struct Switch {
+    addr: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Switch {
+    fn start(upstream: &str) -> Self {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let (upstream, up2, open2) = (upstream.trim_start_matches("http://").to_string(), up.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                open2.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { addr, up, open }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for c in self.open.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_rpc_outage_delays_settlement_but_never_doubles_or_skips_a_post() {
+    let anvil = Anvil::start(None).expect("anvil");
+    let switch = Switch::start(&anvil.url);
+    let (mut cluster, d, _keys) = settling_cluster_via(&anvil, &switch.addr, "");
+    let game = anvil.keys[2].clone();
+    let out = ludus(&cluster, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    fund(&anvil, &d, &game, 10u128.pow(22));
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 1);
+    let store = cluster.store();
+    let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
+    let operator = anvil.keys[1].address();
+    let nonce = || {
+        let p = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
+        block_on(async move { p.get_transaction_count(operator).latest().await.unwrap() })
+    };
+
+    // Down before planning: nothing happens until the chain is back, then one post.
+    chats(&cluster, 5, &store, 5);
+    switch.set(false);
+    assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
+    wait_for("a failed settlement step", Duration::from_secs(20), || {
+        cluster.server.log_text().contains("settlement step failed; retrying")
+    });
+    assert_eq!(numbers(&store, "SELECT count(*) FROM epochs"), vec![0], "nothing planned without the chain");
+    switch.set(true);
+    wait_for("epoch 1 to be confirmed", Duration::from_secs(30), || {
+        epoch_status(&store, 1).is_some_and(|(s, _)| s == "confirmed")
+    });
+    assert_eq!((block_on(chain.last_epoch()).unwrap(), nonce()), (1, 1));
+
+    // Down between sent and confirmed: mined meanwhile, confirmed once it is back.
+    chats(&cluster, 4, &store, 9);
+    rpc(&anvil, "evm_setAutomine", serde_json::json!([false]));
+    assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
+    wait_for("epoch 2 to be sent", Duration::from_secs(30), || {
+        epoch_status(&store, 2).is_some_and(|(s, _)| s == "sent")
+    });
+    let tx2 = epoch_status(&store, 2).unwrap().1.unwrap();
+    wait_for("the post to reach anvil", Duration::from_secs(10), || {
+        !rpc(&anvil, "eth_getTransactionByHash", serde_json::json!([tx2])).is_null()
+    });
+    switch.set(false);
+    rpc(&anvil, "evm_mine", serde_json::json!([]));
+    rpc(&anvil, "evm_setAutomine", serde_json::json!([true]));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(epoch_status(&store, 2).unwrap().0, "sent", "the server cannot see the chain");
+    switch.set(true);
+    wait_for("epoch 2 to be confirmed", Duration::from_secs(30), || {
+        epoch_status(&store, 2).is_some_and(|(s, _)| s == "confirmed")
+    });
+    assert_eq!(epoch_status(&store, 2).unwrap().1.unwrap(), tx2);
+    assert_eq!((block_on(chain.last_epoch()).unwrap(), nonce()), (2, 2));
+}
+
+#[test]
+fn of_two_servers_on_one_database_one_settles_and_the_other_takes_over_when_it_dies() {
+    let anvil = Anvil::start(None).expect("anvil");
+    let (mut first, d, keys) = settling_cluster(&anvil, "");
+    let game = anvil.keys[2].clone();
+    let out = ludus(&first, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    fund(&anvil, &d, &game, 10u128.pow(22));
+    wait_for("the first server to take the lock", Duration::from_secs(20), || {
+        first.server.log_text().contains("holding the settlement lock")
+    });
+    let operator_key = keys.join("operator.key");
+    let mut second = Cluster::start_with_database(
+        &format!(
+            "[settlement]\nrpc_url = \"{}\"\ncontract = \"{:#x}\"\noperator_key = \"{}\"\nconfirmations = 1\n\
+             retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\n",
+            anvil.url,
+            d.settlement,
+            operator_key.display()
+        ),
+        &first.db_url,
+    );
+    wait_for("the second server to stand by", Duration::from_secs(20), || {
+        second.server.log_text().contains("another server holds the settlement lock")
+    });
+    assert!(!second.server.log_text().contains("holding the settlement lock"));
+    second.add_node(&["--fake-engine", "3:1"]);
+    second.wait_nodes("fake", 1);
+    let store = second.store();
+    for _ in 0..4 {
+        try_chat(&second.addr, &first.key, "fake").expect("200");
+    }
+    wait_for("confirmations", Duration::from_secs(30), || {
+        numbers(&store, "SELECT count(*) FILTER (WHERE confirmation = 'confirmed') FROM receipts") == vec![4]
+    });
+    // The standby cannot settle; the holder dies; the standby takes over and settles.
+    assert_eq!(admin_post(&second, "/admin/settle"), 202);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(numbers(&store, "SELECT count(*) FROM epochs"), vec![0]);
+    first.kill_server();
+    wait_for("the second server to take the lock", Duration::from_secs(20), || {
+        second.server.log_text().contains("holding the settlement lock")
+    });
+    assert_eq!(admin_post(&second, "/admin/settle"), 202);
+    wait_for("epoch 1 to be confirmed", Duration::from_secs(30), || {
+        epoch_status(&store, 1).is_some_and(|(s, _)| s == "confirmed")
+    });
+    let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
+    assert_eq!(block_on(chain.last_epoch()).unwrap(), 1);
 }
 
 #[test]
