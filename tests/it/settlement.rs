@@ -269,6 +269,31 @@ fn a_full_day_settles_in_one_post_and_every_node_claims_exactly_its_payout() {
     assert_eq!(numbers(&store, "SELECT count(*) FROM receipts WHERE epoch IS NULL"), vec![10]);
 }
 
+#[test]
+fn unused_escrow_comes_back_only_after_the_withdrawal_delay() {
+    let anvil = Anvil::start(None).expect("anvil");
+    let d = deploy_default(&anvil);
+    let game = anvil.keys[4].clone();
+    fund(&anvil, &d, &game, 1_000);
+    let p = provider_for(&anvil.url, game.clone()).unwrap();
+    let contract = Settlement::new(d.settlement, p.clone());
+    let mined = |hash| assert!(block_on(wait_receipt(&p, hash, Duration::from_secs(30))).unwrap().status());
+    let r = block_on(contract.withdraw().call().into_future());
+    assert!(reverted(r, "withdraw without a request").contains("NothingToWithdraw"));
+    mined(block_on(async { *contract.requestWithdrawal(U256::from(600u64)).send().await.unwrap().tx_hash() }));
+    // A requested amount no longer counts for settlement, though it is still held.
+    assert_eq!(block_on(contract.availableEscrow(game.address()).call().into_future()).unwrap(), U256::from(400u64));
+    assert_eq!(block_on(contract.escrowOf(game.address()).call().into_future()).unwrap(), U256::from(1_000u64));
+    let r = block_on(contract.withdraw().call().into_future());
+    assert!(reverted(r, "withdraw before the delay").contains("WithdrawalNotReady"));
+    rpc(&anvil, "evm_increaseTime", serde_json::json!([3601]));
+    rpc(&anvil, "evm_mine", serde_json::json!([]));
+    mined(block_on(async { *contract.withdraw().send().await.unwrap().tx_hash() }));
+    assert_eq!(block_on(token_balance(&anvil.url, d.token, game.address())).unwrap(), U256::from(600u64));
+    assert_eq!(block_on(contract.escrowOf(game.address()).call().into_future()).unwrap(), U256::from(400u64));
+    assert_eq!(block_on(contract.availableEscrow(game.address()).call().into_future()).unwrap(), U256::from(400u64));
+}
+
 /// Receipts committed but never confirmed by their node.
 fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) {
     let receipts: Vec<Receipt> = tasks
