@@ -33,6 +33,10 @@ pub struct ServerSettings {
     /// Bearer token for `/admin/*`; empty = `data_dir/admin-token` (created on first start).
     #[serde(default)]
     pub admin_token: Secret,
+    /// Failed API-key (or admin-token) checks allowed per client IP per minute.
+    pub failed_auth_per_minute: u32,
+    /// A client must send its request head within this time (slow-loris defence).
+    pub client_request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +48,10 @@ pub struct DistributorSettings {
     pub node_timeout_ms: u64,
     pub models: Vec<String>,
     pub banned_nodes: Vec<String>,
+    /// Frames a node may send per second before its link is closed as a flood.
+    pub max_node_frames_per_s: u32,
+    /// Bytes queued for a node that is not reading before its link is closed.
+    pub max_node_queue_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -61,6 +61,9 @@ pub struct Distributor {
     draining: bool,
     /// Node addresses that failed a check, until when (survives reconnects).
     quarantined: HashMap<String, Instant>,
+    /// Every model a node has served since the start: when its last node leaves, games get
+    /// 503 "no node right now" rather than 404 "no such model".
+    seen_models: std::collections::HashSet<String>,
 }
 
 impl Distributor {
@@ -74,6 +77,7 @@ impl Distributor {
             rng: StdRng::from_os_rng(),
             draining: false,
             quarantined: HashMap::new(),
+            seen_models: Default::default(),
         }
     }
 
@@ -86,7 +90,7 @@ impl Distributor {
     }
 
     fn known(&self, model: &str) -> bool {
-        self.config.catalog.iter().any(|m| m == model) || self.serves(model)
+        self.config.catalog.iter().any(|m| m == model) || self.seen_models.contains(model) || self.serves(model)
     }
 
     /// Sends `job` to the best node with room, or gives it back.
@@ -278,6 +282,7 @@ impl Handler<NodeConnected> for Distributor {
     fn handle(&mut self, msg: NodeConnected, _: &mut Self::Context) {
         tracing::info!(node = msg.id, address = %msg.address, models = ?msg.models, capacity = msg.capacity, "node joined");
         let stats = NodeStats::new(msg.capacity, Instant::now());
+        self.seen_models.extend(msg.models.iter().cloned());
         self.nodes.insert(
             msg.id,
             NodeEntry { proxy: msg.proxy, address: msg.address, models: msg.models, stats, load: NodeLoad::default() },

@@ -60,6 +60,11 @@ pub struct NodeProxyConfig {
     pub registry: Addr<Registry>,
     /// Proof of inference: absent when no reference model is configured.
     pub verification: Option<Verification>,
+    /// Frames a node may send per second; more is a flood and closes the link.
+    pub max_frames_per_s: u32,
+    /// Bytes waiting to be written to a node; more means it stopped reading: the link is
+    /// closed (and its tasks go elsewhere) instead of buffering without bound.
+    pub max_queued_bytes: usize,
 }
 
 /// What a proxy needs to have tasks checked.
@@ -104,6 +109,15 @@ enum Outgoing {
     Close(String),
 }
 
+impl Outgoing {
+    fn len(&self) -> usize {
+        match self {
+            Outgoing::Binary(b) | Outgoing::Pong(b) => b.len(),
+            Outgoing::Close(_) => 0,
+        }
+    }
+}
+
 struct InFlight {
     job: Job,
     /// The proof-of-inference challenge sent with the task.
@@ -135,6 +149,11 @@ pub struct NodeProxy {
     /// Finished non-streamed jobs waiting for their synchronous verdict.
     awaiting_verdict: HashMap<TaskId, (Job, crate::protocol::FinishReason, TaskUsage)>,
     close_reason: String,
+    /// Frames received in the current one-second window (flood limit).
+    window_start: Instant,
+    window_frames: u32,
+    /// Bytes handed to the writer and not yet written to the socket.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl NodeProxy {
@@ -142,9 +161,12 @@ impl NodeProxy {
     /// the order they were produced.
     pub fn new(session: Session, distributor: Addr<Distributor>, config: NodeProxyConfig) -> Self {
         let (out, mut rx) = unbounded_channel::<Outgoing>();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let written = queued.clone();
         actix_web::rt::spawn(async move {
             let mut session = session;
             while let Some(item) = rx.recv().await {
+                let len = item.len();
                 let sent = match item {
                     Outgoing::Binary(b) => session.binary(b).await,
                     Outgoing::Pong(b) => session.pong(&b).await,
@@ -158,6 +180,7 @@ impl NodeProxy {
                         return;
                     }
                 };
+                written.fetch_sub(len, Ordering::Relaxed);
                 if sent.is_err() {
                     return;
                 }
@@ -180,7 +203,22 @@ impl NodeProxy {
             in_flight: HashMap::new(),
             awaiting_verdict: HashMap::new(),
             close_reason: "connection closed".into(),
+            window_start: Instant::now(),
+            window_frames: 0,
+            queued,
         }
+    }
+
+    /// Hands a frame to the writer, counting the bytes it holds.
+    fn push(&mut self, item: Outgoing) {
+        self.queued.fetch_add(item.len(), Ordering::Relaxed);
+        let _ = self.out.send(item);
+    }
+
+    /// Whether the node has stopped reading (its unwritten bytes exceed the limit).
+    fn stopped_reading(&self) -> Option<usize> {
+        let queued = self.queued.load(Ordering::Relaxed);
+        (queued > self.config.max_queued_bytes).then_some(queued)
     }
 
     /// The frame for `message`: sealed once the session is up, clear during the handshake.
@@ -193,7 +231,7 @@ impl NodeProxy {
 
     fn send(&mut self, message: &ServerMessage) {
         let frame = self.frame(message);
-        let _ = self.out.send(Outgoing::Binary(Bytes::from(frame)));
+        self.push(Outgoing::Binary(Bytes::from(frame)));
     }
 
     /// Closes the link, logging why.
@@ -562,6 +600,9 @@ impl Actor for NodeProxy {
         });
         let check = self.config.heartbeat_interval.min(self.config.node_timeout / 2).max(Duration::from_millis(50));
         ctx.run_interval(check, |this, ctx| {
+            if let Some(queued) = this.stopped_reading() {
+                return this.fail(ctx, format!("the node stopped reading: {queued} bytes queued for it"));
+            }
             let loading = this.welcomed_at.is_some_and(|t| !this.registered && t.elapsed() < MODEL_LOAD_TIMEOUT);
             if this.last_seen.elapsed() > this.config.node_timeout && !loading {
                 let silent = this.last_seen.elapsed();
@@ -623,7 +664,17 @@ impl Actor for NodeProxy {
 
 impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
     fn handle(&mut self, item: Result<WsMessage, ProtocolError>, ctx: &mut Self::Context) {
-        self.last_seen = Instant::now();
+        let now = Instant::now();
+        self.last_seen = now;
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.window_frames = 0;
+        }
+        self.window_frames += 1;
+        if self.window_frames > self.config.max_frames_per_s {
+            return self
+                .fail(ctx, format!("flooding: more than {} frames in one second", self.config.max_frames_per_s));
+        }
         match item {
             Ok(WsMessage::Binary(bytes)) => {
                 // After the handshake only sealed frames are accepted.
@@ -637,7 +688,10 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
                 }
             }
             Ok(WsMessage::Ping(bytes)) => {
-                let _ = self.out.send(Outgoing::Pong(bytes));
+                if let Some(queued) = self.stopped_reading() {
+                    return self.fail(ctx, format!("the node stopped reading: {queued} bytes queued for it"));
+                }
+                self.push(Outgoing::Pong(bytes));
             }
             Ok(WsMessage::Pong(_)) | Ok(WsMessage::Nop) => {}
             Ok(WsMessage::Close(reason)) => {
@@ -687,7 +741,7 @@ impl Handler<Dispatch> for NodeProxy {
             self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });
             return;
         }
-        let _ = self.out.send(Outgoing::Binary(Bytes::from(frame)));
+        self.push(Outgoing::Binary(Bytes::from(frame)));
         let prefix_len = job.emitted.len();
         let now = Instant::now();
         self.in_flight.insert(

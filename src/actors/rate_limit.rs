@@ -45,6 +45,12 @@ impl Bucket {
         }
     }
 
+    /// Whether the bucket is back to its full allowance.
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.level >= self.capacity
+    }
+
     /// Records usage, possibly going into debt.
     pub fn spend(&mut self, amount: f64, now: Instant) {
         self.refill(now);

@@ -18,11 +18,14 @@ pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 pub fn require_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let ip = req.peer_addr().map(|a| a.ip());
+    state.auth_throttle.check(ip)?;
     let presented = bearer(req).map(|t| crate::ledger::hash_key(&t));
     // Comparing hashes: the comparison time says nothing about the token.
     if presented.as_deref() == Some(state.admin_token_hash.as_str()) {
         Ok(())
     } else {
+        state.auth_throttle.failed(ip);
         Err(ServeError::AdminUnauthorized.into())
     }
 }
@@ -42,11 +45,17 @@ pub async fn usage(
     if days == 0 || days > MAX_USAGE_DAYS {
         return Err(ApiError::invalid("days", format!("days must be 1..={MAX_USAGE_DAYS}")));
     }
+    let ip = req.peer_addr().map(|a| a.ip());
+    state.auth_throttle.check(ip)?;
     let info = state
         .gateway
         .send(Authenticate { bearer: bearer(&req) })
         .await
-        .map_err(|e| ApiError::from(ServeError::Internal(e.to_string())))??;
+        .map_err(|e| ApiError::from(ServeError::Internal(e.to_string())))?;
+    if matches!(info, Err(ServeError::Unauthorized)) {
+        state.auth_throttle.failed(ip);
+    }
+    let info = info?;
     let data = state.store.usage(info.game_id, days).await.map_err(unavailable)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"object": "usage", "game": info.game, "days": days, "data": data})))
 }

@@ -81,7 +81,12 @@ async fn complete(
     state: web::Data<AppState>,
     endpoint: Endpoint,
 ) -> Result<HttpResponse, ApiError> {
-    let bearer = bearer(&req).ok_or(ServeError::Unauthorized)?;
+    let ip = req.peer_addr().map(|a| a.ip());
+    state.auth_throttle.check(ip)?;
+    let Some(bearer) = bearer(&req) else {
+        state.auth_throttle.failed(ip);
+        return Err(ServeError::Unauthorized.into());
+    };
     let body = read_body(&req, body, state.max_body_bytes).await?;
     let valid = parse_request(&body, endpoint, state.request_limits)?;
     let admit = Admit {
@@ -93,7 +98,11 @@ async fn complete(
         max_tokens: valid.max_tokens,
         stop: valid.stop,
     };
-    let mut admitted = state.gateway.send(admit).await.map_err(internal)??;
+    let admitted = state.gateway.send(admit).await.map_err(internal)?;
+    if matches!(admitted, Err(ServeError::Unauthorized)) {
+        state.auth_throttle.failed(ip);
+    }
+    let mut admitted = admitted?;
     let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let meta = ResponseMeta { id: format!("{prefix}-{}", admitted.id), created, model: valid.model, endpoint };

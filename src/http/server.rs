@@ -38,6 +38,8 @@ pub struct AppState {
     pub admin_token_hash: String,
     /// Settlement, when `[settlement] rpc_url` is set.
     pub settlement: Option<SettlementInfo>,
+    /// Failed key checks per client IP.
+    pub auth_throttle: super::auth_throttle::AuthThrottle,
 }
 
 /// What the HTTP layer knows of settlement.
@@ -190,10 +192,13 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             prices: Arc::new(s.prices.table()),
             registry: registry.clone(),
             verification,
+            max_frames_per_s: s.distributor.max_node_frames_per_s,
+            max_queued_bytes: s.distributor.max_node_queue_bytes,
         },
         store: store.clone(),
         admin_token_hash: admin_token_hash(&s)?,
         settlement,
+        auth_throttle: super::auth_throttle::AuthThrottle::new(s.server.failed_auth_per_minute),
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
     let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
@@ -204,6 +209,8 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             }
         })
         .disable_signals()
+        // Slow-loris: a client must deliver its request head within this time.
+        .client_request_timeout(Duration::from_millis(s.server.client_request_timeout_ms))
         .shutdown_timeout(grace.as_secs())
         .backlog(4096)
         .max_connections(50_000);

@@ -42,6 +42,7 @@ pub struct Cluster {
     pub server: Proc,
     pub nodes: Vec<Proc>,
     restarts: usize,
+    node_restarts: Vec<usize>,
 }
 
 fn spawn(args: &[&str], log: PathBuf) -> Proc {
@@ -131,7 +132,7 @@ impl Cluster {
         let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
         let server = spawn(&["--config", &cfg, "serve"], dir.path().join("serve.log"));
         let addr = listening_addr(&server);
-        Self { dir, config, addr, key, db_url, server, nodes: Vec::new(), restarts: 0 }
+        Self { dir, config, addr, key, db_url, server, nodes: Vec::new(), restarts: 0, node_restarts: Vec::new() }
     }
 
     /// Kills the server with SIGKILL (no graceful anything).
@@ -180,6 +181,36 @@ impl Cluster {
         let log = self.dir.path().join(format!("node{i}.log"));
         self.nodes.push(spawn(&all, log));
         i
+    }
+
+    /// Kills node `i` (SIGKILL) and starts it again with the same key, receipt log and
+    /// arguments: a node leaving and rejoining.
+    pub fn restart_node(&mut self, i: usize, args: &[&str]) {
+        self.nodes[i].kill();
+        let url = format!("ws://{}/ws/node", self.addr);
+        let key = self.dir.path().join(format!("node{i}.key"));
+        let cfg = self.config.to_str().unwrap().to_string();
+        let mut all = vec!["--config", &cfg, "node", "--connect", &url, "--key", key.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let restart = self.restarts_of(i);
+        let log = self.dir.path().join(format!("node{i}-{restart}.log"));
+        self.nodes[i] = spawn(&all, log);
+    }
+
+    fn restarts_of(&mut self, i: usize) -> usize {
+        self.node_restarts.resize(self.nodes.len(), 0);
+        self.node_restarts[i] += 1;
+        self.node_restarts[i]
+    }
+
+    /// Resident memory of the server process, in KiB.
+    pub fn server_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.server.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Waits until `model` is served by `n` live nodes.

@@ -3,6 +3,7 @@
 mod build_linkage;
 mod cluster;
 mod database;
+mod faults;
 mod helpers;
 mod inference_engine;
 mod inference_errors;
@@ -12,7 +13,9 @@ mod network_crypto;
 mod network_proof;
 mod network_routing;
 mod proof;
+mod properties;
 mod protect;
 mod registry;
 mod settlement;
 mod smollm2_reference;
+mod soak;

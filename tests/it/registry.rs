@@ -77,7 +77,7 @@ fn recorded_tasks(cluster: &Cluster) -> Vec<u64> {
 }
 
 /// Waits until every id in `completed` is on the books; asserts nothing is there twice.
-fn assert_all_recorded_once(cluster: &Cluster, completed: &[u64]) {
+pub fn assert_all_recorded_once(cluster: &Cluster, completed: &[u64]) {
     let wanted: BTreeSet<u64> = completed.iter().copied().collect();
     assert_eq!(wanted.len(), completed.len(), "task ids are unique");
     let mut missing = wanted.len();

@@ -1,0 +1,118 @@
+//! Faults and hostile peers against a real server: every node gone, slow-loris clients,
+//! API-key guessing, and a node flooding frames.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use ludus::protocol::{NodeLoad, NodeMessage};
+
+use super::cluster::{post_with, wait_for, Cluster};
+use super::registry::{try_chat, Rogue};
+
+const CHAT: &str = r#"{"model": "fake", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}"#;
+
+#[test]
+fn with_every_node_gone_requests_get_a_clean_503_and_service_returns_with_a_node() {
+    let mut cluster = Cluster::start("");
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 2);
+    assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some());
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    wait_for("the nodes to leave the table", Duration::from_secs(10), || {
+        cluster.get("/v1/models").1.contains("\"data\":[]")
+    });
+    let started = Instant::now();
+    let r = cluster.post("/v1/chat/completions", CHAT);
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not after a queue timeout");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "no_node_available", "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 1);
+    assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some(), "served again once a node is back");
+}
+
+#[test]
+fn slow_loris_clients_are_cut_off_and_never_starve_others() {
+    let mut cluster = Cluster::start("");
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 1);
+    // 64 clients that send half a request head and then nothing.
+    let mut slow: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = TcpStream::connect(&cluster.addr).unwrap();
+            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: app").unwrap();
+            s
+        })
+        .collect();
+    for _ in 0..5 {
+        assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some(), "others are served meanwhile");
+    }
+    // The server closes them once the request-head timeout (5 s by default) passes.
+    let started = Instant::now();
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(15), "every slow client was cut off");
+    assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some());
+}
+
+#[test]
+fn api_key_guessing_is_throttled_per_client_address() {
+    let cluster = Cluster::start("");
+    let mut statuses = Vec::new();
+    for i in 0..35 {
+        let key = format!("ludus-guess-{i:040}");
+        statuses.push(post_with(&cluster.addr, "/v1/chat/completions", Some(&key), CHAT.as_bytes()).status);
+    }
+    // 30 failures a minute (refilling at one per 2 s while the test runs), then refused.
+    assert!(statuses[..30].iter().all(|&s| s == 401), "{statuses:?}");
+    assert!(statuses[32..].iter().all(|&s| s == 429), "{statuses:?}");
+    let r = post_with(&cluster.addr, "/v1/chat/completions", Some("ludus-one-more"), CHAT.as_bytes());
+    assert_eq!(r.status, 429);
+    assert!(r.body.contains("invalid API keys"), "{}", r.body);
+    assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+    // The admin endpoints share the throttle.
+    let (status, _) = cluster.get("/admin/nodes");
+    assert_eq!(status, 429);
+}
+
+#[test]
+fn a_node_flooding_frames_is_disconnected_and_others_keep_serving() {
+    let mut cluster = Cluster::start("max_node_frames_per_s = 500\n");
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 1);
+    let addr = cluster.addr.clone();
+    let sent = actix_rt::System::new().block_on(async move {
+        let mut rogue = Rogue::join(&addr, "fake").await;
+        let mut sent = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && sent < 20_000 {
+            if rogue.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        // The server said why before closing.
+        let mut reason = String::new();
+        while let Ok(m) = rogue.link.recv(Duration::from_millis(500)).await {
+            if let ludus::protocol::ServerMessage::Goodbye { reason: r } = m {
+                reason = r;
+                break;
+            }
+        }
+        (sent, reason)
+    });
+    let (_, reason) = sent;
+    assert!(reason.contains("flooding"), "the server says why it closed the link: {reason:?}");
+    assert!(cluster.server.log_text().contains("flooding: more than 500 frames in one second"));
+    assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some(), "the honest node still serves");
+}
