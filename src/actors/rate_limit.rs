@@ -45,6 +45,16 @@ impl Bucket {
         }
     }
 
+    /// Succeeds when at least `amount` is available, without taking it.
+    pub fn has(&mut self, amount: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.level >= amount {
+            Ok(())
+        } else {
+            Err(self.wait_for(amount))
+        }
+    }
+
     /// Whether the bucket is back to its full allowance.
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);

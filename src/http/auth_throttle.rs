@@ -27,7 +27,7 @@ impl AuthThrottle {
     /// Refuses an IP that has used up its failed attempts.
     pub fn check(&self, ip: Option<IpAddr>) -> Result<(), ServeError> {
         let (Some(ip), Ok(mut buckets)) = (ip, self.buckets.lock()) else { return Ok(()) };
-        match buckets.get_mut(&ip).map(|b| b.check_positive(Instant::now())) {
+        match buckets.get_mut(&ip).map(|b| b.has(1.0, Instant::now())) {
             Some(Err(retry_after)) => Err(ServeError::RateLimited {
                 what: format!("too many requests with invalid API keys from {ip}"),
                 retry_after,

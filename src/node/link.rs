@@ -136,6 +136,11 @@ impl Link {
         self.sink.send(ws::Message::Binary(frame.into())).await.map_err(|e| format!("send: {e}"))
     }
 
+    /// Sends a websocket ping (the distributor answers with a pong).
+    pub async fn ping(&mut self, payload: &[u8]) -> Result<(), String> {
+        self.sink.send(ws::Message::Ping(payload.to_vec().into())).await.map_err(|e| format!("send: {e}"))
+    }
+
     /// The next message from the distributor (pings answered, other control frames
     /// skipped), within `limit`.
     pub async fn recv(&mut self, limit: Duration) -> Result<ServerMessage, String> {

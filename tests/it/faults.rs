@@ -116,3 +116,31 @@ fn a_node_flooding_frames_is_disconnected_and_others_keep_serving() {
     assert!(cluster.server.log_text().contains("flooding: more than 500 frames in one second"));
     assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some(), "the honest node still serves");
 }
+
+#[test]
+fn a_node_that_stops_reading_is_disconnected_before_its_queue_grows_without_bound() {
+    let mut cluster = Cluster::start("max_node_frames_per_s = 1000000\nmax_node_queue_bytes = 262144\n");
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 1);
+    let addr = cluster.addr.clone();
+    // The rogue pings as fast as it can and never reads the pongs.
+    let server_log = || cluster.server.log_text();
+    let log = cluster.server.log.clone();
+    actix_rt::System::new().block_on(async move {
+        let mut rogue = Rogue::join(&addr, "fake").await;
+        let payload = [7u8; 125];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut pings = 0u64;
+        while Instant::now() < deadline {
+            if rogue.link.ping(&payload).await.is_err() {
+                break;
+            }
+            pings += 1;
+            if pings % 2000 == 0 && std::fs::read_to_string(&log).unwrap_or_default().contains("stopped reading") {
+                break;
+            }
+        }
+    });
+    assert!(server_log().contains("the node stopped reading"), "{}", server_log());
+    assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some(), "the honest node still serves");
+}
