@@ -136,7 +136,9 @@ fn a_node_that_stops_reading_is_disconnected_before_its_queue_grows_without_boun
                 break;
             }
             pings += 1;
-            if pings % 2000 == 0 && std::fs::read_to_string(&log).unwrap_or_default().contains("stopped reading") {
+            if pings.is_multiple_of(2000)
+                && std::fs::read_to_string(&log).unwrap_or_default().contains("stopped reading")
+            {
                 break;
             }
         }
