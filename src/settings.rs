@@ -37,6 +37,8 @@ pub struct ServerSettings {
     pub failed_auth_per_minute: u32,
     /// A client must send its request head within this time (slow-loris defence).
     pub client_request_timeout_ms: u64,
+    /// Enables `POST /admin/chaos/panic/{actor}` (fault injection; never in production).
+    pub chaos: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -238,7 +238,17 @@ impl Actor for Distributor {
 
 impl Supervised for Distributor {
     fn restarting(&mut self, _: &mut Self::Context) {
-        tracing::warn!(nodes = self.nodes.len(), queued = self.queued(), "distributor restarting; keeping its tables");
+        // Queued jobs fail cleanly (their games get an error, not a hang); the node table
+        // is kept: the nodes are still connected, and running jobs finish on them.
+        let queued = self.queued();
+        for (_, queue) in self.queues.drain() {
+            for job in queue {
+                let _ = job.events.send(JobEvent::Failed(ServeError::Internal(
+                    "the distributor restarted; retry the request".into(),
+                )));
+            }
+        }
+        tracing::warn!(nodes = self.nodes.len(), queued, "distributor restarting; queued jobs failed, node table kept");
     }
 }
 
@@ -463,5 +473,13 @@ impl Handler<Drain> for Distributor {
             let _ = job.events.send(JobEvent::Failed(ServeError::ShuttingDown));
         }
         self.maybe_release_nodes();
+    }
+}
+
+impl Handler<super::supervisor::InjectPanic> for Distributor {
+    type Result = ();
+
+    fn handle(&mut self, _: super::supervisor::InjectPanic, _: &mut Self::Context) {
+        panic!("fault injection: Distributor told to panic");
     }
 }

@@ -180,3 +180,11 @@ impl Handler<RecordUsage> for Gateway {
         }
     }
 }
+
+impl Handler<super::supervisor::InjectPanic> for Gateway {
+    type Result = ();
+
+    fn handle(&mut self, _: super::supervisor::InjectPanic, _: &mut Self::Context) {
+        panic!("fault injection: Gateway told to panic");
+    }
+}

@@ -24,6 +24,7 @@ pub mod registry;
 pub mod scheduling;
 pub mod settlement;
 pub mod settler;
+pub mod supervisor;
 pub mod verifier;
 
 pub use clock::Clock;

@@ -204,3 +204,11 @@ impl Handler<VerificationDone> for Registry {
             .spawn(ctx);
     }
 }
+
+impl Handler<super::supervisor::InjectPanic> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: super::supervisor::InjectPanic, _: &mut Self::Context) {
+        panic!("fault injection: Registry told to panic");
+    }
+}

@@ -3,6 +3,7 @@
 //! by tests alike; errors become OpenAI-style JSON in one place ([`errors`]).
 
 pub mod auth_throttle;
+pub mod chaos_api;
 pub mod errors;
 pub mod node_ws;
 pub mod openai;

@@ -27,6 +27,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/settlement/payouts/{address}", web::get().to(settlement_api::payouts))
         .route("/admin/epochs", web::get().to(settlement_api::epochs))
         .route("/admin/settle", web::post().to(settlement_api::settle))
+        .route("/admin/chaos/panic/{actor}", web::post().to(super::chaos_api::panic))
         .route("/ws/node", web::get().to(node_ws::upgrade))
         .route("/health", web::get().to(health));
 }

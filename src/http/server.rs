@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Addr, Supervisor};
+use actix::Addr;
 use actix_web::{web, App, HttpServer};
 
 use super::openai::RequestLimits;
@@ -16,6 +16,7 @@ use crate::actors::distributor::DistributorConfig;
 use crate::actors::messages::{Drain, FlushReceipts};
 use crate::actors::node_proxy::NodeProxyConfig;
 use crate::actors::settler::{Settler, SettlerConfig};
+use crate::actors::supervisor;
 use crate::actors::{Clock, Distributor, Gateway, Registry, Settlement};
 use crate::crypto::identity::{Address, Identity};
 use crate::ledger::cluster::PrivateCluster;
@@ -40,6 +41,9 @@ pub struct AppState {
     pub settlement: Option<SettlementInfo>,
     /// Failed key checks per client IP.
     pub auth_throttle: super::auth_throttle::AuthThrottle,
+    /// Fault injection for resilience drills (`server.chaos`).
+    pub chaos: bool,
+    pub registry: Addr<Registry>,
 }
 
 /// What the HTTP layer knows of settlement.
@@ -142,15 +146,15 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         catalog: s.distributor.models.clone(),
         quarantine: Duration::from_secs(s.verifier.quarantine_s),
     };
-    let distributor = Supervisor::start(move |_| Distributor::new(config));
+    let distributor = supervisor::start("distributor", move |_| Distributor::new(config));
     let clock = {
         let (block, epoch) = (Duration::from_millis(s.clock.block_time_ms), Duration::from_secs(s.clock.epoch_time_s));
-        Supervisor::start(move |_| Clock::new(block, epoch))
+        supervisor::start("clock", move |_| Clock::new(block, epoch))
     };
     clock.do_send(SubscribeBlocks(distributor.clone().recipient()));
     let gateway = {
         let (store, distributor) = (store.clone(), distributor.clone());
-        Supervisor::start(move |_| Gateway::new(store, distributor))
+        supervisor::start("gateway", move |_| Gateway::new(store, distributor))
     };
     let key_file = s.server.key_file.clone().unwrap_or_else(|| s.server.data_dir.join("distributor.key"));
     let identity = Arc::new(Identity::load_or_create(&key_file).map_err(std::io::Error::other)?);
@@ -158,7 +162,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let registry = {
         let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
         let (policy, floor) = (policy.clone(), s.verifier.suspect_below);
-        Supervisor::start(move |_| Registry::new(store, server, max).with_policy(policy, floor))
+        supervisor::start("registry", move |_| Registry::new(store, server, max).with_policy(policy, floor))
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));
     let settlement = start_settlement(&s, &store, &clock, &identity)?;
@@ -199,6 +203,8 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         admin_token_hash: admin_token_hash(&s)?,
         settlement,
         auth_throttle: super::auth_throttle::AuthThrottle::new(s.server.failed_auth_per_minute),
+        chaos: s.server.chaos,
+        registry: registry.clone(),
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
     let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
@@ -263,7 +269,7 @@ fn start_settlement(
         Duration::from_millis(cfg.poll_ms.max(10)),
         cfg.escrow_check_blocks,
     );
-    let actor = Supervisor::start(move |_| Settlement::new(settler, retry, poll, every));
+    let actor = supervisor::start("settlement", move |_| Settlement::new(settler, retry, poll, every));
     clock.do_send(SubscribeEpochs(actor.clone().recipient()));
     clock.do_send(SubscribeBlocks(actor.clone().recipient()));
     tracing::info!(contract = %format!("{contract:#x}"), operator = %format!("{operator:#x}"), rpc = %cfg.rpc_url, "settlement on");

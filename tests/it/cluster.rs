@@ -102,7 +102,21 @@ impl Cluster {
         Self::start_full(extra, |_| {}, Some(db_url.to_string()))
     }
 
+    /// Like [`Cluster::start`], with `server_extra` added to the `[server]` table.
+    pub fn start_with_server(server_extra: &str, extra: &str) -> Self {
+        Self::start_full_with(server_extra, extra, |_| {}, None)
+    }
+
     fn start_full(extra: &str, prepare: impl FnOnce(&std::path::Path), db_url: Option<String>) -> Self {
+        Self::start_full_with("", extra, prepare, db_url)
+    }
+
+    fn start_full_with(
+        server_extra: &str,
+        extra: &str,
+        prepare: impl FnOnce(&std::path::Path),
+        db_url: Option<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("ludus.toml");
         let data = dir.path().join("data");
@@ -113,7 +127,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "[server]\nbind = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nworkers = 2\nshutdown_grace_s = 5\n\
+                "[server]\nbind = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nworkers = 2\nshutdown_grace_s = 5\n{server_extra}\
                  [database]\nurl = \"{db_url}\"\npool_size = 4\n{}\
                  [distributor]\nheartbeat_interval_ms = 200\n{}queue_timeout_ms = 10000\n{extra}",
                 data.display(),

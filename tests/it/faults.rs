@@ -146,3 +146,64 @@ fn a_node_that_stops_reading_is_disconnected_before_its_queue_grows_without_boun
     assert!(server_log().contains("the node stopped reading"), "{}", server_log());
     assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some(), "the honest node still serves");
 }
+
+#[test]
+fn a_panicking_actor_is_restarted_its_queued_jobs_fail_cleanly_and_new_ones_succeed() {
+    let mut cluster = Cluster::start_with_server("chaos = true\n", "");
+    // One slot, slow answers: one job runs while the next waits in the queue.
+    cluster.add_node(&["--fake-engine", "30:50", "--capacity", "1"]);
+    cluster.wait_nodes("fake", 1);
+    let token = std::fs::read_to_string(cluster.dir.path().join("data/admin-token")).unwrap();
+    let chaos = |actor: &str| {
+        super::cluster::raw(
+            &cluster.addr,
+            format!(
+                "POST /admin/chaos/panic/{actor} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+                token.trim()
+            )
+            .as_bytes(),
+        )
+        .status
+    };
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let running =
+        std::thread::spawn(move || post_with(&addr, "/v1/chat/completions", Some(&key), CHAT_LONG.as_bytes()));
+    std::thread::sleep(Duration::from_millis(300));
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let queued = std::thread::spawn(move || post_with(&addr, "/v1/chat/completions", Some(&key), CHAT_LONG.as_bytes()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(chaos("distributor"), 202);
+    let queued = queued.join().unwrap();
+    assert_eq!(queued.status, 500, "the queued job fails cleanly: {}", queued.body);
+    assert!(queued.body.contains("restarted"), "{}", queued.body);
+    let running = running.join().unwrap();
+    assert_eq!(running.status, 200, "the running job finishes on its node: {}", running.body);
+    assert!(cluster.server.log_text().contains("actor panicked; restarting it"));
+    assert!(try_chat(&cluster.addr, &cluster.key, "fake").is_some(), "new requests succeed");
+    // The gateway and the registry come back too; answers keep reaching the books.
+    assert_eq!(chaos("gateway"), 202);
+    assert_eq!(chaos("registry"), 202);
+    std::thread::sleep(Duration::from_millis(300));
+    let ids: Vec<u64> =
+        (0..3).map(|_| try_chat(&cluster.addr, &cluster.key, "fake").expect("served after restarts")).collect();
+    super::registry::assert_all_recorded_once(&cluster, &ids);
+    assert_eq!(chaos("nonsense"), 400);
+}
+
+#[test]
+fn fault_injection_is_off_unless_configured() {
+    let cluster = Cluster::start("");
+    let token = std::fs::read_to_string(cluster.dir.path().join("data/admin-token")).unwrap();
+    let r = super::cluster::raw(
+        &cluster.addr,
+        format!(
+            "POST /admin/chaos/panic/distributor HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+            token.trim()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("server.chaos"), "{}", r.body);
+}
+
+const CHAT_LONG: &str = r#"{"model": "fake", "max_tokens": 30, "messages": [{"role": "user", "content": "hi"}]}"#;
