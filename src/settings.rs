@@ -174,6 +174,8 @@ impl SettlementSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
     pub level: String,
+    /// `text` or `json` (`--log-format` overrides).
+    pub format: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

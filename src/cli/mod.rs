@@ -23,6 +23,10 @@ pub struct Cli {
     /// Configuration file layered over config/default.toml.
     #[arg(long, global = true, env = "LUDUS_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Log lines as `text` (for people) or `json` (one object per line, for log
+    /// pipelines). Default: [log] format in the config (text).
+    #[arg(long, global = true, env = "LUDUS_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -248,12 +252,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Initializes tracing logs to stderr: `RUST_LOG` when set, else `level`.
-pub fn init_logging(level: &str) {
+/// Initializes tracing logs to stderr: `RUST_LOG` when set, else `level`; `json` writes
+/// one JSON object per line (timestamp, level, target, fields such as `task` and `node`).
+pub fn init_logging(level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        let _ = builder.json().with_current_span(false).try_init();
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let _ = builder.with_ansi(ansi).try_init();
+    }
 }
 
 /// Writes a new key file with mode 0600, refusing to overwrite one.

@@ -5,6 +5,7 @@
 pub mod auth_throttle;
 pub mod chaos_api;
 pub mod errors;
+pub mod metrics;
 pub mod node_ws;
 pub mod openai;
 pub mod registry_api;

@@ -29,6 +29,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/admin/settle", web::post().to(settlement_api::settle))
         .route("/admin/chaos/panic/{actor}", web::post().to(super::chaos_api::panic))
         .route("/ws/node", web::get().to(node_ws::upgrade))
+        .route("/metrics", web::get().to(super::metrics::metrics))
         .route("/health", web::get().to(health));
 }
 
@@ -122,6 +123,7 @@ async fn complete(
             JobEvent::Text(t) => text.push_str(&t),
             JobEvent::Reset => text.clear(),
             JobEvent::Done { finish_reason, usage } => {
+                super::metrics::count_tokens(&usage);
                 state.gateway.do_send(RecordUsage {
                     key_hash: admitted.key_hash.clone(),
                     tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),

@@ -43,6 +43,8 @@ pub struct AppState {
     pub auth_throttle: super::auth_throttle::AuthThrottle,
     /// Fault injection for resilience drills (`server.chaos`).
     pub chaos: bool,
+    /// Request counts and latencies for `/metrics`.
+    pub http_metrics: super::metrics::HttpMetrics,
     pub registry: Addr<Registry>,
 }
 
@@ -205,21 +207,38 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         auth_throttle: super::auth_throttle::AuthThrottle::new(s.server.failed_auth_per_minute),
         chaos: s.server.chaos,
         registry: registry.clone(),
+        http_metrics: Default::default(),
     });
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
-    let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes::configure))
-        // Tokens are small writes: without TCP_NODELAY, Nagle + delayed ACKs hold them ~40 ms.
-        .on_connect(|conn, _| {
-            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-                let _ = tcp.set_nodelay(true);
-            }
-        })
-        .disable_signals()
-        // Slow-loris: a client must deliver its request head within this time.
-        .client_request_timeout(Duration::from_millis(s.server.client_request_timeout_ms))
-        .shutdown_timeout(grace.as_secs())
-        .backlog(4096)
-        .max_connections(50_000);
+    let mut server = HttpServer::new(move || {
+        let metrics = state.clone();
+        App::new()
+            .app_data(state.clone())
+            .wrap_fn(move |req, srv| {
+                use actix_web::dev::Service as _;
+                let (metrics, started) = (metrics.clone(), std::time::Instant::now());
+                let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                let call = srv.call(req);
+                async move {
+                    let res = call.await?;
+                    metrics.http_metrics.observe(&route, res.status().as_u16(), started.elapsed());
+                    Ok(res)
+                }
+            })
+            .configure(routes::configure)
+    })
+    // Tokens are small writes: without TCP_NODELAY, Nagle + delayed ACKs hold them ~40 ms.
+    .on_connect(|conn, _| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            let _ = tcp.set_nodelay(true);
+        }
+    })
+    .disable_signals()
+    // Slow-loris: a client must deliver its request head within this time.
+    .client_request_timeout(Duration::from_millis(s.server.client_request_timeout_ms))
+    .shutdown_timeout(grace.as_secs())
+    .backlog(4096)
+    .max_connections(50_000);
     if s.server.workers > 0 {
         server = server.workers(s.server.workers);
     }

@@ -64,6 +64,7 @@ pub fn stream_response(
             Some(JobEvent::Reset) => Bytes::new(),
             Some(JobEvent::Done { finish_reason, usage }) => {
                 st.finished = true;
+                super::metrics::count_tokens(&usage);
                 st.gateway.do_send(RecordUsage {
                     key_hash: st.admitted.key_hash.clone(),
                     tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),

@@ -12,6 +12,7 @@ mod network_api;
 mod network_crypto;
 mod network_proof;
 mod network_routing;
+mod observability;
 mod proof;
 mod properties;
 mod protect;

@@ -1,0 +1,144 @@
+//! Prometheus metrics at `GET /metrics` (text exposition format 0.0.4): HTTP requests by
+//! route and status with a latency histogram (time to the response head — for streams,
+//! the first token), tokens served, live nodes per model, actor panics, and from the
+//! registry the verification outcomes, the last committed block and the last settled
+//! epoch. Counters live in this process; scrape every server.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+
+use super::errors::ApiError;
+use super::server::AppState;
+use crate::actors::messages::ListModels;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Default)]
+struct Series {
+    count: u64,
+    sum_s: f64,
+    /// Observations at or under each bucket bound (cumulative at render time).
+    buckets: [u64; BUCKETS.len()],
+}
+
+/// Prompt and completion tokens served (counted when a task's usage is recorded).
+pub static PROMPT_TOKENS: AtomicU64 = AtomicU64::new(0);
+pub static COMPLETION_TOKENS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a finished task's tokens.
+pub fn count_tokens(usage: &crate::protocol::TaskUsage) {
+    PROMPT_TOKENS.fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
+    COMPLETION_TOKENS.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+}
+
+/// HTTP requests, by (route pattern, status).
+#[derive(Default)]
+pub struct HttpMetrics {
+    series: Mutex<BTreeMap<(String, u16), Series>>,
+}
+
+impl HttpMetrics {
+    pub fn observe(&self, route: &str, status: u16, elapsed: Duration) {
+        let Ok(mut series) = self.series.lock() else { return };
+        let s = series.entry((route.to_string(), status)).or_default();
+        let secs = elapsed.as_secs_f64();
+        s.count += 1;
+        s.sum_s += secs;
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            s.buckets[i] += 1;
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let Ok(series) = self.series.lock() else { return };
+        out.push_str("# HELP ludus_http_requests_total HTTP requests by route and status.\n");
+        out.push_str("# TYPE ludus_http_requests_total counter\n");
+        for ((route, status), s) in series.iter() {
+            let _ = writeln!(out, "ludus_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {}", s.count);
+        }
+        out.push_str(
+            "# HELP ludus_http_request_duration_seconds Time to the response head (streams: the first token).\n",
+        );
+        out.push_str("# TYPE ludus_http_request_duration_seconds histogram\n");
+        let mut by_route: BTreeMap<&str, Series> = BTreeMap::new();
+        for ((route, _), s) in series.iter() {
+            let r = by_route.entry(route.as_str()).or_default();
+            r.count += s.count;
+            r.sum_s += s.sum_s;
+            for (a, b) in r.buckets.iter_mut().zip(s.buckets.iter()) {
+                *a += b;
+            }
+        }
+        for (route, s) in by_route {
+            let mut cumulative = 0;
+            for (bound, n) in BUCKETS.iter().zip(s.buckets.iter()) {
+                cumulative += n;
+                let _ = writeln!(
+                    out,
+                    "ludus_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "ludus_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                s.count
+            );
+            let _ = writeln!(out, "ludus_http_request_duration_seconds_sum{{route=\"{route}\"}} {}", s.sum_s);
+            let _ = writeln!(out, "ludus_http_request_duration_seconds_count{{route=\"{route}\"}} {}", s.count);
+        }
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, kind: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut out = String::new();
+    state.http_metrics.render(&mut out);
+    let tokens = [
+        ("{kind=\"prompt\"}".to_string(), PROMPT_TOKENS.load(Ordering::Relaxed)),
+        ("{kind=\"completion\"}".to_string(), COMPLETION_TOKENS.load(Ordering::Relaxed)),
+    ];
+    gauge(&mut out, "ludus_tokens_total", "Tokens served.", "counter", &tokens);
+    let models = state.distributor.send(ListModels).await.unwrap_or_default();
+    let nodes: Vec<(String, u64)> =
+        models.iter().map(|(model, n)| (format!("{{model=\"{}\"}}", model.replace('"', "'")), *n as u64)).collect();
+    gauge(&mut out, "ludus_nodes", "Live nodes serving each model.", "gauge", &nodes);
+    let panics = [(String::new(), crate::actors::supervisor::PANICS.load(Ordering::Relaxed))];
+    gauge(&mut out, "ludus_actor_panics_total", "Actor panics caught and restarted.", "counter", &panics);
+    // From the registry (skipped when the database is unreachable: the scrape still works).
+    if let Ok(conn) = state.store.conn().await {
+        if let Ok(rows) = conn.query("SELECT verification, count(*) FROM receipts GROUP BY verification", &[]).await {
+            let samples: Vec<(String, u64)> = rows
+                .iter()
+                .map(|r| (format!("{{outcome=\"{}\"}}", r.get::<_, String>(0)), r.get::<_, i64>(1) as u64))
+                .collect();
+            gauge(&mut out, "ludus_receipts", "Recorded tasks by verification outcome.", "gauge", &samples);
+        }
+        if let Ok(r) = conn.query_one("SELECT last_block FROM block_counter", &[]).await {
+            let block = [(String::new(), r.get::<_, i64>(0) as u64)];
+            gauge(&mut out, "ludus_last_block", "Last block committed to the registry.", "gauge", &block);
+        }
+        if let Ok(rows) =
+            conn.query("SELECT status, count(*), coalesce(max(number), 0) FROM epochs GROUP BY status", &[]).await
+        {
+            let samples: Vec<(String, u64)> = rows
+                .iter()
+                .map(|r| (format!("{{status=\"{}\"}}", r.get::<_, String>(0)), r.get::<_, i64>(1) as u64))
+                .collect();
+            gauge(&mut out, "ludus_epochs", "Settlement epochs by posting status.", "gauge", &samples);
+        }
+    }
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(out))
+}
