@@ -14,6 +14,7 @@ use crate::settings::Settings;
 pub enum BenchCommand {
     /// Decode and prefill throughput of one model on this machine.
     Decode {
+        /// Model file (.gguf) or safetensors directory.
         #[arg(long)]
         model: PathBuf,
         /// Batch sizes to measure.

@@ -12,6 +12,7 @@ use crate::settings::Settings;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
+    /// Model file (.gguf) or safetensors directory.
     #[arg(long)]
     pub model: PathBuf,
     /// A raw completion prompt.
@@ -23,13 +24,16 @@ pub struct GenerateArgs {
     /// A system message for --chat.
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
+    /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = no limit).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Sampling seed (default: random).

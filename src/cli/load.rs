@@ -25,6 +25,7 @@ pub struct LoadArgs {
     /// API key (required with --url).
     #[arg(long)]
     pub key: Option<String>,
+    /// Model to request (the self-hosted fake nodes serve `fake`).
     #[arg(long, default_value = "fake")]
     pub model: String,
     /// Closed loop: this many requests in flight at all times.
@@ -33,6 +34,7 @@ pub struct LoadArgs {
     /// Open loop: requests started per second.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// How long to run, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration_s: f64,
     /// Completion tokens per request.

@@ -37,8 +37,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize {
+        /// Model file or directory whose tokenizer to use.
         #[arg(long)]
         model: PathBuf,
+        /// The text to tokenize.
         #[arg(long)]
         text: String,
         /// Add the model's BOS token when it asks for one.
@@ -76,11 +78,15 @@ pub enum Command {
 pub enum KeysCommand {
     /// Create a secp256k1 key file (mode 0600) and print its address.
     New {
+        /// Where to write the key file (never overwritten).
         #[arg(long)]
         out: PathBuf,
     },
     /// Print the address of a key file.
-    Address { path: PathBuf },
+    Address {
+        /// The key file.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,24 +97,39 @@ pub enum GamesCommand {
     List,
     /// Suspend a game: its keys get 403 with the reason.
     Suspend {
+        /// The game's name.
         name: String,
+        /// Shown to the game's clients in every refusal.
         #[arg(long, default_value = "suspended by the operator")]
         reason: String,
     },
     /// Reactivate a suspended game.
-    Resume { name: String },
+    Resume {
+        /// The game's name.
+        name: String,
+    },
     /// Set the wallet (0x…) a game keeps its escrow in on the settlement contract.
-    SetWallet { name: String, wallet: String },
+    SetWallet {
+        /// The game's name.
+        name: String,
+        /// The wallet address, 0x followed by 40 hex digits.
+        wallet: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Print architecture, sizes and tensor types of a GGUF file or safetensors directory.
-    Inspect { path: PathBuf },
+    Inspect {
+        /// A .gguf file or a safetensors model directory.
+        path: PathBuf,
+    },
     /// Protect a model: fold norms, rotate the residual stream, permute heads and FFN
     /// units, encrypt. Writes the bundle directory and a new key file (mode 0600).
     Protect {
+        /// The model to protect (.gguf file or safetensors directory).
         input: PathBuf,
+        /// Directory to write the protected bundle to.
         #[arg(long)]
         out: PathBuf,
         /// Where to write the bundle's key (keep it in the distributor's key store).
@@ -276,4 +297,41 @@ fn write_model_key(path: &std::path::Path, key: &[u8; 32]) -> anyhow::Result<()>
     let mut file = options.open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     file.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every subcommand says what it does and every flag what it is for (`--help` is the
+    /// manual), recursively.
+    fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                out.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                out.push(format!("{name} (no description)"));
+            }
+            undocumented(sub, &name, out);
+        }
+    }
+
+    #[test]
+    fn every_command_and_flag_has_help() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        undocumented(&cmd, "ludus", &mut missing);
+        assert!(missing.is_empty(), "undocumented in --help: {missing:#?}");
+    }
 }

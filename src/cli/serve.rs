@@ -185,6 +185,7 @@ pub struct DemoArgs {
     /// Local compute nodes to start.
     #[arg(long, default_value_t = 2)]
     pub nodes: usize,
+    /// The model the demo's nodes serve.
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub model: PathBuf,
     #[command(flatten)]
