@@ -74,3 +74,27 @@ pub fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, 
     }
     panic!("stream ended without Done");
 }
+
+/// The Python that has the `openai` SDK (`scripts/setup --test` installs it): `None` (the
+/// test is skipped) when missing, except with `LUDUS_REQUIRE_MODEL=1` (CI), where it fails.
+pub fn python_with_openai() -> Option<String> {
+    let python = std::env::var("LUDUS_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.cache/ludus/venv/bin/python", std::env::var("HOME").unwrap()));
+    let has_sdk = std::process::Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !has_sdk {
+        assert!(std::env::var("LUDUS_REQUIRE_MODEL").is_err(), "the openai SDK is missing: run scripts/setup --test");
+        eprintln!("skipped: {python} cannot import openai (run scripts/setup --test)");
+        return None;
+    }
+    Some(python)
+}
+
+/// Panics with the command's output unless it succeeded.
+pub fn assert_success(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

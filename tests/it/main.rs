@@ -4,6 +4,7 @@ mod build_linkage;
 mod cluster;
 mod database;
 mod faults;
+mod guides;
 mod helpers;
 mod inference_engine;
 mod inference_errors;

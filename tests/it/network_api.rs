@@ -107,14 +107,7 @@ fn malformed_input_and_refusals_get_openai_errors() {
 
 #[test]
 fn the_openai_python_sdk_works_against_the_server() {
-    let python = std::env::var("LUDUS_PYTHON")
-        .unwrap_or_else(|_| format!("{}/.cache/ludus/venv/bin/python", std::env::var("HOME").unwrap()));
-    let has_sdk = Command::new(&python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
-    if !has_sdk {
-        assert!(std::env::var("LUDUS_REQUIRE_MODEL").is_err(), "the openai SDK is missing: run scripts/setup --test");
-        eprintln!("skipped: {python} cannot import openai (run scripts/setup --test)");
-        return;
-    }
+    let Some(python) = super::helpers::python_with_openai() else { return };
     let t = tiny(&TinySpec::default());
     let mut c = Cluster::start("");
     c.add_node(&["--model", t.gguf.to_str().unwrap()]);
@@ -127,12 +120,7 @@ fn the_openai_python_sdk_works_against_the_server() {
         .env("LUDUS_MODEL", "tiny")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    super::helpers::assert_success(&out, "the openai SDK script");
     assert!(String::from_utf8_lossy(&out.stdout).contains("all openai SDK checks passed"));
 }
 
