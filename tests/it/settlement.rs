@@ -347,6 +347,14 @@ fn ludus(cluster: &Cluster, args: &[&str]) -> std::process::Output {
     Command::new(BIN).arg("--config").arg(&cluster.config).args(args).output().unwrap()
 }
 
+/// Registers `game`'s address as the test game's wallet (through the CLI) and deposits
+/// `escrow` into it.
+fn give_wallet(cluster: &Cluster, anvil: &Anvil, d: &Deployment, game: &PrivateKeySigner, escrow: u128) {
+    let out = ludus(cluster, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    fund(anvil, d, game, escrow);
+}
+
 fn admin_post(cluster: &Cluster, path: &str) -> u16 {
     let token = std::fs::read_to_string(cluster.dir.path().join("data/admin-token")).unwrap();
     super::cluster::raw(
@@ -382,9 +390,7 @@ fn a_server_killed_between_sent_and_confirmed_posts_each_epoch_exactly_once_and_
     let anvil = Anvil::start(None).expect("anvil");
     let (mut cluster, d, keys) = settling_cluster(&anvil, "");
     let game = anvil.keys[2].clone();
-    let out = ludus(&cluster, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    fund(&anvil, &d, &game, 10u128.pow(22));
+    give_wallet(&cluster, &anvil, &d, &game, 10u128.pow(22));
     cluster.add_node(&["--fake-engine", "3:1"]);
     cluster.add_node(&["--fake-engine", "3:1"]);
     cluster.wait_nodes("fake", 2);
@@ -489,9 +495,7 @@ fn a_game_that_overspends_its_escrow_is_suspended_naming_the_shortfall_and_recov
     let anvil = Anvil::start(None).expect("anvil");
     let (mut cluster, d, _keys) = settling_cluster(&anvil, "");
     let game = anvil.keys[3].clone();
-    let out = ludus(&cluster, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    fund(&anvil, &d, &game, 1);
+    give_wallet(&cluster, &anvil, &d, &game, 1);
     cluster.add_node(&["--fake-engine", "3:1"]);
     cluster.wait_nodes("fake", 1);
     let store = cluster.store();
@@ -596,9 +600,7 @@ fn an_rpc_outage_delays_settlement_but_never_doubles_or_skips_a_post() {
     let switch = Switch::start(&anvil.url);
     let (mut cluster, d, _keys) = settling_cluster_via(&anvil, &switch.addr, "");
     let game = anvil.keys[2].clone();
-    let out = ludus(&cluster, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    fund(&anvil, &d, &game, 10u128.pow(22));
+    give_wallet(&cluster, &anvil, &d, &game, 10u128.pow(22));
     cluster.add_node(&["--fake-engine", "3:1"]);
     cluster.wait_nodes("fake", 1);
     let store = cluster.store();
@@ -652,9 +654,7 @@ fn of_two_servers_on_one_database_one_settles_and_the_other_takes_over_when_it_d
     let anvil = Anvil::start(None).expect("anvil");
     let (mut first, d, keys) = settling_cluster(&anvil, "");
     let game = anvil.keys[2].clone();
-    let out = ludus(&first, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    fund(&anvil, &d, &game, 10u128.pow(22));
+    give_wallet(&first, &anvil, &d, &game, 10u128.pow(22));
     wait_for("the first server to take the lock", Duration::from_secs(20), || {
         first.server.log_text().contains("holding the settlement lock")
     });
