@@ -2,6 +2,7 @@
 
 mod build_linkage;
 mod cluster;
+mod configuration;
 mod database;
 mod faults;
 mod guides;
