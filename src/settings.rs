@@ -15,6 +15,7 @@ pub struct EngineSettings {
     pub prefill_chunk: usize,
     pub device: String,
     pub dtype: String,
+    pub quantize: String,
     pub threads: usize,
     pub single_sequence_threads: usize,
 }

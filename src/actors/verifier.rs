@@ -11,7 +11,7 @@ use actix::prelude::*;
 
 use super::messages::VerificationDone;
 use crate::crypto::identity::Address;
-use crate::inference::{Model, SamplingParams};
+use crate::inference::{Model, Quantization, SamplingParams};
 use crate::proof::{verify, Proof, StoredProof, Tolerances};
 use crate::protocol::{TaskId, TaskInput};
 
@@ -33,7 +33,10 @@ pub struct VerifyTask {
 }
 
 pub struct Verifier {
-    models: HashMap<String, Model>,
+    /// Unquantized references, loaded at start; quantized copies are added on first use.
+    models: HashMap<(String, Quantization), Model>,
+    /// Where each reference came from, and its bundle key, for loading quantized copies.
+    sources: HashMap<String, (PathBuf, Option<[u8; 32]>)>,
     tol: Tolerances,
     rejected_dir: PathBuf,
 }
@@ -47,6 +50,7 @@ impl Verifier {
         rejected_dir: PathBuf,
     ) -> anyhow::Result<Self> {
         let mut models = HashMap::new();
+        let mut sources = HashMap::new();
         for (name, path) in references {
             let key = if crate::crypto::protect::is_bundle(path) {
                 let manifest = crate::crypto::protect::read_manifest(path)?;
@@ -59,18 +63,52 @@ impl Verifier {
             };
             let model = Model::load_with_key(path, tch::Device::Cpu, Some(tch::Kind::Float), key.as_ref())
                 .map_err(|e| anyhow::anyhow!("verifier model {name} ({}): {e}", path.display()))?;
-            models.insert(name.clone(), model);
+            models.insert((name.clone(), Quantization::None), model);
+            sources.insert(name.clone(), (path.clone(), key));
         }
-        Ok(Self { models, tol, rejected_dir })
+        Ok(Self { models, sources, tol, rejected_dir })
+    }
+
+    /// The reference for `name` stored as `quantization`, loaded on first use.
+    fn reference(&mut self, name: &str, quantization: Quantization) -> Result<Option<&Model>, String> {
+        let key = (name.to_string(), quantization);
+        if !self.models.contains_key(&key) {
+            let Some((path, bundle_key)) = self.sources.get(name) else { return Ok(None) };
+            let started = std::time::Instant::now();
+            let model = Model::load_quantized(
+                path,
+                tch::Device::Cpu,
+                Some(tch::Kind::Float),
+                quantization,
+                bundle_key.as_ref(),
+            )
+            .map_err(|e| format!("cannot load the {quantization} reference of {name}: {e}"))?;
+            tracing::info!(model = name, %quantization, secs = started.elapsed().as_secs_f32(), "verifier loaded a quantized reference");
+            self.models.insert(key.clone(), model);
+        }
+        Ok(self.models.get(&key))
     }
 
     /// The verdict: (accepted, detail).
-    fn check(&self, t: &VerifyTask) -> (bool, String) {
-        let Some(model) = self.models.get(&t.model) else {
-            return (true, "no reference model (unchecked)".into());
-        };
+    fn check(&mut self, t: &VerifyTask) -> (bool, String) {
         let Some(proof) = t.proof.as_deref() else {
+            if !self.sources.contains_key(&t.model) {
+                return (true, "no reference model (unchecked)".into());
+            }
             return (false, "no proof for a task that carried a challenge".into());
+        };
+        let quantization = match proof.quantization.as_str() {
+            "" => Quantization::None,
+            other => match other.parse::<Quantization>() {
+                Ok(q) => q,
+                Err(e) => return (false, format!("the proof names {e}")),
+            },
+        };
+        let tol = self.tol;
+        let model = match self.reference(&t.model, quantization) {
+            Ok(Some(model)) => model,
+            Ok(None) => return (true, "no reference model (unchecked)".into()),
+            Err(e) => return (true, format!("verifier error ({e}): unchecked")),
         };
         if proof.task != t.task.0 || proof.challenge != hex::encode(t.challenge) {
             return (false, "the proof is for another task or challenge".into());
@@ -87,7 +125,7 @@ impl Verifier {
             Ok(p) => p,
             Err(e) => return (true, format!("cannot tokenize the task ({e}): unchecked")),
         };
-        match verify(model, proof, &prompt, &t.completion, &t.params, &self.tol) {
+        match verify(model, proof, &prompt, &t.completion, &t.params, &tol) {
             Ok(v) if v.accepted => {
                 (true, format!("value error {:.4}, overlap {:.3}", v.worst_value_error, v.worst_index_overlap))
             }

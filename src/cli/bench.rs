@@ -29,21 +29,53 @@ pub enum BenchCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Perplexity on a text, and greedy agreement and KL with the unquantized model, for
+    /// each quantization (the first one listed is the reference).
+    Quality {
+        /// Model file (.gguf) or safetensors directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A plain-text file to score (docs/lightweight-models.md uses
+        /// tests/fixtures/eval/village.txt).
+        #[arg(long)]
+        text: PathBuf,
+        /// Quantizations to compare, reference first.
+        #[arg(long, value_delimiter = ',', default_value = "none,int8,int4")]
+        quantize: Vec<crate::inference::Quantization>,
+        /// Tokens per scoring window.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        /// Device: auto, cpu, cuda, cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: crate::inference::DeviceChoice,
+    },
     /// Load generator against a server (or a self-hosted one with fake-engine nodes).
     Load(super::load::LoadArgs),
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes.
 pub fn peak_rss_bytes() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// Resident memory of this process now (VmRSS), in bytes.
+pub fn rss_bytes() -> u64 {
+    proc_status_bytes("VmRSS:")
+}
+
+fn proc_status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
 }
 
 pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
+    if let BenchCommand::Quality { model, text, quantize, window, device } = cmd {
+        return quality(&model, &text, &quantize, window, device);
+    }
     let BenchCommand::Decode { model, batch, tokens, prompt_tokens, runtime } = cmd else {
         anyhow::bail!("`bench load` is handled by cli::load");
     };
@@ -104,10 +136,49 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         "prefill_tokens_per_s": prefill_tok_s,
         "time_to_first_token_ms": ttft_ms,
         "decode": rows,
+        "quantization": engine.quantization.to_string(),
+        "model_bytes": engine.model_bytes,
+        "kv_cache_bytes": engine.kv_cache_bytes,
         "weight_bytes": engine.weight_bytes,
         "weight_bandwidth_gb_s_batch1": batch1.map(|t| t * engine.weight_bytes as f64 / 1e9),
         "peak_rss_bytes": peak_rss_bytes(),
+        "rss_bytes": rss_bytes(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// `ludus bench quality`: one JSON line per quantization.
+fn quality(
+    path: &std::path::Path,
+    text: &std::path::Path,
+    quantize: &[crate::inference::Quantization],
+    window: usize,
+    device: crate::inference::DeviceChoice,
+) -> anyhow::Result<()> {
+    use crate::inference::{eval, Model};
+    let device = device.resolve()?;
+    let text = std::fs::read_to_string(text).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", text.display()))?;
+    let Some((&first, rest)) = quantize.split_first() else {
+        anyhow::bail!("--quantize needs at least one value");
+    };
+    let reference = Model::load_quantized(path, device, None, first, None)?;
+    let tokens = reference.tokenizer.encode(&text, true)?;
+    let report = |q: crate::inference::Quantization, model: &Model| -> anyhow::Result<serde_json::Value> {
+        let ppl = eval::perplexity(&model.llama, &tokens, window)?;
+        let agreement = eval::agreement(&reference.llama, &model.llama, &tokens, window)?;
+        let row = serde_json::json!({
+            "model": model.name, "device": format!("{device:?}"), "quantization": q.to_string(),
+            "tokens": tokens.len(), "perplexity": ppl, "greedy_agreement": agreement.greedy,
+            "kl_nats": agreement.kl, "model_bytes": model.llama.model_bytes(),
+        });
+        println!("{row}");
+        Ok(row)
+    };
+    report(first, &reference)?;
+    for &q in rest {
+        let model = Model::load_quantized(path, device, None, q, None)?;
+        report(q, &model)?;
+    }
     Ok(())
 }

@@ -1,8 +1,10 @@
-//! `ludus model inspect PATH` and the tokenizer loader behind `ludus tokenize`.
+//! `ludus model inspect PATH [--budget 8GiB]` (with a memory plan) and the tokenizer loader behind `ludus tokenize`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::inference::config::LlamaConfig;
+use crate::inference::memory_plan::{plan, quantizations_for, RUNTIME_BYTES};
 use crate::inference::tokenizer::Tokenizer;
 use crate::inference::weights::WeightSource;
 
@@ -14,7 +16,8 @@ pub fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
     })
 }
 
-pub fn run(path: &Path) -> anyhow::Result<()> {
+/// Prints the model's report; with `plan = (budget, context, batch)`, also a memory plan.
+pub fn run(path: &Path, plan: Option<(u64, u64, u64)>) -> anyhow::Result<()> {
     if crate::crypto::protect::is_bundle(path) {
         let m = crate::crypto::protect::read_manifest(path)?;
         let report = serde_json::json!({"path": path.display().to_string(), "format": m.format, "name": m.name,
@@ -66,6 +69,39 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         "memory_f32_bytes": params * 4,
         "kv_cache_bytes_per_token_f32": config.kv_bytes_per_token(4),
     });
+    let mut report = report;
+    if let Some((budget, context, batch)) = plan {
+        report["memory_plan"] = memory_plan(&config, budget, context, batch);
+    }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// The plan for CUDA (bf16) and CPU (f32), as JSON, with a readable table on stderr.
+fn memory_plan(config: &LlamaConfig, budget: u64, context: u64, batch: u64) -> serde_json::Value {
+    let context = context.min(config.max_position_embeddings as u64).max(1);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    eprintln!("memory plan: {batch} sequence(s) × {context} tokens, budget {:.0} MiB", mib(budget));
+    eprintln!(
+        "{:<6} {:<12} {:>12} {:>12} {:>12}  {:<5} {:>12}",
+        "device", "quantization", "weights MiB", "KV MiB", "total MiB", "fits", "max context"
+    );
+    let mut out = serde_json::Map::new();
+    for (device, kind) in [("cuda", tch::Kind::BFloat16), ("cpu", tch::Kind::Float)] {
+        let rows = plan(config, quantizations_for(device == "cuda"), kind, batch, context, budget);
+        for r in &rows {
+            eprintln!(
+                "{device:<6} {:<12} {:>12.0} {:>12.0} {:>12.0}  {:<5} {:>12}",
+                format!("{} ({})", r.quantization, r.dtype),
+                mib(r.weight_bytes),
+                mib(r.kv_cache_bytes),
+                mib(r.total_bytes),
+                if r.fits { "yes" } else { "no" },
+                r.max_context_in_budget
+            );
+        }
+        out.insert(device.to_string(), serde_json::to_value(rows).unwrap_or_default());
+    }
+    serde_json::json!({"budget_bytes": budget, "context": context, "batch": batch,
+        "runtime_bytes": RUNTIME_BYTES, "devices": out})
 }

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::inference::model::{parse_dtype, DeviceChoice};
+use crate::inference::Quantization;
 use crate::inference::{Engine, Model};
 use crate::settings::Settings;
 
@@ -123,6 +124,30 @@ pub enum ModelCommand {
     Inspect {
         /// A .gguf file or a safetensors model directory.
         path: PathBuf,
+        /// Memory budget to plan against (e.g. 8GiB, 512MiB): prints weights + KV cache
+        /// for each quantization and context, and what fits.
+        #[arg(long)]
+        budget: Option<String>,
+        /// Context length (tokens per sequence) for the plan. Default: the config's
+        /// engine.max_context, capped by the model's.
+        #[arg(long)]
+        context: Option<u64>,
+        /// Sequences served at once (KV-cache slots) for the plan.
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
+    },
+    /// Write a random-weight model of a real model's shape (GGUF, tiny tokenizer): for
+    /// benchmarks and hardware checks of shapes whose weights you do not have.
+    Synth {
+        /// Shape: smollm2-135m, llama3-8b, or tiny.
+        #[arg(long, default_value = "smollm2-135m")]
+        shape: String,
+        /// Storage of the 2-D weights: f32, f16, q8_0, q4_0 or q4_1.
+        #[arg(long, default_value = "q4_1")]
+        dtype: String,
+        /// Where to write the .gguf file.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Protect a model: fold norms, rotate the residual stream, permute heads and FFN
     /// units, encrypt. Writes the bundle directory and a new key file (mode 0600).
@@ -141,6 +166,14 @@ pub enum ModelCommand {
     },
 }
 
+/// `auto` picks the device's default ([`Quantization::default_for`]).
+pub fn resolve_quantization(choice: &str, device: tch::Device) -> anyhow::Result<Quantization> {
+    match choice {
+        "auto" | "" => Ok(Quantization::default_for(device)),
+        other => other.parse().map_err(|e: String| anyhow::anyhow!("{e}; or auto")),
+    }
+}
+
 /// Device and dtype flags shared by the commands that run a model.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
@@ -150,6 +183,10 @@ pub struct RuntimeArgs {
     /// f32, bf16 or f16. Default: f32 on CPU, bf16 on CUDA.
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<tch::Kind>,
+    /// How linear layers are stored: none, int8, int4, or auto (int8 on CPU, int4 on
+    /// CUDA). Default: the config's engine.quantize.
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// libtorch threads (0 = all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -199,9 +236,14 @@ impl RuntimeArgs {
             (None, "") => None,
             (None, s) => Some(parse_dtype(s).map_err(anyhow::Error::msg)?),
         };
+        let quantization = resolve_quantization(self.quantize.as_deref().unwrap_or(&settings.engine.quantize), device)?;
         let started = std::time::Instant::now();
-        let model = Model::load_with_key(path, device, dtype, key.as_ref())?;
-        tracing::info!(model = %model.name, ?device, kind = ?model.llama.kind, secs = started.elapsed().as_secs_f32(), "model loaded");
+        let model = Model::load_quantized(path, device, dtype, quantization, key.as_ref())?;
+        tracing::info!(
+            model = %model.name, ?device, kind = ?model.llama.kind, %quantization,
+            weight_mib = model.llama.model_bytes() / (1 << 20), secs = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
         let mut config = settings.engine_config();
         config.threads = threads;
         if let Some(t) = self.single_sequence_threads {
@@ -225,7 +267,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
-        Command::Model(ModelCommand::Inspect { path }) => inspect::run(&path),
+        Command::Model(ModelCommand::Inspect { path, budget, context, batch }) => {
+            let budget = budget
+                .map(|b| crate::inference::memory_plan::parse_bytes(&b))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            inspect::run(&path, budget.map(|b| (b, context.unwrap_or(settings.engine.max_context as u64), batch)))
+        }
+        Command::Model(ModelCommand::Synth { shape, dtype, out }) => {
+            use crate::inference::quant::GgmlType;
+            use crate::inference::tiny_model::{write_gguf, TinySpec};
+            let base = TinySpec { context: 4096, ..TinySpec::default() };
+            let spec = match shape.as_str() {
+                "tiny" => base,
+                "smollm2-135m" => TinySpec { layers: 30, hidden: 576, heads: 9, kv_heads: 3, ffn: 1536, ..base },
+                "llama3-8b" => TinySpec { layers: 32, hidden: 4096, heads: 32, kv_heads: 8, ffn: 14336, ..base },
+                other => anyhow::bail!("unknown shape `{other}` (smollm2-135m, llama3-8b, tiny)"),
+            };
+            let dtype = match dtype.as_str() {
+                "f32" => GgmlType::F32,
+                "f16" => GgmlType::F16,
+                "q8_0" => GgmlType::Q8_0,
+                "q4_0" => GgmlType::Q4_0,
+                "q4_1" => GgmlType::Q4_1,
+                other => anyhow::bail!("unknown dtype `{other}` (f32, f16, q8_0, q4_0, q4_1)"),
+            };
+            write_gguf(&out, &TinySpec { dtype, ..spec })?;
+            eprintln!("wrote {} ({shape}, random weights)", out.display());
+            Ok(())
+        }
         Command::Model(ModelCommand::Protect { input, out, key_out, name }) => {
             let key = crate::crypto::protect::new_key();
             write_model_key(&key_out, &key)?;

@@ -38,7 +38,12 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
     let stored: StoredProof = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is not a stored proof: {e}", args.proof_file.display()))?;
     let key = args.model_key.as_deref().map(crate::crypto::protect::read_key_file).transpose()?;
-    let model = Model::load_with_key(&args.model, Device::Cpu, Some(Kind::Float), key.as_ref())?;
+    // Recompute with the quantization the node signed for.
+    let quantization = match stored.proof.quantization.as_str() {
+        "" => crate::inference::Quantization::None,
+        q => q.parse().map_err(|e: String| anyhow::anyhow!("the proof names {e}"))?,
+    };
+    let model = Model::load_quantized(&args.model, Device::Cpu, Some(Kind::Float), quantization, key.as_ref())?;
     let prompt = stored.prompt(&model)?;
     let tol = Tolerances {
         max_value_error: args.max_value_error,

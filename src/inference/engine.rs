@@ -136,6 +136,11 @@ pub struct Engine {
     pub device: Device,
     pub kind: Kind,
     pub weight_bytes: usize,
+    /// Weight memory held (embedding included), for heartbeats and planning.
+    pub model_bytes: usize,
+    /// KV-cache memory, allocated up front for `max_batch × max_context` tokens.
+    pub kv_cache_bytes: usize,
+    pub quantization: super::qlinear::Quantization,
     pub hidden_size: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -165,6 +170,9 @@ impl Engine {
             device: model.llama.device,
             kind: model.llama.kind,
             weight_bytes: model.llama.weight_bytes(),
+            model_bytes: model.llama.model_bytes(),
+            kv_cache_bytes: cache.bytes(),
+            quantization: model.llama.quantization,
             hidden_size: model.llama.config.hidden_size,
             thread: None,
         };

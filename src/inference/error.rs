@@ -36,6 +36,8 @@ pub enum InferError {
     DeviceUnavailable(String),
     #[error("the engine has stopped")]
     EngineStopped,
+    #[error("quantization: {0}")]
+    Quantization(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

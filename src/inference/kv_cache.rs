@@ -23,6 +23,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Bytes held by the keys and values of every layer.
+    pub fn bytes(&self) -> usize {
+        self.keys.iter().chain(&self.values).map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum()
+    }
+
     pub fn new(config: &LlamaConfig, slots: usize, max_len: usize, device: Device, kind: Kind) -> Result<Self> {
         let shape = [slots as i64, config.num_kv_heads as i64, max_len as i64, config.head_dim as i64];
         let mut keys = Vec::with_capacity(config.num_layers);

@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::LlamaConfig;
 use super::error::Result;
 use super::kv_cache::KvCache;
+use super::qlinear::{Embedding, Linear, Quantization};
 use super::weights::{place, WeightSource};
 
 /// Which positions of a forward pass need logits.
@@ -103,25 +104,25 @@ impl Rope {
 struct Block {
     attn_norm: Tensor,
     /// Q, K and V projections fused: `[(heads + 2 kv_heads) * head_dim, hidden]`.
-    qkv: Tensor,
-    /// Output projection, stored transposed (`[heads * head_dim, hidden]`, a view) so the
-    /// residual add fuses into one `addmm`.
-    o_t: Tensor,
+    qkv: Linear,
+    /// Output projection `[hidden, heads * head_dim]`; the residual add fuses into it.
+    o: Linear,
     ffn_norm: Tensor,
     /// Gate and up projections fused: `[2 * intermediate, hidden]`.
-    gate_up: Tensor,
-    /// Down projection, stored transposed like `o_t`.
-    down_t: Tensor,
+    gate_up: Linear,
+    /// Down projection `[hidden, intermediate]`.
+    down: Linear,
 }
 
 pub struct Llama {
     pub config: LlamaConfig,
     pub device: Device,
     pub kind: Kind,
-    embed: Tensor,
+    pub quantization: Quantization,
+    embed: Embedding,
     layers: Vec<Block>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     rope: Rope,
 }
 
@@ -130,19 +131,37 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 impl Llama {
-    /// Loads every weight from `source` onto `device` in `kind`.
+    /// Loads every weight from `source` onto `device` in `kind`, unquantized.
     pub fn load(source: &WeightSource, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_quantized(source, device, kind, Quantization::None)
+    }
+
+    /// Loads every weight from `source` onto `device`: norms in `kind`, linear layers
+    /// stored as `quantization` says. Each layer is quantized as it is read, so peak
+    /// memory stays near one layer of f32 above the quantized model.
+    pub fn load_quantized(
+        source: &WeightSource,
+        device: Device,
+        kind: Kind,
+        quantization: Quantization,
+    ) -> Result<Self> {
         let c = source.config()?;
         let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (h, kv) = (c.num_heads, c.num_kv_heads);
         let get = |name: &str, shape: &[usize]| source.tensor(name, shape, &c);
+        let linear = |w: Tensor| Linear::new(w, quantization, device, kind);
         let embed_cpu = get("token_embd.weight", &[c.vocab_size, d])?;
-        let lm_head = if source.has("output.weight") {
-            place(get("output.weight", &[c.vocab_size, d])?, device, kind)?
+        let lm_head_cpu = if source.has("output.weight") {
+            get("output.weight", &[c.vocab_size, d])?
         } else {
-            place(embed_cpu.shallow_clone(), device, kind)?
+            embed_cpu.shallow_clone()
         };
-        let embed = place(embed_cpu, device, kind)?;
+        let embed = Embedding::new(embed_cpu, quantization, device, kind)?;
+        let lm_head = match (embed.dense(), source.has("output.weight")) {
+            // Tied and unquantized: one tensor serves both.
+            (Some(shared), false) => Linear::Dense(shared.shallow_clone()),
+            _ => linear(lm_head_cpu)?,
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let name = |leaf: &str| format!("blk.{i}.{leaf}.weight");
@@ -153,26 +172,33 @@ impl Llama {
             let up = get(&name("ffn_up"), &[f, d])?;
             layers.push(Block {
                 attn_norm: place(get(&name("attn_norm"), &[d])?, device, kind)?,
-                qkv: place(Tensor::f_cat(&[q, k, v], 0)?, device, kind)?,
-                o_t: place(get(&name("attn_output"), &[d, h * hd])?, device, kind)?.tr(),
+                qkv: linear(Tensor::f_cat(&[q, k, v], 0)?)?,
+                o: linear(get(&name("attn_output"), &[d, h * hd])?)?,
                 ffn_norm: place(get(&name("ffn_norm"), &[d])?, device, kind)?,
-                gate_up: place(Tensor::f_cat(&[gate, up], 0)?, device, kind)?,
-                down_t: place(get(&name("ffn_down"), &[d, f])?, device, kind)?.tr(),
+                gate_up: linear(Tensor::f_cat(&[gate, up], 0)?)?,
+                down: linear(get(&name("ffn_down"), &[d, f])?)?,
             });
         }
         let norm = place(get("output_norm.weight", &[d])?, device, kind)?;
         let rope = Rope::new(&c, c.max_position_embeddings.max(1), device)?;
-        Ok(Self { config: c, device, kind, embed, layers, norm, lm_head, rope })
+        Ok(Self { config: c, device, kind, quantization, embed, layers, norm, lm_head, rope })
     }
 
     /// Bytes of weights read per decoded token (embedding rows excluded).
     pub fn weight_bytes(&self) -> usize {
-        let mut n = self.norm.numel() + self.lm_head.numel();
+        let elt = self.kind.elt_size_in_bytes();
+        let mut n = self.norm.numel() * elt + self.lm_head.bytes();
         for b in &self.layers {
-            n += b.attn_norm.numel() + b.qkv.numel() + b.o_t.numel() + b.ffn_norm.numel();
-            n += b.gate_up.numel() + b.down_t.numel();
+            n += (b.attn_norm.numel() + b.ffn_norm.numel()) * elt;
+            n += b.qkv.bytes() + b.o.bytes() + b.gate_up.bytes() + b.down.bytes();
         }
-        n * self.kind.elt_size_in_bytes()
+        n
+    }
+
+    /// Bytes of weights held in memory, embedding included (a tied head counted once).
+    pub fn model_bytes(&self) -> usize {
+        let tied = matches!((&self.embed, &self.lm_head), (Embedding::Dense(e), Linear::Dense(l)) if e.data_ptr() == l.data_ptr());
+        self.weight_bytes() + if tied { 0 } else { self.embed.bytes() }
     }
 
     fn ids(&self, values: &[i64]) -> Result<Tensor> {
@@ -239,7 +265,7 @@ impl Llama {
         let prefill_mask =
             causal_mask(&prefill_pos, total, self.device)?.f_repeat([groups, 1])?.f_to_kind(self.kind)?;
         let rotations = self.rope.rotations(&positions_t, self.kind)?;
-        let mut x = self.embed.f_index_select(0, &self.ids(&ids)?)?;
+        let mut x = self.embed.lookup(&self.ids(&ids)?)?;
         for (l, block) in self.layers.iter().enumerate() {
             x = self.block_forward(block, &x, &rotations, |q, k, v| {
                 let (k_cache, v_cache) = cache.layer_mut(l);
@@ -313,7 +339,7 @@ impl Llama {
         if rows.size()[0] == 0 {
             return Ok(Tensor::f_zeros([0, self.config.vocab_size as i64], (Kind::Float, self.device))?);
         }
-        Ok(rows.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
+        Ok(self.lm_head.forward(rows)?.f_to_kind(Kind::Float)?)
     }
 
     /// One transformer block over `x` (`[n, hidden]`); `attend` stores K/V in the cache and
@@ -329,19 +355,19 @@ impl Llama {
         let (h, kv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
         let n = x.size()[0];
         let normed = rms_norm(x, &block.attn_norm, c.rms_norm_eps)?;
-        let qkv = normed.f_linear::<Tensor>(&block.qkv, None)?;
+        let qkv = block.qkv.forward(&normed)?;
         let qk = qkv.f_narrow(1, 0, (h + kv) * hd)?.f_view([n, h + kv, hd])?;
         let qk = qk.f_matmul(rotations)?;
         let q = qk.f_narrow(1, 0, h)?;
         let k = qk.f_narrow(1, h, kv)?;
         let v = qkv.f_narrow(1, (h + kv) * hd, kv * hd)?.f_view([n, kv, hd])?;
         let attn = attend(&q, &k, &v)?;
-        let x = x.f_addmm(&attn, &block.o_t)?;
+        let x = block.o.forward_add(x, &attn)?;
         let normed = rms_norm(&x, &block.ffn_norm, c.rms_norm_eps)?;
-        let gate_up = normed.f_linear::<Tensor>(&block.gate_up, None)?;
+        let gate_up = block.gate_up.forward(&normed)?;
         let f = c.intermediate_size as i64;
         let act = gate_up.f_narrow(1, 0, f)?.f_silu()?.f_mul(&gate_up.f_narrow(1, f, f)?)?;
-        Ok(x.f_addmm(&act, &block.down_t)?)
+        block.down.forward_add(&x, &act)
     }
 }
 

@@ -3,19 +3,28 @@
 //!
 //! - [`gguf`], [`safetensors`], [`quant`], [`weights`]: read checkpoints and dequantize.
 //! - [`config`], [`llama`], [`kv_cache`]: the Llama-family transformer and its cache.
+//! - [`qlinear`], [`fbgemm`]: int8/int4 linear layers that keep weights packed in memory.
+//! - [`memory_plan`]: weights + KV cache per quantization and context, against a budget.
+//! - [`eval`]: perplexity, greedy agreement and KL between a model and a compressed copy.
 //! - [`tokenizer`], [`chat_template`]: text in, ids in; ids out, text out.
 //! - [`sampling`]: a pure function of (logits, seed, position).
 //! - [`engine`]: continuous batching on a dedicated thread.
+//! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
 //! - [`model`]: loads all of the above from one path; [`tiny_model`] writes test models.
 
 pub mod chat_template;
 pub mod config;
+pub mod cuda;
 pub mod engine;
 pub mod error;
+pub mod eval;
+pub mod fbgemm;
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
+pub mod memory_plan;
 pub mod model;
+pub mod qlinear;
 pub mod quant;
 pub mod safetensors;
 pub mod sampling;
@@ -27,4 +36,5 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use engine::{Engine, EngineConfig, Event, FinishReason, Finished, GenerateRequest};
 pub use error::InferError;
 pub use model::{DeviceChoice, Model};
+pub use qlinear::Quantization;
 pub use sampling::SamplingParams;

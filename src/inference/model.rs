@@ -12,6 +12,7 @@ use super::chat_template::{ChatMessage, ChatTemplate};
 use super::error::{InferError, Result};
 use super::gguf::GgufFile;
 use super::llama::Llama;
+use super::qlinear::Quantization;
 use super::tokenizer::Tokenizer;
 use super::weights::WeightSource;
 
@@ -44,9 +45,18 @@ impl DeviceChoice {
     pub fn resolve(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Auto => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
-            Self::Cuda(n) if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize => Ok(Device::Cuda(n)),
-            Self::Cuda(n) => Err(InferError::DeviceUnavailable(format!("cuda:{n}"))),
+            Self::Auto => Ok(if super::cuda::available() { Device::Cuda(0) } else { Device::Cpu }),
+            Self::Cuda(n) => {
+                if !super::cuda::driver_present() {
+                    return Err(InferError::DeviceUnavailable(format!("cuda:{n} (no NVIDIA driver on this machine)")));
+                }
+                super::cuda::load_backend().map_err(InferError::DeviceUnavailable)?;
+                if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize {
+                    Ok(Device::Cuda(n))
+                } else {
+                    Err(InferError::DeviceUnavailable(format!("cuda:{n}")))
+                }
+            }
         }
     }
 }
@@ -99,6 +109,17 @@ impl Model {
     /// Loads a model file, directory, or protected bundle (which needs its `key`; the
     /// bundle is decrypted in memory only).
     pub fn load_with_key(path: &Path, device: Device, dtype: Option<Kind>, key: Option<&[u8; 32]>) -> Result<Self> {
+        Self::load_quantized(path, device, dtype, Quantization::None, key)
+    }
+
+    /// Like [`Model::load_with_key`], with the linear layers stored as `quantization` says.
+    pub fn load_quantized(
+        path: &Path,
+        device: Device,
+        dtype: Option<Kind>,
+        quantization: Quantization,
+        key: Option<&[u8; 32]>,
+    ) -> Result<Self> {
         let kind = dtype.unwrap_or_else(|| default_dtype(device));
         let (name, source, tokenizer, template_src) = if crate::crypto::protect::is_bundle(path) {
             let (manifest, source) = crate::crypto::protect::open_bundle(path, key)?;
@@ -120,7 +141,9 @@ impl Model {
             };
             (model_name(path), source, tokenizer, template)
         };
-        let llama = Llama::load(&source, device, kind)?;
+        let llama = Llama::load_quantized(&source, device, kind, quantization)?;
+        drop(source);
+        release_freed_memory();
         if tokenizer.vocab_size() > llama.config.vocab_size {
             return Err(InferError::Tokenizer(format!(
                 "tokenizer has {} tokens but the model only {}",
@@ -144,6 +167,22 @@ impl Model {
     /// Tokenizes a plain completion prompt (with BOS when the model wants one).
     pub fn completion_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
         self.tokenizer.encode(prompt, true)
+    }
+}
+
+/// Hands the heap pages freed after loading (the f32 copies every layer passes through)
+/// back to the OS, so a quantized model's resident memory is its packed size rather
+/// than the loader's high-water mark.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+        }
+        // SAFETY: glibc's malloc_trim only releases free pages of the heap.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }
 

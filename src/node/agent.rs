@@ -308,7 +308,9 @@ async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
     let mut completion = spec.prefix.clone();
     let challenge =
         spec.challenge.as_deref().and_then(|c| hex::decode(c).ok()).and_then(|c| <[u8; 32]>::try_from(c).ok());
-    let mut prover = challenge.filter(|_| spec.prefix.is_empty()).map(|c| ProofBuilder::new(c, DEFAULT_TOP_K));
+    let mut prover = challenge
+        .filter(|_| spec.prefix.is_empty())
+        .map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).quantized(backend.quantization()));
     match backend.start(&spec) {
         Err(error) => {
             let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));

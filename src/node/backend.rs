@@ -53,8 +53,16 @@ impl Backend {
 
     pub fn device(&self) -> String {
         match self {
-            Self::Engine(e) => format!("{:?}/{:?}", e.device, e.kind),
+            Self::Engine(e) => format!("{:?}/{:?}/{}", e.device, e.kind, e.quantization),
             Self::Fake(_) => "fake".into(),
+        }
+    }
+
+    /// How the engine stores its weights (fakes are unquantized).
+    pub fn quantization(&self) -> crate::inference::Quantization {
+        match self {
+            Self::Engine(e) => e.quantization,
+            Self::Fake(_) => crate::inference::Quantization::None,
         }
     }
 
@@ -69,6 +77,8 @@ impl Backend {
                     queued_tokens: l.queued_tokens.load(Ordering::Relaxed),
                     tokens_per_s: 0.0,
                     free_memory_bytes: free_memory_bytes(),
+                    model_bytes: e.model_bytes as u64,
+                    quantization: e.quantization.to_string(),
                 };
                 (load, l.generated_tokens.load(Ordering::Relaxed))
             }

@@ -23,6 +23,11 @@ pub struct Proof {
     pub prompt: Vec<String>,
     /// One commitment per chunk of generated tokens, hex.
     pub chunks: Vec<String>,
+    /// How the node stored its weights (`int8`, `int4`; empty = unquantized): the
+    /// verifier recomputes with the same quantization. Signed, so a node cannot claim a
+    /// cheaper format than it ran.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub quantization: String,
     /// The node's signature over [`Proof::digest`], hex.
     pub signature: String,
 }
@@ -46,6 +51,11 @@ impl Proof {
         for c in &self.chunks {
             b.push(b'|');
             b.extend_from_slice(c.as_bytes());
+        }
+        // Absent for unquantized proofs, so their digests are unchanged.
+        if !self.quantization.is_empty() {
+            b.push(b'#');
+            b.extend_from_slice(self.quantization.as_bytes());
         }
         keccak(&b)
     }
@@ -81,6 +91,7 @@ pub struct ProofBuilder {
     /// Top-k of each row of the current chunk, by generated-token index within it.
     current: Vec<TopK>,
     chunks: Vec<TopK>,
+    quantization: String,
 }
 
 impl ProofBuilder {
@@ -93,7 +104,16 @@ impl ProofBuilder {
             prompt: None,
             current: Vec::with_capacity(CHUNK),
             chunks: Vec::new(),
+            quantization: String::new(),
         }
+    }
+
+    /// Records the node's weight quantization in the proof (`none` records nothing).
+    pub fn quantized(mut self, quantization: crate::inference::Quantization) -> Self {
+        if quantization != crate::inference::Quantization::None {
+            self.quantization = quantization.to_string();
+        }
+        self
     }
 
     /// Prompt rows in order (`values` is `[rows, hidden]` flattened).
@@ -164,6 +184,7 @@ impl ProofBuilder {
             top_k: self.top_k as u16,
             prompt: prompt.iter().map(|p| hex::encode(p.encode())).collect(),
             chunks: self.chunks.iter().map(|c| hex::encode(c.encode())).collect(),
+            quantization: std::mem::take(&mut self.quantization),
             signature: String::new(),
         };
         proof.signature = hex::encode(identity.sign(&proof.digest()));

@@ -39,6 +39,25 @@ impl Default for Tolerances {
     }
 }
 
+impl Tolerances {
+    /// The tolerances for a proof that names `quantization` (checked against a reference
+    /// in the same format). int8 quantizes activations at run time, so a token's hidden
+    /// state depends slightly on whether it was decoded alone (the node) or in a prefill
+    /// (the verifier): its value and overlap limits are relaxed, still far from every
+    /// model cheat (docs/proof-of-inference.md, "Quantized nodes"). int4 is weight-only
+    /// and as repeatable as bf16: the defaults hold.
+    pub fn for_quantization(self, quantization: &str) -> Self {
+        match quantization {
+            "int8" => Self {
+                max_value_error: self.max_value_error * 4.0,
+                min_index_overlap: self.min_index_overlap - 0.1,
+                ..self
+            },
+            _ => self,
+        }
+    }
+}
+
 /// The outcome of a check, with the measurements behind it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Verdict {
@@ -109,6 +128,7 @@ pub fn verify(
     params: &SamplingParams,
     tol: &Tolerances,
 ) -> Result<Verdict, InferError> {
+    let tol = &tol.for_quantization(&proof.quantization);
     let mut v = Verdict {
         accepted: false,
         reasons: Vec::new(),

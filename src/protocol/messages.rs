@@ -78,6 +78,12 @@ pub struct NodeLoad {
     pub queued_tokens: usize,
     pub tokens_per_s: f64,
     pub free_memory_bytes: u64,
+    /// Weight memory the node's model holds (after quantization); 0 from older nodes.
+    #[serde(default)]
+    pub model_bytes: u64,
+    /// How the node stores its linear layers: none, int8 or int4; empty from older nodes.
+    #[serde(default)]
+    pub quantization: String,
 }
 
 /// Distributor → node.

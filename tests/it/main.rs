@@ -18,6 +18,7 @@ mod observability;
 mod proof;
 mod properties;
 mod protect;
+mod quantization;
 mod registry;
 mod settlement;
 mod smollm2_reference;

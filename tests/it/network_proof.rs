@@ -27,9 +27,20 @@ fn verifier_config(path: &std::path::Path) -> String {
 
 #[test]
 fn honest_node_tasks_are_verified() {
+    honest_node_is_verified("none");
+}
+
+/// The verifier checks in f32; a node serving quantized weights must still pass.
+#[test]
+fn quantized_nodes_tasks_are_verified() {
+    honest_node_is_verified("int8");
+    honest_node_is_verified("int4");
+}
+
+fn honest_node_is_verified(quantize: &str) {
     let Some(path) = smollm2() else { return };
     let mut cluster = Cluster::start(&verifier_config(&path));
-    cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1"]);
+    cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1", "--quantize", quantize]);
     cluster.wait_nodes(MODEL, 1);
     let bodies = [
         r#"{"model": "M", "max_tokens": 40, "temperature": 0, "messages": [{"role": "user", "content": "Greet the traveller."}]}"#,
@@ -39,13 +50,23 @@ fn honest_node_tasks_are_verified() {
     for (i, body) in bodies.iter().enumerate() {
         let path = if i == 2 { "/v1/completions" } else { "/v1/chat/completions" };
         let r = cluster.post(path, &body.replace("\"M\"", &format!("\"{MODEL}\"")));
-        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            r.status,
+            200,
+            "{}\nnode log:\n{}\nserver log:\n{}",
+            r.body,
+            cluster.nodes[0].log_text(),
+            cluster.server.log_text()
+        );
     }
     let store = cluster.store();
-    wait_for("three verified receipts", Duration::from_secs(60), || {
-        numbers(&store, "SELECT count(*) FILTER (WHERE verification = 'verified') FROM receipts") == vec![3]
-    });
-    assert_eq!(numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'failed'"), vec![0]);
+    let verified = || numbers(&store, "SELECT count(*) FILTER (WHERE verification = 'verified') FROM receipts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while verified() != vec![3] && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(verified(), vec![3], "{quantize}: server log:\n{}", cluster.server.log_text());
+    assert_eq!(numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'failed'"), vec![0], "{quantize}");
     assert_eq!(numbers(&store, "SELECT min(reputation)::bigint FROM nodes"), vec![10_000]);
 }
 
