@@ -11,7 +11,7 @@ setup:
 	scripts/setup
 
 test:
-	$(call ENV,--test) LUDUS_REQUIRE_MODEL=1 cargo test --locked
+	$(call ENV,--test) LUDUS_REQUIRE_MODEL=1 LUDUS_REQUIRE_TOOLS=1 cargo test --locked
 
 demo:
 	$(call ENV,) cargo run --release --locked -- demo --model $(MODEL) --nodes 2

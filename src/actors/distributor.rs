@@ -40,6 +40,7 @@ struct NodeEntry {
     proxy: Addr<NodeProxy>,
     address: String,
     models: Vec<String>,
+    device: String,
     stats: NodeStats,
     load: NodeLoad,
 }
@@ -295,7 +296,14 @@ impl Handler<NodeConnected> for Distributor {
         self.seen_models.extend(msg.models.iter().cloned());
         self.nodes.insert(
             msg.id,
-            NodeEntry { proxy: msg.proxy, address: msg.address, models: msg.models, stats, load: NodeLoad::default() },
+            NodeEntry {
+                proxy: msg.proxy,
+                address: msg.address,
+                models: msg.models,
+                device: msg.device,
+                stats,
+                load: NodeLoad::default(),
+            },
         );
         self.drain_queues();
     }
@@ -459,6 +467,34 @@ impl Handler<ListModels> for Distributor {
         }
         let mut out: Vec<(String, usize)> = counts.into_iter().map(|(m, n)| (m.to_string(), n)).collect();
         out.sort();
+        out
+    }
+}
+
+impl Handler<super::messages::ListNodes> for Distributor {
+    type Result = Vec<super::messages::LiveNode>;
+
+    fn handle(&mut self, _: super::messages::ListNodes, _: &mut Self::Context) -> Self::Result {
+        let now = Instant::now();
+        let mut out: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|(&id, n)| super::messages::LiveNode {
+                id,
+                address: n.address.clone(),
+                models: n.models.clone(),
+                device: n.device.clone(),
+                capacity: n.stats.capacity,
+                in_flight: n.stats.in_flight,
+                latency_ms_per_token: n.stats.latency_ms,
+                tokens_per_s: n.load.tokens_per_s,
+                completed: n.stats.completed,
+                failed: n.stats.failed,
+                model_bytes: n.load.model_bytes,
+                quarantined: self.is_quarantined(&n.address, now),
+            })
+            .collect();
+        out.sort_by_key(|n| n.id);
         out
     }
 }

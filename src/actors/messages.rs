@@ -104,6 +104,8 @@ pub struct NodeConnected {
     pub address: String,
     pub models: Vec<String>,
     pub capacity: usize,
+    /// What the node says it runs on (`Cpu/Float/int8`, `Cuda(0)/BFloat16/int4`, ...).
+    pub device: String,
 }
 
 /// A node's websocket closed or timed out; its unfinished jobs come back separately.
@@ -155,6 +157,30 @@ pub struct TaskReturned {
 #[derive(Message)]
 #[rtype(result = "Vec<(String, usize)>")]
 pub struct ListModels;
+
+/// The live node table, for the operator's dashboard.
+#[derive(Message)]
+#[rtype(result = "Vec<LiveNode>")]
+pub struct ListNodes;
+
+/// One live node as the distributor sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveNode {
+    pub id: u64,
+    pub address: String,
+    pub models: Vec<String>,
+    pub device: String,
+    pub capacity: usize,
+    pub in_flight: usize,
+    /// Peak-EWMA milliseconds per generated token (None before its first task).
+    pub latency_ms_per_token: Option<f64>,
+    /// The node's own decode rate, from its last heartbeat.
+    pub tokens_per_s: f64,
+    pub completed: u64,
+    pub failed: u64,
+    pub model_bytes: u64,
+    pub quarantined: bool,
+}
 
 /// Stop accepting work (graceful shutdown).
 #[derive(Message)]

@@ -100,6 +100,7 @@ struct Pending {
     address: Address,
     models: Vec<String>,
     capacity: usize,
+    device: String,
     bundles: Vec<String>,
 }
 
@@ -136,7 +137,7 @@ pub struct NodeProxy {
     out: UnboundedSender<Outgoing>,
     pending: Option<Pending>,
     /// Authenticated but not yet in the distributor's table (until its first heartbeat).
-    joining: Option<(Address, Vec<String>, usize)>,
+    joining: Option<(Address, Vec<String>, usize, String)>,
     /// The node's address, once authenticated.
     address: Option<Address>,
     registered: bool,
@@ -273,7 +274,10 @@ impl NodeProxy {
             signature: hex::encode(signature),
         });
         tracing::debug!(node = self.id, %address, %device, "challenge sent");
-        self.pending = Some(Pending { exchange, node_x25519, nonce, transcript, address, models, capacity, bundles });
+        // A label for operators (dashboard); bounded, since the node chooses it.
+        let device: String = device.chars().filter(|c| !c.is_control()).take(64).collect();
+        self.pending =
+            Some(Pending { exchange, node_x25519, nonce, transcript, address, models, capacity, device, bundles });
     }
 
     fn on_auth(&mut self, ctx: &mut Context<Self>, signature: String) {
@@ -306,7 +310,7 @@ impl NodeProxy {
         tracing::info!(node = self.id, address = %p.address, bundles = p.bundles.len(), "node authenticated; session sealed");
         // The node joins the table with its first heartbeat: it may still be loading.
         self.address = Some(p.address);
-        self.joining = Some((p.address, p.models, p.capacity));
+        self.joining = Some((p.address, p.models, p.capacity, p.device));
         self.welcomed_at = Some(Instant::now());
     }
 
@@ -319,7 +323,7 @@ impl NodeProxy {
                 self.fail(ctx, "handshake messages after the handshake")
             }
             NodeMessage::Heartbeat(load) => {
-                if let Some((address, models, capacity)) = self.joining.take() {
+                if let Some((address, models, capacity, device)) = self.joining.take() {
                     self.registered = true;
                     self.distributor.do_send(NodeConnected {
                         id: self.id,
@@ -327,6 +331,7 @@ impl NodeProxy {
                         address: address.to_string(),
                         models,
                         capacity,
+                        device,
                     });
                 }
                 self.distributor.do_send(NodeHeartbeat { id: self.id, load })

@@ -6,6 +6,7 @@ mod chain;
 mod generate;
 mod inspect;
 mod load;
+mod progress;
 mod serve;
 mod verify;
 
@@ -238,7 +239,10 @@ impl RuntimeArgs {
         };
         let quantization = resolve_quantization(self.quantize.as_deref().unwrap_or(&settings.engine.quantize), device)?;
         let started = std::time::Instant::now();
-        let model = Model::load_quantized(path, device, dtype, quantization, key.as_ref())?;
+        let bar = progress::bar(&format!("loading ({quantization})"));
+        let model =
+            Model::load_with_progress(path, device, dtype, quantization, key.as_ref(), &mut progress::callback(&bar))?;
+        bar.finish_and_clear();
         tracing::info!(
             model = %model.name, ?device, kind = ?model.llama.kind, %quantization,
             weight_mib = model.llama.model_bytes() / (1 << 20), secs = started.elapsed().as_secs_f32(),
@@ -300,7 +304,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let key = crate::crypto::protect::new_key();
             write_model_key(&key_out, &key)?;
             let name = name.unwrap_or_else(|| crate::inference::model::model_name(&input));
-            let manifest = crate::crypto::protect::write_bundle(&input, &out, &name, &key)?;
+            let bar = progress::bar("protecting");
+            let manifest = crate::crypto::protect::write_bundle_with_progress(
+                &input,
+                &out,
+                &name,
+                &key,
+                &mut |stage, done, total| {
+                    bar.set_message(format!("protecting: {stage}"));
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )?;
+            bar.finish_and_clear();
             eprintln!(
                 "protected `{}` into {} (key id {}, key in {})",
                 manifest.name,

@@ -171,12 +171,27 @@ fn chunk_nonce(index: u64) -> [u8; 12] {
 
 /// Protects `source` into the bundle directory `out` under `key`.
 pub fn write_bundle(source_path: &Path, out: &Path, name: &str, key: &[u8; 32]) -> Result<Manifest> {
+    write_bundle_with_progress(source_path, out, name, key, &mut |_, _, _| {})
+}
+
+/// [`write_bundle`], calling `progress(stage, done, total)` for its stages: "transform"
+/// (0 or 1 of 1), "serialize" (tensors) and "encrypt" (chunks).
+pub fn write_bundle_with_progress(
+    source_path: &Path,
+    out: &Path,
+    name: &str,
+    key: &[u8; 32],
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Manifest> {
     let source = WeightSource::open(source_path)?;
+    progress("transform", 0, 1);
     let (config, tensors) = protect_weights(&source)?;
+    progress("transform", 1, 1);
     std::fs::create_dir_all(out).map_err(|e| InferError::io(out, e))?;
     let mut entries = Vec::new();
     let mut plain = Vec::new();
-    for (tname, t) in &tensors {
+    for (done, (tname, t)) in tensors.iter().enumerate() {
+        progress("serialize", done, tensors.len());
         let values = Vec::<f32>::try_from(&t.f_flatten(0, -1)?)?;
         entries.push(TensorEntry {
             name: tname.clone(),
@@ -187,9 +202,12 @@ pub fn write_bundle(source_path: &Path, out: &Path, name: &str, key: &[u8; 32]) 
     }
     let plaintext_sha256 = hex::encode(Sha256::digest(&plain));
     let mut sealed = Vec::with_capacity(plain.len() + plain.len() / CHUNK_BYTES * 16 + 16);
+    let chunks = plain.len().div_ceil(CHUNK_BYTES);
     for (i, chunk) in plain.chunks(CHUNK_BYTES).enumerate() {
+        progress("encrypt", i, chunks);
         sealed.extend(aes256gcmsiv_seal(key, &chunk_nonce(i as u64), &chunk_aad(&plaintext_sha256, i as u64), chunk));
     }
+    progress("encrypt", chunks, chunks);
     std::fs::write(out.join(WEIGHTS), &sealed).map_err(|e| InferError::io(out.join(WEIGHTS), e))?;
     let tokenizer = copy_tokenizer(&source, out)?;
     let manifest = Manifest {

@@ -27,6 +27,16 @@ struct Series {
     buckets: [u64; BUCKETS.len()],
 }
 
+/// Totals for the operator's dashboard (see [`HttpMetrics::api_totals`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ApiTotals {
+    pub requests: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    pub bucket_bounds_s: Vec<f64>,
+    pub buckets: Vec<u64>,
+}
+
 /// Prompt and completion tokens served (counted when a task's usage is recorded).
 pub static PROMPT_TOKENS: AtomicU64 = AtomicU64::new(0);
 pub static COMPLETION_TOKENS: AtomicU64 = AtomicU64::new(0);
@@ -53,6 +63,27 @@ impl HttpMetrics {
         if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
             s.buckets[i] += 1;
         }
+    }
+
+    /// Totals over the game-facing API (`/v1/*` routes): requests, server-side errors
+    /// (5xx), and the latency histogram (per-bucket counts, not cumulative).
+    pub fn api_totals(&self) -> ApiTotals {
+        let mut t =
+            ApiTotals { bucket_bounds_s: BUCKETS.to_vec(), buckets: vec![0; BUCKETS.len()], ..Default::default() };
+        let Ok(series) = self.series.lock() else { return t };
+        for ((route, status), s) in series.iter().filter(|((route, _), _)| route.starts_with("/v1/")) {
+            let _ = route;
+            t.requests += s.count;
+            if *status >= 500 {
+                t.server_errors += s.count;
+            } else if *status >= 400 {
+                t.client_errors += s.count;
+            }
+            for (a, b) in t.buckets.iter_mut().zip(s.buckets.iter()) {
+                *a += b;
+            }
+        }
+        t
     }
 
     fn render(&self, out: &mut String) {

@@ -4,6 +4,7 @@
 
 pub mod auth_throttle;
 pub mod chaos_api;
+pub mod dashboard;
 pub mod errors;
 pub mod metrics;
 pub mod node_ws;

@@ -30,6 +30,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/admin/chaos/panic/{actor}", web::post().to(super::chaos_api::panic))
         .route("/ws/node", web::get().to(node_ws::upgrade))
         .route("/metrics", web::get().to(super::metrics::metrics))
+        .route("/dashboard", web::get().to(super::dashboard::page))
+        .route("/admin/dashboard", web::get().to(super::dashboard::data))
         .route("/health", web::get().to(health));
 }
 

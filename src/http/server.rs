@@ -45,6 +45,8 @@ pub struct AppState {
     pub chaos: bool,
     /// Request counts and latencies for `/metrics`.
     pub http_metrics: super::metrics::HttpMetrics,
+    /// Samples of the API counters for the dashboard's charts.
+    pub traffic: super::dashboard::TrafficHistory,
     pub registry: Addr<Registry>,
 }
 
@@ -208,7 +210,9 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         chaos: s.server.chaos,
         registry: registry.clone(),
         http_metrics: Default::default(),
+        traffic: Default::default(),
     });
+    super::dashboard::sample_traffic(state.clone().into_inner());
     let grace = Duration::from_secs(s.server.shutdown_grace_s);
     let mut server = HttpServer::new(move || {
         let metrics = state.clone();

@@ -145,6 +145,17 @@ impl Llama {
         kind: Kind,
         quantization: Quantization,
     ) -> Result<Self> {
+        Self::load_with_progress(source, device, kind, quantization, &mut |_, _| {})
+    }
+
+    /// [`Llama::load_quantized`], calling `progress(layers done, layers)` as it goes.
+    pub fn load_with_progress(
+        source: &WeightSource,
+        device: Device,
+        kind: Kind,
+        quantization: Quantization,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let c = source.config()?;
         let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (h, kv) = (c.num_heads, c.num_kv_heads);
@@ -163,6 +174,7 @@ impl Llama {
             _ => linear(lm_head_cpu)?,
         };
         let mut layers = Vec::with_capacity(c.num_layers);
+        progress(0, c.num_layers);
         for i in 0..c.num_layers {
             let name = |leaf: &str| format!("blk.{i}.{leaf}.weight");
             let q = get(&name("attn_q"), &[h * hd, d])?;
@@ -178,6 +190,7 @@ impl Llama {
                 gate_up: linear(Tensor::f_cat(&[gate, up], 0)?)?,
                 down: linear(get(&name("ffn_down"), &[d, f])?)?,
             });
+            progress(i + 1, c.num_layers);
         }
         let norm = place(get("output_norm.weight", &[d])?, device, kind)?;
         let rope = Rope::new(&c, c.max_position_embeddings.max(1), device)?;

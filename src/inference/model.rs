@@ -120,6 +120,18 @@ impl Model {
         quantization: Quantization,
         key: Option<&[u8; 32]>,
     ) -> Result<Self> {
+        Self::load_with_progress(path, device, dtype, quantization, key, &mut |_, _| {})
+    }
+
+    /// [`Model::load_quantized`], calling `progress(layers done, layers)` while it loads.
+    pub fn load_with_progress(
+        path: &Path,
+        device: Device,
+        dtype: Option<Kind>,
+        quantization: Quantization,
+        key: Option<&[u8; 32]>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let kind = dtype.unwrap_or_else(|| default_dtype(device));
         let (name, source, tokenizer, template_src) = if crate::crypto::protect::is_bundle(path) {
             let (manifest, source) = crate::crypto::protect::open_bundle(path, key)?;
@@ -141,7 +153,7 @@ impl Model {
             };
             (model_name(path), source, tokenizer, template)
         };
-        let llama = Llama::load_quantized(&source, device, kind, quantization)?;
+        let llama = Llama::load_with_progress(&source, device, kind, quantization, progress)?;
         drop(source);
         release_freed_memory();
         if tokenizer.vocab_size() > llama.config.vocab_size {

@@ -247,6 +247,14 @@ impl Cluster {
         (r.status, r.body)
     }
 
+    /// GETs with the admin token.
+    pub fn get_admin(&self, path: &str, token: &str) -> (u16, String) {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+        let r = raw(&self.addr, request.as_bytes());
+        (r.status, r.body)
+    }
+
     /// POSTs JSON with the cluster's key.
     pub fn post(&self, path: &str, body: &str) -> Response {
         post_with(&self.addr, path, Some(&self.key), body.as_bytes())

@@ -1,5 +1,7 @@
-//! The guides' examples are code: every fenced block marked `bash example` or `python
-//! example` in docs/game-developers.md runs here against a live server and must succeed.
+//! The guides' examples are code: every fenced block marked `bash example`, `python
+//! example`, `javascript example` (Node with the openai npm package from tests/js) or
+//! `csharp example` (compiled with Mono's mcs, run with mono) in docs/game-developers.md
+//! runs here against a live server and must succeed.
 
 use std::process::Command;
 
@@ -39,6 +41,17 @@ fn every_example_in_the_game_developer_guide_runs() {
     let blocks = examples(&guide);
     assert!(blocks.iter().filter(|(l, _)| l == "bash").count() >= 3, "{blocks:?}");
     assert!(blocks.iter().filter(|(l, _)| l == "python").count() >= 2, "{blocks:?}");
+    assert!(blocks.iter().any(|(l, _)| l == "javascript"), "{blocks:?}");
+    assert!(blocks.iter().any(|(l, _)| l == "csharp"), "{blocks:?}");
+    let js_tools = super::helpers::required_tool(
+        "the openai npm package (scripts/setup --test)",
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.ludus/js-tools/node_modules/openai")).exists(),
+    );
+    let mono = super::helpers::required_tool(
+        "Mono's mcs and mono (scripts/setup --test)",
+        Command::new("mcs").arg("--version").output().is_ok_and(|o| o.status.success()),
+    );
+    let scratch = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start("");
     cluster.add_node(&["--fake-engine", "6:1"]);
     cluster.wait_nodes("fake", 1);
@@ -54,6 +67,32 @@ fn every_example_in_the_game_developer_guide_runs() {
                 c.args(["-c", code]);
                 c
             }
+            "javascript" if !js_tools => continue,
+            "javascript" => {
+                // Beside tests/js's node_modules, so `import ... from "openai"` resolves.
+                let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.ludus/js-tools"));
+                let file = dir.join(format!("guide-example-{}-{i}.mjs", std::process::id()));
+                std::fs::write(&file, code).unwrap();
+                let mut c = Command::new("node");
+                c.arg(&file);
+                c
+            }
+            "csharp" if !mono => continue,
+            "csharp" => {
+                let source = scratch.path().join(format!("example{i}.cs"));
+                let exe = scratch.path().join(format!("example{i}.exe"));
+                std::fs::write(&source, code).unwrap();
+                let out = Command::new("mcs")
+                    .args(["-r:System.Net.Http", "-r:System.Runtime.Serialization"])
+                    .arg(format!("-out:{}", exe.display()))
+                    .arg(&source)
+                    .output()
+                    .unwrap();
+                super::helpers::assert_success(&out, &format!("compiling example {i} (csharp):\n{code}"));
+                let mut c = Command::new("mono");
+                c.arg(&exe);
+                c
+            }
             other => panic!("example {i} in an unknown language `{other}`"),
         };
         let out = cmd
@@ -62,7 +101,32 @@ fn every_example_in_the_game_developer_guide_runs() {
             .env("LUDUS_MODEL", "fake")
             .output()
             .unwrap();
+        if lang == "javascript" {
+            let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.ludus/js-tools"));
+            let _ = std::fs::remove_file(dir.join(format!("guide-example-{}-{i}.mjs", std::process::id())));
+        }
         super::helpers::assert_success(&out, &format!("example {i} ({lang}):\n{code}"));
         assert!(!out.stdout.is_empty() || !out.stderr.is_empty(), "example {i} printed nothing");
+    }
+}
+
+/// The node packaging (systemd unit, Docker entrypoint) only passes flags `ludus` has.
+#[test]
+fn packaging_uses_only_flags_ludus_has() {
+    let bin = super::cluster::BIN;
+    let help = |args: &[&str]| String::from_utf8(Command::new(bin).args(args).output().unwrap().stdout).unwrap();
+    let known = help(&["--help"]) + &help(&["node", "--help"]);
+    for file in ["packaging/ludus-node.service", "packaging/docker-entrypoint.sh"] {
+        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let flags: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .flat_map(|l| l.split(|c: char| c.is_whitespace() || c == '"'))
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .collect();
+        assert!(flags.len() >= 5, "{file}: {flags:?}");
+        for flag in flags {
+            assert!(known.contains(&format!("{flag} ")) || known.contains(&format!("{flag}\n")), "{file} uses {flag}");
+        }
     }
 }

@@ -98,3 +98,13 @@ pub fn assert_success(out: &std::process::Output, what: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Whether an optional test tool is present; when it is not, the caller skips its part,
+/// unless `LUDUS_REQUIRE_TOOLS=1` (set by `make test`, so CI) makes that a failure.
+pub fn required_tool(what: &str, present: bool) -> bool {
+    if !present {
+        assert!(std::env::var("LUDUS_REQUIRE_TOOLS").is_err(), "LUDUS_REQUIRE_TOOLS is set but {what} is missing");
+        eprintln!("skipped: {what} is missing");
+    }
+    present
+}

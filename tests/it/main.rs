@@ -3,6 +3,7 @@
 mod build_linkage;
 mod cluster;
 mod configuration;
+mod dashboard;
 mod database;
 mod faults;
 mod guides;
