@@ -75,14 +75,9 @@ impl Verifier {
         if !self.models.contains_key(&key) {
             let Some((path, bundle_key)) = self.sources.get(name) else { return Ok(None) };
             let started = std::time::Instant::now();
-            let model = Model::load_quantized(
-                path,
-                tch::Device::Cpu,
-                Some(tch::Kind::Float),
-                quantization,
-                bundle_key.as_ref(),
-            )
-            .map_err(|e| format!("cannot load the {quantization} reference of {name}: {e}"))?;
+            // In the format's own default dtype (bf16 for int4), as an honest node runs it.
+            let model = Model::load_quantized(path, tch::Device::Cpu, None, quantization, bundle_key.as_ref())
+                .map_err(|e| format!("cannot load the {quantization} reference of {name}: {e}"))?;
             tracing::info!(model = name, %quantization, secs = started.elapsed().as_secs_f32(), "verifier loaded a quantized reference");
             self.models.insert(key.clone(), model);
         }

@@ -87,8 +87,15 @@ fn memory_plan(config: &LlamaConfig, budget: u64, context: u64, batch: u64) -> s
         "device", "quantization", "weights MiB", "KV MiB", "total MiB", "fits", "max context"
     );
     let mut out = serde_json::Map::new();
-    for (device, kind) in [("cuda", tch::Kind::BFloat16), ("cpu", tch::Kind::Float)] {
-        let rows = plan(config, quantizations_for(device == "cuda"), kind, batch, context, budget);
+    for (device, tch_device) in [("cuda", tch::Device::Cuda(0)), ("cpu", tch::Device::Cpu)] {
+        // Each format in the dtype it runs in by default (int4: bf16 everywhere).
+        let rows: Vec<_> = quantizations_for(device == "cuda")
+            .iter()
+            .flat_map(|&q| {
+                let kind = crate::inference::model::default_dtype_for(tch_device, q);
+                plan(config, &[q], kind, batch, context, budget)
+            })
+            .collect();
         for r in &rows {
             eprintln!(
                 "{device:<6} {:<12} {:>12.0} {:>12.0} {:>12.0}  {:<5} {:>12}",

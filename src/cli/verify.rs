@@ -43,7 +43,9 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         "" => crate::inference::Quantization::None,
         q => q.parse().map_err(|e: String| anyhow::anyhow!("the proof names {e}"))?,
     };
-    let model = Model::load_quantized(&args.model, Device::Cpu, Some(Kind::Float), quantization, key.as_ref())?;
+    // Unquantized proofs are checked in f32; quantized ones in the format's own dtype.
+    let dtype = (quantization == crate::inference::Quantization::None).then_some(Kind::Float);
+    let model = Model::load_quantized(&args.model, Device::Cpu, dtype, quantization, key.as_ref())?;
     let prompt = stored.prompt(&model)?;
     let tol = Tolerances {
         max_value_error: args.max_value_error,

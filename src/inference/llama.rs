@@ -167,11 +167,16 @@ impl Llama {
         } else {
             embed_cpu.shallow_clone()
         };
-        let embed = Embedding::new(embed_cpu, quantization, device, kind)?;
-        let lm_head = match (embed.dense(), source.has("output.weight")) {
-            // Tied and unquantized: one tensor serves both.
-            (Some(shared), false) => Linear::Dense(shared.shallow_clone()),
-            _ => linear(lm_head_cpu)?,
+        // The output head decides between near-tied tokens: quantized to int8 or int4 it
+        // flipped SmolLM2's first answer token ("What is the capital of France?" lost
+        // "Paris"). Quantized models keep it, and the embedding it is tied to, in bf16.
+        let table_kind = if quantization == Quantization::None { kind } else { Kind::BFloat16 };
+        let embed = Embedding::new(embed_cpu, device, table_kind, kind)?;
+        let lm_head = if source.has("output.weight") {
+            Linear::new(lm_head_cpu, Quantization::None, device, table_kind)?
+        } else {
+            // Tied: one tensor serves both.
+            Linear::Dense(embed.table().shallow_clone())
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         progress(0, c.num_layers);
@@ -210,7 +215,7 @@ impl Llama {
 
     /// Bytes of weights held in memory, embedding included (a tied head counted once).
     pub fn model_bytes(&self) -> usize {
-        let tied = matches!((&self.embed, &self.lm_head), (Embedding::Dense(e), Linear::Dense(l)) if e.data_ptr() == l.data_ptr());
+        let tied = matches!(&self.lm_head, Linear::Dense(l) if l.data_ptr() == self.embed.table().data_ptr());
         self.weight_bytes() + if tied { 0 } else { self.embed.bytes() }
     }
 

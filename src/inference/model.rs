@@ -71,6 +71,17 @@ pub fn parse_dtype(s: &str) -> Result<Kind, String> {
     }
 }
 
+/// The default dtype under a quantization: int4 computes in bf16 on both devices (its
+/// kernels take bf16 activations), so the rest of the model (norms, attention, KV cache)
+/// follows and a CPU node's memory drops further; otherwise [`default_dtype`].
+pub fn default_dtype_for(device: Device, quantization: Quantization) -> Kind {
+    if quantization == Quantization::Int4 {
+        Kind::BFloat16
+    } else {
+        default_dtype(device)
+    }
+}
+
 pub fn default_dtype(device: Device) -> Kind {
     if device.is_cuda() {
         Kind::BFloat16
@@ -132,7 +143,7 @@ impl Model {
         key: Option<&[u8; 32]>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let kind = dtype.unwrap_or_else(|| default_dtype(device));
+        let kind = dtype.unwrap_or_else(|| default_dtype_for(device, quantization));
         let (name, source, tokenizer, template_src) = if crate::crypto::protect::is_bundle(path) {
             let (manifest, source) = crate::crypto::protect::open_bundle(path, key)?;
             let (tokenizer, template) = if path.join("tokenizer.gguf").exists() {

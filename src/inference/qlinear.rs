@@ -117,7 +117,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let kind = x.kind();
         Ok(match self {
-            Self::Dense(w) => x.f_linear::<Tensor>(w, None)?,
+            Self::Dense(w) if w.kind() == kind => x.f_linear::<Tensor>(w, None)?,
+            // A bf16 table under an f32 model (quantized models keep their head in bf16).
+            Self::Dense(w) => x.f_to_kind(w.kind())?.f_linear::<Tensor>(w, None)?.f_to_kind(kind)?,
             Self::Int8Cpu(p) => p.matmul_t(&x.f_to_kind(Kind::Float)?)?.f_to_kind(kind)?,
             Self::Int4(w) => w.matmul_t(x)?.f_to_kind(kind)?,
         })
@@ -126,7 +128,7 @@ impl Linear {
     /// `residual + x W^T` (one fused `addmm` for dense weights).
     pub fn forward_add(&self, residual: &Tensor, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(w) => Ok(residual.f_addmm(x, &w.tr())?),
+            Self::Dense(w) if w.kind() == x.kind() => Ok(residual.f_addmm(x, &w.tr())?),
             _ => Ok(residual.f_add(&self.forward(x)?)?),
         }
     }
@@ -139,14 +141,6 @@ impl Linear {
             Self::Int4(w) => w.bytes(),
         }
     }
-}
-
-/// Symmetric int8 with one scale per output row: `w ≈ q * scale`.
-fn int8_per_channel(weight: &Tensor) -> Result<(Tensor, Tensor)> {
-    let w = weight.f_to_kind(Kind::Float)?;
-    let scales = w.f_abs()?.f_amax([1].as_slice(), false)?.f_clamp_min(1e-8)?.f_div_scalar(127.0)?;
-    let q = w.f_div(&scales.f_unsqueeze(1)?)?.f_round()?.f_clamp(-127, 127)?.f_to_kind(Kind::Int8)?;
-    Ok((q, scales))
 }
 
 /// The largest of libtorch's inner-k tilings (8, 4, 2) that divides `in_features`.
@@ -239,84 +233,30 @@ pub fn int4_dequantize(codes: &Tensor, scales: &Tensor, zeros: &Tensor) -> Resul
     Ok(w.f_reshape([out_features, in_features])?)
 }
 
-/// Embedding rows: dense, int8 with one scale per row (int8 mode), or int4 codes with a
-/// scale and zero per 32 values (int4 mode), two codes per byte.
-pub enum Embedding {
-    Dense(Tensor),
-    Int8 {
-        rows: Tensor,
-        scales: Tensor,
-        kind: Kind,
-    },
-    /// `codes`: uint8 `[vocab, hidden / 2]`, even column in the high nibble;
-    /// `scales_zeros`: bf16 `[vocab, hidden / 32, 2]`.
-    Int4 {
-        codes: Tensor,
-        scales_zeros: Tensor,
-        kind: Kind,
-    },
+/// The token embedding: a dense table (the model dtype, or bf16 under a quantized model,
+/// shared with a tied output head), whose rows come out in the model dtype.
+pub struct Embedding {
+    table: Tensor,
+    out: Kind,
 }
 
 impl Embedding {
-    pub fn new(weight: Tensor, quantization: Quantization, device: Device, kind: Kind) -> Result<Self> {
-        // Quantize on the GPU when there is one: much faster than on the CPU for 8B models.
-        let weight = if device.is_cuda() { weight.f_to_device(device)? } else { weight };
-        Ok(match quantization {
-            Quantization::None => Self::Dense(weight.f_to_device(device)?.f_to_kind(kind)?.f_contiguous()?),
-            Quantization::Int4 if weight.size()[1] % INT4_GROUP == 0 => {
-                let (codes, scales, zeros) = int4_codes(&weight)?;
-                let even = codes.f_slice(1, 0, None, 2)?;
-                let odd = codes.f_slice(1, 1, None, 2)?;
-                let codes =
-                    even.f_bitwise_left_shift_tensor_scalar(4)?.f_bitwise_or_tensor(&odd)?.f_to_kind(Kind::Uint8)?;
-                let scales_zeros = Tensor::f_stack(&[scales, zeros], 2)?.f_to_kind(Kind::BFloat16)?;
-                Self::Int4 { codes: codes.f_to_device(device)?, scales_zeros: scales_zeros.f_to_device(device)?, kind }
-            }
-            _ => {
-                let (rows, scales) = int8_per_channel(&weight)?;
-                Self::Int8 { rows: rows.f_to_device(device)?, scales: scales.f_to_device(device)?, kind }
-            }
-        })
+    pub fn new(weight: Tensor, device: Device, table_kind: Kind, out: Kind) -> Result<Self> {
+        Ok(Self { table: weight.f_to_device(device)?.f_to_kind(table_kind)?.f_contiguous()?, out })
     }
 
     /// The rows of `ids` in the model dtype.
     pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Dense(w) => w.f_index_select(0, ids)?,
-            Self::Int8 { rows, scales, kind } => rows
-                .f_index_select(0, ids)?
-                .f_to_kind(Kind::Float)?
-                .f_mul(&scales.f_index_select(0, ids)?.f_unsqueeze(1)?)?
-                .f_to_kind(*kind)?,
-            Self::Int4 { codes, scales_zeros, kind } => {
-                let packed = codes.f_index_select(0, ids)?.f_to_kind(Kind::Int64)?; // [n, hidden/2]
-                let n = packed.size()[0];
-                let high = packed.f_bitwise_right_shift_tensor_scalar(4)?;
-                let low = packed.f_bitwise_and(15)?;
-                let q = Tensor::f_stack(&[high, low], 2)?.f_reshape([n, -1])?.f_to_kind(Kind::Float)?; // [n, hidden]
-                let sz = scales_zeros.f_index_select(0, ids)?.f_to_kind(Kind::Float)?; // [n, groups, 2]
-                let groups = sz.size()[1];
-                let q = q.f_reshape([n, groups, INT4_GROUP])?.f_sub_scalar(8.0)?;
-                let w = q.f_mul(&sz.f_select(2, 0)?.f_unsqueeze(2)?)?.f_add(&sz.f_select(2, 1)?.f_unsqueeze(2)?)?;
-                w.f_reshape([n, groups * INT4_GROUP])?.f_to_kind(*kind)?
-            }
-        })
+        Ok(self.table.f_index_select(0, ids)?.f_to_kind(self.out)?)
     }
 
     pub fn bytes(&self) -> usize {
-        match self {
-            Self::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
-            Self::Int8 { rows, scales, .. } => rows.numel() + scales.numel() * 4,
-            Self::Int4 { codes, scales_zeros, .. } => codes.numel() + scales_zeros.numel() * 2,
-        }
+        self.table.numel() * self.table.kind().elt_size_in_bytes()
     }
 
-    /// The dense weight, when there is one (a tied output head can share it).
-    pub fn dense(&self) -> Option<&Tensor> {
-        match self {
-            Self::Dense(w) => Some(w),
-            Self::Int8 { .. } | Self::Int4 { .. } => None,
-        }
+    /// The table, which a tied output head shares.
+    pub fn table(&self) -> &Tensor {
+        &self.table
     }
 }
 
@@ -409,26 +349,6 @@ mod tests {
             assert_eq!(q.to_string().parse::<Quantization>(), Ok(q));
         }
         assert!("int3".parse::<Quantization>().unwrap_err().contains("none, int8, int4"));
-    }
-}
-
-#[cfg(test)]
-mod embedding_tests {
-    use super::*;
-
-    #[test]
-    fn int4_embedding_rows_match_their_dequantized_reference() {
-        let w = Tensor::randn([50, 64], (Kind::Float, Device::Cpu));
-        let (codes, scales, zeros) = int4_codes(&w).unwrap();
-        let reference = int4_dequantize(&codes, &scales, &zeros).unwrap();
-        let e = Embedding::new(w, Quantization::Int4, Device::Cpu, Kind::Float).unwrap();
-        let ids = Tensor::from_slice(&[3i64, 49, 0, 3]);
-        let rows = e.lookup(&ids).unwrap();
-        let expected = reference.index_select(0, &ids);
-        let err = (&rows - &expected).abs().max().double_value(&[]);
-        // bf16 scales and zeros: within bf16 rounding of the f32 dequantization.
-        assert!(err < 0.02 * expected.abs().max().double_value(&[]), "{err}");
-        assert_eq!(e.bytes(), 50 * 32 + 50 * 2 * 2 * 2);
     }
 }
 

@@ -393,27 +393,37 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
         NetCase {
             name: "honest f32, batch 1",
             honest: true,
-            node: NodeKind::Binary(&["--capacity", "1", "--threads", "2"]),
+            node: NodeKind::Binary(&["--capacity", "1", "--threads", "2", "--quantize", "none"]),
         },
         NetCase {
             name: "honest f32, batch 8, 2 threads",
             honest: true,
-            node: NodeKind::Binary(&["--capacity", "8", "--threads", "2"]),
+            node: NodeKind::Binary(&["--capacity", "8", "--threads", "2", "--quantize", "none"]),
         },
         NetCase {
             name: "honest f32, batch 8, 1 thread",
             honest: true,
-            node: NodeKind::Binary(&["--capacity", "8", "--threads", "1"]),
+            node: NodeKind::Binary(&["--capacity", "8", "--threads", "1", "--quantize", "none"]),
         },
         NetCase {
             name: "honest bf16, batch 8",
             honest: true,
-            node: NodeKind::Binary(&["--capacity", "8", "--dtype", "bf16"]),
+            node: NodeKind::Binary(&["--capacity", "8", "--dtype", "bf16", "--quantize", "none"]),
         },
         NetCase {
             name: "honest f16, batch 8",
             honest: true,
-            node: NodeKind::Binary(&["--capacity", "8", "--dtype", "f16"]),
+            node: NodeKind::Binary(&["--capacity", "8", "--dtype", "f16", "--quantize", "none"]),
+        },
+        NetCase {
+            name: "honest int8 (the CPU default), batch 8",
+            honest: true,
+            node: NodeKind::Binary(&["--capacity", "8"]),
+        },
+        NetCase {
+            name: "honest int4, batch 8",
+            honest: true,
+            node: NodeKind::Binary(&["--capacity", "8", "--quantize", "int4"]),
         },
         NetCase {
             name: "another model, same shapes",

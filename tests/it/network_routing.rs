@@ -87,8 +87,10 @@ fn mid_stream_failover_is_invisible_to_the_game() {
     let Some(model) = smollm2() else { return };
     let mut c = Cluster::start("");
     let model = model.to_str().unwrap().to_string();
-    c.add_node(&["--model", &model, "--threads", "1"]);
-    c.add_node(&["--model", &model, "--threads", "1"]);
+    // Exact continuation needs deterministic full-precision nodes: quantized activations
+    // round differently in the second node's prefill than in the first node's decode.
+    c.add_node(&["--model", &model, "--threads", "1", "--quantize", "none"]);
+    c.add_node(&["--model", &model, "--threads", "1", "--quantize", "none"]);
     let name = "SmolLM2-135M-Instruct.Q4_1";
     c.wait_nodes(name, 2);
     let body = format!(

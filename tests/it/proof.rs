@@ -211,13 +211,12 @@ fn honest_runs_pass_and_cheaters_fail() {
     let p = path.clone();
     let quantized = move |q: Quantization| {
         let p = p.clone();
-        Box::new(move || Model::load_quantized(&p, Device::Cpu, Some(Kind::Float), q, None).unwrap())
-            as Box<dyn Fn() -> Model>
+        Box::new(move || Model::load_quantized(&p, Device::Cpu, None, q, None).unwrap()) as Box<dyn Fn() -> Model>
     };
     // The verifier checks each proof against a reference in the quantization it names.
     let references: HashMap<Quantization, Model> = [Quantization::Int8, Quantization::Int4]
         .into_iter()
-        .map(|q| (q, Model::load_quantized(&path, Device::Cpu, Some(Kind::Float), q, None).unwrap()))
+        .map(|q| (q, Model::load_quantized(&path, Device::Cpu, None, q, None).unwrap()))
         .collect();
     let reference_for = |proof: &Proof| match proof.quantization.parse::<Quantization>() {
         Ok(q) if q != Quantization::None => &references[&q],
