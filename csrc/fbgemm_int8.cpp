@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 
 #include <exception>
+#include <memory>
 #include <string>
 
 namespace {
@@ -70,8 +71,11 @@ int ludus_fbgemm_quantize_and_pack(const at::Tensor* weight, at::Tensor** packed
                                    double* scale, int64_t* zero_point) {
   return guarded([&] {
     auto [q, offsets, s, z] = at::fbgemm_linear_quantize_weight(weight->contiguous());
-    *packed = new at::Tensor(at::fbgemm_pack_quantized_matrix(q));
-    *col_offsets = new at::Tensor(offsets);
+    // Both results are owned here until both exist: nothing leaks if one throws.
+    auto packed_owned = std::make_unique<at::Tensor>(at::fbgemm_pack_quantized_matrix(q));
+    auto offsets_owned = std::make_unique<at::Tensor>(offsets);
+    *packed = packed_owned.release();
+    *col_offsets = offsets_owned.release();
     *scale = s;
     *zero_point = z;
   });

@@ -92,19 +92,6 @@ impl Verifier {
             }
             return (false, "no proof for a task that carried a challenge".into());
         };
-        let quantization = match proof.quantization.as_str() {
-            "" => Quantization::None,
-            other => match other.parse::<Quantization>() {
-                Ok(q) => q,
-                Err(e) => return (false, format!("the proof names {e}")),
-            },
-        };
-        let tol = self.tol;
-        let model = match self.reference(&t.model, quantization) {
-            Ok(Some(model)) => model,
-            Ok(None) => return (true, "no reference model (unchecked)".into()),
-            Err(e) => return (true, format!("verifier error ({e}): unchecked")),
-        };
         if proof.task != t.task.0 || proof.challenge != hex::encode(t.challenge) {
             return (false, "the proof is for another task or challenge".into());
         }
@@ -112,6 +99,19 @@ impl Verifier {
             Ok(signer) if signer == t.node => {}
             _ => return (false, "the proof is not signed by the node".into()),
         }
+        let quantization = match proof.quantization.as_str() {
+            "" => Quantization::None,
+            "int8" => Quantization::Int8,
+            "int4" => Quantization::Int4,
+            other => return (false, format!("the proof names an unknown quantization `{other}`")),
+        };
+        let tol = self.tol;
+        let model = match self.reference(&t.model, quantization) {
+            Ok(Some(model)) => model,
+            Ok(None) => return (true, "no reference model (unchecked)".into()),
+            // A format this verifier cannot run earns nothing (never a free pass).
+            Err(e) => return (false, format!("cannot be checked here: {e}")),
+        };
         let prompt = match &t.input {
             TaskInput::Chat(messages) => model.chat_prompt(messages),
             TaskInput::Text(text) => model.completion_prompt(text),

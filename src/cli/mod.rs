@@ -3,6 +3,7 @@
 
 mod bench;
 mod chain;
+mod distill;
 mod generate;
 mod inspect;
 mod load;
@@ -74,6 +75,8 @@ pub enum Command {
     Chain(chain::ChainCommand),
     /// Claim this node's payouts for every settled epoch not claimed yet.
     Claim(chain::ClaimArgs),
+    /// Train a smaller student model on a teacher's output distributions (distillation).
+    Distill(distill::DistillArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,8 +187,8 @@ pub struct RuntimeArgs {
     /// f32, bf16 or f16. Default: f32 on CPU, bf16 on CUDA.
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<tch::Kind>,
-    /// How linear layers are stored: none, int8, int4, or auto (int8 on CPU, int4 on
-    /// CUDA). Default: the config's engine.quantize.
+    /// How linear layers are stored: none, int8 (CPU only), int4, or auto (int4).
+    /// Default: the config's engine.quantize.
     #[arg(long)]
     pub quantize: Option<String>,
     /// libtorch threads (0 = all cores).
@@ -339,6 +342,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Games(GamesCommand::SetWallet { name, wallet }) => serve::games_set_wallet(&settings, &name, &wallet),
         Command::Chain(cmd) => chain::run(cmd),
         Command::Claim(args) => chain::claim(args),
+        Command::Distill(args) => distill::run(args),
         Command::Keys(KeysCommand::New { out }) => {
             let identity = crate::crypto::identity::Identity::create(&out)?;
             eprintln!("wrote {} (keep it secret; it controls the payouts)", out.display());

@@ -89,7 +89,7 @@ pub async fn page() -> HttpResponse {
 /// `GET /admin/dashboard`: one snapshot of everything the page shows.
 pub async fn data(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     require_admin(&req, &state)?;
-    let live = state.distributor.send(ListNodes).await.unwrap_or_default();
+    let live = state.distributor.send(ListNodes).await.map_err(|e| unavailable(format!("the distributor: {e}")))?;
     let books = state.store.node_reports().await.map_err(unavailable)?;
     let nodes: Vec<serde_json::Value> = live
         .iter()

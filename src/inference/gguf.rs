@@ -301,6 +301,14 @@ impl GgufFile {
 /// Writes a GGUF v3 file holding only `metadata` (no tensors): protected model bundles
 /// carry their tokenizer and chat template this way.
 pub fn write_metadata_only(path: &Path, metadata: &BTreeMap<String, MetaValue>) -> Result<()> {
+    write_file(path, metadata, &[])
+}
+
+/// One f32 tensor to write: GGUF name, shape (row-major, outermost first), values.
+pub type F32Tensor = (String, Vec<usize>, Vec<f32>);
+
+/// Writes a GGUF v3 file with `metadata` and f32 `tensors` (distilled students).
+pub fn write_file(path: &Path, metadata: &BTreeMap<String, MetaValue>, tensors: &[F32Tensor]) -> Result<()> {
     fn string(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(&(s.len() as u64).to_le_bytes());
         out.extend_from_slice(s.as_bytes());
@@ -347,12 +355,36 @@ pub fn write_metadata_only(path: &Path, metadata: &BTreeMap<String, MetaValue>) 
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&3u32.to_le_bytes());
-    out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
     out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
     for (k, v) in metadata {
         string(&mut out, k);
         out.extend_from_slice(&kind(v).to_le_bytes());
         value(&mut out, v);
+    }
+    // Tensor infos (dimensions innermost first, as ggml orders them), then the data,
+    // each tensor at a 32-byte aligned offset.
+    let mut offset = 0u64;
+    for (name, shape, values) in tensors {
+        string(&mut out, name);
+        out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+        for &d in shape.iter().rev() {
+            out.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        out.extend_from_slice(&0u32.to_le_bytes()); // F32
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset += (values.len() as u64 * 4).div_ceil(32) * 32;
+    }
+    if !tensors.is_empty() {
+        while !out.len().is_multiple_of(32) {
+            out.push(0);
+        }
+        for (_, _, values) in tensors {
+            out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            while !out.len().is_multiple_of(32) {
+                out.push(0);
+            }
+        }
     }
     std::fs::write(path, out).map_err(|e| InferError::io(path, e))
 }

@@ -5,6 +5,7 @@
 //! - [`config`], [`llama`], [`kv_cache`]: the Llama-family transformer and its cache.
 //! - [`qlinear`], [`fbgemm`]: int8/int4 linear layers that keep weights packed in memory.
 //! - [`memory_plan`]: weights + KV cache per quantization and context, against a budget.
+//! - [`distill`]: trains a smaller student on a teacher's softened distributions.
 //! - [`eval`]: perplexity, greedy agreement and KL between a model and a compressed copy.
 //! - [`tokenizer`], [`chat_template`]: text in, ids in; ids out, text out.
 //! - [`sampling`]: a pure function of (logits, seed, position).
@@ -15,6 +16,7 @@
 pub mod chat_template;
 pub mod config;
 pub mod cuda;
+pub mod distill;
 pub mod engine;
 pub mod error;
 pub mod eval;

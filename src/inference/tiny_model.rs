@@ -129,8 +129,9 @@ fn weights(spec: &TinySpec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     out
 }
 
-/// llama.cpp's `permute(w, n_head)`: half-split rotary rows → interleaved pairs.
-fn permute_rotary(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+/// llama.cpp's `permute(w, n_head)`: half-split rotary rows to interleaved pairs (how GGUF
+/// stores Q and K).
+pub fn permute_rotary(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
     let half = rows / n_head / 2;
     let mut out = vec![0f32; w.len()];
     for h in 0..n_head {

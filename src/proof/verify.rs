@@ -49,7 +49,7 @@ impl Tolerances {
     pub fn for_quantization(self, quantization: &str) -> Self {
         match quantization {
             "int8" => Self {
-                max_value_error: self.max_value_error * 4.0,
+                max_value_error: self.max_value_error * 3.0,
                 min_index_overlap: self.min_index_overlap - 0.1,
                 ..self
             },

@@ -79,7 +79,10 @@ fn the_dashboard_shows_the_live_network_in_a_real_browser() {
     };
     assert!(dom.contains(&format!("data-address=\"{node_address}\"")), "node row missing:\n{dom}");
     assert!(dom.contains(MODEL), "model missing");
-    assert!(dom.contains("Cpu/Float/int8"), "device and quantization missing");
+    assert!(
+        dom.contains("Cpu/BFloat16/int4"),
+        "device, dtype and quantization missing (the CPU default is int4 in bf16)"
+    );
     assert!(dom.contains("data-outcome=\"verified\""), "verification outcomes missing");
     assert!(dom.contains("data-block="), "blocks missing");
     assert!(dom.contains(">serving<"), "node state missing");

@@ -5,6 +5,7 @@ mod cluster;
 mod configuration;
 mod dashboard;
 mod database;
+mod distill;
 mod faults;
 mod guides;
 mod helpers;

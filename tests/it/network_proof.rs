@@ -416,14 +416,14 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
             node: NodeKind::Binary(&["--capacity", "8", "--dtype", "f16", "--quantize", "none"]),
         },
         NetCase {
-            name: "honest int8 (the CPU default), batch 8",
+            name: "honest int8, batch 8",
             honest: true,
-            node: NodeKind::Binary(&["--capacity", "8"]),
+            node: NodeKind::Binary(&["--capacity", "8", "--quantize", "int8"]),
         },
         NetCase {
-            name: "honest int4, batch 8",
+            name: "honest int4 (the default), batch 8",
             honest: true,
-            node: NodeKind::Binary(&["--capacity", "8", "--quantize", "int4"]),
+            node: NodeKind::Binary(&["--capacity", "8"]),
         },
         NetCase {
             name: "another model, same shapes",
