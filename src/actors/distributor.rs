@@ -269,14 +269,16 @@ impl Handler<Submit> for Distributor {
             return Err(ServeError::NoNode(job.model));
         }
         let model = job.model.clone();
-        let queue_empty = self.queues.get(&model).is_none_or(VecDeque::is_empty);
-        let job = if queue_empty {
-            match self.try_dispatch(job) {
-                Ok(()) => return Ok(()),
-                Err(job) => job,
-            }
-        } else {
-            job
+        // Older jobs go first. What stays queued after that cannot use any node with room
+        // (a retry or a quality-check re-run excludes some nodes), so the new job may take
+        // one: behind a re-run waiting for a second node, it would otherwise wait for
+        // nothing until the queue timeout.
+        if self.queues.get(&model).is_some_and(|q| !q.is_empty()) {
+            self.drain_queues();
+        }
+        let job = match self.try_dispatch(job) {
+            Ok(()) => return Ok(()),
+            Err(job) => job,
         };
         if self.queues.get(&model).is_some_and(|q| q.len() >= self.config.queue_capacity) {
             return Err(ServeError::QueueFull { model, retry_after: QUEUE_FULL_RETRY_AFTER });

@@ -562,6 +562,27 @@ fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
     engine.shutdown();
 }
 
+/// A quality-check re-run waits in the queue for a second node; on a one-node network it
+/// must not hold up the requests that come after it (they used to wait for the queue
+/// timeout and get 503).
+#[test]
+fn a_rerun_waiting_for_a_second_node_does_not_hold_up_new_requests() {
+    let Some(path) = smollm2() else { return };
+    let config = verifier_config(&path)
+        .replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 0\nquality_check_rate = 1.0");
+    let mut cluster = Cluster::start(&config);
+    cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1"]);
+    cluster.wait_nodes(MODEL, 1);
+    for prompt in ["The dragon said", "The blacksmith said", "The innkeeper said"] {
+        let body = format!(r#"{{"model": "{MODEL}", "max_tokens": 8, "temperature": 0, "prompt": "{prompt}"}}"#);
+        let r = cluster.post("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{prompt}: {}\nserver log:\n{}", r.body, cluster.server.log_text());
+    }
+    // Each answer queued a re-run that no node may take (only the original's node exists).
+    let log = cluster.server.log_text();
+    assert_eq!(log.matches("quality check: re-running on another node").count(), 3, "{log}");
+}
+
 #[test]
 fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     let Some(path) = smollm2() else { return };
