@@ -93,7 +93,7 @@ fn memory_plan(config: &LlamaConfig, budget: u64, context: u64, batch: u64) -> s
             .iter()
             .flat_map(|&q| {
                 let kind = crate::inference::model::default_dtype_for(tch_device, q);
-                plan(config, &[q], kind, batch, context, budget)
+                plan(config, &[q], tch_device, kind, batch, context, budget)
             })
             .collect();
         for r in &rows {

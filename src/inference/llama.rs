@@ -11,8 +11,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::LlamaConfig;
 use super::error::Result;
+use super::int8_table::Int8Table;
 use super::kv_cache::KvCache;
-use super::qlinear::{Embedding, Linear, Quantization};
+use super::qlinear::{table_format, Embedding, Linear, Quantization, TableFormat};
 use super::weights::{place, WeightSource};
 
 /// Which positions of a forward pass need logits.
@@ -167,16 +168,21 @@ impl Llama {
         } else {
             embed_cpu.shallow_clone()
         };
-        // The output head decides between near-tied tokens: quantized to int8 or int4 it
-        // flipped SmolLM2's first answer token ("What is the capital of France?" lost
-        // "Paris"). Quantized models keep it, and the embedding it is tied to, in bf16.
-        let table_kind = if quantization == Quantization::None { kind } else { Kind::BFloat16 };
-        let embed = Embedding::new(embed_cpu, device, table_kind, kind)?;
+        // The output head decides between near-tied tokens: in int4 it flipped SmolLM2's
+        // first answer token ("What is the capital of France?" lost "Paris"). Quantized
+        // models keep it, and the embedding it may be tied to, in per-row int8 on CPU and
+        // bf16 on CUDA (`qlinear::table_format`).
+        let tables = table_format(quantization, device, d as i64);
+        let embed = Embedding::new(embed_cpu, device, tables, kind)?;
         let lm_head = if source.has("output.weight") {
-            Linear::new(lm_head_cpu, Quantization::None, device, table_kind)?
+            match tables {
+                TableFormat::Int8Rows => Linear::Int8Rows(Int8Table::quantize(&lm_head_cpu)?),
+                TableFormat::ModelDtype => Linear::new(lm_head_cpu, Quantization::None, device, kind)?,
+                TableFormat::BFloat16 => Linear::new(lm_head_cpu, Quantization::None, device, Kind::BFloat16)?,
+            }
         } else {
-            // Tied: one tensor serves both.
-            Linear::Dense(embed.table().shallow_clone())
+            // Tied: one table serves both.
+            embed.tied_head()
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         progress(0, c.num_layers);
@@ -215,8 +221,7 @@ impl Llama {
 
     /// Bytes of weights held in memory, embedding included (a tied head counted once).
     pub fn model_bytes(&self) -> usize {
-        let tied = matches!(&self.lm_head, Linear::Dense(l) if l.data_ptr() == self.embed.table().data_ptr());
-        self.weight_bytes() + if tied { 0 } else { self.embed.bytes() }
+        self.weight_bytes() + if self.embed.is_shared_with(&self.lm_head) { 0 } else { self.embed.bytes() }
     }
 
     fn ids(&self, values: &[i64]) -> Result<Tensor> {

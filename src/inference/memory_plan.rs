@@ -2,14 +2,15 @@
 //! length, and whether it fits a budget (`ludus model inspect PATH --budget 8GiB`).
 //!
 //! The estimate follows what [`super::llama::Llama::load_quantized`] allocates: linear
-//! layers at [`Quantization::bytes_per_weight`], the embedding and output head in the
-//! model dtype (bf16 under a quantization), norms in the model dtype, and a KV cache of
-//! `batch × context` tokens in the model dtype, plus the runtime's own footprint.
+//! layers at [`Quantization::bytes_per_weight`], the embedding and output head as
+//! [`table_format`] stores them (the model dtype; under a quantization, per-row int8 on
+//! CPU and bf16 on CUDA), norms in the model dtype, and a KV cache of `batch × context`
+//! tokens in the model dtype, plus the runtime's own footprint.
 
-use tch::Kind;
+use tch::{Device, Kind};
 
 use super::config::LlamaConfig;
-use super::qlinear::Quantization;
+use super::qlinear::{table_format, Quantization, TableFormat};
 
 /// Resident memory of the runtime with no model: libtorch, the tokenizer, the server
 /// link (measured: 115 MiB on CPU, docs/lightweight-models.md). A CUDA context adds
@@ -30,8 +31,9 @@ pub struct PlanRow {
     pub max_context_in_budget: u64,
 }
 
-/// Bytes of weights for `config` stored as `quantization`, other tensors in `kind`.
-pub fn weight_bytes(config: &LlamaConfig, quantization: Quantization, kind: Kind) -> u64 {
+/// Bytes of weights for `config` stored as `quantization` on `device`, other tensors in
+/// `kind`.
+pub fn weight_bytes(config: &LlamaConfig, quantization: Quantization, device: Device, kind: Kind) -> u64 {
     let c = config;
     let (d, f, hd) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim as u64);
     let linear_per_layer = d * hd * (2 * c.num_heads as u64 + 2 * c.num_kv_heads as u64) + 3 * d * f;
@@ -40,10 +42,14 @@ pub fn weight_bytes(config: &LlamaConfig, quantization: Quantization, kind: Kind
     let per_weight = quantization.bytes_per_weight(kind);
     let linear = (linear_per_layer * c.num_layers as u64) as f64 * per_weight;
     let norms = (2 * d * c.num_layers as u64 + d) * elt;
-    // The embedding and the output head stay in the model dtype, or bf16 under a
-    // quantization (a quantized head flips near-tied tokens); a tied head shares it.
-    let table = if quantization == Quantization::None { elt } else { 2 };
-    let (embed, out) = (head * table, if c.tie_word_embeddings { 0 } else { head * table });
+    // A tied head shares the embedding's table.
+    let table = match table_format(quantization, device, d as i64) {
+        TableFormat::ModelDtype => head * elt,
+        TableFormat::BFloat16 => head * 2,
+        // One byte per weight and a bf16 scale per row.
+        TableFormat::Int8Rows => head + 2 * c.vocab_size as u64,
+    };
+    let (embed, out) = (table, if c.tie_word_embeddings { 0 } else { table });
     linear as u64 + norms + embed + out
 }
 
@@ -61,10 +67,11 @@ pub fn quantizations_for(cuda: bool) -> &'static [Quantization] {
     }
 }
 
-/// Plans each of `quantizations` for a device's dtype.
+/// Plans each of `quantizations` for a device and its dtype.
 pub fn plan(
     config: &LlamaConfig,
     quantizations: &[Quantization],
+    device: Device,
     kind: Kind,
     batch: u64,
     context: u64,
@@ -74,7 +81,7 @@ pub fn plan(
         .iter()
         .copied()
         .map(|q| {
-            let weights = weight_bytes(config, q, kind);
+            let weights = weight_bytes(config, q, device, kind);
             let kv = kv_cache_bytes(config, kind, batch, context);
             let total = RUNTIME_BYTES + weights + kv;
             let per_token = kv_cache_bytes(config, kind, batch, 1).max(1);
@@ -140,7 +147,7 @@ mod tests {
     fn an_8b_model_fits_8_gib_only_in_int4() {
         let gib = 1u64 << 30;
         let all = [Quantization::None, Quantization::Int8, Quantization::Int4];
-        let rows = plan(&llama3_8b(), &all, Kind::BFloat16, 1, 8192, 8 * gib);
+        let rows = plan(&llama3_8b(), &all, Device::Cuda(0), Kind::BFloat16, 1, 8192, 8 * gib);
         let by = |q| rows.iter().find(|r| r.quantization == q).unwrap();
         // 8.03 B parameters: about 16 GB in bf16, 8 GB in int8, under 5 GB in int4.
         assert!(by(Quantization::None).weight_bytes > 14 * gib); // 16.06 GB
@@ -154,7 +161,7 @@ mod tests {
         assert!(int4.max_context_in_budget > 8192);
         // Measured on an H100 (docs/device/h100-int4-check.json): 4.867 GiB for every
         // linear layer and the head in int4 (0.306 GiB) plus an int8 embedding
-        // (0.489 GiB); the engine keeps the embedding and the head in bf16 instead. The
+        // (0.489 GiB); on CUDA the engine keeps the embedding and the head in bf16. The
         // plan must agree within 2 %.
         let bf16_tables = 2.0 * 128_256.0 * 4096.0 * 2.0;
         let measured = (4.867 - 0.4893 - 0.3058) * gib as f64 + bf16_tables;
@@ -162,9 +169,20 @@ mod tests {
     }
 
     #[test]
+    fn quantized_vocabulary_tables_are_int8_on_cpu_and_bf16_on_cuda() {
+        let c = llama3_8b();
+        let table = c.vocab_size as u64 * c.hidden_size as u64;
+        let cpu = weight_bytes(&c, Quantization::Int4, Device::Cpu, Kind::BFloat16);
+        let cuda = weight_bytes(&c, Quantization::Int4, Device::Cuda(0), Kind::BFloat16);
+        // Untied: the embedding and the head each save a byte per weight, less a bf16
+        // scale per row.
+        assert_eq!(cuda - cpu, 2 * (table - 2 * c.vocab_size as u64));
+    }
+
+    #[test]
     fn weights_match_the_parameter_count_when_unquantized() {
         let c = llama3_8b();
-        assert_eq!(weight_bytes(&c, Quantization::None, Kind::Float), c.num_parameters() as u64 * 4);
+        assert_eq!(weight_bytes(&c, Quantization::None, Device::Cpu, Kind::Float), c.num_parameters() as u64 * 4);
     }
 
     #[test]

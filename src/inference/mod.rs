@@ -3,7 +3,8 @@
 //!
 //! - [`gguf`], [`safetensors`], [`quant`], [`weights`]: read checkpoints and dequantize.
 //! - [`config`], [`llama`], [`kv_cache`]: the Llama-family transformer and its cache.
-//! - [`qlinear`], [`fbgemm`]: int8/int4 linear layers that keep weights packed in memory.
+//! - [`qlinear`], [`fbgemm`], [`int8_table`]: int8/int4 linear layers and vocabulary
+//!   tables that keep weights packed in memory.
 //! - [`memory_plan`]: weights + KV cache per quantization and context, against a budget.
 //! - [`distill`]: trains a smaller student on a teacher's softened distributions.
 //! - [`eval`]: perplexity, greedy agreement and KL between a model and a compressed copy.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod eval;
 pub mod fbgemm;
 pub mod gguf;
+pub mod int8_table;
 pub mod kv_cache;
 pub mod llama;
 pub mod memory_plan;

@@ -18,6 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::error::{InferError, Result};
 use super::fbgemm::PackedInt8;
+use super::int8_table::Int8Table;
 
 /// Weights per int4 scale/zero pair.
 pub const INT4_GROUP: i64 = 32;
@@ -35,8 +36,8 @@ pub enum Quantization {
 
 impl Quantization {
     /// The default for a device: int4 on both. On the default Q4_1 model it is lossless
-    /// (KL 0.0006 to f32; the file's codes come back exactly), faster than int8 on CPU
-    /// (103 vs 96 tok/s here) and smallest; int8 flipped a near-tied first token of a
+    /// (KL 0.002 to f32; the file's codes come back exactly), faster than int8 on CPU
+    /// (121 vs 115 tok/s here) and smallest; int8 flipped a near-tied first token of a
     /// simple question (docs/lightweight-models.md). On CUDA it is what fits 8B in 8 GB.
     pub fn default_for(_device: Device) -> Self {
         Self::Int4
@@ -81,6 +82,8 @@ pub enum Linear {
     Dense(Tensor),
     Int8Cpu(PackedInt8),
     Int4(Int4Weight),
+    /// Weight-only int8, one scale per row: a quantized model's output head on CPU.
+    Int8Rows(Int8Table),
 }
 
 /// Group-wise int4 weights in libtorch's packed layout.
@@ -114,10 +117,11 @@ impl Linear {
         let kind = x.kind();
         Ok(match self {
             Self::Dense(w) if w.kind() == kind => x.f_linear::<Tensor>(w, None)?,
-            // A bf16 table under an f32 model (quantized models keep their head in bf16).
+            // A bf16 table under an f32 model (quantized models on CUDA keep their head in bf16).
             Self::Dense(w) => x.f_to_kind(w.kind())?.f_linear::<Tensor>(w, None)?.f_to_kind(kind)?,
             Self::Int8Cpu(p) => p.matmul_t(&x.f_to_kind(Kind::Float)?)?.f_to_kind(kind)?,
             Self::Int4(w) => w.matmul_t(x)?.f_to_kind(kind)?,
+            Self::Int8Rows(t) => t.matmul_t(x)?.f_to_kind(kind)?,
         })
     }
 
@@ -135,6 +139,7 @@ impl Linear {
             Self::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
             Self::Int8Cpu(p) => p.bytes(),
             Self::Int4(w) => w.bytes(),
+            Self::Int8Rows(t) => t.bytes(),
         }
     }
 }
@@ -229,30 +234,75 @@ pub fn int4_dequantize(codes: &Tensor, scales: &Tensor, zeros: &Tensor) -> Resul
     Ok(w.f_reshape([out_features, in_features])?)
 }
 
-/// The token embedding: a dense table (the model dtype, or bf16 under a quantized model,
-/// shared with a tied output head), whose rows come out in the model dtype.
-pub struct Embedding {
-    table: Tensor,
-    out: Kind,
+/// How a quantized model stores its vocabulary tables (embedding and output head).
+pub fn table_format(quantization: Quantization, device: Device, hidden: i64) -> TableFormat {
+    match quantization {
+        Quantization::None => TableFormat::ModelDtype,
+        _ if Int8Table::supports(device, hidden) => TableFormat::Int8Rows,
+        _ => TableFormat::BFloat16,
+    }
+}
+
+/// See [`table_format`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableFormat {
+    /// Unquantized models.
+    ModelDtype,
+    /// Quantized models on CPU ([`Int8Table`]).
+    Int8Rows,
+    /// Quantized models on CUDA, or tables the int8 kernel cannot take.
+    BFloat16,
+}
+
+/// The token embedding, whose rows come out in the model dtype: a dense table (the model
+/// dtype, or bf16), or an [`Int8Table`]; a tied output head shares it.
+pub enum Embedding {
+    Dense { table: Tensor, out: Kind },
+    Int8 { table: Int8Table, out: Kind },
 }
 
 impl Embedding {
-    pub fn new(weight: Tensor, device: Device, table_kind: Kind, out: Kind) -> Result<Self> {
-        Ok(Self { table: weight.f_to_device(device)?.f_to_kind(table_kind)?.f_contiguous()?, out })
+    pub fn new(weight: Tensor, device: Device, format: TableFormat, kind: Kind) -> Result<Self> {
+        Ok(match format {
+            TableFormat::Int8Rows => Self::Int8 { table: Int8Table::quantize(&weight)?, out: kind },
+            TableFormat::ModelDtype | TableFormat::BFloat16 => {
+                let table_kind = if format == TableFormat::ModelDtype { kind } else { Kind::BFloat16 };
+                let table = weight.f_to_device(device)?.f_to_kind(table_kind)?.f_contiguous()?;
+                Self::Dense { table, out: kind }
+            }
+        })
     }
 
     /// The rows of `ids` in the model dtype.
     pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.table.f_index_select(0, ids)?.f_to_kind(self.out)?)
+        match self {
+            Self::Dense { table, out } => Ok(table.f_index_select(0, ids)?.f_to_kind(*out)?),
+            Self::Int8 { table, out } => table.rows(ids, *out),
+        }
     }
 
     pub fn bytes(&self) -> usize {
-        self.table.numel() * self.table.kind().elt_size_in_bytes()
+        match self {
+            Self::Dense { table, .. } => table.numel() * table.kind().elt_size_in_bytes(),
+            Self::Int8 { table, .. } => table.bytes(),
+        }
     }
 
-    /// The table, which a tied output head shares.
-    pub fn table(&self) -> &Tensor {
-        &self.table
+    /// An output head sharing this table (tied embeddings).
+    pub fn tied_head(&self) -> Linear {
+        match self {
+            Self::Dense { table, .. } => Linear::Dense(table.shallow_clone()),
+            Self::Int8 { table, .. } => Linear::Int8Rows(table.share()),
+        }
+    }
+
+    /// Whether `head` reads this table's storage.
+    pub fn is_shared_with(&self, head: &Linear) -> bool {
+        match (self, head) {
+            (Self::Dense { table, .. }, Linear::Dense(w)) => w.data_ptr() == table.data_ptr(),
+            (Self::Int8 { table, .. }, Linear::Int8Rows(t)) => t.data_ptr() == table.data_ptr(),
+            _ => false,
+        }
     }
 }
 
