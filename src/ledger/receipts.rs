@@ -148,6 +148,12 @@ impl Store {
         }
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
+        // A verdict recorded while this block commits must land on its receipt. SHARE mode
+        // waits for verdict transactions in flight (so the copy below sees them) and holds
+        // new ones back until this block is visible (so their update finds the receipt).
+        // Taken first, and `record_verification` writes `verifications` first, so neither
+        // side waits while holding another lock: no deadlock.
+        tx.batch_execute("LOCK TABLE verifications IN SHARE MODE").await?;
         tx.batch_execute(CREATE_INCOMING).await?;
         let sink = tx.copy_in::<_, Bytes>("COPY incoming_receipts FROM STDIN").await?;
         let mut sink = Box::pin(sink);

@@ -22,6 +22,8 @@ impl Store {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let task_i = task as i64;
+        // First statement, so that a block commit's SHARE lock on this table is the only
+        // thing it can wait for (see `commit_block`).
         let new = tx
             .execute(
                 "INSERT INTO verifications (task_id, node_address, outcome, detail) VALUES ($1, $2, $3, $4)
