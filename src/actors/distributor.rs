@@ -171,25 +171,33 @@ impl Distributor {
     fn drain_queues(&mut self) {
         let models: Vec<String> = self.queues.keys().cloned().collect();
         for model in models {
-            // A retried job may only fit on some nodes: keep scanning past it, in order.
-            let Some(queue) = self.queues.remove(&model) else { continue };
-            let mut kept = VecDeque::with_capacity(queue.len());
-            for job in queue {
-                if job.cancelled() {
-                    continue;
-                }
-                let room = self.nodes.values().any(|n| n.stats.has_room() && n.models.contains(&model));
-                if !room {
-                    kept.push_back(job);
-                    continue;
-                }
-                if let Err(job) = self.try_dispatch(job) {
-                    kept.push_back(job);
-                }
+            self.drain_queue(&model);
+        }
+    }
+
+    /// [`Self::drain_queues`] for one model's queue.
+    fn drain_queue(&mut self, model: &str) {
+        // A retried job may only fit on some nodes: keep scanning past it, in order.
+        let Some(queue) = self.queues.remove(model) else { return };
+        let mut kept = VecDeque::with_capacity(queue.len());
+        let mut room = true;
+        for job in queue {
+            if job.cancelled() {
+                continue;
             }
-            if !kept.is_empty() {
-                self.queues.insert(model, kept);
+            // Room only shrinks during a drain: once no node has any, the rest of the queue
+            // stays as it is without a check each.
+            room = room && self.nodes.values().any(|n| n.stats.has_room() && n.models.iter().any(|m| m == model));
+            if !room {
+                kept.push_back(job);
+                continue;
             }
+            if let Err(job) = self.try_dispatch(job) {
+                kept.push_back(job);
+            }
+        }
+        if !kept.is_empty() {
+            self.queues.insert(model.to_string(), kept);
         }
     }
 
@@ -274,7 +282,7 @@ impl Handler<Submit> for Distributor {
         // one: behind a re-run waiting for a second node, it would otherwise wait for
         // nothing until the queue timeout.
         if self.queues.get(&model).is_some_and(|q| !q.is_empty()) {
-            self.drain_queues();
+            self.drain_queue(&model);
         }
         let job = match self.try_dispatch(job) {
             Ok(()) => return Ok(()),

@@ -15,13 +15,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::error::{InferError, Result};
 
-/// Rows at or above which the head is multiplied by dequantized chunks instead: the
-/// int8 kernel's cost grows with every row, a bf16 GEMM's much more slowly (at 256 rows
-/// 53 ms against 47 ms for dequantizing and multiplying, measured here).
-const KERNEL_MAX_ROWS: i64 = 128;
-/// Vocabulary rows dequantized at once on the chunked path (about 5 MiB of bf16 for a
-/// 576-wide model).
-const CHUNK_ROWS: i64 = 4096;
+/// Vocabulary rows quantized at once (9 MiB of f32 temporaries for a 576-wide table).
+const QUANTIZE_ROWS: i64 = 4096;
 
 /// Per-row int8 weights `[rows, cols]` and their bf16 scales `[rows]`.
 pub struct Int8Table {
@@ -47,15 +42,25 @@ impl Int8Table {
                 weight.device()
             )));
         }
-        let w = weight.f_to_kind(Kind::Float)?;
-        let max = w.f_abs()?.f_amax([1].as_slice(), true)?.f_clamp_min(1e-12)?;
-        // Round the scale up to a bf16 value, then quantize against exactly that value.
-        let scales = max.f_div_scalar(127.0)?.f_to_kind(Kind::BFloat16)?;
-        let exact = scales.f_to_kind(Kind::Float)?;
-        let scales = scales.f_where_self(&exact.f_ge_tensor(&max.f_div_scalar(127.0)?)?, &next_bf16_up(&exact)?)?;
-        let exact = scales.f_to_kind(Kind::Float)?;
-        let codes = w.f_div(&exact)?.f_round()?.f_clamp(-127, 127)?.f_to_kind(Kind::Int8)?.f_contiguous()?;
-        Ok(Self { codes, scales: scales.f_squeeze_dim(1)?.f_contiguous()? })
+        // Row blocks, so that the f32 temporaries stay small next to a large vocabulary
+        // (Llama 3's table is 2 GiB in f32).
+        let rows = weight.size()[0];
+        let codes = Tensor::f_empty([rows, cols], (Kind::Int8, Device::Cpu))?;
+        let mut scales = Vec::new();
+        for start in (0..rows).step_by(QUANTIZE_ROWS as usize) {
+            let len = QUANTIZE_ROWS.min(rows - start);
+            let w = weight.f_narrow(0, start, len)?.f_to_kind(Kind::Float)?;
+            let limit = w.f_abs()?.f_amax([1].as_slice(), true)?.f_clamp_min(1e-12)?.f_div_scalar(127.0)?;
+            // Round the scale up to a bf16 value, then quantize against exactly that value.
+            let nearest = limit.f_to_kind(Kind::BFloat16)?;
+            let exact = nearest.f_to_kind(Kind::Float)?;
+            let scale = nearest.f_where_self(&exact.f_ge_tensor(&limit)?, &next_bf16_up(&exact)?)?;
+            let block = w.f_div(&scale.f_to_kind(Kind::Float)?)?.f_round_()?.f_clamp_(-127, 127)?;
+            codes.f_narrow(0, start, len)?.f_copy_(&block)?;
+            scales.push(scale);
+        }
+        let scales = Tensor::f_cat(&scales, 0)?.f_squeeze_dim(1)?.f_contiguous()?;
+        Ok(Self { codes, scales })
     }
 
     /// Both tensors shared, not copied: a tied head and the embedding hold one table.
@@ -70,21 +75,14 @@ impl Int8Table {
         Ok(codes.f_mul(&scales)?.f_to_kind(kind)?)
     }
 
-    /// `x W^T` for `x` of shape `[n, cols]`, in bf16; the caller converts.
+    /// `x W^T` for `x` of shape `[n, cols]`, in bf16; the caller converts. Always the
+    /// kernel, whatever `n`: its rows do not depend on the others (checked for 1 to 127
+    /// rows and one by one), so a node decoding a token alone and a verifier prefilling
+    /// a whole completion compute the same logits. (A bf16 GEMM over dequantized chunks
+    /// is about as fast at 256 rows, 47 against 53 ms here, but rounds differently.)
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.f_to_kind(Kind::BFloat16)?.f_contiguous()?;
-        if x.size()[0] < KERNEL_MAX_ROWS {
-            return Ok(x.f_internal_weight_int8pack_mm(&self.codes, &self.scales)?);
-        }
-        let rows = self.codes.size()[0];
-        let mut parts = Vec::with_capacity(((rows + CHUNK_ROWS - 1) / CHUNK_ROWS) as usize);
-        for start in (0..rows).step_by(CHUNK_ROWS as usize) {
-            let len = CHUNK_ROWS.min(rows - start);
-            let w = self.codes.f_narrow(0, start, len)?.f_to_kind(Kind::BFloat16)?;
-            let w = w.f_mul(&self.scales.f_narrow(0, start, len)?.f_unsqueeze(1)?)?;
-            parts.push(x.f_linear::<Tensor>(&w, None)?);
-        }
-        Ok(Tensor::f_cat(&parts, 1)?)
+        Ok(x.f_internal_weight_int8pack_mm(&self.codes, &self.scales)?)
     }
 
     pub fn bytes(&self) -> usize {
@@ -121,10 +119,12 @@ mod tests {
 
     #[test]
     fn codes_stay_within_half_a_step_of_the_weight() {
-        let w = weight(300, 64);
+        // More rows than one quantization block.
+        let rows = QUANTIZE_ROWS + 300;
+        let w = weight(rows, 64);
         let t = Int8Table::quantize(&w).unwrap();
         assert_eq!(t.codes.kind(), Kind::Int8);
-        assert_eq!(t.bytes(), 300 * 64 + 300 * 2);
+        assert_eq!(t.bytes() as i64, rows * 64 + rows * 2);
         let step = t.scales.to_kind(Kind::Float).unsqueeze(1);
         let err = (dequantized(&t) - &w).abs() / &step;
         let worst = err.max().double_value(&[]);
@@ -141,13 +141,16 @@ mod tests {
         let ids = Tensor::from_slice(&[0i64, 1000, 17, 17]);
         let rows = t.rows(&ids, Kind::Float).unwrap();
         assert!(rows.allclose(&reference.index_select(0, &ids), 1e-6, 1e-6, false));
-        for n in [1, 5, KERNEL_MAX_ROWS + 3] {
-            let x = Tensor::randn([n, 96], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-            let y = t.matmul_t(&x).unwrap().to_kind(Kind::Float);
-            let want = x.to_kind(Kind::Float).matmul(&reference.tr());
-            assert_eq!(y.size(), [n, 1001]);
-            let rel = (y - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
-            assert!(rel < 1e-2, "{n} rows: relative error {rel}");
+        let x = Tensor::randn([200, 96], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let all = t.matmul_t(&x).unwrap();
+        assert_eq!(all.size(), [200, 1001]);
+        let want = x.to_kind(Kind::Float).matmul(&reference.tr());
+        let rel = (all.to_kind(Kind::Float) - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+        assert!(rel < 1e-2, "relative error {rel}");
+        // A row comes out bit for bit the same alone as among 200 (node decode vs verifier).
+        for row in [0i64, 57, 199] {
+            let alone = t.matmul_t(&x.narrow(0, row, 1)).unwrap();
+            assert!(alone.equal(&all.narrow(0, row, 1)), "row {row} differs alone");
         }
     }
 

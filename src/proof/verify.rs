@@ -19,7 +19,8 @@ use crate::inference::sampling::{apply_penalties, candidates, gumbel, sample, To
 use crate::inference::{InferError, Model, SamplingParams};
 
 /// How much wider (for the node's token) and narrower (for the reference's pick) a
-/// top-p nucleus may be in another dtype; min-p and top-k get a factor of 2.
+/// top-p nucleus may be in another dtype. min-p gets a factor of 2 both ways; top-k is
+/// doubled for the node's token and loses its last rank for the reference's pick.
 const NUCLEUS_SLACK: f32 = 0.05;
 
 /// Rows per verification prefill chunk (bounds the logits held at once).
@@ -33,7 +34,8 @@ pub struct Tolerances {
     /// Smallest share of committed indices that must be in the recomputed top-k.
     pub min_index_overlap: f32,
     /// Largest score gap (scaled logit + Gumbel noise; logits when greedy) between the
-    /// verifier's pick and the node's token for which a different token is a near-tie.
+    /// best token the node could surely have picked and the node's token, for which a
+    /// different token is a near-tie ([`tie_margin`]).
     pub max_tie_margin: f32,
 }
 
@@ -121,7 +123,8 @@ fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: 
     let tightened = SamplingParams {
         top_p: if params.top_p < 1.0 { (params.top_p - NUCLEUS_SLACK).max(0.0) } else { 1.0 },
         min_p: (params.min_p * 2.0).min(1.0),
-        top_k: if params.top_k > 0 { (params.top_k / 2).max(1) } else { 0 },
+        // Only the last rank can be in one nucleus and not the other.
+        top_k: if params.top_k > 0 { (params.top_k - 1).max(1) } else { 0 },
         ..params.clone()
     };
     let scored = |p: &SamplingParams| -> Vec<(u32, f64)> {
@@ -286,6 +289,21 @@ mod tests {
         assert_eq!(tie_margin(&logits, &nucleus, 7, 0, 2), f32::INFINITY);
         let gap = tie_margin(&logits, &SamplingParams { top_p: 1.0, ..nucleus.clone() }, 7, 0, 1);
         assert!(gap.is_finite());
+    }
+
+    /// top-k 3: ranks 1 and 2 are in any honest node's nucleus. Where the seeded draw picks
+    /// rank 2 by a wide margin, a node answering rank 1 (greedy) is a mismatch.
+    #[test]
+    fn the_narrowed_nucleus_still_binds_the_ranks_every_node_has() {
+        let logits = [2.0f32, 1.9, 1.8, -4.0];
+        let params = SamplingParams { temperature: 1.0, top_k: 3, seed: 5, ..Default::default() };
+        let position = (0..10_000u64)
+            .find(|&p| sample(&logits, &params, p) == 1 && gumbel(5, p, 1) + 1.9 > gumbel(5, p, 0) + 2.0 + 2.5)
+            .expect("a draw where the reference picks rank 2 by a wide Gumbel margin");
+        assert!(tie_margin(&logits, &params, position, 1, 0) > 2.5);
+        // min-p 1.0 (after narrowing) keeps the best token: a greedy pick there is no ∞.
+        let strict = SamplingParams { temperature: 1.0, min_p: 0.6, seed: 5, ..Default::default() };
+        assert!(tie_margin(&logits, &strict, position, 1, 0).is_finite());
     }
 
     /// softmax([2, 1, 0]) = [0.665, 0.245, 0.090]: with top-p 0.7 the reference's nucleus is
