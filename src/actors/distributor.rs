@@ -219,6 +219,14 @@ impl Distributor {
             });
         }
         self.queues.retain(|_, q| !q.is_empty());
+        // A quarantine that ran out gives its node back to the queued work (nothing else
+        // would wake the queue if that node is the only one serving the model).
+        let now = Instant::now();
+        let quarantined = self.quarantined.len();
+        self.quarantined.retain(|_, until| *until > now);
+        if self.quarantined.len() < quarantined {
+            self.drain_queues();
+        }
     }
 
     /// During a graceful shutdown, once no job runs, tell every node goodbye so the HTTP

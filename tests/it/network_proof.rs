@@ -165,6 +165,41 @@ fn a_node_that_edits_a_token_is_caught_quarantined_and_unpaid() {
     engine.shutdown();
 }
 
+/// A request that arrives while the only node serving its model is quarantined waits in
+/// the queue, and goes to that node once the quarantine runs out (it used to wait for an
+/// unrelated event, or time out).
+#[test]
+fn queued_work_goes_to_a_node_whose_quarantine_ran_out() {
+    let Some(path) = smollm2() else { return };
+    let config = verifier_config(&path).replace("quarantine_s = 60", "quarantine_s = 2");
+    let cluster = Cluster::start(&config);
+    let (model, engine) = liar_model(&path);
+    let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Name a river."}]}"#;
+    let post = |cluster: &Cluster| {
+        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+        std::thread::spawn(move || {
+            super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes()).status
+        })
+    };
+    let system = actix_rt::System::new();
+    let mut rogue = system.block_on(Rogue::join(&cluster.addr, MODEL));
+    let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
+    let first = post(&cluster);
+    let task = system.block_on(rogue.next_task(Duration::from_secs(20))).expect("the rogue gets the task");
+    let mut last = None;
+    system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
+    assert_eq!(first.join().unwrap(), 200);
+    let started = std::time::Instant::now();
+    while !cluster.server.log_text().contains("node quarantined") {
+        assert!(started.elapsed() < Duration::from_secs(30), "the rogue was never quarantined");
+        system.block_on(rogue.idle(&mut [], Duration::from_millis(100)));
+    }
+    let _second = post(&cluster);
+    let task = system.block_on(rogue.next_task(Duration::from_secs(8)));
+    assert!(task.is_some(), "the queued request never reached the node after its quarantine");
+    engine.shutdown();
+}
+
 /// How a protocol-level liar cheats.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Lie {
