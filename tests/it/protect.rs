@@ -140,5 +140,9 @@ fn protected_smollm2_answers_exactly_like_the_original() {
         "Count from one to five.",
     ];
     let prompts: Vec<_> = topics.iter().map(|p| chat(p)).collect();
-    check_protection(&path, &prompts, 0.05, 16);
+    // For a secret Haar rotation Q, cos(W, W·Q) is 0 on average, with a spread that grows
+    // as W's energy concentrates in few directions (the embedding's shared mean direction,
+    // for one). Over keys the worst of SmolLM2's 211 matrices measured 0.008 to 0.054, and
+    // a limit of 0.05 failed one CI run in about ten; an unprotected matrix gives 1.
+    check_protection(&path, &prompts, 0.1, 16);
 }
