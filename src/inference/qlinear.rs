@@ -345,12 +345,17 @@ mod tests {
         }
     }
 
+    /// `x W^T` with `W` quantized to int4 and dequantized again, in f32.
+    fn int4_reference(w: &Tensor, x: &Tensor) -> Tensor {
+        let (codes, scales, zeros) = int4_codes(w).unwrap();
+        x.linear::<Tensor>(&int4_dequantize(&codes, &scales, &zeros).unwrap(), None)
+    }
+
     #[test]
     fn int4_matches_its_dequantized_reference() {
         let w = random(&[64, 128], 3);
         let x = random(&[3, 128], 4);
-        let (codes, scales, zeros) = int4_codes(&w).unwrap();
-        let reference = x.linear::<Tensor>(&int4_dequantize(&codes, &scales, &zeros).unwrap(), None);
+        let reference = int4_reference(&w, &x);
         let int4 = Linear::new(w.shallow_clone(), Quantization::Int4, Device::Cpu, Kind::Float).unwrap();
         let y = int4.forward(&x).unwrap();
         assert_eq!(y.kind(), Kind::Float);
@@ -383,8 +388,7 @@ mod tests {
     fn int4_pads_an_odd_number_of_rows() {
         let w = random(&[275, 64], 6);
         let x = random(&[2, 64], 7);
-        let (codes, scales, zeros) = int4_codes(&w).unwrap();
-        let reference = x.linear::<Tensor>(&int4_dequantize(&codes, &scales, &zeros).unwrap(), None);
+        let reference = int4_reference(&w, &x);
         let y = Linear::new(w, Quantization::Int4, Device::Cpu, Kind::Float).unwrap().forward(&x).unwrap();
         assert_eq!(y.size(), [2, 275]);
         assert!(rel_err(&y, &reference) < 0.01);

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use ludus::ledger::cluster::PrivateCluster;
-use ludus::ledger::Store;
+use ludus::ledger::{Receipt, Store, Units};
 
 static CLUSTER: OnceLock<PrivateCluster> = OnceLock::new();
 static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
@@ -48,4 +48,21 @@ pub fn numbers(store: &Store, sql: &str) -> Vec<i64> {
         let rows = conn.query(sql, &[]).await.unwrap();
         rows.first().map(|r| (0..r.len()).map(|i| r.get::<_, i64>(i)).collect()).unwrap_or_default()
     })
+}
+
+/// A minimal receipt of `task` for `game`, served by `node` (1 + 1 tokens, price 5).
+pub fn small_receipt(task: u64, game: i64, node: &str) -> Receipt {
+    Receipt {
+        task,
+        game_id: game,
+        node: node.to_string(),
+        model: "fake".into(),
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        price: Units(5),
+        latency_ms: 1,
+        output_hash: [0; 32],
+        receipt_hash: ludus::crypto::identity::keccak(&task.to_be_bytes()),
+        signature: vec![0; 65],
+    }
 }

@@ -25,6 +25,11 @@ fn verifier_config(path: &std::path::Path) -> String {
     format!("[verifier]\nmodels = {{ \"{MODEL}\" = \"{}\" }}\nsample_rate = 1.0\nquarantine_s = 60\n", path.display())
 }
 
+/// No sampled checks at all: every task gets a quality-check re-run instead.
+fn quality_checks_only(path: &std::path::Path) -> String {
+    verifier_config(path).replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 0\nquality_check_rate = 1.0")
+}
+
 #[test]
 fn honest_node_tasks_are_verified() {
     honest_node_is_verified("none");
@@ -603,8 +608,7 @@ fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
 #[test]
 fn a_rerun_waiting_for_a_second_node_does_not_hold_up_new_requests() {
     let Some(path) = smollm2() else { return };
-    let config = verifier_config(&path)
-        .replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 0\nquality_check_rate = 1.0");
+    let config = quality_checks_only(&path);
     let mut cluster = Cluster::start(&config);
     cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1"]);
     cluster.wait_nodes(MODEL, 1);
@@ -621,9 +625,8 @@ fn a_rerun_waiting_for_a_second_node_does_not_hold_up_new_requests() {
 #[test]
 fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     let Some(path) = smollm2() else { return };
-    // No sampled checks at all: only the quality-check re-run can catch the rogue.
-    let config = verifier_config(&path)
-        .replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 0\nquality_check_rate = 1.0");
+    // Only the quality-check re-run can catch the rogue.
+    let config = quality_checks_only(&path);
     let mut cluster = Cluster::start(&config);
     let (model, engine) = liar_model(&path);
     let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Name three rivers."}]}"#;

@@ -468,7 +468,6 @@ fn games_are_managed_from_the_cli_with_clear_errors() {
 /// a failed one makes it unpayable).
 #[test]
 fn a_verdict_racing_its_receipts_block_still_lands_on_the_receipt() {
-    use ludus::ledger::{Receipt, Units};
     let store = super::database::open(&super::database::fresh_database());
     let (game, _) = block_on(store.add_game("racer", 1000, 1_000_000)).unwrap();
     let node = Identity::generate().address.to_string();
@@ -477,19 +476,7 @@ fn a_verdict_racing_its_receipts_block_still_lands_on_the_receipt() {
         let runtime = tokio::runtime::Handle::current();
         let mut writers = Vec::new();
         for task in 1..=TASKS {
-            let receipt = Receipt {
-                task,
-                game_id: game,
-                node: node.clone(),
-                model: "fake".into(),
-                prompt_tokens: 1,
-                completion_tokens: 1,
-                price: Units(5),
-                latency_ms: 1,
-                output_hash: [0; 32],
-                receipt_hash: ludus::crypto::identity::keccak(&task.to_be_bytes()),
-                signature: vec![0; 65],
-            };
+            let receipt = super::database::small_receipt(task, game, &node);
             let (s1, s2, n) = (store.clone(), store.clone(), node.clone());
             writers.push(runtime.spawn(async move { s1.commit_block(&[receipt], "0xee").await.map(|_| ()) }));
             writers.push(

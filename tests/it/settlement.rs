@@ -23,7 +23,7 @@ use ludus::ledger::{Receipt, Store, Units};
 use ludus::protocol::receipt::confirmation_message;
 
 use super::cluster::{wait_for, Cluster, BIN};
-use super::database::{block_on, fresh_database, numbers, open};
+use super::database::{block_on, fresh_database, numbers, open, small_receipt};
 use super::registry::try_chat;
 
 const SHARE_BPS: u128 = 9_000;
@@ -296,22 +296,7 @@ fn unused_escrow_comes_back_only_after_the_withdrawal_delay() {
 
 /// Receipts committed but never confirmed by their node.
 fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) {
-    let receipts: Vec<Receipt> = tasks
-        .iter()
-        .map(|&t| Receipt {
-            task: t,
-            game_id: game,
-            node: node.address.to_string(),
-            model: "fake".into(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            price: Units(5),
-            latency_ms: 1,
-            output_hash: [0; 32],
-            receipt_hash: [3; 32],
-            signature: vec![0; 65],
-        })
-        .collect();
+    let receipts: Vec<Receipt> = tasks.iter().map(|&t| small_receipt(t, game, &node.address.to_string())).collect();
     block_on(store.commit_block(&receipts, "0x00000000000000000000000000000000000000ee")).unwrap();
 }
 
