@@ -114,6 +114,9 @@ impl Distributor {
         let known: Vec<f64> = self.nodes.values().filter_map(|n| n.stats.latency_ms).collect();
         let default_latency =
             if known.is_empty() { DEFAULT_MS_PER_TOKEN } else { known.iter().sum::<f64>() / known.len() as f64 };
+        // A quality-check re-run never goes to the key that produced the original, whatever
+        // session it holds now.
+        let original = job.shadow_of.as_ref().map(|s| s.node.to_string());
         let costs: Vec<(NodeId, f64)> = self
             .nodes
             .iter()
@@ -121,6 +124,7 @@ impl Distributor {
                 n.stats.has_room()
                     && n.models.contains(&job.model)
                     && !job.failed_nodes.contains(id)
+                    && original.as_ref() != Some(&n.address)
                     && !self.is_quarantined(&n.address, now)
             })
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
@@ -459,9 +463,10 @@ impl Handler<super::clock::BlockTick> for Distributor {
 impl Handler<VerificationDone> for Distributor {
     type Result = ();
 
-    /// A failed proof-of-inference check takes the node out of rotation for a while.
+    /// A failed proof-of-inference check takes the node out of rotation for a while (a
+    /// check that could not run is no fault of the node).
     fn handle(&mut self, msg: VerificationDone, _: &mut Self::Context) {
-        if msg.accepted {
+        if msg.outcome != crate::ledger::Outcome::Failed {
             return;
         }
         let address = msg.node.to_string();

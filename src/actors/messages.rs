@@ -10,7 +10,7 @@ use super::error::ServeError;
 use super::node_proxy::NodeProxy;
 use crate::crypto::identity::Address;
 use crate::inference::SamplingParams;
-use crate::ledger::{ConfirmStatus, Receipt};
+use crate::ledger::{ConfirmStatus, Outcome, Receipt};
 use crate::protocol::{FinishReason, NodeLoad, TaskId, TaskInput, TaskSpec, TaskTicket, TaskUsage};
 
 /// A node's session id on this server.
@@ -244,8 +244,15 @@ pub struct BlockConfirmed {
 pub struct VerificationDone {
     pub task: TaskId,
     pub node: Address,
-    pub accepted: bool,
+    pub outcome: Outcome,
     pub detail: String,
+}
+
+impl VerificationDone {
+    /// Only a verified proof lets an answer count; a check that could not run never does.
+    pub fn accepted(&self) -> bool {
+        self.outcome == Outcome::Verified
+    }
 }
 
 /// Commit what is buffered now (if no commit runs); answers (still buffered, committing).

@@ -39,6 +39,18 @@ const MAX_REPORTED_PROMPT_TOKENS: usize = 10_000_000;
 const MAX_CAPACITY: usize = 4096;
 /// Most receipts one `Receipts` frame may carry.
 const MAX_RECEIPTS_PER_FRAME: usize = 2048;
+/// Most bytes of text one token frame may carry (a token's text is a few bytes; a
+/// stop-sequence hold-back released at once is at most a few hundred).
+const MAX_TOKEN_TEXT_BYTES: usize = 1024;
+/// Text a task may carry in all, per token it may produce, plus [`TASK_TEXT_ALLOWANCE`].
+const MAX_TEXT_BYTES_PER_TOKEN: usize = 256;
+const TASK_TEXT_ALLOWANCE: usize = 4096;
+/// Slowest average a task may keep: past `TASK_STALL_TIMEOUT + max_tokens × this`, it is
+/// taken away even if tokens trickle in (each token used to reset the stall timer).
+const SLOWEST_TOKEN: Duration = Duration::from_secs(1);
+/// Token frames one sequence may honestly send per second; with the node's capacity, it
+/// bounds all frames a node may send (tokens included).
+const MAX_TOKENS_PER_S_PER_SEQUENCE: u32 = 1000;
 
 static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -60,8 +72,12 @@ pub struct NodeProxyConfig {
     pub registry: Addr<Registry>,
     /// Proof of inference: absent when no reference model is configured.
     pub verification: Option<Verification>,
-    /// Frames a node may send per second; more is a flood and closes the link.
+    /// Frames a node may send per second that the server did not ask for (anything but
+    /// the tokens and the end of a task it runs); more is a flood and closes the link.
     pub max_frames_per_s: u32,
+    /// The live session of each node address: a newer session of the same key replaces
+    /// the older one (one key, one session: quality re-runs and receipts count per key).
+    pub sessions: Arc<std::sync::Mutex<HashMap<Address, Addr<NodeProxy>>>>,
     /// Bytes waiting to be written to a node; more means it stopped reading: the link is
     /// closed (and its tasks go elsewhere) instead of buffering without bound.
     pub max_queued_bytes: usize,
@@ -72,6 +88,8 @@ pub struct NodeProxyConfig {
 pub struct Verification {
     /// Served models with a reference copy: their tasks carry a challenge.
     pub models: Arc<HashSet<String>>,
+    /// Vocabulary size of each reference model: a token id at or above it is refused.
+    pub vocab: Arc<HashMap<String, usize>>,
     pub policy: Arc<crate::proof::policy::Policy>,
     pub pool: Addr<super::verifier::Verifier>,
     /// Who hears each verdict (Registry, Distributor).
@@ -128,6 +146,21 @@ struct InFlight {
     started: Instant,
     first_token: Option<Instant>,
     last_progress: Instant,
+    /// Bytes of text the node sent for this task (bounded).
+    text_bytes: usize,
+}
+
+impl InFlight {
+    /// Past this, the task is taken away however it trickles.
+    fn deadline(&self) -> Instant {
+        self.started + TASK_STALL_TIMEOUT + SLOWEST_TOKEN * self.job.max_tokens.min(u32::MAX as usize) as u32
+    }
+
+    /// Counts `bytes` more text; false when the task's text budget is spent.
+    fn take_text(&mut self, bytes: usize) -> bool {
+        self.text_bytes += bytes;
+        self.text_bytes <= TASK_TEXT_ALLOWANCE + MAX_TEXT_BYTES_PER_TOKEN * self.job.max_tokens
+    }
 }
 
 pub struct NodeProxy {
@@ -150,9 +183,13 @@ pub struct NodeProxy {
     /// Finished non-streamed jobs waiting for their synchronous verdict.
     awaiting_verdict: HashMap<TaskId, (Job, crate::protocol::FinishReason, TaskUsage)>,
     close_reason: String,
-    /// Frames received in the current one-second window (flood limit).
+    /// Frames received in the current one-second window (flood limits): all of them, and
+    /// those the server did not ask for.
     window_start: Instant,
     window_frames: u32,
+    window_unsolicited: u32,
+    /// Sequences the node declared it runs at once (scales the frame limit).
+    capacity: usize,
     /// Bytes handed to the writer and not yet written to the socket.
     queued: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -206,6 +243,8 @@ impl NodeProxy {
             close_reason: "connection closed".into(),
             window_start: Instant::now(),
             window_frames: 0,
+            window_unsolicited: 0,
+            capacity: 1,
             queued,
         }
     }
@@ -308,6 +347,13 @@ impl NodeProxy {
         // Sealed: bundle keys never cross the link in clear.
         self.send(&ServerMessage::Welcome { session_id: self.id, heartbeat_interval_ms, model_keys });
         tracing::info!(node = self.id, address = %p.address, bundles = p.bundles.len(), "node authenticated; session sealed");
+        // One key, one session: a newer session replaces the older one (a node that
+        // reconnects before the old link timed out), so a key never holds two slots.
+        let previous = self.config.sessions.lock().expect("session table lock").insert(p.address, ctx.address());
+        if let Some(old) = previous.filter(|old| *old != ctx.address()) {
+            old.do_send(Disconnect(format!("a newer session of node {} replaced this one", p.address)));
+        }
+        self.capacity = p.capacity;
         // The node joins the table with its first heartbeat: it may still be loading.
         self.address = Some(p.address);
         self.joining = Some((p.address, p.models, p.capacity, p.device));
@@ -338,10 +384,15 @@ impl NodeProxy {
             }
             NodeMessage::Token { id, index, token, text } => self.on_token(ctx, id, index, token, text),
             NodeMessage::Done { id, finish_reason, usage, tail, receipt, proof } => {
-                let Some(run) = self.in_flight.remove(&id) else {
+                let Some(mut run) = self.in_flight.remove(&id) else {
                     // Finished after a cancel or a stall: the game never got it whole.
                     return;
                 };
+                if tail.len() > MAX_TOKEN_TEXT_BYTES || !run.take_text(tail.len()) {
+                    // Back in the table so that the link's end hands it to another node.
+                    self.in_flight.insert(id, run);
+                    return self.fail(ctx, format!("task {id}: more text than its tokens can carry"));
+                }
                 if !tail.is_empty() {
                     let _ = run.job.events.send(JobEvent::Text(tail));
                 }
@@ -570,14 +621,49 @@ impl NodeProxy {
         });
     }
 
+    /// Counts a frame the server did not ask for; true past the limit.
+    fn unsolicited_flood(&mut self) -> bool {
+        self.window_unsolicited += 1;
+        self.window_unsolicited > self.config.max_frames_per_s
+    }
+
+    fn flooded(&mut self, ctx: &mut Context<Self>) {
+        let limit = self.config.max_frames_per_s;
+        self.fail(ctx, format!("flooding: more than {limit} frames in one second that the server did not ask for"));
+    }
+
+    /// Whether the server asked for this frame: the tokens and the end of a task the node
+    /// runs here. Everything else counts against the flood limit.
+    fn solicited(&self, message: &NodeMessage) -> bool {
+        match message {
+            NodeMessage::Token { id, .. } | NodeMessage::Done { id, .. } => self.in_flight.contains_key(id),
+            _ => false,
+        }
+    }
+
     fn on_token(&mut self, ctx: &mut Context<Self>, id: TaskId, index: usize, token: u32, text: String) {
+        let vocab = self.config.verification.as_ref().map(|v| v.vocab.clone());
         let Some(run) = self.in_flight.get_mut(&id) else {
             return;
         }; // cancelled or unknown
-        if index != run.job.emitted.len() {
-            let expected = run.job.emitted.len();
-            return self.fail(ctx, format!("task {id}: token index {index}, expected {expected}"));
+           // Every number a node sends is bounded before it counts.
+        let expected = run.job.emitted.len();
+        let vocab = vocab.and_then(|v| v.get(&run.job.model).copied());
+        let refused = if index != expected {
+            Some(format!("task {id}: token index {index}, expected {expected}"))
+        } else if expected >= run.job.max_tokens {
+            Some(format!("task {id}: a token past max_tokens ({})", run.job.max_tokens))
+        } else if let Some(vocab) = vocab.filter(|&v| token as usize >= v) {
+            Some(format!("task {id}: token id {token} is outside the model's vocabulary of {vocab}"))
+        } else if text.len() > MAX_TOKEN_TEXT_BYTES || !run.take_text(text.len()) {
+            Some(format!("task {id}: more text than its tokens can carry"))
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            return self.fail(ctx, reason);
         }
+        let Some(run) = self.in_flight.get_mut(&id) else { return };
         run.job.emitted.push(token);
         run.last_progress = Instant::now();
         run.first_token.get_or_insert_with(Instant::now);
@@ -621,11 +707,13 @@ impl Actor for NodeProxy {
                 this.send(&ServerMessage::Cancel { id });
                 this.distributor.do_send(TaskCancelled { node: this.id, task: id });
             }
-            // A task without progress for too long goes elsewhere (wedged or lying node).
+            // A task without progress for too long, or past its deadline however it
+            // trickles, goes elsewhere (wedged or lying node).
+            let now = Instant::now();
             let stalled: Vec<TaskId> = this
                 .in_flight
                 .iter()
-                .filter(|(_, r)| r.last_progress.elapsed() > TASK_STALL_TIMEOUT)
+                .filter(|(_, r)| r.last_progress.elapsed() > TASK_STALL_TIMEOUT || now > r.deadline())
                 .map(|(&id, _)| id)
                 .collect();
             for id in stalled {
@@ -643,7 +731,7 @@ impl Actor for NodeProxy {
         });
     }
 
-    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+    fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
         // Answers still waiting for a synchronous verdict are produced again elsewhere.
         for (_, (mut job, _, _)) in self.awaiting_verdict.drain() {
             let _ = job.events.send(JobEvent::Reset);
@@ -662,6 +750,13 @@ impl Actor for NodeProxy {
         if self.registered {
             self.distributor.do_send(NodeDisconnected { id: self.id, reason: self.close_reason.clone() });
         }
+        if let Some(address) = self.address {
+            let mut sessions = self.config.sessions.lock().expect("session table lock");
+            // Only this session's own entry: a newer one may already have replaced it.
+            if sessions.get(&address).is_some_and(|a| *a == ctx.address()) {
+                sessions.remove(&address);
+            }
+        }
         let _ = self.out.send(Outgoing::Close(self.close_reason.clone()));
         Running::Stop
     }
@@ -674,11 +769,17 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
         if now.duration_since(self.window_start) >= Duration::from_secs(1) {
             self.window_start = now;
             self.window_frames = 0;
+            self.window_unsolicited = 0;
         }
+        // A ceiling on everything (tokens included), scaled by the sequences the node runs,
+        // checked before any work on the frame.
         self.window_frames += 1;
-        if self.window_frames > self.config.max_frames_per_s {
-            return self
-                .fail(ctx, format!("flooding: more than {} frames in one second", self.config.max_frames_per_s));
+        let ceiling = self
+            .config
+            .max_frames_per_s
+            .saturating_add(MAX_TOKENS_PER_S_PER_SEQUENCE.saturating_mul(self.capacity.min(MAX_CAPACITY) as u32));
+        if self.window_frames > ceiling {
+            return self.fail(ctx, format!("flooding: more than {ceiling} frames in one second"));
         }
         match item {
             Ok(WsMessage::Binary(bytes)) => {
@@ -688,11 +789,20 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
                     None => decode_frame::<NodeMessage>(&bytes).map_err(|e| e.to_string()),
                 };
                 match decoded {
-                    Ok(message) => self.on_message(ctx, message),
+                    Ok(message) if self.solicited(&message) => self.on_message(ctx, message),
+                    Ok(message) => {
+                        if self.unsolicited_flood() {
+                            return self.flooded(ctx);
+                        }
+                        self.on_message(ctx, message)
+                    }
                     Err(e) => self.fail(ctx, format!("bad frame: {e}")),
                 }
             }
             Ok(WsMessage::Ping(bytes)) => {
+                if self.unsolicited_flood() {
+                    return self.flooded(ctx);
+                }
                 if let Some(queued) = self.stopped_reading() {
                     return self.fail(ctx, format!("the node stopped reading: {queued} bytes queued for it"));
                 }
@@ -751,7 +861,7 @@ impl Handler<Dispatch> for NodeProxy {
         let now = Instant::now();
         self.in_flight.insert(
             job.id,
-            InFlight { job, challenge, prefix_len, started: now, first_token: None, last_progress: now },
+            InFlight { job, challenge, prefix_len, started: now, first_token: None, last_progress: now, text_bytes: 0 },
         );
     }
 }
@@ -788,7 +898,7 @@ impl Handler<VerificationDone> for NodeProxy {
     /// A synchronous verdict: release the held answer, or have it produced again elsewhere.
     fn handle(&mut self, msg: VerificationDone, _: &mut Self::Context) {
         let Some((mut job, finish_reason, usage)) = self.awaiting_verdict.remove(&msg.task) else { return };
-        if msg.accepted {
+        if msg.accepted() {
             let _ = job.events.send(JobEvent::Done { finish_reason, usage });
             return;
         }

@@ -191,7 +191,7 @@ impl Handler<VerificationDone> for Registry {
         let store = self.store.clone();
         let node = msg.node.to_string();
         let detail = msg.detail.clone();
-        async move { store.record_verification(msg.task.0, &node, msg.accepted, &detail).await }
+        async move { store.record_verification(msg.task.0, &node, msg.outcome, &detail).await }
             .into_actor(self)
             .map(move |result, this, _| match result {
                 Ok(reputation) => {

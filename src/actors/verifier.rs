@@ -12,6 +12,8 @@ use actix::prelude::*;
 use super::messages::VerificationDone;
 use crate::crypto::identity::Address;
 use crate::inference::{Model, Quantization, SamplingParams};
+use crate::ledger::Outcome;
+use crate::proof::commitment::DEFAULT_TOP_K;
 use crate::proof::{verify, Proof, StoredProof, Tolerances};
 use crate::protocol::{TaskId, TaskInput};
 
@@ -84,48 +86,66 @@ impl Verifier {
         Ok(self.models.get(&key))
     }
 
-    /// The verdict: (accepted, detail).
-    fn check(&mut self, t: &VerifyTask) -> (bool, String) {
+    /// Vocabulary size of each reference model (token ids at or above it are invalid).
+    pub fn vocab_sizes(&self) -> HashMap<String, usize> {
+        self.models.iter().map(|((name, _), model)| (name.clone(), model.llama.config.vocab_size)).collect()
+    }
+
+    /// The verdict and why. Whatever the node controls and gets wrong fails; a check this
+    /// verifier cannot run is `Unverifiable` (unpaid, no penalty) — never verified.
+    fn check(&mut self, t: &VerifyTask) -> (Outcome, String) {
+        use Outcome::{Failed, Unverifiable, Verified};
         let Some(proof) = t.proof.as_deref() else {
             if !self.sources.contains_key(&t.model) {
-                return (true, "no reference model (unchecked)".into());
+                return (Unverifiable, "no reference model for this task's model".into());
             }
-            return (false, "no proof for a task that carried a challenge".into());
+            return (Failed, "no proof for a task that carried a challenge".into());
         };
         if proof.task != t.task.0 || proof.challenge != hex::encode(t.challenge) {
-            return (false, "the proof is for another task or challenge".into());
+            return (Failed, "the proof is for another task or challenge".into());
         }
         match proof.signer() {
             Ok(signer) if signer == t.node => {}
-            _ => return (false, "the proof is not signed by the node".into()),
+            _ => return (Failed, "the proof is not signed by the node".into()),
+        }
+        // The protocol fixes k: with k = 1 a commitment would be a single number.
+        if proof.top_k as usize != DEFAULT_TOP_K {
+            return (
+                Failed,
+                format!("the proof commits top-{} values; the protocol fixes {DEFAULT_TOP_K}", proof.top_k),
+            );
         }
         let quantization = match proof.quantization.as_str() {
             "" => Quantization::None,
             "int8" => Quantization::Int8,
             "int4" => Quantization::Int4,
-            other => return (false, format!("the proof names an unknown quantization `{other}`")),
+            other => return (Failed, format!("the proof names an unknown quantization `{other}`")),
         };
         let tol = self.tol;
         let model = match self.reference(&t.model, quantization) {
             Ok(Some(model)) => model,
-            Ok(None) => return (true, "no reference model (unchecked)".into()),
+            Ok(None) => return (Unverifiable, "no reference model for this task's model".into()),
             // A format this verifier cannot run earns nothing (never a free pass).
-            Err(e) => return (false, format!("cannot be checked here: {e}")),
+            Err(e) => return (Unverifiable, format!("cannot be checked here: {e}")),
         };
+        let vocab = model.llama.config.vocab_size;
+        if let Some(bad) = t.completion.iter().find(|&&id| id as usize >= vocab) {
+            return (Failed, format!("token id {bad} is outside the model's vocabulary of {vocab}"));
+        }
         let prompt = match &t.input {
             TaskInput::Chat(messages) => model.chat_prompt(messages),
             TaskInput::Text(text) => model.completion_prompt(text),
         };
         let prompt = match prompt {
             Ok(p) => p,
-            Err(e) => return (true, format!("cannot tokenize the task ({e}): unchecked")),
+            Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}")),
         };
         match verify(model, proof, &prompt, &t.completion, &t.params, &tol) {
             Ok(v) if v.accepted => {
-                (true, format!("value error {:.4}, overlap {:.3}", v.worst_value_error, v.worst_index_overlap))
+                (Verified, format!("value error {:.4}, overlap {:.3}", v.worst_value_error, v.worst_index_overlap))
             }
-            Ok(v) => (false, v.reasons.join("; ")),
-            Err(e) => (true, format!("verifier error ({e}): unchecked")),
+            Ok(v) => (Failed, v.reasons.join("; ")),
+            Err(e) => (Unverifiable, format!("verifier error: {e}")),
         }
     }
 
@@ -156,16 +176,20 @@ impl Handler<VerifyTask> for Verifier {
     /// Checks one task and reports the verdict.
     fn handle(&mut self, t: VerifyTask, _: &mut Self::Context) {
         let started = std::time::Instant::now();
-        let (accepted, detail) = self.check(&t);
+        let (outcome, detail) = self.check(&t);
         let ms = started.elapsed().as_millis() as u64;
-        if accepted {
-            tracing::debug!(task = %t.task, node = %t.node, ms, %detail, "proof verified");
-        } else {
-            tracing::warn!(task = %t.task, node = %t.node, ms, %detail, "proof REJECTED");
-            self.keep_rejected(&t);
+        match outcome {
+            Outcome::Verified => tracing::debug!(task = %t.task, node = %t.node, ms, %detail, "proof verified"),
+            Outcome::Failed => {
+                tracing::warn!(task = %t.task, node = %t.node, ms, %detail, "proof REJECTED");
+                self.keep_rejected(&t);
+            }
+            Outcome::Unverifiable => {
+                tracing::warn!(task = %t.task, node = %t.node, ms, %detail, "proof could not be checked; task unpaid")
+            }
         }
         for r in &t.report {
-            r.do_send(VerificationDone { task: t.task, node: t.node, accepted, detail: detail.clone() });
+            r.do_send(VerificationDone { task: t.task, node: t.node, outcome, detail: detail.clone() });
         }
     }
 }

@@ -49,6 +49,25 @@ pub enum BenchCommand {
         #[arg(long, default_value = "cpu")]
         device: crate::inference::DeviceChoice,
     },
+    /// Resident memory of a process serving the model in each format: before loading
+    /// (the process's own baseline), after loading and after a short generation. Each
+    /// format runs in a fresh process; whole-process figures depend on the CPU (libtorch
+    /// picks kernels per machine), so the CPU model is printed with them.
+    Memory {
+        /// Model file (.gguf) or safetensors directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Formats to measure, each in its own process.
+        #[arg(long, value_delimiter = ',', default_value = "none,int8,int4")]
+        quantize: Vec<crate::inference::Quantization>,
+        /// libtorch threads in each measured process.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Measure this process only (one format) and print one JSON line; used by the
+        /// parent run.
+        #[arg(long, hide = true)]
+        single: bool,
+    },
     /// Load generator against a server (or a self-hosted one with fake-engine nodes).
     Load(super::load::LoadArgs),
 }
@@ -72,9 +91,26 @@ fn proc_status_bytes(field: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The CPU's model name (`/proc/cpuinfo`), printed next to every machine-dependent figure.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string()))
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
     if let BenchCommand::Quality { model, text, quantize, window, device } = cmd {
         return quality(&model, &text, &quantize, window, device);
+    }
+    if let BenchCommand::Memory { model, quantize, threads, single } = cmd {
+        return if single {
+            memory_single(settings, &model, &quantize, threads)
+        } else {
+            memory(&model, &quantize, threads)
+        };
     }
     let BenchCommand::Decode { model, batch, tokens, prompt_tokens, runtime } = cmd else {
         anyhow::bail!("`bench load` is handled by cli::load");
@@ -180,5 +216,88 @@ fn quality(
         let model = Model::load_quantized(path, device, None, q, None)?;
         report(q, &model)?;
     }
+    Ok(())
+}
+
+/// `ludus bench memory`: one fresh process per format, then the table (JSON lines, the
+/// last one a summary with the CPU model and the int4/f32 ratios).
+fn memory(model: &std::path::Path, quantize: &[crate::inference::Quantization], threads: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for q in quantize {
+        let out = std::process::Command::new(&exe)
+            .args(["bench", "memory", "--single", "--threads", &threads.to_string(), "--quantize", &q.to_string()])
+            .arg("--model")
+            .arg(model)
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "measuring {q} failed ({})", out.status);
+        let row: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| anyhow::anyhow!("measuring {q}: unreadable report: {e}"))?;
+        println!("{row}");
+        rows.push(row);
+    }
+    let get = |q: &str, field: &str| rows.iter().find(|r| r["quantization"] == q).and_then(|r| r[field].as_f64());
+    let ratio = |field: &str| Some(get("int4", field)? / get("none", field)?);
+    let summary = serde_json::json!({
+        "cpu": cpu_model(),
+        "int4_vs_f32_serving_rss": ratio("serving_rss_bytes"),
+        "int4_vs_f32_above_baseline": ratio("above_baseline_bytes"),
+        "int4_vs_f32_model_bytes": ratio("model_bytes"),
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+/// One format in this process: resident memory before loading, after loading, and after a
+/// 24-token greedy generation (kernels chosen, KV cache touched), as one JSON line.
+fn memory_single(
+    settings: &Settings,
+    path: &std::path::Path,
+    quantize: &[crate::inference::Quantization],
+    threads: usize,
+) -> anyhow::Result<()> {
+    let [q] = quantize else { anyhow::bail!("--single measures exactly one format") };
+    let baseline = rss_bytes();
+    let runtime = super::RuntimeArgs {
+        device: Some(crate::inference::DeviceChoice::Cpu),
+        dtype: None,
+        quantize: Some(q.to_string()),
+        threads: Some(threads),
+        model_key: None,
+        single_sequence_threads: Some(threads),
+    };
+    let engine = runtime.start_engine(settings, path, Some(1))?;
+    let loaded = rss_bytes();
+    let prompt = engine.tokenizer.encode("The blacksmith said", true)?;
+    let request = GenerateRequest {
+        prompt,
+        params: SamplingParams::greedy(),
+        max_tokens: 24,
+        min_tokens: 24,
+        ..Default::default()
+    };
+    let mut rx = engine.submit(request)?;
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            Event::Done(_) => break,
+            Event::Error(e) | Event::Rejected(e) => anyhow::bail!("{e}"),
+            _ => {}
+        }
+    }
+    let serving = rss_bytes();
+    let row = serde_json::json!({
+        "quantization": q.to_string(),
+        "cpu": cpu_model(),
+        "threads": threads,
+        "baseline_rss_bytes": baseline,
+        "loaded_rss_bytes": loaded,
+        "serving_rss_bytes": serving,
+        "above_baseline_bytes": serving.saturating_sub(baseline),
+        "model_bytes": engine.model_bytes,
+        "kv_cache_bytes": engine.kv_cache_bytes,
+    });
+    println!("{row}");
+    engine.shutdown();
     Ok(())
 }

@@ -202,6 +202,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             verification,
             max_frames_per_s: s.distributor.max_node_frames_per_s,
             max_queued_bytes: s.distributor.max_node_queue_bytes,
+            sessions: Default::default(),
         },
         store: store.clone(),
         admin_token_hash: admin_token_hash(&s)?,
@@ -318,6 +319,7 @@ fn start_verifiers(
         (s.verifier.models.clone(), s.verifier.tolerances(), s.server.data_dir.join("proofs/rejected"));
     let first =
         crate::actors::verifier::Verifier::load(&refs, keys, tol, dir.clone()).map_err(std::io::Error::other)?;
+    let vocab = Arc::new(first.vocab_sizes());
     let first = std::sync::Mutex::new(Some(first));
     let keys = keys.clone();
     let pool = actix::SyncArbiter::start(s.verifier.pool_size.max(1), move || {
@@ -329,6 +331,7 @@ fn start_verifiers(
     tracing::info!(models = ?s.verifier.models.keys().collect::<Vec<_>>(), pool = s.verifier.pool_size, "verifier pool started");
     Ok(Some(crate::actors::node_proxy::Verification {
         models: Arc::new(s.verifier.models.keys().cloned().collect()),
+        vocab,
         policy,
         pool,
         report: vec![registry.clone().recipient(), distributor.clone().recipient()],

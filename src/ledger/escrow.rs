@@ -79,7 +79,7 @@ impl Store {
                 "SELECT g.id, g.name, g.wallet, coalesce(o.owed, 0)::text, g.status, g.suspended_by, g.internal
                  FROM games g LEFT JOIN (
                      SELECT game_id, sum(price_units) AS owed FROM receipts
-                     WHERE epoch IS NULL AND verification <> 'failed' AND confirmation <> 'disputed'
+                     WHERE epoch IS NULL AND verification NOT IN ('failed', 'unverifiable') AND confirmation <> 'disputed'
                      GROUP BY game_id
                  ) o ON o.game_id = g.id
                  WHERE g.status <> 'removed' AND (g.wallet IS NOT NULL OR o.owed > 0)

@@ -10,6 +10,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "registry", include_str!("../../migrations/0001_registry.sql")),
     (2, "verifications", include_str!("../../migrations/0002_verifications.sql")),
     (3, "settlement", include_str!("../../migrations/0003_settlement.sql")),
+    (4, "unverifiable", include_str!("../../migrations/0004_unverifiable.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

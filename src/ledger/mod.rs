@@ -28,3 +28,4 @@ pub use games::{hash_key, KeyInfo};
 pub use money::{Price, PriceTable, Units};
 pub use receipts::{BlockAck, CommitOutcome, ConfirmStatus, Receipt};
 pub use store::Store;
+pub use verifications::Outcome;

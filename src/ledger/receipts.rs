@@ -202,7 +202,7 @@ impl Store {
             // Checks that finished before the receipt arrived.
             tx.execute(
                 "UPDATE receipts r SET verification = v.outcome FROM verifications v
-                 WHERE v.task_id = r.task_id AND r.block = $1",
+                 WHERE v.task_id = r.task_id AND v.node_address = r.node_address AND r.block = $1",
                 &[&block],
             )
             .await?;

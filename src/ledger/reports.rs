@@ -71,7 +71,7 @@ impl Store {
                         coalesce(sum(prompt_tokens), 0)::bigint, coalesce(sum(completion_tokens), 0)::bigint,
                         sum(price_units)::text
                  FROM receipts
-                 WHERE game_id = $1 AND created_at > now() - make_interval(days => $2) AND verification <> 'failed'
+                 WHERE game_id = $1 AND created_at > now() - make_interval(days => $2) AND verification NOT IN ('failed', 'unverifiable')
                  GROUP BY day ORDER BY day",
                 &[&game_id, &(days as i32)],
             )
@@ -160,7 +160,7 @@ impl Store {
             .query(
                 "SELECT n.address, n.status, n.reputation,
                         count(r.task_id), coalesce(sum(r.completion_tokens), 0)::bigint,
-                        sum(r.price_units) FILTER (WHERE r.confirmation = 'confirmed' AND r.verification <> 'failed')::text,
+                        sum(r.price_units) FILTER (WHERE r.confirmation = 'confirmed' AND r.verification NOT IN ('failed', 'unverifiable'))::text,
                         count(r.task_id) FILTER (WHERE r.confirmation = 'pending'),
                         count(r.task_id) FILTER (WHERE r.confirmation = 'disputed'),
                         (SELECT count(*) FROM confirmations c WHERE c.node_address = n.address AND c.status = 'mismatch'),

@@ -1,7 +1,8 @@
-//! Proof-of-inference outcomes: recorded per task (first verdict wins), copied onto the
-//! receipt (a failed one is never payable), and reflected in the node's reputation: a
-//! failure costs [`FAILURE_PENALTY_BPS`] and quarantines the node; each verified task
-//! earns back [`RECOVERY_BPS`], up to 10,000.
+//! Proof-of-inference outcomes: recorded per (task, node), copied onto that node's receipt,
+//! and reflected in the node's reputation. A failure costs [`FAILURE_PENALTY_BPS`] and
+//! quarantines the node; each verified task earns back [`RECOVERY_BPS`], up to 10,000. A
+//! check that could not run is [`Outcome::Unverifiable`]: unpaid, no penalty, and replaced
+//! by the first real verdict. Otherwise the first verdict wins.
 
 use super::error::LedgerError;
 use super::store::Store;
@@ -9,47 +10,78 @@ use super::store::Store;
 pub const FAILURE_PENALTY_BPS: i32 = 2_500;
 pub const RECOVERY_BPS: i32 = 10;
 
+/// What a proof-of-inference check concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The proof matches the reference: the task is payable.
+    Verified,
+    /// The node's output or proof is wrong: never paid, reputation lost, quarantine.
+    Failed,
+    /// The check could not run (a verifier error, a reference it cannot load): never paid
+    /// and never counted as verified, but no fault of the node.
+    Unverifiable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Verified => "verified",
+            Outcome::Failed => "failed",
+            Outcome::Unverifiable => "unverifiable",
+        }
+    }
+}
+
 impl Store {
     /// Records a verdict; returns the node's reputation (basis points) after it.
     pub async fn record_verification(
         &self,
         task: u64,
         node: &str,
-        verified: bool,
+        outcome: Outcome,
         detail: &str,
     ) -> Result<i32, LedgerError> {
-        let outcome = if verified { "verified" } else { "failed" };
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let task_i = task as i64;
         // First statement, so that a block commit's SHARE lock on this table is the only
-        // thing it can wait for (see `commit_block`).
+        // thing it can wait for (see `commit_block`). A verdict for another node's task id
+        // changes nothing; an unverifiable one gives way to a real verdict.
         let new = tx
             .execute(
                 "INSERT INTO verifications (task_id, node_address, outcome, detail) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (task_id) DO NOTHING",
-                &[&task_i, &node, &outcome, &detail],
+                 ON CONFLICT (task_id) DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail,
+                     checked_at = now()
+                 WHERE verifications.outcome = 'unverifiable' AND verifications.node_address = excluded.node_address
+                   AND excluded.outcome <> 'unverifiable'",
+                &[&task_i, &node, &outcome.as_str(), &detail],
             )
             .await?;
-        tx.execute("UPDATE receipts SET verification = $2 WHERE task_id = $1", &[&task_i, &outcome]).await?;
+        if new > 0 {
+            tx.execute(
+                "UPDATE receipts SET verification = $3 WHERE task_id = $1 AND node_address = $2",
+                &[&task_i, &node, &outcome.as_str()],
+            )
+            .await?;
+        }
         tx.execute("INSERT INTO nodes (address) VALUES ($1) ON CONFLICT (address) DO NOTHING", &[&node]).await?;
-        let reputation: i32 = if new == 0 {
-            tx.query_one("SELECT reputation FROM nodes WHERE address = $1", &[&node]).await?.get(0)
-        } else if verified {
-            tx.query_one(
-                "UPDATE nodes SET reputation = least(reputation + $2, 10000) WHERE address = $1 RETURNING reputation",
-                &[&node, &RECOVERY_BPS],
-            )
-            .await?
-            .get(0)
-        } else {
-            tx.query_one(
-                "UPDATE nodes SET reputation = greatest(reputation - $2, 0), status = 'quarantined'
-                 WHERE address = $1 RETURNING reputation",
-                &[&node, &FAILURE_PENALTY_BPS],
-            )
-            .await?
-            .get(0)
+        let reputation: i32 = match (new > 0, outcome) {
+            (true, Outcome::Verified) => tx
+                .query_one(
+                    "UPDATE nodes SET reputation = least(reputation + $2, 10000) WHERE address = $1 RETURNING reputation",
+                    &[&node, &RECOVERY_BPS],
+                )
+                .await?
+                .get(0),
+            (true, Outcome::Failed) => tx
+                .query_one(
+                    "UPDATE nodes SET reputation = greatest(reputation - $2, 0), status = 'quarantined'
+                     WHERE address = $1 RETURNING reputation",
+                    &[&node, &FAILURE_PENALTY_BPS],
+                )
+                .await?
+                .get(0),
+            _ => tx.query_one("SELECT reputation FROM nodes WHERE address = $1", &[&node]).await?.get(0),
         };
         tx.commit().await?;
         Ok(reputation)

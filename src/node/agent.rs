@@ -95,8 +95,11 @@ pub async fn run_node(model: impl Into<NodeModel>, options: NodeOptions) -> anyh
         None => tracing::info!(%address, "node starting; its protected model loads once the distributor sends the key"),
     }
     let mut backoff = MIN_BACKOFF;
+    // Unpinned, the node trusts the first distributor it joins, and only that one for the
+    // rest of the run: a reconnect cannot be steered to another key.
+    let mut pin = options.distributor_address;
     loop {
-        match session(&model, &mut loaded, &options, &identity, &log).await {
+        match session(&model, &mut loaded, &options, &mut pin, &identity, &log).await {
             SessionEnd::AfterWelcome(reason) => {
                 tracing::warn!(%reason, "link to the distributor lost; reconnecting");
                 backoff = MIN_BACKOFF;
@@ -127,6 +130,7 @@ async fn session(
     model: &NodeModel,
     loaded: &mut Option<Arc<Backend>>,
     options: &NodeOptions,
+    pin: &mut Option<Address>,
     identity: &Arc<Identity>,
     log: &SharedLog,
 ) -> SessionEnd {
@@ -139,10 +143,14 @@ async fn session(
     };
     let capacity = if options.capacity > 0 { options.capacity } else { own_capacity };
     let announce = Announce { models, capacity, device, bundles };
-    let link = match join(&options.connect, identity, announce, options.distributor_address).await {
+    let link = match join(&options.connect, identity, announce, *pin).await {
         Ok(link) => link,
         Err(e) => return SessionEnd::BeforeWelcome(e),
     };
+    if pin.is_none() {
+        tracing::info!(distributor = %link.distributor, "trusting this distributor for the rest of the run");
+        *pin = Some(link.distributor);
+    }
     tracing::info!(session_id = link.session_id, distributor = %link.distributor, "joined the distributor; session sealed");
     if let (None, NodeModel::Bundle { key_id, load, .. }) = (loaded.as_ref(), model) {
         let Some(key) =

@@ -42,6 +42,8 @@ struct Open {
 pub struct ReceiptLog {
     path: PathBuf,
     file: File,
+    /// Held (locked) for as long as the log is open.
+    _lock: File,
     open: BTreeMap<TaskId, Open>,
     lines: usize,
 }
@@ -56,6 +58,25 @@ impl ReceiptLog {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| io_err(path, e))?;
+        }
+        // One process per log: two nodes on one key would answer for each other's tasks
+        // (the registry lists a key's tasks) and interleave their lines. The lock is on a
+        // file of its own, which compaction never replaces.
+        let lock_path = path.with_extension("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "receipt log {} is in use by another `ludus node`: each node needs its own key \
+                 (--key) and receipt log",
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, e)),
         }
         let mut open: BTreeMap<TaskId, Open> = BTreeMap::new();
         let mut lines = 0;
@@ -86,7 +107,7 @@ impl ReceiptLog {
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| io_err(path, e))?;
-        let mut log = Self { path: path.to_path_buf(), file, open, lines };
+        let mut log = Self { path: path.to_path_buf(), file, _lock: lock, open, lines };
         // Start on a fresh line, in case the last one was torn.
         log.file.write_all(b"\n").map_err(|e| io_err(path, e))?;
         if log.lines > COMPACT_AFTER_LINES {

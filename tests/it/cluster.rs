@@ -229,7 +229,7 @@ impl Cluster {
 
     /// Waits until `model` is served by `n` live nodes.
     pub fn wait_nodes(&self, model: &str, n: u64) {
-        wait_for(&format!("{n} node(s) serving {model}"), Duration::from_secs(60), || {
+        wait_for(&format!("{n} node(s) serving {model}"), Duration::from_secs(180), || {
             let (status, body) = self.get("/v1/models");
             status == 200
                 && serde_json::from_str::<serde_json::Value>(&body).ok().is_some_and(|v| {

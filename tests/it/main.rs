@@ -22,6 +22,7 @@ mod properties;
 mod protect;
 mod quantization;
 mod registry;
+mod rogue_nodes;
 mod settlement;
 mod smollm2_reference;
 mod soak;

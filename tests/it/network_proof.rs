@@ -211,6 +211,8 @@ enum Lie {
     EditToken,
     EditPrompt,
     Replay,
+    /// Honest output, commitments of one value per row (the node used to choose k).
+    NarrowTopK,
 }
 
 enum NodeKind {
@@ -289,7 +291,8 @@ async fn answer(
         ..GenerateRequest::default()
     };
     let mut rx = engine.submit(request).unwrap();
-    let mut builder = ProofBuilder::new(challenge, DEFAULT_TOP_K);
+    let top_k = if lie == Lie::NarrowTopK { 1 } else { DEFAULT_TOP_K };
+    let mut builder = ProofBuilder::new(challenge, top_k);
     let mut completion = Vec::new();
     let mut beat = actix_rt::time::interval(Duration::from_millis(100));
     loop {
@@ -479,6 +482,7 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
         NetCase { name: "one output token edited", honest: false, node: NodeKind::Rogue(Lie::EditToken) },
         NetCase { name: "prompt edited (one token)", honest: false, node: NodeKind::Rogue(Lie::EditPrompt) },
         NetCase { name: "commitments replayed from another task", honest: false, node: NodeKind::Rogue(Lie::Replay) },
+        NetCase { name: "honest output, top-1 commitments", honest: false, node: NodeKind::Rogue(Lie::NarrowTopK) },
     ];
     let mut table = String::from(
         "| node (over the real protocol) | answered tasks | verified | rejected | rejection rate |\n|---|---|---|---|---|\n",
@@ -582,7 +586,7 @@ fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
     };
     let joined = std::time::Instant::now();
     while nodes(&cluster) < 2 {
-        assert!(joined.elapsed() < Duration::from_secs(60), "the honest node never joined");
+        assert!(joined.elapsed() < Duration::from_secs(180), "the honest node never joined");
         system.block_on(rogue.idle(&mut [], Duration::from_millis(200))); // keep the rogue alive
     }
     let mut last = None;
@@ -648,8 +652,15 @@ fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     let started = std::time::Instant::now();
     let failed =
         format!("SELECT count(*) FROM verifications WHERE task_id = {} AND outcome = 'failed'", original.0 as i64);
+    // A guard against a hang, not a speed claim: the second node loads and quantizes the
+    // model while the rest of the suite runs beside it (90 s was not enough on a 2-core
+    // Xeon).
     while numbers(&store, &failed) != vec![1] {
-        assert!(started.elapsed() < Duration::from_secs(90), "the quality check never condemned the rogue");
+        assert!(
+            started.elapsed() < Duration::from_secs(400),
+            "the quality check never condemned the rogue; server log:\n{}",
+            cluster.server.log_text()
+        );
         system.block_on(rogue.idle(&mut [], Duration::from_millis(300)));
     }
     let log = cluster.server.log_text();

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use ludus::crypto::identity::Identity;
 use ludus::crypto::merkle;
+use ludus::ledger::Outcome;
 use ludus::node::link::{join, Announce, Link};
 use ludus::protocol::receipt::confirmation_message;
 use ludus::protocol::{NodeLoad, NodeMessage, ServerMessage, SignedReceipt, TaskId, TaskSpec, TaskUsage};
@@ -253,7 +254,11 @@ pub struct Rogue {
 
 impl Rogue {
     pub async fn join(addr: &str, model: &str) -> Self {
-        let id = Identity::generate();
+        Self::join_as(addr, model, Identity::generate()).await
+    }
+
+    /// Joins with a given key (two sessions of one node, say).
+    pub async fn join_as(addr: &str, model: &str, id: Identity) -> Self {
         let announce = Announce { models: vec![model.into()], capacity: 4, device: "cpu".into(), bundles: vec![] };
         let link = join(&format!("ws://{addr}/ws/node"), &id, announce, None).await.unwrap();
         Self { id, link }
@@ -325,6 +330,12 @@ impl Rogue {
             proof: None,
         };
         self.link.send(&done).await.unwrap();
+    }
+
+    /// Streams two tokens and reports done with an honest receipt.
+    pub async fn finish_honestly(&mut self, spec: &TaskSpec) {
+        let receipt = self.honest_receipt(spec);
+        self.finish(spec, receipt).await;
     }
 
     fn honest_receipt(&self, spec: &TaskSpec) -> SignedReceipt {
@@ -479,9 +490,10 @@ fn a_verdict_racing_its_receipts_block_still_lands_on_the_receipt() {
             let receipt = super::database::small_receipt(task, game, &node);
             let (s1, s2, n) = (store.clone(), store.clone(), node.clone());
             writers.push(runtime.spawn(async move { s1.commit_block(&[receipt], "0xee").await.map(|_| ()) }));
-            writers.push(
-                runtime.spawn(async move { s2.record_verification(task, &n, task % 2 == 0, "").await.map(|_| ()) }),
-            );
+            writers.push(runtime.spawn(async move {
+                let outcome = if task % 2 == 0 { Outcome::Verified } else { Outcome::Failed };
+                s2.record_verification(task, &n, outcome, "").await.map(|_| ())
+            }));
         }
         for w in writers {
             w.await.unwrap().unwrap();
@@ -491,4 +503,40 @@ fn a_verdict_racing_its_receipts_block_still_lands_on_the_receipt() {
     let failed = numbers(&store, "SELECT count(*) FROM receipts WHERE verification = 'failed'");
     assert_eq!(unmarked, vec![0], "verdicts lost in the race");
     assert_eq!(failed, vec![TASKS as i64 / 2]);
+}
+
+/// A check that could not run (a verifier error, a reference it cannot load) used to be
+/// booked as verified. Now it is never paid, costs the node nothing, and gives way to the
+/// first real verdict; a verdict for another node's task changes nothing.
+#[test]
+fn a_check_that_could_not_run_is_never_paid_and_gives_way_to_a_real_verdict() {
+    let store = super::database::open(&super::database::fresh_database());
+    let (game, _) = block_on(store.add_game("unverifiable", 1000, 1_000_000)).unwrap();
+    let node = Identity::generate().address.to_string();
+    let other = Identity::generate().address.to_string();
+    let receipts: Vec<_> = (1..=3).map(|t| super::database::small_receipt(t, game, &node)).collect();
+    block_on(store.commit_block(&receipts, "0xee")).unwrap();
+    let reputation = block_on(async {
+        store.record_verification(1, &node, Outcome::Unverifiable, "verifier error").await.unwrap();
+        store.record_verification(2, &node, Outcome::Verified, "").await.unwrap();
+        store.record_verification(2, &node, Outcome::Failed, "a second verdict").await.unwrap();
+        store.record_verification(3, &node, Outcome::Unverifiable, "verifier error").await.unwrap();
+        store.record_verification(3, &other, Outcome::Failed, "another node's verdict").await.unwrap();
+        store.record_verification(3, &node, Outcome::Verified, "checked later").await.unwrap()
+    });
+    let state = |t: u64| {
+        block_on(async {
+            let conn = store.conn().await.unwrap();
+            conn.query_one("SELECT verification FROM receipts WHERE task_id = $1", &[&(t as i64)])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        })
+    };
+    assert_eq!((state(1), state(2), state(3)), ("unverifiable".into(), "verified".into(), "verified".into()));
+    // Two verified tasks at 5 units each are owed; the unverifiable one is not.
+    let balances = block_on(store.game_balances()).unwrap();
+    let owed = balances.iter().find(|b| b.game_id == game).map(|b| b.owed.0);
+    assert_eq!(owed, Some(10));
+    assert_eq!(reputation, 10_000, "no penalty for a check that could not run");
 }
