@@ -31,6 +31,7 @@ fn receipts(n: usize, next: &mut u64, game: i64) -> Vec<Receipt> {
                 output_hash: hash,
                 receipt_hash: hash,
                 signature: vec![0x11; 65],
+                witnessed: true,
             }
         })
         .collect()
@@ -77,7 +78,14 @@ fn commit(c: &mut Criterion) {
 fn check(c: &mut Criterion) {
     let node = Identity::generate();
     let secret = [3u8; 32];
-    let ticket = TaskTicket::issue(&secret, TaskId(1), 1, "model", 64, &node.address);
+    let ticket = TaskTicket::issue(
+        &secret,
+        TaskId(1),
+        1,
+        "model",
+        (64, ludus::protocol::PromptCount { tokens: 120, exact: true }),
+        &node.address,
+    );
     let receipt = SignedReceipt::sign(&node, ticket, 120, &[1; 64]);
     c.bench_function("receipt_check", |b| b.iter(|| receipt.check(&secret, &node.address).unwrap()));
 }

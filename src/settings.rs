@@ -50,6 +50,8 @@ pub struct DistributorSettings {
     pub heartbeat_interval_ms: u64,
     pub node_timeout_ms: u64,
     pub models: Vec<String>,
+    /// Model files whose tokenizer the server reads, by served name (`catalog`).
+    pub model_files: std::collections::BTreeMap<String, std::path::PathBuf>,
     pub banned_nodes: Vec<String>,
     /// Frames a node may send per second before its link is closed as a flood.
     pub max_node_frames_per_s: u32,

@@ -419,7 +419,10 @@ impl Distributor {
         }
         if job.emitted.len() >= job.max_tokens {
             // The node died after the last token but before saying so: the answer is whole.
-            let usage = TaskUsage { prompt_tokens: 0, completion_tokens: job.emitted.len() };
+            if let Some(tail) = job.text.as_mut().map(|t| t.finish()).filter(|t| !t.is_empty()) {
+                let _ = job.events.send(JobEvent::Text(tail));
+            }
+            let usage = TaskUsage { prompt_tokens: job.prompt.tokens as usize, completion_tokens: job.emitted.len() };
             let _ = job.events.send(JobEvent::Done { finish_reason: FinishReason::Length, usage });
             return;
         }

@@ -14,6 +14,7 @@ use actix::prelude::*;
 use rand::RngCore;
 use tokio::sync::mpsc::unbounded_channel;
 
+use super::catalog::JobText;
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
@@ -121,7 +122,7 @@ impl Handler<Admit> for Gateway {
 
     /// Checks the key, the game and the limits, then submits the job.
     fn handle(&mut self, msg: Admit, _: &mut Self::Context) -> Self::Result {
-        let Admit { bearer, stream, model, input, params, max_tokens, stop } = msg;
+        let Admit { bearer, stream, model, input, prompt, text, params, max_tokens, stop } = msg;
         Box::pin(self.resolve(bearer).then(move |info, this, _| {
             let submitted = info.and_then(|info| {
                 this.check(&info)?;
@@ -135,6 +136,8 @@ impl Handler<Admit> for Gateway {
                     key_hash: info.hash.clone(),
                     model,
                     input,
+                    prompt,
+                    text: text.map(|t| JobText::new(t, &stop)),
                     params,
                     max_tokens,
                     stop,

@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::catalog::JobText;
 use super::error::ServeError;
 use super::node_proxy::NodeProxy;
 use crate::crypto::identity::Address;
 use crate::inference::SamplingParams;
 use crate::ledger::{ConfirmStatus, Outcome, Receipt};
-use crate::protocol::{FinishReason, NodeLoad, TaskId, TaskInput, TaskSpec, TaskTicket, TaskUsage};
+use crate::protocol::{FinishReason, NodeLoad, PromptCount, TaskId, TaskInput, TaskSpec, TaskTicket, TaskUsage};
 
 /// A node's session id on this server.
 pub type NodeId = u64;
@@ -40,6 +41,11 @@ pub struct Job {
     pub key_hash: String,
     pub model: String,
     pub input: TaskInput,
+    /// The prompt tokens the server counted (billed), or their bound for a model it holds
+    /// no tokenizer of.
+    pub prompt: PromptCount,
+    /// The text the game reads, made here from the ids nodes return (accounted models).
+    pub text: Option<JobText>,
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
@@ -270,6 +276,10 @@ pub struct Admit {
     pub stream: bool,
     pub model: String,
     pub input: TaskInput,
+    /// The server's count of the prompt (see `catalog::Catalog::count`).
+    pub prompt: PromptCount,
+    /// The model's text side, when the server holds it.
+    pub text: Option<std::sync::Arc<crate::inference::ModelText>>,
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,

@@ -13,7 +13,9 @@
 //! receipts per block and Settlement posts each epoch on chain ([`settler`] holds its
 //! state machine). They run under actix's `Supervisor`.
 
+pub mod catalog;
 pub mod clock;
+pub mod completion_log;
 pub mod distributor;
 pub mod error;
 pub mod gateway;

@@ -12,6 +12,7 @@ use actix_web::web::Bytes;
 use actix_ws::{Message as WsMessage, ProtocolError, Session};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
+use super::catalog::JobText;
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
@@ -33,8 +34,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// A running task with no token for this long is taken away from its node.
 const TASK_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Upper bound on the prompt size a node may report (billing sanity).
-const MAX_REPORTED_PROMPT_TOKENS: usize = 10_000_000;
 /// Most sequences one node may claim to run at once.
 const MAX_CAPACITY: usize = 4096;
 /// Most receipts one `Receipts` frame may carry.
@@ -75,6 +74,8 @@ pub struct NodeProxyConfig {
     /// Frames a node may send per second that the server did not ask for (anything but
     /// the tokens and the end of a task it runs); more is a flood and closes the link.
     pub max_frames_per_s: u32,
+    /// The completions this server saw (a re-sent receipt is paid only if listed there).
+    pub completions: Arc<super::completion_log::CompletionLog>,
     /// The live session of each node address: a newer session of the same key replaces
     /// the older one (one key, one session: quality re-runs and receipts count per key).
     pub sessions: Arc<std::sync::Mutex<HashMap<Address, Addr<NodeProxy>>>>,
@@ -393,15 +394,20 @@ impl NodeProxy {
                     self.in_flight.insert(id, run);
                     return self.fail(ctx, format!("task {id}: more text than its tokens can carry"));
                 }
+                let tail = match run.job.text.as_mut() {
+                    Some(server_text) => server_text.finish(),
+                    None => tail,
+                };
                 if !tail.is_empty() {
                     let _ = run.job.events.send(JobEvent::Text(tail));
                 }
                 // Usage the game is billed on: completion tokens are what the server saw
-                // arrive; the prompt count is the node's word, bounded.
-                let usage = TaskUsage {
-                    prompt_tokens: usage.prompt_tokens.min(MAX_REPORTED_PROMPT_TOKENS),
-                    completion_tokens: run.job.emitted.len(),
-                };
+                // arrive, prompt tokens what it counted (or, for a model it holds no
+                // tokenizer of, the node's word within the server's bound).
+                let prompt = run.job.prompt;
+                let prompt_tokens =
+                    if prompt.exact { prompt.tokens as usize } else { usage.prompt_tokens.min(prompt.tokens as usize) };
+                let usage = TaskUsage { prompt_tokens, completion_tokens: run.job.emitted.len() };
                 let latency_ms = run.started.elapsed().as_millis().min(i32::MAX as u128) as i32;
                 self.record(ctx, receipt, Some((&run.job, latency_ms)));
                 if let Some(shadow) = run.job.shadow_of.as_deref() {
@@ -469,7 +475,8 @@ impl NodeProxy {
             tracing::warn!(node = self.id, %address, task = %task, %reason, "receipt refused");
             return;
         }
-        let prompt_tokens = receipt.prompt_tokens.min(MAX_REPORTED_PROMPT_TOKENS as u32);
+        // Checked against the ticket: the server's count, or within its bound.
+        let prompt_tokens = receipt.prompt_tokens;
         let price = self.config.prices.for_model(&receipt.ticket.model);
         let Ok(price) = price.charge(prompt_tokens as u64, receipt.completion_tokens as u64) else {
             tracing::warn!(task = %task, "receipt price overflows; refused");
@@ -477,6 +484,15 @@ impl NodeProxy {
         };
         let output_hash: [u8; 32] =
             hex::decode(&receipt.output_hash).ok().and_then(|h| h.try_into().ok()).expect("checked: 32 bytes of hex");
+        // Paid only for work the server saw: a live completion is written ahead (before the
+        // game hears Done); a re-sent receipt must match one, or already be on the books.
+        let log = &self.config.completions;
+        let witnessed = if live.is_some() {
+            log.record(task.0, address.0, receipt.completion_tokens, output_hash);
+            true
+        } else {
+            log.witnessed(task.0, address.0, receipt.completion_tokens, output_hash)
+        };
         let ledger_receipt = crate::ledger::Receipt {
             task: task.0,
             game_id: receipt.ticket.game,
@@ -489,6 +505,7 @@ impl NodeProxy {
             output_hash,
             receipt_hash: receipt.hash(),
             signature: hex::decode(&receipt.signature).unwrap_or_default(),
+            witnessed,
         };
         self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to: ctx.address().recipient() });
     }
@@ -510,6 +527,8 @@ impl NodeProxy {
             key_hash: String::new(),
             model: run.job.model.clone(),
             input: run.job.input.clone(),
+            prompt: run.job.prompt,
+            text: run.job.text.as_ref().map(JobText::restarted),
             params: run.job.params.clone(),
             max_tokens: run.job.max_tokens,
             stop: run.job.stop.clone(),
@@ -648,11 +667,14 @@ impl NodeProxy {
         }; // cancelled or unknown
            // Every number a node sends is bounded before it counts.
         let expected = run.job.emitted.len();
-        let vocab = vocab.and_then(|v| v.get(&run.job.model).copied());
+        let vocab =
+            run.job.text.as_ref().map(JobText::vocab_size).or(vocab.and_then(|v| v.get(&run.job.model).copied()));
         let refused = if index != expected {
             Some(format!("task {id}: token index {index}, expected {expected}"))
         } else if expected >= run.job.max_tokens {
             Some(format!("task {id}: a token past max_tokens ({})", run.job.max_tokens))
+        } else if run.job.text.as_ref().is_some_and(|t| t.stream.stopped()) {
+            Some(format!("task {id}: a token after the answer's stop sequence"))
         } else if let Some(vocab) = vocab.filter(|&v| token as usize >= v) {
             Some(format!("task {id}: token id {token} is outside the model's vocabulary of {vocab}"))
         } else if text.len() > MAX_TOKEN_TEXT_BYTES || !run.take_text(text.len()) {
@@ -667,6 +689,11 @@ impl NodeProxy {
         run.job.emitted.push(token);
         run.last_progress = Instant::now();
         run.first_token.get_or_insert_with(Instant::now);
+        // The game reads the text the server makes from the id, never the node's own.
+        let text = match run.job.text.as_mut() {
+            Some(server_text) => server_text.push(token).0,
+            None => text,
+        };
         if text.is_empty() {
             return;
         }
@@ -736,6 +763,7 @@ impl Actor for NodeProxy {
         for (_, (mut job, _, _)) in self.awaiting_verdict.drain() {
             let _ = job.events.send(JobEvent::Reset);
             job.emitted.clear();
+            job.text = job.text.as_ref().map(JobText::restarted);
             let reason = "node disconnected before its answer was verified".to_string();
             self.distributor.do_send(TaskReturned { node: self.id, job, reason, request_error: false });
         }
@@ -841,8 +869,8 @@ impl Handler<Dispatch> for NodeProxy {
             return;
         };
         let max_tokens = u32::try_from(job.max_tokens).unwrap_or(u32::MAX);
-        let ticket =
-            TaskTicket::issue(&self.config.ticket_secret, job.id, job.game_id, &job.model, max_tokens, &address);
+        let terms = (max_tokens, job.prompt);
+        let ticket = TaskTicket::issue(&self.config.ticket_secret, job.id, job.game_id, &job.model, terms, &address);
         // A fresh challenge for models the verifiers hold (not for failover continuations).
         let challenge = self
             .config
@@ -904,6 +932,7 @@ impl Handler<VerificationDone> for NodeProxy {
         }
         let _ = job.events.send(JobEvent::Reset);
         job.emitted.clear();
+        job.text = job.text.as_ref().map(JobText::restarted);
         // A new task id for the re-run, so the honest node's receipt is not taken for a
         // duplicate of the failed one (the game's response keeps its id).
         job.id = TaskId(rand::random());

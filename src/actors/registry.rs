@@ -29,6 +29,8 @@ pub struct Registry {
     /// Consecutive failed commits (for the log).
     failures: u32,
     dropped: u64,
+    /// The completions this server saw: committed ones are dropped from it.
+    completions: Option<std::sync::Arc<super::completion_log::CompletionLog>>,
 }
 
 impl Registry {
@@ -42,7 +44,14 @@ impl Registry {
             committing: false,
             failures: 0,
             dropped: 0,
+            completions: None,
         }
+    }
+
+    /// With the server's completion log (entries leave it once their block commits).
+    pub fn with_completion_log(mut self, log: std::sync::Arc<super::completion_log::CompletionLog>) -> Self {
+        self.completions = Some(log);
+        self
     }
 
     /// With proof of inference: the sampling policy and the reputation floor for suspects.
@@ -67,6 +76,9 @@ impl Registry {
                 this.committing = false;
                 match result {
                     Ok(outcome) => {
+                        if let Some(log) = &this.completions {
+                            log.committed(batch.iter().filter(|r| r.receipt.witnessed).map(|r| r.receipt.task));
+                        }
                         if this.failures > 0 {
                             tracing::info!(after_failures = this.failures, "registry commits resumed");
                         }

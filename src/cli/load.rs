@@ -244,7 +244,7 @@ async fn direct_engine_latency(tokens: usize) -> Vec<Duration> {
                 TaskId(i),
                 0,
                 "fake",
-                tokens as u32,
+                (tokens as u32, Default::default()),
                 &crate::crypto::identity::Address([0; 20]),
             ),
         };

@@ -199,6 +199,10 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.server.data_dir)?;
     let key_file = demo_dir.join("api-key");
     let model_name = crate::inference::model::model_name(&args.model);
+    // The server counts the demo model's prompts and makes its text, and holds it as the
+    // verifier's reference: the proof of inference is on from the first request.
+    settings.distributor.model_files.entry(model_name.clone()).or_insert_with(|| args.model.clone());
+    settings.verifier.models.entry(model_name.clone()).or_insert_with(|| args.model.clone());
     // The demo's chain: anvil on loopback, its state kept next to the demo's database.
     let anvil = crate::chain::anvil::Anvil::start_with_state(Some(1), Some(&demo_dir.join("anvil-state.json")))?;
     actix_web::rt::System::new().block_on(async move {

@@ -93,10 +93,14 @@ async fn complete(
     };
     let body = read_body(&req, body, state.max_body_bytes).await?;
     let valid = parse_request(&body, endpoint, state.request_limits)?;
+    // The server counts the prompt itself (on this worker thread, not on an actor).
+    let prompt = state.catalog.count(&valid.model, &valid.input)?;
     let admit = Admit {
         bearer: Some(bearer),
         stream: valid.stream,
         model: valid.model.clone(),
+        text: state.catalog.get(&valid.model).cloned(),
+        prompt,
         input: valid.input,
         params: valid.params,
         max_tokens: valid.max_tokens,

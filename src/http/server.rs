@@ -48,6 +48,8 @@ pub struct AppState {
     /// Samples of the API counters for the dashboard's charts.
     pub traffic: super::dashboard::TrafficHistory,
     pub registry: Addr<Registry>,
+    /// Tokenizers of the models the server accounts for (prompt counts, the games' text).
+    pub catalog: Arc<crate::actors::catalog::Catalog>,
 }
 
 /// What the HTTP layer knows of settlement.
@@ -137,6 +139,16 @@ fn admin_token_hash(settings: &Settings) -> std::io::Result<String> {
     Ok(crate::ledger::hash_key(&token))
 }
 
+/// The text sides of the models this server accounts for: `[distributor] model_files` and
+/// the verifier's reference models.
+fn load_catalog(s: &Settings) -> std::io::Result<crate::actors::catalog::Catalog> {
+    let mut files = s.verifier.models.clone();
+    files.extend(s.distributor.model_files.clone());
+    let catalog = crate::actors::catalog::Catalog::load(&files).map_err(std::io::Error::other)?;
+    tracing::info!(models = ?catalog.names(), "the server counts prompt tokens and makes the text of these models itself");
+    Ok(catalog)
+}
+
 /// Starts the actors and the HTTP server inside the current actix System. The returned
 /// future runs the server until it stops.
 pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle, actix_web::dev::Server)> {
@@ -163,10 +175,15 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let key_file = s.server.key_file.clone().unwrap_or_else(|| s.server.data_dir.join("distributor.key"));
     let identity = Arc::new(Identity::load_or_create(&key_file).map_err(std::io::Error::other)?);
     let policy = Arc::new(crate::proof::policy::Policy::new(s.verifier.first_tasks, s.verifier.sample_rate));
+    let completions =
+        Arc::new(crate::actors::completion_log::CompletionLog::open(&s.server.data_dir.join("completions.log"))?);
     let registry = {
         let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
         let (policy, floor) = (policy.clone(), s.verifier.suspect_below);
-        supervisor::start("registry", move |_| Registry::new(store, server, max).with_policy(policy, floor))
+        let completions = completions.clone();
+        supervisor::start("registry", move |_| {
+            Registry::new(store, server, max).with_policy(policy, floor).with_completion_log(completions)
+        })
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));
     let settlement = start_settlement(&s, &store, &clock, &identity)?;
@@ -181,6 +198,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let model_keys = Arc::new(load_model_keys(&s.server.data_dir.join("model-keys"))?);
     let quality_game = store.internal_game("ludus-quality-checks").await.map_err(std::io::Error::other)?;
     let verification = start_verifiers(&s, &model_keys, policy, &registry, &distributor, quality_game)?;
+    let catalog = Arc::new(load_catalog(&s)?);
     let state = web::Data::new(AppState {
         clock,
         gateway,
@@ -203,6 +221,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             max_frames_per_s: s.distributor.max_node_frames_per_s,
             max_queued_bytes: s.distributor.max_node_queue_bytes,
             sessions: Default::default(),
+            completions,
         },
         store: store.clone(),
         admin_token_hash: admin_token_hash(&s)?,
@@ -210,6 +229,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         auth_throttle: super::auth_throttle::AuthThrottle::new(s.server.failed_auth_per_minute),
         chaos: s.server.chaos,
         registry: registry.clone(),
+        catalog,
         http_metrics: Default::default(),
         traffic: Default::default(),
     });

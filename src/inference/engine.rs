@@ -22,7 +22,8 @@ use super::kv_cache::KvCache;
 use super::llama::{LogitsFor, PrefillChunk};
 use super::model::Model;
 use super::sampling::{apply_penalties, sample, SamplingParams, TokenHistory};
-use super::tokenizer::{StreamDecoder, Tokenizer};
+use super::text_stream::TextStream;
+use super::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -232,10 +233,8 @@ struct Sequence {
     cached: usize,
     generated: usize,
     history: TokenHistory,
-    decoder: StreamDecoder,
-    text: String,
-    released: usize,
-    max_stop_len: usize,
+    /// The text released so far, stop sequences applied.
+    stream: TextStream,
 }
 
 struct Scheduler {
@@ -402,7 +401,7 @@ impl Scheduler {
             let slot = self.running.len();
             self.cache.clear(slot);
             let tokens: Vec<u32> = r.prompt.iter().chain(&r.prefix).copied().collect();
-            let max_stop_len = r.stop.iter().map(String::len).max().unwrap_or(0);
+            let stream = TextStream::new(&r.stop);
             self.prefilling = Some(Sequence {
                 generated: r.prefix.len(),
                 request: cmd.request,
@@ -414,10 +413,7 @@ impl Scheduler {
                 tokens,
                 cached: 0,
                 history,
-                decoder: StreamDecoder::default(),
-                text: String::new(),
-                released: 0,
-                max_stop_len,
+                stream,
             });
         }
     }
@@ -525,25 +521,8 @@ fn emit(
     seq.history.push_generated(token);
     seq.first_token.get_or_insert_with(Instant::now);
     let is_stop_token = tokenizer.stop_tokens.contains(&token);
-    let piece = if is_stop_token { String::new() } else { seq.decoder.push(tokenizer, token) };
-    seq.text.push_str(&piece);
-    let mut reason = None;
-    // A stop sequence can only start in text not yet released (see `releasable`).
-    let unreleased = &seq.text[seq.released..];
-    let hit = seq.request.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| unreleased.find(s.as_str())).min();
-    let release_to = match hit {
-        Some(pos) => {
-            reason = Some(FinishReason::Stop);
-            seq.released + pos
-        }
-        None => seq.released + releasable(unreleased, &seq.request.stop, seq.max_stop_len),
-    };
-    let text = seq.text[seq.released..release_to].to_string();
-    seq.released = release_to;
-    if hit.is_some() {
-        seq.text.truncate(release_to);
-        seq.decoder.finish();
-    }
+    let (text, hit) = seq.stream.push(tokenizer, token);
+    let mut reason = hit.then_some(FinishReason::Stop);
     let _ = seq.events.send(Event::Token { id: token, text, hidden });
     if is_stop_token {
         reason.get_or_insert(FinishReason::Stop);
@@ -557,25 +536,9 @@ fn emit(
     }
 }
 
-/// How much of `text` can be released: all but the longest suffix that starts a stop sequence.
-fn releasable(text: &str, stops: &[String], max_stop_len: usize) -> usize {
-    if max_stop_len == 0 {
-        return text.len();
-    }
-    let lowest = text.len().saturating_sub(max_stop_len - 1);
-    for start in (lowest..text.len()).filter(|&i| text.is_char_boundary(i)) {
-        let suffix = &text[start..];
-        if stops.iter().any(|s| s.starts_with(suffix)) {
-            return start;
-        }
-    }
-    text.len()
-}
-
 fn finish(mut seq: Sequence, reason: FinishReason, load: &EngineLoad) {
     let now = Instant::now();
-    let mut tail = seq.text[seq.released..].to_string();
-    tail.push_str(&seq.decoder.finish());
+    let tail = seq.stream.finish();
     load.generated_tokens.fetch_add((seq.generated - seq.request.prefix.len()) as u64, Ordering::Relaxed);
     let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
     let timings = Timings {
@@ -596,18 +559,4 @@ fn tensor_to_vec(t: &Tensor) -> Result<Vec<f32>> {
 fn last_row(t: &Tensor) -> Result<Vec<f32>> {
     let n = t.size()[0];
     tensor_to_vec(&t.f_narrow(0, n - 1, 1)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::releasable;
-
-    #[test]
-    fn stop_sequence_prefixes_are_held_back() {
-        let stops = vec!["END".to_string()];
-        assert_eq!(releasable("hello E", &stops, 3), 6);
-        assert_eq!(releasable("hello EN", &stops, 3), 6);
-        assert_eq!(releasable("hello EX", &stops, 3), 8);
-        assert_eq!(releasable("hé", &["éx".to_string()], 3), 1);
-    }
 }

@@ -9,6 +9,8 @@
 //! - [`distill`]: trains a smaller student on a teacher's softened distributions.
 //! - [`eval`]: perplexity, greedy agreement and KL between a model and a compressed copy.
 //! - [`tokenizer`], [`chat_template`]: text in, ids in; ids out, text out.
+//! - [`text_stream`]: ids → released text with stop sequences, shared with the server.
+//! - [`model_text`]: a model's tokenizer and chat template without its weights.
 //! - [`sampling`]: a pure function of (logits, seed, position).
 //! - [`engine`]: continuous batching on a dedicated thread.
 //! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
@@ -28,10 +30,12 @@ pub mod kv_cache;
 pub mod llama;
 pub mod memory_plan;
 pub mod model;
+pub mod model_text;
 pub mod qlinear;
 pub mod quant;
 pub mod safetensors;
 pub mod sampling;
+pub mod text_stream;
 pub mod tiny_model;
 pub mod tokenizer;
 pub mod weights;
@@ -40,5 +44,6 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use engine::{Engine, EngineConfig, Event, FinishReason, Finished, GenerateRequest};
 pub use error::InferError;
 pub use model::{DeviceChoice, Model};
+pub use model_text::ModelText;
 pub use qlinear::Quantization;
 pub use sampling::SamplingParams;

@@ -10,8 +10,8 @@ use tch::{Device, Kind};
 
 use super::chat_template::{ChatMessage, ChatTemplate};
 use super::error::{InferError, Result};
-use super::gguf::GgufFile;
 use super::llama::Llama;
+use super::model_text::ModelText;
 use super::qlinear::Quantization;
 use super::tokenizer::Tokenizer;
 use super::weights::WeightSource;
@@ -144,41 +144,24 @@ impl Model {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let kind = dtype.unwrap_or_else(|| default_dtype_for(device, quantization));
-        let (name, source, tokenizer, template_src) = if crate::crypto::protect::is_bundle(path) {
-            let (manifest, source) = crate::crypto::protect::open_bundle(path, key)?;
-            let (tokenizer, template) = if path.join("tokenizer.gguf").exists() {
-                let g = GgufFile::open(path.join("tokenizer.gguf"))?;
-                (Tokenizer::from_gguf(&g)?, g.get_str("tokenizer.chat_template").map(str::to_string))
-            } else {
-                (Tokenizer::from_hf_dir(path)?, hf_chat_template(path))
-            };
-            (manifest.name, source, tokenizer, template)
+        let text = ModelText::load(path)?;
+        let source = if crate::crypto::protect::is_bundle(path) {
+            crate::crypto::protect::open_bundle(path, key)?.1
         } else {
-            let source = WeightSource::open(path)?;
-            let (tokenizer, template) = match &source {
-                WeightSource::Gguf(g) => {
-                    (Tokenizer::from_gguf(g)?, g.get_str("tokenizer.chat_template").map(str::to_string))
-                }
-                WeightSource::Safetensors(s) => (Tokenizer::from_hf_dir(&s.dir)?, hf_chat_template(&s.dir)),
-                WeightSource::Memory { .. } => unreachable!("WeightSource::open never returns in-memory weights"),
-            };
-            (model_name(path), source, tokenizer, template)
+            WeightSource::open(path)?
         };
         let llama = Llama::load_with_progress(&source, device, kind, quantization, progress)?;
         drop(source);
         release_freed_memory();
-        if tokenizer.vocab_size() > llama.config.vocab_size {
+        if text.tokenizer.vocab_size() > llama.config.vocab_size {
             return Err(InferError::Tokenizer(format!(
                 "tokenizer has {} tokens but the model only {}",
-                tokenizer.vocab_size(),
+                text.tokenizer.vocab_size(),
                 llama.config.vocab_size
             )));
         }
-        let text = |id: Option<u32>| {
-            id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned()).unwrap_or_default()
-        };
-        let template = ChatTemplate::new(template_src.as_deref(), &text(tokenizer.bos), &text(tokenizer.eos))?;
-        Ok(Self { name, path: path.to_path_buf(), llama, tokenizer: Arc::new(tokenizer), template: Arc::new(template) })
+        let ModelText { name, tokenizer, template } = text;
+        Ok(Self { name, path: path.to_path_buf(), llama, tokenizer, template })
     }
 
     /// Renders and tokenizes a conversation, ready for generation.
@@ -207,17 +190,4 @@ fn release_freed_memory() {
             malloc_trim(0);
         }
     }
-}
-
-fn hf_chat_template(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    match &json["chat_template"] {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(items) => {
-            items.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_string)
-        }
-        _ => None,
-    }
-    .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok())
 }

@@ -562,7 +562,7 @@ fn split_digits(text: &str, split: bool) -> Vec<&str> {
 
 /// Incremental detokenizer: feeds token ids, yields text that never ends inside a UTF-8
 /// sequence (incomplete bytes wait for the next token).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct StreamDecoder {
     pending: Vec<u8>,
 }

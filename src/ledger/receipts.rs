@@ -30,6 +30,9 @@ pub struct Receipt {
     pub output_hash: Hash,
     pub receipt_hash: Hash,
     pub signature: Vec<u8>,
+    /// The server saw the node finish this task (live, or in its completion log). A receipt
+    /// it did not see is only acknowledged when the ledger already holds it, never added.
+    pub witnessed: bool,
 }
 
 /// For one node and one block: every task of that node the block holds. The node confirms
@@ -80,14 +83,14 @@ impl ConfirmStatus {
 const CREATE_INCOMING: &str = "CREATE TEMP TABLE IF NOT EXISTS incoming_receipts (
     task_id BIGINT, game_id BIGINT, node_address TEXT, model TEXT, prompt_tokens INTEGER,
     completion_tokens INTEGER, price_units NUMERIC(78, 0), latency_ms INTEGER, output_hash BYTEA,
-    receipt_hash BYTEA, node_signature BYTEA) ON COMMIT DELETE ROWS";
+    receipt_hash BYTEA, node_signature BYTEA, witnessed BOOLEAN) ON COMMIT DELETE ROWS";
 
 const INSERT_NEW: &str = "INSERT INTO receipts (task_id, block, game_id, node_address, model, prompt_tokens,
         completion_tokens, price_units, latency_ms, output_hash, receipt_hash, node_signature)
     SELECT DISTINCT ON (i.task_id) i.task_id, $1, i.game_id, i.node_address, i.model, i.prompt_tokens,
         i.completion_tokens, i.price_units, i.latency_ms, i.output_hash, i.receipt_hash, i.node_signature
     FROM incoming_receipts i
-    WHERE EXISTS (SELECT 1 FROM games g WHERE g.id = i.game_id)
+    WHERE i.witnessed AND EXISTS (SELECT 1 FROM games g WHERE g.id = i.game_id)
     ORDER BY i.task_id
     ON CONFLICT (task_id) DO NOTHING
     RETURNING task_id, node_address, receipt_hash";
@@ -131,7 +134,7 @@ fn copy_rows(receipts: &[Receipt]) -> String {
         copy_bytes(&mut out, &r.receipt_hash);
         out.push('\t');
         copy_bytes(&mut out, &r.signature);
-        out.push('\n');
+        out.push_str(if r.witnessed { "\tt\n" } else { "\tf\n" });
     }
     out
 }
@@ -324,10 +327,12 @@ mod tests {
             output_hash: [1; 32],
             receipt_hash: [2; 32],
             signature: vec![0xff, 0x00],
+            witnessed: true,
         };
         let row = copy_rows(&[r]);
         let fields: Vec<&str> = row.trim_end_matches('\n').split('\t').collect();
-        assert_eq!(fields.len(), 11, "{row}");
+        assert_eq!(fields.len(), 12, "{row}");
+        assert_eq!(fields[11], "t");
         assert_eq!(fields[0], "-1", "u64::MAX is stored bit for bit as -1");
         assert_eq!(fields[3], "we\\tird\\\\name\\n");
         assert_eq!(fields[6], "100000000000000000000");

@@ -225,7 +225,14 @@ mod tests {
     use crate::protocol::TaskTicket;
 
     fn receipt(node: &Identity, task: u64) -> SignedReceipt {
-        let ticket = TaskTicket::issue(&[1; 32], TaskId(task), 1, "m", 8, &node.address);
+        let ticket = TaskTicket::issue(
+            &[1; 32],
+            TaskId(task),
+            1,
+            "m",
+            (8, crate::protocol::PromptCount { tokens: 3, exact: true }),
+            &node.address,
+        );
         SignedReceipt::sign(node, ticket, 3, &[1, 2])
     }
 

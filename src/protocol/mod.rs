@@ -11,4 +11,4 @@ pub use frame::{
     decode_frame, decode_sealed, encode_frame, encode_sealed, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 pub use messages::{FinishReason, Hello, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage};
-pub use receipt::{ReceiptError, SignedReceipt, TaskTicket};
+pub use receipt::{PromptCount, ReceiptError, SignedReceipt, TaskTicket};

@@ -18,6 +18,15 @@ use crate::crypto::identity::{keccak, recover, Address, Identity};
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The server's count of a task's prompt tokens, carried (authenticated) in its ticket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptCount {
+    pub tokens: u32,
+    /// Counted by the server with the model's own tokenizer: a receipt must say exactly
+    /// this. Otherwise `tokens` is an upper bound the server computed from the prompt's bytes.
+    pub exact: bool,
+}
+
 /// What a task is, who runs it and for whom; authenticated by the distributor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskTicket {
@@ -26,6 +35,8 @@ pub struct TaskTicket {
     pub game: i64,
     pub model: String,
     pub max_tokens: u32,
+    /// The prompt tokens the server counted (what is billed), or their bound.
+    pub prompt: PromptCount,
     /// The node the task was given to (0x…).
     pub node: String,
     pub issued_unix_ms: u64,
@@ -34,12 +45,14 @@ pub struct TaskTicket {
 }
 
 fn ticket_bytes(t: &TaskTicket) -> Vec<u8> {
-    let mut out = b"ludus-ticket-v1".to_vec();
+    let mut out = b"ludus-ticket-v2".to_vec();
     out.extend_from_slice(&t.task.0.to_be_bytes());
     out.extend_from_slice(&t.game.to_be_bytes());
     out.extend_from_slice(&(t.model.len() as u32).to_be_bytes());
     out.extend_from_slice(t.model.as_bytes());
     out.extend_from_slice(&t.max_tokens.to_be_bytes());
+    out.extend_from_slice(&t.prompt.tokens.to_be_bytes());
+    out.push(u8::from(t.prompt.exact));
     out.extend_from_slice(&(t.node.len() as u32).to_be_bytes());
     out.extend_from_slice(t.node.as_bytes());
     out.extend_from_slice(&t.issued_unix_ms.to_be_bytes());
@@ -54,7 +67,14 @@ fn ticket_mac(secret: &[u8; 32], t: &TaskTicket) -> HmacSha256 {
 
 impl TaskTicket {
     /// Issues a ticket (fills in the MAC).
-    pub fn issue(secret: &[u8; 32], task: TaskId, game: i64, model: &str, max_tokens: u32, node: &Address) -> Self {
+    pub fn issue(
+        secret: &[u8; 32],
+        task: TaskId,
+        game: i64,
+        model: &str,
+        (max_tokens, prompt): (u32, PromptCount),
+        node: &Address,
+    ) -> Self {
         let issued_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mut t = TaskTicket {
@@ -62,6 +82,7 @@ impl TaskTicket {
             game,
             model: model.to_string(),
             max_tokens,
+            prompt,
             node: node.to_string(),
             issued_unix_ms,
             mac: String::new(),
@@ -100,6 +121,8 @@ pub enum ReceiptError {
     BadSignature(String),
     #[error("{completion} completion tokens exceed the ticket's max_tokens {max}")]
     TooManyTokens { completion: u32, max: u32 },
+    #[error("it claims {claimed} prompt tokens; the server counted {counted}")]
+    PromptTokens { claimed: u32, counted: u32 },
     #[error("malformed receipt: {0}")]
     Malformed(String),
 }
@@ -150,6 +173,10 @@ impl SignedReceipt {
                 max: self.ticket.max_tokens,
             });
         }
+        let prompt = self.ticket.prompt;
+        if (prompt.exact && self.prompt_tokens != prompt.tokens) || self.prompt_tokens > prompt.tokens {
+            return Err(ReceiptError::PromptTokens { claimed: self.prompt_tokens, counted: prompt.tokens });
+        }
         if hex::decode(&self.output_hash).map(|h| h.len()) != Ok(32) {
             return Err(ReceiptError::Malformed("output_hash is not 32 bytes of hex".into()));
         }
@@ -182,7 +209,8 @@ mod tests {
         let secret = [7u8; 32];
         let node = Identity::generate();
         let other = Identity::generate();
-        let ticket = TaskTicket::issue(&secret, TaskId(42), 3, "m", 16, &node.address);
+        let ticket =
+            TaskTicket::issue(&secret, TaskId(42), 3, "m", (16, PromptCount { tokens: 5, exact: true }), &node.address);
         let receipt = SignedReceipt::sign(&node, ticket.clone(), 5, &[1, 2, 3]);
         receipt.check(&secret, &node.address).unwrap();
         // Another node presenting it, or a ticket from another network: refused.
@@ -193,12 +221,23 @@ mod tests {
         assert!(matches!(forged.check(&secret, &node.address), Err(ReceiptError::BadSignature(_))));
         // Any edit after signing breaks the signature; a ticket edit breaks the MAC.
         let mut edited = receipt.clone();
-        edited.prompt_tokens += 1;
+        edited.completion_tokens += 1;
         assert!(matches!(edited.check(&secret, &node.address), Err(ReceiptError::BadSignature(_))));
         let mut regamed = receipt.clone();
         regamed.ticket.game = 4;
         assert_eq!(regamed.check(&secret, &node.address), Err(ReceiptError::ForgedTicket));
-        let long = SignedReceipt::sign(&node, ticket, 5, &[0; 17]);
+        let long = SignedReceipt::sign(&node, ticket.clone(), 5, &[0; 17]);
         assert!(matches!(long.check(&secret, &node.address), Err(ReceiptError::TooManyTokens { .. })));
+        // The prompt count is the server's: a signed receipt claiming more (or, for an exact
+        // count, anything else) is refused.
+        for claimed in [4, 6, 10_000_000] {
+            let inflated = SignedReceipt::sign(&node, ticket.clone(), claimed, &[1]);
+            let refused = inflated.check(&secret, &node.address);
+            assert_eq!(refused, Err(ReceiptError::PromptTokens { claimed, counted: 5 }));
+        }
+        let bound = PromptCount { tokens: 40, exact: false };
+        let ticket = TaskTicket::issue(&secret, TaskId(43), 3, "m", (16, bound), &node.address);
+        SignedReceipt::sign(&node, ticket.clone(), 12, &[1]).check(&secret, &node.address).unwrap();
+        assert!(SignedReceipt::sign(&node, ticket, 41, &[1]).check(&secret, &node.address).is_err());
     }
 }

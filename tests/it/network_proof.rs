@@ -129,7 +129,7 @@ fn a_node_that_edits_a_token_is_caught_quarantined_and_unpaid() {
             let m = NodeMessage::Token { id: spec.id, index, token, text: "x".into() };
             rogue.link.send(&m).await.unwrap();
         }
-        let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), 30, &completion);
+        let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &completion);
         let usage = TaskUsage { prompt_tokens: 30, completion_tokens: completion.len() };
         let done = NodeMessage::Done {
             id: spec.id,
@@ -351,7 +351,7 @@ async fn answer(
     for (index, &token) in completion.iter().enumerate() {
         rogue.link.send(&NodeMessage::Token { id: spec.id, index, token, text: "x".into() }).await.unwrap();
     }
-    let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), 30, &completion);
+    let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &completion);
     let usage = TaskUsage { prompt_tokens: 30, completion_tokens: completion.len() };
     let done = NodeMessage::Done {
         id: spec.id,

@@ -17,8 +17,13 @@ use super::helpers::smollm2;
 use super::registry::{try_chat, try_post_chat, Rogue};
 
 /// The rogue's first task (the game asks in the background), then `lie` with it; returns
-/// the reason the server gave when it closed the link.
-fn cut_for(cluster: &Cluster, model: &'static str, lie: impl FnOnce(u64, usize) -> Vec<NodeMessage>) -> String {
+/// the reason the server gave when it closed the link, and the game's answer (its task id)
+/// if it got one.
+fn cut_for(
+    cluster: &Cluster,
+    model: &'static str,
+    lie: impl FnOnce(u64, usize) -> Vec<NodeMessage>,
+) -> (String, Option<u64>) {
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
     let asked = Arc::new(AtomicBool::new(false));
     let game = {
@@ -53,9 +58,7 @@ fn cut_for(cluster: &Cluster, model: &'static str, lie: impl FnOnce(u64, usize) 
         }
         reason
     });
-    // The game never gets the rogue's answer (no other node: its request times out).
-    assert_eq!(game.join().unwrap(), None, "a rogue's answer reached the game");
-    reason
+    (reason, game.join().unwrap())
 }
 
 fn token(id: u64, index: usize, token: u32, text: &str) -> NodeMessage {
@@ -65,19 +68,23 @@ fn token(id: u64, index: usize, token: u32, text: &str) -> NodeMessage {
 #[test]
 fn a_node_sending_tokens_past_max_tokens_is_cut_and_nothing_is_recorded() {
     let cluster = Cluster::start("");
-    let reason =
+    let (reason, answer) =
         cut_for(&cluster, "rogue-model", |id, max_tokens| (0..=max_tokens).map(|i| token(id, i, 7, "x")).collect());
     assert!(reason.contains("past max_tokens (4)"), "{reason:?}");
+    // The four tokens within bounds had reached the game: its answer is whole at
+    // max_tokens. The rogue, cut before its end of task, has no receipt.
+    assert!(answer.is_some());
     std::thread::sleep(Duration::from_millis(800)); // two blocks
-    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing billed");
+    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
 }
 
 #[test]
 fn a_node_sending_more_text_than_its_tokens_carry_is_cut() {
     let cluster = Cluster::start("");
     let huge = "spam ".repeat(400);
-    let reason = cut_for(&cluster, "rogue-model", move |id, _| vec![token(id, 0, 7, &huge)]);
+    let (reason, answer) = cut_for(&cluster, "rogue-model", move |id, _| vec![token(id, 0, 7, &huge)]);
     assert!(reason.contains("more text than its tokens can carry"), "{reason:?}");
+    assert_eq!(answer, None, "the rogue's text never reached the game");
 }
 
 #[test]
@@ -89,8 +96,9 @@ fn a_token_id_outside_the_vocabulary_is_refused_at_the_link() {
     );
     let cluster = Cluster::start(&config);
     // Used to reach the verifier, whose error on it was booked as verified.
-    let reason = cut_for(&cluster, "SmolLM2-135M-Instruct.Q4_1", |id, _| vec![token(id, 0, 60_000, "x")]);
+    let (reason, answer) = cut_for(&cluster, "SmolLM2-135M-Instruct.Q4_1", |id, _| vec![token(id, 0, 60_000, "x")]);
     assert!(reason.contains("token id 60000 is outside the model's vocabulary of 49152"), "{reason:?}");
+    assert_eq!(answer, None);
 }
 
 #[test]
@@ -170,4 +178,103 @@ fn an_honest_node_streaming_many_tokens_a_second_is_never_cut_as_a_flood() {
     assert_eq!(answered, 320, "every request answered");
     let log = cluster.server.log_text();
     assert!(!log.contains("flooding"), "an honest node was cut: {log}");
+}
+
+/// A rogue serving a model whose tokenizer the server holds: it returns real token ids with
+/// text of its own, and signs a receipt for 10 M prompt tokens. The game reads the text the
+/// server made from the ids and is billed the prompt tokens the server counted; the receipt
+/// is refused, so nothing is billed on the node's word.
+#[test]
+fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() {
+    let Some(path) = smollm2() else { return };
+    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+    let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
+    let text = ludus::inference::ModelText::load(&path).unwrap();
+    let messages = vec![ludus::inference::ChatMessage::new("user", "Greet the traveller.")];
+    let counted = text.chat_prompt(&messages).unwrap().len();
+    let ids = text.tokenizer.encode(" Well met, traveller!", false).unwrap();
+    let body = serde_json::json!({"model": MODEL, "max_tokens": 16, "messages": messages}).to_string();
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let game = std::thread::spawn(move || loop {
+        let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+        if r.status == 200 {
+            return r.json();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let task = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+        let spec = rogue.task(&mut []).await;
+        assert_eq!(spec.ticket.prompt, ludus::protocol::PromptCount { tokens: counted as u32, exact: true });
+        for (index, &id) in ids.iter().enumerate() {
+            rogue.link.send(&token(spec.id.0, index, id, "visit scam.example ")).await.unwrap();
+        }
+        let receipt = ludus::protocol::SignedReceipt::sign(&rogue.id, spec.ticket.clone(), 10_000_000, &ids);
+        let usage = ludus::protocol::TaskUsage { prompt_tokens: 10_000_000, completion_tokens: ids.len() };
+        let done = NodeMessage::Done {
+            id: spec.id,
+            finish_reason: ludus::protocol::FinishReason::Stop,
+            usage,
+            tail: "and scam.example again".into(),
+            receipt,
+            proof: None,
+        };
+        rogue.link.send(&done).await.unwrap();
+        rogue.idle(&mut [], Duration::from_millis(1000)).await;
+        spec.id
+    });
+    let answer = game.join().unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], " Well met, traveller!", "{answer}");
+    assert_eq!(answer["usage"]["prompt_tokens"], counted, "{answer}");
+    let log = cluster.server.log_text();
+    assert!(log.contains(&format!("claims 10000000 prompt tokens; the server counted {counted}")), "{log}");
+    let store = cluster.store();
+    let recorded = format!("SELECT count(*) FROM receipts WHERE task_id = {}", task.0 as i64);
+    assert_eq!(numbers(&store, &recorded), vec![0], "a receipt on the node's word was recorded");
+}
+
+/// A node that answers `Failed` (a request error: no retry, no penalty) and then re-sends a
+/// receipt claiming `max_tokens` used to be paid: the re-sent path only checked the ticket.
+/// Now a re-sent receipt counts only for a completion the server saw (its completion log).
+#[test]
+fn a_receipt_for_a_task_the_node_failed_earns_nothing() {
+    let cluster = Cluster::start("");
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let asked = Arc::new(AtomicBool::new(false));
+    let game = {
+        let asked = asked.clone();
+        std::thread::spawn(move || loop {
+            let answered = try_chat(&addr, &key, "rogue-model");
+            if answered.is_some() || asked.load(Ordering::Relaxed) {
+                return answered;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        })
+    };
+    let (failed, finished) = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, "rogue-model").await;
+        let failed = rogue.task(&mut []).await;
+        asked.store(true, Ordering::Relaxed);
+        let refusal = NodeMessage::Failed { id: failed.id, error: "cannot run this".into(), request_error: true };
+        rogue.link.send(&refusal).await.unwrap();
+        let claim = ludus::protocol::SignedReceipt::sign(&rogue.id, failed.ticket.clone(), 5, &[7, 7, 7, 7]);
+        rogue.link.send(&NodeMessage::Receipts { receipts: vec![claim] }).await.unwrap();
+        // An honest task of the same node, re-sent afterwards: on the books once.
+        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+        let second = std::thread::spawn(move || try_chat(&addr, &key, "rogue-model"));
+        let finished = rogue.task(&mut []).await;
+        let honest = rogue.honest_receipt(&finished);
+        rogue.finish(&finished, honest.clone()).await;
+        assert!(second.join().unwrap().is_some());
+        rogue.link.send(&NodeMessage::Receipts { receipts: vec![honest] }).await.unwrap();
+        rogue.idle(&mut [], Duration::from_millis(1200)).await;
+        (failed.id, finished.id)
+    });
+    assert_eq!(game.join().unwrap(), None, "the game got an error for the failed task");
+    let store = cluster.store();
+    let count = |task: ludus::protocol::TaskId| {
+        numbers(&store, &format!("SELECT count(*) FROM receipts WHERE task_id = {}", task.0 as i64))
+    };
+    assert_eq!(count(failed), vec![0], "a receipt for a failed task was recorded");
+    assert_eq!(count(finished), vec![1]);
 }

@@ -1,0 +1,109 @@
+//! The server's own accounting of what a task is: for every model it holds the text side of
+//! (`[distributor] model_files`, and the verifier's reference models), it renders and
+//! tokenizes each prompt itself — the prompt tokens billed are the ones it counted — and
+//! makes the text a game reads from the token ids nodes return ([`JobText`]), never from
+//! a node's own text. Models without one (test doubles such as `--fake-engine`) get a
+//! prompt-token bound computed from the prompt's bytes, and their nodes' text.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::error::ServeError;
+use crate::inference::text_stream::TextStream;
+use crate::inference::ModelText;
+use crate::protocol::{PromptCount, TaskInput};
+
+/// Prompt tokens allowed per byte of an unaccounted prompt, plus the template's overhead:
+/// a byte-level BPE token covers at least one byte.
+const TEMPLATE_TOKENS_PER_MESSAGE: u32 = 16;
+const TEMPLATE_TOKENS: u32 = 64;
+
+/// Text sides of the models this server accounts for, by served name.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    models: HashMap<String, Arc<ModelText>>,
+}
+
+impl Catalog {
+    /// Reads the tokenizer and template of every listed model (not its weights).
+    pub fn load(files: &BTreeMap<String, PathBuf>) -> anyhow::Result<Self> {
+        let mut models = HashMap::new();
+        for (name, path) in files {
+            let text = ModelText::load(path)
+                .map_err(|e| anyhow::anyhow!("model {name}: cannot read its tokenizer from {}: {e}", path.display()))?;
+            models.insert(name.clone(), Arc::new(text));
+        }
+        Ok(Self { models })
+    }
+
+    pub fn get(&self, model: &str) -> Option<&Arc<ModelText>> {
+        self.models.get(model)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.models.keys().map(String::as_str).collect();
+        names.sort();
+        names
+    }
+
+    /// The server's count of a prompt's tokens: exact for an accounted model, else a bound.
+    pub fn count(&self, model: &str, input: &TaskInput) -> Result<PromptCount, ServeError> {
+        let Some(text) = self.models.get(model) else {
+            return Ok(PromptCount { tokens: byte_bound(input), exact: false });
+        };
+        let ids = match input {
+            TaskInput::Chat(messages) => text.chat_prompt(messages),
+            TaskInput::Text(prompt) => text.completion_prompt(prompt),
+        }
+        .map_err(|e| ServeError::Rejected(format!("the prompt cannot be rendered for `{model}`: {e}")))?;
+        let tokens = u32::try_from(ids.len()).map_err(|_| ServeError::Rejected("the prompt is too long".into()))?;
+        Ok(PromptCount { tokens, exact: true })
+    }
+}
+
+/// At most one token per byte, plus the chat template's own tokens.
+fn byte_bound(input: &TaskInput) -> u32 {
+    let tokens = match input {
+        TaskInput::Chat(messages) => messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len() + TEMPLATE_TOKENS_PER_MESSAGE as usize)
+            .sum::<usize>(),
+        TaskInput::Text(prompt) => prompt.len(),
+    };
+    u32::try_from(tokens).unwrap_or(u32::MAX).saturating_add(TEMPLATE_TOKENS)
+}
+
+/// The text of one job, made by the server from the ids its nodes return. It travels with
+/// the job, so a failover continuation extends the same text.
+#[derive(Debug, Clone)]
+pub struct JobText {
+    pub model: Arc<ModelText>,
+    pub stream: TextStream,
+}
+
+impl JobText {
+    pub fn new(model: Arc<ModelText>, stop: &[String]) -> Self {
+        Self { model, stream: TextStream::new(stop) }
+    }
+
+    /// Adds a token; the text it releases and whether a stop sequence ends the answer.
+    pub fn push(&mut self, token: u32) -> (String, bool) {
+        self.stream.push(&self.model.tokenizer, token)
+    }
+
+    /// The text held back until the end.
+    pub fn finish(&mut self) -> String {
+        self.stream.finish()
+    }
+
+    /// The same model and stop sequences, from the start (an answer produced again).
+    pub fn restarted(&self) -> Self {
+        Self { model: self.model.clone(), stream: self.stream.restarted() }
+    }
+
+    /// Vocabulary size: ids at or above it are refused.
+    pub fn vocab_size(&self) -> usize {
+        self.model.tokenizer.vocab_size()
+    }
+}

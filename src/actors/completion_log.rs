@@ -1,0 +1,170 @@
+//! The server's write-ahead log of the completions it saw: for every task a node finished
+//! live, (task, node, completion tokens, output hash) is appended to
+//! `data_dir/completions.log` before the game hears `Done`. After a crash, nodes re-send
+//! their unconfirmed receipts; one is recorded only when this log (or the ledger itself)
+//! shows the server saw that node finish that task with that output. A receipt for a task
+//! the node failed, or never ran, earns nothing — while a kill -9 still loses no earned
+//! receipt: the line is in the kernel's page cache before the game is answered, and
+//! `sync_data` runs with every block. Lines of committed tasks are dropped as blocks commit;
+//! the file is rewritten when they pile up.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Dropped lines tolerated before the file is rewritten with the open ones.
+const COMPACT_AFTER_LINES: usize = 50_000;
+
+/// What the server saw of one finished task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    node: [u8; 20],
+    completion_tokens: u32,
+    output_hash: [u8; 32],
+}
+
+struct Inner {
+    file: File,
+    open: HashMap<u64, Seen>,
+    lines: usize,
+}
+
+pub struct CompletionLog {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for CompletionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompletionLog").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn parse(line: &str) -> Option<(u64, Seen)> {
+    let mut fields = line.split(' ');
+    let task = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let node = hex::decode(fields.next()?).ok()?.try_into().ok()?;
+    let completion_tokens = fields.next()?.parse().ok()?;
+    let output_hash = hex::decode(fields.next()?).ok()?.try_into().ok()?;
+    fields.next().is_none().then_some((task, Seen { node, completion_tokens, output_hash }))
+}
+
+fn format_line(task: u64, seen: &Seen) -> String {
+    format!("{task:016x} {} {} {}\n", hex::encode(seen.node), seen.completion_tokens, hex::encode(seen.output_hash))
+}
+
+impl CompletionLog {
+    /// Opens (creating, mode 0600) and replays the log; damaged lines (a torn tail) are
+    /// skipped.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut open = HashMap::new();
+        let mut lines = 0;
+        if let Ok(existing) = File::open(path) {
+            for line in BufReader::new(existing).lines() {
+                lines += 1;
+                if let Some((task, seen)) = parse(&line?) {
+                    open.insert(task, seen);
+                }
+            }
+        }
+        let mut options = OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(options.create(true).append(true), 0o600);
+        let mut file = options.open(path)?;
+        // Start on a fresh line, in case the last one was torn.
+        file.write_all(b"\n")?;
+        if !open.is_empty() {
+            tracing::info!(path = %path.display(), completions = open.len(), "completion log replayed");
+        }
+        Ok(Self { path: path.to_path_buf(), inner: Mutex::new(Inner { file, open, lines }) })
+    }
+
+    /// Records a completion the server saw (before the game is told it is done).
+    pub fn record(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) {
+        let seen = Seen { node, completion_tokens, output_hash };
+        let mut inner = self.inner.lock().expect("completion log lock");
+        if let Err(e) = inner.file.write_all(format_line(task, &seen).as_bytes()) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot write the completion log");
+        }
+        inner.lines += 1;
+        inner.open.insert(task, seen);
+    }
+
+    /// Whether the server saw `node` finish `task` with exactly this output.
+    pub fn witnessed(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) -> bool {
+        let inner = self.inner.lock().expect("completion log lock");
+        inner.open.get(&task) == Some(&Seen { node, completion_tokens, output_hash })
+    }
+
+    /// Drops tasks the ledger now holds, forces the file to disk, and rewrites it when
+    /// dropped lines pile up.
+    pub fn committed(&self, tasks: impl IntoIterator<Item = u64>) {
+        let mut inner = self.inner.lock().expect("completion log lock");
+        for task in tasks {
+            inner.open.remove(&task);
+        }
+        if let Err(e) = inner.file.sync_data() {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot sync the completion log");
+        }
+        if inner.lines > COMPACT_AFTER_LINES && inner.lines > 4 * inner.open.len() {
+            if let Err(e) = self.compact(&mut inner) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot compact the completion log");
+            }
+        }
+    }
+
+    /// Tasks seen and not yet committed (tests and diagnostics).
+    pub fn pending(&self) -> usize {
+        self.inner.lock().expect("completion log lock").open.len()
+    }
+
+    /// Rewrites the file with the open entries only (temp file, fsync, rename).
+    fn compact(&self, inner: &mut Inner) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("compacting");
+        let mut options = OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(options.create(true).write(true).truncate(true), 0o600);
+        let mut out = options.open(&tmp)?;
+        for (task, seen) in &inner.open {
+            out.write_all(format_line(*task, seen).as_bytes())?;
+        }
+        out.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        let mut options = OpenOptions::new();
+        inner.file = std::os::unix::fs::OpenOptionsExt::mode(options.append(true), 0o600).open(&self.path)?;
+        inner.lines = inner.open.len();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_survive_a_restart_until_committed_and_a_torn_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("completions.log");
+        let log = CompletionLog::open(&path).unwrap();
+        log.record(1, [1; 20], 5, [9; 32]);
+        log.record(2, [2; 20], 7, [8; 32]);
+        drop(log);
+        // A crash mid-write leaves a torn line.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"00000000000003 0102").unwrap();
+        let log = CompletionLog::open(&path).unwrap();
+        assert!(log.witnessed(1, [1; 20], 5, [9; 32]));
+        assert!(!log.witnessed(1, [2; 20], 5, [9; 32]), "another node");
+        assert!(!log.witnessed(1, [1; 20], 6, [9; 32]), "another count");
+        assert!(!log.witnessed(3, [1; 20], 5, [9; 32]), "never seen");
+        log.committed([1]);
+        assert!(!log.witnessed(1, [1; 20], 5, [9; 32]));
+        assert_eq!(log.pending(), 1);
+        log.record(4, [4; 20], 1, [4; 32]);
+        assert!(log.witnessed(4, [4; 20], 1, [4; 32]), "written after the torn line");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
