@@ -698,11 +698,29 @@ impl NodeProxy {
             return;
         }
         if run.job.events.send(JobEvent::Text(text)).is_err() {
-            // The game closed its connection: free the node's slot now.
-            self.in_flight.remove(&id);
-            self.send(&ServerMessage::Cancel { id });
-            self.distributor.do_send(TaskCancelled { node: self.id, task: id });
+            // The game closed its connection: free the node's slot now. This token never
+            // reached it; the ones before did.
+            let delivered = run.job.emitted.len() - 1;
+            self.abandon(id, delivered);
         }
+    }
+
+    /// The game left: the node stops, and the tokens the server had relayed are billed and
+    /// paid — the server writes them ahead like a completion, and asks the node for a
+    /// receipt covering exactly those.
+    fn abandon(&mut self, id: TaskId, delivered: usize) {
+        let Some(run) = self.in_flight.remove(&id) else { return };
+        let delivered = delivered.min(run.job.emitted.len());
+        let keep = match self.address {
+            Some(address) if delivered > 0 => {
+                let hash = crate::protocol::receipt::output_hash(&run.job.emitted[..delivered]);
+                self.config.completions.record(id.0, address.0, delivered as u32, hash);
+                Some(delivered as u32)
+            }
+            _ => None,
+        };
+        self.send(&ServerMessage::Cancel { id, delivered: keep });
+        self.distributor.do_send(TaskCancelled { node: self.id, task: id });
     }
 }
 
@@ -726,13 +744,12 @@ impl Actor for NodeProxy {
                 let silent = this.last_seen.elapsed();
                 this.fail(ctx, format!("no frame for {} ms (heartbeat timeout)", silent.as_millis()));
             }
-            // Jobs whose game left before any token arrived are cancelled here.
+            // Jobs whose game left (noticed here when no text was sent since) are cancelled.
             let gone: Vec<TaskId> =
                 this.in_flight.iter().filter(|(_, r)| r.job.cancelled()).map(|(&id, _)| id).collect();
             for id in gone {
-                this.in_flight.remove(&id);
-                this.send(&ServerMessage::Cancel { id });
-                this.distributor.do_send(TaskCancelled { node: this.id, task: id });
+                let delivered = this.in_flight.get(&id).map_or(0, |r| r.job.emitted.len());
+                this.abandon(id, delivered);
             }
             // A task without progress for too long, or past its deadline however it
             // trickles, goes elsewhere (wedged or lying node).
@@ -745,7 +762,7 @@ impl Actor for NodeProxy {
                 .collect();
             for id in stalled {
                 if let Some(run) = this.in_flight.remove(&id) {
-                    this.send(&ServerMessage::Cancel { id });
+                    this.send(&ServerMessage::Cancel { id, delivered: None });
                     let reason = format!("no progress for {} s", TASK_STALL_TIMEOUT.as_secs());
                     this.distributor.do_send(TaskReturned {
                         node: this.id,

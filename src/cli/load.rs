@@ -249,7 +249,7 @@ async fn direct_engine_latency(tokens: usize) -> Vec<Duration> {
             ),
         };
         let started = Instant::now();
-        if let Ok(mut rx) = backend.start(&spec) {
+        if let Ok((mut rx, _)) = backend.start(&spec) {
             while let Some(ev) = rx.recv().await {
                 if matches!(ev, Event::Done(_) | Event::Error(_) | Event::Rejected(_)) {
                     break;

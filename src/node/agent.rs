@@ -195,7 +195,7 @@ async fn session(
     });
     // Whatever the registry has not confirmed goes again: it may have crashed.
     resend(log, &out, true);
-    let tasks: Rc<RefCell<HashMap<TaskId, actix_web::rt::task::JoinHandle<()>>>> = Rc::default();
+    let tasks: Tasks = Rc::default();
     let mut heartbeat = actix_web::rt::time::interval(heartbeat_interval);
     let (mut last_count, mut last_at) = (backend.load().1, Instant::now());
     let end = loop {
@@ -205,13 +205,19 @@ async fn session(
                     Ok(ServerMessage::Task(spec)) => {
                         let id = spec.id;
                         tracing::info!(task = %id, model = %spec.model, prefix = spec.prefix.len(), "task started");
-                        let runner = TaskRunner { identity: identity.clone(), log: log.clone(), out: out.clone(), tasks: tasks.clone() };
+                        let progress: Rc<RefCell<Progress>> = Rc::default();
+                        let runner = TaskRunner { identity: identity.clone(), log: log.clone(), out: out.clone(), tasks: tasks.clone(), progress: progress.clone() };
+                        let ticket = spec.ticket.clone();
                         let handle = actix_web::rt::spawn(run_task(backend.clone(), spec, runner));
-                        tasks.borrow_mut().insert(id, handle);
+                        tasks.borrow_mut().insert(id, Running { handle, ticket, progress });
                     }
-                    Ok(ServerMessage::Cancel { id }) => {
-                        if let Some(handle) = tasks.borrow_mut().remove(&id) {
-                            handle.abort(); // drops the engine's receiver: the slot frees next step
+                    Ok(ServerMessage::Cancel { id, delivered }) => {
+                        let running = tasks.borrow_mut().remove(&id);
+                        if let Some(running) = running {
+                            running.handle.abort(); // drops the engine's receiver: the slot frees next step
+                            if let Some(delivered) = delivered {
+                                partial_receipt(identity, log, &out, id, &running, delivered as usize);
+                            }
                         }
                     }
                     Ok(ServerMessage::Recorded { block, tasks }) => {
@@ -251,8 +257,8 @@ async fn session(
             }
         }
     };
-    for (_, handle) in tasks.borrow_mut().drain() {
-        handle.abort();
+    for (_, running) in tasks.borrow_mut().drain() {
+        running.handle.abort();
     }
     writer.abort();
     if let Err(e) = log.borrow().sync() {
@@ -300,85 +306,142 @@ fn confirm(
     Ok(())
 }
 
+/// A task of this session: its runner, its ticket and what it produced so far.
+struct Running {
+    handle: actix_web::rt::task::JoinHandle<()>,
+    ticket: crate::protocol::TaskTicket,
+    progress: Rc<RefCell<Progress>>,
+}
+
+/// What a running task has produced: the completion (prefix included) and, once the
+/// backend tokenized it, the prompt's length.
+#[derive(Default)]
+struct Progress {
+    completion: Vec<u32>,
+    prompt_tokens: Option<usize>,
+}
+
+type Tasks = Rc<RefCell<HashMap<TaskId, Running>>>;
+
 /// What a task runner needs besides the backend and the task.
 struct TaskRunner {
     identity: Arc<Identity>,
     log: SharedLog,
     out: UnboundedSender<Outgoing>,
-    tasks: Rc<RefCell<HashMap<TaskId, actix_web::rt::task::JoinHandle<()>>>>,
+    tasks: Tasks,
+    progress: Rc<RefCell<Progress>>,
+}
+
+/// The game left after `delivered` tokens reached it: a receipt for exactly those, logged
+/// and sent like any re-sent receipt (the server wrote them ahead, so it is paid).
+fn partial_receipt(
+    identity: &Identity,
+    log: &SharedLog,
+    out: &UnboundedSender<Outgoing>,
+    id: TaskId,
+    running: &Running,
+    delivered: usize,
+) {
+    let progress = running.progress.borrow();
+    let (Some(prompt_tokens), true) = (progress.prompt_tokens, delivered <= progress.completion.len()) else {
+        tracing::warn!(task = %id, delivered, produced = progress.completion.len(), "no receipt for a cancelled task: the server counts tokens this node did not produce");
+        return;
+    };
+    let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
+    let receipt =
+        SignedReceipt::sign(identity, running.ticket.clone(), prompt_tokens, &progress.completion[..delivered]);
+    if let Err(e) = log.borrow_mut().add(&receipt) {
+        tracing::error!(task = %id, error = %e, "could not log a receipt");
+    }
+    tracing::info!(task = %id, delivered, "the game left; receipt for the tokens it received");
+    let _ = out.send(Outgoing::Message(NodeMessage::Receipts { receipts: vec![receipt] }));
 }
 
 /// Runs one task on the backend and streams its events as frames; on completion, signs
 /// the receipt and logs it before reporting the task done.
 async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
-    let TaskRunner { identity, log, out, tasks } = runner;
+    let TaskRunner { identity, log, out, tasks, progress } = runner;
     let id = spec.id;
-    let mut completion = spec.prefix.clone();
+    progress.borrow_mut().completion = spec.prefix.clone();
     let challenge =
         spec.challenge.as_deref().and_then(|c| hex::decode(c).ok()).and_then(|c| <[u8; 32]>::try_from(c).ok());
-    let mut prover = challenge
+    let prover = challenge
         .filter(|_| spec.prefix.is_empty())
         .map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).quantized(backend.quantization()));
     match backend.start(&spec) {
         Err(error) => {
             let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
         }
-        Ok(mut events) => loop {
-            match events.recv().await {
-                Some(Event::Token { id: token, text, hidden }) => {
-                    if let (Some(p), Some(h)) = (prover.as_mut(), hidden.as_deref()) {
-                        p.token_row(h); // the row whose logits chose this token
-                    }
-                    let index = completion.len();
-                    completion.push(token);
-                    let _ = out.send(Outgoing::Message(NodeMessage::Token { id, index, token, text }));
-                }
-                Some(Event::Done(done)) => {
-                    let prompt_tokens = u32::try_from(done.prompt_tokens).unwrap_or(u32::MAX);
-                    let receipt = SignedReceipt::sign(&identity, spec.ticket.clone(), prompt_tokens, &completion);
-                    if let Err(e) = log.borrow_mut().add(&receipt) {
-                        // Still report the task: the game is waiting. The receipt is only
-                        // at risk if the server crashes before committing it.
-                        tracing::error!(task = %id, error = %e, "could not log a receipt");
-                    }
-                    let usage =
-                        TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
-                    let proof =
-                        prover.take().and_then(|p| p.finish(&identity, id.0, &spec.model, &completion)).map(Box::new);
-                    let message = NodeMessage::Done {
-                        id,
-                        finish_reason: done.reason.into(),
-                        usage,
-                        tail: done.tail,
-                        receipt,
-                        proof,
-                    };
-                    let _ = out.send(Outgoing::Message(message));
-                    break;
-                }
-                Some(Event::Rejected(error)) => {
-                    let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
-                    break;
-                }
-                Some(Event::Error(error)) => {
-                    let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: false }));
-                    break;
-                }
-                Some(Event::PromptHidden { rows, values }) => {
-                    if let Some(p) = prover.as_mut() {
-                        p.prompt_rows(rows, &values);
-                    }
-                }
-                None => {
-                    let _ = out.send(Outgoing::Message(NodeMessage::Failed {
-                        id,
-                        error: "the engine stopped".into(),
-                        request_error: false,
-                    }));
-                    break;
-                }
-            }
-        },
+        Ok((mut events, prompt_tokens)) => {
+            progress.borrow_mut().prompt_tokens = Some(prompt_tokens);
+            task_events(&mut events, &spec, &identity, &log, &out, &progress, prover).await;
+        }
     }
     tasks.borrow_mut().remove(&id);
+}
+
+/// Streams one task's engine events as frames until it ends.
+async fn task_events(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    spec: &TaskSpec,
+    identity: &Identity,
+    log: &SharedLog,
+    out: &UnboundedSender<Outgoing>,
+    progress: &RefCell<Progress>,
+    mut prover: Option<ProofBuilder>,
+) {
+    let id = spec.id;
+    loop {
+        match events.recv().await {
+            Some(Event::Token { id: token, text, hidden }) => {
+                if let (Some(p), Some(h)) = (prover.as_mut(), hidden.as_deref()) {
+                    p.token_row(h); // the row whose logits chose this token
+                }
+                let index = {
+                    let mut progress = progress.borrow_mut();
+                    progress.completion.push(token);
+                    progress.completion.len() - 1
+                };
+                let _ = out.send(Outgoing::Message(NodeMessage::Token { id, index, token, text }));
+            }
+            Some(Event::Done(done)) => {
+                let completion = progress.borrow().completion.clone();
+                let prompt_tokens = u32::try_from(done.prompt_tokens).unwrap_or(u32::MAX);
+                let receipt = SignedReceipt::sign(identity, spec.ticket.clone(), prompt_tokens, &completion);
+                if let Err(e) = log.borrow_mut().add(&receipt) {
+                    // Still report the task: the game is waiting. The receipt is only
+                    // at risk if the server crashes before committing it.
+                    tracing::error!(task = %id, error = %e, "could not log a receipt");
+                }
+                let usage = TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
+                let proof =
+                    prover.take().and_then(|p| p.finish(identity, id.0, &spec.model, &completion)).map(Box::new);
+                let message =
+                    NodeMessage::Done { id, finish_reason: done.reason.into(), usage, tail: done.tail, receipt, proof };
+                let _ = out.send(Outgoing::Message(message));
+                break;
+            }
+            Some(Event::Rejected(error)) => {
+                let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
+                break;
+            }
+            Some(Event::Error(error)) => {
+                let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: false }));
+                break;
+            }
+            Some(Event::PromptHidden { rows, values }) => {
+                if let Some(p) = prover.as_mut() {
+                    p.prompt_rows(rows, &values);
+                }
+            }
+            None => {
+                let _ = out.send(Outgoing::Message(NodeMessage::Failed {
+                    id,
+                    error: "the engine stopped".into(),
+                    request_error: false,
+                }));
+                break;
+            }
+        }
+    }
 }

@@ -86,8 +86,9 @@ impl Backend {
         }
     }
 
-    /// Starts a task; events arrive on the returned channel, dropping it cancels.
-    pub fn start(self: &Arc<Self>, task: &TaskSpec) -> Result<UnboundedReceiver<Event>, String> {
+    /// Starts a task; events arrive on the returned channel, dropping it cancels. Also
+    /// returns the prompt's length in tokens (for a receipt before the end).
+    pub fn start(self: &Arc<Self>, task: &TaskSpec) -> Result<(UnboundedReceiver<Event>, usize), String> {
         if !self.models().contains(&task.model) {
             return Err(format!("this node does not serve `{}`", task.model));
         }
@@ -101,6 +102,7 @@ impl Backend {
                     TaskInput::Text(text) => engine.tokenizer.encode(text, true),
                 }
                 .map_err(|e| e.to_string())?;
+                let prompt_tokens = prompt.len();
                 let request = GenerateRequest {
                     prompt,
                     prefix: task.prefix.clone(),
@@ -112,7 +114,7 @@ impl Backend {
                     collect_hidden: task.challenge.is_some() && task.prefix.is_empty(),
                     ..GenerateRequest::default()
                 };
-                engine.submit(request).map_err(|e| e.to_string())
+                Ok((engine.submit(request).map_err(|e| e.to_string())?, prompt_tokens))
             }
             Self::Fake(spec) => Ok(fake_run(spec.clone(), task)),
         }
@@ -120,7 +122,7 @@ impl Backend {
 }
 
 /// The fake engine: `spec.tokens` tokens (capped by `max_tokens`) of `spec.text`, paced.
-fn fake_run(spec: FakeSpec, task: &TaskSpec) -> UnboundedReceiver<Event> {
+fn fake_run(spec: FakeSpec, task: &TaskSpec) -> (UnboundedReceiver<Event>, usize) {
     let (tx, rx) = unbounded_channel();
     let total = spec.tokens.min(task.max_tokens);
     let start = task.prefix.len();
@@ -149,7 +151,7 @@ fn fake_run(spec: FakeSpec, task: &TaskSpec) -> UnboundedReceiver<Event> {
         };
         let _ = tx.send(Event::Done(done));
     });
-    rx
+    (rx, prompt_tokens)
 }
 
 /// Available memory from /proc/meminfo (0 when unknown).

@@ -112,9 +112,13 @@ pub enum ServerMessage {
         model_keys: std::collections::BTreeMap<String, String>,
     },
     Task(TaskSpec),
-    /// The game went away: stop generating and free the slot.
+    /// The game went away: stop generating and free the slot. `delivered` (when some
+    /// tokens reached the game) asks for a receipt covering the first `delivered` tokens of
+    /// the completion (prefix included): they are billed and paid.
     Cancel {
         id: TaskId,
+        #[serde(default)]
+        delivered: Option<u32>,
     },
     /// Refusal or shutdown, with the reason; the link closes after it.
     Goodbye {

@@ -278,3 +278,35 @@ fn a_receipt_for_a_task_the_node_failed_earns_nothing() {
     assert_eq!(count(failed), vec![0], "a receipt for a failed task was recorded");
     assert_eq!(count(finished), vec![1]);
 }
+
+/// A game that hangs up mid-stream used to be billed nothing, and the node paid nothing,
+/// for the tokens it had received. Now the server writes the delivered tokens ahead and
+/// asks the node for a receipt covering exactly those.
+#[test]
+fn tokens_delivered_before_a_hang_up_are_billed_and_paid() {
+    let mut cluster = Cluster::start("");
+    cluster.add_node(&["--fake-engine", "1000:20", "--capacity", "1"]);
+    cluster.wait_nodes("fake", 1);
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
+    let mut stream = super::cluster::SseStream::open(&cluster.addr, &cluster.key, body);
+    assert_eq!(stream.status, 200);
+    let first: serde_json::Value = serde_json::from_str(&stream.next_data().unwrap()).unwrap();
+    let task = u64::from_str_radix(first["id"].as_str().unwrap().strip_prefix("chatcmpl-").unwrap(), 16).unwrap();
+    for _ in 0..4 {
+        assert!(stream.next_data().is_some());
+    }
+    drop(stream); // the game goes away
+    let store = cluster.store();
+    let sql = format!(
+        "SELECT completion_tokens::bigint, (price_units > 0)::int::bigint FROM receipts WHERE task_id = {}",
+        task as i64
+    );
+    wait_for("a receipt for the delivered tokens", Duration::from_secs(20), || !numbers(&store, &sql).is_empty());
+    let row = numbers(&store, &sql);
+    assert!(row[0] >= 5 && row[0] < 1000, "billed {} tokens", row[0]);
+    assert_eq!(row[1], 1, "the delivered tokens have a price");
+    // The node confirms it like any receipt: payable.
+    let confirmed =
+        format!("SELECT count(*) FROM receipts WHERE task_id = {} AND confirmation = 'confirmed'", task as i64);
+    wait_for("the node's confirmation", Duration::from_secs(20), || numbers(&store, &confirmed) == vec![1]);
+}
