@@ -261,6 +261,13 @@ impl VerificationDone {
     }
 }
 
+/// A node joined: restore the verification policy's state of it from the ledger.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct NodeJoined {
+    pub node: Address,
+}
+
 /// Commit what is buffered now (if no commit runs); answers (still buffered, committing).
 #[derive(Message)]
 #[rtype(result = "(usize, bool)")]

@@ -355,6 +355,9 @@ impl NodeProxy {
             old.do_send(Disconnect(format!("a newer session of node {} replaced this one", p.address)));
         }
         self.capacity = p.capacity;
+        if self.config.verification.is_some() {
+            self.config.registry.do_send(NodeJoined { node: p.address });
+        }
         // The node joins the table with its first heartbeat: it may still be loading.
         self.address = Some(p.address);
         self.joining = Some((p.address, p.models, p.capacity, p.device));

@@ -217,6 +217,28 @@ impl Handler<VerificationDone> for Registry {
     }
 }
 
+impl Handler<NodeJoined> for Registry {
+    type Result = ();
+
+    /// Restores the policy's state of a node from the ledger: its tasks count towards its
+    /// first ones, and a low reputation makes it a suspect again, whatever restarted.
+    fn handle(&mut self, msg: NodeJoined, ctx: &mut Self::Context) {
+        let Some((policy, floor)) = self.policy.clone() else { return };
+        let store = self.store.clone();
+        let up_to = i64::try_from(policy.first_tasks()).unwrap_or(i64::MAX);
+        async move { store.node_standing(&msg.node.to_string(), up_to).await }
+            .into_actor(self)
+            .map(move |result, _, _| match result {
+                Ok((tasks, reputation)) => {
+                    policy.restore(&msg.node, tasks);
+                    policy.set_suspect(&msg.node, reputation < floor);
+                }
+                Err(e) => tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing"),
+            })
+            .spawn(ctx);
+    }
+}
+
 impl Handler<super::supervisor::InjectPanic> for Registry {
     type Result = ();
 

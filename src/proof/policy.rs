@@ -1,6 +1,8 @@
 //! Which finished tasks get checked: every task of a node's first `first_tasks`, every
 //! task of a suspect node (reputation below the configured floor), and otherwise a random
-//! `sample_rate` share. Shared by the node proxies; the Registry marks suspects.
+//! `sample_rate` share. Shared by the node proxies; the Registry marks suspects and, when a
+//! node joins, restores what the ledger knows of it (its recorded tasks, its reputation),
+//! so the policy's state lives in Postgres and survives restarts.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -32,6 +34,18 @@ impl Policy {
             || rand::random::<f64>() < self.sample_rate
     }
 
+    /// What the ledger knows of a node (after a restart, or from another server): tasks it
+    /// already did count towards its first ones.
+    pub fn restore(&self, node: &Address, tasks: u64) {
+        let mut seen = self.seen.lock().expect("policy lock");
+        let n = seen.entry(*node).or_default();
+        *n = (*n).max(tasks);
+    }
+
+    pub fn first_tasks(&self) -> u64 {
+        self.first_tasks
+    }
+
     pub fn set_suspect(&self, node: &Address, suspect: bool) {
         let mut suspects = self.suspects.lock().expect("policy lock");
         if suspect {
@@ -59,5 +73,9 @@ mod tests {
         assert!(policy.should_verify(&b), "counts are per node");
         let always = Policy::new(0, 1.0);
         assert!((0..10).all(|_| always.should_verify(&a)));
+        // A node the ledger already knows is past its first tasks at once.
+        let restored = Policy::new(3, 0.0);
+        restored.restore(&b, 5);
+        assert!(!restored.should_verify(&b));
     }
 }

@@ -674,3 +674,36 @@ fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     });
     engine.shutdown();
 }
+
+/// The verification policy's state lives in Postgres: a node past its first tasks is not
+/// checked on every task again after the server restarts (the counts used to live in one
+/// process's memory, so every restart made every node "new" — and, the other way, forgot
+/// which nodes were suspects).
+#[test]
+fn the_verification_policy_remembers_a_node_across_a_server_restart() {
+    let Some(path) = smollm2() else { return };
+    let config = verifier_config(&path).replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 2");
+    let mut cluster = Cluster::start(&config);
+    cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1", "--capacity", "1"]);
+    cluster.wait_nodes(MODEL, 1);
+    let body = |i: usize| {
+        format!(r#"{{"model": "{MODEL}", "max_tokens": 6, "temperature": 0, "prompt": "Village rumour number {i}:"}}"#)
+    };
+    let store = cluster.store();
+    let count = |sql: &str| numbers(&store, sql)[0];
+    for i in 0..3 {
+        assert_eq!(cluster.post("/v1/completions", &body(i)).status, 200);
+    }
+    wait_for("three receipts", Duration::from_secs(30), || count("SELECT count(*) FROM receipts") == 3);
+    wait_for("its first two tasks checked", Duration::from_secs(60), || {
+        count("SELECT count(*) FROM verifications") == 2
+    });
+    cluster.restart_server();
+    cluster.wait_nodes(MODEL, 1);
+    for i in 3..5 {
+        assert_eq!(cluster.post("/v1/completions", &body(i)).status, 200);
+    }
+    wait_for("five receipts", Duration::from_secs(30), || count("SELECT count(*) FROM receipts") == 5);
+    std::thread::sleep(Duration::from_secs(2)); // a check, had one been sampled, lands
+    assert_eq!(count("SELECT count(*) FROM verifications"), 2, "the restarted server treated the node as new");
+}
