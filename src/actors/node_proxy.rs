@@ -36,8 +36,14 @@ const MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 const TASK_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most sequences one node may claim to run at once.
 const MAX_CAPACITY: usize = 4096;
-/// Most receipts one `Receipts` frame may carry.
-const MAX_RECEIPTS_PER_FRAME: usize = 2048;
+/// Most receipts one `Receipts` frame may carry (nodes send 500).
+const MAX_RECEIPTS_PER_FRAME: usize = 512;
+/// Re-sent receipts checked per node per second (a secp256k1 recovery each, on the HTTP
+/// worker); the rest of a burst is left for the node to send again (it does, after
+/// `node::receipts::RESEND_AFTER`), so a reconnect after a long outage drains at this pace.
+const RECEIPT_CHECKS_PER_S: usize = 1024;
+/// Blocks announced to a node and not yet confirmed that the proxy remembers.
+const MAX_ANNOUNCED_BLOCKS: usize = 1024;
 /// Most bytes of text one token frame may carry (a token's text is a few bytes; a
 /// stop-sequence hold-back released at once is at most a few hundred).
 const MAX_TOKEN_TEXT_BYTES: usize = 1024;
@@ -189,6 +195,10 @@ pub struct NodeProxy {
     window_start: Instant,
     window_frames: u32,
     window_unsolicited: u32,
+    /// Re-sent receipts checked in the current window.
+    window_receipts: usize,
+    /// Blocks announced to the node (`Recorded`) and not yet confirmed.
+    announced: std::collections::BTreeSet<u64>,
     /// Sequences the node declared it runs at once (scales the frame limit).
     capacity: usize,
     /// Bytes handed to the writer and not yet written to the socket.
@@ -245,6 +255,8 @@ impl NodeProxy {
             window_start: Instant::now(),
             window_frames: 0,
             window_unsolicited: 0,
+            window_receipts: 0,
+            announced: Default::default(),
             capacity: 1,
             queued,
         }
@@ -437,8 +449,17 @@ impl NodeProxy {
                 if receipts.len() > MAX_RECEIPTS_PER_FRAME {
                     return self.fail(ctx, format!("more than {MAX_RECEIPTS_PER_FRAME} receipts in one frame"));
                 }
-                tracing::info!(node = self.id, receipts = receipts.len(), "node re-sent unconfirmed receipts");
-                for receipt in receipts {
+                // Bounded work per second: what is over the budget waits for the next re-send.
+                let room = RECEIPT_CHECKS_PER_S.saturating_sub(self.window_receipts);
+                let deferred = receipts.len().saturating_sub(room);
+                self.window_receipts += receipts.len() - deferred;
+                tracing::info!(
+                    node = self.id,
+                    receipts = receipts.len(),
+                    deferred,
+                    "node re-sent unconfirmed receipts"
+                );
+                for receipt in receipts.into_iter().take(room) {
                     self.record(ctx, receipt, None);
                 }
             }
@@ -621,6 +642,12 @@ impl NodeProxy {
         signature: String,
     ) {
         let Some(address) = self.address else { return };
+        // Only blocks announced to this node, each once: a confirmation is a database
+        // transaction, never one a node can ask for at will.
+        if !self.announced.remove(&block) {
+            tracing::warn!(node = self.id, %address, block, "confirmation of a block not announced to the node; ignored");
+            return;
+        }
         let Ok(root) = hex32(&root) else {
             return self.fail(ctx, "a confirmation root is not 32 bytes of hex");
         };
@@ -818,6 +845,7 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
             self.window_start = now;
             self.window_frames = 0;
             self.window_unsolicited = 0;
+            self.window_receipts = 0;
         }
         // A ceiling on everything (tokens included), scaled by the sequences the node runs,
         // checked before any work on the frame.
@@ -927,6 +955,12 @@ impl Handler<ReceiptsRecorded> for NodeProxy {
 
     /// Tells the node which of its tasks a block holds; it answers with a confirmation.
     fn handle(&mut self, msg: ReceiptsRecorded, _: &mut Self::Context) {
+        if self.announced.len() >= MAX_ANNOUNCED_BLOCKS {
+            // The node stopped confirming; the oldest announcements go (it may confirm them
+            // again after they are announced again, when it re-sends their receipts).
+            self.announced.pop_first();
+        }
+        self.announced.insert(msg.block);
         self.send(&ServerMessage::Recorded { block: msg.block, tasks: msg.tasks });
     }
 }

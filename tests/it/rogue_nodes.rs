@@ -310,3 +310,53 @@ fn tokens_delivered_before_a_hang_up_are_billed_and_paid() {
         format!("SELECT count(*) FROM receipts WHERE task_id = {} AND confirmation = 'confirmed'", task as i64);
     wait_for("the node's confirmation", Duration::from_secs(20), || numbers(&store, &confirmed) == vec![1]);
 }
+
+/// Work a node can make the server do is bounded: confirmations only for blocks announced
+/// to it (each one a database transaction — they used to be accepted for any block), and
+/// re-sent receipts checked (a signature recovery each) at most 1,024 a second per node,
+/// the rest left for the node to send again.
+#[test]
+fn a_node_cannot_make_the_server_do_unbounded_work() {
+    let cluster = Cluster::start("");
+    let connected = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, "busy").await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await;
+        for block in 1..=2_000u64 {
+            let root = hex::encode([0u8; 32]);
+            let signature =
+                hex::encode(rogue.id.sign(&ludus::protocol::receipt::confirmation_message(block, &[0; 32], 0, &[])));
+            let confirm = NodeMessage::Confirm { block, root, count: 0, disputed: vec![], signature };
+            rogue.link.send(&confirm).await.unwrap();
+        }
+        // 4,096 receipts at once (forged: tickets of another network).
+        let other = Identity::generate();
+        let ticket = ludus::protocol::TaskTicket::issue(
+            &[9; 32],
+            ludus::protocol::TaskId(1),
+            1,
+            "busy",
+            (4, Default::default()),
+            &rogue.id.address,
+        );
+        let receipt = ludus::protocol::SignedReceipt::sign(&other, ticket, 0, &[1]);
+        for _ in 0..8 {
+            let receipts = vec![receipt.clone(); 512];
+            rogue.link.send(&NodeMessage::Receipts { receipts }).await.unwrap();
+        }
+        rogue.idle(&mut [], Duration::from_millis(800)).await;
+        // Still connected: bounded work is not a reason to cut an honest node's burst.
+        rogue.link.send(&NodeMessage::Heartbeat(Default::default())).await.is_ok()
+    });
+    assert!(connected, "the link stayed up");
+    let store = cluster.store();
+    assert_eq!(numbers(&store, "SELECT count(*) FROM confirmations"), vec![0]);
+    let log = cluster.server.log_text();
+    // Of a 4,096-receipt burst, at most 1,024 a second are checked (two windows at most,
+    // should a second boundary fall inside the burst); the rest waits for the node.
+    let deferred: usize = log
+        .lines()
+        .filter(|l| l.contains("node re-sent unconfirmed receipts"))
+        .filter_map(|l| l.split("deferred=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok())
+        .sum();
+    assert!(deferred >= 2048, "{deferred} deferred: {log}");
+}
