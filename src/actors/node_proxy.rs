@@ -80,6 +80,8 @@ pub struct NodeProxyConfig {
     /// Frames a node may send per second that the server did not ask for (anything but
     /// the tokens and the end of a task it runs); more is a flood and closes the link.
     pub max_frames_per_s: u32,
+    /// The Gateway's per-key token budgets: a game that hangs up is charged there too.
+    pub usage: Recipient<RecordUsage>,
     /// The completions this server saw (a re-sent receipt is paid only if listed there).
     pub completions: Arc<super::completion_log::CompletionLog>,
     /// The live session of each node address: a newer session of the same key replaces
@@ -745,6 +747,8 @@ impl NodeProxy {
             Some(address) if delivered > 0 => {
                 let hash = crate::protocol::receipt::output_hash(&run.job.emitted[..delivered]);
                 self.config.completions.record(id.0, address.0, delivered as u32, hash);
+                let tokens = (run.job.prompt.tokens as usize).saturating_add(delivered);
+                self.config.usage.do_send(RecordUsage { key_hash: run.job.key_hash.clone(), tokens });
                 Some(delivered as u32)
             }
             _ => None,

@@ -201,7 +201,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let catalog = Arc::new(load_catalog(&s)?);
     let state = web::Data::new(AppState {
         clock,
-        gateway,
+        gateway: gateway.clone(),
         distributor: distributor.clone(),
         request_limits: RequestLimits {
             default_max_tokens: s.server.default_max_tokens,
@@ -222,6 +222,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             max_queued_bytes: s.distributor.max_node_queue_bytes,
             sessions: Default::default(),
             completions,
+            usage: gateway.clone().recipient(),
         },
         store: store.clone(),
         admin_token_hash: admin_token_hash(&s)?,

@@ -360,3 +360,29 @@ fn a_node_cannot_make_the_server_do_unbounded_work() {
         .sum();
     assert!(deferred >= 2048, "{deferred} deferred: {log}");
 }
+
+/// A game that hangs up is charged for what it received against its tokens-per-minute
+/// budget too (that charge used to happen only when the HTTP handler saw the end).
+#[test]
+fn a_game_that_hangs_up_is_charged_to_its_token_budget() {
+    let mut cluster = Cluster::start("");
+    cluster.add_node(&["--fake-engine", "1000:20", "--capacity", "2"]);
+    cluster.wait_nodes("fake", 1);
+    let cfg = cluster.config.to_str().unwrap().to_string();
+    let out = Command::new(BIN).args(["--config", &cfg, "games", "add", "leaver", "--tpm", "40"]).output().unwrap();
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
+    let mut stream = super::cluster::SseStream::open(&cluster.addr, &key, body);
+    assert_eq!(stream.status, 200);
+    for _ in 0..60 {
+        assert!(stream.next_data().is_some());
+    }
+    drop(stream); // the game goes away having received 60 tokens of its 40-token budget
+                  // The hang-up is noticed at the next token (20 ms); one request after it (a request is
+                  // charged only when it ends, so a second one would have spent the budget itself).
+    std::thread::sleep(Duration::from_secs(1));
+    let small = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let next = super::cluster::post_with(&cluster.addr, "/v1/chat/completions", Some(&key), small.as_bytes());
+    assert_eq!(next.status, 429, "{}", next.body);
+    assert!(next.body.contains("tokens per minute"), "{}", next.body);
+}
