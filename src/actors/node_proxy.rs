@@ -503,8 +503,11 @@ impl NodeProxy {
         }
         // Checked against the ticket: the server's count, or within its bound.
         let prompt_tokens = receipt.prompt_tokens;
+        // A continuation is paid for its own tokens, not the failed node's before it: no
+        // token is paid twice.
+        let own_tokens = receipt.ticket.own_tokens(receipt.completion_tokens);
         let price = self.config.prices.for_model(&receipt.ticket.model);
-        let Ok(price) = price.charge(prompt_tokens as u64, receipt.completion_tokens as u64) else {
+        let Ok(price) = price.charge(prompt_tokens as u64, own_tokens as u64) else {
             tracing::warn!(task = %task, "receipt price overflows; refused");
             return;
         };
@@ -525,7 +528,7 @@ impl NodeProxy {
             node: address.to_string(),
             model: receipt.ticket.model.clone(),
             prompt_tokens,
-            completion_tokens: receipt.completion_tokens,
+            completion_tokens: own_tokens,
             price,
             latency_ms: live.map_or(-1, |(_, ms)| ms),
             output_hash,
@@ -922,7 +925,9 @@ impl Handler<Dispatch> for NodeProxy {
         };
         let max_tokens = u32::try_from(job.max_tokens).unwrap_or(u32::MAX);
         let terms = (max_tokens, job.prompt);
-        let ticket = TaskTicket::issue(&self.config.ticket_secret, job.id, job.game_id, &job.model, terms, &address);
+        let prefix = u32::try_from(job.emitted.len()).unwrap_or(u32::MAX);
+        let ticket = TaskTicket::issue(&self.config.ticket_secret, job.id, job.game_id, &job.model, terms, &address)
+            .continuing(&self.config.ticket_secret, prefix);
         // A fresh challenge for models the verifiers hold (not for failover continuations).
         let challenge = self
             .config

@@ -37,6 +37,10 @@ pub struct TaskTicket {
     pub max_tokens: u32,
     /// The prompt tokens the server counted (what is billed), or their bound.
     pub prompt: PromptCount,
+    /// Completion tokens another node produced before this one took the task over
+    /// (failover): part of the receipt's completion, never billed to this node's account.
+    #[serde(default)]
+    pub prefix: u32,
     /// The node the task was given to (0x…).
     pub node: String,
     pub issued_unix_ms: u64,
@@ -53,6 +57,7 @@ fn ticket_bytes(t: &TaskTicket) -> Vec<u8> {
     out.extend_from_slice(&t.max_tokens.to_be_bytes());
     out.extend_from_slice(&t.prompt.tokens.to_be_bytes());
     out.push(u8::from(t.prompt.exact));
+    out.extend_from_slice(&t.prefix.to_be_bytes());
     out.extend_from_slice(&(t.node.len() as u32).to_be_bytes());
     out.extend_from_slice(t.node.as_bytes());
     out.extend_from_slice(&t.issued_unix_ms.to_be_bytes());
@@ -83,12 +88,26 @@ impl TaskTicket {
             model: model.to_string(),
             max_tokens,
             prompt,
+            prefix: 0,
             node: node.to_string(),
             issued_unix_ms,
             mac: String::new(),
         };
         t.mac = hex::encode(ticket_mac(secret, &t).finalize().into_bytes());
         t
+    }
+
+    /// The same ticket for a continuation that starts after `prefix` tokens of another node
+    /// (MAC renewed).
+    pub fn continuing(mut self, secret: &[u8; 32], prefix: u32) -> Self {
+        self.prefix = prefix;
+        self.mac = hex::encode(ticket_mac(secret, &self).finalize().into_bytes());
+        self
+    }
+
+    /// The completion tokens of a receipt that are this node's own work.
+    pub fn own_tokens(&self, completion_tokens: u32) -> u32 {
+        completion_tokens.saturating_sub(self.prefix)
     }
 
     /// Whether the MAC is right (constant-time comparison).
@@ -167,6 +186,9 @@ impl SignedReceipt {
         if self.ticket.node != sender.to_string() {
             return Err(ReceiptError::WrongNode { ticket: self.ticket.node.clone(), sender: sender.to_string() });
         }
+        if self.completion_tokens < self.ticket.prefix {
+            return Err(ReceiptError::Malformed("fewer completion tokens than the failover prefix".into()));
+        }
         if self.completion_tokens > self.ticket.max_tokens {
             return Err(ReceiptError::TooManyTokens {
                 completion: self.completion_tokens,
@@ -238,6 +260,13 @@ mod tests {
         let bound = PromptCount { tokens: 40, exact: false };
         let ticket = TaskTicket::issue(&secret, TaskId(43), 3, "m", (16, bound), &node.address);
         SignedReceipt::sign(&node, ticket.clone(), 12, &[1]).check(&secret, &node.address).unwrap();
-        assert!(SignedReceipt::sign(&node, ticket, 41, &[1]).check(&secret, &node.address).is_err());
+        assert!(SignedReceipt::sign(&node, ticket.clone(), 41, &[1]).check(&secret, &node.address).is_err());
+        // A continuation after 3 tokens of another node: its own work is the rest.
+        let continued = ticket.continuing(&secret, 3);
+        let receipt = SignedReceipt::sign(&node, continued.clone(), 12, &[1, 2, 3, 4, 5]);
+        receipt.check(&secret, &node.address).unwrap();
+        assert_eq!(continued.own_tokens(receipt.completion_tokens), 2);
+        let short = SignedReceipt::sign(&node, continued, 12, &[1, 2]);
+        assert!(matches!(short.check(&secret, &node.address), Err(ReceiptError::Malformed(_))));
     }
 }

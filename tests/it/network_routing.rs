@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{Cluster, SseStream};
+use crate::cluster::{wait_for, Cluster, SseStream};
 use crate::helpers::smollm2;
 
 fn node_counts(c: &Cluster) -> u64 {
@@ -121,6 +121,7 @@ fn mid_stream_failover_is_invisible_to_the_game() {
 
     let mut stream = SseStream::open(&c.addr, &c.key, &body);
     let mut killed = None;
+    let mut failed_over = String::new();
     let nodes = &mut c.nodes;
     let text = collect(
         &mut stream,
@@ -130,9 +131,23 @@ fn mid_stream_failover_is_invisible_to_the_game() {
                 let i = nodes.iter().position(|p| p.log_text().contains(&task)).expect("a node logged the task");
                 nodes[i].kill();
                 killed = Some(i);
+                failed_over = task;
             }
         }),
     );
     assert!(killed.is_some(), "the stream ended before the kill");
     assert_eq!(text, undisturbed);
+    // The node that took over is paid for its own tokens only: the killed node's 12+ tokens
+    // are not paid twice (it has no receipt; the one that continued used to be paid for them).
+    let store = c.store();
+    let task = u64::from_str_radix(&failed_over, 16).unwrap() as i64;
+    wait_for("both receipts", Duration::from_secs(20), || {
+        super::database::numbers(&store, "SELECT count(*) FROM receipts") == vec![2]
+    });
+    let tokens = |cmp: &str| {
+        let sql = format!("SELECT completion_tokens::bigint FROM receipts WHERE task_id {cmp} {task}");
+        super::database::numbers(&store, &sql)[0]
+    };
+    let (whole, continued) = (tokens("<>"), tokens("="));
+    assert!(continued > 0 && continued <= whole - 12, "paid for {continued} of {whole} tokens");
 }
