@@ -595,6 +595,7 @@ impl NodeProxy {
             model: rerun.model.clone(),
             input: rerun.input.clone(),
             params: rerun.params.clone(),
+            prefix: Vec::new(),
             completion: shadow.completion.clone(),
             challenge,
             proof: shadow.proof.clone(),
@@ -624,7 +625,8 @@ impl NodeProxy {
             model: run.job.model.clone(),
             input: run.job.input.clone(),
             params: run.job.params.clone(),
-            completion: run.job.emitted.clone(),
+            prefix: run.job.emitted[..run.prefix_len].to_vec(),
+            completion: run.job.emitted[run.prefix_len..].to_vec(),
             challenge,
             proof,
             report,
@@ -928,12 +930,15 @@ impl Handler<Dispatch> for NodeProxy {
         let prefix = u32::try_from(job.emitted.len()).unwrap_or(u32::MAX);
         let ticket = TaskTicket::issue(&self.config.ticket_secret, job.id, job.game_id, &job.model, terms, &address)
             .continuing(&self.config.ticket_secret, prefix);
-        // A fresh challenge for models the verifiers hold (not for failover continuations).
+        // A fresh challenge for models the verifiers hold, failover continuations included:
+        // their proof covers prompt + prefix as its prompt. (Not when frequency or presence
+        // penalties apply: those count the prefix as generated, the proof's prompt does not.)
+        let penalized = job.params.frequency_penalty != 0.0 || job.params.presence_penalty != 0.0;
         let challenge = self
             .config
             .verification
             .as_ref()
-            .filter(|v| v.models.contains(&job.model) && job.emitted.is_empty())
+            .filter(|v| v.models.contains(&job.model) && (job.emitted.is_empty() || !penalized))
             .map(|_| rand::random::<[u8; 32]>());
         let frame = self.frame(&ServerMessage::Task(job.spec(ticket, challenge)));
         if frame.len() > MAX_FRAME_BYTES {

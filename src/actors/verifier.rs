@@ -26,7 +26,9 @@ pub struct VerifyTask {
     pub model: String,
     pub input: TaskInput,
     pub params: SamplingParams,
-    /// The completion the game received.
+    /// Tokens of an earlier node before a failover: this node's prompt ended with them.
+    pub prefix: Vec<u32>,
+    /// The completion this node produced (after `prefix`).
     pub completion: Vec<u32>,
     /// The challenge the distributor issued.
     pub challenge: [u8; 32],
@@ -136,10 +138,11 @@ impl Verifier {
             TaskInput::Chat(messages) => model.chat_prompt(messages),
             TaskInput::Text(text) => model.completion_prompt(text),
         };
-        let prompt = match prompt {
+        let mut prompt = match prompt {
             Ok(p) => p,
             Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}")),
         };
+        prompt.extend_from_slice(&t.prefix);
         match verify(model, proof, &prompt, &t.completion, &t.params, &tol) {
             Ok(v) if v.accepted => {
                 (Verified, format!("value error {:.4}, overlap {:.3}", v.worst_value_error, v.worst_index_overlap))
@@ -155,6 +158,7 @@ impl Verifier {
             proof: proof.clone(),
             input: t.input.clone(),
             params: t.params.clone(),
+            prefix: t.prefix.clone(),
             completion: t.completion.clone(),
         };
         let path = self.rejected_dir.join(format!("{}.json", t.task));

@@ -365,9 +365,7 @@ async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
     progress.borrow_mut().completion = spec.prefix.clone();
     let challenge =
         spec.challenge.as_deref().and_then(|c| hex::decode(c).ok()).and_then(|c| <[u8; 32]>::try_from(c).ok());
-    let prover = challenge
-        .filter(|_| spec.prefix.is_empty())
-        .map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).quantized(backend.quantization()));
+    let prover = challenge.map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).quantized(backend.quantization()));
     match backend.start(&spec) {
         Err(error) => {
             let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
@@ -414,8 +412,9 @@ async fn task_events(
                     tracing::error!(task = %id, error = %e, "could not log a receipt");
                 }
                 let usage = TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
-                let proof =
-                    prover.take().and_then(|p| p.finish(identity, id.0, &spec.model, &completion)).map(Box::new);
+                // A continuation's proof covers its own tokens (the prefix ends its prompt).
+                let own = &completion[spec.prefix.len().min(completion.len())..];
+                let proof = prover.take().and_then(|p| p.finish(identity, id.0, &spec.model, own)).map(Box::new);
                 let message =
                     NodeMessage::Done { id, finish_reason: done.reason.into(), usage, tail: done.tail, receipt, proof };
                 let _ = out.send(Outgoing::Message(message));

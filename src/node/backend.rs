@@ -109,9 +109,9 @@ impl Backend {
                     params: task.params.clone(),
                     max_tokens: task.max_tokens,
                     stop: task.stop.clone(),
-                    // Hidden states for the proof of inference (not for failover tasks:
-                    // another node produced part of the output).
-                    collect_hidden: task.challenge.is_some() && task.prefix.is_empty(),
+                    // Hidden states for the proof of inference (a failover task's proof
+                    // covers prompt + prefix as its prompt).
+                    collect_hidden: task.challenge.is_some(),
                     ..GenerateRequest::default()
                 };
                 Ok((engine.submit(request).map_err(|e| e.to_string())?, prompt_tokens))

@@ -85,8 +85,12 @@ fn fastest_node_gets_most_traffic_and_killed_nodes_lose_none() {
 #[test]
 fn mid_stream_failover_is_invisible_to_the_game() {
     let Some(model) = smollm2() else { return };
-    let mut c = Cluster::start("");
     let model = model.to_str().unwrap().to_string();
+    // Every task checked, the continuation included (it used to carry no challenge).
+    let verifier = format!(
+        "[verifier]\nmodels = {{ \"SmolLM2-135M-Instruct.Q4_1\" = \"{model}\" }}\nsample_rate = 1.0\nquality_check_rate = 0.0\n"
+    );
+    let mut c = Cluster::start(&verifier);
     // Exact continuation needs deterministic full-precision nodes: quantized activations
     // round differently in the second node's prefill than in the first node's decode.
     c.add_node(&["--model", &model, "--threads", "1", "--quantize", "none"]);
@@ -150,4 +154,9 @@ fn mid_stream_failover_is_invisible_to_the_game() {
     };
     let (whole, continued) = (tokens("<>"), tokens("="));
     assert!(continued > 0 && continued <= whole - 12, "paid for {continued} of {whole} tokens");
+    // The continuation's proof covers prompt + prefix as its prompt, and passes.
+    let checked = format!("SELECT count(*) FROM verifications WHERE task_id = {task} AND outcome = 'verified'");
+    wait_for("the continuation verified", Duration::from_secs(60), || {
+        super::database::numbers(&store, &checked) == vec![1]
+    });
 }

@@ -462,8 +462,13 @@ fn ludus_verify_checks_stored_proofs_offline() {
         ChatMessage { role: "system".into(), content: "You are an NPC in a fantasy village.".into() },
         ChatMessage { role: "user".into(), content: format!("{} (#3)", ASKS[3]) },
     ];
-    let stored =
-        ludus::proof::StoredProof { proof, input: ludus::protocol::TaskInput::Chat(messages), params, completion };
+    let stored = ludus::proof::StoredProof {
+        proof,
+        input: ludus::protocol::TaskInput::Chat(messages),
+        params,
+        prefix: vec![],
+        completion,
+    };
     let dir = tempfile::tempdir().unwrap();
     let run = |stored: &serde_json::Value| {
         let file = dir.path().join("proof.json");
