@@ -205,3 +205,22 @@ fn protected_bundles_are_served_with_keys_sent_in_the_session() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(c.nodes[unknown].log_text().contains("holds no key"), "{}", c.nodes[unknown].log_text());
 }
+
+/// An unpinned node trusts the first distributor it joins and only that one for the rest of
+/// the run: when the server comes back with another key, the node refuses it (it used to
+/// trust any distributor on every reconnect, unlike what docs/threat-model.md said).
+#[test]
+fn an_unpinned_node_keeps_trusting_only_the_first_distributor_it_joined() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "4"]);
+    c.wait_nodes("fake", 1);
+    c.server.kill();
+    // The operator's key is gone: the server that comes back is another distributor.
+    std::fs::remove_file(c.dir.path().join("data/distributor.key")).unwrap();
+    c.restart_server();
+    crate::cluster::wait_for("the node to refuse the new distributor", std::time::Duration::from_secs(20), || {
+        c.nodes[0].log_text().contains("is not the pinned")
+    });
+    let (_, models) = c.get("/v1/models");
+    assert!(!models.contains("\"fake\""), "the node joined another distributor: {models}");
+}
