@@ -36,6 +36,9 @@ const MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 const TASK_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most sequences one node may claim to run at once.
 const MAX_CAPACITY: usize = 4096;
+/// Models one node may announce, and the longest name.
+const MAX_MODELS_PER_NODE: usize = 16;
+const MAX_MODEL_NAME_BYTES: usize = 128;
 /// Most receipts one `Receipts` frame may carry (nodes send 500).
 const MAX_RECEIPTS_PER_FRAME: usize = 512;
 /// Re-sent receipts checked per node per second (a secp256k1 recovery each, on the HTTP
@@ -311,6 +314,17 @@ impl NodeProxy {
         }
         if models.is_empty() || capacity == 0 || capacity > MAX_CAPACITY {
             return self.fail(ctx, format!("a node must serve a model and claim a capacity of 1..={MAX_CAPACITY}"));
+        }
+        // Node-chosen names reach logs, the dashboard and /metrics: bounded and printable.
+        let bad_name = |m: &String| m.is_empty() || m.len() > MAX_MODEL_NAME_BYTES || m.chars().any(char::is_control);
+        if models.len() > MAX_MODELS_PER_NODE || models.iter().any(bad_name) {
+            return self.fail(
+                ctx,
+                format!(
+                    "a node serves at most {MAX_MODELS_PER_NODE} models, each named by 1..={MAX_MODEL_NAME_BYTES} \
+                     bytes without control characters"
+                ),
+            );
         }
         let Ok(node_x25519) = hex32(&x25519_public) else {
             return self.fail(ctx, "the node's X25519 key is not 32 bytes of hex");

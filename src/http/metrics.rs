@@ -126,6 +126,21 @@ impl HttpMetrics {
     }
 }
 
+/// A label value in the Prometheus text format: backslash, double quote and newline escaped,
+/// so a name cannot end its label or its line.
+fn label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn gauge(out: &mut String, name: &str, help: &str, kind: &str, samples: &[(String, u64)]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (labels, v) in samples {
@@ -144,7 +159,7 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     gauge(&mut out, "ludus_tokens_total", "Tokens served.", "counter", &tokens);
     let models = state.distributor.send(ListModels).await.unwrap_or_default();
     let nodes: Vec<(String, u64)> =
-        models.iter().map(|(model, n)| (format!("{{model=\"{}\"}}", model.replace('"', "'")), *n as u64)).collect();
+        models.iter().map(|(model, n)| (format!("{{model=\"{}\"}}", label_value(model)), *n as u64)).collect();
     gauge(&mut out, "ludus_nodes", "Live nodes serving each model.", "gauge", &nodes);
     let panics = [(String::new(), crate::actors::supervisor::PANICS.load(Ordering::Relaxed))];
     gauge(&mut out, "ludus_actor_panics_total", "Actor panics caught and restarted.", "counter", &panics);
@@ -172,4 +187,18 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         }
     }
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(out))
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::label_value;
+
+    #[test]
+    fn label_values_cannot_break_out_of_their_label_or_line() {
+        assert_eq!(label_value("plain-model.Q4_1"), "plain-model.Q4_1");
+        let evil = "x\"} 1\nludus_fake_metric 999\n\\";
+        let escaped = label_value(evil);
+        assert!(!escaped.contains('\n'));
+        assert_eq!(escaped, "x\\\"} 1\\nludus_fake_metric 999\\n\\\\");
+    }
 }

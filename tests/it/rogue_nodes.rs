@@ -386,3 +386,26 @@ fn a_game_that_hangs_up_is_charged_to_its_token_budget() {
     assert_eq!(next.status, 429, "{}", next.body);
     assert!(next.body.contains("tokens per minute"), "{}", next.body);
 }
+
+/// Node-chosen model names reach logs, the dashboard and `/metrics`: a name with a newline
+/// could write fake metric lines (it was escaped only for `"`). Names are now bounded and
+/// printable at the handshake, and label values are escaped as the text format says.
+#[test]
+fn a_model_name_cannot_inject_metric_lines() {
+    let cluster = Cluster::start("");
+    let refused = actix_rt::System::new().block_on(async {
+        let announce = ludus::node::link::Announce {
+            models: vec!["evil\nludus_fake_metric 999".into()],
+            capacity: 4,
+            device: "cpu".into(),
+            bundles: vec![],
+        };
+        let url = format!("ws://{}/ws/node", cluster.addr);
+        ludus::node::link::join(&url, &Identity::generate(), announce, None).await.err()
+    });
+    let reason = refused.expect("the handshake was refused");
+    assert!(reason.contains("without control characters"), "{reason}");
+    let (status, metrics) = cluster.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(!metrics.contains("ludus_fake_metric"), "{metrics}");
+}
