@@ -508,6 +508,13 @@ impl NodeProxy {
                     receipt.completion_tokens,
                     job.emitted.len()
                 )),
+                // The receipt (and the block's Merkle root over it) names the output the game
+                // received, not another one.
+                Some((job, _))
+                    if receipt.output_hash != hex::encode(crate::protocol::receipt::output_hash(&job.emitted)) =>
+                {
+                    Err("its output hash is not that of the tokens the server relayed".to_string())
+                }
                 _ => Ok(()),
             });
         if let Err(reason) = checked {
@@ -713,10 +720,9 @@ impl NodeProxy {
 
     fn on_token(&mut self, ctx: &mut Context<Self>, id: TaskId, index: usize, token: u32, text: String) {
         let vocab = self.config.verification.as_ref().map(|v| v.vocab.clone());
-        let Some(run) = self.in_flight.get_mut(&id) else {
-            return;
-        }; // cancelled or unknown
-           // Every number a node sends is bounded before it counts.
+        // Cancelled or unknown: nothing to do.
+        let Some(run) = self.in_flight.get_mut(&id) else { return };
+        // Every number a node sends is bounded before it counts.
         let expected = run.job.emitted.len();
         let vocab =
             run.job.text.as_ref().map(JobText::vocab_size).or(vocab.and_then(|v| v.get(&run.job.model).copied()));
@@ -725,7 +731,7 @@ impl NodeProxy {
         } else if expected >= run.job.max_tokens {
             Some(format!("task {id}: a token past max_tokens ({})", run.job.max_tokens))
         } else if run.job.text.as_ref().is_some_and(|t| t.stream.stopped()) {
-            Some(format!("task {id}: a token after the answer's stop sequence"))
+            Some(format!("task {id}: a token after the answer's end (stop sequence or end-of-sequence token)"))
         } else if let Some(vocab) = vocab.filter(|&v| token as usize >= v) {
             Some(format!("task {id}: token id {token} is outside the model's vocabulary of {vocab}"))
         } else if text.len() > MAX_TOKEN_TEXT_BYTES || !run.take_text(text.len()) {

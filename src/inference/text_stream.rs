@@ -33,7 +33,9 @@ impl TextStream {
     /// the sequence here (its text is cut just before the stop sequence). End-of-sequence
     /// tokens add no text.
     pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> (String, bool) {
-        if !tokenizer.stop_tokens.contains(&token) {
+        if tokenizer.stop_tokens.contains(&token) {
+            self.stopped = true;
+        } else {
             let piece = self.decoder.push(tokenizer, token);
             self.text.push_str(&piece);
         }
@@ -54,7 +56,7 @@ impl TextStream {
         (text, hit.is_some())
     }
 
-    /// Whether a stop sequence ended the text.
+    /// Whether the sequence has ended: a stop sequence or an end-of-sequence token.
     pub fn stopped(&self) -> bool {
         self.stopped
     }

@@ -409,3 +409,34 @@ fn a_model_name_cannot_inject_metric_lines() {
     assert_eq!(status, 200);
     assert!(!metrics.contains("ludus_fake_metric"), "{metrics}");
 }
+
+/// A live receipt must name the output the game received: a node that streams one
+/// completion and signs another (same length) is refused — the ledger and the block's
+/// Merkle root would otherwise commit to tokens nobody received.
+#[test]
+fn a_receipt_for_another_output_than_the_one_relayed_is_refused() {
+    let cluster = Cluster::start("");
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let task = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, "swapped").await;
+        let game = std::thread::spawn(move || {
+            (0..50).find_map(|_| {
+                try_chat(&addr, &key, "swapped").or_else(|| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    None
+                })
+            })
+        });
+        let spec = rogue.task(&mut []).await;
+        // Streams [7, 8] (what `finish` sends), signs [7, 9].
+        let other = ludus::protocol::SignedReceipt::sign(&rogue.id, spec.ticket.clone(), 5, &[7, 9]);
+        rogue.finish(&spec, other).await;
+        assert!(game.join().unwrap().is_some());
+        rogue.idle(&mut [], Duration::from_millis(900)).await;
+        spec.id
+    });
+    let store = cluster.store();
+    let sql = format!("SELECT count(*) FROM receipts WHERE task_id = {}", task.0 as i64);
+    assert_eq!(numbers(&store, &sql), vec![0]);
+    assert!(cluster.server.log_text().contains("its output hash is not that of the tokens the server relayed"));
+}
