@@ -128,27 +128,10 @@ impl Handler<Admit> for Gateway {
                 this.check(&info)?;
                 let (events, rx) = unbounded_channel();
                 let id = TaskId(this.next_task.fetch_add(1, Ordering::Relaxed));
-                let now = Instant::now();
-                let job = Job {
-                    id,
-                    game: info.game,
-                    game_id: info.game_id,
-                    key_hash: info.hash.clone(),
-                    model,
-                    input,
-                    prompt,
-                    text: text.map(|t| JobText::new(t, &stop)),
-                    params,
-                    max_tokens,
-                    stop,
-                    events,
-                    received: now,
-                    queued_at: now,
-                    failed_nodes: Vec::new(),
-                    stream,
-                    shadow_of: None,
-                    emitted: Vec::new(),
-                };
+                let billing = Billing { game: info.game, game_id: info.game_id, key_hash: info.hash.clone() };
+                let text = text.map(|t| JobText::new(t, &stop));
+                let request = JobRequest { model, input, prompt, text, params, max_tokens, stop, stream };
+                let job = Job::new(id, billing, request, events);
                 Ok((job, Admitted { id, key_hash: info.hash, events: rx }))
             });
             let distributor = this.distributor.clone();

@@ -73,7 +73,72 @@ pub struct ShadowOf {
     pub proof: Option<Box<crate::proof::Proof>>,
 }
 
+/// Who a job is billed to.
+#[derive(Debug, Clone)]
+pub struct Billing {
+    pub game: String,
+    /// The game's id in the registry.
+    pub game_id: i64,
+    /// The API key's hash (its per-minute budgets); empty for the server's own jobs.
+    pub key_hash: String,
+}
+
+/// What a job asks a node to do.
+#[derive(Debug)]
+pub struct JobRequest {
+    pub model: String,
+    pub input: TaskInput,
+    pub prompt: PromptCount,
+    pub text: Option<JobText>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub stream: bool,
+}
+
 impl Job {
+    /// The one way a job is made, for games and the server's own re-runs alike.
+    pub fn new(id: TaskId, billing: Billing, request: JobRequest, events: UnboundedSender<JobEvent>) -> Self {
+        let Billing { game, game_id, key_hash } = billing;
+        let JobRequest { model, input, prompt, text, params, max_tokens, stop, stream } = request;
+        let now = Instant::now();
+        Job {
+            id,
+            game,
+            game_id,
+            key_hash,
+            model,
+            input,
+            prompt,
+            text,
+            params,
+            max_tokens,
+            stop,
+            events,
+            received: now,
+            queued_at: now,
+            failed_nodes: Vec::new(),
+            stream,
+            shadow_of: None,
+            emitted: Vec::new(),
+        }
+    }
+
+    /// The same request again from its start (a quality-check re-run; streamed, since
+    /// nobody waits for it whole).
+    pub fn request(&self) -> JobRequest {
+        JobRequest {
+            model: self.model.clone(),
+            input: self.input.clone(),
+            prompt: self.prompt,
+            text: self.text.as_ref().map(JobText::restarted),
+            params: self.params.clone(),
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            stream: true,
+        }
+    }
+
     /// The task a node runs for this job (with the failover prefix, if any).
     pub fn spec(&self, ticket: TaskTicket, challenge: Option<[u8; 32]>) -> TaskSpec {
         TaskSpec {
@@ -223,7 +288,8 @@ pub struct ReceiptsRecorded {
     pub tasks: Vec<TaskId>,
 }
 
-/// A node's confirmation of a block, its signature already checked by the proxy.
+/// A node's confirmation of a block announced to it: to Completion, which checks its
+/// signature, then to the Registry.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ConfirmBlock {

@@ -9,12 +9,15 @@
 //! ```
 //!
 //! Tokens flow from a `NodeProxy` straight into the job's channel, never through the
-//! Distributor's mailbox. The Clock fires block and epoch ticks; the Registry commits
+//! Distributor's mailbox. When a node's part of a task is over, its proxy hands the job to
+//! [`completion::Completion`] (one actor, its own thread): receipt check and pricing, the
+//! game's usage, verification sampling, the synchronous hold, quality checks. The Clock fires block and epoch ticks; the Registry commits
 //! receipts per block and Settlement posts each epoch on chain ([`settler`] holds its
 //! state machine). They run under actix's `Supervisor`.
 
 pub mod catalog;
 pub mod clock;
+pub mod completion;
 pub mod completion_log;
 pub mod distributor;
 pub mod error;

@@ -1,6 +1,8 @@
-//! `NodeProxy`: one actor per node websocket. It runs the handshake, turns jobs into task
-//! frames, forwards token frames straight into each job's channel, notices cancelled
-//! games and dead nodes, and hands unfinished jobs back to the Distributor.
+//! `NodeProxy`: one actor per node websocket — the link alone. It runs the handshake,
+//! writes frames with back-pressure, turns jobs into task frames, checks and forwards each
+//! token into its job's channel, notices cancelled games, stalled tasks and dead nodes, and
+//! hands unfinished jobs back to the Distributor. What happens once a task is over
+//! (receipts, pricing, usage, verification, quality checks) is the [`Completion`] actor's.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,19 +15,19 @@ use actix_ws::{Message as WsMessage, ProtocolError, Session};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::catalog::JobText;
+use super::completion::{Completion, ReceiptsResent, TaskAbandoned, TaskFinished, Verification};
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
 use super::registry::Registry;
-use crate::crypto::identity::{recover, verify, Address, Identity};
+use crate::crypto::identity::{verify, Address, Identity};
 use crate::crypto::session::{KeyExchange, Opener, Role, Sealer};
-use crate::ledger::PriceTable;
 use crate::protocol::handshake::{
     distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
 };
-use crate::protocol::receipt::{confirmation_message, SignedReceipt, TaskTicket};
+use crate::protocol::receipt::TaskTicket;
 use crate::protocol::{
-    decode_frame, encode_frame, Hello, NodeMessage, ServerMessage, TaskId, TaskUsage, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    decode_frame, encode_frame, Hello, NodeMessage, ServerMessage, TaskId, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 /// A node must say Hello within this time.
@@ -76,49 +78,20 @@ pub struct NodeProxyConfig {
     pub model_keys: Arc<std::collections::BTreeMap<String, String>>,
     /// Authenticates task tickets; shared by every server on the registry database.
     pub ticket_secret: Arc<[u8; 32]>,
-    pub prices: Arc<PriceTable>,
     pub registry: Addr<Registry>,
+    /// Where finished tasks, re-sent receipts and confirmations go.
+    pub completion: Addr<Completion>,
     /// Proof of inference: absent when no reference model is configured.
     pub verification: Option<Verification>,
     /// Frames a node may send per second that the server did not ask for (anything but
     /// the tokens and the end of a task it runs); more is a flood and closes the link.
     pub max_frames_per_s: u32,
-    /// The Gateway's per-key token budgets: a game that hangs up is charged there too.
-    pub usage: Recipient<RecordUsage>,
-    /// The completions this server saw (a re-sent receipt is paid only if listed there).
-    pub completions: Arc<super::completion_log::CompletionLog>,
     /// The live session of each node address: a newer session of the same key replaces
     /// the older one (one key, one session: quality re-runs and receipts count per key).
     pub sessions: Arc<std::sync::Mutex<HashMap<Address, Addr<NodeProxy>>>>,
     /// Bytes waiting to be written to a node; more means it stopped reading: the link is
     /// closed (and its tasks go elsewhere) instead of buffering without bound.
     pub max_queued_bytes: usize,
-}
-
-/// What a proxy needs to have tasks checked.
-#[derive(Clone)]
-pub struct Verification {
-    /// Served models with a reference copy: their tasks carry a challenge.
-    pub models: Arc<HashSet<String>>,
-    /// Vocabulary size of each reference model: a token id at or above it is refused.
-    pub vocab: Arc<HashMap<String, usize>>,
-    pub policy: Arc<crate::proof::policy::Policy>,
-    pub pool: Addr<super::verifier::Verifier>,
-    /// Who hears each verdict (Registry, Distributor).
-    pub report: Vec<Recipient<VerificationDone>>,
-    /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
-    /// when it fails.
-    pub synchronous: bool,
-    /// Share of finished tasks re-run on a second node with the same seed and compared.
-    pub quality_check_rate: f64,
-    /// The internal game quality-check re-runs are billed to (the operator pays).
-    pub quality_game: i64,
-}
-
-impl std::fmt::Debug for Verification {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verification").field("models", &self.models).finish_non_exhaustive()
-    }
 }
 
 /// A handshake between Hello and Auth.
@@ -192,8 +165,6 @@ pub struct NodeProxy {
     ready: bool,
     last_seen: Instant,
     in_flight: HashMap<TaskId, InFlight>,
-    /// Finished non-streamed jobs waiting for their synchronous verdict.
-    awaiting_verdict: HashMap<TaskId, (Job, crate::protocol::FinishReason, TaskUsage)>,
     close_reason: String,
     /// Frames received in the current one-second window (flood limits): all of them, and
     /// those the server did not ask for.
@@ -255,7 +226,6 @@ impl NodeProxy {
             ready: false,
             last_seen: Instant::now(),
             in_flight: HashMap::new(),
-            awaiting_verdict: HashMap::new(),
             close_reason: "connection closed".into(),
             window_start: Instant::now(),
             window_frames: 0,
@@ -432,20 +402,6 @@ impl NodeProxy {
                 if !tail.is_empty() {
                     let _ = run.job.events.send(JobEvent::Text(tail));
                 }
-                // Usage the game is billed on: completion tokens are what the server saw
-                // arrive, prompt tokens what it counted (or, for a model it holds no
-                // tokenizer of, the node's word within the server's bound).
-                let prompt = run.job.prompt;
-                let prompt_tokens =
-                    if prompt.exact { prompt.tokens as usize } else { usage.prompt_tokens.min(prompt.tokens as usize) };
-                let usage = TaskUsage { prompt_tokens, completion_tokens: run.job.emitted.len() };
-                let latency_ms = run.started.elapsed().as_millis().min(i32::MAX as u128) as i32;
-                self.record(ctx, receipt, Some((&run.job, latency_ms)));
-                if let Some(shadow) = run.job.shadow_of.as_deref() {
-                    self.compare_quality(shadow, &run.job);
-                } else {
-                    self.maybe_quality_check(&run, proof.clone());
-                }
                 // The node's part is over either way: free its slot, learn its speed.
                 self.distributor.do_send(TaskCompleted {
                     node: self.id,
@@ -454,12 +410,20 @@ impl NodeProxy {
                     time_to_first_token: run.first_token.map(|t| t - run.started),
                     duration: run.started.elapsed(),
                 });
-                if self.maybe_verify(ctx, &run, proof) {
-                    // Synchronous: the game hears Done only with an accepted proof.
-                    self.awaiting_verdict.insert(id, (run.job, finish_reason, usage));
-                    return;
-                }
-                let _ = run.job.events.send(JobEvent::Done { finish_reason, usage });
+                let Some(address) = self.address else { return };
+                self.config.completion.do_send(TaskFinished {
+                    node: self.id,
+                    address,
+                    reply_to: ctx.address().recipient(),
+                    latency_ms: run.started.elapsed().as_millis().min(i32::MAX as u128) as i32,
+                    job: run.job,
+                    challenge: run.challenge,
+                    prefix_len: run.prefix_len,
+                    finish_reason,
+                    node_prompt_tokens: usage.prompt_tokens,
+                    receipt,
+                    proof,
+                });
             }
             NodeMessage::Receipts { receipts } => {
                 if receipts.len() > MAX_RECEIPTS_PER_FRAME {
@@ -475,9 +439,13 @@ impl NodeProxy {
                     deferred,
                     "node re-sent unconfirmed receipts"
                 );
-                for receipt in receipts.into_iter().take(room) {
-                    self.record(ctx, receipt, None);
-                }
+                let Some(address) = self.address else { return };
+                let receipts = receipts.into_iter().take(room).collect();
+                self.config.completion.do_send(ReceiptsResent {
+                    address,
+                    receipts,
+                    reply_to: ctx.address().recipient(),
+                });
             }
             NodeMessage::Confirm { block, root, count, disputed, signature } => {
                 self.on_confirm(ctx, block, root, count, disputed, signature)
@@ -495,171 +463,7 @@ impl NodeProxy {
         }
     }
 
-    /// Checks a node's receipt and hands it to the Registry. `live` is the job it closes
-    /// (absent for receipts re-sent after a reconnect) and the latency observed here.
-    fn record(&mut self, ctx: &mut Context<Self>, receipt: SignedReceipt, live: Option<(&Job, i32)>) {
-        let Some(address) = self.address else { return };
-        let task = receipt.ticket.task;
-        let checked =
-            receipt.check(&self.config.ticket_secret, &address).map_err(|e| e.to_string()).and_then(|()| match live {
-                Some((job, _)) if receipt.ticket.task != job.id => Err(format!("it names task {task}, not {}", job.id)),
-                Some((job, _)) if receipt.completion_tokens as usize != job.emitted.len() => Err(format!(
-                    "it claims {} completion tokens; {} arrived",
-                    receipt.completion_tokens,
-                    job.emitted.len()
-                )),
-                // The receipt (and the block's Merkle root over it) names the output the game
-                // received, not another one.
-                Some((job, _))
-                    if receipt.output_hash != hex::encode(crate::protocol::receipt::output_hash(&job.emitted)) =>
-                {
-                    Err("its output hash is not that of the tokens the server relayed".to_string())
-                }
-                _ => Ok(()),
-            });
-        if let Err(reason) = checked {
-            // Not recorded: neither billed nor paid. An honest node never gets here.
-            tracing::warn!(node = self.id, %address, task = %task, %reason, "receipt refused");
-            return;
-        }
-        // Checked against the ticket: the server's count, or within its bound.
-        let prompt_tokens = receipt.prompt_tokens;
-        // A continuation is paid for its own tokens, not the failed node's before it: no
-        // token is paid twice.
-        let own_tokens = receipt.ticket.own_tokens(receipt.completion_tokens);
-        let price = self.config.prices.for_model(&receipt.ticket.model);
-        let Ok(price) = price.charge(prompt_tokens as u64, own_tokens as u64) else {
-            tracing::warn!(task = %task, "receipt price overflows; refused");
-            return;
-        };
-        let output_hash: [u8; 32] =
-            hex::decode(&receipt.output_hash).ok().and_then(|h| h.try_into().ok()).expect("checked: 32 bytes of hex");
-        // Paid only for work the server saw: a live completion is written ahead (before the
-        // game hears Done); a re-sent receipt must match one, or already be on the books.
-        let log = &self.config.completions;
-        let witnessed = if live.is_some() {
-            log.record(task.0, address.0, receipt.completion_tokens, output_hash);
-            true
-        } else {
-            log.witnessed(task.0, address.0, receipt.completion_tokens, output_hash)
-        };
-        let ledger_receipt = crate::ledger::Receipt {
-            task: task.0,
-            game_id: receipt.ticket.game,
-            node: address.to_string(),
-            model: receipt.ticket.model.clone(),
-            prompt_tokens,
-            completion_tokens: own_tokens,
-            price,
-            latency_ms: live.map_or(-1, |(_, ms)| ms),
-            output_hash,
-            receipt_hash: receipt.hash(),
-            signature: hex::decode(&receipt.signature).unwrap_or_default(),
-            witnessed,
-        };
-        self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to: ctx.address().recipient() });
-    }
-
-    /// Now and then re-runs a finished task on another node with the same seed.
-    fn maybe_quality_check(&self, run: &InFlight, proof: Option<Box<crate::proof::Proof>>) {
-        let (Some(v), Some(node)) = (&self.config.verification, self.address) else { return };
-        if run.prefix_len > 0 || rand::random::<f64>() >= v.quality_check_rate {
-            return;
-        }
-        // Nobody waits for the re-run's text: drain it.
-        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        actix_web::rt::spawn(async move { while rx.recv().await.is_some() {} });
-        let now = Instant::now();
-        let job = Job {
-            id: TaskId(rand::random()),
-            game: "quality-checks".into(),
-            game_id: v.quality_game,
-            key_hash: String::new(),
-            model: run.job.model.clone(),
-            input: run.job.input.clone(),
-            prompt: run.job.prompt,
-            text: run.job.text.as_ref().map(JobText::restarted),
-            params: run.job.params.clone(),
-            max_tokens: run.job.max_tokens,
-            stop: run.job.stop.clone(),
-            events,
-            received: now,
-            queued_at: now,
-            failed_nodes: vec![self.id],
-            stream: true,
-            shadow_of: Some(Box::new(ShadowOf {
-                task: run.job.id,
-                node,
-                completion: run.job.emitted.clone(),
-                challenge: run.challenge,
-                proof,
-            })),
-            emitted: Vec::new(),
-        };
-        tracing::info!(task = %run.job.id, rerun = %job.id, "quality check: re-running on another node");
-        self.distributor.do_send(Submit(job));
-    }
-
-    /// A quality-check re-run finished here: compare with the original; on disagreement,
-    /// have the original checked against the reference model.
-    fn compare_quality(&self, shadow: &ShadowOf, rerun: &Job) {
-        if rerun.emitted == shadow.completion {
-            tracing::info!(task = %shadow.task, node = %shadow.node, "quality check agreed");
-            return;
-        }
-        let first_difference = rerun.emitted.iter().zip(&shadow.completion).take_while(|(a, b)| a == b).count();
-        tracing::warn!(task = %shadow.task, node = %shadow.node, first_difference, "quality check disagreed; verifying the original");
-        let (Some(v), Some(challenge)) = (&self.config.verification, shadow.challenge) else { return };
-        let task = super::verifier::VerifyTask {
-            task: shadow.task,
-            node: shadow.node,
-            model: rerun.model.clone(),
-            input: rerun.input.clone(),
-            params: rerun.params.clone(),
-            prefix: Vec::new(),
-            completion: shadow.completion.clone(),
-            challenge,
-            proof: shadow.proof.clone(),
-            report: v.report.clone(),
-        };
-        let _ = v.pool.try_send(task);
-    }
-
-    /// Sends a finished task to the verifier pool when the policy picks it (always, for a
-    /// non-streamed job in synchronous mode). Returns whether the job must wait for the
-    /// verdict before the game hears Done.
-    fn maybe_verify(&self, ctx: &mut Context<Self>, run: &InFlight, proof: Option<Box<crate::proof::Proof>>) -> bool {
-        let (Some(v), Some(challenge), Some(node)) = (&self.config.verification, run.challenge, self.address) else {
-            return false;
-        };
-        let synchronous = v.synchronous && !run.job.stream;
-        if !v.policy.should_verify(&node) && !synchronous {
-            return false;
-        }
-        let mut report = v.report.clone();
-        if synchronous {
-            report.push(ctx.address().recipient());
-        }
-        let task = super::verifier::VerifyTask {
-            task: run.job.id,
-            node,
-            model: run.job.model.clone(),
-            input: run.job.input.clone(),
-            params: run.job.params.clone(),
-            prefix: run.job.emitted[..run.prefix_len].to_vec(),
-            completion: run.job.emitted[run.prefix_len..].to_vec(),
-            challenge,
-            proof,
-            report,
-        };
-        if v.pool.try_send(task).is_err() {
-            tracing::warn!(task = %run.job.id, "verifier pool saturated; task left unchecked");
-            return false;
-        }
-        synchronous
-    }
-
-    /// Checks a block confirmation's signature and passes it to the Registry.
+    /// Passes a confirmation of a block announced to the node to be checked and stored.
     fn on_confirm(
         &mut self,
         ctx: &mut Context<Self>,
@@ -680,21 +484,15 @@ impl NodeProxy {
             return self.fail(ctx, "a confirmation root is not 32 bytes of hex");
         };
         let signature = hex::decode(&signature).unwrap_or_default();
-        match recover(&confirmation_message(block, &root, count, &disputed), &signature) {
-            Ok(signer) if signer == address => {}
-            _ => {
-                tracing::warn!(node = self.id, %address, block, "confirmation not signed by the node; ignored");
-                return;
-            }
-        }
-        self.config.registry.do_send(ConfirmBlock {
+        let reply_to = ctx.address().recipient();
+        self.config.completion.do_send(ConfirmBlock {
             node: address,
             block,
             root,
             count,
             disputed,
             signature,
-            reply_to: ctx.address().recipient(),
+            reply_to,
         });
     }
 
@@ -770,10 +568,14 @@ impl NodeProxy {
         let delivered = delivered.min(run.job.emitted.len());
         let keep = match self.address {
             Some(address) if delivered > 0 => {
-                let hash = crate::protocol::receipt::output_hash(&run.job.emitted[..delivered]);
-                self.config.completions.record(id.0, address.0, delivered as u32, hash);
-                let tokens = (run.job.prompt.tokens as usize).saturating_add(delivered);
-                self.config.usage.do_send(RecordUsage { key_hash: run.job.key_hash.clone(), tokens });
+                // Before the Cancel, so that the node's receipt finds the completion written.
+                self.config.completion.do_send(TaskAbandoned {
+                    address,
+                    task: id,
+                    key_hash: run.job.key_hash.clone(),
+                    prompt_tokens: run.job.prompt.tokens as usize,
+                    delivered: run.job.emitted[..delivered].to_vec(),
+                });
                 Some(delivered as u32)
             }
             _ => None,
@@ -835,14 +637,6 @@ impl Actor for NodeProxy {
     }
 
     fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
-        // Answers still waiting for a synchronous verdict are produced again elsewhere.
-        for (_, (mut job, _, _)) in self.awaiting_verdict.drain() {
-            let _ = job.events.send(JobEvent::Reset);
-            job.emitted.clear();
-            job.text = job.text.as_ref().map(JobText::restarted);
-            let reason = "node disconnected before its answer was verified".to_string();
-            self.distributor.do_send(TaskReturned { node: self.id, job, reason, request_error: false });
-        }
         for (_, run) in self.in_flight.drain() {
             self.distributor.do_send(TaskReturned {
                 node: self.id,
@@ -1005,26 +799,5 @@ impl Handler<BlockConfirmed> for NodeProxy {
     /// Tells the node its confirmation is stored: it may forget those receipts.
     fn handle(&mut self, msg: BlockConfirmed, _: &mut Self::Context) {
         self.send(&ServerMessage::Confirmed { block: msg.block, status: msg.status.as_str().to_string() });
-    }
-}
-
-impl Handler<VerificationDone> for NodeProxy {
-    type Result = ();
-
-    /// A synchronous verdict: release the held answer, or have it produced again elsewhere.
-    fn handle(&mut self, msg: VerificationDone, _: &mut Self::Context) {
-        let Some((mut job, finish_reason, usage)) = self.awaiting_verdict.remove(&msg.task) else { return };
-        if msg.accepted() {
-            let _ = job.events.send(JobEvent::Done { finish_reason, usage });
-            return;
-        }
-        let _ = job.events.send(JobEvent::Reset);
-        job.emitted.clear();
-        job.text = job.text.as_ref().map(JobText::restarted);
-        // A new task id for the re-run, so the honest node's receipt is not taken for a
-        // duplicate of the failed one (the game's response keeps its id).
-        job.id = TaskId(rand::random());
-        let reason = format!("the node's answer failed verification: {}", msg.detail);
-        self.distributor.do_send(TaskReturned { node: self.id, job, reason, request_error: false });
     }
 }

@@ -13,7 +13,7 @@ use super::registry_api;
 use super::server::AppState;
 use super::settlement_api;
 use super::sse::stream_response;
-use crate::actors::messages::{Admit, ListModels, RecordUsage};
+use crate::actors::messages::{Admit, ListModels};
 use crate::actors::{JobEvent, ServeError};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -121,7 +121,7 @@ async fn complete(
         if let JobEvent::Failed(e) = first {
             return Err(e.into());
         }
-        return Ok(stream_response(admitted, first, meta, valid.include_usage, state.gateway.clone()));
+        return Ok(stream_response(admitted, first, meta, valid.include_usage));
     }
     let mut text = String::new();
     while let Some(event) = admitted.events.recv().await {
@@ -130,10 +130,6 @@ async fn complete(
             JobEvent::Reset => text.clear(),
             JobEvent::Done { finish_reason, usage } => {
                 super::metrics::count_tokens(&usage);
-                state.gateway.do_send(RecordUsage {
-                    key_hash: admitted.key_hash.clone(),
-                    tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
-                });
                 return Ok(HttpResponse::Ok().json(meta.full(&text, finish_reason, usage)));
             }
             JobEvent::Failed(e) => return Err(e.into()),

@@ -12,6 +12,7 @@ use actix_web::{web, App, HttpServer};
 use super::openai::RequestLimits;
 use super::routes;
 use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
+use crate::actors::completion::{Completion, CompletionConfig};
 use crate::actors::distributor::DistributorConfig;
 use crate::actors::messages::{Drain, FlushReceipts};
 use crate::actors::node_proxy::NodeProxyConfig;
@@ -199,6 +200,15 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let quality_game = store.internal_game("ludus-quality-checks").await.map_err(std::io::Error::other)?;
     let verification = start_verifiers(&s, &model_keys, policy, &registry, &distributor, quality_game)?;
     let catalog = Arc::new(load_catalog(&s)?);
+    let completion = Completion::start_on_own_thread(CompletionConfig {
+        ticket_secret: ticket_secret.clone(),
+        prices: Arc::new(s.prices.table()),
+        registry: registry.clone(),
+        distributor: distributor.clone(),
+        verification: verification.clone(),
+        usage: gateway.clone().recipient(),
+        completions,
+    });
     let state = web::Data::new(AppState {
         clock,
         gateway: gateway.clone(),
@@ -215,14 +225,12 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             banned,
             model_keys,
             ticket_secret,
-            prices: Arc::new(s.prices.table()),
             registry: registry.clone(),
+            completion,
             verification,
             max_frames_per_s: s.distributor.max_node_frames_per_s,
             max_queued_bytes: s.distributor.max_node_queue_bytes,
             sessions: Default::default(),
-            completions,
-            usage: gateway.clone().recipient(),
         },
         store: store.clone(),
         admin_token_hash: admin_token_hash(&s)?,
@@ -331,7 +339,7 @@ fn start_verifiers(
     registry: &Addr<Registry>,
     distributor: &Addr<Distributor>,
     quality_game: i64,
-) -> std::io::Result<Option<crate::actors::node_proxy::Verification>> {
+) -> std::io::Result<Option<crate::actors::completion::Verification>> {
     if s.verifier.models.is_empty() {
         return Ok(None);
     }
@@ -350,7 +358,7 @@ fn start_verifiers(
         })
     });
     tracing::info!(models = ?s.verifier.models.keys().collect::<Vec<_>>(), pool = s.verifier.pool_size, "verifier pool started");
-    Ok(Some(crate::actors::node_proxy::Verification {
+    Ok(Some(crate::actors::completion::Verification {
         models: Arc::new(s.verifier.models.keys().cloned().collect()),
         vocab,
         policy,

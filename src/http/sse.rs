@@ -2,14 +2,13 @@
 //! the usage chunk when asked for, then `data: [DONE]`. An error after the stream began
 //! is sent as an `error` object (OpenAI's SDKs raise it) before `[DONE]`.
 
-use actix::Addr;
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
 use super::errors::ApiError;
 use super::openai::ResponseMeta;
-use crate::actors::messages::{Admitted, RecordUsage};
-use crate::actors::{Gateway, JobEvent, ServeError};
+use crate::actors::messages::Admitted;
+use crate::actors::{JobEvent, ServeError};
 
 fn event(value: &serde_json::Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
@@ -23,7 +22,6 @@ struct StreamState {
     pending: Option<JobEvent>,
     meta: ResponseMeta,
     include_usage: bool,
-    gateway: Addr<Gateway>,
     first: bool,
     finished: bool,
 }
@@ -35,17 +33,8 @@ pub fn stream_response(
     first_event: JobEvent,
     meta: ResponseMeta,
     include_usage: bool,
-    gateway: Addr<Gateway>,
 ) -> HttpResponse {
-    let state = StreamState {
-        admitted,
-        pending: Some(first_event),
-        meta,
-        include_usage,
-        gateway,
-        first: true,
-        finished: false,
-    };
+    let state = StreamState { admitted, pending: Some(first_event), meta, include_usage, first: true, finished: false };
     let body = futures_util::stream::unfold(state, |mut st| async move {
         if st.finished {
             return None;
@@ -65,10 +54,6 @@ pub fn stream_response(
             Some(JobEvent::Done { finish_reason, usage }) => {
                 st.finished = true;
                 super::metrics::count_tokens(&usage);
-                st.gateway.do_send(RecordUsage {
-                    key_hash: st.admitted.key_hash.clone(),
-                    tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
-                });
                 let mut out = event(&st.meta.chunk(None, st.first, Some(finish_reason))).to_vec();
                 if st.include_usage {
                     out.extend_from_slice(&event(&st.meta.usage_chunk(usage)));

@@ -1,0 +1,406 @@
+//! `Completion`: what happens once a node's part of a task is over, for every node.
+//!
+//! A [`NodeProxy`] is the link (handshake, writer, dispatch, tokens); when a task ends it
+//! hands the job here and forgets it. This actor, on its own thread so that signature checks
+//! never run on an HTTP worker, then:
+//!
+//! - checks the node's receipt against what the server relayed, prices it, writes the
+//!   completion ahead in the [`CompletionLog`] and hands it to the Registry;
+//! - charges the game's per-minute token budget (for answers and hang-ups alike);
+//! - picks tasks for proof verification, holds a non-streamed answer until its verdict in
+//!   synchronous mode, and has a rejected one produced again elsewhere;
+//! - starts quality-check re-runs and compares them with the original;
+//! - checks re-sent receipts (paid only when the log witnessed them) and block
+//!   confirmations.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::catalog::JobText;
+use super::completion_log::CompletionLog;
+use super::distributor::Distributor;
+use super::messages::*;
+use super::registry::Registry;
+use crate::crypto::identity::{recover, Address};
+use crate::ledger::PriceTable;
+use crate::proof::Proof;
+use crate::protocol::receipt::{confirmation_message, output_hash, SignedReceipt};
+use crate::protocol::{FinishReason, TaskId, TaskUsage};
+
+/// What the server needs to have tasks checked.
+#[derive(Clone)]
+pub struct Verification {
+    /// Served models with a reference copy: their tasks carry a challenge.
+    pub models: Arc<HashSet<String>>,
+    /// Vocabulary size of each reference model: a token id at or above it is refused.
+    pub vocab: Arc<HashMap<String, usize>>,
+    pub policy: Arc<crate::proof::policy::Policy>,
+    pub pool: Addr<super::verifier::Verifier>,
+    /// Who hears each verdict (Registry, Distributor).
+    pub report: Vec<Recipient<VerificationDone>>,
+    /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
+    /// when it fails.
+    pub synchronous: bool,
+    /// Share of finished tasks re-run on a second node with the same seed and compared.
+    pub quality_check_rate: f64,
+    /// The internal game quality-check re-runs are billed to (the operator pays).
+    pub quality_game: i64,
+}
+
+impl std::fmt::Debug for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verification").field("models", &self.models).finish_non_exhaustive()
+    }
+}
+
+pub struct CompletionConfig {
+    /// Authenticates task tickets; shared by every server on the registry database.
+    pub ticket_secret: Arc<[u8; 32]>,
+    pub prices: Arc<PriceTable>,
+    pub registry: Addr<Registry>,
+    pub distributor: Addr<Distributor>,
+    /// Proof of inference: absent when no reference model is configured.
+    pub verification: Option<Verification>,
+    /// The Gateway's per-key token budgets.
+    pub usage: Recipient<RecordUsage>,
+    /// The completions this server saw (a re-sent receipt is paid only if listed there).
+    pub completions: Arc<CompletionLog>,
+}
+
+/// A task whose node sent `Done`: the job carries every token the server relayed (the
+/// tail of its text already sent to the game).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskFinished {
+    pub node: NodeId,
+    pub address: Address,
+    /// Hears which block holds the receipt.
+    pub reply_to: Recipient<ReceiptsRecorded>,
+    pub job: Job,
+    /// The proof-of-inference challenge sent with the task.
+    pub challenge: Option<[u8; 32]>,
+    /// Tokens the job had emitted on other nodes before this one (failover).
+    pub prefix_len: usize,
+    pub finish_reason: FinishReason,
+    /// The prompt tokens the node counted (used only within the server's bound, for a
+    /// model the server holds no tokenizer of).
+    pub node_prompt_tokens: usize,
+    pub receipt: SignedReceipt,
+    pub proof: Option<Box<Proof>>,
+    pub latency_ms: i32,
+}
+
+/// The game left mid-stream after `delivered` tokens reached it: those are billed and paid.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskAbandoned {
+    pub address: Address,
+    pub task: TaskId,
+    pub key_hash: String,
+    pub prompt_tokens: usize,
+    pub delivered: Vec<u32>,
+}
+
+/// Receipts a node re-sent after a reconnect (already bounded per frame and per second by
+/// its proxy).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReceiptsResent {
+    pub address: Address,
+    pub receipts: Vec<SignedReceipt>,
+    pub reply_to: Recipient<ReceiptsRecorded>,
+}
+
+/// A non-streamed answer held until its proof is checked.
+struct Held {
+    node: NodeId,
+    job: Job,
+    finish_reason: FinishReason,
+    usage: TaskUsage,
+}
+
+pub struct Completion {
+    config: CompletionConfig,
+    held: HashMap<TaskId, Held>,
+}
+
+impl Completion {
+    pub fn new(config: CompletionConfig) -> Self {
+        Self { config, held: HashMap::new() }
+    }
+
+    /// Starts the actor on a thread of its own, supervised.
+    pub fn start_on_own_thread(config: CompletionConfig) -> Addr<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let arbiter = Arbiter::new();
+        arbiter.spawn_fn(move || {
+            let addr = super::supervisor::start("completion", move |_| Completion::new(config));
+            let _ = tx.send(addr);
+        });
+        rx.recv().expect("the completion thread starts")
+    }
+
+    /// Checks a node's receipt and hands it to the Registry. `live` is the job it closes
+    /// (absent for receipts re-sent after a reconnect) and the latency observed at the proxy.
+    fn record(
+        &self,
+        address: Address,
+        receipt: SignedReceipt,
+        live: Option<(&Job, i32)>,
+        reply_to: Recipient<ReceiptsRecorded>,
+    ) {
+        let task = receipt.ticket.task;
+        let checked =
+            receipt.check(&self.config.ticket_secret, &address).map_err(|e| e.to_string()).and_then(|()| match live {
+                Some((job, _)) if receipt.ticket.task != job.id => Err(format!("it names task {task}, not {}", job.id)),
+                Some((job, _)) if receipt.completion_tokens as usize != job.emitted.len() => Err(format!(
+                    "it claims {} completion tokens; {} arrived",
+                    receipt.completion_tokens,
+                    job.emitted.len()
+                )),
+                // The receipt (and the block's Merkle root over it) names the output the game
+                // received, not another one.
+                Some((job, _)) if receipt.output_hash != hex::encode(output_hash(&job.emitted)) => {
+                    Err("its output hash is not that of the tokens the server relayed".to_string())
+                }
+                _ => Ok(()),
+            });
+        if let Err(reason) = checked {
+            // Not recorded: neither billed nor paid. An honest node never gets here.
+            tracing::warn!(%address, task = %task, %reason, "receipt refused");
+            return;
+        }
+        // Checked against the ticket: the server's count, or within its bound.
+        let prompt_tokens = receipt.prompt_tokens;
+        // A continuation is paid for its own tokens, not the failed node's before it: no
+        // token is paid twice.
+        let own_tokens = receipt.ticket.own_tokens(receipt.completion_tokens);
+        let price = self.config.prices.for_model(&receipt.ticket.model);
+        let Ok(price) = price.charge(prompt_tokens as u64, own_tokens as u64) else {
+            tracing::warn!(task = %task, "receipt price overflows; refused");
+            return;
+        };
+        let output_hash: [u8; 32] =
+            hex::decode(&receipt.output_hash).ok().and_then(|h| h.try_into().ok()).expect("checked: 32 bytes of hex");
+        // Paid only for work the server saw: a live completion is written ahead (before the
+        // game hears Done); a re-sent receipt must match one, or already be on the books.
+        let log = &self.config.completions;
+        let witnessed = if live.is_some() {
+            log.record(task.0, address.0, receipt.completion_tokens, output_hash);
+            true
+        } else {
+            log.witnessed(task.0, address.0, receipt.completion_tokens, output_hash)
+        };
+        let ledger_receipt = crate::ledger::Receipt {
+            task: task.0,
+            game_id: receipt.ticket.game,
+            node: address.to_string(),
+            model: receipt.ticket.model.clone(),
+            prompt_tokens,
+            completion_tokens: own_tokens,
+            price,
+            latency_ms: live.map_or(-1, |(_, ms)| ms),
+            output_hash,
+            receipt_hash: receipt.hash(),
+            signature: hex::decode(&receipt.signature).unwrap_or_default(),
+            witnessed,
+        };
+        self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to });
+    }
+
+    /// Charges `tokens` to the game's per-minute budget.
+    fn charge(&self, key_hash: &str, tokens: usize) {
+        if !key_hash.is_empty() {
+            self.config.usage.do_send(RecordUsage { key_hash: key_hash.to_string(), tokens });
+        }
+    }
+
+    /// The game hears its answer is complete, and its budget is charged for it.
+    fn deliver(&self, job: &Job, finish_reason: FinishReason, usage: TaskUsage) {
+        self.charge(&job.key_hash, usage.prompt_tokens.saturating_add(usage.completion_tokens));
+        let _ = job.events.send(JobEvent::Done { finish_reason, usage });
+    }
+
+    /// Now and then re-runs a finished task on another node with the same seed.
+    fn maybe_quality_check(&self, done: &TaskFinished) {
+        let Some(v) = &self.config.verification else { return };
+        if done.prefix_len > 0 || rand::random::<f64>() >= v.quality_check_rate {
+            return;
+        }
+        // Nobody waits for the re-run's text: drain it.
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        actix::spawn(async move { while rx.recv().await.is_some() {} });
+        let original = &done.job;
+        let billing = Billing { game: "quality-checks".into(), game_id: v.quality_game, key_hash: String::new() };
+        let mut job = Job::new(TaskId(rand::random()), billing, original.request(), events);
+        job.failed_nodes = vec![done.node];
+        job.shadow_of = Some(Box::new(ShadowOf {
+            task: original.id,
+            node: done.address,
+            completion: original.emitted.clone(),
+            challenge: done.challenge,
+            proof: done.proof.clone(),
+        }));
+        tracing::info!(task = %original.id, rerun = %job.id, "quality check: re-running on another node");
+        self.config.distributor.do_send(Submit(job));
+    }
+
+    /// A quality-check re-run finished: compare with the original; on disagreement, have
+    /// the original checked against the reference model.
+    fn compare_quality(&self, shadow: &ShadowOf, rerun: &Job) {
+        if rerun.emitted == shadow.completion {
+            tracing::info!(task = %shadow.task, node = %shadow.node, "quality check agreed");
+            return;
+        }
+        let first_difference = rerun.emitted.iter().zip(&shadow.completion).take_while(|(a, b)| a == b).count();
+        tracing::warn!(task = %shadow.task, node = %shadow.node, first_difference, "quality check disagreed; verifying the original");
+        let (Some(v), Some(challenge)) = (&self.config.verification, shadow.challenge) else { return };
+        let task = super::verifier::VerifyTask {
+            task: shadow.task,
+            node: shadow.node,
+            model: rerun.model.clone(),
+            input: rerun.input.clone(),
+            params: rerun.params.clone(),
+            prefix: Vec::new(),
+            completion: shadow.completion.clone(),
+            challenge,
+            proof: shadow.proof.clone(),
+            report: v.report.clone(),
+        };
+        let _ = v.pool.try_send(task);
+    }
+
+    /// Sends a finished task to the verifier pool when the policy picks it (always, for a
+    /// non-streamed job in synchronous mode). Returns whether the job must wait for the
+    /// verdict before the game hears Done.
+    fn maybe_verify(&self, ctx: &mut Context<Self>, done: &TaskFinished) -> bool {
+        let (Some(v), Some(challenge)) = (&self.config.verification, done.challenge) else {
+            return false;
+        };
+        let synchronous = v.synchronous && !done.job.stream;
+        if !v.policy.should_verify(&done.address) && !synchronous {
+            return false;
+        }
+        let mut report = v.report.clone();
+        if synchronous {
+            report.push(ctx.address().recipient());
+        }
+        let job = &done.job;
+        let task = super::verifier::VerifyTask {
+            task: job.id,
+            node: done.address,
+            model: job.model.clone(),
+            input: job.input.clone(),
+            params: job.params.clone(),
+            prefix: job.emitted[..done.prefix_len].to_vec(),
+            completion: job.emitted[done.prefix_len..].to_vec(),
+            challenge,
+            proof: done.proof.clone(),
+            report,
+        };
+        if v.pool.try_send(task).is_err() {
+            tracing::warn!(task = %job.id, "verifier pool saturated; task left unchecked");
+            return false;
+        }
+        synchronous
+    }
+}
+
+impl Actor for Completion {
+    type Context = Context<Self>;
+}
+
+impl Supervised for Completion {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        // Held answers are lost with the panic: their games get an error, never a wrong answer.
+        tracing::warn!(held = self.held.len(), "completion restarting");
+        self.held.clear();
+    }
+}
+
+impl Handler<TaskFinished> for Completion {
+    type Result = ();
+
+    fn handle(&mut self, done: TaskFinished, ctx: &mut Self::Context) {
+        // Usage the game is billed on: completion tokens are what the server saw arrive,
+        // prompt tokens what it counted (or, for a model it holds no tokenizer of, the
+        // node's word within the server's bound).
+        let prompt = done.job.prompt;
+        let prompt_tokens =
+            if prompt.exact { prompt.tokens as usize } else { done.node_prompt_tokens.min(prompt.tokens as usize) };
+        let usage = TaskUsage { prompt_tokens, completion_tokens: done.job.emitted.len() };
+        // Written ahead before the game hears Done.
+        self.record(done.address, done.receipt.clone(), Some((&done.job, done.latency_ms)), done.reply_to.clone());
+        if let Some(shadow) = done.job.shadow_of.as_deref() {
+            self.compare_quality(shadow, &done.job);
+        } else {
+            self.maybe_quality_check(&done);
+        }
+        if self.maybe_verify(ctx, &done) {
+            // Synchronous: the game hears Done only with an accepted proof.
+            let held = Held { node: done.node, job: done.job, finish_reason: done.finish_reason, usage };
+            self.held.insert(held.job.id, held);
+            return;
+        }
+        self.deliver(&done.job, done.finish_reason, usage);
+    }
+}
+
+impl Handler<TaskAbandoned> for Completion {
+    type Result = ();
+
+    /// Written ahead like a completion, so that the node's receipt for exactly the
+    /// delivered tokens (asked for by its proxy) is paid; the game's budget is charged.
+    fn handle(&mut self, msg: TaskAbandoned, _: &mut Self::Context) {
+        let hash = output_hash(&msg.delivered);
+        self.config.completions.record(msg.task.0, msg.address.0, msg.delivered.len() as u32, hash);
+        self.charge(&msg.key_hash, msg.prompt_tokens.saturating_add(msg.delivered.len()));
+    }
+}
+
+impl Handler<ReceiptsResent> for Completion {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReceiptsResent, _: &mut Self::Context) {
+        for receipt in msg.receipts {
+            self.record(msg.address, receipt, None, msg.reply_to.clone());
+        }
+    }
+}
+
+impl Handler<ConfirmBlock> for Completion {
+    type Result = ();
+
+    /// Checks the confirmation's signature, then passes it to the Registry.
+    fn handle(&mut self, confirm: ConfirmBlock, _: &mut Self::Context) {
+        let message = confirmation_message(confirm.block, &confirm.root, confirm.count, &confirm.disputed);
+        match recover(&message, &confirm.signature) {
+            Ok(signer) if signer == confirm.node => self.config.registry.do_send(confirm),
+            _ => {
+                tracing::warn!(node = %confirm.node, block = confirm.block, "confirmation not signed by the node; ignored")
+            }
+        }
+    }
+}
+
+impl Handler<VerificationDone> for Completion {
+    type Result = ();
+
+    /// A synchronous verdict: release the held answer, or have it produced again elsewhere.
+    fn handle(&mut self, msg: VerificationDone, _: &mut Self::Context) {
+        let Some(Held { node, mut job, finish_reason, usage }) = self.held.remove(&msg.task) else { return };
+        if msg.accepted() {
+            return self.deliver(&job, finish_reason, usage);
+        }
+        let _ = job.events.send(JobEvent::Reset);
+        job.emitted.clear();
+        job.text = job.text.as_ref().map(JobText::restarted);
+        // A new task id for the re-run, so the honest node's receipt is not taken for a
+        // duplicate of the failed one (the game's response keeps its id).
+        job.id = TaskId(rand::random());
+        let reason = format!("the node's answer failed verification: {}", msg.detail);
+        self.config.distributor.do_send(TaskReturned { node, job, reason, request_error: false });
+    }
+}
