@@ -6,6 +6,7 @@ mod configuration;
 mod dashboard;
 mod database;
 mod distill;
+mod economics;
 mod faults;
 mod guides;
 mod helpers;
