@@ -440,3 +440,22 @@ fn a_receipt_for_another_output_than_the_one_relayed_is_refused() {
     assert_eq!(numbers(&store, &sql), vec![0]);
     assert!(cluster.server.log_text().contains("its output hash is not that of the tokens the server relayed"));
 }
+
+/// A node that keeps sending tokens after the model's end-of-sequence token (padding its
+/// bill, or slipping text past the end the proof covers) is cut at the first one; the game
+/// gets the answer up to the end, and the rogue, cut before its `Done`, has no receipt.
+#[test]
+fn a_token_after_the_end_of_sequence_token_cuts_the_node() {
+    let Some(path) = smollm2() else { return };
+    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+    let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
+    let text = ludus::inference::ModelText::load(&path).unwrap();
+    let eos = text.tokenizer.eos.expect("SmolLM2 names its end-of-sequence token");
+    let hi = text.tokenizer.encode(" Hi", false).unwrap()[0];
+    let (reason, answer) =
+        cut_for(&cluster, MODEL, move |id, _| vec![token(id, 0, hi, ""), token(id, 1, eos, ""), token(id, 2, hi, "")]);
+    assert!(reason.contains("a token after the answer's end"), "{reason:?}");
+    assert!(answer.is_none(), "the game got an answer from a node cut before its end of task");
+    std::thread::sleep(Duration::from_millis(800)); // two blocks
+    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
+}
