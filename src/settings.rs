@@ -36,6 +36,8 @@ pub struct ServerSettings {
     pub admin_token: Secret,
     /// Failed API-key (or admin-token) checks allowed per client IP per minute.
     pub failed_auth_per_minute: u32,
+    /// Reverse proxies whose forwarding headers name the client (addresses or CIDR ranges).
+    pub trusted_proxies: Vec<String>,
     /// A client must send its request head within this time (slow-loris defence).
     pub client_request_timeout_ms: u64,
     /// Enables `POST /admin/chaos/panic/{actor}` (fault injection; never in production).
@@ -150,8 +152,9 @@ impl VerifierSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct SettlementSettings {
-    /// The chain's JSON-RPC URL; empty = settlement off.
-    pub rpc_url: String,
+    /// The chain's JSON-RPC URL; empty = settlement off. A secret (providers put their API
+    /// key in it): logged without its path, query or credentials, and never served.
+    pub rpc_url: Secret,
     /// The settlement contract (`ludus chain deploy` prints it).
     pub contract: String,
     /// Hex key file of the contract's operator; empty = the server's identity key.
@@ -164,13 +167,14 @@ pub struct SettlementSettings {
     pub poll_ms: u64,
     /// Re-read the games' escrow every this many block ticks.
     pub escrow_check_blocks: u64,
-    /// The RPC URL nodes are told to claim through; empty = `rpc_url`.
+    /// The RPC URL nodes are told to claim through (`GET /v1/settlement`); empty = none is
+    /// published, and nodes pass `ludus claim --rpc`.
     pub public_rpc_url: String,
 }
 
 impl SettlementSettings {
     pub fn enabled(&self) -> bool {
-        !self.rpc_url.trim().is_empty()
+        !self.rpc_url.expose().trim().is_empty()
     }
 }
 

@@ -56,7 +56,8 @@ impl Settlement {
             let outcome = settler.run(due).await;
             if check && outcome.is_ok() {
                 if let Err(e) = settler.check_escrows().await {
-                    tracing::warn!(error = %e, "escrow check failed; trying again on a later block");
+                    let error = settler.scrub(&e);
+                    tracing::warn!(%error, "escrow check failed; trying again on a later block");
                 }
             }
             outcome
@@ -80,7 +81,8 @@ impl Settlement {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_s = this.retry.as_secs_f32(), "settlement step failed; retrying");
+                    let error = this.settler.scrub(&e);
+                    tracing::warn!(%error, retry_s = this.retry.as_secs_f32(), "settlement step failed; retrying");
                     ctx.run_later(this.retry, |this, ctx| this.drive(ctx));
                 }
             }

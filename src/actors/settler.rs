@@ -42,6 +42,19 @@ pub struct SettlerConfig {
     pub epoch_time: Duration,
 }
 
+impl Settler {
+    /// An error's text with the RPC URL (a secret: it often holds a provider key) shown
+    /// only as its scheme, host and port; HTTP client errors quote the URL they failed on.
+    pub fn scrub(&self, error: &dyn std::fmt::Display) -> String {
+        let url = self.config.rpc_url.trim_end_matches('/');
+        let text = error.to_string();
+        if url.is_empty() {
+            return text;
+        }
+        text.replace(url, &crate::chain::redacted_url(url))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettleError {
     #[error(transparent)]

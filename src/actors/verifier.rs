@@ -162,12 +162,26 @@ impl Verifier {
             completion: t.completion.clone(),
         };
         let path = self.rejected_dir.join(format!("{}.json", t.task));
-        let written = std::fs::create_dir_all(&self.rejected_dir)
-            .and_then(|_| std::fs::write(&path, serde_json::to_vec_pretty(&stored).unwrap_or_default()));
+        let written = private_dir(&self.rejected_dir).and_then(|()| {
+            // The proof holds the game's prompt: readable by the server's user only.
+            let mut options = std::fs::OpenOptions::new();
+            std::os::unix::fs::OpenOptionsExt::mode(options.write(true).create(true).truncate(true), 0o600);
+            std::io::Write::write_all(
+                &mut options.open(&path)?,
+                &serde_json::to_vec_pretty(&stored).unwrap_or_default(),
+            )
+        });
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "could not keep a rejected proof");
         }
     }
+}
+
+/// Creates `dir` (and its parents) with mode 0700, and makes it 0700 if it existed.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 impl Actor for Verifier {

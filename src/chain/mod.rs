@@ -23,6 +23,18 @@ use alloy::primitives::{Address, U256};
 
 use crate::ledger::Units;
 
+/// A JSON-RPC URL fit for logs: scheme, host and port only. Providers put the API key in
+/// the path, the query or the credentials, so all three are dropped (`…` marks the cut).
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let cut = authority.contains('@') || !tail.trim_start_matches('/').is_empty();
+    let scheme = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
+    format!("{scheme}{host}{}", if cut { "/…" } else { "" })
+}
+
 /// Our base units as the contract's `uint256`.
 pub fn to_u256(units: Units) -> U256 {
     U256::from(units.0)
@@ -41,4 +53,21 @@ pub fn parse_address(what: &str, s: &str) -> Result<Address, ChainError> {
 /// A secp256k1 identity as an alloy signer (the same key, the same address).
 pub fn signer_of(identity: &crate::crypto::identity::Identity) -> alloy::signers::local::PrivateKeySigner {
     alloy::signers::local::PrivateKeySigner::from_signing_key(identity.signing_key().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_url;
+
+    #[test]
+    fn a_logged_rpc_url_keeps_only_its_scheme_host_and_port() {
+        assert_eq!(redacted_url("https://mainnet.example.io/v3/0123abcd"), "https://mainnet.example.io/…");
+        assert_eq!(redacted_url("https://user:pa55@rpc.example:8545"), "https://rpc.example:8545/…");
+        assert_eq!(redacted_url("https://rpc.example/?apikey=s3cret"), "https://rpc.example/…");
+        assert_eq!(redacted_url("http://127.0.0.1:8545"), "http://127.0.0.1:8545");
+        assert_eq!(redacted_url("http://127.0.0.1:8545/"), "http://127.0.0.1:8545");
+        for url in ["https://a.example/v3/KEY", "wss://u:KEY@b.example", "http://c.example?k=KEY", "d.example/KEY"] {
+            assert!(!redacted_url(url).contains("KEY"), "{url}");
+        }
+    }
 }

@@ -98,7 +98,7 @@ pub fn run(cmd: ChainCommand) -> anyhow::Result<()> {
 #[derive(serde::Deserialize)]
 struct PayoutsResponse {
     contract: String,
-    rpc_url: String,
+    rpc_url: Option<String>,
     data: Vec<PayoutClaim>,
 }
 
@@ -120,7 +120,9 @@ pub fn claim(args: ClaimArgs) -> anyhow::Result<()> {
             anyhow::bail!("GET {url}: {} {}", response.status(), String::from_utf8_lossy(&body));
         }
         let payouts: PayoutsResponse = serde_json::from_slice(&body)?;
-        let rpc = args.rpc.clone().unwrap_or(payouts.rpc_url);
+        let rpc = args.rpc.clone().or(payouts.rpc_url).ok_or_else(|| {
+            anyhow::anyhow!("the server publishes no RPC URL ([settlement] public_rpc_url is empty): pass --rpc URL")
+        })?;
         let contract = parse_address("the server's contract", &payouts.contract)?;
         let payer_address = payer.address();
         let provider = crate::chain::client::provider_for(&rpc, payer)?;

@@ -326,7 +326,9 @@ async fn demo_chain(
             d
         }
     };
-    settings.settlement.rpc_url = anvil.url.clone();
+    settings.settlement.rpc_url = crate::settings::Secret(anvil.url.clone());
+    // The demo's chain is a local anvil: no secret in its URL, so nodes are told it.
+    settings.settlement.public_rpc_url = anvil.url.clone();
     settings.settlement.contract = format!("{:#x}", deployment.settlement);
     settings.settlement.confirmations = 1;
     settings.settlement.retry_s = 2.0;

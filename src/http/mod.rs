@@ -4,6 +4,7 @@
 
 pub mod auth_throttle;
 pub mod chaos_api;
+pub mod client_addr;
 pub mod dashboard;
 pub mod errors;
 pub mod metrics;

@@ -18,7 +18,7 @@ pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 pub fn require_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
-    let ip = req.peer_addr().map(|a| a.ip());
+    let ip = state.trusted_proxies.client_ip(&req);
     state.auth_throttle.check(ip)?;
     let presented = bearer(req).map(|t| crate::ledger::hash_key(&t));
     // Comparing hashes: the comparison time says nothing about the token.
@@ -45,7 +45,7 @@ pub async fn usage(
     if days == 0 || days > MAX_USAGE_DAYS {
         return Err(ApiError::invalid("days", format!("days must be 1..={MAX_USAGE_DAYS}")));
     }
-    let ip = req.peer_addr().map(|a| a.ip());
+    let ip = state.trusted_proxies.client_ip(&req);
     state.auth_throttle.check(ip)?;
     let info = state
         .gateway

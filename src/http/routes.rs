@@ -85,7 +85,7 @@ async fn complete(
     state: web::Data<AppState>,
     endpoint: Endpoint,
 ) -> Result<HttpResponse, ApiError> {
-    let ip = req.peer_addr().map(|a| a.ip());
+    let ip = state.trusted_proxies.client_ip(&req);
     state.auth_throttle.check(ip)?;
     let Some(bearer) = bearer(&req) else {
         state.auth_throttle.failed(ip);

@@ -42,6 +42,8 @@ pub struct AppState {
     pub settlement: Option<SettlementInfo>,
     /// Failed key checks per client IP.
     pub auth_throttle: super::auth_throttle::AuthThrottle,
+    /// Whose forwarding headers name the client (for that throttle).
+    pub trusted_proxies: super::client_addr::TrustedProxies,
     /// Fault injection for resilience drills (`server.chaos`).
     pub chaos: bool,
     /// Request counts and latencies for `/metrics`.
@@ -58,8 +60,8 @@ pub struct SettlementInfo {
     pub actor: Addr<Settlement>,
     /// `0x…`
     pub contract: String,
-    /// The RPC URL nodes claim through.
-    pub rpc_url: String,
+    /// The RPC URL nodes claim through (`[settlement] public_rpc_url`), if published.
+    pub rpc_url: Option<String>,
 }
 
 /// A running server.
@@ -236,6 +238,8 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
         admin_token_hash: admin_token_hash(&s)?,
         settlement,
         auth_throttle: super::auth_throttle::AuthThrottle::new(s.server.failed_auth_per_minute),
+        trusted_proxies: super::client_addr::TrustedProxies::parse(&s.server.trusted_proxies)
+            .map_err(std::io::Error::other)?,
         chaos: s.server.chaos,
         registry: registry.clone(),
         catalog,
@@ -310,7 +314,7 @@ fn start_settlement(
     }
     let operator = signer.address();
     let config = SettlerConfig {
-        rpc_url: cfg.rpc_url.clone(),
+        rpc_url: cfg.rpc_url.expose().to_string(),
         contract,
         node_share_bps: cfg.node_share_bps,
         confirmations: cfg.confirmations.max(1),
@@ -325,8 +329,9 @@ fn start_settlement(
     let actor = supervisor::start("settlement", move |_| Settlement::new(settler, retry, poll, every));
     clock.do_send(SubscribeEpochs(actor.clone().recipient()));
     clock.do_send(SubscribeBlocks(actor.clone().recipient()));
-    tracing::info!(contract = %format!("{contract:#x}"), operator = %format!("{operator:#x}"), rpc = %cfg.rpc_url, "settlement on");
-    let rpc_url = if cfg.public_rpc_url.is_empty() { cfg.rpc_url.clone() } else { cfg.public_rpc_url.clone() };
+    tracing::info!(contract = %format!("{contract:#x}"), operator = %format!("{operator:#x}"), rpc = %crate::chain::redacted_url(cfg.rpc_url.expose()), "settlement on");
+    // The operator's RPC URL often holds a provider key: only the public one is served.
+    let rpc_url = Some(cfg.public_rpc_url.clone()).filter(|u| !u.trim().is_empty());
     Ok(Some(SettlementInfo { actor, contract: format!("{contract:#x}"), rpc_url }))
 }
 

@@ -85,6 +85,43 @@ fn api_key_guessing_is_throttled_per_client_address() {
     assert_eq!(status, 429);
 }
 
+/// A wrong-key request from `client` as a proxy forwards it (`X-Forwarded-For`).
+fn guess_via_proxy(addr: &str, client: &str, i: usize) -> u16 {
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer ludus-guess-{i:040}\r\nX-Forwarded-For: {client}\r\nContent-Length: {}\r\n\r\n{CHAT}",
+        CHAT.len()
+    );
+    super::cluster::raw(addr, request.as_bytes()).status
+}
+
+/// Behind a trusted reverse proxy, the throttle counts the client the proxy names: one
+/// guesser is refused while the other clients behind the same proxy are not. Without the
+/// proxy trusted, the header is the client's own word and changes nothing.
+#[test]
+fn behind_a_trusted_proxy_the_throttle_counts_each_client_not_the_proxy() {
+    let cluster = Cluster::start_with_server("failed_auth_per_minute = 5\ntrusted_proxies = [\"127.0.0.0/8\"]\n", "");
+    let guesser: Vec<u16> = (0..8).map(|i| guess_via_proxy(&cluster.addr, "203.0.113.7", i)).collect();
+    assert!(guesser[..5].iter().all(|&s| s == 401) && guesser[6..].iter().all(|&s| s == 429), "{guesser:?}");
+    // Another player behind the same proxy still reaches the key check.
+    assert_eq!(
+        guess_via_proxy(&cluster.addr, "203.0.113.8", 99),
+        401,
+        "one guesser locked out the proxy's other clients"
+    );
+    assert_eq!(
+        guess_via_proxy(&cluster.addr, "198.51.100.1, 203.0.113.7", 100),
+        429,
+        "a forged left-hand entry changed the client"
+    );
+
+    // Not trusted: rotating the header does not escape the throttle.
+    let direct = Cluster::start_with_server("failed_auth_per_minute = 5\n", "");
+    let rotating: Vec<u16> =
+        (0..8).map(|i| guess_via_proxy(&direct.addr, &format!("203.0.113.{}", 10 + i), i)).collect();
+    assert!(rotating[6..].iter().all(|&s| s == 429), "a forged X-Forwarded-For escaped the throttle: {rotating:?}");
+}
+
 #[test]
 fn a_node_flooding_frames_is_disconnected_and_others_keep_serving() {
     let mut cluster = Cluster::start("max_node_frames_per_s = 500\n");

@@ -159,6 +159,11 @@ fn a_node_that_edits_a_token_is_caught_quarantined_and_unpaid() {
     // Its rejected proof is kept, and fails offline as well.
     let kept = cluster.dir.path().join(format!("data/proofs/rejected/{}.json", ludus::protocol::TaskId(task)));
     assert!(kept.exists(), "{}", kept.display());
+    // It holds the game's prompt: the server's user alone may read it.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&kept), 0o600, "a rejected proof's file mode");
+    assert_eq!(mode(kept.parent().unwrap()), 0o700, "the rejected proofs' directory mode");
     let out = std::process::Command::new(BIN)
         .args(["verify", kept.to_str().unwrap(), "--model", path.to_str().unwrap()])
         .output()

@@ -321,10 +321,11 @@ fn settling_cluster_via(anvil: &Anvil, rpc_url: &str, extra: &str) -> (Cluster, 
     let d: Deployment = serde_json::from_slice(&out.stdout).unwrap();
     let cluster = Cluster::start(&format!(
         "[settlement]\nrpc_url = \"{}\"\ncontract = \"{:#x}\"\noperator_key = \"{}\"\nconfirmations = 1\n\
-         retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\n{extra}",
+         retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\npublic_rpc_url = \"{}\"\n{extra}",
         rpc_url,
         d.settlement,
-        operator.display()
+        operator.display(),
+        anvil.url
     ));
     (cluster, d, keys)
 }
@@ -648,10 +649,11 @@ fn of_two_servers_on_one_database_one_settles_and_the_other_takes_over_when_it_d
     let mut second = Cluster::start_with_database(
         &format!(
             "[settlement]\nrpc_url = \"{}\"\ncontract = \"{:#x}\"\noperator_key = \"{}\"\nconfirmations = 1\n\
-             retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\n",
+             retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\npublic_rpc_url = \"{}\"\n",
             anvil.url,
             d.settlement,
-            operator_key.display()
+            operator_key.display(),
+            anvil.url
         ),
         &first.db_url,
     );
@@ -693,4 +695,32 @@ fn committed_contract_artifacts_match_the_sources() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The operator's RPC URL often carries a provider's API key: the server logs it as scheme,
+/// host and port only (its own chain errors included, which quote the URL), and serves only
+/// `public_rpc_url` — none here.
+#[test]
+fn the_operators_rpc_url_is_never_logged_or_served() {
+    const SECRET: &str = "sekrit-provider-key";
+    let cluster = Cluster::start(&format!(
+        "[settlement]\nrpc_url = \"http://127.0.0.1:9/v3/{SECRET}?apikey={SECRET}\"\ncontract = \"0x{}\"\n\
+         retry_s = 0.2\nescrow_check_blocks = 1\n[clock]\nblock_time_ms = 200\nepoch_time_s = 1\n",
+        "c0".repeat(20)
+    ));
+    // A game with a wallet: its escrow is read from the (unreachable) chain every block.
+    block_on(cluster.store().set_game_wallet("testgame", &format!("0x{}", "ab".repeat(20)))).unwrap();
+    let (status, body) = cluster.get("/v1/settlement");
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(info["rpc_url"].is_null(), "no public RPC URL is configured: {info}");
+    let (status, body) = cluster.get(&format!("/v1/settlement/payouts/0x{}", "12".repeat(20)));
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains(SECRET), "{body}");
+    wait_for("a failed chain call in the log", Duration::from_secs(30), || {
+        cluster.server.log_text().contains("failed;")
+    });
+    let log = cluster.server.log_text();
+    assert!(log.contains("http://127.0.0.1:9/…"), "the URL is logged redacted: {log}");
+    assert!(!log.contains(SECRET), "the RPC URL's key reached the log:\n{log}");
 }
