@@ -40,6 +40,8 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<String>,
     /// A client must send its request head within this time (slow-loris defence).
     pub client_request_timeout_ms: u64,
+    /// A request body must arrive within this time (after its key was checked).
+    pub client_body_timeout_ms: u64,
     /// Enables `POST /admin/chaos/panic/{actor}` (fault injection; never in production).
     pub chaos: bool,
 }

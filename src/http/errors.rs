@@ -40,6 +40,18 @@ impl ApiError {
         }
     }
 
+    /// The body did not arrive within the time allowed (a trickled body holds memory).
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {} ms", limit.as_millis()),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("body_timeout"),
+            retry_after_s: None,
+        }
+    }
+
     pub fn too_large(limit: usize) -> Self {
         Self {
             status: StatusCode::PAYLOAD_TOO_LARGE,

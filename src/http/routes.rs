@@ -13,7 +13,7 @@ use super::registry_api;
 use super::server::AppState;
 use super::settlement_api;
 use super::sse::stream_response;
-use crate::actors::messages::{Admit, ListModels};
+use crate::actors::messages::{Admit, Authenticate, ListModels};
 use crate::actors::{JobEvent, ServeError};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -91,7 +91,19 @@ async fn complete(
         state.auth_throttle.failed(ip);
         return Err(ServeError::Unauthorized.into());
     };
-    let body = read_body(&req, body, state.max_body_bytes).await?;
+    // The key is checked before a byte of the body is read: without a valid key, nobody
+    // gets the server to buffer anything. (Cached by the Gateway; Admit checks it again.)
+    let known = state.gateway.send(Authenticate { bearer: Some(bearer.clone()) }).await.map_err(internal)?;
+    if let Err(e) = known {
+        if matches!(e, ServeError::Unauthorized) {
+            state.auth_throttle.failed(ip);
+        }
+        return Err(e.into());
+    }
+    // A body trickled in holds memory: it has a deadline, like the request head.
+    let body = actix_web::rt::time::timeout(state.body_timeout, read_body(&req, body, state.max_body_bytes))
+        .await
+        .map_err(|_| ApiError::body_timeout(state.body_timeout))??;
     let valid = parse_request(&body, endpoint, state.request_limits)?;
     // The server counts the prompt itself (on this worker thread, not on an actor).
     let prompt = state.catalog.count(&valid.model, &valid.input)?;

@@ -34,6 +34,8 @@ pub struct AppState {
     pub distributor: Addr<Distributor>,
     pub request_limits: RequestLimits,
     pub max_body_bytes: usize,
+    /// Time a request body may take to arrive, from the end of its head.
+    pub body_timeout: Duration,
     pub proxy_config: NodeProxyConfig,
     pub store: Store,
     /// SHA-256 (hex) of the admin token.
@@ -220,6 +222,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             max_tokens_limit: s.server.max_tokens_limit,
         },
         max_body_bytes: s.server.max_body_bytes,
+        body_timeout: Duration::from_millis(s.server.client_body_timeout_ms),
         proxy_config: NodeProxyConfig {
             heartbeat_interval: Duration::from_millis(s.distributor.heartbeat_interval_ms),
             node_timeout: Duration::from_millis(s.distributor.node_timeout_ms),

@@ -85,6 +85,39 @@ fn api_key_guessing_is_throttled_per_client_address() {
     assert_eq!(status, 429);
 }
 
+/// Sends a request head declaring a 100 KB body, then only `sent` bytes of it; the status
+/// line the server answers with, and how long it took.
+fn partial_body(addr: &str, key: &str, sent: &[u8]) -> (String, Duration) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer {key}\r\nContent-Length: 100000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(sent).unwrap();
+    let start = Instant::now();
+    let mut response = [0u8; 512];
+    let n = stream.read(&mut response).unwrap_or(0);
+    let text = String::from_utf8_lossy(&response[..n]).to_string();
+    (text.lines().next().unwrap_or("").to_string(), start.elapsed())
+}
+
+/// The key is checked before the body is read (a caller without one cannot make the server
+/// buffer anything), and a body trickled in by a valid caller is cut with a 408.
+#[test]
+fn bodies_are_read_only_for_a_valid_key_and_never_wait_forever() {
+    let cluster = Cluster::start_with_server("client_body_timeout_ms = 1000\n", "");
+    // A wrong key: refused at once, the body never awaited.
+    let (status, waited) = partial_body(&cluster.addr, "ludus-not-a-key", b"{");
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+    assert!(waited < Duration::from_millis(900), "the server waited {waited:?} for the body of a wrong key");
+    // A valid key and a body that stops after 10 bytes: 408 after the body timeout.
+    let (status, waited) = partial_body(&cluster.addr, &cluster.key, br#"{"model": "#);
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(10), "{waited:?}");
+}
+
 /// A wrong-key request from `client` as a proxy forwards it (`X-Forwarded-For`).
 fn guess_via_proxy(addr: &str, client: &str, i: usize) -> u16 {
     let request = format!(
