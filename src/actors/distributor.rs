@@ -21,6 +21,9 @@ const MAILBOX_CAPACITY: usize = 65_536;
 const QUEUE_SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// Retry-After suggested when a queue is full.
 const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Model names remembered after their nodes left. Nodes choose the names, so the set is
+/// bounded: past it, a model whose last node left is a 404 again instead of a 503.
+const MAX_SEEN_MODELS: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct DistributorConfig {
@@ -88,6 +91,16 @@ impl Distributor {
 
     fn serves(&self, model: &str) -> bool {
         self.nodes.values().any(|n| n.models.iter().any(|m| m == model))
+    }
+
+    /// Remembers the models a joining node serves, up to [`MAX_SEEN_MODELS`].
+    fn remember_models(&mut self, models: &[String]) {
+        for model in models {
+            if self.seen_models.len() >= MAX_SEEN_MODELS {
+                return;
+            }
+            self.seen_models.insert(model.clone());
+        }
     }
 
     fn known(&self, model: &str) -> bool {
@@ -315,7 +328,7 @@ impl Handler<NodeConnected> for Distributor {
     fn handle(&mut self, msg: NodeConnected, _: &mut Self::Context) {
         tracing::info!(node = msg.id, address = %msg.address, models = ?msg.models, capacity = msg.capacity, "node joined");
         let stats = NodeStats::new(msg.capacity, Instant::now());
-        self.seen_models.extend(msg.models.iter().cloned());
+        self.remember_models(&msg.models);
         self.nodes.insert(
             msg.id,
             NodeEntry {
@@ -543,5 +556,29 @@ impl Handler<super::supervisor::InjectPanic> for Distributor {
 
     fn handle(&mut self, _: super::supervisor::InjectPanic, _: &mut Self::Context) {
         panic!("fault injection: Distributor told to panic");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_nodes_announce_are_remembered_up_to_a_bound() {
+        let config = DistributorConfig {
+            queue_capacity: 1,
+            queue_timeout: Duration::from_secs(1),
+            max_attempts: 1,
+            catalog: vec![],
+            quarantine: Duration::from_secs(1),
+        };
+        let mut distributor = Distributor::new(config);
+        for batch in 0..100 {
+            let names: Vec<String> = (0..16).map(|i| format!("rogue-{batch}-{i}")).collect();
+            distributor.remember_models(&names);
+        }
+        assert_eq!(distributor.seen_models.len(), MAX_SEEN_MODELS);
+        assert!(distributor.known("rogue-0-0"), "the first names are kept");
+        assert!(!distributor.known("rogue-99-15"), "past the bound, names are not remembered");
     }
 }
