@@ -57,6 +57,8 @@ pub struct DistributorSettings {
     /// Model files whose tokenizer the server reads, by served name (`catalog`).
     pub model_files: std::collections::BTreeMap<String, std::path::PathBuf>,
     pub banned_nodes: Vec<String>,
+    /// Nodes allowed each protected bundle's key, by the key file's name (without `.key`).
+    pub bundle_nodes: std::collections::BTreeMap<String, Vec<String>>,
     /// Frames a node may send per second before its link is closed as a flood.
     pub max_node_frames_per_s: u32,
     /// Bytes queued for a node that is not reading before its link is closed.

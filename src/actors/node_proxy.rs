@@ -76,6 +76,8 @@ pub struct NodeProxyConfig {
     pub banned: Arc<HashSet<Address>>,
     /// Keys of protected model bundles, by key id (`data_dir/model-keys/*.key`).
     pub model_keys: Arc<std::collections::BTreeMap<String, String>>,
+    /// Who may receive each bundle key: key id → (the key file's name, allowed addresses).
+    pub bundle_nodes: Arc<HashMap<String, (String, HashSet<Address>)>>,
     /// Authenticates task tickets; shared by every server on the registry database.
     pub ticket_secret: Arc<[u8; 32]>,
     pub registry: Addr<Registry>,
@@ -318,6 +320,11 @@ impl NodeProxy {
             Some(Pending { exchange, node_x25519, nonce, transcript, address, models, capacity, device, bundles });
     }
 
+    /// Whether `address` is listed for the bundle key `id`.
+    fn bundle_allowed(&self, id: &str, address: &Address) -> bool {
+        self.config.bundle_nodes.get(id).is_some_and(|(_, allowed)| allowed.contains(address))
+    }
+
     fn on_auth(&mut self, ctx: &mut Context<Self>, signature: String) {
         let Some(p) = self.pending.take() else {
             return self.fail(ctx, "Auth before Hello");
@@ -333,6 +340,18 @@ impl NodeProxy {
         let mut model_keys = std::collections::BTreeMap::new();
         for id in &p.bundles {
             match self.config.model_keys.get(id) {
+                // Protected weights go only to the nodes the operator listed for them.
+                Some(_) if !self.bundle_allowed(id, &p.address) => {
+                    let name = self.config.bundle_nodes.get(id).map_or("?", |(name, _)| name.as_str());
+                    return self.fail(
+                        ctx,
+                        format!(
+                            "node {} is not allowed the key of model bundle `{name}` \
+                             (the operator lists allowed nodes in [distributor] bundle_nodes)",
+                            p.address
+                        ),
+                    );
+                }
                 Some(key) => {
                     model_keys.insert(id.clone(), key.clone());
                 }

@@ -200,7 +200,9 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     }
     let banned = Arc::new(banned);
     let distributor_address = identity.address;
-    let model_keys = Arc::new(load_model_keys(&s.server.data_dir.join("model-keys"))?);
+    let (model_keys, key_names) = load_model_keys(&s.server.data_dir.join("model-keys"))?;
+    let model_keys = Arc::new(model_keys);
+    let bundle_nodes = Arc::new(bundle_nodes(&s.distributor.bundle_nodes, &key_names)?);
     let quality_game = store.internal_game("ludus-quality-checks").await.map_err(std::io::Error::other)?;
     let verification = start_verifiers(&s, &model_keys, policy, &registry, &distributor, quality_game)?;
     let catalog = Arc::new(load_catalog(&s)?);
@@ -229,6 +231,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
             identity,
             banned,
             model_keys,
+            bundle_nodes,
             ticket_secret,
             registry: registry.clone(),
             completion,
@@ -395,17 +398,49 @@ pub async fn shutdown_signal() {
 
 /// Reads the distributor's model key store: every `*.key` file (hex, 32 bytes) in `dir`,
 /// indexed by key id. A missing directory is an empty store.
-fn load_model_keys(dir: &std::path::Path) -> std::io::Result<std::collections::BTreeMap<String, String>> {
-    let mut keys = std::collections::BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(keys) };
+/// Key id → hex key, and key id → the file's name (without `.key`).
+type ModelKeys = (std::collections::BTreeMap<String, String>, std::collections::BTreeMap<String, String>);
+
+fn load_model_keys(dir: &std::path::Path) -> std::io::Result<ModelKeys> {
+    let (mut keys, mut names) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok((keys, names)) };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().is_none_or(|e| e != "key") {
             continue;
         }
         let key = crate::crypto::protect::read_key_file(&path).map_err(|e| std::io::Error::other(e.to_string()))?;
-        keys.insert(crate::crypto::protect::key_id(&key), hex::encode(key));
+        let id = crate::crypto::protect::key_id(&key);
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        keys.insert(id.clone(), hex::encode(key));
+        names.insert(id, name);
     }
     tracing::info!(keys = keys.len(), dir = %dir.display(), "model key store loaded");
-    Ok(keys)
+    Ok((keys, names))
+}
+
+/// `[distributor] bundle_nodes` by key id: a name without a key file, or an address that is
+/// not one, stops the start with the reason.
+fn bundle_nodes(
+    config: &std::collections::BTreeMap<String, Vec<String>>,
+    names: &std::collections::BTreeMap<String, String>,
+) -> std::io::Result<std::collections::HashMap<String, (String, HashSet<Address>)>> {
+    let mut out = std::collections::HashMap::new();
+    for (id, name) in names {
+        out.insert(id.clone(), (name.clone(), HashSet::new()));
+    }
+    for (name, nodes) in config {
+        let Some(id) = names.iter().find(|(_, n)| *n == name).map(|(id, _)| id) else {
+            return Err(std::io::Error::other(format!(
+                "distributor.bundle_nodes: no key file `{name}.key` in data_dir/model-keys"
+            )));
+        };
+        for node in nodes {
+            let address = node.parse::<Address>().map_err(|e| {
+                std::io::Error::other(format!("distributor.bundle_nodes.{name}: `{node}` is not a node address: {e}"))
+            })?;
+            out.get_mut(id).expect("every key id is in the table").1.insert(address);
+        }
+    }
+    Ok(out)
 }

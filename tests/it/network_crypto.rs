@@ -181,15 +181,20 @@ fn protected_bundles_are_served_with_keys_sent_in_the_session() {
     let other_bundle = t.dir.path().join("other");
     write_bundle(&t.gguf, &other_bundle, "tiny-other", &new_key()).unwrap();
     let key_hex = hex::encode(key);
-    let mut c = Cluster::start_prepared("", |data| {
+    // The bundle's key goes only to the node the operator lists (closed by default).
+    let keys = tempfile::tempdir().unwrap();
+    let listed = ludus::crypto::identity::Identity::load_or_create(&keys.path().join("listed.key")).unwrap();
+    let mut c = Cluster::start_prepared(&format!("bundle_nodes = {{ tiny = [\"{}\"] }}\n", listed.address), |data| {
         std::fs::create_dir_all(data.join("model-keys")).unwrap();
         std::fs::write(data.join("model-keys/tiny.key"), format!("{key_hex}\n")).unwrap();
     });
+    std::fs::copy(keys.path().join("listed.key"), c.dir.path().join("node0.key")).unwrap();
     // Protection preserves answers exactly in full precision (quantizing a rotated model
     // rounds differently).
     c.add_node(&["--model", bundle.to_str().unwrap(), "--quantize", "none"]);
     c.add_node(&["--model", t.gguf.to_str().unwrap(), "--quantize", "none"]);
     let unknown = c.add_node(&["--model", other_bundle.to_str().unwrap()]);
+    let unlisted = c.add_node(&["--model", bundle.to_str().unwrap(), "--quantize", "none"]);
     c.wait_nodes("tiny-protected", 1);
     c.wait_nodes("tiny", 1);
     let ask = |model: &str| {
@@ -204,6 +209,9 @@ fn protected_bundles_are_served_with_keys_sent_in_the_session() {
     assert!(!c.nodes[0].log_text().contains(&key_hex), "the key must never be logged");
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(c.nodes[unknown].log_text().contains("holds no key"), "{}", c.nodes[unknown].log_text());
+    let refused = c.nodes[unlisted].log_text();
+    assert!(refused.contains("is not allowed the key of model bundle `tiny`"), "{refused}");
+    assert!(!refused.contains(&key_hex), "an unlisted node got the key");
 }
 
 /// An unpinned node trusts the first distributor it joins and only that one for the rest of
