@@ -2,9 +2,17 @@
 //! and the tests: the system's `initdb`/`pg_ctl` (Debian's `postgresql` package) run on a
 //! data directory, listening on a free loopback port only, with no Unix socket.
 //!
+//! Private means private: every connection needs the password generated at `initdb`
+//! (scram-sha-256), kept in the cluster directory (0600, in a 0700 directory) — other local
+//! accounts cannot reach the ledger, read the ticket secret or rewrite receipts. A cluster
+//! directory without that file was not made by Ludus, and is never joined.
+//!
 //! A cluster that is already running in the directory is reused (its port is read from
 //! `postmaster.pid`), so several processes on one machine share it. As root, the server
-//! runs as the unprivileged `postgres` user, since Postgres refuses to run as root.
+//! runs as the unprivileged `postgres` user, since Postgres refuses to run as root; when
+//! that user cannot reach the data directory, the cluster lives in a directory with a random
+//! name under /var/tmp/ludus-postgres (recorded in `data_dir/postgres.location`), which
+//! must be owned by that user: nobody can plant a cluster there in advance.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -17,6 +25,10 @@ use super::error::LedgerError;
 const SEARCH_DIRS: &[&str] = &["/usr/lib/postgresql"];
 /// The superuser and database of a private cluster.
 pub const PRIVATE_USER: &str = "ludus";
+/// The superuser's password, in the cluster directory.
+const PASSWORD_FILE: &str = "ludus.password";
+/// Where clusters go that the `postgres` user could not run in the data directory.
+const MOVED_BASE: &str = "/var/tmp/ludus-postgres";
 
 /// A private cluster this process started or found running.
 #[derive(Debug)]
@@ -25,6 +37,8 @@ pub struct PrivateCluster {
     pub port: u16,
     bin_dir: PathBuf,
     run_as: Option<(u32, u32)>,
+    /// The superuser's password (generated at `initdb`).
+    password: String,
     /// This process started it (and stops it in [`PrivateCluster::stop`]).
     pub started_here: bool,
 }
@@ -103,6 +117,48 @@ fn running_port(data_dir: &Path) -> Option<u16> {
     Path::new(&format!("/proc/{pid}")).exists().then_some(port)
 }
 
+/// The password of the cluster in `dir`; a cluster without one was not made by Ludus (or by
+/// a version that used trust authentication) and is not used.
+fn read_password(dir: &Path) -> Result<String, LedgerError> {
+    match std::fs::read_to_string(dir.join(PASSWORD_FILE)) {
+        Ok(password) if !password.trim().is_empty() => Ok(password.trim().to_string()),
+        _ => Err(cluster_err(format!(
+            "the Postgres cluster in {} has no {PASSWORD_FILE}: it was not created by this version of Ludus \
+             (older ones let every local user in). Refusing to use it: remove that directory to start a new \
+             ledger, or set database.url",
+            dir.display()
+        ))),
+    }
+}
+
+/// Where the cluster of `data_dir` lives when the `postgres` user cannot reach it: a random
+/// directory under [`MOVED_BASE`], chosen once and recorded in `data_dir/postgres.location`.
+fn moved_location(data_dir: &Path) -> Result<PathBuf, LedgerError> {
+    let record = data_dir.with_extension("location");
+    let io = |e: std::io::Error| cluster_err(format!("{}: {e}", record.display()));
+    if let Ok(text) = std::fs::read_to_string(&record) {
+        let path = PathBuf::from(text.trim());
+        if path.parent() == Some(Path::new(MOVED_BASE)) {
+            return Ok(path);
+        }
+        return Err(cluster_err(format!("{} names {}, outside {MOVED_BASE}", record.display(), path.display())));
+    }
+    // The base is root's, readable and traversable by all (the postgres user included).
+    std::fs::create_dir_all(MOVED_BASE)
+        .and_then(|_| std::fs::set_permissions(MOVED_BASE, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| cluster_err(format!("{MOVED_BASE}: {e}")))?;
+    let base = std::fs::symlink_metadata(MOVED_BASE).map_err(|e| cluster_err(format!("{MOVED_BASE}: {e}")))?;
+    if std::os::unix::fs::MetadataExt::uid(&base) != 0 || !base.is_dir() {
+        return Err(cluster_err(format!("{MOVED_BASE} is not a directory owned by root; refusing to use it")));
+    }
+    let path = Path::new(MOVED_BASE).join(hex::encode(rand::random::<[u8; 16]>()));
+    if let Some(parent) = record.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    std::fs::write(&record, format!("{}\n", path.display())).map_err(io)?;
+    Ok(path)
+}
+
 fn free_port() -> Result<u16, LedgerError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| cluster_err(format!("no free port: {e}")))?;
     Ok(listener.local_addr().map_err(|e| cluster_err(e.to_string()))?.port())
@@ -115,17 +171,25 @@ impl PrivateCluster {
         let bin_dir = find_bin_dir()?;
         let run_as = unprivileged_user()?;
         let mut data_dir = std::path::absolute(data_dir).map_err(|e| cluster_err(e.to_string()))?;
-        if run_as.is_some() && !traversable_by_others(&data_dir) {
-            let tag = hex::encode(&crate::crypto::identity::keccak(data_dir.as_os_str().as_encoded_bytes())[..6]);
-            let moved = PathBuf::from("/var/tmp/ludus-postgres").join(tag);
+        if let Some((uid, _)) = run_as.filter(|_| !traversable_by_others(&data_dir)) {
+            let moved = moved_location(&data_dir)?;
             tracing::info!(wanted = %data_dir.display(), used = %moved.display(),
                 "the postgres user cannot reach the data directory; using one it can");
-            std::fs::create_dir_all(moved.parent().expect("has a parent"))
-                .and_then(|_| std::fs::set_permissions(moved.parent().unwrap(), std::fs::Permissions::from_mode(0o755)))
-                .map_err(|e| cluster_err(format!("/var/tmp/ludus-postgres: {e}")))?;
+            // Ours, or nothing: a directory someone else made there is never used.
+            if let Ok(meta) = std::fs::symlink_metadata(&moved) {
+                if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != uid {
+                    return Err(cluster_err(format!(
+                        "{} is not a directory owned by the postgres user; refusing to use it",
+                        moved.display()
+                    )));
+                }
+            }
             data_dir = moved;
         }
-        let mut cluster = Self { data_dir, port: 0, bin_dir, run_as, started_here: false };
+        let mut cluster = Self { data_dir, port: 0, bin_dir, run_as, password: String::new(), started_here: false };
+        if cluster.data_dir.join("PG_VERSION").exists() {
+            cluster.password = read_password(&cluster.data_dir)?;
+        }
         if let Some(port) = running_port(&cluster.data_dir) {
             cluster.port = port;
             tracing::info!(dir = %cluster.data_dir.display(), port, "joined the running private Postgres cluster");
@@ -138,9 +202,9 @@ impl PrivateCluster {
         Ok(cluster)
     }
 
-    /// `postgres://ludus@127.0.0.1:PORT/DATABASE`
+    /// `postgres://ludus:PASSWORD@127.0.0.1:PORT/DATABASE` (a secret).
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://{PRIVATE_USER}@127.0.0.1:{}/{database}", self.port)
+        format!("postgres://{PRIVATE_USER}:{}@127.0.0.1:{}/{database}", self.password, self.port)
     }
 
     fn command(&self, program: &str) -> Command {
@@ -148,7 +212,7 @@ impl PrivateCluster {
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
-        cmd.env_remove("PGDATA").env("LC_ALL", "C");
+        cmd.env_remove("PGDATA").env("LC_ALL", "C").env("PGPASSWORD", &self.password);
         cmd
     }
 
@@ -172,19 +236,32 @@ impl PrivateCluster {
         self.data_dir.join("server.log")
     }
 
-    fn init(&self) -> Result<(), LedgerError> {
-        std::fs::create_dir_all(&self.data_dir)
-            .map_err(|e| cluster_err(format!("{}: {e}", self.data_dir.display())))?;
-        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| cluster_err(e.to_string()))?;
+    fn init(&mut self) -> Result<(), LedgerError> {
+        let io = |e: std::io::Error| cluster_err(format!("{}: {e}", self.data_dir.display()));
+        std::fs::create_dir_all(&self.data_dir).map_err(io)?;
+        if std::fs::read_dir(&self.data_dir).map_err(io)?.next().is_some() {
+            return Err(cluster_err(format!(
+                "{} is not empty and holds no Postgres cluster; refusing to create one there",
+                self.data_dir.display()
+            )));
+        }
+        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         if let Some((uid, gid)) = self.run_as {
             std::os::unix::fs::chown(&self.data_dir, Some(uid), Some(gid))
                 .map_err(|e| cluster_err(format!("chown {}: {e}", self.data_dir.display())))?;
         }
         tracing::info!(dir = %self.data_dir.display(), "creating a private Postgres cluster");
+        self.password = hex::encode(rand::random::<[u8; 24]>());
+        // initdb wants an empty directory: the password file waits beside it until then.
+        let pwfile = self.data_dir.with_extension(format!("pw-{}", rand::random::<u32>()));
+        self.write_private(&pwfile, &self.password)?;
         let mut cmd = self.command("initdb");
-        cmd.arg("-D").arg(&self.data_dir).args(["-U", PRIVATE_USER, "--auth=trust", "-E", "UTF8", "--no-instructions"]);
-        self.run(cmd, "initdb")?;
+        cmd.arg("-D").arg(&self.data_dir).args(["-U", PRIVATE_USER, "--auth=scram-sha-256", "-E", "UTF8"]);
+        cmd.arg(format!("--pwfile={}", pwfile.display())).arg("--no-instructions");
+        let made = self.run(cmd, "initdb");
+        let _ = std::fs::remove_file(&pwfile);
+        made?;
+        self.write_private(&self.data_dir.join(PASSWORD_FILE), &self.password)?;
         // Loopback TCP only; no Unix socket (its directory may not be writable).
         let conf = "\n# ludus private cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n\
                     max_connections = 200\nshared_buffers = 128MB\n";
@@ -193,6 +270,18 @@ impl PrivateCluster {
             .open(self.data_dir.join("postgresql.conf"))
             .map_err(|e| cluster_err(e.to_string()))?;
         std::io::Write::write_all(&mut file, conf.as_bytes()).map_err(|e| cluster_err(e.to_string()))
+    }
+
+    /// Writes `text` to a new file readable by the cluster's user only.
+    fn write_private(&self, path: &Path, text: &str) -> Result<(), LedgerError> {
+        let io = |e: std::io::Error| cluster_err(format!("{}: {e}", path.display()));
+        let mut options = std::fs::OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(options.write(true).create_new(true), 0o600);
+        std::io::Write::write_all(&mut options.open(path).map_err(io)?, format!("{text}\n").as_bytes()).map_err(io)?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io)?;
+        }
+        Ok(())
     }
 
     fn start(&mut self) -> Result<(), LedgerError> {

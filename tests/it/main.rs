@@ -18,6 +18,7 @@ mod network_crypto;
 mod network_proof;
 mod network_routing;
 mod observability;
+mod private_database;
 mod proof;
 mod properties;
 mod protect;
