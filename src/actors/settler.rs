@@ -97,6 +97,8 @@ pub struct Settler {
     chain: tokio::sync::OnceCell<SettlementClient>,
     lock: tokio::sync::Mutex<Option<Conn>>,
     standby_logged: std::sync::atomic::AtomicBool,
+    /// The contract's withdrawal delay was compared with the epoch length.
+    delay_checked: std::sync::atomic::AtomicBool,
 }
 
 fn address_of(wallet: &str) -> Result<Address, SettleError> {
@@ -112,6 +114,7 @@ impl Settler {
             chain: tokio::sync::OnceCell::new(),
             lock: tokio::sync::Mutex::new(None),
             standby_logged: Default::default(),
+            delay_checked: Default::default(),
         }
     }
 
@@ -192,8 +195,12 @@ impl Settler {
     async fn plan(&self) -> Result<Option<Epoch>, SettleError> {
         let chain = self.chain().await?;
         self.store.assign_internal_wallets(&format!("{:#x}", chain.operator())).await?;
+        self.check_withdrawal_delay(chain).await;
         let escrows = self.escrows().await?;
-        let budgets: Vec<(i64, Units)> = escrows.iter().map(|(g, a)| (g.game_id, *a)).collect();
+        // What a game used before it asked for its escrow back is charged from the whole
+        // escrow: a withdrawal request does not shield it (the delay spans a settlement).
+        let balances = self.escrow_balances(&escrows).await?;
+        let budgets: Vec<(i64, Units)> = escrows.iter().zip(&balances).map(|((g, _), b)| (g.game_id, *b)).collect();
         let contract = format!("{:#x}", chain.contract_address());
         let epoch = self.store.plan_epoch(&contract, &budgets, self.config.node_share_bps).await?;
         self.store.record_settlement_attempt().await?;
@@ -206,6 +213,46 @@ impl Settler {
         }
         self.apply_escrows(&escrows).await?;
         Ok(epoch)
+    }
+
+    /// The whole escrow of each game in `escrows` (zero without a wallet).
+    async fn escrow_balances(
+        &self,
+        escrows: &[(crate::ledger::escrow::GameBalance, Units)],
+    ) -> Result<Vec<Units>, SettleError> {
+        let chain = self.chain().await?;
+        let mut out = vec![Units::ZERO; escrows.len()];
+        let wallets: Vec<(usize, Address)> = escrows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (g, _))| g.wallet.as_deref().map(|w| address_of(w).map(|a| (i, a))))
+            .collect::<Result<_, _>>()?;
+        let balances = chain.escrow_balances(&wallets.iter().map(|(_, a)| *a).collect::<Vec<_>>()).await?;
+        for ((i, _), balance) in wallets.iter().zip(balances) {
+            out[*i] = balance;
+        }
+        Ok(out)
+    }
+
+    /// Warns (once) when the contract lets a game withdraw sooner than two epochs after
+    /// asking: its usage of the epoch it asked in might not be settled by then.
+    async fn check_withdrawal_delay(&self, chain: &SettlementClient) {
+        if self.delay_checked.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let wanted = 2 * self.config.epoch_time.as_secs();
+        match chain.withdrawal_delay().await {
+            Ok(delay) if delay < wanted => tracing::error!(
+                delay_s = delay, wanted_s = wanted,
+                "the contract's withdrawal delay is shorter than two epochs: a game could withdraw escrow \
+                 before the usage it owes is settled; deploy with `ludus chain deploy --withdrawal-delay {wanted}` or more"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                self.delay_checked.store(false, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %self.scrub(&e), "could not read the contract's withdrawal delay");
+            }
+        }
     }
 
     /// Every game settlement tracks, with the escrow available to it on chain (zero

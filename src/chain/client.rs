@@ -179,6 +179,22 @@ impl SettlementClient {
         amounts.into_iter().map(from_u256).collect()
     }
 
+    /// Each wallet's whole escrow (`escrowOf`), pending withdrawal requests included: what
+    /// settlement may charge (a request does not shield escrow from usage before it).
+    pub async fn escrow_balances(&self, wallets: &[Address]) -> Result<Vec<Units>, ChainError> {
+        let mut out = Vec::with_capacity(wallets.len());
+        for wallet in wallets {
+            let balance = timed("escrowOf()", self.contract.escrowOf(*wallet).call()).await?;
+            out.push(from_u256(balance)?);
+        }
+        Ok(out)
+    }
+
+    /// Seconds between a game's withdrawal request and its payout (the contract's).
+    pub async fn withdrawal_delay(&self) -> Result<u64, ChainError> {
+        timed("withdrawalDelay()", self.contract.withdrawalDelay().call()).await
+    }
+
     /// Signs the post of one epoch at the operator's next nonce. Reverts that the gas
     /// estimate reveals (e.g. `EscrowShort`) come back as [`ChainError::Reverted`].
     pub async fn sign_post(

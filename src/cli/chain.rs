@@ -37,8 +37,9 @@ pub struct DeployArgs {
     /// Who collects the fees. Default: the operator.
     #[arg(long)]
     pub treasury: Option<String>,
-    /// Seconds between a game asking for its escrow back and getting it.
-    #[arg(long, default_value_t = 86_400)]
+    /// Seconds between a game asking for its escrow back and getting it: at least two
+    /// epochs, so the usage before the request is settled first (the server warns otherwise).
+    #[arg(long, default_value_t = 172_800)]
     pub withdrawal_delay: u64,
     /// Also write the deployment (JSON) to this file.
     #[arg(long)]

@@ -319,7 +319,7 @@ async fn demo_chain(
             let operator = crate::crypto::identity::Identity::load_or_create(&key_file)?;
             let operator = crate::chain::signer_of(&operator).address();
             let deployer = anvil.keys[0].clone();
-            let plan = DeployPlan { token: None, operator, treasury: operator, withdrawal_delay_s: 60 };
+            let plan = DeployPlan { token: None, operator, treasury: operator, withdrawal_delay_s: 300 };
             let d = deploy(&anvil.url, deployer.clone(), &plan).await?;
             send_native(&anvil.url, deployer, operator, alloy::primitives::U256::from(10u128.pow(20))).await?;
             std::fs::write(&saved_at, serde_json::to_string_pretty(&d)?)?;

@@ -724,3 +724,62 @@ fn the_operators_rpc_url_is_never_logged_or_served() {
     assert!(log.contains("http://127.0.0.1:9/…"), "the URL is logged redacted: {log}");
     assert!(!log.contains(SECRET), "the RPC URL's key reached the log:\n{log}");
 }
+
+/// A game used to walk away from a day of usage: spend during the epoch, ask for all of its
+/// escrow back (`availableEscrow` drops to 0, so settlement charged nothing), withdraw after
+/// the delay — and the nodes were never paid. Now settlement charges the usage before the
+/// request from the whole escrow, the nodes claim, and the game gets back only the rest.
+#[test]
+fn a_game_that_asks_for_its_escrow_back_still_pays_for_what_it_used() {
+    let anvil = Anvil::start(None).expect("anvil");
+    let (mut cluster, d, keys) = settling_cluster(&anvil, "");
+    let game = anvil.keys[2].clone();
+    let escrow = 10u128.pow(22);
+    give_wallet(&cluster, &anvil, &d, &game, escrow);
+    cluster.add_node(&["--fake-engine", "3:1"]);
+    cluster.wait_nodes("fake", 1);
+    let store = cluster.store();
+    chats(&cluster, 6, &store, 6);
+    let owed = numbers(&store, "SELECT sum(price_units)::bigint FROM receipts")[0] as u128;
+    assert!(owed > 0);
+
+    // The game asks for everything back.
+    let p = provider_for(&anvil.url, game.clone()).unwrap();
+    let contract = Settlement::new(d.settlement, p.clone());
+    let hash = block_on(async { *contract.requestWithdrawal(U256::from(escrow)).send().await.unwrap().tx_hash() });
+    assert!(block_on(wait_receipt(&p, hash, Duration::from_secs(30))).unwrap().status());
+    assert_eq!(block_on(contract.availableEscrow(game.address()).call().into_future()).unwrap(), U256::ZERO);
+
+    // Settlement still charges what it used.
+    assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
+    wait_for("epoch 1 to be confirmed", Duration::from_secs(30), || {
+        epoch_status(&store, 1).is_some_and(|(s, _)| s == "confirmed")
+    });
+    let epoch = block_on(store.epoch(1)).unwrap().unwrap();
+    assert_eq!(epoch.charge_total.0, owed, "the usage before the request was charged in full");
+    let left = block_on(contract.escrowOf(game.address()).call().into_future()).unwrap();
+    assert_eq!(left, U256::from(escrow - owed));
+
+    // The node claims its payout.
+    let node_key = cluster.dir.path().join("node0.key");
+    let gas_key = key_file(&keys, &anvil.keys[8], "gas.key");
+    let server = format!("http://{}", cluster.addr);
+    let out = ludus(
+        &cluster,
+        &["claim", "--key", node_key.to_str().unwrap(), "--server", &server, "--gas-key", gas_key.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["claimed"].as_array().unwrap().len(), 1, "{report}");
+
+    // After the delay, the game gets back what is left, not what it asked for.
+    let delay = block_on(contract.withdrawalDelay().call().into_future()).unwrap();
+    rpc(&anvil, "evm_increaseTime", serde_json::json!([delay + 1]));
+    rpc(&anvil, "evm_mine", serde_json::json!([]));
+    let before = block_on(token_balance(&anvil.url, d.token, game.address())).unwrap();
+    let hash = block_on(async { *contract.withdraw().send().await.unwrap().tx_hash() });
+    assert!(block_on(wait_receipt(&p, hash, Duration::from_secs(30))).unwrap().status());
+    let after = block_on(token_balance(&anvil.url, d.token, game.address())).unwrap();
+    assert_eq!(after - before, U256::from(escrow - owed));
+    cluster.kill_server();
+}
