@@ -24,6 +24,9 @@ const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Model names remembered after their nodes left. Nodes choose the names, so the set is
 /// bounded: past it, a model whose last node left is a 404 again instead of a 503.
 const MAX_SEEN_MODELS: usize = 1024;
+/// How long a quality-check re-run may wait for a second node (nobody waits for its answer,
+/// and a second node may still be loading its model) when the queue timeout is shorter.
+const RERUN_QUEUE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct DistributorConfig {
@@ -226,7 +229,8 @@ impl Distributor {
                     return false;
                 }
                 let waited = job.queued_at.elapsed();
-                if waited > timeout {
+                let patience = if job.shadow_of.is_some() { timeout.max(RERUN_QUEUE_TIMEOUT) } else { timeout };
+                if waited > patience {
                     let _ = job
                         .events
                         .send(JobEvent::Failed(ServeError::QueueTimeout { model: job.model.clone(), waited }));
