@@ -120,21 +120,20 @@ impl Supervised for Gateway {
 impl Handler<Admit> for Gateway {
     type Result = ResponseActFuture<Self, Result<Admitted, ServeError>>;
 
-    /// Checks the key, the game and the limits, then submits the job.
+    /// Checks the game and the limits of a key `Authenticate` resolved, then submits the job.
     fn handle(&mut self, msg: Admit, _: &mut Self::Context) -> Self::Result {
-        let Admit { bearer, stream, model, input, prompt, text, params, max_tokens, stop } = msg;
-        Box::pin(self.resolve(bearer).then(move |info, this, _| {
-            let submitted = info.and_then(|info| {
-                this.check(&info)?;
-                let (events, rx) = unbounded_channel();
-                let id = TaskId(this.next_task.fetch_add(1, Ordering::Relaxed));
-                let billing = Billing { game: info.game, game_id: info.game_id, key_hash: info.hash.clone() };
-                let text = text.map(|t| JobText::new(t, &stop));
-                let request = JobRequest { model, input, prompt, text, params, max_tokens, stop, stream };
-                let job = Job::new(id, billing, request, events);
-                Ok((job, Admitted { id, key_hash: info.hash, events: rx }))
-            });
-            let distributor = this.distributor.clone();
+        let Admit { key, stream, model, input, prompt, text, params, max_tokens, stop } = msg;
+        let submitted = self.check(&key).map(|()| {
+            let (events, rx) = unbounded_channel();
+            let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
+            let billing = Billing { game: key.game, game_id: key.game_id, key_hash: key.hash.clone() };
+            let text = text.map(|t| JobText::new(t, &stop));
+            let request = JobRequest { model, input, prompt, text, params, max_tokens, stop, stream };
+            let job = Job::new(id, billing, request, events);
+            (job, Admitted { id, key_hash: key.hash, events: rx })
+        });
+        let distributor = self.distributor.clone();
+        Box::pin(
             async move {
                 let (job, admitted) = submitted?;
                 distributor
@@ -143,8 +142,8 @@ impl Handler<Admit> for Gateway {
                     .map_err(|e| ServeError::Internal(format!("distributor unavailable: {e}")))??;
                 Ok(admitted)
             }
-            .into_actor(this)
-        }))
+            .into_actor(self),
+        )
     }
 }
 

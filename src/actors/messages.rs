@@ -345,7 +345,8 @@ pub struct FlushReceipts;
 #[derive(Message)]
 #[rtype(result = "Result<Admitted, ServeError>")]
 pub struct Admit {
-    pub bearer: Option<String>,
+    /// The key, as `Authenticate` resolved it before the body was read (resolved once).
+    pub key: crate::ledger::KeyInfo,
     pub stream: bool,
     pub model: String,
     pub input: TaskInput,

@@ -91,15 +91,17 @@ async fn complete(
         state.auth_throttle.failed(ip);
         return Err(ServeError::Unauthorized.into());
     };
-    // The key is checked before a byte of the body is read: without a valid key, nobody
-    // gets the server to buffer anything. (Cached by the Gateway; Admit checks it again.)
-    let known = state.gateway.send(Authenticate { bearer: Some(bearer.clone()) }).await.map_err(internal)?;
-    if let Err(e) = known {
-        if matches!(e, ServeError::Unauthorized) {
-            state.auth_throttle.failed(ip);
+    // The key is resolved before a byte of the body is read: without a valid key, nobody
+    // gets the server to buffer anything. Admit then checks the game's status and limits.
+    let key = match state.gateway.send(Authenticate { bearer: Some(bearer) }).await.map_err(internal)? {
+        Ok(key) => key,
+        Err(e) => {
+            if matches!(e, ServeError::Unauthorized) {
+                state.auth_throttle.failed(ip);
+            }
+            return Err(e.into());
         }
-        return Err(e.into());
-    }
+    };
     // A body trickled in holds memory: it has a deadline, like the request head.
     let body = actix_web::rt::time::timeout(state.body_timeout, read_body(&req, body, state.max_body_bytes))
         .await
@@ -108,7 +110,7 @@ async fn complete(
     // The server counts the prompt itself (on this worker thread, not on an actor).
     let prompt = state.catalog.count(&valid.model, &valid.input)?;
     let admit = Admit {
-        bearer: Some(bearer),
+        key,
         stream: valid.stream,
         model: valid.model.clone(),
         text: state.catalog.get(&valid.model).cloned(),
@@ -118,11 +120,7 @@ async fn complete(
         max_tokens: valid.max_tokens,
         stop: valid.stop,
     };
-    let admitted = state.gateway.send(admit).await.map_err(internal)?;
-    if matches!(admitted, Err(ServeError::Unauthorized)) {
-        state.auth_throttle.failed(ip);
-    }
-    let mut admitted = admitted?;
+    let mut admitted = state.gateway.send(admit).await.map_err(internal)??;
     let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let meta = ResponseMeta { id: format!("{prefix}-{}", admitted.id), created, model: valid.model, endpoint };
