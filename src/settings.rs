@@ -141,7 +141,7 @@ pub struct VerifierSettings {
     pub quarantine_s: u64,
     pub max_value_error: f32,
     pub min_index_overlap: f32,
-    pub max_tie_margin: f32,
+    pub tie_margin_scale: f32,
 }
 
 impl VerifierSettings {
@@ -149,7 +149,7 @@ impl VerifierSettings {
         crate::proof::Tolerances {
             max_value_error: self.max_value_error,
             min_index_overlap: self.min_index_overlap,
-            max_tie_margin: self.max_tie_margin,
+            tie_margin_scale: self.tie_margin_scale,
         }
     }
 }

@@ -318,6 +318,8 @@ pub struct VerificationDone {
     pub node: Address,
     pub outcome: Outcome,
     pub detail: String,
+    /// A verified task's forgiven near-ties, for the node's steering record.
+    pub evidence: Option<std::sync::Arc<crate::proof::steering::Evidence>>,
 }
 
 impl VerificationDone {

@@ -27,7 +27,8 @@ use crate::protocol::handshake::{
 };
 use crate::protocol::receipt::TaskTicket;
 use crate::protocol::{
-    decode_frame, encode_frame, Hello, NodeMessage, ServerMessage, TaskId, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    decode_frame, encode_frame, messages::FinishReason, Hello, NodeMessage, ServerMessage, TaskId, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
 };
 
 /// A node must say Hello within this time.
@@ -414,9 +415,16 @@ impl NodeProxy {
                     self.in_flight.insert(id, run);
                     return self.fail(ctx, format!("task {id}: more text than its tokens can carry"));
                 }
-                let tail = match run.job.text.as_mut() {
-                    Some(server_text) => server_text.finish(),
-                    None => tail,
+                // The server's own text says how the answer ended: at an end-of-sequence
+                // token or a stop sequence, or else at its length (max_tokens, or a node's
+                // context). A node's word is taken only where the server holds no tokenizer.
+                let (tail, finish_reason) = match run.job.text.as_mut() {
+                    Some(server_text) => {
+                        let reason =
+                            if server_text.stream.stopped() { FinishReason::Stop } else { FinishReason::Length };
+                        (server_text.finish(), reason)
+                    }
+                    None => (tail, finish_reason),
                 };
                 if !tail.is_empty() {
                     let _ = run.job.events.send(JobEvent::Text(tail));

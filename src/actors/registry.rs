@@ -31,6 +31,8 @@ pub struct Registry {
     dropped: u64,
     /// The completions this server saw: committed ones are dropped from it.
     completions: Option<std::sync::Arc<super::completion_log::CompletionLog>>,
+    /// Told when a node is flagged for steering (the Distributor quarantines it).
+    quarantine: Option<Recipient<VerificationDone>>,
 }
 
 impl Registry {
@@ -45,7 +47,14 @@ impl Registry {
             failures: 0,
             dropped: 0,
             completions: None,
+            quarantine: None,
         }
+    }
+
+    /// With a recipient that quarantines nodes flagged for steering.
+    pub fn with_quarantine(mut self, quarantine: Recipient<VerificationDone>) -> Self {
+        self.quarantine = Some(quarantine);
+        self
     }
 
     /// With the server's completion log (entries leave it once their block commits).
@@ -198,22 +207,87 @@ impl Handler<ConfirmBlock> for Registry {
 impl Handler<VerificationDone> for Registry {
     type Result = ();
 
-    /// Records a verdict: the receipt's verification state and the node's reputation.
+    /// Records a verdict: the receipt's verification state and the node's reputation; for
+    /// a verified task, its forgiven near-ties, and the steering judgement over the node's
+    /// record (a flagged node is quarantined like one that failed a proof).
     fn handle(&mut self, msg: VerificationDone, ctx: &mut Self::Context) {
         let store = self.store.clone();
         let node = msg.node.to_string();
         let detail = msg.detail.clone();
-        async move { store.record_verification(msg.task.0, &node, msg.outcome, &detail).await }
-            .into_actor(self)
-            .map(move |result, this, _| match result {
-                Ok(reputation) => {
-                    if let Some((policy, floor)) = &this.policy {
-                        policy.set_suspect(&msg.node, reputation < *floor);
+        let steering = msg.evidence.as_deref().map(task_steering);
+        let task = msg.task.0;
+        async move {
+            let mut reputation = store.record_verification(task, &node, msg.outcome, &detail).await?;
+            let mut flagged = None;
+            if let Some(steering) = steering {
+                if let Some(sums) = store.record_steering(task, &node, &steering).await? {
+                    let record = crate::proof::steering::NodeDeviations {
+                        tasks: sums.tasks as u64,
+                        tokens: sums.tokens as u64,
+                        wide: sums.wide as u64,
+                        ends_passed: sums.ends_passed as u64,
+                        suspicious: sums.suspicious as u64,
+                        expected: sums.expected_suspicious,
+                    };
+                    if let Some(reason) = crate::proof::steering::judge(&record).filter(|_| !sums.flagged) {
+                        if let Some(after) = store.flag_steering(&node, &reason).await? {
+                            reputation = after;
+                            flagged = Some(reason);
+                        }
                     }
                 }
-                Err(e) => tracing::warn!(task = %msg.task, error = %e, "could not record a verification"),
+            }
+            Ok::<_, crate::ledger::LedgerError>((reputation, flagged))
+        }
+        .into_actor(self)
+        .map(move |result, this, _| match result {
+            Ok((reputation, flagged)) => {
+                if let Some((policy, floor)) = &this.policy {
+                    policy.set_suspect(&msg.node, reputation < *floor || flagged.is_some());
+                }
+                if let Some(reason) = flagged {
+                    tracing::warn!(node = %msg.node, task = %msg.task, %reason, "node flagged for steering");
+                    if let Some(quarantine) = &this.quarantine {
+                        quarantine.do_send(VerificationDone {
+                            task: msg.task,
+                            node: msg.node,
+                            outcome: crate::ledger::Outcome::Failed,
+                            detail: reason,
+                            evidence: None,
+                        });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(task = %msg.task, error = %e, "could not record a verification"),
+        })
+        .spawn(ctx);
+    }
+}
+
+/// The ledger's row form of a verified task's near-tie evidence.
+fn task_steering(e: &crate::proof::steering::Evidence) -> crate::ledger::steering::TaskSteering {
+    let clamp = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    crate::ledger::steering::TaskSteering {
+        format: e.format.to_string(),
+        tokens: clamp(e.task.tokens),
+        wide: clamp(e.task.wide),
+        ends_passed: clamp(e.task.ends_passed),
+        suspicious: clamp(e.task.suspicious),
+        expected_suspicious: e.task.expected,
+        tokens_past_end: clamp(e.task.tokens_past_end),
+        forgiven: e
+            .deviations
+            .iter()
+            .map(|d| crate::ledger::steering::ForgivenRow {
+                token_index: clamp(d.index),
+                gap: d.gap,
+                rank: clamp(d.rank),
+                reference_token: clamp(d.reference_token),
+                node_token: clamp(d.node_token),
+                passed_end: d.passed_end,
+                took_end: d.took_end,
             })
-            .spawn(ctx);
+            .collect(),
     }
 }
 

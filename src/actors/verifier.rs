@@ -14,7 +14,9 @@ use crate::crypto::identity::Address;
 use crate::inference::{Model, Quantization, SamplingParams};
 use crate::ledger::Outcome;
 use crate::proof::commitment::DEFAULT_TOP_K;
-use crate::proof::{verify, Proof, StoredProof, Tolerances};
+use crate::proof::steering::Evidence;
+use crate::proof::verify::verify_claimed;
+use crate::proof::{Format, Proof, StoredProof, Tolerances};
 use crate::protocol::{TaskId, TaskInput};
 
 /// A finished task to check.
@@ -93,46 +95,50 @@ impl Verifier {
         self.models.iter().map(|((name, _), model)| (name.clone(), model.llama.config.vocab_size)).collect()
     }
 
-    /// The verdict and why. Whatever the node controls and gets wrong fails; a check this
-    /// verifier cannot run is `Unverifiable` (unpaid, no penalty) — never verified.
-    fn check(&mut self, t: &VerifyTask) -> (Outcome, String) {
+    /// The verdict and why, and for a verified task the near-ties it was forgiven.
+    /// Whatever the node controls and gets wrong fails; a check this verifier cannot run
+    /// is `Unverifiable` (unpaid, no penalty) — never verified.
+    fn check(&mut self, t: &VerifyTask) -> (Outcome, String, Option<Evidence>) {
         use Outcome::{Failed, Unverifiable, Verified};
         let Some(proof) = t.proof.as_deref() else {
             if !self.sources.contains_key(&t.model) {
-                return (Unverifiable, "no reference model for this task's model".into());
+                return (Unverifiable, "no reference model for this task's model".into(), None);
             }
-            return (Failed, "no proof for a task that carried a challenge".into());
+            return (Failed, "no proof for a task that carried a challenge".into(), None);
         };
         if proof.task != t.task.0 || proof.challenge != hex::encode(t.challenge) {
-            return (Failed, "the proof is for another task or challenge".into());
+            return (Failed, "the proof is for another task or challenge".into(), None);
         }
         match proof.signer() {
             Ok(signer) if signer == t.node => {}
-            _ => return (Failed, "the proof is not signed by the node".into()),
+            _ => return (Failed, "the proof is not signed by the node".into(), None),
         }
         // The protocol fixes k: with k = 1 a commitment would be a single number.
         if proof.top_k as usize != DEFAULT_TOP_K {
             return (
                 Failed,
                 format!("the proof commits top-{} values; the protocol fixes {DEFAULT_TOP_K}", proof.top_k),
+                None,
             );
         }
-        let quantization = match proof.quantization.as_str() {
-            "" => Quantization::None,
-            "int8" => Quantization::Int8,
-            "int4" => Quantization::Int4,
-            other => return (Failed, format!("the proof names an unknown quantization `{other}`")),
+        let format = match proof.format() {
+            Ok(format) => format,
+            Err(e) => return (Failed, e, None),
         };
-        let tol = self.tol;
-        let model = match self.reference(&t.model, quantization) {
-            Ok(Some(model)) => model,
-            Ok(None) => return (Unverifiable, "no reference model for this task's model".into()),
-            // A format this verifier cannot run earns nothing (never a free pass).
-            Err(e) => return (Unverifiable, format!("cannot be checked here: {e}")),
-        };
+        // Every reference this check may need: the format's own, and those of the stricter
+        // formats its claim is compared with.
+        for quantization in std::iter::once(format).chain(format.stricter().iter().copied()).map(Format::reference) {
+            match self.reference(&t.model, quantization) {
+                Ok(Some(_)) => {}
+                Ok(None) => return (Unverifiable, "no reference model for this task's model".into(), None),
+                // A format this verifier cannot run earns nothing (never a free pass).
+                Err(e) => return (Unverifiable, format!("cannot be checked here: {e}"), None),
+            }
+        }
+        let model = &self.models[&(t.model.clone(), format.reference())];
         let vocab = model.llama.config.vocab_size;
         if let Some(bad) = t.completion.iter().find(|&&id| id as usize >= vocab) {
-            return (Failed, format!("token id {bad} is outside the model's vocabulary of {vocab}"));
+            return (Failed, format!("token id {bad} is outside the model's vocabulary of {vocab}"), None);
         }
         let prompt = match &t.input {
             TaskInput::Chat(messages) => model.chat_prompt(messages),
@@ -140,16 +146,22 @@ impl Verifier {
         };
         let mut prompt = match prompt {
             Ok(p) => p,
-            Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}")),
+            Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}"), None),
         };
         prompt.extend_from_slice(&t.prefix);
-        match verify(model, proof, &prompt, &t.completion, &t.params, &tol) {
-            Ok(v) if v.accepted => {
-                (Verified, format!("value error {:.4}, overlap {:.3}", v.worst_value_error, v.worst_index_overlap))
-            }
-            Ok(v) => (Failed, v.reasons.join("; ")),
-            Err(e) => (Unverifiable, format!("verifier error: {e}")),
-        }
+        let models = &self.models;
+        let reference = |q| models.get(&(t.model.clone(), q));
+        let checked = match verify_claimed(&reference, proof, &prompt, &t.completion, &t.params, &self.tol) {
+            Ok(c) if c.accepted() => c,
+            Ok(c) => return (Failed, c.reasons(), None),
+            Err(e) => return (Unverifiable, format!("verifier error: {e}"), None),
+        };
+        let verdict = &checked.verdict;
+        let detail = format!(
+            "{format}: value error {:.4}, overlap {:.3}, {} near-ties",
+            verdict.worst_value_error, verdict.worst_index_overlap, verdict.near_ties
+        );
+        (Verified, detail, Some(Evidence::of(verdict, format)))
     }
 
     fn keep_rejected(&self, t: &VerifyTask) {
@@ -194,7 +206,8 @@ impl Handler<VerifyTask> for Verifier {
     /// Checks one task and reports the verdict.
     fn handle(&mut self, t: VerifyTask, _: &mut Self::Context) {
         let started = std::time::Instant::now();
-        let (outcome, detail) = self.check(&t);
+        let (outcome, detail, evidence) = self.check(&t);
+        let evidence = evidence.map(std::sync::Arc::new);
         let ms = started.elapsed().as_millis() as u64;
         match outcome {
             Outcome::Verified => tracing::debug!(task = %t.task, node = %t.node, ms, %detail, "proof verified"),
@@ -207,7 +220,13 @@ impl Handler<VerifyTask> for Verifier {
             }
         }
         for r in &t.report {
-            r.do_send(VerificationDone { task: t.task, node: t.node, outcome, detail: detail.clone() });
+            r.do_send(VerificationDone {
+                task: t.task,
+                node: t.node,
+                outcome,
+                detail: detail.clone(),
+                evidence: evidence.clone(),
+            });
         }
     }
 }

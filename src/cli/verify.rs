@@ -8,7 +8,8 @@ use clap::Args;
 use tch::{Device, Kind};
 
 use crate::inference::Model;
-use crate::proof::{verify, StoredProof, Tolerances};
+use crate::proof::verify::verify_claimed;
+use crate::proof::{StoredProof, Tolerances};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -26,9 +27,10 @@ pub struct VerifyArgs {
     /// Smallest share of committed indices in the recomputed top-k.
     #[arg(long, default_value_t = Tolerances::default().min_index_overlap)]
     pub min_index_overlap: f32,
-    /// Largest sampler score gap forgiven as a near-tie.
-    #[arg(long, default_value_t = Tolerances::default().max_tie_margin)]
-    pub max_tie_margin: f32,
+    /// Scales every format's calibrated tie margin (the largest sampler score gap
+    /// forgiven as a near-tie).
+    #[arg(long, default_value_t = Tolerances::default().tie_margin_scale)]
+    pub tie_margin_scale: f32,
 }
 
 /// Returns whether the proof was accepted.
@@ -38,27 +40,36 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
     let stored: StoredProof = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is not a stored proof: {e}", args.proof_file.display()))?;
     let key = args.model_key.as_deref().map(crate::crypto::protect::read_key_file).transpose()?;
-    // Recompute with the quantization the node signed for.
-    let quantization = match stored.proof.quantization.as_str() {
-        "" => crate::inference::Quantization::None,
-        "int8" => crate::inference::Quantization::Int8,
-        "int4" => crate::inference::Quantization::Int4,
-        other => anyhow::bail!("the proof names an unknown quantization `{other}`"),
-    };
-    if quantization == crate::inference::Quantization::Int8 {
+    // Recompute with the format the node signed for.
+    let format = stored.proof.format().map_err(|e| anyhow::anyhow!(e))?;
+    let quantization = format.reference();
+    if format == crate::proof::Format::Int8 {
         eprintln!("note: an int8 proof is checked with relaxed tolerances (value ×3, overlap −0.1)");
     }
-    // Unquantized proofs are checked in f32; quantized ones in the format's own dtype.
-    let dtype = (quantization == crate::inference::Quantization::None).then_some(Kind::Float);
-    let model = Model::load_quantized(&args.model, Device::Cpu, dtype, quantization, key.as_ref())?;
-    let prompt = stored.prompt(&model)?;
+    // Unquantized proofs are checked in f32; quantized ones in the format's own dtype. The
+    // claim is checked against the stricter formats' references too, as the server does.
+    let load = |q: crate::inference::Quantization| {
+        let dtype = (q == crate::inference::Quantization::None).then_some(Kind::Float);
+        Model::load_quantized(&args.model, Device::Cpu, dtype, q, key.as_ref())
+    };
+    let mut models = std::collections::HashMap::new();
+    for q in std::iter::once(quantization).chain(format.stricter().iter().map(|f| f.reference())) {
+        if !models.contains_key(&q) {
+            models.insert(q, load(q)?);
+        }
+    }
+    let prompt = stored.prompt(&models[&quantization])?;
     let tol = Tolerances {
         max_value_error: args.max_value_error,
         min_index_overlap: args.min_index_overlap,
-        max_tie_margin: args.max_tie_margin,
+        tie_margin_scale: args.tie_margin_scale,
     };
-    let verdict = verify(&model, &stored.proof, &prompt, &stored.completion, &stored.params, &tol)?;
+    let reference = |q| models.get(&q);
+    let checked = verify_claimed(&reference, &stored.proof, &prompt, &stored.completion, &stored.params, &tol)?;
+    let accepted = checked.accepted();
     let signer = stored.proof.signer().map(|a| a.to_string()).unwrap_or_else(|e| format!("invalid: {e}"));
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"signer": signer, "verdict": verdict}))?);
-    Ok(verdict.accepted)
+    let verdict = serde_json::json!({"signer": signer, "accepted": accepted, "reasons": checked.reasons(),
+        "verdict": checked.verdict, "stricter_formats": checked.stricter});
+    println!("{}", serde_json::to_string_pretty(&verdict)?);
+    Ok(accepted)
 }

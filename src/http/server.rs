@@ -185,9 +185,12 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let registry = {
         let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
         let (policy, floor) = (policy.clone(), s.verifier.suspect_below);
-        let completions = completions.clone();
+        let (completions, quarantine) = (completions.clone(), distributor.clone().recipient());
         supervisor::start("registry", move |_| {
-            Registry::new(store, server, max).with_policy(policy, floor).with_completion_log(completions)
+            Registry::new(store, server, max)
+                .with_policy(policy, floor)
+                .with_completion_log(completions)
+                .with_quarantine(quarantine.clone())
         })
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));

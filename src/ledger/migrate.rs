@@ -11,6 +11,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "verifications", include_str!("../../migrations/0002_verifications.sql")),
     (3, "settlement", include_str!("../../migrations/0003_settlement.sql")),
     (4, "unverifiable", include_str!("../../migrations/0004_unverifiable.sql")),
+    (5, "steering", include_str!("../../migrations/0005_steering.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

@@ -20,6 +20,7 @@ pub mod money;
 pub mod pool;
 pub mod receipts;
 pub mod reports;
+pub mod steering;
 pub mod store;
 pub mod verifications;
 

@@ -365,7 +365,7 @@ async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
     progress.borrow_mut().completion = spec.prefix.clone();
     let challenge =
         spec.challenge.as_deref().and_then(|c| hex::decode(c).ok()).and_then(|c| <[u8; 32]>::try_from(c).ok());
-    let prover = challenge.map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).quantized(backend.quantization()));
+    let prover = challenge.map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).format(backend.format()));
     match backend.start(&spec) {
         Err(error) => {
             let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));

@@ -66,6 +66,14 @@ impl Backend {
         }
     }
 
+    /// The number format its proofs declare (fakes: f32).
+    pub fn format(&self) -> crate::proof::Format {
+        match self {
+            Self::Engine(e) => crate::proof::Format::of(e.quantization, e.kind),
+            Self::Fake(_) => crate::proof::Format::F32,
+        }
+    }
+
     /// Load figures for heartbeats; `tokens_per_s` is computed by the caller.
     pub fn load(&self) -> (NodeLoad, u64) {
         match self {

@@ -2,20 +2,26 @@
 //! to run, at a fraction of the cost of running it again.
 //!
 //! - [`commitment`]: top-k commitments of final hidden states at challenge-drawn rows.
+//! - [`format`]: the number format a node declares, and the tie margin it is given.
 //! - [`signed`]: the signed proof and the builder a node fills while generating.
 //! - [`policy`]: which finished tasks get checked.
 //! - [`stored`]: a proof with its task, for offline checks (`ludus verify`).
 //! - [`verify`]: the reference check — one prefill, commitments within tolerances, every
-//!   token against the seeded sampler (near-ties forgiven).
+//!   token against the seeded sampler (near-ties forgiven, and kept).
+//! - [`steering`]: whether a node's forgiven near-ties, summed over its tasks, are
+//!   improbable for an honest node.
 //!
 //! Knows the inference engine's model and sampler; nothing of actors or HTTP.
 
 pub mod commitment;
+pub mod format;
 pub mod policy;
 pub mod signed;
+pub mod steering;
 pub mod stored;
 pub mod verify;
 
+pub use format::Format;
 pub use signed::{Proof, ProofBuilder};
 pub use stored::StoredProof;
-pub use verify::{verify, Tolerances, Verdict};
+pub use verify::{verify, Deviation, Limits, Tolerances, Verdict};

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::commitment::{chunk_offset, prompt_rows, TopK, CHUNK};
+use super::format::Format;
 use crate::crypto::identity::{keccak, recover, Address, Identity};
 
 /// A signed proof of inference.
@@ -28,6 +29,10 @@ pub struct Proof {
     /// cheaper format than it ran.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub quantization: String,
+    /// The dtype of an unquantized node (`bf16`, `f16`; empty = f32): with
+    /// `quantization`, the [`Format`] that fixes the verifier's tie margin. Signed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dtype: String,
     /// The node's signature over [`Proof::digest`], hex.
     pub signature: String,
 }
@@ -57,7 +62,16 @@ impl Proof {
             b.push(b'#');
             b.extend_from_slice(self.quantization.as_bytes());
         }
+        if !self.dtype.is_empty() {
+            b.push(b'~');
+            b.extend_from_slice(self.dtype.as_bytes());
+        }
         keccak(&b)
+    }
+
+    /// The format the node declares (and the verifier holds it to).
+    pub fn format(&self) -> Result<Format, String> {
+        Format::declared(&self.quantization, &self.dtype)
     }
 
     /// The address that signed it.
@@ -91,7 +105,7 @@ pub struct ProofBuilder {
     /// Top-k of each row of the current chunk, by generated-token index within it.
     current: Vec<TopK>,
     chunks: Vec<TopK>,
-    quantization: String,
+    format: Format,
 }
 
 impl ProofBuilder {
@@ -104,15 +118,13 @@ impl ProofBuilder {
             prompt: None,
             current: Vec::with_capacity(CHUNK),
             chunks: Vec::new(),
-            quantization: String::new(),
+            format: Format::F32,
         }
     }
 
-    /// Records the node's weight quantization in the proof (`none` records nothing).
-    pub fn quantized(mut self, quantization: crate::inference::Quantization) -> Self {
-        if quantization != crate::inference::Quantization::None {
-            self.quantization = quantization.to_string();
-        }
+    /// Records the format the node computes in (f32 records nothing).
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
         self
     }
 
@@ -184,7 +196,8 @@ impl ProofBuilder {
             top_k: self.top_k as u16,
             prompt: prompt.iter().map(|p| hex::encode(p.encode())).collect(),
             chunks: self.chunks.iter().map(|c| hex::encode(c.encode())).collect(),
-            quantization: std::mem::take(&mut self.quantization),
+            quantization: self.format.quantization_field().to_string(),
+            dtype: self.format.dtype_field().to_string(),
             signature: String::new(),
         };
         proof.signature = hex::encode(identity.sign(&proof.digest()));

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tch::Device;
 
 use super::commitment::{positions, TopK, CHUNK};
+use super::format::Format;
 use super::signed::Proof;
 use crate::inference::kv_cache::KvCache;
 use crate::inference::llama::LogitsFor;
@@ -33,36 +34,76 @@ pub struct Tolerances {
     pub max_value_error: f32,
     /// Smallest share of committed indices that must be in the recomputed top-k.
     pub min_index_overlap: f32,
+    /// Multiplies every format's calibrated tie margin ([`Format::tie_margin`]); 1 = as
+    /// calibrated. An operator whose honest nodes are noisier than measured raises it.
+    pub tie_margin_scale: f32,
+}
+
+impl Default for Tolerances {
+    fn default() -> Self {
+        Self { max_value_error: 0.05, min_index_overlap: 0.85, tie_margin_scale: 1.0 }
+    }
+}
+
+/// The limits a proof in one format is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Limits {
+    pub max_value_error: f32,
+    pub min_index_overlap: f32,
     /// Largest score gap (scaled logit + Gumbel noise; logits when greedy) between the
     /// best token the node could surely have picked and the node's token, for which a
     /// different token is a near-tie ([`tie_margin`]).
     pub max_tie_margin: f32,
 }
 
-impl Default for Tolerances {
-    fn default() -> Self {
-        Self { max_value_error: 0.05, min_index_overlap: 0.85, max_tie_margin: 2.0 }
+impl Tolerances {
+    /// The limits for a proof that declares `format` (checked against a reference in the
+    /// same weight format). int8 quantizes activations at run time, so a token's hidden
+    /// state depends slightly on whether it was decoded alone (the node) or in a prefill
+    /// (the verifier): its value and overlap limits are relaxed, still far from every
+    /// model cheat (docs/proof-of-inference.md, "Quantized nodes"). bf16's value limit is
+    /// relaxed a little; int4 is weight-only and repeatable: the defaults hold. The tie
+    /// margin is the format's own.
+    pub fn for_format(self, format: Format) -> Limits {
+        let max_tie_margin = format.tie_margin() * self.tie_margin_scale;
+        match format {
+            Format::Int8 => Limits {
+                max_value_error: self.max_value_error * 3.0,
+                min_index_overlap: self.min_index_overlap - 0.1,
+                max_tie_margin,
+            },
+            // bf16 activations round to 8 bits: an honest 64-token task reached 0.053.
+            Format::Bf16 => Limits {
+                max_value_error: self.max_value_error * 1.6,
+                min_index_overlap: self.min_index_overlap,
+                max_tie_margin,
+            },
+            _ => Limits {
+                max_value_error: self.max_value_error,
+                min_index_overlap: self.min_index_overlap,
+                max_tie_margin,
+            },
+        }
     }
 }
 
-impl Tolerances {
-    /// The tolerances for a proof that names `quantization` (checked against a reference
-    /// in the same format). int8 quantizes activations at run time, so a token's hidden
-    /// state depends slightly on whether it was decoded alone (the node) or in a prefill
-    /// (the verifier): its value, overlap and tie limits are relaxed, still far from every
-    /// model cheat (docs/proof-of-inference.md, "Quantized nodes"). int4 is weight-only
-    /// and as repeatable as bf16: the defaults hold.
-    pub fn for_quantization(self, quantization: &str) -> Self {
-        match quantization {
-            "int8" => Self {
-                max_value_error: self.max_value_error * 3.0,
-                min_index_overlap: self.min_index_overlap - 0.1,
-                // Honest int8 tasks came within 1.94 of the default 2.0 (100 tasks).
-                max_tie_margin: self.max_tie_margin * 1.5,
-            },
-            _ => self,
-        }
-    }
+/// A generated token the verifier's sampler would not have picked, forgiven as a near-tie.
+/// Kept per node: honest ones fall as noise does, steered ones have a direction.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Deviation {
+    /// Generated-token index.
+    pub index: u32,
+    /// The score gap to the reference's pick (see [`Limits::max_tie_margin`]).
+    pub gap: f32,
+    /// Rank of the node's token among the reference's candidates by score (0 = its pick).
+    pub rank: u32,
+    pub reference_token: u32,
+    pub node_token: u32,
+    /// The reference's pick ended the answer (an end-of-sequence token) and the node
+    /// went on.
+    pub passed_end: bool,
+    /// The node ended the answer where the reference went on.
+    pub took_end: bool,
 }
 
 /// The outcome of a check, with the measurements behind it.
@@ -71,8 +112,15 @@ pub struct Verdict {
     pub accepted: bool,
     /// Why it was rejected (empty when accepted).
     pub reasons: Vec<String>,
+    /// The format the proof declares (empty when it names none the verifier knows).
+    pub format: String,
+    /// The tie margin that format was given.
+    pub tie_margin: f32,
     pub commitments: usize,
     pub worst_value_error: f32,
+    /// Mean of the commitments' value errors: how closely the node's numbers match the
+    /// reference's (the format claim is checked with it).
+    pub mean_value_error: f32,
     pub worst_index_overlap: f32,
     pub tokens: usize,
     /// Tokens the verifier's sampler would not have picked, beyond a near-tie.
@@ -81,6 +129,11 @@ pub struct Verdict {
     pub near_ties: usize,
     /// The largest score gap seen between the verifier's pick and the node's token.
     pub worst_tie_margin: f32,
+    /// The near-ties, one by one.
+    pub deviations: Vec<Deviation>,
+    /// Generated tokens after the first position where the reference's pick ended the
+    /// answer (0 when the node stopped where the reference did, or earlier).
+    pub tokens_past_reference_end: usize,
 }
 
 fn tensor_rows(t: &tch::Tensor) -> Result<Vec<f32>, InferError> {
@@ -137,56 +190,35 @@ fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: 
     (best - node).max(0.0) as f32
 }
 
-/// Checks `proof` for the task (`prompt` tokens, the `completion` the game received,
-/// `params` with the seed the distributor fixed) on the reference `model`.
-pub fn verify(
-    model: &Model,
-    proof: &Proof,
-    prompt: &[u32],
-    completion: &[u32],
-    params: &SamplingParams,
-    tol: &Tolerances,
-) -> Result<Verdict, InferError> {
-    let tol = &tol.for_quantization(&proof.quantization);
-    let mut v = Verdict {
-        accepted: false,
-        reasons: Vec::new(),
-        commitments: 0,
-        worst_value_error: 0.0,
-        worst_index_overlap: 1.0,
-        tokens: completion.len(),
-        token_mismatches: 0,
-        near_ties: 0,
-        worst_tie_margin: 0.0,
-    };
-    let (p, g) = (prompt.len(), completion.len());
-    let challenge = match proof.challenge_bytes() {
-        Ok(c) => c,
-        Err(e) => {
-            v.reasons.push(e);
-            return Ok(v);
-        }
-    };
-    if proof.prompt_tokens as usize != p || proof.completion_tokens as usize != g {
-        v.reasons.push(format!(
-            "the proof covers {} prompt and {} completion tokens; the task has {p} and {g}",
-            proof.prompt_tokens, proof.completion_tokens
-        ));
+/// Where a token stands among the reference's scores: how many tokens score higher.
+fn rank_of(logits: &[f32], params: &SamplingParams, position: u64, token: u32) -> u32 {
+    if params.temperature == 0.0 {
+        let mine = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        return logits.iter().filter(|&&l| l > mine).count() as u32;
     }
-    if proof.output_hash != hex::encode(crate::protocol::receipt::output_hash(completion)) {
-        v.reasons.push("the proof is for another completion (output hash)".into());
-    }
+    let scored: Vec<(u32, f64)> =
+        candidates(logits, params).into_iter().map(|(t, s)| (t, s as f64 + gumbel(params.seed, position, t))).collect();
+    let Some(mine) = scored.iter().find(|&&(t, _)| t == token).map(|&(_, s)| s) else {
+        return scored.len() as u32;
+    };
+    scored.iter().filter(|&&(_, s)| s > mine).count() as u32
+}
+
+/// The proof's commitments with their rows, or why they do not fit the task.
+fn commitments_of(proof: &Proof, p: usize, g: usize) -> Result<Vec<(usize, TopK)>, Vec<String>> {
+    let mut reasons = Vec::new();
+    let challenge = proof.challenge_bytes().map_err(|e| vec![e])?;
     if proof.prompt.len() != pos_count(p) {
-        v.reasons.push(format!("{} prompt commitments, expected {}", proof.prompt.len(), pos_count(p)));
+        reasons.push(format!("{} prompt commitments, expected {}", proof.prompt.len(), pos_count(p)));
     }
     if proof.chunks.len() != g.div_ceil(CHUNK) {
-        v.reasons.push(format!("{} chunk commitments for {g} tokens", proof.chunks.len()));
+        reasons.push(format!("{} chunk commitments for {g} tokens", proof.chunks.len()));
     }
     if p == 0 {
-        v.reasons.push("the task has an empty prompt".into());
+        reasons.push("the task has an empty prompt".into());
     }
-    if !v.reasons.is_empty() {
-        return Ok(v);
+    if !reasons.is_empty() {
+        return Err(reasons);
     }
     let decode = |hex_str: &str| hex::decode(hex_str).map_err(|e| e.to_string()).and_then(|b| TopK::decode(&b));
     let mut commitments = Vec::new();
@@ -196,19 +228,132 @@ pub fn verify(
     {
         match decode(text) {
             Ok(top) if top.entries.len() == proof.top_k as usize => commitments.push((row, top)),
-            Ok(_) => v.reasons.push("a commitment has the wrong number of entries".into()),
-            Err(e) => v.reasons.push(format!("a commitment is malformed: {e}")),
+            Ok(_) => reasons.push("a commitment has the wrong number of entries".into()),
+            Err(e) => reasons.push(format!("a commitment is malformed: {e}")),
         }
+    }
+    if reasons.is_empty() {
+        Ok(commitments)
+    } else {
+        Err(reasons)
+    }
+}
+
+/// The mean value error of the proof's commitments against `model`'s hidden states (one
+/// prefill without logits, up to the last committed row): how well another reference
+/// explains the node's numbers. `Err` when the proof does not fit the task.
+pub fn commitment_error(
+    model: &Model,
+    proof: &Proof,
+    prompt: &[u32],
+    completion: &[u32],
+) -> Result<Result<f32, String>, InferError> {
+    let commitments = match commitments_of(proof, prompt.len(), completion.len()) {
+        Ok(c) => c,
+        Err(reasons) => return Ok(Err(reasons.join("; "))),
+    };
+    let Some(last) = commitments.iter().map(|(r, _)| *r).max() else { return Ok(Err("no commitments".into())) };
+    let tokens: Vec<u32> = prompt.iter().chain(completion.iter()).take(last + 1).copied().collect();
+    let llama = &model.llama;
+    let mut cache = KvCache::new(&llama.config, 1, tokens.len().max(1), llama.device, llama.kind)?;
+    let d = llama.config.hidden_size;
+    let (mut sum, mut n) = (0f64, 0usize);
+    for start in (0..tokens.len()).step_by(VERIFY_CHUNK) {
+        let end = (start + VERIFY_CHUNK).min(tokens.len());
+        let out = llama.prefill(&mut cache, 0, &tokens[start..end], start, LogitsFor::None)?;
+        let hidden = tensor_rows(&out.hidden)?;
+        for (row, top) in commitments.iter().filter(|(r, _)| (start..end).contains(r)) {
+            let local = row - start;
+            sum += top.distance(&hidden[local * d..(local + 1) * d]).value_error as f64;
+            n += 1;
+        }
+    }
+    Ok(Ok((sum / n.max(1) as f64) as f32))
+}
+
+/// Whether a proof's declared format fits its numbers. `own` is the commitments' mean value
+/// error against the claimed format's reference, `stricter` the same against the references
+/// of the stricter formats it could be hiding ([`Format::stricter`]). A node that names a
+/// looser format than it runs gets a wider tie margin; its numbers give it away.
+pub fn check_format_claim(claimed: Format, own: f32, stricter: &[(Format, f32)]) -> Option<String> {
+    let floor = claimed.min_f32_distance();
+    if own < floor {
+        return Some(format!(
+            "the proof claims {claimed}, but its values match the f32 reference to {own:.4} (a {claimed} run differs by at least {floor})"
+        ));
+    }
+    stricter.iter().find(|&&(_, error)| error < own / 2.0).map(|&(other, error)| {
+        format!("the proof claims {claimed} (value error {own:.4}), but its values match {other} weights ({error:.4})")
+    })
+}
+
+/// Checks `proof` for the task (`prompt` tokens, the `completion` the game received,
+/// `params` with the seed the distributor fixed) on the reference `model`, which must be
+/// the reference of the format the proof declares ([`Format::reference`]).
+pub fn verify(
+    model: &Model,
+    proof: &Proof,
+    prompt: &[u32],
+    completion: &[u32],
+    params: &SamplingParams,
+    tol: &Tolerances,
+) -> Result<Verdict, InferError> {
+    let mut v = Verdict {
+        accepted: false,
+        reasons: Vec::new(),
+        format: String::new(),
+        tie_margin: 0.0,
+        commitments: 0,
+        worst_value_error: 0.0,
+        mean_value_error: 0.0,
+        worst_index_overlap: 1.0,
+        tokens: completion.len(),
+        token_mismatches: 0,
+        near_ties: 0,
+        worst_tie_margin: 0.0,
+        deviations: Vec::new(),
+        tokens_past_reference_end: 0,
+    };
+    let format = match proof.format() {
+        Ok(f) => f,
+        Err(e) => {
+            v.reasons.push(e);
+            return Ok(v);
+        }
+    };
+    let limits = tol.for_format(format);
+    v.format = format.to_string();
+    v.tie_margin = limits.max_tie_margin;
+    let (p, g) = (prompt.len(), completion.len());
+    if proof.prompt_tokens as usize != p || proof.completion_tokens as usize != g {
+        v.reasons.push(format!(
+            "the proof covers {} prompt and {} completion tokens; the task has {p} and {g}",
+            proof.prompt_tokens, proof.completion_tokens
+        ));
+    }
+    if proof.output_hash != hex::encode(crate::protocol::receipt::output_hash(completion)) {
+        v.reasons.push("the proof is for another completion (output hash)".into());
     }
     if !v.reasons.is_empty() {
         return Ok(v);
     }
+    let commitments = match commitments_of(proof, p, g) {
+        Ok(c) => c,
+        Err(reasons) => {
+            v.reasons = reasons;
+            return Ok(v);
+        }
+    };
+    let stops = &model.tokenizer.stop_tokens;
     // One prefill over prompt + completion (the last token needs no row), in chunks.
     let llama = &model.llama;
     let tokens: Vec<u32> = prompt.iter().chain(completion.iter().take(g.saturating_sub(1))).copied().collect();
     let mut cache = KvCache::new(&llama.config, 1, tokens.len().max(1), llama.device, llama.kind)?;
     let d = llama.config.hidden_size;
     let mut history = TokenHistory::new(prompt);
+    let mut value_error_sum = 0f64;
+    let mut passed_end_at = None;
+    let mut ran_past_end = None;
     for start in (0..tokens.len()).step_by(VERIFY_CHUNK) {
         let end = (start + VERIFY_CHUNK).min(tokens.len());
         // Logits only from row P-1 on: earlier rows chose no generated token.
@@ -220,6 +365,7 @@ pub fn verify(
             let local = row - start;
             let dist = top.distance(&hidden[local * d..(local + 1) * d]);
             v.commitments += 1;
+            value_error_sum += dist.value_error as f64;
             v.worst_value_error = v.worst_value_error.max(dist.value_error);
             v.worst_index_overlap = v.worst_index_overlap.min(dist.index_overlap);
         }
@@ -242,35 +388,120 @@ pub fn verify(
                 row_logits
             };
             let position = (p + gi) as u64;
-            let expected = sample(l, params, position);
-            let margin = tie_margin(l, params, position, expected, completion[gi]);
+            let (expected, actual) = (sample(l, params, position), completion[gi]);
+            let margin = tie_margin(l, params, position, expected, actual);
             v.worst_tie_margin = v.worst_tie_margin.max(margin);
-            if margin > tol.max_tie_margin {
-                v.token_mismatches += 1;
-            } else if margin > 0.0 || expected != completion[gi] {
-                v.near_ties += 1;
+            let passed_end = stops.contains(&expected) && !stops.contains(&actual);
+            if passed_end && passed_end_at.is_none() {
+                passed_end_at = Some(gi);
             }
-            history.push_generated(completion[gi]);
+            if margin > limits.max_tie_margin {
+                v.token_mismatches += 1;
+                if passed_end && ran_past_end.is_none() {
+                    ran_past_end = Some((gi, margin));
+                }
+            } else if margin > 0.0 || expected != actual {
+                v.near_ties += 1;
+                v.deviations.push(Deviation {
+                    index: gi as u32,
+                    gap: margin,
+                    rank: rank_of(l, params, position, actual),
+                    reference_token: expected,
+                    node_token: actual,
+                    passed_end,
+                    took_end: stops.contains(&actual) && !stops.contains(&expected),
+                });
+            }
+            history.push_generated(actual);
         }
     }
+    v.mean_value_error = (value_error_sum / v.commitments.max(1) as f64) as f32;
+    v.tokens_past_reference_end = passed_end_at.map_or(0, |at| g - at);
     if v.commitments != commitments.len() {
         v.reasons.push("a committed row is outside the task".into());
     }
-    if v.worst_value_error > tol.max_value_error {
+    if v.worst_value_error > limits.max_value_error {
         v.reasons
-            .push(format!("hidden states differ: value error {:.4} > {}", v.worst_value_error, tol.max_value_error));
+            .push(format!("hidden states differ: value error {:.4} > {}", v.worst_value_error, limits.max_value_error));
     }
-    if v.worst_index_overlap < tol.min_index_overlap {
+    if v.worst_index_overlap < limits.min_index_overlap {
         v.reasons.push(format!(
             "hidden states differ: top-k overlap {:.3} < {}",
-            v.worst_index_overlap, tol.min_index_overlap
+            v.worst_index_overlap, limits.min_index_overlap
+        ));
+    }
+    if let Some((at, margin)) = ran_past_end {
+        v.reasons.push(format!(
+            "the answer goes on past its end: at token {at} the reference ends it by a score gap of {margin:.2} (margin {:.2} for {format})",
+            limits.max_tie_margin
         ));
     }
     if v.token_mismatches > 0 {
-        v.reasons.push(format!("{} token(s) are not what the seeded sampler picks", v.token_mismatches));
+        v.reasons.push(format!(
+            "{} token(s) are not what the seeded sampler picks (tie margin {:.2} for {format})",
+            v.token_mismatches, limits.max_tie_margin
+        ));
     }
     v.accepted = v.reasons.is_empty();
     Ok(v)
+}
+
+/// A check of a proof and of the format it declares, as the server runs it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checked {
+    pub verdict: Verdict,
+    /// Mean value error against each stricter format's reference ([`Format::stricter`]).
+    pub stricter: Vec<(String, f32)>,
+    /// Why the declared format does not fit the numbers, if it does not.
+    pub false_claim: Option<String>,
+}
+
+impl Checked {
+    pub fn accepted(&self) -> bool {
+        self.verdict.accepted && self.false_claim.is_none()
+    }
+
+    /// Every reason it was rejected.
+    pub fn reasons(&self) -> String {
+        let mut reasons = self.verdict.reasons.clone();
+        reasons.extend(self.false_claim.clone());
+        reasons.join("; ")
+    }
+}
+
+/// [`verify`] against the reference of the format the proof declares, then the claim
+/// itself against the references of the stricter formats ([`check_format_claim`]).
+/// `reference` gives the model stored as a quantization (`None` if this verifier lacks it).
+pub fn verify_claimed<'a>(
+    reference: &dyn Fn(crate::inference::Quantization) -> Option<&'a Model>,
+    proof: &Proof,
+    prompt: &[u32],
+    completion: &[u32],
+    params: &SamplingParams,
+    tol: &Tolerances,
+) -> Result<Checked, InferError> {
+    let unknown = |q| InferError::InvalidRequest(format!("no {q} reference to check this proof with"));
+    let format = proof.format().unwrap_or(Format::F32);
+    let own = reference(format.reference()).ok_or_else(|| unknown(format.reference()))?;
+    let verdict = verify(own, proof, prompt, completion, params, tol)?;
+    let mut checked = Checked { verdict, stricter: Vec::new(), false_claim: None };
+    if !checked.verdict.accepted {
+        return Ok(checked);
+    }
+    let mut stricter = Vec::new();
+    for &other in format.stricter() {
+        let model = reference(other.reference()).ok_or_else(|| unknown(other.reference()))?;
+        match commitment_error(model, proof, prompt, completion)? {
+            Ok(error) => stricter.push((other, error)),
+            Err(e) => {
+                checked.verdict.reasons.push(e);
+                checked.verdict.accepted = false;
+            }
+        }
+    }
+    checked.false_claim = check_format_claim(format, checked.verdict.mean_value_error, &stricter);
+    checked.stricter = stricter.iter().map(|(f, e)| (f.to_string(), *e)).collect();
+    Ok(checked)
 }
 
 #[cfg(test)]
@@ -321,5 +552,30 @@ mod tests {
         let open = SamplingParams { top_p: 1.0, ..params.clone() };
         assert_eq!(sample(&logits, &open, position), 1);
         assert!(tie_margin(&logits, &open, position, 1, 0) > 2.5);
+    }
+
+    #[test]
+    fn a_false_format_claim_is_caught_by_its_numbers() {
+        // Honest int8: its numbers are noisy against every reference.
+        assert_eq!(check_format_claim(Format::Int8, 0.06, &[(Format::F32, 0.07), (Format::Int4, 0.2)]), None);
+        // f32 numbers claimed as int8: the f32 reference explains them far better.
+        let f32_run = check_format_claim(Format::Int8, 0.06, &[(Format::F32, 0.0003), (Format::Int4, 0.2)]);
+        assert!(f32_run.unwrap().contains("match f32 weights"));
+        // int4 numbers claimed as int8.
+        let int4_run = check_format_claim(Format::Int8, 0.2, &[(Format::F32, 0.15), (Format::Int4, 0.02)]);
+        assert!(int4_run.unwrap().contains("match int4 weights"));
+        // f32 numbers claimed as bf16 (checked by the f32 reference itself).
+        assert!(check_format_claim(Format::Bf16, 0.0003, &[]).unwrap().contains("claims bf16"));
+        assert_eq!(check_format_claim(Format::Bf16, 0.012, &[]), None);
+        assert_eq!(check_format_claim(Format::F32, 0.0002, &[]), None);
+    }
+
+    #[test]
+    fn a_tokens_rank_counts_the_tokens_that_score_higher() {
+        let greedy = SamplingParams::greedy();
+        let logits = [0.5f32, 3.0, 2.0, 2.5];
+        assert_eq!(rank_of(&logits, &greedy, 0, 1), 0);
+        assert_eq!(rank_of(&logits, &greedy, 0, 2), 2);
+        assert_eq!(rank_of(&logits, &greedy, 0, 0), 3);
     }
 }

@@ -14,7 +14,7 @@ use ludus::crypto::identity::Identity;
 use ludus::inference::llama::Llama;
 use ludus::inference::weights::WeightSource;
 use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, Quantization, SamplingParams};
-use ludus::proof::{verify, Proof, ProofBuilder, Tolerances};
+use ludus::proof::{verify, Format, Proof, ProofBuilder, Tolerances};
 use tch::{Device, Kind, Tensor};
 
 use super::helpers::smollm2;
@@ -74,7 +74,7 @@ fn generate(engine: &Engine, node: &Identity, jobs: &[(usize, Vec<u32>, Sampling
         .into_iter()
         .zip(jobs)
         .map(|(rx, (i, _, _))| {
-            let mut builder = ProofBuilder::new(challenge(*i), 64).quantized(engine.quantization);
+            let mut builder = ProofBuilder::new(challenge(*i), 64).format(Format::of(engine.quantization, engine.kind));
             let completion = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
             let proof = builder.finish(node, *i as u64, "smollm2", &completion).expect("a proof");
             (completion, proof)

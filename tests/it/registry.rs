@@ -332,6 +332,25 @@ impl Rogue {
         self.link.send(&done).await.unwrap();
     }
 
+    /// Streams `completion` and reports done with an honest receipt for it and `proof`.
+    pub async fn deliver(&mut self, spec: &TaskSpec, completion: &[u32], proof: ludus::proof::Proof) {
+        for (index, &token) in completion.iter().enumerate() {
+            let m = NodeMessage::Token { id: spec.id, index, token, text: String::new() };
+            self.link.send(&m).await.unwrap();
+        }
+        let receipt = SignedReceipt::sign(&self.id, spec.ticket.clone(), spec.ticket.prompt.tokens, completion);
+        let usage = TaskUsage { prompt_tokens: spec.ticket.prompt.tokens as usize, completion_tokens: completion.len() };
+        let done = NodeMessage::Done {
+            id: spec.id,
+            finish_reason: ludus::protocol::FinishReason::Length,
+            usage,
+            tail: String::new(),
+            receipt,
+            proof: Some(Box::new(proof)),
+        };
+        self.link.send(&done).await.unwrap();
+    }
+
     /// Streams two tokens and reports done with an honest receipt.
     pub async fn finish_honestly(&mut self, spec: &TaskSpec) {
         let receipt = self.honest_receipt(spec);
@@ -540,4 +559,63 @@ fn a_check_that_could_not_run_is_never_paid_and_gives_way_to_a_real_verdict() {
     let owed = balances.iter().find(|b| b.game_id == game).map(|b| b.owed.0);
     assert_eq!(owed, Some(10));
     assert_eq!(reputation, 10_000, "no penalty for a check that could not run");
+}
+
+/// A verified task adds its near-ties to its node's steering record once, whatever is
+/// re-sent; a failed or another node's task adds nothing; a flag is given once.
+#[test]
+fn a_nodes_near_tie_record_grows_once_per_verified_task_and_is_flagged_once() {
+    use ludus::ledger::steering::{ForgivenRow, TaskSteering};
+    let store = super::database::open(&super::database::fresh_database());
+    let node = Identity::generate().address.to_string();
+    let other = Identity::generate().address.to_string();
+    let row = |i: i32, passed_end: bool| ForgivenRow {
+        token_index: i,
+        gap: 1.5,
+        rank: 1,
+        reference_token: 2,
+        node_token: 3,
+        passed_end,
+        took_end: false,
+    };
+    let task = TaskSteering {
+        format: "int8".into(),
+        tokens: 40,
+        wide: 2,
+        ends_passed: 1,
+        suspicious: 2,
+        expected_suspicious: 0.3,
+        tokens_past_end: 12,
+        forgiven: vec![row(3, false), row(9, true)],
+    };
+    let sums = block_on(async {
+        store.record_verification(1, &node, Outcome::Verified, "").await.unwrap();
+        store.record_verification(2, &node, Outcome::Failed, "a mismatch").await.unwrap();
+        let first = store.record_steering(1, &node, &task).await.unwrap();
+        assert_eq!(store.record_steering(1, &node, &task).await.unwrap(), None, "the same task again");
+        assert_eq!(store.record_steering(2, &node, &task).await.unwrap(), None, "a failed task");
+        assert_eq!(store.record_steering(1, &other, &task).await.unwrap(), None, "another node's task");
+        first.unwrap()
+    });
+    assert_eq!((sums.tasks, sums.tokens, sums.wide, sums.ends_passed, sums.suspicious), (1, 40, 2, 1, 2));
+    assert!((sums.expected_suspicious - 0.3).abs() < 1e-9 && !sums.flagged);
+    let rows = block_on(async {
+        let conn = store.conn().await.unwrap();
+        conn.query(
+            "SELECT token_index, passed_end FROM forgiven_deviations WHERE node_address = $1 ORDER BY 1",
+            &[&node],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i32>(0), r.get::<_, bool>(1)))
+        .collect::<Vec<_>>()
+    });
+    assert_eq!(rows, vec![(3, false), (9, true)]);
+    // Flagged once: quarantined, a failure's reputation taken (on top of the failed task's).
+    let first = block_on(store.flag_steering(&node, "steering: test")).unwrap();
+    assert_eq!(first, Some(10_000 - 2 * ludus::ledger::verifications::FAILURE_PENALTY_BPS));
+    assert_eq!(block_on(store.flag_steering(&node, "steering: again")).unwrap(), None);
+    assert_eq!(block_on(store.steering_flag(&node)).unwrap().as_deref(), Some("steering: test"));
+    assert_eq!(block_on(store.steering_flag(&other)).unwrap(), None);
 }

@@ -226,6 +226,8 @@ fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() 
     let answer = game.join().unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], " Well met, traveller!", "{answer}");
     assert_eq!(answer["usage"]["prompt_tokens"], counted, "{answer}");
+    // The node said `stop`, but its ids never ended the answer: the server's text decides.
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
     let log = cluster.server.log_text();
     assert!(log.contains(&format!("claims 10000000 prompt tokens; the server counted {counted}")), "{log}");
     let store = cluster.store();

@@ -1,0 +1,179 @@
+//! Catching a node that steers within its tie margin, across tasks. One forgiven near-tie
+//! proves nothing: honest nodes in other formats land on the second-best token when the
+//! two are close. But honest deviations fall where noise puts them — at small gaps, rarely
+//! at the end of the answer — while a node that picks among "close enough" tokens on
+//! purpose deviates at gaps noise rarely reaches ("wide" deviations) and passes over the
+//! end of the answer where the reference stops.
+//!
+//! Per node, the ledger sums over its verified tasks these *suspicious* near-ties (wide
+//! ones, and every one that passed over the reference's end) with the most an honest node
+//! of the declared format shows ([`Format::honest_suspicious_rate`], per token). [`judge`]
+//! flags the node when its count is improbable for an honest node: the Chernoff bound on a
+//! sum of independent Bernoulli trials with that mean falls below the allowance of this
+//! judgement, `LIFETIME_FALSE_ALARM / (k (k + 1))` for the k-th (these sum to
+//! [`LIFETIME_FALSE_ALARM`]). So an honest node whose near-ties stay within the calibrated
+//! rates is flagged with probability at most 10⁻⁴ over its whole life, however long, while
+//! a steering node's count outgrows the bound within a few hundred tokens. After
+//! Token-DiFR (seeded sampling makes every honest token a function of the logits, so a
+//! deviation is evidence), with a bound instead of a fitted threshold.
+
+use serde::Serialize;
+
+use super::format::Format;
+use super::verify::Verdict;
+
+/// Largest chance that an honest node is ever flagged, over all its judgements.
+pub const LIFETIME_FALSE_ALARM: f64 = 1e-4;
+
+/// What one checked task adds to its node's record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TaskDeviations {
+    /// Generated tokens checked.
+    pub tokens: u32,
+    /// Forgiven near-ties of any size.
+    pub forgiven: u32,
+    /// Forgiven near-ties with a gap above the format's [`Format::wide_gap`].
+    pub wide: u32,
+    /// Forgiven near-ties where the reference's pick ended the answer and the node went on.
+    pub ends_passed: u32,
+    /// Wide or end-passing near-ties (each counted once).
+    pub suspicious: u32,
+    /// Tokens generated past the reference's first end.
+    pub tokens_past_end: u32,
+    /// The most suspicious near-ties an honest node in the declared format shows here.
+    pub expected: f64,
+}
+
+impl TaskDeviations {
+    /// The record of a verdict on a proof declaring `format`.
+    pub fn of(verdict: &Verdict, format: Format) -> Self {
+        // The wide threshold scales with the margin the operator set.
+        let wide_gap = verdict.tie_margin / format.tie_margin() * format.wide_gap();
+        let ds = &verdict.deviations;
+        Self {
+            tokens: verdict.tokens as u32,
+            forgiven: ds.len() as u32,
+            wide: ds.iter().filter(|d| d.gap > wide_gap).count() as u32,
+            ends_passed: ds.iter().filter(|d| d.passed_end).count() as u32,
+            suspicious: ds.iter().filter(|d| d.gap > wide_gap || d.passed_end).count() as u32,
+            tokens_past_end: verdict.tokens_past_reference_end as u32,
+            expected: verdict.tokens as f64 * format.honest_suspicious_rate(),
+        }
+    }
+}
+
+/// What a verified task tells about its node's steering: the format it declared, the
+/// task's sums, and the forgiven near-ties themselves (kept in the ledger for audit).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evidence {
+    pub format: Format,
+    pub task: TaskDeviations,
+    pub deviations: Vec<super::verify::Deviation>,
+}
+
+impl Evidence {
+    pub fn of(verdict: &Verdict, format: Format) -> Self {
+        Self { format, task: TaskDeviations::of(verdict, format), deviations: verdict.deviations.clone() }
+    }
+}
+
+/// A node's totals over its verified tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct NodeDeviations {
+    pub tasks: u64,
+    pub tokens: u64,
+    pub wide: u64,
+    pub ends_passed: u64,
+    pub suspicious: u64,
+    pub expected: f64,
+}
+
+impl NodeDeviations {
+    pub fn add(&mut self, t: &TaskDeviations) {
+        self.tasks += 1;
+        self.tokens += t.tokens as u64;
+        self.wide += t.wide as u64;
+        self.ends_passed += t.ends_passed as u64;
+        self.suspicious += t.suspicious as u64;
+        self.expected += t.expected;
+    }
+}
+
+/// An upper bound on P(X ≥ `observed`) for X a sum of independent Bernoulli trials with
+/// mean `mean` (Chernoff: e^−μ (eμ/k)^k for k > μ; 1 otherwise).
+pub fn chernoff_tail(mean: f64, observed: u64) -> f64 {
+    let k = observed as f64;
+    if k <= mean {
+        return 1.0;
+    }
+    if mean <= 0.0 {
+        return 0.0;
+    }
+    (-mean + k * (1.0 + (mean / k).ln())).exp()
+}
+
+/// The false-alarm allowance of a node's `k`-th judgement (k ≥ 1): they sum to
+/// [`LIFETIME_FALSE_ALARM`].
+pub fn allowance(k: u64) -> f64 {
+    let k = k.max(1) as f64;
+    LIFETIME_FALSE_ALARM / (k * (k + 1.0))
+}
+
+/// Why a node's near-ties are improbable for an honest one, or `None`. Judged after each
+/// verified task, on the node's record so far.
+pub fn judge(record: &NodeDeviations) -> Option<String> {
+    let chance = chernoff_tail(record.expected, record.suspicious);
+    (chance < allowance(record.tasks)).then(|| {
+        format!(
+            "steering: {} suspicious near-ties ({} wide, {} past the end of the answer) in {} checked tokens, where an honest node shows at most {:.1} (chance ≤ {chance:.1e})",
+            record.suspicious, record.wide, record.ends_passed, record.tokens, record.expected
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bound is a bound: above the exact binomial tail it stands for.
+    #[test]
+    fn the_chernoff_bound_is_never_below_the_exact_binomial_tail() {
+        fn binomial_tail(n: u64, p: f64, k: u64) -> f64 {
+            let mut term = (1.0 - p).powi(n as i32); // P(X = 0)
+            let mut total = if k == 0 { term } else { 0.0 };
+            for i in 1..=n {
+                term *= (n - i + 1) as f64 / i as f64 * p / (1.0 - p);
+                if i >= k {
+                    total += term;
+                }
+            }
+            total
+        }
+        for (n, p) in [(300u64, 0.002), (300, 0.006), (2000, 0.0005), (50, 0.05)] {
+            for k in 0..=40 {
+                let exact = binomial_tail(n, p, k);
+                assert!(chernoff_tail(n as f64 * p, k) >= exact * (1.0 - 1e-9), "n {n} p {p} k {k}");
+            }
+        }
+        assert_eq!(chernoff_tail(2.0, 1), 1.0);
+        assert_eq!(chernoff_tail(0.0, 1), 0.0);
+    }
+
+    #[test]
+    fn a_node_is_flagged_only_when_its_near_ties_are_improbable_for_an_honest_one() {
+        // 300 tokens: an honest node shows at most 0.6 suspicious near-ties.
+        let honest = NodeDeviations { tasks: 5, tokens: 300, wide: 2, ends_passed: 1, suspicious: 3, expected: 0.6 };
+        assert_eq!(judge(&honest), None);
+        let steering = NodeDeviations { wide: 9, suspicious: 10, ..honest };
+        let reason = judge(&steering).unwrap();
+        assert!(reason.contains("10 suspicious near-ties (9 wide, 1 past the end of the answer) in 300"), "{reason}");
+        // The same count weighs less later in a node's life: each judgement's allowance shrinks.
+        assert!(judge(&NodeDeviations { tasks: 5_000, ..steering }).is_none());
+    }
+
+    #[test]
+    fn the_allowances_of_a_lifetime_of_judgements_sum_to_the_lifetime_false_alarm() {
+        let total: f64 = (1..1_000_000u64).map(allowance).sum();
+        assert!(total <= LIFETIME_FALSE_ALARM && total > 0.999 * LIFETIME_FALSE_ALARM);
+    }
+}
