@@ -29,10 +29,10 @@ ALTER TABLE verifications
 ALTER TABLE nodes
     ADD COLUMN checked_tasks BIGINT NOT NULL DEFAULT 0,
     ADD COLUMN checked_tokens BIGINT NOT NULL DEFAULT 0,
+    -- each count with the most an honest node in the declared formats would show
     ADD COLUMN wide_deviations BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN expected_wide DOUBLE PRECISION NOT NULL DEFAULT 0,
     ADD COLUMN ends_passed BIGINT NOT NULL DEFAULT 0,
-    -- wide or end-passing near-ties, and the most an honest node would show
-    ADD COLUMN suspicious_deviations BIGINT NOT NULL DEFAULT 0,
-    ADD COLUMN expected_suspicious DOUBLE PRECISION NOT NULL DEFAULT 0,
+    ADD COLUMN expected_ends_passed DOUBLE PRECISION NOT NULL DEFAULT 0,
     ADD COLUMN steering_flagged_at TIMESTAMPTZ,
     ADD COLUMN steering_reason TEXT;

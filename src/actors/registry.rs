@@ -225,9 +225,9 @@ impl Handler<VerificationDone> for Registry {
                         tasks: sums.tasks as u64,
                         tokens: sums.tokens as u64,
                         wide: sums.wide as u64,
+                        expected_wide: sums.expected_wide,
                         ends_passed: sums.ends_passed as u64,
-                        suspicious: sums.suspicious as u64,
-                        expected: sums.expected_suspicious,
+                        expected_ends_passed: sums.expected_ends_passed,
                     };
                     if let Some(reason) = crate::proof::steering::judge(&record).filter(|_| !sums.flagged) {
                         if let Some(after) = store.flag_steering(&node, &reason).await? {
@@ -272,8 +272,8 @@ fn task_steering(e: &crate::proof::steering::Evidence) -> crate::ledger::steerin
         tokens: clamp(e.task.tokens),
         wide: clamp(e.task.wide),
         ends_passed: clamp(e.task.ends_passed),
-        suspicious: clamp(e.task.suspicious),
-        expected_suspicious: e.task.expected,
+        expected_wide: e.task.expected_wide,
+        expected_ends_passed: e.task.expected_ends_passed,
         tokens_past_end: clamp(e.task.tokens_past_end),
         forgiven: e
             .deviations

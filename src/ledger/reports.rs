@@ -59,10 +59,11 @@ pub struct NodeReport {
     pub disputed: i64,
     pub mismatched_blocks: i64,
     pub last_seen_unix: i64,
-    /// Tokens of its verified tasks, and the suspicious near-ties among them (wide, or past
-    /// the end of the answer): its steering record.
+    /// Tokens of its verified tasks, and the near-ties among them that count as evidence of
+    /// steering (wide ones, and ends of the answer passed over): its steering record.
     pub checked_tokens: i64,
-    pub suspicious_near_ties: i64,
+    pub wide_near_ties: i64,
+    pub ends_passed: i64,
     /// Why it was flagged for steering, if it was.
     pub steering_flag: Option<String>,
 }
@@ -171,7 +172,7 @@ impl Store {
                         count(r.task_id) FILTER (WHERE r.confirmation = 'disputed'),
                         (SELECT count(*) FROM confirmations c WHERE c.node_address = n.address AND c.status = 'mismatch'),
                         extract(epoch FROM n.last_seen)::bigint,
-                        n.checked_tokens, n.suspicious_deviations, n.steering_reason
+                        n.checked_tokens, n.wide_deviations, n.ends_passed, n.steering_reason
                  FROM nodes n LEFT JOIN receipts r ON r.node_address = n.address
                  GROUP BY n.address ORDER BY n.address",
                 &[],
@@ -191,8 +192,9 @@ impl Store {
                     mismatched_blocks: r.get(8),
                     last_seen_unix: r.get(9),
                     checked_tokens: r.get(10),
-                    suspicious_near_ties: r.get(11),
-                    steering_flag: r.get(12),
+                    wide_near_ties: r.get(11),
+                    ends_passed: r.get(12),
+                    steering_flag: r.get(13),
                 })
             })
             .collect()

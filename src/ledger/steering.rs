@@ -28,9 +28,9 @@ pub struct TaskSteering {
     pub tokens: i32,
     pub wide: i32,
     pub ends_passed: i32,
-    /// Wide or end-passing near-ties, and the most an honest node would show.
-    pub suspicious: i32,
-    pub expected_suspicious: f64,
+    /// The most an honest node would show of each.
+    pub expected_wide: f64,
+    pub expected_ends_passed: f64,
     pub tokens_past_end: i32,
     pub forgiven: Vec<ForgivenRow>,
 }
@@ -41,9 +41,9 @@ pub struct NodeSteering {
     pub tasks: i64,
     pub tokens: i64,
     pub wide: i64,
+    pub expected_wide: f64,
     pub ends_passed: i64,
-    pub suspicious: i64,
-    pub expected_suspicious: f64,
+    pub expected_ends_passed: f64,
     /// Already flagged.
     pub flagged: bool,
 }
@@ -96,19 +96,18 @@ impl Store {
         let row = tx
             .query_one(
                 "UPDATE nodes SET checked_tasks = checked_tasks + 1, checked_tokens = checked_tokens + $2,
-                     wide_deviations = wide_deviations + $3, ends_passed = ends_passed + $4,
-                     suspicious_deviations = suspicious_deviations + $5,
-                     expected_suspicious = expected_suspicious + $6
+                     wide_deviations = wide_deviations + $3, expected_wide = expected_wide + $4,
+                     ends_passed = ends_passed + $5, expected_ends_passed = expected_ends_passed + $6
                  WHERE address = $1
-                 RETURNING checked_tasks, checked_tokens, wide_deviations, ends_passed, suspicious_deviations,
-                     expected_suspicious, steering_flagged_at IS NOT NULL",
+                 RETURNING checked_tasks, checked_tokens, wide_deviations, expected_wide, ends_passed,
+                     expected_ends_passed, steering_flagged_at IS NOT NULL",
                 &[
                     &node,
                     &(t.tokens as i64),
                     &(t.wide as i64),
+                    &t.expected_wide,
                     &(t.ends_passed as i64),
-                    &(t.suspicious as i64),
-                    &t.expected_suspicious,
+                    &t.expected_ends_passed,
                 ],
             )
             .await?;
@@ -117,9 +116,9 @@ impl Store {
             tasks: row.get(0),
             tokens: row.get(1),
             wide: row.get(2),
-            ends_passed: row.get(3),
-            suspicious: row.get(4),
-            expected_suspicious: row.get(5),
+            expected_wide: row.get(3),
+            ends_passed: row.get(4),
+            expected_ends_passed: row.get(5),
             flagged: row.get(6),
         }))
     }

@@ -105,17 +105,28 @@ impl Format {
         }
     }
 
-    /// An upper bound on the share of an honest node's generated tokens that are
-    /// suspicious near-ties (wide, or passing over the end of the answer): about three
-    /// times the rate measured, and about 3 / (tokens measured) where none was seen.
-    pub fn honest_suspicious_rate(self) -> f64 {
+    /// An upper bound on the share of an honest node's generated tokens that are wide
+    /// near-ties: about three times the rate measured (100 honest 64-token tasks), and about
+    /// 3 / (tokens measured) where none was seen.
+    pub fn honest_wide_rate(self) -> f64 {
         match self {
-            // 0 in 9,263 tokens.
+            // 0 in 9,263 f32 and f16 tokens.
             Self::F32 | Self::F16 => 0.0004,
-            // bf16: 1 in 4,393 (an end passed at the nucleus' edge); int4: 1 in ~4,000.
-            Self::Bf16 | Self::Int4 => 0.001,
-            // 10 in 4,043.
-            Self::Int8 => 0.0075,
+            // bf16: 0 in 4,434; int4: 1 in 4,400.
+            Self::Bf16 | Self::Int4 => 0.0007,
+            // 9 in 4,043.
+            Self::Int8 => 0.007,
+        }
+    }
+
+    /// The same bound for near-ties that pass over an end of the answer the reference picked.
+    pub fn honest_end_pass_rate(self) -> f64 {
+        match self {
+            Self::F32 | Self::F16 => 0.0004,
+            // bf16: 1 in 4,434 (at the nucleus' edge); int4: 0 in 4,400.
+            Self::Bf16 | Self::Int4 => 0.0007,
+            // 2 in 4,043.
+            Self::Int8 => 0.0015,
         }
     }
 

@@ -5,13 +5,13 @@
 //! purpose deviates at gaps noise rarely reaches ("wide" deviations) and passes over the
 //! end of the answer where the reference stops.
 //!
-//! Per node, the ledger sums over its verified tasks these *suspicious* near-ties (wide
-//! ones, and every one that passed over the reference's end) with the most an honest node
-//! of the declared format shows ([`Format::honest_suspicious_rate`], per token). [`judge`]
-//! flags the node when its count is improbable for an honest node: the Chernoff bound on a
-//! sum of independent Bernoulli trials with that mean falls below the allowance of this
-//! judgement, `LIFETIME_FALSE_ALARM / (k (k + 1))` for the k-th (these sum to
-//! [`LIFETIME_FALSE_ALARM`]). So an honest node whose near-ties stay within the calibrated
+//! Per node, the ledger sums over its verified tasks the wide near-ties and those that
+//! passed over the reference's end, each with the most an honest node of the declared
+//! format shows ([`Format::honest_wide_rate`], [`Format::honest_end_pass_rate`], per
+//! token). [`judge`] flags the node when either count is improbable for an honest node: the
+//! Chernoff bound on a sum of independent Bernoulli trials with that mean falls below half
+//! the allowance of this judgement, `LIFETIME_FALSE_ALARM / (k (k + 1))` for the k-th
+//! (these sum to [`LIFETIME_FALSE_ALARM`]). So an honest node whose near-ties stay within the calibrated
 //! rates is flagged with probability at most 10⁻⁴ over its whole life, however long, while
 //! a steering node's count outgrows the bound within a few hundred tokens. After
 //! Token-DiFR (seeded sampling makes every honest token a function of the logits, so a
@@ -36,12 +36,12 @@ pub struct TaskDeviations {
     pub wide: u32,
     /// Forgiven near-ties where the reference's pick ended the answer and the node went on.
     pub ends_passed: u32,
-    /// Wide or end-passing near-ties (each counted once).
-    pub suspicious: u32,
     /// Tokens generated past the reference's first end.
     pub tokens_past_end: u32,
-    /// The most suspicious near-ties an honest node in the declared format shows here.
-    pub expected: f64,
+    /// The most an honest node in the declared format shows here: wide near-ties and
+    /// ends passed over.
+    pub expected_wide: f64,
+    pub expected_ends_passed: f64,
 }
 
 impl TaskDeviations {
@@ -50,14 +50,15 @@ impl TaskDeviations {
         // The wide threshold scales with the margin the operator set.
         let wide_gap = verdict.tie_margin / format.tie_margin() * format.wide_gap();
         let ds = &verdict.deviations;
+        let tokens = verdict.tokens as f64;
         Self {
             tokens: verdict.tokens as u32,
             forgiven: ds.len() as u32,
             wide: ds.iter().filter(|d| d.gap > wide_gap).count() as u32,
             ends_passed: ds.iter().filter(|d| d.passed_end).count() as u32,
-            suspicious: ds.iter().filter(|d| d.gap > wide_gap || d.passed_end).count() as u32,
             tokens_past_end: verdict.tokens_past_reference_end as u32,
-            expected: verdict.tokens as f64 * format.honest_suspicious_rate(),
+            expected_wide: tokens * format.honest_wide_rate(),
+            expected_ends_passed: tokens * format.honest_end_pass_rate(),
         }
     }
 }
@@ -83,9 +84,9 @@ pub struct NodeDeviations {
     pub tasks: u64,
     pub tokens: u64,
     pub wide: u64,
+    pub expected_wide: f64,
     pub ends_passed: u64,
-    pub suspicious: u64,
-    pub expected: f64,
+    pub expected_ends_passed: f64,
 }
 
 impl NodeDeviations {
@@ -93,9 +94,9 @@ impl NodeDeviations {
         self.tasks += 1;
         self.tokens += t.tokens as u64;
         self.wide += t.wide as u64;
+        self.expected_wide += t.expected_wide;
         self.ends_passed += t.ends_passed as u64;
-        self.suspicious += t.suspicious as u64;
-        self.expected += t.expected;
+        self.expected_ends_passed += t.expected_ends_passed;
     }
 }
 
@@ -120,13 +121,22 @@ pub fn allowance(k: u64) -> f64 {
 }
 
 /// Why a node's near-ties are improbable for an honest one, or `None`. Judged after each
-/// verified task, on the node's record so far.
+/// verified task, on the node's record so far; each of the two counts gets half the
+/// judgement's allowance.
 pub fn judge(record: &NodeDeviations) -> Option<String> {
-    let chance = chernoff_tail(record.expected, record.suspicious);
-    (chance < allowance(record.tasks)).then(|| {
+    let allowed = allowance(record.tasks) / 2.0;
+    let wide = chernoff_tail(record.expected_wide, record.wide);
+    if wide < allowed {
+        return Some(format!(
+            "steering: {} wide near-ties in {} checked tokens, where an honest node shows at most {:.1} (chance ≤ {wide:.1e})",
+            record.wide, record.tokens, record.expected_wide
+        ));
+    }
+    let ends = chernoff_tail(record.expected_ends_passed, record.ends_passed);
+    (ends < allowed).then(|| {
         format!(
-            "steering: {} suspicious near-ties ({} wide, {} past the end of the answer) in {} checked tokens, where an honest node shows at most {:.1} (chance ≤ {chance:.1e})",
-            record.suspicious, record.wide, record.ends_passed, record.tokens, record.expected
+            "steering: went past the end of the answer the reference picked {} times in {} checked tokens, where an honest node does at most {:.1} times (chance ≤ {ends:.1e})",
+            record.ends_passed, record.tokens, record.expected_ends_passed
         )
     })
 }
@@ -161,14 +171,22 @@ mod tests {
 
     #[test]
     fn a_node_is_flagged_only_when_its_near_ties_are_improbable_for_an_honest_one() {
-        // 300 tokens: an honest node shows at most 0.6 suspicious near-ties.
-        let honest = NodeDeviations { tasks: 5, tokens: 300, wide: 2, ends_passed: 1, suspicious: 3, expected: 0.6 };
+        // 300 tokens of int8: an honest node shows at most 2.1 wide near-ties and 0.45 ends passed.
+        let honest = NodeDeviations {
+            tasks: 5,
+            tokens: 300,
+            wide: 4,
+            expected_wide: 2.1,
+            ends_passed: 1,
+            expected_ends_passed: 0.45,
+        };
         assert_eq!(judge(&honest), None);
-        let steering = NodeDeviations { wide: 9, suspicious: 10, ..honest };
-        let reason = judge(&steering).unwrap();
-        assert!(reason.contains("10 suspicious near-ties (9 wide, 1 past the end of the answer) in 300"), "{reason}");
+        let steering = NodeDeviations { wide: 20, ..honest };
+        assert!(judge(&steering).unwrap().contains("20 wide near-ties in 300 checked tokens"));
+        let long = NodeDeviations { ends_passed: 10, ..honest };
+        assert!(judge(&long).unwrap().contains("picked 10 times in 300 checked tokens"));
         // The same count weighs less later in a node's life: each judgement's allowance shrinks.
-        assert!(judge(&NodeDeviations { tasks: 5_000, ..steering }).is_none());
+        assert!(judge(&NodeDeviations { tasks: 5_000, ..long }).is_none());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Proof of inference on the real SmolLM2: honest runs in every dtype, batch size and
 //! thread count pass; cheating nodes (another model of the same shape, another
 //! quantization, a skipped layer, an edited token, an edited prompt, replayed
-//! commitments) fail. The verifier is always the f32 reference.
+//! commitments, a false format claim) fail. The verifier checks each proof as the server
+//! does: against the reference of the format it declares, then the claim itself.
 //!
 //! `LUDUS_PROOF_TASKS=N` sets the tasks per case (default 6 in CI); the table in
 //! docs/proof-of-inference.md comes from `LUDUS_PROOF_TASKS=100 cargo test --release
@@ -14,6 +15,7 @@ use ludus::crypto::identity::Identity;
 use ludus::inference::llama::Llama;
 use ludus::inference::weights::WeightSource;
 use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, Quantization, SamplingParams};
+use ludus::proof::verify::verify_claimed;
 use ludus::proof::{verify, Format, Proof, ProofBuilder, Tolerances};
 use tch::{Device, Kind, Tensor};
 
@@ -183,8 +185,10 @@ enum Cheat {
     EditToken,
     EditPrompt,
     Replay,
-    /// The node runs int4 but signs its proof as int8 (a cheaper format than claimed).
+    /// The node runs int4 but signs its proof as int8 (the widest tie margin).
     ClaimInt8,
+    /// The node runs int8 but signs its proof as int4.
+    ClaimInt4,
 }
 
 struct Case {
@@ -218,10 +222,7 @@ fn honest_runs_pass_and_cheaters_fail() {
         .into_iter()
         .map(|q| (q, Model::load_quantized(&path, Device::Cpu, None, q, None).unwrap()))
         .collect();
-    let reference_for = |proof: &Proof| match proof.quantization.parse::<Quantization>() {
-        Ok(q) if q != Quantization::None => &references[&q],
-        _ => &reference,
-    };
+    let reference_for = |q: Quantization| if q == Quantization::None { Some(&reference) } else { references.get(&q) };
     let from = |make: fn(&std::path::Path) -> Model| {
         let p = path.clone();
         Box::new(move || make(&p)) as Box<dyn Fn() -> Model>
@@ -284,14 +285,22 @@ fn honest_runs_pass_and_cheaters_fail() {
             model: quantized(Quantization::Int4),
         },
         Case {
-            // int4 and int8 are paid the same, so this "cheat" gains nothing; the row shows
-            // how far int8's relaxed tolerances reach (docs/proof-of-inference.md).
+            // int8's margin is the widest: the claim is checked against the int4 reference.
             name: "runs int4, claims int8",
-            honest: None,
+            honest: Some(false),
             batch: 8,
             threads: 2,
             cheat: Cheat::ClaimInt8,
             model: quantized(Quantization::Int4),
+        },
+        Case {
+            // The reverse: int8 numbers fail int4's tight value limit.
+            name: "runs int8, claims int4",
+            honest: Some(false),
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::ClaimInt4,
+            model: quantized(Quantization::Int8),
         },
         Case {
             name: "int8 node with one layer skipped",
@@ -406,14 +415,17 @@ fn honest_runs_pass_and_cheaters_fail() {
                         proof.chunks = other.chunks.clone();
                         proof.signature = hex::encode(node.sign(&proof.digest()));
                     }
-                    Cheat::ClaimInt8 => {
-                        proof.quantization = "int8".into();
+                    Cheat::ClaimInt8 | Cheat::ClaimInt4 => {
+                        let claim = if case.cheat == Cheat::ClaimInt8 { "int8" } else { "int4" };
+                        proof.quantization = claim.into();
                         proof.signature = hex::encode(node.sign(&proof.digest()));
                     }
                     _ => {}
                 }
                 let t = Instant::now();
-                let verdict = verify(reference_for(&proof), &proof, &true_prompt, &completion, params, &tol).unwrap();
+                // As the server checks: the declared format's reference, then the claim itself.
+                let checked = verify_claimed(&reference_for, &proof, &true_prompt, &completion, params, &tol).unwrap();
+                let verdict = ludus::proof::Verdict { accepted: checked.accepted(), ..checked.verdict };
                 verify_s += t.elapsed().as_secs_f64();
                 accepted += verdict.accepted as usize;
                 worst_err = worst_err.max(verdict.worst_value_error);
