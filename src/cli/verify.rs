@@ -54,8 +54,8 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
     };
     let mut models = std::collections::HashMap::new();
     for q in std::iter::once(quantization).chain(format.stricter().iter().map(|f| f.reference())) {
-        if !models.contains_key(&q) {
-            models.insert(q, load(q)?);
+        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(q) {
+            slot.insert(load(q)?);
         }
     }
     let prompt = stored.prompt(&models[&quantization])?;

@@ -18,7 +18,7 @@ pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 pub fn require_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
-    let ip = state.trusted_proxies.client_ip(&req);
+    let ip = state.trusted_proxies.client_ip(req);
     state.auth_throttle.check(ip)?;
     let presented = bearer(req).map(|t| crate::ledger::hash_key(&t));
     // Comparing hashes: the comparison time says nothing about the token.
