@@ -8,11 +8,15 @@ interface IERC20Transfers {
 }
 
 /// @title Ludus daily settlement.
-/// @notice Games keep escrow here in one ERC-20 token. Once a day the operator posts an
-/// epoch in a single transaction: the charge of every game that used the network (taken
-/// from its escrow) and the Merkle root of every node's payout. Each node then claims its
-/// payout with a proof. Gas per post grows with the number of games charged, never with
-/// the number of tasks. Charges not paid out to nodes are the network's fee.
+/// @notice Games keep escrow here in one ERC-20 token. Between settlements the operator
+/// anchors the Merkle root of every registry block (batched: one transaction carries many
+/// consecutive blocks, and stores one root over them). Once a day the operator posts an
+/// epoch in a single transaction: the registry blocks it settles (all anchored before),
+/// the charge of every game that used the network (taken from its escrow) and the Merkle
+/// root of every node's payout. Each node then claims its payout with a proof. Gas per
+/// post grows with the number of games charged, gas per anchor with the number of blocks
+/// anchored, never either with the number of tasks. Charges not paid out to nodes are
+/// the network's fee.
 contract Settlement {
     struct Epoch {
         bytes32 payoutRoot;
@@ -20,6 +24,18 @@ contract Settlement {
         uint128 claimedTotal;
         uint128 chargeTotal;
         uint64 postedAt;
+        /// The last registry block the epoch settles (its first is the previous epoch's
+        /// last + 1).
+        uint64 lastBlock;
+    }
+
+    /// @dev Registry blocks `firstBlock..=lastBlock`, anchored in one transaction, under
+    /// one root over their `blockLeaf`s.
+    struct Anchor {
+        bytes32 root;
+        uint64 firstBlock;
+        uint64 lastBlock;
+        uint64 anchoredAt;
     }
 
     struct Withdrawal {
@@ -37,8 +53,15 @@ contract Settlement {
     uint64 public lastEpoch;
     /// @notice Charges not paid out to nodes, for the treasury to collect.
     uint256 public fees;
+    /// @notice The last registry block anchored; blocks are anchored in order, each once.
+    uint64 public lastAnchoredBlock;
+    /// @notice Anchors made so far; anchor ids run from 1.
+    uint64 public anchorCount;
+    /// @notice The last registry block settled by an epoch.
+    uint64 public lastSettledBlock;
 
     mapping(uint64 => Epoch) public epochs;
+    mapping(uint64 => Anchor) public anchors;
     mapping(uint64 => mapping(address => bool)) public claimed;
     mapping(address => uint256) public escrowOf;
     mapping(address => Withdrawal) public pendingWithdrawal;
@@ -48,6 +71,8 @@ contract Settlement {
     event Withdrawn(address indexed game, uint256 amount);
     event GameCharged(uint64 indexed epoch, address indexed game, uint256 amount);
     event EpochPosted(uint64 indexed epoch, bytes32 payoutRoot, uint256 payoutTotal, uint256 chargeTotal, uint256 games);
+    event EpochBlocks(uint64 indexed epoch, uint64 firstBlock, uint64 lastBlock);
+    event BlocksAnchored(uint64 indexed anchor, uint64 firstBlock, uint64 lastBlock, bytes32 root);
     event Claimed(uint64 indexed epoch, address indexed node, uint256 amount);
     event OperatorChanged(address indexed previous, address indexed next);
     event TreasuryChanged(address indexed previous, address indexed next);
@@ -68,6 +93,11 @@ contract Settlement {
     error NothingToWithdraw(address game);
     error WithdrawalNotReady(uint64 availableAt);
     error TransferFailed();
+    error NoBlocks();
+    error AnchorOutOfOrder(uint64 expected, uint64 given);
+    error BlockRangeOutOfOrder(uint64 expectedFirst, uint64 givenFirst);
+    error BadBlockRange(uint64 firstBlock, uint64 lastBlock);
+    error BlocksNotAnchored(uint64 lastBlock, uint64 lastAnchored);
 
     modifier onlyOperator() {
         if (msg.sender != operator) revert NotOperator(msg.sender);
@@ -139,19 +169,72 @@ contract Settlement {
         }
     }
 
+    // ----- Block anchors ----------------------------------------------------------------
+
+    /// @notice The leaf of registry block `number` with Merkle root `root` in an anchor's
+    /// tree (hashed twice, so no inner node of the tree can pass for a leaf).
+    function blockLeaf(uint64 number, bytes32 root) public pure returns (bytes32) {
+        return keccak256(bytes.concat(keccak256(abi.encode(number, root))));
+    }
+
+    /// @notice Anchors the roots of registry blocks `firstBlock`, `firstBlock + 1`, …
+    /// (the block after `lastAnchoredBlock` first). Stores one root over their leaves,
+    /// built as the ledger builds it: sorted pairs, an odd last node carried up.
+    function anchorBlocks(uint64 firstBlock, bytes32[] calldata roots) external onlyOperator {
+        uint256 count = roots.length;
+        if (count == 0) revert NoBlocks();
+        if (firstBlock != lastAnchoredBlock + 1) revert AnchorOutOfOrder(lastAnchoredBlock + 1, firstBlock);
+        bytes32[] memory level = new bytes32[](count);
+        for (uint256 i; i < count; ++i) {
+            level[i] = blockLeaf(firstBlock + uint64(i), roots[i]);
+        }
+        while (count > 1) {
+            for (uint256 i; i < count / 2; ++i) {
+                level[i] = _hashPair(level[2 * i], level[2 * i + 1]);
+            }
+            if (count % 2 == 1) level[count / 2] = level[count - 1];
+            count = (count + 1) / 2;
+        }
+        uint64 lastBlock = firstBlock + uint64(roots.length) - 1;
+        uint64 id = anchorCount + 1;
+        anchorCount = id;
+        lastAnchoredBlock = lastBlock;
+        anchors[id] = Anchor(level[0], firstBlock, lastBlock, uint64(block.timestamp));
+        emit BlocksAnchored(id, firstBlock, lastBlock, level[0]);
+    }
+
+    /// @notice Whether anchor `anchorId` holds registry block `number` with root `root`,
+    /// by `proof` (the block leaf's sibling path to the anchor's root).
+    function blockAnchored(uint64 anchorId, uint64 number, bytes32 root, bytes32[] calldata proof)
+        external
+        view
+        returns (bool)
+    {
+        Anchor storage anchor = anchors[anchorId];
+        if (anchor.anchoredAt == 0 || number < anchor.firstBlock || number > anchor.lastBlock) return false;
+        return _verify(proof, anchor.root, blockLeaf(number, root));
+    }
+
     // ----- Epochs -----------------------------------------------------------------------
 
-    /// @notice Posts epoch `epoch` (the one after `lastEpoch`): charges each game from
-    /// its escrow and records the payout root. Reverts as a whole if any game's escrow
-    /// is short, so a post never half happens.
+    /// @notice Posts epoch `epoch` (the one after `lastEpoch`), settling registry blocks
+    /// `firstBlock..=lastBlock` (the ones after `lastSettledBlock`, all anchored; an empty
+    /// range when `lastBlock + 1 == firstBlock`): charges each game from its escrow and
+    /// records the payout root. Reverts as a whole if any game's escrow is short, so a
+    /// post never half happens.
     function postEpoch(
         uint64 epoch,
+        uint64 firstBlock,
+        uint64 lastBlock,
         bytes32 payoutRoot,
         uint256 payoutTotal,
         address[] calldata games,
         uint256[] calldata charges
     ) external onlyOperator {
         if (epoch != lastEpoch + 1) revert EpochOutOfOrder(lastEpoch + 1, epoch);
+        if (firstBlock != lastSettledBlock + 1) revert BlockRangeOutOfOrder(lastSettledBlock + 1, firstBlock);
+        if (uint256(lastBlock) + 1 < firstBlock) revert BadBlockRange(firstBlock, lastBlock);
+        if (lastBlock > lastAnchoredBlock) revert BlocksNotAnchored(lastBlock, lastAnchoredBlock);
         if (games.length != charges.length) revert LengthMismatch(games.length, charges.length);
         uint256 chargeTotal;
         for (uint256 i; i < games.length; ++i) {
@@ -165,9 +248,12 @@ contract Settlement {
         }
         if (payoutTotal > chargeTotal) revert PayoutExceedsCharges(payoutTotal, chargeTotal);
         lastEpoch = epoch;
+        lastSettledBlock = lastBlock;
         fees += chargeTotal - payoutTotal;
-        epochs[epoch] = Epoch(payoutRoot, uint128(payoutTotal), 0, uint128(chargeTotal), uint64(block.timestamp));
+        epochs[epoch] =
+            Epoch(payoutRoot, uint128(payoutTotal), 0, uint128(chargeTotal), uint64(block.timestamp), lastBlock);
         emit EpochPosted(epoch, payoutRoot, payoutTotal, chargeTotal, games.length);
+        emit EpochBlocks(epoch, firstBlock, lastBlock);
     }
 
     /// @notice The leaf of `node`'s payout in an epoch's tree (hashed twice, so no inner
@@ -236,10 +322,13 @@ contract Settlement {
     function _verify(bytes32[] calldata proof, bytes32 root, bytes32 leaf) private pure returns (bool) {
         bytes32 hash = leaf;
         for (uint256 i; i < proof.length; ++i) {
-            bytes32 sibling = proof[i];
-            hash = hash < sibling ? keccak256(abi.encode(hash, sibling)) : keccak256(abi.encode(sibling, hash));
+            hash = _hashPair(hash, proof[i]);
         }
         return hash == root;
+    }
+
+    function _hashPair(bytes32 a, bytes32 b) private pure returns (bytes32) {
+        return a < b ? keccak256(abi.encode(a, b)) : keccak256(abi.encode(b, a));
     }
 
     function _pull(address from, uint256 amount) private {

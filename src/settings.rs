@@ -171,6 +171,10 @@ pub struct SettlementSettings {
     pub poll_ms: u64,
     /// Re-read the games' escrow every this many block ticks.
     pub escrow_check_blocks: u64,
+    /// At most one anchor transaction (block roots on chain) per this many seconds.
+    pub anchor_interval_s: f64,
+    /// A block waits at most this long for its nodes' confirmations before it is anchored.
+    pub anchor_confirm_wait_s: f64,
     /// The RPC URL nodes are told to claim through (`GET /v1/settlement`); empty = none is
     /// published, and nodes pass `ludus claim --rpc`.
     pub public_rpc_url: String,

@@ -205,6 +205,7 @@ impl Completion {
             output_hash,
             receipt_hash: receipt.hash(),
             signature: hex::decode(&receipt.signature).unwrap_or_default(),
+            signed_bytes: receipt.signed_bytes(),
             witnessed,
         };
         self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to });

@@ -1,5 +1,6 @@
 //! The Settlement actor: drives the [`Settler`] state machine. Epoch ticks (and
-//! `POST /admin/settle`) make an epoch due; a due epoch is planned and posted, a pending
+//! `POST /admin/settle`) make an epoch due; every anchor interval it runs to anchor the
+//! blocks committed since; a due epoch is planned and posted, a pending
 //! post is polled until confirmed, failures are retried after `retry`, and every few
 //! block ticks it re-reads the games' escrow to suspend or resume them. Runs are never
 //! concurrent: a trigger during a run makes one more run after it.
@@ -22,6 +23,8 @@ pub struct Settlement {
     retry: Duration,
     poll: Duration,
     escrow_every_blocks: u64,
+    /// Runs at least this often, to anchor new blocks.
+    anchor_every: Option<Duration>,
     blocks: u64,
     due: bool,
     check_escrow: bool,
@@ -36,12 +39,19 @@ impl Settlement {
             retry,
             poll,
             escrow_every_blocks: escrow_every_blocks.max(1),
+            anchor_every: None,
             blocks: 0,
             due: false,
             check_escrow: false,
             running: false,
             again: false,
         }
+    }
+
+    /// Also runs every `every`, so that new blocks are anchored between other triggers.
+    pub fn anchoring(mut self, every: Duration) -> Self {
+        self.anchor_every = Some(every);
+        self
     }
 
     fn drive(&mut self, ctx: &mut Context<Self>) {
@@ -100,6 +110,9 @@ impl Actor for Settlement {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Resume whatever a previous run left open, and catch up on a missed boundary.
         self.drive(ctx);
+        if let Some(every) = self.anchor_every {
+            ctx.run_interval(every, |this, ctx| this.drive(ctx));
+        }
     }
 }
 

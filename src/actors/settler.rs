@@ -13,8 +13,16 @@
 //!   planned ─ estimate reverts (escrow shrank) ─────────▶ (discarded; planned anew)
 //! ```
 //!
+//! Block anchors (the Merkle roots of consecutive registry blocks, see
+//! [`crate::ledger::anchors`]) go through the same states, at most one per
+//! `anchor_interval` and before any epoch is planned, since the contract refuses an epoch
+//! over a block it has not anchored. Anchors and epochs share the operator's nonce
+//! without clashing because at most one of them is open at a time: an open anchor is
+//! finished before an epoch is looked at, and a new anchor is planned only when no epoch
+//! is open.
+//!
 //! Only the holder of a Postgres advisory lock (on a connection of its own) runs it; the
-//! contract adds its own guard: epochs are accepted only in order, each once.
+//! contract adds its own guard: epochs and anchors are accepted only in order, each once.
 
 use std::time::Duration;
 
@@ -40,6 +48,10 @@ pub struct SettlerConfig {
     /// Blocks (counting the one it is in) before a post counts as final.
     pub confirmations: u64,
     pub epoch_time: Duration,
+    /// At most one anchor transaction per this interval (one before each epoch besides).
+    pub anchor_interval: Duration,
+    /// A block waits at most this long for its nodes' confirmations before it is anchored.
+    pub anchor_confirm_wait: Duration,
 }
 
 impl Settler {
@@ -90,6 +102,18 @@ enum Step {
     Wait,
 }
 
+/// What became of a stored, broadcast transaction.
+enum Fate {
+    Final {
+        block: u64,
+        gas_used: u64,
+    },
+    /// Pending, or mined with too few confirmations yet.
+    Wait,
+    /// It can never be mined (reverted, or its nonce went to another transaction).
+    Lost,
+}
+
 pub struct Settler {
     store: Store,
     config: SettlerConfig,
@@ -99,6 +123,8 @@ pub struct Settler {
     standby_logged: std::sync::atomic::AtomicBool,
     /// The contract's withdrawal delay was compared with the epoch length.
     delay_checked: std::sync::atomic::AtomicBool,
+    /// When anchoring last looked for blocks to anchor.
+    last_anchor_look: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 fn address_of(wallet: &str) -> Result<Address, SettleError> {
@@ -115,6 +141,7 @@ impl Settler {
             lock: tokio::sync::Mutex::new(None),
             standby_logged: Default::default(),
             delay_checked: Default::default(),
+            last_anchor_look: Default::default(),
         }
     }
 
@@ -167,26 +194,165 @@ impl Settler {
         Ok(last < crate::actors::clock::last_boundary(now, self.config.epoch_time))
     }
 
-    /// Moves settlement as far as it can go now; plans a new epoch when `plan` is set and
-    /// nothing older is open.
+    /// Moves settlement as far as it can go now: finishes an open anchor or epoch, anchors
+    /// the blocks ready for it (once per `anchor_interval`, and always before planning),
+    /// and plans a new epoch when `plan` is set and nothing older is open.
     pub async fn run(&self, plan: bool) -> Result<Outcome, SettleError> {
         if !self.hold_lock().await? {
             return Ok(Outcome { progress: Progress::Standby, planned: false });
         }
         let mut planned = false;
+        let mut anchored_all = false;
         loop {
-            match self.store.open_epoch().await? {
-                Some(epoch) => match self.advance(epoch).await? {
+            if let Some(anchor) = self.store.open_anchor().await? {
+                match self.advance_anchor(anchor).await? {
                     Step::Again => continue,
                     Step::Wait => return Ok(Outcome { progress: Progress::Waiting, planned }),
-                },
-                None if plan && !planned => {
-                    planned = true;
-                    if self.plan().await?.is_none() {
-                        return Ok(Outcome { progress: Progress::Idle, planned });
+                }
+            }
+            if let Some(epoch) = self.store.open_epoch().await? {
+                match self.advance(epoch).await? {
+                    Step::Again => continue,
+                    Step::Wait => return Ok(Outcome { progress: Progress::Waiting, planned }),
+                }
+            }
+            let epoch_next = plan && !planned;
+            if !anchored_all && (epoch_next || self.anchor_due()) {
+                if self.plan_anchor().await?.is_some() {
+                    continue;
+                }
+                anchored_all = true;
+            }
+            if epoch_next {
+                planned = true;
+                if self.plan().await?.is_some() {
+                    continue;
+                }
+            }
+            return Ok(Outcome { progress: Progress::Idle, planned });
+        }
+    }
+
+    /// Whether `anchor_interval` has passed since anchoring last looked for blocks.
+    fn anchor_due(&self) -> bool {
+        let last = self.last_anchor_look.lock().expect("not poisoned");
+        // A tenth of slack: the actor's timer firing a hair early must not skip a turn.
+        last.is_none_or(|t| t.elapsed() >= self.config.anchor_interval.mul_f64(0.9))
+    }
+
+    /// Plans an anchor over the blocks ready for one, if any.
+    async fn plan_anchor(&self) -> Result<Option<crate::ledger::anchors::Anchor>, SettleError> {
+        let chain = self.chain().await?;
+        *self.last_anchor_look.lock().expect("not poisoned") = Some(std::time::Instant::now());
+        let contract = format!("{:#x}", chain.contract_address());
+        let anchor = self
+            .store
+            .plan_anchor(&contract, crate::ledger::anchors::MAX_BLOCKS_PER_ANCHOR, self.config.anchor_confirm_wait)
+            .await?;
+        if let Some(a) = &anchor {
+            tracing::info!(anchor = a.id, first_block = a.first_block, last_block = a.last_block, "anchor planned");
+        }
+        Ok(anchor)
+    }
+
+    /// Moves an open anchor on: signs, stores and broadcasts it, or follows it on chain.
+    async fn advance_anchor(&self, anchor: crate::ledger::anchors::Anchor) -> Result<Step, SettleError> {
+        let chain = self.chain().await?;
+        let id = anchor.id;
+        match anchor.status {
+            EpochStatus::Confirmed => Ok(Step::Again),
+            EpochStatus::Planned => {
+                let on_chain = chain.last_anchored_block().await?;
+                if on_chain >= anchor.last_block {
+                    return self.adopt_anchor(&anchor).await;
+                }
+                if on_chain + 1 != anchor.first_block {
+                    return Err(SettleError::Diverged(format!(
+                        "the contract's last anchored block is {on_chain} but the ledger's next anchor starts at {}; \
+                         was the contract replaced?",
+                        anchor.first_block
+                    )));
+                }
+                let sent = chain.sign_anchor(anchor.first_block, &anchor.roots).await?;
+                self.store.mark_anchor_sent(id, &sent).await?;
+                tracing::info!(anchor = id, blocks = anchor.roots.len(), tx = %format!("0x{}", hex::encode(sent.hash)), nonce = sent.nonce, "anchor signed and stored; broadcasting");
+                chain.broadcast(&sent.raw).await?;
+                Ok(Step::Wait)
+            }
+            EpochStatus::Sent => {
+                let sent = anchor
+                    .sent
+                    .clone()
+                    .ok_or_else(|| LedgerError::Corrupt(format!("anchor {id} is sent but has no transaction")))?;
+                match self.follow(&sent).await? {
+                    Fate::Final { block, gas_used } => {
+                        self.store.mark_anchor_confirmed(id, block, gas_used).await?;
+                        tracing::info!(
+                            anchor = id,
+                            last_block = anchor.last_block,
+                            block,
+                            gas_used,
+                            "blocks anchored on chain"
+                        );
+                        Ok(Step::Again)
+                    }
+                    Fate::Wait => Ok(Step::Wait),
+                    Fate::Lost => {
+                        if chain.last_anchored_block().await? >= anchor.last_block {
+                            return self.adopt_anchor(&anchor).await;
+                        }
+                        tracing::warn!(anchor = id, "the anchor's transaction can never be mined; signing it again");
+                        self.store.mark_anchor_unsent(id).await?;
+                        Ok(Step::Again)
                     }
                 }
-                None => return Ok(Outcome { progress: Progress::Idle, planned }),
+            }
+        }
+    }
+
+    /// The chain already holds anchor `id`: accept it only if it is exactly ours.
+    async fn adopt_anchor(&self, anchor: &crate::ledger::anchors::Anchor) -> Result<Step, SettleError> {
+        let chain = self.chain().await?;
+        match chain.posted_anchor(anchor.id).await? {
+            Some(posted) if posted == (anchor.root, anchor.first_block, anchor.last_block) => {
+                self.store.mark_anchor_confirmed(anchor.id, 0, 0).await?;
+                tracing::warn!(anchor = anchor.id, "the anchor was already on chain, as planned: marked confirmed");
+                Ok(Step::Again)
+            }
+            other => Err(SettleError::Diverged(format!(
+                "anchor {} on chain is {other:?}, the ledger planned blocks {}..={} with root 0x{}: settlement stopped",
+                anchor.id,
+                anchor.first_block,
+                anchor.last_block,
+                hex::encode(anchor.root)
+            ))),
+        }
+    }
+
+    /// Where a stored, broadcast transaction stands; broadcasts the same bytes again when
+    /// the chain has forgotten them and their nonce is still free.
+    async fn follow(&self, sent: &crate::ledger::epochs::SentTx) -> Result<Fate, SettleError> {
+        let chain = self.chain().await?;
+        match chain.tx_status(sent.hash).await? {
+            TxStatus::Mined { success: true, block, gas_used, confirmations } => {
+                if confirmations < self.config.confirmations {
+                    return Ok(Fate::Wait);
+                }
+                Ok(Fate::Final { block, gas_used })
+            }
+            TxStatus::Mined { success: false, .. } => Ok(Fate::Lost),
+            TxStatus::Pending => Ok(Fate::Wait),
+            TxStatus::Unknown => {
+                if chain.mined_nonce().await? > sent.nonce {
+                    // Our nonce went to another transaction: ours can never be mined.
+                    return Ok(Fate::Lost);
+                }
+                tracing::warn!(
+                    tx = %format!("0x{}", hex::encode(sent.hash)),
+                    "the chain does not know a stored transaction; broadcasting the same bytes again"
+                );
+                chain.broadcast(&sent.raw).await?;
+                Ok(Fate::Wait)
             }
         }
     }
@@ -202,7 +368,9 @@ impl Settler {
         let balances = self.escrow_balances(&escrows).await?;
         let budgets: Vec<(i64, Units)> = escrows.iter().zip(&balances).map(|((g, _), b)| (g.game_id, *b)).collect();
         let contract = format!("{:#x}", chain.contract_address());
-        let epoch = self.store.plan_epoch(&contract, &budgets, self.config.node_share_bps).await?;
+        // Only blocks the chain holds: the contract refuses an epoch over any other.
+        let anchored = self.store.last_anchored_block().await?;
+        let epoch = self.store.plan_epoch(&contract, &budgets, self.config.node_share_bps, anchored).await?;
         self.store.record_settlement_attempt().await?;
         match &epoch {
             Some(e) => tracing::info!(
@@ -312,7 +480,8 @@ impl Settler {
                 }
                 let charges: Vec<(Address, Units)> =
                     epoch.charges.iter().map(|(w, a)| Ok((address_of(w)?, *a))).collect::<Result<_, SettleError>>()?;
-                let sent = match chain.sign_post(n, epoch.payout_root, epoch.payout_total, &charges).await {
+                let blocks = (epoch.first_block, epoch.last_block);
+                let sent = match chain.sign_post(n, blocks, epoch.payout_root, epoch.payout_total, &charges).await {
                     Ok(sent) => sent,
                     Err(ChainError::Reverted(reason)) => {
                         // Escrow changed since planning: settle again from the current state.
@@ -333,43 +502,20 @@ impl Settler {
                     .sent
                     .clone()
                     .ok_or_else(|| LedgerError::Corrupt(format!("epoch {n} is sent but has no transaction")))?;
-                match chain.tx_status(sent.hash).await? {
-                    TxStatus::Mined { success: true, block, gas_used, confirmations } => {
-                        if confirmations < self.config.confirmations {
-                            return Ok(Step::Wait);
-                        }
+                match self.follow(&sent).await? {
+                    Fate::Final { block, gas_used } => {
                         self.store.mark_epoch_confirmed(n, block, gas_used).await?;
                         tracing::info!(epoch = n, block, gas_used, "epoch posted and confirmed on chain");
                         Ok(Step::Again)
                     }
-                    TxStatus::Mined { success: false, .. } => {
+                    Fate::Wait => Ok(Step::Wait),
+                    Fate::Lost => {
                         if chain.last_epoch().await? >= n {
                             return self.adopt_posted(&epoch).await;
                         }
-                        tracing::warn!(epoch = n, "the epoch's post reverted on chain; signing it again");
+                        tracing::warn!(epoch = n, "the epoch's post can never be mined; signing it again");
                         self.store.mark_epoch_unsent(n).await?;
                         Ok(Step::Again)
-                    }
-                    TxStatus::Pending => Ok(Step::Wait),
-                    TxStatus::Unknown => {
-                        if chain.mined_nonce().await? > sent.nonce {
-                            // Our nonce went to another transaction: ours can never be mined.
-                            if chain.last_epoch().await? >= n {
-                                return self.adopt_posted(&epoch).await;
-                            }
-                            tracing::warn!(
-                                epoch = n,
-                                "the post's nonce was used by another transaction; signing again"
-                            );
-                            self.store.mark_epoch_unsent(n).await?;
-                            return Ok(Step::Again);
-                        }
-                        tracing::warn!(
-                            epoch = n,
-                            "the chain does not know the stored post; broadcasting the same bytes again"
-                        );
-                        chain.broadcast(&sent.raw).await?;
-                        Ok(Step::Wait)
                     }
                 }
             }

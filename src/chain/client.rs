@@ -1,5 +1,5 @@
 //! The operator's settlement client: reads the contract (last epoch, posted roots,
-//! escrow) and posts epochs. A post is signed here — nonce, gas estimate with headroom,
+//! anchors, escrow), posts epochs and anchors block roots. A post is signed here — nonce, gas estimate with headroom,
 //! EIP-1559 fees — and handed back as bytes with its hash *before* it is broadcast, so
 //! the caller can store it first and, after any crash, look the same transaction up or
 //! broadcast it again instead of signing a second one.
@@ -195,11 +195,13 @@ impl SettlementClient {
         timed("withdrawalDelay()", self.contract.withdrawalDelay().call()).await
     }
 
-    /// Signs the post of one epoch at the operator's next nonce. Reverts that the gas
-    /// estimate reveals (e.g. `EscrowShort`) come back as [`ChainError::Reverted`].
+    /// Signs the post of one epoch (settling registry blocks `blocks`) at the operator's
+    /// next nonce. Reverts that the gas estimate reveals (e.g. `EscrowShort`,
+    /// `BlocksNotAnchored`) come back as [`ChainError::Reverted`].
     pub async fn sign_post(
         &self,
         epoch: u64,
+        blocks: (u64, u64),
         payout_root: Hash,
         payout_total: Units,
         charges: &[(Address, Units)],
@@ -208,16 +210,33 @@ impl SettlementClient {
         let amounts: Vec<U256> = charges.iter().map(|(_, a)| to_u256(*a)).collect();
         let call = self
             .contract
-            .postEpoch(epoch, FixedBytes(payout_root), to_u256(payout_total), games, amounts)
+            .postEpoch(epoch, blocks.0, blocks.1, FixedBytes(payout_root), to_u256(payout_total), games, amounts)
             .from(self.operator);
         let gas = match tokio::time::timeout(RPC_TIMEOUT, call.estimate_gas()).await {
             Ok(result) => result.map_err(|e| contract_error("postEpoch() gas estimate", e))?,
             Err(_) => return Err(ChainError::Rpc("postEpoch() gas estimate: timed out".into())),
         };
+        self.sign(call.into_transaction_request(), gas).await
+    }
+
+    /// Signs the anchor of registry blocks `first_block..` with `roots` at the operator's
+    /// next nonce.
+    pub async fn sign_anchor(&self, first_block: u64, roots: &[Hash]) -> Result<SentTx, ChainError> {
+        let roots: Vec<FixedBytes<32>> = roots.iter().map(|r| FixedBytes(*r)).collect();
+        let call = self.contract.anchorBlocks(first_block, roots).from(self.operator);
+        let gas = match tokio::time::timeout(RPC_TIMEOUT, call.estimate_gas()).await {
+            Ok(result) => result.map_err(|e| contract_error("anchorBlocks() gas estimate", e))?,
+            Err(_) => return Err(ChainError::Rpc("anchorBlocks() gas estimate: timed out".into())),
+        };
+        self.sign(call.into_transaction_request(), gas).await
+    }
+
+    /// Signs `request` (gas `gas` with headroom, EIP-1559 fees) at the operator's next
+    /// nonce, without sending it.
+    async fn sign(&self, request: alloy::rpc::types::TransactionRequest, gas: u64) -> Result<SentTx, ChainError> {
         let nonce = timed("nonce", self.provider.get_transaction_count(self.operator).pending()).await?;
         let fees = timed("fee estimate", self.provider.estimate_eip1559_fees()).await?;
-        let request = call
-            .into_transaction_request()
+        let request = request
             .with_nonce(nonce)
             .with_chain_id(self.chain_id)
             .with_gas_limit(gas * GAS_HEADROOM_PERCENT / 100)
@@ -226,6 +245,22 @@ impl SettlementClient {
         let envelope =
             request.build(&self.wallet).await.map_err(|e| ChainError::Unexpected(format!("signing: {e}")))?;
         Ok(SentTx { hash: envelope.tx_hash().0, raw: envelope.encoded_2718(), nonce })
+    }
+
+    /// The last registry block anchored on chain.
+    pub async fn last_anchored_block(&self) -> Result<u64, ChainError> {
+        timed("lastAnchoredBlock()", self.contract.lastAnchoredBlock().call()).await
+    }
+
+    /// Anchor `id` as stored on chain: (root, first block, last block); None when absent.
+    pub async fn posted_anchor(&self, id: u64) -> Result<Option<(Hash, u64, u64)>, ChainError> {
+        let a = timed("anchors()", self.contract.anchors(id).call()).await?;
+        Ok((a.anchoredAt != 0).then_some((a.root.0, a.firstBlock, a.lastBlock)))
+    }
+
+    /// The number of anchors made on chain.
+    pub async fn anchor_count(&self) -> Result<u64, ChainError> {
+        timed("anchorCount()", self.contract.anchorCount().call()).await
     }
 
     /// Broadcasts a signed transaction. "Already known" and "nonce too low" answers are

@@ -13,10 +13,17 @@ pub enum ChainError {
     Config(String),
     #[error("unexpected chain state: {0}")]
     Unexpected(String),
+    /// A receipt's proof did not hold: the published record is not what was signed or
+    /// anchored.
+    #[error("the receipt does not check out: {0}")]
+    ProofFailed(String),
+    /// Not on chain yet (e.g. a block not anchored yet): try again later.
+    #[error("not on chain yet: {0}")]
+    NotYet(String),
 }
 
 impl ChainError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ChainError::Rpc(_))
+        matches!(self, ChainError::Rpc(_) | ChainError::NotYet(_))
     }
 }

@@ -6,6 +6,8 @@
 //!   stored-before-broadcast transaction that posts an epoch, and its status.
 //! - [`deploy`]: `ludus chain deploy` (settlement contract, and a test token).
 //! - [`claim`]: a node's claims (`ludus claim`).
+//! - [`receipt_check`]: one receipt checked against its block and the chain's anchor
+//!   (`ludus verify-receipt`), trusting no server.
 //! - [`anvil`]: a local anvil chain for the demo and the tests.
 //! - [`error`]: what went wrong, retryable or not.
 
@@ -15,6 +17,7 @@ pub mod client;
 pub mod contracts;
 pub mod deploy;
 pub mod error;
+pub mod receipt_check;
 
 pub use client::{SettlementClient, TxStatus};
 pub use error::ChainError;

@@ -61,6 +61,14 @@ pub struct ClaimArgs {
     /// (its address then needs a little of the chain's native currency).
     #[arg(long)]
     pub gas_key: Option<PathBuf>,
+    /// The node's receipt log (default: the key file's name + `.receipts`, where `ludus
+    /// node` keeps it). Before claiming, up to --check-tasks of its confirmed receipts are
+    /// checked against the chain's block anchors, as `ludus verify-receipt` does.
+    #[arg(long)]
+    pub receipts: Option<PathBuf>,
+    /// How many of the node's newest confirmed receipts to check before claiming (0: none).
+    #[arg(long, default_value_t = 16)]
+    pub check_tasks: usize,
 }
 
 fn load(path: &std::path::Path, what: &str) -> anyhow::Result<Identity> {
@@ -125,6 +133,22 @@ pub fn claim(args: ClaimArgs) -> anyhow::Result<()> {
             anyhow::anyhow!("the server publishes no RPC URL ([settlement] public_rpc_url is empty): pass --rpc URL")
         })?;
         let contract = parse_address("the server's contract", &payouts.contract)?;
+        if args.check_tasks > 0 {
+            let log = args.receipts.clone().unwrap_or_else(|| {
+                let mut name = args.key.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+                name.push(".receipts");
+                args.key.with_file_name(name)
+            });
+            let own = crate::node::receipts::confirmed_receipts(&log)?;
+            let report = super::receipts::check_own_tasks(&args.server, &rpc, contract, &own, args.check_tasks).await?;
+            eprintln!(
+                "checked {} of this node's tasks against the chain's anchors ({} not anchored yet; {} confirmed in {})",
+                report.checked,
+                report.not_anchored_yet,
+                own.len(),
+                log.display()
+            );
+        }
         let payer_address = payer.address();
         let provider = crate::chain::client::provider_for(&rpc, payer)?;
         if own_gas && !payouts.data.is_empty() {

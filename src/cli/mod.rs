@@ -8,6 +8,7 @@ mod generate;
 mod inspect;
 mod load;
 mod progress;
+mod receipts;
 mod serve;
 mod verify;
 
@@ -75,6 +76,8 @@ pub enum Command {
     Chain(chain::ChainCommand),
     /// Claim this node's payouts for every settled epoch not claimed yet.
     Claim(chain::ClaimArgs),
+    /// Check one task's receipt against its block root anchored on chain (trusting no server).
+    VerifyReceipt(receipts::VerifyReceiptArgs),
     /// Train a smaller student model on a teacher's output distributions (distillation).
     Distill(distill::DistillArgs),
 }
@@ -342,6 +345,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Games(GamesCommand::SetWallet { name, wallet }) => serve::games_set_wallet(&settings, &name, &wallet),
         Command::Chain(cmd) => chain::run(cmd),
         Command::Claim(args) => chain::claim(args),
+        Command::VerifyReceipt(args) => receipts::verify_receipt(args),
         Command::Distill(args) => distill::run(args),
         Command::Keys(KeysCommand::New { out }) => {
             let identity = crate::crypto::identity::Identity::create(&out)?;

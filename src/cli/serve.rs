@@ -334,6 +334,8 @@ async fn demo_chain(
     settings.settlement.retry_s = 2.0;
     settings.settlement.poll_ms = 500;
     settings.settlement.escrow_check_blocks = 5;
+    settings.settlement.anchor_interval_s = 10.0;
+    settings.settlement.anchor_confirm_wait_s = 10.0;
     if settings.clock.epoch_time_s >= 86_400 {
         settings.clock.epoch_time_s = 60;
     }

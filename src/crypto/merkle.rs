@@ -23,6 +23,16 @@ pub fn task_leaf(task: u64) -> Hash {
     keccak(&task.to_be_bytes())
 }
 
+/// The leaf of registry block `number` with Merkle root `root` in a chain anchor's tree:
+/// keccak(keccak(abi.encode(uint64, bytes32))), exactly as `Settlement.blockLeaf`
+/// computes it (hashed twice, so no inner node can pass for a leaf).
+pub fn block_leaf(number: u64, root: &Hash) -> Hash {
+    let mut encoded = [0u8; 64];
+    encoded[24..32].copy_from_slice(&number.to_be_bytes());
+    encoded[32..].copy_from_slice(root);
+    keccak(&keccak(&encoded))
+}
+
 /// The root a node signs to confirm its tasks in a block: over its task ids, ascending,
 /// each once. Node and registry compute it the same way.
 pub fn task_root(tasks: &[u64]) -> Hash {
@@ -109,6 +119,17 @@ mod tests {
         assert_eq!(root(&[l[0], l[1]]), root(&[l[1], l[0]]));
         assert_eq!(root(&[]), EMPTY_ROOT);
         assert_eq!(root(&[l[3]]), l[3]);
+    }
+
+    #[test]
+    fn block_leaves_bind_the_number_and_the_root() {
+        let root = [9u8; 32];
+        let mut encoded = vec![0u8; 24];
+        encoded.extend_from_slice(&5u64.to_be_bytes());
+        encoded.extend_from_slice(&root);
+        assert_eq!(block_leaf(5, &root), keccak(&keccak(&encoded)));
+        assert_ne!(block_leaf(5, &root), block_leaf(6, &root));
+        assert_ne!(block_leaf(5, &root), block_leaf(5, &[8u8; 32]));
     }
 
     #[test]

@@ -125,6 +125,7 @@ pub async fn data(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         })
         .collect();
     let epochs = state.store.recent_epochs(8).await.map_err(unavailable)?;
+    let anchoring = state.store.anchor_progress().await.map_err(unavailable)?;
     let payouts = match epochs.first() {
         Some(e) => state.store.epoch_payouts(e.number).await.map_err(unavailable)?,
         None => Vec::new(),
@@ -141,6 +142,7 @@ pub async fn data(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         "verification": verification,
         "blocks": blocks,
         "epochs": epochs,
+        "anchoring": anchoring,
         "latest_epoch_payouts": payouts.iter().map(|(node, amount)| serde_json::json!({"node": node, "amount": amount.to_string()})).collect::<Vec<_>>(),
         "settlement_contract": state.settlement.as_ref().map(|s| s.contract.clone()),
     })))

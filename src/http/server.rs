@@ -328,6 +328,8 @@ fn start_settlement(
         node_share_bps: cfg.node_share_bps,
         confirmations: cfg.confirmations.max(1),
         epoch_time: Duration::from_secs(s.clock.epoch_time_s.max(1)),
+        anchor_interval: Duration::from_secs_f64(cfg.anchor_interval_s.max(0.1)),
+        anchor_confirm_wait: Duration::from_secs_f64(cfg.anchor_confirm_wait_s.max(0.0)),
     };
     let settler = Arc::new(Settler::new(store.clone(), config, signer));
     let (retry, poll, every) = (
@@ -335,7 +337,9 @@ fn start_settlement(
         Duration::from_millis(cfg.poll_ms.max(10)),
         cfg.escrow_check_blocks,
     );
-    let actor = supervisor::start("settlement", move |_| Settlement::new(settler, retry, poll, every));
+    let anchor_every = Duration::from_secs_f64(cfg.anchor_interval_s.max(0.1));
+    let actor =
+        supervisor::start("settlement", move |_| Settlement::new(settler, retry, poll, every).anchoring(anchor_every));
     clock.do_send(SubscribeEpochs(actor.clone().recipient()));
     clock.do_send(SubscribeBlocks(actor.clone().recipient()));
     tracing::info!(contract = %format!("{contract:#x}"), operator = %format!("{operator:#x}"), rpc = %crate::chain::redacted_url(cfg.rpc_url.expose()), "settlement on");

@@ -19,7 +19,9 @@ use crate::crypto::merkle::{self, Hash};
 /// Basis points: 10 000 = 100 %.
 pub const BPS: u32 = 10_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a posting (an epoch's or an anchor's) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EpochStatus {
     Planned,
     Sent,
@@ -27,7 +29,7 @@ pub enum EpochStatus {
 }
 
 impl EpochStatus {
-    fn parse(s: &str) -> Result<Self, LedgerError> {
+    pub(super) fn parse(s: &str) -> Result<Self, LedgerError> {
         match s {
             "planned" => Ok(EpochStatus::Planned),
             "sent" => Ok(EpochStatus::Sent),
@@ -209,15 +211,17 @@ impl Store {
         Ok(())
     }
 
-    /// Plans the next epoch for `contract`: settles every payable, unsettled receipt its
-    /// game's `budgets` entry covers (oldest first), charges the games, pays nodes
-    /// `share_bps` of what their tasks were charged, and builds the payout tree. `None`
-    /// when there is nothing to settle (no epoch is created).
+    /// Plans the next epoch for `contract` over the blocks up to `up_to_block` (the last
+    /// one anchored on chain): settles every payable, unsettled receipt its game's
+    /// `budgets` entry covers (oldest first), charges the games, pays nodes `share_bps`
+    /// of what their tasks were charged, and builds the payout tree. `None` when there is
+    /// nothing to settle (no epoch is created).
     pub async fn plan_epoch(
         &self,
         contract: &str,
         budgets: &[(i64, Units)],
         share_bps: u32,
+        up_to_block: u64,
     ) -> Result<Option<Epoch>, LedgerError> {
         assert!(share_bps <= BPS, "node share above 100 %");
         let mut conn = self.conn().await?;
@@ -232,7 +236,10 @@ impl Store {
                 .await?;
             (r.get(0), r.get(1))
         };
-        let last_block: i64 = tx.query_one("SELECT last_block FROM block_counter", &[]).await?.get(0);
+        let committed: i64 = tx.query_one("SELECT last_block FROM block_counter", &[]).await?.get(0);
+        // Never past what the chain holds, never before the previous epoch's end.
+        let up_to = i64::try_from(up_to_block).unwrap_or(i64::MAX);
+        let last_block = committed.min(up_to).max(first_block - 1);
         tx.execute(
             "INSERT INTO epochs (number, first_block, last_block, contract) VALUES ($1, $2, $3, $4)",
             &[&number, &first_block, &last_block, &contract],

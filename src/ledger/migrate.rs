@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "settlement", include_str!("../../migrations/0003_settlement.sql")),
     (4, "unverifiable", include_str!("../../migrations/0004_unverifiable.sql")),
     (5, "steering", include_str!("../../migrations/0005_steering.sql")),
+    (6, "anchors", include_str!("../../migrations/0006_anchors.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

@@ -6,10 +6,13 @@
 //!   confirmations.
 //! - [`reports`]: usage by day, block and node views.
 //! - [`epochs`]: settlement's epochs (planning, posting state, payout proofs).
+//! - [`anchors`]: batches of block roots posted on chain between epochs, and the
+//!   proof that ties one receipt to the chain.
 //! - [`escrow`]: games' debts against their on-chain escrow; suspension.
 //! - [`money`]: integer base units and per-model prices.
 //! - [`cluster`]: a private Postgres cluster when no `database.url` is configured.
 
+pub mod anchors;
 pub mod cluster;
 pub mod epochs;
 pub mod error;

@@ -30,6 +30,8 @@ pub struct Receipt {
     pub output_hash: Hash,
     pub receipt_hash: Hash,
     pub signature: Vec<u8>,
+    /// The bytes the node signed (`keccak(signed_bytes) == receipt_hash`); empty: none kept.
+    pub signed_bytes: Vec<u8>,
     /// The server saw the node finish this task (live, or in its completion log). A receipt
     /// it did not see is only acknowledged when the ledger already holds it, never added.
     pub witnessed: bool,
@@ -83,12 +85,13 @@ impl ConfirmStatus {
 const CREATE_INCOMING: &str = "CREATE TEMP TABLE IF NOT EXISTS incoming_receipts (
     task_id BIGINT, game_id BIGINT, node_address TEXT, model TEXT, prompt_tokens INTEGER,
     completion_tokens INTEGER, price_units NUMERIC(78, 0), latency_ms INTEGER, output_hash BYTEA,
-    receipt_hash BYTEA, node_signature BYTEA, witnessed BOOLEAN) ON COMMIT DELETE ROWS";
+    receipt_hash BYTEA, node_signature BYTEA, signed_bytes BYTEA, witnessed BOOLEAN) ON COMMIT DELETE ROWS";
 
 const INSERT_NEW: &str = "INSERT INTO receipts (task_id, block, game_id, node_address, model, prompt_tokens,
-        completion_tokens, price_units, latency_ms, output_hash, receipt_hash, node_signature)
+        completion_tokens, price_units, latency_ms, output_hash, receipt_hash, node_signature, signed_bytes)
     SELECT DISTINCT ON (i.task_id) i.task_id, $1, i.game_id, i.node_address, i.model, i.prompt_tokens,
-        i.completion_tokens, i.price_units, i.latency_ms, i.output_hash, i.receipt_hash, i.node_signature
+        i.completion_tokens, i.price_units, i.latency_ms, i.output_hash, i.receipt_hash, i.node_signature,
+        i.signed_bytes
     FROM incoming_receipts i
     WHERE i.witnessed AND EXISTS (SELECT 1 FROM games g WHERE g.id = i.game_id)
     ORDER BY i.task_id
@@ -134,6 +137,12 @@ fn copy_rows(receipts: &[Receipt]) -> String {
         copy_bytes(&mut out, &r.receipt_hash);
         out.push('\t');
         copy_bytes(&mut out, &r.signature);
+        out.push('\t');
+        if r.signed_bytes.is_empty() {
+            out.push_str("\\N");
+        } else {
+            copy_bytes(&mut out, &r.signed_bytes);
+        }
         out.push_str(if r.witnessed { "\tt\n" } else { "\tf\n" });
     }
     out
@@ -327,12 +336,17 @@ mod tests {
             output_hash: [1; 32],
             receipt_hash: [2; 32],
             signature: vec![0xff, 0x00],
+            signed_bytes: Vec::new(),
             witnessed: true,
         };
+        let mut signed = r.clone();
+        signed.signed_bytes = vec![0xab];
         let row = copy_rows(&[r]);
         let fields: Vec<&str> = row.trim_end_matches('\n').split('\t').collect();
-        assert_eq!(fields.len(), 12, "{row}");
-        assert_eq!(fields[11], "t");
+        assert_eq!(fields.len(), 13, "{row}");
+        assert_eq!(fields[12], "t");
+        assert_eq!(fields[11], "\\N", "no signed bytes kept: NULL");
+        assert_eq!(copy_rows(&[signed]).split('\t').nth(11), Some("\\\\xab"));
         assert_eq!(fields[0], "-1", "u64::MAX is stored bit for bit as -1");
         assert_eq!(fields[3], "we\\tird\\\\name\\n");
         assert_eq!(fields[6], "100000000000000000000");

@@ -38,6 +38,37 @@ struct Open {
     last_sent: Option<Instant>,
 }
 
+/// The receipts `path` still lists as confirmed by the registry, oldest first, read
+/// without taking the log (a running node may hold it). Compaction drops confirmed
+/// receipts, so this is the recent ones; a missing log is an empty list.
+pub fn confirmed_receipts(path: &Path) -> anyhow::Result<Vec<SignedReceipt>> {
+    let Ok(file) = File::open(path) else {
+        return Ok(Vec::new());
+    };
+    let mut receipts: BTreeMap<TaskId, (usize, SignedReceipt)> = BTreeMap::new();
+    let mut blocks: BTreeMap<TaskId, u64> = BTreeMap::new();
+    let mut confirmed: BTreeSet<u64> = BTreeSet::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        match serde_json::from_str::<Line>(&line.map_err(|e| io_err(path, e))?) {
+            Ok(Line::Receipt(r)) => {
+                receipts.entry(r.ticket.task).or_insert((n, r));
+            }
+            Ok(Line::Recorded { block, tasks }) => blocks.extend(tasks.into_iter().map(|t| (t, block))),
+            Ok(Line::Confirmed(block)) => {
+                confirmed.insert(block);
+            }
+            Err(_) => {} // blank separators and a torn tail
+        }
+    }
+    let mut out: Vec<(usize, SignedReceipt)> = receipts
+        .into_iter()
+        .filter(|(t, _)| blocks.get(t).is_some_and(|b| confirmed.contains(b)))
+        .map(|(_, r)| r)
+        .collect();
+    out.sort_by_key(|(n, _)| *n);
+    Ok(out.into_iter().map(|(_, r)| r).collect())
+}
+
 /// The log of receipts not yet confirmed.
 pub struct ReceiptLog {
     path: PathBuf,
@@ -262,5 +293,26 @@ mod tests {
         log.compact().unwrap();
         drop(log);
         assert_eq!(ReceiptLog::open(&path).unwrap().pending(), 2);
+    }
+
+    #[test]
+    fn confirmed_receipts_are_read_while_the_node_holds_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.log");
+        assert!(confirmed_receipts(&path).unwrap().is_empty(), "no log yet: nothing to check");
+        let node = Identity::generate();
+        let mut log = ReceiptLog::open(&path).unwrap();
+        let written: Vec<SignedReceipt> = (1..=5).map(|t| receipt(&node, t)).collect();
+        for r in &written {
+            log.add(r).unwrap();
+        }
+        log.recorded(3, &[TaskId(2), TaskId(1)]).unwrap();
+        log.recorded(4, &[TaskId(3)]).unwrap();
+        log.recorded(5, &[TaskId(4)]).unwrap();
+        log.confirmed(3).unwrap();
+        log.confirmed(5).unwrap();
+        // Read while `log` is open (and locked): confirmed blocks only, in log order, as written.
+        let read = confirmed_receipts(&path).unwrap();
+        assert_eq!(read, vec![written[0].clone(), written[1].clone(), written[3].clone()]);
     }
 }

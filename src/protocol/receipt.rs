@@ -48,8 +48,11 @@ pub struct TaskTicket {
     pub mac: String,
 }
 
+const TICKET_DOMAIN: &[u8] = b"ludus-ticket-v2";
+const RECEIPT_DOMAIN: &[u8] = b"ludus-receipt-v1";
+
 fn ticket_bytes(t: &TaskTicket) -> Vec<u8> {
-    let mut out = b"ludus-ticket-v2".to_vec();
+    let mut out = TICKET_DOMAIN.to_vec();
     out.extend_from_slice(&t.task.0.to_be_bytes());
     out.extend_from_slice(&t.game.to_be_bytes());
     out.extend_from_slice(&(t.model.len() as u32).to_be_bytes());
@@ -166,15 +169,54 @@ impl SignedReceipt {
         r
     }
 
-    /// The 32 bytes the node signs and the block's Merkle tree commits to.
+    /// The 32 bytes the node signs and the block's Merkle tree commits to: the keccak of
+    /// [`SignedReceipt::signed_bytes`].
     pub fn hash(&self) -> [u8; 32] {
-        let mut bytes = b"ludus-receipt-v1".to_vec();
+        keccak(&self.signed_bytes())
+    }
+
+    /// The exact bytes whose hash the node signs. The registry stores them, so anyone can
+    /// recompute a receipt's hash (and read what it says) from what the operator publishes.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut bytes = RECEIPT_DOMAIN.to_vec();
         bytes.extend_from_slice(&ticket_bytes(&self.ticket));
         bytes.extend_from_slice(self.ticket.mac.as_bytes());
         bytes.extend_from_slice(&self.prompt_tokens.to_be_bytes());
         bytes.extend_from_slice(&self.completion_tokens.to_be_bytes());
         bytes.extend_from_slice(self.output_hash.as_bytes());
-        keccak(&bytes)
+        bytes
+    }
+
+    /// A receipt back from its [`SignedReceipt::signed_bytes`] and signature (hex); the
+    /// inverse of `signed_bytes`, so `from_signed_bytes(r.signed_bytes(), ..).hash() ==
+    /// r.hash()`. Refuses anything that is not exactly that layout.
+    pub fn from_signed_bytes(bytes: &[u8], signature: &str) -> Result<Self, ReceiptError> {
+        let mut r = Reader { bytes, at: 0 };
+        r.expect(RECEIPT_DOMAIN)?;
+        r.expect(TICKET_DOMAIN)?;
+        let task = TaskId(r.u64()?);
+        let game = r.u64()? as i64;
+        let model = r.text()?;
+        let max_tokens = r.u32()?;
+        let prompt = PromptCount { tokens: r.u32()?, exact: r.flag()? };
+        let prefix = r.u32()?;
+        let node = r.text()?;
+        let issued_unix_ms = r.u64()?;
+        let mac = r.hex64()?;
+        let prompt_tokens = r.u32()?;
+        let completion_tokens = r.u32()?;
+        let output_hash = r.hex64()?;
+        if r.at != bytes.len() {
+            return Err(ReceiptError::Malformed(format!("{} bytes after the receipt", bytes.len() - r.at)));
+        }
+        let ticket = TaskTicket { task, game, model, max_tokens, prompt, prefix, node, issued_unix_ms, mac };
+        Ok(SignedReceipt { ticket, prompt_tokens, completion_tokens, output_hash, signature: signature.to_string() })
+    }
+
+    /// Whether the signature is `signer`'s over this receipt's hash (no ticket check: that
+    /// needs the network's secret).
+    pub fn signed_by(&self, signer: &Address) -> bool {
+        hex::decode(&self.signature).is_ok_and(|s| recover(&self.hash(), &s).is_ok_and(|a| a == *signer))
     }
 
     /// Checks everything a registry can check without the output: the ticket is ours and
@@ -207,6 +249,61 @@ impl SignedReceipt {
             Ok(signer) if signer == *sender => Ok(()),
             _ => Err(ReceiptError::BadSignature(sender.to_string())),
         }
+    }
+}
+
+/// Reads [`SignedReceipt::signed_bytes`] back, field by field.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], ReceiptError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or_else(|| ReceiptError::Malformed(format!("receipt bytes end early at {}", self.at)))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn expect(&mut self, tag: &[u8]) -> Result<(), ReceiptError> {
+        if self.take(tag.len())? != tag {
+            return Err(ReceiptError::Malformed(format!("expected `{}`", String::from_utf8_lossy(tag))));
+        }
+        Ok(())
+    }
+
+    fn u32(&mut self) -> Result<u32, ReceiptError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, ReceiptError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    fn flag(&mut self) -> Result<bool, ReceiptError> {
+        match self.take(1)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(ReceiptError::Malformed(format!("flag byte {other}"))),
+        }
+    }
+
+    fn text(&mut self) -> Result<String, ReceiptError> {
+        let len = self.u32()? as usize;
+        let raw = self.take(len)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| ReceiptError::Malformed("text is not UTF-8".into()))
+    }
+
+    /// 32 bytes written as 64 hex digits.
+    fn hex64(&mut self) -> Result<String, ReceiptError> {
+        let raw = self.take(64)?;
+        let text = std::str::from_utf8(raw).map_err(|_| ReceiptError::Malformed("hash is not hex".into()))?;
+        if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ReceiptError::Malformed(format!("`{text}` is not hex")));
+        }
+        Ok(text.to_string())
     }
 }
 
@@ -268,5 +365,39 @@ mod tests {
         assert_eq!(continued.own_tokens(receipt.completion_tokens), 2);
         let short = SignedReceipt::sign(&node, continued, 12, &[1, 2]);
         assert!(matches!(short.check(&secret, &node.address), Err(ReceiptError::Malformed(_))));
+    }
+
+    #[test]
+    fn signed_bytes_read_back_into_the_same_receipt_and_nothing_else_does() {
+        let secret = [7u8; 32];
+        let node = Identity::generate();
+        let count = PromptCount { tokens: 9, exact: true };
+        let ticket = TaskTicket::issue(&secret, TaskId(u64::MAX - 3), -2, "smöl", (64, count), &node.address)
+            .continuing(&secret, 2);
+        let receipt = SignedReceipt::sign(&node, ticket, 9, &[5, 6, 7]);
+        let bytes = receipt.signed_bytes();
+        let back = SignedReceipt::from_signed_bytes(&bytes, &receipt.signature).unwrap();
+        assert_eq!(back, receipt);
+        assert_eq!(back.hash(), receipt.hash());
+        assert!(back.signed_by(&node.address));
+        assert!(!back.signed_by(&Identity::generate().address));
+        back.check(&secret, &node.address).unwrap();
+        // Cut short, one byte more, or a flag that is not 0/1: refused, never misread.
+        for cut in [0, 10, bytes.len() - 1] {
+            assert!(SignedReceipt::from_signed_bytes(&bytes[..cut], "").is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(SignedReceipt::from_signed_bytes(&longer, "").is_err());
+        let mut domain = bytes.clone();
+        domain[0] ^= 1;
+        assert!(SignedReceipt::from_signed_bytes(&domain, "").is_err());
+        // An edited field reads back as another receipt, whose signature no longer holds.
+        let mut edited = bytes.clone();
+        let at = bytes.len() - 64 - 1;
+        edited[at] ^= 1;
+        let forged = SignedReceipt::from_signed_bytes(&edited, &receipt.signature).unwrap();
+        assert_ne!(forged.completion_tokens, receipt.completion_tokens);
+        assert!(!forged.signed_by(&node.address));
     }
 }

@@ -64,6 +64,7 @@ pub fn small_receipt(task: u64, game: i64, node: &str) -> Receipt {
         output_hash: [0; 32],
         receipt_hash: ludus::crypto::identity::keccak(&task.to_be_bytes()),
         signature: vec![0; 65],
+        signed_bytes: Vec::new(),
         witnessed: true,
     }
 }

@@ -444,10 +444,14 @@ fn a_mixed_run_charges_games_and_pays_nodes_exactly_what_the_server_counted() {
         conn.query("SELECT name, id FROM games", &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
     });
     let budgets: Vec<(i64, Units)> = games.iter().map(|(g, _)| (ids[g], Units(u128::MAX / 4))).collect();
-    let epoch =
-        block_on(store.plan_epoch("0x00000000000000000000000000000000000000e1", &budgets, NODE_SHARE_BPS as u32))
-            .unwrap()
-            .expect("an epoch to settle");
+    let epoch = block_on(store.plan_epoch(
+        "0x00000000000000000000000000000000000000e1",
+        &budgets,
+        NODE_SHARE_BPS as u32,
+        u64::MAX,
+    ))
+    .unwrap()
+    .expect("an epoch to settle");
     assert_eq!(epoch.task_count as usize, paid_receipts, "every paid receipt settled");
     let charged: BTreeMap<String, u128> = block_on(async {
         let conn = store.conn().await.unwrap();

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per subsystem.
 
+mod anchoring;
 mod build_linkage;
 mod cluster;
 mod configuration;

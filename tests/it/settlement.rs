@@ -29,18 +29,18 @@ use super::registry::try_chat;
 const SHARE_BPS: u128 = 9_000;
 
 /// Anvil's account `i` as a key file the CLI can read.
-fn key_file(dir: &std::path::Path, signer: &PrivateKeySigner, name: &str) -> std::path::PathBuf {
+pub fn key_file(dir: &std::path::Path, signer: &PrivateKeySigner, name: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, format!("{}\n", hex::encode(signer.to_bytes()))).unwrap();
     path
 }
 
-fn rpc(anvil: &Anvil, method: &'static str, params: serde_json::Value) -> serde_json::Value {
+pub fn rpc(anvil: &Anvil, method: &'static str, params: serde_json::Value) -> serde_json::Value {
     let p = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
     block_on(async move { p.raw_request::<_, serde_json::Value>(method.into(), params).await.unwrap() })
 }
 
-fn deploy_default(anvil: &Anvil) -> Deployment {
+pub fn deploy_default(anvil: &Anvil) -> Deployment {
     let plan = DeployPlan {
         token: None,
         operator: anvil.keys[1].address(),
@@ -50,13 +50,13 @@ fn deploy_default(anvil: &Anvil) -> Deployment {
     block_on(deploy(&anvil.url, anvil.keys[0].clone(), &plan)).expect("deploy")
 }
 
-fn fund(anvil: &Anvil, d: &Deployment, game: &PrivateKeySigner, amount: u128) {
+pub fn fund(anvil: &Anvil, d: &Deployment, game: &PrivateKeySigner, amount: u128) {
     block_on(mint_and_deposit(&anvil.url, d, anvil.keys[0].clone(), game.clone(), Units(amount))).expect("fund");
 }
 
 /// Commits `count` receipts (task ids from `first`) in blocks of `per_block`, spread over
 /// `nodes` and `games`, and has each node confirm its blocks (signed, as nodes do).
-fn record_day(store: &Store, nodes: &[Identity], games: &[i64], first: u64, count: u64, per_block: u64) {
+pub fn record_day(store: &Store, nodes: &[Identity], games: &[i64], first: u64, count: u64, per_block: u64) {
     let tasks: Vec<u64> = (first..first + count).collect();
     for chunk in tasks.chunks(per_block as usize) {
         let receipts: Vec<Receipt> = chunk
@@ -73,6 +73,7 @@ fn record_day(store: &Store, nodes: &[Identity], games: &[i64], first: u64, coun
                 output_hash: [1; 32],
                 receipt_hash: ludus::crypto::identity::keccak(&t.to_be_bytes()),
                 signature: vec![0; 65],
+                signed_bytes: Vec::new(),
                 witnessed: true,
             })
             .collect();
@@ -145,6 +146,8 @@ fn a_full_day_settles_in_one_post_and_every_node_claims_exactly_its_payout() {
         node_share_bps: SHARE_BPS as u32,
         confirmations: 1,
         epoch_time: Duration::from_secs(86_400),
+        anchor_interval: Duration::from_secs(3600),
+        anchor_confirm_wait: Duration::ZERO,
     };
     let settler = Settler::new(store.clone(), config.clone(), anvil.keys[1].clone());
     settle(&settler);
@@ -226,11 +229,34 @@ fn a_full_day_settles_in_one_post_and_every_node_claims_exactly_its_payout() {
     assert!(reverted(r, "second claim").contains("AlreadyClaimed"));
     // Only the operator posts, and epoch 1 cannot be posted again.
     let stranger = Settlement::new(d.settlement, provider_for(&anvil.url, anvil.keys[5].clone()).unwrap());
-    let r = block_on(stranger.postEpoch(2, FixedBytes([7; 32]), U256::ZERO, vec![], vec![]).call().into_future());
+    let (b1, b2) = (epoch.last_block + 1, epoch.last_block);
+    let r =
+        block_on(stranger.postEpoch(2, b1, b2, FixedBytes([7; 32]), U256::ZERO, vec![], vec![]).call().into_future());
     assert!(reverted(r, "non-operator post").contains("NotOperator"));
+    let r = block_on(stranger.anchorBlocks(b1, vec![FixedBytes([7; 32])]).call().into_future());
+    assert!(reverted(r, "non-operator anchor").contains("NotOperator"));
     let operator = Settlement::new(d.settlement, provider_for(&anvil.url, anvil.keys[1].clone()).unwrap());
-    let r = block_on(operator.postEpoch(1, FixedBytes([7; 32]), U256::ZERO, vec![], vec![]).call().into_future());
+    let r =
+        block_on(operator.postEpoch(1, 1, b2, FixedBytes([7; 32]), U256::ZERO, vec![], vec![]).call().into_future());
     assert!(reverted(r, "second post of epoch 1").contains("EpochOutOfOrder"));
+    // The day is tied to its blocks: an epoch must start right after the last settled
+    // block, and may not settle a block the chain has not anchored.
+    let anchored = block_on(contract.lastAnchoredBlock().call().into_future()).unwrap();
+    assert_eq!(anchored, epoch.last_block, "every block the epoch settled was anchored first");
+    let r = block_on(
+        operator.postEpoch(2, b1 + 1, b1 + 1, FixedBytes([7; 32]), U256::ZERO, vec![], vec![]).call().into_future(),
+    );
+    assert!(reverted(r, "a gap before the epoch's blocks").contains("BlockRangeOutOfOrder"));
+    let r =
+        block_on(operator.postEpoch(2, b1, b1, FixedBytes([7; 32]), U256::ZERO, vec![], vec![]).call().into_future());
+    let refusal = reverted(r, "an epoch over an unanchored block");
+    assert!(refusal.contains("BlocksNotAnchored"), "{refusal}");
+    let r = block_on(operator.anchorBlocks(b1 + 1, vec![FixedBytes([7; 32])]).call().into_future());
+    assert!(reverted(r, "an anchor that skips a block").contains("AnchorOutOfOrder"));
+    let r = block_on(operator.anchorBlocks(1, vec![FixedBytes([7; 32])]).call().into_future());
+    assert!(reverted(r, "a block anchored twice").contains("AnchorOutOfOrder"));
+    let r = block_on(operator.anchorBlocks(b1, vec![]).call().into_future());
+    assert!(reverted(r, "an empty anchor").contains("NoBlocks"));
     // Fees: charges not paid out.
     let fees = block_on(contract.fees().call().into_future()).unwrap();
     assert_eq!(fees, U256::from(epoch.charge_total.0 - epoch.payout_total.0));
@@ -302,7 +328,7 @@ fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) 
 }
 
 /// A cluster whose server settles on `anvil` (operator: anvil's account 1).
-fn settling_cluster(anvil: &Anvil, extra: &str) -> (Cluster, Deployment, std::path::PathBuf) {
+pub fn settling_cluster(anvil: &Anvil, extra: &str) -> (Cluster, Deployment, std::path::PathBuf) {
     settling_cluster_via(anvil, &anvil.url, extra)
 }
 
@@ -321,7 +347,7 @@ fn settling_cluster_via(anvil: &Anvil, rpc_url: &str, extra: &str) -> (Cluster, 
     let d: Deployment = serde_json::from_slice(&out.stdout).unwrap();
     let cluster = Cluster::start(&format!(
         "[settlement]\nrpc_url = \"{}\"\ncontract = \"{:#x}\"\noperator_key = \"{}\"\nconfirmations = 1\n\
-         retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\npublic_rpc_url = \"{}\"\n{extra}",
+         retry_s = 0.3\npoll_ms = 100\nescrow_check_blocks = 1\nanchor_interval_s = 0.3\npublic_rpc_url = \"{}\"\n{extra}",
         rpc_url,
         d.settlement,
         operator.display(),
@@ -330,19 +356,19 @@ fn settling_cluster_via(anvil: &Anvil, rpc_url: &str, extra: &str) -> (Cluster, 
     (cluster, d, keys)
 }
 
-fn ludus(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+pub fn ludus(cluster: &Cluster, args: &[&str]) -> std::process::Output {
     Command::new(BIN).arg("--config").arg(&cluster.config).args(args).output().unwrap()
 }
 
 /// Registers `game`'s address as the test game's wallet (through the CLI) and deposits
 /// `escrow` into it.
-fn give_wallet(cluster: &Cluster, anvil: &Anvil, d: &Deployment, game: &PrivateKeySigner, escrow: u128) {
+pub fn give_wallet(cluster: &Cluster, anvil: &Anvil, d: &Deployment, game: &PrivateKeySigner, escrow: u128) {
     let out = ludus(cluster, &["games", "set-wallet", "testgame", &format!("{:#x}", game.address())]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     fund(anvil, d, game, escrow);
 }
 
-fn admin_post(cluster: &Cluster, path: &str) -> u16 {
+pub fn admin_post(cluster: &Cluster, path: &str) -> u16 {
     let token = std::fs::read_to_string(cluster.dir.path().join("data/admin-token")).unwrap();
     super::cluster::raw(
         &cluster.addr,
@@ -362,7 +388,44 @@ fn epoch_status(store: &Store, n: i64) -> Option<(String, Option<String>)> {
     })
 }
 
-fn chats(cluster: &Cluster, n: usize, store: &Store, confirmed_total: i64) {
+/// How many transactions the operator (anvil's account 1) has had mined.
+pub fn operator_nonce(anvil: &Anvil) -> u64 {
+    let p = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
+    let operator = anvil.keys[1].address();
+    block_on(async move { p.get_transaction_count(operator).latest().await.unwrap() })
+}
+
+/// Waits until every committed block is anchored on chain (and the anchor confirmed).
+pub fn wait_anchored(store: &Store) {
+    wait_for("every block to be anchored", Duration::from_secs(30), || {
+        let p = block_on(store.anchor_progress()).unwrap();
+        p.last_anchored_block == p.last_committed_block
+    });
+}
+
+/// Anchors the ledger holds, checked against the chain: consecutive ids, each starting
+/// right after the one before, each on chain exactly as planned. Returns how many.
+pub fn anchors_match_the_chain(store: &Store, chain: &SettlementClient) -> u64 {
+    let count = block_on(chain.anchor_count()).unwrap();
+    let mut next_block = 1;
+    for id in 1..=count {
+        let a =
+            block_on(store.anchor(id)).unwrap().unwrap_or_else(|| panic!("anchor {id} is on chain, not in the ledger"));
+        assert_eq!(a.first_block, next_block, "anchor {id} starts right after the one before");
+        assert_eq!(
+            block_on(chain.posted_anchor(id)).unwrap(),
+            Some((a.root, a.first_block, a.last_block)),
+            "anchor {id}"
+        );
+        next_block = a.last_block + 1;
+    }
+    assert!(block_on(store.anchor(count + 1))
+        .unwrap()
+        .is_none_or(|a| a.status != ludus::ledger::epochs::EpochStatus::Confirmed));
+    count
+}
+
+pub fn chats(cluster: &Cluster, n: usize, store: &Store, confirmed_total: i64) {
     for _ in 0..n {
         try_chat(&cluster.addr, &cluster.key, "fake").expect("200");
     }
@@ -382,16 +445,13 @@ fn a_server_killed_between_sent_and_confirmed_posts_each_epoch_exactly_once_and_
     cluster.add_node(&["--fake-engine", "3:1"]);
     cluster.wait_nodes("fake", 2);
     let store = cluster.store();
-    let operator = anvil.keys[1].address();
-    let nonce = || {
-        let p = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
-        block_on(async move { p.get_transaction_count(operator).latest().await.unwrap() })
-    };
+    let nonce = || operator_nonce(&anvil);
     let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
 
     // Epoch 1: the signed post is lost with the server (killed, and dropped from the
     // mempool); the restarted server re-broadcasts the same stored transaction.
     chats(&cluster, 8, &store, 8);
+    wait_anchored(&store);
     rpc(&anvil, "evm_setAutomine", serde_json::json!([false]));
     assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
     wait_for("epoch 1 to be sent", Duration::from_secs(30), || {
@@ -411,12 +471,14 @@ fn a_server_killed_between_sent_and_confirmed_posts_each_epoch_exactly_once_and_
     });
     assert_eq!(epoch_status(&store, 1).unwrap().1, tx1, "the same transaction, not a second one");
     assert_eq!(block_on(chain.last_epoch()).unwrap(), 1);
-    assert_eq!(nonce(), 1, "the operator sent exactly one transaction");
+    let anchors = anchors_match_the_chain(&store, &chain);
+    assert_eq!(nonce(), anchors + 1, "the operator sent its anchors and exactly one post");
     cluster.wait_nodes("fake", 2);
 
     // Epoch 2: the post is still in the mempool when the server dies; the restarted
     // server waits for it instead of signing another.
     chats(&cluster, 6, &store, 14);
+    wait_anchored(&store);
     rpc(&anvil, "evm_setAutomine", serde_json::json!([false]));
     assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
     wait_for("epoch 2 to be sent", Duration::from_secs(30), || {
@@ -435,7 +497,8 @@ fn a_server_killed_between_sent_and_confirmed_posts_each_epoch_exactly_once_and_
         epoch_status(&store, 2).is_some_and(|(s, _)| s == "confirmed")
     });
     assert_eq!(block_on(chain.last_epoch()).unwrap(), 2);
-    assert_eq!(nonce(), 2, "one transaction per epoch, across two crashes");
+    let anchors = anchors_match_the_chain(&store, &chain);
+    assert_eq!(nonce(), anchors + 2, "one transaction per epoch and per anchor, across two crashes");
     assert_eq!(epoch_status(&store, 2).unwrap().1.unwrap(), tx2);
     assert_eq!(numbers(&store, "SELECT count(*) FROM receipts WHERE epoch IS NULL"), vec![0]);
     for n in 1..=2u64 {
@@ -464,7 +527,16 @@ fn a_server_killed_between_sent_and_confirmed_posts_each_epoch_exactly_once_and_
     assert!(String::from_utf8_lossy(&out.stderr).contains("--gas-key"), "{}", String::from_utf8_lossy(&out.stderr));
     let claim = |expect_claims: usize| {
         let out = claim(Some(&gas_key));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        // Before claiming, the node checked its own tasks against the chain's anchors.
+        let checked: usize = err
+            .split("checked ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no task check reported: {err}"));
+        assert!(checked >= 1, "{err}");
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["claimed"].as_array().unwrap().len(), expect_claims, "{report}");
         report
@@ -592,11 +664,7 @@ fn an_rpc_outage_delays_settlement_but_never_doubles_or_skips_a_post() {
     cluster.wait_nodes("fake", 1);
     let store = cluster.store();
     let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
-    let operator = anvil.keys[1].address();
-    let nonce = || {
-        let p = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
-        block_on(async move { p.get_transaction_count(operator).latest().await.unwrap() })
-    };
+    let nonce = || operator_nonce(&anvil);
 
     // Down before planning: nothing happens until the chain is back, then one post.
     chats(&cluster, 5, &store, 5);
@@ -610,10 +678,24 @@ fn an_rpc_outage_delays_settlement_but_never_doubles_or_skips_a_post() {
     wait_for("epoch 1 to be confirmed", Duration::from_secs(30), || {
         epoch_status(&store, 1).is_some_and(|(s, _)| s == "confirmed")
     });
-    assert_eq!((block_on(chain.last_epoch()).unwrap(), nonce()), (1, 1));
+    let anchors = anchors_match_the_chain(&store, &chain);
+    assert_eq!((block_on(chain.last_epoch()).unwrap(), nonce()), (1, anchors + 1));
+
+    // Down while blocks are committed: anchoring waits, then catches up without a gap
+    // or a second anchor of any block.
+    switch.set(false);
+    chats(&cluster, 3, &store, 8);
+    std::thread::sleep(Duration::from_secs(1));
+    let during = block_on(store.anchor_progress()).unwrap();
+    assert!(during.last_anchored_block < during.last_committed_block, "nothing anchored without the chain: {during:?}");
+    switch.set(true);
+    wait_anchored(&store);
+    let anchors = anchors_match_the_chain(&store, &chain);
+    assert_eq!(nonce(), anchors + 1, "each block anchored once, after the outage");
 
     // Down between sent and confirmed: mined meanwhile, confirmed once it is back.
-    chats(&cluster, 4, &store, 9);
+    chats(&cluster, 4, &store, 12);
+    wait_anchored(&store);
     rpc(&anvil, "evm_setAutomine", serde_json::json!([false]));
     assert_eq!(admin_post(&cluster, "/admin/settle"), 202);
     wait_for("epoch 2 to be sent", Duration::from_secs(30), || {
@@ -633,7 +715,8 @@ fn an_rpc_outage_delays_settlement_but_never_doubles_or_skips_a_post() {
         epoch_status(&store, 2).is_some_and(|(s, _)| s == "confirmed")
     });
     assert_eq!(epoch_status(&store, 2).unwrap().1.unwrap(), tx2);
-    assert_eq!((block_on(chain.last_epoch()).unwrap(), nonce()), (2, 2));
+    let anchors = anchors_match_the_chain(&store, &chain);
+    assert_eq!((block_on(chain.last_epoch()).unwrap(), nonce()), (2, anchors + 2));
 }
 
 #[test]

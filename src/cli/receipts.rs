@@ -1,0 +1,128 @@
+//! `ludus verify-receipt`: checks one task's receipt against the chain, trusting the
+//! server for nothing but the data (see [`crate::chain::receipt_check`]); and the same
+//! check of a node's own tasks that `ludus claim` runs before claiming.
+
+use std::path::PathBuf;
+
+use alloy::primitives::Address;
+use clap::Args;
+
+use crate::chain::receipt_check::{check_on_chain, CheckedReceipt};
+use crate::chain::{parse_address, ChainError};
+use crate::ledger::anchors::ReceiptProof;
+use crate::protocol::SignedReceipt;
+
+#[derive(Debug, Args)]
+pub struct VerifyReceiptArgs {
+    /// The task: a completion's `id` (`chatcmpl-…`), or its 16 hex digits.
+    pub task: String,
+    /// The server that recorded it (serves `/v1/receipts/{task}/proof`).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Read the proof from this file (a saved `/v1/receipts/{task}/proof` answer) instead
+    /// of asking the server.
+    #[arg(long)]
+    pub proof: Option<PathBuf>,
+    /// The chain's RPC URL. Default: the one the server advertises.
+    #[arg(long, env = "LUDUS_RPC_URL")]
+    pub rpc: Option<String>,
+    /// The settlement contract to check against. Pin it: by default it is the one the
+    /// server names, which a dishonest server could choose.
+    #[arg(long, env = "LUDUS_CONTRACT")]
+    pub contract: Option<String>,
+}
+
+/// The `/v1/receipts/{task}/proof` answer.
+#[derive(Debug, serde::Deserialize)]
+pub struct ProofResponse {
+    pub contract: Option<String>,
+    pub rpc_url: Option<String>,
+    pub proof: ReceiptProof,
+}
+
+/// Asks `server` for the proof of `task`.
+pub async fn fetch_proof(server: &str, task: &str) -> anyhow::Result<ProofResponse> {
+    let url = format!("{}/v1/receipts/{task}/proof", server.trim_end_matches('/'));
+    let client = awc::Client::builder().timeout(std::time::Duration::from_secs(30)).finish();
+    let mut response = client.get(&url).send().await.map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
+    let body = response.body().limit(64 << 20).await.map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
+    if !response.status().is_success() {
+        anyhow::bail!("GET {url}: {} {}", response.status(), String::from_utf8_lossy(&body));
+    }
+    serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("GET {url}: not a receipt proof: {e}"))
+}
+
+/// The chain to check on: the flags, else what the server advertises.
+fn chain_of(rpc: Option<&str>, contract: Option<&str>, answer: &ProofResponse) -> anyhow::Result<(String, Address)> {
+    let rpc = rpc.map(str::to_string).or_else(|| answer.rpc_url.clone()).ok_or_else(|| {
+        anyhow::anyhow!("no RPC URL: pass --rpc URL (the server publishes none in [settlement] public_rpc_url)")
+    })?;
+    let contract = match contract {
+        Some(c) => parse_address("--contract", c)?,
+        None => {
+            let named = answer
+                .contract
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("the server names no settlement contract: pass --contract ADDRESS"))?;
+            eprintln!("checking against contract {named}, as the server names it (pass --contract to pin it)");
+            parse_address("the server's contract", named)?
+        }
+    };
+    Ok((rpc, contract))
+}
+
+pub fn verify_receipt(args: VerifyReceiptArgs) -> anyhow::Result<()> {
+    actix_web::rt::System::new().block_on(async move {
+        let answer = match &args.proof {
+            Some(path) => serde_json::from_slice(
+                &std::fs::read(path).map_err(|e| anyhow::anyhow!("--proof {}: {e}", path.display()))?,
+            )
+            .map_err(|e| anyhow::anyhow!("--proof {}: not a receipt proof: {e}", path.display()))?,
+            None => fetch_proof(&args.server, &args.task).await?,
+        };
+        let (rpc, contract) = chain_of(args.rpc.as_deref(), args.contract.as_deref(), &answer)?;
+        let provider = crate::chain::client::provider_for(&rpc, alloy::signers::local::PrivateKeySigner::random())?;
+        let checked = check_on_chain(&provider, contract, &answer.proof).await?;
+        println!("{}", serde_json::to_string_pretty(&checked)?);
+        eprintln!(
+            "task {:016x}: signed by {}, in block {}, anchored on chain by {} (anchor {})",
+            checked.task, checked.node, checked.block, checked.anchor_tx, checked.anchor
+        );
+        Ok(())
+    })
+}
+
+/// What checking a node's own tasks found.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct OwnTasksReport {
+    pub checked: usize,
+    /// In blocks not anchored yet: checked on a later claim.
+    pub not_anchored_yet: usize,
+}
+
+/// Checks up to `limit` of the node's confirmed receipts (newest first) against the
+/// chain, and that the server publishes exactly the receipt the node signed. Any
+/// receipt that does not check out is an error.
+pub async fn check_own_tasks(
+    server: &str,
+    rpc: &str,
+    contract: Address,
+    own: &[SignedReceipt],
+    limit: usize,
+) -> anyhow::Result<OwnTasksReport> {
+    let provider = crate::chain::client::provider_for(rpc, alloy::signers::local::PrivateKeySigner::random())?;
+    let mut report = OwnTasksReport::default();
+    for receipt in own.iter().rev().take(limit) {
+        let task = format!("{:016x}", receipt.ticket.task.0);
+        let answer = fetch_proof(server, &task).await?;
+        if answer.proof.receipt_hash != format!("0x{}", hex::encode(receipt.hash())) {
+            anyhow::bail!("task {task}: the server publishes another receipt than the one this node signed");
+        }
+        match check_on_chain(&provider, contract, &answer.proof).await {
+            Ok(CheckedReceipt { .. }) => report.checked += 1,
+            Err(ChainError::NotYet(_)) => report.not_anchored_yet += 1,
+            Err(e) => anyhow::bail!("task {task}: {e}"),
+        }
+    }
+    Ok(report)
+}
