@@ -130,6 +130,17 @@ impl SettlementClient {
                 "the settlement key's address {operator} is not the contract's operator ({on_chain})"
             )));
         }
+        // A contract from before block anchoring cannot take anchors, so no epoch could post.
+        match instance.lastAnchoredBlock().call().await.map_err(|e| contract_error("lastAnchoredBlock()", e)) {
+            Ok(_) => {}
+            Err(ChainError::Rpc(e)) => return Err(ChainError::Rpc(e)),
+            Err(_) => {
+                return Err(ChainError::Config(format!(
+                    "the contract at {contract} predates block anchoring (it has no lastAnchoredBlock()): settle its \
+                     last epoch with the previous Ludus, then deploy a new one with `ludus chain deploy`"
+                )))
+            }
+        }
         Ok(Self { provider, wallet, contract: instance, operator, chain_id })
     }
 

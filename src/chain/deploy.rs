@@ -129,11 +129,16 @@ pub async fn send_native(rpc_url: &str, from: PrivateKeySigner, to: Address, wei
     mined(&p, sent, "transfer").await
 }
 
-/// Whether a contract lives at `address`.
+/// Whether this version's settlement contract lives at `address` (the demo redeploys
+/// otherwise).
 pub async fn has_code(rpc_url: &str, address: Address) -> Result<bool, ChainError> {
     let url = rpc_url.parse().map_err(|e| ChainError::Config(format!("rpc url `{rpc_url}`: {e}")))?;
     let p = ProviderBuilder::new().connect_http(url).erased();
-    Ok(!p.get_code_at(address).await.map_err(|e| ChainError::Rpc(format!("code: {e}")))?.is_empty())
+    if p.get_code_at(address).await.map_err(|e| ChainError::Rpc(format!("code: {e}")))?.is_empty() {
+        return Ok(false);
+    }
+    // A contract from before block anchoring has code but no `lastAnchoredBlock()`.
+    Ok(Settlement::new(address, p).lastAnchoredBlock().call().await.is_ok())
 }
 
 /// The escrow `game` holds that settlement can count on.

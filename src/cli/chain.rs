@@ -140,7 +140,8 @@ pub fn claim(args: ClaimArgs) -> anyhow::Result<()> {
                 args.key.with_file_name(name)
             });
             let own = crate::node::receipts::confirmed_receipts(&log)?;
-            let report = super::receipts::check_own_tasks(&args.server, &rpc, contract, &own, args.check_tasks).await?;
+            let report =
+                super::receipts::check_own_tasks(&args.server, &node, &rpc, contract, &own, args.check_tasks).await?;
             eprintln!(
                 "checked {} of this node's tasks against the chain's anchors ({} not anchored yet; {} confirmed in {})",
                 report.checked,

@@ -19,6 +19,12 @@ pub struct VerifyReceiptArgs {
     /// The server that recorded it (serves `/v1/receipts/{task}/proof`).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// Ask as the game that made the request: its API key (or the operator's admin token).
+    #[arg(long, env = "LUDUS_API_KEY", conflicts_with = "node_key")]
+    pub api_key: Option<String>,
+    /// Ask as the node that answered: its key file signs the request.
+    #[arg(long)]
+    pub node_key: Option<PathBuf>,
     /// Read the proof from this file (a saved `/v1/receipts/{task}/proof` answer) instead
     /// of asking the server.
     #[arg(long)]
@@ -40,11 +46,31 @@ pub struct ProofResponse {
     pub proof: ReceiptProof,
 }
 
-/// Asks `server` for the proof of `task`.
-pub async fn fetch_proof(server: &str, task: &str) -> anyhow::Result<ProofResponse> {
-    let url = format!("{}/v1/receipts/{task}/proof", server.trim_end_matches('/'));
+/// Who asks the server for a proof.
+pub enum Asker<'a> {
+    /// A game's API key, or the operator's admin token.
+    Bearer(&'a str),
+    /// The node that answered, signing the request.
+    Node(&'a crate::crypto::identity::Identity),
+}
+
+/// Asks `server` for the proof of `task` (hex).
+pub async fn fetch_proof(server: &str, task: u64, asker: &Asker<'_>) -> anyhow::Result<ProofResponse> {
+    let url = format!("{}/v1/receipts/{task:016x}/proof", server.trim_end_matches('/'));
     let client = awc::Client::builder().timeout(std::time::Duration::from_secs(30)).finish();
-    let mut response = client.get(&url).send().await.map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
+    let mut request = client.get(&url);
+    match asker {
+        Asker::Bearer(token) => request = request.insert_header(("Authorization", format!("Bearer {token}"))),
+        Asker::Node(identity) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let signature = identity.sign(&crate::protocol::receipt::proof_request_message(task, now));
+            request = request
+                .insert_header(("X-Ludus-Node", identity.address.to_string()))
+                .insert_header(("X-Ludus-Time", now.to_string()))
+                .insert_header(("X-Ludus-Signature", hex::encode(signature)));
+        }
+    }
+    let mut response = request.send().await.map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
     let body = response.body().limit(64 << 20).await.map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
     if !response.status().is_success() {
         anyhow::bail!("GET {url}: {} {}", response.status(), String::from_utf8_lossy(&body));
@@ -78,7 +104,23 @@ pub fn verify_receipt(args: VerifyReceiptArgs) -> anyhow::Result<()> {
                 &std::fs::read(path).map_err(|e| anyhow::anyhow!("--proof {}: {e}", path.display()))?,
             )
             .map_err(|e| anyhow::anyhow!("--proof {}: not a receipt proof: {e}", path.display()))?,
-            None => fetch_proof(&args.server, &args.task).await?,
+            None => {
+                let task = crate::http::settlement_api::parse_task(&args.task)
+                    .ok_or_else(|| anyhow::anyhow!("`{}` is not a task id (chatcmpl-<16 hex digits>)", args.task))?;
+                let node;
+                let asker = match (&args.api_key, &args.node_key) {
+                    (Some(key), _) => Asker::Bearer(key),
+                    (None, Some(path)) => {
+                        node = crate::crypto::identity::Identity::load(path)
+                            .map_err(|e| anyhow::anyhow!("--node-key {}: {e}", path.display()))?;
+                        Asker::Node(&node)
+                    }
+                    (None, None) => anyhow::bail!(
+                        "say who asks: --api-key KEY (the game's; env LUDUS_API_KEY) or --node-key FILE (the node's)"
+                    ),
+                };
+                fetch_proof(&args.server, task, &asker).await?
+            }
         };
         let (rpc, contract) = chain_of(args.rpc.as_deref(), args.contract.as_deref(), &answer)?;
         let provider = crate::chain::client::provider_for(&rpc, alloy::signers::local::PrivateKeySigner::random())?;
@@ -105,6 +147,7 @@ pub struct OwnTasksReport {
 /// receipt that does not check out is an error.
 pub async fn check_own_tasks(
     server: &str,
+    node: &crate::crypto::identity::Identity,
     rpc: &str,
     contract: Address,
     own: &[SignedReceipt],
@@ -114,7 +157,7 @@ pub async fn check_own_tasks(
     let mut report = OwnTasksReport::default();
     for receipt in own.iter().rev().take(limit) {
         let task = format!("{:016x}", receipt.ticket.task.0);
-        let answer = fetch_proof(server, &task).await?;
+        let answer = fetch_proof(server, receipt.ticket.task.0, &Asker::Node(node)).await?;
         if answer.proof.receipt_hash != format!("0x{}", hex::encode(receipt.hash())) {
             anyhow::bail!("task {task}: the server publishes another receipt than the one this node signed");
         }

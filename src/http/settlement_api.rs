@@ -1,8 +1,9 @@
 //! Settlement over HTTP: where to claim (`GET /v1/settlement`), a node's payouts with
 //! their Merkle proofs (`GET /v1/settlement/payouts/{address}`, public: the amounts
 //! become public on chain when claimed anyway), a receipt's proof against the chain
-//! (`GET /v1/receipts/{task}/proof`, public: the task id — 64 random bits, the `id` of
-//! the completion — is what a game or node needs to ask), and the operator's views
+//! (`GET /v1/receipts/{task}/proof`, for the game that asked — its API key —, the node
+//! that answered — a fresh signature of its key — and the operator; task ids are
+//! sequential, so an id alone proves nothing), and the operator's views
 //! (`GET /admin/epochs`, `GET /admin/anchors`, `POST /admin/settle` to settle now).
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -68,16 +69,87 @@ pub fn parse_task(text: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
+/// How long a node's signed proof request stays good (either way of the server's clock).
+const NODE_REQUEST_SKEW_S: u64 = 300;
+
+/// Who asks for a receipt's proof.
+enum Asker {
+    Operator,
+    Game(i64),
+    Node(String),
+}
+
+fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The node whose fresh signature over (task, time) the request carries.
+fn node_asker(req: &HttpRequest, task: u64) -> Result<Option<String>, ApiError> {
+    let Some(node) = header(req, "x-ludus-node") else {
+        return Ok(None);
+    };
+    let refused = |why: &str| -> ApiError { ApiError::invalid("x-ludus-signature", why.to_string()) };
+    let time: u64 = header(req, "x-ludus-time")
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| refused("X-Ludus-Time (unix seconds) is missing"))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if time.abs_diff(now) > NODE_REQUEST_SKEW_S {
+        return Err(refused("X-Ludus-Time is more than 5 minutes away from the server's clock"));
+    }
+    let signature = header(req, "x-ludus-signature").and_then(|s| hex::decode(s.trim_start_matches("0x")).ok());
+    let signature = signature.ok_or_else(|| refused("X-Ludus-Signature (hex) is missing"))?;
+    let message = crate::protocol::receipt::proof_request_message(task, time);
+    match crate::crypto::identity::recover(&message, &signature) {
+        Ok(signer) if signer.to_string().eq_ignore_ascii_case(node) => Ok(Some(signer.to_string())),
+        _ => Err(refused("the signature is not X-Ludus-Node's over this task and time")),
+    }
+}
+
+async fn asker(req: &HttpRequest, state: &AppState, task: u64) -> Result<Asker, ApiError> {
+    if let Some(node) = node_asker(req, task)? {
+        return Ok(Asker::Node(node));
+    }
+    let ip = state.trusted_proxies.client_ip(req);
+    state.auth_throttle.check(ip)?;
+    let presented = super::routes::bearer(req);
+    if presented.as_deref().map(crate::ledger::hash_key).as_deref() == Some(state.admin_token_hash.as_str()) {
+        return Ok(Asker::Operator);
+    }
+    let info = state
+        .gateway
+        .send(crate::actors::messages::Authenticate { bearer: presented })
+        .await
+        .map_err(|e| ApiError::from(ServeError::Internal(e.to_string())))?;
+    if matches!(info, Err(ServeError::Unauthorized)) {
+        state.auth_throttle.failed(ip);
+    }
+    Ok(Asker::Game(info?.game_id))
+}
+
 /// A receipt with its Merkle path to its block root and the block's path to the anchor
-/// that put it on chain (null until anchored), for `ludus verify-receipt`.
-pub async fn receipt_proof(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// that put it on chain (null until anchored), for `ludus verify-receipt`. A task of
+/// another game or node reads as not found.
+pub async fn receipt_proof(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let text = path.into_inner();
     let task = parse_task(&text)
         .ok_or_else(|| ApiError::invalid("task", format!("`{text}` is not a task id (chatcmpl-<16 hex digits>)")))?;
-    let proof = state.store.receipt_proof(task).await.map_err(unavailable)?;
-    let proof = proof.ok_or_else(|| {
-        ServeError::NotFound(format!("a receipt for task {task:016x} (not recorded, or not yet committed)"))
-    })?;
+    let asker = asker(&req, &state, task).await?;
+    let not_found = || {
+        ServeError::NotFound(format!("a receipt of yours for task {task:016x} (not recorded, or not yet committed)"))
+    };
+    let proof = state.store.receipt_proof(task).await.map_err(unavailable)?.ok_or_else(not_found)?;
+    let allowed = match &asker {
+        Asker::Operator => true,
+        Asker::Game(id) => *id == proof.game_id,
+        Asker::Node(node) => node.eq_ignore_ascii_case(&proof.node),
+    };
+    if !allowed {
+        return Err(not_found().into());
+    }
     let contract = state.settlement.as_ref().map(|s| s.contract.clone());
     let rpc_url = state.settlement.as_ref().and_then(|s| s.rpc_url.clone());
     Ok(HttpResponse::Ok().json(serde_json::json!({

@@ -307,6 +307,15 @@ impl Reader<'_> {
     }
 }
 
+/// The bytes a node signs to ask for the proof of one of its own tasks
+/// (`GET /v1/receipts/{task}/proof` with `X-Ludus-Node`, `X-Ludus-Time`, `X-Ludus-Signature`).
+pub fn proof_request_message(task: u64, unix_s: u64) -> Vec<u8> {
+    let mut bytes = b"ludus-proof-request-v1".to_vec();
+    bytes.extend_from_slice(&task.to_be_bytes());
+    bytes.extend_from_slice(&unix_s.to_be_bytes());
+    bytes
+}
+
 /// The bytes a node signs to confirm its tasks in a block.
 pub fn confirmation_message(block: u64, root: &[u8; 32], count: u32, disputed: &[TaskId]) -> Vec<u8> {
     let mut bytes = b"ludus-confirm-v1".to_vec();

@@ -25,7 +25,7 @@ fn verify(
     proof: Option<&std::path::Path>,
 ) -> (bool, String, String) {
     let server = format!("http://{}", cluster.addr);
-    let mut args = vec!["verify-receipt", task, "--server", &server, "--contract", contract];
+    let mut args = vec!["verify-receipt", task, "--server", &server, "--contract", contract, "--api-key", &cluster.key];
     let path;
     if let Some(p) = proof {
         path = p.to_str().unwrap().to_string();
@@ -67,13 +67,53 @@ fn a_receipt_checks_out_against_its_anchor_on_chain_and_a_tampered_one_does_not(
         assert_eq!(checked["task"], task, "{checked}");
         assert!(checked["completion_tokens"].as_u64().unwrap() >= 1, "{checked}");
     }
-    let (status, body) = cluster.get(&format!("/v1/receipts/{:016x}/proof", tasks[0]));
+    let proof_path = format!("/v1/receipts/{:016x}/proof", tasks[0]);
+    let (status, body) = cluster.get_admin(&proof_path, &cluster.key);
     assert_eq!(status, 200, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["contract"], contract.as_str());
+    // Task ids are sequential: the id alone opens nothing. Another game's key sees no
+    // such receipt; the operator's token and the answering node's signature do.
+    assert_eq!(cluster.get(&proof_path).0, 401);
+    let (_, other_key) = block_on(store.add_game("othergame", 100, 100_000)).unwrap();
+    assert_eq!(cluster.get_admin(&proof_path, &other_key).0, 404);
+    let admin = std::fs::read_to_string(cluster.dir.path().join("data/admin-token")).unwrap();
+    assert_eq!(cluster.get_admin(&proof_path, admin.trim()).0, 200);
+    let node_of = answer["proof"]["node"].as_str().unwrap().to_string();
+    let (answering, idle) = {
+        let key = |i: usize| cluster.dir.path().join(format!("node{i}.key"));
+        let is = |i: usize| Identity::load(&key(i)).unwrap().address.to_string().eq_ignore_ascii_case(&node_of);
+        if is(0) {
+            (key(0), key(1))
+        } else {
+            (key(1), key(0))
+        }
+    };
+    let by_node = |node_key: &std::path::Path| {
+        let server = format!("http://{}", cluster.addr);
+        let task = format!("{:016x}", tasks[0]);
+        ludus(
+            &cluster,
+            &[
+                "verify-receipt",
+                &task,
+                "--server",
+                &server,
+                "--contract",
+                &contract,
+                "--node-key",
+                node_key.to_str().unwrap(),
+            ],
+        )
+    };
+    let out = by_node(&answering);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = by_node(&idle);
+    assert!(!out.status.success(), "another node read the receipt");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"), "{}", String::from_utf8_lossy(&out.stderr));
     // Unknown and malformed ids: clear refusals.
-    assert_eq!(cluster.get("/v1/receipts/chatcmpl-0000000000000001/proof").0, 404);
-    let (status, body) = cluster.get("/v1/receipts/not-a-task/proof");
+    assert_eq!(cluster.get_admin("/v1/receipts/chatcmpl-0000000000000001/proof", &cluster.key).0, 404);
+    let (status, body) = cluster.get_admin("/v1/receipts/not-a-task/proof", &cluster.key);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("not a task id"), "{body}");
 
@@ -129,8 +169,11 @@ fn a_receipt_checks_out_against_its_anchor_on_chain_and_a_tampered_one_does_not(
         "block-root",
         &|p| {
             // A root that the receipt's path leads to, but that was never anchored.
-            p["receipt_path"] = serde_json::json!([]);
-            p["block_root"] = p["receipt_hash"].clone();
+            let leaf: [u8; 32] =
+                hex::decode(p["receipt_hash"].as_str().unwrap().trim_start_matches("0x")).unwrap().try_into().unwrap();
+            let sibling = [0x42u8; 32];
+            p["receipt_path"] = serde_json::json!([format!("0x{}", hex::encode(sibling))]);
+            p["block_root"] = format!("0x{}", hex::encode(ludus::crypto::merkle::root(&[leaf, sibling]))).into();
         },
         "does not hold block",
     );
@@ -151,8 +194,7 @@ fn a_receipt_checks_out_against_its_anchor_on_chain_and_a_tampered_one_does_not(
     assert!(ok, "the untouched saved proof: {err}");
 
     // The dashboard shows how far anchoring has come.
-    let token = std::fs::read_to_string(cluster.dir.path().join("data/admin-token")).unwrap();
-    let (status, body) = cluster.get_admin("/admin/dashboard", token.trim());
+    let (status, body) = cluster.get_admin("/admin/dashboard", admin.trim());
     assert_eq!(status, 200, "{body}");
     let data: serde_json::Value = serde_json::from_str(&body).unwrap();
     let committed = block_on(store.anchor_progress()).unwrap().last_committed_block;
