@@ -3,6 +3,11 @@
 //! through the same `Store::commit_block` the Registry actor calls. Also: a block made
 //! only of re-sent receipts (the crash-recovery path), and the receipt checks a NodeProxy
 //! runs per receipt (ticket MAC + secp256k1 signature recovery).
+//!
+//! First it prints the anchor every figure is read against: a raw text `COPY` of the same
+//! receipt-shaped rows into a bare table (no key, no index, no constraint; the COPY text
+//! built beforehand, as `psql \copy` reads a file) on the same cluster, interleaved with
+//! `commit_block` rounds, as ratios, with the CPU model.
 
 use std::time::{Duration, Instant};
 
@@ -39,12 +44,102 @@ fn receipts(n: usize, next: &mut u64, game: i64) -> Vec<Receipt> {
         .collect()
 }
 
+/// The same rows as COPY text for the bare table (block 0), built outside the timing.
+fn raw_copy_text(receipts: &[Receipt]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(receipts.len() * 900);
+    for r in receipts {
+        let _ = writeln!(
+            out,
+            "{}\t0\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t\\\\x{}\t\\\\x{}\t\\\\x{}\t\\\\x{}",
+            r.task as i64,
+            r.game_id,
+            r.node,
+            r.model,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.price,
+            r.latency_ms,
+            hex::encode(r.output_hash),
+            hex::encode(r.receipt_hash),
+            hex::encode(&r.signature),
+            hex::encode(&r.signed_bytes),
+        );
+    }
+    out
+}
+
+const BARE_TABLE: &str = "CREATE TABLE IF NOT EXISTS raw_receipts (
+    task_id BIGINT, block BIGINT, game_id BIGINT, node_address TEXT, model TEXT, prompt_tokens INTEGER,
+    completion_tokens INTEGER, price_units NUMERIC(78, 0), latency_ms INTEGER, output_hash BYTEA,
+    receipt_hash BYTEA, node_signature BYTEA, signed_bytes BYTEA)";
+
+/// Seconds for one raw COPY of `text` into the bare table.
+async fn raw_copy(store: &Store, text: String) -> f64 {
+    use futures_util::SinkExt;
+    let conn = store.conn().await.unwrap();
+    let started = Instant::now();
+    let sink = conn.copy_in::<_, bytes::Bytes>("COPY raw_receipts FROM STDIN").await.unwrap();
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from(text)).await.unwrap();
+    sink.as_mut().finish().await.unwrap();
+    started.elapsed().as_secs_f64()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Raw COPY vs `commit_block` (new and re-sent blocks), interleaved round by round on the
+/// same cluster, printed as ratios, for blocks of 1,000, 10,000 and 100,000 receipts.
+fn versus_raw_copy(rt: &tokio::runtime::Runtime, store: &Store, game: i64, next: &mut u64) {
+    rt.block_on(async { store.conn().await.unwrap().batch_execute(BARE_TABLE).await.unwrap() });
+    eprintln!("registry ingest on {}, median of interleaved rounds, receipts/s:", cpu_model());
+    eprintln!("  {:>7}  {:>9}  {:>9} {:>6}  {:>9} {:>6}", "block", "raw COPY", "new", "ratio", "re-sent", "ratio");
+    for (n, rounds) in [(1_000usize, 15), (10_000, 7), (100_000, 3)] {
+        let (mut raw, mut new, mut resent) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let batch = receipts(n, next, game);
+            raw.push(rt.block_on(raw_copy(store, raw_copy_text(&batch))));
+            let started = Instant::now();
+            assert_eq!(rt.block_on(store.commit_block(&batch, "bench")).unwrap().recorded, n);
+            new.push(started.elapsed().as_secs_f64());
+            let started = Instant::now();
+            assert_eq!(rt.block_on(store.commit_block(&batch, "bench")).unwrap().duplicates, n);
+            resent.push(started.elapsed().as_secs_f64());
+        }
+        let rate = |v: Vec<f64>| n as f64 / median(v);
+        let (raw, new, resent) = (rate(raw), rate(new), rate(resent));
+        eprintln!(
+            "  {n:>7}  {raw:>9.0}  {new:>9.0} {:>5.0}%  {resent:>9.0} {:>5.0}%",
+            100.0 * new / raw,
+            100.0 * resent / raw
+        );
+    }
+}
+
 fn commit(c: &mut Criterion) {
     let cluster = PrivateCluster::throwaway().expect("a private Postgres cluster (run scripts/setup)");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let store = rt.block_on(Store::open(&cluster.url("postgres"), 4)).unwrap();
     let (game, _) = rt.block_on(store.add_game("bench", 1, 1)).unwrap();
     let mut next = 0u64;
+    versus_raw_copy(&rt, &store, game, &mut next);
+    if std::env::var_os("LUDUS_BENCH_RATIO_ONLY").is_some() {
+        return;
+    }
     let mut group = c.benchmark_group("registry_commit");
     group.sample_size(10).measurement_time(Duration::from_secs(20));
     for n in [1_000usize, 10_000, 100_000] {

@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "unverifiable", include_str!("../../migrations/0004_unverifiable.sql")),
     (5, "steering", include_str!("../../migrations/0005_steering.sql")),
     (6, "anchors", include_str!("../../migrations/0006_anchors.sql")),
+    (7, "ingest", include_str!("../../migrations/0007_ingest.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

@@ -2,8 +2,9 @@
 //!
 //! - [`store`]: the database handle (pool + migrations from `migrations/*.sql`).
 //! - [`games`]: games and hashed API keys.
-//! - [`receipts`]: block commits (COPY + idempotent insert + Merkle root) and node
-//!   confirmations.
+//! - [`receipts`]: block commits (existing tasks looked up, the new ones COPYed in, Merkle
+//!   root) and node confirmations.
+//! - [`copy_binary`]: Postgres binary COPY rows, for block commits.
 //! - [`reports`]: usage by day, block and node views.
 //! - [`epochs`]: settlement's epochs (planning, posting state, payout proofs).
 //! - [`anchors`]: batches of block roots posted on chain between epochs, and the
@@ -14,6 +15,7 @@
 
 pub mod anchors;
 pub mod cluster;
+pub mod copy_binary;
 pub mod epochs;
 pub mod error;
 pub mod escrow;

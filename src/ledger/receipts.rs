@@ -1,14 +1,19 @@
-//! Receipts and blocks: one transaction per block commits every buffered receipt (COPY
-//! into a temporary table, then one INSERT … ON CONFLICT DO NOTHING, so a receipt sent
-//! twice is recorded once), numbers the block and stores its Merkle root. Node
-//! confirmations mark the receipts both sides agree on as payable.
+//! Receipts and blocks: one transaction per block commits every buffered receipt, numbers
+//! the block and stores its Merkle root. The tasks already on the books are looked up
+//! first (one index probe each: a receipt sent twice is recorded once), and only the new
+//! ones are written, by one binary COPY straight into `receipts`; a task another server
+//! records in between makes the COPY fail on the primary key, and the block is tried
+//! again from the start. Node confirmations mark the receipts both sides agree on as
+//! payable.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use bytes::Bytes;
 use futures_util::SinkExt;
 
+use tokio_postgres::types::Type;
+
+use super::copy_binary::CopyRows;
 use super::error::LedgerError;
 use super::money::Units;
 use super::store::Store;
@@ -82,168 +87,216 @@ impl ConfirmStatus {
     }
 }
 
-const CREATE_INCOMING: &str = "CREATE TEMP TABLE IF NOT EXISTS incoming_receipts (
-    task_id BIGINT, game_id BIGINT, node_address TEXT, model TEXT, prompt_tokens INTEGER,
-    completion_tokens INTEGER, price_units NUMERIC(78, 0), latency_ms INTEGER, output_hash BYTEA,
-    receipt_hash BYTEA, node_signature BYTEA, signed_bytes BYTEA, witnessed BOOLEAN) ON COMMIT DELETE ROWS";
+/// The columns `commit_block` COPYs, in [`copy_rows`]' order.
+/// A parameter of a `query_typed` call, with its type (no prepare round trip).
+type Typed<'a> = (&'a (dyn tokio_postgres::types::ToSql + Sync), Type);
 
-const INSERT_NEW: &str = "INSERT INTO receipts (task_id, block, game_id, node_address, model, prompt_tokens,
-        completion_tokens, price_units, latency_ms, output_hash, receipt_hash, node_signature, signed_bytes)
-    SELECT DISTINCT ON (i.task_id) i.task_id, $1, i.game_id, i.node_address, i.model, i.prompt_tokens,
-        i.completion_tokens, i.price_units, i.latency_ms, i.output_hash, i.receipt_hash, i.node_signature,
-        i.signed_bytes
-    FROM incoming_receipts i
-    WHERE i.witnessed AND EXISTS (SELECT 1 FROM games g WHERE g.id = i.game_id)
-    ORDER BY i.task_id
-    ON CONFLICT (task_id) DO NOTHING
-    RETURNING task_id, node_address, receipt_hash";
+/// Attempts at a block before giving up on a race with other servers for its tasks.
+const COMMIT_ATTEMPTS: usize = 8;
 
-/// Escapes a text field for COPY's text format.
-fn copy_text(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-}
+const COPY_RECEIPTS: &str = "COPY receipts (task_id, block, game_id, node_address, model, prompt_tokens,
+    completion_tokens, price_units, latency_ms, output_hash, receipt_hash, node_signature, signed_bytes)
+    FROM STDIN (FORMAT binary)";
 
-/// A bytea in COPY's text format (`\\x` + hex; the backslash itself escaped).
-fn copy_bytes(out: &mut String, b: &[u8]) {
-    out.push_str("\\\\x");
-    out.push_str(&hex::encode(b));
-}
-
-fn copy_rows(receipts: &[Receipt]) -> String {
-    let mut out = String::with_capacity(receipts.len() * 420);
+/// `receipts` as binary COPY rows of block `block`, in [`COPY_RECEIPTS`]' columns.
+fn copy_rows(receipts: &[&Receipt], block: i64) -> Vec<u8> {
+    let mut rows = CopyRows::with_capacity(receipts.iter().map(|r| 200 + r.signed_bytes.len()).sum());
     for r in receipts {
-        let _ = write!(out, "{}\t{}\t", r.task as i64, r.game_id);
-        copy_text(&mut out, &r.node);
-        out.push('\t');
-        copy_text(&mut out, &r.model);
-        let _ = write!(
-            out,
-            "\t{}\t{}\t{}\t{}\t",
-            r.prompt_tokens.min(i32::MAX as u32),
-            r.completion_tokens.min(i32::MAX as u32),
-            r.price,
-            r.latency_ms
-        );
-        copy_bytes(&mut out, &r.output_hash);
-        out.push('\t');
-        copy_bytes(&mut out, &r.receipt_hash);
-        out.push('\t');
-        copy_bytes(&mut out, &r.signature);
-        out.push('\t');
-        if r.signed_bytes.is_empty() {
-            out.push_str("\\N");
-        } else {
-            copy_bytes(&mut out, &r.signed_bytes);
-        }
-        out.push_str(if r.witnessed { "\tt\n" } else { "\tf\n" });
+        rows.row(13)
+            .int8(r.task as i64)
+            .int8(block)
+            .int8(r.game_id)
+            .text(&r.node)
+            .text(&r.model)
+            .int4(r.prompt_tokens.min(i32::MAX as u32) as i32)
+            .int4(r.completion_tokens.min(i32::MAX as u32) as i32)
+            .numeric(r.price.0)
+            .int4(r.latency_ms)
+            .bytea(Some(&r.output_hash))
+            .bytea(Some(&r.receipt_hash))
+            .bytea(Some(&r.signature))
+            .bytea((!r.signed_bytes.is_empty()).then_some(r.signed_bytes.as_slice()));
     }
-    out
-}
-
-fn hash32(v: Vec<u8>) -> Result<Hash, LedgerError> {
-    v.try_into().map_err(|_| LedgerError::Corrupt("a stored hash is not 32 bytes".into()))
+    rows.finish()
 }
 
 impl Store {
     /// Commits `receipts` as one block (one transaction); `committed_by` names the server.
+    /// A receipt already on the books (sent again) is acknowledged with its old block, one
+    /// for an unknown game or not witnessed by the server is refused, and the rest become
+    /// the new block, in task-id order, each task once.
     pub async fn commit_block(&self, receipts: &[Receipt], committed_by: &str) -> Result<CommitOutcome, LedgerError> {
         if receipts.is_empty() {
             return Ok(CommitOutcome::default());
         }
+        // One receipt per task: the first one sent.
+        let mut seen = HashSet::with_capacity(receipts.len());
+        let unique: Vec<&Receipt> = receipts.iter().filter(|r| seen.insert(r.task)).collect();
+        // Receipts the server saw finish are new but for rare races: write them straight
+        // away, and look up what is already recorded only when the COPY says one is (or the
+        // batch holds receipts re-sent after a reconnect, which often are).
+        let mut look_up = unique.iter().any(|r| r.latency_ms < 0);
+        let mut outcome = None;
+        for _ in 0..COMMIT_ATTEMPTS {
+            outcome = self.try_commit(&unique, committed_by, look_up).await?;
+            if outcome.is_some() {
+                break;
+            }
+            // A task was already recorded (or another server recorded it after we looked).
+            look_up = true;
+        }
+        let (mut outcome, ack_pairs) = outcome.ok_or_else(|| {
+            LedgerError::Database(format!("block commit lost the race for its tasks {COMMIT_ATTEMPTS} times"))
+        })?;
+        let old: Vec<(String, u64)> = ack_pairs
+            .into_iter()
+            .filter(|(node, block)| !outcome.acks.iter().any(|a| a.node == *node && a.block == *block))
+            .collect();
+        outcome.acks.extend(self.blocks_tasks(&old).await?);
+        Ok(outcome)
+    }
+
+    /// One attempt at [`Store::commit_block`], looking up the tasks already recorded first
+    /// when `look_up`; `None` when a task it took for new was recorded already (nothing
+    /// was written).
+    async fn try_commit(
+        &self,
+        unique: &[&Receipt],
+        committed_by: &str,
+        look_up: bool,
+    ) -> Result<Option<(CommitOutcome, BTreeSet<(String, u64)>)>, LedgerError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         // A verdict recorded while this block commits must land on its receipt. SHARE mode
-        // waits for verdict transactions in flight (so the copy below sees them) and holds
+        // waits for verdict transactions in flight (so the update below sees them) and holds
         // new ones back until this block is visible (so their update finds the receipt).
         // Taken first, and `record_verification` writes `verifications` first, so neither
         // side waits while holding another lock: no deadlock.
-        tx.batch_execute("LOCK TABLE verifications IN SHARE MODE").await?;
-        tx.batch_execute(CREATE_INCOMING).await?;
-        let sink = tx.copy_in::<_, Bytes>("COPY incoming_receipts FROM STDIN").await?;
-        let mut sink = Box::pin(sink);
-        sink.send(Bytes::from(copy_rows(receipts))).await?;
-        sink.as_mut().finish().await?;
-        tx.execute(
-            "INSERT INTO nodes (address) SELECT DISTINCT node_address FROM incoming_receipts
-             ON CONFLICT (address) DO UPDATE SET last_seen = now()",
-            &[],
-        )
-        .await?;
-        let block: i64 = tx
-            .query_one("UPDATE block_counter SET last_block = last_block + 1 RETURNING last_block", &[])
-            .await?
-            .get(0);
-        let rows = tx.query(INSERT_NEW, &[&block]).await?;
-        let mut inserted: Vec<(u64, String, Hash)> = Vec::with_capacity(rows.len());
-        for r in &rows {
-            inserted.push((r.get::<_, i64>(0) as u64, r.get(1), hash32(r.get(2))?));
-        }
-        inserted.sort_by_key(|(t, _, _)| *t);
-        let new_ids: BTreeSet<u64> = inserted.iter().map(|(t, _, _)| *t).collect();
-        let mut outcome = CommitOutcome::default();
-        let submitted: HashMap<u64, &str> = receipts.iter().map(|r| (r.task, r.node.as_str())).collect();
-        let others: Vec<i64> = submitted.keys().filter(|t| !new_ids.contains(t)).map(|&t| t as i64).collect();
+        let ids: Vec<i64> = if look_up { unique.iter().map(|r| r.task as i64).collect() } else { Vec::new() };
+        let games: Vec<i64> = unique.iter().map(|r| r.game_id).collect::<BTreeSet<_>>().into_iter().collect();
+        // One round trip: the lock, the tasks already recorded (if asked), the games that exist.
+        let ids_p: [Typed; 1] = [(&ids, Type::INT8_ARRAY)];
+        let games_p: [Typed; 1] = [(&games, Type::INT8_ARRAY)];
+        let (_, recorded, known) = tokio::try_join!(
+            tx.batch_execute("LOCK TABLE verifications IN SHARE MODE"),
+            tx.query_typed("SELECT task_id, block, node_address FROM receipts WHERE task_id = ANY($1)", &ids_p),
+            tx.query_typed("SELECT id FROM games WHERE id = ANY($1)", &games_p),
+        )?;
+        let existing: HashMap<u64, (u64, String)> =
+            recorded.iter().map(|r| (r.get::<_, i64>(0) as u64, (r.get::<_, i64>(1) as u64, r.get(2)))).collect();
+        let known: HashSet<i64> = known.iter().map(|r| r.get(0)).collect();
+        let mut new: Vec<&Receipt> = unique
+            .iter()
+            .copied()
+            .filter(|r| !existing.contains_key(&r.task) && r.witnessed && known.contains(&r.game_id))
+            .collect();
+        new.sort_unstable_by_key(|r| r.task);
+        let mut outcome = CommitOutcome {
+            duplicates: existing.len(),
+            refused: unique.len() - existing.len() - new.len(),
+            ..CommitOutcome::default()
+        };
         // Receipts sent again: acknowledge them (to their own node only) with their old block.
-        let mut ack_pairs: BTreeSet<(String, u64)> = BTreeSet::new();
-        if !others.is_empty() {
-            let rows = tx
-                .query("SELECT task_id, block, node_address FROM receipts WHERE task_id = ANY($1)", &[&others])
-                .await?;
-            outcome.duplicates = rows.len();
-            outcome.refused = others.len() - rows.len();
-            for r in rows {
-                let (task, block, node): (i64, i64, String) = (r.get(0), r.get(1), r.get(2));
-                if submitted.get(&(task as u64)).is_some_and(|n| *n == node) {
-                    ack_pairs.insert((node, block as u64));
-                }
-            }
-        }
-        if inserted.is_empty() {
-            // Nothing new: no block. Rolling back returns the block number.
+        let ack_pairs: BTreeSet<(String, u64)> = unique
+            .iter()
+            .filter_map(|r| existing.get(&r.task).filter(|(_, node)| *node == r.node).map(|(b, n)| (n.clone(), *b)))
+            .collect();
+        if new.is_empty() {
+            // Nothing new: no block, no block number taken.
             tx.rollback().await?;
-        } else {
-            let root = merkle::root(&inserted.iter().map(|(_, _, h)| *h).collect::<Vec<_>>());
-            // Checks that finished before the receipt arrived.
-            tx.execute(
+            return Ok(Some((outcome, ack_pairs)));
+        }
+        // Sorted, so two servers upserting the same nodes lock them in the same order.
+        let mut per_node: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for r in &new {
+            per_node.entry(&r.node).or_default().push(r.task);
+        }
+        let nodes: Vec<&str> = per_node.keys().copied().collect();
+        let counts: Vec<i64> = per_node.values().map(|t| t.len() as i64).collect();
+        // One round trip: the nodes (and their task counts), the block number.
+        let nodes_p: [Typed; 2] = [(&nodes, Type::TEXT_ARRAY), (&counts, Type::INT8_ARRAY)];
+        let (_, counter) = tokio::try_join!(
+            tx.query_typed(
+                "INSERT INTO nodes (address, tasks) SELECT * FROM unnest($1::text[], $2::bigint[])
+                 ON CONFLICT (address) DO UPDATE SET last_seen = now(), tasks = nodes.tasks + excluded.tasks",
+                &nodes_p
+            ),
+            tx.query_typed("UPDATE block_counter SET last_block = last_block + 1 RETURNING last_block", &[]),
+        )?;
+        let block: i64 = counter.first().ok_or_else(|| LedgerError::Corrupt("no block counter row".into()))?.get(0);
+        // The Merkle root is computed on another thread while Postgres takes the rows.
+        let hashes: Vec<Hash> = new.iter().map(|r| r.receipt_hash).collect();
+        let root = tokio::task::spawn_blocking(move || merkle::root(&hashes));
+        let sink = tx.copy_in::<_, Bytes>(COPY_RECEIPTS).await?;
+        let mut sink = Box::pin(sink);
+        let copied = match sink.send(Bytes::from(copy_rows(&new, block))).await {
+            Ok(()) => sink.as_mut().finish().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match copied {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let new_ids: Vec<i64> = new.iter().map(|r| r.task as i64).collect();
+        let root = root.await.map_err(|e| LedgerError::Corrupt(format!("the Merkle root's thread: {e}")))?;
+        let count = new.len() as i32;
+        let root_bytes = root.as_slice();
+        let new_p: [Typed; 1] = [(&new_ids, Type::INT8_ARRAY)];
+        let block_p: [Typed; 4] =
+            [(&block, Type::INT8), (&root_bytes, Type::BYTEA), (&count, Type::INT4), (&committed_by, Type::TEXT)];
+        // One round trip: checks that finished before the receipt arrived, the block row.
+        tokio::try_join!(
+            tx.query_typed(
                 "UPDATE receipts r SET verification = v.outcome FROM verifications v
-                 WHERE v.task_id = r.task_id AND v.node_address = r.node_address AND r.block = $1",
-                &[&block],
-            )
-            .await?;
-            tx.execute(
+                 WHERE v.task_id = ANY($1) AND r.task_id = v.task_id AND r.node_address = v.node_address",
+                &new_p
+            ),
+            tx.query_typed(
                 "INSERT INTO blocks (number, merkle_root, receipt_count, committed_by) VALUES ($1, $2, $3, $4)",
-                &[&block, &root.as_slice(), &(inserted.len() as i32), &committed_by],
+                &block_p
+            ),
+        )?;
+        tx.commit().await?;
+        outcome.acks = per_node
+            .into_iter()
+            .map(|(node, tasks)| BlockAck { node: node.to_string(), block: block as u64, tasks })
+            .collect();
+        outcome.block = Some(block as u64);
+        outcome.root = root;
+        outcome.recorded = new.len();
+        Ok(Some((outcome, ack_pairs)))
+    }
+
+    /// For each (node, block): every task of that node in that block, ascending; one query.
+    async fn blocks_tasks(&self, pairs: &[(String, u64)]) -> Result<Vec<BlockAck>, LedgerError> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let nodes: Vec<&str> = pairs.iter().map(|(n, _)| n.as_str()).collect();
+        let blocks: Vec<i64> = pairs.iter().map(|(_, b)| *b as i64).collect();
+        let params: [Typed; 2] = [(&nodes, Type::TEXT_ARRAY), (&blocks, Type::INT8_ARRAY)];
+        let conn = self.conn().await?;
+        let rows = conn
+            .query_typed(
+                "SELECT r.node_address, r.block, r.task_id
+                 FROM unnest($1::text[], $2::bigint[]) AS p(node, block)
+                 JOIN receipts r ON r.block = p.block AND r.node_address = p.node",
+                &params,
             )
             .await?;
-            let mut per_node: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-            for (task, node, _) in &inserted {
-                per_node.entry(node.clone()).or_default().push(*task);
-            }
-            for (node, tasks) in per_node {
-                outcome.acks.push(BlockAck { node, block: block as u64, tasks });
-            }
-            tx.commit().await?;
-            outcome.block = Some(block as u64);
-            outcome.root = root;
-            outcome.recorded = inserted.len();
+        let mut acks: BTreeMap<(String, u64), Vec<u64>> = pairs.iter().map(|p| (p.clone(), Vec::new())).collect();
+        for r in rows {
+            let key = (r.get::<_, String>(0), r.get::<_, i64>(1) as u64);
+            acks.entry(key).or_default().push(r.get::<_, i64>(2) as u64);
         }
-        drop(conn); // block_tasks takes its own connection from the pool
-        for (node, block) in ack_pairs {
-            if outcome.acks.iter().any(|a| a.node == node && a.block == block) {
-                continue;
-            }
-            let tasks = self.block_tasks(&node, block).await?;
-            outcome.acks.push(BlockAck { node, block, tasks });
-        }
-        Ok(outcome)
+        Ok(acks
+            .into_iter()
+            .map(|((node, block), mut tasks)| {
+                tasks.sort_unstable();
+                BlockAck { node, block, tasks }
+            })
+            .collect())
     }
 
     /// The tasks of `node` in `block`, ascending.
@@ -323,12 +376,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn copy_rows_escape_text_and_encode_bytes() {
+    fn copy_rows_hold_thirteen_fields_with_the_block_and_null_for_missing_signed_bytes() {
         let r = Receipt {
             task: u64::MAX,
             game_id: 7,
             node: "0xab".into(),
-            model: "we\tird\\name\n".into(),
+            model: "we\tird".into(),
             prompt_tokens: 3,
             completion_tokens: 4,
             price: Units(10u128.pow(20)),
@@ -341,15 +394,15 @@ mod tests {
         };
         let mut signed = r.clone();
         signed.signed_bytes = vec![0xab];
-        let row = copy_rows(&[r]);
-        let fields: Vec<&str> = row.trim_end_matches('\n').split('\t').collect();
-        assert_eq!(fields.len(), 13, "{row}");
-        assert_eq!(fields[12], "t");
-        assert_eq!(fields[11], "\\N", "no signed bytes kept: NULL");
-        assert_eq!(copy_rows(&[signed]).split('\t').nth(11), Some("\\\\xab"));
-        assert_eq!(fields[0], "-1", "u64::MAX is stored bit for bit as -1");
-        assert_eq!(fields[3], "we\\tird\\\\name\\n");
-        assert_eq!(fields[6], "100000000000000000000");
-        assert_eq!(fields[10], "\\\\xff00");
+        let without = copy_rows(&[&r], 9);
+        let with = copy_rows(&[&signed], 9);
+        let header = 19;
+        assert_eq!(&without[header..header + 2], &13i16.to_be_bytes());
+        assert_eq!(&without[header + 2..header + 14], &[0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(&without[header + 14..header + 26], &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 9], "the block");
+        // NULL (length -1) for no signed bytes; one byte more (length 1 + the byte) with them.
+        assert_eq!(&without[without.len() - 6..], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(&with[with.len() - 7..], &[0, 0, 0, 1, 0xab, 0xff, 0xff]);
+        assert_eq!(with.len(), without.len() + 1);
     }
 }

@@ -203,21 +203,14 @@ impl Store {
 
 impl Store {
     /// What the verification policy needs to know of a node after a restart: its recorded
-    /// tasks (counted up to `up_to`: only "more than the first few" matters) and its
+    /// tasks (capped at `up_to`: only "more than the first few" matters) and its
     /// reputation (10,000 for a node the registry has never seen).
     pub async fn node_standing(&self, node: &str, up_to: i64) -> Result<(u64, i32), LedgerError> {
         let conn = self.conn().await?;
-        let tasks: i64 = conn
-            .query_one(
-                "SELECT count(*) FROM (SELECT 1 FROM receipts WHERE node_address = $1 LIMIT $2) t",
-                &[&node, &up_to],
-            )
+        let (tasks, reputation) = conn
+            .query_opt("SELECT least(tasks, $2), reputation FROM nodes WHERE address = $1", &[&node, &up_to])
             .await?
-            .get(0);
-        let reputation = conn
-            .query_opt("SELECT reputation FROM nodes WHERE address = $1", &[&node])
-            .await?
-            .map_or(10_000, |r| r.get::<_, i32>(0));
+            .map_or((0, 10_000), |r| (r.get::<_, i64>(0), r.get::<_, i32>(1)));
         Ok((tasks as u64, reputation))
     }
 }

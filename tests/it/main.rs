@@ -14,6 +14,7 @@ mod helpers;
 mod inference_engine;
 mod inference_errors;
 mod inference_tiny;
+mod ingest;
 mod network_api;
 mod network_crypto;
 mod network_proof;
