@@ -128,6 +128,13 @@ fn versus_raw_copy(rt: &tokio::runtime::Runtime, store: &Store, game: i64, next:
             100.0 * resent / raw
         );
     }
+    let (bytes, rows): (i64, i64) = rt.block_on(async {
+        let conn = store.conn().await.unwrap();
+        conn.batch_execute("VACUUM ANALYZE receipts").await.unwrap();
+        let r = conn.query_one("SELECT pg_total_relation_size('receipts'), count(*) FROM receipts", &[]).await.unwrap();
+        (r.get(0), r.get(1))
+    });
+    eprintln!("  storage: {} bytes per receipt, indexes included ({rows} receipts)", bytes / rows.max(1));
 }
 
 fn commit(c: &mut Criterion) {
