@@ -102,28 +102,9 @@ pub async fn data(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
             v
         })
         .collect();
-    let conn = state.store.conn().await.map_err(unavailable)?;
-    let verification: serde_json::Map<String, serde_json::Value> = conn
-        .query("SELECT verification, count(*) FROM receipts GROUP BY verification ORDER BY 1", &[])
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|r| (r.get::<_, String>(0), (r.get::<_, i64>(1)).into()))
-        .collect();
-    let blocks: Vec<serde_json::Value> = conn
-        .query(
-            "SELECT number, receipt_count, encode(merkle_root, 'hex'), extract(epoch FROM committed_at)::bigint
-             FROM blocks ORDER BY number DESC LIMIT 12",
-            &[],
-        )
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|r| {
-            serde_json::json!({"number": r.get::<_, i64>(0), "receipts": r.get::<_, i32>(1),
-                "merkle_root": r.get::<_, String>(2), "committed_at_unix": r.get::<_, i64>(3)})
-        })
-        .collect();
+    let verification: serde_json::Map<String, serde_json::Value> =
+        state.store.verification_counts().await.map_err(unavailable)?.into_iter().map(|(k, n)| (k, n.into())).collect();
+    let blocks = state.store.recent_blocks(12).await.map_err(unavailable)?;
     let epochs = state.store.recent_epochs(8).await.map_err(unavailable)?;
     let anchoring = state.store.anchor_progress().await.map_err(unavailable)?;
     let payouts = match epochs.first() {

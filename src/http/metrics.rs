@@ -163,28 +163,29 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     gauge(&mut out, "ludus_nodes", "Live nodes serving each model.", "gauge", &nodes);
     let panics = [(String::new(), crate::actors::supervisor::PANICS.load(Ordering::Relaxed))];
     gauge(&mut out, "ludus_actor_panics_total", "Actor panics caught and restarted.", "counter", &panics);
-    // From the registry (skipped when the database is unreachable: the scrape still works).
-    if let Ok(conn) = state.store.conn().await {
-        if let Ok(rows) = conn.query("SELECT verification, count(*) FROM receipts GROUP BY verification", &[]).await {
-            let samples: Vec<(String, u64)> = rows
-                .iter()
-                .map(|r| (format!("{{outcome=\"{}\"}}", r.get::<_, String>(0)), r.get::<_, i64>(1) as u64))
-                .collect();
-            gauge(&mut out, "ludus_receipts", "Recorded tasks by verification outcome.", "gauge", &samples);
-        }
-        if let Ok(r) = conn.query_one("SELECT last_block FROM block_counter", &[]).await {
-            let block = [(String::new(), r.get::<_, i64>(0) as u64)];
-            gauge(&mut out, "ludus_last_block", "Last block committed to the registry.", "gauge", &block);
-        }
-        if let Ok(rows) =
-            conn.query("SELECT status, count(*), coalesce(max(number), 0) FROM epochs GROUP BY status", &[]).await
-        {
-            let samples: Vec<(String, u64)> = rows
-                .iter()
-                .map(|r| (format!("{{status=\"{}\"}}", r.get::<_, String>(0)), r.get::<_, i64>(1) as u64))
-                .collect();
-            gauge(&mut out, "ludus_epochs", "Settlement epochs by posting status.", "gauge", &samples);
-        }
+    // From the registry (each skipped when the database is unreachable: the scrape still works).
+    if let Ok(counts) = state.store.verification_counts().await {
+        let samples: Vec<(String, u64)> =
+            counts.into_iter().map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), n as u64)).collect();
+        gauge(&mut out, "ludus_receipts", "Recorded tasks by verification outcome.", "gauge", &samples);
+    }
+    if let Ok(block) = state.store.last_block().await {
+        gauge(
+            &mut out,
+            "ludus_last_block",
+            "Last block committed to the registry.",
+            "gauge",
+            &[(String::new(), block)],
+        );
+    }
+    if let Ok(progress) = state.store.anchor_progress().await {
+        let anchored = [(String::new(), progress.last_anchored_block)];
+        gauge(&mut out, "ludus_last_anchored_block", "Last registry block anchored on chain.", "gauge", &anchored);
+    }
+    if let Ok(counts) = state.store.epoch_counts().await {
+        let samples: Vec<(String, u64)> =
+            counts.into_iter().map(|(status, n)| (format!("{{status=\"{status}\"}}"), n as u64)).collect();
+        gauge(&mut out, "ludus_epochs", "Settlement epochs by posting status.", "gauge", &samples);
     }
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(out))
 }

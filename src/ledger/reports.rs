@@ -1,5 +1,6 @@
 //! Read-only views of the books: a game's usage by day (`GET /v1/usage`), a block with
-//! its confirmations and discrepancies, and the node table (`/admin/*`).
+//! its confirmations and discrepancies, the node table (`/admin/*`), and the counts the
+//! dashboard and `/metrics` show. The HTTP handlers call these; they hold no SQL.
 
 use serde::Serialize;
 
@@ -212,5 +213,58 @@ impl Store {
             .await?
             .map_or((0, 10_000), |r| (r.get::<_, i64>(0), r.get::<_, i32>(1)));
         Ok((tasks as u64, reputation))
+    }
+}
+
+/// A committed block, as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BlockSummary {
+    pub number: i64,
+    pub receipts: i32,
+    pub merkle_root: String,
+    pub committed_at_unix: i64,
+}
+
+impl Store {
+    /// Recorded tasks by verification outcome (`unchecked`, `verified`, …), by outcome.
+    pub async fn verification_counts(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+        let conn = self.conn().await?;
+        let rows =
+            conn.query("SELECT verification, count(*) FROM receipts GROUP BY verification ORDER BY 1", &[]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The newest `limit` blocks, newest first.
+    pub async fn recent_blocks(&self, limit: i64) -> Result<Vec<BlockSummary>, LedgerError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT number, receipt_count, encode(merkle_root, 'hex'), extract(epoch FROM committed_at)::bigint
+                 FROM blocks ORDER BY number DESC LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| BlockSummary {
+                number: r.get(0),
+                receipts: r.get(1),
+                merkle_root: r.get(2),
+                committed_at_unix: r.get(3),
+            })
+            .collect())
+    }
+
+    /// The last block number handed out.
+    pub async fn last_block(&self) -> Result<u64, LedgerError> {
+        let conn = self.conn().await?;
+        Ok(conn.query_one("SELECT last_block FROM block_counter", &[]).await?.get::<_, i64>(0) as u64)
+    }
+
+    /// Epochs by posting status (`planned`, `sent`, `confirmed`).
+    pub async fn epoch_counts(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+        let conn = self.conn().await?;
+        let rows = conn.query("SELECT status, count(*) FROM epochs GROUP BY status ORDER BY 1", &[]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }
