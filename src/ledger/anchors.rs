@@ -320,6 +320,15 @@ impl Store {
         })
     }
 
+    /// Who receipt `task` belongs to: its game and node (None when not recorded). Cheap:
+    /// checked before the proof, which reads the whole block.
+    pub async fn receipt_owner(&self, task: u64) -> Result<Option<(i64, String)>, LedgerError> {
+        let conn = self.conn().await?;
+        let row =
+            conn.query_opt("SELECT game_id, node_address FROM receipts WHERE task_id = $1", &[&(task as i64)]).await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
     /// The proof that ties receipt `task` to its block and (once anchored) the chain.
     pub async fn receipt_proof(&self, task: u64) -> Result<Option<ReceiptProof>, LedgerError> {
         let conn = self.conn().await?;
