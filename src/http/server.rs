@@ -207,7 +207,7 @@ pub async fn start_server(settings: &Settings) -> std::io::Result<(ServerHandle,
     let model_keys = Arc::new(model_keys);
     let bundle_nodes = Arc::new(bundle_nodes(&s.distributor.bundle_nodes, &key_names)?);
     let quality_game = store.internal_game("ludus-quality-checks").await.map_err(std::io::Error::other)?;
-    let verification = start_verifiers(&s, &model_keys, policy, &registry, &distributor, quality_game)?;
+    let verification = start_verifiers(&s, &model_keys, policy, &registry, &distributor, quality_game).await?;
     let catalog = Arc::new(load_catalog(&s)?);
     let completion = Completion::start_on_own_thread(CompletionConfig {
         ticket_secret: ticket_secret.clone(),
@@ -349,8 +349,9 @@ fn start_settlement(
 }
 
 /// Starts the verifier pool when reference models are configured (each thread loads its
-/// own copies; a model that fails to load stops the server with the reason).
-fn start_verifiers(
+/// own copies; a model that fails to load stops the server with the reason). Models load
+/// on blocking threads, never on the event loop.
+async fn start_verifiers(
     s: &Settings,
     keys: &Arc<std::collections::BTreeMap<String, String>>,
     policy: Arc<crate::proof::policy::Policy>,
@@ -364,8 +365,13 @@ fn start_verifiers(
     // Load once here so a bad path fails the start with a clear error, not a thread panic.
     let (refs, tol, dir) =
         (s.verifier.models.clone(), s.verifier.tolerances(), s.server.data_dir.join("proofs/rejected"));
-    let first =
-        crate::actors::verifier::Verifier::load(&refs, keys, tol, dir.clone()).map_err(std::io::Error::other)?;
+    let first = {
+        let (refs, keys, dir) = (refs.clone(), keys.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || crate::actors::verifier::Verifier::load(&refs, &keys, tol, dir))
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?
+    };
     let vocab = Arc::new(first.vocab_sizes());
     let first = std::sync::Mutex::new(Some(first));
     let keys = keys.clone();
