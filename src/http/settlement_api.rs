@@ -106,11 +106,17 @@ fn node_asker(req: &HttpRequest, task: u64) -> Result<Option<String>, ApiError> 
 }
 
 async fn asker(req: &HttpRequest, state: &AppState, task: u64) -> Result<Asker, ApiError> {
-    if let Some(node) = node_asker(req, task)? {
-        return Ok(Asker::Node(node));
-    }
+    // Throttled like any credential: a bad signature costs a key recovery, and a bad key a lookup.
     let ip = state.trusted_proxies.client_ip(req);
     state.auth_throttle.check(ip)?;
+    match node_asker(req, task) {
+        Ok(Some(node)) => return Ok(Asker::Node(node)),
+        Ok(None) => {}
+        Err(e) => {
+            state.auth_throttle.failed(ip);
+            return Err(e);
+        }
+    }
     let presented = super::routes::bearer(req);
     if presented.as_deref().map(crate::ledger::hash_key).as_deref() == Some(state.admin_token_hash.as_str()) {
         return Ok(Asker::Operator);

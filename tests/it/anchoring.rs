@@ -106,6 +106,16 @@ fn a_receipt_checks_out_against_its_anchor_on_chain_and_a_tampered_one_does_not(
             ],
         )
     };
+    // A node's header with a signature that is not its key's: refused, never read as the node.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let forged = format!(
+        "GET {proof_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Ludus-Node: {node_of}\r\n\
+         X-Ludus-Time: {now}\r\nX-Ludus-Signature: {}\r\n\r\n",
+        "11".repeat(65)
+    );
+    let refused = super::cluster::raw(&cluster.addr, forged.as_bytes());
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("not X-Ludus-Node's"), "{}", refused.body);
     let out = by_node(&answering);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = by_node(&idle);
