@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::error::ServeError;
+use crate::inference::grammar::Constraint;
 use crate::inference::text_stream::TextStream;
 use crate::inference::ModelText;
 use crate::protocol::{PromptCount, TaskInput};
@@ -75,21 +76,36 @@ fn byte_bound(input: &TaskInput) -> u32 {
 }
 
 /// The text of one job, made by the server from the ids its nodes return. It travels with
-/// the job, so a failover continuation extends the same text.
+/// the job, so a failover continuation extends the same text. With a grammar (structured
+/// output, tools) every id is checked against it here, on every task: a node that leaves
+/// the grammar never gets a token past the server.
 #[derive(Debug, Clone)]
 pub struct JobText {
     pub model: Arc<ModelText>,
     pub stream: TextStream,
+    grammar: Option<JobGrammar>,
+}
+
+#[derive(Debug, Clone)]
+struct JobGrammar {
+    /// At the start, for an answer produced again.
+    start: Constraint,
+    current: Constraint,
 }
 
 impl JobText {
-    pub fn new(model: Arc<ModelText>, stop: &[String]) -> Self {
-        Self { model, stream: TextStream::new(stop) }
+    pub fn new(model: Arc<ModelText>, stop: &[String], grammar: Option<Constraint>) -> Self {
+        let grammar = grammar.map(|start| JobGrammar { current: start.clone(), start });
+        Self { model, stream: TextStream::new(stop), grammar }
     }
 
-    /// Adds a token; the text it releases and whether a stop sequence ends the answer.
-    pub fn push(&mut self, token: u32) -> (String, bool) {
-        self.stream.push(&self.model.tokenizer, token)
+    /// Adds a token; the text it releases and whether a stop sequence ends the answer, or
+    /// why the token is refused (it leaves the job's grammar).
+    pub fn push(&mut self, token: u32) -> Result<(String, bool), String> {
+        if let Some(g) = self.grammar.as_mut() {
+            g.current.advance(token).map_err(|e| format!("the answer leaves its grammar: {e}"))?;
+        }
+        Ok(self.stream.push(&self.model.tokenizer, token))
     }
 
     /// The text held back until the end.
@@ -97,9 +113,10 @@ impl JobText {
         self.stream.finish()
     }
 
-    /// The same model and stop sequences, from the start (an answer produced again).
+    /// The same model, stop sequences and grammar, from the start (an answer produced again).
     pub fn restarted(&self) -> Self {
-        Self { model: self.model.clone(), stream: self.stream.restarted() }
+        let grammar = self.grammar.as_ref().map(|g| JobGrammar { start: g.start.clone(), current: g.start.clone() });
+        Self { model: self.model.clone(), stream: self.stream.restarted(), grammar }
     }
 
     /// Vocabulary size: ids at or above it are refused.

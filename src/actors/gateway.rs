@@ -14,7 +14,6 @@ use actix::prelude::*;
 use rand::RngCore;
 use tokio::sync::mpsc::unbounded_channel;
 
-use super::catalog::JobText;
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
@@ -127,7 +126,6 @@ impl Handler<Admit> for Gateway {
             let (events, rx) = unbounded_channel();
             let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
             let billing = Billing { game: key.game, game_id: key.game_id, key_hash: key.hash.clone() };
-            let text = text.map(|t| JobText::new(t, &stop));
             let request = JobRequest { model, input, prompt, text, params, max_tokens, stop, stream };
             let job = Job::new(id, billing, request, events);
             (job, Admitted { id, key_hash: key.hash, events: rx })

@@ -354,8 +354,9 @@ pub struct Admit {
     pub input: TaskInput,
     /// The server's count of the prompt (see `catalog::Catalog::count`).
     pub prompt: PromptCount,
-    /// The model's text side, when the server holds it.
-    pub text: Option<std::sync::Arc<crate::inference::ModelText>>,
+    /// The text the game will read, made here from the ids (when the server holds the
+    /// model's text side), with the job's grammar.
+    pub text: Option<JobText>,
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,

@@ -568,14 +568,15 @@ impl NodeProxy {
             return self.fail(ctx, reason);
         }
         let Some(run) = self.in_flight.get_mut(&id) else { return };
+        // The game reads the text the server makes from the id, never the node's own.
+        let text = match run.job.text.as_mut().map(|server_text| server_text.push(token)) {
+            Some(Ok((server_text, _))) => server_text,
+            Some(Err(e)) => return self.fail(ctx, format!("task {id}: {e}")),
+            None => text,
+        };
         run.job.emitted.push(token);
         run.last_progress = Instant::now();
         run.first_token.get_or_insert_with(Instant::now);
-        // The game reads the text the server makes from the id, never the node's own.
-        let text = match run.job.text.as_mut() {
-            Some(server_text) => server_text.push(token).0,
-            None => text,
-        };
         if text.is_empty() {
             return;
         }
@@ -781,7 +782,7 @@ impl Handler<Dispatch> for NodeProxy {
             .as_ref()
             .filter(|v| v.models.contains(&job.model) && (job.emitted.is_empty() || !penalized))
             .map(|_| rand::random::<[u8; 32]>());
-        let frame = self.frame(&ServerMessage::Task(job.spec(ticket, challenge)));
+        let frame = self.frame(&ServerMessage::Task(Box::new(job.spec(ticket, challenge))));
         if frame.len() > MAX_FRAME_BYTES {
             let _ = job.events.send(JobEvent::Failed(ServeError::TooLarge(frame.len())));
             self.distributor.do_send(TaskCancelled { node: self.id, task: job.id });

@@ -15,5 +15,6 @@ pub mod routes;
 pub mod server;
 pub mod settlement_api;
 pub mod sse;
+pub mod structured;
 
 pub use server::{start_server, ServerHandle};

@@ -26,6 +26,8 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// `response_format`, `tools`, `tool_choice` (the grammar is also in `params`).
+    pub structured: super::structured::Structured,
 }
 
 /// Limits applied while validating.
@@ -120,7 +122,13 @@ fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
                     format!("`{role_param}` must be one of {ROLES:?}, got `{role}`"),
                 ));
             }
-            let content = content_text(m.get("content").unwrap_or(&Value::Null), &format!("messages[{i}].content"))?;
+            let mut content =
+                content_text(m.get("content").unwrap_or(&Value::Null), &format!("messages[{i}].content"))?;
+            // A call the assistant made is shown to the model in the tool convention.
+            if let (Some(calls), "assistant") = (m.get("tool_calls").filter(|c| !c.is_null()), role) {
+                let calls = super::structured::call_text(calls, &format!("messages[{i}].tool_calls"))?;
+                content = if content.is_empty() { calls } else { format!("{content}\n{calls}") };
+            }
             Ok(ChatMessage::new(if role == "developer" { "system" } else { role }, &content))
         })
         .collect()
@@ -178,8 +186,22 @@ pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> 
             return Err(ApiError::invalid("model", format!("`model` must be a string, not {}", type_name(other))))
         }
     };
+    let structured = super::structured::parse(&obj)?;
+    if endpoint == Endpoint::Completions && structured.tools_prompt.is_some() {
+        return Err(ApiError::invalid("tools", "`tools` needs /v1/chat/completions"));
+    }
     let input = match endpoint {
-        Endpoint::Chat => TaskInput::Chat(messages(&obj)?),
+        Endpoint::Chat => {
+            let mut messages = messages(&obj)?;
+            if let Some(tools) = &structured.tools_prompt {
+                // Shown as (or in front of) the system message.
+                match messages.first_mut() {
+                    Some(first) if first.role == "system" => first.content = format!("{}\n\n{tools}", first.content),
+                    _ => messages.insert(0, ChatMessage::new("system", tools)),
+                }
+            }
+            TaskInput::Chat(messages)
+        }
         Endpoint::Completions => TaskInput::Text(prompt(&obj)?),
     };
     let max_tokens = positive_int(&obj, "max_completion_tokens")?.or(positive_int(&obj, "max_tokens")?);
@@ -223,9 +245,20 @@ pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> 
         presence_penalty: ranged(&obj, "presence_penalty", -2.0, 2.0)?.unwrap_or(0.0),
         frequency_penalty: ranged(&obj, "frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0),
         seed,
+        grammar: structured.grammar.as_deref().map(std::sync::Arc::from),
         ..SamplingParams::default()
     };
-    Ok(ValidRequest { endpoint, model, input, params, max_tokens, stop: stop(&obj)?, stream, include_usage })
+    Ok(ValidRequest {
+        endpoint,
+        model,
+        input,
+        params,
+        max_tokens,
+        stop: stop(&obj)?,
+        stream,
+        include_usage,
+        structured,
+    })
 }
 
 fn finish(reason: FinishReason) -> &'static str {
@@ -253,14 +286,33 @@ pub struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    /// A whole (non-streamed) response.
-    pub fn full(&self, text: &str, reason: FinishReason, usage: TaskUsage) -> Value {
+    /// The id of the answer's tool call.
+    pub fn call_id(&self) -> String {
+        format!("call_{}", self.id.rsplit('-').next().unwrap_or(&self.id))
+    }
+
+    /// A whole (non-streamed) response. With `tools`, an answer that is a whole call comes
+    /// back as `tool_calls` (finish reason `tool_calls`).
+    pub fn full(&self, text: &str, reason: FinishReason, usage: TaskUsage, tools: bool) -> Value {
+        let call = (tools && reason == FinishReason::Stop).then(|| super::structured::tool_call(text)).flatten();
         match self.endpoint {
-            Endpoint::Chat => json!({
-                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish(reason)}],
-                "usage": usage_json(usage),
-            }),
+            Endpoint::Chat => {
+                let (message, finish_reason) = match call {
+                    Some(call) => (
+                        json!({"role": "assistant", "content": null, "tool_calls": [{
+                            "id": self.call_id(), "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments},
+                        }]}),
+                        "tool_calls",
+                    ),
+                    None => (json!({"role": "assistant", "content": text}), finish(reason)),
+                };
+                json!({
+                    "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason}],
+                    "usage": usage_json(usage),
+                })
+            }
             Endpoint::Completions => json!({
                 "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish(reason)}],
@@ -289,6 +341,31 @@ impl ResponseMeta {
                        "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason}]})
             }
         }
+    }
+
+    /// One stream chunk of a tool call: its head (`name`) or a piece of its arguments.
+    pub fn call_chunk(&self, delta: &super::structured::Delta, first: bool) -> Value {
+        use super::structured::Delta;
+        let call = match delta {
+            Delta::CallStart { name } => json!({"index": 0, "id": self.call_id(), "type": "function",
+                                                "function": {"name": name, "arguments": ""}}),
+            Delta::Arguments(piece) => json!({"index": 0, "function": {"arguments": piece}}),
+            Delta::Content(text) => return self.chunk(Some(text), first, None),
+        };
+        let mut delta = Map::new();
+        if first {
+            delta.insert("role".into(), "assistant".into());
+            delta.insert("content".into(), Value::Null);
+        }
+        delta.insert("tool_calls".into(), json!([call]));
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]})
+    }
+
+    /// The last chunk of a streamed tool call.
+    pub fn call_finish_chunk(&self) -> Value {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]})
     }
 
     /// The usage chunk sent before `[DONE]` when `stream_options.include_usage` is set.

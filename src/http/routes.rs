@@ -8,13 +8,15 @@ use futures_util::StreamExt;
 
 use super::errors::ApiError;
 use super::node_ws;
-use super::openai::{parse_request, Endpoint, ResponseMeta};
+use super::openai::{parse_request, Endpoint, ResponseMeta, ValidRequest};
 use super::registry_api;
 use super::server::AppState;
 use super::settlement_api;
 use super::sse::stream_response;
+use crate::actors::catalog::JobText;
 use crate::actors::messages::{Admit, Authenticate, ListModels};
 use crate::actors::{JobEvent, ServeError};
+use crate::inference::grammar::GrammarCompiler;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
@@ -111,11 +113,12 @@ async fn complete(
     let valid = parse_request(&body, endpoint, state.request_limits)?;
     // The server counts the prompt itself (on this worker thread, not on an actor).
     let prompt = state.catalog.count(&valid.model, &valid.input)?;
+    let text = job_text(&state, &valid).await?;
     let admit = Admit {
         key,
         stream: valid.stream,
         model: valid.model.clone(),
-        text: state.catalog.get(&valid.model).cloned(),
+        text,
         prompt,
         input: valid.input,
         params: valid.params,
@@ -133,7 +136,7 @@ async fn complete(
         if let JobEvent::Failed(e) = first {
             return Err(e.into());
         }
-        return Ok(stream_response(admitted, first, meta, valid.include_usage));
+        return Ok(stream_response(admitted, first, meta, valid.include_usage, valid.structured.tools));
     }
     let mut text = String::new();
     while let Some(event) = admitted.events.recv().await {
@@ -142,12 +145,44 @@ async fn complete(
             JobEvent::Reset => text.clear(),
             JobEvent::Done { finish_reason, usage } => {
                 super::metrics::count_tokens(&usage);
-                return Ok(HttpResponse::Ok().json(meta.full(&text, finish_reason, usage)));
+                return Ok(HttpResponse::Ok().json(meta.full(&text, finish_reason, usage, valid.structured.tools)));
             }
             JobEvent::Failed(e) => return Err(e.into()),
         }
     }
     Err(internal("the job ended without a result"))
+}
+
+/// The text the game will read, made by the server from the ids nodes return, with the
+/// request's grammar compiled against the model's tokenizer (off the worker thread: a big
+/// schema takes milliseconds). A grammar needs a model this server accounts for: it checks
+/// every token of the answer against it.
+async fn job_text(state: &AppState, valid: &ValidRequest) -> Result<Option<JobText>, ApiError> {
+    let Some(model) = state.catalog.get(&valid.model).cloned() else {
+        if valid.params.grammar.is_some() {
+            return Err(ApiError::invalid(
+                valid.structured.field,
+                format!(
+                    "`{}` needs a model whose tokenizer this server holds; `{}` is not one",
+                    valid.structured.field, valid.model
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    let Some(grammar) = valid.params.grammar.clone() else { return Ok(Some(JobText::new(model, &valid.stop, None))) };
+    let tokenizer = model.tokenizer.clone();
+    let compiled =
+        web::block(move || GrammarCompiler::for_tokenizer(&tokenizer).and_then(|compiler| compiler.compile(&grammar)))
+            .await
+            .map_err(internal)?;
+    let constraint = compiled.map_err(|e| {
+        ApiError::invalid(
+            valid.structured.field,
+            format!("`{}` cannot be compiled into a grammar: {e}", valid.structured.field),
+        )
+    })?;
+    Ok(Some(JobText::new(model, &valid.stop, Some(constraint))))
 }
 
 async fn models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

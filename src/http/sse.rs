@@ -7,6 +7,7 @@ use actix_web::HttpResponse;
 
 use super::errors::ApiError;
 use super::openai::ResponseMeta;
+use super::structured::CallStream;
 use crate::actors::messages::Admitted;
 use crate::actors::{JobEvent, ServeError};
 
@@ -24,6 +25,8 @@ struct StreamState {
     include_usage: bool,
     first: bool,
     finished: bool,
+    /// Set when the answer may be a tool call.
+    calls: Option<CallStream>,
 }
 
 /// The streaming response for an admitted job. Dropping it (the game hung up) drops the
@@ -33,8 +36,11 @@ pub fn stream_response(
     first_event: JobEvent,
     meta: ResponseMeta,
     include_usage: bool,
+    tools: bool,
 ) -> HttpResponse {
-    let state = StreamState { admitted, pending: Some(first_event), meta, include_usage, first: true, finished: false };
+    let calls = tools.then(CallStream::default);
+    let state =
+        StreamState { admitted, pending: Some(first_event), meta, include_usage, first: true, finished: false, calls };
     let body = futures_util::stream::unfold(state, |mut st| async move {
         if st.finished {
             return None;
@@ -44,17 +50,40 @@ pub fn stream_response(
             None => st.admitted.events.recv().await,
         };
         let bytes = match next {
-            Some(JobEvent::Text(text)) => {
-                let chunk = st.meta.chunk(Some(&text), st.first, None);
-                st.first = false;
-                event(&chunk)
-            }
+            Some(JobEvent::Text(text)) => match st.calls.as_mut() {
+                Some(calls) => {
+                    let mut out = Vec::new();
+                    for delta in calls.push(&text) {
+                        out.extend_from_slice(&event(&st.meta.call_chunk(&delta, st.first)));
+                        st.first = false;
+                    }
+                    Bytes::from(out)
+                }
+                None => {
+                    let chunk = st.meta.chunk(Some(&text), st.first, None);
+                    st.first = false;
+                    event(&chunk)
+                }
+            },
             // Never sent to streams (their text is already out); nothing to emit.
             Some(JobEvent::Reset) => Bytes::new(),
             Some(JobEvent::Done { finish_reason, usage }) => {
                 st.finished = true;
                 super::metrics::count_tokens(&usage);
-                let mut out = event(&st.meta.chunk(None, st.first, Some(finish_reason))).to_vec();
+                let mut out = Vec::new();
+                let mut is_call = false;
+                if let Some(calls) = st.calls.as_mut() {
+                    for delta in calls.finish() {
+                        out.extend_from_slice(&event(&st.meta.call_chunk(&delta, st.first)));
+                        st.first = false;
+                    }
+                    is_call = calls.is_call() && finish_reason == crate::protocol::FinishReason::Stop;
+                }
+                if is_call {
+                    out.extend_from_slice(&event(&st.meta.call_finish_chunk()));
+                } else {
+                    out.extend_from_slice(&event(&st.meta.chunk(None, st.first, Some(finish_reason))));
+                }
                 if st.include_usage {
                     out.extend_from_slice(&event(&st.meta.usage_chunk(usage)));
                 }

@@ -18,6 +18,7 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::error::{InferError, Result};
+use super::grammar::{Constraint, GrammarCompiler};
 use super::kv_cache::KvCache;
 use super::llama::{LogitsFor, PrefillChunk};
 use super::model::Model;
@@ -122,6 +123,8 @@ pub struct EngineLoad {
 
 struct Command {
     request: GenerateRequest,
+    /// The request's grammar, compiled by the caller (never on the engine thread).
+    constraint: Option<Constraint>,
     events: UnboundedSender<Event>,
     received: Instant,
 }
@@ -202,10 +205,26 @@ impl Engine {
         if request.prompt.is_empty() {
             return Err(InferError::InvalidRequest("the prompt is empty".into()));
         }
+        let constraint = match request.params.grammar.as_deref() {
+            Some(grammar) => {
+                let compiler = GrammarCompiler::for_tokenizer(&self.tokenizer).map_err(InferError::InvalidRequest)?;
+                let mut constraint = compiler
+                    .compile(grammar)
+                    .map_err(|e| InferError::InvalidRequest(format!("the grammar does not compile: {e}")))?;
+                // A failover continuation resumes the grammar where the old node left it.
+                for &t in &request.prefix {
+                    constraint
+                        .advance(t)
+                        .map_err(|e| InferError::InvalidRequest(format!("the prefix leaves the grammar: {e}")))?;
+                }
+                Some(constraint)
+            }
+            None => None,
+        };
         let (events, rx) = unbounded_channel();
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.commands
-            .send(Command { request, events, received: Instant::now() })
+            .send(Command { request, constraint, events, received: Instant::now() })
             .map_err(|_| InferError::EngineStopped)?;
         Ok(rx)
     }
@@ -235,6 +254,8 @@ struct Sequence {
     history: TokenHistory,
     /// The text released so far, stop sequences applied.
     stream: TextStream,
+    /// Where the output stands in its grammar, if it has one.
+    constraint: Option<Constraint>,
 }
 
 struct Scheduler {
@@ -251,6 +272,7 @@ struct Scheduler {
 enum Outcome {
     Continue,
     Finished(FinishReason),
+    Failed(String),
 }
 
 impl Scheduler {
@@ -414,6 +436,7 @@ impl Scheduler {
                 cached: 0,
                 history,
                 stream,
+                constraint: cmd.constraint,
             });
         }
     }
@@ -461,13 +484,14 @@ impl Scheduler {
                     (Some(all), true) => Some(all[i * d..(i + 1) * d].to_vec()),
                     _ => None,
                 };
-                if let Outcome::Finished(reason) = emit(seq, &tokenizer, row, h, self.config.max_context) {
-                    finished.push((i, reason));
+                match emit(seq, &tokenizer, row, h, self.config.max_context) {
+                    Outcome::Continue => {}
+                    ended => finished.push((i, ended)),
                 }
             }
-            for (i, reason) in finished.into_iter().rev() {
+            for (i, ended) in finished.into_iter().rev() {
                 let seq = self.running.remove(i);
-                finish(seq, reason, &self.load);
+                conclude(seq, ended, &self.load);
             }
         }
         // The prefill chunk.
@@ -489,7 +513,7 @@ impl Scheduler {
                     Outcome::Continue => {
                         self.running.push(seq);
                     }
-                    Outcome::Finished(reason) => finish(seq, reason, &self.load),
+                    ended => conclude(seq, ended, &self.load),
                 }
             }
         }
@@ -514,8 +538,19 @@ fn emit(
             }
         }
     }
+    if let Some(constraint) = seq.constraint.as_mut() {
+        if let Err(e) = constraint.mask(&mut logits) {
+            return Outcome::Failed(format!("grammar: {e}"));
+        }
+    }
     let position = seq.tokens.len() as u64;
     let token = sample(&logits, &seq.request.params, position);
+    if let Some(constraint) = seq.constraint.as_mut() {
+        // Fails only when the mask left nothing to sample (a grammar at a dead end).
+        if let Err(e) = constraint.advance(token) {
+            return Outcome::Failed(format!("grammar: {e}"));
+        }
+    }
     seq.tokens.push(token);
     seq.generated += 1;
     seq.history.push_generated(token);
@@ -533,6 +568,16 @@ fn emit(
     match reason {
         Some(r) => Outcome::Finished(r),
         None => Outcome::Continue,
+    }
+}
+
+fn conclude(seq: Sequence, ended: Outcome, load: &EngineLoad) {
+    match ended {
+        Outcome::Finished(reason) => finish(seq, reason, load),
+        Outcome::Failed(error) => {
+            let _ = seq.events.send(Event::Error(error));
+        }
+        Outcome::Continue => {}
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`text_stream`]: ids → released text with stop sequences, shared with the server.
 //! - [`model_text`]: a model's tokenizer and chat template without its weights.
 //! - [`sampling`]: a pure function of (logits, seed, position).
+//! - [`grammar`]: constrained decoding (llguidance): the tokens a grammar allows next.
 //! - [`engine`]: continuous batching on a dedicated thread.
 //! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
 //! - [`model`]: loads all of the above from one path; [`tiny_model`] writes test models.
@@ -25,6 +26,7 @@ pub mod error;
 pub mod eval;
 pub mod fbgemm;
 pub mod gguf;
+pub mod grammar;
 pub mod int8_table;
 pub mod kv_cache;
 pub mod llama;

@@ -31,6 +31,11 @@ pub struct SamplingParams {
     /// Subtracted once if the token occurs in the completion.
     pub presence_penalty: f32,
     pub seed: u64,
+    /// The grammar the output must match ([`super::grammar`]: llguidance Lark text, JSON
+    /// schemas inline). Part of the sampler: masked tokens are never candidates, for the
+    /// node and for the verifier alike.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<std::sync::Arc<str>>,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +49,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: 0,
+            grammar: None,
         }
     }
 }

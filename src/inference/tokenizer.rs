@@ -12,11 +12,13 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use fancy_regex::Regex;
 
 use super::error::{InferError, Result};
 use super::gguf::{GgufFile, MetaValue};
+use super::grammar::GrammarCompiler;
 
 /// GPT-2's pre-tokenizer pattern.
 pub const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
@@ -59,6 +61,8 @@ pub struct Tokenizer {
     /// Extra end-of-turn tokens (`<|im_end|>`, `<|eot_id|>`, ...) that also stop generation.
     pub stop_tokens: Vec<u32>,
     pub add_bos: bool,
+    /// Grammars compile against this vocabulary; built on first use.
+    pub(crate) grammar_compiler: std::sync::OnceLock<std::result::Result<Arc<GrammarCompiler>, String>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -331,6 +335,7 @@ impl Tokenizer {
             eos: None,
             stop_tokens: Vec::new(),
             add_bos: false,
+            grammar_compiler: std::sync::OnceLock::new(),
         })
     }
 

@@ -208,7 +208,7 @@ async fn session(
                         let progress: Rc<RefCell<Progress>> = Rc::default();
                         let runner = TaskRunner { identity: identity.clone(), log: log.clone(), out: out.clone(), tasks: tasks.clone(), progress: progress.clone() };
                         let ticket = spec.ticket.clone();
-                        let handle = actix_web::rt::spawn(run_task(backend.clone(), spec, runner));
+                        let handle = actix_web::rt::spawn(run_task(backend.clone(), *spec, runner));
                         tasks.borrow_mut().insert(id, Running { handle, ticket, progress });
                     }
                     Ok(ServerMessage::Cancel { id, delivered }) => {

@@ -14,6 +14,7 @@ use tch::Device;
 use super::commitment::{positions, TopK, CHUNK};
 use super::format::Format;
 use super::signed::Proof;
+use crate::inference::grammar::GrammarCompiler;
 use crate::inference::kv_cache::KvCache;
 use crate::inference::llama::LogitsFor;
 use crate::inference::sampling::{apply_penalties, candidates, gumbel, sample, TokenHistory};
@@ -344,6 +345,15 @@ pub fn verify(
             return Ok(v);
         }
     };
+    // The task's grammar, replayed: the node sampled under the same mask.
+    let mut constraint = match params.grammar.as_deref() {
+        Some(grammar) => {
+            let compiler = GrammarCompiler::for_tokenizer(&model.tokenizer).map_err(InferError::InvalidRequest)?;
+            Some(compiler.compile(grammar).map_err(InferError::InvalidRequest)?)
+        }
+        None => None,
+    };
+    let mut left_grammar_at = None;
     let stops = &model.tokenizer.stop_tokens;
     // One prefill over prompt + completion (the last token needs no row), in chunks.
     let llama = &model.llama;
@@ -379,14 +389,24 @@ pub fn verify(
             let gi = row + 1 - p;
             let row_logits = &logits[i * vocab..(i + 1) * vocab];
             let penalized;
-            let l: &[f32] = if penalties_apply(params) {
+            let l: &[f32] = if penalties_apply(params) || constraint.is_some() {
                 let mut copy = row_logits.to_vec();
                 apply_penalties(&mut copy, params, &history);
+                if let Some(c) = constraint.as_mut() {
+                    c.mask(&mut copy).map_err(InferError::InvalidRequest)?;
+                }
                 penalized = copy;
                 &penalized
             } else {
                 row_logits
             };
+            // A token the grammar does not allow is never a near-tie: the node left it.
+            if let Some(c) = constraint.as_mut() {
+                if left_grammar_at.is_none() && c.advance(completion[gi]).is_err() {
+                    left_grammar_at = Some(gi);
+                    constraint = None;
+                }
+            }
             let position = (p + gi) as u64;
             let (expected, actual) = (sample(l, params, position), completion[gi]);
             let margin = tie_margin(l, params, position, expected, actual);
@@ -435,6 +455,9 @@ pub fn verify(
             "the answer goes on past its end: at token {at} the reference ends it by a score gap of {margin:.2} (margin {:.2} for {format})",
             limits.max_tie_margin
         ));
+    }
+    if let Some(at) = left_grammar_at {
+        v.reasons.push(format!("token {at} leaves the task's grammar (structured output)"));
     }
     if v.token_mismatches > 0 {
         v.reasons.push(format!(

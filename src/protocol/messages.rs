@@ -111,7 +111,7 @@ pub enum ServerMessage {
         #[serde(default)]
         model_keys: std::collections::BTreeMap<String, String>,
     },
-    Task(TaskSpec),
+    Task(Box<TaskSpec>),
     /// The game went away: stop generating and free the slot. `delivered` (when some
     /// tokens reached the game) asks for a receipt covering the first `delivered` tokens of
     /// the completion (prefix included): they are billed and paid.

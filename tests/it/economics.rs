@@ -139,7 +139,7 @@ impl Scripted {
 
     async fn absorb(&mut self, link: &mut Link, message: ServerMessage) -> Result<(), String> {
         match message {
-            ServerMessage::Task(spec) => self.queue.push_back(spec),
+            ServerMessage::Task(spec) => self.queue.push_back(*spec),
             ServerMessage::Cancel { id, delivered } => {
                 self.cancels.insert(id.0, delivered);
             }

@@ -32,3 +32,4 @@ mod settlement;
 mod smollm2_reference;
 mod soak;
 mod steering;
+mod structured;

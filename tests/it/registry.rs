@@ -298,7 +298,7 @@ impl Rogue {
         while Instant::now() < until {
             self.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.ok()?;
             match self.link.recv(Duration::from_millis(50)).await {
-                Ok(ServerMessage::Task(spec)) => return Some(spec),
+                Ok(ServerMessage::Task(spec)) => return Some(*spec),
                 Ok(_) => {}
                 Err(e) if e.contains("timeout") => {}
                 Err(_) => return None,
@@ -309,7 +309,7 @@ impl Rogue {
 
     pub async fn task(&mut self, others: &mut [&mut Rogue]) -> TaskSpec {
         match self.wait(others, |m| matches!(m, ServerMessage::Task(_))).await {
-            ServerMessage::Task(spec) => spec,
+            ServerMessage::Task(spec) => *spec,
             _ => unreachable!(),
         }
     }

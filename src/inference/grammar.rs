@@ -1,0 +1,177 @@
+//! Constrained decoding: the output must match a grammar, token by token.
+//!
+//! A grammar is text in llguidance's Lark dialect (JSON schemas go inline as `%json {…}`),
+//! compiled against one tokenizer. [`Constraint`] follows one sequence: before each sampled
+//! token it gives the tokens the grammar allows next ([`Constraint::mask`]), and it refuses
+//! a token the grammar does not ([`Constraint::advance`]). The mask is a pure function of
+//! the grammar and the tokens so far, so the node that samples, the server that relays and
+//! the verifier that re-checks all apply the same one (docs/architecture.md says why
+//! llguidance).
+
+use std::sync::Arc;
+
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+
+use super::tokenizer::Tokenizer;
+
+/// Longest grammar text accepted (a JSON schema or a tool list, after rendering).
+pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
+
+/// Grammars compiled against one tokenizer (its token trie is built once).
+pub struct GrammarCompiler {
+    factory: ParserFactory,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for GrammarCompiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrammarCompiler").field("vocab", &self.vocab).finish_non_exhaustive()
+    }
+}
+
+/// The tokenizer as llguidance sees it: each token's bytes, control tokens marked as
+/// special (text can never spell them), every stop token an end of sequence.
+struct TokenBytes {
+    trie: TokTrie,
+}
+
+impl TokenizerEnv for TokenBytes {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        self.trie.greedy_tokenize(s)
+    }
+
+    /// Greedy tokenization is not the model's own: llguidance must not force tokens.
+    fn tokenize_is_canonical(&self) -> bool {
+        false
+    }
+}
+
+impl GrammarCompiler {
+    fn new(tokenizer: &Tokenizer) -> Result<Self, String> {
+        let vocab = tokenizer.vocab_size();
+        let words: Vec<Vec<u8>> = (0..vocab as u32)
+            .map(|id| {
+                let bytes = tokenizer.token_bytes(id);
+                if tokenizer.is_control(id) || tokenizer.stop_tokens.contains(&id) || Some(id) == tokenizer.eos {
+                    [&[TokTrie::SPECIAL_TOKEN_MARKER][..], bytes].concat()
+                } else {
+                    bytes.to_vec()
+                }
+            })
+            .collect();
+        let eos = tokenizer
+            .eos
+            .or_else(|| tokenizer.stop_tokens.first().copied())
+            .ok_or("the tokenizer has no end-of-sequence token")?;
+        let vocab_u32 = u32::try_from(vocab).map_err(|_| "vocabulary too large")?;
+        let info = TokRxInfo::new(vocab_u32, eos);
+        let mut stops: Vec<u32> = tokenizer.stop_tokens.clone();
+        if !stops.contains(&eos) {
+            stops.insert(0, eos);
+        }
+        let trie = TokTrie::from(&info, &words).with_eos_tokens(&stops);
+        let env: TokEnv = Arc::new(TokenBytes { trie });
+        let mut factory = ParserFactory::new(
+            &env,
+            InferenceCapabilities::default(),
+            &llguidance::earley::SlicedBiasComputer::general_slices(),
+        )
+        .map_err(|e| e.to_string())?;
+        factory.quiet();
+        *factory.limits_mut() = ParserLimits::default();
+        Ok(Self { factory, vocab })
+    }
+
+    /// The compiler for `tokenizer`, built on first use and kept with it.
+    pub fn for_tokenizer(tokenizer: &Tokenizer) -> Result<Arc<Self>, String> {
+        tokenizer.grammar_compiler.get_or_init(|| Self::new(tokenizer).map(Arc::new)).clone()
+    }
+
+    /// Compiles `grammar` (Lark text) for one sequence. The message says what is wrong.
+    pub fn compile(&self, grammar: &str) -> Result<Constraint, String> {
+        if grammar.len() > MAX_GRAMMAR_BYTES {
+            return Err(format!("the grammar is {} bytes; at most {MAX_GRAMMAR_BYTES} are accepted", grammar.len()));
+        }
+        let top = TopLevelGrammar::from_lark(grammar.to_string());
+        let parser = self.factory.create_parser(top).map_err(|e| e.to_string())?;
+        let mut matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
+        }
+        // A grammar that allows nothing at all is an error, not an empty answer.
+        let first = matcher.compute_mask().map_err(|e| e.to_string())?;
+        if first.is_zero() {
+            return Err("the grammar allows no output".into());
+        }
+        Ok(Constraint { matcher, vocab: self.vocab, next: Some(first) })
+    }
+}
+
+/// One sequence's place in its grammar.
+#[derive(Clone)]
+pub struct Constraint {
+    matcher: Matcher,
+    vocab: usize,
+    /// The mask for the next token, when already computed.
+    next: Option<llguidance::toktrie::SimpleVob>,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").field("stopped", &self.matcher.is_stopped()).finish_non_exhaustive()
+    }
+}
+
+impl Constraint {
+    /// Sets every token the grammar does not allow next to −∞ (ids past the tokenizer's
+    /// vocabulary too). When the grammar is complete only end-of-sequence tokens remain.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        let allowed = match self.next.take() {
+            Some(mask) => mask,
+            None => self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?,
+        };
+        for (id, l) in logits.iter_mut().enumerate() {
+            if id >= self.vocab || !allowed.is_allowed(id as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        self.next = Some(allowed);
+        Ok(())
+    }
+
+    /// Whether `token` may come next.
+    pub fn allows(&mut self, token: u32) -> Result<bool, String> {
+        if token as usize >= self.vocab {
+            return Ok(false);
+        }
+        if self.next.is_none() {
+            self.next = Some(self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?);
+        }
+        Ok(self.next.as_ref().is_some_and(|m| m.is_allowed(token)))
+    }
+
+    /// Moves past `token`; an error when the grammar does not allow it (the constraint is
+    /// then unusable).
+    pub fn advance(&mut self, token: u32) -> Result<(), String> {
+        if !self.allows(token)? {
+            return Err(format!("token {token} is not allowed by the grammar here"));
+        }
+        self.next = None;
+        if self.matcher.is_stopped() {
+            // Past the end: only the end-of-sequence token was allowed, and it ends the answer.
+            return Ok(());
+        }
+        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    /// Whether the output so far is a complete match.
+    pub fn is_complete(&mut self) -> bool {
+        self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
+    }
+}

@@ -1,0 +1,183 @@
+//! Structured output on the real model (issue 21): the grammar a request's
+//! `response_format` / `tools` compile into holds every sampled token to it; the same
+//! answer re-checked by the verifier passes, and an answer that leaves the grammar fails
+//! the proof even where each token would pass as a near-tie.
+
+use ludus::crypto::identity::Identity;
+use ludus::http::structured;
+use ludus::inference::grammar::GrammarCompiler;
+use ludus::inference::{ChatMessage, Engine, GenerateRequest, Model, SamplingParams};
+use ludus::proof::verify::{verify, Tolerances};
+use ludus::proof::{Format, ProofBuilder};
+use serde_json::{json, Value};
+use tch::{Device, Kind};
+
+use crate::cluster::Cluster;
+use crate::helpers::{collect, engine, smollm2};
+
+/// The grammar `body`'s `response_format` / `tools` make.
+fn grammar(body: Value) -> String {
+    structured::parse(body.as_object().unwrap()).unwrap().grammar.expect("a grammar")
+}
+
+fn npc_schema() -> Value {
+    json!({"type": "json_schema", "json_schema": {"name": "npc", "strict": true, "schema": {
+        "type": "object",
+        "properties": {
+            "line": {"type": "string", "maxLength": 60},
+            "emotion": {"enum": ["angry", "calm", "afraid"]},
+            "gold": {"type": "integer", "minimum": 0, "maximum": 100}
+        },
+        "required": ["line", "emotion", "gold"],
+        "additionalProperties": false
+    }}})
+}
+
+fn prompt(model_tokenizer: &Model, ask: &str) -> Vec<u32> {
+    let messages = vec![
+        ChatMessage::new("system", "You are a guard in a fantasy village. Answer in JSON."),
+        ChatMessage::new("user", ask),
+    ];
+    model_tokenizer.chat_prompt(&messages).unwrap()
+}
+
+fn run(engine: &Engine, prompt: &[u32], params: SamplingParams, collect_hidden: bool) -> GenerateRequest {
+    let _ = engine;
+    GenerateRequest { prompt: prompt.to_vec(), params, max_tokens: 120, collect_hidden, ..Default::default() }
+}
+
+#[test]
+fn sampled_answers_always_match_their_schema() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let engine = engine(&path, 8);
+    let g: std::sync::Arc<str> = grammar(json!({"response_format": npc_schema()})).into();
+    let asks = ["Who goes there?", "The dragon is coming!", "Can I pass the gate?", "Give me your gold."];
+    let receivers: Vec<_> = (0..8)
+        .map(|i| {
+            let params = SamplingParams {
+                temperature: 1.0,
+                seed: 77 + i as u64,
+                grammar: Some(g.clone()),
+                ..Default::default()
+            };
+            engine.submit(run(&engine, &prompt(&model, asks[i % asks.len()]), params, false)).unwrap()
+        })
+        .collect();
+    for rx in receivers {
+        let (_, text, done) = crate::helpers::drain(rx);
+        assert_eq!(done.reason, ludus::inference::FinishReason::Stop, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(v["line"].as_str().is_some_and(|l| l.chars().count() <= 60), "{text}");
+        assert!(["angry", "calm", "afraid"].contains(&v["emotion"].as_str().unwrap()), "{text}");
+        assert!((0..=100).contains(&v["gold"].as_i64().unwrap()), "{text}");
+        assert_eq!(v.as_object().unwrap().len(), 3, "{text}");
+    }
+}
+
+#[test]
+fn a_required_tool_call_names_a_listed_function_with_valid_arguments() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let engine = engine(&path, 2);
+    let tools = json!([
+        {"type": "function", "function": {"name": "draw_sword", "parameters": {"type": "object",
+            "properties": {"hand": {"enum": ["left", "right"]}}, "required": ["hand"]}}},
+        {"type": "function", "function": {"name": "flee", "parameters": {"type": "object",
+            "properties": {"steps": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["steps"]}}}
+    ]);
+    let g: std::sync::Arc<str> = grammar(json!({"tools": tools, "tool_choice": "required"})).into();
+    for seed in 0..3 {
+        let params = SamplingParams { temperature: 1.0, seed, grammar: Some(g.clone()), ..Default::default() };
+        let (_, text, _) = collect(&engine, run(&engine, &prompt(&model, "A bandit attacks you!"), params, false));
+        let call = structured::tool_call(&text).unwrap_or_else(|| panic!("not a call: {text}"));
+        let args: Value = serde_json::from_str(&call.arguments).unwrap();
+        match call.name.as_str() {
+            "draw_sword" => assert!(["left", "right"].contains(&args["hand"].as_str().unwrap()), "{text}"),
+            "flee" => assert!((1..=9).contains(&args["steps"].as_i64().unwrap()), "{text}"),
+            other => panic!("unlisted function {other}: {text}"),
+        }
+    }
+}
+
+#[test]
+fn the_verifier_replays_the_grammar_honest_passes_and_leaving_it_fails() {
+    let Some(path) = smollm2() else { return };
+    let engine = engine(&path, 2);
+    let reference = Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap();
+    let node = Identity::generate();
+    let g: std::sync::Arc<str> = grammar(json!({"response_format": npc_schema()})).into();
+    let tol = Tolerances::default();
+    for (seed, temperature) in [(5u64, 0.0f32), (6, 1.0)] {
+        let params = SamplingParams { temperature, seed, grammar: Some(g.clone()), ..Default::default() };
+        let p = prompt(&reference, "Who goes there?");
+        let rx = engine.submit(run(&engine, &p, params.clone(), true)).unwrap();
+        let challenge = [seed as u8; 32];
+        let mut builder = ProofBuilder::new(challenge, 64).format(Format::of(engine.quantization, engine.kind));
+        let completion = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
+        let proof = builder.finish(&node, seed, "smollm2", &completion).expect("a proof");
+        let honest = verify(&reference, &proof, &p, &completion, &params, &tol).unwrap();
+        assert!(honest.accepted, "honest constrained answer rejected: {honest:?}");
+        let unconstrained = SamplingParams { grammar: None, ..params.clone() };
+        // A node that ignores the schema: it samples the same way without the mask, and
+        // its first token is already prose the grammar forbids.
+        let len = completion.len().max(4);
+        let mut rogue_builder = ProofBuilder::new(challenge, 64).format(Format::of(engine.quantization, engine.kind));
+        let rx = engine
+            .submit(GenerateRequest {
+                prompt: p.clone(),
+                params: unconstrained.clone(),
+                max_tokens: len,
+                collect_hidden: true,
+                min_tokens: len,
+                ..Default::default()
+            })
+            .unwrap();
+        let rogue = ludus::proof::signed::collect_blocking(rx, &mut rogue_builder).unwrap();
+        let rogue_proof = rogue_builder.finish(&node, seed, "smollm2", &rogue).expect("a proof");
+        let fair = verify(&reference, &rogue_proof, &p, &rogue, &unconstrained, &tol).unwrap();
+        assert!(fair.accepted, "the same run checked without the grammar passes: {fair:?}");
+        let caught = verify(&reference, &rogue_proof, &p, &rogue, &params, &tol).unwrap();
+        assert!(!caught.accepted, "{caught:?}");
+        assert!(caught.reasons.iter().any(|r| r.contains("grammar")), "{:?}", caught.reasons);
+    }
+}
+
+#[test]
+fn grammars_that_cannot_compile_are_refused_with_the_reason() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let compiler = GrammarCompiler::for_tokenizer(&model.tokenizer).unwrap();
+    let bad = grammar(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+        "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}, "required": ["a"]}}}}));
+    assert!(compiler.compile(&bad).is_err());
+    let too_big = "start: \"a\"\n".repeat(10_000);
+    assert!(compiler.compile(&too_big).unwrap_err().contains("at most"));
+    assert!(compiler.compile(&grammar(json!({"response_format": npc_schema()}))).is_ok());
+}
+
+/// The official Python SDK against a real node (tests/python/structured_output.py):
+/// `chat.completions.parse` with ten Pydantic models at temperature 1, a tools round trip
+/// streamed and not, and 400s that name their field.
+#[test]
+fn the_openai_sdk_parses_structured_answers_and_round_trips_tools() {
+    let Some(python) = crate::helpers::python_with_openai() else { return };
+    let Some(path) = smollm2() else { return };
+    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+    let mut cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
+    cluster.add_node(&["--model", path.to_str().unwrap(), "--capacity", "8"]);
+    cluster.wait_nodes(MODEL, 1);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/structured_output.py");
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .env("LUDUS_BASE_URL", format!("http://{}/v1", cluster.addr))
+        .env("LUDUS_KEY", &cluster.key)
+        .env("LUDUS_MODEL", MODEL)
+        .env("LUDUS_RUNS_PER_SCHEMA", "20")
+        .output()
+        .unwrap();
+    crate::helpers::assert_success(&out, "the structured output SDK script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("200 structured answers under 10 schemas all parsed"), "{stdout}");
+    assert!(stdout.contains("all structured output checks passed"), "{stdout}");
+}
