@@ -774,8 +774,11 @@ impl Handler<Dispatch> for NodeProxy {
             .continuing(&self.config.ticket_secret, prefix);
         // A fresh challenge for models the verifiers hold, failover continuations included:
         // their proof covers prompt + prefix as its prompt. (Not when frequency or presence
-        // penalties apply: those count the prefix as generated, the proof's prompt does not.)
-        let penalized = job.params.frequency_penalty != 0.0 || job.params.presence_penalty != 0.0;
+        // penalties apply, nor under a grammar: those count the prefix as generated, the
+        // proof's prompt does not. The server still checks every token of such a
+        // continuation against the grammar.)
+        let penalized =
+            job.params.frequency_penalty != 0.0 || job.params.presence_penalty != 0.0 || job.params.grammar.is_some();
         let challenge = self
             .config
             .verification

@@ -2,6 +2,7 @@
 //! time to first token and peak memory, through the real engine.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Subcommand;
@@ -26,6 +27,11 @@ pub enum BenchCommand {
         /// Prompt length for the prefill measurement.
         #[arg(long, default_value_t = 256)]
         prompt_tokens: usize,
+        /// Also decode under a JSON-schema grammar (structured output) at each batch size,
+        /// in the same run, and print the ratio to unconstrained decoding; and time the
+        /// compilation of a 20-field schema.
+        #[arg(long)]
+        constrained: bool,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
@@ -112,7 +118,7 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
             memory(&model, &quantize, threads)
         };
     }
-    let BenchCommand::Decode { model, batch, tokens, prompt_tokens, runtime } = cmd else {
+    let BenchCommand::Decode { model, batch, tokens, prompt_tokens, constrained, runtime } = cmd else {
         anyhow::bail!("`bench load` is handled by cli::load");
     };
     let max_batch = batch.iter().copied().max().unwrap_or(1);
@@ -121,13 +127,22 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
     let mut long_prompt = engine.tokenizer.encode(&text.repeat(prompt_tokens / 10 + 1), false)?;
     long_prompt.truncate(prompt_tokens.max(1));
     let short_prompt = engine.tokenizer.encode("Once upon a time, a knight", false)?;
-    let run_batch = |prompt: &[u32], b: usize, n: usize| -> anyhow::Result<(f64, f64, f64)> {
+    // Before any constrained run, so that the token trie's first build is timed.
+    let compile_ms = if constrained { Some(schema_compile_ms(&engine.tokenizer)?) } else { None };
+    let grammar = constrained.then(|| long_string_grammar(tokens));
+    let run_batch_with = |prompt: &[u32],
+                          b: usize,
+                          n: usize,
+                          grammar: Option<&Arc<str>>|
+     -> anyhow::Result<(f64, f64, f64)> {
         let started = Instant::now();
         let mut streams = Vec::new();
         for i in 0..b {
-            let params = SamplingParams { seed: i as u64, ..SamplingParams::greedy() };
+            let params = SamplingParams { seed: i as u64, grammar: grammar.cloned(), ..SamplingParams::greedy() };
+            // A grammar keeps the answer going by itself (its string is long).
+            let min_tokens = if grammar.is_some() { 0 } else { n };
             let request =
-                GenerateRequest { prompt: prompt.to_vec(), params, max_tokens: n, min_tokens: n, ..Default::default() };
+                GenerateRequest { prompt: prompt.to_vec(), params, max_tokens: n, min_tokens, ..Default::default() };
             streams.push(engine.submit(request)?);
         }
         let (mut first, mut last, mut generated) = (f64::MAX, 0f64, 0usize);
@@ -147,6 +162,7 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         }
         Ok((first, last, generated as f64))
     };
+    let run_batch = |prompt: &[u32], b: usize, n: usize| run_batch_with(prompt, b, n, None);
     // Warm-up: first calls allocate and pick kernels.
     run_batch(&short_prompt, 1, 8)?;
     let (ttft_ms, _, _) = run_batch(&long_prompt, 1, 1)?;
@@ -157,10 +173,19 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         // Decode rate after all sequences produced their first token.
         let decode_tok_s = (generated - b as f64) / ((total_ms - first_ms).max(1e-3) / 1e3);
         let per_seq = decode_tok_s / b as f64;
-        rows.push(
-            serde_json::json!({"batch": b, "decode_tokens_per_s": decode_tok_s, "per_sequence_tokens_per_s": per_seq}),
-        );
+        let mut row =
+            serde_json::json!({"batch": b, "decode_tokens_per_s": decode_tok_s, "per_sequence_tokens_per_s": per_seq});
         eprintln!("batch {b:>3}: {decode_tok_s:8.1} tokens/s aggregate, {per_seq:6.1} per sequence");
+        if let Some(g) = &grammar {
+            // Right after the unconstrained run, on the same engine: a ratio, not a figure.
+            let (first_ms, total_ms, generated) = run_batch_with(&short_prompt, b, tokens, Some(g))?;
+            let constrained_tok_s = (generated - b as f64) / ((total_ms - first_ms).max(1e-3) / 1e3);
+            let ratio = constrained_tok_s / decode_tok_s;
+            row["constrained_tokens_per_s"] = constrained_tok_s.into();
+            row["constrained_ratio"] = ratio.into();
+            eprintln!("batch {b:>3}: {constrained_tok_s:8.1} tokens/s under a JSON schema ({ratio:.2}x unconstrained)");
+        }
+        rows.push(row);
     }
     let batch1 = rows.iter().find(|r| r["batch"] == 1).and_then(|r| r["decode_tokens_per_s"].as_f64());
     let report = serde_json::json!({
@@ -179,9 +204,53 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         "weight_bandwidth_gb_s_batch1": batch1.map(|t| t * engine.weight_bytes as f64 / 1e9),
         "peak_rss_bytes": peak_rss_bytes(),
         "rss_bytes": rss_bytes(),
+        "grammar_compile_ms": compile_ms,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// A JSON object whose one string field is long enough (8 bytes a token) that the answer
+/// runs to `tokens` under the grammar, as the unconstrained run does.
+fn long_string_grammar(tokens: usize) -> Arc<str> {
+    let schema = serde_json::json!({"type": "object", "required": ["story"],
+        "properties": {"story": {"type": "string", "minLength": tokens * 8}},
+        "x-guidance": {"whitespace_flexible": false}});
+    format!("start: %json {schema}\n").into()
+}
+
+/// Time to compile a 20-field schema for one request (the token trie already built), and
+/// the first build of the trie, in milliseconds.
+fn schema_compile_ms(tokenizer: &crate::inference::tokenizer::Tokenizer) -> anyhow::Result<serde_json::Value> {
+    use crate::inference::grammar::GrammarCompiler;
+    let started = Instant::now();
+    let compiler = GrammarCompiler::for_tokenizer(tokenizer).map_err(anyhow::Error::msg)?;
+    let trie_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut properties = serde_json::Map::new();
+    for i in 0..20 {
+        let field = match i % 5 {
+            0 => serde_json::json!({"type": "string", "maxLength": 40}),
+            1 => serde_json::json!({"type": "integer", "minimum": 0, "maximum": 1000}),
+            2 => serde_json::json!({"enum": ["north", "south", "east", "west"]}),
+            3 => serde_json::json!({"type": "array", "items": {"type": "number"}, "maxItems": 4}),
+            _ => {
+                serde_json::json!({"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "boolean"}}})
+            }
+        };
+        properties.insert(format!("field_{i}"), field);
+    }
+    let schema =
+        serde_json::json!({"type": "object", "properties": properties, "x-guidance": {"whitespace_flexible": false}});
+    let grammar = format!("start: %json {schema}\n");
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        compiler.compile(&grammar).map_err(anyhow::Error::msg)?;
+        runs.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    runs.sort_by(f64::total_cmp);
+    eprintln!("grammar: token trie {trie_ms:.1} ms (once per model), 20-field schema {:.1} ms median", runs[2]);
+    Ok(serde_json::json!({"token_trie_ms": trie_ms, "schema_20_fields_ms_median": runs[2]}))
 }
 
 /// `ludus bench quality`: one JSON line per quantization.

@@ -5,6 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use super::errors::ApiError;
+use crate::inference::sampling::MAX_LOGIT_BIAS;
 use crate::inference::{ChatMessage, SamplingParams};
 use crate::protocol::{FinishReason, TaskInput, TaskUsage};
 
@@ -148,6 +149,40 @@ fn prompt(obj: &Map<String, Value>) -> Result<String, ApiError> {
     }
 }
 
+/// `logit_bias`: `{"token id": bias}`, at most [`MAX_LOGIT_BIAS`] entries, each bias in
+/// [−100, 100]. (Ids past the model's vocabulary are refused where the server holds it.)
+fn logit_bias(obj: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match obj.get("logit_bias") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(map)) => map,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("`logit_bias` must be an object, not {}", type_name(other)),
+            ))
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::invalid("logit_bias", format!("`logit_bias` takes at most {MAX_LOGIT_BIAS} tokens")));
+    }
+    let mut out: Vec<(u32, f32)> = map
+        .iter()
+        .map(|(token, bias)| {
+            let id = token.parse::<u32>().map_err(|_| {
+                ApiError::invalid("logit_bias", format!("`logit_bias` keys must be token ids, got `{token}`"))
+            })?;
+            match bias.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => {
+                    Err(ApiError::invalid("logit_bias", format!("`logit_bias[{token}]` must be between -100 and 100")))
+                }
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort_by_key(|&(id, _)| id);
+    Ok(out)
+}
+
 fn stop(obj: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     let stops = match obj.get("stop") {
         None | Some(Value::Null) => Vec::new(),
@@ -246,6 +281,7 @@ pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> 
         frequency_penalty: ranged(&obj, "frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0),
         seed,
         grammar: structured.grammar.as_deref().map(std::sync::Arc::from),
+        logit_bias: logit_bias(&obj)?,
         ..SamplingParams::default()
     };
     Ok(ValidRequest {
@@ -283,6 +319,15 @@ pub struct ResponseMeta {
     pub created: u64,
     pub model: String,
     pub endpoint: Endpoint,
+    /// OpenAI's `system_fingerprint`: names the serving stack (this release and the model),
+    /// so that a game can tell a seeded answer will repeat.
+    pub fingerprint: String,
+}
+
+/// The `system_fingerprint` of answers from `model` on this release.
+pub fn fingerprint(model: &str) -> String {
+    let digest = crate::crypto::identity::keccak(format!("{}:{model}", env!("CARGO_PKG_VERSION")).as_bytes());
+    format!("fp_{}", hex::encode(&digest[..5]))
 }
 
 impl ResponseMeta {
@@ -308,13 +353,13 @@ impl ResponseMeta {
                     None => (json!({"role": "assistant", "content": text}), finish(reason)),
                 };
                 json!({
-                    "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                    "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
                     "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason}],
                     "usage": usage_json(usage),
                 })
             }
             Endpoint::Completions => json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish(reason)}],
                 "usage": usage_json(usage),
             }),
@@ -333,11 +378,11 @@ impl ResponseMeta {
                 if let Some(t) = text {
                     delta.insert("content".into(), t.into());
                 }
-                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
                        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason}]})
             }
             Endpoint::Completions => {
-                json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
                        "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason}]})
             }
         }
@@ -358,20 +403,20 @@ impl ResponseMeta {
             delta.insert("content".into(), Value::Null);
         }
         delta.insert("tool_calls".into(), json!([call]));
-        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]})
     }
 
     /// The last chunk of a streamed tool call.
     pub fn call_finish_chunk(&self) -> Value {
-        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
                "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]})
     }
 
     /// The usage chunk sent before `[DONE]` when `stream_options.include_usage` is set.
     pub fn usage_chunk(&self, usage: TaskUsage) -> Value {
         let object = if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(usage)})
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint, "choices": [], "usage": usage_json(usage)})
     }
 }
 
@@ -427,5 +472,39 @@ mod tests {
         }
         let err = parse_request(br#"{"model":"m","prompt":["a","b"]}"#, Endpoint::Completions, LIMITS).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn logit_bias_is_read_sorted_and_bounded() {
+        let body =
+            |bias: &str| format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"logit_bias":{bias}}}"#);
+        let r = parse(&body(r#"{"42": -100, "7": 2.5}"#)).unwrap();
+        assert_eq!(r.params.logit_bias, vec![(7, 2.5), (42, -100.0)]);
+        for bad in [r#"{"x": 1}"#, r#"{"5": 101}"#, r#"{"5": "high"}"#, "[1]"] {
+            assert_eq!(parse(&body(bad)).unwrap_err().param.as_deref(), Some("logit_bias"), "{bad}");
+        }
+        let many: Vec<String> = (0..=MAX_LOGIT_BIAS).map(|i| format!("\"{i}\": 1")).collect();
+        assert_eq!(parse(&body(&format!("{{{}}}", many.join(",")))).unwrap_err().param.as_deref(), Some("logit_bias"));
+    }
+
+    #[test]
+    fn the_fingerprint_is_stable_per_model_and_in_every_answer() {
+        assert_eq!(fingerprint("a"), fingerprint("a"));
+        assert_ne!(fingerprint("a"), fingerprint("b"));
+        let meta = ResponseMeta {
+            id: "chatcmpl-1".into(),
+            created: 0,
+            model: "a".into(),
+            endpoint: Endpoint::Chat,
+            fingerprint: fingerprint("a"),
+        };
+        let usage = TaskUsage { prompt_tokens: 1, completion_tokens: 1 };
+        for v in [
+            meta.full("hi", FinishReason::Stop, usage, false),
+            meta.chunk(Some("h"), true, None),
+            meta.usage_chunk(usage),
+        ] {
+            assert_eq!(v["system_fingerprint"], fingerprint("a"), "{v}");
+        }
     }
 }

@@ -128,7 +128,9 @@ async fn complete(
     let mut admitted = state.gateway.send(admit).await.map_err(internal)??;
     let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let meta = ResponseMeta { id: format!("{prefix}-{}", admitted.id), created, model: valid.model, endpoint };
+    let fingerprint = super::openai::fingerprint(&valid.model);
+    let meta =
+        ResponseMeta { id: format!("{prefix}-{}", admitted.id), created, model: valid.model, endpoint, fingerprint };
     if valid.stream {
         // Hold the headers until the first event, so a failure before any token (no node,
         // queue timeout) gets its real status and Retry-After instead of a 200.
@@ -170,6 +172,13 @@ async fn job_text(state: &AppState, valid: &ValidRequest) -> Result<Option<JobTe
         }
         return Ok(None);
     };
+    let vocab = model.tokenizer.vocab_size();
+    if let Some(&(id, _)) = valid.params.logit_bias.iter().find(|&&(id, _)| id as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!("`logit_bias`: token id {id} is outside the model's vocabulary of {vocab}"),
+        ));
+    }
     let Some(grammar) = valid.params.grammar.clone() else { return Ok(Some(JobText::new(model, &valid.stop, None))) };
     let tokenizer = model.tokenizer.clone();
     let compiled =

@@ -464,9 +464,24 @@ impl Scheduler {
             start,
             logits: if last { LogitsFor::Last } else { LogitsFor::None },
         });
-        let out = {
+        // Grammar masks for the tokens this step samples are computed on a second thread
+        // while the model runs: off the critical path (docs/benchmarks.md, structured output).
+        let pending: Vec<&mut Constraint> =
+            self.running.iter_mut().filter_map(|s| s.constraint.as_mut()).filter(|c| c.needs_mask()).collect();
+        let (llama, cache) = (&self.model.llama, &mut self.cache);
+        let mut run = || {
             let _guard = tch::no_grad_guard();
-            self.model.llama.step(&mut self.cache, &tokens, &positions, chunk)?
+            llama.step(cache, &tokens, &positions, chunk)
+        };
+        let out = if pending.is_empty() {
+            run()?
+        } else {
+            std::thread::scope(|scope| {
+                let masks = scope.spawn(move || pending.into_iter().for_each(Constraint::prepare));
+                let out = run();
+                let _ = masks.join();
+                out
+            })?
         };
         let tokenizer = self.model.tokenizer.clone();
         let d = self.model.llama.config.hidden_size;

@@ -145,6 +145,20 @@ impl Constraint {
         Ok(())
     }
 
+    /// Computes the mask for the next token now, so that [`Self::mask`] finds it ready.
+    /// The engine runs this on another thread while the model computes the logits it will
+    /// mask. An error is left for `mask` to report.
+    pub fn prepare(&mut self) {
+        if self.next.is_none() {
+            self.next = self.matcher.compute_mask_or_eos().ok();
+        }
+    }
+
+    /// Whether the mask for the next token still has to be computed.
+    pub fn needs_mask(&self) -> bool {
+        self.next.is_none()
+    }
+
     /// Whether `token` may come next.
     pub fn allows(&mut self, token: u32) -> Result<bool, String> {
         if token as usize >= self.vocab {

@@ -36,7 +36,14 @@ pub struct SamplingParams {
     /// node and for the verifier alike.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grammar: Option<std::sync::Arc<str>>,
+    /// Added to the logits of these tokens before sampling (OpenAI's `logit_bias`: −100
+    /// bans a token, +100 all but forces it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// Most `logit_bias` entries a request may carry.
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -50,6 +57,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: 0,
             grammar: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -88,6 +96,12 @@ impl SamplingParams {
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) || !(-2.0..=2.0).contains(&self.presence_penalty) {
             return Err("frequency_penalty and presence_penalty must be between -2 and 2".into());
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(format!("logit_bias takes at most {MAX_LOGIT_BIAS} tokens"));
+        }
+        if self.logit_bias.iter().any(|&(_, b)| !(-100.0..=100.0).contains(&b)) {
+            return Err("logit_bias values must be between -100 and 100".into());
         }
         Ok(())
     }
@@ -138,8 +152,13 @@ pub fn gumbel(seed: u64, position: u64, token: u32) -> f64 {
     -(-uniform(seed, position, token).ln()).ln()
 }
 
-/// Applies the penalties of `params` to `logits` in place.
+/// Applies the penalties and the logit bias of `params` to `logits` in place.
 pub fn apply_penalties(logits: &mut [f32], params: &SamplingParams, history: &TokenHistory) {
+    for &(t, bias) in &params.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += bias;
+        }
+    }
     if params.repetition_penalty != 1.0 {
         for &t in history.seen.keys() {
             if let Some(l) = logits.get_mut(t as usize) {

@@ -150,7 +150,10 @@ fn pos_count(p: usize) -> usize {
 }
 
 fn penalties_apply(params: &SamplingParams) -> bool {
-    params.repetition_penalty != 1.0 || params.frequency_penalty != 0.0 || params.presence_penalty != 0.0
+    params.repetition_penalty != 1.0
+        || params.frequency_penalty != 0.0
+        || params.presence_penalty != 0.0
+        || !params.logit_bias.is_empty()
 }
 
 /// How far the node's token is below the verifier's pick (0 when they agree).

@@ -1,13 +1,16 @@
 //! The guides' examples are code: every fenced block marked `bash example`, `python
 //! example`, `javascript example` (Node with the openai npm package from tests/js) or
 //! `csharp example` (compiled with Mono's mcs, run with mono) in docs/game-developers.md
-//! runs here against a live server and must succeed.
+//! runs here against a live server and must succeed. Blocks marked `<language> example
+//! model` (structured output, tools) need a real model: they run against a SmolLM2 node
+//! whose tokenizer the server holds.
 
 use std::process::Command;
 
 use super::cluster::Cluster;
 
-/// (language, code) of every block whose info string is `<language> example`.
+/// (language, code) of every block whose info string is `<language> example`, and those
+/// marked `<language> example model` as language `<language>+model`.
 fn examples(markdown: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut current: Option<(String, String)> = None;
@@ -15,8 +18,12 @@ fn examples(markdown: &str) -> Vec<(String, String)> {
         match (&mut current, line.trim_start().strip_prefix("```")) {
             (None, Some(info)) => {
                 // Blocks that are not marked as examples are read to their end and skipped.
-                let lang = info.trim().strip_suffix(" example").unwrap_or("skip");
-                current = Some((lang.to_string(), String::new()));
+                let info = info.trim();
+                let lang = match info.strip_suffix(" example model") {
+                    Some(lang) => format!("{lang}+model"),
+                    None => info.strip_suffix(" example").unwrap_or("skip").to_string(),
+                };
+                current = Some((lang, String::new()));
             }
             (Some(_), Some(_)) => {
                 let (lang, code) = current.take().unwrap();
@@ -51,11 +58,25 @@ fn every_example_in_the_game_developer_guide_runs() {
         "Mono's mcs and mono (scripts/setup --test)",
         Command::new("mcs").arg("--version").output().is_ok_and(|o| o.status.success()),
     );
+    assert!(["python+model", "javascript+model", "csharp+model"].iter().all(|l| blocks.iter().any(|(b, _)| b == l)));
     let scratch = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start("");
+    let real = super::helpers::smollm2();
+    const REAL: &str = "SmolLM2-135M-Instruct.Q4_1";
+    let config =
+        real.as_ref().map_or(String::new(), |p| format!("model_files = {{ \"{REAL}\" = \"{}\" }}\n", p.display()));
+    let mut cluster = Cluster::start(&config);
     cluster.add_node(&["--fake-engine", "6:1"]);
     cluster.wait_nodes("fake", 1);
+    if let Some(path) = &real {
+        cluster.add_node(&["--model", path.to_str().unwrap()]);
+        cluster.wait_nodes(REAL, 1);
+    }
     for (i, (lang, code)) in blocks.iter().enumerate() {
+        let (lang, model) = match lang.strip_suffix("+model") {
+            Some(_) if real.is_none() => continue,
+            Some(lang) => (lang.to_string(), REAL),
+            None => (lang.clone(), "fake"),
+        };
         let mut cmd = match lang.as_str() {
             "bash" => {
                 let mut c = Command::new("bash");
@@ -98,7 +119,7 @@ fn every_example_in_the_game_developer_guide_runs() {
         let out = cmd
             .env("LUDUS_URL", format!("http://{}", cluster.addr))
             .env("LUDUS_KEY", &cluster.key)
-            .env("LUDUS_MODEL", "fake")
+            .env("LUDUS_MODEL", model)
             .output()
             .unwrap();
         if lang == "javascript" {

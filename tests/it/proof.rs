@@ -189,6 +189,18 @@ enum Cheat {
     ClaimInt8,
     /// The node runs int8 but signs its proof as int4.
     ClaimInt4,
+    /// An honest node on a task with a JSON schema (structured output).
+    Constrained,
+    /// A task with a JSON schema that the node samples without the mask.
+    IgnoreGrammar,
+}
+
+/// The grammar of an NPC's JSON answer, as `response_format` compiles it.
+fn npc_grammar() -> std::sync::Arc<str> {
+    let body = serde_json::json!({"response_format": {"type": "json_schema", "json_schema": {"name": "npc", "schema": {
+        "type": "object", "required": ["line", "emotion"], "additionalProperties": false,
+        "properties": {"line": {"type": "string", "maxLength": 80}, "emotion": {"enum": ["angry", "calm", "afraid"]}}}}}});
+    ludus::http::structured::parse(body.as_object().unwrap()).unwrap().grammar.unwrap().into()
 }
 
 struct Case {
@@ -335,6 +347,38 @@ fn honest_runs_pass_and_cheaters_fail() {
             model: from(layer_skipped),
         },
         Case {
+            name: "honest f32 under a JSON schema, batch 8",
+            honest: Some(true),
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::Constrained,
+            model: load(Kind::Float),
+        },
+        Case {
+            name: "honest bf16 under a JSON schema, batch 8",
+            honest: Some(true),
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::Constrained,
+            model: load(Kind::BFloat16),
+        },
+        Case {
+            name: "honest int4 under a JSON schema, batch 8",
+            honest: Some(true),
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::Constrained,
+            model: quantized(Quantization::Int4),
+        },
+        Case {
+            name: "JSON schema ignored (sampled without the mask)",
+            honest: Some(false),
+            batch: 8,
+            threads: 2,
+            cheat: Cheat::IgnoreGrammar,
+            model: load(Kind::Float),
+        },
+        Case {
             name: "one output token edited",
             honest: Some(false),
             batch: 8,
@@ -384,7 +428,10 @@ fn honest_runs_pass_and_cheaters_fail() {
         for start in (0..n).step_by(case.batch) {
             let jobs: Vec<(usize, Vec<u32>, SamplingParams)> = (start..(start + case.batch).min(n))
                 .map(|i| {
-                    let (mut prompt, params) = task(&reference, i);
+                    let (mut prompt, mut params) = task(&reference, i);
+                    if matches!(case.cheat, Cheat::Constrained | Cheat::IgnoreGrammar) {
+                        params.grammar = Some(npc_grammar());
+                    }
                     if case.cheat == Cheat::EditPrompt {
                         // The node runs the prompt with one token of the user's message
                         // changed (same length, so only the states can tell).
@@ -395,7 +442,15 @@ fn honest_runs_pass_and_cheaters_fail() {
                 })
                 .collect();
             let t = Instant::now();
-            let results = generate(&engine, &node, &jobs);
+            let results = if case.cheat == Cheat::IgnoreGrammar {
+                let free: Vec<_> = jobs
+                    .iter()
+                    .map(|(i, prompt, params)| (*i, prompt.clone(), SamplingParams { grammar: None, ..params.clone() }))
+                    .collect();
+                generate(&engine, &node, &free)
+            } else {
+                generate(&engine, &node, &jobs)
+            };
             gen_s += t.elapsed().as_secs_f64();
             for ((i, _, params), (mut completion, mut proof)) in jobs.iter().zip(results) {
                 let (true_prompt, _) = task(&reference, *i);

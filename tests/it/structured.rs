@@ -180,4 +180,138 @@ fn the_openai_sdk_parses_structured_answers_and_round_trips_tools() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("200 structured answers under 10 schemas all parsed"), "{stdout}");
     assert!(stdout.contains("all structured output checks passed"), "{stdout}");
+    // The same through the openai npm package (installed by scripts/setup --test).
+    let js_tools = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.ludus/js-tools"));
+    if !crate::helpers::required_tool(
+        "the openai npm package (scripts/setup --test)",
+        js_tools.join("node_modules/openai").exists(),
+    ) {
+        return;
+    }
+    let script = js_tools.join(format!("structured-output-{}.mjs", std::process::id()));
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/structured_output.mjs"), &script).unwrap();
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .env("LUDUS_BASE_URL", format!("http://{}/v1", cluster.addr))
+        .env("LUDUS_KEY", &cluster.key)
+        .env("LUDUS_MODEL", MODEL)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&script);
+    crate::helpers::assert_success(&out, "the structured output npm SDK script");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all structured output checks passed (javascript)"));
+}
+
+/// A node that answers a JSON task with prose is cut at the first token the grammar does
+/// not allow: the server checks every id against its own copy of the grammar, so the
+/// prose never reaches the game and nothing is recorded for the node.
+#[test]
+fn a_node_that_leaves_the_schema_is_cut_before_the_game_reads_it() {
+    use ludus::protocol::{NodeMessage, ServerMessage};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    let Some(path) = smollm2() else { return };
+    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+    let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
+    let text = ludus::inference::ModelText::load(&path).unwrap();
+    let open = text.tokenizer.encode("{", false).unwrap();
+    let prose = text.tokenizer.encode("Hello traveller", false).unwrap();
+    let body = json!({"model": MODEL, "max_tokens": 16, "stream": true,
+        "response_format": {"type": "json_object"},
+        "messages": [{"role": "user", "content": "Greet the traveller."}]})
+    .to_string();
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let asked = std::sync::Arc::new(AtomicBool::new(false));
+    let game = {
+        let asked = asked.clone();
+        std::thread::spawn(move || loop {
+            let mut s = crate::cluster::SseStream::open(&addr, &key, &body);
+            if s.status == 200 {
+                let mut read = String::new();
+                while let Some(data) = s.next_data() {
+                    read.push_str(&data);
+                }
+                return read;
+            }
+            if asked.load(Ordering::Relaxed) {
+                return String::new();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        })
+    };
+    let reason = actix_rt::System::new().block_on(async {
+        let mut rogue = crate::registry::Rogue::join(&cluster.addr, MODEL).await;
+        let spec = rogue.task(&mut []).await;
+        asked.store(true, Ordering::Relaxed);
+        assert!(spec.params.grammar.as_deref().is_some_and(|g| g.contains("%json")), "{:?}", spec.params);
+        for (index, &token) in open.iter().chain(&prose).enumerate() {
+            let m = NodeMessage::Token { id: spec.id, index, token, text: String::new() };
+            if rogue.link.send(&m).await.is_err() {
+                break;
+            }
+        }
+        let mut reason = String::new();
+        while let Ok(m) = rogue.link.recv(Duration::from_secs(2)).await {
+            if let ServerMessage::Goodbye { reason: r } = m {
+                reason = r;
+                break;
+            }
+        }
+        reason
+    });
+    assert!(reason.contains("leaves its grammar"), "{reason:?}");
+    let read = game.join().unwrap();
+    assert!(!read.contains("Hello"), "the game read the rogue's prose: {read}");
+    std::thread::sleep(Duration::from_millis(800)); // two blocks
+    assert_eq!(crate::database::numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0]);
+}
+
+/// Failover under a grammar: a continuation that prefills the first half of an answer as
+/// its prefix resumes the grammar there and samples the same second half; a prefix the
+/// grammar does not allow is refused.
+#[test]
+fn a_failover_continuation_resumes_the_grammar_at_the_prefix() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let engine = engine(&path, 2);
+    let g: std::sync::Arc<str> = grammar(json!({"response_format": npc_schema()})).into();
+    let params = SamplingParams { temperature: 1.0, seed: 11, grammar: Some(g), ..Default::default() };
+    let p = prompt(&model, "The dragon is coming!");
+    let (ids, text, _) = collect(&engine, run(&engine, &p, params.clone(), false));
+    assert!(ids.len() >= 6, "{text}");
+    let k = ids.len() / 2;
+    let resumed = GenerateRequest { prefix: ids[..k].to_vec(), ..run(&engine, &p, params.clone(), false) };
+    let (rest, _, _) = collect(&engine, resumed);
+    assert_eq!(rest, ids[k..].to_vec(), "{text}");
+    let prose = model.tokenizer.encode("Hello there", false).unwrap();
+    let bad = GenerateRequest { prefix: prose, ..run(&engine, &p, params, false) };
+    let err = engine.submit(bad).unwrap_err().to_string();
+    assert!(err.contains("prefix leaves the grammar"), "{err}");
+}
+
+/// `logit_bias` is part of the sampler: the node adds it before sampling and the verifier
+/// replays it. A token forced with +100 fills a greedy answer, and that answer passes only
+/// when checked with the bias it was asked with.
+#[test]
+fn logit_bias_is_applied_by_the_node_and_replayed_by_the_verifier() {
+    let Some(path) = smollm2() else { return };
+    let engine = engine(&path, 2);
+    let reference = Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap();
+    let node = Identity::generate();
+    let p = prompt(&reference, "Who goes there?");
+    let halt = reference.tokenizer.encode(" Halt", false).unwrap()[0];
+    let (plain, _, _) = collect(&engine, run(&engine, &p, SamplingParams::greedy(), false));
+    let banned = plain[0];
+    let params = SamplingParams { logit_bias: vec![(banned, -100.0)], ..SamplingParams::greedy() };
+    let (ids, _, _) = collect(&engine, run(&engine, &p, params, false));
+    assert!(!ids.contains(&banned), "a banned token was sampled: {ids:?}");
+    let forced = SamplingParams { logit_bias: vec![(halt, 100.0)], ..SamplingParams::greedy() };
+    let rx = engine.submit(GenerateRequest { max_tokens: 8, ..run(&engine, &p, forced.clone(), true) }).unwrap();
+    let mut builder = ProofBuilder::new([9; 32], 64).format(Format::of(engine.quantization, engine.kind));
+    let completion = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
+    assert_eq!(completion, vec![halt; 8]);
+    let proof = builder.finish(&node, 9, "smollm2", &completion).unwrap();
+    let tol = Tolerances::default();
+    assert!(verify(&reference, &proof, &p, &completion, &forced, &tol).unwrap().accepted);
+    assert!(!verify(&reference, &proof, &p, &completion, &SamplingParams::greedy(), &tol).unwrap().accepted);
 }
