@@ -307,6 +307,17 @@ impl Rogue {
         None
     }
 
+    /// The reason the server gives when it closes the link (empty if it does not within
+    /// two seconds of silence).
+    pub async fn goodbye(&mut self) -> String {
+        while let Ok(m) = self.link.recv(Duration::from_secs(2)).await {
+            if let ServerMessage::Goodbye { reason } = m {
+                return reason;
+            }
+        }
+        String::new()
+    }
+
     pub async fn task(&mut self, others: &mut [&mut Rogue]) -> TaskSpec {
         match self.wait(others, |m| matches!(m, ServerMessage::Task(_))).await {
             ServerMessage::Task(spec) => *spec,

@@ -49,14 +49,7 @@ fn cut_for(
                 break;
             }
         }
-        let mut reason = String::new();
-        while let Ok(m) = rogue.link.recv(Duration::from_secs(2)).await {
-            if let ServerMessage::Goodbye { reason: r } = m {
-                reason = r;
-                break;
-            }
-        }
-        reason
+        rogue.goodbye().await
     });
     (reason, game.join().unwrap())
 }

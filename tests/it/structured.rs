@@ -207,7 +207,7 @@ fn the_openai_sdk_parses_structured_answers_and_round_trips_tools() {
 /// prose never reaches the game and nothing is recorded for the node.
 #[test]
 fn a_node_that_leaves_the_schema_is_cut_before_the_game_reads_it() {
-    use ludus::protocol::{NodeMessage, ServerMessage};
+    use ludus::protocol::NodeMessage;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
     let Some(path) = smollm2() else { return };
@@ -250,14 +250,7 @@ fn a_node_that_leaves_the_schema_is_cut_before_the_game_reads_it() {
                 break;
             }
         }
-        let mut reason = String::new();
-        while let Ok(m) = rogue.link.recv(Duration::from_secs(2)).await {
-            if let ServerMessage::Goodbye { reason: r } = m {
-                reason = r;
-                break;
-            }
-        }
-        reason
+        rogue.goodbye().await
     });
     assert!(reason.contains("leaves its grammar"), "{reason:?}");
     let read = game.join().unwrap();
