@@ -27,6 +27,8 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Choices to generate (`n`, 1 to [`MAX_CHOICES`]).
+    pub n: usize,
     /// `response_format`, `tools`, `tool_choice` (the grammar is also in `params`).
     pub structured: super::structured::Structured,
 }
@@ -37,6 +39,9 @@ pub struct RequestLimits {
     pub default_max_tokens: usize,
     pub max_tokens_limit: usize,
 }
+
+/// Most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: usize = 8;
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
@@ -142,7 +147,10 @@ fn prompt(obj: &Map<String, Value>) -> Result<String, ApiError> {
             Value::String(s) if !s.is_empty() => Ok(s.clone()),
             _ => Err(ApiError::invalid("prompt", "`prompt` must be a non-empty string")),
         },
-        Some(Value::Array(_)) => Err(ApiError::invalid("prompt", "`prompt` must hold exactly one string (n = 1)")),
+        Some(Value::Array(_)) => Err(ApiError::invalid(
+            "prompt",
+            "`prompt` must hold exactly one string (one prompt per request; `n` asks for several answers)",
+        )),
         None | Some(Value::Null) => Err(ApiError::invalid("prompt", "`prompt` is required")),
         Some(Value::String(_)) => Err(ApiError::invalid("prompt", "`prompt` must not be empty")),
         Some(other) => Err(ApiError::invalid("prompt", format!("`prompt` must be a string, not {}", type_name(other)))),
@@ -245,10 +253,9 @@ pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> 
         let param = if obj.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" };
         return Err(ApiError::invalid(param, format!("`{param}` must be at most {}", limits.max_tokens_limit)));
     }
-    if let Some(n) = positive_int(&obj, "n")? {
-        if n != 1 {
-            return Err(ApiError::invalid("n", "only `n` = 1 is supported"));
-        }
+    let n = positive_int(&obj, "n")?.unwrap_or(1);
+    if n > MAX_CHOICES as u64 {
+        return Err(ApiError::invalid("n", format!("`n` must be at most {MAX_CHOICES}")));
     }
     let seed = match obj.get("seed") {
         None | Some(Value::Null) => rand::random::<u64>(),
@@ -293,6 +300,7 @@ pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> 
         stop: stop(&obj)?,
         stream,
         include_usage,
+        n: n as usize,
         structured,
     })
 }
@@ -331,43 +339,49 @@ pub fn fingerprint(model: &str) -> String {
 }
 
 impl ResponseMeta {
-    /// The id of the answer's tool call.
-    pub fn call_id(&self) -> String {
-        format!("call_{}", self.id.rsplit('-').next().unwrap_or(&self.id))
+    /// The id of choice `index`'s tool call.
+    pub fn call_id(&self, index: usize) -> String {
+        format!("call_{}_{index}", self.id.rsplit('-').next().unwrap_or(&self.id))
     }
 
-    /// A whole (non-streamed) response. With `tools`, an answer that is a whole call comes
-    /// back as `tool_calls` (finish reason `tool_calls`).
-    pub fn full(&self, text: &str, reason: FinishReason, usage: TaskUsage, tools: bool) -> Value {
-        let call = (tools && reason == FinishReason::Stop).then(|| super::structured::tool_call(text)).flatten();
-        match self.endpoint {
-            Endpoint::Chat => {
-                let (message, finish_reason) = match call {
-                    Some(call) => (
-                        json!({"role": "assistant", "content": null, "tool_calls": [{
-                            "id": self.call_id(), "type": "function",
+    /// A whole (non-streamed) response: one choice per (text, finish reason). With
+    /// `tools`, an answer that is a whole call comes back as `tool_calls` (finish reason
+    /// `tool_calls`).
+    pub fn full(&self, choices: &[(String, FinishReason)], usage: TaskUsage, tools: bool) -> Value {
+        let choices: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, (text, reason))| {
+                let call =
+                    (tools && *reason == FinishReason::Stop).then(|| super::structured::tool_call(text)).flatten();
+                match (self.endpoint, call) {
+                    (Endpoint::Chat, Some(call)) => {
+                        json!({"index": index, "logprobs": null, "finish_reason": "tool_calls",
+                        "message": {"role": "assistant", "content": null, "tool_calls": [{
+                            "id": self.call_id(index), "type": "function",
                             "function": {"name": call.name, "arguments": call.arguments},
-                        }]}),
-                        "tool_calls",
-                    ),
-                    None => (json!({"role": "assistant", "content": text}), finish(reason)),
-                };
-                json!({
-                    "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
-                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason}],
-                    "usage": usage_json(usage),
-                })
-            }
-            Endpoint::Completions => json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish(reason)}],
-                "usage": usage_json(usage),
-            }),
-        }
+                        }]}})
+                    }
+                    (Endpoint::Chat, None) => {
+                        json!({"index": index, "logprobs": null, "finish_reason": finish(*reason),
+                        "message": {"role": "assistant", "content": text}})
+                    }
+                    (Endpoint::Completions, _) => {
+                        json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish(*reason)})
+                    }
+                }
+            })
+            .collect();
+        let object = if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
+        json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
+            "choices": choices,
+            "usage": usage_json(usage),
+        })
     }
 
-    /// One stream chunk: text (`Some`) and/or the finish reason.
-    pub fn chunk(&self, text: Option<&str>, first: bool, reason: Option<FinishReason>) -> Value {
+    /// One stream chunk of choice `index`: text (`Some`) and/or the finish reason.
+    pub fn chunk(&self, index: usize, text: Option<&str>, first: bool, reason: Option<FinishReason>) -> Value {
         let reason = reason.map(finish);
         match self.endpoint {
             Endpoint::Chat => {
@@ -379,23 +393,24 @@ impl ResponseMeta {
                     delta.insert("content".into(), t.into());
                 }
                 json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason}]})
+                       "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": reason}]})
             }
             Endpoint::Completions => {
                 json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
-                       "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason}]})
+                       "choices": [{"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason}]})
             }
         }
     }
 
-    /// One stream chunk of a tool call: its head (`name`) or a piece of its arguments.
-    pub fn call_chunk(&self, delta: &super::structured::Delta, first: bool) -> Value {
+    /// One stream chunk of choice `index`'s tool call: its head (`name`) or a piece of its
+    /// arguments.
+    pub fn call_chunk(&self, index: usize, delta: &super::structured::Delta, first: bool) -> Value {
         use super::structured::Delta;
         let call = match delta {
-            Delta::CallStart { name } => json!({"index": 0, "id": self.call_id(), "type": "function",
+            Delta::CallStart { name } => json!({"index": 0, "id": self.call_id(index), "type": "function",
                                                 "function": {"name": name, "arguments": ""}}),
             Delta::Arguments(piece) => json!({"index": 0, "function": {"arguments": piece}}),
-            Delta::Content(text) => return self.chunk(Some(text), first, None),
+            Delta::Content(text) => return self.chunk(index, Some(text), first, None),
         };
         let mut delta = Map::new();
         if first {
@@ -404,13 +419,13 @@ impl ResponseMeta {
         }
         delta.insert("tool_calls".into(), json!([call]));
         json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
-               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]})
+               "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]})
     }
 
-    /// The last chunk of a streamed tool call.
-    pub fn call_finish_chunk(&self) -> Value {
+    /// The last chunk of choice `index`'s streamed tool call.
+    pub fn call_finish_chunk(&self, index: usize) -> Value {
         json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
-               "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]})
+               "choices": [{"index": index, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]})
     }
 
     /// The usage chunk sent before `[DONE]` when `stream_options.include_usage` is set.
@@ -457,7 +472,8 @@ mod tests {
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, Some("temperature")),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, Some("max_tokens")),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":100000}"#, Some("max_tokens")),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, Some("n")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":9}"#, Some("n")),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#, Some("n")),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, Some("stop")),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"seed":1.5}"#, Some("seed")),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, Some("stream")),
@@ -499,11 +515,8 @@ mod tests {
             fingerprint: fingerprint("a"),
         };
         let usage = TaskUsage { prompt_tokens: 1, completion_tokens: 1 };
-        for v in [
-            meta.full("hi", FinishReason::Stop, usage, false),
-            meta.chunk(Some("h"), true, None),
-            meta.usage_chunk(usage),
-        ] {
+        let choices = [("hi".to_string(), FinishReason::Stop)];
+        for v in [meta.full(&choices, usage, false), meta.chunk(0, Some("h"), true, None), meta.usage_chunk(usage)] {
             assert_eq!(v["system_fingerprint"], fingerprint("a"), "{v}");
         }
     }

@@ -14,9 +14,11 @@ use super::server::AppState;
 use super::settlement_api;
 use super::sse::stream_response;
 use crate::actors::catalog::JobText;
-use crate::actors::messages::{Admit, Authenticate, ListModels};
+use crate::actors::messages::{Admit, Admitted, Authenticate, ListModels};
 use crate::actors::{JobEvent, ServeError};
 use crate::inference::grammar::GrammarCompiler;
+use crate::inference::SamplingParams;
+use crate::protocol::{FinishReason, TaskUsage};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
@@ -114,41 +116,64 @@ async fn complete(
     // The server counts the prompt itself (on this worker thread, not on an actor).
     let prompt = state.catalog.count(&valid.model, &valid.input)?;
     let text = job_text(&state, &valid).await?;
-    let admit = Admit {
-        key,
-        stream: valid.stream,
-        model: valid.model.clone(),
-        text,
-        prompt,
-        input: valid.input,
-        params: valid.params,
-        max_tokens: valid.max_tokens,
-        stop: valid.stop,
-    };
-    let mut admitted = state.gateway.send(admit).await.map_err(internal)??;
+    // `n` choices are `n` tasks admitted together (each checked against the game's limits
+    // and billed), with seeds seed, seed + 1, …: they run side by side, in one batch where
+    // one node takes them. Dropping the admitted jobs (an error below) cancels them.
+    let mut choices = Vec::with_capacity(valid.n);
+    for i in 0..valid.n {
+        let admit = Admit {
+            key: key.clone(),
+            stream: valid.stream,
+            model: valid.model.clone(),
+            text: text.clone(),
+            prompt,
+            input: valid.input.clone(),
+            params: SamplingParams { seed: valid.params.seed.wrapping_add(i as u64), ..valid.params.clone() },
+            max_tokens: valid.max_tokens,
+            stop: valid.stop.clone(),
+        };
+        choices.push(state.gateway.send(admit).await.map_err(internal)??);
+    }
     let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let fingerprint = super::openai::fingerprint(&valid.model);
     let meta =
-        ResponseMeta { id: format!("{prefix}-{}", admitted.id), created, model: valid.model, endpoint, fingerprint };
+        ResponseMeta { id: format!("{prefix}-{}", choices[0].id), created, model: valid.model, endpoint, fingerprint };
     if valid.stream {
-        // Hold the headers until the first event, so a failure before any token (no node,
-        // queue timeout) gets its real status and Retry-After instead of a 200.
-        let first = admitted.events.recv().await.ok_or_else(|| internal("the job ended without a result"))?;
-        if let JobEvent::Failed(e) = first {
-            return Err(e.into());
+        // Hold the headers until every choice's first event, so a failure before any token
+        // (no node, queue timeout) gets its real status and Retry-After instead of a 200.
+        let mut firsts = Vec::with_capacity(choices.len());
+        for admitted in &mut choices {
+            let first = admitted.events.recv().await.ok_or_else(|| internal("the job ended without a result"))?;
+            if let JobEvent::Failed(e) = first {
+                return Err(e.into());
+            }
+            firsts.push(first);
         }
-        return Ok(stream_response(admitted, first, meta, valid.include_usage, valid.structured.tools));
+        let streams = choices.into_iter().zip(firsts).collect();
+        return Ok(stream_response(streams, meta, valid.include_usage, valid.structured.tools));
     }
+    let answers = futures_util::future::join_all(choices.iter_mut().map(whole_answer)).await;
+    let mut done = Vec::with_capacity(answers.len());
+    let mut total = TaskUsage::default();
+    for answer in answers {
+        let (text, finish_reason, usage) = answer?;
+        super::metrics::count_tokens(&usage);
+        total.prompt_tokens += usage.prompt_tokens;
+        total.completion_tokens += usage.completion_tokens;
+        done.push((text, finish_reason));
+    }
+    Ok(HttpResponse::Ok().json(meta.full(&done, total, valid.structured.tools)))
+}
+
+/// One job's answer to its end: text, finish reason and usage.
+async fn whole_answer(admitted: &mut Admitted) -> Result<(String, FinishReason, TaskUsage), ApiError> {
     let mut text = String::new();
     while let Some(event) = admitted.events.recv().await {
         match event {
             JobEvent::Text(t) => text.push_str(&t),
             JobEvent::Reset => text.clear(),
-            JobEvent::Done { finish_reason, usage } => {
-                super::metrics::count_tokens(&usage);
-                return Ok(HttpResponse::Ok().json(meta.full(&text, finish_reason, usage, valid.structured.tools)));
-            }
+            JobEvent::Done { finish_reason, usage } => return Ok((text, finish_reason, usage)),
             JobEvent::Failed(e) => return Err(e.into()),
         }
     }

@@ -1,6 +1,9 @@
-//! Server-sent events for `stream: true`: one `data:` line per chunk, the finish chunk,
-//! the usage chunk when asked for, then `data: [DONE]`. An error after the stream began
-//! is sent as an `error` object (OpenAI's SDKs raise it) before `[DONE]`.
+//! Server-sent events for `stream: true`: one `data:` line per chunk, each choice's finish
+//! chunk, the usage chunk when asked for, then `data: [DONE]`. With `n` > 1 the choices'
+//! chunks interleave as their tokens arrive, each naming its `index`. An error after the
+//! stream began is sent as an `error` object (OpenAI's SDKs raise it) before `[DONE]`.
+
+use std::task::Poll;
 
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
@@ -10,6 +13,7 @@ use super::openai::ResponseMeta;
 use super::structured::CallStream;
 use crate::actors::messages::Admitted;
 use crate::actors::{JobEvent, ServeError};
+use crate::protocol::{FinishReason, TaskUsage};
 
 fn event(value: &serde_json::Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
@@ -17,87 +21,150 @@ fn event(value: &serde_json::Value) -> Bytes {
 
 const DONE: &str = "data: [DONE]\n\n";
 
-struct StreamState {
+/// One choice of the answer being streamed.
+struct Choice {
     admitted: Admitted,
-    /// The first event, already received before the headers went out.
+    /// Its first event, already received before the headers went out.
     pending: Option<JobEvent>,
-    meta: ResponseMeta,
-    include_usage: bool,
     first: bool,
     finished: bool,
     /// Set when the answer may be a tool call.
     calls: Option<CallStream>,
 }
 
-/// The streaming response for an admitted job. Dropping it (the game hung up) drops the
-/// job's channel, which cancels the task on its node.
-pub fn stream_response(
-    admitted: Admitted,
-    first_event: JobEvent,
+struct StreamState {
+    choices: Vec<Choice>,
     meta: ResponseMeta,
     include_usage: bool,
-    tools: bool,
-) -> HttpResponse {
-    let calls = tools.then(CallStream::default);
-    let state =
-        StreamState { admitted, pending: Some(first_event), meta, include_usage, first: true, finished: false, calls };
-    let body = futures_util::stream::unfold(state, |mut st| async move {
-        if st.finished {
-            return None;
+    usage: TaskUsage,
+    /// The choice polled first next time (so that no choice starves the others).
+    turn: usize,
+    finished: bool,
+}
+
+impl StreamState {
+    /// The next event of any unfinished choice, with its index; `None` when all finished.
+    async fn next(&mut self) -> Option<(usize, Option<JobEvent>)> {
+        if let Some(i) = self.choices.iter().position(|c| c.pending.is_some()) {
+            return Some((i, self.choices[i].pending.take()));
         }
-        let next = match st.pending.take() {
-            Some(pending) => Some(pending),
-            None => st.admitted.events.recv().await,
-        };
-        let bytes = match next {
-            Some(JobEvent::Text(text)) => match st.calls.as_mut() {
+        let n = self.choices.len();
+        std::future::poll_fn(|cx| {
+            let mut open = false;
+            for k in 0..n {
+                let i = (self.turn + k) % n;
+                let choice = &mut self.choices[i];
+                if choice.finished {
+                    continue;
+                }
+                open = true;
+                if let Poll::Ready(event) = choice.admitted.events.poll_recv(cx) {
+                    self.turn = (i + 1) % n;
+                    return Poll::Ready(Some((i, event)));
+                }
+            }
+            if open {
+                Poll::Pending
+            } else {
+                Poll::Ready(None)
+            }
+        })
+        .await
+    }
+
+    /// The bytes for choice `i`'s `event`.
+    fn bytes(&mut self, i: usize, next: Option<JobEvent>) -> Bytes {
+        let meta = &self.meta;
+        let choice = &mut self.choices[i];
+        match next {
+            Some(JobEvent::Text(text)) => match choice.calls.as_mut() {
                 Some(calls) => {
                     let mut out = Vec::new();
                     for delta in calls.push(&text) {
-                        out.extend_from_slice(&event(&st.meta.call_chunk(&delta, st.first)));
-                        st.first = false;
+                        out.extend_from_slice(&event(&meta.call_chunk(i, &delta, choice.first)));
+                        choice.first = false;
                     }
                     Bytes::from(out)
                 }
                 None => {
-                    let chunk = st.meta.chunk(Some(&text), st.first, None);
-                    st.first = false;
+                    let chunk = meta.chunk(i, Some(&text), choice.first, None);
+                    choice.first = false;
                     event(&chunk)
                 }
             },
             // Never sent to streams (their text is already out); nothing to emit.
             Some(JobEvent::Reset) => Bytes::new(),
             Some(JobEvent::Done { finish_reason, usage }) => {
-                st.finished = true;
+                choice.finished = true;
                 super::metrics::count_tokens(&usage);
+                self.usage.prompt_tokens += usage.prompt_tokens;
+                self.usage.completion_tokens += usage.completion_tokens;
                 let mut out = Vec::new();
                 let mut is_call = false;
-                if let Some(calls) = st.calls.as_mut() {
+                if let Some(calls) = choice.calls.as_mut() {
                     for delta in calls.finish() {
-                        out.extend_from_slice(&event(&st.meta.call_chunk(&delta, st.first)));
-                        st.first = false;
+                        out.extend_from_slice(&event(&meta.call_chunk(i, &delta, choice.first)));
+                        choice.first = false;
                     }
-                    is_call = calls.is_call() && finish_reason == crate::protocol::FinishReason::Stop;
+                    is_call = calls.is_call() && finish_reason == FinishReason::Stop;
                 }
                 if is_call {
-                    out.extend_from_slice(&event(&st.meta.call_finish_chunk()));
+                    out.extend_from_slice(&event(&meta.call_finish_chunk(i)));
                 } else {
-                    out.extend_from_slice(&event(&st.meta.chunk(None, st.first, Some(finish_reason))));
+                    out.extend_from_slice(&event(&meta.chunk(i, None, choice.first, Some(finish_reason))));
                 }
-                if st.include_usage {
-                    out.extend_from_slice(&event(&st.meta.usage_chunk(usage)));
+                if self.choices.iter().all(|c| c.finished) {
+                    self.finished = true;
+                    if self.include_usage {
+                        out.extend_from_slice(&event(&self.meta.usage_chunk(self.usage)));
+                    }
+                    out.extend_from_slice(DONE.as_bytes());
                 }
-                out.extend_from_slice(DONE.as_bytes());
                 Bytes::from(out)
             }
             Some(JobEvent::Failed(e)) => {
-                st.finished = true;
+                // One failed choice ends the answer; dropping the others cancels them.
+                self.finished = true;
                 Bytes::from([event(&ApiError::from(e).body()).to_vec(), DONE.as_bytes().to_vec()].concat())
             }
             None => {
-                st.finished = true;
+                self.finished = true;
                 let e = ApiError::from(ServeError::Internal("the job ended without a result".into()));
                 Bytes::from([event(&e.body()).to_vec(), DONE.as_bytes().to_vec()].concat())
+            }
+        }
+    }
+}
+
+/// The streaming response for admitted jobs, one per choice, each with its first event.
+/// Dropping it (the game hung up) drops the jobs' channels, which cancels their tasks on
+/// their nodes.
+pub fn stream_response(
+    admitted: Vec<(Admitted, JobEvent)>,
+    meta: ResponseMeta,
+    include_usage: bool,
+    tools: bool,
+) -> HttpResponse {
+    let choices = admitted
+        .into_iter()
+        .map(|(admitted, first_event)| Choice {
+            admitted,
+            pending: Some(first_event),
+            first: true,
+            finished: false,
+            calls: tools.then(CallStream::default),
+        })
+        .collect();
+    let state = StreamState { choices, meta, include_usage, usage: TaskUsage::default(), turn: 0, finished: false };
+    let body = futures_util::stream::unfold(state, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let bytes = match st.next().await {
+            Some((i, event)) => st.bytes(i, event),
+            None => {
+                st.finished = true;
+                Bytes::from(DONE)
             }
         };
         Some((Ok::<_, actix_web::Error>(bytes), st))

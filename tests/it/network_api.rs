@@ -213,3 +213,56 @@ fn a_key_over_its_token_budget_gets_429() {
     assert!(second.body.contains("tokens per minute"), "{}", second.body);
     assert!(second.header("Retry-After").is_some());
 }
+
+/// `n` choices are `n` tasks run side by side: the answer has one choice per index, the
+/// usage is their sum (each is billed), and a stream interleaves the choices' chunks, each
+/// naming its index and finishing on its own, with one usage chunk and one `[DONE]`.
+#[test]
+fn n_choices_come_back_indexed_whole_and_streamed() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "5:2"]);
+    c.wait_nodes("fake", 1);
+    let body = |stream: bool| {
+        format!(
+            r#"{{"model":"fake","n":3,"stream":{stream},"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
+    };
+    let whole = c.post("/v1/chat/completions", &body(false));
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let v = whole.json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.iter().map(|c| c["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert!(choices.iter().all(|c| c["message"]["content"].as_str().is_some_and(|t| t.contains("tok"))), "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 15, "{v}");
+    assert!(v["system_fingerprint"].as_str().is_some_and(|f| f.starts_with("fp_")), "{v}");
+    let mut stream = crate::cluster::SseStream::open(&c.addr, &c.key, &body(true));
+    assert_eq!(stream.status, 200);
+    let (mut finished, mut text, mut usage, mut done) = (Vec::new(), [0usize; 3], None, false);
+    while let Some(data) = stream.next_data() {
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(&data).unwrap();
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u["completion_tokens"].as_u64().unwrap());
+            continue;
+        }
+        let choice = &chunk["choices"][0];
+        let index = choice["index"].as_u64().unwrap() as usize;
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            text[index] += t.matches("tok").count();
+        }
+        if choice["finish_reason"].is_string() {
+            finished.push(index);
+        }
+    }
+    finished.sort();
+    assert!(done);
+    assert_eq!(finished, vec![0, 1, 2]);
+    assert_eq!(text, [5, 5, 5]);
+    assert_eq!(usage, Some(15));
+    let over = c.post("/v1/chat/completions", r#"{"model":"fake","n":9,"messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!(over.status, 400);
+    assert_eq!(over.json()["error"]["param"], "n");
+}

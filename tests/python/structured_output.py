@@ -193,4 +193,13 @@ for kwargs, param in [
     except openai.BadRequestError as e:
         assert e.status_code == 400 and e.body["param"] == param, (e.body, param)
 
+# n choices, generated side by side: one per index, each seeded apart, each valid.
+many = client.chat.completions.parse(
+    model=model, messages=[{"role": "user", "content": ASK}], response_format=Weather, n=4,
+    temperature=1.0, seed=42, max_tokens=80)
+assert [c.index for c in many.choices] == [0, 1, 2, 3], many
+assert all(isinstance(c.message.parsed, Weather) for c in many.choices), many
+assert len({c.message.content for c in many.choices}) > 1, "four seeds gave one answer"
+assert many.system_fingerprint and many.system_fingerprint.startswith("fp_"), many
+
 print("all structured output checks passed")
