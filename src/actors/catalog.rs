@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::error::ServeError;
 use crate::inference::grammar::Constraint;
+use crate::inference::logprobs::TokenLogprobs;
 use crate::inference::text_stream::TextStream;
 use crate::inference::ModelText;
 use crate::protocol::{PromptCount, TaskInput};
@@ -75,6 +76,16 @@ fn byte_bound(input: &TaskInput) -> u32 {
     u32::try_from(tokens).unwrap_or(u32::MAX).saturating_add(TEMPLATE_TOKENS)
 }
 
+/// One position's log probabilities as a game reads them (OpenAI's `logprobs.content[]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// (token, bytes, log probability), best first.
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
 /// The text of one job, made by the server from the ids its nodes return. It travels with
 /// the job, so a failover continuation extends the same text. With a grammar (structured
 /// output, tools) every id is checked against it here, on every task: a node that leaves
@@ -117,6 +128,26 @@ impl JobText {
     pub fn restarted(&self) -> Self {
         let grammar = self.grammar.as_ref().map(|g| JobGrammar { start: g.start.clone(), current: g.start.clone() });
         Self { model: self.model.clone(), stream: self.stream.restarted(), grammar }
+    }
+
+    /// A token's log probabilities as the game reads them: each token as the server's own
+    /// text and bytes.
+    pub fn describe(&self, token: u32, lp: &TokenLogprobs) -> TokenLogprob {
+        let tokenizer = &self.model.tokenizer;
+        let piece = |t: u32| {
+            let bytes = tokenizer.token_bytes(t).to_vec();
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let (text, bytes) = piece(token);
+        let top = lp
+            .top
+            .iter()
+            .map(|&(t, logprob)| {
+                let (text, bytes) = piece(t);
+                (text, bytes, logprob)
+            })
+            .collect();
+        TokenLogprob { token: text, bytes, logprob: lp.logprob, top }
     }
 
     /// Vocabulary size: ids at or above it are refused.

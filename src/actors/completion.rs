@@ -263,9 +263,11 @@ impl Completion {
             node: shadow.node,
             model: rerun.model.clone(),
             input: rerun.input.clone(),
-            params: rerun.params.clone(),
+            // The original's log probabilities are not kept for a re-run's comparison.
+            params: crate::inference::SamplingParams { logprobs: None, ..rerun.params.clone() },
             prefix: Vec::new(),
             completion: shadow.completion.clone(),
+            logprobs: Vec::new(),
             challenge,
             proof: shadow.proof.clone(),
             report: v.report.clone(),
@@ -297,6 +299,7 @@ impl Completion {
             params: job.params.clone(),
             prefix: job.emitted[..done.prefix_len].to_vec(),
             completion: job.emitted[done.prefix_len..].to_vec(),
+            logprobs: job.emitted_logprobs.get(done.prefix_len..).map(<[_]>::to_vec).unwrap_or_default(),
             challenge,
             proof: done.proof.clone(),
             report,
@@ -397,6 +400,7 @@ impl Handler<VerificationDone> for Completion {
         }
         let _ = job.events.send(JobEvent::Reset);
         job.emitted.clear();
+        job.emitted_logprobs.clear();
         job.text = job.text.as_ref().map(JobText::restarted);
         // A new task id for the re-run, so the honest node's receipt is not taken for a
         // duplicate of the failed one (the game's response keeps its id).

@@ -21,6 +21,9 @@ pub type NodeId = u64;
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
     Text(String),
+    /// The next token's log probabilities (when asked for), sent before the text that
+    /// token releases.
+    Logprobs(super::catalog::TokenLogprob),
     /// Forget the text so far: the answer is being produced again (its first version
     /// failed a synchronous proof check). Only non-streamed jobs receive it.
     Reset,
@@ -61,6 +64,8 @@ pub struct Job {
     pub shadow_of: Option<Box<ShadowOf>>,
     /// Completion tokens already delivered to the game (mid-stream failover prefix).
     pub emitted: Vec<u32>,
+    /// The nodes' log probabilities of `emitted`, when the request asked for them.
+    pub emitted_logprobs: Vec<crate::inference::logprobs::TokenLogprobs>,
 }
 
 /// The task a quality check re-runs on a second node (same input, same seed).
@@ -121,6 +126,7 @@ impl Job {
             stream,
             shadow_of: None,
             emitted: Vec::new(),
+            emitted_logprobs: Vec::new(),
         }
     }
 

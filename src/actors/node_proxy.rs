@@ -22,6 +22,7 @@ use super::messages::*;
 use super::registry::Registry;
 use crate::crypto::identity::{verify, Address, Identity};
 use crate::crypto::session::{KeyExchange, Opener, Role, Sealer};
+use crate::inference::logprobs::{check_shape, TokenLogprobs};
 use crate::protocol::handshake::{
     distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
 };
@@ -404,7 +405,9 @@ impl NodeProxy {
                 }
                 self.distributor.do_send(NodeHeartbeat { id: self.id, load })
             }
-            NodeMessage::Token { id, index, token, text } => self.on_token(ctx, id, index, token, text),
+            NodeMessage::Token { id, index, token, text, logprobs } => {
+                self.on_token(ctx, id, index, token, text, logprobs)
+            }
             NodeMessage::Done { id, finish_reason, usage, tail, receipt, proof } => {
                 let Some(mut run) = self.in_flight.remove(&id) else {
                     // Finished after a cancel or a stall: the game never got it whole.
@@ -543,7 +546,15 @@ impl NodeProxy {
         }
     }
 
-    fn on_token(&mut self, ctx: &mut Context<Self>, id: TaskId, index: usize, token: u32, text: String) {
+    fn on_token(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: TaskId,
+        index: usize,
+        token: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    ) {
         let vocab = self.config.verification.as_ref().map(|v| v.vocab.clone());
         // Cancelled or unknown: nothing to do.
         let Some(run) = self.in_flight.get_mut(&id) else { return };
@@ -562,7 +573,19 @@ impl NodeProxy {
         } else if text.len() > MAX_TOKEN_TEXT_BYTES || !run.take_text(text.len()) {
             Some(format!("task {id}: more text than its tokens can carry"))
         } else {
-            None
+            // Log probabilities come exactly when asked for, in the shape asked for; their
+            // values are the verifier's to check.
+            match (run.job.params.logprobs, &logprobs, vocab) {
+                (None, None, _) => None,
+                (Some(top), Some(lp), Some(vocab)) => {
+                    check_shape(lp, token, top, vocab).err().map(|e| format!("task {id}: log probabilities: {e}"))
+                }
+                (Some(_), Some(_), None) => {
+                    Some(format!("task {id}: log probabilities for a model the server cannot check"))
+                }
+                (Some(_), None, _) => Some(format!("task {id}: a token without the log probabilities asked for")),
+                (None, Some(_), _) => Some(format!("task {id}: log probabilities nobody asked for")),
+            }
         };
         if let Some(reason) = refused {
             return self.fail(ctx, reason);
@@ -575,6 +598,10 @@ impl NodeProxy {
             None => text,
         };
         run.job.emitted.push(token);
+        if let (Some(lp), Some(server_text)) = (logprobs, run.job.text.as_ref()) {
+            let _ = run.job.events.send(JobEvent::Logprobs(server_text.describe(token, &lp)));
+            run.job.emitted_logprobs.push(lp);
+        }
         run.last_progress = Instant::now();
         run.first_token.get_or_insert_with(Instant::now);
         if text.is_empty() {

@@ -14,6 +14,7 @@ use crate::crypto::identity::Address;
 use crate::inference::{Model, Quantization, SamplingParams};
 use crate::ledger::Outcome;
 use crate::proof::commitment::DEFAULT_TOP_K;
+use crate::proof::logprob_check;
 use crate::proof::steering::Evidence;
 use crate::proof::verify::verify_claimed;
 use crate::proof::{Format, Proof, StoredProof, Tolerances};
@@ -32,6 +33,8 @@ pub struct VerifyTask {
     pub prefix: Vec<u32>,
     /// The completion this node produced (after `prefix`).
     pub completion: Vec<u32>,
+    /// The log probabilities it reported for `completion` (empty when none were asked for).
+    pub logprobs: Vec<crate::inference::logprobs::TokenLogprobs>,
     /// The challenge the distributor issued.
     pub challenge: [u8; 32],
     pub proof: Option<Box<Proof>>,
@@ -157,10 +160,21 @@ impl Verifier {
             Err(e) => return (Unverifiable, format!("verifier error: {e}"), None),
         };
         let verdict = &checked.verdict;
-        let detail = format!(
+        let mut detail = format!(
             "{format}: value error {:.4}, overlap {:.3}, {} near-ties",
             verdict.worst_value_error, verdict.worst_index_overlap, verdict.near_ties
         );
+        // The numbers a game read besides the text: checked on the same reference.
+        if t.params.logprobs.is_some() {
+            match logprob_check::worst_deviation(model, &prompt, &t.completion, &t.params, &t.logprobs) {
+                Ok(Ok(worst)) => match logprob_check::judge(worst, format, self.tol.tie_margin_scale) {
+                    Some(reason) => return (Failed, reason, None),
+                    None => detail.push_str(&format!(", log probabilities within {worst:.3}")),
+                },
+                Ok(Err(reason)) => return (Failed, reason, None),
+                Err(e) => return (Unverifiable, format!("verifier error: {e}"), None),
+            }
+        }
         (Verified, detail, Some(Evidence::of(verdict, format)))
     }
 

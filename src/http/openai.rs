@@ -5,6 +5,8 @@
 use serde_json::{json, Map, Value};
 
 use super::errors::ApiError;
+use crate::actors::catalog::TokenLogprob;
+use crate::inference::logprobs::MAX_TOP_LOGPROBS;
 use crate::inference::sampling::MAX_LOGIT_BIAS;
 use crate::inference::{ChatMessage, SamplingParams};
 use crate::protocol::{FinishReason, TaskInput, TaskUsage};
@@ -278,6 +280,30 @@ pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> 
             return Err(ApiError::invalid("user", "`user` must be a string"));
         }
     }
+    let logprobs = match obj.get("logprobs") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) if endpoint == Endpoint::Chat => true,
+        Some(Value::Bool(true)) => {
+            return Err(ApiError::invalid("logprobs", "`logprobs` is supported on /v1/chat/completions"))
+        }
+        Some(_) => return Err(ApiError::invalid("logprobs", "`logprobs` must be a boolean")),
+    };
+    let top_logprobs = match obj.get("top_logprobs") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(k) if k as usize <= MAX_TOP_LOGPROBS => k as usize,
+            _ => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("`top_logprobs` must be an integer from 0 to {MAX_TOP_LOGPROBS}"),
+                ))
+            }
+        },
+        Some(_) => return Err(ApiError::invalid("top_logprobs", "`top_logprobs` must be an integer")),
+    };
+    if top_logprobs > 0 && !logprobs {
+        return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
+    }
     let params = SamplingParams {
         temperature: ranged(&obj, "temperature", 0.0, 2.0)?.unwrap_or(1.0),
         top_p: match ranged(&obj, "top_p", 0.0, 1.0)? {
@@ -289,6 +315,7 @@ pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> 
         seed,
         grammar: structured.grammar.as_deref().map(std::sync::Arc::from),
         logit_bias: logit_bias(&obj)?,
+        logprobs: logprobs.then_some(top_logprobs),
         ..SamplingParams::default()
     };
     Ok(ValidRequest {
@@ -320,6 +347,31 @@ fn usage_json(usage: TaskUsage) -> Value {
     })
 }
 
+/// One choice's whole answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub text: String,
+    pub finish: FinishReason,
+    /// Its tokens' log probabilities (when asked for).
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// OpenAI's `logprobs` object of a choice or chunk: `{"content": [...]}`.
+pub fn logprobs_json(entries: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let top: Vec<Value> = e
+                .top
+                .iter()
+                .map(|(token, bytes, logprob)| json!({"token": token, "logprob": logprob, "bytes": bytes}))
+                .collect();
+            json!({"token": e.token, "logprob": e.logprob, "bytes": e.bytes, "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content})
+}
+
 /// Identifiers and timestamps shared by a response and its chunks.
 #[derive(Debug, Clone)]
 pub struct ResponseMeta {
@@ -344,30 +396,30 @@ impl ResponseMeta {
         format!("call_{}_{index}", self.id.rsplit('-').next().unwrap_or(&self.id))
     }
 
-    /// A whole (non-streamed) response: one choice per (text, finish reason). With
-    /// `tools`, an answer that is a whole call comes back as `tool_calls` (finish reason
-    /// `tool_calls`).
-    pub fn full(&self, choices: &[(String, FinishReason)], usage: TaskUsage, tools: bool) -> Value {
-        let choices: Vec<Value> = choices
+    /// A whole (non-streamed) response: one choice per answer. With `tools`, an answer
+    /// that is a whole call comes back as `tool_calls` (finish reason `tool_calls`); with
+    /// `logprobs`, each choice carries its tokens' log probabilities.
+    pub fn full(&self, answers: &[Answer], usage: TaskUsage, tools: bool, logprobs: bool) -> Value {
+        let choices: Vec<Value> = answers
             .iter()
             .enumerate()
-            .map(|(index, (text, reason))| {
+            .map(|(index, a)| {
+                let (text, reason) = (&a.text, a.finish);
+                let lp = if logprobs { logprobs_json(&a.logprobs) } else { Value::Null };
                 let call =
-                    (tools && *reason == FinishReason::Stop).then(|| super::structured::tool_call(text)).flatten();
+                    (tools && reason == FinishReason::Stop).then(|| super::structured::tool_call(text)).flatten();
                 match (self.endpoint, call) {
                     (Endpoint::Chat, Some(call)) => {
-                        json!({"index": index, "logprobs": null, "finish_reason": "tool_calls",
+                        json!({"index": index, "logprobs": lp, "finish_reason": "tool_calls",
                         "message": {"role": "assistant", "content": null, "tool_calls": [{
                             "id": self.call_id(index), "type": "function",
                             "function": {"name": call.name, "arguments": call.arguments},
                         }]}})
                     }
-                    (Endpoint::Chat, None) => {
-                        json!({"index": index, "logprobs": null, "finish_reason": finish(*reason),
-                        "message": {"role": "assistant", "content": text}})
-                    }
+                    (Endpoint::Chat, None) => json!({"index": index, "logprobs": lp, "finish_reason": finish(reason),
+                        "message": {"role": "assistant", "content": text}}),
                     (Endpoint::Completions, _) => {
-                        json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish(*reason)})
+                        json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish(reason)})
                     }
                 }
             })
@@ -515,8 +567,10 @@ mod tests {
             fingerprint: fingerprint("a"),
         };
         let usage = TaskUsage { prompt_tokens: 1, completion_tokens: 1 };
-        let choices = [("hi".to_string(), FinishReason::Stop)];
-        for v in [meta.full(&choices, usage, false), meta.chunk(0, Some("h"), true, None), meta.usage_chunk(usage)] {
+        let choices = [Answer { text: "hi".into(), finish: FinishReason::Stop, logprobs: Vec::new() }];
+        for v in
+            [meta.full(&choices, usage, false, false), meta.chunk(0, Some("h"), true, None), meta.usage_chunk(usage)]
+        {
             assert_eq!(v["system_fingerprint"], fingerprint("a"), "{v}");
         }
     }

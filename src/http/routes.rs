@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 
 use super::errors::ApiError;
 use super::node_ws;
-use super::openai::{parse_request, Endpoint, ResponseMeta, ValidRequest};
+use super::openai::{parse_request, Answer, Endpoint, ResponseMeta, ValidRequest};
 use super::registry_api;
 use super::server::AppState;
 use super::settlement_api;
@@ -18,7 +18,7 @@ use crate::actors::messages::{Admit, Admitted, Authenticate, ListModels};
 use crate::actors::{JobEvent, ServeError};
 use crate::inference::grammar::GrammarCompiler;
 use crate::inference::SamplingParams;
-use crate::protocol::{FinishReason, TaskUsage};
+use crate::protocol::TaskUsage;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
@@ -151,29 +151,37 @@ async fn complete(
             firsts.push(first);
         }
         let streams = choices.into_iter().zip(firsts).collect();
-        return Ok(stream_response(streams, meta, valid.include_usage, valid.structured.tools));
+        let logprobs = valid.params.logprobs.is_some();
+        return Ok(stream_response(streams, meta, valid.include_usage, valid.structured.tools, logprobs));
     }
     let answers = futures_util::future::join_all(choices.iter_mut().map(whole_answer)).await;
     let mut done = Vec::with_capacity(answers.len());
     let mut total = TaskUsage::default();
     for answer in answers {
-        let (text, finish_reason, usage) = answer?;
+        let (answer, usage) = answer?;
         super::metrics::count_tokens(&usage);
         total.prompt_tokens += usage.prompt_tokens;
         total.completion_tokens += usage.completion_tokens;
-        done.push((text, finish_reason));
+        done.push(answer);
     }
-    Ok(HttpResponse::Ok().json(meta.full(&done, total, valid.structured.tools)))
+    let logprobs = valid.params.logprobs.is_some();
+    Ok(HttpResponse::Ok().json(meta.full(&done, total, valid.structured.tools, logprobs)))
 }
 
-/// One job's answer to its end: text, finish reason and usage.
-async fn whole_answer(admitted: &mut Admitted) -> Result<(String, FinishReason, TaskUsage), ApiError> {
-    let mut text = String::new();
+/// One job's answer to its end, and its usage.
+async fn whole_answer(admitted: &mut Admitted) -> Result<(Answer, TaskUsage), ApiError> {
+    let (mut text, mut logprobs) = (String::new(), Vec::new());
     while let Some(event) = admitted.events.recv().await {
         match event {
             JobEvent::Text(t) => text.push_str(&t),
-            JobEvent::Reset => text.clear(),
-            JobEvent::Done { finish_reason, usage } => return Ok((text, finish_reason, usage)),
+            JobEvent::Logprobs(lp) => logprobs.push(lp),
+            JobEvent::Reset => {
+                text.clear();
+                logprobs.clear();
+            }
+            JobEvent::Done { finish_reason, usage } => {
+                return Ok((Answer { text, finish: finish_reason, logprobs }, usage))
+            }
             JobEvent::Failed(e) => return Err(e.into()),
         }
     }
@@ -186,6 +194,12 @@ async fn whole_answer(admitted: &mut Admitted) -> Result<(String, FinishReason, 
 /// every token of the answer against it.
 async fn job_text(state: &AppState, valid: &ValidRequest) -> Result<Option<JobText>, ApiError> {
     let Some(model) = state.catalog.get(&valid.model).cloned() else {
+        if valid.params.logprobs.is_some() {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` needs a model whose tokenizer this server holds; `{}` is not one", valid.model),
+            ));
+        }
         if valid.params.grammar.is_some() {
             return Err(ApiError::invalid(
                 valid.structured.field,

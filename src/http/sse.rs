@@ -9,8 +9,9 @@ use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
 use super::errors::ApiError;
-use super::openai::ResponseMeta;
+use super::openai::{logprobs_json, ResponseMeta};
 use super::structured::CallStream;
+use crate::actors::catalog::TokenLogprob;
 use crate::actors::messages::Admitted;
 use crate::actors::{JobEvent, ServeError};
 use crate::protocol::{FinishReason, TaskUsage};
@@ -30,12 +31,16 @@ struct Choice {
     finished: bool,
     /// Set when the answer may be a tool call.
     calls: Option<CallStream>,
+    /// Log probabilities of tokens whose text is not out yet.
+    logprobs: Vec<TokenLogprob>,
 }
 
 struct StreamState {
     choices: Vec<Choice>,
     meta: ResponseMeta,
     include_usage: bool,
+    /// The game asked for log probabilities.
+    with_logprobs: bool,
     usage: TaskUsage,
     /// The choice polled first next time (so that no choice starves the others).
     turn: usize,
@@ -75,19 +80,32 @@ impl StreamState {
     /// The bytes for choice `i`'s `event`.
     fn bytes(&mut self, i: usize, next: Option<JobEvent>) -> Bytes {
         let meta = &self.meta;
+        let with_logprobs = self.with_logprobs;
         let choice = &mut self.choices[i];
+        // Pending log probabilities ride on the next chunk of their choice.
+        let attach = |mut chunk: serde_json::Value, logprobs: &mut Vec<TokenLogprob>| {
+            if with_logprobs && !logprobs.is_empty() {
+                chunk["choices"][0]["logprobs"] = logprobs_json(&std::mem::take(logprobs));
+            }
+            chunk
+        };
         match next {
+            Some(JobEvent::Logprobs(lp)) => {
+                choice.logprobs.push(lp);
+                Bytes::new()
+            }
             Some(JobEvent::Text(text)) => match choice.calls.as_mut() {
                 Some(calls) => {
                     let mut out = Vec::new();
                     for delta in calls.push(&text) {
-                        out.extend_from_slice(&event(&meta.call_chunk(i, &delta, choice.first)));
+                        let chunk = attach(meta.call_chunk(i, &delta, choice.first), &mut choice.logprobs);
+                        out.extend_from_slice(&event(&chunk));
                         choice.first = false;
                     }
                     Bytes::from(out)
                 }
                 None => {
-                    let chunk = meta.chunk(i, Some(&text), choice.first, None);
+                    let chunk = attach(meta.chunk(i, Some(&text), choice.first, None), &mut choice.logprobs);
                     choice.first = false;
                     event(&chunk)
                 }
@@ -108,11 +126,12 @@ impl StreamState {
                     }
                     is_call = calls.is_call() && finish_reason == FinishReason::Stop;
                 }
-                if is_call {
-                    out.extend_from_slice(&event(&meta.call_finish_chunk(i)));
+                let last = if is_call {
+                    meta.call_finish_chunk(i)
                 } else {
-                    out.extend_from_slice(&event(&meta.chunk(i, None, choice.first, Some(finish_reason))));
-                }
+                    meta.chunk(i, None, choice.first, Some(finish_reason))
+                };
+                out.extend_from_slice(&event(&attach(last, &mut choice.logprobs)));
                 if self.choices.iter().all(|c| c.finished) {
                     self.finished = true;
                     if self.include_usage {
@@ -144,6 +163,7 @@ pub fn stream_response(
     meta: ResponseMeta,
     include_usage: bool,
     tools: bool,
+    with_logprobs: bool,
 ) -> HttpResponse {
     let choices = admitted
         .into_iter()
@@ -153,9 +173,18 @@ pub fn stream_response(
             first: true,
             finished: false,
             calls: tools.then(CallStream::default),
+            logprobs: Vec::new(),
         })
         .collect();
-    let state = StreamState { choices, meta, include_usage, usage: TaskUsage::default(), turn: 0, finished: false };
+    let state = StreamState {
+        choices,
+        meta,
+        include_usage,
+        with_logprobs,
+        usage: TaskUsage::default(),
+        turn: 0,
+        finished: false,
+    };
     let body = futures_util::stream::unfold(state, |mut st| async move {
         if st.finished {
             return None;

@@ -104,6 +104,8 @@ pub enum Event {
         id: u32,
         text: String,
         hidden: Option<Vec<f32>>,
+        /// With `params.logprobs`: the token's log probability and the best alternatives.
+        logprobs: Option<super::logprobs::TokenLogprobs>,
     },
     Done(Finished),
     /// The request cannot run (context overflow, unknown token): the caller's fault.
@@ -560,6 +562,7 @@ fn emit(
     }
     let position = seq.tokens.len() as u64;
     let token = sample(&logits, &seq.request.params, position);
+    let logprobs = seq.request.params.logprobs.map(|top| super::logprobs::compute(&logits, token, top));
     if let Some(constraint) = seq.constraint.as_mut() {
         // Fails only when the mask left nothing to sample (a grammar at a dead end).
         if let Err(e) = constraint.advance(token) {
@@ -573,7 +576,7 @@ fn emit(
     let is_stop_token = tokenizer.stop_tokens.contains(&token);
     let (text, hit) = seq.stream.push(tokenizer, token);
     let mut reason = hit.then_some(FinishReason::Stop);
-    let _ = seq.events.send(Event::Token { id: token, text, hidden });
+    let _ = seq.events.send(Event::Token { id: token, text, hidden, logprobs });
     if is_stop_token {
         reason.get_or_insert(FinishReason::Stop);
     }

@@ -13,6 +13,7 @@
 //! - [`model_text`]: a model's tokenizer and chat template without its weights.
 //! - [`sampling`]: a pure function of (logits, seed, position).
 //! - [`grammar`]: constrained decoding (llguidance): the tokens a grammar allows next.
+//! - [`logprobs`]: log probabilities of sampled tokens and their alternatives.
 //! - [`engine`]: continuous batching on a dedicated thread.
 //! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
 //! - [`model`]: loads all of the above from one path; [`tiny_model`] writes test models.
@@ -30,6 +31,7 @@ pub mod grammar;
 pub mod int8_table;
 pub mod kv_cache;
 pub mod llama;
+pub mod logprobs;
 pub mod memory_plan;
 pub mod model;
 pub mod model_text;

@@ -40,6 +40,10 @@ pub struct SamplingParams {
     /// bans a token, +100 all but forces it).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logit_bias: Vec<(u32, f32)>,
+    /// Report each sampled token's log probability, with this many alternatives
+    /// ([`super::logprobs`]; OpenAI's `logprobs` / `top_logprobs`). Changes no choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<usize>,
 }
 
 /// Most `logit_bias` entries a request may carry.
@@ -58,6 +62,7 @@ impl Default for SamplingParams {
             seed: 0,
             grammar: None,
             logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -99,6 +104,9 @@ impl SamplingParams {
         }
         if self.logit_bias.len() > MAX_LOGIT_BIAS {
             return Err(format!("logit_bias takes at most {MAX_LOGIT_BIAS} tokens"));
+        }
+        if self.logprobs.is_some_and(|k| k > super::logprobs::MAX_TOP_LOGPROBS) {
+            return Err(format!("top_logprobs must be at most {}", super::logprobs::MAX_TOP_LOGPROBS));
         }
         if self.logit_bias.iter().any(|&(_, b)| !(-100.0..=100.0).contains(&b)) {
             return Err("logit_bias values must be between -100 and 100".into());

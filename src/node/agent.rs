@@ -391,7 +391,7 @@ async fn task_events(
     let id = spec.id;
     loop {
         match events.recv().await {
-            Some(Event::Token { id: token, text, hidden }) => {
+            Some(Event::Token { id: token, text, hidden, logprobs }) => {
                 if let (Some(p), Some(h)) = (prover.as_mut(), hidden.as_deref()) {
                     p.token_row(h); // the row whose logits chose this token
                 }
@@ -400,7 +400,7 @@ async fn task_events(
                     progress.completion.push(token);
                     progress.completion.len() - 1
                 };
-                let _ = out.send(Outgoing::Message(NodeMessage::Token { id, index, token, text }));
+                let _ = out.send(Outgoing::Message(NodeMessage::Token { id, index, token, text, logprobs }));
             }
             Some(Event::Done(done)) => {
                 let completion = progress.borrow().completion.clone();

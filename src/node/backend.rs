@@ -144,7 +144,10 @@ fn fake_run(spec: FakeSpec, task: &TaskSpec) -> (UnboundedReceiver<Event>, usize
             if !spec.per_token.is_zero() {
                 actix_web::rt::time::sleep(spec.per_token).await;
             }
-            if tx.send(Event::Token { id: 1000 + i as u32, text: spec.text.clone(), hidden: None }).is_err() {
+            if tx
+                .send(Event::Token { id: 1000 + i as u32, text: spec.text.clone(), hidden: None, logprobs: None })
+                .is_err()
+            {
                 return;
             }
         }

@@ -4,6 +4,7 @@
 //! - [`commitment`]: top-k commitments of final hidden states at challenge-drawn rows.
 //! - [`format`]: the number format a node declares, and the tie margin it is given.
 //! - [`signed`]: the signed proof and the builder a node fills while generating.
+//! - [`logprob_check`]: the log probabilities a node reported, against the reference.
 //! - [`policy`]: which finished tasks get checked.
 //! - [`stored`]: a proof with its task, for offline checks (`ludus verify`).
 //! - [`verify`]: the reference check — one prefill, commitments within tolerances, every
@@ -15,6 +16,7 @@
 
 pub mod commitment;
 pub mod format;
+pub mod logprob_check;
 pub mod policy;
 pub mod signed;
 pub mod steering;

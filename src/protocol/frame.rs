@@ -77,7 +77,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_reject_bad_input() {
-        let msg = NodeMessage::Token { id: TaskId(7), index: 3, token: 42, text: "hé".into() };
+        let msg = NodeMessage::Token { id: TaskId(7), index: 3, token: 42, text: "hé".into(), logprobs: None };
         let bytes = encode_frame(&msg);
         assert_eq!(decode_frame::<NodeMessage>(&bytes).unwrap(), msg);
         let mut wrong = bytes.clone();

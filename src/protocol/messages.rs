@@ -174,6 +174,9 @@ pub enum NodeMessage {
         index: usize,
         token: u32,
         text: String,
+        /// When the task asked for them (`params.logprobs`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logprobs: Option<crate::inference::logprobs::TokenLogprobs>,
     },
     Done {
         id: TaskId,

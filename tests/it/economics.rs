@@ -179,7 +179,7 @@ impl Scripted {
         while tokens.len() < last {
             let index = tokens.len();
             let token = 100 + index as u32;
-            link.send(&NodeMessage::Token { id, index, token, text: format!("t{index} ") }).await?;
+            link.send(&NodeMessage::Token { id, index, token, text: format!("t{index} "), logprobs: None }).await?;
             tokens.push(token);
             self.pause(link, TOKEN_PACE).await?;
             if let Some(delivered) = self.cancels.remove(&id.0) {

@@ -51,9 +51,13 @@ fn honest_node_is_verified(quantize: &str) {
         r#"{"model": "M", "max_tokens": 40, "temperature": 0, "messages": [{"role": "user", "content": "Greet the traveller."}]}"#,
         r#"{"model": "M", "max_tokens": 40, "temperature": 0.8, "seed": 7, "messages": [{"role": "user", "content": "Sell me a sword."}]}"#,
         r#"{"model": "M", "max_tokens": 20, "prompt": "The dragon said"}"#,
+        // Under a grammar, with log probabilities: both are replayed on the reference.
+        r#"{"model": "M", "max_tokens": 30, "temperature": 0.8, "seed": 3, "logprobs": true, "top_logprobs": 3,
+            "response_format": {"type": "json_object"}, "messages": [{"role": "user", "content": "Your stats, in JSON."}]}"#,
     ];
     for (i, body) in bodies.iter().enumerate() {
         let path = if i == 2 { "/v1/completions" } else { "/v1/chat/completions" };
+        let logprobs = body.contains("logprobs");
         let r = cluster.post(path, &body.replace("\"M\"", &format!("\"{MODEL}\"")));
         assert_eq!(
             r.status,
@@ -63,14 +67,19 @@ fn honest_node_is_verified(quantize: &str) {
             cluster.nodes[0].log_text(),
             cluster.server.log_text()
         );
+        if logprobs {
+            let v = r.json();
+            let content = v["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default();
+            assert_eq!(content.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap(), "{v}");
+        }
     }
     let store = cluster.store();
     let verified = || numbers(&store, "SELECT count(*) FILTER (WHERE verification = 'verified') FROM receipts");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while verified() != vec![3] && std::time::Instant::now() < deadline {
+    while verified() != vec![4] && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(verified(), vec![3], "{quantize}: server log:\n{}", cluster.server.log_text());
+    assert_eq!(verified(), vec![4], "{quantize}: server log:\n{}", cluster.server.log_text());
     assert_eq!(numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'failed'"), vec![0], "{quantize}");
     assert_eq!(numbers(&store, "SELECT min(reputation)::bigint FROM nodes"), vec![10_000]);
 }
@@ -126,7 +135,7 @@ fn a_node_that_edits_a_token_is_caught_quarantined_and_unpaid() {
         completion[2] = (completion[2] + 4242) % 49_152;
         let proof = builder.finish(&rogue.id, spec.id.0, MODEL, &completion).unwrap();
         for (index, &token) in completion.iter().enumerate() {
-            let m = NodeMessage::Token { id: spec.id, index, token, text: "x".into() };
+            let m = NodeMessage::Token { id: spec.id, index, token, text: "x".into(), logprobs: None };
             rogue.link.send(&m).await.unwrap();
         }
         let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &completion);
@@ -354,7 +363,11 @@ async fn answer(
         proof.signature = hex::encode(rogue.id.sign(&proof.digest()));
     }
     for (index, &token) in completion.iter().enumerate() {
-        rogue.link.send(&NodeMessage::Token { id: spec.id, index, token, text: "x".into() }).await.unwrap();
+        rogue
+            .link
+            .send(&NodeMessage::Token { id: spec.id, index, token, text: "x".into(), logprobs: None })
+            .await
+            .unwrap();
     }
     let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &completion);
     let usage = TaskUsage { prompt_tokens: 30, completion_tokens: completion.len() };

@@ -328,7 +328,7 @@ impl Rogue {
     /// Streams two tokens and reports done with `receipt`.
     pub async fn finish(&mut self, spec: &TaskSpec, receipt: SignedReceipt) {
         for (index, token) in [7u32, 8].into_iter().enumerate() {
-            let m = NodeMessage::Token { id: spec.id, index, token, text: "x".into() };
+            let m = NodeMessage::Token { id: spec.id, index, token, text: "x".into(), logprobs: None };
             self.link.send(&m).await.unwrap();
         }
         let usage = TaskUsage { prompt_tokens: 5, completion_tokens: 2 };
@@ -346,7 +346,7 @@ impl Rogue {
     /// Streams `completion` and reports done with an honest receipt for it and `proof`.
     pub async fn deliver(&mut self, spec: &TaskSpec, completion: &[u32], proof: ludus::proof::Proof) {
         for (index, &token) in completion.iter().enumerate() {
-            let m = NodeMessage::Token { id: spec.id, index, token, text: String::new() };
+            let m = NodeMessage::Token { id: spec.id, index, token, text: String::new(), logprobs: None };
             self.link.send(&m).await.unwrap();
         }
         let receipt = SignedReceipt::sign(&self.id, spec.ticket.clone(), spec.ticket.prompt.tokens, completion);

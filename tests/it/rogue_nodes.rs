@@ -55,7 +55,7 @@ fn cut_for(
 }
 
 fn token(id: u64, index: usize, token: u32, text: &str) -> NodeMessage {
-    NodeMessage::Token { id: ludus::protocol::TaskId(id), index, token, text: text.into() }
+    NodeMessage::Token { id: ludus::protocol::TaskId(id), index, token, text: text.into(), logprobs: None }
 }
 
 #[test]

@@ -202,24 +202,22 @@ fn the_openai_sdk_parses_structured_answers_and_round_trips_tools() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("all structured output checks passed (javascript)"));
 }
 
-/// A node that answers a JSON task with prose is cut at the first token the grammar does
-/// not allow: the server checks every id against its own copy of the grammar, so the
-/// prose never reaches the game and nothing is recorded for the node.
-#[test]
-fn a_node_that_leaves_the_schema_is_cut_before_the_game_reads_it() {
-    use ludus::protocol::NodeMessage;
+/// A rogue on a real model's task: the game streams `body` (retrying until the rogue has
+/// joined), the rogue answers with `lie(task)`, and the server's reason for cutting it
+/// comes back with what the game read. Nothing may be recorded for the rogue.
+fn rogue_cut(
+    body: Value,
+    lie: impl FnOnce(&ludus::protocol::TaskSpec) -> Vec<ludus::protocol::NodeMessage>,
+) -> Option<(String, String)> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
-    let Some(path) = smollm2() else { return };
+    let path = smollm2()?;
     const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
     let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
-    let text = ludus::inference::ModelText::load(&path).unwrap();
-    let open = text.tokenizer.encode("{", false).unwrap();
-    let prose = text.tokenizer.encode("Hello traveller", false).unwrap();
-    let body = json!({"model": MODEL, "max_tokens": 16, "stream": true,
-        "response_format": {"type": "json_object"},
-        "messages": [{"role": "user", "content": "Greet the traveller."}]})
-    .to_string();
+    let mut body = body;
+    body["model"] = MODEL.into();
+    body["stream"] = true.into();
+    let body = body.to_string();
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
     let asked = std::sync::Arc::new(AtomicBool::new(false));
     let game = {
@@ -243,20 +241,134 @@ fn a_node_that_leaves_the_schema_is_cut_before_the_game_reads_it() {
         let mut rogue = crate::registry::Rogue::join(&cluster.addr, MODEL).await;
         let spec = rogue.task(&mut []).await;
         asked.store(true, Ordering::Relaxed);
-        assert!(spec.params.grammar.as_deref().is_some_and(|g| g.contains("%json")), "{:?}", spec.params);
-        for (index, &token) in open.iter().chain(&prose).enumerate() {
-            let m = NodeMessage::Token { id: spec.id, index, token, text: String::new() };
+        for m in lie(&spec) {
             if rogue.link.send(&m).await.is_err() {
                 break;
             }
         }
         rogue.goodbye().await
     });
-    assert!(reason.contains("leaves its grammar"), "{reason:?}");
     let read = game.join().unwrap();
-    assert!(!read.contains("Hello"), "the game read the rogue's prose: {read}");
     std::thread::sleep(Duration::from_millis(800)); // two blocks
     assert_eq!(crate::database::numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0]);
+    Some((reason, read))
+}
+
+/// A node that answers a JSON task with prose is cut at the first token the grammar does
+/// not allow: the server checks every id against its own copy of the grammar, so the
+/// prose never reaches the game and nothing is recorded for the node.
+#[test]
+fn a_node_that_leaves_the_schema_is_cut_before_the_game_reads_it() {
+    use ludus::protocol::NodeMessage;
+    let Some(path) = smollm2() else { return };
+    let text = ludus::inference::ModelText::load(&path).unwrap();
+    let open = text.tokenizer.encode("{", false).unwrap();
+    let prose = text.tokenizer.encode("Hello traveller", false).unwrap();
+    let body = json!({"max_tokens": 16, "response_format": {"type": "json_object"},
+        "messages": [{"role": "user", "content": "Greet the traveller."}]});
+    let (reason, read) = rogue_cut(body, |spec| {
+        assert!(spec.params.grammar.as_deref().is_some_and(|g| g.contains("%json")), "{:?}", spec.params);
+        open.iter()
+            .chain(&prose)
+            .enumerate()
+            .map(|(index, &token)| NodeMessage::Token {
+                id: spec.id,
+                index,
+                token,
+                text: String::new(),
+                logprobs: None,
+            })
+            .collect()
+    })
+    .unwrap();
+    assert!(reason.contains("leaves its grammar"), "{reason:?}");
+    assert!(!read.contains("Hello"), "the game read the rogue's prose: {read}");
+}
+
+/// Log probabilities come from the node, so the server bounds their shape on every
+/// token (finite, at most 0, best first, as many as asked): a node that sends a
+/// probability above 1 or leaves them out is cut before the game reads the value.
+#[test]
+fn a_node_reporting_impossible_log_probabilities_is_cut() {
+    use ludus::inference::logprobs::TokenLogprobs;
+    use ludus::protocol::NodeMessage;
+    let body = json!({"max_tokens": 8, "logprobs": true, "top_logprobs": 2,
+        "messages": [{"role": "user", "content": "Greet the traveller."}]});
+    let cases: [(TokenLogprobs, &str); 2] = [
+        (TokenLogprobs { logprob: 0.7, top: vec![(42, 0.7), (43, -1.0)] }, "not a finite value at most 0"),
+        (TokenLogprobs { logprob: -0.1, top: vec![(43, -2.0), (42, -0.1)] }, "best first"),
+    ];
+    for (lie, why) in cases {
+        let Some((reason, read)) = rogue_cut(body.clone(), |spec| {
+            assert_eq!(spec.params.logprobs, Some(2));
+            vec![NodeMessage::Token { id: spec.id, index: 0, token: 42, text: String::new(), logprobs: Some(lie) }]
+        }) else {
+            return;
+        };
+        assert!(reason.contains(why), "{reason:?}");
+        assert!(!read.contains("0.7"), "{read}");
+    }
+}
+
+/// The engine reports what its sampler saw, and the verifier measures a report against the
+/// reference: an honest int4 node is within its format's margin, one that flatters its
+/// answers (every chosen token a certainty) is not. Under a grammar no masked token is an
+/// alternative.
+#[test]
+fn reported_log_probabilities_are_what_the_sampler_saw_and_the_verifier_measures_them() {
+    use ludus::inference::logprobs::TokenLogprobs;
+    use ludus::proof::logprob_check::{judge, worst_deviation};
+    let Some(path) = smollm2() else { return };
+    let int4 = Model::load_quantized(&path, Device::Cpu, None, ludus::inference::Quantization::Int4, None).unwrap();
+    let reference =
+        Model::load_quantized(&path, Device::Cpu, None, ludus::inference::Quantization::Int4, None).unwrap();
+    let format = Format::of(ludus::inference::Quantization::Int4, int4.llama.kind);
+    let engine = Engine::start(int4, ludus::inference::EngineConfig { max_batch: 2, ..Default::default() }).unwrap();
+    let p = prompt(&reference, "Who goes there?");
+    let g: std::sync::Arc<str> = grammar(json!({"response_format": npc_schema()})).into();
+    for params in [
+        SamplingParams { logprobs: Some(5), ..SamplingParams::greedy() },
+        SamplingParams { logprobs: Some(3), temperature: 1.0, seed: 4, grammar: Some(g), ..Default::default() },
+    ] {
+        let mut rx =
+            engine.submit(GenerateRequest { max_tokens: 24, ..run(&engine, &p, params.clone(), false) }).unwrap();
+        let (mut ids, mut reported) = (Vec::new(), Vec::new());
+        while let Some(event) = rx.blocking_recv() {
+            match event {
+                ludus::inference::Event::Token { id, logprobs, .. } => {
+                    ids.push(id);
+                    reported.push(logprobs.expect("asked for"));
+                }
+                ludus::inference::Event::Done(_) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        for (lp, &id) in reported.iter().zip(&ids) {
+            assert!(lp.logprob <= 0.0 && lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{lp:?}");
+            if params.temperature == 0.0 {
+                assert_eq!(lp.top[0].0, id, "greedy picks the most likely token");
+            }
+            if params.grammar.is_some() {
+                let text: String = lp.top.iter().map(|&(t, _)| reference.tokenizer.decode(&[t], false)).collect();
+                assert!(!text.contains("Hello"), "a masked token among the alternatives: {text}");
+            }
+        }
+        let honest = worst_deviation(&reference, &p, &ids, &params, &reported).unwrap().unwrap();
+        eprintln!("log probabilities, honest int4 node: worst deviation {honest:.4}");
+        assert!(judge(honest, format, 1.0).is_none(), "honest deviation {honest}");
+        // Every value shifted two nats towards certainty.
+        let shift = |v: f32| (v + 2.0).min(0.0);
+        let flattered: Vec<TokenLogprobs> = reported
+            .iter()
+            .map(|lp| TokenLogprobs {
+                logprob: shift(lp.logprob),
+                top: lp.top.iter().map(|&(t, v)| (t, shift(v))).collect(),
+            })
+            .collect();
+        let lied = worst_deviation(&reference, &p, &ids, &params, &flattered).unwrap().unwrap();
+        eprintln!("log probabilities shifted by 2 nats: worst deviation {lied:.4}");
+        assert!(judge(lied, format, 1.0).is_some(), "a flattering report passed: {lied}");
+    }
 }
 
 /// Failover under a grammar: a continuation that prefills the first half of an answer as

@@ -202,4 +202,24 @@ assert all(isinstance(c.message.parsed, Weather) for c in many.choices), many
 assert len({c.message.content for c in many.choices}) > 1, "four seeds gave one answer"
 assert many.system_fingerprint and many.system_fingerprint.startswith("fp_"), many
 
+# Log probabilities, whole and streamed: one entry per token, best first, at most 0.
+lp = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}],
+                                    logprobs=True, top_logprobs=3, max_tokens=12, temperature=0)
+content = lp.choices[0].logprobs.content
+assert len(content) == lp.usage.completion_tokens, (len(content), lp.usage)
+for entry in content:
+    assert entry.logprob <= 0 and len(entry.top_logprobs) == 3, entry
+    assert entry.top_logprobs[0].token == entry.token, entry  # greedy picks the best
+    assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+streamed = [e for c in client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Say hello."}], logprobs=True, top_logprobs=3,
+    max_tokens=12, temperature=0, stream=True) if c.choices and c.choices[0].logprobs
+    for e in c.choices[0].logprobs.content]
+assert [e.token for e in streamed] == [e.token for e in content], (streamed, content)
+try:
+    client.chat.completions.create(model=model, messages=messages, logprobs=True, top_logprobs=21, max_tokens=2)
+    raise AssertionError("top_logprobs 21 accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "top_logprobs", e.body
+
 print("all structured output checks passed")
