@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::error::ServeError;
-use crate::inference::grammar::Constraint;
+use crate::inference::grammar::{Constraint, Refusal};
 use crate::inference::logprobs::TokenLogprobs;
 use crate::inference::text_stream::TextStream;
 use crate::inference::ModelText;
@@ -111,12 +111,25 @@ impl JobText {
     }
 
     /// Adds a token; the text it releases and whether a stop sequence ends the answer, or
-    /// why the token is refused (it leaves the job's grammar).
-    pub fn push(&mut self, token: u32) -> Result<(String, bool), String> {
+    /// why the token is refused (it leaves the job's grammar, or the grammar broke).
+    pub fn push(&mut self, token: u32) -> Result<(String, bool), Refusal> {
         if let Some(g) = self.grammar.as_mut() {
-            g.current.advance(token).map_err(|e| format!("the answer leaves its grammar: {e}"))?;
+            g.current.check(token).map_err(|r| match r {
+                Refusal::NotAllowed(e) => Refusal::NotAllowed(format!("the answer leaves its grammar: {e}")),
+                broken => broken,
+            })?;
         }
         Ok(self.stream.push(&self.model.tokenizer, token))
+    }
+
+    /// Whether the answer has a grammar it does not complete yet.
+    pub fn grammar_incomplete(&mut self) -> bool {
+        self.grammar.as_mut().is_some_and(|g| !g.current.is_complete())
+    }
+
+    /// Whether `token` ends a sequence (its text is nothing a game reads).
+    pub fn is_stop_token(&self, token: u32) -> bool {
+        self.model.tokenizer.stop_tokens.contains(&token) || self.model.tokenizer.eos == Some(token)
     }
 
     /// The text held back until the end.

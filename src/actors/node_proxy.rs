@@ -22,6 +22,7 @@ use super::messages::*;
 use super::registry::Registry;
 use crate::crypto::identity::{verify, Address, Identity};
 use crate::crypto::session::{KeyExchange, Opener, Role, Sealer};
+use crate::inference::grammar::Refusal;
 use crate::inference::logprobs::{check_shape, TokenLogprobs};
 use crate::protocol::handshake::{
     distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
@@ -421,6 +422,14 @@ impl NodeProxy {
                 // The server's own text says how the answer ended: at an end-of-sequence
                 // token or a stop sequence, or else at its length (max_tokens, or a node's
                 // context). A node's word is taken only where the server holds no tokenizer.
+                // A structured answer ends complete, at a stop sequence, or at max_tokens: a
+                // node that stops inside it goes the way of a failed node (the task fails over).
+                let cut_short = run.job.emitted.len() < run.job.max_tokens
+                    && run.job.text.as_mut().is_some_and(|t| !t.stream.stopped() && t.grammar_incomplete());
+                if cut_short {
+                    self.in_flight.insert(id, run);
+                    return self.fail(ctx, format!("task {id}: ended a structured answer before it was complete"));
+                }
                 let (tail, finish_reason) = match run.job.text.as_mut() {
                     Some(server_text) => {
                         let reason =
@@ -578,7 +587,10 @@ impl NodeProxy {
             match (run.job.params.logprobs, &logprobs, vocab) {
                 (None, None, _) => None,
                 (Some(top), Some(lp), Some(vocab)) => {
-                    check_shape(lp, token, top, vocab).err().map(|e| format!("task {id}: log probabilities: {e}"))
+                    let exact = run.job.params.grammar.is_none();
+                    check_shape(lp, token, top, vocab, exact)
+                        .err()
+                        .map(|e| format!("task {id}: log probabilities: {e}"))
                 }
                 (Some(_), Some(_), None) => {
                     Some(format!("task {id}: log probabilities for a model the server cannot check"))
@@ -594,12 +606,23 @@ impl NodeProxy {
         // The game reads the text the server makes from the id, never the node's own.
         let text = match run.job.text.as_mut().map(|server_text| server_text.push(token)) {
             Some(Ok((server_text, _))) => server_text,
-            Some(Err(e)) => return self.fail(ctx, format!("task {id}: {e}")),
+            Some(Err(Refusal::NotAllowed(e))) => return self.fail(ctx, format!("task {id}: {e}")),
+            Some(Err(Refusal::Broken(e))) => {
+                // Not the node's fault: the answer cannot go on, the game gets an error and
+                // pays for the tokens it read.
+                tracing::warn!(task = %id, error = %e, "the grammar engine failed; ending the task");
+                let _ = run.job.events.send(JobEvent::Failed(ServeError::Internal(format!("structured output: {e}"))));
+                let delivered = run.job.emitted.len();
+                return self.abandon(id, delivered);
+            }
             None => text,
         };
         run.job.emitted.push(token);
         if let (Some(lp), Some(server_text)) = (logprobs, run.job.text.as_ref()) {
-            let _ = run.job.events.send(JobEvent::Logprobs(server_text.describe(token, &lp)));
+            // An end-of-sequence token has no text; OpenAI lists no entry for it.
+            if !server_text.is_stop_token(token) {
+                let _ = run.job.events.send(JobEvent::Logprobs(server_text.describe(token, &lp)));
+            }
             run.job.emitted_logprobs.push(lp);
         }
         run.last_progress = Instant::now();

@@ -190,6 +190,9 @@ fn logit_bias(obj: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
         })
         .collect::<Result<_, _>>()?;
     out.sort_by_key(|&(id, _)| id);
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ApiError::invalid("logit_bias", format!("`logit_bias` lists token {} twice", w[0].0)));
+    }
     Ok(out)
 }
 
@@ -283,8 +286,10 @@ pub fn parse_request(body: &[u8], endpoint: Endpoint, limits: RequestLimits) -> 
     let logprobs = match obj.get("logprobs") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
         Some(Value::Bool(true)) if endpoint == Endpoint::Chat => true,
-        Some(Value::Bool(true)) => {
-            return Err(ApiError::invalid("logprobs", "`logprobs` is supported on /v1/chat/completions"))
+        // The legacy endpoint's `logprobs` is a count; 0 asks for nothing.
+        Some(Value::Number(n)) if endpoint == Endpoint::Completions && n.as_u64() == Some(0) => false,
+        Some(Value::Bool(true)) | Some(Value::Number(_)) if endpoint == Endpoint::Completions => {
+            return Err(ApiError::invalid("logprobs", "`logprobs` is supported on /v1/chat/completions only"))
         }
         Some(_) => return Err(ApiError::invalid("logprobs", "`logprobs` must be a boolean")),
     };
@@ -399,7 +404,7 @@ impl ResponseMeta {
     /// A whole (non-streamed) response: one choice per answer. With `tools`, an answer
     /// that is a whole call comes back as `tool_calls` (finish reason `tool_calls`); with
     /// `logprobs`, each choice carries its tokens' log probabilities.
-    pub fn full(&self, answers: &[Answer], usage: TaskUsage, tools: bool, logprobs: bool) -> Value {
+    pub fn full(&self, answers: &[Answer], usage: TaskUsage, functions: &[String], logprobs: bool) -> Value {
         let choices: Vec<Value> = answers
             .iter()
             .enumerate()
@@ -407,7 +412,7 @@ impl ResponseMeta {
                 let (text, reason) = (&a.text, a.finish);
                 let lp = if logprobs { logprobs_json(&a.logprobs) } else { Value::Null };
                 let call =
-                    (tools && reason == FinishReason::Stop).then(|| super::structured::tool_call(text)).flatten();
+                    (reason == FinishReason::Stop).then(|| super::structured::tool_call(text, functions)).flatten();
                 match (self.endpoint, call) {
                     (Endpoint::Chat, Some(call)) => {
                         json!({"index": index, "logprobs": lp, "finish_reason": "tool_calls",
@@ -547,6 +552,7 @@ mod tests {
         let body =
             |bias: &str| format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"logit_bias":{bias}}}"#);
         let r = parse(&body(r#"{"42": -100, "7": 2.5}"#)).unwrap();
+        assert_eq!(parse(&body(r#"{"7": 1, "007": 1}"#)).unwrap_err().param.as_deref(), Some("logit_bias"));
         assert_eq!(r.params.logit_bias, vec![(7, 2.5), (42, -100.0)]);
         for bad in [r#"{"x": 1}"#, r#"{"5": 101}"#, r#"{"5": "high"}"#, "[1]"] {
             assert_eq!(parse(&body(bad)).unwrap_err().param.as_deref(), Some("logit_bias"), "{bad}");
@@ -568,8 +574,7 @@ mod tests {
         };
         let usage = TaskUsage { prompt_tokens: 1, completion_tokens: 1 };
         let choices = [Answer { text: "hi".into(), finish: FinishReason::Stop, logprobs: Vec::new() }];
-        for v in
-            [meta.full(&choices, usage, false, false), meta.chunk(0, Some("h"), true, None), meta.usage_chunk(usage)]
+        for v in [meta.full(&choices, usage, &[], false), meta.chunk(0, Some("h"), true, None), meta.usage_chunk(usage)]
         {
             assert_eq!(v["system_fingerprint"], fingerprint("a"), "{v}");
         }

@@ -152,7 +152,7 @@ async fn complete(
         }
         let streams = choices.into_iter().zip(firsts).collect();
         let logprobs = valid.params.logprobs.is_some();
-        return Ok(stream_response(streams, meta, valid.include_usage, valid.structured.tools, logprobs));
+        return Ok(stream_response(streams, meta, valid.include_usage, &valid.structured.functions, logprobs));
     }
     let answers = futures_util::future::join_all(choices.iter_mut().map(whole_answer)).await;
     let mut done = Vec::with_capacity(answers.len());
@@ -165,7 +165,7 @@ async fn complete(
         done.push(answer);
     }
     let logprobs = valid.params.logprobs.is_some();
-    Ok(HttpResponse::Ok().json(meta.full(&done, total, valid.structured.tools, logprobs)))
+    Ok(HttpResponse::Ok().json(meta.full(&done, total, &valid.structured.functions, logprobs)))
 }
 
 /// One job's answer to its end, and its usage.

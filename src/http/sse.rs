@@ -120,7 +120,7 @@ impl StreamState {
                 let mut out = Vec::new();
                 let mut is_call = false;
                 if let Some(calls) = choice.calls.as_mut() {
-                    for delta in calls.finish() {
+                    for delta in calls.finish(finish_reason == FinishReason::Stop) {
                         out.extend_from_slice(&event(&meta.call_chunk(i, &delta, choice.first)));
                         choice.first = false;
                     }
@@ -162,7 +162,7 @@ pub fn stream_response(
     admitted: Vec<(Admitted, JobEvent)>,
     meta: ResponseMeta,
     include_usage: bool,
-    tools: bool,
+    functions: &[String],
     with_logprobs: bool,
 ) -> HttpResponse {
     let choices = admitted
@@ -172,7 +172,7 @@ pub fn stream_response(
             pending: Some(first_event),
             first: true,
             finished: false,
-            calls: tools.then(CallStream::default),
+            calls: (!functions.is_empty()).then(|| CallStream::new(functions)),
             logprobs: Vec::new(),
         })
         .collect();

@@ -20,8 +20,8 @@ pub struct Structured {
     pub grammar: Option<String>,
     /// The request field a grammar error is reported under.
     pub field: &'static str,
-    /// The answer may be a tool call (tools given, `tool_choice` not `none`).
-    pub tools: bool,
+    /// The functions the answer may call (empty: none; tools absent or `tool_choice` `none`).
+    pub functions: Vec<String>,
     /// Shows the model its tools; prepended to the conversation.
     pub tools_prompt: Option<String>,
 }
@@ -179,25 +179,21 @@ fn choice(obj: &Map<String, Value>, functions: &[Function]) -> Result<Choice, Ap
     Ok(choice)
 }
 
-/// The schema of a call to one of `functions`.
-fn call_rule(functions: &[&Function]) -> String {
-    let calls: Vec<Value> = functions
-        .iter()
-        .map(|f| {
-            json!({
-                "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": Value::Object(f.parameters.clone())},
-                "required": ["name", "arguments"],
-                "additionalProperties": false,
-            })
-        })
-        .collect();
-    let schema = if calls.len() == 1 {
-        calls.into_iter().next().and_then(|c| c.as_object().cloned()).unwrap_or_default()
-    } else {
-        Map::from_iter([("anyOf".to_string(), Value::Array(calls))])
-    };
-    json_rule(schema)
+/// The Lark rules of a call to one of `functions`: rule `call`, one alternative per
+/// function, each the convention's exact text around that function's own `%json` rule
+/// (so that `$ref`s in its parameters resolve against the parameters themselves).
+fn call_rules(functions: &[&Function]) -> String {
+    let names: Vec<String> = (0..functions.len()).map(|i| format!("call_{i}")).collect();
+    let mut rules = format!("call: {}\n", names.join(" | "));
+    for (i, f) in functions.iter().enumerate() {
+        // Names are [A-Za-z0-9_-]: nothing to escape in the literal.
+        rules.push_str(&format!(
+            "call_{i}: \"{{\\\"name\\\": \\\"{}\\\", \\\"arguments\\\": \" args_{i} \"}}\"\nargs_{i}: {}\n",
+            f.name,
+            json_rule(f.parameters.clone())
+        ));
+    }
+    rules
 }
 
 /// The system text that shows the model its tools and the call convention.
@@ -229,17 +225,23 @@ pub fn parse(obj: &Map<String, Value>) -> Result<Structured, ApiError> {
     let grammar = match (&choice, answer) {
         (Choice::None, None) => None,
         (Choice::None, Some(rule)) => Some(format!("start: {rule}\n")),
-        (Choice::Required | Choice::Named(_), _) => Some(format!("start: {}\n", call_rule(&calls))),
+        (Choice::Required | Choice::Named(_), _) => Some(format!("start: call\n{}", call_rules(&calls))),
         // Free text may not open with `{`: an answer that does is a call.
         (Choice::Auto, None) => {
-            Some(format!("start: call | text\ncall: {}\ntext: TEXT\nTEXT: /[^{{\\s](.|\\n)*/\n", call_rule(&calls)))
+            Some(format!("start: call | text\ntext: TEXT\nTEXT: /[^{{\\s](.|\\n)*/\n{}", call_rules(&calls)))
         }
-        (Choice::Auto, Some(rule)) => {
-            Some(format!("start: call | answer\ncall: {}\nanswer: {rule}\n", call_rule(&calls)))
+        // Either a call or an answer in the format: a JSON answer could spell a call, and
+        // the game could not tell which it got.
+        (Choice::Auto, Some(_)) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` `auto` cannot be combined with a JSON `response_format`: use `required`, a named function, or `none`",
+            ))
         }
     };
     let field = if functions.is_empty() { "response_format" } else { "tools" };
-    Ok(Structured { grammar, field, tools: !calls.is_empty(), tools_prompt })
+    let functions = calls.iter().map(|f| f.name.clone()).collect();
+    Ok(Structured { grammar, field, functions, tools_prompt })
 }
 
 /// A tool call read back from an answer.
@@ -250,13 +252,17 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
-/// The call an answer makes, if it is one (`{"name": …, "arguments": {…}}`).
-pub fn tool_call(text: &str) -> Option<ToolCall> {
-    let value: Value = serde_json::from_str(text).ok()?;
-    let obj = value.as_object()?;
-    let name = obj.get("name")?.as_str()?.to_string();
-    let arguments = obj.get("arguments")?;
-    arguments.is_object().then(|| ToolCall { name, arguments: arguments.to_string() })
+/// The call an answer makes, if it is a whole call to one of `functions` in the
+/// convention's layout (`{"name": "…", "arguments": {…}}`). The arguments are the answer's
+/// own bytes, as they are streamed.
+pub fn tool_call(text: &str, functions: &[String]) -> Option<ToolCall> {
+    let (name, at) = call_head(text)?;
+    if !functions.contains(&name) {
+        return None;
+    }
+    let arguments = text[at..].trim_end().strip_suffix('}')?.trim_end();
+    let parsed: Value = serde_json::from_str(arguments).ok()?;
+    parsed.is_object().then(|| ToolCall { name, arguments: arguments.to_string() })
 }
 
 /// How an assistant message that made calls is shown to the model: the convention's text.
@@ -290,6 +296,8 @@ pub fn call_text(calls: &Value, param: &str) -> Result<String, ApiError> {
 /// is sent as OpenAI streams one — its id and name first, then the arguments in pieces.
 #[derive(Debug, Default)]
 pub struct CallStream {
+    /// The functions a call may name.
+    functions: Vec<String>,
     /// Text received so far while it may still be a call.
     text: String,
     /// How many bytes of the arguments were sent.
@@ -317,6 +325,10 @@ pub enum Delta {
 }
 
 impl CallStream {
+    pub fn new(functions: &[String]) -> Self {
+        Self { functions: functions.to_vec(), ..Self::default() }
+    }
+
     /// The deltas a new piece of text releases.
     pub fn push(&mut self, piece: &str) -> Vec<Delta> {
         if self.mode == Mode::Content {
@@ -334,21 +346,26 @@ impl CallStream {
                 return vec![Delta::Content(std::mem::take(&mut self.text))];
             }
             let Some((name, at)) = call_head(&self.text) else { return out };
+            if !self.functions.contains(&name) {
+                self.mode = Mode::Content;
+                return vec![Delta::Content(std::mem::take(&mut self.text))];
+            }
             self.mode = Mode::Call { arguments_at: at };
             self.sent = at;
             out.push(Delta::CallStart { name });
         }
-        // Hold back the last byte: it may be the call's closing brace.
-        let end = self.text.len().saturating_sub(1);
-        if end > self.sent && self.text.is_char_boundary(end) {
+        // Hold back a closing brace at the end: it may be the call's own.
+        let end = if self.text.ends_with('}') { self.text.len() - 1 } else { self.text.len() };
+        if end > self.sent {
             out.push(Delta::Arguments(self.text[self.sent..end].to_string()));
             self.sent = end;
         }
         out
     }
 
-    /// The deltas left at the end of the answer.
-    pub fn finish(&mut self) -> Vec<Delta> {
+    /// The deltas left at the end of the answer; `complete` when it ended as a whole
+    /// answer (not cut at its length), so that a call's closing brace is its own.
+    pub fn finish(&mut self, complete: bool) -> Vec<Delta> {
         match self.mode {
             Mode::Content => Vec::new(),
             Mode::Undecided => {
@@ -362,7 +379,11 @@ impl CallStream {
             Mode::Call { .. } => {
                 // The closing brace of the call object is not part of the arguments.
                 let body = self.text.trim_end();
-                let end = body.strip_suffix('}').map_or(body.len(), str::len).max(self.sent);
+                let end = match body.strip_suffix('}') {
+                    Some(inner) if complete => inner.len(),
+                    _ => self.text.len(),
+                }
+                .max(self.sent);
                 let rest = self.text[self.sent..end].to_string();
                 self.sent = end;
                 if rest.is_empty() {
@@ -409,12 +430,12 @@ mod tests {
 
     #[test]
     fn a_call_streams_as_its_name_then_its_arguments_in_pieces() {
-        let mut s = CallStream::default();
+        let mut s = CallStream::new(&["draw_sword".to_string()]);
         let mut deltas = Vec::new();
-        for piece in ["{\"na", "me\": \"draw", "_sword\", \"argu", "ments\": {\"hand", "\": \"left\"}", "}"] {
+        for piece in ["{\"na", "me\": \"draw", "_sword\", \"argu", "ments\": {\"hand", "\": \"lé", "ft\"}", "}"] {
             deltas.extend(s.push(piece));
         }
-        deltas.extend(s.finish());
+        deltas.extend(s.finish(true));
         assert!(s.is_call());
         assert_eq!(deltas[0], Delta::CallStart { name: "draw_sword".into() });
         let args: String = deltas[1..]
@@ -424,25 +445,38 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(args, "{\"hand\": \"left\"}");
+        assert_eq!(args, "{\"hand\": \"léft\"}");
         assert!(deltas.len() > 2, "arguments come in pieces: {deltas:?}");
     }
 
     #[test]
     fn plain_text_streams_as_content() {
-        let mut s = CallStream::default();
+        let mut s = CallStream::new(&["wave".to_string()]);
         assert_eq!(s.push("Hel"), vec![Delta::Content("Hel".into())]);
         assert_eq!(s.push("lo"), vec![Delta::Content("lo".into())]);
-        assert!(s.finish().is_empty());
+        assert!(s.finish(true).is_empty());
         assert!(!s.is_call());
+        // A call to a function nobody offered is text, not a call.
+        let mut s = CallStream::new(&["wave".to_string()]);
+        let deltas = s.push("{\"name\": \"delete_save\", \"arguments\": {}}");
+        assert!(matches!(&deltas[..], [Delta::Content(_)]) && !s.is_call(), "{deltas:?}");
+        // Cut at its length, the arguments keep their last brace.
+        let mut s = CallStream::new(&["wave".to_string()]);
+        let mut args: Vec<Delta> = s.push("{\"name\": \"wave\", \"arguments\": {\"a\": {\"b\": 1}");
+        args.extend(s.finish(false));
+        let text: String =
+            args.iter().filter_map(|d| if let Delta::Arguments(a) = d { Some(a.as_str()) } else { None }).collect();
+        assert_eq!(text, "{\"a\": {\"b\": 1}");
     }
 
     #[test]
     fn the_call_convention_reads_back() {
-        let call = tool_call("{\"name\": \"wave\", \"arguments\": {\"times\": 2}}").unwrap();
-        assert_eq!(call, ToolCall { name: "wave".into(), arguments: "{\"times\":2}".into() });
-        assert_eq!(tool_call("Hello there"), None);
-        assert_eq!(tool_call("{\"name\": \"wave\"}"), None);
+        let wave = ["wave".to_string()];
+        let call = tool_call("{\"name\": \"wave\", \"arguments\": {\"times\": 2}}", &wave).unwrap();
+        assert_eq!(call, ToolCall { name: "wave".into(), arguments: "{\"times\": 2}".into() });
+        assert_eq!(tool_call("Hello there", &wave), None);
+        assert_eq!(tool_call("{\"name\": \"wave\"}", &wave), None);
+        assert_eq!(tool_call("{\"name\": \"jump\", \"arguments\": {}}", &wave), None, "not offered");
         let history =
             json!([{"id": "c1", "type": "function", "function": {"name": "wave", "arguments": "{\"times\": 2}"}}]);
         assert_eq!(
@@ -481,15 +515,21 @@ mod tests {
     fn the_grammar_follows_the_choice() {
         let tools = json!([{"type": "function", "function": {"name": "wave"}}, {"type": "function", "function": {"name": "bow"}}]);
         let auto = parse(&obj(json!({"tools": tools}))).unwrap();
-        assert!(auto.tools && auto.grammar.as_deref().unwrap().contains("start: call | text"));
+        assert_eq!(auto.functions, vec!["wave", "bow"]);
+        assert!(auto.grammar.as_deref().unwrap().contains("start: call | text"));
         let none = parse(&obj(json!({"tools": tools, "tool_choice": "none"}))).unwrap();
-        assert!(!none.tools && none.grammar.is_none() && none.tools_prompt.is_some());
+        assert!(none.functions.is_empty() && none.grammar.is_none() && none.tools_prompt.is_some());
+        let mixed = parse(&obj(json!({"tools": tools, "response_format": {"type": "json_object"}})));
+        assert_eq!(mixed.unwrap_err().param.as_deref(), Some("tool_choice"));
         let named =
             parse(&obj(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "bow"}}})))
                 .unwrap();
         let g = named.grammar.unwrap();
-        assert!(g.contains("\"bow\"") && !g.contains("\"wave\""), "{g}");
+        assert!(g.contains("bow") && !g.contains("wave"), "{g}");
         let plain = parse(&obj(json!({}))).unwrap();
-        assert_eq!(plain, Structured { grammar: None, field: "response_format", tools: false, tools_prompt: None });
+        assert_eq!(
+            plain,
+            Structured { grammar: None, field: "response_format", functions: vec![], tools_prompt: None }
+        );
     }
 }

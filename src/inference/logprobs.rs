@@ -54,14 +54,20 @@ pub fn compute(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
 }
 
 /// What a node's log probabilities must look like whatever the model: finite, at most 0,
-/// alternatives best first, within the vocabulary, as many as asked for (fewer only when
-/// fewer tokens were allowed), the sampled token's value agreeing with its own entry.
-pub fn check_shape(lp: &TokenLogprobs, token: u32, want_top: usize, vocab: usize) -> Result<(), String> {
+/// alternatives best first, within the vocabulary, as many as asked for (`exact`; under a
+/// grammar fewer tokens may be allowed, and the verifier counts them), the sampled token's
+/// value agreeing with its own entry.
+pub fn check_shape(lp: &TokenLogprobs, token: u32, want_top: usize, vocab: usize, exact: bool) -> Result<(), String> {
     let fine = |v: f32| v.is_finite() && v <= 1e-3;
     if !fine(lp.logprob) {
         return Err(format!("log probability {} is not a finite value at most 0", lp.logprob));
     }
-    if lp.top.len() > want_top || (lp.top.is_empty() && want_top > 0) {
+    let count_ok = if exact {
+        lp.top.len() == want_top
+    } else {
+        lp.top.len() <= want_top && (want_top == 0 || !lp.top.is_empty())
+    };
+    if !count_ok {
         return Err(format!("{} alternatives, {want_top} asked for", lp.top.len()));
     }
     for (i, &(t, v)) in lp.top.iter().enumerate() {
@@ -81,15 +87,17 @@ pub fn check_shape(lp: &TokenLogprobs, token: u32, want_top: usize, vocab: usize
     Ok(())
 }
 
-/// How far reported log probabilities are from the ones `logits` give: the largest
-/// difference over the sampled token and every reported alternative, and over each token
-/// the reference ranks above the last reported alternative but the node left out.
-pub fn deviation(reported: &TokenLogprobs, logits: &[f32], token: u32) -> f32 {
-    let reference = compute(logits, token, reported.top.len());
-    let of = |t: u32| {
-        let lse = log_sum_exp(logits);
-        logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| (l as f64 - lse) as f32)
-    };
+/// How far reported log probabilities are from the ones `logits` give, for a request of
+/// `want_top` alternatives: the largest difference over the sampled token and every
+/// reported alternative, and over each token the reference ranks above the last reported
+/// alternative but the node left out. Fewer alternatives than the reference has is ∞.
+pub fn deviation(reported: &TokenLogprobs, logits: &[f32], token: u32, want_top: usize) -> f32 {
+    let reference = compute(logits, token, want_top);
+    if reported.top.len() < reference.top.len() {
+        return f32::INFINITY;
+    }
+    let lse = log_sum_exp(logits);
+    let of = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| (l as f64 - lse) as f32);
     let gap = |a: f32, b: f32| if a == b { 0.0 } else { (a - b).abs() };
     let mut worst = gap(reported.logprob, reference.logprob);
     for &(t, v) in &reported.top {
@@ -120,8 +128,8 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-9);
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 0]);
         assert!((lp.logprob - lp.top[1].1).abs() < 1e-7);
-        assert!(check_shape(&lp, 3, 3, 5).is_ok());
-        assert_eq!(deviation(&lp, &logits, 3), 0.0);
+        assert!(check_shape(&lp, 3, 3, 5, true).is_ok());
+        assert_eq!(deviation(&lp, &logits, 3, 3), 0.0);
         // The masked token is never an alternative, even when more are asked for.
         assert_eq!(compute(&logits, 1, 20).top.len(), 4);
     }
@@ -131,12 +139,16 @@ mod tests {
         let logits = [1.0f32, 3.0, 0.0, 2.0];
         let honest = compute(&logits, 1, 2);
         let flattered = TokenLogprobs { logprob: 0.0, top: vec![(1, 0.0), (3, -1.0)] };
-        assert!(deviation(&flattered, &logits, 1) > 0.3);
+        assert!(deviation(&flattered, &logits, 1, 2) > 0.3);
+        let short = TokenLogprobs { logprob: honest.logprob, top: honest.top[..1].to_vec() };
+        assert_eq!(deviation(&short, &logits, 1, 2), f32::INFINITY, "a shortened list shows");
         let hidden = TokenLogprobs { logprob: honest.logprob, top: vec![(1, honest.top[0].1), (0, -2.5)] };
-        assert!(deviation(&hidden, &logits, 1) > 0.5, "leaving out the second best shows");
-        assert!(check_shape(&TokenLogprobs { logprob: 0.5, top: vec![] }, 1, 0, 4).is_err());
-        assert!(check_shape(&TokenLogprobs { logprob: -1.0, top: vec![(3, -2.0), (1, -1.0)] }, 1, 2, 4).is_err());
-        assert!(check_shape(&TokenLogprobs { logprob: -1.0, top: vec![(9, -1.0)] }, 1, 1, 4).is_err());
-        assert!(check_shape(&honest, 1, 1, 4).is_err(), "more alternatives than asked for");
+        assert!(deviation(&hidden, &logits, 1, 2) > 0.5, "leaving out the second best shows");
+        assert!(check_shape(&TokenLogprobs { logprob: 0.5, top: vec![] }, 1, 0, 4, true).is_err());
+        assert!(check_shape(&TokenLogprobs { logprob: -1.0, top: vec![(3, -2.0), (1, -1.0)] }, 1, 2, 4, true).is_err());
+        assert!(check_shape(&TokenLogprobs { logprob: -1.0, top: vec![(9, -1.0)] }, 1, 1, 4, true).is_err());
+        assert!(check_shape(&honest, 1, 3, 4, true).is_err(), "fewer alternatives than asked for");
+        assert!(check_shape(&honest, 1, 3, 4, false).is_ok(), "under a grammar fewer may be allowed");
+        assert!(check_shape(&honest, 1, 1, 4, true).is_err(), "more alternatives than asked for");
     }
 }

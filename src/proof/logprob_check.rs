@@ -67,7 +67,7 @@ pub fn worst_deviation(
                     return Ok(Err(format!("token {gi} leaves the task's grammar")));
                 }
             }
-            worst = worst.max(deviation(&reported[gi], &l, completion[gi]));
+            worst = worst.max(deviation(&reported[gi], &l, completion[gi], params.logprobs.unwrap_or(0)));
             history.push_generated(completion[gi]);
         }
     }

@@ -90,7 +90,8 @@ fn a_required_tool_call_names_a_listed_function_with_valid_arguments() {
     for seed in 0..3 {
         let params = SamplingParams { temperature: 1.0, seed, grammar: Some(g.clone()), ..Default::default() };
         let (_, text, _) = collect(&engine, run(&engine, &prompt(&model, "A bandit attacks you!"), params, false));
-        let call = structured::tool_call(&text).unwrap_or_else(|| panic!("not a call: {text}"));
+        let offered = ["draw_sword".to_string(), "flee".to_string()];
+        let call = structured::tool_call(&text, &offered).unwrap_or_else(|| panic!("not a call: {text}"));
         let args: Value = serde_json::from_str(&call.arguments).unwrap();
         match call.name.as_str() {
             "draw_sword" => assert!(["left", "right"].contains(&args["hand"].as_str().unwrap()), "{text}"),
@@ -207,7 +208,7 @@ fn the_openai_sdk_parses_structured_answers_and_round_trips_tools() {
 /// comes back with what the game read. Nothing may be recorded for the rogue.
 fn rogue_cut(
     body: Value,
-    lie: impl FnOnce(&ludus::protocol::TaskSpec) -> Vec<ludus::protocol::NodeMessage>,
+    lie: impl FnOnce(&ludus::protocol::TaskSpec, &Identity) -> Vec<ludus::protocol::NodeMessage>,
 ) -> Option<(String, String)> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
@@ -241,7 +242,7 @@ fn rogue_cut(
         let mut rogue = crate::registry::Rogue::join(&cluster.addr, MODEL).await;
         let spec = rogue.task(&mut []).await;
         asked.store(true, Ordering::Relaxed);
-        for m in lie(&spec) {
+        for m in lie(&spec, &rogue.id) {
             if rogue.link.send(&m).await.is_err() {
                 break;
             }
@@ -266,7 +267,7 @@ fn a_node_that_leaves_the_schema_is_cut_before_the_game_reads_it() {
     let prose = text.tokenizer.encode("Hello traveller", false).unwrap();
     let body = json!({"max_tokens": 16, "response_format": {"type": "json_object"},
         "messages": [{"role": "user", "content": "Greet the traveller."}]});
-    let (reason, read) = rogue_cut(body, |spec| {
+    let (reason, read) = rogue_cut(body, |spec, _| {
         assert!(spec.params.grammar.as_deref().is_some_and(|g| g.contains("%json")), "{:?}", spec.params);
         open.iter()
             .chain(&prose)
@@ -285,6 +286,45 @@ fn a_node_that_leaves_the_schema_is_cut_before_the_game_reads_it() {
     assert!(!read.contains("Hello"), "the game read the rogue's prose: {read}");
 }
 
+/// A node that stops inside a structured answer (an object opened, never closed) and
+/// signs for it is cut like a failed node: the game never gets a cut-off object as a
+/// finished answer, and the receipt is not recorded.
+#[test]
+fn a_node_that_stops_inside_a_structured_answer_is_cut() {
+    use ludus::protocol::{FinishReason, NodeMessage, SignedReceipt, TaskUsage};
+    let Some(path) = smollm2() else { return };
+    let text = ludus::inference::ModelText::load(&path).unwrap();
+    let open = text.tokenizer.encode("{\"line\": \"Halt", false).unwrap();
+    let body = json!({"max_tokens": 40, "response_format": {"type": "json_object"},
+        "messages": [{"role": "user", "content": "Greet the traveller."}]});
+    let (reason, _) = rogue_cut(body, |spec, id| {
+        let mut out: Vec<NodeMessage> = open
+            .iter()
+            .enumerate()
+            .map(|(index, &token)| NodeMessage::Token {
+                id: spec.id,
+                index,
+                token,
+                text: String::new(),
+                logprobs: None,
+            })
+            .collect();
+        let receipt = SignedReceipt::sign(id, spec.ticket.clone(), spec.ticket.prompt.tokens, &open);
+        let usage = TaskUsage { prompt_tokens: spec.ticket.prompt.tokens as usize, completion_tokens: open.len() };
+        out.push(NodeMessage::Done {
+            id: spec.id,
+            finish_reason: FinishReason::Stop,
+            usage,
+            tail: String::new(),
+            receipt,
+            proof: None,
+        });
+        out
+    })
+    .unwrap();
+    assert!(reason.contains("before it was complete"), "{reason:?}");
+}
+
 /// Log probabilities come from the node, so the server bounds their shape on every
 /// token (finite, at most 0, best first, as many as asked): a node that sends a
 /// probability above 1 or leaves them out is cut before the game reads the value.
@@ -299,7 +339,7 @@ fn a_node_reporting_impossible_log_probabilities_is_cut() {
         (TokenLogprobs { logprob: -0.1, top: vec![(43, -2.0), (42, -0.1)] }, "best first"),
     ];
     for (lie, why) in cases {
-        let Some((reason, read)) = rogue_cut(body.clone(), |spec| {
+        let Some((reason, read)) = rogue_cut(body.clone(), |spec, _| {
             assert_eq!(spec.params.logprobs, Some(2));
             vec![NodeMessage::Token { id: spec.id, index: 0, token: 42, text: String::new(), logprobs: Some(lie) }]
         }) else {

@@ -180,12 +180,31 @@ text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions
     if c.choices)
 assert text, "an empty final answer"
 
+# A tool made from a Pydantic model with a nested one: its parameters use $defs/$ref.
+class Target(BaseModel):
+    name: str = Field(max_length=20)
+
+
+class Attack(BaseModel):
+    target: Target
+    power: int = Field(ge=1, le=10)
+
+
+attack = client.chat.completions.create(
+    model=model, messages=messages, tools=[openai.pydantic_function_tool(Attack)], tool_choice="required",
+    temperature=0.7, seed=2, max_tokens=80)
+[tc] = attack.choices[0].message.tool_calls
+assert tc.function.name == "Attack", tc
+parsed = Attack.model_validate_json(tc.function.arguments)
+assert 1 <= parsed.power <= 10, parsed
+
 # Bad input: a 400 that names the field.
 for kwargs, param in [
     (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "cast_spell"}}), "tool_choice"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}, "required": ["a"]}}}), "response_format"),
     (dict(response_format={"type": "yaml"}), "response_format"),
+    (dict(tools=tools, response_format={"type": "json_object"}), "tool_choice"),
 ]:
     try:
         client.chat.completions.create(model=model, messages=messages, max_tokens=5, **kwargs)
