@@ -823,17 +823,13 @@ impl Handler<Dispatch> for NodeProxy {
         let ticket = TaskTicket::issue(&self.config.ticket_secret, job.id, job.game_id, &job.model, terms, &address)
             .continuing(&self.config.ticket_secret, prefix);
         // A fresh challenge for models the verifiers hold, failover continuations included:
-        // their proof covers prompt + prefix as its prompt. (Not when frequency or presence
-        // penalties apply, nor under a grammar: those count the prefix as generated, the
-        // proof's prompt does not. The server still checks every token of such a
-        // continuation against the grammar.)
-        let penalized =
-            job.params.frequency_penalty != 0.0 || job.params.presence_penalty != 0.0 || job.params.grammar.is_some();
+        // their proof covers prompt + prefix as its prompt, and the verifier counts the
+        // prefix as generated for the penalties and the grammar.
         let challenge = self
             .config
             .verification
             .as_ref()
-            .filter(|v| v.models.contains(&job.model) && (job.emitted.is_empty() || !penalized))
+            .filter(|v| v.models.contains(&job.model))
             .map(|_| rand::random::<[u8; 32]>());
         let frame = self.frame(&ServerMessage::Task(Box::new(job.spec(ticket, challenge))));
         if frame.len() > MAX_FRAME_BYTES {

@@ -154,7 +154,8 @@ impl Verifier {
         prompt.extend_from_slice(&t.prefix);
         let models = &self.models;
         let reference = |q| models.get(&(t.model.clone(), q));
-        let checked = match verify_claimed(&reference, proof, &prompt, &t.completion, &t.params, &self.tol) {
+        let prefix = t.prefix.len();
+        let checked = match verify_claimed(&reference, proof, &prompt, prefix, &t.completion, &t.params, &self.tol) {
             Ok(c) if c.accepted() => c,
             Ok(c) => return (Failed, c.reasons(), None),
             Err(e) => return (Unverifiable, format!("verifier error: {e}"), None),
@@ -166,7 +167,7 @@ impl Verifier {
         );
         // The numbers a game read besides the text: checked on the same reference.
         if t.params.logprobs.is_some() {
-            match logprob_check::worst_deviation(model, &prompt, &t.completion, &t.params, &t.logprobs) {
+            match logprob_check::worst_deviation(model, &prompt, prefix, &t.completion, &t.params, &t.logprobs) {
                 Ok(Ok(worst)) => match logprob_check::judge(worst, format, self.tol.tie_margin_scale) {
                     Some(reason) => return (Failed, reason, None),
                     None => detail.push_str(&format!(", log probabilities within {worst:.3}")),

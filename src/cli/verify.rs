@@ -65,7 +65,15 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         tie_margin_scale: args.tie_margin_scale,
     };
     let reference = |q| models.get(&q);
-    let checked = verify_claimed(&reference, &stored.proof, &prompt, &stored.completion, &stored.params, &tol)?;
+    let checked = verify_claimed(
+        &reference,
+        &stored.proof,
+        &prompt,
+        stored.prefix.len(),
+        &stored.completion,
+        &stored.params,
+        &tol,
+    )?;
     let accepted = checked.accepted();
     let signer = stored.proof.signer().map(|a| a.to_string()).unwrap_or_else(|e| format!("invalid: {e}"));
     let verdict = serde_json::json!({"signer": signer, "accepted": accepted, "reasons": checked.reasons(),

@@ -6,21 +6,22 @@
 //! units, which log probabilities share), so a node that shades them cannot shade far.
 
 use super::format::Format;
-use crate::inference::grammar::GrammarCompiler;
 use crate::inference::kv_cache::KvCache;
 use crate::inference::llama::LogitsFor;
 use crate::inference::logprobs::{deviation, TokenLogprobs};
-use crate::inference::sampling::{apply_penalties, TokenHistory};
+use crate::inference::sampling::apply_penalties;
 use crate::inference::{InferError, Model, SamplingParams};
 
 /// Rows per prefill chunk (bounds the logits held at once).
 const CHUNK: usize = 256;
 
 /// The largest deviation of `reported` (one per completion token) from `model`'s, or why
-/// the report does not fit the task.
+/// the report does not fit the task. `prompt` ends with the `prefix` tokens earlier nodes
+/// generated (a failover continuation).
 pub fn worst_deviation(
     model: &Model,
     prompt: &[u32],
+    prefix: usize,
     completion: &[u32],
     params: &SamplingParams,
     reported: &[TokenLogprobs],
@@ -32,18 +33,10 @@ pub fn worst_deviation(
     if p == 0 || g == 0 {
         return Ok(Ok(0.0));
     }
-    let mut constraint = match params.grammar.as_deref() {
-        Some(grammar) => Some(
-            GrammarCompiler::for_tokenizer(&model.tokenizer)
-                .and_then(|c| c.compile(grammar))
-                .map_err(InferError::InvalidRequest)?,
-        ),
-        None => None,
-    };
+    let (mut history, mut constraint) = super::verify::sampler_state(model, prompt, prefix, params)?;
     let llama = &model.llama;
     let tokens: Vec<u32> = prompt.iter().chain(&completion[..g - 1]).copied().collect();
     let mut cache = KvCache::new(&llama.config, 1, tokens.len(), llama.device, llama.kind)?;
-    let mut history = TokenHistory::new(prompt);
     let mut worst = 0f32;
     for start in (0..tokens.len()).step_by(CHUNK) {
         let end = (start + CHUNK).min(tokens.len());

@@ -14,7 +14,7 @@ use tch::Device;
 use super::commitment::{positions, TopK, CHUNK};
 use super::format::Format;
 use super::signed::Proof;
-use crate::inference::grammar::GrammarCompiler;
+use crate::inference::grammar::{Constraint, GrammarCompiler};
 use crate::inference::kv_cache::KvCache;
 use crate::inference::llama::LogitsFor;
 use crate::inference::sampling::{apply_penalties, candidates, gumbel, sample, TokenHistory};
@@ -302,6 +302,49 @@ pub fn verify(
     params: &SamplingParams,
     tol: &Tolerances,
 ) -> Result<Verdict, InferError> {
+    verify_continuation(model, proof, prompt, 0, completion, params, tol)
+}
+
+/// The sampler's state at the first completion token: the penalties' history and the
+/// task's grammar, both carried through the last `prefix` tokens of `prompt`, which earlier
+/// nodes generated (a failover continuation's prompt ends with them).
+pub(crate) fn sampler_state(
+    model: &Model,
+    prompt: &[u32],
+    prefix: usize,
+    params: &SamplingParams,
+) -> Result<(TokenHistory, Option<Constraint>), InferError> {
+    let split = prompt.len().saturating_sub(prefix);
+    let mut history = TokenHistory::new(&prompt[..split]);
+    for &t in &prompt[split..] {
+        history.push_generated(t);
+    }
+    let constraint = match params.grammar.as_deref() {
+        Some(grammar) => {
+            let compiler = GrammarCompiler::for_tokenizer(&model.tokenizer).map_err(InferError::InvalidRequest)?;
+            let mut c = compiler.compile(grammar).map_err(InferError::InvalidRequest)?;
+            for &t in &prompt[split..] {
+                c.advance(t).map_err(|e| InferError::InvalidRequest(format!("the prefix leaves the grammar: {e}")))?;
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    Ok((history, constraint))
+}
+
+/// [`verify`] for a failover continuation: `prompt` ends with the `prefix` tokens earlier
+/// nodes generated, which count as generated for the penalties and the grammar.
+#[allow(clippy::too_many_arguments)]
+pub fn verify_continuation(
+    model: &Model,
+    proof: &Proof,
+    prompt: &[u32],
+    prefix: usize,
+    completion: &[u32],
+    params: &SamplingParams,
+    tol: &Tolerances,
+) -> Result<Verdict, InferError> {
     let mut v = Verdict {
         accepted: false,
         reasons: Vec::new(),
@@ -349,13 +392,7 @@ pub fn verify(
         }
     };
     // The task's grammar, replayed: the node sampled under the same mask.
-    let mut constraint = match params.grammar.as_deref() {
-        Some(grammar) => {
-            let compiler = GrammarCompiler::for_tokenizer(&model.tokenizer).map_err(InferError::InvalidRequest)?;
-            Some(compiler.compile(grammar).map_err(InferError::InvalidRequest)?)
-        }
-        None => None,
-    };
+    let (mut history, mut constraint) = sampler_state(model, prompt, prefix, params)?;
     let mut left_grammar_at = None;
     let stops = &model.tokenizer.stop_tokens;
     // One prefill over prompt + completion (the last token needs no row), in chunks.
@@ -363,7 +400,6 @@ pub fn verify(
     let tokens: Vec<u32> = prompt.iter().chain(completion.iter().take(g.saturating_sub(1))).copied().collect();
     let mut cache = KvCache::new(&llama.config, 1, tokens.len().max(1), llama.device, llama.kind)?;
     let d = llama.config.hidden_size;
-    let mut history = TokenHistory::new(prompt);
     let mut value_error_sum = 0f64;
     let mut passed_end_at = None;
     let mut ran_past_end = None;
@@ -498,10 +534,13 @@ impl Checked {
 /// [`verify`] against the reference of the format the proof declares, then the claim
 /// itself against the references of the stricter formats ([`check_format_claim`]).
 /// `reference` gives the model stored as a quantization (`None` if this verifier lacks it).
+/// `prompt` ends with the `prefix` tokens earlier nodes generated (0 but for a failover
+/// continuation; see [`verify_continuation`]).
 pub fn verify_claimed<'a>(
     reference: &dyn Fn(crate::inference::Quantization) -> Option<&'a Model>,
     proof: &Proof,
     prompt: &[u32],
+    prefix: usize,
     completion: &[u32],
     params: &SamplingParams,
     tol: &Tolerances,
@@ -509,7 +548,7 @@ pub fn verify_claimed<'a>(
     let unknown = |q| InferError::InvalidRequest(format!("no {q} reference to check this proof with"));
     let format = proof.format().unwrap_or(Format::F32);
     let own = reference(format.reference()).ok_or_else(|| unknown(format.reference()))?;
-    let verdict = verify(own, proof, prompt, completion, params, tol)?;
+    let verdict = verify_continuation(own, proof, prompt, prefix, completion, params, tol)?;
     let mut checked = Checked { verdict, stricter: Vec::new(), false_claim: None };
     if !checked.verdict.accepted {
         return Ok(checked);

@@ -479,7 +479,8 @@ fn honest_runs_pass_and_cheaters_fail() {
                 }
                 let t = Instant::now();
                 // As the server checks: the declared format's reference, then the claim itself.
-                let checked = verify_claimed(&reference_for, &proof, &true_prompt, &completion, params, &tol).unwrap();
+                let checked =
+                    verify_claimed(&reference_for, &proof, &true_prompt, 0, &completion, params, &tol).unwrap();
                 let verdict = ludus::proof::Verdict { accepted: checked.accepted(), ..checked.verdict };
                 verify_s += t.elapsed().as_secs_f64();
                 accepted += verdict.accepted as usize;

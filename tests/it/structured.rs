@@ -393,7 +393,7 @@ fn reported_log_probabilities_are_what_the_sampler_saw_and_the_verifier_measures
                 assert!(!text.contains("Hello"), "a masked token among the alternatives: {text}");
             }
         }
-        let honest = worst_deviation(&reference, &p, &ids, &params, &reported).unwrap().unwrap();
+        let honest = worst_deviation(&reference, &p, 0, &ids, &params, &reported).unwrap().unwrap();
         eprintln!("log probabilities, honest int4 node: worst deviation {honest:.4}");
         assert!(judge(honest, format, 1.0).is_none(), "honest deviation {honest}");
         // Every value shifted two nats towards certainty.
@@ -405,7 +405,7 @@ fn reported_log_probabilities_are_what_the_sampler_saw_and_the_verifier_measures
                 top: lp.top.iter().map(|&(t, v)| (t, shift(v))).collect(),
             })
             .collect();
-        let lied = worst_deviation(&reference, &p, &ids, &params, &flattered).unwrap().unwrap();
+        let lied = worst_deviation(&reference, &p, 0, &ids, &params, &flattered).unwrap().unwrap();
         eprintln!("log probabilities shifted by 2 nats: worst deviation {lied:.4}");
         assert!(judge(lied, format, 1.0).is_some(), "a flattering report passed: {lied}");
     }
@@ -459,4 +459,35 @@ fn logit_bias_is_applied_by_the_node_and_replayed_by_the_verifier() {
     let tol = Tolerances::default();
     assert!(verify(&reference, &proof, &p, &completion, &forced, &tol).unwrap().accepted);
     assert!(!verify(&reference, &proof, &p, &completion, &SamplingParams::greedy(), &tol).unwrap().accepted);
+}
+
+/// A failover continuation is verified like any task: the verifier carries the penalties'
+/// history and the grammar through the prefix earlier nodes generated. Checked as if the
+/// prefix were prompt, the same honest continuation fails (its first token is mid-object).
+#[test]
+fn a_continuation_under_a_grammar_and_penalties_is_verified_through_its_prefix() {
+    use ludus::proof::verify::verify_continuation;
+    let Some(path) = smollm2() else { return };
+    let engine = engine(&path, 2);
+    let reference = Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap();
+    let node = Identity::generate();
+    let g: std::sync::Arc<str> = grammar(json!({"response_format": npc_schema()})).into();
+    let params =
+        SamplingParams { temperature: 1.0, seed: 21, frequency_penalty: 0.5, grammar: Some(g), ..Default::default() };
+    let p = prompt(&reference, "Can I pass the gate?");
+    let (ids, text, _) = collect(&engine, run(&engine, &p, params.clone(), false));
+    assert!(ids.len() >= 8, "{text}");
+    let k = ids.len() / 2;
+    let rx =
+        engine.submit(GenerateRequest { prefix: ids[..k].to_vec(), ..run(&engine, &p, params.clone(), true) }).unwrap();
+    let mut builder = ProofBuilder::new([21; 32], 64).format(Format::of(engine.quantization, engine.kind));
+    let own = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
+    assert_eq!(own, ids[k..].to_vec());
+    let proof = builder.finish(&node, 21, "smollm2", &own).unwrap();
+    let ran: Vec<u32> = p.iter().chain(&ids[..k]).copied().collect();
+    let tol = Tolerances::default();
+    let verdict = verify_continuation(&reference, &proof, &ran, k, &own, &params, &tol).unwrap();
+    assert!(verdict.accepted, "{verdict:?}");
+    let blind = verify(&reference, &proof, &ran, &own, &params, &tol).unwrap();
+    assert!(!blind.accepted, "without its prefix the grammar starts over: {blind:?}");
 }
