@@ -284,7 +284,12 @@ pub fn call_text(calls: &Value, param: &str) -> Result<String, ApiError> {
             Some(Value::String(s)) => serde_json::from_str(s)
                 .map_err(|e| ApiError::invalid(param, format!("`{param}[{i}].function.arguments` is not JSON: {e}")))?,
             Some(v @ Value::Object(_)) => v.clone(),
-            _ => json!({}),
+            _ => {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("`{param}[{i}].function.arguments` must be a JSON object as a string"),
+                ))
+            }
         };
         // Key order as the grammar writes it.
         texts.push(format!("{{\"name\": {}, \"arguments\": {}}}", json!(name), arguments));
@@ -483,6 +488,9 @@ mod tests {
             call_text(&history, "messages[1].tool_calls").unwrap(),
             "{\"name\": \"wave\", \"arguments\": {\"times\":2}}"
         );
+        let bad = json!([{"id": "c1", "type": "function", "function": {"name": "wave", "arguments": 5}}]);
+        let err = call_text(&bad, "messages[1].tool_calls").unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages[1].tool_calls"));
     }
 
     #[test]

@@ -41,8 +41,17 @@ fn prompt(model_tokenizer: &Model, ask: &str) -> Vec<u32> {
     model_tokenizer.chat_prompt(&messages).unwrap()
 }
 
-fn run(engine: &Engine, prompt: &[u32], params: SamplingParams, collect_hidden: bool) -> GenerateRequest {
-    let _ = engine;
+/// Runs `request` on `engine` with a proof of inference for challenge `[seed; 32]`:
+/// (completion, proof).
+fn proved(engine: &Engine, node: &Identity, request: GenerateRequest, seed: u64) -> (Vec<u32>, ludus::proof::Proof) {
+    let rx = engine.submit(GenerateRequest { collect_hidden: true, ..request }).unwrap();
+    let mut builder = ProofBuilder::new([seed as u8; 32], 64).format(Format::of(engine.quantization, engine.kind));
+    let completion = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
+    let proof = builder.finish(node, seed, "smollm2", &completion).expect("a proof");
+    (completion, proof)
+}
+
+fn run(prompt: &[u32], params: SamplingParams, collect_hidden: bool) -> GenerateRequest {
     GenerateRequest { prompt: prompt.to_vec(), params, max_tokens: 120, collect_hidden, ..Default::default() }
 }
 
@@ -61,7 +70,7 @@ fn sampled_answers_always_match_their_schema() {
                 grammar: Some(g.clone()),
                 ..Default::default()
             };
-            engine.submit(run(&engine, &prompt(&model, asks[i % asks.len()]), params, false)).unwrap()
+            engine.submit(run(&prompt(&model, asks[i % asks.len()]), params, false)).unwrap()
         })
         .collect();
     for rx in receivers {
@@ -89,7 +98,7 @@ fn a_required_tool_call_names_a_listed_function_with_valid_arguments() {
     let g: std::sync::Arc<str> = grammar(json!({"tools": tools, "tool_choice": "required"})).into();
     for seed in 0..3 {
         let params = SamplingParams { temperature: 1.0, seed, grammar: Some(g.clone()), ..Default::default() };
-        let (_, text, _) = collect(&engine, run(&engine, &prompt(&model, "A bandit attacks you!"), params, false));
+        let (_, text, _) = collect(&engine, run(&prompt(&model, "A bandit attacks you!"), params, false));
         let offered = ["draw_sword".to_string(), "flee".to_string()];
         let call = structured::tool_call(&text, &offered).unwrap_or_else(|| panic!("not a call: {text}"));
         let args: Value = serde_json::from_str(&call.arguments).unwrap();
@@ -112,30 +121,15 @@ fn the_verifier_replays_the_grammar_honest_passes_and_leaving_it_fails() {
     for (seed, temperature) in [(5u64, 0.0f32), (6, 1.0)] {
         let params = SamplingParams { temperature, seed, grammar: Some(g.clone()), ..Default::default() };
         let p = prompt(&reference, "Who goes there?");
-        let rx = engine.submit(run(&engine, &p, params.clone(), true)).unwrap();
-        let challenge = [seed as u8; 32];
-        let mut builder = ProofBuilder::new(challenge, 64).format(Format::of(engine.quantization, engine.kind));
-        let completion = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
-        let proof = builder.finish(&node, seed, "smollm2", &completion).expect("a proof");
+        let (completion, proof) = proved(&engine, &node, run(&p, params.clone(), true), seed);
         let honest = verify(&reference, &proof, &p, &completion, &params, &tol).unwrap();
         assert!(honest.accepted, "honest constrained answer rejected: {honest:?}");
         let unconstrained = SamplingParams { grammar: None, ..params.clone() };
         // A node that ignores the schema: it samples the same way without the mask, and
         // its first token is already prose the grammar forbids.
         let len = completion.len().max(4);
-        let mut rogue_builder = ProofBuilder::new(challenge, 64).format(Format::of(engine.quantization, engine.kind));
-        let rx = engine
-            .submit(GenerateRequest {
-                prompt: p.clone(),
-                params: unconstrained.clone(),
-                max_tokens: len,
-                collect_hidden: true,
-                min_tokens: len,
-                ..Default::default()
-            })
-            .unwrap();
-        let rogue = ludus::proof::signed::collect_blocking(rx, &mut rogue_builder).unwrap();
-        let rogue_proof = rogue_builder.finish(&node, seed, "smollm2", &rogue).expect("a proof");
+        let request = GenerateRequest { max_tokens: len, min_tokens: len, ..run(&p, unconstrained.clone(), true) };
+        let (rogue, rogue_proof) = proved(&engine, &node, request, seed);
         let fair = verify(&reference, &rogue_proof, &p, &rogue, &unconstrained, &tol).unwrap();
         assert!(fair.accepted, "the same run checked without the grammar passes: {fair:?}");
         let caught = verify(&reference, &rogue_proof, &p, &rogue, &params, &tol).unwrap();
@@ -370,8 +364,7 @@ fn reported_log_probabilities_are_what_the_sampler_saw_and_the_verifier_measures
         SamplingParams { logprobs: Some(5), ..SamplingParams::greedy() },
         SamplingParams { logprobs: Some(3), temperature: 1.0, seed: 4, grammar: Some(g), ..Default::default() },
     ] {
-        let mut rx =
-            engine.submit(GenerateRequest { max_tokens: 24, ..run(&engine, &p, params.clone(), false) }).unwrap();
+        let mut rx = engine.submit(GenerateRequest { max_tokens: 24, ..run(&p, params.clone(), false) }).unwrap();
         let (mut ids, mut reported) = (Vec::new(), Vec::new());
         while let Some(event) = rx.blocking_recv() {
             match event {
@@ -422,14 +415,14 @@ fn a_failover_continuation_resumes_the_grammar_at_the_prefix() {
     let g: std::sync::Arc<str> = grammar(json!({"response_format": npc_schema()})).into();
     let params = SamplingParams { temperature: 1.0, seed: 11, grammar: Some(g), ..Default::default() };
     let p = prompt(&model, "The dragon is coming!");
-    let (ids, text, _) = collect(&engine, run(&engine, &p, params.clone(), false));
+    let (ids, text, _) = collect(&engine, run(&p, params.clone(), false));
     assert!(ids.len() >= 6, "{text}");
     let k = ids.len() / 2;
-    let resumed = GenerateRequest { prefix: ids[..k].to_vec(), ..run(&engine, &p, params.clone(), false) };
+    let resumed = GenerateRequest { prefix: ids[..k].to_vec(), ..run(&p, params.clone(), false) };
     let (rest, _, _) = collect(&engine, resumed);
     assert_eq!(rest, ids[k..].to_vec(), "{text}");
     let prose = model.tokenizer.encode("Hello there", false).unwrap();
-    let bad = GenerateRequest { prefix: prose, ..run(&engine, &p, params, false) };
+    let bad = GenerateRequest { prefix: prose, ..run(&p, params, false) };
     let err = engine.submit(bad).unwrap_err().to_string();
     assert!(err.contains("prefix leaves the grammar"), "{err}");
 }
@@ -445,17 +438,15 @@ fn logit_bias_is_applied_by_the_node_and_replayed_by_the_verifier() {
     let node = Identity::generate();
     let p = prompt(&reference, "Who goes there?");
     let halt = reference.tokenizer.encode(" Halt", false).unwrap()[0];
-    let (plain, _, _) = collect(&engine, run(&engine, &p, SamplingParams::greedy(), false));
+    let (plain, _, _) = collect(&engine, run(&p, SamplingParams::greedy(), false));
     let banned = plain[0];
     let params = SamplingParams { logit_bias: vec![(banned, -100.0)], ..SamplingParams::greedy() };
-    let (ids, _, _) = collect(&engine, run(&engine, &p, params, false));
+    let (ids, _, _) = collect(&engine, run(&p, params, false));
     assert!(!ids.contains(&banned), "a banned token was sampled: {ids:?}");
     let forced = SamplingParams { logit_bias: vec![(halt, 100.0)], ..SamplingParams::greedy() };
-    let rx = engine.submit(GenerateRequest { max_tokens: 8, ..run(&engine, &p, forced.clone(), true) }).unwrap();
-    let mut builder = ProofBuilder::new([9; 32], 64).format(Format::of(engine.quantization, engine.kind));
-    let completion = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
+    let (completion, proof) =
+        proved(&engine, &node, GenerateRequest { max_tokens: 8, ..run(&p, forced.clone(), true) }, 9);
     assert_eq!(completion, vec![halt; 8]);
-    let proof = builder.finish(&node, 9, "smollm2", &completion).unwrap();
     let tol = Tolerances::default();
     assert!(verify(&reference, &proof, &p, &completion, &forced, &tol).unwrap().accepted);
     assert!(!verify(&reference, &proof, &p, &completion, &SamplingParams::greedy(), &tol).unwrap().accepted);
@@ -475,15 +466,12 @@ fn a_continuation_under_a_grammar_and_penalties_is_verified_through_its_prefix()
     let params =
         SamplingParams { temperature: 1.0, seed: 21, frequency_penalty: 0.5, grammar: Some(g), ..Default::default() };
     let p = prompt(&reference, "Can I pass the gate?");
-    let (ids, text, _) = collect(&engine, run(&engine, &p, params.clone(), false));
+    let (ids, text, _) = collect(&engine, run(&p, params.clone(), false));
     assert!(ids.len() >= 8, "{text}");
     let k = ids.len() / 2;
-    let rx =
-        engine.submit(GenerateRequest { prefix: ids[..k].to_vec(), ..run(&engine, &p, params.clone(), true) }).unwrap();
-    let mut builder = ProofBuilder::new([21; 32], 64).format(Format::of(engine.quantization, engine.kind));
-    let own = ludus::proof::signed::collect_blocking(rx, &mut builder).unwrap();
+    let continuation = GenerateRequest { prefix: ids[..k].to_vec(), ..run(&p, params.clone(), true) };
+    let (own, proof) = proved(&engine, &node, continuation, 21);
     assert_eq!(own, ids[k..].to_vec());
-    let proof = builder.finish(&node, 21, "smollm2", &own).unwrap();
     let ran: Vec<u32> = p.iter().chain(&ids[..k]).copied().collect();
     let tol = Tolerances::default();
     let verdict = verify_continuation(&reference, &proof, &ran, k, &own, &params, &tol).unwrap();
