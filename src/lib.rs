@@ -39,3 +39,4 @@ pub mod node;
 pub mod proof;
 pub mod protocol;
 pub mod settings;
+pub mod task;

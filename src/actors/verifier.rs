@@ -61,8 +61,8 @@ impl Verifier {
         let mut models = HashMap::new();
         let mut sources = HashMap::new();
         for (name, path) in references {
-            let key = if crate::crypto::protect::is_bundle(path) {
-                let manifest = crate::crypto::protect::read_manifest(path)?;
+            let key = if crate::inference::protect::is_bundle(path) {
+                let manifest = crate::inference::protect::read_manifest(path)?;
                 let hex_key = keys.get(&manifest.key_id).ok_or_else(|| {
                     anyhow::anyhow!("verifier model {name}: no key {} in the model key store", manifest.key_id)
                 })?;
@@ -124,7 +124,7 @@ impl Verifier {
                 None,
             );
         }
-        let format = match proof.format() {
+        let format = match crate::proof::Format::declared_by(proof) {
             Ok(format) => format,
             Err(e) => return (Failed, e, None),
         };

@@ -18,8 +18,8 @@ pub fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
 
 /// Prints the model's report; with `plan = (budget, context, batch)`, also a memory plan.
 pub fn run(path: &Path, plan: Option<(u64, u64, u64)>) -> anyhow::Result<()> {
-    if crate::crypto::protect::is_bundle(path) {
-        let m = crate::crypto::protect::read_manifest(path)?;
+    if crate::inference::protect::is_bundle(path) {
+        let m = crate::inference::protect::read_manifest(path)?;
         let report = serde_json::json!({"path": path.display().to_string(), "format": m.format, "name": m.name,
             "key_id": m.key_id, "parameters": m.config.num_parameters(), "config": m.config, "tokenizer": m.tokenizer});
         println!("{}", serde_json::to_string_pretty(&report)?);

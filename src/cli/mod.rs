@@ -214,7 +214,7 @@ impl RuntimeArgs {
         max_batch: Option<usize>,
     ) -> anyhow::Result<Engine> {
         let key = match &self.model_key {
-            Some(file) => Some(crate::crypto::protect::read_key_file(file)?),
+            Some(file) => Some(crate::inference::protect::read_key_file(file)?),
             None => None,
         };
         self.start_engine_with_key(settings, path, max_batch, key)
@@ -307,11 +307,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Model(ModelCommand::Protect { input, out, key_out, name }) => {
-            let key = crate::crypto::protect::new_key();
+            let key = crate::inference::protect::new_key();
             write_model_key(&key_out, &key)?;
             let name = name.unwrap_or_else(|| crate::inference::model::model_name(&input));
             let bar = progress::bar("protecting");
-            let manifest = crate::crypto::protect::write_bundle_with_progress(
+            let manifest = crate::inference::protect::write_bundle_with_progress(
                 &input,
                 &out,
                 &name,

@@ -80,11 +80,12 @@ pub fn node_backend(settings: &Settings, args: &NodeArgs) -> anyhow::Result<Back
 }
 
 pub fn node(settings: Settings, args: NodeArgs) -> anyhow::Result<()> {
-    let bundle = args.model.as_deref().filter(|p| args.fake_engine.is_none() && crate::crypto::protect::is_bundle(p));
+    let bundle =
+        args.model.as_deref().filter(|p| args.fake_engine.is_none() && crate::inference::protect::is_bundle(p));
     let model = match bundle {
         Some(path) => {
             // The key arrives inside the sealed session; the model loads in memory then.
-            let manifest = crate::crypto::protect::read_manifest(path)?;
+            let manifest = crate::inference::protect::read_manifest(path)?;
             let capacity = settings.engine.max_batch;
             let (settings, runtime, path) = (settings.clone(), args.runtime.clone(), path.to_path_buf());
             NodeModel::Bundle {

@@ -39,9 +39,9 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         std::fs::read_to_string(&args.proof_file).map_err(|e| anyhow::anyhow!("{}: {e}", args.proof_file.display()))?;
     let stored: StoredProof = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is not a stored proof: {e}", args.proof_file.display()))?;
-    let key = args.model_key.as_deref().map(crate::crypto::protect::read_key_file).transpose()?;
+    let key = args.model_key.as_deref().map(crate::inference::protect::read_key_file).transpose()?;
     // Recompute with the format the node signed for.
-    let format = stored.proof.format().map_err(|e| anyhow::anyhow!(e))?;
+    let format = crate::proof::Format::declared_by(&stored.proof).map_err(|e| anyhow::anyhow!(e))?;
     let quantization = format.reference();
     if format == crate::proof::Format::Int8 {
         eprintln!("note: an int8 proof is checked with relaxed tolerances (value ×3, overlap −0.1)");

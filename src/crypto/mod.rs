@@ -9,7 +9,6 @@
 pub mod error;
 pub mod identity;
 pub mod merkle;
-pub mod protect;
 pub mod session;
 
 pub use error::CryptoError;

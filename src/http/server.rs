@@ -422,8 +422,8 @@ fn load_model_keys(dir: &std::path::Path) -> std::io::Result<ModelKeys> {
         if path.extension().is_none_or(|e| e != "key") {
             continue;
         }
-        let key = crate::crypto::protect::read_key_file(&path).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let id = crate::crypto::protect::key_id(&key);
+        let key = crate::inference::protect::read_key_file(&path).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let id = crate::inference::protect::key_id(&key);
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         keys.insert(id.clone(), hex::encode(key));
         names.insert(id, name);

@@ -3,25 +3,13 @@
 //! (trim_blocks, lstrip_blocks, Python string methods); ChatML when the model has none.
 
 use minijinja::{Environment, ErrorKind};
-use serde::{Deserialize, Serialize};
 
 use super::error::{InferError, Result};
 
 /// The fallback template: ChatML.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
-    }
-}
+pub use crate::task::ChatMessage;
 
 pub struct ChatTemplate {
     env: Environment<'static>,

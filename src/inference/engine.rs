@@ -65,14 +65,7 @@ pub struct GenerateRequest {
     pub min_tokens: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-sequence token or a stop sequence.
-    Stop,
-    /// `max_tokens` or the context limit.
-    Length,
-}
+pub use crate::task::FinishReason;
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
@@ -105,7 +98,7 @@ pub enum Event {
         text: String,
         hidden: Option<Vec<f32>>,
         /// With `params.logprobs`: the token's log probability and the best alternatives.
-        logprobs: Option<super::logprobs::TokenLogprobs>,
+        logprobs: Option<crate::task::TokenLogprobs>,
     },
     Done(Finished),
     /// The request cannot run (context overflow, unknown token): the caller's fault.

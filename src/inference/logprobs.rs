@@ -7,20 +7,7 @@
 //! recomputes them on the reference and measures how far the node's are
 //! ([`deviation`]).
 
-use serde::{Deserialize, Serialize};
-
-/// Most alternatives per position (`top_logprobs`), as OpenAI allows.
-pub const MAX_TOP_LOGPROBS: usize = 20;
-
-/// One position's log probabilities.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TokenLogprobs {
-    /// Of the sampled token.
-    pub logprob: f32,
-    /// The most likely tokens, best first: (token, log probability).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub top: Vec<(u32, f32)>,
-}
+pub use crate::task::{TokenLogprobs, MAX_TOP_LOGPROBS};
 
 /// `log Σ exp(l)` over the finite logits (−∞ when there are none).
 fn log_sum_exp(logits: &[f32]) -> f64 {

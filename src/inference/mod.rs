@@ -16,6 +16,8 @@
 //! - [`logprobs`]: log probabilities of sampled tokens and their alternatives.
 //! - [`engine`]: continuous batching on a dedicated thread.
 //! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
+//! - [`protect`]: model protection, a weight transform (rotation, permutation) with the
+//!   result encrypted at rest (AEAD from `crypto`).
 //! - [`model`]: loads all of the above from one path; [`tiny_model`] writes test models.
 
 pub mod chat_template;
@@ -35,6 +37,7 @@ pub mod logprobs;
 pub mod memory_plan;
 pub mod model;
 pub mod model_text;
+pub mod protect;
 pub mod qlinear;
 pub mod quant;
 pub mod safetensors;

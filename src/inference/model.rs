@@ -145,8 +145,8 @@ impl Model {
     ) -> Result<Self> {
         let kind = dtype.unwrap_or_else(|| default_dtype_for(device, quantization));
         let text = ModelText::load(path)?;
-        let source = if crate::crypto::protect::is_bundle(path) {
-            crate::crypto::protect::open_bundle(path, key)?.1
+        let source = if crate::inference::protect::is_bundle(path) {
+            crate::inference::protect::open_bundle(path, key)?.1
         } else {
             WeightSource::open(path)?
         };

@@ -30,8 +30,8 @@ impl ModelText {
     /// Reads the tokenizer and chat template of a `.gguf` file, a Hugging Face directory or a
     /// protected bundle (weights are not read).
     pub fn load(path: &Path) -> Result<Self> {
-        let (name, tokenizer, template) = if crate::crypto::protect::is_bundle(path) {
-            let manifest = crate::crypto::protect::read_manifest(path)?;
+        let (name, tokenizer, template) = if crate::inference::protect::is_bundle(path) {
+            let manifest = crate::inference::protect::read_manifest(path)?;
             let (tokenizer, template) = if path.join("tokenizer.gguf").exists() {
                 let g = GgufFile::open(path.join("tokenizer.gguf"))?;
                 (Tokenizer::from_gguf(&g)?, g.get_str("tokenizer.chat_template").map(str::to_string))

@@ -50,6 +50,11 @@ impl Format {
         }
     }
 
+    /// The format `proof` declares (and the verifier holds it to).
+    pub fn declared_by(proof: &crate::protocol::Proof) -> Result<Self, String> {
+        Self::declared(&proof.quantization, &proof.dtype)
+    }
+
     /// The proof's `quantization` field for this format.
     pub fn quantization_field(self) -> &'static str {
         match self {

@@ -361,7 +361,7 @@ pub fn verify_continuation(
         deviations: Vec::new(),
         tokens_past_reference_end: 0,
     };
-    let format = match proof.format() {
+    let format = match Format::declared_by(proof) {
         Ok(f) => f,
         Err(e) => {
             v.reasons.push(e);
@@ -546,7 +546,7 @@ pub fn verify_claimed<'a>(
     tol: &Tolerances,
 ) -> Result<Checked, InferError> {
     let unknown = |q| InferError::InvalidRequest(format!("no {q} reference to check this proof with"));
-    let format = proof.format().unwrap_or(Format::F32);
+    let format = Format::declared_by(proof).unwrap_or(Format::F32);
     let own = reference(format.reference()).ok_or_else(|| unknown(format.reference()))?;
     let verdict = verify_continuation(own, proof, prompt, prefix, completion, params, tol)?;
     let mut checked = Checked { verdict, stricter: Vec::new(), false_claim: None };

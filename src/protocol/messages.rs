@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::receipt::{SignedReceipt, TaskTicket};
-use crate::inference::{ChatMessage, SamplingParams};
+pub use crate::task::FinishReason;
+use crate::task::{ChatMessage, SamplingParams, TokenLogprobs};
 
 /// A task's id, unique per server process lifetime (and across restarts: it starts from a
 /// random base).
@@ -45,22 +46,6 @@ pub struct TaskSpec {
     /// selects the committed rows (`proof::commitment`).
     #[serde(default)]
     pub challenge: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    Stop,
-    Length,
-}
-
-impl From<crate::inference::FinishReason> for FinishReason {
-    fn from(r: crate::inference::FinishReason) -> Self {
-        match r {
-            crate::inference::FinishReason::Stop => Self::Stop,
-            crate::inference::FinishReason::Length => Self::Length,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,7 +161,7 @@ pub enum NodeMessage {
         text: String,
         /// When the task asked for them (`params.logprobs`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        logprobs: Option<crate::inference::logprobs::TokenLogprobs>,
+        logprobs: Option<TokenLogprobs>,
     },
     Done {
         id: TaskId,
@@ -187,7 +172,7 @@ pub enum NodeMessage {
         receipt: SignedReceipt,
         /// The proof of inference, when the task carried a challenge.
         #[serde(default)]
-        proof: Option<Box<crate::proof::Proof>>,
+        proof: Option<Box<super::proof::Proof>>,
     },
     /// Receipts not yet confirmed, sent again after a reconnect or when unanswered.
     Receipts {

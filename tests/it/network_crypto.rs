@@ -171,7 +171,7 @@ fn wrong_handshakes_are_refused_with_a_reason() {
 /// in memory, and answers exactly like a node serving the original model.
 #[test]
 fn protected_bundles_are_served_with_keys_sent_in_the_session() {
-    use ludus::crypto::protect::{new_key, write_bundle};
+    use ludus::inference::protect::{new_key, write_bundle};
     use ludus::inference::tiny_model::TinySpec;
 
     let t = crate::helpers::tiny(&TinySpec::default());

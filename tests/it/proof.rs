@@ -571,7 +571,7 @@ fn ludus_verify_checks_stored_proofs_offline() {
 #[test]
 fn the_verifier_holds_the_reference_in_the_same_protected_form() {
     use ludus::actors::verifier::Verifier;
-    use ludus::crypto::protect::{key_id, new_key, write_bundle};
+    use ludus::inference::protect::{key_id, new_key, write_bundle};
     let tiny = super::helpers::tiny(&ludus::inference::tiny_model::TinySpec::default());
     let bundle = tiny.dir.path().join("bundle");
     let key = new_key();

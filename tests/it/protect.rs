@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use ludus::crypto::protect::{new_key, open_bundle, write_bundle};
 use ludus::inference::kv_cache::KvCache;
 use ludus::inference::llama::LogitsFor;
+use ludus::inference::protect::{new_key, open_bundle, write_bundle};
 use ludus::inference::tiny_model::TinySpec;
 use ludus::inference::weights::WeightSource;
 use ludus::inference::{ChatMessage, GenerateRequest, Model, SamplingParams};

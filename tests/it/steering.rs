@@ -266,7 +266,7 @@ impl Tally {
             return;
         }
         self.forgiven += v.deviations.len() as u64;
-        self.record.add(&TaskDeviations::of(v, proof.format().unwrap()));
+        self.record.add(&TaskDeviations::of(v, ludus::proof::Format::declared_by(proof).unwrap()));
         if self.flagged.is_none() {
             self.flagged = judge(&self.record);
         }

@@ -23,11 +23,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use super::session::{aes256gcmsiv_open, aes256gcmsiv_seal};
-use crate::inference::config::LlamaConfig;
-use crate::inference::error::{InferError, Result};
-use crate::inference::gguf::{write_metadata_only, MetaValue};
-use crate::inference::weights::WeightSource;
+use super::config::LlamaConfig;
+use super::error::{InferError, Result};
+use super::gguf::{write_metadata_only, MetaValue};
+use super::weights::WeightSource;
+use crate::crypto::session::{aes256gcmsiv_open, aes256gcmsiv_seal};
 
 /// Format tag of a bundle's manifest.
 pub const BUNDLE_FORMAT: &str = "ludus-protected-model/1";
