@@ -29,6 +29,7 @@
 //! engine knows nothing of them.
 
 pub mod actors;
+pub mod books;
 pub mod chain;
 pub mod cli;
 pub mod crypto;

@@ -466,7 +466,7 @@ impl Settler {
     async fn advance(&self, epoch: Epoch) -> Result<Step, SettleError> {
         let chain = self.chain().await?;
         let n = epoch.number;
-        match epoch.state() {
+        match epoch.status {
             EpochStatus::Confirmed => Ok(Step::Again),
             EpochStatus::Planned => {
                 let last = chain.last_epoch().await?;

@@ -9,8 +9,8 @@ use super::client::contract_error;
 use super::contracts::Settlement;
 use super::error::ChainError;
 use super::to_u256;
-use crate::ledger::epochs::PayoutClaim;
-use crate::ledger::Units;
+use crate::books::PayoutClaim;
+use crate::books::Units;
 
 /// What a claim run did.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]

@@ -15,9 +15,9 @@ use alloy::signers::local::PrivateKeySigner;
 use super::contracts::Settlement;
 use super::error::ChainError;
 use super::{from_u256, to_u256};
+use crate::books::SentTx;
+use crate::books::Units;
 use crate::crypto::merkle::Hash;
-use crate::ledger::epochs::SentTx;
-use crate::ledger::Units;
 
 /// How long one RPC call may take before it counts as an outage.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,7 +10,7 @@ use super::client::contract_error;
 use super::contracts::{LudusTestToken, Settlement};
 use super::error::ChainError;
 use super::to_u256;
-use crate::ledger::Units;
+use crate::books::Units;
 
 /// What a deployment produced (printed and written as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

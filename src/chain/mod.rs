@@ -24,7 +24,7 @@ pub use error::ChainError;
 
 use alloy::primitives::{Address, U256};
 
-use crate::ledger::Units;
+use crate::books::Units;
 
 /// A JSON-RPC URL fit for logs: scheme, host and port only. Providers put the API key in
 /// the path, the query or the credentials, so all three are dropped (`…` marks the cut).

@@ -18,8 +18,8 @@ use alloy::providers::{DynProvider, Provider};
 
 use super::contracts::Settlement;
 use super::error::ChainError;
+use crate::books::ReceiptProof;
 use crate::crypto::merkle::{self, Hash};
-use crate::ledger::anchors::ReceiptProof;
 use crate::protocol::SignedReceipt;
 
 /// What a successful check established.

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use alloy::primitives::Address;
 use clap::{Args, Subcommand};
 
+use crate::books::PayoutClaim;
 use crate::chain::deploy::{deploy, DeployPlan};
 use crate::chain::{parse_address, signer_of};
 use crate::crypto::identity::Identity;
-use crate::ledger::epochs::PayoutClaim;
 
 #[derive(Debug, Subcommand)]
 pub enum ChainCommand {

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use alloy::primitives::Address;
 use clap::Args;
 
+use crate::books::ReceiptProof;
 use crate::chain::receipt_check::{check_on_chain, CheckedReceipt};
 use crate::chain::{parse_address, ChainError};
-use crate::ledger::anchors::ReceiptProof;
 use crate::protocol::SignedReceipt;
 
 #[derive(Debug, Args)]

@@ -33,6 +33,16 @@ pub fn block_leaf(number: u64, root: &Hash) -> Hash {
     keccak(&keccak(&encoded))
 }
 
+/// The leaf of a payout of `amount` base units to `node` in an epoch's tree:
+/// keccak(keccak(abi.encode(address, uint256))), exactly as `Settlement.payoutLeaf`
+/// computes it.
+pub fn payout_leaf(node: &[u8; 20], amount: u128) -> Hash {
+    let mut encoded = [0u8; 64];
+    encoded[12..32].copy_from_slice(node);
+    encoded[48..64].copy_from_slice(&amount.to_be_bytes());
+    keccak(&keccak(&encoded))
+}
+
 /// The root a node signs to confirm its tasks in a block: over its task ids, ascending,
 /// each once. Node and registry compute it the same way.
 pub fn task_root(tasks: &[u64]) -> Hash {
@@ -85,6 +95,19 @@ pub fn verify(leaf: &Hash, proof: &[Hash], root: &Hash) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payout_leaves_hash_the_abi_encoding_twice() {
+        let node = [0x11u8; 20];
+        let mut encoded = Vec::new();
+        encoded.extend_from_slice(&[0u8; 12]);
+        encoded.extend_from_slice(&node);
+        encoded.extend_from_slice(&[0u8; 31]);
+        encoded.push(7);
+        assert_eq!(payout_leaf(&node, 7), keccak(&keccak(&encoded)));
+        assert_ne!(payout_leaf(&node, 7), payout_leaf(&node, 8));
+        assert_ne!(payout_leaf(&node, 7), payout_leaf(&[0x12; 20], 7));
+    }
 
     fn leaves(n: u64) -> Vec<Hash> {
         (0..n).map(task_leaf).collect()

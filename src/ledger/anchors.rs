@@ -16,9 +16,11 @@
 
 use std::time::Duration;
 
-use super::epochs::{EpochStatus, SentTx};
+use super::epochs::parse_status;
 use super::error::LedgerError;
 use super::store::Store;
+pub use crate::books::{AnchorProof, ReceiptProof};
+use crate::books::{EpochStatus, SentTx};
 use crate::crypto::merkle::{self, Hash};
 
 /// Most blocks one anchor carries (bounds its gas: about 1,300 gas a block).
@@ -68,47 +70,6 @@ pub struct AnchorProgress {
     pub last_anchor_at_unix: Option<i64>,
 }
 
-/// Everything needed to check one receipt against the chain.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ReceiptProof {
-    pub task: u64,
-    /// What the registry recorded (billing values computed by the server).
-    pub game_id: i64,
-    pub node: String,
-    pub model: String,
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub price_units: String,
-    pub block: u64,
-    /// The bytes the node signed (hex, `0x…`); null for receipts recorded before they
-    /// were kept.
-    pub signed_bytes: Option<String>,
-    /// The node's signature over keccak(signed_bytes).
-    pub signature: String,
-    pub receipt_hash: String,
-    /// Sibling hashes from the receipt's hash to the block root.
-    pub receipt_path: Vec<String>,
-    pub block_root: String,
-    /// Null until the block is anchored on chain.
-    pub anchor: Option<AnchorProof>,
-}
-
-/// A block's place in its anchor.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AnchorProof {
-    /// The contract's anchor id.
-    pub id: u64,
-    pub first_block: u64,
-    pub last_block: u64,
-    pub root: String,
-    /// Sibling hashes from `block_leaf(block, block_root)` to the anchor's root.
-    pub block_path: Vec<String>,
-    pub status: EpochStatus,
-    pub contract: String,
-    pub tx_hash: Option<String>,
-    pub chain_block: Option<u64>,
-}
-
 const ANCHOR_COLUMNS: &str = "id, first_block, last_block, root, status, contract, tx_hash, raw_tx, nonce,
      chain_block, gas_used";
 
@@ -149,7 +110,7 @@ impl Store {
             first_block: first,
             last_block: last,
             root: hash32("an anchor root", r.get(3))?,
-            status: EpochStatus::parse(r.get(4))?,
+            status: parse_status(r.get(4))?,
             contract: r.get(5),
             tx_hash,
             chain_block: r.get::<_, Option<i64>>(9).map(|b| b as u64),

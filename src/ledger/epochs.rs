@@ -11,49 +11,13 @@
 //! re-broadcast, never a second one.
 
 use super::error::LedgerError;
-use super::money::Units;
 use super::store::Store;
-use crate::crypto::identity::keccak;
-use crate::crypto::merkle::{self, Hash};
+use crate::books::Units;
+pub use crate::books::{EpochStatus, PayoutClaim, SentTx};
+use crate::crypto::merkle::{self, payout_leaf, Hash};
 
 /// Basis points: 10 000 = 100 %.
 pub const BPS: u32 = 10_000;
-
-/// Where a posting (an epoch's or an anchor's) stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EpochStatus {
-    Planned,
-    Sent,
-    Confirmed,
-}
-
-impl EpochStatus {
-    pub(super) fn parse(s: &str) -> Result<Self, LedgerError> {
-        match s {
-            "planned" => Ok(EpochStatus::Planned),
-            "sent" => Ok(EpochStatus::Sent),
-            "confirmed" => Ok(EpochStatus::Confirmed),
-            other => Err(LedgerError::Corrupt(format!("epoch status `{other}`"))),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EpochStatus::Planned => "planned",
-            EpochStatus::Sent => "sent",
-            EpochStatus::Confirmed => "confirmed",
-        }
-    }
-}
-
-/// The transaction that posts an epoch, as stored before it is broadcast.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SentTx {
-    pub hash: Hash,
-    pub raw: Vec<u8>,
-    pub nonce: u64,
-}
 
 /// One epoch and what its post carries.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -66,7 +30,7 @@ pub struct Epoch {
     pub payout_total: Units,
     pub charge_total: Units,
     pub task_count: u64,
-    pub status: &'static str,
+    pub status: EpochStatus,
     /// The settlement contract it is posted to.
     pub contract: String,
     pub tx_hash: Option<String>,
@@ -78,32 +42,13 @@ pub struct Epoch {
     pub charges: Vec<(String, Units)>,
 }
 
-impl Epoch {
-    pub fn state(&self) -> EpochStatus {
-        EpochStatus::parse(self.status).expect("parsed on load")
-    }
-}
-
 fn hex_hash<S: serde::Serializer>(h: &Hash, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("0x{}", hex::encode(h)))
 }
 
-/// A node's claim for one epoch: amount and Merkle proof against the posted root.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PayoutClaim {
-    pub epoch: u64,
-    pub amount: Units,
-    /// Sibling hashes, `0x…`.
-    pub proof: Vec<String>,
-}
-
-/// The leaf of a payout in an epoch's tree: keccak(keccak(abi.encode(address, uint256))),
-/// exactly as `Settlement.payoutLeaf` computes it.
-pub fn payout_leaf(node: &[u8; 20], amount: Units) -> Hash {
-    let mut encoded = [0u8; 64];
-    encoded[12..32].copy_from_slice(node);
-    encoded[48..64].copy_from_slice(&amount.0.to_be_bytes());
-    keccak(&keccak(&encoded))
+/// A stored posting status, or a corrupt-row error.
+pub(super) fn parse_status(s: &str) -> Result<EpochStatus, LedgerError> {
+    EpochStatus::parse(s).ok_or_else(|| LedgerError::Corrupt(format!("posting status `{s}`")))
 }
 
 fn parse_address(s: &str) -> Result<[u8; 20], LedgerError> {
@@ -118,7 +63,7 @@ fn units(s: &str) -> Result<Units, LedgerError> {
 
 /// The payout leaves of an epoch, in node address order (the tree's leaf order).
 fn leaves(payouts: &[(String, Units)]) -> Result<Vec<Hash>, LedgerError> {
-    payouts.iter().map(|(node, amount)| Ok(payout_leaf(&parse_address(node)?, *amount))).collect()
+    payouts.iter().map(|(node, amount)| Ok(payout_leaf(&parse_address(node)?, amount.0))).collect()
 }
 
 const EPOCH_COLUMNS: &str = "number, first_block, last_block, payout_root, payout_total::text, charge_total::text,
@@ -128,7 +73,7 @@ impl Store {
     async fn epoch_from_row(&self, r: &tokio_postgres::Row) -> Result<Epoch, LedgerError> {
         let number: i64 = r.get(0);
         let root: Option<Vec<u8>> = r.get(3);
-        let status = EpochStatus::parse(r.get(7))?;
+        let status = parse_status(r.get(7))?;
         let tx_hash: Option<String> = r.get(9);
         let raw: Option<Vec<u8>> = r.get(10);
         let nonce: Option<i64> = r.get(11);
@@ -157,7 +102,7 @@ impl Store {
             payout_total: units(r.get(4))?,
             charge_total: units(r.get(5))?,
             task_count: r.get::<_, i64>(6) as u64,
-            status: status.as_str(),
+            status,
             contract: r.get(8),
             tx_hash,
             chain_block: r.get::<_, Option<i64>>(12).map(|b| b as u64),
@@ -408,22 +353,4 @@ async fn payouts_of<C: tokio_postgres::GenericClient>(c: &C, epoch: i64) -> Resu
     .iter()
     .map(|r| Ok((r.get::<_, String>(0), units(r.get(1))?)))
     .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payout_leaves_hash_the_abi_encoding_twice() {
-        let node = [0x11u8; 20];
-        let mut encoded = Vec::new();
-        encoded.extend_from_slice(&[0u8; 12]);
-        encoded.extend_from_slice(&node);
-        encoded.extend_from_slice(&[0u8; 31]);
-        encoded.push(7);
-        assert_eq!(payout_leaf(&node, Units(7)), keccak(&keccak(&encoded)));
-        assert_ne!(payout_leaf(&node, Units(7)), payout_leaf(&node, Units(8)));
-        assert_ne!(payout_leaf(&node, Units(7)), payout_leaf(&[0x12; 20], Units(7)));
-    }
 }

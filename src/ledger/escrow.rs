@@ -4,8 +4,8 @@
 //! covers the debt with room to spare. Operator suspensions are never touched.
 
 use super::error::LedgerError;
-use super::money::Units;
 use super::store::Store;
+use crate::books::Units;
 
 /// A game as settlement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

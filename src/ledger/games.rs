@@ -5,8 +5,8 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::error::LedgerError;
-use super::money::Units;
 use super::store::Store;
+use crate::books::Units;
 
 /// What a presented key resolves to.
 #[derive(Debug, Clone, PartialEq)]

@@ -10,7 +10,6 @@
 //! - [`anchors`]: batches of block roots posted on chain between epochs, and the
 //!   proof that ties one receipt to the chain.
 //! - [`escrow`]: games' debts against their on-chain escrow; suspension.
-//! - [`money`]: integer base units and per-model prices.
 //! - [`cluster`]: a private Postgres cluster when no `database.url` is configured.
 
 pub mod anchors;
@@ -21,7 +20,6 @@ pub mod error;
 pub mod escrow;
 pub mod games;
 pub mod migrate;
-pub mod money;
 pub mod pool;
 pub mod receipts;
 pub mod reports;
@@ -29,9 +27,9 @@ pub mod steering;
 pub mod store;
 pub mod verifications;
 
+pub use crate::books::{Price, PriceTable, Units};
 pub use error::LedgerError;
 pub use games::{hash_key, KeyInfo};
-pub use money::{Price, PriceTable, Units};
 pub use receipts::{BlockAck, CommitOutcome, ConfirmStatus, Receipt};
 pub use store::Store;
 pub use verifications::Outcome;

@@ -15,8 +15,8 @@ use tokio_postgres::types::Type;
 
 use super::copy_binary::CopyRows;
 use super::error::LedgerError;
-use super::money::Units;
 use super::store::Store;
+use crate::books::Units;
 use crate::crypto::merkle::{self, task_root as confirmation_root, Hash};
 
 /// A completed task, checked and priced, ready for the books.

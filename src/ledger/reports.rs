@@ -5,8 +5,8 @@
 use serde::Serialize;
 
 use super::error::LedgerError;
-use super::money::Units;
 use super::store::Store;
+use crate::books::Units;
 
 fn units(s: Option<String>) -> Result<Units, LedgerError> {
     s.unwrap_or_else(|| "0".into()).parse().map_err(|e| LedgerError::Corrupt(format!("amount: {e}")))

@@ -18,7 +18,7 @@ use ludus::chain::deploy::{deploy, mint_and_deposit, token_balance, DeployPlan, 
 use ludus::chain::{ChainError, SettlementClient};
 use ludus::crypto::identity::Identity;
 use ludus::crypto::merkle;
-use ludus::ledger::epochs::payout_leaf;
+use ludus::crypto::merkle::payout_leaf;
 use ludus::ledger::{Receipt, Store, Units};
 use ludus::protocol::receipt::confirmation_message;
 
@@ -155,7 +155,7 @@ fn a_full_day_settles_in_one_post_and_every_node_claims_exactly_its_payout() {
     // The post: one epoch, its root and totals equal to the ledger's and to a
     // recomputation from the receipts here.
     let epoch = block_on(store.epoch(1)).unwrap().expect("epoch 1");
-    assert_eq!(epoch.status, "confirmed");
+    assert_eq!(epoch.status, ludus::books::EpochStatus::Confirmed);
     assert_eq!(epoch.task_count, 10_000, "only confirmed receipts settle");
     let mut expected: std::collections::BTreeMap<String, u128> = Default::default();
     let mut charged = vec![0u128; games.len()];
@@ -169,7 +169,7 @@ fn a_full_day_settles_in_one_post_and_every_node_claims_exactly_its_payout() {
     assert_eq!(payouts.len(), 50);
     assert_eq!(payouts.iter().map(|(n, a)| (n.clone(), a.0)).collect::<Vec<_>>(), expected);
     let leaves: Vec<[u8; 32]> =
-        expected.iter().map(|(n, a)| payout_leaf(&n.parse::<Address>().unwrap().0 .0, Units(*a))).collect();
+        expected.iter().map(|(n, a)| payout_leaf(&n.parse::<Address>().unwrap().0 .0, *a)).collect();
     assert_eq!(epoch.payout_root, merkle::root(&leaves));
     let chain = block_on(SettlementClient::connect(&anvil.url, d.settlement, anvil.keys[1].clone())).unwrap();
     let posted = block_on(chain.posted_epoch(1)).unwrap().expect("posted");
