@@ -39,5 +39,6 @@ pub mod ledger;
 pub mod node;
 pub mod proof;
 pub mod protocol;
+pub mod serve;
 pub mod settings;
 pub mod task;

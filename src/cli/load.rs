@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::http::start_server;
 use crate::inference::Event;
 use crate::node::{run_node, Backend, FakeSpec, NodeOptions};
 use crate::protocol::{TaskId, TaskInput, TaskSpec};
@@ -81,7 +80,7 @@ pub fn run(settings: &Settings, args: LoadArgs) -> anyhow::Result<()> {
                     let cluster = actix_web::rt::task::spawn_blocking(crate::ledger::cluster::PrivateCluster::throwaway).await??;
                     s.database.url = crate::settings::Secret(cluster.url("postgres"));
                 }
-                let (handle, server) = start_server(&s).await?;
+                let (handle, server) = crate::serve::start(&s).await?;
                 let (_, key) = handle.store.add_game(&format!("load-{}", std::process::id()), u32::MAX / 2, u32::MAX / 2).await?;
                 actix_web::rt::spawn(server);
                 for i in 0..args.nodes {

@@ -7,16 +7,15 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::RuntimeArgs;
-use crate::http::server::{open_store, shutdown_signal};
-use crate::http::start_server;
 use crate::ledger::Store;
 use crate::node::{run_node, Backend, FakeSpec, NodeModel, NodeOptions};
+use crate::serve::{open_store, shutdown_signal};
 use crate::settings::Settings;
 
 /// Runs the server until SIGINT/SIGTERM, then shuts down gracefully.
 pub fn serve(settings: Settings) -> anyhow::Result<()> {
     actix_web::rt::System::new().block_on(async move {
-        let (handle, server) = start_server(&settings).await?;
+        let (handle, server) = crate::serve::start(&settings).await?;
         tracing::info!(addr = %handle.addr, "serving");
         eprintln!("ludus listening on http://{}", handle.addr);
         eprintln!("distributor address {} (nodes may pin it with --distributor-address)", handle.distributor_address);
@@ -208,7 +207,7 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let anvil = crate::chain::anvil::Anvil::start_with_state(Some(1), Some(&demo_dir.join("anvil-state.json")))?;
     actix_web::rt::System::new().block_on(async move {
         let deployment = demo_chain(&mut settings, &anvil, &demo_dir).await?;
-        let (handle, server) = start_server(&settings).await?;
+        let (handle, server) = crate::serve::start(&settings).await?;
         let server = actix_web::rt::spawn(server);
         // The demo game's key survives restarts (the private database keeps the game).
         let saved = std::fs::read_to_string(&key_file).ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty());

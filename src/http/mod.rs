@@ -16,5 +16,3 @@ pub mod server;
 pub mod settlement_api;
 pub mod sse;
 pub mod structured;
-
-pub use server::{start_server, ServerHandle};

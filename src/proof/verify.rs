@@ -108,7 +108,7 @@ pub struct Deviation {
 }
 
 /// The outcome of a check, with the measurements behind it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Verdict {
     pub accepted: bool,
     /// Why it was rejected (empty when accepted).
@@ -345,22 +345,7 @@ pub fn verify_continuation(
     params: &SamplingParams,
     tol: &Tolerances,
 ) -> Result<Verdict, InferError> {
-    let mut v = Verdict {
-        accepted: false,
-        reasons: Vec::new(),
-        format: String::new(),
-        tie_margin: 0.0,
-        commitments: 0,
-        worst_value_error: 0.0,
-        mean_value_error: 0.0,
-        worst_index_overlap: 1.0,
-        tokens: completion.len(),
-        token_mismatches: 0,
-        near_ties: 0,
-        worst_tie_margin: 0.0,
-        deviations: Vec::new(),
-        tokens_past_reference_end: 0,
-    };
+    let mut v = Verdict { tokens: completion.len(), worst_index_overlap: 1.0, ..Verdict::default() };
     let format = match Format::declared_by(proof) {
         Ok(f) => f,
         Err(e) => {
@@ -371,141 +356,217 @@ pub fn verify_continuation(
     let limits = tol.for_format(format);
     v.format = format.to_string();
     v.tie_margin = limits.max_tie_margin;
-    let (p, g) = (prompt.len(), completion.len());
-    if proof.prompt_tokens as usize != p || proof.completion_tokens as usize != g {
-        v.reasons.push(format!(
-            "the proof covers {} prompt and {} completion tokens; the task has {p} and {g}",
-            proof.prompt_tokens, proof.completion_tokens
-        ));
-    }
-    if proof.output_hash != hex::encode(crate::protocol::receipt::output_hash(completion)) {
-        v.reasons.push("the proof is for another completion (output hash)".into());
-    }
-    if !v.reasons.is_empty() {
-        return Ok(v);
-    }
-    let commitments = match commitments_of(proof, p, g) {
+    let commitments = match claims_match(proof, prompt.len(), completion)
+        .and_then(|()| commitments_of(proof, prompt.len(), completion.len()))
+    {
         Ok(c) => c,
         Err(reasons) => {
             v.reasons = reasons;
             return Ok(v);
         }
     };
-    // The task's grammar, replayed: the node sampled under the same mask.
-    let (mut history, mut constraint) = sampler_state(model, prompt, prefix, params)?;
-    let mut left_grammar_at = None;
-    let stops = &model.tokenizer.stop_tokens;
-    // One prefill over prompt + completion (the last token needs no row), in chunks.
-    let llama = &model.llama;
-    let tokens: Vec<u32> = prompt.iter().chain(completion.iter().take(g.saturating_sub(1))).copied().collect();
-    let mut cache = KvCache::new(&llama.config, 1, tokens.len().max(1), llama.device, llama.kind)?;
-    let d = llama.config.hidden_size;
-    let mut value_error_sum = 0f64;
-    let mut passed_end_at = None;
-    let mut ran_past_end = None;
-    for start in (0..tokens.len()).step_by(VERIFY_CHUNK) {
-        let end = (start + VERIFY_CHUNK).min(tokens.len());
-        // Logits only from row P-1 on: earlier rows chose no generated token.
-        let first = (p - 1).max(start);
-        let want = if first >= end { LogitsFor::None } else { LogitsFor::From(first - start) };
-        let out = llama.prefill(&mut cache, 0, &tokens[start..end], start, want)?;
-        let hidden = tensor_rows(&out.hidden)?;
-        for (row, top) in commitments.iter().filter(|(r, _)| (start..end).contains(r)) {
-            let local = row - start;
-            let dist = top.distance(&hidden[local * d..(local + 1) * d]);
-            v.commitments += 1;
-            value_error_sum += dist.value_error as f64;
-            v.worst_value_error = v.worst_value_error.max(dist.value_error);
-            v.worst_index_overlap = v.worst_index_overlap.min(dist.index_overlap);
-        }
-        // Rows P-1.. chose the generated tokens.
-        if first >= end {
-            continue;
-        }
-        let logits = tensor_rows(&out.logits)?;
-        let vocab = logits.len() / (end - first);
-        for (i, row) in (first..end).enumerate() {
-            let gi = row + 1 - p;
-            let row_logits = &logits[i * vocab..(i + 1) * vocab];
-            let penalized;
-            let l: &[f32] = if penalties_apply(params) || constraint.is_some() {
-                let mut copy = row_logits.to_vec();
-                apply_penalties(&mut copy, params, &history);
-                if let Some(c) = constraint.as_mut() {
-                    c.mask(&mut copy).map_err(InferError::InvalidRequest)?;
-                }
-                penalized = copy;
-                &penalized
-            } else {
-                row_logits
-            };
-            // A token the grammar does not allow is never a near-tie: the node left it.
-            if let Some(c) = constraint.as_mut() {
-                if left_grammar_at.is_none() && c.advance(completion[gi]).is_err() {
-                    left_grammar_at = Some(gi);
-                    constraint = None;
-                }
-            }
-            let position = (p + gi) as u64;
-            let (expected, actual) = (sample(l, params, position), completion[gi]);
-            let margin = tie_margin(l, params, position, expected, actual);
-            v.worst_tie_margin = v.worst_tie_margin.max(margin);
-            let passed_end = stops.contains(&expected) && !stops.contains(&actual);
-            if passed_end && passed_end_at.is_none() {
-                passed_end_at = Some(gi);
-            }
-            if margin > limits.max_tie_margin {
-                v.token_mismatches += 1;
-                if passed_end && ran_past_end.is_none() {
-                    ran_past_end = Some((gi, margin));
-                }
-            } else if margin > 0.0 || expected != actual {
-                v.near_ties += 1;
-                v.deviations.push(Deviation {
-                    index: gi as u32,
-                    gap: margin,
-                    rank: rank_of(l, params, position, actual),
-                    reference_token: expected,
-                    node_token: actual,
-                    passed_end,
-                    took_end: stops.contains(&actual) && !stops.contains(&expected),
-                });
-            }
-            history.push_generated(actual);
-        }
-    }
-    v.mean_value_error = (value_error_sum / v.commitments.max(1) as f64) as f32;
-    v.tokens_past_reference_end = passed_end_at.map_or(0, |at| g - at);
-    if v.commitments != commitments.len() {
-        v.reasons.push("a committed row is outside the task".into());
-    }
-    if v.worst_value_error > limits.max_value_error {
-        v.reasons
-            .push(format!("hidden states differ: value error {:.4} > {}", v.worst_value_error, limits.max_value_error));
-    }
-    if v.worst_index_overlap < limits.min_index_overlap {
-        v.reasons.push(format!(
-            "hidden states differ: top-k overlap {:.3} < {}",
-            v.worst_index_overlap, limits.min_index_overlap
-        ));
-    }
-    if let Some((at, margin)) = ran_past_end {
-        v.reasons.push(format!(
-            "the answer goes on past its end: at token {at} the reference ends it by a score gap of {margin:.2} (margin {:.2} for {format})",
-            limits.max_tie_margin
-        ));
-    }
-    if let Some(at) = left_grammar_at {
-        v.reasons.push(format!("token {at} leaves the task's grammar (structured output)"));
-    }
-    if v.token_mismatches > 0 {
-        v.reasons.push(format!(
-            "{} token(s) are not what the seeded sampler picks (tie margin {:.2} for {format})",
-            v.token_mismatches, limits.max_tie_margin
-        ));
-    }
-    v.accepted = v.reasons.is_empty();
+    let mut replay = Replay::start(model, prompt, prefix, completion, params, limits)?;
+    replay.prefill(&mut v, &commitments)?;
+    replay.judge(&mut v, commitments.len(), format);
     Ok(v)
+}
+
+/// Whether the proof is about this task at all: its token counts and output hash.
+fn claims_match(proof: &Proof, p: usize, completion: &[u32]) -> Result<(), Vec<String>> {
+    let g = completion.len();
+    let mut reasons = Vec::new();
+    if proof.prompt_tokens as usize != p || proof.completion_tokens as usize != g {
+        reasons.push(format!(
+            "the proof covers {} prompt and {} completion tokens; the task has {p} and {g}",
+            proof.prompt_tokens, proof.completion_tokens
+        ));
+    }
+    if proof.output_hash != hex::encode(crate::protocol::receipt::output_hash(completion)) {
+        reasons.push("the proof is for another completion (output hash)".into());
+    }
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(reasons)
+    }
+}
+
+/// The reference's replay of one task: one prefill over prompt + completion, each
+/// committed row measured against its commitment, each generated token judged against
+/// the seeded sampler with the task's penalties and grammar.
+struct Replay<'a> {
+    model: &'a Model,
+    prompt: &'a [u32],
+    completion: &'a [u32],
+    params: &'a SamplingParams,
+    limits: Limits,
+    history: TokenHistory,
+    constraint: Option<Constraint>,
+    left_grammar_at: Option<usize>,
+    /// The first generated token where the reference's pick ended the answer.
+    passed_end_at: Option<usize>,
+    /// The first mismatch there, with its score gap.
+    ran_past_end: Option<(usize, f32)>,
+    value_error_sum: f64,
+}
+
+impl<'a> Replay<'a> {
+    fn start(
+        model: &'a Model,
+        prompt: &'a [u32],
+        prefix: usize,
+        completion: &'a [u32],
+        params: &'a SamplingParams,
+        limits: Limits,
+    ) -> Result<Self, InferError> {
+        let (history, constraint) = sampler_state(model, prompt, prefix, params)?;
+        Ok(Self {
+            model,
+            prompt,
+            completion,
+            params,
+            limits,
+            history,
+            constraint,
+            left_grammar_at: None,
+            passed_end_at: None,
+            ran_past_end: None,
+            value_error_sum: 0.0,
+        })
+    }
+
+    /// Runs the prefill in chunks of [`VERIFY_CHUNK`] rows over `prompt` + the completion
+    /// (the last token needs no row), measuring commitments and judging tokens as the
+    /// rows come.
+    fn prefill(&mut self, v: &mut Verdict, commitments: &[(usize, TopK)]) -> Result<(), InferError> {
+        let (p, g) = (self.prompt.len(), self.completion.len());
+        let llama = &self.model.llama;
+        let tokens: Vec<u32> =
+            self.prompt.iter().chain(self.completion.iter().take(g.saturating_sub(1))).copied().collect();
+        let mut cache = KvCache::new(&llama.config, 1, tokens.len().max(1), llama.device, llama.kind)?;
+        let d = llama.config.hidden_size;
+        for start in (0..tokens.len()).step_by(VERIFY_CHUNK) {
+            let end = (start + VERIFY_CHUNK).min(tokens.len());
+            // Logits only from row P-1 on: earlier rows chose no generated token.
+            let first = (p - 1).max(start);
+            let want = if first >= end { LogitsFor::None } else { LogitsFor::From(first - start) };
+            let out = llama.prefill(&mut cache, 0, &tokens[start..end], start, want)?;
+            let hidden = tensor_rows(&out.hidden)?;
+            for (row, top) in commitments.iter().filter(|(r, _)| (start..end).contains(r)) {
+                let local = row - start;
+                self.measure(v, top, &hidden[local * d..(local + 1) * d]);
+            }
+            if first >= end {
+                continue;
+            }
+            let logits = tensor_rows(&out.logits)?;
+            let vocab = logits.len() / (end - first);
+            for (i, row) in (first..end).enumerate() {
+                self.judge_token(v, row + 1 - p, &logits[i * vocab..(i + 1) * vocab])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One commitment against the recomputed hidden state of its row.
+    fn measure(&mut self, v: &mut Verdict, top: &TopK, hidden: &[f32]) {
+        let dist = top.distance(hidden);
+        v.commitments += 1;
+        self.value_error_sum += dist.value_error as f64;
+        v.worst_value_error = v.worst_value_error.max(dist.value_error);
+        v.worst_index_overlap = v.worst_index_overlap.min(dist.index_overlap);
+    }
+
+    /// Generated token `gi` against the seeded sampler on its row's logits.
+    fn judge_token(&mut self, v: &mut Verdict, gi: usize, row_logits: &[f32]) -> Result<(), InferError> {
+        let params = self.params;
+        let penalized;
+        let l: &[f32] = if penalties_apply(params) || self.constraint.is_some() {
+            let mut copy = row_logits.to_vec();
+            apply_penalties(&mut copy, params, &self.history);
+            if let Some(c) = self.constraint.as_mut() {
+                c.mask(&mut copy).map_err(InferError::InvalidRequest)?;
+            }
+            penalized = copy;
+            &penalized
+        } else {
+            row_logits
+        };
+        let actual = self.completion[gi];
+        // A token the grammar does not allow is never a near-tie: the node left it.
+        if let Some(c) = self.constraint.as_mut() {
+            if self.left_grammar_at.is_none() && c.advance(actual).is_err() {
+                self.left_grammar_at = Some(gi);
+                self.constraint = None;
+            }
+        }
+        let position = (self.prompt.len() + gi) as u64;
+        let expected = sample(l, params, position);
+        let margin = tie_margin(l, params, position, expected, actual);
+        v.worst_tie_margin = v.worst_tie_margin.max(margin);
+        let stops = &self.model.tokenizer.stop_tokens;
+        let passed_end = stops.contains(&expected) && !stops.contains(&actual);
+        if passed_end && self.passed_end_at.is_none() {
+            self.passed_end_at = Some(gi);
+        }
+        if margin > self.limits.max_tie_margin {
+            v.token_mismatches += 1;
+            if passed_end && self.ran_past_end.is_none() {
+                self.ran_past_end = Some((gi, margin));
+            }
+        } else if margin > 0.0 || expected != actual {
+            v.near_ties += 1;
+            v.deviations.push(Deviation {
+                index: gi as u32,
+                gap: margin,
+                rank: rank_of(l, params, position, actual),
+                reference_token: expected,
+                node_token: actual,
+                passed_end,
+                took_end: stops.contains(&actual) && !stops.contains(&expected),
+            });
+        }
+        self.history.push_generated(actual);
+        Ok(())
+    }
+
+    /// The verdict's reasons from what the replay measured; accepted when there are none.
+    fn judge(&self, v: &mut Verdict, expected_commitments: usize, format: Format) {
+        let limits = &self.limits;
+        v.mean_value_error = (self.value_error_sum / v.commitments.max(1) as f64) as f32;
+        v.tokens_past_reference_end = self.passed_end_at.map_or(0, |at| self.completion.len() - at);
+        if v.commitments != expected_commitments {
+            v.reasons.push("a committed row is outside the task".into());
+        }
+        if v.worst_value_error > limits.max_value_error {
+            v.reasons.push(format!(
+                "hidden states differ: value error {:.4} > {}",
+                v.worst_value_error, limits.max_value_error
+            ));
+        }
+        if v.worst_index_overlap < limits.min_index_overlap {
+            v.reasons.push(format!(
+                "hidden states differ: top-k overlap {:.3} < {}",
+                v.worst_index_overlap, limits.min_index_overlap
+            ));
+        }
+        if let Some((at, margin)) = self.ran_past_end {
+            v.reasons.push(format!(
+                "the answer goes on past its end: at token {at} the reference ends it by a score gap of {margin:.2} (margin {:.2} for {format})",
+                limits.max_tie_margin
+            ));
+        }
+        if let Some(at) = self.left_grammar_at {
+            v.reasons.push(format!("token {at} leaves the task's grammar (structured output)"));
+        }
+        if v.token_mismatches > 0 {
+            v.reasons.push(format!(
+                "{} token(s) are not what the seeded sampler picks (tie margin {:.2} for {format})",
+                v.token_mismatches, limits.max_tie_margin
+            ));
+        }
+        v.accepted = v.reasons.is_empty();
+    }
 }
 
 /// A check of a proof and of the format it declares, as the server runs it.

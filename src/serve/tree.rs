@@ -1,0 +1,185 @@
+//! The actor tree of `ludus serve`, and who feeds whom: the Clock ticks the Distributor,
+//! the Registry and Settlement; the Gateway admits into the Distributor; Completion (on
+//! its own thread) hands finished jobs to the Registry and, through the policy, to the
+//! verifier pool, whose verdicts reach the Registry and the Distributor. Every actor but
+//! the verifier pool and Completion runs under the supervisor, which restarts it.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+
+use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
+use crate::actors::completion::{Completion, CompletionConfig, Verification};
+use crate::actors::completion_log::CompletionLog;
+use crate::actors::distributor::DistributorConfig;
+use crate::actors::settler::{Settler, SettlerConfig};
+use crate::actors::supervisor;
+use crate::actors::verifier::Verifier;
+use crate::actors::{Clock, Distributor, Gateway, Registry, Settlement};
+use crate::crypto::identity::Identity;
+use crate::http::server::SettlementInfo;
+use crate::ledger::Store;
+use crate::proof::policy::Policy;
+use crate::settings::Settings;
+
+/// The supervised actors every server runs.
+pub struct Core {
+    pub distributor: Addr<Distributor>,
+    pub clock: Addr<Clock>,
+    pub gateway: Addr<Gateway>,
+    pub registry: Addr<Registry>,
+    /// Which finished tasks get checked (shared by the Registry and Completion).
+    pub policy: Arc<Policy>,
+    /// Answers held for their verdict, kept across a crash.
+    pub completions: Arc<CompletionLog>,
+}
+
+/// Starts the Distributor, the Clock, the Gateway and the Registry, wired together.
+pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Result<Core> {
+    let config = DistributorConfig {
+        queue_capacity: s.distributor.queue_capacity,
+        queue_timeout: Duration::from_millis(s.distributor.queue_timeout_ms),
+        max_attempts: s.distributor.max_attempts,
+        catalog: s.distributor.models.clone(),
+        quarantine: Duration::from_secs(s.verifier.quarantine_s),
+    };
+    let distributor = supervisor::start("distributor", move |_| Distributor::new(config));
+    let clock = {
+        let (block, epoch) = (Duration::from_millis(s.clock.block_time_ms), Duration::from_secs(s.clock.epoch_time_s));
+        supervisor::start("clock", move |_| Clock::new(block, epoch))
+    };
+    clock.do_send(SubscribeBlocks(distributor.clone().recipient()));
+    let gateway = {
+        let (store, distributor) = (store.clone(), distributor.clone());
+        supervisor::start("gateway", move |_| Gateway::new(store, distributor))
+    };
+    let policy = Arc::new(Policy::new(s.verifier.first_tasks, s.verifier.sample_rate));
+    let completions = Arc::new(CompletionLog::open(&s.server.data_dir.join("completions.log"))?);
+    let registry = {
+        let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
+        let (policy, floor) = (policy.clone(), s.verifier.suspect_below);
+        let (completions, quarantine) = (completions.clone(), distributor.clone().recipient());
+        supervisor::start("registry", move |_| {
+            Registry::new(store, server, max)
+                .with_policy(policy, floor)
+                .with_completion_log(completions)
+                .with_quarantine(quarantine.clone())
+        })
+    };
+    clock.do_send(SubscribeBlocks(registry.clone().recipient()));
+    Ok(Core { distributor, clock, gateway, registry, policy, completions })
+}
+
+/// Starts Settlement when `[settlement] rpc_url` is set. The chain is reached lazily (an
+/// RPC outage at start only delays settlement); a bad contract address or key file stops
+/// the start with the reason.
+pub fn start_settlement(
+    s: &Settings,
+    store: &Store,
+    clock: &Addr<Clock>,
+    identity: &Identity,
+) -> io::Result<Option<SettlementInfo>> {
+    let cfg = &s.settlement;
+    if !cfg.enabled() {
+        tracing::info!("settlement off ([settlement] rpc_url is empty)");
+        return Ok(None);
+    }
+    let contract = crate::chain::parse_address("settlement.contract", &cfg.contract).map_err(io::Error::other)?;
+    let signer = match &cfg.operator_key {
+        Some(path) => crate::chain::signer_of(
+            &Identity::load(path).map_err(|e| io::Error::other(format!("settlement.operator_key: {e}")))?,
+        ),
+        None => crate::chain::signer_of(identity),
+    };
+    if cfg.node_share_bps > crate::ledger::epochs::BPS {
+        return Err(io::Error::other("settlement.node_share_bps must be at most 10000"));
+    }
+    let operator = signer.address();
+    let config = SettlerConfig {
+        rpc_url: cfg.rpc_url.expose().to_string(),
+        contract,
+        node_share_bps: cfg.node_share_bps,
+        confirmations: cfg.confirmations.max(1),
+        epoch_time: Duration::from_secs(s.clock.epoch_time_s.max(1)),
+        anchor_interval: Duration::from_secs_f64(cfg.anchor_interval_s.max(0.1)),
+        anchor_confirm_wait: Duration::from_secs_f64(cfg.anchor_confirm_wait_s.max(0.0)),
+    };
+    let settler = Arc::new(Settler::new(store.clone(), config, signer));
+    let (retry, poll, every) = (
+        Duration::from_secs_f64(cfg.retry_s.max(0.05)),
+        Duration::from_millis(cfg.poll_ms.max(10)),
+        cfg.escrow_check_blocks,
+    );
+    let anchor_every = Duration::from_secs_f64(cfg.anchor_interval_s.max(0.1));
+    let actor =
+        supervisor::start("settlement", move |_| Settlement::new(settler, retry, poll, every).anchoring(anchor_every));
+    clock.do_send(SubscribeEpochs(actor.clone().recipient()));
+    clock.do_send(SubscribeBlocks(actor.clone().recipient()));
+    tracing::info!(contract = %format!("{contract:#x}"), operator = %format!("{operator:#x}"), rpc = %crate::chain::redacted_url(cfg.rpc_url.expose()), "settlement on");
+    // The operator's RPC URL often holds a provider key: only the public one is served.
+    let rpc_url = Some(cfg.public_rpc_url.clone()).filter(|u| !u.trim().is_empty());
+    Ok(Some(SettlementInfo { actor, contract: format!("{contract:#x}"), rpc_url }))
+}
+
+/// Starts the verifier pool when reference models are configured (each thread loads its
+/// own copies; a model that fails to load stops the server with the reason). Models load
+/// on blocking threads, never on the event loop.
+pub async fn start_verifiers(
+    s: &Settings,
+    core: &Core,
+    keys: &Arc<std::collections::BTreeMap<String, String>>,
+    quality_game: i64,
+) -> io::Result<Option<Verification>> {
+    if s.verifier.models.is_empty() {
+        return Ok(None);
+    }
+    // Load once here so a bad path fails the start with a clear error, not a thread panic.
+    let (refs, tol, dir) =
+        (s.verifier.models.clone(), s.verifier.tolerances(), s.server.data_dir.join("proofs/rejected"));
+    let first = {
+        let (refs, keys, dir) = (refs.clone(), keys.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || Verifier::load(&refs, &keys, tol, dir))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io::Error::other)?
+    };
+    let vocab = Arc::new(first.vocab_sizes());
+    let first = std::sync::Mutex::new(Some(first));
+    let keys = keys.clone();
+    let pool = actix::SyncArbiter::start(s.verifier.pool_size.max(1), move || {
+        first.lock().ok().and_then(|mut f| f.take()).unwrap_or_else(|| {
+            Verifier::load(&refs, &keys, tol, dir.clone()).expect("reference models loaded once already")
+        })
+    });
+    tracing::info!(models = ?s.verifier.models.keys().collect::<Vec<_>>(), pool = s.verifier.pool_size, "verifier pool started");
+    Ok(Some(Verification {
+        models: Arc::new(s.verifier.models.keys().cloned().collect()),
+        vocab,
+        policy: core.policy.clone(),
+        pool,
+        report: vec![core.registry.clone().recipient(), core.distributor.clone().recipient()],
+        synchronous: s.verifier.synchronous,
+        quality_check_rate: s.verifier.quality_check_rate,
+        quality_game,
+    }))
+}
+
+/// Starts Completion on its own thread: it prices, logs and hands on every finished job.
+pub fn start_completion(
+    s: &Settings,
+    core: &Core,
+    ticket_secret: Arc<[u8; 32]>,
+    verification: Option<Verification>,
+) -> Addr<Completion> {
+    Completion::start_on_own_thread(CompletionConfig {
+        ticket_secret,
+        prices: Arc::new(s.prices.table()),
+        registry: core.registry.clone(),
+        distributor: core.distributor.clone(),
+        verification,
+        usage: core.gateway.clone().recipient(),
+        completions: core.completions.clone(),
+    })
+}
