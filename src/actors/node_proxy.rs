@@ -875,6 +875,6 @@ impl Handler<BlockConfirmed> for NodeProxy {
 
     /// Tells the node its confirmation is stored: it may forget those receipts.
     fn handle(&mut self, msg: BlockConfirmed, _: &mut Self::Context) {
-        self.send(&ServerMessage::Confirmed { block: msg.block, status: msg.status.as_str().to_string() });
+        self.send(&ServerMessage::Confirmed { block: msg.block, status: msg.status });
     }
 }

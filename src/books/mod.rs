@@ -10,4 +10,4 @@ pub mod money;
 pub mod records;
 
 pub use money::{MoneyError, Price, PriceTable, Units};
-pub use records::{AnchorProof, EpochStatus, PayoutClaim, ReceiptProof, SentTx};
+pub use records::{AnchorProof, ConfirmStatus, EpochStatus, PayoutClaim, ReceiptProof, SentTx};

@@ -1,6 +1,7 @@
 //! The records settlement passes between the ledger (which stores them), the chain
 //! (which posts and checks them) and the API (which serves them): a posting's state and
-//! its signed transaction, a node's payout claim, a receipt's proof.
+//! its signed transaction, a node's payout claim, a receipt's proof, how a node's
+//! confirmation of a block came out.
 
 use super::money::Units;
 
@@ -89,4 +90,26 @@ pub struct AnchorProof {
     pub contract: String,
     pub tx_hash: Option<String>,
     pub chain_block: Option<u64>,
+}
+
+/// How a node's confirmation of a block came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfirmStatus {
+    /// Root and count agree: the agreed receipts are now payable.
+    Matched,
+    /// Recorded, visible to the operator; nothing became payable.
+    Mismatch,
+    /// The block holds no task of this node: nothing recorded.
+    NothingToConfirm,
+}
+
+impl ConfirmStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfirmStatus::Matched => "matched",
+            ConfirmStatus::Mismatch => "mismatch",
+            ConfirmStatus::NothingToConfirm => "nothing_to_confirm",
+        }
+    }
 }

@@ -7,8 +7,11 @@ mod distill;
 mod generate;
 mod inspect;
 mod load;
+mod logging;
+mod model;
 mod progress;
 mod receipts;
+mod runtime;
 mod serve;
 mod verify;
 
@@ -16,9 +19,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use logging::init_logging;
+pub use runtime::resolve_quantization;
+
 use crate::inference::model::{parse_dtype, DeviceChoice};
-use crate::inference::Quantization;
-use crate::inference::{Engine, Model};
 use crate::settings::Settings;
 
 #[derive(Debug, Parser)]
@@ -173,14 +177,6 @@ pub enum ModelCommand {
     },
 }
 
-/// `auto` picks the device's default ([`Quantization::default_for`]).
-pub fn resolve_quantization(choice: &str, device: tch::Device) -> anyhow::Result<Quantization> {
-    match choice {
-        "auto" | "" => Ok(Quantization::default_for(device)),
-        other => other.parse().map_err(|e: String| anyhow::anyhow!("{e}; or auto")),
-    }
-}
-
 /// Device and dtype flags shared by the commands that run a model.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
@@ -205,77 +201,15 @@ pub struct RuntimeArgs {
     pub single_sequence_threads: Option<usize>,
 }
 
-impl RuntimeArgs {
-    /// Loads a model and starts an engine with the settings' engine section.
-    pub fn start_engine(
-        &self,
-        settings: &Settings,
-        path: &std::path::Path,
-        max_batch: Option<usize>,
-    ) -> anyhow::Result<Engine> {
-        let key = match &self.model_key {
-            Some(file) => Some(crate::inference::protect::read_key_file(file)?),
-            None => None,
-        };
-        self.start_engine_with_key(settings, path, max_batch, key)
-    }
-
-    /// Like [`Self::start_engine`], with a protected bundle's key given directly (nodes
-    /// receive it from the distributor and never store it).
-    pub fn start_engine_with_key(
-        &self,
-        settings: &Settings,
-        path: &std::path::Path,
-        max_batch: Option<usize>,
-        key: Option<[u8; 32]>,
-    ) -> anyhow::Result<Engine> {
-        let threads = self.threads.unwrap_or(settings.engine.threads);
-        if threads > 0 {
-            tch::set_num_threads(threads as i32);
-        }
-        let device = match self.device {
-            Some(d) => d,
-            None => settings.engine.device.parse().map_err(anyhow::Error::msg)?,
-        };
-        let device = device.resolve()?;
-        let dtype = match (self.dtype, settings.engine.dtype.as_str()) {
-            (Some(k), _) => Some(k),
-            (None, "") => None,
-            (None, s) => Some(parse_dtype(s).map_err(anyhow::Error::msg)?),
-        };
-        let quantization = resolve_quantization(self.quantize.as_deref().unwrap_or(&settings.engine.quantize), device)?;
-        let started = std::time::Instant::now();
-        let bar = progress::bar(&format!("loading ({quantization})"));
-        let model =
-            Model::load_with_progress(path, device, dtype, quantization, key.as_ref(), &mut progress::callback(&bar))?;
-        bar.finish_and_clear();
-        tracing::info!(
-            model = %model.name, ?device, kind = ?model.llama.kind, %quantization,
-            weight_mib = model.llama.model_bytes() / (1 << 20), secs = started.elapsed().as_secs_f32(),
-            "model loaded"
-        );
-        let mut config = settings.engine_config();
-        config.threads = threads;
-        if let Some(t) = self.single_sequence_threads {
-            config.single_sequence_threads = t;
-        }
-        if let Some(b) = max_batch {
-            config.max_batch = b;
-        }
-        Ok(Engine::start(model, config)?)
-    }
-}
-
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Generate(args) => generate::run(&settings, args),
-        Command::Tokenize { model, text, add_special } => {
-            let tokenizer = inspect::load_tokenizer(&model)?;
-            let ids = tokenizer.encode(&text, add_special)?;
-            println!("{}", serde_json::to_string(&ids)?);
-            Ok(())
+        Command::Tokenize { model, text, add_special } => model::tokenize(&model, &text, add_special),
+        Command::Model(ModelCommand::Synth { shape, dtype, out }) => model::synth(&shape, &dtype, &out),
+        Command::Model(ModelCommand::Protect { input, out, key_out, name }) => {
+            model::protect(&input, &out, &key_out, name)
         }
         Command::Model(ModelCommand::Inspect { path, budget, context, batch }) => {
             let budget = budget
@@ -283,54 +217,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
             inspect::run(&path, budget.map(|b| (b, context.unwrap_or(settings.engine.max_context as u64), batch)))
-        }
-        Command::Model(ModelCommand::Synth { shape, dtype, out }) => {
-            use crate::inference::quant::GgmlType;
-            use crate::inference::tiny_model::{write_gguf, TinySpec};
-            let base = TinySpec { context: 4096, ..TinySpec::default() };
-            let spec = match shape.as_str() {
-                "tiny" => base,
-                "smollm2-135m" => TinySpec { layers: 30, hidden: 576, heads: 9, kv_heads: 3, ffn: 1536, ..base },
-                "llama3-8b" => TinySpec { layers: 32, hidden: 4096, heads: 32, kv_heads: 8, ffn: 14336, ..base },
-                other => anyhow::bail!("unknown shape `{other}` (smollm2-135m, llama3-8b, tiny)"),
-            };
-            let dtype = match dtype.as_str() {
-                "f32" => GgmlType::F32,
-                "f16" => GgmlType::F16,
-                "q8_0" => GgmlType::Q8_0,
-                "q4_0" => GgmlType::Q4_0,
-                "q4_1" => GgmlType::Q4_1,
-                other => anyhow::bail!("unknown dtype `{other}` (f32, f16, q8_0, q4_0, q4_1)"),
-            };
-            write_gguf(&out, &TinySpec { dtype, ..spec })?;
-            eprintln!("wrote {} ({shape}, random weights)", out.display());
-            Ok(())
-        }
-        Command::Model(ModelCommand::Protect { input, out, key_out, name }) => {
-            let key = crate::inference::protect::new_key();
-            write_model_key(&key_out, &key)?;
-            let name = name.unwrap_or_else(|| crate::inference::model::model_name(&input));
-            let bar = progress::bar("protecting");
-            let manifest = crate::inference::protect::write_bundle_with_progress(
-                &input,
-                &out,
-                &name,
-                &key,
-                &mut |stage, done, total| {
-                    bar.set_message(format!("protecting: {stage}"));
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                },
-            )?;
-            bar.finish_and_clear();
-            eprintln!(
-                "protected `{}` into {} (key id {}, key in {})",
-                manifest.name,
-                out.display(),
-                manifest.key_id,
-                key_out.display()
-            );
-            Ok(())
         }
         Command::Bench(bench::BenchCommand::Load(args)) => load::run(&settings, args),
         Command::Bench(cmd) => bench::run(&settings, cmd),
@@ -347,12 +233,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Claim(args) => chain::claim(args),
         Command::VerifyReceipt(args) => receipts::verify_receipt(args),
         Command::Distill(args) => distill::run(args),
-        Command::Keys(KeysCommand::New { out }) => {
-            let identity = crate::crypto::identity::Identity::create(&out)?;
-            eprintln!("wrote {} (keep it secret; it controls the payouts)", out.display());
-            println!("{}", identity.address);
-            Ok(())
-        }
+        Command::Keys(KeysCommand::New { out }) => model::new_node_key(&out),
         Command::Keys(KeysCommand::Address { path }) => {
             println!("{}", crate::crypto::identity::Identity::load(&path)?.address);
             Ok(())
@@ -365,32 +246,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// Initializes tracing logs to stderr: `RUST_LOG` when set, else `level`; `json` writes
-/// one JSON object per line (timestamp, level, target, fields such as `task` and `node`).
-pub fn init_logging(level: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        let _ = builder.json().with_current_span(false).try_init();
-    } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let _ = builder.with_ansi(ansi).try_init();
-    }
-}
-
-/// Writes a new key file with mode 0600, refusing to overwrite one.
-fn write_model_key(path: &std::path::Path, key: &[u8; 32]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    file.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
-    Ok(())
 }
 
 #[cfg(test)]

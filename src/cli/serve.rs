@@ -197,7 +197,6 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let demo_dir = PathBuf::from(".ludus/demo");
     settings.server.data_dir = demo_dir.join("data");
     std::fs::create_dir_all(&settings.server.data_dir)?;
-    let key_file = demo_dir.join("api-key");
     let model_name = crate::inference::model::model_name(&args.model);
     // The server counts the demo model's prompts and makes its text, and holds it as the
     // verifier's reference: the proof of inference is on from the first request.
@@ -209,67 +208,10 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         let deployment = demo_chain(&mut settings, &anvil, &demo_dir).await?;
         let (handle, server) = crate::serve::start(&settings).await?;
         let server = actix_web::rt::spawn(server);
-        // The demo game's key survives restarts (the private database keeps the game).
-        let saved = std::fs::read_to_string(&key_file).ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty());
-        let known = match &saved {
-            Some(k) => handle.store.lookup_key(&crate::ledger::hash_key(k)).await?.is_some(),
-            None => false,
-        };
-        let key = match saved {
-            Some(k) if known => k,
-            _ => {
-                let name = format!("demo-{}", std::process::id());
-                let (_, k) = handle.store.add_game(&name, 100_000, 100_000_000).await?;
-                std::fs::write(&key_file, format!("{k}\n"))?;
-                k
-            }
-        };
-        // The demo game keeps its escrow at anvil's third account, topped up below (a
-        // fresh chain starts it at zero).
-        let game = anvil.keys[2].clone();
-        if let Some(info) = handle.store.lookup_key(&crate::ledger::hash_key(&key)).await? {
-            if let Err(e) = handle.store.set_game_wallet(&info.game, &format!("{:#x}", game.address())).await {
-                tracing::warn!(error = %e, "could not give the demo game its wallet");
-            }
-        }
-        let escrow =
-            crate::chain::deploy::available_escrow(&anvil.url, deployment.settlement, game.address()).await?;
-        let floor = crate::ledger::Units(100 * 10u128.pow(18));
-        if escrow < floor {
-            let amount = crate::ledger::Units(1_000 * 10u128.pow(18));
-            crate::chain::deploy::mint_and_deposit(&anvil.url, &deployment, anvil.keys[0].clone(), game, amount)
-                .await?;
-        }
-        let url = format!("ws://{}/ws/node", handle.addr);
-        for i in 0..args.nodes {
-            let node_args = NodeArgs {
-                connect: url.clone(),
-                model: Some(args.model.clone()),
-                key: demo_dir.join(format!("node-{i}.key")),
-                capacity: 0,
-                distributor_address: None,
-                receipts: None,
-                fake_engine: None,
-                fake_model_name: String::new(),
-                fake_text: String::new(),
-                runtime: args.runtime.clone(),
-            };
-            let backend = Arc::new(node_backend(&settings, &node_args)?);
-            let options = NodeOptions {
-                connect: node_args.connect,
-                key: node_args.key,
-                capacity: 0,
-                distributor_address: Some(handle.distributor_address),
-                receipts: None,
-            };
-            std::thread::Builder::new().name(format!("demo-node-{i}")).spawn(move || {
-                actix_web::rt::System::new().block_on(async move {
-                    if let Err(e) = run_node(backend, options).await {
-                        tracing::error!(error = %e, "demo node stopped");
-                    }
-                })
-            })?;
-        }
+        let key_file = demo_dir.join("api-key");
+        let key = demo_game_key(&handle.store, &key_file).await?;
+        fund_demo_game(&handle.store, &key, &anvil, &deployment).await?;
+        start_demo_nodes(&settings, &args, &handle, &demo_dir)?;
         println!("Ludus demo: http://{} with {} node(s) serving `{model_name}`", handle.addr, args.nodes);
         println!("API key (also in {}): {key}", key_file.display());
         println!();
@@ -298,6 +240,83 @@ pub fn demo(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         server.await??;
         Ok(())
     })
+}
+
+/// The demo game's key: the one saved in `key_file` while the private database still
+/// knows it (the demo survives restarts), else a new game's.
+async fn demo_game_key(store: &Store, key_file: &std::path::Path) -> anyhow::Result<String> {
+    let saved = std::fs::read_to_string(key_file).ok().map(|k| k.trim().to_string()).filter(|k| !k.is_empty());
+    if let Some(k) = saved {
+        if store.lookup_key(&crate::ledger::hash_key(&k)).await?.is_some() {
+            return Ok(k);
+        }
+    }
+    let name = format!("demo-{}", std::process::id());
+    let (_, k) = store.add_game(&name, 100_000, 100_000_000).await?;
+    std::fs::write(key_file, format!("{k}\n"))?;
+    Ok(k)
+}
+
+/// The demo game keeps its escrow at anvil's third account, topped up to 1,000 tokens
+/// when under 100 (a fresh chain starts it at zero).
+async fn fund_demo_game(
+    store: &Store,
+    key: &str,
+    anvil: &crate::chain::anvil::Anvil,
+    deployment: &crate::chain::deploy::Deployment,
+) -> anyhow::Result<()> {
+    let game = anvil.keys[2].clone();
+    if let Some(info) = store.lookup_key(&crate::ledger::hash_key(key)).await? {
+        if let Err(e) = store.set_game_wallet(&info.game, &format!("{:#x}", game.address())).await {
+            tracing::warn!(error = %e, "could not give the demo game its wallet");
+        }
+    }
+    let escrow = crate::chain::deploy::available_escrow(&anvil.url, deployment.settlement, game.address()).await?;
+    if escrow < crate::books::Units(100 * 10u128.pow(18)) {
+        let amount = crate::books::Units(1_000 * 10u128.pow(18));
+        crate::chain::deploy::mint_and_deposit(&anvil.url, deployment, anvil.keys[0].clone(), game, amount).await?;
+    }
+    Ok(())
+}
+
+/// The demo's `--nodes` compute nodes, each on its own thread, pinned to this server.
+fn start_demo_nodes(
+    settings: &Settings,
+    args: &DemoArgs,
+    handle: &crate::serve::ServerHandle,
+    demo_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let url = format!("ws://{}/ws/node", handle.addr);
+    for i in 0..args.nodes {
+        let node_args = NodeArgs {
+            connect: url.clone(),
+            model: Some(args.model.clone()),
+            key: demo_dir.join(format!("node-{i}.key")),
+            capacity: 0,
+            distributor_address: None,
+            receipts: None,
+            fake_engine: None,
+            fake_model_name: String::new(),
+            fake_text: String::new(),
+            runtime: args.runtime.clone(),
+        };
+        let backend = Arc::new(node_backend(settings, &node_args)?);
+        let options = NodeOptions {
+            connect: node_args.connect,
+            key: node_args.key,
+            capacity: 0,
+            distributor_address: Some(handle.distributor_address),
+            receipts: None,
+        };
+        std::thread::Builder::new().name(format!("demo-node-{i}")).spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                if let Err(e) = run_node(backend, options).await {
+                    tracing::error!(error = %e, "demo node stopped");
+                }
+            })
+        })?;
+    }
+    Ok(())
 }
 
 /// The demo's settlement: deploys the contract and test token on the demo's anvil (once;

@@ -16,6 +16,7 @@ use tokio_postgres::types::Type;
 use super::copy_binary::CopyRows;
 use super::error::LedgerError;
 use super::store::Store;
+pub use crate::books::ConfirmStatus;
 use crate::books::Units;
 use crate::crypto::merkle::{self, task_root as confirmation_root, Hash};
 
@@ -64,27 +65,6 @@ pub struct CommitOutcome {
     pub refused: usize,
     /// Per node and block, the lists to acknowledge (new block and re-sent receipts' blocks).
     pub acks: Vec<BlockAck>,
-}
-
-/// How a node's confirmation of a block came out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConfirmStatus {
-    /// Root and count agree: the agreed receipts are now payable.
-    Matched,
-    /// Recorded, visible to the operator; nothing became payable.
-    Mismatch,
-    /// The block holds no task of this node: nothing recorded.
-    NothingToConfirm,
-}
-
-impl ConfirmStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConfirmStatus::Matched => "matched",
-            ConfirmStatus::Mismatch => "mismatch",
-            ConfirmStatus::NothingToConfirm => "nothing_to_confirm",
-        }
-    }
 }
 
 /// The columns `commit_block` COPYs, in [`copy_rows`]' order.

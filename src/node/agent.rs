@@ -16,6 +16,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use super::backend::Backend;
 use super::link::{join, Announce, Link};
 use super::receipts::ReceiptLog;
+use crate::books::ConfirmStatus;
 use crate::crypto::identity::{Address, Identity};
 use crate::crypto::merkle::task_root;
 use crate::inference::Event;
@@ -126,6 +127,8 @@ impl From<Arc<Backend>> for NodeModel {
     }
 }
 
+/// One session with the distributor: join, unlock a bundle if the node serves one, then
+/// serve tasks and heartbeats until the link ends.
 async fn session(
     model: &NodeModel,
     loaded: &mut Option<Arc<Backend>>,
@@ -134,16 +137,7 @@ async fn session(
     identity: &Arc<Identity>,
     log: &SharedLog,
 ) -> SessionEnd {
-    let (models, own_capacity, device, bundles) = match (loaded.as_ref(), model) {
-        (Some(b), _) => (b.models(), b.capacity(), b.device(), Vec::new()),
-        (None, NodeModel::Bundle { name, key_id, capacity, .. }) => {
-            (vec![name.clone()], *capacity, "loading".to_string(), vec![key_id.clone()])
-        }
-        (None, NodeModel::Ready(_)) => unreachable!("a ready model is always loaded"),
-    };
-    let capacity = if options.capacity > 0 { options.capacity } else { own_capacity };
-    let announce = Announce { models, capacity, device, bundles };
-    let link = match join(&options.connect, identity, announce, *pin).await {
+    let link = match join(&options.connect, identity, announce(model, loaded.as_ref(), options), *pin).await {
         Ok(link) => link,
         Err(e) => return SessionEnd::BeforeWelcome(e),
     };
@@ -152,25 +146,96 @@ async fn session(
         *pin = Some(link.distributor);
     }
     tracing::info!(session_id = link.session_id, distributor = %link.distributor, "joined the distributor; session sealed");
-    if let (None, NodeModel::Bundle { key_id, load, .. }) = (loaded.as_ref(), model) {
-        let Some(key) =
-            link.model_keys.get(key_id).and_then(|k| hex::decode(k).ok()).and_then(|k| <[u8; 32]>::try_from(k).ok())
-        else {
-            return SessionEnd::BeforeWelcome(format!("the distributor sent no key for bundle {key_id}"));
-        };
-        let load = load.clone();
-        // Decrypt and load off the event loop; the key lives only in this closure.
-        match actix_web::rt::task::spawn_blocking(move || load(key)).await {
-            Ok(Ok(backend)) => *loaded = Some(Arc::new(backend)),
-            Ok(Err(e)) => return SessionEnd::BeforeWelcome(format!("loading the protected model failed: {e:#}")),
-            Err(e) => return SessionEnd::BeforeWelcome(format!("model loader panicked: {e}")),
-        }
-        tracing::info!("protected model loaded in memory");
+    if let Err(e) = unlock_bundle(model, loaded, &link).await {
+        return SessionEnd::BeforeWelcome(e);
     }
-    let Link { mut sink, mut stream, mut sealer, mut opener, heartbeat_interval, .. } = link;
-    let backend = loaded.clone().expect("loaded above");
-    let backend = &backend;
-    // One writer keeps frames in order; tasks and heartbeats feed it.
+    let Link { sink, mut stream, sealer, mut opener, heartbeat_interval, .. } = link;
+    let (out, writer) = spawn_writer(sink, sealer);
+    let serving = Serving {
+        backend: loaded.clone().expect("loaded above"),
+        identity: identity.clone(),
+        log: log.clone(),
+        out,
+        tasks: Rc::default(),
+    };
+    // Whatever the registry has not confirmed goes again: it may have crashed.
+    resend(log, &serving.out, true);
+    let mut heartbeat = actix_web::rt::time::interval(heartbeat_interval);
+    let mut rate = TokenRate::new(serving.backend.load().1);
+    let end = loop {
+        tokio::select! {
+            item = stream.next() => match item {
+                Some(Ok(ws::Frame::Binary(bytes))) => match open_message::<ServerMessage>(&mut opener, &bytes) {
+                    Ok(message) => {
+                        if let Err(end) = serving.on_message(message) {
+                            break end;
+                        }
+                    }
+                    Err(e) => break format!("bad frame from the distributor: {e}"),
+                },
+                Some(Ok(ws::Frame::Ping(p))) => { let _ = serving.out.send(Outgoing::Pong(p)); }
+                Some(Ok(ws::Frame::Close(reason))) => break format!("closed by the distributor: {reason:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break format!("websocket error: {e}"),
+                None => break "connection closed".to_string(),
+            },
+            _ = heartbeat.tick() => {
+                if let Err(end) = serving.heartbeat(&mut rate) {
+                    break end;
+                }
+            }
+        }
+    };
+    for (_, running) in serving.tasks.borrow_mut().drain() {
+        running.handle.abort();
+    }
+    writer.abort();
+    if let Err(e) = log.borrow().sync() {
+        tracing::warn!(error = %e, "could not sync the receipt log");
+    }
+    SessionEnd::AfterWelcome(end)
+}
+
+/// What the node tells the distributor it serves: its models, capacity and device (a
+/// bundle not yet unlocked announces its name and key id).
+fn announce(model: &NodeModel, loaded: Option<&Arc<Backend>>, options: &NodeOptions) -> Announce {
+    let (models, own_capacity, device, bundles) = match (loaded, model) {
+        (Some(b), _) => (b.models(), b.capacity(), b.device(), Vec::new()),
+        (None, NodeModel::Bundle { name, key_id, capacity, .. }) => {
+            (vec![name.clone()], *capacity, "loading".to_string(), vec![key_id.clone()])
+        }
+        (None, NodeModel::Ready(_)) => unreachable!("a ready model is always loaded"),
+    };
+    let capacity = if options.capacity > 0 { options.capacity } else { own_capacity };
+    Announce { models, capacity, device, bundles }
+}
+
+/// Loads a protected bundle with the key the distributor sent inside the sealed session
+/// (once per run; the key lives only in the loader's closure).
+async fn unlock_bundle(model: &NodeModel, loaded: &mut Option<Arc<Backend>>, link: &Link) -> Result<(), String> {
+    let (None, NodeModel::Bundle { key_id, load, .. }) = (loaded.as_ref(), model) else { return Ok(()) };
+    let Some(key) =
+        link.model_keys.get(key_id).and_then(|k| hex::decode(k).ok()).and_then(|k| <[u8; 32]>::try_from(k).ok())
+    else {
+        return Err(format!("the distributor sent no key for bundle {key_id}"));
+    };
+    let load = load.clone();
+    // Decrypt and load off the event loop.
+    match actix_web::rt::task::spawn_blocking(move || load(key)).await {
+        Ok(Ok(backend)) => *loaded = Some(Arc::new(backend)),
+        Ok(Err(e)) => return Err(format!("loading the protected model failed: {e:#}")),
+        Err(e) => return Err(format!("model loader panicked: {e}")),
+    }
+    tracing::info!("protected model loaded in memory");
+    Ok(())
+}
+
+/// The session's one writer, which keeps frames in order: tasks and heartbeats feed it
+/// through the returned sender.
+fn spawn_writer(
+    mut sink: super::link::FrameSink,
+    mut sealer: crate::crypto::session::Sealer,
+) -> (UnboundedSender<Outgoing>, actix_web::rt::task::JoinHandle<()>) {
     let (out, mut out_rx) = unbounded_channel::<Outgoing>();
     let writer = actix_web::rt::spawn(async move {
         // Everything queued goes out in one flush: fewer small TCP segments for Nagle's
@@ -193,78 +258,98 @@ async fn session(
             }
         }
     });
-    // Whatever the registry has not confirmed goes again: it may have crashed.
-    resend(log, &out, true);
-    let tasks: Tasks = Rc::default();
-    let mut heartbeat = actix_web::rt::time::interval(heartbeat_interval);
-    let (mut last_count, mut last_at) = (backend.load().1, Instant::now());
-    let end = loop {
-        tokio::select! {
-            item = stream.next() => match item {
-                Some(Ok(ws::Frame::Binary(bytes))) => match open_message::<ServerMessage>(&mut opener, &bytes) {
-                    Ok(ServerMessage::Task(spec)) => {
-                        let id = spec.id;
-                        tracing::info!(task = %id, model = %spec.model, prefix = spec.prefix.len(), "task started");
-                        let progress: Rc<RefCell<Progress>> = Rc::default();
-                        let runner = TaskRunner { identity: identity.clone(), log: log.clone(), out: out.clone(), tasks: tasks.clone(), progress: progress.clone() };
-                        let ticket = spec.ticket.clone();
-                        let handle = actix_web::rt::spawn(run_task(backend.clone(), *spec, runner));
-                        tasks.borrow_mut().insert(id, Running { handle, ticket, progress });
+    (out, writer)
+}
+
+/// Tokens generated since the last heartbeat, for the load report.
+struct TokenRate {
+    count: u64,
+    at: Instant,
+}
+
+impl TokenRate {
+    fn new(count: u64) -> Self {
+        Self { count, at: Instant::now() }
+    }
+
+    /// Tokens per second since the last call, given the backend's running count.
+    fn update(&mut self, count: u64) -> f64 {
+        let dt = self.at.elapsed().as_secs_f64().max(1e-3);
+        let rate = count.saturating_sub(self.count) as f64 / dt;
+        (self.count, self.at) = (count, Instant::now());
+        rate
+    }
+}
+
+/// A joined session's serving side: the backend, the receipt log, the writer and the
+/// running tasks.
+struct Serving {
+    backend: Arc<Backend>,
+    identity: Arc<Identity>,
+    log: SharedLog,
+    out: UnboundedSender<Outgoing>,
+    tasks: Tasks,
+}
+
+impl Serving {
+    /// Handles one message from the distributor; `Err` ends the session with the reason.
+    fn on_message(&self, message: ServerMessage) -> Result<(), String> {
+        match message {
+            ServerMessage::Task(spec) => {
+                let id = spec.id;
+                tracing::info!(task = %id, model = %spec.model, prefix = spec.prefix.len(), "task started");
+                let progress: Rc<RefCell<Progress>> = Rc::default();
+                let runner = TaskRunner {
+                    identity: self.identity.clone(),
+                    log: self.log.clone(),
+                    out: self.out.clone(),
+                    tasks: self.tasks.clone(),
+                    progress: progress.clone(),
+                };
+                let ticket = spec.ticket.clone();
+                let handle = actix_web::rt::spawn(run_task(self.backend.clone(), *spec, runner));
+                self.tasks.borrow_mut().insert(id, Running { handle, ticket, progress });
+            }
+            ServerMessage::Cancel { id, delivered } => {
+                let running = self.tasks.borrow_mut().remove(&id);
+                if let Some(running) = running {
+                    running.handle.abort(); // drops the engine's receiver: the slot frees next step
+                    if let Some(delivered) = delivered {
+                        partial_receipt(&self.identity, &self.log, &self.out, id, &running, delivered as usize);
                     }
-                    Ok(ServerMessage::Cancel { id, delivered }) => {
-                        let running = tasks.borrow_mut().remove(&id);
-                        if let Some(running) = running {
-                            running.handle.abort(); // drops the engine's receiver: the slot frees next step
-                            if let Some(delivered) = delivered {
-                                partial_receipt(identity, log, &out, id, &running, delivered as usize);
-                            }
-                        }
-                    }
-                    Ok(ServerMessage::Recorded { block, tasks }) => {
-                        if let Err(e) = confirm(identity, log, &out, block, &tasks) {
-                            break format!("receipt log: {e:#}");
-                        }
-                    }
-                    Ok(ServerMessage::Confirmed { block, status }) => {
-                        if status != "matched" {
-                            tracing::warn!(block, %status, "the registry does not agree with our confirmation");
-                        }
-                        if let Err(e) = log.borrow_mut().confirmed(block) {
-                            break format!("receipt log: {e:#}");
-                        }
-                    }
-                    Ok(ServerMessage::Goodbye { reason }) => break format!("distributor said goodbye: {reason}"),
-                    Ok(ServerMessage::Welcome { .. } | ServerMessage::Challenge { .. }) => {
-                        break "unexpected handshake message".to_string()
-                    }
-                    Err(e) => break format!("bad frame from the distributor: {e}"),
-                },
-                Some(Ok(ws::Frame::Ping(p))) => { let _ = out.send(Outgoing::Pong(p)); }
-                Some(Ok(ws::Frame::Close(reason))) => break format!("closed by the distributor: {reason:?}"),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => break format!("websocket error: {e}"),
-                None => break "connection closed".to_string(),
-            },
-            _ = heartbeat.tick() => {
-                let (mut load, count) = backend.load();
-                let dt = last_at.elapsed().as_secs_f64().max(1e-3);
-                load.tokens_per_s = count.saturating_sub(last_count) as f64 / dt;
-                (last_count, last_at) = (count, Instant::now());
-                if out.send(Outgoing::Message(NodeMessage::Heartbeat(load))).is_err() {
-                    break "writer stopped".to_string();
                 }
-                resend(log, &out, false);
+            }
+            ServerMessage::Recorded { block, tasks } => {
+                confirm(&self.identity, &self.log, &self.out, block, &tasks)
+                    .map_err(|e| format!("receipt log: {e:#}"))?;
+            }
+            ServerMessage::Confirmed { block, status } => {
+                if status != ConfirmStatus::Matched {
+                    tracing::warn!(
+                        block,
+                        status = status.as_str(),
+                        "the registry does not agree with our confirmation"
+                    );
+                }
+                self.log.borrow_mut().confirmed(block).map_err(|e| format!("receipt log: {e:#}"))?;
+            }
+            ServerMessage::Goodbye { reason } => return Err(format!("distributor said goodbye: {reason}")),
+            ServerMessage::Welcome { .. } | ServerMessage::Challenge { .. } => {
+                return Err("unexpected handshake message".to_string())
             }
         }
-    };
-    for (_, running) in tasks.borrow_mut().drain() {
-        running.handle.abort();
+        Ok(())
     }
-    writer.abort();
-    if let Err(e) = log.borrow().sync() {
-        tracing::warn!(error = %e, "could not sync the receipt log");
+
+    /// The periodic heartbeat (load and token rate), and re-sends of receipts unanswered
+    /// for a while.
+    fn heartbeat(&self, rate: &mut TokenRate) -> Result<(), String> {
+        let (mut load, count) = self.backend.load();
+        load.tokens_per_s = rate.update(count);
+        self.out.send(Outgoing::Message(NodeMessage::Heartbeat(load))).map_err(|_| "writer stopped".to_string())?;
+        resend(&self.log, &self.out, false);
+        Ok(())
     }
-    SessionEnd::AfterWelcome(end)
 }
 
 /// Sends unconfirmed receipts again: all of them (`all`, after a reconnect) or the ones

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::receipt::{SignedReceipt, TaskTicket};
+use crate::books::ConfirmStatus;
 pub use crate::task::FinishReason;
 use crate::task::{ChatMessage, SamplingParams, TokenLogprobs};
 
@@ -119,7 +120,7 @@ pub enum ServerMessage {
     /// the node may forget those receipts.
     Confirmed {
         block: u64,
-        status: String,
+        status: ConfirmStatus,
     },
 }
 

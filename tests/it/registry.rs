@@ -407,7 +407,11 @@ fn duplicate_and_forged_submissions_never_change_the_books() {
         let (block_a, tasks) = a.recorded(&mut [&mut b]).await;
         assert_eq!(tasks, vec![spec_a.id]);
         a.link.send(&a.confirm(&a.id, block_a, &[spec_a.id.0])).await.unwrap();
-        a.wait(&mut [&mut b], |m| matches!(m, ServerMessage::Confirmed { status, .. } if status == "matched")).await;
+        a.wait(
+            &mut [&mut b],
+            |m| matches!(m, ServerMessage::Confirmed { status, .. } if *status == ludus::books::ConfirmStatus::Matched),
+        )
+        .await;
         assert!(game.join().unwrap().is_some());
         let game = request("model-b");
         let spec_b = b.task(&mut [&mut a]).await;
