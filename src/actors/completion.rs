@@ -27,7 +27,7 @@ use crate::crypto::identity::{recover, Address};
 use crate::ledger::PriceTable;
 use crate::proof::Proof;
 use crate::protocol::receipt::{confirmation_message, output_hash, SignedReceipt};
-use crate::protocol::{FinishReason, TaskId, TaskUsage};
+use crate::protocol::{FinishReason, TaskFailure, TaskId, TaskUsage};
 
 /// What the server needs to have tasks checked.
 #[derive(Clone)]
@@ -405,7 +405,7 @@ impl Handler<VerificationDone> for Completion {
         // A new task id for the re-run, so the honest node's receipt is not taken for a
         // duplicate of the failed one (the game's response keeps its id).
         job.id = TaskId(rand::random());
-        let reason = format!("the node's answer failed verification: {}", msg.detail);
-        self.config.distributor.do_send(TaskReturned { node, job, reason, request_error: false });
+        let failure = TaskFailure::Node(format!("the node's answer failed verification: {}", msg.detail));
+        self.config.distributor.do_send(TaskReturned { node, job, failure });
     }
 }

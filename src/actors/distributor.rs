@@ -13,7 +13,7 @@ use super::error::ServeError;
 use super::messages::*;
 use super::node_proxy::NodeProxy;
 use super::scheduling::{pick_two, NodeStats, DEFAULT_MS_PER_TOKEN};
-use crate::protocol::{FinishReason, NodeLoad, TaskId, TaskUsage};
+use crate::protocol::{FinishReason, NodeLoad, TaskFailure, TaskId, TaskUsage};
 
 /// How often queued jobs are checked for expiry and cancellation.
 /// Messages that may wait in the mailbox before `send` callers wait (do_send never does).
@@ -413,9 +413,9 @@ impl Handler<TaskReturned> for Distributor {
     /// A node failed a job: try another node (with the tokens already sent as prefix),
     /// queue it at the front, or fail it when no node is left.
     fn handle(&mut self, msg: TaskReturned, _: &mut Self::Context) {
-        let TaskReturned { node, job, reason, request_error } = msg;
+        let TaskReturned { node, job, failure } = msg;
         self.release(job.id);
-        self.retry(node, job, reason, request_error);
+        self.retry(node, job, failure);
         self.drain_queues();
         self.maybe_release_nodes();
     }
@@ -423,11 +423,14 @@ impl Handler<TaskReturned> for Distributor {
 
 impl Distributor {
     /// Decides what happens to a returned job (see `Handler<TaskReturned>`).
-    fn retry(&mut self, node: NodeId, mut job: Job, reason: String, request_error: bool) {
-        if request_error {
-            let _ = job.events.send(JobEvent::Failed(ServeError::Rejected(reason)));
-            return;
-        }
+    fn retry(&mut self, node: NodeId, mut job: Job, failure: TaskFailure) {
+        let reason = match failure {
+            TaskFailure::Request(reason) => {
+                let _ = job.events.send(JobEvent::Failed(ServeError::Rejected(reason)));
+                return;
+            }
+            TaskFailure::Node(reason) => reason,
+        };
         if let Some(entry) = self.nodes.get_mut(&node) {
             entry.stats.record_failure(Instant::now());
         }

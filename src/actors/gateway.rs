@@ -18,6 +18,7 @@ use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
 use super::rate_limit::Bucket;
+use crate::ledger::games::{GameStatus, SuspendedBy};
 use crate::ledger::{hash_key, KeyInfo, Store};
 use crate::protocol::TaskId;
 
@@ -79,9 +80,9 @@ impl Gateway {
 
     /// Status and per-minute limits.
     fn check(&mut self, info: &KeyInfo) -> Result<(), ServeError> {
-        if info.status != "active" {
+        if info.status != GameStatus::Active {
             let reason = info.status_reason.clone().unwrap_or_else(|| format!("status {}", info.status));
-            if info.suspended_by.as_deref() == Some("escrow") {
+            if info.suspended_by == Some(SuspendedBy::Escrow) {
                 return Err(ServeError::EscrowShort { game: info.game.clone(), reason });
             }
             return Err(ServeError::Suspended { game: info.game.clone(), reason });

@@ -12,7 +12,9 @@ use super::node_proxy::NodeProxy;
 use crate::crypto::identity::Address;
 use crate::inference::SamplingParams;
 use crate::ledger::{ConfirmStatus, Outcome, Receipt};
-use crate::protocol::{FinishReason, NodeLoad, PromptCount, TaskId, TaskInput, TaskSpec, TaskTicket, TaskUsage};
+use crate::protocol::{
+    FinishReason, NodeLoad, PromptCount, TaskFailure, TaskId, TaskInput, TaskSpec, TaskTicket, TaskUsage,
+};
 
 /// A node's session id on this server.
 pub type NodeId = u64;
@@ -225,9 +227,9 @@ pub struct TaskCancelled {
 pub struct TaskReturned {
     pub node: NodeId,
     pub job: Job,
-    pub reason: String,
-    /// The request itself is at fault (no retry, no penalty for the node).
-    pub request_error: bool,
+    /// A request's own fault fails the job (no retry, no penalty for the node); a node's
+    /// sends it elsewhere.
+    pub failure: TaskFailure,
 }
 
 /// Models with at least one live node, with their node counts.

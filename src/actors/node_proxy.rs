@@ -29,8 +29,8 @@ use crate::protocol::handshake::{
 };
 use crate::protocol::receipt::TaskTicket;
 use crate::protocol::{
-    decode_frame, encode_frame, messages::FinishReason, Hello, NodeMessage, ServerMessage, TaskId, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
+    decode_frame, encode_frame, messages::FinishReason, Hello, NodeMessage, ServerMessage, TaskFailure, TaskId,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 /// A node must say Hello within this time.
@@ -489,14 +489,9 @@ impl NodeProxy {
             NodeMessage::Confirm { block, root, count, disputed, signature } => {
                 self.on_confirm(ctx, block, root, count, disputed, signature)
             }
-            NodeMessage::Failed { id, error, request_error } => {
+            NodeMessage::Failed { id, failure } => {
                 if let Some(run) = self.in_flight.remove(&id) {
-                    self.distributor.do_send(TaskReturned {
-                        node: self.id,
-                        job: run.job,
-                        reason: error,
-                        request_error,
-                    });
+                    self.distributor.do_send(TaskReturned { node: self.id, job: run.job, failure });
                 }
             }
         }
@@ -702,13 +697,8 @@ impl Actor for NodeProxy {
             for id in stalled {
                 if let Some(run) = this.in_flight.remove(&id) {
                     this.send(&ServerMessage::Cancel { id, delivered: None });
-                    let reason = format!("no progress for {} s", TASK_STALL_TIMEOUT.as_secs());
-                    this.distributor.do_send(TaskReturned {
-                        node: this.id,
-                        job: run.job,
-                        reason,
-                        request_error: false,
-                    });
+                    let failure = TaskFailure::Node(format!("no progress for {} s", TASK_STALL_TIMEOUT.as_secs()));
+                    this.distributor.do_send(TaskReturned { node: this.id, job: run.job, failure });
                 }
             }
         });
@@ -716,12 +706,8 @@ impl Actor for NodeProxy {
 
     fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
         for (_, run) in self.in_flight.drain() {
-            self.distributor.do_send(TaskReturned {
-                node: self.id,
-                job: run.job,
-                reason: format!("node disconnected: {}", self.close_reason),
-                request_error: false,
-            });
+            let failure = TaskFailure::Node(format!("node disconnected: {}", self.close_reason));
+            self.distributor.do_send(TaskReturned { node: self.id, job: run.job, failure });
         }
         if self.registered {
             self.distributor.do_send(NodeDisconnected { id: self.id, reason: self.close_reason.clone() });

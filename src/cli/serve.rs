@@ -174,7 +174,8 @@ pub fn games_set_wallet(settings: &Settings, name: &str, wallet: &str) -> anyhow
 
 /// `ludus games suspend NAME --reason …` and `ludus games resume NAME`.
 pub fn games_set_status(settings: &Settings, name: &str, suspend: Option<&str>) -> anyhow::Result<()> {
-    let status = if suspend.is_some() { "suspended" } else { "active" };
+    use crate::ledger::games::GameStatus;
+    let status = if suspend.is_some() { GameStatus::Suspended } else { GameStatus::Active };
     with_store(settings, async |store| Ok(store.set_game_status(name, status, suspend).await?))?;
     eprintln!("game `{name}` is now {status} (keys take it up within seconds)");
     Ok(())

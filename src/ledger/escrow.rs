@@ -4,6 +4,7 @@
 //! covers the debt with room to spare. Operator suspensions are never touched.
 
 use super::error::LedgerError;
+use super::games::{GameStatus, SuspendedBy};
 use super::store::Store;
 use crate::books::Units;
 
@@ -15,8 +16,8 @@ pub struct GameBalance {
     pub wallet: Option<String>,
     /// Charges of its tasks not settled yet (failed and disputed tasks are never charged).
     pub owed: Units,
-    pub status: String,
-    pub suspended_by: Option<String>,
+    pub status: GameStatus,
+    pub suspended_by: Option<SuspendedBy>,
     pub internal: bool,
 }
 
@@ -35,8 +36,8 @@ pub fn escrow_action(game: &GameBalance, available: Units) -> EscrowAction {
     if game.internal {
         return EscrowAction::Keep;
     }
-    match (game.status.as_str(), game.suspended_by.as_deref()) {
-        ("active", _) if game.owed > available => {
+    match (game.status, game.suspended_by) {
+        (GameStatus::Active, _) if game.owed > available => {
             let short = Units(game.owed.0 - available.0);
             EscrowAction::Suspend(match &game.wallet {
                 Some(wallet) => format!(
@@ -51,7 +52,7 @@ pub fn escrow_action(game: &GameBalance, available: Units) -> EscrowAction {
                 ),
             })
         }
-        ("suspended", Some("escrow")) if available > game.owed => EscrowAction::Resume,
+        (GameStatus::Suspended, Some(SuspendedBy::Escrow)) if available > game.owed => EscrowAction::Resume,
         _ => EscrowAction::Keep,
     }
 }
@@ -95,8 +96,8 @@ impl Store {
                     name: r.get(1),
                     wallet: r.get(2),
                     owed: owed.parse().map_err(|e| LedgerError::Corrupt(format!("owed: {e}")))?,
-                    status: r.get(4),
-                    suspended_by: r.get(5),
+                    status: GameStatus::parse(r.get(4))?,
+                    suspended_by: SuspendedBy::parse(r.get(5))?,
                     internal: r.get(6),
                 })
             })
@@ -142,34 +143,43 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn game(owed: u128, status: &str, by: Option<&str>) -> GameBalance {
+    fn game(owed: u128, status: GameStatus, by: Option<SuspendedBy>) -> GameBalance {
         GameBalance {
             game_id: 1,
             name: "g".into(),
             wallet: Some("0x00000000000000000000000000000000000000aa".into()),
             owed: Units(owed),
-            status: status.into(),
-            suspended_by: by.map(String::from),
+            status,
+            suspended_by: by,
             internal: false,
         }
     }
 
     #[test]
     fn suspends_on_shortfall_naming_it_and_resumes_with_headroom() {
-        let EscrowAction::Suspend(reason) = escrow_action(&game(150, "active", None), Units(100)) else {
+        let EscrowAction::Suspend(reason) = escrow_action(&game(150, GameStatus::Active, None), Units(100)) else {
             panic!("expected a suspension")
         };
         assert!(reason.contains("shortfall of 50"), "{reason}");
         assert!(reason.contains("0x00000000000000000000000000000000000000aa"), "{reason}");
-        assert_eq!(escrow_action(&game(100, "active", None), Units(100)), EscrowAction::Keep);
-        assert_eq!(escrow_action(&game(150, "suspended", Some("escrow")), Units(150)), EscrowAction::Keep);
-        assert_eq!(escrow_action(&game(150, "suspended", Some("escrow")), Units(151)), EscrowAction::Resume);
+        assert_eq!(escrow_action(&game(100, GameStatus::Active, None), Units(100)), EscrowAction::Keep);
+        assert_eq!(
+            escrow_action(&game(150, GameStatus::Suspended, Some(SuspendedBy::Escrow)), Units(150)),
+            EscrowAction::Keep
+        );
+        assert_eq!(
+            escrow_action(&game(150, GameStatus::Suspended, Some(SuspendedBy::Escrow)), Units(151)),
+            EscrowAction::Resume
+        );
         // The operator's suspensions are the operator's to lift.
-        assert_eq!(escrow_action(&game(0, "suspended", Some("operator")), Units(1000)), EscrowAction::Keep);
-        let mut internal = game(10, "active", None);
+        assert_eq!(
+            escrow_action(&game(0, GameStatus::Suspended, Some(SuspendedBy::Operator)), Units(1000)),
+            EscrowAction::Keep
+        );
+        let mut internal = game(10, GameStatus::Active, None);
         internal.internal = true;
         assert_eq!(escrow_action(&internal, Units(0)), EscrowAction::Keep);
-        let mut no_wallet = game(10, "active", None);
+        let mut no_wallet = game(10, GameStatus::Active, None);
         no_wallet.wallet = None;
         let EscrowAction::Suspend(reason) = escrow_action(&no_wallet, Units(0)) else { panic!() };
         assert!(reason.contains("set-wallet"), "{reason}");

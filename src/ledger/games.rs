@@ -8,17 +8,78 @@ use super::error::LedgerError;
 use super::store::Store;
 use crate::books::Units;
 
+/// Whether a game is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GameStatus {
+    Active,
+    /// Refused with 403 (or 402 when settlement found its escrow short) until resumed.
+    Suspended,
+    Removed,
+}
+
+impl GameStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GameStatus::Active => "active",
+            GameStatus::Suspended => "suspended",
+            GameStatus::Removed => "removed",
+        }
+    }
+
+    pub(super) fn parse(s: &str) -> Result<Self, LedgerError> {
+        match s {
+            "active" => Ok(GameStatus::Active),
+            "suspended" => Ok(GameStatus::Suspended),
+            "removed" => Ok(GameStatus::Removed),
+            other => Err(LedgerError::Corrupt(format!("game status `{other}`"))),
+        }
+    }
+}
+
+impl std::fmt::Display for GameStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who suspended a game.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuspendedBy {
+    /// `ludus games suspend`: lifted only by `ludus games resume`.
+    Operator,
+    /// Settlement found its escrow short: lifted by settlement once it is covered.
+    Escrow,
+}
+
+impl SuspendedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuspendedBy::Operator => "operator",
+            SuspendedBy::Escrow => "escrow",
+        }
+    }
+
+    pub(super) fn parse(s: Option<&str>) -> Result<Option<Self>, LedgerError> {
+        match s {
+            None => Ok(None),
+            Some("operator") => Ok(Some(SuspendedBy::Operator)),
+            Some("escrow") => Ok(Some(SuspendedBy::Escrow)),
+            Some(other) => Err(LedgerError::Corrupt(format!("suspended by `{other}`"))),
+        }
+    }
+}
+
 /// What a presented key resolves to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyInfo {
     pub game_id: i64,
     pub game: String,
     pub hash: String,
-    /// `active`, `suspended` or `removed`.
-    pub status: String,
+    pub status: GameStatus,
     pub status_reason: Option<String>,
-    /// `operator` or `escrow` (settlement found the escrow short), when suspended.
-    pub suspended_by: Option<String>,
+    /// Who suspended it, when suspended.
+    pub suspended_by: Option<SuspendedBy>,
     pub requests_per_minute: u32,
     pub tokens_per_minute: u32,
 }
@@ -28,7 +89,7 @@ pub struct KeyInfo {
 pub struct GameSummary {
     pub id: i64,
     pub name: String,
-    pub status: String,
+    pub status: GameStatus,
     /// Escrow settlement last saw on chain (available: less pending withdrawals).
     pub escrow: Units,
     pub keys: i64,
@@ -109,16 +170,19 @@ impl Store {
                 &[&hash],
             )
             .await?;
-        Ok(row.map(|r| KeyInfo {
-            game_id: r.get(0),
-            game: r.get(1),
-            hash: r.get(2),
-            status: r.get(3),
-            status_reason: r.get(4),
-            requests_per_minute: r.get::<_, i32>(5).max(0) as u32,
-            tokens_per_minute: r.get::<_, i32>(6).max(0) as u32,
-            suspended_by: r.get(7),
-        }))
+        row.map(|r| {
+            Ok(KeyInfo {
+                game_id: r.get(0),
+                game: r.get(1),
+                hash: r.get(2),
+                status: GameStatus::parse(r.get(3))?,
+                status_reason: r.get(4),
+                requests_per_minute: r.get::<_, i32>(5).max(0) as u32,
+                tokens_per_minute: r.get::<_, i32>(6).max(0) as u32,
+                suspended_by: SuspendedBy::parse(r.get(7))?,
+            })
+        })
+        .transpose()
     }
 
     pub async fn list_games(&self) -> Result<Vec<GameSummary>, LedgerError> {
@@ -138,7 +202,7 @@ impl Store {
                 Ok(GameSummary {
                     id: r.get(0),
                     name: r.get(1),
-                    status: r.get(2),
+                    status: GameStatus::parse(r.get(2))?,
                     escrow: escrow.parse().map_err(|e| LedgerError::Corrupt(format!("escrow: {e}")))?,
                     keys: r.get(4),
                     wallet: r.get(5),
@@ -149,9 +213,15 @@ impl Store {
     }
 
     /// Suspends (with a reason) or reactivates a game by name, as the operator.
-    pub async fn set_game_status(&self, name: &str, status: &str, reason: Option<&str>) -> Result<(), LedgerError> {
+    pub async fn set_game_status(
+        &self,
+        name: &str,
+        status: GameStatus,
+        reason: Option<&str>,
+    ) -> Result<(), LedgerError> {
         let conn = self.conn().await?;
-        let by = (status != "active").then_some("operator");
+        let by = (status != GameStatus::Active).then_some(SuspendedBy::Operator.as_str());
+        let status = status.as_str();
         let n = conn
             .execute(
                 "UPDATE games SET status = $2, status_reason = $3, suspended_by = $4 WHERE name = $1",

@@ -321,7 +321,7 @@ impl Store {
             )
             .await?
             .map(|r| r.get(0));
-        if previous.as_deref() == Some("matched") {
+        if previous.as_deref() == Some(ConfirmStatus::Matched.as_str()) {
             return Ok(ConfirmStatus::Matched);
         }
         let disputed: BTreeSet<u64> = disputed.iter().copied().filter(|t| tasks.contains(t)).collect();

@@ -14,6 +14,7 @@ use rand::Rng;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::backend::Backend;
+use super::error::LinkError;
 use super::link::{join, Announce, Link};
 use super::receipts::ReceiptLog;
 use crate::books::ConfirmStatus;
@@ -25,7 +26,7 @@ use crate::proof::ProofBuilder;
 use crate::protocol::handshake::{open_message, seal_message};
 use crate::protocol::receipt::confirmation_message;
 use crate::protocol::SignedReceipt;
-use crate::protocol::{NodeMessage, ServerMessage, TaskId, TaskSpec, TaskUsage};
+use crate::protocol::{NodeMessage, ServerMessage, TaskFailure, TaskId, TaskSpec, TaskUsage};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -62,8 +63,8 @@ impl NodeOptions {
 #[derive(Debug)]
 enum SessionEnd {
     /// The handshake completed before the link dropped: reconnect quickly.
-    AfterWelcome(String),
-    BeforeWelcome(String),
+    AfterWelcome(LinkError),
+    BeforeWelcome(LinkError),
 }
 
 /// What a node serves: a loaded backend, or a protected bundle loaded (in memory) with the
@@ -171,13 +172,13 @@ async fn session(
                             break end;
                         }
                     }
-                    Err(e) => break format!("bad frame from the distributor: {e}"),
+                    Err(e) => break LinkError::Protocol(format!("bad frame from the distributor: {e}")),
                 },
                 Some(Ok(ws::Frame::Ping(p))) => { let _ = serving.out.send(Outgoing::Pong(p)); }
-                Some(Ok(ws::Frame::Close(reason))) => break format!("closed by the distributor: {reason:?}"),
+                Some(Ok(ws::Frame::Close(reason))) => break LinkError::Closed(format!("closed by the distributor: {reason:?}")),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => break format!("websocket error: {e}"),
-                None => break "connection closed".to_string(),
+                Some(Err(e)) => break LinkError::Closed(format!("websocket error: {e}")),
+                None => break LinkError::Closed("connection closed".to_string()),
             },
             _ = heartbeat.tick() => {
                 if let Err(end) = serving.heartbeat(&mut rate) {
@@ -212,19 +213,19 @@ fn announce(model: &NodeModel, loaded: Option<&Arc<Backend>>, options: &NodeOpti
 
 /// Loads a protected bundle with the key the distributor sent inside the sealed session
 /// (once per run; the key lives only in the loader's closure).
-async fn unlock_bundle(model: &NodeModel, loaded: &mut Option<Arc<Backend>>, link: &Link) -> Result<(), String> {
+async fn unlock_bundle(model: &NodeModel, loaded: &mut Option<Arc<Backend>>, link: &Link) -> Result<(), LinkError> {
     let (None, NodeModel::Bundle { key_id, load, .. }) = (loaded.as_ref(), model) else { return Ok(()) };
     let Some(key) =
         link.model_keys.get(key_id).and_then(|k| hex::decode(k).ok()).and_then(|k| <[u8; 32]>::try_from(k).ok())
     else {
-        return Err(format!("the distributor sent no key for bundle {key_id}"));
+        return Err(LinkError::Protocol(format!("the distributor sent no key for bundle {key_id}")));
     };
     let load = load.clone();
     // Decrypt and load off the event loop.
     match actix_web::rt::task::spawn_blocking(move || load(key)).await {
         Ok(Ok(backend)) => *loaded = Some(Arc::new(backend)),
-        Ok(Err(e)) => return Err(format!("loading the protected model failed: {e:#}")),
-        Err(e) => return Err(format!("model loader panicked: {e}")),
+        Ok(Err(e)) => return Err(LinkError::Local(format!("loading the protected model failed: {e:#}"))),
+        Err(e) => return Err(LinkError::Local(format!("model loader panicked: {e}"))),
     }
     tracing::info!("protected model loaded in memory");
     Ok(())
@@ -293,7 +294,7 @@ struct Serving {
 
 impl Serving {
     /// Handles one message from the distributor; `Err` ends the session with the reason.
-    fn on_message(&self, message: ServerMessage) -> Result<(), String> {
+    fn on_message(&self, message: ServerMessage) -> Result<(), LinkError> {
         match message {
             ServerMessage::Task(spec) => {
                 let id = spec.id;
@@ -321,7 +322,7 @@ impl Serving {
             }
             ServerMessage::Recorded { block, tasks } => {
                 confirm(&self.identity, &self.log, &self.out, block, &tasks)
-                    .map_err(|e| format!("receipt log: {e:#}"))?;
+                    .map_err(|e| LinkError::Local(format!("receipt log: {e:#}")))?;
             }
             ServerMessage::Confirmed { block, status } => {
                 if status != ConfirmStatus::Matched {
@@ -331,11 +332,11 @@ impl Serving {
                         "the registry does not agree with our confirmation"
                     );
                 }
-                self.log.borrow_mut().confirmed(block).map_err(|e| format!("receipt log: {e:#}"))?;
+                self.log.borrow_mut().confirmed(block).map_err(|e| LinkError::Local(format!("receipt log: {e:#}")))?;
             }
-            ServerMessage::Goodbye { reason } => return Err(format!("distributor said goodbye: {reason}")),
+            ServerMessage::Goodbye { reason } => return Err(LinkError::Refused(reason)),
             ServerMessage::Welcome { .. } | ServerMessage::Challenge { .. } => {
-                return Err("unexpected handshake message".to_string())
+                return Err(LinkError::Protocol("unexpected handshake message".to_string()))
             }
         }
         Ok(())
@@ -343,10 +344,12 @@ impl Serving {
 
     /// The periodic heartbeat (load and token rate), and re-sends of receipts unanswered
     /// for a while.
-    fn heartbeat(&self, rate: &mut TokenRate) -> Result<(), String> {
+    fn heartbeat(&self, rate: &mut TokenRate) -> Result<(), LinkError> {
         let (mut load, count) = self.backend.load();
         load.tokens_per_s = rate.update(count);
-        self.out.send(Outgoing::Message(NodeMessage::Heartbeat(load))).map_err(|_| "writer stopped".to_string())?;
+        self.out
+            .send(Outgoing::Message(NodeMessage::Heartbeat(load)))
+            .map_err(|_| LinkError::Closed("writer stopped".to_string()))?;
         resend(&self.log, &self.out, false);
         Ok(())
     }
@@ -453,7 +456,7 @@ async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
     let prover = challenge.map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).format(backend.format()));
     match backend.start(&spec) {
         Err(error) => {
-            let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
+            let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, failure: TaskFailure::Request(error) }));
         }
         Ok((mut events, prompt_tokens)) => {
             progress.borrow_mut().prompt_tokens = Some(prompt_tokens);
@@ -501,16 +504,16 @@ async fn task_events(
                 let own = &completion[spec.prefix.len().min(completion.len())..];
                 let proof = prover.take().and_then(|p| p.finish(identity, id.0, &spec.model, own)).map(Box::new);
                 let message =
-                    NodeMessage::Done { id, finish_reason: done.reason.into(), usage, tail: done.tail, receipt, proof };
+                    NodeMessage::Done { id, finish_reason: done.reason, usage, tail: done.tail, receipt, proof };
                 let _ = out.send(Outgoing::Message(message));
                 break;
             }
             Some(Event::Rejected(error)) => {
-                let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: true }));
+                let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, failure: TaskFailure::Request(error) }));
                 break;
             }
             Some(Event::Error(error)) => {
-                let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, error, request_error: false }));
+                let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, failure: TaskFailure::Node(error) }));
                 break;
             }
             Some(Event::PromptHidden { rows, values }) => {
@@ -519,11 +522,8 @@ async fn task_events(
                 }
             }
             None => {
-                let _ = out.send(Outgoing::Message(NodeMessage::Failed {
-                    id,
-                    error: "the engine stopped".into(),
-                    request_error: false,
-                }));
+                let failure = TaskFailure::Node("the engine stopped".into());
+                let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, failure }));
                 break;
             }
         }

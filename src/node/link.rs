@@ -11,6 +11,7 @@ use awc::error::WsProtocolError;
 use awc::ws;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 
+use super::error::LinkError;
 use crate::crypto::identity::{verify, Address, Identity};
 use crate::crypto::session::{KeyExchange, Opener, Role, Sealer, Session};
 use crate::protocol::handshake::{
@@ -51,22 +52,26 @@ pub struct Link {
 }
 
 /// Reads the next binary frame, within `limit`.
-pub async fn next_binary(stream: &mut FrameStream, limit: Duration) -> Result<actix_web::web::Bytes, String> {
+pub async fn next_binary(stream: &mut FrameStream, limit: Duration) -> Result<actix_web::web::Bytes, LinkError> {
     match actix_web::rt::time::timeout(limit, stream.next()).await {
         Ok(Some(Ok(ws::Frame::Binary(bytes)))) => Ok(bytes),
-        Ok(Some(Ok(other))) => Err(format!("expected a binary frame, got {other:?}")),
-        Ok(Some(Err(e))) => Err(format!("websocket error: {e}")),
-        Ok(None) => Err("connection closed".into()),
-        Err(_) => Err("no answer within the timeout".into()),
+        Ok(Some(Ok(other))) => Err(LinkError::Protocol(format!("expected a binary frame, got {other:?}"))),
+        Ok(Some(Err(e))) => Err(LinkError::Closed(format!("websocket error: {e}"))),
+        Ok(None) => Err(LinkError::Closed("connection closed".into())),
+        Err(_) => Err(LinkError::Timeout),
     }
 }
 
 /// Connects to `url` and runs the handshake as `identity`. With `pin`, only a distributor
 /// with that address is accepted.
-pub async fn join(url: &str, identity: &Identity, announce: Announce, pin: Option<Address>) -> Result<Link, String> {
+pub async fn join(url: &str, identity: &Identity, announce: Announce, pin: Option<Address>) -> Result<Link, LinkError> {
     let client = awc::Client::builder().timeout(CONNECT_TIMEOUT).finish();
-    let (_, framed) =
-        client.ws(url).max_frame_size(MAX_FRAME_BYTES).connect().await.map_err(|e| format!("connect to {url}: {e}"))?;
+    let (_, framed) = client
+        .ws(url)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .connect()
+        .await
+        .map_err(|e| LinkError::Connect { url: url.to_string(), reason: e.to_string() })?;
     let (sink, stream) = framed.split();
     let (mut sink, mut stream): (FrameSink, FrameStream) = (Box::pin(sink), Box::pin(stream));
     let exchange = KeyExchange::new();
@@ -79,35 +84,40 @@ pub async fn join(url: &str, identity: &Identity, announce: Announce, pin: Optio
         x25519_public: hex::encode(exchange.public),
         bundles: announce.bundles,
     });
-    sink.send(ws::Message::Binary(encode_frame(&hello).into())).await.map_err(|e| format!("send Hello: {e}"))?;
+    sink.send(ws::Message::Binary(encode_frame(&hello).into()))
+        .await
+        .map_err(|e| LinkError::Closed(format!("send Hello: {e}")))?;
     let (session_id, nonce, dist_x25519, distributor_address, signature) =
         match decode_frame::<ServerMessage>(&next_binary(&mut stream, HANDSHAKE_TIMEOUT).await?) {
             Ok(ServerMessage::Challenge { session_id, nonce, x25519_public, distributor_address, signature }) => {
                 (session_id, nonce, x25519_public, distributor_address, signature)
             }
-            Ok(ServerMessage::Goodbye { reason }) => return Err(format!("refused: {reason}")),
-            Ok(other) => return Err(format!("expected Challenge, got {other:?}")),
-            Err(e) => return Err(format!("bad Challenge: {e}")),
+            Ok(ServerMessage::Goodbye { reason }) => return Err(LinkError::Refused(reason)),
+            Ok(other) => return Err(LinkError::Protocol(format!("expected Challenge, got {other:?}"))),
+            Err(e) => return Err(LinkError::Protocol(format!("bad Challenge: {e}"))),
         };
     let (Ok(nonce), Ok(dist_x25519)) = (hex32(&nonce), hex32(&dist_x25519)) else {
-        return Err("malformed Challenge keys".into());
+        return Err(LinkError::Protocol("malformed Challenge keys".into()));
     };
-    let claimed: Address =
-        distributor_address.parse().map_err(|_| format!("malformed distributor address `{distributor_address}`"))?;
+    let claimed: Address = distributor_address
+        .parse()
+        .map_err(|_| LinkError::Untrusted(format!("malformed distributor address `{distributor_address}`")))?;
     if let Some(pinned) = pin {
         if pinned != claimed {
-            return Err(format!("distributor {claimed} is not the pinned {pinned}: refusing"));
+            return Err(LinkError::Untrusted(format!("distributor {claimed} is not the pinned {pinned}: refusing")));
         }
     }
     let transcript = transcript(session_id, &nonce, &exchange.public, &dist_x25519, &identity.address);
     let signature = hex::decode(&signature).unwrap_or_default();
     verify(&distributor_challenge_message(&transcript), &signature, &claimed)
-        .map_err(|e| format!("the distributor's challenge signature is invalid: {e}"))?;
+        .map_err(|e| LinkError::Untrusted(format!("the distributor's challenge signature is invalid: {e}")))?;
     let auth = NodeMessage::Auth { signature: hex::encode(identity.sign(&node_auth_message(&transcript))) };
-    sink.send(ws::Message::Binary(encode_frame(&auth).into())).await.map_err(|e| format!("send Auth: {e}"))?;
+    sink.send(ws::Message::Binary(encode_frame(&auth).into()))
+        .await
+        .map_err(|e| LinkError::Closed(format!("send Auth: {e}")))?;
     let Session { sealer, mut opener } = exchange
         .finish(Role::Node, &dist_x25519, &nonce, session_id)
-        .map_err(|e| format!("key agreement failed: {e}"))?;
+        .map_err(|e| LinkError::Untrusted(format!("key agreement failed: {e}")))?;
     let bytes = next_binary(&mut stream, HANDSHAKE_TIMEOUT).await?;
     // A refusal after Auth comes in clear (the server could not seal it).
     match open_message::<ServerMessage>(&mut opener, &bytes)
@@ -123,40 +133,43 @@ pub async fn join(url: &str, identity: &Identity, announce: Announce, pin: Optio
             heartbeat_interval: Duration::from_millis(heartbeat_interval_ms.max(50)),
             model_keys,
         }),
-        Ok(ServerMessage::Goodbye { reason }) => Err(format!("refused: {reason}")),
-        Ok(other) => Err(format!("expected Welcome, got {other:?}")),
-        Err(e) => Err(format!("bad Welcome: {e}")),
+        Ok(ServerMessage::Goodbye { reason }) => Err(LinkError::Refused(reason)),
+        Ok(other) => Err(LinkError::Protocol(format!("expected Welcome, got {other:?}"))),
+        Err(e) => Err(LinkError::Protocol(format!("bad Welcome: {e}"))),
     }
 }
 
 impl Link {
     /// Seals and sends one message.
-    pub async fn send(&mut self, message: &NodeMessage) -> Result<(), String> {
+    pub async fn send(&mut self, message: &NodeMessage) -> Result<(), LinkError> {
         let frame = seal_message(&mut self.sealer, message);
-        self.sink.send(ws::Message::Binary(frame.into())).await.map_err(|e| format!("send: {e}"))
+        self.sink.send(ws::Message::Binary(frame.into())).await.map_err(|e| LinkError::Closed(format!("send: {e}")))
     }
 
     /// Sends a websocket ping (the distributor answers with a pong).
-    pub async fn ping(&mut self, payload: &[u8]) -> Result<(), String> {
-        self.sink.send(ws::Message::Ping(payload.to_vec().into())).await.map_err(|e| format!("send: {e}"))
+    pub async fn ping(&mut self, payload: &[u8]) -> Result<(), LinkError> {
+        self.sink
+            .send(ws::Message::Ping(payload.to_vec().into()))
+            .await
+            .map_err(|e| LinkError::Closed(format!("send: {e}")))
     }
 
     /// The next message from the distributor (pings answered, other control frames
     /// skipped), within `limit`.
-    pub async fn recv(&mut self, limit: Duration) -> Result<ServerMessage, String> {
+    pub async fn recv(&mut self, limit: Duration) -> Result<ServerMessage, LinkError> {
         loop {
             let frame = match actix_web::rt::time::timeout(limit, self.stream.next()).await {
                 Ok(Some(Ok(frame))) => frame,
-                Ok(Some(Err(e))) => return Err(format!("websocket error: {e}")),
-                Ok(None) => return Err("connection closed".into()),
-                Err(_) => return Err("no message within the timeout".into()),
+                Ok(Some(Err(e))) => return Err(LinkError::Closed(format!("websocket error: {e}"))),
+                Ok(None) => return Err(LinkError::Closed("connection closed".into())),
+                Err(_) => return Err(LinkError::Timeout),
             };
             match frame {
-                ws::Frame::Binary(bytes) => return open_message(&mut self.opener, &bytes),
+                ws::Frame::Binary(bytes) => return open_message(&mut self.opener, &bytes).map_err(LinkError::Protocol),
                 ws::Frame::Ping(p) => {
                     let _ = self.sink.send(ws::Message::Pong(p)).await;
                 }
-                ws::Frame::Close(reason) => return Err(format!("closed: {reason:?}")),
+                ws::Frame::Close(reason) => return Err(LinkError::Closed(format!("closed: {reason:?}"))),
                 _ => {}
             }
         }

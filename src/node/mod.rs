@@ -4,8 +4,10 @@
 
 pub mod agent;
 pub mod backend;
+pub mod error;
 pub mod link;
 pub mod receipts;
 
 pub use agent::{run_node, NodeModel, NodeOptions};
 pub use backend::{Backend, FakeSpec};
+pub use error::LinkError;

@@ -192,10 +192,31 @@ pub enum NodeMessage {
     },
     Failed {
         id: TaskId,
-        error: String,
-        /// The request itself cannot run (too long, invalid): retrying elsewhere is futile
-        /// and the node is not at fault.
-        #[serde(default)]
-        request_error: bool,
+        failure: TaskFailure,
     },
+}
+
+/// Why a task did not finish, and whose fault that is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskFailure {
+    /// The request itself cannot run (too long, invalid): retrying elsewhere is futile
+    /// and the node is not at fault.
+    Request(String),
+    /// The node (its engine, its link, its answer) failed: the task goes to another node.
+    Node(String),
+}
+
+impl TaskFailure {
+    pub fn reason(&self) -> &str {
+        match self {
+            TaskFailure::Request(r) | TaskFailure::Node(r) => r,
+        }
+    }
+}
+
+impl std::fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason())
+    }
 }

@@ -13,6 +13,8 @@ pub mod receipt;
 pub use frame::{
     decode_frame, decode_sealed, encode_frame, encode_sealed, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
-pub use messages::{FinishReason, Hello, NodeLoad, NodeMessage, ServerMessage, TaskId, TaskInput, TaskSpec, TaskUsage};
+pub use messages::{
+    FinishReason, Hello, NodeLoad, NodeMessage, ServerMessage, TaskFailure, TaskId, TaskInput, TaskSpec, TaskUsage,
+};
 pub use proof::Proof;
 pub use receipt::{PromptCount, ReceiptError, SignedReceipt, TaskTicket};

@@ -19,6 +19,7 @@ use ludus::crypto::identity::{Address, Identity};
 use ludus::crypto::merkle;
 use ludus::ledger::Units;
 use ludus::node::link::{join, Announce, Link};
+use ludus::node::LinkError;
 use ludus::protocol::receipt::confirmation_message;
 use ludus::protocol::{FinishReason, NodeLoad, NodeMessage, ServerMessage, SignedReceipt, TaskSpec, TaskUsage};
 
@@ -98,7 +99,7 @@ impl Scripted {
         }
     }
 
-    async fn serve(&mut self, link: &mut Link, stop: &AtomicBool) -> Result<(), String> {
+    async fn serve(&mut self, link: &mut Link, stop: &AtomicBool) -> Result<(), LinkError> {
         self.heartbeat(link).await?;
         if !self.unconfirmed.is_empty() {
             let receipts = self.unconfirmed.values().cloned().collect();
@@ -113,13 +114,13 @@ impl Scripted {
         Ok(())
     }
 
-    async fn heartbeat(&mut self, link: &mut Link) -> Result<(), String> {
+    async fn heartbeat(&mut self, link: &mut Link) -> Result<(), LinkError> {
         self.last_heartbeat = Instant::now();
         link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await
     }
 
     /// Waits `time`, heartbeating and handling what arrives.
-    async fn pause(&mut self, link: &mut Link, time: Duration) -> Result<(), String> {
+    async fn pause(&mut self, link: &mut Link, time: Duration) -> Result<(), LinkError> {
         let until = Instant::now() + time;
         loop {
             if self.last_heartbeat.elapsed() > Duration::from_millis(150) {
@@ -131,13 +132,13 @@ impl Scripted {
             }
             match link.recv(left).await {
                 Ok(message) => self.absorb(link, message).await?,
-                Err(e) if e.contains("timeout") => return Ok(()),
+                Err(LinkError::Timeout) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
     }
 
-    async fn absorb(&mut self, link: &mut Link, message: ServerMessage) -> Result<(), String> {
+    async fn absorb(&mut self, link: &mut Link, message: ServerMessage) -> Result<(), LinkError> {
         match message {
             ServerMessage::Task(spec) => self.queue.push_back(*spec),
             ServerMessage::Cancel { id, delivered } => {
@@ -158,7 +159,7 @@ impl Scripted {
                     self.unconfirmed.remove(&task);
                 }
             }
-            ServerMessage::Goodbye { reason } => return Err(reason),
+            ServerMessage::Goodbye { reason } => return Err(LinkError::Refused(reason)),
             _ => {}
         }
         Ok(())
@@ -170,7 +171,7 @@ impl Scripted {
         self.tally.lock().unwrap().produced.push(produced);
     }
 
-    async fn task(&mut self, link: &mut Link, spec: TaskSpec) -> Result<(), String> {
+    async fn task(&mut self, link: &mut Link, spec: TaskSpec) -> Result<(), LinkError> {
         let id = spec.id;
         let prefix = spec.prefix.len();
         let mut tokens = spec.prefix.clone();
@@ -203,7 +204,8 @@ impl Scripted {
         let receipt = match self.role {
             Role::Quitter => {
                 self.tally(id.0, prefix, tokens.len(), false);
-                let failed = NodeMessage::Failed { id, error: "scripted failure".into(), request_error: false };
+                let failed =
+                    NodeMessage::Failed { id, failure: ludus::protocol::TaskFailure::Node("scripted failure".into()) };
                 return link.send(&failed).await;
             }
             Role::Liar => {

@@ -15,6 +15,7 @@ mod inference_engine;
 mod inference_errors;
 mod inference_tiny;
 mod ingest;
+mod layering;
 mod network_api;
 mod network_crypto;
 mod network_proof;

@@ -153,8 +153,11 @@ fn wrong_handshakes_are_refused_with_a_reason() {
         let impostor = Identity::generate();
         let frame = |m: &NodeMessage| ws::Message::Binary(encode_frame(m).into());
         // Claims `honest`'s address but signs with the impostor's key.
-        let reason =
-            exchange(vec![frame(&hello(honest.address.to_string(), 1))], Some((impostor, honest.address))).await;
+        let reason = exchange(
+            vec![frame(&hello(honest.address.to_string(), ludus::protocol::PROTOCOL_VERSION as u16))],
+            Some((impostor, honest.address)),
+        )
+        .await;
         assert!(reason.contains("authentication failed"), "{reason}");
         let reason = exchange(vec![frame(&hello(honest.address.to_string(), 9))], None).await;
         assert!(reason.contains("protocol version 9"), "{reason}");
@@ -162,7 +165,8 @@ fn wrong_handshakes_are_refused_with_a_reason() {
         assert!(reason.contains("binary"), "{reason}");
         let reason = exchange(vec![frame(&NodeMessage::Auth { signature: "00".into() })], None).await;
         assert!(reason.contains("Auth before Hello") || reason.contains("Hello, then Auth"), "{reason}");
-        let reason = exchange(vec![ws::Message::Binary(vec![1u8, b'{', b'x'].into())], None).await;
+        let reason =
+            exchange(vec![ws::Message::Binary(vec![ludus::protocol::PROTOCOL_VERSION, b'{', b'x'].into())], None).await;
         assert!(reason.contains("bad frame"), "{reason}");
     });
 }

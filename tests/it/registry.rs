@@ -275,7 +275,7 @@ impl Rogue {
             match self.link.recv(Duration::from_millis(50)).await {
                 Ok(m) if want(&m) => return m,
                 Ok(_) => {}
-                Err(e) if e.contains("timeout") => {}
+                Err(ludus::node::LinkError::Timeout) => {}
                 Err(e) => panic!("link failed: {e}"),
             }
         }
@@ -300,7 +300,7 @@ impl Rogue {
             match self.link.recv(Duration::from_millis(50)).await {
                 Ok(ServerMessage::Task(spec)) => return Some(*spec),
                 Ok(_) => {}
-                Err(e) if e.contains("timeout") => {}
+                Err(ludus::node::LinkError::Timeout) => {}
                 Err(_) => return None,
             }
         }

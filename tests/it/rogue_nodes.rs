@@ -250,7 +250,10 @@ fn a_receipt_for_a_task_the_node_failed_earns_nothing() {
         let mut rogue = Rogue::join(&cluster.addr, "rogue-model").await;
         let failed = rogue.task(&mut []).await;
         asked.store(true, Ordering::Relaxed);
-        let refusal = NodeMessage::Failed { id: failed.id, error: "cannot run this".into(), request_error: true };
+        let refusal = NodeMessage::Failed {
+            id: failed.id,
+            failure: ludus::protocol::TaskFailure::Request("cannot run this".into()),
+        };
         rogue.link.send(&refusal).await.unwrap();
         let claim = ludus::protocol::SignedReceipt::sign(&rogue.id, failed.ticket.clone(), 5, &[7, 7, 7, 7]);
         rogue.link.send(&NodeMessage::Receipts { receipts: vec![claim] }).await.unwrap();
@@ -399,7 +402,10 @@ fn a_model_name_cannot_inject_metric_lines() {
         ludus::node::link::join(&url, &Identity::generate(), announce, None).await.err()
     });
     let reason = refused.expect("the handshake was refused");
-    assert!(reason.contains("without control characters"), "{reason}");
+    assert!(
+        matches!(&reason, ludus::node::LinkError::Refused(r) if r.contains("without control characters")),
+        "{reason}"
+    );
     let (status, metrics) = cluster.get("/metrics");
     assert_eq!(status, 200);
     assert!(!metrics.contains("ludus_fake_metric"), "{metrics}");
