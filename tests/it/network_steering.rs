@@ -104,15 +104,23 @@ fn a_node_that_steers_within_its_margin_is_flagged_across_tasks() {
         tasks
     });
     let answered = game.join().unwrap();
-    assert!(answered >= 3 && !tasks.is_empty(), "the rogue answered {answered} requests");
+    // The judge needs a few tasks' worth of checked tokens; how many requests that is
+    // depends on how fast the verdicts come back, so only the minimum is asserted.
+    assert!(answered >= 2 && !tasks.is_empty(), "the rogue answered {answered} requests");
     wait_for("the steering flag", Duration::from_secs(30), flagged);
     // Its answers passed their own checks (a later one may stray past even int8's margin):
     // the steering shows across tasks.
     let log = cluster.server.log_text();
     let verified = numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'verified' AND format = 'int8'");
     assert!(verified[0] >= 1, "{log}");
-    let first_failure = log.find("proof REJECTED").unwrap_or(log.len());
-    assert!(log.find("node flagged for steering").is_some_and(|at| at < first_failure), "{log}");
+    // The flag came with a task that passed its own check (verdicts of concurrent tasks
+    // arrive in any order, so the log's order proves nothing).
+    let flag = log.find("node flagged for steering").map(|at| &log[at..]).expect("the flag is logged");
+    let task = flag.split("task=").nth(1).and_then(|t| t.get(..16)).expect("the flag names its task");
+    let task = u64::from_str_radix(task, 16).unwrap() as i64;
+    let outcome =
+        numbers(&store, &format!("SELECT count(*) FROM verifications WHERE task_id = {task} AND outcome = 'verified'"));
+    assert_eq!(outcome, vec![1], "the flagging task {task:x} was not verified: {log}");
     // Its near-ties are on record, with their gaps, ranks and passed ends.
     let forgiven = numbers(&store, "SELECT count(*) FROM forgiven_deviations")[0];
     let counted = numbers(&store, "SELECT wide_deviations + ends_passed FROM nodes")[0];
