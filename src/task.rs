@@ -101,45 +101,57 @@ impl SamplingParams {
         Self { temperature: 0.0, ..Self::default() }
     }
 
-    /// Checks ranges; the message names the offending parameter.
-    pub fn validate(&self) -> Result<(), String> {
-        let finite = |v: f32, name: &str| {
-            if v.is_finite() {
-                Ok(())
-            } else {
-                Err(format!("{name} must be a finite number"))
+    /// Checks ranges; the error names the offending parameter.
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        let bad = |param: &'static str, message: String| Err(InvalidParam { param, message });
+        for (v, name) in [
+            (self.temperature, "temperature"),
+            (self.top_p, "top_p"),
+            (self.min_p, "min_p"),
+            (self.repetition_penalty, "repetition_penalty"),
+            (self.frequency_penalty, "frequency_penalty"),
+            (self.presence_penalty, "presence_penalty"),
+        ] {
+            if !v.is_finite() {
+                return bad(name, format!("{name} must be a finite number"));
             }
-        };
-        finite(self.temperature, "temperature")?;
-        finite(self.top_p, "top_p")?;
-        finite(self.min_p, "min_p")?;
-        finite(self.repetition_penalty, "repetition_penalty")?;
-        finite(self.frequency_penalty, "frequency_penalty")?;
-        finite(self.presence_penalty, "presence_penalty")?;
+        }
         if !(0.0..=2.0).contains(&self.temperature) {
-            return Err("temperature must be between 0 and 2".into());
+            return bad("temperature", "temperature must be between 0 and 2".into());
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err("top_p must be in (0, 1]".into());
+            return bad("top_p", "top_p must be in (0, 1]".into());
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err("min_p must be between 0 and 1".into());
+            return bad("min_p", "min_p must be between 0 and 1".into());
         }
         if self.repetition_penalty <= 0.0 {
-            return Err("repetition_penalty must be positive".into());
+            return bad("repetition_penalty", "repetition_penalty must be positive".into());
         }
-        if !(-2.0..=2.0).contains(&self.frequency_penalty) || !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return Err("frequency_penalty and presence_penalty must be between -2 and 2".into());
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad("frequency_penalty", "frequency_penalty must be between -2 and 2".into());
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad("presence_penalty", "presence_penalty must be between -2 and 2".into());
         }
         if self.logit_bias.len() > MAX_LOGIT_BIAS {
-            return Err(format!("logit_bias takes at most {MAX_LOGIT_BIAS} tokens"));
-        }
-        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
-            return Err(format!("top_logprobs must be at most {}", MAX_TOP_LOGPROBS));
+            return bad("logit_bias", format!("logit_bias takes at most {MAX_LOGIT_BIAS} tokens"));
         }
         if self.logit_bias.iter().any(|&(_, b)| !(-100.0..=100.0).contains(&b)) {
-            return Err("logit_bias values must be between -100 and 100".into());
+            return bad("logit_bias", "logit_bias values must be between -100 and 100".into());
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return bad("top_logprobs", format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"));
         }
         Ok(())
     }
+}
+
+/// A sampling parameter out of its range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidParam {
+    /// The parameter, as OpenAI names it.
+    pub param: &'static str,
+    pub message: String,
 }

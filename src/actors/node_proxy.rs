@@ -749,7 +749,7 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
                 // After the handshake only sealed frames are accepted.
                 let decoded = match self.opener.as_mut() {
                     Some(opener) => open_message::<NodeMessage>(opener, &bytes),
-                    None => decode_frame::<NodeMessage>(&bytes).map_err(|e| e.to_string()),
+                    None => decode_frame::<NodeMessage>(&bytes),
                 };
                 match decoded {
                     Ok(message) if self.solicited(&message) => self.on_message(ctx, message),

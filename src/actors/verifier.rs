@@ -126,7 +126,7 @@ impl Verifier {
         }
         let format = match crate::proof::Format::declared_by(proof) {
             Ok(format) => format,
-            Err(e) => return (Failed, e, None),
+            Err(e) => return (Failed, e.to_string(), None),
         };
         // Every reference this check may need: the format's own, and those of the stricter
         // formats its claim is compared with.

@@ -196,13 +196,13 @@ impl Engine {
 
     /// Queues a request; events arrive on the returned channel. Dropping it cancels.
     pub fn submit(&self, request: GenerateRequest) -> Result<UnboundedReceiver<Event>> {
-        request.params.validate().map_err(InferError::InvalidRequest)?;
+        request.params.validate().map_err(|e| InferError::InvalidRequest(e.to_string()))?;
         if request.prompt.is_empty() {
             return Err(InferError::InvalidRequest("the prompt is empty".into()));
         }
         let constraint = match request.params.grammar.as_deref() {
             Some(grammar) => {
-                let compiler = GrammarCompiler::for_tokenizer(&self.tokenizer).map_err(InferError::InvalidRequest)?;
+                let compiler = GrammarCompiler::for_tokenizer(&self.tokenizer)?;
                 let mut constraint = compiler
                     .compile(grammar)
                     .map_err(|e| InferError::InvalidRequest(format!("the grammar does not compile: {e}")))?;

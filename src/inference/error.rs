@@ -30,6 +30,8 @@ pub enum InferError {
     Template(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("grammar: {0}")]
+    Grammar(#[from] super::grammar::GrammarError),
     #[error("prompt of {got} tokens plus {max_new} new tokens exceeds the context of {limit} tokens")]
     ContextOverflow { got: usize, max_new: usize, limit: usize },
     #[error("device `{0}` is not available (use --device cpu, or auto)")]

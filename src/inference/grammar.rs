@@ -54,8 +54,31 @@ impl TokenizerEnv for TokenBytes {
     }
 }
 
+/// Why a grammar could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrammarError {
+    /// The grammar itself is refused: too large, does not compile, allows no output. The
+    /// request's fault.
+    #[error("{0}")]
+    Invalid(String),
+    /// The tokenizer cannot carry a grammar (no end-of-sequence token, a vocabulary too
+    /// large).
+    #[error("{0}")]
+    Tokenizer(String),
+    /// A token the grammar does not allow where it came.
+    #[error("token {0} is not allowed by the grammar here")]
+    NotAllowed(u32),
+    /// The grammar engine failed (one of its limits, an internal error).
+    #[error("the grammar engine failed: {0}")]
+    Engine(String),
+}
+
+fn engine(e: impl std::fmt::Display) -> GrammarError {
+    GrammarError::Engine(e.to_string())
+}
+
 impl GrammarCompiler {
-    fn new(tokenizer: &Tokenizer) -> Result<Self, String> {
+    fn new(tokenizer: &Tokenizer) -> Result<Self, GrammarError> {
         let vocab = tokenizer.vocab_size();
         let words: Vec<Vec<u8>> = (0..vocab as u32)
             .map(|id| {
@@ -70,8 +93,9 @@ impl GrammarCompiler {
         let eos = tokenizer
             .eos
             .or_else(|| tokenizer.stop_tokens.first().copied())
-            .ok_or("the tokenizer has no end-of-sequence token")?;
-        let vocab_u32 = u32::try_from(vocab).map_err(|_| "vocabulary too large")?;
+            .ok_or_else(|| GrammarError::Tokenizer("the tokenizer has no end-of-sequence token".into()))?;
+        let vocab_u32 = u32::try_from(vocab)
+            .map_err(|_| GrammarError::Tokenizer(format!("a vocabulary of {vocab} is too large")))?;
         let info = TokRxInfo::new(vocab_u32, eos);
         let mut stops: Vec<u32> = tokenizer.stop_tokens.clone();
         if !stops.contains(&eos) {
@@ -84,7 +108,7 @@ impl GrammarCompiler {
             InferenceCapabilities::default(),
             &llguidance::earley::SlicedBiasComputer::general_slices(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(engine)?;
         factory.quiet();
         // Bounds on what one request's grammar may cost (llguidance's defaults are sized for
         // large schemas on big servers): ~10 ms of lexer building, ~100 MB of lexer states,
@@ -100,25 +124,29 @@ impl GrammarCompiler {
     }
 
     /// The compiler for `tokenizer`, built on first use and kept with it.
-    pub fn for_tokenizer(tokenizer: &Tokenizer) -> Result<Arc<Self>, String> {
+    pub fn for_tokenizer(tokenizer: &Tokenizer) -> Result<Arc<Self>, GrammarError> {
         tokenizer.grammar_compiler.get_or_init(|| Self::new(tokenizer).map(Arc::new)).clone()
     }
 
     /// Compiles `grammar` (Lark text) for one sequence. The message says what is wrong.
-    pub fn compile(&self, grammar: &str) -> Result<Constraint, String> {
+    pub fn compile(&self, grammar: &str) -> Result<Constraint, GrammarError> {
         if grammar.len() > MAX_GRAMMAR_BYTES {
-            return Err(format!("the grammar is {} bytes; at most {MAX_GRAMMAR_BYTES} are accepted", grammar.len()));
+            return Err(GrammarError::Invalid(format!(
+                "the grammar is {} bytes; at most {MAX_GRAMMAR_BYTES} are accepted",
+                grammar.len()
+            )));
         }
         let top = TopLevelGrammar::from_lark(grammar.to_string());
-        let parser = self.factory.create_parser(top).map_err(|e| e.to_string())?;
+        let invalid = |e: String| GrammarError::Invalid(e);
+        let parser = self.factory.create_parser(top).map_err(|e| invalid(e.to_string()))?;
         let mut matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(e);
+            return Err(invalid(e));
         }
         // A grammar that allows nothing at all is an error, not an empty answer.
-        let first = matcher.compute_mask().map_err(|e| e.to_string())?;
+        let first = matcher.compute_mask().map_err(|e| invalid(e.to_string()))?;
         if first.is_zero() {
-            return Err("the grammar allows no output".into());
+            return Err(invalid("the grammar allows no output".into()));
         }
         Ok(Constraint { matcher, vocab: self.vocab, eos: self.eos.clone(), next: Some(first) })
     }
@@ -152,10 +180,10 @@ impl std::fmt::Debug for Constraint {
 impl Constraint {
     /// Sets every token the grammar does not allow next to −∞ (ids past the tokenizer's
     /// vocabulary too). When the grammar is complete only end-of-sequence tokens remain.
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), GrammarError> {
         let allowed = match self.next.take() {
             Some(mask) => mask,
-            None => self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?,
+            None => self.matcher.compute_mask_or_eos().map_err(engine)?,
         };
         for (id, l) in logits.iter_mut().enumerate() {
             if id >= self.vocab || !allowed.is_allowed(id as u32) {
@@ -181,28 +209,28 @@ impl Constraint {
     }
 
     /// Whether `token` may come next.
-    pub fn allows(&mut self, token: u32) -> Result<bool, String> {
+    pub fn allows(&mut self, token: u32) -> Result<bool, GrammarError> {
         if token as usize >= self.vocab {
             return Ok(false);
         }
         if self.next.is_none() {
-            self.next = Some(self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?);
+            self.next = Some(self.matcher.compute_mask_or_eos().map_err(engine)?);
         }
         Ok(self.next.as_ref().is_some_and(|m| m.is_allowed(token)))
     }
 
     /// Moves past `token`; an error when the grammar does not allow it (the constraint is
     /// then unusable).
-    pub fn advance(&mut self, token: u32) -> Result<(), String> {
+    pub fn advance(&mut self, token: u32) -> Result<(), GrammarError> {
         if !self.allows(token)? {
-            return Err(format!("token {token} is not allowed by the grammar here"));
+            return Err(GrammarError::NotAllowed(token));
         }
         self.next = None;
         if self.matcher.is_stopped() {
             // Past the end: only the end-of-sequence token was allowed, and it ends the answer.
             return Ok(());
         }
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        self.matcher.consume_token(token).map_err(engine)
     }
 
     /// Checks one token and moves past it, without computing a whole mask (the server's

@@ -218,8 +218,11 @@ mod tests {
     #[test]
     fn invalid_parameters_are_named() {
         let bad = SamplingParams { top_p: 0.0, ..Default::default() };
-        assert!(bad.validate().unwrap_err().contains("top_p"));
+        assert_eq!(bad.validate().unwrap_err().param, "top_p");
         let bad = SamplingParams { temperature: f32::NAN, ..Default::default() };
-        assert!(bad.validate().unwrap_err().contains("temperature"));
+        assert_eq!(bad.validate().unwrap_err().param, "temperature");
+        let bad = SamplingParams { logit_bias: vec![(1, 101.0)], ..Default::default() };
+        assert_eq!(bad.validate().unwrap_err().param, "logit_bias");
+        assert!(SamplingParams::default().validate().is_ok());
     }
 }

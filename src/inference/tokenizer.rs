@@ -62,7 +62,8 @@ pub struct Tokenizer {
     pub stop_tokens: Vec<u32>,
     pub add_bos: bool,
     /// Grammars compile against this vocabulary; built on first use.
-    pub(crate) grammar_compiler: std::sync::OnceLock<std::result::Result<Arc<GrammarCompiler>, String>>,
+    pub(crate) grammar_compiler:
+        std::sync::OnceLock<std::result::Result<Arc<GrammarCompiler>, super::grammar::GrammarError>>,
 }
 
 impl std::fmt::Debug for Tokenizer {

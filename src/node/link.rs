@@ -165,7 +165,9 @@ impl Link {
                 Err(_) => return Err(LinkError::Timeout),
             };
             match frame {
-                ws::Frame::Binary(bytes) => return open_message(&mut self.opener, &bytes).map_err(LinkError::Protocol),
+                ws::Frame::Binary(bytes) => {
+                    return open_message(&mut self.opener, &bytes).map_err(|e| LinkError::Protocol(e.to_string()))
+                }
                 ws::Frame::Ping(p) => {
                     let _ = self.sink.send(ws::Message::Pong(p)).await;
                 }

@@ -12,6 +12,16 @@ use tch::Kind;
 
 use crate::inference::Quantization;
 
+/// A proof that names a format the verifier does not know: it is rejected, never checked
+/// against a guess.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownFormat {
+    #[error("the proof names an unknown quantization `{0}`")]
+    Quantization(String),
+    #[error("the proof names an unknown dtype `{0}`")]
+    Dtype(String),
+}
+
 /// How a node computes: its weight format, and for unquantized weights its dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Format {
@@ -38,20 +48,20 @@ impl Format {
 
     /// The format a proof declares: its `quantization` (`int8`, `int4`; empty =
     /// unquantized) and, for unquantized weights, its `dtype` (`bf16`, `f16`; empty = f32).
-    pub fn declared(quantization: &str, dtype: &str) -> Result<Self, String> {
+    pub fn declared(quantization: &str, dtype: &str) -> Result<Self, UnknownFormat> {
         match (quantization, dtype) {
             ("", "") => Ok(Self::F32),
             ("", "f16") => Ok(Self::F16),
             ("", "bf16") => Ok(Self::Bf16),
             ("int8", "") => Ok(Self::Int8),
             ("int4", "") => Ok(Self::Int4),
-            ("" | "int8" | "int4", other) => Err(format!("the proof names an unknown dtype `{other}`")),
-            (other, _) => Err(format!("the proof names an unknown quantization `{other}`")),
+            ("" | "int8" | "int4", other) => Err(UnknownFormat::Dtype(other.to_string())),
+            (other, _) => Err(UnknownFormat::Quantization(other.to_string())),
         }
     }
 
     /// The format `proof` declares (and the verifier holds it to).
-    pub fn declared_by(proof: &crate::protocol::Proof) -> Result<Self, String> {
+    pub fn declared_by(proof: &crate::protocol::Proof) -> Result<Self, UnknownFormat> {
         Self::declared(&proof.quantization, &proof.dtype)
     }
 
@@ -185,8 +195,8 @@ mod tests {
             assert_eq!(Format::declared(f.quantization_field(), f.dtype_field()), Ok(f));
             assert_eq!(f.to_string().parse::<Format>(), Ok(f));
         }
-        assert!(Format::declared("int9", "").unwrap_err().contains("quantization `int9`"));
-        assert!(Format::declared("", "f64").unwrap_err().contains("dtype `f64`"));
+        assert_eq!(Format::declared("int9", ""), Err(UnknownFormat::Quantization("int9".into())));
+        assert_eq!(Format::declared("", "f64"), Err(UnknownFormat::Dtype("f64".into())));
         assert!(Format::declared("int8", "bf16").is_err(), "quantized formats name no dtype");
         assert_eq!(Format::of(Quantization::None, Kind::BFloat16), Format::Bf16);
         assert_eq!(Format::of(Quantization::Int4, Kind::BFloat16), Format::Int4);

@@ -55,7 +55,7 @@ pub fn worst_deviation(
             let mut l = logits[i * vocab..(i + 1) * vocab].to_vec();
             apply_penalties(&mut l, params, &history);
             if let Some(c) = constraint.as_mut() {
-                c.mask(&mut l).map_err(InferError::InvalidRequest)?;
+                c.mask(&mut l)?;
                 if c.advance(completion[gi]).is_err() {
                     return Ok(Err(format!("token {gi} leaves the task's grammar")));
                 }

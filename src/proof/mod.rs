@@ -23,7 +23,7 @@ pub mod steering;
 pub mod stored;
 pub mod verify;
 
-pub use format::Format;
+pub use format::{Format, UnknownFormat};
 pub use signed::{Proof, ProofBuilder};
 pub use stored::StoredProof;
 pub use verify::{verify, Deviation, Limits, Tolerances, Verdict};

@@ -211,7 +211,7 @@ fn rank_of(logits: &[f32], params: &SamplingParams, position: u64, token: u32) -
 /// The proof's commitments with their rows, or why they do not fit the task.
 fn commitments_of(proof: &Proof, p: usize, g: usize) -> Result<Vec<(usize, TopK)>, Vec<String>> {
     let mut reasons = Vec::new();
-    let challenge = proof.challenge_bytes().map_err(|e| vec![e])?;
+    let challenge = proof.challenge_bytes().map_err(|e| vec![e.to_string()])?;
     if proof.prompt.len() != pos_count(p) {
         reasons.push(format!("{} prompt commitments, expected {}", proof.prompt.len(), pos_count(p)));
     }
@@ -321,8 +321,8 @@ pub(crate) fn sampler_state(
     }
     let constraint = match params.grammar.as_deref() {
         Some(grammar) => {
-            let compiler = GrammarCompiler::for_tokenizer(&model.tokenizer).map_err(InferError::InvalidRequest)?;
-            let mut c = compiler.compile(grammar).map_err(InferError::InvalidRequest)?;
+            let compiler = GrammarCompiler::for_tokenizer(&model.tokenizer)?;
+            let mut c = compiler.compile(grammar)?;
             for &t in &prompt[split..] {
                 c.advance(t).map_err(|e| InferError::InvalidRequest(format!("the prefix leaves the grammar: {e}")))?;
             }
@@ -349,7 +349,7 @@ pub fn verify_continuation(
     let format = match Format::declared_by(proof) {
         Ok(f) => f,
         Err(e) => {
-            v.reasons.push(e);
+            v.reasons.push(e.to_string());
             return Ok(v);
         }
     };
@@ -485,7 +485,7 @@ impl<'a> Replay<'a> {
             let mut copy = row_logits.to_vec();
             apply_penalties(&mut copy, params, &self.history);
             if let Some(c) = self.constraint.as_mut() {
-                c.mask(&mut copy).map_err(InferError::InvalidRequest)?;
+                c.mask(&mut copy)?;
             }
             penalized = copy;
             &penalized

@@ -18,6 +18,10 @@ pub enum FrameError {
     Version(u8),
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// A sealed frame that does not open: another key, a replayed or reordered sequence
+    /// number, tampered bytes.
+    #[error("the sealed frame does not open: {0}")]
+    Unsealed(#[from] crate::crypto::CryptoError),
 }
 
 /// Marker byte after the version that says "sealed" (a JSON body starts with `{`).

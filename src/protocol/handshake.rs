@@ -49,8 +49,8 @@ pub fn seal_message<T: Serialize>(sealer: &mut Sealer, message: &T) -> Vec<u8> {
 }
 
 /// Opens one sealed frame into a message.
-pub fn open_message<T: DeserializeOwned>(opener: &mut Opener, frame: &[u8]) -> Result<T, String> {
-    let (seq, ciphertext) = decode_sealed(frame).map_err(|e| e.to_string())?;
-    let plain = opener.open(seq, ciphertext).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&plain).map_err(|e| format!("malformed sealed message: {e}"))
+pub fn open_message<T: DeserializeOwned>(opener: &mut Opener, frame: &[u8]) -> Result<T, FrameError> {
+    let (seq, ciphertext) = decode_sealed(frame)?;
+    let plain = opener.open(seq, ciphertext)?;
+    serde_json::from_slice(&plain).map_err(|e| FrameError::Malformed(format!("sealed message: {e}")))
 }

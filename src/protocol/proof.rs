@@ -8,6 +8,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::identity::{keccak, recover, Address};
 
+/// A proof whose fields cannot be read: it is rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedProof {
+    #[error("the proof's signature does not name a signer: {0}")]
+    Signature(String),
+    #[error("the challenge is not 32 bytes of hex")]
+    Challenge,
+}
+
 /// A signed proof of inference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Proof {
@@ -70,9 +79,9 @@ impl Proof {
     }
 
     /// The address that signed it.
-    pub fn signer(&self) -> Result<Address, String> {
-        let sig = hex::decode(&self.signature).map_err(|e| format!("signature: {e}"))?;
-        recover(&self.digest(), &sig).map_err(|e| e.to_string())
+    pub fn signer(&self) -> Result<Address, MalformedProof> {
+        let sig = hex::decode(&self.signature).map_err(|e| MalformedProof::Signature(e.to_string()))?;
+        recover(&self.digest(), &sig).map_err(|e| MalformedProof::Signature(e.to_string()))
     }
 
     /// Bytes of commitments per chunk of 32 tokens, as encoded (not hex).
@@ -80,10 +89,7 @@ impl Proof {
         self.chunks.first().map_or(0, |c| c.len() / 2)
     }
 
-    pub fn challenge_bytes(&self) -> Result<[u8; 32], String> {
-        hex::decode(&self.challenge)
-            .ok()
-            .and_then(|c| c.try_into().ok())
-            .ok_or("the challenge is not 32 bytes of hex".into())
+    pub fn challenge_bytes(&self) -> Result<[u8; 32], MalformedProof> {
+        hex::decode(&self.challenge).ok().and_then(|c| c.try_into().ok()).ok_or(MalformedProof::Challenge)
     }
 }
