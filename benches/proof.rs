@@ -30,8 +30,14 @@ fn main() {
     }
     tch::set_num_threads(2);
     let reference = Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap();
-    let config =
-        EngineConfig { max_batch: 1, max_context: 1024, prefill_chunk: 256, threads: 2, single_sequence_threads: 1 };
+    let config = EngineConfig {
+        max_batch: 1,
+        max_context: 1024,
+        prefill_chunk: 256,
+        threads: 2,
+        single_sequence_threads: 1,
+        prefix_cache_bytes: 0,
+    };
     let engine = Engine::start(Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap(), config).unwrap();
     let node = Identity::generate();
     let tol = Tolerances::default();

@@ -18,6 +18,8 @@ pub struct EngineSettings {
     pub quantize: String,
     pub threads: usize,
     pub single_sequence_threads: usize,
+    /// Memory for prompt blocks kept for the next request that starts with them (0 = off).
+    pub prefix_cache_mb: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -231,6 +233,7 @@ impl Settings {
             prefill_chunk: self.engine.prefill_chunk,
             threads: self.engine.threads,
             single_sequence_threads: self.engine.single_sequence_threads,
+            prefix_cache_bytes: self.engine.prefix_cache_mb << 20,
         }
     }
 }

@@ -49,10 +49,11 @@ impl Catalog {
         names
     }
 
-    /// The server's count of a prompt's tokens: exact for an accounted model, else a bound.
-    pub fn count(&self, model: &str, input: &TaskInput) -> Result<PromptCount, ServeError> {
+    /// The server's count of a prompt's tokens: exact for an accounted model (with the
+    /// ids it counted), else a bound.
+    pub fn count(&self, model: &str, input: &TaskInput) -> Result<Counted, ServeError> {
         let Some(text) = self.models.get(model) else {
-            return Ok(PromptCount { tokens: byte_bound(input), exact: false });
+            return Ok((PromptCount { tokens: byte_bound(input), exact: false }, None));
         };
         let ids = match input {
             TaskInput::Chat(messages) => text.chat_prompt(messages),
@@ -60,9 +61,12 @@ impl Catalog {
         }
         .map_err(|e| ServeError::Rejected(format!("the prompt cannot be rendered for `{model}`: {e}")))?;
         let tokens = u32::try_from(ids.len()).map_err(|_| ServeError::Rejected("the prompt is too long".into()))?;
-        Ok(PromptCount { tokens, exact: true })
+        Ok((PromptCount { tokens, exact: true }, Some(ids.into())))
     }
 }
+
+/// A prompt's count, and its ids when the server rendered them.
+pub type Counted = (PromptCount, Option<Arc<[u32]>>);
 
 /// At most one token per byte, plus the chat template's own tokens.
 fn byte_bound(input: &TaskInput) -> u32 {

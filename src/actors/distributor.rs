@@ -51,6 +51,36 @@ struct NodeEntry {
     load: NodeLoad,
 }
 
+/// Cache-aware routing: among `candidates` (nodes with room for the job), the one whose
+/// prefix cache holds the most leading blocks of the job's prompt (the cheaper on a tie);
+/// `None` when none holds its first block, or the server has not the prompt's ids.
+fn prefix_choice(nodes: &HashMap<NodeId, NodeEntry>, job: &Job, candidates: &[(NodeId, f64)]) -> Option<NodeId> {
+    let ids = job.prompt_ids.as_deref()?;
+    let mut names: HashMap<u32, Vec<String>> = HashMap::new();
+    let mut best: Option<(usize, f64, NodeId)> = None;
+    for &(id, cost) in candidates {
+        let held = &nodes.get(&id)?.load.prefix;
+        if held.block == 0 || held.blocks.is_empty() {
+            continue;
+        }
+        let names = names.entry(held.block).or_insert_with(|| {
+            crate::inference::prefix_cache::block_names(ids, held.block as usize)
+                .iter()
+                .map(|n| hex::encode(&n[..8]))
+                .collect()
+        });
+        let depth = names.iter().take_while(|n| held.blocks.contains(n)).count();
+        let better = match best {
+            None => depth > 0,
+            Some((d, c, _)) => depth > d || (depth == d && cost < c),
+        };
+        if better {
+            best = Some((depth, cost, id));
+        }
+    }
+    best.map(|(_, _, id)| id)
+}
+
 /// Where a running job is and what it reserved.
 struct Running {
     node: NodeId,
@@ -71,6 +101,8 @@ pub struct Distributor {
     /// Every model a node has served since the start: when its last node leaves, games get
     /// 503 "no node right now" rather than 404 "no such model".
     seen_models: std::collections::HashSet<String>,
+    /// Jobs sent where their prompt's prefix was cached (cache-aware routing).
+    prefix_routed: u64,
 }
 
 impl Distributor {
@@ -85,6 +117,7 @@ impl Distributor {
             draining: false,
             quarantined: HashMap::new(),
             seen_models: Default::default(),
+            prefix_routed: 0,
         }
     }
 
@@ -145,9 +178,11 @@ impl Distributor {
             })
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
-        let Some(id) = pick_two(&costs, &mut self.rng) else {
+        let by_prefix = prefix_choice(&self.nodes, &job, &costs);
+        let Some(id) = by_prefix.or_else(|| pick_two(&costs, &mut self.rng)) else {
             return Err((job, false));
         };
+        self.prefix_routed += by_prefix.is_some() as u64;
         let node = self.nodes.get_mut(&id).expect("picked from the table");
         let reserved_tokens = job.max_tokens.saturating_sub(job.emitted.len());
         let task = job.id;
@@ -498,6 +533,22 @@ impl Handler<VerificationDone> for Distributor {
         self.quarantined.insert(address, Instant::now() + self.config.quarantine);
         let now = Instant::now();
         self.quarantined.retain(|_, until| *until > now);
+    }
+}
+
+impl Handler<PrefixCounters> for Distributor {
+    type Result = MessageResult<PrefixCounters>;
+
+    /// The live nodes' prefix caches summed, and the jobs routed to a cached prefix.
+    fn handle(&mut self, _: PrefixCounters, _: &mut Self::Context) -> Self::Result {
+        let mut totals = PrefixTotals { routed: self.prefix_routed, ..PrefixTotals::default() };
+        for node in self.nodes.values() {
+            let p = &node.load.prefix;
+            totals.hits += p.hits;
+            totals.misses += p.misses;
+            totals.tokens_reused += p.tokens_reused;
+        }
+        MessageResult(totals)
     }
 }
 

@@ -122,12 +122,12 @@ impl Handler<Admit> for Gateway {
 
     /// Checks the game and the limits of a key `Authenticate` resolved, then submits the job.
     fn handle(&mut self, msg: Admit, _: &mut Self::Context) -> Self::Result {
-        let Admit { key, stream, model, input, prompt, text, params, max_tokens, stop } = msg;
+        let Admit { key, stream, model, input, prompt, prompt_ids, text, params, max_tokens, stop } = msg;
         let submitted = self.check(&key).map(|()| {
             let (events, rx) = unbounded_channel();
             let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
             let billing = Billing { game: key.game, game_id: key.game_id, key_hash: key.hash.clone() };
-            let request = JobRequest { model, input, prompt, text, params, max_tokens, stop, stream };
+            let request = JobRequest { model, input, prompt, prompt_ids, text, params, max_tokens, stop, stream };
             let job = Job::new(id, billing, request, events);
             (job, Admitted { id, key_hash: key.hash, events: rx })
         });

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -49,6 +51,9 @@ pub struct Job {
     /// The prompt tokens the server counted (billed), or their bound for a model it holds
     /// no tokenizer of.
     pub prompt: PromptCount,
+    /// The prompt's token ids as the server rendered them (accounted models): what
+    /// cache-aware routing matches against the nodes' prefix caches.
+    pub prompt_ids: Option<Arc<[u32]>>,
     /// The text the game reads, made here from the ids nodes return (accounted models).
     pub text: Option<JobText>,
     pub params: SamplingParams,
@@ -96,6 +101,7 @@ pub struct JobRequest {
     pub model: String,
     pub input: TaskInput,
     pub prompt: PromptCount,
+    pub prompt_ids: Option<Arc<[u32]>>,
     pub text: Option<JobText>,
     pub params: SamplingParams,
     pub max_tokens: usize,
@@ -107,7 +113,7 @@ impl Job {
     /// The one way a job is made, for games and the server's own re-runs alike.
     pub fn new(id: TaskId, billing: Billing, request: JobRequest, events: UnboundedSender<JobEvent>) -> Self {
         let Billing { game, game_id, key_hash } = billing;
-        let JobRequest { model, input, prompt, text, params, max_tokens, stop, stream } = request;
+        let JobRequest { model, input, prompt, prompt_ids, text, params, max_tokens, stop, stream } = request;
         let now = Instant::now();
         Job {
             id,
@@ -117,6 +123,7 @@ impl Job {
             model,
             input,
             prompt,
+            prompt_ids,
             text,
             params,
             max_tokens,
@@ -139,6 +146,7 @@ impl Job {
             model: self.model.clone(),
             input: self.input.clone(),
             prompt: self.prompt,
+            prompt_ids: self.prompt_ids.clone(),
             text: self.text.as_ref().map(JobText::restarted),
             params: self.params.clone(),
             max_tokens: self.max_tokens,
@@ -230,6 +238,22 @@ pub struct TaskReturned {
     /// A request's own fault fails the job (no retry, no penalty for the node); a node's
     /// sends it elsewhere.
     pub failure: TaskFailure,
+}
+
+/// The prefix caches of the live nodes, summed, and cache-aware routing's count.
+#[derive(Message)]
+#[rtype(result = "PrefixTotals")]
+pub struct PrefixCounters;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrefixTotals {
+    /// Requests the live nodes served with cached blocks, and without.
+    pub hits: u64,
+    pub misses: u64,
+    /// Prompt tokens they did not prefill thanks to the cache.
+    pub tokens_reused: u64,
+    /// Jobs this server sent to a node because it held their prefix.
+    pub routed: u64,
 }
 
 /// Models with at least one live node, with their node counts.
@@ -362,6 +386,8 @@ pub struct Admit {
     pub input: TaskInput,
     /// The server's count of the prompt (see `catalog::Catalog::count`).
     pub prompt: PromptCount,
+    /// The prompt's ids, when the server rendered them (cache-aware routing).
+    pub prompt_ids: Option<Arc<[u32]>>,
     /// The text the game will read, made here from the ids (when the server holds the
     /// model's text side), with the job's grammar.
     pub text: Option<JobText>,

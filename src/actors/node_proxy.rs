@@ -29,8 +29,8 @@ use crate::protocol::handshake::{
 };
 use crate::protocol::receipt::TaskTicket;
 use crate::protocol::{
-    decode_frame, encode_frame, messages::FinishReason, Hello, NodeMessage, ServerMessage, TaskFailure, TaskId,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    decode_frame, encode_frame, messages::FinishReason, messages::MAX_PREFIX_BLOCKS, Hello, NodeLoad, NodeMessage,
+    PrefixHeld, ServerMessage, TaskFailure, TaskId, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 /// A node must say Hello within this time.
@@ -404,6 +404,7 @@ impl NodeProxy {
                         device,
                     });
                 }
+                let load = bounded_load(load, &self.address.map(|a| a.to_string()).unwrap_or_default());
                 self.distributor.do_send(NodeHeartbeat { id: self.id, load })
             }
             NodeMessage::Token { id, index, token, text, logprobs } => {
@@ -863,4 +864,24 @@ impl Handler<BlockConfirmed> for NodeProxy {
     fn handle(&mut self, msg: BlockConfirmed, _: &mut Self::Context) {
         self.send(&ServerMessage::Confirmed { block: msg.block, status: msg.status });
     }
+}
+
+/// A heartbeat's load with its prefix report dropped when it is out of bounds (more than
+/// [`MAX_PREFIX_BLOCKS`] names, a name that is not 8 bytes of hex, an absurd block size):
+/// routing then ignores the node's cache, nothing else changes.
+fn bounded_load(mut load: NodeLoad, node: &str) -> NodeLoad {
+    let p = &load.prefix;
+    let well_formed = p.block <= 1 << 16
+        && p.blocks.len() <= MAX_PREFIX_BLOCKS
+        && p.blocks.iter().all(|b| b.len() == 16 && b.bytes().all(|c| c.is_ascii_hexdigit()));
+    if !well_formed {
+        tracing::warn!(
+            node,
+            blocks = p.blocks.len(),
+            block = p.block,
+            "a heartbeat's prefix report is out of bounds; ignored"
+        );
+        load.prefix = PrefixHeld::default();
+    }
+    load
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Subcommand;
 
 use super::RuntimeArgs;
-use crate::inference::{Event, GenerateRequest, SamplingParams};
+use crate::inference::{ChatMessage, Event, GenerateRequest, SamplingParams};
 use crate::settings::Settings;
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +74,22 @@ pub enum BenchCommand {
         #[arg(long, hide = true)]
         single: bool,
     },
+    /// Time to first token for an NPC: a long persona shared by every request and a short
+    /// player line, with the prefix cache cold (each request a new persona) and warm (one
+    /// persona), on one engine in one run; prints both and their ratio.
+    Persona {
+        /// Model file (.gguf) or safetensors directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Tokens of the persona (the system message).
+        #[arg(long, default_value_t = 1000)]
+        persona_tokens: usize,
+        /// Requests measured each way.
+        #[arg(long, default_value_t = 5)]
+        requests: usize,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
     /// Load generator against a server (or a self-hosted one with fake-engine nodes).
     Load(super::load::LoadArgs),
 }
@@ -117,6 +133,9 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         } else {
             memory(&model, &quantize, threads)
         };
+    }
+    if let BenchCommand::Persona { model, persona_tokens, requests, runtime } = cmd {
+        return persona(settings, &model, persona_tokens, requests, &runtime);
     }
     let BenchCommand::Decode { model, batch, tokens, prompt_tokens, constrained, runtime } = cmd else {
         anyhow::bail!("`bench load` is handled by cli::load");
@@ -368,5 +387,76 @@ fn memory_single(
     });
     println!("{row}");
     engine.shutdown();
+    Ok(())
+}
+
+/// `ludus bench persona`: median time to first token of requests sharing a long persona,
+/// with every request's persona new (the cache cannot help) and with one persona (after
+/// one request that fills the cache).
+fn persona(
+    settings: &Settings,
+    model: &std::path::Path,
+    persona_tokens: usize,
+    requests: usize,
+    runtime: &RuntimeArgs,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(settings.engine.prefix_cache_mb > 0, "the prefix cache is off ([engine] prefix_cache_mb = 0)");
+    let engine = runtime.start_engine(settings, model, Some(1))?;
+    let lore = "The blacksmith of Emberfall forged blades for three kings and trusts none of them; \
+                she speaks in short gruff sentences and softens only for her lost brother. ";
+    let mut persona_ids = engine.tokenizer.encode(&lore.repeat(persona_tokens / 20 + 1), false)?;
+    persona_ids.truncate(persona_tokens);
+    let persona = engine.tokenizer.decode(&persona_ids, true);
+    let lines = ["How much for a sword?", "Have you seen my brother?", "Can you fix my shield?", "Why so grumpy?"];
+    let ttft = |system: &str, line: &str| -> anyhow::Result<(f64, usize)> {
+        let messages = [ChatMessage::new("system", system), ChatMessage::new("user", line)];
+        let prompt = engine.tokenizer.encode(&engine.template.render(&messages, true)?, false)?;
+        let len = prompt.len();
+        let request = GenerateRequest { prompt, params: SamplingParams::greedy(), max_tokens: 1, ..Default::default() };
+        let mut rx = engine.submit(request)?;
+        while let Some(event) = rx.blocking_recv() {
+            match event {
+                Event::Done(done) => return Ok((done.timings.time_to_first_token_ms, len)),
+                Event::Error(e) | Event::Rejected(e) => anyhow::bail!("{e}"),
+                _ => {}
+            }
+        }
+        anyhow::bail!("the engine stopped")
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // Warm-up: kernels picked, pages touched.
+    ttft("Warm-up persona.", lines[0])?;
+    let (mut cold, mut warm, mut prompt_tokens) = (Vec::new(), Vec::new(), 0);
+    for i in 0..requests.max(1) {
+        // A persona that starts differently: no block of it is cached.
+        let (ms, len) = ttft(&format!("[{i}] {persona}"), lines[i % lines.len()])?;
+        cold.push(ms);
+        prompt_tokens = len;
+    }
+    ttft(&persona, "Hello.")?; // fills the cache with the persona
+    for i in 0..requests.max(1) {
+        warm.push(ttft(&persona, lines[i % lines.len()])?.0);
+    }
+    let (cold_ms, warm_ms) = (median(cold), median(warm));
+    let stats = engine.load.prefix.lock().map(|r| r.stats).unwrap_or_default();
+    eprintln!("time to first token: {cold_ms:.0} ms cold, {warm_ms:.0} ms warm ({:.1}x)", cold_ms / warm_ms);
+    let report = serde_json::json!({
+        "model": engine.model_name,
+        "cpu": cpu_model(),
+        "threads": tch::get_num_threads(),
+        "quantization": engine.quantization.to_string(),
+        "prompt_tokens": prompt_tokens,
+        "block_tokens": settings.engine.prefill_chunk,
+        "requests": requests,
+        "ttft_cold_ms": cold_ms,
+        "ttft_warm_ms": warm_ms,
+        "speedup": cold_ms / warm_ms,
+        "prefix_hits": stats.hits,
+        "prefix_tokens_reused": stats.tokens_reused,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -121,7 +121,7 @@ pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             Event::Error(e) | Event::Rejected(e) => anyhow::bail!("generation failed: {e}"),
-            Event::PromptHidden { .. } => {}
+            Event::PromptHidden { .. } | Event::PromptCached { .. } => {}
         }
     }
     anyhow::bail!("the engine stopped before finishing")

@@ -161,6 +161,31 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     let nodes: Vec<(String, u64)> =
         models.iter().map(|(model, n)| (format!("{{model=\"{}\"}}", label_value(model)), *n as u64)).collect();
     gauge(&mut out, "ludus_nodes", "Live nodes serving each model.", "gauge", &nodes);
+    let prefix = state.distributor.send(crate::actors::messages::PrefixCounters).await.unwrap_or_default();
+    let requests = [("{result=\"hit\"}".to_string(), prefix.hits), ("{result=\"miss\"}".to_string(), prefix.misses)];
+    gauge(
+        &mut out,
+        "ludus_prefix_cache_requests",
+        "Requests the live nodes' prefix caches served, by whether they found cached blocks (summed over live nodes).",
+        "gauge",
+        &requests,
+    );
+    let reused = [(String::new(), prefix.tokens_reused)];
+    gauge(
+        &mut out,
+        "ludus_prefix_cache_tokens_reused",
+        "Prompt tokens the live nodes did not prefill thanks to their prefix caches.",
+        "gauge",
+        &reused,
+    );
+    let routed = [(String::new(), prefix.routed)];
+    gauge(
+        &mut out,
+        "ludus_prefix_routed_total",
+        "Jobs sent to a node because its prefix cache held the start of their prompt.",
+        "counter",
+        &routed,
+    );
     let panics = [(String::new(), crate::actors::supervisor::PANICS.load(Ordering::Relaxed))];
     gauge(&mut out, "ludus_actor_panics_total", "Actor panics caught and restarted.", "counter", &panics);
     // From the registry (each skipped when the database is unreachable: the scrape still works).

@@ -114,7 +114,7 @@ async fn complete(
         .map_err(|_| ApiError::body_timeout(state.body_timeout))??;
     let valid = parse_request(&body, endpoint, state.request_limits)?;
     // The server counts the prompt itself (on this worker thread, not on an actor).
-    let prompt = state.catalog.count(&valid.model, &valid.input)?;
+    let (prompt, prompt_ids) = state.catalog.count(&valid.model, &valid.input)?;
     let text = job_text(&state, &valid).await?;
     // `n` choices are `n` tasks admitted together (each checked against the game's limits
     // and billed), with seeds seed, seed + 1, …: they run side by side, in one batch where
@@ -127,6 +127,7 @@ async fn complete(
             model: valid.model.clone(),
             text: text.clone(),
             prompt,
+            prompt_ids: prompt_ids.clone(),
             input: valid.input.clone(),
             params: SamplingParams { seed: valid.params.seed.wrapping_add(i as u64), ..valid.params.clone() },
             max_tokens: valid.max_tokens,

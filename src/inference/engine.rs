@@ -22,6 +22,7 @@ use super::grammar::{Constraint, GrammarCompiler};
 use super::kv_cache::KvCache;
 use super::llama::{LogitsFor, PrefillChunk};
 use super::model::Model;
+use super::prefix_cache::{BlockName, PrefixCache, PrefixStats};
 use super::sampling::{apply_penalties, sample, SamplingParams, TokenHistory};
 use super::text_stream::TextStream;
 use super::tokenizer::Tokenizer;
@@ -41,11 +42,20 @@ pub struct EngineConfig {
     /// as `threads`). Such a step is bound by memory bandwidth, which one core saturates
     /// on typical desktop CPUs; more threads only add synchronization (docs/benchmarks.md).
     pub single_sequence_threads: usize,
+    /// Memory for the prefix cache ([`super::prefix_cache`]), in bytes; 0 turns it off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 16, max_context: 4096, prefill_chunk: 256, threads: 0, single_sequence_threads: 1 }
+        Self {
+            max_batch: 16,
+            max_context: 4096,
+            prefill_chunk: 256,
+            threads: 0,
+            single_sequence_threads: 1,
+            prefix_cache_bytes: 0,
+        }
     }
 }
 
@@ -86,6 +96,12 @@ pub struct Finished {
 
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The first `rows` positions of the prompt came from the prefix cache: no hidden
+    /// states for them (with `collect_hidden`; sent before any `PromptHidden`). The last
+    /// [`HIDDEN_TAIL_ROWS`] rows of a prompt are always computed.
+    PromptCached {
+        rows: usize,
+    },
     /// The prompt's final hidden states, `[rows, hidden]` flattened (with `collect_hidden`).
     PromptHidden {
         rows: usize,
@@ -107,6 +123,11 @@ pub enum Event {
     Error(String),
 }
 
+/// Prompt rows at the end of a prompt that are always computed when hidden states are
+/// collected, never restored from the prefix cache: a proof commits to rows among a
+/// prompt's last 32 (`proof::commitment::CHUNK`, checked by a test).
+pub const HIDDEN_TAIL_ROWS: usize = 64;
+
 /// Live load figures, read by the node's heartbeats.
 #[derive(Debug, Default)]
 pub struct EngineLoad {
@@ -114,7 +135,22 @@ pub struct EngineLoad {
     pub waiting: AtomicUsize,
     pub queued_tokens: AtomicUsize,
     pub generated_tokens: AtomicU64,
+    /// The prefix cache's counters and the names of the blocks it holds (most recently
+    /// used first), for the heartbeat; empty when it is off.
+    pub prefix: std::sync::Mutex<PrefixReport>,
 }
+
+/// What a node says of its prefix cache.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixReport {
+    pub stats: PrefixStats,
+    /// Block size in tokens (0 when the cache is off).
+    pub block: usize,
+    pub held: Vec<BlockName>,
+}
+
+/// Block names a heartbeat carries at most (the most recently used).
+pub const MAX_REPORTED_BLOCKS: usize = 64;
 
 struct Command {
     request: GenerateRequest,
@@ -157,6 +193,17 @@ impl Engine {
             model.llama.device,
             model.llama.kind,
         )?;
+        let prefix = if config.prefix_cache_bytes == 0 {
+            None
+        } else {
+            PrefixCache::new(
+                &model.llama.config,
+                config.prefill_chunk,
+                config.prefix_cache_bytes,
+                model.llama.device,
+                model.llama.kind,
+            )?
+        };
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(EngineLoad::default());
         let handle = Self {
@@ -182,6 +229,7 @@ impl Engine {
                     model,
                     config,
                     cache,
+                    prefix,
                     rx,
                     load,
                     waiting: VecDeque::new(),
@@ -257,6 +305,7 @@ struct Scheduler {
     model: Model,
     config: EngineConfig,
     cache: KvCache,
+    prefix: Option<PrefixCache>,
     rx: mpsc::Receiver<Command>,
     load: Arc<EngineLoad>,
     waiting: VecDeque<Command>,
@@ -319,6 +368,22 @@ impl Scheduler {
         }
     }
 
+    /// Restores the cached leading blocks of `tokens` into `slot` (leaving the last token,
+    /// and with hidden states the last [`HIDDEN_TAIL_ROWS`], to compute); the tokens
+    /// restored. A failed copy clears the slot and computes everything.
+    fn restore_prefix(&mut self, tokens: &[u32], collect_hidden: bool, slot: usize) -> usize {
+        let Some(prefix) = self.prefix.as_mut() else { return 0 };
+        let tail = if collect_hidden { HIDDEN_TAIL_ROWS } else { 1 };
+        match prefix.restore(tokens, tokens.len().saturating_sub(tail), &mut self.cache, slot) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not restore from the prefix cache; computing the prompt");
+                self.cache.clear(slot);
+                0
+            }
+        }
+    }
+
     fn publish_load(&self) {
         let queued: usize = self.waiting.iter().map(|c| c.request.prompt.len() + c.request.max_tokens).sum::<usize>()
             + self
@@ -330,6 +395,14 @@ impl Scheduler {
         self.load.running.store(self.running.len() + self.prefilling.is_some() as usize, Ordering::Relaxed);
         self.load.waiting.store(self.waiting.len(), Ordering::Relaxed);
         self.load.queued_tokens.store(queued, Ordering::Relaxed);
+        if let Some(prefix) = &self.prefix {
+            if let Ok(mut report) = self.load.prefix.lock() {
+                let stats = prefix.stats();
+                if stats != report.stats {
+                    *report = PrefixReport { stats, block: prefix.block(), held: prefix.held(MAX_REPORTED_BLOCKS) };
+                }
+            }
+        }
     }
 
     fn drop_cancelled(&mut self) {
@@ -418,6 +491,10 @@ impl Scheduler {
             let slot = self.running.len();
             self.cache.clear(slot);
             let tokens: Vec<u32> = r.prompt.iter().chain(&r.prefix).copied().collect();
+            let cached = self.restore_prefix(&tokens, r.collect_hidden, slot);
+            if cached > 0 && r.collect_hidden {
+                let _ = cmd.events.send(Event::PromptCached { rows: cached });
+            }
             let stream = TextStream::new(&r.stop);
             self.prefilling = Some(Sequence {
                 generated: r.prefix.len(),
@@ -428,7 +505,7 @@ impl Scheduler {
                 first_token: None,
                 slot,
                 tokens,
-                cached: 0,
+                cached,
                 history,
                 stream,
                 constraint: cmd.constraint,
@@ -508,6 +585,12 @@ impl Scheduler {
         if let (Some(prefill), Some((_, _, end, last))) = (out.prefill, chunk_range) {
             let seq = self.prefilling.as_mut().expect("a chunk implies a prefilling sequence");
             seq.cached = end;
+            if let Some(prefix) = self.prefix.as_mut() {
+                // A failure only loses the cache's copy: the sequence's own is intact.
+                if let Err(e) = prefix.store(&seq.tokens, end, &mut self.cache, seq.slot) {
+                    tracing::warn!(error = %e, "could not store prompt blocks in the prefix cache");
+                }
+            }
             if seq.request.collect_hidden {
                 let values = tensor_to_vec(&prefill.hidden)?;
                 let _ = seq.events.send(Event::PromptHidden { rows: chunk_tokens.len(), values });

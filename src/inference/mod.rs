@@ -14,7 +14,8 @@
 //! - [`sampling`]: a pure function of (logits, seed, position).
 //! - [`grammar`]: constrained decoding (llguidance): the tokens a grammar allows next.
 //! - [`logprobs`]: log probabilities of sampled tokens and their alternatives.
-//! - [`engine`]: continuous batching on a dedicated thread.
+//! - [`engine`]: continuous batching on a dedicated thread; [`prefix_cache`]: prompt
+//!   blocks kept for the next request that starts with them.
 //! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
 //! - [`protect`]: model protection, a weight transform (rotation, permutation) with the
 //!   result encrypted at rest (AEAD from `crypto`).
@@ -37,6 +38,7 @@ pub mod logprobs;
 pub mod memory_plan;
 pub mod model;
 pub mod model_text;
+pub mod prefix_cache;
 pub mod protect;
 pub mod qlinear;
 pub mod quant;

@@ -516,6 +516,11 @@ async fn task_events(
                 let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, failure: TaskFailure::Node(error) }));
                 break;
             }
+            Some(Event::PromptCached { rows }) => {
+                if let Some(p) = prover.as_mut() {
+                    p.prompt_cached(rows);
+                }
+            }
             Some(Event::PromptHidden { rows, values }) => {
                 if let Some(p) = prover.as_mut() {
                     p.prompt_rows(rows, &values);

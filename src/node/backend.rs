@@ -9,7 +9,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::inference::engine::{Finished, Timings};
 use crate::inference::{Engine, Event, FinishReason, GenerateRequest};
-use crate::protocol::{NodeLoad, TaskInput, TaskSpec};
+use crate::protocol::messages::MAX_PREFIX_BLOCKS;
+use crate::protocol::{NodeLoad, PrefixHeld, TaskInput, TaskSpec};
 
 /// Shape of the fake engine: `--fake-engine TOKENS[:MS_PER_TOKEN]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +88,7 @@ impl Backend {
                     free_memory_bytes: free_memory_bytes(),
                     model_bytes: e.model_bytes as u64,
                     quantization: e.quantization.to_string(),
+                    prefix: prefix_held(l),
                 };
                 (load, l.generated_tokens.load(Ordering::Relaxed))
             }
@@ -175,4 +177,16 @@ fn free_memory_bytes() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// The engine's prefix cache, as a heartbeat carries it.
+fn prefix_held(load: &crate::inference::engine::EngineLoad) -> PrefixHeld {
+    let Ok(report) = load.prefix.lock() else { return PrefixHeld::default() };
+    PrefixHeld {
+        block: u32::try_from(report.block).unwrap_or(0),
+        blocks: report.held.iter().take(MAX_PREFIX_BLOCKS).map(|n| hex::encode(&n[..8])).collect(),
+        hits: report.stats.hits,
+        misses: report.stats.misses,
+        tokens_reused: report.stats.tokens_reused,
+    }
 }

@@ -68,9 +68,17 @@ impl ProofBuilder {
             .collect();
     }
 
+    /// The first `rows` prompt positions came from the engine's prefix cache, without
+    /// hidden states (never among the committed rows: the engine computes a prompt's last
+    /// rows).
+    pub fn prompt_cached(&mut self, rows: usize) {
+        self.prompt_seen += rows;
+    }
+
     /// Feeds an engine event (prompt rows and token rows; others are ignored).
     pub fn observe(&mut self, event: &crate::inference::Event) {
         match event {
+            crate::inference::Event::PromptCached { rows } => self.prompt_cached(*rows),
             crate::inference::Event::PromptHidden { rows, values } => self.prompt_rows(*rows, values),
             crate::inference::Event::Token { hidden: Some(h), .. } => self.token_row(h),
             _ => {}
@@ -133,7 +141,7 @@ pub fn collect_blocking(
             Event::Token { id, .. } => completion.push(id),
             Event::Done(_) => return Ok(completion),
             Event::Error(e) | Event::Rejected(e) => return Err(e),
-            Event::PromptHidden { .. } => {}
+            Event::PromptHidden { .. } | Event::PromptCached { .. } => {}
         }
     }
     Err("the engine stopped".into())

@@ -70,6 +70,27 @@ pub struct NodeLoad {
     /// How the node stores its linear layers: none, int8 or int4; empty from older nodes.
     #[serde(default)]
     pub quantization: String,
+    /// What its prefix cache holds, for cache-aware routing.
+    #[serde(default)]
+    pub prefix: PrefixHeld,
+}
+
+/// Block names a heartbeat may carry.
+pub const MAX_PREFIX_BLOCKS: usize = 64;
+
+/// A node's prefix cache as its heartbeat reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixHeld {
+    /// Tokens per block (0: no prefix cache).
+    pub block: u32,
+    /// The blocks held, most recently used first, at most [`MAX_PREFIX_BLOCKS`]: the first
+    /// 8 bytes of each block's name (`inference::prefix_cache::block_names`), hex.
+    pub blocks: Vec<String>,
+    /// Requests that reused cached blocks, and that found none.
+    pub hits: u64,
+    pub misses: u64,
+    /// Prompt tokens not prefilled thanks to the cache.
+    pub tokens_reused: u64,
 }
 
 /// Distributor → node.

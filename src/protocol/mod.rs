@@ -14,7 +14,8 @@ pub use frame::{
     decode_frame, decode_sealed, encode_frame, encode_sealed, FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 pub use messages::{
-    FinishReason, Hello, NodeLoad, NodeMessage, ServerMessage, TaskFailure, TaskId, TaskInput, TaskSpec, TaskUsage,
+    FinishReason, Hello, NodeLoad, NodeMessage, PrefixHeld, ServerMessage, TaskFailure, TaskId, TaskInput, TaskSpec,
+    TaskUsage,
 };
 pub use proof::Proof;
 pub use receipt::{PromptCount, ReceiptError, SignedReceipt, TaskTicket};

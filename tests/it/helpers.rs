@@ -46,7 +46,14 @@ pub fn engine(path: &Path, max_batch: usize) -> Engine {
     let model = Model::load(path, Device::Cpu, None).expect("model loads");
     Engine::start(
         model,
-        EngineConfig { max_batch, max_context: 1024, prefill_chunk: 64, threads: 0, single_sequence_threads: 0 },
+        EngineConfig {
+            max_batch,
+            max_context: 1024,
+            prefill_chunk: 64,
+            threads: 0,
+            single_sequence_threads: 0,
+            prefix_cache_bytes: 0,
+        },
     )
     .expect("engine starts")
 }
@@ -69,7 +76,7 @@ pub fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, 
                 return (ids, text, done);
             }
             Event::Error(e) | Event::Rejected(e) => panic!("generation failed: {e}"),
-            Event::PromptHidden { .. } => {}
+            Event::PromptHidden { .. } | Event::PromptCached { .. } => {}
         }
     }
     panic!("stream ended without Done");

@@ -22,6 +22,7 @@ mod network_proof;
 mod network_routing;
 mod network_steering;
 mod observability;
+mod prefix_cache;
 mod private_database;
 mod proof;
 mod properties;

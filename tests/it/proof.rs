@@ -419,6 +419,7 @@ fn honest_runs_pass_and_cheaters_fail() {
                 prefill_chunk: 256,
                 threads: case.threads,
                 single_sequence_threads: 0,
+                prefix_cache_bytes: 0,
             },
         )
         .unwrap();
@@ -519,7 +520,14 @@ fn ludus_verify_checks_stored_proofs_offline() {
     let reference = Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap();
     let engine = Engine::start(
         Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap(),
-        EngineConfig { max_batch: 1, max_context: 512, prefill_chunk: 256, threads: 2, single_sequence_threads: 0 },
+        EngineConfig {
+            max_batch: 1,
+            max_context: 512,
+            prefill_chunk: 256,
+            threads: 2,
+            single_sequence_threads: 0,
+            prefix_cache_bytes: 0,
+        },
     )
     .unwrap();
     let node = Identity::generate();
@@ -589,7 +597,14 @@ fn the_verifier_holds_the_reference_in_the_same_protected_form() {
     let public = Model::load(&tiny.gguf, Device::Cpu, None).unwrap();
     let engine = Engine::start(
         Model::load_with_key(&bundle, Device::Cpu, None, Some(&key)).unwrap(),
-        EngineConfig { max_batch: 1, max_context: 256, prefill_chunk: 64, threads: 1, single_sequence_threads: 0 },
+        EngineConfig {
+            max_batch: 1,
+            max_context: 256,
+            prefill_chunk: 64,
+            threads: 1,
+            single_sequence_threads: 0,
+            prefix_cache_bytes: 0,
+        },
     )
     .unwrap();
     let prompt: Vec<u32> = (1..20).collect();

@@ -1,0 +1,225 @@
+//! The prefix cache: keys and values of prompt blocks already computed, kept for the next
+//! request that starts with the same tokens. Games send one long persona with thousands of
+//! short player lines; with the persona's blocks cached, a request prefills only what
+//! follows them.
+//!
+//! - **Blocks are prefill chunks.** A block is [`EngineConfig::prefill_chunk`] tokens at a
+//!   multiple of that size, so a request that resumes after cached blocks runs exactly the
+//!   chunks an uncached run would: the same rows through the same operations, hence the
+//!   same keys, values and logits, and the same tokens.
+//! - **Blocks are named by a hash chain**: block `i`'s name is SHA-256 over block `i-1`'s
+//!   name and block `i`'s token ids, so a name stands for the whole prefix up to it (a
+//!   block is reused only after the same leading tokens). The names are what a node tells
+//!   its distributor it holds (cache-aware routing).
+//! - **Least recently used blocks go first** when the budget is full; a hit touches its
+//!   blocks from the first, so a chain's tail is evicted before its head.
+//!
+//! [`EngineConfig::prefill_chunk`]: super::engine::EngineConfig::prefill_chunk
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use super::config::LlamaConfig;
+use super::error::Result;
+use super::kv_cache::KvCache;
+
+/// The name of a block: the hash of every token up to its end.
+pub type BlockName = [u8; 32];
+
+/// The names of the full blocks of `tokens` (blocks of `block` tokens), in order.
+pub fn block_names(tokens: &[u32], block: usize) -> Vec<BlockName> {
+    let mut names = Vec::with_capacity(tokens.len() / block.max(1));
+    let mut previous: BlockName = {
+        let mut h = Sha256::new();
+        h.update(b"ludus-prefix-v1");
+        h.update((block as u32).to_be_bytes());
+        h.finalize().into()
+    };
+    for chunk in tokens.chunks_exact(block.max(1)) {
+        let mut h = Sha256::new();
+        h.update(previous);
+        for t in chunk {
+            h.update(t.to_be_bytes());
+        }
+        previous = h.finalize().into();
+        names.push(previous);
+    }
+    names
+}
+
+struct Entry {
+    /// Index in the pool.
+    at: usize,
+    /// Logical time of the last use.
+    used: u64,
+}
+
+/// How the cache has served, for the node's heartbeat and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Requests that found at least one cached block.
+    pub hits: u64,
+    /// Requests long enough to use a block that found none.
+    pub misses: u64,
+    /// Prompt tokens not prefilled thanks to the cache.
+    pub tokens_reused: u64,
+    /// Blocks held now, and at most.
+    pub blocks: usize,
+    pub capacity: usize,
+}
+
+pub struct PrefixCache {
+    block: usize,
+    /// Per layer: `[capacity, kv_heads, block, head_dim]`.
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    entries: HashMap<BlockName, Entry>,
+    free: Vec<usize>,
+    clock: u64,
+    stats: PrefixStats,
+}
+
+impl std::fmt::Debug for PrefixCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixCache").field("block", &self.block).field("stats", &self.stats).finish()
+    }
+}
+
+impl PrefixCache {
+    /// Bytes one cached token takes (keys and values of every layer).
+    pub fn bytes_per_token(config: &LlamaConfig, kind: Kind) -> usize {
+        2 * config.num_layers * config.num_kv_heads * config.head_dim * kind.elt_size_in_bytes()
+    }
+
+    /// A cache of `block`-token blocks within `budget` bytes; `None` when not even one block
+    /// fits. Memory is reserved, not touched: pages fill as blocks are stored.
+    pub fn new(config: &LlamaConfig, block: usize, budget: usize, device: Device, kind: Kind) -> Result<Option<Self>> {
+        let block = block.max(1);
+        let capacity = budget / (Self::bytes_per_token(config, kind) * block).max(1);
+        if capacity == 0 {
+            return Ok(None);
+        }
+        let shape = [capacity as i64, config.num_kv_heads as i64, block as i64, config.head_dim as i64];
+        let mut keys = Vec::with_capacity(config.num_layers);
+        let mut values = Vec::with_capacity(config.num_layers);
+        for _ in 0..config.num_layers {
+            keys.push(Tensor::f_empty(shape, (kind, device))?);
+            values.push(Tensor::f_empty(shape, (kind, device))?);
+        }
+        let stats = PrefixStats { capacity, ..PrefixStats::default() };
+        Ok(Some(Self {
+            block,
+            keys,
+            values,
+            entries: HashMap::new(),
+            free: (0..capacity).rev().collect(),
+            clock: 0,
+            stats,
+        }))
+    }
+
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    pub fn stats(&self) -> PrefixStats {
+        PrefixStats { blocks: self.entries.len(), ..self.stats }
+    }
+
+    /// Copies the longest run of cached leading blocks of `tokens` that ends at or before
+    /// `limit` into `slot` of `kv` (which must be empty), and returns how many tokens it
+    /// restored (a multiple of the block size; 0 on a miss).
+    pub fn restore(&mut self, tokens: &[u32], limit: usize, kv: &mut KvCache, slot: usize) -> Result<usize> {
+        let usable = limit.min(tokens.len()) / self.block;
+        if usable == 0 {
+            return Ok(0);
+        }
+        let names = block_names(&tokens[..usable * self.block], self.block);
+        let found: Vec<usize> = names.iter().map_while(|n| self.entries.get(n).map(|e| e.at)).collect();
+        if found.is_empty() {
+            self.stats.misses += 1;
+            return Ok(0);
+        }
+        for name in &names[..found.len()] {
+            self.clock += 1;
+            self.entries.get_mut(name).expect("found above").used = self.clock;
+        }
+        let len = found.len() * self.block;
+        kv.check(slot, len)?;
+        for (layer, (k_pool, v_pool)) in self.keys.iter().zip(&self.values).enumerate() {
+            let (k_cache, v_cache) = kv.layer_mut(layer);
+            let (k_slot, v_slot) = (k_cache.f_get(slot as i64)?, v_cache.f_get(slot as i64)?);
+            for (i, &at) in found.iter().enumerate() {
+                let start = (i * self.block) as i64;
+                k_slot.f_narrow(1, start, self.block as i64)?.f_copy_(&k_pool.f_get(at as i64)?)?;
+                v_slot.f_narrow(1, start, self.block as i64)?.f_copy_(&v_pool.f_get(at as i64)?)?;
+            }
+        }
+        kv.set_len(slot, len);
+        kv.mark_written(slot, len);
+        self.stats.hits += 1;
+        self.stats.tokens_reused += len as u64;
+        Ok(len)
+    }
+
+    /// Stores the full blocks of `tokens[..upto]` that `slot` of `kv` holds and the cache
+    /// does not, evicting the least recently used blocks when it is full.
+    pub fn store(&mut self, tokens: &[u32], upto: usize, kv: &mut KvCache, slot: usize) -> Result<()> {
+        let blocks = upto.min(tokens.len()) / self.block;
+        let names = block_names(&tokens[..blocks * self.block], self.block);
+        for (i, name) in names.iter().enumerate() {
+            self.clock += 1;
+            if let Some(entry) = self.entries.get_mut(name) {
+                entry.used = self.clock;
+                continue;
+            }
+            let at = match self.free.pop() {
+                Some(at) => at,
+                None => self.evict(),
+            };
+            let start = (i * self.block) as i64;
+            for (layer, (k_pool, v_pool)) in self.keys.iter().zip(&self.values).enumerate() {
+                let (k_cache, v_cache) = kv.layer_mut(layer);
+                let k = k_cache.f_get(slot as i64)?.f_narrow(1, start, self.block as i64)?;
+                let v = v_cache.f_get(slot as i64)?.f_narrow(1, start, self.block as i64)?;
+                k_pool.f_get(at as i64)?.f_copy_(&k)?;
+                v_pool.f_get(at as i64)?.f_copy_(&v)?;
+            }
+            self.entries.insert(*name, Entry { at, used: self.clock });
+        }
+        Ok(())
+    }
+
+    /// Frees the least recently used block and returns its place.
+    fn evict(&mut self) -> usize {
+        let (&name, _) = self.entries.iter().min_by_key(|(_, e)| e.used).expect("a full cache holds blocks");
+        self.entries.remove(&name).expect("just found").at
+    }
+
+    /// The names of the blocks held, most recently used first, at most `max`.
+    pub fn held(&self, max: usize) -> Vec<BlockName> {
+        let mut held: Vec<(&BlockName, u64)> = self.entries.iter().map(|(n, e)| (n, e.used)).collect();
+        held.sort_unstable_by_key(|&(_, used)| std::cmp::Reverse(used));
+        held.into_iter().take(max).map(|(n, _)| *n).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_name_stands_for_every_token_before_it() {
+        let a: Vec<u32> = (0..12).collect();
+        let mut b = a.clone();
+        b[1] = 99; // differs in the first block only
+        let (na, nb) = (block_names(&a, 4), block_names(&b, 4));
+        assert_eq!(na.len(), 3);
+        assert!(na.iter().zip(&nb).all(|(x, y)| x != y), "a change early renames every later block");
+        assert_eq!(block_names(&a[..8], 4), na[..2].to_vec(), "a prefix has its own names");
+        assert_ne!(block_names(&a[..4], 4)[0], block_names(&a[..4], 2)[1], "the block size is part of the name");
+        assert!(block_names(&a[..3], 4).is_empty(), "no name for a partial block");
+    }
+}

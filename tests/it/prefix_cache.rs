@@ -1,0 +1,287 @@
+//! The prefix cache changes no token: the same requests with and without it give the same
+//! ids (greedy and seeded, f32 and int4, one at a time and eight at once) while the cache
+//! reports its hits; a proof made on a cache hit is verified; the cache evicts within its
+//! budget.
+
+use ludus::inference::engine::HIDDEN_TAIL_ROWS;
+use ludus::inference::prefix_cache::PrefixStats;
+use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, Quantization, SamplingParams};
+use tch::Device;
+
+use crate::helpers::{drain, smollm2};
+
+const BLOCK: usize = 64;
+
+/// A persona long enough for several blocks, as games send it.
+fn persona() -> String {
+    let lore = "The village of Emberfall sits under a sleeping volcano. Its smith, Brakka, \
+        has forged blades for three kings and trusts none of them. She speaks in short, \
+        gruff sentences, hates haggling, and softens only when someone mentions her late \
+        brother Torv, who vanished on the ash road. ";
+    format!("You are Brakka, the smith of Emberfall. Stay in character. {}", lore.repeat(6))
+}
+
+fn lines() -> Vec<&'static str> {
+    vec![
+        "How much for a sword?",
+        "Have you seen my brother?",
+        "Can you fix my shield?",
+        "What do you think of the king?",
+        "Is the volcano going to wake?",
+        "Teach me to forge.",
+        "Why so grumpy?",
+        "Where is the ash road?",
+    ]
+}
+
+fn prompt(model: &Model, line: &str) -> Vec<u32> {
+    model
+        .chat_prompt(&[ChatMessage::new("system", &persona()), ChatMessage::new("user", line)])
+        .expect("the chat template renders")
+}
+
+fn start(quantization: Quantization, prefix_cache_bytes: usize, max_batch: usize) -> Engine {
+    let path = smollm2().expect("checked by the caller");
+    let model = Model::load_quantized(&path, Device::Cpu, None, quantization, None).unwrap();
+    let config = EngineConfig {
+        max_batch,
+        max_context: 1024,
+        prefill_chunk: BLOCK,
+        threads: 2,
+        single_sequence_threads: 0,
+        prefix_cache_bytes,
+    };
+    Engine::start(model, config).unwrap()
+}
+
+fn request(prompt: Vec<u32>, params: &SamplingParams) -> GenerateRequest {
+    GenerateRequest { prompt, params: params.clone(), max_tokens: 24, ..Default::default() }
+}
+
+fn stats(engine: &Engine) -> PrefixStats {
+    engine.load.prefix.lock().unwrap().stats
+}
+
+/// Runs `lines` on `engine`, `together` at a time; the token ids of each.
+fn run(engine: &Engine, model: &Model, lines: &[&str], params: &SamplingParams, together: usize) -> Vec<Vec<u32>> {
+    let mut out = Vec::new();
+    for group in lines.chunks(together) {
+        let streams: Vec<_> =
+            group.iter().map(|l| engine.submit(request(prompt(model, l), params)).expect("submit")).collect();
+        out.extend(streams.into_iter().map(|rx| drain(rx).0));
+    }
+    out
+}
+
+#[test]
+fn a_cached_prefix_changes_no_token() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    assert!(prompt(&model, "x").len() > 4 * BLOCK, "the persona spans several blocks");
+    let greedy = SamplingParams::greedy();
+    let seeded = SamplingParams { temperature: 0.9, top_p: 0.95, seed: 7, ..Default::default() };
+    for quantization in [Quantization::None, Quantization::Int4] {
+        for (name, params) in [("greedy", &greedy), ("seeded", &seeded)] {
+            // One at a time: every request after the first finds the persona cached.
+            let (cold, warm) = (start(quantization, 0, 1), start(quantization, 64 << 20, 1));
+            let want = run(&cold, &model, &lines()[..4], params, 1);
+            let got = run(&warm, &model, &lines()[..4], params, 1);
+            assert_eq!(got, want, "{quantization} {name}, batch 1: the cache changed tokens");
+            let s = stats(&warm);
+            assert!(s.hits == 3 && s.misses == 1 && s.tokens_reused >= 3 * 4 * BLOCK as u64, "{s:?}");
+            assert_eq!(stats(&cold), PrefixStats::default(), "the cache is off at 0 bytes");
+        }
+    }
+}
+
+/// Eight at once: each sequence's prefill shares steps with the others' decoding, and a
+/// cache hit changes which steps those are. A row's numbers depend slightly on how many
+/// rows share its step (int4's kernels more than f32's), so answers may part where two
+/// tokens score within that noise, as they already do between batch sizes without any
+/// cache (`smollm2_reference::seeded_sampling_is_batch_invariant_up_to_near_ties`): within
+/// the tie margin the verifier grants an honest node of that format, and nowhere else.
+#[test]
+fn eight_at_once_with_a_warm_cache_answer_as_without_it_up_to_near_ties() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let greedy = SamplingParams::greedy();
+    let seeded = SamplingParams { temperature: 0.9, top_p: 0.95, seed: 11, ..Default::default() };
+    for quantization in [Quantization::None, Quantization::Int4] {
+        let reference = Model::load_quantized(&path, Device::Cpu, None, quantization, None).unwrap();
+        for (name, params) in [("greedy", &greedy), ("seeded", &seeded)] {
+            let (cold, warm) = (start(quantization, 0, 8), start(quantization, 64 << 20, 8));
+            // Warm the cache with the persona (another line), then eight lines at once.
+            run(&warm, &model, &["Good morning."], params, 1);
+            let want = run(&cold, &model, &lines(), params, 8);
+            let got = run(&warm, &model, &lines(), params, 8);
+            for (i, line) in lines().iter().enumerate() {
+                if let Some(k) = want[i].iter().zip(&got[i]).position(|(a, b)| a != b) {
+                    let gap =
+                        score_gap(&reference, &prompt(&model, line), &want[i][..k], want[i][k], got[i][k], params);
+                    let margin = ludus::proof::Format::of(quantization, tch::Kind::Float).tie_margin() as f64;
+                    assert!(gap < margin, "{quantization} {name}, batch 8, answer {i}: parted at token {k} by {gap}");
+                    eprintln!("{quantization} {name}: answer {i} parted at token {k}, a near-tie (gap {gap:.1e})");
+                } else {
+                    assert_eq!(want[i], got[i], "{quantization} {name}: answer {i} is shorter");
+                }
+            }
+            assert!(stats(&warm).hits >= 8, "{:?}", stats(&warm));
+        }
+    }
+}
+
+/// How far apart the seeded sampler scores tokens `a` and `b` after `prompt` + `before`,
+/// on `model`'s own logits (0 = a tie).
+fn score_gap(model: &Model, prompt: &[u32], before: &[u32], a: u32, b: u32, params: &SamplingParams) -> f64 {
+    use ludus::inference::kv_cache::KvCache;
+    use ludus::inference::llama::LogitsFor;
+    use ludus::inference::sampling::{candidates, gumbel};
+    let context: Vec<u32> = prompt.iter().chain(before).copied().collect();
+    let mut cache = KvCache::new(&model.llama.config, 1, context.len(), Device::Cpu, model.llama.kind).unwrap();
+    let _guard = tch::no_grad_guard();
+    let logits = model.llama.prefill(&mut cache, 0, &context, 0, LogitsFor::Last).unwrap().logits;
+    let logits = Vec::<f32>::try_from(&logits.flatten(0, -1)).unwrap();
+    let position = context.len() as u64;
+    let score = |t: u32| -> f64 {
+        if params.temperature == 0.0 {
+            return logits[t as usize] as f64;
+        }
+        let (_, s) = candidates(&logits, params).into_iter().find(|c| c.0 == t).expect("both tokens are candidates");
+        s as f64 + gumbel(params.seed, position, t)
+    };
+    (score(a) - score(b)).abs()
+}
+
+#[test]
+fn a_proof_made_on_a_cache_hit_is_verified() {
+    use ludus::crypto::identity::Identity;
+    use ludus::proof::signed::collect_blocking;
+    use ludus::proof::{verify, ProofBuilder, Tolerances};
+    let Some(path) = smollm2() else { return };
+    const {
+        assert!(ludus::proof::commitment::CHUNK <= HIDDEN_TAIL_ROWS, "the engine computes every row a proof commits to")
+    };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let reference = Model::load(&path, Device::Cpu, None).unwrap();
+    let engine = start(Quantization::None, 64 << 20, 1);
+    let params = SamplingParams { temperature: 0.7, seed: 3, ..Default::default() };
+    let identity = Identity::generate();
+    for (i, line) in lines()[..3].iter().enumerate() {
+        let challenge = [i as u8 + 1; 32];
+        let prompt = prompt(&model, line);
+        let rx = engine
+            .submit(GenerateRequest { collect_hidden: true, ..request(prompt.clone(), &params) })
+            .expect("submit");
+        let mut builder = ProofBuilder::new(challenge, ludus::proof::commitment::DEFAULT_TOP_K);
+        let completion = collect_blocking(rx, &mut builder).unwrap();
+        let proof = builder.finish(&identity, i as u64, &model.name, &completion).expect("a proof");
+        assert_eq!(proof.prompt_tokens as usize, prompt.len(), "cached rows count in the prompt");
+        let verdict = verify(&reference, &proof, &prompt, &completion, &params, &Tolerances::default()).unwrap();
+        assert!(verdict.accepted, "request {i}: {:?}", verdict.reasons);
+    }
+    assert_eq!(stats(&engine).hits, 2, "the later requests were served from the cache");
+}
+
+#[test]
+fn the_cache_stays_within_its_budget_and_keeps_what_is_used() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let per_block =
+        ludus::inference::prefix_cache::PrefixCache::bytes_per_token(&model.llama.config, model.llama.kind) * BLOCK;
+    // Room for 6 blocks: less than two personas' worth.
+    let engine = start(Quantization::None, 6 * per_block, 1);
+    let greedy = SamplingParams::greedy();
+    let other = |line: &str| {
+        model
+            .chat_prompt(&[
+                ChatMessage::new("system", &persona().replace("Brakka", "Vessa").replace("smith", "baker")),
+                ChatMessage::new("user", line),
+            ])
+            .unwrap()
+    };
+    drain(engine.submit(request(prompt(&model, "Hello."), &greedy)).unwrap());
+    drain(engine.submit(request(other("Hello."), &greedy)).unwrap());
+    let s = stats(&engine);
+    assert!(s.blocks <= 6 && s.capacity == 6, "{s:?}");
+    // The second persona evicted the first one's blocks (least recently used): a miss.
+    drain(engine.submit(request(prompt(&model, "Again."), &greedy)).unwrap());
+    let after = stats(&engine);
+    assert_eq!((after.hits, after.misses), (0, 3), "{after:?}");
+    // Used again right away, it is a hit.
+    drain(engine.submit(request(prompt(&model, "Once more."), &greedy)).unwrap());
+    assert_eq!(stats(&engine).hits, 1, "{:?}", stats(&engine));
+}
+
+/// Two scripted nodes of two slots each, one reporting the persona's blocks in its
+/// heartbeats: the persona's requests go to it while it has a free slot, then to the other.
+#[test]
+fn requests_of_one_persona_go_to_the_node_that_holds_it_until_it_is_busy() {
+    use std::time::{Duration, Instant};
+
+    use ludus::inference::prefix_cache::block_names;
+    use ludus::node::link::{join, Announce};
+    use ludus::protocol::{NodeLoad, NodeMessage, PrefixHeld, ServerMessage};
+
+    use crate::cluster::Cluster;
+    use crate::registry::try_post_chat;
+
+    let Some(path) = smollm2() else { return };
+    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+    let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
+    let text = ludus::inference::ModelText::load(&path).unwrap();
+    let messages = |line: &str| vec![ChatMessage::new("system", &persona()), ChatMessage::new("user", line)];
+    let ids = text.chat_prompt(&messages(lines()[0])).unwrap();
+    let blocks: Vec<String> = block_names(&ids, BLOCK).iter().take(4).map(|n| hex::encode(&n[..8])).collect();
+    let holder_load = NodeLoad {
+        prefix: PrefixHeld { block: BLOCK as u32, blocks, hits: 5, misses: 1, tokens_reused: 1280 },
+        ..NodeLoad::default()
+    };
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let models = move |addr: &str| {
+        crate::cluster::raw(addr, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").body
+    };
+    let game = std::thread::spawn(move || {
+        // Both nodes first (their first heartbeats carry their prefix reports).
+        crate::cluster::wait_for("both nodes", Duration::from_secs(30), || models(&addr).contains("\"nodes\":2"));
+        for line in &lines()[..3] {
+            let body = serde_json::json!({"model": MODEL, "max_tokens": 4, "messages": messages(line)}).to_string();
+            let (addr, key) = (addr.clone(), key.clone());
+            std::thread::spawn(move || try_post_chat(&addr, &key, &body));
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    let (to_holder, to_other, metrics) = actix_rt::System::new().block_on(async {
+        let announce = || Announce { models: vec![MODEL.into()], capacity: 2, device: "cpu".into(), bundles: vec![] };
+        let url = format!("ws://{}/ws/node", cluster.addr);
+        let mut holder = join(&url, &ludus::crypto::identity::Identity::generate(), announce(), None).await.unwrap();
+        let mut other = join(&url, &ludus::crypto::identity::Identity::generate(), announce(), None).await.unwrap();
+        let (mut to_holder, mut to_other) = (Vec::new(), Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while to_holder.len() + to_other.len() < 3 && Instant::now() < deadline {
+            holder.send(&NodeMessage::Heartbeat(holder_load.clone())).await.unwrap();
+            other.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.unwrap();
+            if let Ok(ServerMessage::Task(spec)) = holder.recv(Duration::from_millis(25)).await {
+                to_holder.push(spec.id);
+            }
+            if let Ok(ServerMessage::Task(spec)) = other.recv(Duration::from_millis(25)).await {
+                to_other.push(spec.id);
+            }
+        }
+        // While both nodes are live (their caches count in /metrics while they are).
+        holder.send(&NodeMessage::Heartbeat(holder_load.clone())).await.unwrap();
+        let addr = cluster.addr.clone();
+        let get = move || crate::cluster::raw(&addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let metrics = actix_rt::task::spawn_blocking(get).await.unwrap();
+        (to_holder, to_other, metrics)
+    });
+    game.join().unwrap();
+    assert_eq!(
+        (to_holder.len(), to_other.len()),
+        (2, 1),
+        "two to the holder until its slots were full, then the other"
+    );
+    let (status, metrics) = (metrics.status, metrics.body);
+    assert_eq!(status, 200);
+    assert!(metrics.contains("ludus_prefix_routed_total 2"), "{metrics}");
+    assert!(metrics.contains("ludus_prefix_cache_requests{result=\"hit\"} 5"), "{metrics}");
+}
