@@ -13,6 +13,25 @@ use super::error::{InferError, Result};
 /// Positions zeroed at once by [`KvCache::ensure_initialized`].
 const ZERO_BLOCK: usize = 128;
 
+/// Keys and values for every layer, `[rows, kv_heads, len, head_dim]` each, allocated
+/// (`empty`: pages are touched only when written).
+pub(crate) fn layer_tensors(
+    config: &LlamaConfig,
+    rows: usize,
+    len: usize,
+    device: Device,
+    kind: Kind,
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let shape = [rows as i64, config.num_kv_heads as i64, len as i64, config.head_dim as i64];
+    let mut keys = Vec::with_capacity(config.num_layers);
+    let mut values = Vec::with_capacity(config.num_layers);
+    for _ in 0..config.num_layers {
+        keys.push(Tensor::f_empty(shape, (kind, device))?);
+        values.push(Tensor::f_empty(shape, (kind, device))?);
+    }
+    Ok((keys, values))
+}
+
 pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
@@ -29,13 +48,7 @@ impl KvCache {
     }
 
     pub fn new(config: &LlamaConfig, slots: usize, max_len: usize, device: Device, kind: Kind) -> Result<Self> {
-        let shape = [slots as i64, config.num_kv_heads as i64, max_len as i64, config.head_dim as i64];
-        let mut keys = Vec::with_capacity(config.num_layers);
-        let mut values = Vec::with_capacity(config.num_layers);
-        for _ in 0..config.num_layers {
-            keys.push(Tensor::f_empty(shape, (kind, device))?);
-            values.push(Tensor::f_empty(shape, (kind, device))?);
-        }
+        let (keys, values) = layer_tensors(config, slots, max_len, device, kind)?;
         Ok(Self { keys, values, lens: vec![0; slots], initialized: vec![0; slots], max_len })
     }
 

@@ -101,13 +101,7 @@ impl PrefixCache {
         if capacity == 0 {
             return Ok(None);
         }
-        let shape = [capacity as i64, config.num_kv_heads as i64, block as i64, config.head_dim as i64];
-        let mut keys = Vec::with_capacity(config.num_layers);
-        let mut values = Vec::with_capacity(config.num_layers);
-        for _ in 0..config.num_layers {
-            keys.push(Tensor::f_empty(shape, (kind, device))?);
-            values.push(Tensor::f_empty(shape, (kind, device))?);
-        }
+        let (keys, values) = super::kv_cache::layer_tensors(config, capacity, block, device, kind)?;
         let stats = PrefixStats { capacity, ..PrefixStats::default() };
         Ok(Some(Self {
             block,
