@@ -252,7 +252,7 @@ mod tests {
         std::fs::write(&path, "[engine]\nmax_batch = 3\n").unwrap();
         let s = Settings::load(Some(&path)).unwrap();
         assert_eq!(s.engine.max_batch, 3);
-        assert_eq!(s.engine.prefill_chunk, 256, "unset keys keep their defaults");
+        assert_eq!(s.engine.prefill_chunk, 128, "unset keys keep their defaults");
     }
 
     #[test]

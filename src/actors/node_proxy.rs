@@ -885,3 +885,26 @@ fn bounded_load(mut load: NodeLoad, node: &str) -> NodeLoad {
     }
     load
 }
+
+#[cfg(test)]
+mod prefix_report_tests {
+    use super::*;
+
+    fn load(block: u32, blocks: Vec<String>) -> NodeLoad {
+        NodeLoad { prefix: PrefixHeld { block, blocks, hits: 3, ..PrefixHeld::default() }, ..NodeLoad::default() }
+    }
+
+    #[test]
+    fn a_prefix_report_out_of_bounds_is_ignored_and_a_sound_one_kept() {
+        let sound = load(256, vec!["00112233aabbccdd".into(); 64]);
+        assert_eq!(bounded_load(sound.clone(), "n"), sound);
+        for bad in [
+            load(256, vec!["00112233aabbccdd".into(); 65]),
+            load(256, vec!["0011".into()]),
+            load(256, vec!["zz112233aabbccdd".into()]),
+            load(1 << 20, vec!["00112233aabbccdd".into()]),
+        ] {
+            assert_eq!(bounded_load(bad, "n").prefix, PrefixHeld::default());
+        }
+    }
+}

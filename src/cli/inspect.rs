@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::inference::config::LlamaConfig;
-use crate::inference::memory_plan::{plan, quantizations_for, RUNTIME_BYTES};
+use crate::inference::memory_plan::{plan, quantizations_for, Workload, RUNTIME_BYTES};
 use crate::inference::tokenizer::Tokenizer;
 use crate::inference::weights::WeightSource;
 
@@ -17,7 +17,7 @@ pub fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
 }
 
 /// Prints the model's report; with `plan = (budget, context, batch)`, also a memory plan.
-pub fn run(path: &Path, plan: Option<(u64, u64, u64)>) -> anyhow::Result<()> {
+pub fn run(path: &Path, plan: Option<(u64, Workload)>) -> anyhow::Result<()> {
     if crate::inference::protect::is_bundle(path) {
         let m = crate::inference::protect::read_manifest(path)?;
         let report = serde_json::json!({"path": path.display().to_string(), "format": m.format, "name": m.name,
@@ -70,18 +70,23 @@ pub fn run(path: &Path, plan: Option<(u64, u64, u64)>) -> anyhow::Result<()> {
         "kv_cache_bytes_per_token_f32": config.kv_bytes_per_token(4),
     });
     let mut report = report;
-    if let Some((budget, context, batch)) = plan {
-        report["memory_plan"] = memory_plan(&config, budget, context, batch);
+    if let Some((budget, workload)) = plan {
+        report["memory_plan"] = memory_plan(&config, budget, workload);
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
 
 /// The plan for CUDA (bf16) and CPU (f32), as JSON, with a readable table on stderr.
-fn memory_plan(config: &LlamaConfig, budget: u64, context: u64, batch: u64) -> serde_json::Value {
-    let context = context.min(config.max_position_embeddings as u64).max(1);
+fn memory_plan(config: &LlamaConfig, budget: u64, workload: Workload) -> serde_json::Value {
+    let context = workload.context.min(config.max_position_embeddings as u64).max(1);
+    let (batch, workload) = (workload.batch, Workload { context, ..workload });
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    eprintln!("memory plan: {batch} sequence(s) × {context} tokens, budget {:.0} MiB", mib(budget));
+    eprintln!(
+        "memory plan: {batch} sequence(s) × {context} tokens, a {:.0} MiB prefix cache, budget {:.0} MiB",
+        mib(workload.prefix_cache_bytes),
+        mib(budget)
+    );
     eprintln!(
         "{:<6} {:<12} {:>12} {:>12} {:>12}  {:<5} {:>12}",
         "device", "quantization", "weights MiB", "KV MiB", "total MiB", "fits", "max context"
@@ -93,7 +98,7 @@ fn memory_plan(config: &LlamaConfig, budget: u64, context: u64, batch: u64) -> s
             .iter()
             .flat_map(|&q| {
                 let kind = crate::inference::model::default_dtype_for(tch_device, q);
-                plan(config, &[q], tch_device, kind, batch, context, budget)
+                plan(config, &[q], tch_device, kind, workload, budget)
             })
             .collect();
         for r in &rows {
@@ -110,5 +115,5 @@ fn memory_plan(config: &LlamaConfig, budget: u64, context: u64, batch: u64) -> s
         out.insert(device.to_string(), serde_json::to_value(rows).unwrap_or_default());
     }
     serde_json::json!({"budget_bytes": budget, "context": context, "batch": batch,
-        "runtime_bytes": RUNTIME_BYTES, "devices": out})
+        "prefix_cache_bytes": workload.prefix_cache_bytes, "runtime_bytes": RUNTIME_BYTES, "devices": out})
 }

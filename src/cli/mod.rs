@@ -216,7 +216,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|b| crate::inference::memory_plan::parse_bytes(&b))
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            inspect::run(&path, budget.map(|b| (b, context.unwrap_or(settings.engine.max_context as u64), batch)))
+            let workload = crate::inference::memory_plan::Workload {
+                batch,
+                context: context.unwrap_or(settings.engine.max_context as u64),
+                prefix_cache_bytes: (settings.engine.prefix_cache_mb as u64) << 20,
+            };
+            inspect::run(&path, budget.map(|b| (b, workload)))
         }
         Command::Bench(bench::BenchCommand::Load(args)) => load::run(&settings, args),
         Command::Bench(cmd) => bench::run(&settings, cmd),

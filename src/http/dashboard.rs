@@ -16,7 +16,7 @@ use super::errors::ApiError;
 use super::metrics::{COMPLETION_TOKENS, PROMPT_TOKENS};
 use super::registry_api::{require_admin, unavailable};
 use super::server::AppState;
-use crate::actors::messages::ListNodes;
+use crate::actors::messages::{ListNodes, PrefixCounters};
 
 const PAGE: &str = include_str!("dashboard.html");
 
@@ -104,6 +104,7 @@ pub async fn data(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         .collect();
     let verification: serde_json::Map<String, serde_json::Value> =
         state.store.verification_counts().await.map_err(unavailable)?.into_iter().map(|(k, n)| (k, n.into())).collect();
+    let prefix_cache = state.distributor.send(PrefixCounters).await.unwrap_or_default();
     let blocks = state.store.recent_blocks(12).await.map_err(unavailable)?;
     let epochs = state.store.recent_epochs(8).await.map_err(unavailable)?;
     let anchoring = state.store.anchor_progress().await.map_err(unavailable)?;
@@ -121,6 +122,7 @@ pub async fn data(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
             "completion": COMPLETION_TOKENS.load(std::sync::atomic::Ordering::Relaxed),
         },
         "verification": verification,
+        "prefix_cache": prefix_cache,
         "blocks": blocks,
         "epochs": epochs,
         "anchoring": anchoring,

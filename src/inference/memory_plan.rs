@@ -5,7 +5,8 @@
 //! layers at [`Quantization::bytes_per_weight`], the embedding and output head as
 //! [`table_format`] stores them (the model dtype; under a quantization, per-row int8 on
 //! CPU and bf16 on CUDA), norms in the model dtype, and a KV cache of `batch × context`
-//! tokens in the model dtype, plus the runtime's own footprint.
+//! tokens in the model dtype, the prefix cache's reserve (`[engine] prefix_cache_mb`),
+//! plus the runtime's own footprint.
 
 use tch::{Device, Kind};
 
@@ -25,6 +26,8 @@ pub struct PlanRow {
     pub dtype: String,
     pub weight_bytes: u64,
     pub kv_cache_bytes: u64,
+    /// The prefix cache's reserve (it fills up to this as prompts are cached).
+    pub prefix_cache_bytes: u64,
     pub total_bytes: u64,
     pub fits: bool,
     /// The longest context (for `batch` sequences) that fits the budget; 0 if none.
@@ -67,30 +70,40 @@ pub fn quantizations_for(cuda: bool) -> &'static [Quantization] {
     }
 }
 
+/// What the engine is sized for: `batch` sequences of `context` tokens, and the prefix
+/// cache's reserve in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workload {
+    pub batch: u64,
+    pub context: u64,
+    pub prefix_cache_bytes: u64,
+}
+
 /// Plans each of `quantizations` for a device and its dtype.
 pub fn plan(
     config: &LlamaConfig,
     quantizations: &[Quantization],
     device: Device,
     kind: Kind,
-    batch: u64,
-    context: u64,
+    workload: Workload,
     budget: u64,
 ) -> Vec<PlanRow> {
+    let Workload { batch, context, prefix_cache_bytes } = workload;
     quantizations
         .iter()
         .copied()
         .map(|q| {
             let weights = weight_bytes(config, q, device, kind);
             let kv = kv_cache_bytes(config, kind, batch, context);
-            let total = RUNTIME_BYTES + weights + kv;
+            let total = RUNTIME_BYTES + weights + kv + prefix_cache_bytes;
             let per_token = kv_cache_bytes(config, kind, batch, 1).max(1);
-            let room = budget.saturating_sub(RUNTIME_BYTES + weights);
+            let room = budget.saturating_sub(RUNTIME_BYTES + weights + prefix_cache_bytes);
             PlanRow {
                 quantization: q,
                 dtype: format!("{kind:?}").to_lowercase(),
                 weight_bytes: weights,
                 kv_cache_bytes: kv,
+                prefix_cache_bytes,
                 total_bytes: total,
                 fits: total <= budget,
                 max_context_in_budget: (room / per_token).min(config.max_position_embeddings as u64),
@@ -147,7 +160,8 @@ mod tests {
     fn an_8b_model_fits_8_gib_only_in_int4() {
         let gib = 1u64 << 30;
         let all = [Quantization::None, Quantization::Int8, Quantization::Int4];
-        let rows = plan(&llama3_8b(), &all, Device::Cuda(0), Kind::BFloat16, 1, 8192, 8 * gib);
+        let workload = Workload { batch: 1, context: 8192, prefix_cache_bytes: 0 };
+        let rows = plan(&llama3_8b(), &all, Device::Cuda(0), Kind::BFloat16, workload, 8 * gib);
         let by = |q| rows.iter().find(|r| r.quantization == q).unwrap();
         // 8.03 B parameters: about 16 GB in bf16, 8 GB in int8, under 5 GB in int4.
         assert!(by(Quantization::None).weight_bytes > 14 * gib); // 16.06 GB
@@ -194,5 +208,20 @@ mod tests {
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("lots").unwrap_err().contains("not a size"));
         assert!(parse_bytes("8 parsecs").unwrap_err().contains("unknown size unit"));
+    }
+
+    #[test]
+    fn the_prefix_cache_reserve_counts_against_the_budget() {
+        let gib = 1u64 << 30;
+        let (c, q) = (llama3_8b(), [Quantization::Int4]);
+        let without = Workload { batch: 1, context: 8192, prefix_cache_bytes: 0 };
+        let with = Workload { prefix_cache_bytes: gib, ..without };
+        let (a, b) = (
+            plan(&c, &q, Device::Cuda(0), Kind::BFloat16, without, 8 * gib).remove(0),
+            plan(&c, &q, Device::Cuda(0), Kind::BFloat16, with, 8 * gib).remove(0),
+        );
+        assert_eq!(b.total_bytes, a.total_bytes + gib);
+        // 1 GiB of bf16 KV is 8,192 tokens of this model: the reserve costs exactly that.
+        assert_eq!(a.max_context_in_budget - b.max_context_in_budget, 8192);
     }
 }
