@@ -52,34 +52,56 @@ struct NodeEntry {
 }
 
 /// Cache-aware routing: among `candidates` (nodes with room for the job), the one whose
-/// prefix cache holds the most leading blocks of the job's prompt (the cheaper on a tie);
-/// `None` when none holds its first block, or the server has not the prompt's ids.
-fn prefix_choice(nodes: &HashMap<NodeId, NodeEntry>, job: &Job, candidates: &[(NodeId, f64)]) -> Option<NodeId> {
+/// prefix cache holds the most tokens of the job's prompt's leading blocks, as long as it
+/// is not failing lately and runs at most [`PREFIX_AFFINITY_SLACK`] more jobs than the
+/// least busy candidate; the cheaper on a tie. `None` when no such node holds the first
+/// block, or the server has not the prompt's ids: load-based choice then. The slack
+/// bounds what a node can attract by claiming blocks it does not hold.
+fn prefix_choice(
+    nodes: &HashMap<NodeId, NodeEntry>,
+    job: &Job,
+    candidates: &[(NodeId, f64)],
+    now: Instant,
+) -> Option<NodeId> {
     let ids = job.prompt_ids.as_deref()?;
+    let least_busy = candidates.iter().filter_map(|(id, _)| nodes.get(id)).map(|n| n.stats.in_flight).min()?;
     let mut names: HashMap<u32, Vec<String>> = HashMap::new();
     let mut best: Option<(usize, f64, NodeId)> = None;
     for &(id, cost) in candidates {
-        let held = &nodes.get(&id)?.load.prefix;
-        if held.block == 0 || held.blocks.is_empty() {
+        let Some(node) = nodes.get(&id) else { continue };
+        let held = &node.load.prefix;
+        let failing =
+            node.stats.last_failure.is_some_and(|at| now.saturating_duration_since(at) < PREFIX_FAILURE_PAUSE);
+        if held.blocks.is_empty() || failing || node.stats.in_flight > least_busy + PREFIX_AFFINITY_SLACK {
             continue;
         }
+        let block = held.block as usize;
+        // Only as many blocks as a report can name: the cost of a dispatch is bounded.
         let names = names.entry(held.block).or_insert_with(|| {
-            crate::inference::prefix_cache::block_names(ids, held.block as usize)
+            let span = ids.len().min(block * crate::protocol::messages::MAX_PREFIX_BLOCKS);
+            crate::inference::prefix_cache::block_names(&ids[..span], block)
                 .iter()
                 .map(|n| hex::encode(&n[..8]))
                 .collect()
         });
-        let depth = names.iter().take_while(|n| held.blocks.contains(n)).count();
+        let tokens = names.iter().take_while(|n| held.blocks.contains(n)).count() * block;
         let better = match best {
-            None => depth > 0,
-            Some((d, c, _)) => depth > d || (depth == d && cost < c),
+            None => tokens > 0,
+            Some((t, c, _)) => tokens > t || (tokens == t && cost < c),
         };
         if better {
-            best = Some((depth, cost, id));
+            best = Some((tokens, cost, id));
         }
     }
     best.map(|(_, _, id)| id)
 }
+
+/// Jobs a prefix-holding node may run beyond the least busy candidate and still be
+/// preferred for its cache.
+const PREFIX_AFFINITY_SLACK: usize = 4;
+
+/// How long a node that failed a job is not preferred for its cache.
+const PREFIX_FAILURE_PAUSE: Duration = Duration::from_secs(30);
 
 /// Where a running job is and what it reserved.
 struct Running {
@@ -178,11 +200,10 @@ impl Distributor {
             })
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
-        let by_prefix = prefix_choice(&self.nodes, &job, &costs);
+        let by_prefix = prefix_choice(&self.nodes, &job, &costs, now);
         let Some(id) = by_prefix.or_else(|| pick_two(&costs, &mut self.rng)) else {
             return Err((job, false));
         };
-        self.prefix_routed += by_prefix.is_some() as u64;
         let node = self.nodes.get_mut(&id).expect("picked from the table");
         let reserved_tokens = job.max_tokens.saturating_sub(job.emitted.len());
         let task = job.id;
@@ -197,6 +218,7 @@ impl Distributor {
         }
         node.stats.in_flight += 1;
         node.stats.outstanding_tokens += reserved_tokens;
+        self.prefix_routed += by_prefix.is_some() as u64;
         self.running.insert(task, Running { node: id, reserved_tokens });
         Ok(())
     }
@@ -544,9 +566,10 @@ impl Handler<PrefixCounters> for Distributor {
         let mut totals = PrefixTotals { routed: self.prefix_routed, ..PrefixTotals::default() };
         for node in self.nodes.values() {
             let p = &node.load.prefix;
-            totals.hits += p.hits;
-            totals.misses += p.misses;
-            totals.tokens_reused += p.tokens_reused;
+            // Node-reported: summed without overflow, whatever a node claims.
+            totals.hits = totals.hits.saturating_add(p.hits);
+            totals.misses = totals.misses.saturating_add(p.misses);
+            totals.tokens_reused = totals.tokens_reused.saturating_add(p.tokens_reused);
         }
         MessageResult(totals)
     }

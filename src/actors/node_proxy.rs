@@ -404,7 +404,7 @@ impl NodeProxy {
                         device,
                     });
                 }
-                let load = bounded_load(load, &self.address.map(|a| a.to_string()).unwrap_or_default());
+                let load = bounded_load(load, self.address);
                 self.distributor.do_send(NodeHeartbeat { id: self.id, load })
             }
             NodeMessage::Token { id, index, token, text, logprobs } => {
@@ -866,15 +866,23 @@ impl Handler<BlockConfirmed> for NodeProxy {
     }
 }
 
-/// A heartbeat's load with its prefix report dropped when it is out of bounds (more than
-/// [`MAX_PREFIX_BLOCKS`] names, a name that is not 8 bytes of hex, an absurd block size):
-/// routing then ignores the node's cache, nothing else changes.
-fn bounded_load(mut load: NodeLoad, node: &str) -> NodeLoad {
+/// Smallest prefix block a node may report: finer blocks would let a node claim the
+/// chat template's first tokens, which every prompt shares.
+const MIN_PREFIX_BLOCK: u32 = 64;
+
+/// A heartbeat's load with its prefix report dropped when it is out of bounds (a block
+/// under [`MIN_PREFIX_BLOCK`] or over 65,536 tokens, more than [`MAX_PREFIX_BLOCKS`] names,
+/// a name that is not 8 bytes of lower-case hex): routing then ignores the node's cache,
+/// nothing else changes.
+fn bounded_load(mut load: NodeLoad, node: Option<Address>) -> NodeLoad {
     let p = &load.prefix;
-    let well_formed = p.block <= 1 << 16
-        && p.blocks.len() <= MAX_PREFIX_BLOCKS
-        && p.blocks.iter().all(|b| b.len() == 16 && b.bytes().all(|c| c.is_ascii_hexdigit()));
+    let hex = |b: &String| b.len() == 16 && b.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    let well_formed = p.blocks.is_empty()
+        || ((MIN_PREFIX_BLOCK..=1 << 16).contains(&p.block)
+            && p.blocks.len() <= MAX_PREFIX_BLOCKS
+            && p.blocks.iter().all(hex));
     if !well_formed {
+        let node = node.map(|a| a.to_string()).unwrap_or_default();
         tracing::warn!(
             node,
             blocks = p.blocks.len(),
@@ -897,14 +905,16 @@ mod prefix_report_tests {
     #[test]
     fn a_prefix_report_out_of_bounds_is_ignored_and_a_sound_one_kept() {
         let sound = load(256, vec!["00112233aabbccdd".into(); 64]);
-        assert_eq!(bounded_load(sound.clone(), "n"), sound);
+        assert_eq!(bounded_load(sound.clone(), None), sound);
         for bad in [
             load(256, vec!["00112233aabbccdd".into(); 65]),
             load(256, vec!["0011".into()]),
             load(256, vec!["zz112233aabbccdd".into()]),
+            load(256, vec!["00112233AABBCCDD".into()]),
             load(1 << 20, vec!["00112233aabbccdd".into()]),
+            load(1, vec!["00112233aabbccdd".into()]),
         ] {
-            assert_eq!(bounded_load(bad, "n").prefix, PrefixHeld::default());
+            assert_eq!(bounded_load(bad, None).prefix, PrefixHeld::default());
         }
     }
 }

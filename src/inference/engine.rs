@@ -396,10 +396,12 @@ impl Scheduler {
         self.load.waiting.store(self.waiting.len(), Ordering::Relaxed);
         self.load.queued_tokens.store(queued, Ordering::Relaxed);
         if let Some(prefix) = &self.prefix {
-            if let Ok(mut report) = self.load.prefix.lock() {
-                let stats = prefix.stats();
-                if stats != report.stats {
-                    *report = PrefixReport { stats, block: prefix.block(), held: prefix.held(MAX_REPORTED_BLOCKS) };
+            let stats = prefix.stats();
+            if self.load.prefix.lock().is_ok_and(|r| r.stats != stats) {
+                // Built before locking again: the heartbeat reads the report meanwhile.
+                let report = PrefixReport { stats, block: prefix.block(), held: prefix.held(MAX_REPORTED_BLOCKS) };
+                if let Ok(mut current) = self.load.prefix.lock() {
+                    *current = report;
                 }
             }
         }

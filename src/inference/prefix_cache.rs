@@ -11,8 +11,11 @@
 //!   name and block `i`'s token ids, so a name stands for the whole prefix up to it (a
 //!   block is reused only after the same leading tokens). The names are what a node tells
 //!   its distributor it holds (cache-aware routing).
-//! - **Least recently used blocks go first** when the budget is full; a hit touches its
-//!   blocks from the first, so a chain's tail is evicted before its head.
+//! - **Least recently used blocks go first** when the budget is full. A use stamps a
+//!   chain's blocks from its last to its first, so the head is the newest and a chain
+//!   loses its tail before its head (a chain without its head is useless: reuse starts
+//!   at block 0). Storing never evicts the chain being stored, and stores at most as many
+//!   blocks of one prompt as the cache holds.
 //!
 //! [`EngineConfig::prefill_chunk`]: super::engine::EngineConfig::prefill_chunk
 
@@ -68,6 +71,8 @@ pub struct PrefixStats {
     /// Blocks held now, and at most.
     pub blocks: usize,
     pub capacity: usize,
+    /// Changes whenever the blocks held, or their order of use, change.
+    pub generation: u64,
 }
 
 pub struct PrefixCache {
@@ -136,10 +141,7 @@ impl PrefixCache {
             self.stats.misses += 1;
             return Ok(0);
         }
-        for name in &names[..found.len()] {
-            self.clock += 1;
-            self.entries.get_mut(name).expect("found above").used = self.clock;
-        }
+        self.touch(&names[..found.len()]);
         let len = found.len() * self.block;
         kv.check(slot, len)?;
         for (layer, (k_pool, v_pool)) in self.keys.iter().zip(&self.values).enumerate() {
@@ -161,41 +163,66 @@ impl PrefixCache {
     /// Stores the full blocks of `tokens[..upto]` that `slot` of `kv` holds and the cache
     /// does not, evicting the least recently used blocks when it is full.
     pub fn store(&mut self, tokens: &[u32], upto: usize, kv: &mut KvCache, slot: usize) -> Result<()> {
-        let blocks = upto.min(tokens.len()) / self.block;
+        let blocks = (upto.min(tokens.len()) / self.block).min(self.stats.capacity);
         let names = block_names(&tokens[..blocks * self.block], self.block);
+        let chain: std::collections::HashSet<BlockName> = names.iter().copied().collect();
         for (i, name) in names.iter().enumerate() {
-            self.clock += 1;
-            if let Some(entry) = self.entries.get_mut(name) {
-                entry.used = self.clock;
+            if self.entries.contains_key(name) {
                 continue;
             }
-            let at = match self.free.pop() {
-                Some(at) => at,
-                None => self.evict(),
-            };
-            let start = (i * self.block) as i64;
-            for (layer, (k_pool, v_pool)) in self.keys.iter().zip(&self.values).enumerate() {
-                let (k_cache, v_cache) = kv.layer_mut(layer);
-                let k = k_cache.f_get(slot as i64)?.f_narrow(1, start, self.block as i64)?;
-                let v = v_cache.f_get(slot as i64)?.f_narrow(1, start, self.block as i64)?;
-                k_pool.f_get(at as i64)?.f_copy_(&k)?;
-                v_pool.f_get(at as i64)?.f_copy_(&v)?;
+            let Some(at) = self.free.pop().or_else(|| self.evict(&chain)) else { break };
+            if let Err(e) = self.copy_in(kv, slot, i, at) {
+                self.free.push(at);
+                return Err(e);
             }
-            self.entries.insert(*name, Entry { at, used: self.clock });
+            self.entries.insert(*name, Entry { at, used: 0 });
+        }
+        self.touch(&names);
+        Ok(())
+    }
+
+    /// Copies block `i` of `slot` into place `at` of the pool.
+    fn copy_in(&self, kv: &mut KvCache, slot: usize, i: usize, at: usize) -> Result<()> {
+        let start = (i * self.block) as i64;
+        for (layer, (k_pool, v_pool)) in self.keys.iter().zip(&self.values).enumerate() {
+            let (k_cache, v_cache) = kv.layer_mut(layer);
+            let k = k_cache.f_get(slot as i64)?.f_narrow(1, start, self.block as i64)?;
+            let v = v_cache.f_get(slot as i64)?.f_narrow(1, start, self.block as i64)?;
+            k_pool.f_get(at as i64)?.f_copy_(&k)?;
+            v_pool.f_get(at as i64)?.f_copy_(&v)?;
         }
         Ok(())
     }
 
-    /// Frees the least recently used block and returns its place.
-    fn evict(&mut self) -> usize {
-        let (&name, _) = self.entries.iter().min_by_key(|(_, e)| e.used).expect("a full cache holds blocks");
-        self.entries.remove(&name).expect("just found").at
+    /// Stamps a chain's held blocks as just used, its last block first, so that its head
+    /// is the newest.
+    fn touch(&mut self, names: &[BlockName]) {
+        for name in names.iter().rev() {
+            if let Some(entry) = self.entries.get_mut(name) {
+                self.clock += 1;
+                entry.used = self.clock;
+            }
+        }
+        self.stats.generation += 1;
+    }
+
+    /// Frees the least recently used block outside `keep` and returns its place; `None`
+    /// when every block is in `keep`.
+    fn evict(&mut self, keep: &std::collections::HashSet<BlockName>) -> Option<usize> {
+        let (&name, _) = self.entries.iter().filter(|(n, _)| !keep.contains(*n)).min_by_key(|(_, e)| e.used)?;
+        self.stats.generation += 1;
+        self.entries.remove(&name).map(|e| e.at)
     }
 
     /// The names of the blocks held, most recently used first, at most `max`.
     pub fn held(&self, max: usize) -> Vec<BlockName> {
         let mut held: Vec<(&BlockName, u64)> = self.entries.iter().map(|(n, e)| (n, e.used)).collect();
-        held.sort_unstable_by_key(|&(_, used)| std::cmp::Reverse(used));
+        let newest = |&(_, used): &(&BlockName, u64)| std::cmp::Reverse(used);
+        if held.len() > max && max > 0 {
+            held.select_nth_unstable_by_key(max - 1, newest);
+            held.truncate(max);
+        }
+        held.sort_unstable_by_key(newest);
         held.into_iter().take(max).map(|(n, _)| *n).collect()
     }
 }

@@ -182,27 +182,27 @@ fn a_proof_made_on_a_cache_hit_is_verified() {
     assert_eq!(stats(&engine).hits, 2, "the later requests were served from the cache");
 }
 
+fn block_bytes(model: &Model) -> usize {
+    ludus::inference::prefix_cache::PrefixCache::bytes_per_token(&model.llama.config, model.llama.kind) * BLOCK
+}
+
 #[test]
 fn the_cache_stays_within_its_budget_and_keeps_what_is_used() {
     let Some(path) = smollm2() else { return };
     let model = Model::load(&path, Device::Cpu, None).unwrap();
-    let per_block =
-        ludus::inference::prefix_cache::PrefixCache::bytes_per_token(&model.llama.config, model.llama.kind) * BLOCK;
-    // Room for 6 blocks: less than two personas' worth.
-    let engine = start(Quantization::None, 6 * per_block, 1);
     let greedy = SamplingParams::greedy();
+    // Room for exactly the first persona's blocks.
+    let blocks = (prompt(&model, "Hello.").len() - 1) / BLOCK;
+    let engine = start(Quantization::None, blocks * block_bytes(&model), 1);
+    // Another persona, longer, that starts differently: it needs every block.
     let other = |line: &str| {
-        model
-            .chat_prompt(&[
-                ChatMessage::new("system", &persona().replace("Brakka", "Vessa").replace("smith", "baker")),
-                ChatMessage::new("user", line),
-            ])
-            .unwrap()
+        let system = format!("You are Vessa, the baker, and she knows this smith well. {}", persona());
+        model.chat_prompt(&[ChatMessage::new("system", &system), ChatMessage::new("user", line)]).unwrap()
     };
     drain(engine.submit(request(prompt(&model, "Hello."), &greedy)).unwrap());
     drain(engine.submit(request(other("Hello."), &greedy)).unwrap());
     let s = stats(&engine);
-    assert!(s.blocks <= 6 && s.capacity == 6, "{s:?}");
+    assert!(s.blocks == blocks && s.capacity == blocks, "{s:?}");
     // The second persona evicted the first one's blocks (least recently used): a miss.
     drain(engine.submit(request(prompt(&model, "Again."), &greedy)).unwrap());
     let after = stats(&engine);
@@ -210,6 +210,21 @@ fn the_cache_stays_within_its_budget_and_keeps_what_is_used() {
     // Used again right away, it is a hit.
     drain(engine.submit(request(prompt(&model, "Once more."), &greedy)).unwrap());
     assert_eq!(stats(&engine).hits, 1, "{:?}", stats(&engine));
+}
+
+/// A prompt with more blocks than the cache holds keeps its first ones (reuse starts at
+/// block 0), and a chain loses its tail before its head.
+#[test]
+fn a_prompt_longer_than_the_cache_keeps_its_head() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    assert!((prompt(&model, "Hello.").len() - 1) / BLOCK > 3);
+    let engine = start(Quantization::None, 3 * block_bytes(&model), 1);
+    let greedy = SamplingParams::greedy();
+    drain(engine.submit(request(prompt(&model, "Hello."), &greedy)).unwrap());
+    drain(engine.submit(request(prompt(&model, "Again."), &greedy)).unwrap());
+    let s = stats(&engine);
+    assert_eq!((s.hits, s.tokens_reused, s.blocks), (1, 3 * BLOCK as u64, 3), "{s:?}");
 }
 
 /// Two scripted nodes of two slots each, one reporting the persona's blocks in its
