@@ -27,22 +27,34 @@ pub fn try_chat(addr: &str, key: &str, model: &str) -> Option<u64> {
 
 /// POSTs a chat completion body; the task id of a 200, else None (never panics).
 pub fn try_post_chat(addr: &str, key: &str, body: &str) -> Option<u64> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    post_chat_within(addr, key, body, Duration::from_secs(20)).ok()
+}
+
+/// POSTs a chat completion body and waits up to `timeout` for the answer: the task id of a
+/// 200, else why not (the status line, or the I/O error), for a test to print.
+pub fn post_chat_within(addr: &str, key: &str, body: &str, timeout: Duration) -> Result<u64, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let mut stream = TcpStream::connect(addr).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
          Authorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).ok()?;
+    stream.write_all(request.as_bytes()).map_err(io)?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    if !response.starts_with("HTTP/1.1 200") {
-        return None;
+    stream.read_to_string(&mut response).map_err(io)?;
+    let (head, payload) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{}: {payload}", head.lines().next().unwrap_or("no response")));
     }
-    let json: serde_json::Value = serde_json::from_str(response.split("\r\n\r\n").nth(1)?).ok()?;
-    json["choices"][0]["finish_reason"].as_str()?;
-    u64::from_str_radix(json["id"].as_str()?.strip_prefix("chatcmpl-")?, 16).ok()
+    let json: serde_json::Value = serde_json::from_str(payload).map_err(|e| format!("{e}: {payload}"))?;
+    json["choices"][0]["finish_reason"].as_str().ok_or_else(|| format!("no finish_reason: {payload}"))?;
+    json["id"]
+        .as_str()
+        .and_then(|id| id.strip_prefix("chatcmpl-"))
+        .and_then(|id| u64::from_str_radix(id, 16).ok())
+        .ok_or_else(|| format!("no task id: {payload}"))
 }
 
 /// Requests from `threads` clients until `stop`; the ids of the answers that reached the game.
