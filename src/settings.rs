@@ -17,7 +17,14 @@ pub struct EngineSettings {
     pub dtype: String,
     pub quantize: String,
     pub threads: usize,
-    pub single_sequence_threads: usize,
+    /// Threads for a sequence decoded alone: a count (0 = `threads`) or measured (`auto`).
+    pub single_sequence_threads: crate::inference::tune::Tunable,
+    /// Measure at start-up what `auto` settings should be here (cached per machine and
+    /// model file); false keeps the untuned defaults (int4, one thread per sequence).
+    pub tune: bool,
+    /// Where tunings are remembered ("" = `$XDG_CACHE_HOME/ludus/tune` or
+    /// `~/.cache/ludus/tune`).
+    pub tune_dir: std::path::PathBuf,
     /// Memory for prompt blocks kept for the next request that starts with them (0 = off).
     pub prefix_cache_mb: usize,
 }
@@ -232,7 +239,11 @@ impl Settings {
             max_context: self.engine.max_context,
             prefill_chunk: self.engine.prefill_chunk,
             threads: self.engine.threads,
-            single_sequence_threads: self.engine.single_sequence_threads,
+            // Untuned, a sequence alone gets one thread; start-up tuning may change it.
+            single_sequence_threads: match self.engine.single_sequence_threads {
+                crate::inference::tune::Tunable::Fixed(n) => n,
+                crate::inference::tune::Tunable::Auto => 1,
+            },
             prefix_cache_bytes: self.engine.prefix_cache_mb << 20,
         }
     }

@@ -611,6 +611,7 @@ impl Handler<super::messages::ListNodes> for Distributor {
                 completed: n.stats.completed,
                 failed: n.stats.failed,
                 model_bytes: n.load.model_bytes,
+                tuning: n.load.tuning.clone(),
                 quarantined: self.is_quarantined(&n.address, now),
             })
             .collect();

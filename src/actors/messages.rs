@@ -282,6 +282,8 @@ pub struct LiveNode {
     pub completed: u64,
     pub failed: u64,
     pub model_bytes: u64,
+    /// What the node's start-up tuning chose, as its heartbeat says (bounded).
+    pub tuning: String,
     pub quarantined: bool,
 }
 

@@ -30,7 +30,7 @@ use crate::protocol::handshake::{
 use crate::protocol::receipt::TaskTicket;
 use crate::protocol::{
     decode_frame, encode_frame, messages::FinishReason, messages::MAX_PREFIX_BLOCKS, Hello, NodeLoad, NodeMessage,
-    PrefixHeld, ServerMessage, TaskFailure, TaskId, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    PrefixHeld, ServerMessage, TaskFailure, TaskId, MAX_FRAME_BYTES, MAX_TUNING_CHARS, PROTOCOL_VERSION,
 };
 
 /// A node must say Hello within this time.
@@ -891,6 +891,10 @@ fn bounded_load(mut load: NodeLoad, node: Option<Address>) -> NodeLoad {
         );
         load.prefix = PrefixHeld::default();
     }
+    // Shown to the operator: printable, one line, bounded.
+    if load.tuning.chars().count() > MAX_TUNING_CHARS || load.tuning.chars().any(char::is_control) {
+        load.tuning = load.tuning.chars().filter(|c| !c.is_control()).take(MAX_TUNING_CHARS).collect();
+    }
     load
 }
 
@@ -903,7 +907,7 @@ mod prefix_report_tests {
     }
 
     #[test]
-    fn a_prefix_report_out_of_bounds_is_ignored_and_a_sound_one_kept() {
+    fn heartbeat_reports_out_of_bounds_are_dropped_or_trimmed_and_sound_ones_kept() {
         let sound = load(256, vec!["00112233aabbccdd".into(); 64]);
         assert_eq!(bounded_load(sound.clone(), None), sound);
         for bad in [
@@ -916,5 +920,9 @@ mod prefix_report_tests {
         ] {
             assert_eq!(bounded_load(bad, None).prefix, PrefixHeld::default());
         }
+        let tuning = |t: &str| bounded_load(NodeLoad { tuning: t.into(), ..NodeLoad::default() }, None).tuning;
+        assert_eq!(tuning("int4 at 44.0 tok/s"), "int4 at 44.0 tok/s");
+        assert_eq!(tuning("int4\n<b>\u{1b}[31m"), "int4<b>[31m");
+        assert_eq!(tuning(&"x".repeat(10_000)).len(), MAX_TUNING_CHARS);
     }
 }

@@ -149,37 +149,9 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
     // Before any constrained run, so that the token trie's first build is timed.
     let compile_ms = if constrained { Some(schema_compile_ms(&engine.tokenizer)?) } else { None };
     let grammar = constrained.then(|| long_string_grammar(tokens));
-    let run_batch_with = |prompt: &[u32],
-                          b: usize,
-                          n: usize,
-                          grammar: Option<&Arc<str>>|
-     -> anyhow::Result<(f64, f64, f64)> {
-        let started = Instant::now();
-        let mut streams = Vec::new();
-        for i in 0..b {
-            let params = SamplingParams { seed: i as u64, grammar: grammar.cloned(), ..SamplingParams::greedy() };
-            // A grammar keeps the answer going by itself (its string is long).
-            let min_tokens = if grammar.is_some() { 0 } else { n };
-            let request =
-                GenerateRequest { prompt: prompt.to_vec(), params, max_tokens: n, min_tokens, ..Default::default() };
-            streams.push(engine.submit(request)?);
-        }
-        let (mut first, mut last, mut generated) = (f64::MAX, 0f64, 0usize);
-        for mut rx in streams {
-            while let Some(event) = rx.blocking_recv() {
-                match event {
-                    Event::Done(done) => {
-                        first = first.min(done.timings.time_to_first_token_ms);
-                        generated += done.completion_tokens;
-                        break;
-                    }
-                    Event::Error(e) | Event::Rejected(e) => anyhow::bail!("{e}"),
-                    _ => {}
-                }
-            }
-            last = last.max(started.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok((first, last, generated as f64))
+    let run_batch_with = |prompt: &[u32], b: usize, n: usize, grammar: Option<&Arc<str>>| {
+        let t = crate::inference::tune::timed_batch(&engine, prompt, b, n, grammar)?;
+        anyhow::Ok((t.first_ms, t.total_ms, t.generated as f64))
     };
     let run_batch = |prompt: &[u32], b: usize, n: usize| run_batch_with(prompt, b, n, None);
     // Warm-up: first calls allocate and pick kernels.
@@ -353,7 +325,7 @@ fn memory_single(
         quantize: Some(q.to_string()),
         threads: Some(threads),
         model_key: None,
-        single_sequence_threads: Some(threads),
+        single_sequence_threads: Some(crate::inference::tune::Tunable::Fixed(threads)),
     };
     let engine = runtime.start_engine(settings, path, Some(1))?;
     let loaded = rss_bytes();

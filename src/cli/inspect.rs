@@ -16,12 +16,17 @@ pub fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
     })
 }
 
-/// Prints the model's report; with `plan = (budget, context, batch)`, also a memory plan.
-pub fn run(path: &Path, plan: Option<(u64, Workload)>) -> anyhow::Result<()> {
+/// Prints the model's report, with what start-up tuning chose for it (`tunings`, from the
+/// tuning cache); with `plan = (budget, context, batch)`, also a memory plan.
+pub fn run(path: &Path, plan: Option<(u64, Workload)>, tunings: Vec<serde_json::Value>) -> anyhow::Result<()> {
+    if tunings.is_empty() {
+        eprintln!("not tuned on this machine yet: `ludus model tune` (or a node's first start) measures it");
+    }
     if crate::inference::protect::is_bundle(path) {
         let m = crate::inference::protect::read_manifest(path)?;
         let report = serde_json::json!({"path": path.display().to_string(), "format": m.format, "name": m.name,
-            "key_id": m.key_id, "parameters": m.config.num_parameters(), "config": m.config, "tokenizer": m.tokenizer});
+            "key_id": m.key_id, "parameters": m.config.num_parameters(), "config": m.config, "tokenizer": m.tokenizer,
+            "tunings": tunings});
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -68,6 +73,7 @@ pub fn run(path: &Path, plan: Option<(u64, Workload)>) -> anyhow::Result<()> {
         "tensor_types": types.iter().map(|(k, (n, e))| (k.clone(), serde_json::json!({"tensors": n, "elements": e}))).collect::<serde_json::Map<_, _>>(),
         "memory_f32_bytes": params * 4,
         "kv_cache_bytes_per_token_f32": config.kv_bytes_per_token(4),
+        "tunings": tunings,
     });
     let mut report = report;
     if let Some((budget, workload)) = plan {

@@ -147,6 +147,15 @@ pub enum ModelCommand {
         #[arg(long, default_value_t = 1)]
         batch: u64,
     },
+    /// Measure what decodes fastest here (threads for a sequence alone; int4 or int8 when
+    /// --quantize is auto) and remember it for this machine and model: what `ludus node`
+    /// does on its first start, done again now. Prints the figures as JSON.
+    Tune {
+        /// A .gguf file, a safetensors model directory or a protected bundle.
+        path: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
     /// Write a random-weight model of a real model's shape (GGUF, tiny tokenizer): for
     /// benchmarks and hardware checks of shapes whose weights you do not have.
     Synth {
@@ -186,7 +195,8 @@ pub struct RuntimeArgs {
     /// f32, bf16 or f16. Default: f32 on CPU, bf16 on CUDA.
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<tch::Kind>,
-    /// How linear layers are stored: none, int8 (CPU only), int4, or auto (int4).
+    /// How linear layers are stored: none, int8 (CPU only), int4, or auto (on CPU the
+    /// faster of int4 and int8 as measured here at start-up; int4 on CUDA).
     /// Default: the config's engine.quantize.
     #[arg(long)]
     pub quantize: Option<String>,
@@ -196,9 +206,10 @@ pub struct RuntimeArgs {
     /// Key file of a protected model bundle (hex, 32 bytes).
     #[arg(long)]
     pub model_key: Option<PathBuf>,
-    /// Threads when decoding a single sequence (0 = --threads).
+    /// Threads when decoding a single sequence (0 = --threads), or auto (measured at
+    /// start-up). Default: the config's engine.single_sequence_threads.
     #[arg(long)]
-    pub single_sequence_threads: Option<usize>,
+    pub single_sequence_threads: Option<crate::inference::tune::Tunable>,
 }
 
 /// Runs one parsed command line.
@@ -211,6 +222,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(ModelCommand::Protect { input, out, key_out, name }) => {
             model::protect(&input, &out, &key_out, name)
         }
+        Command::Model(ModelCommand::Tune { path, runtime }) => runtime.tune(&settings, &path),
         Command::Model(ModelCommand::Inspect { path, budget, context, batch }) => {
             let budget = budget
                 .map(|b| crate::inference::memory_plan::parse_bytes(&b))
@@ -221,7 +233,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 context: context.unwrap_or(settings.engine.max_context as u64),
                 prefix_cache_bytes: (settings.engine.prefix_cache_mb as u64) << 20,
             };
-            inspect::run(&path, budget.map(|b| (b, workload)))
+            let tunings = runtime::tune_cache(&settings).for_model(&path);
+            inspect::run(&path, budget.map(|b| (b, workload)), tunings)
         }
         Command::Bench(bench::BenchCommand::Load(args)) => load::run(&settings, args),
         Command::Bench(cmd) => bench::run(&settings, cmd),

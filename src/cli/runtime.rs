@@ -3,6 +3,7 @@
 
 use super::{progress, RuntimeArgs};
 use crate::inference::model::parse_dtype;
+use crate::inference::tune::{self, Plan, Tunable, TuneCache, TuneKey, Tuning};
 use crate::inference::Quantization;
 use crate::inference::{Engine, Model};
 use crate::settings::Settings;
@@ -31,7 +32,8 @@ impl RuntimeArgs {
     }
 
     /// Like [`Self::start_engine`], with a protected bundle's key given directly (nodes
-    /// receive it from the distributor and never store it).
+    /// receive it from the distributor and never store it). Settings left `auto` are
+    /// tuned at start-up ([`crate::inference::tune`]) unless `engine.tune` is off.
     pub fn start_engine_with_key(
         &self,
         settings: &Settings,
@@ -43,35 +45,167 @@ impl RuntimeArgs {
         if threads > 0 {
             tch::set_num_threads(threads as i32);
         }
+        let device = self.device(settings)?;
+        let dtype = self.dtype(settings)?;
+        let mut load = |quantization| load_model(path, device, dtype, quantization, key.as_ref());
+        let single = self.single_sequence_threads.unwrap_or(settings.engine.single_sequence_threads);
+        let (model, tuning) = match self.tuning_plan(settings, device, threads)? {
+            Some(plan) => tuned(settings, path, device, &plan, &mut load)?,
+            None => (load(self.quantization(settings, device)?)?, None),
+        };
+        let mut config = settings.engine_config();
+        config.threads = threads;
+        config.single_sequence_threads = match (single, &tuning) {
+            (Tunable::Fixed(n), _) => n,
+            (Tunable::Auto, Some(t)) => t.single_sequence_threads,
+            (Tunable::Auto, None) => 1,
+        };
+        if let Some(b) = max_batch {
+            config.max_batch = b;
+        }
+        let mut engine = Engine::start(model, config)?;
+        engine.tuning = tuning.map(|t| t.reason);
+        Ok(engine)
+    }
+
+    /// `ludus model tune`: measures now (whatever is remembered), remembers, prints.
+    pub fn tune(&self, settings: &Settings, path: &std::path::Path) -> anyhow::Result<()> {
+        let threads = self.threads.unwrap_or(settings.engine.threads);
+        if threads > 0 {
+            tch::set_num_threads(threads as i32);
+        }
+        let (device, dtype) = (self.device(settings)?, self.dtype(settings)?);
+        let forced = Settings {
+            engine: crate::settings::EngineSettings { tune: true, ..settings.engine.clone() },
+            ..settings.clone()
+        };
+        let Some(plan) = self.tuning_plan(&forced, device, threads)? else {
+            anyhow::bail!(
+                "nothing to tune: on CUDA, or with --quantize and --single-sequence-threads both given, \
+                 every choice is already made"
+            );
+        };
+        let key = match &self.model_key {
+            Some(file) => Some(crate::inference::protect::read_key_file(file)?),
+            None => None,
+        };
+        let (tuning, _) =
+            tune::measure(&plan, &mut |quantization| load_model(path, device, dtype, quantization, key.as_ref()))?;
+        let cache = tune_cache(settings);
+        cache.store(&TuneKey::new(path, device, &plan)?, &tuning)?;
+        eprintln!("{}", tuning.reason);
+        let report = serde_json::json!({"tuning": tuning, "cache": cache.dir, "cpu": tune::cpu_model()});
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        Ok(())
+    }
+
+    fn device(&self, settings: &Settings) -> anyhow::Result<tch::Device> {
         let device = match self.device {
             Some(d) => d,
             None => settings.engine.device.parse().map_err(anyhow::Error::msg)?,
         };
-        let device = device.resolve()?;
-        let dtype = match (self.dtype, settings.engine.dtype.as_str()) {
+        device.resolve().map_err(Into::into)
+    }
+
+    fn dtype(&self, settings: &Settings) -> anyhow::Result<Option<tch::Kind>> {
+        Ok(match (self.dtype, settings.engine.dtype.as_str()) {
             (Some(k), _) => Some(k),
             (None, "") => None,
             (None, s) => Some(parse_dtype(s).map_err(anyhow::Error::msg)?),
-        };
-        let quantization = resolve_quantization(self.quantize.as_deref().unwrap_or(&settings.engine.quantize), device)?;
-        let started = std::time::Instant::now();
-        let bar = progress::bar(&format!("loading ({quantization})"));
-        let model =
-            Model::load_with_progress(path, device, dtype, quantization, key.as_ref(), &mut progress::callback(&bar))?;
-        bar.finish_and_clear();
-        tracing::info!(
-            model = %model.name, ?device, kind = ?model.llama.kind, %quantization,
-            weight_mib = model.llama.model_bytes() / (1 << 20), secs = started.elapsed().as_secs_f32(),
-            "model loaded"
-        );
-        let mut config = settings.engine_config();
-        config.threads = threads;
-        if let Some(t) = self.single_sequence_threads {
-            config.single_sequence_threads = t;
-        }
-        if let Some(b) = max_batch {
-            config.max_batch = b;
-        }
-        Ok(Engine::start(model, config)?)
+        })
     }
+
+    /// The format asked for, `auto` untuned.
+    fn quantization(&self, settings: &Settings, device: tch::Device) -> anyhow::Result<Quantization> {
+        resolve_quantization(self.quantize.as_deref().unwrap_or(&settings.engine.quantize), device)
+    }
+
+    /// What start-up tuning should measure: the formats open to choose from (all that meet
+    /// the bar under `auto`, else the one asked for) and the thread counts for a sequence
+    /// alone. None when tuning is off, on CUDA, or when there is nothing to choose.
+    pub fn tuning_plan(
+        &self,
+        settings: &Settings,
+        device: tch::Device,
+        threads: usize,
+    ) -> anyhow::Result<Option<Plan>> {
+        if !settings.engine.tune || device.is_cuda() {
+            return Ok(None);
+        }
+        let threads = if threads > 0 { threads } else { tch::get_num_threads().max(1) as usize };
+        let formats = match self.quantize.as_deref().unwrap_or(&settings.engine.quantize) {
+            "auto" | "" => tune::candidates(device),
+            _ => vec![self.quantization(settings, device)?],
+        };
+        let single_sequence_threads =
+            match self.single_sequence_threads.unwrap_or(settings.engine.single_sequence_threads) {
+                Tunable::Auto => tune::thread_candidates(threads),
+                Tunable::Fixed(0) => vec![threads],
+                Tunable::Fixed(n) => vec![n],
+            };
+        let plan = Plan { formats, single_sequence_threads, threads };
+        Ok((plan.formats.len() > 1 || plan.single_sequence_threads.len() > 1).then_some(plan))
+    }
+}
+
+/// The tuning for this machine and model: remembered, or measured now (and remembered). A
+/// measurement that fails leaves the untuned defaults, with a warning: tuning never stops a
+/// node from starting.
+fn tuned(
+    settings: &Settings,
+    path: &std::path::Path,
+    device: tch::Device,
+    plan: &Plan,
+    load: &mut dyn FnMut(Quantization) -> crate::inference::error::Result<Model>,
+) -> anyhow::Result<(Model, Option<Tuning>)> {
+    let cache = tune_cache(settings);
+    let key = TuneKey::new(path, device, plan)?;
+    // Processes starting together measure one at a time; the later ones read the result.
+    let lock = cache.lock().map_err(|e| tracing::warn!(error = %e, "tuning: cannot lock the tuning cache"));
+    if let Some(tuning) = cache.load(&key) {
+        drop(lock);
+        tracing::info!(reason = %tuning.reason, "tuning: remembered for this machine and model");
+        return Ok((load(tuning.quantization)?, Some(tuning)));
+    }
+    tracing::info!(formats = ?plan.formats, threads = ?plan.single_sequence_threads, "tuning: measuring, once for this machine and model");
+    match tune::measure(plan, load) {
+        Ok((tuning, model)) => {
+            tracing::info!(reason = %tuning.reason, secs = tuning.seconds, "tuning: chosen");
+            if let Err(e) = cache.store(&key, &tuning) {
+                tracing::warn!(error = %e, "tuning: cannot remember the result; it will be measured again");
+            }
+            drop(lock);
+            Ok((model, Some(tuning)))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "tuning failed; starting with the untuned defaults");
+            Ok((load(plan.formats[0])?, None))
+        }
+    }
+}
+
+/// The settings' tuning cache (`engine.tune_dir`, or the user's cache directory).
+pub fn tune_cache(settings: &Settings) -> TuneCache {
+    let dir = &settings.engine.tune_dir;
+    TuneCache::at((!dir.as_os_str().is_empty()).then_some(dir.as_path()))
+}
+
+/// Loads `path` in one format, with a progress bar on a terminal and a log line.
+fn load_model(
+    path: &std::path::Path,
+    device: tch::Device,
+    dtype: Option<tch::Kind>,
+    quantization: Quantization,
+    key: Option<&[u8; 32]>,
+) -> crate::inference::error::Result<Model> {
+    let started = std::time::Instant::now();
+    let bar = progress::bar(&format!("loading ({quantization})"));
+    let model = Model::load_with_progress(path, device, dtype, quantization, key, &mut progress::callback(&bar))?;
+    bar.finish_and_clear();
+    tracing::info!(
+        model = %model.name, ?device, kind = ?model.llama.kind, %quantization,
+        weight_mib = model.llama.model_bytes() / (1 << 20), secs = started.elapsed().as_secs_f32(),
+        "model loaded"
+    );
+    Ok(model)
 }

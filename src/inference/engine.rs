@@ -177,7 +177,9 @@ pub struct Engine {
     pub kv_cache_bytes: usize,
     pub quantization: super::qlinear::Quantization,
     pub hidden_size: usize,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// What start-up tuning chose and why ([`super::tune`]); None when nothing was tuned.
+    pub tuning: Option<String>,
+    thread: Option<std::thread::JoinHandle<Model>>,
 }
 
 impl Engine {
@@ -220,6 +222,7 @@ impl Engine {
             kv_cache_bytes: cache.bytes(),
             quantization: model.llama.quantization,
             hidden_size: model.llama.config.hidden_size,
+            tuning: None,
             thread: None,
         };
         let thread = std::thread::Builder::new()
@@ -273,12 +276,16 @@ impl Engine {
     }
 
     /// Stops accepting work and waits until running sequences finish.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
+        self.into_model();
+    }
+
+    /// Like [`Self::shutdown`], and gives the model back (to start another engine over the
+    /// same weights, as the start-up tuning does); None if the engine thread panicked.
+    pub fn into_model(mut self) -> Option<Model> {
         let thread = self.thread.take();
         drop(self);
-        if let Some(t) = thread {
-            let _ = t.join();
-        }
+        thread.and_then(|t| t.join().ok())
     }
 }
 
@@ -320,7 +327,13 @@ enum Outcome {
 }
 
 impl Scheduler {
-    fn run(mut self) {
+    /// Runs until every handle is dropped and the work is done; gives the model back.
+    fn run(mut self) -> Model {
+        self.serve();
+        self.model
+    }
+
+    fn serve(&mut self) {
         if self.config.threads == 0 {
             self.config.threads = tch::get_num_threads().max(1) as usize;
         }

@@ -40,6 +40,8 @@ pub enum InferError {
     EngineStopped,
     #[error("quantization: {0}")]
     Quantization(String),
+    #[error("start-up tuning: {0}")]
+    Tuning(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

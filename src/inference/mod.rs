@@ -16,6 +16,8 @@
 //! - [`logprobs`]: log probabilities of sampled tokens and their alternatives.
 //! - [`engine`]: continuous batching on a dedicated thread; [`prefix_cache`]: prompt
 //!   blocks kept for the next request that starts with them.
+//! - [`tune`]: measures at start-up what decodes fastest here (threads for one sequence,
+//!   int8 or int4) and remembers it per machine and model file.
 //! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
 //! - [`protect`]: model protection, a weight transform (rotation, permutation) with the
 //!   result encrypted at rest (AEAD from `crypto`).
@@ -47,6 +49,7 @@ pub mod sampling;
 pub mod text_stream;
 pub mod tiny_model;
 pub mod tokenizer;
+pub mod tune;
 pub mod weights;
 
 pub use chat_template::{ChatMessage, ChatTemplate};

@@ -89,6 +89,7 @@ impl Backend {
                     model_bytes: e.model_bytes as u64,
                     quantization: e.quantization.to_string(),
                     prefix: prefix_held(l),
+                    tuning: e.tuning.clone().unwrap_or_default(),
                 };
                 (load, l.generated_tokens.load(Ordering::Relaxed))
             }

@@ -73,7 +73,14 @@ pub struct NodeLoad {
     /// What its prefix cache holds, for cache-aware routing.
     #[serde(default)]
     pub prefix: PrefixHeld,
+    /// What start-up tuning chose and why, in one line (empty: not tuned). Informational:
+    /// at most [`MAX_TUNING_CHARS`], shown to the operator, never acted on.
+    #[serde(default)]
+    pub tuning: String,
 }
+
+/// Longest tuning line a heartbeat may carry.
+pub const MAX_TUNING_CHARS: usize = 400;
 
 /// Block names a heartbeat may carry.
 pub const MAX_PREFIX_BLOCKS: usize = 64;

@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ludus");
 
+/// A `ludus` command with start-up tuning off: what the tests run (formats, threads) must
+/// not depend on the machine they run on, so every node gets the untuned defaults (int4,
+/// one thread per sequence) unless its flags say otherwise. `tuning.rs` tests tuning itself.
+pub fn ludus() -> Command {
+    let mut command = Command::new(BIN);
+    command.env("LUDUS__ENGINE__TUNE", "false");
+    command
+}
+
 /// A child process killed on drop, with its stderr in a log file.
 pub struct Proc {
     pub child: Child,
@@ -46,10 +55,16 @@ pub struct Cluster {
 }
 
 fn spawn(args: &[&str], log: PathBuf) -> Proc {
+    spawn_with(args, log, &[])
+}
+
+/// Like [`spawn`], with more environment variables (they win over the defaults).
+fn spawn_with(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Proc {
     let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(BIN)
+    let child = crate::cluster::ludus()
         .args(args)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
@@ -141,7 +156,7 @@ impl Cluster {
         let cfg = config.to_str().unwrap().to_string();
         // A second cluster on a shared database gets a game of its own.
         let game = if shared { format!("testgame-{}", std::process::id() ^ rand_suffix()) } else { "testgame".into() };
-        let out = Command::new(BIN).args(["--config", &cfg, "games", "add", &game]).output().unwrap();
+        let out = crate::cluster::ludus().args(["--config", &cfg, "games", "add", &game]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
         let server = spawn(&["--config", &cfg, "serve"], dir.path().join("serve.log"));
@@ -161,7 +176,7 @@ impl Cluster {
         let cfg = self.config.to_str().unwrap().to_string();
         let log = self.dir.path().join(format!("serve-{}.log", self.restarts));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
+        let child = crate::cluster::ludus()
             .args(["--config", &cfg, "serve"])
             .env("RUST_LOG", "info")
             .env("LUDUS__SERVER__BIND", &self.addr)
@@ -186,6 +201,11 @@ impl Cluster {
 
     /// Starts `ludus node` connecting through `via` (e.g. a [`Tap`]).
     pub fn add_node_via(&mut self, via: &str, args: &[&str]) -> usize {
+        self.add_node_with_env(via, args, &[])
+    }
+
+    /// Starts `ludus node` through `via` with more environment variables.
+    pub fn add_node_with_env(&mut self, via: &str, args: &[&str], env: &[(&str, &str)]) -> usize {
         let i = self.nodes.len();
         let url = format!("ws://{via}/ws/node");
         let key = self.dir.path().join(format!("node{i}.key"));
@@ -193,7 +213,7 @@ impl Cluster {
         let mut all = vec!["--config", &cfg, "node", "--connect", &url, "--key", key.to_str().unwrap()];
         all.extend_from_slice(args);
         let log = self.dir.path().join(format!("node{i}.log"));
-        self.nodes.push(spawn(&all, log));
+        self.nodes.push(spawn_with(&all, log, env));
         i
     }
 

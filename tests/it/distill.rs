@@ -3,12 +3,9 @@
 //! student's), the result loads in the engine, a second run resumes from the checkpoint,
 //! and bad input gets a clear error.
 
-use std::process::Command;
-
 use ludus::inference::tiny_model::TinySpec;
 use ludus::inference::Model;
 
-use super::cluster::BIN;
 use super::helpers::{assert_success, fixtures, tiny};
 
 fn prompts(dir: &std::path::Path) -> std::path::PathBuf {
@@ -39,7 +36,7 @@ fn distill(
     out: &std::path::Path,
     steps: usize,
 ) -> std::process::Output {
-    Command::new(BIN)
+    crate::cluster::ludus()
         .args(["distill", "--device", "cpu", "--checkpoint-every", "40", "--steps", &steps.to_string()])
         .arg("--teacher")
         .arg(teacher)
@@ -71,7 +68,7 @@ fn a_student_learns_the_teacher_resumes_and_loads_in_the_engine() {
     assert_eq!(report["steps"], 120);
 
     // The student is a model like any other.
-    let generated = Command::new(BIN)
+    let generated = crate::cluster::ludus()
         .args(["generate", "--quantize", "none", "--prompt", "The mill", "--max-tokens", "6", "--model"])
         .arg(out.join("student.gguf"))
         .output()

@@ -23,7 +23,7 @@ use ludus::node::LinkError;
 use ludus::protocol::receipt::confirmation_message;
 use ludus::protocol::{FinishReason, NodeLoad, NodeMessage, ServerMessage, SignedReceipt, TaskSpec, TaskUsage};
 
-use super::cluster::{post_with, Cluster, SseStream, BIN};
+use super::cluster::{post_with, Cluster, SseStream};
 use super::database::{block_on, numbers};
 
 /// Prices per 1,000 tokens: odd, so that per-receipt rounding shows.
@@ -298,7 +298,7 @@ fn a_mixed_run_charges_games_and_pays_nodes_exactly_what_the_server_counted() {
     // Long blocks: the kill lands with receipts buffered and not committed.
     let mut cluster = Cluster::start(&format!("[clock]\nblock_time_ms = 4000\n{prices}"));
     let cfg = cluster.config.to_str().unwrap().to_string();
-    let out = std::process::Command::new(BIN).args(["--config", &cfg, "games", "add", "second-game"]).output().unwrap();
+    let out = crate::cluster::ludus().args(["--config", &cfg, "games", "add", "second-game"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let games = vec![
         ("testgame".to_string(), cluster.key.clone()),

@@ -129,7 +129,7 @@ fn bf16_and_f16_run_close_to_f32() {
 fn cli_tokenize_and_inspect_describe_the_model() {
     let t = tiny(&TinySpec::default());
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ludus")).args(args).output().unwrap();
+        let out = crate::cluster::ludus().args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
@@ -143,17 +143,14 @@ fn cli_tokenize_and_inspect_describe_the_model() {
     assert_eq!(info["kv_heads"], 2);
     assert_eq!(info["vocab_size"], 275);
     assert_eq!(info["tensor_types"]["F32"]["tensors"], 20);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ludus"))
+    let out = crate::cluster::ludus()
         .args(["generate", "--model", gguf, "--prompt", "the", "--max-tokens", "5", "--seed", "3", "--json"])
         .output()
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["completion_tokens"].as_array().unwrap().len(), 5);
     assert_eq!(json["finish_reason"], "length");
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_ludus"))
-        .args(["model", "inspect", "/nonexistent.gguf"])
-        .output()
-        .unwrap();
+    let bad = crate::cluster::ludus().args(["model", "inspect", "/nonexistent.gguf"]).output().unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.gguf"));
 }

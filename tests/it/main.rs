@@ -35,3 +35,4 @@ mod smollm2_reference;
 mod soak;
 mod steering;
 mod structured;
+mod tuning;

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use ludus::inference::tiny_model::TinySpec;
 
-use crate::cluster::{post_with, raw, Cluster, BIN};
+use crate::cluster::{post_with, raw, Cluster};
 use crate::helpers::tiny;
 
 const CHAT: &str = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
@@ -87,7 +87,8 @@ fn malformed_input_and_refusals_get_openai_errors() {
 
     // A key limited to 2 requests per minute gets 429 with Retry-After on the third.
     let cfg = c.config.to_str().unwrap().to_string();
-    let out = Command::new(BIN).args(["--config", &cfg, "games", "add", "tiny-budget", "--rpm", "2"]).output().unwrap();
+    let out =
+        crate::cluster::ludus().args(["--config", &cfg, "games", "add", "tiny-budget", "--rpm", "2"]).output().unwrap();
     let limited = String::from_utf8(out.stdout).unwrap().trim().to_string();
     for _ in 0..2 {
         assert_eq!(post_with(&c.addr, "/v1/chat/completions", Some(&limited), CHAT.as_bytes()).status, 200);
@@ -201,7 +202,8 @@ fn a_key_over_its_token_budget_gets_429() {
     c.add_node(&["--fake-engine", "16"]);
     c.wait_nodes("fake", 1);
     let cfg = c.config.to_str().unwrap().to_string();
-    let out = Command::new(BIN).args(["--config", &cfg, "games", "add", "thrifty", "--tpm", "10"]).output().unwrap();
+    let out =
+        crate::cluster::ludus().args(["--config", &cfg, "games", "add", "thrifty", "--tpm", "10"]).output().unwrap();
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":16}"#;
     let first = post_with(&c.addr, "/v1/chat/completions", Some(&key), body.as_bytes());

@@ -49,10 +49,7 @@ fn a_tap_on_the_node_socket_sees_neither_prompt_nor_completion() {
 fn banned_and_mispinned_nodes_never_join() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("banned.key");
-    let out = std::process::Command::new(crate::cluster::BIN)
-        .args(["keys", "new", "--out", key.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = crate::cluster::ludus().args(["keys", "new", "--out", key.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success());
     let banned = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(banned.starts_with("0x") && banned.len() == 42, "{banned}");
@@ -62,7 +59,7 @@ fn banned_and_mispinned_nodes_never_join() {
     let url = format!("ws://{}/ws/node", c.addr);
     let log = c.dir.path().join("banned-node.log");
     let mut banned_node = crate::cluster::Proc {
-        child: std::process::Command::new(crate::cluster::BIN)
+        child: crate::cluster::ludus()
             .args(["--config", &cfg, "node", "--connect", &url, "--key", key.to_str().unwrap(), "--fake-engine", "4"])
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

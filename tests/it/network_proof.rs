@@ -14,7 +14,7 @@ use ludus::proof::ProofBuilder;
 use ludus::protocol::{FinishReason, NodeMessage, SignedReceipt, TaskInput, TaskUsage};
 use tch::Device;
 
-use super::cluster::{wait_for, Cluster, BIN};
+use super::cluster::{wait_for, Cluster};
 use super::database::numbers;
 use super::helpers::smollm2;
 use super::registry::{post_chat_within, try_chat, Rogue};
@@ -173,7 +173,7 @@ fn a_node_that_edits_a_token_is_caught_quarantined_and_unpaid() {
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&kept), 0o600, "a rejected proof's file mode");
     assert_eq!(mode(kept.parent().unwrap()), 0o700, "the rejected proofs' directory mode");
-    let out = std::process::Command::new(BIN)
+    let out = crate::cluster::ludus()
         .args(["verify", kept.to_str().unwrap(), "--model", path.to_str().unwrap()])
         .output()
         .unwrap();

@@ -1,9 +1,9 @@
 //! What operators watch: Prometheus `/metrics` after real traffic, and JSON log lines.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use super::cluster::{post_with, wait_for, Cluster, BIN};
+use super::cluster::{post_with, wait_for, Cluster};
 use super::registry::try_chat;
 
 fn metric(text: &str, series: &str) -> Option<f64> {
@@ -60,7 +60,7 @@ fn json_logs_are_one_object_per_line() {
     )
     .unwrap();
     let log = dir.path().join("serve.log");
-    let mut child = Command::new(BIN)
+    let mut child = crate::cluster::ludus()
         .args(["--config", config.to_str().unwrap(), "--log-format", "json", "serve"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())

@@ -2,16 +2,13 @@
 //! unquantized model on a fixed text, and the memory each format holds in a process that
 //! loads and serves it.
 
-use std::process::Command;
-
-use super::cluster::BIN;
 use super::helpers::{fixtures, smollm2};
 
 #[test]
 fn int8_and_int4_stay_close_to_the_unquantized_model() {
     let Some(path) = smollm2() else { return };
     let text = fixtures().join("../eval/village.txt");
-    let out = Command::new(BIN)
+    let out = crate::cluster::ludus()
         .args(["bench", "quality", "--model", path.to_str().unwrap(), "--text", text.to_str().unwrap()])
         .output()
         .unwrap();
@@ -32,8 +29,10 @@ fn int8_and_int4_stay_close_to_the_unquantized_model() {
         assert!(get(q)["model_bytes"].as_u64().unwrap() * 3 < get("none")["model_bytes"].as_u64().unwrap());
     }
     // `ludus model inspect --budget` predicts what each format really holds on CPU.
-    let out =
-        Command::new(BIN).args(["model", "inspect", path.to_str().unwrap(), "--budget", "8GiB"]).output().unwrap();
+    let out = crate::cluster::ludus()
+        .args(["model", "inspect", path.to_str().unwrap(), "--budget", "8GiB"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for row in report["memory_plan"]["devices"]["cpu"].as_array().unwrap() {
@@ -56,7 +55,7 @@ const RUNTIME_SLACK_BYTES: f64 = 200.0 * 1024.0 * 1024.0;
 #[test]
 fn an_int4_node_holds_40_percent_of_the_f32_weights_and_no_hidden_copy() {
     let Some(path) = smollm2() else { return };
-    let out = Command::new(BIN)
+    let out = crate::cluster::ludus()
         .args(["bench", "memory", "--model", path.to_str().unwrap(), "--quantize", "none,int8,int4", "--threads", "1"])
         .output()
         .unwrap();

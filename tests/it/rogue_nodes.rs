@@ -3,7 +3,7 @@
 //! outside the vocabulary — one key holds one session, two processes cannot share a key,
 //! and an honest node streaming the tokens it was asked for is never cut as a flood.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use ludus::crypto::identity::Identity;
 use ludus::protocol::{NodeMessage, ServerMessage};
 
-use super::cluster::{wait_for, Cluster, BIN};
+use super::cluster::{wait_for, Cluster};
 use super::database::numbers;
 use super::helpers::smollm2;
 use super::registry::{try_chat, try_post_chat, Rogue};
@@ -130,7 +130,7 @@ fn two_node_processes_cannot_share_a_key() {
     let key = cluster.dir.path().join("node0.key");
     let url = format!("ws://{}/ws/node", cluster.addr);
     let cfg = cluster.config.to_str().unwrap().to_string();
-    let mut second = Command::new(BIN)
+    let mut second = crate::cluster::ludus()
         .args(["--config", &cfg, "node", "--connect", &url, "--key", key.to_str().unwrap(), "--fake-engine", "3"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -367,7 +367,8 @@ fn a_game_that_hangs_up_is_charged_to_its_token_budget() {
     cluster.add_node(&["--fake-engine", "1000:20", "--capacity", "2"]);
     cluster.wait_nodes("fake", 1);
     let cfg = cluster.config.to_str().unwrap().to_string();
-    let out = Command::new(BIN).args(["--config", &cfg, "games", "add", "leaver", "--tpm", "40"]).output().unwrap();
+    let out =
+        crate::cluster::ludus().args(["--config", &cfg, "games", "add", "leaver", "--tpm", "40"]).output().unwrap();
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
     let mut stream = super::cluster::SseStream::open(&cluster.addr, &key, body);

@@ -22,7 +22,7 @@ use ludus::crypto::merkle::payout_leaf;
 use ludus::ledger::{Receipt, Store, Units};
 use ludus::protocol::receipt::confirmation_message;
 
-use super::cluster::{wait_for, Cluster, BIN};
+use super::cluster::{wait_for, Cluster};
 use super::database::{block_on, fresh_database, numbers, open, small_receipt};
 use super::registry::try_chat;
 
@@ -338,7 +338,7 @@ fn settling_cluster_via(anvil: &Anvil, rpc_url: &str, extra: &str) -> (Cluster, 
     let deployer = key_file(&keys, &anvil.keys[0], "deployer.key");
     let operator = key_file(&keys, &anvil.keys[1], "operator.key");
     // Deployed through the CLI, as an operator would.
-    let out = Command::new(BIN)
+    let out = crate::cluster::ludus()
         .args(["chain", "deploy", "--rpc", &anvil.url, "--key", deployer.to_str().unwrap(), "--test-token"])
         .args(["--operator", &format!("{:#x}", anvil.keys[1].address()), "--withdrawal-delay", "60"])
         .output()
@@ -357,7 +357,7 @@ fn settling_cluster_via(anvil: &Anvil, rpc_url: &str, extra: &str) -> (Cluster, 
 }
 
 pub fn ludus(cluster: &Cluster, args: &[&str]) -> std::process::Output {
-    Command::new(BIN).arg("--config").arg(&cluster.config).args(args).output().unwrap()
+    crate::cluster::ludus().arg("--config").arg(&cluster.config).args(args).output().unwrap()
 }
 
 /// Registers `game`'s address as the test game's wallet (through the CLI) and deposits

@@ -133,7 +133,7 @@ fn greedy_continuations_match_transformers_in_one_batch() {
 #[test]
 fn the_capital_of_france_is_paris() {
     let Some(path) = smollm2() else { return };
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ludus"))
+    let out = crate::cluster::ludus()
         .args([
             "generate",
             "--model",
