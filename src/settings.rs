@@ -22,6 +22,8 @@ pub struct EngineSettings {
     /// Measure at start-up what `auto` settings should be here (cached per machine and
     /// model file); false keeps the untuned defaults (int4, one thread per sequence).
     pub tune: bool,
+    /// Formats `quantize = "auto"` may choose from, measured (those the device runs).
+    pub tune_formats: Vec<String>,
     /// Where tunings are remembered ("" = `$XDG_CACHE_HOME/ludus/tune` or
     /// `~/.cache/ludus/tune`).
     pub tune_dir: std::path::PathBuf,
@@ -72,6 +74,8 @@ pub struct DistributorSettings {
     pub max_node_frames_per_s: u32,
     /// Bytes queued for a node that is not reading before its link is closed.
     pub max_node_queue_bytes: usize,
+    /// Send a request to a node holding its prompt's prefix (else load-based only).
+    pub prefix_routing: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -231,6 +235,13 @@ impl Settings {
             )
             .build()?
             .try_deserialize()
+    }
+
+    /// These settings with start-up tuning off (commands that measure or run one thing).
+    pub fn untuned(&self) -> Self {
+        let mut s = self.clone();
+        s.engine.tune = false;
+        s
     }
 
     pub fn engine_config(&self) -> crate::inference::EngineConfig {

@@ -40,6 +40,8 @@ pub struct DistributorConfig {
     pub catalog: Vec<String>,
     /// How long a node that failed a proof-of-inference check gets no work.
     pub quarantine: Duration,
+    /// Cache-aware routing ([`prefix_choice`]); off, the choice is by load only.
+    pub prefix_routing: bool,
 }
 
 struct NodeEntry {
@@ -200,7 +202,7 @@ impl Distributor {
             })
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
-        let by_prefix = prefix_choice(&self.nodes, &job, &costs, now);
+        let by_prefix = if self.config.prefix_routing { prefix_choice(&self.nodes, &job, &costs, now) } else { None };
         let Some(id) = by_prefix.or_else(|| pick_two(&costs, &mut self.rng)) else {
             return Err((job, false));
         };
@@ -653,6 +655,7 @@ mod tests {
             max_attempts: 1,
             catalog: vec![],
             quarantine: Duration::from_secs(1),
+            prefix_routing: true,
         };
         let mut distributor = Distributor::new(config);
         for batch in 0..100 {

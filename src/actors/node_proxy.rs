@@ -891,9 +891,11 @@ fn bounded_load(mut load: NodeLoad, node: Option<Address>) -> NodeLoad {
         );
         load.prefix = PrefixHeld::default();
     }
-    // Shown to the operator: printable, one line, bounded.
-    if load.tuning.chars().count() > MAX_TUNING_CHARS || load.tuning.chars().any(char::is_control) {
-        load.tuning = load.tuning.chars().filter(|c| !c.is_control()).take(MAX_TUNING_CHARS).collect();
+    // Shown to the operator: printable ASCII (no control, bidi or line-separator
+    // characters), bounded. Ludus nodes write it in ASCII.
+    let printable = |c: &char| c.is_ascii_graphic() || *c == ' ';
+    if load.tuning.len() > MAX_TUNING_CHARS || !load.tuning.chars().all(|c| printable(&c)) {
+        load.tuning = load.tuning.chars().filter(printable).take(MAX_TUNING_CHARS).collect();
     }
     load
 }
@@ -922,7 +924,7 @@ mod prefix_report_tests {
         }
         let tuning = |t: &str| bounded_load(NodeLoad { tuning: t.into(), ..NodeLoad::default() }, None).tuning;
         assert_eq!(tuning("int4 at 44.0 tok/s"), "int4 at 44.0 tok/s");
-        assert_eq!(tuning("int4\n<b>\u{1b}[31m"), "int4<b>[31m");
+        assert_eq!(tuning("int4\n<b>\u{1b}[31m\u{202e}x\u{2028}"), "int4<b>[31mx");
         assert_eq!(tuning(&"x".repeat(10_000)).len(), MAX_TUNING_CHARS);
     }
 }

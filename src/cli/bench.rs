@@ -113,17 +113,14 @@ fn proc_status_bytes(field: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// The CPU's model name (`/proc/cpuinfo`), printed next to every machine-dependent figure.
+/// The CPU's model name, printed next to every machine-dependent figure.
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string()))
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
+    crate::inference::tune::cpu_model()
 }
 
+/// Benchmarks measure what their flags say: the untuned defaults, never a remembered choice.
 pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
+    let settings = &settings.untuned();
     if let BenchCommand::Quality { model, text, quantize, window, device } = cmd {
         return quality(&model, &text, &quantize, window, device);
     }

@@ -49,7 +49,10 @@ pub struct GenerateArgs {
     pub runtime: RuntimeArgs,
 }
 
+/// One answer, in the format and threads the flags and settings say: a one-off command
+/// neither measures nor reads start-up tuning (nodes do).
 pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
+    let settings = &settings.untuned();
     let engine = args.runtime.start_engine(settings, &args.model, Some(1))?;
     let (prompt, prompt_text) = {
         let model_prompt =

@@ -17,6 +17,18 @@ pub fn resolve_quantization(choice: &str, device: tch::Device) -> anyhow::Result
 }
 
 impl RuntimeArgs {
+    /// No flag given: everything from the settings.
+    pub fn unset() -> Self {
+        Self {
+            device: None,
+            dtype: None,
+            quantize: None,
+            threads: None,
+            model_key: None,
+            single_sequence_threads: None,
+        }
+    }
+
     /// Loads a model and starts an engine with the settings' engine section.
     pub fn start_engine(
         &self,
@@ -49,9 +61,13 @@ impl RuntimeArgs {
         let dtype = self.dtype(settings)?;
         let mut load = |quantization| load_model(path, device, dtype, quantization, key.as_ref());
         let single = self.single_sequence_threads.unwrap_or(settings.engine.single_sequence_threads);
-        let (model, tuning) = match self.tuning_plan(settings, device, threads)? {
-            Some(plan) => tuned(settings, path, device, &plan, &mut load)?,
-            None => (load(self.quantization(settings, device)?)?, None),
+        let tuning = match self.tuning_plan(settings, device, threads)? {
+            Some(plan) => tuned(settings, path, device, dtype, &plan, &mut load),
+            None => None,
+        };
+        let model = match &tuning {
+            Some(t) => load(t.quantization)?,
+            None => load(self.quantization(settings, device)?)?,
         };
         let mut config = settings.engine_config();
         config.threads = threads;
@@ -81,18 +97,20 @@ impl RuntimeArgs {
         };
         let Some(plan) = self.tuning_plan(&forced, device, threads)? else {
             anyhow::bail!(
-                "nothing to tune: on CUDA, or with --quantize and --single-sequence-threads both given, \
-                 every choice is already made"
+                "nothing to tune: on CUDA, or with one format to choose from (--quantize, or \
+                 engine.tune_formats) and --single-sequence-threads given, every choice is made"
             );
         };
         let key = match &self.model_key {
             Some(file) => Some(crate::inference::protect::read_key_file(file)?),
             None => None,
         };
-        let (tuning, _) =
-            tune::measure(&plan, &mut |quantization| load_model(path, device, dtype, quantization, key.as_ref()))?;
         let cache = tune_cache(settings);
-        cache.store(&TuneKey::new(path, device, &plan)?, &tuning)?;
+        let tune_key = TuneKey::new(path, device, dtype, &plan)?;
+        let _lock = cache.lock()?;
+        let tuning =
+            tune::measure(&plan, &mut |quantization| load_model(path, device, dtype, quantization, key.as_ref()))?;
+        cache.store(&tune_key, &tuning)?;
         eprintln!("{}", tuning.reason);
         let report = serde_json::json!({"tuning": tuning, "cache": cache.dir, "cpu": tune::cpu_model()});
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -134,7 +152,15 @@ impl RuntimeArgs {
         }
         let threads = if threads > 0 { threads } else { tch::get_num_threads().max(1) as usize };
         let formats = match self.quantize.as_deref().unwrap_or(&settings.engine.quantize) {
-            "auto" | "" => tune::candidates(device),
+            "auto" | "" => {
+                let allowed: Vec<Quantization> = settings
+                    .engine
+                    .tune_formats
+                    .iter()
+                    .map(|f| f.parse().map_err(|e: String| anyhow::anyhow!("engine.tune_formats: {e}")))
+                    .collect::<anyhow::Result<_>>()?;
+                tune::candidates(device, &allowed)
+            }
             _ => vec![self.quantization(settings, device)?],
         };
         let single_sequence_threads =
@@ -148,40 +174,36 @@ impl RuntimeArgs {
     }
 }
 
-/// The tuning for this machine and model: remembered, or measured now (and remembered). A
-/// measurement that fails leaves the untuned defaults, with a warning: tuning never stops a
-/// node from starting.
+/// The tuning for this machine and model: remembered, or measured now (and remembered).
+/// None leaves the untuned defaults: tuning that cannot run (a key, a lock, a measurement
+/// that fails) is logged and never stops a node from starting.
 fn tuned(
     settings: &Settings,
     path: &std::path::Path,
     device: tch::Device,
+    dtype: Option<tch::Kind>,
     plan: &Plan,
     load: &mut dyn FnMut(Quantization) -> crate::inference::error::Result<Model>,
-) -> anyhow::Result<(Model, Option<Tuning>)> {
+) -> Option<Tuning> {
+    let untuned = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::warn!(error = %e, "tuning: {what}; starting with the untuned defaults");
+    };
     let cache = tune_cache(settings);
-    let key = TuneKey::new(path, device, plan)?;
+    let key =
+        TuneKey::new(path, device, dtype, plan).map_err(|e| untuned("cannot identify the model file", &e)).ok()?;
     // Processes starting together measure one at a time; the later ones read the result.
-    let lock = cache.lock().map_err(|e| tracing::warn!(error = %e, "tuning: cannot lock the tuning cache"));
+    let _lock = cache.lock().map_err(|e| untuned("cannot lock the tuning cache", &e)).ok()?;
     if let Some(tuning) = cache.load(&key) {
-        drop(lock);
         tracing::info!(reason = %tuning.reason, "tuning: remembered for this machine and model");
-        return Ok((load(tuning.quantization)?, Some(tuning)));
+        return Some(tuning);
     }
     tracing::info!(formats = ?plan.formats, threads = ?plan.single_sequence_threads, "tuning: measuring, once for this machine and model");
-    match tune::measure(plan, load) {
-        Ok((tuning, model)) => {
-            tracing::info!(reason = %tuning.reason, secs = tuning.seconds, "tuning: chosen");
-            if let Err(e) = cache.store(&key, &tuning) {
-                tracing::warn!(error = %e, "tuning: cannot remember the result; it will be measured again");
-            }
-            drop(lock);
-            Ok((model, Some(tuning)))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "tuning failed; starting with the untuned defaults");
-            Ok((load(plan.formats[0])?, None))
-        }
+    let tuning = tune::measure(plan, load).map_err(|e| untuned("the measurement failed", &e)).ok()?;
+    tracing::info!(reason = %tuning.reason, secs = tuning.seconds, "tuning: chosen");
+    if let Err(e) = cache.store(&key, &tuning) {
+        tracing::warn!(error = %e, "tuning: cannot remember the result; it will be measured again");
     }
+    Some(tuning)
 }
 
 /// The settings' tuning cache (`engine.tune_dir`, or the user's cache directory).

@@ -133,14 +133,20 @@ pub struct Tuning {
     pub seconds: f64,
 }
 
-/// The formats that meet the quality bar (see the module's docs) on `device`, smallest
-/// first. On CUDA int8 is refused (qlinear), so int4 stands alone.
-pub fn candidates(device: tch::Device) -> Vec<Quantization> {
-    if device.is_cuda() {
-        vec![Quantization::Int4]
-    } else {
-        vec![Quantization::Int4, Quantization::Int8]
+/// The formats of `allowed` that `device` runs (int8: CPU with fbgemm only), in order;
+/// int4 when none is left.
+pub fn candidates(device: tch::Device, allowed: &[Quantization]) -> Vec<Quantization> {
+    let runs = |q: &Quantization| *q != Quantization::Int8 || (!device.is_cuda() && super::fbgemm::available());
+    let mut out: Vec<Quantization> = Vec::new();
+    for q in allowed.iter().filter(|q| runs(q)) {
+        if !out.contains(q) {
+            out.push(*q);
+        }
     }
+    if out.is_empty() {
+        out.push(Quantization::Int4);
+    }
+    out
 }
 
 /// Thread counts to try for a sequence decoded alone: 1, 2, 4, … and `threads` itself.
@@ -168,11 +174,13 @@ pub fn decide(rates: &[FormatRates]) -> Option<(Quantization, usize, String)> {
         .map(|r| format!("{} {:.2}x", r.quantization, r.score() / best.score()))
         .collect();
     let mut reason = format!(
-        "{} at {b1:.1} tok/s alone with {threads} thread{}, {:.1} tok/s at batch {WIDE_BATCH}",
+        "{} at {b1:.1} tok/s alone with {threads} thread{}",
         best.quantization,
-        if threads == 1 { "" } else { "s" },
-        best.batch8
+        if threads == 1 { "" } else { "s" }
     );
+    if best.batch8 > 0.0 {
+        reason.push_str(&format!(", {:.1} tok/s at batch {WIDE_BATCH}", best.batch8));
+    }
     if !others.is_empty() {
         reason.push_str(&format!(" (others measured relative to it: {})", others.join(", ")));
     }
@@ -245,37 +253,30 @@ pub struct Plan {
     pub threads: usize,
 }
 
-/// Measures every format of `plan` and returns the tuning with the chosen format's model
-/// (already loaded: the caller starts its engine on it). A format that fails to load or run
-/// is left out with a warning; none measured is an error.
-pub fn measure(plan: &Plan, load: &mut dyn FnMut(Quantization) -> Result<Model>) -> Result<(Tuning, Model)> {
+/// Measures every format of `plan`, one loaded at a time (a node sized for one format
+/// never holds two), and decides. A format that fails to load or run is left out with a
+/// warning; none measured is an error. The caller loads the chosen format.
+pub fn measure(plan: &Plan, load: &mut dyn FnMut(Quantization) -> Result<Model>) -> Result<Tuning> {
     let started = Instant::now();
     let mut rates = Vec::new();
-    let mut models = Vec::new();
     for &q in &plan.formats {
         match load(q).and_then(|model| measure_format(model, q, plan)) {
-            Ok((r, model)) => {
+            Ok(r) => {
                 tracing::info!(quantization = %q, batch1 = ?r.batch1, batch8 = r.batch8, "tuning: measured");
                 rates.push(r);
-                models.push(model);
             }
             Err(e) => tracing::warn!(quantization = %q, error = %e, "tuning: this format could not be measured"),
         }
     }
     let (quantization, single_sequence_threads, reason) =
         decide(&rates).ok_or_else(|| InferError::Tuning("no format could be measured".into()))?;
-    let model = models
-        .into_iter()
-        .find(|m| m.llama.quantization == quantization)
-        .ok_or_else(|| InferError::Tuning("the chosen format's model is gone".into()))?;
-    let tuning =
-        Tuning { quantization, single_sequence_threads, reason, rates, seconds: started.elapsed().as_secs_f64() };
-    Ok((tuning, model))
+    Ok(Tuning { quantization, single_sequence_threads, reason, rates, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// One format's rates: batch 1 for every thread count (one short-lived engine each, over
-/// the same weights), and the wide batch with the engine's threads.
-fn measure_format(mut model: Model, quantization: Quantization, plan: &Plan) -> Result<(FormatRates, Model)> {
+/// the same weights), and, when there are formats to compare, the wide batch with the
+/// engine's threads.
+fn measure_format(mut model: Model, quantization: Quantization, plan: &Plan) -> Result<FormatRates> {
     let prompt = model.tokenizer.encode(PROMPT, false)?;
     let mut rates = FormatRates { quantization, batch1: Vec::new(), batch8: 0.0 };
     for (i, &single) in plan.single_sequence_threads.iter().enumerate() {
@@ -297,7 +298,7 @@ fn measure_format(mut model: Model, quantization: Quantization, plan: &Plan) -> 
         };
         let measured = run(1).and_then(|_| {
             let one = rate(1)?;
-            let wide = if i == 0 { Some(rate(WIDE_BATCH)?) } else { None };
+            let wide = if i == 0 && plan.formats.len() > 1 { Some(rate(WIDE_BATCH)?) } else { None };
             Ok((one, wide))
         });
         model = engine.into_model().ok_or(InferError::EngineStopped)?;
@@ -307,7 +308,7 @@ fn measure_format(mut model: Model, quantization: Quantization, plan: &Plan) -> 
             rates.batch8 = wide;
         }
     }
-    Ok((rates, model))
+    Ok(rates)
 }
 
 /// What a tuning holds for: change any of it and the machine is measured again.
@@ -317,6 +318,10 @@ pub struct TuneKey {
     pub logical_cores: usize,
     pub threads: usize,
     pub device: String,
+    /// The dtype asked for (None: the format's default).
+    pub dtype: Option<String>,
+    /// Variables that change which kernels libtorch picks.
+    pub kernel_env: Vec<(String, String)>,
     /// The model file (or bundle directory), canonical, with its size and modification time.
     pub model: PathBuf,
     pub model_bytes: u64,
@@ -328,7 +333,7 @@ pub struct TuneKey {
 }
 
 impl TuneKey {
-    pub fn new(model: &Path, device: tch::Device, plan: &Plan) -> Result<Self> {
+    pub fn new(model: &Path, device: tch::Device, dtype: Option<tch::Kind>, plan: &Plan) -> Result<Self> {
         let canonical = model.canonicalize().map_err(|e| InferError::io(model, e))?;
         let (model_bytes, model_modified_s) = file_identity(&canonical)?;
         Ok(Self {
@@ -336,6 +341,11 @@ impl TuneKey {
             logical_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: plan.threads,
             device: format!("{device:?}"),
+            dtype: dtype.map(|k| format!("{k:?}")),
+            kernel_env: ["ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"]
+                .iter()
+                .filter_map(|v| Some((v.to_string(), std::env::var(v).ok()?)))
+                .collect(),
             model: canonical,
             model_bytes,
             model_modified_s,
@@ -453,7 +463,14 @@ impl TuneCache {
             .write(true)
             .open(&path)
             .map_err(|e| InferError::io(&path, e))?;
-        file.lock().map_err(|e| InferError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(lock = %path.display(), "tuning: waiting for another process's measurement");
+                file.lock().map_err(|e| InferError::io(&path, e))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(InferError::io(&path, e)),
+        }
         Ok(file)
     }
 }
@@ -480,10 +497,26 @@ mod tests {
             decide(&[rates(Int4, &[(1, 44.0), (2, 45.0)], 140.0), rates(Int8, &[(1, 45.0), (2, 46.0)], 142.0)])
                 .unwrap();
         assert_eq!((q, t), (Int4, 1));
+        // One format (threads only): no batch-8 figure to speak of.
+        let (_, _, reason) = decide(&[rates(Int4, &[(1, 30.0), (2, 33.5)], 0.0)]).unwrap();
+        assert_eq!(
+            reason,
+            "int4 at 33.5 tok/s alone with 2 threads; 2 threads decode a sequence alone 1.12x as fast as 1"
+        );
         // A format that could not be measured is not chosen; none measured, no choice.
         let (q, _, _) = decide(&[rates(Int4, &[], 0.0), rates(Int8, &[(1, 10.0)], 30.0)]).unwrap();
         assert_eq!(q, Int8);
         assert!(decide(&[]).is_none());
+    }
+
+    #[test]
+    fn candidates_keep_the_allowed_formats_the_device_runs() {
+        use Quantization::{Int4, Int8, None as Dense};
+        assert_eq!(candidates(tch::Device::Cuda(0), &[Int4, Int8]), vec![Int4]);
+        assert_eq!(candidates(tch::Device::Cuda(0), &[Int8]), vec![Int4], "int4 when nothing else runs");
+        assert_eq!(candidates(tch::Device::Cpu, &[Int4, Int4, Dense]), vec![Int4, Dense]);
+        let int8 = if crate::inference::fbgemm::available() { vec![Int8, Int4] } else { vec![Int4] };
+        assert_eq!(candidates(tch::Device::Cpu, &[Int8, Int4]), int8);
     }
 
     #[test]
@@ -511,7 +544,7 @@ mod tests {
         let model = dir.path().join("m.gguf");
         std::fs::write(&model, b"weights").unwrap();
         let plan = Plan { formats: vec![Quantization::Int4], single_sequence_threads: vec![1, 2], threads: 2 };
-        let key = TuneKey::new(&model, tch::Device::Cpu, &plan).unwrap();
+        let key = TuneKey::new(&model, tch::Device::Cpu, None, &plan).unwrap();
         assert!(cache.load(&key).is_none());
         let (quantization, single_sequence_threads, reason) =
             decide(&[rates(Quantization::Int4, &[(1, 10.0), (2, 20.0)], 50.0)]).unwrap();
@@ -521,7 +554,8 @@ mod tests {
         assert_eq!(cache.load(&key), Some(tuning));
         // Another model file (a new size), or another thread setting: measured again.
         std::fs::write(&model, b"other weights").unwrap();
-        assert!(cache.load(&TuneKey::new(&model, tch::Device::Cpu, &plan).unwrap()).is_none());
+        assert!(cache.load(&TuneKey::new(&model, tch::Device::Cpu, None, &plan).unwrap()).is_none());
+        assert!(cache.load(&TuneKey { dtype: Some("BFloat16".into()), ..key.clone() }).is_none());
         assert!(cache.load(&TuneKey { threads: 4, ..key.clone() }).is_none());
     }
 }

@@ -44,6 +44,7 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
         max_attempts: s.distributor.max_attempts,
         catalog: s.distributor.models.clone(),
         quarantine: Duration::from_secs(s.verifier.quarantine_s),
+        prefix_routing: s.distributor.prefix_routing,
     };
     let distributor = supervisor::start("distributor", move |_| Distributor::new(config));
     let clock = {

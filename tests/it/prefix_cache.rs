@@ -231,6 +231,25 @@ fn a_prompt_longer_than_the_cache_keeps_its_head() {
 /// heartbeats: the persona's requests go to it while it has a free slot, then to the other.
 #[test]
 fn requests_of_one_persona_go_to_the_node_that_holds_it_until_it_is_busy() {
+    let Some((to_holder, to_other, metrics)) = route_one_persona(true) else { return };
+    assert_eq!((to_holder, to_other), (2, 1), "two to the holder until its slots were full, then the other");
+    assert!(metrics.contains("ludus_prefix_routed_total 2"), "{metrics}");
+    assert!(metrics.contains("ludus_prefix_cache_requests{result=\"hit\"} 5"), "{metrics}");
+}
+
+/// The same with `prefix_routing = false`: no request is routed by its prefix (the nodes'
+/// cache counters are still reported).
+#[test]
+fn with_cache_aware_routing_off_no_request_is_routed_by_its_prefix() {
+    let Some((to_holder, to_other, metrics)) = route_one_persona(false) else { return };
+    assert_eq!(to_holder + to_other, 3);
+    assert!(metrics.contains("ludus_prefix_routed_total 0"), "{metrics}");
+    assert!(metrics.contains("ludus_prefix_cache_requests{result=\"hit\"} 5"), "{metrics}");
+}
+
+/// Three requests of one persona sent to two scripted nodes, one of which reports holding
+/// the persona: how many each got, and `/metrics` after (None without the model file).
+fn route_one_persona(prefix_routing: bool) -> Option<(usize, usize, String)> {
     use std::time::{Duration, Instant};
 
     use ludus::inference::prefix_cache::block_names;
@@ -240,9 +259,12 @@ fn requests_of_one_persona_go_to_the_node_that_holds_it_until_it_is_busy() {
     use crate::cluster::Cluster;
     use crate::registry::try_post_chat;
 
-    let Some(path) = smollm2() else { return };
+    let path = smollm2()?;
     const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
-    let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
+    let cluster = Cluster::start(&format!(
+        "model_files = {{ \"{MODEL}\" = \"{}\" }}\nprefix_routing = {prefix_routing}\n",
+        path.display()
+    ));
     let text = ludus::inference::ModelText::load(&path).unwrap();
     let messages = |line: &str| vec![ChatMessage::new("system", &persona()), ChatMessage::new("user", line)];
     let ids = text.chat_prompt(&messages(lines()[0])).unwrap();
@@ -290,13 +312,6 @@ fn requests_of_one_persona_go_to_the_node_that_holds_it_until_it_is_busy() {
         (to_holder, to_other, metrics)
     });
     game.join().unwrap();
-    assert_eq!(
-        (to_holder.len(), to_other.len()),
-        (2, 1),
-        "two to the holder until its slots were full, then the other"
-    );
-    let (status, metrics) = (metrics.status, metrics.body);
-    assert_eq!(status, 200);
-    assert!(metrics.contains("ludus_prefix_routed_total 2"), "{metrics}");
-    assert!(metrics.contains("ludus_prefix_cache_requests{result=\"hit\"} 5"), "{metrics}");
+    assert_eq!(metrics.status, 200);
+    Some((to_holder.len(), to_other.len(), metrics.body))
 }
