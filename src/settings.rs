@@ -74,6 +74,8 @@ pub struct DistributorSettings {
     pub max_node_frames_per_s: u32,
     /// Bytes queued for a node that is not reading before its link is closed.
     pub max_node_queue_bytes: usize,
+    /// A running task with no token from its node for this long goes to another node.
+    pub task_stall_timeout_ms: u64,
     /// Send a request to a node holding its prompt's prefix (else load-based only).
     pub prefix_routing: bool,
 }

@@ -37,8 +37,6 @@ use crate::protocol::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an authenticated node may take to load its model before its first heartbeat.
 const MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
-/// A running task with no token for this long is taken away from its node.
-const TASK_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most sequences one node may claim to run at once.
 const MAX_CAPACITY: usize = 4096;
 /// Models one node may announce, and the longest name.
@@ -58,7 +56,7 @@ const MAX_TOKEN_TEXT_BYTES: usize = 1024;
 /// Text a task may carry in all, per token it may produce, plus [`TASK_TEXT_ALLOWANCE`].
 const MAX_TEXT_BYTES_PER_TOKEN: usize = 256;
 const TASK_TEXT_ALLOWANCE: usize = 4096;
-/// Slowest average a task may keep: past `TASK_STALL_TIMEOUT + max_tokens × this`, it is
+/// Slowest average a task may keep: past `task_stall_timeout + max_tokens × this`, it is
 /// taken away even if tokens trickle in (each token used to reset the stall timer).
 const SLOWEST_TOKEN: Duration = Duration::from_secs(1);
 /// Token frames one sequence may honestly send per second; with the node's capacity, it
@@ -97,6 +95,9 @@ pub struct NodeProxyConfig {
     /// Bytes waiting to be written to a node; more means it stopped reading: the link is
     /// closed (and its tasks go elsewhere) instead of buffering without bound.
     pub max_queued_bytes: usize,
+    /// A running task with no token for this long is taken away from its node (and any
+    /// task past this plus `SLOWEST_TOKEN` per token it may produce).
+    pub task_stall_timeout: Duration,
 }
 
 /// A handshake between Hello and Auth.
@@ -142,8 +143,8 @@ struct InFlight {
 
 impl InFlight {
     /// Past this, the task is taken away however it trickles.
-    fn deadline(&self) -> Instant {
-        self.started + TASK_STALL_TIMEOUT + SLOWEST_TOKEN * self.job.max_tokens.min(u32::MAX as usize) as u32
+    fn deadline(&self, stall_timeout: Duration) -> Instant {
+        self.started + stall_timeout + SLOWEST_TOKEN * self.job.max_tokens.min(u32::MAX as usize) as u32
     }
 
     /// Counts `bytes` more text; false when the task's text budget is spent.
@@ -689,16 +690,17 @@ impl Actor for NodeProxy {
             // A task without progress for too long, or past its deadline however it
             // trickles, goes elsewhere (wedged or lying node).
             let now = Instant::now();
+            let stall = this.config.task_stall_timeout;
             let stalled: Vec<TaskId> = this
                 .in_flight
                 .iter()
-                .filter(|(_, r)| r.last_progress.elapsed() > TASK_STALL_TIMEOUT || now > r.deadline())
+                .filter(|(_, r)| r.last_progress.elapsed() > stall || now > r.deadline(stall))
                 .map(|(&id, _)| id)
                 .collect();
             for id in stalled {
                 if let Some(run) = this.in_flight.remove(&id) {
                     this.send(&ServerMessage::Cancel { id, delivered: None });
-                    let failure = TaskFailure::Node(format!("no progress for {} s", TASK_STALL_TIMEOUT.as_secs()));
+                    let failure = TaskFailure::Node(format!("no progress for {} s", stall.as_secs()));
                     this.distributor.do_send(TaskReturned { node: this.id, job: run.job, failure });
                 }
             }

@@ -585,7 +585,11 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
 #[test]
 fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
     let Some(path) = smollm2() else { return };
-    let mut cluster = Cluster::start(&format!("{}synchronous = true\n", verifier_config(&path)));
+    // The rogue holds its task while the honest node loads (over 60 s on a loaded 2-core
+    // machine): the server must not take the task away as stalled meanwhile, or the rogue's
+    // answer is never checked and the case tests nothing.
+    let stall = "task_stall_timeout_ms = 600000\n";
+    let mut cluster = Cluster::start(&format!("{stall}{}synchronous = true\n", verifier_config(&path)));
     let (model, engine) = liar_model(&path);
     let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Name three fruits."}]}"#;
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
@@ -621,11 +625,19 @@ fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
     let text = reply["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(!text.is_empty() && !text.chars().all(|c| c == 'x'), "the rogue's answer reached the game: {text:?}");
     let store = cluster.store();
-    wait_for("one failed and one verified check", Duration::from_secs(30), || {
-        numbers(&store, "SELECT count(*) FILTER (WHERE outcome = 'failed'), count(*) FILTER (WHERE outcome = 'verified') FROM verifications")
-            == vec![1, 1]
-    });
+    let outcomes = "SELECT count(*) FILTER (WHERE outcome = 'failed'), count(*) FILTER (WHERE outcome = 'verified') FROM verifications";
+    let started = std::time::Instant::now();
+    while numbers(&store, outcomes) != vec![1, 1] {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "[failed, verified] = {:?}, not [1, 1]; server log:\n{}",
+            numbers(&store, outcomes),
+            cluster.server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(cluster.server.log_text().contains("failed verification"));
+    assert!(!cluster.server.log_text().contains("no progress for"), "the rogue's task was taken away as stalled");
     engine.shutdown();
 }
 

@@ -461,3 +461,43 @@ fn a_token_after_the_end_of_sequence_token_cuts_the_node() {
     std::thread::sleep(Duration::from_millis(800)); // two blocks
     assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
 }
+
+/// A node that takes a task and then says nothing loses it after the configured stall
+/// timeout (`[distributor] task_stall_timeout_ms`), never before: the task goes to another
+/// node, and when that one is silent too the game gets a clear error naming the stall.
+#[test]
+fn a_silent_node_loses_its_task_after_the_stall_timeout() {
+    let cluster = Cluster::start("task_stall_timeout_ms = 2000\n");
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let (handed, cancels, game) = actix_rt::System::new().block_on(async {
+        let mut a = Rogue::join(&addr, "busy").await;
+        let mut b = Rogue::join(&addr, "busy").await;
+        a.idle(&mut [&mut b], Duration::from_millis(400)).await; // both registered
+        let game = std::thread::spawn(move || {
+            let body = r#"{"model":"busy","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
+            super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes())
+        });
+        // (which node, task id, when) for each hand-over; cancellations received.
+        let (mut handed, mut cancels) = (Vec::new(), Vec::new());
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while !game.is_finished() && std::time::Instant::now() < until {
+            for (i, r) in [&mut a, &mut b].into_iter().enumerate() {
+                r.link.send(&NodeMessage::Heartbeat(Default::default())).await.unwrap();
+                match r.link.recv(Duration::from_millis(25)).await {
+                    Ok(ServerMessage::Task(spec)) => handed.push((i, spec.id, std::time::Instant::now())),
+                    Ok(ServerMessage::Cancel { id, .. }) => cancels.push((i, id)),
+                    _ => {}
+                }
+            }
+        }
+        (handed, cancels, game.join().unwrap())
+    });
+    assert_eq!(handed.len(), 2, "the task went to each silent node once: {handed:?}");
+    let ((first, id, given), (second, again, moved)) = (handed[0], handed[1]);
+    assert_ne!(first, second, "the stalled task went to the other node");
+    assert_eq!(id, again, "the same task moved");
+    assert!(moved - given >= Duration::from_millis(2000), "taken away before the timeout: {:?}", moved - given);
+    assert_eq!(cancels, vec![(first, id), (second, id)], "each silent node was told");
+    assert_eq!(game.status, 502, "{}", game.body);
+    assert!(game.body.contains("no progress for 2 s"), "{}", game.body);
+}
