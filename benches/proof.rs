@@ -37,6 +37,7 @@ fn main() {
         threads: 2,
         single_sequence_threads: 1,
         prefix_cache_bytes: 0,
+        speculative: ludus::inference::Speculation::OFF,
     };
     let engine = Engine::start(Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap(), config).unwrap();
     let node = Identity::generate();

@@ -29,6 +29,8 @@ pub struct EngineSettings {
     pub tune_dir: std::path::PathBuf,
     /// Memory for prompt blocks kept for the next request that starts with them (0 = off).
     pub prefix_cache_mb: usize,
+    /// Speculative decoding of a sequence decoded alone: `{ draft = "off" | "ngram", k }`.
+    pub speculative: crate::inference::Speculation,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +260,7 @@ impl Settings {
                 crate::inference::tune::Tunable::Auto => 1,
             },
             prefix_cache_bytes: self.engine.prefix_cache_mb << 20,
+            speculative: self.engine.speculative,
         }
     }
 }

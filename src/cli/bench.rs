@@ -194,6 +194,12 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         "rss_bytes": rss_bytes(),
         "grammar_compile_ms": compile_ms,
     });
+    let mut report = report;
+    if engine.config.speculative.enabled() {
+        let (engine, speculation) = super::speculation::side_by_side(engine, tokens)?;
+        report["speculation"] = speculation;
+        engine.shutdown();
+    }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
@@ -323,6 +329,8 @@ fn memory_single(
         threads: Some(threads),
         model_key: None,
         single_sequence_threads: Some(crate::inference::tune::Tunable::Fixed(threads)),
+        draft: None,
+        draft_tokens: None,
     };
     let engine = runtime.start_engine(settings, path, Some(1))?;
     let loaded = rss_bytes();

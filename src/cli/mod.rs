@@ -13,6 +13,7 @@ mod progress;
 mod receipts;
 mod runtime;
 mod serve;
+mod speculation;
 mod verify;
 
 use std::path::PathBuf;
@@ -210,6 +211,14 @@ pub struct RuntimeArgs {
     /// start-up). Default: the config's engine.single_sequence_threads.
     #[arg(long)]
     pub single_sequence_threads: Option<crate::inference::tune::Tunable>,
+    /// Speculative decoding of a sequence decoded alone: off, or ngram (drafts from what
+    /// followed the last few tokens earlier in the prompt or answer; the kept tokens are
+    /// the ones the model draws). Default: the config's engine.speculative.draft.
+    #[arg(long)]
+    pub draft: Option<crate::inference::Draft>,
+    /// Tokens drafted per pass at most (1..=16). Default: the config's engine.speculative.k.
+    #[arg(long)]
+    pub draft_tokens: Option<usize>,
 }
 
 /// Runs one parsed command line.

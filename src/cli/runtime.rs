@@ -26,6 +26,8 @@ impl RuntimeArgs {
             threads: None,
             model_key: None,
             single_sequence_threads: None,
+            draft: None,
+            draft_tokens: None,
         }
     }
 
@@ -71,6 +73,12 @@ impl RuntimeArgs {
         };
         let mut config = settings.engine_config();
         config.threads = threads;
+        if let Some(draft) = self.draft {
+            config.speculative.draft = draft;
+        }
+        if let Some(k) = self.draft_tokens {
+            config.speculative.k = k;
+        }
         config.single_sequence_threads = match (single, &tuning) {
             (Tunable::Fixed(n), _) => n,
             (Tunable::Auto, Some(t)) => t.single_sequence_threads,

@@ -6,6 +6,10 @@
 //! stalls the others for more than one chunk. Running sequences occupy KV slots `0..B`
 //! (compacted when one leaves), which makes the batch's cache a zero-copy view.
 //!
+//! A sequence decoded alone may speculate ([`super::speculative`]): its last token and a
+//! few drafted ones go through the model as one short chunk, and the drafted tokens are
+//! kept while the sampler, on the target's own logits, draws them.
+//!
 //! Callers get a channel of [`Event`]s per request; dropping the receiver cancels the
 //! sequence, and its slot is free at the next step.
 
@@ -24,6 +28,7 @@ use super::llama::{LogitsFor, PrefillChunk};
 use super::model::Model;
 use super::prefix_cache::{BlockName, PrefixCache, PrefixStats};
 use super::sampling::{apply_penalties, sample, SamplingParams, TokenHistory};
+use super::speculative::{Speculation, SpeculationStats};
 use super::text_stream::TextStream;
 use super::tokenizer::Tokenizer;
 
@@ -44,6 +49,8 @@ pub struct EngineConfig {
     pub single_sequence_threads: usize,
     /// Memory for the prefix cache ([`super::prefix_cache`]), in bytes; 0 turns it off.
     pub prefix_cache_bytes: usize,
+    /// Speculative decoding of a sequence decoded alone ([`super::speculative`]).
+    pub speculative: Speculation,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +62,7 @@ impl Default for EngineConfig {
             threads: 0,
             single_sequence_threads: 1,
             prefix_cache_bytes: 0,
+            speculative: Speculation::OFF,
         }
     }
 }
@@ -138,6 +146,21 @@ pub struct EngineLoad {
     /// The prefix cache's counters and the names of the blocks it holds (most recently
     /// used first), for the heartbeat; empty when it is off.
     pub prefix: std::sync::Mutex<PrefixReport>,
+    /// Passes that checked a draft, tokens drafted and tokens kept ([`super::speculative`]).
+    pub speculation_passes: AtomicU64,
+    pub drafted_tokens: AtomicU64,
+    pub accepted_tokens: AtomicU64,
+}
+
+impl EngineLoad {
+    /// Speculative decoding's counters so far.
+    pub fn speculation(&self) -> SpeculationStats {
+        SpeculationStats {
+            passes: self.speculation_passes.load(Ordering::Relaxed),
+            drafted: self.drafted_tokens.load(Ordering::Relaxed),
+            accepted: self.accepted_tokens.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// What a node says of its prefix cache.
@@ -185,6 +208,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; the KV cache is sized by `config`.
     pub fn start(model: Model, mut config: EngineConfig) -> Result<Self> {
+        config.speculative.validate().map_err(InferError::InvalidRequest)?;
         config.max_context = config.max_context.min(model.llama.config.max_position_embeddings).max(2);
         config.max_batch = config.max_batch.max(1);
         config.prefill_chunk = config.prefill_chunk.max(1);
@@ -306,6 +330,9 @@ struct Sequence {
     stream: TextStream,
     /// Where the output stands in its grammar, if it has one.
     constraint: Option<Constraint>,
+    /// Tokens the next speculative pass may draft: follows how long the sequence's drafts
+    /// have held (a pass of more rows costs more, and a draft that fails early wastes them).
+    draft_len: usize,
 }
 
 struct Scheduler {
@@ -524,6 +551,7 @@ impl Scheduler {
                 history,
                 stream,
                 constraint: cmd.constraint,
+                draft_len: self.config.speculative.k,
             });
         }
     }
@@ -533,6 +561,9 @@ impl Scheduler {
     fn step(&mut self) -> Result<()> {
         if self.running.is_empty() && self.prefilling.is_none() {
             return Ok(());
+        }
+        if let Some(draft) = self.draft() {
+            return self.speculative_step(draft);
         }
         let tokens: Vec<u32> =
             self.running.iter().map(|s| *s.tokens.last().expect("running sequences have tokens")).collect();
@@ -626,6 +657,77 @@ impl Scheduler {
             }
         }
         self.compact();
+        Ok(())
+    }
+}
+
+impl Scheduler {
+    /// Tokens to check after the last one of the sequence decoded alone, when speculation
+    /// is on and the drafter has any. Not under a grammar (its masks are prepared one
+    /// token ahead, beside the model's pass) nor past what the sequence may still take.
+    fn draft(&self) -> Option<Vec<u32>> {
+        let spec = &self.config.speculative;
+        if !spec.enabled() || self.prefilling.is_some() || self.running.len() != 1 {
+            return None;
+        }
+        let seq = &self.running[0];
+        if seq.constraint.is_some() {
+            return None;
+        }
+        // The pass yields one token past the draft; positions stay inside the context.
+        let room = (seq.request.max_tokens.saturating_sub(seq.generated).saturating_sub(1))
+            .min(self.config.max_context.saturating_sub(seq.tokens.len()))
+            .min(seq.draft_len);
+        let draft = spec.propose(&seq.tokens, room);
+        (!draft.is_empty()).then_some(draft)
+    }
+
+    /// One pass for the sequence decoded alone: its last token and `draft` as a chunk at
+    /// its position. Row i's logits choose the token after input i, sampled exactly as a
+    /// decode step would (same position, penalties, seed); the next row counts only while
+    /// the drawn token is the drafted one. The cache keeps the rows of the inputs used.
+    fn speculative_step(&mut self, draft: Vec<u32>) -> Result<()> {
+        let tokenizer = self.model.tokenizer.clone();
+        let (d, vocab) = (self.model.llama.config.hidden_size, self.model.llama.config.vocab_size);
+        let seq = &mut self.running[0];
+        let start = seq.cached;
+        let mut input = Vec::with_capacity(draft.len() + 1);
+        input.push(*seq.tokens.last().expect("running sequences have tokens"));
+        input.extend_from_slice(&draft);
+        let out = {
+            let _guard = tch::no_grad_guard();
+            self.model.llama.prefill(&mut self.cache, seq.slot, &input, start, LogitsFor::All)?
+        };
+        let logits = tensor_to_vec(&out.logits)?;
+        let hidden = if seq.request.collect_hidden { Some(tensor_to_vec(&out.hidden)?) } else { None };
+        let (mut used, mut accepted, mut outcome) = (0, 0u64, Outcome::Continue);
+        while used < input.len() {
+            let row = logits[used * vocab..(used + 1) * vocab].to_vec();
+            let h = hidden.as_ref().map(|all| all[used * d..(used + 1) * d].to_vec());
+            outcome = emit(seq, &tokenizer, row, h, self.config.max_context);
+            let kept = draft.get(used) == seq.tokens.last();
+            used += 1;
+            accepted += kept as u64;
+            if !kept || !matches!(outcome, Outcome::Continue) {
+                break;
+            }
+        }
+        // A draft kept whole may grow; one that failed is cut to what held, plus one.
+        seq.draft_len = if accepted as usize == draft.len() {
+            (draft.len() + 2).min(self.config.speculative.k)
+        } else {
+            accepted as usize + 1
+        };
+        // Rows past the last input used hold a rejected draft: forgotten.
+        seq.cached = start + used;
+        self.cache.set_len(seq.slot, start + used);
+        self.load.speculation_passes.fetch_add(1, Ordering::Relaxed);
+        self.load.drafted_tokens.fetch_add(draft.len() as u64, Ordering::Relaxed);
+        self.load.accepted_tokens.fetch_add(accepted, Ordering::Relaxed);
+        if !matches!(outcome, Outcome::Continue) {
+            let seq = self.running.remove(0);
+            conclude(seq, outcome, &self.load);
+        }
         Ok(())
     }
 }

@@ -15,7 +15,8 @@
 //! - [`grammar`]: constrained decoding (llguidance): the tokens a grammar allows next.
 //! - [`logprobs`]: log probabilities of sampled tokens and their alternatives.
 //! - [`engine`]: continuous batching on a dedicated thread; [`prefix_cache`]: prompt
-//!   blocks kept for the next request that starts with them.
+//!   blocks kept for the next request that starts with them; [`speculative`]: drafts
+//!   checked in one pass, kept exactly when the sampler draws them.
 //! - [`tune`]: measures at start-up what decodes fastest here (threads for one sequence,
 //!   int8 or int4) and remembers it per machine and model file.
 //! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
@@ -46,6 +47,7 @@ pub mod qlinear;
 pub mod quant;
 pub mod safetensors;
 pub mod sampling;
+pub mod speculative;
 pub mod text_stream;
 pub mod tiny_model;
 pub mod tokenizer;
@@ -59,3 +61,4 @@ pub use model::{DeviceChoice, Model};
 pub use model_text::ModelText;
 pub use qlinear::Quantization;
 pub use sampling::SamplingParams;
+pub use speculative::{Draft, Speculation};

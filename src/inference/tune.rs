@@ -287,6 +287,7 @@ fn measure_format(mut model: Model, quantization: Quantization, plan: &Plan) -> 
             threads: plan.threads,
             single_sequence_threads: single,
             prefix_cache_bytes: 0,
+            speculative: crate::inference::Speculation::OFF,
         };
         let engine = Engine::start(model, config)?;
         let run = |batch| timed_batch(&engine, &prompt, batch, TIMED_TOKENS, None);

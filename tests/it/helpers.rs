@@ -53,6 +53,7 @@ pub fn engine(path: &Path, max_batch: usize) -> Engine {
             threads: 0,
             single_sequence_threads: 0,
             prefix_cache_bytes: 0,
+            speculative: ludus::inference::Speculation::OFF,
         },
     )
     .expect("engine starts")
@@ -114,4 +115,33 @@ pub fn required_tool(what: &str, present: bool) -> bool {
         eprintln!("skipped: {what} is missing");
     }
     present
+}
+
+/// How far apart the seeded sampler scores tokens `a` and `b` after `prompt` + `before`,
+/// on `model`'s own logits (0 = a tie).
+pub fn score_gap(
+    model: &ludus::inference::Model,
+    prompt: &[u32],
+    before: &[u32],
+    a: u32,
+    b: u32,
+    params: &ludus::inference::SamplingParams,
+) -> f64 {
+    use ludus::inference::kv_cache::KvCache;
+    use ludus::inference::llama::LogitsFor;
+    use ludus::inference::sampling::{candidates, gumbel};
+    let context: Vec<u32> = prompt.iter().chain(before).copied().collect();
+    let mut cache = KvCache::new(&model.llama.config, 1, context.len(), tch::Device::Cpu, model.llama.kind).unwrap();
+    let _guard = tch::no_grad_guard();
+    let logits = model.llama.prefill(&mut cache, 0, &context, 0, LogitsFor::Last).unwrap().logits;
+    let logits = Vec::<f32>::try_from(&logits.flatten(0, -1)).unwrap();
+    let position = context.len() as u64;
+    let score = |t: u32| -> f64 {
+        if params.temperature == 0.0 {
+            return logits[t as usize] as f64;
+        }
+        let (_, s) = candidates(&logits, params).into_iter().find(|c| c.0 == t).expect("both tokens are candidates");
+        s as f64 + gumbel(params.seed, position, t)
+    };
+    (score(a) - score(b)).abs()
 }

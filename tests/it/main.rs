@@ -33,6 +33,7 @@ mod rogue_nodes;
 mod settlement;
 mod smollm2_reference;
 mod soak;
+mod speculative;
 mod steering;
 mod structured;
 mod tuning;

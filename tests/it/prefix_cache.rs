@@ -8,7 +8,7 @@ use ludus::inference::prefix_cache::PrefixStats;
 use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, Quantization, SamplingParams};
 use tch::Device;
 
-use crate::helpers::{drain, smollm2};
+use crate::helpers::{drain, score_gap, smollm2};
 
 const BLOCK: usize = 64;
 
@@ -50,6 +50,7 @@ fn start(quantization: Quantization, prefix_cache_bytes: usize, max_batch: usize
         threads: 2,
         single_sequence_threads: 0,
         prefix_cache_bytes,
+        speculative: ludus::inference::Speculation::OFF,
     };
     Engine::start(model, config).unwrap()
 }
@@ -128,28 +129,6 @@ fn eight_at_once_with_a_warm_cache_answer_as_without_it_up_to_near_ties() {
             assert!(stats(&warm).hits >= 8, "{:?}", stats(&warm));
         }
     }
-}
-
-/// How far apart the seeded sampler scores tokens `a` and `b` after `prompt` + `before`,
-/// on `model`'s own logits (0 = a tie).
-fn score_gap(model: &Model, prompt: &[u32], before: &[u32], a: u32, b: u32, params: &SamplingParams) -> f64 {
-    use ludus::inference::kv_cache::KvCache;
-    use ludus::inference::llama::LogitsFor;
-    use ludus::inference::sampling::{candidates, gumbel};
-    let context: Vec<u32> = prompt.iter().chain(before).copied().collect();
-    let mut cache = KvCache::new(&model.llama.config, 1, context.len(), Device::Cpu, model.llama.kind).unwrap();
-    let _guard = tch::no_grad_guard();
-    let logits = model.llama.prefill(&mut cache, 0, &context, 0, LogitsFor::Last).unwrap().logits;
-    let logits = Vec::<f32>::try_from(&logits.flatten(0, -1)).unwrap();
-    let position = context.len() as u64;
-    let score = |t: u32| -> f64 {
-        if params.temperature == 0.0 {
-            return logits[t as usize] as f64;
-        }
-        let (_, s) = candidates(&logits, params).into_iter().find(|c| c.0 == t).expect("both tokens are candidates");
-        s as f64 + gumbel(params.seed, position, t)
-    };
-    (score(a) - score(b)).abs()
 }
 
 #[test]

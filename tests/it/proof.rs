@@ -420,6 +420,7 @@ fn honest_runs_pass_and_cheaters_fail() {
                 threads: case.threads,
                 single_sequence_threads: 0,
                 prefix_cache_bytes: 0,
+                speculative: ludus::inference::Speculation::OFF,
             },
         )
         .unwrap();
@@ -527,6 +528,7 @@ fn ludus_verify_checks_stored_proofs_offline() {
             threads: 2,
             single_sequence_threads: 0,
             prefix_cache_bytes: 0,
+            speculative: ludus::inference::Speculation::OFF,
         },
     )
     .unwrap();
@@ -604,6 +606,7 @@ fn the_verifier_holds_the_reference_in_the_same_protected_form() {
             threads: 1,
             single_sequence_threads: 0,
             prefix_cache_bytes: 0,
+            speculative: ludus::inference::Speculation::OFF,
         },
     )
     .unwrap();

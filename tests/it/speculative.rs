@@ -1,0 +1,214 @@
+//! Speculative decoding keeps the model's own tokens: the same requests with and without
+//! n-gram drafting (greedy and seeded, f32 and int4, one at a time and eight at once) give
+//! the same ids, up to float near-ties between a one-row and a several-row pass (f32 gave
+//! identical ids in every case here; int4's bf16 kernels part at a near-tie now and then,
+//! as between batch sizes), while drafts are really checked and kept; a proof made from
+//! speculative passes is verified.
+
+use ludus::inference::speculative::SpeculationStats;
+use ludus::inference::{
+    ChatMessage, Draft, Engine, EngineConfig, GenerateRequest, Model, Quantization, SamplingParams, Speculation,
+};
+use tch::Device;
+
+use crate::helpers::{drain, score_gap, smollm2};
+
+/// An NPC whose answers quote its prompt (prices, names): drafts have something to find.
+fn prompt(model: &Model, line: &str) -> Vec<u32> {
+    let persona = "You are Brakka, the smith of Emberfall, a village under a sleeping volcano. \
+        Prices: a sword costs 40 gold, a shield costs 25 gold, mending costs 5 gold. Your brother \
+        Torv vanished on the ash road. Answer in full sentences and repeat the prices you quote.";
+    model.chat_prompt(&[ChatMessage::new("system", persona), ChatMessage::new("user", line)]).unwrap()
+}
+
+fn lines() -> Vec<&'static str> {
+    vec![
+        "How much is a sword, and how much is a shield?",
+        "What happened to your brother Torv?",
+        "How much does mending cost?",
+        "Where is the ash road?",
+        "Tell me the prices again.",
+        "Who are you?",
+        "What is Emberfall?",
+        "Is the volcano sleeping?",
+    ]
+}
+
+fn start(quantization: Quantization, speculative: Speculation, max_batch: usize) -> Engine {
+    let path = smollm2().expect("checked by the caller");
+    let model = Model::load_quantized(&path, Device::Cpu, None, quantization, None).unwrap();
+    let config = EngineConfig {
+        max_batch,
+        max_context: 1024,
+        prefill_chunk: 128,
+        threads: 2,
+        single_sequence_threads: 0,
+        prefix_cache_bytes: 0,
+        speculative,
+    };
+    Engine::start(model, config).unwrap()
+}
+
+const NGRAM: Speculation = Speculation { draft: Draft::Ngram, k: 4 };
+
+/// Runs `lines` on `engine`, `together` at a time; the ids of each answer. Together,
+/// answers get different lengths (8, 16, … 56 tokens at most, and the last 96), so that
+/// the batch thins out and the last one runs alone, where speculation starts.
+fn run(engine: &Engine, model: &Model, params: &SamplingParams, together: usize) -> Vec<Vec<u32>> {
+    let mut out = Vec::new();
+    for group in lines().chunks(together) {
+        let streams: Vec<_> = group
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let request = GenerateRequest {
+                    prompt: prompt(model, l),
+                    params: params.clone(),
+                    max_tokens: if together == 1 {
+                        40
+                    } else if i + 1 < group.len() {
+                        8 * (i + 1)
+                    } else {
+                        96
+                    },
+                    // The last of a group runs its full length, alone for the second half.
+                    min_tokens: if together > 1 && i + 1 == group.len() { 96 } else { 0 },
+                    ..Default::default()
+                };
+                engine.submit(request).expect("submit")
+            })
+            .collect();
+        out.extend(streams.into_iter().map(|rx| drain(rx).0));
+    }
+    out
+}
+
+/// Each answer equal, or parted only where the two tokens score within the format's tie
+/// margin on the reference; how many were identical.
+fn same_up_to_near_ties(
+    reference: &Model,
+    model: &Model,
+    want: &[Vec<u32>],
+    got: &[Vec<u32>],
+    params: &SamplingParams,
+    what: &str,
+) -> usize {
+    let margin = ludus::proof::Format::of(reference.llama.quantization, tch::Kind::Float).tie_margin() as f64;
+    let mut identical = 0;
+    for (i, line) in lines().iter().enumerate().take(want.len()) {
+        match want[i].iter().zip(&got[i]).position(|(a, b)| a != b) {
+            Some(k) => {
+                let gap = score_gap(reference, &prompt(model, line), &want[i][..k], want[i][k], got[i][k], params);
+                assert!(gap < margin, "{what}, answer {i}: parted at token {k} by {gap}, not a near-tie");
+                eprintln!("{what}: answer {i} parted at token {k}, a near-tie (gap {gap:.1e})");
+            }
+            None => {
+                assert_eq!(want[i], got[i], "{what}: answer {i} is shorter");
+                identical += 1;
+            }
+        }
+    }
+    identical
+}
+
+/// The lines `together` at a time without and with speculation, compared; the drafting
+/// engine's counters and the tokens it produced.
+fn compare(
+    quantization: Quantization,
+    reference: &Model,
+    model: &Model,
+    (name, params): (&str, &SamplingParams),
+    together: usize,
+) -> (SpeculationStats, usize) {
+    let (plain, drafting) = (start(quantization, Speculation::OFF, together), start(quantization, NGRAM, together));
+    let want = run(&plain, model, params, together);
+    let got = run(&drafting, model, params, together);
+    let what = format!("{quantization} {name}, batch {together}");
+    let identical = same_up_to_near_ties(reference, model, &want, &got, params, &what);
+    let s = drafting.load.speculation();
+    eprintln!("{what}: {identical}/{} identical; {s:?}", want.len());
+    assert_eq!(plain.load.speculation(), SpeculationStats::default(), "off means no draft");
+    assert!(s.accepted <= s.drafted, "{what}: {s:?}");
+    (s, got.iter().map(Vec::len).sum())
+}
+
+#[test]
+fn speculation_keeps_the_models_tokens_one_at_a_time_and_eight_at_once() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let greedy = SamplingParams::greedy();
+    let seeded = SamplingParams { temperature: 0.9, top_p: 0.95, seed: 5, ..Default::default() };
+    for quantization in [Quantization::None, Quantization::Int4] {
+        let reference = Model::load_quantized(&path, Device::Cpu, None, quantization, None).unwrap();
+        for case in [("greedy", &greedy), ("seeded", &seeded)] {
+            // One at a time: every step of every answer may speculate; kept drafts are
+            // steps saved (fewer passes than tokens).
+            let (s, tokens) = compare(quantization, &reference, &model, case, 1);
+            assert!(s.passes > 0 && s.accepted > 0, "{quantization} {}: drafts checked and some kept: {s:?}", case.0);
+            assert!((tokens as u64) > s.accepted, "{tokens} tokens, {s:?}");
+            // Eight at once: speculation only for the sequence left alone in the batch.
+            let (s, _) = compare(quantization, &reference, &model, case, 8);
+            assert!(s.passes > 0, "{quantization} {}: the sequence left alone speculated: {s:?}", case.0);
+        }
+    }
+}
+
+/// Speculation does not run under a grammar, and a draft never runs past max_tokens.
+#[test]
+fn speculation_stays_within_max_tokens_and_out_of_grammars() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let engine = start(Quantization::None, NGRAM, 1);
+    // A prompt that repeats itself, so that drafts are found at every step.
+    let repeat = "red green blue red green blue red green blue red green blue";
+    let prompt = model.tokenizer.encode(repeat, false).unwrap();
+    for max_tokens in [1, 2, 3, 7] {
+        let request = GenerateRequest {
+            prompt: prompt.clone(),
+            params: SamplingParams::greedy(),
+            max_tokens,
+            min_tokens: max_tokens,
+            ..Default::default()
+        };
+        let (ids, _, done) = drain(engine.submit(request).unwrap());
+        assert_eq!((ids.len(), done.completion_tokens), (max_tokens, max_tokens));
+    }
+    assert!(engine.load.speculation().accepted > 0, "{:?}", engine.load.speculation());
+    let before = engine.load.speculation();
+    let schema = r#"{"type": "object", "properties": {"color": {"type": "string"}}, "required": ["color"]}"#;
+    let grammar: std::sync::Arc<str> = format!("start: %json {schema}\n").into();
+    let params = SamplingParams { grammar: Some(grammar), ..SamplingParams::greedy() };
+    let request = GenerateRequest { prompt, params, max_tokens: 24, ..Default::default() };
+    let (_, text, _) = drain(engine.submit(request).unwrap());
+    assert!(text.starts_with('{'), "{text}");
+    assert_eq!(engine.load.speculation(), before, "no draft under a grammar");
+}
+
+#[test]
+fn a_proof_made_from_speculative_passes_is_verified() {
+    use ludus::crypto::identity::Identity;
+    use ludus::proof::signed::collect_blocking;
+    use ludus::proof::{verify, ProofBuilder, Tolerances};
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let engine = start(Quantization::None, NGRAM, 1);
+    let params = SamplingParams { temperature: 0.7, seed: 3, ..Default::default() };
+    let identity = Identity::generate();
+    for (i, line) in lines()[..3].iter().enumerate() {
+        let challenge = [i as u8 + 1; 32];
+        let prompt = prompt(&model, line);
+        let request = GenerateRequest {
+            prompt: prompt.clone(),
+            params: params.clone(),
+            max_tokens: 40,
+            collect_hidden: true,
+            ..Default::default()
+        };
+        let mut builder = ProofBuilder::new(challenge, ludus::proof::commitment::DEFAULT_TOP_K);
+        let completion = collect_blocking(engine.submit(request).unwrap(), &mut builder).unwrap();
+        let proof = builder.finish(&identity, i as u64, &model.name, &completion).expect("a proof");
+        let verdict = verify(&model, &proof, &prompt, &completion, &params, &Tolerances::default()).unwrap();
+        assert!(verdict.accepted, "request {i}: {:?}", verdict.reasons);
+    }
+    assert!(engine.load.speculation().accepted > 0, "{:?}", engine.load.speculation());
+}
