@@ -139,6 +139,14 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
     };
     let max_batch = batch.iter().copied().max().unwrap_or(1);
     let engine = runtime.start_engine(settings, &model, Some(max_batch))?;
+    // The plain figures are measured without speculation; with --draft, it is measured
+    // side by side at the end.
+    let speculation = engine.config.speculative;
+    let engine = if speculation.enabled() {
+        super::speculation::restart(engine, crate::inference::Speculation::OFF)?
+    } else {
+        engine
+    };
     let text = "In a quiet village at the edge of the forest, the blacksmith told stories to every traveller. ";
     let mut long_prompt = engine.tokenizer.encode(&text.repeat(prompt_tokens / 10 + 1), false)?;
     long_prompt.truncate(prompt_tokens.max(1));
@@ -195,9 +203,9 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
         "grammar_compile_ms": compile_ms,
     });
     let mut report = report;
-    if engine.config.speculative.enabled() {
-        let (engine, speculation) = super::speculation::side_by_side(engine, tokens)?;
-        report["speculation"] = speculation;
+    if speculation.enabled() {
+        let (engine, measured) = super::speculation::side_by_side(engine, speculation, tokens)?;
+        report["speculation"] = measured;
         engine.shutdown();
     }
     println!("{}", serde_json::to_string_pretty(&report)?);

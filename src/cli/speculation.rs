@@ -32,7 +32,7 @@ fn timed(engine: &Engine, prompt: &[u32], tokens: usize, min_tokens: usize) -> a
 }
 
 /// The engine over the same weights with `speculative` set (the KV cache is re-made).
-fn restart(engine: Engine, speculative: Speculation) -> anyhow::Result<Engine> {
+pub fn restart(engine: Engine, speculative: Speculation) -> anyhow::Result<Engine> {
     let mut config = engine.config.clone();
     config.speculative = speculative;
     let tuning = engine.tuning.clone();
@@ -57,9 +57,8 @@ fn workloads(engine: &Engine, tokens: usize) -> anyhow::Result<Vec<(&'static str
     Ok(vec![("story", story, tokens), ("npc", npc, 0)])
 }
 
-/// Measures; gives the engine back as it was (speculation as configured).
-pub fn side_by_side(engine: Engine, tokens: usize) -> anyhow::Result<(Engine, serde_json::Value)> {
-    let on = engine.config.speculative;
+/// Measures with speculation `on` against off; gives the engine back (speculation `on`).
+pub fn side_by_side(engine: Engine, on: Speculation, tokens: usize) -> anyhow::Result<(Engine, serde_json::Value)> {
     let work = workloads(&engine, tokens)?;
     let mut engine = engine;
     let mut rows = Vec::new();

@@ -333,6 +333,11 @@ struct Sequence {
     /// Tokens the next speculative pass may draft: follows how long the sequence's drafts
     /// have held (a pass of more rows costs more, and a draft that fails early wastes them).
     draft_len: usize,
+    /// Passes in a row whose draft failed at its first token, and steps left to decode
+    /// plainly before drafting again (1, 3, 7, then 15 after 1, 2, 3, 4+ such passes):
+    /// text with nothing to look up stops paying for draft rows.
+    draft_misses: u32,
+    draft_pause: usize,
 }
 
 struct Scheduler {
@@ -552,6 +557,8 @@ impl Scheduler {
                 stream,
                 constraint: cmd.constraint,
                 draft_len: self.config.speculative.k,
+                draft_misses: 0,
+                draft_pause: 0,
             });
         }
     }
@@ -665,13 +672,17 @@ impl Scheduler {
     /// Tokens to check after the last one of the sequence decoded alone, when speculation
     /// is on and the drafter has any. Not under a grammar (its masks are prepared one
     /// token ahead, beside the model's pass) nor past what the sequence may still take.
-    fn draft(&self) -> Option<Vec<u32>> {
+    fn draft(&mut self) -> Option<Vec<u32>> {
         let spec = &self.config.speculative;
         if !spec.enabled() || self.prefilling.is_some() || self.running.len() != 1 {
             return None;
         }
-        let seq = &self.running[0];
+        let seq = &mut self.running[0];
         if seq.constraint.is_some() {
+            return None;
+        }
+        if seq.draft_pause > 0 {
+            seq.draft_pause -= 1;
             return None;
         }
         // The pass yields one token past the draft; positions stay inside the context.
@@ -712,12 +723,17 @@ impl Scheduler {
                 break;
             }
         }
-        // A draft kept whole may grow; one that failed is cut to what held, plus one.
-        seq.draft_len = if accepted as usize == draft.len() {
-            (draft.len() + 2).min(self.config.speculative.k)
+        // A draft kept whole may grow; one that failed is cut to what held, plus one; one
+        // that failed at once pauses drafting, longer each time in a row.
+        let k = self.config.speculative.k;
+        seq.draft_len =
+            if accepted as usize == draft.len() { (seq.draft_len + 2).min(k) } else { accepted as usize + 1 };
+        if accepted == 0 {
+            seq.draft_misses += 1;
+            seq.draft_pause = (1usize << seq.draft_misses.min(4)) - 1;
         } else {
-            accepted as usize + 1
-        };
+            seq.draft_misses = 0;
+        }
         // Rows past the last input used hold a rejected draft: forgotten.
         seq.cached = start + used;
         self.cache.set_len(seq.slot, start + used);

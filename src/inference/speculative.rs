@@ -97,7 +97,9 @@ impl Default for Speculation {
 }
 
 /// Prompt lookup: for n from [`MAX_NGRAM`] down to [`MIN_NGRAM`], the latest earlier
-/// occurrence of the last n tokens, and up to `k` tokens that followed it.
+/// occurrence of the last n tokens, and the `k` tokens that followed it. A match near the
+/// end continues into its own draft (a copy with overlap, as in LZ77), so a repeating
+/// stretch drafts `k` tokens of its period, not just what is left of the sequence.
 pub fn lookup(tokens: &[u32], k: usize) -> Vec<u32> {
     for n in (MIN_NGRAM..=MAX_NGRAM).rev() {
         if tokens.len() <= n {
@@ -108,13 +110,19 @@ pub fn lookup(tokens: &[u32], k: usize) -> Vec<u32> {
         // one token follows the match.
         if let Some(start) = (0..tokens.len() - n).rev().find(|&s| &tokens[s..s + n] == suffix) {
             let from = start + n;
-            return tokens[from..(from + k).min(tokens.len())].to_vec();
+            let mut draft = Vec::with_capacity(k);
+            for i in from..from + k {
+                // `i - len < draft.len()`: from < len, and one token is pushed per step.
+                draft.push(if i < tokens.len() { tokens[i] } else { draft[i - tokens.len()] });
+            }
+            return draft;
         }
     }
     Vec::new()
 }
 
-/// How a sequence's draft fared: tokens the pass kept of those it checked.
+/// How drafts fared: tokens kept of those drafted (a draft's rows after its sequence
+/// ended count as drafted, not kept).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SpeculationStats {
     /// Passes that checked a draft.
@@ -134,9 +142,10 @@ mod tests {
         // "a b c d x ... a b c d" → what followed "a b c d" last time.
         let tokens = [1, 2, 3, 4, 9, 8, 1, 2, 3, 4, 7, 6, 5, 1, 2, 3, 4];
         assert_eq!(lookup(&tokens, 2), vec![7, 6], "the latest match, not the first");
-        assert_eq!(lookup(&tokens, 10), vec![7, 6, 5, 1, 2, 3, 4], "up to the end of the sequence");
+        assert_eq!(lookup(&tokens, 10), vec![7, 6, 5, 1, 2, 3, 4, 7, 6, 5], "past the end, its own draft");
         // Only a 2-gram matches ("3 4" then "5").
         assert_eq!(lookup(&[3, 4, 5, 6, 3, 4], 3), vec![5, 6, 3]);
+        assert_eq!(lookup(&[3, 4, 5, 6, 3, 4], 6), vec![5, 6, 3, 4, 5, 6], "a period of four");
         // A longer match wins over a later shorter one.
         assert_eq!(lookup(&[1, 2, 3, 10, 9, 2, 3, 11, 1, 2, 3], 1), vec![10]);
     }
@@ -147,7 +156,7 @@ mod tests {
         assert!(lookup(&[5], 4).is_empty());
         assert!(lookup(&[1, 2, 3, 4, 5], 4).is_empty(), "no repeat");
         assert!(lookup(&[1, 2, 3, 1], 4).is_empty(), "a single token is not enough");
-        assert_eq!(lookup(&[7, 7, 7], 4), vec![7], "a run repeats itself");
+        assert_eq!(lookup(&[7, 7, 7], 4), vec![7, 7, 7, 7], "a run repeats itself");
     }
 
     #[test]

@@ -140,8 +140,11 @@ pub fn score_gap(
         if params.temperature == 0.0 {
             return logits[t as usize] as f64;
         }
-        let (_, s) = candidates(&logits, params).into_iter().find(|c| c.0 == t).expect("both tokens are candidates");
-        s as f64 + gumbel(params.seed, position, t)
+        // A token outside the reference's candidates (top-k/top-p) is no near-tie.
+        match candidates(&logits, params).into_iter().find(|c| c.0 == t) {
+            Some((_, s)) => s as f64 + gumbel(params.seed, position, t),
+            None => f64::INFINITY,
+        }
     };
     (score(a) - score(b)).abs()
 }

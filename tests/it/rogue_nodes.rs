@@ -480,7 +480,8 @@ fn a_silent_node_loses_its_task_after_the_stall_timeout() {
         // (which node, task id, when) for each hand-over; cancellations received.
         let (mut handed, mut cancels) = (Vec::new(), Vec::new());
         let until = std::time::Instant::now() + Duration::from_secs(60);
-        while !game.is_finished() && std::time::Instant::now() < until {
+        // Until the game has its answer and both nodes their Cancel (which may come after).
+        while (!game.is_finished() || cancels.len() < 2) && std::time::Instant::now() < until {
             for (i, r) in [&mut a, &mut b].into_iter().enumerate() {
                 r.link.send(&NodeMessage::Heartbeat(Default::default())).await.unwrap();
                 match r.link.recv(Duration::from_millis(25)).await {
