@@ -334,8 +334,9 @@ struct Sequence {
     /// have held (a pass of more rows costs more, and a draft that fails early wastes them).
     draft_len: usize,
     /// Passes in a row whose draft failed at its first token, and steps left to decode
-    /// plainly before drafting again (1, 3, 7, then 15 after 1, 2, 3, 4+ such passes):
-    /// text with nothing to look up stops paying for draft rows.
+    /// plainly before drafting again (0, 1, 3, then 7 after 1, 2, 3, 4+ such passes):
+    /// text with nothing to look up stops paying for draft rows, while one miss among
+    /// kept drafts costs no draft.
     draft_misses: u32,
     draft_pause: usize,
 }
@@ -723,14 +724,14 @@ impl Scheduler {
                 break;
             }
         }
-        // A draft kept whole may grow; one that failed is cut to what held, plus one; one
-        // that failed at once pauses drafting, longer each time in a row.
+        // A draft kept whole may grow; one that failed is cut to what held, plus one; from
+        // the second in a row that failed at once, drafting pauses, longer each time.
         let k = self.config.speculative.k;
         seq.draft_len =
             if accepted as usize == draft.len() { (seq.draft_len + 2).min(k) } else { accepted as usize + 1 };
         if accepted == 0 {
             seq.draft_misses += 1;
-            seq.draft_pause = (1usize << seq.draft_misses.min(4)) - 1;
+            seq.draft_pause = (1usize << (seq.draft_misses - 1).min(3)) - 1;
         } else {
             seq.draft_misses = 0;
         }
