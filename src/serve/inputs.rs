@@ -84,6 +84,15 @@ pub fn banned_nodes(s: &Settings) -> io::Result<Arc<HashSet<Address>>> {
     Ok(Arc::new(banned))
 }
 
+/// `[distributor] task_stall_timeout_ms`: at least a second, or nodes would lose tasks
+/// between two tokens.
+pub fn task_stall_timeout(s: &Settings) -> io::Result<std::time::Duration> {
+    match s.distributor.task_stall_timeout_ms {
+        ms if ms >= 1000 => Ok(std::time::Duration::from_millis(ms)),
+        ms => Err(io::Error::other(format!("distributor.task_stall_timeout_ms must be at least 1000 (got {ms})"))),
+    }
+}
+
 /// The distributor's model key store (`data_dir/model-keys/*.key`: hex, 32 bytes each).
 pub struct ModelKeys {
     /// Key id → hex key.
@@ -138,5 +147,19 @@ impl ModelKeys {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stall_timeout_under_a_second_is_refused_by_name() {
+        let mut s = Settings::load(None).unwrap();
+        assert_eq!(task_stall_timeout(&s).unwrap(), std::time::Duration::from_secs(60), "the default");
+        s.distributor.task_stall_timeout_ms = 999;
+        let e = task_stall_timeout(&s).unwrap_err().to_string();
+        assert!(e.contains("task_stall_timeout_ms must be at least 1000 (got 999)"), "{e}");
     }
 }

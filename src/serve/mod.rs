@@ -68,7 +68,7 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         verification,
         max_frames_per_s: s.distributor.max_node_frames_per_s,
         max_queued_bytes: s.distributor.max_node_queue_bytes,
-        task_stall_timeout: Duration::from_millis(s.distributor.task_stall_timeout_ms.max(1)),
+        task_stall_timeout: inputs::task_stall_timeout(&s)?,
         sessions: Default::default(),
     };
     let state = web::Data::new(AppState {
