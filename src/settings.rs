@@ -82,6 +82,22 @@ pub struct DistributorSettings {
     pub prefix_routing: bool,
 }
 
+/// Several servers as one network (`actors::cluster`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterSettings {
+    /// Empty: this server works alone.
+    pub nats_url: Secret,
+    pub name: String,
+    pub advert_interval_ms: u64,
+    pub peer_timeout_ms: u64,
+}
+
+impl ClusterSettings {
+    pub fn enabled(&self) -> bool {
+        !self.nats_url.expose().trim().is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClockSettings {
     pub block_time_ms: u64,
@@ -215,6 +231,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub distributor: DistributorSettings,
     pub games: GamesSettings,
+    pub cluster: ClusterSettings,
     pub clock: ClockSettings,
     pub engine: EngineSettings,
     pub database: DatabaseSettings,

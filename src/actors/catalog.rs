@@ -65,6 +65,55 @@ impl Catalog {
     }
 }
 
+/// Why the text of a request cannot be made: the request field at fault, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextRefusal {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Catalog {
+    /// The text the game will read for a request on `model`, with its grammar compiled
+    /// against the model's tokenizer (milliseconds for a big schema: call it off async
+    /// threads when `params.grammar` is set). A grammar or logprobs need a model this
+    /// server accounts for: it checks every token of the answer against the grammar and
+    /// names tokens itself. `grammar_field` is the request field the grammar came from.
+    pub fn job_text(
+        &self,
+        model: &str,
+        params: &crate::task::SamplingParams,
+        stop: &[String],
+        grammar_field: &'static str,
+    ) -> Result<Option<JobText>, TextRefusal> {
+        let Some(text) = self.models.get(model).cloned() else {
+            let needs = |field: &'static str| TextRefusal {
+                field,
+                message: format!("`{field}` needs a model whose tokenizer this server holds; `{model}` is not one"),
+            };
+            return match (&params.logprobs, &params.grammar) {
+                (Some(_), _) => Err(needs("logprobs")),
+                (_, Some(_)) => Err(needs(grammar_field)),
+                _ => Ok(None),
+            };
+        };
+        let vocab = text.tokenizer.vocab_size();
+        if let Some(&(id, _)) = params.logit_bias.iter().find(|&&(id, _)| id as usize >= vocab) {
+            return Err(TextRefusal {
+                field: "logit_bias",
+                message: format!("`logit_bias`: token id {id} is outside the model's vocabulary of {vocab}"),
+            });
+        }
+        let Some(grammar) = params.grammar.as_deref() else { return Ok(Some(JobText::new(text, stop, None))) };
+        let constraint = crate::inference::grammar::GrammarCompiler::for_tokenizer(&text.tokenizer)
+            .and_then(|compiler| compiler.compile(grammar))
+            .map_err(|e| TextRefusal {
+                field: grammar_field,
+                message: format!("`{grammar_field}` cannot be compiled into a grammar: {e}"),
+            })?;
+        Ok(Some(JobText::new(text, stop, Some(constraint))))
+    }
+}
+
 /// A prompt's count, and its ids when the server rendered them.
 pub type Counted = (PromptCount, Option<Arc<[u32]>>);
 
@@ -81,7 +130,7 @@ fn byte_bound(input: &TaskInput) -> u32 {
 }
 
 /// One position's log probabilities as a game reads them (OpenAI's `logprobs.content[]`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprob {
     pub token: String,
     pub bytes: Vec<u8>,

@@ -67,6 +67,8 @@ pub struct CompletionConfig {
     pub usage: Recipient<RecordUsage>,
     /// The completions this server saw (a re-sent receipt is paid only if listed there).
     pub completions: Arc<CompletionLog>,
+    /// The other servers of the network, told of every completion seen here.
+    pub peers: Arc<super::cluster::Peers>,
 }
 
 /// A task whose node sent `Done`: the job carries every token the server relayed (the
@@ -218,6 +220,26 @@ impl Completion {
         }
     }
 
+    /// Tells the other servers of the network that `node` finished `task` with this output
+    /// (so that its receipt is paid by any of them); `None` when there are none. The
+    /// future ends once NATS has it.
+    fn tell_peers(
+        &self,
+        task: TaskId,
+        node: Address,
+        completion_tokens: u32,
+        output_hash: [u8; 32],
+    ) -> Option<impl std::future::Future<Output = ()>> {
+        let cluster = self.config.peers.cluster()?.clone();
+        if self.config.peers.servers(std::time::Instant::now()) < 2 {
+            return None;
+        }
+        let witness = super::cluster::Outbound::Witness { task: task.0, node: node.0, completion_tokens, output_hash };
+        Some(async move {
+            let _ = cluster.send(witness).await;
+        })
+    }
+
     /// The game hears its answer is complete, and its budget is charged for it.
     fn deliver(&self, job: &Job, finish_reason: FinishReason, usage: TaskUsage) {
         self.charge(&job.key_hash, usage.prompt_tokens.saturating_add(usage.completion_tokens));
@@ -342,13 +364,28 @@ impl Handler<TaskFinished> for Completion {
         } else {
             self.maybe_quality_check(&done);
         }
+        let told =
+            self.tell_peers(done.job.id, done.address, done.receipt.completion_tokens, output_hash(&done.job.emitted));
         if self.maybe_verify(ctx, &done) {
-            // Synchronous: the game hears Done only with an accepted proof.
+            // Synchronous: the game hears Done only with an accepted proof (which takes far
+            // longer than telling the other servers).
+            if let Some(told) = told {
+                actix::spawn(told);
+            }
             let held = Held { node: done.node, job: done.job, finish_reason: done.finish_reason, usage };
             self.held.insert(held.job.id, held);
             return;
         }
-        self.deliver(&done.job, done.finish_reason, usage);
+        match told {
+            // In a network, the game hears Done once every server could pay the receipt.
+            Some(told) => {
+                let (job, finish_reason) = (done.job, done.finish_reason);
+                ctx.spawn(
+                    fut::wrap_future(told).map(move |(), this: &mut Self, _| this.deliver(&job, finish_reason, usage)),
+                );
+            }
+            None => self.deliver(&done.job, done.finish_reason, usage),
+        }
     }
 }
 
@@ -360,6 +397,9 @@ impl Handler<TaskAbandoned> for Completion {
     fn handle(&mut self, msg: TaskAbandoned, _: &mut Self::Context) {
         let hash = output_hash(&msg.delivered);
         self.config.completions.record(msg.task.0, msg.address.0, msg.delivered.len() as u32, hash);
+        if let Some(told) = self.tell_peers(msg.task, msg.address, msg.delivered.len() as u32, hash) {
+            actix::spawn(told);
+        }
         self.charge(&msg.key_hash, msg.prompt_tokens.saturating_add(msg.delivered.len()));
     }
 }

@@ -7,6 +7,12 @@
 //! receipt: the line is in the kernel's page cache before the game is answered, and
 //! `sync_data` runs with every block. Lines of committed tasks are dropped as blocks commit;
 //! the file is rewritten when they pile up.
+//!
+//! In a network of servers (`cluster`), each one also keeps, in memory, what the others
+//! saw ([`CompletionLog::record_peer`], announced over NATS before the game is answered):
+//! a node whose server died re-homes to another one and re-sends its receipts there, and
+//! they are paid there. Kept [`PEER_WITNESS_TTL`] and at most [`MAX_PEER_WITNESSES`]:
+//! nodes re-home within seconds.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -16,6 +22,10 @@ use std::sync::Mutex;
 
 /// Dropped lines tolerated before the file is rewritten with the open ones.
 const COMPACT_AFTER_LINES: usize = 50_000;
+/// How long the completions other servers saw are remembered.
+pub const PEER_WITNESS_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+/// Other servers' completions remembered at most (the oldest go first).
+pub const MAX_PEER_WITNESSES: usize = 200_000;
 
 /// What the server saw of one finished task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +44,8 @@ struct Inner {
 pub struct CompletionLog {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// What the other servers of the network saw, with when this one heard of it.
+    peers: Mutex<HashMap<u64, (Seen, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for CompletionLog {
@@ -80,7 +92,7 @@ impl CompletionLog {
         if !open.is_empty() {
             tracing::info!(path = %path.display(), completions = open.len(), "completion log replayed");
         }
-        Ok(Self { path: path.to_path_buf(), inner: Mutex::new(Inner { file, open, lines }) })
+        Ok(Self { path: path.to_path_buf(), inner: Mutex::new(Inner { file, open, lines }), peers: Mutex::default() })
     }
 
     /// Records a completion the server saw (before the game is told it is done).
@@ -94,10 +106,32 @@ impl CompletionLog {
         inner.open.insert(task, seen);
     }
 
-    /// Whether the server saw `node` finish `task` with exactly this output.
+    /// Records a completion another server of the network saw (in memory only).
+    pub fn record_peer(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) {
+        let now = std::time::Instant::now();
+        let mut peers = self.peers.lock().expect("completion log lock");
+        if peers.len() >= MAX_PEER_WITNESSES {
+            peers.retain(|_, (_, at)| now.saturating_duration_since(*at) < PEER_WITNESS_TTL);
+            if peers.len() >= MAX_PEER_WITNESSES {
+                // Still full of fresh ones: the oldest half goes.
+                let mut ages: Vec<std::time::Instant> = peers.values().map(|(_, at)| *at).collect();
+                let (_, median, _) = ages.select_nth_unstable(peers.len() / 2);
+                let median = *median;
+                peers.retain(|_, (_, at)| *at > median);
+            }
+        }
+        peers.insert(task, (Seen { node, completion_tokens, output_hash }, now));
+    }
+
+    /// Whether this server, or lately another one of the network, saw `node` finish
+    /// `task` with exactly this output.
     pub fn witnessed(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) -> bool {
-        let inner = self.inner.lock().expect("completion log lock");
-        inner.open.get(&task) == Some(&Seen { node, completion_tokens, output_hash })
+        let seen = Seen { node, completion_tokens, output_hash };
+        if self.inner.lock().expect("completion log lock").open.get(&task) == Some(&seen) {
+            return true;
+        }
+        let peers = self.peers.lock().expect("completion log lock");
+        peers.get(&task).is_some_and(|(s, at)| *s == seen && at.elapsed() < PEER_WITNESS_TTL)
     }
 
     /// Drops tasks the ledger now holds, forces the file to disk, and rewrites it when
@@ -166,5 +200,21 @@ mod tests {
         assert!(log.witnessed(4, [4; 20], 1, [4; 32]), "written after the torn line");
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn what_other_servers_saw_counts_exactly_and_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CompletionLog::open(&dir.path().join("completions.log")).unwrap();
+        log.record_peer(7, [7; 20], 3, [1; 32]);
+        assert!(log.witnessed(7, [7; 20], 3, [1; 32]));
+        assert!(!log.witnessed(7, [7; 20], 4, [1; 32]), "another count");
+        assert!(!log.witnessed(7, [8; 20], 3, [1; 32]), "another node");
+        assert_eq!(log.pending(), 0, "not written to this server's file");
+        for task in 0..MAX_PEER_WITNESSES as u64 + 10 {
+            log.record_peer(1000 + task, [1; 20], 1, [1; 32]);
+        }
+        assert!(log.peers.lock().unwrap().len() <= MAX_PEER_WITNESSES);
+        assert!(log.witnessed(1000 + MAX_PEER_WITNESSES as u64 + 9, [1; 20], 1, [1; 32]), "the newest is kept");
     }
 }

@@ -3,12 +3,14 @@
 //! it. It never touches tokens: those go from a NodeProxy straight to the job's channel.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::cluster::{Outbound, Peers};
 use super::error::ServeError;
 use super::messages::*;
 use super::node_proxy::NodeProxy;
@@ -127,10 +129,12 @@ pub struct Distributor {
     seen_models: std::collections::HashSet<String>,
     /// Jobs sent where their prompt's prefix was cached (cache-aware routing).
     prefix_routed: u64,
+    /// The other servers of the network (empty when this one works alone).
+    peers: Arc<Peers>,
 }
 
 impl Distributor {
-    pub fn new(config: DistributorConfig) -> Self {
+    pub fn new(config: DistributorConfig, peers: Arc<Peers>) -> Self {
         Self {
             config,
             completed_in_block: 0,
@@ -142,7 +146,37 @@ impl Distributor {
             quarantined: HashMap::new(),
             seen_models: Default::default(),
             prefix_routed: 0,
+            peers,
         }
+    }
+
+    /// Hands `job` to the server of the network with the most room for its model, or,
+    /// with `anywhere`, to one that serves it at all (to queue there); gives it back when
+    /// there is none, this server is alone, or the job came from another server (a job
+    /// crosses at most once) or is a quality-check re-run (checked where it was made).
+    #[allow(clippy::result_large_err)] // the job comes back whole, by design
+    fn forward(&mut self, job: Job, anywhere: bool) -> Result<(), Job> {
+        if job.forwarded || job.shadow_of.is_some() || !job.emitted.is_empty() {
+            return Err(job);
+        }
+        let Some(cluster) = self.peers.cluster() else { return Err(job) };
+        let now = Instant::now();
+        let to = self
+            .peers
+            .take_room(&job.model, now)
+            .or_else(|| anywhere.then(|| self.peers.serving(&job.model, now)).flatten());
+        let Some(to) = to else { return Err(job) };
+        cluster.do_send(Outbound::Forward { job: Box::new(job), to });
+        Ok(())
+    }
+
+    /// Takes a node out of rotation for `duration` (kept across its reconnects).
+    fn quarantine(&mut self, address: String, duration: Duration) {
+        let now = Instant::now();
+        let until = now + duration;
+        let entry = self.quarantined.entry(address).or_insert(until);
+        *entry = (*entry).max(until);
+        self.quarantined.retain(|_, until| *until > now);
     }
 
     fn is_quarantined(&self, address: &str, now: Instant) -> bool {
@@ -164,7 +198,10 @@ impl Distributor {
     }
 
     fn known(&self, model: &str) -> bool {
-        self.config.catalog.iter().any(|m| m == model) || self.seen_models.contains(model) || self.serves(model)
+        self.config.catalog.iter().any(|m| m == model)
+            || self.seen_models.contains(model)
+            || self.serves(model)
+            || self.peers.served(model)
     }
 
     /// Sends `job` to the best node with room, or gives it back.
@@ -361,10 +398,11 @@ impl Handler<Submit> for Distributor {
         if outside_catalog || !self.known(&job.model) {
             return Err(ServeError::UnknownModel(job.model));
         }
-        if !self.serves(&job.model) {
-            return Err(ServeError::NoNode(job.model));
-        }
         let model = job.model.clone();
+        if !self.serves(&job.model) {
+            // No node here: another server's, if one serves the model.
+            return self.forward(job, true).map_err(|_| ServeError::NoNode(model));
+        }
         // Older jobs go first. What stays queued after that cannot use any node with room
         // (a retry or a quality-check re-run excludes some nodes), so the new job may take
         // one: behind a re-run waiting for a second node, it would otherwise wait for
@@ -373,6 +411,11 @@ impl Handler<Submit> for Distributor {
             self.drain_queue(&model);
         }
         let job = match self.try_dispatch(job) {
+            Ok(()) => return Ok(()),
+            Err(job) => job,
+        };
+        // Every node here is busy: a server with room takes it rather than the queue.
+        let job = match self.forward(job, false) {
             Ok(()) => return Ok(()),
             Err(job) => job,
         };
@@ -554,9 +597,60 @@ impl Handler<VerificationDone> for Distributor {
         let address = msg.node.to_string();
         tracing::warn!(node = %address, task = %msg.task, detail = %msg.detail,
             quarantine_s = self.config.quarantine.as_secs(), "node quarantined: proof of inference failed");
-        self.quarantined.insert(address, Instant::now() + self.config.quarantine);
+        self.quarantine(address.clone(), self.config.quarantine);
+        if let Some(cluster) = self.peers.cluster() {
+            cluster.do_send(Outbound::Quarantine { address, duration: self.config.quarantine });
+        }
+    }
+}
+
+impl Handler<QuarantineNode> for Distributor {
+    type Result = ();
+
+    /// A quarantine another server announced (or an operator's).
+    fn handle(&mut self, msg: QuarantineNode, _: &mut Self::Context) {
+        tracing::warn!(node = %msg.address, quarantine_s = msg.duration.as_secs(), "node quarantined by the cluster");
+        if msg.announce {
+            if let Some(cluster) = self.peers.cluster() {
+                cluster.do_send(Outbound::Quarantine { address: msg.address.clone(), duration: msg.duration });
+            }
+        }
+        self.quarantine(msg.address, msg.duration);
+    }
+}
+
+impl Handler<LocalRoom> for Distributor {
+    type Result = Vec<super::cluster::wire::ModelRoom>;
+
+    /// Per model: this server's live nodes serving it and the sequences they could start
+    /// now, less the jobs already waiting for them (quarantined nodes have no room).
+    fn handle(&mut self, _: LocalRoom, _: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
-        self.quarantined.retain(|_, until| *until > now);
+        let mut rooms: HashMap<String, super::cluster::wire::ModelRoom> = HashMap::new();
+        for node in self.nodes.values() {
+            let free = if self.is_quarantined(&node.address, now) {
+                0
+            } else {
+                node.stats.capacity.saturating_sub(node.stats.in_flight)
+            };
+            for model in &node.models {
+                let room = rooms.entry(model.clone()).or_insert_with(|| super::cluster::wire::ModelRoom {
+                    model: model.clone(),
+                    nodes: 0,
+                    free: 0,
+                });
+                room.nodes += 1;
+                room.free += free;
+            }
+        }
+        for (model, queue) in &self.queues {
+            if let Some(room) = rooms.get_mut(model) {
+                room.free = room.free.saturating_sub(queue.len());
+            }
+        }
+        let mut out: Vec<_> = rooms.into_values().collect();
+        out.sort_by(|a, b| a.model.cmp(&b.model));
+        out
     }
 }
 
@@ -581,13 +675,14 @@ impl Handler<ListModels> for Distributor {
     type Result = Vec<(String, usize)>;
 
     fn handle(&mut self, _: ListModels, _: &mut Self::Context) -> Self::Result {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
+        // The other servers' nodes count too: their models are served here as well.
+        let mut counts = self.peers.models(Instant::now());
         for node in self.nodes.values() {
             for m in &node.models {
-                *counts.entry(m.as_str()).or_default() += 1;
+                *counts.entry(m.clone()).or_default() += 1;
             }
         }
-        let mut out: Vec<(String, usize)> = counts.into_iter().map(|(m, n)| (m.to_string(), n)).collect();
+        let mut out: Vec<(String, usize)> = counts.into_iter().collect();
         out.sort();
         out
     }
@@ -657,7 +752,7 @@ mod tests {
             quarantine: Duration::from_secs(1),
             prefix_routing: true,
         };
-        let mut distributor = Distributor::new(config);
+        let mut distributor = Distributor::new(config, Peers::new(Duration::from_secs(3)));
         for batch in 0..100 {
             let names: Vec<String> = (0..16).map(|i| format!("rogue-{batch}-{i}")).collect();
             distributor.remember_models(&names);

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Serializable: a server relays another's errors to its games unchanged (`cluster`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ServeError {
     #[error("invalid API key: pass `Authorization: Bearer <key>` with a key from `ludus games add`")]
     Unauthorized,

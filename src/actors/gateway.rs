@@ -1,5 +1,6 @@
 //! The Gateway: authenticates bearer keys against the registry's `api_keys` (stored
-//! hashed), rejects suspended games and keys over their per-minute limits, turns an
+//! hashed), rejects suspended games and keys over their per-minute limits (this server's
+//! share of them when several servers form one network), turns an
 //! admitted request into a [`Job`] and submits it to the Distributor.
 //!
 //! Key lookups are cached for [`KEY_CACHE_TTL`], so a suspension or a new key takes
@@ -8,12 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use rand::RngCore;
 use tokio::sync::mpsc::unbounded_channel;
 
+use super::cluster::Peers;
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
@@ -32,6 +35,8 @@ const KEY_CACHE_MAX: usize = 100_000;
 struct KeyLimits {
     requests: Bucket,
     tokens: Bucket,
+    /// Servers in the network when the buckets were sized (each admits its share).
+    servers: usize,
 }
 
 pub struct Gateway {
@@ -40,13 +45,22 @@ pub struct Gateway {
     keys: HashMap<String, (Option<KeyInfo>, Instant)>,
     limits: HashMap<String, KeyLimits>,
     next_task: AtomicU64,
+    /// The other servers of the network: this one admits 1/N of each key's limits.
+    peers: Arc<Peers>,
 }
 
 impl Gateway {
-    pub fn new(store: Store, distributor: Addr<Distributor>) -> Self {
+    pub fn new(store: Store, distributor: Addr<Distributor>, peers: Arc<Peers>) -> Self {
         // Task ids start at a random base so they stay unique across restarts.
         let base = rand::rng().next_u64() & 0xffff_ffff_0000_0000;
-        Self { store, distributor, keys: HashMap::new(), limits: HashMap::new(), next_task: AtomicU64::new(base) }
+        Self {
+            store,
+            distributor,
+            keys: HashMap::new(),
+            limits: HashMap::new(),
+            next_task: AtomicU64::new(base),
+            peers,
+        }
     }
 
     /// The key's record: from the cache when fresh, else from the database.
@@ -88,10 +102,18 @@ impl Gateway {
             return Err(ServeError::Suspended { game: info.game.clone(), reason });
         }
         let now = Instant::now();
+        let servers = self.peers.servers(now);
+        let (rpm, tpm) = (info.requests_per_minute, info.tokens_per_minute);
         let limits = self.limits.entry(info.hash.clone()).or_insert_with(|| KeyLimits {
-            requests: Bucket::per_minute(info.requests_per_minute, now),
-            tokens: Bucket::per_minute(info.tokens_per_minute, now),
+            requests: Bucket::per_minute_share(rpm, servers, now),
+            tokens: Bucket::per_minute_share(tpm, servers, now),
+            servers,
         });
+        if limits.servers != servers {
+            limits.requests = limits.requests.reshared(rpm, servers, now);
+            limits.tokens = limits.tokens.reshared(tpm, servers, now);
+            limits.servers = servers;
+        }
         limits.tokens.check_positive(now).map_err(|retry_after| ServeError::RateLimited {
             what: format!("{} tokens per minute", info.tokens_per_minute),
             retry_after,

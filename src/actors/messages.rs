@@ -73,6 +73,8 @@ pub struct Job {
     pub emitted: Vec<u32>,
     /// The nodes' log probabilities of `emitted`, when the request asked for them.
     pub emitted_logprobs: Vec<crate::inference::logprobs::TokenLogprobs>,
+    /// Forwarded here by another server of the network (`cluster`): never forwarded again.
+    pub forwarded: bool,
 }
 
 /// The task a quality check re-runs on a second node (same input, same seed).
@@ -136,6 +138,7 @@ impl Job {
             shadow_of: None,
             emitted: Vec::new(),
             emitted_logprobs: Vec::new(),
+            forwarded: false,
         }
     }
 
@@ -181,6 +184,21 @@ impl Job {
 #[derive(Message)]
 #[rtype(result = "Result<(), ServeError>")]
 pub struct Submit(pub Job);
+
+/// This server's room per model, for the cluster's adverts.
+#[derive(Message)]
+#[rtype(result = "Vec<super::cluster::wire::ModelRoom>")]
+pub struct LocalRoom;
+
+/// Give a node no work for `duration` (a failed check here or, from the cluster, on
+/// another server); `announce` tells the other servers too.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct QuarantineNode {
+    pub address: String,
+    pub duration: Duration,
+    pub announce: bool,
+}
 
 /// A node finished its handshake.
 #[derive(Message)]

@@ -13,10 +13,12 @@
 //! [`completion::Completion`] (one actor, its own thread): receipt check and pricing, the
 //! game's usage, verification sampling, the synchronous hold, quality checks. The Clock fires block and epoch ticks; the Registry commits
 //! receipts per block and Settlement posts each epoch on chain ([`settler`] holds its
-//! state machine). They run under actix's `Supervisor`.
+//! state machine). They run under actix's `Supervisor`. With NATS configured, [`cluster`]
+//! joins several servers into one network (adverts, forwarded jobs, shared quarantines).
 
 pub mod catalog;
 pub mod clock;
+pub mod cluster;
 pub mod completion;
 pub mod completion_log;
 pub mod distributor;

@@ -18,6 +18,23 @@ impl Bucket {
         Self { capacity, level: capacity, per_second: capacity / 60.0, updated: now }
     }
 
+    /// This server's share of a limit the network's `servers` enforce together: each admits
+    /// `limit / servers` per minute, bursting to that (at least one, so a small limit never
+    /// blocks everything). With the load spread evenly (a round-robin balancer), the
+    /// network admits the limit.
+    pub fn per_minute_share(limit: u32, servers: usize, now: Instant) -> Self {
+        let share = limit as f64 / servers.max(1) as f64;
+        Self { capacity: share.max(1.0), level: share.max(1.0), per_second: share / 60.0, updated: now }
+    }
+
+    /// The same bucket for another share, as full (in proportion) as it is now.
+    pub fn reshared(&mut self, limit: u32, servers: usize, now: Instant) -> Self {
+        self.refill(now);
+        let mut next = Self::per_minute_share(limit, servers, now);
+        next.level = self.level / self.capacity * next.capacity;
+        next
+    }
+
     fn refill(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.updated).as_secs_f64();
         self.level = (self.level + dt * self.per_second).min(self.capacity);
@@ -95,5 +112,24 @@ mod tests {
         tokens.spend(900.0, t0);
         assert!(tokens.check_positive(t0 + Duration::from_secs(20)).is_err());
         assert!(tokens.check_positive(t0 + Duration::from_secs(31)).is_ok());
+    }
+
+    #[test]
+    fn a_share_admits_its_part_and_resharing_keeps_the_fill() {
+        let t0 = Instant::now();
+        let mut third = Bucket::per_minute_share(30, 3, t0);
+        let admitted = (0..30).filter(|_| third.take(1.0, t0).is_ok()).count();
+        assert_eq!(admitted, 10, "one of three servers admits a third of the minute's requests");
+        // A tiny limit over many servers still admits one at a time.
+        let mut tiny = Bucket::per_minute_share(2, 3, t0);
+        assert!(tiny.take(1.0, t0).is_ok());
+        // Half used, then the network shrinks to one server: half of the whole limit is left.
+        let mut half = Bucket::per_minute_share(60, 2, t0);
+        for _ in 0..15 {
+            half.take(1.0, t0).unwrap();
+        }
+        let mut whole = half.reshared(60, 1, t0);
+        let left = (0..60).filter(|_| whole.take(1.0, t0).is_ok()).count();
+        assert_eq!(left, 30);
     }
 }

@@ -30,7 +30,8 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// Distributor websocket URL, e.g. ws://127.0.0.1:8080/ws/node
+    /// Distributor websocket URL, e.g. ws://127.0.0.1:8080/ws/node; several servers of one
+    /// network separated by commas (the node moves to the next when its server goes away).
     #[arg(long)]
     pub connect: String,
     /// Model file or directory (not needed with --fake-engine).

@@ -16,7 +16,6 @@ use super::sse::stream_response;
 use crate::actors::catalog::JobText;
 use crate::actors::messages::{Admit, Admitted, Authenticate, ListModels};
 use crate::actors::{JobEvent, ServeError};
-use crate::inference::grammar::GrammarCompiler;
 use crate::inference::SamplingParams;
 use crate::protocol::TaskUsage;
 
@@ -189,49 +188,18 @@ async fn whole_answer(admitted: &mut Admitted) -> Result<(Answer, TaskUsage), Ap
     Err(internal("the job ended without a result"))
 }
 
-/// The text the game will read, made by the server from the ids nodes return, with the
-/// request's grammar compiled against the model's tokenizer (off the worker thread: a big
-/// schema takes milliseconds). A grammar needs a model this server accounts for: it checks
-/// every token of the answer against it.
+/// The text the game will read, made by the server from the ids nodes return
+/// ([`crate::actors::catalog::Catalog::job_text`]); a grammar is compiled off the worker
+/// thread (a big schema takes milliseconds).
 async fn job_text(state: &AppState, valid: &ValidRequest) -> Result<Option<JobText>, ApiError> {
-    let Some(model) = state.catalog.get(&valid.model).cloned() else {
-        if valid.params.logprobs.is_some() {
-            return Err(ApiError::invalid(
-                "logprobs",
-                format!("`logprobs` needs a model whose tokenizer this server holds; `{}` is not one", valid.model),
-            ));
-        }
-        if valid.params.grammar.is_some() {
-            return Err(ApiError::invalid(
-                valid.structured.field,
-                format!(
-                    "`{}` needs a model whose tokenizer this server holds; `{}` is not one",
-                    valid.structured.field, valid.model
-                ),
-            ));
-        }
-        return Ok(None);
+    let (catalog, field) = (state.catalog.clone(), valid.structured.field);
+    let (model, params, stop) = (valid.model.clone(), valid.params.clone(), valid.stop.clone());
+    let made = if params.grammar.is_some() {
+        web::block(move || catalog.job_text(&model, &params, &stop, field)).await.map_err(internal)?
+    } else {
+        catalog.job_text(&model, &params, &stop, field)
     };
-    let vocab = model.tokenizer.vocab_size();
-    if let Some(&(id, _)) = valid.params.logit_bias.iter().find(|&&(id, _)| id as usize >= vocab) {
-        return Err(ApiError::invalid(
-            "logit_bias",
-            format!("`logit_bias`: token id {id} is outside the model's vocabulary of {vocab}"),
-        ));
-    }
-    let Some(grammar) = valid.params.grammar.clone() else { return Ok(Some(JobText::new(model, &valid.stop, None))) };
-    let tokenizer = model.tokenizer.clone();
-    let compiled =
-        web::block(move || GrammarCompiler::for_tokenizer(&tokenizer).and_then(|compiler| compiler.compile(&grammar)))
-            .await
-            .map_err(internal)?;
-    let constraint = compiled.map_err(|e| {
-        ApiError::invalid(
-            valid.structured.field,
-            format!("`{}` cannot be compiled into a grammar: {e}", valid.structured.field),
-        )
-    })?;
-    Ok(Some(JobText::new(model, &valid.stop, Some(constraint))))
+    made.map_err(|refusal| ApiError::invalid(refusal.field, refusal.message))
 }
 
 async fn models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -243,7 +211,10 @@ async fn models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
 }
 
+/// Liveness for load balancers: the current block, and the servers of the network this
+/// one sees (itself included; 1 when it works alone).
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     let block = state.clock.send(crate::actors::clock::CurrentBlock).await.ok();
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "block": block}))
+    let servers = state.peers.servers(std::time::Instant::now());
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "block": block, "servers": servers}))
 }

@@ -44,6 +44,8 @@ pub struct AppState {
     pub registry: Addr<Registry>,
     /// Tokenizers of the models the server accounts for (prompt counts, the games' text).
     pub catalog: Arc<crate::actors::catalog::Catalog>,
+    /// The other servers of the network (empty when this one works alone).
+    pub peers: Arc<crate::actors::cluster::Peers>,
 }
 
 /// What the HTTP layer knows of settlement.

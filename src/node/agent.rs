@@ -38,7 +38,8 @@ type SharedLog = Rc<RefCell<ReceiptLog>>;
 
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
-    /// ws://host:port/ws/node
+    /// ws://host:port/ws/node, or several servers of one network separated by commas: the
+    /// node joins the first that answers and moves to the next when its link drops.
     pub connect: String,
     pub key: PathBuf,
     /// Sequences announced to the distributor (0 = the backend's own capacity).
@@ -96,24 +97,45 @@ pub async fn run_node(model: impl Into<NodeModel>, options: NodeOptions) -> anyh
         Some(b) => tracing::info!(%address, models = ?b.models(), device = %b.device(), "node starting"),
         None => tracing::info!(%address, "node starting; its protected model loads once the distributor sends the key"),
     }
+    let servers = server_urls(&options.connect)?;
     let mut backoff = MIN_BACKOFF;
     // Unpinned, the node trusts the first distributor it joins, and only that one for the
-    // rest of the run: a reconnect cannot be steered to another key.
+    // rest of the run: a reconnect cannot be steered to another key. The servers of one
+    // network share one distributor key, so a node moves between them under its pin.
     let mut pin = options.distributor_address;
+    let mut next = 0;
     loop {
-        match session(&model, &mut loaded, &options, &mut pin, &identity, &log).await {
+        let url = servers[next % servers.len()];
+        match session(url, &model, &mut loaded, &options, &mut pin, &identity, &log).await {
             SessionEnd::AfterWelcome(reason) => {
-                tracing::warn!(%reason, "link to the distributor lost; reconnecting");
+                tracing::warn!(%reason, %url, "link to the distributor lost; reconnecting");
                 backoff = MIN_BACKOFF;
             }
             SessionEnd::BeforeWelcome(reason) => {
-                tracing::warn!(%reason, retry_in_ms = backoff.as_millis() as u64, "could not join the distributor")
+                tracing::warn!(%reason, %url, retry_in_ms = backoff.as_millis() as u64, "could not join the distributor")
             }
         }
+        // With several servers, the next one is tried after the shortest wait; the wait
+        // grows only once every server has been tried.
+        next += 1;
+        let round_done = next % servers.len() == 0;
+        let wait = if servers.len() > 1 && !round_done { MIN_BACKOFF } else { backoff };
         let jitter = rand::rng().random_range(0.5..1.5);
-        actix_web::rt::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        actix_web::rt::time::sleep(wait.mul_f64(jitter)).await;
+        if round_done {
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
+}
+
+/// The servers `--connect` names (comma-separated), at least one.
+fn server_urls(connect: &str) -> anyhow::Result<Vec<&str>> {
+    let urls: Vec<&str> = connect.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    anyhow::ensure!(
+        !urls.is_empty(),
+        "--connect needs a server URL (ws://host:port/ws/node), or several separated by commas"
+    );
+    Ok(urls)
 }
 
 /// What the writer task sends: messages (sealed on the way out) and pongs.
@@ -131,6 +153,7 @@ impl From<Arc<Backend>> for NodeModel {
 /// One session with the distributor: join, unlock a bundle if the node serves one, then
 /// serve tasks and heartbeats until the link ends.
 async fn session(
+    url: &str,
     model: &NodeModel,
     loaded: &mut Option<Arc<Backend>>,
     options: &NodeOptions,
@@ -138,7 +161,7 @@ async fn session(
     identity: &Arc<Identity>,
     log: &SharedLog,
 ) -> SessionEnd {
-    let link = match join(&options.connect, identity, announce(model, loaded.as_ref(), options), *pin).await {
+    let link = match join(url, identity, announce(model, loaded.as_ref(), options), *pin).await {
         Ok(link) => link,
         Err(e) => return SessionEnd::BeforeWelcome(e),
     };

@@ -71,6 +71,7 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         task_stall_timeout: inputs::task_stall_timeout(&s)?,
         sessions: Default::default(),
     };
+    let catalog = Arc::new(inputs::load_catalog(&s).await?);
     let state = web::Data::new(AppState {
         clock: core.clock.clone(),
         gateway: core.gateway.clone(),
@@ -90,11 +91,13 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
             .map_err(std::io::Error::other)?,
         chaos: s.server.chaos,
         registry: core.registry.clone(),
-        catalog: Arc::new(inputs::load_catalog(&s).await?),
+        catalog: catalog.clone(),
+        peers: core.peers.clone(),
         http_metrics: Default::default(),
         traffic: Default::default(),
     });
     let (addr, server) = crate::http::server::listen(state, &s.server)?;
+    tree::start_cluster(&s, &core, catalog, addr.port()).await?;
     let handle = ServerHandle {
         addr,
         distributor_address: identity.address,

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use actix::Addr;
 
+use crate::actors::catalog::Catalog;
 use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
+use crate::actors::cluster::{wire, Cluster, ClusterConfig, Peers};
 use crate::actors::completion::{Completion, CompletionConfig, Verification};
 use crate::actors::completion_log::CompletionLog;
 use crate::actors::distributor::DistributorConfig;
@@ -34,6 +36,8 @@ pub struct Core {
     pub policy: Arc<Policy>,
     /// Answers held for their verdict, kept across a crash.
     pub completions: Arc<CompletionLog>,
+    /// The other servers of the network (stays empty without `[cluster] nats_url`).
+    pub peers: Arc<Peers>,
 }
 
 /// Starts the Distributor, the Clock, the Gateway and the Registry, wired together.
@@ -46,15 +50,19 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
         quarantine: Duration::from_secs(s.verifier.quarantine_s),
         prefix_routing: s.distributor.prefix_routing,
     };
-    let distributor = supervisor::start("distributor", move |_| Distributor::new(config));
+    let peers = Peers::new(Duration::from_millis(s.cluster.peer_timeout_ms.max(1)));
+    let distributor = {
+        let peers = peers.clone();
+        supervisor::start("distributor", move |_| Distributor::new(config, peers))
+    };
     let clock = {
         let (block, epoch) = (Duration::from_millis(s.clock.block_time_ms), Duration::from_secs(s.clock.epoch_time_s));
         supervisor::start("clock", move |_| Clock::new(block, epoch))
     };
     clock.do_send(SubscribeBlocks(distributor.clone().recipient()));
     let gateway = {
-        let (store, distributor) = (store.clone(), distributor.clone());
-        supervisor::start("gateway", move |_| Gateway::new(store, distributor))
+        let (store, distributor, peers) = (store.clone(), distributor.clone(), peers.clone());
+        supervisor::start("gateway", move |_| Gateway::new(store, distributor, peers))
     };
     let policy = Arc::new(Policy::new(s.verifier.first_tasks, s.verifier.sample_rate));
     let completions = Arc::new(CompletionLog::open(&s.server.data_dir.join("completions.log"))?);
@@ -70,7 +78,49 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
         })
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));
-    Ok(Core { distributor, clock, gateway, registry, policy, completions })
+    Ok(Core { distributor, clock, gateway, registry, policy, completions, peers })
+}
+
+/// Joins the network of servers when `[cluster] nats_url` is set: connects to NATS (in
+/// the background: a NATS down at start only delays joining) and starts the Cluster actor.
+pub async fn start_cluster(s: &Settings, core: &Core, catalog: Arc<Catalog>, port: u16) -> io::Result<()> {
+    if !s.cluster.enabled() {
+        return Ok(());
+    }
+    let name = cluster_name(&s.cluster.name, port)?;
+    let client =
+        Cluster::connect(s.cluster.nats_url.expose(), &name, core.peers.clone()).await.map_err(io::Error::other)?;
+    let config = ClusterConfig {
+        name,
+        advert_interval: Duration::from_millis(s.cluster.advert_interval_ms.max(50)),
+        max_tokens_limit: s.server.max_tokens_limit,
+    };
+    let (peers, distributor) = (core.peers.clone(), core.distributor.clone());
+    let completions = core.completions.clone();
+    let cluster =
+        supervisor::start("cluster", move |_| Cluster::new(client, config, peers, distributor, catalog, completions));
+    core.peers.join(cluster.recipient());
+    Ok(())
+}
+
+/// This server's name in the network: the configured one, or the host name and the HTTP
+/// port (unique per machine); refused clearly when it cannot be a NATS subject token.
+fn cluster_name(configured: &str, port: u16) -> io::Result<String> {
+    let name = if configured.is_empty() {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        let host: String =
+            host.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        format!("{}-{port}", if host.is_empty() { "ludus" } else { &host })
+    } else {
+        configured.to_string()
+    };
+    if !wire::valid_name(&name) {
+        return Err(io::Error::other(format!(
+            "cluster.name `{name}`: use at most {} letters, digits, - and _",
+            wire::MAX_NAME_LEN
+        )));
+    }
+    Ok(name)
 }
 
 /// Starts Settlement when `[settlement] rpc_url` is set. The chain is reached lazily (an
@@ -182,5 +232,6 @@ pub fn start_completion(
         verification,
         usage: core.gateway.clone().recipient(),
         completions: core.completions.clone(),
+        peers: core.peers.clone(),
     })
 }

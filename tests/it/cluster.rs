@@ -122,6 +122,12 @@ impl Cluster {
         Self::start_full_with(server_extra, extra, |_| {}, None)
     }
 
+    /// Another server on `db_url` (a network of servers on one database), with
+    /// `server_extra` added to its `[server]` table.
+    pub fn start_joining(server_extra: &str, extra: &str, db_url: &str) -> Self {
+        Self::start_full_with(server_extra, extra, |_| {}, Some(db_url.to_string()))
+    }
+
     fn start_full(extra: &str, prepare: impl FnOnce(&std::path::Path), db_url: Option<String>) -> Self {
         Self::start_full_with("", extra, prepare, db_url)
     }

@@ -9,6 +9,7 @@ mod database;
 mod distill;
 mod economics;
 mod faults;
+mod federation;
 mod guides;
 mod helpers;
 mod inference_engine;

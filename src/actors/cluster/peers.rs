@@ -1,0 +1,178 @@
+//! The other servers of the network as this one last heard of them: per model, the nodes
+//! each serves and the sequences they could start. Shared (behind a mutex held for
+//! microseconds) by the Distributor, which forwards jobs by it, the Gateway, which sizes
+//! its share of each game's limits by the number of live servers, and the Cluster actor,
+//! which fills it from adverts. Without NATS it stays empty: one server, alone.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use actix::Recipient;
+
+use super::wire::{Advert, ModelRoom, MAX_ADVERT_MODELS};
+use super::Outbound;
+
+/// Servers remembered at most (adverts come from the operator's own servers; bounded all
+/// the same).
+const MAX_PEERS: usize = 256;
+
+struct Peer {
+    rooms: HashMap<String, ModelRoom>,
+    heard: Instant,
+}
+
+pub struct Peers {
+    table: Mutex<HashMap<String, Peer>>,
+    /// Every model another server has served since the start (bounded): when those
+    /// servers become unreachable, games get 503 "no node right now", not 404.
+    seen: Mutex<std::collections::HashSet<String>>,
+    timeout: Duration,
+    /// The Cluster actor, once it runs (jobs to forward, quarantines to announce).
+    cluster: OnceLock<Recipient<Outbound>>,
+}
+
+impl Peers {
+    /// A table forgetting a server not heard from for `timeout`.
+    pub fn new(timeout: Duration) -> Arc<Self> {
+        Arc::new(Self { table: Mutex::default(), seen: Mutex::default(), timeout, cluster: OnceLock::new() })
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Peer>> {
+        // Nothing is left half-written under this lock: a panic elsewhere cannot spoil it.
+        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn fresh(&self, peer: &Peer, now: Instant) -> bool {
+        now.saturating_duration_since(peer.heard) < self.timeout
+    }
+
+    /// Records an advert (its room replaces the last one).
+    pub fn heard(&self, advert: Advert, now: Instant) {
+        let mut table = self.table();
+        table.retain(|_, p| now.saturating_duration_since(p.heard) < self.timeout);
+        if table.len() >= MAX_PEERS && !table.contains_key(&advert.server) {
+            return;
+        }
+        let rooms: HashMap<String, ModelRoom> =
+            advert.models.into_iter().take(MAX_ADVERT_MODELS).map(|r| (r.model.clone(), r)).collect();
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for model in rooms.values().filter(|r| r.nodes > 0).map(|r| &r.model) {
+                if seen.len() < MAX_ADVERT_MODELS && !seen.contains(model) {
+                    seen.insert(model.clone());
+                }
+            }
+        }
+        table.insert(advert.server, Peer { rooms, heard: now });
+    }
+
+    /// Whether another server has served `model` since the start.
+    pub fn served(&self, model: &str) -> bool {
+        self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(model)
+    }
+
+    /// Forgets every server (the link to NATS is down: nothing can reach them).
+    pub fn forget_all(&self) {
+        self.table().clear();
+    }
+
+    /// Whether `server` was heard from lately.
+    pub fn alive(&self, server: &str, now: Instant) -> bool {
+        self.table().get(server).is_some_and(|p| self.fresh(p, now))
+    }
+
+    /// Servers in the network, this one included.
+    pub fn servers(&self, now: Instant) -> usize {
+        1 + self.table().values().filter(|p| self.fresh(p, now)).count()
+    }
+
+    /// Whether a live server has nodes serving `model`.
+    pub fn serve(&self, model: &str, now: Instant) -> bool {
+        self.table().values().any(|p| self.fresh(p, now) && p.rooms.get(model).is_some_and(|r| r.nodes > 0))
+    }
+
+    /// The live server with the most room for `model`, its room then counted one less
+    /// (a burst between two adverts does not all go to one server); `None` when no server
+    /// has room.
+    pub fn take_room(&self, model: &str, now: Instant) -> Option<String> {
+        let mut table = self.table();
+        let (name, peer) = table
+            .iter_mut()
+            .filter(|(_, p)| now.saturating_duration_since(p.heard) < self.timeout)
+            .filter(|(_, p)| p.rooms.get(model).is_some_and(|r| r.free > 0))
+            .max_by_key(|(name, p)| (p.rooms[model].free, std::cmp::Reverse((*name).clone())))?;
+        if let Some(room) = peer.rooms.get_mut(model) {
+            room.free -= 1;
+        }
+        Some(name.clone())
+    }
+
+    /// The live server with the most nodes serving `model`, room or not (a job then waits
+    /// in its queue).
+    pub fn serving(&self, model: &str, now: Instant) -> Option<String> {
+        self.table()
+            .iter()
+            .filter(|(_, p)| self.fresh(p, now))
+            .filter_map(|(name, p)| p.rooms.get(model).filter(|r| r.nodes > 0).map(|r| (r.nodes, name)))
+            .max_by_key(|&(nodes, name)| (nodes, std::cmp::Reverse(name.clone())))
+            .map(|(_, name)| name.clone())
+    }
+
+    /// Live nodes per model on the other servers.
+    pub fn models(&self, now: Instant) -> HashMap<String, usize> {
+        let mut out: HashMap<String, usize> = HashMap::new();
+        for peer in self.table().values().filter(|p| self.fresh(p, now)) {
+            for room in peer.rooms.values().filter(|r| r.nodes > 0) {
+                *out.entry(room.model.clone()).or_default() += room.nodes;
+            }
+        }
+        out
+    }
+
+    /// Connects the Cluster actor (once).
+    pub fn join(&self, cluster: Recipient<Outbound>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The Cluster actor, when this server is part of a network.
+    pub fn cluster(&self) -> Option<&Recipient<Outbound>> {
+        self.cluster.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn advert(server: &str, model: &str, nodes: usize, free: usize) -> Advert {
+        Advert { server: server.into(), models: vec![ModelRoom { model: model.into(), nodes, free }] }
+    }
+
+    #[test]
+    fn room_is_taken_from_the_freest_live_server_and_silent_servers_are_gone() {
+        let peers = Peers::new(Duration::from_secs(3));
+        let t0 = Instant::now();
+        assert_eq!(peers.servers(t0), 1, "alone, the network is this server");
+        peers.heard(advert("b", "m", 1, 2), t0);
+        peers.heard(advert("c", "m", 1, 1), t0);
+        assert_eq!(peers.servers(t0), 3);
+        assert!(peers.serve("m", t0) && !peers.serve("other", t0));
+        assert_eq!(peers.take_room("m", t0).as_deref(), Some("b"));
+        // b and c have one each now: either, then the other, then none.
+        let (x, y) = (peers.take_room("m", t0).unwrap(), peers.take_room("m", t0).unwrap());
+        assert_ne!(x, y);
+        assert_eq!(peers.take_room("m", t0), None, "no room left until the next adverts");
+        assert!(peers.serving("m", t0).is_some() && peers.serving("other", t0).is_none());
+        assert!(peers.serve("m", t0), "full servers still serve the model (its requests queue there)");
+        let later = t0 + Duration::from_secs(4);
+        peers.heard(advert("c", "m", 1, 1), later);
+        assert!(!peers.alive("b", later) && peers.alive("c", later));
+        assert_eq!(peers.servers(later), 2);
+        assert_eq!(peers.take_room("m", later).as_deref(), Some("c"));
+        assert_eq!(peers.models(later).get("m"), Some(&1));
+        peers.forget_all();
+        assert_eq!(peers.servers(later), 1);
+        assert!(!peers.serve("m", later) && peers.served("m"), "gone, but remembered as a model of the network");
+    }
+}

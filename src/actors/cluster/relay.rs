@@ -1,0 +1,204 @@
+//! A job that crosses servers, from both ends: [`forward`] on the server that holds the
+//! game's connection, [`serve`] on the one whose node runs it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc::unbounded_channel;
+
+use super::wire::{cancel_subject, job_subject, reply_subject, ForwardedJob, RemoteEvent};
+use super::Peers;
+use crate::actors::catalog::Catalog;
+use crate::actors::distributor::Distributor;
+use crate::actors::error::ServeError;
+use crate::actors::messages::{Billing, Job, JobEvent, JobRequest, Submit};
+
+/// How often a forwarding server checks that the server running its job is still there.
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
+
+/// Longest reply subject accepted (`ludus.reply.<name>.<task>`).
+const MAX_REPLY_LEN: usize = 128;
+
+/// Sends `job` to server `to` and relays its events to the game until the last one, the
+/// game leaving (the other server is told to cancel), or `to` going silent (the game gets
+/// a clear error).
+pub async fn forward(client: async_nats::Client, origin: String, to: String, job: Job, peers: Arc<Peers>) {
+    let task = job.id;
+    let reply = reply_subject(&origin, task);
+    let fail = |job: &Job, e: ServeError| {
+        let _ = job.events.send(JobEvent::Failed(e));
+    };
+    let mut events = match client.subscribe(reply.clone()).await {
+        Ok(s) => s,
+        Err(e) => return fail(&job, ServeError::Unavailable(format!("the cluster link failed: {e}"))),
+    };
+    let message = ForwardedJob {
+        task,
+        origin,
+        reply,
+        game: job.game.clone(),
+        game_id: job.game_id,
+        key_hash: job.key_hash.clone(),
+        model: job.model.clone(),
+        input: job.input.clone(),
+        params: job.params.clone(),
+        max_tokens: job.max_tokens,
+        stop: job.stop.clone(),
+        stream: job.stream,
+    };
+    let payload = serde_json::to_vec(&message).expect("jobs serialize");
+    if let Err(e) = client.publish(job_subject(&to), payload.into()).await {
+        return fail(&job, ServeError::Unavailable(format!("could not reach server `{to}`: {e}")));
+    }
+    tracing::info!(task = %task, server = %to, model = %job.model, "job forwarded");
+    let mut check = actix_web::rt::time::interval(LIVENESS_CHECK);
+    loop {
+        tokio::select! {
+            message = events.next() => {
+                let Some(message) = message else {
+                    fail(&job, ServeError::Unavailable("the cluster link closed".into()));
+                    break;
+                };
+                match serde_json::from_slice::<RemoteEvent>(&message.payload) {
+                    Ok(event) => {
+                        let ends = event.ends();
+                        let _ = job.events.send(event.into());
+                        if ends {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        fail(&job, ServeError::Internal(format!("server `{to}` sent a malformed event: {e}")));
+                        let _ = client.publish(cancel_subject(task), Bytes::new()).await;
+                        break;
+                    }
+                }
+            }
+            _ = job.events.closed() => {
+                let _ = client.publish(cancel_subject(task), Bytes::new()).await;
+                break;
+            }
+            _ = check.tick() => {
+                if !peers.alive(&to, Instant::now()) {
+                    tracing::warn!(task = %task, server = %to, "the server running a forwarded job went silent");
+                    fail(&job, ServeError::NodeFailed(format!("server `{to}`, which was running it, stopped answering")));
+                    break;
+                }
+            }
+        }
+    }
+    let _ = events.unsubscribe().await;
+}
+
+/// What a server needs to run others' jobs.
+#[derive(Clone)]
+pub struct Serving {
+    pub client: async_nats::Client,
+    pub distributor: Addr<Distributor>,
+    pub catalog: Arc<Catalog>,
+    pub max_tokens_limit: usize,
+}
+
+/// Runs a job another server forwarded, as a request of this server's own, and sends its
+/// events back in order until the last one or a cancellation.
+pub async fn serve(ctx: Serving, payload: Bytes) {
+    let forwarded = match serde_json::from_slice::<ForwardedJob>(&payload) {
+        Ok(f) if f.reply.starts_with("ludus.reply.") && f.reply.len() <= MAX_REPLY_LEN => f,
+        Ok(f) => {
+            return tracing::warn!(reply = %f.reply.chars().take(MAX_REPLY_LEN).collect::<String>(), "forwarded job with a bad reply subject ignored")
+        }
+        Err(e) => return tracing::warn!(error = %e, "malformed forwarded job ignored"),
+    };
+    let (client, reply, task) = (ctx.client.clone(), forwarded.reply.clone(), forwarded.task);
+    let send = |event: RemoteEvent| {
+        let (client, reply) = (client.clone(), reply.clone());
+        async move {
+            let payload = serde_json::to_vec(&event).expect("events serialize");
+            client.publish(reply, payload.into()).await.is_ok()
+        }
+    };
+    // Subscribed before the job starts: a cancellation cannot slip past.
+    let mut cancel = match client.subscribe(cancel_subject(task)).await {
+        Ok(s) => s,
+        Err(e) => {
+            send(RemoteEvent::Failed(ServeError::Unavailable(format!("the cluster link failed: {e}")))).await;
+            return;
+        }
+    };
+    let (events, mut rx) = unbounded_channel();
+    let origin = forwarded.origin.clone();
+    match admit(&ctx, forwarded, events).await {
+        Ok(job) => match ctx.distributor.send(Submit(job)).await {
+            Ok(Ok(())) => tracing::info!(task = %task, %origin, "running a job forwarded by another server"),
+            Ok(Err(e)) => {
+                send(RemoteEvent::Failed(e)).await;
+                return;
+            }
+            Err(e) => {
+                send(RemoteEvent::Failed(ServeError::Internal(format!("distributor unavailable: {e}")))).await;
+                return;
+            }
+        },
+        Err(e) => {
+            send(RemoteEvent::Failed(e)).await;
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let event = event.map_or_else(
+                    || RemoteEvent::Failed(ServeError::Internal("the job ended without a result".into())),
+                    RemoteEvent::from,
+                );
+                let ends = event.ends();
+                // NATS gone: nobody can read the rest; dropping `rx` cancels the job.
+                if !send(event).await || ends {
+                    break;
+                }
+            }
+            _ = cancel.next() => {
+                tracing::info!(task = %task, "forwarded job cancelled by its server");
+                break;
+            }
+        }
+    }
+    let _ = cancel.unsubscribe().await;
+}
+
+/// The job for a forwarded request: checked against this server's own bounds, its prompt
+/// counted and its text made here (this server bills it).
+async fn admit(
+    ctx: &Serving,
+    f: ForwardedJob,
+    events: tokio::sync::mpsc::UnboundedSender<JobEvent>,
+) -> Result<Job, ServeError> {
+    f.params.validate().map_err(|e| ServeError::Rejected(e.to_string()))?;
+    if f.max_tokens == 0 || f.max_tokens > ctx.max_tokens_limit {
+        return Err(ServeError::Rejected(format!("max_tokens must be 1..={}", ctx.max_tokens_limit)));
+    }
+    let (prompt, prompt_ids) = ctx.catalog.count(&f.model, &f.input)?;
+    let (catalog, model, params, stop) = (ctx.catalog.clone(), f.model.clone(), f.params.clone(), f.stop.clone());
+    let text = tokio::task::spawn_blocking(move || catalog.job_text(&model, &params, &stop, "response_format"))
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))?
+        .map_err(|refusal| ServeError::Rejected(refusal.message))?;
+    let billing = Billing { game: f.game, game_id: f.game_id, key_hash: f.key_hash };
+    let request = JobRequest {
+        model: f.model,
+        input: f.input,
+        prompt,
+        prompt_ids,
+        text,
+        params: f.params,
+        max_tokens: f.max_tokens,
+        stop: f.stop,
+        stream: f.stream,
+    };
+    let mut job = Job::new(f.task, billing, request, events);
+    job.forwarded = true;
+    Ok(job)
+}

@@ -1,0 +1,390 @@
+//! Several `ludus serve` processes as one network (`[cluster]`, issue 24): a real
+//! nats-server, HAProxy in front, servers and nodes as real processes on loopback, one
+//! Postgres. A model served behind one server is reachable through another; killing a
+//! server under load keeps games served and bills every answer once; a game's limits hold
+//! across servers; NATS restarted under load is rejoined by itself.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::cluster::{post_with, wait_for, Cluster, Proc, SseStream};
+use super::database::block_on;
+use super::helpers::{required_tool, smollm2};
+use super::registry::{assert_all_recorded_once, post_chat_within};
+
+const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+/// A port nobody listens on (for a process that needs it on its command line).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    let found = ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists());
+    required_tool(name, found.is_some()).then(|| found.unwrap())
+}
+
+/// Starts `program` with its output in `log`.
+fn spawn_tool(program: &Path, args: &[&str], log: PathBuf) -> Proc {
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(program)
+        .args(args)
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+    Proc { child, log }
+}
+
+fn wait_listening(port: u16, what: &str) {
+    wait_for(what, Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
+
+/// A real nats-server on loopback.
+struct Nats {
+    program: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    proc: Proc,
+    starts: usize,
+}
+
+impl Nats {
+    fn start(dir: &Path) -> Option<Self> {
+        let program = tool("nats-server")?;
+        let port = free_port();
+        let proc = Self::run(&program, port, &dir.join("nats-0.log"));
+        Some(Self { program, dir: dir.to_path_buf(), port, proc, starts: 1 })
+    }
+
+    fn run(program: &Path, port: u16, log: &Path) -> Proc {
+        let port_arg = port.to_string();
+        let proc = spawn_tool(program, &["-a", "127.0.0.1", "-p", &port_arg], log.to_path_buf());
+        wait_listening(port, "nats-server listening");
+        proc
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same port.
+    fn restart(&mut self) {
+        self.proc.kill();
+        let log = self.dir.join(format!("nats-{}.log", self.starts));
+        self.starts += 1;
+        self.proc = Self::run(&self.program, self.port, &log);
+    }
+}
+
+/// `[cluster]` for server `name`: quick adverts, a quick verdict on a silent server.
+fn cluster_table(nats: &Nats, name: &str) -> String {
+    format!(
+        "[cluster]\nnats_url = \"{}\"\nname = \"{name}\"\nadvert_interval_ms = 200\npeer_timeout_ms = 1500\n",
+        nats.url()
+    )
+}
+
+/// Servers `names` on one database and one distributor key, joined by `nats`; `extra`
+/// goes into each one's `[distributor]` table (and may open more tables before
+/// `[cluster]`). Every server uses the first one's API key (one game).
+fn start_network(nats: &Nats, names: &[&str], extra: &str, key_dir: &Path) -> Vec<Cluster> {
+    let key_file = format!("key_file = \"{}\"\n", key_dir.join("distributor.key").display());
+    let first = Cluster::start_with_server(&key_file, &format!("{extra}{}", cluster_table(nats, names[0])));
+    let mut servers = vec![first];
+    for name in &names[1..] {
+        let mut server =
+            Cluster::start_joining(&key_file, &format!("{extra}{}", cluster_table(nats, name)), &servers[0].db_url);
+        server.key = servers[0].key.clone();
+        servers.push(server);
+    }
+    for server in &servers {
+        wait_servers(server, names.len());
+    }
+    servers
+}
+
+/// Waits until `server` sees `n` servers in the network (itself included).
+fn wait_servers(server: &Cluster, n: usize) {
+    wait_for(&format!("{} to see {n} servers", server.addr), Duration::from_secs(20), || {
+        let (status, body) = server.get("/health");
+        status == 200 && serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["servers"] == n)
+    });
+}
+
+fn chat(model: &str, max_tokens: usize, stream: bool) -> String {
+    format!(
+        r#"{{"model": "{model}", "max_tokens": {max_tokens}, "temperature": 0, "stream": {stream},
+            "messages": [{{"role": "user", "content": "Name a colour."}}]}}"#
+    )
+}
+
+fn content(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("no content: {body}")).to_string()
+}
+
+fn task_of(body: &str) -> i64 {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    u64::from_str_radix(v["id"].as_str().unwrap().trim_start_matches("chatcmpl-"), 16).unwrap() as i64
+}
+
+/// The tasks on the books.
+fn recorded(cluster: &Cluster) -> std::collections::BTreeSet<u64> {
+    let store = cluster.store();
+    block_on(async {
+        let conn = store.conn().await.unwrap();
+        let rows = conn.query("SELECT task_id FROM receipts", &[]).await.unwrap();
+        rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()
+    })
+}
+
+/// The game a task's receipt is billed to, once it is on the books.
+fn billed_game(cluster: &Cluster, task: i64) -> i64 {
+    let store = cluster.store();
+    let mut game = None;
+    wait_for(&format!("task {task} on the books"), Duration::from_secs(30), || {
+        game = block_on(async {
+            let conn = store.conn().await.unwrap();
+            conn.query_opt("SELECT game_id FROM receipts WHERE task_id = $1", &[&task]).await.unwrap().map(|r| r.get(0))
+        });
+        game.is_some()
+    });
+    game.unwrap()
+}
+
+#[test]
+fn a_model_served_only_behind_one_server_is_reachable_through_another() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let files = format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", model.display());
+    let mut servers = start_network(&nats, &["a", "b"], &files, dir.path());
+    let model_arg = model.to_str().unwrap().to_string();
+    servers[1].add_node(&["--model", &model_arg]);
+    servers[1].wait_nodes(MODEL, 1);
+    // A has no node; it lists B's.
+    servers[0].wait_nodes(MODEL, 1);
+    let (a, b) = (&servers[0], &servers[1]);
+    let key = a.key.clone();
+
+    let through_a = post_with(&a.addr, "/v1/chat/completions", Some(&key), chat(MODEL, 8, false).as_bytes());
+    assert_eq!(through_a.status, 200, "{}", through_a.body);
+    let direct = post_with(&b.addr, "/v1/chat/completions", Some(&key), chat(MODEL, 8, false).as_bytes());
+    assert_eq!(direct.status, 200, "{}", direct.body);
+    assert!(!content(&through_a.body).is_empty());
+    assert_eq!(content(&through_a.body), content(&direct.body), "greedy: the same answer either way");
+    assert_eq!(through_a.json()["usage"], direct.json()["usage"], "the same count either way");
+
+    // B ran it and billed it, to the game that asked through A, once.
+    let task = task_of(&through_a.body);
+    assert!(a.server.log_text().contains("job forwarded"), "{}", a.server.log_text());
+    wait_for("B to log the forwarded job", Duration::from_secs(10), || {
+        b.server.log_text().contains("running a job forwarded by another server")
+    });
+    assert_eq!(billed_game(a, task), billed_game(a, task_of(&direct.body)));
+
+    // Streamed through A: the same text, chunk by chunk, then [DONE].
+    let mut stream = SseStream::open(&a.addr, &key, &chat(MODEL, 8, true));
+    assert_eq!(stream.status, 200);
+    let mut streamed = String::new();
+    let mut done = false;
+    while let Some(data) = stream.next_data() {
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert!(v.get("error").is_none(), "{data}");
+        streamed.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert!(done, "the stream ended with [DONE]");
+    assert_eq!(streamed, content(&direct.body));
+
+    // Bad input forwarded nowhere: a model nobody serves is still a 404 through A, and a
+    // request B refuses comes back with B's status and reason.
+    let unknown = post_with(&a.addr, "/v1/chat/completions", Some(&key), chat("no-such-model", 4, false).as_bytes());
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let bias = format!(
+        r#"{{"model": "{MODEL}", "max_tokens": 4, "logit_bias": {{"99999999": 5}}, "messages": [{{"role": "user", "content": "x"}}]}}"#
+    );
+    let refused = post_with(&a.addr, "/v1/chat/completions", Some(&key), bias.as_bytes());
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("logit_bias"), "{}", refused.body);
+}
+
+/// When a game's request ended, and its task id or why it failed.
+type Outcome = (Instant, Result<u64, String>);
+
+/// HAProxy in front of `servers`, health-checked on /health; its listening address.
+fn start_haproxy(dir: &Path, servers: &[Cluster]) -> Option<(Proc, String)> {
+    let program = tool("haproxy")?;
+    let port = free_port();
+    let backends: String = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("    server s{i} {} check inter 200 fall 2 rise 2\n", s.addr))
+        .collect();
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(&config, haproxy_config(port, &backends)).unwrap();
+    let proc = spawn_tool(&program, &["-db", "-f", config.to_str().unwrap()], dir.join("haproxy.log"));
+    wait_listening(port, "haproxy listening");
+    Some((proc, format!("127.0.0.1:{port}")))
+}
+
+/// The configuration docs/operations.md shows, on a test port.
+fn haproxy_config(port: u16, backends: &str) -> String {
+    format!(
+        "global\n    maxconn 4096\n\
+         defaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n\
+         \x20   retries 3\n    option redispatch\n    retry-on conn-failure empty-response\n\
+         frontend games\n    bind 127.0.0.1:{port}\n    default_backend ludus\n\
+         backend ludus\n    balance roundrobin\n    option httpchk GET /health\n{backends}"
+    )
+}
+
+#[test]
+fn killing_one_server_under_load_keeps_games_served_and_bills_every_answer_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    // Long blocks: the kill lands with answers not yet on the books.
+    let mut servers = start_network(&nats, &["a", "b", "c"], "[clock]\nblock_time_ms = 1500\n", dir.path());
+    // Both nodes join A first and know B as the next server.
+    let via = format!("{}/ws/node,ws://{}", servers[0].addr, servers[1].addr);
+    servers[0].add_node_via(&via, &["--fake-engine", "4:2", "--capacity", "4"]);
+    servers[0].add_node_via(&via, &["--fake-engine", "4:2", "--capacity", "4"]);
+    servers[0].wait_nodes("fake", 2);
+    servers[2].wait_nodes("fake", 2);
+    let Some((_haproxy, front)) = start_haproxy(dir.path(), &servers) else { return };
+
+    let key = servers[0].key.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Default::default();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (front, key, stop, outcomes) = (front.clone(), key.clone(), stop.clone(), outcomes.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = post_chat_within(&front, &key, &chat("fake", 4, false), Duration::from_secs(20));
+                    let failed = outcome.is_err();
+                    outcomes.lock().unwrap().push((Instant::now(), outcome));
+                    if failed {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_at = Instant::now();
+    servers[0].kill_server();
+    let on_books_at_kill = recorded(&servers[1]);
+    // Its nodes move to B; the others stop sending it work.
+    wait_for("the nodes to join again", Duration::from_secs(20), || {
+        servers[0].nodes.iter().all(|n| n.log_text().matches("joined the distributor;").count() >= 2)
+    });
+    let rehomed = killed_at.elapsed();
+    // On B: C has no node, and A is gone from B's table once silent for its timeout.
+    servers[1].wait_nodes("fake", 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let settled = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap();
+    let completed: Vec<u64> = outcomes.iter().filter_map(|(_, r)| r.as_ref().ok().copied()).collect();
+    let failed: Vec<&String> = outcomes.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    let late: Vec<&Outcome> = outcomes.iter().filter(|(at, _)| *at > settled).collect();
+    eprintln!(
+        "{} answers, {} failures (around the kill); nodes re-homed {rehomed:?} after the kill; {} requests after it settled",
+        completed.len(),
+        failed.len(),
+        late.len()
+    );
+    assert!(late.len() >= 10, "the load kept running after the kill: {} requests", late.len());
+    let late_failures: Vec<_> = late.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    assert!(late_failures.is_empty(), "once the nodes re-homed, every request is served: {late_failures:?}");
+    assert!(rehomed < Duration::from_secs(10), "re-homed within seconds: {rehomed:?}");
+    // Answers A had not committed when it died are on the books all the same: their nodes
+    // re-sent the receipts to B, which pays them because A told the network it saw them.
+    let uncommitted = outcomes
+        .iter()
+        .filter(|(at, r)| *at < killed_at && r.as_ref().is_ok_and(|t| !on_books_at_kill.contains(t)))
+        .count();
+    assert!(uncommitted > 0, "no answer was uncommitted at the kill; the test proves nothing");
+    eprintln!("{uncommitted} answers were not on the books when A died");
+    // Every answer a game got is on the books once, whichever server it crossed.
+    assert_all_recorded_once(&servers[1], &completed);
+}
+
+#[test]
+fn a_games_rate_limit_holds_across_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    // 30 requests a minute for the game, enforced by three servers together.
+    let mut servers = start_network(&nats, &["a", "b", "c"], "[games]\nrequests_per_minute = 30\n", dir.path());
+    servers[0].add_node(&["--fake-engine", "1:1", "--capacity", "16"]);
+    for server in &servers {
+        server.wait_nodes("fake", 1);
+    }
+    let key = servers[0].key.clone();
+    let (mut admitted, mut limited) = (0, 0);
+    for i in 0..90 {
+        let server = &servers[i % 3];
+        let r = post_with(&server.addr, "/v1/chat/completions", Some(&key), chat("fake", 1, false).as_bytes());
+        match r.status {
+            200 => admitted += 1,
+            429 => limited += 1,
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    eprintln!("{admitted} admitted, {limited} rate-limited of 90 (limit 30 a minute over 3 servers)");
+    // Within 10 %: each server admits its third; alone, each would have admitted 30.
+    assert!((27..=33).contains(&admitted), "{admitted} admitted across the network for a limit of 30");
+}
+
+#[test]
+fn nats_restarted_under_load_is_rejoined_and_local_nodes_serve_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut nats) = Nats::start(dir.path()) else { return };
+    let mut servers = start_network(&nats, &["a", "b"], "", dir.path());
+    servers[0].add_node(&["--fake-engine", "2:1", "--fake-model-name", "near"]);
+    servers[1].add_node(&["--fake-engine", "2:1", "--fake-model-name", "far"]);
+    servers[0].wait_nodes("near", 1);
+    servers[0].wait_nodes("far", 1);
+    let a = &servers[0];
+    let ask = |model: &str| post_with(&a.addr, "/v1/chat/completions", Some(&a.key), chat(model, 2, false).as_bytes());
+    assert_eq!(ask("far").status, 200, "B's model through A");
+
+    nats.kill();
+    wait_servers(a, 1);
+    // A alone: its own node serves, B's model is "no node right now" (not unknown).
+    for _ in 0..5 {
+        assert_eq!(ask("near").status, 200);
+    }
+    let far = ask("far");
+    assert_eq!(far.status, 503, "{}", far.body);
+
+    nats.restart();
+    wait_servers(a, 2);
+    wait_for("B's model through A again", Duration::from_secs(20), || ask("far").status == 200);
+    for _ in 0..5 {
+        assert_eq!(ask("far").status, 200);
+        assert_eq!(ask("near").status, 200);
+    }
+    assert!(a.server.log_text().contains("lost the cluster's NATS"), "{}", a.server.log_text());
+}
