@@ -166,6 +166,7 @@ impl Distributor {
             .take_room(&job.model, now)
             .or_else(|| anywhere.then(|| self.peers.serving(&job.model, now)).flatten());
         let Some(to) = to else { return Err(job) };
+        self.peers.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         cluster.do_send(Outbound::Forward { job: Box::new(job), to });
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! route and status with a latency histogram (time to the response head — for streams,
 //! the first token), tokens served, live nodes per model, actor panics, and from the
 //! registry the verification outcomes, the last committed block and the last settled
-//! epoch. Counters live in this process; scrape every server.
+//! epoch; in a network of servers, the servers heard and the jobs that crossed. Counters live in this process; scrape every server.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -185,6 +185,26 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         "Jobs sent to a node because its prefix cache held the start of their prompt.",
         "counter",
         &routed,
+    );
+    let peers = &state.peers;
+    let servers = [(String::new(), peers.servers(std::time::Instant::now()) as u64)];
+    gauge(
+        &mut out,
+        "ludus_cluster_servers",
+        "Servers of the network this one hears, itself included.",
+        "gauge",
+        &servers,
+    );
+    let crossed = [
+        ("{direction=\"out\"}".to_string(), peers.forwarded.load(Ordering::Relaxed)),
+        ("{direction=\"in\"}".to_string(), peers.served_for_others.load(Ordering::Relaxed)),
+    ];
+    gauge(
+        &mut out,
+        "ludus_cluster_jobs_total",
+        "Jobs sent to another server (out) and run for another server (in).",
+        "counter",
+        &crossed,
     );
     let panics = [(String::new(), crate::actors::supervisor::PANICS.load(Ordering::Relaxed))];
     gauge(&mut out, "ludus_actor_panics_total", "Actor panics caught and restarted.", "counter", &panics);

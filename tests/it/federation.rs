@@ -212,6 +212,14 @@ fn a_model_served_only_behind_one_server_is_reachable_through_another() {
     }
     assert!(done, "the stream ended with [DONE]");
     assert_eq!(streamed, content(&direct.body));
+    // The operator sees the jobs that crossed, on both sides.
+    let metric = |server: &Cluster, direction: &str| -> u64 {
+        let (_, text) = server.get("/metrics");
+        let line = format!("ludus_cluster_jobs_total{{direction=\"{direction}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    assert_eq!((metric(a, "out"), metric(a, "in")), (2, 0), "A forwarded the two requests it could not serve");
+    assert_eq!((metric(b, "out"), metric(b, "in")), (0, 2), "B ran them");
 
     // Bad input forwarded nowhere: a model nobody serves is still a 404 through A, and a
     // request B refuses comes back with B's status and reason.

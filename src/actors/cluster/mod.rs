@@ -66,6 +66,8 @@ pub struct Cluster {
     distributor: Addr<Distributor>,
     catalog: Arc<Catalog>,
     completions: Arc<CompletionLog>,
+    /// Tells this process from another one configured with the same name.
+    instance: u64,
 }
 
 impl Cluster {
@@ -77,7 +79,7 @@ impl Cluster {
         catalog: Arc<Catalog>,
         completions: Arc<CompletionLog>,
     ) -> Self {
-        Self { client, config, peers, distributor, catalog, completions }
+        Self { client, config, peers, distributor, catalog, completions, instance: rand::random() }
     }
 
     /// A NATS client that connects in the background and reconnects forever (quickly: a
@@ -111,9 +113,10 @@ impl Cluster {
     /// Publishes this server's room.
     fn advertise(&mut self, ctx: &mut Context<Self>) {
         let (client, distributor, name) = (self.client.clone(), self.distributor.clone(), self.config.name.clone());
+        let instance = self.instance;
         ctx.spawn(fut::wrap_future(async move {
             let Ok(models) = distributor.send(LocalRoom).await else { return };
-            let advert = Advert { server: name, models };
+            let advert = Advert { server: name, instance, models };
             let payload = serde_json::to_vec(&advert).expect("adverts serialize");
             if let Err(e) = client.publish(wire::ADVERT_SUBJECT, payload.into()).await {
                 tracing::debug!(error = %e, "advert not sent");
@@ -138,9 +141,13 @@ impl Cluster {
 
     /// Listens to the other servers' adverts.
     fn listen_adverts(&self, ctx: &mut Context<Self>) {
-        let (peers, me) = (self.peers.clone(), self.config.name.clone());
+        let (peers, me, instance) = (self.peers.clone(), self.config.name.clone(), self.instance);
         self.listen(ctx, wire::ADVERT_SUBJECT.into(), move |payload| {
             match serde_json::from_slice::<Advert>(&payload) {
+                Ok(advert) if advert.server == me && advert.instance != instance => tracing::error!(
+                    name = %me,
+                    "another server uses this server's [cluster] name: jobs and replies go astray; give each its own"
+                ),
                 Ok(advert) if advert.server != me && wire::valid_name(&advert.server) => {
                     peers.heard(advert, Instant::now())
                 }
@@ -158,6 +165,7 @@ impl Cluster {
             distributor: self.distributor.clone(),
             catalog: self.catalog.clone(),
             max_tokens_limit: self.config.max_tokens_limit,
+            peers: self.peers.clone(),
         };
         self.listen(ctx, wire::job_subject(&self.config.name), move |payload| {
             actix::spawn(relay::serve(serving.clone(), payload));

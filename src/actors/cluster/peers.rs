@@ -30,12 +30,23 @@ pub struct Peers {
     timeout: Duration,
     /// The Cluster actor, once it runs (jobs to forward, quarantines to announce).
     cluster: OnceLock<Recipient<Outbound>>,
+    /// Jobs this server sent to another one (`/metrics`).
+    pub forwarded: std::sync::atomic::AtomicU64,
+    /// Jobs this server ran for another one (`/metrics`).
+    pub served_for_others: std::sync::atomic::AtomicU64,
 }
 
 impl Peers {
     /// A table forgetting a server not heard from for `timeout`.
     pub fn new(timeout: Duration) -> Arc<Self> {
-        Arc::new(Self { table: Mutex::default(), seen: Mutex::default(), timeout, cluster: OnceLock::new() })
+        Arc::new(Self {
+            table: Mutex::default(),
+            seen: Mutex::default(),
+            timeout,
+            cluster: OnceLock::new(),
+            forwarded: Default::default(),
+            served_for_others: Default::default(),
+        })
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Peer>> {
@@ -146,7 +157,7 @@ mod tests {
     use super::*;
 
     fn advert(server: &str, model: &str, nodes: usize, free: usize) -> Advert {
-        Advert { server: server.into(), models: vec![ModelRoom { model: model.into(), nodes, free }] }
+        Advert { server: server.into(), instance: 1, models: vec![ModelRoom { model: model.into(), nodes, free }] }
     }
 
     #[test]

@@ -100,6 +100,7 @@ pub struct Serving {
     pub distributor: Addr<Distributor>,
     pub catalog: Arc<Catalog>,
     pub max_tokens_limit: usize,
+    pub peers: Arc<Peers>,
 }
 
 /// Runs a job another server forwarded, as a request of this server's own, and sends its
@@ -132,7 +133,10 @@ pub async fn serve(ctx: Serving, payload: Bytes) {
     let origin = forwarded.origin.clone();
     match admit(&ctx, forwarded, events).await {
         Ok(job) => match ctx.distributor.send(Submit(job)).await {
-            Ok(Ok(())) => tracing::info!(task = %task, %origin, "running a job forwarded by another server"),
+            Ok(Ok(())) => {
+                ctx.peers.served_for_others.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(task = %task, %origin, "running a job forwarded by another server")
+            }
             Ok(Err(e)) => {
                 send(RemoteEvent::Failed(e)).await;
                 return;

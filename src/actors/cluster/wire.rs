@@ -54,6 +54,8 @@ pub fn valid_name(name: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Advert {
     pub server: String,
+    /// Random per process: two servers given one name are told apart (and reported).
+    pub instance: u64,
     pub models: Vec<ModelRoom>,
 }
 
