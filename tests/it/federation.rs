@@ -396,3 +396,59 @@ fn nats_restarted_under_load_is_rejoined_and_local_nodes_serve_meanwhile() {
     }
     assert!(a.server.log_text().contains("lost the cluster's NATS"), "{}", a.server.log_text());
 }
+
+#[test]
+fn a_node_caught_cheating_on_one_server_gets_no_work_from_another() {
+    use super::network_proof::{answer, liar_model, Lie};
+    use super::registry::Rogue;
+    let Some(path) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let verifier = format!(
+        "[verifier]\nmodels = {{ \"{MODEL}\" = \"{}\" }}\nsample_rate = 1.0\nquarantine_s = 60\n",
+        path.display()
+    );
+    let servers = start_network(&nats, &["a", "b"], &verifier, dir.path());
+    let (a, b) = (&servers[0], &servers[1]);
+    let (model, engine) = liar_model(&path);
+    let secret = [7u8; 32];
+    let node = ludus::crypto::identity::Identity::from_secret(&secret).unwrap();
+    let address = node.address.to_string();
+    let system = actix_rt::System::new();
+
+    // The rogue joins B and edits a token of its answer: B's verifier catches it.
+    let mut rogue = system.block_on(Rogue::join_as(&b.addr, MODEL, node));
+    let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
+    let (addr, key) = (b.addr.clone(), a.key.clone());
+    let game = std::thread::spawn(move || {
+        post_with(&addr, "/v1/chat/completions", Some(&key), chat(MODEL, 8, false).as_bytes())
+    });
+    let task = system.block_on(rogue.next_task(Duration::from_secs(30))).expect("the rogue gets the task");
+    let mut last = None;
+    system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
+    let _ = game.join();
+    let started = Instant::now();
+    while !a.server.log_text().contains("node quarantined by the cluster") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "A never heard of the quarantine:\n{}",
+            b.server.log_text()
+        );
+        system.block_on(rogue.idle(&mut [], Duration::from_millis(100)));
+    }
+    assert!(a.server.log_text().contains(&address), "A quarantined the rogue's address");
+
+    // The same node comes to A, as A's only node for the model: A gives it nothing.
+    let mut again = system.block_on(Rogue::join_as(
+        &a.addr,
+        MODEL,
+        ludus::crypto::identity::Identity::from_secret(&secret).unwrap(),
+    ));
+    let _ = system.block_on(again.next_task(Duration::from_millis(300)));
+    let (addr, key) = (a.addr.clone(), a.key.clone());
+    let _waiting = std::thread::spawn(move || {
+        post_with(&addr, "/v1/chat/completions", Some(&key), chat(MODEL, 8, false).as_bytes())
+    });
+    assert!(system.block_on(again.next_task(Duration::from_secs(3))).is_none(), "a quarantined node got work from A");
+    engine.shutdown();
+}

@@ -221,7 +221,7 @@ fn queued_work_goes_to_a_node_whose_quarantine_ran_out() {
 
 /// How a protocol-level liar cheats.
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Lie {
+pub enum Lie {
     EditToken,
     EditPrompt,
     Replay,
@@ -271,7 +271,7 @@ fn body(i: usize) -> String {
 }
 
 /// The real model for a liar: one copy to render prompts, one in an engine.
-fn liar_model(path: &std::path::Path) -> (Model, Engine) {
+pub fn liar_model(path: &std::path::Path) -> (Model, Engine) {
     let config = EngineConfig { max_batch: 1, max_context: 512, threads: 2, ..Default::default() };
     (
         Model::load(path, Device::Cpu, None).unwrap(),
@@ -280,7 +280,7 @@ fn liar_model(path: &std::path::Path) -> (Model, Engine) {
 }
 
 /// Answers one task as `lie` says: real model, then a lie about the output or its proof.
-async fn answer(
+pub async fn answer(
     rogue: &mut Rogue,
     model: &Model,
     engine: &Engine,
