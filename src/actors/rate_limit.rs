@@ -24,14 +24,18 @@ impl Bucket {
     /// network admits the limit.
     pub fn per_minute_share(limit: u32, servers: usize, now: Instant) -> Self {
         let share = limit as f64 / servers.max(1) as f64;
-        Self { capacity: share.max(1.0), level: share.max(1.0), per_second: share / 60.0, updated: now }
+        // A limit of 0 admits nothing, on any number of servers.
+        let capacity = if limit == 0 { 0.0 } else { share.max(1.0) };
+        Self { capacity, level: capacity, per_second: share / 60.0, updated: now }
     }
 
     /// The same bucket for another share, as full (in proportion) as it is now.
     pub fn reshared(&mut self, limit: u32, servers: usize, now: Instant) -> Self {
         self.refill(now);
         let mut next = Self::per_minute_share(limit, servers, now);
-        next.level = self.level / self.capacity * next.capacity;
+        if self.capacity > 0.0 {
+            next.level = self.level / self.capacity * next.capacity;
+        }
         next
     }
 
@@ -123,6 +127,8 @@ mod tests {
         // A tiny limit over many servers still admits one at a time.
         let mut tiny = Bucket::per_minute_share(2, 3, t0);
         assert!(tiny.take(1.0, t0).is_ok());
+        let mut none = Bucket::per_minute_share(0, 1, t0);
+        assert!(none.take(1.0, t0 + Duration::from_secs(600)).is_err(), "a zero limit admits nothing");
         // Half used, then the network shrinks to one server: half of the whole limit is left.
         let mut half = Bucket::per_minute_share(60, 2, t0);
         for _ in 0..15 {
