@@ -105,6 +105,17 @@ pub struct TaskAbandoned {
     pub delivered: Vec<u32>,
 }
 
+/// A finished job whose completion the other servers now know of: the game hears Done.
+/// Sent to this actor's own mailbox, which survives a restart (a future spawned on its
+/// context would not).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Deliver {
+    job: Job,
+    finish_reason: FinishReason,
+    usage: TaskUsage,
+}
+
 /// Receipts a node re-sent after a reconnect (already bounded per frame and per second by
 /// its proxy).
 #[derive(Message)]
@@ -240,9 +251,12 @@ impl Completion {
         })
     }
 
-    /// The game hears its answer is complete, and its budget is charged for it.
+    /// The game hears its answer is complete, and its budget is charged for it (by the
+    /// server that admitted it: for a job another server forwarded, that one).
     fn deliver(&self, job: &Job, finish_reason: FinishReason, usage: TaskUsage) {
-        self.charge(&job.key_hash, usage.prompt_tokens.saturating_add(usage.completion_tokens));
+        if !job.forwarded {
+            self.charge(&job.key_hash, usage.prompt_tokens.saturating_add(usage.completion_tokens));
+        }
         let _ = job.events.send(JobEvent::Done { finish_reason, usage });
     }
 
@@ -379,13 +393,22 @@ impl Handler<TaskFinished> for Completion {
         match told {
             // In a network, the game hears Done once every server could pay the receipt.
             Some(told) => {
-                let (job, finish_reason) = (done.job, done.finish_reason);
-                ctx.spawn(
-                    fut::wrap_future(told).map(move |(), this: &mut Self, _| this.deliver(&job, finish_reason, usage)),
-                );
+                let (job, finish_reason, me) = (done.job, done.finish_reason, ctx.address());
+                actix::spawn(async move {
+                    told.await;
+                    me.do_send(Deliver { job, finish_reason, usage });
+                });
             }
             None => self.deliver(&done.job, done.finish_reason, usage),
         }
+    }
+}
+
+impl Handler<Deliver> for Completion {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
+        self.deliver(&msg.job, msg.finish_reason, msg.usage);
     }
 }
 

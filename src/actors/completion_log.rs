@@ -24,8 +24,10 @@ use std::sync::Mutex;
 const COMPACT_AFTER_LINES: usize = 50_000;
 /// How long the completions other servers saw are remembered.
 pub const PEER_WITNESS_TTL: std::time::Duration = std::time::Duration::from_secs(600);
-/// Other servers' completions remembered at most (the oldest go first).
-pub const MAX_PEER_WITNESSES: usize = 200_000;
+/// Other servers' completions remembered at most (the oldest go first): about 100 MB, ten
+/// minutes of a network finishing 1,600 requests/s (docs/benchmarks.md says what to do
+/// beyond that).
+pub const MAX_PEER_WITNESSES: usize = 1_000_000;
 
 /// What the server saw of one finished task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

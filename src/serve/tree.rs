@@ -96,9 +96,10 @@ pub async fn start_cluster(s: &Settings, core: &Core, catalog: Arc<Catalog>, por
         max_tokens_limit: s.server.max_tokens_limit,
     };
     let (peers, distributor) = (core.peers.clone(), core.distributor.clone());
-    let completions = core.completions.clone();
-    let cluster =
-        supervisor::start("cluster", move |_| Cluster::new(client, config, peers, distributor, catalog, completions));
+    let (completions, usage) = (core.completions.clone(), core.gateway.clone().recipient());
+    let cluster = supervisor::start("cluster", move |_| {
+        Cluster::new(client, config, peers, distributor, catalog, completions, usage)
+    });
     core.peers.join(cluster.recipient());
     Ok(())
 }

@@ -385,7 +385,7 @@ fn nats_restarted_under_load_is_rejoined_and_local_nodes_serve_meanwhile() {
         assert_eq!(ask("near").status, 200);
     }
     let far = ask("far");
-    assert_eq!(far.status, 503, "{}", far.body);
+    assert_eq!(far.status, 503, "{}\n{}", far.body, a.server.log_text());
 
     nats.restart();
     wait_servers(a, 2);

@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 use super::catalog::Catalog;
 use super::completion_log::CompletionLog;
 use super::distributor::Distributor;
-use super::messages::{Job, LocalRoom, QuarantineNode};
+use super::messages::{Job, LocalRoom, QuarantineNode, RecordUsage};
 pub use peers::Peers;
 use wire::{Advert, Quarantine, Witness};
 
@@ -66,6 +66,8 @@ pub struct Cluster {
     distributor: Addr<Distributor>,
     catalog: Arc<Catalog>,
     completions: Arc<CompletionLog>,
+    /// This server's Gateway (forwarded jobs' tokens are charged where they were admitted).
+    usage: Recipient<RecordUsage>,
     /// Tells this process from another one configured with the same name.
     instance: u64,
 }
@@ -78,13 +80,14 @@ impl Cluster {
         distributor: Addr<Distributor>,
         catalog: Arc<Catalog>,
         completions: Arc<CompletionLog>,
+        usage: Recipient<RecordUsage>,
     ) -> Self {
-        Self { client, config, peers, distributor, catalog, completions, instance: rand::random() }
+        Self { client, config, peers, distributor, catalog, completions, usage, instance: rand::random() }
     }
 
     /// A NATS client that connects in the background and reconnects forever (quickly: a
-    /// restarted NATS is rejoined within about a second); losing the link forgets the
-    /// peers, so jobs stay local until it is back.
+    /// restarted NATS is rejoined within about a second); while the link is down no other
+    /// server is offered work, so jobs stay local until it is back.
     pub async fn connect(url: &str, name: &str, peers: Arc<Peers>) -> Result<async_nats::Client, String> {
         async_nats::ConnectOptions::new()
             .name(format!("ludus-{name}"))
@@ -96,9 +99,12 @@ impl Cluster {
                 let peers = peers.clone();
                 async move {
                     match event {
-                        async_nats::Event::Connected => tracing::info!("joined the cluster's NATS"),
+                        async_nats::Event::Connected => {
+                            peers.link_restored();
+                            tracing::info!("joined the cluster's NATS")
+                        }
                         async_nats::Event::Disconnected => {
-                            peers.forget_all();
+                            peers.link_lost();
                             tracing::warn!("lost the cluster's NATS: serving from this server's nodes only");
                         }
                         other => tracing::info!(event = %other, "cluster NATS event"),
@@ -110,8 +116,14 @@ impl Cluster {
             .map_err(|e| format!("cluster.nats_url: {e}"))
     }
 
-    /// Publishes this server's room.
+    /// Publishes this server's room (and marks the link down, should its event have been
+    /// missed).
     fn advertise(&mut self, ctx: &mut Context<Self>) {
+        let state = self.client.connection_state();
+        tracing::debug!(?state, "cluster link state");
+        if state != async_nats::connection::State::Connected {
+            self.peers.link_lost();
+        }
         let (client, distributor, name) = (self.client.clone(), self.distributor.clone(), self.config.name.clone());
         let instance = self.instance;
         ctx.spawn(fut::wrap_future(async move {
@@ -224,14 +236,14 @@ impl Handler<Outbound> for Cluster {
     fn handle(&mut self, msg: Outbound, _: &mut Self::Context) -> Self::Result {
         match msg {
             Outbound::Forward { job, to } => {
+                let forwarding = relay::Forwarding {
+                    client: self.client.clone(),
+                    origin: self.config.name.clone(),
+                    peers: self.peers.clone(),
+                    usage: self.usage.clone(),
+                };
                 // Not tied to this actor: a restart never cuts a game's stream.
-                actix::spawn(relay::forward(
-                    self.client.clone(),
-                    self.config.name.clone(),
-                    to,
-                    *job,
-                    self.peers.clone(),
-                ));
+                actix::spawn(relay::forward(forwarding, to, *job));
             }
             Outbound::Quarantine { address, duration } => {
                 let notice = Quarantine { address, seconds: duration.as_secs() };

@@ -30,6 +30,9 @@ pub struct Peers {
     timeout: Duration,
     /// The Cluster actor, once it runs (jobs to forward, quarantines to announce).
     cluster: OnceLock<Recipient<Outbound>>,
+    /// NATS is unreachable: no server is offered work or counted until it is back (the
+    /// table is kept, so jobs in flight survive a blip shorter than the timeout).
+    link_down: std::sync::atomic::AtomicBool,
     /// Jobs this server sent to another one (`/metrics`).
     pub forwarded: std::sync::atomic::AtomicU64,
     /// Jobs this server ran for another one (`/metrics`).
@@ -44,6 +47,7 @@ impl Peers {
             seen: Mutex::default(),
             timeout,
             cluster: OnceLock::new(),
+            link_down: Default::default(),
             forwarded: Default::default(),
             served_for_others: Default::default(),
         })
@@ -54,8 +58,18 @@ impl Peers {
         self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Heard lately, and reachable now.
     fn fresh(&self, peer: &Peer, now: Instant) -> bool {
+        !self.link_down.load(std::sync::atomic::Ordering::Relaxed) && self.heard_lately(peer, now)
+    }
+
+    fn heard_lately(&self, peer: &Peer, now: Instant) -> bool {
         now.saturating_duration_since(peer.heard) < self.timeout
+    }
+
+    /// How long a silent server is still counted.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Records an advert (its room replaces the last one).
@@ -83,14 +97,21 @@ impl Peers {
         self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(model)
     }
 
-    /// Forgets every server (the link to NATS is down: nothing can reach them).
-    pub fn forget_all(&self) {
-        self.table().clear();
+    /// The link to NATS is down: no other server is offered work or counted (jobs already
+    /// crossing are given the timeout: NATS may be back before it).
+    pub fn link_lost(&self) {
+        self.link_down.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether `server` was heard from lately.
+    /// The link to NATS is back; the others count again as their adverts arrive.
+    pub fn link_restored(&self) {
+        self.link_down.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `server` was heard from within the timeout (a NATS blip shorter than that
+    /// does not make it dead).
     pub fn alive(&self, server: &str, now: Instant) -> bool {
-        self.table().get(server).is_some_and(|p| self.fresh(p, now))
+        self.table().get(server).is_some_and(|p| self.heard_lately(p, now))
     }
 
     /// Servers in the network, this one included.
@@ -107,6 +128,9 @@ impl Peers {
     /// (a burst between two adverts does not all go to one server); `None` when no server
     /// has room.
     pub fn take_room(&self, model: &str, now: Instant) -> Option<String> {
+        if self.link_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let mut table = self.table();
         let (name, peer) = table
             .iter_mut()
@@ -182,8 +206,14 @@ mod tests {
         assert_eq!(peers.servers(later), 2);
         assert_eq!(peers.take_room("m", later).as_deref(), Some("c"));
         assert_eq!(peers.models(later).get("m"), Some(&1));
-        peers.forget_all();
-        assert_eq!(peers.servers(later), 1);
-        assert!(!peers.serve("m", later) && peers.served("m"), "gone, but remembered as a model of the network");
+        peers.heard(advert("c", "m", 1, 1), later);
+        peers.link_lost();
+        assert_eq!(peers.servers(later), 1, "NATS down: alone");
+        assert!(!peers.serve("m", later) && peers.served("m"), "unreachable, but remembered as a model of the network");
+        assert_eq!(peers.take_room("m", later), None);
+        assert!(peers.alive("c", later), "jobs crossing to c are given the timeout");
+        peers.link_restored();
+        assert_eq!(peers.servers(later), 2);
+        assert_eq!(peers.take_room("m", later).as_deref(), Some("c"), "its room was kept for when NATS is back");
     }
 }

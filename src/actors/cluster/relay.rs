@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Addr;
+use actix::{Addr, Recipient};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc::unbounded_channel;
@@ -14,7 +14,8 @@ use super::Peers;
 use crate::actors::catalog::Catalog;
 use crate::actors::distributor::Distributor;
 use crate::actors::error::ServeError;
-use crate::actors::messages::{Billing, Job, JobEvent, JobRequest, Submit};
+use crate::actors::messages::{Billing, Job, JobEvent, JobRequest, RecordUsage, Submit};
+use crate::protocol::TaskId;
 
 /// How often a forwarding server checks that the server running its job is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
@@ -22,10 +23,35 @@ const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 /// Longest reply subject accepted (`ludus.reply.<name>.<task>`).
 const MAX_REPLY_LEN: usize = 128;
 
+/// When a cancellation is sent again.
+const CANCEL_REPEAT: Duration = Duration::from_millis(500);
+
+/// What the origin of a forwarded job needs besides the job.
+pub struct Forwarding {
+    pub client: async_nats::Client,
+    /// This server's name.
+    pub origin: String,
+    pub peers: Arc<Peers>,
+    /// This server's Gateway: the game's tokens per minute are charged where it was admitted.
+    pub usage: Recipient<RecordUsage>,
+}
+
+/// Tells the server running `task` to stop: now, and once more a moment later (a cancel
+/// that overtook the job itself on its way is not lost; a second one is ignored).
+fn cancel(client: &async_nats::Client, task: TaskId) {
+    let client = client.clone();
+    actix::spawn(async move {
+        let _ = client.publish(cancel_subject(task), Bytes::new()).await;
+        actix_web::rt::time::sleep(CANCEL_REPEAT).await;
+        let _ = client.publish(cancel_subject(task), Bytes::new()).await;
+    });
+}
+
 /// Sends `job` to server `to` and relays its events to the game until the last one, the
 /// game leaving (the other server is told to cancel), or `to` going silent (the game gets
-/// a clear error).
-pub async fn forward(client: async_nats::Client, origin: String, to: String, job: Job, peers: Arc<Peers>) {
+/// a clear error, and `to` is told to cancel should it come back).
+pub async fn forward(ctx: Forwarding, to: String, job: Job) {
+    let Forwarding { client, origin, peers, usage: charge } = ctx;
     let task = job.id;
     let reply = reply_subject(&origin, task);
     let fail = |job: &Job, e: ServeError| {
@@ -60,11 +86,16 @@ pub async fn forward(client: async_nats::Client, origin: String, to: String, job
             message = events.next() => {
                 let Some(message) = message else {
                     fail(&job, ServeError::Unavailable("the cluster link closed".into()));
+                    cancel(&client, task);
                     break;
                 };
                 match serde_json::from_slice::<RemoteEvent>(&message.payload) {
                     Ok(event) => {
                         let ends = event.ends();
+                        if let (RemoteEvent::Done { usage, .. }, false) = (&event, job.key_hash.is_empty()) {
+                            let tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+                            charge.do_send(RecordUsage { key_hash: job.key_hash.clone(), tokens });
+                        }
                         let _ = job.events.send(event.into());
                         if ends {
                             break;
@@ -72,19 +103,20 @@ pub async fn forward(client: async_nats::Client, origin: String, to: String, job
                     }
                     Err(e) => {
                         fail(&job, ServeError::Internal(format!("server `{to}` sent a malformed event: {e}")));
-                        let _ = client.publish(cancel_subject(task), Bytes::new()).await;
+                        cancel(&client, task);
                         break;
                     }
                 }
             }
             _ = job.events.closed() => {
-                let _ = client.publish(cancel_subject(task), Bytes::new()).await;
+                cancel(&client, task);
                 break;
             }
             _ = check.tick() => {
                 if !peers.alive(&to, Instant::now()) {
                     tracing::warn!(task = %task, server = %to, "the server running a forwarded job went silent");
                     fail(&job, ServeError::NodeFailed(format!("server `{to}`, which was running it, stopped answering")));
+                    cancel(&client, task);
                     break;
                 }
             }
@@ -151,8 +183,19 @@ pub async fn serve(ctx: Serving, payload: Bytes) {
             return;
         }
     }
+    let (mut check, started) = (actix_web::rt::time::interval(LIVENESS_CHECK), std::time::Instant::now());
     loop {
         tokio::select! {
+            _ = check.tick() => {
+                // Its server is gone: nobody can read the rest; dropping `rx` cancels the job.
+                // (An origin not heard of yet is given the peers' timeout: this server may
+                // have started after its last advert.)
+                let heard_long_enough = started.elapsed() >= ctx.peers.timeout();
+                if heard_long_enough && !ctx.peers.alive(&origin, std::time::Instant::now()) {
+                    tracing::warn!(task = %task, %origin, "the server that forwarded a job went silent; cancelling it");
+                    break;
+                }
+            }
             event = rx.recv() => {
                 let event = event.map_or_else(
                     || RemoteEvent::Failed(ServeError::Internal("the job ended without a result".into())),
