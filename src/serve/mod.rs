@@ -115,8 +115,11 @@ impl ServerHandle {
     /// Graceful stop: drain the distributor, let HTTP finish within the grace period,
     /// commit the last receipts, and stop the private database if this process started it.
     pub async fn shutdown(&self) {
+        // Stop accepting first: behind a load balancer, the next request goes to another
+        // server rather than to a 503 here. Running requests go on.
+        let stopped = self.http.stop(true);
         let _ = self.distributor.send(Drain).await;
-        self.http.stop(true).await;
+        stopped.await;
         let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
         loop {
             match self.registry.send(FlushReceipts).await {

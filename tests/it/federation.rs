@@ -236,6 +236,32 @@ fn a_model_served_only_behind_one_server_is_reachable_through_another() {
 /// When a game's request ended, and its task id or why it failed.
 type Outcome = (Instant, Result<u64, String>);
 
+/// The stop switch, the outcomes so far, and the client threads of [`load_through`].
+type Load = (Arc<AtomicBool>, Arc<Mutex<Vec<Outcome>>>, Vec<std::thread::JoinHandle<()>>);
+
+/// `clients` games asking through `front` until `stop`, each outcome recorded (a failure
+/// is followed by a short pause).
+fn load_through(front: &str, key: &str, clients: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Default::default();
+    let handles = (0..clients)
+        .map(|_| {
+            let (front, key, stop, outcomes) = (front.to_string(), key.to_string(), stop.clone(), outcomes.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = post_chat_within(&front, &key, &chat("fake", 4, false), Duration::from_secs(20));
+                    let failed = outcome.is_err();
+                    outcomes.lock().unwrap().push((Instant::now(), outcome));
+                    if failed {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            })
+        })
+        .collect();
+    (stop, outcomes, handles)
+}
+
 /// HAProxy in front of `servers`, health-checked on /health; its listening address.
 fn start_haproxy(dir: &Path, servers: &[Cluster]) -> Option<(Proc, String)> {
     let program = tool("haproxy")?;
@@ -277,24 +303,7 @@ fn killing_one_server_under_load_keeps_games_served_and_bills_every_answer_once(
     servers[2].wait_nodes("fake", 2);
     let Some((_haproxy, front)) = start_haproxy(dir.path(), &servers) else { return };
 
-    let key = servers[0].key.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let outcomes: Arc<Mutex<Vec<Outcome>>> = Default::default();
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (front, key, stop, outcomes) = (front.clone(), key.clone(), stop.clone(), outcomes.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let outcome = post_chat_within(&front, &key, &chat("fake", 4, false), Duration::from_secs(20));
-                    let failed = outcome.is_err();
-                    outcomes.lock().unwrap().push((Instant::now(), outcome));
-                    if failed {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                }
-            })
-        })
-        .collect();
+    let (stop, outcomes, clients) = load_through(&front, &servers[0].key, 4);
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = Instant::now();
     servers[0].kill_server();
@@ -451,4 +460,39 @@ fn a_node_caught_cheating_on_one_server_gets_no_work_from_another() {
     });
     assert!(system.block_on(again.next_task(Duration::from_secs(3))).is_none(), "a quarantined node got work from A");
     engine.shutdown();
+}
+
+#[test]
+fn a_server_drained_behind_haproxy_loses_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let mut servers = start_network(&nats, &["a", "b"], "", dir.path());
+    let via = format!("{}/ws/node,ws://{}", servers[0].addr, servers[1].addr);
+    servers[0].add_node_via(&via, &["--fake-engine", "4:2", "--capacity", "4"]);
+    servers[1].add_node(&["--fake-engine", "4:2", "--capacity", "4"]);
+    servers[0].wait_nodes("fake", 2);
+    servers[1].wait_nodes("fake", 2);
+    let Some((_haproxy, front)) = start_haproxy(dir.path(), &servers) else { return };
+    let (stop, outcomes, clients) = load_through(&front, &servers[0].key, 3);
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = servers[0].server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let signalled = Instant::now();
+    wait_for("A to finish draining and exit", Duration::from_secs(20), || {
+        servers[0].server.child.try_wait().unwrap().is_some()
+    });
+    eprintln!("A exited {:?} after SIGTERM", signalled.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap();
+    let failed: Vec<&String> = outcomes.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    let after = outcomes.iter().filter(|(at, _)| *at > signalled).count();
+    eprintln!("{} requests, {} after the SIGTERM, {} failed", outcomes.len(), after, failed.len());
+    assert!(after >= 10, "the load went on after the SIGTERM: {after}");
+    assert!(failed.is_empty(), "a drained server loses no request behind HAProxy: {failed:?}");
+    // Its node moved to B.
+    servers[1].wait_nodes("fake", 2);
 }
