@@ -12,10 +12,12 @@
 //! - **Shared state.** A node that fails a proof check is quarantined on every server; each
 //!   server admits its share (1/N of the live servers) of every game's per-minute limits.
 //!   Suspensions are in the shared database already.
-//! - **Failures.** NATS down: the table of peers is forgotten at once and each server serves
-//!   from its own nodes; the client reconnects by itself and the adverts rebuild the table.
-//!   A server that goes silent is forgotten after `peer_timeout_ms`, and the jobs it was
-//!   running for others fail with a clear error.
+//! - **Failures.** NATS down: no other server is offered work or counted from that moment,
+//!   and each server serves from its own nodes; jobs already crossing are given
+//!   `peer_timeout_ms`. The client reconnects by itself and the adverts rebuild the table.
+//!   A server silent for `peer_timeout_ms` is forgotten: the jobs it was running for others
+//!   fail at their origin with a clear error and are cancelled on it, and the jobs it had forwarded
+//!   are cancelled where they run.
 
 pub mod peers;
 pub mod relay;
