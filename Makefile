@@ -24,3 +24,9 @@ fmt:
 
 lint:
 	cargo fmt --all -- --check && cargo clippy --all-targets -- -D warnings
+
+# The CPU node image (packaging/Containerfile.cpu) built with podman from a debootstrap
+# base, run against `ludus demo`, one answer through it (needs root and podman).
+.PHONY: container-test
+container-test:
+	$(call ENV,--test) cargo build --locked --bin ludus && LUDUS_BIN=$(CARGO_TARGET_DIR)/debug/ludus scripts/container-node-test

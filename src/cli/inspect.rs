@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::inference::config::LlamaConfig;
+use crate::inference::config::{Activation, LlamaConfig};
 use crate::inference::memory_plan::{plan, quantizations_for, Workload, RUNTIME_BYTES};
 use crate::inference::tokenizer::Tokenizer;
 use crate::inference::weights::WeightSource;
@@ -11,7 +11,7 @@ use crate::inference::weights::WeightSource;
 pub fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
     Ok(match WeightSource::open(path)? {
         WeightSource::Gguf(g) => Tokenizer::from_gguf(&g)?,
-        WeightSource::Safetensors(s) => Tokenizer::from_hf_dir(&s.dir)?,
+        WeightSource::Safetensors(s, _) => Tokenizer::from_hf_dir(&s.dir)?,
         WeightSource::Memory { .. } => anyhow::bail!("in-memory weights have no tokenizer file"),
     })
 }
@@ -42,7 +42,7 @@ pub fn run(path: &Path, plan: Option<(u64, Workload)>, tunings: Vec<serde_json::
             }
             (format!("GGUF v{}", g.version), g.tensors.len(), g.tensors.values().map(|t| t.n_bytes).sum::<usize>())
         }
-        WeightSource::Safetensors(s) => {
+        WeightSource::Safetensors(s, _) => {
             for t in s.tensors.values() {
                 let e = types.entry(format!("{:?}", t.dtype)).or_default();
                 e.0 += 1;
@@ -56,7 +56,8 @@ pub fn run(path: &Path, plan: Option<(u64, Workload)>, tunings: Vec<serde_json::
     let report = serde_json::json!({
         "path": path.display().to_string(),
         "format": format,
-        "architecture": "llama",
+        "architecture": config.family.name(),
+        "family_switches": family_switches(&config),
         "parameters": params,
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
@@ -122,4 +123,30 @@ fn memory_plan(config: &LlamaConfig, budget: u64, workload: Workload) -> serde_j
     }
     serde_json::json!({"budget_bytes": budget, "context": context, "batch": batch,
         "prefix_cache_bytes": workload.prefix_cache_bytes, "runtime_bytes": RUNTIME_BYTES, "devices": out})
+}
+
+/// The family-specific switches a model sets, by name (`docs/architecture.md` has the table).
+fn family_switches(c: &LlamaConfig) -> Vec<String> {
+    let mut on = Vec::new();
+    let flags = [
+        ("qkv_bias", c.qkv_bias),
+        ("qk_norm", c.qk_norm),
+        ("sandwich_norms", c.sandwich_norms),
+        ("embedding_scale", c.embedding_scale.is_some()),
+        ("gelu_tanh", c.activation == Activation::GeluTanh),
+        ("attn_softcap", c.attn_softcap.is_some()),
+        ("final_softcap", c.final_softcap.is_some()),
+        ("sliding_window", c.sliding_window.is_some()),
+        ("local_rope_base", c.rope_local_theta.is_some()),
+        ("partial_rotary", c.rotary_dim.is_some_and(|r| r < c.head_dim)),
+        ("longrope", c.long_rope.is_some()),
+        ("linear_rope", c.rope_linear_factor.is_some()),
+        ("llama3_rope", c.rope_scaling.is_some()),
+    ];
+    for (name, set) in flags {
+        if set {
+            on.push(name.to_string());
+        }
+    }
+    on
 }

@@ -302,7 +302,11 @@ fn start_demo_nodes(
             fake_text: String::new(),
             runtime: args.runtime.clone(),
         };
-        let backend = Arc::new(node_backend(settings, &node_args)?);
+        // Loading may tune the engine, which waits on it: that must not happen on a thread
+        // that drives the server's runtime (it panicked there on a machine's first demo).
+        let backend = std::thread::scope(|s| s.spawn(|| node_backend(settings, &node_args)).join())
+            .map_err(|_| anyhow::anyhow!("loading demo node {i}'s model panicked"))??;
+        let backend = Arc::new(backend);
         let options = NodeOptions {
             connect: node_args.connect,
             key: node_args.key,

@@ -14,11 +14,13 @@ pub enum InferError {
     },
     #[error("{path} is not a valid model file: {reason}")]
     Format { path: PathBuf, reason: String },
-    #[error("unsupported model architecture `{0}`: Ludus runs the Llama family (llama, mistral)")]
+    #[error(
+        "unsupported model architecture `{0}`: Ludus runs llama, mistral, qwen2, qwen3, gemma2, gemma3 (text) and phi3"
+    )]
     UnsupportedArchitecture(String),
-    #[error("tensor `{tensor}` uses {dtype}, which Ludus cannot load (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)")]
+    #[error("tensor `{tensor}` uses {dtype}, which Ludus cannot load (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)")]
     UnsupportedTensorType { tensor: String, dtype: String },
-    #[error("the model has no tensor `{0}`: the checkpoint is incomplete or not a Llama model")]
+    #[error("the model has no tensor `{0}`: the checkpoint is incomplete or not of a family Ludus runs")]
     MissingTensor(String),
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
     Shape { name: String, got: Vec<usize>, expected: Vec<usize> },

@@ -1,6 +1,10 @@
-//! The Llama-family transformer (Llama 2/3, SmolLM2, TinyLlama, Mistral) on libtorch:
-//! RMSNorm, half-split rotary embeddings, grouped-query attention, SwiGLU MLP and a tied
-//! or untied output head. Weights live here; per-sequence state lives in [`KvCache`].
+//! The Llama-lineage transformer on libtorch: RMSNorm, half-split rotary embeddings,
+//! grouped-query attention, a gated MLP and a tied or untied output head — Llama 2/3,
+//! SmolLM2, TinyLlama and Mistral as they are, and Qwen 2/3, Gemma 2/3 and Phi-3 through
+//! the switches of [`LlamaConfig`]: bias on Q/K/V, per-head norms on Q and K, norms on the
+//! attention and MLP outputs, GeGLU, soft-capped scores and logits, sliding-window layers
+//! with their own rotary base, partial and LongRoPE-scaled rotary embeddings. Weights live
+//! here; per-sequence state lives in [`KvCache`].
 //!
 //! Two entry points serve the engine's scheduler: [`Llama::prefill`] runs a chunk of one
 //! sequence's prompt, [`Llama::decode`] advances a batch of sequences by one token each.
@@ -9,7 +13,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::config::LlamaConfig;
+use super::config::{Activation, LlamaConfig};
 use super::error::Result;
 use super::int8_table::Int8Table;
 use super::kv_cache::KvCache;
@@ -54,13 +58,19 @@ pub struct ForwardOutput {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    head_dim: i64,
+    /// Identity on the dimensions that do not rotate (`[head_dim, head_dim]`), when some
+    /// do not (partial rotary embeddings).
+    pass_through: Option<Tensor>,
 }
 
 impl Rope {
-    fn new(config: &LlamaConfig, max_len: usize, device: Device) -> Result<Self> {
-        let half = config.head_dim / 2;
-        let mut inv_freq: Vec<f64> =
-            (0..half).map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / config.head_dim as f64)).collect();
+    /// The rotary tables for base `theta`; `linear` divides every frequency (Gemma 3's
+    /// global layers). Llama 3 and LongRoPE scaling come from `config`.
+    fn new(config: &LlamaConfig, theta: f64, linear: Option<f64>, max_len: usize, device: Device) -> Result<Self> {
+        let rotary = config.rotary_dim();
+        let half = rotary / 2;
+        let mut inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / rotary as f64)).collect();
         if let Some(s) = &config.rope_scaling {
             let old = s.original_max_position_embeddings as f64;
             let (low_wavelen, high_wavelen) = (old / s.low_freq_factor, old / s.high_freq_factor);
@@ -74,31 +84,56 @@ impl Rope {
                 }
             }
         }
+        let mut magnitude = 1.0;
+        if let Some(long) = &config.long_rope {
+            for (f, factor) in inv_freq.iter_mut().zip(&long.short_factor) {
+                *f /= factor;
+            }
+            magnitude = long.attention_factor;
+        }
+        if let Some(factor) = linear {
+            inv_freq.iter_mut().for_each(|f| *f /= factor);
+        }
         let mut cos = Vec::with_capacity(max_len * half);
         let mut sin = Vec::with_capacity(max_len * half);
         for pos in 0..max_len {
             for f in &inv_freq {
                 let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push((angle.cos() * magnitude) as f32);
+                sin.push((angle.sin() * magnitude) as f32);
             }
         }
         let shape = [max_len as i64, half as i64];
+        let head_dim = config.head_dim as i64;
+        let pass_through = if rotary < config.head_dim {
+            let keep: Vec<f32> = (0..head_dim).map(|i| if i < rotary as i64 { 0.0 } else { 1.0 }).collect();
+            Some(Tensor::f_from_slice(&keep)?.f_diag(0)?.f_to_device(device)?)
+        } else {
+            None
+        };
         Ok(Self {
             cos: Tensor::f_from_slice(&cos)?.f_reshape(shape)?.f_to_device(device)?,
             sin: Tensor::f_from_slice(&sin)?.f_reshape(shape)?.f_to_device(device)?,
+            head_dim,
+            pass_through,
         })
     }
 
     /// One rotation matrix per position (`[n, head_dim, head_dim]`), so that rotating a
     /// row vector `x` (half-split form) is `x @ R`: built once per forward pass, then each
     /// layer's rotary embedding is a single batched matmul instead of a dozen small ops.
+    /// Dimensions past the rotary ones pass through unchanged.
     fn rotations(&self, positions: &Tensor, kind: Kind) -> Result<Tensor> {
         let cos = self.cos.f_index_select(0, positions)?.f_diag_embed(0, -2, -1)?;
         let sin = self.sin.f_index_select(0, positions)?.f_diag_embed(0, -2, -1)?;
         let top = Tensor::f_cat(&[&cos, &sin], -1)?;
         let bottom = Tensor::f_cat(&[&sin.f_neg()?, &cos], -1)?;
-        Ok(Tensor::f_cat(&[top, bottom], -2)?.f_to_kind(kind)?)
+        let mut rotation = Tensor::f_cat(&[top, bottom], -2)?;
+        if let Some(identity) = &self.pass_through {
+            let rest = self.head_dim - rotation.size()[2];
+            rotation = rotation.f_constant_pad_nd([0, rest, 0, rest])?.f_add(identity)?;
+        }
+        Ok(rotation.f_to_kind(kind)?)
     }
 }
 
@@ -113,6 +148,14 @@ struct Block {
     gate_up: Linear,
     /// Down projection `[hidden, intermediate]`.
     down: Linear,
+    /// Q, K and V biases, fused like `qkv` (Qwen 2).
+    qkv_bias: Option<Tensor>,
+    /// Per-head RMSNorm gains of Q and K (`[head_dim]` each; Qwen 3, Gemma 3).
+    qk_norm: Option<(Tensor, Tensor)>,
+    /// Norms on the attention and MLP outputs (Gemma).
+    post_norms: Option<(Tensor, Tensor)>,
+    /// Attends to a sliding window, with the local rotary tables where there are some.
+    sliding: bool,
 }
 
 pub struct Llama {
@@ -125,6 +168,10 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Linear,
     rope: Rope,
+    /// The rotary tables of sliding layers, when their base differs (Gemma 3).
+    rope_local: Option<Rope>,
+    /// √hidden in the model's dtype (Gemma).
+    embed_scale: Option<Tensor>,
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -193,6 +240,24 @@ impl Llama {
             let v = get(&name("attn_v"), &[kv * hd, d])?;
             let gate = get(&name("ffn_gate"), &[f, d])?;
             let up = get(&name("ffn_up"), &[f, d])?;
+            let small = |leaf: &str, len: usize| -> Result<Tensor> { place(get(leaf, &[len])?, device, kind) };
+            let qkv_bias = if c.qkv_bias {
+                let bias = |leaf: &str, len: usize| get(&format!("blk.{i}.{leaf}.bias"), &[len]);
+                let parts = [bias("attn_q", h * hd)?, bias("attn_k", kv * hd)?, bias("attn_v", kv * hd)?];
+                Some(place(Tensor::f_cat(&parts, 0)?, device, kind)?)
+            } else {
+                None
+            };
+            let qk_norm = if c.qk_norm {
+                Some((small(&name("attn_q_norm"), hd)?, small(&name("attn_k_norm"), hd)?))
+            } else {
+                None
+            };
+            let post_norms = if c.sandwich_norms {
+                Some((small(&name("post_attention_norm"), d)?, small(&name("post_ffw_norm"), d)?))
+            } else {
+                None
+            };
             layers.push(Block {
                 attn_norm: place(get(&name("attn_norm"), &[d])?, device, kind)?,
                 qkv: linear(Tensor::f_cat(&[q, k, v], 0)?)?,
@@ -200,12 +265,25 @@ impl Llama {
                 ffn_norm: place(get(&name("ffn_norm"), &[d])?, device, kind)?,
                 gate_up: linear(Tensor::f_cat(&[gate, up], 0)?)?,
                 down: linear(get(&name("ffn_down"), &[d, f])?)?,
+                qkv_bias,
+                qk_norm,
+                post_norms,
+                sliding: c.is_sliding(i),
             });
             progress(i + 1, c.num_layers);
         }
         let norm = place(get("output_norm.weight", &[d])?, device, kind)?;
-        let rope = Rope::new(&c, c.max_position_embeddings.max(1), device)?;
-        Ok(Self { config: c, device, kind, quantization, embed, layers, norm, lm_head, rope })
+        let max_len = c.max_position_embeddings.max(1);
+        let rope = Rope::new(&c, c.rope_theta, c.rope_linear_factor, max_len, device)?;
+        let rope_local = match c.rope_local_theta {
+            Some(theta) => Some(Rope::new(&c, theta, None, max_len, device)?),
+            None => None,
+        };
+        let embed_scale = match c.embedding_scale {
+            Some(scale) => Some(Tensor::f_from_slice(&[scale as f32])?.f_to_kind(kind)?.f_to_device(device)?),
+            None => None,
+        };
+        Ok(Self { config: c, device, kind, quantization, embed, layers, norm, lm_head, rope, rope_local, embed_scale })
     }
 
     /// Bytes of weights read per decoded token (embedding rows excluded).
@@ -214,6 +292,11 @@ impl Llama {
         let mut n = self.norm.numel() * elt + self.lm_head.bytes();
         for b in &self.layers {
             n += (b.attn_norm.numel() + b.ffn_norm.numel()) * elt;
+            let extras = [b.qkv_bias.as_ref()]
+                .into_iter()
+                .chain(b.qk_norm.iter().flat_map(|(q, k)| [Some(q), Some(k)]))
+                .chain(b.post_norms.iter().flat_map(|(a, m)| [Some(a), Some(m)]));
+            n += extras.flatten().map(Tensor::numel).sum::<usize>() * elt;
             n += b.qkv.bytes() + b.o.bytes() + b.gate_up.bytes() + b.down.bytes();
         }
         n
@@ -282,15 +365,37 @@ impl Llama {
         let decode_pos = positions_t.f_narrow(0, 0, b)?;
         let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
         // Decode: sequence i sees keys 0..=pos_i. Prefill: row (group, t) sees 0..=start+t.
-        let decode_mask =
-            causal_mask(&decode_pos, longest, self.device)?.f_view([b, 1, 1, longest])?.f_to_kind(self.kind)?;
         let prefill_pos = positions_t.f_narrow(0, b, n)?;
-        let prefill_mask =
-            causal_mask(&prefill_pos, total, self.device)?.f_repeat([groups, 1])?.f_to_kind(self.kind)?;
+        let masks = |window: Option<usize>| -> Result<(Tensor, Tensor)> {
+            let decode = causal_mask(&decode_pos, longest, window, self.device)?
+                .f_view([b, 1, 1, longest])?
+                .f_to_kind(self.kind)?;
+            let prefill =
+                causal_mask(&prefill_pos, total, window, self.device)?.f_repeat([groups, 1])?.f_to_kind(self.kind)?;
+            Ok((decode, prefill))
+        };
+        let global_masks = masks(None)?;
+        let any_sliding = self.layers.iter().any(|l| l.sliding);
+        let sliding_masks = if any_sliding { Some(masks(self.config.sliding_window)?) } else { None };
         let rotations = self.rope.rotations(&positions_t, self.kind)?;
+        let local_rotations = match (&self.rope_local, any_sliding) {
+            (Some(rope), true) => Some(rope.rotations(&positions_t, self.kind)?),
+            _ => None,
+        };
         let mut x = self.embed.lookup(&self.ids(&ids)?)?;
+        if let Some(scale) = &self.embed_scale {
+            x = x.f_mul(scale)?;
+        }
         for (l, block) in self.layers.iter().enumerate() {
-            x = self.block_forward(block, &x, &rotations, |q, k, v| {
+            let (decode_mask, prefill_mask) = match (&sliding_masks, block.sliding) {
+                (Some(m), true) => m,
+                _ => &global_masks,
+            };
+            let rotations = match (&local_rotations, block.sliding) {
+                (Some(r), true) => r,
+                _ => &rotations,
+            };
+            x = self.block_forward(block, &x, rotations, |q, k, v| {
                 let (k_cache, v_cache) = cache.layer_mut(l);
                 let mut outputs = Vec::with_capacity(2);
                 if b > 0 {
@@ -301,7 +406,7 @@ impl Llama {
                     let values = v_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
                     let (kv, hd) = (keys.size()[1], keys.size()[3]);
                     let q = q.f_narrow(0, 0, b)?.f_view([b, kv, groups, hd])?;
-                    let out = attention(&q, &keys, &values, &decode_mask)?; // [b, kv, groups, hd]
+                    let out = self.attention(&q, &keys, &values, decode_mask)?; // [b, kv, groups, hd]
                     outputs.push(out.f_reshape([b, kv * groups * hd])?);
                 }
                 if let Some(chunk) = &prefill {
@@ -315,7 +420,7 @@ impl Llama {
                     let (kv, hd) = (keys.size()[0], keys.size()[2]);
                     // q: [n, heads, hd] -> [kv_heads, groups * n, hd]
                     let q = q.f_narrow(0, b, n)?.f_transpose(0, 1)?.f_contiguous()?.f_view([kv, groups * n, hd])?;
-                    let out = attention(&q, &keys, &values, &prefill_mask)?; // [kv, groups * n, hd]
+                    let out = self.attention(&q, &keys, &values, prefill_mask)?; // [kv, groups * n, hd]
                     let out = out.f_view([kv * groups, n, hd])?.f_transpose(0, 1)?;
                     outputs.push(out.f_reshape([n, kv * groups * hd])?);
                 }
@@ -362,7 +467,25 @@ impl Llama {
         if rows.size()[0] == 0 {
             return Ok(Tensor::f_zeros([0, self.config.vocab_size as i64], (Kind::Float, self.device))?);
         }
-        Ok(self.lm_head.forward(rows)?.f_to_kind(Kind::Float)?)
+        let logits = self.lm_head.forward(rows)?.f_to_kind(Kind::Float)?;
+        match self.config.final_softcap {
+            Some(cap) => Ok(logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?),
+            None => Ok(logits),
+        }
+    }
+
+    /// Scaled dot-product attention with an additive mask: libtorch's fused kernel, or the
+    /// written-out form when scores are soft-capped (Gemma 2), which the kernel cannot do.
+    fn attention(&self, q: &Tensor, keys: &Tensor, values: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let scale = c.query_scale.unwrap_or(1.0 / (c.head_dim as f64).sqrt());
+        let Some(cap) = c.attn_softcap else {
+            let scale = c.query_scale.map(|_| scale);
+            return Ok(Tensor::f_scaled_dot_product_attention(q, keys, values, Some(mask), 0.0, false, scale, false)?);
+        };
+        let scores = q.f_matmul(&keys.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+        let scores = scores.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?.f_add(mask)?;
+        Ok(scores.f_softmax(-1, Kind::Float)?.f_to_kind(values.kind())?.f_matmul(values)?)
     }
 
     /// One transformer block over `x` (`[n, hidden]`); `attend` stores K/V in the cache and
@@ -379,30 +502,55 @@ impl Llama {
         let n = x.size()[0];
         let normed = rms_norm(x, &block.attn_norm, c.rms_norm_eps)?;
         let qkv = block.qkv.forward(&normed)?;
+        let qkv = match &block.qkv_bias {
+            Some(bias) => qkv.f_add(bias)?,
+            None => qkv,
+        };
         let qk = qkv.f_narrow(1, 0, (h + kv) * hd)?.f_view([n, h + kv, hd])?;
+        let qk = match &block.qk_norm {
+            Some((q_gain, k_gain)) => Tensor::f_cat(
+                &[
+                    rms_norm(&qk.f_narrow(1, 0, h)?, q_gain, c.rms_norm_eps)?,
+                    rms_norm(&qk.f_narrow(1, h, kv)?, k_gain, c.rms_norm_eps)?,
+                ],
+                1,
+            )?,
+            None => qk,
+        };
         let qk = qk.f_matmul(rotations)?;
         let q = qk.f_narrow(1, 0, h)?;
         let k = qk.f_narrow(1, h, kv)?;
         let v = qkv.f_narrow(1, (h + kv) * hd, kv * hd)?.f_view([n, kv, hd])?;
         let attn = attend(&q, &k, &v)?;
-        let x = block.o.forward_add(x, &attn)?;
+        let x = match &block.post_norms {
+            Some((after_attn, _)) => x.f_add(&rms_norm(&block.o.forward(&attn)?, after_attn, c.rms_norm_eps)?)?,
+            None => block.o.forward_add(x, &attn)?,
+        };
         let normed = rms_norm(&x, &block.ffn_norm, c.rms_norm_eps)?;
         let gate_up = block.gate_up.forward(&normed)?;
         let f = c.intermediate_size as i64;
-        let act = gate_up.f_narrow(1, 0, f)?.f_silu()?.f_mul(&gate_up.f_narrow(1, f, f)?)?;
-        block.down.forward_add(&x, &act)
+        let gate = gate_up.f_narrow(1, 0, f)?;
+        let gate = match c.activation {
+            Activation::Silu => gate.f_silu()?,
+            Activation::GeluTanh => gate.f_gelu("tanh")?,
+        };
+        let act = gate.f_mul(&gate_up.f_narrow(1, f, f)?)?;
+        match &block.post_norms {
+            Some((_, after_mlp)) => Ok(x.f_add(&rms_norm(&block.down.forward(&act)?, after_mlp, c.rms_norm_eps)?)?),
+            None => block.down.forward_add(&x, &act),
+        }
     }
 }
 
-/// Additive mask `[rows, keys]`: row r may see keys `0..=positions[r]`.
-fn causal_mask(positions: &Tensor, keys: i64, device: Device) -> Result<Tensor> {
+/// Additive mask `[rows, keys]`: row r may see keys `0..=positions[r]`, and with a
+/// sliding `window` only the last `window` of them.
+fn causal_mask(positions: &Tensor, keys: i64, window: Option<usize>, device: Device) -> Result<Tensor> {
     let rows = positions.size()[0];
     let key_pos = Tensor::f_arange(keys, (Kind::Int64, device))?.f_unsqueeze(0)?;
-    Ok(Tensor::f_zeros([rows, keys], (Kind::Float, device))?
-        .f_masked_fill(&key_pos.f_gt_tensor(&positions.f_unsqueeze(1)?)?, f64::NEG_INFINITY)?)
-}
-
-/// Scaled dot-product attention with an additive mask (libtorch's fused kernel).
-fn attention(q: &Tensor, keys: &Tensor, values: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::f_scaled_dot_product_attention(q, keys, values, Some(mask), 0.0, false, None, false)?)
+    let query_pos = positions.f_unsqueeze(1)?;
+    let mut hidden = key_pos.f_gt_tensor(&query_pos)?;
+    if let Some(window) = window {
+        hidden = hidden.f_logical_or(&key_pos.f_le_tensor(&query_pos.f_sub_scalar(window as i64)?)?)?;
+    }
+    Ok(Tensor::f_zeros([rows, keys], (Kind::Float, device))?.f_masked_fill(&hidden, f64::NEG_INFINITY)?)
 }

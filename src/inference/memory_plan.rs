@@ -153,6 +153,7 @@ mod tests {
             rope_scaling: None,
             max_position_embeddings: 131_072,
             tie_word_embeddings: false,
+            ..LlamaConfig::default()
         }
     }
 

@@ -104,6 +104,14 @@ fn permutation(n: usize) -> Vec<i64> {
 /// The protected weights (GGUF names, f32, the model's own half-split layout).
 pub fn protect_weights(source: &WeightSource) -> Result<(LlamaConfig, BTreeMap<String, Tensor>)> {
     let mut c = source.config()?;
+    if c.sandwich_norms {
+        return Err(InferError::InvalidRequest(format!(
+            "model protection cannot rotate a {} model: its norms on the attention and MLP outputs scale each \
+             channel of the residual stream after normalizing, which does not commute with a rotation. \
+             Serve it unprotected (Qwen, Phi and Llama models can be protected)",
+            c.family
+        )));
+    }
     let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
     let (h, kv) = (c.num_heads, c.num_kv_heads);
     let groups = h / kv;
@@ -142,6 +150,22 @@ pub fn protect_weights(source: &WeightSource) -> Result<(LlamaConfig, BTreeMap<S
         put(name("attn_q"), reads(get(&name("attn_q"), &[h * hd, d])?, &attn_g, &q_rows)?)?;
         put(name("attn_k"), reads(get(&name("attn_k"), &[kv * hd, d])?, &attn_g, &kv_rows)?)?;
         put(name("attn_v"), reads(get(&name("attn_v"), &[kv * hd, d])?, &attn_g, &kv_rows)?)?;
+        if c.qkv_bias {
+            // Biases sit on the heads' side: they move with their rows, unrotated.
+            for (leaf, rows, len) in
+                [("attn_q", &q_rows, h * hd), ("attn_k", &kv_rows, kv * hd), ("attn_v", &kv_rows, kv * hd)]
+            {
+                let bias_name = format!("blk.{i}.{leaf}.bias");
+                let bias = source.tensor(&bias_name, &[len], &c)?.f_index_select(0, rows)?;
+                put(bias_name, bias)?;
+            }
+        }
+        if c.qk_norm {
+            // One gain per head dimension, shared by every head: permuting heads keeps it.
+            for leaf in ["attn_q_norm", "attn_k_norm"] {
+                put(name(leaf), source.tensor(&name(leaf), &[hd], &c)?)?;
+            }
+        }
         let o = get(&name("attn_output"), &[d, h * hd])?.f_index_select(1, &q_rows)?;
         put(name("attn_output"), qt.f_matmul(&o)?)?;
         let ffn_perm = Tensor::f_from_slice(&permutation(f))?;
@@ -239,7 +263,7 @@ fn copy_tokenizer(source: &WeightSource, out: &Path) -> Result<Vec<String>> {
             write_metadata_only(&out.join("tokenizer.gguf"), &meta)?;
             Ok(vec!["tokenizer.gguf".into()])
         }
-        WeightSource::Safetensors(s) => {
+        WeightSource::Safetensors(s, _) => {
             let mut files = Vec::new();
             for f in ["tokenizer.json", "tokenizer_config.json"] {
                 if s.dir.join(f).exists() {

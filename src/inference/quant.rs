@@ -1,5 +1,5 @@
 //! GGML tensor types and their block formats: dequantization of F32, F16, BF16, Q8_0,
-//! Q4_0, Q4_1, Q4_K, Q5_K and Q6_K into `f32`, and quantizers for the simple block types
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K into `f32`, and quantizers for the simple block types
 //! (used to write test models and to measure quantization error).
 //!
 //! Block layouts follow ggml's `ggml-common.h`; `tests/fixtures/smollm2/dequant.json`
@@ -20,6 +20,8 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q5K,
@@ -34,6 +36,8 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
             12 => Self::Q4K,
             13 => Self::Q5K,
@@ -49,6 +53,8 @@ impl GgmlType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
             Self::Q8_0 => 8,
             Self::Q4K => 12,
             Self::Q5K => 13,
@@ -64,6 +70,8 @@ impl GgmlType {
             Self::F16 | Self::BF16 => (1, 2),
             Self::Q4_0 => (QK, 18),
             Self::Q4_1 => (QK, 20),
+            Self::Q5_0 => (QK, 22),
+            Self::Q5_1 => (QK, 24),
             Self::Q8_0 => (QK, 34),
             Self::Q4K => (QK_K, 144),
             Self::Q5K => (QK_K, 176),
@@ -91,6 +99,8 @@ impl GgmlType {
             Self::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             Self::Q4_0 => blocks.for_each(|(b, y)| dequant_q4_0(b, y)),
             Self::Q4_1 => blocks.for_each(|(b, y)| dequant_q4_1(b, y)),
+            Self::Q5_0 => blocks.for_each(|(b, y)| dequant_q5(b, y, None)),
+            Self::Q5_1 => blocks.for_each(|(b, y)| dequant_q5(b, y, Some(half_at(b, 2)))),
             Self::Q8_0 => blocks.for_each(|(b, y)| dequant_q8_0(b, y)),
             Self::Q4K => blocks.for_each(|(b, y)| dequant_q4_k(b, y)),
             Self::Q5K => blocks.for_each(|(b, y)| dequant_q5_k(b, y)),
@@ -115,7 +125,9 @@ impl GgmlType {
                 Self::Q8_0 => quant_q8_0(x, &mut out),
                 Self::Q4_0 => quant_q4_0(x, &mut out),
                 Self::Q4_1 => quant_q4_1(x, &mut out),
-                Self::Q4K | Self::Q5K | Self::Q6K => return Err(format!("no quantizer for {self:?}")),
+                Self::Q5_0 | Self::Q5_1 | Self::Q4K | Self::Q5K | Self::Q6K => {
+                    return Err(format!("no quantizer for {self:?}"))
+                }
             }
         }
         Ok(out)
@@ -139,6 +151,25 @@ fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
     for (j, &q) in b[4..20].iter().enumerate() {
         y[j] = (q & 0x0f) as f32 * d + m;
         y[j + 16] = (q >> 4) as f32 * d + m;
+    }
+}
+
+/// Q5_0 (`min` = None: d f16 | qh u32 | 16 B of nibbles, x = d·(q − 16)) and Q5_1
+/// (`min` = m: d f16 | m f16 | qh u32 | nibbles, x = d·q + m). Bit j of qh is the fifth
+/// bit of value j; nibble order as Q4_0.
+fn dequant_q5(b: &[u8], y: &mut [f32], min: Option<f32>) {
+    let d = half_at(b, 0);
+    let at = if min.is_some() { 4 } else { 2 };
+    let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let (offset, add) = match min {
+        Some(m) => (0, m),
+        None => (16, 0.0),
+    };
+    for (j, &q) in b[at + 4..at + 20].iter().enumerate() {
+        let low = ((q & 0x0f) as u32 | (((qh >> j) & 1) << 4)) as i32 - offset;
+        let high = ((q >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4)) as i32 - offset;
+        y[j] = low as f32 * d + add;
+        y[j + 16] = high as f32 * d + add;
     }
 }
 
@@ -258,6 +289,22 @@ fn quant_q4_1(x: &[f32], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q5_0 and Q5_1 blocks (random bytes, sane scales) against gguf-py's dequantizer
+    /// (`tests/fixtures/families/dequant_q5.json`): Gemma 3 270M's GGUF uses Q5_0.
+    #[test]
+    fn q5_blocks_match_gguf_py() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/families/dequant_q5.json")).unwrap();
+        for (name, kind) in [("Q5_0", GgmlType::Q5_0), ("Q5_1", GgmlType::Q5_1)] {
+            let bytes: Vec<u8> =
+                fixture[name]["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+            let expected: Vec<f32> =
+                fixture[name]["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            assert_eq!(kind.dequantize(&bytes, expected.len()).unwrap(), expected, "{name}");
+            assert_eq!(GgmlType::from_id(kind.id()), Some(kind));
+        }
+    }
 
     #[test]
     fn simple_quantizers_round_trip_within_one_step() {

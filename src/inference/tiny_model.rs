@@ -276,7 +276,7 @@ pub fn write_safetensors_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
         let start = data.len();
         values.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes()));
         let entry = serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]});
-        header.insert(super::weights::hf_name(&name), entry);
+        header.insert(super::weights::hf_name(&name, super::config::Family::Llama), entry);
     }
     let header = serde_json::to_vec(&header).expect("JSON values serialize");
     let mut file = Vec::with_capacity(8 + header.len() + data.len());

@@ -2,8 +2,10 @@
 //!
 //! - byte-level BPE (`gpt2` in GGUF; SmolLM2, Llama 3): bytes mapped to printable
 //!   characters, a pre-tokenizer regex chosen by `tokenizer.ggml.pre`, merges by rank;
-//! - SentencePiece-style BPE (`llama` in GGUF; Llama 2, TinyLlama, Mistral): spaces as `▁`,
-//!   merges by score (GGUF) or rank (tokenizer.json), byte fallback to `<0xXX>` tokens.
+//!   Qwen 2/3 and Phi-4-mini are of this kind, with their own regexes;
+//! - SentencePiece-style BPE (`llama` in GGUF; Llama 2, TinyLlama, Mistral, Phi-3, Gemma):
+//!   spaces as `▁`, merges by score (GGUF) or rank (tokenizer.json), byte fallback to
+//!   `<0xXX>` tokens; Gemma adds no space in front of the text.
 //!
 //! Special tokens (control and user-defined) are matched literally before anything else,
 //! so rendered chat templates tokenize as the model was trained. [`StreamDecoder`] turns
@@ -22,6 +24,9 @@ use super::grammar::GrammarCompiler;
 
 /// GPT-2's pre-tokenizer pattern.
 pub const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// Qwen 2/2.5/3's pre-tokenizer pattern: Llama 3's with one digit per pre-token.
+pub const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3's pre-tokenizer pattern.
 pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -98,9 +103,10 @@ fn pattern_for_pre(pre: &str) -> Result<(&'static str, bool)> {
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => (GPT2_PATTERN, true),
         "gpt-2" | "gpt2" | "default" | "olmo" | "jais" | "poro-chat" => (GPT2_PATTERN, false),
         "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "pixtral" | "tekken" => (LLAMA3_PATTERN, false),
+        "qwen2" | "deepseek-r1-qwen" => (QWEN2_PATTERN, false),
         other => {
             return Err(InferError::Tokenizer(format!(
-                "unknown pre-tokenizer `{other}` (supported: smollm, gpt-2, llama3 and their aliases)"
+                "unknown pre-tokenizer `{other}` (supported: smollm, gpt-2, llama3, qwen2 and their aliases)"
             )))
         }
     })
@@ -289,7 +295,14 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, t)| {
                 if special_set.contains(&(i as u32)) {
-                    return t.as_bytes().to_vec();
+                    // SentencePiece's decoder turns `▁` into a space in added tokens too
+                    // (Gemma's runs of spaces); control tokens stay as written.
+                    return match style {
+                        Style::SentencePiece { .. } if !control.contains(&(i as u32)) => {
+                            t.replace(SPM_SPACE, " ").into_bytes()
+                        }
+                        _ => t.as_bytes().to_vec(),
+                    };
                 }
                 match style {
                     Style::ByteLevel => t.chars().map(|c| char_to_byte.get(&c).copied().unwrap_or(b'?')).collect(),
@@ -342,7 +355,8 @@ impl Tokenizer {
 
     fn find_stop_tokens(&mut self, eot: Option<u32>) {
         let mut stops: Vec<u32> = self.eos.into_iter().chain(eot).collect();
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>"] {
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>", "<end_of_turn>"]
+        {
             if let Some(&id) = self.vocab.get(name) {
                 if self.control.contains(&id) || Some(id) == self.eos {
                     stops.push(id);

@@ -8,6 +8,8 @@ mod dashboard;
 mod database;
 mod distill;
 mod economics;
+mod families;
+mod family_tokenizers;
 mod faults;
 mod federation;
 mod guides;

@@ -94,3 +94,64 @@ fn a_node_measures_once_remembers_and_reports_what_it_chose() {
         status == 200 && data["nodes"][0]["tuning"].as_str() == Some(reason.as_str())
     });
 }
+
+/// `ludus demo` (what `make demo` runs) on a machine that has tuned nothing yet: its node
+/// measures at start-up and the demo serves. The measurement once ran on the server's
+/// runtime thread and panicked there ("Cannot block the current thread from within a
+/// runtime"), so a fresh machine's first demo died before it served.
+#[test]
+fn the_demo_starts_and_serves_on_a_machine_that_has_not_tuned_yet() {
+    use std::io::BufRead;
+    let Some(path) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let tune_dir = dir.path().join("tune");
+    let log = std::fs::File::create(dir.path().join("demo.log")).unwrap();
+    let mut child = ludus()
+        .current_dir(dir.path())
+        .env("LUDUS__ENGINE__TUNE", "true")
+        .env("LUDUS__ENGINE__TUNE_DIR", &tune_dir)
+        .env("LUDUS__SERVER__BIND", "127.0.0.1:0")
+        .args(["demo", "--nodes", "1", "--model", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while !lines.iter().any(|l: &String| l.starts_with("API key")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default();
+                panic!("the demo did not start:\n{}\n{log}", lines.join("\n"));
+            }
+        }
+    }
+    let addr = lines[0].split("http://").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    let key = lines[1].rsplit(' ').next().unwrap().to_string();
+    let body = format!(
+        r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Greet the traveller."}}], "max_tokens": 4}}"#
+    );
+    // The node joins once its model is loaded and tuned.
+    wait_for("the demo's node", Duration::from_secs(120), || {
+        let models = super::cluster::raw(&addr, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        models.body.contains(MODEL)
+    });
+    let response = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+    // The tuning was measured and stored before the node joined.
+    let stored = std::fs::read_dir(&tune_dir).map(|d| d.count()).unwrap_or(0);
+    // Ctrl-C: the demo stops its Postgres and anvil too.
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = child.wait();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(stored > 0, "no tuning stored in {}", tune_dir.display());
+}
