@@ -59,6 +59,14 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
     let device = args.device.resolve()?;
     let teacher = Model::load(&args.teacher, device, Some(tch::Kind::Float))?;
     let student_config = LlamaConfig::from_hf_json(&args.student_config)?;
+    if student_config.family != crate::inference::config::Family::Llama {
+        anyhow::bail!(
+            "{}: the student is a {} model; students are built and saved as Llama-architecture \
+             models (model_type `llama`). A teacher of any family works: the student takes its tokenizer",
+            args.student_config.display(),
+            student_config.family
+        );
+    }
     let text = std::fs::read_to_string(&args.prompts)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.prompts.display()))?;
     let mut prompts = Vec::new();

@@ -94,3 +94,37 @@ fn a_student_with_another_vocabulary_is_refused_clearly() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("vocab_size (1000) must equal the teacher's"), "{err}");
 }
+
+/// Across families: a Llama-architecture student learns Gemma 3 270M (its 262k-token
+/// SentencePiece vocabulary and chat template come along); a student config of another
+/// family is refused with the reason.
+#[test]
+fn a_llama_student_learns_a_gemma_teacher_and_other_student_families_are_refused() {
+    let teacher = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
+    if !super::helpers::required_tool("Gemma 3 270M (scripts/setup --test)", teacher.is_file()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (prompts, config, out) = (prompts(dir.path()), student_config(dir.path(), 262_144), dir.path().join("run"));
+    let run = distill(&teacher, &config, &prompts, &out, 40);
+    assert_success(&run, "distill from Gemma 3");
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let before = report["before"]["kl_to_teacher"].as_f64().unwrap();
+    let after = report["after"]["kl_to_teacher"].as_f64().unwrap();
+    eprintln!("Gemma 3 270M -> Llama student, held-out KL {before:.3} -> {after:.3}");
+    assert!(after < before * 0.9, "held-out KL to the teacher went from {before} to {after}");
+    let student = Model::load(&out.join("student.gguf"), tch::Device::Cpu, None).unwrap();
+    assert_eq!(student.llama.config.family, ludus::inference::config::Family::Llama);
+    let gemma_text = ludus::inference::model_text::ModelText::load(&teacher).unwrap();
+    let text = "The blacksmith's forge";
+    assert_eq!(student.tokenizer.encode(text, true).unwrap(), gemma_text.tokenizer.encode(text, true).unwrap());
+
+    let qwen = dir.path().join("qwen-student.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["model_type"] = "qwen2".into();
+    std::fs::write(&qwen, json.to_string()).unwrap();
+    let refused = distill(&teacher, &qwen, &prompts, &dir.path().join("run2"), 5);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("the student is a qwen2 model") && err.contains("model_type `llama`"), "{err}");
+}

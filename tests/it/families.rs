@@ -223,11 +223,7 @@ fn protection_keeps_qwen_and_phi_outputs_and_refuses_gemma_clearly() {
         match protect_weights(&source) {
             Ok((config, tensors)) => {
                 assert!(matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Phi3), "{name} was protected");
-                let memory = WeightSource::Memory {
-                    path: dir(name),
-                    config,
-                    tensors: tensors.into_iter().collect(),
-                };
+                let memory = WeightSource::Memory { path: dir(name), config, tensors: tensors.into_iter().collect() };
                 let protected = Llama::load(&memory, Device::Cpu, Kind::Float).unwrap();
                 let r = reference(name);
                 let mut kv = cache(&protected, 1);
@@ -327,5 +323,38 @@ fn gemma3_270m_quantized_keeps_its_answers() {
             );
             assert_eq!(argmax(&logits), argmax(expected), "{quantization}: {prompt:?}: first token");
         }
+    }
+}
+
+/// `ludus model inspect` names each family and the switches it set.
+#[test]
+fn model_inspect_names_the_family_and_its_switches() {
+    let expect: &[(&str, &[&str])] = &[
+        ("qwen2", &["qkv_bias"]),
+        ("qwen3", &["qk_norm"]),
+        (
+            "gemma2",
+            &["sandwich_norms", "embedding_scale", "gelu_tanh", "attn_softcap", "final_softcap", "sliding_window"],
+        ),
+        ("gemma3", &["qk_norm", "sandwich_norms", "sliding_window", "local_rope_base", "linear_rope"]),
+        ("phi3", &["partial_rotary", "longrope"]),
+    ];
+    for &(name, switches) in expect {
+        let out = crate::cluster::ludus().args(["model", "inspect"]).arg(dir(name)).output().unwrap();
+        crate::helpers::assert_success(&out, "ludus model inspect");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["architecture"], name);
+        let set: Vec<&str> =
+            report["family_switches"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        for s in switches {
+            assert!(set.contains(s), "{name}: {s} not in {set:?}");
+        }
+        let stored: usize = ludus::inference::safetensors::SafetensorsDir::open(dir(name))
+            .unwrap()
+            .tensors
+            .values()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(report["parameters"], stored, "{name}: parameters");
     }
 }

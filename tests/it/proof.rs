@@ -411,106 +411,143 @@ fn honest_runs_pass_and_cheaters_fail() {
     // LUDUS_PROOF_CASES=a|b runs only the cases whose name contains one of those.
     let only = std::env::var("LUDUS_PROOF_CASES").unwrap_or_default();
     for case in cases.iter().filter(|c| only.split('|').any(|o| c.name.contains(o))) {
-        let engine = Engine::start(
-            (case.model)(),
-            EngineConfig {
-                max_batch: case.batch,
-                max_context: 512,
-                prefill_chunk: 256,
-                threads: case.threads,
-                single_sequence_threads: 0,
-                prefix_cache_bytes: 0,
-                speculative: ludus::inference::Speculation::OFF,
-            },
-        )
-        .unwrap();
-        let (mut accepted, mut worst_err, mut worst_overlap, mut mismatches, mut ties, mut gap) =
-            (0, 0f32, 1f32, 0, 0, 0f32);
-        let (mut gen_s, mut verify_s) = (0f64, 0f64);
-        for start in (0..n).step_by(case.batch) {
-            let jobs: Vec<(usize, Vec<u32>, SamplingParams)> = (start..(start + case.batch).min(n))
-                .map(|i| {
-                    let (mut prompt, mut params) = task(&reference, i);
-                    if matches!(case.cheat, Cheat::Constrained | Cheat::IgnoreGrammar) {
-                        params.grammar = Some(npc_grammar());
-                    }
-                    if case.cheat == Cheat::EditPrompt {
-                        // The node runs the prompt with one token of the user's message
-                        // changed (same length, so only the states can tell).
-                        let at = prompt.len() - 12 - i % 4;
-                        prompt[at] = (prompt[at] + 7919 * (1 + i as u32)) % 49_152;
-                    }
-                    (i, prompt, params)
-                })
-                .collect();
-            let t = Instant::now();
-            let results = if case.cheat == Cheat::IgnoreGrammar {
-                let free: Vec<_> = jobs
-                    .iter()
-                    .map(|(i, prompt, params)| (*i, prompt.clone(), SamplingParams { grammar: None, ..params.clone() }))
-                    .collect();
-                generate(&engine, &node, &free)
-            } else {
-                generate(&engine, &node, &jobs)
-            };
-            gen_s += t.elapsed().as_secs_f64();
-            for ((i, _, params), (mut completion, mut proof)) in jobs.iter().zip(results) {
-                let (true_prompt, _) = task(&reference, *i);
-                match case.cheat {
-                    Cheat::EditToken => {
-                        let at = (i * 7) % completion.len();
-                        completion[at] = (completion[at] + 1 + (*i as u32 * 131) % 1000) % 49_152;
-                        // A consistent lie: the proof is re-signed over the edited output.
-                        proof.output_hash = hex::encode(ludus::protocol::receipt::output_hash(&completion));
-                        proof.signature = hex::encode(node.sign(&proof.digest()));
-                    }
-                    Cheat::Replay => {
-                        // Commitments of another task, relabelled for this one.
-                        let other =
-                            &generate(&engine, &node, &[(i + 1000, task(&reference, i + 1000).0, params.clone())])[0].1;
-                        proof.prompt = other.prompt.clone();
-                        proof.chunks = other.chunks.clone();
-                        proof.signature = hex::encode(node.sign(&proof.digest()));
-                    }
-                    Cheat::ClaimInt8 | Cheat::ClaimInt4 => {
-                        let claim = if case.cheat == Cheat::ClaimInt8 { "int8" } else { "int4" };
-                        proof.quantization = claim.into();
-                        proof.signature = hex::encode(node.sign(&proof.digest()));
-                    }
-                    _ => {}
-                }
-                let t = Instant::now();
-                // As the server checks: the declared format's reference, then the claim itself.
-                let checked =
-                    verify_claimed(&reference_for, &proof, &true_prompt, 0, &completion, params, &tol).unwrap();
-                let verdict = ludus::proof::Verdict { accepted: checked.accepted(), ..checked.verdict };
-                verify_s += t.elapsed().as_secs_f64();
-                accepted += verdict.accepted as usize;
-                worst_err = worst_err.max(verdict.worst_value_error);
-                worst_overlap = worst_overlap.min(verdict.worst_index_overlap);
-                mismatches += verdict.token_mismatches;
-                ties += verdict.near_ties;
-                gap = gap.max(verdict.worst_tie_margin);
-                if case.honest == Some(true) && !verdict.accepted {
-                    failures.push(format!("{} task {i}: {:?}", case.name, verdict));
-                }
-            }
-        }
-        engine.shutdown();
-        // Acceptance: no honest task rejected; at least 99 % of each cheat's tasks rejected
-        // (so every one of them at CI's small counts).
-        if case.honest == Some(false) && ((n - accepted) as f64 / n as f64) < 0.99 {
-            failures.push(format!("{}: only {} of {n} rejected", case.name, n - accepted));
-        }
-        table.push_str(&format!(
-            "| {} | {n} | {accepted} | {worst_err:.4} | {worst_overlap:.3} | {mismatches} | {ties} | {gap:.2} | {gen_s:.1} | {verify_s:.1} |\n",
-            case.name
-        ));
-        eprintln!("{}", table.lines().last().unwrap());
+        let (row, mut wrong) = run_case(case, &reference, &reference_for, &tol, &node, n);
+        table.push_str(&row);
+        failures.append(&mut wrong);
     }
     eprintln!("\n{table}");
     if let Ok(out) = std::env::var("LUDUS_PROOF_TABLE") {
         std::fs::write(out, &table).unwrap();
+    }
+    assert!(failures.is_empty(), "{} wrong verdicts:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The verifier's references for nodes serving f32 or int4.
+struct F32AndInt4 {
+    f32: Model,
+    int4: Model,
+}
+
+impl F32AndInt4 {
+    fn load(path: &std::path::Path) -> Self {
+        Self {
+            f32: Model::load(path, Device::Cpu, Some(Kind::Float)).unwrap(),
+            int4: Model::load_quantized(path, Device::Cpu, None, Quantization::Int4, None).unwrap(),
+        }
+    }
+
+    fn get(&self, quantization: Quantization) -> Option<&Model> {
+        match quantization {
+            Quantization::None => Some(&self.f32),
+            Quantization::Int4 => Some(&self.int4),
+            _ => None,
+        }
+    }
+}
+
+/// The calibration for each family besides Llama, on the tiny Qwen 2/3, Gemma 2/3 and
+/// Phi-3 models of `tests/fixtures/families` (random weights, built in transformers):
+/// honest f32 and int4 nodes pass; another family's model of the same width, an edited
+/// output token and an edited prompt fail.
+#[test]
+fn every_family_passes_honest_proofs_and_fails_cheats() {
+    let families = ["qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
+    let dir = |f: &str| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families").join(f);
+    let tol = Tolerances::default();
+    let node = Identity::generate();
+    let n = tasks_per_case();
+    let mut table = String::from(
+        "| family: case | tasks | accepted | worst value error | worst top-k overlap | token mismatches | near-ties | worst tie gap | gen s | verify s |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut failures = Vec::new();
+    for (i, family) in families.iter().enumerate() {
+        let path = dir(family);
+        let impostor = dir(families[(i + 1) % families.len()]);
+        let references = F32AndInt4::load(&path);
+        let (reference, reference_for) = (&references.f32, |q| references.get(q));
+        let f32_of = |p: std::path::PathBuf| {
+            Box::new(move || Model::load(&p, Device::Cpu, Some(Kind::Float)).unwrap()) as Box<dyn Fn() -> Model>
+        };
+        let p = path.clone();
+        let int4_model =
+            Box::new(move || Model::load_quantized(&p, Device::Cpu, None, Quantization::Int4, None).unwrap());
+        let case = |name, honest, cheat, model| Case { name, honest: Some(honest), batch: 4, threads: 2, cheat, model };
+        let cases = vec![
+            case("honest f32, batch 4", true, Cheat::None, f32_of(path.clone())),
+            case("honest int4, batch 4", true, Cheat::None, int4_model),
+            case("another family's model, same width", false, Cheat::None, f32_of(impostor)),
+            case("one output token edited", false, Cheat::EditToken, f32_of(path.clone())),
+            case("prompt edited (one token of the request)", false, Cheat::EditPrompt, f32_of(path.clone())),
+        ];
+        for case in &cases {
+            let (row, mut wrong) = run_case(case, reference, &reference_for, &tol, &node, n);
+            table.push_str(&row.replacen("| ", &format!("| {family}: "), 1));
+            failures.extend(wrong.drain(..).map(|w| format!("{family}: {w}")));
+        }
+    }
+    eprintln!("\n{table}");
+    assert!(failures.is_empty(), "{} wrong verdicts:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The calibration on a real model of another family: Gemma 3 270M (Q4_K_M GGUF from
+/// PyPI, de-quantized at load). Honest f32 and int4 (the default) nodes pass; a skipped
+/// layer and an edited prompt fail.
+#[test]
+fn gemma3_270m_passes_honest_proofs_and_fails_cheats() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
+    if !super::helpers::required_tool("Gemma 3 270M (scripts/setup --test)", path.is_file()) {
+        return;
+    }
+    let references = F32AndInt4::load(&path);
+    let (reference, reference_for) = (&references.f32, |q| references.get(q));
+    let (p, q) = (path.clone(), path.clone());
+    let cases = vec![
+        Case {
+            name: "gemma3 270m: honest f32, batch 4",
+            honest: Some(true),
+            batch: 4,
+            threads: 2,
+            cheat: Cheat::None,
+            model: Box::new(move || Model::load(&p, Device::Cpu, Some(Kind::Float)).unwrap()),
+        },
+        Case {
+            name: "gemma3 270m: honest int4, batch 4",
+            honest: Some(true),
+            batch: 4,
+            threads: 2,
+            cheat: Cheat::None,
+            model: Box::new(move || Model::load_quantized(&q, Device::Cpu, None, Quantization::Int4, None).unwrap()),
+        },
+        Case {
+            name: "gemma3 270m: one layer skipped (layer 15)",
+            honest: Some(false),
+            batch: 4,
+            threads: 2,
+            cheat: Cheat::None,
+            model: Box::new({
+                let p = path.clone();
+                move || layer_skipped(&p)
+            }),
+        },
+        Case {
+            name: "gemma3 270m: prompt edited (one token of the request)",
+            honest: Some(false),
+            batch: 4,
+            threads: 2,
+            cheat: Cheat::EditPrompt,
+            model: Box::new({
+                let p = path.clone();
+                move || Model::load(&p, Device::Cpu, Some(Kind::Float)).unwrap()
+            }),
+        },
+    ];
+    // 4 tasks per case in CI (a 270M model with a 262k vocabulary); LUDUS_PROOF_TASKS sets more.
+    let n = std::env::var("LUDUS_PROOF_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let (tol, node) = (Tolerances::default(), Identity::generate());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let (_, mut wrong) = run_case(case, reference, &reference_for, &tol, &node, n);
+        failures.append(&mut wrong);
     }
     assert!(failures.is_empty(), "{} wrong verdicts:\n{}", failures.len(), failures.join("\n"));
 }
@@ -619,4 +656,115 @@ fn the_verifier_holds_the_reference_in_the_same_protected_form() {
     assert!(against_bundle.accepted, "{against_bundle:?}");
     let against_public = verify(&public, &proof, &prompt, &completion, &SamplingParams::greedy(), &tol).unwrap();
     assert!(!against_public.accepted && against_public.worst_value_error > 0.5, "{against_public:?}");
+}
+
+/// Runs `n` tasks of `case` and checks each proof as the server does; returns the
+/// calibration table's row and the wrong verdicts (an honest task rejected, a cheat
+/// accepted in more than 1 % of its tasks).
+fn run_case<'m>(
+    case: &Case,
+    reference: &Model,
+    reference_for: &dyn Fn(Quantization) -> Option<&'m Model>,
+    tol: &Tolerances,
+    node: &Identity,
+    n: usize,
+) -> (String, Vec<String>) {
+    let vocab = reference.llama.config.vocab_size as u32;
+    let mut failures = Vec::new();
+    let engine = Engine::start(
+        (case.model)(),
+        EngineConfig {
+            max_batch: case.batch,
+            max_context: 512,
+            prefill_chunk: 256,
+            threads: case.threads,
+            single_sequence_threads: 0,
+            prefix_cache_bytes: 0,
+            speculative: ludus::inference::Speculation::OFF,
+        },
+    )
+    .unwrap();
+    let (mut accepted, mut worst_err, mut worst_overlap, mut mismatches, mut ties, mut gap) =
+        (0, 0f32, 1f32, 0, 0, 0f32);
+    let (mut gen_s, mut verify_s) = (0f64, 0f64);
+    for start in (0..n).step_by(case.batch) {
+        let jobs: Vec<(usize, Vec<u32>, SamplingParams)> = (start..(start + case.batch).min(n))
+            .map(|i| {
+                let (mut prompt, mut params) = task(reference, i);
+                if matches!(case.cheat, Cheat::Constrained | Cheat::IgnoreGrammar) {
+                    params.grammar = Some(npc_grammar());
+                }
+                if case.cheat == Cheat::EditPrompt {
+                    // The node runs the prompt with one token of the user's message
+                    // changed (same length, so only the states can tell).
+                    let at = prompt.len() - 12 - i % 4;
+                    prompt[at] = (prompt[at] + 7919 * (1 + i as u32)) % vocab;
+                }
+                (i, prompt, params)
+            })
+            .collect();
+        let t = Instant::now();
+        let results = if case.cheat == Cheat::IgnoreGrammar {
+            let free: Vec<_> = jobs
+                .iter()
+                .map(|(i, prompt, params)| (*i, prompt.clone(), SamplingParams { grammar: None, ..params.clone() }))
+                .collect();
+            generate(&engine, node, &free)
+        } else {
+            generate(&engine, node, &jobs)
+        };
+        gen_s += t.elapsed().as_secs_f64();
+        for ((i, _, params), (mut completion, mut proof)) in jobs.iter().zip(results) {
+            let (true_prompt, _) = task(reference, *i);
+            match case.cheat {
+                Cheat::EditToken => {
+                    let at = (i * 7) % completion.len();
+                    completion[at] = (completion[at] + 1 + (*i as u32 * 131) % 1000) % vocab;
+                    // A consistent lie: the proof is re-signed over the edited output.
+                    proof.output_hash = hex::encode(ludus::protocol::receipt::output_hash(&completion));
+                    proof.signature = hex::encode(node.sign(&proof.digest()));
+                }
+                Cheat::Replay => {
+                    // Commitments of another task, relabelled for this one.
+                    let other =
+                        &generate(&engine, node, &[(i + 1000, task(reference, i + 1000).0, params.clone())])[0].1;
+                    proof.prompt = other.prompt.clone();
+                    proof.chunks = other.chunks.clone();
+                    proof.signature = hex::encode(node.sign(&proof.digest()));
+                }
+                Cheat::ClaimInt8 | Cheat::ClaimInt4 => {
+                    let claim = if case.cheat == Cheat::ClaimInt8 { "int8" } else { "int4" };
+                    proof.quantization = claim.into();
+                    proof.signature = hex::encode(node.sign(&proof.digest()));
+                }
+                _ => {}
+            }
+            let t = Instant::now();
+            // As the server checks: the declared format's reference, then the claim itself.
+            let checked = verify_claimed(&reference_for, &proof, &true_prompt, 0, &completion, params, tol).unwrap();
+            let verdict = ludus::proof::Verdict { accepted: checked.accepted(), ..checked.verdict };
+            verify_s += t.elapsed().as_secs_f64();
+            accepted += verdict.accepted as usize;
+            worst_err = worst_err.max(verdict.worst_value_error);
+            worst_overlap = worst_overlap.min(verdict.worst_index_overlap);
+            mismatches += verdict.token_mismatches;
+            ties += verdict.near_ties;
+            gap = gap.max(verdict.worst_tie_margin);
+            if case.honest == Some(true) && !verdict.accepted {
+                failures.push(format!("{} task {i}: {:?}", case.name, verdict));
+            }
+        }
+    }
+    engine.shutdown();
+    // Acceptance: no honest task rejected; at least 99 % of each cheat's tasks rejected
+    // (so every one of them at CI's small counts).
+    if case.honest == Some(false) && ((n - accepted) as f64 / n as f64) < 0.99 {
+        failures.push(format!("{}: only {} of {n} rejected", case.name, n - accepted));
+    }
+    let table_row = format!(
+        "| {} | {n} | {accepted} | {worst_err:.4} | {worst_overlap:.3} | {mismatches} | {ties} | {gap:.2} | {gen_s:.1} | {verify_s:.1} |\n",
+        case.name
+    );
+    eprint!("{table_row}");
+    (table_row, failures)
 }
