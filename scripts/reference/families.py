@@ -10,7 +10,10 @@ fails), saves it as a safetensors directory, and records in ``reference.json``:
 * ``prompts``: token-id sequences longer than the sliding window;
 * ``logits_file``: the float32 logits of every prompt position (little-endian,
   ``[positions, vocab]`` per prompt, prompts one after another);
-* ``greedy``: 12 tokens of greedy continuation (``generate``, KV cache, no EOS).
+* ``greedy``: 12 tokens of greedy continuation (``generate``, KV cache, no EOS);
+
+and, for Qwen2, Qwen3, Gemma3 and Phi3, ``model.gguf``: the same weights as
+llama.cpp's converter would write them.
 
 The configs turn on each family's quirks: Qwen2's Q/K/V bias; Qwen3's per-head
 Q/K norms and a head_dim that is not hidden/heads; Gemma2's soft-capping,
@@ -94,6 +97,64 @@ def write_tokenizer(out: Path) -> None:
         {"eos_token": "<|im_end|>", "bos_token": None, "add_bos_token": False}, indent=1) + "\n")
 
 
+# GGUF copies, written the way llama.cpp's convert_hf_to_gguf.py writes these families
+# (gguf-py's tensor name map and keys; Gemma's norms stored as 1 + w; Phi-3's LongRoPE
+# factors as tensors). Gemma 2 has none: GGUF has no key for query_pre_attn_scalar
+# (llama.cpp derives the scale from the head size), which this tiny model sets apart.
+GGUF_ARCH = {"qwen2": "QWEN2", "qwen3": "QWEN3", "gemma3": "GEMMA3", "phi3": "PHI3"}
+
+
+def write_gguf(family: str, model: torch.nn.Module, config, out: Path) -> None:
+    import gguf
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[family])
+    writer = gguf.GGUFWriter(str(out / "model.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope = config.rope_parameters
+    if family == "gemma3":
+        rope_global = rope["full_attention"]
+        writer.add_rope_freq_base(rope_global["rope_theta"])
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope_global["factor"])
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+    else:
+        writer.add_rope_freq_base(rope["rope_theta"])
+    rotary = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    if family == "phi3":
+        original = config.original_max_position_embeddings
+        scale = config.max_position_embeddings / original
+        writer.add_rope_dimension_count(rotary)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        writer.add_rope_scaling_orig_ctx_len(original)
+        for kind in ("long", "short"):
+            name = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, f"ROPE_FACTORS_{kind.upper()}")] + ".weight"
+            writer.add_tensor(name, torch.tensor(rope[f"{kind}_factor"], dtype=torch.float32).numpy())
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name is not None, hf_name
+        data = tensor.float()
+        if family.startswith("gemma") and hf_name.endswith("norm.weight"):
+            data = data + 1.0
+        writer.add_tensor(name, data.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 PROMPT_LEN = 20
 GREEDY = 12
 
@@ -145,6 +206,8 @@ def main() -> None:
                                            eos_token_id=None, pad_token_id=0)
             greedy.append(generated[0, PROMPT_LEN:].tolist())
         write_tokenizer(out)
+        if family in GGUF_ARCH:
+            write_gguf(family, model, config, out)
         (out / "logits.f32").write_bytes(bytes(logits_bytes))
         (out / "reference.json").write_text(json.dumps({
             "family": family,

@@ -206,9 +206,24 @@ impl LlamaConfig {
         if self.sliding_window == Some(0) {
             return bad("a sliding window of 0 positions".to_string());
         }
-        for (what, v) in [("attention soft-cap", self.attn_softcap), ("logit soft-cap", self.final_softcap)] {
+        if self.max_position_embeddings == 0 {
+            return bad("a context of 0 positions".to_string());
+        }
+        let long_rope = self.long_rope.iter().flat_map(|l| l.short_factor.iter().copied().chain([l.attention_factor]));
+        let positive = [
+            ("attention soft-cap", self.attn_softcap),
+            ("logit soft-cap", self.final_softcap),
+            ("query scale", self.query_scale),
+            ("embedding scale", self.embedding_scale),
+            ("rotary base", Some(self.rope_theta)),
+            ("local rotary base", self.rope_local_theta),
+            ("linear rotary factor", self.rope_linear_factor),
+        ]
+        .into_iter()
+        .chain(long_rope.map(|v| ("LongRoPE factor", Some(v))));
+        for (what, v) in positive {
             if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
-                return bad(format!("{what} must be positive"));
+                return bad(format!("{what} must be a positive number"));
             }
         }
         Ok(())
@@ -263,20 +278,45 @@ impl LlamaConfig {
             qk_norm: file.tensors.contains_key("blk.0.attn_q_norm.weight"),
             ..Self::default()
         };
+        let scaling = file.get_str(&format!("{arch}.rope.scaling.type")).unwrap_or("none");
+        if scaling != "none" && !(family == Family::Gemma3 && scaling == "linear") {
+            return Err(InferError::InvalidRequest(format!(
+                "model config: {arch} rotary scaling `{scaling}` is not supported (Gemma 3's linear scaling and \
+                 Phi-3's LongRoPE are)"
+            )));
+        }
         match family {
             Family::Gemma2 | Family::Gemma3 => {
                 config.sandwich_norms = true;
                 config.activation = Activation::GeluTanh;
                 config.embedding_scale = Some((hidden_size as f64).sqrt());
-                config.attn_softcap = opt_float("attn_logit_softcapping");
-                config.final_softcap = opt_float("final_logit_softcapping");
-                config.sliding_window = int("attention.sliding_window").ok();
-                // llama.cpp's layouts: Gemma 2 alternates sliding and global layers from
-                // layer 0; Gemma 3 has five sliding layers, then a global one, with the
-                // sliding ones on a rotary base of 10,000.
-                config.sliding_layers = (0..num_layers)
-                    .map(|l| if family == Family::Gemma2 { l % 2 == 0 } else { (l + 1) % 6 != 0 })
-                    .collect();
+                // llama.cpp's defaults where early Gemma 2 files lack the keys.
+                let gemma2 = family == Family::Gemma2;
+                config.attn_softcap = opt_float("attn_logit_softcapping").or(gemma2.then_some(50.0));
+                config.final_softcap = opt_float("final_logit_softcapping").or(gemma2.then_some(30.0));
+                config.sliding_window = int("attention.sliding_window").ok().or(gemma2.then_some(4096));
+                // GGUF has no query_pre_attn_scalar: like llama.cpp, the 27B models (46 and
+                // 62 layers) scale by hidden/heads, the others by the head size.
+                if matches!((family, num_layers), (Family::Gemma2, 46) | (Family::Gemma3, 62)) {
+                    config.query_scale = Some(1.0 / (hidden_size as f64 / num_heads as f64).sqrt());
+                }
+                // `attention.sliding_window_pattern` when the file has it (a period, or one
+                // flag per layer); else llama.cpp's layouts: Gemma 2 alternates sliding and
+                // global layers from layer 0, Gemma 3 has five sliding layers, then a
+                // global one, the sliding ones on a rotary base of 10,000.
+                let pattern = file.get(&format!("{arch}.attention.sliding_window_pattern"));
+                let period = if family == Family::Gemma2 { 2 } else { 6 };
+                config.sliding_layers = match pattern {
+                    Some(p) if p.as_array().is_some() => {
+                        p.as_array().into_iter().flatten().map(|v| v.as_bool().unwrap_or(false)).collect()
+                    }
+                    // A period of 0 means every layer slides (llama.cpp's `set_swa_pattern`).
+                    Some(p) => match p.as_u64().unwrap_or(period as u64) as usize {
+                        0 => vec![true; num_layers],
+                        period => (0..num_layers).map(|l| (l + 1) % period != 0).collect(),
+                    },
+                    None => (0..num_layers).map(|l| (l + 1) % period != 0).collect(),
+                };
                 if family == Family::Gemma3 {
                     config.rope_local_theta = Some(10_000.0);
                     if file.get_str(&format!("{arch}.rope.scaling.type")) == Some("linear") {
@@ -291,6 +331,11 @@ impl LlamaConfig {
                 if file.tensors.contains_key("rope_factors_short.weight") {
                     let (short, _) = file.tensor_f32("rope_factors_short.weight")?;
                     let original = int("rope.scaling.original_context_length")?;
+                    if original == 0 {
+                        return Err(InferError::InvalidRequest(
+                            "model config: LongRoPE's original context is 0".into(),
+                        ));
+                    }
                     let factor = config.max_position_embeddings as f64 / original as f64;
                     let attention_factor =
                         opt_float("rope.scaling.attn_factor").unwrap_or_else(|| longrope_mscale(factor, original));
@@ -300,6 +345,10 @@ impl LlamaConfig {
                 }
             }
             Family::Llama | Family::Qwen2 | Family::Qwen3 => {}
+        }
+        if !config.sliding_layers.contains(&true) {
+            config.sliding_window = None;
+            config.sliding_layers.clear();
         }
         config.validate()?;
         Ok(config)
@@ -365,10 +414,13 @@ impl LlamaConfig {
             max_position_embeddings: int("max_position_embeddings").unwrap_or(4096),
             tie_word_embeddings: hf["tie_word_embeddings"].as_bool().unwrap_or(gemma),
             family,
-            qkv_bias: family == Family::Qwen2 || hf["attention_bias"].as_bool().unwrap_or(false),
+            qkv_bias: family == Family::Qwen2,
             qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             ..Self::default()
         };
+        if family != Family::Qwen2 && hf["attention_bias"].as_bool() == Some(true) {
+            return Err(bad("`attention_bias` (a bias on the output projection too) is not supported".into()));
+        }
         if hf["use_sliding_window"].as_bool() == Some(true) && matches!(family, Family::Qwen2 | Family::Qwen3) {
             return Err(
                 bad("Qwen's `use_sliding_window` is not supported (no released Qwen model turns it on)".into()),
@@ -405,7 +457,8 @@ impl LlamaConfig {
         if family == Family::Phi3 {
             let factor =
                 float("partial_rotary_factor").or(global_rope["partial_rotary_factor"].as_f64()).unwrap_or(1.0);
-            let rotary = (head_dim as f64 * factor).round() as usize;
+            // Truncated, as transformers' `int(head_dim * partial_rotary_factor)`.
+            let rotary = (head_dim as f64 * factor) as usize;
             config.rotary_dim = (rotary != head_dim).then_some(rotary);
             config.sliding_window = int("sliding_window").filter(|&w| w < config.max_position_embeddings);
             config.sliding_layers = vec![config.sliding_window.is_some(); num_layers];
@@ -413,6 +466,9 @@ impl LlamaConfig {
         // An explicit list of layer types wins over the family's pattern.
         if let Some(types) = hf["layer_types"].as_array() {
             config.sliding_layers = types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect();
+            if config.sliding_layers.contains(&true) && config.sliding_window.is_none() {
+                return Err(bad("`layer_types` names sliding layers but `sliding_window` is missing".into()));
+            }
         }
         if !config.sliding_layers.contains(&true) {
             config.sliding_window = None;
@@ -429,7 +485,8 @@ impl LlamaConfig {
                 "longrope" | "su" if family == Family::Phi3 => {
                     let original = int("original_max_position_embeddings")
                         .or(scaling["original_max_position_embeddings"].as_u64().map(|v| v as usize))
-                        .ok_or_else(|| bad("LongRoPE without `original_max_position_embeddings`".into()))?;
+                        .filter(|&o| o > 0)
+                        .ok_or_else(|| bad("LongRoPE without a positive `original_max_position_embeddings`".into()))?;
                     let short_factor: Vec<f64> = scaling["short_factor"]
                         .as_array()
                         .ok_or_else(|| bad("LongRoPE without `short_factor`".into()))?

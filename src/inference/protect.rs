@@ -281,6 +281,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let text = std::fs::read_to_string(dir.join(MANIFEST)).map_err(|e| InferError::io(dir.join(MANIFEST), e))?;
     let manifest: Manifest =
         serde_json::from_str(&text).map_err(|e| InferError::format(dir, format!("manifest: {e}")))?;
+    manifest.config.validate()?;
     if manifest.format != BUNDLE_FORMAT {
         return Err(InferError::format(dir, format!("bundle format `{}` (expected {BUNDLE_FORMAT})", manifest.format)));
     }

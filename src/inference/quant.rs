@@ -330,6 +330,6 @@ mod tests {
         assert!(GgmlType::Q4K.dequantize(&[0; 143], 256).is_err());
         assert!(GgmlType::Q4_0.dequantize(&[0; 18], 31).is_err());
         assert!(GgmlType::Q4_0.quantize(&[0.0; 33]).is_err());
-        assert!(GgmlType::from_id(6).is_none(), "Q5_0 is not supported and must say so");
+        assert!(GgmlType::from_id(10).is_none(), "Q2_K is not supported and must say so");
     }
 }

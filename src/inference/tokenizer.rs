@@ -358,7 +358,9 @@ impl Tokenizer {
         for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>", "<end_of_turn>"]
         {
             if let Some(&id) = self.vocab.get(name) {
-                if self.control.contains(&id) || Some(id) == self.eos {
+                // Older Gemma GGUF files type `<end_of_turn>` as an ordinary token; it still
+                // ends the turn (llama.cpp overrides the type the same way).
+                if self.control.contains(&id) || Some(id) == self.eos || name == "<end_of_turn>" {
                     stops.push(id);
                 }
             }

@@ -112,10 +112,11 @@ impl WeightSource {
         // llama.cpp permutes Q and K rows for its interleaved rotary form in Llama models
         // only; the other families keep Hugging Face's half-split rows.
         let permuted = matches!(self, Self::Gguf(_)) && config.family == Family::Llama;
-        if permuted && name.ends_with("attn_q.weight") {
+        // Biases were permuted with their rows.
+        if permuted && (name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias")) {
             return unpermute_rotary(&t, config.num_heads);
         }
-        if permuted && name.ends_with("attn_k.weight") {
+        if permuted && (name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias")) {
             return unpermute_rotary(&t, config.num_kv_heads);
         }
         if matches!(self, Self::Safetensors(..)) && config.family.norm_offset() && name.ends_with("norm.weight") {
@@ -174,11 +175,13 @@ fn fused_part(name: &str) -> Option<(String, FusedPart)> {
 
 /// Inverse of llama.cpp's `permute(w, n_head)`: rows go from interleaved rotary pairs
 /// back to the half-split order.
+/// A bias (1-D) moves like a matrix of one column.
 fn unpermute_rotary(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (rows, cols) = w.size2()?;
+    let shape = w.size();
+    let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
     let n_head = n_head as i64;
     let half = rows / n_head / 2;
-    Ok(w.f_reshape([n_head, half, 2, cols])?.f_transpose(1, 2)?.f_reshape([rows, cols])?)
+    Ok(w.f_reshape([n_head, half, 2, cols])?.f_transpose(1, 2)?.f_reshape(shape.as_slice())?)
 }
 
 /// Maps a GGUF tensor name to its Hugging Face name in `family`'s checkpoints.
@@ -229,4 +232,25 @@ pub fn hf_name(gguf: &str, family: Family) -> String {
 /// Moves a loaded `f32` tensor to the model's device and dtype.
 pub fn place(t: Tensor, device: Device, kind: Kind) -> Result<Tensor> {
     Ok(t.f_to_device(device)?.f_to_kind(kind)?.f_contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp permutes Q/K biases with their rows; both come back in order.
+    #[test]
+    fn permuted_rows_and_biases_come_back_in_order() {
+        let (heads, rows, cols) = (2, 8, 3);
+        let matrix: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let bias: Vec<f32> = (0..rows).map(|v| v as f32).collect();
+        let permuted = crate::inference::tiny_model::permute_rotary(&matrix, rows, cols, heads);
+        let permuted_bias = crate::inference::tiny_model::permute_rotary(&bias, rows, 1, heads);
+        assert_ne!(permuted, matrix);
+        let back = unpermute_rotary(&Tensor::from_slice(&permuted).reshape([rows as i64, cols as i64]), heads).unwrap();
+        assert_eq!(Vec::<f32>::try_from(back.flatten(0, -1)).unwrap(), matrix);
+        let back = unpermute_rotary(&Tensor::from_slice(&permuted_bias), heads).unwrap();
+        assert_eq!(back.size(), vec![rows as i64]);
+        assert_eq!(Vec::<f32>::try_from(back).unwrap(), bias);
+    }
 }

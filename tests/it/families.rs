@@ -117,6 +117,34 @@ fn every_family_matches_transformers_logits_and_greedy_tokens() {
     }
 }
 
+/// The GGUF copies (written as llama.cpp's converter writes these families, by
+/// `scripts/reference/families.py` with gguf-py) give transformers' logits and tokens too.
+#[test]
+fn gguf_copies_match_transformers_as_well() {
+    for &(name, family) in FAMILIES.iter().filter(|(name, _)| *name != "gemma2") {
+        let r = reference(name);
+        let source = WeightSource::open(&dir(name).join("model.gguf")).unwrap();
+        assert!(matches!(source, WeightSource::Gguf(_)));
+        let llama = Llama::load(&source, Device::Cpu, Kind::Float).unwrap();
+        let hf = WeightSource::open(&dir(name)).unwrap().config().unwrap();
+        let c = &llama.config;
+        assert_eq!(c.family, family);
+        assert_eq!(
+            (c.qkv_bias, c.qk_norm, c.sandwich_norms, &c.sliding_layers, c.sliding_window, c.rotary_dim),
+            (hf.qkv_bias, hf.qk_norm, hf.sandwich_norms, &hf.sliding_layers, hf.sliding_window, hf.rotary_dim),
+            "{name}: switches"
+        );
+        assert_eq!(c.max_position_embeddings, hf.max_position_embeddings, "{name}: context");
+        for (prompt, expected) in r.prompts.iter().zip(&r.logits) {
+            let mut kv = cache(&llama, 1);
+            let logits = llama.prefill(&mut kv, 0, prompt, 0, LogitsFor::All).unwrap().logits;
+            let err = rel_err(&logits, expected);
+            assert!(err < 1e-3, "{name} (GGUF): logits differ from transformers by {err:.2e}");
+        }
+        assert_eq!(greedy_batch(&llama, &r.prompts, r.greedy[0].len()), r.greedy, "{name} (GGUF): greedy");
+    }
+}
+
 #[test]
 fn chunked_prefill_across_the_sliding_window_matches_one_pass() {
     for &(name, _) in FAMILIES {
@@ -357,4 +385,34 @@ fn model_inspect_names_the_family_and_its_switches() {
             .sum();
         assert_eq!(report["parameters"], stored, "{name}: parameters");
     }
+}
+
+/// Numbers that would give NaN or an out-of-range rotary table are refused when the
+/// config is read, not met at the first request.
+#[test]
+fn configs_with_impossible_numbers_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir("phi3").join("config.json")).unwrap()).unwrap();
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("original_max_position_embeddings", Box::new(|j| j["original_max_position_embeddings"] = 0.into())),
+        ("LongRoPE factor", Box::new(|j| j["rope_parameters"]["short_factor"][2] = (-1.0).into())),
+        ("LongRoPE factors", Box::new(|j| j["rope_parameters"]["short_factor"] = serde_json::json!([1.0]))),
+        ("context of 0", Box::new(|j| j["max_position_embeddings"] = 0.into())),
+    ];
+    for (expected, edit) in cases {
+        let mut json = phi3.clone();
+        edit(&mut json);
+        std::fs::write(tmp.path().join("config.json"), json.to_string()).unwrap();
+        let err = LlamaConfig::from_hf_json(&tmp.path().join("config.json")).unwrap_err().to_string();
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    let err = write_config(tmp.path(), |j| {
+        j["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"]);
+    })
+    .unwrap_err();
+    assert!(err.contains("sliding_window"), "{err}");
+    let err = write_config(tmp.path(), |j| j["attention_bias"] = true.into()).unwrap_err();
+    assert!(err.contains("attention_bias"), "{err}");
 }

@@ -50,11 +50,11 @@ fn unsupported_tensor_type_is_named() {
     // Tensor info: name, n_dims (u32) = 1, one dim (u64), then the type (u32).
     let name = b"output_norm.weight";
     let at = find(&bytes, name).expect("tensor info present") + name.len() + 4 + 8;
-    bytes[at..at + 4].copy_from_slice(&6u32.to_le_bytes()); // Q5_0
-    let path = t.dir.path().join("q5_0.gguf");
+    bytes[at..at + 4].copy_from_slice(&10u32.to_le_bytes()); // Q2_K
+    let path = t.dir.path().join("q2_k.gguf");
     std::fs::write(&path, bytes).unwrap();
     let err = GgufFile::open(&path).unwrap_err().to_string();
-    assert!(err.contains("output_norm.weight") && err.contains("GGML type 6"), "{err}");
+    assert!(err.contains("output_norm.weight") && err.contains("GGML type 10"), "{err}");
 }
 
 #[test]
