@@ -132,7 +132,13 @@ struct Held {
     job: Job,
     finish_reason: FinishReason,
     usage: TaskUsage,
+    /// The other servers being told of the completion: an accepted answer waits for it
+    /// too, so a node's re-sent receipt can be paid elsewhere whatever came first.
+    told: Option<Told>,
 }
+
+/// Telling the other servers of a completion, awaited by whoever needs it done.
+type Told = futures_util::future::Shared<futures_util::future::LocalBoxFuture<'static, ()>>;
 
 pub struct Completion {
     config: CompletionConfig,
@@ -381,12 +387,16 @@ impl Handler<TaskFinished> for Completion {
         let told =
             self.tell_peers(done.job.id, done.address, done.receipt.completion_tokens, output_hash(&done.job.emitted));
         if self.maybe_verify(ctx, &done) {
-            // Synchronous: the game hears Done only with an accepted proof (which takes far
-            // longer than telling the other servers).
-            if let Some(told) = told {
-                actix::spawn(told);
-            }
-            let held = Held { node: done.node, job: done.job, finish_reason: done.finish_reason, usage };
+            // Synchronous: the game hears Done only with an accepted proof, and once the
+            // other servers have been told.
+            let told = told.map(|told| {
+                let told = futures_util::FutureExt::shared(
+                    Box::pin(told) as futures_util::future::LocalBoxFuture<'static, ()>
+                );
+                actix::spawn(told.clone());
+                told
+            });
+            let held = Held { node: done.node, job: done.job, finish_reason: done.finish_reason, usage, told };
             self.held.insert(held.job.id, held);
             return;
         }
@@ -456,10 +466,20 @@ impl Handler<VerificationDone> for Completion {
     type Result = ();
 
     /// A synchronous verdict: release the held answer, or have it produced again elsewhere.
-    fn handle(&mut self, msg: VerificationDone, _: &mut Self::Context) {
-        let Some(Held { node, mut job, finish_reason, usage }) = self.held.remove(&msg.task) else { return };
+    fn handle(&mut self, msg: VerificationDone, ctx: &mut Self::Context) {
+        let Some(Held { node, mut job, finish_reason, usage, told }) = self.held.remove(&msg.task) else { return };
         if msg.accepted() {
-            return self.deliver(&job, finish_reason, usage);
+            match told {
+                Some(told) => {
+                    let me = ctx.address();
+                    actix::spawn(async move {
+                        told.await;
+                        me.do_send(Deliver { job, finish_reason, usage });
+                    });
+                }
+                None => self.deliver(&job, finish_reason, usage),
+            }
+            return;
         }
         let _ = job.events.send(JobEvent::Reset);
         job.emitted.clear();

@@ -29,6 +29,7 @@ pub mod node_proxy;
 pub mod rate_limit;
 pub mod registry;
 pub mod scheduling;
+pub mod sessions;
 pub mod settlement;
 pub mod settler;
 pub mod supervisor;

@@ -20,6 +20,7 @@ use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
 use super::registry::Registry;
+use super::sessions::Sessions;
 use crate::crypto::identity::{verify, Address, Identity};
 use crate::crypto::session::{KeyExchange, Opener, Role, Sealer};
 use crate::inference::grammar::Refusal;
@@ -89,9 +90,9 @@ pub struct NodeProxyConfig {
     /// Frames a node may send per second that the server did not ask for (anything but
     /// the tokens and the end of a task it runs); more is a flood and closes the link.
     pub max_frames_per_s: u32,
-    /// The live session of each node address: a newer session of the same key replaces
-    /// the older one (one key, one session: quality re-runs and receipts count per key).
-    pub sessions: Arc<std::sync::Mutex<HashMap<Address, Addr<NodeProxy>>>>,
+    /// The live session of each node key: a newer session of the same key replaces the
+    /// older one, here and on the other servers of the network.
+    pub sessions: Arc<Sessions>,
     /// Bytes waiting to be written to a node; more means it stopped reading: the link is
     /// closed (and its tasks go elsewhere) instead of buffering without bound.
     pub max_queued_bytes: usize,
@@ -371,10 +372,7 @@ impl NodeProxy {
         tracing::info!(node = self.id, address = %p.address, bundles = p.bundles.len(), "node authenticated; session sealed");
         // One key, one session: a newer session replaces the older one (a node that
         // reconnects before the old link timed out), so a key never holds two slots.
-        let previous = self.config.sessions.lock().expect("session table lock").insert(p.address, ctx.address());
-        if let Some(old) = previous.filter(|old| *old != ctx.address()) {
-            old.do_send(Disconnect(format!("a newer session of node {} replaced this one", p.address)));
-        }
+        self.config.sessions.open(p.address, ctx.address());
         self.capacity = p.capacity;
         if self.config.verification.is_some() {
             self.config.registry.do_send(NodeJoined { node: p.address });
@@ -716,11 +714,7 @@ impl Actor for NodeProxy {
             self.distributor.do_send(NodeDisconnected { id: self.id, reason: self.close_reason.clone() });
         }
         if let Some(address) = self.address {
-            let mut sessions = self.config.sessions.lock().expect("session table lock");
-            // Only this session's own entry: a newer one may already have replaced it.
-            if sessions.get(&address).is_some_and(|a| *a == ctx.address()) {
-                sessions.remove(&address);
-            }
+            self.config.sessions.close(address, &ctx.address());
         }
         let _ = self.out.send(Outgoing::Close(self.close_reason.clone()));
         Running::Stop

@@ -3,6 +3,7 @@
 
 mod bench;
 mod chain;
+mod cluster;
 mod distill;
 mod generate;
 mod inspect;
@@ -79,12 +80,22 @@ pub enum Command {
     /// Settlement contract tools for operators.
     #[command(subcommand)]
     Chain(chain::ChainCommand),
+    /// Tools for running several servers as one network over NATS.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Claim this node's payouts for every settled epoch not claimed yet.
     Claim(chain::ClaimArgs),
     /// Check one task's receipt against its block root anchored on chain (trusting no server).
     VerifyReceipt(receipts::VerifyReceiptArgs),
     /// Train a smaller student model on a teacher's output distributions (distillation).
     Distill(distill::DistillArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Print a server's NATS user, with permissions that let it publish only under its own
+    /// name, for nats-server's `authorization { users = [ … ] }` block.
+    NatsUser(cluster::NatsUserArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,6 +268,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Games(GamesCommand::Resume { name }) => serve::games_set_status(&settings, &name, None),
         Command::Games(GamesCommand::SetWallet { name, wallet }) => serve::games_set_wallet(&settings, &name, &wallet),
         Command::Chain(cmd) => chain::run(cmd),
+        Command::Cluster(ClusterCommand::NatsUser(args)) => cluster::nats_user(args),
         Command::Claim(args) => chain::claim(args),
         Command::VerifyReceipt(args) => receipts::verify_receipt(args),
         Command::Distill(args) => distill::run(args),

@@ -69,7 +69,7 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         max_frames_per_s: s.distributor.max_node_frames_per_s,
         max_queued_bytes: s.distributor.max_node_queue_bytes,
         task_stall_timeout: inputs::task_stall_timeout(&s)?,
-        sessions: Default::default(),
+        sessions: core.sessions.clone(),
     };
     let catalog = Arc::new(inputs::load_catalog(&s).await?);
     let state = web::Data::new(AppState {

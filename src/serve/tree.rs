@@ -12,10 +12,11 @@ use actix::Addr;
 
 use crate::actors::catalog::Catalog;
 use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
-use crate::actors::cluster::{wire, Cluster, ClusterConfig, Peers};
+use crate::actors::cluster::{wire, Cluster, ClusterConfig, Peers, ServerParts};
 use crate::actors::completion::{Completion, CompletionConfig, Verification};
 use crate::actors::completion_log::CompletionLog;
 use crate::actors::distributor::DistributorConfig;
+use crate::actors::sessions::Sessions;
 use crate::actors::settler::{Settler, SettlerConfig};
 use crate::actors::supervisor;
 use crate::actors::verifier::Verifier;
@@ -38,6 +39,8 @@ pub struct Core {
     pub completions: Arc<CompletionLog>,
     /// The other servers of the network (stays empty without `[cluster] nats_url`).
     pub peers: Arc<Peers>,
+    /// The live session of each node key (one key, one session, network-wide).
+    pub sessions: Arc<Sessions>,
 }
 
 /// Starts the Distributor, the Clock, the Gateway and the Registry, wired together.
@@ -78,7 +81,7 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
         })
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));
-    Ok(Core { distributor, clock, gateway, registry, policy, completions, peers })
+    Ok(Core { distributor, clock, gateway, registry, policy, completions, peers, sessions: Sessions::new() })
 }
 
 /// Joins the network of servers when `[cluster] nats_url` is set: connects to NATS (in
@@ -95,12 +98,17 @@ pub async fn start_cluster(s: &Settings, core: &Core, catalog: Arc<Catalog>, por
         advert_interval: Duration::from_millis(s.cluster.advert_interval_ms.max(50)),
         max_tokens_limit: s.server.max_tokens_limit,
     };
-    let (peers, distributor) = (core.peers.clone(), core.distributor.clone());
-    let (completions, usage) = (core.completions.clone(), core.gateway.clone().recipient());
-    let cluster = supervisor::start("cluster", move |_| {
-        Cluster::new(client, config, peers, distributor, catalog, completions, usage)
-    });
-    core.peers.join(cluster.recipient());
+    let parts = ServerParts {
+        peers: core.peers.clone(),
+        distributor: core.distributor.clone(),
+        catalog,
+        completions: core.completions.clone(),
+        usage: core.gateway.clone().recipient(),
+        sessions: core.sessions.clone(),
+    };
+    let cluster = supervisor::start("cluster", move |_| Cluster::new(client, config, parts));
+    core.peers.join(cluster.clone().recipient());
+    core.sessions.join(cluster.recipient());
     Ok(())
 }
 

@@ -55,25 +55,49 @@ struct Nats {
     port: u16,
     proc: Proc,
     starts: usize,
+    /// Each server's NATS password, when every server has its own user.
+    passwords: std::collections::HashMap<String, String>,
 }
 
 impl Nats {
     fn start(dir: &Path) -> Option<Self> {
-        let program = tool("nats-server")?;
-        let port = free_port();
-        let proc = Self::run(&program, port, &dir.join("nats-0.log"));
-        Some(Self { program, dir: dir.to_path_buf(), port, proc, starts: 1 })
+        Self::start_with_users(dir, &[])
     }
 
-    fn run(program: &Path, port: u16, log: &Path) -> Proc {
-        let port_arg = port.to_string();
-        let proc = spawn_tool(program, &["-a", "127.0.0.1", "-p", &port_arg], log.to_path_buf());
+    /// With one NATS user per server name, holding it to its name
+    /// (`ludus cluster nats-user`'s permissions); anyone else is refused.
+    fn start_with_users(dir: &Path, names: &[&str]) -> Option<Self> {
+        let program = tool("nats-server")?;
+        let port = free_port();
+        let passwords: std::collections::HashMap<_, _> =
+            names.iter().map(|n| (n.to_string(), format!("pw-{n}-{}", rand::random::<u32>()))).collect();
+        let mut conf = format!("listen: \"127.0.0.1:{port}\"\n");
+        if !names.is_empty() {
+            let users: Vec<String> = names
+                .iter()
+                .map(|n| ludus::actors::cluster::wire::Permissions::of(n).nats_user(n, &passwords[*n]))
+                .collect();
+            conf.push_str(&format!("authorization {{ users = [\n{}\n] }}\n", users.join(",\n")));
+        }
+        std::fs::write(dir.join("nats.conf"), conf).unwrap();
+        let proc = Self::run(&program, dir, port, 0);
+        Some(Self { program, dir: dir.to_path_buf(), port, proc, starts: 1, passwords })
+    }
+
+    /// Runs nats-server on `dir`'s config (start number `n`, for its log's name).
+    fn run(program: &Path, dir: &Path, port: u16, n: usize) -> Proc {
+        let conf = dir.join("nats.conf");
+        let proc = spawn_tool(program, &["-c", conf.to_str().unwrap()], dir.join(format!("nats-{n}.log")));
         wait_listening(port, "nats-server listening");
         proc
     }
 
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+    /// The URL server `name` connects with (its own user, when there are users).
+    fn url_for(&self, name: &str) -> String {
+        match self.passwords.get(name) {
+            Some(pw) => format!("nats://{name}:{pw}@127.0.0.1:{}", self.port),
+            None => format!("nats://127.0.0.1:{}", self.port),
+        }
     }
 
     fn kill(&mut self) {
@@ -83,9 +107,8 @@ impl Nats {
     /// Starts it again on the same port.
     fn restart(&mut self) {
         self.proc.kill();
-        let log = self.dir.join(format!("nats-{}.log", self.starts));
+        self.proc = Self::run(&self.program, &self.dir, self.port, self.starts);
         self.starts += 1;
-        self.proc = Self::run(&self.program, self.port, &log);
     }
 }
 
@@ -93,7 +116,7 @@ impl Nats {
 fn cluster_table(nats: &Nats, name: &str) -> String {
     format!(
         "[cluster]\nnats_url = \"{}\"\nname = \"{name}\"\nadvert_interval_ms = 200\npeer_timeout_ms = 1500\n",
-        nats.url()
+        nats.url_for(name)
     )
 }
 
@@ -165,18 +188,23 @@ fn billed_game(cluster: &Cluster, task: i64) -> i64 {
     game.unwrap()
 }
 
+/// Servers `a` and `b`, with one real node of `model` behind B only; both list it.
+fn model_behind_b(nats: &Nats, model: &Path, dir: &Path) -> Vec<Cluster> {
+    let files = format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", model.display());
+    let mut servers = start_network(nats, &["a", "b"], &files, dir);
+    servers[1].add_node(&["--model", model.to_str().unwrap()]);
+    servers[1].wait_nodes(MODEL, 1);
+    // A has no node; it lists B's.
+    servers[0].wait_nodes(MODEL, 1);
+    servers
+}
+
 #[test]
 fn a_model_served_only_behind_one_server_is_reachable_through_another() {
     let Some(model) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
     let Some(nats) = Nats::start(dir.path()) else { return };
-    let files = format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", model.display());
-    let mut servers = start_network(&nats, &["a", "b"], &files, dir.path());
-    let model_arg = model.to_str().unwrap().to_string();
-    servers[1].add_node(&["--model", &model_arg]);
-    servers[1].wait_nodes(MODEL, 1);
-    // A has no node; it lists B's.
-    servers[0].wait_nodes(MODEL, 1);
+    let servers = model_behind_b(&nats, &model, dir.path());
     let (a, b) = (&servers[0], &servers[1]);
     let key = a.key.clone();
 
@@ -495,4 +523,134 @@ fn a_server_drained_behind_haproxy_loses_no_request() {
     assert!(failed.is_empty(), "a drained server loses no request behind HAProxy: {failed:?}");
     // Its node moved to B.
     servers[1].wait_nodes("fake", 2);
+}
+
+/// The models `server` lists, with their node counts.
+fn listed(server: &Cluster) -> Vec<(String, u64)> {
+    let (_, body) = server.get("/v1/models");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| (m["id"].as_str().unwrap_or_default().to_string(), m["nodes"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// One key, one session, in the whole network: a node key that opens a session on B
+/// closes its older session on A, and the network counts it once.
+#[test]
+fn a_node_key_holds_one_session_in_the_whole_network() {
+    use super::registry::Rogue;
+    use ludus::crypto::identity::Identity;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let servers = start_network(&nats, &["a", "b"], "", dir.path());
+    let (a, b) = (&servers[0], &servers[1]);
+    let secret = [9u8; 32];
+    let system = actix_rt::System::new();
+    let counted = |server: &Cluster| listed(server).iter().find(|(m, _)| m == MODEL).map_or(0, |(_, n)| *n);
+
+    let mut first = system.block_on(Rogue::join_as(&a.addr, MODEL, Identity::from_secret(&secret).unwrap()));
+    let started = Instant::now();
+    while counted(b) != 1 {
+        assert!(started.elapsed() < Duration::from_secs(20), "B never heard of A's node");
+        system.block_on(first.idle(&mut [], Duration::from_millis(100)));
+    }
+    // The same key on B: A closes its session, naming B.
+    let mut second = system.block_on(Rogue::join_as(&b.addr, MODEL, Identity::from_secret(&secret).unwrap()));
+    let reason = system.block_on(first.goodbye());
+    assert!(
+        reason.contains("a newer session of node") && reason.contains("on server `b`"),
+        "A's session must close for B's: {reason:?}\n{}",
+        a.server.log_text()
+    );
+    // Both servers settle on one session of that key, and stay there.
+    let started = Instant::now();
+    while (counted(a), counted(b)) != (1, 1) {
+        assert!(started.elapsed() < Duration::from_secs(20), "counts {:?}", (counted(a), counted(b)));
+        system.block_on(second.idle(&mut [], Duration::from_millis(100)));
+    }
+    for _ in 0..5 {
+        system.block_on(second.idle(&mut [], Duration::from_millis(250)));
+        assert_eq!((counted(a), counted(b)), (1, 1), "the key counted once on each server");
+    }
+}
+
+/// A fake advert for `model`, in the wire form, naming `server`.
+fn fake_advert(server: &str, model: &str) -> Vec<u8> {
+    let advert = ludus::actors::cluster::wire::Advert {
+        server: server.into(),
+        instance: 1,
+        models: vec![ludus::actors::cluster::wire::ModelRoom { model: model.into(), nodes: 9, free: 9 }],
+    };
+    serde_json::to_vec(&advert).unwrap()
+}
+
+/// Each server has its own NATS user (`ludus cluster nats-user`'s permissions): the network
+/// works as before, and a server whose credentials leak cannot speak for another, nor read
+/// the jobs meant for another.
+#[test]
+fn servers_with_their_own_nats_users_cannot_speak_for_each_other() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start_with_users(dir.path(), &["a", "b"]) else { return };
+    let servers = model_behind_b(&nats, &model, dir.path());
+    let (a, b) = (&servers[0], &servers[1]);
+
+    // Whoever holds A's credentials: speaks as B, speaks for B under A's name, and listens
+    // for B's jobs, over and over while the network runs.
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let url_a = nats.url_for("a");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (refusals, overheard) = (Arc::new(Mutex::new(Vec::<String>::new())), Arc::new(AtomicBool::new(false)));
+    let impostor = {
+        let (stop, refusals, overheard) = (stop.clone(), refusals.clone(), overheard.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                use futures_util::StreamExt;
+                let password = url_a.split(':').nth(2).unwrap().split('@').next().unwrap().to_string();
+                let client = async_nats::ConnectOptions::with_user_and_password("a".into(), password)
+                    .event_callback(move |event| {
+                        let refusals = refusals.clone();
+                        async move { refusals.lock().unwrap().push(event.to_string()) }
+                    })
+                    .connect(url)
+                    .await
+                    .unwrap();
+                let mut jobs = client.subscribe("ludus.job.b.*").await.unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    client.publish("ludus.advert.b", fake_advert("b", "ghost-b").into()).await.unwrap();
+                    client.publish("ludus.advert.a", fake_advert("b", "ghost-a").into()).await.unwrap();
+                    let _ = client.flush().await;
+                    if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), jobs.next()).await {
+                        overheard.store(true, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+    };
+
+    // The network still works under the permissions: A forwards to B, B answers.
+    for _ in 0..3 {
+        let through_a = post_with(&a.addr, "/v1/chat/completions", Some(&a.key), chat(MODEL, 4, false).as_bytes());
+        assert_eq!(through_a.status, 200, "{}", through_a.body);
+        assert!(!content(&through_a.body).is_empty());
+        for server in [a, b] {
+            let ghosts: Vec<_> = listed(server).into_iter().filter(|(m, _)| m.starts_with("ghost")).collect();
+            assert!(ghosts.is_empty(), "{} lists a model nobody serves: {ghosts:?}", server.addr);
+        }
+    }
+    wait_for("B to run the forwarded jobs", Duration::from_secs(10), || {
+        b.server.log_text().contains("running a job forwarded by another server")
+    });
+    stop.store(true, Ordering::Relaxed);
+    impostor.join().unwrap();
+    assert!(!overheard.load(Ordering::Relaxed), "A's credentials read a job meant for B");
+    let refusals = refusals.lock().unwrap().join("\n");
+    assert!(refusals.contains("ludus.advert.b"), "NATS refuses A's credentials B's subjects: {refusals}");
+    assert!(refusals.contains("ludus.job.b"), "NATS refuses A's credentials B's jobs: {refusals}");
+    // What NATS lets through under A's name but names B is dropped by the servers.
+    assert!(b.server.log_text().contains("advert naming another server than its publisher ignored"));
 }

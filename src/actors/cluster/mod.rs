@@ -9,7 +9,11 @@
 //!   ([`relay::serve`]): it counts the prompt, makes the text, checks the proof, records the
 //!   receipt and bills, as for any request. Events stream back over NATS to the server that
 //!   holds the game's connection, which relays them unchanged.
-//! - **Shared state.** A node that fails a proof check is quarantined on every server; each
+//! - **Trust.** Each subject ends with the name of the server that publishes it, so NATS
+//!   permissions per server ([`wire::Permissions`]) hold every server to its own name;
+//!   what a message says about its sender is checked against its subject.
+//! - **Shared state.** A node key holds one session in the whole network
+//!   ([`Sessions`]). A node that fails a proof check is quarantined on every server; each
 //!   server admits its share (1/N of the live servers) of every game's per-minute limits.
 //!   Suspensions are in the shared database already.
 //! - **Failures.** NATS down: no other server is offered work or counted from that moment,
@@ -33,8 +37,10 @@ use super::catalog::Catalog;
 use super::completion_log::CompletionLog;
 use super::distributor::Distributor;
 use super::messages::{Job, LocalRoom, QuarantineNode, RecordUsage};
+use super::sessions::Sessions;
+use crate::crypto::identity::Address;
 pub use peers::Peers;
-use wire::{Advert, Quarantine, Witness};
+use wire::{Advert, Quarantine, SessionClaim, Witness};
 
 /// What the rest of the server asks of the network.
 #[derive(Message)]
@@ -47,6 +53,8 @@ pub enum Outbound {
     /// A node finished `task` here with this output; answered once the other servers
     /// have been told (or after [`WITNESS_FLUSH_TIMEOUT`]).
     Witness { task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32] },
+    /// A session of node `address` opened here at `since_ms`: older ones elsewhere close.
+    Claim { address: Address, since_ms: u64 },
 }
 
 /// Longest a game's answer waits for its completion to reach the other servers.
@@ -61,6 +69,19 @@ pub struct ClusterConfig {
     pub max_tokens_limit: usize,
 }
 
+/// The parts of this server the Cluster actor works with.
+#[derive(Clone)]
+pub struct ServerParts {
+    pub peers: Arc<Peers>,
+    pub distributor: Addr<Distributor>,
+    pub catalog: Arc<Catalog>,
+    pub completions: Arc<CompletionLog>,
+    /// This server's Gateway (forwarded jobs' tokens are charged where they were admitted).
+    pub usage: Recipient<RecordUsage>,
+    /// The node sessions held here (one key, one session across the network).
+    pub sessions: Arc<Sessions>,
+}
+
 pub struct Cluster {
     client: async_nats::Client,
     config: ClusterConfig,
@@ -68,30 +89,35 @@ pub struct Cluster {
     distributor: Addr<Distributor>,
     catalog: Arc<Catalog>,
     completions: Arc<CompletionLog>,
-    /// This server's Gateway (forwarded jobs' tokens are charged where they were admitted).
     usage: Recipient<RecordUsage>,
+    sessions: Arc<Sessions>,
     /// Tells this process from another one configured with the same name.
     instance: u64,
 }
 
 impl Cluster {
-    pub fn new(
-        client: async_nats::Client,
-        config: ClusterConfig,
-        peers: Arc<Peers>,
-        distributor: Addr<Distributor>,
-        catalog: Arc<Catalog>,
-        completions: Arc<CompletionLog>,
-        usage: Recipient<RecordUsage>,
-    ) -> Self {
-        Self { client, config, peers, distributor, catalog, completions, usage, instance: rand::random() }
+    pub fn new(client: async_nats::Client, config: ClusterConfig, parts: ServerParts) -> Self {
+        let ServerParts { peers, distributor, catalog, completions, usage, sessions } = parts;
+        Self { client, config, peers, distributor, catalog, completions, usage, sessions, instance: rand::random() }
     }
 
     /// A NATS client that connects in the background and reconnects forever (quickly: a
     /// restarted NATS is rejoined within about a second); while the link is down no other
     /// server is offered work, so jobs stay local until it is back.
+    ///
+    /// A user and password in the URL (`nats://user:password@host:port`, this server's own
+    /// NATS user: `ludus cluster nats-user`) are sent at connect; async-nats would not read
+    /// them from the URL by itself.
     pub async fn connect(url: &str, name: &str, peers: Arc<Peers>) -> Result<async_nats::Client, String> {
-        async_nats::ConnectOptions::new()
+        let address = url.parse::<async_nats::ServerAddr>().map_err(|e| format!("cluster.nats_url: {e}"))?;
+        let options = match (address.username(), address.password()) {
+            (Some(user), Some(password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.to_string(), password.to_string())
+            }
+            (Some(_), None) => return Err("cluster.nats_url has a user but no password".into()),
+            _ => async_nats::ConnectOptions::new(),
+        };
+        options
             .name(format!("ludus-{name}"))
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -130,17 +156,24 @@ impl Cluster {
         let instance = self.instance;
         ctx.spawn(fut::wrap_future(async move {
             let Ok(models) = distributor.send(LocalRoom).await else { return };
+            let subject = wire::advert_subject(&name);
             let advert = Advert { server: name, instance, models };
             let payload = serde_json::to_vec(&advert).expect("adverts serialize");
-            if let Err(e) = client.publish(wire::ADVERT_SUBJECT, payload.into()).await {
+            if let Err(e) = client.publish(subject, payload.into()).await {
                 tracing::debug!(error = %e, "advert not sent");
             }
         }));
     }
 
-    /// Runs `on_message` on every message of `subject` while the actor lives (the client
-    /// subscribes again by itself after a reconnect).
-    fn listen(&self, ctx: &mut Context<Self>, subject: String, mut on_message: impl FnMut(bytes::Bytes) + 'static) {
+    /// Runs `on_message` with the publisher (the subject's last token) and the payload of
+    /// every message of `subject` while the actor lives (the client subscribes again by
+    /// itself after a reconnect).
+    fn listen(
+        &self,
+        ctx: &mut Context<Self>,
+        subject: String,
+        mut on_message: impl FnMut(&str, bytes::Bytes) + 'static,
+    ) {
         let client = self.client.clone();
         ctx.spawn(fut::wrap_future(async move {
             let mut messages = match client.subscribe(subject.clone()).await {
@@ -148,7 +181,7 @@ impl Cluster {
                 Err(e) => return tracing::error!(error = %e, %subject, "cannot subscribe to the cluster's subject"),
             };
             while let Some(message) = messages.next().await {
-                on_message(message.payload);
+                on_message(wire::publisher(&message.subject), message.payload);
             }
         }));
     }
@@ -156,8 +189,13 @@ impl Cluster {
     /// Listens to the other servers' adverts.
     fn listen_adverts(&self, ctx: &mut Context<Self>) {
         let (peers, me, instance) = (self.peers.clone(), self.config.name.clone(), self.instance);
-        self.listen(ctx, wire::ADVERT_SUBJECT.into(), move |payload| {
+        self.listen(ctx, wire::ANY_ADVERT.into(), move |publisher, payload| {
             match serde_json::from_slice::<Advert>(&payload) {
+                Ok(advert) if advert.server != publisher => tracing::warn!(
+                    %publisher,
+                    named = %advert.server.chars().take(wire::MAX_NAME_LEN).collect::<String>(),
+                    "advert naming another server than its publisher ignored"
+                ),
                 Ok(advert) if advert.server == me && advert.instance != instance => tracing::error!(
                     name = %me,
                     "another server uses this server's [cluster] name: jobs and replies go astray; give each its own"
@@ -180,17 +218,21 @@ impl Cluster {
             catalog: self.catalog.clone(),
             max_tokens_limit: self.config.max_tokens_limit,
             peers: self.peers.clone(),
+            name: self.config.name.clone(),
         };
-        self.listen(ctx, wire::job_subject(&self.config.name), move |payload| {
-            actix::spawn(relay::serve(serving.clone(), payload));
+        self.listen(ctx, wire::jobs_for(&self.config.name), move |publisher, payload| {
+            actix::spawn(relay::serve(serving.clone(), publisher.to_string(), payload));
         });
     }
 
     /// Remembers the completions other servers saw (their nodes' receipts may come here).
     fn listen_witnesses(&self, ctx: &mut Context<Self>) {
         let (completions, me) = (self.completions.clone(), self.config.name.clone());
-        self.listen(ctx, wire::WITNESS_SUBJECT.into(), move |payload| {
+        self.listen(ctx, wire::ANY_WITNESS.into(), move |publisher, payload| {
             let Ok(w) = serde_json::from_slice::<Witness>(&payload) else { return };
+            if w.server != publisher {
+                return tracing::warn!(%publisher, "witness naming another server than its publisher ignored");
+            }
             let node = hex::decode(&w.node).ok().and_then(|n| <[u8; 20]>::try_from(n).ok());
             let hash = hex::decode(&w.output_hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok());
             if let (Some(node), Some(hash), true) = (node, hash, w.server != me) {
@@ -203,8 +245,9 @@ impl Cluster {
     /// says).
     fn listen_quarantines(&self, ctx: &mut Context<Self>) {
         let distributor = self.distributor.clone();
-        self.listen(ctx, wire::QUARANTINE_SUBJECT.into(), move |payload| {
+        self.listen(ctx, wire::ANY_QUARANTINE.into(), move |publisher, payload| {
             if let Ok(q) = serde_json::from_slice::<Quarantine>(&payload) {
+                tracing::debug!(%publisher, node = %q.address, "quarantine announced");
                 let duration = Duration::from_secs(q.seconds.min(86_400));
                 distributor.do_send(QuarantineNode { address: q.address, duration, announce: false });
             }
@@ -212,10 +255,43 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Closes this server's session of a node key that opened a newer one on another
+    /// server; claims it again when this one is the newer (so the other closes its own).
+    fn listen_sessions(&self, ctx: &mut Context<Self>) {
+        let (sessions, me, client) = (self.sessions.clone(), self.config.name.clone(), self.client.clone());
+        self.listen(ctx, wire::ANY_SESSION.into(), move |publisher, payload| {
+            if publisher == me {
+                return;
+            }
+            let Ok(claim) = serde_json::from_slice::<SessionClaim>(&payload) else {
+                return tracing::warn!(%publisher, "malformed session claim ignored");
+            };
+            let Ok(address) = claim.address.parse::<Address>() else { return };
+            if let Some(since_ms) = sessions.claimed_elsewhere(address, claim.since_ms, publisher, &me) {
+                publish_claim(&client, &me, address, since_ms);
+            }
+        });
+    }
+}
+
+/// Claims node `address`'s session on this server (`me`) to the others.
+fn publish_claim(client: &async_nats::Client, me: &str, address: Address, since_ms: u64) {
+    let (client, subject) = (client.clone(), wire::session_subject(me));
+    let payload =
+        serde_json::to_vec(&SessionClaim { address: address.to_string(), since_ms }).expect("claims serialize");
+    actix::spawn(async move {
+        if let Err(e) = client.publish(subject, payload.into()).await {
+            tracing::warn!(error = %e, node = %address, "session not claimed on the cluster");
+        }
+    });
+}
+
 impl Actor for Cluster {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.listen_sessions(ctx);
         self.listen_adverts(ctx);
         self.listen_jobs(ctx);
         self.listen_quarantines(ctx);
@@ -249,10 +325,10 @@ impl Handler<Outbound> for Cluster {
             }
             Outbound::Quarantine { address, duration } => {
                 let notice = Quarantine { address, seconds: duration.as_secs() };
-                let client = self.client.clone();
+                let (client, subject) = (self.client.clone(), wire::quarantine_subject(&self.config.name));
                 actix::spawn(async move {
                     let payload = serde_json::to_vec(&notice).expect("notices serialize");
-                    if let Err(e) = client.publish(wire::QUARANTINE_SUBJECT, payload.into()).await {
+                    if let Err(e) = client.publish(subject, payload.into()).await {
                         tracing::warn!(error = %e, node = %notice.address, "quarantine not announced to the cluster");
                     }
                 });
@@ -265,12 +341,12 @@ impl Handler<Outbound> for Cluster {
                     completion_tokens,
                     output_hash: hex::encode(output_hash),
                 };
-                let client = self.client.clone();
+                let (client, subject) = (self.client.clone(), wire::witness_subject(&self.config.name));
                 // Flushed: NATS has it (and hands it to every server) before the game is told.
                 return Box::pin(async move {
                     let payload = serde_json::to_vec(&witness).expect("witnesses serialize");
                     let told = async {
-                        client.publish(wire::WITNESS_SUBJECT, payload.into()).await.ok()?;
+                        client.publish(subject, payload.into()).await.ok()?;
                         client.flush().await.ok()
                     };
                     if actix_web::rt::time::timeout(WITNESS_FLUSH_TIMEOUT, told).await.ok().flatten().is_none() {
@@ -278,6 +354,7 @@ impl Handler<Outbound> for Cluster {
                     }
                 });
             }
+            Outbound::Claim { address, since_ms } => publish_claim(&self.client, &self.config.name, address, since_ms),
         }
         Box::pin(async {})
     }

@@ -15,13 +15,9 @@ use crate::actors::catalog::Catalog;
 use crate::actors::distributor::Distributor;
 use crate::actors::error::ServeError;
 use crate::actors::messages::{Billing, Job, JobEvent, JobRequest, RecordUsage, Submit};
-use crate::protocol::TaskId;
 
 /// How often a forwarding server checks that the server running its job is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
-
-/// Longest reply subject accepted (`ludus.reply.<name>.<task>`).
-const MAX_REPLY_LEN: usize = 128;
 
 /// When a cancellation is sent again.
 const CANCEL_REPEAT: Duration = Duration::from_millis(500);
@@ -36,14 +32,14 @@ pub struct Forwarding {
     pub usage: Recipient<RecordUsage>,
 }
 
-/// Tells the server running `task` to stop: now, and once more a moment later (a cancel
-/// that overtook the job itself on its way is not lost; a second one is ignored).
-fn cancel(client: &async_nats::Client, task: TaskId) {
-    let client = client.clone();
+/// Tells `runner` to stop `task`: now, and once more a moment later (a cancel that
+/// overtook the job itself on its way is not lost; a second one is ignored).
+fn cancel(client: &async_nats::Client, subject: &str) {
+    let (client, subject) = (client.clone(), subject.to_string());
     actix::spawn(async move {
-        let _ = client.publish(cancel_subject(task), Bytes::new()).await;
+        let _ = client.publish(subject.clone(), Bytes::new()).await;
         actix_web::rt::time::sleep(CANCEL_REPEAT).await;
-        let _ = client.publish(cancel_subject(task), Bytes::new()).await;
+        let _ = client.publish(subject, Bytes::new()).await;
     });
 }
 
@@ -53,7 +49,7 @@ fn cancel(client: &async_nats::Client, task: TaskId) {
 pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     let Forwarding { client, origin, peers, usage: charge } = ctx;
     let task = job.id;
-    let reply = reply_subject(&origin, task);
+    let (reply, stop) = (reply_subject(&origin, task, &to), cancel_subject(&to, task, &origin));
     let fail = |job: &Job, e: ServeError| {
         let _ = job.events.send(JobEvent::Failed(e));
     };
@@ -63,8 +59,7 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     };
     let message = ForwardedJob {
         task,
-        origin,
-        reply,
+        origin: origin.clone(),
         game: job.game.clone(),
         game_id: job.game_id,
         key_hash: job.key_hash.clone(),
@@ -76,7 +71,7 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
         stream: job.stream,
     };
     let payload = serde_json::to_vec(&message).expect("jobs serialize");
-    if let Err(e) = client.publish(job_subject(&to), payload.into()).await {
+    if let Err(e) = client.publish(job_subject(&to, &origin), payload.into()).await {
         return fail(&job, ServeError::Unavailable(format!("could not reach server `{to}`: {e}")));
     }
     tracing::info!(task = %task, server = %to, model = %job.model, "job forwarded");
@@ -86,7 +81,7 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
             message = events.next() => {
                 let Some(message) = message else {
                     fail(&job, ServeError::Unavailable("the cluster link closed".into()));
-                    cancel(&client, task);
+                    cancel(&client, &stop);
                     break;
                 };
                 match serde_json::from_slice::<RemoteEvent>(&message.payload) {
@@ -103,20 +98,20 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                     }
                     Err(e) => {
                         fail(&job, ServeError::Internal(format!("server `{to}` sent a malformed event: {e}")));
-                        cancel(&client, task);
+                        cancel(&client, &stop);
                         break;
                     }
                 }
             }
             _ = job.events.closed() => {
-                cancel(&client, task);
+                cancel(&client, &stop);
                 break;
             }
             _ = check.tick() => {
                 if !peers.alive(&to, Instant::now()) {
                     tracing::warn!(task = %task, server = %to, "the server running a forwarded job went silent");
                     fail(&job, ServeError::NodeFailed(format!("server `{to}`, which was running it, stopped answering")));
-                    cancel(&client, task);
+                    cancel(&client, &stop);
                     break;
                 }
             }
@@ -133,19 +128,20 @@ pub struct Serving {
     pub catalog: Arc<Catalog>,
     pub max_tokens_limit: usize,
     pub peers: Arc<Peers>,
+    /// This server's name.
+    pub name: String,
 }
 
-/// Runs a job another server forwarded, as a request of this server's own, and sends its
-/// events back in order until the last one or a cancellation.
-pub async fn serve(ctx: Serving, payload: Bytes) {
+/// Runs a job server `publisher` forwarded, as a request of this server's own, and sends
+/// its events back in order until the last one or a cancellation.
+pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
     let forwarded = match serde_json::from_slice::<ForwardedJob>(&payload) {
-        Ok(f) if f.reply.starts_with("ludus.reply.") && f.reply.len() <= MAX_REPLY_LEN => f,
-        Ok(f) => {
-            return tracing::warn!(reply = %f.reply.chars().take(MAX_REPLY_LEN).collect::<String>(), "forwarded job with a bad reply subject ignored")
-        }
+        Ok(f) if f.origin == publisher => f,
+        Ok(_) => return tracing::warn!(%publisher, "forwarded job naming another origin than its publisher ignored"),
         Err(e) => return tracing::warn!(error = %e, "malformed forwarded job ignored"),
     };
-    let (client, reply, task) = (ctx.client.clone(), forwarded.reply.clone(), forwarded.task);
+    let task = forwarded.task;
+    let (client, reply) = (ctx.client.clone(), reply_subject(&publisher, task, &ctx.name));
     let send = |event: RemoteEvent| {
         let (client, reply) = (client.clone(), reply.clone());
         async move {
@@ -154,7 +150,7 @@ pub async fn serve(ctx: Serving, payload: Bytes) {
         }
     };
     // Subscribed before the job starts: a cancellation cannot slip past.
-    let mut cancel = match client.subscribe(cancel_subject(task)).await {
+    let mut cancel = match client.subscribe(cancel_subject(&ctx.name, task, &publisher)).await {
         Ok(s) => s,
         Err(e) => {
             send(RemoteEvent::Failed(ServeError::Unavailable(format!("the cluster link failed: {e}")))).await;

@@ -1,14 +1,23 @@
 //! What servers say to each other over NATS, and on which subjects. JSON, like the node
 //! protocol: small, readable with `nats sub`, and versioned by adding fields.
 //!
-//! - `ludus.advert` — every server, every `advert_interval_ms`: its name and, per model, the
-//!   nodes serving it and the sequences they could start now.
-//! - `ludus.job.<server>` — a job forwarded to `<server>`; its events come back on the
-//!   job's `reply` subject, `ludus.reply.<origin>.<task>`, in order.
-//! - `ludus.cancel.<task>` — the game that asked went away: stop the job.
-//! - `ludus.quarantine` — a node failed a proof check here: no server gives it work.
-//! - `ludus.witness` — a node finished a task here with this output (before the game is
-//!   answered): if this server dies, the node's re-sent receipt is paid by another.
+//! **The last token of every subject is the server that publishes it**, so NATS itself can
+//! hold each server to its own name: give every server its own NATS user with the
+//! permissions of [`Permissions::of`] (`ludus cluster nats-permissions NAME` prints them),
+//! and a server whose credentials leak cannot advertise, witness, reply or forward as
+//! another, nor read another's jobs. What a message says about its sender is checked
+//! against its subject.
+//!
+//! - `ludus.advert.<server>` — every `advert_interval_ms`: per model, the nodes serving it
+//!   and the sequences they could start now.
+//! - `ludus.job.<runner>.<origin>` — a job `origin` forwards to `runner`; its events come
+//!   back, in order, on `ludus.reply.<origin>.<task>.<runner>`.
+//! - `ludus.cancel.<runner>.<task>.<origin>` — the game that asked went away: stop the job.
+//! - `ludus.quarantine.<server>` — a node failed a proof check here: no server gives it work.
+//! - `ludus.witness.<server>` — a node finished a task here with this output (before the
+//!   game is answered): if this server dies, the node's re-sent receipt is paid by another.
+//! - `ludus.session.<server>` — a node key opened a session here at this time: any older
+//!   session of that key on another server is closed (one key, one session).
 
 use serde::{Deserialize, Serialize};
 
@@ -18,28 +27,99 @@ use crate::actors::messages::JobEvent;
 use crate::protocol::{FinishReason, TaskId, TaskInput, TaskUsage};
 use crate::task::SamplingParams;
 
-pub const ADVERT_SUBJECT: &str = "ludus.advert";
-pub const QUARANTINE_SUBJECT: &str = "ludus.quarantine";
-pub const WITNESS_SUBJECT: &str = "ludus.witness";
+/// What every server listens to (each subject's last token is its publisher).
+pub const ANY_ADVERT: &str = "ludus.advert.*";
+pub const ANY_QUARANTINE: &str = "ludus.quarantine.*";
+pub const ANY_WITNESS: &str = "ludus.witness.*";
+pub const ANY_SESSION: &str = "ludus.session.*";
 
 /// Models one advert may name (a server's nodes choose model names: bounded).
 pub const MAX_ADVERT_MODELS: usize = 1024;
 /// Longest server name (it is part of subjects).
 pub const MAX_NAME_LEN: usize = 64;
 
-/// The subject `server` takes forwarded jobs on.
-pub fn job_subject(server: &str) -> String {
-    format!("ludus.job.{server}")
+pub fn advert_subject(server: &str) -> String {
+    format!("ludus.advert.{server}")
 }
 
-/// Where the events of a job forwarded by `origin` come back.
-pub fn reply_subject(origin: &str, task: TaskId) -> String {
-    format!("ludus.reply.{origin}.{:016x}", task.0)
+pub fn quarantine_subject(server: &str) -> String {
+    format!("ludus.quarantine.{server}")
 }
 
-/// Where a forwarded job's cancellation goes.
-pub fn cancel_subject(task: TaskId) -> String {
-    format!("ludus.cancel.{:016x}", task.0)
+pub fn witness_subject(server: &str) -> String {
+    format!("ludus.witness.{server}")
+}
+
+pub fn session_subject(server: &str) -> String {
+    format!("ludus.session.{server}")
+}
+
+/// Where `origin` sends the jobs it forwards to `runner`.
+pub fn job_subject(runner: &str, origin: &str) -> String {
+    format!("ludus.job.{runner}.{origin}")
+}
+
+/// Every job forwarded to `runner`.
+pub fn jobs_for(runner: &str) -> String {
+    format!("ludus.job.{runner}.*")
+}
+
+/// Where `runner` sends the events of `task`, forwarded to it by `origin`.
+pub fn reply_subject(origin: &str, task: TaskId, runner: &str) -> String {
+    format!("ludus.reply.{origin}.{:016x}.{runner}", task.0)
+}
+
+/// Where `origin` cancels `task`, which it forwarded to `runner`.
+pub fn cancel_subject(runner: &str, task: TaskId, origin: &str) -> String {
+    format!("ludus.cancel.{runner}.{:016x}.{origin}", task.0)
+}
+
+/// The server that published on `subject`: its last token.
+pub fn publisher(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or_default()
+}
+
+/// The NATS permissions of server `name`: it publishes only subjects that end with its
+/// name, and reads only the broadcasts and what is addressed to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+impl Permissions {
+    pub fn of(name: &str) -> Self {
+        Self {
+            publish: vec![
+                advert_subject(name),
+                quarantine_subject(name),
+                witness_subject(name),
+                session_subject(name),
+                format!("ludus.job.*.{name}"),
+                format!("ludus.reply.*.*.{name}"),
+                format!("ludus.cancel.*.*.{name}"),
+            ],
+            subscribe: vec![
+                ANY_ADVERT.into(),
+                ANY_QUARANTINE.into(),
+                ANY_WITNESS.into(),
+                ANY_SESSION.into(),
+                jobs_for(name),
+                format!("ludus.reply.{name}.*.*"),
+                format!("ludus.cancel.{name}.*.*"),
+            ],
+        }
+    }
+
+    /// This server's user for nats-server's `authorization { users = [ … ] }` block.
+    pub fn nats_user(&self, user: &str, password: &str) -> String {
+        let list = |subjects: &[String]| subjects.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+        format!(
+            "{{ user: \"{user}\", password: \"{password}\", permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}",
+            list(&self.publish),
+            list(&self.subscribe)
+        )
+    }
 }
 
 /// A server name is one NATS subject token: letters, digits, `-` and `_`, at most
@@ -74,8 +154,8 @@ pub struct ModelRoom {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ForwardedJob {
     pub task: TaskId,
+    /// The server that forwarded it (checked against the subject's last token).
     pub origin: String,
-    pub reply: String,
     pub game: String,
     pub game_id: i64,
     pub key_hash: String,
@@ -85,6 +165,14 @@ pub struct ForwardedJob {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub stream: bool,
+}
+
+/// A session of node `address` opened at `since_ms` (milliseconds since the Unix epoch)
+/// on the server that publishes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionClaim {
+    pub address: String,
+    pub since_ms: u64,
 }
 
 /// A node that failed a check somewhere, and for how long nobody gives it work.
@@ -171,6 +259,45 @@ mod tests {
         for bad in ["", "a.b", "a b", "a*", "a>", &"x".repeat(65)] {
             assert!(!valid_name(bad), "{bad:?} must be refused");
         }
-        assert_eq!(reply_subject("a", TaskId(255)), "ludus.reply.a.00000000000000ff");
+        assert_eq!(reply_subject("a", TaskId(255), "b"), "ludus.reply.a.00000000000000ff.b");
+    }
+
+    /// Every subject a server publishes is inside its own publish permissions and inside
+    /// the subscriptions of the servers it is meant for, and outside another's publish
+    /// permissions: NATS can hold each server to its name.
+    #[test]
+    fn each_server_may_publish_only_under_its_own_name() {
+        fn matches(pattern: &str, subject: &str) -> bool {
+            let (p, s): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), subject.split('.').collect());
+            if p.last() == Some(&">") {
+                return s.len() >= p.len() && p[..p.len() - 1].iter().zip(&s).all(|(p, s)| *p == "*" || p == s);
+            }
+            p.len() == s.len() && p.iter().zip(&s).all(|(p, s)| *p == "*" || p == s)
+        }
+        let allowed = |list: &[String], subject: &str| list.iter().any(|p| matches(p, subject));
+        let (a, b) = (Permissions::of("a"), Permissions::of("b"));
+        let task = TaskId(7);
+        // (subject a publishes, who must be able to read it)
+        let sent_by_a = [
+            (advert_subject("a"), "b"),
+            (quarantine_subject("a"), "b"),
+            (witness_subject("a"), "b"),
+            (session_subject("a"), "b"),
+            (job_subject("b", "a"), "b"),
+            (reply_subject("b", task, "a"), "b"),
+            (cancel_subject("b", task, "a"), "b"),
+        ];
+        for (subject, reader) in &sent_by_a {
+            assert_eq!(publisher(subject), "a");
+            assert!(allowed(&a.publish, subject), "a may publish {subject}");
+            assert!(!allowed(&b.publish, subject), "b must not publish {subject}");
+            assert_eq!(*reader, "b");
+            assert!(allowed(&b.subscribe, subject), "b reads {subject}");
+        }
+        for private in [job_subject("b", "c"), reply_subject("b", task, "c"), cancel_subject("b", task, "c")] {
+            assert!(!allowed(&a.subscribe, &private), "a must not read {private}");
+        }
+        let user = a.nats_user("ludus-a", "pw");
+        assert!(user.contains(r#"publish: { allow: ["ludus.advert.a""#), "{user}");
     }
 }
