@@ -190,7 +190,12 @@ fn billed_game(cluster: &Cluster, task: i64) -> i64 {
 
 /// Servers `a` and `b`, with one real node of `model` behind B only; both list it.
 fn model_behind_b(nats: &Nats, model: &Path, dir: &Path) -> Vec<Cluster> {
-    let files = format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", model.display());
+    model_behind_b_with(nats, model, dir, "")
+}
+
+/// [`model_behind_b`], with `tables` (e.g. `[verifier]`) in every server's config.
+fn model_behind_b_with(nats: &Nats, model: &Path, dir: &Path, tables: &str) -> Vec<Cluster> {
+    let files = format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n{tables}", model.display());
     let mut servers = start_network(nats, &["a", "b"], &files, dir);
     servers[1].add_node(&["--model", model.to_str().unwrap()]);
     servers[1].wait_nodes(MODEL, 1);
@@ -653,4 +658,30 @@ fn servers_with_their_own_nats_users_cannot_speak_for_each_other() {
     assert!(refusals.contains("ludus.job.b"), "NATS refuses A's credentials B's jobs: {refusals}");
     // What NATS lets through under A's name but names B is dropped by the servers.
     assert!(b.server.log_text().contains("advert naming another server than its publisher ignored"));
+}
+
+/// Synchronous verification in a network: an answer waits for its verdict and for its
+/// witness to reach the other servers, whichever comes last, then arrives, asked of B
+/// directly or through A.
+#[test]
+fn synchronous_verification_in_a_network_answers_once_verdict_and_witness_are_in() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let verifier = format!(
+        "[verifier]\nmodels = {{ \"{MODEL}\" = \"{}\" }}\nsample_rate = 1.0\nsynchronous = true\n",
+        model.display()
+    );
+    let servers = model_behind_b_with(&nats, &model, dir.path(), &verifier);
+    let (a, b) = (&servers[0], &servers[1]);
+    let direct = post_with(&b.addr, "/v1/chat/completions", Some(&a.key), chat(MODEL, 6, false).as_bytes());
+    assert_eq!(direct.status, 200, "{}", direct.body);
+    let through_a = post_with(&a.addr, "/v1/chat/completions", Some(&a.key), chat(MODEL, 6, false).as_bytes());
+    assert_eq!(through_a.status, 200, "{}", through_a.body);
+    assert!(!content(&direct.body).is_empty());
+    assert_eq!(content(&through_a.body), content(&direct.body), "greedy: the same verified answer");
+    let log = b.server.log_text();
+    for bad in ["proof REJECTED", "could not be checked", "not confirmed to the cluster in time"] {
+        assert!(!log.contains(bad), "B logged {bad:?}:\n{log}");
+    }
 }
