@@ -112,7 +112,7 @@ impl Cluster {
         let address = url.parse::<async_nats::ServerAddr>().map_err(|e| format!("cluster.nats_url: {e}"))?;
         let options = match (address.username(), address.password()) {
             (Some(user), Some(password)) => {
-                async_nats::ConnectOptions::with_user_and_password(user.to_string(), password.to_string())
+                async_nats::ConnectOptions::with_user_and_password(percent_decoded(user)?, percent_decoded(password)?)
             }
             (Some(_), None) => return Err("cluster.nats_url has a user but no password".into()),
             _ => async_nats::ConnectOptions::new(),
@@ -275,6 +275,23 @@ impl Cluster {
     }
 }
 
+/// A URL's user or password as written before percent-encoding (`%40` is `@`).
+fn percent_decoded(part: &str) -> Result<String, String> {
+    let bytes = part.as_bytes();
+    let (mut out, mut i) = (Vec::with_capacity(bytes.len()), 0);
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = part.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
+            out.push(hex.ok_or("cluster.nats_url: a `%` in the user or password is not followed by two hex digits")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "cluster.nats_url: the user or password is not UTF-8 once decoded".to_string())
+}
+
 /// Claims node `address`'s session on this server (`me`) to the others.
 fn publish_claim(client: &async_nats::Client, me: &str, address: Address, since_ms: u64) {
     let (client, subject) = (client.clone(), wire::session_subject(me));
@@ -357,5 +374,19 @@ impl Handler<Outbound> for Cluster {
             Outbound::Claim { address, since_ms } => publish_claim(&self.client, &self.config.name, address, since_ms),
         }
         Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decoded;
+
+    #[test]
+    fn url_credentials_are_percent_decoded_and_bad_escapes_refused() {
+        assert_eq!(percent_decoded("p%40ss%2Fw0rd").unwrap(), "p@ss/w0rd");
+        assert_eq!(percent_decoded("plain-hex-0a1b").unwrap(), "plain-hex-0a1b");
+        assert!(percent_decoded("bad%4").unwrap_err().contains("two hex digits"));
+        assert!(percent_decoded("bad%zz").is_err());
+        assert!(percent_decoded("%ff").unwrap_err().contains("UTF-8"));
     }
 }
