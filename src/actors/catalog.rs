@@ -110,7 +110,7 @@ impl Catalog {
                 field: grammar_field,
                 message: format!("`{grammar_field}` cannot be compiled into a grammar: {e}"),
             })?;
-        Ok(Some(JobText::new(text, stop, Some(constraint))))
+        Ok(Some(JobText::new(text, stop, Some((constraint, grammar_field)))))
     }
 }
 
@@ -155,12 +155,20 @@ struct JobGrammar {
     /// At the start, for an answer produced again.
     start: Constraint,
     current: Constraint,
+    /// The request field it came from (`response_format` or `tools`).
+    field: &'static str,
 }
 
 impl JobText {
-    pub fn new(model: Arc<ModelText>, stop: &[String], grammar: Option<Constraint>) -> Self {
-        let grammar = grammar.map(|start| JobGrammar { current: start.clone(), start });
+    /// `grammar`: the job's constraint and the request field it came from.
+    pub fn new(model: Arc<ModelText>, stop: &[String], grammar: Option<(Constraint, &'static str)>) -> Self {
+        let grammar = grammar.map(|(start, field)| JobGrammar { current: start.clone(), start, field });
         Self { model, stream: TextStream::new(stop), grammar }
+    }
+
+    /// The request field the job's grammar came from, if it has one.
+    pub fn grammar_field(&self) -> Option<&'static str> {
+        self.grammar.as_ref().map(|g| g.field)
     }
 
     /// Adds a token; the text it releases and whether a stop sequence ends the answer, or
@@ -192,7 +200,11 @@ impl JobText {
 
     /// The same model, stop sequences and grammar, from the start (an answer produced again).
     pub fn restarted(&self) -> Self {
-        let grammar = self.grammar.as_ref().map(|g| JobGrammar { start: g.start.clone(), current: g.start.clone() });
+        let grammar = self.grammar.as_ref().map(|g| JobGrammar {
+            start: g.start.clone(),
+            current: g.start.clone(),
+            field: g.field,
+        });
         Self { model: self.model.clone(), stream: self.stream.restarted(), grammar }
     }
 

@@ -69,6 +69,7 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
         max_tokens: job.max_tokens,
         stop: job.stop.clone(),
         stream: job.stream,
+        grammar_field: job.text.as_ref().and_then(|t| t.grammar_field()).map(str::to_string),
     };
     let payload = serde_json::to_vec(&message).expect("jobs serialize");
     if let Err(e) = client.publish(job_subject(&to, &origin), payload.into()).await {
@@ -225,7 +226,8 @@ async fn admit(
     }
     let (prompt, prompt_ids) = ctx.catalog.count(&f.model, &f.input)?;
     let (catalog, model, params, stop) = (ctx.catalog.clone(), f.model.clone(), f.params.clone(), f.stop.clone());
-    let text = tokio::task::spawn_blocking(move || catalog.job_text(&model, &params, &stop, "response_format"))
+    let field = if f.grammar_field.as_deref() == Some("tools") { "tools" } else { "response_format" };
+    let text = tokio::task::spawn_blocking(move || catalog.job_text(&model, &params, &stop, field))
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))?
         .map_err(|refusal| ServeError::Rejected(refusal.message))?;

@@ -165,6 +165,10 @@ pub struct ForwardedJob {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub stream: bool,
+    /// The request field a grammar came from (`response_format` or `tools`): a refusal
+    /// names the field the game wrote.
+    #[serde(default)]
+    pub grammar_field: Option<String>,
 }
 
 /// A session of node `address` opened at `since_ms` (milliseconds since the Unix epoch)
