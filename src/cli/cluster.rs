@@ -25,11 +25,15 @@ pub fn nats_user(args: NatsUserArgs) -> anyhow::Result<()> {
             wire::MAX_NAME_LEN
         );
     }
+    let nats = args.nats.strip_prefix("nats://").unwrap_or(&args.nats);
+    if nats.contains("://") || nats.contains('@') || nats.is_empty() {
+        anyhow::bail!("--nats takes HOST:PORT (the scheme and the credentials are added), got `{}`", args.nats);
+    }
     let password = hex::encode(rand::random::<[u8; 24]>());
     println!("{}", wire::Permissions::of(&args.name).nats_user(&args.name, &password));
     eprintln!(
         "# in server `{0}`'s config (nats_url is a secret):\n[cluster]\nname = \"{0}\"\nnats_url = \"nats://{0}:{password}@{1}\"",
-        args.name, args.nats
+        args.name, nats
     );
     Ok(())
 }

@@ -91,8 +91,9 @@ pub async fn start_cluster(s: &Settings, core: &Core, catalog: Arc<Catalog>, por
         return Ok(());
     }
     let name = cluster_name(&s.cluster.name, port)?;
-    let client =
-        Cluster::connect(s.cluster.nats_url.expose(), &name, core.peers.clone()).await.map_err(io::Error::other)?;
+    let client = Cluster::connect(s.cluster.nats_url.expose(), &name, core.peers.clone(), core.sessions.clone())
+        .await
+        .map_err(io::Error::other)?;
     let config = ClusterConfig {
         name,
         advert_interval: Duration::from_millis(s.cluster.advert_interval_ms.max(50)),

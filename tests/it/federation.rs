@@ -112,24 +112,27 @@ impl Nats {
     }
 }
 
-/// `[cluster]` for server `name`: quick adverts, a quick verdict on a silent server.
-fn cluster_table(nats: &Nats, name: &str) -> String {
-    format!(
-        "[cluster]\nnats_url = \"{}\"\nname = \"{name}\"\nadvert_interval_ms = 200\npeer_timeout_ms = 1500\n",
-        nats.url_for(name)
-    )
+/// `[cluster]` for server `name`, reaching NATS at `url`: quick adverts, a quick verdict
+/// on a silent server.
+fn cluster_table(url: &str, name: &str) -> String {
+    format!("[cluster]\nnats_url = \"{url}\"\nname = \"{name}\"\nadvert_interval_ms = 200\npeer_timeout_ms = 1500\n")
 }
 
 /// Servers `names` on one database and one distributor key, joined by `nats`; `extra`
 /// goes into each one's `[distributor]` table (and may open more tables before
 /// `[cluster]`). Every server uses the first one's API key (one game).
 fn start_network(nats: &Nats, names: &[&str], extra: &str, key_dir: &Path) -> Vec<Cluster> {
+    start_network_via(names, extra, key_dir, &|name| nats.url_for(name))
+}
+
+/// [`start_network`], each server reaching NATS at `url_for(its name)`.
+fn start_network_via(names: &[&str], extra: &str, key_dir: &Path, url_for: &dyn Fn(&str) -> String) -> Vec<Cluster> {
     let key_file = format!("key_file = \"{}\"\n", key_dir.join("distributor.key").display());
-    let first = Cluster::start_with_server(&key_file, &format!("{extra}{}", cluster_table(nats, names[0])));
+    let table = |name: &str| format!("{extra}{}", cluster_table(&url_for(name), name));
+    let first = Cluster::start_with_server(&key_file, &table(names[0]));
     let mut servers = vec![first];
     for name in &names[1..] {
-        let mut server =
-            Cluster::start_joining(&key_file, &format!("{extra}{}", cluster_table(nats, name)), &servers[0].db_url);
+        let mut server = Cluster::start_joining(&key_file, &table(name), &servers[0].db_url);
         server.key = servers[0].key.clone();
         servers.push(server);
     }
@@ -137,6 +140,52 @@ fn start_network(nats: &Nats, names: &[&str], extra: &str, key_dir: &Path) -> Ve
         wait_servers(server, names.len());
     }
     servers
+}
+
+/// A TCP relay that can be cut: one server's own link to NATS, lost while the others keep
+/// theirs.
+struct Relay {
+    port: u16,
+    down: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(upstream_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (down, links) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let (down2, links2) = (down.clone(), links.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if down2.load(Ordering::SeqCst) {
+                    continue; // refused while cut: dropped at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream_port)) else { continue };
+                links2.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, down, links }
+    }
+
+    /// Cuts every link and refuses new ones until [`Relay::restore`].
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            let _ = link.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Waits until `server` sees `n` servers in the network (itself included).
@@ -684,4 +733,51 @@ fn synchronous_verification_in_a_network_answers_once_verdict_and_witness_are_in
     for bad in ["proof REJECTED", "could not be checked", "not confirmed to the cluster in time"] {
         assert!(!log.contains(bad), "B logged {bad:?}:\n{log}");
     }
+}
+
+/// A key that opened a session on A while B was cut off from NATS (B never heard the
+/// claim) is back to one session once B's link returns: B claims its sessions again, A's
+/// is the newer, and B's closes.
+#[test]
+fn a_key_with_a_session_on_each_side_of_a_nats_split_keeps_one_when_it_heals() {
+    use super::registry::Rogue;
+    use ludus::crypto::identity::Identity;
+    use ludus::protocol::{NodeLoad, NodeMessage, ServerMessage};
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let relay = Relay::start(nats.port);
+    let via = |name: &str| if name == "b" { format!("nats://127.0.0.1:{}", relay.port) } else { nats.url_for(name) };
+    let servers = start_network_via(&["a", "b"], "", dir.path(), &via);
+    let (a, b) = (&servers[0], &servers[1]);
+    let id = || Identity::from_secret(&[11u8; 32]).unwrap();
+    let system = actix_rt::System::new();
+    // The key's session on B is claimed while everyone hears it (A holds none: nothing
+    // to settle).
+    let mut older = system.block_on(Rogue::join_as(&b.addr, MODEL, id()));
+    system.block_on(older.idle(&mut [], Duration::from_millis(500)));
+    // B alone loses NATS; the same key opens on A, whose claim B cannot hear.
+    relay.cut();
+    wait_for("B to lose NATS", Duration::from_secs(10), || b.server.log_text().contains("lost the cluster's NATS"));
+    let mut newer = system.block_on(Rogue::join_as(&a.addr, MODEL, id()));
+    system.block_on(newer.idle(&mut [&mut older], Duration::from_millis(500)));
+
+    relay.restore();
+    let (started, mut reason) = (Instant::now(), None);
+    while reason.is_none() && started.elapsed() < Duration::from_secs(20) {
+        system.block_on(async {
+            for r in [&mut older, &mut newer] {
+                let _ = r.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await;
+            }
+            let _ = newer.link.recv(Duration::from_millis(5)).await;
+            match older.link.recv(Duration::from_millis(50)).await {
+                Ok(ServerMessage::Goodbye { reason: r }) => reason = Some(r),
+                Err(ludus::node::LinkError::Timeout) | Ok(_) => {}
+                Err(e) => reason = Some(format!("closed without a reason: {e}")),
+            }
+        });
+    }
+    let reason = reason.expect("B never closed the older session once NATS was back");
+    assert!(reason.contains("on server `a`"), "{reason}");
+    // The newer session on A lives on.
+    assert!(system.block_on(newer.link.send(&NodeMessage::Heartbeat(NodeLoad::default()))).is_ok());
 }

@@ -108,14 +108,22 @@ impl Cluster {
     /// A user and password in the URL (`nats://user:password@host:port`, this server's own
     /// NATS user: `ludus cluster nats-user`) are sent at connect; async-nats would not read
     /// them from the URL by itself.
-    pub async fn connect(url: &str, name: &str, peers: Arc<Peers>) -> Result<async_nats::Client, String> {
+    /// When the link comes back, every node session held here is claimed again (claims
+    /// made while it was down were not heard).
+    pub async fn connect(
+        url: &str,
+        name: &str,
+        peers: Arc<Peers>,
+        sessions: Arc<Sessions>,
+    ) -> Result<async_nats::Client, String> {
         let address = url.parse::<async_nats::ServerAddr>().map_err(|e| format!("cluster.nats_url: {e}"))?;
         let options = match (address.username(), address.password()) {
             (Some(user), Some(password)) => {
                 async_nats::ConnectOptions::with_user_and_password(percent_decoded(user)?, percent_decoded(password)?)
             }
             (Some(_), None) => return Err("cluster.nats_url has a user but no password".into()),
-            _ => async_nats::ConnectOptions::new(),
+            (None, Some(_)) => return Err("cluster.nats_url has a password but no user".into()),
+            (None, None) => async_nats::ConnectOptions::new(),
         };
         options
             .name(format!("ludus-{name}"))
@@ -124,11 +132,12 @@ impl Cluster {
             .connection_timeout(Duration::from_secs(2))
             .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 250).min(1000)))
             .event_callback(move |event| {
-                let peers = peers.clone();
+                let (peers, sessions) = (peers.clone(), sessions.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             peers.link_restored();
+                            sessions.claim_all();
                             tracing::info!("joined the cluster's NATS")
                         }
                         async_nats::Event::Disconnected => {
@@ -281,7 +290,10 @@ fn percent_decoded(part: &str) -> Result<String, String> {
     let (mut out, mut i) = (Vec::with_capacity(bytes.len()), 0);
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = part.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
+            let hex = part
+                .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
             out.push(hex.ok_or("cluster.nats_url: a `%` in the user or password is not followed by two hex digits")?);
             i += 3;
         } else {
@@ -309,6 +321,8 @@ impl Actor for Cluster {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.listen_sessions(ctx);
+        // After a restart: claims heard while this actor was down were missed.
+        self.sessions.claim_all();
         self.listen_adverts(ctx);
         self.listen_jobs(ctx);
         self.listen_quarantines(ctx);
@@ -387,6 +401,7 @@ mod tests {
         assert_eq!(percent_decoded("plain-hex-0a1b").unwrap(), "plain-hex-0a1b");
         assert!(percent_decoded("bad%4").unwrap_err().contains("two hex digits"));
         assert!(percent_decoded("bad%zz").is_err());
+        assert!(percent_decoded("bad%+1").is_err(), "a sign is not a hex digit");
         assert!(percent_decoded("%ff").unwrap_err().contains("UTF-8"));
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! **The last token of every subject is the server that publishes it**, so NATS itself can
 //! hold each server to its own name: give every server its own NATS user with the
-//! permissions of [`Permissions::of`] (`ludus cluster nats-permissions NAME` prints them),
+//! permissions of [`Permissions::of`] (`ludus cluster nats-user NAME` prints them),
 //! and a server whose credentials leak cannot advertise, witness, reply or forward as
 //! another, nor read another's jobs. What a message says about its sender is checked
 //! against its subject.
