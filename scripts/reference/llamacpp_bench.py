@@ -105,7 +105,10 @@ def main():
     ap.add_argument("--requests", type=int, default=5)
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
-    n_ctx = max(max(batches) * (args.prompt_tokens + args.tokens + 8), args.persona_tokens + 4 * args.line_tokens + 64)
+    # llama.cpp splits the context evenly among the sequences: each needs room for the
+    # longest of its uses.
+    per_sequence = max(args.prompt_tokens + args.tokens + 8, args.persona_tokens + 4 * args.line_tokens + 64)
+    n_ctx = max(batches) * per_sequence
     runner = Runner(args.model, args.threads, n_ctx, max(batches))
     out = {"llama_cpp_python": L.__version__, "threads": args.threads, "model": args.model}
 
