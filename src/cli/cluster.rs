@@ -16,7 +16,8 @@ pub struct NatsUserArgs {
 }
 
 /// Prints the user block for nats-server's `authorization { users = [ … ] }` on stdout,
-/// with a fresh random password, and the server's `[cluster]` table on stderr.
+/// holding a bcrypt hash of a fresh random password, and the server's `[cluster]` table,
+/// with the password itself in `nats_url`, on stderr.
 pub fn nats_user(args: NatsUserArgs) -> anyhow::Result<()> {
     if !wire::valid_name(&args.name) {
         anyhow::bail!(
@@ -30,7 +31,8 @@ pub fn nats_user(args: NatsUserArgs) -> anyhow::Result<()> {
         anyhow::bail!("--nats takes HOST:PORT (the scheme and the credentials are added), got `{}`", args.nats);
     }
     let password = hex::encode(rand::random::<[u8; 24]>());
-    println!("{}", wire::Permissions::of(&args.name).nats_user(&args.name, &password));
+    let hash = wire::nats_password_hash(&password);
+    println!("{}", wire::Permissions::of(&args.name).nats_user(&args.name, &hash));
     eprintln!(
         "# in server `{0}`'s config (nats_url is a secret):\n[cluster]\nname = \"{0}\"\nnats_url = \"nats://{0}:{password}@{1}\"",
         args.name, nats

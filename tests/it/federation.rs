@@ -65,7 +65,7 @@ impl Nats {
     }
 
     /// With one NATS user per server name, holding it to its name
-    /// (`ludus cluster nats-user`'s permissions); anyone else is refused.
+    /// (`ludus cluster nats-user`'s permissions and password hashes); anyone else is refused.
     fn start_with_users(dir: &Path, names: &[&str]) -> Option<Self> {
         let program = tool("nats-server")?;
         let port = free_port();
@@ -75,7 +75,10 @@ impl Nats {
         if !names.is_empty() {
             let users: Vec<String> = names
                 .iter()
-                .map(|n| ludus::actors::cluster::wire::Permissions::of(n).nats_user(n, &passwords[*n]))
+                .map(|n| {
+                    let hash = ludus::actors::cluster::wire::nats_password_hash(&passwords[*n]);
+                    ludus::actors::cluster::wire::Permissions::of(n).nats_user(n, &hash)
+                })
                 .collect();
             conf.push_str(&format!("authorization {{ users = [\n{}\n] }}\n", users.join(",\n")));
         }
@@ -707,6 +710,11 @@ fn servers_with_their_own_nats_users_cannot_speak_for_each_other() {
     assert!(refusals.contains("ludus.job.b"), "NATS refuses A's credentials B's jobs: {refusals}");
     // What NATS lets through under A's name but names B is dropped by the servers.
     assert!(b.server.log_text().contains("advert naming another server than its publisher ignored"));
+    // nats-server's config holds bcrypt hashes, which it took as such, not the passwords.
+    let conf = std::fs::read_to_string(dir.path().join("nats.conf")).unwrap();
+    assert!(nats.passwords.values().all(|pw| !conf.contains(pw.as_str())), "{conf}");
+    let log = std::fs::read_to_string(dir.path().join("nats-0.log")).unwrap();
+    assert!(!log.contains("Plaintext passwords detected"), "{log}");
 }
 
 /// Synchronous verification in a network: an answer waits for its verdict and for its

@@ -112,6 +112,8 @@ impl Permissions {
     }
 
     /// This server's user for nats-server's `authorization { users = [ … ] }` block.
+    /// `password` is what nats-server checks against: a hash of [`nats_password_hash`]
+    /// (or, where the config file is as secret as the server's own, the password itself).
     pub fn nats_user(&self, user: &str, password: &str) -> String {
         let list = |subjects: &[String]| subjects.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
         format!(
@@ -120,6 +122,20 @@ impl Permissions {
             list(&self.subscribe)
         )
     }
+}
+
+/// bcrypt cost of [`nats_password_hash`]: what `nats server passwd` uses. nats-server pays
+/// it once per connection (tens of milliseconds), never per message.
+pub const NATS_PASSWORD_COST: u32 = 11;
+
+/// `password` as nats-server's config should hold it: a bcrypt hash, in the `$2a$` form
+/// nats-server recognizes, so that whoever reads that file learns no server's
+/// credentials (and nats-server stops warning of plaintext passwords).
+pub fn nats_password_hash(password: &str) -> String {
+    let salt: [u8; 16] = rand::random();
+    bcrypt::hash_with_salt(password, NATS_PASSWORD_COST, salt)
+        .expect("NATS_PASSWORD_COST is within bcrypt's range")
+        .format_for_version(bcrypt::Version::TwoA)
 }
 
 /// A server name is one NATS subject token: letters, digits, `-` and `_`, at most
@@ -303,5 +319,16 @@ mod tests {
         }
         let user = a.nats_user("ludus-a", "pw");
         assert!(user.contains(r#"publish: { allow: ["ludus.advert.a""#), "{user}");
+    }
+
+    #[test]
+    fn a_nats_password_hash_is_salted_bcrypt_that_only_its_password_matches() {
+        let (one, two) = (nats_password_hash("secret-1"), nats_password_hash("secret-1"));
+        assert!(one.starts_with(&format!("$2a${NATS_PASSWORD_COST}$")), "{one}");
+        assert_ne!(one, two, "every hash has its own salt");
+        assert!(!one.contains("secret-1"));
+        assert!(bcrypt::verify("secret-1", &one).unwrap());
+        assert!(bcrypt::verify("secret-1", &two).unwrap());
+        assert!(!bcrypt::verify("secret-2", &one).unwrap());
     }
 }
