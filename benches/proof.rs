@@ -38,6 +38,7 @@ fn main() {
         single_sequence_threads: 1,
         prefix_cache_bytes: 0,
         speculative: ludus::inference::Speculation::OFF,
+        draft_model: None,
     };
     let engine = Engine::start(Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap(), config).unwrap();
     let node = Identity::generate();

@@ -29,8 +29,11 @@ pub struct EngineSettings {
     pub tune_dir: std::path::PathBuf,
     /// Memory for prompt blocks kept for the next request that starts with them (0 = off).
     pub prefix_cache_mb: usize,
-    /// Speculative decoding of a sequence decoded alone: `{ draft = "off" | "ngram", k }`.
+    /// Speculative decoding of a sequence decoded alone: `{ draft = "off" | "ngram" | "model", k }`.
     pub speculative: crate::inference::Speculation,
+    /// The draft model of `speculative.draft = "model"` ("" = none): a model file or
+    /// directory with the target's tokenizer.
+    pub draft_model: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +281,7 @@ impl Settings {
             },
             prefix_cache_bytes: self.engine.prefix_cache_mb << 20,
             speculative: self.engine.speculative,
+            draft_model: (!self.engine.draft_model.as_os_str().is_empty()).then(|| self.engine.draft_model.clone()),
         }
     }
 }

@@ -338,6 +338,7 @@ fn memory_single(
         model_key: None,
         single_sequence_threads: Some(crate::inference::tune::Tunable::Fixed(threads)),
         draft: None,
+        draft_model: None,
         draft_tokens: None,
     };
     let engine = runtime.start_engine(settings, path, Some(1))?;

@@ -222,11 +222,17 @@ pub struct RuntimeArgs {
     /// start-up). Default: the config's engine.single_sequence_threads.
     #[arg(long)]
     pub single_sequence_threads: Option<crate::inference::tune::Tunable>,
-    /// Speculative decoding of a sequence decoded alone: off, or ngram (drafts from what
-    /// followed the last few tokens earlier in the prompt or answer; the kept tokens are
-    /// the ones the model draws). Default: the config's engine.speculative.draft.
+    /// Speculative decoding of a sequence decoded alone: off, ngram (drafts from what
+    /// followed the last few tokens earlier in the prompt or answer) or model (a draft
+    /// model's greedy tokens, --draft-model); the kept tokens are the ones the model
+    /// draws. Default: the config's engine.speculative.draft.
     #[arg(long)]
     pub draft: Option<crate::inference::Draft>,
+    /// The draft model of --draft model: a model file or directory with the target's
+    /// tokenizer (a `ludus distill` student, or a smaller sibling). Default: the config's
+    /// engine.draft_model.
+    #[arg(long)]
+    pub draft_model: Option<PathBuf>,
     /// Tokens drafted per pass at most (1..=16). Default: the config's engine.speculative.k.
     #[arg(long)]
     pub draft_tokens: Option<usize>,

@@ -27,6 +27,7 @@ impl RuntimeArgs {
             model_key: None,
             single_sequence_threads: None,
             draft: None,
+            draft_model: None,
             draft_tokens: None,
         }
     }
@@ -78,6 +79,9 @@ impl RuntimeArgs {
         }
         if let Some(k) = self.draft_tokens {
             config.speculative.k = k;
+        }
+        if let Some(path) = &self.draft_model {
+            config.draft_model = Some(path.clone());
         }
         config.single_sequence_threads = match (single, &tuning) {
             (Tunable::Fixed(n), _) => n,

@@ -28,7 +28,7 @@ use super::llama::{LogitsFor, PrefillChunk};
 use super::model::Model;
 use super::prefix_cache::{BlockName, PrefixCache, PrefixStats};
 use super::sampling::{apply_penalties, sample, SamplingParams, TokenHistory};
-use super::speculative::{Speculation, SpeculationStats};
+use super::speculative::{Draft, DraftModel, Speculation, SpeculationStats};
 use super::text_stream::TextStream;
 use super::tokenizer::Tokenizer;
 
@@ -51,6 +51,9 @@ pub struct EngineConfig {
     pub prefix_cache_bytes: usize,
     /// Speculative decoding of a sequence decoded alone ([`super::speculative`]).
     pub speculative: Speculation,
+    /// The draft model of `speculative.draft = model`: loaded beside the target, on its
+    /// device, in its dtype and format.
+    pub draft_model: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +66,7 @@ impl Default for EngineConfig {
             single_sequence_threads: 1,
             prefix_cache_bytes: 0,
             speculative: Speculation::OFF,
+            draft_model: None,
         }
     }
 }
@@ -230,6 +234,19 @@ impl Engine {
                 model.llama.kind,
             )?
         };
+        let drafter = match (config.speculative.draft, &config.draft_model) {
+            (Draft::Model, None) => {
+                return Err(InferError::InvalidRequest(
+                    "speculative.draft = \"model\" needs a draft model (engine.draft_model, --draft-model)".into(),
+                ))
+            }
+            (Draft::Model, Some(path)) => {
+                let llama = &model.llama;
+                let draft = Model::load_quantized(path, llama.device, Some(llama.kind), llama.quantization, None)?;
+                Some(DraftModel::new(draft, &model, config.max_context, config.prefill_chunk)?)
+            }
+            _ => None,
+        };
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(EngineLoad::default());
         let handle = Self {
@@ -257,6 +274,7 @@ impl Engine {
                     config,
                     cache,
                     prefix,
+                    drafter,
                     rx,
                     load,
                     waiting: VecDeque::new(),
@@ -346,6 +364,8 @@ struct Scheduler {
     config: EngineConfig,
     cache: KvCache,
     prefix: Option<PrefixCache>,
+    /// The draft model, with `speculative.draft = model`.
+    drafter: Option<DraftModel>,
     rx: mpsc::Receiver<Command>,
     load: Arc<EngineLoad>,
     waiting: VecDeque<Command>,
@@ -690,7 +710,13 @@ impl Scheduler {
         let room = (seq.request.max_tokens.saturating_sub(seq.generated).saturating_sub(1))
             .min(self.config.max_context.saturating_sub(seq.tokens.len()))
             .min(seq.draft_len);
-        let draft = spec.propose(&seq.tokens, room);
+        let draft = match self.drafter.as_mut() {
+            Some(drafter) => drafter.propose(&seq.tokens, room).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the draft model failed; this step decodes without a draft");
+                Vec::new()
+            }),
+            None => spec.propose(&seq.tokens, room),
+        };
         (!draft.is_empty()).then_some(draft)
     }
 

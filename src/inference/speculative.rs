@@ -6,12 +6,26 @@
 //! own, drafted or not; a pass always yields at least one token (the one drawn where the
 //! draft parted, or after the whole draft).
 //!
-//! The drafter here needs no model: prompt lookup (n-gram) drafting proposes the tokens
-//! that followed the latest earlier occurrence of the sequence's last few tokens, in the
-//! prompt or in what it already generated. It costs a scan of the sequence per step and
-//! pays where answers quote their prompt (names, lore, rules) or repeat themselves.
+//! Two drafters:
+//! - **Prompt lookup (n-gram)** needs no model: it proposes the tokens that followed the
+//!   latest earlier occurrence of the sequence's last few tokens, in the prompt or in what
+//!   it already generated. It costs a scan of the sequence per step and pays where answers
+//!   quote their prompt (names, lore, rules) or repeat themselves.
+//! - **A draft model** ([`DraftModel`]): a smaller model of the same tokenizer (a distilled
+//!   student from `ludus distill`, or a small sibling of the target) decodes the draft
+//!   greedily on its own KV cache. Its cache keeps the tokens it has seen, so each pass
+//!   computes only what the target accepted since, plus the draft.
+//!
+//! Whatever a drafter proposes, the output is the target's: a draft only decides how many
+//! of the target's own tokens one pass yields.
 
 use serde::Deserialize;
+use tch::Kind;
+
+use super::error::{InferError, Result};
+use super::kv_cache::KvCache;
+use super::llama::LogitsFor;
+use super::model::Model;
 
 /// Where drafts come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -22,6 +36,8 @@ pub enum Draft {
     Off,
     /// Prompt lookup: the continuation of an earlier occurrence of the last n-gram.
     Ngram,
+    /// A draft model's greedy continuation (`engine.draft_model`, [`DraftModel`]).
+    Model,
 }
 
 impl std::str::FromStr for Draft {
@@ -31,7 +47,8 @@ impl std::str::FromStr for Draft {
         match s {
             "off" | "none" => Ok(Self::Off),
             "ngram" => Ok(Self::Ngram),
-            other => Err(format!("unknown draft {other:?}: off or ngram")),
+            "model" => Ok(Self::Model),
+            other => Err(format!("unknown draft {other:?}: off, ngram or model")),
         }
     }
 }
@@ -41,6 +58,7 @@ impl std::fmt::Display for Draft {
         f.write_str(match self {
             Self::Off => "off",
             Self::Ngram => "ngram",
+            Self::Model => "model",
         })
     }
 }
@@ -79,11 +97,11 @@ impl Speculation {
     }
 
     /// Up to `limit` (and `self.k`) tokens to check after `tokens`; empty when nothing is
-    /// worth a pass.
+    /// worth a pass. A draft model proposes through [`DraftModel::propose`] instead.
     pub fn propose(&self, tokens: &[u32], limit: usize) -> Vec<u32> {
         let k = self.k.min(limit);
         match self.draft {
-            Draft::Off => Vec::new(),
+            Draft::Off | Draft::Model => Vec::new(),
             Draft::Ngram if k == 0 => Vec::new(),
             Draft::Ngram => lookup(tokens, k),
         }
@@ -119,6 +137,109 @@ pub fn lookup(tokens: &[u32], k: usize) -> Vec<u32> {
         }
     }
     Vec::new()
+}
+
+/// A draft model beside the target: same tokenizer, its own one-slot KV cache, greedy.
+pub struct DraftModel {
+    model: Model,
+    cache: KvCache,
+    /// The tokens whose keys and values `cache` holds, in order.
+    held: Vec<u32>,
+    /// Tokens per catch-up pass (the target's prefill chunk).
+    chunk: usize,
+    /// The target's vocabulary: a proposal past it is dropped (the target could not embed it).
+    target_vocab: usize,
+}
+
+impl std::fmt::Debug for DraftModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DraftModel").field("model", &self.model).field("held", &self.held.len()).finish()
+    }
+}
+
+impl DraftModel {
+    /// `draft` drafting for `target` over sequences of up to `max_context` tokens, caught
+    /// up `chunk` tokens per pass. Refused unless both tokenize alike: token for token the
+    /// same bytes, and the same special tokens.
+    pub fn new(draft: Model, target: &Model, max_context: usize, chunk: usize) -> Result<Self> {
+        let (d, t) = (&draft.tokenizer, &target.tokenizer);
+        let differs = (0..t.vocab_size().max(d.vocab_size()) as u32).find(|&id| d.token_bytes(id) != t.token_bytes(id));
+        if d.vocab_size() != t.vocab_size() || differs.is_some() || d.stop_tokens != t.stop_tokens {
+            return Err(InferError::InvalidRequest(format!(
+                "draft model {} does not share the tokenizer of {} ({} tokens against {}{}): a draft \
+                 must tokenize exactly like its target",
+                draft.path.display(),
+                target.path.display(),
+                d.vocab_size(),
+                t.vocab_size(),
+                differs.map_or(String::new(), |id| format!(", first different token: {id}"))
+            )));
+        }
+        let llama = &draft.llama;
+        let cache = KvCache::new(&llama.config, 1, max_context, llama.device, llama.kind)?;
+        Ok(Self {
+            model: draft,
+            cache,
+            held: Vec::new(),
+            chunk: chunk.max(1),
+            target_vocab: target.llama.config.vocab_size,
+        })
+    }
+
+    /// Up to `k` tokens the draft model expects after `tokens` (greedy). Keeps what it
+    /// computed: the next call recomputes only past the longest prefix both share.
+    pub fn propose(&mut self, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
+        if k == 0 || tokens.is_empty() || tokens.len() + k > self.cache.max_len() {
+            return Ok(Vec::new());
+        }
+        let draft = self.run(tokens, k);
+        if draft.is_err() {
+            // The cache holds nothing certain: start over next time.
+            self.held.clear();
+            self.cache.set_len(0, 0);
+        }
+        draft
+    }
+
+    fn run(&mut self, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
+        let _guard = tch::no_grad_guard();
+        // The last token is always run again: its logits choose the first draft token.
+        let shared = self.held.iter().zip(tokens).take_while(|(a, b)| a == b).count().min(tokens.len() - 1);
+        self.held.truncate(shared);
+        self.cache.set_len(0, shared);
+        let llama = &self.model.llama;
+        let mut logits = None;
+        for start in (shared..tokens.len()).step_by(self.chunk) {
+            let end = (start + self.chunk).min(tokens.len());
+            let out = llama.prefill(&mut self.cache, 0, &tokens[start..end], start, LogitsFor::Last)?;
+            self.held.extend_from_slice(&tokens[start..end]);
+            logits = Some(out.logits);
+        }
+        let mut next = greedy(&logits.expect("at least the last token ran"))?;
+        let mut draft = Vec::with_capacity(k);
+        while next < self.target_vocab {
+            draft.push(next as u32);
+            if draft.len() == k {
+                break;
+            }
+            let out = llama.decode(&mut self.cache, &[next as u32], &[self.held.len()])?;
+            self.held.push(next as u32);
+            next = greedy(&out.logits)?;
+        }
+        Ok(draft)
+    }
+
+    /// The draft model (to report which one drafts).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+}
+
+/// The most likely token of the last row of `logits`.
+fn greedy(logits: &tch::Tensor) -> Result<usize> {
+    let rows = logits.size()[0];
+    let best = logits.f_narrow(0, rows - 1, 1)?.f_to_kind(Kind::Float)?.f_argmax(-1, false)?;
+    Ok(best.f_int64_value(&[0])? as usize)
 }
 
 /// How drafts fared: tokens kept of those drafted (a draft's rows after its sequence
@@ -172,6 +293,8 @@ mod tests {
         assert!(Speculation { draft: Draft::Ngram, k: MAX_DRAFT_TOKENS + 1 }.validate().is_err());
         assert!(Speculation { draft: Draft::Off, k: 0 }.validate().is_ok());
         assert_eq!("ngram".parse::<Draft>(), Ok(Draft::Ngram));
-        assert!("eagle".parse::<Draft>().unwrap_err().contains("off or ngram"));
+        assert!("eagle".parse::<Draft>().unwrap_err().contains("off, ngram or model"));
+        assert_eq!("model".parse::<Draft>(), Ok(Draft::Model));
+        assert!(Speculation { draft: Draft::Model, k: 4 }.propose(&tokens, 10).is_empty(), "the model proposes");
     }
 }

@@ -288,6 +288,7 @@ fn measure_format(mut model: Model, quantization: Quantization, plan: &Plan) -> 
             single_sequence_threads: single,
             prefix_cache_bytes: 0,
             speculative: crate::inference::Speculation::OFF,
+            draft_model: None,
         };
         let engine = Engine::start(model, config)?;
         let run = |batch| timed_batch(&engine, &prompt, batch, TIMED_TOKENS, None);

@@ -54,6 +54,7 @@ pub fn engine(path: &Path, max_batch: usize) -> Engine {
             single_sequence_threads: 0,
             prefix_cache_bytes: 0,
             speculative: ludus::inference::Speculation::OFF,
+            draft_model: None,
         },
     )
     .expect("engine starts")

@@ -51,6 +51,7 @@ fn start(quantization: Quantization, prefix_cache_bytes: usize, max_batch: usize
         single_sequence_threads: 0,
         prefix_cache_bytes,
         speculative: ludus::inference::Speculation::OFF,
+        draft_model: None,
     };
     Engine::start(model, config).unwrap()
 }

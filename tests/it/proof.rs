@@ -566,6 +566,7 @@ fn ludus_verify_checks_stored_proofs_offline() {
             single_sequence_threads: 0,
             prefix_cache_bytes: 0,
             speculative: ludus::inference::Speculation::OFF,
+            draft_model: None,
         },
     )
     .unwrap();
@@ -644,6 +645,7 @@ fn the_verifier_holds_the_reference_in_the_same_protected_form() {
             single_sequence_threads: 0,
             prefix_cache_bytes: 0,
             speculative: ludus::inference::Speculation::OFF,
+            draft_model: None,
         },
     )
     .unwrap();
@@ -681,6 +683,7 @@ fn run_case<'m>(
             single_sequence_threads: 0,
             prefix_cache_bytes: 0,
             speculative: ludus::inference::Speculation::OFF,
+            draft_model: None,
         },
     )
     .unwrap();

@@ -1,5 +1,5 @@
 //! Speculative decoding keeps the model's own tokens: the same requests with and without
-//! n-gram drafting (greedy and seeded, f32 and int4, one at a time and eight at once) give
+//! n-gram drafting, or a draft model's (greedy and seeded, f32 and int4, one at a time and eight at once) give
 //! the same ids, up to float near-ties between a one-row and a several-row pass (f32 gave
 //! identical ids in every case here; int4's bf16 kernels part at a near-tie now and then,
 //! as between batch sizes), while drafts are really checked and kept; a proof made from
@@ -35,6 +35,15 @@ fn lines() -> Vec<&'static str> {
 }
 
 fn start(quantization: Quantization, speculative: Speculation, max_batch: usize) -> Engine {
+    start_with_draft(quantization, speculative, max_batch, None)
+}
+
+fn start_with_draft(
+    quantization: Quantization,
+    speculative: Speculation,
+    max_batch: usize,
+    draft_model: Option<std::path::PathBuf>,
+) -> Engine {
     let path = smollm2().expect("checked by the caller");
     let model = Model::load_quantized(&path, Device::Cpu, None, quantization, None).unwrap();
     let config = EngineConfig {
@@ -45,11 +54,13 @@ fn start(quantization: Quantization, speculative: Speculation, max_batch: usize)
         single_sequence_threads: 0,
         prefix_cache_bytes: 0,
         speculative,
+        draft_model,
     };
     Engine::start(model, config).unwrap()
 }
 
 const NGRAM: Speculation = Speculation { draft: Draft::Ngram, k: 4 };
+const DRAFT_MODEL: Speculation = Speculation { draft: Draft::Model, k: 4 };
 
 /// Runs `lines` on `engine`, `together` at a time; the ids of each answer. Together,
 /// answers get different lengths (8, 16, … 56 tokens at most, and the last 96), so that
@@ -120,7 +131,20 @@ fn compare(
     (name, params): (&str, &SamplingParams),
     together: usize,
 ) -> (SpeculationStats, usize) {
-    let (plain, drafting) = (start(quantization, Speculation::OFF, together), start(quantization, NGRAM, together));
+    compare_drafting(quantization, reference, model, (name, params), together, (NGRAM, None))
+}
+
+/// [`compare`] with a drafter of one's own: a speculation setting and its draft model.
+fn compare_drafting(
+    quantization: Quantization,
+    reference: &Model,
+    model: &Model,
+    (name, params): (&str, &SamplingParams),
+    together: usize,
+    (speculative, draft_model): (Speculation, Option<std::path::PathBuf>),
+) -> (SpeculationStats, usize) {
+    let plain = start(quantization, Speculation::OFF, together);
+    let drafting = start_with_draft(quantization, speculative, together, draft_model);
     let want = run(&plain, model, params, together);
     let got = run(&drafting, model, params, together);
     let what = format!("{quantization} {name}, batch {together}");
@@ -152,6 +176,60 @@ fn speculation_keeps_the_models_tokens_one_at_a_time_and_eight_at_once() {
             assert!(s.passes > 0, "{quantization} {}: the sequence left alone speculated: {s:?}", case.0);
         }
     }
+}
+
+/// A draft model (here the target's own file, so that greedy drafts mostly hold and
+/// sampled ones often fail) keeps the target's tokens: greedy and seeded, f32 and int4,
+/// one at a time and eight at once, as n-gram drafting does.
+#[test]
+fn a_draft_model_keeps_the_models_tokens() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let greedy = SamplingParams::greedy();
+    let seeded = SamplingParams { temperature: 0.9, top_p: 0.95, seed: 5, ..Default::default() };
+    // Sampled from the whole vocabulary: with top-p, a token at the nucleus' edge can fall
+    // in or out between a one-row and a several-row pass, which no tie margin measures.
+    let seeded = SamplingParams { top_p: 1.0, ..seeded };
+    let drafter = (DRAFT_MODEL, Some(path.clone()));
+    for quantization in [Quantization::None, Quantization::Int4] {
+        let reference = Model::load_quantized(&path, Device::Cpu, None, quantization, None).unwrap();
+        for case in [("greedy", &greedy), ("seeded", &seeded)] {
+            let (s, tokens) = compare_drafting(quantization, &reference, &model, case, 1, drafter.clone());
+            assert!(s.passes > 0 && s.accepted > 0, "{quantization} {}: drafts checked and some kept: {s:?}", case.0);
+            assert!(tokens as u64 >= s.passes + s.accepted, "{tokens} tokens, {s:?}");
+            if case.0 == "seeded" {
+                // Greedy drafts against sampled tokens: some fail, and the answer is still
+                // the target's.
+                assert!(s.accepted < s.drafted, "{quantization} seeded: some drafts failed: {s:?}");
+            }
+        }
+    }
+    let reference = Model::load_quantized(&path, Device::Cpu, None, Quantization::None, None).unwrap();
+    let (s, _) = compare_drafting(Quantization::None, &reference, &model, ("seeded", &seeded), 8, drafter);
+    assert!(s.passes > 0, "f32 seeded, batch 8: the sequence left alone speculated: {s:?}");
+}
+
+/// A draft model must tokenize exactly like its target, and speculation with draft
+/// "model" needs one: both refused at start with a clear error.
+#[test]
+fn a_draft_model_of_another_tokenizer_or_none_is_refused() {
+    let Some(path) = smollm2() else { return };
+    let model = || Model::load(&path, Device::Cpu, None).unwrap();
+    let config = |draft_model| EngineConfig {
+        max_batch: 1,
+        max_context: 256,
+        speculative: DRAFT_MODEL,
+        draft_model,
+        ..Default::default()
+    };
+    let error = Engine::start(model(), config(None)).err().expect("refused").to_string();
+    assert!(error.contains("needs a draft model"), "{error}");
+    let gemma = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
+    if !crate::helpers::required_tool("Gemma 3 270M (scripts/setup --test)", gemma.is_file()) {
+        return;
+    }
+    let error = Engine::start(model(), config(Some(gemma))).err().expect("refused").to_string();
+    assert!(error.contains("does not share the tokenizer"), "{error}");
 }
 
 /// A draft never reaches past max_tokens nor past the context (a pass there would write
