@@ -712,7 +712,7 @@ impl Scheduler {
             .min(seq.draft_len);
         let draft = match self.drafter.as_mut() {
             Some(drafter) => drafter.propose(&seq.tokens, room).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "the draft model failed; this step decodes without a draft");
+                tracing::error!(error = %e, "the draft model failed three passes in a row; it drafts no more");
                 Vec::new()
             }),
             None => spec.propose(&seq.tokens, room),

@@ -149,7 +149,13 @@ pub struct DraftModel {
     chunk: usize,
     /// The target's vocabulary: a proposal past it is dropped (the target could not embed it).
     target_vocab: usize,
+    /// Passes in a row that failed; at [`MAX_DRAFT_FAILURES`] the drafter stops for good.
+    failures: u32,
 }
+
+/// Failed passes in a row after which a draft model stops drafting (each one costs a
+/// catch-up over the whole sequence, and the cause, memory or a bad file, rarely passes).
+const MAX_DRAFT_FAILURES: u32 = 3;
 
 impl std::fmt::Debug for DraftModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,13 +164,14 @@ impl std::fmt::Debug for DraftModel {
 }
 
 impl DraftModel {
-    /// `draft` drafting for `target` over sequences of up to `max_context` tokens, caught
-    /// up `chunk` tokens per pass. Refused unless both tokenize alike: token for token the
-    /// same bytes, and the same special tokens.
+    /// `draft` drafting for `target` over sequences of up to `max_context` tokens (or the
+    /// draft's own context, if shorter: past it, it drafts nothing), caught up `chunk`
+    /// tokens per pass. Refused unless both tokenize alike, token for token the same bytes
+    /// (stop tokens may differ: a base model can draft for its instruct sibling).
     pub fn new(draft: Model, target: &Model, max_context: usize, chunk: usize) -> Result<Self> {
         let (d, t) = (&draft.tokenizer, &target.tokenizer);
         let differs = (0..t.vocab_size().max(d.vocab_size()) as u32).find(|&id| d.token_bytes(id) != t.token_bytes(id));
-        if d.vocab_size() != t.vocab_size() || differs.is_some() || d.stop_tokens != t.stop_tokens {
+        if d.vocab_size() != t.vocab_size() || differs.is_some() {
             return Err(InferError::InvalidRequest(format!(
                 "draft model {} does not share the tokenizer of {} ({} tokens against {}{}): a draft \
                  must tokenize exactly like its target",
@@ -176,29 +183,47 @@ impl DraftModel {
             )));
         }
         let llama = &draft.llama;
-        let cache = KvCache::new(&llama.config, 1, max_context, llama.device, llama.kind)?;
-        Ok(Self {
-            model: draft,
-            cache,
-            held: Vec::new(),
-            chunk: chunk.max(1),
-            target_vocab: target.llama.config.vocab_size,
-        })
+        let context = max_context.min(llama.config.max_position_embeddings);
+        let cache = KvCache::new(&llama.config, 1, context, llama.device, llama.kind)?;
+        let target_vocab = target.llama.config.vocab_size;
+        Ok(Self { model: draft, cache, held: Vec::new(), chunk: chunk.max(1), target_vocab, failures: 0 })
     }
 
     /// Up to `k` tokens the draft model expects after `tokens` (greedy). Keeps what it
     /// computed: the next call recomputes only past the longest prefix both share.
+    /// Fails only on the pass that makes it stop drafting; other failures draft nothing.
     pub fn propose(&mut self, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
-        if k == 0 || tokens.is_empty() || tokens.len() + k > self.cache.max_len() {
+        if k == 0 || tokens.is_empty() || tokens.len() + k > self.cache.max_len() || self.stopped() {
             return Ok(Vec::new());
         }
-        let draft = self.run(tokens, k);
-        if draft.is_err() {
-            // The cache holds nothing certain: start over next time.
-            self.held.clear();
-            self.cache.set_len(0, 0);
+        // A token the draft cannot embed (the target's vocabulary padded further than the
+        // draft's): nothing to draft from.
+        let vocab = self.model.llama.config.vocab_size;
+        if tokens.iter().any(|&t| t as usize >= vocab) {
+            return Ok(Vec::new());
         }
-        draft
+        match self.run(tokens, k) {
+            Ok(draft) => {
+                self.failures = 0;
+                Ok(draft)
+            }
+            Err(e) => {
+                // The cache holds nothing certain: start over next time, if there is one.
+                self.held.clear();
+                self.cache.set_len(0, 0);
+                self.failures += 1;
+                if self.stopped() {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "the draft model failed; this step decodes without a draft");
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Whether it failed [`MAX_DRAFT_FAILURES`] times in a row, and drafts no more.
+    pub fn stopped(&self) -> bool {
+        self.failures >= MAX_DRAFT_FAILURES
     }
 
     fn run(&mut self, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
@@ -211,7 +236,8 @@ impl DraftModel {
         let mut logits = None;
         for start in (shared..tokens.len()).step_by(self.chunk) {
             let end = (start + self.chunk).min(tokens.len());
-            let out = llama.prefill(&mut self.cache, 0, &tokens[start..end], start, LogitsFor::Last)?;
+            let want = if end == tokens.len() { LogitsFor::Last } else { LogitsFor::None };
+            let out = llama.prefill(&mut self.cache, 0, &tokens[start..end], start, want)?;
             self.held.extend_from_slice(&tokens[start..end]);
             logits = Some(out.logits);
         }
@@ -278,6 +304,42 @@ mod tests {
         assert!(lookup(&[1, 2, 3, 4, 5], 4).is_empty(), "no repeat");
         assert!(lookup(&[1, 2, 3, 1], 4).is_empty(), "a single token is not enough");
         assert_eq!(lookup(&[7, 7, 7], 4), vec![7, 7, 7, 7], "a run repeats itself");
+    }
+
+    /// A tiny draft for a tiny target (same tokenizer, another seed, a shorter context):
+    /// what its cache holds after each pass, and where it drafts nothing.
+    #[test]
+    fn a_draft_model_follows_the_sequence_and_stays_in_its_context() {
+        use crate::inference::tiny_model::{write_gguf, TinySpec};
+        let dir = tempfile::tempdir().unwrap();
+        let (t, d) = (dir.path().join("target.gguf"), dir.path().join("draft.gguf"));
+        write_gguf(&t, &TinySpec::default()).unwrap();
+        write_gguf(&d, &TinySpec { seed: 8, layers: 1, context: 64, ..Default::default() }).unwrap();
+        let load = |p: &std::path::Path| Model::load(p, tch::Device::Cpu, None).unwrap();
+        let target = load(&t);
+        let mut drafter = DraftModel::new(load(&d), &target, 256, 8).unwrap();
+        assert_eq!(drafter.cache.max_len(), 64, "the draft's own context bounds it");
+        let mut tokens: Vec<u32> = (0..20).map(|i| 40 + i).collect();
+        let first = drafter.propose(&tokens, 4).unwrap();
+        assert_eq!(first.len(), 4);
+        // It holds the sequence and the drafts it ran to draft the next (all but the last).
+        assert_eq!(drafter.held, [&tokens[..], &first[..3]].concat());
+        assert_eq!(drafter.cache.len(0), 23);
+        // The target kept two and drew another token: the draft keeps what they share and
+        // runs the rest.
+        let other = if first[2] == 1 { 2 } else { 1 };
+        tokens.extend_from_slice(&[first[0], first[1], other]);
+        let second = drafter.propose(&tokens, 2).unwrap();
+        assert_eq!(second.len(), 2);
+        assert_eq!(drafter.held, [&tokens[..], &second[..1]].concat());
+        assert_eq!(drafter.cache.len(0), 24);
+        // Up to the end of its context, and not past it.
+        let long: Vec<u32> = (0..62).map(|i| 40 + i % 50).collect();
+        assert!(drafter.propose(&long, 4).unwrap().is_empty());
+        assert_eq!(drafter.propose(&long, 2).unwrap().len(), 2);
+        // A token it cannot embed: no draft, and no failure.
+        assert!(drafter.propose(&[40, 41, 100_000], 2).unwrap().is_empty());
+        assert!(!drafter.stopped());
     }
 
     #[test]
