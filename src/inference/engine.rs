@@ -198,9 +198,11 @@ pub struct Engine {
     pub device: Device,
     pub kind: Kind,
     pub weight_bytes: usize,
-    /// Weight memory held (embedding included), for heartbeats and planning.
+    /// Weight memory held (embedding included; a draft model's too), for heartbeats and
+    /// planning.
     pub model_bytes: usize,
-    /// KV-cache memory, allocated up front for `max_batch × max_context` tokens.
+    /// KV-cache memory, allocated up front for `max_batch × max_context` tokens (and a
+    /// draft model's one slot).
     pub kv_cache_bytes: usize,
     pub quantization: super::qlinear::Quantization,
     pub hidden_size: usize,
@@ -259,8 +261,8 @@ impl Engine {
             device: model.llama.device,
             kind: model.llama.kind,
             weight_bytes: model.llama.weight_bytes(),
-            model_bytes: model.llama.model_bytes(),
-            kv_cache_bytes: cache.bytes(),
+            model_bytes: model.llama.model_bytes() + drafter.as_ref().map_or(0, DraftModel::model_bytes),
+            kv_cache_bytes: cache.bytes() + drafter.as_ref().map_or(0, DraftModel::kv_cache_bytes),
             quantization: model.llama.quantization,
             hidden_size: model.llama.config.hidden_size,
             tuning: None,

@@ -259,6 +259,16 @@ impl DraftModel {
     pub fn model(&self) -> &Model {
         &self.model
     }
+
+    /// Weight memory of the draft model.
+    pub fn model_bytes(&self) -> usize {
+        self.model.llama.model_bytes()
+    }
+
+    /// Memory of its KV cache (one sequence of its context).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
 }
 
 /// The most likely token of the last row of `logits`.
@@ -340,6 +350,18 @@ mod tests {
         // A token it cannot embed: no draft, and no failure.
         assert!(drafter.propose(&[40, 41, 100_000], 2).unwrap().is_empty());
         assert!(!drafter.stopped());
+
+        // An engine that drafts counts the draft's memory with its own.
+        use crate::inference::{Engine, EngineConfig};
+        let config = EngineConfig { max_batch: 2, max_context: 128, ..Default::default() };
+        let plain = Engine::start(load(&t), config.clone()).unwrap();
+        let drafting =
+            EngineConfig { speculative: Speculation { draft: Draft::Model, k: 2 }, draft_model: Some(d), ..config };
+        let drafting = Engine::start(load(&t), drafting).unwrap();
+        assert_eq!(drafting.model_bytes, plain.model_bytes + drafter.model_bytes());
+        assert!(drafter.model_bytes() > 0);
+        // The engine's draft holds one sequence of 64 tokens, as `drafter` does.
+        assert_eq!(drafting.kv_cache_bytes, plain.kv_cache_bytes + drafter.kv_cache_bytes());
     }
 
     #[test]
