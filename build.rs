@@ -4,7 +4,8 @@
 //! memory even on a machine without a GPU, so `inference::cuda` opens it at run time
 //! only when a GPU is asked for or present.
 //! It also compiles `csrc/`, the small C++ shim over libtorch functions tch does not bind
-//! (fbgemm's int8 GEMM), against the same libtorch headers.
+//! (fbgemm's int8 GEMM) and the int4 weight dequantization for prefill, against the same
+//! libtorch headers.
 
 use std::path::PathBuf;
 
@@ -35,6 +36,10 @@ fn compile_shim(libtorch: &std::path::Path) {
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // The int4 dequantization loops must vectorize even in debug builds (tests prefill
+        // through them).
+        .opt_level(3)
         .file("csrc/fbgemm_int8.cpp")
+        .file("csrc/int4_dequant.cpp")
         .compile("ludus_shim");
 }

@@ -1,6 +1,8 @@
 //! Criterion benches of the inference hot paths: one decode step of the model at batch 1
 //! and 8 (SmolLM2 when `scripts/setup` fetched it, else a tiny random model), a 128-token
-//! prefill, the seeded sampler over a 49k vocabulary, and tokenization.
+//! prefill, the seeded sampler over a 49k vocabulary, and tokenization; and one int4
+//! projection of SmolLM2's MLP shape by rows, through libtorch's int4 kernel and through
+//! the unpacked weight (`inference::int4_prefill`), which sets where the engine switches.
 //! End-to-end engine figures come from `ludus bench decode` (see docs/benchmarks.md).
 
 use std::path::Path;
@@ -55,6 +57,36 @@ fn model_benches(c: &mut Criterion) {
     group.finish();
 }
 
+/// `[rows, 576] x [576, 3072]^T` (SmolLM2's fused gate and up projection) in int4.
+fn int4_product_benches(c: &mut Criterion) {
+    use ludus::inference::int4_prefill;
+    use ludus::inference::qlinear::{Linear, Quantization, INT4_GROUP};
+    use tch::{Kind, Tensor};
+    tch::set_num_threads(2);
+    let Some(layout) = int4_prefill::layout() else { return };
+    tch::manual_seed(1);
+    let w = Tensor::randn([3072, 576], (Kind::Float, Device::Cpu)) * 0.05;
+    let Linear::Int4(int4) = Linear::new(w, Quantization::Int4, Device::Cpu, Kind::BFloat16).unwrap() else {
+        unreachable!("an int4 layer")
+    };
+    let (packed, scales_zeros) = int4.parts();
+    let mut group = c.benchmark_group("int4_gate_up");
+    for rows in [8i64, 16, 32, 64, 128, 256] {
+        let x = Tensor::randn([rows, 576], (Kind::BFloat16, Device::Cpu));
+        group.throughput(Throughput::Elements(rows as u64));
+        group.bench_with_input(BenchmarkId::new("kernel", rows), &rows, |b, _| {
+            b.iter(|| x.internal_weight_int4pack_mm_for_cpu(packed, INT4_GROUP, scales_zeros))
+        });
+        group.bench_with_input(BenchmarkId::new("unpacked", rows), &rows, |b, _| {
+            b.iter(|| int4_prefill::matmul_t(&x, packed, scales_zeros, INT4_GROUP, layout).unwrap())
+        });
+    }
+    group.bench_function("unpack_only", |b| {
+        b.iter(|| int4_prefill::split_weight(packed, scales_zeros, INT4_GROUP, layout).unwrap())
+    });
+    group.finish();
+}
+
 fn sampler_benches(c: &mut Criterion) {
     let logits: Vec<f32> =
         (0..49_152u32).map(|i| ((i.wrapping_mul(2_654_435_761) >> 16) % 2000) as f32 / 100.0 - 10.0).collect();
@@ -75,5 +107,5 @@ fn tokenizer_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, model_benches, sampler_benches, tokenizer_benches);
+criterion_group!(benches, model_benches, int4_product_benches, sampler_benches, tokenizer_benches);
 criterion_main!(benches);

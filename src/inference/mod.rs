@@ -34,6 +34,7 @@ pub mod eval;
 pub mod fbgemm;
 pub mod gguf;
 pub mod grammar;
+pub mod int4_prefill;
 pub mod int8_table;
 pub mod kv_cache;
 pub mod llama;

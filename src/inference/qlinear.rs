@@ -6,8 +6,9 @@
 //!   there with a pointer to int4.
 //! - **int4**: weight-only, group-wise (32 weights per scale and zero, the Q4_1 block
 //!   size): `_weight_int4pack_mm` on CUDA (the tinygemm kernel gpt-fast uses),
-//!   `_weight_int4pack_mm_for_cpu` on CPU. A Q4_1 GGUF's codes survive re-quantization
-//!   exactly (its blocks already span 0..15).
+//!   `_weight_int4pack_mm_for_cpu` on CPU, except for products of many rows (prefill),
+//!   which go through the same codes unpacked to bf16 ([`super::int4_prefill`]). A Q4_1
+//!   GGUF's codes survive re-quantization exactly (its blocks already span 0..15).
 //!
 //! No layer ever materializes a full-precision copy of its weight after loading.
 
@@ -18,6 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::error::{InferError, Result};
 use super::fbgemm::PackedInt8;
+use super::int4_prefill;
 use super::int8_table::Int8Table;
 
 /// Weights per int4 scale/zero pair.
@@ -197,6 +199,9 @@ impl Int4Weight {
         let x = x.f_to_kind(self.scales_zeros.kind())?.f_contiguous()?;
         let y = if self.packed.device().is_cuda() {
             x.f_internal_weight_int4pack_mm(&self.packed, INT4_GROUP, &self.scales_zeros)?
+        } else if let Some(layout) = int4_prefill::layout().filter(|_| x.size()[0] >= int4_prefill::FROM_ROWS) {
+            // Many rows (a prefill chunk): a bf16 product through the unpacked weight.
+            int4_prefill::matmul_t(&x, &self.packed, &self.scales_zeros, INT4_GROUP, layout)?
         } else {
             x.f_internal_weight_int4pack_mm_for_cpu(&self.packed, INT4_GROUP, &self.scales_zeros)?
         };
@@ -210,6 +215,11 @@ impl Int4Weight {
 
     pub fn shape(&self) -> (i64, i64) {
         (self.out_features, self.in_features)
+    }
+
+    /// The packed codes and `[in / group, out, 2]` scales and zeros, as the kernel takes them.
+    pub fn parts(&self) -> (&Tensor, &Tensor) {
+        (&self.packed, &self.scales_zeros)
     }
 }
 

@@ -1,0 +1,213 @@
+// Ludus: turns a weight packed for libtorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`)
+// back into numbers, for many-row products (prefill) that a bf16 matrix product does several
+// times faster than the int4 kernel (docs/benchmarks.md, "Why int4 prefill is slow").
+//
+// Each weight w = (q - 8) * scale + zero (f32, as the kernel computes it) is written as two
+// bf16 numbers, hi = bf16(w) and lo = bf16(w - hi), so that x·hi + x·lo reproduces the
+// kernel's product to within f32 rounding: one product of [x, x] with [hi; lo] instead of
+// the kernel's 4-rows-at-a-time loop. The product runs in column tiles, each unpacked into
+// a buffer that stays in the core's cache and multiplied at once, one tile per task. Layout of libtorch's packing (aten int4mm_kernel.cpp,
+// `weight_to_int4pack_kernel`): the rows n come in blocks of `block_n` (64 with AVX-512,
+// 32 otherwise), block b starting at byte b * K * block_n / 2; within a block each k holds
+// nb / 2 bytes. A full block on a vectorized CPU pairs row j (low nibble) with row
+// j + block_n / 2 (high nibble); a partial block, or any block without vectorization, pairs
+// rows 2j and 2j + 1. Which of these this libtorch uses is probed at run time from Rust
+// (`inference::int4_prefill`), never assumed.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+thread_local std::string int4_error;
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as libtorch converts f32 to bf16 (no NaNs reach here).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline void emit(int64_t n, int q, const float* scale, const float* zero, uint16_t* hi, uint16_t* lo) {
+  const float w = static_cast<float>(q - 8) * scale[n] + zero[n];
+  const uint16_t h = f32_to_bf16(w);
+  hi[n] = h;
+  lo[n] = f32_to_bf16(w - bf16_to_f32(h));
+}
+
+// 16 weights of codes `q` (int32 lanes): the same arithmetic as `emit`, 16 at a time.
+__attribute__((target("avx512f"))) inline void emit16(__m512i q, const float* scale, const float* zero,
+                                                      uint16_t* hi, uint16_t* lo) {
+  const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))),
+                                   _mm512_loadu_ps(scale), _mm512_loadu_ps(zero));
+  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  const __m512i u = _mm512_castps_si512(w);
+  const __m512i h = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+  const __m512i d = _mm512_castps_si512(_mm512_sub_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16))));
+  const __m512i l = _mm512_srli_epi32(
+      _mm512_add_epi32(d, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(d, 16), one))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), _mm512_cvtepi32_epi16(h));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), _mm512_cvtepi32_epi16(l));
+}
+
+// One k of a full 64-row AVX-512 block: 32 bytes, row j in the low nibble of byte j % 32
+// for j < 32, in the high nibble for j >= 32.
+__attribute__((target("avx512f"))) void block64(const uint8_t* bytes, const float* scale, const float* zero,
+                                                uint16_t* hi, uint16_t* lo) {
+  const __m512i low = _mm512_set1_epi32(15);
+  for (int part = 0; part < 2; ++part) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * part)));
+    const int j = 16 * part;
+    emit16(_mm512_and_si512(v, low), scale + j, zero + j, hi + j, lo + j);
+    emit16(_mm512_srli_epi32(v, 4), scale + 32 + j, zero + 32 + j, hi + 32 + j, lo + 32 + j);
+  }
+}
+
+// Asked on first use: a static initializer could run before the CPU model is known.
+bool has_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+
+// What one call unpacks: rows [n0, n1) (block-aligned n0) of the weight, every k.
+struct Packed {
+  const uint8_t* bytes;
+  const uint16_t* scales_zeros;  // [K / group][N][2]
+  int64_t N, K, group, block_n;
+  bool halves;
+};
+
+// Writes hi(w[n][k]) to hi[k * ld + n - n0] and lo(w[n][k]) to lo[k * ld + n - n0], for
+// the k of groups [g0, g1).
+void unpack(const Packed& p, int64_t n0, int64_t n1, int64_t g0, int64_t g1, uint16_t* hi, uint16_t* lo, int64_t ld) {
+  std::vector<float> scale(n1 - n0), zero(n1 - n0);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* sz = p.scales_zeros + (g * p.N + n0) * 2;
+    for (int64_t n = 0; n < n1 - n0; ++n) {
+      scale[n] = bf16_to_f32(sz[2 * n]);
+      zero[n] = bf16_to_f32(sz[2 * n + 1]);
+    }
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
+      uint16_t* h = hi + k * ld - n0;
+      uint16_t* l = lo + k * ld - n0;
+      const float* s = scale.data() - n0;
+      const float* z = zero.data() - n0;
+      for (int64_t base = n0; base < n1; base += p.block_n) {
+        const int64_t nb = std::min(p.block_n, p.N - base);
+        const uint8_t* bytes = p.bytes + base * p.K / 2 + k * nb / 2;
+        if (p.halves && nb == p.block_n && nb == 64 && has_avx512()) {
+          block64(bytes, s + base, z + base, h + base, l + base);
+        } else if (p.halves && nb == p.block_n) {
+          const int64_t half = nb / 2;
+          for (int64_t j = 0; j < half; ++j) {
+            emit(base + j, bytes[j] & 15, s, z, h, l);
+            emit(base + half + j, bytes[j] >> 4, s, z, h, l);
+          }
+        } else {
+          for (int64_t j = 0; j < nb / 2; ++j) {
+            emit(base + 2 * j, bytes[j] & 15, s, z, h, l);
+            emit(base + 2 * j + 1, bytes[j] >> 4, s, z, h, l);
+          }
+        }
+      }
+    }
+  }
+}
+
+bool bad_shape(int64_t N, int64_t K, int64_t group, int64_t block_n) {
+  if (N > 0 && K > 0 && group > 0 && K % group == 0 && N % 2 == 0 && block_n > 0 && block_n % 32 == 0) {
+    return false;
+  }
+  int4_error = "bad int4 shape: N=" + std::to_string(N) + " K=" + std::to_string(K) + " group=" +
+               std::to_string(group) + " block=" + std::to_string(block_n);
+  return true;
+}
+
+template <typename F>
+int guarded(F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    int4_error = e.what();
+  } catch (...) {
+    int4_error = "unknown C++ exception";
+  }
+  return -1;
+}
+
+// Columns per tile: a multiple of every block size; [hi; lo] of a SmolLM2 projection
+// (2 x 576 or 2 x 1536 inputs) is 1.2 to 3 MiB at 512.
+constexpr int64_t TILE = 512;
+}  // namespace
+
+extern "C" {
+
+// The message of the last failed call on this thread.
+const char* ludus_int4_last_error() { return int4_error.c_str(); }
+
+// Writes the split weight, transposed: out[k * N + n] = hi(w[n][k]) and
+// out[(K + k) * N + n] = lo(w[n][k]), bf16 bits, for `packed` (N * K / 2 bytes) and
+// `scales_zeros` ([K / group][N][2] bf16 bits). Returns 0, or -1 with a message.
+int ludus_int4_dequantize_split(const uint8_t* packed, const uint16_t* scales_zeros, int64_t N, int64_t K,
+                                int64_t group, int64_t block_n, int halves, uint16_t* out) {
+  if (bad_shape(N, K, group, block_n)) return -1;
+  const Packed p{packed, scales_zeros, N, K, group, block_n, halves != 0};
+  return guarded([&] {
+    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
+      const int64_t n0 = t0 * TILE;
+      unpack(p, n0, std::min(N, t1 * TILE), 0, K / group, out + n0, out + K * N + n0, N);
+    });
+  });
+}
+
+// `x W^T` for bf16 x [M, K] (contiguous) and the packed weight: a new bf16 [M, N] tensor in
+// *out. Each task unpacks its tiles of columns and multiplies [x, x] by them.
+int ludus_int4_linear_unpacked(const at::Tensor* x, const uint8_t* packed, const uint16_t* scales_zeros, int64_t N,
+                               int64_t group, int64_t block_n, int halves, at::Tensor** out) {
+  const int64_t K = x->size(1);
+  if (bad_shape(N, K, group, block_n)) return -1;
+  const Packed p{packed, scales_zeros, N, K, group, block_n, halves != 0};
+  return guarded([&] {
+    const at::Tensor x2 = at::cat({*x, *x}, 1);
+    auto y = std::make_unique<at::Tensor>(at::empty({x->size(0), N}, x->options()));
+    at::Tensor tile = at::empty({2 * K, TILE}, x->options());
+    auto* bits = reinterpret_cast<uint16_t*>(tile.data_ptr());
+    // Tiles one after another, each unpacked by all threads (split along k) and then
+    // multiplied by all threads: libtorch's bf16 product is only fast outside a parallel
+    // region.
+    for (int64_t n0 = 0; n0 < N; n0 += TILE) {
+      const int64_t width = std::min(TILE, N - n0);
+      at::parallel_for(0, K / group, 1, [&](int64_t g0, int64_t g1) {
+        unpack(p, n0, n0 + width, g0, g1, bits, bits + K * TILE, TILE);
+      });
+      y->narrow(1, n0, width).copy_(at::mm(x2, tile.narrow(1, 0, width)));
+    }
+    *out = y.release();
+  });
+}
+}
