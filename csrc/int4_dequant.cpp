@@ -1,15 +1,16 @@
 // Ludus: turns a weight packed for libtorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`)
 // back into numbers, for many-row products (prefill) that a bf16 matrix product does several
-// times faster than the int4 kernel (docs/benchmarks.md, "Why int4 prefill is slow").
+// times faster than the int4 kernel (docs/benchmarks.md, "Why int4 prefill was slow").
 //
 // Each weight w = (q - 8) * scale + zero (f32, as the kernel computes it) is written as two
 // bf16 numbers, hi = bf16(w) and lo = bf16(w - hi), so that x·hi + x·lo reproduces the
 // kernel's product to within f32 rounding: one product of [x, x] with [hi; lo] instead of
-// the kernel's 4-rows-at-a-time loop. The product runs in column tiles, each unpacked into
-// a buffer that stays in the core's cache and multiplied at once, one tile per task. Layout of libtorch's packing (aten int4mm_kernel.cpp,
-// `weight_to_int4pack_kernel`): the rows n come in blocks of `block_n` (64 with AVX-512,
-// 32 otherwise), block b starting at byte b * K * block_n / 2; within a block each k holds
-// nb / 2 bytes. A full block on a vectorized CPU pairs row j (low nibble) with row
+// the kernel's 4-rows-at-a-time loop. The product runs in tiles of 512 output columns: all
+// threads unpack a tile into a buffer that stays in cache, then all threads multiply it.
+//
+// Layout of libtorch's packing (aten int4mm_kernel.cpp, `weight_to_int4pack_kernel`): the
+// rows n come in blocks of `block_n` (64 with AVX-512, 32 otherwise), block b starting at
+// byte b * K * block_n / 2; within a block each k holds nb / 2 bytes. A full block on a vectorized CPU pairs row j (low nibble) with row
 // j + block_n / 2 (high nibble); a partial block, or any block without vectorization, pairs
 // rows 2j and 2j + 1. Which of these this libtorch uses is probed at run time from Rust
 // (`inference::int4_prefill`), never assumed.

@@ -1,12 +1,12 @@
 //! Many-row int4 products on CPU (prefill chunks) through the weight itself, dequantized
 //! for the call: libtorch's CPU int4 kernel is the fastest way to multiply a few rows, but
 //! it handles rows four at a time, so at a 128-row chunk it is several times slower than
-//! a bf16 matrix product (docs/benchmarks.md, "Why int4 prefill is slow").
+//! a bf16 matrix product (docs/benchmarks.md, "Why int4 prefill was slow").
 //!
 //! [`matmul_t`] unpacks the kernel's own packed codes (`csrc/int4_dequant.cpp`, no second
 //! copy of the weight is kept) into `hi = bf16(w)` and `lo = bf16(w - hi)`, with `w` the f32
 //! weight the kernel computes, and multiplies `[x, x]` by `[hi; lo]` in bf16, tile by tile of
-//! 128 output columns so that each unpacked tile is used while it is still in cache.
+//! 512 output columns so that each unpacked tile is used while it is still in cache.
 //! `hi + lo` holds `w` to 16 significant bits, which covers the codes times a bf16 scale
 //! (12 bits) plus a bf16 zero in nearly every group, so the result matches the kernel's to
 //! within f32 rounding: about 2 outputs in 10,000 differ, by one bf16 step. The engine
