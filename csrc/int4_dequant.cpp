@@ -113,25 +113,26 @@ void unpack(const Packed& p, int64_t n0, int64_t n1, int64_t g0, int64_t g1, uin
       zero[n] = bf16_to_f32(sz[2 * n + 1]);
     }
     for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
-      uint16_t* h = hi + k * ld - n0;
-      uint16_t* l = lo + k * ld - n0;
-      const float* s = scale.data() - n0;
-      const float* z = zero.data() - n0;
+      uint16_t* h = hi + k * ld;
+      uint16_t* l = lo + k * ld;
+      const float* s = scale.data();
+      const float* z = zero.data();
       for (int64_t base = n0; base < n1; base += p.block_n) {
         const int64_t nb = std::min(p.block_n, p.N - base);
+        const int64_t o = base - n0;  // the block's first row, counted from n0
         const uint8_t* bytes = p.bytes + base * p.K / 2 + k * nb / 2;
         if (p.halves && nb == p.block_n && nb == 64 && has_avx512()) {
-          block64(bytes, s + base, z + base, h + base, l + base);
+          block64(bytes, s + o, z + o, h + o, l + o);
         } else if (p.halves && nb == p.block_n) {
           const int64_t half = nb / 2;
           for (int64_t j = 0; j < half; ++j) {
-            emit(base + j, bytes[j] & 15, s, z, h, l);
-            emit(base + half + j, bytes[j] >> 4, s, z, h, l);
+            emit(o + j, bytes[j] & 15, s, z, h, l);
+            emit(o + half + j, bytes[j] >> 4, s, z, h, l);
           }
         } else {
           for (int64_t j = 0; j < nb / 2; ++j) {
-            emit(base + 2 * j, bytes[j] & 15, s, z, h, l);
-            emit(base + 2 * j + 1, bytes[j] >> 4, s, z, h, l);
+            emit(o + 2 * j, bytes[j] & 15, s, z, h, l);
+            emit(o + 2 * j + 1, bytes[j] >> 4, s, z, h, l);
           }
         }
       }
@@ -139,8 +140,14 @@ void unpack(const Packed& p, int64_t n0, int64_t n1, int64_t g0, int64_t g1, uin
   }
 }
 
+// Columns per tile: a multiple of every block size. [hi; lo] of a SmolLM2 projection (2 x
+// 576 or 2 x 1536 inputs) is 1.2 to 3 MiB at 512, mostly in cache; an 8B model's widest
+// (2 x 14336) is 28 MiB, a scratch buffer the memory plan does not count.
+constexpr int64_t TILE = 512;
+
 bool bad_shape(int64_t N, int64_t K, int64_t group, int64_t block_n) {
-  if (N > 0 && K > 0 && group > 0 && K % group == 0 && N % 2 == 0 && block_n > 0 && block_n % 32 == 0) {
+  if (N > 0 && K > 0 && group > 0 && K % group == 0 && N % 2 == 0 && block_n > 0 && block_n % 32 == 0 &&
+      TILE % block_n == 0) {
     return false;
   }
   int4_error = "bad int4 shape: N=" + std::to_string(N) + " K=" + std::to_string(K) + " group=" +
@@ -161,9 +168,6 @@ int guarded(F&& body) {
   return -1;
 }
 
-// Columns per tile: a multiple of every block size; [hi; lo] of a SmolLM2 projection
-// (2 x 576 or 2 x 1536 inputs) is 1.2 to 3 MiB at 512.
-constexpr int64_t TILE = 512;
 }  // namespace
 
 extern "C" {
@@ -176,24 +180,33 @@ const char* ludus_int4_last_error() { return int4_error.c_str(); }
 // `scales_zeros` ([K / group][N][2] bf16 bits). Returns 0, or -1 with a message.
 int ludus_int4_dequantize_split(const uint8_t* packed, const uint16_t* scales_zeros, int64_t N, int64_t K,
                                 int64_t group, int64_t block_n, int halves, uint16_t* out) {
-  if (bad_shape(N, K, group, block_n)) return -1;
-  const Packed p{packed, scales_zeros, N, K, group, block_n, halves != 0};
-  return guarded([&] {
+  bool bad = false;
+  const int rc = guarded([&] {
+    if (bad_shape(N, K, group, block_n)) {
+      bad = true;
+      return;
+    }
+    const Packed p{packed, scales_zeros, N, K, group, block_n, halves != 0};
     at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
       const int64_t n0 = t0 * TILE;
       unpack(p, n0, std::min(N, t1 * TILE), 0, K / group, out + n0, out + K * N + n0, N);
     });
   });
+  return bad ? -1 : rc;
 }
 
 // `x W^T` for bf16 x [M, K] (contiguous) and the packed weight: a new bf16 [M, N] tensor in
-// *out. Each task unpacks its tiles of columns and multiplies [x, x] by them.
+// *out, tile by tile of columns: all threads unpack a tile, then [x, x] is multiplied by it.
 int ludus_int4_linear_unpacked(const at::Tensor* x, const uint8_t* packed, const uint16_t* scales_zeros, int64_t N,
                                int64_t group, int64_t block_n, int halves, at::Tensor** out) {
-  const int64_t K = x->size(1);
-  if (bad_shape(N, K, group, block_n)) return -1;
-  const Packed p{packed, scales_zeros, N, K, group, block_n, halves != 0};
-  return guarded([&] {
+  bool bad = false;
+  const int rc = guarded([&] {
+    const int64_t K = x->size(1);
+    if (bad_shape(N, K, group, block_n)) {
+      bad = true;
+      return;
+    }
+    const Packed p{packed, scales_zeros, N, K, group, block_n, halves != 0};
     const at::Tensor x2 = at::cat({*x, *x}, 1);
     auto y = std::make_unique<at::Tensor>(at::empty({x->size(0), N}, x->options()));
     at::Tensor tile = at::empty({2 * K, TILE}, x->options());
@@ -210,5 +223,6 @@ int ludus_int4_linear_unpacked(const at::Tensor* x, const uint8_t* packed, const
     }
     *out = y.release();
   });
+  return bad ? -1 : rc;
 }
 }
