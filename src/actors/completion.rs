@@ -278,7 +278,7 @@ impl Completion {
         let original = &done.job;
         let billing = Billing { game: "quality-checks".into(), game_id: v.quality_game, key_hash: String::new() };
         let mut job = Job::new(TaskId(rand::random()), billing, original.request(), events);
-        job.failed_nodes = vec![done.node];
+        job.failed_nodes = vec![done.address.to_string()];
         job.shadow_of = Some(Box::new(ShadowOf {
             task: original.id,
             node: done.address,
@@ -489,6 +489,6 @@ impl Handler<VerificationDone> for Completion {
         // duplicate of the failed one (the game's response keeps its id).
         job.id = TaskId(rand::random());
         let failure = TaskFailure::Node(format!("the node's answer failed verification: {}", msg.detail));
-        self.config.distributor.do_send(TaskReturned { node, job, failure });
+        self.config.distributor.do_send(TaskReturned { node, address: msg.node.to_string(), job, failure });
     }
 }

@@ -231,10 +231,10 @@ impl Distributor {
         let costs: Vec<(NodeId, f64)> = self
             .nodes
             .iter()
-            .filter(|(id, n)| {
+            .filter(|(_, n)| {
                 n.stats.has_room()
                     && n.models.contains(&job.model)
-                    && !job.failed_nodes.contains(id)
+                    && !job.failed_nodes.contains(&n.address)
                     && original.as_ref() != Some(&n.address)
                     && !self.is_quarantined(&n.address, now)
             })
@@ -251,8 +251,8 @@ impl Distributor {
             Ok(()) => {}
             Err(SendError::Full(dispatch)) => node.proxy.do_send(dispatch),
             Err(SendError::Closed(Dispatch(mut job))) => {
-                self.nodes.remove(&id);
-                job.failed_nodes.push(id);
+                let gone = self.nodes.remove(&id).expect("picked from the table");
+                job.failed_nodes.push(gone.address);
                 return Err((job, true));
             }
         }
@@ -516,9 +516,9 @@ impl Handler<TaskReturned> for Distributor {
     /// A node failed a job: try another node (with the tokens already sent as prefix),
     /// queue it at the front, or fail it when no node is left.
     fn handle(&mut self, msg: TaskReturned, _: &mut Self::Context) {
-        let TaskReturned { node, job, failure } = msg;
+        let TaskReturned { node, address, job, failure } = msg;
         self.release(job.id);
-        self.retry(node, job, failure);
+        self.retry(node, address, job, failure);
         self.drain_queues();
         self.maybe_release_nodes();
     }
@@ -526,7 +526,7 @@ impl Handler<TaskReturned> for Distributor {
 
 impl Distributor {
     /// Decides what happens to a returned job (see `Handler<TaskReturned>`).
-    fn retry(&mut self, node: NodeId, mut job: Job, failure: TaskFailure) {
+    fn retry(&mut self, node: NodeId, address: String, mut job: Job, failure: TaskFailure) {
         let reason = match failure {
             TaskFailure::Request(reason) => {
                 let _ = job.events.send(JobEvent::Failed(ServeError::Rejected(reason)));
@@ -549,14 +549,16 @@ impl Distributor {
             let _ = job.events.send(JobEvent::Done { finish_reason: FinishReason::Length, usage });
             return;
         }
-        tracing::warn!(task = %job.id, node, emitted = job.emitted.len(), %reason, "task returned; retrying elsewhere");
-        job.failed_nodes.push(node);
+        tracing::warn!(task = %job.id, node, %address, emitted = job.emitted.len(), %reason, "task returned; retrying elsewhere");
+        if !job.failed_nodes.contains(&address) {
+            job.failed_nodes.push(address);
+        }
         if job.failed_nodes.len() >= self.config.max_attempts {
             let _ = job.events.send(JobEvent::Failed(ServeError::NodeFailed(reason)));
             return;
         }
         let alternatives =
-            self.nodes.iter().any(|(id, n)| n.models.contains(&job.model) && !job.failed_nodes.contains(id));
+            self.nodes.values().any(|n| n.models.contains(&job.model) && !job.failed_nodes.contains(&n.address));
         if !alternatives {
             let _ = job.events.send(JobEvent::Failed(ServeError::NodeFailed(reason)));
             return;

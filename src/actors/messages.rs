@@ -63,8 +63,9 @@ pub struct Job {
     pub received: Instant,
     /// When the job last entered a queue (queue timeouts count from here).
     pub queued_at: Instant,
-    /// Nodes tried and failed, never chosen again for this job.
-    pub failed_nodes: Vec<NodeId>,
+    /// Addresses of the nodes that failed this job: never chosen again for it, even on a
+    /// new connection (a node that fails and reconnects is a new session, the same key).
+    pub failed_nodes: Vec<String>,
     /// The game streams the answer (synchronous verification applies only when not).
     pub stream: bool,
     /// Set on a quality-check re-run: the original task, to compare with.
@@ -252,6 +253,8 @@ pub struct TaskCancelled {
 #[rtype(result = "()")]
 pub struct TaskReturned {
     pub node: NodeId,
+    /// The node's address (the job never goes back to it, whatever session it holds).
+    pub address: String,
     pub job: Job,
     /// A request's own fault fails the job (no retry, no penalty for the node); a node's
     /// sends it elsewhere.

@@ -189,6 +189,12 @@ pub struct NodeProxy {
 }
 
 impl NodeProxy {
+    /// The node's address as the distributor's table holds it (empty before the handshake,
+    /// when the node holds no job).
+    fn address_text(&self) -> String {
+        self.address.map(|a| a.to_string()).unwrap_or_default()
+    }
+
     /// Wraps an upgraded websocket; the writer task owns the session so frames leave in
     /// the order they were produced.
     pub fn new(session: Session, distributor: Addr<Distributor>, config: NodeProxyConfig) -> Self {
@@ -491,7 +497,12 @@ impl NodeProxy {
             }
             NodeMessage::Failed { id, failure } => {
                 if let Some(run) = self.in_flight.remove(&id) {
-                    self.distributor.do_send(TaskReturned { node: self.id, job: run.job, failure });
+                    self.distributor.do_send(TaskReturned {
+                        node: self.id,
+                        address: self.address_text(),
+                        job: run.job,
+                        failure,
+                    });
                 }
             }
         }
@@ -699,16 +710,23 @@ impl Actor for NodeProxy {
                 if let Some(run) = this.in_flight.remove(&id) {
                     this.send(&ServerMessage::Cancel { id, delivered: None });
                     let failure = TaskFailure::Node(format!("no progress for {} s", stall.as_secs()));
-                    this.distributor.do_send(TaskReturned { node: this.id, job: run.job, failure });
+                    this.distributor.do_send(TaskReturned {
+                        node: this.id,
+                        address: this.address_text(),
+                        job: run.job,
+                        failure,
+                    });
                 }
             }
         });
     }
 
     fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
+        let address = self.address_text();
         for (_, run) in self.in_flight.drain() {
             let failure = TaskFailure::Node(format!("node disconnected: {}", self.close_reason));
-            self.distributor.do_send(TaskReturned { node: self.id, job: run.job, failure });
+            let address = address.clone();
+            self.distributor.do_send(TaskReturned { node: self.id, address, job: run.job, failure });
         }
         if self.registered {
             self.distributor.do_send(NodeDisconnected { id: self.id, reason: self.close_reason.clone() });

@@ -1,7 +1,8 @@
 //! Rogue nodes over the real protocol (issue "trust and money"): every number a node sends
 //! is bounded before it counts — tokens past `max_tokens`, text no token carries, ids
 //! outside the vocabulary — one key holds one session, two processes cannot share a key,
-//! and an honest node streaming the tokens it was asked for is never cut as a flood.
+//! a task never returns to the key that failed it, and an honest node streaming the tokens
+//! it was asked for is never cut as a flood.
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ludus::crypto::identity::Identity;
+use ludus::node::link::{join, Announce};
 use ludus::protocol::{NodeMessage, ServerMessage};
 
 use super::cluster::{wait_for, Cluster};
@@ -501,4 +503,54 @@ fn a_silent_node_loses_its_task_after_the_stall_timeout() {
     assert_eq!(cancels, vec![(first, id), (second, id)], "each silent node was told");
     assert_eq!(game.status, 502, "{}", game.body);
     assert!(game.body.contains("no progress for 2 s"), "{}", game.body);
+}
+
+/// A node that fails a task and reconnects with the same key used to be a new node to the
+/// distributor, and could be handed the same task again (up to `max_attempts` times, until
+/// the game got an error). The task now never goes back to the key that failed it: it
+/// waits for another node.
+#[test]
+fn a_task_never_returns_to_the_key_that_failed_it_even_reconnected() {
+    let cluster = Cluster::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("quitter.key");
+    let chat = |cluster: &Cluster| {
+        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+        std::thread::spawn(move || try_chat(&addr, &key, "again"))
+    };
+    let (first, second, moved) = actix_rt::System::new().block_on(async {
+        // A node with room for one task, kept busy.
+        let id = Identity::generate();
+        let announce = Announce { models: vec!["again".into()], capacity: 1, device: "cpu".into(), bundles: vec![] };
+        let link = join(&format!("ws://{}/ws/node", cluster.addr), &id, announce, None).await.unwrap();
+        let mut busy = Rogue { id, link };
+        busy.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let first = chat(&cluster);
+        let held = busy.task(&mut []).await;
+        // The quitter takes the second task, fails it, and comes back under the same key.
+        let mut quitter = Rogue::join_as(&cluster.addr, "again", Identity::load_or_create(&key_file).unwrap()).await;
+        let second = chat(&cluster);
+        let failed = quitter.task(&mut [&mut busy]).await;
+        let failure = ludus::protocol::TaskFailure::Node("the quitter's engine stopped".into());
+        quitter.link.send(&NodeMessage::Failed { id: failed.id, failure }).await.unwrap();
+        // Still connected while the distributor finds no other node with room.
+        quitter.idle(&mut [&mut busy], Duration::from_millis(300)).await;
+        drop(quitter);
+        let mut back = Rogue::join_as(&cluster.addr, "again", Identity::load_or_create(&key_file).unwrap()).await;
+        let mut handed_back = None;
+        let until = std::time::Instant::now() + Duration::from_millis(1500);
+        while std::time::Instant::now() < until && handed_back.is_none() {
+            busy.link.send(&NodeMessage::Heartbeat(Default::default())).await.unwrap();
+            handed_back = back.next_task(Duration::from_millis(100)).await.map(|spec| spec.id);
+        }
+        assert_eq!(handed_back, None, "the reconnected quitter was handed the task it failed");
+        // The busy node finishes and gets the failed task next.
+        busy.finish_honestly(&held).await;
+        let moved = busy.task(&mut [&mut back]).await;
+        assert_eq!(moved.id, failed.id, "another task reached the busy node");
+        busy.finish_honestly(&moved).await;
+        (first.join().unwrap(), second.join().unwrap(), moved.id)
+    });
+    assert!(first.is_some(), "the busy node's own task failed");
+    assert_eq!(second, Some(moved.0), "the game did not get the failed-over answer");
 }
