@@ -130,9 +130,13 @@ fn byte_bound(input: &TaskInput) -> u32 {
 }
 
 /// One position's log probabilities as a game reads them (OpenAI's `logprobs.content[]`).
+/// Every completion token has one, the end-of-sequence token included, so a game counts
+/// as many entries as `usage.completion_tokens`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprob {
     pub token: String,
+    /// What the token adds to the text; empty for a token that adds nothing (an end of
+    /// sequence, a control token), which the API writes as OpenAI's `"bytes": null`.
     pub bytes: Vec<u8>,
     pub logprob: f32,
     /// (token, bytes, log probability), best first.
@@ -209,12 +213,16 @@ impl JobText {
     }
 
     /// A token's log probabilities as the game reads them: each token as the server's own
-    /// text and bytes.
+    /// text and bytes. A token that adds nothing to the text (end of sequence, control) is
+    /// named by its written form (`<|im_end|>`), so a game sees where the model wanted to
+    /// stop, with no bytes: the entries' bytes, joined, are the text.
     pub fn describe(&self, token: u32, lp: &TokenLogprobs) -> TokenLogprob {
         let tokenizer = &self.model.tokenizer;
         let piece = |t: u32| {
-            let bytes = tokenizer.token_bytes(t).to_vec();
-            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+            let written = tokenizer.token_bytes(t);
+            let adds_nothing = self.is_stop_token(t) || tokenizer.is_control(t);
+            let bytes = if adds_nothing { Vec::new() } else { written.to_vec() };
+            (String::from_utf8_lossy(written).into_owned(), bytes)
         };
         let (text, bytes) = piece(token);
         let top = lp

@@ -625,10 +625,9 @@ impl NodeProxy {
         };
         run.job.emitted.push(token);
         if let (Some(lp), Some(server_text)) = (logprobs, run.job.text.as_ref()) {
-            // An end-of-sequence token has no text; OpenAI lists no entry for it.
-            if !server_text.is_stop_token(token) {
-                let _ = run.job.events.send(JobEvent::Logprobs(server_text.describe(token, &lp)));
-            }
+            // One entry per completion token, the end of sequence included (it is counted
+            // and billed): as many entries as `usage.completion_tokens`.
+            let _ = run.job.events.send(JobEvent::Logprobs(server_text.describe(token, &lp)));
             run.job.emitted_logprobs.push(lp);
         }
         run.last_progress = Instant::now();

@@ -361,17 +361,20 @@ pub struct Answer {
     pub logprobs: Vec<TokenLogprob>,
 }
 
-/// OpenAI's `logprobs` object of a choice or chunk: `{"content": [...]}`.
+/// OpenAI's `logprobs` object of a choice or chunk: `{"content": [...]}`. A token that
+/// adds nothing to the text (an end of sequence) has `"bytes": null`, as OpenAI documents
+/// for a token with no bytes representation.
 pub fn logprobs_json(entries: &[TokenLogprob]) -> Value {
+    let bytes = |b: &[u8]| if b.is_empty() { Value::Null } else { json!(b) };
     let content: Vec<Value> = entries
         .iter()
         .map(|e| {
             let top: Vec<Value> = e
                 .top
                 .iter()
-                .map(|(token, bytes, logprob)| json!({"token": token, "logprob": logprob, "bytes": bytes}))
+                .map(|(token, b, logprob)| json!({"token": token, "logprob": logprob, "bytes": bytes(b)}))
                 .collect();
-            json!({"token": e.token, "logprob": e.logprob, "bytes": e.bytes, "top_logprobs": top})
+            json!({"token": e.token, "logprob": e.logprob, "bytes": bytes(&e.bytes), "top_logprobs": top})
         })
         .collect();
     json!({"content": content})
@@ -559,6 +562,24 @@ mod tests {
         }
         let many: Vec<String> = (0..=MAX_LOGIT_BIAS).map(|i| format!("\"{i}\": 1")).collect();
         assert_eq!(parse(&body(&format!("{{{}}}", many.join(",")))).unwrap_err().param.as_deref(), Some("logit_bias"));
+    }
+
+    #[test]
+    fn a_token_that_adds_no_text_has_null_bytes() {
+        let entry = |token: &str, bytes: &[u8]| TokenLogprob {
+            token: token.into(),
+            bytes: bytes.to_vec(),
+            logprob: -0.5,
+            top: vec![(token.into(), bytes.to_vec(), -0.5), ("Hi".into(), b"Hi".to_vec(), -1.5)],
+        };
+        let v = logprobs_json(&[entry("Hi", b"Hi"), entry("<|im_end|>", b"")]);
+        let content = v["content"].as_array().unwrap();
+        assert_eq!(content[0]["bytes"], json!([72, 105]));
+        assert_eq!(content[0]["top_logprobs"][1]["bytes"], json!([72, 105]));
+        assert!(content[1]["bytes"].is_null(), "{v}");
+        assert_eq!(content[1]["token"], "<|im_end|>");
+        assert!(content[1]["top_logprobs"][0]["bytes"].is_null(), "{v}");
+        assert_eq!(content[1]["top_logprobs"][1]["bytes"], json!([72, 105]));
     }
 
     #[test]

@@ -54,7 +54,11 @@ fn honest_node_is_verified(quantize: &str) {
         // Under a grammar, with log probabilities: both are replayed on the reference.
         r#"{"model": "M", "max_tokens": 30, "temperature": 0.8, "seed": 3, "logprobs": true, "top_logprobs": 3,
             "response_format": {"type": "json_object"}, "messages": [{"role": "user", "content": "Your stats, in JSON."}]}"#,
+        // A short answer that ends on the end-of-sequence token, with log probabilities.
+        r#"{"model": "M", "max_tokens": 64, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+            "messages": [{"role": "user", "content": "Say hello."}]}"#,
     ];
+    let (mut ended_on_eos, mut answers) = (0, Vec::new());
     for (i, body) in bodies.iter().enumerate() {
         let path = if i == 2 { "/v1/completions" } else { "/v1/chat/completions" };
         let logprobs = body.contains("logprobs");
@@ -68,18 +72,34 @@ fn honest_node_is_verified(quantize: &str) {
             cluster.server.log_text()
         );
         if logprobs {
+            // One entry per billed token, the end of sequence included; the entries' bytes,
+            // joined, are the text; the end of sequence adds none (`bytes: null`).
             let v = r.json();
             let content = v["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default();
             assert_eq!(content.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap(), "{v}");
+            let joined: Vec<u8> = content
+                .iter()
+                .flat_map(|e| e["bytes"].as_array().cloned().unwrap_or_default())
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect();
+            let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+            answers.push(format!("{}: {text:?}", v["choices"][0]["finish_reason"]));
+            assert_eq!(String::from_utf8_lossy(&joined), text, "{v}");
+            if v["choices"][0]["finish_reason"] == "stop" {
+                let last = content.last().unwrap();
+                assert!(last["bytes"].is_null() && !last["token"].as_str().unwrap().is_empty(), "{v}");
+                ended_on_eos += 1;
+            }
         }
     }
+    assert!(ended_on_eos > 0, "{quantize}: no answer with log probabilities ended on the end of sequence: {answers:?}");
     let store = cluster.store();
     let verified = || numbers(&store, "SELECT count(*) FILTER (WHERE verification = 'verified') FROM receipts");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while verified() != vec![4] && std::time::Instant::now() < deadline {
+    while verified() != vec![5] && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(verified(), vec![4], "{quantize}: server log:\n{}", cluster.server.log_text());
+    assert_eq!(verified(), vec![5], "{quantize}: server log:\n{}", cluster.server.log_text());
     assert_eq!(numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'failed'"), vec![0], "{quantize}");
     assert_eq!(numbers(&store, "SELECT min(reputation)::bigint FROM nodes"), vec![10_000]);
 }
