@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::catalog::JobText;
 use super::completion_log::CompletionLog;
 use super::distributor::Distributor;
 use super::messages::*;
@@ -481,10 +480,7 @@ impl Handler<VerificationDone> for Completion {
             }
             return;
         }
-        let _ = job.events.send(JobEvent::Reset);
-        job.emitted.clear();
-        job.emitted_logprobs.clear();
-        job.text = job.text.as_ref().map(JobText::restarted);
+        job.restart();
         // A new task id for the re-run, so the honest node's receipt is not taken for a
         // duplicate of the failed one (the game's response keeps its id).
         job.id = TaskId(rand::random());

@@ -540,13 +540,25 @@ impl Distributor {
         if job.cancelled() {
             return;
         }
-        if job.emitted.len() >= job.max_tokens {
-            // The node died after the last token but before saying so: the answer is whole.
+        if !job.stream && !job.emitted.is_empty() {
+            // The game reads a non-streamed answer whole, and only once a node has finished
+            // it (its receipt, its proof): a failed node's tokens are dropped and the answer
+            // produced again from its start. Continued, they would reach the game unchecked:
+            // the next node's proof takes them as prompt.
+            job.restart();
+        }
+        // A stream's game read every token already. The node died after the last one but
+        // before saying so: the answer is whole. An answer that ended (end-of-sequence
+        // token, stop sequence) must not go on elsewhere either: the next node's first
+        // token would come after the end, and be cut for it.
+        let ended = job.text.as_ref().is_some_and(|t| t.stream.stopped());
+        if ended || job.emitted.len() >= job.max_tokens {
             if let Some(tail) = job.text.as_mut().map(|t| t.finish()).filter(|t| !t.is_empty()) {
                 let _ = job.events.send(JobEvent::Text(tail));
             }
             let usage = TaskUsage { prompt_tokens: job.prompt.tokens as usize, completion_tokens: job.emitted.len() };
-            let _ = job.events.send(JobEvent::Done { finish_reason: FinishReason::Length, usage });
+            let finish_reason = if ended { FinishReason::Stop } else { FinishReason::Length };
+            let _ = job.events.send(JobEvent::Done { finish_reason, usage });
             return;
         }
         tracing::warn!(task = %job.id, node, %address, emitted = job.emitted.len(), %reason, "task returned; retrying elsewhere");

@@ -143,6 +143,15 @@ impl Job {
         }
     }
 
+    /// Forgets what nodes produced so far, and has the game forget it too: the answer is
+    /// produced again from its start.
+    pub fn restart(&mut self) {
+        let _ = self.events.send(JobEvent::Reset);
+        self.emitted.clear();
+        self.emitted_logprobs.clear();
+        self.text = self.text.as_ref().map(JobText::restarted);
+    }
+
     /// The same request again from its start (a quality-check re-run; streamed, since
     /// nobody waits for it whole).
     pub fn request(&self) -> JobRequest {

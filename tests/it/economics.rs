@@ -62,6 +62,8 @@ struct Produced {
     node: Address,
     task: u64,
     prompt: u64,
+    /// Tokens of the answer it was handed (a failover continuation's), then its own.
+    prefix: u64,
     own: u64,
     /// Whether the node holds a receipt the server should pay.
     paid: bool,
@@ -171,7 +173,8 @@ impl Scripted {
 
     fn tally(&self, task: u64, prefix: usize, tokens: usize, paid: bool) {
         let own = (tokens - prefix) as u64;
-        let produced = Produced { node: self.id.address, task, prompt: PROMPT_TOKENS as u64, own, paid };
+        let produced =
+            Produced { node: self.id.address, task, prompt: PROMPT_TOKENS as u64, prefix: prefix as u64, own, paid };
         self.tally.lock().unwrap().produced.push(produced);
     }
 
@@ -421,8 +424,12 @@ fn a_mixed_run_charges_games_and_pays_nodes_exactly_what_the_server_counted() {
         let total: u64 = parts.iter().map(|p| p.own).sum();
         match s.usage {
             Some((prompt, completion)) => {
+                // A whole answer is the last node's alone: one a node failed was produced
+                // again from its start, never continued from the failed node's tokens.
+                let last = parts.last().unwrap();
                 assert_eq!(prompt, PROMPT_TOKENS as u64, "task {}: prompt tokens", s.task);
-                assert_eq!(completion, total, "task {}: the game got what the nodes produced", s.task);
+                assert_eq!(last.prefix, 0, "task {}: a whole answer carried a failed node's tokens", s.task);
+                assert_eq!(completion, last.own, "task {}: the game got what the last node produced", s.task);
             }
             None => assert!(total as usize >= s.chunks, "task {}: the game read more than was produced", s.task),
         }

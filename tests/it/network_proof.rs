@@ -55,7 +55,7 @@ fn honest_node_is_verified(quantize: &str) {
         r#"{"model": "M", "max_tokens": 30, "temperature": 0.8, "seed": 3, "logprobs": true, "top_logprobs": 3,
             "response_format": {"type": "json_object"}, "messages": [{"role": "user", "content": "Your stats, in JSON."}]}"#,
         // A short answer that ends on the end-of-sequence token, with log probabilities.
-        r#"{"model": "M", "max_tokens": 64, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+        r#"{"model": "M", "max_tokens": 96, "temperature": 0, "logprobs": true, "top_logprobs": 2,
             "messages": [{"role": "user", "content": "Say hello."}]}"#,
     ];
     let (mut ended_on_eos, mut answers) = (0, Vec::new());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ludus::crypto::identity::Identity;
 use ludus::node::link::{join, Announce};
-use ludus::protocol::{NodeMessage, ServerMessage};
+use ludus::protocol::{NodeMessage, ServerMessage, SignedReceipt, TaskUsage};
 
 use super::cluster::{wait_for, Cluster};
 use super::database::numbers;
@@ -66,9 +66,10 @@ fn a_node_sending_tokens_past_max_tokens_is_cut_and_nothing_is_recorded() {
     let (reason, answer) =
         cut_for(&cluster, "rogue-model", |id, max_tokens| (0..=max_tokens).map(|i| token(id, i, 7, "x")).collect());
     assert!(reason.contains("past max_tokens (4)"), "{reason:?}");
-    // The four tokens within bounds had reached the game: its answer is whole at
-    // max_tokens. The rogue, cut before its end of task, has no receipt.
-    assert!(answer.is_some());
+    // The game asked for a whole answer: the rogue's tokens never reach it (with no other
+    // node to produce it again, it gets an error). The rogue, cut before its end of task,
+    // has no receipt.
+    assert_eq!(answer, None, "the rogue's tokens reached the game");
     std::thread::sleep(Duration::from_millis(800)); // two blocks
     assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
 }
@@ -182,7 +183,6 @@ fn an_honest_node_streaming_many_tokens_a_second_is_never_cut_as_a_flood() {
 #[test]
 fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() {
     let Some(path) = smollm2() else { return };
-    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
     let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
     let text = ludus::inference::ModelText::load(&path).unwrap();
     let messages = vec![ludus::inference::ChatMessage::new("user", "Greet the traveller.")];
@@ -445,23 +445,114 @@ fn a_receipt_for_another_output_than_the_one_relayed_is_refused() {
     assert!(cluster.server.log_text().contains("its output hash is not that of the tokens the server relayed"));
 }
 
-/// A node that keeps sending tokens after the model's end-of-sequence token (padding its
-/// bill, or slipping text past the end the proof covers) is cut at the first one; the game
-/// gets the answer up to the end, and the rogue, cut before its `Done`, has no receipt.
-#[test]
-fn a_token_after_the_end_of_sequence_token_cuts_the_node() {
-    let Some(path) = smollm2() else { return };
-    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+/// The model whose text the server makes itself in these tests.
+const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+/// A server that makes SmolLM2's text itself, the model's tokenizer, and the ids of its
+/// end-of-sequence token and of " Hi" (None when the model is not installed).
+fn smollm2_server() -> Option<(Cluster, ludus::inference::ModelText, u32, u32)> {
+    let path = smollm2()?;
     let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
     let text = ludus::inference::ModelText::load(&path).unwrap();
     let eos = text.tokenizer.eos.expect("SmolLM2 names its end-of-sequence token");
     let hi = text.tokenizer.encode(" Hi", false).unwrap()[0];
+    Some((cluster, text, eos, hi))
+}
+
+/// A node that keeps sending tokens after the model's end-of-sequence token (padding its
+/// bill, or slipping text past the end the proof covers) is cut at the first one, and the
+/// rogue, cut before its `Done`, has no receipt; the game, asking for a whole answer,
+/// never reads its tokens.
+#[test]
+fn a_token_after_the_end_of_sequence_token_cuts_the_node() {
+    let Some((cluster, _, eos, hi)) = smollm2_server() else { return };
     let (reason, answer) =
         cut_for(&cluster, MODEL, move |id, _| vec![token(id, 0, hi, ""), token(id, 1, eos, ""), token(id, 2, hi, "")]);
     assert!(reason.contains("a token after the answer's end"), "{reason:?}");
     assert!(answer.is_none(), "the game got an answer from a node cut before its end of task");
     std::thread::sleep(Duration::from_millis(800)); // two blocks
     assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
+}
+
+/// What a node's tokens become when it dies after the end-of-sequence token, before its
+/// `Done`. A streamed answer is whole (the game read every token): it ends there. It used
+/// to go on to another node as a continuation after its end, whose first token got that
+/// honest node cut. A whole answer is produced again from its start on another node: the
+/// game never reads tokens no node finished (their proof was never checked).
+#[test]
+fn a_dead_nodes_tokens_end_a_stream_and_are_produced_again_for_a_whole_answer() {
+    let Some((cluster, text, eos, hi)) = smollm2_server() else { return };
+    let well_met = text.tokenizer.encode(" Well met", false).unwrap();
+    let body = |stream: bool| {
+        format!(
+            r#"{{"model": "{MODEL}", "max_tokens": 8, "stream": {stream}, "messages": [{{"role": "user", "content": "hi"}}]}}"#
+        )
+    };
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let (streamed, again, whole) = actix_rt::System::new().block_on(async {
+        let mut spare = Rogue::join(&cluster.addr, MODEL).await;
+        let mut outcomes = Vec::new();
+        for stream in [true, false] {
+            // The dying node has room; the spare is kept busy until it is gone.
+            let mut dying = Rogue::join(&cluster.addr, MODEL).await;
+            dying.idle(&mut [&mut spare], Duration::from_millis(300)).await; // registered
+            let (addr, key, body) = (addr.clone(), key.clone(), body(stream));
+            let game = std::thread::spawn(move || {
+                if stream {
+                    let mut sse = super::cluster::SseStream::open(&addr, &key, &body);
+                    let mut events = Vec::new();
+                    while let Some(data) = sse.next_data() {
+                        events.push(data);
+                    }
+                    events.join("\n")
+                } else {
+                    let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+                    format!("{} {}", r.status, r.body)
+                }
+            });
+            // Whichever node the task went to plays the dying one.
+            let spec = loop {
+                if let Some(spec) = dying.next_task(Duration::from_millis(100)).await {
+                    break spec;
+                }
+                if let Some(spec) = spare.next_task(Duration::from_millis(100)).await {
+                    std::mem::swap(&mut dying, &mut spare);
+                    break spec;
+                }
+            };
+            for (index, id) in [hi, eos].into_iter().enumerate() {
+                dying.link.send(&token(spec.id.0, index, id, "")).await.unwrap();
+            }
+            spare.idle(&mut [&mut dying], Duration::from_millis(200)).await;
+            drop(dying);
+            let handed = spare.next_task(Duration::from_millis(1500)).await;
+            if let Some(again) = &handed {
+                assert_eq!(again.id, spec.id, "another task reached the spare");
+                for (index, &id) in well_met.iter().enumerate() {
+                    spare.link.send(&token(again.id.0, index, id, "")).await.unwrap();
+                }
+                let prompt = again.ticket.prompt.tokens;
+                let receipt = SignedReceipt::sign(&spare.id, again.ticket.clone(), prompt, &well_met);
+                let usage = TaskUsage { prompt_tokens: prompt as usize, completion_tokens: well_met.len() };
+                let finish_reason = ludus::protocol::FinishReason::Length;
+                let done =
+                    NodeMessage::Done { id: again.id, finish_reason, usage, tail: String::new(), receipt, proof: None };
+                spare.link.send(&done).await.unwrap();
+            }
+            outcomes.push((handed.map(|s| s.prefix), game.join().unwrap()));
+        }
+        let (whole_handed, whole) = outcomes.pop().unwrap();
+        let (stream_handed, streamed) = outcomes.pop().unwrap();
+        assert_eq!(stream_handed, None, "the ended stream was continued on another node");
+        (streamed, whole_handed, whole)
+    });
+    assert!(streamed.contains("\"finish_reason\":\"stop\"") && streamed.contains("Hi"), "{streamed}");
+    assert!(streamed.ends_with("[DONE]") && !streamed.contains("error"), "{streamed}");
+    assert_eq!(again, Some(vec![]), "the whole answer was not produced again from its start");
+    assert!(whole.starts_with("200 "), "{whole}");
+    let v: serde_json::Value = serde_json::from_str(whole.trim_start_matches("200 ")).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], well_met.len(), "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap().trim(), "Well met", "{v}");
 }
 
 /// A node that takes a task and then says nothing loses it after the configured stall
