@@ -29,7 +29,8 @@ pub enum JobEvent {
     /// token releases.
     Logprobs(super::catalog::TokenLogprob),
     /// Forget the text so far: the answer is being produced again (its first version
-    /// failed a synchronous proof check). Only non-streamed jobs receive it.
+    /// failed a synchronous proof check, or its node failed before finishing it). Only
+    /// non-streamed jobs receive it.
     Reset,
     Done {
         finish_reason: FinishReason,

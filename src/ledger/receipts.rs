@@ -109,9 +109,13 @@ impl Store {
         if receipts.is_empty() {
             return Ok(CommitOutcome::default());
         }
-        // One receipt per task: the first one sent.
+        // One receipt per task: the first the server witnessed, else the first one sent. A
+        // receipt it never saw finish (from the node that failed the task, re-sent, say)
+        // must not shadow the one of the node that did: both would be lost.
         let mut seen = HashSet::with_capacity(receipts.len());
-        let unique: Vec<&Receipt> = receipts.iter().filter(|r| seen.insert(r.task)).collect();
+        let (witnessed, not_witnessed): (Vec<&Receipt>, Vec<&Receipt>) = receipts.iter().partition(|r| r.witnessed);
+        let unique: Vec<&Receipt> =
+            witnessed.into_iter().chain(not_witnessed).filter(|r| seen.insert(r.task)).collect();
         // Receipts the server saw finish are new but for rare races: write them straight
         // away, and look up what is already recorded only when the COPY says one is (or the
         // batch holds receipts re-sent after a reconnect, which often are).

@@ -25,6 +25,22 @@ fn broken_references(store: &Store) -> Vec<i64> {
     )
 }
 
+/// A node that failed a task can still sign a receipt for it and re-send it; ahead of the
+/// receipt of the node that finished the task, in the same block, it used to be kept as
+/// "the first one sent", then refused as never witnessed: neither was recorded, and the
+/// honest node was never paid.
+#[test]
+fn a_receipt_the_server_never_saw_finish_does_not_shadow_the_one_it_did() {
+    let store = open(&fresh_database());
+    let (game, _) = block_on(store.add_game("g", 100, 100_000)).unwrap();
+    let mut failed = small_receipt(7, game, &node(5));
+    failed.witnessed = false;
+    let finished = small_receipt(7, game, &node(6));
+    let outcome = block_on(store.commit_block(&[failed, finished], SERVER)).unwrap();
+    assert_eq!((outcome.recorded, outcome.duplicates, outcome.refused), (1, 0, 0), "{outcome:?}");
+    assert_eq!(numbers(&store, &format!("SELECT count(*) FROM receipts WHERE node_address = '{}'", node(6))), vec![1]);
+}
+
 #[test]
 fn a_commit_stores_every_field_exactly_and_counts_refusals_and_duplicates() {
     let store = open(&fresh_database());
