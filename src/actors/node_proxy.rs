@@ -425,6 +425,16 @@ impl NodeProxy {
                     self.in_flight.insert(id, run);
                     return self.fail(ctx, format!("task {id}: more text than its tokens can carry"));
                 }
+                // A task done without a token of its own did nothing: nothing to pay, nothing
+                // a proof could cover. (But for a continuation after an end the server could
+                // not see, of a model whose text it does not make: the node's engine ends it
+                // at once.)
+                let idle = run.job.emitted.len() <= run.prefix_len
+                    && (run.prefix_len == 0 || run.job.text.as_ref().is_some_and(|t| !t.stream.stopped()));
+                if idle {
+                    self.in_flight.insert(id, run);
+                    return self.fail(ctx, format!("task {id}: done without generating a token"));
+                }
                 // The server's own text says how the answer ended: at an end-of-sequence
                 // token or a stop sequence, or else at its length (max_tokens, or a node's
                 // context). A node's word is taken only where the server holds no tokenizer.

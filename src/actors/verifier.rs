@@ -221,7 +221,18 @@ impl Handler<VerifyTask> for Verifier {
     /// Checks one task and reports the verdict.
     fn handle(&mut self, t: VerifyTask, _: &mut Self::Context) {
         let started = std::time::Instant::now();
-        let (outcome, detail, evidence) = self.check(&t);
+        // A panic on one task (a node's input the replay did not expect) must not kill this
+        // thread of the pool for good, leaving every later task unchecked: that task is
+        // reported unverifiable (unpaid), and the thread goes on.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.check(&t)));
+        let (outcome, detail, evidence) = checked.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            (Outcome::Unverifiable, format!("the verifier failed on this task: {what}"), None)
+        });
         let evidence = evidence.map(std::sync::Arc::new);
         let ms = started.elapsed().as_millis() as u64;
         match outcome {

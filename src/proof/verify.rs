@@ -370,6 +370,16 @@ pub fn verify_continuation(
             return Ok(v);
         }
     };
+    if completion.is_empty() {
+        // Nothing was generated, nothing to judge (the replay needs a token): right only
+        // for a continuation whose prefix had ended the answer.
+        let ended = prefix > 0 && prompt.last().is_some_and(|t| model.tokenizer.stop_tokens.contains(t));
+        if !ended {
+            v.reasons.push("the task has no completion token: the node generated nothing".into());
+        }
+        v.accepted = ended;
+        return Ok(v);
+    }
     let mut replay = Replay::start(model, prompt, prefix, completion, params, limits)?;
     replay.prefill(&mut v, &commitments)?;
     replay.judge(&mut v, commitments.len(), format);

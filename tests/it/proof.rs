@@ -771,3 +771,21 @@ fn run_case<'m>(
     eprint!("{table_row}");
     (table_row, failures)
 }
+
+/// A proof of an empty completion (a node that answers `Done` without a token) is refused
+/// with a reason. Replaying it used to panic (the replay judges the token after the last
+/// prompt row), which killed a thread of the server's verifier pool for good.
+#[test]
+fn a_proof_of_no_completion_is_refused_not_a_panic() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let prompt = model.tokenizer.encode("Hello there, traveller", false).unwrap();
+    let d = model.llama.config.hidden_size;
+    let mut builder = ProofBuilder::new([7; 32], 64);
+    builder.prompt_rows(prompt.len(), &vec![0.5; prompt.len() * d]);
+    let proof = builder.finish(&Identity::generate(), 1, "smollm2", &[]).expect("a proof");
+    let tol = Tolerances::default();
+    let verdict = verify(&model, &proof, &prompt, &[], &SamplingParams::greedy(), &tol).unwrap();
+    assert!(!verdict.accepted, "{verdict:?}");
+    assert!(verdict.reasons.iter().any(|r| r.contains("no completion token")), "{verdict:?}");
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ludus::crypto::identity::Identity;
 use ludus::node::link::{join, Announce};
-use ludus::protocol::{NodeMessage, ServerMessage, SignedReceipt, TaskUsage};
+use ludus::protocol::{NodeMessage, ServerMessage, SignedReceipt, TaskSpec, TaskUsage};
 
 use super::cluster::{wait_for, Cluster};
 use super::database::numbers;
@@ -25,6 +25,15 @@ fn cut_for(
     cluster: &Cluster,
     model: &'static str,
     lie: impl FnOnce(u64, usize) -> Vec<NodeMessage>,
+) -> (String, Option<u64>) {
+    cut_for_task(cluster, model, |_, spec| lie(spec.id.0, spec.max_tokens))
+}
+
+/// [`cut_for`], with the rogue's key and whole task at hand (to sign a receipt, say).
+fn cut_for_task(
+    cluster: &Cluster,
+    model: &'static str,
+    lie: impl FnOnce(&Identity, &TaskSpec) -> Vec<NodeMessage>,
 ) -> (String, Option<u64>) {
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
     let asked = Arc::new(AtomicBool::new(false));
@@ -46,7 +55,7 @@ fn cut_for(
         let mut rogue = Rogue::join(&cluster.addr, model).await;
         let spec = rogue.task(&mut []).await;
         asked.store(true, Ordering::Relaxed);
-        for message in lie(spec.id.0, spec.max_tokens) {
+        for message in lie(&rogue.id, &spec) {
             if rogue.link.send(&message).await.is_err() {
                 break;
             }
@@ -70,6 +79,24 @@ fn a_node_sending_tokens_past_max_tokens_is_cut_and_nothing_is_recorded() {
     // node to produce it again, it gets an error). The rogue, cut before its end of task,
     // has no receipt.
     assert_eq!(answer, None, "the rogue's tokens reached the game");
+    std::thread::sleep(Duration::from_millis(800)); // two blocks
+    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
+}
+
+/// A node that answers `Done` without generating a token is cut: nothing to pay, nothing a
+/// proof could cover (replaying its proof used to panic a thread of the verifier pool for
+/// good, leaving every later task unchecked). Nothing is recorded.
+#[test]
+fn a_node_done_without_a_token_is_cut() {
+    let cluster = Cluster::start("");
+    let (reason, answer) = cut_for_task(&cluster, "rogue-model", |id, spec| {
+        let receipt = SignedReceipt::sign(id, spec.ticket.clone(), 5, &[]);
+        let usage = TaskUsage { prompt_tokens: 5, completion_tokens: 0 };
+        let finish_reason = ludus::protocol::FinishReason::Stop;
+        vec![NodeMessage::Done { id: spec.id, finish_reason, usage, tail: String::new(), receipt, proof: None }]
+    });
+    assert!(reason.contains("done without generating a token"), "{reason:?}");
+    assert_eq!(answer, None, "the game got an empty answer from a node that did nothing");
     std::thread::sleep(Duration::from_millis(800)); // two blocks
     assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
 }
