@@ -65,6 +65,12 @@ fn cut_for_task(
     (reason, game.join().unwrap())
 }
 
+/// Two blocks later, not a receipt is on the books.
+fn assert_nothing_recorded(cluster: &Cluster) {
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
+}
+
 fn token(id: u64, index: usize, token: u32, text: &str) -> NodeMessage {
     NodeMessage::Token { id: ludus::protocol::TaskId(id), index, token, text: text.into(), logprobs: None }
 }
@@ -79,8 +85,7 @@ fn a_node_sending_tokens_past_max_tokens_is_cut_and_nothing_is_recorded() {
     // node to produce it again, it gets an error). The rogue, cut before its end of task,
     // has no receipt.
     assert_eq!(answer, None, "the rogue's tokens reached the game");
-    std::thread::sleep(Duration::from_millis(800)); // two blocks
-    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
+    assert_nothing_recorded(&cluster);
 }
 
 /// A node that answers `Done` without generating a token is cut: nothing to pay, nothing a
@@ -97,8 +102,7 @@ fn a_node_done_without_a_token_is_cut() {
     });
     assert!(reason.contains("done without generating a token"), "{reason:?}");
     assert_eq!(answer, None, "the game got an empty answer from a node that did nothing");
-    std::thread::sleep(Duration::from_millis(800)); // two blocks
-    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
+    assert_nothing_recorded(&cluster);
 }
 
 #[test]
@@ -497,8 +501,7 @@ fn a_token_after_the_end_of_sequence_token_cuts_the_node() {
         cut_for(&cluster, MODEL, move |id, _| vec![token(id, 0, hi, ""), token(id, 1, eos, ""), token(id, 2, hi, "")]);
     assert!(reason.contains("a token after the answer's end"), "{reason:?}");
     assert!(answer.is_none(), "the game got an answer from a node cut before its end of task");
-    std::thread::sleep(Duration::from_millis(800)); // two blocks
-    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "nothing recorded");
+    assert_nothing_recorded(&cluster);
 }
 
 /// What a node's tokens become when it dies after the end-of-sequence token, before its
