@@ -51,8 +51,18 @@ struct NodeEntry {
     address: String,
     models: Vec<String>,
     device: String,
+    /// Tokens a sequence holds on the node, as it said on joining (0: not said).
+    context: usize,
     stats: NodeStats,
     load: NodeLoad,
+}
+
+impl NodeEntry {
+    /// Whether `job`'s whole answer fits the node's context (prompt and `max_tokens`).
+    /// A node that did not say is taken at its word that it fits.
+    fn holds(&self, job: &Job) -> bool {
+        self.context == 0 || job.prompt.tokens as usize + job.max_tokens <= self.context
+    }
 }
 
 /// Cache-aware routing: among `candidates` (nodes with room for the job), the one whose
@@ -228,16 +238,19 @@ impl Distributor {
         // A quality-check re-run never goes to the key that produced the original, whatever
         // session it holds now.
         let original = job.shadow_of.as_ref().map(|s| s.node.to_string());
+        let eligible = |n: &NodeEntry| {
+            n.models.contains(&job.model)
+                && !job.failed_nodes.contains(&n.address)
+                && original.as_ref() != Some(&n.address)
+                && !self.is_quarantined(&n.address, now)
+        };
+        // A node whose context cannot hold the whole answer would end it early: it gets
+        // the job only when no node here can hold it (busy or not).
+        let held_somewhere = self.nodes.values().any(|n| eligible(n) && n.holds(&job));
         let costs: Vec<(NodeId, f64)> = self
             .nodes
             .iter()
-            .filter(|(_, n)| {
-                n.stats.has_room()
-                    && n.models.contains(&job.model)
-                    && !job.failed_nodes.contains(&n.address)
-                    && original.as_ref() != Some(&n.address)
-                    && !self.is_quarantined(&n.address, now)
-            })
+            .filter(|(_, n)| n.stats.has_room() && eligible(n) && (n.holds(&job) || !held_somewhere))
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
         let by_prefix = if self.config.prefix_routing { prefix_choice(&self.nodes, &job, &costs, now) } else { None };
@@ -443,6 +456,7 @@ impl Handler<NodeConnected> for Distributor {
                 address: msg.address,
                 models: msg.models,
                 device: msg.device,
+                context: msg.context,
                 stats,
                 load: NodeLoad::default(),
             },

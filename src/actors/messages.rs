@@ -222,6 +222,8 @@ pub struct NodeConnected {
     pub capacity: usize,
     /// What the node says it runs on (`Cpu/Float/int8`, `Cuda(0)/BFloat16/int4`, ...).
     pub device: String,
+    /// Tokens one sequence holds on the node, prompt and answer (0: not said).
+    pub context: usize,
 }
 
 /// A node's websocket closed or timed out; its unfinished jobs come back separately.

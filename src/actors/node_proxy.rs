@@ -43,6 +43,8 @@ const MAX_CAPACITY: usize = 4096;
 /// Models one node may announce, and the longest name.
 const MAX_MODELS_PER_NODE: usize = 16;
 const MAX_MODEL_NAME_BYTES: usize = 128;
+/// Largest context a node may report (tokens per sequence).
+const MAX_CONTEXT: usize = 1 << 24;
 /// Most receipts one `Receipts` frame may carry (nodes send 500).
 const MAX_RECEIPTS_PER_FRAME: usize = 512;
 /// Re-sent receipts checked per node per second (a secp256k1 recovery each, on the HTTP
@@ -166,6 +168,10 @@ pub struct NodeProxy {
     /// The node's address, once authenticated.
     address: Option<Address>,
     registered: bool,
+    /// Tokens a sequence holds on the node (prompt and answer), as its joining heartbeat
+    /// said (0: not said). Fixed for the session: a node cannot shrink it to end answers
+    /// early.
+    context: usize,
     welcomed_at: Option<Instant>,
     sealer: Option<Sealer>,
     opener: Option<Opener>,
@@ -233,6 +239,7 @@ impl NodeProxy {
             joining: None,
             address: None,
             registered: false,
+            context: 0,
             welcomed_at: None,
             sealer: None,
             opener: None,
@@ -400,6 +407,7 @@ impl NodeProxy {
             NodeMessage::Heartbeat(load) => {
                 if let Some((address, models, capacity, device)) = self.joining.take() {
                     self.registered = true;
+                    self.context = (load.context as usize).min(MAX_CONTEXT);
                     self.distributor.do_send(NodeConnected {
                         id: self.id,
                         proxy: ctx.address(),
@@ -407,6 +415,7 @@ impl NodeProxy {
                         models,
                         capacity,
                         device,
+                        context: self.context,
                     });
                 }
                 let load = bounded_load(load, self.address);
@@ -445,6 +454,25 @@ impl NodeProxy {
                 if cut_short {
                     self.in_flight.insert(id, run);
                     return self.fail(ctx, format!("task {id}: ended a structured answer before it was complete"));
+                }
+                // Nor does an answer end early at its length: one that the server's text
+                // sees no end of, short of max_tokens, must have filled the context the
+                // node reported when it joined. Else a node could stop after one decode
+                // step and be paid for the whole prompt.
+                let early = run.job.emitted.len() < run.job.max_tokens
+                    && run.job.text.as_ref().is_some_and(|t| !t.stream.stopped())
+                    && (self.context == 0 || run.job.prompt.tokens as usize + run.job.emitted.len() < self.context);
+                if early {
+                    let (tokens, max_tokens, context) = (run.job.emitted.len(), run.job.max_tokens, self.context);
+                    let prompt = run.job.prompt.tokens;
+                    self.in_flight.insert(id, run);
+                    return self.fail(
+                        ctx,
+                        format!(
+                            "task {id}: ended early, at no end of sequence: {tokens} of max_tokens {max_tokens}, \
+                             {prompt} prompt tokens in a context of {context}"
+                        ),
+                    );
                 }
                 let (tail, finish_reason) = match run.job.text.as_mut() {
                     Some(server_text) => {

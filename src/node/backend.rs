@@ -90,6 +90,7 @@ impl Backend {
                     quantization: e.quantization.to_string(),
                     prefix: prefix_held(l),
                     tuning: e.tuning.clone().unwrap_or_default(),
+                    context: u32::try_from(e.config.max_context).unwrap_or(u32::MAX),
                 };
                 (load, l.generated_tokens.load(Ordering::Relaxed))
             }

@@ -77,6 +77,11 @@ pub struct NodeLoad {
     /// at most [`MAX_TUNING_CHARS`], shown to the operator, never acted on.
     #[serde(default)]
     pub tuning: String,
+    /// Tokens one sequence may hold, prompt and answer together (0: not said). The server
+    /// holds a node to what its joining heartbeat says: an answer that ends before
+    /// `max_tokens`, at no end the server's text sees, must have filled this context.
+    #[serde(default)]
+    pub context: u32,
 }
 
 /// Longest tuning line a heartbeat may carry.

@@ -262,6 +262,8 @@ fn books(cluster: &Cluster) -> (i64, String, i64, i64) {
 pub struct Rogue {
     pub id: Identity,
     pub link: Link,
+    /// What its heartbeats say; the first one fixes its context for the session.
+    pub load: NodeLoad,
 }
 
 impl Rogue {
@@ -273,7 +275,7 @@ impl Rogue {
     pub async fn join_as(addr: &str, model: &str, id: Identity) -> Self {
         let announce = Announce { models: vec![model.into()], capacity: 4, device: "cpu".into(), bundles: vec![] };
         let link = join(&format!("ws://{addr}/ws/node"), &id, announce, None).await.unwrap();
-        Self { id, link }
+        Self { id, link, load: NodeLoad { context: 4096, ..NodeLoad::default() } }
     }
 
     /// Heartbeats until a message matching `want` arrives (others are dropped).
@@ -282,7 +284,7 @@ impl Rogue {
         loop {
             assert!(Instant::now() < deadline, "no matching message from the server");
             for r in std::iter::once(&mut *self).chain(others.iter_mut().map(|r| &mut **r)) {
-                r.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.unwrap();
+                r.link.send(&NodeMessage::Heartbeat(r.load.clone())).await.unwrap();
             }
             match self.link.recv(Duration::from_millis(50)).await {
                 Ok(m) if want(&m) => return m,
@@ -298,7 +300,7 @@ impl Rogue {
         let until = Instant::now() + time;
         while Instant::now() < until {
             for r in std::iter::once(&mut *self).chain(others.iter_mut().map(|r| &mut **r)) {
-                r.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.unwrap();
+                r.link.send(&NodeMessage::Heartbeat(r.load.clone())).await.unwrap();
             }
             let _ = self.link.recv(Duration::from_millis(50)).await;
         }
@@ -308,7 +310,7 @@ impl Rogue {
     pub async fn next_task(&mut self, limit: Duration) -> Option<TaskSpec> {
         let until = Instant::now() + limit;
         while Instant::now() < until {
-            self.link.send(&NodeMessage::Heartbeat(NodeLoad::default())).await.ok()?;
+            self.link.send(&NodeMessage::Heartbeat(self.load.clone())).await.ok()?;
             match self.link.recv(Duration::from_millis(50)).await {
                 Ok(ServerMessage::Task(spec)) => return Some(*spec),
                 Ok(_) => {}

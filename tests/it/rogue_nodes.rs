@@ -105,6 +105,104 @@ fn a_node_done_without_a_token_is_cut() {
     assert_nothing_recorded(&cluster);
 }
 
+/// A node that ends an answer at no end of sequence, short of `max_tokens`, is cut unless
+/// the answer filled the context it reported when it joined. Else it could stop after one
+/// decode step and be paid the whole prompt (with a long persona, most of a task's price):
+/// the verifier accepts an answer that stops where the reference did, or earlier. At its
+/// context, the same stop is the answer's honest length.
+#[test]
+fn a_node_stopping_short_of_max_tokens_and_of_its_context_is_cut() {
+    let Some((cluster, text, _, hi)) = smollm2_server() else { return };
+    let one_step = |id: &Identity, spec: &TaskSpec| {
+        let receipt = SignedReceipt::sign(id, spec.ticket.clone(), spec.ticket.prompt.tokens, &[hi]);
+        let usage = TaskUsage { prompt_tokens: spec.ticket.prompt.tokens as usize, completion_tokens: 1 };
+        let finish_reason = ludus::protocol::FinishReason::Length;
+        let done = NodeMessage::Done { id: spec.id, finish_reason, usage, tail: String::new(), receipt, proof: None };
+        vec![token(spec.id.0, 0, hi, ""), done]
+    };
+    // The rogue said its sequences hold 4,096 tokens; the game asked for 4.
+    let (reason, answer) = cut_for_task(&cluster, MODEL, one_step);
+    assert!(reason.contains("ended early"), "{reason:?}");
+    assert!(reason.contains("1 of max_tokens 4"), "{reason:?}");
+    assert_eq!(answer, None, "the game got an answer a node cut short");
+    assert_nothing_recorded(&cluster);
+
+    // A node whose context the answer fills stops there honestly, a token in.
+    let prompt = text.chat_prompt(&[ludus::inference::ChatMessage::new("user", "hi")]).unwrap().len();
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let game = actix_rt::System::new().block_on(async {
+        let mut full = Rogue::join(&cluster.addr, MODEL).await;
+        full.load.context = prompt as u32 + 1;
+        full.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = std::thread::spawn(move || try_chat(&addr, &key, MODEL));
+        let spec = full.task(&mut []).await;
+        assert_eq!(spec.ticket.prompt.tokens as usize, prompt, "the test's prompt count is the server's");
+        for message in one_step(&full.id, &spec) {
+            full.link.send(&message).await.unwrap();
+        }
+        full.idle(&mut [], Duration::from_millis(1000)).await;
+        game
+    });
+    assert!(game.join().unwrap().is_some(), "an answer that filled the node's context was refused");
+    let store = cluster.store();
+    wait_for("its receipt", Duration::from_secs(20), || numbers(&store, "SELECT count(*) FROM receipts") == vec![1]);
+}
+
+/// A job goes to a node whose context holds its whole answer (prompt and `max_tokens`)
+/// while one serves the model: a node that says its context is small cannot end answers
+/// early at it. With none left that holds it, a smaller one takes the job and stops
+/// honestly at its context.
+#[test]
+fn a_job_goes_to_a_node_whose_context_holds_the_whole_answer() {
+    let Some((cluster, text, _, hi)) = smollm2_server() else { return };
+    let prompt = text.chat_prompt(&[ludus::inference::ChatMessage::new("user", "hi")]).unwrap().len();
+    let chat = || {
+        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+        std::thread::spawn(move || try_chat(&addr, &key, MODEL))
+    };
+    let answer = |rogue_id: &Identity, spec: &TaskSpec, tokens: usize| {
+        let ids = vec![hi; tokens];
+        let receipt = SignedReceipt::sign(rogue_id, spec.ticket.clone(), spec.ticket.prompt.tokens, &ids);
+        let usage = TaskUsage { prompt_tokens: spec.ticket.prompt.tokens as usize, completion_tokens: tokens };
+        let finish_reason = ludus::protocol::FinishReason::Length;
+        let mut messages: Vec<NodeMessage> = (0..tokens).map(|i| token(spec.id.0, i, hi, "")).collect();
+        messages.push(NodeMessage::Done {
+            id: spec.id,
+            finish_reason,
+            usage,
+            tail: String::new(),
+            receipt,
+            proof: None,
+        });
+        messages
+    };
+    actix_rt::System::new().block_on(async {
+        // Room for the prompt and 2 tokens of the 4 the game asks for; and room for all.
+        let mut small = Rogue::join(&cluster.addr, MODEL).await;
+        small.load.context = prompt as u32 + 2;
+        let mut large = Rogue::join(&cluster.addr, MODEL).await;
+        small.idle(&mut [&mut large], Duration::from_millis(300)).await; // both registered
+        for round in 0..5 {
+            let game = chat();
+            let spec = large.task(&mut [&mut small]).await;
+            for message in answer(&large.id, &spec, 4) {
+                large.link.send(&message).await.unwrap();
+            }
+            large.idle(&mut [&mut small], Duration::from_millis(200)).await;
+            assert!(game.join().unwrap().is_some(), "round {round}: no answer");
+        }
+        drop(large);
+        small.idle(&mut [], Duration::from_millis(300)).await;
+        let game = chat();
+        let spec = small.task(&mut []).await;
+        for message in answer(&small.id, &spec, 2) {
+            small.link.send(&message).await.unwrap();
+        }
+        small.idle(&mut [], Duration::from_millis(500)).await;
+        assert!(game.join().unwrap().is_some(), "the smaller node's answer, at its context, was refused");
+    });
+}
+
 #[test]
 fn a_node_sending_more_text_than_its_tokens_carry_is_cut() {
     let cluster = Cluster::start("");
@@ -219,7 +317,8 @@ fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() 
     let messages = vec![ludus::inference::ChatMessage::new("user", "Greet the traveller.")];
     let counted = text.chat_prompt(&messages).unwrap().len();
     let ids = text.tokenizer.encode(" Well met, traveller!", false).unwrap();
-    let body = serde_json::json!({"model": MODEL, "max_tokens": 16, "messages": messages}).to_string();
+    // The answer ends at max_tokens: no end of sequence, and no early stop either.
+    let body = serde_json::json!({"model": MODEL, "max_tokens": ids.len(), "messages": messages}).to_string();
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
     let game = std::thread::spawn(move || loop {
         let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
@@ -512,7 +611,8 @@ fn a_token_after_the_end_of_sequence_token_cuts_the_node() {
 #[test]
 fn a_dead_nodes_tokens_end_a_stream_and_are_produced_again_for_a_whole_answer() {
     let Some((cluster, text, eos, hi)) = smollm2_server() else { return };
-    let well_met = text.tokenizer.encode(" Well met", false).unwrap();
+    let mut well_met = text.tokenizer.encode(" Well met", false).unwrap();
+    well_met.push(eos);
     let body = |stream: bool| {
         format!(
             r#"{{"model": "{MODEL}", "max_tokens": 8, "stream": {stream}, "messages": [{{"role": "user", "content": "hi"}}]}}"#
@@ -564,7 +664,7 @@ fn a_dead_nodes_tokens_end_a_stream_and_are_produced_again_for_a_whole_answer() 
                 let prompt = again.ticket.prompt.tokens;
                 let receipt = SignedReceipt::sign(&spare.id, again.ticket.clone(), prompt, &well_met);
                 let usage = TaskUsage { prompt_tokens: prompt as usize, completion_tokens: well_met.len() };
-                let finish_reason = ludus::protocol::FinishReason::Length;
+                let finish_reason = ludus::protocol::FinishReason::Stop;
                 let done =
                     NodeMessage::Done { id: again.id, finish_reason, usage, tail: String::new(), receipt, proof: None };
                 spare.link.send(&done).await.unwrap();
@@ -644,7 +744,7 @@ fn a_task_never_returns_to_the_key_that_failed_it_even_reconnected() {
         let id = Identity::generate();
         let announce = Announce { models: vec!["again".into()], capacity: 1, device: "cpu".into(), bundles: vec![] };
         let link = join(&format!("ws://{}/ws/node", cluster.addr), &id, announce, None).await.unwrap();
-        let mut busy = Rogue { id, link };
+        let mut busy = Rogue { id, link, load: ludus::protocol::NodeLoad { context: 4096, ..Default::default() } };
         busy.idle(&mut [], Duration::from_millis(300)).await; // registered
         let first = chat(&cluster);
         let held = busy.task(&mut []).await;
