@@ -117,6 +117,11 @@ const PREFIX_AFFINITY_SLACK: usize = 4;
 /// How long a node that failed a job is not preferred for its cache.
 const PREFIX_FAILURE_PAUSE: Duration = Duration::from_secs(30);
 
+/// How long what a node's session taught about it (latency, failures) outlives the
+/// session, for the key's next one; and how many departed keys are remembered at most.
+const DEPARTED_MEMORY: Duration = Duration::from_secs(300);
+const MAX_DEPARTED: usize = 4096;
+
 /// Where a running job is and what it reserved.
 struct Running {
     node: NodeId,
@@ -141,6 +146,10 @@ pub struct Distributor {
     prefix_routed: u64,
     /// The other servers of the network (empty when this one works alone).
     peers: Arc<Peers>,
+    /// What sessions that left taught about their node keys, and when they left (a
+    /// reconnect must not wipe a failure): for [`DEPARTED_MEMORY`], at most
+    /// [`MAX_DEPARTED`] keys.
+    departed: HashMap<String, (NodeStats, Instant)>,
 }
 
 impl Distributor {
@@ -157,6 +166,7 @@ impl Distributor {
             seen_models: Default::default(),
             prefix_routed: 0,
             peers,
+            departed: HashMap::new(),
         }
     }
 
@@ -192,6 +202,21 @@ impl Distributor {
 
     fn is_quarantined(&self, address: &str, now: Instant) -> bool {
         self.quarantined.get(address).is_some_and(|until| *until > now)
+    }
+
+    /// Keeps what a session that left taught about its key: for a live newer session of
+    /// the same key at once, else for the key's next session.
+    fn remember_departed(&mut self, address: String, stats: NodeStats) {
+        if let Some(live) = self.nodes.values_mut().find(|n| n.address == address) {
+            return live.stats.inherit(&stats);
+        }
+        let now = Instant::now();
+        if self.departed.len() >= MAX_DEPARTED {
+            self.departed.retain(|_, (_, left)| now.duration_since(*left) < DEPARTED_MEMORY);
+        }
+        if self.departed.len() < MAX_DEPARTED {
+            self.departed.insert(address, (stats, now));
+        }
     }
 
     fn serves(&self, model: &str) -> bool {
@@ -447,7 +472,13 @@ impl Handler<NodeConnected> for Distributor {
     /// Adds a node to the table and gives it queued work.
     fn handle(&mut self, msg: NodeConnected, _: &mut Self::Context) {
         tracing::info!(node = msg.id, address = %msg.address, models = ?msg.models, capacity = msg.capacity, "node joined");
-        let stats = NodeStats::new(msg.capacity, Instant::now());
+        let now = Instant::now();
+        let mut stats = NodeStats::new(msg.capacity, now);
+        if let Some((earlier, left)) = self.departed.remove(&msg.address) {
+            if now.duration_since(left) < DEPARTED_MEMORY {
+                stats.inherit(&earlier);
+            }
+        }
         self.remember_models(&msg.models);
         self.nodes.insert(
             msg.id,
@@ -472,6 +503,7 @@ impl Handler<NodeDisconnected> for Distributor {
     fn handle(&mut self, msg: NodeDisconnected, _: &mut Self::Context) {
         if let Some(node) = self.nodes.remove(&msg.id) {
             tracing::warn!(node = msg.id, address = %node.address, reason = %msg.reason, "node left");
+            self.remember_departed(node.address, node.stats);
         }
         self.running.retain(|_, r| r.node != msg.id);
         self.maybe_release_nodes();

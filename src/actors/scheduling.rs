@@ -1,6 +1,9 @@
 //! Node selection, free of actors so it can be tested alone: power-of-two-choices over
 //! `peak_ewma_latency × (outstanding_tokens + 1)`, with a penalty for recent failures so a
-//! node that fails fast does not look fast and attract traffic.
+//! node that fails fast does not look fast and attract traffic. A slow peak fades toward
+//! the network's average while it goes unobserved, so a node shunned for one failure gets
+//! a task again in time, and that task's latency is its new evidence. A node's record
+//! outlives its session ([`NodeStats::inherit`]): reconnecting wipes no failure.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +19,8 @@ const FAILURE_PENALTY: f64 = 20.0;
 const FAILURE_LATENCY_MS: f64 = 1000.0;
 /// Latency assumed for a node that has not finished a task yet (ms per token).
 pub const DEFAULT_MS_PER_TOKEN: f64 = 50.0;
+/// Time constant with which an unobserved peak fades toward the network's average.
+const STALE_PEAK_TAU: Duration = Duration::from_secs(20);
 
 /// What the distributor knows about one node's performance and load.
 #[derive(Debug, Clone)]
@@ -69,13 +74,38 @@ impl NodeStats {
         self.observe_latency(peak, now);
     }
 
+    /// Takes over what an earlier session of the same node key taught (a reconnect must
+    /// not wipe a failure): the worse latency, the later failure, the counts.
+    pub fn inherit(&mut self, earlier: &NodeStats) {
+        if let Some(old) = earlier.latency_ms {
+            if self.latency_ms.is_none_or(|now| old > now) {
+                self.latency_ms = Some(old);
+                self.updated = earlier.updated;
+            }
+        }
+        self.last_failure = self.last_failure.max(earlier.last_failure);
+        self.completed += earlier.completed;
+        self.failed += earlier.failed;
+    }
+
+    /// The latency the node's cost counts now: a peak above `average` fades toward it
+    /// while nothing new is observed (a fast node keeps its record).
+    pub fn current_latency(&self, average: f64, now: Instant) -> f64 {
+        let Some(latency) = self.latency_ms else { return average };
+        if latency <= average {
+            return latency;
+        }
+        let age = now.saturating_duration_since(self.updated).as_secs_f64();
+        average + (latency - average) * (-age / STALE_PEAK_TAU.as_secs_f64()).exp()
+    }
+
     pub fn has_room(&self) -> bool {
         self.in_flight < self.capacity
     }
 
     /// Lower is better.
     pub fn cost(&self, default_latency: f64, now: Instant) -> f64 {
-        let latency = self.latency_ms.unwrap_or(default_latency).max(0.01);
+        let latency = self.current_latency(default_latency, now).max(0.01);
         let mut cost = latency * (self.outstanding_tokens as f64 + 1.0);
         if let Some(at) = self.last_failure {
             let age = now.saturating_duration_since(at).as_secs_f64();
@@ -141,5 +171,46 @@ mod tests {
         }
         assert!(wins[0] > wins[1] && wins[1] > wins[2], "{wins:?}");
         assert!(pick_two(&[], &mut rng).is_none());
+    }
+
+    /// A node that failed once and got no task since is not shunned for ever: its peak
+    /// fades toward the network's average (it used to stay at 1,000 ms per token until
+    /// a completion, which a shunned node never gets). A fast node keeps its record.
+    #[test]
+    fn an_unobserved_peak_fades_toward_the_average_and_a_fast_record_stays() {
+        let t0 = Instant::now();
+        let mut failed = NodeStats::new(4, t0);
+        failed.observe_latency(20.0, t0);
+        failed.record_failure(t0);
+        let at = |secs| t0 + Duration::from_secs(secs);
+        assert_eq!(failed.current_latency(50.0, t0), FAILURE_LATENCY_MS);
+        let later = failed.current_latency(50.0, at(20));
+        assert!(later < FAILURE_LATENCY_MS && later > 50.0, "{later}");
+        assert!(failed.current_latency(50.0, at(300)) < 50.1);
+        // Without a failure's penalty left either, it costs what an average node does.
+        assert!(failed.cost(50.0, at(300)) < 1.01 * NodeStats::new(4, t0).cost(50.0, at(300)));
+        let mut fast = NodeStats::new(4, t0);
+        fast.observe_latency(10.0, t0);
+        assert_eq!(fast.current_latency(50.0, at(300)), 10.0);
+    }
+
+    /// A new session of a node key starts from what the earlier one taught.
+    #[test]
+    fn a_new_session_inherits_the_worse_record() {
+        let t0 = Instant::now();
+        let mut old = NodeStats::new(4, t0);
+        old.observe_latency(30.0, t0);
+        old.record_failure(t0);
+        let mut new = NodeStats::new(4, t0);
+        new.inherit(&old);
+        assert_eq!((new.latency_ms, new.last_failure, new.failed), (Some(FAILURE_LATENCY_MS), Some(t0), 1));
+        let mut fresh = NodeStats::new(4, t0);
+        assert!(new.cost(50.0, t0) > 10.0 * fresh.cost(50.0, t0));
+        // A faster record does not replace a slower one.
+        let mut quick = NodeStats::new(4, t0);
+        quick.observe_latency(5.0, t0);
+        fresh.observe_latency(40.0, t0);
+        fresh.inherit(&quick);
+        assert_eq!(fresh.latency_ms, Some(40.0));
     }
 }
