@@ -93,7 +93,8 @@ pub struct TaskFinished {
     pub latency_ms: i32,
 }
 
-/// The game left mid-stream after `delivered` tokens reached it: those are billed and paid.
+/// The game left mid-stream after `delivered` tokens reached it: those are charged to its
+/// budget, and billed and paid with the node's receipt for them.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct TaskAbandoned {
@@ -102,6 +103,26 @@ pub struct TaskAbandoned {
     pub key_hash: String,
     pub prompt_tokens: usize,
     pub delivered: Vec<u32>,
+    /// Write the tokens ahead as witnessed, so that the node's receipt is paid on its own
+    /// (a task without a challenge). A task with one is paid only with its proof
+    /// ([`HangUpProved`]).
+    pub witness: bool,
+}
+
+/// The node's receipt and proof for the tokens a game received before it left: checked
+/// like a completion of exactly those, and paid with the same proof rules.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HangUpProved {
+    pub address: Address,
+    pub reply_to: Recipient<ReceiptsRecorded>,
+    /// `emitted` holds exactly the delivered tokens.
+    pub job: Job,
+    pub challenge: [u8; 32],
+    pub prefix_len: usize,
+    pub receipt: SignedReceipt,
+    pub proof: Option<Box<Proof>>,
+    pub latency_ms: i32,
 }
 
 /// A finished job whose completion the other servers now know of: the game hears Done.
@@ -168,7 +189,7 @@ impl Completion {
         receipt: SignedReceipt,
         live: Option<(&Job, i32)>,
         reply_to: Recipient<ReceiptsRecorded>,
-    ) {
+    ) -> bool {
         let task = receipt.ticket.task;
         let checked =
             receipt.check(&self.config.ticket_secret, &address).map_err(|e| e.to_string()).and_then(|()| match live {
@@ -188,7 +209,7 @@ impl Completion {
         if let Err(reason) = checked {
             // Not recorded: neither billed nor paid. An honest node never gets here.
             tracing::warn!(%address, task = %task, %reason, "receipt refused");
-            return;
+            return false;
         }
         // Checked against the ticket: the server's count, or within its bound.
         let prompt_tokens = receipt.prompt_tokens;
@@ -198,7 +219,7 @@ impl Completion {
         let price = self.config.prices.for_model(&receipt.ticket.model);
         let Ok(price) = price.charge(prompt_tokens as u64, own_tokens as u64) else {
             tracing::warn!(task = %task, "receipt price overflows; refused");
-            return;
+            return false;
         };
         let output_hash: [u8; 32] =
             hex::decode(&receipt.output_hash).ok().and_then(|h| h.try_into().ok()).expect("checked: 32 bytes of hex");
@@ -227,6 +248,7 @@ impl Completion {
             witnessed,
         };
         self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to });
+        true
     }
 
     /// Charges `tokens` to the game's per-minute budget.
@@ -331,25 +353,37 @@ impl Completion {
         if synchronous {
             report.push(ctx.address().recipient());
         }
-        let job = &done.job;
-        let task = super::verifier::VerifyTask {
-            task: job.id,
-            node: done.address,
-            model: job.model.clone(),
-            input: job.input.clone(),
-            params: job.params.clone(),
-            prefix: job.emitted[..done.prefix_len].to_vec(),
-            completion: job.emitted[done.prefix_len..].to_vec(),
-            logprobs: job.emitted_logprobs.get(done.prefix_len..).map(<[_]>::to_vec).unwrap_or_default(),
-            challenge,
-            proof: done.proof.clone(),
-            report,
-        };
+        let task = verify_task(done.address, &done.job, done.prefix_len, challenge, done.proof.clone(), report);
         if v.pool.try_send(task).is_err() {
-            tracing::warn!(task = %job.id, "verifier pool saturated; task left unchecked");
+            tracing::warn!(task = %done.job.id, "verifier pool saturated; task left unchecked");
             return false;
         }
         synchronous
+    }
+}
+
+/// What the verifier checks of `job`'s tokens on `node`: its own, after the first
+/// `prefix_len` other nodes made.
+fn verify_task(
+    node: Address,
+    job: &Job,
+    prefix_len: usize,
+    challenge: [u8; 32],
+    proof: Option<Box<Proof>>,
+    report: Vec<Recipient<VerificationDone>>,
+) -> super::verifier::VerifyTask {
+    super::verifier::VerifyTask {
+        task: job.id,
+        node,
+        model: job.model.clone(),
+        input: job.input.clone(),
+        params: job.params.clone(),
+        prefix: job.emitted[..prefix_len].to_vec(),
+        completion: job.emitted[prefix_len..].to_vec(),
+        logprobs: job.emitted_logprobs.get(prefix_len..).map(<[_]>::to_vec).unwrap_or_default(),
+        challenge,
+        proof,
+        report,
     }
 }
 
@@ -427,12 +461,44 @@ impl Handler<TaskAbandoned> for Completion {
     /// Written ahead like a completion, so that the node's receipt for exactly the
     /// delivered tokens (asked for by its proxy) is paid; the game's budget is charged.
     fn handle(&mut self, msg: TaskAbandoned, _: &mut Self::Context) {
-        let hash = output_hash(&msg.delivered);
-        self.config.completions.record(msg.task.0, msg.address.0, msg.delivered.len() as u32, hash);
-        if let Some(told) = self.tell_peers(msg.task, msg.address, msg.delivered.len() as u32, hash) {
-            actix::spawn(told);
+        if msg.witness {
+            let hash = output_hash(&msg.delivered);
+            self.config.completions.record(msg.task.0, msg.address.0, msg.delivered.len() as u32, hash);
+            if let Some(told) = self.tell_peers(msg.task, msg.address, msg.delivered.len() as u32, hash) {
+                actix::spawn(told);
+            }
         }
         self.charge(&msg.key_hash, msg.prompt_tokens.saturating_add(msg.delivered.len()));
+    }
+}
+
+impl Handler<HangUpProved> for Completion {
+    type Result = ();
+
+    /// A hang-up's receipt with its proof: recorded like a completion of the delivered
+    /// tokens (written ahead, so that a re-send of it is paid too), and checked when the
+    /// policy picks it. Without a proof it is not paid: the task carried a challenge.
+    fn handle(&mut self, msg: HangUpProved, _: &mut Self::Context) {
+        let HangUpProved { address, reply_to, job, challenge, prefix_len, receipt, proof, latency_ms } = msg;
+        if proof.is_none() {
+            tracing::warn!(%address, task = %job.id, "a hang-up's receipt without the proof its challenge asks for; unpaid");
+            return;
+        }
+        let completion_tokens = receipt.completion_tokens;
+        if !self.record(address, receipt, Some((&job, latency_ms)), reply_to) {
+            return;
+        }
+        if let Some(told) = self.tell_peers(job.id, address, completion_tokens, output_hash(&job.emitted)) {
+            actix::spawn(told);
+        }
+        let Some(v) = &self.config.verification else { return };
+        if !v.policy.should_verify(&address) {
+            return;
+        }
+        let task = verify_task(address, &job, prefix_len, challenge, proof, v.report.clone());
+        if v.pool.try_send(task).is_err() {
+            tracing::warn!(task = %job.id, "verifier pool saturated; task left unchecked");
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use actix_ws::{Message as WsMessage, ProtocolError, Session};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::catalog::JobText;
-use super::completion::{Completion, ReceiptsResent, TaskAbandoned, TaskFinished, Verification};
+use super::completion::{Completion, HangUpProved, ReceiptsResent, TaskAbandoned, TaskFinished, Verification};
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
@@ -25,13 +25,14 @@ use crate::crypto::identity::{verify, Address, Identity};
 use crate::crypto::session::{KeyExchange, Opener, Role, Sealer};
 use crate::inference::grammar::Refusal;
 use crate::inference::logprobs::{check_shape, TokenLogprobs};
+use crate::proof::Proof;
 use crate::protocol::handshake::{
     distributor_challenge_message, hex32, node_auth_message, open_message, seal_message, transcript,
 };
 use crate::protocol::receipt::TaskTicket;
 use crate::protocol::{
     decode_frame, encode_frame, messages::FinishReason, messages::MAX_PREFIX_BLOCKS, Hello, NodeLoad, NodeMessage,
-    PrefixHeld, ServerMessage, TaskFailure, TaskId, MAX_FRAME_BYTES, MAX_TUNING_CHARS, PROTOCOL_VERSION,
+    PrefixHeld, ServerMessage, SignedReceipt, TaskFailure, TaskId, MAX_FRAME_BYTES, MAX_TUNING_CHARS, PROTOCOL_VERSION,
 };
 
 /// A node must say Hello within this time.
@@ -45,6 +46,10 @@ const MAX_MODELS_PER_NODE: usize = 16;
 const MAX_MODEL_NAME_BYTES: usize = 128;
 /// Largest context a node may report (tokens per sequence).
 const MAX_CONTEXT: usize = 1 << 24;
+/// How long, and for how many tasks at once, the proxy waits for the receipt and proof
+/// of a task whose game left (`Cancelled`); later, the receipt is not paid.
+const ABANDONED_WAIT: Duration = Duration::from_secs(60);
+const MAX_ABANDONED: usize = 1024;
 /// Most receipts one `Receipts` frame may carry (nodes send 500).
 const MAX_RECEIPTS_PER_FRAME: usize = 512;
 /// Re-sent receipts checked per node per second (a secp256k1 recovery each, on the HTTP
@@ -144,6 +149,17 @@ struct InFlight {
     text_bytes: usize,
 }
 
+/// A task whose game left, waiting for the node's receipt and proof of what it received.
+struct Abandoned {
+    /// The job as the game left it: `emitted` holds exactly the delivered tokens.
+    job: Job,
+    challenge: [u8; 32],
+    prefix_len: usize,
+    started: Instant,
+    /// When the game left.
+    at: Instant,
+}
+
 impl InFlight {
     /// Past this, the task is taken away however it trickles.
     fn deadline(&self, stall_timeout: Duration) -> Instant {
@@ -178,6 +194,8 @@ pub struct NodeProxy {
     ready: bool,
     last_seen: Instant,
     in_flight: HashMap<TaskId, InFlight>,
+    /// Tasks whose game left, until the node's proof of what it received arrives.
+    abandoned: HashMap<TaskId, Abandoned>,
     close_reason: String,
     /// Frames received in the current one-second window (flood limits): all of them, and
     /// those the server did not ask for.
@@ -246,6 +264,7 @@ impl NodeProxy {
             ready: false,
             last_seen: Instant::now(),
             in_flight: HashMap::new(),
+            abandoned: HashMap::new(),
             close_reason: "connection closed".into(),
             window_start: Instant::now(),
             window_frames: 0,
@@ -508,28 +527,8 @@ impl NodeProxy {
                     proof,
                 });
             }
-            NodeMessage::Receipts { receipts } => {
-                if receipts.len() > MAX_RECEIPTS_PER_FRAME {
-                    return self.fail(ctx, format!("more than {MAX_RECEIPTS_PER_FRAME} receipts in one frame"));
-                }
-                // Bounded work per second: what is over the budget waits for the next re-send.
-                let room = RECEIPT_CHECKS_PER_S.saturating_sub(self.window_receipts);
-                let deferred = receipts.len().saturating_sub(room);
-                self.window_receipts += receipts.len() - deferred;
-                tracing::info!(
-                    node = self.id,
-                    receipts = receipts.len(),
-                    deferred,
-                    "node re-sent unconfirmed receipts"
-                );
-                let Some(address) = self.address else { return };
-                let receipts = receipts.into_iter().take(room).collect();
-                self.config.completion.do_send(ReceiptsResent {
-                    address,
-                    receipts,
-                    reply_to: ctx.address().recipient(),
-                });
-            }
+            NodeMessage::Receipts { receipts } => self.on_receipts(ctx, receipts),
+            NodeMessage::Cancelled { id, receipt, proof } => self.on_cancelled(ctx, id, receipt, proof),
             NodeMessage::Confirm { block, root, count, disputed, signature } => {
                 self.on_confirm(ctx, block, root, count, disputed, signature)
             }
@@ -682,27 +681,73 @@ impl NodeProxy {
     }
 
     /// The game left: the node stops, and the tokens the server had relayed are billed and
-    /// paid — the server writes them ahead like a completion, and asks the node for a
-    /// receipt covering exactly those.
+    /// paid. The node is asked for a receipt covering exactly those, and, for a task with a
+    /// challenge, their proof: such a receipt is paid only with it, checked like any task's
+    /// (else a node could stream anything to games that hang up and be paid unchecked).
+    /// Without a challenge, the server writes the tokens ahead like a completion.
     fn abandon(&mut self, id: TaskId, delivered: usize) {
-        let Some(run) = self.in_flight.remove(&id) else { return };
+        let Some(mut run) = self.in_flight.remove(&id) else { return };
         let delivered = delivered.min(run.job.emitted.len());
         let keep = match self.address {
-            Some(address) if delivered > 0 => {
-                // Before the Cancel, so that the node's receipt finds the completion written.
+            // Only what this node made is its to sign for (a continuation's prefix is not).
+            Some(address) if delivered > run.prefix_len => {
+                let proved = run.challenge.is_some() && self.abandoned.len() < MAX_ABANDONED;
                 self.config.completion.do_send(TaskAbandoned {
                     address,
                     task: id,
                     key_hash: run.job.key_hash.clone(),
                     prompt_tokens: run.job.prompt.tokens as usize,
                     delivered: run.job.emitted[..delivered].to_vec(),
+                    witness: run.challenge.is_none(),
                 });
+                if let (true, Some(challenge)) = (proved, run.challenge) {
+                    run.job.emitted.truncate(delivered);
+                    run.job.emitted_logprobs.truncate(delivered);
+                    let (prefix_len, started, at) = (run.prefix_len, run.started, Instant::now());
+                    self.abandoned.insert(id, Abandoned { job: run.job, challenge, prefix_len, started, at });
+                }
                 Some(delivered as u32)
             }
             _ => None,
         };
         self.send(&ServerMessage::Cancel { id, delivered: keep });
         self.distributor.do_send(TaskCancelled { node: self.id, task: id });
+    }
+
+    /// The node's receipt (and proof) for a task whose game left: checked and paid like a
+    /// completion of the delivered tokens when the proxy still waits for it; else only as
+    /// a re-sent receipt (paid when the server witnessed those tokens).
+    fn on_cancelled(&mut self, ctx: &mut Context<Self>, id: TaskId, receipt: SignedReceipt, proof: Option<Box<Proof>>) {
+        let Some(address) = self.address else { return };
+        let reply_to = ctx.address().recipient();
+        match self.abandoned.remove(&id) {
+            Some(a) => self.config.completion.do_send(HangUpProved {
+                address,
+                reply_to,
+                latency_ms: a.at.duration_since(a.started).as_millis().min(i32::MAX as u128) as i32,
+                job: a.job,
+                challenge: a.challenge,
+                prefix_len: a.prefix_len,
+                receipt,
+                proof,
+            }),
+            None => self.on_receipts(ctx, vec![receipt]),
+        }
+    }
+
+    /// Receipts a node re-sends, within its per-second budget of checks.
+    fn on_receipts(&mut self, ctx: &mut Context<Self>, receipts: Vec<SignedReceipt>) {
+        if receipts.len() > MAX_RECEIPTS_PER_FRAME {
+            return self.fail(ctx, format!("more than {MAX_RECEIPTS_PER_FRAME} receipts in one frame"));
+        }
+        // Bounded work per second: what is over the budget waits for the next re-send.
+        let room = RECEIPT_CHECKS_PER_S.saturating_sub(self.window_receipts);
+        let deferred = receipts.len().saturating_sub(room);
+        self.window_receipts += receipts.len() - deferred;
+        tracing::info!(node = self.id, receipts = receipts.len(), deferred, "node re-sent unconfirmed receipts");
+        let Some(address) = self.address else { return };
+        let receipts = receipts.into_iter().take(room).collect();
+        self.config.completion.do_send(ReceiptsResent { address, receipts, reply_to: ctx.address().recipient() });
     }
 }
 
@@ -725,6 +770,16 @@ impl Actor for NodeProxy {
             if this.last_seen.elapsed() > this.config.node_timeout && !loading {
                 let silent = this.last_seen.elapsed();
                 this.fail(ctx, format!("no frame for {} ms (heartbeat timeout)", silent.as_millis()));
+            }
+            // A hang-up's proof that never came: its receipt is not paid.
+            let expired = this.abandoned.len();
+            this.abandoned.retain(|_, a| a.at.elapsed() < ABANDONED_WAIT);
+            if this.abandoned.len() < expired {
+                tracing::warn!(
+                    node = this.id,
+                    tasks = expired - this.abandoned.len(),
+                    "no proof for a hang-up's tokens in time; unpaid"
+                );
             }
             // Jobs whose game left (noticed here when no text was sent since) are cancelled.
             let gone: Vec<TaskId> =

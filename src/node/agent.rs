@@ -430,6 +430,11 @@ struct Running {
 struct Progress {
     completion: Vec<u32>,
     prompt_tokens: Option<usize>,
+    /// Tokens of the completion other nodes made (a failover continuation).
+    prefix: usize,
+    /// The proof being built, when the task carried a challenge (a game that hangs up
+    /// gets a proof of what it received).
+    prover: Option<ProofBuilder>,
 }
 
 type Tasks = Rc<RefCell<HashMap<TaskId, Running>>>;
@@ -453,19 +458,26 @@ fn partial_receipt(
     running: &Running,
     delivered: usize,
 ) {
-    let progress = running.progress.borrow();
+    let mut progress = running.progress.borrow_mut();
     let (Some(prompt_tokens), true) = (progress.prompt_tokens, delivered <= progress.completion.len()) else {
         tracing::warn!(task = %id, delivered, produced = progress.completion.len(), "no receipt for a cancelled task: the server counts tokens this node did not produce");
         return;
     };
     let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
-    let receipt =
-        SignedReceipt::sign(identity, running.ticket.clone(), prompt_tokens, &progress.completion[..delivered]);
+    let delivered_tokens = progress.completion[..delivered].to_vec();
+    let receipt = SignedReceipt::sign(identity, running.ticket.clone(), prompt_tokens, &delivered_tokens);
     if let Err(e) = log.borrow_mut().add(&receipt) {
         tracing::error!(task = %id, error = %e, "could not log a receipt");
     }
+    // A continuation's proof covers its own tokens (the prefix ends its prompt).
+    let own = &delivered_tokens[progress.prefix.min(delivered)..];
+    let model = running.ticket.model.clone();
+    let proof = progress.prover.as_mut().and_then(|p| p.finish(identity, id.0, &model, own)).map(Box::new);
+    if progress.prover.is_some() && proof.is_none() {
+        tracing::warn!(task = %id, delivered, produced = progress.completion.len(), "no proof for the delivered tokens: too far behind the last one generated");
+    }
     tracing::info!(task = %id, delivered, "the game left; receipt for the tokens it received");
-    let _ = out.send(Outgoing::Message(NodeMessage::Receipts { receipts: vec![receipt] }));
+    let _ = out.send(Outgoing::Message(NodeMessage::Cancelled { id, receipt, proof }));
 }
 
 /// Runs one task on the backend and streams its events as frames; on completion, signs
@@ -473,17 +485,21 @@ fn partial_receipt(
 async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
     let TaskRunner { identity, log, out, tasks, progress } = runner;
     let id = spec.id;
-    progress.borrow_mut().completion = spec.prefix.clone();
     let challenge =
         spec.challenge.as_deref().and_then(|c| hex::decode(c).ok()).and_then(|c| <[u8; 32]>::try_from(c).ok());
-    let prover = challenge.map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).format(backend.format()));
+    {
+        let mut progress = progress.borrow_mut();
+        progress.completion = spec.prefix.clone();
+        progress.prefix = spec.prefix.len();
+        progress.prover = challenge.map(|c| ProofBuilder::new(c, DEFAULT_TOP_K).format(backend.format()));
+    }
     match backend.start(&spec) {
         Err(error) => {
             let _ = out.send(Outgoing::Message(NodeMessage::Failed { id, failure: TaskFailure::Request(error) }));
         }
         Ok((mut events, prompt_tokens)) => {
             progress.borrow_mut().prompt_tokens = Some(prompt_tokens);
-            task_events(&mut events, &spec, &identity, &log, &out, &progress, prover).await;
+            task_events(&mut events, &spec, &identity, &log, &out, &progress).await;
         }
     }
     tasks.borrow_mut().remove(&id);
@@ -497,17 +513,16 @@ async fn task_events(
     log: &SharedLog,
     out: &UnboundedSender<Outgoing>,
     progress: &RefCell<Progress>,
-    mut prover: Option<ProofBuilder>,
 ) {
     let id = spec.id;
     loop {
         match events.recv().await {
             Some(Event::Token { id: token, text, hidden, logprobs }) => {
-                if let (Some(p), Some(h)) = (prover.as_mut(), hidden.as_deref()) {
-                    p.token_row(h); // the row whose logits chose this token
-                }
                 let index = {
                     let mut progress = progress.borrow_mut();
+                    if let (Some(p), Some(h)) = (progress.prover.as_mut(), hidden.as_deref()) {
+                        p.token_row(h); // the row whose logits chose this token
+                    }
                     progress.completion.push(token);
                     progress.completion.len() - 1
                 };
@@ -525,7 +540,9 @@ async fn task_events(
                 let usage = TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
                 // A continuation's proof covers its own tokens (the prefix ends its prompt).
                 let own = &completion[spec.prefix.len().min(completion.len())..];
-                let proof = prover.take().and_then(|p| p.finish(identity, id.0, &spec.model, own)).map(Box::new);
+                let proof =
+                    progress.borrow_mut().prover.take().and_then(|mut p| p.finish(identity, id.0, &spec.model, own));
+                let proof = proof.map(Box::new);
                 let message =
                     NodeMessage::Done { id, finish_reason: done.reason, usage, tail: done.tail, receipt, proof };
                 let _ = out.send(Outgoing::Message(message));
@@ -540,12 +557,12 @@ async fn task_events(
                 break;
             }
             Some(Event::PromptCached { rows }) => {
-                if let Some(p) = prover.as_mut() {
+                if let Some(p) = progress.borrow_mut().prover.as_mut() {
                     p.prompt_cached(rows);
                 }
             }
             Some(Event::PromptHidden { rows, values }) => {
-                if let Some(p) = prover.as_mut() {
+                if let Some(p) = progress.borrow_mut().prover.as_mut() {
                     p.prompt_rows(rows, &values);
                 }
             }

@@ -7,17 +7,24 @@ use super::format::Format;
 use crate::crypto::identity::Identity;
 pub use crate::protocol::proof::Proof;
 
+/// Token rows whose top-k a builder keeps, so that a proof can end at any of them: a game
+/// that hangs up ends the task where its tokens stopped, a few tokens behind the node.
+pub const KEPT_ROWS: usize = 4 * CHUNK;
+
 /// Collects the committed rows while a task generates. It learns the prompt's length
 /// from the rows it is given, keeping the top-k of the last [`CHUNK`] of them (the
-/// committed prompt rows are among those).
+/// committed prompt rows are among those), and of the last [`KEPT_ROWS`] token rows.
 pub struct ProofBuilder {
     challenge: [u8; 32],
     top_k: usize,
     prompt_seen: usize,
     window: std::collections::VecDeque<TopK>,
     prompt: Option<Vec<TopK>>,
-    /// Top-k of each row of the current chunk, by generated-token index within it.
-    current: Vec<TopK>,
+    /// Top-k of the latest token rows, at most [`KEPT_ROWS`].
+    recent: std::collections::VecDeque<TopK>,
+    /// Token rows seen.
+    rows: usize,
+    /// The committed row of each whole chunk seen.
     chunks: Vec<TopK>,
     format: Format,
 }
@@ -30,7 +37,8 @@ impl ProofBuilder {
             prompt_seen: 0,
             window: std::collections::VecDeque::with_capacity(CHUNK),
             prompt: None,
-            current: Vec::with_capacity(CHUNK),
+            recent: std::collections::VecDeque::with_capacity(KEPT_ROWS),
+            rows: 0,
             chunks: Vec::new(),
             format: Format::F32,
         }
@@ -88,26 +96,32 @@ impl ProofBuilder {
     /// The hidden state of the row that chose the next generated token.
     pub fn token_row(&mut self, hidden: &[f32]) {
         self.settle_prompt();
-        self.current.push(TopK::of(hidden, self.top_k));
-        if self.current.len() == CHUNK {
-            self.close_chunk();
+        if self.recent.len() == KEPT_ROWS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(TopK::of(hidden, self.top_k));
+        self.rows += 1;
+        if self.rows.is_multiple_of(CHUNK) {
+            let offset = chunk_offset(&self.challenge, self.chunks.len(), CHUNK);
+            self.chunks.push(self.recent[self.recent.len() - CHUNK + offset].clone());
         }
     }
 
-    fn close_chunk(&mut self) {
-        let offset = chunk_offset(&self.challenge, self.chunks.len(), self.current.len());
-        let chosen = self.current.swap_remove(offset);
-        self.chunks.push(chosen);
-        self.current.clear();
-    }
-
-    /// Finishes and signs the proof; `None` when the prompt row never came.
-    pub fn finish(mut self, identity: &Identity, task: u64, model: &str, completion: &[u32]) -> Option<Proof> {
+    /// Signs the proof of `completion`, whose rows the builder saw (more rows seen are
+    /// left out: the proof ends where the completion does). `None` when the prompt row
+    /// never came, or the completion ends more than [`KEPT_ROWS`] rows before the last
+    /// one seen.
+    pub fn finish(&mut self, identity: &Identity, task: u64, model: &str, completion: &[u32]) -> Option<Proof> {
         self.settle_prompt();
-        if !self.current.is_empty() {
-            self.close_chunk();
+        let prompt = self.prompt.clone()?;
+        let rows = completion.len().min(self.rows);
+        let whole = rows / CHUNK;
+        let mut chunks = self.chunks[..whole].to_vec();
+        if !rows.is_multiple_of(CHUNK) {
+            let row = whole * CHUNK + chunk_offset(&self.challenge, whole, rows % CHUNK);
+            let first_kept = self.rows - self.recent.len();
+            chunks.push(self.recent.get(row.checked_sub(first_kept)?)?.clone());
         }
-        let prompt = self.prompt.take()?;
         let mut proof = Proof {
             task,
             model: model.to_string(),
@@ -117,7 +131,7 @@ impl ProofBuilder {
             completion_tokens: completion.len() as u32,
             top_k: self.top_k as u16,
             prompt: prompt.iter().map(|p| hex::encode(p.encode())).collect(),
-            chunks: self.chunks.iter().map(|c| hex::encode(c.encode())).collect(),
+            chunks: chunks.iter().map(|c| hex::encode(c.encode())).collect(),
             quantization: self.format.quantization_field().to_string(),
             dtype: self.format.dtype_field().to_string(),
             signature: String::new(),
@@ -145,4 +159,46 @@ pub fn collect_blocking(
         }
     }
     Err("the engine stopped".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: usize) -> Vec<f32> {
+        (0..16).map(|j| ((i * 31 + j * 7) % 23) as f32 - 11.0).collect()
+    }
+
+    fn fed(rows: usize) -> ProofBuilder {
+        let mut b = ProofBuilder::new([3; 32], 4);
+        let prompt: Vec<f32> = (0..40).flat_map(row).collect();
+        b.prompt_rows(40, &prompt);
+        for i in 0..rows {
+            b.token_row(&row(1000 + i));
+        }
+        b
+    }
+
+    /// A proof that ends before the last row seen (a game hung up) is the proof of a
+    /// builder that saw only that far, as far back as [`KEPT_ROWS`]; further back, none.
+    #[test]
+    fn a_proof_can_end_at_any_kept_row() {
+        let id = Identity::generate();
+        let completion: Vec<u32> = (0..200).collect();
+        let without_signature = |p: Proof| Proof { signature: String::new(), ..p };
+        for end in [200, 199, 190, 160, 150, 100, 96] {
+            let mut ahead = fed(200);
+            let mut exact = fed(end);
+            let early = ahead.finish(&id, 1, "m", &completion[..end]).expect("a proof");
+            let whole = exact.finish(&id, 1, "m", &completion[..end]).expect("a proof");
+            assert_eq!(without_signature(early), without_signature(whole), "ending at {end}");
+        }
+        // Whole chunks need no kept row; a partial chunk before the kept rows has none.
+        assert!(fed(200).finish(&id, 1, "m", &completion[..64]).is_some());
+        assert!(fed(200).finish(&id, 1, "m", &completion[..40]).is_none());
+        // A builder can sign again: the first proof took nothing from it.
+        let mut b = fed(50);
+        let first = b.finish(&id, 1, "m", &completion[..50]).map(without_signature);
+        assert_eq!(first, b.finish(&id, 1, "m", &completion[..50]).map(without_signature));
+    }
 }

@@ -133,7 +133,8 @@ pub enum ServerMessage {
     Task(Box<TaskSpec>),
     /// The game went away: stop generating and free the slot. `delivered` (when some
     /// tokens reached the game) asks for a receipt covering the first `delivered` tokens of
-    /// the completion (prefix included): they are billed and paid.
+    /// the completion (prefix included), and their proof (`Cancelled`): they are billed
+    /// and paid.
     Cancel {
         id: TaskId,
         #[serde(default)]
@@ -205,6 +206,15 @@ pub enum NodeMessage {
         /// The node's signed receipt (also kept in its local log until confirmed).
         receipt: SignedReceipt,
         /// The proof of inference, when the task carried a challenge.
+        #[serde(default)]
+        proof: Option<Box<super::proof::Proof>>,
+    },
+    /// The answer to `Cancel { delivered: Some(k) }`: the receipt for the first `k` tokens,
+    /// and, when the task carried a challenge, the proof of inference of exactly those
+    /// (without it the receipt is not paid).
+    Cancelled {
+        id: TaskId,
+        receipt: SignedReceipt,
         #[serde(default)]
         proof: Option<Box<super::proof::Proof>>,
     },

@@ -762,3 +762,93 @@ fn the_verification_policy_remembers_a_node_across_a_server_restart() {
     std::thread::sleep(Duration::from_secs(2)); // a check, had one been sampled, lands
     assert_eq!(count("SELECT count(*) FROM verifications"), 2, "the restarted server treated the node as new");
 }
+
+/// A game that hangs up mid-stream: the node's receipt for the tokens it received comes
+/// with the proof of exactly those (`Cancelled`), checked like any task's (every task
+/// here): verified, and paid for the delivered tokens only.
+#[test]
+fn a_hang_up_is_paid_with_the_proof_of_what_the_game_received() {
+    let Some(path) = smollm2() else { return };
+    let mut cluster = Cluster::start(&verifier_config(&path));
+    cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1"]);
+    cluster.wait_nodes(MODEL, 1);
+    let body = serde_json::json!({
+        "model": MODEL, "max_tokens": 200, "temperature": 0.8, "seed": 5, "stream": true,
+        "messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
+    })
+    .to_string();
+    let mut stream = super::cluster::SseStream::open(&cluster.addr, &cluster.key, &body);
+    assert_eq!(stream.status, 200);
+    let first: serde_json::Value = serde_json::from_str(&stream.next_data().unwrap()).unwrap();
+    let task = u64::from_str_radix(first["id"].as_str().unwrap().strip_prefix("chatcmpl-").unwrap(), 16).unwrap();
+    for _ in 0..8 {
+        assert!(stream.next_data().is_some());
+    }
+    drop(stream); // the game goes away
+    let store = cluster.store();
+    let sql = format!(
+        "SELECT completion_tokens::bigint, (verification = 'verified')::int::bigint FROM receipts WHERE task_id = {}",
+        task as i64
+    );
+    wait_for("the hang-up's receipt, checked", Duration::from_secs(60), || numbers(&store, &sql).get(1) == Some(&1));
+    let row = numbers(&store, &sql);
+    assert!(row[0] >= 8 && row[0] < 200, "billed {} tokens", row[0]);
+    let log = cluster.server.log_text();
+    assert!(!log.contains("REJECTED"), "{log}");
+}
+
+/// A node whose game hung up used to be paid for the tokens delivered on its receipt
+/// alone: it could stream anything to games that leave, unchecked. A task with a
+/// challenge is now paid only with the proof of what the game received: a receipt alone,
+/// re-sent or as the answer to the cancel, earns nothing.
+#[test]
+fn a_hang_up_without_its_proof_is_not_paid() {
+    let Some(path) = smollm2() else { return };
+    let cluster = Cluster::start(&verifier_config(&path));
+    let text = ludus::inference::ModelText::load(&path).unwrap();
+    let hi = text.tokenizer.encode(" Hi", false).unwrap()[0];
+    let body = serde_json::json!({
+        "model": MODEL, "max_tokens": 200, "stream": true, "messages": [{"role": "user", "content": "hi"}]
+    })
+    .to_string();
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = std::thread::spawn(move || {
+            let mut stream = super::cluster::SseStream::open(&addr, &key, &body);
+            for _ in 0..3 {
+                assert!(stream.next_data().is_some());
+            }
+        });
+        let spec = rogue.task(&mut []).await;
+        assert!(spec.challenge.is_some(), "the task carries a challenge");
+        let mut index = 0;
+        let delivered = loop {
+            let m = NodeMessage::Token { id: spec.id, index, token: hi, text: String::new(), logprobs: None };
+            rogue.link.send(&m).await.unwrap();
+            index += 1;
+            assert!(index < 200, "the server never noticed the game left");
+            match rogue.link.recv(Duration::from_millis(50)).await {
+                Ok(ludus::protocol::ServerMessage::Cancel { id, delivered }) if id == spec.id => break delivered,
+                _ => {}
+            }
+        };
+        game.join().unwrap();
+        let delivered = delivered.expect("the server asks for a receipt of the delivered tokens") as usize;
+        assert!(delivered >= 3 && delivered <= index, "{delivered} of {index}");
+        let tokens = vec![hi; delivered];
+        let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &tokens);
+        let resent = NodeMessage::Receipts { receipts: vec![receipt.clone()] };
+        rogue.link.send(&resent).await.unwrap();
+        rogue.link.send(&NodeMessage::Cancelled { id: spec.id, receipt, proof: None }).await.unwrap();
+        rogue.idle(&mut [], Duration::from_millis(1500)).await;
+    });
+    assert_eq!(
+        numbers(&cluster.store(), "SELECT count(*) FROM receipts"),
+        vec![0],
+        "a receipt without its proof was paid"
+    );
+    let log = cluster.server.log_text();
+    assert!(log.contains("without the proof its challenge asks for"), "{log}");
+}

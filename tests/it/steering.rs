@@ -213,7 +213,7 @@ pub fn rogue_generate(
         .into_iter()
         .zip(completions)
         .zip(tasks)
-        .map(|((builder, completion), (i, _))| {
+        .map(|((mut builder, completion), (i, _))| {
             let proof = builder.finish(node, *i as u64, MODEL_NAME, &completion).expect("a proof");
             (completion, proof)
         })
