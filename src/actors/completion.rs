@@ -104,8 +104,9 @@ pub struct TaskAbandoned {
     pub prompt_tokens: usize,
     pub delivered: Vec<u32>,
     /// Write the tokens ahead as witnessed, so that the node's receipt is paid on its own
-    /// (a task without a challenge). A task with one is paid only with its proof
-    /// ([`HangUpProved`]).
+    /// (a task without a challenge, and tokens of the node's own). A task with one is paid
+    /// only with its proof ([`HangUpProved`]); a hang-up within a continuation's prefix only
+    /// charges the game's budget.
     pub witness: bool,
 }
 

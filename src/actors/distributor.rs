@@ -51,17 +51,20 @@ struct NodeEntry {
     address: String,
     models: Vec<String>,
     device: String,
-    /// Tokens a sequence holds on the node, as it said on joining (0: not said).
+    /// Tokens a sequence holds on the node, as it said on joining (0: no limit).
     context: usize,
     stats: NodeStats,
     load: NodeLoad,
 }
 
 impl NodeEntry {
-    /// Whether `job`'s whole answer fits the node's context (prompt and `max_tokens`).
-    /// A node that did not say is taken at its word that it fits.
-    fn holds(&self, job: &Job) -> bool {
-        self.context == 0 || job.prompt.tokens as usize + job.max_tokens <= self.context
+    /// Tokens a sequence holds on the node: 0 (no limit) holds any.
+    fn room(&self) -> usize {
+        if self.context == 0 {
+            usize::MAX
+        } else {
+            self.context
+        }
     }
 }
 
@@ -214,9 +217,14 @@ impl Distributor {
         if self.departed.len() >= MAX_DEPARTED {
             self.departed.retain(|_, (_, left)| now.duration_since(*left) < DEPARTED_MEMORY);
         }
-        if self.departed.len() < MAX_DEPARTED {
-            self.departed.insert(address, (stats, now));
+        if self.departed.len() >= MAX_DEPARTED {
+            // The oldest goes: throwaway keys must not push a real key's record out.
+            let oldest = self.departed.iter().min_by_key(|(_, (_, left))| *left).map(|(a, _)| a.clone());
+            if let Some(oldest) = oldest {
+                self.departed.remove(&oldest);
+            }
         }
+        self.departed.insert(address, (stats, now));
     }
 
     fn serves(&self, model: &str) -> bool {
@@ -269,13 +277,17 @@ impl Distributor {
                 && original.as_ref() != Some(&n.address)
                 && !self.is_quarantined(&n.address, now)
         };
-        // A node whose context cannot hold the whole answer would end it early: it gets
-        // the job only when no node here can hold it (busy or not).
-        let held_somewhere = self.nodes.values().any(|n| eligible(n) && n.holds(&job));
+        // A node whose context cannot hold the whole answer (prompt and max_tokens) would
+        // end it early: it gets the job only when no node here can hold it, busy or not,
+        // and then only if no node holds more (a node cannot say its context is small to
+        // end answers after a token).
+        let whole = job.prompt.tokens as usize + job.max_tokens;
+        let largest = self.nodes.values().filter(|n| eligible(n)).map(NodeEntry::room).max().unwrap_or(0);
+        let needed = whole.min(largest);
         let costs: Vec<(NodeId, f64)> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.stats.has_room() && eligible(n) && (n.holds(&job) || !held_somewhere))
+            .filter(|(_, n)| n.stats.has_room() && eligible(n) && n.room() >= needed)
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
         let by_prefix = if self.config.prefix_routing { prefix_choice(&self.nodes, &job, &costs, now) } else { None };

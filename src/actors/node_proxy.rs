@@ -32,7 +32,8 @@ use crate::protocol::handshake::{
 use crate::protocol::receipt::TaskTicket;
 use crate::protocol::{
     decode_frame, encode_frame, messages::FinishReason, messages::MAX_PREFIX_BLOCKS, Hello, NodeLoad, NodeMessage,
-    PrefixHeld, ServerMessage, SignedReceipt, TaskFailure, TaskId, MAX_FRAME_BYTES, MAX_TUNING_CHARS, PROTOCOL_VERSION,
+    PrefixHeld, ServerMessage, SignedReceipt, TaskFailure, TaskId, MAX_FRAME_BYTES, MAX_TUNING_CHARS, MIN_CONTEXT,
+    PROTOCOL_VERSION,
 };
 
 /// A node must say Hello within this time.
@@ -49,7 +50,7 @@ const MAX_CONTEXT: usize = 1 << 24;
 /// How long, and for how many tasks at once, the proxy waits for the receipt and proof
 /// of a task whose game left (`Cancelled`); later, the receipt is not paid.
 const ABANDONED_WAIT: Duration = Duration::from_secs(60);
-const MAX_ABANDONED: usize = 1024;
+const MAX_ABANDONED: usize = 64;
 /// Most receipts one `Receipts` frame may carry (nodes send 500).
 const MAX_RECEIPTS_PER_FRAME: usize = 512;
 /// Re-sent receipts checked per node per second (a secp256k1 recovery each, on the HTTP
@@ -185,7 +186,7 @@ pub struct NodeProxy {
     address: Option<Address>,
     registered: bool,
     /// Tokens a sequence holds on the node (prompt and answer), as its joining heartbeat
-    /// said (0: not said). Fixed for the session: a node cannot shrink it to end answers
+    /// said (0: no limit). Fixed for the session: a node cannot shrink it to end answers
     /// early.
     context: usize,
     welcomed_at: Option<Instant>,
@@ -425,6 +426,11 @@ impl NodeProxy {
             }
             NodeMessage::Heartbeat(load) => {
                 if let Some((address, models, capacity, device)) = self.joining.take() {
+                    if (1..MIN_CONTEXT).contains(&load.context) {
+                        let context = load.context;
+                        return self
+                            .fail(ctx, format!("a context of {context} tokens is below the minimum {MIN_CONTEXT}"));
+                    }
                     self.registered = true;
                     self.context = (load.context as usize).min(MAX_CONTEXT);
                     self.distributor.do_send(NodeConnected {
@@ -590,10 +596,11 @@ impl NodeProxy {
     }
 
     /// Whether the server asked for this frame: the tokens and the end of a task the node
-    /// runs here. Everything else counts against the flood limit.
+    /// runs here, the answer to a cancel. Everything else counts against the flood limit.
     fn solicited(&self, message: &NodeMessage) -> bool {
         match message {
             NodeMessage::Token { id, .. } | NodeMessage::Done { id, .. } => self.in_flight.contains_key(id),
+            NodeMessage::Cancelled { id, .. } => self.abandoned.contains_key(id),
             _ => false,
         }
     }
@@ -688,25 +695,32 @@ impl NodeProxy {
     fn abandon(&mut self, id: TaskId, delivered: usize) {
         let Some(mut run) = self.in_flight.remove(&id) else { return };
         let delivered = delivered.min(run.job.emitted.len());
+        // Only what this node made is its to sign for (a continuation's prefix is not).
+        let own = delivered > run.prefix_len;
         let keep = match self.address {
-            // Only what this node made is its to sign for (a continuation's prefix is not).
-            Some(address) if delivered > run.prefix_len => {
-                let proved = run.challenge.is_some() && self.abandoned.len() < MAX_ABANDONED;
+            Some(address) if delivered > 0 => {
+                let proved = own && run.challenge.is_some();
+                if proved && self.abandoned.len() >= MAX_ABANDONED {
+                    tracing::warn!(node = self.id, task = %id, "too many hang-ups awaiting their proof; this one is unpaid");
+                }
                 self.config.completion.do_send(TaskAbandoned {
                     address,
                     task: id,
                     key_hash: run.job.key_hash.clone(),
                     prompt_tokens: run.job.prompt.tokens as usize,
                     delivered: run.job.emitted[..delivered].to_vec(),
-                    witness: run.challenge.is_none(),
+                    witness: own && run.challenge.is_none(),
                 });
-                if let (true, Some(challenge)) = (proved, run.challenge) {
-                    run.job.emitted.truncate(delivered);
-                    run.job.emitted_logprobs.truncate(delivered);
-                    let (prefix_len, started, at) = (run.prefix_len, run.started, Instant::now());
-                    self.abandoned.insert(id, Abandoned { job: run.job, challenge, prefix_len, started, at });
+                match run.challenge {
+                    Some(challenge) if proved && self.abandoned.len() < MAX_ABANDONED => {
+                        run.job.emitted.truncate(delivered);
+                        run.job.emitted_logprobs.truncate(delivered);
+                        let (prefix_len, started, at) = (run.prefix_len, run.started, Instant::now());
+                        self.abandoned.insert(id, Abandoned { job: run.job, challenge, prefix_len, started, at });
+                    }
+                    _ => {}
                 }
-                Some(delivered as u32)
+                own.then_some(delivered as u32)
             }
             _ => None,
         };

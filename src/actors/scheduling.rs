@@ -1,7 +1,7 @@
 //! Node selection, free of actors so it can be tested alone: power-of-two-choices over
 //! `peak_ewma_latency × (outstanding_tokens + 1)`, with a penalty for recent failures so a
 //! node that fails fast does not look fast and attract traffic. A slow peak fades toward
-//! the network's average while it goes unobserved, so a node shunned for one failure gets
+//! the network's average while the node sits idle, so a node shunned for one failure gets
 //! a task again in time, and that task's latency is its new evidence. A node's record
 //! outlives its session ([`NodeStats::inherit`]): reconnecting wipes no failure.
 
@@ -89,10 +89,11 @@ impl NodeStats {
     }
 
     /// The latency the node's cost counts now: a peak above `average` fades toward it
-    /// while nothing new is observed (a fast node keeps its record).
+    /// while the node is idle and nothing new is observed (a fast node keeps its record; a
+    /// slow one at work stays slow).
     pub fn current_latency(&self, average: f64, now: Instant) -> f64 {
         let Some(latency) = self.latency_ms else { return average };
-        if latency <= average {
+        if latency <= average || self.in_flight > 0 {
             return latency;
         }
         let age = now.saturating_duration_since(self.updated).as_secs_f64();
@@ -187,6 +188,10 @@ mod tests {
         let later = failed.current_latency(50.0, at(20));
         assert!(later < FAILURE_LATENCY_MS && later > 50.0, "{later}");
         assert!(failed.current_latency(50.0, at(300)) < 50.1);
+        // A node at work is judged by what it did last, however long its task takes.
+        failed.in_flight = 1;
+        assert_eq!(failed.current_latency(50.0, at(300)), FAILURE_LATENCY_MS);
+        failed.in_flight = 0;
         // Without a failure's penalty left either, it costs what an average node does.
         assert!(failed.cost(50.0, at(300)) < 1.01 * NodeStats::new(4, t0).cost(50.0, at(300)));
         let mut fast = NodeStats::new(4, t0);

@@ -52,6 +52,19 @@ impl ApiError {
         }
     }
 
+    /// The game closed its connection before its answer was ready (nginx's 499: nobody
+    /// reads it, but logs and metrics count it).
+    pub fn client_gone() -> Self {
+        Self {
+            status: StatusCode::from_u16(499).expect("a valid status code"),
+            message: "the client closed the connection before the answer was ready".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("client_closed_request"),
+            retry_after_s: None,
+        }
+    }
+
     pub fn too_large(limit: usize) -> Self {
         Self {
             status: StatusCode::PAYLOAD_TOO_LARGE,

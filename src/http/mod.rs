@@ -6,6 +6,7 @@ pub mod auth_throttle;
 pub mod chaos_api;
 pub mod client_addr;
 pub mod dashboard;
+pub mod disconnect;
 pub mod errors;
 pub mod metrics;
 pub mod node_ws;

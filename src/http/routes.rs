@@ -154,7 +154,16 @@ async fn complete(
         let logprobs = valid.params.logprobs.is_some();
         return Ok(stream_response(streams, meta, valid.include_usage, &valid.structured.functions, logprobs));
     }
-    let answers = futures_util::future::join_all(choices.iter_mut().map(whole_answer)).await;
+    // A game that leaves before its whole answer is ready drops its jobs, which frees their
+    // nodes (actix-web would not notice until it wrote the response).
+    let socket = req.conn_data::<super::disconnect::PeerSocket>().copied();
+    let answers = tokio::select! {
+        answers = futures_util::future::join_all(choices.iter_mut().map(whole_answer)) => answers,
+        () = super::disconnect::gone(socket) => {
+            tracing::info!(task = %meta.id, "the game closed its connection before its answer was ready");
+            return Err(ApiError::client_gone());
+        }
+    };
     let mut done = Vec::with_capacity(answers.len());
     let mut total = TaskUsage::default();
     for answer in answers {

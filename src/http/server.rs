@@ -80,10 +80,11 @@ pub fn listen(state: web::Data<AppState>, s: &ServerSettings) -> std::io::Result
             .configure(routes::configure)
     })
     // Tokens are small writes: without TCP_NODELAY, Nagle + delayed ACKs hold them ~40 ms.
-    .on_connect(|conn, _| {
+    .on_connect(|conn, ext| {
         if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
             let _ = tcp.set_nodelay(true);
         }
+        super::disconnect::note_socket(conn, ext);
     })
     .disable_signals()
     // Slow-loris: a client must deliver its request head within this time.

@@ -7,9 +7,10 @@ use super::format::Format;
 use crate::crypto::identity::Identity;
 pub use crate::protocol::proof::Proof;
 
-/// Token rows whose top-k a builder keeps, so that a proof can end at any of them: a game
-/// that hangs up ends the task where its tokens stopped, a few tokens behind the node.
-pub const KEPT_ROWS: usize = 4 * CHUNK;
+/// Token rows whose top-k a builder keeps (about 512 bytes each), so that a proof can end
+/// at any of them: a game that hangs up ends the task where its tokens stopped, behind
+/// the node by what was in flight (half a second at 1,000 tokens a second).
+pub const KEPT_ROWS: usize = 16 * CHUNK;
 
 /// Collects the committed rows while a task generates. It learns the prompt's length
 /// from the rows it is given, keeping the top-k of the last [`CHUNK`] of them (the
@@ -184,18 +185,19 @@ mod tests {
     #[test]
     fn a_proof_can_end_at_any_kept_row() {
         let id = Identity::generate();
-        let completion: Vec<u32> = (0..200).collect();
+        let completion: Vec<u32> = (0..(KEPT_ROWS + 72) as u32).collect();
+        let all = completion.len();
         let without_signature = |p: Proof| Proof { signature: String::new(), ..p };
-        for end in [200, 199, 190, 160, 150, 100, 96] {
-            let mut ahead = fed(200);
+        for end in [all, all - 1, all - 10, all - 40, all - 50, 100, 96] {
+            let mut ahead = fed(all);
             let mut exact = fed(end);
             let early = ahead.finish(&id, 1, "m", &completion[..end]).expect("a proof");
             let whole = exact.finish(&id, 1, "m", &completion[..end]).expect("a proof");
             assert_eq!(without_signature(early), without_signature(whole), "ending at {end}");
         }
         // Whole chunks need no kept row; a partial chunk before the kept rows has none.
-        assert!(fed(200).finish(&id, 1, "m", &completion[..64]).is_some());
-        assert!(fed(200).finish(&id, 1, "m", &completion[..40]).is_none());
+        assert!(fed(all).finish(&id, 1, "m", &completion[..64]).is_some());
+        assert!(fed(all).finish(&id, 1, "m", &completion[..40]).is_none());
         // A builder can sign again: the first proof took nothing from it.
         let mut b = fed(50);
         let first = b.finish(&id, 1, "m", &completion[..50]).map(without_signature);

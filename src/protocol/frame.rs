@@ -4,7 +4,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Version of the node link protocol.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Largest accepted frame (a task with a long conversation fits comfortably).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 

@@ -77,12 +77,17 @@ pub struct NodeLoad {
     /// at most [`MAX_TUNING_CHARS`], shown to the operator, never acted on.
     #[serde(default)]
     pub tuning: String,
-    /// Tokens one sequence may hold, prompt and answer together (0: not said). The server
+    /// Tokens one sequence may hold, prompt and answer together (0: no limit). The server
     /// holds a node to what its joining heartbeat says: an answer that ends before
-    /// `max_tokens`, at no end the server's text sees, must have filled this context.
+    /// `max_tokens`, at no end the server's text sees, must have filled this context (with
+    /// no limit, it never may). At least [`MIN_CONTEXT`] otherwise.
     #[serde(default)]
     pub context: u32,
 }
+
+/// Smallest context a node may report (but 0, no limit): a node that said less could
+/// end answers after a token or two at it, and be paid the whole prompt.
+pub const MIN_CONTEXT: u32 = 256;
 
 /// Longest tuning line a heartbeat may carry.
 pub const MAX_TUNING_CHARS: usize = 400;

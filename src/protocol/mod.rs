@@ -15,7 +15,7 @@ pub use frame::{
 };
 pub use messages::{
     FinishReason, Hello, NodeLoad, NodeMessage, PrefixHeld, ServerMessage, TaskFailure, TaskId, TaskInput, TaskSpec,
-    TaskUsage, MAX_TUNING_CHARS,
+    TaskUsage, MAX_TUNING_CHARS, MIN_CONTEXT,
 };
 pub use proof::Proof;
 pub use receipt::{PromptCount, ReceiptError, SignedReceipt, TaskTicket};

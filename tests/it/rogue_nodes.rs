@@ -105,44 +105,65 @@ fn a_node_done_without_a_token_is_cut() {
     assert_nothing_recorded(&cluster);
 }
 
+/// `tokens` tokens of `token` and `Done` with an honest receipt, as a scripted node sends
+/// them; ended by the end-of-sequence token `eos` when given.
+fn answer(id: &Identity, spec: &TaskSpec, token: u32, tokens: usize, eos: Option<u32>) -> Vec<NodeMessage> {
+    let ids: Vec<u32> = std::iter::repeat_n(token, tokens).chain(eos).collect();
+    let prompt = spec.ticket.prompt.tokens;
+    let receipt = SignedReceipt::sign(id, spec.ticket.clone(), prompt, &ids);
+    let usage = TaskUsage { prompt_tokens: prompt as usize, completion_tokens: ids.len() };
+    let finish_reason =
+        if eos.is_some() { ludus::protocol::FinishReason::Stop } else { ludus::protocol::FinishReason::Length };
+    let mut messages: Vec<NodeMessage> =
+        ids.iter().enumerate().map(|(i, &t)| self::token(spec.id.0, i, t, "")).collect();
+    messages.push(NodeMessage::Done { id: spec.id, finish_reason, usage, tail: String::new(), receipt, proof: None });
+    messages
+}
+
+/// A chat request for "hi" with `max_tokens`.
+fn hi_body(max_tokens: usize) -> String {
+    serde_json::json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+}
+
 /// A node that ends an answer at no end of sequence, short of `max_tokens`, is cut unless
 /// the answer filled the context it reported when it joined. Else it could stop after one
 /// decode step and be paid the whole prompt (with a long persona, most of a task's price):
 /// the verifier accepts an answer that stops where the reference did, or earlier. At its
-/// context, the same stop is the answer's honest length.
+/// context, the same stop is the answer's honest length. A context under the minimum is
+/// refused when the node joins.
 #[test]
 fn a_node_stopping_short_of_max_tokens_and_of_its_context_is_cut() {
     let Some((cluster, text, _, hi)) = smollm2_server() else { return };
-    let one_step = |id: &Identity, spec: &TaskSpec| {
-        let receipt = SignedReceipt::sign(id, spec.ticket.clone(), spec.ticket.prompt.tokens, &[hi]);
-        let usage = TaskUsage { prompt_tokens: spec.ticket.prompt.tokens as usize, completion_tokens: 1 };
-        let finish_reason = ludus::protocol::FinishReason::Length;
-        let done = NodeMessage::Done { id: spec.id, finish_reason, usage, tail: String::new(), receipt, proof: None };
-        vec![token(spec.id.0, 0, hi, ""), done]
-    };
     // The rogue said its sequences hold 4,096 tokens; the game asked for 4.
-    let (reason, answer) = cut_for_task(&cluster, MODEL, one_step);
+    let (reason, answer) = cut_for_task(&cluster, MODEL, |id, spec| self::answer(id, spec, hi, 1, None));
     assert!(reason.contains("ended early"), "{reason:?}");
     assert!(reason.contains("1 of max_tokens 4"), "{reason:?}");
     assert_eq!(answer, None, "the game got an answer a node cut short");
     assert_nothing_recorded(&cluster);
 
-    // A node whose context the answer fills stops there honestly, a token in.
+    // A node whose context the answer fills stops there honestly, short of max_tokens.
     let prompt = text.chat_prompt(&[ludus::inference::ChatMessage::new("user", "hi")]).unwrap().len();
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
-    let game = actix_rt::System::new().block_on(async {
+    let (game, tiny) = actix_rt::System::new().block_on(async {
+        let mut tiny = Rogue::join(&cluster.addr, MODEL).await;
+        tiny.load.context = 100;
+        tiny.link.send(&NodeMessage::Heartbeat(tiny.load.clone())).await.unwrap();
+        let tiny = tiny.goodbye().await;
         let mut full = Rogue::join(&cluster.addr, MODEL).await;
-        full.load.context = prompt as u32 + 1;
+        full.load.context = ludus::protocol::MIN_CONTEXT;
         full.idle(&mut [], Duration::from_millis(300)).await; // registered
-        let game = std::thread::spawn(move || try_chat(&addr, &key, MODEL));
+        let game = std::thread::spawn(move || try_post_chat(&addr, &key, &hi_body(300)));
         let spec = full.task(&mut []).await;
         assert_eq!(spec.ticket.prompt.tokens as usize, prompt, "the test's prompt count is the server's");
-        for message in one_step(&full.id, &spec) {
+        let fill = ludus::protocol::MIN_CONTEXT as usize - prompt;
+        for message in self::answer(&full.id, &spec, hi, fill, None) {
             full.link.send(&message).await.unwrap();
         }
         full.idle(&mut [], Duration::from_millis(1000)).await;
-        game
+        (game, tiny)
     });
+    assert!(tiny.contains("a context of 100 tokens is below the minimum 256"), "{tiny:?}");
     assert!(game.join().unwrap().is_some(), "an answer that filled the node's context was refused");
     let store = cluster.store();
     wait_for("its receipt", Duration::from_secs(20), || numbers(&store, "SELECT count(*) FROM receipts") == vec![1]);
@@ -154,38 +175,22 @@ fn a_node_stopping_short_of_max_tokens_and_of_its_context_is_cut() {
 /// honestly at its context.
 #[test]
 fn a_job_goes_to_a_node_whose_context_holds_the_whole_answer() {
-    let Some((cluster, text, _, hi)) = smollm2_server() else { return };
+    let Some((cluster, text, eos, hi)) = smollm2_server() else { return };
     let prompt = text.chat_prompt(&[ludus::inference::ChatMessage::new("user", "hi")]).unwrap().len();
     let chat = || {
         let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
-        std::thread::spawn(move || try_chat(&addr, &key, MODEL))
-    };
-    let answer = |rogue_id: &Identity, spec: &TaskSpec, tokens: usize| {
-        let ids = vec![hi; tokens];
-        let receipt = SignedReceipt::sign(rogue_id, spec.ticket.clone(), spec.ticket.prompt.tokens, &ids);
-        let usage = TaskUsage { prompt_tokens: spec.ticket.prompt.tokens as usize, completion_tokens: tokens };
-        let finish_reason = ludus::protocol::FinishReason::Length;
-        let mut messages: Vec<NodeMessage> = (0..tokens).map(|i| token(spec.id.0, i, hi, "")).collect();
-        messages.push(NodeMessage::Done {
-            id: spec.id,
-            finish_reason,
-            usage,
-            tail: String::new(),
-            receipt,
-            proof: None,
-        });
-        messages
+        std::thread::spawn(move || try_post_chat(&addr, &key, &hi_body(300)))
     };
     actix_rt::System::new().block_on(async {
-        // Room for the prompt and 2 tokens of the 4 the game asks for; and room for all.
+        // Room for the prompt and part of the 300 tokens the game asks for; and room for all.
         let mut small = Rogue::join(&cluster.addr, MODEL).await;
-        small.load.context = prompt as u32 + 2;
+        small.load.context = ludus::protocol::MIN_CONTEXT;
         let mut large = Rogue::join(&cluster.addr, MODEL).await;
         small.idle(&mut [&mut large], Duration::from_millis(300)).await; // both registered
         for round in 0..5 {
             let game = chat();
             let spec = large.task(&mut [&mut small]).await;
-            for message in answer(&large.id, &spec, 4) {
+            for message in answer(&large.id, &spec, hi, 3, Some(eos)) {
                 large.link.send(&message).await.unwrap();
             }
             large.idle(&mut [&mut small], Duration::from_millis(200)).await;
@@ -195,7 +200,7 @@ fn a_job_goes_to_a_node_whose_context_holds_the_whole_answer() {
         small.idle(&mut [], Duration::from_millis(300)).await;
         let game = chat();
         let spec = small.task(&mut []).await;
-        for message in answer(&small.id, &spec, 2) {
+        for message in answer(&small.id, &spec, hi, ludus::protocol::MIN_CONTEXT as usize - prompt, None) {
             small.link.send(&message).await.unwrap();
         }
         small.idle(&mut [], Duration::from_millis(500)).await;
