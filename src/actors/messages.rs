@@ -222,7 +222,7 @@ pub struct NodeConnected {
     pub capacity: usize,
     /// What the node says it runs on (`Cpu/Float/int8`, `Cuda(0)/BFloat16/int4`, ...).
     pub device: String,
-    /// Tokens one sequence holds on the node, prompt and answer (0: not said).
+    /// Tokens one sequence holds on the node, prompt and answer (0: no limit).
     pub context: usize,
 }
 
