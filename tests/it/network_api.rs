@@ -149,14 +149,14 @@ fn a_closed_connection_frees_the_node_slot() {
 
 /// A game that closes its connection while it waits for a whole (non-streamed) answer
 /// frees its node slot too: it used to go unnoticed until the answer was ready, the node
-/// busy for a game that had gone (10 s here).
+/// busy for a game that had gone (80 s here: longer than the next request waits).
 #[test]
 fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
     use std::io::Write;
     let mut c = Cluster::start("");
-    c.add_node(&["--fake-engine", "1000:10", "--capacity", "1"]);
+    c.add_node(&["--fake-engine", "4000:20", "--capacity", "1"]);
     c.wait_nodes("fake", 1);
-    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":1000}"#;
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4000}"#;
     let mut game = std::net::TcpStream::connect(&c.addr).unwrap();
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
@@ -167,10 +167,9 @@ fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
     game.write_all(request.as_bytes()).unwrap();
     wait_for("the long answer to start", Duration::from_secs(10), || c.nodes[0].log_text().contains("task started"));
     drop(game); // the game goes away
-    let started = std::time::Instant::now();
+                // Behind the abandoned answer, this one would wait past the client's 60 s timeout.
     let r = c.post("/v1/chat/completions", &CHAT.replace("\"max_tokens\":4", "\"max_tokens\":2"));
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(started.elapsed() < Duration::from_secs(3), "the slot was not freed: {:?}", started.elapsed());
     let log = c.server.log_text();
     assert!(log.contains("the game closed its connection before its answer was ready"), "{log}");
 }
