@@ -370,8 +370,10 @@ impl Llama {
             let decode = causal_mask(&decode_pos, longest, window, self.device)?
                 .f_view([b, 1, 1, longest])?
                 .f_to_kind(self.kind)?;
-            let prefill =
-                causal_mask(&prefill_pos, total, window, self.device)?.f_repeat([groups, 1])?.f_to_kind(self.kind)?;
+            let prefill = causal_mask(&prefill_pos, total, window, self.device)?
+                .f_repeat([groups, 1])?
+                .f_view([1, 1, groups * n, total])?
+                .f_to_kind(self.kind)?;
             Ok((decode, prefill))
         };
         let global_masks = masks(None)?;
@@ -418,9 +420,11 @@ impl Llama {
                     let keys = k_slot.f_narrow(1, 0, total)?;
                     let values = v_slot.f_narrow(1, 0, total)?;
                     let (kv, hd) = (keys.size()[0], keys.size()[2]);
-                    // q: [n, heads, hd] -> [kv_heads, groups * n, hd]
-                    let q = q.f_narrow(0, b, n)?.f_transpose(0, 1)?.f_contiguous()?.f_view([kv, groups * n, hd])?;
-                    let out = self.attention(&q, &keys, &values, prefill_mask)?; // [kv, groups * n, hd]
+                    // q: [n, heads, hd] -> [1, kv_heads, groups * n, hd]: four dimensions, like
+                    // decode's, take libtorch's flash kernel (three take the unfused path).
+                    let q = q.f_narrow(0, b, n)?.f_transpose(0, 1)?.f_contiguous()?.f_view([1, kv, groups * n, hd])?;
+                    let (keys, values) = (keys.f_unsqueeze(0)?, values.f_unsqueeze(0)?);
+                    let out = self.attention(&q, &keys, &values, prefill_mask)?; // [1, kv, groups * n, hd]
                     let out = out.f_view([kv * groups, n, hd])?.f_transpose(0, 1)?;
                     outputs.push(out.f_reshape([n, kv * groups * hd])?);
                 }

@@ -130,8 +130,13 @@ fn greedy_continuations_match_transformers_in_one_batch() {
     }
 }
 
+/// `ludus generate` in the default format answers a plain question. Not France: even in
+/// f32 SmolLM2's first answer token there is a near-tie, "The" at 25.33 against "L" (of
+/// a French answer that loops) at 25.24, and int4 and int8 land on either side of it with
+/// the rounding of one kernel (prefill attention, chunk size). Japan's "The" leads by 2.4
+/// in every format.
 #[test]
-fn the_capital_of_france_is_paris() {
+fn the_capital_of_japan_is_tokyo() {
     let Some(path) = smollm2() else { return };
     let out = crate::cluster::ludus()
         .args([
@@ -139,14 +144,15 @@ fn the_capital_of_france_is_paris() {
             "--model",
             path.to_str().unwrap(),
             "--chat",
-            "What is the capital of France?",
+            "What is the capital of Japan?",
             "--temperature",
             "0",
         ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("Tokyo"), "{answer}");
 }
 
 /// Same seed and input give the same tokens alone or inside a batch of 8. Sampled runs
