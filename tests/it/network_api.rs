@@ -126,24 +126,23 @@ fn the_openai_python_sdk_works_against_the_server() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("all openai SDK checks passed"));
 }
 
-/// A game that hangs up mid-stream frees its node slot at once: with capacity 1 and a
-/// 10-second answer in progress, the next request is served right away.
+/// A game that hangs up mid-stream frees its node slot: with capacity 1 and an 80-second
+/// answer in progress (longer than the next request's client waits), the next request is
+/// served. No timing bound: a loaded machine may take its time, a slot never freed fails.
 #[test]
 fn a_closed_connection_frees_the_node_slot() {
     let mut c = Cluster::start("");
-    c.add_node(&["--fake-engine", "1000:10", "--capacity", "1"]);
+    c.add_node(&["--fake-engine", "4000:20", "--capacity", "1"]);
     c.wait_nodes("fake", 1);
-    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4000,"stream":true}"#;
     let mut stream = crate::cluster::SseStream::open(&c.addr, &c.key, body);
     assert_eq!(stream.status, 200);
     for _ in 0..3 {
         assert!(stream.next_data().is_some());
     }
     drop(stream); // the game goes away
-    let started = std::time::Instant::now();
     let r = c.post("/v1/chat/completions", &CHAT.replace("\"max_tokens\":4", "\"max_tokens\":2"));
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert!(started.elapsed() < std::time::Duration::from_secs(2), "the slot was not freed: {:?}", started.elapsed());
+    assert_eq!(r.status, 200, "the slot was not freed: {}", r.body);
     assert!(c.nodes[0].log_text().contains("task started"));
 }
 
