@@ -596,10 +596,13 @@ impl NodeProxy {
     }
 
     /// Whether the server asked for this frame: the tokens and the end of a task the node
-    /// runs here, the answer to a cancel. Everything else counts against the flood limit.
+    /// runs here (or ran until a cancel that is still on its way to it), the answer to a
+    /// cancel. Everything else counts against the flood limit.
     fn solicited(&self, message: &NodeMessage) -> bool {
         match message {
-            NodeMessage::Token { id, .. } | NodeMessage::Done { id, .. } => self.in_flight.contains_key(id),
+            NodeMessage::Token { id, .. } | NodeMessage::Done { id, .. } => {
+                self.in_flight.contains_key(id) || self.abandoned.contains_key(id)
+            }
             NodeMessage::Cancelled { id, .. } => self.abandoned.contains_key(id),
             _ => false,
         }

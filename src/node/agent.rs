@@ -15,6 +15,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::backend::Backend;
 use super::error::LinkError;
+use super::finished::Finished;
 use super::link::{join, Announce, Link};
 use super::receipts::ReceiptLog;
 use crate::books::ConfirmStatus;
@@ -181,6 +182,7 @@ async fn session(
         log: log.clone(),
         out,
         tasks: Rc::default(),
+        finished: Rc::default(),
     };
     // Whatever the registry has not confirmed goes again: it may have crashed.
     resend(log, &serving.out, true);
@@ -305,14 +307,15 @@ impl TokenRate {
     }
 }
 
-/// A joined session's serving side: the backend, the receipt log, the writer and the
-/// running tasks.
+/// A joined session's serving side: the backend, the receipt log, the writer, the
+/// running tasks and the ones finished lately.
 struct Serving {
     backend: Arc<Backend>,
     identity: Arc<Identity>,
     log: SharedLog,
     out: UnboundedSender<Outgoing>,
     tasks: Tasks,
+    finished: FinishedTasks,
 }
 
 impl Serving {
@@ -328,6 +331,7 @@ impl Serving {
                     log: self.log.clone(),
                     out: self.out.clone(),
                     tasks: self.tasks.clone(),
+                    finished: self.finished.clone(),
                     progress: progress.clone(),
                 };
                 let ticket = spec.ticket.clone();
@@ -336,11 +340,16 @@ impl Serving {
             }
             ServerMessage::Cancel { id, delivered } => {
                 let running = self.tasks.borrow_mut().remove(&id);
-                if let Some(running) = running {
-                    running.handle.abort(); // drops the engine's receiver: the slot frees next step
-                    if let Some(delivered) = delivered {
-                        partial_receipt(&self.identity, &self.log, &self.out, id, &running, delivered as usize);
+                let ended = match running {
+                    Some(running) => {
+                        running.handle.abort(); // drops the engine's receiver: the slot frees next step
+                        Some((running.ticket, running.progress))
                     }
+                    // Finished already: the cancel crossed our Done, which the server drops.
+                    None => self.finished.borrow_mut().take(id),
+                };
+                if let (Some((ticket, progress)), Some(delivered)) = (ended, delivered) {
+                    partial_receipt(&self.identity, &self.log, &self.out, id, &ticket, &progress, delivered as usize);
                 }
             }
             ServerMessage::Recorded { block, tasks } => {
@@ -439,12 +448,16 @@ struct Progress {
 
 type Tasks = Rc<RefCell<HashMap<TaskId, Running>>>;
 
+/// Tasks of this session finished lately: their ticket and what they produced.
+type FinishedTasks = Rc<RefCell<Finished<(crate::protocol::TaskTicket, Rc<RefCell<Progress>>)>>>;
+
 /// What a task runner needs besides the backend and the task.
 struct TaskRunner {
     identity: Arc<Identity>,
     log: SharedLog,
     out: UnboundedSender<Outgoing>,
     tasks: Tasks,
+    finished: FinishedTasks,
     progress: Rc<RefCell<Progress>>,
 }
 
@@ -455,23 +468,24 @@ fn partial_receipt(
     log: &SharedLog,
     out: &UnboundedSender<Outgoing>,
     id: TaskId,
-    running: &Running,
+    ticket: &crate::protocol::TaskTicket,
+    progress: &RefCell<Progress>,
     delivered: usize,
 ) {
-    let mut progress = running.progress.borrow_mut();
+    let mut progress = progress.borrow_mut();
     let (Some(prompt_tokens), true) = (progress.prompt_tokens, delivered <= progress.completion.len()) else {
         tracing::warn!(task = %id, delivered, produced = progress.completion.len(), "no receipt for a cancelled task: the server counts tokens this node did not produce");
         return;
     };
     let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
     let delivered_tokens = progress.completion[..delivered].to_vec();
-    let receipt = SignedReceipt::sign(identity, running.ticket.clone(), prompt_tokens, &delivered_tokens);
+    let receipt = SignedReceipt::sign(identity, ticket.clone(), prompt_tokens, &delivered_tokens);
     if let Err(e) = log.borrow_mut().add(&receipt) {
         tracing::error!(task = %id, error = %e, "could not log a receipt");
     }
     // A continuation's proof covers its own tokens (the prefix ends its prompt).
     let own = &delivered_tokens[progress.prefix.min(delivered)..];
-    let model = running.ticket.model.clone();
+    let model = ticket.model.clone();
     let proof = progress.prover.as_mut().and_then(|p| p.finish(identity, id.0, &model, own)).map(Box::new);
     if progress.prover.is_some() && proof.is_none() {
         tracing::warn!(task = %id, delivered, produced = progress.completion.len(), "no proof for the delivered tokens: too far behind the last one generated");
@@ -483,7 +497,7 @@ fn partial_receipt(
 /// Runs one task on the backend and streams its events as frames; on completion, signs
 /// the receipt and logs it before reporting the task done.
 async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
-    let TaskRunner { identity, log, out, tasks, progress } = runner;
+    let TaskRunner { identity, log, out, tasks, finished, progress } = runner;
     let id = spec.id;
     let challenge =
         spec.challenge.as_deref().and_then(|c| hex::decode(c).ok()).and_then(|c| <[u8; 32]>::try_from(c).ok());
@@ -502,7 +516,11 @@ async fn run_task(backend: Arc<Backend>, spec: TaskSpec, runner: TaskRunner) {
             task_events(&mut events, &spec, &identity, &log, &out, &progress).await;
         }
     }
-    tasks.borrow_mut().remove(&id);
+    // Kept a while: a cancel may have crossed the end on the wire.
+    let running = tasks.borrow_mut().remove(&id);
+    if let Some(running) = running {
+        finished.borrow_mut().keep(id, (running.ticket, running.progress));
+    }
 }
 
 /// Streams one task's engine events as frames until it ends.
@@ -540,12 +558,14 @@ async fn task_events(
                 let usage = TaskUsage { prompt_tokens: done.prompt_tokens, completion_tokens: done.completion_tokens };
                 // A continuation's proof covers its own tokens (the prefix ends its prompt).
                 let own = &completion[spec.prefix.len().min(completion.len())..];
+                // The prover stays: a cancel that crossed this Done asks for a shorter proof.
                 let proof =
-                    progress.borrow_mut().prover.take().and_then(|mut p| p.finish(identity, id.0, &spec.model, own));
+                    progress.borrow_mut().prover.as_mut().and_then(|p| p.finish(identity, id.0, &spec.model, own));
                 let proof = proof.map(Box::new);
                 let message =
                     NodeMessage::Done { id, finish_reason: done.reason, usage, tail: done.tail, receipt, proof };
                 let _ = out.send(Outgoing::Message(message));
+                tracing::info!(task = %id, tokens = completion.len(), "task done");
                 break;
             }
             Some(Event::Rejected(error)) => {

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod backend;
 pub mod error;
+pub mod finished;
 pub mod link;
 pub mod receipts;
 

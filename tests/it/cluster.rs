@@ -409,13 +409,16 @@ impl SseStream {
 }
 
 /// A TCP relay in front of the server that records every byte both ways (a tap on a
-/// node's socket).
+/// node's socket), and can hold what the server sends (a slow link one way).
 pub struct Tap {
     pub addr: String,
     /// Bytes the node sent (websocket frames, masked as RFC 6455 requires of clients).
     pub to_server: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     /// Bytes the server sent.
     pub to_node: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// While set, what the server sends waits in the relay (in order) instead of reaching
+    /// the node.
+    pub hold_to_node: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Tap {
@@ -424,17 +427,22 @@ impl Tap {
         let addr = listener.local_addr().unwrap().to_string();
         let to_server: std::sync::Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
         let to_node: std::sync::Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
+        let hold_to_node: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
         let (up_record, down_record, upstream) = (to_server.clone(), to_node.clone(), upstream.to_string());
+        let (never, hold) = (std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)), hold_to_node.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect(&upstream) else { return };
-                for (mut from, mut to, record) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap(), up_record.clone()),
-                    (server.try_clone().unwrap(), client.try_clone().unwrap(), down_record.clone()),
+                for (mut from, mut to, record, held) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap(), up_record.clone(), never.clone()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap(), down_record.clone(), hold.clone()),
                 ] {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         while let Ok(n) = from.read(&mut buf) {
+                            while held.load(std::sync::atomic::Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
                             if n == 0 || to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
@@ -445,7 +453,7 @@ impl Tap {
                 }
             }
         });
-        Self { addr, to_server, to_node }
+        Self { addr, to_server, to_node, hold_to_node }
     }
 
     /// Everything an eavesdropper can read: the server's bytes as sent, and the node's

@@ -763,6 +763,32 @@ fn the_verification_policy_remembers_a_node_across_a_server_restart() {
     assert_eq!(count("SELECT count(*) FROM verifications"), 2, "the restarted server treated the node as new");
 }
 
+/// A game's stream of a long story of at most `max_tokens`, sampled, with its first data
+/// event and `more` after it read: the stream and its task id.
+fn story_stream(cluster: &Cluster, max_tokens: u32, more: usize) -> (super::cluster::SseStream, u64) {
+    let body = serde_json::json!({
+        "model": MODEL, "max_tokens": max_tokens, "temperature": 0.8, "seed": 5, "stream": true,
+        "messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
+    })
+    .to_string();
+    let mut stream = super::cluster::SseStream::open(&cluster.addr, &cluster.key, &body);
+    assert_eq!(stream.status, 200);
+    let first: serde_json::Value = serde_json::from_str(&stream.next_data().unwrap()).unwrap();
+    let task = u64::from_str_radix(first["id"].as_str().unwrap().strip_prefix("chatcmpl-").unwrap(), 16).unwrap();
+    for _ in 0..more {
+        assert!(stream.next_data().is_some());
+    }
+    (stream, task)
+}
+
+/// The billed completion tokens of `task` and whether its proof was verified (1 or 0).
+fn receipt_sql(task: u64) -> String {
+    format!(
+        "SELECT completion_tokens::bigint, (verification = 'verified')::int::bigint FROM receipts WHERE task_id = {}",
+        task as i64
+    )
+}
+
 /// A game that hangs up mid-stream: the node's receipt for the tokens it received comes
 /// with the proof of exactly those (`Cancelled`), checked like any task's (every task
 /// here): verified, and paid for the delivered tokens only.
@@ -772,29 +798,44 @@ fn a_hang_up_is_paid_with_the_proof_of_what_the_game_received() {
     let mut cluster = Cluster::start(&verifier_config(&path));
     cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1"]);
     cluster.wait_nodes(MODEL, 1);
-    let body = serde_json::json!({
-        "model": MODEL, "max_tokens": 200, "temperature": 0.8, "seed": 5, "stream": true,
-        "messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
-    })
-    .to_string();
-    let mut stream = super::cluster::SseStream::open(&cluster.addr, &cluster.key, &body);
-    assert_eq!(stream.status, 200);
-    let first: serde_json::Value = serde_json::from_str(&stream.next_data().unwrap()).unwrap();
-    let task = u64::from_str_radix(first["id"].as_str().unwrap().strip_prefix("chatcmpl-").unwrap(), 16).unwrap();
-    for _ in 0..8 {
-        assert!(stream.next_data().is_some());
-    }
+    let (stream, task) = story_stream(&cluster, 200, 8);
     drop(stream); // the game goes away
     let store = cluster.store();
-    let sql = format!(
-        "SELECT completion_tokens::bigint, (verification = 'verified')::int::bigint FROM receipts WHERE task_id = {}",
-        task as i64
-    );
+    let sql = receipt_sql(task);
     wait_for("the hang-up's receipt, checked", Duration::from_secs(60), || numbers(&store, &sql).get(1) == Some(&1));
     let row = numbers(&store, &sql);
     assert!(row[0] >= 8 && row[0] < 200, "billed {} tokens", row[0]);
     let log = cluster.server.log_text();
     assert!(!log.contains("REJECTED"), "{log}");
+}
+
+/// A game that leaves just before the end of its answer reaches it: the server's cancel
+/// crosses the node's `Done` on the wire (held in a relay here until the node has
+/// finished). The server drops that `Done`; the node still answers the cancel with the
+/// receipt and proof of the tokens the game received, which are checked and paid. It used
+/// to have forgotten the finished task, and earned nothing for it.
+#[test]
+fn a_cancel_that_crosses_the_end_of_the_answer_is_still_paid() {
+    let Some(path) = smollm2() else { return };
+    let mut cluster = Cluster::start(&verifier_config(&path));
+    let tap = super::cluster::Tap::start(&cluster.addr);
+    cluster.add_node_via(&tap.addr, &["--model", path.to_str().unwrap(), "--threads", "1"]);
+    cluster.wait_nodes(MODEL, 1);
+    let (stream, task) = story_stream(&cluster, 24, 2);
+    tap.hold_to_node.store(true, Ordering::SeqCst); // the cancel will wait on the wire
+    drop(stream); // the game goes away
+    let node = &cluster.nodes[0];
+    wait_for("the node to finish the answer", Duration::from_secs(60), || node.log_text().contains("task done"));
+    let store = cluster.store();
+    let sql = receipt_sql(task);
+    assert!(numbers(&store, &sql).is_empty(), "the dropped Done paid nothing");
+    tap.hold_to_node.store(false, Ordering::SeqCst);
+    wait_for("the crossing cancel's receipt, checked", Duration::from_secs(60), || {
+        numbers(&store, &sql).get(1) == Some(&1)
+    });
+    let row = numbers(&store, &sql);
+    assert!(row[0] >= 2 && row[0] < 24, "billed {} tokens: those the game received, not the whole answer", row[0]);
+    assert!(!cluster.server.log_text().contains("REJECTED"));
 }
 
 /// A node whose game hung up used to be paid for the tokens delivered on its receipt
