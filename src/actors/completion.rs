@@ -7,7 +7,8 @@
 //! - checks the node's receipt against what the server relayed, prices it, writes the
 //!   completion ahead in the [`CompletionLog`] and hands it to the Registry;
 //! - charges the game's per-minute token budget (for answers and hang-ups alike);
-//! - picks tasks for proof verification, holds a non-streamed answer until its verdict in
+//! - checks every proof's structure (task, challenge, signer, counts) before it pays, and
+//!   picks tasks for the reference replay, holds a non-streamed answer until its verdict in
 //!   synchronous mode, and has a rejected one produced again elsewhere;
 //! - starts quality-check re-runs and compares them with the original;
 //! - checks re-sent receipts (paid only when the log witnessed them) and block
@@ -252,6 +253,34 @@ impl Completion {
         true
     }
 
+    /// A proof that failed its structural checks: the node is judged as for a failed
+    /// replay (the Registry lowers its reputation, the Distributor quarantines it), and
+    /// the task is not paid.
+    fn reject_proof(&self, address: Address, task: TaskId, fault: &str) {
+        tracing::warn!(%address, task = %task, %fault, "proof REJECTED before payment; unpaid");
+        let Some(v) = &self.config.verification else { return };
+        for r in &v.report {
+            r.do_send(VerificationDone {
+                task,
+                node: address,
+                outcome: crate::ledger::Outcome::Failed,
+                detail: fault.to_string(),
+                evidence: None,
+            });
+        }
+    }
+
+    /// A non-streamed answer the game must not read (its node failed a check): produced
+    /// again from its start, on another node.
+    fn produce_again(&self, node: NodeId, address: Address, mut job: Job, why: String) {
+        job.restart();
+        // A new task id for the re-run, so the honest node's receipt is not taken for a
+        // duplicate of the failed one (the game's response keeps its id).
+        job.id = TaskId(rand::random());
+        let failure = TaskFailure::Node(why);
+        self.config.distributor.do_send(TaskReturned { node, address: address.to_string(), job, failure });
+    }
+
     /// Charges `tokens` to the game's per-minute budget.
     fn charge(&self, key_hash: &str, tokens: usize) {
         if !key_hash.is_empty() {
@@ -388,6 +417,26 @@ fn verify_task(
     }
 }
 
+/// Why `proof` cannot be the proof of `job`'s tokens on `node` (its own, after the first
+/// `prefix_len`), by the checks that need no model ([`crate::proof::structure`]).
+fn proof_fault(
+    node: Address,
+    job: &Job,
+    prefix_len: usize,
+    challenge: [u8; 32],
+    proof: Option<&Proof>,
+) -> Option<String> {
+    let expected = crate::proof::structure::Expected {
+        task: job.id.0,
+        node,
+        challenge: &challenge,
+        // A continuation's prompt ends with the prefix earlier nodes made.
+        prompt_tokens: job.prompt.exact.then(|| job.prompt.tokens as usize + prefix_len),
+        completion: job.emitted.get(prefix_len..).unwrap_or_default(),
+    };
+    crate::proof::structure::fault(proof, &expected)
+}
+
 impl Actor for Completion {
     type Context = Context<Self>;
 }
@@ -411,6 +460,24 @@ impl Handler<TaskFinished> for Completion {
         let prompt_tokens =
             if prompt.exact { prompt.tokens as usize } else { done.node_prompt_tokens.min(prompt.tokens as usize) };
         let usage = TaskUsage { prompt_tokens, completion_tokens: done.job.emitted.len() };
+        // Sampled or not, a task that carried a challenge is paid only with a proof that
+        // is about it: else a node could skip its proofs and be paid whenever the sampler
+        // looks away. An honest node always has one at its Done.
+        let proof = done.proof.as_deref();
+        if let Some(fault) =
+            done.challenge.and_then(|c| proof_fault(done.address, &done.job, done.prefix_len, c, proof))
+        {
+            self.reject_proof(done.address, done.job.id, &fault);
+            let TaskFinished { node, address, job, finish_reason, .. } = done;
+            if job.stream {
+                // The game read every token already; they are charged to its budget, and
+                // nobody is paid for them.
+                self.deliver(&job, finish_reason, usage);
+            } else {
+                self.produce_again(node, address, job, format!("the node's proof failed its checks: {fault}"));
+            }
+            return;
+        }
         // Written ahead before the game hears Done.
         self.record(done.address, done.receipt.clone(), Some((&done.job, done.latency_ms)), done.reply_to.clone());
         if let Some(shadow) = done.job.shadow_of.as_deref() {
@@ -482,7 +549,13 @@ impl Handler<HangUpProved> for Completion {
     fn handle(&mut self, msg: HangUpProved, _: &mut Self::Context) {
         let HangUpProved { address, reply_to, job, challenge, prefix_len, receipt, proof, latency_ms } = msg;
         if proof.is_none() {
+            // No penalty: an honest node has none when the game's last token lies too far
+            // behind the last one it generated (`proof::signed::KEPT_ROWS`).
             tracing::warn!(%address, task = %job.id, "a hang-up's receipt without the proof its challenge asks for; unpaid");
+            return;
+        }
+        if let Some(fault) = proof_fault(address, &job, prefix_len, challenge, proof.as_deref()) {
+            self.reject_proof(address, job.id, &fault);
             return;
         }
         let completion_tokens = receipt.completion_tokens;
@@ -533,7 +606,7 @@ impl Handler<VerificationDone> for Completion {
 
     /// A synchronous verdict: release the held answer, or have it produced again elsewhere.
     fn handle(&mut self, msg: VerificationDone, ctx: &mut Self::Context) {
-        let Some(Held { node, mut job, finish_reason, usage, told }) = self.held.remove(&msg.task) else { return };
+        let Some(Held { node, job, finish_reason, usage, told }) = self.held.remove(&msg.task) else { return };
         if msg.accepted() {
             match told {
                 Some(told) => {
@@ -547,11 +620,6 @@ impl Handler<VerificationDone> for Completion {
             }
             return;
         }
-        job.restart();
-        // A new task id for the re-run, so the honest node's receipt is not taken for a
-        // duplicate of the failed one (the game's response keeps its id).
-        job.id = TaskId(rand::random());
-        let failure = TaskFailure::Node(format!("the node's answer failed verification: {}", msg.detail));
-        self.config.distributor.do_send(TaskReturned { node, address: msg.node.to_string(), job, failure });
+        self.produce_again(node, msg.node, job, format!("the node's answer failed verification: {}", msg.detail));
     }
 }

@@ -153,9 +153,18 @@ pub struct Distributor {
     /// reconnect must not wipe a failure): for [`DEPARTED_MEMORY`], at most
     /// [`MAX_DEPARTED`] keys.
     departed: HashMap<String, (NodeStats, Instant)>,
+    /// The Gateway's per-key token budgets, for answers that end here (a stream whose
+    /// node died after its last token); set once the Gateway runs.
+    usage: Arc<std::sync::OnceLock<Recipient<RecordUsage>>>,
 }
 
 impl Distributor {
+    /// With the slot the Gateway's budgets will be put in (it starts after this actor).
+    pub fn charging(mut self, usage: Arc<std::sync::OnceLock<Recipient<RecordUsage>>>) -> Self {
+        self.usage = usage;
+        self
+    }
+
     pub fn new(config: DistributorConfig, peers: Arc<Peers>) -> Self {
         Self {
             config,
@@ -170,6 +179,7 @@ impl Distributor {
             prefix_routed: 0,
             peers,
             departed: HashMap::new(),
+            usage: Arc::default(),
         }
     }
 
@@ -615,6 +625,12 @@ impl Distributor {
                 let _ = job.events.send(JobEvent::Text(tail));
             }
             let usage = TaskUsage { prompt_tokens: job.prompt.tokens as usize, completion_tokens: job.emitted.len() };
+            // Charged to the game's budget like any answer (by the server that admitted
+            // it); no node is paid for tokens without their receipt and proof.
+            if let (Some(budgets), false, false) = (self.usage.get(), job.key_hash.is_empty(), job.forwarded) {
+                let tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+                budgets.do_send(RecordUsage { key_hash: job.key_hash.clone(), tokens });
+            }
             let finish_reason = if ended { FinishReason::Stop } else { FinishReason::Length };
             let _ = job.events.send(JobEvent::Done { finish_reason, usage });
             return;

@@ -13,9 +13,9 @@ use super::messages::VerificationDone;
 use crate::crypto::identity::Address;
 use crate::inference::{Model, Quantization, SamplingParams};
 use crate::ledger::Outcome;
-use crate::proof::commitment::DEFAULT_TOP_K;
 use crate::proof::logprob_check;
 use crate::proof::steering::Evidence;
+use crate::proof::structure;
 use crate::proof::verify::verify_claimed;
 use crate::proof::{Format, Proof, StoredProof, Tolerances};
 use crate::protocol::{TaskId, TaskInput};
@@ -103,27 +103,22 @@ impl Verifier {
     /// is `Unverifiable` (unpaid, no penalty) — never verified.
     fn check(&mut self, t: &VerifyTask) -> (Outcome, String, Option<Evidence>) {
         use Outcome::{Failed, Unverifiable, Verified};
-        let Some(proof) = t.proof.as_deref() else {
-            if !self.sources.contains_key(&t.model) {
-                return (Unverifiable, "no reference model for this task's model".into(), None);
-            }
-            return (Failed, "no proof for a task that carried a challenge".into(), None);
+        if t.proof.is_none() && !self.sources.contains_key(&t.model) {
+            return (Unverifiable, "no reference model for this task's model".into(), None);
+        }
+        // The same checks the server ran before paying (`Completion`): here too, so that a
+        // proof is judged whole wherever it is checked (`ludus verify`'s twin, the pool).
+        let expected = structure::Expected {
+            task: t.task.0,
+            node: t.node,
+            challenge: &t.challenge,
+            prompt_tokens: None,
+            completion: &t.completion,
         };
-        if proof.task != t.task.0 || proof.challenge != hex::encode(t.challenge) {
-            return (Failed, "the proof is for another task or challenge".into(), None);
-        }
-        match proof.signer() {
-            Ok(signer) if signer == t.node => {}
-            _ => return (Failed, "the proof is not signed by the node".into(), None),
-        }
-        // The protocol fixes k: with k = 1 a commitment would be a single number.
-        if proof.top_k as usize != DEFAULT_TOP_K {
-            return (
-                Failed,
-                format!("the proof commits top-{} values; the protocol fixes {DEFAULT_TOP_K}", proof.top_k),
-                None,
-            );
-        }
+        let proof = match (structure::fault(t.proof.as_deref(), &expected), t.proof.as_deref()) {
+            (None, Some(proof)) => proof,
+            (fault, _) => return (Failed, fault.unwrap_or_else(|| "no proof".into()), None),
+        };
         let format = match crate::proof::Format::declared_by(proof) {
             Ok(format) => format,
             Err(e) => return (Failed, e.to_string(), None),

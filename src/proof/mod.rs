@@ -7,6 +7,8 @@
 //! - [`logprob_check`]: the log probabilities a node reported, against the reference.
 //! - [`policy`]: which finished tasks get checked.
 //! - [`stored`]: a proof with its task, for offline checks (`ludus verify`).
+//! - [`structure`]: the checks that need no model (task, challenge, signer, counts), run
+//!   on every task before it is paid.
 //! - [`verify`]: the reference check — one prefill, commitments within tolerances, every
 //!   token against the seeded sampler (near-ties forgiven, and kept).
 //! - [`steering`]: whether a node's forgiven near-ties, summed over its tasks, are
@@ -21,6 +23,7 @@ pub mod policy;
 pub mod signed;
 pub mod steering;
 pub mod stored;
+pub mod structure;
 pub mod verify;
 
 pub use format::{Format, UnknownFormat};

@@ -214,7 +214,7 @@ fn rank_of(logits: &[f32], params: &SamplingParams, position: u64, token: u32) -
 }
 
 /// The proof's commitments with their rows, or why they do not fit the task.
-fn commitments_of(proof: &Proof, p: usize, g: usize) -> Result<Vec<(usize, TopK)>, Vec<String>> {
+pub(super) fn commitments_of(proof: &Proof, p: usize, g: usize) -> Result<Vec<(usize, TopK)>, Vec<String>> {
     let mut reasons = Vec::new();
     let challenge = proof.challenge_bytes().map_err(|e| vec![e.to_string()])?;
     if proof.prompt.len() != pos_count(p) {
@@ -387,7 +387,7 @@ pub fn verify_continuation(
 }
 
 /// Whether the proof is about this task at all: its token counts and output hash.
-fn claims_match(proof: &Proof, p: usize, completion: &[u32]) -> Result<(), Vec<String>> {
+pub(super) fn claims_match(proof: &Proof, p: usize, completion: &[u32]) -> Result<(), Vec<String>> {
     let g = completion.len();
     let mut reasons = Vec::new();
     if proof.prompt_tokens as usize != p || proof.completion_tokens as usize != g {

@@ -8,7 +8,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
+use actix::{Addr, Recipient};
 
 use crate::actors::catalog::Catalog;
 use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
@@ -16,6 +16,7 @@ use crate::actors::cluster::{wire, Cluster, ClusterConfig, Peers, ServerParts};
 use crate::actors::completion::{Completion, CompletionConfig, Verification};
 use crate::actors::completion_log::CompletionLog;
 use crate::actors::distributor::DistributorConfig;
+use crate::actors::messages::RecordUsage;
 use crate::actors::sessions::Sessions;
 use crate::actors::settler::{Settler, SettlerConfig};
 use crate::actors::supervisor;
@@ -54,9 +55,10 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
         prefix_routing: s.distributor.prefix_routing,
     };
     let peers = Peers::new(Duration::from_millis(s.cluster.peer_timeout_ms.max(1)));
+    let budgets: Arc<std::sync::OnceLock<Recipient<RecordUsage>>> = Arc::default();
     let distributor = {
-        let peers = peers.clone();
-        supervisor::start("distributor", move |_| Distributor::new(config, peers))
+        let (peers, budgets) = (peers.clone(), budgets.clone());
+        supervisor::start("distributor", move |_| Distributor::new(config, peers).charging(budgets))
     };
     let clock = {
         let (block, epoch) = (Duration::from_millis(s.clock.block_time_ms), Duration::from_secs(s.clock.epoch_time_s));
@@ -67,6 +69,7 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
         let (store, distributor, peers) = (store.clone(), distributor.clone(), peers.clone());
         supervisor::start("gateway", move |_| Gateway::new(store, distributor, peers))
     };
+    let _ = budgets.set(gateway.clone().recipient());
     let policy = Arc::new(Policy::new(s.verifier.first_tasks, s.verifier.sample_rate));
     let completions = Arc::new(CompletionLog::open(&s.server.data_dir.join("completions.log"))?);
     let registry = {

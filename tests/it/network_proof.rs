@@ -239,6 +239,75 @@ fn queued_work_goes_to_a_node_whose_quarantine_ran_out() {
     engine.shutdown();
 }
 
+/// A node that skips its proof, or sends one that is not about the task, is caught on
+/// its first task though the policy samples none for the reference replay: the checks
+/// that need no model run on every task before it is paid. It used to be paid whenever
+/// the sampler looked away. The game never reads a non-streamed answer so proved; a
+/// streamed one it has read is not paid for.
+#[test]
+fn a_node_skipping_or_forging_its_proof_is_caught_without_a_sampled_check() {
+    let Some(path) = smollm2() else { return };
+    // No replay at all (nor quality re-runs), and no quarantine, so the rogue gets each task.
+    let config = verifier_config(&path)
+        .replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 0\nquality_check_rate = 0.0")
+        .replace("quarantine_s = 60", "quarantine_s = 0");
+    let cluster = Cluster::start(&config);
+    let (model, engine) = liar_model(&path);
+    let ask = |stream: bool| {
+        let body = serde_json::json!({
+            "model": MODEL, "max_tokens": 40, "temperature": 0, "stream": stream,
+            "messages": [{"role": "user", "content": "Name three rivers."}]
+        })
+        .to_string();
+        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+        std::thread::spawn(move || {
+            if stream {
+                let mut events = super::cluster::SseStream::open(&addr, &key, &body);
+                let mut data = Vec::new();
+                while let Some(d) = events.next_data() {
+                    data.push(d);
+                }
+                (events.status, data.join("\n"))
+            } else {
+                let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+                (r.status, r.body)
+            }
+        })
+    };
+    let system = actix_rt::System::new();
+    let mut rogue = system.block_on(Rogue::join(&cluster.addr, MODEL));
+    let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
+    let mut last = None;
+    for lie in [Lie::NoProof, Lie::ForeignChallenge, Lie::DroppedChunk] {
+        let game = ask(false);
+        let task = system.block_on(rogue.next_task(Duration::from_secs(20))).expect("the rogue gets the task");
+        system.block_on(answer(&mut rogue, &model, &engine, task, lie, &mut last));
+        let (status, body) = game.join().unwrap();
+        // Produced again elsewhere: there is no other node.
+        assert_eq!(status, 502, "{lie:?}: the game read an answer without a valid proof: {body}");
+    }
+    // A stream: the game has read every token when the proof arrives.
+    let game = ask(true);
+    let task = system.block_on(rogue.next_task(Duration::from_secs(20))).expect("the rogue gets the task");
+    system.block_on(answer(&mut rogue, &model, &engine, task, Lie::DroppedChunk, &mut last));
+    let (status, events) = game.join().unwrap();
+    assert_eq!(status, 200, "{events}");
+    assert!(events.ends_with("[DONE]") && !events.lines().any(|l| l.starts_with(r#"{"error""#)), "{events}");
+    system.block_on(rogue.idle(&mut [], Duration::from_millis(1500)));
+    let store = cluster.store();
+    wait_for("four failed verdicts", Duration::from_secs(20), || {
+        numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'failed'") == vec![4]
+    });
+    assert_eq!(numbers(&store, "SELECT count(*) FROM receipts"), vec![0], "a task without a valid proof was paid");
+    assert!(numbers(&store, "SELECT reputation::bigint FROM nodes")[0] < 10_000);
+    let log = cluster.server.log_text();
+    for why in ["no proof for a task that carried a challenge", "another task or challenge", "chunk commitments for"] {
+        assert!(log.contains(why), "{why:?} not in the server log:\n{log}");
+    }
+    assert!(!log.contains("proof verified"), "the replay ran: {log}");
+    engine.shutdown();
+}
+
 /// How a protocol-level liar cheats.
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub enum Lie {
@@ -247,6 +316,12 @@ pub enum Lie {
     Replay,
     /// Honest output, commitments of one value per row (the node used to choose k).
     NarrowTopK,
+    /// Honest output, no proof at all.
+    NoProof,
+    /// Honest output and commitments, signed for another challenge than the task's.
+    ForeignChallenge,
+    /// Honest output, its last chunk commitment left out (and the proof signed again).
+    DroppedChunk,
 }
 
 enum NodeKind {
@@ -382,6 +457,19 @@ pub async fn answer(
         proof.chunks.resize(completion.len().div_ceil(32), proof.prompt[0].clone());
         proof.signature = hex::encode(rogue.id.sign(&proof.digest()));
     }
+    let resign = |proof: &mut ludus::proof::Proof| proof.signature = hex::encode(rogue.id.sign(&proof.digest()));
+    match lie {
+        Lie::ForeignChallenge => {
+            proof.challenge = hex::encode(rand::random::<[u8; 32]>());
+            resign(&mut proof);
+        }
+        Lie::DroppedChunk => {
+            proof.chunks.pop();
+            resign(&mut proof);
+        }
+        _ => {}
+    }
+    let proof = (lie != Lie::NoProof).then(|| Box::new(proof));
     for (index, &token) in completion.iter().enumerate() {
         rogue
             .link
@@ -397,7 +485,7 @@ pub async fn answer(
         usage,
         tail: String::new(),
         receipt,
-        proof: Some(Box::new(proof)),
+        proof,
     };
     rogue.link.send(&done).await.unwrap();
 }
@@ -543,9 +631,11 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
         let serial = matches!(case.node, NodeKind::Rogue(_)) || case.name.contains("batch 1");
         let clients = if serial { 1 } else { 4 };
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let done: Vec<u64> = (0..clients)
             .map(|_| {
                 let (addr, key, next, name) = (cluster.addr.clone(), cluster.key.clone(), next.clone(), case.name);
+                let refused = refused.clone();
                 std::thread::spawn(move || {
                     let mut ids = Vec::new();
                     loop {
@@ -557,6 +647,10 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
                         // be slow: wait long enough that slowness is not counted as silence.
                         match post_chat_within(&addr, &key, &body(i), Duration::from_secs(180)) {
                             Ok(id) => ids.push(id),
+                            // Judged before the game could read it (`proof::structure`).
+                            Err(why) if why.contains("the node's proof failed its checks") => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
                             Err(why) => eprintln!("{name}: request {i} failed: {why}"),
                         }
                     }
@@ -568,8 +662,9 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
             .collect();
         // Honest nodes answer every request. A cheater's reliability is not what is measured
         // (a doctored model under load may fail or time out a request): it is judged on the
-        // tasks it answered, which must be most of them.
-        let answered = done.len();
+        // tasks it answered, or whose proof the server refused before the game read them,
+        // which must be most of them.
+        let answered = done.len() + refused.load(Ordering::Relaxed);
         assert!(answered == n || (!case.honest && answered * 2 >= n), "{}: {answered} of {n} answered", case.name);
         let store = cluster.store();
         wait_for("every answered task checked", Duration::from_secs(600), || {

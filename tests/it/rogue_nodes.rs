@@ -523,6 +523,51 @@ fn a_game_that_hangs_up_is_charged_to_its_token_budget() {
     assert!(next.body.contains("tokens per minute"), "{}", next.body);
 }
 
+/// A stream whose node dies after its last token but before its `Done` is finished by
+/// the server (the game read every token): it is charged to the game's tokens-per-minute
+/// budget like any answer (it used to be free of it), though no node is paid for it.
+#[test]
+fn a_stream_finished_for_a_node_that_died_is_charged_to_the_token_budget() {
+    let cluster = Cluster::start("");
+    let cfg = cluster.config.to_str().unwrap().to_string();
+    let out =
+        crate::cluster::ludus().args(["--config", &cfg, "games", "add", "streamer", "--tpm", "40"]).output().unwrap();
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let body = r#"{"model":"dying","messages":[{"role":"user","content":"hi"}],"max_tokens":60,"stream":true}"#;
+    let addr = cluster.addr.clone();
+    actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, "dying").await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let (addr, key) = (addr.clone(), key.clone());
+        let game = std::thread::spawn(move || {
+            let mut stream = super::cluster::SseStream::open(&addr, &key, body);
+            assert_eq!(stream.status, 200);
+            std::iter::from_fn(|| stream.next_data()).collect::<Vec<_>>()
+        });
+        let spec = rogue.task(&mut []).await;
+        for index in 0..60 {
+            let m = NodeMessage::Token { id: spec.id, index, token: 7, text: "x".into(), logprobs: None };
+            rogue.link.send(&m).await.unwrap();
+        }
+        rogue.idle(&mut [], Duration::from_millis(500)).await; // the tokens reach the server
+        drop(rogue); // the link closes before the node's Done
+        let events = game.join().unwrap();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+        let text: String = events
+            .iter()
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(text, "x".repeat(60), "{events:?}");
+    });
+    // The game has spent more than its 40 tokens a minute.
+    let small = r#"{"model":"dying","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let next = super::cluster::post_with(&cluster.addr, "/v1/chat/completions", Some(&key), small.as_bytes());
+    assert_eq!(next.status, 429, "{}", next.body);
+    assert!(next.body.contains("tokens per minute"), "{}", next.body);
+    assert_eq!(numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![0], "a receipt-less answer was paid");
+}
+
 /// Node-chosen model names reach logs, the dashboard and `/metrics`: a name with a newline
 /// could write fake metric lines (it was escaped only for `"`). Names are now bounded and
 /// printable at the handshake, and label values are escaped as the text format says.
