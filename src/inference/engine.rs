@@ -542,8 +542,16 @@ impl Scheduler {
                 let _ = cmd.events.send(Event::Rejected(format!("token id {bad} is outside the vocabulary")));
                 continue;
             }
-            // Failover after the old node sampled end-of-sequence: nothing is left to do.
-            if r.prefix.last().is_some_and(|t| self.model.tokenizer.stop_tokens.contains(t)) {
+            // A continuation's text goes on from the prefix's: a stop sequence that spans
+            // the two ends the answer here as it does for the server, which reads the
+            // whole text (a fresh stream would not see it, and generate past the end).
+            let mut stream = TextStream::new(&r.stop);
+            for &t in &r.prefix {
+                stream.push(&self.model.tokenizer, t);
+            }
+            // Failover after the old node sampled end-of-sequence (or a stop sequence):
+            // nothing is left to do.
+            if stream.stopped() {
                 let done = Finished {
                     reason: FinishReason::Stop,
                     tail: String::new(),
@@ -565,7 +573,6 @@ impl Scheduler {
             if cached > 0 && r.collect_hidden {
                 let _ = cmd.events.send(Event::PromptCached { rows: cached });
             }
-            let stream = TextStream::new(&r.stop);
             self.prefilling = Some(Sequence {
                 generated: r.prefix.len(),
                 request: cmd.request,

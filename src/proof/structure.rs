@@ -5,8 +5,10 @@
 //! They cost microseconds (a signature recovery and a few hundred bytes of hex), so the
 //! server runs them on every task that carried a challenge, before its receipt is paid,
 //! whether or not the policy samples it for the reference replay ([`super::verify`]).
-//! Without them a node could skip its proof, or send any bytes in its place, and be paid
-//! for every task the sampler passes over; it is now caught on the first one.
+//! Without them a node could skip its proof, or send one for another task or challenge,
+//! and be paid for every task the sampler passes over; it is now caught on the first one.
+//! Made-up commitments of the right shape pass them: the numbers are judged only by the
+//! replay, on the tasks the policy samples.
 
 use super::commitment::DEFAULT_TOP_K;
 use super::format::Format;

@@ -4,7 +4,7 @@
 use ludus::inference::tiny_model::TinySpec;
 use ludus::inference::{Event, FinishReason, GenerateRequest, SamplingParams};
 
-use crate::helpers::{collect, drain, engine, tiny};
+use crate::helpers::{collect, drain, engine, smollm2, tiny};
 
 fn request(prompt: &[u32], params: SamplingParams, max_tokens: usize) -> GenerateRequest {
     GenerateRequest { prompt: prompt.to_vec(), params, max_tokens, min_tokens: max_tokens, ..Default::default() }
@@ -106,6 +106,51 @@ fn failover_prefix_continues_the_same_stream() {
     let (rest, _, done) = collect(&engine, resumed);
     assert_eq!(rest, full[12..].to_vec());
     assert_eq!(done.completion_tokens, 30);
+}
+
+/// A stop sequence that spans the failover boundary (its start in the prefix the first
+/// node sent, its end in the replacement's first token) ends the continuation, as it ends
+/// the text the server reads. The replacement used to start a fresh text and generate
+/// past the end, and the server cut it for tokens after the answer's end.
+#[test]
+fn a_stop_sequence_across_the_failover_prefix_ends_the_continuation() {
+    // Real text (the tiny model's is mostly invalid UTF-8), in f32: a continuation's
+    // prefill then gives the tokens the first run decoded.
+    let Some(path) = smollm2() else { return };
+    let engine = engine(&path, 2);
+    let prompt = ludus::inference::Model::load(&path, tch::Device::Cpu, None)
+        .unwrap()
+        .completion_prompt("The old market town was famous for")
+        .unwrap();
+    let params = SamplingParams::greedy();
+    let (full, text, _) = collect(&engine, request(&prompt, params.clone(), 30));
+    let (first, first_text, _) = collect(&engine, request(&prompt, params.clone(), 12));
+    assert_eq!(first, full[..12].to_vec());
+    // The last three characters of the prefix's text and the two that follow, where they
+    // occur nowhere else in the answer.
+    let cut = first_text.len();
+    assert!(text.starts_with(&first_text) && text.len() > cut + 2, "{first_text:?} / {text:?}");
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let at = chars.iter().position(|&(i, _)| i == cut).expect("a character starts at the cut");
+    assert!(at >= 3, "{text:?}");
+    let stop: String = chars[at - 3..at + 2].iter().map(|&(_, c)| c).collect();
+    assert_eq!(text.matches(&stop).count(), 1, "{stop:?} in {text:?}");
+
+    let mut resumed = request(&prompt, params.clone(), 30);
+    resumed.prefix = first;
+    resumed.min_tokens = 0;
+    resumed.stop = vec![stop.clone()];
+    let (rest, _, done) = collect(&engine, resumed);
+    assert_eq!(done.reason, FinishReason::Stop, "{stop:?} across the prefix: {} tokens after it", rest.len());
+    assert!(!rest.is_empty() && rest.len() <= 2, "{rest:?}");
+    assert_eq!(rest, full[12..12 + rest.len()].to_vec());
+    // Where the prefix itself holds a stop sequence, the continuation has nothing to do.
+    let mut ended = request(&prompt, params, 30);
+    ended.prefix = full[..20].to_vec();
+    ended.min_tokens = 0;
+    ended.stop = vec![stop];
+    let (after_end, _, done) = collect(&engine, ended);
+    assert!(after_end.is_empty() && done.reason == FinishReason::Stop, "{after_end:?}");
 }
 
 #[test]
