@@ -99,19 +99,21 @@ pub fn side_by_side(engine: Engine, on: Speculation, tokens: usize) -> anyhow::R
             "identical": identical,
         }));
     }
+    // What the engine chose at start, before the runs above (measured on its own thread).
+    let cap = engine.load.draft_cap.load(std::sync::atomic::Ordering::Relaxed);
     let (engine, pass_ms) = pass_costs(engine, on.k + 1)?;
     let shown: Vec<String> = pass_ms.iter().enumerate().map(|(i, ms)| format!("{} rows {ms:.1} ms", i + 1)).collect();
-    eprintln!("one pass at position 200: {}", shown.join(", "));
-    let report =
-        serde_json::json!({ "draft": on.draft.to_string(), "k": on.k, "batch1": rows, "pass_ms_by_rows": pass_ms });
+    eprintln!("one pass at position 128: {}; drafts capped at {cap} of k = {}", shown.join(", "), on.k);
+    let report = serde_json::json!({
+        "draft": on.draft.to_string(), "k": on.k, "draft_cap": cap, "batch1": rows, "pass_ms_by_rows": pass_ms
+    });
     Ok((engine, report))
 }
 
-/// Median time of one pass of 1..=`rows` rows at position 200 (what a draft of each
-/// length costs against a plain decode step), with the engine's single-sequence threads.
+/// Median time of one pass of 1..=`rows` rows (what a draft of each length costs against
+/// a plain decode step), with the engine's single-sequence threads
+/// ([`crate::inference::pass_cost::measure`], which the engine ran at start too).
 fn pass_costs(engine: Engine, rows: usize) -> anyhow::Result<(Engine, Vec<f64>)> {
-    use crate::inference::kv_cache::KvCache;
-    use crate::inference::llama::LogitsFor;
     let config = engine.config.clone();
     let tuning = engine.tuning.clone();
     let model = engine.into_model().ok_or_else(|| anyhow::anyhow!("the engine thread panicked"))?;
@@ -120,27 +122,9 @@ fn pass_costs(engine: Engine, rows: usize) -> anyhow::Result<(Engine, Vec<f64>)>
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
-    let llama = &model.llama;
-    let mut cache = KvCache::new(&llama.config, 1, 256, llama.device, llama.kind)?;
-    let context: Vec<u32> = (0..200u32).map(|i| 100 + i % 50).collect();
-    let mut costs = Vec::new();
-    {
-        let _guard = tch::no_grad_guard();
-        llama.prefill(&mut cache, 0, &context, 0, LogitsFor::Last)?;
-        for n in 1..=rows {
-            let mut times = Vec::new();
-            for _ in 0..12 {
-                cache.set_len(0, 200);
-                let started = std::time::Instant::now();
-                llama.prefill(&mut cache, 0, &context[..n], 200, LogitsFor::All)?;
-                times.push(started.elapsed().as_secs_f64() * 1e3);
-            }
-            times.sort_by(f64::total_cmp);
-            costs.push(times[times.len() / 2]);
-        }
-    }
+    let costs = crate::inference::pass_cost::measure(&model.llama, rows);
     tch::set_num_threads(before);
     let mut engine = Engine::start(model, config)?;
     engine.tuning = tuning;
-    Ok((engine, costs))
+    Ok((engine, costs?))
 }

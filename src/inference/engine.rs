@@ -154,6 +154,9 @@ pub struct EngineLoad {
     pub speculation_passes: AtomicU64,
     pub drafted_tokens: AtomicU64,
     pub accepted_tokens: AtomicU64,
+    /// Draft tokens a pass may carry, as the pass costs measured at start allow
+    /// ([`super::pass_cost`]); 0 until measured, or with speculation off.
+    pub draft_cap: AtomicUsize,
 }
 
 impl EngineLoad {
@@ -282,6 +285,7 @@ impl Engine {
                     waiting: VecDeque::new(),
                     prefilling: None,
                     running: Vec::new(),
+                    draft_cap: 0,
                 }
                 .run()
             })
@@ -373,6 +377,8 @@ struct Scheduler {
     waiting: VecDeque<Command>,
     prefilling: Option<Sequence>,
     running: Vec<Sequence>,
+    /// Draft tokens a pass may carry here ([`super::pass_cost`]), at most `speculative.k`.
+    draft_cap: usize,
 }
 
 enum Outcome {
@@ -395,6 +401,7 @@ impl Scheduler {
         if self.config.single_sequence_threads == 0 {
             self.config.single_sequence_threads = self.config.threads;
         }
+        self.measure_draft_cap();
         let mut current_threads = 0;
         let mut open = true;
         loop {
@@ -434,6 +441,29 @@ impl Scheduler {
             }
             self.publish_load();
         }
+    }
+
+    /// With speculation on: times passes of 1..=k+1 rows as a lone sequence runs them
+    /// (its threads) and caps drafts where one more row stops paying ([`super::pass_cost`]).
+    /// A failed measurement leaves the configured k.
+    fn measure_draft_cap(&mut self) {
+        let k = self.config.speculative.k;
+        self.draft_cap = k;
+        if !self.config.speculative.enabled() {
+            return;
+        }
+        tch::set_num_threads(self.config.single_sequence_threads as i32);
+        let started = Instant::now();
+        match super::pass_cost::measure(&self.model.llama, k + 1) {
+            Ok(costs) => {
+                self.draft_cap = super::pass_cost::draft_cap(&costs, k);
+                let ms: Vec<String> = costs.iter().map(|c| format!("{c:.1}")).collect();
+                tracing::info!(k, cap = self.draft_cap, pass_ms = %ms.join("/"),
+                    secs = started.elapsed().as_secs_f32(), "speculation: draft length capped by pass cost");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not time speculative passes; drafting up to k"),
+        }
+        self.load.draft_cap.store(self.draft_cap, Ordering::Relaxed);
     }
 
     /// Restores the cached leading blocks of `tokens` into `slot` (leaving the last token,
@@ -718,7 +748,8 @@ impl Scheduler {
         // The pass yields one token past the draft; positions stay inside the context.
         let room = (seq.request.max_tokens.saturating_sub(seq.generated).saturating_sub(1))
             .min(self.config.max_context.saturating_sub(seq.tokens.len()))
-            .min(seq.draft_len);
+            .min(seq.draft_len)
+            .min(self.draft_cap);
         let draft = match self.drafter.as_mut() {
             Some(drafter) => drafter.propose(&seq.tokens, room).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "the draft model failed three passes in a row; it drafts no more");

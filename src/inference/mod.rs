@@ -16,7 +16,8 @@
 //! - [`logprobs`]: log probabilities of sampled tokens and their alternatives.
 //! - [`engine`]: continuous batching on a dedicated thread; [`prefix_cache`]: prompt
 //!   blocks kept for the next request that starts with them; [`speculative`]: drafts
-//!   checked in one pass, kept exactly when the sampler draws them.
+//!   checked in one pass, kept exactly when the sampler draws them; [`pass_cost`]: how
+//!   many draft rows a pass is worth on this machine, measured at start.
 //! - [`tune`]: measures at start-up what decodes fastest here (threads for one sequence,
 //!   int8 or int4) and remembers it per machine and model file.
 //! - [`cuda`]: opens libtorch's CUDA backend at run time, only where a GPU is wanted.
@@ -42,6 +43,7 @@ pub mod logprobs;
 pub mod memory_plan;
 pub mod model;
 pub mod model_text;
+pub mod pass_cost;
 pub mod prefix_cache;
 pub mod protect;
 pub mod qlinear;

@@ -280,6 +280,12 @@ fn speculation_stays_within_max_tokens_the_context_and_out_of_grammars() {
     let (_, text, _) = drain(engine.submit(request).unwrap());
     assert!(text.starts_with('{'), "{text}");
     assert_eq!(engine.load.speculation(), before, "no draft under a grammar");
+    // The draft cap the engine measured at start (pass costs) bounds every pass: what it is
+    // depends on this CPU; that it holds does not.
+    let cap = engine.load.draft_cap.load(std::sync::atomic::Ordering::Relaxed) as u64;
+    let s = engine.load.speculation();
+    assert!((1..=4).contains(&cap), "cap {cap} for k = 4");
+    assert!(s.passes > 0 && s.drafted <= s.passes * cap, "{s:?} with a cap of {cap}");
 }
 
 #[test]
