@@ -103,7 +103,7 @@ pub fn side_by_side(engine: Engine, on: Speculation, tokens: usize) -> anyhow::R
     let cap = engine.load.draft_cap.load(std::sync::atomic::Ordering::Relaxed);
     let (engine, pass_ms) = pass_costs(engine, on.k + 1)?;
     let shown: Vec<String> = pass_ms.iter().enumerate().map(|(i, ms)| format!("{} rows {ms:.1} ms", i + 1)).collect();
-    eprintln!("one pass at position 128: {}; drafts capped at {cap} of k = {}", shown.join(", "), on.k);
+    eprintln!("one pass after 32 tokens: {}; drafts capped at {cap} of k = {}", shown.join(", "), on.k);
     let report = serde_json::json!({
         "draft": on.draft.to_string(), "k": on.k, "draft_cap": cap, "batch1": rows, "pass_ms_by_rows": pass_ms
     });
@@ -122,7 +122,7 @@ fn pass_costs(engine: Engine, rows: usize) -> anyhow::Result<(Engine, Vec<f64>)>
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
-    let costs = crate::inference::pass_cost::measure(&model.llama, rows);
+    let costs = crate::inference::pass_cost::measure(&model.llama, rows, false);
     tch::set_num_threads(before);
     let mut engine = Engine::start(model, config)?;
     engine.tuning = tuning;

@@ -443,18 +443,22 @@ impl Scheduler {
         }
     }
 
-    /// With speculation on: times passes of 1..=k+1 rows as a lone sequence runs them
-    /// (its threads) and caps drafts where one more row stops paying ([`super::pass_cost`]).
-    /// A failed measurement leaves the configured k.
+    /// With speculation on, on CPU: times passes of 1..=k+1 rows as a lone sequence runs
+    /// them (its threads) and caps drafts where one more row stops paying
+    /// ([`super::pass_cost`]). A failed measurement, or another device, leaves k.
     fn measure_draft_cap(&mut self) {
         let k = self.config.speculative.k;
         self.draft_cap = k;
         if !self.config.speculative.enabled() {
             return;
         }
+        if self.model.llama.device != Device::Cpu {
+            self.load.draft_cap.store(k, Ordering::Relaxed);
+            return;
+        }
         tch::set_num_threads(self.config.single_sequence_threads as i32);
         let started = Instant::now();
-        match super::pass_cost::measure(&self.model.llama, k + 1) {
+        match super::pass_cost::measure(&self.model.llama, k + 1, true) {
             Ok(costs) => {
                 self.draft_cap = super::pass_cost::draft_cap(&costs, k);
                 let ms: Vec<String> = costs.iter().map(|c| format!("{c:.1}")).collect();

@@ -6,8 +6,14 @@
 //! 2 cores the fourth row, in int4 the fifth; `docs/benchmarks.md`, "Re-measured after the
 //! flash prefill"). Which row that is depends on the CPU, the format and the library, so
 //! the engine measures it when it starts with speculation on ([`measure`]), and drafts no
-//! more tokens than [`draft_cap`] allows. Only speed depends on it: a draft of any length
-//! gives the same tokens.
+//! more tokens than [`draft_cap`] allows. The drafted tokens are the sampler's own at any
+//! draft length; only near-ties between a one-row and a several-row pass can go either
+//! way, as between batch sizes.
+//!
+//! The timing runs on CPU only (a CUDA pass would need a synchronize per timing, and a GPU
+//! has no such cliff at a few rows), after a short context, and stops at the first row
+//! that costs too much: a few dozen passes, about a second for SmolLM2, a few tens of
+//! seconds for a 7B model on CPU.
 
 use super::error::Result;
 use super::kv_cache::KvCache;
@@ -21,23 +27,32 @@ pub const WORTH: f64 = 1.0 / 3.0;
 /// Timed passes per row count; the median counts.
 const REPETITIONS: usize = 5;
 
-/// Context the passes run after (as a sequence a few sentences into its answer).
-const CONTEXT: usize = 128;
+/// Context the passes run after (the kernels' cliff is in the weights' products, which
+/// do not depend on it; a longer one would only cost a longer prefill at start).
+const CONTEXT: usize = 32;
 
-/// Milliseconds of one pass of 1..=`rows` rows at position [`CONTEXT`], in the model's
-/// own format, with the threads libtorch has now: index `n - 1` holds n rows.
-pub fn measure(llama: &Llama, rows: usize) -> Result<Vec<f64>> {
-    let context: Vec<u32> = (0..CONTEXT as u32).map(|i| 100 + i % 50).collect();
-    let mut cache = KvCache::new(&llama.config, 1, CONTEXT + rows, llama.device, llama.kind)?;
+/// Milliseconds of one pass of 1..=`rows` rows after [`CONTEXT`] tokens, in the model's
+/// own format, with the threads libtorch has now: index `n - 1` holds n rows. With
+/// `stop_after_cliff`, the timing ends at the first row [`draft_cap`] would not take.
+pub fn measure(llama: &Llama, rows: usize, stop_after_cliff: bool) -> Result<Vec<f64>> {
+    // Inside a small model's context and vocabulary too.
+    let vocab = llama.config.vocab_size.max(1) as u32;
+    let context_len = CONTEXT.min(llama.config.max_position_embeddings.saturating_sub(rows + 1)).max(1);
+    let context: Vec<u32> = (0..context_len.max(rows) as u32).map(|i| (100 + i % 50) % vocab).collect();
+    let mut cache = KvCache::new(&llama.config, 1, context_len + rows, llama.device, llama.kind)?;
     let _guard = tch::no_grad_guard();
-    llama.prefill(&mut cache, 0, &context, 0, LogitsFor::Last)?;
-    let mut costs = Vec::with_capacity(rows);
+    llama.prefill(&mut cache, 0, &context[..context_len], 0, LogitsFor::Last)?;
+    let mut costs: Vec<f64> = Vec::with_capacity(rows);
     for n in 1..=rows {
+        let past_cliff = costs.len() >= 2 && costs[costs.len() - 1] - costs[costs.len() - 2] > WORTH * costs[0];
+        if stop_after_cliff && past_cliff {
+            break;
+        }
         let mut times = Vec::with_capacity(REPETITIONS);
         for _ in 0..REPETITIONS {
-            cache.set_len(0, CONTEXT);
+            cache.set_len(0, context_len);
             let started = std::time::Instant::now();
-            llama.prefill(&mut cache, 0, &context[..n], CONTEXT, LogitsFor::All)?;
+            llama.prefill(&mut cache, 0, &context[..n], context_len, LogitsFor::All)?;
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);
@@ -63,9 +78,13 @@ mod tests {
         // f32 and int4 as measured on an Intel Xeon, 2 cores (ms for 1..=5 rows).
         assert_eq!(draft_cap(&[39.6, 45.4, 50.8, 100.1, 103.9], 4), 2);
         assert_eq!(draft_cap(&[18.8, 22.3, 25.3, 28.1, 39.4], 4), 3);
-        // Every row cheap: the configured k; fewer rows measured than k: what was measured.
+        // Every row cheap: the configured k, even with more rows measured than k needs.
         assert_eq!(draft_cap(&[20.0, 21.0, 22.0, 23.0, 24.0], 4), 4);
         assert_eq!(draft_cap(&[20.0, 21.0, 22.0, 23.0, 24.0], 2), 2);
+        // The timing stopped one row past the cliff: the same cap as the whole range.
+        assert_eq!(draft_cap(&[39.6, 45.4, 50.8, 100.1], 4), 2);
+        // Fewer rows timed than k + 1, all cheap: only what was timed.
+        assert_eq!(draft_cap(&[20.0, 21.0, 22.0], 4), 2);
         // A later cheap row does not make up for an expensive one before it.
         assert_eq!(draft_cap(&[20.0, 40.0, 41.0, 42.0], 3), 1);
         // Never below one token (speculation is on), nothing measured: k.
