@@ -616,6 +616,70 @@ fn ludus_verify_checks_stored_proofs_offline() {
     assert!(!ok && err.contains("is not a stored proof"), "{err}");
 }
 
+/// `ludus generate --proof-out` proves an answer the way a node does, and `ludus verify`
+/// (the server's CPU reference) accepts it, for a chat in f32 with sampling and a raw
+/// prompt in int4 (the default); a proof whose committed values were scaled is refused.
+/// This is the check a GPU owner runs before joining (`scripts/device-check`).
+#[test]
+fn a_proof_written_by_ludus_generate_passes_ludus_verify() {
+    let Some(path) = smollm2() else { return };
+    let model = path.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str]); 2] = [
+        ("f32", &["--quantize", "none", "--chat", "Who guards the bridge?", "--temperature", "0.8", "--seed", "9"]),
+        ("int4", &["--quantize", "int4", "--prompt", "The blacksmith of the village", "--temperature", "0"]),
+    ];
+    for (format, flags) in cases {
+        let file = dir.path().join(format!("{format}.json"));
+        let out = crate::cluster::ludus()
+            .args(["generate", "--model", model, "--device", "cpu", "--max-tokens", "40", "--json", "--proof-out"])
+            .arg(&file)
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(stored["completion"], answer["completion_tokens"], "{format}: the proof covers the answer printed");
+        // An unquantized proof leaves the field out.
+        assert_eq!(stored["proof"]["quantization"].as_str().unwrap_or(""), if format == "int4" { "int4" } else { "" });
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "the proof holds the prompt: owner-only");
+        }
+        let verify = |file: &std::path::Path| {
+            let out =
+                crate::cluster::ludus().args(["verify", file.to_str().unwrap(), "--model", model]).output().unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let (accepted, verdict) = verify(&file);
+        assert!(accepted, "{format}: {verdict}");
+        // The same proof with every committed prompt value doubled: the verifier recomputes
+        // the hidden state and refuses it.
+        let mut forged = stored.clone();
+        let commitment = forged["proof"]["prompt"][0].as_str().unwrap().to_string();
+        forged["proof"]["prompt"][0] = serde_json::json!(scaled_commitment(&commitment, 2.0));
+        let forged_file = dir.path().join(format!("{format}-forged.json"));
+        std::fs::write(&forged_file, serde_json::to_vec(&forged).unwrap()).unwrap();
+        let (accepted, verdict) = verify(&forged_file);
+        assert!(!accepted, "{format}: a forged commitment passed: {verdict}");
+        // Refused for its numbers (the verifier recomputed them), not for another reason.
+        let verdict: serde_json::Value = serde_json::from_str(&verdict).unwrap();
+        assert_eq!(verdict["verdict"]["accepted"], false);
+        assert!(verdict["reasons"].as_str().unwrap().contains("value error"), "{format}: {verdict}");
+    }
+}
+
+/// A hex top-k commitment with its values multiplied by `factor` (indices kept).
+fn scaled_commitment(hex_commitment: &str, factor: f32) -> String {
+    let top = ludus::proof::commitment::TopK::decode(&hex::decode(hex_commitment).unwrap()).unwrap();
+    let scaled =
+        ludus::proof::commitment::TopK { entries: top.entries.iter().map(|&(i, v)| (i, v * factor)).collect() };
+    hex::encode(scaled.encode())
+}
+
 #[test]
 fn the_verifier_holds_the_reference_in_the_same_protected_form() {
     use ludus::actors::verifier::Verifier;
