@@ -41,5 +41,6 @@ fn compile_shim(libtorch: &std::path::Path) {
         .opt_level(3)
         .file("csrc/fbgemm_int8.cpp")
         .file("csrc/int4_dequant.cpp")
+        .file("csrc/attention_backend.cpp")
         .compile("ludus_shim");
 }

@@ -13,6 +13,9 @@ use std::sync::OnceLock;
 extern "C" {
     fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
     fn dlerror() -> *const c_char;
+    // csrc/attention_backend.cpp
+    fn ludus_disable_cudnn_attention();
+    fn ludus_cudnn_attention_enabled() -> c_int;
 }
 
 const RTLD_NOW: c_int = 2;
@@ -37,9 +40,24 @@ pub fn load_backend() -> Result<(), String> {
                 };
                 return Err(format!("cannot open libtorch's CUDA backend ({why}); is this a CUDA build of libtorch?"));
             }
+            disable_cudnn_attention();
             Ok(())
         })
         .clone()
+}
+
+/// Keeps libtorch from choosing cuDNN's fused attention: it plans its kernels for every new
+/// key length, and a decoding sequence's grows each step (on an H200, bf16 decode ran 7x
+/// slower with it). Memory-efficient attention is chosen instead (flash takes no mask).
+pub fn disable_cudnn_attention() {
+    // SAFETY: sets a flag in libtorch's global context; no arguments.
+    unsafe { ludus_disable_cudnn_attention() }
+}
+
+/// Whether libtorch may still choose cuDNN's fused attention.
+pub fn cudnn_attention_enabled() -> bool {
+    // SAFETY: reads a flag in libtorch's global context.
+    unsafe { ludus_cudnn_attention_enabled() != 0 }
 }
 
 /// Whether an NVIDIA driver is present (its device nodes or its /proc entry).

@@ -20,6 +20,8 @@ fn the_binary_runs_without_ld_library_path_and_opens_cuda_only_on_demand() {
     if std::path::Path::new(lib_dir).join("libtorch_cuda.so").exists() {
         // A CUDA build of libtorch: the backend opens on demand (no GPU needed to open it).
         ludus::inference::cuda::load_backend().expect("libtorch_cuda.so opens at run time");
+        // And once open, libtorch may not pick cuDNN's attention (a plan per key length).
+        assert!(!ludus::inference::cuda::cudnn_attention_enabled(), "cuDNN attention is still enabled");
     }
     // Without a driver, `--device cuda` says so instead of failing obscurely.
     if !ludus::inference::cuda::driver_present() {
