@@ -384,11 +384,33 @@ impl Completion {
             report.push(ctx.address().recipient());
         }
         let task = verify_task(done.address, &done.job, done.prefix_len, challenge, done.proof.clone(), report);
-        if v.pool.try_send(task).is_err() {
-            tracing::warn!(task = %done.job.id, "verifier pool saturated; task left unchecked");
-            return false;
+        match v.pool.try_send(task) {
+            Ok(()) => synchronous,
+            Err(SendError::Full(task)) if synchronous => {
+                // The game reads this answer only once it is checked: it waits for room in
+                // the pool rather than going out unchecked.
+                tracing::warn!(task = %done.job.id, "verifier pool saturated; the answer waits for its check");
+                let (pool, me, id, node) = (v.pool.clone(), ctx.address(), done.job.id, done.address);
+                actix::spawn(async move {
+                    if let Err(e) = pool.send(task).await {
+                        let detail = format!("the verifier is unavailable: {e}");
+                        me.do_send(VerificationDone {
+                            task: id,
+                            node,
+                            outcome: crate::ledger::Outcome::Unverifiable,
+                            detail,
+                            evidence: None,
+                        });
+                    }
+                });
+                true
+            }
+            Err(_) => {
+                v.policy.not_checked(&done.address);
+                tracing::warn!(task = %done.job.id, "verifier pool saturated; task left unchecked (not counted as checked)");
+                false
+            }
         }
-        synchronous
     }
 }
 
@@ -571,7 +593,8 @@ impl Handler<HangUpProved> for Completion {
         }
         let task = verify_task(address, &job, prefix_len, challenge, proof, v.report.clone());
         if v.pool.try_send(task).is_err() {
-            tracing::warn!(task = %job.id, "verifier pool saturated; task left unchecked");
+            v.policy.not_checked(&address);
+            tracing::warn!(task = %job.id, "verifier pool saturated; task left unchecked (not counted as checked)");
         }
     }
 }

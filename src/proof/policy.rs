@@ -34,6 +34,15 @@ impl Policy {
             || rand::random::<f64>() < self.sample_rate
     }
 
+    /// A task [`Self::should_verify`] picked could not be checked (the verifier pool was
+    /// full): it does not count towards the node's first tasks, so load that fills the pool
+    /// (a flood of requests, say) cannot walk a new node through them unchecked.
+    pub fn not_checked(&self, node: &Address) {
+        if let Some(n) = self.seen.lock().expect("policy lock").get_mut(node) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
     /// What the ledger knows of a node (after a restart, or from another server): tasks it
     /// already did count towards its first ones.
     pub fn restore(&self, node: &Address, tasks: u64) {
@@ -73,6 +82,15 @@ mod tests {
         assert!(policy.should_verify(&b), "counts are per node");
         let always = Policy::new(0, 1.0);
         assert!((0..10).all(|_| always.should_verify(&a)));
+        // A picked task that could not be checked leaves the node in its first tasks.
+        let busy = Policy::new(2, 0.0);
+        let c = Address([3; 20]);
+        assert!(busy.should_verify(&c) && busy.should_verify(&c));
+        busy.not_checked(&c);
+        assert!(busy.should_verify(&c), "the unchecked task is owed");
+        assert!(!busy.should_verify(&c));
+        busy.not_checked(&Address([4; 20])); // a node never seen: nothing to undo
+        assert!(busy.should_verify(&Address([4; 20])));
         // A node the ledger already knows is past its first tasks at once.
         let restored = Policy::new(3, 0.0);
         restored.restore(&b, 5);
