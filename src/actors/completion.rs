@@ -405,6 +405,17 @@ impl Completion {
                 });
                 true
             }
+            Err(SendError::Closed(_)) if synchronous => {
+                // No verifier to check it: the answer is produced again, never passed.
+                ctx.address().do_send(VerificationDone {
+                    task: done.job.id,
+                    node: done.address,
+                    outcome: crate::ledger::Outcome::Unverifiable,
+                    detail: "the verifier is unavailable".into(),
+                    evidence: None,
+                });
+                true
+            }
             Err(_) => {
                 v.policy.not_checked(&done.address);
                 tracing::warn!(task = %done.job.id, "verifier pool saturated; task left unchecked (not counted as checked)");

@@ -424,9 +424,9 @@ impl Llama {
                     // decode's, take libtorch's flash kernel (three take the unfused path).
                     let q = q.f_narrow(0, b, n)?.f_transpose(0, 1)?.f_contiguous()?.f_view([1, kv, groups * n, hd])?;
                     let (keys, values) = (keys.f_unsqueeze(0)?, values.f_unsqueeze(0)?);
-                    let out = self.attention(&q, &keys, &values, prefill_mask)?; // [1, kv, groups * n, hd]
-                                                                                 // CUDA's attention kernels return [1, groups * n, kv, hd] transposed (not
-                                                                                 // contiguous): reshape copies there and is free where it is contiguous.
+                    // [1, kv, groups * n, hd]; CUDA's kernels return it transposed (not
+                    // contiguous): reshape copies there and is free where it is contiguous.
+                    let out = self.attention(&q, &keys, &values, prefill_mask)?;
                     let out = out.f_reshape([kv * groups, n, hd])?.f_transpose(0, 1)?;
                     outputs.push(out.f_reshape([n, kv * groups * hd])?);
                 }
