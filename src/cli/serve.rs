@@ -17,8 +17,11 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
     actix_web::rt::System::new().block_on(async move {
         let (handle, server) = crate::serve::start(&settings).await?;
         tracing::info!(addr = %handle.addr, "serving");
-        eprintln!("ludus listening on http://{}", handle.addr);
-        eprintln!("distributor address {} (nodes may pin it with --distributor-address)", handle.distributor_address);
+        announce(&format!("ludus listening on http://{}\n", handle.addr));
+        announce(&format!(
+            "distributor address {} (nodes may pin it with --distributor-address)\n",
+            handle.distributor_address
+        ));
         let server = actix_web::rt::spawn(server);
         shutdown_signal().await;
         tracing::info!(grace_s = handle.grace.as_secs(), "shutting down: draining running jobs");
@@ -26,6 +29,14 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         server.await??;
         Ok(())
     })
+}
+
+/// Writes one whole line to stderr in a single write. `eprintln!` writes a formatted line
+/// piece by piece (stderr is unbuffered), so a supervisor or script tailing the log could
+/// read "ludus listening on http://127.0.0.1:" before the port arrives.
+fn announce(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 #[derive(Debug, Args)]

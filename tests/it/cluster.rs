@@ -76,7 +76,7 @@ fn listening_addr(server: &Proc) -> String {
     let mut addr = String::new();
     wait_for("the server to listen", Duration::from_secs(30), || {
         let log = server.log_text();
-        if let Some(line) = log.lines().find(|l| l.starts_with("ludus listening on http://")) {
+        if let Some(line) = complete_lines(&log).find(|l| l.starts_with("ludus listening on http://")) {
             addr = line.trim_start_matches("ludus listening on http://").trim().to_string();
             return true;
         }
@@ -84,6 +84,13 @@ fn listening_addr(server: &Proc) -> String {
         false
     });
     addr
+}
+
+/// The lines of a log that a process has finished writing: a last line without its
+/// newline may still be growing (read "127.0.0.1:" before the port), so it is left out.
+pub fn complete_lines(log: &str) -> impl Iterator<Item = &str> {
+    let done = log.rfind('\n').map_or("", |end| &log[..end]);
+    done.lines()
 }
 
 /// A number that differs between calls in one process.

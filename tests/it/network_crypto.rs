@@ -71,8 +71,7 @@ fn banned_and_mispinned_nodes_never_join() {
         c.add_node(&["--fake-engine", "4", "--distributor-address", "0x0000000000000000000000000000000000000001"]);
     // A node pinned to the right one joins.
     let server_log = c.server.log_text();
-    let address = server_log
-        .lines()
+    let address = crate::cluster::complete_lines(&server_log)
         .find_map(|l| l.strip_prefix("distributor address ").and_then(|r| r.split_whitespace().next()))
         .expect("the server prints its address")
         .to_string();
