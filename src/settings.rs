@@ -169,6 +169,13 @@ impl PriceSettings {
 pub struct VerifierSettings {
     pub models: std::collections::BTreeMap<String, std::path::PathBuf>,
     pub pool_size: usize,
+    /// Sampled tasks the pool may hold (queued or being checked) before the next ones
+    /// wait in the check backlog.
+    pub queue: usize,
+    /// Checks the backlog may hold; past it a sampled task is left unchecked and unpaid.
+    pub backlog_max: u64,
+    /// How often each server looks for deferred checks it can run.
+    pub backlog_poll_ms: u64,
     pub synchronous: bool,
     pub quality_check_rate: f64,
     pub first_tasks: u64,

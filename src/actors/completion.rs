@@ -38,6 +38,11 @@ pub struct Verification {
     pub vocab: Arc<HashMap<String, usize>>,
     pub policy: Arc<crate::proof::policy::Policy>,
     pub pool: Addr<super::verifier::Verifier>,
+    /// Tasks in the pool now; a sampled task finding `queue` of them is deferred.
+    pub load: super::verifier::PoolLoad,
+    pub queue: usize,
+    /// Where sampled tasks wait when the pool is full (unpaid until checked).
+    pub backlog: Addr<super::check_backlog::CheckBacklog>,
     /// Who hears each verdict (Registry, Distributor).
     pub report: Vec<Recipient<VerificationDone>>,
     /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
@@ -364,8 +369,9 @@ impl Completion {
             challenge,
             proof: shadow.proof.clone(),
             report: v.report.clone(),
+            slot: None,
         };
-        let _ = v.pool.try_send(task);
+        check_or_defer(v, task);
     }
 
     /// Sends a finished task to the verifier pool when the policy picks it (always, for a
@@ -384,9 +390,14 @@ impl Completion {
             report.push(ctx.address().recipient());
         }
         let task = verify_task(done.address, &done.job, done.prefix_len, challenge, done.proof.clone(), report);
+        if !synchronous {
+            check_or_defer(v, task);
+            return false;
+        }
+        let task = super::verifier::VerifyTask { slot: Some(v.load.enter()), ..task };
         match v.pool.try_send(task) {
             Ok(()) => synchronous,
-            Err(SendError::Full(task)) if synchronous => {
+            Err(SendError::Full(task)) => {
                 // The game reads this answer only once it is checked: it waits for room in
                 // the pool rather than going out unchecked.
                 tracing::warn!(task = %done.job.id, "verifier pool saturated; the answer waits for its check");
@@ -405,7 +416,7 @@ impl Completion {
                 });
                 true
             }
-            Err(SendError::Closed(_)) if synchronous => {
+            Err(SendError::Closed(_)) => {
                 // No verifier to check it: the answer is produced again, never passed.
                 ctx.address().do_send(VerificationDone {
                     task: done.job.id,
@@ -416,13 +427,23 @@ impl Completion {
                 });
                 true
             }
-            Err(_) => {
-                v.policy.not_checked(&done.address);
-                tracing::warn!(task = %done.job.id, "verifier pool saturated; task left unchecked (not counted as checked)");
-                false
-            }
         }
     }
+}
+
+/// Hands a picked task to the verifier pool when it holds fewer than `[verifier] queue`
+/// tasks and has room, else to the check backlog: a sampled task is never left unchecked
+/// and paid because the pool was busy.
+fn check_or_defer(v: &Verification, task: super::verifier::VerifyTask) {
+    let task = if v.load.get() < v.queue {
+        match v.pool.try_send(super::verifier::VerifyTask { slot: Some(v.load.enter()), ..task }) {
+            Ok(()) => return,
+            Err(SendError::Full(task) | SendError::Closed(task)) => super::verifier::VerifyTask { slot: None, ..task },
+        }
+    } else {
+        task
+    };
+    v.backlog.do_send(super::check_backlog::Defer(task));
 }
 
 /// What the verifier checks of `job`'s tokens on `node`: its own, after the first
@@ -447,6 +468,7 @@ fn verify_task(
         challenge,
         proof,
         report,
+        slot: None,
     }
 }
 
@@ -602,11 +624,7 @@ impl Handler<HangUpProved> for Completion {
         if !v.policy.should_verify(&address) {
             return;
         }
-        let task = verify_task(address, &job, prefix_len, challenge, proof, v.report.clone());
-        if v.pool.try_send(task).is_err() {
-            v.policy.not_checked(&address);
-            tracing::warn!(task = %job.id, "verifier pool saturated; task left unchecked (not counted as checked)");
-        }
+        check_or_defer(v, verify_task(address, &job, prefix_len, challenge, proof, v.report.clone()));
     }
 }
 

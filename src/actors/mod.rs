@@ -11,12 +11,15 @@
 //! Tokens flow from a `NodeProxy` straight into the job's channel, never through the
 //! Distributor's mailbox. When a node's part of a task is over, its proxy hands the job to
 //! [`completion::Completion`] (one actor, its own thread): receipt check and pricing, the
-//! game's usage, verification sampling, the synchronous hold, quality checks. The Clock fires block and epoch ticks; the Registry commits
-//! receipts per block and Settlement posts each epoch on chain ([`settler`] holds its
-//! state machine). They run under actix's `Supervisor`. With NATS configured, [`cluster`]
-//! joins several servers into one network (adverts, forwarded jobs, shared quarantines).
+//! game's usage, verification sampling (a task the busy verifier pool cannot take waits in
+//! the [`check_backlog`]), the synchronous hold, quality checks. The Clock fires block and
+//! epoch ticks; the Registry commits receipts per block and Settlement posts each epoch on
+//! chain ([`settler`] holds its state machine). They run under actix's `Supervisor`. With
+//! NATS configured, [`cluster`] joins several servers into one network (adverts, forwarded
+//! jobs, shared quarantines).
 
 pub mod catalog;
+pub mod check_backlog;
 pub mod clock;
 pub mod cluster;
 pub mod completion;

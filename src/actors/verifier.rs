@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use actix::prelude::*;
 
@@ -39,6 +41,35 @@ pub struct VerifyTask {
     pub challenge: [u8; 32],
     pub proof: Option<Box<Proof>>,
     pub report: Vec<Recipient<VerificationDone>>,
+    /// Held while the task is in the pool (queued or being checked), when counted.
+    pub slot: Option<PoolSlot>,
+}
+
+/// How many tasks the verifier pool holds, queued or being checked. Completion hands a
+/// sampled task to the pool only below `[verifier] queue` of them; past that, the task
+/// waits in the check backlog (`super::check_backlog`).
+#[derive(Clone, Default)]
+pub struct PoolLoad(Arc<AtomicUsize>);
+
+impl PoolLoad {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more task until the returned slot is dropped (with its task).
+    pub fn enter(&self) -> PoolSlot {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        PoolSlot(self.0.clone())
+    }
+}
+
+/// One task counted in a [`PoolLoad`]; dropped with the task once it is checked (or refused).
+pub struct PoolSlot(Arc<AtomicUsize>);
+
+impl Drop for PoolSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub struct Verifier {
@@ -228,7 +259,7 @@ impl Handler<VerifyTask> for Verifier {
                 .unwrap_or("a panic");
             (Outcome::Unverifiable, format!("the verifier failed on this task: {what}"), None)
         });
-        let evidence = evidence.map(std::sync::Arc::new);
+        let evidence = evidence.map(Arc::new);
         let ms = started.elapsed().as_millis() as u64;
         match outcome {
             Outcome::Verified => tracing::debug!(task = %t.task, node = %t.node, ms, %detail, "proof verified"),

@@ -1,8 +1,9 @@
 //! Prometheus metrics at `GET /metrics` (text exposition format 0.0.4): HTTP requests by
 //! route and status with a latency histogram (time to the response head — for streams,
 //! the first token), tokens served, live nodes per model, actor panics, and from the
-//! registry the verification outcomes, the last committed block and the last settled
-//! epoch; in a network of servers, the servers heard and the jobs that crossed. Counters live in this process; scrape every server.
+//! registry the verification outcomes, the checks waiting in the backlog, the last
+//! committed block and the last settled epoch; in a network of servers, the servers heard
+//! and the jobs that crossed. Counters live in this process; scrape every server.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -213,6 +214,16 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         let samples: Vec<(String, u64)> =
             counts.into_iter().map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), n as u64)).collect();
         gauge(&mut out, "ludus_receipts", "Recorded tasks by verification outcome.", "gauge", &samples);
+    }
+    if let Ok(waiting) = state.store.backlog_len().await {
+        let samples = [(String::new(), waiting)];
+        gauge(
+            &mut out,
+            "ludus_check_backlog",
+            "Sampled tasks waiting for a verifier (unpaid until checked).",
+            "gauge",
+            &samples,
+        );
     }
     if let Ok(block) = state.store.last_block().await {
         gauge(

@@ -14,6 +14,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "steering", include_str!("../../migrations/0005_steering.sql")),
     (6, "anchors", include_str!("../../migrations/0006_anchors.sql")),
     (7, "ingest", include_str!("../../migrations/0007_ingest.sql")),
+    (8, "check_backlog", include_str!("../../migrations/0008_check_backlog.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

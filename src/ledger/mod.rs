@@ -9,10 +9,12 @@
 //! - [`epochs`]: settlement's epochs (planning, posting state, payout proofs).
 //! - [`anchors`]: batches of block roots posted on chain between epochs, and the
 //!   proof that ties one receipt to the chain.
+//! - [`check_backlog`]: sampled tasks waiting for a verifier, unpaid until checked.
 //! - [`escrow`]: games' debts against their on-chain escrow; suspension.
 //! - [`cluster`]: a private Postgres cluster when no `database.url` is configured.
 
 pub mod anchors;
+pub mod check_backlog;
 pub mod cluster;
 pub mod copy_binary;
 pub mod epochs;

@@ -2,7 +2,8 @@
 //! and reflected in the node's reputation. A failure costs [`FAILURE_PENALTY_BPS`] and
 //! quarantines the node; each verified task earns back [`RECOVERY_BPS`], up to 10,000. A
 //! check that could not run is [`Outcome::Unverifiable`]: unpaid, no penalty, and replaced
-//! by the first real verdict. Otherwise the first verdict wins.
+//! by the first real verdict, which also takes a deferred check out of the
+//! [`super::check_backlog`]. Otherwise the first verdict wins.
 
 use super::error::LedgerError;
 use super::store::Store;
@@ -63,6 +64,10 @@ impl Store {
                 &[&task_i, &node, &outcome.as_str()],
             )
             .await?;
+        }
+        if new > 0 && outcome != Outcome::Unverifiable {
+            // A deferred check got its verdict: it leaves the backlog in the same commit.
+            tx.execute("DELETE FROM check_backlog WHERE task_id = $1 AND node_address = $2", &[&task_i, &node]).await?;
         }
         tx.execute("INSERT INTO nodes (address) VALUES ($1) ON CONFLICT (address) DO NOTHING", &[&node]).await?;
         let reputation: i32 = match (new > 0, outcome) {

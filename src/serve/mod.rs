@@ -53,7 +53,7 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
     let settlement = tree::start_settlement(&s, &store, &core.clock, &identity)?;
     let keys = inputs::ModelKeys::load(&s.server.data_dir.join("model-keys"))?;
     let quality_game = store.internal_game("ludus-quality-checks").await.map_err(std::io::Error::other)?;
-    let verification = tree::start_verifiers(&s, &core, &keys.keys, quality_game).await?;
+    let verification = tree::start_verifiers(&s, &core, &store, &keys.keys, quality_game).await?;
     let completion = tree::start_completion(&s, &core, ticket_secret.clone(), verification.clone());
     let proxy_config = NodeProxyConfig {
         heartbeat_interval: Duration::from_millis(s.distributor.heartbeat_interval_ms),

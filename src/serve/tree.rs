@@ -1,8 +1,9 @@
 //! The actor tree of `ludus serve`, and who feeds whom: the Clock ticks the Distributor,
 //! the Registry and Settlement; the Gateway admits into the Distributor; Completion (on
 //! its own thread) hands finished jobs to the Registry and, through the policy, to the
-//! verifier pool, whose verdicts reach the Registry and the Distributor. Every actor but
-//! the verifier pool and Completion runs under the supervisor, which restarts it.
+//! verifier pool (or, when it is full, to the check backlog, which feeds the pool later),
+//! whose verdicts reach the Registry and the Distributor. Every actor but the verifier
+//! pool and Completion runs under the supervisor, which restarts it.
 
 use std::io;
 use std::sync::Arc;
@@ -11,12 +12,13 @@ use std::time::Duration;
 use actix::{Addr, Recipient};
 
 use crate::actors::catalog::Catalog;
+use crate::actors::check_backlog::{BacklogConfig, CheckBacklog};
 use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
 use crate::actors::cluster::{wire, Cluster, ClusterConfig, Peers, ServerParts};
 use crate::actors::completion::{Completion, CompletionConfig, Verification};
 use crate::actors::completion_log::CompletionLog;
 use crate::actors::distributor::DistributorConfig;
-use crate::actors::messages::RecordUsage;
+use crate::actors::messages::{RecordUsage, VerificationDone};
 use crate::actors::sessions::Sessions;
 use crate::actors::settler::{Settler, SettlerConfig};
 use crate::actors::supervisor;
@@ -193,6 +195,7 @@ pub fn start_settlement(
 pub async fn start_verifiers(
     s: &Settings,
     core: &Core,
+    store: &Store,
     keys: &Arc<std::collections::BTreeMap<String, String>>,
     quality_game: i64,
 ) -> io::Result<Option<Verification>> {
@@ -218,12 +221,28 @@ pub async fn start_verifiers(
         })
     });
     tracing::info!(models = ?s.verifier.models.keys().collect::<Vec<_>>(), pool = s.verifier.pool_size, "verifier pool started");
+    let report: Vec<Recipient<VerificationDone>> =
+        vec![core.registry.clone().recipient(), core.distributor.clone().recipient()];
+    let backlog = CheckBacklog::new(BacklogConfig {
+        store: store.clone(),
+        pool: pool.clone(),
+        report: report.clone(),
+        policy: core.policy.clone(),
+        models: s.verifier.models.keys().cloned().collect(),
+        max: s.verifier.backlog_max,
+        poll: Duration::from_millis(s.verifier.backlog_poll_ms.max(10)),
+        loops: s.verifier.pool_size,
+    });
+    let backlog = supervisor::start("check-backlog", move |_| backlog);
     Ok(Some(Verification {
         models: Arc::new(s.verifier.models.keys().cloned().collect()),
         vocab,
         policy: core.policy.clone(),
         pool,
-        report: vec![core.registry.clone().recipient(), core.distributor.clone().recipient()],
+        load: Default::default(),
+        queue: s.verifier.queue,
+        backlog,
+        report,
         synchronous: s.verifier.synchronous,
         quality_check_rate: s.verifier.quality_check_rate,
         quality_game,

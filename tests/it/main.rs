@@ -2,6 +2,7 @@
 
 mod anchoring;
 mod build_linkage;
+mod check_backlog;
 mod cluster;
 mod configuration;
 mod dashboard;

@@ -858,6 +858,58 @@ fn the_verification_policy_remembers_a_node_across_a_server_restart() {
     assert_eq!(count("SELECT count(*) FROM verifications"), 2, "the restarted server treated the node as new");
 }
 
+/// A sampled task the verifier pool has no room for is not let through: it waits in the
+/// check backlog, unpaid, survives a server crash there, and is checked from it once the
+/// server can; one the full backlog cannot take stays unpaid.
+#[test]
+fn a_sampled_task_the_busy_verifier_cannot_take_waits_unpaid_in_the_backlog() {
+    let Some(path) = smollm2() else { return };
+    // `queue = 0`: every sampled task finds the pool busy. The backlog takes two, and is
+    // drained at start-up only (the next poll is an hour away).
+    let config = verifier_config(&path) + "queue = 0\nbacklog_max = 2\nbacklog_poll_ms = 3600000\n";
+    let mut cluster = Cluster::start(&config);
+    cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1", "--capacity", "1"]);
+    cluster.wait_nodes(MODEL, 1);
+    let store = cluster.store();
+    let count = |sql: &str| numbers(&store, sql)[0];
+    for i in 0..3 {
+        let body =
+            format!(r#"{{"model": "{MODEL}", "max_tokens": 6, "temperature": 0, "prompt": "Tavern tale {i}:"}}"#);
+        let r = cluster.post("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    wait_for("three receipts, none of them payable yet", Duration::from_secs(30), || {
+        count("SELECT count(*) FROM receipts WHERE verification = 'unverifiable'") == 3
+    });
+    assert_eq!(count("SELECT count(*) FROM check_backlog"), 2);
+    assert_eq!(count("SELECT count(*) FROM verifications WHERE detail LIKE 'deferred:%'"), 2);
+    assert_eq!(
+        count("SELECT count(*) FROM verifications WHERE detail LIKE 'not checked: the verifier pool and its backlog%'"),
+        1,
+        "{}",
+        cluster.server.log_text()
+    );
+    assert_eq!(count("SELECT count(*) FROM verifications WHERE outcome <> 'unverifiable'"), 0, "nothing was checked");
+    let (status, metrics) = cluster.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("\nludus_check_backlog 2\n"), "{metrics}");
+    // A crash keeps the waiting checks; the restarted server runs them.
+    cluster.kill_server();
+    cluster.restart_server();
+    wait_for("the deferred checks run after the restart", Duration::from_secs(120), || {
+        count("SELECT count(*) FROM receipts WHERE verification = 'verified'") == 2
+    });
+    wait_for("the backlog emptied", Duration::from_secs(10), || count("SELECT count(*) FROM check_backlog") == 0);
+    assert_eq!(count("SELECT count(*) FROM verifications WHERE outcome = 'failed'"), 0);
+    assert_eq!(
+        count("SELECT count(*) FROM receipts WHERE verification = 'unverifiable'"),
+        1,
+        "the task the full backlog could not take stays unpaid"
+    );
+    let log = cluster.server.log_text();
+    assert!(log.contains("deferred checks handed to the verifier"), "{log}");
+}
+
 /// A game's stream of a long story of at most `max_tokens`, sampled, with its first data
 /// event and `more` after it read: the stream and its task id.
 fn story_stream(cluster: &Cluster, max_tokens: u32, more: usize) -> (super::cluster::SseStream, u64) {

@@ -1,0 +1,273 @@
+//! `CheckBacklog`: proof checks that wait in Postgres for a verifier.
+//!
+//! When the verifier pool has no room for a sampled task, Completion hands it here instead
+//! of leaving it unchecked: load that fills the pool (a flood of requests, or plain peak
+//! traffic) must not let sampled tasks through unchecked and paid. The task is written to
+//! the ledger's backlog and recorded unpaid (`unverifiable`, "deferred") until its verdict.
+//! It still counts as checked for the policy, because it will be. This actor feeds waiting
+//! checks to the pool, one per verifier thread at a time, on every server that holds the
+//! model's reference; the verdict goes to the Registry as any other, which pays a verified
+//! task at the next settlement and quarantines a failed one. A check that cannot be queued
+//! (the backlog is full, the database is down) leaves the task unpaid and owed to the
+//! policy.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::messages::VerificationDone;
+use super::verifier::{Verifier, VerifyTask};
+use crate::crypto::identity::Address;
+use crate::inference::SamplingParams;
+use crate::ledger::check_backlog::Deferred;
+use crate::ledger::{Outcome, Store};
+use crate::proof::policy::Policy;
+use crate::proof::Proof;
+use crate::protocol::{TaskId, TaskInput};
+use crate::task::TokenLogprobs;
+
+/// How long a claimed check may take before another claim may take it again.
+const LEASE: Duration = Duration::from_secs(600);
+
+/// A sampled task for the backlog.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Defer(pub VerifyTask);
+
+/// A [`VerifyTask`] as the backlog stores it (everything but who hears the verdict, which
+/// is whoever drains it).
+#[derive(Serialize, Deserialize)]
+struct StoredCheck {
+    task: u64,
+    node: String,
+    model: String,
+    input: TaskInput,
+    params: SamplingParams,
+    prefix: Vec<u32>,
+    completion: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
+    challenge: String,
+    proof: Option<Box<Proof>>,
+}
+
+impl StoredCheck {
+    fn of(t: VerifyTask) -> Self {
+        Self {
+            task: t.task.0,
+            node: t.node.to_string(),
+            model: t.model,
+            input: t.input,
+            params: t.params,
+            prefix: t.prefix,
+            completion: t.completion,
+            logprobs: t.logprobs,
+            challenge: hex::encode(t.challenge),
+            proof: t.proof,
+        }
+    }
+
+    fn into_task(self, report: Vec<Recipient<VerificationDone>>) -> Option<VerifyTask> {
+        Some(VerifyTask {
+            task: TaskId(self.task),
+            node: self.node.parse().ok()?,
+            model: self.model,
+            input: self.input,
+            params: self.params,
+            prefix: self.prefix,
+            completion: self.completion,
+            logprobs: self.logprobs,
+            challenge: hex::decode(&self.challenge).ok()?.try_into().ok()?,
+            proof: self.proof,
+            report,
+            slot: None,
+        })
+    }
+}
+
+/// What the backlog needs: the ledger, the pool and who hears its verdicts.
+pub struct BacklogConfig {
+    pub store: Store,
+    pub pool: Addr<Verifier>,
+    /// Who hears each verdict (Registry, Distributor).
+    pub report: Vec<Recipient<VerificationDone>>,
+    pub policy: std::sync::Arc<Policy>,
+    /// The models this server holds a reference of: the only checks it claims.
+    pub models: Vec<String>,
+    /// Checks the backlog may hold.
+    pub max: u64,
+    /// How often to look for waiting checks.
+    pub poll: Duration,
+    /// Drain loops at most (one per verifier thread).
+    pub loops: usize,
+}
+
+pub struct CheckBacklog {
+    config: BacklogConfig,
+    /// Drain loops running.
+    running: usize,
+}
+
+impl CheckBacklog {
+    pub fn new(config: BacklogConfig) -> Self {
+        Self { config: BacklogConfig { loops: config.loops.max(1), ..config }, running: 0 }
+    }
+
+    /// Starts drain loops up to one per verifier thread; each claims and checks until
+    /// nothing is waiting. Also drops checks that ran out of attempts.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.running == 0 {
+            let store = self.config.store.clone();
+            actix::spawn(async move {
+                match store.drop_checks(None).await {
+                    Ok(dropped) => {
+                        for (task, node) in dropped {
+                            tracing::warn!(task = %TaskId(task), %node, "a deferred check never got its verdict; the task stays unpaid");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "check backlog: could not drop exhausted checks"),
+                }
+            });
+        }
+        while self.running < self.config.loops {
+            self.running += 1;
+            let drain = drain(
+                self.config.store.clone(),
+                self.config.pool.clone(),
+                self.config.report.clone(),
+                self.config.models.clone(),
+            );
+            ctx.spawn(drain.into_actor(self).map(|result, this, _| {
+                this.running -= 1;
+                match result {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(checked = n, "check backlog: deferred checks handed to the verifier"),
+                    Err(e) => tracing::warn!(error = %e, "check backlog: draining stopped; retrying"),
+                }
+            }));
+        }
+    }
+}
+
+/// Claims waiting checks one by one and has each checked (waiting for pool room and the
+/// check itself); returns how many went to the verifier.
+async fn drain(
+    store: Store,
+    pool: Addr<Verifier>,
+    report: Vec<Recipient<VerificationDone>>,
+    models: Vec<String>,
+) -> Result<usize, String> {
+    let mut checked = 0;
+    while let Some(claimed) = store.claim_check(&models, LEASE).await.map_err(|e| e.to_string())? {
+        let task = serde_json::from_slice::<StoredCheck>(&claimed.check).ok().and_then(|c| c.into_task(report.clone()));
+        let Some(task) = task else {
+            tracing::error!(task = %TaskId(claimed.task), node = %claimed.node, "an unreadable deferred check; the task stays unpaid");
+            store.drop_checks(Some(claimed.task)).await.map_err(|e| e.to_string())?;
+            continue;
+        };
+        tracing::debug!(task = %task.task, attempt = claimed.attempts, "checking a deferred task");
+        pool.send(task).await.map_err(|e| format!("the verifier pool: {e}"))?;
+        checked += 1;
+    }
+    Ok(checked)
+}
+
+impl Actor for CheckBacklog {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Checks deferred before a restart (or by another server) start at once.
+        self.tick(ctx);
+        ctx.run_interval(self.config.poll, |this, ctx| this.tick(ctx));
+    }
+}
+
+impl Supervised for CheckBacklog {
+    /// A restart drops the running drain loops with the old context; their claims come
+    /// back when their leases run out.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.running = 0;
+    }
+}
+
+impl Handler<Defer> for CheckBacklog {
+    type Result = ();
+
+    fn handle(&mut self, Defer(task): Defer, ctx: &mut Context<Self>) {
+        let (id, node, model) = (task.task, task.node, task.model.clone());
+        let stored = serde_json::to_vec(&StoredCheck::of(task));
+        let store = self.config.store.clone();
+        let max = self.config.max;
+        let detail = "deferred: the verifier pool was full; checked from the backlog, unpaid until then";
+        async move {
+            let stored = stored.map_err(|e| e.to_string())?;
+            store.defer_check(id.0, &node.to_string(), &model, &stored, max, detail).await.map_err(|e| e.to_string())
+        }
+        .into_actor(self)
+        .map(move |result, this, _| {
+            let reason = match result {
+                Ok(Deferred::Queued) => {
+                    tracing::info!(task = %id, %node, "verifier pool full: task deferred to the check backlog (unpaid until checked)");
+                    return;
+                }
+                Ok(Deferred::AlreadyChecked) => return,
+                Ok(Deferred::Full) => format!("not checked: the verifier pool and its backlog ({max} checks) are full"),
+                Err(e) => format!("not checked: the check backlog failed: {e}"),
+            };
+            tracing::warn!(task = %id, %node, %reason, "a sampled task left unpaid");
+            this.config.policy.not_checked(&node);
+            unpaid(&this.config.report, id, node, reason);
+        })
+        .wait(ctx);
+    }
+}
+
+/// Tells the Registry (and Distributor) that `task` could not be checked: never paid.
+fn unpaid(report: &[Recipient<VerificationDone>], task: TaskId, node: Address, detail: String) {
+    for r in report {
+        r.do_send(VerificationDone {
+            task,
+            node,
+            outcome: Outcome::Unverifiable,
+            detail: detail.clone(),
+            evidence: None,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(challenge: [u8; 32]) -> VerifyTask {
+        VerifyTask {
+            task: TaskId(7),
+            node: Address([9; 20]),
+            model: "m".into(),
+            input: TaskInput::Text("Once".into()),
+            params: SamplingParams { temperature: 0.5, seed: 3, ..Default::default() },
+            prefix: vec![4],
+            completion: vec![5, 6],
+            logprobs: Vec::new(),
+            challenge,
+            proof: None,
+            report: Vec::new(),
+            slot: None,
+        }
+    }
+
+    #[test]
+    fn a_stored_check_reads_back_as_the_same_task_and_a_damaged_one_not_at_all() {
+        let bytes = serde_json::to_vec(&StoredCheck::of(task([1; 32]))).unwrap();
+        let back = serde_json::from_slice::<StoredCheck>(&bytes).unwrap().into_task(Vec::new()).unwrap();
+        let want = task([1; 32]);
+        assert_eq!((back.task, back.node, back.model.as_str()), (want.task, want.node, "m"));
+        assert_eq!((back.prefix, back.completion, back.challenge), (want.prefix, want.completion, want.challenge));
+        assert_eq!(back.params, want.params);
+        assert!(matches!(back.input, TaskInput::Text(t) if t == "Once"));
+        let mut damaged: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        damaged["challenge"] = "abcd".into();
+        let damaged = serde_json::from_value::<StoredCheck>(damaged).unwrap();
+        assert!(damaged.into_task(Vec::new()).is_none(), "a short challenge");
+    }
+}

@@ -1,0 +1,143 @@
+//! The check backlog: sampled tasks whose proof check found the verifier pool full. A
+//! deferred task is recorded `unverifiable` (unpaid, no penalty) with a "deferred" detail
+//! and its check waits in `check_backlog`; a server holding the model's reference claims it
+//! for a lease, and the real verdict ([`Store::record_verification`]) replaces the unpaid
+//! mark and deletes the row in one transaction. A check whose verdict never lands (a crash
+//! mid-check) is claimed again once its lease runs out, up to [`MAX_ATTEMPTS`] times.
+
+use std::time::Duration;
+
+use super::error::LedgerError;
+use super::store::Store;
+
+/// Claims of one check before it is given up (the task then stays unpaid).
+pub const MAX_ATTEMPTS: i32 = 3;
+
+/// A claimed check: the task, its node, how many claims it has had (this one included)
+/// and the check itself (`actors::check_backlog`'s JSON).
+#[derive(Debug)]
+pub struct ClaimedCheck {
+    pub task: u64,
+    pub node: String,
+    pub attempts: i32,
+    pub check: Vec<u8>,
+}
+
+/// What deferring a check did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deferred {
+    /// Queued; the task is unpaid until its verdict.
+    Queued,
+    /// The task already has a real verdict: nothing to queue.
+    AlreadyChecked,
+    /// The backlog holds `max` checks already: nothing written.
+    Full,
+}
+
+impl Store {
+    /// Queues `check` for `task` of `node`, unless the backlog holds `max` checks already,
+    /// and marks the task unpaid (`unverifiable`, `detail`) until its verdict.
+    pub async fn defer_check(
+        &self,
+        task: u64,
+        node: &str,
+        model: &str,
+        check: &[u8],
+        max: u64,
+        detail: &str,
+    ) -> Result<Deferred, LedgerError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let queued: i64 = tx.query_one("SELECT count(*) FROM check_backlog", &[]).await?.get(0);
+        if queued as u64 >= max {
+            return Ok(Deferred::Full);
+        }
+        let task_i = task as i64;
+        // The first statement on a table a block commit locks (as in `record_verification`).
+        let new = tx
+            .execute(
+                "INSERT INTO verifications (task_id, node_address, outcome, detail)
+                 VALUES ($1, $2, 'unverifiable', $3) ON CONFLICT (task_id) DO NOTHING",
+                &[&task_i, &node, &detail],
+            )
+            .await?;
+        if new == 0 {
+            let outcome: Option<String> = tx
+                .query_opt("SELECT outcome FROM verifications WHERE task_id = $1", &[&task_i])
+                .await?
+                .map(|row| row.get(0));
+            if outcome.as_deref() != Some("unverifiable") {
+                return Ok(Deferred::AlreadyChecked);
+            }
+        }
+        tx.execute(
+            "INSERT INTO check_backlog (task_id, node_address, model, task) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (task_id) DO NOTHING",
+            &[&task_i, &node, &model, &check],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE receipts SET verification = 'unverifiable'
+             WHERE task_id = $1 AND node_address = $2 AND verification = 'unchecked'",
+            &[&task_i, &node],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Deferred::Queued)
+    }
+
+    /// Claims the oldest waiting check of one of `models` for `lease` (none waiting: `None`).
+    /// Servers claim concurrently without taking the same check twice.
+    pub async fn claim_check(&self, models: &[String], lease: Duration) -> Result<Option<ClaimedCheck>, LedgerError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "UPDATE check_backlog SET attempts = attempts + 1,
+                     claimed_until = now() + make_interval(secs => $2)
+                 WHERE task_id = (
+                     SELECT task_id FROM check_backlog
+                     WHERE model = ANY($1) AND attempts < $3 AND (claimed_until IS NULL OR claimed_until < now())
+                     ORDER BY queued_at, task_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING task_id, node_address, attempts, task",
+                &[&models, &lease.as_secs_f64(), &MAX_ATTEMPTS],
+            )
+            .await?;
+        Ok(row.map(|row| ClaimedCheck {
+            task: row.get::<_, i64>(0) as u64,
+            node: row.get(1),
+            attempts: row.get(2),
+            check: row.get(3),
+        }))
+    }
+
+    /// Deletes checks claimed [`MAX_ATTEMPTS`] times whose last lease ran out without a
+    /// verdict, and one that cannot be read (`only`); returns the (task, node) pairs
+    /// dropped. Their tasks stay unpaid.
+    pub async fn drop_checks(&self, only: Option<u64>) -> Result<Vec<(u64, String)>, LedgerError> {
+        let conn = self.conn().await?;
+        let rows = match only {
+            Some(task) => {
+                conn.query(
+                    "DELETE FROM check_backlog WHERE task_id = $1 RETURNING task_id, node_address",
+                    &[&(task as i64)],
+                )
+                .await?
+            }
+            None => {
+                conn.query(
+                    "DELETE FROM check_backlog WHERE attempts >= $1 AND claimed_until < now()
+                     RETURNING task_id, node_address",
+                    &[&MAX_ATTEMPTS],
+                )
+                .await?
+            }
+        };
+        Ok(rows.iter().map(|row| (row.get::<_, i64>(0) as u64, row.get(1))).collect())
+    }
+
+    /// Checks waiting in the backlog (claimed or not).
+    pub async fn backlog_len(&self) -> Result<u64, LedgerError> {
+        let conn = self.conn().await?;
+        Ok(conn.query_one("SELECT count(*) FROM check_backlog", &[]).await?.get::<_, i64>(0) as u64)
+    }
+}
