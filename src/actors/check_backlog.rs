@@ -4,12 +4,14 @@
 //! of leaving it unchecked: load that fills the pool (a flood of requests, or plain peak
 //! traffic) must not let sampled tasks through unchecked and paid. The task is written to
 //! the ledger's backlog and recorded unpaid (`unverifiable`, "deferred") until its verdict.
-//! It still counts as checked for the policy, because it will be. This actor feeds waiting
-//! checks to the pool, one per verifier thread at a time, on every server that holds the
-//! model's reference; the verdict goes to the Registry as any other, which pays a verified
-//! task at the next settlement and quarantines a failed one. A check that cannot be queued
-//! (the backlog is full, the database is down) leaves the task unpaid and owed to the
-//! policy.
+//! It counts as checked for the policy (a check dropped after its last claim stays counted,
+//! its task unpaid). This actor feeds waiting checks to the pool, one per verifier thread at
+//! a time, on every server that holds the model's reference; the verdict goes to the
+//! Registry as any other, which pays a verified task at the next settlement and
+//! quarantines a failed one. A database outage keeps checks here and writes them again on
+//! the next ticks; a full backlog leaves the task unpaid and owed to the policy. What is
+//! still lost: checks in this actor's mailbox or the pool's when the process dies (their
+//! tasks come back `unchecked`, as before the backlog).
 
 use std::time::Duration;
 
@@ -29,6 +31,9 @@ use crate::task::TokenLogprobs;
 
 /// How long a claimed check may take before another claim may take it again.
 const LEASE: Duration = Duration::from_secs(600);
+
+/// Checks kept in memory while the database refuses them; past this, left unpaid.
+const RETRY_MAX: usize = 10_000;
 
 /// A sampled task for the backlog.
 #[derive(Message)]
@@ -106,17 +111,23 @@ pub struct CheckBacklog {
     config: BacklogConfig,
     /// Drain loops running.
     running: usize,
+    /// Checks the database refused (an outage), written again on the next ticks.
+    retry: Vec<Waiting>,
 }
 
 impl CheckBacklog {
     pub fn new(config: BacklogConfig) -> Self {
-        Self { config: BacklogConfig { loops: config.loops.max(1), ..config }, running: 0 }
+        Self { config: BacklogConfig { loops: config.loops.max(1), ..config }, running: 0, retry: Vec::new() }
     }
 
-    /// Starts drain loops up to one per verifier thread; each claims and checks until
-    /// nothing is waiting. Also drops checks that ran out of attempts.
+    /// Writes again the checks the database refused, drops checks that ran out of
+    /// attempts, and starts drain loops up to one per verifier thread; each claims and
+    /// checks until nothing is waiting.
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if self.running == 0 {
+        for waiting in std::mem::take(&mut self.retry) {
+            self.write(waiting, ctx);
+        }
+        {
             let store = self.config.store.clone();
             actix::spawn(async move {
                 match store.drop_checks(None).await {
@@ -195,30 +206,62 @@ impl Handler<Defer> for CheckBacklog {
 
     fn handle(&mut self, Defer(task): Defer, ctx: &mut Context<Self>) {
         let (id, node, model) = (task.task, task.node, task.model.clone());
-        let stored = serde_json::to_vec(&StoredCheck::of(task));
+        match serde_json::to_vec(&StoredCheck::of(task)) {
+            Ok(check) => self.write(Waiting { id, node, model, check }, ctx),
+            Err(e) => self.leave_unpaid(id, node, format!("not checked: the check could not be stored: {e}")),
+        }
+    }
+}
+
+/// A check on its way into the backlog.
+struct Waiting {
+    id: TaskId,
+    node: Address,
+    model: String,
+    check: Vec<u8>,
+}
+
+impl CheckBacklog {
+    /// Writes a check to the backlog, one at a time (the bound is counted in order). A
+    /// database error keeps it here to retry on the next ticks.
+    fn write(&mut self, waiting: Waiting, ctx: &mut Context<Self>) {
         let store = self.config.store.clone();
         let max = self.config.max;
         let detail = "deferred: the verifier pool was full; checked from the backlog, unpaid until then";
+        let (id, node) = (waiting.id, waiting.node);
         async move {
-            let stored = stored.map_err(|e| e.to_string())?;
-            store.defer_check(id.0, &node.to_string(), &model, &stored, max, detail).await.map_err(|e| e.to_string())
+            let result = store.defer_check(id.0, &node.to_string(), &waiting.model, &waiting.check, max, detail).await;
+            (result, waiting)
         }
         .into_actor(self)
-        .map(move |result, this, _| {
-            let reason = match result {
-                Ok(Deferred::Queued) => {
-                    tracing::info!(task = %id, %node, "verifier pool full: task deferred to the check backlog (unpaid until checked)");
-                    return;
-                }
-                Ok(Deferred::AlreadyChecked) => return,
-                Ok(Deferred::Full) => format!("not checked: the verifier pool and its backlog ({max} checks) are full"),
-                Err(e) => format!("not checked: the check backlog failed: {e}"),
-            };
-            tracing::warn!(task = %id, %node, %reason, "a sampled task left unpaid");
-            this.config.policy.not_checked(&node);
-            unpaid(&this.config.report, id, node, reason);
+        .map(move |(result, waiting), this, _| match result {
+            Ok(Deferred::Queued) => {
+                tracing::info!(task = %id, %node, "verifier pool full: task deferred to the check backlog (unpaid until checked)");
+            }
+            Ok(Deferred::AlreadyChecked) => {}
+            Ok(Deferred::OtherNode) => {
+                // The verdict table holds one verdict per task; a failover's other node has it.
+                tracing::warn!(task = %id, %node, "a deferred check's task already has another node's verdict; not queued");
+                this.config.policy.not_checked(&node);
+            }
+            Ok(Deferred::Full) => {
+                let max = this.config.max;
+                this.leave_unpaid(id, node, format!("not checked: the verifier pool and its backlog ({max} checks) are full"));
+            }
+            Err(e) if this.retry.len() < RETRY_MAX => {
+                tracing::warn!(task = %id, %node, error = %e, "the check backlog could not take a check; retrying");
+                this.retry.push(waiting);
+            }
+            Err(e) => this.leave_unpaid(id, node, format!("not checked: the check backlog failed: {e}")),
         })
         .wait(ctx);
+    }
+
+    /// A sampled task that cannot be checked: unpaid, and owed to the policy.
+    fn leave_unpaid(&self, task: TaskId, node: Address, reason: String) {
+        tracing::warn!(%task, %node, %reason, "a sampled task left unpaid");
+        self.config.policy.not_checked(&node);
+        unpaid(&self.config.report, task, node, reason);
     }
 }
 

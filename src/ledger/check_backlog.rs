@@ -32,6 +32,8 @@ pub enum Deferred {
     AlreadyChecked,
     /// The backlog holds `max` checks already: nothing written.
     Full,
+    /// Another node's verdict holds the task's id (a failover): nothing written.
+    OtherNode,
 }
 
 impl Store {
@@ -48,7 +50,10 @@ impl Store {
     ) -> Result<Deferred, LedgerError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
-        let queued: i64 = tx.query_one("SELECT count(*) FROM check_backlog", &[]).await?.get(0);
+        let queued: i64 = tx
+            .query_one("SELECT count(*) FROM (SELECT 1 FROM check_backlog LIMIT $1) AS waiting", &[&(max as i64)])
+            .await?
+            .get(0);
         if queued as u64 >= max {
             return Ok(Deferred::Full);
         }
@@ -62,12 +67,14 @@ impl Store {
             )
             .await?;
         if new == 0 {
-            let outcome: Option<String> = tx
-                .query_opt("SELECT outcome FROM verifications WHERE task_id = $1", &[&task_i])
+            let held: Option<(String, String)> = tx
+                .query_opt("SELECT outcome, node_address FROM verifications WHERE task_id = $1", &[&task_i])
                 .await?
-                .map(|row| row.get(0));
-            if outcome.as_deref() != Some("unverifiable") {
-                return Ok(Deferred::AlreadyChecked);
+                .map(|row| (row.get(0), row.get(1)));
+            match held {
+                Some((_, holder)) if holder != node => return Ok(Deferred::OtherNode),
+                Some((outcome, _)) if outcome != "unverifiable" => return Ok(Deferred::AlreadyChecked),
+                _ => {}
             }
         }
         tx.execute(
@@ -78,7 +85,7 @@ impl Store {
         .await?;
         tx.execute(
             "UPDATE receipts SET verification = 'unverifiable'
-             WHERE task_id = $1 AND node_address = $2 AND verification = 'unchecked'",
+             WHERE task_id = $1 AND node_address = $2 AND verification = 'unchecked' AND epoch IS NULL",
             &[&task_i, &node],
         )
         .await?;

@@ -1,5 +1,5 @@
 //! The check backlog's ledger rules, on a real Postgres: deferring marks a task unpaid and
-//! stops at the backlog's bound, a claim is a lease, a real verdict takes the check out (an
+//! stops at the backlog's bound (and at another node's verdict), a claim is a lease, a real verdict takes the check out (an
 //! `unverifiable` one does not), and a check that never gets a verdict is dropped after
 //! its last claim, its task still unpaid.
 
@@ -45,6 +45,12 @@ fn a_deferred_check_is_leased_replaced_by_its_verdict_or_dropped_after_its_last_
     assert_eq!(count("SELECT count(*) FROM verifications WHERE task_id = 1 AND outcome = 'verified'"), 1);
     assert_eq!(defer(1), Deferred::AlreadyChecked, "a checked task is not queued again");
     assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 1"), 0);
+    // A failover's other node holds task 9's verdict: this node's check is not queued
+    // (and its receipt not marked) under a verdict it could never replace.
+    block_on(store.record_verification(9, "0x00000000000000000000000000000000000000bb", Outcome::Verified, "ok"))
+        .unwrap();
+    assert_eq!(block_on(store.defer_check(9, NODE, "m", b"{}", 5, "deferred: test")).unwrap(), Deferred::OtherNode);
+    assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 9"), 0);
 
     // Task 2's verdict never lands: it is claimed again after each lease, then dropped.
     for attempt in 2..=MAX_ATTEMPTS {

@@ -906,8 +906,9 @@ fn a_sampled_task_the_busy_verifier_cannot_take_waits_unpaid_in_the_backlog() {
         1,
         "the task the full backlog could not take stays unpaid"
     );
-    let log = cluster.server.log_text();
-    assert!(log.contains("deferred checks handed to the verifier"), "{log}");
+    wait_for("the drain's report", Duration::from_secs(10), || {
+        cluster.server.log_text().contains("deferred checks handed to the verifier")
+    });
 }
 
 /// A game's stream of a long story of at most `max_tokens`, sampled, with its first data
