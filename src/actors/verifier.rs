@@ -282,3 +282,22 @@ impl Handler<VerifyTask> for Verifier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The load counts exactly the slots alive: one per task in the pool, released when
+    /// the task is dropped (checked, or refused by a full pool).
+    #[test]
+    fn the_pool_load_counts_live_slots_and_returns_to_zero() {
+        let load = PoolLoad::default();
+        let (a, b) = (load.enter(), load.enter());
+        assert_eq!(load.get(), 2);
+        drop(a);
+        assert_eq!(load.get(), 1);
+        let shared = load.clone();
+        drop(b);
+        assert_eq!((load.get(), shared.get()), (0, 0));
+    }
+}
