@@ -432,8 +432,8 @@ impl Completion {
 }
 
 /// Hands a picked task to the verifier pool when it holds fewer than `[verifier] queue`
-/// tasks and has room, else to the check backlog: a sampled task is never left unchecked
-/// and paid because the pool was busy.
+/// tasks and has room, else to the check backlog, where it waits unpaid: a busy pool no
+/// longer lets sampled tasks through unchecked (see `check_backlog` for what a crash loses).
 fn check_or_defer(v: &Verification, task: super::verifier::VerifyTask) {
     let task = if v.load.get() < v.queue {
         match v.pool.try_send(super::verifier::VerifyTask { slot: Some(v.load.enter()), ..task }) {
