@@ -39,6 +39,7 @@ fn receipts(n: usize, next: &mut u64, game: i64) -> Vec<Receipt> {
                 // What a real receipt's signed bytes weigh (domain, ticket, MAC, counts, hash).
                 signed_bytes: vec![0x22; 274],
                 witnessed: true,
+                sampled: false,
             }
         })
         .collect()

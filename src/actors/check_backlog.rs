@@ -9,15 +9,17 @@
 //! a time, on every server that holds the model's reference; the verdict goes to the
 //! Registry as any other, which pays a verified task at the next settlement and
 //! quarantines a failed one. A database outage keeps checks here and writes them again on
-//! the next ticks; a full backlog leaves the task unpaid and owed to the policy. What is
-//! still lost: checks in this actor's mailbox or the pool's when the process dies (their
-//! tasks come back `unchecked`, as before the backlog).
+//! the next ticks; a full backlog leaves the task unpaid and owed to the policy. Checks in
+//! this actor's mailbox or the pool's when the process dies are not lost: the check log
+//! (`check_log`) keeps every sampled task's check until the ledger holds it, and the next
+//! start replays them here.
 
 use std::time::Duration;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::check_log::OwedCheck;
 use super::messages::VerificationDone;
 use super::verifier::{Verifier, VerifyTask};
 use crate::crypto::identity::Address;
@@ -35,14 +37,48 @@ const LEASE: Duration = Duration::from_secs(600);
 /// Checks kept in memory while the database refuses them; past this, left unpaid.
 const RETRY_MAX: usize = 10_000;
 
-/// A sampled task for the backlog.
+/// A sampled task for the backlog, and why it waits there (the unpaid mark's detail).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Defer(pub VerifyTask);
+pub struct Defer {
+    pub task: VerifyTask,
+    pub why: &'static str,
+}
 
-/// A [`VerifyTask`] as the backlog stores it (everything but who hears the verdict, which
-/// is whoever drains it).
-#[derive(Serialize, Deserialize)]
+/// Why a task the pool had no room for waits.
+pub const POOL_FULL: &str = "deferred: the verifier pool was full; checked from the backlog, unpaid until then";
+
+/// Why a check owed from before a restart waits (see `check_log`).
+pub const REPLAYED: &str =
+    "deferred: the server restarted before its check; checked from the backlog, unpaid until then";
+
+/// Why a check owed too long in a running server waits (its verdict could not be written,
+/// or it was dropped with a restarted actor).
+pub const OVERDUE: &str = "deferred: its check was lost in the server; checked from the backlog, unpaid until then";
+
+/// The checks the check log still owes from before this start: queued like deferred ones.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Replay(pub Vec<OwedCheck>);
+
+/// A [`VerifyTask`] as the backlog (and the check log) stores it: everything but who hears
+/// the verdict, which is whoever checks it.
+#[derive(Serialize)]
+struct StoredCheckRef<'a> {
+    task: u64,
+    node: String,
+    model: &'a str,
+    input: &'a TaskInput,
+    params: &'a SamplingParams,
+    prefix: &'a [u32],
+    completion: &'a [u32],
+    logprobs: &'a [TokenLogprobs],
+    challenge: String,
+    proof: Option<&'a Proof>,
+}
+
+/// What [`StoredCheckRef`] reads back as.
+#[derive(Deserialize)]
 struct StoredCheck {
     task: u64,
     node: String,
@@ -56,22 +92,28 @@ struct StoredCheck {
     proof: Option<Box<Proof>>,
 }
 
-impl StoredCheck {
-    fn of(t: VerifyTask) -> Self {
-        Self {
-            task: t.task.0,
-            node: t.node.to_string(),
-            model: t.model,
-            input: t.input,
-            params: t.params,
-            prefix: t.prefix,
-            completion: t.completion,
-            logprobs: t.logprobs,
-            challenge: hex::encode(t.challenge),
-            proof: t.proof,
-        }
-    }
+/// The stored form of a check: one line of JSON.
+pub fn encode(t: &VerifyTask) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&StoredCheckRef {
+        task: t.task.0,
+        node: t.node.to_string(),
+        model: &t.model,
+        input: &t.input,
+        params: &t.params,
+        prefix: &t.prefix,
+        completion: &t.completion,
+        logprobs: &t.logprobs,
+        challenge: hex::encode(t.challenge),
+        proof: t.proof.as_deref(),
+    })
+}
 
+/// A stored check read back, its verdict going to `report`; `None` when it is damaged.
+pub fn decode(bytes: &[u8], report: Vec<Recipient<VerificationDone>>) -> Option<VerifyTask> {
+    serde_json::from_slice::<StoredCheck>(bytes).ok()?.into_task(report)
+}
+
+impl StoredCheck {
     fn into_task(self, report: Vec<Recipient<VerificationDone>>) -> Option<VerifyTask> {
         Some(VerifyTask {
             task: TaskId(self.task),
@@ -105,6 +147,8 @@ pub struct BacklogConfig {
     pub poll: Duration,
     /// Drain loops at most (one per verifier thread).
     pub loops: usize,
+    /// The checks owed until the ledger holds them (settled once one waits in Postgres).
+    pub checks: std::sync::Arc<super::check_log::CheckLog>,
 }
 
 pub struct CheckBacklog {
@@ -126,6 +170,10 @@ impl CheckBacklog {
     fn tick(&mut self, ctx: &mut Context<Self>) {
         for waiting in std::mem::take(&mut self.retry) {
             self.write(waiting, ctx);
+        }
+        for owed in self.config.checks.overdue(super::check_log::OVERDUE) {
+            tracing::warn!(task = %TaskId(owed.task), "a check owed too long in the check log; handed to the backlog");
+            self.take_owed(owed, OVERDUE, ctx);
         }
         {
             let store = self.config.store.clone();
@@ -170,8 +218,7 @@ async fn drain(
 ) -> Result<usize, String> {
     let mut checked = 0;
     while let Some(claimed) = store.claim_check(&models, LEASE).await.map_err(|e| e.to_string())? {
-        let task = serde_json::from_slice::<StoredCheck>(&claimed.check).ok().and_then(|c| c.into_task(report.clone()));
-        let Some(task) = task else {
+        let Some(task) = decode(&claimed.check, report.clone()) else {
             tracing::error!(task = %TaskId(claimed.task), node = %claimed.node, "an unreadable deferred check; the task stays unpaid");
             store.drop_checks(Some(claimed.task)).await.map_err(|e| e.to_string())?;
             continue;
@@ -204,11 +251,21 @@ impl Supervised for CheckBacklog {
 impl Handler<Defer> for CheckBacklog {
     type Result = ();
 
-    fn handle(&mut self, Defer(task): Defer, ctx: &mut Context<Self>) {
+    fn handle(&mut self, Defer { task, why }: Defer, ctx: &mut Context<Self>) {
         let (id, node, model) = (task.task, task.node, task.model.clone());
-        match serde_json::to_vec(&StoredCheck::of(task)) {
-            Ok(check) => self.write(Waiting { id, node, model, check }, ctx),
+        match encode(&task) {
+            Ok(check) => self.write(Waiting { id, node, model, check, why }, ctx),
             Err(e) => self.leave_unpaid(id, node, format!("not checked: the check could not be stored: {e}")),
+        }
+    }
+}
+
+impl Handler<Replay> for CheckBacklog {
+    type Result = ();
+
+    fn handle(&mut self, Replay(owed): Replay, ctx: &mut Context<Self>) {
+        for check in owed {
+            self.take_owed(check, REPLAYED, ctx);
         }
     }
 }
@@ -219,6 +276,7 @@ struct Waiting {
     node: Address,
     model: String,
     check: Vec<u8>,
+    why: &'static str,
 }
 
 impl CheckBacklog {
@@ -227,8 +285,7 @@ impl CheckBacklog {
     fn write(&mut self, waiting: Waiting, ctx: &mut Context<Self>) {
         let store = self.config.store.clone();
         let max = self.config.max;
-        let detail = "deferred: the verifier pool was full; checked from the backlog, unpaid until then";
-        let (id, node) = (waiting.id, waiting.node);
+        let (id, node, detail) = (waiting.id, waiting.node, waiting.why);
         async move {
             let result = store.defer_check(id.0, &node.to_string(), &waiting.model, &waiting.check, max, detail).await;
             (result, waiting)
@@ -236,12 +293,15 @@ impl CheckBacklog {
         .into_actor(self)
         .map(move |(result, waiting), this, _| match result {
             Ok(Deferred::Queued) => {
-                tracing::info!(task = %id, %node, "verifier pool full: task deferred to the check backlog (unpaid until checked)");
+                // In Postgres now: a crash no longer loses it.
+                this.config.checks.settle(id.0, node.0);
+                tracing::info!(task = %id, %node, why = detail, "task deferred to the check backlog (unpaid until checked)");
             }
-            Ok(Deferred::AlreadyChecked) => {}
+            Ok(Deferred::AlreadyChecked) => this.config.checks.settle(id.0, node.0),
             Ok(Deferred::OtherNode) => {
                 // The verdict table holds one verdict per task; a failover's other node has it.
                 tracing::warn!(task = %id, %node, "a deferred check's task already has another node's verdict; not queued");
+                this.config.checks.settle(id.0, node.0);
                 this.config.policy.not_checked(&node);
             }
             Ok(Deferred::Full) => {
@@ -255,6 +315,16 @@ impl CheckBacklog {
             Err(e) => this.leave_unpaid(id, node, format!("not checked: the check backlog failed: {e}")),
         })
         .wait(ctx);
+    }
+
+    /// Queues a check the check log owes. One that cannot be read back (not expected: the
+    /// log keeps whole lines only) is left unpaid, which settles it.
+    fn take_owed(&mut self, owed: OwedCheck, why: &'static str, ctx: &mut Context<Self>) {
+        let (id, node) = (TaskId(owed.task), Address(owed.node));
+        match decode(&owed.check, Vec::new()) {
+            Some(task) => self.write(Waiting { id, node, model: task.model, check: owed.check, why }, ctx),
+            None => self.leave_unpaid(id, node, "not checked: its written-ahead check could not be read back".into()),
+        }
     }
 
     /// A sampled task that cannot be checked: unpaid, and owed to the policy.
@@ -287,7 +357,7 @@ mod tests {
             task: TaskId(7),
             node: Address([9; 20]),
             model: "m".into(),
-            input: TaskInput::Text("Once".into()),
+            input: TaskInput::Text("Once\nupon".into()),
             params: SamplingParams { temperature: 0.5, seed: 3, ..Default::default() },
             prefix: vec![4],
             completion: vec![5, 6],
@@ -301,13 +371,14 @@ mod tests {
 
     #[test]
     fn a_stored_check_reads_back_as_the_same_task_and_a_damaged_one_not_at_all() {
-        let bytes = serde_json::to_vec(&StoredCheck::of(task([1; 32]))).unwrap();
-        let back = serde_json::from_slice::<StoredCheck>(&bytes).unwrap().into_task(Vec::new()).unwrap();
+        let bytes = encode(&task([1; 32])).unwrap();
+        assert!(!bytes.contains(&b'\n'), "one line of the check log");
+        let back = decode(&bytes, Vec::new()).unwrap();
         let want = task([1; 32]);
         assert_eq!((back.task, back.node, back.model.as_str()), (want.task, want.node, "m"));
         assert_eq!((back.prefix, back.completion, back.challenge), (want.prefix, want.completion, want.challenge));
         assert_eq!(back.params, want.params);
-        assert!(matches!(back.input, TaskInput::Text(t) if t == "Once"));
+        assert!(matches!(back.input, TaskInput::Text(t) if t == "Once\nupon"));
         let mut damaged: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         damaged["challenge"] = "abcd".into();
         let damaged = serde_json::from_value::<StoredCheck>(damaged).unwrap();

@@ -43,6 +43,8 @@ pub struct Verification {
     pub queue: usize,
     /// Where sampled tasks wait when the pool is full (unpaid until checked).
     pub backlog: Addr<super::check_backlog::CheckBacklog>,
+    /// Every sampled task's check, written ahead until the ledger holds its verdict.
+    pub checks: Arc<super::check_log::CheckLog>,
     /// Who hears each verdict (Registry, Distributor).
     pub report: Vec<Recipient<VerificationDone>>,
     /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
@@ -189,13 +191,16 @@ impl Completion {
     }
 
     /// Checks a node's receipt and hands it to the Registry. `live` is the job it closes
-    /// (absent for receipts re-sent after a reconnect) and the latency observed at the proxy.
+    /// (absent for receipts re-sent after a reconnect) and the latency observed at the proxy;
+    /// `picked`, whether the policy picked it for a check (a re-sent receipt is, when its
+    /// check is still owed in the check log): it is then paid only with its verdict.
     fn record(
         &self,
         address: Address,
         receipt: SignedReceipt,
         live: Option<(&Job, i32)>,
         reply_to: Recipient<ReceiptsRecorded>,
+        picked: bool,
     ) -> bool {
         let task = receipt.ticket.task;
         let checked =
@@ -239,6 +244,9 @@ impl Completion {
         } else {
             log.witnessed(task.0, address.0, receipt.completion_tokens, output_hash)
         };
+        let sampled = picked
+            || (live.is_none()
+                && self.config.verification.as_ref().is_some_and(|v| v.checks.is_owed(task.0, address.0)));
         let ledger_receipt = crate::ledger::Receipt {
             task: task.0,
             game_id: receipt.ticket.game,
@@ -253,6 +261,7 @@ impl Completion {
             signature: hex::decode(&receipt.signature).unwrap_or_default(),
             signed_bytes: receipt.signed_bytes(),
             witnessed,
+            sampled,
         };
         self.config.registry.do_send(RecordReceipt { receipt: ledger_receipt, reply_to });
         true
@@ -371,25 +380,41 @@ impl Completion {
             report: v.report.clone(),
             slot: None,
         };
+        owe(v, &task);
         check_or_defer(v, task);
     }
 
-    /// Sends a finished task to the verifier pool when the policy picks it (always, for a
-    /// non-streamed job in synchronous mode). Returns whether the job must wait for the
-    /// verdict before the game hears Done.
-    fn maybe_verify(&self, ctx: &mut Context<Self>, done: &TaskFinished) -> bool {
+    /// The check of a finished task when the policy picks it (always, for a non-streamed
+    /// job in synchronous mode), written ahead in the check log; and whether the job must
+    /// wait for the verdict before the game hears Done. Called before the completion is
+    /// written ahead, so that a completion on disk has its check there too.
+    fn pick(&self, ctx: &mut Context<Self>, done: &TaskFinished) -> Option<(super::verifier::VerifyTask, bool)> {
         let (Some(v), Some(challenge)) = (&self.config.verification, done.challenge) else {
-            return false;
+            return None;
         };
         let synchronous = v.synchronous && !done.job.stream;
         if !v.policy.should_verify(&done.address) && !synchronous {
-            return false;
+            return None;
         }
         let mut report = v.report.clone();
         if synchronous {
             report.push(ctx.address().recipient());
         }
         let task = verify_task(done.address, &done.job, done.prefix_len, challenge, done.proof.clone(), report);
+        owe(v, &task);
+        Some((task, synchronous))
+    }
+
+    /// Sends a picked task to the verifier pool (or the backlog). Returns whether the job
+    /// must wait for the verdict before the game hears Done.
+    fn dispatch(
+        &self,
+        ctx: &mut Context<Self>,
+        done: &TaskFinished,
+        task: super::verifier::VerifyTask,
+        synchronous: bool,
+    ) -> bool {
+        let Some(v) = &self.config.verification else { return false };
         if !synchronous {
             check_or_defer(v, task);
             return false;
@@ -433,7 +458,7 @@ impl Completion {
 
 /// Hands a picked task to the verifier pool when it holds fewer than `[verifier] queue`
 /// tasks and has room, else to the check backlog, where it waits unpaid: a busy pool no
-/// longer lets sampled tasks through unchecked (see `check_backlog` for what a crash loses).
+/// longer lets sampled tasks through unchecked (and the check log keeps it across a crash).
 fn check_or_defer(v: &Verification, task: super::verifier::VerifyTask) {
     let task = if v.load.get() < v.queue {
         match v.pool.try_send(super::verifier::VerifyTask { slot: Some(v.load.enter()), ..task }) {
@@ -443,7 +468,17 @@ fn check_or_defer(v: &Verification, task: super::verifier::VerifyTask) {
     } else {
         task
     };
-    v.backlog.do_send(super::check_backlog::Defer(task));
+    v.backlog.do_send(super::check_backlog::Defer { task, why: super::check_backlog::POOL_FULL });
+}
+
+/// Writes a picked task's check ahead (see [`super::check_log`]): a crash before its
+/// verdict is in the ledger replays it instead of leaving the task payable unchecked.
+fn owe(v: &Verification, task: &super::verifier::VerifyTask) {
+    match super::check_backlog::encode(task) {
+        Ok(check) => v.checks.owe(task.task.0, task.node.0, &check),
+        // Not expected (plain data); the check still runs, only a crash would lose it.
+        Err(e) => tracing::error!(task = %task.task, error = %e, "a check could not be written ahead"),
+    }
 }
 
 /// What the verifier checks of `job`'s tokens on `node`: its own, after the first
@@ -533,8 +568,10 @@ impl Handler<TaskFinished> for Completion {
             }
             return;
         }
-        // Written ahead before the game hears Done.
-        self.record(done.address, done.receipt.clone(), Some((&done.job, done.latency_ms)), done.reply_to.clone());
+        // The check first, then the completion, both written ahead before the game hears Done.
+        let picked = self.pick(ctx, &done);
+        let live = Some((&done.job, done.latency_ms));
+        self.record(done.address, done.receipt.clone(), live, done.reply_to.clone(), picked.is_some());
         if let Some(shadow) = done.job.shadow_of.as_deref() {
             self.compare_quality(shadow, &done.job);
         } else {
@@ -542,7 +579,7 @@ impl Handler<TaskFinished> for Completion {
         }
         let told =
             self.tell_peers(done.job.id, done.address, done.receipt.completion_tokens, output_hash(&done.job.emitted));
-        if self.maybe_verify(ctx, &done) {
+        if picked.is_some_and(|(task, synchronous)| self.dispatch(ctx, &done, task, synchronous)) {
             // Synchronous: the game hears Done only with an accepted proof, and once the
             // other servers have been told.
             let told = told.map(|told| {
@@ -614,17 +651,26 @@ impl Handler<HangUpProved> for Completion {
             return;
         }
         let completion_tokens = receipt.completion_tokens;
-        if !self.record(address, receipt, Some((&job, latency_ms)), reply_to) {
+        // The check is written ahead before the completion, as for a finished task.
+        let picked = self.config.verification.as_ref().filter(|v| v.policy.should_verify(&address)).map(|v| {
+            let task = verify_task(address, &job, prefix_len, challenge, proof, v.report.clone());
+            owe(v, &task);
+            (v, task)
+        });
+        if !self.record(address, receipt, Some((&job, latency_ms)), reply_to, picked.is_some()) {
+            // Nothing recorded, nothing to pay: nothing to check either.
+            if let Some((v, task)) = picked {
+                v.checks.settle(task.task.0, task.node.0);
+                v.policy.not_checked(&address);
+            }
             return;
         }
         if let Some(told) = self.tell_peers(job.id, address, completion_tokens, output_hash(&job.emitted)) {
             actix::spawn(told);
         }
-        let Some(v) = &self.config.verification else { return };
-        if !v.policy.should_verify(&address) {
-            return;
+        if let Some((v, task)) = picked {
+            check_or_defer(v, task);
         }
-        check_or_defer(v, verify_task(address, &job, prefix_len, challenge, proof, v.report.clone()));
     }
 }
 
@@ -633,7 +679,7 @@ impl Handler<ReceiptsResent> for Completion {
 
     fn handle(&mut self, msg: ReceiptsResent, _: &mut Self::Context) {
         for receipt in msg.receipts {
-            self.record(msg.address, receipt, None, msg.reply_to.clone());
+            self.record(msg.address, receipt, None, msg.reply_to.clone(), false);
         }
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod catalog;
 pub mod check_backlog;
+pub mod check_log;
 pub mod clock;
 pub mod cluster;
 pub mod completion;

@@ -3,12 +3,19 @@
 //! tells each node's proxy which of its tasks the block holds; the node answers with a
 //! signed confirmation, which the Registry records. A failed commit (database down) keeps
 //! the receipts and retries on the next tick; nodes keep their receipts until confirmed,
-//! so even a crash of this process loses nothing.
+//! so even a crash of this process loses nothing. Proof verdicts are written here too; a
+//! verdict the database refuses is written again (backing off, a few minutes at most), and
+//! the [`CheckLog`] keeps its check owed until it lands: a restart replays it, and one owed
+//! too long is handed to the check backlog. Its task is unpaid meanwhile (a picked task's
+//! receipt is recorded `sampled`, paid only once verified).
+
+use std::time::Duration;
 
 use std::collections::HashMap;
 
 use actix::prelude::*;
 
+use super::check_log::CheckLog;
 use super::clock::BlockTick;
 use super::messages::*;
 use crate::ledger::{CommitOutcome, Receipt, Store};
@@ -16,6 +23,19 @@ use crate::protocol::TaskId;
 
 /// Messages that may wait in the mailbox before `send` callers wait.
 const MAILBOX_CAPACITY: usize = 65_536;
+
+/// Verdicts waiting to be written again at most; past it one is left to the check log
+/// (its check goes to the backlog once overdue, or at the next start).
+const MAX_VERDICT_RETRIES: usize = 10_000;
+
+/// Tries of one verdict (about three minutes of backing off) before it is left to the
+/// check log the same way.
+const MAX_VERDICT_ATTEMPTS: u32 = 8;
+
+/// How long a refused verdict waits before its `attempt`-th try: doubling from 1 s to 60 s.
+fn verdict_backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60))
+}
 
 pub struct Registry {
     store: Store,
@@ -33,6 +53,10 @@ pub struct Registry {
     completions: Option<std::sync::Arc<super::completion_log::CompletionLog>>,
     /// Told when a node is flagged for steering (the Distributor quarantines it).
     quarantine: Option<Recipient<VerificationDone>>,
+    /// The checks owed: settled once their verdict is written, synced before each block.
+    checks: Option<std::sync::Arc<CheckLog>>,
+    /// Verdicts the database refused, waiting to be written again.
+    retrying: usize,
 }
 
 impl Registry {
@@ -48,7 +72,15 @@ impl Registry {
             dropped: 0,
             completions: None,
             quarantine: None,
+            checks: None,
+            retrying: 0,
         }
+    }
+
+    /// With the server's check log (checks leave it once their verdict is written).
+    pub fn with_check_log(mut self, checks: std::sync::Arc<CheckLog>) -> Self {
+        self.checks = Some(checks);
+        self
     }
 
     /// With a recipient that quarantines nodes flagged for steering.
@@ -75,6 +107,10 @@ impl Registry {
             return;
         }
         self.committing = true;
+        // A sampled task's check is on disk before its receipt can be paid.
+        if let Some(checks) = &self.checks {
+            checks.sync();
+        }
         let batch = std::mem::take(&mut self.buffer);
         let receipts: Vec<Receipt> = batch.iter().map(|r| r.receipt.clone()).collect();
         let (store, server) = (self.store.clone(), self.server.clone());
@@ -85,6 +121,11 @@ impl Registry {
                 this.committing = false;
                 match result {
                     Ok(outcome) => {
+                        // Before the completions are forced to disk: a completion on disk
+                        // whose check is not would be paid unchecked after a power loss.
+                        if let Some(checks) = &this.checks {
+                            checks.sync();
+                        }
                         if let Some(log) = &this.completions {
                             log.committed(batch.iter().filter(|r| r.receipt.witnessed).map(|r| r.receipt.task));
                         }
@@ -140,7 +181,10 @@ impl Supervised for Registry {
     fn restarting(&mut self, _: &mut Self::Context) {
         // The buffer survives a restart (the struct is kept); a commit in flight is lost
         // with the old context, and its receipts come back when the nodes re-send them.
+        // Verdicts waiting to be written again are lost with it: their checks stay owed in
+        // the check log, and the next start replays them.
         self.committing = false;
+        self.retrying = 0;
         tracing::warn!(buffered = self.buffer.len(), "registry restarting");
     }
 }
@@ -211,6 +255,13 @@ impl Handler<VerificationDone> for Registry {
     /// a verified task, its forgiven near-ties, and the steering judgement over the node's
     /// record (a flagged node is quarantined like one that failed a proof).
     fn handle(&mut self, msg: VerificationDone, ctx: &mut Self::Context) {
+        self.record_verdict(msg, 0, ctx);
+    }
+}
+
+impl Registry {
+    /// Writes a verdict (its `attempt`-th try); a refused one is tried again later.
+    fn record_verdict(&mut self, msg: VerificationDone, attempt: u32, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let node = msg.node.to_string();
         let detail = msg.detail.clone();
@@ -240,8 +291,11 @@ impl Handler<VerificationDone> for Registry {
             Ok::<_, crate::ledger::LedgerError>((reputation, flagged))
         }
         .into_actor(self)
-        .map(move |result, this, _| match result {
+        .map(move |result, this, ctx| match result {
             Ok((reputation, flagged)) => {
+                if let Some(checks) = &this.checks {
+                    checks.settle(msg.task.0, msg.node.0);
+                }
                 if let Some((policy, floor)) = &this.policy {
                     policy.set_suspect(&msg.node, reputation < *floor || flagged.is_some());
                 }
@@ -258,7 +312,18 @@ impl Handler<VerificationDone> for Registry {
                     }
                 }
             }
-            Err(e) => tracing::warn!(task = %msg.task, error = %e, "could not record a verification"),
+            Err(e) if this.retrying < MAX_VERDICT_RETRIES && attempt + 1 < MAX_VERDICT_ATTEMPTS => {
+                let wait = verdict_backoff(attempt);
+                tracing::warn!(task = %msg.task, node = %msg.node, error = %e, retry_in_s = wait.as_secs(),
+                    "could not record a verification; retrying");
+                this.retrying += 1;
+                ctx.run_later(wait, move |this, ctx| {
+                    this.retrying = this.retrying.saturating_sub(1);
+                    this.record_verdict(msg, attempt + 1, ctx);
+                });
+            }
+            Err(e) => tracing::error!(task = %msg.task, node = %msg.node, error = %e, attempt,
+                "could not record a verification; given up: the task stays unpaid and its check owed in the check log"),
         })
         .spawn(ctx);
     }

@@ -1,6 +1,7 @@
 //! Prometheus metrics at `GET /metrics` (text exposition format 0.0.4): HTTP requests by
 //! route and status with a latency histogram (time to the response head — for streams,
-//! the first token), tokens served, live nodes per model, actor panics, and from the
+//! the first token), tokens served, live nodes per model, actor panics, the proof checks
+//! owed in the check log, and from the
 //! registry the verification outcomes, the checks waiting in the backlog, the last
 //! committed block and the last settled epoch; in a network of servers, the servers heard
 //! and the jobs that crossed. Counters live in this process; scrape every server.
@@ -215,6 +216,14 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
             counts.into_iter().map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), n as u64)).collect();
         gauge(&mut out, "ludus_receipts", "Recorded tasks by verification outcome.", "gauge", &samples);
     }
+    let owed = [(String::new(), state.checks.owed() as u64)];
+    gauge(
+        &mut out,
+        "ludus_checks_owed",
+        "Sampled tasks whose verdict this server has not yet written (their tasks are unpaid until then).",
+        "gauge",
+        &owed,
+    );
     if let Ok(waiting) = state.store.backlog_len().await {
         let samples = [(String::new(), waiting)];
         gauge(

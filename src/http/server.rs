@@ -46,6 +46,8 @@ pub struct AppState {
     pub catalog: Arc<crate::actors::catalog::Catalog>,
     /// The other servers of the network (empty when this one works alone).
     pub peers: Arc<crate::actors::cluster::Peers>,
+    /// The proof checks this server owes (written ahead until their verdict lands).
+    pub checks: Arc<crate::actors::check_log::CheckLog>,
 }
 
 /// What the HTTP layer knows of settlement.

@@ -85,7 +85,7 @@ impl Store {
         .await?;
         tx.execute(
             "UPDATE receipts SET verification = 'unverifiable'
-             WHERE task_id = $1 AND node_address = $2 AND verification = 'unchecked' AND epoch IS NULL",
+             WHERE task_id = $1 AND node_address = $2 AND verification IN ('unchecked', 'sampled') AND epoch IS NULL",
             &[&task_i, &node],
         )
         .await?;

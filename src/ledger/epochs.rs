@@ -202,7 +202,7 @@ impl Store {
                             sum(r.price_units) OVER (PARTITION BY r.game_id ORDER BY r.block, r.task_id) AS running
                      FROM receipts r
                      WHERE r.epoch IS NULL AND r.block <= $4 AND r.confirmation = 'confirmed'
-                       AND r.verification NOT IN ('failed', 'unverifiable') AND r.game_id = ANY($2)
+                       AND r.verification IN ('verified', 'unchecked') AND r.game_id = ANY($2)
                  )
                  UPDATE receipts r SET epoch = $1
                  FROM payable p JOIN budget b ON b.game_id = p.game_id

@@ -15,6 +15,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (6, "anchors", include_str!("../../migrations/0006_anchors.sql")),
     (7, "ingest", include_str!("../../migrations/0007_ingest.sql")),
     (8, "check_backlog", include_str!("../../migrations/0008_check_backlog.sql")),
+    (9, "sampled", include_str!("../../migrations/0009_sampled.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

@@ -41,6 +41,9 @@ pub struct Receipt {
     /// The server saw the node finish this task (live, or in its completion log). A receipt
     /// it did not see is only acknowledged when the ledger already holds it, never added.
     pub witnessed: bool,
+    /// The server picked this task for a proof check: recorded `sampled`, and paid only
+    /// once its verdict is `verified` (never on the receipt alone).
+    pub sampled: bool,
 }
 
 /// For one node and one block: every task of that node the block holds. The node confirms
@@ -75,14 +78,14 @@ type Typed<'a> = (&'a (dyn tokio_postgres::types::ToSql + Sync), Type);
 const COMMIT_ATTEMPTS: usize = 8;
 
 const COPY_RECEIPTS: &str = "COPY receipts (task_id, block, game_id, node_address, model, prompt_tokens,
-    completion_tokens, price_units, latency_ms, output_hash, receipt_hash, node_signature, signed_bytes)
-    FROM STDIN (FORMAT binary)";
+    completion_tokens, price_units, latency_ms, output_hash, receipt_hash, node_signature, signed_bytes,
+    verification) FROM STDIN (FORMAT binary)";
 
 /// `receipts` as binary COPY rows of block `block`, in [`COPY_RECEIPTS`]' columns.
 fn copy_rows(receipts: &[&Receipt], block: i64) -> Vec<u8> {
     let mut rows = CopyRows::with_capacity(receipts.iter().map(|r| 200 + r.signed_bytes.len()).sum());
     for r in receipts {
-        rows.row(13)
+        rows.row(14)
             .int8(r.task as i64)
             .int8(block)
             .int8(r.game_id)
@@ -95,7 +98,8 @@ fn copy_rows(receipts: &[&Receipt], block: i64) -> Vec<u8> {
             .bytea(Some(&r.output_hash))
             .bytea(Some(&r.receipt_hash))
             .bytea(Some(&r.signature))
-            .bytea((!r.signed_bytes.is_empty()).then_some(r.signed_bytes.as_slice()));
+            .bytea((!r.signed_bytes.is_empty()).then_some(r.signed_bytes.as_slice()))
+            .text(if r.sampled { "sampled" } else { "unchecked" });
     }
     rows.finish()
 }
@@ -360,7 +364,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn copy_rows_hold_thirteen_fields_with_the_block_and_null_for_missing_signed_bytes() {
+    fn copy_rows_hold_fourteen_fields_with_the_block_null_for_missing_signed_bytes_and_the_check_state() {
         let r = Receipt {
             task: u64::MAX,
             game_id: 7,
@@ -375,18 +379,24 @@ mod tests {
             signature: vec![0xff, 0x00],
             signed_bytes: Vec::new(),
             witnessed: true,
+            sampled: false,
         };
         let mut signed = r.clone();
         signed.signed_bytes = vec![0xab];
+        signed.sampled = true;
         let without = copy_rows(&[&r], 9);
         let with = copy_rows(&[&signed], 9);
         let header = 19;
-        assert_eq!(&without[header..header + 2], &13i16.to_be_bytes());
+        assert_eq!(&without[header..header + 2], &14i16.to_be_bytes());
         assert_eq!(&without[header + 2..header + 14], &[0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(&without[header + 14..header + 26], &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 9], "the block");
-        // NULL (length -1) for no signed bytes; one byte more (length 1 + the byte) with them.
-        assert_eq!(&without[without.len() - 6..], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
-        assert_eq!(&with[with.len() - 7..], &[0, 0, 0, 1, 0xab, 0xff, 0xff]);
-        assert_eq!(with.len(), without.len() + 1);
+        // NULL (length -1) for no signed bytes; one byte more (length 1 + the byte) with them;
+        // then the check state, and the trailer.
+        let tail = |bytes: &[u8], state: &str| {
+            [bytes, &(state.len() as i32).to_be_bytes(), state.as_bytes(), &[0xff, 0xff]].concat()
+        };
+        assert!(without.ends_with(&tail(&[0xff, 0xff, 0xff, 0xff], "unchecked")));
+        assert!(with.ends_with(&tail(&[0, 0, 0, 1, 0xab], "sampled")), "a sampled task waits for its verdict");
+        assert_eq!(with.len(), without.len() + 1 - 2);
     }
 }

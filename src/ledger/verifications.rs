@@ -42,6 +42,10 @@ impl Store {
         outcome: Outcome,
         detail: &str,
     ) -> Result<i32, LedgerError> {
+        // A node's words can reach `detail` (a format it declared): Postgres refuses a NUL
+        // in text, and a verdict refused for good would never land.
+        let detail = detail.replace('\0', "\u{fffd}");
+        let detail = detail.as_str();
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let task_i = task as i64;

@@ -93,6 +93,7 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         registry: core.registry.clone(),
         catalog: catalog.clone(),
         peers: core.peers.clone(),
+        checks: core.checks.clone(),
         http_metrics: Default::default(),
         traffic: Default::default(),
     });

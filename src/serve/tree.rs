@@ -12,7 +12,8 @@ use std::time::Duration;
 use actix::{Addr, Recipient};
 
 use crate::actors::catalog::Catalog;
-use crate::actors::check_backlog::{BacklogConfig, CheckBacklog};
+use crate::actors::check_backlog::{BacklogConfig, CheckBacklog, Replay};
+use crate::actors::check_log::{CheckLog, OwedCheck};
 use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
 use crate::actors::cluster::{wire, Cluster, ClusterConfig, Peers, ServerParts};
 use crate::actors::completion::{Completion, CompletionConfig, Verification};
@@ -40,6 +41,10 @@ pub struct Core {
     pub policy: Arc<Policy>,
     /// Answers held for their verdict, kept across a crash.
     pub completions: Arc<CompletionLog>,
+    /// Sampled tasks' checks, kept across a crash until their verdict is in the ledger.
+    pub checks: Arc<CheckLog>,
+    /// The checks owed from before this start, for the check backlog to take.
+    pub owed_checks: std::sync::Mutex<Vec<OwedCheck>>,
     /// The other servers of the network (stays empty without `[cluster] nats_url`).
     pub peers: Arc<Peers>,
     /// The live session of each node key (one key, one session, network-wide).
@@ -74,19 +79,34 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
     let _ = budgets.set(gateway.clone().recipient());
     let policy = Arc::new(Policy::new(s.verifier.first_tasks, s.verifier.sample_rate));
     let completions = Arc::new(CompletionLog::open(&s.server.data_dir.join("completions.log"))?);
+    let (checks, owed_checks) = CheckLog::open(&s.server.data_dir.join("checks.log"))?;
+    let checks = Arc::new(checks);
     let registry = {
         let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
         let (policy, floor) = (policy.clone(), s.verifier.suspect_below);
         let (completions, quarantine) = (completions.clone(), distributor.clone().recipient());
+        let checks = checks.clone();
         supervisor::start("registry", move |_| {
             Registry::new(store, server, max)
                 .with_policy(policy, floor)
                 .with_completion_log(completions)
+                .with_check_log(checks)
                 .with_quarantine(quarantine.clone())
         })
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));
-    Ok(Core { distributor, clock, gateway, registry, policy, completions, peers, sessions: Sessions::new() })
+    Ok(Core {
+        distributor,
+        clock,
+        gateway,
+        registry,
+        policy,
+        completions,
+        checks,
+        owed_checks: std::sync::Mutex::new(owed_checks),
+        peers,
+        sessions: Sessions::new(),
+    })
 }
 
 /// Joins the network of servers when `[cluster] nats_url` is set: connects to NATS (in
@@ -200,6 +220,10 @@ pub async fn start_verifiers(
     quality_game: i64,
 ) -> io::Result<Option<Verification>> {
     if s.verifier.models.is_empty() {
+        let owed = core.owed_checks.lock().expect("owed checks lock").len();
+        if owed > 0 {
+            tracing::warn!(owed, "proof checks are owed from before this start, but [verifier] models is empty: they wait in the check log until a start with the reference models");
+        }
         return Ok(None);
     }
     // Load once here so a bad path fails the start with a clear error, not a thread panic.
@@ -232,8 +256,12 @@ pub async fn start_verifiers(
         max: s.verifier.backlog_max,
         poll: Duration::from_millis(s.verifier.backlog_poll_ms.max(10)),
         loops: s.verifier.pool_size,
+        checks: core.checks.clone(),
     });
     let backlog = supervisor::start("check-backlog", move |_| backlog);
+    // Checks owed from before this start: their tasks are marked unpaid and checked.
+    let owed = std::mem::take(&mut *core.owed_checks.lock().expect("owed checks lock"));
+    backlog.do_send(Replay(owed));
     Ok(Some(Verification {
         models: Arc::new(s.verifier.models.keys().cloned().collect()),
         vocab,
@@ -242,6 +270,7 @@ pub async fn start_verifiers(
         load: Default::default(),
         queue: s.verifier.queue,
         backlog,
+        checks: core.checks.clone(),
         report,
         synchronous: s.verifier.synchronous,
         quality_check_rate: s.verifier.quality_check_rate,

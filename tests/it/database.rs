@@ -66,5 +66,6 @@ pub fn small_receipt(task: u64, game: i64, node: &str) -> Receipt {
         signature: vec![0; 65],
         signed_bytes: Vec::new(),
         witnessed: true,
+        sampled: false,
     }
 }

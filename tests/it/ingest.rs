@@ -60,6 +60,7 @@ fn a_commit_stores_every_field_exactly_and_counts_refusals_and_duplicates() {
         signature: vec![0, 1, 2, 0xff],
         signed_bytes: signed.clone(),
         witnessed: true,
+        sampled: false,
     };
     let plain = small_receipt(42, game, &node(2));
     let unknown_game = small_receipt(43, game + 1000, &node(2));

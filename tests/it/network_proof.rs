@@ -911,6 +911,71 @@ fn a_sampled_task_the_busy_verifier_cannot_take_waits_unpaid_in_the_backlog() {
     });
 }
 
+/// A sampled task's check outlives what used to lose it, and its task is never paid
+/// without its verdict. The database refuses the verdict (a constraint stands in for an
+/// outage): the task waits `sampled` (unpaid; it used to be `unchecked`, payable, and the
+/// verdict was dropped), and the Registry writes the verdict once it can. Refused again,
+/// and the server killed before the verdict lands: the restarted server finds the check
+/// owed in its check log, queues it in the backlog and has it checked.
+#[test]
+fn a_sampled_tasks_check_outlives_a_refused_verdict_and_a_crash() {
+    let Some(path) = smollm2() else { return };
+    let mut cluster = Cluster::start(&verifier_config(&path));
+    cluster.add_node(&["--model", path.to_str().unwrap(), "--threads", "1", "--capacity", "1"]);
+    cluster.wait_nodes(MODEL, 1);
+    let store = cluster.store();
+    let count = |sql: &str| numbers(&store, sql)[0];
+    let refuse_verdicts = |on: bool| {
+        let sql = if on {
+            "ALTER TABLE verifications ADD CONSTRAINT test_refuses_verdicts CHECK (false) NOT VALID"
+        } else {
+            "ALTER TABLE verifications DROP CONSTRAINT test_refuses_verdicts"
+        };
+        super::database::block_on(async { store.conn().await.unwrap().batch_execute(sql).await.unwrap() });
+    };
+    let ask = |i: usize| {
+        let body =
+            format!(r#"{{"model": "{MODEL}", "max_tokens": 6, "temperature": 0, "prompt": "Harbour song {i}:"}}"#);
+        let r = cluster.post("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    let refusals = |log: &str| log.matches("could not record a verification; retrying").count();
+    let waiting = "SELECT count(*) FROM receipts WHERE verification = 'sampled'";
+
+    refuse_verdicts(true);
+    ask(0);
+    wait_for("the refused verdict, retried, its task unpaid", Duration::from_secs(60), || {
+        refusals(&cluster.server.log_text()) >= 2 && count(waiting) == 1
+    });
+    let (_, metrics) = cluster.get("/metrics");
+    assert!(metrics.contains("\nludus_checks_owed 1\n"), "{metrics}");
+    refuse_verdicts(false);
+    wait_for("the verdict written on a later try", Duration::from_secs(90), || {
+        count("SELECT count(*) FROM receipts WHERE verification = 'verified'") == 1
+    });
+    let (_, metrics) = cluster.get("/metrics");
+    assert!(metrics.contains("\nludus_checks_owed 0\n"), "{metrics}");
+
+    refuse_verdicts(true);
+    let before = refusals(&cluster.server.log_text());
+    ask(1);
+    wait_for("the second verdict, refused", Duration::from_secs(60), || {
+        refusals(&cluster.server.log_text()) > before && count(waiting) == 1
+    });
+    // The verdict now lives only in the dying process; its check, in the check log.
+    cluster.kill_server();
+    refuse_verdicts(false);
+    cluster.restart_server();
+    wait_for("the owed check, replayed and verified", Duration::from_secs(120), || {
+        count("SELECT count(*) FROM receipts WHERE verification = 'verified'") == 2
+    });
+    let log = cluster.server.log_text();
+    assert!(log.contains("check log replayed"), "{log}");
+    assert!(log.contains("the server restarted before its check"), "{log}");
+    assert_eq!(count("SELECT count(*) FROM receipts WHERE verification <> 'verified'"), 0);
+    assert_eq!(count("SELECT count(*) FROM check_backlog"), 0);
+}
+
 /// A game's stream of a long story of at most `max_tokens`, sampled, with its first data
 /// event and `more` after it read: the stream and its task id.
 fn story_stream(cluster: &Cluster, max_tokens: u32, more: usize) -> (super::cluster::SseStream, u64) {

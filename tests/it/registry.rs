@@ -591,6 +591,48 @@ fn a_check_that_could_not_run_is_never_paid_and_gives_way_to_a_real_verdict() {
     assert_eq!(reputation, 10_000, "no penalty for a check that could not run");
 }
 
+/// A task the server picked for a proof check is paid only with its `verified` verdict,
+/// whether that lands before or after its block; on its receipt alone (its verdict lost in
+/// a crash, or refused by the database) it never is. An unpicked task is paid as before.
+#[test]
+fn a_sampled_receipt_is_paid_only_once_verified() {
+    let store = super::database::open(&super::database::fresh_database());
+    let (game, _) = block_on(store.add_game("sampled", 1000, 1_000_000)).unwrap();
+    block_on(store.set_game_wallet("sampled", &format!("0x{:040x}", 0x5a))).unwrap();
+    let node = Identity::generate().address.to_string();
+    let receipt = |task: u64, sampled: bool| ludus::ledger::Receipt {
+        sampled,
+        ..super::database::small_receipt(task, game, &node)
+    };
+    block_on(async {
+        // Task 4's verdict lands before its receipt's block.
+        store.record_verification(4, &node, Outcome::Verified, "").await.unwrap();
+        let receipts = [receipt(1, true), receipt(2, true), receipt(3, false), receipt(4, true), receipt(5, true)];
+        store.commit_block(&receipts, "0xee").await.unwrap();
+        store.record_verification(2, &node, Outcome::Verified, "").await.unwrap();
+        store.record_verification(5, &node, Outcome::Failed, "a wrong token").await.unwrap();
+        store.conn().await.unwrap().batch_execute("UPDATE receipts SET confirmation = 'confirmed'").await.unwrap();
+    });
+    let states: Vec<String> = block_on(async {
+        let conn = store.conn().await.unwrap();
+        let rows = conn.query("SELECT verification FROM receipts ORDER BY task_id", &[]).await.unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    });
+    assert_eq!(states, ["sampled", "verified", "unchecked", "verified", "failed"]);
+    let budgets = [(game, ludus::ledger::Units(u128::MAX / 4))];
+    let epoch = block_on(store.plan_epoch("0x00000000000000000000000000000000000000e1", &budgets, 9_000, u64::MAX))
+        .unwrap()
+        .expect("an epoch");
+    assert_eq!(epoch.task_count, 3);
+    let paid: Vec<i64> = block_on(async {
+        let conn = store.conn().await.unwrap();
+        let rows =
+            conn.query("SELECT task_id FROM receipts WHERE epoch IS NOT NULL ORDER BY task_id", &[]).await.unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    });
+    assert_eq!(paid, [2, 3, 4], "the sampled task without a verdict waits; the failed one never pays");
+}
+
 /// A verified task adds its near-ties to its node's steering record once, whatever is
 /// re-sent; a failed or another node's task adds nothing; a flag is given once.
 #[test]

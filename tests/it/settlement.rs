@@ -75,6 +75,7 @@ pub fn record_day(store: &Store, nodes: &[Identity], games: &[i64], first: u64, 
                 signature: vec![0; 65],
                 signed_bytes: Vec::new(),
                 witnessed: true,
+                sampled: false,
             })
             .collect();
         let outcome = block_on(store.commit_block(&receipts, "0x00000000000000000000000000000000000000ee")).unwrap();

@@ -1,0 +1,385 @@
+//! The server's write-ahead log of the proof checks it owes: `data_dir/checks.log`.
+//!
+//! A task the policy samples is paid only with a verdict. Until that verdict (or the
+//! task's place in the Postgres check backlog) is in the ledger, the check lives in this
+//! process only: in the verifier pool's queue, the backlog actor's mailbox, or a verdict
+//! the Registry could not yet write. A crash there used to lose it, and the node's
+//! re-sent receipt then came back `unchecked`, which is payable. So Completion appends the
+//! check here (prompt, tokens, proof: the backlog's JSON) before it writes the completion
+//! itself ahead, and the Registry marks it settled once the ledger holds a verdict for it;
+//! the backlog does the same once the check waits in Postgres. After a crash the checks
+//! still owed are replayed into the backlog, and a check owed for [`OVERDUE`] in a live
+//! process (a verdict that could not be written, a check dropped with a restarted actor) is
+//! handed to the backlog again. Meanwhile its task is not paid: its receipt is recorded
+//! `sampled`, and only a `verified` verdict pays it; the log also tells a receipt re-sent
+//! after a crash that its task was picked.
+//!
+//! Lines: `owe <task> <node> <json>` and `done <task> <node>`. The file is forced to disk
+//! before each block commits (so a check is on disk before the receipt it guards can be
+//! paid) and rewritten with the owed checks only when settled ones pile up.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The file is rewritten when it is this large and mostly settled checks.
+const COMPACT_AFTER_BYTES: u64 = 16 << 20;
+
+/// A check owed this long has been lost somewhere in the process: handed out again.
+pub const OVERDUE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A check's key: the task and the node whose work it checks.
+type Key = (u64, [u8; 20]);
+
+/// A check still owed after a restart: the task, its node, and the backlog's JSON of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedCheck {
+    pub task: u64,
+    pub node: [u8; 20],
+    pub check: Vec<u8>,
+}
+
+/// What is known in memory of an owed check (its line stays in the file only).
+struct Entry {
+    /// The length of its line.
+    len: u64,
+    /// Since when it is owed (or was last handed out again).
+    since: std::time::Instant,
+}
+
+struct Inner {
+    file: File,
+    owed: HashMap<Key, Entry>,
+    /// Bytes in the file.
+    bytes: u64,
+    /// Written since the last sync.
+    dirty: bool,
+    /// A write failed, perhaps half-way: the next line starts on a new line.
+    torn: bool,
+}
+
+impl Inner {
+    /// Appends `line`; a failure is logged (the check itself still runs in memory, and its
+    /// task is unpaid until a verdict whatever happens here).
+    fn append(&mut self, path: &Path, line: &[u8]) {
+        let result = if std::mem::take(&mut self.torn) {
+            self.file.write_all(b"\n").and_then(|()| self.file.write_all(line))
+        } else {
+            self.file.write_all(line)
+        };
+        if let Err(e) = result {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the check log");
+            self.torn = true;
+        }
+        self.bytes += line.len() as u64;
+        self.dirty = true;
+    }
+}
+
+pub struct CheckLog {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for CheckLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckLog").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+enum Line {
+    Owe(Key, Vec<u8>),
+    Done(Key),
+}
+
+fn key(task: &str, node: &str) -> Option<Key> {
+    Some((u64::from_str_radix(task, 16).ok()?, hex::decode(node).ok()?.try_into().ok()?))
+}
+
+fn parse(line: &[u8]) -> Option<Line> {
+    let line = std::str::from_utf8(line).ok()?;
+    let (verb, rest) = line.split_once(' ')?;
+    match verb {
+        "owe" => {
+            let mut fields = rest.splitn(3, ' ');
+            let key = key(fields.next()?, fields.next()?)?;
+            let check = fields.next()?;
+            // A torn line has no closing brace: the JSON object is whole or skipped.
+            (check.starts_with('{') && check.ends_with('}')).then(|| Line::Owe(key, check.as_bytes().to_vec()))
+        }
+        "done" => {
+            let (task, node) = rest.split_once(' ')?;
+            key(task, node).map(Line::Done)
+        }
+        _ => None,
+    }
+}
+
+fn owe_line((task, node): Key, check: &[u8]) -> Vec<u8> {
+    let mut line = format!("owe {task:016x} {} ", hex::encode(node)).into_bytes();
+    line.extend_from_slice(check);
+    line.push(b'\n');
+    line
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    std::os::unix::fs::OpenOptionsExt::mode(options.create(true).append(true), 0o600);
+    options.open(path)
+}
+
+impl CheckLog {
+    /// Opens (creating, mode 0600) and replays the log: the checks still owed, in the
+    /// order they were written. Damaged lines (a torn tail) are skipped.
+    pub fn open(path: &Path) -> std::io::Result<(Self, Vec<OwedCheck>)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut checks: Vec<Option<OwedCheck>> = Vec::new();
+        let mut index: HashMap<Key, usize> = HashMap::new();
+        let mut bytes = 0;
+        if let Ok(existing) = File::open(path) {
+            let mut reader = BufReader::new(existing);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line)? > 0 {
+                bytes += line.len() as u64;
+                let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                match parse(text) {
+                    Some(Line::Owe(key, check)) => {
+                        if let Some(old) = index.insert(key, checks.len()) {
+                            checks[old] = None;
+                        }
+                        checks.push(Some(OwedCheck { task: key.0, node: key.1, check }));
+                    }
+                    Some(Line::Done(key)) => {
+                        if let Some(old) = index.remove(&key) {
+                            checks[old] = None;
+                        }
+                    }
+                    None => {}
+                }
+                line.clear();
+            }
+        }
+        let mut file = open_append(path)?;
+        // Start on a fresh line, in case the last one was torn.
+        file.write_all(b"\n")?;
+        let owed: Vec<OwedCheck> = checks.into_iter().flatten().collect();
+        let now = std::time::Instant::now();
+        let entries = owed.iter().map(|c| {
+            let len = owe_line((c.task, c.node), &c.check).len() as u64;
+            ((c.task, c.node), Entry { len, since: now })
+        });
+        let inner = Inner { file, owed: entries.collect(), bytes: bytes + 1, dirty: true, torn: false };
+        if !owed.is_empty() {
+            tracing::warn!(path = %path.display(), checks = owed.len(), "check log replayed: proof checks owed from before a restart");
+        }
+        Ok((Self { path: path.to_path_buf(), inner: Mutex::new(inner) }, owed))
+    }
+
+    /// Records that `node`'s work on `task` must be checked (`check`: the backlog's JSON of
+    /// it, on one line). Written before the completion itself is written ahead.
+    pub fn owe(&self, task: u64, node: [u8; 20], check: &[u8]) {
+        let line = owe_line((task, node), check);
+        let mut inner = self.inner.lock().expect("check log lock");
+        inner.append(&self.path, &line);
+        inner.owed.insert((task, node), Entry { len: line.len() as u64, since: std::time::Instant::now() });
+    }
+
+    /// Whether `node`'s work on `task` waits for its check here.
+    pub fn is_owed(&self, task: u64, node: [u8; 20]) -> bool {
+        self.inner.lock().expect("check log lock").owed.contains_key(&(task, node))
+    }
+
+    /// The ledger now holds what pays or refuses `node`'s work on `task`: no longer owed.
+    pub fn settle(&self, task: u64, node: [u8; 20]) {
+        let mut inner = self.inner.lock().expect("check log lock");
+        if inner.owed.remove(&(task, node)).is_none() {
+            return;
+        }
+        let line = format!("done {task:016x} {}\n", hex::encode(node));
+        inner.append(&self.path, line.as_bytes());
+    }
+
+    /// The checks owed for longer than `age` (read back from the file), owed from now on
+    /// again: whatever was to settle them was lost in this process.
+    pub fn overdue(&self, age: std::time::Duration) -> Vec<OwedCheck> {
+        let mut inner = self.inner.lock().expect("check log lock");
+        let now = std::time::Instant::now();
+        if !inner.owed.values().any(|e| now.saturating_duration_since(e.since) >= age) {
+            return Vec::new();
+        }
+        let due = |inner: &Inner, key: &Key| {
+            inner.owed.get(key).is_some_and(|e| now.saturating_duration_since(e.since) >= age)
+        };
+        let mut found: HashMap<Key, Vec<u8>> = HashMap::new();
+        let read = self.each_owe_line(|key, check| {
+            if due(&inner, &key) {
+                found.insert(key, check);
+            }
+        });
+        if let Err(e) = read {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot read the check log");
+            return Vec::new();
+        }
+        for key in found.keys() {
+            if let Some(entry) = inner.owed.get_mut(key) {
+                entry.since = now;
+            }
+        }
+        found.into_iter().map(|((task, node), check)| OwedCheck { task, node, check }).collect()
+    }
+
+    /// Calls `f` with every well-formed `owe` line of the file, in order.
+    fn each_owe_line(&self, mut f: impl FnMut(Key, Vec<u8>)) -> std::io::Result<()> {
+        let mut reader = BufReader::new(File::open(&self.path)?);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line)? > 0 {
+            if let Some(Line::Owe(key, check)) = parse(line.strip_suffix(b"\n").unwrap_or(&line)) {
+                f(key, check);
+            }
+            line.clear();
+        }
+        Ok(())
+    }
+
+    /// Forces what was written to disk (before a block commits), and rewrites the file
+    /// when settled checks make up most of it.
+    pub fn sync(&self) {
+        let mut inner = self.inner.lock().expect("check log lock");
+        if !inner.dirty {
+            return;
+        }
+        if let Err(e) = inner.file.sync_data() {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot sync the check log");
+            return;
+        }
+        inner.dirty = false;
+        let owed_bytes: u64 = inner.owed.values().map(|e| e.len).sum();
+        if inner.bytes > COMPACT_AFTER_BYTES && inner.bytes > 4 * owed_bytes {
+            if let Err(e) = self.compact(&mut inner) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot compact the check log");
+            }
+        }
+    }
+
+    /// Checks owed now (tests, metrics and diagnostics).
+    pub fn owed(&self) -> usize {
+        self.inner.lock().expect("check log lock").owed.len()
+    }
+
+    /// Rewrites the file with the owed checks only (read back from it): a temp file, synced,
+    /// renamed over the log, the directory synced; appends then go to the new file.
+    fn compact(&self, inner: &mut Inner) -> std::io::Result<()> {
+        let mut kept: HashMap<Key, Vec<u8>> = HashMap::new();
+        self.each_owe_line(|key, check| {
+            if inner.owed.contains_key(&key) {
+                // Owed twice: the later line wins, as on replay.
+                kept.insert(key, owe_line(key, &check));
+            }
+        })?;
+        let tmp = self.path.with_extension("compacting");
+        let mut options = OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(options.create(true).append(true), 0o600);
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = options.open(&tmp)?;
+        let mut bytes = 0;
+        for line in kept.values() {
+            file.write_all(line)?;
+            bytes += line.len() as u64;
+        }
+        file.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        // The renamed temp file is the log now; its handle appends to it.
+        inner.file = file;
+        inner.bytes = bytes;
+        inner.torn = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(n: u8) -> Vec<u8> {
+        format!(r#"{{"task":{n},"text":"a b\nc"}}"#).into_bytes()
+    }
+
+    #[test]
+    fn owed_checks_survive_a_restart_until_settled_and_a_torn_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checks.log");
+        let (log, owed) = CheckLog::open(&path).unwrap();
+        assert!(owed.is_empty());
+        log.owe(1, [1; 20], &check(1));
+        log.owe(2, [2; 20], &check(2));
+        log.owe(3, [3; 20], &check(3));
+        log.settle(2, [2; 20]);
+        log.settle(3, [9; 20]); // another node's: not this check
+        log.sync();
+        drop(log);
+        // A crash mid-write leaves a torn line.
+        let torn = owe_line((4, [4; 20]), &check(4));
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&torn[..torn.len() - 5]).unwrap();
+        let (log, owed) = CheckLog::open(&path).unwrap();
+        let tasks: Vec<(u64, [u8; 20])> = owed.iter().map(|c| (c.task, c.node)).collect();
+        assert_eq!(tasks, vec![(1, [1; 20]), (3, [3; 20])], "in order, the settled and the torn one left out");
+        assert_eq!(owed[0].check, check(1));
+        assert_eq!(log.owed(), 2);
+        log.settle(1, [1; 20]);
+        log.owe(5, [5; 20], &check(5));
+        drop(log);
+        let (log, owed) = CheckLog::open(&path).unwrap();
+        let tasks: Vec<u64> = owed.iter().map(|c| c.task).collect();
+        assert_eq!(tasks, vec![3, 5], "written after the torn line");
+        assert!(log.is_owed(3, [3; 20]) && !log.is_owed(3, [9; 20]) && !log.is_owed(1, [1; 20]));
+        // Owed for too long: handed out again, read back from the file, and then not again
+        // until it is overdue once more.
+        assert!(log.overdue(std::time::Duration::from_secs(3600)).is_empty(), "nothing is an hour old");
+        let mut again = log.overdue(std::time::Duration::ZERO);
+        again.sort_by_key(|c| c.task);
+        assert_eq!(again, owed);
+        log.settle(5, [5; 20]);
+        assert!(log.overdue(std::time::Duration::from_millis(50)).is_empty(), "just handed out");
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let again: Vec<u64> = log.overdue(std::time::Duration::from_millis(50)).iter().map(|c| c.task).collect();
+        assert_eq!(again, vec![3], "a settled check is not owed");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_the_owed_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checks.log");
+        let (log, _) = CheckLog::open(&path).unwrap();
+        let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(64 << 10)).into_bytes();
+        let total = COMPACT_AFTER_BYTES / big.len() as u64 + 2;
+        for task in 0..total {
+            log.owe(task, [7; 20], &big);
+            if task != 5 {
+                log.settle(task, [7; 20]);
+            }
+        }
+        log.owe(5, [7; 20], &check(5)); // owed again: the later line wins
+        log.sync();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 1024, "rewritten to the one owed check: {size} bytes");
+        log.owe(99, [9; 20], &check(99));
+        drop(log);
+        let (_, owed) = CheckLog::open(&path).unwrap();
+        assert_eq!(
+            owed,
+            vec![
+                OwedCheck { task: 5, node: [7; 20], check: check(5) },
+                OwedCheck { task: 99, node: [9; 20], check: check(99) }
+            ]
+        );
+    }
+}
