@@ -34,8 +34,12 @@ use crate::task::TokenLogprobs;
 /// How long a claimed check may take before another claim may take it again.
 const LEASE: Duration = Duration::from_secs(600);
 
-/// Checks kept in memory while the database refuses them; past this, left unpaid.
+/// Checks kept in memory while the database refuses them; past this, left to the check
+/// log (their tasks unpaid meanwhile), which hands them out again once overdue.
 const RETRY_MAX: usize = 10_000;
+
+/// How often the check log is asked for overdue checks.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// A sampled task for the backlog, and why it waits there (the unpaid mark's detail).
 #[derive(Message)]
@@ -157,11 +161,18 @@ pub struct CheckBacklog {
     running: usize,
     /// Checks the database refused (an outage), written again on the next ticks.
     retry: Vec<Waiting>,
+    /// When the check log was last asked for overdue checks.
+    swept: std::time::Instant,
 }
 
 impl CheckBacklog {
     pub fn new(config: BacklogConfig) -> Self {
-        Self { config: BacklogConfig { loops: config.loops.max(1), ..config }, running: 0, retry: Vec::new() }
+        Self {
+            config: BacklogConfig { loops: config.loops.max(1), ..config },
+            running: 0,
+            retry: Vec::new(),
+            swept: std::time::Instant::now(),
+        }
     }
 
     /// Writes again the checks the database refused, drops checks that ran out of
@@ -171,9 +182,13 @@ impl CheckBacklog {
         for waiting in std::mem::take(&mut self.retry) {
             self.write(waiting, ctx);
         }
-        for owed in self.config.checks.overdue(super::check_log::OVERDUE) {
-            tracing::warn!(task = %TaskId(owed.task), "a check owed too long in the check log; handed to the backlog");
-            self.take_owed(owed, OVERDUE, ctx);
+        // Looked for once a minute (the file is read only when one is due).
+        if self.swept.elapsed() >= SWEEP_EVERY {
+            self.swept = std::time::Instant::now();
+            for owed in self.config.checks.overdue(super::check_log::OVERDUE) {
+                tracing::warn!(task = %TaskId(owed.task), "a check owed too long in the check log; handed to the backlog");
+                self.take_owed(owed, OVERDUE, ctx);
+            }
         }
         {
             let store = self.config.store.clone();
@@ -310,9 +325,17 @@ impl CheckBacklog {
             }
             Err(e) if this.retry.len() < RETRY_MAX => {
                 tracing::warn!(task = %id, %node, error = %e, "the check backlog could not take a check; retrying");
-                this.retry.push(waiting);
+                // The overdue sweep may hand out a check that already waits here.
+                if !this.retry.iter().any(|w| (w.id, w.node) == (id, node)) {
+                    this.retry.push(waiting);
+                }
             }
-            Err(e) => this.leave_unpaid(id, node, format!("not checked: the check backlog failed: {e}")),
+            Err(e) => {
+                // Not left `unverifiable` for good: the check log still owes it, its task
+                // stays unpaid (`sampled`) and it is handed out again once overdue.
+                tracing::error!(task = %id, %node, error = %e,
+                    "the check backlog could not take a check, and too many wait; left to the check log");
+            }
         })
         .wait(ctx);
     }

@@ -11,8 +11,8 @@
 //! still owed are replayed into the backlog, and a check owed for [`OVERDUE`] in a live
 //! process (a verdict that could not be written, a check dropped with a restarted actor) is
 //! handed to the backlog again. Meanwhile its task is not paid: its receipt is recorded
-//! `sampled`, and only a `verified` verdict pays it; the log also tells a receipt re-sent
-//! after a crash that its task was picked.
+//! `sampled` (the completion log keeps the pick for a re-sent one), and only a `verified`
+//! verdict pays it.
 //!
 //! Lines: `owe <task> <node> <json>` and `done <task> <node>`. The file is forced to disk
 //! before each block commits (so a check is on disk before the receipt it guards can be
@@ -188,11 +188,6 @@ impl CheckLog {
         inner.owed.insert((task, node), Entry { len: line.len() as u64, since: std::time::Instant::now() });
     }
 
-    /// Whether `node`'s work on `task` waits for its check here.
-    pub fn is_owed(&self, task: u64, node: [u8; 20]) -> bool {
-        self.inner.lock().expect("check log lock").owed.contains_key(&(task, node))
-    }
-
     /// The ledger now holds what pays or refuses `node`'s work on `task`: no longer owed.
     pub fn settle(&self, task: u64, node: [u8; 20]) {
         let mut inner = self.inner.lock().expect("check log lock");
@@ -211,12 +206,17 @@ impl CheckLog {
         if !inner.owed.values().any(|e| now.saturating_duration_since(e.since) >= age) {
             return Vec::new();
         }
-        let due = |inner: &Inner, key: &Key| {
-            inner.owed.get(key).is_some_and(|e| now.saturating_duration_since(e.since) >= age)
-        };
+        // Each is handed out once per `age`, found in the file or not.
+        let mut due: std::collections::HashSet<Key> = std::collections::HashSet::new();
+        for (key, entry) in inner.owed.iter_mut() {
+            if now.saturating_duration_since(entry.since) >= age {
+                entry.since = now;
+                due.insert(*key);
+            }
+        }
         let mut found: HashMap<Key, Vec<u8>> = HashMap::new();
         let read = self.each_owe_line(|key, check| {
-            if due(&inner, &key) {
+            if due.contains(&key) {
                 found.insert(key, check);
             }
         });
@@ -224,10 +224,10 @@ impl CheckLog {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot read the check log");
             return Vec::new();
         }
-        for key in found.keys() {
-            if let Some(entry) = inner.owed.get_mut(key) {
-                entry.since = now;
-            }
+        let missing = due.len() - found.len();
+        if missing > 0 {
+            // Their line could not be written: the task stays unpaid, nothing to check.
+            tracing::error!(path = %self.path.display(), missing, "owed checks without their line in the check log");
         }
         found.into_iter().map(|((task, node), check)| OwedCheck { task, node, check }).collect()
     }
@@ -292,13 +292,15 @@ impl CheckLog {
         }
         file.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)?.sync_all()?;
-        }
         // The renamed temp file is the log now; its handle appends to it.
         inner.file = file;
         inner.bytes = bytes;
         inner.torn = false;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot sync the check log's directory");
+            }
+        }
         Ok(())
     }
 }
@@ -338,7 +340,6 @@ mod tests {
         let (log, owed) = CheckLog::open(&path).unwrap();
         let tasks: Vec<u64> = owed.iter().map(|c| c.task).collect();
         assert_eq!(tasks, vec![3, 5], "written after the torn line");
-        assert!(log.is_owed(3, [3; 20]) && !log.is_owed(3, [9; 20]) && !log.is_owed(1, [1; 20]));
         // Owed for too long: handed out again, read back from the file, and then not again
         // until it is overdue once more.
         assert!(log.overdue(std::time::Duration::from_secs(3600)).is_empty(), "nothing is an hour old");

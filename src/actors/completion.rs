@@ -192,8 +192,8 @@ impl Completion {
 
     /// Checks a node's receipt and hands it to the Registry. `live` is the job it closes
     /// (absent for receipts re-sent after a reconnect) and the latency observed at the proxy;
-    /// `picked`, whether the policy picked it for a check (a re-sent receipt is, when its
-    /// check is still owed in the check log): it is then paid only with its verdict.
+    /// `picked`, whether the policy picked it for a check (for a re-sent receipt, the
+    /// completion log says): it is then paid only with its verdict.
     fn record(
         &self,
         address: Address,
@@ -238,15 +238,15 @@ impl Completion {
         // Paid only for work the server saw: a live completion is written ahead (before the
         // game hears Done); a re-sent receipt must match one, or already be on the books.
         let log = &self.config.completions;
-        let witnessed = if live.is_some() {
-            log.record(task.0, address.0, receipt.completion_tokens, output_hash);
-            true
+        // The pick is written with it: a re-sent receipt of a picked task is paid only once
+        // verified, by this server or another one of the network.
+        let seen = if live.is_some() {
+            log.record(task.0, address.0, receipt.completion_tokens, output_hash, picked);
+            Some(picked)
         } else {
-            log.witnessed(task.0, address.0, receipt.completion_tokens, output_hash)
+            log.seen(task.0, address.0, receipt.completion_tokens, output_hash)
         };
-        let sampled = picked
-            || (live.is_none()
-                && self.config.verification.as_ref().is_some_and(|v| v.checks.is_owed(task.0, address.0)));
+        let (witnessed, sampled) = (seen.is_some(), seen == Some(true));
         let ledger_receipt = crate::ledger::Receipt {
             task: task.0,
             game_id: receipt.ticket.game,
@@ -311,12 +311,14 @@ impl Completion {
         node: Address,
         completion_tokens: u32,
         output_hash: [u8; 32],
+        sampled: bool,
     ) -> Option<impl std::future::Future<Output = ()>> {
         let cluster = self.config.peers.cluster()?.clone();
         if self.config.peers.servers(std::time::Instant::now()) < 2 {
             return None;
         }
-        let witness = super::cluster::Outbound::Witness { task: task.0, node: node.0, completion_tokens, output_hash };
+        let witness =
+            super::cluster::Outbound::Witness { task: task.0, node: node.0, completion_tokens, output_hash, sampled };
         Some(async move {
             let _ = cluster.send(witness).await;
         })
@@ -577,8 +579,13 @@ impl Handler<TaskFinished> for Completion {
         } else {
             self.maybe_quality_check(&done);
         }
-        let told =
-            self.tell_peers(done.job.id, done.address, done.receipt.completion_tokens, output_hash(&done.job.emitted));
+        let told = self.tell_peers(
+            done.job.id,
+            done.address,
+            done.receipt.completion_tokens,
+            output_hash(&done.job.emitted),
+            picked.is_some(),
+        );
         if picked.is_some_and(|(task, synchronous)| self.dispatch(ctx, &done, task, synchronous)) {
             // Synchronous: the game hears Done only with an accepted proof, and once the
             // other servers have been told.
@@ -623,8 +630,9 @@ impl Handler<TaskAbandoned> for Completion {
     fn handle(&mut self, msg: TaskAbandoned, _: &mut Self::Context) {
         if msg.witness {
             let hash = output_hash(&msg.delivered);
-            self.config.completions.record(msg.task.0, msg.address.0, msg.delivered.len() as u32, hash);
-            if let Some(told) = self.tell_peers(msg.task, msg.address, msg.delivered.len() as u32, hash) {
+            // Witnessed only for a task without a challenge: never picked.
+            self.config.completions.record(msg.task.0, msg.address.0, msg.delivered.len() as u32, hash, false);
+            if let Some(told) = self.tell_peers(msg.task, msg.address, msg.delivered.len() as u32, hash, false) {
                 actix::spawn(told);
             }
         }
@@ -665,7 +673,8 @@ impl Handler<HangUpProved> for Completion {
             }
             return;
         }
-        if let Some(told) = self.tell_peers(job.id, address, completion_tokens, output_hash(&job.emitted)) {
+        let sampled = picked.is_some();
+        if let Some(told) = self.tell_peers(job.id, address, completion_tokens, output_hash(&job.emitted), sampled) {
             actix::spawn(told);
         }
         if let Some((v, task)) = picked {

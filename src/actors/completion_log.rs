@@ -8,6 +8,9 @@
 //! `sync_data` runs with every block. Lines of committed tasks are dropped as blocks commit;
 //! the file is rewritten when they pile up.
 //!
+//! Each line also says whether the task was picked for a proof check: a re-sent receipt of
+//! such a task is recorded `sampled`, paid only once verified, here or on another server.
+//!
 //! In a network of servers (`cluster`), each one also keeps, in memory, what the others
 //! saw ([`CompletionLog::record_peer`], announced over NATS before the game is answered):
 //! a node whose server died re-homes to another one and re-sends its receipts there, and
@@ -35,7 +38,19 @@ struct Seen {
     node: [u8; 20],
     completion_tokens: u32,
     output_hash: [u8; 32],
+    /// Picked for a proof check: paid only with its verdict.
+    sampled: bool,
 }
+
+impl Seen {
+    /// Whether a receipt of `node` with this output is the one seen.
+    fn matches(&self, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) -> bool {
+        (self.node, self.completion_tokens, self.output_hash) == (node, completion_tokens, output_hash)
+    }
+}
+
+/// The mark of a picked task at the end of its line.
+const SAMPLED: &str = "sampled";
 
 struct Inner {
     file: File,
@@ -62,11 +77,19 @@ fn parse(line: &str) -> Option<(u64, Seen)> {
     let node = hex::decode(fields.next()?).ok()?.try_into().ok()?;
     let completion_tokens = fields.next()?.parse().ok()?;
     let output_hash = hex::decode(fields.next()?).ok()?.try_into().ok()?;
-    fields.next().is_none().then_some((task, Seen { node, completion_tokens, output_hash }))
+    // Lines written before the mark existed have four fields.
+    let sampled = match fields.next() {
+        None => false,
+        Some(SAMPLED) => true,
+        Some(_) => return None,
+    };
+    fields.next().is_none().then_some((task, Seen { node, completion_tokens, output_hash, sampled }))
 }
 
 fn format_line(task: u64, seen: &Seen) -> String {
-    format!("{task:016x} {} {} {}\n", hex::encode(seen.node), seen.completion_tokens, hex::encode(seen.output_hash))
+    let (node, hash) = (hex::encode(seen.node), hex::encode(seen.output_hash));
+    let mark = if seen.sampled { format!(" {SAMPLED}") } else { String::new() };
+    format!("{task:016x} {node} {} {hash}{mark}\n", seen.completion_tokens)
 }
 
 impl CompletionLog {
@@ -97,9 +120,10 @@ impl CompletionLog {
         Ok(Self { path: path.to_path_buf(), inner: Mutex::new(Inner { file, open, lines }), peers: Mutex::default() })
     }
 
-    /// Records a completion the server saw (before the game is told it is done).
-    pub fn record(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) {
-        let seen = Seen { node, completion_tokens, output_hash };
+    /// Records a completion the server saw (before the game is told it is done), and
+    /// whether it was picked for a proof check.
+    pub fn record(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32], sampled: bool) {
+        let seen = Seen { node, completion_tokens, output_hash, sampled };
         let mut inner = self.inner.lock().expect("completion log lock");
         if let Err(e) = inner.file.write_all(format_line(task, &seen).as_bytes()) {
             tracing::error!(path = %self.path.display(), error = %e, "cannot write the completion log");
@@ -109,7 +133,7 @@ impl CompletionLog {
     }
 
     /// Records a completion another server of the network saw (in memory only).
-    pub fn record_peer(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) {
+    pub fn record_peer(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32], sampled: bool) {
         let now = std::time::Instant::now();
         let mut peers = self.peers.lock().expect("completion log lock");
         if peers.len() >= MAX_PEER_WITNESSES {
@@ -122,18 +146,26 @@ impl CompletionLog {
                 peers.retain(|_, (_, at)| *at > median);
             }
         }
-        peers.insert(task, (Seen { node, completion_tokens, output_hash }, now));
+        peers.insert(task, (Seen { node, completion_tokens, output_hash, sampled }, now));
     }
 
     /// Whether this server, or lately another one of the network, saw `node` finish
     /// `task` with exactly this output.
     pub fn witnessed(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) -> bool {
-        let seen = Seen { node, completion_tokens, output_hash };
-        if self.inner.lock().expect("completion log lock").open.get(&task) == Some(&seen) {
-            return true;
+        self.seen(task, node, completion_tokens, output_hash).is_some()
+    }
+
+    /// [`Self::witnessed`], and if so whether the task was picked for a proof check.
+    pub fn seen(&self, task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32]) -> Option<bool> {
+        let own = self.inner.lock().expect("completion log lock").open.get(&task).copied();
+        if let Some(seen) = own.filter(|s| s.matches(node, completion_tokens, output_hash)) {
+            return Some(seen.sampled);
         }
         let peers = self.peers.lock().expect("completion log lock");
-        peers.get(&task).is_some_and(|(s, at)| *s == seen && at.elapsed() < PEER_WITNESS_TTL)
+        let fresh = peers
+            .get(&task)
+            .filter(|(s, at)| s.matches(node, completion_tokens, output_hash) && at.elapsed() < PEER_WITNESS_TTL);
+        fresh.map(|(s, _)| s.sampled)
     }
 
     /// Drops tasks the ledger now holds, forces the file to disk, and rewrites it when
@@ -185,8 +217,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("completions.log");
         let log = CompletionLog::open(&path).unwrap();
-        log.record(1, [1; 20], 5, [9; 32]);
-        log.record(2, [2; 20], 7, [8; 32]);
+        log.record(1, [1; 20], 5, [9; 32], false);
+        log.record(2, [2; 20], 7, [8; 32], true);
         drop(log);
         // A crash mid-write leaves a torn line.
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"00000000000003 0102").unwrap();
@@ -195,10 +227,15 @@ mod tests {
         assert!(!log.witnessed(1, [2; 20], 5, [9; 32]), "another node");
         assert!(!log.witnessed(1, [1; 20], 6, [9; 32]), "another count");
         assert!(!log.witnessed(3, [1; 20], 5, [9; 32]), "never seen");
+        assert_eq!(log.seen(1, [1; 20], 5, [9; 32]), Some(false));
+        assert_eq!(log.seen(2, [2; 20], 7, [8; 32]), Some(true), "the pick survives the restart");
+        let old = format!("{:016x} {} 5 {}", 9, hex::encode([1u8; 20]), hex::encode([9u8; 32]));
+        assert_eq!(parse(&old).map(|(_, s)| s.sampled), Some(false), "a line from before the mark");
+        assert!(parse(&format!("{old} maybe")).is_none());
         log.committed([1]);
         assert!(!log.witnessed(1, [1; 20], 5, [9; 32]));
         assert_eq!(log.pending(), 1);
-        log.record(4, [4; 20], 1, [4; 32]);
+        log.record(4, [4; 20], 1, [4; 32], false);
         assert!(log.witnessed(4, [4; 20], 1, [4; 32]), "written after the torn line");
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
@@ -208,13 +245,14 @@ mod tests {
     fn what_other_servers_saw_counts_exactly_and_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let log = CompletionLog::open(&dir.path().join("completions.log")).unwrap();
-        log.record_peer(7, [7; 20], 3, [1; 32]);
+        log.record_peer(7, [7; 20], 3, [1; 32], true);
         assert!(log.witnessed(7, [7; 20], 3, [1; 32]));
+        assert_eq!(log.seen(7, [7; 20], 3, [1; 32]), Some(true), "picked by the other server");
         assert!(!log.witnessed(7, [7; 20], 4, [1; 32]), "another count");
         assert!(!log.witnessed(7, [8; 20], 3, [1; 32]), "another node");
         assert_eq!(log.pending(), 0, "not written to this server's file");
         for task in 0..MAX_PEER_WITNESSES as u64 + 10 {
-            log.record_peer(1000 + task, [1; 20], 1, [1; 32]);
+            log.record_peer(1000 + task, [1; 20], 1, [1; 32], false);
         }
         assert!(log.peers.lock().unwrap().len() <= MAX_PEER_WITNESSES);
         assert!(log.witnessed(1000 + MAX_PEER_WITNESSES as u64 + 9, [1; 20], 1, [1; 32]), "the newest is kept");

@@ -54,7 +54,8 @@ pub struct NodeReport {
     pub reputation_bps: i32,
     pub tasks: i64,
     pub completion_tokens: i64,
-    /// Confirmed, not failed verification: what the node will be paid for.
+    /// Confirmed and verified (or never picked for a check): what settlement pays the node
+    /// for (a `sampled` task waits for its verdict).
     pub payable: Units,
     pub pending_confirmation: i64,
     pub disputed: i64,
@@ -168,7 +169,7 @@ impl Store {
             .query(
                 "SELECT n.address, n.status, n.reputation,
                         count(r.task_id), coalesce(sum(r.completion_tokens), 0)::bigint,
-                        sum(r.price_units) FILTER (WHERE r.confirmation = 'confirmed' AND r.verification NOT IN ('failed', 'unverifiable'))::text,
+                        sum(r.price_units) FILTER (WHERE r.confirmation = 'confirmed' AND r.verification IN ('verified', 'unchecked'))::text,
                         count(r.task_id) FILTER (WHERE r.confirmation = 'pending'),
                         count(r.task_id) FILTER (WHERE r.confirmation = 'disputed'),
                         (SELECT count(*) FROM confirmations c WHERE c.node_address = n.address AND c.status = 'mismatch'),

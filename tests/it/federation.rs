@@ -747,6 +747,57 @@ fn synchronous_verification_in_a_network_answers_once_verdict_and_witness_are_in
     }
 }
 
+/// A task A picked for a check, whose receipt A had not committed when it died: the node
+/// re-homes to B and re-sends it, and B records it `sampled` (A's witness carries the
+/// pick), not `unchecked` and payable on the receipt alone. A, back, has it checked from
+/// its check log, and the task is paid as any verified one.
+#[test]
+fn a_picked_task_re_sent_to_another_server_waits_for_its_verdict() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let tables = format!(
+        "model_files = {{ \"{MODEL}\" = \"{0}\" }}\n[verifier]\nmodels = {{ \"{MODEL}\" = \"{0}\" }}\nsample_rate = 1.0\n",
+        model.display()
+    );
+    let mut servers = start_network(&nats, &["a", "b"], &tables, dir.path());
+    let via = format!("{}/ws/node,ws://{}", servers[0].addr, servers[1].addr);
+    servers[0].add_node_via(&via, &["--model", model.to_str().unwrap(), "--threads", "1"]);
+    servers[0].wait_nodes(MODEL, 1);
+    let books = servers[1].store();
+    let count = |sql: &str| super::database::numbers(&books, sql)[0];
+    // A can neither commit the receipt nor write the verdict (constraints stand in for an
+    // outage of its own): both live only in A when it dies.
+    let refuse = |on: bool| {
+        let sql = if on {
+            "ALTER TABLE receipts ADD CONSTRAINT test_refuses_receipts CHECK (false) NOT VALID;
+             ALTER TABLE verifications ADD CONSTRAINT test_refuses_verdicts CHECK (false) NOT VALID"
+        } else {
+            "ALTER TABLE receipts DROP CONSTRAINT test_refuses_receipts;
+             ALTER TABLE verifications DROP CONSTRAINT test_refuses_verdicts"
+        };
+        block_on(async { books.conn().await.unwrap().batch_execute(sql).await.unwrap() });
+    };
+    refuse(true);
+    let r =
+        post_with(&servers[0].addr, "/v1/chat/completions", Some(&servers[0].key), chat(MODEL, 6, false).as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let task = task_of(&r.body);
+    wait_for("A unable to write the verdict", Duration::from_secs(60), || {
+        servers[0].server.log_text().contains("could not record a verification; retrying")
+    });
+    servers[0].kill_server();
+    refuse(false);
+    let state = format!("SELECT count(*) FILTER (WHERE verification = 'sampled') FROM receipts WHERE task_id = {task}");
+    let recorded = format!("SELECT count(*) FROM receipts WHERE task_id = {task}");
+    wait_for("the node's receipt, re-sent to B", Duration::from_secs(60), || count(&recorded) == 1);
+    assert_eq!(count(&state), 1, "B waits for the verdict of a task A picked");
+    servers[0].restart_server();
+    wait_for("A's owed check, verified", Duration::from_secs(120), || {
+        count(&format!("SELECT count(*) FROM receipts WHERE task_id = {task} AND verification = 'verified'")) == 1
+    });
+}
+
 /// A key that opened a session on A while B was cut off from NATS (B never heard the
 /// claim) is back to one session once B's link returns: B claims its sessions again, A's
 /// is the newer, and B's closes.

@@ -52,7 +52,7 @@ pub enum Outbound {
     Quarantine { address: String, duration: Duration },
     /// A node finished `task` here with this output; answered once the other servers
     /// have been told (or after [`WITNESS_FLUSH_TIMEOUT`]).
-    Witness { task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32] },
+    Witness { task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32], sampled: bool },
     /// A session of node `address` opened here at `since_ms`: older ones elsewhere close.
     Claim { address: Address, since_ms: u64 },
 }
@@ -245,7 +245,7 @@ impl Cluster {
             let node = hex::decode(&w.node).ok().and_then(|n| <[u8; 20]>::try_from(n).ok());
             let hash = hex::decode(&w.output_hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok());
             if let (Some(node), Some(hash), true) = (node, hash, w.server != me) {
-                completions.record_peer(w.task, node, w.completion_tokens, hash);
+                completions.record_peer(w.task, node, w.completion_tokens, hash, w.sampled);
             }
         });
     }
@@ -364,13 +364,14 @@ impl Handler<Outbound> for Cluster {
                     }
                 });
             }
-            Outbound::Witness { task, node, completion_tokens, output_hash } => {
+            Outbound::Witness { task, node, completion_tokens, output_hash, sampled } => {
                 let witness = Witness {
                     server: self.config.name.clone(),
                     task,
                     node: hex::encode(node),
                     completion_tokens,
                     output_hash: hex::encode(output_hash),
+                    sampled,
                 };
                 let (client, subject) = (self.client.clone(), wire::witness_subject(&self.config.name));
                 // Flushed: NATS has it (and hands it to every server) before the game is told.

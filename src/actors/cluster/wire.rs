@@ -212,6 +212,10 @@ pub struct Witness {
     pub completion_tokens: u32,
     /// Hex of the output hash.
     pub output_hash: String,
+    /// The task was picked for a proof check: its receipt, re-sent to another server, is
+    /// paid there only once verified (absent from servers before this field: not picked).
+    #[serde(default)]
+    pub sampled: bool,
 }
 
 /// A [`JobEvent`] on the wire.
@@ -285,6 +289,23 @@ mod tests {
     /// Every subject a server publishes is inside its own publish permissions and inside
     /// the subscriptions of the servers it is meant for, and outside another's publish
     /// permissions: NATS can hold each server to its name.
+    #[test]
+    fn a_witness_carries_the_pick_and_one_from_an_older_server_reads_as_not_picked() {
+        let w = Witness {
+            server: "a".into(),
+            task: 7,
+            node: "0b".repeat(20),
+            completion_tokens: 3,
+            output_hash: "0c".repeat(32),
+            sampled: true,
+        };
+        let back: Witness = serde_json::from_slice(&serde_json::to_vec(&w).unwrap()).unwrap();
+        assert_eq!(back, w);
+        let mut older = serde_json::to_value(&w).unwrap();
+        older.as_object_mut().unwrap().remove("sampled");
+        assert!(!serde_json::from_value::<Witness>(older).unwrap().sampled);
+    }
+
     #[test]
     fn each_server_may_publish_only_under_its_own_name() {
         fn matches(pattern: &str, subject: &str) -> bool {
