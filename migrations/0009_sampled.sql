@@ -8,3 +8,6 @@ ALTER TABLE receipts DROP CONSTRAINT receipts_verification_check;
 ALTER TABLE receipts ADD CONSTRAINT receipts_verification_check
     CHECK (verification IN ('unchecked', 'sampled', 'verified', 'failed', 'unverifiable')) NOT VALID;
 ALTER TABLE receipts VALIDATE CONSTRAINT receipts_verification_check;
+-- The unpaid picked tasks, oldest first, for the operator's alert (`/metrics`
+-- ludus_oldest_sampled_seconds): a task waits there only while its check is owed.
+CREATE INDEX receipts_sampled ON receipts (created_at) WHERE verification = 'sampled' AND epoch IS NULL;

@@ -1,10 +1,10 @@
 //! Prometheus metrics at `GET /metrics` (text exposition format 0.0.4): HTTP requests by
 //! route and status with a latency histogram (time to the response head — for streams,
 //! the first token), tokens served, live nodes per model, actor panics, the proof checks
-//! owed in the check log, and from the
-//! registry the verification outcomes, the checks waiting in the backlog, the last
-//! committed block and the last settled epoch; in a network of servers, the servers heard
-//! and the jobs that crossed. Counters live in this process; scrape every server.
+//! owed in the check log; from the registry the verification outcomes, the oldest picked
+//! task still unpaid, the checks waiting in the backlog, the last committed block and the
+//! last settled epoch; in a network of servers, the servers heard and the jobs that
+//! crossed. Counters live in this process; scrape every server.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -224,6 +224,15 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         "gauge",
         &owed,
     );
+    if let Ok(age) = state.store.oldest_sampled_age().await {
+        gauge(
+            &mut out,
+            "ludus_oldest_sampled_seconds",
+            "Age of the oldest picked task still waiting for its verdict, unpaid (0: none); alert when it grows past minutes.",
+            "gauge",
+            &[(String::new(), age)],
+        );
+    }
     if let Ok(waiting) = state.store.backlog_len().await {
         let samples = [(String::new(), waiting)];
         gauge(

@@ -147,4 +147,19 @@ impl Store {
         let conn = self.conn().await?;
         Ok(conn.query_one("SELECT count(*) FROM check_backlog", &[]).await?.get::<_, i64>(0) as u64)
     }
+
+    /// How long the oldest unsettled `sampled` receipt (a picked task, unpaid until its
+    /// verdict) has waited, in whole seconds; 0 when none waits. One probe of a partial
+    /// index.
+    pub async fn oldest_sampled_age(&self) -> Result<u64, LedgerError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(
+                "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::bigint FROM receipts
+                 WHERE verification = 'sampled' AND epoch IS NULL",
+                &[],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
+    }
 }

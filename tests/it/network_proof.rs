@@ -949,12 +949,15 @@ fn a_sampled_tasks_check_outlives_a_refused_verdict_and_a_crash() {
     });
     let (_, metrics) = cluster.get("/metrics");
     assert!(metrics.contains("\nludus_checks_owed 1\n"), "{metrics}");
+    assert!(metrics.contains("\nludus_receipts{outcome=\"sampled\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("\nludus_oldest_sampled_seconds "), "{metrics}");
     refuse_verdicts(false);
     wait_for("the verdict written on a later try", Duration::from_secs(90), || {
         count("SELECT count(*) FROM receipts WHERE verification = 'verified'") == 1
     });
     let (_, metrics) = cluster.get("/metrics");
     assert!(metrics.contains("\nludus_checks_owed 0\n"), "{metrics}");
+    assert!(metrics.contains("\nludus_oldest_sampled_seconds 0\n"), "nothing waits: {metrics}");
 
     refuse_verdicts(true);
     let before = refusals(&cluster.server.log_text());
