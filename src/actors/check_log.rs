@@ -124,6 +124,21 @@ fn owe_line((task, node): Key, check: &[u8]) -> Vec<u8> {
     line
 }
 
+/// Calls `f` with every well-formed line of the file at `path`, in order (damaged ones, a
+/// torn tail, are skipped); returns the file's length in bytes.
+fn each_line(path: &Path, mut f: impl FnMut(Line)) -> std::io::Result<u64> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let (mut line, mut bytes) = (Vec::new(), 0);
+    while reader.read_until(b'\n', &mut line)? > 0 {
+        bytes += line.len() as u64;
+        if let Some(parsed) = parse(line.strip_suffix(b"\n").unwrap_or(&line)) {
+            f(parsed);
+        }
+        line.clear();
+    }
+    Ok(bytes)
+}
+
 fn open_append(path: &Path) -> std::io::Result<File> {
     let mut options = OpenOptions::new();
     std::os::unix::fs::OpenOptionsExt::mode(options.create(true).append(true), 0o600);
@@ -139,30 +154,24 @@ impl CheckLog {
         }
         let mut checks: Vec<Option<OwedCheck>> = Vec::new();
         let mut index: HashMap<Key, usize> = HashMap::new();
-        let mut bytes = 0;
-        if let Ok(existing) = File::open(path) {
-            let mut reader = BufReader::new(existing);
-            let mut line = Vec::new();
-            while reader.read_until(b'\n', &mut line)? > 0 {
-                bytes += line.len() as u64;
-                let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                match parse(text) {
-                    Some(Line::Owe(key, check)) => {
-                        if let Some(old) = index.insert(key, checks.len()) {
-                            checks[old] = None;
-                        }
-                        checks.push(Some(OwedCheck { task: key.0, node: key.1, check }));
-                    }
-                    Some(Line::Done(key)) => {
-                        if let Some(old) = index.remove(&key) {
-                            checks[old] = None;
-                        }
-                    }
-                    None => {}
+        let replayed = each_line(path, |line| match line {
+            Line::Owe(key, check) => {
+                if let Some(old) = index.insert(key, checks.len()) {
+                    checks[old] = None;
                 }
-                line.clear();
+                checks.push(Some(OwedCheck { task: key.0, node: key.1, check }));
             }
-        }
+            Line::Done(key) => {
+                if let Some(old) = index.remove(&key) {
+                    checks[old] = None;
+                }
+            }
+        });
+        let bytes = match replayed {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
         let mut file = open_append(path)?;
         // Start on a fresh line, in case the last one was torn.
         file.write_all(b"\n")?;
@@ -234,15 +243,12 @@ impl CheckLog {
 
     /// Calls `f` with every well-formed `owe` line of the file, in order.
     fn each_owe_line(&self, mut f: impl FnMut(Key, Vec<u8>)) -> std::io::Result<()> {
-        let mut reader = BufReader::new(File::open(&self.path)?);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line)? > 0 {
-            if let Some(Line::Owe(key, check)) = parse(line.strip_suffix(b"\n").unwrap_or(&line)) {
+        each_line(&self.path, |line| {
+            if let Line::Owe(key, check) = line {
                 f(key, check);
             }
-            line.clear();
-        }
-        Ok(())
+        })
+        .map(|_| ())
     }
 
     /// Forces what was written to disk (before a block commits), and rewrites the file
@@ -281,10 +287,8 @@ impl CheckLog {
             }
         })?;
         let tmp = self.path.with_extension("compacting");
-        let mut options = OpenOptions::new();
-        std::os::unix::fs::OpenOptionsExt::mode(options.create(true).append(true), 0o600);
         let _ = std::fs::remove_file(&tmp);
-        let mut file = options.open(&tmp)?;
+        let mut file = open_append(&tmp)?;
         let mut bytes = 0;
         for line in kept.values() {
             file.write_all(line)?;

@@ -9,9 +9,8 @@
 //! too long is handed to the check backlog. Its task is unpaid meanwhile (a picked task's
 //! receipt is recorded `sampled`, paid only once verified).
 
-use std::time::Duration;
-
 use std::collections::HashMap;
+use std::time::Duration;
 
 use actix::prelude::*;
 
