@@ -60,6 +60,11 @@ pub const REPLAYED: &str =
 /// or it was dropped with a restarted actor).
 pub const OVERDUE: &str = "deferred: its check was lost in the server; checked from the backlog, unpaid until then";
 
+/// Why a task whose quality-check re-run disagreed waits: unpaid from the disagreement on,
+/// not only once its verdict lands (it used to stay payable, `unchecked`, until then).
+pub const DISAGREED: &str =
+    "deferred: a quality-check re-run disagreed with its answer; checked from the backlog, unpaid until then";
+
 /// The checks the check log still owes from before this start: queued like deferred ones.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -358,7 +358,10 @@ impl Completion {
     }
 
     /// A quality-check re-run finished: compare with the original; on disagreement, have
-    /// the original checked against the reference model.
+    /// the original checked against the reference model. The check goes through the
+    /// backlog, whose write marks the original's receipt unpaid in the same transaction:
+    /// its receipt was recorded `unchecked` (payable), and must not stay so while a
+    /// cheater's verdict is on its way.
     fn compare_quality(&self, shadow: &ShadowOf, rerun: &Job) {
         if rerun.emitted == shadow.completion {
             tracing::info!(task = %shadow.task, node = %shadow.node, "quality check agreed");
@@ -383,7 +386,7 @@ impl Completion {
             slot: None,
         };
         owe(v, &task);
-        check_or_defer(v, task);
+        v.backlog.do_send(super::check_backlog::Defer { task, why: super::check_backlog::DISAGREED });
     }
 
     /// The check of a finished task when the policy picks it (always, for a non-streamed

@@ -776,11 +776,16 @@ fn a_rerun_waiting_for_a_second_node_does_not_hold_up_new_requests() {
     assert_eq!(log.matches("quality check: re-running on another node").count(), 3, "{log}");
 }
 
+/// A quality-check re-run that disagrees leaves the original unpaid at once: the check of
+/// the original goes through the backlog, whose write marks its receipt `unverifiable` in
+/// the same transaction. It used to stay `unchecked` (payable) until the verdict landed.
+/// Here no server claims from the backlog until a restart (a 10-minute poll), so the task
+/// waits unpaid, deterministically; the restarted server then condemns the rogue.
 #[test]
 fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     let Some(path) = smollm2() else { return };
     // Only the quality-check re-run can catch the rogue.
-    let config = quality_checks_only(&path);
+    let config = quality_checks_only(&path) + "backlog_poll_ms = 600000\n";
     let mut cluster = Cluster::start(&config);
     let (model, engine) = liar_model(&path);
     let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Name three rivers."}]}"#;
@@ -792,7 +797,7 @@ fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
         super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes()).status
     });
     let task = system.block_on(rogue.next_task(Duration::from_secs(20))).expect("the rogue gets the task");
-    let original = task.id;
+    let original = task.id.0 as i64;
     let mut last = None;
     system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
     assert_eq!(game.join().unwrap(), 200, "not synchronous: the game got the rogue's answer");
@@ -800,21 +805,26 @@ fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     cluster.add_node(&["--model", path.to_str().unwrap()]);
     let store = cluster.store();
     let started = std::time::Instant::now();
-    let failed =
-        format!("SELECT count(*) FROM verifications WHERE task_id = {} AND outcome = 'failed'", original.0 as i64);
+    let receipt = format!("SELECT verification FROM receipts WHERE task_id = {original}");
+    let state = || -> Option<String> {
+        super::database::block_on(async { store.conn().await.unwrap().query_opt(&receipt, &[]).await.unwrap() })
+            .map(|row| row.get(0))
+    };
     // A guard against a hang, not a speed claim: the second node loads and quantizes the
     // model while the rest of the suite runs beside it (90 s was not enough on a 2-core
     // Xeon).
-    while numbers(&store, &failed) != vec![1] {
+    while state().as_deref() != Some("unverifiable") {
         assert!(
             started.elapsed() < Duration::from_secs(400),
-            "the quality check never condemned the rogue; server log:\n{}",
+            "the disagreement never left the rogue's task unpaid ({:?}); server log:\n{}",
+            state(),
             cluster.server.log_text()
         );
         system.block_on(rogue.idle(&mut [], Duration::from_millis(300)));
     }
     let log = cluster.server.log_text();
     assert!(log.contains("quality check disagreed"), "{log}");
+    assert!(log.contains("a quality-check re-run disagreed with its answer"), "{log}");
     // The re-run is billed to the operator's internal game, never to the player's.
     wait_for("the re-run's receipt", Duration::from_secs(30), || {
         numbers(
@@ -822,6 +832,13 @@ fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
             "SELECT count(*) FROM receipts r JOIN games g ON g.id = r.game_id WHERE g.name = 'ludus-quality-checks'",
         ) == vec![1]
     });
+    system.block_on(rogue.idle(&mut [], Duration::from_millis(1500)));
+    assert_eq!(state().as_deref(), Some("unverifiable"), "unpaid while its check waits");
+    // The waiting check is in Postgres: the restarted server claims it and condemns.
+    cluster.restart_server();
+    wait_for("the rogue's verdict", Duration::from_secs(120), || state().as_deref() == Some("failed"));
+    let detail = format!("SELECT count(*) FROM verifications WHERE task_id = {original} AND outcome = 'failed'");
+    assert_eq!(numbers(&store, &detail), vec![1]);
     engine.shutdown();
 }
 
