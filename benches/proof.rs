@@ -2,7 +2,10 @@
 //! - generation overhead of building proofs (hidden states collected, top-k per row),
 //!   alternating runs with and without, batch 1;
 //! - verification time / generation time for ~128-token completions;
-//! - proof bytes per 32 generated tokens.
+//! - proof bytes per 32 generated tokens;
+//! - the server's write-ahead of a picked task's check (`actors::check_log`: the
+//!   backlog's JSON of prompt, tokens and proof, one append) against that task's
+//!   verification, and the `fdatasync` the log adds to a block.
 //!
 //! `cargo bench --bench proof` (needs `scripts/setup` for the model). Plain main, no
 //! criterion: each figure is a ratio measured in the same run.
@@ -44,6 +47,9 @@ fn main() {
     let node = Identity::generate();
     let tol = Tolerances::default();
     let (mut plain, mut proving, mut verifying) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let dir = tempfile::tempdir().unwrap();
+    let (checks, _) = ludus::actors::check_log::CheckLog::open(&dir.path().join("checks.log")).unwrap();
+    let (mut owing, mut syncing, mut line_bytes, mut syncs) = (Duration::ZERO, Duration::ZERO, 0, 0);
     let (mut tokens_plain, mut tokens_proving, mut bytes_per_chunk, mut accepted, mut tasks) = (0, 0, 0, 0, 0);
     for round in 0..ROUNDS {
         for (i, ask) in ASKS.iter().enumerate() {
@@ -77,6 +83,31 @@ fn main() {
                 verifying += started.elapsed();
                 accepted += verdict.accepted as usize;
                 tasks += 1;
+                // What Completion does for a picked task before writing its completion ahead.
+                let check = ludus::actors::verifier::VerifyTask {
+                    task: ludus::protocol::TaskId(tasks as u64),
+                    node: node.address,
+                    model: "smollm2".into(),
+                    input: ludus::protocol::TaskInput::Chat(messages.clone()),
+                    params: params.clone(),
+                    prefix: Vec::new(),
+                    completion: completion.clone(),
+                    logprobs: Vec::new(),
+                    challenge: [i as u8; 32],
+                    proof: Some(Box::new(proof)),
+                    report: Vec::new(),
+                    slot: None,
+                };
+                let started = Instant::now();
+                let line = ludus::actors::check_backlog::encode(&check).unwrap();
+                checks.owe(tasks as u64, node.address.0, &line);
+                owing += started.elapsed();
+                line_bytes += line.len();
+                // One block's sync (the log was written to since the last one).
+                let started = Instant::now();
+                checks.sync();
+                syncing += started.elapsed();
+                syncs += 1;
             }
         }
     }
@@ -96,5 +127,13 @@ fn main() {
         verifying.as_secs_f64() / proving.as_secs_f64()
     );
     println!("proof: {bytes_per_chunk} bytes per 32 generated tokens (top-64, u16 index + f16 value)");
+    println!(
+        "check written ahead: {:.3} ms per task ({} bytes per line), {:.5} of its verification; \
+         the block's fdatasync after it: {:.3} ms",
+        owing.as_secs_f64() * 1e3 / tasks.max(1) as f64,
+        line_bytes / tasks.max(1),
+        owing.as_secs_f64() / verifying.as_secs_f64(),
+        syncing.as_secs_f64() * 1e3 / syncs.max(1) as f64,
+    );
     engine.shutdown();
 }
