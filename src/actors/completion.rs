@@ -99,6 +99,10 @@ pub struct TaskFinished {
     pub receipt: SignedReceipt,
     pub proof: Option<Box<Proof>>,
     pub latency_ms: i32,
+    /// What frees the node's slot at the Distributor, sent once the proof's structure is
+    /// judged: a failed one's quarantine goes first, into the same mailbox, so a queued
+    /// job cannot reach a node just caught. (The proxy used to free it on `Done`.)
+    pub freed: TaskCompleted,
 }
 
 /// The game left mid-stream after `delivered` tokens reached it: those are charged to its
@@ -562,7 +566,9 @@ impl Handler<TaskFinished> for Completion {
         if let Some(fault) =
             done.challenge.and_then(|c| proof_fault(done.address, &done.job, done.prefix_len, c, proof))
         {
+            // The quarantine first, then the free slot: both into the Distributor's mailbox.
             self.reject_proof(done.address, done.job.id, &fault);
+            self.config.distributor.do_send(done.freed);
             let TaskFinished { node, address, job, finish_reason, .. } = done;
             if job.stream {
                 // The game read every token already; they are charged to its budget, and
@@ -573,6 +579,7 @@ impl Handler<TaskFinished> for Completion {
             }
             return;
         }
+        self.config.distributor.do_send(done.freed);
         // The check first, then the completion, both written ahead before the game hears Done.
         let picked = self.pick(ctx, &done);
         let live = Some((&done.job, done.latency_ms));

@@ -241,8 +241,9 @@ pub struct NodeHeartbeat {
     pub load: NodeLoad,
 }
 
-/// A job finished on a node.
-#[derive(Message)]
+/// A job finished on a node: its slot is free. Sent by Completion once it has judged the
+/// proof's structure (see `completion::TaskFinished::freed`).
+#[derive(Message, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct TaskCompleted {
     pub node: NodeId,

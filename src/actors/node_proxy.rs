@@ -510,16 +510,19 @@ impl NodeProxy {
                 if !tail.is_empty() {
                     let _ = run.job.events.send(JobEvent::Text(tail));
                 }
-                // The node's part is over either way: free its slot, learn its speed.
-                self.distributor.do_send(TaskCompleted {
+                // The node's part is over either way: its slot is freed and its speed
+                // learnt, by Completion once it has judged the proof (a failed one's
+                // quarantine lands first).
+                let freed = TaskCompleted {
                     node: self.id,
                     task: id,
                     completion_tokens: run.job.emitted.len().saturating_sub(run.prefix_len),
                     time_to_first_token: run.first_token.map(|t| t - run.started),
                     duration: run.started.elapsed(),
-                });
-                let Some(address) = self.address else { return };
+                };
+                let Some(address) = self.address else { return self.distributor.do_send(freed) };
                 self.config.completion.do_send(TaskFinished {
+                    freed,
                     node: self.id,
                     address,
                     reply_to: ctx.address().recipient(),

@@ -308,6 +308,57 @@ fn a_node_skipping_or_forging_its_proof_is_caught_without_a_sampled_check() {
     engine.shutdown();
 }
 
+/// A node whose proof fails the checks that need no model is quarantined before its slot
+/// is freed: the job queued behind its task does not reach it. The proxy used to free the
+/// slot on `Done`, before Completion judged the proof, so the Distributor handed the queued
+/// job to the node it was about to quarantine.
+#[test]
+fn a_node_caught_without_its_proof_gets_no_queued_job() {
+    let Some(path) = smollm2() else { return };
+    let config = verifier_config(&path)
+        .replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 0\nquality_check_rate = 0.0");
+    let cluster = Cluster::start(&config);
+    let (model, engine) = liar_model(&path);
+    let ask = |n: usize| {
+        let body = serde_json::json!({
+            "model": MODEL, "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": format!("Name {n} rivers.")}]
+        })
+        .to_string();
+        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+        std::thread::spawn(move || {
+            let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+            (r.status, r.body)
+        })
+    };
+    let system = actix_rt::System::new();
+    let id = ludus::crypto::identity::Identity::generate();
+    let mut rogue = system.block_on(Rogue::join_with(&cluster.addr, MODEL, id, 1));
+    let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
+    let first = ask(2);
+    let task = system.block_on(rogue.next_task(Duration::from_secs(20))).expect("the rogue gets the first task");
+    // The second waits in the queue: the rogue's one slot is taken.
+    let second = ask(3);
+    // The Distributor's block line counts the queue (heartbeats keep the rogue alive).
+    let started = std::time::Instant::now();
+    while !cluster.server.log_text().contains("queued=1") {
+        assert!(started.elapsed() < Duration::from_secs(20), "the second job never queued");
+        system.block_on(rogue.idle(&mut [], Duration::from_millis(100)));
+    }
+    let mut last = None;
+    system.block_on(answer(&mut rogue, &model, &engine, task, Lie::NoProof, &mut last));
+    let (status, body) = first.join().unwrap();
+    assert_eq!(status, 502, "the game read an answer without its proof: {body}");
+    let next = system.block_on(rogue.next_task(Duration::from_secs(3)));
+    assert!(next.is_none(), "the queued job reached the node caught without its proof: {next:?}");
+    let log = cluster.server.log_text();
+    assert!(log.contains("node quarantined: proof of inference failed"), "{log}");
+    // No other node: the queued job ends with an error, never with the rogue's answer.
+    let (status, body) = second.join().unwrap();
+    assert_ne!(status, 200, "{body}");
+    engine.shutdown();
+}
+
 /// How a protocol-level liar cheats.
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub enum Lie {

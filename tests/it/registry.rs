@@ -273,7 +273,12 @@ impl Rogue {
 
     /// Joins with a given key (two sessions of one node, say).
     pub async fn join_as(addr: &str, model: &str, id: Identity) -> Self {
-        let announce = Announce { models: vec![model.into()], capacity: 4, device: "cpu".into(), bundles: vec![] };
+        Self::join_with(addr, model, id, 4).await
+    }
+
+    /// Joins with a given key, announcing room for `capacity` tasks at once.
+    pub async fn join_with(addr: &str, model: &str, id: Identity, capacity: usize) -> Self {
+        let announce = Announce { models: vec![model.into()], capacity, device: "cpu".into(), bundles: vec![] };
         let link = join(&format!("ws://{addr}/ws/node"), &id, announce, None).await.unwrap();
         Self { id, link, load: NodeLoad { context: 4096, ..NodeLoad::default() } }
     }
