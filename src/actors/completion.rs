@@ -120,6 +120,9 @@ pub struct TaskAbandoned {
     /// only with its proof ([`HangUpProved`]); a hang-up within a continuation's prefix only
     /// charges the game's budget.
     pub witness: bool,
+    /// The server that forwarded the job here (`Job::origin`): the game's budget is
+    /// charged there, where it was admitted and is counted.
+    pub origin: Option<String>,
 }
 
 /// The node's receipt and proof for the tokens a game received before it left: checked
@@ -331,7 +334,7 @@ impl Completion {
     /// The game hears its answer is complete, and its budget is charged for it (by the
     /// server that admitted it: for a job another server forwarded, that one).
     fn deliver(&self, job: &Job, finish_reason: FinishReason, usage: TaskUsage) {
-        if !job.forwarded {
+        if job.origin.is_none() {
             self.charge(&job.key_hash, usage.prompt_tokens.saturating_add(usage.completion_tokens));
         }
         let _ = job.events.send(JobEvent::Done { finish_reason, usage });
@@ -646,7 +649,23 @@ impl Handler<TaskAbandoned> for Completion {
                 actix::spawn(told);
             }
         }
-        self.charge(&msg.key_hash, msg.prompt_tokens.saturating_add(msg.delivered.len()));
+        let tokens = msg.prompt_tokens.saturating_add(msg.delivered.len());
+        match msg.origin {
+            // This server never admitted the game: its Gateway holds no budget of the key.
+            Some(origin) if !msg.key_hash.is_empty() => match self.config.peers.cluster() {
+                Some(cluster) => cluster.do_send(super::cluster::Outbound::Charge {
+                    origin,
+                    task: msg.task,
+                    key_hash: msg.key_hash,
+                    tokens,
+                }),
+                None => {
+                    tracing::warn!(task = %msg.task, %origin, tokens, "a forwarded hang-up's charge lost: no cluster")
+                }
+            },
+            Some(_) => {}
+            None => self.charge(&msg.key_hash, tokens),
+        }
     }
 }
 

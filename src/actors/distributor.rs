@@ -189,7 +189,7 @@ impl Distributor {
     /// crosses at most once) or is a quality-check re-run (checked where it was made).
     #[allow(clippy::result_large_err)] // the job comes back whole, by design
     fn forward(&mut self, job: Job, anywhere: bool) -> Result<(), Job> {
-        if job.forwarded || job.shadow_of.is_some() || !job.emitted.is_empty() {
+        if job.origin.is_some() || job.shadow_of.is_some() || !job.emitted.is_empty() {
             return Err(job);
         }
         let Some(cluster) = self.peers.cluster() else { return Err(job) };
@@ -627,7 +627,7 @@ impl Distributor {
             let usage = TaskUsage { prompt_tokens: job.prompt.tokens as usize, completion_tokens: job.emitted.len() };
             // Charged to the game's budget like any answer (by the server that admitted
             // it); no node is paid for tokens without their receipt and proof.
-            if let (Some(budgets), false, false) = (self.usage.get(), job.key_hash.is_empty(), job.forwarded) {
+            if let (Some(budgets), false, false) = (self.usage.get(), job.key_hash.is_empty(), job.origin.is_some()) {
                 let tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
                 budgets.do_send(RecordUsage { key_hash: job.key_hash.clone(), tokens });
             }

@@ -75,8 +75,10 @@ pub struct Job {
     pub emitted: Vec<u32>,
     /// The nodes' log probabilities of `emitted`, when the request asked for them.
     pub emitted_logprobs: Vec<crate::inference::logprobs::TokenLogprobs>,
-    /// Forwarded here by another server of the network (`cluster`): never forwarded again.
-    pub forwarded: bool,
+    /// The server of the network (`cluster`) that forwarded it here, where the game is
+    /// connected and its budget charged; `None` for a job admitted here. A forwarded job
+    /// is never forwarded again.
+    pub origin: Option<String>,
 }
 
 /// The task a quality check re-runs on a second node (same input, same seed).
@@ -140,7 +142,7 @@ impl Job {
             shadow_of: None,
             emitted: Vec::new(),
             emitted_logprobs: Vec::new(),
-            forwarded: false,
+            origin: None,
         }
     }
 

@@ -716,6 +716,7 @@ impl NodeProxy {
                     prompt_tokens: run.job.prompt.tokens as usize,
                     delivered: run.job.emitted[..delivered].to_vec(),
                     witness: own && run.challenge.is_none(),
+                    origin: run.job.origin.clone(),
                 });
                 match run.challenge {
                     Some(challenge) if proved && self.abandoned.len() < MAX_ABANDONED => {

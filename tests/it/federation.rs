@@ -463,6 +463,38 @@ fn a_games_rate_limit_holds_across_servers() {
     assert!((27..=33).contains(&admitted), "{admitted} admitted across the network for a limit of 30");
 }
 
+/// A game that leaves mid-answer a job forwarded to another server is charged, for the
+/// tokens it received, where it was admitted. The running server used to charge its own
+/// Gateway, which holds no budget of a key it never admitted: the charge was lost, and a
+/// game could read answers past its tokens per minute by leaving each one early.
+#[test]
+fn a_game_leaving_a_forwarded_job_is_charged_where_it_was_admitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    // 60 tokens a minute for the game: each of the two servers admits 30.
+    let mut servers = start_network(&nats, &["a", "b"], "[games]\ntokens_per_minute = 60\n", dir.path());
+    servers[1].add_node(&["--fake-engine", "400:20", "--capacity", "4"]);
+    for server in &servers {
+        server.wait_nodes("fake", 1);
+    }
+    let a = &servers[0];
+    let key = a.key.clone();
+    // Streamed through A, run on B; the game leaves after 40 tokens, more than A's 30.
+    let mut stream = SseStream::open(&a.addr, &key, &chat("fake", 400, true));
+    assert_eq!(stream.status, 200);
+    for _ in 0..40 {
+        assert!(stream.next_data().is_some());
+    }
+    drop(stream);
+    wait_for("A to charge the game for the tokens it received on B", Duration::from_secs(30), || {
+        a.server.log_text().contains("a game that left a forwarded job charged for the tokens it received")
+    });
+    // The budget A admits from is spent: the next request through A is refused for it.
+    let r = post_with(&a.addr, "/v1/chat/completions", Some(&key), chat("fake", 4, false).as_bytes());
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.body.contains("tokens per minute"), "{}", r.body);
+}
+
 #[test]
 fn nats_restarted_under_load_is_rejoined_and_local_nodes_serve_meanwhile() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,9 @@
 //!   what a message says about its sender is checked against its subject.
 //! - **Shared state.** A node key holds one session in the whole network
 //!   ([`Sessions`]). A node that fails a proof check is quarantined on every server; each
-//!   server admits its share (1/N of the live servers) of every game's per-minute limits.
+//!   server admits its share (1/N of the live servers) of every game's per-minute limits;
+//!   a forwarded job's tokens are charged where it was admitted (with its `Done`, or, when
+//!   the game left mid-answer, by a [`wire::Charge`] from the server that ran it).
 //!   Suspensions are in the shared database already.
 //! - **Failures.** NATS down: no other server is offered work or counted from that moment,
 //!   and each server serves from its own nodes; jobs already crossing are given
@@ -39,8 +41,12 @@ use super::distributor::Distributor;
 use super::messages::{Job, LocalRoom, QuarantineNode, RecordUsage};
 use super::sessions::Sessions;
 use crate::crypto::identity::Address;
+use crate::protocol::TaskId;
 pub use peers::Peers;
-use wire::{Advert, Quarantine, SessionClaim, Witness};
+use wire::{Advert, Charge, Quarantine, SessionClaim, Witness};
+
+/// Longest key hash a charge may name (a SHA-256 in hex is 64).
+const MAX_KEY_HASH_LEN: usize = 128;
 
 /// What the rest of the server asks of the network.
 #[derive(Message)]
@@ -55,6 +61,9 @@ pub enum Outbound {
     Witness { task: u64, node: [u8; 20], completion_tokens: u32, output_hash: [u8; 32], sampled: bool },
     /// A session of node `address` opened here at `since_ms`: older ones elsewhere close.
     Claim { address: Address, since_ms: u64 },
+    /// The game of `task`, forwarded here by `origin`, left after receiving `tokens`
+    /// (prompt included): charged to its key's budget at `origin`, which admitted it.
+    Charge { origin: String, task: TaskId, key_hash: String, tokens: usize },
 }
 
 /// Longest a game's answer waits for its completion to reach the other servers.
@@ -265,6 +274,27 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Charges the games this server admitted for the tokens of forwarded jobs they left
+    /// mid-answer (counted where the job ran). Bounded: a charge never exceeds what one
+    /// job could count (`u32::MAX` tokens), and names a key of a plausible length.
+    fn listen_charges(&self, ctx: &mut Context<Self>) {
+        let usage = self.usage.clone();
+        self.listen(
+            ctx,
+            wire::charges_for(&self.config.name),
+            move |publisher, payload| match serde_json::from_slice::<Charge>(&payload) {
+                Ok(c) if !c.key_hash.is_empty() && c.key_hash.len() <= MAX_KEY_HASH_LEN => {
+                    tracing::info!(%publisher, task = %c.task, tokens = c.tokens,
+                        "a game that left a forwarded job charged for the tokens it received");
+                    let tokens = c.tokens.min(u64::from(u32::MAX)) as usize;
+                    usage.do_send(RecordUsage { key_hash: c.key_hash, tokens });
+                }
+                Ok(_) => tracing::warn!(%publisher, "charge without a valid key ignored"),
+                Err(e) => tracing::warn!(%publisher, error = %e, "malformed charge ignored"),
+            },
+        );
+    }
+
     /// Closes this server's session of a node key that opened a newer one on another
     /// server; claims it again when this one is the newer (so the other closes its own).
     fn listen_sessions(&self, ctx: &mut Context<Self>) {
@@ -327,6 +357,7 @@ impl Actor for Cluster {
         self.listen_jobs(ctx);
         self.listen_quarantines(ctx);
         self.listen_witnesses(ctx);
+        self.listen_charges(ctx);
         self.advertise(ctx);
         ctx.run_interval(self.config.advert_interval, |this, ctx| this.advertise(ctx));
         tracing::info!(name = %self.config.name, "cluster on: forwarding jobs between servers over NATS");
@@ -387,6 +418,16 @@ impl Handler<Outbound> for Cluster {
                 });
             }
             Outbound::Claim { address, since_ms } => publish_claim(&self.client, &self.config.name, address, since_ms),
+            Outbound::Charge { origin, task, key_hash, tokens } => {
+                let charge = Charge { task, key_hash, tokens: tokens as u64 };
+                let (client, subject) = (self.client.clone(), wire::charge_subject(&origin, &self.config.name));
+                actix::spawn(async move {
+                    let payload = serde_json::to_vec(&charge).expect("charges serialize");
+                    if let Err(e) = client.publish(subject, payload.into()).await {
+                        tracing::warn!(error = %e, task = %charge.task, %origin, "a forwarded hang-up's charge not sent");
+                    }
+                });
+            }
         }
         Box::pin(async {})
     }

@@ -244,6 +244,6 @@ async fn admit(
         stream: f.stream,
     };
     let mut job = Job::new(f.task, billing, request, events);
-    job.forwarded = true;
+    job.origin = Some(f.origin);
     Ok(job)
 }

@@ -18,6 +18,9 @@
 //!   game is answered): if this server dies, the node's re-sent receipt is paid by another.
 //! - `ludus.session.<server>` — a node key opened a session here at this time: any older
 //!   session of that key on another server is closed (one key, one session).
+//! - `ludus.charge.<origin>.<runner>` — the game of a job `origin` forwarded to `runner`
+//!   left mid-answer: the tokens it received, charged to its per-minute budget where it
+//!   was admitted (a finished job's usage comes back with its `Done`).
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +62,16 @@ pub fn job_subject(runner: &str, origin: &str) -> String {
     format!("ludus.job.{runner}.{origin}")
 }
 
+/// Where `runner` charges a game that left a job `origin` forwarded to it.
+pub fn charge_subject(origin: &str, runner: &str) -> String {
+    format!("ludus.charge.{origin}.{runner}")
+}
+
+/// Every charge for the games `origin` admitted.
+pub fn charges_for(origin: &str) -> String {
+    format!("ludus.charge.{origin}.*")
+}
+
 /// Every job forwarded to `runner`.
 pub fn jobs_for(runner: &str) -> String {
     format!("ludus.job.{runner}.*")
@@ -98,6 +111,7 @@ impl Permissions {
                 format!("ludus.job.*.{name}"),
                 format!("ludus.reply.*.*.{name}"),
                 format!("ludus.cancel.*.*.{name}"),
+                format!("ludus.charge.*.{name}"),
             ],
             subscribe: vec![
                 ANY_ADVERT.into(),
@@ -107,6 +121,7 @@ impl Permissions {
                 jobs_for(name),
                 format!("ludus.reply.{name}.*.*"),
                 format!("ludus.cancel.{name}.*.*"),
+                charges_for(name),
             ],
         }
     }
@@ -202,6 +217,16 @@ pub struct Quarantine {
     pub seconds: u64,
 }
 
+/// Tokens a game received of a job forwarded for it before it left: charged to the
+/// per-minute token budget of its key on the server that admitted it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Charge {
+    pub task: TaskId,
+    pub key_hash: String,
+    /// Prompt tokens plus the completion tokens delivered.
+    pub tokens: u64,
+}
+
 /// A completion a server saw: what a re-sent receipt must match to be paid elsewhere.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Witness {
@@ -286,9 +311,6 @@ mod tests {
         assert_eq!(reply_subject("a", TaskId(255), "b"), "ludus.reply.a.00000000000000ff.b");
     }
 
-    /// Every subject a server publishes is inside its own publish permissions and inside
-    /// the subscriptions of the servers it is meant for, and outside another's publish
-    /// permissions: NATS can hold each server to its name.
     #[test]
     fn a_witness_carries_the_pick_and_one_from_an_older_server_reads_as_not_picked() {
         let w = Witness {
@@ -306,6 +328,9 @@ mod tests {
         assert!(!serde_json::from_value::<Witness>(older).unwrap().sampled);
     }
 
+    /// Every subject a server publishes is inside its own publish permissions and inside
+    /// the subscriptions of the servers it is meant for, and outside another's publish
+    /// permissions: NATS can hold each server to its name.
     #[test]
     fn each_server_may_publish_only_under_its_own_name() {
         fn matches(pattern: &str, subject: &str) -> bool {
@@ -327,6 +352,7 @@ mod tests {
             (job_subject("b", "a"), "b"),
             (reply_subject("b", task, "a"), "b"),
             (cancel_subject("b", task, "a"), "b"),
+            (charge_subject("b", "a"), "b"),
         ];
         for (subject, reader) in &sent_by_a {
             assert_eq!(publisher(subject), "a");
@@ -335,7 +361,13 @@ mod tests {
             assert_eq!(*reader, "b");
             assert!(allowed(&b.subscribe, subject), "b reads {subject}");
         }
-        for private in [job_subject("b", "c"), reply_subject("b", task, "c"), cancel_subject("b", task, "c")] {
+        let private = [
+            job_subject("b", "c"),
+            reply_subject("b", task, "c"),
+            cancel_subject("b", task, "c"),
+            charge_subject("b", "c"),
+        ];
+        for private in private {
             assert!(!allowed(&a.subscribe, &private), "a must not read {private}");
         }
         let user = a.nats_user("ludus-a", "pw");
