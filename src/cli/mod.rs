@@ -5,6 +5,7 @@ mod bench;
 mod chain;
 mod cluster;
 mod distill;
+mod games;
 mod generate;
 mod inspect;
 mod load;
@@ -116,7 +117,7 @@ pub enum KeysCommand {
 #[derive(Debug, Subcommand)]
 pub enum GamesCommand {
     /// Create a game and print its API key once.
-    Add(serve::GamesAddArgs),
+    Add(games::GamesAddArgs),
     /// List games with their status, escrow and key count (JSON).
     List,
     /// Suspend a game: its keys get 403 with the reason.
@@ -138,6 +139,21 @@ pub enum GamesCommand {
         name: String,
         /// The wallet address, 0x followed by 40 hex digits.
         wallet: String,
+    },
+    /// Add an API key to a game and print it once (rotation: add one, deploy it, revoke
+    /// the old one).
+    AddKey(games::GamesAddKeyArgs),
+    /// List a game's keys: id, limits, when made and revoked (JSON; never the keys).
+    Keys {
+        /// The game's name.
+        name: String,
+    },
+    /// Revoke a game's key: servers refuse it within seconds.
+    RevokeKey {
+        /// The game's name.
+        name: String,
+        /// The key's id from `keys` (8 or more of its hex digits), or the key itself.
+        key: String,
     },
 }
 
@@ -266,13 +282,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&settings, cmd),
         Command::Serve => serve::serve(settings),
         Command::Node(args) => serve::node(settings, args),
-        Command::Games(GamesCommand::Add(args)) => serve::games_add(&settings, args),
-        Command::Games(GamesCommand::List) => serve::games_list(&settings),
+        Command::Games(GamesCommand::Add(args)) => games::games_add(&settings, args),
+        Command::Games(GamesCommand::List) => games::games_list(&settings),
         Command::Games(GamesCommand::Suspend { name, reason }) => {
-            serve::games_set_status(&settings, &name, Some(&reason))
+            games::games_set_status(&settings, &name, Some(&reason))
         }
-        Command::Games(GamesCommand::Resume { name }) => serve::games_set_status(&settings, &name, None),
-        Command::Games(GamesCommand::SetWallet { name, wallet }) => serve::games_set_wallet(&settings, &name, &wallet),
+        Command::Games(GamesCommand::Resume { name }) => games::games_set_status(&settings, &name, None),
+        Command::Games(GamesCommand::SetWallet { name, wallet }) => games::games_set_wallet(&settings, &name, &wallet),
+        Command::Games(GamesCommand::AddKey(args)) => games::games_add_key(&settings, args),
+        Command::Games(GamesCommand::Keys { name }) => games::games_keys(&settings, &name),
+        Command::Games(GamesCommand::RevokeKey { name, key }) => games::games_revoke_key(&settings, &name, &key),
         Command::Chain(cmd) => chain::run(cmd),
         Command::Cluster(ClusterCommand::NatsUser(args)) => cluster::nats_user(args),
         Command::Claim(args) => chain::claim(args),

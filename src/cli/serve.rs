@@ -1,5 +1,5 @@
-//! `ludus serve`, `ludus node`, `ludus games add` and `ludus demo`: starting the network's
-//! processes from the command line.
+//! `ludus serve`, `ludus node` and `ludus demo`: starting the network's processes from the
+//! command line.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use clap::Args;
 use super::RuntimeArgs;
 use crate::ledger::Store;
 use crate::node::{run_node, Backend, FakeSpec, NodeModel, NodeOptions};
-use crate::serve::{open_store, shutdown_signal};
+use crate::serve::shutdown_signal;
 use crate::settings::Settings;
 
 /// Runs the server until SIGINT/SIGTERM, then shuts down gracefully.
@@ -123,74 +123,6 @@ pub fn node(settings: Settings, args: NodeArgs) -> anyhow::Result<()> {
             _ = shutdown_signal() => Ok(()),
         }
     })
-}
-
-#[derive(Debug, Args)]
-pub struct GamesAddArgs {
-    /// The game's name (letters, digits, '-' and '_').
-    pub name: String,
-    /// Requests per minute allowed for the key (default: [games] in the config).
-    #[arg(long)]
-    pub rpm: Option<u32>,
-    /// Tokens per minute allowed for the key.
-    #[arg(long)]
-    pub tpm: Option<u32>,
-    /// The wallet (0x…) the game keeps its escrow in on the settlement contract.
-    #[arg(long)]
-    pub wallet: Option<String>,
-}
-
-/// Runs `f` against the registry database (the private cluster is stopped afterwards
-/// if this command had to start it).
-fn with_store<T>(settings: &Settings, f: impl AsyncFnOnce(Store) -> anyhow::Result<T>) -> anyhow::Result<T> {
-    actix_web::rt::System::new().block_on(async move {
-        let (store, cluster) = open_store(settings).await?;
-        let result = f(store).await;
-        if let Some(cluster) = cluster.filter(|c| c.started_here) {
-            cluster.stop()?;
-        }
-        result
-    })
-}
-
-pub fn games_add(settings: &Settings, args: GamesAddArgs) -> anyhow::Result<()> {
-    let rpm = args.rpm.unwrap_or(settings.games.requests_per_minute);
-    let tpm = args.tpm.unwrap_or(settings.games.tokens_per_minute);
-    if let Some(w) = &args.wallet {
-        crate::ledger::games::normalize_wallet(w)?;
-    }
-    let (id, key) = with_store(settings, async |store| {
-        let (id, key) = store.add_game(&args.name, rpm, tpm).await?;
-        if let Some(w) = &args.wallet {
-            store.set_game_wallet(&args.name, w).await?;
-        }
-        Ok((id, key))
-    })?;
-    eprintln!("created game `{}` (id {id}); its API key (shown once, stored hashed):", args.name);
-    println!("{key}");
-    Ok(())
-}
-
-pub fn games_list(settings: &Settings) -> anyhow::Result<()> {
-    let games = with_store(settings, async |store| Ok(store.list_games().await?))?;
-    println!("{}", serde_json::to_string_pretty(&games)?);
-    Ok(())
-}
-
-/// `ludus games set-wallet NAME 0x…`.
-pub fn games_set_wallet(settings: &Settings, name: &str, wallet: &str) -> anyhow::Result<()> {
-    let wallet = with_store(settings, async |store| Ok(store.set_game_wallet(name, wallet).await?))?;
-    eprintln!("game `{name}` keeps its escrow at {wallet}; deposit with the settlement contract's deposit()");
-    Ok(())
-}
-
-/// `ludus games suspend NAME --reason …` and `ludus games resume NAME`.
-pub fn games_set_status(settings: &Settings, name: &str, suspend: Option<&str>) -> anyhow::Result<()> {
-    use crate::ledger::games::GameStatus;
-    let status = if suspend.is_some() { GameStatus::Suspended } else { GameStatus::Active };
-    with_store(settings, async |store| Ok(store.set_game_status(name, status, suspend).await?))?;
-    eprintln!("game `{name}` is now {status} (keys take it up within seconds)");
-    Ok(())
 }
 
 #[derive(Debug, Args)]

@@ -18,6 +18,16 @@ pub enum LedgerError {
     BadWallet(String),
     #[error("the wallet {0} already belongs to another game")]
     WalletTaken(String),
+    #[error("`{0}` is an internal game (the operator's own tasks): it takes no API key")]
+    InternalGame(String),
+    #[error("`{0}` names no key: give the key itself, or 8 to 64 hex digits of its id (`ludus games keys NAME`)")]
+    BadKeyId(String),
+    #[error("game `{game}` has no key with id {id} (`ludus games keys {game}` lists them)")]
+    NoSuchKey { game: String, id: String },
+    #[error("{count} keys have an id starting with {id}: give more of its digits")]
+    AmbiguousKey { id: String, count: usize },
+    #[error("key {id} was revoked already, at {at}")]
+    KeyRevoked { id: String, at: String },
     #[error("bad data in the database: {0}")]
     Corrupt(String),
 }

@@ -1,7 +1,6 @@
 //! Games and their API keys. Keys are random, shown once, and stored only as SHA-256
 //! hashes; each belongs to one game and carries its own per-minute limits.
 
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use super::error::LedgerError;
@@ -134,9 +133,7 @@ impl Store {
             .await?;
         let Some(row) = row else { return Err(LedgerError::GameExists(name.to_string())) };
         let id: i64 = row.get(0);
-        let mut secret = [0u8; 24];
-        rand::rng().fill_bytes(&mut secret);
-        let key = format!("ludus-{}", hex::encode(secret));
+        let key = super::api_keys::new_key();
         tx.execute(
             "INSERT INTO api_keys (hash, game_id, requests_per_minute, tokens_per_minute) VALUES ($1, $2, $3, $4)",
             &[&hash_key(&key), &id, &to_i32(rpm), &to_i32(tpm)],

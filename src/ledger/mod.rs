@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: the database handle (pool + migrations from `migrations/*.sql`).
 //! - [`games`]: games and hashed API keys.
+//! - [`api_keys`]: a game's further keys: added, listed, revoked (rotation).
 //! - [`receipts`]: block commits (existing tasks looked up, the new ones COPYed in, Merkle
 //!   root) and node confirmations.
 //! - [`copy_binary`]: Postgres binary COPY rows, for block commits.
@@ -14,6 +15,7 @@
 //! - [`cluster`]: a private Postgres cluster when no `database.url` is configured.
 
 pub mod anchors;
+pub mod api_keys;
 pub mod check_backlog;
 pub mod cluster;
 pub mod copy_binary;

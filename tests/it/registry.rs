@@ -471,20 +471,23 @@ fn duplicate_and_forged_submissions_never_change_the_books() {
     });
 }
 
+/// Runs `ludus --config <the cluster's> ARGS`: (success, stdout, stderr).
+fn cli(cluster: &Cluster, args: &[&str]) -> (bool, String, String) {
+    let cfg = cluster.config.to_str().unwrap();
+    let out = std::process::Command::new(super::cluster::BIN).args(["--config", cfg]).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn games_are_managed_from_the_cli_with_clear_errors() {
     let mut cluster = Cluster::start("");
     cluster.add_node(&["--fake-engine", "2"]);
     cluster.wait_nodes("fake", 1);
-    let cfg = cluster.config.to_str().unwrap().to_string();
-    let ludus = |args: &[&str]| {
-        let out = std::process::Command::new(super::cluster::BIN).args(["--config", &cfg]).args(args).output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let ludus = |args: &[&str]| cli(&cluster, args);
     let (ok, _, err) = ludus(&["games", "add", "testgame"]);
     assert!(!ok && err.contains("already exists"), "{err}");
     let (ok, _, err) = ludus(&["games", "add", "no spaces!"]);
@@ -526,6 +529,71 @@ fn games_are_managed_from_the_cli_with_clear_errors() {
         .as_bytes(),
     );
     assert_eq!(r.status, 400, "{}", r.body);
+    cluster.nodes.clear();
+}
+
+/// A game's key is rotated and a leaked one revoked from the command line, without a
+/// restart: a second key works at once, the revoked one is refused within the servers' key
+/// cache time while the other keeps working, and the listing names keys by id, never shows
+/// one. Bad names of a key are refused with the reason, and a key is revoked only within
+/// its own game.
+#[test]
+fn a_games_key_is_rotated_and_a_leaked_one_revoked_from_the_cli() {
+    let mut cluster = Cluster::start("");
+    cluster.add_node(&["--fake-engine", "2"]);
+    cluster.wait_nodes("fake", 1);
+    let ludus = |args: &[&str]| {
+        let (ok, out, err) = cli(&cluster, args);
+        (ok, out.trim().to_string(), err)
+    };
+    let body = r#"{"model": "fake", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let ask = |key: &str| super::cluster::post_with(&cluster.addr, "/v1/chat/completions", Some(key), body.as_bytes());
+    let old = cluster.key.clone();
+    let old_id = ludus::ledger::hash_key(&old)[..16].to_string();
+
+    let (ok, new, err) = ludus(&["games", "add-key", "testgame", "--rpm", "120"]);
+    assert!(ok && new.starts_with("ludus-"), "{err}");
+    assert_eq!(ask(&new).status, 200, "a new key works at once");
+    let (ok, listed, err) = ludus(&["games", "keys", "testgame"]);
+    assert!(ok, "{err}");
+    assert!(!listed.contains(&old) && !listed.contains(&new), "a listing never shows a key: {listed}");
+    let keys: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(keys[0]["id"], old_id.as_str());
+    assert_eq!(keys[1]["requests_per_minute"], 120);
+    assert!(keys[0]["revoked_at"].is_null() && keys[1]["revoked_at"].is_null(), "{listed}");
+
+    // Bad names, another game's key and unknown games are refused, and revoke nothing.
+    let (ok, _, err) = ludus(&["games", "revoke-key", "testgame", "abc"]);
+    assert!(!ok && err.contains("names no key"), "{err}");
+    let (ok, _, err) = ludus(&["games", "revoke-key", "testgame", "0000000000"]);
+    assert!(!ok && err.contains("has no key with id 0000000000"), "{err}");
+    let (ok, other, err) = ludus(&["games", "add", "othergame"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = ludus(&["games", "revoke-key", "testgame", &other]);
+    assert!(!ok && err.contains("has no key with id"), "only within its game: {err}");
+    let (ok, _, err) = ludus(&["games", "add-key", "ghost"]);
+    assert!(!ok && err.contains("no game named `ghost`"), "{err}");
+    let (ok, _, err) = ludus(&["games", "add-key", "ludus-quality-checks"]);
+    assert!(!ok && err.contains("internal game"), "{err}");
+    assert_eq!(ask(&other).status, 200);
+
+    // The leaked key, revoked by 8 digits of its id: refused within seconds; the new one
+    // serves on.
+    let (ok, _, err) = ludus(&["games", "revoke-key", "testgame", &old_id[..8]]);
+    assert!(ok && err.contains(&format!("revoked key {old_id}")) && err.contains("1 active key(s) left"), "{err}");
+    wait_for("the revoked key to be refused", Duration::from_secs(10), || ask(&old).status == 401);
+    assert_eq!(ask(&new).status, 200);
+    let (ok, _, err) = ludus(&["games", "revoke-key", "testgame", &old]);
+    assert!(!ok && err.contains("revoked already"), "{err}");
+    let keys: serde_json::Value = serde_json::from_str(&ludus(&["games", "keys", "testgame"]).1).unwrap();
+    assert!(keys[0]["revoked_at"].as_str().is_some_and(|at| at.ends_with('Z')), "{keys}");
+    // The last key revoked (by the key itself): the game has none, and is told so.
+    let (ok, _, err) = ludus(&["games", "revoke-key", "testgame", &new]);
+    assert!(ok && err.contains("no key left"), "{err}");
+    wait_for("the last key to be refused", Duration::from_secs(10), || ask(&new).status == 401);
+    let list: serde_json::Value = serde_json::from_str(&ludus(&["games", "list"]).1).unwrap();
+    assert_eq!(list[0]["keys"], 0, "{list}");
     cluster.nodes.clear();
 }
 
