@@ -304,7 +304,9 @@ impl CheckBacklog {
     /// database error keeps it here to retry on the next ticks.
     fn write(&mut self, waiting: Waiting, ctx: &mut Context<Self>) {
         let store = self.config.store.clone();
-        let max = self.config.max;
+        // A quality check's disagreement is checked however full the backlog is: it is
+        // rare (`quality_check_rate`), and left unchecked the cheater would go unjudged.
+        let max = (waiting.why != DISAGREED).then_some(self.config.max);
         let (id, node, detail) = (waiting.id, waiting.node, waiting.why);
         async move {
             let result = store.defer_check(id.0, &node.to_string(), &waiting.model, &waiting.check, max, detail).await;
@@ -336,8 +338,10 @@ impl CheckBacklog {
                 }
             }
             Err(e) => {
-                // Not left `unverifiable` for good: the check log still owes it, its task
-                // stays unpaid (`sampled`) and it is handed out again once overdue.
+                // Not left `unverifiable` for good: the check log still owes it, and it is
+                // handed out again once overdue. Its task stays unpaid (`sampled`) meanwhile,
+                // but for a quality check's disagreement, whose receipt stays `unchecked`
+                // until then: the write that marks it failed with the rest.
                 tracing::error!(task = %id, %node, error = %e,
                     "the check backlog could not take a check, and too many wait; left to the check log");
             }

@@ -99,10 +99,37 @@ pub struct TaskFinished {
     pub receipt: SignedReceipt,
     pub proof: Option<Box<Proof>>,
     pub latency_ms: i32,
-    /// What frees the node's slot at the Distributor, sent once the proof's structure is
-    /// judged: a failed one's quarantine goes first, into the same mailbox, so a queued
+    /// What frees the node's slot at the Distributor, released once the proof's structure
+    /// is judged: a failed one's quarantine goes first, into the same mailbox, so a queued
     /// job cannot reach a node just caught. (The proxy used to free it on `Done`.)
-    pub freed: TaskCompleted,
+    pub freed: FreeSlot,
+}
+
+/// Frees a node's slot at the Distributor once: when released, or else when dropped (a
+/// `TaskFinished` lost to a panic or a closed mailbox still frees its node's slot).
+pub struct FreeSlot(Option<(Addr<Distributor>, TaskCompleted)>);
+
+impl FreeSlot {
+    pub fn new(distributor: Addr<Distributor>, completed: TaskCompleted) -> Self {
+        Self(Some((distributor, completed)))
+    }
+
+    /// A slot freed already (a task without a challenge: no proof to judge first).
+    pub fn freed() -> Self {
+        Self(None)
+    }
+
+    pub fn release(&mut self) {
+        if let Some((distributor, completed)) = self.0.take() {
+            distributor.do_send(completed);
+        }
+    }
+}
+
+impl Drop for FreeSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// The game left mid-stream after `delivered` tokens reached it: those are charged to its
@@ -332,12 +359,34 @@ impl Completion {
     }
 
     /// The game hears its answer is complete, and its budget is charged for it (by the
-    /// server that admitted it: for a job another server forwarded, that one).
+    /// server that admitted it: for a job another server forwarded, that one, with the
+    /// `Done` it relays; when that server's game left just before, with a charge).
     fn deliver(&self, job: &Job, finish_reason: FinishReason, usage: TaskUsage) {
+        let tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
         if job.origin.is_none() {
-            self.charge(&job.key_hash, usage.prompt_tokens.saturating_add(usage.completion_tokens));
+            self.charge(&job.key_hash, tokens);
         }
-        let _ = job.events.send(JobEvent::Done { finish_reason, usage });
+        let relayed = job.events.send(JobEvent::Done { finish_reason, usage }).is_ok();
+        if let (false, Some(origin)) = (relayed, &job.origin) {
+            self.charge_origin(origin, job.id, &job.key_hash, tokens);
+        }
+    }
+
+    /// Charges `tokens` of `task`, a job `origin` forwarded here whose game left, to the
+    /// key's budget at `origin`, where it was admitted (this Gateway holds none of it).
+    fn charge_origin(&self, origin: &str, task: TaskId, key_hash: &str, tokens: usize) {
+        if key_hash.is_empty() {
+            return;
+        }
+        match self.config.peers.cluster() {
+            Some(cluster) => cluster.do_send(super::cluster::Outbound::Charge {
+                origin: origin.to_string(),
+                task,
+                key_hash: key_hash.to_string(),
+                tokens,
+            }),
+            None => tracing::warn!(%task, %origin, tokens, "a forwarded hang-up's charge lost: no cluster"),
+        }
     }
 
     /// Now and then re-runs a finished task on another node with the same seed.
@@ -554,7 +603,7 @@ impl Supervised for Completion {
 impl Handler<TaskFinished> for Completion {
     type Result = ();
 
-    fn handle(&mut self, done: TaskFinished, ctx: &mut Self::Context) {
+    fn handle(&mut self, mut done: TaskFinished, ctx: &mut Self::Context) {
         // Usage the game is billed on: completion tokens are what the server saw arrive,
         // prompt tokens what it counted (or, for a model it holds no tokenizer of, the
         // node's word within the server's bound).
@@ -571,7 +620,7 @@ impl Handler<TaskFinished> for Completion {
         {
             // The quarantine first, then the free slot: both into the Distributor's mailbox.
             self.reject_proof(done.address, done.job.id, &fault);
-            self.config.distributor.do_send(done.freed);
+            done.freed.release();
             let TaskFinished { node, address, job, finish_reason, .. } = done;
             if job.stream {
                 // The game read every token already; they are charged to its budget, and
@@ -582,7 +631,7 @@ impl Handler<TaskFinished> for Completion {
             }
             return;
         }
-        self.config.distributor.do_send(done.freed);
+        done.freed.release();
         // The check first, then the completion, both written ahead before the game hears Done.
         let picked = self.pick(ctx, &done);
         let live = Some((&done.job, done.latency_ms));
@@ -650,20 +699,9 @@ impl Handler<TaskAbandoned> for Completion {
             }
         }
         let tokens = msg.prompt_tokens.saturating_add(msg.delivered.len());
-        match msg.origin {
+        match &msg.origin {
             // This server never admitted the game: its Gateway holds no budget of the key.
-            Some(origin) if !msg.key_hash.is_empty() => match self.config.peers.cluster() {
-                Some(cluster) => cluster.do_send(super::cluster::Outbound::Charge {
-                    origin,
-                    task: msg.task,
-                    key_hash: msg.key_hash,
-                    tokens,
-                }),
-                None => {
-                    tracing::warn!(task = %msg.task, %origin, tokens, "a forwarded hang-up's charge lost: no cluster")
-                }
-            },
-            Some(_) => {}
+            Some(origin) => self.charge_origin(origin, msg.task, &msg.key_hash, tokens),
             None => self.charge(&msg.key_hash, tokens),
         }
     }

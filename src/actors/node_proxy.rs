@@ -15,7 +15,9 @@ use actix_ws::{Message as WsMessage, ProtocolError, Session};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use super::catalog::JobText;
-use super::completion::{Completion, HangUpProved, ReceiptsResent, TaskAbandoned, TaskFinished, Verification};
+use super::completion::{
+    Completion, FreeSlot, HangUpProved, ReceiptsResent, TaskAbandoned, TaskFinished, Verification,
+};
 use super::distributor::Distributor;
 use super::error::ServeError;
 use super::messages::*;
@@ -511,16 +513,23 @@ impl NodeProxy {
                     let _ = run.job.events.send(JobEvent::Text(tail));
                 }
                 // The node's part is over either way: its slot is freed and its speed
-                // learnt, by Completion once it has judged the proof (a failed one's
-                // quarantine lands first).
-                let freed = TaskCompleted {
+                // learnt; for a task with a challenge, by Completion once it has judged
+                // the proof (a failed one's quarantine lands first).
+                let completed = TaskCompleted {
                     node: self.id,
                     task: id,
                     completion_tokens: run.job.emitted.len().saturating_sub(run.prefix_len),
                     time_to_first_token: run.first_token.map(|t| t - run.started),
                     duration: run.started.elapsed(),
                 };
-                let Some(address) = self.address else { return self.distributor.do_send(freed) };
+                let freed = match (self.address, run.challenge) {
+                    (Some(_), Some(_)) => FreeSlot::new(self.distributor.clone(), completed),
+                    _ => {
+                        self.distributor.do_send(completed);
+                        FreeSlot::freed()
+                    }
+                };
+                let Some(address) = self.address else { return };
                 self.config.completion.do_send(TaskFinished {
                     freed,
                     node: self.id,

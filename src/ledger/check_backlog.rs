@@ -37,25 +37,29 @@ pub enum Deferred {
 }
 
 impl Store {
-    /// Queues `check` for `task` of `node`, unless the backlog holds `max` checks already,
-    /// and marks the task unpaid (`unverifiable`, `detail`) until its verdict.
+    /// Queues `check` for `task` of `node`, unless the backlog holds `max` checks already
+    /// (`None`: however many), and marks the task unpaid (`unverifiable`, `detail`) until
+    /// its verdict.
     pub async fn defer_check(
         &self,
         task: u64,
         node: &str,
         model: &str,
         check: &[u8],
-        max: u64,
+        max: Option<u64>,
         detail: &str,
     ) -> Result<Deferred, LedgerError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
-        let queued: i64 = tx
-            .query_one("SELECT count(*) FROM (SELECT 1 FROM check_backlog LIMIT $1) AS waiting", &[&(max as i64)])
-            .await?
-            .get(0);
-        if queued as u64 >= max {
-            return Ok(Deferred::Full);
+        if let Some(max) = max {
+            let limit = max.min(i64::MAX as u64) as i64;
+            let queued: i64 = tx
+                .query_one("SELECT count(*) FROM (SELECT 1 FROM check_backlog LIMIT $1) AS waiting", &[&limit])
+                .await?
+                .get(0);
+            if queued as u64 >= max {
+                return Ok(Deferred::Full);
+            }
         }
         let task_i = task as i64;
         // The first statement on a table a block commit locks (as in `record_verification`).

@@ -16,7 +16,8 @@ const NODE: &str = "0x00000000000000000000000000000000000000aa";
 fn a_deferred_check_is_leased_replaced_by_its_verdict_or_dropped_after_its_last_claim() {
     let store = open(&fresh_database());
     let count = |sql: &str| numbers(&store, sql)[0];
-    let defer = |task: u64| block_on(store.defer_check(task, NODE, "m", b"{\"x\":1}", 2, "deferred: test")).unwrap();
+    let defer =
+        |task: u64| block_on(store.defer_check(task, NODE, "m", b"{\"x\":1}", Some(2), "deferred: test")).unwrap();
     assert_eq!(defer(1), Deferred::Queued);
     assert_eq!(defer(2), Deferred::Queued);
     assert_eq!(defer(3), Deferred::Full, "the backlog holds two");
@@ -49,7 +50,10 @@ fn a_deferred_check_is_leased_replaced_by_its_verdict_or_dropped_after_its_last_
     // (and its receipt not marked) under a verdict it could never replace.
     block_on(store.record_verification(9, "0x00000000000000000000000000000000000000bb", Outcome::Verified, "ok"))
         .unwrap();
-    assert_eq!(block_on(store.defer_check(9, NODE, "m", b"{}", 5, "deferred: test")).unwrap(), Deferred::OtherNode);
+    assert_eq!(
+        block_on(store.defer_check(9, NODE, "m", b"{}", Some(5), "deferred: test")).unwrap(),
+        Deferred::OtherNode
+    );
     assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 9"), 0);
 
     // Task 2's verdict never lands: it is claimed again after each lease, then dropped.

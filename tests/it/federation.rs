@@ -466,7 +466,8 @@ fn a_games_rate_limit_holds_across_servers() {
 /// A game that leaves mid-answer a job forwarded to another server is charged, for the
 /// tokens it received, where it was admitted. The running server used to charge its own
 /// Gateway, which holds no budget of a key it never admitted: the charge was lost, and a
-/// game could read answers past its tokens per minute by leaving each one early.
+/// game could read answers past its tokens per minute by leaving each one early. A charge
+/// the origin does not await (no such hang-up) is ignored.
 #[test]
 fn a_game_leaving_a_forwarded_job_is_charged_where_it_was_admitted() {
     let dir = tempfile::tempdir().unwrap();
@@ -479,9 +480,27 @@ fn a_game_leaving_a_forwarded_job_is_charged_where_it_was_admitted() {
     }
     let a = &servers[0];
     let key = a.key.clone();
-    // Streamed through A, run on B; the game leaves after 40 tokens, more than A's 30.
+    // A peer's charge for a hang-up A does not await is ignored: it cannot drain the game.
+    let bogus = ludus::actors::cluster::wire::Charge {
+        task: ludus::protocol::TaskId(7),
+        key_hash: ludus::ledger::hash_key(&key),
+        tokens: 1_000_000_000,
+    };
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        let subject = ludus::actors::cluster::wire::charge_subject("a", "b");
+        client.publish(subject, serde_json::to_vec(&bogus).unwrap().into()).await.unwrap();
+        client.flush().await.unwrap();
+    });
+    wait_for("A to ignore the unawaited charge", Duration::from_secs(10), || {
+        a.server.log_text().contains("a charge for no hang-up this server awaits from that server ignored")
+    });
+    // Streamed through A (admitted: the budget is whole), run on B; the game leaves after
+    // 40 tokens, more than A's 30.
     let mut stream = SseStream::open(&a.addr, &key, &chat("fake", 400, true));
-    assert_eq!(stream.status, 200);
+    assert_eq!(stream.status, 200, "the unawaited charge drained the game's budget");
     for _ in 0..40 {
         assert!(stream.next_data().is_some());
     }

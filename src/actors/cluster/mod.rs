@@ -25,6 +25,7 @@
 //!   fail at their origin with a clear error and are cancelled on it, and the jobs it had forwarded
 //!   are cancelled where they run.
 
+pub mod charges;
 pub mod peers;
 pub mod relay;
 pub mod wire;
@@ -44,9 +45,6 @@ use crate::crypto::identity::Address;
 use crate::protocol::TaskId;
 pub use peers::Peers;
 use wire::{Advert, Charge, Quarantine, SessionClaim, Witness};
-
-/// Longest key hash a charge may name (a SHA-256 in hex is 64).
-const MAX_KEY_HASH_LEN: usize = 128;
 
 /// What the rest of the server asks of the network.
 #[derive(Message)]
@@ -100,6 +98,8 @@ pub struct Cluster {
     completions: Arc<CompletionLog>,
     usage: Recipient<RecordUsage>,
     sessions: Arc<Sessions>,
+    /// Hang-up charges awaited from the servers running this one's forwarded jobs.
+    charges: Arc<charges::AwaitedCharges>,
     /// Tells this process from another one configured with the same name.
     instance: u64,
 }
@@ -107,7 +107,19 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(client: async_nats::Client, config: ClusterConfig, parts: ServerParts) -> Self {
         let ServerParts { peers, distributor, catalog, completions, usage, sessions } = parts;
-        Self { client, config, peers, distributor, catalog, completions, usage, sessions, instance: rand::random() }
+        let charges = Default::default();
+        Self {
+            client,
+            config,
+            peers,
+            distributor,
+            catalog,
+            completions,
+            usage,
+            sessions,
+            charges,
+            instance: rand::random(),
+        }
     }
 
     /// A NATS client that connects in the background and reconnects forever (quickly: a
@@ -275,24 +287,27 @@ impl Cluster {
 
 impl Cluster {
     /// Charges the games this server admitted for the tokens of forwarded jobs they left
-    /// mid-answer (counted where the job ran). Bounded: a charge never exceeds what one
-    /// job could count (`u32::MAX` tokens), and names a key of a plausible length.
+    /// mid-answer, as counted where the job ran: only a charge this server awaits (see
+    /// [`charges`]), from the server the job went to, for its key, capped at what the job
+    /// could count.
     fn listen_charges(&self, ctx: &mut Context<Self>) {
-        let usage = self.usage.clone();
-        self.listen(
-            ctx,
-            wire::charges_for(&self.config.name),
-            move |publisher, payload| match serde_json::from_slice::<Charge>(&payload) {
-                Ok(c) if !c.key_hash.is_empty() && c.key_hash.len() <= MAX_KEY_HASH_LEN => {
-                    tracing::info!(%publisher, task = %c.task, tokens = c.tokens,
+        let (usage, charges) = (self.usage.clone(), self.charges.clone());
+        self.listen(ctx, wire::charges_for(&self.config.name), move |publisher, payload| {
+            let c = match serde_json::from_slice::<Charge>(&payload) {
+                Ok(c) => c,
+                Err(e) => return tracing::warn!(%publisher, error = %e, "malformed charge ignored"),
+            };
+            match charges.take(c.task, publisher, &c.key_hash, Instant::now()) {
+                Some(bound) => {
+                    let tokens = c.tokens.min(bound);
+                    tracing::info!(%publisher, task = %c.task, tokens,
                         "a game that left a forwarded job charged for the tokens it received");
-                    let tokens = c.tokens.min(u64::from(u32::MAX)) as usize;
-                    usage.do_send(RecordUsage { key_hash: c.key_hash, tokens });
+                    usage.do_send(RecordUsage { key_hash: c.key_hash, tokens: tokens as usize });
                 }
-                Ok(_) => tracing::warn!(%publisher, "charge without a valid key ignored"),
-                Err(e) => tracing::warn!(%publisher, error = %e, "malformed charge ignored"),
-            },
-        );
+                None => tracing::warn!(%publisher, task = %c.task,
+                    "a charge for no hang-up this server awaits from that server ignored"),
+            }
+        });
     }
 
     /// Closes this server's session of a node key that opened a newer one on another
@@ -381,6 +396,7 @@ impl Handler<Outbound> for Cluster {
                     origin: self.config.name.clone(),
                     peers: self.peers.clone(),
                     usage: self.usage.clone(),
+                    charges: self.charges.clone(),
                 };
                 // Not tied to this actor: a restart never cuts a game's stream.
                 actix::spawn(relay::forward(forwarding, to, *job));

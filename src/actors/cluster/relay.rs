@@ -9,18 +9,24 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc::unbounded_channel;
 
+use super::charges::AwaitedCharges;
 use super::wire::{cancel_subject, job_subject, reply_subject, ForwardedJob, RemoteEvent};
 use super::Peers;
 use crate::actors::catalog::Catalog;
 use crate::actors::distributor::Distributor;
 use crate::actors::error::ServeError;
 use crate::actors::messages::{Billing, Job, JobEvent, JobRequest, RecordUsage, Submit};
+use crate::protocol::TaskUsage;
 
 /// How often a forwarding server checks that the server running its job is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 
 /// When a cancellation is sent again.
 const CANCEL_REPEAT: Duration = Duration::from_millis(500);
+
+/// How long the events of a job whose game left are still read: a `Done` already on its
+/// way is charged to the game like any other.
+const HANG_UP_GRACE: Duration = Duration::from_secs(2);
 
 /// What the origin of a forwarded job needs besides the job.
 pub struct Forwarding {
@@ -30,6 +36,8 @@ pub struct Forwarding {
     pub peers: Arc<Peers>,
     /// This server's Gateway: the game's tokens per minute are charged where it was admitted.
     pub usage: Recipient<RecordUsage>,
+    /// Where a hang-up's charge from the running server is awaited.
+    pub charges: Arc<AwaitedCharges>,
 }
 
 /// Tells `runner` to stop `task`: now, and once more a moment later (a cancel that
@@ -47,8 +55,16 @@ fn cancel(client: &async_nats::Client, subject: &str) {
 /// game leaving (the other server is told to cancel), or `to` going silent (the game gets
 /// a clear error, and `to` is told to cancel should it come back).
 pub async fn forward(ctx: Forwarding, to: String, job: Job) {
-    let Forwarding { client, origin, peers, usage: charge } = ctx;
+    let Forwarding { client, origin, peers, usage, charges } = ctx;
     let task = job.id;
+    // The most the job can count: whatever a server says, no more is charged to the game.
+    let bound = u64::from(job.prompt.tokens).saturating_add(job.max_tokens as u64);
+    let charge = |usage_of: &TaskUsage| {
+        if !job.key_hash.is_empty() {
+            let tokens = (usage_of.prompt_tokens.saturating_add(usage_of.completion_tokens) as u64).min(bound);
+            usage.do_send(RecordUsage { key_hash: job.key_hash.clone(), tokens: tokens as usize });
+        }
+    };
     let (reply, stop) = (reply_subject(&origin, task, &to), cancel_subject(&to, task, &origin));
     let fail = |job: &Job, e: ServeError| {
         let _ = job.events.send(JobEvent::Failed(e));
@@ -88,9 +104,8 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                 match serde_json::from_slice::<RemoteEvent>(&message.payload) {
                     Ok(event) => {
                         let ends = event.ends();
-                        if let (RemoteEvent::Done { usage, .. }, false) = (&event, job.key_hash.is_empty()) {
-                            let tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
-                            charge.do_send(RecordUsage { key_hash: job.key_hash.clone(), tokens });
+                        if let RemoteEvent::Done { usage, .. } = &event {
+                            charge(usage);
                         }
                         let _ = job.events.send(event.into());
                         if ends {
@@ -106,6 +121,15 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
             }
             _ = job.events.closed() => {
                 cancel(&client, &stop);
+                // The runner charges what the game received (`Charge`), unless a `Done`
+                // already on its way arrives first: that one is charged here.
+                if !job.key_hash.is_empty() && !charges.expect(task, &to, &job.key_hash, bound, Instant::now()) {
+                    tracing::warn!(task = %task, server = %to, "too many hang-up charges awaited; this one is not");
+                }
+                if let Some(done) = done_within(&mut events, HANG_UP_GRACE).await {
+                    charges.forget(task);
+                    charge(&done);
+                }
                 break;
             }
             _ = check.tick() => {
@@ -119,6 +143,22 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
         }
     }
     let _ = events.unsubscribe().await;
+}
+
+/// The usage of a `Done` that arrives on `events` within `grace` (other events skipped;
+/// `None` at a failure, a malformed event or the end of the wait).
+async fn done_within(events: &mut async_nats::Subscriber, grace: Duration) -> Option<TaskUsage> {
+    let wait = async {
+        while let Some(message) = events.next().await {
+            match serde_json::from_slice::<RemoteEvent>(&message.payload).ok()? {
+                RemoteEvent::Done { usage, .. } => return Some(usage),
+                event if event.ends() => return None,
+                _ => {}
+            }
+        }
+        None
+    };
+    actix_web::rt::time::timeout(grace, wait).await.ok().flatten()
 }
 
 /// What a server needs to run others' jobs.
