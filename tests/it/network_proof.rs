@@ -875,7 +875,9 @@ fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     }
     let log = cluster.server.log_text();
     assert!(log.contains("quality check disagreed"), "{log}");
-    assert!(log.contains("a quality-check re-run disagreed with its answer"), "{log}");
+    // Why it waits, written with the mark (the log line of it may come a moment later).
+    let why = format!("SELECT count(*) FROM verifications WHERE task_id = {original} AND detail LIKE '%a quality-check re-run disagreed%'");
+    assert_eq!(numbers(&store, &why), vec![1], "{log}");
     // The re-run is billed to the operator's internal game, never to the player's.
     wait_for("the re-run's receipt", Duration::from_secs(30), || {
         numbers(

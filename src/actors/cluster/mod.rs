@@ -300,9 +300,9 @@ impl Cluster {
             match charges.take(c.task, publisher, &c.key_hash, Instant::now()) {
                 Some(bound) => {
                     let tokens = c.tokens.min(bound);
+                    usage.do_send(RecordUsage { key_hash: c.key_hash, tokens: tokens as usize });
                     tracing::info!(%publisher, task = %c.task, tokens,
                         "a game that left a forwarded job charged for the tokens it received");
-                    usage.do_send(RecordUsage { key_hash: c.key_hash, tokens: tokens as usize });
                 }
                 None => tracing::warn!(%publisher, task = %c.task,
                     "a charge for no hang-up this server awaits from that server ignored"),
