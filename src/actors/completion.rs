@@ -47,6 +47,8 @@ pub struct Verification {
     pub checks: Arc<super::check_log::CheckLog>,
     /// Who hears each verdict (Registry, Distributor).
     pub report: Vec<Recipient<VerificationDone>>,
+    /// Who hears the check of a failed node's delivered tokens (the Registry).
+    pub delivered: Recipient<super::messages::DeliveryChecked>,
     /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
     /// when it fails.
     pub synchronous: bool,

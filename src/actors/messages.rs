@@ -399,6 +399,20 @@ impl VerificationDone {
     }
 }
 
+/// The check of tokens a node delivered and then failed before its proof
+/// ([`crate::proof::delivered`]): recorded per (task, node), apart from the task's proof
+/// verdict (the node that finished the task has its own); a failure quarantines the node.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct DeliveryChecked {
+    pub task: TaskId,
+    pub node: Address,
+    /// How many of the node's own tokens were checked.
+    pub tokens: usize,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
 /// A node joined: restore the verification policy's state of it from the ledger.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]

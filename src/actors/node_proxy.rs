@@ -218,6 +218,43 @@ pub struct NodeProxy {
 impl NodeProxy {
     /// The node's address as the distributor's table holds it (empty before the handshake,
     /// when the node holds no job).
+    /// A task the node failed goes back to the Distributor (another node, or the game's
+    /// error). The tokens it delivered of its own have no proof (its `Done` never came),
+    /// yet a streamed answer's game has read them: they are checked without one.
+    fn hand_back(&mut self, run: InFlight, failure: TaskFailure) {
+        self.check_delivered(&run);
+        let address = self.address_text();
+        self.distributor.do_send(TaskReturned { node: self.id, address, job: run.job, failure });
+    }
+
+    /// Sends the node's own delivered tokens of a task it failed to the verifier pool
+    /// ([`crate::proof::delivered`]), when the model has a reference. Such checks are as
+    /// rare as failures; past twice the pool's queue they are skipped, and said so.
+    fn check_delivered(&self, run: &InFlight) {
+        let (Some(verification), Some(node)) = (&self.config.verification, self.address) else { return };
+        let job = &run.job;
+        if job.emitted.len() <= run.prefix_len || !verification.models.contains(&job.model) {
+            return;
+        }
+        let delivered = job.emitted[run.prefix_len..].to_vec();
+        if verification.load.get() >= verification.queue.saturating_mul(2) {
+            tracing::warn!(task = %job.id, %node, tokens = delivered.len(),
+                "verifier pool full: a failed node's delivered tokens go unchecked");
+            return;
+        }
+        verification.pool.do_send(super::verifier::VerifyDelivered {
+            task: job.id,
+            node,
+            model: job.model.clone(),
+            input: job.input.clone(),
+            params: job.params.clone(),
+            prefix: job.emitted[..run.prefix_len].to_vec(),
+            delivered,
+            report: verification.delivered.clone(),
+            slot: verification.load.enter(),
+        });
+    }
+
     fn address_text(&self) -> String {
         self.address.map(|a| a.to_string()).unwrap_or_default()
     }
@@ -552,12 +589,7 @@ impl NodeProxy {
             }
             NodeMessage::Failed { id, failure } => {
                 if let Some(run) = self.in_flight.remove(&id) {
-                    self.distributor.do_send(TaskReturned {
-                        node: self.id,
-                        address: self.address_text(),
-                        job: run.job,
-                        failure,
-                    });
+                    self.hand_back(run, failure);
                 }
             }
         }
@@ -832,23 +864,16 @@ impl Actor for NodeProxy {
                 if let Some(run) = this.in_flight.remove(&id) {
                     this.send(&ServerMessage::Cancel { id, delivered: None });
                     let failure = TaskFailure::Node(format!("no progress for {} s", stall.as_secs()));
-                    this.distributor.do_send(TaskReturned {
-                        node: this.id,
-                        address: this.address_text(),
-                        job: run.job,
-                        failure,
-                    });
+                    this.hand_back(run, failure);
                 }
             }
         });
     }
 
     fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
-        let address = self.address_text();
-        for (_, run) in self.in_flight.drain() {
+        for (_, run) in std::mem::take(&mut self.in_flight) {
             let failure = TaskFailure::Node(format!("node disconnected: {}", self.close_reason));
-            let address = address.clone();
-            self.distributor.do_send(TaskReturned { node: self.id, address, job: run.job, failure });
+            self.hand_back(run, failure);
         }
         if self.registered {
             self.distributor.do_send(NodeDisconnected { id: self.id, reason: self.close_reason.clone() });

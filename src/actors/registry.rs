@@ -7,7 +7,8 @@
 //! verdict the database refuses is written again (backing off, a few minutes at most), and
 //! the [`CheckLog`] keeps its check owed until it lands: a restart replays it, and one owed
 //! too long is handed to the check backlog. Its task is unpaid meanwhile (a picked task's
-//! receipt is recorded `sampled`, paid only once verified).
+//! receipt is recorded `sampled`, paid only once verified). The check of tokens a node
+//! delivered and then failed before its proof is recorded here too (`delivery_checks`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -255,6 +256,44 @@ impl Handler<VerificationDone> for Registry {
     /// record (a flagged node is quarantined like one that failed a proof).
     fn handle(&mut self, msg: VerificationDone, ctx: &mut Self::Context) {
         self.record_verdict(msg, 0, ctx);
+    }
+}
+
+impl Handler<DeliveryChecked> for Registry {
+    type Result = ();
+
+    /// Records the check of tokens a node delivered and then failed before its proof. A
+    /// failure quarantines the node at once (the write may wait for the database) and
+    /// costs reputation like a failed proof; a node below the floor is checked on every
+    /// task.
+    fn handle(&mut self, msg: DeliveryChecked, ctx: &mut Self::Context) {
+        if msg.outcome == crate::ledger::Outcome::Failed {
+            if let Some(quarantine) = &self.quarantine {
+                quarantine.do_send(VerificationDone {
+                    task: msg.task,
+                    node: msg.node,
+                    outcome: crate::ledger::Outcome::Failed,
+                    detail: format!("tokens it delivered before failing the task: {}", msg.detail),
+                    evidence: None,
+                });
+            }
+        }
+        let store = self.store.clone();
+        let node = msg.node.to_string();
+        async move { store.record_delivery_check(msg.task.0, &node, msg.tokens, msg.outcome, &msg.detail).await }
+            .into_actor(self)
+            .map(move |result, this, _| match result {
+                Ok(reputation) => {
+                    if let Some((policy, floor)) = &this.policy {
+                        if reputation < *floor {
+                            policy.set_suspect(&msg.node, true);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(task = %msg.task, node = %msg.node, error = %e,
+                    "could not record the check of a failed node's delivered tokens (the quarantine stands)"),
+            })
+            .spawn(ctx);
     }
 }
 

@@ -2,7 +2,9 @@
 //! the models it checks (CPU work never runs on an async arbiter). A `VerifyTask` is a
 //! finished task with its proof; the verdict ([`crate::proof::verify`]) goes to the
 //! Registry (books, reputation) and the Distributor (quarantine). Rejected proofs are kept
-//! in `data_dir/proofs/rejected/` for `ludus verify`.
+//! in `data_dir/proofs/rejected/` for `ludus verify`. A `VerifyDelivered` is the tokens a
+//! node delivered and then failed before its proof ([`crate::proof::delivered`]); its
+//! verdict goes to the Registry, which quarantines a node that fails it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::messages::VerificationDone;
+use super::messages::{DeliveryChecked, VerificationDone};
 use crate::crypto::identity::Address;
 use crate::inference::{Model, Quantization, SamplingParams};
 use crate::ledger::Outcome;
@@ -43,6 +45,25 @@ pub struct VerifyTask {
     pub report: Vec<Recipient<VerificationDone>>,
     /// Held while the task is in the pool (queued or being checked), when counted.
     pub slot: Option<PoolSlot>,
+}
+
+/// Tokens a node delivered for a task and then failed before its proof (its `Done`
+/// never came): checked without a proof ([`crate::proof::delivered`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct VerifyDelivered {
+    pub task: TaskId,
+    pub node: Address,
+    pub model: String,
+    pub input: TaskInput,
+    pub params: SamplingParams,
+    /// Tokens earlier nodes generated before this one took the task.
+    pub prefix: Vec<u32>,
+    /// The node's own tokens, as the server relayed them.
+    pub delivered: Vec<u32>,
+    pub report: Recipient<DeliveryChecked>,
+    /// Held while the check is in the pool.
+    pub slot: PoolSlot,
 }
 
 /// How many tasks the verifier pool holds, queued or being checked. Completion hands a
@@ -205,6 +226,65 @@ impl Verifier {
         (Verified, detail, Some(Evidence::of(verdict, format)))
     }
 
+    /// The verdict on a failed node's delivered tokens: `Verified` when one format's
+    /// reference explains them, `Failed` when none does, `Unverifiable` when a reference
+    /// that might have could not be loaded (never a pass, never the node's fault).
+    fn check_delivered(&mut self, t: &VerifyDelivered) -> (Outcome, String) {
+        use Outcome::{Failed, Unverifiable, Verified};
+        let Some(base) = self.models.get(&(t.model.clone(), Quantization::None)) else {
+            return (Unverifiable, "no reference model for this task's model".into());
+        };
+        let vocab = base.llama.config.vocab_size;
+        if let Some(bad) = t.delivered.iter().chain(&t.prefix).find(|&&id| id as usize >= vocab) {
+            return (Failed, format!("token id {bad} is outside the model's vocabulary of {vocab}"));
+        }
+        let prompt = match &t.input {
+            TaskInput::Chat(messages) => base.chat_prompt(messages),
+            TaskInput::Text(text) => base.completion_prompt(text),
+        };
+        let references = crate::proof::delivered::references(&self.tol);
+        let mut prompt = match prompt {
+            Ok(p) => p,
+            Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}")),
+        };
+        prompt.extend_from_slice(&t.prefix);
+        let mut rejections = Vec::new();
+        let mut unchecked = Vec::new();
+        for (quantization, format, limits) in references {
+            let model = match self.reference(&t.model, quantization) {
+                Ok(Some(model)) => model,
+                Ok(None) => return (Unverifiable, "no reference model for this task's model".into()),
+                Err(e) => {
+                    unchecked.push(e);
+                    continue;
+                }
+            };
+            let checked = crate::proof::delivered::check_tokens(
+                model,
+                &prompt,
+                t.prefix.len(),
+                &t.delivered,
+                &t.params,
+                limits,
+                format,
+            );
+            match checked {
+                Ok(v) if v.accepted => {
+                    return (
+                        Verified,
+                        format!("{} delivered tokens fit the {format} reference, {} near-ties", v.tokens, v.near_ties),
+                    )
+                }
+                Ok(v) => rejections.push(format!("{format}: {}", v.reasons.join("; "))),
+                Err(e) => unchecked.push(format!("{format}: verifier error: {e}")),
+            }
+        }
+        if !unchecked.is_empty() {
+            return (Unverifiable, format!("could not be checked against every format: {}", unchecked.join("; ")));
+        }
+        (Failed, format!("delivered tokens no format explains: {}", rejections.join(" | ")))
+    }
+
     fn keep_rejected(&self, t: &VerifyTask) {
         let Some(proof) = t.proof.as_deref() else { return };
         let stored = StoredProof {
@@ -280,6 +360,29 @@ impl Handler<VerifyTask> for Verifier {
                 evidence: evidence.clone(),
             });
         }
+    }
+}
+
+impl Handler<VerifyDelivered> for Verifier {
+    type Result = ();
+
+    /// Checks a failed node's delivered tokens and reports the verdict (a panic is
+    /// reported unverifiable, and the thread goes on).
+    fn handle(&mut self, t: VerifyDelivered, _: &mut Self::Context) {
+        let started = std::time::Instant::now();
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.check_delivered(&t)));
+        let (outcome, detail) =
+            checked.unwrap_or_else(|_| (Outcome::Unverifiable, "the verifier failed on these tokens: a panic".into()));
+        let ms = started.elapsed().as_millis() as u64;
+        let tokens = t.delivered.len();
+        match outcome {
+            Outcome::Failed => {
+                tracing::warn!(task = %t.task, node = %t.node, tokens, ms, %detail, "delivered tokens REJECTED")
+            }
+            _ => tracing::info!(task = %t.task, node = %t.node, tokens, ms, outcome = outcome.as_str(), %detail,
+                "a failed node's delivered tokens checked"),
+        }
+        t.report.do_send(DeliveryChecked { task: t.task, node: t.node, tokens, outcome, detail });
     }
 }
 

@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (7, "ingest", include_str!("../../migrations/0007_ingest.sql")),
     (8, "check_backlog", include_str!("../../migrations/0008_check_backlog.sql")),
     (9, "sampled", include_str!("../../migrations/0009_sampled.sql")),
+    (10, "delivery_checks", include_str!("../../migrations/0010_delivery_checks.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

@@ -11,6 +11,8 @@
 //! - [`anchors`]: batches of block roots posted on chain between epochs, and the
 //!   proof that ties one receipt to the chain.
 //! - [`check_backlog`]: sampled tasks waiting for a verifier, unpaid until checked.
+//! - [`delivery_checks`]: checks of tokens a node delivered and then failed before its
+//!   proof; a failure costs reputation like a failed proof.
 //! - [`escrow`]: games' debts against their on-chain escrow; suspension.
 //! - [`cluster`]: a private Postgres cluster when no `database.url` is configured.
 
@@ -19,6 +21,7 @@ pub mod api_keys;
 pub mod check_backlog;
 pub mod cluster;
 pub mod copy_binary;
+pub mod delivery_checks;
 pub mod epochs;
 pub mod error;
 pub mod escrow;

@@ -11,12 +11,15 @@
 //!   on every task before it is paid.
 //! - [`verify`]: the reference check — one prefill, commitments within tolerances, every
 //!   token against the seeded sampler (near-ties forgiven, and kept).
+//! - [`delivered`]: tokens a node delivered and then failed before its proof, checked
+//!   without one against each format's reference.
 //! - [`steering`]: whether a node's forgiven near-ties, summed over its tasks, are
 //!   improbable for an honest node.
 //!
 //! Knows the inference engine's model and sampler; nothing of actors or HTTP.
 
 pub mod commitment;
+pub mod delivered;
 pub mod format;
 pub mod logprob_check;
 pub mod policy;

@@ -409,7 +409,7 @@ pub(super) fn claims_match(proof: &Proof, p: usize, completion: &[u32]) -> Resul
 /// The reference's replay of one task: one prefill over prompt + completion, each
 /// committed row measured against its commitment, each generated token judged against
 /// the seeded sampler with the task's penalties and grammar.
-struct Replay<'a> {
+pub(super) struct Replay<'a> {
     model: &'a Model,
     prompt: &'a [u32],
     completion: &'a [u32],
@@ -426,7 +426,7 @@ struct Replay<'a> {
 }
 
 impl<'a> Replay<'a> {
-    fn start(
+    pub(super) fn start(
         model: &'a Model,
         prompt: &'a [u32],
         prefix: usize,
@@ -453,7 +453,7 @@ impl<'a> Replay<'a> {
     /// Runs the prefill in chunks of [`VERIFY_CHUNK`] rows over `prompt` + the completion
     /// (the last token needs no row), measuring commitments and judging tokens as the
     /// rows come.
-    fn prefill(&mut self, v: &mut Verdict, commitments: &[(usize, TopK)]) -> Result<(), InferError> {
+    pub(super) fn prefill(&mut self, v: &mut Verdict, commitments: &[(usize, TopK)]) -> Result<(), InferError> {
         let (p, g) = (self.prompt.len(), self.completion.len());
         let llama = &self.model.llama;
         let tokens: Vec<u32> =
@@ -546,7 +546,7 @@ impl<'a> Replay<'a> {
     }
 
     /// The verdict's reasons from what the replay measured; accepted when there are none.
-    fn judge(&self, v: &mut Verdict, expected_commitments: usize, format: Format) {
+    pub(super) fn judge(&self, v: &mut Verdict, expected_commitments: usize, format: Format) {
         let limits = &self.limits;
         v.mean_value_error = (self.value_error_sum / v.commitments.max(1) as f64) as f32;
         v.tokens_past_reference_end = self.passed_end_at.map_or(0, |at| self.completion.len() - at);

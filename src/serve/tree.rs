@@ -272,6 +272,7 @@ pub async fn start_verifiers(
         backlog,
         checks: core.checks.clone(),
         report,
+        delivered: core.registry.clone().recipient(),
         synchronous: s.verifier.synchronous,
         quality_check_rate: s.verifier.quality_check_rate,
         quality_game,

@@ -1189,3 +1189,87 @@ fn a_hang_up_without_its_proof_is_not_paid() {
     let log = cluster.server.log_text();
     assert!(log.contains("without the proof its challenge asks for"), "{log}");
 }
+
+/// A node that streams tokens and then fails before its `Done` has no proof of them, yet
+/// the game read them: the server checks them without one (`proof::delivered`). An
+/// honest node's tokens (seeded sampling) pass, and it keeps its standing; a node that
+/// streamed an edited word fails, and is quarantined and loses reputation like a node
+/// whose proof failed. Each check is kept per (task, node) in `delivery_checks`.
+#[test]
+fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
+    let Some(path) = smollm2() else { return };
+    let cluster = Cluster::start(&verifier_config(&path));
+    let (model, engine) = liar_model(&path);
+    let store = cluster.store();
+    let mut nodes = Vec::new();
+    // The honest node's request samples (seeded); the liar's is greedy.
+    for (honest, request) in [(true, 1), (false, 0)] {
+        let body = body(request).replacen('{', r#"{"stream": true, "#, 1);
+        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+        let (node, task) = actix_rt::System::new().block_on(async {
+            let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+            rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+            let game = std::thread::spawn(move || {
+                let mut sse = super::cluster::SseStream::open(&addr, &key, &body);
+                std::iter::from_fn(|| sse.next_data()).collect::<Vec<_>>().join("\n")
+            });
+            let spec = rogue.task(&mut []).await;
+            let TaskInput::Chat(messages) = &spec.input else { panic!("a chat task") };
+            let request = GenerateRequest {
+                prompt: model.chat_prompt(messages).unwrap(),
+                params: spec.params.clone(),
+                max_tokens: 4,
+                ..GenerateRequest::default()
+            };
+            let mut rx = engine.submit(request).unwrap();
+            let mut tokens = Vec::new();
+            while let Some(event) = rx.recv().await {
+                match event {
+                    Event::Token { id, .. } => tokens.push(id),
+                    Event::Done(_) => break,
+                    _ => {}
+                }
+            }
+            assert_eq!(tokens.len(), 4, "the model ended its answer early: {tokens:?}");
+            if !honest {
+                tokens[1] = (tokens[1] + 4242) % 49_152;
+            }
+            for (index, &token) in tokens.iter().enumerate() {
+                let m = NodeMessage::Token { id: spec.id, index, token, text: String::new(), logprobs: None };
+                rogue.link.send(&m).await.unwrap();
+            }
+            // Every token relayed, then the node is gone without its `Done`.
+            rogue.idle(&mut [], Duration::from_millis(300)).await;
+            let node = rogue.id.address.to_string();
+            drop(rogue);
+            let streamed = game.join().unwrap();
+            assert!(streamed.contains("error"), "the only node left, the stream ends with an error: {streamed}");
+            (node, spec.id.0 as i64)
+        });
+        let row = format!(
+            "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND node_address = '{node}' AND tokens = 4 \
+             AND outcome = '{}'",
+            if honest { "verified" } else { "failed" }
+        );
+        wait_for("the delivered tokens' check on the books", Duration::from_secs(60), || {
+            numbers(&store, &row) == vec![1]
+        });
+        nodes.push(node);
+    }
+    let standing = |node: &str| {
+        numbers(&store, &format!("SELECT reputation::bigint FROM nodes WHERE address = '{node}'"))
+            .into_iter()
+            .chain(numbers(
+                &store,
+                &format!("SELECT count(*) FROM nodes WHERE address = '{node}' AND status = 'quarantined'"),
+            ))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(standing(&nodes[0]), vec![10_000, 0], "the honest node lost standing");
+    assert_eq!(standing(&nodes[1]), vec![7_500, 1], "the liar kept its standing");
+    let log = cluster.server.log_text();
+    assert!(log.contains("delivered tokens REJECTED") && log.contains("node quarantined"), "{log}");
+    assert!(log.contains("not what the seeded sampler picks"), "{log}");
+    assert_eq!(numbers(&store, "SELECT count(*) FROM verifications"), vec![0], "a delivery check is no proof verdict");
+    engine.shutdown();
+}

@@ -1,0 +1,49 @@
+//! Checks of tokens a node delivered and then failed before its proof
+//! (`proof::delivered`): one row per (task, node), apart from the task's proof verdict in
+//! [`super::verifications`]. Nothing here is paid. A failure costs the node
+//! [`FAILURE_PENALTY_BPS`] of reputation and marks it quarantined, like a failed proof; a
+//! pass earns nothing (the node did not finish the task).
+
+use super::error::LedgerError;
+use super::store::Store;
+use super::verifications::{Outcome, FAILURE_PENALTY_BPS};
+
+impl Store {
+    /// Records a check (the first one per task and node counts); returns the node's
+    /// reputation (basis points) after it.
+    pub async fn record_delivery_check(
+        &self,
+        task: u64,
+        node: &str,
+        tokens: usize,
+        outcome: Outcome,
+        detail: &str,
+    ) -> Result<i32, LedgerError> {
+        // A verdict's reason may quote what a node sent; Postgres refuses a NUL in text.
+        let detail = detail.replace('\0', "\u{fffd}");
+        let tokens = i32::try_from(tokens).unwrap_or(i32::MAX);
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let new = tx
+            .execute(
+                "INSERT INTO delivery_checks (task_id, node_address, tokens, outcome, detail)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (task_id, node_address) DO NOTHING",
+                &[&(task as i64), &node, &tokens, &outcome.as_str(), &detail],
+            )
+            .await?;
+        tx.execute("INSERT INTO nodes (address) VALUES ($1) ON CONFLICT (address) DO NOTHING", &[&node]).await?;
+        let reputation: i32 = if new > 0 && outcome == Outcome::Failed {
+            tx.query_one(
+                "UPDATE nodes SET reputation = greatest(reputation - $2, 0), status = 'quarantined'
+                 WHERE address = $1 RETURNING reputation",
+                &[&node, &FAILURE_PENALTY_BPS],
+            )
+            .await?
+            .get(0)
+        } else {
+            tx.query_one("SELECT reputation FROM nodes WHERE address = $1", &[&node]).await?.get(0)
+        };
+        tx.commit().await?;
+        Ok(reputation)
+    }
+}
