@@ -49,6 +49,8 @@ pub struct Verification {
     pub report: Vec<Recipient<VerificationDone>>,
     /// Who hears the check of a failed node's delivered tokens (the Registry).
     pub delivered: Recipient<super::messages::DeliveryChecked>,
+    /// The budget of those checks ([`super::delivery_check`]).
+    pub delivery: super::delivery_check::DeliveryBudget,
     /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
     /// when it fails.
     pub synchronous: bool,
@@ -721,6 +723,10 @@ impl Handler<HangUpProved> for Completion {
             // No penalty: an honest node has none when the game's last token lies too far
             // behind the last one it generated (`proof::signed::KEPT_ROWS`).
             tracing::warn!(%address, task = %job.id, "a hang-up's receipt without the proof its challenge asks for; unpaid");
+            // The game read those tokens: they are checked without a proof.
+            if let Some(v) = &self.config.verification {
+                super::delivery_check::check_delivered(v, address, &job, prefix_len..job.emitted.len(), None);
+            }
             return;
         }
         if let Some(fault) = proof_fault(address, &job, prefix_len, challenge, proof.as_deref()) {

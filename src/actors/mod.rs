@@ -12,7 +12,9 @@
 //! Distributor's mailbox. When a node's part of a task is over, its proxy hands the job to
 //! [`completion::Completion`] (one actor, its own thread): receipt check and pricing, the
 //! game's usage, verification sampling (a task the busy verifier pool cannot take waits in
-//! the [`check_backlog`]), the synchronous hold, quality checks. The Clock fires block and
+//! the [`check_backlog`]), the synchronous hold, quality checks. Tokens a node delivered
+//! without a proof (it failed first, or never proved a hang-up) are checked too
+//! ([`delivery_check`]). The Clock fires block and
 //! epoch ticks; the Registry commits receipts per block and Settlement posts each epoch on
 //! chain ([`settler`] holds its state machine). They run under actix's `Supervisor`. With
 //! NATS configured, [`cluster`] joins several servers into one network (adverts, forwarded
@@ -25,6 +27,7 @@ pub mod clock;
 pub mod cluster;
 pub mod completion;
 pub mod completion_log;
+pub mod delivery_check;
 pub mod distributor;
 pub mod error;
 pub mod gateway;

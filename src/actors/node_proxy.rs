@@ -199,6 +199,8 @@ pub struct NodeProxy {
     in_flight: HashMap<TaskId, InFlight>,
     /// Tasks whose game left, until the node's proof of what it received arrives.
     abandoned: HashMap<TaskId, Abandoned>,
+    /// The format the node's last proof declared: what its proof-less tokens are held to.
+    declared_format: Option<crate::proof::Format>,
     close_reason: String,
     /// Frames received in the current one-second window (flood limits): all of them, and
     /// those the server did not ask for.
@@ -216,45 +218,26 @@ pub struct NodeProxy {
 }
 
 impl NodeProxy {
-    /// The node's address as the distributor's table holds it (empty before the handshake,
-    /// when the node holds no job).
     /// A task the node failed goes back to the Distributor (another node, or the game's
     /// error). The tokens it delivered of its own have no proof (its `Done` never came),
     /// yet a streamed answer's game has read them: they are checked without one.
     fn hand_back(&mut self, run: InFlight, failure: TaskFailure) {
-        self.check_delivered(&run);
+        self.check_delivered(&run.job, run.prefix_len..run.job.emitted.len());
         let address = self.address_text();
         self.distributor.do_send(TaskReturned { node: self.id, address, job: run.job, failure });
     }
 
-    /// Sends the node's own delivered tokens of a task it failed to the verifier pool
-    /// ([`crate::proof::delivered`]), when the model has a reference. Such checks are as
-    /// rare as failures; past twice the pool's queue they are skipped, and said so.
-    fn check_delivered(&self, run: &InFlight) {
-        let (Some(verification), Some(node)) = (&self.config.verification, self.address) else { return };
-        let job = &run.job;
-        if job.emitted.len() <= run.prefix_len || !verification.models.contains(&job.model) {
-            return;
+    /// Has the node's own tokens `own` of `job` (the game read them) checked without a
+    /// proof ([`super::delivery_check`]), held to the format its proofs declared on this
+    /// link.
+    fn check_delivered(&self, job: &Job, own: std::ops::Range<usize>) {
+        if let (Some(v), Some(node)) = (&self.config.verification, self.address) {
+            super::delivery_check::check_delivered(v, node, job, own, self.declared_format);
         }
-        let delivered = job.emitted[run.prefix_len..].to_vec();
-        if verification.load.get() >= verification.queue.saturating_mul(2) {
-            tracing::warn!(task = %job.id, %node, tokens = delivered.len(),
-                "verifier pool full: a failed node's delivered tokens go unchecked");
-            return;
-        }
-        verification.pool.do_send(super::verifier::VerifyDelivered {
-            task: job.id,
-            node,
-            model: job.model.clone(),
-            input: job.input.clone(),
-            params: job.params.clone(),
-            prefix: job.emitted[..run.prefix_len].to_vec(),
-            delivered,
-            report: verification.delivered.clone(),
-            slot: verification.load.enter(),
-        });
     }
 
+    /// The node's address as the distributor's table holds it (empty before the handshake,
+    /// when the node holds no job).
     fn address_text(&self) -> String {
         self.address.map(|a| a.to_string()).unwrap_or_default()
     }
@@ -305,6 +288,7 @@ impl NodeProxy {
             last_seen: Instant::now(),
             in_flight: HashMap::new(),
             abandoned: HashMap::new(),
+            declared_format: None,
             close_reason: "connection closed".into(),
             window_start: Instant::now(),
             window_frames: 0,
@@ -489,6 +473,9 @@ impl NodeProxy {
                 self.on_token(ctx, id, index, token, text, logprobs)
             }
             NodeMessage::Done { id, finish_reason, usage, tail, receipt, proof } => {
+                if let Some(format) = proof.as_deref().and_then(|p| crate::proof::Format::declared_by(p).ok()) {
+                    self.declared_format = Some(format);
+                }
                 let Some(mut run) = self.in_flight.remove(&id) else {
                     // Finished after a cancel or a stall: the game never got it whole.
                     return;
@@ -749,6 +736,8 @@ impl NodeProxy {
                 let proved = own && run.challenge.is_some();
                 if proved && self.abandoned.len() >= MAX_ABANDONED {
                     tracing::warn!(node = self.id, task = %id, "too many hang-ups awaiting their proof; this one is unpaid");
+                    // The game read them: checked without a proof.
+                    self.check_delivered(&run.job, run.prefix_len..delivered);
                 }
                 self.config.completion.do_send(TaskAbandoned {
                     address,
@@ -835,7 +824,13 @@ impl Actor for NodeProxy {
             }
             // A hang-up's proof that never came: its receipt is not paid.
             let expired = this.abandoned.len();
-            this.abandoned.retain(|_, a| a.at.elapsed() < ABANDONED_WAIT);
+            let (late, waiting): (HashMap<_, _>, HashMap<_, _>) =
+                std::mem::take(&mut this.abandoned).into_iter().partition(|(_, a)| a.at.elapsed() >= ABANDONED_WAIT);
+            this.abandoned = waiting;
+            // The games read those tokens: checked without a proof.
+            for a in late.values() {
+                this.check_delivered(&a.job, a.prefix_len..a.job.emitted.len());
+            }
             if this.abandoned.len() < expired {
                 tracing::warn!(
                     node = this.id,
@@ -874,6 +869,10 @@ impl Actor for NodeProxy {
         for (_, run) in std::mem::take(&mut self.in_flight) {
             let failure = TaskFailure::Node(format!("node disconnected: {}", self.close_reason));
             self.hand_back(run, failure);
+        }
+        // Hang-ups still waiting for their proof get none now: the games read those tokens.
+        for (_, a) in std::mem::take(&mut self.abandoned) {
+            self.check_delivered(&a.job, a.prefix_len..a.job.emitted.len());
         }
         if self.registered {
             self.distributor.do_send(NodeDisconnected { id: self.id, reason: self.close_reason.clone() });

@@ -278,11 +278,20 @@ impl Handler<DeliveryChecked> for Registry {
                 });
             }
         }
+        self.record_delivery_check(msg, 0, ctx);
+    }
+}
+
+impl Registry {
+    /// Writes a delivered-token check (its `attempt`-th try); a refused one is tried again
+    /// later, backing off as for a verdict.
+    fn record_delivery_check(&mut self, msg: DeliveryChecked, attempt: u32, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let node = msg.node.to_string();
-        async move { store.record_delivery_check(msg.task.0, &node, msg.tokens, msg.outcome, &msg.detail).await }
+        let (task, tokens, outcome, detail) = (msg.task.0, msg.tokens, msg.outcome, msg.detail.clone());
+        async move { store.record_delivery_check(task, &node, tokens, outcome, &detail).await }
             .into_actor(self)
-            .map(move |result, this, _| match result {
+            .map(move |result, this, ctx| match result {
                 Ok(reputation) => {
                     if let Some((policy, floor)) = &this.policy {
                         if reputation < *floor {
@@ -290,8 +299,18 @@ impl Handler<DeliveryChecked> for Registry {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(task = %msg.task, node = %msg.node, error = %e,
-                    "could not record the check of a failed node's delivered tokens (the quarantine stands)"),
+                Err(e) if this.retrying < MAX_VERDICT_RETRIES && attempt + 1 < MAX_VERDICT_ATTEMPTS => {
+                    let wait = verdict_backoff(attempt);
+                    tracing::warn!(task = %msg.task, node = %msg.node, error = %e, retry_in_s = wait.as_secs(),
+                        "could not record the check of a node's delivered tokens; retrying");
+                    this.retrying += 1;
+                    ctx.run_later(wait, move |this, ctx| {
+                        this.retrying = this.retrying.saturating_sub(1);
+                        this.record_delivery_check(msg, attempt + 1, ctx);
+                    });
+                }
+                Err(e) => tracing::error!(task = %msg.task, node = %msg.node, error = %e, attempt,
+                    "could not record the check of a node's delivered tokens; given up (the quarantine stands)"),
             })
             .spawn(ctx);
     }

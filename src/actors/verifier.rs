@@ -61,6 +61,9 @@ pub struct VerifyDelivered {
     pub prefix: Vec<u32>,
     /// The node's own tokens, as the server relayed them.
     pub delivered: Vec<u32>,
+    /// The format the node's proofs declared on this link: the check is held to it alone.
+    /// `None`: to the widest margin of each reference's formats.
+    pub format: Option<crate::proof::Format>,
     pub report: Recipient<DeliveryChecked>,
     /// Held while the check is in the pool.
     pub slot: PoolSlot,
@@ -234,15 +237,21 @@ impl Verifier {
         let Some(base) = self.models.get(&(t.model.clone(), Quantization::None)) else {
             return (Unverifiable, "no reference model for this task's model".into());
         };
+        if t.delivered.is_empty() {
+            return (Unverifiable, "no delivered token to check".into());
+        }
         let vocab = base.llama.config.vocab_size;
-        if let Some(bad) = t.delivered.iter().chain(&t.prefix).find(|&&id| id as usize >= vocab) {
+        if let Some(bad) = t.delivered.iter().find(|&&id| id as usize >= vocab) {
             return (Failed, format!("token id {bad} is outside the model's vocabulary of {vocab}"));
         }
         let prompt = match &t.input {
             TaskInput::Chat(messages) => base.chat_prompt(messages),
             TaskInput::Text(text) => base.completion_prompt(text),
         };
-        let references = crate::proof::delivered::references(&self.tol);
+        let references = match t.format {
+            Some(format) => vec![(format.reference(), format, self.tol.for_format(format))],
+            None => crate::proof::delivered::references(&self.tol),
+        };
         let mut prompt = match prompt {
             Ok(p) => p,
             Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}")),

@@ -273,6 +273,7 @@ pub async fn start_verifiers(
         checks: core.checks.clone(),
         report,
         delivered: core.registry.clone().recipient(),
+        delivery: Default::default(),
         synchronous: s.verifier.synchronous,
         quality_check_rate: s.verifier.quality_check_rate,
         quality_game,

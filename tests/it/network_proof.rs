@@ -1137,7 +1137,8 @@ fn a_cancel_that_crosses_the_end_of_the_answer_is_still_paid() {
 /// A node whose game hung up used to be paid for the tokens delivered on its receipt
 /// alone: it could stream anything to games that leave, unchecked. A task with a
 /// challenge is now paid only with the proof of what the game received: a receipt alone,
-/// re-sent or as the answer to the cancel, earns nothing.
+/// re-sent or as the answer to the cancel, earns nothing. The tokens the game read are
+/// checked without a proof.
 #[test]
 fn a_hang_up_without_its_proof_is_not_paid() {
     let Some(path) = smollm2() else { return };
@@ -1149,7 +1150,7 @@ fn a_hang_up_without_its_proof_is_not_paid() {
     })
     .to_string();
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
-    actix_rt::System::new().block_on(async {
+    let (task, delivered, node) = actix_rt::System::new().block_on(async {
         let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
         rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
         let game = std::thread::spawn(move || {
@@ -1180,6 +1181,7 @@ fn a_hang_up_without_its_proof_is_not_paid() {
         rogue.link.send(&resent).await.unwrap();
         rogue.link.send(&NodeMessage::Cancelled { id: spec.id, receipt, proof: None }).await.unwrap();
         rogue.idle(&mut [], Duration::from_millis(1500)).await;
+        (spec.id.0 as i64, delivered, rogue.id.address.to_string())
     });
     assert_eq!(
         numbers(&cluster.store(), "SELECT count(*) FROM receipts"),
@@ -1188,56 +1190,92 @@ fn a_hang_up_without_its_proof_is_not_paid() {
     );
     let log = cluster.server.log_text();
     assert!(log.contains("without the proof its challenge asks for"), "{log}");
+    // The game read those tokens: they are checked without a proof all the same.
+    let row = format!(
+        "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND node_address = '{node}' \
+         AND tokens = {delivered} AND outcome IN ('verified', 'failed')"
+    );
+    wait_for("the hang-up's tokens checked", Duration::from_secs(60), || numbers(&cluster.store(), &row) == vec![1]);
+}
+
+/// The first `n` tokens the real model generates for a task (after `prefix`, which
+/// counts as generated), with the task's seeded sampling.
+async fn honest_tokens(model: &Model, engine: &Engine, spec: &ludus::protocol::TaskSpec, n: usize) -> Vec<u32> {
+    let TaskInput::Chat(messages) = &spec.input else { panic!("a chat task") };
+    let request = GenerateRequest {
+        prompt: model.chat_prompt(messages).unwrap(),
+        prefix: spec.prefix.clone(),
+        params: spec.params.clone(),
+        max_tokens: spec.prefix.len() + n,
+        ..GenerateRequest::default()
+    };
+    let mut rx = engine.submit(request).unwrap();
+    let mut tokens = Vec::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Token { id, .. } => tokens.push(id),
+            Event::Done(_) => break,
+            _ => {}
+        }
+    }
+    tokens.truncate(n);
+    assert_eq!(tokens.len(), n, "the model ended its answer early: {tokens:?}");
+    tokens
+}
+
+/// A game streaming request `i` ([`body`]) on a thread of its own: every `data:` payload.
+fn streaming_game(cluster: &Cluster, i: usize) -> std::thread::JoinHandle<String> {
+    let body = body(i).replacen('{', r#"{"stream": true, "#, 1);
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    std::thread::spawn(move || {
+        let mut sse = super::cluster::SseStream::open(&addr, &key, &body);
+        std::iter::from_fn(|| sse.next_data()).collect::<Vec<_>>().join("\n")
+    })
+}
+
+/// Sends `tokens` as a task's, numbered after its prefix.
+async fn stream(rogue: &mut Rogue, spec: &ludus::protocol::TaskSpec, tokens: &[u32]) {
+    for (i, &token) in tokens.iter().enumerate() {
+        let index = spec.prefix.len() + i;
+        let m = NodeMessage::Token { id: spec.id, index, token, text: String::new(), logprobs: None };
+        rogue.link.send(&m).await.unwrap();
+    }
 }
 
 /// A node that streams tokens and then fails before its `Done` has no proof of them, yet
 /// the game read them: the server checks them without one (`proof::delivered`). An
-/// honest node's tokens (seeded sampling) pass, and it keeps its standing; a node that
-/// streamed an edited word fails, and is quarantined and loses reputation like a node
-/// whose proof failed. Each check is kept per (task, node) in `delivery_checks`.
+/// honest node's tokens (seeded sampling; and a continuation's, after another node's
+/// prefix, ended with a `Failed`) pass, and it keeps its standing; a node that streamed an
+/// edited word fails, and is quarantined and loses reputation like a node whose proof
+/// failed. Each check is kept per (task, node) in `delivery_checks`.
 #[test]
 fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
     let Some(path) = smollm2() else { return };
     let cluster = Cluster::start(&verifier_config(&path));
     let (model, engine) = liar_model(&path);
     let store = cluster.store();
+    let checked = |task: i64, node: &str, tokens: usize, outcome: &str| {
+        let row = format!(
+            "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND node_address = '{node}' \
+             AND tokens = {tokens} AND outcome = '{outcome}'"
+        );
+        wait_for("the delivered tokens' check on the books", Duration::from_secs(60), || {
+            numbers(&store, &row) == vec![1]
+        });
+    };
     let mut nodes = Vec::new();
     // The honest node's request samples (seeded); the liar's is greedy.
     for (honest, request) in [(true, 1), (false, 0)] {
-        let body = body(request).replacen('{', r#"{"stream": true, "#, 1);
-        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
         let (node, task) = actix_rt::System::new().block_on(async {
             let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
             rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
-            let game = std::thread::spawn(move || {
-                let mut sse = super::cluster::SseStream::open(&addr, &key, &body);
-                std::iter::from_fn(|| sse.next_data()).collect::<Vec<_>>().join("\n")
-            });
+            let game = streaming_game(&cluster, request);
             let spec = rogue.task(&mut []).await;
-            let TaskInput::Chat(messages) = &spec.input else { panic!("a chat task") };
-            let request = GenerateRequest {
-                prompt: model.chat_prompt(messages).unwrap(),
-                params: spec.params.clone(),
-                max_tokens: 4,
-                ..GenerateRequest::default()
-            };
-            let mut rx = engine.submit(request).unwrap();
-            let mut tokens = Vec::new();
-            while let Some(event) = rx.recv().await {
-                match event {
-                    Event::Token { id, .. } => tokens.push(id),
-                    Event::Done(_) => break,
-                    _ => {}
-                }
-            }
-            assert_eq!(tokens.len(), 4, "the model ended its answer early: {tokens:?}");
+            let mut tokens = honest_tokens(&model, &engine, &spec, 4).await;
             if !honest {
                 tokens[1] = (tokens[1] + 4242) % 49_152;
             }
-            for (index, &token) in tokens.iter().enumerate() {
-                let m = NodeMessage::Token { id: spec.id, index, token, text: String::new(), logprobs: None };
-                rogue.link.send(&m).await.unwrap();
-            }
+            stream(&mut rogue, &spec, &tokens).await;
             // Every token relayed, then the node is gone without its `Done`.
             rogue.idle(&mut [], Duration::from_millis(300)).await;
             let node = rogue.id.address.to_string();
@@ -1246,16 +1284,34 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
             assert!(streamed.contains("error"), "the only node left, the stream ends with an error: {streamed}");
             (node, spec.id.0 as i64)
         });
-        let row = format!(
-            "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND node_address = '{node}' AND tokens = 4 \
-             AND outcome = '{}'",
-            if honest { "verified" } else { "failed" }
-        );
-        wait_for("the delivered tokens' check on the books", Duration::from_secs(60), || {
-            numbers(&store, &row) == vec![1]
-        });
+        checked(task, &node, 4, if honest { "verified" } else { "failed" });
         nodes.push(node);
     }
+    // A continuation: the first node streams two tokens and dies, the second continues
+    // after them, streams two of its own and says it failed.
+    let (first, second, task) = actix_rt::System::new().block_on(async {
+        let mut first = Rogue::join(&cluster.addr, MODEL).await;
+        first.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = streaming_game(&cluster, 3);
+        let spec = first.task(&mut []).await;
+        stream(&mut first, &spec, &honest_tokens(&model, &engine, &spec, 2).await).await;
+        let mut second = Rogue::join(&cluster.addr, MODEL).await;
+        second.idle(&mut [&mut first], Duration::from_millis(300)).await; // registered
+        let first_node = first.id.address.to_string();
+        drop(first);
+        let again = second.task(&mut []).await;
+        assert_eq!((again.id, again.prefix.len()), (spec.id, 2), "the continuation carries the first node's tokens");
+        stream(&mut second, &again, &honest_tokens(&model, &engine, &again, 2).await).await;
+        let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
+        second.link.send(&NodeMessage::Failed { id: again.id, failure }).await.unwrap();
+        let streamed = game.join().unwrap();
+        assert!(streamed.contains("error"), "no node left, the stream ends with an error: {streamed}");
+        (first_node, second.id.address.to_string(), spec.id.0 as i64)
+    });
+    checked(task, &first, 2, "verified");
+    checked(task, &second, 2, "verified");
+    nodes.extend([first, second]);
+
     let standing = |node: &str| {
         numbers(&store, &format!("SELECT reputation::bigint FROM nodes WHERE address = '{node}'"))
             .into_iter()
@@ -1265,11 +1321,16 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
             ))
             .collect::<Vec<_>>()
     };
-    assert_eq!(standing(&nodes[0]), vec![10_000, 0], "the honest node lost standing");
+    for honest in [&nodes[0], &nodes[2], &nodes[3]] {
+        assert_eq!(standing(honest), vec![10_000, 0], "an honest node lost standing");
+    }
     assert_eq!(standing(&nodes[1]), vec![7_500, 1], "the liar kept its standing");
+    // The Distributor logs the quarantine as the Registry writes the row: wait for both.
+    wait_for("the liar's quarantine", Duration::from_secs(10), || {
+        cluster.server.log_text().contains("node quarantined: proof of inference failed")
+    });
     let log = cluster.server.log_text();
-    assert!(log.contains("delivered tokens REJECTED") && log.contains("node quarantined"), "{log}");
-    assert!(log.contains("not what the seeded sampler picks"), "{log}");
+    assert!(log.contains("delivered tokens REJECTED") && log.contains("not what the seeded sampler picks"), "{log}");
     assert_eq!(numbers(&store, "SELECT count(*) FROM verifications"), vec![0], "a delivery check is no proof verdict");
     engine.shutdown();
 }
