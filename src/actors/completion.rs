@@ -396,7 +396,7 @@ impl Completion {
     /// Now and then re-runs a finished task on another node with the same seed.
     fn maybe_quality_check(&self, done: &TaskFinished) {
         let Some(v) = &self.config.verification else { return };
-        if done.prefix_len > 0 || rand::random::<f64>() >= v.quality_check_rate {
+        if rand::random::<f64>() >= v.quality_check_rate {
             return;
         }
         // Nobody waits for the re-run's text: drain it.
@@ -405,11 +405,19 @@ impl Completion {
         let original = &done.job;
         let billing = Billing { game: "quality-checks".into(), game_id: v.quality_game, key_hash: String::new() };
         let mut job = Job::new(TaskId(rand::random()), billing, original.request(), events);
+        // A failover continuation is re-run after the same prefix: the node is answerable
+        // for its own tokens only (the prefix's nodes have their own checks).
+        let prefix_len = done.prefix_len.min(original.emitted.len());
+        if prefix_len > 0 {
+            let logprobs = original.emitted_logprobs.get(..prefix_len).unwrap_or_default();
+            job.continue_after(&original.emitted[..prefix_len], logprobs);
+        }
         job.failed_nodes = vec![done.address.to_string()];
         job.shadow_of = Some(Box::new(ShadowOf {
             task: original.id,
             node: done.address,
             completion: original.emitted.clone(),
+            prefix_len,
             challenge: done.challenge,
             proof: done.proof.clone(),
         }));
@@ -437,8 +445,8 @@ impl Completion {
             input: rerun.input.clone(),
             // The original's log probabilities are not kept for a re-run's comparison.
             params: crate::inference::SamplingParams { logprobs: None, ..rerun.params.clone() },
-            prefix: Vec::new(),
-            completion: shadow.completion.clone(),
+            prefix: shadow.completion[..shadow.prefix_len].to_vec(),
+            completion: shadow.completion[shadow.prefix_len..].to_vec(),
             logprobs: Vec::new(),
             challenge,
             proof: shadow.proof.clone(),

@@ -81,12 +81,16 @@ pub struct Job {
     pub origin: Option<String>,
 }
 
-/// The task a quality check re-runs on a second node (same input, same seed).
+/// The task a quality check re-runs on a second node (same input, same seed; a failover
+/// continuation's re-run continues after the same prefix).
 #[derive(Debug)]
 pub struct ShadowOf {
     pub task: TaskId,
     pub node: Address,
+    /// Every token of the original answer, the prefix earlier nodes made included.
     pub completion: Vec<u32>,
+    /// How many of them earlier nodes made (0 but for a failover continuation).
+    pub prefix_len: usize,
     pub challenge: Option<[u8; 32]>,
     pub proof: Option<Box<crate::proof::Proof>>,
 }
@@ -153,6 +157,19 @@ impl Job {
         self.emitted.clear();
         self.emitted_logprobs.clear();
         self.text = self.text.as_ref().map(JobText::restarted);
+    }
+
+    /// Starts this job after `prefix` (tokens earlier nodes made, with their log
+    /// probabilities when kept), as a failover continuation does: the next node continues
+    /// after them, and the server's text has read them.
+    pub fn continue_after(&mut self, prefix: &[u32], logprobs: &[crate::inference::logprobs::TokenLogprobs]) {
+        if let Some(text) = self.text.as_mut() {
+            for &token in prefix {
+                let _ = text.push(token);
+            }
+        }
+        self.emitted = prefix.to_vec();
+        self.emitted_logprobs = logprobs.to_vec();
     }
 
     /// The same request again from its start (a quality-check re-run; streamed, since

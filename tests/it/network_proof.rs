@@ -1334,3 +1334,53 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
     assert_eq!(numbers(&store, "SELECT count(*) FROM verifications"), vec![0], "a delivery check is no proof verdict");
     engine.shutdown();
 }
+
+/// Live nodes serving `model`, as `/v1/models` counts them.
+fn nodes_serving(cluster: &Cluster, model: &str) -> u64 {
+    let (_, body) = cluster.get("/v1/models");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"].as_array().into_iter().flatten().find(|m| m["id"] == model).and_then(|m| m["nodes"].as_u64()).unwrap_or(0)
+}
+
+/// A failover continuation gets quality-check re-runs too (it used to be exempt), and the
+/// re-run continues after the same prefix: the finishing node answers for its own tokens
+/// only. A node streams two tokens of a greedy answer and dies; of two real nodes, one
+/// continues it and the other re-runs that continuation, and the two agree.
+#[test]
+fn a_failover_continuation_is_rerun_after_the_same_prefix() {
+    let Some(path) = smollm2() else { return };
+    let mut cluster = Cluster::start(&quality_checks_only(&path));
+    let (model, engine) = liar_model(&path);
+    let task = actix_rt::System::new().block_on(async {
+        let mut first = Rogue::join(&cluster.addr, MODEL).await;
+        first.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = streaming_game(&cluster, 0);
+        let spec = first.task(&mut []).await;
+        stream(&mut first, &spec, &honest_tokens(&model, &engine, &spec, 2).await).await;
+        // Two real nodes join while the first one holds the task (heartbeating).
+        for _ in 0..2 {
+            cluster.add_node(&["--model", path.to_str().unwrap(), "--quantize", "none", "--threads", "1"]);
+        }
+        for _ in 0..360 {
+            if nodes_serving(&cluster, MODEL) == 3 {
+                break;
+            }
+            first.idle(&mut [], Duration::from_millis(500)).await;
+        }
+        assert_eq!(nodes_serving(&cluster, MODEL), 3, "the real nodes never joined");
+        drop(first);
+        let streamed = game.join().unwrap();
+        assert!(streamed.ends_with("[DONE]") && !streamed.contains("error"), "{streamed}");
+        spec.id
+    });
+    let rerun = format!("task={task}");
+    wait_for("the continuation's quality check", Duration::from_secs(120), || {
+        let log = cluster.server.log_text();
+        log.lines().any(|l| l.contains(&rerun) && (l.contains("quality check agreed") || l.contains("disagreed")))
+    });
+    let log = cluster.server.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&rerun)).collect();
+    assert!(lines.iter().any(|l| l.contains("quality check: re-running on another node")), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("quality check agreed")), "{lines:#?}");
+    engine.shutdown();
+}
