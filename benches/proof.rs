@@ -5,7 +5,10 @@
 //! - proof bytes per 32 generated tokens;
 //! - the server's write-ahead of a picked task's check (`actors::check_log`: the
 //!   backlog's JSON of prompt, tokens and proof, one append) against that task's
-//!   verification, and the `fdatasync` the log adds to a block.
+//!   verification, and the `fdatasync` the log adds to a block;
+//! - the proof-less check of the same tokens (`proof::delivered`, what a node that failed
+//!   before its `Done` gets) on each reference it may be held to, against the
+//!   verification.
 //!
 //! `cargo bench --bench proof` (needs `scripts/setup` for the model). Plain main, no
 //! criterion: each figure is a ratio measured in the same run.
@@ -13,8 +16,8 @@
 use std::time::{Duration, Instant};
 
 use ludus::crypto::identity::Identity;
-use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, SamplingParams};
-use ludus::proof::{verify, ProofBuilder, Tolerances};
+use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, Quantization, SamplingParams};
+use ludus::proof::{delivered, verify, ProofBuilder, Tolerances};
 use tch::{Device, Kind};
 
 const TOKENS: usize = 128;
@@ -44,6 +47,12 @@ fn main() {
         draft_model: None,
     };
     let engine = Engine::start(Model::load(&path, Device::Cpu, Some(Kind::Float)).unwrap(), config).unwrap();
+    // The references a proof-less check may replay on, as the verifier pool loads them.
+    let quantized = |q| Model::load_quantized(&path, Device::Cpu, None, q, None).unwrap();
+    let (int4, int8) = (quantized(Quantization::Int4), quantized(Quantization::Int8));
+    let references = delivered::references(&Tolerances::default());
+    let mut delivered_time = vec![Duration::ZERO; references.len()];
+    let mut delivered_accepted = vec![0usize; references.len()];
     let node = Identity::generate();
     let tol = Tolerances::default();
     let (mut plain, mut proving, mut verifying) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
@@ -83,6 +92,18 @@ fn main() {
                 verifying += started.elapsed();
                 accepted += verdict.accepted as usize;
                 tasks += 1;
+                // The same tokens without a proof, on each reference in the verifier's order.
+                for (k, &(quantization, format, limits)) in references.iter().enumerate() {
+                    let model = match quantization {
+                        Quantization::Int4 => &int4,
+                        Quantization::Int8 => &int8,
+                        _ => &reference,
+                    };
+                    let started = Instant::now();
+                    let v = delivered::check_tokens(model, &prompt, 0, &completion, &params, limits, format).unwrap();
+                    delivered_time[k] += started.elapsed();
+                    delivered_accepted[k] += v.accepted as usize;
+                }
                 // What Completion does for a picked task before writing its completion ahead.
                 let check = ludus::actors::verifier::VerifyTask {
                     task: ludus::protocol::TaskId(tasks as u64),
@@ -135,5 +156,14 @@ fn main() {
         owing.as_secs_f64() / verifying.as_secs_f64(),
         syncing.as_secs_f64() * 1e3 / syncs.max(1) as f64,
     );
+    for (k, (quantization, format, _)) in references.iter().enumerate() {
+        println!(
+            "proof-less check on the {quantization} reference ({format} margin): {:.3} s, {:.2} of verification; \
+             accepted {}/{tasks} (honest f32 tokens)",
+            delivered_time[k].as_secs_f64(),
+            delivered_time[k].as_secs_f64() / verifying.as_secs_f64(),
+            delivered_accepted[k],
+        );
+    }
     engine.shutdown();
 }
