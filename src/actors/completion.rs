@@ -170,6 +170,9 @@ pub struct HangUpProved {
     pub receipt: SignedReceipt,
     pub proof: Option<Box<Proof>>,
     pub latency_ms: i32,
+    /// The format the node's proofs declared for this model on its link (what its tokens
+    /// are held to if they are checked without a proof).
+    pub format: Option<crate::proof::Format>,
 }
 
 /// A finished job whose completion the other servers now know of: the game hears Done.
@@ -409,8 +412,11 @@ impl Completion {
         // for its own tokens only (the prefix's nodes have their own checks).
         let prefix_len = done.prefix_len.min(original.emitted.len());
         if prefix_len > 0 {
-            let logprobs = original.emitted_logprobs.get(..prefix_len).unwrap_or_default();
-            job.continue_after(&original.emitted[..prefix_len], logprobs);
+            let kept = original.emitted_logprobs.len().min(prefix_len);
+            if original.params.logprobs.is_some() && kept < prefix_len {
+                return; // the prefix's log probabilities were not all kept: no aligned re-run
+            }
+            job.continue_after(&original.emitted[..prefix_len], &original.emitted_logprobs[..kept]);
         }
         job.failed_nodes = vec![done.address.to_string()];
         job.shadow_of = Some(Box::new(ShadowOf {
@@ -418,6 +424,7 @@ impl Completion {
             node: done.address,
             completion: original.emitted.clone(),
             prefix_len,
+            avoid: original.failed_nodes.clone(),
             challenge: done.challenge,
             proof: done.proof.clone(),
         }));
@@ -726,14 +733,14 @@ impl Handler<HangUpProved> for Completion {
     /// tokens (written ahead, so that a re-send of it is paid too), and checked when the
     /// policy picks it. Without a proof it is not paid: the task carried a challenge.
     fn handle(&mut self, msg: HangUpProved, _: &mut Self::Context) {
-        let HangUpProved { address, reply_to, job, challenge, prefix_len, receipt, proof, latency_ms } = msg;
+        let HangUpProved { address, reply_to, job, challenge, prefix_len, receipt, proof, latency_ms, format } = msg;
         if proof.is_none() {
             // No penalty: an honest node has none when the game's last token lies too far
             // behind the last one it generated (`proof::signed::KEPT_ROWS`).
             tracing::warn!(%address, task = %job.id, "a hang-up's receipt without the proof its challenge asks for; unpaid");
             // The game read those tokens: they are checked without a proof.
             if let Some(v) = &self.config.verification {
-                super::delivery_check::check_delivered(v, address, &job, prefix_len..job.emitted.len(), None);
+                super::delivery_check::check_delivered(v, address, &job, prefix_len..job.emitted.len(), format);
             }
             return;
         }
@@ -749,10 +756,14 @@ impl Handler<HangUpProved> for Completion {
             (v, task)
         });
         if !self.record(address, receipt, Some((&job, latency_ms)), reply_to, picked.is_some()) {
-            // Nothing recorded, nothing to pay: nothing to check either.
+            // Nothing recorded, nothing to pay; but the game read the tokens: they are checked
+            // without the proof (its receipt was refused, so its proof is not judged).
             if let Some((v, task)) = picked {
                 v.checks.settle(task.task.0, task.node.0);
                 v.policy.not_checked(&address);
+            }
+            if let Some(v) = &self.config.verification {
+                super::delivery_check::check_delivered(v, address, &job, prefix_len..job.emitted.len(), format);
             }
             return;
         }

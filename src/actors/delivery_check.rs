@@ -1,11 +1,11 @@
 //! Hands the tokens a node delivered without a proof to the verifier pool
 //! ([`crate::proof::delivered`]): those of a task it failed before its `Done` (a streamed
 //! answer's game has read them), and those of a hang-up it never proved. Failures are in
-//! the node's hands, so these checks have a budget of their own: at most
-//! [`MAX_IN_POOL`] in the pool at once, and [`PER_NODE_PER_MINUTE`] per node. Past it a
-//! check is not run, but nothing is let through either: the node is made a suspect (every
-//! task of it is checked with its proof until a verified one clears it), and the skipped
-//! check is recorded `unverifiable` with the reason.
+//! the node's hands, so these checks have a budget of their own: at most `[verifier]
+//! queue` of them (but [`MIN_IN_POOL`]) in the pool at once, and [`PER_NODE_PER_MINUTE`]
+//! per node. Past it a check is not run, and the node is checked on every task until one
+//! is verified (`Policy::check_until_verified`; a reconnect does not clear it); the
+//! skipped check is recorded `unverifiable` with the reason.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -19,25 +19,32 @@ use crate::crypto::identity::Address;
 use crate::ledger::Outcome;
 use crate::proof::Format;
 
-/// Delivered-token checks in the verifier pool at once, whatever the node.
-pub const MAX_IN_POOL: usize = 64;
+/// Delivered-token checks the pool may hold at once, whatever the node, at least.
+pub const MIN_IN_POOL: usize = 4;
 /// Delivered-token checks one node gets per minute.
 pub const PER_NODE_PER_MINUTE: u32 = 16;
 /// Nodes whose minute is remembered at most (older windows are forgotten first).
 const MAX_NODES: usize = 10_000;
 
 /// The budget of delivered-token checks, shared by every node proxy of a server.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct DeliveryBudget {
     load: PoolLoad,
+    max_in_pool: usize,
     windows: Arc<Mutex<HashMap<Address, (Instant, u32)>>>,
 }
 
 impl DeliveryBudget {
+    /// At most `max_in_pool` checks in the pool at once (the pool's `queue`), but
+    /// [`MIN_IN_POOL`].
+    pub fn new(max_in_pool: usize) -> Self {
+        Self { load: PoolLoad::default(), max_in_pool: max_in_pool.max(MIN_IN_POOL), windows: Arc::default() }
+    }
+
     /// Takes one check for `node` now, or says why there is no room.
     fn take(&self, node: Address, now: Instant) -> Result<(), String> {
-        if self.load.get() >= MAX_IN_POOL {
-            return Err(format!("{MAX_IN_POOL} such checks are in the verifier pool already"));
+        if self.load.get() >= self.max_in_pool {
+            return Err(format!("{} such checks are in the verifier pool already", self.max_in_pool));
         }
         let mut windows = self.windows.lock().expect("delivery budget lock");
         if windows.len() >= MAX_NODES && !windows.contains_key(&node) {
@@ -69,7 +76,7 @@ pub fn check_delivered(v: &Verification, node: Address, job: &Job, own: Range<us
     if let Err(why) = v.delivery.take(node, Instant::now()) {
         tracing::warn!(task = %job.id, %node, tokens = delivered.len(), %why,
             "a node's delivered tokens not checked; the node is checked on every task until verified");
-        v.policy.set_suspect(&node, true);
+        v.policy.check_until_verified(&node);
         v.delivered.do_send(DeliveryChecked {
             task: job.id,
             node,
@@ -101,7 +108,7 @@ mod tests {
     /// and a new minute gives the first one room again.
     #[test]
     fn each_node_gets_its_checks_per_minute_and_no_more() {
-        let budget = DeliveryBudget::default();
+        let budget = DeliveryBudget::new(16);
         let (a, b) = (Address([1; 20]), Address([2; 20]));
         let now = Instant::now();
         for _ in 0..PER_NODE_PER_MINUTE {
@@ -115,8 +122,9 @@ mod tests {
     /// The pool's share is bounded whoever asks.
     #[test]
     fn the_pool_holds_a_bounded_number_of_them() {
-        let budget = DeliveryBudget::default();
-        let slots: Vec<_> = (0..MAX_IN_POOL).map(|_| budget.load.enter()).collect();
+        let budget = DeliveryBudget::new(0);
+        assert_eq!(budget.max_in_pool, MIN_IN_POOL, "a pool with no queue still takes a few");
+        let slots: Vec<_> = (0..MIN_IN_POOL).map(|_| budget.load.enter()).collect();
         assert!(budget.take(Address([3; 20]), Instant::now()).unwrap_err().contains("verifier pool"));
         drop(slots);
         budget.take(Address([3; 20]), Instant::now()).unwrap();

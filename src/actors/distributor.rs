@@ -280,11 +280,14 @@ impl Distributor {
             if known.is_empty() { DEFAULT_MS_PER_TOKEN } else { known.iter().sum::<f64>() / known.len() as f64 };
         // A quality-check re-run never goes to the key that produced the original, whatever
         // session it holds now.
+        // Nor to a node that made a continuation's prefix: it could vouch for its partner.
         let original = job.shadow_of.as_ref().map(|s| s.node.to_string());
+        let avoid: &[String] = job.shadow_of.as_ref().map_or(&[], |s| &s.avoid);
         let eligible = |n: &NodeEntry| {
             n.models.contains(&job.model)
                 && !job.failed_nodes.contains(&n.address)
                 && original.as_ref() != Some(&n.address)
+                && !avoid.contains(&n.address)
                 && !self.is_quarantined(&n.address, now)
         };
         // A node whose context cannot hold the whole answer (prompt and max_tokens) would
@@ -300,7 +303,12 @@ impl Distributor {
             .filter(|(_, n)| n.stats.has_room() && eligible(n) && n.room() >= needed)
             .map(|(&id, n)| (id, n.stats.cost(default_latency, now)))
             .collect();
-        let by_prefix = if self.config.prefix_routing { prefix_choice(&self.nodes, &job, &costs, now) } else { None };
+        // A re-run is never steered by what nodes say they hold: a colluder could draw it.
+        let by_prefix = if self.config.prefix_routing && job.shadow_of.is_none() {
+            prefix_choice(&self.nodes, &job, &costs, now)
+        } else {
+            None
+        };
         let Some(id) = by_prefix.or_else(|| pick_two(&costs, &mut self.rng)) else {
             return Err((job, false));
         };

@@ -91,6 +91,9 @@ pub struct ShadowOf {
     pub completion: Vec<u32>,
     /// How many of them earlier nodes made (0 but for a failover continuation).
     pub prefix_len: usize,
+    /// Addresses the re-run never goes to besides the original's node: those that failed
+    /// the original (a continuation's prefix came from them).
+    pub avoid: Vec<String>,
     pub challenge: Option<[u8; 32]>,
     pub proof: Option<Box<crate::proof::Proof>>,
 }

@@ -199,8 +199,9 @@ pub struct NodeProxy {
     in_flight: HashMap<TaskId, InFlight>,
     /// Tasks whose game left, until the node's proof of what it received arrives.
     abandoned: HashMap<TaskId, Abandoned>,
-    /// The format the node's last proof declared: what its proof-less tokens are held to.
-    declared_format: Option<crate::proof::Format>,
+    /// The format the node's last proof for a task of each model declared: what its
+    /// proof-less tokens of that model are held to.
+    declared_formats: HashMap<String, crate::proof::Format>,
     close_reason: String,
     /// Frames received in the current one-second window (flood limits): all of them, and
     /// those the server did not ask for.
@@ -232,7 +233,8 @@ impl NodeProxy {
     /// link.
     fn check_delivered(&self, job: &Job, own: std::ops::Range<usize>) {
         if let (Some(v), Some(node)) = (&self.config.verification, self.address) {
-            super::delivery_check::check_delivered(v, node, job, own, self.declared_format);
+            let format = self.declared_formats.get(&job.model).copied();
+            super::delivery_check::check_delivered(v, node, job, own, format);
         }
     }
 
@@ -288,7 +290,7 @@ impl NodeProxy {
             last_seen: Instant::now(),
             in_flight: HashMap::new(),
             abandoned: HashMap::new(),
-            declared_format: None,
+            declared_formats: HashMap::new(),
             close_reason: "connection closed".into(),
             window_start: Instant::now(),
             window_frames: 0,
@@ -473,13 +475,14 @@ impl NodeProxy {
                 self.on_token(ctx, id, index, token, text, logprobs)
             }
             NodeMessage::Done { id, finish_reason, usage, tail, receipt, proof } => {
-                if let Some(format) = proof.as_deref().and_then(|p| crate::proof::Format::declared_by(p).ok()) {
-                    self.declared_format = Some(format);
-                }
                 let Some(mut run) = self.in_flight.remove(&id) else {
                     // Finished after a cancel or a stall: the game never got it whole.
                     return;
                 };
+                // One entry per model the node serves (at most 16).
+                if let Some(format) = proof.as_deref().and_then(|p| crate::proof::Format::declared_by(p).ok()) {
+                    self.declared_formats.insert(run.job.model.clone(), format);
+                }
                 if tail.len() > MAX_TOKEN_TEXT_BYTES || !run.take_text(tail.len()) {
                     // Back in the table so that the link's end hands it to another node.
                     self.in_flight.insert(id, run);
@@ -773,6 +776,7 @@ impl NodeProxy {
         let reply_to = ctx.address().recipient();
         match self.abandoned.remove(&id) {
             Some(a) => self.config.completion.do_send(HangUpProved {
+                format: self.declared_formats.get(&a.job.model).copied(),
                 address,
                 reply_to,
                 latency_ms: a.at.duration_since(a.started).as_millis().min(i32::MAX as u128) as i32,

@@ -355,6 +355,9 @@ impl Registry {
                 }
                 if let Some((policy, floor)) = &this.policy {
                     policy.set_suspect(&msg.node, reputation < *floor || flagged.is_some());
+                    if msg.outcome == crate::ledger::Outcome::Verified {
+                        policy.verified(&msg.node);
+                    }
                 }
                 if let Some(reason) = flagged {
                     tracing::warn!(node = %msg.node, task = %msg.task, %reason, "node flagged for steering");

@@ -14,11 +14,20 @@ pub struct Policy {
     sample_rate: f64,
     seen: Mutex<HashMap<Address, u64>>,
     suspects: Mutex<HashSet<Address>>,
+    /// Nodes checked on every task until one is verified, whatever their reputation
+    /// (tokens of theirs went unchecked); a reconnect does not clear it.
+    until_verified: Mutex<HashSet<Address>>,
 }
 
 impl Policy {
     pub fn new(first_tasks: u64, sample_rate: f64) -> Self {
-        Self { first_tasks, sample_rate, seen: Mutex::default(), suspects: Mutex::default() }
+        Self {
+            first_tasks,
+            sample_rate,
+            seen: Mutex::default(),
+            suspects: Mutex::default(),
+            until_verified: Mutex::default(),
+        }
     }
 
     /// Counts a finished task of `node` and says whether to check it.
@@ -31,6 +40,7 @@ impl Policy {
         };
         n <= self.first_tasks
             || self.suspects.lock().expect("policy lock").contains(node)
+            || self.until_verified.lock().expect("policy lock").contains(node)
             || rand::random::<f64>() < self.sample_rate
     }
 
@@ -53,6 +63,17 @@ impl Policy {
 
     pub fn first_tasks(&self) -> u64 {
         self.first_tasks
+    }
+
+    /// Has every task of `node` checked until one is verified ([`Self::verified`]):
+    /// neither its reputation nor a reconnect clears it.
+    pub fn check_until_verified(&self, node: &Address) {
+        self.until_verified.lock().expect("policy lock").insert(*node);
+    }
+
+    /// A task of `node` was verified.
+    pub fn verified(&self, node: &Address) {
+        self.until_verified.lock().expect("policy lock").remove(node);
     }
 
     pub fn set_suspect(&self, node: &Address, suspect: bool) {
@@ -91,6 +112,14 @@ mod tests {
         assert!(!busy.should_verify(&c));
         busy.not_checked(&Address([4; 20])); // a node never seen: nothing to undo
         assert!(busy.should_verify(&Address([4; 20])));
+        // Unchecked tokens: every task checked until one is verified, whatever the suspect
+        // marks say meanwhile.
+        let owed = Policy::new(0, 0.0);
+        owed.check_until_verified(&c);
+        owed.set_suspect(&c, false);
+        assert!((0..5).all(|_| owed.should_verify(&c)));
+        owed.verified(&c);
+        assert!(!owed.should_verify(&c));
         // A node the ledger already knows is past its first tasks at once.
         let restored = Policy::new(3, 0.0);
         restored.restore(&b, 5);

@@ -273,7 +273,7 @@ pub async fn start_verifiers(
         checks: core.checks.clone(),
         report,
         delivered: core.registry.clone().recipient(),
-        delivery: Default::default(),
+        delivery: crate::actors::delivery_check::DeliveryBudget::new(s.verifier.queue),
         synchronous: s.verifier.synchronous,
         quality_check_rate: s.verifier.quality_check_rate,
         quality_game,
