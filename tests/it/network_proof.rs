@@ -1349,6 +1349,18 @@ fn nodes_serving(cluster: &Cluster, model: &str) -> u64 {
     v["data"].as_array().into_iter().flatten().find(|m| m["id"] == model).and_then(|m| m["nodes"].as_u64()).unwrap_or(0)
 }
 
+/// Keeps `rogue` heartbeating (it holds a task) until `n` nodes serve [`MODEL`]: real
+/// ones take seconds to load.
+async fn heartbeat_until_serving(cluster: &Cluster, rogue: &mut Rogue, n: u64) {
+    for _ in 0..360 {
+        if nodes_serving(cluster, MODEL) == n {
+            return;
+        }
+        rogue.idle(&mut [], Duration::from_millis(500)).await;
+    }
+    panic!("{n} nodes never served {MODEL}");
+}
+
 /// A failover continuation gets quality-check re-runs too (it used to be exempt), and the
 /// re-run continues after the same prefix: the finishing node answers for its own tokens
 /// only. A node streams two tokens of a greedy answer and dies; of two real nodes, one
@@ -1368,13 +1380,7 @@ fn a_failover_continuation_is_rerun_after_the_same_prefix() {
         for _ in 0..2 {
             cluster.add_node(&["--model", path.to_str().unwrap(), "--quantize", "none", "--threads", "1"]);
         }
-        for _ in 0..360 {
-            if nodes_serving(&cluster, MODEL) == 3 {
-                break;
-            }
-            first.idle(&mut [], Duration::from_millis(500)).await;
-        }
-        assert_eq!(nodes_serving(&cluster, MODEL), 3, "the real nodes never joined");
+        heartbeat_until_serving(&cluster, &mut first, 3).await;
         drop(first);
         let streamed = game.join().unwrap();
         assert!(streamed.ends_with("[DONE]") && !streamed.contains("error"), "{streamed}");
@@ -1389,5 +1395,46 @@ fn a_failover_continuation_is_rerun_after_the_same_prefix() {
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(&rerun)).collect();
     assert!(lines.iter().any(|l| l.contains("quality check: re-running on another node")), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains("quality check agreed")), "{lines:#?}");
+    engine.shutdown();
+}
+
+/// A continuation's quality re-run never goes to a node that failed the original: the
+/// node that made the prefix could vouch for its partner. Here it is the only node left
+/// besides the finisher, back under the same key once the re-run waits: it is never
+/// handed the re-run (it was, before, as any node but the finisher).
+#[test]
+fn a_continuations_rerun_never_goes_to_the_node_that_made_its_prefix() {
+    let Some(path) = smollm2() else { return };
+    let mut cluster = Cluster::start(&quality_checks_only(&path));
+    let (model, engine) = liar_model(&path);
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("prefix.key");
+    let key = || ludus::crypto::identity::Identity::load_or_create(&key_file).unwrap();
+    let handed = actix_rt::System::new().block_on(async {
+        let mut first = Rogue::join_as(&cluster.addr, MODEL, key()).await;
+        first.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = streaming_game(&cluster, 0);
+        let spec = first.task(&mut []).await;
+        stream(&mut first, &spec, &honest_tokens(&model, &engine, &spec, 2).await).await;
+        cluster.add_node(&["--model", path.to_str().unwrap(), "--quantize", "none", "--threads", "1"]);
+        heartbeat_until_serving(&cluster, &mut first, 2).await;
+        drop(first);
+        let streamed = game.join().unwrap();
+        assert!(streamed.ends_with("[DONE]") && !streamed.contains("error"), "{streamed}");
+        // The re-run waits for a node: neither the finisher nor the first one may take it.
+        let rerun = format!("task={}", spec.id);
+        wait_for("the continuation's re-run", Duration::from_secs(60), || {
+            let log = cluster.server.log_text();
+            log.lines().any(|l| l.contains(&rerun) && l.contains("quality check: re-running on another node"))
+        });
+        let mut back = Rogue::join_as(&cluster.addr, MODEL, key()).await;
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        let mut handed = None;
+        while std::time::Instant::now() < until && handed.is_none() {
+            handed = back.next_task(Duration::from_millis(200)).await.map(|t| t.prefix.len());
+        }
+        handed
+    });
+    assert_eq!(handed, None, "the node that made the prefix was handed the re-run of its continuation");
     engine.shutdown();
 }
