@@ -1,4 +1,5 @@
-//! `CheckBacklog`: proof checks that wait in Postgres for a verifier.
+//! `CheckBacklog`: checks that wait in Postgres for a verifier: proof checks the pool had
+//! no room for, and every check of tokens a node delivered without a proof.
 //!
 //! When the verifier pool has no room for a sampled task, Completion hands it here instead
 //! of leaving it unchecked: load that fills the pool (a flood of requests, or plain peak
@@ -13,6 +14,12 @@
 //! this actor's mailbox or the pool's when the process dies are not lost: the check log
 //! (`check_log`) keeps every sampled task's check until the ledger holds it, and the next
 //! start replays them here.
+//!
+//! A delivered-token check ([`super::delivery_check`]) comes here first whatever the pool's
+//! load ([`DeferDelivered`]): nothing is paid for those tokens, so nothing is marked, but
+//! the check is in Postgres before it runs, and the node's waiting checks are bounded. One
+//! that finds no room, is dropped after its last claim, or cannot be read back is recorded
+//! `unverifiable`, and its node is checked on every task until one is verified.
 
 use std::time::Duration;
 
@@ -20,12 +27,13 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::check_log::OwedCheck;
-use super::messages::VerificationDone;
-use super::verifier::{Verifier, VerifyTask};
+use super::delivery_check::{DeliveredCheck, PER_NODE_WAITING};
+use super::messages::{DeliveryChecked, VerificationDone};
+use super::verifier::{Verifier, VerifyDelivered, VerifyTask};
 use crate::crypto::identity::Address;
 use crate::inference::SamplingParams;
-use crate::ledger::check_backlog::Deferred;
-use crate::ledger::{Outcome, Store};
+use crate::ledger::check_backlog::{CheckKey, CheckKind, Deferred};
+use crate::ledger::{LedgerError, Outcome, Store};
 use crate::proof::policy::Policy;
 use crate::proof::Proof;
 use crate::protocol::{TaskId, TaskInput};
@@ -64,6 +72,11 @@ pub const OVERDUE: &str = "deferred: its check was lost in the server; checked f
 /// not only once its verdict lands (it used to stay payable, `unchecked`, until then).
 pub const DISAGREED: &str =
     "deferred: a quality-check re-run disagreed with its answer; checked from the backlog, unpaid until then";
+
+/// Tokens a node delivered without a proof, to queue for their check.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeferDelivered(pub DeliveredCheck);
 
 /// The checks the check log still owes from before this start: queued like deferred ones.
 #[derive(Message)]
@@ -142,11 +155,14 @@ impl StoredCheck {
 }
 
 /// What the backlog needs: the ledger, the pool and who hears its verdicts.
+#[derive(Clone)]
 pub struct BacklogConfig {
     pub store: Store,
     pub pool: Addr<Verifier>,
     /// Who hears each verdict (Registry, Distributor).
     pub report: Vec<Recipient<VerificationDone>>,
+    /// Who hears the verdict on delivered tokens (the Registry).
+    pub delivered: Recipient<DeliveryChecked>,
     pub policy: std::sync::Arc<Policy>,
     /// The models this server holds a reference of: the only checks it claims.
     pub models: Vec<String>,
@@ -196,26 +212,26 @@ impl CheckBacklog {
             }
         }
         {
-            let store = self.config.store.clone();
+            let config = self.config.clone();
             actix::spawn(async move {
-                match store.drop_checks(None).await {
+                match config.store.drop_checks(None).await {
                     Ok(dropped) => {
-                        for (task, node) in dropped {
-                            tracing::warn!(task = %TaskId(task), %node, "a deferred check never got its verdict; the task stays unpaid");
+                        for key in dropped {
+                            dropped_check(&config, &key, "it never got its verdict");
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "check backlog: could not drop exhausted checks"),
                 }
             });
         }
+        self.start_draining(ctx);
+    }
+
+    /// Starts drain loops up to one per verifier thread.
+    fn start_draining(&mut self, ctx: &mut Context<Self>) {
         while self.running < self.config.loops {
             self.running += 1;
-            let drain = drain(
-                self.config.store.clone(),
-                self.config.pool.clone(),
-                self.config.report.clone(),
-                self.config.models.clone(),
-            );
+            let drain = drain(self.config.clone());
             ctx.spawn(drain.into_actor(self).map(|result, this, _| {
                 this.running -= 1;
                 match result {
@@ -230,24 +246,60 @@ impl CheckBacklog {
 
 /// Claims waiting checks one by one and has each checked (waiting for pool room and the
 /// check itself); returns how many went to the verifier.
-async fn drain(
-    store: Store,
-    pool: Addr<Verifier>,
-    report: Vec<Recipient<VerificationDone>>,
-    models: Vec<String>,
-) -> Result<usize, String> {
+async fn drain(config: BacklogConfig) -> Result<usize, String> {
+    let (store, pool) = (&config.store, &config.pool);
     let mut checked = 0;
-    while let Some(claimed) = store.claim_check(&models, LEASE).await.map_err(|e| e.to_string())? {
-        let Some(task) = decode(&claimed.check, report.clone()) else {
-            tracing::error!(task = %TaskId(claimed.task), node = %claimed.node, "an unreadable deferred check; the task stays unpaid");
-            store.drop_checks(Some(claimed.task)).await.map_err(|e| e.to_string())?;
+    while let Some(claimed) = store.claim_check(&config.models, LEASE).await.map_err(|e| e.to_string())? {
+        tracing::debug!(task = %TaskId(claimed.task), kind = claimed.kind.as_str(), attempt = claimed.attempts, "checking a waiting check");
+        let sent = match claimed.kind {
+            CheckKind::Proof => match decode(&claimed.check, config.report.clone()) {
+                Some(task) => Some(pool.send(task).await),
+                None => None,
+            },
+            CheckKind::Delivered => match super::delivery_check::decode(&claimed.check) {
+                Some(check) => Some(pool.send(VerifyDelivered { check, report: config.delivered.clone() }).await),
+                None => None,
+            },
+        };
+        let Some(sent) = sent else {
+            let key = CheckKey { task: claimed.task, node: claimed.node, kind: claimed.kind };
+            tracing::error!(task = %TaskId(key.task), node = %key.node, kind = key.kind.as_str(), "an unreadable waiting check");
+            store.drop_checks(Some(&key)).await.map_err(|e| e.to_string())?;
+            dropped_check(&config, &key, "it could not be read back");
             continue;
         };
-        tracing::debug!(task = %task.task, attempt = claimed.attempts, "checking a deferred task");
-        pool.send(task).await.map_err(|e| format!("the verifier pool: {e}"))?;
+        sent.map_err(|e| format!("the verifier pool: {e}"))?;
         checked += 1;
     }
     Ok(checked)
+}
+
+/// A waiting check taken out of the backlog without a verdict (`why`): a proof check's task
+/// stays unpaid; delivered tokens are recorded unchecked, their node checked on every task
+/// until one is verified.
+fn dropped_check(config: &BacklogConfig, key: &CheckKey, why: &str) {
+    let task = TaskId(key.task);
+    match key.kind {
+        CheckKind::Proof => {
+            tracing::warn!(%task, node = %key.node, why, "a deferred check was dropped; the task stays unpaid");
+        }
+        CheckKind::Delivered => {
+            let Ok(node) = key.node.parse::<Address>() else {
+                tracing::error!(%task, node = %key.node, "a waiting delivered-token check names no node address");
+                return;
+            };
+            delivered_unchecked(config, task, node, 0, format!("not checked: {why}"));
+        }
+    }
+}
+
+/// Tokens a node delivered that will not be checked: recorded `unverifiable` with the
+/// reason, and the node is checked on every task until one is verified.
+fn delivered_unchecked(config: &BacklogConfig, task: TaskId, node: Address, tokens: usize, detail: String) {
+    tracing::warn!(%task, %node, tokens, %detail,
+        "a node's delivered tokens not checked; the node is checked on every task until verified");
+    config.policy.check_until_verified(&node);
+    config.delivered.do_send(DeliveryChecked { task, node, tokens, outcome: Outcome::Unverifiable, detail });
 }
 
 impl Actor for CheckBacklog {
@@ -274,8 +326,23 @@ impl Handler<Defer> for CheckBacklog {
     fn handle(&mut self, Defer { task, why }: Defer, ctx: &mut Context<Self>) {
         let (id, node, model) = (task.task, task.node, task.model.clone());
         match encode(&task) {
-            Ok(check) => self.write(Waiting { id, node, model, check, why }, ctx),
+            Ok(check) => self.write(Waiting { id, node, model, check, kind: WaitingKind::Proof(why) }, ctx),
             Err(e) => self.leave_unpaid(id, node, format!("not checked: the check could not be stored: {e}")),
+        }
+    }
+}
+
+impl Handler<DeferDelivered> for CheckBacklog {
+    type Result = ();
+
+    fn handle(&mut self, DeferDelivered(check): DeferDelivered, ctx: &mut Context<Self>) {
+        let (id, node, model, tokens) = (check.task, check.node, check.model.clone(), check.delivered.len());
+        match super::delivery_check::encode(&check) {
+            Ok(bytes) => {
+                let kind = WaitingKind::Delivered { tokens };
+                self.write(Waiting { id, node, model, check: bytes, kind }, ctx)
+            }
+            Err(e) => delivered_unchecked(&self.config, id, node, tokens, format!("not checked: not stored: {e}")),
         }
     }
 }
@@ -296,7 +363,16 @@ struct Waiting {
     node: Address,
     model: String,
     check: Vec<u8>,
-    why: &'static str,
+    kind: WaitingKind,
+}
+
+/// What a [`Waiting`] check checks.
+#[derive(Clone, Copy, PartialEq)]
+enum WaitingKind {
+    /// A sampled task's proof, and why it waits (its unpaid mark's detail).
+    Proof(&'static str),
+    /// Tokens a node delivered without a proof: how many.
+    Delivered { tokens: usize },
 }
 
 impl CheckBacklog {
@@ -304,49 +380,109 @@ impl CheckBacklog {
     /// database error keeps it here to retry on the next ticks.
     fn write(&mut self, waiting: Waiting, ctx: &mut Context<Self>) {
         let store = self.config.store.clone();
-        // A quality check's disagreement is checked however full the backlog is: it is
-        // rare (`quality_check_rate`), and left unchecked the cheater would go unjudged.
-        let max = (waiting.why != DISAGREED).then_some(self.config.max);
-        let (id, node, detail) = (waiting.id, waiting.node, waiting.why);
+        let max = self.config.max;
         async move {
-            let result = store.defer_check(id.0, &node.to_string(), &waiting.model, &waiting.check, max, detail).await;
+            let node = waiting.node.to_string();
+            let (task, model, check) = (waiting.id.0, &waiting.model, &waiting.check);
+            let result = match waiting.kind {
+                WaitingKind::Proof(why) => {
+                    // A quality check's disagreement is checked however full the backlog is:
+                    // it is rare (`quality_check_rate`), and left unchecked the cheater
+                    // would go unjudged.
+                    let max = (why != DISAGREED).then_some(max);
+                    store.defer_check(task, &node, model, check, max, why).await
+                }
+                WaitingKind::Delivered { .. } => {
+                    store.defer_delivered(task, &node, model, check, max, PER_NODE_WAITING).await
+                }
+            };
             (result, waiting)
         }
         .into_actor(self)
-        .map(move |(result, waiting), this, _| match result {
-            Ok(Deferred::Queued) => {
-                // In Postgres now: a crash no longer loses it.
-                this.config.checks.settle(id.0, node.0);
-                tracing::info!(task = %id, %node, why = detail, "task deferred to the check backlog (unpaid until checked)");
-            }
-            Ok(Deferred::AlreadyChecked) => this.config.checks.settle(id.0, node.0),
-            Ok(Deferred::OtherNode) => {
-                // The verdict table holds one verdict per task; a failover's other node has it.
-                tracing::warn!(task = %id, %node, "a deferred check's task already has another node's verdict; not queued");
-                this.config.checks.settle(id.0, node.0);
-                this.config.policy.not_checked(&node);
-            }
-            Ok(Deferred::Full) => {
-                let max = this.config.max;
-                this.leave_unpaid(id, node, format!("not checked: the verifier pool and its backlog ({max} checks) are full"));
-            }
-            Err(e) if this.retry.len() < RETRY_MAX => {
-                tracing::warn!(task = %id, %node, error = %e, "the check backlog could not take a check; retrying");
-                // The overdue sweep may hand out a check that already waits here.
-                if !this.retry.iter().any(|w| (w.id, w.node) == (id, node)) {
-                    this.retry.push(waiting);
-                }
-            }
-            Err(e) => {
-                // Not left `unverifiable` for good: the check log still owes it, and it is
-                // handed out again once overdue. Its task stays unpaid (`sampled`) meanwhile,
-                // but for a quality check's disagreement, whose receipt stays `unchecked`
-                // until then: the write that marks it failed with the rest.
-                tracing::error!(task = %id, %node, error = %e,
-                    "the check backlog could not take a check, and too many wait; left to the check log");
-            }
+        .map(|(result, waiting), this, ctx| match waiting.kind {
+            WaitingKind::Proof(why) => this.proof_written(result, waiting, why),
+            WaitingKind::Delivered { tokens } => this.delivered_written(result, waiting, tokens, ctx),
         })
         .wait(ctx);
+    }
+
+    /// What writing a sampled task's proof check did.
+    fn proof_written(&mut self, result: Result<Deferred, LedgerError>, waiting: Waiting, why: &'static str) {
+        let (id, node) = (waiting.id, waiting.node);
+        match result {
+            Ok(Deferred::Queued) => {
+                // In Postgres now: a crash no longer loses it.
+                self.config.checks.settle(id.0, node.0);
+                tracing::info!(task = %id, %node, why, "task deferred to the check backlog (unpaid until checked)");
+            }
+            Ok(Deferred::AlreadyChecked) => self.config.checks.settle(id.0, node.0),
+            Ok(Deferred::OtherNode | Deferred::NodeFull) => {
+                // The verdict table holds one verdict per task; a failover's other node has it.
+                tracing::warn!(task = %id, %node, "a deferred check's task already has another node's verdict; not queued");
+                self.config.checks.settle(id.0, node.0);
+                self.config.policy.not_checked(&node);
+            }
+            Ok(Deferred::Full) => {
+                let max = self.config.max;
+                self.leave_unpaid(
+                    id,
+                    node,
+                    format!("not checked: the verifier pool and its backlog ({max} checks) are full"),
+                );
+            }
+            Err(e) => {
+                if !self.keep_for_retry(waiting, &e) {
+                    // Not left `unverifiable` for good: the check log still owes it, and it is
+                    // handed out again once overdue. Its task stays unpaid (`sampled`)
+                    // meanwhile, but for a quality check's disagreement, whose receipt stays
+                    // `unchecked` until then: the write that marks it failed with the rest.
+                    tracing::error!(task = %id, %node, error = %e,
+                        "the check backlog could not take a check, and too many wait; left to the check log");
+                }
+            }
+        }
+    }
+
+    /// What writing a delivered-token check did: a queued one is drained at once.
+    fn delivered_written(
+        &mut self,
+        result: Result<Deferred, LedgerError>,
+        waiting: Waiting,
+        tokens: usize,
+        ctx: &mut Context<Self>,
+    ) {
+        let (id, node) = (waiting.id, waiting.node);
+        let why = match result {
+            Ok(Deferred::Queued) => {
+                tracing::info!(task = %id, %node, tokens, "a node's delivered tokens queued for their check");
+                self.start_draining(ctx);
+                return;
+            }
+            Ok(Deferred::AlreadyChecked | Deferred::OtherNode) => return,
+            Ok(Deferred::NodeFull) => format!("{PER_NODE_WAITING} such checks of this node wait already"),
+            Ok(Deferred::Full) => format!("the check backlog ({} checks) is full", self.config.max),
+            Err(e) if self.keep_for_retry(waiting, &e) => return,
+            Err(e) => format!("the check backlog could not take it, and too many wait: {e}"),
+        };
+        delivered_unchecked(&self.config, id, node, tokens, format!("not checked: {why}"));
+    }
+
+    /// Keeps a check the database refused, to write again on the next ticks, unless too
+    /// many wait already (`false`).
+    fn keep_for_retry(&mut self, waiting: Waiting, e: &LedgerError) -> bool {
+        if self.retry.len() >= RETRY_MAX {
+            return false;
+        }
+        tracing::warn!(task = %waiting.id, node = %waiting.node, error = %e, "the check backlog could not take a check; retrying");
+        // The overdue sweep may hand out a check that already waits here.
+        let same = |w: &Waiting| {
+            (w.id, w.node) == (waiting.id, waiting.node)
+                && matches!(w.kind, WaitingKind::Proof(_)) == matches!(waiting.kind, WaitingKind::Proof(_))
+        };
+        if !self.retry.iter().any(same) {
+            self.retry.push(waiting);
+        }
+        true
     }
 
     /// Queues a check the check log owes. One that cannot be read back (not expected: the
@@ -354,7 +490,10 @@ impl CheckBacklog {
     fn take_owed(&mut self, owed: OwedCheck, why: &'static str, ctx: &mut Context<Self>) {
         let (id, node) = (TaskId(owed.task), Address(owed.node));
         match decode(&owed.check, Vec::new()) {
-            Some(task) => self.write(Waiting { id, node, model: task.model, check: owed.check, why }, ctx),
+            Some(task) => {
+                let kind = WaitingKind::Proof(why);
+                self.write(Waiting { id, node, model: task.model, check: owed.check, kind }, ctx)
+            }
             None => self.leave_unpaid(id, node, "not checked: its written-ahead check could not be read back".into()),
         }
     }

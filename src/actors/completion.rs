@@ -41,16 +41,13 @@ pub struct Verification {
     /// Tasks in the pool now; a sampled task finding `queue` of them is deferred.
     pub load: super::verifier::PoolLoad,
     pub queue: usize,
-    /// Where sampled tasks wait when the pool is full (unpaid until checked).
+    /// Where sampled tasks wait when the pool is full (unpaid until checked), and every
+    /// check of tokens a node delivered without a proof.
     pub backlog: Addr<super::check_backlog::CheckBacklog>,
     /// Every sampled task's check, written ahead until the ledger holds its verdict.
     pub checks: Arc<super::check_log::CheckLog>,
     /// Who hears each verdict (Registry, Distributor).
     pub report: Vec<Recipient<VerificationDone>>,
-    /// Who hears the check of a failed node's delivered tokens (the Registry).
-    pub delivered: Recipient<super::messages::DeliveryChecked>,
-    /// The budget of those checks ([`super::delivery_check`]).
-    pub delivery: super::delivery_check::DeliveryBudget,
     /// Hold non-streamed answers until their proof is checked; re-run them elsewhere
     /// when it fails.
     pub synchronous: bool,

@@ -1,132 +1,147 @@
-//! Hands the tokens a node delivered without a proof to the verifier pool
-//! ([`crate::proof::delivered`]): those of a task it failed before its `Done` (a streamed
-//! answer's game has read them), and those of a hang-up it never proved. Failures are in
-//! the node's hands, so these checks have a budget of their own: at most `[verifier]
-//! queue` of them (but [`MIN_IN_POOL`]) in the pool at once, and [`PER_NODE_PER_MINUTE`]
-//! per node. Past it a check is not run, and the node is checked on every task until one
-//! is verified (`Policy::check_until_verified`; a reconnect does not clear it); the
-//! skipped check is recorded `unverifiable` with the reason.
+//! The tokens a node delivered without a proof, checked ([`crate::proof::delivered`]): those
+//! of a task it failed before its `Done` (a streamed answer's game has read them), and
+//! those of a hang-up it never proved.
+//!
+//! Every such check is written to the check backlog in Postgres before it runs
+//! ([`super::check_backlog`], kind `delivered`), so a crash loses none, and any server
+//! holding the model's reference runs it. Failures are in the node's hands, so a node has
+//! at most [`PER_NODE_WAITING`] of them waiting (across servers); past that, or with the
+//! backlog full, the check is recorded `unverifiable` with the reason, and the node is
+//! checked on every task until one is verified (`Policy::check_until_verified`; a
+//! reconnect does not clear it). The backlog's drain loops, one per verifier thread, bound
+//! how much of the pool these checks take.
 
-use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
+use super::check_backlog::DeferDelivered;
 use super::completion::Verification;
-use super::messages::{DeliveryChecked, Job};
-use super::verifier::{PoolLoad, VerifyDelivered};
+use super::messages::Job;
 use crate::crypto::identity::Address;
-use crate::ledger::Outcome;
+use crate::inference::SamplingParams;
 use crate::proof::Format;
+use crate::protocol::{TaskId, TaskInput};
 
-/// Delivered-token checks the pool may hold at once, whatever the node, at least.
-pub const MIN_IN_POOL: usize = 4;
-/// Delivered-token checks one node gets per minute.
-pub const PER_NODE_PER_MINUTE: u32 = 16;
-/// Nodes whose minute is remembered at most (older windows are forgotten first).
-const MAX_NODES: usize = 10_000;
+/// Delivered-token checks one node may have waiting at once, on every server together.
+/// An honest node fails a task now and then; one that fails faster than the verifiers
+/// keep up is checked on every finished task instead.
+pub const PER_NODE_WAITING: u64 = 32;
 
-/// The budget of delivered-token checks, shared by every node proxy of a server.
-#[derive(Clone)]
-pub struct DeliveryBudget {
-    load: PoolLoad,
-    max_in_pool: usize,
-    windows: Arc<Mutex<HashMap<Address, (Instant, u32)>>>,
+/// Tokens a node delivered for a task and then failed before its proof (its `Done` never
+/// came). Its JSON is what the check backlog stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveredCheck {
+    pub task: TaskId,
+    #[serde(with = "address_text")]
+    pub node: Address,
+    pub model: String,
+    pub input: TaskInput,
+    pub params: SamplingParams,
+    /// Tokens earlier nodes generated before this one took the task.
+    pub prefix: Vec<u32>,
+    /// The node's own tokens, as the server relayed them.
+    pub delivered: Vec<u32>,
+    /// The format the node's proofs for this model declared on its link: the check is held
+    /// to it alone. `None`: to the widest margin of each reference's formats.
+    #[serde(with = "declared_format")]
+    pub format: Option<Format>,
 }
 
-impl DeliveryBudget {
-    /// At most `max_in_pool` checks in the pool at once (the pool's `queue`), but
-    /// [`MIN_IN_POOL`].
-    pub fn new(max_in_pool: usize) -> Self {
-        Self { load: PoolLoad::default(), max_in_pool: max_in_pool.max(MIN_IN_POOL), windows: Arc::default() }
-    }
-
-    /// Takes one check for `node` now, or says why there is no room.
-    fn take(&self, node: Address, now: Instant) -> Result<(), String> {
-        if self.load.get() >= self.max_in_pool {
-            return Err(format!("{} such checks are in the verifier pool already", self.max_in_pool));
-        }
-        let mut windows = self.windows.lock().expect("delivery budget lock");
-        if windows.len() >= MAX_NODES && !windows.contains_key(&node) {
-            windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
-        }
-        let window = windows.entry(node).or_insert((now, 0));
-        if now.duration_since(window.0) >= Duration::from_secs(60) {
-            *window = (now, 0);
-        }
-        if window.1 >= PER_NODE_PER_MINUTE {
-            return Err(format!("over {PER_NODE_PER_MINUTE} such checks of this node in a minute"));
-        }
-        window.1 += 1;
-        Ok(())
-    }
-}
-
-/// Sends `job`'s tokens `own` (those before it other nodes made; those after it the game
-/// never read) to the verifier pool as `node`'s, when the model has a reference. `format`
-/// is the one the node's proofs declared on its link, if any: the check is then held to
-/// it alone.
+/// Queues `job`'s tokens `own` (those before it other nodes made; those after it the game
+/// never read) for a check as `node`'s, when the model has a reference. `format` is the
+/// one the node's proofs declared on its link, if any.
 pub fn check_delivered(v: &Verification, node: Address, job: &Job, own: Range<usize>, format: Option<Format>) {
     let own = own.start..own.end.min(job.emitted.len());
     if own.is_empty() || !v.models.contains(&job.model) {
         return;
     }
-    let prefix = job.emitted[..own.start].to_vec();
-    let delivered = job.emitted[own].to_vec();
-    if let Err(why) = v.delivery.take(node, Instant::now()) {
-        tracing::warn!(task = %job.id, %node, tokens = delivered.len(), %why,
-            "a node's delivered tokens not checked; the node is checked on every task until verified");
-        v.policy.check_until_verified(&node);
-        v.delivered.do_send(DeliveryChecked {
-            task: job.id,
-            node,
-            tokens: delivered.len(),
-            outcome: Outcome::Unverifiable,
-            detail: format!("not checked: {why}"),
-        });
-        return;
-    }
-    v.pool.do_send(VerifyDelivered {
+    v.backlog.do_send(DeferDelivered(DeliveredCheck {
         task: job.id,
         node,
         model: job.model.clone(),
         input: job.input.clone(),
         params: job.params.clone(),
-        prefix,
-        delivered,
+        prefix: job.emitted[..own.start].to_vec(),
+        delivered: job.emitted[own].to_vec(),
         format,
-        report: v.delivered.clone(),
-        slot: v.delivery.load.enter(),
-    });
+    }));
+}
+
+/// The stored form of a delivered-token check (one line of JSON).
+pub fn encode(c: &DeliveredCheck) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(c)
+}
+
+/// A stored delivered-token check read back; `None` when it is damaged.
+pub fn decode(bytes: &[u8]) -> Option<DeliveredCheck> {
+    serde_json::from_slice(bytes).ok()
+}
+
+/// A node's address as its `0x…` text.
+mod address_text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use crate::crypto::identity::Address;
+
+    pub fn serialize<S: Serializer>(address: &Address, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(address)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Address, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+}
+
+/// A declared format as a proof names it: (`quantization`, `dtype`).
+mod declared_format {
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::proof::Format;
+
+    pub fn serialize<S: Serializer>(format: &Option<Format>, s: S) -> Result<S::Ok, S::Error> {
+        format.map(|f| (f.quantization_field(), f.dtype_field())).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
+        let fields = Option::<(String, String)>::deserialize(d)?;
+        fields
+            .map(|(quantization, dtype)| Format::declared(&quantization, &dtype).map_err(D::Error::custom))
+            .transpose()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A node gets its minute's checks and no more; another node is not held back by it,
-    /// and a new minute gives the first one room again.
-    #[test]
-    fn each_node_gets_its_checks_per_minute_and_no_more() {
-        let budget = DeliveryBudget::new(16);
-        let (a, b) = (Address([1; 20]), Address([2; 20]));
-        let now = Instant::now();
-        for _ in 0..PER_NODE_PER_MINUTE {
-            budget.take(a, now).unwrap();
+    fn check(format: Option<Format>) -> DeliveredCheck {
+        DeliveredCheck {
+            task: TaskId(11),
+            node: Address([7; 20]),
+            model: "m".into(),
+            input: TaskInput::Text("Once\nupon".into()),
+            params: SamplingParams { temperature: 0.7, seed: 5, ..Default::default() },
+            prefix: vec![1, 2],
+            delivered: vec![3, 4, 5],
+            format,
         }
-        assert!(budget.take(a, now).unwrap_err().contains("in a minute"));
-        budget.take(b, now).unwrap();
-        budget.take(a, now + Duration::from_secs(61)).unwrap();
     }
 
-    /// The pool's share is bounded whoever asks.
+    /// What the backlog stores reads back as the same check, declared format included;
+    /// a damaged one (an unknown format, a bad address) does not read back at all.
     #[test]
-    fn the_pool_holds_a_bounded_number_of_them() {
-        let budget = DeliveryBudget::new(0);
-        assert_eq!(budget.max_in_pool, MIN_IN_POOL, "a pool with no queue still takes a few");
-        let slots: Vec<_> = (0..MIN_IN_POOL).map(|_| budget.load.enter()).collect();
-        assert!(budget.take(Address([3; 20]), Instant::now()).unwrap_err().contains("verifier pool"));
-        drop(slots);
-        budget.take(Address([3; 20]), Instant::now()).unwrap();
+    fn a_stored_delivered_check_reads_back_the_same_and_a_damaged_one_not_at_all() {
+        for format in [None, Some(Format::Int4), Some(Format::Bf16), Some(Format::F32), Some(Format::Int8)] {
+            let bytes = encode(&check(format)).unwrap();
+            assert!(!bytes.contains(&b'\n'));
+            assert_eq!(decode(&bytes), Some(check(format)));
+        }
+        let mut damaged: serde_json::Value = serde_json::from_slice(&encode(&check(None)).unwrap()).unwrap();
+        damaged["format"] = serde_json::json!(["int3", ""]);
+        assert_eq!(decode(&serde_json::to_vec(&damaged).unwrap()), None, "an unknown format");
+        damaged["format"] = serde_json::Value::Null;
+        damaged["node"] = "0x12".into();
+        assert_eq!(decode(&serde_json::to_vec(&damaged).unwrap()), None, "a bad address");
     }
 }

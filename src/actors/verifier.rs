@@ -47,26 +47,13 @@ pub struct VerifyTask {
     pub slot: Option<PoolSlot>,
 }
 
-/// Tokens a node delivered for a task and then failed before its proof (its `Done`
-/// never came): checked without a proof ([`crate::proof::delivered`]).
+/// Tokens a node delivered and then failed before its proof, to check without a proof;
+/// the verdict goes to `report`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct VerifyDelivered {
-    pub task: TaskId,
-    pub node: Address,
-    pub model: String,
-    pub input: TaskInput,
-    pub params: SamplingParams,
-    /// Tokens earlier nodes generated before this one took the task.
-    pub prefix: Vec<u32>,
-    /// The node's own tokens, as the server relayed them.
-    pub delivered: Vec<u32>,
-    /// The format the node's proofs declared on this link: the check is held to it alone.
-    /// `None`: to the widest margin of each reference's formats.
-    pub format: Option<crate::proof::Format>,
+    pub check: super::delivery_check::DeliveredCheck,
     pub report: Recipient<DeliveryChecked>,
-    /// Held while the check is in the pool.
-    pub slot: PoolSlot,
 }
 
 /// How many tasks the verifier pool holds, queued or being checked. Completion hands a
@@ -232,7 +219,7 @@ impl Verifier {
     /// The verdict on a failed node's delivered tokens: `Verified` when one format's
     /// reference explains them, `Failed` when none does, `Unverifiable` when a reference
     /// that might have could not be loaded (never a pass, never the node's fault).
-    fn check_delivered(&mut self, t: &VerifyDelivered) -> (Outcome, String) {
+    fn check_delivered(&mut self, t: &super::delivery_check::DeliveredCheck) -> (Outcome, String) {
         use Outcome::{Failed, Unverifiable, Verified};
         let Some(base) = self.models.get(&(t.model.clone(), Quantization::None)) else {
             return (Unverifiable, "no reference model for this task's model".into());
@@ -377,7 +364,7 @@ impl Handler<VerifyDelivered> for Verifier {
 
     /// Checks a failed node's delivered tokens and reports the verdict (a panic is
     /// reported unverifiable, and the thread goes on).
-    fn handle(&mut self, t: VerifyDelivered, _: &mut Self::Context) {
+    fn handle(&mut self, VerifyDelivered { check: t, report }: VerifyDelivered, _: &mut Self::Context) {
         let started = std::time::Instant::now();
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.check_delivered(&t)));
         let (outcome, detail) =
@@ -391,7 +378,7 @@ impl Handler<VerifyDelivered> for Verifier {
             _ => tracing::info!(task = %t.task, node = %t.node, tokens, ms, outcome = outcome.as_str(), %detail,
                 "a failed node's delivered tokens checked"),
         }
-        t.report.do_send(DeliveryChecked { task: t.task, node: t.node, tokens, outcome, detail });
+        report.do_send(DeliveryChecked { task: t.task, node: t.node, tokens, outcome, detail });
     }
 }
 

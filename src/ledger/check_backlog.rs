@@ -1,9 +1,18 @@
-//! The check backlog: sampled tasks whose proof check found the verifier pool full. A
-//! deferred task is recorded `unverifiable` (unpaid, no penalty) with a "deferred" detail
-//! and its check waits in `check_backlog`; a server holding the model's reference claims it
-//! for a lease, and the real verdict ([`Store::record_verification`]) replaces the unpaid
-//! mark and deletes the row in one transaction. A check whose verdict never lands (a crash
-//! mid-check) is claimed again once its lease runs out, up to [`MAX_ATTEMPTS`] times.
+//! The check backlog: checks waiting in Postgres for a verifier, of two kinds.
+//!
+//! - **Proof checks** of sampled tasks whose check found the verifier pool full (or whose
+//!   quality-check re-run disagreed, or that a restart left owed). A deferred task is
+//!   recorded `unverifiable` (unpaid, no penalty) with a "deferred" detail; the real verdict
+//!   ([`Store::record_verification`]) replaces the unpaid mark and deletes the row in one
+//!   transaction. A task has at most one waiting.
+//! - **Delivered-token checks** ([`CheckKind::Delivered`]): the tokens a node delivered and
+//!   then failed before its proof. They are all written here before they run, so a crash
+//!   loses none; a node has at most a bound of them waiting. The verdict
+//!   ([`Store::record_delivery_check`]) deletes the row in the same transaction.
+//!
+//! A server holding the model's reference claims a check for a lease. A check whose verdict
+//! never lands (a crash mid-check) is claimed again once its lease runs out, up to
+//! [`MAX_ATTEMPTS`] times.
 
 use std::time::Duration;
 
@@ -13,14 +22,49 @@ use super::store::Store;
 /// Claims of one check before it is given up (the task then stays unpaid).
 pub const MAX_ATTEMPTS: i32 = 3;
 
-/// A claimed check: the task, its node, how many claims it has had (this one included)
-/// and the check itself (`actors::check_backlog`'s JSON).
+/// What a waiting check checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CheckKind {
+    /// A finished task's proof (its payment waits on the verdict).
+    Proof,
+    /// Tokens a node delivered and then failed before its proof (nothing is paid for them).
+    Delivered,
+}
+
+impl CheckKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckKind::Proof => "proof",
+            CheckKind::Delivered => "delivered",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, LedgerError> {
+        match s {
+            "proof" => Ok(CheckKind::Proof),
+            "delivered" => Ok(CheckKind::Delivered),
+            other => Err(LedgerError::Corrupt(format!("check backlog: unknown kind {other:?}"))),
+        }
+    }
+}
+
+/// A claimed check: the task, its node, what it checks, how many claims it has had (this
+/// one included) and the check itself (`actors::check_backlog`'s JSON).
 #[derive(Debug)]
 pub struct ClaimedCheck {
     pub task: u64,
     pub node: String,
+    pub kind: CheckKind,
     pub attempts: i32,
     pub check: Vec<u8>,
+}
+
+/// A waiting check, as [`Store::drop_checks`] names the ones it drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckKey {
+    pub task: u64,
+    pub node: String,
+    pub kind: CheckKind,
 }
 
 /// What deferring a check did.
@@ -34,6 +78,8 @@ pub enum Deferred {
     Full,
     /// Another node's verdict holds the task's id (a failover): nothing written.
     OtherNode,
+    /// The node has its bound of delivered-token checks waiting already: nothing written.
+    NodeFull,
 }
 
 impl Store {
@@ -51,15 +97,8 @@ impl Store {
     ) -> Result<Deferred, LedgerError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
-        if let Some(max) = max {
-            let limit = max.min(i64::MAX as u64) as i64;
-            let queued: i64 = tx
-                .query_one("SELECT count(*) FROM (SELECT 1 FROM check_backlog LIMIT $1) AS waiting", &[&limit])
-                .await?
-                .get(0);
-            if queued as u64 >= max {
-                return Ok(Deferred::Full);
-            }
+        if backlog_full(&tx, max).await? {
+            return Ok(Deferred::Full);
         }
         let task_i = task as i64;
         // The first statement on a table a block commit locks (as in `record_verification`).
@@ -83,7 +122,7 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO check_backlog (task_id, node_address, model, task) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (task_id) DO NOTHING",
+             ON CONFLICT (task_id) WHERE kind = 'proof' DO NOTHING",
             &[&task_i, &node, &model, &check],
         )
         .await?;
@@ -91,6 +130,56 @@ impl Store {
             "UPDATE receipts SET verification = 'unverifiable'
              WHERE task_id = $1 AND node_address = $2 AND verification IN ('unchecked', 'sampled') AND epoch IS NULL",
             &[&task_i, &node],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Deferred::Queued)
+    }
+
+    /// Queues the check of tokens `node` delivered for `task` and then failed before its
+    /// proof, unless the backlog holds `max` checks already, `node` has `per_node` of these
+    /// waiting, or the task already has a real verdict on them. Nothing is marked: nothing
+    /// was to be paid.
+    pub async fn defer_delivered(
+        &self,
+        task: u64,
+        node: &str,
+        model: &str,
+        check: &[u8],
+        max: u64,
+        per_node: u64,
+    ) -> Result<Deferred, LedgerError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        if backlog_full(&tx, Some(max)).await? {
+            return Ok(Deferred::Full);
+        }
+        let task_i = task as i64;
+        let checked = tx
+            .query_opt(
+                "SELECT 1 FROM delivery_checks WHERE task_id = $1 AND node_address = $2 AND outcome <> 'unverifiable'",
+                &[&task_i, &node],
+            )
+            .await?;
+        if checked.is_some() {
+            return Ok(Deferred::AlreadyChecked);
+        }
+        let limit = per_node.min(i64::MAX as u64) as i64;
+        let waiting: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM (SELECT 1 FROM check_backlog
+                     WHERE node_address = $1 AND kind = 'delivered' AND task_id <> $2 LIMIT $3) AS waiting",
+                &[&node, &task_i, &limit],
+            )
+            .await?
+            .get(0);
+        if waiting as u64 >= per_node {
+            return Ok(Deferred::NodeFull);
+        }
+        tx.execute(
+            "INSERT INTO check_backlog (task_id, node_address, model, task, kind)
+             VALUES ($1, $2, $3, $4, 'delivered') ON CONFLICT (task_id, node_address, kind) DO NOTHING",
+            &[&task_i, &node, &model, &check],
         )
         .await?;
         tx.commit().await?;
@@ -105,51 +194,73 @@ impl Store {
             .query_opt(
                 "UPDATE check_backlog SET attempts = attempts + 1,
                      claimed_until = now() + make_interval(secs => $2)
-                 WHERE task_id = (
-                     SELECT task_id FROM check_backlog
+                 WHERE (task_id, node_address, kind) = (
+                     SELECT task_id, node_address, kind FROM check_backlog
                      WHERE model = ANY($1) AND attempts < $3 AND (claimed_until IS NULL OR claimed_until < now())
                      ORDER BY queued_at, task_id LIMIT 1 FOR UPDATE SKIP LOCKED)
-                 RETURNING task_id, node_address, attempts, task",
+                 RETURNING task_id, node_address, attempts, task, kind",
                 &[&models, &lease.as_secs_f64(), &MAX_ATTEMPTS],
             )
             .await?;
-        Ok(row.map(|row| ClaimedCheck {
-            task: row.get::<_, i64>(0) as u64,
-            node: row.get(1),
-            attempts: row.get(2),
-            check: row.get(3),
-        }))
+        row.map(|row| {
+            Ok(ClaimedCheck {
+                task: row.get::<_, i64>(0) as u64,
+                node: row.get(1),
+                kind: CheckKind::parse(row.get(4))?,
+                attempts: row.get(2),
+                check: row.get(3),
+            })
+        })
+        .transpose()
     }
 
     /// Deletes checks claimed [`MAX_ATTEMPTS`] times whose last lease ran out without a
-    /// verdict, and one that cannot be read (`only`); returns the (task, node) pairs
-    /// dropped. Their tasks stay unpaid.
-    pub async fn drop_checks(&self, only: Option<u64>) -> Result<Vec<(u64, String)>, LedgerError> {
+    /// verdict, and one that cannot be read (`only`); returns the checks dropped. Their
+    /// tasks stay unpaid.
+    pub async fn drop_checks(&self, only: Option<&CheckKey>) -> Result<Vec<CheckKey>, LedgerError> {
         let conn = self.conn().await?;
         let rows = match only {
-            Some(task) => {
+            Some(key) => {
                 conn.query(
-                    "DELETE FROM check_backlog WHERE task_id = $1 RETURNING task_id, node_address",
-                    &[&(task as i64)],
+                    "DELETE FROM check_backlog WHERE task_id = $1 AND node_address = $2 AND kind = $3
+                     RETURNING task_id, node_address, kind",
+                    &[&(key.task as i64), &key.node, &key.kind.as_str()],
                 )
                 .await?
             }
             None => {
                 conn.query(
                     "DELETE FROM check_backlog WHERE attempts >= $1 AND claimed_until < now()
-                     RETURNING task_id, node_address",
+                     RETURNING task_id, node_address, kind",
                     &[&MAX_ATTEMPTS],
                 )
                 .await?
             }
         };
-        Ok(rows.iter().map(|row| (row.get::<_, i64>(0) as u64, row.get(1))).collect())
+        rows.iter()
+            .map(|row| {
+                Ok(CheckKey {
+                    task: row.get::<_, i64>(0) as u64,
+                    node: row.get(1),
+                    kind: CheckKind::parse(row.get(2))?,
+                })
+            })
+            .collect()
     }
 
     /// Checks waiting in the backlog (claimed or not).
     pub async fn backlog_len(&self) -> Result<u64, LedgerError> {
         let conn = self.conn().await?;
         Ok(conn.query_one("SELECT count(*) FROM check_backlog", &[]).await?.get::<_, i64>(0) as u64)
+    }
+
+    /// Delivered-token checks of `node` waiting (claimed or not).
+    pub async fn delivered_waiting(&self, node: &str) -> Result<u64, LedgerError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one("SELECT count(*) FROM check_backlog WHERE node_address = $1 AND kind = 'delivered'", &[&node])
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     /// How long the oldest unsettled `sampled` receipt (a picked task, unpaid until its
@@ -166,4 +277,13 @@ impl Store {
             .await?;
         Ok(row.get::<_, i64>(0).max(0) as u64)
     }
+}
+
+/// Whether the backlog holds `max` checks (`None`: never full).
+async fn backlog_full(tx: &tokio_postgres::Transaction<'_>, max: Option<u64>) -> Result<bool, LedgerError> {
+    let Some(max) = max else { return Ok(false) };
+    let limit = max.min(i64::MAX as u64) as i64;
+    let queued: i64 =
+        tx.query_one("SELECT count(*) FROM (SELECT 1 FROM check_backlog LIMIT $1) AS waiting", &[&limit]).await?.get(0);
+    Ok(queued as u64 >= max)
 }

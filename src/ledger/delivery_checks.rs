@@ -2,15 +2,18 @@
 //! (`proof::delivered`): one row per (task, node), apart from the task's proof verdict in
 //! [`super::verifications`]. Nothing here is paid. A failure costs the node
 //! [`FAILURE_PENALTY_BPS`] of reputation and marks it quarantined, like a failed proof; a
-//! pass earns nothing (the node did not finish the task).
+//! pass earns nothing (the node did not finish the task). The checks wait in the check
+//! backlog ([`super::check_backlog`]) until their verdict, which takes them out.
 
 use super::error::LedgerError;
 use super::store::Store;
 use super::verifications::{Outcome, FAILURE_PENALTY_BPS};
 
 impl Store {
-    /// Records a check (the first one per task and node counts); returns the node's
-    /// reputation (basis points) after it.
+    /// Records a check: the first one per task and node counts, but a real verdict
+    /// replaces an `unverifiable` one. A real verdict takes the check out of the backlog in
+    /// the same commit (an `unverifiable` one leaves it to be claimed again). Returns the
+    /// node's reputation (basis points) after it.
     pub async fn record_delivery_check(
         &self,
         task: u64,
@@ -27,10 +30,20 @@ impl Store {
         let new = tx
             .execute(
                 "INSERT INTO delivery_checks (task_id, node_address, tokens, outcome, detail)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (task_id, node_address) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (task_id, node_address) DO UPDATE SET tokens = excluded.tokens,
+                     outcome = excluded.outcome, detail = excluded.detail, checked_at = now()
+                 WHERE delivery_checks.outcome = 'unverifiable' AND excluded.outcome <> 'unverifiable'",
                 &[&(task as i64), &node, &tokens, &outcome.as_str(), &detail],
             )
             .await?;
+        if outcome != Outcome::Unverifiable {
+            tx.execute(
+                "DELETE FROM check_backlog WHERE task_id = $1 AND node_address = $2 AND kind = 'delivered'",
+                &[&(task as i64), &node],
+            )
+            .await?;
+        }
         tx.execute("INSERT INTO nodes (address) VALUES ($1) ON CONFLICT (address) DO NOTHING", &[&node]).await?;
         let reputation: i32 = if new > 0 && outcome == Outcome::Failed {
             tx.query_one(

@@ -71,7 +71,11 @@ impl Store {
         }
         if new > 0 && outcome != Outcome::Unverifiable {
             // A deferred check got its verdict: it leaves the backlog in the same commit.
-            tx.execute("DELETE FROM check_backlog WHERE task_id = $1 AND node_address = $2", &[&task_i, &node]).await?;
+            tx.execute(
+                "DELETE FROM check_backlog WHERE task_id = $1 AND node_address = $2 AND kind = 'proof'",
+                &[&task_i, &node],
+            )
+            .await?;
         }
         tx.execute("INSERT INTO nodes (address) VALUES ($1) ON CONFLICT (address) DO NOTHING", &[&node]).await?;
         let reputation: i32 = match (new > 0, outcome) {

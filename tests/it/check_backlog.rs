@@ -1,11 +1,12 @@
 //! The check backlog's ledger rules, on a real Postgres: deferring marks a task unpaid and
-//! stops at the backlog's bound (and at another node's verdict), a claim is a lease, a real verdict takes the check out (an
-//! `unverifiable` one does not), and a check that never gets a verdict is dropped after
-//! its last claim, its task still unpaid.
+//! stops at the backlog's bound (and at another node's verdict), a claim is a lease, a real
+//! verdict takes the check out (an `unverifiable` one does not), and a check that never gets
+//! a verdict is dropped after its last claim, its task still unpaid. Checks of tokens a
+//! node delivered without a proof wait beside a task's proof check, bounded per node.
 
 use std::time::Duration;
 
-use ludus::ledger::check_backlog::{Deferred, MAX_ATTEMPTS};
+use ludus::ledger::check_backlog::{CheckKey, CheckKind, Deferred, MAX_ATTEMPTS};
 use ludus::ledger::Outcome;
 
 use super::database::{block_on, fresh_database, numbers, open};
@@ -66,8 +67,78 @@ fn a_deferred_check_is_leased_replaced_by_its_verdict_or_dropped_after_its_last_
     assert_eq!(block_on(store.drop_checks(None)).unwrap(), vec![], "its last claim is still running");
     expire();
     assert!(claim(&["m"]).is_none(), "no claim past the last attempt");
-    assert_eq!(block_on(store.drop_checks(None)).unwrap(), vec![(2, NODE.to_string())]);
+    let dropped = CheckKey { task: 2, node: NODE.to_string(), kind: CheckKind::Proof };
+    assert_eq!(block_on(store.drop_checks(None)).unwrap(), vec![dropped]);
     assert_eq!(count("SELECT count(*) FROM check_backlog"), 0);
     assert_eq!(count("SELECT count(*) FROM verifications WHERE task_id = 2 AND outcome = 'unverifiable'"), 1);
     assert_eq!(block_on(store.backlog_len()).unwrap(), 0);
+}
+
+/// A failed node's delivered tokens wait beside the task's proof check (the finisher's),
+/// neither marking anything unpaid nor taking the other's place; a node has at most its
+/// bound of them waiting, other nodes unaffected; each verdict takes out its own check
+/// only, and an `unverifiable` one leaves it waiting and is replaced by the real verdict.
+#[test]
+fn delivered_token_checks_wait_beside_proof_checks_bounded_per_node() {
+    let store = open(&fresh_database());
+    let count = |sql: &str| numbers(&store, sql)[0];
+    const OTHER: &str = "0x00000000000000000000000000000000000000bb";
+    let delivered = |task: u64, node: &str, max: u64| {
+        block_on(store.defer_delivered(task, node, "m", b"{\"d\":1}", max, 2)).unwrap()
+    };
+    // Task 1: NODE streamed and failed, OTHER finished it and its proof check waits too.
+    assert_eq!(delivered(1, NODE, 10), Deferred::Queued);
+    assert_eq!(
+        block_on(store.defer_check(1, OTHER, "m", b"{}", Some(10), "deferred: test")).unwrap(),
+        Deferred::Queued
+    );
+    assert_eq!(delivered(1, NODE, 10), Deferred::Queued, "queued again: nothing changes");
+    assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 1"), 2);
+    assert_eq!(
+        count("SELECT count(*) FROM verifications WHERE node_address = '0x00000000000000000000000000000000000000aa'"),
+        0,
+        "delivered tokens are not paid: nothing is marked"
+    );
+    assert_eq!(delivered(2, NODE, 10), Deferred::Queued);
+    assert_eq!(delivered(3, NODE, 10), Deferred::NodeFull, "the node has two waiting");
+    assert_eq!(delivered(3, OTHER, 10), Deferred::Queued, "another node is not held back");
+    assert_eq!(delivered(4, OTHER, 4), Deferred::Full, "the backlog holds four");
+    assert_eq!(block_on(store.delivered_waiting(NODE)).unwrap(), 2);
+
+    let claimed: Vec<(u64, String, CheckKind)> = (0..4)
+        .map(|_| {
+            let c = block_on(store.claim_check(&["m".to_string()], Duration::from_secs(600))).unwrap().unwrap();
+            (c.task, c.node, c.kind)
+        })
+        .collect();
+    assert!(claimed.contains(&(1, NODE.to_string(), CheckKind::Delivered)), "{claimed:?}");
+    assert!(claimed.contains(&(1, OTHER.to_string(), CheckKind::Proof)), "{claimed:?}");
+
+    // Each verdict takes out its own check only.
+    block_on(store.record_delivery_check(1, NODE, 2, Outcome::Verified, "fits")).unwrap();
+    assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 1 AND kind = 'proof'"), 1);
+    assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 1"), 1);
+    assert_eq!(delivered(1, NODE, 10), Deferred::AlreadyChecked, "a checked one is not queued again");
+    block_on(store.record_verification(1, OTHER, Outcome::Verified, "ok")).unwrap();
+    assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 1"), 0);
+
+    // A check that could not run leaves its row to be claimed again; the real verdict
+    // replaces the unverifiable one, and a failure costs reputation once.
+    block_on(store.record_delivery_check(2, NODE, 3, Outcome::Unverifiable, "verifier error")).unwrap();
+    assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 2"), 1);
+    let reputation = block_on(store.record_delivery_check(2, NODE, 3, Outcome::Failed, "edited")).unwrap();
+    assert_eq!(reputation, 7_500);
+    assert_eq!(block_on(store.record_delivery_check(2, NODE, 3, Outcome::Failed, "edited")).unwrap(), 7_500);
+    assert_eq!(count("SELECT count(*) FROM delivery_checks WHERE task_id = 2 AND outcome = 'failed'"), 1);
+    assert_eq!(count("SELECT count(*) FROM check_backlog WHERE task_id = 2"), 0);
+    assert_eq!(block_on(store.delivered_waiting(NODE)).unwrap(), 0);
+    assert_eq!(delivered(5, NODE, 10), Deferred::Queued, "room again once its checks are done");
+
+    // A delivered check that never gets its verdict is dropped with its kind.
+    let (expire, key) = (
+        "UPDATE check_backlog SET attempts = 99, claimed_until = now() - interval '1 second' WHERE task_id = 3",
+        CheckKey { task: 3, node: OTHER.to_string(), kind: CheckKind::Delivered },
+    );
+    numbers(&store, &format!("{expire} RETURNING task_id"));
+    assert_eq!(block_on(store.drop_checks(None)).unwrap(), vec![key]);
 }

@@ -1195,12 +1195,18 @@ fn a_hang_up_without_its_proof_is_not_paid() {
         "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND node_address = '{node}' \
          AND tokens = {delivered} AND outcome IN ('verified', 'failed')"
     );
-    wait_for("the hang-up's tokens checked", Duration::from_secs(60), || numbers(&cluster.store(), &row) == vec![1]);
+    wait_for("the hang-up's tokens checked", Duration::from_secs(180), || numbers(&cluster.store(), &row) == vec![1]);
 }
 
 /// The first `n` tokens the real model generates for a task (after `prefix`, which
 /// counts as generated), with the task's seeded sampling.
-async fn honest_tokens(model: &Model, engine: &Engine, spec: &ludus::protocol::TaskSpec, n: usize) -> Vec<u32> {
+async fn honest_tokens(
+    rogue: &mut Rogue,
+    model: &Model,
+    engine: &Engine,
+    spec: &ludus::protocol::TaskSpec,
+    n: usize,
+) -> Vec<u32> {
     let TaskInput::Chat(messages) = &spec.input else { panic!("a chat task") };
     let request = GenerateRequest {
         prompt: model.chat_prompt(messages).unwrap(),
@@ -1211,11 +1217,15 @@ async fn honest_tokens(model: &Model, engine: &Engine, spec: &ludus::protocol::T
     };
     let mut rx = engine.submit(request).unwrap();
     let mut tokens = Vec::new();
-    while let Some(event) = rx.recv().await {
-        match event {
-            Event::Token { id, .. } => tokens.push(id),
-            Event::Done(_) => break,
-            _ => {}
+    // The rogue heartbeats while the model runs: on a loaded machine a first request can
+    // outlast the tests' heartbeat timeout (800 ms), and the server would take the task
+    // away before a token was sent.
+    loop {
+        match rx.try_recv() {
+            Ok(Event::Token { id, .. }) => tokens.push(id),
+            Ok(Event::Done(_)) | Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
+            Ok(_) => {}
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => rogue.idle(&mut [], Duration::from_millis(50)).await,
         }
     }
     tokens.truncate(n);
@@ -1229,8 +1239,21 @@ fn streaming_game(cluster: &Cluster, i: usize) -> std::thread::JoinHandle<String
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
     std::thread::spawn(move || {
         let mut sse = super::cluster::SseStream::open(&addr, &key, &body);
-        std::iter::from_fn(|| sse.next_data()).collect::<Vec<_>>().join("\n")
+        let data = std::iter::from_fn(|| sse.next_data()).collect::<Vec<_>>().join("\n");
+        // A stream with no event at all says what the server answered instead.
+        if data.is_empty() {
+            format!("(HTTP {}, no event)", sse.status)
+        } else {
+            data
+        }
     })
+}
+
+/// Whether a streamed answer ended in an error: an error event after its tokens, or a 502
+/// before any (the server holds the headers until the first event, and the node's tokens
+/// may still wait for a word boundary when its failure comes).
+fn ended_in_error(streamed: &str) -> bool {
+    streamed.contains("error") || streamed == "(HTTP 502, no event)"
 }
 
 /// Sends `tokens` as a task's, numbered after its prefix.
@@ -1263,9 +1286,12 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
         while numbers(&store, &row) != vec![1] {
             if started.elapsed() > Duration::from_secs(180) {
                 let log = cluster.server.log_text();
-                let seen: Vec<&str> =
-                    log.lines().filter(|l| l.contains("delivered") || l.contains("quarantined")).collect();
-                panic!("no {outcome} check of {tokens} tokens of {node} for task {task}; the log says {seen:#?}");
+                let task = format!("task={}", ludus::protocol::TaskId(task as u64));
+                let seen: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("delivered") || l.contains("quarantined") || l.contains(&task))
+                    .collect();
+                panic!("no {outcome} check of {tokens} tokens of {node} for {task}; the log says {seen:#?}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1278,7 +1304,7 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
             rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
             let game = streaming_game(&cluster, request);
             let spec = rogue.task(&mut []).await;
-            let mut tokens = honest_tokens(&model, &engine, &spec, 4).await;
+            let mut tokens = honest_tokens(&mut rogue, &model, &engine, &spec, 4).await;
             if !honest {
                 tokens[1] = (tokens[1] + 4242) % 49_152;
             }
@@ -1288,7 +1314,12 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
             let node = rogue.id.address.to_string();
             drop(rogue);
             let streamed = game.join().unwrap();
-            assert!(streamed.contains("error"), "the only node left, the stream ends with an error: {streamed}");
+            if !ended_in_error(&streamed) {
+                let log = cluster.server.log_text();
+                let task = format!("task={}", spec.id);
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains(&task)).collect();
+                panic!("the only node left, the stream ends with an error: {streamed}; the log says {lines:#?}");
+            }
             (node, spec.id.0 as i64)
         });
         checked(task, &node, 4, if honest { "verified" } else { "failed" });
@@ -1301,18 +1332,20 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
         first.idle(&mut [], Duration::from_millis(300)).await; // registered
         let game = streaming_game(&cluster, 3);
         let spec = first.task(&mut []).await;
-        stream(&mut first, &spec, &honest_tokens(&model, &engine, &spec, 2).await).await;
+        let tokens = honest_tokens(&mut first, &model, &engine, &spec, 2).await;
+        stream(&mut first, &spec, &tokens).await;
         let mut second = Rogue::join(&cluster.addr, MODEL).await;
         second.idle(&mut [&mut first], Duration::from_millis(300)).await; // registered
         let first_node = first.id.address.to_string();
         drop(first);
         let again = second.task(&mut []).await;
         assert_eq!((again.id, again.prefix.len()), (spec.id, 2), "the continuation carries the first node's tokens");
-        stream(&mut second, &again, &honest_tokens(&model, &engine, &again, 2).await).await;
+        let tokens = honest_tokens(&mut second, &model, &engine, &again, 2).await;
+        stream(&mut second, &again, &tokens).await;
         let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
         second.link.send(&NodeMessage::Failed { id: again.id, failure }).await.unwrap();
         let streamed = game.join().unwrap();
-        assert!(streamed.contains("error"), "no node left, the stream ends with an error: {streamed}");
+        assert!(ended_in_error(&streamed), "no node left, the stream ends with an error: {streamed}");
         (first_node, second.id.address.to_string(), spec.id.0 as i64)
     });
     checked(task, &first, 2, "verified");
@@ -1339,6 +1372,64 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
     let log = cluster.server.log_text();
     assert!(log.contains("delivered tokens REJECTED") && log.contains("not what the seeded sampler picks"), "{log}");
     assert_eq!(numbers(&store, "SELECT count(*) FROM verifications"), vec![0], "a delivery check is no proof verdict");
+    engine.shutdown();
+}
+
+/// A node that fails task after task has the tokens of every one checked: they all wait in
+/// the check backlog (a bound of them per node) rather than being skipped past an
+/// allowance per minute (it was 16, and this test failed then). The node streams two
+/// honest greedy tokens and says it failed, 17 times in a row, then streams an edited
+/// word on the 18th: that one fails its check, and the node is quarantined.
+#[test]
+fn a_node_that_fails_task_after_task_has_every_delivered_token_checked() {
+    const TASKS: usize = 18;
+    let Some(path) = smollm2() else { return };
+    let cluster = Cluster::start(&verifier_config(&path));
+    let (model, engine) = liar_model(&path);
+    let store = cluster.store();
+    let (node, tasks) = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let mut tasks = Vec::new();
+        for i in 0..TASKS {
+            let game = streaming_game(&cluster, 2 * i); // greedy
+            let spec = rogue.task(&mut []).await;
+            let mut tokens = honest_tokens(&mut rogue, &model, &engine, &spec, 2).await;
+            if i == TASKS - 1 {
+                tokens[1] = (tokens[1] + 4242) % 49_152;
+            }
+            stream(&mut rogue, &spec, &tokens).await;
+            let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
+            rogue.link.send(&NodeMessage::Failed { id: spec.id, failure }).await.unwrap();
+            let streamed = game.join().unwrap();
+            assert!(ended_in_error(&streamed), "the only node failed it: {streamed}");
+            tasks.push(spec.id.0 as i64);
+        }
+        (rogue.id.address.to_string(), tasks)
+    });
+    let (liar_task, honest) = tasks.split_last().unwrap();
+    let honest = honest.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
+    let checks = format!(
+        "SELECT (SELECT count(*) FROM delivery_checks WHERE node_address = '{node}' AND tokens = 2
+                    AND outcome = 'verified' AND task_id IN ({honest})),
+                (SELECT count(*) FROM delivery_checks WHERE node_address = '{node}' AND task_id = {liar_task}
+                    AND outcome = 'failed'),
+                (SELECT count(*) FROM delivery_checks WHERE outcome = 'unverifiable'),
+                (SELECT count(*) FROM check_backlog)"
+    );
+    let want = vec![TASKS as i64 - 1, 1, 0, 0];
+    let started = std::time::Instant::now();
+    while numbers(&store, &checks) != want {
+        if started.elapsed() > Duration::from_secs(300) {
+            let log = cluster.server.log_text();
+            let seen: Vec<&str> = log.lines().filter(|l| l.contains("delivered")).collect();
+            panic!("checks {:?}, want {want:?}; the log says {seen:#?}", numbers(&store, &checks));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let standing =
+        format!("SELECT reputation::bigint, (status = 'quarantined')::int::bigint FROM nodes WHERE address = '{node}'");
+    assert_eq!(numbers(&store, &standing), vec![7_500, 1], "the liar kept its standing");
     engine.shutdown();
 }
 
@@ -1375,7 +1466,8 @@ fn a_failover_continuation_is_rerun_after_the_same_prefix() {
         first.idle(&mut [], Duration::from_millis(300)).await; // registered
         let game = streaming_game(&cluster, 0);
         let spec = first.task(&mut []).await;
-        stream(&mut first, &spec, &honest_tokens(&model, &engine, &spec, 2).await).await;
+        let tokens = honest_tokens(&mut first, &model, &engine, &spec, 2).await;
+        stream(&mut first, &spec, &tokens).await;
         // Two real nodes join while the first one holds the task (heartbeating).
         for _ in 0..2 {
             cluster.add_node(&["--model", path.to_str().unwrap(), "--quantize", "none", "--threads", "1"]);
@@ -1415,7 +1507,8 @@ fn a_continuations_rerun_never_goes_to_the_node_that_made_its_prefix() {
         first.idle(&mut [], Duration::from_millis(300)).await; // registered
         let game = streaming_game(&cluster, 0);
         let spec = first.task(&mut []).await;
-        stream(&mut first, &spec, &honest_tokens(&model, &engine, &spec, 2).await).await;
+        let tokens = honest_tokens(&mut first, &model, &engine, &spec, 2).await;
+        stream(&mut first, &spec, &tokens).await;
         cluster.add_node(&["--model", path.to_str().unwrap(), "--quantize", "none", "--threads", "1"]);
         heartbeat_until_serving(&cluster, &mut first, 2).await;
         drop(first);
