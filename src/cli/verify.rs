@@ -27,8 +27,8 @@ pub struct VerifyArgs {
     /// Smallest share of committed indices in the recomputed top-k.
     #[arg(long, default_value_t = Tolerances::default().min_index_overlap)]
     pub min_index_overlap: f32,
-    /// Scales every format's calibrated tie margin (the largest sampler score gap
-    /// forgiven as a near-tie).
+    /// Scales every format's calibrated tie margin (the largest gap, in logit units,
+    /// between the sampler's pick and the node's token forgiven as a near-tie).
     #[arg(long, default_value_t = Tolerances::default().tie_margin_scale)]
     pub tie_margin_scale: f32,
 }

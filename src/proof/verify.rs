@@ -161,7 +161,13 @@ fn penalties_apply(params: &SamplingParams) -> bool {
         || !params.logit_bias.is_empty()
 }
 
-/// How far the node's token is below the verifier's pick (0 when they agree).
+/// How far the node's token is below the verifier's pick (0 when they agree), in logit
+/// units whatever the temperature: for greedy decoding the logits' gap, for sampling the
+/// Gumbel scores' gap times the temperature. A node whose logits are off by at most ε
+/// from the reference's can only pick a token within 2ε of the reference's pick in these
+/// units. The gap used to be left in scores (logits divided by the temperature), which
+/// blew an honest node's rounding up by 1/T: at temperature 0.2 an honest int4 node's task
+/// fell outside the margin calibrated at 0.8, and the node would have been quarantined.
 fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: u32, actual: u32) -> f32 {
     if expected == actual {
         return 0.0;
@@ -196,7 +202,8 @@ fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: 
         return f32::INFINITY; // the node's token was not even a candidate
     };
     let best = scored(&tightened).into_iter().map(|(_, s)| s).fold(f64::NEG_INFINITY, f64::max);
-    (best - node).max(0.0) as f32
+    // The sampler divides by the temperature floored at 1e-6; scaled back the same way.
+    ((best - node).max(0.0) * params.temperature.max(1e-6) as f64) as f32
 }
 
 /// Where a token stands among the reference's scores: how many tokens score higher.
@@ -661,6 +668,39 @@ mod tests {
         assert_eq!(tie_margin(&logits, &nucleus, 7, 0, 2), f32::INFINITY);
         let gap = tie_margin(&logits, &SamplingParams { top_p: 1.0, ..nucleus.clone() }, 7, 0, 1);
         assert!(gap.is_finite());
+    }
+
+    /// A node whose logits are off by at most ε picks, whatever the temperature, a token
+    /// within 2ε of the reference's pick: the margin is in logit units, so one calibrated
+    /// margin holds at every temperature. (In Gumbel scores the same rounding came out 1/T
+    /// as large: near 10 at temperature 0.01 here, and this test failed.)
+    #[test]
+    fn an_honest_nodes_gap_is_bounded_by_its_rounding_at_every_temperature() {
+        const EPSILON: f32 = 0.05;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = move || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let mut worst = [0f32; 6];
+        let mut disagreed = 0;
+        for round in 0..300u64 {
+            // A few close leaders over a tail, as a language model's logits often are.
+            let logits: Vec<f32> =
+                (0..40).map(|i| if i < 4 { 5.0 + uniform() * 0.3 } else { uniform() * 4.0 }).collect();
+            let node: Vec<f32> = logits.iter().map(|l| l + (uniform() * 2.0 - 1.0) * EPSILON).collect();
+            for (i, temperature) in [0.01f32, 0.05, 0.2, 0.8, 1.0, 1.5].into_iter().enumerate() {
+                let params = SamplingParams { temperature, seed: round, ..Default::default() };
+                let position = round * 7 + i as u64;
+                let (expected, actual) = (sample(&logits, &params, position), sample(&node, &params, position));
+                disagreed += usize::from(expected != actual);
+                worst[i] = worst[i].max(tie_margin(&logits, &params, position, expected, actual));
+            }
+        }
+        assert!(disagreed > 0, "the rounding never changed a pick: the test checks nothing");
+        for (i, gap) in worst.iter().enumerate() {
+            assert!(*gap <= 2.0 * EPSILON + 1e-3, "temperature #{i}: an honest gap of {gap}");
+        }
     }
 
     /// top-k 3: ranks 1 and 2 are in any honest node's nucleus. Where the seeded draw picks
