@@ -130,7 +130,9 @@ pub struct Steer {
 
 impl Steer {
     /// Its own sampler's pick, then the steered one. Stays 10 % inside the margin, so its
-    /// own numbers and the reference's may differ a little without a mismatch.
+    /// own numbers and the reference's may differ a little without a mismatch. The margin
+    /// is in logit units (`proof::verify::tie_margin`): when sampling, the scores' room is
+    /// the margin over the temperature, all of which it takes.
     fn choose(&self, logits: &[f32], params: &SamplingParams, position: u64, stops: &[u32]) -> u32 {
         let pick = sample(logits, params, position);
         let scored: Vec<(u32, f64)> = if params.temperature == 0.0 {
@@ -142,7 +144,11 @@ impl Steer {
                 .collect()
         };
         let score = |token: u32| scored.iter().find(|&&(t, _)| t == token).map(|&(_, s)| s);
-        let budget = 0.9 * self.claim.tie_margin() as f64;
+        let budget = if params.temperature == 0.0 {
+            0.9 * self.claim.tie_margin() as f64
+        } else {
+            0.9 * self.claim.tie_margin() as f64 / params.temperature as f64
+        };
         let best = score(pick).unwrap_or(f64::INFINITY);
         if self.skip_end && stops.contains(&pick) {
             let other = scored
