@@ -299,18 +299,18 @@ impl Registry {
                         }
                     }
                 }
-                Err(e) if this.retrying < MAX_VERDICT_RETRIES && attempt + 1 < MAX_VERDICT_ATTEMPTS => {
-                    let wait = verdict_backoff(attempt);
-                    tracing::warn!(task = %msg.task, node = %msg.node, error = %e, retry_in_s = wait.as_secs(),
-                        "could not record the check of a node's delivered tokens; retrying");
-                    this.retrying += 1;
-                    ctx.run_later(wait, move |this, ctx| {
-                        this.retrying = this.retrying.saturating_sub(1);
-                        this.record_delivery_check(msg, attempt + 1, ctx);
-                    });
+                Err(e) => {
+                    let (task, node) = (msg.task, msg.node);
+                    match this
+                        .retry_later(attempt, ctx, move |this, ctx| this.record_delivery_check(msg, attempt + 1, ctx))
+                    {
+                        Some(wait) => tracing::warn!(%task, %node, error = %e, retry_in_s = wait.as_secs(),
+                            "could not record the check of a node's delivered tokens; retrying"),
+                        None => tracing::error!(%task, %node, error = %e, attempt,
+                            "could not record the check of a node's delivered tokens; given up (the quarantine stands, \
+                             and the check waits in the backlog to run again once its lease is out)"),
+                    }
                 }
-                Err(e) => tracing::error!(task = %msg.task, node = %msg.node, error = %e, attempt,
-                    "could not record the check of a node's delivered tokens; given up (the quarantine stands)"),
             })
             .spawn(ctx);
     }
@@ -372,20 +372,37 @@ impl Registry {
                     }
                 }
             }
-            Err(e) if this.retrying < MAX_VERDICT_RETRIES && attempt + 1 < MAX_VERDICT_ATTEMPTS => {
-                let wait = verdict_backoff(attempt);
-                tracing::warn!(task = %msg.task, node = %msg.node, error = %e, retry_in_s = wait.as_secs(),
-                    "could not record a verification; retrying");
-                this.retrying += 1;
-                ctx.run_later(wait, move |this, ctx| {
-                    this.retrying = this.retrying.saturating_sub(1);
-                    this.record_verdict(msg, attempt + 1, ctx);
-                });
+            Err(e) => {
+                let (task, node) = (msg.task, msg.node);
+                match this.retry_later(attempt, ctx, move |this, ctx| this.record_verdict(msg, attempt + 1, ctx)) {
+                    Some(wait) => tracing::warn!(%task, %node, error = %e, retry_in_s = wait.as_secs(),
+                        "could not record a verification; retrying"),
+                    None => tracing::error!(%task, %node, error = %e, attempt,
+                        "could not record a verification; given up: the task stays unpaid and its check owed in the check log"),
+                }
             }
-            Err(e) => tracing::error!(task = %msg.task, node = %msg.node, error = %e, attempt,
-                "could not record a verification; given up: the task stays unpaid and its check owed in the check log"),
         })
         .spawn(ctx);
+    }
+
+    /// Runs `again` after the backoff of a write's `attempt`-th refusal, unless it was the
+    /// last attempt or too many writes wait already (`None`: given up).
+    fn retry_later(
+        &mut self,
+        attempt: u32,
+        ctx: &mut Context<Self>,
+        again: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) -> Option<Duration> {
+        if self.retrying >= MAX_VERDICT_RETRIES || attempt + 1 >= MAX_VERDICT_ATTEMPTS {
+            return None;
+        }
+        let wait = verdict_backoff(attempt);
+        self.retrying += 1;
+        ctx.run_later(wait, move |this, ctx| {
+            this.retrying = this.retrying.saturating_sub(1);
+            again(this, ctx);
+        });
+        Some(wait)
     }
 }
 
