@@ -186,32 +186,34 @@ impl Store {
         Ok(Deferred::Queued)
     }
 
-    /// Claims the oldest waiting check of one of `models` for `lease` (none waiting: `None`).
-    /// Servers claim concurrently without taking the same check twice.
+    /// Claims the oldest waiting check of one of `models` for `lease` (none waiting: `None`):
+    /// a delivered-token check first, then any. Servers claim concurrently without taking
+    /// the same check twice.
     pub async fn claim_check(&self, models: &[String], lease: Duration) -> Result<Option<ClaimedCheck>, LedgerError> {
         let conn = self.conn().await?;
-        let row = conn
-            .query_opt(
-                "UPDATE check_backlog SET attempts = attempts + 1,
-                     claimed_until = now() + make_interval(secs => $2)
+        // The kind is spelled out (not a parameter) so that the first query can use the
+        // partial index of delivered checks.
+        for kind in ["AND kind = 'delivered'", ""] {
+            let claim = format!(
+                "UPDATE check_backlog SET attempts = attempts + 1, claimed_until = now() + make_interval(secs => $2)
                  WHERE (task_id, node_address, kind) = (
                      SELECT task_id, node_address, kind FROM check_backlog
-                     WHERE model = ANY($1) AND attempts < $3 AND (claimed_until IS NULL OR claimed_until < now())
+                     WHERE model = ANY($1) AND attempts < $3 AND (claimed_until IS NULL OR claimed_until < now()) {kind}
                      ORDER BY queued_at, task_id LIMIT 1 FOR UPDATE SKIP LOCKED)
-                 RETURNING task_id, node_address, attempts, task, kind",
-                &[&models, &lease.as_secs_f64(), &MAX_ATTEMPTS],
-            )
-            .await?;
-        row.map(|row| {
-            Ok(ClaimedCheck {
-                task: row.get::<_, i64>(0) as u64,
-                node: row.get(1),
-                kind: CheckKind::parse(row.get(4))?,
-                attempts: row.get(2),
-                check: row.get(3),
-            })
-        })
-        .transpose()
+                 RETURNING task_id, node_address, attempts, task, kind"
+            );
+            let row = conn.query_opt(&claim, &[&models, &lease.as_secs_f64(), &MAX_ATTEMPTS]).await?;
+            if let Some(row) = row {
+                return Ok(Some(ClaimedCheck {
+                    task: row.get::<_, i64>(0) as u64,
+                    node: row.get(1),
+                    kind: CheckKind::parse(row.get(4))?,
+                    attempts: row.get(2),
+                    check: row.get(3),
+                }));
+            }
+        }
+        Ok(None)
     }
 
     /// Deletes checks claimed [`MAX_ATTEMPTS`] times whose last lease ran out without a

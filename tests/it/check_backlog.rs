@@ -105,14 +105,21 @@ fn delivered_token_checks_wait_beside_proof_checks_bounded_per_node() {
     assert_eq!(delivered(4, OTHER, 4), Deferred::Full, "the backlog holds four");
     assert_eq!(block_on(store.delivered_waiting(NODE)).unwrap(), 2);
 
+    // Delivered-token checks are claimed first, oldest first; the proof check queued
+    // before two of them comes last.
     let claimed: Vec<(u64, String, CheckKind)> = (0..4)
         .map(|_| {
             let c = block_on(store.claim_check(&["m".to_string()], Duration::from_secs(600))).unwrap().unwrap();
             (c.task, c.node, c.kind)
         })
         .collect();
-    assert!(claimed.contains(&(1, NODE.to_string(), CheckKind::Delivered)), "{claimed:?}");
-    assert!(claimed.contains(&(1, OTHER.to_string(), CheckKind::Proof)), "{claimed:?}");
+    let want = [
+        (1, NODE.to_string(), CheckKind::Delivered),
+        (2, NODE.to_string(), CheckKind::Delivered),
+        (3, OTHER.to_string(), CheckKind::Delivered),
+        (1, OTHER.to_string(), CheckKind::Proof),
+    ];
+    assert_eq!(claimed, want);
 
     // Each verdict takes out its own check only.
     block_on(store.record_delivery_check(1, NODE, 2, Outcome::Verified, "fits")).unwrap();
