@@ -21,9 +21,14 @@ use crate::inference::sampling::{apply_penalties, candidates, gumbel, sample, To
 use crate::inference::{InferError, Model, SamplingParams};
 
 /// How much wider (for the node's token) and narrower (for the reference's pick) a
-/// top-p nucleus may be in another dtype. min-p gets a factor of 2 both ways; top-k is
-/// doubled for the node's token and loses its last rank for the reference's pick.
+/// top-p nucleus may be in another dtype, at the calibration temperature (wider below it,
+/// see `tie_margin`). min-p gets a factor of 2 both ways; top-k is doubled for the node's
+/// token and loses its last rank for the reference's pick.
 const NUCLEUS_SLACK: f32 = 0.05;
+
+/// The temperature the nucleus slack and the tie margins were calibrated at
+/// (docs/proof-of-inference.md): below it the slack widens (see `tie_margin`).
+const CALIBRATION_TEMPERATURE: f32 = 0.8;
 
 /// Rows per verification prefill chunk (bounds the logits held at once).
 const VERIFY_CHUNK: usize = 256;
@@ -182,15 +187,28 @@ fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: 
     // outside the node's nucleus, where the node could not choose it however high its
     // Gumbel score: the node's token is compared with the best token that tightened
     // filters keep too. Its Gumbel score must be within the margin of that one.
+    //
+    // The slack was calibrated at temperature 0.8. Below it, the same logit error moves the
+    // tempered probabilities further (their logs by error / T), so the slack's factor on
+    // the probabilities is raised to the power 0.8 / T: at 0.1, top-p 0.8 relaxes to the
+    // whole vocabulary, and the margin (in logit units) alone bounds the node, as when
+    // greedy. Ranks (top-k) do not depend on the temperature.
+    let stretch = (CALIBRATION_TEMPERATURE / params.temperature).max(1.0);
+    let widened = |top_p: f32, slack: f32| {
+        if top_p >= 1.0 || top_p <= 0.0 {
+            return top_p.clamp(0.0, 1.0);
+        }
+        (top_p * ((top_p + slack).max(0.0) / top_p).powf(stretch)).clamp(0.0, 1.0)
+    };
     let relaxed = SamplingParams {
-        top_p: (params.top_p + NUCLEUS_SLACK).min(1.0),
-        min_p: params.min_p * 0.5,
+        top_p: widened(params.top_p, NUCLEUS_SLACK),
+        min_p: params.min_p * 0.5f32.powf(stretch),
         top_k: params.top_k * 2,
         ..params.clone()
     };
     let tightened = SamplingParams {
-        top_p: if params.top_p < 1.0 { (params.top_p - NUCLEUS_SLACK).max(0.0) } else { 1.0 },
-        min_p: (params.min_p * 2.0).min(1.0),
+        top_p: widened(params.top_p, -NUCLEUS_SLACK),
+        min_p: (params.min_p * 2f32.powf(stretch)).min(1.0),
         // Only the last rank can be in one nucleus and not the other.
         top_k: if params.top_k > 0 { (params.top_k - 1).max(1) } else { 0 },
         ..params.clone()
@@ -701,6 +719,28 @@ mod tests {
         for (i, gap) in worst.iter().enumerate() {
             assert!(*gap <= 2.0 * EPSILON + 1e-3, "temperature #{i}: an honest gap of {gap}");
         }
+    }
+
+    /// Logits 5.0 and 4.8 at temperature 0.1 give the first 0.88 of the mass: top-p 0.8
+    /// keeps it alone. A node whose logits are off by 0.04 (4.96, 4.84) gives it 0.77 and
+    /// keeps both, and may pick the second. The calibrated slack (+0.05, to 0.85) kept it
+    /// out: an infinite gap for an honest node (so were honest int4 tasks at top-p 0.8,
+    /// temperatures 0.1 and 0.3, rejected). Widened below the calibration temperature, the
+    /// slack admits it, at a gap well inside the margin. At 0.8 the slack is as calibrated.
+    #[test]
+    fn the_nucleus_slack_widens_below_the_calibration_temperature() {
+        let (reference, node) = ([5.0f32, 4.8, 0.0], [4.96f32, 4.84, 0.0]);
+        let params = SamplingParams { temperature: 0.1, top_p: 0.8, seed: 17, ..Default::default() };
+        let position = (0..10_000u64)
+            .find(|&p| sample(&node, &params, p) == 1)
+            .expect("a draw where the node's nucleus lets it pick the second token");
+        assert_eq!(sample(&reference, &params, position), 0, "the reference's nucleus holds the first alone");
+        let gap = tie_margin(&reference, &params, position, 0, 1);
+        assert!(gap < 0.1, "an honest node's pick: a gap of {gap}");
+        // At the calibration temperature, a token the +0.05 slack leaves out stays out:
+        // [3, 1.1] at 0.8 gives the first 0.92.
+        let calibrated = SamplingParams { temperature: 0.8, top_p: 0.8, seed: 17, ..Default::default() };
+        assert_eq!(tie_margin(&[3.0, 1.1, -9.0], &calibrated, 0, 0, 1), f32::INFINITY);
     }
 
     /// top-k 3: ranks 1 and 2 are in any honest node's nucleus. Where the seeded draw picks
