@@ -11,7 +11,6 @@ ALTER TABLE check_backlog ADD PRIMARY KEY (task_id, node_address, kind);
 CREATE UNIQUE INDEX check_backlog_one_proof ON check_backlog (task_id) WHERE kind = 'proof';
 -- A node's waiting delivered-token checks are counted before another is queued.
 CREATE INDEX check_backlog_delivered ON check_backlog (node_address) WHERE kind = 'delivered';
--- Delivered-token checks are claimed before proof checks: they are rare, and one that
--- fails stops a node that is feeding games wrong text now, while a proof check waiting
--- only delays a payment.
+-- Each drain loop claims delivered-token checks and proof checks in turn (the oldest of
+-- the kind it asks for first), so neither kind starves the other.
 CREATE INDEX check_backlog_delivered_queue ON check_backlog (model, queued_at) WHERE kind = 'delivered';

@@ -249,7 +249,12 @@ impl CheckBacklog {
 async fn drain(config: BacklogConfig) -> Result<usize, String> {
     let (store, pool) = (&config.store, &config.pool);
     let mut checked = 0;
-    while let Some(claimed) = store.claim_check(&config.models, LEASE).await.map_err(|e| e.to_string())? {
+    let mut first = CheckKind::Delivered;
+    while let Some(claimed) = store.claim_check(&config.models, LEASE, first).await.map_err(|e| e.to_string())? {
+        first = match first {
+            CheckKind::Delivered => CheckKind::Proof,
+            CheckKind::Proof => CheckKind::Delivered,
+        };
         tracing::debug!(task = %TaskId(claimed.task), kind = claimed.kind.as_str(), attempt = claimed.attempts, "checking a waiting check");
         let sent = match claimed.kind {
             CheckKind::Proof => match decode(&claimed.check, config.report.clone()) {

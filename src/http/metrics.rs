@@ -238,7 +238,7 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         gauge(
             &mut out,
             "ludus_check_backlog",
-            "Sampled tasks waiting for a verifier (unpaid until checked).",
+            "Checks waiting for a verifier: sampled tasks (unpaid until checked) and tokens nodes delivered without a proof.",
             "gauge",
             &samples,
         );

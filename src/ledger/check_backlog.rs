@@ -187,13 +187,24 @@ impl Store {
     }
 
     /// Claims the oldest waiting check of one of `models` for `lease` (none waiting: `None`):
-    /// a delivered-token check first, then any. Servers claim concurrently without taking
-    /// the same check twice.
-    pub async fn claim_check(&self, models: &[String], lease: Duration) -> Result<Option<ClaimedCheck>, LedgerError> {
+    /// the oldest of kind `first`, else the oldest of any. A drain loop alternates `first`,
+    /// so that neither kind starves the other: delivered-token checks stop a node feeding
+    /// games wrong text now, and proof checks hold honest payments. Servers claim
+    /// concurrently without taking the same check twice.
+    pub async fn claim_check(
+        &self,
+        models: &[String],
+        lease: Duration,
+        first: CheckKind,
+    ) -> Result<Option<ClaimedCheck>, LedgerError> {
         let conn = self.conn().await?;
-        // The kind is spelled out (not a parameter) so that the first query can use the
-        // partial index of delivered checks.
-        for kind in ["AND kind = 'delivered'", ""] {
+        // The kind is spelled out (not a parameter) so that the query can use the partial
+        // index of delivered checks.
+        let preferred = match first {
+            CheckKind::Delivered => "AND kind = 'delivered'",
+            CheckKind::Proof => "AND kind = 'proof'",
+        };
+        for kind in [preferred, ""] {
             let claim = format!(
                 "UPDATE check_backlog SET attempts = attempts + 1, claimed_until = now() + make_interval(secs => $2)
                  WHERE (task_id, node_address, kind) = (

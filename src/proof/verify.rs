@@ -56,7 +56,8 @@ impl Default for Tolerances {
 pub struct Limits {
     pub max_value_error: f32,
     pub min_index_overlap: f32,
-    /// Largest score gap (scaled logit + Gumbel noise; logits when greedy) between the
+    /// Largest gap (scaled logit + Gumbel noise, scaled back by T / 0.8 below 0.8; logits
+    /// when greedy; see [`tie_margin`]) between the
     /// best token the node could surely have picked and the node's token, for which a
     /// different token is a near-tie ([`tie_margin`]).
     pub max_tie_margin: f32,
@@ -166,13 +167,14 @@ fn penalties_apply(params: &SamplingParams) -> bool {
         || !params.logit_bias.is_empty()
 }
 
-/// How far the node's token is below the verifier's pick (0 when they agree), in logit
-/// units whatever the temperature: for greedy decoding the logits' gap, for sampling the
-/// Gumbel scores' gap times the temperature. A node whose logits are off by at most ε
-/// from the reference's can only pick a token within 2ε of the reference's pick in these
-/// units. The gap used to be left in scores (logits divided by the temperature), which
-/// blew an honest node's rounding up by 1/T: at temperature 0.2 an honest int4 node's task
-/// fell outside the margin calibrated at 0.8, and the node would have been quarantined.
+/// How far the node's token is below the verifier's pick (0 when they agree). Greedy: the
+/// logits' gap. Sampling: the Gumbel scores' gap (scaled logits + noise), which is what
+/// the margins were calibrated in at temperature 0.8, and below 0.8 that gap times T / 0.8:
+/// the logit gap the same scores would mean at 0.8. A node whose logits are off by ε
+/// picks within 2ε in logits whatever the temperature; left in scores, that grew by 1/T,
+/// and at 0.1–0.2 honest int4 tasks fell outside the margin (a game choosing a cool
+/// temperature could have honest nodes quarantined). So below 0.8 a node gets the same
+/// room in logits as at 0.8, never more; at 0.8 and above the gap is as calibrated.
 fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: u32, actual: u32) -> f32 {
     if expected == actual {
         return 0.0;
@@ -216,12 +218,29 @@ fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: 
     let scored = |p: &SamplingParams| -> Vec<(u32, f64)> {
         candidates(logits, p).into_iter().map(|(t, s)| (t, s as f64 + gumbel(params.seed, position, t))).collect()
     };
-    let Some(node) = scored(&relaxed).into_iter().find(|&(t, _)| t == actual).map(|(_, s)| s) else {
-        return f32::INFINITY; // the node's token was not even a candidate
+    let node = match scored(&relaxed).into_iter().find(|&(t, _)| t == actual) {
+        Some((_, s)) => s,
+        // Below a temperature of about 0.005 the sampler's window (30 below the best
+        // score) is narrower than an honest node's rounding in logits: a token the
+        // relaxed filters would all keep is scored as it is, not refused for the window.
+        None if beyond_window_only(logits, &relaxed, actual) => {
+            let inv_t = 1.0 / params.temperature.max(1e-6) as f64;
+            logits[actual as usize] as f64 * inv_t + gumbel(params.seed, position, actual)
+        }
+        None => return f32::INFINITY, // the node's token was not even a candidate
     };
     let best = scored(&tightened).into_iter().map(|(_, s)| s).fold(f64::NEG_INFINITY, f64::max);
     // The sampler divides by the temperature floored at 1e-6; scaled back the same way.
-    ((best - node).max(0.0) * params.temperature.max(1e-6) as f64) as f32
+    let to_calibration = (params.temperature.max(1e-6) / CALIBRATION_TEMPERATURE).min(1.0) as f64;
+    ((best - node).max(0.0) * to_calibration) as f32
+}
+
+/// Whether `token` is left out of `relaxed`'s candidates by the sampler's window alone:
+/// a finite logit, no top-p or min-p left, and within top-k by rank.
+fn beyond_window_only(logits: &[f32], relaxed: &SamplingParams, token: u32) -> bool {
+    let Some(&mine) = logits.get(token as usize).filter(|l| l.is_finite()) else { return false };
+    let rank = logits.iter().filter(|&&l| l > mine).count();
+    relaxed.top_p >= 1.0 && relaxed.min_p <= 0.0 && (relaxed.top_k == 0 || rank < relaxed.top_k)
 }
 
 /// Where a token stands among the reference's scores: how many tokens score higher.
@@ -592,7 +611,7 @@ impl<'a> Replay<'a> {
         }
         if let Some((at, margin)) = self.ran_past_end {
             v.reasons.push(format!(
-                "the answer goes on past its end: at token {at} the reference ends it by a score gap of {margin:.2} (margin {:.2} for {format})",
+                "the answer goes on past its end: at token {at} the reference ends it by a gap of {margin:.2} (margin {:.2} for {format})",
                 limits.max_tie_margin
             ));
         }
@@ -688,10 +707,11 @@ mod tests {
         assert!(gap.is_finite());
     }
 
-    /// A node whose logits are off by at most ε picks, whatever the temperature, a token
-    /// within 2ε of the reference's pick: the margin is in logit units, so one calibrated
-    /// margin holds at every temperature. (In Gumbel scores the same rounding came out 1/T
-    /// as large: near 10 at temperature 0.01 here, and this test failed.)
+    /// A node whose logits are off by at most ε picks, whatever the temperature up to the
+    /// calibration's, a token within 2ε of the reference's pick in logits (2ε / 0.8 in the
+    /// gap's units): one calibrated margin holds at every temperature. (In Gumbel scores
+    /// the same rounding came out 1/T as large: near 10 at temperature 0.01 here, and this
+    /// test failed; at 0.001 the sampler's window refused the node's token outright.)
     #[test]
     fn an_honest_nodes_gap_is_bounded_by_its_rounding_at_every_temperature() {
         const EPSILON: f32 = 0.05;
@@ -701,13 +721,14 @@ mod tests {
             (state >> 40) as f32 / (1u64 << 24) as f32
         };
         let mut worst = [0f32; 6];
+        // In logits scaled to the calibration temperature: 2ε / 0.8 at most.
         let mut disagreed = 0;
         for round in 0..300u64 {
             // A few close leaders over a tail, as a language model's logits often are.
             let logits: Vec<f32> =
                 (0..40).map(|i| if i < 4 { 5.0 + uniform() * 0.3 } else { uniform() * 4.0 }).collect();
             let node: Vec<f32> = logits.iter().map(|l| l + (uniform() * 2.0 - 1.0) * EPSILON).collect();
-            for (i, temperature) in [0.01f32, 0.05, 0.2, 0.8, 1.0, 1.5].into_iter().enumerate() {
+            for (i, temperature) in [0.001f32, 0.01, 0.05, 0.2, 0.8, 1.0].into_iter().enumerate() {
                 let params = SamplingParams { temperature, seed: round, ..Default::default() };
                 let position = round * 7 + i as u64;
                 let (expected, actual) = (sample(&logits, &params, position), sample(&node, &params, position));
@@ -717,7 +738,7 @@ mod tests {
         }
         assert!(disagreed > 0, "the rounding never changed a pick: the test checks nothing");
         for (i, gap) in worst.iter().enumerate() {
-            assert!(*gap <= 2.0 * EPSILON + 1e-3, "temperature #{i}: an honest gap of {gap}");
+            assert!(*gap <= 2.0 * EPSILON / CALIBRATION_TEMPERATURE + 1e-3, "temperature #{i}: an honest gap of {gap}");
         }
     }
 
@@ -737,6 +758,10 @@ mod tests {
         assert_eq!(sample(&reference, &params, position), 0, "the reference's nucleus holds the first alone");
         let gap = tie_margin(&reference, &params, position, 0, 1);
         assert!(gap < 0.1, "an honest node's pick: a gap of {gap}");
+        // Half-way: top-p 0.8 at 0.3 relaxes to 0.94, not to everything. Logits [5, 4.55,
+        // 4.2] give the first two 0.946 there: the third stays outside, so it is refused.
+        let warm = SamplingParams { temperature: 0.3, top_p: 0.8, seed: 17, ..Default::default() };
+        assert_eq!(tie_margin(&[5.0, 4.55, 4.2], &warm, 0, 0, 2), f32::INFINITY);
         // At the calibration temperature, a token the +0.05 slack leaves out stays out:
         // [3, 1.1] at 0.8 gives the first 0.92.
         let calibrated = SamplingParams { temperature: 0.8, top_p: 0.8, seed: 17, ..Default::default() };

@@ -31,7 +31,7 @@ fn a_deferred_check_is_leased_replaced_by_its_verdict_or_dropped_after_its_last_
     let expire = || count("UPDATE check_backlog SET claimed_until = now() - interval '1 second' RETURNING task_id");
     let claim = |models: &[&str]| {
         let models: Vec<String> = models.iter().map(|m| m.to_string()).collect();
-        block_on(store.claim_check(&models, lease)).unwrap()
+        block_on(store.claim_check(&models, lease, CheckKind::Proof)).unwrap()
     };
     assert!(claim(&["other"]).is_none(), "a server claims only the models it holds a reference of");
     let first = claim(&["m"]).expect("the oldest check");
@@ -105,19 +105,21 @@ fn delivered_token_checks_wait_beside_proof_checks_bounded_per_node() {
     assert_eq!(delivered(4, OTHER, 4), Deferred::Full, "the backlog holds four");
     assert_eq!(block_on(store.delivered_waiting(NODE)).unwrap(), 2);
 
-    // Delivered-token checks are claimed first, oldest first; the proof check queued
-    // before two of them comes last.
-    let claimed: Vec<(u64, String, CheckKind)> = (0..4)
-        .map(|_| {
-            let c = block_on(store.claim_check(&["m".to_string()], Duration::from_secs(600))).unwrap().unwrap();
-            (c.task, c.node, c.kind)
-        })
-        .collect();
+    // Each claim takes the oldest of the kind asked for first, else the oldest of any.
+    let claimed: Vec<(u64, String, CheckKind)> =
+        [CheckKind::Proof, CheckKind::Delivered, CheckKind::Proof, CheckKind::Delivered]
+            .into_iter()
+            .map(|first| {
+                let lease = Duration::from_secs(600);
+                let c = block_on(store.claim_check(&["m".to_string()], lease, first)).unwrap().unwrap();
+                (c.task, c.node, c.kind)
+            })
+            .collect();
     let want = [
+        (1, OTHER.to_string(), CheckKind::Proof),
         (1, NODE.to_string(), CheckKind::Delivered),
         (2, NODE.to_string(), CheckKind::Delivered),
         (3, OTHER.to_string(), CheckKind::Delivered),
-        (1, OTHER.to_string(), CheckKind::Proof),
     ];
     assert_eq!(claimed, want);
 

@@ -130,9 +130,10 @@ pub struct Steer {
 
 impl Steer {
     /// Its own sampler's pick, then the steered one. Stays 10 % inside the margin, so its
-    /// own numbers and the reference's may differ a little without a mismatch. The margin
-    /// is in logit units (`proof::verify::tie_margin`): when sampling, the scores' room is
-    /// the margin over the temperature, all of which it takes.
+    /// own numbers and the reference's may differ a little without a mismatch. Below the
+    /// calibration temperature (0.8) the verifier scales score gaps by T / 0.8
+    /// (`proof::verify::tie_margin`): the scores' room grows to margin × 0.8 / T, all of
+    /// which it takes.
     fn choose(&self, logits: &[f32], params: &SamplingParams, position: u64, stops: &[u32]) -> u32 {
         let pick = sample(logits, params, position);
         let scored: Vec<(u32, f64)> = if params.temperature == 0.0 {
@@ -147,7 +148,7 @@ impl Steer {
         let budget = if params.temperature == 0.0 {
             0.9 * self.claim.tie_margin() as f64
         } else {
-            0.9 * self.claim.tie_margin() as f64 / params.temperature as f64
+            0.9 * self.claim.tie_margin() as f64 / (params.temperature as f64 / 0.8).min(1.0)
         };
         let best = score(pick).unwrap_or(f64::INFINITY);
         if self.skip_end && stops.contains(&pick) {
