@@ -3,7 +3,8 @@
 //! those of a hang-up it never proved.
 //!
 //! Every such check is written to the check backlog in Postgres before it runs
-//! ([`super::check_backlog`], kind `delivered`), so a crash loses none, and any server
+//! ([`super::check_backlog`], kind `delivered`), so once written a crash loses none (during a database outage it waits
+//! in memory, unrun), and any server
 //! holding the model's reference runs it. Failures are in the node's hands, so a node has
 //! at most [`PER_NODE_WAITING`] of them waiting (across servers); past that, or with the
 //! backlog full, the check is recorded `unverifiable` with the reason, and the node is

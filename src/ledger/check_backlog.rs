@@ -7,7 +7,7 @@
 //!   transaction. A task has at most one waiting.
 //! - **Delivered-token checks** ([`CheckKind::Delivered`]): the tokens a node delivered and
 //!   then failed before its proof. They are all written here before they run, so a crash
-//!   loses none; a node has at most a bound of them waiting. The verdict
+//!   loses none once written; a node has at most a bound of them waiting. The verdict
 //!   ([`Store::record_delivery_check`]) deletes the row in the same transaction.
 //!
 //! A server holding the model's reference claims a check for a lease. A check whose verdict
