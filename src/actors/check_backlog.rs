@@ -10,16 +10,18 @@
 //! a time, on every server that holds the model's reference; the verdict goes to the
 //! Registry as any other, which pays a verified task at the next settlement and
 //! quarantines a failed one. A database outage keeps checks here and writes them again on
-//! the next ticks; a full backlog leaves the task unpaid and owed to the policy. Checks in
+//! the next ticks (delivered-token checks also run from memory meanwhile: see
+//! `run_from_memory`); a full backlog leaves the task unpaid and owed to the policy. Checks in
 //! this actor's mailbox or the pool's when the process dies are not lost: the check log
 //! (`check_log`) keeps every sampled task's check until the ledger holds it, and the next
 //! start replays them here.
 //!
 //! A delivered-token check ([`super::delivery_check`]) comes here first whatever the pool's
 //! load ([`DeferDelivered`]): nothing is paid for those tokens, so nothing is marked, but
-//! the check is in Postgres before it runs, and the node's waiting checks are bounded. One
-//! that finds no room, is dropped after its last claim, or cannot be read back is recorded
-//! `unverifiable`, and its node is checked on every task until one is verified.
+//! the check is in Postgres before it runs (during an outage it runs from memory), and the
+//! node's waiting checks are bounded. One that finds no room, is dropped after its last
+//! claim, or cannot be read back is recorded `unverifiable`, and its node is checked on
+//! every task until one is verified.
 
 use std::time::Duration;
 
@@ -48,6 +50,14 @@ const RETRY_MAX: usize = 10_000;
 
 /// How often the check log is asked for overdue checks.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Checks written to the database at once: each holds one of the pool's connections, which
+/// the Registry needs too.
+const WRITERS: usize = 2;
+
+/// How long one write may take before it counts as refused (a hung connection must not
+/// hold the writers, and with them every check behind).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A sampled task for the backlog, and why it waits there (the unpaid mark's detail).
 #[derive(Message)]
@@ -180,8 +190,20 @@ pub struct CheckBacklog {
     config: BacklogConfig,
     /// Drain loops running.
     running: usize,
+    /// Checks on their way into the database, [`WRITERS`] at a time.
+    pending: std::collections::VecDeque<Waiting>,
+    /// Writes in flight, by a number of their own: put back in `pending` by a restart,
+    /// which drops their futures.
+    writing: std::collections::HashMap<u64, Waiting>,
+    /// The number of the next write.
+    next_write: u64,
     /// Checks the database refused (an outage), written again on the next ticks.
     retry: Vec<Waiting>,
+    /// The last write was refused: delivered-token checks skip the database (and the line
+    /// of writes before them) and run from memory until a write succeeds again.
+    db_down: bool,
+    /// Delivered-token checks running straight from memory (the database refused them).
+    from_memory: usize,
     /// When the check log was last asked for overdue checks.
     swept: std::time::Instant,
 }
@@ -191,7 +213,12 @@ impl CheckBacklog {
         Self {
             config: BacklogConfig { loops: config.loops.max(1), ..config },
             running: 0,
+            pending: std::collections::VecDeque::new(),
+            writing: std::collections::HashMap::new(),
+            next_write: 0,
             retry: Vec::new(),
+            db_down: false,
+            from_memory: 0,
             swept: std::time::Instant::now(),
         }
     }
@@ -200,9 +227,22 @@ impl CheckBacklog {
     /// attempts, and starts drain loops up to one per verifier thread; each claims and
     /// checks until nothing is waiting.
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        for waiting in std::mem::take(&mut self.retry) {
-            self.write(waiting, ctx);
+        // Once the last pass is written (or refused): during an outage each write may wait
+        // out a connection timeout, and passes must not pile up.
+        if self.pending.is_empty() && self.writing.is_empty() && !self.retry.is_empty() {
+            // While the database refuses writes, delivered-token checks not yet run stay
+            // where they run from memory; the rest (or, with none, the oldest) probe it.
+            let db_down = self.db_down;
+            let (stay, go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retry)
+                .into_iter()
+                .partition(|w| db_down && !w.ran && matches!(w.kind, WaitingKind::Delivered { .. }));
+            self.retry = stay;
+            self.pending.extend(go);
+            if self.pending.is_empty() {
+                self.pending.push_back(self.retry.remove(0));
+            }
         }
+        self.pump(ctx);
         // Looked for once a minute (the file is read only when one is due).
         if self.swept.elapsed() >= SWEEP_EVERY {
             self.swept = std::time::Instant::now();
@@ -320,8 +360,16 @@ impl Actor for CheckBacklog {
 impl Supervised for CheckBacklog {
     /// A restart drops the running drain loops with the old context; their claims come
     /// back when their leases run out.
+    /// Writes in flight are put back in line; delivered-token checks that were running from
+    /// memory are written once the database takes them, and run then.
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.running = 0;
+        let mut interrupted: Vec<(u64, Waiting)> = self.writing.drain().collect();
+        interrupted.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+        for (_, waiting) in interrupted {
+            self.pending.push_front(waiting);
+        }
+        self.from_memory = 0;
     }
 }
 
@@ -331,7 +379,7 @@ impl Handler<Defer> for CheckBacklog {
     fn handle(&mut self, Defer { task, why }: Defer, ctx: &mut Context<Self>) {
         let (id, node, model) = (task.task, task.node, task.model.clone());
         match encode(&task) {
-            Ok(check) => self.write(Waiting { id, node, model, check, kind: WaitingKind::Proof(why) }, ctx),
+            Ok(check) => self.write(Waiting { id, node, model, check, kind: WaitingKind::Proof(why), ran: false }, ctx),
             Err(e) => self.leave_unpaid(id, node, format!("not checked: the check could not be stored: {e}")),
         }
     }
@@ -345,7 +393,14 @@ impl Handler<DeferDelivered> for CheckBacklog {
         match super::delivery_check::encode(&check) {
             Ok(bytes) => {
                 let kind = WaitingKind::Delivered { tokens };
-                self.write(Waiting { id, node, model, check: bytes, kind }, ctx)
+                let waiting = Waiting { id, node, model, check: bytes, kind, ran: false };
+                if self.db_down {
+                    // Not behind a line of writes that each wait out a timeout.
+                    let refused = LedgerError::Database("the last write to the check backlog was refused".into());
+                    self.delivered_written(Err(refused), waiting, tokens, ctx);
+                } else {
+                    self.write(waiting, ctx);
+                }
             }
             Err(e) => delivered_unchecked(&self.config, id, node, tokens, format!("not checked: not stored: {e}")),
         }
@@ -363,12 +418,16 @@ impl Handler<Replay> for CheckBacklog {
 }
 
 /// A check on its way into the backlog.
+#[derive(Clone)]
 struct Waiting {
     id: TaskId,
     node: Address,
     model: String,
     check: Vec<u8>,
     kind: WaitingKind,
+    /// A delivered-token check already run from memory while the database refused it: not
+    /// run so again (it is still written, and a recorded verdict makes that a no-op).
+    ran: bool,
 }
 
 /// What a [`Waiting`] check checks.
@@ -381,34 +440,55 @@ enum WaitingKind {
 }
 
 impl CheckBacklog {
-    /// Writes a check to the backlog, one at a time (the bound is counted in order). A
-    /// database error keeps it here to retry on the next ticks.
+    /// Writes a check to the backlog, [`WRITERS`] at a time. A database error keeps it here
+    /// to retry on the next ticks.
     fn write(&mut self, waiting: Waiting, ctx: &mut Context<Self>) {
-        let store = self.config.store.clone();
-        let max = self.config.max;
-        async move {
-            let node = waiting.node.to_string();
-            let (task, model, check) = (waiting.id.0, &waiting.model, &waiting.check);
-            let result = match waiting.kind {
-                WaitingKind::Proof(why) => {
-                    // A quality check's disagreement is checked however full the backlog is:
-                    // it is rare (`quality_check_rate`), and left unchecked the cheater
-                    // would go unjudged.
-                    let max = (why != DISAGREED).then_some(max);
-                    store.defer_check(task, &node, model, check, max, why).await
-                }
-                WaitingKind::Delivered { .. } => {
-                    store.defer_delivered(task, &node, model, check, max, PER_NODE_WAITING).await
+        self.pending.push_back(waiting);
+        self.pump(ctx);
+    }
+
+    /// Starts writes of pending checks up to [`WRITERS`] in flight.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        while self.writing.len() < WRITERS {
+            let Some(waiting) = self.pending.pop_front() else { return };
+            let number = self.next_write;
+            self.next_write += 1;
+            self.writing.insert(number, waiting.clone());
+            let store = self.config.store.clone();
+            let max = self.config.max;
+            let write = async move {
+                let node = waiting.node.to_string();
+                let (task, model, check) = (waiting.id.0, &waiting.model, &waiting.check);
+                match waiting.kind {
+                    WaitingKind::Proof(why) => {
+                        // A quality check's disagreement is checked however full the backlog
+                        // is: it is rare (`quality_check_rate`), and left unchecked the
+                        // cheater would go unjudged.
+                        let max = (why != DISAGREED).then_some(max);
+                        store.defer_check(task, &node, model, check, max, why).await
+                    }
+                    WaitingKind::Delivered { .. } => {
+                        store.defer_delivered(task, &node, model, check, max, PER_NODE_WAITING).await
+                    }
                 }
             };
-            (result, waiting)
+            async move {
+                tokio::time::timeout(WRITE_TIMEOUT, write).await.unwrap_or_else(|_| {
+                    Err(LedgerError::Database(format!("no answer within {} s", WRITE_TIMEOUT.as_secs())))
+                })
+            }
+            .into_actor(self)
+            .map(move |result, this, ctx| {
+                let Some(waiting) = this.writing.remove(&number) else { return };
+                this.db_down = result.is_err();
+                match waiting.kind {
+                    WaitingKind::Proof(why) => this.proof_written(result, waiting, why),
+                    WaitingKind::Delivered { tokens } => this.delivered_written(result, waiting, tokens, ctx),
+                }
+                this.pump(ctx);
+            })
+            .spawn(ctx);
         }
-        .into_actor(self)
-        .map(|(result, waiting), this, ctx| match waiting.kind {
-            WaitingKind::Proof(why) => this.proof_written(result, waiting, why),
-            WaitingKind::Delivered { tokens } => this.delivered_written(result, waiting, tokens, ctx),
-        })
-        .wait(ctx);
     }
 
     /// What writing a sampled task's proof check did.
@@ -456,19 +536,31 @@ impl CheckBacklog {
         tokens: usize,
         ctx: &mut Context<Self>,
     ) {
-        let (id, node) = (waiting.id, waiting.node);
+        let (id, node, ran) = (waiting.id, waiting.node, waiting.ran);
         let why = match result {
             Ok(Deferred::Queued) => {
                 tracing::info!(task = %id, %node, tokens, "a node's delivered tokens queued for their check");
                 self.start_draining(ctx);
                 return;
             }
-            Ok(Deferred::AlreadyChecked | Deferred::OtherNode) => return,
+            Ok(Deferred::AlreadyChecked) => {
+                tracing::info!(task = %id, %node, "a delivered-token check written late: its verdict is recorded already");
+                return;
+            }
+            Ok(Deferred::OtherNode) => return,
             Ok(Deferred::NodeFull) => format!("{PER_NODE_WAITING} such checks of this node wait already"),
             Ok(Deferred::Full) => format!("the check backlog ({} checks) is full", self.config.max),
-            Err(e) if self.keep_for_retry(waiting, &e) => return,
+            Err(e) if self.keep_for_retry(waiting, &e) => {
+                self.run_from_memory(ctx);
+                return;
+            }
             Err(e) => format!("the check backlog could not take it, and too many wait: {e}"),
         };
+        if ran {
+            // Its verdict came from memory already: only the write is skipped.
+            tracing::warn!(task = %id, %node, %why, "a delivered-token check that ran from memory was not written");
+            return;
+        }
         delivered_unchecked(&self.config, id, node, tokens, format!("not checked: {why}"));
     }
 
@@ -476,6 +568,13 @@ impl CheckBacklog {
     /// many wait already (`false`).
     fn keep_for_retry(&mut self, waiting: Waiting, e: &LedgerError) -> bool {
         if self.retry.len() >= RETRY_MAX {
+            return false;
+        }
+        // A node's delivered-token checks are bounded here as in the database.
+        // One already run from memory only waits to be written: not counted.
+        let delivered =
+            |w: &Waiting| w.node == waiting.node && !w.ran && matches!(w.kind, WaitingKind::Delivered { .. });
+        if delivered(&waiting) && self.retry.iter().filter(|w| delivered(w)).count() as u64 >= PER_NODE_WAITING {
             return false;
         }
         tracing::warn!(task = %waiting.id, node = %waiting.node, error = %e, "the check backlog could not take a check; retrying");
@@ -490,6 +589,39 @@ impl CheckBacklog {
         true
     }
 
+    /// Runs delivered-token checks the database refused straight from memory, up to one
+    /// per verifier thread at a time (the drain loops stop while it refuses): a node that
+    /// streamed a game wrong text is quarantined during an outage too. Each stays in
+    /// `retry`, written once the database is back; its verdict, recorded by then, makes
+    /// that write a no-op (or, recorded later, the check runs once more and counts once).
+    /// A crash before the write loses what ran here, as it loses the rest of `retry`.
+    fn run_from_memory(&mut self, ctx: &mut Context<Self>) {
+        while self.from_memory < self.config.loops {
+            let next = self.retry.iter_mut().find(|w| !w.ran && matches!(w.kind, WaitingKind::Delivered { .. }));
+            let Some(waiting) = next else { return };
+            waiting.ran = true;
+            let (id, node) = (waiting.id, waiting.node);
+            let Some(check) = super::delivery_check::decode(&waiting.check) else {
+                // Not expected: it was encoded by this process.
+                tracing::error!(task = %id, %node, "a delivered-token check could not be read back from memory");
+                continue;
+            };
+            tracing::warn!(task = %id, %node, "the database refused a delivered-token check; running it from memory");
+            self.from_memory += 1;
+            let checked = self.config.pool.send(VerifyDelivered { check, report: self.config.delivered.clone() });
+            checked
+                .into_actor(self)
+                .map(move |sent, this, ctx| {
+                    this.from_memory -= 1;
+                    if let Err(e) = sent {
+                        tracing::error!(task = %id, %node, error = %e, "the verifier pool did not take a delivered-token check");
+                    }
+                    this.run_from_memory(ctx);
+                })
+                .spawn(ctx);
+        }
+    }
+
     /// Queues a check the check log owes. One that cannot be read back (not expected: the
     /// log keeps whole lines only) is left unpaid, which settles it.
     fn take_owed(&mut self, owed: OwedCheck, why: &'static str, ctx: &mut Context<Self>) {
@@ -497,7 +629,7 @@ impl CheckBacklog {
         match decode(&owed.check, Vec::new()) {
             Some(task) => {
                 let kind = WaitingKind::Proof(why);
-                self.write(Waiting { id, node, model: task.model, check: owed.check, kind }, ctx)
+                self.write(Waiting { id, node, model: task.model, check: owed.check, kind, ran: false }, ctx)
             }
             None => self.leave_unpaid(id, node, "not checked: its written-ahead check could not be read back".into()),
         }

@@ -3,14 +3,14 @@
 //! those of a hang-up it never proved.
 //!
 //! Every such check is written to the check backlog in Postgres before it runs
-//! ([`super::check_backlog`], kind `delivered`), so once written a crash loses none (during a database outage it waits
-//! in memory, unrun), and any server
-//! holding the model's reference runs it. Failures are in the node's hands, so a node has
-//! at most [`PER_NODE_WAITING`] of them waiting (across servers); past that, or with the
-//! backlog full, the check is recorded `unverifiable` with the reason, and the node is
-//! checked on every task until one is verified (`Policy::check_until_verified`; a
-//! reconnect does not clear it). The backlog's drain loops, one per verifier thread, bound
-//! how much of the pool these checks take.
+//! ([`super::check_backlog`], kind `delivered`), so once written a crash loses none, and
+//! any server holding the model's reference runs it. During a database outage it runs from
+//! memory instead, and is written once the database is back. Failures are in the node's
+//! hands, so a node has at most [`PER_NODE_WAITING`] of them waiting (across servers);
+//! past that, or with the backlog full, the check is recorded `unverifiable` with the
+//! reason, and the node is checked on every task until one is verified
+//! (`Policy::check_until_verified`; a reconnect does not clear it). The backlog's drain
+//! loops, one per verifier thread, bound how much of the pool these checks take.
 
 use std::ops::Range;
 

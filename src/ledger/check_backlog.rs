@@ -22,6 +22,11 @@ use super::store::Store;
 /// Claims of one check before it is given up (the task then stays unpaid).
 pub const MAX_ATTEMPTS: i32 = 3;
 
+/// The advisory-lock class ("ludc") under which a node's delivered-token checks are
+/// counted and inserted one server at a time (its second key is the node's address hashed).
+/// Two-key locks never conflict with the one-key locks of settlement and migrations.
+const NODE_CHECKS_LOCK: i32 = 0x6c75_6463;
+
 /// What a waiting check checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CheckKind {
@@ -151,6 +156,12 @@ impl Store {
     ) -> Result<Deferred, LedgerError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
+        // Servers deferring checks of one node take turns, so that none counts the node's
+        // waiting checks while another inserts one (READ COMMITTED would let both pass).
+        // A turn held too long (a server cut off mid-transaction) is an error to retry, not a
+        // wait without end.
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&NODE_CHECKS_LOCK, &node]).await?;
         if backlog_full(&tx, Some(max)).await? {
             return Ok(Deferred::Full);
         }

@@ -151,3 +151,29 @@ fn delivered_token_checks_wait_beside_proof_checks_bounded_per_node() {
     numbers(&store, &format!("{expire} RETURNING task_id"));
     assert_eq!(block_on(store.drop_checks(None)).unwrap(), vec![key]);
 }
+
+/// Servers deferring one node's delivered-token checks at the same moment cannot together
+/// go past its bound: they take turns on a per-node lock (counting, then inserting, at READ
+/// COMMITTED let each one see room). Another node's checks are counted apart.
+#[test]
+fn racing_servers_keep_a_nodes_delivered_checks_within_its_bound() {
+    const RACERS: u64 = 16;
+    const BOUND: u64 = 3;
+    let url = fresh_database();
+    let store = block_on(ludus::ledger::Store::open(&url, RACERS as usize)).unwrap();
+    block_on(async {
+        // Every racer starts on an open connection.
+        let conns = futures_util::future::join_all((0..RACERS).map(|_| store.conn())).await;
+        assert!(conns.iter().all(|c| c.is_ok()));
+    });
+    let outcomes = block_on(futures_util::future::join_all((0..RACERS).map(|task| {
+        let store = store.clone();
+        async move { store.defer_delivered(task + 1, NODE, "m", b"{\"d\":1}", 1_000, BOUND).await.unwrap() }
+    })));
+    let queued = outcomes.iter().filter(|d| **d == Deferred::Queued).count() as u64;
+    assert_eq!(queued, BOUND, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|d| **d == Deferred::NodeFull).count() as u64, RACERS - BOUND);
+    assert_eq!(block_on(store.delivered_waiting(NODE)).unwrap(), BOUND);
+    const OTHER: &str = "0x00000000000000000000000000000000000000cc";
+    assert_eq!(block_on(store.defer_delivered(1, OTHER, "m", b"{}", 1_000, BOUND)).unwrap(), Deferred::Queued);
+}

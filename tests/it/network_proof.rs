@@ -1433,6 +1433,66 @@ fn a_node_that_fails_task_after_task_has_every_delivered_token_checked() {
     engine.shutdown();
 }
 
+/// A node that streams an edited word and fails while the database is down is still
+/// checked and quarantined at once: the check runs from memory (it used to wait unrun
+/// until the database came back, and this test failed). Once Postgres is back, the verdict
+/// and the held check are written, nothing is left waiting, and the penalty counts once.
+#[test]
+fn a_liar_is_quarantined_while_the_database_is_down() {
+    let Some(path) = smollm2() else { return };
+    // Its own Postgres: the shared one serves other tests.
+    let pg = ludus::ledger::cluster::PrivateCluster::throwaway().unwrap();
+    let cluster = Cluster::start_with_database(&verifier_config(&path), &pg.url("postgres"));
+    let (model, engine) = liar_model(&path);
+    let (node, task) = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = streaming_game(&cluster, 0); // greedy
+        let spec = rogue.task(&mut []).await;
+        // The game's key is checked and cached; from here on the database is away.
+        pg.stop().unwrap();
+        let mut tokens = honest_tokens(&mut rogue, &model, &engine, &spec, 3).await;
+        tokens[1] = (tokens[1] + 4242) % 49_152;
+        stream(&mut rogue, &spec, &tokens).await;
+        let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
+        rogue.link.send(&NodeMessage::Failed { id: spec.id, failure }).await.unwrap();
+        let streamed = game.join().unwrap();
+        assert!(ended_in_error(&streamed), "the only node failed it: {streamed}");
+        (rogue.id.address.to_string(), spec.id.0 as i64)
+    });
+    wait_for("the liar quarantined with the database down", Duration::from_secs(120), || {
+        cluster.server.log_text().contains("node quarantined: proof of inference failed")
+    });
+    let log = cluster.server.log_text();
+    assert!(log.contains("the check backlog could not take a check; retrying"), "the refusal was seen: {log}");
+    assert!(log.contains("running it from memory"), "{log}");
+    assert!(log.contains("delivered tokens REJECTED"), "{log}");
+
+    pg.restart_on_same_port().unwrap();
+    let store = cluster.store();
+    let verdict = format!(
+        "SELECT (SELECT count(*) FROM delivery_checks WHERE node_address = '{node}' AND task_id = {task}
+                    AND outcome = 'failed' AND tokens = 3),
+                (SELECT count(*) FROM delivery_checks),
+                coalesce((SELECT reputation::bigint FROM nodes WHERE address = '{node}'), -1),
+                coalesce((SELECT (status = 'quarantined')::int::bigint FROM nodes WHERE address = '{node}'), -1),
+                (SELECT count(*) FROM check_backlog)"
+    );
+    // The held check, written back, finds its verdict or runs once more; either way it
+    // counts once and leaves nothing waiting.
+    let want = vec![1, 1, 7_500, 1, 0];
+    let started = std::time::Instant::now();
+    while numbers(&store, &verdict) != want {
+        if started.elapsed() > Duration::from_secs(180) {
+            let log = cluster.server.log_text();
+            let seen: Vec<&str> = log.lines().filter(|l| l.contains("delivered") || l.contains("backlog")).collect();
+            panic!("verdict {:?}, want {want:?}; the log says {seen:#?}", numbers(&store, &verdict));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    engine.shutdown();
+}
+
 /// Live nodes serving `model`, as `/v1/models` counts them.
 fn nodes_serving(cluster: &Cluster, model: &str) -> u64 {
     let (_, body) = cluster.get("/v1/models");
