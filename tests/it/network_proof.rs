@@ -1265,6 +1265,21 @@ async fn stream(rogue: &mut Rogue, spec: &ludus::protocol::TaskSpec, tokens: &[u
     }
 }
 
+/// Streams `tokens` as `rogue`'s and says the task failed; the game, which only that node
+/// served, gets an error.
+async fn stream_and_fail(
+    rogue: &mut Rogue,
+    spec: &ludus::protocol::TaskSpec,
+    tokens: &[u32],
+    game: std::thread::JoinHandle<String>,
+) {
+    stream(rogue, spec, tokens).await;
+    let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
+    rogue.link.send(&NodeMessage::Failed { id: spec.id, failure }).await.unwrap();
+    let streamed = game.join().unwrap();
+    assert!(ended_in_error(&streamed), "the only node failed it: {streamed}");
+}
+
 /// A node that streams tokens and then fails before its `Done` has no proof of them, yet
 /// the game read them: the server checks them without one (`proof::delivered`). An
 /// honest node's tokens (seeded sampling; and a continuation's, after another node's
@@ -1398,11 +1413,7 @@ fn a_node_that_fails_task_after_task_has_every_delivered_token_checked() {
             if i == TASKS - 1 {
                 tokens[1] = (tokens[1] + 4242) % 49_152;
             }
-            stream(&mut rogue, &spec, &tokens).await;
-            let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
-            rogue.link.send(&NodeMessage::Failed { id: spec.id, failure }).await.unwrap();
-            let streamed = game.join().unwrap();
-            assert!(ended_in_error(&streamed), "the only node failed it: {streamed}");
+            stream_and_fail(&mut rogue, &spec, &tokens, game).await;
             tasks.push(spec.id.0 as i64);
         }
         (rogue.id.address.to_string(), tasks)
@@ -1453,11 +1464,7 @@ fn a_liar_is_quarantined_while_the_database_is_down() {
         pg.stop().unwrap();
         let mut tokens = honest_tokens(&mut rogue, &model, &engine, &spec, 3).await;
         tokens[1] = (tokens[1] + 4242) % 49_152;
-        stream(&mut rogue, &spec, &tokens).await;
-        let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
-        rogue.link.send(&NodeMessage::Failed { id: spec.id, failure }).await.unwrap();
-        let streamed = game.join().unwrap();
-        assert!(ended_in_error(&streamed), "the only node failed it: {streamed}");
+        stream_and_fail(&mut rogue, &spec, &tokens, game).await;
         (rogue.id.address.to_string(), spec.id.0 as i64)
     });
     wait_for("the liar quarantined with the database down", Duration::from_secs(120), || {
