@@ -22,6 +22,7 @@ pub mod commitment;
 pub mod delivered;
 pub mod format;
 pub mod logprob_check;
+pub mod nucleus;
 pub mod policy;
 pub mod signed;
 pub mod steering;

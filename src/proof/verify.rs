@@ -13,6 +13,7 @@ use tch::Device;
 
 use super::commitment::{positions, TopK, CHUNK};
 use super::format::Format;
+use super::nucleus::NucleusBounds;
 use super::signed::Proof;
 use crate::inference::grammar::{Constraint, GrammarCompiler};
 use crate::inference::kv_cache::KvCache;
@@ -20,14 +21,8 @@ use crate::inference::llama::LogitsFor;
 use crate::inference::sampling::{apply_penalties, candidates, gumbel, sample, TokenHistory};
 use crate::inference::{InferError, Model, SamplingParams};
 
-/// How much wider (for the node's token) and narrower (for the reference's pick) a
-/// top-p nucleus may be in another dtype, at the calibration temperature (wider below it,
-/// see `tie_margin`). min-p gets a factor of 2 both ways; top-k is doubled for the node's
-/// token and loses its last rank for the reference's pick.
-const NUCLEUS_SLACK: f32 = 0.05;
-
-/// The temperature the nucleus slack and the tie margins were calibrated at
-/// (docs/proof-of-inference.md): below it the slack widens (see `tie_margin`).
+/// The temperature the tie margins were calibrated at (docs/proof-of-inference.md); below
+/// it a gap is measured in the logits it stands for at 0.8 (see `tie_margin`).
 const CALIBRATION_TEMPERATURE: f32 = 0.8;
 
 /// Rows per verification prefill chunk (bounds the logits held at once).
@@ -175,7 +170,13 @@ fn penalties_apply(params: &SamplingParams) -> bool {
 /// and at 0.1–0.2 honest int4 tasks fell outside the margin (a game choosing a cool
 /// temperature could have honest nodes quarantined). So below 0.8 a node gets the same
 /// room in logits as at 0.8, never more; at 0.8 and above the gap is as calibrated.
-fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: u32, actual: u32) -> f32 {
+///
+/// With a nucleus (top-k, min-p, top-p), `room` is how far an honest node's logits may
+/// differ from the reference's, between two tokens (the margin in logits at 0.8): the
+/// node's token must be one some such node keeps, and it is compared with the best token
+/// every such node keeps ([`NucleusBounds`]), since the reference's pick may be one the
+/// node's nucleus left out.
+fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: u32, actual: u32, room: f32) -> f32 {
     if expected == actual {
         return 0.0;
     }
@@ -183,65 +184,45 @@ fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: 
         return logits.get(expected as usize).copied().unwrap_or(f32::INFINITY)
             - logits.get(actual as usize).copied().unwrap_or(f32::NEG_INFINITY);
     }
-    // A nucleus (top-p, min-p, top-k) computed in another dtype may end one token earlier
-    // or later than the reference's, both ways. The node's token may sit just outside the
-    // reference's nucleus: relaxed filters admit it. The reference's pick may sit just
-    // outside the node's nucleus, where the node could not choose it however high its
-    // Gumbel score: the node's token is compared with the best token that tightened
-    // filters keep too. Its Gumbel score must be within the margin of that one.
-    //
-    // The slack was calibrated at temperature 0.8. Below it, the same logit error moves the
-    // tempered probabilities further (their logs by error / T), so the slack's factor on
-    // the probabilities is raised to the power 0.8 / T: at 0.1, top-p 0.8 relaxes to the
-    // whole vocabulary, and the margin (in logit units) alone bounds the node, as when
-    // greedy. Ranks (top-k) do not depend on the temperature.
-    let stretch = (CALIBRATION_TEMPERATURE / params.temperature).max(1.0);
-    let widened = |top_p: f32, slack: f32| {
-        if top_p >= 1.0 || top_p <= 0.0 {
-            return top_p.clamp(0.0, 1.0);
-        }
-        (top_p * ((top_p + slack).max(0.0) / top_p).powf(stretch)).clamp(0.0, 1.0)
-    };
-    let relaxed = SamplingParams {
-        top_p: widened(params.top_p, NUCLEUS_SLACK),
-        min_p: params.min_p * 0.5f32.powf(stretch),
-        top_k: params.top_k * 2,
-        ..params.clone()
-    };
-    let tightened = SamplingParams {
-        top_p: widened(params.top_p, -NUCLEUS_SLACK),
-        min_p: (params.min_p * 2f32.powf(stretch)).min(1.0),
-        // Only the last rank can be in one nucleus and not the other.
-        top_k: if params.top_k > 0 { (params.top_k - 1).max(1) } else { 0 },
-        ..params.clone()
-    };
-    let scored = |p: &SamplingParams| -> Vec<(u32, f64)> {
-        candidates(logits, p).into_iter().map(|(t, s)| (t, s as f64 + gumbel(params.seed, position, t))).collect()
-    };
-    let node = match scored(&relaxed).into_iter().find(|&(t, _)| t == actual) {
-        Some((_, s)) => s,
-        // Below a temperature of about 0.005 the sampler's window (30 below the best
-        // score) is narrower than an honest node's rounding in logits: a token the
-        // relaxed filters would all keep is scored as it is, not refused for the window.
-        None if beyond_window_only(logits, &relaxed, actual) => {
-            let inv_t = 1.0 / params.temperature.max(1e-6) as f64;
-            logits[actual as usize] as f64 * inv_t + gumbel(params.seed, position, actual)
-        }
-        None => return f32::INFINITY, // the node's token was not even a candidate
-    };
-    let best = scored(&tightened).into_iter().map(|(_, s)| s).fold(f64::NEG_INFINITY, f64::max);
-    // The sampler divides by the temperature floored at 1e-6; scaled back the same way.
+    let bounds = NucleusBounds::new(logits, params, room);
+    if !bounds.may_hold(actual) {
+        return f32::INFINITY; // no node within the room could have picked it
+    }
+    // Scored as the sampler scores (its temperature floored at 1e-6).
+    let inv_t = 1.0 / params.temperature.max(1e-6);
+    let score = |t: u32| (logits[t as usize] * inv_t) as f64 + gumbel(params.seed, position, t);
+    let node = score(actual);
+    // Every node within the room keeps these, and so does one that kept the node's token
+    // for the tokens it surely ranks above it (a nucleus is a prefix of its ranking).
+    let best = bounds
+        .surely_held()
+        .into_iter()
+        .chain(bounds.surely_above(actual))
+        .map(score)
+        .fold(f64::NEG_INFINITY, f64::max);
+    // The node's own best token is in its nucleus whatever the filters (the only one
+    // below a temperature of room / 30, where the sampler's window binds), and is one of
+    // the tokens within the room of the reference's best: the node's token scored at
+    // least as well as the worst of those could, at the reference's best logit, less the
+    // room (which the margin covers).
+    let lowest_noise = bounds.possible_best().map(|t| gumbel(params.seed, position, t)).fold(f64::INFINITY, f64::min);
+    let best = best.max((bounds.best_logit() * inv_t) as f64 + lowest_noise);
     let to_calibration = (params.temperature.max(1e-6) / CALIBRATION_TEMPERATURE).min(1.0) as f64;
     ((best - node).max(0.0) * to_calibration) as f32
 }
 
-/// Whether `token` is left out of `relaxed`'s candidates by the sampler's window alone:
-/// a finite logit, no top-p or min-p left, and within top-k by rank.
-fn beyond_window_only(logits: &[f32], relaxed: &SamplingParams, token: u32) -> bool {
-    let Some(&mine) = logits.get(token as usize).filter(|l| l.is_finite()) else { return false };
-    let rank = logits.iter().filter(|&&l| l > mine).count();
-    relaxed.top_p >= 1.0 && relaxed.min_p <= 0.0 && (relaxed.top_k == 0 || rank < relaxed.top_k)
+/// The room in logits an honest node's nucleus gets for a tie margin of `margin` (in
+/// Gumbel scores at the calibration temperature): the logit gap that margin stands for, at
+/// most int4's and bf16's (0.8). int8's margin (4.5) covers a rare rounding flip that grows
+/// through the layers, not every token at once: a nucleus that loose (3.6 logits) held so
+/// few tokens surely that a node claiming int8 steered to a word of its choice unflagged
+/// (`steering::steering_rogues_are_flagged_and_honest_nodes_in_every_format_are_not`).
+fn nucleus_room(margin: f32) -> f32 {
+    margin.min(NUCLEUS_ROOM_MARGIN) * CALIBRATION_TEMPERATURE
 }
+
+/// The widest margin whose room a nucleus gets (int4's and bf16's; see [`nucleus_room`]).
+const NUCLEUS_ROOM_MARGIN: f32 = 1.0;
 
 /// Where a token stands among the reference's scores: how many tokens score higher.
 fn rank_of(logits: &[f32], params: &SamplingParams, position: u64, token: u32) -> u32 {
@@ -561,7 +542,7 @@ impl<'a> Replay<'a> {
         }
         let position = (self.prompt.len() + gi) as u64;
         let expected = sample(l, params, position);
-        let margin = tie_margin(l, params, position, expected, actual);
+        let margin = tie_margin(l, params, position, expected, actual, nucleus_room(self.limits.max_tie_margin));
         v.worst_tie_margin = v.worst_tie_margin.max(margin);
         let stops = &self.model.tokenizer.stop_tokens;
         let passed_end = stops.contains(&expected) && !stops.contains(&actual);
@@ -693,17 +674,20 @@ pub fn verify_claimed<'a>(
 mod tests {
     use super::*;
 
+    /// int4's room in logits (its margin, 1.0, at the calibration temperature).
+    const ROOM: f32 = 0.8;
+
     #[test]
     fn near_ties_are_measured_in_gumbel_scores_and_filters_relax_only_for_the_gap() {
         let greedy = SamplingParams::greedy();
-        assert!((tie_margin(&[1.0, 0.9, -5.0], &greedy, 0, 0, 1) - 0.1).abs() < 1e-6);
-        assert_eq!(tie_margin(&[1.0, 0.9, -5.0], &greedy, 0, 0, 0), 0.0);
+        assert!((tie_margin(&[1.0, 0.9, -5.0], &greedy, 0, 0, 1, ROOM) - 0.1).abs() < 1e-6);
+        assert_eq!(tie_margin(&[1.0, 0.9, -5.0], &greedy, 0, 0, 0, ROOM), 0.0);
         // Token 2 is outside top-p 0.5 but inside the relaxed nucleus only if the relaxed
         // mass reaches it: with 0.55 it does not, so it is not a candidate at all.
         let nucleus = SamplingParams { temperature: 1.0, top_p: 0.5, seed: 3, ..Default::default() };
         let logits = [3.0f32, 0.0, -3.0];
-        assert_eq!(tie_margin(&logits, &nucleus, 7, 0, 2), f32::INFINITY);
-        let gap = tie_margin(&logits, &SamplingParams { top_p: 1.0, ..nucleus.clone() }, 7, 0, 1);
+        assert_eq!(tie_margin(&logits, &nucleus, 7, 0, 2, ROOM), f32::INFINITY);
+        let gap = tie_margin(&logits, &SamplingParams { top_p: 1.0, ..nucleus.clone() }, 7, 0, 1, ROOM);
         assert!(gap.is_finite());
     }
 
@@ -715,57 +699,66 @@ mod tests {
     #[test]
     fn an_honest_nodes_gap_is_bounded_by_its_rounding_at_every_temperature() {
         const EPSILON: f32 = 0.05;
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut uniform = move || {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut uniform = crate::proof::nucleus::uniform(0x2545_f491_4f6c_dd1d);
         let mut worst = [0f32; 6];
         // In logits scaled to the calibration temperature: 2ε / 0.8 at most.
         let mut disagreed = 0;
-        for round in 0..300u64 {
+        // No filter, then top-p, top-k and min-p: the room (2ε here) bounds the nucleus.
+        let filters = [(1.0, 0, 0.0), (0.5, 0, 0.0), (1.0, 2, 0.0), (1.0, 0, 0.5)];
+        for round in 0..600u64 {
             // A few close leaders over a tail, as a language model's logits often are.
             let logits: Vec<f32> =
                 (0..40).map(|i| if i < 4 { 5.0 + uniform() * 0.3 } else { uniform() * 4.0 }).collect();
             let node: Vec<f32> = logits.iter().map(|l| l + (uniform() * 2.0 - 1.0) * EPSILON).collect();
+            let (top_p, top_k, min_p) = filters[round as usize % filters.len()];
             for (i, temperature) in [0.001f32, 0.01, 0.05, 0.2, 0.8, 1.0].into_iter().enumerate() {
-                let params = SamplingParams { temperature, seed: round, ..Default::default() };
+                let params = SamplingParams { temperature, top_p, top_k, min_p, seed: round, ..Default::default() };
                 let position = round * 7 + i as u64;
                 let (expected, actual) = (sample(&logits, &params, position), sample(&node, &params, position));
                 disagreed += usize::from(expected != actual);
-                worst[i] = worst[i].max(tie_margin(&logits, &params, position, expected, actual));
+                worst[i] = worst[i].max(tie_margin(&logits, &params, position, expected, actual, 2.0 * EPSILON));
             }
         }
         assert!(disagreed > 0, "the rounding never changed a pick: the test checks nothing");
         for (i, gap) in worst.iter().enumerate() {
             assert!(*gap <= 2.0 * EPSILON / CALIBRATION_TEMPERATURE + 1e-3, "temperature #{i}: an honest gap of {gap}");
         }
+        // And not vacuously: at every temperature some honest pick was measured apart.
+        assert!(worst.iter().all(|&g| g > 0.0), "{worst:?}");
     }
 
-    /// Logits 5.0 and 4.8 at temperature 0.1 give the first 0.88 of the mass: top-p 0.8
-    /// keeps it alone. A node whose logits are off by 0.04 (4.96, 4.84) gives it 0.77 and
-    /// keeps both, and may pick the second. The calibrated slack (+0.05, to 0.85) kept it
-    /// out: an infinite gap for an honest node (so were honest int4 tasks at top-p 0.8,
-    /// temperatures 0.1 and 0.3, rejected). Widened below the calibration temperature, the
-    /// slack admits it, at a gap well inside the margin. At 0.8 the slack is as calibrated.
+    /// softmax([2, 1.6, 1.55, 0]) = [0.41, 0.27, 0.26, 0.06]: top-p 0.5 holds the first two.
+    /// A node whose logits are off by 0.03 ([1.98, 1.57, 1.58, 0]) ranks the third above
+    /// the second, holds {0, 2}, and may pick the third. The old additive slack (top-p
+    /// +0.05) still ended the reference's nucleus at the second token: an infinite gap for
+    /// an honest node (9 of 36 honest int4 tasks at top-p 0.3–0.5 were rejected so). With
+    /// the room in logits it is a near-tie inside the margin; at a cool temperature too.
     #[test]
-    fn the_nucleus_slack_widens_below_the_calibration_temperature() {
-        let (reference, node) = ([5.0f32, 4.8, 0.0], [4.96f32, 4.84, 0.0]);
-        let params = SamplingParams { temperature: 0.1, top_p: 0.8, seed: 17, ..Default::default() };
-        let position = (0..10_000u64)
-            .find(|&p| sample(&node, &params, p) == 1)
-            .expect("a draw where the node's nucleus lets it pick the second token");
-        assert_eq!(sample(&reference, &params, position), 0, "the reference's nucleus holds the first alone");
-        let gap = tie_margin(&reference, &params, position, 0, 1);
-        assert!(gap < 0.1, "an honest node's pick: a gap of {gap}");
-        // Half-way: top-p 0.8 at 0.3 relaxes to 0.94, not to everything. Logits [5, 4.55,
-        // 4.2] give the first two 0.946 there: the third stays outside, so it is refused.
-        let warm = SamplingParams { temperature: 0.3, top_p: 0.8, seed: 17, ..Default::default() };
-        assert_eq!(tie_margin(&[5.0, 4.55, 4.2], &warm, 0, 0, 2), f32::INFINITY);
-        // At the calibration temperature, a token the +0.05 slack leaves out stays out:
-        // [3, 1.1] at 0.8 gives the first 0.92.
+    fn a_nucleus_edge_within_the_room_is_not_held_against_an_honest_node() {
+        // At 0.1, [5, 4.8] give the first 0.88: top-p 0.8 holds it alone; the node's [4.96,
+        // 4.84] give it 0.77 and hold both.
+        // (reference, node, temperature, top-p, room)
+        type Case<'a> = (&'a [f32], &'a [f32], f32, f32, f32);
+        let cases: [Case; 2] = [
+            (&[2.0, 1.6, 1.55, 0.0], &[1.98, 1.57, 1.58, 0.0], 1.0, 0.5, 0.06),
+            (&[5.0, 4.8, 0.0], &[4.96, 4.84, 0.0], 0.1, 0.8, 0.08),
+        ];
+        for (reference, node, temperature, top_p, room) in cases {
+            let params = SamplingParams { temperature, top_p, seed: 17, ..Default::default() };
+            let picked = |p: u64| sample(node, &params, p);
+            let position = (0..10_000u64)
+                .find(|&p| picked(p) != sample(reference, &params, p) && picked(p) != 0)
+                .expect("a draw where the node's nucleus lets it pick a token the reference's does not");
+            let (expected, actual) = (sample(reference, &params, position), picked(position));
+            let old = SamplingParams { top_p: top_p + 0.05, ..params.clone() };
+            assert!(!candidates(reference, &old).iter().any(|&(t, _)| t == actual), "a fixed +0.05 slack refused it");
+            let gap = tie_margin(reference, &params, position, expected, actual, room);
+            assert!(gap < 0.1, "T {temperature}: an honest node's pick {actual}: a gap of {gap}");
+        }
+        // A token the room cannot bring into the nucleus stays out: [3, 1.1] at 0.8 gives
+        // the first 0.92 of the mass, and f32's room (0.2) leaves the second outside 0.8.
         let calibrated = SamplingParams { temperature: 0.8, top_p: 0.8, seed: 17, ..Default::default() };
-        assert_eq!(tie_margin(&[3.0, 1.1, -9.0], &calibrated, 0, 0, 1), f32::INFINITY);
+        assert_eq!(tie_margin(&[3.0, 1.1, -9.0], &calibrated, 0, 0, 1, 0.2), f32::INFINITY);
     }
 
     /// top-k 3: ranks 1 and 2 are in any honest node's nucleus. Where the seeded draw picks
@@ -777,14 +770,15 @@ mod tests {
         let position = (0..10_000u64)
             .find(|&p| sample(&logits, &params, p) == 1 && gumbel(5, p, 1) + 1.9 > gumbel(5, p, 0) + 2.0 + 2.5)
             .expect("a draw where the reference picks rank 2 by a wide Gumbel margin");
-        assert!(tie_margin(&logits, &params, position, 1, 0) > 2.5);
+        assert!(tie_margin(&logits, &params, position, 1, 0, ROOM) > 2.5);
         // min-p 1.0 (after narrowing) keeps the best token: a greedy pick there is no ∞.
         let strict = SamplingParams { temperature: 1.0, min_p: 0.6, seed: 5, ..Default::default() };
-        assert!(tie_margin(&logits, &strict, position, 1, 0).is_finite());
+        assert!(tie_margin(&logits, &strict, position, 1, 0, ROOM).is_finite());
     }
 
     /// softmax([2, 1, 0]) = [0.665, 0.245, 0.090]: with top-p 0.7 the reference's nucleus is
-    /// {0, 1}, but a node whose probabilities differ by a hair stops at {0}. Where the
+    /// {0, 1}, but a node within int4's room (the first token 0.16 logits higher will do)
+    /// stops at {0}. Where the
     /// reference's Gumbel draw favours token 1, the node's token 0 is still honest.
     #[test]
     fn a_pick_the_nodes_nucleus_may_have_excluded_is_not_held_against_it() {
@@ -793,11 +787,11 @@ mod tests {
         let position = (0..10_000u64)
             .find(|&p| sample(&logits, &params, p) == 1 && gumbel(11, p, 1) + 1.0 > gumbel(11, p, 0) + 2.0 + 2.5)
             .expect("a draw where the reference picks token 1 by a wide Gumbel margin");
-        assert_eq!(tie_margin(&logits, &params, position, 1, 0), 0.0);
+        assert_eq!(tie_margin(&logits, &params, position, 1, 0, ROOM), 0.0);
         // Without a filter, the same draw is a mismatch: token 1 was open to the node too.
         let open = SamplingParams { top_p: 1.0, ..params.clone() };
         assert_eq!(sample(&logits, &open, position), 1);
-        assert!(tie_margin(&logits, &open, position, 1, 0) > 2.5);
+        assert!(tie_margin(&logits, &open, position, 1, 0, ROOM) > 2.5);
     }
 
     #[test]
