@@ -173,10 +173,17 @@ fn penalties_apply(params: &SamplingParams) -> bool {
 ///
 /// With a nucleus (top-k, min-p, top-p), `room` is how far an honest node's logits may
 /// differ from the reference's, between two tokens (the margin in logits at 0.8): the
-/// node's token must be one some such node keeps, and it is compared with the best token
-/// every such node keeps ([`NucleusBounds`]), since the reference's pick may be one the
-/// node's nucleus left out.
-fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: u32, actual: u32, room: f32) -> f32 {
+/// node's token must be one some node within `room.hold` keeps, and it is compared with
+/// the best token every node within `room.sure` keeps ([`NucleusBounds`]), since the
+/// reference's pick may be one the node's nucleus left out.
+fn tie_margin(
+    logits: &[f32],
+    params: &SamplingParams,
+    position: u64,
+    expected: u32,
+    actual: u32,
+    room: NucleusRoom,
+) -> f32 {
     if expected == actual {
         return 0.0;
     }
@@ -184,8 +191,11 @@ fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: 
         return logits.get(expected as usize).copied().unwrap_or(f32::INFINITY)
             - logits.get(actual as usize).copied().unwrap_or(f32::NEG_INFINITY);
     }
-    let bounds = NucleusBounds::new(logits, params, room);
-    if !bounds.may_hold(actual) {
+    if room.hold > room.sure && !NucleusBounds::new(logits, params, room.hold).may_hold(actual) {
+        return f32::INFINITY; // no node within the format's whole room could have picked it
+    }
+    let bounds = NucleusBounds::new(logits, params, room.sure);
+    if room.hold <= room.sure && !bounds.may_hold(actual) {
         return f32::INFINITY; // no node within the room could have picked it
     }
     // Scored as the sampler scores (its temperature floored at 1e-6).
@@ -211,17 +221,39 @@ fn tie_margin(logits: &[f32], params: &SamplingParams, position: u64, expected: 
     ((best - node).max(0.0) * to_calibration) as f32
 }
 
-/// The room in logits an honest node's nucleus gets for a tie margin of `margin` (in
-/// Gumbel scores at the calibration temperature): the logit gap that margin stands for, at
-/// most int4's and bf16's (0.8). int8's margin (4.5) covers a rare rounding flip that grows
-/// through the layers, not every token at once: a nucleus that loose (3.6 logits) held so
-/// few tokens surely that a node claiming int8 steered to a word of its choice unflagged
-/// (`steering::steering_rogues_are_flagged_and_honest_nodes_in_every_format_are_not`).
-fn nucleus_room(margin: f32) -> f32 {
-    margin.min(NUCLEUS_ROOM_MARGIN) * CALIBRATION_TEMPERATURE
+/// How far, in logits, an honest node's logits may differ from the reference's between two
+/// tokens, for its nucleus (see [`tie_margin`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct NucleusRoom {
+    /// For whether the node's token could be in its nucleus at all: the logit gap the
+    /// format's whole margin stands for at the calibration temperature.
+    hold: f32,
+    /// For the tokens every honest node surely keeps, which its token is compared with:
+    /// that gap, at most int4's and bf16's (0.8). int8's margin (4.5) covers a rare
+    /// rounding flip that grows through the layers, not every token at once: a nucleus
+    /// that loose (3.6 logits) held so few tokens surely that a node claiming int8 steered
+    /// to a word of its choice unflagged
+    /// (`steering::steering_rogues_are_flagged_and_honest_nodes_in_every_format_are_not`).
+    /// Capped in `hold` too, one such flip at a narrow nucleus' edge had an honest int8
+    /// node rejected (1 of 36 tasks at top-p 0.3, `scripts/honest-nucleus-proofs`).
+    sure: f32,
 }
 
-/// The widest margin whose room a nucleus gets (int4's and bf16's; see [`nucleus_room`]).
+impl NucleusRoom {
+    /// The rooms for a tie margin of `margin` (in Gumbel scores at the calibration
+    /// temperature).
+    fn for_margin(margin: f32) -> Self {
+        Self { hold: margin * CALIBRATION_TEMPERATURE, sure: margin.min(NUCLEUS_ROOM_MARGIN) * CALIBRATION_TEMPERATURE }
+    }
+
+    /// The same room for both.
+    #[cfg(test)]
+    fn even(room: f32) -> Self {
+        Self { hold: room, sure: room }
+    }
+}
+
+/// The widest margin whose room a nucleus gets (int4's and bf16's; see [`NucleusRoom`]).
 const NUCLEUS_ROOM_MARGIN: f32 = 1.0;
 
 /// Where a token stands among the reference's scores: how many tokens score higher.
@@ -542,7 +574,8 @@ impl<'a> Replay<'a> {
         }
         let position = (self.prompt.len() + gi) as u64;
         let expected = sample(l, params, position);
-        let margin = tie_margin(l, params, position, expected, actual, nucleus_room(self.limits.max_tie_margin));
+        let margin =
+            tie_margin(l, params, position, expected, actual, NucleusRoom::for_margin(self.limits.max_tie_margin));
         v.worst_tie_margin = v.worst_tie_margin.max(margin);
         let stops = &self.model.tokenizer.stop_tokens;
         let passed_end = stops.contains(&expected) && !stops.contains(&actual);
@@ -675,7 +708,7 @@ mod tests {
     use super::*;
 
     /// int4's room in logits (its margin, 1.0, at the calibration temperature).
-    const ROOM: f32 = 0.8;
+    const ROOM: NucleusRoom = NucleusRoom { hold: 0.8, sure: 0.8 };
 
     #[test]
     fn near_ties_are_measured_in_gumbel_scores_and_filters_relax_only_for_the_gap() {
@@ -716,7 +749,14 @@ mod tests {
                 let position = round * 7 + i as u64;
                 let (expected, actual) = (sample(&logits, &params, position), sample(&node, &params, position));
                 disagreed += usize::from(expected != actual);
-                worst[i] = worst[i].max(tie_margin(&logits, &params, position, expected, actual, 2.0 * EPSILON));
+                worst[i] = worst[i].max(tie_margin(
+                    &logits,
+                    &params,
+                    position,
+                    expected,
+                    actual,
+                    NucleusRoom::even(2.0 * EPSILON),
+                ));
             }
         }
         assert!(disagreed > 0, "the rounding never changed a pick: the test checks nothing");
@@ -752,13 +792,41 @@ mod tests {
             let (expected, actual) = (sample(reference, &params, position), picked(position));
             let old = SamplingParams { top_p: top_p + 0.05, ..params.clone() };
             assert!(!candidates(reference, &old).iter().any(|&(t, _)| t == actual), "a fixed +0.05 slack refused it");
-            let gap = tie_margin(reference, &params, position, expected, actual, room);
+            let gap = tie_margin(reference, &params, position, expected, actual, NucleusRoom::even(room));
             assert!(gap < 0.1, "T {temperature}: an honest node's pick {actual}: a gap of {gap}");
         }
         // A token the room cannot bring into the nucleus stays out: [3, 1.1] at 0.8 gives
         // the first 0.92 of the mass, and f32's room (0.2) leaves the second outside 0.8.
         let calibrated = SamplingParams { temperature: 0.8, top_p: 0.8, seed: 17, ..Default::default() };
-        assert_eq!(tie_margin(&[3.0, 1.1, -9.0], &calibrated, 0, 0, 1, 0.2), f32::INFINITY);
+        assert_eq!(tie_margin(&[3.0, 1.1, -9.0], &calibrated, 0, 0, 1, NucleusRoom::even(0.2)), f32::INFINITY);
+    }
+
+    /// int8's margin (4.5) stands for 3.6 logits; its nucleus's sure tokens get int4's 0.8.
+    /// softmax([3, 1.2, -9]) at 0.8 gives the first 0.91: top-p 0.3 holds it alone, and
+    /// so does every node within 0.8 logits. A rare int8 rounding flip of 2 logits holds
+    /// the second too, and the node may pick it: with both rooms capped at 0.8 that was an
+    /// infinite gap (one honest int8 task of 36 at top-p 0.3 was rejected so). With the
+    /// whole room for whether it may be held, it is a gap measured against the first, and
+    /// the margin judges it; a token no node within 3.6 logits could hold stays out.
+    #[test]
+    fn a_rare_int8_flip_at_a_narrow_nucleus_edge_is_a_gap_not_a_refusal() {
+        let int8 = NucleusRoom::for_margin(4.5);
+        assert!((int8.hold - 3.6).abs() < 1e-5 && int8.sure == 0.8, "{int8:?}");
+        assert_eq!(NucleusRoom::for_margin(1.0), NucleusRoom::even(0.8));
+        let logits = [3.0f32, 1.2, -9.0];
+        let params = SamplingParams { temperature: 0.8, top_p: 0.3, seed: 23, ..Default::default() };
+        let flipped = [3.0f32, 3.2, -9.0];
+        let position =
+            (0..10_000u64).find(|&p| sample(&flipped, &params, p) == 1).expect("the flipped node picks its new best");
+        assert_eq!(sample(&logits, &params, position), 0);
+        assert_eq!(tie_margin(&logits, &params, position, 0, 1, NucleusRoom::even(0.8)), f32::INFINITY);
+        let gap = tie_margin(&logits, &params, position, 0, 1, int8);
+        assert!(gap.is_finite() && gap > 0.0, "a gap against the surely held best: {gap}");
+        // The gap is the scores' difference against the first token, the only sure one.
+        let score = |t: usize| logits[t] as f64 / 0.8 + gumbel(23, position, t as u32);
+        assert!((gap as f64 - (score(0) - score(1)).max(0.0)).abs() < 1e-4, "{gap}");
+        // Out of reach of any node within 3.6 logits: still refused outright.
+        assert_eq!(tie_margin(&[3.0, -2.0, -9.0], &params, position, 0, 1, int8), f32::INFINITY);
     }
 
     /// top-k 3: ranks 1 and 2 are in any honest node's nucleus. Where the seeded draw picks
