@@ -195,21 +195,39 @@ int ludus_int4_dequantize_split(const uint8_t* packed, const uint16_t* scales_ze
   return bad ? -1 : rc;
 }
 
-// `x W^T` for bf16 x [M, K] (contiguous) and the packed weight: a new bf16 [M, N] tensor in
-// *out, tile by tile of columns: all threads unpack a tile, then [x, x] is multiplied by it.
-int ludus_int4_linear_unpacked(const at::Tensor* x, const uint8_t* packed, const uint16_t* scales_zeros, int64_t N,
-                               int64_t group, int64_t block_n, int halves, at::Tensor** out) {
+// `x W^T` for each of `count` bf16 inputs xs[i] [M_i, K] (contiguous) and the packed
+// weight: new bf16 [M_i, N] tensors in outs[i], tile by tile of columns: all threads unpack
+// a tile once, then each [x_i, x_i] is multiplied by it on its own. Each output is
+// therefore the very product a call with that input alone gives (same shapes, same
+// numbers): several prefill passes share one unpacking without changing a bit.
+int ludus_int4_linear_unpacked(const at::Tensor* const* xs, int64_t count, const uint8_t* packed,
+                               const uint16_t* scales_zeros, int64_t N, int64_t group, int64_t block_n, int halves,
+                               at::Tensor** outs) {
   bool bad = false;
   const int rc = guarded([&] {
-    const int64_t K = x->size(1);
+    if (count < 1) {
+      int4_error = "no input";
+      bad = true;
+      return;
+    }
+    const int64_t K = xs[0]->size(1);
     if (bad_shape(N, K, group, block_n)) {
       bad = true;
       return;
     }
     const Packed p{packed, scales_zeros, N, K, group, block_n, halves != 0};
-    const at::Tensor x2 = at::cat({*x, *x}, 1);
-    auto y = std::make_unique<at::Tensor>(at::empty({x->size(0), N}, x->options()));
-    at::Tensor tile = at::empty({2 * K, TILE}, x->options());
+    std::vector<at::Tensor> x2;
+    std::vector<std::unique_ptr<at::Tensor>> ys;
+    for (int64_t i = 0; i < count; ++i) {
+      if (xs[i]->dim() != 2 || xs[i]->size(1) != K) {
+        int4_error = "inputs of different widths";
+        bad = true;
+        return;
+      }
+      x2.push_back(at::cat({*xs[i], *xs[i]}, 1));
+      ys.push_back(std::make_unique<at::Tensor>(at::empty({xs[i]->size(0), N}, xs[i]->options())));
+    }
+    at::Tensor tile = at::empty({2 * K, TILE}, xs[0]->options());
     auto* bits = reinterpret_cast<uint16_t*>(tile.data_ptr());
     // Tiles one after another, each unpacked by all threads (split along k) and then
     // multiplied by all threads: libtorch's bf16 product is only fast outside a parallel
@@ -219,9 +237,13 @@ int ludus_int4_linear_unpacked(const at::Tensor* x, const uint8_t* packed, const
       at::parallel_for(0, K / group, 1, [&](int64_t g0, int64_t g1) {
         unpack(p, n0, n0 + width, g0, g1, bits, bits + K * TILE, TILE);
       });
-      y->narrow(1, n0, width).copy_(at::mm(x2, tile.narrow(1, 0, width)));
+      for (int64_t i = 0; i < count; ++i) {
+        ys[i]->narrow(1, n0, width).copy_(at::mm(x2[i], tile.narrow(1, 0, width)));
+      }
     }
-    *out = y.release();
+    for (int64_t i = 0; i < count; ++i) {
+      outs[i] = ys[i].release();
+    }
   });
   return bad ? -1 : rc;
 }

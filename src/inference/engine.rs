@@ -3,7 +3,8 @@
 //! Sequences join and leave the running batch between decode steps. Each step runs at
 //! most one prefill chunk (of the oldest admitted sequence, [`EngineConfig::prefill_chunk`]
 //! tokens) and then one decode step for every running sequence, so a long prompt never
-//! stalls the others for more than one chunk. Running sequences occupy KV slots `0..B`
+//! stalls the others for more than one chunk; with none running, up to [`PASSES_ALONE`]
+//! chunks, as passes that give the numbers of a chunk alone. Running sequences occupy KV slots `0..B`
 //! (compacted when one leaves), which makes the batch's cache a zero-copy view.
 //!
 //! A sequence decoded alone may speculate ([`super::speculative`]): its last token and a
@@ -31,6 +32,13 @@ use super::sampling::{apply_penalties, sample, SamplingParams, TokenHistory};
 use super::speculative::{Draft, DraftModel, Speculation, SpeculationStats};
 use super::text_stream::TextStream;
 use super::tokenizer::Tokenizer;
+
+/// Prefill chunks a prompt runs in one step while no other sequence decodes: each is a
+/// pass computed exactly as a step of its own would (same rows, same numbers, so a prefix
+/// cache hit still changes no token), and int4 unpacks its weights once for all of them
+/// rather than once per chunk (docs/benchmarks.md, "Prefill passes"). With sequences
+/// decoding, a step holds one chunk, so that their tokens keep coming.
+pub const PASSES_ALONE: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -639,8 +647,10 @@ impl Scheduler {
         let tokens: Vec<u32> =
             self.running.iter().map(|s| *s.tokens.last().expect("running sequences have tokens")).collect();
         let positions: Vec<usize> = self.running.iter().map(|s| s.cached).collect();
+        // Alone, a prompt runs several chunks in one step, each as a pass of its own.
+        let passes = if self.running.is_empty() { PASSES_ALONE } else { 1 };
         let chunk_range = self.prefilling.as_ref().map(|seq| {
-            let end = (seq.cached + self.config.prefill_chunk).min(seq.tokens.len());
+            let end = (seq.cached + self.config.prefill_chunk * passes).min(seq.tokens.len());
             (seq.slot, seq.cached, end, end == seq.tokens.len())
         });
         let chunk_tokens: Vec<u32> = match (&self.prefilling, chunk_range) {
@@ -652,6 +662,7 @@ impl Scheduler {
             tokens: &chunk_tokens,
             start,
             logits: if last { LogitsFor::Last } else { LogitsFor::None },
+            pass_rows: self.config.prefill_chunk,
         });
         // Grammar masks for the tokens this step samples are computed on a second thread
         // while the model runs: off the critical path (docs/benchmarks.md, structured output).

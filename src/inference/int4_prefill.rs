@@ -49,14 +49,15 @@ mod ffi {
     extern "C" {
         pub fn ludus_int4_last_error() -> *const c_char;
         pub fn ludus_int4_linear_unpacked(
-            x: *const RawTensor,
+            xs: *const *const RawTensor,
+            count: i64,
             packed: *const u8,
             scales_zeros: *const u16,
             n: i64,
             group: i64,
             block_n: i64,
             halves: c_int,
-            out: *mut *mut RawTensor,
+            outs: *mut *mut RawTensor,
         ) -> c_int;
         pub fn ludus_int4_dequantize_split(
             packed: *const u8,
@@ -130,33 +131,54 @@ fn shim_result(rc: c_int) -> Result<()> {
 
 /// `x W^T` for bf16 `x` (`[rows, k]`) through the unpacked weight; `[rows, n]` in bf16.
 pub fn matmul_t(x: &Tensor, packed: &Tensor, scales_zeros: &Tensor, group: i64, layout: PackLayout) -> Result<Tensor> {
+    let mut out = matmul_t_passes(std::slice::from_ref(x), packed, scales_zeros, group, layout)?;
+    Ok(out.pop().expect("one output per input"))
+}
+
+/// [`matmul_t`] of each of `xs` (prefill passes), unpacking the weight once for all: each
+/// output is, bit for bit, what [`matmul_t`] of that input alone gives.
+pub fn matmul_t_passes(
+    xs: &[Tensor],
+    packed: &Tensor,
+    scales_zeros: &Tensor,
+    group: i64,
+    layout: PackLayout,
+) -> Result<Vec<Tensor>> {
     let (n, k) = check(packed, scales_zeros, group)?;
-    if x.kind() != Kind::BFloat16 || x.device() != Device::Cpu || x.dim() != 2 || x.size()[1] != k {
-        return Err(InferError::Quantization(format!(
-            "int4 product: input {:?} {:?} does not fit a weight of {k} inputs",
-            x.size(),
-            x.kind()
-        )));
+    let mut inputs = Vec::with_capacity(xs.len());
+    for x in xs {
+        if x.kind() != Kind::BFloat16 || x.device() != Device::Cpu || x.dim() != 2 || x.size()[1] != k {
+            return Err(InferError::Quantization(format!(
+                "int4 product: input {:?} {:?} does not fit a weight of {k} inputs",
+                x.size(),
+                x.kind()
+            )));
+        }
+        inputs.push(x.f_contiguous()?);
     }
-    let x = x.f_contiguous()?;
-    let mut out = std::ptr::null_mut();
-    // SAFETY: shapes checked above; every tensor outlives the call; `out` is written on
-    // success only, with a tensor the shim allocated.
+    if inputs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let handles: Vec<*const RawTensor> = inputs.iter().map(|x| x.as_ptr() as *const RawTensor).collect();
+    let mut outs: Vec<*mut RawTensor> = vec![std::ptr::null_mut(); inputs.len()];
+    // SAFETY: shapes checked above; every tensor outlives the call; `outs` (one slot per
+    // input) is written on success only, with tensors the shim allocated.
     let rc = unsafe {
         ffi::ludus_int4_linear_unpacked(
-            x.as_ptr() as *const RawTensor,
+            handles.as_ptr(),
+            handles.len() as i64,
             packed.data_ptr() as *const u8,
             scales_zeros.data_ptr() as *const u16,
             n,
             group,
             layout.block_rows,
             c_int::from(layout.halves),
-            &mut out,
+            outs.as_mut_ptr(),
         )
     };
     shim_result(rc)?;
     // SAFETY: allocated by the shim on success, owned from here on.
-    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    Ok(outs.into_iter().map(|out| unsafe { Tensor::from_ptr(out as *mut _) }).collect())
 }
 
 /// The layout this libtorch packs int4 weights in, probed once; `None` when it is none of
@@ -271,6 +293,38 @@ mod tests {
         let bound = by_kernel.to_kind(Kind::Float).abs() * 2f64.powi(-7) + magnitudes * 2f64.powi(-18);
         assert!(differ < 0.01, "{differ} of the outputs differ");
         assert!(step.le_tensor(&bound).all().int64_value(&[]) == 1, "an output differs by more than rounding");
+    }
+
+    /// Several passes through one unpacking, and through `Linear::forward_passes` (a short
+    /// pass on the kernel among them), give each pass's product alone, bit for bit.
+    #[test]
+    fn passes_sharing_one_unpacking_give_each_passs_own_product() {
+        let Some(layout) = layout() else { return };
+        tch::manual_seed(13);
+        let w = Tensor::randn([600, 192], (Kind::Float, Device::Cpu)).f_mul_scalar(0.05).unwrap();
+        let layer = Linear::new(w, Quantization::Int4, Device::Cpu, Kind::BFloat16).unwrap();
+        let Linear::Int4(int4) = &layer else { panic!("an int4 layer") };
+        let (packed, scales_zeros) = int4.parts();
+        let xs: Vec<Tensor> = [128, 64, 100, 20]
+            .into_iter()
+            .map(|rows| Tensor::randn([rows, 192], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16))
+            .collect();
+        let shared = matmul_t_passes(&xs[..3], packed, scales_zeros, INT4_GROUP, layout).unwrap();
+        for (x, y) in xs.iter().zip(&shared) {
+            let alone = matmul_t(x, packed, scales_zeros, INT4_GROUP, layout).unwrap();
+            assert!(y.equal(&alone), "a pass of {} rows differs from its product alone", x.size()[0]);
+        }
+        let through_layer = layer.forward_passes(&xs).unwrap();
+        let residuals: Vec<Tensor> =
+            xs.iter().map(|x| Tensor::ones([x.size()[0], 600], (Kind::BFloat16, Device::Cpu))).collect();
+        let added = layer.forward_add_passes(&residuals, &xs).unwrap();
+        for (i, x) in xs.iter().enumerate() {
+            let alone = layer.forward(x).unwrap();
+            assert_eq!(through_layer[i].size(), [x.size()[0], 600]);
+            assert!(through_layer[i].equal(&alone), "pass {i} through the layer differs from it alone");
+            assert!(added[i].equal(&layer.forward_add(&residuals[i], x).unwrap()), "pass {i} with its residual");
+        }
+        assert!(matmul_t_passes(&[], packed, scales_zeros, INT4_GROUP, layout).unwrap().is_empty());
     }
 
     #[test]

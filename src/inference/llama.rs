@@ -38,6 +38,12 @@ pub struct PrefillChunk<'a> {
     /// Tokens of this sequence already in its cache slot.
     pub start: usize,
     pub logits: LogitsFor,
+    /// Rows per pass (0: the whole chunk in one). A chunk run while no sequence decodes
+    /// may hold several passes of this many rows (the last may be shorter): each is
+    /// computed exactly as if it were a chunk alone, bit for bit, and int4 unpacks its
+    /// weights once for all of them instead of once per pass. Only for `LogitsFor::None`
+    /// and `Last`; with decode rows or other logits, one pass.
+    pub pass_rows: usize,
 }
 
 /// What [`Llama::step`] returns: the decode rows and the prefill chunk's rows.
@@ -321,7 +327,7 @@ impl Llama {
         start: usize,
         logits: LogitsFor,
     ) -> Result<ForwardOutput> {
-        let chunk = PrefillChunk { slot, tokens, start, logits };
+        let chunk = PrefillChunk { slot, tokens, start, logits, pass_rows: 0 };
         let out = self.step(cache, &[], &[], Some(chunk))?;
         Ok(out.prefill.expect("a prefill chunk was given"))
     }
@@ -361,35 +367,59 @@ impl Llama {
             pos.extend(chunk.start as i64..total);
         }
         let groups = (self.config.num_heads / self.config.num_kv_heads) as i64;
+        // The passes, as (first row, rows) of this step's rows: one, unless a chunk runs
+        // alone in several (see `PrefillChunk::pass_rows`).
+        let pass_rows = match &prefill {
+            Some(c) if b == 0 && c.pass_rows > 0 && matches!(c.logits, LogitsFor::None | LogitsFor::Last) => {
+                c.pass_rows as i64
+            }
+            _ => b + n,
+        };
+        let passes: Vec<(i64, i64)> =
+            (0..(b + n).max(1)).step_by(pass_rows.max(1) as usize).map(|r| (r, pass_rows.min(b + n - r))).collect();
         let positions_t = self.ids(&pos)?;
         let decode_pos = positions_t.f_narrow(0, 0, b)?;
         let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
-        // Decode: sequence i sees keys 0..=pos_i. Prefill: row (group, t) sees 0..=start+t.
-        let prefill_pos = positions_t.f_narrow(0, b, n)?;
-        let masks = |window: Option<usize>| -> Result<(Tensor, Tensor)> {
+        // Decode: sequence i sees keys 0..=pos_i. Prefill: row (group, t) of a pass sees
+        // 0..=its position, the keys up to the pass's end.
+        let masks = |window: Option<usize>| -> Result<(Tensor, Vec<Tensor>)> {
             let decode = causal_mask(&decode_pos, longest, window, self.device)?
                 .f_view([b, 1, 1, longest])?
                 .f_to_kind(self.kind)?;
-            let prefill = causal_mask(&prefill_pos, total, window, self.device)?
-                .f_repeat([groups, 1])?
-                .f_view([1, 1, groups * n, total])?
-                .f_to_kind(self.kind)?;
-            Ok((decode, prefill))
+            let mut prefill_masks = Vec::new();
+            for &(first, rows) in &passes {
+                let (first, rows) = if passes.len() == 1 { (b, n) } else { (first, rows) };
+                let keys = pos.get((first + rows - 1).max(0) as usize).map_or(0, |&p| p + 1);
+                prefill_masks.push(
+                    causal_mask(&positions_t.f_narrow(0, first, rows)?, keys, window, self.device)?
+                        .f_repeat([groups, 1])?
+                        .f_view([1, 1, groups * rows, keys])?
+                        .f_to_kind(self.kind)?,
+                );
+            }
+            Ok((decode, prefill_masks))
         };
         let global_masks = masks(None)?;
         let any_sliding = self.layers.iter().any(|l| l.sliding);
         let sliding_masks = if any_sliding { Some(masks(self.config.sliding_window)?) } else { None };
-        let rotations = self.rope.rotations(&positions_t, self.kind)?;
+        let split = |t: Tensor| -> Result<Vec<Tensor>> {
+            if passes.len() == 1 {
+                return Ok(vec![t]);
+            }
+            passes.iter().map(|&(first, rows)| Ok(t.f_narrow(0, first, rows)?)).collect()
+        };
+        let rotations = split(self.rope.rotations(&positions_t, self.kind)?)?;
         let local_rotations = match (&self.rope_local, any_sliding) {
-            (Some(rope), true) => Some(rope.rotations(&positions_t, self.kind)?),
+            (Some(rope), true) => Some(split(rope.rotations(&positions_t, self.kind)?)?),
             _ => None,
         };
         let mut x = self.embed.lookup(&self.ids(&ids)?)?;
         if let Some(scale) = &self.embed_scale {
             x = x.f_mul(scale)?;
         }
+        let mut xs = split(x)?;
         for (l, block) in self.layers.iter().enumerate() {
-            let (decode_mask, prefill_mask) = match (&sliding_masks, block.sliding) {
+            let (decode_mask, prefill_masks) = match (&sliding_masks, block.sliding) {
                 (Some(m), true) => m,
                 _ => &global_masks,
             };
@@ -397,7 +427,7 @@ impl Llama {
                 (Some(r), true) => r,
                 _ => &rotations,
             };
-            x = self.block_forward(block, &x, rotations, |q, k, v| {
+            xs = self.block_forward(block, &xs, rotations, |p, q, k, v| {
                 let (k_cache, v_cache) = cache.layer_mut(l);
                 let mut outputs = Vec::with_capacity(2);
                 if b > 0 {
@@ -412,21 +442,27 @@ impl Llama {
                     outputs.push(out.f_reshape([b, kv * groups * hd])?);
                 }
                 if let Some(chunk) = &prefill {
+                    // This pass's rows of the chunk: all of them after the decode rows, or
+                    // one pass of a chunk run alone.
+                    let (first, n) = if passes.len() == 1 { (0, n) } else { passes[p] };
                     let k_slot = k_cache.f_get(chunk.slot as i64)?;
                     let v_slot = v_cache.f_get(chunk.slot as i64)?;
-                    let start = chunk.start as i64;
-                    k_slot.f_narrow(1, start, n)?.f_copy_(&k.f_narrow(0, b, n)?.f_transpose(0, 1)?)?;
-                    v_slot.f_narrow(1, start, n)?.f_copy_(&v.f_narrow(0, b, n)?.f_transpose(0, 1)?)?;
+                    let start = chunk.start as i64 + first;
+                    let total = start + n;
+                    let rows = q.size()[0] - n; // decode rows before the chunk's
+                    k_slot.f_narrow(1, start, n)?.f_copy_(&k.f_narrow(0, rows, n)?.f_transpose(0, 1)?)?;
+                    v_slot.f_narrow(1, start, n)?.f_copy_(&v.f_narrow(0, rows, n)?.f_transpose(0, 1)?)?;
                     let keys = k_slot.f_narrow(1, 0, total)?;
                     let values = v_slot.f_narrow(1, 0, total)?;
                     let (kv, hd) = (keys.size()[0], keys.size()[2]);
                     // q: [n, heads, hd] -> [1, kv_heads, groups * n, hd]: four dimensions, like
                     // decode's, take libtorch's flash kernel (three take the unfused path).
-                    let q = q.f_narrow(0, b, n)?.f_transpose(0, 1)?.f_contiguous()?.f_view([1, kv, groups * n, hd])?;
+                    let q =
+                        q.f_narrow(0, rows, n)?.f_transpose(0, 1)?.f_contiguous()?.f_view([1, kv, groups * n, hd])?;
                     let (keys, values) = (keys.f_unsqueeze(0)?, values.f_unsqueeze(0)?);
                     // [1, kv, groups * n, hd]; CUDA's kernels return it transposed (not
                     // contiguous): reshape copies there and is free where it is contiguous.
-                    let out = self.attention(&q, &keys, &values, prefill_mask)?;
+                    let out = self.attention(&q, &keys, &values, &prefill_masks[p])?;
                     let out = out.f_reshape([kv * groups, n, hd])?.f_transpose(0, 1)?;
                     outputs.push(out.f_reshape([n, kv * groups * hd])?);
                 }
@@ -440,7 +476,11 @@ impl Llama {
             cache.set_len(chunk.slot, total as usize);
             cache.mark_written(chunk.slot, total as usize);
         }
-        let hidden = self.norm_out(&x)?;
+        // The output norm pass by pass too: a prefilled row's hidden state goes into the
+        // proof of inference.
+        let hidden = xs.iter().map(|x| self.norm_out(x)).collect::<Result<Vec<Tensor>>>()?;
+        let hidden =
+            if hidden.len() == 1 { hidden.into_iter().next().expect("one pass") } else { Tensor::f_cat(&hidden, 0)? };
         // Logits rows: every decode row, plus the chunk's last row or all its rows.
         let prefill_logits = prefill.as_ref().map_or(LogitsFor::None, |c| c.logits);
         let rows = match prefill_logits {
@@ -494,58 +534,79 @@ impl Llama {
         Ok(scores.f_softmax(-1, Kind::Float)?.f_to_kind(values.kind())?.f_matmul(values)?)
     }
 
-    /// One transformer block over `x` (`[n, hidden]`); `attend` stores K/V in the cache and
-    /// returns the attention output `[n, heads * head_dim]`.
+    /// One transformer block over the passes `xs` (`[rows, hidden]` each), one after
+    /// another op by op, so that a projection's weight is read (int4: unpacked) once for
+    /// all of them; `attend(pass, q, k, v)` stores the pass's K/V in the cache and returns
+    /// its attention output `[rows, heads * head_dim]`, pass by pass in order.
     fn block_forward(
         &self,
         block: &Block,
-        x: &Tensor,
-        rotations: &Tensor,
-        attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+        xs: &[Tensor],
+        rotations: &[Tensor],
+        mut attend: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         let c = &self.config;
         let (h, kv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
-        let n = x.size()[0];
-        let normed = rms_norm(x, &block.attn_norm, c.rms_norm_eps)?;
-        let qkv = block.qkv.forward(&normed)?;
-        let qkv = match &block.qkv_bias {
-            Some(bias) => qkv.f_add(bias)?,
-            None => qkv,
+        let normed = each(xs, |x| rms_norm(x, &block.attn_norm, c.rms_norm_eps))?;
+        let qkv = block.qkv.forward_passes(&normed)?;
+        let mut attn = Vec::with_capacity(xs.len());
+        for (p, qkv) in qkv.iter().enumerate() {
+            let n = qkv.size()[0];
+            let qkv = match &block.qkv_bias {
+                Some(bias) => qkv.f_add(bias)?,
+                None => qkv.shallow_clone(),
+            };
+            let qk = qkv.f_narrow(1, 0, (h + kv) * hd)?.f_view([n, h + kv, hd])?;
+            let qk = match &block.qk_norm {
+                Some((q_gain, k_gain)) => Tensor::f_cat(
+                    &[
+                        rms_norm(&qk.f_narrow(1, 0, h)?, q_gain, c.rms_norm_eps)?,
+                        rms_norm(&qk.f_narrow(1, h, kv)?, k_gain, c.rms_norm_eps)?,
+                    ],
+                    1,
+                )?,
+                None => qk,
+            };
+            let qk = qk.f_matmul(&rotations[p])?;
+            let q = qk.f_narrow(1, 0, h)?;
+            let k = qk.f_narrow(1, h, kv)?;
+            let v = qkv.f_narrow(1, (h + kv) * hd, kv * hd)?.f_view([n, kv, hd])?;
+            attn.push(attend(p, &q, &k, &v)?);
+        }
+        let xs = match &block.post_norms {
+            Some((after_attn, _)) => {
+                let out = block.o.forward_passes(&attn)?;
+                xs.iter()
+                    .zip(&out)
+                    .map(|(x, o)| Ok(x.f_add(&rms_norm(o, after_attn, c.rms_norm_eps)?)?))
+                    .collect::<Result<Vec<Tensor>>>()?
+            }
+            None => block.o.forward_add_passes(xs, &attn)?,
         };
-        let qk = qkv.f_narrow(1, 0, (h + kv) * hd)?.f_view([n, h + kv, hd])?;
-        let qk = match &block.qk_norm {
-            Some((q_gain, k_gain)) => Tensor::f_cat(
-                &[
-                    rms_norm(&qk.f_narrow(1, 0, h)?, q_gain, c.rms_norm_eps)?,
-                    rms_norm(&qk.f_narrow(1, h, kv)?, k_gain, c.rms_norm_eps)?,
-                ],
-                1,
-            )?,
-            None => qk,
-        };
-        let qk = qk.f_matmul(rotations)?;
-        let q = qk.f_narrow(1, 0, h)?;
-        let k = qk.f_narrow(1, h, kv)?;
-        let v = qkv.f_narrow(1, (h + kv) * hd, kv * hd)?.f_view([n, kv, hd])?;
-        let attn = attend(&q, &k, &v)?;
-        let x = match &block.post_norms {
-            Some((after_attn, _)) => x.f_add(&rms_norm(&block.o.forward(&attn)?, after_attn, c.rms_norm_eps)?)?,
-            None => block.o.forward_add(x, &attn)?,
-        };
-        let normed = rms_norm(&x, &block.ffn_norm, c.rms_norm_eps)?;
-        let gate_up = block.gate_up.forward(&normed)?;
+        let normed = each(&xs, |x| rms_norm(x, &block.ffn_norm, c.rms_norm_eps))?;
+        let gate_up = block.gate_up.forward_passes(&normed)?;
         let f = c.intermediate_size as i64;
-        let gate = gate_up.f_narrow(1, 0, f)?;
-        let gate = match c.activation {
-            Activation::Silu => gate.f_silu()?,
-            Activation::GeluTanh => gate.f_gelu("tanh")?,
-        };
-        let act = gate.f_mul(&gate_up.f_narrow(1, f, f)?)?;
+        let act = each(&gate_up, |gate_up| {
+            let gate = gate_up.f_narrow(1, 0, f)?;
+            let gate = match c.activation {
+                Activation::Silu => gate.f_silu()?,
+                Activation::GeluTanh => gate.f_gelu("tanh")?,
+            };
+            Ok(gate.f_mul(&gate_up.f_narrow(1, f, f)?)?)
+        })?;
         match &block.post_norms {
-            Some((_, after_mlp)) => Ok(x.f_add(&rms_norm(&block.down.forward(&act)?, after_mlp, c.rms_norm_eps)?)?),
-            None => block.down.forward_add(&x, &act),
+            Some((_, after_mlp)) => {
+                let out = block.down.forward_passes(&act)?;
+                xs.iter().zip(&out).map(|(x, d)| Ok(x.f_add(&rms_norm(d, after_mlp, c.rms_norm_eps)?)?)).collect()
+            }
+            None => block.down.forward_add_passes(&xs, &act),
         }
     }
+}
+
+/// `f` of each pass.
+fn each(xs: &[Tensor], f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    xs.iter().map(f).collect()
 }
 
 /// Additive mask `[rows, keys]`: row r may see keys `0..=positions[r]`, and with a

@@ -135,6 +135,31 @@ impl Linear {
         }
     }
 
+    /// [`Linear::forward`] of each of `xs` (the passes of one prefill step), each output
+    /// bit for bit what that input alone gives; int4 on the CPU unpacks its weight once for
+    /// all the passes it multiplies through the unpacked weight.
+    pub fn forward_passes(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Int4(w) if xs.len() > 1 => {
+                let kind = xs[0].kind();
+                w.matmul_t_passes(xs)?.into_iter().map(|y| Ok(y.f_to_kind(kind)?)).collect()
+            }
+            _ => xs.iter().map(|x| self.forward(x)).collect(),
+        }
+    }
+
+    /// [`Linear::forward_add`] of each pair of `residuals` and `xs`, as
+    /// [`Linear::forward_passes`].
+    pub fn forward_add_passes(&self, residuals: &[Tensor], xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Int4(_) if xs.len() > 1 => {
+                let ys = self.forward_passes(xs)?;
+                residuals.iter().zip(&ys).map(|(r, y)| Ok(r.f_add(y)?)).collect()
+            }
+            _ => residuals.iter().zip(xs).map(|(r, x)| self.forward_add(r, x)).collect(),
+        }
+    }
+
     /// Bytes of weight memory this layer holds.
     pub fn bytes(&self) -> usize {
         match self {
@@ -196,16 +221,38 @@ impl Int4Weight {
     }
 
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.f_to_kind(self.scales_zeros.kind())?.f_contiguous()?;
-        let y = if self.packed.device().is_cuda() {
-            x.f_internal_weight_int4pack_mm(&self.packed, INT4_GROUP, &self.scales_zeros)?
-        } else if let Some(layout) = int4_prefill::layout().filter(|_| x.size()[0] >= int4_prefill::FROM_ROWS) {
-            // Many rows (a prefill chunk): a bf16 product through the unpacked weight.
-            int4_prefill::matmul_t(&x, &self.packed, &self.scales_zeros, INT4_GROUP, layout)?
-        } else {
-            x.f_internal_weight_int4pack_mm_for_cpu(&self.packed, INT4_GROUP, &self.scales_zeros)?
-        };
-        Ok(if y.size()[1] == self.out_features { y } else { y.f_narrow(1, 0, self.out_features)? })
+        Ok(self.matmul_t_passes(std::slice::from_ref(x))?.pop().expect("one output per input"))
+    }
+
+    /// `x W^T` for each of `xs`: a few rows through the kernel, many (a prefill pass)
+    /// through the unpacked weight, unpacked once for all such passes.
+    fn matmul_t_passes(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let kind = self.scales_zeros.kind();
+        let xs = xs.iter().map(|x| Ok(x.f_to_kind(kind)?.f_contiguous()?)).collect::<Result<Vec<Tensor>>>()?;
+        let cpu = !self.packed.device().is_cuda();
+        let layout = if cpu { int4_prefill::layout() } else { None };
+        let unpacked = |x: &Tensor| layout.is_some() && x.size()[0] >= int4_prefill::FROM_ROWS;
+        let many: Vec<Tensor> = xs.iter().filter(|x| unpacked(x)).map(Tensor::shallow_clone).collect();
+        let mut many = match layout {
+            // Many rows (prefill passes): bf16 products through the unpacked weight.
+            Some(layout) if !many.is_empty() => {
+                int4_prefill::matmul_t_passes(&many, &self.packed, &self.scales_zeros, INT4_GROUP, layout)?
+            }
+            _ => Vec::new(),
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(xs.len());
+        for x in &xs {
+            let y = if unpacked(x) {
+                many.next().expect("one output per input")
+            } else if cpu {
+                x.f_internal_weight_int4pack_mm_for_cpu(&self.packed, INT4_GROUP, &self.scales_zeros)?
+            } else {
+                x.f_internal_weight_int4pack_mm(&self.packed, INT4_GROUP, &self.scales_zeros)?
+            };
+            out.push(if y.size()[1] == self.out_features { y } else { y.f_narrow(1, 0, self.out_features)? });
+        }
+        Ok(out)
     }
 
     fn bytes(&self) -> usize {

@@ -1,12 +1,15 @@
 //! The prefix cache changes no token: the same requests with and without it give the same
 //! ids (greedy and seeded, f32 and int4, one at a time and eight at once) while the cache
 //! reports its hits; a proof made on a cache hit is verified; the cache evicts within its
-//! budget.
+//! budget. A prompt prefilled alone in several passes of one step gives the bits of the same
+//! chunks run step by step (which a cache hit, starting at another chunk, relies on).
 
 use ludus::inference::engine::HIDDEN_TAIL_ROWS;
+use ludus::inference::kv_cache::KvCache;
+use ludus::inference::llama::{LogitsFor, PrefillChunk};
 use ludus::inference::prefix_cache::PrefixStats;
 use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, Quantization, SamplingParams};
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 use crate::helpers::{drain, score_gap, smollm2};
 
@@ -294,4 +297,64 @@ fn route_one_persona(prefix_routing: bool) -> Option<(usize, usize, String)> {
     game.join().unwrap();
     assert_eq!(metrics.status, 200);
     Some((to_holder.len(), to_other.len(), metrics.body))
+}
+
+/// Chunks of 128 run as passes of one step (`PrefillChunk::pass_rows`, what the engine
+/// does while nothing else decodes) against the same chunks one step each: the hidden
+/// states, the last logits and the next decoded token's logits (which read the cache the
+/// passes wrote) are equal bit for bit, in f32, bf16 and int4, whose last pass of 44 rows
+/// goes through the kernel while the others share one unpacked weight. From the start and
+/// after a cached block, as a prefix cache hit starts. (All 428 rows as one pass differ
+/// from the chunks, already in f32: a row's numbers depend on the rows beside it.)
+#[test]
+fn passes_of_one_step_give_the_bits_of_chunks_run_one_by_one() {
+    let Some(path) = smollm2() else { return };
+    const CHUNK: usize = 128;
+    fn chunk(tokens: &[u32], start: usize, pass_rows: usize, last: bool) -> PrefillChunk<'_> {
+        let logits = if last { LogitsFor::Last } else { LogitsFor::None };
+        PrefillChunk { slot: 0, tokens, start, logits, pass_rows }
+    }
+    let tokens: Vec<u32> = (0..428u32).map(|i| 100 + (i * 37) % 5000).collect();
+    let cases = [(None, Quantization::None), (Some(Kind::BFloat16), Quantization::None), (None, Quantization::Int4)];
+    for (dtype, quantization) in cases {
+        let model = Model::load_quantized(&path, Device::Cpu, dtype, quantization, None).unwrap();
+        let llama = &model.llama;
+        for from in [0, CHUNK] {
+            let cache = || KvCache::new(&llama.config, 1, tokens.len() + 1, Device::Cpu, llama.kind).unwrap();
+            // One by one: every chunk a step of its own.
+            let (mut one_by_one, mut hidden) = (cache(), Vec::new());
+            let mut last_logits = None;
+            for start in (0..tokens.len()).step_by(CHUNK) {
+                let end = (start + CHUNK).min(tokens.len());
+                let c = chunk(&tokens[start..end], start, 0, end == tokens.len());
+                let out = llama.step(&mut one_by_one, &[], &[], Some(c)).unwrap().prefill.unwrap();
+                hidden.push(out.hidden);
+                last_logits = Some(out.logits);
+            }
+            let hidden = Tensor::cat(&hidden, 0);
+            // Passes: the first `from` tokens as a step of their own (a cached block), then
+            // the rest in one step.
+            let mut passes = cache();
+            let mut got = Vec::new();
+            if from > 0 {
+                got.push(llama.step(&mut passes, &[], &[], Some(chunk(&tokens[..from], 0, 0, false))).unwrap());
+            }
+            let rest = chunk(&tokens[from..], from, CHUNK, true);
+            got.push(llama.step(&mut passes, &[], &[], Some(rest)).unwrap());
+            let got_hidden = Tensor::cat(
+                &got.iter().map(|o| o.prefill.as_ref().unwrap().hidden.shallow_clone()).collect::<Vec<_>>(),
+                0,
+            );
+            let name = format!("{quantization} {:?} from {from}", llama.kind);
+            assert_eq!(got_hidden.size(), hidden.size(), "{name}");
+            assert!(got_hidden.equal(&hidden), "{name}: the passes' hidden states differ from the chunks'");
+            let got_logits = &got.last().unwrap().prefill.as_ref().unwrap().logits;
+            assert!(got_logits.equal(last_logits.as_ref().unwrap()), "{name}: the last logits differ");
+            let next = [7u32];
+            let position = [tokens.len()];
+            let a = llama.decode(&mut one_by_one, &next, &position).unwrap().logits;
+            let b = llama.decode(&mut passes, &next, &position).unwrap().logits;
+            assert!(a.equal(&b), "{name}: a token decoded after the passes reads another cache");
+        }
+    }
 }
