@@ -210,6 +210,11 @@ int ludus_int4_linear_unpacked(const at::Tensor* const* xs, int64_t count, const
       bad = true;
       return;
     }
+    if (xs[0]->dim() != 2) {
+      int4_error = "an input that is not a matrix";
+      bad = true;
+      return;
+    }
     const int64_t K = xs[0]->size(1);
     if (bad_shape(N, K, group, block_n)) {
       bad = true;
@@ -220,7 +225,7 @@ int ludus_int4_linear_unpacked(const at::Tensor* const* xs, int64_t count, const
     std::vector<std::unique_ptr<at::Tensor>> ys;
     for (int64_t i = 0; i < count; ++i) {
       if (xs[i]->dim() != 2 || xs[i]->size(1) != K) {
-        int4_error = "inputs of different widths";
+        int4_error = "inputs of different widths, or not matrices";
         bad = true;
         return;
       }

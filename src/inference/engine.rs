@@ -35,8 +35,9 @@ use super::tokenizer::Tokenizer;
 
 /// Prefill chunks a prompt runs in one step while no other sequence decodes: each is a
 /// pass computed exactly as a step of its own would (same rows, same numbers, so a prefix
-/// cache hit still changes no token), and int4 unpacks its weights once for all of them
-/// rather than once per chunk (docs/benchmarks.md, "Prefill passes"). With sequences
+/// cache hit still changes no token), and int4 on the CPU unpacks its weights once for
+/// all of them rather than once per chunk (docs/benchmarks.md, "Prefill passes"); other
+/// formats and devices gain nothing and lose nothing. With sequences
 /// decoding, a step holds one chunk, so that their tokens keep coming.
 pub const PASSES_ALONE: usize = 4;
 
@@ -636,7 +637,8 @@ impl Scheduler {
     }
 
     /// One pass over the weights: a decode token for every running sequence plus the
-    /// next prefill chunk of the admitted sequence, if any.
+    /// next prefill chunk of the admitted sequence, if any (up to [`PASSES_ALONE`] chunks,
+    /// as passes, when no sequence is running).
     fn step(&mut self) -> Result<()> {
         if self.running.is_empty() && self.prefilling.is_none() {
             return Ok(());
@@ -650,7 +652,7 @@ impl Scheduler {
         // Alone, a prompt runs several chunks in one step, each as a pass of its own.
         let passes = if self.running.is_empty() { PASSES_ALONE } else { 1 };
         let chunk_range = self.prefilling.as_ref().map(|seq| {
-            let end = (seq.cached + self.config.prefill_chunk * passes).min(seq.tokens.len());
+            let end = seq.cached.saturating_add(self.config.prefill_chunk.saturating_mul(passes)).min(seq.tokens.len());
             (seq.slot, seq.cached, end, end == seq.tokens.len())
         });
         let chunk_tokens: Vec<u32> = match (&self.prefilling, chunk_range) {

@@ -340,7 +340,9 @@ impl Llama {
 
     /// One engine step: a decode token for each sequence in slots `0..tokens.len()` and,
     /// optionally, a prefill chunk of another sequence, in one pass over the weights —
-    /// the chunk's rows ride along in the same matrix multiplications.
+    /// the chunk's rows ride along in the same matrix multiplications. A chunk without
+    /// decode rows may run as several passes ([`PrefillChunk::pass_rows`]), each with
+    /// products of its own.
     pub fn step(
         &self,
         cache: &mut KvCache,
@@ -388,8 +390,10 @@ impl Llama {
                 .f_to_kind(self.kind)?;
             let mut prefill_masks = Vec::new();
             for &(first, rows) in &passes {
-                let (first, rows) = if passes.len() == 1 { (b, n) } else { (first, rows) };
-                let keys = pos.get((first + rows - 1).max(0) as usize).map_or(0, |&p| p + 1);
+                // One pass: the chunk's rows after the decode rows, seeing the keys up to its
+                // end; a pass of a chunk run alone: the keys up to the pass's end.
+                let (first, rows, keys) =
+                    if passes.len() == 1 { (b, n, total) } else { (first, rows, total - n + first + rows) };
                 prefill_masks.push(
                     causal_mask(&positions_t.f_narrow(0, first, rows)?, keys, window, self.device)?
                         .f_repeat([groups, 1])?
@@ -535,8 +539,8 @@ impl Llama {
     }
 
     /// One transformer block over the passes `xs` (`[rows, hidden]` each), one after
-    /// another op by op, so that a projection's weight is read (int4: unpacked) once for
-    /// all of them; `attend(pass, q, k, v)` stores the pass's K/V in the cache and returns
+    /// another op by op, so that int4 on the CPU unpacks a projection's weight once for
+    /// all passes of 64 rows and more (other formats multiply pass by pass); `attend(pass, q, k, v)` stores the pass's K/V in the cache and returns
     /// its attention output `[rows, heads * head_dim]`, pass by pass in order.
     fn block_forward(
         &self,

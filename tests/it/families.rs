@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ludus::inference::config::{Family, LlamaConfig};
 use ludus::inference::kv_cache::KvCache;
-use ludus::inference::llama::{Llama, LogitsFor};
+use ludus::inference::llama::{Llama, LogitsFor, PrefillChunk};
 use ludus::inference::protect::protect_weights;
 use ludus::inference::qlinear::Quantization;
 use ludus::inference::weights::WeightSource;
@@ -159,6 +159,42 @@ fn chunked_prefill_across_the_sliding_window_matches_one_pass() {
         }
         let err = rel_err(&Tensor::cat(&rows, 0), &r.logits[0]);
         assert!(err < 1e-3, "{name}: chunked prefill differs by {err:.2e}");
+    }
+}
+
+/// Passes of one step (what the engine runs while nothing else decodes) give the bits of
+/// the same chunks run step by step, in every family: Gemma's sliding windows (each pass's
+/// own mask, the local rotary tables), soft-caps and extra norms, Qwen's biases and Q/K
+/// norms. Passes of 5 positions straddle the fixtures' windows of 8.
+#[test]
+fn prefill_passes_give_the_bits_of_chunks_in_every_family() {
+    fn chunk(tokens: &[u32], start: usize, pass_rows: usize, last: bool) -> PrefillChunk<'_> {
+        let logits = if last { LogitsFor::Last } else { LogitsFor::None };
+        PrefillChunk { slot: 0, tokens, start, logits, pass_rows }
+    }
+    for &(name, _) in FAMILIES {
+        for quantization in [Quantization::None, Quantization::Int4] {
+            let llama = load(name, quantization);
+            let r = reference(name);
+            let prompt = &r.prompts[0];
+            assert!(prompt.len() > 10, "{name}: a prompt of several passes");
+            let (mut one_by_one, mut passes) = (cache(&llama, 1), cache(&llama, 1));
+            let (mut hidden, mut logits) = (Vec::new(), None);
+            for (i, c) in prompt.chunks(5).enumerate() {
+                let last = (i + 1) * 5 >= prompt.len();
+                let out =
+                    llama.step(&mut one_by_one, &[], &[], Some(chunk(c, i * 5, 0, last))).unwrap().prefill.unwrap();
+                hidden.push(out.hidden);
+                logits = Some(out.logits);
+            }
+            let got = llama.step(&mut passes, &[], &[], Some(chunk(prompt, 0, 5, true))).unwrap().prefill.unwrap();
+            assert!(got.hidden.equal(&Tensor::cat(&hidden, 0)), "{name} {quantization}: hidden states differ");
+            assert!(got.logits.equal(logits.as_ref().unwrap()), "{name} {quantization}: last logits differ");
+            let position = [prompt.len()];
+            let a = llama.decode(&mut one_by_one, &[3], &position).unwrap().logits;
+            let b = llama.decode(&mut passes, &[3], &position).unwrap().logits;
+            assert!(a.equal(&b), "{name} {quantization}: the next token reads another cache");
+        }
     }
 }
 
