@@ -40,8 +40,8 @@ pub struct PrefillChunk<'a> {
     pub logits: LogitsFor,
     /// Rows per pass (0: the whole chunk in one). A chunk run while no sequence decodes
     /// may hold several passes of this many rows (the last may be shorter): each is
-    /// computed exactly as if it were a chunk alone, bit for bit, and int4 unpacks its
-    /// weights once for all of them instead of once per pass. Only for `LogitsFor::None`
+    /// computed exactly as if it were a chunk alone, bit for bit, and int4 on the CPU
+    /// unpacks its weights once for all passes of 64 rows and more instead of once per pass. Only for `LogitsFor::None`
     /// and `Last`; with decode rows or other logits, one pass.
     pub pass_rows: usize,
 }
