@@ -77,9 +77,13 @@ fn int4_product_benches(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("kernel", rows), &rows, |b, _| {
             b.iter(|| x.internal_weight_int4pack_mm_for_cpu(packed, INT4_GROUP, scales_zeros))
         });
-        group.bench_with_input(BenchmarkId::new("unpacked", rows), &rows, |b, _| {
-            b.iter(|| int4_prefill::matmul_t(&x, packed, scales_zeros, INT4_GROUP, layout).unwrap())
-        });
+        for (name, product) in
+            [("unpacked_bf16", int4_prefill::Product::SplitBf16), ("unpacked_f32", int4_prefill::Product::F32)]
+        {
+            group.bench_with_input(BenchmarkId::new(name, rows), &rows, |b, _| {
+                b.iter(|| int4_prefill::matmul_t(&x, packed, scales_zeros, INT4_GROUP, layout, product).unwrap())
+            });
+        }
     }
     group.bench_function("unpack_only", |b| {
         b.iter(|| int4_prefill::split_weight(packed, scales_zeros, INT4_GROUP, layout).unwrap())

@@ -16,6 +16,9 @@ pub struct EngineSettings {
     pub device: String,
     pub dtype: String,
     pub quantize: String,
+    /// How int4 prefill multiplies its unpacked weights on CPU: "auto" (timed once per
+    /// process), "f32" or "bf16" ([`crate::inference::int4_prefill::Product`]).
+    pub int4_prefill: String,
     pub threads: usize,
     /// Threads for a sequence decoded alone: a count (0 = `threads`) or measured (`auto`).
     pub single_sequence_threads: crate::inference::tune::Tunable,

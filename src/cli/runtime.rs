@@ -4,7 +4,7 @@
 use super::{progress, RuntimeArgs};
 use crate::inference::model::parse_dtype;
 use crate::inference::tune::{self, Plan, Tunable, TuneCache, TuneKey, Tuning};
-use crate::inference::Quantization;
+use crate::inference::{int4_prefill, Quantization};
 use crate::inference::{Engine, Model};
 use crate::settings::Settings;
 
@@ -62,6 +62,11 @@ impl RuntimeArgs {
         }
         let device = self.device(settings)?;
         let dtype = self.dtype(settings)?;
+        if let Some(product) =
+            int4_prefill::Product::parse(&settings.engine.int4_prefill).map_err(anyhow::Error::msg)?
+        {
+            int4_prefill::prefer(product);
+        }
         let mut load = |quantization| load_model(path, device, dtype, quantization, key.as_ref());
         let single = self.single_sequence_threads.unwrap_or(settings.engine.single_sequence_threads);
         let tuning = match self.tuning_plan(settings, device, threads)? {

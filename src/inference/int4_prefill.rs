@@ -1,18 +1,26 @@
 //! Many-row int4 products on CPU (prefill chunks) through the weight itself, dequantized
 //! for the call: libtorch's CPU int4 kernel is the fastest way to multiply a few rows, but
 //! it handles rows four at a time, so at a 128-row chunk it is several times slower than
-//! a bf16 matrix product (docs/benchmarks.md, "Why int4 prefill was slow").
+//! a dense matrix product (docs/benchmarks.md, "Why int4 prefill was slow").
 //!
 //! [`matmul_t`] unpacks the kernel's own packed codes (`csrc/int4_dequant.cpp`, no second
-//! copy of the weight is kept) into `hi = bf16(w)` and `lo = bf16(w - hi)`, with `w` the f32
-//! weight the kernel computes, and multiplies `[x, x]` by `[hi; lo]` in bf16, tile by tile of
-//! 512 output columns so that each unpacked tile is used while it is still in cache.
-//! `hi + lo` holds `w` to 16 significant bits, which covers the codes times a bf16 scale
-//! (12 bits) plus a bf16 zero in nearly every group, so the result matches the kernel's to
-//! within f32 rounding: about 2 outputs in 10,000 differ, by one bf16 step. The engine
-//! therefore takes this path from [`FROM_ROWS`] rows on and keeps the kernel below, and a
-//! prefilled token reads (to that rounding) as a decoded one, which the proof of inference
-//! relies on.
+//! copy of the weight is kept), tile by tile of 512 output columns so that each unpacked
+//! tile is used while it is still in cache, in one of two forms ([`Product`]):
+//! - [`Product::SplitBf16`]: `hi = bf16(w)` and `lo = bf16(w - hi)`, with `w` the f32 weight
+//!   the kernel computes, and `[x, x]` multiplied by `[hi; lo]` in bf16. `hi + lo` holds `w`
+//!   to 16 significant bits, which covers the codes times a bf16 scale (12 bits) plus a bf16
+//!   zero in nearly every group, so the result matches the kernel's to within f32 rounding:
+//!   about 2 outputs in 10,000 differ, by one bf16 step. The fastest where bf16 products run
+//!   on AMX.
+//! - [`Product::F32`]: `w` itself and `x · w` in f32, the kernel's own arithmetic in another
+//!   order. The fastest without AMX, where a bf16 product is slower than an f32 one (every
+//!   AMD and desktop CPU).
+//!
+//! Which one a process uses is chosen once ([`product`]): as `[engine] int4_prefill` says,
+//! or by timing both on a projection of SmolLM2's shape. Either way a prefilled token reads
+//! (to f32 rounding) as a decoded one, which the proof of inference relies on, and every
+//! chunk of a process goes the same way, so a prefix cache hit changes no bit. The engine
+//! takes this path from [`FROM_ROWS`] rows on and keeps the kernel below.
 //!
 //! The packed layout is libtorch's internal choice (it differs between AVX-512, AVX2 and
 //! plain CPUs): [`layout`] probes which one this libtorch uses, once, by packing known
@@ -21,6 +29,7 @@
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
@@ -30,6 +39,36 @@ use super::error::{InferError, Result};
 /// rows, and is paid back from about 64 rows of SmolLM2's widest projection (`cargo bench
 /// --bench engine -- int4_gate_up`: even at 64, 1.8x faster at 128, 2.5x at 256).
 pub const FROM_ROWS: i64 = 64;
+
+/// How a many-row product multiplies the unpacked weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Product {
+    /// `[x, x] · [hi; lo]` in bf16.
+    SplitBf16,
+    /// `x · w` in f32, rounded to bf16 at the end.
+    F32,
+}
+
+impl Product {
+    /// `[engine] int4_prefill`: "auto" (None: timed), "f32" or "bf16".
+    pub fn parse(setting: &str) -> std::result::Result<Option<Self>, String> {
+        match setting {
+            "auto" => Ok(None),
+            "f32" => Ok(Some(Self::F32)),
+            "bf16" => Ok(Some(Self::SplitBf16)),
+            other => Err(format!("int4_prefill must be \"auto\", \"f32\" or \"bf16\", not {other:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Product {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SplitBf16 => "bf16",
+            Self::F32 => "f32",
+        })
+    }
+}
 
 /// How libtorch packed the codes (see `csrc/int4_dequant.cpp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +96,7 @@ mod ffi {
             group: i64,
             block_n: i64,
             halves: c_int,
+            f32: c_int,
             outs: *mut *mut RawTensor,
         ) -> c_int;
         pub fn ludus_int4_dequantize_split(
@@ -130,8 +170,15 @@ fn shim_result(rc: c_int) -> Result<()> {
 }
 
 /// `x W^T` for bf16 `x` (`[rows, k]`) through the unpacked weight; `[rows, n]` in bf16.
-pub fn matmul_t(x: &Tensor, packed: &Tensor, scales_zeros: &Tensor, group: i64, layout: PackLayout) -> Result<Tensor> {
-    let mut out = matmul_t_passes(std::slice::from_ref(x), packed, scales_zeros, group, layout)?;
+pub fn matmul_t(
+    x: &Tensor,
+    packed: &Tensor,
+    scales_zeros: &Tensor,
+    group: i64,
+    layout: PackLayout,
+    product: Product,
+) -> Result<Tensor> {
+    let mut out = matmul_t_passes(std::slice::from_ref(x), packed, scales_zeros, group, layout, product)?;
     Ok(out.pop().expect("one output per input"))
 }
 
@@ -143,6 +190,7 @@ pub fn matmul_t_passes(
     scales_zeros: &Tensor,
     group: i64,
     layout: PackLayout,
+    product: Product,
 ) -> Result<Vec<Tensor>> {
     let (n, k) = check(packed, scales_zeros, group)?;
     let mut inputs = Vec::with_capacity(xs.len());
@@ -173,6 +221,7 @@ pub fn matmul_t_passes(
             group,
             layout.block_rows,
             c_int::from(layout.halves),
+            c_int::from(product == Product::F32),
             outs.as_mut_ptr(),
         )
     };
@@ -199,6 +248,63 @@ pub fn layout() -> Option<PackLayout> {
             None
         }
     })
+}
+
+/// How this process multiplies the unpacked weight: what [`prefer`] set before the first
+/// many-row product, or else the faster here of the two, timed once (a few tens of ms).
+pub fn product() -> Product {
+    *PRODUCT.get_or_init(|| {
+        let (chosen, why) = match time_products() {
+            Ok((f32_s, split_s)) => {
+                // f32 is the kernel's own arithmetic: bf16 must win clearly to be taken.
+                let chosen = if split_s * 1.15 < f32_s { Product::SplitBf16 } else { Product::F32 };
+                (chosen, format!("f32 {:.2} ms, bf16 {:.2} ms per product", f32_s * 1e3, split_s * 1e3))
+            }
+            Err(e) => (Product::F32, format!("timing failed: {e}")),
+        };
+        tracing::info!(product = %chosen, measured = %why, "int4 prefill: products through the unpacked weight");
+        chosen
+    })
+}
+
+static PRODUCT: OnceLock<Product> = OnceLock::new();
+
+/// Makes [`product`] `chosen` in this process (`[engine] int4_prefill`); false when the
+/// process already took another (a second engine with another setting), which is logged.
+pub fn prefer(chosen: Product) -> bool {
+    let taken = *PRODUCT.get_or_init(|| {
+        tracing::info!(product = %chosen, "int4 prefill: products through the unpacked weight, as configured");
+        chosen
+    });
+    if taken != chosen {
+        tracing::warn!(wanted = %chosen, taken = %taken, "int4 prefill: this process already multiplies another way");
+    }
+    taken == chosen
+}
+
+/// The best of 5 timed products (after 2 untimed) of 128 rows by a [576 -> 1536] weight
+/// (SmolLM2's up projection), in seconds: `(f32, split bf16)`.
+fn time_products() -> Result<(f64, f64)> {
+    let layout = layout().ok_or_else(|| InferError::Quantization("no known int4 layout".into()))?;
+    let (n, k, group) = (1536i64, 576i64, 32i64);
+    let codes = Tensor::f_randint(16, [n, k], (Kind::Int, Device::Cpu))?;
+    let packed = codes.f_internal_convert_weight_to_int4pack_for_cpu(2)?.f_contiguous()?;
+    let scales = Tensor::f_rand([k / group, n, 1], (Kind::Float, Device::Cpu))?.f_mul_scalar(0.01)?;
+    let zeros = Tensor::f_randn([k / group, n, 1], (Kind::Float, Device::Cpu))?.f_mul_scalar(0.01)?;
+    let scales_zeros = Tensor::f_cat(&[scales, zeros], 2)?.f_to_kind(Kind::BFloat16)?.f_contiguous()?;
+    let x = Tensor::f_randn([128, k], (Kind::Float, Device::Cpu))?.f_to_kind(Kind::BFloat16)?;
+    let mut best = [f64::INFINITY; 2];
+    for round in 0..7 {
+        // Alternating, so that a busy moment weighs on both.
+        for (i, product) in [Product::F32, Product::SplitBf16].into_iter().enumerate() {
+            let start = Instant::now();
+            let _ = matmul_t(&x, &packed, &scales_zeros, group, layout, product)?;
+            if round >= 2 {
+                best[i] = best[i].min(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    Ok((best[0], best[1]))
 }
 
 /// Packs known codes (80 rows: a full block and a partial one in every layout) with scale
@@ -279,20 +385,47 @@ mod tests {
         let layer = Linear::new(w, Quantization::Int4, Device::Cpu, Kind::BFloat16).unwrap();
         let Linear::Int4(int4) = &layer else { panic!("an int4 layer") };
         let x = Tensor::randn([FROM_ROWS + 8, 192], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-        // Row by row the kernel runs; all rows at once go through the split weight.
+        // Row by row the kernel runs; all rows at once go through the unpacked weight, in
+        // the form this process chose, and each form matches the kernel to its rounding.
         let rows: Vec<Tensor> = (0..x.size()[0]).map(|r| layer.forward(&x.narrow(0, r, 1)).unwrap()).collect();
         let by_kernel = Tensor::cat(&rows, 0);
         let at_once = layer.forward(&x).unwrap();
         let (packed, scales_zeros) = int4.parts();
-        assert!(at_once.equal(&matmul_t(&x, packed, scales_zeros, INT4_GROUP, layout().unwrap()).unwrap()));
-        let differ = by_kernel.ne_tensor(&at_once).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-        let step = (&by_kernel.to_kind(Kind::Float) - &at_once.to_kind(Kind::Float)).abs();
-        // One bf16 step of the output, plus the f32 noise of summing in another order
-        // (which is more than a step for an output near zero): far below int4's own error.
-        let magnitudes = x.to_kind(Kind::Float).abs().matmul(&dequantized.abs().tr());
-        let bound = by_kernel.to_kind(Kind::Float).abs() * 2f64.powi(-7) + magnitudes * 2f64.powi(-18);
-        assert!(differ < 0.01, "{differ} of the outputs differ");
-        assert!(step.le_tensor(&bound).all().int64_value(&[]) == 1, "an output differs by more than rounding");
+        let layout = layout().unwrap();
+        assert!(at_once.equal(&matmul_t(&x, packed, scales_zeros, INT4_GROUP, layout, product()).unwrap()));
+        for form in [Product::SplitBf16, Product::F32] {
+            let got = matmul_t(&x, packed, scales_zeros, INT4_GROUP, layout, form).unwrap();
+            let differ = by_kernel.ne_tensor(&got).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+            let step = (&by_kernel.to_kind(Kind::Float) - &got.to_kind(Kind::Float)).abs();
+            // One bf16 step of the output, plus the f32 noise of summing in another order
+            // (which is more than a step for an output near zero): far below int4's own error.
+            let magnitudes = x.to_kind(Kind::Float).abs().matmul(&dequantized.abs().tr());
+            let bound = by_kernel.to_kind(Kind::Float).abs() * 2f64.powi(-7) + magnitudes * 2f64.powi(-18);
+            assert!(differ < 0.01, "{form}: {differ} of the outputs differ");
+            assert!(
+                step.le_tensor(&bound).all().int64_value(&[]) == 1,
+                "{form}: an output differs by more than rounding"
+            );
+        }
+        // Not vacuous: the two forms are different arithmetic.
+        let split = matmul_t(&x, packed, scales_zeros, INT4_GROUP, layout, Product::SplitBf16).unwrap();
+        let f32 = matmul_t(&x, packed, scales_zeros, INT4_GROUP, layout, Product::F32).unwrap();
+        assert!(!split.equal(&f32), "the split and f32 products gave the same bits");
+    }
+
+    #[test]
+    fn the_setting_names_a_product_or_auto() {
+        assert_eq!(Product::parse("auto"), Ok(None));
+        assert_eq!(Product::parse("f32"), Ok(Some(Product::F32)));
+        assert_eq!(Product::parse("bf16"), Ok(Some(Product::SplitBf16)));
+        let err = Product::parse("int4").unwrap_err();
+        assert!(err.contains("\"auto\", \"f32\" or \"bf16\""), "{err}");
+        // Whatever this process took, asking for it again is granted, the other is not.
+        let taken = product();
+        assert!(prefer(taken));
+        let other = if taken == Product::F32 { Product::SplitBf16 } else { Product::F32 };
+        assert!(!prefer(other));
+        assert_eq!(product(), taken);
     }
 
     /// Several passes through one unpacking, and through `Linear::forward_passes` (a short
@@ -309,10 +442,12 @@ mod tests {
             .into_iter()
             .map(|rows| Tensor::randn([rows, 192], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16))
             .collect();
-        let shared = matmul_t_passes(&xs[..3], packed, scales_zeros, INT4_GROUP, layout).unwrap();
-        for (x, y) in xs.iter().zip(&shared) {
-            let alone = matmul_t(x, packed, scales_zeros, INT4_GROUP, layout).unwrap();
-            assert!(y.equal(&alone), "a pass of {} rows differs from its product alone", x.size()[0]);
+        for form in [Product::SplitBf16, Product::F32] {
+            let shared = matmul_t_passes(&xs[..3], packed, scales_zeros, INT4_GROUP, layout, form).unwrap();
+            for (x, y) in xs.iter().zip(&shared) {
+                let alone = matmul_t(x, packed, scales_zeros, INT4_GROUP, layout, form).unwrap();
+                assert!(y.equal(&alone), "{form}: a pass of {} rows differs from its product alone", x.size()[0]);
+            }
         }
         let through_layer = layer.forward_passes(&xs).unwrap();
         let residuals: Vec<Tensor> =
@@ -324,7 +459,7 @@ mod tests {
             assert!(through_layer[i].equal(&alone), "pass {i} through the layer differs from it alone");
             assert!(added[i].equal(&layer.forward_add(&residuals[i], x).unwrap()), "pass {i} with its residual");
         }
-        assert!(matmul_t_passes(&[], packed, scales_zeros, INT4_GROUP, layout).unwrap().is_empty());
+        assert!(matmul_t_passes(&[], packed, scales_zeros, INT4_GROUP, layout, product()).unwrap().is_empty());
     }
 
     #[test]
@@ -343,7 +478,7 @@ mod tests {
             Tensor::zeros([40, 32], (Kind::BFloat16, Device::Cpu)),
             Tensor::zeros([40, 64], (Kind::Float, Device::Cpu)),
         ] {
-            let err = matmul_t(&x, packed, scales, INT4_GROUP, layout).unwrap_err();
+            let err = matmul_t(&x, packed, scales, INT4_GROUP, layout, Product::F32).unwrap_err();
             assert!(err.to_string().contains("does not fit a weight of 64 inputs"), "{err}");
         }
     }

@@ -7,7 +7,7 @@
 //! - **int4**: weight-only, group-wise (32 weights per scale and zero, the Q4_1 block
 //!   size): `_weight_int4pack_mm` on CUDA (the tinygemm kernel gpt-fast uses),
 //!   `_weight_int4pack_mm_for_cpu` on CPU, except for products of many rows (prefill),
-//!   which go through the same codes unpacked to bf16 ([`super::int4_prefill`]). A Q4_1
+//!   which go through the same codes unpacked tile by tile ([`super::int4_prefill`]). A Q4_1
 //!   GGUF's codes survive re-quantization exactly (its blocks already span 0..15).
 //!
 //! No layer ever materializes a full-precision copy of its weight after loading.
@@ -234,10 +234,15 @@ impl Int4Weight {
         let unpacked = |x: &Tensor| layout.is_some() && x.size()[0] >= int4_prefill::FROM_ROWS;
         let many: Vec<Tensor> = xs.iter().filter(|x| unpacked(x)).map(Tensor::shallow_clone).collect();
         let mut many = match layout {
-            // Many rows (prefill passes): bf16 products through the unpacked weight.
-            Some(layout) if !many.is_empty() => {
-                int4_prefill::matmul_t_passes(&many, &self.packed, &self.scales_zeros, INT4_GROUP, layout)?
-            }
+            // Many rows (prefill passes): products through the unpacked weight.
+            Some(layout) if !many.is_empty() => int4_prefill::matmul_t_passes(
+                &many,
+                &self.packed,
+                &self.scales_zeros,
+                INT4_GROUP,
+                layout,
+                int4_prefill::product(),
+            )?,
             _ => Vec::new(),
         }
         .into_iter();
