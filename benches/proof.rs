@@ -121,7 +121,7 @@ fn main() {
                 };
                 let started = Instant::now();
                 let line = ludus::actors::check_backlog::encode(&check).unwrap();
-                checks.owe(tasks as u64, node.address.0, &line);
+                checks.owe(ludus::actors::check_log::CheckKind::Proof, tasks as u64, node.address.0, &line);
                 owing += started.elapsed();
                 line_bytes += line.len();
                 // One block's sync (the log was written to since the last one).

@@ -13,8 +13,8 @@
 //! the next ticks (delivered-token checks also run from memory meanwhile: see
 //! `run_from_memory`); a full backlog leaves the task unpaid and owed to the policy. Checks in
 //! this actor's mailbox or the pool's when the process dies are not lost: the check log
-//! (`check_log`) keeps every sampled task's check until the ledger holds it, and the next
-//! start replays them here.
+//! (`check_log`) keeps every sampled task's check, and every delivered-token check, until
+//! the ledger holds it, and the next start replays them here.
 //!
 //! A delivered-token check ([`super::delivery_check`]) comes here first whatever the pool's
 //! load ([`DeferDelivered`]): nothing is paid for those tokens, so nothing is marked, but
@@ -243,6 +243,8 @@ impl CheckBacklog {
             }
         }
         self.pump(ctx);
+        // Delivered-token checks have no block commit to force them to disk.
+        self.config.checks.sync();
         // Looked for once a minute (the file is read only when one is due).
         if self.swept.elapsed() >= SWEEP_EVERY {
             self.swept = std::time::Instant::now();
@@ -389,6 +391,13 @@ impl Handler<DeferDelivered> for CheckBacklog {
     type Result = ();
 
     fn handle(&mut self, DeferDelivered(check): DeferDelivered, ctx: &mut Context<Self>) {
+        self.defer_delivered(check, ctx);
+    }
+}
+
+impl CheckBacklog {
+    /// Queues a delivered-token check (already written ahead to the check log).
+    fn defer_delivered(&mut self, check: DeliveredCheck, ctx: &mut Context<Self>) {
         let (id, node, model, tokens) = (check.task, check.node, check.model.clone(), check.delivered.len());
         match super::delivery_check::encode(&check) {
             Ok(bytes) => {
@@ -497,14 +506,14 @@ impl CheckBacklog {
         match result {
             Ok(Deferred::Queued) => {
                 // In Postgres now: a crash no longer loses it.
-                self.config.checks.settle(id.0, node.0);
+                self.config.checks.settle(CheckKind::Proof, id.0, node.0);
                 tracing::info!(task = %id, %node, why, "task deferred to the check backlog (unpaid until checked)");
             }
-            Ok(Deferred::AlreadyChecked) => self.config.checks.settle(id.0, node.0),
+            Ok(Deferred::AlreadyChecked) => self.config.checks.settle(CheckKind::Proof, id.0, node.0),
             Ok(Deferred::OtherNode | Deferred::NodeFull) => {
                 // The verdict table holds one verdict per task; a failover's other node has it.
                 tracing::warn!(task = %id, %node, "a deferred check's task already has another node's verdict; not queued");
-                self.config.checks.settle(id.0, node.0);
+                self.config.checks.settle(CheckKind::Proof, id.0, node.0);
                 self.config.policy.not_checked(&node);
             }
             Ok(Deferred::Full) => {
@@ -537,6 +546,11 @@ impl CheckBacklog {
         ctx: &mut Context<Self>,
     ) {
         let (id, node, ran) = (waiting.id, waiting.node, waiting.ran);
+        // In Postgres now (the check, or its verdict): a crash no longer loses it. The
+        // others settle once the Registry records their verdict (`unverifiable` here).
+        if matches!(result, Ok(Deferred::Queued | Deferred::AlreadyChecked | Deferred::OtherNode)) {
+            self.config.checks.settle(CheckKind::Delivered, id.0, node.0);
+        }
         let why = match result {
             Ok(Deferred::Queued) => {
                 tracing::info!(task = %id, %node, tokens, "a node's delivered tokens queued for their check");
@@ -567,6 +581,15 @@ impl CheckBacklog {
     /// Keeps a check the database refused, to write again on the next ticks, unless too
     /// many wait already (`false`).
     fn keep_for_retry(&mut self, waiting: Waiting, e: &LedgerError) -> bool {
+        // The overdue sweep may hand out a check that already waits here, or is on its way
+        // to the database again.
+        let same = |w: &&Waiting| {
+            (w.id, w.node) == (waiting.id, waiting.node)
+                && matches!(w.kind, WaitingKind::Proof(_)) == matches!(waiting.kind, WaitingKind::Proof(_))
+        };
+        if self.retry.iter().chain(&self.pending).chain(self.writing.values()).any(|w| same(&w)) {
+            return true;
+        }
         if self.retry.len() >= RETRY_MAX {
             return false;
         }
@@ -578,14 +601,7 @@ impl CheckBacklog {
             return false;
         }
         tracing::warn!(task = %waiting.id, node = %waiting.node, error = %e, "the check backlog could not take a check; retrying");
-        // The overdue sweep may hand out a check that already waits here.
-        let same = |w: &Waiting| {
-            (w.id, w.node) == (waiting.id, waiting.node)
-                && matches!(w.kind, WaitingKind::Proof(_)) == matches!(waiting.kind, WaitingKind::Proof(_))
-        };
-        if !self.retry.iter().any(same) {
-            self.retry.push(waiting);
-        }
+        self.retry.push(waiting);
         true
     }
 
@@ -594,7 +610,8 @@ impl CheckBacklog {
     /// streamed a game wrong text is quarantined during an outage too. Each stays in
     /// `retry`, written once the database is back; its verdict, recorded by then, makes
     /// that write a no-op (or, recorded later, the check runs once more and counts once).
-    /// A crash before the write loses what ran here, as it loses the rest of `retry`.
+    /// A crash before the write or the verdict is recorded loses nothing: the check log
+    /// owes the check until then, and the next start replays it.
     fn run_from_memory(&mut self, ctx: &mut Context<Self>) {
         while self.from_memory < self.config.loops {
             let next = self.retry.iter_mut().find(|w| !w.ran && matches!(w.kind, WaitingKind::Delivered { .. }));
@@ -623,9 +640,23 @@ impl CheckBacklog {
     }
 
     /// Queues a check the check log owes. One that cannot be read back (not expected: the
-    /// log keeps whole lines only) is left unpaid, which settles it.
+    /// log keeps whole lines only) is left unpaid (a proof check) or recorded unchecked (a
+    /// delivered-token check), which settles it.
     fn take_owed(&mut self, owed: OwedCheck, why: &'static str, ctx: &mut Context<Self>) {
         let (id, node) = (TaskId(owed.task), Address(owed.node));
+        if owed.kind == CheckKind::Delivered {
+            match super::delivery_check::decode(&owed.check) {
+                Some(check) if (check.task, check.node) == (id, node) => self.defer_delivered(check, ctx),
+                _ => delivered_unchecked(
+                    &self.config,
+                    id,
+                    node,
+                    0,
+                    "not checked: its written-ahead check could not be read back".into(),
+                ),
+            }
+            return;
+        }
         match decode(&owed.check, Vec::new()) {
             Some(task) => {
                 let kind = WaitingKind::Proof(why);

@@ -1,4 +1,4 @@
-//! The server's write-ahead log of the proof checks it owes: `data_dir/checks.log`.
+//! The server's write-ahead log of the checks it owes: `data_dir/checks.log`.
 //!
 //! A task the policy samples is paid only with a verdict. Until that verdict (or the
 //! task's place in the Postgres check backlog) is in the ledger, the check lives in this
@@ -14,9 +14,18 @@
 //! `sampled` (the completion log keeps the pick for a re-sent one), and only a `verified`
 //! verdict pays it.
 //!
-//! Lines: `owe <task> <node> <json>` and `done <task> <node>`. The file is forced to disk
-//! before each block commits (so a check is on disk before the receipt it guards can be
-//! paid) and rewritten with the owed checks only when settled ones pile up.
+//! Tokens a node delivered without a proof ([`super::delivery_check`]) are owed here too,
+//! under their own kind: nothing is paid for them, but a node that streamed a game wrong
+//! text must not escape its check because the server crashed while the database was down
+//! (the only time such a check lives in memory alone). Their check is written here before
+//! it goes to the backlog, settled once the backlog holds it in Postgres or the ledger holds
+//! its verdict, and replayed like a proof check.
+//!
+//! Lines: `owe <task> <node> <json>` and `done <task> <node>` for proof checks,
+//! `owe-delivered …` and `done-delivered …` for delivered-token checks (a task may owe
+//! both, to the same node). The file is forced to disk before each block commits (so a
+//! check is on disk before the receipt it guards can be paid) and on the backlog's ticks,
+//! and rewritten with the owed checks only when settled ones pile up.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -24,20 +33,24 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+pub use crate::ledger::check_backlog::CheckKind;
+
 /// The file is rewritten when it is this large and mostly settled checks.
 const COMPACT_AFTER_BYTES: u64 = 16 << 20;
 
 /// A check owed this long has been lost somewhere in the process: handed out again.
 pub const OVERDUE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// A check's key: the task and the node whose work it checks.
-type Key = (u64, [u8; 20]);
+/// A check's key: the task, the node whose work it checks, and what it checks.
+type Key = (u64, [u8; 20], CheckKind);
 
-/// A check still owed after a restart: the task, its node, and the backlog's JSON of it.
+/// A check still owed after a restart: the task, its node, what it checks, and the
+/// backlog's JSON of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwedCheck {
     pub task: u64,
     pub node: [u8; 20],
+    pub kind: CheckKind,
     pub check: Vec<u8>,
 }
 
@@ -94,31 +107,42 @@ enum Line {
     Done(Key),
 }
 
-fn key(task: &str, node: &str) -> Option<Key> {
-    Some((u64::from_str_radix(task, 16).ok()?, hex::decode(node).ok()?.try_into().ok()?))
+fn key(task: &str, node: &str, kind: CheckKind) -> Option<Key> {
+    Some((u64::from_str_radix(task, 16).ok()?, hex::decode(node).ok()?.try_into().ok()?, kind))
+}
+
+/// The verbs of a kind's lines: proof checks keep the plain ones of older logs.
+fn verbs(kind: CheckKind) -> (&'static str, &'static str) {
+    match kind {
+        CheckKind::Proof => ("owe", "done"),
+        CheckKind::Delivered => ("owe-delivered", "done-delivered"),
+    }
 }
 
 fn parse(line: &[u8]) -> Option<Line> {
     let line = std::str::from_utf8(line).ok()?;
     let (verb, rest) = line.split_once(' ')?;
-    match verb {
-        "owe" => {
-            let mut fields = rest.splitn(3, ' ');
-            let key = key(fields.next()?, fields.next()?)?;
-            let check = fields.next()?;
-            // A torn line has no closing brace: the JSON object is whole or skipped.
-            (check.starts_with('{') && check.ends_with('}')).then(|| Line::Owe(key, check.as_bytes().to_vec()))
-        }
-        "done" => {
-            let (task, node) = rest.split_once(' ')?;
-            key(task, node).map(Line::Done)
-        }
-        _ => None,
+    let (owe, kind) = match verb {
+        "owe" => (true, CheckKind::Proof),
+        "done" => (false, CheckKind::Proof),
+        "owe-delivered" => (true, CheckKind::Delivered),
+        "done-delivered" => (false, CheckKind::Delivered),
+        _ => return None,
+    };
+    if owe {
+        let mut fields = rest.splitn(3, ' ');
+        let key = key(fields.next()?, fields.next()?, kind)?;
+        let check = fields.next()?;
+        // A torn line has no closing brace: the JSON object is whole or skipped.
+        (check.starts_with('{') && check.ends_with('}')).then(|| Line::Owe(key, check.as_bytes().to_vec()))
+    } else {
+        let (task, node) = rest.split_once(' ')?;
+        key(task, node, kind).map(Line::Done)
     }
 }
 
-fn owe_line((task, node): Key, check: &[u8]) -> Vec<u8> {
-    let mut line = format!("owe {task:016x} {} ", hex::encode(node)).into_bytes();
+fn owe_line((task, node, kind): Key, check: &[u8]) -> Vec<u8> {
+    let mut line = format!("{} {task:016x} {} ", verbs(kind).0, hex::encode(node)).into_bytes();
     line.extend_from_slice(check);
     line.push(b'\n');
     line
@@ -159,7 +183,7 @@ impl CheckLog {
                 if let Some(old) = index.insert(key, checks.len()) {
                     checks[old] = None;
                 }
-                checks.push(Some(OwedCheck { task: key.0, node: key.1, check }));
+                checks.push(Some(OwedCheck { task: key.0, node: key.1, kind: key.2, check }));
             }
             Line::Done(key) => {
                 if let Some(old) = index.remove(&key) {
@@ -178,32 +202,34 @@ impl CheckLog {
         let owed: Vec<OwedCheck> = checks.into_iter().flatten().collect();
         let now = std::time::Instant::now();
         let entries = owed.iter().map(|c| {
-            let len = owe_line((c.task, c.node), &c.check).len() as u64;
-            ((c.task, c.node), Entry { len, since: now })
+            let len = owe_line((c.task, c.node, c.kind), &c.check).len() as u64;
+            ((c.task, c.node, c.kind), Entry { len, since: now })
         });
         let inner = Inner { file, owed: entries.collect(), bytes: bytes + 1, dirty: true, torn: false };
         if !owed.is_empty() {
-            tracing::warn!(path = %path.display(), checks = owed.len(), "check log replayed: proof checks owed from before a restart");
+            tracing::warn!(path = %path.display(), checks = owed.len(), "check log replayed: checks owed from before a restart");
         }
         Ok((Self { path: path.to_path_buf(), inner: Mutex::new(inner) }, owed))
     }
 
     /// Records that `node`'s work on `task` must be checked (`check`: the backlog's JSON of
-    /// it, on one line). Written before the completion itself is written ahead.
-    pub fn owe(&self, task: u64, node: [u8; 20], check: &[u8]) {
-        let line = owe_line((task, node), check);
+    /// it, on one line). A proof check is written before the completion itself is written
+    /// ahead; a delivered-token check before it goes to the backlog.
+    pub fn owe(&self, kind: CheckKind, task: u64, node: [u8; 20], check: &[u8]) {
+        let line = owe_line((task, node, kind), check);
         let mut inner = self.inner.lock().expect("check log lock");
         inner.append(&self.path, &line);
-        inner.owed.insert((task, node), Entry { len: line.len() as u64, since: std::time::Instant::now() });
+        inner.owed.insert((task, node, kind), Entry { len: line.len() as u64, since: std::time::Instant::now() });
     }
 
-    /// The ledger now holds what pays or refuses `node`'s work on `task`: no longer owed.
-    pub fn settle(&self, task: u64, node: [u8; 20]) {
+    /// The ledger now holds what pays or refuses `node`'s work on `task` (or, for a
+    /// delivered-token check, the check itself or its verdict): no longer owed.
+    pub fn settle(&self, kind: CheckKind, task: u64, node: [u8; 20]) {
         let mut inner = self.inner.lock().expect("check log lock");
-        if inner.owed.remove(&(task, node)).is_none() {
+        if inner.owed.remove(&(task, node, kind)).is_none() {
             return;
         }
-        let line = format!("done {task:016x} {}\n", hex::encode(node));
+        let line = format!("{} {task:016x} {}\n", verbs(kind).1, hex::encode(node));
         inner.append(&self.path, line.as_bytes());
     }
 
@@ -238,7 +264,7 @@ impl CheckLog {
             // Their line could not be written: the task stays unpaid, nothing to check.
             tracing::error!(path = %self.path.display(), missing, "owed checks without their line in the check log");
         }
-        found.into_iter().map(|((task, node), check)| OwedCheck { task, node, check }).collect()
+        found.into_iter().map(|((task, node, kind), check)| OwedCheck { task, node, kind, check }).collect()
     }
 
     /// Calls `f` with every well-formed `owe` line of the file, in order.
@@ -313,6 +339,9 @@ impl CheckLog {
 mod tests {
     use super::*;
 
+    const P: CheckKind = CheckKind::Proof;
+    const D: CheckKind = CheckKind::Delivered;
+
     fn check(n: u8) -> Vec<u8> {
         format!(r#"{{"task":{n},"text":"a b\nc"}}"#).into_bytes()
     }
@@ -323,23 +352,23 @@ mod tests {
         let path = dir.path().join("checks.log");
         let (log, owed) = CheckLog::open(&path).unwrap();
         assert!(owed.is_empty());
-        log.owe(1, [1; 20], &check(1));
-        log.owe(2, [2; 20], &check(2));
-        log.owe(3, [3; 20], &check(3));
-        log.settle(2, [2; 20]);
-        log.settle(3, [9; 20]); // another node's: not this check
+        log.owe(P, 1, [1; 20], &check(1));
+        log.owe(P, 2, [2; 20], &check(2));
+        log.owe(P, 3, [3; 20], &check(3));
+        log.settle(P, 2, [2; 20]);
+        log.settle(P, 3, [9; 20]); // another node's: not this check
         log.sync();
         drop(log);
         // A crash mid-write leaves a torn line.
-        let torn = owe_line((4, [4; 20]), &check(4));
+        let torn = owe_line((4, [4; 20], P), &check(4));
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&torn[..torn.len() - 5]).unwrap();
         let (log, owed) = CheckLog::open(&path).unwrap();
         let tasks: Vec<(u64, [u8; 20])> = owed.iter().map(|c| (c.task, c.node)).collect();
         assert_eq!(tasks, vec![(1, [1; 20]), (3, [3; 20])], "in order, the settled and the torn one left out");
         assert_eq!(owed[0].check, check(1));
         assert_eq!(log.owed(), 2);
-        log.settle(1, [1; 20]);
-        log.owe(5, [5; 20], &check(5));
+        log.settle(P, 1, [1; 20]);
+        log.owe(P, 5, [5; 20], &check(5));
         drop(log);
         let (log, owed) = CheckLog::open(&path).unwrap();
         let tasks: Vec<u64> = owed.iter().map(|c| c.task).collect();
@@ -350,7 +379,7 @@ mod tests {
         let mut again = log.overdue(std::time::Duration::ZERO);
         again.sort_by_key(|c| c.task);
         assert_eq!(again, owed);
-        log.settle(5, [5; 20]);
+        log.settle(P, 5, [5; 20]);
         assert!(log.overdue(std::time::Duration::from_millis(50)).is_empty(), "just handed out");
         std::thread::sleep(std::time::Duration::from_millis(60));
         let again: Vec<u64> = log.overdue(std::time::Duration::from_millis(50)).iter().map(|c| c.task).collect();
@@ -367,24 +396,65 @@ mod tests {
         let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(64 << 10)).into_bytes();
         let total = COMPACT_AFTER_BYTES / big.len() as u64 + 2;
         for task in 0..total {
-            log.owe(task, [7; 20], &big);
+            log.owe(P, task, [7; 20], &big);
             if task != 5 {
-                log.settle(task, [7; 20]);
+                log.settle(P, task, [7; 20]);
             }
         }
-        log.owe(5, [7; 20], &check(5)); // owed again: the later line wins
+        log.owe(P, 5, [7; 20], &check(5)); // owed again: the later line wins
         log.sync();
         let size = std::fs::metadata(&path).unwrap().len();
         assert!(size < 1024, "rewritten to the one owed check: {size} bytes");
-        log.owe(99, [9; 20], &check(99));
+        log.owe(P, 99, [9; 20], &check(99));
         drop(log);
         let (_, owed) = CheckLog::open(&path).unwrap();
         assert_eq!(
             owed,
             vec![
-                OwedCheck { task: 5, node: [7; 20], check: check(5) },
-                OwedCheck { task: 99, node: [9; 20], check: check(99) }
+                OwedCheck { task: 5, node: [7; 20], kind: P, check: check(5) },
+                OwedCheck { task: 99, node: [9; 20], kind: P, check: check(99) }
             ]
         );
+    }
+
+    /// A task may owe a proof check and a delivered-token check to the same node (a hang-up
+    /// whose receipt was refused): each is settled on its own and replays with its kind, and
+    /// a log written before delivered checks existed reads as proof checks.
+    #[test]
+    fn proof_and_delivered_checks_of_one_task_are_owed_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checks.log");
+        // An older log: plain verbs only.
+        std::fs::write(&path, format!("owe {:016x} {} {}\n", 8, hex::encode([8; 20]), "{\"old\":1}")).unwrap();
+        let (log, owed) = CheckLog::open(&path).unwrap();
+        assert_eq!(owed, vec![OwedCheck { task: 8, node: [8; 20], kind: P, check: b"{\"old\":1}".to_vec() }]);
+        log.settle(D, 8, [8; 20]); // the other kind: still owed
+        assert_eq!(log.owed(), 1);
+        log.owe(P, 9, [1; 20], &check(1));
+        log.owe(D, 9, [1; 20], &check(2));
+        log.settle(P, 9, [1; 20]);
+        log.owe(D, 10, [2; 20], &check(3));
+        log.settle(D, 10, [2; 20]);
+        drop(log);
+        let (log, owed) = CheckLog::open(&path).unwrap();
+        assert_eq!(
+            owed,
+            vec![
+                OwedCheck { task: 8, node: [8; 20], kind: P, check: b"{\"old\":1}".to_vec() },
+                OwedCheck { task: 9, node: [1; 20], kind: D, check: check(2) },
+            ]
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(&format!("owe-delivered {:016x} {} ", 9, hex::encode([1; 20]))), "{text}");
+        assert!(text.contains(&format!("done-delivered {:016x} {}\n", 10, hex::encode([2; 20]))), "{text}");
+        // Handed out again with its kind when overdue.
+        let mut again = log.overdue(std::time::Duration::ZERO);
+        again.sort_by_key(|c| c.task);
+        assert_eq!(again, owed);
+        log.settle(D, 9, [1; 20]);
+        log.settle(P, 8, [8; 20]);
+        assert_eq!(log.owed(), 0);
+        drop(log);
+        assert!(CheckLog::open(&path).unwrap().1.is_empty());
     }
 }

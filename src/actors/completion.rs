@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::check_log::CheckKind;
 use super::completion_log::CompletionLog;
 use super::distributor::Distributor;
 use super::messages::*;
@@ -552,7 +553,7 @@ fn check_or_defer(v: &Verification, task: super::verifier::VerifyTask) {
 /// verdict is in the ledger replays it instead of leaving the task payable unchecked.
 fn owe(v: &Verification, task: &super::verifier::VerifyTask) {
     match super::check_backlog::encode(task) {
-        Ok(check) => v.checks.owe(task.task.0, task.node.0, &check),
+        Ok(check) => v.checks.owe(CheckKind::Proof, task.task.0, task.node.0, &check),
         // Not expected (plain data); the check still runs, only a crash would lose it.
         Err(e) => tracing::error!(task = %task.task, error = %e, "a check could not be written ahead"),
     }
@@ -756,7 +757,7 @@ impl Handler<HangUpProved> for Completion {
             // Nothing recorded, nothing to pay; but the game read the tokens: they are checked
             // without the proof (its receipt was refused, so its proof is not judged).
             if let Some((v, task)) = picked {
-                v.checks.settle(task.task.0, task.node.0);
+                v.checks.settle(CheckKind::Proof, task.task.0, task.node.0);
                 v.policy.not_checked(&address);
             }
             if let Some(v) = &self.config.verification {

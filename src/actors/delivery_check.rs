@@ -5,7 +5,9 @@
 //! Every such check is written to the check backlog in Postgres before it runs
 //! ([`super::check_backlog`], kind `delivered`), so once written a crash loses none, and
 //! any server holding the model's reference runs it. During a database outage it runs from
-//! memory instead, and is written once the database is back. Failures are in the node's
+//! memory instead, and is written once the database is back. Before either, it is written
+//! ahead to the check log ([`super::check_log`]) until Postgres holds the check or its
+//! verdict, so a crash during an outage replays it at the next start. Failures are in the node's
 //! hands, so a node has at most [`PER_NODE_WAITING`] of them waiting (across servers);
 //! past that, or with the backlog full, the check is recorded `unverifiable` with the
 //! reason, and the node is checked on every task until one is verified
@@ -17,6 +19,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use super::check_backlog::DeferDelivered;
+use super::check_log::CheckKind;
 use super::completion::Verification;
 use super::messages::Job;
 use crate::crypto::identity::Address;
@@ -57,7 +60,7 @@ pub fn check_delivered(v: &Verification, node: Address, job: &Job, own: Range<us
     if own.is_empty() || !v.models.contains(&job.model) {
         return;
     }
-    v.backlog.do_send(DeferDelivered(DeliveredCheck {
+    let check = DeliveredCheck {
         task: job.id,
         node,
         model: job.model.clone(),
@@ -66,7 +69,14 @@ pub fn check_delivered(v: &Verification, node: Address, job: &Job, own: Range<us
         prefix: job.emitted[..own.start].to_vec(),
         delivered: job.emitted[own].to_vec(),
         format,
-    }));
+    };
+    // Written ahead: until Postgres holds the check or its verdict, a crash replays it.
+    match encode(&check) {
+        Ok(bytes) => v.checks.owe(CheckKind::Delivered, check.task.0, check.node.0, &bytes),
+        // Not expected (plain data); the check still runs, only a crash would lose it.
+        Err(e) => tracing::error!(task = %check.task, error = %e, "a delivered-token check could not be written ahead"),
+    }
+    v.backlog.do_send(DeferDelivered(check));
 }
 
 /// The stored form of a delivered-token check (one line of JSON).

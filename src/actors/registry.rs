@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::check_log::CheckLog;
+use super::check_log::{CheckKind, CheckLog};
 use super::clock::BlockTick;
 use super::messages::*;
 use crate::ledger::{CommitOutcome, Receipt, Store};
@@ -293,6 +293,10 @@ impl Registry {
             .into_actor(self)
             .map(move |result, this, ctx| match result {
                 Ok(reputation) => {
+                    // The ledger holds its verdict: a crash no longer loses the check.
+                    if let Some(checks) = &this.checks {
+                        checks.settle(CheckKind::Delivered, msg.task.0, msg.node.0);
+                    }
                     if let Some((policy, floor)) = &this.policy {
                         if reputation < *floor {
                             policy.set_suspect(&msg.node, true);
@@ -308,7 +312,7 @@ impl Registry {
                             "could not record the check of a node's delivered tokens; retrying"),
                         None => tracing::error!(%task, %node, error = %e, attempt,
                             "could not record the check of a node's delivered tokens; given up (the quarantine stands, \
-                             and the check waits in the backlog to run again once its lease is out)"),
+                             and the check waits in the backlog, or the check log, to run again)"),
                     }
                 }
             })
@@ -351,7 +355,7 @@ impl Registry {
         .map(move |result, this, ctx| match result {
             Ok((reputation, flagged)) => {
                 if let Some(checks) = &this.checks {
-                    checks.settle(msg.task.0, msg.node.0);
+                    checks.settle(CheckKind::Proof, msg.task.0, msg.node.0);
                 }
                 if let Some((policy, floor)) = &this.policy {
                     policy.set_suspect(&msg.node, reputation < *floor || flagged.is_some());

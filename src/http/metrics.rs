@@ -220,7 +220,7 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     gauge(
         &mut out,
         "ludus_checks_owed",
-        "Sampled tasks whose verdict this server has not yet written (their tasks are unpaid until then).",
+        "Checks this server owes: sampled tasks whose verdict is not yet written (unpaid until then), and delivered-token checks not yet in Postgres.",
         "gauge",
         &owed,
     );

@@ -222,7 +222,7 @@ pub async fn start_verifiers(
     if s.verifier.models.is_empty() {
         let owed = core.owed_checks.lock().expect("owed checks lock").len();
         if owed > 0 {
-            tracing::warn!(owed, "proof checks are owed from before this start, but [verifier] models is empty: they wait in the check log until a start with the reference models");
+            tracing::warn!(owed, "checks are owed from before this start, but [verifier] models is empty: they wait in the check log until a start with the reference models");
         }
         return Ok(None);
     }

@@ -1444,6 +1444,30 @@ fn a_node_that_fails_task_after_task_has_every_delivered_token_checked() {
     engine.shutdown();
 }
 
+/// A rogue node streams a greedy answer with its second token edited and fails before its
+/// proof, with `pg` stopped once the game's key is checked and cached: its address, the
+/// task, and the liar's engine (to shut down).
+fn lie_with_the_database_down(
+    cluster: &Cluster,
+    pg: &ludus::ledger::cluster::PrivateCluster,
+    path: &std::path::Path,
+) -> (String, i64, Engine) {
+    let (model, engine) = liar_model(path);
+    let (node, task) = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = streaming_game(cluster, 0); // greedy
+        let spec = rogue.task(&mut []).await;
+        // The game's key is checked and cached; from here on the database is away.
+        pg.stop().unwrap();
+        let mut tokens = honest_tokens(&mut rogue, &model, &engine, &spec, 3).await;
+        tokens[1] = (tokens[1] + 4242) % 49_152;
+        stream_and_fail(&mut rogue, &spec, &tokens, game).await;
+        (rogue.id.address.to_string(), spec.id.0 as i64)
+    });
+    (node, task, engine)
+}
+
 /// A node that streams an edited word and fails while the database is down is still
 /// checked and quarantined at once: the check runs from memory (it used to wait unrun
 /// until the database came back, and this test failed). Once Postgres is back, the verdict
@@ -1454,19 +1478,7 @@ fn a_liar_is_quarantined_while_the_database_is_down() {
     // Its own Postgres: the shared one serves other tests.
     let pg = ludus::ledger::cluster::PrivateCluster::throwaway().unwrap();
     let cluster = Cluster::start_with_database(&verifier_config(&path), &pg.url("postgres"));
-    let (model, engine) = liar_model(&path);
-    let (node, task) = actix_rt::System::new().block_on(async {
-        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
-        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
-        let game = streaming_game(&cluster, 0); // greedy
-        let spec = rogue.task(&mut []).await;
-        // The game's key is checked and cached; from here on the database is away.
-        pg.stop().unwrap();
-        let mut tokens = honest_tokens(&mut rogue, &model, &engine, &spec, 3).await;
-        tokens[1] = (tokens[1] + 4242) % 49_152;
-        stream_and_fail(&mut rogue, &spec, &tokens, game).await;
-        (rogue.id.address.to_string(), spec.id.0 as i64)
-    });
+    let (node, task, engine) = lie_with_the_database_down(&cluster, &pg, &path);
     wait_for("the liar quarantined with the database down", Duration::from_secs(120), || {
         cluster.server.log_text().contains("node quarantined: proof of inference failed")
     });
@@ -1497,6 +1509,51 @@ fn a_liar_is_quarantined_while_the_database_is_down() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    engine.shutdown();
+}
+
+/// A liar's delivered-token check survives a crash during a database outage: the node
+/// streams an edited word and fails while Postgres is down, so its check lives in the
+/// server's memory alone (it ran from there, or waits to), and the server is killed before
+/// the database is back. The restarted server finds the check owed in its check log, runs
+/// it and records the failure: the liar does not escape by the crash (it used to: nothing
+/// was written anywhere, and this test found no verdict).
+#[test]
+fn a_liar_streamed_while_the_database_is_down_is_judged_after_a_crash() {
+    let Some(path) = smollm2() else { return };
+    let pg = ludus::ledger::cluster::PrivateCluster::throwaway().unwrap();
+    let mut cluster = Cluster::start_with_database(&verifier_config(&path), &pg.url("postgres"));
+    let (node, task, engine) = lie_with_the_database_down(&cluster, &pg, &path);
+    wait_for("the check refused by the database", Duration::from_secs(120), || {
+        cluster.server.log_text().contains("the check backlog could not take a check; retrying")
+    });
+    cluster.kill_server();
+    pg.restart_on_same_port().unwrap();
+    cluster.restart_server();
+    let store = cluster.store();
+    let verdict = format!(
+        "SELECT (SELECT count(*) FROM delivery_checks WHERE node_address = '{node}' AND task_id = {task}
+                    AND outcome = 'failed' AND tokens = 3),
+                coalesce((SELECT reputation::bigint FROM nodes WHERE address = '{node}'), -1),
+                coalesce((SELECT (status = 'quarantined')::int::bigint FROM nodes WHERE address = '{node}'), -1),
+                (SELECT count(*) FROM check_backlog)"
+    );
+    let want = vec![1, 7_500, 1, 0];
+    let started = std::time::Instant::now();
+    while numbers(&store, &verdict) != want {
+        if started.elapsed() > Duration::from_secs(180) {
+            let log = cluster.server.log_text();
+            let seen: Vec<&str> = log.lines().filter(|l| l.contains("delivered") || l.contains("check")).collect();
+            panic!("verdict {:?}, want {want:?}; the log says {seen:#?}", numbers(&store, &verdict));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = cluster.server.log_text();
+    assert!(log.contains("check log replayed"), "{log}");
+    // Settled once recorded: the check is not owed any more.
+    wait_for("the check settled in the check log", Duration::from_secs(30), || {
+        cluster.get("/metrics").1.contains("\nludus_checks_owed 0\n")
+    });
     engine.shutdown();
 }
 
