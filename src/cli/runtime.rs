@@ -73,10 +73,11 @@ impl RuntimeArgs {
             Some(plan) => tuned(settings, path, device, dtype, &plan, &mut load),
             None => None,
         };
-        let model = match &tuning {
-            Some(t) => load(t.quantization)?,
-            None => load(self.quantization(settings, device)?)?,
+        let quantization = match &tuning {
+            Some(t) => t.quantization,
+            None => self.quantization(settings, device)?,
         };
+        let model = load(quantization)?;
         let mut config = settings.engine_config();
         config.threads = threads;
         if let Some(draft) = self.draft {
@@ -97,7 +98,13 @@ impl RuntimeArgs {
             config.max_batch = b;
         }
         let mut engine = Engine::start(model, config)?;
-        engine.tuning = tuning.map(|t| t.reason);
+        let mut chosen: Vec<String> = tuning.map(|t| t.reason).into_iter().collect();
+        if quantization == Quantization::Int4 && !device.is_cuda() && int4_prefill::layout().is_some() {
+            // Decided now (a few tens of ms), not on the first prompt, and said with the rest.
+            let (product, why) = int4_prefill::choice();
+            chosen.push(format!("int4 prefill in {product} ({why})"));
+        }
+        engine.tuning = (!chosen.is_empty()).then(|| chosen.join("; "));
         Ok(engine)
     }
 

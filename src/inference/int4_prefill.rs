@@ -253,29 +253,36 @@ pub fn layout() -> Option<PackLayout> {
 /// How this process multiplies the unpacked weight: what [`prefer`] set before the first
 /// many-row product, or else the faster here of the two, timed once (a few tens of ms).
 pub fn product() -> Product {
-    *PRODUCT.get_or_init(|| {
+    choice().0
+}
+
+/// [`product`] and why: the times it was chosen on, or "as configured".
+pub fn choice() -> &'static (Product, String) {
+    PRODUCT.get_or_init(|| {
         let (chosen, why) = match time_products() {
             Ok((f32_s, split_s)) => {
                 // f32 is the kernel's own arithmetic: bf16 must win clearly to be taken.
                 let chosen = if split_s * 1.15 < f32_s { Product::SplitBf16 } else { Product::F32 };
-                (chosen, format!("f32 {:.2} ms, bf16 {:.2} ms per product", f32_s * 1e3, split_s * 1e3))
+                (chosen, format!("timed: f32 {:.2} ms, bf16 {:.2} ms per product", f32_s * 1e3, split_s * 1e3))
             }
             Err(e) => (Product::F32, format!("timing failed: {e}")),
         };
         tracing::info!(product = %chosen, measured = %why, "int4 prefill: products through the unpacked weight");
-        chosen
+        (chosen, why)
     })
 }
 
-static PRODUCT: OnceLock<Product> = OnceLock::new();
+static PRODUCT: OnceLock<(Product, String)> = OnceLock::new();
 
 /// Makes [`product`] `chosen` in this process (`[engine] int4_prefill`); false when the
 /// process already took another (a second engine with another setting), which is logged.
 pub fn prefer(chosen: Product) -> bool {
-    let taken = *PRODUCT.get_or_init(|| {
-        tracing::info!(product = %chosen, "int4 prefill: products through the unpacked weight, as configured");
-        chosen
-    });
+    let taken = PRODUCT
+        .get_or_init(|| {
+            tracing::info!(product = %chosen, "int4 prefill: products through the unpacked weight, as configured");
+            (chosen, "as configured".into())
+        })
+        .0;
     if taken != chosen {
         tracing::warn!(wanted = %chosen, taken = %taken, "int4 prefill: this process already multiplies another way");
     }
