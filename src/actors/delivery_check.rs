@@ -11,8 +11,10 @@
 //! hands, so a node has at most [`PER_NODE_WAITING`] of them waiting (across servers);
 //! past that, or with the backlog full, the check is recorded `unverifiable` with the
 //! reason, and the node is checked on every task until one is verified
-//! (`Policy::check_until_verified`; a reconnect does not clear it). The backlog's drain
-//! loops, one per verifier thread, bound how much of the pool these checks take.
+//! (`Policy::check_until_verified`; neither a reconnect nor a server restart clears it:
+//! a joining node's mark is read back from the ledger, `Store::owes_a_verified_task`).
+//! The backlog's drain loops, one per verifier thread, bound how much of the pool these
+//! checks take.
 
 use std::ops::Range;
 

@@ -441,21 +441,30 @@ impl Handler<NodeJoined> for Registry {
     type Result = ();
 
     /// Restores the policy's state of a node from the ledger: its tasks count towards its
-    /// first ones, and a low reputation makes it a suspect again, whatever restarted.
+    /// first ones, a low reputation makes it a suspect again, and delivered tokens left
+    /// unchecked since its last verified task have every task checked again, whatever
+    /// restarted.
     fn handle(&mut self, msg: NodeJoined, ctx: &mut Self::Context) {
         let Some((policy, floor)) = self.policy.clone() else { return };
         let store = self.store.clone();
         let up_to = i64::try_from(policy.first_tasks()).unwrap_or(i64::MAX);
-        async move { store.node_standing(&msg.node.to_string(), up_to).await }
-            .into_actor(self)
-            .map(move |result, _, _| match result {
-                Ok((tasks, reputation)) => {
-                    policy.restore(&msg.node, tasks);
-                    policy.set_suspect(&msg.node, reputation < floor);
+        async move {
+            let node = msg.node.to_string();
+            let (tasks, reputation) = store.node_standing(&node, up_to).await?;
+            Ok::<_, crate::ledger::LedgerError>((tasks, reputation, store.owes_a_verified_task(&node).await?))
+        }
+        .into_actor(self)
+        .map(move |result, _, _| match result {
+            Ok((tasks, reputation, owes)) => {
+                policy.restore(&msg.node, tasks);
+                policy.set_suspect(&msg.node, reputation < floor);
+                if owes {
+                    policy.check_until_verified(&msg.node);
                 }
-                Err(e) => tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing"),
-            })
-            .spawn(ctx);
+            }
+            Err(e) => tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing"),
+        })
+        .spawn(ctx);
     }
 }
 

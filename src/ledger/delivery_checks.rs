@@ -59,4 +59,22 @@ impl Store {
         tx.commit().await?;
         Ok(reputation)
     }
+
+    /// Whether `node` has delivered tokens recorded unchecked (`unverifiable`) since its
+    /// newest verified task: then every task of its is checked until one is verified
+    /// (`Policy::check_until_verified`), which a restarted server reads back from here when
+    /// the node joins. A later real verdict for those tokens clears it too.
+    pub async fn owes_a_verified_task(&self, node: &str) -> Result<bool, LedgerError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM delivery_checks d
+                     WHERE d.node_address = $1 AND d.outcome = 'unverifiable'
+                       AND d.checked_at >= coalesce((SELECT max(v.checked_at) FROM verifications v
+                           WHERE v.node_address = $1 AND v.outcome = 'verified'), '-infinity'::timestamptz))",
+                &[&node],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
 }

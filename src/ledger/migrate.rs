@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (9, "sampled", include_str!("../../migrations/0009_sampled.sql")),
     (10, "delivery_checks", include_str!("../../migrations/0010_delivery_checks.sql")),
     (11, "delivery_backlog", include_str!("../../migrations/0011_delivery_backlog.sql")),
+    (12, "delivery_unverifiable", include_str!("../../migrations/0012_delivery_unverifiable.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

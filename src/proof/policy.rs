@@ -15,7 +15,8 @@ pub struct Policy {
     seen: Mutex<HashMap<Address, u64>>,
     suspects: Mutex<HashSet<Address>>,
     /// Nodes checked on every task until one is verified, whatever their reputation
-    /// (tokens of theirs went unchecked); a reconnect does not clear it.
+    /// (tokens of theirs went unchecked); a reconnect does not clear it, and a restarted
+    /// server sets it again from the ledger when the node joins.
     until_verified: Mutex<HashSet<Address>>,
 }
 

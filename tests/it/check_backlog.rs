@@ -177,3 +177,35 @@ fn racing_servers_keep_a_nodes_delivered_checks_within_its_bound() {
     const OTHER: &str = "0x00000000000000000000000000000000000000cc";
     assert_eq!(block_on(store.defer_delivered(1, OTHER, "m", b"{}", 1_000, BOUND)).unwrap(), Deferred::Queued);
 }
+
+/// A node whose delivered tokens were recorded unchecked is checked on every task until one
+/// is verified; that mark lived in one server's memory and a restart cleared it. The ledger
+/// now answers it when the node joins: owed from an `unverifiable` delivered-token check on,
+/// cleared by a later verified task or by a real verdict on those tokens; a failed check
+/// (a quarantine) or another node's verified task does not set or clear it.
+#[test]
+fn unchecked_delivered_tokens_are_owed_a_verified_task_in_the_ledger() {
+    let store = open(&fresh_database());
+    const OTHER: &str = "0x00000000000000000000000000000000000000bb";
+    let owes = |node: &str| block_on(store.owes_a_verified_task(node)).unwrap();
+    assert!(!owes(NODE), "a node never seen");
+    block_on(store.record_verification(1, NODE, Outcome::Verified, "ok")).unwrap();
+    assert!(!owes(NODE), "verified, nothing unchecked");
+
+    block_on(store.record_delivery_check(10, NODE, 3, Outcome::Unverifiable, "not checked: backlog full")).unwrap();
+    assert!(owes(NODE), "unchecked tokens after its last verified task");
+    block_on(store.record_verification(2, OTHER, Outcome::Verified, "ok")).unwrap();
+    assert!(owes(NODE), "another node's verified task clears nothing");
+    block_on(store.record_verification(3, NODE, Outcome::Failed, "edited")).unwrap();
+    assert!(owes(NODE), "a failed task is not a verified one");
+    block_on(store.record_verification(4, NODE, Outcome::Verified, "ok")).unwrap();
+    assert!(!owes(NODE), "a verified task clears it");
+
+    block_on(store.record_delivery_check(11, NODE, 2, Outcome::Unverifiable, "not checked: dropped")).unwrap();
+    assert!(owes(NODE));
+    block_on(store.record_delivery_check(11, NODE, 2, Outcome::Verified, "fits")).unwrap();
+    assert!(!owes(NODE), "the tokens were checked after all");
+
+    block_on(store.record_delivery_check(12, OTHER, 2, Outcome::Failed, "edited")).unwrap();
+    assert!(!owes(OTHER), "a failure quarantines; it is not this mark");
+}
