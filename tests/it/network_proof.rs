@@ -1557,6 +1557,42 @@ fn a_liar_streamed_while_the_database_is_down_is_judged_after_a_crash() {
     engine.shutdown();
 }
 
+/// A node whose delivered tokens were left unchecked is checked on every task until one is
+/// verified, even by a server that started since (the mark used to live in one process's
+/// memory): the server reads it back from the ledger when the node joins. Here the policy
+/// samples nothing and the ledger holds such a row from before this server started; the
+/// node's edited word on its next task is replayed and caught. Without the read-back it
+/// was paid unchecked.
+#[test]
+fn a_node_owing_a_verified_task_is_checked_by_a_server_that_restarted() {
+    let Some(path) = smollm2() else { return };
+    let config = verifier_config(&path)
+        .replace("sample_rate = 1.0", "sample_rate = 0.0\nfirst_tasks = 0\nquality_check_rate = 0.0");
+    let cluster = Cluster::start(&config);
+    let store = cluster.store();
+    let id = ludus::crypto::identity::Identity::generate();
+    let node = id.address.to_string();
+    let unchecked =
+        store.record_delivery_check(77, &node, 2, ludus::ledger::Outcome::Unverifiable, "not checked: full");
+    super::database::block_on(unchecked).unwrap();
+    let (model, engine) = liar_model(&path);
+    let task = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join_as(&cluster.addr, MODEL, id).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = streaming_game(&cluster, 0);
+        let spec = rogue.next_task(Duration::from_secs(20)).await.expect("the rogue gets the task");
+        let task = spec.id.0 as i64;
+        answer(&mut rogue, &model, &engine, spec, Lie::EditToken, &mut None).await;
+        rogue.idle(&mut [], Duration::from_millis(500)).await;
+        let streamed = game.join().unwrap();
+        assert!(streamed.ends_with("[DONE]"), "{streamed}");
+        task
+    });
+    let failed = format!("SELECT count(*) FROM verifications WHERE task_id = {task} AND outcome = 'failed'");
+    wait_for("the lie replayed and failed", Duration::from_secs(60), || numbers(&store, &failed) == vec![1]);
+    engine.shutdown();
+}
+
 /// Live nodes serving `model`, as `/v1/models` counts them.
 fn nodes_serving(cluster: &Cluster, model: &str) -> u64 {
     let (_, body) = cluster.get("/v1/models");
