@@ -16,7 +16,10 @@ fn looks_like_value(v: &str) -> bool {
 }
 
 fn is_key(k: &str) -> bool {
-    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+    // Lower case, digits after the first letter (`int4_prefill`, which both this test and
+    // the generator once skipped, so its row was missing and its comment went to the next).
+    k.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// (section, key, default or "unset") from the TOML, commented-out example keys as unset.
