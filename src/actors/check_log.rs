@@ -94,6 +94,9 @@ impl Inner {
 pub struct CheckLog {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// Held for a whole [`CheckLog::sync`], so that flushes take turns without holding
+    /// `inner` (and the appends waiting on it) for the disk's time.
+    flushing: Mutex<()>,
 }
 
 impl std::fmt::Debug for CheckLog {
@@ -209,7 +212,7 @@ impl CheckLog {
         if !owed.is_empty() {
             tracing::warn!(path = %path.display(), checks = owed.len(), "check log replayed: checks owed from before a restart");
         }
-        Ok((Self { path: path.to_path_buf(), inner: Mutex::new(inner) }, owed))
+        Ok((Self { path: path.to_path_buf(), inner: Mutex::new(inner), flushing: Mutex::new(()) }, owed))
     }
 
     /// Records that `node`'s work on `task` must be checked (`check`: the backlog's JSON of
@@ -279,20 +282,35 @@ impl CheckLog {
 
     /// Forces what was written to disk (before a block commits), and rewrites the file
     /// when settled checks make up most of it.
+    ///
+    /// The flush itself runs on a duplicate of the file's handle, outside the lock: a node
+    /// proxy owing a check (an append to the page cache) never waits for the disk behind
+    /// another thread's flush. Whatever was appended before the flush starts is on disk
+    /// when it returns; a line appended meanwhile marks the log dirty for the next one.
+    /// Flushes take turns, so a caller never returns while an earlier flush of its lines
+    /// is still under way on another thread.
     pub fn sync(&self) {
+        let _turn = self.flushing.lock().expect("check log flush lock");
+        let file = {
+            let mut inner = self.inner.lock().expect("check log lock");
+            if !std::mem::take(&mut inner.dirty) {
+                return;
+            }
+            inner.file.try_clone()
+        };
+        let flushed = file.and_then(|file| file.sync_data());
         let mut inner = self.inner.lock().expect("check log lock");
-        if !inner.dirty {
-            return;
-        }
-        if let Err(e) = inner.file.sync_data() {
+        if let Err(e) = flushed {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot sync the check log");
+            inner.dirty = true;
             return;
         }
-        inner.dirty = false;
         let owed_bytes: u64 = inner.owed.values().map(|e| e.len).sum();
         if inner.bytes > COMPACT_AFTER_BYTES && inner.bytes > 4 * owed_bytes {
-            if let Err(e) = self.compact(&mut inner) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot compact the check log");
+            // The rewritten file is synced whole, lines appended during the flush included.
+            match self.compact(&mut inner) {
+                Ok(()) => inner.dirty = false,
+                Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot compact the check log"),
             }
         }
     }
@@ -386,6 +404,57 @@ mod tests {
         assert_eq!(again, vec![3], "a settled check is not owed");
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn checks_owed_and_settled_while_other_threads_flush_and_compact_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checks.log");
+        let (log, _) = CheckLog::open(&path).unwrap();
+        let log = std::sync::Arc::new(log);
+        // Lines large enough that the flushing threads also compact, mid-way.
+        let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(32 << 10)).into_bytes();
+        let per_thread = COMPACT_AFTER_BYTES / big.len() as u64;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flushers: Vec<_> = (0..2)
+            .map(|_| {
+                let (log, done) = (log.clone(), done.clone());
+                std::thread::spawn(move || {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        log.sync();
+                    }
+                })
+            })
+            .collect();
+        let owers: Vec<_> = (0..3u8)
+            .map(|t| {
+                let (log, big) = (log.clone(), big.clone());
+                std::thread::spawn(move || {
+                    for task in 0..per_thread {
+                        log.owe(P, task, [t; 20], &big);
+                        if task % 8 != 1 {
+                            log.settle(P, task, [t; 20]);
+                        }
+                    }
+                })
+            })
+            .collect();
+        owers.into_iter().for_each(|o| o.join().unwrap());
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        flushers.into_iter().for_each(|f| f.join().unwrap());
+        log.sync();
+        let compacted = std::fs::metadata(&path).unwrap().len();
+        drop(log);
+        let (_, owed) = CheckLog::open(&path).unwrap();
+        let mut got: Vec<(u64, [u8; 20])> = owed.iter().map(|c| (c.task, c.node)).collect();
+        got.sort();
+        let mut expected: Vec<(u64, [u8; 20])> =
+            (0..3u8).flat_map(|t| (0..per_thread).filter(|k| k % 8 == 1).map(move |k| (k, [t; 20]))).collect();
+        expected.sort();
+        assert_eq!(got, expected, "every owed check, and no settled one");
+        assert!(owed.iter().all(|c| c.check == big));
+        let written = 3 * per_thread * big.len() as u64;
+        assert!(compacted < written / 2, "compacted mid-way: {compacted} of {written} bytes");
     }
 
     #[test]
