@@ -65,6 +65,22 @@ impl Catalog {
     }
 }
 
+impl Catalog {
+    /// The `max_tokens` a job is sent with: the game's, cut to the room its prompt leaves in
+    /// the model's context where this server knows that context (accounted models). An
+    /// honest node ends the answer there anyway (`length`); a node claiming a larger
+    /// context must not be sent further, where its proof could not be checked. A prompt
+    /// that leaves no room is refused.
+    pub fn fit(&self, model: &str, prompt: PromptCount, max_tokens: usize) -> Result<usize, ServeError> {
+        let Some(context) = self.models.get(model).and_then(|m| m.context) else { return Ok(max_tokens) };
+        let prompt = prompt.tokens as usize;
+        if prompt >= context {
+            return Err(ServeError::ContextLengthExceeded { model: model.to_string(), prompt, context });
+        }
+        Ok(max_tokens.min(context - prompt))
+    }
+}
+
 /// Why the text of a request cannot be made: the request field at fault, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextRefusal {

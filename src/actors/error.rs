@@ -34,6 +34,9 @@ pub enum ServeError {
     QueueTimeout { model: String, waited: Duration },
     #[error("the request cannot be served: {0}")]
     Rejected(String),
+    /// The prompt leaves no room in the model's context (OpenAI's `context_length_exceeded`).
+    #[error("the prompt is {prompt} tokens, and `{model}` holds {context} tokens in all, prompt and answer: shorten the prompt")]
+    ContextLengthExceeded { model: String, prompt: usize, context: usize },
     #[error("the request is too large to send to a node ({0} bytes)")]
     TooLarge(usize),
     #[error("the task failed on every node tried: {0}")]

@@ -127,6 +127,9 @@ impl From<ServeError> for ApiError {
             ServeError::Rejected(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", "request_rejected", None, None)
             }
+            ServeError::ContextLengthExceeded { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "context_length_exceeded", None, None)
+            }
             ServeError::TooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "request_too_large", None, None)
             }

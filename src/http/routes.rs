@@ -114,6 +114,7 @@ async fn complete(
     let valid = parse_request(&body, endpoint, state.request_limits)?;
     // The server counts the prompt itself (on this worker thread, not on an actor).
     let (prompt, prompt_ids) = state.catalog.count(&valid.model, &valid.input)?;
+    let max_tokens = state.catalog.fit(&valid.model, prompt, valid.max_tokens)?;
     let text = job_text(&state, &valid).await?;
     // `n` choices are `n` tasks admitted together (each checked against the game's limits
     // and billed), with seeds seed, seed + 1, …: they run side by side, in one batch where
@@ -129,7 +130,7 @@ async fn complete(
             prompt_ids: prompt_ids.clone(),
             input: valid.input.clone(),
             params: SamplingParams { seed: valid.params.seed.wrapping_add(i as u64), ..valid.params.clone() },
-            max_tokens: valid.max_tokens,
+            max_tokens,
             stop: valid.stop.clone(),
         };
         choices.push(state.gateway.send(admit).await.map_err(internal)??);

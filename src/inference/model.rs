@@ -160,7 +160,7 @@ impl Model {
                 llama.config.vocab_size
             )));
         }
-        let ModelText { name, tokenizer, template } = text;
+        let ModelText { name, tokenizer, template, .. } = text;
         Ok(Self { name, path: path.to_path_buf(), llama, tokenizer, template })
     }
 

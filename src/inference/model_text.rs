@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::chat_template::{ChatMessage, ChatTemplate};
+use super::config::LlamaConfig;
 use super::error::{InferError, Result};
 use super::gguf::GgufFile;
 use super::model::model_name;
@@ -18,6 +19,10 @@ pub struct ModelText {
     pub name: String,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Arc<ChatTemplate>,
+    /// Tokens one sequence holds in all, prompt and answer (`max_position_embeddings`), when
+    /// the model's configuration can be read: past it the model has no positions, and no
+    /// proof of an answer there can be checked.
+    pub context: Option<usize>,
 }
 
 impl std::fmt::Debug for ModelText {
@@ -30,7 +35,7 @@ impl ModelText {
     /// Reads the tokenizer and chat template of a `.gguf` file, a Hugging Face directory or a
     /// protected bundle (weights are not read).
     pub fn load(path: &Path) -> Result<Self> {
-        let (name, tokenizer, template) = if crate::inference::protect::is_bundle(path) {
+        let (name, tokenizer, template, config) = if crate::inference::protect::is_bundle(path) {
             let manifest = crate::inference::protect::read_manifest(path)?;
             let (tokenizer, template) = if path.join("tokenizer.gguf").exists() {
                 let g = GgufFile::open(path.join("tokenizer.gguf"))?;
@@ -38,12 +43,14 @@ impl ModelText {
             } else {
                 (Tokenizer::from_hf_dir(path)?, hf_chat_template(path))
             };
-            (manifest.name, tokenizer, template)
+            (manifest.name, tokenizer, template, Ok(manifest.config))
         } else if path.is_dir() {
-            (model_name(path), Tokenizer::from_hf_dir(path)?, hf_chat_template(path))
+            let config = LlamaConfig::from_hf_json(&path.join("config.json"));
+            (model_name(path), Tokenizer::from_hf_dir(path)?, hf_chat_template(path), config)
         } else if path.exists() {
             let g = GgufFile::open(path)?;
-            (model_name(path), Tokenizer::from_gguf(&g)?, g.get_str("tokenizer.chat_template").map(str::to_string))
+            let template = g.get_str("tokenizer.chat_template").map(str::to_string);
+            (model_name(path), Tokenizer::from_gguf(&g)?, template, LlamaConfig::from_gguf(&g))
         } else {
             let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory");
             return Err(InferError::io(path, missing));
@@ -52,7 +59,15 @@ impl ModelText {
             id.map(|i| String::from_utf8_lossy(tokenizer.token_bytes(i)).into_owned()).unwrap_or_default()
         };
         let template = ChatTemplate::new(template.as_deref(), &text(tokenizer.bos), &text(tokenizer.eos))?;
-        Ok(Self { name, tokenizer: Arc::new(tokenizer), template: Arc::new(template) })
+        let context = match config {
+            Ok(c) if c.max_position_embeddings > 0 => Some(c.max_position_embeddings),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the model's configuration: its context is not known here");
+                None
+            }
+        };
+        Ok(Self { name, tokenizer: Arc::new(tokenizer), template: Arc::new(template), context })
     }
 
     /// Renders and tokenizes a conversation, ready for generation.

@@ -630,6 +630,46 @@ const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 /// A server that makes SmolLM2's text itself, the model's tokenizer, and the ids of its
 /// end-of-sequence token and of " Hi" (None when the model is not installed).
+/// A node that says its sequences hold any number of tokens (context 0) is sent no more
+/// of an answer than the model's own context holds. Past it no proof can be checked (the
+/// reference has no positions there): the jobs no honest node holds whole went to the
+/// liar alone, a sampled one came back unverifiable, and the rest were paid unchecked. A
+/// prompt that fills the context is the game's error (400 `context_length_exceeded`,
+/// OpenAI's code) before any node sees it.
+#[test]
+fn a_node_claiming_no_context_limit_is_sent_no_answer_past_the_models_context() {
+    let Some((cluster, text, _, _)) = smollm2_server() else { return };
+    let context = text.context.expect("SmolLM2's file says its context");
+    let chat = |words: usize| {
+        let content = "word ".repeat(words);
+        let body =
+            serde_json::json!({"model": MODEL, "max_tokens": 4096, "messages": [{"role": "user", "content": content}]});
+        let ids = text.chat_prompt(&[ludus::inference::ChatMessage::new("user", &content)]).unwrap();
+        (body.to_string(), ids.len())
+    };
+    let (too_long, tokens) = chat(context);
+    assert!(tokens > context);
+    let r = cluster.post("/v1/chat/completions", &too_long);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded", "{}", r.body);
+    assert!(r.body.contains(&format!("holds {context} tokens")), "{}", r.body);
+
+    // Prompt and max_tokens together exceed the context; the prompt alone does not.
+    let (body, prompt) = chat(context - 3000);
+    assert!(prompt < context && prompt + 4096 > context);
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let spec = actix_rt::System::new().block_on(async {
+        let mut liar = Rogue::join(&cluster.addr, MODEL).await;
+        liar.load.context = 0;
+        liar.idle(&mut [], Duration::from_millis(300)).await; // registered
+                                                              // The game's request fails once the liar leaves: not waited for.
+        let _game = std::thread::spawn(move || try_post_chat(&addr, &key, &body));
+        liar.task(&mut []).await
+    });
+    assert_eq!(spec.ticket.prompt.tokens as usize, prompt, "the test's prompt count is the server's");
+    assert_eq!(spec.ticket.max_tokens as usize, context - prompt, "max_tokens cut to the room the prompt leaves");
+}
+
 fn smollm2_server() -> Option<(Cluster, ludus::inference::ModelText, u32, u32)> {
     let path = smollm2()?;
     let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));

@@ -265,6 +265,7 @@ async fn admit(
         return Err(ServeError::Rejected(format!("max_tokens must be 1..={}", ctx.max_tokens_limit)));
     }
     let (prompt, prompt_ids) = ctx.catalog.count(&f.model, &f.input)?;
+    let max_tokens = ctx.catalog.fit(&f.model, prompt, f.max_tokens)?;
     let (catalog, model, params, stop) = (ctx.catalog.clone(), f.model.clone(), f.params.clone(), f.stop.clone());
     let field = if f.grammar_field.as_deref() == Some("tools") { "tools" } else { "response_format" };
     let text = tokio::task::spawn_blocking(move || catalog.job_text(&model, &params, &stop, field))
@@ -279,7 +280,7 @@ async fn admit(
         prompt_ids,
         text,
         params: f.params,
-        max_tokens: f.max_tokens,
+        max_tokens,
         stop: f.stop,
         stream: f.stream,
     };
