@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::check_log::OwedCheck;
 use super::delivery_check::{DeliveredCheck, PER_NODE_WAITING};
-use super::messages::{DeliveryChecked, VerificationDone};
+use super::messages::{DeliveryChecked, QuarantineNode, VerificationDone};
 use super::verifier::{Verifier, VerifyDelivered, VerifyTask};
 use crate::crypto::identity::Address;
 use crate::inference::SamplingParams;
@@ -184,6 +184,10 @@ pub struct BacklogConfig {
     pub loops: usize,
     /// The checks owed until the ledger holds them (settled once one waits in Postgres).
     pub checks: std::sync::Arc<super::check_log::CheckLog>,
+    /// Where a node is held out of work (the Distributor, which tells the other servers).
+    pub hold: Recipient<QuarantineNode>,
+    /// How long a node whose failed tasks' checks are backed up gets no work.
+    pub hold_for: Duration,
 }
 
 pub struct CheckBacklog {
@@ -338,6 +342,18 @@ fn dropped_check(config: &BacklogConfig, key: &CheckKey, why: &str) {
             delivered_unchecked(config, task, node, 0, format!("not checked: {why}"));
         }
     }
+}
+
+/// A node whose failed tasks' delivered tokens wait for more checks than one node may
+/// have waiting gets no work, on any server, for [`BacklogConfig::hold_for`]. The cap
+/// bounds what a node's failures cost the verifiers; without the hold it was a switch the
+/// node controlled: with enough honest failures waiting, the next tasks it streamed wrong
+/// text on and failed went unchecked, and "checked on every task until verified" never
+/// caught it, since it never finished one.
+fn hold_out(config: &BacklogConfig, node: Address, why: &str) {
+    tracing::warn!(%node, %why, hold_s = config.hold_for.as_secs(),
+        "a node's failed tasks wait for too many checks: no work for it until they are done");
+    config.hold.do_send(QuarantineNode { address: node.to_string(), duration: config.hold_for, announce: true });
 }
 
 /// Tokens a node delivered that will not be checked: recorded `unverifiable` with the
@@ -562,13 +578,24 @@ impl CheckBacklog {
                 return;
             }
             Ok(Deferred::OtherNode) => return,
-            Ok(Deferred::NodeFull) => format!("{PER_NODE_WAITING} such checks of this node wait already"),
-            Ok(Deferred::Full) => format!("the check backlog ({} checks) is full", self.config.max),
-            Err(e) if self.keep_for_retry(waiting, &e) => {
-                self.run_from_memory(ctx);
-                return;
+            Ok(Deferred::NodeFull) => {
+                let why = format!("{PER_NODE_WAITING} such checks of this node wait already");
+                hold_out(&self.config, node, &why);
+                why
             }
-            Err(e) => format!("the check backlog could not take it, and too many wait: {e}"),
+            Ok(Deferred::Full) => format!("the check backlog ({} checks) is full", self.config.max),
+            Err(e) => {
+                let node_full = self.delivered_in_retry(node) >= PER_NODE_WAITING;
+                if self.keep_for_retry(waiting, &e) {
+                    self.run_from_memory(ctx);
+                    return;
+                }
+                let why = format!("the check backlog could not take it, and too many wait: {e}");
+                if node_full {
+                    hold_out(&self.config, node, &why);
+                }
+                why
+            }
         };
         if ran {
             // Its verdict came from memory already: only the write is skipped.
@@ -594,15 +621,22 @@ impl CheckBacklog {
             return false;
         }
         // A node's delivered-token checks are bounded here as in the database.
-        // One already run from memory only waits to be written: not counted.
-        let delivered =
-            |w: &Waiting| w.node == waiting.node && !w.ran && matches!(w.kind, WaitingKind::Delivered { .. });
-        if delivered(&waiting) && self.retry.iter().filter(|w| delivered(w)).count() as u64 >= PER_NODE_WAITING {
+        if matches!(waiting.kind, WaitingKind::Delivered { .. })
+            && !waiting.ran
+            && self.delivered_in_retry(waiting.node) >= PER_NODE_WAITING
+        {
             return false;
         }
         tracing::warn!(task = %waiting.id, node = %waiting.node, error = %e, "the check backlog could not take a check; retrying");
         self.retry.push(waiting);
         true
+    }
+
+    /// `node`'s delivered-token checks waiting here for the database (one already run from
+    /// memory only waits to be written: not counted).
+    fn delivered_in_retry(&self, node: Address) -> u64 {
+        let delivered = |w: &&Waiting| w.node == node && !w.ran && matches!(w.kind, WaitingKind::Delivered { .. });
+        self.retry.iter().filter(delivered).count() as u64
     }
 
     /// Runs delivered-token checks the database refused straight from memory, up to one

@@ -258,6 +258,8 @@ pub async fn start_verifiers(
         poll: Duration::from_millis(s.verifier.backlog_poll_ms.max(10)),
         loops: s.verifier.pool_size,
         checks: core.checks.clone(),
+        hold: core.distributor.clone().recipient(),
+        hold_for: Duration::from_secs(s.verifier.quarantine_s),
     });
     let backlog = supervisor::start("check-backlog", move |_| backlog);
     // Checks owed from before this start: their tasks are marked unpaid and checked.

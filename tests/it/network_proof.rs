@@ -1444,6 +1444,55 @@ fn a_node_that_fails_task_after_task_has_every_delivered_token_checked() {
     engine.shutdown();
 }
 
+/// A node may have only so many failed tasks' delivered tokens waiting for their check
+/// (`PER_NODE_WAITING`, across servers); the next one past that goes unchecked. That cap
+/// was a switch the node controlled: with its slots full of honest failures, it streamed
+/// wrong text on the next tasks and failed them, unchecked, never finishing one for
+/// "checked on every task until verified" to catch. A node past the cap now gets no work
+/// until the hold (the quarantine's length) runs out.
+#[test]
+fn a_node_whose_failed_tasks_wait_for_too_many_checks_gets_no_work() {
+    use ludus::actors::delivery_check::PER_NODE_WAITING;
+    use ludus::ledger::check_backlog::Deferred;
+    let Some(path) = smollm2() else { return };
+    let cluster = Cluster::start(&verifier_config(&path));
+    let store = cluster.store();
+    let id = ludus::crypto::identity::Identity::generate();
+    let node = id.address.to_string();
+    // Its slots are full: checks of a model no server here holds wait for good.
+    for task in 0..PER_NODE_WAITING {
+        let waiting = super::database::block_on(store.defer_delivered(
+            1_000_000 + task,
+            &node,
+            "elsewhere",
+            b"{}",
+            1_000_000,
+            PER_NODE_WAITING,
+        ));
+        assert_eq!(waiting.unwrap(), Deferred::Queued);
+    }
+    let (task, next) = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join_as(&cluster.addr, MODEL, id).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = streaming_game(&cluster, 0);
+        let spec = rogue.task(&mut []).await;
+        stream_and_fail(&mut rogue, &spec, &[1000, 2000], game).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await;
+        // The next game's request waits for another node rather than going to it.
+        let _game = streaming_game(&cluster, 1);
+        (spec.id.0 as i64, rogue.next_task(Duration::from_secs(3)).await)
+    });
+    assert!(next.is_none(), "a node whose failures wait for too many checks got another task");
+    let unchecked = format!(
+        "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND node_address = '{node}' \
+         AND outcome = 'unverifiable'"
+    );
+    wait_for("the failed task's tokens recorded unchecked", Duration::from_secs(20), || {
+        numbers(&store, &unchecked) == vec![1]
+    });
+    assert!(cluster.server.log_text().contains("no work for it until they are done"));
+}
+
 /// A rogue node streams a greedy answer with its second token edited and fails before its
 /// proof, with `pg` stopped once the game's key is checked and cached: its address, the
 /// task, and the liar's engine (to shut down).
