@@ -52,6 +52,11 @@ pub struct DeliveredCheck {
     /// to it alone. `None`: to the widest margin of each reference's formats.
     #[serde(with = "declared_format")]
     pub format: Option<Format>,
+    /// The node's log probabilities of `delivered`, as the game read them, when it asked
+    /// for them: checked on the reference like a proved task's (empty in checks written
+    /// before they were carried).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<crate::task::TokenLogprobs>,
 }
 
 /// Queues `job`'s tokens `own` (those before it other nodes made; those after it the game
@@ -69,6 +74,7 @@ pub fn check_delivered(v: &Verification, node: Address, job: &Job, own: Range<us
         input: job.input.clone(),
         params: job.params.clone(),
         prefix: job.emitted[..own.start].to_vec(),
+        logprobs: job.emitted_logprobs.get(own.clone()).map(<[_]>::to_vec).unwrap_or_default(),
         delivered: job.emitted[own].to_vec(),
         format,
     };
@@ -138,6 +144,7 @@ mod tests {
             prefix: vec![1, 2],
             delivered: vec![3, 4, 5],
             format,
+            logprobs: vec![crate::task::TokenLogprobs { logprob: -0.5, top: vec![(3, -0.5), (9, -1.5)] }; 3],
         }
     }
 
@@ -150,6 +157,11 @@ mod tests {
             assert!(!bytes.contains(&b'\n'));
             assert_eq!(decode(&bytes), Some(check(format)));
         }
+        // Written before checks carried log probabilities: read back without them.
+        let mut older: serde_json::Value = serde_json::from_slice(&encode(&check(None)).unwrap()).unwrap();
+        older.as_object_mut().unwrap().remove("logprobs");
+        let older = decode(&serde_json::to_vec(&older).unwrap()).expect("an older check reads back");
+        assert_eq!(older, DeliveredCheck { logprobs: Vec::new(), ..check(None) });
         let mut damaged: serde_json::Value = serde_json::from_slice(&encode(&check(None)).unwrap()).unwrap();
         damaged["format"] = serde_json::json!(["int3", ""]);
         assert_eq!(decode(&serde_json::to_vec(&damaged).unwrap()), None, "an unknown format");

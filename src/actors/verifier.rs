@@ -246,6 +246,7 @@ impl Verifier {
         prompt.extend_from_slice(&t.prefix);
         let mut rejections = Vec::new();
         let mut unchecked = Vec::new();
+        let scale = self.tol.tie_margin_scale;
         for (quantization, format, limits) in references {
             let model = match self.reference(&t.model, quantization) {
                 Ok(Some(model)) => model,
@@ -266,10 +267,14 @@ impl Verifier {
             );
             match checked {
                 Ok(v) if v.accepted => {
-                    return (
-                        Verified,
-                        format!("{} delivered tokens fit the {format} reference, {} near-ties", v.tokens, v.near_ties),
-                    )
+                    let detail =
+                        format!("{} delivered tokens fit the {format} reference, {} near-ties", v.tokens, v.near_ties);
+                    match delivered_logprobs(model, &prompt, t, format, scale) {
+                        Ok(None) => return (Verified, detail),
+                        Ok(Some(within)) => return (Verified, format!("{detail}, {within}")),
+                        Err(Ok(reason)) => rejections.push(format!("{format}: {reason}")),
+                        Err(Err(e)) => unchecked.push(format!("{format}: {e}")),
+                    }
                 }
                 Ok(v) => rejections.push(format!("{format}: {}", v.reasons.join("; "))),
                 Err(e) => unchecked.push(format!("{format}: verifier error: {e}")),
@@ -356,6 +361,34 @@ impl Handler<VerifyTask> for Verifier {
                 evidence: evidence.clone(),
             });
         }
+    }
+}
+
+/// The log probabilities a failed node reported with its delivered tokens (the game read
+/// them), held to `format`'s tie margin as a proved task's are: `Ok(None)` when none were
+/// asked for (or carried, in a check written before they were), `Ok(Some(how close))`,
+/// `Err(Ok(why they fail))`, or `Err(Err(why they could not be checked))`.
+fn delivered_logprobs(
+    model: &Model,
+    prompt: &[u32],
+    t: &super::delivery_check::DeliveredCheck,
+    format: Format,
+    scale: f32,
+) -> Result<Option<String>, Result<String, String>> {
+    if t.params.logprobs.is_none() || t.logprobs.is_empty() {
+        return Ok(None);
+    }
+    if t.logprobs.len() != t.delivered.len() {
+        // Made by this server from what it relayed: not the node's doing.
+        return Err(Err(format!("{} log probabilities kept for {} tokens", t.logprobs.len(), t.delivered.len())));
+    }
+    match logprob_check::worst_deviation(model, prompt, t.prefix.len(), &t.delivered, &t.params, &t.logprobs) {
+        Ok(Ok(worst)) => match logprob_check::judge(worst, format, scale) {
+            Some(reason) => Err(Ok(reason)),
+            None => Ok(Some(format!("log probabilities within {worst:.3}"))),
+        },
+        Ok(Err(reason)) => Err(Ok(reason)),
+        Err(e) => Err(Err(format!("verifier error on log probabilities: {e}"))),
     }
 }
 

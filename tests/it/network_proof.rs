@@ -1207,6 +1207,17 @@ async fn honest_tokens(
     spec: &ludus::protocol::TaskSpec,
     n: usize,
 ) -> Vec<u32> {
+    honest_answer(rogue, model, engine, spec, n).await.0
+}
+
+/// [`honest_tokens`] and their log probabilities (when the task asks for them).
+async fn honest_answer(
+    rogue: &mut Rogue,
+    model: &Model,
+    engine: &Engine,
+    spec: &ludus::protocol::TaskSpec,
+    n: usize,
+) -> (Vec<u32>, Vec<Option<ludus::task::TokenLogprobs>>) {
     let TaskInput::Chat(messages) = &spec.input else { panic!("a chat task") };
     let request = GenerateRequest {
         prompt: model.chat_prompt(messages).unwrap(),
@@ -1216,26 +1227,35 @@ async fn honest_tokens(
         ..GenerateRequest::default()
     };
     let mut rx = engine.submit(request).unwrap();
-    let mut tokens = Vec::new();
+    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
     // The rogue heartbeats while the model runs: on a loaded machine a first request can
     // outlast the tests' heartbeat timeout (800 ms), and the server would take the task
     // away before a token was sent.
     loop {
         match rx.try_recv() {
-            Ok(Event::Token { id, .. }) => tokens.push(id),
+            Ok(Event::Token { id, logprobs: lp, .. }) => {
+                tokens.push(id);
+                logprobs.push(lp);
+            }
             Ok(Event::Done(_)) | Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
             Ok(_) => {}
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => rogue.idle(&mut [], Duration::from_millis(50)).await,
         }
     }
     tokens.truncate(n);
+    logprobs.truncate(n);
     assert_eq!(tokens.len(), n, "the model ended its answer early: {tokens:?}");
-    tokens
+    (tokens, logprobs)
 }
 
 /// A game streaming request `i` ([`body`]) on a thread of its own: every `data:` payload.
 fn streaming_game(cluster: &Cluster, i: usize) -> std::thread::JoinHandle<String> {
-    let body = body(i).replacen('{', r#"{"stream": true, "#, 1);
+    streaming_game_with(cluster, i, "")
+}
+
+/// [`streaming_game`] with more request fields (`"name": value, ` each).
+fn streaming_game_with(cluster: &Cluster, i: usize, fields: &str) -> std::thread::JoinHandle<String> {
+    let body = body(i).replacen('{', &format!(r#"{{"stream": true, {fields}"#), 1);
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
     std::thread::spawn(move || {
         let mut sse = super::cluster::SseStream::open(&addr, &key, &body);
@@ -1441,6 +1461,52 @@ fn a_node_that_fails_task_after_task_has_every_delivered_token_checked() {
     let standing =
         format!("SELECT reputation::bigint, (status = 'quarantined')::int::bigint FROM nodes WHERE address = '{node}'");
     assert_eq!(numbers(&store, &standing), vec![7_500, 1], "the liar kept its standing");
+    engine.shutdown();
+}
+
+/// The log probabilities a failed node streamed with its tokens reached the game too, so
+/// its delivered-token check holds them to the format's tie margin, as a proved task's
+/// are: they used to be checked for their shape only. A node that streams honest tokens
+/// with every value lowered by 8 (orderings intact; past the widest margin, int8's 4.5,
+/// which a node that declared no format is held to) and fails is judged `failed`.
+#[test]
+fn log_probabilities_a_node_streamed_before_failing_are_checked() {
+    let Some(path) = smollm2() else { return };
+    let cluster = Cluster::start(&verifier_config(&path));
+    let (model, engine) = liar_model(&path);
+    let store = cluster.store();
+    let (node, task) = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let game = streaming_game_with(&cluster, 0, r#""logprobs": true, "top_logprobs": 2, "#);
+        let spec = rogue.task(&mut []).await;
+        let (tokens, logprobs) = honest_answer(&mut rogue, &model, &engine, &spec, 3).await;
+        for (i, (token, lp)) in tokens.into_iter().zip(logprobs).enumerate() {
+            let mut lp = lp.expect("the task asks for log probabilities");
+            lp.logprob -= 8.0;
+            lp.top.iter_mut().for_each(|(_, v)| *v -= 8.0);
+            let m = NodeMessage::Token { id: spec.id, index: i, token, text: String::new(), logprobs: Some(lp) };
+            rogue.link.send(&m).await.unwrap();
+        }
+        let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
+        rogue.link.send(&NodeMessage::Failed { id: spec.id, failure }).await.unwrap();
+        let streamed = game.join().unwrap();
+        assert!(ended_in_error(&streamed), "the only node failed it: {streamed}");
+        (rogue.id.address.to_string(), spec.id.0 as i64)
+    });
+    let judged = format!(
+        "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND node_address = '{node}' \
+         AND outcome = 'failed' AND detail LIKE '%log probabilities are off by%'"
+    );
+    let started = std::time::Instant::now();
+    while numbers(&store, &judged) != vec![1] {
+        if started.elapsed() > Duration::from_secs(120) {
+            let log = cluster.server.log_text();
+            let seen: Vec<&str> = log.lines().filter(|l| l.contains("delivered")).collect();
+            panic!("the shaded log probabilities were not judged; the log says {seen:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     engine.shutdown();
 }
 
