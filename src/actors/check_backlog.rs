@@ -29,7 +29,7 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::check_log::OwedCheck;
-use super::delivery_check::{DeliveredCheck, PER_NODE_WAITING};
+use super::delivery_check::{DeliveredCheck, PER_NODE_QUEUED, PER_NODE_WAITING};
 use super::messages::{DeliveryChecked, QuarantineNode, VerificationDone};
 use super::verifier::{Verifier, VerifyDelivered, VerifyTask};
 use crate::crypto::identity::Address;
@@ -352,7 +352,7 @@ fn dropped_check(config: &BacklogConfig, key: &CheckKey, why: &str) {
 /// caught it, since it never finished one.
 fn hold_out(config: &BacklogConfig, node: Address, why: &str) {
     tracing::warn!(%node, %why, hold_s = config.hold_for.as_secs(),
-        "a node's failed tasks wait for too many checks: no work for it until they are done");
+        "a node's failed tasks wait for too many checks: no work for it for a while");
     config.hold.do_send(QuarantineNode { address: node.to_string(), duration: config.hold_for, announce: true });
 }
 
@@ -493,7 +493,7 @@ impl CheckBacklog {
                         store.defer_check(task, &node, model, check, max, why).await
                     }
                     WaitingKind::Delivered { .. } => {
-                        store.defer_delivered(task, &node, model, check, max, PER_NODE_WAITING).await
+                        store.defer_delivered(task, &node, model, check, max, PER_NODE_QUEUED, PER_NODE_WAITING).await
                     }
                 }
             };
@@ -520,7 +520,8 @@ impl CheckBacklog {
     fn proof_written(&mut self, result: Result<Deferred, LedgerError>, waiting: Waiting, why: &'static str) {
         let (id, node) = (waiting.id, waiting.node);
         match result {
-            Ok(Deferred::Queued) => {
+            // (`QueuedAtHold` is for delivered-token checks only.)
+            Ok(Deferred::Queued | Deferred::QueuedAtHold) => {
                 // In Postgres now: a crash no longer loses it.
                 self.config.checks.settle(CheckKind::Proof, id.0, node.0);
                 tracing::info!(task = %id, %node, why, "task deferred to the check backlog (unpaid until checked)");
@@ -564,11 +565,17 @@ impl CheckBacklog {
         let (id, node, ran) = (waiting.id, waiting.node, waiting.ran);
         // In Postgres now (the check, or its verdict): a crash no longer loses it. The
         // others settle once the Registry records their verdict (`unverifiable` here).
-        if matches!(result, Ok(Deferred::Queued | Deferred::AlreadyChecked | Deferred::OtherNode)) {
+        if matches!(
+            result,
+            Ok(Deferred::Queued | Deferred::QueuedAtHold | Deferred::AlreadyChecked | Deferred::OtherNode)
+        ) {
             self.config.checks.settle(CheckKind::Delivered, id.0, node.0);
         }
         let why = match result {
-            Ok(Deferred::Queued) => {
+            Ok(held @ (Deferred::Queued | Deferred::QueuedAtHold)) => {
+                if held == Deferred::QueuedAtHold {
+                    hold_out(&self.config, node, &format!("{PER_NODE_WAITING} such checks of this node wait"));
+                }
                 tracing::info!(task = %id, %node, tokens, "a node's delivered tokens queued for their check");
                 self.start_draining(ctx);
                 return;
@@ -579,7 +586,7 @@ impl CheckBacklog {
             }
             Ok(Deferred::OtherNode) => return,
             Ok(Deferred::NodeFull) => {
-                let why = format!("{PER_NODE_WAITING} such checks of this node wait already");
+                let why = format!("{PER_NODE_QUEUED} such checks of this node wait already");
                 hold_out(&self.config, node, &why);
                 why
             }

@@ -8,9 +8,11 @@
 //! memory instead, and is written once the database is back. Before either, it is written
 //! ahead to the check log ([`super::check_log`]) until Postgres holds the check or its
 //! verdict, so a crash during an outage replays it at the next start. Failures are in the node's
-//! hands, so a node has at most [`PER_NODE_WAITING`] of them waiting (across servers);
-//! past that, or with the backlog full, the check is recorded `unverifiable` with the
-//! reason, and the node is checked on every task until one is verified
+//! hands, so a node with [`PER_NODE_WAITING`] of them waiting (across servers) gets no
+//! work until a hold runs out, and has at most [`PER_NODE_QUEUED`] queued (the tasks it
+//! had in flight when the hold came); past that, or with the backlog full, the check is
+//! recorded `unverifiable` with the reason, and the node is checked on every task until
+//! one is verified
 //! (`Policy::check_until_verified`; neither a reconnect nor a server restart clears it:
 //! a joining node's mark is read back from the ledger, `Store::owes_a_verified_task`).
 //! The backlog's drain loops, one per verifier thread, bound how much of the pool these
@@ -29,10 +31,14 @@ use crate::inference::SamplingParams;
 use crate::proof::Format;
 use crate::protocol::{TaskId, TaskInput};
 
-/// Delivered-token checks one node may have waiting at once, on every server together.
-/// An honest node fails a task now and then; one that fails faster than the verifiers
-/// keep up is checked on every finished task instead.
+/// Delivered-token checks one node may have waiting, on every server together, before it
+/// is held out of work. An honest node fails a task now and then; one that fails faster
+/// than the verifiers keep up waits for them.
 pub const PER_NODE_WAITING: u64 = 32;
+
+/// A node's delivered-token checks queued at most (across servers), held out of work from
+/// [`PER_NODE_WAITING`] on: room for the tasks it had in flight when the hold came.
+pub const PER_NODE_QUEUED: u64 = 8 * PER_NODE_WAITING;
 
 /// Tokens a node delivered for a task and then failed before its proof (its `Done` never
 /// came). Its JSON is what the check backlog stores.

@@ -77,6 +77,9 @@ pub struct CheckKey {
 pub enum Deferred {
     /// Queued; the task is unpaid until its verdict.
     Queued,
+    /// A delivered-token check queued, and its node now has its `hold_at` of them waiting
+    /// or more: the node is to get no work until they are checked.
+    QueuedAtHold,
     /// The task already has a real verdict: nothing to queue.
     AlreadyChecked,
     /// The backlog holds `max` checks already: nothing written.
@@ -143,8 +146,9 @@ impl Store {
 
     /// Queues the check of tokens `node` delivered for `task` and then failed before its
     /// proof, unless the backlog holds `max` checks already, `node` has `per_node` of these
-    /// waiting, or the task already has a real verdict on them. Nothing is marked: nothing
-    /// was to be paid.
+    /// waiting, or the task already has a real verdict on them; [`Deferred::QueuedAtHold`]
+    /// once the node has `hold_at` waiting. Nothing is marked: nothing was to be paid.
+    #[allow(clippy::too_many_arguments)]
     pub async fn defer_delivered(
         &self,
         task: u64,
@@ -153,6 +157,7 @@ impl Store {
         check: &[u8],
         max: u64,
         per_node: u64,
+        hold_at: u64,
     ) -> Result<Deferred, LedgerError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
@@ -194,7 +199,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        Ok(Deferred::Queued)
+        Ok(if waiting as u64 + 1 >= hold_at { Deferred::QueuedAtHold } else { Deferred::Queued })
     }
 
     /// Claims the oldest waiting check of one of `models` for `lease` (none waiting: `None`):

@@ -66,10 +66,12 @@ pub fn admin_token_hash(settings: &Settings) -> io::Result<String> {
 }
 
 /// The text sides of the models this server accounts for (`[distributor] model_files`
-/// and the verifier's reference models), read on a blocking thread.
+/// and the verifier's reference models), read on a blocking thread. A name in both is
+/// read from the verifier's reference: the tokens counted, and the context jobs are cut
+/// to, are then the ones proofs are checked against.
 pub async fn load_catalog(s: &Settings) -> io::Result<Catalog> {
-    let mut files = s.verifier.models.clone();
-    files.extend(s.distributor.model_files.clone());
+    let mut files = s.distributor.model_files.clone();
+    files.extend(s.verifier.models.clone());
     let catalog = blocking(move || Catalog::load(&files).map_err(io::Error::other)).await?;
     tracing::info!(models = ?catalog.names(), "the server counts prompt tokens and makes the text of these models itself");
     Ok(catalog)

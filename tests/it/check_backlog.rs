@@ -74,6 +74,19 @@ fn a_deferred_check_is_leased_replaced_by_its_verdict_or_dropped_after_its_last_
     assert_eq!(block_on(store.backlog_len()).unwrap(), 0);
 }
 
+/// A node reaching its hold mark of waiting delivered-token checks is told so (the server
+/// holds it out of work), and its checks still queue up to their bound.
+#[test]
+fn a_node_at_its_hold_mark_is_told_and_its_checks_still_queue() {
+    let store = open(&fresh_database());
+    let defer = |task: u64| block_on(store.defer_delivered(task, NODE, "m", b"{}", 100, 3, 2)).unwrap();
+    assert_eq!(defer(1), Deferred::Queued, "one waiting");
+    assert_eq!(defer(2), Deferred::QueuedAtHold, "two waiting: hold the node");
+    assert_eq!(defer(3), Deferred::QueuedAtHold, "queued while held, up to the bound");
+    assert_eq!(defer(4), Deferred::NodeFull);
+    assert_eq!(numbers(&store, "SELECT count(*) FROM check_backlog WHERE kind = 'delivered'"), vec![3]);
+}
+
 /// A failed node's delivered tokens wait beside the task's proof check (the finisher's),
 /// neither marking anything unpaid nor taking the other's place; a node has at most its
 /// bound of them waiting, other nodes unaffected; each verdict takes out its own check
@@ -84,7 +97,7 @@ fn delivered_token_checks_wait_beside_proof_checks_bounded_per_node() {
     let count = |sql: &str| numbers(&store, sql)[0];
     const OTHER: &str = "0x00000000000000000000000000000000000000bb";
     let delivered = |task: u64, node: &str, max: u64| {
-        block_on(store.defer_delivered(task, node, "m", b"{\"d\":1}", max, 2)).unwrap()
+        block_on(store.defer_delivered(task, node, "m", b"{\"d\":1}", max, 2, u64::MAX)).unwrap()
     };
     // Task 1: NODE streamed and failed, OTHER finished it and its proof check waits too.
     assert_eq!(delivered(1, NODE, 10), Deferred::Queued);
@@ -166,16 +179,24 @@ fn racing_servers_keep_a_nodes_delivered_checks_within_its_bound() {
         let conns = futures_util::future::join_all((0..RACERS).map(|_| store.conn())).await;
         assert!(conns.iter().all(|c| c.is_ok()));
     });
-    let outcomes = block_on(futures_util::future::join_all((0..RACERS).map(|task| {
-        let store = store.clone();
-        async move { store.defer_delivered(task + 1, NODE, "m", b"{\"d\":1}", 1_000, BOUND).await.unwrap() }
-    })));
+    let outcomes =
+        block_on(futures_util::future::join_all(
+            (0..RACERS).map(|task| {
+                let store = store.clone();
+                async move {
+                    store.defer_delivered(task + 1, NODE, "m", b"{\"d\":1}", 1_000, BOUND, u64::MAX).await.unwrap()
+                }
+            }),
+        ));
     let queued = outcomes.iter().filter(|d| **d == Deferred::Queued).count() as u64;
     assert_eq!(queued, BOUND, "{outcomes:?}");
     assert_eq!(outcomes.iter().filter(|d| **d == Deferred::NodeFull).count() as u64, RACERS - BOUND);
     assert_eq!(block_on(store.delivered_waiting(NODE)).unwrap(), BOUND);
     const OTHER: &str = "0x00000000000000000000000000000000000000cc";
-    assert_eq!(block_on(store.defer_delivered(1, OTHER, "m", b"{}", 1_000, BOUND)).unwrap(), Deferred::Queued);
+    assert_eq!(
+        block_on(store.defer_delivered(1, OTHER, "m", b"{}", 1_000, BOUND, u64::MAX)).unwrap(),
+        Deferred::Queued
+    );
 }
 
 /// A node whose delivered tokens were recorded unchecked is checked on every task until one

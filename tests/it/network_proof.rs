@@ -1511,11 +1511,12 @@ fn log_probabilities_a_node_streamed_before_failing_are_checked() {
 }
 
 /// A node may have only so many failed tasks' delivered tokens waiting for their check
-/// (`PER_NODE_WAITING`, across servers); the next one past that goes unchecked. That cap
+/// (`PER_NODE_QUEUED`, across servers); the next one past that goes unchecked. That cap
 /// was a switch the node controlled: with its slots full of honest failures, it streamed
 /// wrong text on the next tasks and failed them, unchecked, never finishing one for
-/// "checked on every task until verified" to catch. A node past the cap now gets no work
-/// until the hold (the quarantine's length) runs out.
+/// "checked on every task until verified" to catch. Now a node whose failures fill its
+/// `PER_NODE_WAITING` gets no work until the hold (the quarantine's length) runs out,
+/// and that last check, like those of the tasks it still had, is queued all the same.
 #[test]
 fn a_node_whose_failed_tasks_wait_for_too_many_checks_gets_no_work() {
     use ludus::actors::delivery_check::PER_NODE_WAITING;
@@ -1523,10 +1524,11 @@ fn a_node_whose_failed_tasks_wait_for_too_many_checks_gets_no_work() {
     let Some(path) = smollm2() else { return };
     let cluster = Cluster::start(&verifier_config(&path));
     let store = cluster.store();
+    let (model, engine) = liar_model(&path);
     let id = ludus::crypto::identity::Identity::generate();
     let node = id.address.to_string();
-    // Its slots are full: checks of a model no server here holds wait for good.
-    for task in 0..PER_NODE_WAITING {
+    // All but one of its slots are full: checks of a model no server here holds wait.
+    for task in 1..PER_NODE_WAITING {
         let waiting = super::database::block_on(store.defer_delivered(
             1_000_000 + task,
             &node,
@@ -1534,6 +1536,7 @@ fn a_node_whose_failed_tasks_wait_for_too_many_checks_gets_no_work() {
             b"{}",
             1_000_000,
             PER_NODE_WAITING,
+            u64::MAX,
         ));
         assert_eq!(waiting.unwrap(), Deferred::Queued);
     }
@@ -1542,21 +1545,23 @@ fn a_node_whose_failed_tasks_wait_for_too_many_checks_gets_no_work() {
         rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
         let game = streaming_game(&cluster, 0);
         let spec = rogue.task(&mut []).await;
-        stream_and_fail(&mut rogue, &spec, &[1000, 2000], game).await;
+        // Honest tokens: nothing but the hold keeps work from it.
+        let tokens = honest_tokens(&mut rogue, &model, &engine, &spec, 2).await;
+        stream_and_fail(&mut rogue, &spec, &tokens, game).await;
         rogue.idle(&mut [], Duration::from_millis(300)).await;
         // The next game's request waits for another node rather than going to it.
         let _game = streaming_game(&cluster, 1);
         (spec.id.0 as i64, rogue.next_task(Duration::from_secs(3)).await)
     });
     assert!(next.is_none(), "a node whose failures wait for too many checks got another task");
-    let unchecked = format!(
+    // Queued and checked, not recorded unchecked.
+    let verified = format!(
         "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND node_address = '{node}' \
-         AND outcome = 'unverifiable'"
+         AND outcome = 'verified'"
     );
-    wait_for("the failed task's tokens recorded unchecked", Duration::from_secs(20), || {
-        numbers(&store, &unchecked) == vec![1]
-    });
-    assert!(cluster.server.log_text().contains("no work for it until they are done"));
+    wait_for("the held node's last check", Duration::from_secs(60), || numbers(&store, &verified) == vec![1]);
+    assert!(cluster.server.log_text().contains("no work for it for a while"));
+    engine.shutdown();
 }
 
 /// A rogue node streams a greedy answer with its second token edited and fails before its

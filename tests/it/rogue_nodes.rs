@@ -628,8 +628,6 @@ fn a_receipt_for_another_output_than_the_one_relayed_is_refused() {
 /// The model whose text the server makes itself in these tests.
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
-/// A server that makes SmolLM2's text itself, the model's tokenizer, and the ids of its
-/// end-of-sequence token and of " Hi" (None when the model is not installed).
 /// A node that says its sequences hold any number of tokens (context 0) is sent no more
 /// of an answer than the model's own context holds. Past it no proof can be checked (the
 /// reference has no positions there): the jobs no honest node holds whole went to the
@@ -670,6 +668,8 @@ fn a_node_claiming_no_context_limit_is_sent_no_answer_past_the_models_context() 
     assert_eq!(spec.ticket.max_tokens as usize, context - prompt, "max_tokens cut to the room the prompt leaves");
 }
 
+/// A server that makes SmolLM2's text itself, the model's tokenizer, and the ids of its
+/// end-of-sequence token and of " Hi" (None when the model is not installed).
 fn smollm2_server() -> Option<(Cluster, ludus::inference::ModelText, u32, u32)> {
     let path = smollm2()?;
     let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
