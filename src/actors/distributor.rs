@@ -704,9 +704,11 @@ impl Handler<VerificationDone> for Distributor {
 impl Handler<QuarantineNode> for Distributor {
     type Result = ();
 
-    /// A quarantine another server announced (or an operator's).
+    /// A quarantine another server announced (`announce: false`), or one decided here (a
+    /// hold of the check backlog), which is announced to the others.
     fn handle(&mut self, msg: QuarantineNode, _: &mut Self::Context) {
-        tracing::warn!(node = %msg.address, quarantine_s = msg.duration.as_secs(), "node quarantined by the cluster");
+        let by = if msg.announce { "this server" } else { "another server of the cluster" };
+        tracing::warn!(node = %msg.address, quarantine_s = msg.duration.as_secs(), by, "node quarantined");
         if msg.announce {
             if let Some(cluster) = self.peers.cluster() {
                 cluster.do_send(Outbound::Quarantine { address: msg.address.clone(), duration: msg.duration });

@@ -64,6 +64,8 @@ const MAX_ANNOUNCED_BLOCKS: usize = 1024;
 /// Most bytes of text one token frame may carry (a token's text is a few bytes; a
 /// stop-sequence hold-back released at once is at most a few hundred).
 const MAX_TOKEN_TEXT_BYTES: usize = 1024;
+/// Characters of a node's own reason for failing a task that reach a game's error.
+const MAX_REASON_CHARS: usize = 200;
 /// Text a task may carry in all, per token it may produce, plus [`TASK_TEXT_ALLOWANCE`].
 const MAX_TEXT_BYTES_PER_TOKEN: usize = 256;
 const TASK_TEXT_ALLOWANCE: usize = 4096;
@@ -501,21 +503,30 @@ impl NodeProxy {
                 // The server's own text says how the answer ended: at an end-of-sequence
                 // token or a stop sequence, or else at its length (max_tokens, or a node's
                 // context). A node's word is taken only where the server holds no tokenizer.
-                // A structured answer ends complete, at a stop sequence, or at max_tokens: a
-                // node that stops inside it goes the way of a failed node (the task fails over).
+                // An answer the server sees no end of may stop short of max_tokens only where
+                // it filled the context the node reported when it joined: a job longer than
+                // every node's context goes to the largest (`Distributor::dispatch_once`), and an
+                // honest node ends it there, at its length.
+                let filled =
+                    self.context != 0 && run.job.prompt.tokens as usize + run.job.emitted.len() >= self.context;
+                // A structured answer ends complete, at a stop sequence, at max_tokens or at a
+                // full context (`length`, as OpenAI ends one that runs out of room): a node
+                // that stops inside it elsewhere goes the way of a failed node (the task fails
+                // over).
                 let cut_short = run.job.emitted.len() < run.job.max_tokens
+                    && !filled
                     && run.job.text.as_mut().is_some_and(|t| !t.stream.stopped() && t.grammar_incomplete());
                 if cut_short {
                     self.in_flight.insert(id, run);
                     return self.fail(ctx, format!("task {id}: ended a structured answer before it was complete"));
                 }
                 // Nor does an answer end early at its length: one that the server's text
-                // sees no end of, short of max_tokens, must have filled the context the
-                // node reported when it joined. Else a node could stop after one decode
-                // step and be paid for the whole prompt.
+                // sees no end of, short of max_tokens, must have filled the node's context.
+                // Else a node could stop after one decode step and be paid for the whole
+                // prompt.
                 let early = run.job.emitted.len() < run.job.max_tokens
                     && run.job.text.as_ref().is_some_and(|t| !t.stream.stopped())
-                    && (self.context == 0 || run.job.prompt.tokens as usize + run.job.emitted.len() < self.context);
+                    && !filled;
                 if early {
                     let (tokens, max_tokens, context) = (run.job.emitted.len(), run.job.max_tokens, self.context);
                     let prompt = run.job.prompt.tokens;
@@ -579,6 +590,7 @@ impl NodeProxy {
             }
             NodeMessage::Failed { id, failure } => {
                 if let Some(run) = self.in_flight.remove(&id) {
+                    let failure = node_failure(&run.job, self.context, failure);
                     self.hand_back(run, failure);
                 }
             }
@@ -1062,6 +1074,28 @@ fn bounded_load(mut load: NodeLoad, node: Option<Address>) -> NodeLoad {
         load.tuning = load.tuning.chars().filter(printable).take(MAX_TUNING_CHARS).collect();
     }
     load
+}
+
+/// What a node's `Failed` frame for `job` is taken as. A node may say the request itself
+/// cannot run (no retry, no fault of its own). Where the server holds the model's text
+/// side, it has counted the prompt, fitted it to the model's context and compiled its
+/// grammar itself, so such a refusal holds only for a prompt that does not fit the
+/// `context` the node reported (a job longer than every node's goes to the largest);
+/// otherwise it is the node's failure, retried on another node and counted against it.
+/// Else a node could fail every task at no cost and with the game blamed (a 400), keep
+/// drawing work as the least busy node, and write the game's error message. The node's
+/// text reaches the game bounded and as the node's word.
+fn node_failure(job: &Job, context: usize, failure: TaskFailure) -> TaskFailure {
+    let prompt_fits = context == 0 || (job.prompt.tokens as usize).saturating_add(job.emitted.len()) < context;
+    let said: String =
+        failure.reason().chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_REASON_CHARS).collect();
+    match failure {
+        TaskFailure::Request(_) if job.text.is_some() && prompt_fits => {
+            TaskFailure::Node(format!("the node refused a request the server had checked (it said: {said})"))
+        }
+        TaskFailure::Request(_) => TaskFailure::Request(format!("a node refused it: {said}")),
+        TaskFailure::Node(_) => TaskFailure::Node(format!("the node said: {said}")),
+    }
 }
 
 #[cfg(test)]

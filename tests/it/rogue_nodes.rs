@@ -668,6 +668,52 @@ fn a_node_claiming_no_context_limit_is_sent_no_answer_past_the_models_context() 
     assert_eq!(spec.ticket.max_tokens as usize, context - prompt, "max_tokens cut to the room the prompt leaves");
 }
 
+/// A node may say a request cannot run (a 400 for the game, no retry, no fault of its own)
+/// only where the server could not check the request. For a model whose text the server
+/// makes, it counted the prompt, fitted it and compiled its grammar: a refusal of a prompt
+/// that fits the node's context is the node's failure, retried on another node (none is
+/// left here: a 502). Before, a node could fail every task this way at no cost, with the
+/// game blamed, and write the game's error message. A prompt past the node's context is a
+/// refusal the game reads, with the node's text bounded.
+#[test]
+fn a_node_refusing_a_request_the_server_checked_is_the_nodes_failure() {
+    use ludus::protocol::TaskFailure;
+    let Some((cluster, _, _, _)) = smollm2_server() else { return };
+    let said = format!("{} visit scam.example", "no ".repeat(100));
+    let ask = |body: String| {
+        let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+        std::thread::spawn(move || {
+            super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes())
+        })
+    };
+    let long = serde_json::json!({"model": MODEL, "max_tokens": 4,
+        "messages": [{"role": "user", "content": "word ".repeat(400)}]})
+    .to_string();
+    let (checked, unfit) = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+        rogue.load.context = ludus::protocol::MIN_CONTEXT;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+        let mut answers = Vec::new();
+        for body in [hi_body(4), long] {
+            let game = ask(body);
+            let spec = rogue.task(&mut []).await;
+            let refusal = NodeMessage::Failed { id: spec.id, failure: TaskFailure::Request(said.clone()) };
+            rogue.link.send(&refusal).await.unwrap();
+            rogue.idle(&mut [], Duration::from_millis(300)).await;
+            answers.push(game.join().unwrap());
+        }
+        let unfit = answers.pop().unwrap();
+        (answers.pop().unwrap(), unfit)
+    });
+    assert_eq!(checked.status, 502, "{}", checked.body);
+    assert!(checked.body.contains("refused a request the server had checked"), "{}", checked.body);
+    assert!(!checked.body.contains("scam.example"), "{}", checked.body);
+    assert_eq!(unfit.status, 400, "{}", unfit.body);
+    assert!(unfit.body.contains("a node refused it: no no"), "{}", unfit.body);
+    assert!(!unfit.body.contains("scam.example"), "{}", unfit.body);
+    assert_nothing_recorded(&cluster);
+}
+
 /// A server that makes SmolLM2's text itself, the model's tokenizer, and the ids of its
 /// end-of-sequence token and of " Hi" (None when the model is not installed).
 fn smollm2_server() -> Option<(Cluster, ludus::inference::ModelText, u32, u32)> {

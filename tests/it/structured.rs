@@ -319,6 +319,80 @@ fn a_node_that_stops_inside_a_structured_answer_is_cut() {
     assert!(reason.contains("before it was complete"), "{reason:?}");
 }
 
+/// A job longer than every node's context goes to the largest one, which ends it where its
+/// context is full: a structured answer cut there ends at its length (`length`, as OpenAI
+/// ends one that runs out of room), is recorded, and costs the node nothing. Before, the
+/// server cut such a node off as one that stopped inside the answer, so any game could
+/// knock honest nodes off the network with long prompts and a long schema.
+#[test]
+fn a_node_that_fills_its_context_inside_a_structured_answer_ends_it_at_its_length() {
+    use ludus::protocol::{FinishReason, NodeMessage, SignedReceipt, TaskUsage};
+    use std::time::Duration;
+    let Some(path) = smollm2() else { return };
+    const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+    const CONTEXT: usize = ludus::protocol::MIN_CONTEXT as usize;
+    let text = ludus::inference::ModelText::load(&path).unwrap();
+    let cluster = Cluster::start(&format!("model_files = {{ \"{MODEL}\" = \"{}\" }}\n", path.display()));
+    // About 180 prompt tokens and room for 1,000 more: the node's 256 fill first.
+    let body = json!({"model": MODEL, "stream": true, "max_tokens": 1000,
+        "response_format": {"type": "json_object"},
+        "messages": [{"role": "user", "content": "Greet the traveller at the gate. ".repeat(15)}]})
+    .to_string();
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let game = std::thread::spawn(move || loop {
+        let mut s = crate::cluster::SseStream::open(&addr, &key, &body);
+        if s.status == 200 {
+            return std::iter::from_fn(|| s.next_data()).collect::<Vec<String>>();
+        }
+        if std::time::Instant::now() > deadline {
+            return vec![format!("no answer: status {}", s.status)];
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let (reason, prompt, sent) = actix_rt::System::new().block_on(async {
+        let mut rogue = crate::registry::Rogue::join(&cluster.addr, MODEL).await;
+        rogue.load.context = CONTEXT as u32;
+        let spec = rogue.task(&mut []).await;
+        let prompt = spec.ticket.prompt.tokens as usize;
+        assert!(prompt < CONTEXT - 8, "the prompt ({prompt} tokens) leaves no room");
+        // An object opened and a string that runs until the context is full.
+        let long = format!("{{\"line\": \"{}", "Halt, who goes there? ".repeat(100));
+        let mut answer = text.tokenizer.encode(&long, false).unwrap();
+        answer.truncate(CONTEXT - prompt);
+        for (index, &token) in answer.iter().enumerate() {
+            let m = NodeMessage::Token { id: spec.id, index, token, text: String::new(), logprobs: None };
+            rogue.link.send(&m).await.unwrap();
+        }
+        let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &answer);
+        let usage = TaskUsage { prompt_tokens: prompt, completion_tokens: answer.len() };
+        let done = NodeMessage::Done {
+            id: spec.id,
+            finish_reason: FinishReason::Length,
+            usage,
+            tail: String::new(),
+            receipt,
+            proof: None,
+        };
+        rogue.link.send(&done).await.unwrap();
+        rogue.idle(&mut [], Duration::from_millis(500)).await;
+        // The link stays up until the node stops its heartbeats.
+        (rogue.goodbye().await, prompt, answer.len())
+    });
+    assert!(reason.contains("heartbeat timeout"), "a node that filled its context was cut: {reason}");
+    let events = game.join().unwrap();
+    let chunks: Vec<Value> = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let ends: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|r| !r.is_null()).collect();
+    assert_eq!(ends, [&Value::from("length")], "{events:?}");
+    assert!(text.starts_with("{\"line\": \"Halt, who goes there?"), "{text}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(prompt + sent, CONTEXT);
+    // Recorded for the node (two blocks).
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(crate::database::numbers(&cluster.store(), "SELECT count(*) FROM receipts"), vec![1]);
+}
+
 /// Log probabilities come from the node, so the server bounds their shape on every
 /// token (finite, at most 0, best first, as many as asked): a node that sends a
 /// probability above 1 or leaves them out is cut before the game reads the value.
