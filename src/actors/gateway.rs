@@ -92,15 +92,11 @@ impl Gateway {
         }))
     }
 
-    /// Status and per-minute limits.
-    fn check(&mut self, info: &KeyInfo) -> Result<(), ServeError> {
-        if info.status != GameStatus::Active {
-            let reason = info.status_reason.clone().unwrap_or_else(|| format!("status {}", info.status));
-            if info.suspended_by == Some(SuspendedBy::Escrow) {
-                return Err(ServeError::EscrowShort { game: info.game.clone(), reason });
-            }
-            return Err(ServeError::Suspended { game: info.game.clone(), reason });
-        }
+    /// Status and per-minute limits; holds `reserve` tokens (a job's prompt and max_tokens)
+    /// from the key's budget. A request's later choices (`first_choice` false) go with its
+    /// first, whatever the tokens budget holds then.
+    fn check(&mut self, info: &KeyInfo, reserve: usize, first_choice: bool) -> Result<(), ServeError> {
+        served(info)?;
         let now = Instant::now();
         let servers = self.peers.servers(now);
         let (rpm, tpm) = (info.requests_per_minute, info.tokens_per_minute);
@@ -114,15 +110,33 @@ impl Gateway {
             limits.tokens = limits.tokens.reshared(tpm, servers, now);
             limits.servers = servers;
         }
-        limits.tokens.check_positive(now).map_err(|retry_after| ServeError::RateLimited {
-            what: format!("{} tokens per minute", info.tokens_per_minute),
-            retry_after,
-        })?;
+        if first_choice {
+            limits.tokens.check_positive(now).map_err(|retry_after| ServeError::RateLimited {
+                what: format!("{} tokens per minute", info.tokens_per_minute),
+                retry_after,
+            })?;
+        }
         limits.requests.take(1.0, now).map_err(|retry_after| ServeError::RateLimited {
             what: format!("{} requests per minute", info.requests_per_minute),
             retry_after,
-        })
+        })?;
+        // Usage is only known once a job ends: without the hold, any number of requests
+        // sent together would each find the budget whole.
+        limits.tokens.hold(reserve as f64, now);
+        Ok(())
     }
+}
+
+/// Whether the key's game is served (active), or why not.
+pub fn served(info: &KeyInfo) -> Result<(), ServeError> {
+    if info.status == GameStatus::Active {
+        return Ok(());
+    }
+    let reason = info.status_reason.clone().unwrap_or_else(|| format!("status {}", info.status));
+    if info.suspended_by == Some(SuspendedBy::Escrow) {
+        return Err(ServeError::EscrowShort { game: info.game.clone(), reason });
+    }
+    Err(ServeError::Suspended { game: info.game.clone(), reason })
 }
 
 impl Actor for Gateway {
@@ -143,15 +157,18 @@ impl Handler<Admit> for Gateway {
     type Result = ResponseActFuture<Self, Result<Admitted, ServeError>>;
 
     /// Checks the game and the limits of a key `Authenticate` resolved, then submits the job.
-    fn handle(&mut self, msg: Admit, _: &mut Self::Context) -> Self::Result {
-        let Admit { key, stream, model, input, prompt, prompt_ids, text, params, max_tokens, stop } = msg;
-        let submitted = self.check(&key).map(|()| {
+    fn handle(&mut self, msg: Admit, ctx: &mut Self::Context) -> Self::Result {
+        let Admit { key, stream, model, input, prompt, prompt_ids, text, params, max_tokens, stop, first_choice } = msg;
+        let reserve = (prompt.tokens as usize).saturating_add(max_tokens);
+        let submitted = self.check(&key, reserve, first_choice).map(|()| {
+            let reservation =
+                TokenReservation { key_hash: key.hash.clone(), tokens: reserve, release: ctx.address().recipient() };
             let (events, rx) = unbounded_channel();
             let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
             let billing = Billing { game: key.game, game_id: key.game_id, key_hash: key.hash.clone() };
             let request = JobRequest { model, input, prompt, prompt_ids, text, params, max_tokens, stop, stream };
             let job = Job::new(id, billing, request, events);
-            (job, Admitted { id, key_hash: key.hash, events: rx })
+            (job, Admitted { id, key_hash: key.hash, events: rx, reservation })
         });
         let distributor = self.distributor.clone();
         Box::pin(
@@ -183,6 +200,17 @@ impl Handler<RecordUsage> for Gateway {
     fn handle(&mut self, msg: RecordUsage, _: &mut Self::Context) {
         if let Some(limits) = self.limits.get_mut(&msg.key_hash) {
             limits.tokens.spend(msg.tokens as f64, Instant::now());
+        }
+    }
+}
+
+impl Handler<ReleaseTokens> for Gateway {
+    type Result = ();
+
+    /// Gives back the tokens an admitted job held (its real usage comes by `RecordUsage`).
+    fn handle(&mut self, msg: ReleaseTokens, _: &mut Self::Context) {
+        if let Some(limits) = self.limits.get_mut(&msg.key_hash) {
+            limits.tokens.release(msg.tokens as f64, Instant::now());
         }
     }
 }

@@ -466,6 +466,9 @@ pub struct Admit {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// The request's first choice: a request is admitted while its key's tokens per minute
+    /// are not spent, and its other choices go with it.
+    pub first_choice: bool,
 }
 
 /// Tokens a finished job used, for the per-key token limits.
@@ -489,4 +492,35 @@ pub struct Admitted {
     pub id: TaskId,
     pub key_hash: String,
     pub events: tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
+    /// The tokens the job may use (prompt and max_tokens), held from the key's per-minute
+    /// budget while the game waits for it, given back when this drops.
+    pub reservation: TokenReservation,
+}
+
+/// Tokens held from a key's per-minute budget for a job admitted and not yet answered;
+/// given back to it when dropped (the job's real usage is charged by `RecordUsage`).
+pub struct TokenReservation {
+    pub key_hash: String,
+    pub tokens: usize,
+    pub release: Recipient<ReleaseTokens>,
+}
+
+impl std::fmt::Debug for TokenReservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReservation").field("tokens", &self.tokens).finish()
+    }
+}
+
+impl Drop for TokenReservation {
+    fn drop(&mut self) {
+        self.release.do_send(ReleaseTokens { key_hash: std::mem::take(&mut self.key_hash), tokens: self.tokens });
+    }
+}
+
+/// Gives back tokens a [`TokenReservation`] held.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseTokens {
+    pub key_hash: String,
+    pub tokens: usize,
 }

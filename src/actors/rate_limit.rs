@@ -1,6 +1,8 @@
 //! Token buckets for the per-key limits (requests and tokens per minute). A bucket holds
 //! up to one minute's allowance and refills continuously; usage may drive it below zero
-//! (tokens are only known after the fact), which blocks the key until it refills.
+//! (tokens are only known after the fact), which blocks the key until it refills. The
+//! tokens a job may use are held from it while the job runs ([`Bucket::hold`]), so that
+//! requests sent together cannot all find the budget whole.
 
 use std::time::{Duration, Instant};
 
@@ -87,6 +89,19 @@ impl Bucket {
         self.refill(now);
         // Debt is capped at one hour of allowance, whatever a node claims.
         self.level = (self.level - amount.max(0.0)).max(-60.0 * self.capacity);
+    }
+
+    /// Holds `amount` for a job admitted now, possibly going into debt (a request is
+    /// admitted while the bucket is not in debt, however large).
+    pub fn hold(&mut self, amount: f64, now: Instant) {
+        self.refill(now);
+        self.level -= amount.max(0.0);
+    }
+
+    /// Gives back what [`Bucket::hold`] held (never past the full allowance).
+    pub fn release(&mut self, amount: f64, now: Instant) {
+        self.refill(now);
+        self.level = (self.level + amount.max(0.0)).min(self.capacity);
     }
 
     fn wait_for(&self, amount: f64) -> Duration {

@@ -97,7 +97,8 @@ async fn complete(
         return Err(ServeError::Unauthorized.into());
     };
     // The key is resolved before a byte of the body is read: without a valid key, nobody
-    // gets the server to buffer anything. Admit then checks the game's status and limits.
+    // gets the server to buffer anything, nor a game that is not served (suspended,
+    // removed) to parse and count a prompt. Admit checks the status again, and the limits.
     let key = match state.gateway.send(Authenticate { bearer: Some(bearer) }).await.map_err(internal)? {
         Ok(key) => key,
         Err(e) => {
@@ -107,13 +108,16 @@ async fn complete(
             return Err(e.into());
         }
     };
+    crate::actors::gateway::served(&key)?;
     // A body trickled in holds memory: it has a deadline, like the request head.
     let body = actix_web::rt::time::timeout(state.body_timeout, read_body(&req, body, state.max_body_bytes))
         .await
         .map_err(|_| ApiError::body_timeout(state.body_timeout))??;
     let valid = parse_request(&body, endpoint, state.request_limits)?;
-    // The server counts the prompt itself (on this worker thread, not on an actor).
-    let (prompt, prompt_ids) = state.catalog.count(&valid.model, &valid.input)?;
+    // The server counts the prompt itself, on a blocking thread: tokenizing a long prompt
+    // on this worker would hold the other connections it serves (games' and nodes').
+    let (catalog, model, input) = (state.catalog.clone(), valid.model.clone(), valid.input.clone());
+    let (prompt, prompt_ids) = web::block(move || catalog.count(&model, &input)).await.map_err(internal)??;
     let max_tokens = state.catalog.fit(&valid.model, prompt, valid.max_tokens)?;
     let text = job_text(&state, &valid).await?;
     // `n` choices are `n` tasks admitted together (each checked against the game's limits
@@ -132,6 +136,7 @@ async fn complete(
             params: SamplingParams { seed: valid.params.seed.wrapping_add(i as u64), ..valid.params.clone() },
             max_tokens,
             stop: valid.stop.clone(),
+            first_choice: i == 0,
         };
         choices.push(state.gateway.send(admit).await.map_err(internal)??);
     }

@@ -243,6 +243,33 @@ fn a_key_over_its_token_budget_gets_429() {
     assert!(second.header("Retry-After").is_some());
 }
 
+/// A job's tokens (its prompt and max_tokens) are held from the key's per-minute budget
+/// from its admission until it ends: requests sent together cannot each find the budget
+/// whole (usage is only known at the end, so before this a burst of long streams all got
+/// in). What a job did not use comes back when it ends.
+#[test]
+fn streams_sent_together_hold_their_tokens_from_the_budget_until_they_end() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "450:50", "--capacity", "8"]);
+    c.wait_nodes("fake", 1);
+    let cfg = c.config.to_str().unwrap().to_string();
+    let out =
+        crate::cluster::ludus().args(["--config", &cfg, "games", "add", "bursty", "--tpm", "1000"]).output().unwrap();
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":450,"stream":true}"#;
+    // Six long streams at once, each holding its first token: 450 tokens and a prompt each.
+    let streams: Vec<_> = (0..6).map(|_| crate::cluster::SseStream::open(&c.addr, &key, body)).collect();
+    let admitted = streams.iter().filter(|s| s.status == 200).count();
+    assert!((2..=3).contains(&admitted), "{admitted} of 6 streams of 450 tokens admitted on 1,000 a minute");
+    assert!(streams.iter().skip(admitted).all(|s| s.status == 429), "the first ones are admitted, then 429");
+    // The games leave having read a token or two: the rest of what they held comes back.
+    drop(streams);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let small = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let next = post_with(&c.addr, "/v1/chat/completions", Some(&key), small.as_bytes());
+    assert_eq!(next.status, 200, "{}", next.body);
+}
+
 /// `n` choices are `n` tasks run side by side: the answer has one choice per index, the
 /// usage is their sum (each is billed), and a stream interleaves the choices' chunks, each
 /// naming its index and finishing on its own, with one usage chunk and one `[DONE]`.
