@@ -598,6 +598,7 @@ fn proof_fault(
         task: job.id.0,
         node,
         challenge: &challenge,
+        model: &job.model,
         // A continuation's prompt ends with the prefix earlier nodes made.
         prompt_tokens: job.prompt.exact.then(|| job.prompt.tokens as usize + prefix_len),
         completion: job.emitted.get(prefix_len..).unwrap_or_default(),

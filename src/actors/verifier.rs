@@ -154,6 +154,7 @@ impl Verifier {
             task: t.task.0,
             node: t.node,
             challenge: &t.challenge,
+            model: &t.model,
             prompt_tokens: None,
             completion: &t.completion,
         };
@@ -297,6 +298,8 @@ impl Verifier {
         };
         let path = self.rejected_dir.join(format!("{}.json", t.task));
         let written = private_dir(&self.rejected_dir).and_then(|()| {
+            // Rejections are the nodes' doing: the directory keeps the latest few.
+            prune_oldest(&self.rejected_dir, MAX_REJECTED_KEPT - 1)?;
             // The proof holds the game's prompt: readable by the server's user only.
             let mut options = std::fs::OpenOptions::new();
             std::os::unix::fs::OpenOptionsExt::mode(options.write(true).create(true).truncate(true), 0o600);
@@ -309,6 +312,25 @@ impl Verifier {
             tracing::warn!(path = %path.display(), error = %e, "could not keep a rejected proof");
         }
     }
+}
+
+/// Rejected proofs kept on disk (each up to a node's largest frame, about 1 MiB).
+const MAX_REJECTED_KEPT: usize = 1000;
+
+/// Deletes the oldest files of `dir` (by modification time) until `keep` are left.
+fn prune_oldest(dir: &std::path::Path, keep: usize) -> std::io::Result<()> {
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((e.metadata().ok().filter(|m| m.is_file())?.modified().ok()?, e.path())))
+        .collect();
+    if files.len() <= keep {
+        return Ok(());
+    }
+    files.sort();
+    for (_, path) in &files[..files.len() - keep] {
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
 }
 
 /// Creates `dir` (and its parents) with mode 0700, and makes it 0700 if it existed.
@@ -431,5 +453,25 @@ mod tests {
         let shared = load.clone();
         drop(b);
         assert_eq!((load.get(), shared.get()), (0, 0));
+    }
+
+    /// The rejected-proof directory keeps the newest files and drops the oldest.
+    #[test]
+    fn pruning_keeps_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for i in 0..5u64 {
+            let path = dir.path().join(format!("{i}.json"));
+            std::fs::write(&path, b"{}").unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(t0 + std::time::Duration::from_secs(i)).unwrap();
+        }
+        prune_oldest(dir.path(), 2).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["3.json", "4.json"]);
+        prune_oldest(dir.path(), 2).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }

@@ -22,6 +22,8 @@ pub struct Expected<'a> {
     /// The node that ran it (the proof's signer).
     pub node: Address,
     pub challenge: &'a [u8; 32],
+    /// The task's model, as the server named it to the node.
+    pub model: &'a str,
     /// Tokens of the node's prompt (a failover continuation's prefix included), when the
     /// server counted them with the model's own tokenizer; else the proof's own count is
     /// checked against its commitments only.
@@ -38,6 +40,10 @@ pub fn fault(proof: Option<&Proof>, expected: &Expected) -> Option<String> {
     };
     if proof.task != expected.task || proof.challenge != hex::encode(expected.challenge) {
         return Some("the proof is for another task or challenge".into());
+    }
+    // Else the name is free padding: a rejected proof is kept on disk, whole.
+    if proof.model != expected.model {
+        return Some(format!("the proof is for another model than the task's `{}`", expected.model));
     }
     match proof.signer() {
         Ok(signer) if signer == expected.node => {}
@@ -87,6 +93,7 @@ mod tests {
             task: 42,
             node: node.address,
             challenge: &challenge,
+            model: "m",
             prompt_tokens: Some(40),
             completion: &completion,
         };
@@ -108,6 +115,7 @@ mod tests {
             (Some(resign(Proof { chunks: good.chunks[1..].to_vec(), ..good.clone() })), "2 chunk commitments for 70"),
             (Some(resign(Proof { prompt: good.prompt[1..].to_vec(), ..good.clone() })), "prompt commitments"),
             (Some(resign(Proof { top_k: 1, ..good.clone() })), "the protocol fixes"),
+            (Some(resign(Proof { model: "m".repeat(1 << 20), ..good.clone() })), "another model than the task's `m`"),
             (Some(resign(Proof { quantization: "int3".into(), ..good.clone() })), "int3"),
             (
                 Some(proof_of(&node, 42, challenge, 40, &completion[..69])),
