@@ -463,15 +463,21 @@ impl Completion {
     }
 
     /// The check of a finished task when the policy picks it (always, for a non-streamed
-    /// job in synchronous mode), written ahead in the check log; and whether the job must
-    /// wait for the verdict before the game hears Done. Called before the completion is
-    /// written ahead, so that a completion on disk has its check there too.
+    /// job in synchronous mode, and always for a quality-check re-run), written ahead in
+    /// the check log; and whether the job must wait for the verdict before the game hears
+    /// Done. Called before the completion is written ahead, so that a completion on disk
+    /// has its check there too. A re-run is checked itself because its comparison trusts
+    /// it: a second identity of a cheater that draws the re-run (it can tell one by its
+    /// input and seed) would agree with the lie, and one that answers garbage would have
+    /// the honest original checked while going unjudged. Re-runs are few
+    /// (`quality_check_rate`).
     fn pick(&self, ctx: &mut Context<Self>, done: &TaskFinished) -> Option<(super::verifier::VerifyTask, bool)> {
         let (Some(v), Some(challenge)) = (&self.config.verification, done.challenge) else {
             return None;
         };
         let synchronous = v.synchronous && !done.job.stream;
-        if !v.policy.should_verify(&done.address) && !synchronous {
+        let rerun = done.job.shadow_of.is_some();
+        if !rerun && !v.policy.should_verify(&done.address) && !synchronous {
             return None;
         }
         let mut report = v.report.clone();

@@ -895,6 +895,46 @@ fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     engine.shutdown();
 }
 
+/// A quality-check re-run is checked itself, whatever the sampler says: a rogue that draws
+/// the re-run of an honest node's task and answers with a lie is judged (a second identity
+/// of a cheater could as well agree with its lie). It used to go unchecked unless
+/// sampled, while the disagreement had the honest original checked.
+#[test]
+fn a_rogue_taking_a_quality_check_rerun_is_checked_itself() {
+    let Some(path) = smollm2() else { return };
+    let mut cluster = Cluster::start(&quality_checks_only(&path));
+    cluster.add_node(&["--model", path.to_str().unwrap()]);
+    cluster.wait_nodes(MODEL, 1);
+    let (model, engine) = liar_model(&path);
+    let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Name three rivers."}]}"#;
+    let r = cluster.post("/v1/chat/completions", body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The re-run may not go to the honest node that made the original: it waits for the rogue.
+    let system = actix_rt::System::new();
+    let mut rogue = system.block_on(Rogue::join(&cluster.addr, MODEL));
+    let task = system.block_on(rogue.next_task(Duration::from_secs(30))).expect("the rogue gets the re-run");
+    let rerun = task.id.0 as i64;
+    let mut last = None;
+    system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
+    let store = cluster.store();
+    let receipt = format!("SELECT verification FROM receipts WHERE task_id = {rerun}");
+    let state = || -> Option<String> {
+        super::database::block_on(async { store.conn().await.unwrap().query_opt(&receipt, &[]).await.unwrap() })
+            .map(|row| row.get(0))
+    };
+    let started = std::time::Instant::now();
+    while state().as_deref() != Some("failed") {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the rogue's re-run was not judged ({:?}); server log:\n{}",
+            state(),
+            cluster.server.log_text()
+        );
+        system.block_on(rogue.idle(&mut [], Duration::from_millis(300)));
+    }
+    engine.shutdown();
+}
+
 /// The verification policy's state lives in Postgres: a node past its first tasks is not
 /// checked on every task again after the server restarts (the counts used to live in one
 /// process's memory, so every restart made every node "new" — and, the other way, forgot
