@@ -2,6 +2,8 @@
 //! minute (a token bucket, so bursts up to that many); once out, every request from that
 //! IP gets 429 with Retry-After until the bucket refills — before any database lookup, so
 //! guessing costs the registry nothing either. Successful requests do not refill it.
+//! The same throttle, counting every request ([`AuthThrottle::reads`]), bounds reads that
+//! cost the database whether they succeed or not (receipt proofs).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,27 +18,33 @@ const MAX_TRACKED: usize = 100_000;
 
 pub struct AuthThrottle {
     per_minute: u32,
+    /// What an IP out of its allowance sent too many of (in the 429's message).
+    what: &'static str,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
 impl AuthThrottle {
     pub fn new(per_minute: u32) -> Self {
-        Self { per_minute, buckets: Mutex::new(HashMap::new()) }
+        Self { per_minute, what: "requests with invalid API keys", buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// A throttle of `what` (every request counted with [`AuthThrottle::failed`]).
+    pub fn reads(what: &'static str, per_minute: u32) -> Self {
+        Self { per_minute, what, buckets: Mutex::new(HashMap::new()) }
     }
 
     /// Refuses an IP that has used up its failed attempts.
     pub fn check(&self, ip: Option<IpAddr>) -> Result<(), ServeError> {
         let (Some(ip), Ok(mut buckets)) = (ip, self.buckets.lock()) else { return Ok(()) };
         match buckets.get_mut(&ip).map(|b| b.has(1.0, Instant::now())) {
-            Some(Err(retry_after)) => Err(ServeError::RateLimited {
-                what: format!("too many requests with invalid API keys from {ip}"),
-                retry_after,
-            }),
+            Some(Err(retry_after)) => {
+                Err(ServeError::RateLimited { what: format!("too many {} from {ip}", self.what), retry_after })
+            }
             _ => Ok(()),
         }
     }
 
-    /// Counts one failed key check from `ip`.
+    /// Counts one failed key check (or one read) from `ip`.
     pub fn failed(&self, ip: Option<IpAddr>) {
         let (Some(ip), Ok(mut buckets)) = (ip, self.buckets.lock()) else { return };
         let now = Instant::now();

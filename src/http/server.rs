@@ -33,6 +33,8 @@ pub struct AppState {
     pub settlement: Option<SettlementInfo>,
     /// Failed key checks per client IP.
     pub auth_throttle: super::auth_throttle::AuthThrottle,
+    /// Receipt proofs per client IP (each reads a block).
+    pub proof_throttle: super::auth_throttle::AuthThrottle,
     /// Whose forwarding headers name the client (for that throttle).
     pub trusted_proxies: super::client_addr::TrustedProxies,
     /// Fault injection for resilience drills (`server.chaos`).

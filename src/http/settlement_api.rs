@@ -132,6 +132,11 @@ async fn asker(req: &HttpRequest, state: &AppState, task: u64) -> Result<Asker, 
     Ok(Asker::Game(info?.game_id))
 }
 
+/// Receipt proofs one client IP may ask for a minute: each reads a row, and one of the
+/// asker's own a whole block, whether it is found or not (a signature over a task is good
+/// for minutes, and the key throttle counts only failures).
+pub const RECEIPT_PROOFS_PER_MINUTE: u32 = 120;
+
 /// A receipt with its Merkle path to its block root and the block's path to the anchor
 /// that put it on chain (null until anchored), for `ludus verify-receipt`. A task of
 /// another game or node reads as not found.
@@ -143,6 +148,9 @@ pub async fn receipt_proof(
     let text = path.into_inner();
     let task = parse_task(&text)
         .ok_or_else(|| ApiError::invalid("task", format!("`{text}` is not a task id (chatcmpl-<16 hex digits>)")))?;
+    let ip = state.trusted_proxies.client_ip(&req);
+    state.proof_throttle.check(ip)?;
+    state.proof_throttle.failed(ip);
     let asker = asker(&req, &state, task).await?;
     let not_found = || {
         ServeError::NotFound(format!("a receipt of yours for task {task:016x} (not recorded, or not yet committed)"))

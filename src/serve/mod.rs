@@ -87,6 +87,10 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         admin_token_hash: inputs::admin_token_hash(&s)?,
         settlement,
         auth_throttle: crate::http::auth_throttle::AuthThrottle::new(s.server.failed_auth_per_minute),
+        proof_throttle: crate::http::auth_throttle::AuthThrottle::reads(
+            "receipt proofs",
+            crate::http::settlement_api::RECEIPT_PROOFS_PER_MINUTE,
+        ),
         trusted_proxies: crate::http::client_addr::TrustedProxies::parse(&s.server.trusted_proxies)
             .map_err(std::io::Error::other)?,
         chaos: s.server.chaos,

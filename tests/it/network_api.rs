@@ -270,6 +270,23 @@ fn streams_sent_together_hold_their_tokens_from_the_budget_until_they_end() {
     assert_eq!(next.status, 200, "{}", next.body);
 }
 
+/// Receipt proofs cost the database whether they are found or not (a node's signature over
+/// a task is good for minutes, and the key throttle counts only failures): every ask
+/// counts against the client's allowance, then 429 with Retry-After.
+#[test]
+fn receipt_proofs_are_throttled_per_client_found_or_not() {
+    let c = Cluster::start("");
+    let path = "/v1/receipts/chatcmpl-0000000000000001/proof";
+    let per_minute = ludus::http::settlement_api::RECEIPT_PROOFS_PER_MINUTE as usize;
+    let asks: Vec<(u16, String)> = (0..per_minute + 30).map(|_| c.get_admin(path, &c.key)).collect();
+    assert!(asks[..per_minute].iter().all(|(s, _)| *s == 404), "{asks:?}");
+    // (The allowance refills at two a second meanwhile.)
+    let (_, refused) = asks[per_minute..].iter().find(|(s, _)| *s == 429).expect("no 429 past the allowance");
+    assert!(refused.contains("too many receipt proofs"), "{refused}");
+    // Completions are not throttled by it.
+    assert_eq!(c.get_admin("/v1/models", &c.key).0, 200);
+}
+
 /// `n` choices are `n` tasks run side by side: the answer has one choice per index, the
 /// usage is their sum (each is billed), and a stream interleaves the choices' chunks, each
 /// naming its index and finishing on its own, with one usage chunk and one `[DONE]`.
