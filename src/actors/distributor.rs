@@ -707,8 +707,12 @@ impl Handler<QuarantineNode> for Distributor {
     /// A quarantine another server announced (`announce: false`), or one decided here (a
     /// hold of the check backlog), which is announced to the others.
     fn handle(&mut self, msg: QuarantineNode, _: &mut Self::Context) {
-        let by = if msg.announce { "this server" } else { "another server of the cluster" };
-        tracing::warn!(node = %msg.address, quarantine_s = msg.duration.as_secs(), by, "node quarantined");
+        let quarantine_s = msg.duration.as_secs();
+        if msg.announce {
+            tracing::warn!(node = %msg.address, quarantine_s, "node quarantined by this server (told to the cluster)");
+        } else {
+            tracing::warn!(node = %msg.address, quarantine_s, "node quarantined by the cluster");
+        }
         if msg.announce {
             if let Some(cluster) = self.peers.cluster() {
                 cluster.do_send(Outbound::Quarantine { address: msg.address.clone(), duration: msg.duration });

@@ -122,7 +122,7 @@ impl Gateway {
         })?;
         // Usage is only known once a job ends: without the hold, any number of requests
         // sent together would each find the budget whole.
-        limits.tokens.hold(reserve as f64, now);
+        limits.tokens.hold(reserve as f64);
         Ok(())
     }
 }
@@ -210,7 +210,7 @@ impl Handler<ReleaseTokens> for Gateway {
     /// Gives back the tokens an admitted job held (its real usage comes by `RecordUsage`).
     fn handle(&mut self, msg: ReleaseTokens, _: &mut Self::Context) {
         if let Some(limits) = self.limits.get_mut(&msg.key_hash) {
-            limits.tokens.release(msg.tokens as f64, Instant::now());
+            limits.tokens.release(msg.tokens as f64);
         }
     }
 }

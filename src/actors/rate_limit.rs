@@ -1,8 +1,10 @@
 //! Token buckets for the per-key limits (requests and tokens per minute). A bucket holds
 //! up to one minute's allowance and refills continuously; usage may drive it below zero
 //! (tokens are only known after the fact), which blocks the key until it refills. The
-//! tokens a job may use are held from it while the job runs ([`Bucket::hold`]), so that
-//! requests sent together cannot all find the budget whole.
+//! tokens a job may use are held apart while the job runs ([`Bucket::hold`]), and the
+//! bucket admits only while its level is above what is held, so that requests sent
+//! together cannot all find the budget whole. Holds are kept apart from the level so that
+//! the level's floor, and a new share of the limit, never change what usage was charged.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,8 @@ use std::time::{Duration, Instant};
 pub struct Bucket {
     capacity: f64,
     level: f64,
+    /// Held for jobs running now ([`Bucket::hold`]); not part of `level`.
+    held: f64,
     per_second: f64,
     updated: Instant,
 }
@@ -17,7 +21,7 @@ pub struct Bucket {
 impl Bucket {
     pub fn per_minute(limit: u32, now: Instant) -> Self {
         let capacity = limit as f64;
-        Self { capacity, level: capacity, per_second: capacity / 60.0, updated: now }
+        Self { capacity, level: capacity, held: 0.0, per_second: capacity / 60.0, updated: now }
     }
 
     /// This server's share of a limit the network's `servers` enforce together: each admits
@@ -28,7 +32,7 @@ impl Bucket {
         let share = limit as f64 / servers.max(1) as f64;
         // A limit of 0 admits nothing, on any number of servers.
         let capacity = if limit == 0 { 0.0 } else { share.max(1.0) };
-        Self { capacity, level: capacity, per_second: share / 60.0, updated: now }
+        Self { capacity, level: capacity, held: 0.0, per_second: share / 60.0, updated: now }
     }
 
     /// The same bucket for another share, as full (in proportion) as it is now.
@@ -38,6 +42,8 @@ impl Bucket {
         if self.capacity > 0.0 {
             next.level = self.level / self.capacity * next.capacity;
         }
+        // Holds are given back in the amounts held.
+        next.held = self.held;
         next
     }
 
@@ -58,11 +64,14 @@ impl Bucket {
         }
     }
 
-    /// Fails while the bucket is in debt.
+    /// Fails while the bucket is in debt, counting what is held for running jobs.
     pub fn check_positive(&mut self, now: Instant) -> Result<(), Duration> {
         self.refill(now);
-        if self.level > 0.0 {
+        if self.level - self.held > 0.0 {
             Ok(())
+        } else if self.level > 0.0 {
+            // Only running jobs' holds stand in the way: they come back as the jobs end.
+            Err(Duration::from_secs(1))
         } else {
             Err(self.wait_for(f64::MIN_POSITIVE))
         }
@@ -91,17 +100,15 @@ impl Bucket {
         self.level = (self.level - amount.max(0.0)).max(-60.0 * self.capacity);
     }
 
-    /// Holds `amount` for a job admitted now, possibly going into debt (a request is
-    /// admitted while the bucket is not in debt, however large).
-    pub fn hold(&mut self, amount: f64, now: Instant) {
-        self.refill(now);
-        self.level -= amount.max(0.0);
+    /// Holds `amount` for a job admitted now, however large (a request is admitted while
+    /// the level is above what is held); its usage is charged by [`Bucket::spend`].
+    pub fn hold(&mut self, amount: f64) {
+        self.held += amount.max(0.0);
     }
 
-    /// Gives back what [`Bucket::hold`] held (never past the full allowance).
-    pub fn release(&mut self, amount: f64, now: Instant) {
-        self.refill(now);
-        self.level = (self.level + amount.max(0.0)).min(self.capacity);
+    /// Gives back what [`Bucket::hold`] held.
+    pub fn release(&mut self, amount: f64) {
+        self.held = (self.held - amount.max(0.0)).max(0.0);
     }
 
     fn wait_for(&self, amount: f64) -> Duration {
@@ -131,6 +138,38 @@ mod tests {
         tokens.spend(900.0, t0);
         assert!(tokens.check_positive(t0 + Duration::from_secs(20)).is_err());
         assert!(tokens.check_positive(t0 + Duration::from_secs(31)).is_ok());
+    }
+
+    /// Holds block admission while jobs run and come back whole; the usage charged meanwhile
+    /// stays charged, however far past the debt floor the holds went, and a new share of
+    /// the limit scales the level, not the holds.
+    #[test]
+    fn holds_block_while_held_and_never_write_off_usage() {
+        let t0 = Instant::now();
+        let mut b = Bucket::per_minute(1000, t0);
+        b.hold(600.0);
+        assert!(b.check_positive(t0).is_ok());
+        b.hold(600.0);
+        assert_eq!(b.check_positive(t0), Err(Duration::from_secs(1)), "blocked by holds alone");
+        b.release(600.0);
+        assert!(b.check_positive(t0).is_ok());
+        // Eight holds of 16,000 on 2,000 a minute: the usage is past the floor (one hour).
+        let mut small = Bucket::per_minute(2000, t0);
+        for _ in 0..8 {
+            small.hold(16_000.0);
+            small.spend(16_000.0, t0);
+        }
+        for _ in 0..8 {
+            small.release(16_000.0);
+        }
+        let wait = small.check_positive(t0).unwrap_err();
+        assert!(wait >= Duration::from_secs(3000), "usage written off: {wait:?}");
+        // Two servers become one: the level doubles, the hold is given back as held.
+        let mut half = Bucket::per_minute_share(2000, 2, t0);
+        half.hold(1500.0);
+        let mut whole = half.reshared(2000, 1, t0);
+        whole.release(1500.0);
+        assert!(whole.is_full(t0));
     }
 
     #[test]

@@ -299,7 +299,9 @@ impl Verifier {
         let path = self.rejected_dir.join(format!("{}.json", t.task));
         let written = private_dir(&self.rejected_dir).and_then(|()| {
             // Rejections are the nodes' doing: the directory keeps the latest few.
-            prune_oldest(&self.rejected_dir, MAX_REJECTED_KEPT - 1)?;
+            if let Err(e) = prune_oldest(&self.rejected_dir, MAX_REJECTED_KEPT - 1) {
+                tracing::warn!(dir = %self.rejected_dir.display(), error = %e, "could not prune rejected proofs");
+            }
             // The proof holds the game's prompt: readable by the server's user only.
             let mut options = std::fs::OpenOptions::new();
             std::os::unix::fs::OpenOptionsExt::mode(options.write(true).create(true).truncate(true), 0o600);
@@ -328,7 +330,11 @@ fn prune_oldest(dir: &std::path::Path, keep: usize) -> std::io::Result<()> {
     }
     files.sort();
     for (_, path) in &files[..files.len() - keep] {
-        std::fs::remove_file(path)?;
+        // Another verifier thread may have pruned it already.
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
     Ok(())
 }

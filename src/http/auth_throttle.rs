@@ -49,7 +49,12 @@ impl AuthThrottle {
         let (Some(ip), Ok(mut buckets)) = (ip, self.buckets.lock()) else { return };
         let now = Instant::now();
         if buckets.len() >= MAX_TRACKED {
-            buckets.retain(|_, b| b.check_positive(now).is_ok() && !b.is_full(now));
+            // Those back to full are forgotten; those blocked are kept, unless that still
+            // leaves too many (addresses are cheap in IPv6): memory wins then.
+            buckets.retain(|_, b| !b.is_full(now));
+            if buckets.len() >= MAX_TRACKED {
+                buckets.clear();
+            }
         }
         buckets.entry(ip).or_insert_with(|| Bucket::per_minute(self.per_minute, now)).spend(1.0, now);
     }

@@ -283,8 +283,10 @@ fn receipt_proofs_are_throttled_per_client_found_or_not() {
     // (The allowance refills at two a second meanwhile.)
     let (_, refused) = asks[per_minute..].iter().find(|(s, _)| *s == 429).expect("no 429 past the allowance");
     assert!(refused.contains("too many receipt proofs"), "{refused}");
-    // Completions are not throttled by it.
+    // Other endpoints are not throttled by it, nor is the operator.
     assert_eq!(c.get_admin("/v1/models", &c.key).0, 200);
+    let admin = std::fs::read_to_string(c.dir.path().join("data/admin-token")).unwrap();
+    assert_eq!(c.get_admin(path, admin.trim()).0, 404);
 }
 
 /// `n` choices are `n` tasks run side by side: the answer has one choice per index, the

@@ -264,7 +264,11 @@ async fn admit(
     if f.max_tokens == 0 || f.max_tokens > ctx.max_tokens_limit {
         return Err(ServeError::Rejected(format!("max_tokens must be 1..={}", ctx.max_tokens_limit)));
     }
-    let (prompt, prompt_ids) = ctx.catalog.count(&f.model, &f.input)?;
+    // Counted off this thread, which the Gateway, Distributor and Completion share.
+    let (catalog, model, input) = (ctx.catalog.clone(), f.model.clone(), f.input.clone());
+    let (prompt, prompt_ids) = tokio::task::spawn_blocking(move || catalog.count(&model, &input))
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))??;
     let max_tokens = ctx.catalog.fit(&f.model, prompt, f.max_tokens)?;
     let (catalog, model, params, stop) = (ctx.catalog.clone(), f.model.clone(), f.params.clone(), f.stop.clone());
     let field = if f.grammar_field.as_deref() == Some("tools") { "tools" } else { "response_format" };
