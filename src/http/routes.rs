@@ -146,17 +146,19 @@ async fn complete(
     let meta =
         ResponseMeta { id: format!("{prefix}-{}", choices[0].id), created, model: valid.model, endpoint, fingerprint };
     if valid.stream {
-        // Hold the headers until every choice's first event, so a failure before any token
-        // (no node, queue timeout) gets its real status and Retry-After instead of a 200.
-        let mut firsts = Vec::with_capacity(choices.len());
-        for admitted in &mut choices {
-            let first = admitted.events.recv().await.ok_or_else(|| internal("the job ended without a result"))?;
-            if let JobEvent::Failed(e) = first {
-                return Err(e.into());
-            }
-            firsts.push(first);
+        // Hold the headers until the first event of any choice, so a failure before any
+        // token (no node, queue timeout) gets its real status and Retry-After instead of a
+        // 200. Not until every choice's: meanwhile one choice could run to its end (billed)
+        // while another waited out the queue, and the game got an error for the request and
+        // never read the answer it paid for. A later choice's failure ends the stream with
+        // an error event (the others are cancelled, billed for what the game read).
+        let (at, first) = first_of_any(&mut choices).await.ok_or_else(|| internal("the job ended without a result"))?;
+        if let JobEvent::Failed(e) = first {
+            return Err(e.into());
         }
-        let streams = choices.into_iter().zip(firsts).collect();
+        let mut first = Some(first);
+        let streams =
+            choices.into_iter().enumerate().map(|(i, c)| (c, if i == at { first.take() } else { None })).collect();
         let logprobs = valid.params.logprobs.is_some();
         return Ok(stream_response(streams, meta, valid.include_usage, &valid.structured.functions, logprobs));
     }
@@ -206,6 +208,20 @@ async fn whole_answer(admitted: &mut Admitted) -> Result<(Answer, TaskUsage), Ap
 /// The text the game will read, made by the server from the ids nodes return
 /// ([`crate::actors::catalog::Catalog::job_text`]); a grammar is compiled off the worker
 /// thread (a big schema takes milliseconds).
+/// The first event of any of `choices`, with the choice's index (`None`: one ended
+/// without any).
+async fn first_of_any(choices: &mut [Admitted]) -> Option<(usize, JobEvent)> {
+    std::future::poll_fn(|cx| {
+        for (i, choice) in choices.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(event) = choice.events.poll_recv(cx) {
+                return std::task::Poll::Ready(event.map(|e| (i, e)));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 async fn job_text(state: &AppState, valid: &ValidRequest) -> Result<Option<JobText>, ApiError> {
     let (catalog, field) = (state.catalog.clone(), valid.structured.field);
     let (model, params, stop) = (valid.model.clone(), valid.params.clone(), valid.stop.clone());

@@ -25,7 +25,7 @@ const DONE: &str = "data: [DONE]\n\n";
 /// One choice of the answer being streamed.
 struct Choice {
     admitted: Admitted,
-    /// Its first event, already received before the headers went out.
+    /// Its first event, when it was received before the headers went out.
     pending: Option<JobEvent>,
     first: bool,
     finished: bool,
@@ -155,11 +155,11 @@ impl StreamState {
     }
 }
 
-/// The streaming response for admitted jobs, one per choice, each with its first event.
-/// Dropping it (the game hung up) drops the jobs' channels, which cancels their tasks on
-/// their nodes.
+/// The streaming response for admitted jobs, one per choice, each with its first event if
+/// it came before the headers went out. Dropping it (the game hung up) drops the jobs'
+/// channels, which cancels their tasks on their nodes.
 pub fn stream_response(
-    admitted: Vec<(Admitted, JobEvent)>,
+    admitted: Vec<(Admitted, Option<JobEvent>)>,
     meta: ResponseMeta,
     include_usage: bool,
     functions: &[String],
@@ -169,7 +169,7 @@ pub fn stream_response(
         .into_iter()
         .map(|(admitted, first_event)| Choice {
             admitted,
-            pending: Some(first_event),
+            pending: first_event,
             first: true,
             finished: false,
             calls: (!functions.is_empty()).then(|| CallStream::new(functions)),

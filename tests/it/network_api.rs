@@ -289,6 +289,28 @@ fn receipt_proofs_are_throttled_per_client_found_or_not() {
     assert_eq!(c.get_admin(path, admin.trim()).0, 404);
 }
 
+/// A streamed request with `n` choices starts at the first event of any choice: a choice
+/// that waits out the queue ends the stream with an error event, after the game read what
+/// the other choice streamed meanwhile. The headers used to wait for every choice's first
+/// event: the running choice went on (and was billed) while the game got a 503.
+#[test]
+fn a_streamed_choice_failing_after_another_began_ends_the_stream_with_an_error() {
+    let mut c = Cluster::start("");
+    // Room for one sequence: the second choice waits in the queue (10 s here) and times out.
+    c.add_node(&["--fake-engine", "400:50", "--capacity", "1"]);
+    c.wait_nodes("fake", 1);
+    let body = r#"{"model":"fake","n":2,"stream":true,"max_tokens":400,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut stream = crate::cluster::SseStream::open(&c.addr, &c.key, body);
+    assert_eq!(stream.status, 200, "the stream begins with the first choice's first token");
+    let events: Vec<String> = std::iter::from_fn(|| stream.next_data()).collect();
+    let chunks: Vec<serde_json::Value> = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let read = chunks.iter().filter(|c| c["choices"][0]["delta"]["content"].is_string()).count();
+    assert!(read > 10, "the game read the running choice's tokens: {read}");
+    let error = chunks.iter().find(|c| c.get("error").is_some()).expect("an error event");
+    assert_eq!(error["error"]["code"], "queue_timeout", "{error}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+}
+
 /// `n` choices are `n` tasks run side by side: the answer has one choice per index, the
 /// usage is their sum (each is billed), and a stream interleaves the choices' chunks, each
 /// naming its index and finishing on its own, with one usage chunk and one `[DONE]`.
