@@ -855,24 +855,11 @@ fn a_quality_check_rerun_catches_a_cheater_the_sampler_skipped() {
     // The re-run needs a second node; the rogue stays connected meanwhile.
     cluster.add_node(&["--model", path.to_str().unwrap()]);
     let store = cluster.store();
-    let started = std::time::Instant::now();
-    let receipt = format!("SELECT verification FROM receipts WHERE task_id = {original}");
-    let state = || -> Option<String> {
-        super::database::block_on(async { store.conn().await.unwrap().query_opt(&receipt, &[]).await.unwrap() })
-            .map(|row| row.get(0))
-    };
-    // A guard against a hang, not a speed claim: the second node loads and quantizes the
-    // model while the rest of the suite runs beside it (90 s was not enough on a 2-core
-    // Xeon).
-    while state().as_deref() != Some("unverifiable") {
-        assert!(
-            started.elapsed() < Duration::from_secs(400),
-            "the disagreement never left the rogue's task unpaid ({:?}); server log:\n{}",
-            state(),
-            cluster.server.log_text()
-        );
-        system.block_on(rogue.idle(&mut [], Duration::from_millis(300)));
-    }
+    let state = || receipt_verification(&store, original);
+    // The limit guards against a hang, not a speed claim: the second node loads and
+    // quantizes the model while the rest of the suite runs beside it (90 s was not enough
+    // on a 2-core Xeon).
+    heartbeat_until(&system, &mut rogue, &cluster, original, "unverifiable", Duration::from_secs(400));
     let log = cluster.server.log_text();
     assert!(log.contains("quality check disagreed"), "{log}");
     // Why it waits, written with the mark (the log line of it may come a moment later).
@@ -916,23 +903,38 @@ fn a_rogue_taking_a_quality_check_rerun_is_checked_itself() {
     let rerun = task.id.0 as i64;
     let mut last = None;
     system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
+    heartbeat_until(&system, &mut rogue, &cluster, rerun, "failed", Duration::from_secs(120));
+    engine.shutdown();
+}
+
+/// The verification state of `task`'s receipt (`None` until it is recorded).
+fn receipt_verification(store: &ludus::ledger::Store, task: i64) -> Option<String> {
+    let sql = format!("SELECT verification FROM receipts WHERE task_id = {task}");
+    super::database::block_on(async { store.conn().await.unwrap().query_opt(&sql, &[]).await.unwrap() })
+        .map(|row| row.get(0))
+}
+
+/// Heartbeats `rogue` (so that it stays joined) until `task`'s receipt reads `want`; fails
+/// after `limit`, a guard against a hang, with the server's log.
+fn heartbeat_until(
+    system: &actix_rt::SystemRunner,
+    rogue: &mut Rogue,
+    cluster: &Cluster,
+    task: i64,
+    want: &str,
+    limit: Duration,
+) {
     let store = cluster.store();
-    let receipt = format!("SELECT verification FROM receipts WHERE task_id = {rerun}");
-    let state = || -> Option<String> {
-        super::database::block_on(async { store.conn().await.unwrap().query_opt(&receipt, &[]).await.unwrap() })
-            .map(|row| row.get(0))
-    };
     let started = std::time::Instant::now();
-    while state().as_deref() != Some("failed") {
+    while receipt_verification(&store, task).as_deref() != Some(want) {
         assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the rogue's re-run was not judged ({:?}); server log:\n{}",
-            state(),
+            started.elapsed() < limit,
+            "task {task}'s receipt never became {want} ({:?}); server log:\n{}",
+            receipt_verification(&store, task),
             cluster.server.log_text()
         );
         system.block_on(rogue.idle(&mut [], Duration::from_millis(300)));
     }
-    engine.shutdown();
 }
 
 /// The verification policy's state lives in Postgres: a node past its first tasks is not
