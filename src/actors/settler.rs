@@ -492,7 +492,7 @@ impl Settler {
                     Err(e) => return Err(e.into()),
                 };
                 // Stored first: from here on, this exact transaction is the epoch's post.
-                self.store.mark_epoch_sent(n, &sent).await?;
+                self.store.mark_epoch_sent(&epoch, &sent).await?;
                 tracing::info!(epoch = n, tx = %format!("0x{}", hex::encode(sent.hash)), nonce = sent.nonce, "epoch post signed and stored; broadcasting");
                 chain.broadcast(&sent.raw).await?;
                 Ok(Step::Wait)

@@ -187,7 +187,7 @@ impl SettlementClient {
         }
         let call = self.contract.availableEscrows(wallets.to_vec());
         let amounts = timed("availableEscrows()", call.call()).await?;
-        amounts.into_iter().map(from_u256).collect()
+        Ok(amounts.into_iter().map(from_u256).collect())
     }
 
     /// Each wallet's whole escrow (`escrowOf`), pending withdrawal requests included: what
@@ -196,7 +196,7 @@ impl SettlementClient {
         let mut out = Vec::with_capacity(wallets.len());
         for wallet in wallets {
             let balance = timed("escrowOf()", self.contract.escrowOf(*wallet).call()).await?;
-            out.push(from_u256(balance)?);
+            out.push(from_u256(balance));
         }
         Ok(out)
     }

@@ -150,5 +150,5 @@ pub async fn available_escrow(rpc_url: &str, settlement: Address, game: Address)
         .call()
         .await
         .map_err(|e| contract_error("availableEscrow", e))?;
-    super::from_u256(amount)
+    Ok(super::from_u256(amount))
 }

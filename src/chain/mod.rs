@@ -43,9 +43,12 @@ pub fn to_u256(units: Units) -> U256 {
     U256::from(units.0)
 }
 
-/// A contract amount back in base units (amounts above u128 do not occur in this ledger).
-pub fn from_u256(value: U256) -> Result<Units, ChainError> {
-    u128::try_from(value).map(Units).map_err(|_| ChainError::Unexpected(format!("amount {value} exceeds u128")))
+/// An escrow amount on chain in base units, saturated at `u128::MAX`. Anyone may deposit
+/// for a game (`depositFor`), and a token of huge supply could push one escrow past u128:
+/// an error here stopped every game's settlement; a budget of `u128::MAX` charges only
+/// what the ledger owes (far below), which the contract checks against the real escrow.
+pub fn from_u256(value: U256) -> Units {
+    Units(u128::try_from(value).unwrap_or(u128::MAX))
 }
 
 /// Parses `0x…` into an address with a clear error.
@@ -60,7 +63,15 @@ pub fn signer_of(identity: &crate::crypto::identity::Identity) -> alloy::signers
 
 #[cfg(test)]
 mod tests {
-    use super::redacted_url;
+    use super::{from_u256, redacted_url, Units, U256};
+
+    #[test]
+    fn an_escrow_past_u128_is_read_saturated_not_refused() {
+        assert_eq!(from_u256(U256::from(7u64)), Units(7));
+        assert_eq!(from_u256(U256::from(u128::MAX)), Units(u128::MAX));
+        assert_eq!(from_u256(U256::from(1u8) << 129), Units(u128::MAX));
+        assert_eq!(from_u256(U256::MAX), Units(u128::MAX));
+    }
 
     #[test]
     fn a_logged_rpc_url_keeps_only_its_scheme_host_and_port() {

@@ -200,7 +200,7 @@ impl Store {
                  ), payable AS (
                      SELECT r.task_id, r.game_id,
                             sum(r.price_units) OVER (PARTITION BY r.game_id ORDER BY r.block, r.task_id) AS running
-                     FROM receipts r
+                     FROM receipts r JOIN games g ON g.id = r.game_id AND g.wallet IS NOT NULL
                      WHERE r.epoch IS NULL AND r.block <= $4 AND r.confirmation = 'confirmed'
                        AND r.verification IN ('verified', 'unchecked') AND r.game_id = ANY($2)
                  )
@@ -246,19 +246,35 @@ impl Store {
         self.epoch(number as u64).await
     }
 
-    /// Records the signed transaction that posts `number`, before it is broadcast.
-    pub async fn mark_epoch_sent(&self, number: u64, sent: &SentTx) -> Result<(), LedgerError> {
+    /// Records the signed transaction that posts `plan`, before it is broadcast: only while
+    /// the ledger still holds that very plan. A leader that lost its lock (a database
+    /// restart) while another server discarded and planned the epoch again must not store
+    /// its transaction, signed for the old plan, over the new one: the chain's root would
+    /// then differ from the ledger's payouts, and no claim would pass.
+    pub async fn mark_epoch_sent(&self, plan: &Epoch, sent: &SentTx) -> Result<(), LedgerError> {
         let conn = self.conn().await?;
         let n = conn
             .execute(
                 "UPDATE epochs SET status = 'sent', tx_hash = $2, raw_tx = $3, nonce = $4, sent_at = now()
-                 WHERE number = $1 AND status = 'planned'",
-                &[&(number as i64), &format!("0x{}", hex::encode(sent.hash)), &sent.raw, &(sent.nonce as i64)],
+                 WHERE number = $1 AND status = 'planned' AND first_block = $5 AND last_block = $6
+                   AND payout_root = $7 AND payout_total = $8::text::numeric AND charge_total = $9::text::numeric",
+                &[
+                    &(plan.number as i64),
+                    &format!("0x{}", hex::encode(sent.hash)),
+                    &sent.raw,
+                    &(sent.nonce as i64),
+                    &(plan.first_block as i64),
+                    &(plan.last_block as i64),
+                    &plan.payout_root.as_slice(),
+                    &plan.payout_total.to_string(),
+                    &plan.charge_total.to_string(),
+                ],
             )
             .await?;
         if n != 1 {
             return Err(LedgerError::Corrupt(format!(
-                "epoch {number} was not planned when its transaction was signed"
+                "epoch {} was not planned as signed when its transaction was signed (planned again by another server?)",
+                plan.number
             )));
         }
         Ok(())

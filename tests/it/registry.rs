@@ -706,6 +706,46 @@ fn a_sampled_receipt_is_paid_only_once_verified() {
     assert_eq!(paid, [2, 3, 4], "the sampled task without a verdict waits; the failed one never pays");
 }
 
+/// A settlement leader that lost its lock (a database restart) while another server
+/// discarded and planned the epoch again cannot store its transaction, signed for the old
+/// plan, over the new one (the chain's root would differ from the ledger's payouts). And a
+/// free (zero-priced) task of a game without a wallet never enters a plan: its charge row
+/// (a NULL wallet) made every later plan fail.
+#[test]
+fn a_post_signed_for_a_replaced_plan_is_not_stored_and_free_tasks_need_a_wallet() {
+    let store = super::database::open(&super::database::fresh_database());
+    let (game, _) = block_on(store.add_game("payer", 1000, 1_000_000)).unwrap();
+    block_on(store.set_game_wallet("payer", &format!("0x{:040x}", 0x5b))).unwrap();
+    let (walletless, _) = block_on(store.add_game("walletless", 1000, 1_000_000)).unwrap();
+    let node = Identity::generate().address.to_string();
+    let free = ludus::ledger::Receipt {
+        price: ludus::ledger::Units(0),
+        ..super::database::small_receipt(3, walletless, &node)
+    };
+    block_on(async {
+        let receipts = [super::database::small_receipt(1, game, &node), free];
+        store.commit_block(&receipts, "0xee").await.unwrap();
+        store.conn().await.unwrap().batch_execute("UPDATE receipts SET confirmation = 'confirmed'").await.unwrap();
+    });
+    let contract = "0x00000000000000000000000000000000000000e1";
+    let budgets = [(game, ludus::ledger::Units(1_000)), (walletless, ludus::ledger::Units(0))];
+    let old = block_on(store.plan_epoch(contract, &budgets, 9_000, u64::MAX)).unwrap().expect("an epoch");
+    assert_eq!(old.task_count, 1, "the free task of the game without a wallet waits");
+    // Another server discards the plan and plans again over one more task.
+    block_on(async {
+        store.discard_planned_epoch(old.number).await.unwrap();
+        store.commit_block(&[super::database::small_receipt(2, game, &node)], "0xef").await.unwrap();
+        store.conn().await.unwrap().batch_execute("UPDATE receipts SET confirmation = 'confirmed'").await.unwrap();
+    });
+    let new = block_on(store.plan_epoch(contract, &budgets, 9_000, u64::MAX)).unwrap().expect("an epoch");
+    assert_eq!((new.number, new.task_count), (old.number, 2));
+    assert_ne!(new.payout_root, old.payout_root);
+    let sent = ludus::books::SentTx { hash: [7; 32], raw: vec![1, 2, 3], nonce: 0 };
+    let stale = block_on(store.mark_epoch_sent(&old, &sent));
+    assert!(stale.is_err(), "a transaction signed for the replaced plan was stored");
+    block_on(store.mark_epoch_sent(&new, &sent)).expect("the transaction of the plan the ledger holds");
+}
+
 /// A verified task adds its near-ties to its node's steering record once, whatever is
 /// re-sent; a failed or another node's task adds nothing; a flag is given once.
 #[test]
