@@ -397,6 +397,12 @@ impl Completion {
     /// Now and then re-runs a finished task on another node with the same seed.
     fn maybe_quality_check(&self, done: &TaskFinished) {
         let Some(v) = &self.config.verification else { return };
+        // Only a task with a challenge (of a model the verifiers hold) can be judged when its
+        // re-run disagrees; without one, the re-run would be paid from the operator's escrow
+        // and could change nothing (honest nodes of other formats disagree too).
+        if done.challenge.is_none() {
+            return;
+        }
         if rand::random::<f64>() >= v.quality_check_rate {
             return;
         }

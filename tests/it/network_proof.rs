@@ -822,6 +822,12 @@ fn a_rerun_waiting_for_a_second_node_does_not_hold_up_new_requests() {
         let r = cluster.post("/v1/completions", &body);
         assert_eq!(r.status, 200, "{prompt}: {}\nserver log:\n{}", r.body, cluster.server.log_text());
     }
+    // A model the verifiers do not hold gets no re-run: its disagreement could be judged by
+    // nothing (it used to be re-run, and paid for, all the same).
+    cluster.add_node(&["--fake-engine", "4:1"]);
+    cluster.wait_nodes("fake", 1);
+    let r = cluster.post("/v1/completions", r#"{"model": "fake", "max_tokens": 4, "prompt": "Once"}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
     // Each answer queued a re-run that no node may take (only the original's node exists).
     let log = cluster.server.log_text();
     assert_eq!(log.matches("quality check: re-running on another node").count(), 3, "{log}");
