@@ -92,12 +92,8 @@ impl Gateway {
         }))
     }
 
-    /// Status and per-minute limits; holds `reserve` tokens (a job's prompt and max_tokens)
-    /// from the key's budget. A request's later choices (`first_choice` false) go with its
-    /// first, whatever the tokens budget holds then.
-    fn check(&mut self, info: &KeyInfo, reserve: usize, first_choice: bool) -> Result<(), ServeError> {
-        served(info)?;
-        let now = Instant::now();
+    /// The key's buckets, sized for this server's share of its limits.
+    fn limits(&mut self, info: &KeyInfo, now: Instant) -> &mut KeyLimits {
         let servers = self.peers.servers(now);
         let (rpm, tpm) = (info.requests_per_minute, info.tokens_per_minute);
         let limits = self.limits.entry(info.hash.clone()).or_insert_with(|| KeyLimits {
@@ -110,21 +106,51 @@ impl Gateway {
             limits.tokens = limits.tokens.reshared(tpm, servers, now);
             limits.servers = servers;
         }
-        if first_choice {
-            limits.tokens.check_positive(now).map_err(|retry_after| ServeError::RateLimited {
-                what: format!("{} tokens per minute", info.tokens_per_minute),
-                retry_after,
-            })?;
+        limits
+    }
+
+    /// Counts a request against the key's requests per minute as soon as its key is known,
+    /// before its body is read, parsed and tokenized: a key over its limits (or sending
+    /// thousands of requests at once) costs the server a lookup, not a 512 KB body each. A
+    /// completion is refused, too, while the key's tokens per minute are spent.
+    fn count(&mut self, info: &KeyInfo, count: CountAs) -> Result<(), ServeError> {
+        let now = Instant::now();
+        let limits = self.limits(info, now);
+        if count == CountAs::Completion {
+            limits.tokens.check_positive(now).map_err(|retry_after| tokens_refused(info, retry_after))?;
         }
-        limits.requests.take(1.0, now).map_err(|retry_after| ServeError::RateLimited {
-            what: format!("{} requests per minute", info.requests_per_minute),
-            retry_after,
-        })?;
+        if count != CountAs::Nothing {
+            limits.requests.take(1.0, now).map_err(|retry_after| requests_refused(info, retry_after))?;
+        }
+        Ok(())
+    }
+
+    /// Status and per-minute limits of a choice of a request [`Gateway::count`] counted;
+    /// holds `reserve` tokens (a job's prompt and max_tokens) from the key's budget. A
+    /// request's first choice is admitted while its key's tokens per minute are not spent,
+    /// and its later ones go with it, each one more request.
+    fn check(&mut self, info: &KeyInfo, reserve: usize, first_choice: bool) -> Result<(), ServeError> {
+        served(info)?;
+        let now = Instant::now();
+        let limits = self.limits(info, now);
+        if first_choice {
+            limits.tokens.check_positive(now).map_err(|retry_after| tokens_refused(info, retry_after))?;
+        } else {
+            limits.requests.take(1.0, now).map_err(|retry_after| requests_refused(info, retry_after))?;
+        }
         // Usage is only known once a job ends: without the hold, any number of requests
         // sent together would each find the budget whole.
         limits.tokens.hold(reserve as f64);
         Ok(())
     }
+}
+
+fn tokens_refused(info: &KeyInfo, retry_after: Duration) -> ServeError {
+    ServeError::RateLimited { what: format!("{} tokens per minute", info.tokens_per_minute), retry_after }
+}
+
+fn requests_refused(info: &KeyInfo, retry_after: Duration) -> ServeError {
+    ServeError::RateLimited { what: format!("{} requests per minute", info.requests_per_minute), retry_after }
 }
 
 /// Whether the key's game is served (active), or why not.
@@ -189,7 +215,16 @@ impl Handler<Authenticate> for Gateway {
     type Result = ResponseActFuture<Self, Result<KeyInfo, ServeError>>;
 
     fn handle(&mut self, msg: Authenticate, _: &mut Self::Context) -> Self::Result {
-        self.resolve(msg.bearer)
+        let count = msg.count;
+        Box::pin(self.resolve(msg.bearer).map(move |info, this, _| {
+            let info = info?;
+            if count == CountAs::Completion {
+                // A game that is not served is told so, not that it is over its limits.
+                served(&info)?;
+            }
+            this.count(&info, count)?;
+            Ok(info)
+        }))
     }
 }
 

@@ -466,8 +466,9 @@ pub struct Admit {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
-    /// The request's first choice: a request is admitted while its key's tokens per minute
-    /// are not spent, and its other choices go with it.
+    /// The request's first choice: counted as a request when its key was authenticated
+    /// ([`CountAs::Completion`]), and admitted while its key's tokens per minute are not
+    /// spent; its other choices go with it, one request each.
     pub first_choice: bool,
 }
 
@@ -479,11 +480,25 @@ pub struct RecordUsage {
     pub tokens: usize,
 }
 
-/// Resolve a bearer key to its game (for `/v1/usage`).
+/// Resolve a bearer key to its game, and count the request against its limits.
 #[derive(Message)]
 #[rtype(result = "Result<crate::ledger::KeyInfo, ServeError>")]
 pub struct Authenticate {
     pub bearer: Option<String>,
+    pub count: CountAs,
+}
+
+/// What a request authenticated by [`Authenticate`] counts as, against its key's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountAs {
+    /// Nothing (the asker is throttled by other means).
+    Nothing,
+    /// One request per minute (a report such as `/v1/usage`).
+    Read,
+    /// A completion: one request per minute, refused while the key's game is not served or
+    /// its tokens per minute are spent (its `n` choices beyond the first count at
+    /// admission).
+    Completion,
 }
 
 /// A job the Gateway accepted: its id, the key it counts against, and its events.

@@ -31,6 +31,7 @@ pub mod delivery_check;
 pub mod distributor;
 pub mod error;
 pub mod gateway;
+pub mod load_pacer;
 pub mod messages;
 pub mod node_proxy;
 pub mod rate_limit;

@@ -20,6 +20,7 @@ use super::completion::{
 };
 use super::distributor::Distributor;
 use super::error::ServeError;
+use super::load_pacer::{LoadPacer, Paced};
 use super::messages::*;
 use super::registry::Registry;
 use super::sessions::Sessions;
@@ -66,6 +67,14 @@ const MAX_ANNOUNCED_BLOCKS: usize = 1024;
 const MAX_TOKEN_TEXT_BYTES: usize = 1024;
 /// Characters of a node's own reason for failing a task that reach a game's error.
 const MAX_REASON_CHARS: usize = 200;
+/// Characters of a reason the server closes a link for, logged and sent in `Goodbye`: the
+/// server writes them, but may quote what the node sent (an address, a parse error).
+const MAX_CLOSE_REASON_CHARS: usize = 300;
+/// A handshake frame (Hello, Auth) is small: 16 model names and bundle ids of 128 bytes.
+/// Larger ones are refused before they are parsed, from anyone who can connect.
+const MAX_HANDSHAKE_FRAME_BYTES: usize = 16 * 1024;
+/// How the node's storage format (`NodeLoad::quantization`, shown to operators) is bounded.
+const MAX_QUANTIZATION_CHARS: usize = 16;
 /// Text a task may carry in all, per token it may produce, plus [`TASK_TEXT_ALLOWANCE`].
 const MAX_TEXT_BYTES_PER_TOKEN: usize = 256;
 const TASK_TEXT_ALLOWANCE: usize = 4096;
@@ -218,9 +227,27 @@ pub struct NodeProxy {
     capacity: usize,
     /// Bytes handed to the writer and not yet written to the socket.
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// Heartbeats reach the Distributor at most four times a heartbeat interval.
+    load_pacer: LoadPacer,
 }
 
 impl NodeProxy {
+    /// Tells the Distributor the node's load, paced ([`LoadPacer`]): a load held back is told
+    /// when its gap ends, unless a newer one replaces it first.
+    fn pace_load(&mut self, ctx: &mut Context<Self>, load: NodeLoad) {
+        match self.load_pacer.offer(load, Instant::now()) {
+            Paced::Now(load) => self.distributor.do_send(NodeHeartbeat { id: self.id, load }),
+            Paced::Held { flush_after: Some(wait) } => {
+                ctx.run_later(wait, |this, _| {
+                    if let Some(load) = this.load_pacer.flush(Instant::now()) {
+                        this.distributor.do_send(NodeHeartbeat { id: this.id, load });
+                    }
+                });
+            }
+            Paced::Held { flush_after: None } => {}
+        }
+    }
+
     /// A task the node failed goes back to the Distributor (another node, or the game's
     /// error). The tokens it delivered of its own have no proof (its `Done` never came),
     /// yet a streamed answer's game has read them: they are checked without one.
@@ -275,6 +302,7 @@ impl NodeProxy {
                 }
             }
         });
+        let config_gap = config.heartbeat_interval / 4;
         Self {
             id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
             config,
@@ -301,6 +329,7 @@ impl NodeProxy {
             announced: Default::default(),
             capacity: 1,
             queued,
+            load_pacer: LoadPacer::new(config_gap),
         }
     }
 
@@ -331,7 +360,11 @@ impl NodeProxy {
 
     /// Closes the link, logging why.
     fn fail(&mut self, ctx: &mut Context<Self>, reason: impl Into<String>) {
-        self.close_reason = reason.into();
+        let reason: String = reason.into();
+        self.close_reason = match reason.char_indices().nth(MAX_CLOSE_REASON_CHARS) {
+            Some((end, _)) => format!("{}…", &reason[..end]),
+            None => reason,
+        };
         tracing::warn!(node = self.id, reason = %self.close_reason, "closing node link");
         self.send(&ServerMessage::Goodbye { reason: self.close_reason.clone() });
         ctx.stop();
@@ -360,6 +393,15 @@ impl NodeProxy {
                 format!(
                     "a node serves at most {MAX_MODELS_PER_NODE} models, each named by 1..={MAX_MODEL_NAME_BYTES} \
                      bytes without control characters"
+                ),
+            );
+        }
+        if bundles.len() > MAX_MODELS_PER_NODE || bundles.iter().any(bad_name) {
+            return self.fail(
+                ctx,
+                format!(
+                    "a node needs the keys of at most {MAX_MODELS_PER_NODE} bundles, each named by \
+                     1..={MAX_MODEL_NAME_BYTES} bytes without control characters"
                 ),
             );
         }
@@ -471,7 +513,7 @@ impl NodeProxy {
                     });
                 }
                 let load = bounded_load(load, self.address);
-                self.distributor.do_send(NodeHeartbeat { id: self.id, load })
+                self.pace_load(ctx, load)
             }
             NodeMessage::Token { id, index, token, text, logprobs } => {
                 self.on_token(ctx, id, index, token, text, logprobs)
@@ -736,14 +778,16 @@ impl NodeProxy {
         }
     }
 
-    /// The game left: the node stops, and the tokens the server had relayed are billed and
-    /// paid. The node is asked for a receipt covering exactly those, and, for a task with a
+    /// The game left: the node stops, and the tokens the server had relayed (streamed to
+    /// the game) are billed and paid. The node is asked for a receipt covering exactly those, and, for a task with a
     /// challenge, their proof: such a receipt is paid only with it, checked like any task's
     /// (else a node could stream anything to games that hang up and be paid unchecked).
     /// Without a challenge, the server writes the tokens ahead like a completion.
     fn abandon(&mut self, id: TaskId, delivered: usize) {
         let Some(mut run) = self.in_flight.remove(&id) else { return };
-        let delivered = delivered.min(run.job.emitted.len());
+        // A whole (non-streamed) answer reaches the game only at its end: a game that left
+        // before it read nothing, and is billed nothing (nor is the node paid).
+        let delivered = if run.job.stream { delivered.min(run.job.emitted.len()) } else { 0 };
         // Only what this node made is its to sign for (a continuation's prefix is not).
         let own = delivered > run.prefix_len;
         let keep = match self.address {
@@ -923,6 +967,13 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for NodeProxy {
         }
         match item {
             Ok(WsMessage::Binary(bytes)) => {
+                if !self.ready && bytes.len() > MAX_HANDSHAKE_FRAME_BYTES {
+                    let len = bytes.len();
+                    return self.fail(
+                        ctx,
+                        format!("a handshake frame of {len} bytes exceeds the {MAX_HANDSHAKE_FRAME_BYTES}-byte limit"),
+                    );
+                }
                 // After the handshake only sealed frames are accepted.
                 let decoded = match self.opener.as_mut() {
                     Some(opener) => open_message::<NodeMessage>(opener, &bytes),
@@ -1067,12 +1118,16 @@ fn bounded_load(mut load: NodeLoad, node: Option<Address>) -> NodeLoad {
         );
         load.prefix = PrefixHeld::default();
     }
-    // Shown to the operator: printable ASCII (no control, bidi or line-separator
-    // characters), bounded. Ludus nodes write it in ASCII.
+    // Shown to the operator and kept in the Distributor's table: printable ASCII (no
+    // control, bidi or line-separator characters), bounded. Ludus nodes write them in ASCII.
     let printable = |c: &char| c.is_ascii_graphic() || *c == ' ';
-    if load.tuning.len() > MAX_TUNING_CHARS || !load.tuning.chars().all(|c| printable(&c)) {
-        load.tuning = load.tuning.chars().filter(printable).take(MAX_TUNING_CHARS).collect();
-    }
+    let bound = |text: &mut String, max: usize| {
+        if text.len() > max || !text.chars().all(|c| printable(&c)) {
+            *text = text.chars().filter(printable).take(max).collect();
+        }
+    };
+    bound(&mut load.tuning, MAX_TUNING_CHARS);
+    bound(&mut load.quantization, MAX_QUANTIZATION_CHARS);
     load
 }
 
@@ -1124,5 +1179,10 @@ mod prefix_report_tests {
         assert_eq!(tuning("int4 at 44.0 tok/s"), "int4 at 44.0 tok/s");
         assert_eq!(tuning("int4\n<b>\u{1b}[31m\u{202e}x\u{2028}"), "int4<b>[31mx");
         assert_eq!(tuning(&"x".repeat(10_000)).len(), MAX_TUNING_CHARS);
+        // The storage format stays in the Distributor's table for the link's life.
+        let format = |q: &str| bounded_load(NodeLoad { quantization: q.into(), ..NodeLoad::default() }, None);
+        assert_eq!(format("int4").quantization, "int4");
+        assert_eq!(format(&"é\n".repeat(500_000)).quantization, "");
+        assert_eq!(format(&"q".repeat(1 << 20)).quantization.len(), MAX_QUANTIZATION_CHARS);
     }
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::errors::ApiError;
 use super::routes::bearer;
 use super::server::AppState;
-use crate::actors::messages::Authenticate;
+use crate::actors::messages::{Authenticate, CountAs};
 use crate::actors::ServeError;
 
 /// The longest window `/v1/usage` reports.
@@ -49,7 +49,7 @@ pub async fn usage(
     state.auth_throttle.check(ip)?;
     let info = state
         .gateway
-        .send(Authenticate { bearer: bearer(&req) })
+        .send(Authenticate { bearer: bearer(&req), count: CountAs::Read })
         .await
         .map_err(|e| ApiError::from(ServeError::Internal(e.to_string())))?;
     if matches!(info, Err(ServeError::Unauthorized)) {

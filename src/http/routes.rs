@@ -14,7 +14,7 @@ use super::server::AppState;
 use super::settlement_api;
 use super::sse::stream_response;
 use crate::actors::catalog::JobText;
-use crate::actors::messages::{Admit, Admitted, Authenticate, ListModels};
+use crate::actors::messages::{Admit, Admitted, Authenticate, CountAs, ListModels};
 use crate::actors::{JobEvent, ServeError};
 use crate::inference::SamplingParams;
 use crate::protocol::TaskUsage;
@@ -96,10 +96,12 @@ async fn complete(
         state.auth_throttle.failed(ip);
         return Err(ServeError::Unauthorized.into());
     };
-    // The key is resolved before a byte of the body is read: without a valid key, nobody
-    // gets the server to buffer anything, nor a game that is not served (suspended,
-    // removed) to parse and count a prompt. Admit checks the status again, and the limits.
-    let key = match state.gateway.send(Authenticate { bearer: Some(bearer) }).await.map_err(internal)? {
+    // The key is resolved, and the request counted against its limits, before a byte of
+    // the body is read: without a valid key, nobody gets the server to buffer anything, nor
+    // a game that is not served (suspended, removed) or over its limits to parse and count
+    // a prompt. Admit checks the status again, and the tokens budget.
+    let authenticate = Authenticate { bearer: Some(bearer), count: CountAs::Completion };
+    let key = match state.gateway.send(authenticate).await.map_err(internal)? {
         Ok(key) => key,
         Err(e) => {
             if matches!(e, ServeError::Unauthorized) {
@@ -108,7 +110,6 @@ async fn complete(
             return Err(e.into());
         }
     };
-    crate::actors::gateway::served(&key)?;
     // A body trickled in holds memory: it has a deadline, like the request head.
     let body = actix_web::rt::time::timeout(state.body_timeout, read_body(&req, body, state.max_body_bytes))
         .await
@@ -205,9 +206,6 @@ async fn whole_answer(admitted: &mut Admitted) -> Result<(Answer, TaskUsage), Ap
     Err(internal("the job ended without a result"))
 }
 
-/// The text the game will read, made by the server from the ids nodes return
-/// ([`crate::actors::catalog::Catalog::job_text`]); a grammar is compiled off the worker
-/// thread (a big schema takes milliseconds).
 /// The first event of any of `choices`, with the choice's index (`None`: one ended
 /// without any).
 async fn first_of_any(choices: &mut [Admitted]) -> Option<(usize, JobEvent)> {
@@ -222,6 +220,9 @@ async fn first_of_any(choices: &mut [Admitted]) -> Option<(usize, JobEvent)> {
     .await
 }
 
+/// The text the game will read, made by the server from the ids nodes return
+/// ([`crate::actors::catalog::Catalog::job_text`]); a grammar is compiled off the worker
+/// thread (a big schema takes milliseconds).
 async fn job_text(state: &AppState, valid: &ValidRequest) -> Result<Option<JobText>, ApiError> {
     let (catalog, field) = (state.catalog.clone(), valid.structured.field);
     let (model, params, stop) = (valid.model.clone(), valid.params.clone(), valid.stop.clone());

@@ -123,7 +123,10 @@ async fn asker(req: &HttpRequest, state: &AppState, task: u64) -> Result<Asker, 
     }
     let info = state
         .gateway
-        .send(crate::actors::messages::Authenticate { bearer: presented })
+        .send(crate::actors::messages::Authenticate {
+            bearer: presented,
+            count: crate::actors::messages::CountAs::Nothing,
+        })
         .await
         .map_err(|e| ApiError::from(ServeError::Internal(e.to_string())))?;
     if matches!(info, Err(ServeError::Unauthorized)) {

@@ -86,7 +86,8 @@ fn malformed_input_and_refusals_get_openai_errors() {
         " tok tok"
     );
 
-    // A key limited to 2 requests per minute gets 429 with Retry-After on the third.
+    // A key limited to 2 requests per minute gets 429 with Retry-After on the third, and on
+    // anything else it asks of its limits.
     let cfg = c.config.to_str().unwrap().to_string();
     let out =
         crate::cluster::ludus().args(["--config", &cfg, "games", "add", "tiny-budget", "--rpm", "2"]).output().unwrap();
@@ -101,6 +102,21 @@ fn malformed_input_and_refusals_get_openai_errors() {
         None,
     );
     assert!(r.header("Retry-After").and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s >= 1));
+    // The request is counted before its body is read: a key over its limit gets its 429
+    // without the server waiting for (or buffering, parsing, tokenizing) a 400 KB prompt,
+    // here never sent (it used to wait out the body deadline).
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {limited}\r\n\
+         Content-Type: application/json\r\nContent-Length: 400000\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw(&c.addr, head.as_bytes());
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.body.contains("requests per minute"), "{}", r.body);
+    // A usage report is a request too.
+    let usage =
+        format!("GET /v1/usage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {limited}\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw(&c.addr, usage.as_bytes()).status, 429);
+    assert_eq!(raw(&c.addr, usage.replace(&limited, &c.key).as_bytes()).status, 200, "another key's report");
     // Raw garbage on the socket does not hurt the server.
     let r = raw(&c.addr, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n\xff\xfe\x00\x01\x02");
     assert_eq!(r.status, 401);
@@ -148,7 +164,9 @@ fn a_closed_connection_frees_the_node_slot() {
 
 /// A game that closes its connection while it waits for a whole (non-streamed) answer
 /// frees its node slot too: it used to go unnoticed until the answer was ready, the node
-/// busy for a game that had gone (80 s here: longer than the next request waits).
+/// busy for a game that had gone (80 s here: longer than the next request waits). It read
+/// nothing, so it pays nothing: the tokens made before it left used to be billed as
+/// delivered, as if it had streamed them.
 #[test]
 fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
     use std::io::Write;
@@ -171,6 +189,14 @@ fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
     assert_eq!(r.status, 200, "{}", r.body);
     let log = c.server.log_text();
     assert!(log.contains("the game closed its connection before its answer was ready"), "{log}");
+    // The second answer's receipt is committed after anything the first left behind.
+    let store = c.store();
+    wait_for("the second answer's receipt", Duration::from_secs(20), || {
+        crate::database::numbers(&store, "SELECT count(*) FROM receipts WHERE completion_tokens = 2") == vec![1]
+    });
+    std::thread::sleep(Duration::from_secs(3)); // a block more
+    let billed = crate::database::numbers(&store, "SELECT count(*) FROM receipts WHERE completion_tokens <> 2");
+    assert_eq!(billed, vec![0], "the game that left was billed for an answer it never read");
 }
 
 /// SIGTERM: running streams finish, the process exits cleanly within the grace period.

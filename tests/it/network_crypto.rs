@@ -164,6 +164,20 @@ fn wrong_handshakes_are_refused_with_a_reason() {
         let reason =
             exchange(vec![ws::Message::Binary(vec![ludus::protocol::PROTOCOL_VERSION, b'{', b'x'].into())], None).await;
         assert!(reason.contains("bad frame"), "{reason}");
+        // What a stranger sends before it authenticates is bounded: the frame, the reason
+        // quoting it (logged and sent back), the bundle ids.
+        let version = ludus::protocol::PROTOCOL_VERSION as u16;
+        let huge = exchange(vec![frame(&hello("0x".to_string() + &"a".repeat(100_000), version))], None).await;
+        assert!(huge.contains("handshake frame of") && huge.contains("16384-byte limit"), "{huge}");
+        let long = exchange(vec![frame(&hello("0x".to_string() + &"a".repeat(10_000), version))], None).await;
+        assert!(long.starts_with("node address `0xaaaa"), "{long}");
+        assert!(long.chars().count() <= 301, "a reason of {} characters", long.chars().count());
+        let mut many = hello(honest.address.to_string(), version);
+        if let NodeMessage::Hello(h) = &mut many {
+            h.bundles = (0..100).map(|i| format!("bundle-{i}")).collect();
+        }
+        let reason = exchange(vec![frame(&many)], None).await;
+        assert!(reason.contains("at most 16 bundles"), "{reason}");
     });
 }
 
