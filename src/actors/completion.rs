@@ -517,33 +517,46 @@ impl Completion {
                 // the pool rather than going out unchecked.
                 tracing::warn!(task = %done.job.id, "verifier pool saturated; the answer waits for its check");
                 let (pool, me, id, node) = (v.pool.clone(), ctx.address(), done.job.id, done.address);
+                let report = v.report.clone();
                 actix::spawn(async move {
                     if let Err(e) = pool.send(task).await {
-                        let detail = format!("the verifier is unavailable: {e}");
-                        me.do_send(VerificationDone {
-                            task: id,
-                            node,
-                            outcome: crate::ledger::Outcome::Unverifiable,
-                            detail,
-                            evidence: None,
-                        });
+                        unverifiable(&me, &report, id, node, format!("the verifier is unavailable: {e}"));
                     }
                 });
                 true
             }
             Err(SendError::Closed(_)) => {
                 // No verifier to check it: the answer is produced again, never passed.
-                ctx.address().do_send(VerificationDone {
-                    task: done.job.id,
-                    node: done.address,
-                    outcome: crate::ledger::Outcome::Unverifiable,
-                    detail: "the verifier is unavailable".into(),
-                    evidence: None,
-                });
+                let detail = "the verifier is unavailable".to_string();
+                unverifiable(&ctx.address(), &v.report, done.job.id, done.address, detail);
                 true
             }
         }
     }
+}
+
+/// A held answer's check could not run: the answer is produced again under a new task id
+/// (`me`), and the Registry (with `report`'s others) records the original `unverifiable`,
+/// never paid. Told to Completion alone, the original stayed `sampled` and owed in the
+/// check log, whose replay later verified it: the game paid for both answers.
+fn unverifiable(
+    me: &Addr<Completion>,
+    report: &[Recipient<VerificationDone>],
+    task: TaskId,
+    node: Address,
+    detail: String,
+) {
+    let verdict = || VerificationDone {
+        task,
+        node,
+        outcome: crate::ledger::Outcome::Unverifiable,
+        detail: detail.clone(),
+        evidence: None,
+    };
+    for r in report {
+        r.do_send(verdict());
+    }
+    me.do_send(verdict());
 }
 
 /// Hands a picked task to the verifier pool when it holds fewer than `[verifier] queue`
