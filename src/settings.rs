@@ -55,6 +55,8 @@ pub struct ServerSettings {
     pub admin_token: Secret,
     /// Failed API-key (or admin-token) checks allowed per client IP per minute.
     pub failed_auth_per_minute: u32,
+    /// Node connections (`/ws/node` handshakes) allowed per client IP per minute; 0: no limit.
+    pub node_connections_per_minute: u32,
     /// Reverse proxies whose forwarding headers name the client (addresses or CIDR ranges).
     pub trusted_proxies: Vec<String>,
     /// A client must send its request head within this time (slow-loris defence).

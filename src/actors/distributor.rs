@@ -294,7 +294,7 @@ impl Distributor {
         // end it early: it gets the job only when no node here can hold it, busy or not,
         // and then only if no node holds more (a node cannot say its context is small to
         // end answers after a token).
-        let whole = job.prompt.tokens as usize + job.max_tokens;
+        let whole = tokens_needed(&job);
         let largest = self.nodes.values().filter(|n| eligible(n)).map(NodeEntry::room).max().unwrap_or(0);
         let needed = whole.min(largest);
         let costs: Vec<(NodeId, f64)> = self
@@ -366,18 +366,28 @@ impl Distributor {
         let Some(queue) = self.queues.remove(model) else { return };
         let mut kept = VecDeque::with_capacity(queue.len());
         let mut room = true;
+        let mut misses = PlainMisses::default();
+        let now = Instant::now();
         for job in queue {
             if job.cancelled() {
                 continue;
             }
-            // Room only shrinks during a drain: once no node has any, the rest of the queue
-            // stays as it is without a check each.
-            room = room && self.nodes.values().any(|n| n.stats.has_room() && n.models.iter().any(|m| m == model));
-            if !room {
+            // Room only shrinks during a drain: once no node that may take work has any, the
+            // rest of the queue stays as it is without a check each. (A quarantined node with
+            // free slots used to count, and every queued job then cost a scan of every node,
+            // on every event.)
+            room = room
+                && self.nodes.values().any(|n| {
+                    n.stats.has_room() && n.models.iter().any(|m| m == model) && !self.is_quarantined(&n.address, now)
+                });
+            let plain = job.failed_nodes.is_empty() && job.shadow_of.is_none();
+            let needed = tokens_needed(&job);
+            if !room || misses.skips(plain, needed) {
                 kept.push_back(job);
                 continue;
             }
             if let Err(job) = self.try_dispatch(job) {
+                misses.missed(plain, needed);
                 kept.push_back(job);
             }
         }
@@ -427,6 +437,36 @@ impl Distributor {
 
     pub fn queued(&self) -> usize {
         self.queues.values().map(VecDeque::len).sum()
+    }
+}
+
+/// The tokens a job's sequence holds on its node: its prompt and the answer it may get.
+fn tokens_needed(job: &Job) -> usize {
+    (job.prompt.tokens as usize).saturating_add(job.max_tokens)
+}
+
+/// What one drain of a queue learnt about plain jobs (no node to avoid, no re-run): they
+/// differ only in the room they need, and room only shrinks during a drain, so once one
+/// needing `n` tokens found no node, any needing as many finds none either. A node with
+/// free slots and too small a context (a stranger may claim 4,096 slots of 256 tokens)
+/// used to cost every queued job a scan of every node, on every event.
+#[derive(Debug, Default)]
+struct PlainMisses {
+    /// The fewest tokens a plain job needed and found no node for.
+    from: Option<usize>,
+}
+
+impl PlainMisses {
+    /// Whether a job is known to find no node without trying.
+    fn skips(&self, plain: bool, needed: usize) -> bool {
+        plain && self.from.is_some_and(|from| needed >= from)
+    }
+
+    /// A job that needed `needed` tokens found no node.
+    fn missed(&mut self, plain: bool, needed: usize) {
+        if plain {
+            self.from = Some(self.from.map_or(needed, |from| from.min(needed)));
+        }
     }
 }
 
@@ -844,6 +884,20 @@ impl Handler<super::supervisor::InjectPanic> for Distributor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_job_that_found_no_room_spares_the_larger_ones_the_search() {
+        let mut misses = PlainMisses::default();
+        assert!(!misses.skips(true, 1_000), "nothing is known before a miss");
+        misses.missed(true, 1_000);
+        assert!(misses.skips(true, 1_000) && misses.skips(true, 5_000));
+        assert!(!misses.skips(true, 999), "a smaller job may still fit");
+        assert!(!misses.skips(false, 5_000), "a retry or re-run avoids nodes: it is tried");
+        misses.missed(false, 10);
+        assert!(!misses.skips(true, 999), "a retry's miss says nothing of plain jobs");
+        misses.missed(true, 300);
+        assert!(misses.skips(true, 300) && !misses.skips(true, 299));
+    }
 
     #[test]
     fn names_nodes_announce_are_remembered_up_to_a_bound() {

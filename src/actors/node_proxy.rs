@@ -60,6 +60,11 @@ const MAX_RECEIPTS_PER_FRAME: usize = 512;
 /// worker); the rest of a burst is left for the node to send again (it does, after
 /// `node::receipts::RESEND_AFTER`), so a reconnect after a long outage drains at this pace.
 const RECEIPT_CHECKS_PER_S: usize = 1024;
+/// A receipt re-sent again within this time of its last check on the link is dropped
+/// unchecked (an honest node re-sends a receipt every 20 s at most, or once after a
+/// reconnect, which is a new link): one real receipt sent over and over used to cost a
+/// signature recovery on the Completion thread each time, and a row in the block buffer.
+const RESENT_MEMORY: Duration = Duration::from_secs(10);
 /// Blocks announced to a node and not yet confirmed that the proxy remembers.
 const MAX_ANNOUNCED_BLOCKS: usize = 1024;
 /// Most bytes of text one token frame may carry (a token's text is a few bytes; a
@@ -221,6 +226,9 @@ pub struct NodeProxy {
     window_unsolicited: u32,
     /// Re-sent receipts checked in the current window.
     window_receipts: usize,
+    /// Re-sent receipts passed on for checking in the last [`RESENT_MEMORY`], by task (at
+    /// most [`RECEIPT_CHECKS_PER_S`] a second, so about 10,000).
+    resent: HashMap<TaskId, Instant>,
     /// Blocks announced to the node (`Recorded`) and not yet confirmed.
     announced: std::collections::BTreeSet<u64>,
     /// Sequences the node declared it runs at once (scales the frame limit).
@@ -326,6 +334,7 @@ impl NodeProxy {
             window_frames: 0,
             window_unsolicited: 0,
             window_receipts: 0,
+            resent: HashMap::new(),
             announced: Default::default(),
             capacity: 1,
             queued,
@@ -851,13 +860,32 @@ impl NodeProxy {
         if receipts.len() > MAX_RECEIPTS_PER_FRAME {
             return self.fail(ctx, format!("more than {MAX_RECEIPTS_PER_FRAME} receipts in one frame"));
         }
+        let sent = receipts.len();
+        // Each task once per RESENT_MEMORY, within the frame too.
+        let now = Instant::now();
+        let mut fresh = Vec::with_capacity(sent);
+        for receipt in receipts {
+            let task = receipt.ticket.task;
+            if self.resent.get(&task).is_none_or(|at| now.duration_since(*at) >= RESENT_MEMORY) {
+                self.resent.insert(task, now);
+                fresh.push(receipt);
+            }
+        }
+        let repeats = sent - fresh.len();
         // Bounded work per second: what is over the budget waits for the next re-send.
         let room = RECEIPT_CHECKS_PER_S.saturating_sub(self.window_receipts);
-        let deferred = receipts.len().saturating_sub(room);
-        self.window_receipts += receipts.len() - deferred;
-        tracing::info!(node = self.id, receipts = receipts.len(), deferred, "node re-sent unconfirmed receipts");
+        let deferred = fresh.len().saturating_sub(room);
+        self.window_receipts += fresh.len() - deferred;
+        // Deferred ones are not held against the node's next re-send.
+        for receipt in fresh.iter().skip(room) {
+            self.resent.remove(&receipt.ticket.task);
+        }
+        tracing::info!(node = self.id, receipts = sent, repeats, deferred, "node re-sent unconfirmed receipts");
         let Some(address) = self.address else { return };
-        let receipts = receipts.into_iter().take(room).collect();
+        let receipts: Vec<SignedReceipt> = fresh.into_iter().take(room).collect();
+        if receipts.is_empty() {
+            return;
+        }
         self.config.completion.do_send(ReceiptsResent { address, receipts, reply_to: ctx.address().recipient() });
     }
 }
@@ -882,6 +910,8 @@ impl Actor for NodeProxy {
                 let silent = this.last_seen.elapsed();
                 this.fail(ctx, format!("no frame for {} ms (heartbeat timeout)", silent.as_millis()));
             }
+            let now = Instant::now();
+            this.resent.retain(|_, at| now.duration_since(*at) < RESENT_MEMORY);
             // A hang-up's proof that never came: its receipt is not paid.
             let expired = this.abandoned.len();
             let (late, waiting): (HashMap<_, _>, HashMap<_, _>) =

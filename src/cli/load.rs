@@ -140,6 +140,8 @@ async fn self_host(settings: &Settings, args: &LoadArgs) -> anyhow::Result<(Stri
     s.server.bind = "127.0.0.1:0".into();
     s.server.data_dir = dir.path().to_path_buf();
     s.distributor.queue_capacity = 100_000;
+    // Every node connects from loopback.
+    s.server.node_connections_per_minute = 0;
     if let Some(path) = &args.node_model {
         // The server reads the model's tokenizer: it counts prompts itself, and routing by
         // prefix needs the prompt's tokens.

@@ -3,7 +3,7 @@
 //! the first token), tokens served, live nodes per model, actor panics, the proof checks
 //! owed in the check log; from the registry the verification outcomes, the oldest picked
 //! task still unpaid, the checks waiting in the backlog, the last committed block and the
-//! last settled epoch; in a network of servers, the servers heard and the jobs that
+//! last settled epoch (read at most once per 5 s); in a network of servers, the servers heard and the jobs that
 //! crossed. Counters live in this process; scrape every server.
 
 use std::collections::BTreeMap;
@@ -210,12 +210,6 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     );
     let panics = [(String::new(), crate::actors::supervisor::PANICS.load(Ordering::Relaxed))];
     gauge(&mut out, "ludus_actor_panics_total", "Actor panics caught and restarted.", "counter", &panics);
-    // From the registry (each skipped when the database is unreachable: the scrape still works).
-    if let Ok(counts) = state.store.verification_counts().await {
-        let samples: Vec<(String, u64)> =
-            counts.into_iter().map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), n as u64)).collect();
-        gauge(&mut out, "ludus_receipts", "Recorded tasks by verification outcome.", "gauge", &samples);
-    }
     let owed = [(String::new(), state.checks.owed() as u64)];
     gauge(
         &mut out,
@@ -224,44 +218,87 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         "gauge",
         &owed,
     );
-    if let Ok(age) = state.store.oldest_sampled_age().await {
+    // From the registry (each skipped when the database is unreachable: the scrape still works).
+    out.push_str(&state.registry_metrics.render(&state.store).await);
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(out))
+}
+
+/// How long the registry's figures in `/metrics` are reused: they cost seven queries on
+/// the pool that block commits and verdicts share (one a count over every receipt), and
+/// `/metrics` answers anyone who can reach the server.
+pub const REGISTRY_METRICS_TTL: Duration = Duration::from_secs(5);
+
+/// The registry's section of `/metrics`, read at most once per [`REGISTRY_METRICS_TTL`]
+/// whatever the scrape rate: scrapes that come while it is read wait for that read.
+#[derive(Default)]
+pub struct RegistryMetrics {
+    cached: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
+    reads: AtomicU64,
+}
+
+impl RegistryMetrics {
+    /// The section, from the cache while it is fresh.
+    pub async fn render(&self, store: &crate::ledger::Store) -> String {
+        let mut cached = self.cached.lock().await;
+        if let Some((at, text)) = cached.as_ref() {
+            if at.elapsed() < REGISTRY_METRICS_TTL {
+                return text.clone();
+            }
+        }
+        let reads = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut out = String::new();
         gauge(
+            &mut out,
+            "ludus_metrics_registry_reads_total",
+            "Reads of the registry's figures for /metrics (at most one per 5 s; the figures below are as of the last).",
+            "counter",
+            &[(String::new(), reads)],
+        );
+        if let Ok(counts) = store.verification_counts().await {
+            let samples: Vec<(String, u64)> =
+                counts.into_iter().map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), n as u64)).collect();
+            gauge(&mut out, "ludus_receipts", "Recorded tasks by verification outcome.", "gauge", &samples);
+        }
+        if let Ok(age) = store.oldest_sampled_age().await {
+            gauge(
             &mut out,
             "ludus_oldest_sampled_seconds",
             "Age of the oldest picked task still waiting for its verdict, unpaid (0: none); alert when it grows past minutes.",
             "gauge",
             &[(String::new(), age)],
         );
-    }
-    if let Ok(waiting) = state.store.backlog_len().await {
-        let samples = [(String::new(), waiting)];
-        gauge(
+        }
+        if let Ok(waiting) = store.backlog_len().await {
+            let samples = [(String::new(), waiting)];
+            gauge(
             &mut out,
             "ludus_check_backlog",
             "Checks waiting for a verifier: sampled tasks (unpaid until checked) and tokens nodes delivered without a proof.",
             "gauge",
             &samples,
         );
+        }
+        if let Ok(block) = store.last_block().await {
+            gauge(
+                &mut out,
+                "ludus_last_block",
+                "Last block committed to the registry.",
+                "gauge",
+                &[(String::new(), block)],
+            );
+        }
+        if let Ok(progress) = store.anchor_progress().await {
+            let anchored = [(String::new(), progress.last_anchored_block)];
+            gauge(&mut out, "ludus_last_anchored_block", "Last registry block anchored on chain.", "gauge", &anchored);
+        }
+        if let Ok(counts) = store.epoch_counts().await {
+            let samples: Vec<(String, u64)> =
+                counts.into_iter().map(|(status, n)| (format!("{{status=\"{status}\"}}"), n as u64)).collect();
+            gauge(&mut out, "ludus_epochs", "Settlement epochs by posting status.", "gauge", &samples);
+        }
+        *cached = Some((std::time::Instant::now(), out.clone()));
+        out
     }
-    if let Ok(block) = state.store.last_block().await {
-        gauge(
-            &mut out,
-            "ludus_last_block",
-            "Last block committed to the registry.",
-            "gauge",
-            &[(String::new(), block)],
-        );
-    }
-    if let Ok(progress) = state.store.anchor_progress().await {
-        let anchored = [(String::new(), progress.last_anchored_block)];
-        gauge(&mut out, "ludus_last_anchored_block", "Last registry block anchored on chain.", "gauge", &anchored);
-    }
-    if let Ok(counts) = state.store.epoch_counts().await {
-        let samples: Vec<(String, u64)> =
-            counts.into_iter().map(|(status, n)| (format!("{{status=\"{status}\"}}"), n as u64)).collect();
-        gauge(&mut out, "ludus_epochs", "Settlement epochs by posting status.", "gauge", &samples);
-    }
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(out))
 }
 
 #[cfg(test)]

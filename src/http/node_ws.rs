@@ -1,9 +1,12 @@
 //! `GET /ws/node`: upgrades a compute node's connection to a websocket and starts its
-//! `NodeProxy` actor on this worker's arbiter.
+//! `NodeProxy` actor on this worker's arbiter, within `[server]
+//! node_connections_per_minute` per client IP (node identities are free, and each
+//! handshake costs a key exchange and a signature before the node proves anything).
 
 use actix::{Actor, AsyncContext};
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use super::errors::ApiError;
 use super::server::AppState;
 use crate::actors::NodeProxy;
 use crate::protocol::MAX_FRAME_BYTES;
@@ -13,6 +16,11 @@ pub async fn upgrade(
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
+    if let Some(throttle) = &state.node_throttle {
+        let ip = state.trusted_proxies.client_ip(&req);
+        throttle.check(ip).map_err(ApiError::from)?;
+        throttle.failed(ip);
+    }
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(MAX_FRAME_BYTES);
     let distributor = state.distributor.clone();

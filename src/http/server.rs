@@ -35,6 +35,8 @@ pub struct AppState {
     pub auth_throttle: super::auth_throttle::AuthThrottle,
     /// Receipt proofs per client IP (each reads a block).
     pub proof_throttle: super::auth_throttle::AuthThrottle,
+    /// Node connections per client IP (`None`: no limit).
+    pub node_throttle: Option<super::auth_throttle::AuthThrottle>,
     /// Whose forwarding headers name the client (for that throttle).
     pub trusted_proxies: super::client_addr::TrustedProxies,
     /// Fault injection for resilience drills (`server.chaos`).
@@ -50,6 +52,8 @@ pub struct AppState {
     pub peers: Arc<crate::actors::cluster::Peers>,
     /// The proof checks this server owes (written ahead until their verdict lands).
     pub checks: Arc<crate::actors::check_log::CheckLog>,
+    /// The registry's figures in `/metrics`, read at most once per few seconds.
+    pub registry_metrics: super::metrics::RegistryMetrics,
 }
 
 /// What the HTTP layer knows of settlement.

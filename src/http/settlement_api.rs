@@ -29,7 +29,14 @@ pub async fn info(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> 
 }
 
 /// A node's payouts in confirmed epochs, each with its proof.
-pub async fn payouts(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn payouts(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    // Public, and each ask rebuilds the payout tree of every epoch the node was paid in:
+    // counted with receipt proofs against one allowance per client IP.
+    throttle_unless_operator(&req, &state)?;
     let s = settlement(&state)?;
     let address = path.into_inner();
     let node =
@@ -140,6 +147,21 @@ async fn asker(req: &HttpRequest, state: &AppState, task: u64) -> Result<Asker, 
 /// for minutes, and the key throttle counts only failures).
 pub const RECEIPT_PROOFS_PER_MINUTE: u32 = 120;
 
+/// Counts an ask for a proof (a receipt's, or a node's payouts) against the client IP's
+/// allowance of [`RECEIPT_PROOFS_PER_MINUTE`], found or not. The operator's token is not
+/// throttled (behind a proxy missing from `trusted_proxies`, every client shares one
+/// allowance).
+fn throttle_unless_operator(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let operator = super::routes::bearer(req).as_deref().map(crate::ledger::hash_key).as_deref()
+        == Some(state.admin_token_hash.as_str());
+    if !operator {
+        let ip = state.trusted_proxies.client_ip(req);
+        state.proof_throttle.check(ip)?;
+        state.proof_throttle.failed(ip);
+    }
+    Ok(())
+}
+
 /// A receipt with its Merkle path to its block root and the block's path to the anchor
 /// that put it on chain (null until anchored), for `ludus verify-receipt`. A task of
 /// another game or node reads as not found.
@@ -151,15 +173,7 @@ pub async fn receipt_proof(
     let text = path.into_inner();
     let task = parse_task(&text)
         .ok_or_else(|| ApiError::invalid("task", format!("`{text}` is not a task id (chatcmpl-<16 hex digits>)")))?;
-    // The operator's token is not throttled (behind a proxy missing from
-    // `trusted_proxies`, every client shares one allowance).
-    let operator = super::routes::bearer(&req).as_deref().map(crate::ledger::hash_key).as_deref()
-        == Some(state.admin_token_hash.as_str());
-    if !operator {
-        let ip = state.trusted_proxies.client_ip(&req);
-        state.proof_throttle.check(ip)?;
-        state.proof_throttle.failed(ip);
-    }
+    throttle_unless_operator(&req, &state)?;
     let asker = asker(&req, &state, task).await?;
     let not_found = || {
         ServeError::NotFound(format!("a receipt of yours for task {task:016x} (not recorded, or not yet committed)"))

@@ -88,9 +88,12 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         settlement,
         auth_throttle: crate::http::auth_throttle::AuthThrottle::new(s.server.failed_auth_per_minute),
         proof_throttle: crate::http::auth_throttle::AuthThrottle::reads(
-            "receipt proofs",
+            "receipt proofs and payout claims",
             crate::http::settlement_api::RECEIPT_PROOFS_PER_MINUTE,
         ),
+        node_throttle: (s.server.node_connections_per_minute > 0).then(|| {
+            crate::http::auth_throttle::AuthThrottle::reads("node connections", s.server.node_connections_per_minute)
+        }),
         trusted_proxies: crate::http::client_addr::TrustedProxies::parse(&s.server.trusted_proxies)
             .map_err(std::io::Error::other)?,
         chaos: s.server.chaos,
@@ -98,6 +101,7 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         catalog: catalog.clone(),
         peers: core.peers.clone(),
         checks: core.checks.clone(),
+        registry_metrics: Default::default(),
         http_metrics: Default::default(),
         traffic: Default::default(),
     });

@@ -298,7 +298,7 @@ fn streams_sent_together_hold_their_tokens_from_the_budget_until_they_end() {
 
 /// Receipt proofs cost the database whether they are found or not (a node's signature over
 /// a task is good for minutes, and the key throttle counts only failures): every ask
-/// counts against the client's allowance, then 429 with Retry-After.
+/// counts against the client's allowance, then 429 with Retry-After. Payout claims too.
 #[test]
 fn receipt_proofs_are_throttled_per_client_found_or_not() {
     let c = Cluster::start("");
@@ -309,10 +309,16 @@ fn receipt_proofs_are_throttled_per_client_found_or_not() {
     // (The allowance refills at two a second meanwhile.)
     let (_, refused) = asks[per_minute..].iter().find(|(s, _)| *s == 429).expect("no 429 past the allowance");
     assert!(refused.contains("too many receipt proofs"), "{refused}");
+    // A node's payout claims (each rebuilds the payout tree of every epoch it was paid in)
+    // count against the same allowance.
+    let payouts = format!("/v1/settlement/payouts/0x{:040x}", 0x5c);
+    let claims: Vec<(u16, String)> = (0..10).map(|_| c.get_admin(&payouts, &c.key)).collect();
+    assert!(claims.iter().any(|(s, _)| *s == 429), "{claims:?}");
     // Other endpoints are not throttled by it, nor is the operator.
     assert_eq!(c.get_admin("/v1/models", &c.key).0, 200);
     let admin = std::fs::read_to_string(c.dir.path().join("data/admin-token")).unwrap();
     assert_eq!(c.get_admin(path, admin.trim()).0, 404);
+    assert_ne!(c.get_admin(&payouts, admin.trim()).0, 429);
 }
 
 /// A streamed request with `n` choices starts at the first event of any choice: a choice

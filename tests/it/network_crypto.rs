@@ -181,6 +181,42 @@ fn wrong_handshakes_are_refused_with_a_reason() {
     });
 }
 
+/// Node identities are free, and every handshake costs the server a key exchange and a
+/// signature before the node proves anything: each client IP gets
+/// `node_connections_per_minute` of them, then 429 with Retry-After.
+#[test]
+fn node_connections_are_limited_per_client_address() {
+    use std::io::{BufRead, BufReader, Write};
+    let c = Cluster::start_with_server("node_connections_per_minute = 5\n", "");
+    let upgrade = || {
+        let mut socket = std::net::TcpStream::connect(&c.addr).unwrap();
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        socket
+            .write_all(
+                b"GET /ws/node HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .unwrap();
+        let mut head = String::new();
+        let mut reader = BufReader::new(socket);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        head
+    };
+    let heads: Vec<String> = (0..8).map(|_| upgrade()).collect();
+    let switched = heads.iter().filter(|h| h.starts_with("HTTP/1.1 101")).count();
+    let refused: Vec<&String> = heads.iter().filter(|h| h.starts_with("HTTP/1.1 429")).collect();
+    assert_eq!((switched, refused.len()), (5, 3), "{heads:#?}");
+    assert!(refused[0].to_ascii_lowercase().contains("retry-after"), "{}", refused[0]);
+    // The API is not counted against it.
+    assert_eq!(c.get("/health").0, 200);
+}
+
 /// A node serving a protected bundle gets its key only inside the sealed session, loads it
 /// in memory, and answers exactly like a node serving the original model.
 #[test]

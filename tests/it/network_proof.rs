@@ -1008,9 +1008,10 @@ fn a_sampled_task_the_busy_verifier_cannot_take_waits_unpaid_in_the_backlog() {
         cluster.server.log_text()
     );
     assert_eq!(count("SELECT count(*) FROM verifications WHERE outcome <> 'unverifiable'"), 0, "nothing was checked");
-    let (status, metrics) = cluster.get("/metrics");
-    assert_eq!(status, 200);
-    assert!(metrics.contains("\nludus_check_backlog 2\n"), "{metrics}");
+    // (The registry's figures in /metrics are up to 5 s old.)
+    wait_for("the backlog in /metrics", Duration::from_secs(15), || {
+        cluster.get("/metrics").1.contains("\nludus_check_backlog 2\n")
+    });
     // A crash keeps the waiting checks; the restarted server runs them.
     cluster.kill_server();
     cluster.restart_server();
@@ -1065,10 +1066,14 @@ fn a_sampled_tasks_check_outlives_a_refused_verdict_and_a_crash() {
     wait_for("the refused verdict, retried, its task unpaid", Duration::from_secs(60), || {
         refusals(&cluster.server.log_text()) >= 2 && count(waiting) == 1
     });
+    // (The registry's figures in /metrics are up to 5 s old.)
+    wait_for("the waiting task in /metrics", Duration::from_secs(15), || {
+        let metrics = cluster.get("/metrics").1;
+        metrics.contains("\nludus_receipts{outcome=\"sampled\"} 1\n")
+            && metrics.contains("\nludus_oldest_sampled_seconds ")
+    });
     let (_, metrics) = cluster.get("/metrics");
     assert!(metrics.contains("\nludus_checks_owed 1\n"), "{metrics}");
-    assert!(metrics.contains("\nludus_receipts{outcome=\"sampled\"} 1\n"), "{metrics}");
-    assert!(metrics.contains("\nludus_oldest_sampled_seconds "), "{metrics}");
     refuse_verdicts(false);
     // The check is settled in the log just after its verdict's transaction commits: wait
     // for both, the row alone can be seen a moment before.
@@ -1076,8 +1081,9 @@ fn a_sampled_tasks_check_outlives_a_refused_verdict_and_a_crash() {
         count("SELECT count(*) FROM receipts WHERE verification = 'verified'") == 1
             && cluster.get("/metrics").1.contains("\nludus_checks_owed 0\n")
     });
-    let (_, metrics) = cluster.get("/metrics");
-    assert!(metrics.contains("\nludus_oldest_sampled_seconds 0\n"), "nothing waits: {metrics}");
+    wait_for("nothing waiting in /metrics", Duration::from_secs(15), || {
+        cluster.get("/metrics").1.contains("\nludus_oldest_sampled_seconds 0\n")
+    });
 
     refuse_verdicts(true);
     let before = refusals(&cluster.server.log_text());

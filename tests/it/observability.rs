@@ -20,7 +20,7 @@ fn metrics_count_requests_tokens_nodes_and_blocks() {
     }
     let body = r#"{"model": "fake", "messages": [{"role": "user", "content": "hi"}]}"#;
     assert_eq!(post_with(&cluster.addr, "/v1/chat/completions", Some("ludus-wrong"), body.as_bytes()).status, 401);
-    wait_for("a committed block", Duration::from_secs(10), || {
+    wait_for("a committed block", Duration::from_secs(20), || {
         metric(&cluster.get("/metrics").1, "ludus_last_block ").is_some_and(|b| b >= 1.0)
     });
     let r = super::cluster::raw(&cluster.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
@@ -44,6 +44,36 @@ fn metrics_count_requests_tokens_nodes_and_blocks() {
     assert_eq!(metric(&text, "ludus_nodes{model=\"fake\"}"), Some(1.0));
     assert_eq!(metric(&text, "ludus_actor_panics_total"), Some(0.0));
     assert!(metric(&text, "ludus_receipts{outcome=\"unchecked\"}").is_some_and(|n| n >= 1.0), "{text}");
+}
+
+/// `/metrics` answers anyone who can reach the server, and its registry figures cost seven
+/// queries on the pool that block commits share (one counts every receipt): however fast it
+/// is scraped, the registry is read at most once per 5 s (scrapes meanwhile wait for the
+/// read under way, then share it).
+#[test]
+fn scrapes_read_the_registry_at_most_once_per_interval() {
+    let cluster = Cluster::start("");
+    let started = std::time::Instant::now();
+    let scrapers: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = cluster.addr.clone();
+            std::thread::spawn(move || {
+                (0..25)
+                    .map(|_| {
+                        super::cluster::raw(&addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    })
+                    .filter(|r| r.status == 200)
+                    .count()
+            })
+        })
+        .collect();
+    let answered: usize = scrapers.into_iter().map(|t| t.join().unwrap()).sum();
+    let text = cluster.get("/metrics").1;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(answered, 200);
+    let reads = metric(&text, "ludus_metrics_registry_reads_total ").expect("the read counter");
+    assert!(reads >= 1.0 && reads <= 2.0 + elapsed / 5.0, "{reads} reads in {elapsed:.1} s");
+    assert!(metric(&text, "ludus_last_block ").is_some(), "the registry's figures are served: {text}");
 }
 
 #[test]

@@ -449,7 +449,8 @@ fn tokens_delivered_before_a_hang_up_are_billed_and_paid() {
 /// Work a node can make the server do is bounded: confirmations only for blocks announced
 /// to it (each one a database transaction — they used to be accepted for any block), and
 /// re-sent receipts checked (a signature recovery each) at most 1,024 a second per node,
-/// the rest left for the node to send again.
+/// the rest left for the node to send again, and a receipt sent again within 10 s is not
+/// checked again.
 #[test]
 fn a_node_cannot_make_the_server_do_unbounded_work() {
     let cluster = Cluster::start("");
@@ -465,19 +466,24 @@ fn a_node_cannot_make_the_server_do_unbounded_work() {
         }
         // 4,096 receipts at once (forged: tickets of another network).
         let other = Identity::generate();
-        let ticket = ludus::protocol::TaskTicket::issue(
-            &[9; 32],
-            ludus::protocol::TaskId(1),
-            1,
-            "busy",
-            (4, Default::default()),
-            &rogue.id.address,
-        );
-        let receipt = ludus::protocol::SignedReceipt::sign(&other, ticket, 0, &[1]);
-        for _ in 0..8 {
-            let receipts = vec![receipt.clone(); 512];
+        let receipt = |task: u64| {
+            let ticket = ludus::protocol::TaskTicket::issue(
+                &[9; 32],
+                ludus::protocol::TaskId(task),
+                1,
+                "busy",
+                (4, Default::default()),
+                &rogue.id.address,
+            );
+            ludus::protocol::SignedReceipt::sign(&other, ticket, 0, &[1])
+        };
+        for frame in 0..8u64 {
+            let receipts = (0..512).map(|i| receipt(frame * 512 + i)).collect();
             rogue.link.send(&NodeMessage::Receipts { receipts }).await.unwrap();
         }
+        // One receipt 512 times: checked once.
+        let receipts = vec![receipt(1_000_000); 512];
+        rogue.link.send(&NodeMessage::Receipts { receipts }).await.unwrap();
         rogue.idle(&mut [], Duration::from_millis(800)).await;
         // Still connected: bounded work is not a reason to cut an honest node's burst.
         rogue.link.send(&NodeMessage::Heartbeat(Default::default())).await.is_ok()
@@ -494,6 +500,12 @@ fn a_node_cannot_make_the_server_do_unbounded_work() {
         .filter_map(|l| l.split("deferred=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok())
         .sum();
     assert!(deferred >= 2048, "{deferred} deferred: {log}");
+    let repeats: Vec<usize> = log
+        .lines()
+        .filter(|l| l.contains("node re-sent unconfirmed receipts"))
+        .filter_map(|l| l.split("repeats=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok())
+        .collect();
+    assert_eq!(repeats.iter().sum::<usize>(), 511, "one receipt 512 times is checked once: {repeats:?}");
 }
 
 /// A game that hangs up is charged for what it received against its tokens-per-minute
