@@ -106,6 +106,11 @@ impl Bucket {
         self.held += amount.max(0.0);
     }
 
+    /// What [`Bucket::hold`] holds now.
+    pub fn held(&self) -> f64 {
+        self.held
+    }
+
     /// Gives back what [`Bucket::hold`] held.
     pub fn release(&mut self, amount: f64) {
         self.held = (self.held - amount.max(0.0)).max(0.0);

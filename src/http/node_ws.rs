@@ -18,8 +18,7 @@ pub async fn upgrade(
 ) -> actix_web::Result<HttpResponse> {
     if let Some(throttle) = &state.node_throttle {
         let ip = state.trusted_proxies.client_ip(&req);
-        throttle.check(ip).map_err(ApiError::from)?;
-        throttle.failed(ip);
+        throttle.check(ip).map_err(ApiError::from)?.failed();
     }
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(MAX_FRAME_BYTES);

@@ -19,13 +19,13 @@ pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
 
 pub fn require_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let ip = state.trusted_proxies.client_ip(req);
-    state.auth_throttle.check(ip)?;
+    let attempt = state.auth_throttle.check(ip)?;
     let presented = bearer(req).map(|t| crate::ledger::hash_key(&t));
     // Comparing hashes: the comparison time says nothing about the token.
     if presented.as_deref() == Some(state.admin_token_hash.as_str()) {
         Ok(())
     } else {
-        state.auth_throttle.failed(ip);
+        attempt.failed();
         Err(ServeError::AdminUnauthorized.into())
     }
 }
@@ -46,14 +46,16 @@ pub async fn usage(
         return Err(ApiError::invalid("days", format!("days must be 1..={MAX_USAGE_DAYS}")));
     }
     let ip = state.trusted_proxies.client_ip(&req);
-    state.auth_throttle.check(ip)?;
+    let attempt = state.auth_throttle.check(ip)?;
     let info = state
         .gateway
         .send(Authenticate { bearer: bearer(&req), count: CountAs::Read })
         .await
         .map_err(|e| ApiError::from(ServeError::Internal(e.to_string())))?;
     if matches!(info, Err(ServeError::Unauthorized)) {
-        state.auth_throttle.failed(ip);
+        attempt.failed();
+    } else {
+        drop(attempt);
     }
     let info = info?;
     let data = state.store.usage(info.game_id, days).await.map_err(unavailable)?;

@@ -91,9 +91,9 @@ async fn complete(
     endpoint: Endpoint,
 ) -> Result<HttpResponse, ApiError> {
     let ip = state.trusted_proxies.client_ip(&req);
-    state.auth_throttle.check(ip)?;
+    let attempt = state.auth_throttle.check(ip)?;
     let Some(bearer) = bearer(&req) else {
-        state.auth_throttle.failed(ip);
+        attempt.failed();
         return Err(ServeError::Unauthorized.into());
     };
     // The key is resolved, and the request counted against its limits, before a byte of
@@ -105,11 +105,13 @@ async fn complete(
         Ok(key) => key,
         Err(e) => {
             if matches!(e, ServeError::Unauthorized) {
-                state.auth_throttle.failed(ip);
+                attempt.failed();
             }
             return Err(e.into());
         }
     };
+    // The key is known: the attempt is over (a stream must not hold it for its life).
+    drop(attempt);
     // A body trickled in holds memory: it has a deadline, like the request head.
     let body = actix_web::rt::time::timeout(state.body_timeout, read_body(&req, body, state.max_body_bytes))
         .await

@@ -115,12 +115,12 @@ fn node_asker(req: &HttpRequest, task: u64) -> Result<Option<String>, ApiError> 
 async fn asker(req: &HttpRequest, state: &AppState, task: u64) -> Result<Asker, ApiError> {
     // Throttled like any credential: a bad signature costs a key recovery, and a bad key a lookup.
     let ip = state.trusted_proxies.client_ip(req);
-    state.auth_throttle.check(ip)?;
+    let attempt = state.auth_throttle.check(ip)?;
     match node_asker(req, task) {
         Ok(Some(node)) => return Ok(Asker::Node(node)),
         Ok(None) => {}
         Err(e) => {
-            state.auth_throttle.failed(ip);
+            attempt.failed();
             return Err(e);
         }
     }
@@ -137,7 +137,7 @@ async fn asker(req: &HttpRequest, state: &AppState, task: u64) -> Result<Asker, 
         .await
         .map_err(|e| ApiError::from(ServeError::Internal(e.to_string())))?;
     if matches!(info, Err(ServeError::Unauthorized)) {
-        state.auth_throttle.failed(ip);
+        attempt.failed();
     }
     Ok(Asker::Game(info?.game_id))
 }
@@ -156,8 +156,7 @@ fn throttle_unless_operator(req: &HttpRequest, state: &AppState) -> Result<(), A
         == Some(state.admin_token_hash.as_str());
     if !operator {
         let ip = state.trusted_proxies.client_ip(req);
-        state.proof_throttle.check(ip)?;
-        state.proof_throttle.failed(ip);
+        state.proof_throttle.check(ip)?.failed();
     }
     Ok(())
 }
