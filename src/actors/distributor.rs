@@ -136,6 +136,10 @@ pub struct Distributor {
     /// Tasks completed since the last block tick (for the per-block log line).
     completed_in_block: u64,
     nodes: HashMap<NodeId, NodeEntry>,
+    /// Live nodes per model, kept with `nodes` ([`Self::add_node`], [`Self::remove_node`]):
+    /// `/v1/models` and `/metrics` (public) and every submitted job read it, and counting
+    /// it from the table cost a pass over every node each time.
+    served: HashMap<String, usize>,
     queues: HashMap<String, VecDeque<Job>>,
     running: HashMap<TaskId, Running>,
     rng: StdRng,
@@ -170,6 +174,7 @@ impl Distributor {
             config,
             completed_in_block: 0,
             nodes: HashMap::new(),
+            served: HashMap::new(),
             queues: HashMap::new(),
             running: HashMap::new(),
             rng: StdRng::from_os_rng(),
@@ -238,7 +243,35 @@ impl Distributor {
     }
 
     fn serves(&self, model: &str) -> bool {
-        self.nodes.values().any(|n| n.models.iter().any(|m| m == model))
+        self.served.contains_key(model)
+    }
+
+    /// Puts a node in the table, counting its models.
+    fn add_node(&mut self, id: NodeId, entry: NodeEntry) {
+        for model in &entry.models {
+            *self.served.entry(model.clone()).or_default() += 1;
+        }
+        if let Some(earlier) = self.nodes.insert(id, entry) {
+            self.uncount(&earlier.models);
+        }
+    }
+
+    /// Takes a node out of the table, uncounting its models.
+    fn remove_node(&mut self, id: NodeId) -> Option<NodeEntry> {
+        let entry = self.nodes.remove(&id)?;
+        self.uncount(&entry.models);
+        Some(entry)
+    }
+
+    fn uncount(&mut self, models: &[String]) {
+        for model in models {
+            if let Some(n) = self.served.get_mut(model) {
+                *n -= 1;
+                if *n == 0 {
+                    self.served.remove(model);
+                }
+            }
+        }
     }
 
     /// Remembers the models a joining node serves, up to [`MAX_SEEN_MODELS`].
@@ -319,7 +352,7 @@ impl Distributor {
             Ok(()) => {}
             Err(SendError::Full(dispatch)) => node.proxy.do_send(dispatch),
             Err(SendError::Closed(Dispatch(mut job))) => {
-                let gone = self.nodes.remove(&id).expect("picked from the table");
+                let gone = self.remove_node(id).expect("picked from the table");
                 job.failed_nodes.push(gone.address);
                 return Err((job, true));
             }
@@ -550,7 +583,7 @@ impl Handler<NodeConnected> for Distributor {
             }
         }
         self.remember_models(&msg.models);
-        self.nodes.insert(
+        self.add_node(
             msg.id,
             NodeEntry {
                 proxy: msg.proxy,
@@ -571,7 +604,7 @@ impl Handler<NodeDisconnected> for Distributor {
 
     /// Removes a node; its unfinished jobs arrive as `TaskReturned` from its proxy.
     fn handle(&mut self, msg: NodeDisconnected, _: &mut Self::Context) {
-        if let Some(node) = self.nodes.remove(&msg.id) {
+        if let Some(node) = self.remove_node(msg.id) {
             tracing::warn!(node = msg.id, address = %node.address, reason = %msg.reason, "node left");
             self.remember_departed(node.address, node.stats);
         }
@@ -820,10 +853,8 @@ impl Handler<ListModels> for Distributor {
     fn handle(&mut self, _: ListModels, _: &mut Self::Context) -> Self::Result {
         // The other servers' nodes count too: their models are served here as well.
         let mut counts = self.peers.models(Instant::now());
-        for node in self.nodes.values() {
-            for m in &node.models {
-                *counts.entry(m.clone()).or_default() += 1;
-            }
+        for (model, n) in &self.served {
+            *counts.entry(model.clone()).or_default() += n;
         }
         let mut out: Vec<(String, usize)> = counts.into_iter().collect();
         out.sort();

@@ -787,16 +787,18 @@ impl NodeProxy {
         }
     }
 
-    /// The game left: the node stops, and the tokens the server had relayed (streamed to
-    /// the game) are billed and paid. The node is asked for a receipt covering exactly those, and, for a task with a
+    /// The game left: the node stops, and the tokens the server had relayed are billed and
+    /// paid. The node is asked for a receipt covering exactly those, and, for a task with a
     /// challenge, their proof: such a receipt is paid only with it, checked like any task's
     /// (else a node could stream anything to games that hang up and be paid unchecked).
     /// Without a challenge, the server writes the tokens ahead like a completion.
     fn abandon(&mut self, id: TaskId, delivered: usize) {
         let Some(mut run) = self.in_flight.remove(&id) else { return };
-        // A whole (non-streamed) answer reaches the game only at its end: a game that left
-        // before it read nothing, and is billed nothing (nor is the node paid).
-        let delivered = if run.job.stream { delivered.min(run.job.emitted.len()) } else { 0 };
+        // A game that leaves a whole (non-streamed) answer read nothing, yet pays for what
+        // was made until it left, like a streamed one: it chose to leave, the node worked,
+        // and a free hang-up would let any game occupy the network's nodes (and exceed its
+        // tokens per minute) at no cost.
+        let delivered = delivered.min(run.job.emitted.len());
         // Only what this node made is its to sign for (a continuation's prefix is not).
         let own = delivered > run.prefix_len;
         let keep = match self.address {

@@ -487,6 +487,13 @@ impl Settler {
                         // Escrow changed since planning: settle again from the current state.
                         tracing::warn!(epoch = n, %reason, "the planned post would revert; planning the epoch again");
                         self.store.discard_planned_epoch(n).await?;
+                        // A game's escrow shrank since planning (it withdrew): plan again at
+                        // the next try from the escrow now, not at the next boundary (a day
+                        // of every node's pay). Other reverts (no gas, a paused contract)
+                        // would recur at once: they wait for the boundary as before.
+                        if reason.contains("EscrowShort") {
+                            self.store.forget_settlement_attempt().await?;
+                        }
                         return Err(SettleError::Chain(ChainError::Reverted(reason)));
                     }
                     Err(e) => return Err(e.into()),

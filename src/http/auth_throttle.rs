@@ -1,4 +1,4 @@
-//! Throttles API-key guessing: each client IP may fail key checks `per_minute` times a
+//! Throttles API-key guessing: each client IP (IPv6: each /64) may fail key checks `per_minute` times a
 //! minute (a token bucket, so bursts up to that many); once out, every request from that
 //! IP gets 429 with Retry-After until the bucket refills — before any database lookup, so
 //! guessing costs the registry nothing either. Successful requests do not refill it. An IP
@@ -43,7 +43,7 @@ impl AuthThrottle {
     /// burst as the IP had connections (tens of thousands). A game's honest burst is far
     /// below the cap: an attempt is under way only while its key is looked up.
     pub fn check(&self, ip: Option<IpAddr>) -> Result<AuthAttempt<'_>, ServeError> {
-        let (Some(ip), Ok(mut buckets)) = (ip, self.buckets.lock()) else {
+        let (Some(ip), Ok(mut buckets)) = (ip.map(client_key), self.buckets.lock()) else {
             return Ok(AuthAttempt { throttle: self, ip: None });
         };
         let now = Instant::now();
@@ -84,6 +84,18 @@ impl AuthThrottle {
                 bucket.spend(1.0, Instant::now());
             }
         }
+    }
+}
+
+/// What a client is counted by: its IPv4 address, or its IPv6 /64 (one subscriber's
+/// network: an attacker holds a whole /64 and could take a fresh address per request).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
     }
 }
 
@@ -135,6 +147,20 @@ mod tests {
         assert!(refused(throttle.check(Some(bad))));
         assert!(throttle.check(Some(good)).is_ok());
         assert!(throttle.check(None).is_ok(), "no peer address: nothing to key on");
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_prefix() {
+        let throttle = AuthThrottle::new(2);
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        throttle.check(ip("2001:db8:1:2::1")).unwrap().failed();
+        throttle.check(ip("2001:db8:1:2:ffff::9")).unwrap().failed();
+        assert!(refused(throttle.check(ip("2001:db8:1:2:abcd:1234:5678:9abc"))), "a fresh address of the same /64");
+        assert!(throttle.check(ip("2001:db8:1:3::1")).is_ok(), "another /64");
+        // An IPv4 client seen through an IPv6 socket is the IPv4 client.
+        throttle.check(ip("10.1.1.1")).unwrap().failed();
+        throttle.check(ip("::ffff:10.1.1.1")).unwrap().failed();
+        assert!(refused(throttle.check(ip("10.1.1.1"))));
     }
 
     #[test]

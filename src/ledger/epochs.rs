@@ -149,6 +149,13 @@ impl Store {
         Ok(conn.query_one("SELECT last_attempt FROM settlement_state", &[]).await?.get(0))
     }
 
+    /// Forgets the last planning attempt: the epoch is due again at once.
+    pub async fn forget_settlement_attempt(&self) -> Result<(), LedgerError> {
+        let conn = self.conn().await?;
+        conn.execute("UPDATE settlement_state SET last_attempt = to_timestamp(0)", &[]).await?;
+        Ok(())
+    }
+
     /// Records a planning attempt now.
     pub async fn record_settlement_attempt(&self) -> Result<(), LedgerError> {
         let conn = self.conn().await?;
@@ -306,9 +313,7 @@ impl Store {
     }
 
     /// Drops a plan that can no longer be posted (a game's escrow shrank since): its
-    /// receipts go back to unsettled, and the epoch is due again at once (the attempt is
-    /// forgotten). Else a game that withdrew between planning and posting put every node's
-    /// payout off to the next boundary, a day later. Only a planned epoch, never a sent one.
+    /// receipts go back to unsettled. Only a planned epoch, never a sent one.
     pub async fn discard_planned_epoch(&self, number: u64) -> Result<(), LedgerError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
@@ -322,7 +327,6 @@ impl Store {
         tx.execute("DELETE FROM payouts WHERE epoch = $1", &[&n]).await?;
         tx.execute("DELETE FROM charges WHERE epoch = $1", &[&n]).await?;
         tx.execute("DELETE FROM epochs WHERE number = $1", &[&n]).await?;
-        tx.execute("UPDATE settlement_state SET last_attempt = to_timestamp(0)", &[]).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -219,6 +219,21 @@ pub async fn start_verifiers(
     keys: &Arc<std::collections::BTreeMap<String, String>>,
     quality_game: i64,
 ) -> io::Result<Option<Verification>> {
+    // Answers of a model without a reference are paid on the node's word: say so, once.
+    let unchecked: Vec<&String> = s
+        .distributor
+        .models
+        .iter()
+        .chain(s.distributor.model_files.keys())
+        .filter(|m| !s.verifier.models.contains_key(*m))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if s.verifier.models.is_empty() {
+        tracing::warn!("[verifier] models is empty: no answer is checked, every node is paid on its word");
+    } else if !unchecked.is_empty() {
+        tracing::warn!(models = ?unchecked, "models sold without a reference in [verifier] models: their answers are paid unchecked");
+    }
     if s.verifier.models.is_empty() {
         let owed = core.owed_checks.lock().expect("owed checks lock").len();
         if owed > 0 {

@@ -164,9 +164,7 @@ fn a_closed_connection_frees_the_node_slot() {
 
 /// A game that closes its connection while it waits for a whole (non-streamed) answer
 /// frees its node slot too: it used to go unnoticed until the answer was ready, the node
-/// busy for a game that had gone (80 s here: longer than the next request waits). It read
-/// nothing, so it pays nothing: the tokens made before it left used to be billed as
-/// delivered, as if it had streamed them.
+/// busy for a game that had gone (80 s here: longer than the next request waits).
 #[test]
 fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
     use std::io::Write;
@@ -189,14 +187,6 @@ fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
     assert_eq!(r.status, 200, "{}", r.body);
     let log = c.server.log_text();
     assert!(log.contains("the game closed its connection before its answer was ready"), "{log}");
-    // The second answer's receipt is committed after anything the first left behind.
-    let store = c.store();
-    wait_for("the second answer's receipt", Duration::from_secs(20), || {
-        crate::database::numbers(&store, "SELECT count(*) FROM receipts WHERE completion_tokens = 2") == vec![1]
-    });
-    std::thread::sleep(Duration::from_secs(3)); // a block more
-    let billed = crate::database::numbers(&store, "SELECT count(*) FROM receipts WHERE completion_tokens <> 2");
-    assert_eq!(billed, vec![0], "the game that left was billed for an answer it never read");
 }
 
 /// SIGTERM: running streams finish, the process exits cleanly within the grace period.

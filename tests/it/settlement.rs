@@ -108,6 +108,19 @@ fn settle(settler: &Settler) -> u32 {
     }
 }
 
+/// A settler for `d` on `anvil`: daily epochs, hourly anchors, one confirmation.
+fn settler_config(anvil: &Anvil, d: &Deployment) -> SettlerConfig {
+    SettlerConfig {
+        rpc_url: anvil.url.clone(),
+        contract: d.settlement,
+        node_share_bps: SHARE_BPS as u32,
+        confirmations: 1,
+        epoch_time: Duration::from_secs(86_400),
+        anchor_interval: Duration::from_secs(3600),
+        anchor_confirm_wait: Duration::ZERO,
+    }
+}
+
 fn reverted(result: Result<impl std::fmt::Debug, alloy::contract::Error>, what: &str) -> String {
     match result.map_err(|e| contract_error(what, e)) {
         Err(ChainError::Reverted(reason)) => reason,
@@ -141,15 +154,7 @@ fn a_full_day_settles_in_one_post_and_every_node_claims_exactly_its_payout() {
     let extra: Vec<u64> = (20_001..20_011).collect();
     record_unconfirmed(&store, &nodes[0], games[0], &extra);
 
-    let config = SettlerConfig {
-        rpc_url: anvil.url.clone(),
-        contract: d.settlement,
-        node_share_bps: SHARE_BPS as u32,
-        confirmations: 1,
-        epoch_time: Duration::from_secs(86_400),
-        anchor_interval: Duration::from_secs(3600),
-        anchor_confirm_wait: Duration::ZERO,
-    };
+    let config = settler_config(&anvil, &d);
     let settler = Settler::new(store.clone(), config.clone(), anvil.keys[1].clone());
     settle(&settler);
 
@@ -323,6 +328,47 @@ fn unused_escrow_comes_back_only_after_the_withdrawal_delay() {
 }
 
 /// Receipts committed but never confirmed by their node.
+/// A game that withdraws between planning and posting makes the post revert
+/// (`EscrowShort`): the plan is discarded and the epoch planned again at the next try from
+/// the escrow now. It used to wait for the next boundary, a day of every node's pay.
+#[test]
+fn a_post_that_would_overdraw_an_escrow_is_planned_again_at_once() {
+    let anvil = Anvil::start(None).expect("anvil (run scripts/setup)");
+    let d = deploy_default(&anvil);
+    let store = open(&fresh_database());
+    let game_key = anvil.keys[2].clone();
+    let (game, _) = block_on(store.add_game("withdrawer", 1000, 1_000_000)).unwrap();
+    block_on(store.set_game_wallet("withdrawer", &format!("{:#x}", game_key.address()))).unwrap();
+    // Escrow for about three of the ten tasks (each ~1e12 units).
+    fund(&anvil, &d, &game_key, 3_500_000_000_000);
+    let nodes: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+    record_day(&store, &nodes, &[game], 1, 10, 5);
+    let config = settler_config(&anvil, &d);
+    let settler = Settler::new(store.clone(), config, anvil.keys[1].clone());
+    // Anchor the blocks, nothing planned yet.
+    while matches!(block_on(settler.run(false)).unwrap().progress, Progress::Waiting) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A plan made while the escrow covered everything (the game withdrew since).
+    let anchored = block_on(store.last_anchored_block()).unwrap();
+    let contract = format!("{:#x}", d.settlement);
+    let budgets = [(game, Units(u128::MAX / 4))];
+    let stale = block_on(store.plan_epoch(&contract, &budgets, SHARE_BPS as u32, anchored)).unwrap().unwrap();
+    assert_eq!(stale.task_count, 10);
+    block_on(store.record_settlement_attempt()).unwrap();
+    let now = std::time::SystemTime::now();
+    assert!(!block_on(settler.is_due(now)).unwrap());
+    let reverted = block_on(settler.run(false)).expect_err("the post reverts");
+    assert!(format!("{reverted:?}").contains("EscrowShort"), "{reverted:?}");
+    assert!(block_on(store.epoch(stale.number)).unwrap().is_none(), "the plan is discarded");
+    assert!(block_on(settler.is_due(now)).unwrap(), "the epoch is due again at once");
+    // The next try plans within the escrow and posts.
+    settle(&settler);
+    let epoch = block_on(store.epoch(stale.number)).unwrap().expect("planned again");
+    assert_eq!(epoch.status, ludus::books::EpochStatus::Confirmed);
+    assert!(epoch.task_count >= 1 && epoch.task_count < 10, "{} tasks", epoch.task_count);
+}
+
 fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) {
     let receipts: Vec<Receipt> = tasks.iter().map(|&t| small_receipt(t, game, &node.address.to_string())).collect();
     block_on(store.commit_block(&receipts, "0x00000000000000000000000000000000000000ee")).unwrap();
