@@ -57,6 +57,8 @@ pub struct ServerSettings {
     pub failed_auth_per_minute: u32,
     /// Node connections (`/ws/node` handshakes) allowed per client IP per minute; 0: no limit.
     pub node_connections_per_minute: u32,
+    /// Node links one client IP may hold open at once; 0: no limit.
+    pub node_links_per_address: u32,
     /// Reverse proxies whose forwarding headers name the client (addresses or CIDR ranges).
     pub trusted_proxies: Vec<String>,
     /// A client must send its request head within this time (slow-loris defence).

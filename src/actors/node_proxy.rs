@@ -237,6 +237,9 @@ pub struct NodeProxy {
     queued: Arc<std::sync::atomic::AtomicUsize>,
     /// Heartbeats reach the Distributor at most four times a heartbeat interval.
     load_pacer: LoadPacer,
+    /// What the link's creator needs kept while the link lives, dropped with the actor (the
+    /// HTTP layer's place for it in its address's count of open links).
+    _held: Option<Box<dyn std::any::Any>>,
 }
 
 impl NodeProxy {
@@ -339,7 +342,14 @@ impl NodeProxy {
             capacity: 1,
             queued,
             load_pacer: LoadPacer::new(config_gap),
+            _held: None,
         }
+    }
+
+    /// The proxy keeps `held` for its life (a guard its creator drops with the link).
+    pub fn holding(mut self, held: impl std::any::Any) -> Self {
+        self._held = Some(Box::new(held));
+        self
     }
 
     /// Hands a frame to the writer, counting the bytes it holds.

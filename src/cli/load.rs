@@ -142,6 +142,7 @@ async fn self_host(settings: &Settings, args: &LoadArgs) -> anyhow::Result<(Stri
     s.distributor.queue_capacity = 100_000;
     // Every node connects from loopback.
     s.server.node_connections_per_minute = 0;
+    s.server.node_links_per_address = 0;
     if let Some(path) = &args.node_model {
         // The server reads the model's tokenizer: it counts prompts itself, and routing by
         // prefix needs the prompt's tokens.

@@ -89,7 +89,7 @@ impl AuthThrottle {
 
 /// What a client is counted by: its IPv4 address, or its IPv6 /64 (one subscriber's
 /// network: an attacker holds a whole /64 and could take a fresh address per request).
-fn client_key(ip: IpAddr) -> IpAddr {
+pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

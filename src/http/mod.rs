@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod disconnect;
 pub mod errors;
 pub mod metrics;
+pub mod node_links;
 pub mod node_ws;
 pub mod openai;
 pub mod registry_api;

@@ -37,6 +37,8 @@ pub struct AppState {
     pub proof_throttle: super::auth_throttle::AuthThrottle,
     /// Node connections per client IP (`None`: no limit).
     pub node_throttle: Option<super::auth_throttle::AuthThrottle>,
+    /// Node links each client IP holds open.
+    pub node_links: std::sync::Arc<super::node_links::NodeLinks>,
     /// Whose forwarding headers name the client (for that throttle).
     pub trusted_proxies: super::client_addr::TrustedProxies,
     /// Fault injection for resilience drills (`server.chaos`).

@@ -94,6 +94,7 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         node_throttle: (s.server.node_connections_per_minute > 0).then(|| {
             crate::http::auth_throttle::AuthThrottle::reads("node connections", s.server.node_connections_per_minute)
         }),
+        node_links: crate::http::node_links::NodeLinks::new(s.server.node_links_per_address),
         trusted_proxies: crate::http::client_addr::TrustedProxies::parse(&s.server.trusted_proxies)
             .map_err(std::io::Error::other)?,
         chaos: s.server.chaos,

@@ -217,6 +217,43 @@ fn node_connections_are_limited_per_client_address() {
     assert_eq!(c.get("/health").0, 200);
 }
 
+/// One address may hold `node_links_per_address` node links open at once (a silent
+/// authenticated link may stay minutes, and every link sits in the table each job's choice
+/// scans); a link that closes gives its place back.
+#[test]
+fn node_links_open_at_once_are_limited_per_client_address() {
+    use std::io::{BufRead, BufReader, Write};
+    let c = Cluster::start_with_server("node_links_per_address = 3\n", "");
+    let upgrade = || {
+        let mut socket = std::net::TcpStream::connect(&c.addr).unwrap();
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        socket
+            .write_all(
+                b"GET /ws/node HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .unwrap();
+        let mut reader = BufReader::new(socket.try_clone().unwrap());
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        (status, socket)
+    };
+    let mut open: Vec<_> = (0..3).map(|_| upgrade()).collect();
+    assert!(
+        open.iter().all(|(s, _)| s.starts_with("HTTP/1.1 101")),
+        "{:?}",
+        open.iter().map(|o| &o.0).collect::<Vec<_>>()
+    );
+    let (refused, _) = upgrade();
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    // One link closes: its place comes back once the server has noticed.
+    drop(open.pop());
+    crate::cluster::wait_for("a freed place", std::time::Duration::from_secs(20), || {
+        upgrade().0.starts_with("HTTP/1.1 101")
+    });
+    drop(open);
+}
+
 /// A node serving a protected bundle gets its key only inside the sealed session, loads it
 /// in memory, and answers exactly like a node serving the original model.
 #[test]
