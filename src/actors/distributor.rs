@@ -29,6 +29,8 @@ const MAX_SEEN_MODELS: usize = 1024;
 /// How long a quality-check re-run may wait for a second node (nobody waits for its answer,
 /// and a second node may still be loading its model) when the queue timeout is shorter.
 const RERUN_QUEUE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Node addresses kept in quarantine at most.
+const MAX_QUARANTINED: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct DistributorConfig {
@@ -209,13 +211,23 @@ impl Distributor {
         Ok(())
     }
 
-    /// Takes a node out of rotation for `duration` (kept across its reconnects).
+    /// Takes a node out of rotation for `duration` (kept across its reconnects). At most
+    /// [`MAX_QUARANTINED`] are kept (notices come from other servers too): past it, the one
+    /// whose quarantine ends first goes.
     fn quarantine(&mut self, address: String, duration: Duration) {
         let now = Instant::now();
         let until = now + duration;
+        if self.quarantined.len() >= MAX_QUARANTINED {
+            self.quarantined.retain(|_, until| *until > now);
+        }
+        if self.quarantined.len() >= MAX_QUARANTINED && !self.quarantined.contains_key(&address) {
+            let soonest = self.quarantined.iter().min_by_key(|(_, until)| **until).map(|(a, _)| a.clone());
+            if let Some(soonest) = soonest {
+                self.quarantined.remove(&soonest);
+            }
+        }
         let entry = self.quarantined.entry(address).or_insert(until);
         *entry = (*entry).max(until);
-        self.quarantined.retain(|_, until| *until > now);
     }
 
     fn is_quarantined(&self, address: &str, now: Instant) -> bool {
@@ -915,6 +927,28 @@ impl Handler<super::supervisor::InjectPanic> for Distributor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quarantine_table_is_bounded_and_keeps_the_longest() {
+        let config = DistributorConfig {
+            queue_capacity: 1,
+            queue_timeout: Duration::from_secs(1),
+            max_attempts: 1,
+            catalog: vec![],
+            quarantine: Duration::from_secs(1),
+            prefix_routing: true,
+        };
+        let mut distributor = Distributor::new(config, Peers::new(Duration::from_secs(3)));
+        distributor.quarantine("0xlong".into(), Duration::from_secs(86_400));
+        for i in 0..MAX_QUARANTINED + 10 {
+            distributor.quarantine(format!("0x{i:040x}"), Duration::from_secs(600 + i as u64));
+        }
+        assert_eq!(distributor.quarantined.len(), MAX_QUARANTINED);
+        let now = Instant::now();
+        assert!(distributor.is_quarantined("0xlong", now), "the longest quarantine stays");
+        assert!(!distributor.is_quarantined(&format!("0x{:040x}", 0), now), "the soonest to end went");
+        assert!(distributor.is_quarantined(&format!("0x{:040x}", MAX_QUARANTINED + 9), now));
+    }
 
     #[test]
     fn a_plain_job_that_found_no_room_spares_the_larger_ones_the_search() {

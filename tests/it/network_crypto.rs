@@ -181,34 +181,37 @@ fn wrong_handshakes_are_refused_with_a_reason() {
     });
 }
 
+/// Asks `addr` to upgrade to a node websocket: the response head, and the socket (open
+/// while held, for a 101).
+fn ws_upgrade(addr: &str) -> (String, std::net::TcpStream) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    socket
+        .write_all(
+            b"GET /ws/node HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = String::new();
+    let mut reader = BufReader::new(socket.try_clone().unwrap());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    (head, socket)
+}
+
 /// Node identities are free, and every handshake costs the server a key exchange and a
 /// signature before the node proves anything: each client IP gets
 /// `node_connections_per_minute` of them, then 429 with Retry-After.
 #[test]
 fn node_connections_are_limited_per_client_address() {
-    use std::io::{BufRead, BufReader, Write};
     let c = Cluster::start_with_server("node_connections_per_minute = 5\n", "");
-    let upgrade = || {
-        let mut socket = std::net::TcpStream::connect(&c.addr).unwrap();
-        socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-        socket
-            .write_all(
-                b"GET /ws/node HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            )
-            .unwrap();
-        let mut head = String::new();
-        let mut reader = BufReader::new(socket);
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-                break;
-            }
-            head.push_str(&line);
-        }
-        head
-    };
-    let heads: Vec<String> = (0..8).map(|_| upgrade()).collect();
+    let heads: Vec<String> = (0..8).map(|_| ws_upgrade(&c.addr).0).collect();
     let switched = heads.iter().filter(|h| h.starts_with("HTTP/1.1 101")).count();
     let refused: Vec<&String> = heads.iter().filter(|h| h.starts_with("HTTP/1.1 429")).collect();
     assert_eq!((switched, refused.len()), (5, 3), "{heads:#?}");
@@ -222,22 +225,8 @@ fn node_connections_are_limited_per_client_address() {
 /// scans); a link that closes gives its place back.
 #[test]
 fn node_links_open_at_once_are_limited_per_client_address() {
-    use std::io::{BufRead, BufReader, Write};
     let c = Cluster::start_with_server("node_links_per_address = 3\n", "");
-    let upgrade = || {
-        let mut socket = std::net::TcpStream::connect(&c.addr).unwrap();
-        socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-        socket
-            .write_all(
-                b"GET /ws/node HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            )
-            .unwrap();
-        let mut reader = BufReader::new(socket.try_clone().unwrap());
-        let mut status = String::new();
-        reader.read_line(&mut status).unwrap();
-        (status, socket)
-    };
+    let upgrade = || ws_upgrade(&c.addr);
     let mut open: Vec<_> = (0..3).map(|_| upgrade()).collect();
     assert!(
         open.iter().all(|(s, _)| s.starts_with("HTTP/1.1 101")),

@@ -138,6 +138,7 @@ impl Cluster {
         sessions: Arc<Sessions>,
     ) -> Result<async_nats::Client, String> {
         let address = url.parse::<async_nats::ServerAddr>().map_err(|e| format!("cluster.nats_url: {e}"))?;
+        warn_if_open(&address);
         let options = match (address.username(), address.password()) {
             (Some(user), Some(password)) => {
                 async_nats::ConnectOptions::with_user_and_password(percent_decoded(user)?, percent_decoded(password)?)
@@ -276,12 +277,36 @@ impl Cluster {
     fn listen_quarantines(&self, ctx: &mut Context<Self>) {
         let distributor = self.distributor.clone();
         self.listen(ctx, wire::ANY_QUARANTINE.into(), move |publisher, payload| {
-            if let Ok(q) = serde_json::from_slice::<Quarantine>(&payload) {
-                tracing::debug!(%publisher, node = %q.address, "quarantine announced");
-                let duration = Duration::from_secs(q.seconds.min(86_400));
-                distributor.do_send(QuarantineNode { address: q.address, duration, announce: false });
-            }
+            let Ok(q) = serde_json::from_slice::<Quarantine>(&payload) else { return };
+            // A node address, written as this server writes it (the table is keyed by it);
+            // anything else would only fill the table.
+            let Ok(address) = q.address.parse::<crate::crypto::identity::Address>() else {
+                tracing::debug!(%publisher, "a quarantine notice without a node address; ignored");
+                return;
+            };
+            tracing::debug!(%publisher, node = %address, "quarantine announced");
+            let duration = Duration::from_secs(q.seconds.min(86_400));
+            distributor.do_send(QuarantineNode { address: address.to_string(), duration, announce: false });
         });
+    }
+}
+
+/// Says at start when the cluster's NATS looks open to anyone who can reach it: every
+/// message on it is trusted as a server's (adverts, forwarded jobs, tokens, quarantines,
+/// charges), and it carries prompts. `docs/operations.md` shows the locked-down setup.
+fn warn_if_open(address: &async_nats::ServerAddr) {
+    if !address.has_user_pass() {
+        tracing::warn!(
+            "cluster.nats_url has no user: unless the NATS server itself refuses strangers, anyone who can \
+             reach it can pose as a server of this network (run `ludus cluster nats-user`)"
+        );
+    }
+    let loopback = matches!(address.host(), "localhost" | "127.0.0.1" | "::1");
+    if !address.tls_required() && !loopback {
+        tracing::warn!(
+            host = address.host(),
+            "cluster.nats_url is not tls://: prompts, tokens and credentials cross the network in clear"
+        );
     }
 }
 
