@@ -928,8 +928,8 @@ impl Handler<super::supervisor::InjectPanic> for Distributor {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_quarantine_table_is_bounded_and_keeps_the_longest() {
+    /// A Distributor with no nodes and no actors around it.
+    fn bare_distributor() -> Distributor {
         let config = DistributorConfig {
             queue_capacity: 1,
             queue_timeout: Duration::from_secs(1),
@@ -938,7 +938,12 @@ mod tests {
             quarantine: Duration::from_secs(1),
             prefix_routing: true,
         };
-        let mut distributor = Distributor::new(config, Peers::new(Duration::from_secs(3)));
+        Distributor::new(config, Peers::new(Duration::from_secs(3)))
+    }
+
+    #[test]
+    fn the_quarantine_table_is_bounded_and_keeps_the_longest() {
+        let mut distributor = bare_distributor();
         distributor.quarantine("0xlong".into(), Duration::from_secs(86_400));
         for i in 0..MAX_QUARANTINED + 10 {
             distributor.quarantine(format!("0x{i:040x}"), Duration::from_secs(600 + i as u64));
@@ -966,15 +971,7 @@ mod tests {
 
     #[test]
     fn names_nodes_announce_are_remembered_up_to_a_bound() {
-        let config = DistributorConfig {
-            queue_capacity: 1,
-            queue_timeout: Duration::from_secs(1),
-            max_attempts: 1,
-            catalog: vec![],
-            quarantine: Duration::from_secs(1),
-            prefix_routing: true,
-        };
-        let mut distributor = Distributor::new(config, Peers::new(Duration::from_secs(3)));
+        let mut distributor = bare_distributor();
         for batch in 0..100 {
             let names: Vec<String> = (0..16).map(|i| format!("rogue-{batch}-{i}")).collect();
             distributor.remember_models(&names);
