@@ -94,7 +94,7 @@ impl Gateway {
 
     /// The key's buckets, sized for this server's share of its limits.
     fn limits(&mut self, info: &KeyInfo, now: Instant) -> &mut KeyLimits {
-        let servers = self.peers.servers(now);
+        let servers = self.peers.limit_share(now);
         let (rpm, tpm) = (info.requests_per_minute, info.tokens_per_minute);
         let limits = self.limits.entry(info.hash.clone()).or_insert_with(|| KeyLimits {
             requests: Bucket::per_minute_share(rpm, servers, now),

@@ -33,6 +33,9 @@ pub struct Peers {
     /// NATS is unreachable: no server is offered work or counted until it is back (the
     /// table is kept, so jobs in flight survive a blip shorter than the timeout).
     link_down: std::sync::atomic::AtomicBool,
+    /// Servers counted when the link went down: each keeps its share of a game's limits
+    /// meanwhile (else every server would admit the whole limit, the network N times it).
+    servers_at_loss: std::sync::atomic::AtomicUsize,
     /// Jobs this server sent to another one (`/metrics`).
     pub forwarded: std::sync::atomic::AtomicU64,
     /// Jobs this server ran for another one (`/metrics`).
@@ -48,6 +51,7 @@ impl Peers {
             timeout,
             cluster: OnceLock::new(),
             link_down: Default::default(),
+            servers_at_loss: std::sync::atomic::AtomicUsize::new(1),
             forwarded: Default::default(),
             served_for_others: Default::default(),
         })
@@ -100,7 +104,10 @@ impl Peers {
     /// The link to NATS is down: no other server is offered work or counted (jobs already
     /// crossing are given the timeout: NATS may be back before it).
     pub fn link_lost(&self) {
-        self.link_down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let counted = self.servers(Instant::now());
+        if !self.link_down.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.servers_at_loss.store(counted, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The link to NATS is back; the others count again as their adverts arrive.
@@ -117,6 +124,18 @@ impl Peers {
     /// Servers in the network, this one included.
     pub fn servers(&self, now: Instant) -> usize {
         1 + self.table().values().filter(|p| self.fresh(p, now)).count()
+    }
+
+    /// How many servers share a game's limits: the servers of the network, or while NATS is
+    /// down, as many as there were when it went (the others most likely still serve their
+    /// share of the games behind the balancer: counting this one alone would let each of
+    /// them admit the whole limit).
+    pub fn limit_share(&self, now: Instant) -> usize {
+        if self.link_down.load(std::sync::atomic::Ordering::Relaxed) {
+            self.servers_at_loss.load(std::sync::atomic::Ordering::Relaxed).max(1)
+        } else {
+            self.servers(now)
+        }
     }
 
     /// Whether a live server has nodes serving `model`.
@@ -209,11 +228,17 @@ mod tests {
         peers.heard(advert("c", "m", 1, 1), later);
         peers.link_lost();
         assert_eq!(peers.servers(later), 1, "NATS down: alone");
+        let much_later = later + Duration::from_secs(600);
+        assert_eq!(peers.limit_share(much_later), 2, "limits stay shared as when NATS went");
+        peers.link_lost(); // told twice: the count at the first loss stays
         assert!(!peers.serve("m", later) && peers.served("m"), "unreachable, but remembered as a model of the network");
         assert_eq!(peers.take_room("m", later), None);
         assert!(peers.alive("c", later), "jobs crossing to c are given the timeout");
+        assert_eq!(peers.limit_share(much_later), 2);
         peers.link_restored();
         assert_eq!(peers.servers(later), 2);
+        assert_eq!(peers.limit_share(later), 2);
+        assert_eq!(peers.limit_share(much_later), 1, "back, and nobody else heard");
         assert_eq!(peers.take_room("m", later).as_deref(), Some("c"), "its room was kept for when NATS is back");
     }
 }
