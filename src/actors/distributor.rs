@@ -162,12 +162,22 @@ pub struct Distributor {
     /// The Gateway's per-key token budgets, for answers that end here (a stream whose
     /// node died after its last token); set once the Gateway runs.
     usage: Arc<std::sync::OnceLock<Recipient<RecordUsage>>>,
+    /// Where quarantines decided here are written (they outlive this process).
+    store: Option<crate::ledger::Store>,
 }
 
 impl Distributor {
     /// With the slot the Gateway's budgets will be put in (it starts after this actor).
     pub fn charging(mut self, usage: Arc<std::sync::OnceLock<Recipient<RecordUsage>>>) -> Self {
         self.usage = usage;
+        self
+    }
+
+    /// Writes the quarantines this server decides to the ledger: a node caught cheating
+    /// must not escape them by waiting for a restart, or by moving to a server that did not
+    /// hear the notice (each reads them when a node joins).
+    pub fn persisting(mut self, store: crate::ledger::Store) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -187,6 +197,7 @@ impl Distributor {
             peers,
             departed: HashMap::new(),
             usage: Arc::default(),
+            store: None,
         }
     }
 
@@ -214,7 +225,15 @@ impl Distributor {
     /// Takes a node out of rotation for `duration` (kept across its reconnects). At most
     /// [`MAX_QUARANTINED`] are kept (notices come from other servers too): past it, the one
     /// whose quarantine ends first goes.
-    fn quarantine(&mut self, address: String, duration: Duration) {
+    fn quarantine(&mut self, address: String, duration: Duration, decided_here: bool) {
+        if let (true, Some(store)) = (decided_here, self.store.clone()) {
+            let node = address.clone();
+            actix::spawn(async move {
+                if let Err(e) = store.record_quarantine(&node, duration).await {
+                    tracing::warn!(%node, error = %e, "could not write a quarantine to the ledger (it holds on this server)");
+                }
+            });
+        }
         let now = Instant::now();
         let until = now + duration;
         if self.quarantined.len() >= MAX_QUARANTINED {
@@ -779,7 +798,7 @@ impl Handler<VerificationDone> for Distributor {
         let address = msg.node.to_string();
         tracing::warn!(node = %address, task = %msg.task, detail = %msg.detail,
             quarantine_s = self.config.quarantine.as_secs(), "node quarantined: proof of inference failed");
-        self.quarantine(address.clone(), self.config.quarantine);
+        self.quarantine(address.clone(), self.config.quarantine, true);
         if let Some(cluster) = self.peers.cluster() {
             cluster.do_send(Outbound::Quarantine { address, duration: self.config.quarantine });
         }
@@ -803,7 +822,7 @@ impl Handler<QuarantineNode> for Distributor {
                 cluster.do_send(Outbound::Quarantine { address: msg.address.clone(), duration: msg.duration });
             }
         }
-        self.quarantine(msg.address, msg.duration);
+        self.quarantine(msg.address, msg.duration, msg.announce);
     }
 }
 
@@ -944,9 +963,9 @@ mod tests {
     #[test]
     fn the_quarantine_table_is_bounded_and_keeps_the_longest() {
         let mut distributor = bare_distributor();
-        distributor.quarantine("0xlong".into(), Duration::from_secs(86_400));
+        distributor.quarantine("0xlong".into(), Duration::from_secs(86_400), false);
         for i in 0..MAX_QUARANTINED + 10 {
-            distributor.quarantine(format!("0x{i:040x}"), Duration::from_secs(600 + i as u64));
+            distributor.quarantine(format!("0x{i:040x}"), Duration::from_secs(600 + i as u64), false);
         }
         assert_eq!(distributor.quarantined.len(), MAX_QUARANTINED);
         let now = Instant::now();

@@ -53,6 +53,8 @@ pub struct Registry {
     completions: Option<std::sync::Arc<super::completion_log::CompletionLog>>,
     /// Told when a node is flagged for steering (the Distributor quarantines it).
     quarantine: Option<Recipient<VerificationDone>>,
+    /// Told of a joining node's quarantine the ledger holds (the Distributor applies it).
+    rejoin_quarantine: Option<Recipient<QuarantineNode>>,
     /// The checks owed: settled once their verdict is written, synced before each block.
     checks: Option<std::sync::Arc<CheckLog>>,
     /// Verdicts the database refused, waiting to be written again.
@@ -72,6 +74,7 @@ impl Registry {
             dropped: 0,
             completions: None,
             quarantine: None,
+            rejoin_quarantine: None,
             checks: None,
             retrying: 0,
         }
@@ -86,6 +89,12 @@ impl Registry {
     /// With a recipient that quarantines nodes flagged for steering.
     pub fn with_quarantine(mut self, quarantine: Recipient<VerificationDone>) -> Self {
         self.quarantine = Some(quarantine);
+        self
+    }
+
+    /// With a recipient that applies the quarantine a joining node still has in the ledger.
+    pub fn with_rejoin_quarantine(mut self, quarantine: Recipient<QuarantineNode>) -> Self {
+        self.rejoin_quarantine = Some(quarantine);
         self
     }
 
@@ -441,25 +450,31 @@ impl Handler<NodeJoined> for Registry {
     type Result = ();
 
     /// Restores the policy's state of a node from the ledger: its tasks count towards its
-    /// first ones, a low reputation makes it a suspect again, and delivered tokens left
-    /// unchecked since its last verified task have every task checked again, whatever
-    /// restarted.
+    /// first ones, a low reputation makes it a suspect again, delivered tokens left
+    /// unchecked since its last verified task have every task checked again, and a
+    /// quarantine not over keeps it out of rotation, whatever restarted.
     fn handle(&mut self, msg: NodeJoined, ctx: &mut Self::Context) {
         let Some((policy, floor)) = self.policy.clone() else { return };
         let store = self.store.clone();
         let up_to = i64::try_from(policy.first_tasks()).unwrap_or(i64::MAX);
+        let rejoin_quarantine = self.rejoin_quarantine.clone();
         async move {
             let node = msg.node.to_string();
             let (tasks, reputation) = store.node_standing(&node, up_to).await?;
-            Ok::<_, crate::ledger::LedgerError>((tasks, reputation, store.owes_a_verified_task(&node).await?))
+            let quarantine = store.quarantine_left(&node).await?;
+            Ok::<_, crate::ledger::LedgerError>((tasks, reputation, store.owes_a_verified_task(&node).await?, quarantine))
         }
         .into_actor(self)
         .map(move |result, _, _| match result {
-            Ok((tasks, reputation, owes)) => {
+            Ok((tasks, reputation, owes, quarantine)) => {
                 policy.restore(&msg.node, tasks);
                 policy.set_suspect(&msg.node, reputation < floor);
                 if owes {
                     policy.check_until_verified(&msg.node);
+                }
+                if let (Some(duration), Some(to)) = (quarantine, rejoin_quarantine) {
+                    tracing::warn!(node = %msg.node, left_s = duration.as_secs(), "a quarantined node joined; kept out of rotation");
+                    to.do_send(QuarantineNode { address: msg.node.to_string(), duration, announce: false });
                 }
             }
             Err(e) => tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing"),

@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (10, "delivery_checks", include_str!("../../migrations/0010_delivery_checks.sql")),
     (11, "delivery_backlog", include_str!("../../migrations/0011_delivery_backlog.sql")),
     (12, "delivery_unverifiable", include_str!("../../migrations/0012_delivery_unverifiable.sql")),
+    (13, "quarantine", include_str!("../../migrations/0013_quarantine.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

@@ -207,6 +207,34 @@ impl Store {
     /// What the verification policy needs to know of a node after a restart: its recorded
     /// tasks (capped at `up_to`: only "more than the first few" matters) and its
     /// reputation (10,000 for a node the registry has never seen).
+    /// Keeps `node` out of rotation for `duration` from now, or longer if it already is.
+    pub async fn record_quarantine(&self, node: &str, duration: std::time::Duration) -> Result<(), LedgerError> {
+        let conn = self.conn().await?;
+        let seconds = duration.as_secs_f64();
+        conn.execute(
+            "INSERT INTO nodes (address, quarantined_until) VALUES ($1, now() + make_interval(secs => $2))
+             ON CONFLICT (address) DO UPDATE SET quarantined_until =
+                 greatest(coalesce(nodes.quarantined_until, now()), excluded.quarantined_until)",
+            &[&node, &seconds],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// How long `node` stays out of rotation from now (`None`: it is not).
+    pub async fn quarantine_left(&self, node: &str) -> Result<Option<std::time::Duration>, LedgerError> {
+        let conn = self.conn().await?;
+        let left: Option<f64> = conn
+            .query_opt(
+                "SELECT extract(epoch FROM quarantined_until - now())::float8 FROM nodes
+                 WHERE address = $1 AND quarantined_until > now()",
+                &[&node],
+            )
+            .await?
+            .map(|r| r.get(0));
+        Ok(left.and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()))
+    }
+
     pub async fn node_standing(&self, node: &str, up_to: i64) -> Result<(u64, i32), LedgerError> {
         let conn = self.conn().await?;
         let (tasks, reputation) = conn

@@ -64,8 +64,10 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
     let peers = Peers::new(Duration::from_millis(s.cluster.peer_timeout_ms.max(1)));
     let budgets: Arc<std::sync::OnceLock<Recipient<RecordUsage>>> = Arc::default();
     let distributor = {
-        let (peers, budgets) = (peers.clone(), budgets.clone());
-        supervisor::start("distributor", move |_| Distributor::new(config, peers).charging(budgets))
+        let (peers, budgets, store) = (peers.clone(), budgets.clone(), store.clone());
+        supervisor::start("distributor", move |_| {
+            Distributor::new(config.clone(), peers.clone()).charging(budgets.clone()).persisting(store.clone())
+        })
     };
     let clock = {
         let (block, epoch) = (Duration::from_millis(s.clock.block_time_ms), Duration::from_secs(s.clock.epoch_time_s));
@@ -85,6 +87,7 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
         let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
         let (policy, floor) = (policy.clone(), s.verifier.suspect_below);
         let (completions, quarantine) = (completions.clone(), distributor.clone().recipient());
+        let rejoined = distributor.clone().recipient();
         let checks = checks.clone();
         supervisor::start("registry", move |_| {
             Registry::new(store, server, max)
@@ -92,6 +95,7 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
                 .with_completion_log(completions)
                 .with_check_log(checks)
                 .with_quarantine(quarantine.clone())
+                .with_rejoin_quarantine(rejoined.clone())
         })
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));

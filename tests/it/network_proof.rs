@@ -807,6 +807,57 @@ fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
     engine.shutdown();
 }
 
+/// A quarantine outlives the server that decided it: it is in the ledger, and a server
+/// reads it when the node joins (after a restart, or on another server of the network that
+/// missed the notice). It used to live in one process's memory: a node caught cheating
+/// waited for a restart, or moved to another server, and was given work at once.
+#[test]
+fn a_quarantine_outlives_a_server_restart() {
+    let Some(path) = smollm2() else { return };
+    let mut cluster = Cluster::start(&verifier_config(&path));
+    let (model, engine) = liar_model(&path);
+    let secret = [11u8; 32];
+    let identity = || ludus::crypto::identity::Identity::from_secret(&secret).unwrap();
+    let body = r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Name a colour."}]}"#;
+    let ask = |addr: String, key: String| {
+        std::thread::spawn(move || {
+            super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes())
+        })
+    };
+    let system = actix_rt::System::new();
+    // The rogue edits a token of its answer: the verifier catches it.
+    let mut rogue = system.block_on(Rogue::join_as(&cluster.addr, MODEL, identity()));
+    let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
+    let game = ask(cluster.addr.clone(), cluster.key.clone());
+    let task = system.block_on(rogue.next_task(Duration::from_secs(30))).expect("the rogue gets the task");
+    let mut last = None;
+    system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
+    let _ = game.join();
+    let store = cluster.store();
+    let written = "SELECT count(*) FROM nodes WHERE quarantined_until > now() + interval '30 seconds'";
+    let started = std::time::Instant::now();
+    while numbers(&store, written) != vec![1] {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no quarantine in the ledger:\n{}",
+            cluster.server.log_text()
+        );
+        system.block_on(rogue.idle(&mut [], Duration::from_millis(100)));
+    }
+    drop(rogue);
+    // The server restarts; the rogue comes back as the model's only node: no work.
+    cluster.restart_server();
+    let mut again = system.block_on(Rogue::join_as(&cluster.addr, MODEL, identity()));
+    let _ = system.block_on(again.next_task(Duration::from_millis(300)));
+    let _waiting = ask(cluster.addr.clone(), cluster.key.clone());
+    assert!(
+        system.block_on(again.next_task(Duration::from_secs(3))).is_none(),
+        "a quarantined node got work from the restarted server"
+    );
+    assert!(cluster.server.log_text().contains("a quarantined node joined; kept out of rotation"));
+    engine.shutdown();
+}
+
 /// A quality-check re-run waits in the queue for a second node; on a one-node network it
 /// must not hold up the requests that come after it (they used to wait for the queue
 /// timeout and get 503).
