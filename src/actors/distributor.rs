@@ -815,7 +815,7 @@ impl Handler<QuarantineNode> for Distributor {
         if msg.announce {
             tracing::warn!(node = %msg.address, quarantine_s, "node quarantined by this server (told to the cluster)");
         } else {
-            tracing::warn!(node = %msg.address, quarantine_s, "node quarantined by the cluster");
+            tracing::warn!(node = %msg.address, quarantine_s, "node quarantined by the cluster (or the ledger, on joining)");
         }
         if msg.announce {
             if let Some(cluster) = self.peers.cluster() {

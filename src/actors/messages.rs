@@ -433,9 +433,10 @@ pub struct DeliveryChecked {
     pub detail: String,
 }
 
-/// A node joined: restore the verification policy's state of it from the ledger.
+/// A node joined: restore the verification policy's state of it from the ledger; answers
+/// how long its quarantine has left (`None`: none, or the ledger could not be read).
 #[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
+#[rtype(result = "Option<std::time::Duration>")]
 pub struct NodeJoined {
     pub node: Address,
 }

@@ -237,12 +237,44 @@ pub struct NodeProxy {
     queued: Arc<std::sync::atomic::AtomicUsize>,
     /// Heartbeats reach the Distributor at most four times a heartbeat interval.
     load_pacer: LoadPacer,
+    /// The ledger answered whether the node is quarantined ([`NodeJoined`]).
+    standing_known: bool,
+    /// The first heartbeat, held until then.
+    first_load: Option<NodeLoad>,
     /// What the link's creator needs kept while the link lives, dropped with the actor (the
     /// HTTP layer's place for it in its address's count of open links).
     _held: Option<Box<dyn std::any::Any>>,
 }
 
 impl NodeProxy {
+    /// A heartbeat: the first one puts the node in the Distributor's table, once the
+    /// ledger's word on its quarantine is in (held until then); every one tells its load.
+    fn on_heartbeat(&mut self, ctx: &mut Context<Self>, load: NodeLoad) {
+        if self.joining.is_some() && !self.standing_known {
+            self.first_load = Some(load);
+            return;
+        }
+        if let Some((address, models, capacity, device)) = self.joining.take() {
+            if (1..MIN_CONTEXT).contains(&load.context) {
+                let context = load.context;
+                return self.fail(ctx, format!("a context of {context} tokens is below the minimum {MIN_CONTEXT}"));
+            }
+            self.registered = true;
+            self.context = (load.context as usize).min(MAX_CONTEXT);
+            self.distributor.do_send(NodeConnected {
+                id: self.id,
+                proxy: ctx.address(),
+                address: address.to_string(),
+                models,
+                capacity,
+                device,
+                context: self.context,
+            });
+        }
+        let load = bounded_load(load, self.address);
+        self.pace_load(ctx, load)
+    }
+
     /// Tells the Distributor the node's load, paced ([`LoadPacer`]): a load held back is told
     /// when its gap ends, unless a newer one replaces it first.
     fn pace_load(&mut self, ctx: &mut Context<Self>, load: NodeLoad) {
@@ -342,6 +374,8 @@ impl NodeProxy {
             capacity: 1,
             queued,
             load_pacer: LoadPacer::new(config_gap),
+            standing_known: false,
+            first_load: None,
             _held: None,
         }
     }
@@ -495,10 +529,26 @@ impl NodeProxy {
         // reconnects before the old link timed out), so a key never holds two slots.
         self.config.sessions.open(p.address, ctx.address());
         self.capacity = p.capacity;
-        if self.config.verification.is_some() {
-            self.config.registry.do_send(NodeJoined { node: p.address });
-        }
-        // The node joins the table with its first heartbeat: it may still be loading.
+        // The node joins the table with its first heartbeat (it may still be loading), and
+        // not before the ledger said whether it is quarantined (a restart, or a server that
+        // missed the notice, must not give a node caught cheating a task meanwhile).
+        let address = p.address;
+        self.config
+            .registry
+            .send(NodeJoined { node: address })
+            .into_actor(self)
+            .map(move |answer, this, ctx| {
+                if let Ok(Some(duration)) = answer {
+                    tracing::warn!(%address, left_s = duration.as_secs(), "a quarantined node joined; kept out of rotation");
+                    let address = address.to_string();
+                    this.distributor.do_send(QuarantineNode { address, duration, announce: false });
+                }
+                this.standing_known = true;
+                if let Some(load) = this.first_load.take() {
+                    this.on_heartbeat(ctx, load);
+                }
+            })
+            .spawn(ctx);
         self.address = Some(p.address);
         self.joining = Some((p.address, p.models, p.capacity, p.device));
         self.welcomed_at = Some(Instant::now());
@@ -512,28 +562,7 @@ impl NodeProxy {
             NodeMessage::Hello(_) | NodeMessage::Auth { .. } => {
                 self.fail(ctx, "handshake messages after the handshake")
             }
-            NodeMessage::Heartbeat(load) => {
-                if let Some((address, models, capacity, device)) = self.joining.take() {
-                    if (1..MIN_CONTEXT).contains(&load.context) {
-                        let context = load.context;
-                        return self
-                            .fail(ctx, format!("a context of {context} tokens is below the minimum {MIN_CONTEXT}"));
-                    }
-                    self.registered = true;
-                    self.context = (load.context as usize).min(MAX_CONTEXT);
-                    self.distributor.do_send(NodeConnected {
-                        id: self.id,
-                        proxy: ctx.address(),
-                        address: address.to_string(),
-                        models,
-                        capacity,
-                        device,
-                        context: self.context,
-                    });
-                }
-                let load = bounded_load(load, self.address);
-                self.pace_load(ctx, load)
-            }
+            NodeMessage::Heartbeat(load) => self.on_heartbeat(ctx, load),
             NodeMessage::Token { id, index, token, text, logprobs } => {
                 self.on_token(ctx, id, index, token, text, logprobs)
             }
@@ -769,10 +798,11 @@ impl NodeProxy {
             Some(Err(Refusal::NotAllowed(e))) => return self.fail(ctx, format!("task {id}: {e}")),
             Some(Err(Refusal::Broken(e))) => {
                 // Not the node's fault: the answer cannot go on, the game gets an error and
-                // pays for the tokens it read.
+                // pays for the tokens it read (a whole answer's game read none: the
+                // server's failure is not its bill).
                 tracing::warn!(task = %id, error = %e, "the grammar engine failed; ending the task");
                 let _ = run.job.events.send(JobEvent::Failed(ServeError::Internal(format!("structured output: {e}"))));
-                let delivered = run.job.emitted.len();
+                let delivered = if run.job.stream { run.job.emitted.len() } else { 0 };
                 return self.abandon(id, delivered);
             }
             None => text,

@@ -53,8 +53,6 @@ pub struct Registry {
     completions: Option<std::sync::Arc<super::completion_log::CompletionLog>>,
     /// Told when a node is flagged for steering (the Distributor quarantines it).
     quarantine: Option<Recipient<VerificationDone>>,
-    /// Told of a joining node's quarantine the ledger holds (the Distributor applies it).
-    rejoin_quarantine: Option<Recipient<QuarantineNode>>,
     /// The checks owed: settled once their verdict is written, synced before each block.
     checks: Option<std::sync::Arc<CheckLog>>,
     /// Verdicts the database refused, waiting to be written again.
@@ -74,7 +72,6 @@ impl Registry {
             dropped: 0,
             completions: None,
             quarantine: None,
-            rejoin_quarantine: None,
             checks: None,
             retrying: 0,
         }
@@ -89,12 +86,6 @@ impl Registry {
     /// With a recipient that quarantines nodes flagged for steering.
     pub fn with_quarantine(mut self, quarantine: Recipient<VerificationDone>) -> Self {
         self.quarantine = Some(quarantine);
-        self
-    }
-
-    /// With a recipient that applies the quarantine a joining node still has in the ledger.
-    pub fn with_rejoin_quarantine(mut self, quarantine: Recipient<QuarantineNode>) -> Self {
-        self.rejoin_quarantine = Some(quarantine);
         self
     }
 
@@ -447,39 +438,48 @@ fn task_steering(e: &crate::proof::steering::Evidence) -> crate::ledger::steerin
 }
 
 impl Handler<NodeJoined> for Registry {
-    type Result = ();
+    type Result = ResponseActFuture<Self, Option<std::time::Duration>>;
 
     /// Restores the policy's state of a node from the ledger: its tasks count towards its
-    /// first ones, a low reputation makes it a suspect again, delivered tokens left
-    /// unchecked since its last verified task have every task checked again, and a
-    /// quarantine not over keeps it out of rotation, whatever restarted.
-    fn handle(&mut self, msg: NodeJoined, ctx: &mut Self::Context) {
-        let Some((policy, floor)) = self.policy.clone() else { return };
+    /// first ones, a low reputation makes it a suspect again, and delivered tokens left
+    /// unchecked since its last verified task have every task checked again, whatever
+    /// restarted. Answers the quarantine the ledger holds for it, which its proxy applies
+    /// before the node enters the table.
+    fn handle(&mut self, msg: NodeJoined, _: &mut Self::Context) -> Self::Result {
+        let policy = self.policy.clone();
         let store = self.store.clone();
-        let up_to = i64::try_from(policy.first_tasks()).unwrap_or(i64::MAX);
-        let rejoin_quarantine = self.rejoin_quarantine.clone();
-        async move {
-            let node = msg.node.to_string();
-            let (tasks, reputation) = store.node_standing(&node, up_to).await?;
-            let quarantine = store.quarantine_left(&node).await?;
-            Ok::<_, crate::ledger::LedgerError>((tasks, reputation, store.owes_a_verified_task(&node).await?, quarantine))
-        }
-        .into_actor(self)
-        .map(move |result, _, _| match result {
-            Ok((tasks, reputation, owes, quarantine)) => {
-                policy.restore(&msg.node, tasks);
-                policy.set_suspect(&msg.node, reputation < floor);
-                if owes {
-                    policy.check_until_verified(&msg.node);
-                }
-                if let (Some(duration), Some(to)) = (quarantine, rejoin_quarantine) {
-                    tracing::warn!(node = %msg.node, left_s = duration.as_secs(), "a quarantined node joined; kept out of rotation");
-                    to.do_send(QuarantineNode { address: msg.node.to_string(), duration, announce: false });
-                }
+        Box::pin(
+            async move {
+                let node = msg.node.to_string();
+                let quarantine = store.quarantine_left(&node).await?;
+                let standing = match &policy {
+                    Some((policy, _)) => {
+                        let up_to = i64::try_from(policy.first_tasks()).unwrap_or(i64::MAX);
+                        let (tasks, reputation) = store.node_standing(&node, up_to).await?;
+                        Some((tasks, reputation, store.owes_a_verified_task(&node).await?))
+                    }
+                    None => None,
+                };
+                Ok::<_, crate::ledger::LedgerError>((quarantine, standing))
             }
-            Err(e) => tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing"),
-        })
-        .spawn(ctx);
+            .into_actor(self)
+            .map(move |result, this, _| match result {
+                Ok((quarantine, standing)) => {
+                    if let (Some((tasks, reputation, owes)), Some((policy, floor))) = (standing, &this.policy) {
+                        policy.restore(&msg.node, tasks);
+                        policy.set_suspect(&msg.node, reputation < *floor);
+                        if owes {
+                            policy.check_until_verified(&msg.node);
+                        }
+                    }
+                    quarantine
+                }
+                Err(e) => {
+                    tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing");
+                    None
+                }
+            }),
+        )
     }
 }
 

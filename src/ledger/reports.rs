@@ -204,9 +204,6 @@ impl Store {
 }
 
 impl Store {
-    /// What the verification policy needs to know of a node after a restart: its recorded
-    /// tasks (capped at `up_to`: only "more than the first few" matters) and its
-    /// reputation (10,000 for a node the registry has never seen).
     /// Keeps `node` out of rotation for `duration` from now, or longer if it already is.
     pub async fn record_quarantine(&self, node: &str, duration: std::time::Duration) -> Result<(), LedgerError> {
         let conn = self.conn().await?;
@@ -235,6 +232,9 @@ impl Store {
         Ok(left.and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()))
     }
 
+    /// What the verification policy needs to know of a node after a restart: its recorded
+    /// tasks (capped at `up_to`: only "more than the first few" matters) and its
+    /// reputation (10,000 for a node the registry has never seen).
     pub async fn node_standing(&self, node: &str, up_to: i64) -> Result<(u64, i32), LedgerError> {
         let conn = self.conn().await?;
         let (tasks, reputation) = conn

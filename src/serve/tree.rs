@@ -87,7 +87,6 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
         let (store, server, max) = (store.clone(), identity.address.to_string(), s.registry.max_buffered_receipts);
         let (policy, floor) = (policy.clone(), s.verifier.suspect_below);
         let (completions, quarantine) = (completions.clone(), distributor.clone().recipient());
-        let rejoined = distributor.clone().recipient();
         let checks = checks.clone();
         supervisor::start("registry", move |_| {
             Registry::new(store, server, max)
@@ -95,7 +94,6 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
                 .with_completion_log(completions)
                 .with_check_log(checks)
                 .with_quarantine(quarantine.clone())
-                .with_rejoin_quarantine(rejoined.clone())
         })
     };
     clock.do_send(SubscribeBlocks(registry.clone().recipient()));

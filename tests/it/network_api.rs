@@ -164,7 +164,9 @@ fn a_closed_connection_frees_the_node_slot() {
 
 /// A game that closes its connection while it waits for a whole (non-streamed) answer
 /// frees its node slot too: it used to go unnoticed until the answer was ready, the node
-/// busy for a game that had gone (80 s here: longer than the next request waits).
+/// busy for a game that had gone (80 s here: longer than the next request waits). What
+/// was made until it left is billed, as for a stream: it chose to leave, and a free
+/// hang-up would let a game occupy nodes at no cost.
 #[test]
 fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
     use std::io::Write;
@@ -181,12 +183,18 @@ fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
     );
     game.write_all(request.as_bytes()).unwrap();
     wait_for("the long answer to start", Duration::from_secs(10), || c.nodes[0].log_text().contains("task started"));
+    std::thread::sleep(Duration::from_millis(500)); // a few tokens made (one per 20 ms)
     drop(game); // the game goes away
                 // Behind the abandoned answer, this one would wait past the client's 60 s timeout.
     let r = c.post("/v1/chat/completions", &CHAT.replace("\"max_tokens\":4", "\"max_tokens\":2"));
     assert_eq!(r.status, 200, "{}", r.body);
     let log = c.server.log_text();
     assert!(log.contains("the game closed its connection before its answer was ready"), "{log}");
+    let store = c.store();
+    wait_for("the leaver's receipt", Duration::from_secs(20), || {
+        let made = "SELECT count(*) FROM receipts WHERE completion_tokens > 2 AND price_units > 0";
+        crate::database::numbers(&store, made) == vec![1]
+    });
 }
 
 /// SIGTERM: running streams finish, the process exits cleanly within the grace period.

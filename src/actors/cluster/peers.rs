@@ -36,6 +36,9 @@ pub struct Peers {
     /// Servers counted when the link went down: each keeps its share of a game's limits
     /// meanwhile (else every server would admit the whole limit, the network N times it).
     servers_at_loss: std::sync::atomic::AtomicUsize,
+    /// When the link last came back: until the others' adverts are heard again (a peer
+    /// timeout), the count at the loss still stands.
+    restored_at: Mutex<Option<Instant>>,
     /// Jobs this server sent to another one (`/metrics`).
     pub forwarded: std::sync::atomic::AtomicU64,
     /// Jobs this server ran for another one (`/metrics`).
@@ -52,6 +55,7 @@ impl Peers {
             cluster: OnceLock::new(),
             link_down: Default::default(),
             servers_at_loss: std::sync::atomic::AtomicUsize::new(1),
+            restored_at: Mutex::new(None),
             forwarded: Default::default(),
             served_for_others: Default::default(),
         })
@@ -104,7 +108,7 @@ impl Peers {
     /// The link to NATS is down: no other server is offered work or counted (jobs already
     /// crossing are given the timeout: NATS may be back before it).
     pub fn link_lost(&self) {
-        let counted = self.servers(Instant::now());
+        let counted = self.limit_share(Instant::now());
         if !self.link_down.swap(true, std::sync::atomic::Ordering::Relaxed) {
             self.servers_at_loss.store(counted, std::sync::atomic::Ordering::Relaxed);
         }
@@ -112,6 +116,7 @@ impl Peers {
 
     /// The link to NATS is back; the others count again as their adverts arrive.
     pub fn link_restored(&self) {
+        *self.restored_at.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
         self.link_down.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -131,11 +136,16 @@ impl Peers {
     /// share of the games behind the balancer: counting this one alone would let each of
     /// them admit the whole limit).
     pub fn limit_share(&self, now: Instant) -> usize {
+        let at_loss = self.servers_at_loss.load(std::sync::atomic::Ordering::Relaxed).max(1);
         if self.link_down.load(std::sync::atomic::Ordering::Relaxed) {
-            self.servers_at_loss.load(std::sync::atomic::Ordering::Relaxed).max(1)
-        } else {
-            self.servers(now)
+            return at_loss;
         }
+        let restored = *self.restored_at.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if restored.is_some_and(|at| now.saturating_duration_since(at) < self.timeout) {
+            // Back, the others not all heard yet.
+            return at_loss.max(self.servers(now));
+        }
+        self.servers(now)
     }
 
     /// Whether a live server has nodes serving `model`.
@@ -236,9 +246,15 @@ mod tests {
         assert!(peers.alive("c", later), "jobs crossing to c are given the timeout");
         assert_eq!(peers.limit_share(much_later), 2);
         peers.link_restored();
+        let back = Instant::now();
         assert_eq!(peers.servers(later), 2);
-        assert_eq!(peers.limit_share(later), 2);
-        assert_eq!(peers.limit_share(much_later), 1, "back, and nobody else heard");
+        assert_eq!(peers.limit_share(back), 2, "back, the others not heard yet: the share stands");
+        // Lost again before any advert: still the count of the first loss, not 1.
+        peers.link_lost();
+        assert_eq!(peers.limit_share(back), 2);
+        peers.link_restored();
+        let beyond = Instant::now() + Duration::from_secs(10);
+        assert_eq!(peers.limit_share(beyond), 1, "back for a peer timeout, and nobody else heard");
         assert_eq!(peers.take_room("m", later).as_deref(), Some("c"), "its room was kept for when NATS is back");
     }
 }
