@@ -3,8 +3,8 @@
 //! the first token), tokens served, live nodes per model, actor panics, the proof checks
 //! owed in the check log; from the registry the verification outcomes, the oldest picked
 //! task still unpaid, the checks waiting in the backlog, the last committed block and the
-//! last settled epoch (read at most once per 5 s); in a network of servers, the servers heard and the jobs that
-//! crossed. Counters live in this process; scrape every server.
+//! last settled epoch (read at most once per 5 s); in a network of servers, the servers
+//! heard and the jobs that crossed. Counters live in this process; scrape every server.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -261,22 +261,22 @@ impl RegistryMetrics {
         }
         if let Ok(age) = store.oldest_sampled_age().await {
             gauge(
-            &mut out,
-            "ludus_oldest_sampled_seconds",
-            "Age of the oldest picked task still waiting for its verdict, unpaid (0: none); alert when it grows past minutes.",
-            "gauge",
-            &[(String::new(), age)],
-        );
+                &mut out,
+                "ludus_oldest_sampled_seconds",
+                "Age of the oldest picked task still waiting for its verdict, unpaid (0: none); alert when it grows past minutes.",
+                "gauge",
+                &[(String::new(), age)],
+            );
         }
         if let Ok(waiting) = store.backlog_len().await {
             let samples = [(String::new(), waiting)];
             gauge(
-            &mut out,
-            "ludus_check_backlog",
-            "Checks waiting for a verifier: sampled tasks (unpaid until checked) and tokens nodes delivered without a proof.",
-            "gauge",
-            &samples,
-        );
+                &mut out,
+                "ludus_check_backlog",
+                "Checks waiting for a verifier: sampled tasks (unpaid until checked) and tokens nodes delivered without a proof.",
+                "gauge",
+                &samples,
+            );
         }
         if let Ok(block) = store.last_block().await {
             gauge(
