@@ -24,6 +24,7 @@
 //! Only the holder of a Postgres advisory lock (on a connection of its own) runs it; the
 //! contract adds its own guard: epochs and anchors are accepted only in order, each once.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use alloy::primitives::Address;
@@ -125,6 +126,10 @@ pub struct Settler {
     delay_checked: std::sync::atomic::AtomicBool,
     /// When anchoring last looked for blocks to anchor.
     last_anchor_look: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The due epoch's own anchor was planned: the epoch is planned next, over what the
+    /// chain holds then. (Anchoring "until nothing is left" first never ended while games
+    /// played: a new block is ready every block time, sooner than an anchor confirms.)
+    epoch_anchored: std::sync::atomic::AtomicBool,
 }
 
 fn address_of(wallet: &str) -> Result<Address, SettleError> {
@@ -142,6 +147,7 @@ impl Settler {
             standby_logged: Default::default(),
             delay_checked: Default::default(),
             last_anchor_look: Default::default(),
+            epoch_anchored: Default::default(),
         }
     }
 
@@ -195,7 +201,7 @@ impl Settler {
     }
 
     /// Moves settlement as far as it can go now: finishes an open anchor or epoch, anchors
-    /// the blocks ready for it (once per `anchor_interval`, and always before planning),
+    /// the blocks ready for it (once per `anchor_interval`, and once before each epoch),
     /// and plans a new epoch when `plan` is set and nothing older is open.
     pub async fn run(&self, plan: bool) -> Result<Outcome, SettleError> {
         if !self.hold_lock().await? {
@@ -217,14 +223,20 @@ impl Settler {
                 }
             }
             let epoch_next = plan && !planned;
-            if !anchored_all && (epoch_next || self.anchor_due()) {
+            // A due epoch gets one anchor of its own (the blocks ready now), then is planned.
+            let anchor_now = if epoch_next { !self.epoch_anchored.load(Ordering::Relaxed) } else { self.anchor_due() };
+            if !anchored_all && anchor_now {
                 if self.plan_anchor().await?.is_some() {
+                    if epoch_next {
+                        self.epoch_anchored.store(true, Ordering::Relaxed);
+                    }
                     continue;
                 }
                 anchored_all = true;
             }
             if epoch_next {
                 planned = true;
+                self.epoch_anchored.store(false, Ordering::Relaxed);
                 if self.plan().await?.is_some() {
                     continue;
                 }
@@ -489,8 +501,10 @@ impl Settler {
                         self.store.discard_planned_epoch(n).await?;
                         // A game's escrow shrank since planning (it withdrew): plan again at
                         // the next try from the escrow now, not at the next boundary (a day
-                        // of every node's pay). Other reverts (no gas, a paused contract)
-                        // would recur at once: they wait for the boundary as before.
+                        // of every node's pay). Other reverts (a paused contract) would recur
+                        // at once: they wait for the boundary as before. A wallet short of
+                        // gas money or a provider's rate limit is no revert
+                        // ([`crate::chain::client::contract_error`]): the same plan is retried.
                         if reason.contains("EscrowShort") {
                             self.store.forget_settlement_attempt().await?;
                         }

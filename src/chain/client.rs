@@ -43,19 +43,33 @@ pub struct PostedEpoch {
     pub charge_total: Units,
 }
 
-/// Maps an RPC or contract failure: a decoded contract error is a revert, anything else
-/// on the wire an outage worth retrying.
+/// Maps an RPC or contract failure: a decoded contract error, or an error answer that says
+/// the execution reverted, is a revert; anything else on the wire (an outage, a provider's
+/// rate limit, a wallet short of gas money) is worth retrying.
+///
+/// The difference moves money: a revert makes the settler discard its planned epoch, and
+/// every node's pay waits for the next boundary, a day later; a retry posts the same plan
+/// once the provider answers again (or the operator's wallet is funded).
 pub fn contract_error(context: &str, e: alloy::contract::Error) -> ChainError {
     if let Some(revert) = e.as_decoded_interface_error::<Settlement::SettlementErrors>() {
         return ChainError::Reverted(format!("{context}: {}", super::contracts::describe_revert(&revert)));
     }
     match &e {
-        alloy::contract::Error::TransportError(t) if t.as_error_resp().is_some() => {
+        alloy::contract::Error::TransportError(t)
+            if t.as_error_resp().is_some_and(|p| says_reverted(p.code, &p.message)) =>
+        {
             ChainError::Reverted(format!("{context}: {t}"))
         }
         alloy::contract::Error::TransportError(_) => ChainError::Rpc(format!("{context}: {e}")),
         _ => ChainError::Unexpected(format!("{context}: {e}")),
     }
+}
+
+/// Whether a JSON-RPC error answer reports a reverted execution: code 3 (EIP-1474's
+/// "execution reverted", with the revert data) or a message that says so (geth, anvil and
+/// most providers word it "execution reverted"; some send -32000 or -32603 with it).
+fn says_reverted(code: i64, message: &str) -> bool {
+    code == 3 || message.to_ascii_lowercase().contains("revert")
 }
 
 fn rpc_error(context: &str, e: impl std::fmt::Display) -> ChainError {
@@ -308,5 +322,38 @@ impl SettlementClient {
     /// The operator's nonce in the latest block: how many of its transactions were mined.
     pub async fn mined_nonce(&self) -> Result<u64, ChainError> {
         timed("nonce", self.provider.get_transaction_count(self.operator).latest()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::transports::RpcError;
+
+    /// A JSON-RPC error answer, as a provider sends it.
+    fn answer(code: i64, message: &str) -> alloy::contract::Error {
+        let payload =
+            serde_json::from_value(serde_json::json!({ "code": code, "message": message })).expect("a payload");
+        alloy::contract::Error::TransportError(RpcError::ErrorResp(payload))
+    }
+
+    #[test]
+    fn only_an_answer_that_says_reverted_is_a_revert() {
+        for (code, message) in [(3, "execution reverted"), (-32000, "execution reverted: paused"), (-32603, "Reverted")]
+        {
+            let e = contract_error("postEpoch()", answer(code, message));
+            assert!(matches!(e, ChainError::Reverted(_)), "{code} {message}: {e:?}");
+        }
+        // A provider's rate limit, a wallet short of gas money, an internal error: the same
+        // plan is posted again later, not discarded for a day.
+        for (code, message) in [
+            (-32005, "exceeded project rate limit"),
+            (429, "Too Many Requests"),
+            (-32000, "insufficient funds for gas * price + value"),
+            (-32603, "internal error"),
+        ] {
+            let e = contract_error("postEpoch()", answer(code, message));
+            assert!(e.is_retryable(), "{code} {message}: {e:?}");
+        }
     }
 }

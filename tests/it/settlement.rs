@@ -369,6 +369,37 @@ fn a_post_that_would_overdraw_an_escrow_is_planned_again_at_once() {
     assert!(epoch.task_count >= 1 && epoch.task_count < 10, "{} tasks", epoch.task_count);
 }
 
+/// An epoch is planned while games keep playing. The settler anchors the blocks ready
+/// before it plans; it used to anchor until none was left, and under steady play a new
+/// block is ready every block time, sooner than an anchor confirms: the day's epoch was
+/// never planned, nobody was charged and no node was paid.
+#[test]
+fn an_epoch_is_planned_while_games_keep_playing() {
+    let anvil = Anvil::start(None).expect("anvil (run scripts/setup)");
+    let d = deploy_default(&anvil);
+    let store = open(&fresh_database());
+    let game_key = anvil.keys[2].clone();
+    let (game, _) = block_on(store.add_game("player", 1000, 1_000_000)).unwrap();
+    block_on(store.set_game_wallet("player", &format!("{:#x}", game_key.address()))).unwrap();
+    fund(&anvil, &d, &game_key, 1_000_000_000_000_000);
+    let nodes: Vec<Identity> = (0..2).map(|_| Identity::generate()).collect();
+    record_day(&store, &nodes, &[game], 1, 10, 5);
+    let settler = Settler::new(store.clone(), settler_config(&anvil, &d), anvil.keys[1].clone());
+    let mut next_task = 11;
+    let mut runs = 0;
+    while !block_on(settler.run(true)).expect("settlement run").planned {
+        runs += 1;
+        assert!(runs < 20, "no epoch planned in {runs} runs while blocks kept coming");
+        // Games play on: a block is committed and confirmed before the settler looks again.
+        record_day(&store, &nodes, &[game], next_task, 2, 2);
+        next_task += 2;
+    }
+    let epoch = block_on(store.epoch(1)).unwrap().expect("epoch 1 planned");
+    let anchored = block_on(store.last_anchored_block()).unwrap();
+    assert!(epoch.task_count >= 10, "{} tasks", epoch.task_count);
+    assert!(epoch.last_block <= anchored, "the epoch covers only anchored blocks");
+}
+
 fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) {
     let receipts: Vec<Receipt> = tasks.iter().map(|&t| small_receipt(t, game, &node.address.to_string())).collect();
     block_on(store.commit_block(&receipts, "0x00000000000000000000000000000000000000ee")).unwrap();
