@@ -31,6 +31,8 @@ const MAX_SEEN_MODELS: usize = 1024;
 const RERUN_QUEUE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Node addresses kept in quarantine at most.
 const MAX_QUARANTINED: usize = 100_000;
+/// The longest wait between two tries to write a quarantine to a database that refused it.
+const QUARANTINE_WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct DistributorConfig {
@@ -226,16 +228,11 @@ impl Distributor {
     /// [`MAX_QUARANTINED`] are kept (notices come from other servers too): past it, the one
     /// whose quarantine ends first goes.
     fn quarantine(&mut self, address: String, duration: Duration, decided_here: bool) {
-        if let (true, Some(store)) = (decided_here, self.store.clone()) {
-            let node = address.clone();
-            actix::spawn(async move {
-                if let Err(e) = store.record_quarantine(&node, duration).await {
-                    tracing::warn!(%node, error = %e, "could not write a quarantine to the ledger (it holds on this server)");
-                }
-            });
-        }
         let now = Instant::now();
         let until = now + duration;
+        if let (true, Some(store)) = (decided_here, self.store.clone()) {
+            actix::spawn(persist_quarantine(store, address.clone(), until));
+        }
         if self.quarantined.len() >= MAX_QUARANTINED {
             self.quarantined.retain(|_, until| *until > now);
         }
@@ -940,6 +937,35 @@ impl Handler<super::supervisor::InjectPanic> for Distributor {
 
     fn handle(&mut self, _: super::supervisor::InjectPanic, _: &mut Self::Context) {
         panic!("fault injection: Distributor told to panic");
+    }
+}
+
+/// Writes a quarantine decided here to the ledger, again and again while the database
+/// cannot take it (an outage must not let a node caught cheating escape it by moving to
+/// another server or waiting for a restart), until written or over.
+async fn persist_quarantine(store: crate::ledger::Store, node: String, until: Instant) {
+    let mut wait = Duration::from_secs(1);
+    let mut failures = 0u32;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            tracing::warn!(%node, failures, "a quarantine ended before the ledger could take it");
+            return;
+        }
+        match store.record_quarantine(&node, left).await {
+            Ok(()) if failures > 0 => {
+                return tracing::info!(%node, failures, "quarantine written to the ledger after all");
+            }
+            Ok(()) => return,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(%node, error = %e, "could not write a quarantine to the ledger (it holds on this server); retrying");
+                }
+                actix::clock::sleep(wait).await;
+                wait = (wait * 2).min(QUARANTINE_WRITE_RETRY_MAX);
+            }
+        }
     }
 }
 

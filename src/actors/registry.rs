@@ -475,7 +475,12 @@ impl Handler<NodeJoined> for Registry {
                     quarantine
                 }
                 Err(e) => {
-                    tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing");
+                    // Whether it is quarantined is unknown (the database is out): it gets
+                    // work, but every task is checked until one is verified.
+                    tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing; checking its every task until one is verified");
+                    if let Some((policy, _)) = &this.policy {
+                        policy.check_until_verified(&msg.node);
+                    }
                     None
                 }
             }),

@@ -810,7 +810,9 @@ fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
 /// A quarantine outlives the server that decided it: it is in the ledger, and a server
 /// reads it when the node joins (after a restart, or on another server of the network that
 /// missed the notice). It used to live in one process's memory: a node caught cheating
-/// waited for a restart, or moved to another server, and was given work at once.
+/// waited for a restart, or moved to another server, and was given work at once. A ledger
+/// that cannot take the quarantine when it is decided gets it once it can (it was written
+/// once, and lost to an outage).
 #[test]
 fn a_quarantine_outlives_a_server_restart() {
     let Some(path) = smollm2() else { return };
@@ -830,10 +832,23 @@ fn a_quarantine_outlives_a_server_restart() {
     let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
     let game = ask(cluster.addr.clone(), cluster.key.clone());
     let task = system.block_on(rogue.next_task(Duration::from_secs(30))).expect("the rogue gets the task");
+    // The ledger cannot take the quarantine when it is decided (as in a database outage):
+    // the server writes it once the ledger can again.
+    let store = cluster.store();
+    let sql = |statement: &'static str| {
+        super::database::block_on(async { store.conn().await.unwrap().batch_execute(statement).await.unwrap() })
+    };
+    sql("ALTER TABLE nodes RENAME COLUMN quarantined_until TO out_of_reach");
     let mut last = None;
     system.block_on(answer(&mut rogue, &model, &engine, task, Lie::EditToken, &mut last));
     let _ = game.join();
-    let store = cluster.store();
+    let refused = "could not write a quarantine to the ledger";
+    let started = std::time::Instant::now();
+    while !cluster.server.log_text().contains(refused) {
+        assert!(started.elapsed() < Duration::from_secs(60), "no refused write:\n{}", cluster.server.log_text());
+        system.block_on(rogue.idle(&mut [], Duration::from_millis(100)));
+    }
+    sql("ALTER TABLE nodes RENAME COLUMN out_of_reach TO quarantined_until");
     let written = "SELECT count(*) FROM nodes WHERE quarantined_until > now() + interval '30 seconds'";
     let started = std::time::Instant::now();
     while numbers(&store, written) != vec![1] {
