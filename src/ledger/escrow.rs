@@ -14,7 +14,9 @@ pub struct GameBalance {
     pub game_id: i64,
     pub name: String,
     pub wallet: Option<String>,
-    /// Charges of its tasks not settled yet (failed and disputed tasks are never charged).
+    /// Charges of its tasks not settled yet (failed and disputed tasks are never charged):
+    /// those in no epoch, and an open epoch's charges (planned or posted, not confirmed:
+    /// the chain's escrow still holds them).
     pub owed: Units,
     pub status: GameStatus,
     pub suspended_by: Option<SuspendedBy>,
@@ -77,13 +79,19 @@ impl Store {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT g.id, g.name, g.wallet, coalesce(o.owed, 0)::text, g.status, g.suspended_by, g.internal
+                "SELECT g.id, g.name, g.wallet, (coalesce(o.owed, 0) + coalesce(p.pending, 0))::text, g.status,
+                        g.suspended_by, g.internal
                  FROM games g LEFT JOIN (
                      SELECT game_id, sum(price_units) AS owed FROM receipts
                      WHERE epoch IS NULL AND verification NOT IN ('failed', 'unverifiable') AND confirmation <> 'disputed'
                      GROUP BY game_id
                  ) o ON o.game_id = g.id
-                 WHERE g.status <> 'removed' AND (g.wallet IS NOT NULL OR o.owed > 0)
+                 LEFT JOIN (
+                     SELECT c.game_id, sum(c.amount) AS pending FROM charges c
+                     JOIN epochs e ON e.number = c.epoch WHERE e.status <> 'confirmed'
+                     GROUP BY c.game_id
+                 ) p ON p.game_id = g.id
+                 WHERE g.status <> 'removed' AND (g.wallet IS NOT NULL OR o.owed > 0 OR p.pending > 0)
                  ORDER BY g.id",
                 &[],
             )

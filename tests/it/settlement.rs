@@ -400,6 +400,32 @@ fn an_epoch_is_planned_while_games_keep_playing() {
     assert!(epoch.last_block <= anchored, "the epoch covers only anchored blocks");
 }
 
+/// While an epoch is planned or posted but not confirmed, its charges are still owed: the
+/// chain's escrow holds them until the post is mined. They used to drop out of what a game
+/// owes at planning, so an escrow check in that window counted the same escrow twice (and
+/// resumed a game suspended for a shortfall).
+#[test]
+fn an_open_epochs_charges_are_owed_until_it_is_confirmed() {
+    let store = open(&fresh_database());
+    let (game, _) = block_on(store.add_game("owing", 1000, 1_000_000)).unwrap();
+    block_on(store.set_game_wallet("owing", &format!("0x{:040x}", 0x0e))).unwrap();
+    let nodes = [Identity::generate()];
+    record_day(&store, &nodes, &[game], 1, 6, 3);
+    let owed = || block_on(store.game_balances()).unwrap().iter().find(|g| g.game_id == game).unwrap().owed;
+    let before = owed();
+    assert!(before > Units::ZERO);
+    // A budget for some of the tasks: the epoch charges part, the rest stays unsettled.
+    let budget = Units(before.0 / 2);
+    let epoch = block_on(store.plan_epoch("0x00000000000000000000000000000000000000cc", &[(game, budget)], 9_000, 2))
+        .unwrap()
+        .expect("an epoch");
+    let charged = epoch.charges.iter().map(|(_, a)| a.0).sum::<u128>();
+    assert!(charged > 0 && charged < before.0, "charged {charged} of {before}");
+    assert_eq!(owed(), before, "planned: its charges still owed");
+    block_on(store.mark_epoch_confirmed(epoch.number, 1, 1)).unwrap();
+    assert_eq!(owed(), Units(before.0 - charged), "confirmed: the escrow paid them");
+}
+
 fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) {
     let receipts: Vec<Receipt> = tasks.iter().map(|&t| small_receipt(t, game, &node.address.to_string())).collect();
     block_on(store.commit_block(&receipts, "0x00000000000000000000000000000000000000ee")).unwrap();
