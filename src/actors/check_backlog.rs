@@ -362,7 +362,14 @@ fn delivered_unchecked(config: &BacklogConfig, task: TaskId, node: Address, toke
     tracing::warn!(%task, %node, tokens, %detail,
         "a node's delivered tokens not checked; the node is checked on every task until verified");
     config.policy.check_until_verified(&node);
-    config.delivered.do_send(DeliveryChecked { task, node, tokens, outcome: Outcome::Unverifiable, detail });
+    config.delivered.do_send(DeliveryChecked {
+        task,
+        node,
+        tokens,
+        outcome: Outcome::Unverifiable,
+        detail,
+        evidence: None,
+    });
 }
 
 impl Actor for CheckBacklog {

@@ -431,6 +431,8 @@ pub struct DeliveryChecked {
     pub tokens: usize,
     pub outcome: Outcome,
     pub detail: String,
+    /// The near-ties a `verified` check forgave: they add to the node's steering record.
+    pub evidence: Option<std::sync::Arc<crate::proof::steering::Evidence>>,
 }
 
 /// A node joined: restore the verification policy's state of it from the ledger; answers

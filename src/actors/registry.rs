@@ -18,6 +18,7 @@ use actix::prelude::*;
 use super::check_log::{CheckKind, CheckLog};
 use super::clock::BlockTick;
 use super::messages::*;
+use crate::ledger::steering::Checked;
 use crate::ledger::{CommitOutcome, Receipt, Store};
 use crate::protocol::TaskId;
 
@@ -289,34 +290,50 @@ impl Registry {
         let store = self.store.clone();
         let node = msg.node.to_string();
         let (task, tokens, outcome, detail) = (msg.task.0, msg.tokens, msg.outcome, msg.detail.clone());
-        async move { store.record_delivery_check(task, &node, tokens, outcome, &detail).await }
-            .into_actor(self)
-            .map(move |result, this, ctx| match result {
-                Ok(reputation) => {
-                    // The ledger holds its verdict: a crash no longer loses the check.
-                    if let Some(checks) = &this.checks {
-                        checks.settle(CheckKind::Delivered, msg.task.0, msg.node.0);
-                    }
-                    if let Some((policy, floor)) = &this.policy {
-                        if reputation < *floor {
-                            policy.set_suspect(&msg.node, true);
-                        }
+        let steering =
+            msg.evidence.as_deref().filter(|_| outcome == crate::ledger::Outcome::Verified).map(task_steering);
+        async move {
+            let mut reputation = store.record_delivery_check(task, &node, tokens, outcome, &detail).await?;
+            let mut flagged = None;
+            if let Some(steering) = steering {
+                if let Some((after, reason)) =
+                    judge_steering(&store, task, &node, &steering, Checked::Delivered).await?
+                {
+                    reputation = after;
+                    flagged = Some(reason);
+                }
+            }
+            Ok::<_, crate::ledger::LedgerError>((reputation, flagged))
+        }
+        .into_actor(self)
+        .map(move |result, this, ctx| match result {
+            Ok((reputation, flagged)) => {
+                // The ledger holds its verdict: a crash no longer loses the check.
+                if let Some(checks) = &this.checks {
+                    checks.settle(CheckKind::Delivered, msg.task.0, msg.node.0);
+                }
+                if let Some((policy, floor)) = &this.policy {
+                    if reputation < *floor || flagged.is_some() {
+                        policy.set_suspect(&msg.node, true);
                     }
                 }
-                Err(e) => {
-                    let (task, node) = (msg.task, msg.node);
-                    match this
-                        .retry_later(attempt, ctx, move |this, ctx| this.record_delivery_check(msg, attempt + 1, ctx))
-                    {
-                        Some(wait) => tracing::warn!(%task, %node, error = %e, retry_in_s = wait.as_secs(),
+                if let Some(reason) = flagged {
+                    this.flagged_for_steering(msg.task, msg.node, reason);
+                }
+            }
+            Err(e) => {
+                let (task, node) = (msg.task, msg.node);
+                match this.retry_later(attempt, ctx, move |this, ctx| this.record_delivery_check(msg, attempt + 1, ctx))
+                {
+                    Some(wait) => tracing::warn!(%task, %node, error = %e, retry_in_s = wait.as_secs(),
                             "could not record the check of a node's delivered tokens; retrying"),
-                        None => tracing::error!(%task, %node, error = %e, attempt,
+                    None => tracing::error!(%task, %node, error = %e, attempt,
                             "could not record the check of a node's delivered tokens; given up (the quarantine stands, \
                              and the check waits in the backlog, or the check log, to run again)"),
-                    }
                 }
-            })
-            .spawn(ctx);
+            }
+        })
+        .spawn(ctx);
     }
 }
 
@@ -332,21 +349,9 @@ impl Registry {
             let mut reputation = store.record_verification(task, &node, msg.outcome, &detail).await?;
             let mut flagged = None;
             if let Some(steering) = steering {
-                if let Some(sums) = store.record_steering(task, &node, &steering).await? {
-                    let record = crate::proof::steering::NodeDeviations {
-                        tasks: sums.tasks as u64,
-                        tokens: sums.tokens as u64,
-                        wide: sums.wide as u64,
-                        expected_wide: sums.expected_wide,
-                        ends_passed: sums.ends_passed as u64,
-                        expected_ends_passed: sums.expected_ends_passed,
-                    };
-                    if let Some(reason) = crate::proof::steering::judge(&record).filter(|_| !sums.flagged) {
-                        if let Some(after) = store.flag_steering(&node, &reason).await? {
-                            reputation = after;
-                            flagged = Some(reason);
-                        }
-                    }
+                if let Some((after, reason)) = judge_steering(&store, task, &node, &steering, Checked::Proof).await? {
+                    reputation = after;
+                    flagged = Some(reason);
                 }
             }
             Ok::<_, crate::ledger::LedgerError>((reputation, flagged))
@@ -364,16 +369,7 @@ impl Registry {
                     }
                 }
                 if let Some(reason) = flagged {
-                    tracing::warn!(node = %msg.node, task = %msg.task, %reason, "node flagged for steering");
-                    if let Some(quarantine) = &this.quarantine {
-                        quarantine.do_send(VerificationDone {
-                            task: msg.task,
-                            node: msg.node,
-                            outcome: crate::ledger::Outcome::Failed,
-                            detail: reason,
-                            evidence: None,
-                        });
-                    }
+                    this.flagged_for_steering(msg.task, msg.node, reason);
                 }
             }
             Err(e) => {
@@ -387,6 +383,21 @@ impl Registry {
             }
         })
         .spawn(ctx);
+    }
+
+    /// A node whose near-ties became improbable for an honest one with `task`'s check:
+    /// quarantined on every server.
+    fn flagged_for_steering(&self, task: TaskId, node: crate::crypto::identity::Address, reason: String) {
+        tracing::warn!(%node, %task, %reason, "node flagged for steering");
+        if let Some(quarantine) = &self.quarantine {
+            quarantine.do_send(VerificationDone {
+                task,
+                node,
+                outcome: crate::ledger::Outcome::Failed,
+                detail: reason,
+                evidence: None,
+            });
+        }
     }
 
     /// Runs `again` after the backoff of a write's `attempt`-th refusal, unless it was the
@@ -408,6 +419,29 @@ impl Registry {
         });
         Some(wait)
     }
+}
+
+/// Adds a verified check's near-ties to its node's record and judges the record: the
+/// node's reputation after the penalty and the reason, when this check made it improbable
+/// for an honest node (flagged now, once).
+async fn judge_steering(
+    store: &crate::ledger::Store,
+    task: u64,
+    node: &str,
+    steering: &crate::ledger::steering::TaskSteering,
+    checked: Checked,
+) -> Result<Option<(i32, String)>, crate::ledger::LedgerError> {
+    let Some(sums) = store.record_steering(task, node, steering, checked).await? else { return Ok(None) };
+    let record = crate::proof::steering::NodeDeviations {
+        tasks: sums.tasks as u64,
+        tokens: sums.tokens as u64,
+        wide: sums.wide as u64,
+        expected_wide: sums.expected_wide,
+        ends_passed: sums.ends_passed as u64,
+        expected_ends_passed: sums.expected_ends_passed,
+    };
+    let Some(reason) = crate::proof::steering::judge(&record).filter(|_| !sums.flagged) else { return Ok(None) };
+    Ok(store.flag_steering(node, &reason).await?.map(|after| (after, reason)))
 }
 
 /// The ledger's row form of a verified task's near-tie evidence.

@@ -220,17 +220,17 @@ impl Verifier {
     /// The verdict on a failed node's delivered tokens: `Verified` when one format's
     /// reference explains them, `Failed` when none does, `Unverifiable` when a reference
     /// that might have could not be loaded (never a pass, never the node's fault).
-    fn check_delivered(&mut self, t: &super::delivery_check::DeliveredCheck) -> (Outcome, String) {
+    fn check_delivered(&mut self, t: &super::delivery_check::DeliveredCheck) -> (Outcome, String, Option<Evidence>) {
         use Outcome::{Failed, Unverifiable, Verified};
         let Some(base) = self.models.get(&(t.model.clone(), Quantization::None)) else {
-            return (Unverifiable, "no reference model for this task's model".into());
+            return (Unverifiable, "no reference model for this task's model".into(), None);
         };
         if t.delivered.is_empty() {
-            return (Unverifiable, "no delivered token to check".into());
+            return (Unverifiable, "no delivered token to check".into(), None);
         }
         let vocab = base.llama.config.vocab_size;
         if let Some(bad) = t.delivered.iter().find(|&&id| id as usize >= vocab) {
-            return (Failed, format!("token id {bad} is outside the model's vocabulary of {vocab}"));
+            return (Failed, format!("token id {bad} is outside the model's vocabulary of {vocab}"), None);
         }
         let prompt = match &t.input {
             TaskInput::Chat(messages) => base.chat_prompt(messages),
@@ -242,7 +242,7 @@ impl Verifier {
         };
         let mut prompt = match prompt {
             Ok(p) => p,
-            Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}")),
+            Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}"), None),
         };
         prompt.extend_from_slice(&t.prefix);
         let mut rejections = Vec::new();
@@ -251,7 +251,7 @@ impl Verifier {
         for (quantization, format, limits) in references {
             let model = match self.reference(&t.model, quantization) {
                 Ok(Some(model)) => model,
-                Ok(None) => return (Unverifiable, "no reference model for this task's model".into()),
+                Ok(None) => return (Unverifiable, "no reference model for this task's model".into(), None),
                 Err(e) => {
                     unchecked.push(e);
                     continue;
@@ -270,9 +270,12 @@ impl Verifier {
                 Ok(v) if v.accepted => {
                     let detail =
                         format!("{} delivered tokens fit the {format} reference, {} near-ties", v.tokens, v.near_ties);
+                    // Its near-ties count towards the node's steering record, judged as
+                    // for a proof of this format.
+                    let evidence = Some(Evidence::of(&v, format));
                     match delivered_logprobs(model, &prompt, t, format, scale) {
-                        Ok(None) => return (Verified, detail),
-                        Ok(Some(within)) => return (Verified, format!("{detail}, {within}")),
+                        Ok(None) => return (Verified, detail, evidence),
+                        Ok(Some(within)) => return (Verified, format!("{detail}, {within}"), evidence),
                         Err(Ok(reason)) => rejections.push(format!("{format}: {reason}")),
                         Err(Err(e)) => unchecked.push(format!("{format}: {e}")),
                     }
@@ -282,9 +285,10 @@ impl Verifier {
             }
         }
         if !unchecked.is_empty() {
-            return (Unverifiable, format!("could not be checked against every format: {}", unchecked.join("; ")));
+            let detail = format!("could not be checked against every format: {}", unchecked.join("; "));
+            return (Unverifiable, detail, None);
         }
-        (Failed, format!("delivered tokens no format explains: {}", rejections.join(" | ")))
+        (Failed, format!("delivered tokens no format explains: {}", rejections.join(" | ")), None)
     }
 
     fn keep_rejected(&self, t: &VerifyTask) {
@@ -428,8 +432,8 @@ impl Handler<VerifyDelivered> for Verifier {
     fn handle(&mut self, VerifyDelivered { check: t, report }: VerifyDelivered, _: &mut Self::Context) {
         let started = std::time::Instant::now();
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.check_delivered(&t)));
-        let (outcome, detail) =
-            checked.unwrap_or_else(|_| (Outcome::Unverifiable, "the verifier failed on these tokens: a panic".into()));
+        let (outcome, detail, evidence) = checked
+            .unwrap_or_else(|_| (Outcome::Unverifiable, "the verifier failed on these tokens: a panic".into(), None));
         let ms = started.elapsed().as_millis() as u64;
         let tokens = t.delivered.len();
         match outcome {
@@ -439,7 +443,8 @@ impl Handler<VerifyDelivered> for Verifier {
             _ => tracing::info!(task = %t.task, node = %t.node, tokens, ms, outcome = outcome.as_str(), %detail,
                 "a failed node's delivered tokens checked"),
         }
-        report.do_send(DeliveryChecked { task: t.task, node: t.node, tokens, outcome, detail });
+        let evidence = evidence.map(std::sync::Arc::new);
+        report.do_send(DeliveryChecked { task: t.task, node: t.node, tokens, outcome, detail, evidence });
     }
 }
 

@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (11, "delivery_backlog", include_str!("../../migrations/0011_delivery_backlog.sql")),
     (12, "delivery_unverifiable", include_str!("../../migrations/0012_delivery_unverifiable.sql")),
     (13, "quarantine", include_str!("../../migrations/0013_quarantine.sql")),
+    (14, "delivered_steering", include_str!("../../migrations/0014_delivered_steering.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

@@ -48,26 +48,45 @@ pub struct NodeSteering {
     pub flagged: bool,
 }
 
+/// Which check's near-ties are added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// A finished task's proof (`verifications`).
+    Proof,
+    /// Tokens the node delivered and then failed before its proof (`delivery_checks`):
+    /// without this, a node could steer every answer within the widest format's margin and
+    /// fail each task before its proof, unjudged.
+    Delivered,
+}
+
 impl Store {
-    /// Adds a verified task's near-ties to its node's record, once per task (a task whose
-    /// verdict is not `verified` for this node, or that was added before, adds nothing and
-    /// returns `None`); returns the node's sums after it.
+    /// Adds a verified task's near-ties to its node's record, once per task and kind of
+    /// check (a task whose verdict is not `verified` for this node, or that was added
+    /// before, adds nothing and returns `None`); returns the node's sums after it.
     pub async fn record_steering(
         &self,
         task: u64,
         node: &str,
         t: &TaskSteering,
+        checked: Checked,
     ) -> Result<Option<NodeSteering>, LedgerError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let task_i = task as i64;
-        let first = tx
-            .execute(
+        let mark = match checked {
+            Checked::Proof => {
                 "UPDATE verifications SET format = $3, tokens = $4, wide_deviations = $5, ends_passed = $6,
                      tokens_past_end = $7
-                 WHERE task_id = $1 AND node_address = $2 AND outcome = 'verified' AND tokens IS NULL",
-                &[&task_i, &node, &t.format, &t.tokens, &t.wide, &t.ends_passed, &t.tokens_past_end],
-            )
+                 WHERE task_id = $1 AND node_address = $2 AND outcome = 'verified' AND tokens IS NULL"
+            }
+            Checked::Delivered => {
+                "UPDATE delivery_checks SET format = $3, tokens = $4, wide_deviations = $5, ends_passed = $6,
+                     tokens_past_end = $7
+                 WHERE task_id = $1 AND node_address = $2 AND outcome = 'verified' AND format IS NULL"
+            }
+        };
+        let first = tx
+            .execute(mark, &[&task_i, &node, &t.format, &t.tokens, &t.wide, &t.ends_passed, &t.tokens_past_end])
             .await?;
         if first == 0 {
             return Ok(None);

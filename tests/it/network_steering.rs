@@ -18,8 +18,10 @@ use super::helpers::smollm2;
 use super::registry::{try_post_chat, Rogue};
 use super::steering::{rogue_generate, Steer, Task, MODEL_NAME};
 
-/// Tasks the game sends at most (the rogue should be flagged well before).
+/// Tasks the game has answered at most (the rogue should be flagged well before).
 const MAX_TASKS: usize = 14;
+/// Requests the game sends at most.
+const MAX_ASKS: usize = 60;
 
 fn body(i: usize) -> String {
     let asks = [
@@ -38,9 +40,9 @@ fn body(i: usize) -> String {
     .to_string()
 }
 
-#[test]
-fn a_node_that_steers_within_its_margin_is_flagged_across_tasks() {
-    let Some(path) = smollm2() else { return };
+/// A server checking every task against the reference, and the steering rogue's model.
+fn steering_setup() -> Option<(Cluster, Arc<Mutex<Model>>, Steer)> {
+    let path = smollm2()?;
     let config = format!(
         "[verifier]\nmodels = {{ \"{MODEL_NAME}\" = \"{}\" }}\nsample_rate = 1.0\nquarantine_s = 600\n",
         path.display()
@@ -48,33 +50,39 @@ fn a_node_that_steers_within_its_margin_is_flagged_across_tasks() {
     let cluster = Cluster::start(&config);
     let model = Model::load_quantized(&path, Device::Cpu, None, Quantization::Int8, None).unwrap();
     let the = model.tokenizer.encode(" the", false).unwrap()[0];
-    let model = Arc::new(Mutex::new(model));
     let steer = Steer { claim: Format::Int8, word: Some(the), skip_end: true };
-    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
-    let store = cluster.store();
-    let flagged_in = |store: &ludus::ledger::Store| {
-        numbers(store, "SELECT count(*) FROM nodes WHERE steering_flagged_at IS NOT NULL") == vec![1]
-    };
-    let flagged = || flagged_in(&store);
-    let game_store = cluster.store();
-    let game = std::thread::spawn(move || {
+    Some((cluster, Arc::new(Mutex::new(model)), steer))
+}
+
+fn flagged_in(store: &ludus::ledger::Store) -> bool {
+    numbers(store, "SELECT count(*) FROM nodes WHERE steering_flagged_at IS NOT NULL") == vec![1]
+}
+
+/// A game asking until the node is flagged (then it is quarantined: nobody answers), until
+/// [`MAX_TASKS`] answers, or [`MAX_ASKS`] requests (a request fails while the rogue has not
+/// joined, and every time when it fails its tasks); answers how many were answered.
+fn game_until_flagged(cluster: &Cluster) -> std::thread::JoinHandle<usize> {
+    let (addr, key, game_store) = (cluster.addr.clone(), cluster.key.clone(), cluster.store());
+    std::thread::spawn(move || {
         let mut answered = 0;
-        // Requests until the node is flagged (then it is quarantined: nobody answers).
-        for i in (0..MAX_TASKS).take_while(|_| !flagged_in(&game_store)) {
-            // Retried until the rogue has joined (503 before that), or quarantined (then over).
-            answered += (0..50)
-                .find_map(|_| {
-                    try_post_chat(&addr, &key, &body(i)).or_else(|| {
-                        std::thread::sleep(Duration::from_millis(200));
-                        None
-                    })
-                })
-                .is_some() as usize;
+        for i in 0..MAX_ASKS {
+            if answered == MAX_TASKS || flagged_in(&game_store) {
+                break;
+            }
+            match try_post_chat(&addr, &key, &body(i)) {
+                Some(_) => answered += 1,
+                None => std::thread::sleep(Duration::from_millis(200)),
+            }
         }
         answered
-    });
+    })
+}
+
+/// The rogue: takes tasks until none comes, and answers each steered; with `fail`, it
+/// streams the steered tokens and then fails the task before its proof. Answers the tasks.
+fn steering_rogue(cluster: &Cluster, model: Arc<Mutex<Model>>, steer: Steer, fail: bool) -> Vec<u64> {
     let system = actix_rt::System::new();
-    let tasks = system.block_on(async {
+    system.block_on(async {
         let mut rogue = Rogue::join(&cluster.addr, MODEL_NAME).await;
         let mut tasks = Vec::new();
         while let Some(spec) = rogue.next_task(Duration::from_secs(15)).await {
@@ -97,12 +105,30 @@ fn a_node_that_steers_within_its_margin_is_flagged_across_tasks() {
                     }
                 }
             };
-            proof.signature = hex::encode(rogue.id.sign(&proof.digest()));
-            rogue.deliver(&spec, &completion, proof).await;
+            if fail {
+                for (index, &token) in completion.iter().enumerate() {
+                    let m = NodeMessage::Token { id: spec.id, index, token, text: String::new(), logprobs: None };
+                    rogue.link.send(&m).await.unwrap();
+                }
+                let failure = ludus::protocol::TaskFailure::Node("out of memory".into());
+                rogue.link.send(&NodeMessage::Failed { id: spec.id, failure }).await.unwrap();
+            } else {
+                proof.signature = hex::encode(rogue.id.sign(&proof.digest()));
+                rogue.deliver(&spec, &completion, proof).await;
+            }
             tasks.push(spec.id.0);
         }
         tasks
-    });
+    })
+}
+
+#[test]
+fn a_node_that_steers_within_its_margin_is_flagged_across_tasks() {
+    let Some((cluster, model, steer)) = steering_setup() else { return };
+    let store = cluster.store();
+    let flagged = || flagged_in(&store);
+    let game = game_until_flagged(&cluster);
+    let tasks = steering_rogue(&cluster, model, steer, false);
     let answered = game.join().unwrap();
     // The judge needs a few tasks' worth of checked tokens; how many requests that is
     // depends on how fast the verdicts come back, so only the minimum is asserted.
@@ -135,4 +161,29 @@ fn a_node_that_steers_within_its_margin_is_flagged_across_tasks() {
     assert!(log.contains("node quarantined"), "{log}");
     // A flag is given once: later verdicts add to the record without a second penalty.
     assert_eq!(numbers(&store, "SELECT count(*) FROM nodes WHERE steering_reason LIKE 'steering: %'"), vec![1]);
+}
+
+/// The same steering rogue, failing every task after its steered tokens and before its
+/// proof: only the tokens' check without a proof judges it, and the near-ties it forgave
+/// add to the node's record like a proof's. They used to be forgiven and forgotten, within
+/// the widest format's margin (int8's: a node that never finishes declares no format), so
+/// a node could steer what games read for ever by failing each task.
+#[test]
+fn a_node_that_steers_and_fails_before_its_proofs_is_flagged_across_tasks() {
+    let Some((cluster, model, steer)) = steering_setup() else { return };
+    let store = cluster.store();
+    let game = game_until_flagged(&cluster);
+    let tasks = steering_rogue(&cluster, model, steer, true);
+    let _ = game.join().unwrap();
+    assert!(tasks.len() >= 2, "the rogue took {} tasks", tasks.len());
+    wait_for("the steering flag", Duration::from_secs(60), || flagged_in(&store));
+    let log = cluster.server.log_text();
+    // No proof was ever checked: the record is the delivery checks'.
+    assert_eq!(numbers(&store, "SELECT count(*) FROM verifications WHERE format IS NOT NULL"), vec![0], "{log}");
+    let added =
+        numbers(&store, "SELECT count(*) FROM delivery_checks WHERE outcome = 'verified' AND format IS NOT NULL");
+    assert!(added[0] >= 1, "{log}");
+    let counted = numbers(&store, "SELECT wide_deviations + ends_passed FROM nodes")[0];
+    assert!(counted > 0, "{log}");
+    assert!(log.contains("node flagged for steering") && log.contains("node quarantined"), "{log}");
 }

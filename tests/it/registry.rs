@@ -747,10 +747,11 @@ fn a_post_signed_for_a_replaced_plan_is_not_stored_and_free_tasks_need_a_wallet(
 }
 
 /// A verified task adds its near-ties to its node's steering record once, whatever is
-/// re-sent; a failed or another node's task adds nothing; a flag is given once.
+/// re-sent, and so do tokens it delivered before failing a task, once verified; a failed or
+/// another node's task adds nothing; a flag is given once.
 #[test]
 fn a_nodes_near_tie_record_grows_once_per_verified_task_and_is_flagged_once() {
-    use ludus::ledger::steering::{ForgivenRow, TaskSteering};
+    use ludus::ledger::steering::{Checked, ForgivenRow, TaskSteering};
     let store = super::database::open(&super::database::fresh_database());
     let node = Identity::generate().address.to_string();
     let other = Identity::generate().address.to_string();
@@ -773,22 +774,30 @@ fn a_nodes_near_tie_record_grows_once_per_verified_task_and_is_flagged_once() {
         tokens_past_end: 12,
         forgiven: vec![row(3, false), row(9, true)],
     };
-    let sums = block_on(async {
+    let (sums, delivered) = block_on(async {
         store.record_verification(1, &node, Outcome::Verified, "").await.unwrap();
         store.record_verification(2, &node, Outcome::Failed, "a mismatch").await.unwrap();
-        let first = store.record_steering(1, &node, &task).await.unwrap();
-        assert_eq!(store.record_steering(1, &node, &task).await.unwrap(), None, "the same task again");
-        assert_eq!(store.record_steering(2, &node, &task).await.unwrap(), None, "a failed task");
-        assert_eq!(store.record_steering(1, &other, &task).await.unwrap(), None, "another node's task");
-        first.unwrap()
+        let first = store.record_steering(1, &node, &task, Checked::Proof).await.unwrap();
+        assert_eq!(store.record_steering(1, &node, &task, Checked::Proof).await.unwrap(), None, "the same task again");
+        assert_eq!(store.record_steering(2, &node, &task, Checked::Proof).await.unwrap(), None, "a failed task");
+        assert_eq!(store.record_steering(1, &other, &task, Checked::Proof).await.unwrap(), None, "another node's task");
+        // Tokens delivered before a failure, verified without a proof: added once too.
+        store.record_delivery_check(5, &node, 40, Outcome::Verified, "").await.unwrap();
+        store.record_delivery_check(6, &node, 40, Outcome::Failed, "no format explains them").await.unwrap();
+        assert_eq!(store.record_steering(5, &node, &task, Checked::Proof).await.unwrap(), None, "no proof verdict");
+        let delivered = store.record_steering(5, &node, &task, Checked::Delivered).await.unwrap();
+        assert_eq!(store.record_steering(5, &node, &task, Checked::Delivered).await.unwrap(), None, "again");
+        assert_eq!(store.record_steering(6, &node, &task, Checked::Delivered).await.unwrap(), None, "a failed check");
+        (first.unwrap(), delivered.expect("a verified delivery check adds"))
     });
     assert_eq!((sums.tasks, sums.tokens, sums.wide, sums.ends_passed), (1, 40, 2, 1));
+    assert_eq!((delivered.tasks, delivered.tokens, delivered.wide, delivered.ends_passed), (2, 80, 4, 2));
     assert!((sums.expected_wide - 0.3).abs() < 1e-9 && (sums.expected_ends_passed - 0.1).abs() < 1e-9);
     assert!(!sums.flagged);
     let rows = block_on(async {
         let conn = store.conn().await.unwrap();
         conn.query(
-            "SELECT token_index, passed_end FROM forgiven_deviations WHERE node_address = $1 ORDER BY 1",
+            "SELECT token_index, passed_end FROM forgiven_deviations WHERE node_address = $1 AND task_id = 1 ORDER BY 1",
             &[&node],
         )
         .await
@@ -798,9 +807,10 @@ fn a_nodes_near_tie_record_grows_once_per_verified_task_and_is_flagged_once() {
         .collect::<Vec<_>>()
     });
     assert_eq!(rows, vec![(3, false), (9, true)]);
-    // Flagged once: quarantined, a failure's reputation taken (on top of the failed task's).
+    // Flagged once: quarantined, a failure's reputation taken (on top of the failed task's
+    // and the failed delivery check's).
     let first = block_on(store.flag_steering(&node, "steering: test")).unwrap();
-    assert_eq!(first, Some(10_000 - 2 * ludus::ledger::verifications::FAILURE_PENALTY_BPS));
+    assert_eq!(first, Some(10_000 - 3 * ludus::ledger::verifications::FAILURE_PENALTY_BPS));
     assert_eq!(block_on(store.flag_steering(&node, "steering: again")).unwrap(), None);
     assert_eq!(block_on(store.steering_flag(&node)).unwrap().as_deref(), Some("steering: test"));
     assert_eq!(block_on(store.steering_flag(&other)).unwrap(), None);
