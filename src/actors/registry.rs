@@ -293,17 +293,8 @@ impl Registry {
         let steering =
             msg.evidence.as_deref().filter(|_| outcome == crate::ledger::Outcome::Verified).map(task_steering);
         async move {
-            let mut reputation = store.record_delivery_check(task, &node, tokens, outcome, &detail).await?;
-            let mut flagged = None;
-            if let Some(steering) = steering {
-                if let Some((after, reason)) =
-                    judge_steering(&store, task, &node, &steering, Checked::Delivered).await?
-                {
-                    reputation = after;
-                    flagged = Some(reason);
-                }
-            }
-            Ok::<_, crate::ledger::LedgerError>((reputation, flagged))
+            let reputation = store.record_delivery_check(task, &node, tokens, outcome, &detail).await?;
+            judge_steering(&store, task, &node, steering, Checked::Delivered, reputation).await
         }
         .into_actor(self)
         .map(move |result, this, ctx| match result {
@@ -346,15 +337,8 @@ impl Registry {
         let steering = msg.evidence.as_deref().map(task_steering);
         let task = msg.task.0;
         async move {
-            let mut reputation = store.record_verification(task, &node, msg.outcome, &detail).await?;
-            let mut flagged = None;
-            if let Some(steering) = steering {
-                if let Some((after, reason)) = judge_steering(&store, task, &node, &steering, Checked::Proof).await? {
-                    reputation = after;
-                    flagged = Some(reason);
-                }
-            }
-            Ok::<_, crate::ledger::LedgerError>((reputation, flagged))
+            let reputation = store.record_verification(task, &node, msg.outcome, &detail).await?;
+            judge_steering(&store, task, &node, steering, Checked::Proof, reputation).await
         }
         .into_actor(self)
         .map(move |result, this, ctx| match result {
@@ -421,17 +405,20 @@ impl Registry {
     }
 }
 
-/// Adds a verified check's near-ties to its node's record and judges the record: the
-/// node's reputation after the penalty and the reason, when this check made it improbable
-/// for an honest node (flagged now, once).
+/// Adds a verified check's near-ties (if any) to its node's record and judges the record.
+/// Answers the node's reputation (`reputation` before), and the reason when this check
+/// made the record improbable for an honest node: flagged now, once, the penalty taken.
 async fn judge_steering(
     store: &crate::ledger::Store,
     task: u64,
     node: &str,
-    steering: &crate::ledger::steering::TaskSteering,
+    steering: Option<crate::ledger::steering::TaskSteering>,
     checked: Checked,
-) -> Result<Option<(i32, String)>, crate::ledger::LedgerError> {
-    let Some(sums) = store.record_steering(task, node, steering, checked).await? else { return Ok(None) };
+    reputation: i32,
+) -> Result<(i32, Option<String>), crate::ledger::LedgerError> {
+    let unflagged = Ok((reputation, None));
+    let Some(steering) = steering else { return unflagged };
+    let Some(sums) = store.record_steering(task, node, &steering, checked).await? else { return unflagged };
     let record = crate::proof::steering::NodeDeviations {
         tasks: sums.tasks as u64,
         tokens: sums.tokens as u64,
@@ -440,8 +427,11 @@ async fn judge_steering(
         ends_passed: sums.ends_passed as u64,
         expected_ends_passed: sums.expected_ends_passed,
     };
-    let Some(reason) = crate::proof::steering::judge(&record).filter(|_| !sums.flagged) else { return Ok(None) };
-    Ok(store.flag_steering(node, &reason).await?.map(|after| (after, reason)))
+    let Some(reason) = crate::proof::steering::judge(&record).filter(|_| !sums.flagged) else { return unflagged };
+    Ok(match store.flag_steering(node, &reason).await? {
+        Some(after) => (after, Some(reason)),
+        None => (reputation, None),
+    })
 }
 
 /// The ledger's row form of a verified task's near-tie evidence.

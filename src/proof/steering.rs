@@ -45,6 +45,13 @@ pub struct TaskDeviations {
 }
 
 impl TaskDeviations {
+    /// How far the task's counts go past an honest node's bounds (wide near-ties and ends
+    /// passed over, each beyond its expected most); zero or less within them.
+    pub fn excess(&self) -> f64 {
+        (self.wide as f64 - self.expected_wide).max(0.0)
+            + (self.ends_passed as f64 - self.expected_ends_passed).max(0.0)
+    }
+
     /// The record of a verdict on a proof declaring `format`.
     pub fn of(verdict: &Verdict, format: Format) -> Self {
         // The wide threshold scales with the margin the operator set.
@@ -144,6 +151,20 @@ pub fn judge(record: &NodeDeviations) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_excess_counts_only_what_goes_past_the_honest_bounds() {
+        let past = TaskDeviations {
+            wide: 3,
+            expected_wide: 1.5,
+            ends_passed: 1,
+            expected_ends_passed: 0.25,
+            ..Default::default()
+        };
+        assert!((past.excess() - 2.25).abs() < 1e-9, "{}", past.excess());
+        let within = TaskDeviations { wide: 1, expected_wide: 1.5, expected_ends_passed: 0.25, ..Default::default() };
+        assert_eq!(within.excess(), 0.0);
+    }
 
     /// The bound is a bound: above the exact binomial tail it stands for.
     #[test]

@@ -1478,6 +1478,14 @@ fn tokens_a_node_streamed_before_failing_are_checked_and_a_liar_quarantined() {
             (node, spec.id.0 as i64)
         });
         checked(task, &node, 4, if honest { "verified" } else { "failed" });
+        if honest {
+            // Its near-ties joined its steering record, within an honest node's bounds.
+            let added = format!(
+                "SELECT count(*) FROM delivery_checks WHERE task_id = {task} AND format IS NOT NULL \
+                 AND wide_deviations = 0 AND ends_passed = 0"
+            );
+            wait_for("the check's near-ties in the record", Duration::from_secs(10), || numbers(&store, &added) == [1]);
+        }
         nodes.push(node);
     }
     // A continuation: the first node streams two tokens and dies, the second continues
