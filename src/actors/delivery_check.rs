@@ -40,6 +40,13 @@ pub const PER_NODE_WAITING: u64 = 32;
 /// [`PER_NODE_WAITING`] on: room for the tasks it had in flight when the hold came.
 pub const PER_NODE_QUEUED: u64 = 8 * PER_NODE_WAITING;
 
+/// Tasks one node is given at once, whatever capacity it claims: once its failures fill
+/// [`PER_NODE_WAITING`] and it is held, the checks of every task it still has fit in
+/// [`PER_NODE_QUEUED`], with a hold's worth to spare (tasks handed to it while the hold
+/// travels). A node claiming 4,096 could fail the rest after their games read them, and
+/// only the first 256 were checked.
+pub const MAX_TASKS_AT_ONCE: usize = (PER_NODE_QUEUED - 2 * PER_NODE_WAITING) as usize;
+
 /// Tokens a node delivered for a task and then failed before its proof (its `Done` never
 /// came). Its JSON is what the check backlog stores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

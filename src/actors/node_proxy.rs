@@ -486,7 +486,7 @@ impl NodeProxy {
     }
 
     fn on_auth(&mut self, ctx: &mut Context<Self>, signature: String) {
-        let Some(p) = self.pending.take() else {
+        let Some(mut p) = self.pending.take() else {
             return self.fail(ctx, "Auth before Hello");
         };
         let signature = hex::decode(&signature).unwrap_or_default();
@@ -528,6 +528,12 @@ impl NodeProxy {
         // One key, one session: a newer session replaces the older one (a node that
         // reconnects before the old link timed out), so a key never holds two slots.
         self.config.sessions.open(p.address, ctx.address());
+        let claimed = p.capacity;
+        p.capacity = claimed.min(super::delivery_check::MAX_TASKS_AT_ONCE);
+        if p.capacity < claimed {
+            tracing::info!(node = self.id, address = %p.address, claimed, given = p.capacity,
+                "a node claims more room than it is given tasks at once (its failed tasks' checks must have room too)");
+        }
         self.capacity = p.capacity;
         // The node joins the table with its first heartbeat (it may still be loading), and
         // not before the ledger said whether it is quarantined (a restart, or a server that

@@ -923,3 +923,25 @@ fn a_task_never_returns_to_the_key_that_failed_it_even_reconnected() {
     assert!(first.is_some(), "the busy node's own task failed");
     assert_eq!(second, Some(moved.0), "the game did not get the failed-over answer");
 }
+
+/// A node claiming more room than its failed tasks' checks have (4,096) is given at most
+/// `MAX_TASKS_AT_ONCE` tasks at once: held once its failures fill its waiting checks, every
+/// task it still had must be checked. With 4,096 in flight it could fail the rest after
+/// their games read them, and only the first 256 were checked.
+#[test]
+fn a_node_is_given_no_more_tasks_at_once_than_its_failures_can_have_checked() {
+    let cluster = Cluster::start("");
+    let most = ludus::actors::delivery_check::MAX_TASKS_AT_ONCE;
+    assert!(
+        most as u64 + 2 * ludus::actors::delivery_check::PER_NODE_WAITING
+            <= ludus::actors::delivery_check::PER_NODE_QUEUED
+    );
+    actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join_with(&cluster.addr, "fake", Identity::generate(), 4096).await;
+        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+    });
+    let log = cluster.server.log_text();
+    assert!(log.contains(&format!("claimed=4096 given={most}")), "{log}");
+    let joined = log.lines().find(|l| l.contains("node joined")).unwrap_or_else(|| panic!("no node joined: {log}"));
+    assert!(joined.contains(&format!("capacity={most}")), "{joined}");
+}
