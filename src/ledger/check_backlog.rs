@@ -145,7 +145,7 @@ impl Store {
     }
 
     /// Queues the check of tokens `node` delivered for `task` and then failed before its
-    /// proof, unless the backlog holds `max` checks already, `node` has `per_node` of these
+    /// proof, unless the backlog holds `max` checks already (or `max / 2` of these), `node` has `per_node` of these
     /// waiting, or the task already has a real verdict on them; [`Deferred::QueuedAtHold`]
     /// once the node has `hold_at` waiting. Nothing is marked: nothing was to be paid.
     #[allow(clippy::too_many_arguments)]
@@ -167,7 +167,7 @@ impl Store {
         // wait without end.
         tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
         tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&NODE_CHECKS_LOCK, &node]).await?;
-        if backlog_full(&tx, Some(max)).await? {
+        if backlog_full(&tx, Some(max)).await? || delivered_full(&tx, max).await? {
             return Ok(Deferred::Full);
         }
         let task_i = task as i64;
@@ -306,6 +306,22 @@ impl Store {
             .await?;
         Ok(row.get::<_, i64>(0).max(0) as u64)
     }
+}
+
+/// Whether delivered-token checks fill their share of a backlog of `max`: half. Failures
+/// are in strangers' hands (and fresh keys are free); the proof checks that hold honest
+/// nodes' pay keep the other half.
+async fn delivered_full(tx: &tokio_postgres::Transaction<'_>, max: u64) -> Result<bool, LedgerError> {
+    let share = (max / 2).max(1);
+    let limit = share.min(i64::MAX as u64) as i64;
+    let queued: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM check_backlog WHERE kind = 'delivered' LIMIT $1) AS d",
+            &[&limit],
+        )
+        .await?
+        .get(0);
+    Ok(queued as u64 >= share)
 }
 
 /// Whether the backlog holds `max` checks (`None`: never full).

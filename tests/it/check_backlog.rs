@@ -91,6 +91,24 @@ fn a_node_at_its_hold_mark_is_told_and_its_checks_still_queue() {
 /// neither marking anything unpaid nor taking the other's place; a node has at most its
 /// bound of them waiting, other nodes unaffected; each verdict takes out its own check
 /// only, and an `unverifiable` one leaves it waiting and is replaced by the real verdict.
+/// Delivered-token checks take at most half the backlog: failures are in strangers' hands
+/// (fresh keys are free), and the proof checks that hold honest nodes' pay keep the other
+/// half. Throwaway keys failing task after task used to fill it all, and every sampled task
+/// the pool had no room for was then left unpaid for good.
+#[test]
+fn delivered_token_checks_take_at_most_half_the_backlog() {
+    let store = open(&fresh_database());
+    let node = |i: u64| format!("0x{i:040x}");
+    let delivered =
+        |task: u64, i: u64| block_on(store.defer_delivered(task, &node(i), "m", b"{\"d\":1}", 4, 2, u64::MAX)).unwrap();
+    let proof = |task: u64| block_on(store.defer_check(task, &node(9), "m", b"{}", Some(4), "deferred: test")).unwrap();
+    assert_eq!(delivered(1, 1), Deferred::Queued);
+    assert_eq!(delivered(2, 2), Deferred::Queued);
+    assert_eq!(delivered(3, 3), Deferred::Full, "delivered-token checks hold half of the four places");
+    assert_eq!((proof(4), proof(5)), (Deferred::Queued, Deferred::Queued), "proof checks have the rest");
+    assert_eq!(proof(6), Deferred::Full, "the backlog holds four");
+}
+
 #[test]
 fn delivered_token_checks_wait_beside_proof_checks_bounded_per_node() {
     let store = open(&fresh_database());
