@@ -1,6 +1,11 @@
 //! A node's claims: given its payouts and proofs (from the server's
 //! `/v1/settlement/payouts/{address}`), claim every epoch not claimed yet in one
 //! `claimMany` transaction. Anyone may submit a claim; the tokens go to the node.
+//!
+//! Each claim is tried alone first (a call, no transaction): one the contract would refuse
+//! (an epoch the chain does not hold, as after a reorg, or a proof the server got wrong)
+//! is reported and left out, instead of reverting the whole batch and every good claim
+//! with it.
 
 use alloy::primitives::{Address, FixedBytes};
 use alloy::providers::DynProvider;
@@ -19,6 +24,8 @@ pub struct ClaimReport {
     pub claimed: Vec<(u64, Units)>,
     /// Epochs claimed before.
     pub already_claimed: Vec<u64>,
+    /// (epoch, why) of claims the contract would refuse: left out of the batch.
+    pub refused: Vec<(u64, String)>,
     pub total: Units,
     pub tx_hash: Option<String>,
 }
@@ -47,9 +54,19 @@ pub async fn claim_all(
             report.already_claimed.push(claim.epoch);
             continue;
         }
+        let proof = proof_bytes(claim)?;
+        let tried = settlement.claim(claim.epoch, node, to_u256(claim.amount), proof.clone()).call().await;
+        match tried.map_err(|e| contract_error("claim()", e)) {
+            Ok(_) => {}
+            Err(ChainError::Reverted(why)) => {
+                report.refused.push((claim.epoch, why));
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         epochs.push(claim.epoch);
         amounts.push(to_u256(claim.amount));
-        proofs.push(proof_bytes(claim)?);
+        proofs.push(proof);
         report.claimed.push((claim.epoch, claim.amount));
         report.total = report.total.checked_add(claim.amount).map_err(|e| ChainError::Unexpected(e.to_string()))?;
     }

@@ -164,6 +164,9 @@ pub fn claim(args: ClaimArgs) -> anyhow::Result<()> {
         }
         let report = crate::chain::claim::claim_all(&provider, contract, node_address, &payouts.data).await?;
         println!("{}", serde_json::to_string_pretty(&report)?);
+        for (epoch, why) in &report.refused {
+            eprintln!("epoch {epoch}: not claimed, the contract would refuse it: {why}");
+        }
         if report.claimed.is_empty() {
             eprintln!(
                 "nothing to claim for {node_address:#x} ({} epochs claimed before)",
