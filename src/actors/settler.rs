@@ -384,6 +384,12 @@ impl Settler {
         let anchored = self.store.last_anchored_block().await?;
         let epoch = self.store.plan_epoch(&contract, &budgets, self.config.node_share_bps, anchored).await?;
         self.store.record_settlement_attempt().await?;
+        if epoch.as_ref().is_some_and(|e| e.charges.len() >= crate::ledger::epochs::MAX_GAMES_PER_EPOCH) {
+            // More games to charge than one post names: the next epoch is due as soon as
+            // this one is confirmed, not at the next boundary.
+            tracing::info!("an epoch charges as many games as one post may name; the next follows it");
+            self.store.forget_settlement_attempt().await?;
+        }
         match &epoch {
             Some(e) => tracing::info!(
                 epoch = e.number, tasks = e.task_count, games = e.charges.len(), charges = %e.charge_total,

@@ -69,6 +69,13 @@ fn leaves(payouts: &[(String, Units)]) -> Result<Vec<Hash>, LedgerError> {
 const EPOCH_COLUMNS: &str = "number, first_block, last_block, payout_root, payout_total::text, charge_total::text,
      task_count, status, contract, tx_hash, raw_tx, nonce, chain_block, gas_used";
 
+/// Games one epoch charges at most. Each adds an escrow write and an event to the post
+/// (about 8,000 gas, `docs/settlement.md`): 1,000 keep it near 8 million gas, within a
+/// rollup block's limit (30 million on OP chains). Past it, the games whose oldest
+/// receipt is oldest go first and the next epoch is planned as soon as this one is
+/// confirmed.
+pub const MAX_GAMES_PER_EPOCH: usize = 1_000;
+
 impl Store {
     async fn epoch_from_row(&self, r: &tokio_postgres::Row) -> Result<Epoch, LedgerError> {
         let number: i64 = r.get(0);
@@ -165,15 +172,29 @@ impl Store {
 
     /// Plans the next epoch for `contract` over the blocks up to `up_to_block` (the last
     /// one anchored on chain): settles every payable, unsettled receipt its game's
-    /// `budgets` entry covers (oldest first), charges the games, pays nodes `share_bps`
-    /// of what their tasks were charged, and builds the payout tree. `None` when there is
-    /// nothing to settle (no epoch is created).
+    /// `budgets` entry covers (oldest first), charges the games (at most
+    /// [`MAX_GAMES_PER_EPOCH`]), pays nodes `share_bps` of what their tasks were charged,
+    /// and builds the payout tree. `None` when there is nothing to settle (no epoch is
+    /// created).
     pub async fn plan_epoch(
         &self,
         contract: &str,
         budgets: &[(i64, Units)],
         share_bps: u32,
         up_to_block: u64,
+    ) -> Result<Option<Epoch>, LedgerError> {
+        self.plan_epoch_of_at_most(contract, budgets, share_bps, up_to_block, MAX_GAMES_PER_EPOCH).await
+    }
+
+    /// [`Self::plan_epoch`], charging at most `max_games` games: those whose oldest
+    /// payable receipt is oldest. The others wait for the next epoch.
+    pub async fn plan_epoch_of_at_most(
+        &self,
+        contract: &str,
+        budgets: &[(i64, Units)],
+        share_bps: u32,
+        up_to_block: u64,
+        max_games: usize,
     ) -> Result<Option<Epoch>, LedgerError> {
         assert!(share_bps <= BPS, "node share above 100 %");
         let mut conn = self.conn().await?;
@@ -205,16 +226,23 @@ impl Store {
                      SELECT b.game_id, b.available::numeric AS available
                      FROM unnest($2::bigint[], $3::text[]) AS b(game_id, available)
                  ), payable AS (
-                     SELECT r.task_id, r.game_id,
+                     SELECT r.task_id, r.game_id, r.block,
                             sum(r.price_units) OVER (PARTITION BY r.game_id ORDER BY r.block, r.task_id) AS running
                      FROM receipts r JOIN games g ON g.id = r.game_id AND g.wallet IS NOT NULL
                      WHERE r.epoch IS NULL AND r.block <= $4 AND r.confirmation = 'confirmed'
                        AND r.verification IN ('verified', 'unchecked') AND r.game_id = ANY($2)
+                 ), covered AS (
+                     SELECT p.task_id, p.game_id, p.block FROM payable p JOIN budget b ON b.game_id = p.game_id
+                     WHERE p.running <= b.available
+                 ), chosen AS (
+                     -- One post names every game it charges (~8,000 gas each): bounded, so
+                     -- that it fits a block whatever the number of games.
+                     SELECT game_id FROM covered GROUP BY game_id ORDER BY min(block), game_id LIMIT $5
                  )
                  UPDATE receipts r SET epoch = $1
-                 FROM payable p JOIN budget b ON b.game_id = p.game_id
-                 WHERE r.task_id = p.task_id AND p.running <= b.available",
-                &[&number, &game_ids, &available, &last_block],
+                 FROM covered c
+                 WHERE r.task_id = c.task_id AND c.game_id IN (SELECT game_id FROM chosen)",
+                &[&number, &game_ids, &available, &last_block, &(max_games.min(i64::MAX as usize) as i64)],
             )
             .await?;
         if settled == 0 {

@@ -435,6 +435,48 @@ fn an_open_epochs_charges_are_owed_until_it_is_confirmed() {
     assert_eq!(owed(), Units(before.0 - charged), "confirmed: the escrow paid them");
 }
 
+/// One post names every game it charges (about 8,000 gas each), so an epoch charges at
+/// most `MAX_GAMES_PER_EPOCH`: the games whose oldest receipt is oldest, the others in the
+/// next epoch. With no bound, enough games made the post too big for a block, and every
+/// later plan only added games: settlement stopped for good.
+#[test]
+fn an_epoch_charges_a_bounded_number_of_games_and_the_rest_follow() {
+    let store = open(&fresh_database());
+    let games: Vec<i64> = (0..3)
+        .map(|i| {
+            let name = format!("many{i}");
+            let (game, _) = block_on(store.add_game(&name, 1000, 1_000_000)).unwrap();
+            block_on(store.set_game_wallet(&name, &format!("0x{:040x}", 0x100 + i))).unwrap();
+            game
+        })
+        .collect();
+    // The last game played first (block 1); the others from block 2.
+    record_day(&store, &[Identity::generate()], &games[2..], 1, 2, 2);
+    record_day(&store, &[Identity::generate()], &games, 3, 6, 6);
+    let budgets: Vec<(i64, Units)> = games.iter().map(|&g| (g, Units(u128::MAX / 8))).collect();
+    let contract = "0x00000000000000000000000000000000000000cc";
+    let plan = || block_on(store.plan_epoch_of_at_most(contract, &budgets, 9_000, 2, 2)).unwrap().expect("an epoch");
+    let charged = |epoch: &ludus::ledger::epochs::Epoch| {
+        let mut ids: Vec<i64> = epoch
+            .charges
+            .iter()
+            .map(|(wallet, _)| {
+                let i = i64::from_str_radix(wallet.trim_start_matches("0x"), 16).unwrap() - 0x100;
+                games[i as usize]
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    let first = plan();
+    assert_eq!(charged(&first), vec![games[0], games[2]], "the oldest receipt first, then the lowest id");
+    block_on(store.mark_epoch_confirmed(first.number, 1, 1)).unwrap();
+    let second = plan();
+    assert_eq!(charged(&second), vec![games[1]], "the game left over is charged next");
+    assert_eq!(first.task_count + second.task_count, 8, "every task settled once");
+    assert_eq!(ludus::ledger::epochs::MAX_GAMES_PER_EPOCH, 1_000);
+}
+
 fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) {
     let receipts: Vec<Receipt> = tasks.iter().map(|&t| small_receipt(t, game, &node.address.to_string())).collect();
     block_on(store.commit_block(&receipts, "0x00000000000000000000000000000000000000ee")).unwrap();
