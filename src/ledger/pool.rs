@@ -1,6 +1,7 @@
 //! A small connection pool for `tokio-postgres`. Connections run on one dedicated I/O
 //! thread, so a client can be used from any actix arbiter; broken connections (a
-//! Postgres restart) are dropped and replaced on the next checkout.
+//! Postgres restart) are dropped and replaced on the next checkout. A checkout waits for
+//! a free connection at most [`CHECKOUT_TIMEOUT`].
 
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
@@ -13,11 +14,17 @@ use super::error::LedgerError;
 
 /// How long a checkout waits to connect before it fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a checkout waits for a free connection before it fails: a database that
+/// stalls (every connection held by a query that does not return) makes every caller
+/// fail with a clear error after this, to retry, instead of waiting without end.
+pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Inner {
     url: String,
     idle: Mutex<Vec<Client>>,
     slots: Arc<Semaphore>,
+    size: usize,
+    checkout_timeout: Duration,
     io: tokio::runtime::Handle,
 }
 
@@ -81,10 +88,17 @@ fn io_handle() -> tokio::runtime::Handle {
 
 impl Pool {
     pub fn new(url: &str, size: usize) -> Self {
+        Self::waiting_at_most(url, size, CHECKOUT_TIMEOUT)
+    }
+
+    /// A pool whose checkouts wait at most `checkout_timeout` for a free connection.
+    pub fn waiting_at_most(url: &str, size: usize, checkout_timeout: Duration) -> Self {
         Pool(Arc::new(Inner {
             url: url.to_string(),
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size.max(1))),
+            size: size.max(1),
+            checkout_timeout,
             io: io_handle(),
         }))
     }
@@ -96,8 +110,17 @@ impl Pool {
 
     /// A connection: an idle one that still works, or a new one.
     pub async fn get(&self) -> Result<Conn, LedgerError> {
-        let slot =
-            self.0.slots.clone().acquire_owned().await.map_err(|_| LedgerError::Database("pool closed".into()))?;
+        let waited = tokio::time::timeout(self.0.checkout_timeout, self.0.slots.clone().acquire_owned()).await;
+        let slot = waited
+            .map_err(|_| {
+                LedgerError::Database(format!(
+                    "no database connection free within {} s: all {} are held (a stalled database, or \
+                     [database] pool_size too small for the load)",
+                    self.0.checkout_timeout.as_secs(),
+                    self.0.size
+                ))
+            })?
+            .map_err(|_| LedgerError::Database("pool closed".into()))?;
         let reused = {
             let mut idle = self.0.idle.lock().map_err(|_| LedgerError::Database("pool lock poisoned".into()))?;
             idle.retain(|c| !c.is_closed());

@@ -815,3 +815,26 @@ fn a_nodes_near_tie_record_grows_once_per_verified_task_and_is_flagged_once() {
     assert_eq!(block_on(store.steering_flag(&node)).unwrap().as_deref(), Some("steering: test"));
     assert_eq!(block_on(store.steering_flag(&other)).unwrap(), None);
 }
+
+/// A checkout waits for a free connection only so long: with every connection held (a
+/// stalled database), callers get a clear error to retry instead of waiting without end;
+/// one freed is taken again.
+#[test]
+fn a_checkout_with_every_connection_held_fails_clearly_after_its_wait() {
+    use ludus::ledger::pool::Pool;
+    let url = super::database::fresh_database();
+    let pool = Pool::waiting_at_most(&url, 1, Duration::from_millis(300));
+    block_on(async {
+        let held = pool.get().await.expect("the one connection");
+        let started = std::time::Instant::now();
+        let refused = pool.get().await.err().expect("no connection is free").to_string();
+        assert!(started.elapsed() >= Duration::from_millis(300), "it waited its time");
+        assert!(
+            refused.contains("no database connection free within") && refused.contains("all 1 are held"),
+            "{refused}"
+        );
+        drop(held);
+        let again = pool.get().await.expect("the freed connection");
+        again.simple_query("SELECT 1").await.unwrap();
+    });
+}
