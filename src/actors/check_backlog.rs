@@ -597,7 +597,15 @@ impl CheckBacklog {
                 hold_out(&self.config, node, &why);
                 why
             }
-            Ok(Deferred::Full) => format!("the check backlog ({} checks) is full", self.config.max),
+            Ok(Deferred::Full) => {
+                // A node whose failures cannot be checked gets no more work for a while:
+                // with the backlog full (throwaway keys can fill its delivered half), it
+                // could otherwise stream wrong text and fail task after task, unchecked.
+                let why =
+                    format!("the check backlog's room for these checks is full ({} checks in all)", self.config.max);
+                hold_out(&self.config, node, &why);
+                why
+            }
             Err(e) => {
                 let node_full = self.delivered_in_retry(node) >= PER_NODE_WAITING;
                 if self.keep_for_retry(waiting, &e) {

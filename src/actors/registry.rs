@@ -475,38 +475,46 @@ impl Handler<NodeJoined> for Registry {
         Box::pin(
             async move {
                 let node = msg.node.to_string();
-                let quarantine = store.quarantine_left(&node).await?;
-                let standing = match &policy {
-                    Some((policy, _)) => {
-                        let up_to = i64::try_from(policy.first_tasks()).unwrap_or(i64::MAX);
-                        let (tasks, reputation) = store.node_standing(&node, up_to).await?;
-                        Some((tasks, reputation, store.owes_a_verified_task(&node).await?))
-                    }
-                    None => None,
-                };
-                Ok::<_, crate::ledger::LedgerError>((quarantine, standing))
+                // Read apart: a standing the ledger cannot give must not lose a quarantine
+                // it did give.
+                let quarantine = store.quarantine_left(&node).await;
+                let standing = async {
+                    let Some((policy, _)) = &policy else { return Ok(None) };
+                    let up_to = i64::try_from(policy.first_tasks()).unwrap_or(i64::MAX);
+                    let (tasks, reputation) = store.node_standing(&node, up_to).await?;
+                    Ok::<_, crate::ledger::LedgerError>(Some((tasks, reputation, store.owes_a_verified_task(&node).await?)))
+                }
+                .await;
+                (quarantine, standing)
             }
             .into_actor(self)
-            .map(move |result, this, _| match result {
-                Ok((quarantine, standing)) => {
-                    if let (Some((tasks, reputation, owes)), Some((policy, floor))) = (standing, &this.policy) {
+            .map(move |(quarantine, standing), this, _| {
+                let policy = this.policy.as_ref().map(|(policy, floor)| (policy, *floor));
+                match (standing, policy) {
+                    (Ok(Some((tasks, reputation, owes))), Some((policy, floor))) => {
                         policy.restore(&msg.node, tasks);
-                        policy.set_suspect(&msg.node, reputation < *floor);
+                        policy.set_suspect(&msg.node, reputation < floor);
                         if owes {
                             policy.check_until_verified(&msg.node);
                         }
                     }
-                    quarantine
+                    (Err(e), Some((policy, _))) => {
+                        // Unknown (the database is out): every task is checked until one
+                        // is verified.
+                        tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing; checking its every task until one is verified");
+                        policy.check_until_verified(&msg.node);
+                    }
+                    _ => {}
                 }
-                Err(e) => {
-                    // Whether it is quarantined is unknown (the database is out): it gets
-                    // work, but every task is checked until one is verified.
-                    tracing::warn!(node = %msg.node, error = %e, "could not restore a node's standing; checking its every task until one is verified");
+                quarantine.unwrap_or_else(|e| {
+                    // Whether it is quarantined is unknown: it gets work, every task checked
+                    // until one is verified.
+                    tracing::warn!(node = %msg.node, error = %e, "could not read whether a joining node is quarantined; checking its every task until one is verified");
                     if let Some((policy, _)) = &this.policy {
                         policy.check_until_verified(&msg.node);
                     }
                     None
-                }
+                })
             }),
         )
     }

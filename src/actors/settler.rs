@@ -24,7 +24,6 @@
 //! Only the holder of a Postgres advisory lock (on a connection of its own) runs it; the
 //! contract adds its own guard: epochs and anchors are accepted only in order, each once.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use alloy::primitives::Address;
@@ -126,10 +125,11 @@ pub struct Settler {
     delay_checked: std::sync::atomic::AtomicBool,
     /// When anchoring last looked for blocks to anchor.
     last_anchor_look: std::sync::Mutex<Option<std::time::Instant>>,
-    /// The due epoch's own anchor was planned: the epoch is planned next, over what the
-    /// chain holds then. (Anchoring "until nothing is left" first never ended while games
-    /// played: a new block is ready every block time, sooner than an anchor confirms.)
-    epoch_anchored: std::sync::atomic::AtomicBool,
+    /// The last block committed when the due epoch first looked: it is anchored (as far as
+    /// its blocks are ready) before the epoch is planned. Anchoring "until nothing is left"
+    /// never ended while games played: a new block is ready every block time, sooner than
+    /// an anchor confirms.
+    epoch_anchor_target: std::sync::Mutex<Option<u64>>,
 }
 
 fn address_of(wallet: &str) -> Result<Address, SettleError> {
@@ -147,7 +147,7 @@ impl Settler {
             standby_logged: Default::default(),
             delay_checked: Default::default(),
             last_anchor_look: Default::default(),
-            epoch_anchored: Default::default(),
+            epoch_anchor_target: Default::default(),
         }
     }
 
@@ -201,10 +201,14 @@ impl Settler {
     }
 
     /// Moves settlement as far as it can go now: finishes an open anchor or epoch, anchors
-    /// the blocks ready for it (once per `anchor_interval`, and once before each epoch),
+    /// the blocks ready for it (once per `anchor_interval`, and before each epoch those
+    /// committed when it fell due),
     /// and plans a new epoch when `plan` is set and nothing older is open.
     pub async fn run(&self, plan: bool) -> Result<Outcome, SettleError> {
         if !self.hold_lock().await? {
+            // Whoever holds the lock now anchors for the epoch; this server looks again
+            // when it holds it back.
+            *self.epoch_anchor_target.lock().expect("not poisoned") = None;
             return Ok(Outcome { progress: Progress::Standby, planned: false });
         }
         let mut planned = false;
@@ -223,26 +227,38 @@ impl Settler {
                 }
             }
             let epoch_next = plan && !planned;
-            // A due epoch gets one anchor of its own (the blocks ready now), then is planned.
-            let anchor_now = if epoch_next { !self.epoch_anchored.load(Ordering::Relaxed) } else { self.anchor_due() };
+            // A due epoch has the blocks committed when it first looked anchored (those
+            // ready), then is planned.
+            let anchor_now = if epoch_next { self.epoch_blocks_unanchored().await? } else { self.anchor_due() };
             if !anchored_all && anchor_now {
                 if self.plan_anchor().await?.is_some() {
-                    if epoch_next {
-                        self.epoch_anchored.store(true, Ordering::Relaxed);
-                    }
                     continue;
                 }
                 anchored_all = true;
             }
             if epoch_next {
                 planned = true;
-                self.epoch_anchored.store(false, Ordering::Relaxed);
+                *self.epoch_anchor_target.lock().expect("not poisoned") = None;
                 if self.plan().await?.is_some() {
                     continue;
                 }
             }
             return Ok(Outcome { progress: Progress::Idle, planned });
         }
+    }
+
+    /// Whether blocks committed when the due epoch first looked are still unanchored.
+    async fn epoch_blocks_unanchored(&self) -> Result<bool, SettleError> {
+        let known = *self.epoch_anchor_target.lock().expect("not poisoned");
+        let target = match known {
+            Some(target) => target,
+            None => {
+                let target = self.store.last_block().await?;
+                *self.epoch_anchor_target.lock().expect("not poisoned") = Some(target);
+                target
+            }
+        };
+        Ok(self.store.last_anchored_block().await? < target)
     }
 
     /// Whether `anchor_interval` has passed since anchoring last looked for blocks.
@@ -445,13 +461,18 @@ impl Settler {
     /// without a wallet).
     async fn escrows(&self) -> Result<Vec<(crate::ledger::escrow::GameBalance, Units)>, SettleError> {
         let chain = self.chain().await?;
-        let games = self.store.game_balances().await?;
+        // One block for both reads: a post mined between them would count its charges
+        // twice (owed, and gone from the escrow) or not at all.
+        let block = chain.head_block().await?;
+        let posted = chain.last_epoch_at(block).await?;
+        let games = self.store.game_balances(posted).await?;
         let with_wallet: Vec<(usize, Address)> = games
             .iter()
             .enumerate()
             .filter_map(|(i, g)| g.wallet.as_deref().map(|w| address_of(w).map(|a| (i, a))))
             .collect::<Result<_, _>>()?;
-        let amounts = chain.available_escrows(&with_wallet.iter().map(|(_, a)| *a).collect::<Vec<_>>()).await?;
+        let wallets: Vec<Address> = with_wallet.iter().map(|(_, a)| *a).collect();
+        let amounts = chain.available_escrows_at(&wallets, block).await?;
         let mut available = vec![Units::ZERO; games.len()];
         for ((i, _), amount) in with_wallet.iter().zip(amounts) {
             available[*i] = amount;

@@ -56,7 +56,8 @@ pub fn contract_error(context: &str, e: alloy::contract::Error) -> ChainError {
     }
     match &e {
         alloy::contract::Error::TransportError(t)
-            if t.as_error_resp().is_some_and(|p| says_reverted(p.code, &p.message)) =>
+            if t.as_error_resp()
+                .is_some_and(|p| says_reverted(p.code, &p.message, p.data.as_deref().map(|d| d.get()))) =>
         {
             ChainError::Reverted(format!("{context}: {t}"))
         }
@@ -66,10 +67,13 @@ pub fn contract_error(context: &str, e: alloy::contract::Error) -> ChainError {
 }
 
 /// Whether a JSON-RPC error answer reports a reverted execution: code 3 (EIP-1474's
-/// "execution reverted", with the revert data) or a message that says so (geth, anvil and
-/// most providers word it "execution reverted"; some send -32000 or -32603 with it).
-fn says_reverted(code: i64, message: &str) -> bool {
-    code == 3 || message.to_ascii_lowercase().contains("revert")
+/// "execution reverted", with the revert data), -32015 (OpenEthereum's and older
+/// Nethermind's "VM execution error", the revert in its data), or a message or data that
+/// says so (geth, anvil and most providers word it "execution reverted"; some send -32000
+/// or -32603 with it).
+fn says_reverted(code: i64, message: &str, data: Option<&str>) -> bool {
+    let says = |text: &str| text.to_ascii_lowercase().contains("revert");
+    code == 3 || code == -32015 || says(message) || data.is_some_and(says)
 }
 
 fn rpc_error(context: &str, e: impl std::fmt::Display) -> ChainError {
@@ -204,6 +208,27 @@ impl SettlementClient {
         Ok(amounts.into_iter().map(from_u256).collect())
     }
 
+    /// The chain's newest block number.
+    pub async fn head_block(&self) -> Result<u64, ChainError> {
+        timed("block number", self.provider.get_block_number()).await
+    }
+
+    /// The last epoch posted as of `block`.
+    pub async fn last_epoch_at(&self, block: u64) -> Result<u64, ChainError> {
+        let call = self.contract.lastEpoch().block(alloy::eips::BlockId::number(block));
+        timed("lastEpoch()", call.call()).await
+    }
+
+    /// [`Self::available_escrows`] as of `block`.
+    pub async fn available_escrows_at(&self, wallets: &[Address], block: u64) -> Result<Vec<Units>, ChainError> {
+        if wallets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let call = self.contract.availableEscrows(wallets.to_vec()).block(alloy::eips::BlockId::number(block));
+        let amounts = timed("availableEscrows()", call.call()).await?;
+        Ok(amounts.into_iter().map(from_u256).collect())
+    }
+
     /// Each wallet's whole escrow (`escrowOf`), pending withdrawal requests included: what
     /// settlement may charge (a request does not shield escrow from usage before it).
     pub async fn escrow_balances(&self, wallets: &[Address]) -> Result<Vec<Units>, ChainError> {
@@ -332,8 +357,11 @@ mod tests {
 
     /// A JSON-RPC error answer, as a provider sends it.
     fn answer(code: i64, message: &str) -> alloy::contract::Error {
-        let payload =
-            serde_json::from_value(serde_json::json!({ "code": code, "message": message })).expect("a payload");
+        answer_with(serde_json::json!({ "code": code, "message": message }))
+    }
+
+    fn answer_with(json: serde_json::Value) -> alloy::contract::Error {
+        let payload = serde_json::from_value(json).expect("a payload");
         alloy::contract::Error::TransportError(RpcError::ErrorResp(payload))
     }
 
@@ -343,6 +371,14 @@ mod tests {
         {
             let e = contract_error("postEpoch()", answer(code, message));
             assert!(matches!(e, ChainError::Reverted(_)), "{code} {message}: {e:?}");
+        }
+        // OpenEthereum's way: the revert only in the data.
+        for data in [
+            serde_json::json!({"code": -32015, "message": "VM execution error.", "data": "Reverted 0x08c379a0"}),
+            serde_json::json!({"code": -32000, "message": "error", "data": "Reverted 0x"}),
+        ] {
+            let e = contract_error("postEpoch()", answer_with(data.clone()));
+            assert!(matches!(e, ChainError::Reverted(_)), "{data}: {e:?}");
         }
         // A provider's rate limit, a wallet short of gas money, an internal error: the same
         // plan is posted again later, not discarded for a day.

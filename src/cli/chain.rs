@@ -167,6 +167,9 @@ pub fn claim(args: ClaimArgs) -> anyhow::Result<()> {
         for (epoch, why) in &report.refused {
             eprintln!("epoch {epoch}: not claimed, the contract would refuse it: {why}");
         }
+        if !report.refused.is_empty() && report.claimed.is_empty() {
+            anyhow::bail!("every unclaimed epoch was refused by the contract (see above)");
+        }
         if report.claimed.is_empty() {
             eprintln!(
                 "nothing to claim for {node_address:#x} ({} epochs claimed before)",

@@ -15,8 +15,8 @@ pub struct GameBalance {
     pub name: String,
     pub wallet: Option<String>,
     /// Charges of its tasks not settled yet (failed and disputed tasks are never charged):
-    /// those in no epoch, and an open epoch's charges (planned or posted, not confirmed:
-    /// the chain's escrow still holds them).
+    /// those in no epoch, and an open epoch's charges while its post is not on chain (the
+    /// chain's escrow still holds them).
     pub owed: Units,
     pub status: GameStatus,
     pub suspended_by: Option<SuspendedBy>,
@@ -74,8 +74,10 @@ impl Store {
         Ok(())
     }
 
-    /// Every game that has a wallet or owes something.
-    pub async fn game_balances(&self) -> Result<Vec<GameBalance>, LedgerError> {
+    /// Every game that has a wallet or owes something, the chain having posted epochs up
+    /// to `posted`: an open epoch past it still owes its charges (the chain's escrow holds
+    /// them until its post is mined).
+    pub async fn game_balances(&self, posted: u64) -> Result<Vec<GameBalance>, LedgerError> {
         let conn = self.conn().await?;
         let rows = conn
             .query(
@@ -88,12 +90,12 @@ impl Store {
                  ) o ON o.game_id = g.id
                  LEFT JOIN (
                      SELECT c.game_id, sum(c.amount) AS pending FROM charges c
-                     JOIN epochs e ON e.number = c.epoch WHERE e.status <> 'confirmed'
+                     JOIN epochs e ON e.number = c.epoch WHERE e.status <> 'confirmed' AND e.number > $1
                      GROUP BY c.game_id
                  ) p ON p.game_id = g.id
                  WHERE g.status <> 'removed' AND (g.wallet IS NOT NULL OR o.owed > 0 OR p.pending > 0)
                  ORDER BY g.id",
-                &[],
+                &[&(posted.min(i64::MAX as u64) as i64)],
             )
             .await?;
         rows.iter()

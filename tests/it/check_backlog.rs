@@ -87,10 +87,6 @@ fn a_node_at_its_hold_mark_is_told_and_its_checks_still_queue() {
     assert_eq!(numbers(&store, "SELECT count(*) FROM check_backlog WHERE kind = 'delivered'"), vec![3]);
 }
 
-/// A failed node's delivered tokens wait beside the task's proof check (the finisher's),
-/// neither marking anything unpaid nor taking the other's place; a node has at most its
-/// bound of them waiting, other nodes unaffected; each verdict takes out its own check
-/// only, and an `unverifiable` one leaves it waiting and is replaced by the real verdict.
 /// Delivered-token checks take at most half the backlog: failures are in strangers' hands
 /// (fresh keys are free), and the proof checks that hold honest nodes' pay keep the other
 /// half. Throwaway keys failing task after task used to fill it all, and every sampled task
@@ -109,6 +105,10 @@ fn delivered_token_checks_take_at_most_half_the_backlog() {
     assert_eq!(proof(6), Deferred::Full, "the backlog holds four");
 }
 
+/// A failed node's delivered tokens wait beside the task's proof check (the finisher's),
+/// neither marking anything unpaid nor taking the other's place; a node has at most its
+/// bound of them waiting, other nodes unaffected; each verdict takes out its own check
+/// only, and an `unverifiable` one leaves it waiting and is replaced by the real verdict.
 #[test]
 fn delivered_token_checks_wait_beside_proof_checks_bounded_per_node() {
     let store = open(&fresh_database());

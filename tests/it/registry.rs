@@ -658,7 +658,7 @@ fn a_check_that_could_not_run_is_never_paid_and_gives_way_to_a_real_verdict() {
     };
     assert_eq!((state(1), state(2), state(3)), ("unverifiable".into(), "verified".into(), "verified".into()));
     // Two verified tasks at 5 units each are owed; the unverifiable one is not.
-    let balances = block_on(store.game_balances()).unwrap();
+    let balances = block_on(store.game_balances(0)).unwrap();
     let owed = balances.iter().find(|b| b.game_id == game).map(|b| b.owed.0);
     assert_eq!(owed, Some(10));
     assert_eq!(reputation, 10_000, "no penalty for a check that could not run");
