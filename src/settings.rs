@@ -225,6 +225,8 @@ pub struct SettlementSettings {
     pub anchor_interval_s: f64,
     /// A block waits at most this long for its nodes' confirmations before it is anchored.
     pub anchor_confirm_wait_s: f64,
+    /// A post or anchor not mined for this long is signed again, same nonce, higher fees.
+    pub replace_stuck_after_s: f64,
     /// The RPC URL nodes are told to claim through (`GET /v1/settlement`); empty = none is
     /// published, and nodes pass `ludus claim --rpc`.
     pub public_rpc_url: String,

@@ -52,6 +52,8 @@ pub struct SettlerConfig {
     pub anchor_interval: Duration,
     /// A block waits at most this long for its nodes' confirmations before it is anchored.
     pub anchor_confirm_wait: Duration,
+    /// A post or anchor not mined for this long is signed again with higher fees.
+    pub replace_after: Duration,
 }
 
 impl Settler {
@@ -112,6 +114,8 @@ enum Fate {
     Wait,
     /// It can never be mined (reverted, or its nonce went to another transaction).
     Lost,
+    /// Not mined for `replace_after`: signed again with higher fees.
+    Stuck,
 }
 
 pub struct Settler {
@@ -130,6 +134,9 @@ pub struct Settler {
     /// never ended while games played: a new block is ready every block time, sooner than
     /// an anchor confirms.
     epoch_anchor_target: std::sync::Mutex<Option<u64>>,
+    /// The transaction followed now (one is open at a time) and since when it waits to be
+    /// mined.
+    waiting_since: std::sync::Mutex<Option<([u8; 32], std::time::Instant)>>,
 }
 
 fn address_of(wallet: &str) -> Result<Address, SettleError> {
@@ -148,6 +155,7 @@ impl Settler {
             delay_checked: Default::default(),
             last_anchor_look: Default::default(),
             epoch_anchor_target: Default::default(),
+            waiting_since: Default::default(),
         }
     }
 
@@ -325,6 +333,12 @@ impl Settler {
                         Ok(Step::Again)
                     }
                     Fate::Wait => Ok(Step::Wait),
+                    Fate::Stuck => {
+                        let by = self.sign_again(&format!("anchor {id}"), &sent).await?;
+                        self.store.replace_anchor_tx(id, &sent, &by).await?;
+                        chain.broadcast(&by.raw).await?;
+                        Ok(Step::Wait)
+                    }
                     Fate::Lost => {
                         if chain.last_anchored_block().await? >= anchor.last_block {
                             return self.adopt_anchor(&anchor).await;
@@ -369,11 +383,16 @@ impl Settler {
                 Ok(Fate::Final { block, gas_used })
             }
             TxStatus::Mined { success: false, .. } => Ok(Fate::Lost),
+            TxStatus::Pending if self.waited_too_long(sent) => Ok(Fate::Stuck),
             TxStatus::Pending => Ok(Fate::Wait),
             TxStatus::Unknown => {
                 if chain.mined_nonce().await? > sent.nonce {
-                    // Our nonce went to another transaction: ours can never be mined.
+                    // Our nonce went to another transaction (a replacement of ours, or
+                    // what it replaced): this one can never be mined.
                     return Ok(Fate::Lost);
+                }
+                if self.waited_too_long(sent) {
+                    return Ok(Fate::Stuck);
                 }
                 tracing::warn!(
                     tx = %format!("0x{}", hex::encode(sent.hash)),
@@ -383,6 +402,34 @@ impl Settler {
                 Ok(Fate::Wait)
             }
         }
+    }
+
+    /// Whether `sent` has waited to be mined for `replace_after` (counted from when this
+    /// server first followed it).
+    fn waited_too_long(&self, sent: &crate::ledger::epochs::SentTx) -> bool {
+        let mut since = self.waiting_since.lock().expect("not poisoned");
+        match *since {
+            Some((hash, at)) if hash == sent.hash => at.elapsed() >= self.config.replace_after,
+            _ => {
+                *since = Some((sent.hash, std::time::Instant::now()));
+                false
+            }
+        }
+    }
+
+    /// `stuck`, signed again with higher fees; the caller stores it (only over `stuck`)
+    /// before it is broadcast. Whichever of the two is mined settles it: the other's nonce
+    /// is then used, and the chain's state is adopted when it is exactly the ledger's.
+    async fn sign_again(
+        &self,
+        what: &str,
+        stuck: &crate::ledger::epochs::SentTx,
+    ) -> Result<crate::ledger::epochs::SentTx, SettleError> {
+        let by = self.chain().await?.sign_replacement(stuck).await?;
+        tracing::warn!(what, stuck = %format!("0x{}", hex::encode(stuck.hash)), by = %format!("0x{}", hex::encode(by.hash)),
+            nonce = stuck.nonce, waited_s = self.config.replace_after.as_secs(),
+            "a transaction waited too long to be mined; replacing it with higher fees");
+        Ok(by)
     }
 
     /// Plans the next epoch against the escrow on chain now; updates suspensions.
@@ -557,6 +604,12 @@ impl Settler {
                         Ok(Step::Again)
                     }
                     Fate::Wait => Ok(Step::Wait),
+                    Fate::Stuck => {
+                        let by = self.sign_again(&format!("epoch {n}"), &sent).await?;
+                        self.store.replace_epoch_tx(n, &sent, &by).await?;
+                        chain.broadcast(&by.raw).await?;
+                        Ok(Step::Wait)
+                    }
                     Fate::Lost => {
                         if chain.last_epoch().await? >= n {
                             return self.adopt_posted(&epoch).await;

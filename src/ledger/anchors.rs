@@ -238,6 +238,23 @@ impl Store {
         Ok(())
     }
 
+    /// Anchor `id`'s transaction `stuck` is replaced by `by` (same nonce, higher fees),
+    /// stored before it is broadcast; only while `stuck` is still the one stored.
+    pub async fn replace_anchor_tx(&self, id: u64, stuck: &SentTx, by: &SentTx) -> Result<(), LedgerError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE anchors SET tx_hash = $3, raw_tx = $4, sent_at = now()
+                 WHERE id = $1 AND status = 'sent' AND tx_hash = $2 AND nonce = $5",
+                &[&(id as i64), &hex0x(&stuck.hash), &hex0x(&by.hash), &by.raw, &(by.nonce as i64)],
+            )
+            .await?;
+        if n != 1 {
+            return Err(LedgerError::Corrupt(format!("anchor {id} no longer holds the transaction being replaced")));
+        }
+        Ok(())
+    }
+
     /// The sent transaction can never be mined (reverted, or its nonce used by another):
     /// back to planned, to be signed again.
     pub async fn mark_anchor_unsent(&self, id: u64) -> Result<(), LedgerError> {

@@ -340,6 +340,29 @@ impl Store {
         Ok(())
     }
 
+    /// Epoch `number`'s post `stuck` is replaced by `by` (same nonce, higher fees), stored
+    /// before it is broadcast; only while `stuck` is still the one stored.
+    pub async fn replace_epoch_tx(&self, number: u64, stuck: &SentTx, by: &SentTx) -> Result<(), LedgerError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE epochs SET tx_hash = $3, raw_tx = $4, sent_at = now()
+                 WHERE number = $1 AND status = 'sent' AND tx_hash = $2 AND nonce = $5",
+                &[
+                    &(number as i64),
+                    &format!("0x{}", hex::encode(stuck.hash)),
+                    &format!("0x{}", hex::encode(by.hash)),
+                    &by.raw,
+                    &(by.nonce as i64),
+                ],
+            )
+            .await?;
+        if n != 1 {
+            return Err(LedgerError::Corrupt(format!("epoch {number} no longer holds the post being replaced")));
+        }
+        Ok(())
+    }
+
     /// Drops a plan that can no longer be posted (a game's escrow shrank since): its
     /// receipts go back to unsettled. Only a planned epoch, never a sent one.
     pub async fn discard_planned_epoch(&self, number: u64) -> Result<(), LedgerError> {

@@ -193,6 +193,7 @@ pub fn start_settlement(
         epoch_time: Duration::from_secs(s.clock.epoch_time_s.max(1)),
         anchor_interval: Duration::from_secs_f64(cfg.anchor_interval_s.max(0.1)),
         anchor_confirm_wait: Duration::from_secs_f64(cfg.anchor_confirm_wait_s.max(0.0)),
+        replace_after: Duration::from_secs_f64(cfg.replace_stuck_after_s.max(1.0)),
     };
     let settler = Arc::new(Settler::new(store.clone(), config, signer));
     let (retry, poll, every) = (

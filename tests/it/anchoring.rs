@@ -273,6 +273,7 @@ fn anchor_gas_is_flat_in_the_tasks_per_block() {
         epoch_time: Duration::from_secs(86_400),
         anchor_interval: Duration::ZERO,
         anchor_confirm_wait: Duration::ZERO,
+        replace_after: Duration::from_secs(600),
     };
     let settler = Settler::new(store.clone(), config, anvil.keys[1].clone());
     let anchor_now = || {

@@ -118,6 +118,7 @@ fn settler_config(anvil: &Anvil, d: &Deployment) -> SettlerConfig {
         epoch_time: Duration::from_secs(86_400),
         anchor_interval: Duration::from_secs(3600),
         anchor_confirm_wait: Duration::ZERO,
+        replace_after: Duration::from_secs(600),
     }
 }
 
@@ -480,6 +481,46 @@ fn an_epoch_charges_a_bounded_number_of_games_and_the_rest_follow() {
     assert_eq!(charged(&second), vec![games[1]], "the game left over is charged next");
     assert_eq!(first.task_count + second.task_count, 8, "every task settled once");
     assert_eq!(ludus::ledger::epochs::MAX_GAMES_PER_EPOCH, 1_000);
+}
+
+/// A transaction that waits too long to be mined (the chain's base fee rose above its fee
+/// cap) is signed again at its nonce with higher fees, stored first, and the replacement
+/// settles it. It used to be broadcast again as it was, for ever, and settlement waited
+/// with it: anchors and epochs take turns on one open transaction.
+#[test]
+fn a_transaction_stuck_unmined_is_replaced_with_higher_fees() {
+    let anvil = Anvil::start(None).expect("anvil (run scripts/setup)");
+    let d = deploy_default(&anvil);
+    let store = open(&fresh_database());
+    let (game, _) = block_on(store.add_game("stuck", 1000, 1_000_000)).unwrap();
+    record_day(&store, &[Identity::generate()], &[game], 1, 4, 2);
+    let config = SettlerConfig { replace_after: Duration::from_millis(500), ..settler_config(&anvil, &d) };
+    let settler = Settler::new(store.clone(), config, anvil.keys[1].clone());
+    // Nothing is mined: the anchor waits in the mempool.
+    rpc(&anvil, "evm_setAutomine", serde_json::json!([false]));
+    assert_eq!(block_on(settler.run(false)).unwrap().progress, Progress::Waiting);
+    let stored = || block_on(store.open_anchor()).unwrap().and_then(|a| a.sent).expect("a sent anchor");
+    let first = stored();
+    assert_eq!(block_on(settler.run(false)).unwrap().progress, Progress::Waiting, "pending, not stuck yet");
+    assert_eq!(stored().hash, first.hash);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(block_on(settler.run(false)).unwrap().progress, Progress::Waiting);
+    let replacement = stored();
+    assert_ne!(replacement.hash, first.hash, "replaced");
+    assert_eq!(replacement.nonce, first.nonce, "at the same nonce");
+    // The chain mines again: the replacement (its fees are higher) is the one mined.
+    rpc(&anvil, "evm_setAutomine", serde_json::json!([true]));
+    rpc(&anvil, "evm_mine", serde_json::json!([]));
+    let mut runs = 0;
+    while block_on(settler.run(false)).unwrap().progress != Progress::Idle {
+        runs += 1;
+        assert!(runs < 50, "the anchor was never confirmed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(block_on(store.last_anchored_block()).unwrap(), 2);
+    let p = provider_for(&anvil.url, anvil.keys[0].clone()).unwrap();
+    let mined = |hash: [u8; 32]| block_on(p.get_transaction_receipt(FixedBytes(hash))).unwrap().is_some();
+    assert!(mined(replacement.hash) && !mined(first.hash), "only the replacement was mined");
 }
 
 fn record_unconfirmed(store: &Store, node: &Identity, game: i64, tasks: &[u64]) {
