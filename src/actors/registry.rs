@@ -418,7 +418,15 @@ async fn judge_steering(
 ) -> Result<(i32, Option<String>), crate::ledger::LedgerError> {
     let unflagged = Ok((reputation, None));
     let Some(steering) = steering else { return unflagged };
-    let Some(sums) = store.record_steering(task, node, &steering, checked).await? else { return unflagged };
+    let sums = match store.record_steering(task, node, &steering, checked).await? {
+        Some(sums) => sums,
+        // Added before: this verdict is written again because a write after that failed
+        // (the flag's, maybe). The record as it stands is judged again; a flag is given once.
+        None => match store.node_steering(node).await? {
+            Some(sums) if sums.tasks > 0 => sums,
+            _ => return unflagged,
+        },
+    };
     let record = crate::proof::steering::NodeDeviations {
         tasks: sums.tasks as u64,
         tokens: sums.tokens as u64,

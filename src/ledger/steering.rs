@@ -157,6 +157,28 @@ impl Store {
         Ok(row.map(|r| r.get(0)))
     }
 
+    /// A node's near-tie record as it stands (`None`: no such node).
+    pub async fn node_steering(&self, node: &str) -> Result<Option<NodeSteering>, LedgerError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT checked_tasks, checked_tokens, wide_deviations, expected_wide, ends_passed,
+                     expected_ends_passed, steering_flagged_at IS NOT NULL
+                 FROM nodes WHERE address = $1",
+                &[&node],
+            )
+            .await?;
+        Ok(row.map(|row| NodeSteering {
+            tasks: row.get(0),
+            tokens: row.get(1),
+            wide: row.get(2),
+            expected_wide: row.get(3),
+            ends_passed: row.get(4),
+            expected_ends_passed: row.get(5),
+            flagged: row.get(6),
+        }))
+    }
+
     /// Whether a node was flagged as steering, and why.
     pub async fn steering_flag(&self, node: &str) -> Result<Option<String>, LedgerError> {
         let conn = self.conn().await?;

@@ -792,6 +792,9 @@ fn a_nodes_near_tie_record_grows_once_per_verified_task_and_is_flagged_once() {
     });
     assert_eq!((sums.tasks, sums.tokens, sums.wide, sums.ends_passed), (1, 40, 2, 1));
     assert_eq!((delivered.tasks, delivered.tokens, delivered.wide, delivered.ends_passed), (2, 80, 4, 2));
+    // The record as it stands, for a verdict written again (judged again, flagged once).
+    assert_eq!(block_on(store.node_steering(&node)).unwrap(), Some(delivered));
+    assert_eq!(block_on(store.node_steering("0x0000000000000000000000000000000000000001")).unwrap(), None);
     assert!((sums.expected_wide - 0.3).abs() < 1e-9 && (sums.expected_ends_passed - 0.1).abs() < 1e-9);
     assert!(!sums.flagged);
     let rows = block_on(async {
