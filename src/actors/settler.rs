@@ -137,7 +137,14 @@ pub struct Settler {
     /// The transaction followed now (one is open at a time) and since when it waits to be
     /// mined.
     waiting_since: std::sync::Mutex<Option<([u8; 32], std::time::Instant)>>,
+    /// The nonce of the open transaction and those it replaced: any of them may be the
+    /// one mined. In memory: after a restart, one of them mined is adopted from the
+    /// chain's state instead.
+    replaced: std::sync::Mutex<(u64, Vec<[u8; 32]>)>,
 }
+
+/// How long the settlement lock's connection may take to answer that it is alive.
+const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn address_of(wallet: &str) -> Result<Address, SettleError> {
     wallet.parse().map_err(|_| SettleError::Ledger(LedgerError::Corrupt(format!("wallet `{wallet}`"))))
@@ -156,6 +163,7 @@ impl Settler {
             last_anchor_look: Default::default(),
             epoch_anchor_target: Default::default(),
             waiting_since: Default::default(),
+            replaced: Default::default(),
         }
     }
 
@@ -179,7 +187,9 @@ impl Settler {
     async fn hold_lock(&self) -> Result<bool, SettleError> {
         let mut held = self.lock.lock().await;
         if let Some(conn) = held.as_ref() {
-            if !conn.is_closed() && conn.execute("SELECT 1", &[]).await.is_ok() {
+            // Bounded: a half-open connection's check could hang, and settlement with it.
+            let alive = tokio::time::timeout(LOCK_CHECK_TIMEOUT, conn.execute("SELECT 1", &[])).await;
+            if !conn.is_closed() && matches!(alive, Ok(Ok(_))) {
                 return Ok(true);
             }
             tracing::warn!("the settlement lock's connection broke; taking the lock again");
@@ -246,8 +256,11 @@ impl Settler {
             }
             if epoch_next {
                 planned = true;
+                let epoch = self.plan().await?;
+                // Planned (or nothing to plan): the next due epoch looks afresh. A plan that
+                // failed keeps the target, so its retry anchors nothing more first.
                 *self.epoch_anchor_target.lock().expect("not poisoned") = None;
-                if self.plan().await?.is_some() {
+                if epoch.is_some() {
                     continue;
                 }
             }
@@ -334,9 +347,10 @@ impl Settler {
                     }
                     Fate::Wait => Ok(Step::Wait),
                     Fate::Stuck => {
-                        let by = self.sign_again(&format!("anchor {id}"), &sent).await?;
-                        self.store.replace_anchor_tx(id, &sent, &by).await?;
-                        chain.broadcast(&by.raw).await?;
+                        if let Some(by) = self.sign_again(&format!("anchor {id}"), &sent).await? {
+                            self.store.replace_anchor_tx(id, &sent, &by).await?;
+                            chain.broadcast(&by.raw).await?;
+                        }
                         Ok(Step::Wait)
                     }
                     Fate::Lost => {
@@ -387,8 +401,20 @@ impl Settler {
             TxStatus::Pending => Ok(Fate::Wait),
             TxStatus::Unknown => {
                 if chain.mined_nonce().await? > sent.nonce {
-                    // Our nonce went to another transaction (a replacement of ours, or
-                    // what it replaced): this one can never be mined.
+                    // Our nonce went to another transaction: one this one replaced (then
+                    // followed as it, confirmations and all), or a stranger to the ledger.
+                    let replaced = self.replaced.lock().expect("not poisoned").clone();
+                    let replaced = if replaced.0 == sent.nonce { replaced.1 } else { Vec::new() };
+                    for hash in replaced {
+                        if let TxStatus::Mined { success: true, block, gas_used, confirmations } =
+                            chain.tx_status(hash).await?
+                        {
+                            if confirmations < self.config.confirmations {
+                                return Ok(Fate::Wait);
+                            }
+                            return Ok(Fate::Final { block, gas_used });
+                        }
+                    }
                     return Ok(Fate::Lost);
                 }
                 if self.waited_too_long(sent) {
@@ -418,18 +444,32 @@ impl Settler {
     }
 
     /// `stuck`, signed again with higher fees; the caller stores it (only over `stuck`)
-    /// before it is broadcast. Whichever of the two is mined settles it: the other's nonce
-    /// is then used, and the chain's state is adopted when it is exactly the ledger's.
+    /// before it is broadcast. Whichever of the two is mined settles it: the replaced one
+    /// is followed too. `None` when its fee cap is twice today's estimate already (it waits
+    /// for something else than its fees): it is broadcast again as it is.
     async fn sign_again(
         &self,
         what: &str,
         stuck: &crate::ledger::epochs::SentTx,
-    ) -> Result<crate::ledger::epochs::SentTx, SettleError> {
-        let by = self.chain().await?.sign_replacement(stuck).await?;
+    ) -> Result<Option<crate::ledger::epochs::SentTx>, SettleError> {
+        let chain = self.chain().await?;
+        let Some(by) = chain.sign_replacement(stuck).await? else {
+            tracing::warn!(what, tx = %format!("0x{}", hex::encode(stuck.hash)), "a transaction waits to be mined, its fees twice the estimate already; broadcasting it again");
+            chain.broadcast(&stuck.raw).await?;
+            *self.waiting_since.lock().expect("not poisoned") = None;
+            return Ok(None);
+        };
+        {
+            let mut replaced = self.replaced.lock().expect("not poisoned");
+            if replaced.0 != stuck.nonce {
+                *replaced = (stuck.nonce, Vec::new());
+            }
+            replaced.1.push(stuck.hash);
+        }
         tracing::warn!(what, stuck = %format!("0x{}", hex::encode(stuck.hash)), by = %format!("0x{}", hex::encode(by.hash)),
             nonce = stuck.nonce, waited_s = self.config.replace_after.as_secs(),
             "a transaction waited too long to be mined; replacing it with higher fees");
-        Ok(by)
+        Ok(Some(by))
     }
 
     /// Plans the next epoch against the escrow on chain now; updates suspensions.
@@ -446,12 +486,12 @@ impl Settler {
         // Only blocks the chain holds: the contract refuses an epoch over any other.
         let anchored = self.store.last_anchored_block().await?;
         let epoch = self.store.plan_epoch(&contract, &budgets, self.config.node_share_bps, anchored).await?;
-        self.store.record_settlement_attempt().await?;
         if epoch.as_ref().is_some_and(|e| e.charges.len() >= crate::ledger::epochs::MAX_GAMES_PER_EPOCH) {
-            // More games to charge than one post names: the next epoch is due as soon as
-            // this one is confirmed, not at the next boundary.
+            // More games to charge than one post names: the attempt is not recorded, so the
+            // next epoch is due as soon as this one is confirmed, not at the next boundary.
             tracing::info!("an epoch charges as many games as one post may name; the next follows it");
-            self.store.forget_settlement_attempt().await?;
+        } else {
+            self.store.record_settlement_attempt().await?;
         }
         match &epoch {
             Some(e) => tracing::info!(
@@ -605,9 +645,10 @@ impl Settler {
                     }
                     Fate::Wait => Ok(Step::Wait),
                     Fate::Stuck => {
-                        let by = self.sign_again(&format!("epoch {n}"), &sent).await?;
-                        self.store.replace_epoch_tx(n, &sent, &by).await?;
-                        chain.broadcast(&by.raw).await?;
+                        if let Some(by) = self.sign_again(&format!("epoch {n}"), &sent).await? {
+                            self.store.replace_epoch_tx(n, &sent, &by).await?;
+                            chain.broadcast(&by.raw).await?;
+                        }
                         Ok(Step::Wait)
                     }
                     Fate::Lost => {

@@ -67,13 +67,13 @@ pub fn contract_error(context: &str, e: alloy::contract::Error) -> ChainError {
 }
 
 /// Whether a JSON-RPC error answer reports a reverted execution: code 3 (EIP-1474's
-/// "execution reverted", with the revert data), -32015 (OpenEthereum's and older
-/// Nethermind's "VM execution error", the revert in its data), or a message or data that
-/// says so (geth, anvil and most providers word it "execution reverted"; some send -32000
-/// or -32603 with it).
+/// "execution reverted", with the revert data), or a message or data that says so (geth,
+/// anvil and most providers word it "execution reverted"; some send -32000 or -32603 with
+/// it; OpenEthereum and older Nethermind send -32015 "VM execution error", the revert in
+/// its data: their other execution failures, out of gas, are no revert).
 fn says_reverted(code: i64, message: &str, data: Option<&str>) -> bool {
     let says = |text: &str| text.to_ascii_lowercase().contains("revert");
-    code == 3 || code == -32015 || says(message) || data.is_some_and(says)
+    code == 3 || says(message) || data.is_some_and(says)
 }
 
 fn rpc_error(context: &str, e: impl std::fmt::Display) -> ChainError {
@@ -297,17 +297,22 @@ impl SettlementClient {
         Ok(SentTx { hash: envelope.tx_hash().0, raw: envelope.encoded_2718(), nonce })
     }
 
-    /// Signs `stuck` again at its nonce, its fees raised by a quarter (mempools take a
-    /// replacement only at 10 % more, some at 25 %) and at least to today's estimate: a
-    /// post signed before the chain's base fee rose above its fee cap would wait for ever.
-    pub async fn sign_replacement(&self, stuck: &SentTx) -> Result<SentTx, ChainError> {
+    /// Signs `stuck` again at its nonce, its fees raised by an eighth (geth's mempool takes
+    /// a replacement at 10 % more) and at least to today's estimate: a post signed before
+    /// the chain's base fee rose above its fee cap would wait for ever. `None` when its fee
+    /// cap is twice the estimate already: fees are not what holds it, and raising them
+    /// again and again would only spend the operator's money.
+    pub async fn sign_replacement(&self, stuck: &SentTx) -> Result<Option<SentTx>, ChainError> {
         use alloy::consensus::{Transaction, TxEnvelope};
         use alloy::eips::eip2718::Decodable2718;
         let old = TxEnvelope::decode_2718(&mut stuck.raw.as_slice())
             .map_err(|e| ChainError::Unexpected(format!("a stored transaction does not decode: {e}")))?;
         let to = old.to().ok_or_else(|| ChainError::Unexpected("a stored transaction creates a contract".into()))?;
         let fees = timed("fee estimate", self.provider.estimate_eip1559_fees()).await?;
-        let raised = |fee: u128| fee.saturating_add(fee / 4).saturating_add(1);
+        if old.max_fee_per_gas() >= fees.max_fee_per_gas.saturating_mul(2) {
+            return Ok(None);
+        }
+        let raised = |fee: u128| fee.saturating_add(fee / 8).saturating_add(1);
         let max_fee = raised(old.max_fee_per_gas()).max(fees.max_fee_per_gas);
         let priority =
             raised(old.max_priority_fee_per_gas().unwrap_or(0)).max(fees.max_priority_fee_per_gas).min(max_fee);
@@ -322,7 +327,7 @@ impl SettlementClient {
             .with_max_priority_fee_per_gas(priority);
         let envelope =
             request.build(&self.wallet).await.map_err(|e| ChainError::Unexpected(format!("signing: {e}")))?;
-        Ok(SentTx { hash: envelope.tx_hash().0, raw: envelope.encoded_2718(), nonce: stuck.nonce })
+        Ok(Some(SentTx { hash: envelope.tx_hash().0, raw: envelope.encoded_2718(), nonce: stuck.nonce }))
     }
 
     /// The last registry block anchored on chain.

@@ -226,18 +226,21 @@ impl Store {
                      SELECT b.game_id, b.available::numeric AS available
                      FROM unnest($2::bigint[], $3::text[]) AS b(game_id, available)
                  ), payable AS (
-                     SELECT r.task_id, r.game_id, r.block,
+                     SELECT r.task_id, r.game_id, r.block, r.price_units,
                             sum(r.price_units) OVER (PARTITION BY r.game_id ORDER BY r.block, r.task_id) AS running
                      FROM receipts r JOIN games g ON g.id = r.game_id AND g.wallet IS NOT NULL
                      WHERE r.epoch IS NULL AND r.block <= $4 AND r.confirmation = 'confirmed'
                        AND r.verification IN ('verified', 'unchecked') AND r.game_id = ANY($2)
                  ), covered AS (
-                     SELECT p.task_id, p.game_id, p.block FROM payable p JOIN budget b ON b.game_id = p.game_id
+                     SELECT p.task_id, p.game_id, p.block, p.price_units FROM payable p
+                     JOIN budget b ON b.game_id = p.game_id
                      WHERE p.running <= b.available
                  ), chosen AS (
                      -- One post names every game it charges (~8,000 gas each): bounded, so
-                     -- that it fits a block whatever the number of games.
-                     SELECT game_id FROM covered GROUP BY game_id ORDER BY min(block), game_id LIMIT $5
+                     -- that it fits a block whatever the number of games. A game owing
+                     -- nothing takes no place.
+                     SELECT game_id FROM covered GROUP BY game_id HAVING sum(price_units) > 0
+                     ORDER BY min(block), game_id LIMIT $5
                  )
                  UPDATE receipts r SET epoch = $1
                  FROM covered c

@@ -90,7 +90,7 @@ impl Store {
                  ) o ON o.game_id = g.id
                  LEFT JOIN (
                      SELECT c.game_id, sum(c.amount) AS pending FROM charges c
-                     JOIN epochs e ON e.number = c.epoch WHERE e.status <> 'confirmed' AND e.number > $1
+                     JOIN epochs e ON e.number = c.epoch WHERE e.number > $1
                      GROUP BY c.game_id
                  ) p ON p.game_id = g.id
                  WHERE g.status <> 'removed' AND (g.wallet IS NOT NULL OR o.owed > 0 OR p.pending > 0)
