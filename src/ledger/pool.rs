@@ -1,7 +1,8 @@
 //! A small connection pool for `tokio-postgres`. Connections run on one dedicated I/O
 //! thread, so a client can be used from any actix arbiter; broken connections (a
 //! Postgres restart) are dropped and replaced on the next checkout. A checkout waits for
-//! a free connection at most [`CHECKOUT_TIMEOUT`].
+//! a free connection at most [`CHECKOUT_TIMEOUT`]; TCP keepalives notice a peer gone
+//! without a word within about a minute.
 
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// stalls (every connection held by a query that does not return) makes every caller
 /// fail with a clear error after this, to retry, instead of waiting without end.
 pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keepalive on every connection: first probe after this much silence...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// ...then one every this often, and the connection is dropped after this many unanswered.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// Data sent and not acknowledged for this long breaks the connection (Linux).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Inner {
     url: String,
@@ -134,10 +142,20 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Client, LedgerError> {
-        let url = self.0.url.clone();
+        let mut config: tokio_postgres::Config =
+            self.0.url.parse().map_err(|e| LedgerError::Database(format!("the database URL: {e}")))?;
+        // A peer gone without a word (a half-open connection: a host lost, a network cut)
+        // is noticed within about a minute, not the kernel's two hours: the connection
+        // breaks, its slot frees, and the next checkout connects again.
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
         let connecting = self.0.io.spawn(async move {
             let (client, connection) =
-                tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(&url, NoTls)).await.map_err(|_| {
+                tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await.map_err(|_| {
                     LedgerError::Database(format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()))
                 })??;
             tokio::spawn(async move {
