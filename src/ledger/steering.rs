@@ -59,6 +59,22 @@ pub enum Checked {
     Delivered,
 }
 
+impl NodeSteering {
+    /// From a row of `nodes`' columns checked_tasks, checked_tokens, wide_deviations,
+    /// expected_wide, ends_passed, expected_ends_passed, and whether it is flagged.
+    fn of(row: &tokio_postgres::Row) -> Self {
+        Self {
+            tasks: row.get(0),
+            tokens: row.get(1),
+            wide: row.get(2),
+            expected_wide: row.get(3),
+            ends_passed: row.get(4),
+            expected_ends_passed: row.get(5),
+            flagged: row.get(6),
+        }
+    }
+}
+
 impl Store {
     /// Adds a verified task's near-ties to its node's record, once per task and kind of
     /// check (a task whose verdict is not `verified` for this node, or that was added
@@ -131,15 +147,7 @@ impl Store {
             )
             .await?;
         tx.commit().await?;
-        Ok(Some(NodeSteering {
-            tasks: row.get(0),
-            tokens: row.get(1),
-            wide: row.get(2),
-            expected_wide: row.get(3),
-            ends_passed: row.get(4),
-            expected_ends_passed: row.get(5),
-            flagged: row.get(6),
-        }))
+        Ok(Some(NodeSteering::of(&row)))
     }
 
     /// Flags a node as steering: quarantined, the reputation of a failed proof taken, the
@@ -168,15 +176,7 @@ impl Store {
                 &[&node],
             )
             .await?;
-        Ok(row.map(|row| NodeSteering {
-            tasks: row.get(0),
-            tokens: row.get(1),
-            wide: row.get(2),
-            expected_wide: row.get(3),
-            ends_passed: row.get(4),
-            expected_ends_passed: row.get(5),
-            flagged: row.get(6),
-        }))
+        Ok(row.as_ref().map(NodeSteering::of))
     }
 
     /// Whether a node was flagged as steering, and why.
