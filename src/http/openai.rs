@@ -404,14 +404,13 @@ impl ResponseMeta {
         format!("call_{}_{index}", self.id.rsplit('-').next().unwrap_or(&self.id))
     }
 
-    /// A whole (non-streamed) response: one choice per answer. With `tools`, an answer
-    /// that is a whole call comes back as `tool_calls` (finish reason `tool_calls`); with
-    /// `logprobs`, each choice carries its tokens' log probabilities.
-    pub fn full(&self, answers: &[Answer], usage: TaskUsage, functions: &[String], logprobs: bool) -> Value {
+    /// A whole (non-streamed) response: one choice per answer, each with its index. With
+    /// `tools`, an answer that is a whole call comes back as `tool_calls` (finish reason
+    /// `tool_calls`); with `logprobs`, each choice carries its tokens' log probabilities.
+    pub fn full(&self, answers: &[(usize, Answer)], usage: TaskUsage, functions: &[String], logprobs: bool) -> Value {
         let choices: Vec<Value> = answers
             .iter()
-            .enumerate()
-            .map(|(index, a)| {
+            .map(|&(index, ref a)| {
                 let (text, reason) = (&a.text, a.finish);
                 let lp = if logprobs { logprobs_json(&a.logprobs) } else { Value::Null };
                 let call =
@@ -594,7 +593,7 @@ mod tests {
             fingerprint: fingerprint("a"),
         };
         let usage = TaskUsage { prompt_tokens: 1, completion_tokens: 1 };
-        let choices = [Answer { text: "hi".into(), finish: FinishReason::Stop, logprobs: Vec::new() }];
+        let choices = [(0, Answer { text: "hi".into(), finish: FinishReason::Stop, logprobs: Vec::new() })];
         for v in [meta.full(&choices, usage, &[], false), meta.chunk(0, Some("h"), true, None), meta.usage_chunk(usage)]
         {
             assert_eq!(v["system_fingerprint"], fingerprint("a"), "{v}");

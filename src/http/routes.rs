@@ -175,17 +175,40 @@ async fn complete(
             return Err(ApiError::client_gone());
         }
     };
-    let mut done = Vec::with_capacity(answers.len());
+    // Each finished choice is billed (its receipt is on the books). When some choices
+    // failed (one waited out the queue), the game gets those that finished rather than an
+    // error for a request it pays for: the answer lists them with their indexes, and the
+    // failed ones under `failed_choices`. Only when none finished is it an error.
+    let (mut done, mut failed) = (Vec::with_capacity(answers.len()), Vec::new());
     let mut total = TaskUsage::default();
-    for answer in answers {
-        let (answer, usage) = answer?;
-        super::metrics::count_tokens(&usage);
-        total.prompt_tokens += usage.prompt_tokens;
-        total.completion_tokens += usage.completion_tokens;
-        done.push(answer);
+    for (index, answer) in answers.into_iter().enumerate() {
+        match answer {
+            Ok((answer, usage)) => {
+                super::metrics::count_tokens(&usage);
+                total.prompt_tokens += usage.prompt_tokens;
+                total.completion_tokens += usage.completion_tokens;
+                done.push((index, answer));
+            }
+            Err(e) => failed.push((index, e)),
+        }
+    }
+    if done.is_empty() {
+        let (_, first) = failed.into_iter().next().ok_or_else(|| internal("a request with no choice"))?;
+        return Err(first);
     }
     let logprobs = valid.params.logprobs.is_some();
-    Ok(HttpResponse::Ok().json(meta.full(&done, total, &valid.structured.functions, logprobs)))
+    let mut body = meta.full(&done, total, &valid.structured.functions, logprobs);
+    if !failed.is_empty() {
+        tracing::info!(task = %meta.id, failed = failed.len(), finished = done.len(), "choices failed; answered with those that finished");
+        body["failed_choices"] = failed_choices(&failed);
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// `[{"index", "error": {…}}]`: the choices of a whole answer that failed, each with the
+/// error it would have had alone.
+fn failed_choices(failed: &[(usize, ApiError)]) -> serde_json::Value {
+    failed.iter().map(|(index, e)| serde_json::json!({"index": index, "error": e.body()["error"]})).collect()
 }
 
 /// One job's answer to its end, and its usage.

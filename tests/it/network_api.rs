@@ -341,6 +341,40 @@ fn a_streamed_choice_failing_after_another_began_ends_the_stream_with_an_error()
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
 }
 
+/// Not streamed, the same: one choice runs to its end (its receipt is on the books) while
+/// the other waits out the queue. The game gets the finished choice, with its index, and
+/// the failed one under `failed_choices`, rather than a 503 for a request it paid for; it
+/// is billed exactly the answer's usage.
+#[test]
+fn a_whole_answer_keeps_the_choices_that_finished_when_another_fails() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "400:50", "--capacity", "1"]);
+    c.wait_nodes("fake", 1);
+    let body = r#"{"model":"fake","n":2,"max_tokens":400,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = c.post("/v1/chat/completions", body);
+    assert_eq!(r.status, 200, "the finished choice comes back: {}", r.body);
+    let v = r.json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 1, "{v}");
+    let index = choices[0]["index"].as_u64().unwrap();
+    assert_eq!(choices[0]["message"]["content"].as_str().unwrap().matches("tok").count(), 400, "{v}");
+    let failed = v["failed_choices"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{v}");
+    assert_eq!(failed[0]["index"].as_u64(), Some(1 - index), "{v}");
+    assert_eq!(failed[0]["error"]["code"], "queue_timeout", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 400, "{v}");
+    // What the game is billed is what it read: one task of 400 tokens.
+    let usage =
+        format!("GET /v1/usage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", c.key);
+    let billed = || -> serde_json::Value {
+        let r = raw(&c.addr, usage.as_bytes());
+        serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["data"][0].clone()
+    };
+    wait_for("the receipt on the books", Duration::from_secs(30), || billed()["tasks"].as_u64() >= Some(1));
+    let day = billed();
+    assert_eq!((day["tasks"].as_u64(), day["completion_tokens"].as_u64()), (Some(1), Some(400)), "{day}");
+}
+
 /// `n` choices are `n` tasks run side by side: the answer has one choice per index, the
 /// usage is their sum (each is billed), and a stream interleaves the choices' chunks, each
 /// naming its index and finishing on its own, with one usage chunk and one `[DONE]`.
