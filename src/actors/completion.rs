@@ -95,9 +95,6 @@ pub struct TaskFinished {
     /// Tokens the job had emitted on other nodes before this one (failover).
     pub prefix_len: usize,
     pub finish_reason: FinishReason,
-    /// The prompt tokens the node counted (used only within the server's bound, for a
-    /// model the server holds no tokenizer of).
-    pub node_prompt_tokens: usize,
     pub receipt: SignedReceipt,
     pub proof: Option<Box<Proof>>,
     pub latency_ms: i32,
@@ -649,10 +646,11 @@ impl Handler<TaskFinished> for Completion {
     fn handle(&mut self, mut done: TaskFinished, ctx: &mut Self::Context) {
         // Usage the game is billed on: completion tokens are what the server saw arrive,
         // prompt tokens what it counted (or, for a model it holds no tokenizer of, the
-        // node's word within the server's bound).
+        // node's signed word within the server's bound: the receipt's figure, the one
+        // priced, so that the usage the game reads is the usage it pays for).
         let prompt = done.job.prompt;
         let prompt_tokens =
-            if prompt.exact { prompt.tokens as usize } else { done.node_prompt_tokens.min(prompt.tokens as usize) };
+            if prompt.exact { prompt.tokens as usize } else { done.receipt.prompt_tokens.min(prompt.tokens) as usize };
         let usage = TaskUsage { prompt_tokens, completion_tokens: done.job.emitted.len() };
         // Sampled or not, a task that carried a challenge is paid only with a proof that
         // is about it: else a node could skip its proofs and be paid whenever the sampler

@@ -128,15 +128,16 @@ impl Gateway {
     /// Status and per-minute limits of a choice of a request [`Gateway::count`] counted;
     /// holds `reserve` tokens (a job's prompt and max_tokens) from the key's budget. A
     /// request's first choice is admitted while its key's tokens per minute are not spent,
-    /// and its later ones go with it, each one more request.
+    /// and its later ones go with it. A request is one request whatever its `n`, as
+    /// OpenAI counts it: each choice taking one more could never pass on a key whose
+    /// per-minute share is below `n`, and each try spent the share its other requests
+    /// needed (its choices' tokens are held all the same).
     fn check(&mut self, info: &KeyInfo, reserve: usize, first_choice: bool) -> Result<(), ServeError> {
         served(info)?;
         let now = Instant::now();
         let limits = self.limits(info, now);
         if first_choice {
             limits.tokens.check_positive(now).map_err(|retry_after| tokens_refused(info, retry_after))?;
-        } else {
-            limits.requests.take(1.0, now).map_err(|retry_after| requests_refused(info, retry_after))?;
         }
         // Usage is only known once a job ends: without the hold, any number of requests
         // sent together would each find the budget whole.

@@ -471,7 +471,7 @@ pub struct Admit {
     pub stop: Vec<String>,
     /// The request's first choice: counted as a request when its key was authenticated
     /// ([`CountAs::Completion`]), and admitted while its key's tokens per minute are not
-    /// spent; its other choices go with it, one request each.
+    /// spent; its other choices go with it (the request counted once).
     pub first_choice: bool,
 }
 

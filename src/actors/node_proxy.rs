@@ -572,7 +572,7 @@ impl NodeProxy {
             NodeMessage::Token { id, index, token, text, logprobs } => {
                 self.on_token(ctx, id, index, token, text, logprobs)
             }
-            NodeMessage::Done { id, finish_reason, usage, tail, receipt, proof } => {
+            NodeMessage::Done { id, finish_reason, usage: _, tail, receipt, proof } => {
                 let Some(mut run) = self.in_flight.remove(&id) else {
                     // Finished after a cancel or a stall: the game never got it whole.
                     return;
@@ -674,7 +674,6 @@ impl NodeProxy {
                     challenge: run.challenge,
                     prefix_len: run.prefix_len,
                     finish_reason,
-                    node_prompt_tokens: usage.prompt_tokens,
                     receipt,
                     proof,
                 });

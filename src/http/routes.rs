@@ -148,6 +148,11 @@ async fn complete(
     let fingerprint = super::openai::fingerprint(&valid.model);
     let meta =
         ResponseMeta { id: format!("{prefix}-{}", choices[0].id), created, model: valid.model, endpoint, fingerprint };
+    // A game that leaves before its answer (a stream's first token, or the whole answer)
+    // drops its jobs, which frees their nodes, or their places in the queue: actix-web
+    // would not notice until it wrote the response, and the node would prefill and start
+    // a task the game had left, billed.
+    let socket = req.conn_data::<super::disconnect::PeerSocket>().copied();
     if valid.stream {
         // Hold the headers until the first event of any choice, so a failure before any
         // token (no node, queue timeout) gets its real status and Retry-After instead of a
@@ -155,7 +160,14 @@ async fn complete(
         // while another waited out the queue, and the game got an error for the request and
         // never read the answer it paid for. A later choice's failure ends the stream with
         // an error event (the others are cancelled, billed for what the game read).
-        let (at, first) = first_of_any(&mut choices).await.ok_or_else(|| internal("the job ended without a result"))?;
+        let first = tokio::select! {
+            first = first_of_any(&mut choices) => first,
+            () = super::disconnect::gone(socket) => {
+                tracing::info!(task = %meta.id, "the game closed its connection before its stream began");
+                return Err(ApiError::client_gone());
+            }
+        };
+        let (at, first) = first.ok_or_else(|| internal("the job ended without a result"))?;
         if let JobEvent::Failed(e) = first {
             return Err(e.into());
         }
@@ -165,9 +177,6 @@ async fn complete(
         let logprobs = valid.params.logprobs.is_some();
         return Ok(stream_response(streams, meta, valid.include_usage, &valid.structured.functions, logprobs));
     }
-    // A game that leaves before its whole answer is ready drops its jobs, which frees their
-    // nodes (actix-web would not notice until it wrote the response).
-    let socket = req.conn_data::<super::disconnect::PeerSocket>().copied();
     let answers = tokio::select! {
         answers = futures_util::future::join_all(choices.iter_mut().map(whole_answer)) => answers,
         () = super::disconnect::gone(socket) => {

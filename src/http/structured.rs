@@ -400,9 +400,11 @@ impl CallStream {
         }
     }
 
-    /// Whether the answer turned out to be a call.
+    /// Whether the answer turned out to be a whole call: one a whole (non-streamed) answer
+    /// shows as `tool_calls` too. A call a `stop` sequence cut short began as one, but its
+    /// arguments are no JSON: it ends as text does (`stop`), not as `tool_calls`.
     pub fn is_call(&self) -> bool {
-        matches!(self.mode, Mode::Call { .. })
+        matches!(self.mode, Mode::Call { .. }) && tool_call(&self.text, &self.functions).is_some()
     }
 }
 
@@ -452,6 +454,18 @@ mod tests {
             .collect();
         assert_eq!(args, "{\"hand\": \"léft\"}");
         assert!(deltas.len() > 2, "arguments come in pieces: {deltas:?}");
+    }
+
+    #[test]
+    fn a_call_cut_short_by_a_stop_sequence_is_not_a_whole_call() {
+        let functions = ["count".to_string()];
+        let mut s = CallStream::new(&functions);
+        let mut deltas = s.push("{\"name\": \"count\", \"arguments\": {\"n\": 123");
+        deltas.extend(s.finish(true));
+        assert_eq!(deltas[0], Delta::CallStart { name: "count".into() });
+        assert!(!s.is_call(), "its arguments are no JSON object");
+        // As a whole answer shows the same text: not a call.
+        assert!(tool_call("{\"name\": \"count\", \"arguments\": {\"n\": 123", &functions).is_none());
     }
 
     #[test]

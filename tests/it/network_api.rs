@@ -162,18 +162,10 @@ fn a_closed_connection_frees_the_node_slot() {
     assert!(c.nodes[0].log_text().contains("task started"));
 }
 
-/// A game that closes its connection while it waits for a whole (non-streamed) answer
-/// frees its node slot too: it used to go unnoticed until the answer was ready, the node
-/// busy for a game that had gone (80 s here: longer than the next request waits). What
-/// was made until it left is billed, as for a stream: it chose to leave, and a free
-/// hang-up would let a game occupy nodes at no cost.
-#[test]
-fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
+/// Sends a chat completion on a connection of its own and returns it, unread (dropping it
+/// is the game going away).
+fn send_chat(c: &Cluster, body: &str) -> std::net::TcpStream {
     use std::io::Write;
-    let mut c = Cluster::start("");
-    c.add_node(&["--fake-engine", "4000:20", "--capacity", "1"]);
-    c.wait_nodes("fake", 1);
-    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4000}"#;
     let mut game = std::net::TcpStream::connect(&c.addr).unwrap();
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
@@ -182,6 +174,21 @@ fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
         body.len()
     );
     game.write_all(request.as_bytes()).unwrap();
+    game
+}
+
+/// A game that closes its connection while it waits for a whole (non-streamed) answer
+/// frees its node slot too: it used to go unnoticed until the answer was ready, the node
+/// busy for a game that had gone (80 s here: longer than the next request waits). What
+/// was made until it left is billed, as for a stream: it chose to leave, and a free
+/// hang-up would let a game occupy nodes at no cost.
+#[test]
+fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "4000:20", "--capacity", "1"]);
+    c.wait_nodes("fake", 1);
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4000}"#;
+    let game = send_chat(&c, body);
     wait_for("the long answer to start", Duration::from_secs(10), || c.nodes[0].log_text().contains("task started"));
     std::thread::sleep(Duration::from_millis(500)); // a few tokens made (one per 20 ms)
     drop(game); // the game goes away
@@ -195,6 +202,42 @@ fn a_game_that_leaves_before_its_whole_answer_frees_the_node_slot() {
         let made = "SELECT count(*) FROM receipts WHERE completion_tokens > 2 AND price_units > 0";
         crate::database::numbers(&store, made) == vec![1]
     });
+}
+
+/// A streamed request whose game leaves while it waits in the queue (here behind another
+/// stream on the only slot) is dropped from the queue: it used to stay there, so the node
+/// prefilled and started it once free, and the game was billed its prompt and first
+/// tokens for an answer it had left. Only the first stream's task ever starts.
+#[test]
+fn a_stream_whose_game_leaves_before_its_first_token_never_runs() {
+    let mut c = Cluster::start("");
+    c.add_node(&["--fake-engine", "4000:20", "--capacity", "1"]);
+    c.wait_nodes("fake", 1);
+    let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4000,"stream":true}"#;
+    let mut first = crate::cluster::SseStream::open(&c.addr, &c.key, body);
+    assert_eq!(first.status, 200);
+    assert!(first.next_data().is_some());
+    let queued = send_chat(&c, body);
+    std::thread::sleep(Duration::from_secs(1)); // admitted and queued behind the first
+    drop(queued); // the game goes away before its first token
+    let noticed = "the game closed its connection before its stream began";
+    // Not longer: the queue would time the job out (10 s here) before the slot frees.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while !c.server.log_text().contains(noticed) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(first); // the slot frees: a queued job would start now
+    let store = c.store();
+    wait_for("the first stream's hang-up receipt", Duration::from_secs(20), || {
+        crate::database::numbers(&store, "SELECT count(*) FROM receipts") >= vec![1]
+    });
+    // Had the leaver's job stayed queued, it would have started within a heartbeat of the
+    // slot freeing; it never does, and nothing else is billed.
+    std::thread::sleep(Duration::from_secs(3));
+    let started = c.nodes[0].log_text().matches("task started").count();
+    assert_eq!(started, 1, "{}", c.nodes[0].log_text());
+    assert_eq!(crate::database::numbers(&store, "SELECT count(*) FROM receipts"), vec![1]);
+    assert!(c.server.log_text().contains(noticed));
 }
 
 /// SIGTERM: running streams finish, the process exits cleanly within the grace period.
@@ -426,4 +469,18 @@ fn n_choices_come_back_indexed_whole_and_streamed() {
     let over = c.post("/v1/chat/completions", r#"{"model":"fake","n":9,"messages":[{"role":"user","content":"hi"}]}"#);
     assert_eq!(over.status, 400);
     assert_eq!(over.json()["error"]["param"], "n");
+    // A request is one request whatever its `n`: on a key allowed 2 a minute, 3 choices
+    // pass (each choice counted as one more used to give a 429 no retry could pass), and
+    // so does one more request; the third is refused.
+    let cfg = c.config.to_str().unwrap().to_string();
+    let out = crate::cluster::ludus()
+        .args(["--config", &cfg, "games", "add", "two-a-minute", "--rpm", "2"])
+        .output()
+        .unwrap();
+    let limited = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let three = post_with(&c.addr, "/v1/chat/completions", Some(&limited), body(false).as_bytes());
+    assert_eq!(three.status, 200, "{}", three.body);
+    assert_eq!(three.json()["choices"].as_array().map(Vec::len), Some(3));
+    assert_eq!(post_with(&c.addr, "/v1/chat/completions", Some(&limited), CHAT.as_bytes()).status, 200);
+    assert_eq!(post_with(&c.addr, "/v1/chat/completions", Some(&limited), CHAT.as_bytes()).status, 429);
 }

@@ -365,6 +365,52 @@ fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() 
     assert_eq!(numbers(&store, &recorded), vec![0], "a receipt on the node's word was recorded");
 }
 
+/// For a model the server holds no tokenizer of, the prompt is the node's signed word
+/// within the server's bound. A rogue signed its receipt for the whole bound and told the
+/// game, in its `Done`, a small honest-looking count: the game read one figure and paid
+/// another (up to four times the prompt, unseen). Now the usage the game reads is the
+/// receipt's, the one priced.
+#[test]
+fn the_prompt_a_game_reads_is_the_prompt_it_pays_for() {
+    let cluster = Cluster::start("");
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let body = r#"{"model": "rogue-model", "max_tokens": 2, "messages": [{"role": "user", "content": "Greet the traveller, please."}]}"#;
+    let game = std::thread::spawn(move || loop {
+        let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+        if r.status == 200 {
+            return r.json();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let (task, bound) = actix_rt::System::new().block_on(async {
+        let mut rogue = Rogue::join(&cluster.addr, "rogue-model").await;
+        let spec = rogue.task(&mut []).await;
+        assert!(!spec.ticket.prompt.exact, "no tokenizer here: a bound");
+        let bound = spec.ticket.prompt.tokens;
+        for index in 0..2 {
+            rogue.link.send(&token(spec.id.0, index, 7, " hi")).await.unwrap();
+        }
+        let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), bound, &[7, 7]);
+        let done = NodeMessage::Done {
+            id: spec.id,
+            finish_reason: ludus::protocol::FinishReason::Length,
+            usage: TaskUsage { prompt_tokens: 1, completion_tokens: 2 },
+            tail: String::new(),
+            receipt,
+            proof: None,
+        };
+        rogue.link.send(&done).await.unwrap();
+        rogue.idle(&mut [], Duration::from_millis(1000)).await;
+        (spec.id, bound)
+    });
+    let answer = game.join().unwrap();
+    assert_eq!(answer["usage"]["prompt_tokens"], bound, "the game reads what it is billed: {answer}");
+    let store = cluster.store();
+    let billed = format!("SELECT prompt_tokens::bigint FROM receipts WHERE task_id = {}", task.0 as i64);
+    wait_for("the receipt", Duration::from_secs(20), || !numbers(&store, &billed).is_empty());
+    assert_eq!(numbers(&store, &billed), vec![i64::from(bound)]);
+}
+
 /// A node that answers `Failed` (a request error: no retry, no penalty) and then re-sends a
 /// receipt claiming `max_tokens` used to be paid: the re-sent path only checked the ticket.
 /// Now a re-sent receipt counts only for a completion the server saw (its completion log).
