@@ -827,8 +827,15 @@ impl Handler<LocalRoom> for Distributor {
     type Result = Vec<super::cluster::wire::ModelRoom>;
 
     /// Per model: this server's live nodes serving it and the sequences they could start
-    /// now, less the jobs already waiting for them (quarantined nodes have no room).
+    /// now, less the jobs already waiting for them (quarantined nodes have no room); none
+    /// while the server drains.
     fn handle(&mut self, _: LocalRoom, _: &mut Self::Context) -> Self::Result {
+        // Draining: no room to offer (its nodes stay only to finish what runs). Not even a
+        // model with none free: another server would still send a job it cannot queue
+        // here, and its game would get a 503 "shutting down" it could have been spared.
+        if self.draining {
+            return Vec::new();
+        }
         let now = Instant::now();
         let mut rooms: HashMap<String, super::cluster::wire::ModelRoom> = HashMap::new();
         for node in self.nodes.values() {

@@ -115,23 +115,35 @@ impl Nats {
     }
 }
 
-/// `[cluster]` for server `name`, reaching NATS at `url`: quick adverts, a quick verdict
-/// on a silent server.
-fn cluster_table(url: &str, name: &str) -> String {
-    format!("[cluster]\nnats_url = \"{url}\"\nname = \"{name}\"\nadvert_interval_ms = 200\npeer_timeout_ms = 1500\n")
+/// The peers' timeout of the test networks: a quick verdict on a silent server.
+const PEER_TIMEOUT_MS: u64 = 1500;
+
+/// `[cluster]` for server `name`, reaching NATS at `url`: quick adverts, a silent server
+/// given up after `peer_timeout_ms`.
+fn cluster_table(url: &str, name: &str, peer_timeout_ms: u64) -> String {
+    format!(
+        "[cluster]\nnats_url = \"{url}\"\nname = \"{name}\"\nadvert_interval_ms = 200\npeer_timeout_ms = {peer_timeout_ms}\n"
+    )
 }
 
 /// Servers `names` on one database and one distributor key, joined by `nats`; `extra`
 /// goes into each one's `[distributor]` table (and may open more tables before
 /// `[cluster]`). Every server uses the first one's API key (one game).
 fn start_network(nats: &Nats, names: &[&str], extra: &str, key_dir: &Path) -> Vec<Cluster> {
-    start_network_via(names, extra, key_dir, &|name| nats.url_for(name))
+    start_network_via(names, extra, key_dir, &|name| nats.url_for(name), PEER_TIMEOUT_MS)
 }
 
-/// [`start_network`], each server reaching NATS at `url_for(its name)`.
-fn start_network_via(names: &[&str], extra: &str, key_dir: &Path, url_for: &dyn Fn(&str) -> String) -> Vec<Cluster> {
+/// [`start_network`], each server reaching NATS at `url_for(its name)` and giving up on
+/// a silent one after `peer_timeout_ms`.
+fn start_network_via(
+    names: &[&str],
+    extra: &str,
+    key_dir: &Path,
+    url_for: &dyn Fn(&str) -> String,
+    peer_timeout_ms: u64,
+) -> Vec<Cluster> {
     let key_file = format!("key_file = \"{}\"\n", key_dir.join("distributor.key").display());
-    let table = |name: &str| format!("{extra}{}", cluster_table(&url_for(name), name));
+    let table = |name: &str| format!("{extra}{}", cluster_table(&url_for(name), name, peer_timeout_ms));
     let first = Cluster::start_with_server(&key_file, &table(names[0]));
     let mut servers = vec![first];
     for name in &names[1..] {
@@ -637,6 +649,93 @@ fn a_server_drained_behind_haproxy_loses_no_request() {
     servers[1].wait_nodes("fake", 2);
 }
 
+/// A server killed and started again under its name faster than the peers' timeout is
+/// another process: its adverts kept the one that died "alive". A game whose job the dead
+/// runner held waited for ever; a job whose dead origin held the game's connection ran to
+/// its end on the runner, billed, unread. Each side now knows the other's process.
+#[test]
+fn a_server_restarted_under_its_name_is_not_taken_for_the_one_that_died() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    // A timeout far longer than a restart: only the process tells the restart apart.
+    let mut servers = start_network_via(&["a", "b"], "", dir.path(), &|name| nats.url_for(name), 60_000);
+    servers[1].add_node(&["--fake-engine", "3000:50", "--capacity", "4"]);
+    for server in &servers {
+        server.wait_nodes("fake", 1);
+    }
+    let key = servers[0].key.clone();
+
+    // The runner restarts: the game through A hears that its job is lost, at once.
+    let mut stream = SseStream::open(&servers[0].addr, &key, &chat("fake", 3000, true));
+    assert_eq!(stream.status, 200);
+    for _ in 0..5 {
+        assert!(stream.next_data().is_some());
+    }
+    servers[1].restart_server();
+    let rest: Vec<String> = std::iter::from_fn(|| stream.next_data()).collect();
+    let error = rest
+        .iter()
+        .find_map(|d| serde_json::from_str::<serde_json::Value>(d).ok().filter(|v| v.get("error").is_some()));
+    let error = error.unwrap_or_else(|| panic!("the stream ended without an error: {:?}", rest.last()));
+    assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("restarted")), "{error}");
+
+    // The origin restarts: the runner stops the job nobody can read, and bills only what
+    // it made until then.
+    servers[1].wait_nodes("fake", 1);
+    servers[0].wait_nodes("fake", 1);
+    let mut stream = SseStream::open(&servers[0].addr, &key, &chat("fake", 3000, true));
+    assert_eq!(stream.status, 200);
+    let task = task_of(&stream.next_data().unwrap());
+    for _ in 0..5 {
+        assert!(stream.next_data().is_some());
+    }
+    servers[0].restart_server();
+    drop(stream);
+    let b = &servers[1];
+    wait_for("B to cancel the job of the origin that restarted", Duration::from_secs(20), || {
+        b.server.log_text().contains("the server that forwarded a job restarted; cancelling it")
+    });
+    let store = b.store();
+    let made = format!("SELECT completion_tokens::bigint FROM receipts WHERE task_id = {task}");
+    wait_for("the cancelled job's receipt", Duration::from_secs(30), || {
+        !crate::database::numbers(&store, &made).is_empty()
+    });
+    let tokens = crate::database::numbers(&store, &made)[0];
+    assert!(tokens < 3000, "the job ran to its end, unread: {tokens} tokens billed");
+}
+
+/// A draining server offers no room: the other servers keep a job they cannot start at
+/// once in their own queues. It used to advertise its free slots until it exited, and a
+/// healthy server's overflow sent there got a 503 "shutting down".
+#[test]
+fn a_draining_server_is_offered_no_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let mut servers = start_network(&nats, &["a", "b"], "", dir.path());
+    servers[0].add_node(&["--fake-engine", "100:20", "--capacity", "1"]);
+    servers[1].add_node(&["--fake-engine", "2000:20", "--capacity", "4"]);
+    for server in &servers {
+        server.wait_nodes("fake", 2);
+    }
+    let (a, b) = (&servers[0], &servers[1]);
+    // B drains while a stream of its own runs (it stays up, its node too, until that ends).
+    let mut held = SseStream::open(&b.addr, &b.key, &chat("fake", 2000, true));
+    assert_eq!(held.status, 200);
+    assert!(held.next_data().is_some());
+    let pid = b.server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    wait_for("B to drain", Duration::from_secs(10), || b.server.log_text().contains("draining"));
+    std::thread::sleep(Duration::from_millis(600)); // a few adverts
+                                                    // A's one slot is busy: the next request through A waits in A's queue for it.
+    let mut busy = SseStream::open(&a.addr, &a.key, &chat("fake", 100, true));
+    assert_eq!(busy.status, 200);
+    assert!(busy.next_data().is_some());
+    let r = post_with(&a.addr, "/v1/chat/completions", Some(&a.key), chat("fake", 4, false).as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!a.server.log_text().contains("job forwarded"), "A sent a job to the draining B");
+    drop((held, busy));
+}
+
 /// The models `server` lists, with their node counts.
 fn listed(server: &Cluster) -> Vec<(String, u64)> {
     let (_, body) = server.get("/v1/models");
@@ -861,7 +960,7 @@ fn a_key_with_a_session_on_each_side_of_a_nats_split_keeps_one_when_it_heals() {
     let Some(nats) = Nats::start(dir.path()) else { return };
     let relay = Relay::start(nats.port);
     let via = |name: &str| if name == "b" { format!("nats://127.0.0.1:{}", relay.port) } else { nats.url_for(name) };
-    let servers = start_network_via(&["a", "b"], "", dir.path(), &via);
+    let servers = start_network_via(&["a", "b"], "", dir.path(), &via, PEER_TIMEOUT_MS);
     let (a, b) = (&servers[0], &servers[1]);
     let id = || Identity::from_secret(&[11u8; 32]).unwrap();
     let system = actix_rt::System::new();

@@ -419,6 +419,7 @@ impl Handler<Outbound> for Cluster {
                 let forwarding = relay::Forwarding {
                     client: self.client.clone(),
                     origin: self.config.name.clone(),
+                    instance: self.instance,
                     peers: self.peers.clone(),
                     usage: self.usage.clone(),
                     charges: self.charges.clone(),

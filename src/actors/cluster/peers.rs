@@ -20,6 +20,9 @@ const MAX_PEERS: usize = 256;
 struct Peer {
     rooms: HashMap<String, ModelRoom>,
     heard: Instant,
+    /// The process the server runs as (random per start): one restarted under its name
+    /// faster than the timeout is another process, whose jobs are not the dead one's.
+    instance: u64,
 }
 
 pub struct Peers {
@@ -97,7 +100,7 @@ impl Peers {
                 }
             }
         }
-        table.insert(advert.server, Peer { rooms, heard: now });
+        table.insert(advert.server, Peer { rooms, heard: now, instance: advert.instance });
     }
 
     /// Whether another server has served `model` since the start.
@@ -124,6 +127,19 @@ impl Peers {
     /// does not make it dead).
     pub fn alive(&self, server: &str, now: Instant) -> bool {
         self.table().get(server).is_some_and(|p| self.heard_lately(p, now))
+    }
+
+    /// The process `server` runs as, as last heard (`None`: not heard from).
+    pub fn instance(&self, server: &str) -> Option<u64> {
+        self.table().get(server).map(|p| p.instance)
+    }
+
+    /// Whether `server` was heard, after `since`, running as another process than
+    /// `instance`: it restarted under its name (a crash and a quick restart, faster than
+    /// the timeout), and what the process before it held is gone. An advert heard before
+    /// `since` says nothing: it may come from before a restart whose adverts are on their way.
+    pub fn restarted(&self, server: &str, instance: u64, since: Instant) -> bool {
+        self.table().get(server).is_some_and(|p| p.instance != instance && p.heard > since)
     }
 
     /// Servers in the network, this one included.
@@ -211,6 +227,22 @@ mod tests {
 
     fn advert(server: &str, model: &str, nodes: usize, free: usize) -> Advert {
         Advert { server: server.into(), instance: 1, models: vec![ModelRoom { model: model.into(), nodes, free }] }
+    }
+
+    #[test]
+    fn a_server_heard_as_another_process_after_a_moment_restarted_since() {
+        let peers = Peers::new(Duration::from_secs(3));
+        let t0 = Instant::now();
+        peers.heard(advert("b", "m", 1, 1), t0);
+        assert_eq!(peers.instance("b"), Some(1));
+        let since = t0 + Duration::from_millis(100);
+        assert!(!peers.restarted("b", 1, since), "the same process");
+        assert!(!peers.restarted("b", 2, since), "heard before `since`: not yet its new adverts");
+        let again = Advert { instance: 2, ..advert("b", "m", 1, 1) };
+        peers.heard(again, since + Duration::from_millis(100));
+        assert!(peers.restarted("b", 1, since), "another process since");
+        assert!(!peers.restarted("b", 2, since));
+        assert!(!peers.restarted("c", 1, since), "never heard: no word of a restart");
     }
 
     #[test]

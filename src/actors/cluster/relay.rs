@@ -33,6 +33,8 @@ pub struct Forwarding {
     pub client: async_nats::Client,
     /// This server's name.
     pub origin: String,
+    /// The process this server runs as ([`super::wire::Advert::instance`]).
+    pub instance: u64,
     pub peers: Arc<Peers>,
     /// This server's Gateway: the game's tokens per minute are charged where it was admitted.
     pub usage: Recipient<RecordUsage>,
@@ -55,7 +57,7 @@ fn cancel(client: &async_nats::Client, subject: &str) {
 /// game leaving (the other server is told to cancel), or `to` going silent (the game gets
 /// a clear error, and `to` is told to cancel should it come back).
 pub async fn forward(ctx: Forwarding, to: String, job: Job) {
-    let Forwarding { client, origin, peers, usage, charges } = ctx;
+    let Forwarding { client, origin, instance, peers, usage, charges } = ctx;
     let task = job.id;
     // The most the job can count: whatever a server says, no more is charged to the game.
     let bound = u64::from(job.prompt.tokens).saturating_add(job.max_tokens as u64);
@@ -86,7 +88,11 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
         stop: job.stop.clone(),
         stream: job.stream,
         grammar_field: job.text.as_ref().and_then(|t| t.grammar_field()).map(str::to_string),
+        origin_instance: Some(instance),
     };
+    // The process it goes to: one heard under the same name as another process later is
+    // a restart, which lost the job (its adverts alone would keep it "alive" for ever).
+    let (runner, sent) = (peers.instance(&to), Instant::now());
     let payload = serde_json::to_vec(&message).expect("jobs serialize");
     if let Err(e) = client.publish(job_subject(&to, &origin), payload.into()).await {
         return fail(&job, ServeError::Unavailable(format!("could not reach server `{to}`: {e}")));
@@ -136,6 +142,12 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                 if !peers.alive(&to, Instant::now()) {
                     tracing::warn!(task = %task, server = %to, "the server running a forwarded job went silent");
                     fail(&job, ServeError::NodeFailed(format!("server `{to}`, which was running it, stopped answering")));
+                    cancel(&client, &stop);
+                    break;
+                }
+                if runner.is_some_and(|runner| peers.restarted(&to, runner, sent)) {
+                    tracing::warn!(task = %task, server = %to, "the server running a forwarded job restarted");
+                    fail(&job, ServeError::NodeFailed(format!("server `{to}`, which was running it, restarted")));
                     cancel(&client, &stop);
                     break;
                 }
@@ -199,7 +211,7 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
         }
     };
     let (events, mut rx) = unbounded_channel();
-    let origin = forwarded.origin.clone();
+    let (origin, origin_instance) = (forwarded.origin.clone(), forwarded.origin_instance);
     match admit(&ctx, forwarded, events).await {
         Ok(job) => match ctx.distributor.send(Submit(job)).await {
             Ok(Ok(())) => {
@@ -232,6 +244,12 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
                     tracing::warn!(task = %task, %origin, "the server that forwarded a job went silent; cancelling it");
                     break;
                 }
+                // Restarted under its name: its adverts say "alive", but the process that
+                // holds the game's connection is gone; the rest would be billed unread.
+                if origin_instance.is_some_and(|instance| ctx.peers.restarted(&origin, instance, started)) {
+                    tracing::warn!(task = %task, %origin, "the server that forwarded a job restarted; cancelling it");
+                    break;
+                }
             }
             event = rx.recv() => {
                 let event = event.map_or_else(
@@ -246,6 +264,13 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
             }
             _ = cancel.next() => {
                 tracing::info!(task = %task, "forwarded job cancelled by its server");
+                // A `Done` already here was counted as relayed (no hang-up charge follows
+                // it): it goes on, for the origin to charge the game by it.
+                while let Ok(event) = rx.try_recv() {
+                    if matches!(event, JobEvent::Done { .. }) {
+                        send(RemoteEvent::from(event)).await;
+                    }
+                }
                 break;
             }
         }

@@ -200,6 +200,11 @@ pub struct ForwardedJob {
     /// names the field the game wrote.
     #[serde(default)]
     pub grammar_field: Option<String>,
+    /// The process the origin runs as ([`Advert::instance`]): the job is cancelled once
+    /// the origin is heard as another process (it restarted under its name; nobody reads
+    /// the rest). Absent from an older server.
+    #[serde(default)]
+    pub origin_instance: Option<u64>,
 }
 
 /// A session of node `address` opened at `since_ms` (milliseconds since the Unix epoch)
