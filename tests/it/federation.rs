@@ -704,6 +704,55 @@ fn a_server_restarted_under_its_name_is_not_taken_for_the_one_that_died() {
     assert!(tokens < 3000, "the job ran to its end, unread: {tokens} tokens billed");
 }
 
+/// A forwarded job whose running server falls silent while it still advertises (its
+/// final event lost on NATS, here never sent) is given up: the game used to wait until
+/// its balancer's timeout, its tokens held from its budget. A server running a job says
+/// it still holds it every second; here a fake one takes the job, sends one token, and
+/// goes on advertising only.
+#[test]
+fn a_forwarded_job_that_falls_silent_is_given_up() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let servers = start_network(&nats, &["a"], "", dir.path());
+    let a = &servers[0];
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let stop = Arc::new(AtomicBool::new(false));
+    let fake_b = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                use ludus::actors::cluster::wire;
+                let client = async_nats::connect(url).await.unwrap();
+                let mut jobs = client.subscribe(wire::jobs_for("b")).await.unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    client.publish("ludus.advert.b", fake_advert("b", "fake").into()).await.unwrap();
+                    if let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(200), jobs.next()).await {
+                        let job: wire::ForwardedJob = serde_json::from_slice(&message.payload).unwrap();
+                        let token = serde_json::to_vec(&wire::RemoteEvent::Text(" hello".into())).unwrap();
+                        client.publish(wire::reply_subject("a", job.task, "b"), token.into()).await.unwrap();
+                    }
+                }
+            })
+        })
+    };
+    wait_servers(a, 2);
+    a.wait_nodes("fake", 9);
+    let mut stream = SseStream::open(&a.addr, &a.key, &chat("fake", 100, true));
+    assert_eq!(stream.status, 200);
+    let rest: Vec<String> = std::iter::from_fn(|| stream.next_data()).collect();
+    stop.store(true, Ordering::Relaxed);
+    fake_b.join().unwrap();
+    assert!(rest[0].contains("hello"), "{rest:?}");
+    let error = rest
+        .iter()
+        .find_map(|d| serde_json::from_str::<serde_json::Value>(d).ok().filter(|v| v.get("error").is_some()));
+    let error = error.unwrap_or_else(|| panic!("the stream ended without an error: {rest:?}"));
+    assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("sent nothing for")), "{error}");
+    assert!(a.server.log_text().contains("a forwarded job fell silent; given up"));
+}
+
 /// A draining server offers no room: the other servers keep a job they cannot start at
 /// once in their own queues. It used to advertise its free slots until it exited, and a
 /// healthy server's overflow sent there got a 503 "shutting down".

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc::unbounded_channel;
 
 use super::charges::AwaitedCharges;
-use super::wire::{cancel_subject, job_subject, reply_subject, ForwardedJob, RemoteEvent};
+use super::wire::{cancel_subject, job_subject, reply_subject, ForwardedJob, RemoteEvent, KEEPALIVE};
 use super::Peers;
 use crate::actors::catalog::Catalog;
 use crate::actors::distributor::Distributor;
@@ -27,6 +27,10 @@ const CANCEL_REPEAT: Duration = Duration::from_millis(500);
 /// How long the events of a job whose game left are still read: a `Done` already on its
 /// way is charged to the game like any other.
 const HANG_UP_GRACE: Duration = Duration::from_secs(2);
+
+/// The shortest silence after which a forwarded job is given up (the running server
+/// sends an event, or a keepalive, every [`KEEPALIVE`]); longer when the peers' timeout is.
+const SILENCE_FLOOR: Duration = Duration::from_secs(5);
 
 /// What the origin of a forwarded job needs besides the job.
 pub struct Forwarding {
@@ -99,6 +103,10 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     }
     tracing::info!(task = %task, server = %to, model = %job.model, "job forwarded");
     let mut check = actix_web::rt::time::interval(LIVENESS_CHECK);
+    // A message lost on NATS (a `Done` published while a link was down, or the job itself)
+    // would hold the game until its balancer's timeout, its tokens held from its budget:
+    // the running server speaks at least every KEEPALIVE, and silence ends the job.
+    let (silence, mut heard) = (peers.timeout().max(SILENCE_FLOOR), Instant::now());
     loop {
         tokio::select! {
             message = events.next() => {
@@ -107,13 +115,16 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                     cancel(&client, &stop);
                     break;
                 };
+                heard = Instant::now();
                 match serde_json::from_slice::<RemoteEvent>(&message.payload) {
                     Ok(event) => {
                         let ends = event.ends();
                         if let RemoteEvent::Done { usage, .. } = &event {
                             charge(usage);
                         }
-                        let _ = job.events.send(event.into());
+                        if let Some(event) = event.for_game() {
+                            let _ = job.events.send(event);
+                        }
                         if ends {
                             break;
                         }
@@ -149,6 +160,20 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                     tracing::warn!(task = %task, server = %to, "the server running a forwarded job restarted");
                     fail(&job, ServeError::NodeFailed(format!("server `{to}`, which was running it, restarted")));
                     cancel(&client, &stop);
+                    break;
+                }
+                if heard.elapsed() >= silence {
+                    tracing::warn!(task = %task, server = %to, silent_ms = heard.elapsed().as_millis() as u64,
+                        "a forwarded job fell silent; given up");
+                    // Should the job still run there, its server charges what it made once
+                    // cancelled: that charge is awaited, as for a game that left.
+                    if !job.key_hash.is_empty() {
+                        charges.expect(task, &to, &job.key_hash, bound, Instant::now());
+                    }
+                    cancel(&client, &stop);
+                    fail(&job, ServeError::NodeFailed(format!(
+                        "server `{to}`, which was running it, sent nothing for {} s", silence.as_secs()
+                    )));
                     break;
                 }
             }
@@ -233,8 +258,17 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
         }
     }
     let (mut check, started) = (actix_web::rt::time::interval(LIVENESS_CHECK), std::time::Instant::now());
+    // Origins of this release (they name their process) give a silent job up: told every
+    // KEEPALIVE that this one holds it. An older origin would take the word for a
+    // malformed event.
+    let (mut keepalive, keeps_alive) = (actix_web::rt::time::interval(KEEPALIVE), origin_instance.is_some());
     loop {
         tokio::select! {
+            _ = keepalive.tick(), if keeps_alive => {
+                if !send(RemoteEvent::Alive).await {
+                    break;
+                }
+            }
             _ = check.tick() => {
                 // Its server is gone: nobody can read the rest; dropping `rx` cancels the job.
                 // (An origin not heard of yet is given the peers' timeout: this server may

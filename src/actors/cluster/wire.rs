@@ -255,9 +255,19 @@ pub enum RemoteEvent {
     Text(String),
     Logprobs(TokenLogprob),
     Reset,
-    Done { finish_reason: FinishReason, usage: TaskUsage },
+    Done {
+        finish_reason: FinishReason,
+        usage: TaskUsage,
+    },
     Failed(ServeError),
+    /// The job is still held (queued, generating, or waiting for its verdict): sent every
+    /// [`KEEPALIVE`] to an origin that understands it, which gives a job up after
+    /// silence (a lost final event, a lost job). Never relayed to the game.
+    Alive,
 }
+
+/// How often the server running a forwarded job says it still holds it.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RemoteEvent {
     /// The last event of a job.
@@ -278,15 +288,17 @@ impl From<JobEvent> for RemoteEvent {
     }
 }
 
-impl From<RemoteEvent> for JobEvent {
-    fn from(event: RemoteEvent) -> Self {
-        match event {
-            RemoteEvent::Text(t) => Self::Text(t),
-            RemoteEvent::Logprobs(l) => Self::Logprobs(l),
-            RemoteEvent::Reset => Self::Reset,
-            RemoteEvent::Done { finish_reason, usage } => Self::Done { finish_reason, usage },
-            RemoteEvent::Failed(e) => Self::Failed(e),
-        }
+impl RemoteEvent {
+    /// The event for the game (`None`: a keepalive, the relay's own).
+    pub fn for_game(self) -> Option<JobEvent> {
+        Some(match self {
+            RemoteEvent::Text(t) => JobEvent::Text(t),
+            RemoteEvent::Logprobs(l) => JobEvent::Logprobs(l),
+            RemoteEvent::Reset => JobEvent::Reset,
+            RemoteEvent::Done { finish_reason, usage } => JobEvent::Done { finish_reason, usage },
+            RemoteEvent::Failed(e) => JobEvent::Failed(e),
+            RemoteEvent::Alive => return None,
+        })
     }
 }
 
@@ -304,6 +316,7 @@ mod tests {
                 usage: TaskUsage { prompt_tokens: 3, completion_tokens: 4 },
             },
             RemoteEvent::Failed(ServeError::QueueFull { model: "m".into(), retry_after: Duration::from_millis(1500) }),
+            RemoteEvent::Alive,
         ];
         for event in events {
             let back: RemoteEvent = serde_json::from_slice(&serde_json::to_vec(&event).unwrap()).unwrap();
