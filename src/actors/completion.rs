@@ -368,7 +368,7 @@ impl Completion {
         if job.origin.is_none() {
             self.charge(&job.key_hash, tokens);
         }
-        let relayed = job.events.send(JobEvent::Done { finish_reason, usage }).is_ok();
+        let relayed = job.events.send(JobEvent::Done { finish_reason, usage, task: job.id }).is_ok();
         if let (false, Some(origin)) = (relayed, &job.origin) {
             self.charge_origin(origin, job.id, &job.key_hash, tokens);
         }

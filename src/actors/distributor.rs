@@ -741,7 +741,7 @@ impl Distributor {
                 budgets.do_send(RecordUsage { key_hash: job.key_hash.clone(), tokens });
             }
             let finish_reason = if ended { FinishReason::Stop } else { FinishReason::Length };
-            let _ = job.events.send(JobEvent::Done { finish_reason, usage });
+            let _ = job.events.send(JobEvent::Done { finish_reason, usage, task: job.id });
             return;
         }
         tracing::warn!(task = %job.id, node, %address, emitted = job.emitted.len(), %reason, "task returned; retrying elsewhere");

@@ -35,6 +35,9 @@ pub enum JobEvent {
     Done {
         finish_reason: FinishReason,
         usage: TaskUsage,
+        /// The task billed for the answer: the admitted one, or the re-run's when the
+        /// answer was produced again after its node failed a check (the id a game audits).
+        task: TaskId,
     },
     Failed(ServeError),
 }

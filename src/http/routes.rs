@@ -17,7 +17,7 @@ use crate::actors::catalog::JobText;
 use crate::actors::messages::{Admit, Admitted, Authenticate, CountAs, ListModels};
 use crate::actors::{JobEvent, ServeError};
 use crate::inference::SamplingParams;
-use crate::protocol::TaskUsage;
+use crate::protocol::{TaskId, TaskUsage};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
@@ -189,10 +189,11 @@ async fn complete(
     // error for a request it pays for: the answer lists them with their indexes, and the
     // failed ones under `failed_choices`. Only when none finished is it an error.
     let (mut done, mut failed) = (Vec::with_capacity(answers.len()), Vec::new());
-    let mut total = TaskUsage::default();
+    let (mut total, mut billed) = (TaskUsage::default(), None);
     for (index, answer) in answers.into_iter().enumerate() {
         match answer {
-            Ok((answer, usage)) => {
+            Ok((answer, usage, task)) => {
+                billed.get_or_insert(task);
                 super::metrics::count_tokens(&usage);
                 total.prompt_tokens += usage.prompt_tokens;
                 total.completion_tokens += usage.completion_tokens;
@@ -204,6 +205,13 @@ async fn complete(
     if done.is_empty() {
         let (_, first) = failed.into_iter().next().ok_or_else(|| internal("a request with no choice"))?;
         return Err(first);
+    }
+    // The answer is named by the task billed for its first choice: a game that audits it
+    // (`ludus verify-receipt`) finds the receipt it paid, also when the answer was
+    // produced again after its first node failed a check.
+    let mut meta = meta;
+    if let Some(task) = billed {
+        meta.id = format!("{prefix}-{task}");
     }
     let logprobs = valid.params.logprobs.is_some();
     let mut body = meta.full(&done, total, &valid.structured.functions, logprobs);
@@ -220,8 +228,8 @@ fn failed_choices(failed: &[(usize, ApiError)]) -> serde_json::Value {
     failed.iter().map(|(index, e)| serde_json::json!({"index": index, "error": e.body()["error"]})).collect()
 }
 
-/// One job's answer to its end, and its usage.
-async fn whole_answer(admitted: &mut Admitted) -> Result<(Answer, TaskUsage), ApiError> {
+/// One job's answer to its end, its usage, and the task billed for it.
+async fn whole_answer(admitted: &mut Admitted) -> Result<(Answer, TaskUsage, TaskId), ApiError> {
     let (mut text, mut logprobs) = (String::new(), Vec::new());
     while let Some(event) = admitted.events.recv().await {
         match event {
@@ -231,8 +239,8 @@ async fn whole_answer(admitted: &mut Admitted) -> Result<(Answer, TaskUsage), Ap
                 text.clear();
                 logprobs.clear();
             }
-            JobEvent::Done { finish_reason, usage } => {
-                return Ok((Answer { text, finish: finish_reason, logprobs }, usage))
+            JobEvent::Done { finish_reason, usage, task } => {
+                return Ok((Answer { text, finish: finish_reason, logprobs }, usage, task))
             }
             JobEvent::Failed(e) => return Err(e.into()),
         }

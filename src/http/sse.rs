@@ -112,7 +112,7 @@ impl StreamState {
             },
             // Never sent to streams (their text is already out); nothing to emit.
             Some(JobEvent::Reset) => Bytes::new(),
-            Some(JobEvent::Done { finish_reason, usage }) => {
+            Some(JobEvent::Done { finish_reason, usage, .. }) => {
                 choice.finished = true;
                 super::metrics::count_tokens(&usage);
                 self.usage.prompt_tokens += usage.prompt_tokens;

@@ -804,6 +804,16 @@ fn synchronous_mode_never_lets_a_failed_answer_reach_the_game() {
     }
     assert!(cluster.server.log_text().contains("failed verification"));
     assert!(!cluster.server.log_text().contains("no progress for"), "the rogue's task was taken away as stalled");
+    // The answer's id names the receipt the game pays: the re-run's, not the rogue's
+    // refused one (a game auditing it with `verify-receipt` used to find that one).
+    let id = reply["id"].as_str().unwrap().trim_start_matches("chatcmpl-");
+    let billed = u64::from_str_radix(id, 16).unwrap() as i64;
+    let receipt = format!(
+        "SELECT completion_tokens::bigint, (verification = 'failed')::int::bigint FROM receipts WHERE task_id = {billed}"
+    );
+    wait_for("the billed receipt", Duration::from_secs(20), || !numbers(&store, &receipt).is_empty());
+    let usage = reply["usage"]["completion_tokens"].as_i64().unwrap();
+    assert_eq!(numbers(&store, &receipt), vec![usage, 0], "the answer names the receipt billed for it");
     engine.shutdown();
 }
 

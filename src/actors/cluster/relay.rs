@@ -122,7 +122,7 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                         if let RemoteEvent::Done { usage, .. } = &event {
                             charge(usage);
                         }
-                        if let Some(event) = event.for_game() {
+                        if let Some(event) = event.for_game(task) {
                             let _ = job.events.send(event);
                         }
                         if ends {

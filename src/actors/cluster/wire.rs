@@ -258,6 +258,9 @@ pub enum RemoteEvent {
     Done {
         finish_reason: FinishReason,
         usage: TaskUsage,
+        /// The task billed, when not the forwarded one (a re-run); absent from an older server.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task: Option<TaskId>,
     },
     Failed(ServeError),
     /// The job is still held (queued, generating, or waiting for its verdict): sent every
@@ -282,20 +285,23 @@ impl From<JobEvent> for RemoteEvent {
             JobEvent::Text(t) => Self::Text(t),
             JobEvent::Logprobs(l) => Self::Logprobs(l),
             JobEvent::Reset => Self::Reset,
-            JobEvent::Done { finish_reason, usage } => Self::Done { finish_reason, usage },
+            JobEvent::Done { finish_reason, usage, task } => Self::Done { finish_reason, usage, task: Some(task) },
             JobEvent::Failed(e) => Self::Failed(e),
         }
     }
 }
 
 impl RemoteEvent {
-    /// The event for the game (`None`: a keepalive, the relay's own).
-    pub fn for_game(self) -> Option<JobEvent> {
+    /// The event for the game of forwarded job `forwarded` (`None`: a keepalive, the
+    /// relay's own).
+    pub fn for_game(self, forwarded: TaskId) -> Option<JobEvent> {
         Some(match self {
             RemoteEvent::Text(t) => JobEvent::Text(t),
             RemoteEvent::Logprobs(l) => JobEvent::Logprobs(l),
             RemoteEvent::Reset => JobEvent::Reset,
-            RemoteEvent::Done { finish_reason, usage } => JobEvent::Done { finish_reason, usage },
+            RemoteEvent::Done { finish_reason, usage, task } => {
+                JobEvent::Done { finish_reason, usage, task: task.unwrap_or(forwarded) }
+            }
             RemoteEvent::Failed(e) => JobEvent::Failed(e),
             RemoteEvent::Alive => return None,
         })
@@ -314,6 +320,7 @@ mod tests {
             RemoteEvent::Done {
                 finish_reason: FinishReason::Length,
                 usage: TaskUsage { prompt_tokens: 3, completion_tokens: 4 },
+                task: Some(TaskId(9)),
             },
             RemoteEvent::Failed(ServeError::QueueFull { model: "m".into(), retry_after: Duration::from_millis(1500) }),
             RemoteEvent::Alive,
