@@ -209,7 +209,7 @@ impl Distributor {
     /// crosses at most once) or is a quality-check re-run (checked where it was made).
     #[allow(clippy::result_large_err)] // the job comes back whole, by design
     fn forward(&mut self, job: Job, anywhere: bool) -> Result<(), Job> {
-        if job.origin.is_some() || job.shadow_of.is_some() || !job.emitted.is_empty() {
+        if !forwardable(&job) {
             return Err(job);
         }
         let Some(cluster) = self.peers.cluster() else { return Err(job) };
@@ -457,7 +457,40 @@ impl Distributor {
         }
     }
 
+    /// Queued jobs go to servers that have room now (oldest first): a queue here is only
+    /// offered its own nodes otherwise, and a burst that found the others' room taken
+    /// until their next advert waited out the queue here while they sat idle.
+    fn offer_queues_to_peers(&mut self) {
+        if self.peers.cluster().is_none() || self.queues.is_empty() {
+            return;
+        }
+        for (model, mut queue) in std::mem::take(&mut self.queues) {
+            let mut kept = VecDeque::with_capacity(queue.len());
+            while let Some(job) = queue.pop_front() {
+                if job.cancelled() {
+                    continue;
+                }
+                if !forwardable(&job) {
+                    kept.push_back(job);
+                    continue;
+                }
+                match self.forward(job, false) {
+                    Ok(()) => {}
+                    // No server has room for this model: the rest stays, in order.
+                    Err(job) => {
+                        kept.push_back(job);
+                        kept.extend(queue.drain(..));
+                    }
+                }
+            }
+            if !kept.is_empty() {
+                self.queues.insert(model, kept);
+            }
+        }
+    }
+
     fn sweep_queues(&mut self) {
+        self.offer_queues_to_peers();
         let timeout = self.config.queue_timeout;
         for queue in self.queues.values_mut() {
             queue.retain(|job| {
@@ -529,6 +562,12 @@ impl PlainMisses {
             self.from = Some(self.from.map_or(needed, |from| from.min(needed)));
         }
     }
+}
+
+/// Whether `job` may go to another server: a job of this server's own, as the game sent
+/// it (not one another server forwarded here, a quality re-run, or a continuation).
+fn forwardable(job: &Job) -> bool {
+    job.origin.is_none() && job.shadow_of.is_none() && job.emitted.is_empty()
 }
 
 impl Actor for Distributor {

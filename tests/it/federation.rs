@@ -753,6 +753,36 @@ fn a_forwarded_job_that_falls_silent_is_given_up() {
     assert!(a.server.log_text().contains("a forwarded job fell silent; given up"));
 }
 
+/// Jobs queued on a server go to another one once it has room: they used to wait for
+/// their own server's nodes only, and a burst that found the others' room taken until
+/// their next advert timed out in the queue (10 s here) while those sat idle. A: one slot,
+/// 5 s a job; B: two slots, 1 s a job; six requests at once through A.
+#[test]
+fn queued_jobs_go_to_a_server_that_has_room_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let mut servers = start_network(&nats, &["a", "b"], "", dir.path());
+    servers[0].add_node(&["--fake-engine", "100:20", "--capacity", "1"]);
+    servers[1].add_node(&["--fake-engine", "10:10", "--capacity", "2"]);
+    for server in &servers {
+        server.wait_nodes("fake", 2);
+    }
+    let a = &servers[0];
+    let asks: Vec<_> = (0..6)
+        .map(|_| {
+            let (addr, key) = (a.addr.clone(), a.key.clone());
+            std::thread::spawn(move || {
+                post_with(&addr, "/v1/chat/completions", Some(&key), chat("fake", 100, false).as_bytes())
+            })
+        })
+        .collect();
+    let statuses: Vec<(u16, String)> =
+        asks.into_iter().map(|t| t.join().unwrap()).map(|r| (r.status, r.body)).collect();
+    assert!(statuses.iter().all(|(status, _)| *status == 200), "{statuses:?}");
+    let forwarded = a.server.log_text().matches("job forwarded").count();
+    assert!(forwarded >= 3, "A's queue went to B: {forwarded} forwarded");
+}
+
 /// A draining server offers no room: the other servers keep a job they cannot start at
 /// once in their own queues. It used to advertise its free slots until it exited, and a
 /// healthy server's overflow sent there got a 503 "shutting down".
