@@ -41,9 +41,13 @@ pub async fn migrate(conn: &mut Conn) -> Result<usize, LedgerError> {
             Err(e)
         }
     })?;
+    // Unbounded here: another server's migration is waited for, and one may rewrite a
+    // large table. The connection's own bound comes back before it returns to the pool.
+    conn.batch_execute("SET statement_timeout = 0").await?;
     conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
     let result = apply(conn).await;
     conn.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
+    conn.batch_execute("RESET statement_timeout").await?;
     result
 }
 

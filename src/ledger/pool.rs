@@ -2,7 +2,7 @@
 //! thread, so a client can be used from any actix arbiter; broken connections (a
 //! Postgres restart) are dropped and replaced on the next checkout. A checkout waits for
 //! a free connection at most [`CHECKOUT_TIMEOUT`]; TCP keepalives notice a peer gone
-//! without a word within about a minute.
+//! without a word within about a minute; a statement runs at most [`STATEMENT_TIMEOUT`].
 
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,11 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 3;
 /// Data sent and not acknowledged for this long breaks the connection (Linux).
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest a statement runs (Postgres' `statement_timeout` on every connection): one
+/// that waits on a lock a stalled session holds, or runs away, fails with a clear error
+/// and frees its connection and its caller (an actor awaiting it held everything behind
+/// it). Generous: a day's settlement plan reads far less. Migrations are not bounded.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Inner {
     url: String,
@@ -33,6 +38,7 @@ struct Inner {
     slots: Arc<Semaphore>,
     size: usize,
     checkout_timeout: Duration,
+    statement_timeout: Duration,
     io: tokio::runtime::Handle,
 }
 
@@ -101,12 +107,19 @@ impl Pool {
 
     /// A pool whose checkouts wait at most `checkout_timeout` for a free connection.
     pub fn waiting_at_most(url: &str, size: usize, checkout_timeout: Duration) -> Self {
+        Self::bounded(url, size, checkout_timeout, STATEMENT_TIMEOUT)
+    }
+
+    /// A pool whose checkouts wait at most `checkout_timeout` and whose statements run at
+    /// most `statement_timeout` (whole milliseconds, at least one).
+    pub fn bounded(url: &str, size: usize, checkout_timeout: Duration, statement_timeout: Duration) -> Self {
         Pool(Arc::new(Inner {
             url: url.to_string(),
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size.max(1))),
             size: size.max(1),
             checkout_timeout,
+            statement_timeout,
             io: io_handle(),
         }))
     }
@@ -153,6 +166,13 @@ impl Pool {
             .keepalives_interval(KEEPALIVE_INTERVAL)
             .keepalives_retries(KEEPALIVE_RETRIES)
             .tcp_user_timeout(TCP_USER_TIMEOUT);
+        // Options the URL gave (`?options=…`) are kept; the bound goes after them.
+        let bound = format!("-c statement_timeout={}", self.0.statement_timeout.as_millis().max(1));
+        let options = match config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {bound}"),
+            _ => bound,
+        };
+        config.options(&options);
         let connecting = self.0.io.spawn(async move {
             let (client, connection) =
                 tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await.map_err(|_| {

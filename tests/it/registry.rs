@@ -841,3 +841,25 @@ fn a_checkout_with_every_connection_held_fails_clearly_after_its_wait() {
         again.simple_query("SELECT 1").await.unwrap();
     });
 }
+
+/// A statement that runs past its bound (a lock a stalled session holds, a runaway query)
+/// fails with Postgres' own reason and frees its connection: it used to hold it, and its
+/// caller, without end. A migration on the same pool is not bounded, and the bound comes
+/// back after it.
+#[test]
+fn a_statement_past_its_bound_fails_clearly_and_frees_its_connection() {
+    use ludus::ledger::pool::Pool;
+    let url = super::database::fresh_database();
+    let pool = Pool::bounded(&url, 1, Duration::from_secs(5), Duration::from_millis(300));
+    block_on(async {
+        let mut conn = pool.get().await.unwrap();
+        ludus::ledger::migrate::migrate(&mut conn).await.expect("migrations run unbounded");
+        let started = std::time::Instant::now();
+        let e = conn.simple_query("SELECT pg_sleep(10)").await.expect_err("cancelled at its bound");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let e = ludus::ledger::LedgerError::from(e).to_string();
+        assert!(e.contains("statement timeout"), "{e}");
+        drop(conn);
+        pool.get().await.expect("the connection is free again").simple_query("SELECT 1").await.unwrap();
+    });
+}
