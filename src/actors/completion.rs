@@ -325,7 +325,7 @@ impl Completion {
     fn produce_again(&self, node: NodeId, address: Address, mut job: Job, why: String) {
         job.restart();
         // A new task id for the re-run, so the honest node's receipt is not taken for a
-        // duplicate of the failed one (the game's response keeps its id).
+        // duplicate of the failed one (the game's answer is named by the re-run's).
         job.id = TaskId(rand::random());
         let failure = TaskFailure::Node(why);
         self.config.distributor.do_send(TaskReturned { node, address: address.to_string(), job, failure });
@@ -647,7 +647,8 @@ impl Handler<TaskFinished> for Completion {
         // Usage the game is billed on: completion tokens are what the server saw arrive,
         // prompt tokens what it counted (or, for a model it holds no tokenizer of, the
         // node's signed word within the server's bound: the receipt's figure, the one
-        // priced, so that the usage the game reads is the usage it pays for).
+        // priced when the receipt is accepted, so that the usage the game reads is the
+        // usage it pays for; a refused receipt bills nothing).
         let prompt = done.job.prompt;
         let prompt_tokens =
             if prompt.exact { prompt.tokens as usize } else { done.receipt.prompt_tokens.min(prompt.tokens) as usize };

@@ -464,33 +464,42 @@ impl Distributor {
         if self.peers.cluster().is_none() || self.queues.is_empty() {
             return;
         }
-        for (model, mut queue) in std::mem::take(&mut self.queues) {
-            let mut kept = VecDeque::with_capacity(queue.len());
-            while let Some(job) = queue.pop_front() {
-                if job.cancelled() {
-                    continue;
-                }
-                if !forwardable(&job) {
-                    kept.push_back(job);
-                    continue;
-                }
-                match self.forward(job, false) {
-                    Ok(()) => {}
-                    // No server has room for this model: the rest stays, in order.
-                    Err(job) => {
-                        kept.push_back(job);
-                        kept.extend(queue.drain(..));
-                    }
-                }
+        let models: Vec<String> = self.queues.keys().cloned().collect();
+        for model in models {
+            self.offer_queue_to_peers(&model);
+        }
+    }
+
+    /// [`Distributor::offer_queues_to_peers`] for one model's queue: nothing to do (and no
+    /// job touched) while no other server has room for it.
+    fn offer_queue_to_peers(&mut self, model: &str) {
+        if !self.peers.has_room(model, Instant::now()) {
+            return;
+        }
+        let Some(mut queue) = self.queues.remove(model) else { return };
+        // Jobs that stay (another server's, re-runs, continuations), in their order.
+        let mut staying = VecDeque::new();
+        while let Some(job) = queue.pop_front() {
+            if job.cancelled() {
+                continue;
             }
-            if !kept.is_empty() {
-                self.queues.insert(model, kept);
+            if !forwardable(&job) {
+                staying.push_back(job);
+                continue;
             }
+            if let Err(job) = self.forward(job, false) {
+                // No more room anywhere: the rest stays as it is.
+                queue.push_front(job);
+                break;
+            }
+        }
+        staying.append(&mut queue);
+        if !staying.is_empty() {
+            self.queues.insert(model.to_string(), staying);
         }
     }
 
     fn sweep_queues(&mut self) {
-        self.offer_queues_to_peers();
         let timeout = self.config.queue_timeout;
         for queue in self.queues.values_mut() {
             queue.retain(|job| {
@@ -509,6 +518,8 @@ impl Distributor {
             });
         }
         self.queues.retain(|_, q| !q.is_empty());
+        // What waited past its time has failed above: only jobs still in time move on.
+        self.offer_queues_to_peers();
         // A quarantine that ran out gives its node back to the queued work (nothing else
         // would wake the queue if that node is the only one serving the model).
         let now = Instant::now();
@@ -623,15 +634,24 @@ impl Handler<Submit> for Distributor {
             Ok(()) => return Ok(()),
             Err(job) => job,
         };
-        // Every node here is busy: a server with room takes it rather than the queue.
-        let job = match self.forward(job, false) {
-            Ok(()) => return Ok(()),
-            Err(job) => job,
+        // Every node here is busy: a server with room takes it rather than the queue, unless
+        // jobs wait here already: they go first (newest-first would starve them whenever
+        // requests come oftener than the queue is offered).
+        let waiting = self.queues.get(&model).is_some_and(|q| !q.is_empty());
+        let job = match waiting {
+            true => job,
+            false => match self.forward(job, false) {
+                Ok(()) => return Ok(()),
+                Err(job) => job,
+            },
         };
         if self.queues.get(&model).is_some_and(|q| q.len() >= self.config.queue_capacity) {
             return Err(ServeError::QueueFull { model, retry_after: QUEUE_FULL_RETRY_AFTER });
         }
         self.enqueue(job, false);
+        if waiting {
+            self.offer_queue_to_peers(&model);
+        }
         Ok(())
     }
 }

@@ -756,13 +756,14 @@ fn a_forwarded_job_that_falls_silent_is_given_up() {
 /// Jobs queued on a server go to another one once it has room: they used to wait for
 /// their own server's nodes only, and a burst that found the others' room taken until
 /// their next advert timed out in the queue (10 s here) while those sat idle. A: one slot,
-/// 5 s a job; B: two slots, 1 s a job; six requests at once through A.
+/// 6 s a job (its third queued job would start after 18 s); B: two slots, 0.1 s a job; six
+/// requests at once through A.
 #[test]
 fn queued_jobs_go_to_a_server_that_has_room_since() {
     let dir = tempfile::tempdir().unwrap();
     let Some(nats) = Nats::start(dir.path()) else { return };
     let mut servers = start_network(&nats, &["a", "b"], "", dir.path());
-    servers[0].add_node(&["--fake-engine", "100:20", "--capacity", "1"]);
+    servers[0].add_node(&["--fake-engine", "100:60", "--capacity", "1"]);
     servers[1].add_node(&["--fake-engine", "10:10", "--capacity", "2"]);
     for server in &servers {
         server.wait_nodes("fake", 2);
@@ -872,6 +873,7 @@ fn fake_advert(server: &str, model: &str) -> Vec<u8> {
     let advert = ludus::actors::cluster::wire::Advert {
         server: server.into(),
         instance: 1,
+        keepalive: true,
         models: vec![ludus::actors::cluster::wire::ModelRoom { model: model.into(), nodes: 9, free: 9 }],
     };
     serde_json::to_vec(&advert).unwrap()

@@ -188,7 +188,7 @@ impl Cluster {
         ctx.spawn(fut::wrap_future(async move {
             let Ok(models) = distributor.send(LocalRoom).await else { return };
             let subject = wire::advert_subject(&name);
-            let advert = Advert { server: name, instance, models };
+            let advert = Advert { server: name, instance, keepalive: true, models };
             let payload = serde_json::to_vec(&advert).expect("adverts serialize");
             if let Err(e) = client.publish(subject, payload.into()).await {
                 tracing::debug!(error = %e, "advert not sent");

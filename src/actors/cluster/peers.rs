@@ -23,6 +23,9 @@ struct Peer {
     /// The process the server runs as (random per start): one restarted under its name
     /// faster than the timeout is another process, whose jobs are not the dead one's.
     instance: u64,
+    /// It says every second that it still holds a job forwarded to it (an older server
+    /// does not: its silence is no loss).
+    keepalive: bool,
 }
 
 pub struct Peers {
@@ -100,7 +103,8 @@ impl Peers {
                 }
             }
         }
-        table.insert(advert.server, Peer { rooms, heard: now, instance: advert.instance });
+        let (instance, keepalive) = (advert.instance, advert.keepalive);
+        table.insert(advert.server, Peer { rooms, heard: now, instance, keepalive });
     }
 
     /// Whether another server has served `model` since the start.
@@ -127,6 +131,11 @@ impl Peers {
     /// does not make it dead).
     pub fn alive(&self, server: &str, now: Instant) -> bool {
         self.table().get(server).is_some_and(|p| self.heard_lately(p, now))
+    }
+
+    /// Whether `server` says every second that it still holds the jobs sent to it.
+    pub fn keeps_alive(&self, server: &str) -> bool {
+        self.table().get(server).is_some_and(|p| p.keepalive)
     }
 
     /// The process `server` runs as, as last heard (`None`: not heard from).
@@ -167,6 +176,14 @@ impl Peers {
     /// Whether a live server has nodes serving `model`.
     pub fn serve(&self, model: &str, now: Instant) -> bool {
         self.table().values().any(|p| self.fresh(p, now) && p.rooms.get(model).is_some_and(|r| r.nodes > 0))
+    }
+
+    /// Whether a live server has room for `model` now.
+    pub fn has_room(&self, model: &str, now: Instant) -> bool {
+        !self.link_down.load(std::sync::atomic::Ordering::Relaxed)
+            && self.table().values().any(|p| {
+                now.saturating_duration_since(p.heard) < self.timeout && p.rooms.get(model).is_some_and(|r| r.free > 0)
+            })
     }
 
     /// The live server with the most room for `model`, its room then counted one less
@@ -226,7 +243,8 @@ mod tests {
     use super::*;
 
     fn advert(server: &str, model: &str, nodes: usize, free: usize) -> Advert {
-        Advert { server: server.into(), instance: 1, models: vec![ModelRoom { model: model.into(), nodes, free }] }
+        let models = vec![ModelRoom { model: model.into(), nodes, free }];
+        Advert { server: server.into(), instance: 1, keepalive: true, models }
     }
 
     #[test]

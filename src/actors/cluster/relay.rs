@@ -106,7 +106,9 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     // A message lost on NATS (a `Done` published while a link was down, or the job itself)
     // would hold the game until its balancer's timeout, its tokens held from its budget:
     // the running server speaks at least every KEEPALIVE, and silence ends the job.
+    // (An older server sends no keepalive: its jobs keep only the liveness check.)
     let (silence, mut heard) = (peers.timeout().max(SILENCE_FLOOR), Instant::now());
+    let keeps_alive = peers.keeps_alive(&to);
     loop {
         tokio::select! {
             message = events.next() => {
@@ -162,11 +164,12 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                     cancel(&client, &stop);
                     break;
                 }
-                if heard.elapsed() >= silence {
+                if keeps_alive && heard.elapsed() >= silence {
                     tracing::warn!(task = %task, server = %to, silent_ms = heard.elapsed().as_millis() as u64,
                         "a forwarded job fell silent; given up");
                     // Should the job still run there, its server charges what it made once
-                    // cancelled: that charge is awaited, as for a game that left.
+                    // cancelled: that charge is awaited, as for a game that left. (A `Done`
+                    // lost on the way was billed there and is not charged here.)
                     if !job.key_hash.is_empty() {
                         charges.expect(task, &to, &job.key_hash, bound, Instant::now());
                     }

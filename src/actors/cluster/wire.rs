@@ -167,6 +167,10 @@ pub struct Advert {
     pub server: String,
     /// Random per process: two servers given one name are told apart (and reported).
     pub instance: u64,
+    /// It sends [`RemoteEvent::Alive`] for the jobs it runs for others (absent from an
+    /// older server, whose forwarded jobs are then given no silence deadline).
+    #[serde(default)]
+    pub keepalive: bool,
     pub models: Vec<ModelRoom>,
 }
 
@@ -334,6 +338,15 @@ mod tests {
             assert!(!valid_name(bad), "{bad:?} must be refused");
         }
         assert_eq!(reply_subject("a", TaskId(255), "b"), "ludus.reply.a.00000000000000ff.b");
+    }
+
+    #[test]
+    fn an_older_servers_advert_reads_as_sending_no_keepalive() {
+        let old: Advert = serde_json::from_str(r#"{"server": "b", "instance": 7, "models": []}"#).unwrap();
+        assert!(!old.keepalive, "its jobs must not be given up for a silence it cannot help");
+        let new = Advert { keepalive: true, ..old };
+        let back: Advert = serde_json::from_slice(&serde_json::to_vec(&new).unwrap()).unwrap();
+        assert!(back.keepalive);
     }
 
     #[test]
