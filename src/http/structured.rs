@@ -410,7 +410,12 @@ impl CallStream {
 
 /// `{"name": "X", "arguments": ` → (X, the byte where the arguments start).
 fn call_head(text: &str) -> Option<(String, usize)> {
-    let start = text.find('{')?;
+    // The call is the whole answer: text before it makes the answer text, as a stream
+    // decides at its first character (a whole answer used to drop the text and call).
+    let start = text.len() - text.trim_start().len();
+    if !text[start..].starts_with('{') {
+        return None;
+    }
     let rest = &text[start + 1..];
     let after_key = rest.trim_start().strip_prefix("\"name\"")?.trim_start().strip_prefix(':')?.trim_start();
     // The name is a JSON string of a listed function: no escapes.
@@ -494,6 +499,9 @@ mod tests {
         let call = tool_call("{\"name\": \"wave\", \"arguments\": {\"times\": 2}}", &wave).unwrap();
         assert_eq!(call, ToolCall { name: "wave".into(), arguments: "{\"times\": 2}".into() });
         assert_eq!(tool_call("Hello there", &wave), None);
+        let after_words = "Sure! {\"name\": \"wave\", \"arguments\": {\"times\": 2}}";
+        assert_eq!(tool_call(after_words, &wave), None, "text, as its stream shows it");
+        assert!(tool_call(" \n{\"name\": \"wave\", \"arguments\": {}}", &wave).is_some());
         assert_eq!(tool_call("{\"name\": \"wave\"}", &wave), None);
         assert_eq!(tool_call("{\"name\": \"jump\", \"arguments\": {}}", &wave), None, "not offered");
         let history =
