@@ -206,9 +206,9 @@ async fn complete(
         let (_, first) = failed.into_iter().next().ok_or_else(|| internal("a request with no choice"))?;
         return Err(first);
     }
-    // The answer is named by the task billed for its first choice: a game that audits it
-    // (`ludus verify-receipt`) finds the receipt it paid, also when the answer was
-    // produced again after its first node failed a check.
+    // The answer is named by the task billed for its lowest-numbered finished choice: a
+    // game that audits it (`ludus verify-receipt`) finds the receipt it paid, also when
+    // the answer was produced again after its first node failed a check.
     let mut meta = meta;
     if let Some(task) = billed {
         meta.id = format!("{prefix}-{task}");
