@@ -250,6 +250,7 @@ impl Cluster {
             max_tokens_limit: self.config.max_tokens_limit,
             peers: self.peers.clone(),
             name: self.config.name.clone(),
+            instance: self.instance,
         };
         self.listen(ctx, wire::jobs_for(&self.config.name), move |publisher, payload| {
             actix::spawn(relay::serve(serving.clone(), publisher.to_string(), payload));

@@ -96,7 +96,9 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     };
     // The process it goes to: one heard under the same name as another process later is
     // a restart, which lost the job (its adverts alone would keep it "alive" for ever).
-    let (runner, sent) = (peers.instance(&to), Instant::now());
+    // (The process that runs it names itself in its keepalives: a restart just before the
+    // job was sent, not yet heard, is no loss.)
+    let (mut runner, sent) = (peers.instance(&to), Instant::now());
     let payload = serde_json::to_vec(&message).expect("jobs serialize");
     if let Err(e) = client.publish(job_subject(&to, &origin), payload.into()).await {
         return fail(&job, ServeError::Unavailable(format!("could not reach server `{to}`: {e}")));
@@ -119,6 +121,7 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                 };
                 heard = Instant::now();
                 match serde_json::from_slice::<RemoteEvent>(&message.payload) {
+                    Ok(RemoteEvent::Alive { instance }) => runner = Some(instance),
                     Ok(event) => {
                         let ends = event.ends();
                         if let RemoteEvent::Done { usage, .. } = &event {
@@ -211,6 +214,8 @@ pub struct Serving {
     pub peers: Arc<Peers>,
     /// This server's name.
     pub name: String,
+    /// The process this server runs as ([`super::wire::Advert::instance`]).
+    pub instance: u64,
 }
 
 /// Runs a job server `publisher` forwarded, as a request of this server's own, and sends
@@ -268,7 +273,7 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
     loop {
         tokio::select! {
             _ = keepalive.tick(), if keeps_alive => {
-                if !send(RemoteEvent::Alive).await {
+                if !send(RemoteEvent::Alive { instance: ctx.instance }).await {
                     break;
                 }
             }

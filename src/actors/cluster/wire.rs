@@ -267,10 +267,13 @@ pub enum RemoteEvent {
         task: Option<TaskId>,
     },
     Failed(ServeError),
-    /// The job is still held (queued, generating, or waiting for its verdict): sent every
-    /// [`KEEPALIVE`] to an origin that understands it, which gives a job up after
-    /// silence (a lost final event, a lost job). Never relayed to the game.
-    Alive,
+    /// The job is still held (queued, generating, or waiting for its verdict), by the
+    /// process `instance` ([`Advert::instance`]): sent every [`KEEPALIVE`] to an origin
+    /// that understands it, which gives a job up after silence (a lost final event, a lost
+    /// job) or once that process is gone. Never relayed to the game.
+    Alive {
+        instance: u64,
+    },
 }
 
 /// How often the server running a forwarded job says it still holds it.
@@ -307,7 +310,7 @@ impl RemoteEvent {
                 JobEvent::Done { finish_reason, usage, task: task.unwrap_or(forwarded) }
             }
             RemoteEvent::Failed(e) => JobEvent::Failed(e),
-            RemoteEvent::Alive => return None,
+            RemoteEvent::Alive { .. } => return None,
         })
     }
 }
@@ -327,7 +330,7 @@ mod tests {
                 task: Some(TaskId(9)),
             },
             RemoteEvent::Failed(ServeError::QueueFull { model: "m".into(), retry_after: Duration::from_millis(1500) }),
-            RemoteEvent::Alive,
+            RemoteEvent::Alive { instance: 7 },
         ];
         for event in events {
             let back: RemoteEvent = serde_json::from_slice(&serde_json::to_vec(&event).unwrap()).unwrap();
