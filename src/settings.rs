@@ -50,6 +50,8 @@ pub struct ServerSettings {
     pub key_file: Option<std::path::PathBuf>,
     pub default_max_tokens: usize,
     pub max_tokens_limit: usize,
+    /// Tokens a streamed answer may leave unread, per choice, before it is ended (KiB).
+    pub stream_unread_kib: usize,
     /// Bearer token for `/admin/*`; empty = `data_dir/admin-token` (created on first start).
     #[serde(default)]
     pub admin_token: Secret,

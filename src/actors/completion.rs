@@ -404,7 +404,7 @@ impl Completion {
             return;
         }
         // Nobody waits for the re-run's text: drain it.
-        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (events, mut rx) = super::job_events::unlimited();
         actix::spawn(async move { while rx.recv().await.is_some() {} });
         let original = &done.job;
         let billing = Billing { game: "quality-checks".into(), game_id: v.quality_game, key_hash: String::new() };

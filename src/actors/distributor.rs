@@ -790,7 +790,7 @@ impl Distributor {
         let ended = job.text.as_ref().is_some_and(|t| t.stream.stopped());
         if ended || job.emitted.len() >= job.max_tokens {
             if let Some(tail) = job.text.as_mut().map(|t| t.finish()).filter(|t| !t.is_empty()) {
-                let _ = job.events.send(JobEvent::Text(tail));
+                let _ = job.events.send_last_text(tail);
             }
             let usage = TaskUsage { prompt_tokens: job.prompt.tokens as usize, completion_tokens: job.emitted.len() };
             // Charged to the game's budget like any answer (by the server that admitted

@@ -41,6 +41,13 @@ pub enum ServeError {
     TooLarge(usize),
     #[error("the task failed on every node tried: {0}")]
     NodeFailed(String),
+    /// The game stopped reading its stream: more than `limit_kib` of tokens waited unread,
+    /// so the answer was ended as if it had hung up (`actors::job_events`).
+    #[error(
+        "the stream was not read: more than {limit_kib} KiB of its tokens waited unread \
+         (server.stream_unread_kib), so the answer was ended; the tokens made until then are billed"
+    )]
+    NotRead { limit_kib: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]

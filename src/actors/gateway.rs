@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use rand::RngCore;
-use tokio::sync::mpsc::unbounded_channel;
 
 use super::cluster::Peers;
 use super::distributor::Distributor;
@@ -47,10 +46,13 @@ pub struct Gateway {
     next_task: AtomicU64,
     /// The other servers of the network: this one admits 1/N of each key's limits.
     peers: Arc<Peers>,
+    /// Bytes of tokens a request may leave unread per choice before its job is ended
+    /// ([`super::job_events`]).
+    unread_limit: usize,
 }
 
 impl Gateway {
-    pub fn new(store: Store, distributor: Addr<Distributor>, peers: Arc<Peers>) -> Self {
+    pub fn new(store: Store, distributor: Addr<Distributor>, peers: Arc<Peers>, unread_limit: usize) -> Self {
         // Task ids start at a random base so they stay unique across restarts.
         let base = rand::rng().next_u64() & 0xffff_ffff_0000_0000;
         Self {
@@ -60,6 +62,7 @@ impl Gateway {
             limits: HashMap::new(),
             next_task: AtomicU64::new(base),
             peers,
+            unread_limit,
         }
     }
 
@@ -190,7 +193,7 @@ impl Handler<Admit> for Gateway {
         let submitted = self.check(&key, reserve, first_choice).map(|()| {
             let reservation =
                 TokenReservation { key_hash: key.hash.clone(), tokens: reserve, release: ctx.address().recipient() };
-            let (events, rx) = unbounded_channel();
+            let (events, rx) = super::job_events::channel(self.unread_limit);
             let id = TaskId(self.next_task.fetch_add(1, Ordering::Relaxed));
             let billing = Billing { game: key.game, game_id: key.game_id, key_hash: key.hash.clone() };
             let request = JobRequest { model, input, prompt, prompt_ids, text, params, max_tokens, stop, stream };

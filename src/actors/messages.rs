@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use tokio::sync::mpsc::UnboundedSender;
 
 use super::catalog::JobText;
 use super::error::ServeError;
@@ -63,7 +62,7 @@ pub struct Job {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
-    pub events: UnboundedSender<JobEvent>,
+    pub events: super::job_events::EventSender,
     pub received: Instant,
     /// When the job last entered a queue (queue timeouts count from here).
     pub queued_at: Instant,
@@ -127,7 +126,7 @@ pub struct JobRequest {
 
 impl Job {
     /// The one way a job is made, for games and the server's own re-runs alike.
-    pub fn new(id: TaskId, billing: Billing, request: JobRequest, events: UnboundedSender<JobEvent>) -> Self {
+    pub fn new(id: TaskId, billing: Billing, request: JobRequest, events: super::job_events::EventSender) -> Self {
         let Billing { game, game_id, key_hash } = billing;
         let JobRequest { model, input, prompt, prompt_ids, text, params, max_tokens, stop, stream } = request;
         let now = Instant::now();
@@ -512,7 +511,7 @@ pub enum CountAs {
 pub struct Admitted {
     pub id: TaskId,
     pub key_hash: String,
-    pub events: tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
+    pub events: super::job_events::EventReceiver,
     /// The tokens the job may use (prompt and max_tokens), held from the key's per-minute
     /// budget while the game waits for it, given back when this drops.
     pub reservation: TokenReservation,

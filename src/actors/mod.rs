@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Tokens flow from a `NodeProxy` straight into the job's channel, never through the
-//! Distributor's mailbox. When a node's part of a task is over, its proxy hands the job to
+//! Distributor's mailbox; the channel bounds what the game leaves unread ([`job_events`]). When a node's part of a task is over, its proxy hands the job to
 //! [`completion::Completion`] (one actor, its own thread): receipt check and pricing, the
 //! game's usage, verification sampling (a task the busy verifier pool cannot take waits in
 //! the [`check_backlog`]), the synchronous hold, quality checks. Tokens a node delivered
@@ -31,6 +31,7 @@ pub mod delivery_check;
 pub mod distributor;
 pub mod error;
 pub mod gateway;
+pub mod job_events;
 pub mod load_pacer;
 pub mod messages;
 pub mod node_proxy;

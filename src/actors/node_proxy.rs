@@ -644,7 +644,7 @@ impl NodeProxy {
                     None => (tail, finish_reason),
                 };
                 if !tail.is_empty() {
-                    let _ = run.job.events.send(JobEvent::Text(tail));
+                    let _ = run.job.events.send_last_text(tail);
                 }
                 // The node's part is over either way: its slot is freed and its speed
                 // learnt; for a task with a challenge, by Completion once it has judged
@@ -816,7 +816,11 @@ impl NodeProxy {
         if let (Some(lp), Some(server_text)) = (logprobs, run.job.text.as_ref()) {
             // One entry per completion token, the end of sequence included (it is counted
             // and billed): as many entries as `usage.completion_tokens`.
-            let _ = run.job.events.send(JobEvent::Logprobs(server_text.describe(token, &lp)));
+            if run.job.events.send(JobEvent::Logprobs(server_text.describe(token, &lp))).is_err() {
+                // The game left, or fell too far behind: this token never reached it.
+                let delivered = run.job.emitted.len() - 1;
+                return self.abandon(id, delivered);
+            }
             run.job.emitted_logprobs.push(lp);
         }
         run.last_progress = Instant::now();

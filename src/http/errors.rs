@@ -134,6 +134,9 @@ impl From<ServeError> for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "request_too_large", None, None)
             }
             ServeError::NodeFailed(_) => (StatusCode::BAD_GATEWAY, "server_error", "node_failed", None, None),
+            ServeError::NotRead { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "stream_not_read", None, None)
+            }
             ServeError::ShuttingDown => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting_down", Some(5), None)
             }

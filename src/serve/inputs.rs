@@ -95,6 +95,16 @@ pub fn task_stall_timeout(s: &Settings) -> io::Result<std::time::Duration> {
     }
 }
 
+/// `[server] stream_unread_kib`, in bytes: at least 64 KiB (about 40 tokens with 20 log
+/// probabilities each), or a game reading as it should could have its stream ended by a
+/// burst of tokens.
+pub fn stream_unread_limit(s: &Settings) -> io::Result<usize> {
+    match s.server.stream_unread_kib {
+        kib if kib >= 64 => Ok(kib.saturating_mul(1024)),
+        kib => Err(io::Error::other(format!("server.stream_unread_kib must be at least 64 (got {kib})"))),
+    }
+}
+
 /// The distributor's model key store (`data_dir/model-keys/*.key`: hex, 32 bytes each).
 pub struct ModelKeys {
     /// Key id → hex key.
@@ -163,5 +173,14 @@ mod tests {
         s.distributor.task_stall_timeout_ms = 999;
         let e = task_stall_timeout(&s).unwrap_err().to_string();
         assert!(e.contains("task_stall_timeout_ms must be at least 1000 (got 999)"), "{e}");
+    }
+
+    #[test]
+    fn a_stream_unread_limit_under_64_kib_is_refused_by_name() {
+        let mut s = Settings::load(None).unwrap();
+        assert_eq!(stream_unread_limit(&s).unwrap(), 1 << 20, "the default");
+        s.server.stream_unread_kib = 63;
+        let e = stream_unread_limit(&s).unwrap_err().to_string();
+        assert!(e.contains("stream_unread_kib must be at least 64 (got 63)"), "{e}");
     }
 }

@@ -76,7 +76,8 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
     clock.do_send(SubscribeBlocks(distributor.clone().recipient()));
     let gateway = {
         let (store, distributor, peers) = (store.clone(), distributor.clone(), peers.clone());
-        supervisor::start("gateway", move |_| Gateway::new(store, distributor, peers))
+        let unread_limit = super::inputs::stream_unread_limit(s)?;
+        supervisor::start("gateway", move |_| Gateway::new(store, distributor, peers, unread_limit))
     };
     let _ = budgets.set(gateway.clone().recipient());
     let policy = Arc::new(Policy::new(s.verifier.first_tasks, s.verifier.sample_rate));

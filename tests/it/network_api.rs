@@ -484,3 +484,46 @@ fn n_choices_come_back_indexed_whole_and_streamed() {
     assert_eq!(post_with(&c.addr, "/v1/chat/completions", Some(&limited), CHAT.as_bytes()).status, 200);
     assert_eq!(post_with(&c.addr, "/v1/chat/completions", Some(&limited), CHAT.as_bytes()).status, 429);
 }
+
+/// A game that stopped reading its stream (a hung client, or one that means harm) had every
+/// token of every choice held in the server's memory until the answer's end: up to `n ×
+/// max_tokens` events a request. Now a choice more than `stream_unread_kib` of tokens
+/// behind has its answer ended as a hang-up is: the node stops early, the tokens made are
+/// billed, and the stream, once read, says why.
+#[test]
+fn a_game_that_stops_reading_its_stream_has_its_answer_ended_and_billed_as_made() {
+    let mut c = Cluster::start_with_server("stream_unread_kib = 64\nmax_tokens_limit = 8192\n", "");
+    let token_text = "x".repeat(200);
+    // 8 × 1,000 tokens a second, under the node link's frame limit.
+    c.add_node(&["--fake-engine", "8192:1", "--fake-text", &token_text, "--capacity", "16"]);
+    c.wait_nodes("fake", 1);
+    // About 30 MB of events for 8 × 8,192 tokens; the two sockets hold about 4 MB here
+    // (the sender's buffer grows to `net.ipv4.tcp_wmem`'s largest, 4 MB by default; the
+    // receiver's grows only as its reader reads).
+    let body = r#"{"model":"fake","n":8,"max_tokens":8192,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut stream = crate::cluster::SseStream::open(&c.addr, &c.key, body);
+    assert_eq!(stream.status, 200);
+    // The game reads nothing more until every choice has its receipt.
+    let store = c.store();
+    let sql = "SELECT count(*)::bigint, coalesce(sum(completion_tokens), 0)::bigint, \
+               coalesce(max(completion_tokens), 0)::bigint FROM receipts";
+    wait_for("the choices' receipts", Duration::from_secs(60), || crate::database::numbers(&store, sql)[0] == 8);
+    let [_, billed, longest] = crate::database::numbers(&store, sql)[..] else { unreachable!() };
+    assert!(longest < 8192, "every choice ended early: the longest was billed {longest} tokens");
+    let (mut read, mut last) = (0, serde_json::Value::Null);
+    while let Some(data) = stream.next_data() {
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(&data).unwrap();
+        if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+            assert_eq!(text, token_text);
+            read += 1;
+        }
+        last = chunk;
+    }
+    assert_eq!(last["error"]["code"], "stream_not_read", "the stream's last event says why: {last}");
+    // What the game read is billed; what it left unread was made for it, and is billed too.
+    assert!(read > 0 && read <= billed, "read {read} tokens, billed {billed}");
+    assert!(!c.server.log_text().contains("closing node link"), "the node did nothing wrong");
+}

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use actix::{Addr, Recipient};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::mpsc::unbounded_channel;
 
 use super::charges::AwaitedCharges;
 use super::wire::{cancel_subject, job_subject, reply_subject, ForwardedJob, RemoteEvent, KEEPALIVE};
@@ -243,7 +242,7 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
             return;
         }
     };
-    let (events, mut rx) = unbounded_channel();
+    let (events, mut rx) = crate::actors::job_events::unlimited();
     let (origin, origin_instance) = (forwarded.origin.clone(), forwarded.origin_instance);
     match admit(&ctx, forwarded, events).await {
         Ok(job) => match ctx.distributor.send(Submit(job)).await {
@@ -308,7 +307,7 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
                 tracing::info!(task = %task, "forwarded job cancelled by its server");
                 // A `Done` already here was counted as relayed (no hang-up charge follows
                 // it): it goes on, for the origin to charge the game by it.
-                while let Ok(event) = rx.try_recv() {
+                while let Some(event) = rx.try_recv() {
                     if matches!(event, JobEvent::Done { .. }) {
                         send(RemoteEvent::from(event)).await;
                     }
@@ -325,7 +324,7 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
 async fn admit(
     ctx: &Serving,
     f: ForwardedJob,
-    events: tokio::sync::mpsc::UnboundedSender<JobEvent>,
+    events: crate::actors::job_events::EventSender,
 ) -> Result<Job, ServeError> {
     f.params.validate().map_err(|e| ServeError::Rejected(e.to_string()))?;
     if f.max_tokens == 0 || f.max_tokens > ctx.max_tokens_limit {
