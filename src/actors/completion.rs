@@ -239,22 +239,7 @@ impl Completion {
         picked: bool,
     ) -> bool {
         let task = receipt.ticket.task;
-        let checked =
-            receipt.check(&self.config.ticket_secret, &address).map_err(|e| e.to_string()).and_then(|()| match live {
-                Some((job, _)) if receipt.ticket.task != job.id => Err(format!("it names task {task}, not {}", job.id)),
-                Some((job, _)) if receipt.completion_tokens as usize != job.emitted.len() => Err(format!(
-                    "it claims {} completion tokens; {} arrived",
-                    receipt.completion_tokens,
-                    job.emitted.len()
-                )),
-                // The receipt (and the block's Merkle root over it) names the output the game
-                // received, not another one.
-                Some((job, _)) if receipt.output_hash != hex::encode(output_hash(&job.emitted)) => {
-                    Err("its output hash is not that of the tokens the server relayed".to_string())
-                }
-                _ => Ok(()),
-            });
-        if let Err(reason) = checked {
+        if let Some(reason) = self.refusal(address, &receipt, live.map(|(job, _)| job)) {
             // Not recorded: neither billed nor paid. An honest node never gets here.
             tracing::warn!(%address, task = %task, %reason, "receipt refused");
             return false;
@@ -303,11 +288,34 @@ impl Completion {
         true
     }
 
-    /// A proof that failed its structural checks: the node is judged as for a failed
-    /// replay (the Registry lowers its reputation, the Distributor quarantines it), and
-    /// the task is not paid.
-    fn reject_proof(&self, address: Address, task: TaskId, fault: &str) {
-        tracing::warn!(%address, task = %task, %fault, "proof REJECTED before payment; unpaid");
+    /// Why `receipt`, signed by `address`, is not paid: a signature or ticket that does not
+    /// hold, or, for the live task `job`, figures other than the server's. An honest node
+    /// never signs such a receipt.
+    fn refusal(&self, address: Address, receipt: &SignedReceipt, job: Option<&Job>) -> Option<String> {
+        let task = receipt.ticket.task;
+        let checked =
+            receipt.check(&self.config.ticket_secret, &address).map_err(|e| e.to_string()).and_then(|()| match job {
+                Some(job) if receipt.ticket.task != job.id => Err(format!("it names task {task}, not {}", job.id)),
+                Some(job) if receipt.completion_tokens as usize != job.emitted.len() => Err(format!(
+                    "it claims {} completion tokens; {} arrived",
+                    receipt.completion_tokens,
+                    job.emitted.len()
+                )),
+                // The receipt (and the block's Merkle root over it) names the output the game
+                // received, not another one.
+                Some(job) if receipt.output_hash != hex::encode(output_hash(&job.emitted)) => {
+                    Err("its output hash is not that of the tokens the server relayed".to_string())
+                }
+                _ => Ok(()),
+            });
+        checked.err()
+    }
+
+    /// A task whose proof failed its structural checks, or whose receipt was refused: the
+    /// node is judged as for a failed replay (the Registry lowers its reputation, the
+    /// Distributor quarantines it), and the task is not paid.
+    fn reject(&self, address: Address, task: TaskId, fault: &str) {
+        tracing::warn!(%address, task = %task, %fault, "task REJECTED before payment; unpaid");
         let Some(v) = &self.config.verification else { return };
         for r in &v.report {
             r.do_send(VerificationDone {
@@ -657,11 +665,20 @@ impl Handler<TaskFinished> for Completion {
         // is about it: else a node could skip its proofs and be paid whenever the sampler
         // looks away. An honest node always has one at its Done.
         let proof = done.proof.as_deref();
-        if let Some(fault) =
-            done.challenge.and_then(|c| proof_fault(done.address, &done.job, done.prefix_len, c, proof))
-        {
+        // A receipt whose figures are not the server's is the node's lie too: neither paid
+        // nor told to the other servers (one of them would pay it, re-sent there, for the
+        // node's count), and its node is judged like one whose proof failed.
+        let fault = done
+            .challenge
+            .and_then(|c| proof_fault(done.address, &done.job, done.prefix_len, c, proof))
+            .map(|fault| format!("the node's proof failed its checks: {fault}"))
+            .or_else(|| {
+                let refused = self.refusal(done.address, &done.receipt, Some(&done.job));
+                refused.map(|reason| format!("the node's receipt was refused: {reason}"))
+            });
+        if let Some(fault) = fault {
             // The quarantine first, then the free slot: both into the Distributor's mailbox.
-            self.reject_proof(done.address, done.job.id, &fault);
+            self.reject(done.address, done.job.id, &fault);
             done.freed.release();
             let TaskFinished { node, address, job, finish_reason, .. } = done;
             if job.stream {
@@ -669,7 +686,7 @@ impl Handler<TaskFinished> for Completion {
                 // nobody is paid for them.
                 self.deliver(&job, finish_reason, usage);
             } else {
-                self.produce_again(node, address, job, format!("the node's proof failed its checks: {fault}"));
+                self.produce_again(node, address, job, fault);
             }
             return;
         }
@@ -683,10 +700,12 @@ impl Handler<TaskFinished> for Completion {
         } else {
             self.maybe_quality_check(&done);
         }
+        // The server's own count (the receipt's, once accepted): no number of the node's
+        // reaches the other servers' books.
         let told = self.tell_peers(
             done.job.id,
             done.address,
-            done.receipt.completion_tokens,
+            done.job.emitted.len() as u32,
             output_hash(&done.job.emitted),
             picked.is_some(),
         );
@@ -768,7 +787,7 @@ impl Handler<HangUpProved> for Completion {
             return;
         }
         if let Some(fault) = proof_fault(address, &job, prefix_len, challenge, proof.as_deref()) {
-            self.reject_proof(address, job.id, &fault);
+            self.reject(address, job.id, &fault);
             return;
         }
         let completion_tokens = receipt.completion_tokens;

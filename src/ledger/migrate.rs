@@ -24,7 +24,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").
-const MIGRATION_LOCK: i64 = 0x6c75_6475_736d_6967;
+pub const MIGRATION_LOCK: i64 = 0x6c75_6475_736d_6967;
 
 /// Applies the migrations this database lacks; returns how many it applied.
 pub async fn migrate(conn: &mut Conn) -> Result<usize, LedgerError> {
@@ -44,10 +44,19 @@ pub async fn migrate(conn: &mut Conn) -> Result<usize, LedgerError> {
     // Unbounded here: another server's migration is waited for, and one may rewrite a
     // large table. The connection's own bound comes back before it returns to the pool.
     conn.batch_execute("SET statement_timeout = 0").await?;
+    let result = locked(conn).await;
+    // Whatever happened, even a lock that could not be taken or given back.
+    let reset = conn.batch_execute("RESET statement_timeout").await;
+    let count = result?;
+    reset?;
+    Ok(count)
+}
+
+/// The migrations under the lock that makes servers starting together apply them once.
+async fn locked(conn: &mut Conn) -> Result<usize, LedgerError> {
     conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
     let result = apply(conn).await;
     conn.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
-    conn.batch_execute("RESET statement_timeout").await?;
     result
 }
 

@@ -126,6 +126,15 @@ fn cluster_table(url: &str, name: &str, peer_timeout_ms: u64) -> String {
     )
 }
 
+/// Servers `a` and `b` on one NATS, with the directory they live in (dropped last); none
+/// when `nats-server` is missing.
+fn two_servers() -> Option<(tempfile::TempDir, Nats, Vec<Cluster>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path())?;
+    let servers = start_network(&nats, &["a", "b"], "", dir.path());
+    Some((dir, nats, servers))
+}
+
 /// Servers `names` on one database and one distributor key, joined by `nats`; `extra`
 /// goes into each one's `[distributor]` table (and may open more tables before
 /// `[cluster]`). Every server uses the first one's API key (one game).
@@ -842,9 +851,7 @@ fn listed(server: &Cluster) -> Vec<(String, u64)> {
 fn a_node_key_holds_one_session_in_the_whole_network() {
     use super::registry::Rogue;
     use ludus::crypto::identity::Identity;
-    let dir = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(dir.path()) else { return };
-    let servers = start_network(&nats, &["a", "b"], "", dir.path());
+    let Some((_dir, _nats, servers)) = two_servers() else { return };
     let (a, b) = (&servers[0], &servers[1]);
     let secret = [9u8; 32];
     let system = actix_rt::System::new();
@@ -1082,4 +1089,46 @@ fn a_key_with_a_session_on_each_side_of_a_nats_split_keeps_one_when_it_heals() {
     assert!(reason.contains("on server `a`"), "{reason}");
     // The newer session on A lives on.
     assert!(system.block_on(newer.link.send(&NodeMessage::Heartbeat(NodeLoad::default()))).is_ok());
+}
+
+/// A receipt a server refused (it claims 64 tokens; the node sent 2) was still told to the
+/// other servers as a completion seen, with the node's count. The node then re-sent it to
+/// another server, which found it witnessed and billed the game for 64 tokens. Now only a
+/// receipt the server recorded is told, with the server's own count, and the node that
+/// signed the lie is judged as one whose proof failed.
+#[test]
+fn a_receipt_one_server_refused_is_not_paid_by_another() {
+    use super::registry::Rogue;
+    use ludus::crypto::identity::Identity;
+    use ludus::protocol::{NodeMessage, SignedReceipt};
+    let Some((_dir, _nats, servers)) = two_servers() else { return };
+    let (a, b) = (&servers[0], &servers[1]);
+    let secret = [9u8; 32];
+    let system = actix_rt::System::new();
+    let mut rogue = system.block_on(Rogue::join_as(&a.addr, "lying", Identity::from_secret(&secret).unwrap()));
+    let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
+    let (addr, key) = (a.addr.clone(), a.key.clone());
+    let game = std::thread::spawn(move || {
+        post_with(&addr, "/v1/chat/completions", Some(&key), chat("lying", 64, true).as_bytes())
+    });
+    let spec = system.block_on(rogue.next_task(Duration::from_secs(30))).expect("the rogue gets the task");
+    let mut receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &[7, 8]);
+    receipt.completion_tokens = 64;
+    receipt.signature = hex::encode(rogue.id.sign(&receipt.hash()));
+    system.block_on(rogue.finish(&spec, receipt.clone()));
+    let answer = game.join().unwrap();
+    assert_eq!(answer.status, 200, "the game read the two tokens streamed: {}", answer.body);
+    assert!(a.server.log_text().contains("it claims 64 completion tokens; 2 arrived"), "{}", a.server.log_text());
+    // The node goes to B and sends its receipt again, as after a reconnect.
+    let mut moved = system.block_on(Rogue::join_as(&b.addr, "lying", Identity::from_secret(&secret).unwrap()));
+    system.block_on(moved.link.send(&NodeMessage::Receipts { receipts: vec![receipt] })).unwrap();
+    system.block_on(moved.idle(&mut [], Duration::from_secs(4))); // two blocks
+    let billed = super::database::numbers(
+        &a.store(),
+        &format!(
+            "SELECT count(*), coalesce(sum(completion_tokens), 0)::bigint FROM receipts WHERE task_id = {}",
+            spec.id.0 as i64
+        ),
+    );
+    assert_eq!(billed, vec![0, 0], "(receipts, tokens) billed for the refused receipt");
 }

@@ -310,10 +310,40 @@ fn an_honest_node_streaming_many_tokens_a_second_is_never_cut_as_a_flood() {
     assert!(!log.contains("flooding"), "an honest node was cut: {log}");
 }
 
+/// A streamed answer read to its end (asked again while no node serves its model yet): its
+/// text, its finish reason and its usage chunk.
+fn read_stream(addr: &str, key: &str, body: &str) -> (String, serde_json::Value, serde_json::Value) {
+    let started = std::time::Instant::now();
+    let mut stream = loop {
+        let stream = super::cluster::SseStream::open(addr, key, body);
+        if stream.status == 200 {
+            break stream;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "status {}", stream.status);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (mut text, mut finish, mut usage) = (String::new(), serde_json::Value::Null, serde_json::Value::Null);
+    while let Some(data) = stream.next_data().filter(|d| d != "[DONE]") {
+        let chunk: serde_json::Value = serde_json::from_str(&data).unwrap();
+        if let Some(choice) = chunk["choices"].get(0) {
+            text.push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+            if !choice["finish_reason"].is_null() {
+                finish = choice["finish_reason"].clone();
+            }
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+        assert!(chunk.get("error").is_none(), "{chunk}");
+    }
+    (text, finish, usage)
+}
+
 /// A rogue serving a model whose tokenizer the server holds: it returns real token ids with
 /// text of its own, and signs a receipt for 10 M prompt tokens. The game reads the text the
 /// server made from the ids and is billed the prompt tokens the server counted; the receipt
-/// is refused, so nothing is billed on the node's word.
+/// is refused, so nothing is billed on the node's word (streamed: a whole answer would be
+/// produced again elsewhere, its node judged as one whose proof failed).
 #[test]
 fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() {
     let Some(path) = smollm2() else { return };
@@ -323,15 +353,11 @@ fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() 
     let counted = text.chat_prompt(&messages).unwrap().len();
     let ids = text.tokenizer.encode(" Well met, traveller!", false).unwrap();
     // The answer ends at max_tokens: no end of sequence, and no early stop either.
-    let body = serde_json::json!({"model": MODEL, "max_tokens": ids.len(), "messages": messages}).to_string();
+    let body = serde_json::json!({"model": MODEL, "max_tokens": ids.len(), "messages": messages,
+        "stream": true, "stream_options": {"include_usage": true}})
+    .to_string();
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
-    let game = std::thread::spawn(move || loop {
-        let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
-        if r.status == 200 {
-            return r.json();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    });
+    let game = std::thread::spawn(move || read_stream(&addr, &key, &body));
     let task = actix_rt::System::new().block_on(async {
         let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
         let spec = rogue.task(&mut []).await;
@@ -353,13 +379,14 @@ fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() 
         rogue.idle(&mut [], Duration::from_millis(1000)).await;
         spec.id
     });
-    let answer = game.join().unwrap();
-    assert_eq!(answer["choices"][0]["message"]["content"], " Well met, traveller!", "{answer}");
-    assert_eq!(answer["usage"]["prompt_tokens"], counted, "{answer}");
+    let (text, finish, usage) = game.join().unwrap();
+    assert_eq!(text, " Well met, traveller!");
+    assert_eq!(usage["prompt_tokens"], counted, "{usage}");
     // The node said `stop`, but its ids never ended the answer: the server's text decides.
-    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    assert_eq!(finish, "length");
     let log = cluster.server.log_text();
     assert!(log.contains(&format!("claims 10000000 prompt tokens; the server counted {counted}")), "{log}");
+    assert!(log.contains("the node's receipt was refused"), "{log}");
     let store = cluster.store();
     let recorded = format!("SELECT count(*) FROM receipts WHERE task_id = {}", task.0 as i64);
     assert_eq!(numbers(&store, &recorded), vec![0], "a receipt on the node's word was recorded");
@@ -654,26 +681,22 @@ fn a_model_name_cannot_inject_metric_lines() {
 
 /// A live receipt must name the output the game received: a node that streams one
 /// completion and signs another (same length) is refused — the ledger and the block's
-/// Merkle root would otherwise commit to tokens nobody received.
+/// Merkle root would otherwise commit to tokens nobody received. (Streamed: the game read
+/// the tokens; a whole answer would be produced again, see `network_proof`.)
 #[test]
 fn a_receipt_for_another_output_than_the_one_relayed_is_refused() {
     let cluster = Cluster::start("");
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
     let task = actix_rt::System::new().block_on(async {
         let mut rogue = Rogue::join(&cluster.addr, "swapped").await;
-        let game = std::thread::spawn(move || {
-            (0..50).find_map(|_| {
-                try_chat(&addr, &key, "swapped").or_else(|| {
-                    std::thread::sleep(Duration::from_millis(100));
-                    None
-                })
-            })
-        });
+        let body =
+            r#"{"model": "swapped", "max_tokens": 4, "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
+        let game = std::thread::spawn(move || read_stream(&addr, &key, body));
         let spec = rogue.task(&mut []).await;
         // Streams [7, 8] (what `finish` sends), signs [7, 9].
         let other = ludus::protocol::SignedReceipt::sign(&rogue.id, spec.ticket.clone(), 5, &[7, 9]);
         rogue.finish(&spec, other).await;
-        assert!(game.join().unwrap().is_some());
+        assert_eq!(game.join().unwrap().0, "xx", "the game read what was streamed");
         rogue.idle(&mut [], Duration::from_millis(900)).await;
         spec.id
     });
@@ -681,6 +704,33 @@ fn a_receipt_for_another_output_than_the_one_relayed_is_refused() {
     let sql = format!("SELECT count(*) FROM receipts WHERE task_id = {}", task.0 as i64);
     assert_eq!(numbers(&store, &sql), vec![0]);
     assert!(cluster.server.log_text().contains("its output hash is not that of the tokens the server relayed"));
+}
+
+/// A node whose receipt lies (it signs other tokens than it sent) is judged like one whose
+/// proof failed: its whole answer, which the game has not read, is produced again on
+/// another node. (It used to reach the game, unbilled, from a node known to lie.)
+#[test]
+fn a_whole_answer_whose_receipt_is_refused_is_produced_again_elsewhere() {
+    let mut cluster = Cluster::start("node_timeout_ms = 10000\n");
+    let system = actix_rt::System::new();
+    let mut rogue = system.block_on(Rogue::join(&cluster.addr, "fake"));
+    let _ = system.block_on(rogue.next_task(Duration::from_millis(300))); // registers
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let body = r#"{"model": "fake", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#;
+    let game = std::thread::spawn(move || {
+        super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes())
+    });
+    let spec = system.block_on(rogue.next_task(Duration::from_secs(20))).expect("the rogue gets the task");
+    cluster.add_node(&["--fake-engine", "2"]);
+    cluster.wait_nodes("fake", 2);
+    // Streams [7, 8] as "xx", signs [7, 9].
+    let lie = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), 5, &[7, 9]);
+    system.block_on(rogue.finish(&spec, lie));
+    let answer = game.join().unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["choices"][0]["message"]["content"], " tok tok", "the honest node's answer");
+    let log = cluster.server.log_text();
+    assert!(log.contains("the node's receipt was refused: its output hash is not that of the tokens"), "{log}");
 }
 
 /// The model whose text the server makes itself in these tests.
