@@ -27,7 +27,7 @@ use super::registry::Registry;
 use crate::crypto::identity::{recover, Address};
 use crate::ledger::PriceTable;
 use crate::proof::Proof;
-use crate::protocol::receipt::{confirmation_message, output_hash, SignedReceipt};
+use crate::protocol::receipt::{confirmation_message, output_hash, ReceiptError, SignedReceipt};
 use crate::protocol::{FinishReason, TaskFailure, TaskId, TaskUsage};
 
 /// What the server needs to have tasks checked.
@@ -202,6 +202,12 @@ struct Held {
     told: Option<Told>,
 }
 
+/// Why a receipt is not paid; `lie` when an honest node could not have signed it.
+struct Refusal {
+    reason: String,
+    lie: bool,
+}
+
 /// Telling the other servers of a completion, awaited by whoever needs it done.
 type Told = futures_util::future::Shared<futures_util::future::LocalBoxFuture<'static, ()>>;
 
@@ -239,11 +245,25 @@ impl Completion {
         picked: bool,
     ) -> bool {
         let task = receipt.ticket.task;
-        if let Some(reason) = self.refusal(address, &receipt, live.map(|(job, _)| job)) {
-            // Not recorded: neither billed nor paid. An honest node never gets here.
+        if let Some(Refusal { reason, .. }) = self.refusal(address, &receipt, live.map(|(job, _)| job)) {
+            // Not recorded: neither billed nor paid.
             tracing::warn!(%address, task = %task, %reason, "receipt refused");
             return false;
         }
+        self.write(address, receipt, live, reply_to, picked)
+    }
+
+    /// Hands a receipt [`refusal`](Self::refusal) found nothing against to the Registry,
+    /// priced, with what the server saw of it; false if it cannot be priced.
+    fn write(
+        &self,
+        address: Address,
+        receipt: SignedReceipt,
+        live: Option<(&Job, i32)>,
+        reply_to: Recipient<ReceiptsRecorded>,
+        picked: bool,
+    ) -> bool {
+        let task = receipt.ticket.task;
         // Checked against the ticket: the server's count, or within its bound.
         let prompt_tokens = receipt.prompt_tokens;
         // A continuation is paid for its own tokens, not the failed node's before it: no
@@ -289,33 +309,48 @@ impl Completion {
     }
 
     /// Why `receipt`, signed by `address`, is not paid: a signature or ticket that does not
-    /// hold, or, for the live task `job`, figures other than the server's. An honest node
-    /// never signs such a receipt.
-    fn refusal(&self, address: Address, receipt: &SignedReceipt, job: Option<&Job>) -> Option<String> {
+    /// hold, or, for the live task `job`, figures other than the server's.
+    fn refusal(&self, address: Address, receipt: &SignedReceipt, job: Option<&Job>) -> Option<Refusal> {
         let task = receipt.ticket.task;
-        let checked =
-            receipt.check(&self.config.ticket_secret, &address).map_err(|e| e.to_string()).and_then(|()| match job {
-                Some(job) if receipt.ticket.task != job.id => Err(format!("it names task {task}, not {}", job.id)),
-                Some(job) if receipt.completion_tokens as usize != job.emitted.len() => Err(format!(
+        // Figures other than those of the tokens the server relayed: the receipt (and the
+        // block's Merkle root over it) names the output the game received, not another.
+        let other = job.and_then(|job| {
+            if receipt.ticket.task != job.id {
+                Some(format!("it names task {task}, not {}", job.id))
+            } else if receipt.completion_tokens as usize != job.emitted.len() {
+                Some(format!(
                     "it claims {} completion tokens; {} arrived",
                     receipt.completion_tokens,
                     job.emitted.len()
-                )),
-                // The receipt (and the block's Merkle root over it) names the output the game
-                // received, not another one.
-                Some(job) if receipt.output_hash != hex::encode(output_hash(&job.emitted)) => {
-                    Err("its output hash is not that of the tokens the server relayed".to_string())
-                }
-                _ => Ok(()),
-            });
-        checked.err()
+                ))
+            } else if receipt.output_hash != hex::encode(output_hash(&job.emitted)) {
+                Some("its output hash is not that of the tokens the server relayed".to_string())
+            } else {
+                None
+            }
+        });
+        match (receipt.check(&self.config.ticket_secret, &address), other) {
+            (Ok(()), None) => None,
+            // The prompt is counted with the node's own file and template: an honest node of
+            // another version, or past the bound the server guessed for a model it holds no
+            // tokenizer of, counts otherwise. Not paid, but no lie when the rest is the
+            // node's own.
+            (Err(e @ ReceiptError::PromptTokens { .. }), None) => {
+                let own = receipt.ticket.authentic(&self.config.ticket_secret)
+                    && receipt.ticket.node == address.to_string()
+                    && receipt.signed_by(&address);
+                Some(Refusal { reason: e.to_string(), lie: !own })
+            }
+            (_, Some(reason)) => Some(Refusal { reason, lie: true }),
+            (Err(e), None) => Some(Refusal { reason: e.to_string(), lie: true }),
+        }
     }
 
-    /// A task whose proof failed its structural checks, or whose receipt was refused: the
-    /// node is judged as for a failed replay (the Registry lowers its reputation, the
-    /// Distributor quarantines it), and the task is not paid.
-    fn reject(&self, address: Address, task: TaskId, fault: &str) {
-        tracing::warn!(%address, task = %task, %fault, "task REJECTED before payment; unpaid");
+    /// A task whose proof failed its structural checks, or whose receipt lies: the node is
+    /// judged as for a failed replay (the Registry lowers its reputation, the Distributor
+    /// quarantines it), and the task is not paid.
+    fn reject(&self, address: Address, task: TaskId, what: &str, fault: &str) {
+        tracing::warn!(%address, task = %task, %fault, "{what} REJECTED before payment; unpaid");
         let Some(v) = &self.config.verification else { return };
         for r in &v.report {
             r.do_send(VerificationDone {
@@ -665,20 +700,22 @@ impl Handler<TaskFinished> for Completion {
         // is about it: else a node could skip its proofs and be paid whenever the sampler
         // looks away. An honest node always has one at its Done.
         let proof = done.proof.as_deref();
-        // A receipt whose figures are not the server's is the node's lie too: neither paid
-        // nor told to the other servers (one of them would pay it, re-sent there, for the
-        // node's count), and its node is judged like one whose proof failed.
+        // A receipt whose figures are not the server's is never paid nor told to the other
+        // servers (one of them would pay it, re-sent there, for the node's count); one that
+        // lies (not merely a prompt counted otherwise) has its node judged like one whose
+        // proof failed.
+        let refused = self.refusal(done.address, &done.receipt, Some(&done.job));
         let fault = done
             .challenge
             .and_then(|c| proof_fault(done.address, &done.job, done.prefix_len, c, proof))
-            .map(|fault| format!("the node's proof failed its checks: {fault}"))
+            .map(|fault| ("proof", format!("the node's proof failed its checks: {fault}")))
             .or_else(|| {
-                let refused = self.refusal(done.address, &done.receipt, Some(&done.job));
-                refused.map(|reason| format!("the node's receipt was refused: {reason}"))
+                let lie = refused.as_ref().filter(|r| r.lie);
+                lie.map(|r| ("receipt", format!("the node's receipt was refused: {}", r.reason)))
             });
-        if let Some(fault) = fault {
+        if let Some((what, fault)) = fault {
             // The quarantine first, then the free slot: both into the Distributor's mailbox.
-            self.reject(done.address, done.job.id, &fault);
+            self.reject(done.address, done.job.id, what, &fault);
             done.freed.release();
             let TaskFinished { node, address, job, finish_reason, .. } = done;
             if job.stream {
@@ -694,21 +731,26 @@ impl Handler<TaskFinished> for Completion {
         // The check first, then the completion, both written ahead before the game hears Done.
         let picked = self.pick(ctx, &done);
         let live = Some((&done.job, done.latency_ms));
-        self.record(done.address, done.receipt.clone(), live, done.reply_to.clone(), picked.is_some());
+        let recorded = match &refused {
+            Some(Refusal { reason, .. }) => {
+                tracing::warn!(address = %done.address, task = %done.job.id, %reason, "receipt refused");
+                false
+            }
+            None => self.write(done.address, done.receipt.clone(), live, done.reply_to.clone(), picked.is_some()),
+        };
         if let Some(shadow) = done.job.shadow_of.as_deref() {
             self.compare_quality(shadow, &done.job);
         } else {
             self.maybe_quality_check(&done);
         }
-        // The server's own count (the receipt's, once accepted): no number of the node's
-        // reaches the other servers' books.
-        let told = self.tell_peers(
-            done.job.id,
-            done.address,
-            done.job.emitted.len() as u32,
-            output_hash(&done.job.emitted),
-            picked.is_some(),
-        );
+        // Only a receipt on the books, with the server's own count (the receipt's, once
+        // accepted): no number of the node's reaches the other servers' books.
+        let told = recorded
+            .then(|| {
+                let (task, tokens, hash) = (done.job.id, done.job.emitted.len() as u32, output_hash(&done.job.emitted));
+                self.tell_peers(task, done.address, tokens, hash, picked.is_some())
+            })
+            .flatten();
         if picked.is_some_and(|(task, synchronous)| self.dispatch(ctx, &done, task, synchronous)) {
             // Synchronous: the game hears Done only with an accepted proof, and once the
             // other servers have been told.
@@ -787,7 +829,7 @@ impl Handler<HangUpProved> for Completion {
             return;
         }
         if let Some(fault) = proof_fault(address, &job, prefix_len, challenge, proof.as_deref()) {
-            self.reject(address, job.id, &fault);
+            self.reject(address, job.id, "proof", &fault);
             return;
         }
         let completion_tokens = receipt.completion_tokens;

@@ -342,8 +342,8 @@ fn read_stream(addr: &str, key: &str, body: &str) -> (String, serde_json::Value,
 /// A rogue serving a model whose tokenizer the server holds: it returns real token ids with
 /// text of its own, and signs a receipt for 10 M prompt tokens. The game reads the text the
 /// server made from the ids and is billed the prompt tokens the server counted; the receipt
-/// is refused, so nothing is billed on the node's word (streamed: a whole answer would be
-/// produced again elsewhere, its node judged as one whose proof failed).
+/// is refused, so nothing is billed on the node's word. A prompt counted otherwise is not
+/// judged a lie (an honest node of another version may count so): the answer stands.
 #[test]
 fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() {
     let Some(path) = smollm2() else { return };
@@ -353,11 +353,19 @@ fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() 
     let counted = text.chat_prompt(&messages).unwrap().len();
     let ids = text.tokenizer.encode(" Well met, traveller!", false).unwrap();
     // The answer ends at max_tokens: no end of sequence, and no early stop either.
-    let body = serde_json::json!({"model": MODEL, "max_tokens": ids.len(), "messages": messages,
-        "stream": true, "stream_options": {"include_usage": true}})
-    .to_string();
+    let body = serde_json::json!({"model": MODEL, "max_tokens": ids.len(), "messages": messages}).to_string();
     let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
-    let game = std::thread::spawn(move || read_stream(&addr, &key, &body));
+    let game = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        loop {
+            let r = super::cluster::post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+            if r.status == 200 {
+                return r.json();
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{}: {}", r.status, r.body);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
     let task = actix_rt::System::new().block_on(async {
         let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
         let spec = rogue.task(&mut []).await;
@@ -379,14 +387,14 @@ fn the_game_reads_the_servers_text_and_pays_for_the_prompt_the_server_counted() 
         rogue.idle(&mut [], Duration::from_millis(1000)).await;
         spec.id
     });
-    let (text, finish, usage) = game.join().unwrap();
-    assert_eq!(text, " Well met, traveller!");
-    assert_eq!(usage["prompt_tokens"], counted, "{usage}");
+    let answer = game.join().unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], " Well met, traveller!", "{answer}");
+    assert_eq!(answer["usage"]["prompt_tokens"], counted, "{answer}");
     // The node said `stop`, but its ids never ended the answer: the server's text decides.
-    assert_eq!(finish, "length");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
     let log = cluster.server.log_text();
     assert!(log.contains(&format!("claims 10000000 prompt tokens; the server counted {counted}")), "{log}");
-    assert!(log.contains("the node's receipt was refused"), "{log}");
+    assert!(!log.contains("REJECTED"), "a prompt counted otherwise is not judged a lie: {log}");
     let store = cluster.store();
     let recorded = format!("SELECT count(*) FROM receipts WHERE task_id = {}", task.0 as i64);
     assert_eq!(numbers(&store, &recorded), vec![0], "a receipt on the node's word was recorded");

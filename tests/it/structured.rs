@@ -553,3 +553,25 @@ fn a_continuation_under_a_grammar_and_penalties_is_verified_through_its_prefix()
     let blind = verify(&reference, &proof, &ran, &own, &params, &tol).unwrap();
     assert!(!blind.accepted, "without its prefix the grammar starts over: {blind:?}");
 }
+
+/// The server checks each token a node sends against the game's grammar without a whole
+/// mask per token (`Constraint::check`), and llguidance refills its lexer's budget only
+/// when it computes a mask. A review feared that a long answer under a schema making a
+/// new lexer state per character would run the budget dry on the way, so that the honest
+/// node's next token read as "not allowed" and the node was cut. It does not: 3,000
+/// letters under a pattern pass (a costlier pattern is refused when it compiles).
+#[test]
+fn a_long_answer_under_a_costly_grammar_passes_the_servers_check() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let compiler = GrammarCompiler::for_tokenizer(&model.tokenizer).unwrap();
+    let schema = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "string", "pattern": "^[a-z]*$", "minLength": 3000, "maxLength": 3000}}}});
+    let mut constraint = compiler.compile(&grammar(schema)).unwrap();
+    let letters: String = (0..3000).map(|i| (b'a' + (i * 7 % 26) as u8) as char).collect();
+    let ids = model.tokenizer.encode(&format!("\"{letters}\""), false).unwrap();
+    for (i, &id) in ids.iter().enumerate() {
+        constraint.check(id).unwrap_or_else(|e| panic!("token {i} of {}: {e:?}", ids.len()));
+    }
+    assert!(constraint.is_complete());
+}
