@@ -232,29 +232,20 @@ impl Completion {
         rx.recv().expect("the completion thread starts")
     }
 
-    /// Checks a node's receipt and hands it to the Registry. `live` is the job it closes
-    /// (absent for receipts re-sent after a reconnect) and the latency observed at the proxy;
-    /// `picked`, whether the policy picked it for a check (for a re-sent receipt, the
-    /// completion log says): it is then paid only with its verdict.
-    fn record(
-        &self,
-        address: Address,
-        receipt: SignedReceipt,
-        live: Option<(&Job, i32)>,
-        reply_to: Recipient<ReceiptsRecorded>,
-        picked: bool,
-    ) -> bool {
-        let task = receipt.ticket.task;
-        if let Some(Refusal { reason, .. }) = self.refusal(address, &receipt, live.map(|(job, _)| job)) {
-            // Not recorded: neither billed nor paid.
-            tracing::warn!(%address, task = %task, %reason, "receipt refused");
-            return false;
-        }
-        self.write(address, receipt, live, reply_to, picked)
+    /// Whether `receipt` is refused ([`refusal`](Self::refusal)): then logged, and neither
+    /// billed nor paid. `job` is the live task it closes (none for a receipt re-sent after
+    /// a reconnect).
+    fn refused(&self, address: Address, receipt: &SignedReceipt, job: Option<&Job>) -> bool {
+        let Some(Refusal { reason, .. }) = self.refusal(address, receipt, job) else { return false };
+        tracing::warn!(%address, task = %receipt.ticket.task, %reason, "receipt refused");
+        true
     }
 
     /// Hands a receipt [`refusal`](Self::refusal) found nothing against to the Registry,
-    /// priced, with what the server saw of it; false if it cannot be priced.
+    /// priced, with what the server saw of it; false if it cannot be priced. `live` is the
+    /// job it closes (absent for receipts re-sent after a reconnect) and the latency
+    /// observed at the proxy; `picked`, whether the policy picked it for a check (for a
+    /// re-sent receipt, the completion log says): it is then paid only with its verdict.
     fn write(
         &self,
         address: Address,
@@ -839,7 +830,8 @@ impl Handler<HangUpProved> for Completion {
             owe(v, &task);
             (v, task)
         });
-        if !self.record(address, receipt, Some((&job, latency_ms)), reply_to, picked.is_some()) {
+        let refused = self.refused(address, &receipt, Some(&job));
+        if refused || !self.write(address, receipt, Some((&job, latency_ms)), reply_to, picked.is_some()) {
             // Nothing recorded, nothing to pay; but the game read the tokens: they are checked
             // without the proof (its receipt was refused, so its proof is not judged).
             if let Some((v, task)) = picked {
@@ -866,7 +858,9 @@ impl Handler<ReceiptsResent> for Completion {
 
     fn handle(&mut self, msg: ReceiptsResent, _: &mut Self::Context) {
         for receipt in msg.receipts {
-            self.record(msg.address, receipt, None, msg.reply_to.clone(), false);
+            if !self.refused(msg.address, &receipt, None) {
+                self.write(msg.address, receipt, None, msg.reply_to.clone(), false);
+            }
         }
     }
 }
