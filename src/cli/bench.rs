@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::Subcommand;
 
 use super::RuntimeArgs;
+use crate::inference::chat_template::message_breaks;
 use crate::inference::{ChatMessage, Event, GenerateRequest, SamplingParams};
 use crate::settings::Settings;
 
@@ -76,7 +77,9 @@ pub enum BenchCommand {
     },
     /// Time to first token for an NPC: a long persona shared by every request and a short
     /// player line, with the prefix cache cold (each request a new persona) and warm (one
-    /// persona), on one engine in one run; prints both and their ratio.
+    /// persona), on one engine in one run; prints both and their ratio. Warm requests
+    /// alternate between the prompt cut at the persona's end (as nodes run it) and cut
+    /// only into whole blocks (the baseline: what a warm request reused before).
     Persona {
         /// Model file (.gguf) or safetensors directory.
         #[arg(long)]
@@ -87,6 +90,9 @@ pub enum BenchCommand {
         /// Requests measured each way.
         #[arg(long, default_value_t = 5)]
         requests: usize,
+        /// Collect every row's hidden state, as a node does for a proof of inference.
+        #[arg(long)]
+        hidden: bool,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
@@ -131,8 +137,8 @@ pub fn run(settings: &Settings, cmd: BenchCommand) -> anyhow::Result<()> {
             memory(&model, &quantize, threads)
         };
     }
-    if let BenchCommand::Persona { model, persona_tokens, requests, runtime } = cmd {
-        return persona(settings, &model, persona_tokens, requests, &runtime);
+    if let BenchCommand::Persona { model, persona_tokens, requests, hidden, runtime } = cmd {
+        return persona(settings, &model, (persona_tokens, requests, hidden), &runtime);
     }
     let BenchCommand::Decode { model, batch, tokens, prompt_tokens, constrained, runtime } = cmd else {
         anyhow::bail!("`bench load` is handled by cli::load");
@@ -382,8 +388,7 @@ fn memory_single(
 fn persona(
     settings: &Settings,
     model: &std::path::Path,
-    persona_tokens: usize,
-    requests: usize,
+    (persona_tokens, requests, collect_hidden): (usize, usize, bool),
     runtime: &RuntimeArgs,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(settings.engine.prefix_cache_mb > 0, "the prefix cache is off ([engine] prefix_cache_mb = 0)");
@@ -394,11 +399,14 @@ fn persona(
     persona_ids.truncate(persona_tokens);
     let persona = engine.tokenizer.decode(&persona_ids, true);
     let lines = ["How much for a sword?", "Have you seen my brother?", "Can you fix my shield?", "Why so grumpy?"];
-    let ttft = |system: &str, line: &str| -> anyhow::Result<(f64, usize)> {
+    let ttft_cut = |system: &str, line: &str, cut: bool| -> anyhow::Result<(f64, usize)> {
         let messages = [ChatMessage::new("system", system), ChatMessage::new("user", line)];
         let prompt = engine.tokenizer.encode(&engine.template.render(&messages, true)?, false)?;
         let len = prompt.len();
-        let request = GenerateRequest { prompt, params: SamplingParams::greedy(), max_tokens: 1, ..Default::default() };
+        let breaks =
+            if cut { message_breaks(&engine.template, &engine.tokenizer, &messages, &prompt) } else { Vec::new() };
+        let params = SamplingParams::greedy();
+        let request = GenerateRequest { prompt, params, max_tokens: 1, collect_hidden, breaks, ..Default::default() };
         let mut rx = engine.submit(request)?;
         while let Some(event) = rx.blocking_recv() {
             match event {
@@ -409,6 +417,7 @@ fn persona(
         }
         anyhow::bail!("the engine stopped")
     };
+    let ttft = |system: &str, line: &str| ttft_cut(system, line, true);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -423,12 +432,20 @@ fn persona(
         prompt_tokens = len;
     }
     ttft(&persona, "Hello.")?; // fills the cache with the persona
+    let mut blocks_only = Vec::new();
     for i in 0..requests.max(1) {
         warm.push(ttft(&persona, lines[i % lines.len()])?.0);
+        // The same line again, cut only into blocks: the persona's whole blocks are the
+        // same chunks, its last part is not.
+        blocks_only.push(ttft_cut(&persona, lines[i % lines.len()], false)?.0);
     }
-    let (cold_ms, warm_ms) = (median(cold), median(warm));
+    let (cold_ms, warm_ms, blocks_only_ms) = (median(cold), median(warm), median(blocks_only));
     let stats = engine.load.prefix.lock().map(|r| r.stats).unwrap_or_default();
-    eprintln!("time to first token: {cold_ms:.0} ms cold, {warm_ms:.0} ms warm ({:.1}x)", cold_ms / warm_ms);
+    eprintln!(
+        "time to first token: {cold_ms:.0} ms cold, {warm_ms:.0} ms warm ({:.1}x); warm cut into whole blocks only: {blocks_only_ms:.0} ms ({:.1}x)",
+        cold_ms / warm_ms,
+        cold_ms / blocks_only_ms
+    );
     let report = serde_json::json!({
         "model": engine.model_name,
         "cpu": cpu_model(),
@@ -440,6 +457,9 @@ fn persona(
         "ttft_cold_ms": cold_ms,
         "ttft_warm_ms": warm_ms,
         "speedup": cold_ms / warm_ms,
+        "collect_hidden": collect_hidden,
+        "ttft_warm_blocks_only_ms": blocks_only_ms,
+        "warm_over_blocks_only": blocks_only_ms / warm_ms,
         "prefix_hits": stats.hits,
         "prefix_tokens_reused": stats.tokens_reused,
     });

@@ -5,6 +5,7 @@
 use minijinja::{Environment, ErrorKind};
 
 use super::error::{InferError, Result};
+use super::tokenizer::Tokenizer;
 
 /// The fallback template: ChatML.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -54,6 +55,39 @@ impl ChatTemplate {
             })
             .map_err(|e| InferError::Template(format!("rendering failed: {e}")))
     }
+}
+
+/// Where `prompt`, the rendered and tokenized `messages`, has its message boundaries that
+/// other requests are likely to share: the end of the leading system messages (a game's
+/// persona) and the start of the last message (what a player just said). The prefill is
+/// cut there ([`super::engine::GenerateRequest::breaks`]) so that the prefix cache keeps
+/// the shared part whole.
+///
+/// Each is where `prompt` parts from the tokens of the conversation up to that point,
+/// rendered without a generation prompt. That depends on the conversation alone, so two
+/// requests sharing a persona are cut at the same place, whatever the template; a
+/// template that renders a prefix otherwise (or fails to) only gives an earlier cut, or
+/// none. Ascending, inside the prompt.
+pub fn message_breaks(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    prompt: &[u32],
+) -> Vec<usize> {
+    let system = messages.iter().take_while(|m| m.role == "system").count();
+    let mut breaks: Vec<usize> = [system, messages.len().saturating_sub(1)]
+        .into_iter()
+        .filter(|&k| k > 0 && k < messages.len())
+        .filter_map(|k| {
+            let text = template.render(&messages[..k], false).ok()?;
+            let ids = tokenizer.encode(&text, false).ok()?;
+            Some(ids.iter().zip(prompt).take_while(|(a, b)| a == b).count())
+        })
+        .filter(|&at| at > 0 && at < prompt.len())
+        .collect();
+    breaks.sort_unstable();
+    breaks.dedup();
+    breaks
 }
 
 #[cfg(test)]

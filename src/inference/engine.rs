@@ -27,7 +27,7 @@ use super::grammar::{Constraint, GrammarCompiler};
 use super::kv_cache::KvCache;
 use super::llama::{LogitsFor, PrefillChunk};
 use super::model::Model;
-use super::prefix_cache::{BlockName, PrefixCache, PrefixStats};
+use super::prefix_cache::{chunk_ends, BlockName, PrefixCache, PrefixStats};
 use super::sampling::{apply_penalties, sample, SamplingParams, TokenHistory};
 use super::speculative::{Draft, DraftModel, Speculation, SpeculationStats};
 use super::text_stream::TextStream;
@@ -94,6 +94,13 @@ pub struct GenerateRequest {
     pub collect_hidden: bool,
     /// End-of-sequence tokens are masked out until this many tokens were generated.
     pub min_tokens: usize,
+    /// Prompt positions where a prefill chunk ends besides every `prefill_chunk` tokens
+    /// ([`super::prefix_cache::chunk_ends`]): a chat prompt's message boundaries
+    /// ([`super::chat_template::message_breaks`]), so that the part it shares with other
+    /// requests (a persona) is cached whole. Like the chunk size, they decide which rows
+    /// are computed together; with the same cuts, a cached and an uncached run give the
+    /// same bits.
+    pub breaks: Vec<usize>,
 }
 
 pub use crate::task::FinishReason;
@@ -117,9 +124,9 @@ pub struct Finished {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The first `rows` positions of the prompt came from the prefix cache: no hidden
-    /// states for them (with `collect_hidden`; sent before any `PromptHidden`). The last
-    /// [`HIDDEN_TAIL_ROWS`] rows of a prompt are always computed.
+    /// The first `rows` positions of the prompt came from the prefix cache without their
+    /// hidden states (with `collect_hidden`; sent before any `PromptHidden`). The hidden
+    /// states of a prompt's last [`HIDDEN_TAIL_ROWS`] rows always come, computed or cached.
     PromptCached {
         rows: usize,
     },
@@ -144,9 +151,10 @@ pub enum Event {
     Error(String),
 }
 
-/// Prompt rows at the end of a prompt that are always computed when hidden states are
-/// collected, never restored from the prefix cache: a proof commits to rows among a
-/// prompt's last 32 (`proof::commitment::CHUNK`, checked by a test).
+/// Prompt rows at the end of a prompt whose hidden states a request that collects them
+/// always gets, computed or restored from the prefix cache (which keeps every row's): a
+/// proof commits to rows among a prompt's last 32 (`proof::commitment::CHUNK`, checked by
+/// a test).
 pub const HIDDEN_TAIL_ROWS: usize = 64;
 
 /// Live load figures, read by the node's heartbeats.
@@ -357,6 +365,8 @@ struct Sequence {
     tokens: Vec<u32>,
     /// How many of `tokens` are in the KV cache.
     cached: usize,
+    /// Where the prompt's prefill chunks end ([`super::prefix_cache::chunk_ends`]).
+    chunk_ends: Vec<usize>,
     generated: usize,
     history: TokenHistory,
     /// The text released so far, stop sequences applied.
@@ -479,18 +489,27 @@ impl Scheduler {
         self.load.draft_cap.store(self.draft_cap, Ordering::Relaxed);
     }
 
-    /// Restores the cached leading blocks of `tokens` into `slot` (leaving the last token,
-    /// and with hidden states the last [`HIDDEN_TAIL_ROWS`], to compute); the tokens
-    /// restored. A failed copy clears the slot and computes everything.
-    fn restore_prefix(&mut self, tokens: &[u32], collect_hidden: bool, slot: usize) -> usize {
-        let Some(prefix) = self.prefix.as_mut() else { return 0 };
-        let tail = if collect_hidden { HIDDEN_TAIL_ROWS } else { 1 };
-        match prefix.restore(tokens, tokens.len().saturating_sub(tail), &mut self.cache, slot) {
-            Ok(n) => n,
+    /// Restores the cached leading chunks of `tokens` into `slot`, leaving at least the
+    /// last token to compute (its logits choose the first one generated); with hidden
+    /// states, also those of the restored rows among the last [`HIDDEN_TAIL_ROWS`]. A
+    /// failed copy clears the slot and computes everything.
+    fn restore_prefix(&mut self, tokens: &[u32], ends: &[usize], collect_hidden: bool, slot: usize) -> RestoredPrompt {
+        let Some(prefix) = self.prefix.as_mut() else { return RestoredPrompt::default() };
+        let hidden_from = collect_hidden.then(|| tokens.len().saturating_sub(HIDDEN_TAIL_ROWS));
+        let limit = tokens.len().saturating_sub(1);
+        let restored = prefix.restore(tokens, ends, limit, &mut self.cache, slot, hidden_from);
+        // The hidden rows as the prover reads them: a failure to convert them is one to
+        // restore.
+        let restored = restored.and_then(|r| match &r.hidden {
+            Some(h) if collect_hidden => Ok((r.rows, Some((h.size()[0] as usize, tensor_to_vec(h)?)))),
+            _ => Ok((r.rows, None)),
+        });
+        match restored {
+            Ok((rows, hidden)) => RestoredPrompt { rows, hidden },
             Err(e) => {
                 tracing::warn!(error = %e, "could not restore from the prefix cache; computing the prompt");
                 self.cache.clear(slot);
-                0
+                RestoredPrompt::default()
             }
         }
     }
@@ -612,9 +631,16 @@ impl Scheduler {
             let slot = self.running.len();
             self.cache.clear(slot);
             let tokens: Vec<u32> = r.prompt.iter().chain(&r.prefix).copied().collect();
-            let cached = self.restore_prefix(&tokens, r.collect_hidden, slot);
+            let breaks: Vec<usize> = r.breaks.iter().copied().filter(|&b| b < r.prompt.len()).collect();
+            let chunk_ends = chunk_ends(tokens.len(), &breaks, self.config.prefill_chunk);
+            let RestoredPrompt { rows: cached, hidden } =
+                self.restore_prefix(&tokens, &chunk_ends, r.collect_hidden, slot);
             if cached > 0 && r.collect_hidden {
-                let _ = cmd.events.send(Event::PromptCached { rows: cached });
+                let hidden_rows = hidden.as_ref().map_or(0, |(rows, _)| *rows);
+                let _ = cmd.events.send(Event::PromptCached { rows: cached - hidden_rows });
+                if let Some((rows, values)) = hidden {
+                    let _ = cmd.events.send(Event::PromptHidden { rows, values });
+                }
             }
             self.prefilling = Some(Sequence {
                 generated: r.prefix.len(),
@@ -626,6 +652,7 @@ impl Scheduler {
                 slot,
                 tokens,
                 cached,
+                chunk_ends,
                 history,
                 stream,
                 constraint: cmd.constraint,
@@ -652,7 +679,7 @@ impl Scheduler {
         // Alone, a prompt runs several chunks in one step, each as a pass of its own.
         let passes = if self.running.is_empty() { PASSES_ALONE } else { 1 };
         let chunk_range = self.prefilling.as_ref().map(|seq| {
-            let end = seq.cached.saturating_add(self.config.prefill_chunk.saturating_mul(passes)).min(seq.tokens.len());
+            let end = step_end(&seq.chunk_ends, seq.cached, self.config.prefill_chunk, passes);
             (seq.slot, seq.cached, end, end == seq.tokens.len())
         });
         let chunk_tokens: Vec<u32> = match (&self.prefilling, chunk_range) {
@@ -712,12 +739,20 @@ impl Scheduler {
             }
         }
         // The prefill chunk.
-        if let (Some(prefill), Some((_, _, end, last))) = (out.prefill, chunk_range) {
+        if let (Some(prefill), Some((_, start, end, last))) = (out.prefill, chunk_range) {
             let seq = self.prefilling.as_mut().expect("a chunk implies a prefilling sequence");
             seq.cached = end;
             if let Some(prefix) = self.prefix.as_mut() {
                 // A failure only loses the cache's copy: the sequence's own is intact.
-                if let Err(e) = prefix.store(&seq.tokens, end, &mut self.cache, seq.slot) {
+                let stored = prefix.store(
+                    &seq.tokens,
+                    &seq.chunk_ends,
+                    (start, end),
+                    &mut self.cache,
+                    seq.slot,
+                    &prefill.hidden,
+                );
+                if let Err(e) = stored {
                     tracing::warn!(error = %e, "could not store prompt blocks in the prefix cache");
                 }
             }
@@ -882,6 +917,30 @@ fn emit(
     }
 }
 
+/// What the prefix cache gave a prompt: its leading rows, and the hidden states of those
+/// among its last [`HIDDEN_TAIL_ROWS`] (rows, values) when they are collected.
+#[derive(Default)]
+struct RestoredPrompt {
+    rows: usize,
+    hidden: Option<(usize, Vec<f32>)>,
+}
+
+/// Where a step's prefill ends when it starts at `cached` (a chunk's end, `ends` from
+/// [`chunk_ends`]): after up to `passes` chunks, and after the first that ends a piece (is
+/// shorter than `block`), so that passes of `block` rows from `cached` are exactly the
+/// chunks.
+fn step_end(ends: &[usize], cached: usize, block: usize, passes: usize) -> usize {
+    let mut end = cached;
+    for &e in ends.iter().filter(|&&e| e > cached).take(passes.max(1)) {
+        let whole = e - end == block;
+        end = e;
+        if !whole {
+            break;
+        }
+    }
+    end
+}
+
 fn conclude(seq: Sequence, ended: Outcome, load: &EngineLoad) {
     match ended {
         Outcome::Finished(reason) => finish(seq, reason, load),
@@ -915,4 +974,20 @@ fn tensor_to_vec(t: &Tensor) -> Result<Vec<f32>> {
 fn last_row(t: &Tensor) -> Result<Vec<f32>> {
     let n = t.size()[0];
     tensor_to_vec(&t.f_narrow(0, n - 1, 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_takes_whole_chunks_and_stops_after_a_pieces_last() {
+        let ends = chunk_ends(40, &[13], 8);
+        assert_eq!(ends, [8, 13, 21, 29, 37, 40]);
+        assert_eq!(step_end(&ends, 0, 8, 4), 13, "the piece ends at 13");
+        assert_eq!(step_end(&ends, 8, 8, 4), 13);
+        assert_eq!(step_end(&ends, 13, 8, 1), 21, "one pass, one chunk");
+        assert_eq!(step_end(&ends, 13, 8, 4), 40, "three whole chunks and the last");
+        assert_eq!(step_end(&ends, 13, 8, 3), 37);
+    }
 }

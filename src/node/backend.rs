@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::inference::chat_template::message_breaks;
 use crate::inference::engine::{Finished, Timings};
 use crate::inference::{Engine, Event, FinishReason, GenerateRequest};
 use crate::protocol::messages::MAX_PREFIX_BLOCKS;
@@ -114,6 +115,11 @@ impl Backend {
                     TaskInput::Text(text) => engine.tokenizer.encode(text, true),
                 }
                 .map_err(|e| e.to_string())?;
+                // Cut at the persona's end, so that the next request with it reuses it whole.
+                let breaks = match &task.input {
+                    TaskInput::Chat(messages) => message_breaks(&engine.template, &engine.tokenizer, messages, &prompt),
+                    TaskInput::Text(_) => Vec::new(),
+                };
                 let prompt_tokens = prompt.len();
                 let request = GenerateRequest {
                     prompt,
@@ -124,6 +130,7 @@ impl Backend {
                     // Hidden states for the proof of inference (a failover task's proof
                     // covers prompt + prefix as its prompt).
                     collect_hidden: task.challenge.is_some(),
+                    breaks,
                     ..GenerateRequest::default()
                 };
                 Ok((engine.submit(request).map_err(|e| e.to_string())?, prompt_tokens))

@@ -1,14 +1,18 @@
 //! The prefix cache changes no token: the same requests with and without it give the same
 //! ids (greedy and seeded, f32 and int4, one at a time and eight at once) while the cache
-//! reports its hits; a proof made on a cache hit is verified; the cache evicts within its
-//! budget. A prompt prefilled alone in several passes of one step gives the bits of the same
+//! reports its hits; a prompt cut at its persona's end (as nodes cut chat prompts) reuses
+//! the whole persona, with the same tokens and hidden states bit for bit; a proof made on
+//! a cache hit is verified; the cache evicts within its budget. A prompt prefilled alone in several passes of one step gives the bits of the same
 //! chunks run step by step (which a cache hit, starting at another chunk, relies on).
 
+use ludus::inference::chat_template::message_breaks;
 use ludus::inference::engine::HIDDEN_TAIL_ROWS;
 use ludus::inference::kv_cache::KvCache;
 use ludus::inference::llama::{LogitsFor, PrefillChunk};
 use ludus::inference::prefix_cache::PrefixStats;
-use ludus::inference::{ChatMessage, Engine, EngineConfig, GenerateRequest, Model, Quantization, SamplingParams};
+use ludus::inference::{
+    ChatMessage, Engine, EngineConfig, Event, GenerateRequest, Model, Quantization, SamplingParams,
+};
 use tch::{Device, Kind, Tensor};
 
 use crate::helpers::{drain, score_gap, smollm2};
@@ -41,6 +45,38 @@ fn prompt(model: &Model, line: &str) -> Vec<u32> {
     model
         .chat_prompt(&[ChatMessage::new("system", &persona()), ChatMessage::new("user", line)])
         .expect("the chat template renders")
+}
+
+/// The request of `line` after the persona, cut where a node cuts it (the persona's end).
+fn cut_request(model: &Model, line: &str, params: &SamplingParams, collect_hidden: bool) -> GenerateRequest {
+    let messages = [ChatMessage::new("system", &persona()), ChatMessage::new("user", line)];
+    let prompt = model.chat_prompt(&messages).unwrap();
+    let breaks = message_breaks(&model.template, &model.tokenizer, &messages, &prompt);
+    GenerateRequest { breaks, collect_hidden, ..request(prompt, params) }
+}
+
+/// The token ids of an answer, and the hidden states of its prompt's last
+/// [`HIDDEN_TAIL_ROWS`] rows as a prover reads them (cached or computed), as bits.
+fn ids_and_prompt_tail(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>, prompt_len: usize) -> (Vec<u32>, Vec<u32>) {
+    let from = prompt_len.saturating_sub(HIDDEN_TAIL_ROWS);
+    let (mut ids, mut tail, mut seen) = (Vec::new(), Vec::new(), 0);
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            Event::PromptCached { rows } => seen += rows,
+            Event::PromptHidden { rows, values } => {
+                let d = values.len() / rows;
+                for row in (seen..seen + rows).filter(|&r| r >= from) {
+                    tail.extend(values[(row - seen) * d..(row - seen + 1) * d].iter().map(|v| v.to_bits()));
+                }
+                seen += rows;
+            }
+            Event::Token { id, .. } => ids.push(id),
+            Event::Done(_) => break,
+            Event::Error(e) | Event::Rejected(e) => panic!("generation failed: {e}"),
+        }
+    }
+    assert_eq!(seen, prompt_len, "every prompt row is accounted for");
+    (ids, tail)
 }
 
 fn start(quantization: Quantization, prefix_cache_bytes: usize, max_batch: usize) -> Engine {
@@ -135,6 +171,76 @@ fn eight_at_once_with_a_warm_cache_answer_as_without_it_up_to_near_ties() {
     }
 }
 
+/// The persona ends inside a block and among the rows a proof commits to: cut there, a
+/// warm request restores all of it and computes only the player's line, and its tokens
+/// and its prompt's last hidden states (from the cache) are those of a cold run, bit for
+/// bit, in f32 and int4. Cut only into blocks, the same requests reuse less.
+#[test]
+fn a_persona_cut_at_its_end_is_reused_whole_with_the_same_tokens_and_hidden_states() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let seeded = SamplingParams { temperature: 0.9, top_p: 0.95, seed: 7, ..Default::default() };
+    let first = cut_request(&model, "x", &seeded, true);
+    let [cut] = first.breaks[..] else { panic!("one cut, at the persona's end: {:?}", first.breaks) };
+    assert!(cut % BLOCK != 0 && cut > 4 * BLOCK, "the persona ends inside a block: {cut}");
+    assert!(cut + HIDDEN_TAIL_ROWS > first.prompt.len(), "its end is among the rows whose hidden states a proof reads");
+    for quantization in [Quantization::None, Quantization::Int4] {
+        let (cold, warm) = (start(quantization, 0, 1), start(quantization, 64 << 20, 1));
+        for line in &lines()[..3] {
+            let r = cut_request(&model, line, &seeded, true);
+            assert_eq!(r.breaks, [cut], "every line cuts the persona at the same place");
+            let len = r.prompt.len();
+            let want = ids_and_prompt_tail(cold.submit(r.clone()).unwrap(), len);
+            let got = ids_and_prompt_tail(warm.submit(r).unwrap(), len);
+            assert_eq!(got.0, want.0, "{quantization}: the cache changed tokens");
+            assert_eq!(want.1.len(), HIDDEN_TAIL_ROWS * model.llama.config.hidden_size);
+            assert!(got.1 == want.1, "{quantization}: the cached hidden states are not the computed ones");
+        }
+        let s = stats(&warm);
+        assert_eq!((s.hits, s.tokens_reused), (2, 2 * cut as u64), "{quantization}: the persona reused whole: {s:?}");
+        // Cut only into blocks: the persona's whole blocks, not its end.
+        let blocks_only = GenerateRequest { breaks: Vec::new(), ..cut_request(&model, "Hello?", &seeded, true) };
+        drain(warm.submit(blocks_only).unwrap());
+        let after = stats(&warm);
+        assert_eq!(after.tokens_reused - s.tokens_reused, (cut / BLOCK * BLOCK) as u64, "{after:?}");
+    }
+}
+
+/// A node cuts a chat prompt at its persona's end: its second task with the persona
+/// reuses all of it.
+#[test]
+fn a_node_cuts_a_chat_prompt_at_its_personas_end() {
+    use ludus::crypto::identity::Address;
+    use ludus::node::Backend;
+    use ludus::protocol::receipt::{PromptCount, TaskTicket};
+    use ludus::protocol::{TaskId, TaskInput, TaskSpec};
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let backend = std::sync::Arc::new(Backend::Engine(start(Quantization::Int4, 64 << 20, 1)));
+    let Backend::Engine(engine) = backend.as_ref() else { unreachable!() };
+    let task = |id: u64, line: &str| {
+        let count = PromptCount { tokens: 0, exact: false };
+        TaskSpec {
+            id: TaskId(id),
+            model: model.name.clone(),
+            input: TaskInput::Chat(vec![ChatMessage::new("system", &persona()), ChatMessage::new("user", line)]),
+            params: SamplingParams::greedy(),
+            max_tokens: 4,
+            stop: Vec::new(),
+            prefix: Vec::new(),
+            ticket: TaskTicket::issue(&[7; 32], TaskId(id), 1, &model.name, (4, count), &Address([0; 20])),
+            challenge: Some(hex::encode([id as u8; 32])),
+        }
+    };
+    for (id, line) in lines()[..2].iter().enumerate() {
+        let (rx, prompt_tokens) = backend.start(&task(id as u64, line)).expect("the node runs the task");
+        assert_eq!(ids_and_prompt_tail(rx, prompt_tokens).1.len(), HIDDEN_TAIL_ROWS * model.llama.config.hidden_size);
+    }
+    let cut = cut_request(&model, lines()[1], &SamplingParams::greedy(), false).breaks[0];
+    let s = stats(engine);
+    assert_eq!((s.hits, s.tokens_reused), (1, cut as u64), "{s:?}");
+}
+
 #[test]
 fn a_proof_made_on_a_cache_hit_is_verified() {
     use ludus::crypto::identity::Identity;
@@ -151,10 +257,10 @@ fn a_proof_made_on_a_cache_hit_is_verified() {
     let identity = Identity::generate();
     for (i, line) in lines()[..3].iter().enumerate() {
         let challenge = [i as u8 + 1; 32];
-        let prompt = prompt(&model, line);
-        let rx = engine
-            .submit(GenerateRequest { collect_hidden: true, ..request(prompt.clone(), &params) })
-            .expect("submit");
+        // Cut at the persona's end: the rows a proof commits to come from the cache.
+        let r = cut_request(&model, line, &params, true);
+        let prompt = r.prompt.clone();
+        let rx = engine.submit(r).expect("submit");
         let mut builder = ProofBuilder::new(challenge, ludus::proof::commitment::DEFAULT_TOP_K);
         let completion = collect_blocking(rx, &mut builder).unwrap();
         let proof = builder.finish(&identity, i as u64, &model.name, &completion).expect("a proof");
@@ -162,7 +268,12 @@ fn a_proof_made_on_a_cache_hit_is_verified() {
         let verdict = verify(&reference, &proof, &prompt, &completion, &params, &Tolerances::default()).unwrap();
         assert!(verdict.accepted, "request {i}: {:?}", verdict.reasons);
     }
-    assert_eq!(stats(&engine).hits, 2, "the later requests were served from the cache");
+    let cut = cut_request(&model, "x", &params, true).breaks[0] as u64;
+    assert_eq!(
+        (stats(&engine).hits, stats(&engine).tokens_reused),
+        (2, 2 * cut),
+        "the later requests reused the persona"
+    );
 }
 
 fn block_bytes(model: &Model) -> usize {
