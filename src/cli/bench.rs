@@ -440,17 +440,21 @@ fn persona(
         blocks_only.push(ttft_cut(&persona, lines[i % lines.len()], false)?.0);
     }
     let (cold_ms, warm_ms, blocks_only_ms) = (median(cold), median(warm), median(blocks_only));
-    let stats = engine.load.prefix.lock().map(|r| r.stats).unwrap_or_default();
+    // Counters read once the engine has stopped: it publishes them after the step that
+    // ended the last request, which may come after that request's answer.
+    let (name, quantization, load) = (engine.model_name.clone(), engine.quantization, engine.load.clone());
+    engine.shutdown();
+    let stats = load.prefix.lock().map(|r| r.stats).unwrap_or_default();
     eprintln!(
         "time to first token: {cold_ms:.0} ms cold, {warm_ms:.0} ms warm ({:.1}x); warm cut into whole blocks only: {blocks_only_ms:.0} ms ({:.1}x)",
         cold_ms / warm_ms,
         cold_ms / blocks_only_ms
     );
     let report = serde_json::json!({
-        "model": engine.model_name,
+        "model": name,
         "cpu": cpu_model(),
         "threads": tch::get_num_threads(),
-        "quantization": engine.quantization.to_string(),
+        "quantization": quantization.to_string(),
         "prompt_tokens": prompt_tokens,
         "block_tokens": settings.engine.prefill_chunk,
         "requests": requests,

@@ -492,7 +492,17 @@ pub async fn answer(
                 let mut builder = ProofBuilder::new(rand::random(), DEFAULT_TOP_K);
                 let mut rx = engine.submit(request).unwrap();
                 let mut tokens = Vec::new();
-                while let Some(event) = rx.recv().await {
+                // Heartbeating here too: on a loaded machine this answer alone can outlast
+                // the server's heartbeat timeout.
+                loop {
+                    let event = tokio::select! {
+                        e = rx.recv() => e,
+                        _ = beat.tick() => {
+                            let _ = rogue.link.send(&NodeMessage::Heartbeat(Default::default())).await;
+                            continue;
+                        }
+                    };
+                    let Some(event) = event else { break };
                     builder.observe(&event);
                     match event {
                         Event::Token { id, .. } => tokens.push(id),
