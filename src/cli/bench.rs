@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Subcommand;
 
 use super::RuntimeArgs;
-use crate::inference::chat_template::message_breaks;
+use crate::inference::chat_template::persona_breaks;
 use crate::inference::{ChatMessage, Event, GenerateRequest, SamplingParams};
 use crate::settings::Settings;
 
@@ -404,7 +404,7 @@ fn persona(
         let prompt = engine.tokenizer.encode(&engine.template.render(&messages, true)?, false)?;
         let len = prompt.len();
         let breaks =
-            if cut { message_breaks(&engine.template, &engine.tokenizer, &messages, &prompt) } else { Vec::new() };
+            if cut { persona_breaks(&engine.template, &engine.tokenizer, &messages, &prompt) } else { Vec::new() };
         let params = SamplingParams::greedy();
         let request = GenerateRequest { prompt, params, max_tokens: 1, collect_hidden, breaks, ..Default::default() };
         let mut rx = engine.submit(request)?;
@@ -434,10 +434,12 @@ fn persona(
     ttft(&persona, "Hello.")?; // fills the cache with the persona
     let mut blocks_only = Vec::new();
     for i in 0..requests.max(1) {
-        warm.push(ttft(&persona, lines[i % lines.len()])?.0);
+        // Every line new, so that neither arm finds a chunk past the persona cached.
+        let line = format!("{} (#{i})", lines[i % lines.len()]);
+        warm.push(ttft(&persona, &line)?.0);
         // The same line again, cut only into blocks: the persona's whole blocks are the
         // same chunks, its last part is not.
-        blocks_only.push(ttft_cut(&persona, lines[i % lines.len()], false)?.0);
+        blocks_only.push(ttft_cut(&persona, &line, false)?.0);
     }
     let (cold_ms, warm_ms, blocks_only_ms) = (median(cold), median(warm), median(blocks_only));
     // Counters read once the engine has stopped: it publishes them after the step that

@@ -57,37 +57,43 @@ impl ChatTemplate {
     }
 }
 
-/// Where `prompt`, the rendered and tokenized `messages`, has its message boundaries that
-/// other requests are likely to share: the end of the leading system messages (a game's
-/// persona) and the start of the last message (what a player just said). The prefill is
-/// cut there ([`super::engine::GenerateRequest::breaks`]) so that the prefix cache keeps
-/// the shared part whole.
+/// A persona shorter than this is not cut out: it saves less prefill than the pass it adds
+/// to a cold prompt costs.
+pub const MIN_PERSONA_CUT: usize = 32;
+
+/// Where `prompt`, the rendered and tokenized `messages`, ends its leading system messages
+/// (a game's persona), the one boundary that thousands of requests share. The prefill is
+/// cut there ([`super::engine::GenerateRequest::breaks`]) so that the prefix cache keeps the
+/// persona whole; empty when there is no such boundary worth a cut.
 ///
-/// Each is where `prompt` parts from the tokens of the conversation up to that point,
-/// rendered without a generation prompt. That depends on the conversation alone, so two
-/// requests sharing a persona are cut at the same place, whatever the template; a
-/// template that renders a prefix otherwise (or fails to) only gives an earlier cut, or
-/// none. Ascending, inside the prompt.
-pub fn message_breaks(
+/// The cut is where `prompt` parts from the tokens of the system messages rendered alone,
+/// without a generation prompt: that depends on the persona alone, so two requests sharing
+/// it are cut at the same place, whatever the template. It is kept only when that render
+/// is (all but its last two tokens, which may merge with what follows) a prefix of
+/// `prompt`, and at least [`MIN_PERSONA_CUT`] tokens long: a template that renders a
+/// lone system message as nothing but its start (Gemma's and Mistral's fold the persona
+/// into the first user turn) would otherwise cut after the BOS token, adding a pass to
+/// every cold prompt for nothing and parting the node's chunk names from the distributor's
+/// block names. The start of later messages is not cut: it moves with every turn of a
+/// conversation, and a cut there would stop the next turn reusing this one's whole blocks.
+pub fn persona_breaks(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
     messages: &[ChatMessage],
     prompt: &[u32],
 ) -> Vec<usize> {
     let system = messages.iter().take_while(|m| m.role == "system").count();
-    let mut breaks: Vec<usize> = [system, messages.len().saturating_sub(1)]
-        .into_iter()
-        .filter(|&k| k > 0 && k < messages.len())
-        .filter_map(|k| {
-            let text = template.render(&messages[..k], false).ok()?;
-            let ids = tokenizer.encode(&text, false).ok()?;
-            Some(ids.iter().zip(prompt).take_while(|(a, b)| a == b).count())
-        })
-        .filter(|&at| at > 0 && at < prompt.len())
-        .collect();
-    breaks.sort_unstable();
-    breaks.dedup();
-    breaks
+    if system == 0 || system == messages.len() {
+        return Vec::new();
+    }
+    let Ok(text) = template.render(&messages[..system], false) else { return Vec::new() };
+    let Ok(ids) = tokenizer.encode(&text, false) else { return Vec::new() };
+    let at = ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    if ids.len() - at <= 2 && at >= MIN_PERSONA_CUT && at < prompt.len() {
+        vec![at]
+    } else {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

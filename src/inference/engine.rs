@@ -95,8 +95,8 @@ pub struct GenerateRequest {
     /// End-of-sequence tokens are masked out until this many tokens were generated.
     pub min_tokens: usize,
     /// Prompt positions where a prefill chunk ends besides every `prefill_chunk` tokens
-    /// ([`super::prefix_cache::chunk_ends`]): a chat prompt's message boundaries
-    /// ([`super::chat_template::message_breaks`]), so that the part it shares with other
+    /// ([`super::prefix_cache::chunk_ends`]): the end of a chat prompt's persona
+    /// ([`super::chat_template::persona_breaks`]), so that the part it shares with other
     /// requests (a persona) is cached whole. Like the chunk size, they decide which rows
     /// are computed together; with the same cuts, a cached and an uncached run give the
     /// same bits.

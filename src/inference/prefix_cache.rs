@@ -4,8 +4,8 @@
 //! request prefills only what follows them.
 //!
 //! - **Entries are prefill chunks** ([`chunk_ends`]): a prompt is cut where its request
-//!   asks (a chat prompt at the end of its system messages and the start of its last
-//!   message, [`super::chat_template::message_breaks`]), and each piece into chunks of
+//!   asks (a chat prompt at the end of its system messages,
+//!   [`super::chat_template::persona_breaks`]), and each piece into chunks of
 //!   [`EngineConfig::prefill_chunk`] tokens from its start. Where a prompt is cut depends
 //!   on the prompt alone, so a request that resumes after cached chunks runs exactly the
 //!   chunks an uncached run would: the same rows through the same operations, hence the

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::inference::chat_template::message_breaks;
+use crate::inference::chat_template::persona_breaks;
 use crate::inference::engine::{Finished, Timings};
 use crate::inference::{Engine, Event, FinishReason, GenerateRequest};
 use crate::protocol::messages::MAX_PREFIX_BLOCKS;
@@ -117,7 +117,7 @@ impl Backend {
                 .map_err(|e| e.to_string())?;
                 // Cut at the persona's end, so that the next request with it reuses it whole.
                 let breaks = match &task.input {
-                    TaskInput::Chat(messages) => message_breaks(&engine.template, &engine.tokenizer, messages, &prompt),
+                    TaskInput::Chat(messages) => persona_breaks(&engine.template, &engine.tokenizer, messages, &prompt),
                     TaskInput::Text(_) => Vec::new(),
                 };
                 let prompt_tokens = prompt.len();

@@ -78,8 +78,8 @@ impl ProofBuilder {
     }
 
     /// The first `rows` prompt positions came from the engine's prefix cache, without
-    /// hidden states (never among the committed rows: the engine computes a prompt's last
-    /// rows).
+    /// hidden states (never among the committed rows: the engine sends the hidden states
+    /// of a prompt's last `HIDDEN_TAIL_ROWS`, cached or computed).
     pub fn prompt_cached(&mut self, rows: usize) {
         self.prompt_seen += rows;
     }

@@ -100,8 +100,9 @@ pub const MAX_PREFIX_BLOCKS: usize = 64;
 pub struct PrefixHeld {
     /// Tokens per block (0: no prefix cache).
     pub block: u32,
-    /// The blocks held, most recently used first, at most [`MAX_PREFIX_BLOCKS`]: the first
-    /// 8 bytes of each block's name (`inference::prefix_cache::block_names`), hex.
+    /// The chunks held, most recently used first, at most [`MAX_PREFIX_BLOCKS`]: the first
+    /// 8 bytes of each chunk's name (`inference::prefix_cache::chunk_names`; the chunks
+    /// before a persona's end are whole blocks, named as `block_names` names them), hex.
     pub blocks: Vec<String>,
     /// Requests that reused cached blocks, and that found none.
     pub hits: u64,

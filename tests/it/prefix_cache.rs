@@ -1,11 +1,13 @@
 //! The prefix cache changes no token: the same requests with and without it give the same
 //! ids (greedy and seeded, f32 and int4, one at a time and eight at once) while the cache
 //! reports its hits; a prompt cut at its persona's end (as nodes cut chat prompts) reuses
-//! the whole persona, with the same tokens and hidden states bit for bit; a proof made on
-//! a cache hit is verified; the cache evicts within its budget. A prompt prefilled alone in several passes of one step gives the bits of the same
-//! chunks run step by step (which a cache hit, starting at another chunk, relies on).
+//! the whole persona, with the same tokens and hidden states bit for bit, and is cut in the
+//! same place on every turn, only where the template renders the persona whole; a proof
+//! made on a cache hit is verified; the cache evicts within its budget. A prompt prefilled
+//! alone in several passes of one step gives the bits of the same chunks run step by step
+//! (which a cache hit, starting at another chunk, relies on).
 
-use ludus::inference::chat_template::message_breaks;
+use ludus::inference::chat_template::persona_breaks;
 use ludus::inference::engine::HIDDEN_TAIL_ROWS;
 use ludus::inference::kv_cache::KvCache;
 use ludus::inference::llama::{LogitsFor, PrefillChunk};
@@ -51,7 +53,7 @@ fn prompt(model: &Model, line: &str) -> Vec<u32> {
 fn cut_request(model: &Model, line: &str, params: &SamplingParams, collect_hidden: bool) -> GenerateRequest {
     let messages = [ChatMessage::new("system", &persona()), ChatMessage::new("user", line)];
     let prompt = model.chat_prompt(&messages).unwrap();
-    let breaks = message_breaks(&model.template, &model.tokenizer, &messages, &prompt);
+    let breaks = persona_breaks(&model.template, &model.tokenizer, &messages, &prompt);
     GenerateRequest { breaks, collect_hidden, ..request(prompt, params) }
 }
 
@@ -239,6 +241,65 @@ fn a_node_cuts_a_chat_prompt_at_its_personas_end() {
     let cut = cut_request(&model, lines()[1], &SamplingParams::greedy(), false).breaks[0];
     let s = stats(engine);
     assert_eq!((s.hits, s.tokens_reused), (1, cut as u64), "{s:?}");
+}
+
+/// A chat prompt is cut once, at its persona's end, and in the same place on every turn of
+/// a conversation (a cut at a later message would move with each turn, and the next turn
+/// would no longer find this one's blocks); never after a short persona, nor where the
+/// template renders the persona alone otherwise than in the prompt (Gemma's folds it into
+/// the first user turn: alone, it renders as the BOS token only).
+#[test]
+fn a_persona_is_cut_at_the_same_place_every_turn_and_only_where_it_renders_whole() {
+    use ludus::inference::chat_template::MIN_PERSONA_CUT;
+    use ludus::inference::ChatTemplate;
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let turns = [
+        vec![ChatMessage::new("system", &persona()), ChatMessage::new("user", lines()[0])],
+        vec![
+            ChatMessage::new("system", &persona()),
+            ChatMessage::new("user", lines()[0]),
+            ChatMessage::new("assistant", "Forty crowns. No haggling."),
+            ChatMessage::new("user", lines()[1]),
+        ],
+    ];
+    let cuts = |template: &ChatTemplate, messages: &[ChatMessage]| {
+        let text = template.render(messages, true).unwrap();
+        let prompt = model.tokenizer.encode(&text, false).unwrap();
+        (persona_breaks(template, &model.tokenizer, messages, &prompt), prompt.len())
+    };
+    let (first, len) = cuts(&model.template, &turns[0]);
+    let [cut] = first[..] else { panic!("one cut: {first:?}") };
+    assert!(cut > 4 * BLOCK && cut < len, "{cut} of {len}");
+    assert_eq!(cuts(&model.template, &turns[1]).0, [cut], "the next turn is cut where this one was");
+    // A short persona is not worth a pass of its own.
+    let short = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", lines()[0])];
+    assert!(cuts(&model.template, &short).0.is_empty(), "a persona under {MIN_PERSONA_CUT} tokens");
+    // No system turn of its own: alone, the persona renders as the BOS token.
+    let gemma_like = ChatTemplate::new(
+        Some(
+            "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}\
+             {% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}\
+             {% for m in rest %}<|im_start|>{{ m['role'] }}\n{% if loop.first %}{{ first }}{% endif %}\
+             {{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        ),
+        "<|endoftext|>",
+        "<|im_end|>",
+    )
+    .unwrap();
+    let (none, len) = cuts(&gemma_like, &turns[0]);
+    assert!(none.is_empty() && len > 4 * BLOCK, "{none:?} in {len} tokens");
+    // The persona alone renders with more after it than the prompt has there.
+    let closing = ChatTemplate::new(
+        Some(
+            "{% for m in messages %}{{ m['content'] }}\n{% endfor %}\
+             {% if messages|length == 1 %}(nobody has spoken yet){% endif %}",
+        ),
+        "",
+        "",
+    )
+    .unwrap();
+    assert!(cuts(&closing, &turns[0]).0.is_empty(), "a render that is not the prompt's start");
 }
 
 #[test]
