@@ -200,8 +200,13 @@ impl Verifier {
         };
         let verdict = &checked.verdict;
         let mut detail = format!(
-            "{format}: value error {:.4}, overlap {:.3}, {} near-ties",
-            verdict.worst_value_error, verdict.worst_index_overlap, verdict.near_ties
+            "{format}: value error {:.4} (prompt {:.4}, answer {:.4}, mean {:.4}), overlap {:.3}, {} near-ties",
+            verdict.worst_value_error,
+            verdict.worst_prompt_value_error,
+            verdict.worst_answer_value_error,
+            verdict.mean_value_error,
+            verdict.worst_index_overlap,
+            verdict.near_ties
         );
         // The numbers a game read besides the text: checked on the same reference.
         if t.params.logprobs.is_some() {

@@ -50,6 +50,15 @@ pub fn numbers(store: &Store, sql: &str) -> Vec<i64> {
     })
 }
 
+/// The first text column of every row of a SQL query (NULL as "").
+pub fn texts(store: &Store, sql: &str) -> Vec<String> {
+    block_on(async {
+        let conn = store.conn().await.unwrap();
+        let rows = conn.query(sql, &[]).await.unwrap();
+        rows.iter().map(|r| r.get::<_, Option<String>>(0).unwrap_or_default()).collect()
+    })
+}
+
 /// A minimal receipt of `task` for `game`, served by `node` (1 + 1 tokens, price 5).
 pub fn small_receipt(task: u64, game: i64, node: &str) -> Receipt {
     Receipt {

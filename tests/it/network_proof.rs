@@ -15,7 +15,7 @@ use ludus::protocol::{FinishReason, NodeMessage, SignedReceipt, TaskInput, TaskU
 use tch::Device;
 
 use super::cluster::{wait_for, Cluster};
-use super::database::numbers;
+use super::database::{numbers, texts};
 use super::helpers::smollm2;
 use super::registry::{post_chat_within, try_chat, Rogue};
 
@@ -399,6 +399,42 @@ const ASKS: &[&str] = &[
     "Warn the player about wolves in the forest.",
 ];
 
+/// Runs `request` on `engine` to its end, feeding `builder`, and keeps heartbeating
+/// meanwhile, like a real node: the completion's token ids.
+async fn generate_heartbeating(
+    rogue: &mut Rogue,
+    engine: &Engine,
+    request: GenerateRequest,
+    builder: &mut ProofBuilder,
+) -> Vec<u32> {
+    let mut rx = engine.submit(request).unwrap();
+    let mut beat = actix_rt::time::interval(Duration::from_millis(100));
+    let mut completion = Vec::new();
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            _ = beat.tick() => {
+                let _ = rogue.link.send(&NodeMessage::Heartbeat(Default::default())).await;
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
+        builder.observe(&event);
+        match event {
+            Event::Token { id, .. } => completion.push(id),
+            Event::Done(_) => break,
+            Event::PromptHidden { .. } | Event::PromptCached { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    completion
+}
+
+/// A persona long enough that nodes cut the prompt at its end (as they do a game's): the
+/// prompt's last rows, which a proof commits to, are computed apart from the persona's.
+const PERSONA: &str = "You are Brakka, the smith of Emberfall, a village under a sleeping volcano. You speak \
+    in short, gruff sentences, hate haggling, and soften only when someone mentions your late brother Torv.";
+
 fn body(i: usize) -> String {
     let sampling = if i.is_multiple_of(2) {
         r#""temperature": 0"#.to_string()
@@ -408,7 +444,7 @@ fn body(i: usize) -> String {
     serde_json::json!({
         "model": MODEL, "max_tokens": 40,
         "messages": [
-            {"role": "system", "content": "You are an NPC in a fantasy village."},
+            {"role": "system", "content": PERSONA},
             {"role": "user", "content": format!("{} (#{i})", ASKS[i % ASKS.len()])}
         ]
     })
@@ -450,29 +486,9 @@ pub async fn answer(
         collect_hidden: true,
         ..GenerateRequest::default()
     };
-    let mut rx = engine.submit(request).unwrap();
     let top_k = if lie == Lie::NarrowTopK { 1 } else { DEFAULT_TOP_K };
     let mut builder = ProofBuilder::new(challenge, top_k);
-    let mut completion = Vec::new();
-    let mut beat = actix_rt::time::interval(Duration::from_millis(100));
-    loop {
-        // Keep heartbeating while generating, like a real node.
-        let event = tokio::select! {
-            e = rx.recv() => e,
-            _ = beat.tick() => {
-                let _ = rogue.link.send(&NodeMessage::Heartbeat(Default::default())).await;
-                continue;
-            }
-        };
-        let Some(event) = event else { break };
-        builder.observe(&event);
-        match event {
-            Event::Token { id, .. } => completion.push(id),
-            Event::Done(_) => break,
-            Event::PromptHidden { .. } => {}
-            other => panic!("{other:?}"),
-        }
-    }
+    let mut completion = generate_heartbeating(rogue, engine, request, &mut builder).await;
     if lie == Lie::EditToken && completion.len() > 2 {
         completion[2] = (completion[2] + 4242) % 49_152;
     }
@@ -490,26 +506,9 @@ pub async fn answer(
                     ..GenerateRequest::default()
                 };
                 let mut builder = ProofBuilder::new(rand::random(), DEFAULT_TOP_K);
-                let mut rx = engine.submit(request).unwrap();
-                let mut tokens = Vec::new();
                 // Heartbeating here too: on a loaded machine this answer alone can outlast
                 // the server's heartbeat timeout.
-                loop {
-                    let event = tokio::select! {
-                        e = rx.recv() => e,
-                        _ = beat.tick() => {
-                            let _ = rogue.link.send(&NodeMessage::Heartbeat(Default::default())).await;
-                            continue;
-                        }
-                    };
-                    let Some(event) = event else { break };
-                    builder.observe(&event);
-                    match event {
-                        Event::Token { id, .. } => tokens.push(id),
-                        Event::Done(_) => break,
-                        _ => {}
-                    }
-                }
+                let tokens = generate_heartbeating(rogue, engine, request, &mut builder).await;
                 builder.finish(&rogue.id, 0, MODEL, &tokens).unwrap()
             }
         };
@@ -672,7 +671,7 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
         NetCase { name: "honest output, top-1 commitments", honest: false, node: NodeKind::Rogue(Lie::NarrowTopK) },
     ];
     let mut table = String::from(
-        "| node (over the real protocol) | answered tasks | verified | rejected | rejection rate |\n|---|---|---|---|---|\n",
+        "| node (over the real protocol) | answered tasks | verified | rejected | rejection rate | worst value error of verified tasks: prompt / answer / mean |\n|---|---|---|---|---|---|\n",
     );
     let mut wrong = Vec::new();
     // LUDUS_PROOF_CASES=a|b runs only the cases whose name contains one of those.
@@ -728,8 +727,11 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
         let answered = done.len() + refused.load(Ordering::Relaxed);
         assert!(answered == n || (!case.honest && answered * 2 >= n), "{}: {answered} of {n} answered", case.name);
         let store = cluster.store();
+        // A check the verifier pool had no room for waits in the backlog, recorded
+        // `unverifiable` meanwhile: only a verdict counts.
         wait_for("every answered task checked", Duration::from_secs(600), || {
-            numbers(&store, "SELECT count(*) FROM verifications") == vec![answered as i64]
+            numbers(&store, "SELECT count(*) FROM verifications WHERE outcome <> 'unverifiable'")
+                == vec![answered as i64]
         });
         let verified = numbers(&store, "SELECT count(*) FROM verifications WHERE outcome = 'verified'")[0] as usize;
         let rejected = answered - verified;
@@ -737,10 +739,29 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
         // No honest task rejected; at least 99 % of a cheater's tasks rejected.
         let bad = if case.honest { rejected > 0 } else { (rejected as f64 / n as f64) < 0.99 };
         if bad {
+            // Why an honest task was refused is what the next person needs to see.
+            if case.honest {
+                let sql =
+                    "SELECT outcome || ': ' || coalesce(detail, '') FROM verifications WHERE outcome <> 'verified'";
+                for why in texts(&store, sql) {
+                    eprintln!("{}: refused: {why}", case.name);
+                }
+            }
             wrong.push(format!("{}: {verified} verified, {rejected} rejected", case.name));
         }
+        // The worst value errors among verified tasks: of a prompt row, of an answer row,
+        // and of the mean over a task's commitments (the verifier's detail names them).
+        let mut worst: Option<[f64; 3]> = None;
+        for detail in texts(&store, "SELECT detail FROM verifications WHERE outcome = 'verified'") {
+            let after = |key: &str| detail.split(key).nth(1)?.split([' ', ')', ',']).next()?.parse::<f64>().ok();
+            if let (Some(p), Some(a), Some(m)) = (after("(prompt "), after("answer "), after("mean ")) {
+                let w = worst.get_or_insert([0.0; 3]);
+                *w = [w[0].max(p), w[1].max(a), w[2].max(m)];
+            }
+        }
+        let worst = worst.map_or("—".to_string(), |[p, a, m]| format!("{p:.4} / {a:.4} / {m:.4}"));
         let row = format!(
-            "| {} | {n} | {verified} | {rejected} | {:.1} % |\n",
+            "| {} | {n} | {verified} | {rejected} | {:.1} % | {worst} |\n",
             case.name,
             100.0 * rejected as f64 / n as f64
         );
