@@ -319,6 +319,8 @@ mod tests {
         let s = Settings::load(Some(&path)).unwrap();
         assert_eq!(s.engine.max_batch, 3);
         assert_eq!(s.engine.prefill_chunk, 128, "unset keys keep their defaults");
+        // The verifier's second replay cuts prompts as a node of the default does.
+        assert_eq!(s.engine.prefill_chunk, crate::proof::verify::NODE_PREFILL_CHUNK);
     }
 
     #[test]

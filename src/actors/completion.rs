@@ -806,22 +806,39 @@ impl Handler<HangUpProved> for Completion {
 
     /// A hang-up's receipt with its proof: recorded like a completion of the delivered
     /// tokens (written ahead, so that a re-send of it is paid too), and checked when the
-    /// policy picks it. Without a proof it is not paid: the task carried a challenge.
+    /// policy picks it. Without a proof it is not paid: the task carried a challenge. A
+    /// proof that fails its structural checks, or a receipt that lies, has its node judged
+    /// as on a finished task.
     fn handle(&mut self, msg: HangUpProved, _: &mut Self::Context) {
         let HangUpProved { address, reply_to, job, challenge, prefix_len, receipt, proof, latency_ms, format } = msg;
-        if proof.is_none() {
-            // No penalty: an honest node has none when the game's last token lies too far
-            // behind the last one it generated (`proof::signed::KEPT_ROWS`).
-            tracing::warn!(%address, task = %job.id, "a hang-up's receipt without the proof its challenge asks for; unpaid");
-            // The game read those tokens: they are checked without a proof.
+        // A receipt that lies (another count or output than the delivered tokens, another
+        // node's ticket) is judged as on a finished task: the server's cancel named the
+        // count, and an honest node signs exactly the tokens it sent.
+        let refusal = self.refusal(address, &receipt, Some(&job));
+        if let Some(Refusal { reason, .. }) = refusal.as_ref().filter(|r| r.lie) {
+            self.reject(address, job.id, "receipt", &format!("the node's receipt was refused: {reason}"));
+            return;
+        }
+        // The game read those tokens: whatever keeps them from being paid, they are checked
+        // without a proof.
+        let check_delivered = |why: &str| {
+            tracing::warn!(%address, task = %job.id, "{why}; unpaid");
             if let Some(v) = &self.config.verification {
                 super::delivery_check::check_delivered(v, address, &job, prefix_len..job.emitted.len(), format);
             }
-            return;
+        };
+        if proof.is_none() {
+            // No penalty: an honest node has none when the game's last token lies too far
+            // behind the last one it generated (`proof::signed::KEPT_ROWS`).
+            return check_delivered("a hang-up's receipt without the proof its challenge asks for");
         }
         if let Some(fault) = proof_fault(address, &job, prefix_len, challenge, proof.as_deref()) {
             self.reject(address, job.id, "proof", &fault);
             return;
+        }
+        // Refused for its prompt count alone: no lie, and its proof is not judged.
+        if let Some(Refusal { reason, .. }) = &refusal {
+            return check_delivered(&format!("a hang-up's receipt refused: {reason}"));
         }
         let completion_tokens = receipt.completion_tokens;
         // The check is written ahead before the completion, as for a finished task.
@@ -830,18 +847,13 @@ impl Handler<HangUpProved> for Completion {
             owe(v, &task);
             (v, task)
         });
-        let refused = self.refused(address, &receipt, Some(&job));
-        if refused || !self.write(address, receipt, Some((&job, latency_ms)), reply_to, picked.is_some()) {
-            // Nothing recorded, nothing to pay; but the game read the tokens: they are checked
-            // without the proof (its receipt was refused, so its proof is not judged).
+        if !self.write(address, receipt, Some((&job, latency_ms)), reply_to, picked.is_some()) {
+            // Nothing recorded, nothing to pay, nothing to check against it.
             if let Some((v, task)) = picked {
                 v.checks.settle(CheckKind::Proof, task.task.0, task.node.0);
                 v.policy.not_checked(&address);
             }
-            if let Some(v) = &self.config.verification {
-                super::delivery_check::check_delivered(v, address, &job, prefix_len..job.emitted.len(), format);
-            }
-            return;
+            return check_delivered("a hang-up's receipt could not be priced");
         }
         let sampled = picked.is_some();
         if let Some(told) = self.tell_peers(job.id, address, completion_tokens, output_hash(&job.emitted), sampled) {

@@ -20,7 +20,7 @@ use crate::ledger::Outcome;
 use crate::proof::logprob_check;
 use crate::proof::steering::Evidence;
 use crate::proof::structure;
-use crate::proof::verify::verify_claimed;
+use crate::proof::verify::{node_breaks, verify_claimed};
 use crate::proof::{Format, Proof, StoredProof, Tolerances};
 use crate::protocol::{TaskId, TaskInput};
 
@@ -189,15 +189,18 @@ impl Verifier {
             Ok(p) => p,
             Err(e) => return (Unverifiable, format!("cannot tokenize the task: {e}"), None),
         };
+        let breaks = node_breaks(model, &t.input, &prompt);
         prompt.extend_from_slice(&t.prefix);
         let models = &self.models;
         let reference = |q| models.get(&(t.model.clone(), q));
         let prefix = t.prefix.len();
-        let checked = match verify_claimed(&reference, proof, &prompt, prefix, &t.completion, &t.params, &self.tol) {
-            Ok(c) if c.accepted() => c,
-            Ok(c) => return (Failed, c.reasons(), None),
-            Err(e) => return (Unverifiable, format!("verifier error: {e}"), None),
-        };
+        let (completion, params) = (&t.completion, &t.params);
+        let checked =
+            match verify_claimed(&reference, proof, &prompt, prefix, completion, params, &self.tol, Some(&breaks)) {
+                Ok(c) if c.accepted() => c,
+                Ok(c) => return (Failed, c.reasons(), None),
+                Err(e) => return (Unverifiable, format!("verifier error: {e}"), None),
+            };
         let verdict = &checked.verdict;
         let mut detail = format!(
             "{format}: value error {:.4} (prompt {:.4}, answer {:.4}, mean {:.4}), overlap {:.3}, {} near-ties",
@@ -208,6 +211,12 @@ impl Verifier {
             verdict.worst_index_overlap,
             verdict.near_ties
         );
+        if verdict.replayed_as_the_node_ran_it {
+            detail.push_str(&format!(
+                ", replayed as the node ran it (the first replay: {})",
+                verdict.first_replay_refused.join("; ")
+            ));
+        }
         // The numbers a game read besides the text: checked on the same reference.
         if t.params.logprobs.is_some() {
             match logprob_check::worst_deviation(model, &prompt, prefix, &t.completion, &t.params, &t.logprobs) {

@@ -8,7 +8,7 @@ use clap::Args;
 use tch::{Device, Kind};
 
 use crate::inference::Model;
-use crate::proof::verify::verify_claimed;
+use crate::proof::verify::{node_breaks, verify_claimed};
 use crate::proof::{StoredProof, Tolerances};
 
 #[derive(Debug, Args)]
@@ -65,6 +65,8 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         tie_margin_scale: args.tie_margin_scale,
     };
     let reference = |q| models.get(&q);
+    let own_prompt = &prompt[..prompt.len() - stored.prefix.len()];
+    let breaks = node_breaks(&models[&quantization], &stored.input, own_prompt);
     let checked = verify_claimed(
         &reference,
         &stored.proof,
@@ -73,6 +75,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         &stored.completion,
         &stored.params,
         &tol,
+        Some(&breaks),
     )?;
     let accepted = checked.accepted();
     let signer = stored.proof.signer().map(|a| a.to_string()).unwrap_or_else(|e| format!("invalid: {e}"));

@@ -438,12 +438,31 @@ impl Llama {
                     let index = [Some(slots.shallow_clone()), None, Some(decode_pos.shallow_clone())];
                     let _ = k_cache.f_index_put_(&index, &k.f_narrow(0, 0, b)?, false)?;
                     let _ = v_cache.f_index_put_(&index, &v.f_narrow(0, 0, b)?, false)?;
-                    let keys = k_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
-                    let values = v_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
-                    let (kv, hd) = (keys.size()[1], keys.size()[3]);
-                    let q = q.f_narrow(0, 0, b)?.f_view([b, kv, groups, hd])?;
-                    let out = self.attention(&q, &keys, &values, decode_mask)?; // [b, kv, groups, hd]
-                    outputs.push(out.f_reshape([b, kv * groups * hd])?);
+                    if self.quantization == Quantization::Int8 && b > 1 {
+                        // int8's activation codes flip with the last bit of an attention
+                        // sum, and the keys a batch pads to its longest sequence change
+                        // that bit: each sequence attends alone over its own keys, so that
+                        // its rows are those of a decode without the others, which is how
+                        // a verifier replays it (`proof::verify`, as the node ran it).
+                        let mut each = Vec::with_capacity(b as usize);
+                        for (i, &p) in positions.iter().enumerate() {
+                            let (i, len) = (i as i64, p as i64 + 1);
+                            let keys = k_cache.f_narrow(0, i, 1)?.f_narrow(2, 0, len)?;
+                            let values = v_cache.f_narrow(0, i, 1)?.f_narrow(2, 0, len)?;
+                            let (kv, hd) = (keys.size()[1], keys.size()[3]);
+                            let q = q.f_narrow(0, i, 1)?.f_view([1, kv, groups, hd])?;
+                            let mask = decode_mask.f_narrow(0, i, 1)?.f_narrow(3, 0, len)?.f_contiguous()?;
+                            each.push(self.attention(&q, &keys, &values, &mask)?.f_reshape([1, kv * groups * hd])?);
+                        }
+                        outputs.push(Tensor::f_cat(&each, 0)?);
+                    } else {
+                        let keys = k_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
+                        let values = v_cache.f_narrow(0, 0, b)?.f_narrow(2, 0, longest)?;
+                        let (kv, hd) = (keys.size()[1], keys.size()[3]);
+                        let q = q.f_narrow(0, 0, b)?.f_view([b, kv, groups, hd])?;
+                        let out = self.attention(&q, &keys, &values, decode_mask)?; // [b, kv, groups, hd]
+                        outputs.push(out.f_reshape([b, kv * groups * hd])?);
+                    }
                 }
                 if let Some(chunk) = &prefill {
                     // This pass's rows of the chunk: all of them after the decode rows, or

@@ -28,6 +28,11 @@ const CALIBRATION_TEMPERATURE: f32 = 0.8;
 /// Rows per verification prefill chunk (bounds the logits held at once).
 const VERIFY_CHUNK: usize = 256;
 
+/// The prefill chunk a node runs by default (`[engine] prefill_chunk` in
+/// config/default.toml): the second replay ([`Replay::as_the_node_ran_it`]) cuts the
+/// prompt where such a node does.
+pub const NODE_PREFILL_CHUNK: usize = 128;
+
 /// How close an honest run must come. Calibrated in `docs/proof-of-inference.md`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Tolerances {
@@ -171,6 +176,11 @@ pub struct Verdict {
     /// Generated tokens after the first position where the reference's pick ended the
     /// answer (0 when the node stopped where the reference did, or earlier).
     pub tokens_past_reference_end: usize,
+    /// Whether these figures come from the second replay, the node's way
+    /// ([`Replay::as_the_node_ran_it`]): the first, in the verifier's chunks, refused it.
+    pub replayed_as_the_node_ran_it: bool,
+    /// Why the first replay refused it, when the second accepted it.
+    pub first_replay_refused: Vec<String>,
 }
 
 fn tensor_rows(t: &tch::Tensor) -> Result<Vec<f32>, InferError> {
@@ -437,6 +447,23 @@ pub fn verify_continuation(
     params: &SamplingParams,
     tol: &Tolerances,
 ) -> Result<Verdict, InferError> {
+    verify_scheduled(model, proof, prompt, prefix, completion, params, tol, None)
+}
+
+/// [`verify_continuation`], replayed in the verifier's chunks (`node_breaks` `None`) or
+/// as a node runs the task ([`Replay::as_the_node_ran_it`], its prompt also cut at
+/// `node_breaks`: the second replay of [`verify_claimed`]).
+#[allow(clippy::too_many_arguments)]
+pub fn verify_scheduled(
+    model: &Model,
+    proof: &Proof,
+    prompt: &[u32],
+    prefix: usize,
+    completion: &[u32],
+    params: &SamplingParams,
+    tol: &Tolerances,
+    node_breaks: Option<&[usize]>,
+) -> Result<Verdict, InferError> {
     let mut v = Verdict { tokens: completion.len(), worst_index_overlap: 1.0, ..Verdict::default() };
     let format = match Format::declared_by(proof) {
         Ok(f) => f,
@@ -468,9 +495,27 @@ pub fn verify_continuation(
         return Ok(v);
     }
     let mut replay = Replay::start(model, prompt, prefix, completion, params, limits)?;
-    replay.prefill(&mut v, &commitments)?;
+    match node_breaks {
+        None => replay.prefill(&mut v, &commitments)?,
+        Some(breaks) => {
+            replay.as_the_node_ran_it(&mut v, &commitments, breaks)?;
+            v.replayed_as_the_node_ran_it = true;
+        }
+    }
     replay.judge(&mut v, commitments.len(), format);
     Ok(v)
+}
+
+/// Where a node cuts `prompt` (the task's, before any failover prefix) besides every
+/// [`NODE_PREFILL_CHUNK`] tokens: a chat prompt at its persona's end
+/// ([`crate::inference::chat_template::persona_breaks`]), a plain one nowhere.
+pub fn node_breaks(model: &Model, input: &crate::protocol::TaskInput, prompt: &[u32]) -> Vec<usize> {
+    match input {
+        crate::protocol::TaskInput::Chat(messages) => {
+            crate::inference::chat_template::persona_breaks(&model.template, &model.tokenizer, messages, prompt)
+        }
+        crate::protocol::TaskInput::Text(_) => Vec::new(),
+    }
 }
 
 /// Whether the proof is about this task at all: its token counts and output hash.
@@ -541,33 +586,82 @@ impl<'a> Replay<'a> {
     /// (the last token needs no row), measuring commitments and judging tokens as the
     /// rows come.
     pub(super) fn prefill(&mut self, v: &mut Verdict, commitments: &[(usize, TopK)]) -> Result<(), InferError> {
-        let (p, g) = (self.prompt.len(), self.completion.len());
-        let llama = &self.model.llama;
-        let tokens: Vec<u32> =
-            self.prompt.iter().chain(self.completion.iter().take(g.saturating_sub(1))).copied().collect();
-        let mut cache = KvCache::new(&llama.config, 1, tokens.len().max(1), llama.device, llama.kind)?;
-        let d = llama.config.hidden_size;
+        let (p, llama) = (self.prompt.len(), &self.model.llama);
+        let (tokens, mut cache) = self.rows_to_run()?;
         for start in (0..tokens.len()).step_by(VERIFY_CHUNK) {
             let end = (start + VERIFY_CHUNK).min(tokens.len());
             // Logits only from row P-1 on: earlier rows chose no generated token.
             let first = (p - 1).max(start);
             let want = if first >= end { LogitsFor::None } else { LogitsFor::From(first - start) };
             let out = llama.prefill(&mut cache, 0, &tokens[start..end], start, want)?;
-            let hidden = tensor_rows(&out.hidden)?;
-            // `commitments_of` lists the prompt's commitments first.
-            let prompt_commitments = pos_count(self.prompt.len());
-            for (i, (row, top)) in commitments.iter().enumerate().filter(|(_, (r, _))| (start..end).contains(r)) {
-                let local = row - start;
-                self.measure(v, top, &hidden[local * d..(local + 1) * d], i < prompt_commitments);
-            }
-            if first >= end {
-                continue;
-            }
-            let logits = tensor_rows(&out.logits)?;
-            let vocab = logits.len() / (end - first);
-            for (i, row) in (first..end).enumerate() {
-                self.judge_token(v, row + 1 - p, &logits[i * vocab..(i + 1) * vocab])?;
-            }
+            self.rows(v, commitments, start..end, first, &out)?;
+        }
+        Ok(())
+    }
+
+    /// The replay as a node's engine runs the task: the prompt in the chunks a node of the
+    /// default chunk size cuts it into (at `breaks`, its persona's end, too), then the
+    /// answer one row at a time, as decode steps. A quantized format's numbers depend on
+    /// which rows are computed together (int8's activation codes flip with the last bit of
+    /// an attention sum, and the flip grows through the layers); this replay gives an
+    /// honest node's own rows back to the rounding of its commitments.
+    pub(super) fn as_the_node_ran_it(
+        &mut self,
+        v: &mut Verdict,
+        commitments: &[(usize, TopK)],
+        breaks: &[usize],
+    ) -> Result<(), InferError> {
+        let (p, llama) = (self.prompt.len(), &self.model.llama);
+        let (tokens, mut cache) = self.rows_to_run()?;
+        let mut start = 0;
+        for end in crate::inference::prefix_cache::chunk_ends(p, breaks, NODE_PREFILL_CHUNK) {
+            let want = if end == p { LogitsFor::From(end - 1 - start) } else { LogitsFor::None };
+            let out = llama.prefill(&mut cache, 0, &tokens[start..end], start, want)?;
+            self.rows(v, commitments, start..end, (p - 1).max(start), &out)?;
+            start = end;
+        }
+        for row in p..tokens.len() {
+            let out = llama.decode(&mut cache, &tokens[row..row + 1], &[row])?;
+            self.rows(v, commitments, row..row + 1, row, &out)?;
+        }
+        Ok(())
+    }
+
+    /// The tokens whose rows a replay computes (prompt + completion; the last token needs
+    /// no row), and a cache for them.
+    fn rows_to_run(&self) -> Result<(Vec<u32>, KvCache), InferError> {
+        let (g, llama) = (self.completion.len(), &self.model.llama);
+        let tokens: Vec<u32> =
+            self.prompt.iter().chain(self.completion.iter().take(g.saturating_sub(1))).copied().collect();
+        let cache = KvCache::new(&llama.config, 1, tokens.len().max(1), llama.device, llama.kind)?;
+        Ok((tokens, cache))
+    }
+
+    /// The rows `range` of a pass: each commitment among them measured, and each
+    /// generated token chosen from row `first` on judged (`out` has logits from there).
+    fn rows(
+        &mut self,
+        v: &mut Verdict,
+        commitments: &[(usize, TopK)],
+        range: std::ops::Range<usize>,
+        first: usize,
+        out: &crate::inference::llama::ForwardOutput,
+    ) -> Result<(), InferError> {
+        let (p, d) = (self.prompt.len(), self.model.llama.config.hidden_size);
+        let hidden = tensor_rows(&out.hidden)?;
+        // `commitments_of` lists the prompt's commitments first.
+        let prompt_commitments = pos_count(p);
+        for (i, (row, top)) in commitments.iter().enumerate().filter(|(_, (r, _))| range.contains(r)) {
+            let local = row - range.start;
+            self.measure(v, top, &hidden[local * d..(local + 1) * d], i < prompt_commitments);
+        }
+        if first >= range.end {
+            return Ok(());
+        }
+        let logits = tensor_rows(&out.logits)?;
+        let vocab = logits.len() / (range.end - first);
+        for (i, row) in (first..range.end).enumerate() {
+            self.judge_token(v, row + 1 - p, &logits[i * vocab..(i + 1) * vocab])?;
         }
         Ok(())
     }
@@ -715,7 +809,9 @@ impl Checked {
 /// itself against the references of the stricter formats ([`check_format_claim`]).
 /// `reference` gives the model stored as a quantization (`None` if this verifier lacks it).
 /// `prompt` ends with the `prefix` tokens earlier nodes generated (0 but for a failover
-/// continuation; see [`verify_continuation`]).
+/// continuation; see [`verify_continuation`]). With `node_breaks` ([`node_breaks`]), a
+/// proof the replay refuses is replayed again as a node ran it before it is refused.
+#[allow(clippy::too_many_arguments)]
 pub fn verify_claimed<'a>(
     reference: &dyn Fn(crate::inference::Quantization) -> Option<&'a Model>,
     proof: &Proof,
@@ -724,11 +820,21 @@ pub fn verify_claimed<'a>(
     completion: &[u32],
     params: &SamplingParams,
     tol: &Tolerances,
+    node_breaks: Option<&[usize]>,
 ) -> Result<Checked, InferError> {
     let unknown = |q| InferError::InvalidRequest(format!("no {q} reference to check this proof with"));
     let format = Format::declared_by(proof).unwrap_or(Format::F32);
     let own = reference(format.reference()).ok_or_else(|| unknown(format.reference()))?;
-    let verdict = verify_continuation(own, proof, prompt, prefix, completion, params, tol)?;
+    let mut verdict = verify_continuation(own, proof, prompt, prefix, completion, params, tol)?;
+    // Refused on the replay's figures (its structure held): replayed again the way a node
+    // runs the task, which is no less the model's own computation. An honest node's rows
+    // come back to their rounding there; a cheater's are as far off either way.
+    if let Some(breaks) = node_breaks.filter(|_| !verdict.accepted && verdict.commitments > 0) {
+        let second = verify_scheduled(own, proof, prompt, prefix, completion, params, tol, Some(breaks))?;
+        if second.accepted {
+            verdict = Verdict { first_replay_refused: std::mem::take(&mut verdict.reasons), ..second };
+        }
+    }
     let mut checked = Checked { verdict, stricter: Vec::new(), false_claim: None };
     if !checked.verdict.accepted {
         return Ok(checked);

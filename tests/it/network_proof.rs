@@ -432,8 +432,16 @@ async fn generate_heartbeating(
 
 /// A persona long enough that nodes cut the prompt at its end (as they do a game's): the
 /// prompt's last rows, which a proof commits to, are computed apart from the persona's.
-const PERSONA: &str = "You are Brakka, the smith of Emberfall, a village under a sleeping volcano. You speak \
+pub const PERSONA: &str = "You are Brakka, the smith of Emberfall, a village under a sleeping volcano. You speak \
     in short, gruff sentences, hate haggling, and soften only when someone mentions your late brother Torv.";
+
+/// [`PERSONA`], said `LUDUS_PROOF_PERSONA_REPEAT` times over (default once): repeated 6
+/// times it is about 300 tokens, so a node prefills it in several chunks of its own
+/// while the verifier replays it in one (the calibration of long prompts).
+fn persona() -> String {
+    let times = std::env::var("LUDUS_PROOF_PERSONA_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    vec![PERSONA; times].join(" ")
+}
 
 fn body(i: usize) -> String {
     let sampling = if i.is_multiple_of(2) {
@@ -444,7 +452,7 @@ fn body(i: usize) -> String {
     serde_json::json!({
         "model": MODEL, "max_tokens": 40,
         "messages": [
-            {"role": "system", "content": PERSONA},
+            {"role": "system", "content": persona()},
             {"role": "user", "content": format!("{} (#{i})", ASKS[i % ASKS.len()])}
         ]
     })
@@ -611,7 +619,8 @@ fn start_node(
 
 /// Honest nodes in every dtype, batch and thread setting, and cheaters of every kind,
 /// all over the real protocol, every task checked by the server's verifier pool.
-/// `LUDUS_PROOF_TASKS=N` tasks per case (default 3); the table in
+/// `LUDUS_PROOF_TASKS=N` tasks per case (default 3), `LUDUS_PROOF_PERSONA_REPEAT` for
+/// long prompts ([`persona`]); the table in
 /// docs/proof-of-inference.md is `LUDUS_PROOF_TASKS=100 cargo test --test it
 /// network_proof::every -- --nocapture`.
 #[test]
@@ -760,8 +769,11 @@ fn every_cheater_is_rejected_and_no_honest_node_is() {
             }
         }
         let worst = worst.map_or("—".to_string(), |[p, a, m]| format!("{p:.4} / {a:.4} / {m:.4}"));
+        // Verified only on the second replay, as the node ran the task (its figures above).
+        let sql = "SELECT count(*) FROM verifications WHERE detail LIKE '%replayed as the node ran it%'";
+        let second = numbers(&store, sql)[0];
         let row = format!(
-            "| {} | {n} | {verified} | {rejected} | {:.1} % | {worst} |\n",
+            "| {} | {n} | {verified} ({second} on the second replay) | {rejected} | {:.1} % | {worst} |\n",
             case.name,
             100.0 * rejected as f64 / n as f64
         );
@@ -1304,38 +1316,9 @@ fn a_cancel_that_crosses_the_end_of_the_answer_is_still_paid() {
 fn a_hang_up_without_its_proof_is_not_paid() {
     let Some(path) = smollm2() else { return };
     let cluster = Cluster::start(&verifier_config(&path));
-    let text = ludus::inference::ModelText::load(&path).unwrap();
-    let hi = text.tokenizer.encode(" Hi", false).unwrap()[0];
-    let body = serde_json::json!({
-        "model": MODEL, "max_tokens": 200, "stream": true, "messages": [{"role": "user", "content": "hi"}]
-    })
-    .to_string();
-    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let hi = hi_token(&path);
     let (task, delivered, node) = actix_rt::System::new().block_on(async {
-        let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
-        rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
-        let game = std::thread::spawn(move || {
-            let mut stream = super::cluster::SseStream::open(&addr, &key, &body);
-            for _ in 0..3 {
-                assert!(stream.next_data().is_some());
-            }
-        });
-        let spec = rogue.task(&mut []).await;
-        assert!(spec.challenge.is_some(), "the task carries a challenge");
-        let mut index = 0;
-        let delivered = loop {
-            let m = NodeMessage::Token { id: spec.id, index, token: hi, text: String::new(), logprobs: None };
-            rogue.link.send(&m).await.unwrap();
-            index += 1;
-            assert!(index < 200, "the server never noticed the game left");
-            match rogue.link.recv(Duration::from_millis(50)).await {
-                Ok(ludus::protocol::ServerMessage::Cancel { id, delivered }) if id == spec.id => break delivered,
-                _ => {}
-            }
-        };
-        game.join().unwrap();
-        let delivered = delivered.expect("the server asks for a receipt of the delivered tokens") as usize;
-        assert!(delivered >= 3 && delivered <= index, "{delivered} of {index}");
+        let (mut rogue, spec, delivered) = rogue_whose_game_leaves(&cluster, hi).await;
         let tokens = vec![hi; delivered];
         let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &tokens);
         let resent = NodeMessage::Receipts { receipts: vec![receipt.clone()] };
@@ -1357,6 +1340,89 @@ fn a_hang_up_without_its_proof_is_not_paid() {
          AND tokens = {delivered} AND outcome IN ('verified', 'failed')"
     );
     wait_for("the hang-up's tokens checked", Duration::from_secs(180), || numbers(&cluster.store(), &row) == vec![1]);
+}
+
+/// A hang-up's receipt that lies (it claims more tokens than the game received, with a
+/// proof of the right shape for those it did receive) has its node judged, as a finished
+/// task's lying receipt has: a failed verdict, which lowers its reputation and quarantines
+/// it, and nothing paid. It used to be only refused, so lying cost the node nothing.
+#[test]
+fn a_hang_up_whose_receipt_lies_has_its_node_judged() {
+    let Some(path) = smollm2() else { return };
+    let cluster = Cluster::start(&verifier_config(&path));
+    let hi = hi_token(&path);
+    let (task, delivered, node) = actix_rt::System::new().block_on(async {
+        let (mut rogue, spec, delivered) = rogue_whose_game_leaves(&cluster, hi).await;
+        // Made-up hidden states of the model's width: the proof's structure holds, so the
+        // receipt is what is judged.
+        let challenge: [u8; 32] = hex::decode(spec.challenge.as_deref().unwrap()).unwrap().try_into().unwrap();
+        let row = |i: usize| (0..576).map(|j| ((i * 7 + j * 13) % 31) as f32 - 15.0).collect::<Vec<f32>>();
+        let prompt = spec.ticket.prompt.tokens as usize;
+        let mut builder = ProofBuilder::new(challenge, DEFAULT_TOP_K);
+        builder.prompt_rows(prompt, &(0..prompt).flat_map(row).collect::<Vec<f32>>());
+        for i in 0..delivered {
+            builder.token_row(&row(prompt + i));
+        }
+        let proof = builder.finish(&rogue.id, spec.id.0, MODEL, &vec![hi; delivered]).unwrap();
+        // The receipt claims 20 tokens more than the game received.
+        let padded = vec![hi; delivered + 20];
+        let receipt = SignedReceipt::sign(&rogue.id, spec.ticket.clone(), spec.ticket.prompt.tokens, &padded);
+        let cancelled = NodeMessage::Cancelled { id: spec.id, receipt, proof: Some(Box::new(proof)) };
+        rogue.link.send(&cancelled).await.unwrap();
+        rogue.idle(&mut [], Duration::from_millis(1500)).await;
+        (spec.id.0 as i64, delivered, rogue.id.address.to_string())
+    });
+    let store = cluster.store();
+    assert_eq!(numbers(&store, "SELECT count(*) FROM receipts"), vec![0], "a lying receipt was paid");
+    let verdict = format!(
+        "SELECT count(*) FROM verifications WHERE task_id = {task} AND node_address = '{node}' AND outcome = 'failed'"
+    );
+    wait_for("the node judged", Duration::from_secs(20), || numbers(&store, &verdict) == vec![1]);
+    let log = cluster.server.log_text();
+    let claim = format!("it claims {} completion tokens; {delivered} arrived", delivered + 20);
+    assert!(log.contains("receipt REJECTED") && log.contains(&claim), "{log}");
+}
+
+/// The id of " Hi" in SmolLM2's vocabulary: a token a rogue streams.
+fn hi_token(path: &std::path::Path) -> u32 {
+    let text = ludus::inference::ModelText::load(path).unwrap();
+    text.tokenizer.encode(" Hi", false).unwrap()[0]
+}
+
+/// A rogue joins and streams `token` to a game that reads three events and leaves, until
+/// the server's cancel: the rogue, the task, and how many tokens the cancel asks a
+/// receipt for.
+async fn rogue_whose_game_leaves(cluster: &Cluster, token: u32) -> (Rogue, ludus::protocol::TaskSpec, usize) {
+    let mut rogue = Rogue::join(&cluster.addr, MODEL).await;
+    rogue.idle(&mut [], Duration::from_millis(300)).await; // registered
+    let body = serde_json::json!({
+        "model": MODEL, "max_tokens": 200, "stream": true, "messages": [{"role": "user", "content": "hi"}]
+    })
+    .to_string();
+    let (addr, key) = (cluster.addr.clone(), cluster.key.clone());
+    let game = std::thread::spawn(move || {
+        let mut stream = super::cluster::SseStream::open(&addr, &key, &body);
+        for _ in 0..3 {
+            assert!(stream.next_data().is_some());
+        }
+    });
+    let spec = rogue.task(&mut []).await;
+    assert!(spec.challenge.is_some(), "the task carries a challenge");
+    let mut index = 0;
+    let delivered = loop {
+        let m = NodeMessage::Token { id: spec.id, index, token, text: String::new(), logprobs: None };
+        rogue.link.send(&m).await.unwrap();
+        index += 1;
+        assert!(index < 200, "the server never noticed the game left");
+        match rogue.link.recv(Duration::from_millis(50)).await {
+            Ok(ludus::protocol::ServerMessage::Cancel { id, delivered }) if id == spec.id => break delivered,
+            _ => {}
+        }
+    };
+    game.join().unwrap();
+    let delivered = delivered.expect("the server asks for a receipt of the delivered tokens") as usize;
+    assert!(delivered >= 3 && delivered <= index, "{delivered} of {index}");
+    (rogue, spec, delivered)
 }
 
 /// The first `n` tokens the real model generates for a task (after `prefix`, which

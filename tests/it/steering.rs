@@ -250,7 +250,8 @@ impl Tally {
     fn check(&mut self, references: &HashMap<Quantization, Model>, (task, completion, proof): (&Task, &[u32], &Proof)) {
         let tol = Tolerances::default();
         let reference = |q: Quantization| references.get(&q);
-        let checked = verify_claimed(&reference, proof, &task.prompt, 0, completion, &task.params, &tol).unwrap();
+        let checked =
+            verify_claimed(&reference, proof, &task.prompt, 0, completion, &task.params, &tol, Some(&[])).unwrap();
         let v = &checked.verdict;
         if let Ok(dump) = std::env::var("LUDUS_STEERING_DUMP") {
             use std::io::Write;
