@@ -1,5 +1,6 @@
 //! Checking a proof against a reference copy of the model: one prefill over prompt +
-//! completion (in chunks, far cheaper than decoding), then
+//! completion (in chunks, far cheaper than decoding; an int8 proof refused on its figures
+//! is replayed once more as the node ran it, [`verify_claimed`]), then
 //!
 //! 1. every commitment against the recomputed hidden state of its row, within
 //!    [`Tolerances`] (relative RMS error of the committed values, share of the committed
@@ -181,6 +182,9 @@ pub struct Verdict {
     pub replayed_as_the_node_ran_it: bool,
     /// Why the first replay refused it, when the second accepted it.
     pub first_replay_refused: Vec<String>,
+    /// Refused only on what the replay computed (hidden states, tokens), not on what no
+    /// replay changes (a committed row outside the task, a token outside the grammar).
+    pub refused_on_figures_only: bool,
 }
 
 fn tensor_rows(t: &tch::Tensor) -> Result<Vec<f32>, InferError> {
@@ -779,6 +783,8 @@ impl<'a> Replay<'a> {
             ));
         }
         v.accepted = v.reasons.is_empty();
+        v.refused_on_figures_only =
+            !v.accepted && v.commitments == expected_commitments && self.left_grammar_at.is_none();
     }
 }
 
@@ -826,13 +832,24 @@ pub fn verify_claimed<'a>(
     let format = Format::declared_by(proof).unwrap_or(Format::F32);
     let own = reference(format.reference()).ok_or_else(|| unknown(format.reference()))?;
     let mut verdict = verify_continuation(own, proof, prompt, prefix, completion, params, tol)?;
-    // Refused on the replay's figures (its structure held): replayed again the way a node
+    // An int8 proof refused on the replay's figures alone: replayed again the way a node
     // runs the task, which is no less the model's own computation. An honest node's rows
-    // come back to their rounding there; a cheater's are as far off either way.
-    if let Some(breaks) = node_breaks.filter(|_| !verdict.accepted && verdict.commitments > 0) {
-        let second = verify_scheduled(own, proof, prompt, prefix, completion, params, tol, Some(breaks))?;
-        if second.accepted {
-            verdict = Verdict { first_replay_refused: std::mem::take(&mut verdict.reasons), ..second };
+    // come back to their rounding there (int8 nodes decode each sequence alone for it);
+    // a cheater's are as far off either way. Other formats' figures sit far inside their
+    // limits, and their batched rows would not come back exactly anyway. A second replay
+    // that fails to run leaves the first verdict.
+    let second_chance = format == Format::Int8 && !verdict.accepted && verdict.refused_on_figures_only;
+    // Either way the refusal says that it was tried, for whoever reads the log.
+    if let Some(breaks) = node_breaks.filter(|_| second_chance) {
+        match verify_scheduled(own, proof, prompt, prefix, completion, params, tol, Some(breaks)) {
+            Ok(second) if second.accepted => {
+                verdict = Verdict { first_replay_refused: std::mem::take(&mut verdict.reasons), ..second };
+            }
+            Ok(second) => verdict.reasons.push(format!(
+                "replayed as the node ran it, refused too (value error {:.4})",
+                second.worst_value_error
+            )),
+            Err(e) => verdict.reasons.push(format!("the replay as the node ran it did not run: {e}")),
         }
     }
     let mut checked = Checked { verdict, stricter: Vec::new(), false_claim: None };

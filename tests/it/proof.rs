@@ -911,6 +911,14 @@ fn an_int8_nodes_rows_come_back_whole_when_replayed_as_the_node_ran_it() {
     let Some(path) = smollm2() else { return };
     let load = || Model::load_quantized(&path, Device::Cpu, None, Quantization::Int8, None).unwrap();
     let reference = load();
+    // The stricter formats' references, for the format claim `verify_claimed` checks.
+    let f32 = Model::load_quantized(&path, Device::Cpu, Some(Kind::Float), Quantization::None, None).unwrap();
+    let int4 = Model::load_quantized(&path, Device::Cpu, None, Quantization::Int4, None).unwrap();
+    let references = |q: Quantization| match q {
+        Quantization::Int8 => Some(&reference),
+        Quantization::Int4 => Some(&int4),
+        Quantization::None => Some(&f32),
+    };
     // Four tasks at once: their answers decode in one batch, beside each other's prompts.
     let config =
         EngineConfig { max_batch: 4, max_context: 1024, threads: 2, prefill_chunk: 128, ..EngineConfig::default() };
@@ -973,6 +981,22 @@ fn an_int8_nodes_rows_come_back_whole_when_replayed_as_the_node_ran_it() {
         // bf16 commitments round a value to 2⁻⁹ of itself.
         assert!(as_run.worst_value_error < 0.005, "{}", as_run.worst_value_error);
         assert!(as_run.worst_value_error < chunked.worst_value_error);
+        // As the server checks, with limits the chunked replay's figures (0.046 and up
+        // here) exceed: int8's answer rows 3 × 0.002. The proof passes only through the
+        // second replay, which names the first one's refusal; without the node's cuts it
+        // is refused. Past even the second replay's figures, the refusal says it was tried.
+        let check = |max_value_error: f32, breaks: Option<&[usize]>| {
+            let tol = Tolerances { max_value_error, ..Tolerances::default() };
+            verify_claimed(&references, &proof, &prompt, 0, &completion, &params, &tol, breaks).unwrap()
+        };
+        let claimed = check(0.002, Some(&breaks));
+        assert!(claimed.accepted() && claimed.verdict.replayed_as_the_node_ran_it, "{:?}", claimed.reasons());
+        assert!(claimed.verdict.first_replay_refused.iter().any(|r| r.contains("hidden states differ")));
+        let unscheduled = check(0.002, None);
+        assert!(!unscheduled.accepted() && !unscheduled.reasons().contains("as the node ran it"));
+        let both = check(1e-6, Some(&breaks));
+        assert!(!both.accepted() && !both.verdict.replayed_as_the_node_ran_it);
+        assert!(both.reasons().contains("replayed as the node ran it, refused too"), "{}", both.reasons());
     }
     engine.shutdown();
 }
