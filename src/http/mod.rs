@@ -2,6 +2,7 @@
 //! and health. Routes are registered by one [`routes::configure`], used by the server and
 //! by tests alike; errors become OpenAI-style JSON in one place ([`errors`]).
 
+pub mod answer_json;
 pub mod auth_throttle;
 pub mod chaos_api;
 pub mod client_addr;

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
+use super::answer_json::WholeAnswer;
 use super::errors::ApiError;
 use crate::actors::catalog::TokenLogprob;
 use crate::inference::logprobs::MAX_TOP_LOGPROBS;
@@ -361,23 +362,10 @@ pub struct Answer {
     pub logprobs: Vec<TokenLogprob>,
 }
 
-/// OpenAI's `logprobs` object of a choice or chunk: `{"content": [...]}`. A token that
-/// adds nothing to the text (an end of sequence) has `"bytes": null`, as OpenAI documents
-/// for a token with no bytes representation.
+/// OpenAI's `logprobs` object of a stream chunk ([`super::answer_json::Logprobs`] as a
+/// `Value`).
 pub fn logprobs_json(entries: &[TokenLogprob]) -> Value {
-    let bytes = |b: &[u8]| if b.is_empty() { Value::Null } else { json!(b) };
-    let content: Vec<Value> = entries
-        .iter()
-        .map(|e| {
-            let top: Vec<Value> = e
-                .top
-                .iter()
-                .map(|(token, b, logprob)| json!({"token": token, "logprob": logprob, "bytes": bytes(b)}))
-                .collect();
-            json!({"token": e.token, "logprob": e.logprob, "bytes": bytes(&e.bytes), "top_logprobs": top})
-        })
-        .collect();
-    json!({"content": content})
+    serde_json::to_value(super::answer_json::Logprobs(entries)).unwrap_or(Value::Null)
 }
 
 /// Identifiers and timestamps shared by a response and its chunks.
@@ -406,24 +394,34 @@ impl ResponseMeta {
 
     /// A whole (non-streamed) response: one choice per answer, each with its index. With
     /// `tools`, an answer that is a whole call comes back as `tool_calls` (finish reason
-    /// `tool_calls`); with `logprobs`, each choice carries its tokens' log probabilities.
-    pub fn full(&self, answers: &[(usize, Answer)], usage: TaskUsage, functions: &[String], logprobs: bool) -> Value {
+    /// `tool_calls`); with `logprobs`, each choice of a chat carries its tokens' log
+    /// probabilities, written in place when the answer is ([`WholeAnswer`]).
+    pub fn full(
+        &self,
+        answers: Vec<(usize, Answer)>,
+        usage: TaskUsage,
+        functions: &[String],
+        logprobs: bool,
+    ) -> WholeAnswer {
+        let mut choice_logprobs = Vec::with_capacity(answers.len());
         let choices: Vec<Value> = answers
-            .iter()
-            .map(|&(index, ref a)| {
+            .into_iter()
+            .map(|(index, a)| {
                 let (text, reason) = (&a.text, a.finish);
-                let lp = if logprobs { logprobs_json(&a.logprobs) } else { Value::Null };
+                let chat = self.endpoint == Endpoint::Chat;
+                // Written in place of the `null`s below.
+                choice_logprobs.push((logprobs && chat).then_some(a.logprobs));
                 let call =
                     (reason == FinishReason::Stop).then(|| super::structured::tool_call(text, functions)).flatten();
                 match (self.endpoint, call) {
                     (Endpoint::Chat, Some(call)) => {
-                        json!({"index": index, "logprobs": lp, "finish_reason": "tool_calls",
+                        json!({"index": index, "logprobs": null, "finish_reason": "tool_calls",
                         "message": {"role": "assistant", "content": null, "tool_calls": [{
                             "id": self.call_id(index), "type": "function",
                             "function": {"name": call.name, "arguments": call.arguments},
                         }]}})
                     }
-                    (Endpoint::Chat, None) => json!({"index": index, "logprobs": lp, "finish_reason": finish(reason),
+                    (Endpoint::Chat, None) => json!({"index": index, "logprobs": null, "finish_reason": finish(reason),
                         "message": {"role": "assistant", "content": text}}),
                     (Endpoint::Completions, _) => {
                         json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish(reason)})
@@ -432,11 +430,12 @@ impl ResponseMeta {
             })
             .collect();
         let object = if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
-        json!({
+        let body = json!({
             "id": self.id, "object": object, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint,
             "choices": choices,
             "usage": usage_json(usage),
-        })
+        });
+        WholeAnswer::new(body, choice_logprobs)
     }
 
     /// One stream chunk of choice `index`: text (`Some`) and/or the finish reason.
@@ -594,8 +593,11 @@ mod tests {
         };
         let usage = TaskUsage { prompt_tokens: 1, completion_tokens: 1 };
         let choices = [(0, Answer { text: "hi".into(), finish: FinishReason::Stop, logprobs: Vec::new() })];
-        for v in [meta.full(&choices, usage, &[], false), meta.chunk(0, Some("h"), true, None), meta.usage_chunk(usage)]
-        {
+        for v in [
+            meta.full(choices.to_vec(), usage, &[], false).to_value(),
+            meta.chunk(0, Some("h"), true, None),
+            meta.usage_chunk(usage),
+        ] {
             assert_eq!(v["system_fingerprint"], fingerprint("a"), "{v}");
         }
     }

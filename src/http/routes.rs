@@ -214,12 +214,15 @@ async fn complete(
         meta.id = format!("{prefix}-{task}");
     }
     let logprobs = valid.params.logprobs.is_some();
-    let mut body = meta.full(&done, total, &valid.structured.functions, logprobs);
+    let finished = done.len();
+    let mut whole = meta.full(done, total, &valid.structured.functions, logprobs);
     if !failed.is_empty() {
-        tracing::info!(task = %meta.id, failed = failed.len(), finished = done.len(), "choices failed; answered with those that finished");
-        body["failed_choices"] = failed_choices(&failed);
+        tracing::info!(task = %meta.id, failed = failed.len(), finished, "choices failed; answered with those that finished");
+        whole.body["failed_choices"] = failed_choices(&failed);
     }
-    Ok(HttpResponse::Ok().json(body))
+    // Tens of megabytes with `n`, long answers and `top_logprobs`: written off the worker.
+    let body = web::block(move || serde_json::to_vec(&whole)).await.map_err(internal)?.map_err(internal)?;
+    Ok(HttpResponse::Ok().content_type(actix_web::http::header::ContentType::json()).body(body))
 }
 
 /// `[{"index", "error": {…}}]`: the choices of a whole answer that failed, each with the
