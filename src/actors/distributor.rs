@@ -12,6 +12,7 @@ use rand::SeedableRng;
 
 use super::cluster::{Outbound, Peers};
 use super::error::ServeError;
+use super::fair_queue;
 use super::messages::*;
 use super::node_proxy::NodeProxy;
 use super::scheduling::{pick_two, NodeStats, DEFAULT_MS_PER_TOKEN};
@@ -421,10 +422,12 @@ impl Distributor {
         }
     }
 
-    /// [`Self::drain_queues`] for one model's queue.
+    /// [`Self::drain_queues`] for one model's queue, games taking turns
+    /// ([`fair_queue::take_turns`]).
     fn drain_queue(&mut self, model: &str) {
         // A retried job may only fit on some nodes: keep scanning past it, in order.
         let Some(queue) = self.queues.remove(model) else { return };
+        let queue = fair_queue::take_turns(queue, |job| job.game_id);
         let mut kept = VecDeque::with_capacity(queue.len());
         let mut room = true;
         let mut misses = PlainMisses::default();
@@ -645,8 +648,15 @@ impl Handler<Submit> for Distributor {
                 Err(job) => job,
             },
         };
-        if self.queues.get(&model).is_some_and(|q| q.len() >= self.config.queue_capacity) {
-            return Err(ServeError::QueueFull { model, retry_after: QUEUE_FULL_RETRY_AFTER });
+        if let Some(queue) = self.queues.get_mut(&model).filter(|q| q.len() >= self.config.queue_capacity) {
+            // Full: a game holding far fewer places than another takes that one's newest
+            // (only a game's own first try gives its place: not a retry, a re-run or a job
+            // another server forwarded).
+            let plain = |j: &Job| j.failed_nodes.is_empty() && j.shadow_of.is_none() && j.origin.is_none();
+            let full = || ServeError::QueueFull { model: model.clone(), retry_after: QUEUE_FULL_RETRY_AFTER };
+            let gave_way = fair_queue::make_room(queue, &job.game_id, |j| j.game_id, plain).ok_or_else(full)?;
+            tracing::info!(task = %gave_way.id, game = %gave_way.game, to = %job.game, model = %model, "queue full: a job gave its place to another game's");
+            let _ = gave_way.events.send(JobEvent::Failed(full()));
         }
         self.enqueue(job, false);
         if waiting {

@@ -30,6 +30,7 @@ pub mod completion_log;
 pub mod delivery_check;
 pub mod distributor;
 pub mod error;
+pub mod fair_queue;
 pub mod gateway;
 pub mod job_events;
 pub mod load_pacer;

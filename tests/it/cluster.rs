@@ -177,6 +177,13 @@ impl Cluster {
         Self { dir, config, addr, key, db_url, server, nodes: Vec::new(), restarts: 0, node_restarts: Vec::new() }
     }
 
+    /// Adds a game (`ludus games add NAME ARGS…`) and returns its API key.
+    pub fn add_game(&self, name: &str, args: &[&str]) -> String {
+        let out = ludus().arg("--config").arg(&self.config).args(["games", "add", name]).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
     /// Kills the server with SIGKILL (no graceful anything).
     pub fn kill_server(&mut self) {
         self.server.kill();

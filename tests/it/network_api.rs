@@ -319,10 +319,7 @@ fn streams_sent_together_hold_their_tokens_from_the_budget_until_they_end() {
     let mut c = Cluster::start("");
     c.add_node(&["--fake-engine", "450:50", "--capacity", "8"]);
     c.wait_nodes("fake", 1);
-    let cfg = c.config.to_str().unwrap().to_string();
-    let out =
-        crate::cluster::ludus().args(["--config", &cfg, "games", "add", "bursty", "--tpm", "1000"]).output().unwrap();
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let key = c.add_game("bursty", &["--tpm", "1000"]);
     let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":450,"stream":true}"#;
     // Six long streams at once, each holding its first token: 450 tokens and a prompt each.
     let streams: Vec<_> = (0..6).map(|_| crate::cluster::SseStream::open(&c.addr, &key, body)).collect();
@@ -526,4 +523,50 @@ fn a_game_that_stops_reading_its_stream_has_its_answer_ended_and_billed_as_made(
     // What the game read is billed; what it left unread was made for it, and is billed too.
     assert!(read > 0 && read <= billed, "read {read} tokens, billed {billed}");
     assert!(!c.server.log_text().contains("closing node link"), "the node did nothing wrong");
+}
+
+/// A game sending more than the nodes serve fills a model's queue, and used to lock every
+/// other game out of that model (429 `queue_full`) until its jobs drained. Now another
+/// game's request takes the place of the flooding game's newest job (that one gets the
+/// 429 it would have had coming last) and runs in its turn, before the flooding game's
+/// later jobs; the flooding game's next request is refused while the queue stays full.
+#[test]
+fn a_game_that_floods_a_models_queue_does_not_lock_other_games_out() {
+    use std::time::Instant;
+    let mut c = Cluster::start("queue_capacity = 3\n");
+    // One slot, about two seconds a job: the first is still running when the last request
+    // below comes.
+    c.add_node(&["--fake-engine", "20:100", "--capacity", "1"]);
+    c.wait_nodes("fake", 1);
+    let patient = c.add_game("patient", &[]);
+    let body = r#"{"model":"fake","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
+    let send = |key: String| {
+        let addr = c.addr.clone();
+        std::thread::spawn(move || {
+            let r = post_with(&addr, "/v1/chat/completions", Some(&key), body.as_bytes());
+            let code = serde_json::from_str::<serde_json::Value>(&r.body).ok().map(|v| v["error"]["code"].clone());
+            (r.status, code, Instant::now())
+        })
+    };
+    // The flooding game: one job runs, three fill the queue (one after another, so that
+    // their order is known).
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        flood.push(send(c.key.clone()));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let other = send(patient);
+    std::thread::sleep(Duration::from_millis(150));
+    let more = post_with(&c.addr, "/v1/chat/completions", Some(&c.key), body.as_bytes());
+    assert_eq!(more.status, 429, "{}", more.body);
+    assert!(more.body.contains("queue_full"), "{}", more.body);
+    let (status, code, other_done) = other.join().unwrap();
+    assert_eq!(status, 200, "the other game was refused: {code:?}");
+    let flood: Vec<_> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+    let statuses: Vec<u16> = flood.iter().map(|r| r.0).collect();
+    assert_eq!(statuses, [200, 200, 200, 429], "{flood:?}");
+    assert_eq!(flood[3].1.as_ref().and_then(|c| c.as_str()), Some("queue_full"), "{flood:?}");
+    // Turns: the flooding game's first queued job, the other game's, then the flood's next.
+    assert!(flood[1].2 < other_done && other_done < flood[2].2, "{flood:?} / {other_done:?}");
+    assert!(c.server.log_text().contains("gave its place to another game's"));
 }

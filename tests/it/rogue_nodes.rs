@@ -596,10 +596,7 @@ fn a_game_that_hangs_up_is_charged_to_its_token_budget() {
     let mut cluster = Cluster::start("");
     cluster.add_node(&["--fake-engine", "1000:20", "--capacity", "2"]);
     cluster.wait_nodes("fake", 1);
-    let cfg = cluster.config.to_str().unwrap().to_string();
-    let out =
-        crate::cluster::ludus().args(["--config", &cfg, "games", "add", "leaver", "--tpm", "40"]).output().unwrap();
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let key = cluster.add_game("leaver", &["--tpm", "40"]);
     let body = r#"{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":1000,"stream":true}"#;
     let mut stream = super::cluster::SseStream::open(&cluster.addr, &key, body);
     assert_eq!(stream.status, 200);
