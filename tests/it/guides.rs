@@ -111,7 +111,8 @@ fn every_example_in_the_game_developer_guide_runs() {
                     .unwrap();
                 super::helpers::assert_success(&out, &format!("compiling example {i} (csharp):\n{code}"));
                 let mut c = Command::new("mono");
-                c.arg(&exe);
+                // Where a crash of Mono's own leaves its report (`mono_crash.*.json`).
+                c.arg(&exe).current_dir(scratch.path());
                 c
             }
             other => panic!("example {i} in an unknown language `{other}`"),
