@@ -19,6 +19,12 @@ use std::hash::Hash;
 
 /// `queue` in turns: each game's first job in queue order, then each game's second, ….
 pub fn take_turns<T, G: Hash + Eq>(queue: VecDeque<T>, game: impl Fn(&T) -> G) -> VecDeque<T> {
+    // Runs on every drain: a queue of one game (the usual case) is returned as it is,
+    // without a map or a copy.
+    let first = queue.front().map(&game);
+    if queue.iter().all(|job| Some(game(job)) == first) {
+        return queue;
+    }
     let mut taken: HashMap<G, usize> = HashMap::new();
     let mut ranked: Vec<(usize, T)> = queue
         .into_iter()
@@ -28,10 +34,8 @@ pub fn take_turns<T, G: Hash + Eq>(queue: VecDeque<T>, game: impl Fn(&T) -> G) -
             (*turn, job)
         })
         .collect();
-    if taken.len() > 1 {
-        // Stable: within a turn, queue order.
-        ranked.sort_by_key(|&(turn, _)| turn);
-    }
+    // Stable: within a turn, queue order.
+    ranked.sort_by_key(|&(turn, _)| turn);
     ranked.into_iter().map(|(_, job)| job).collect()
 }
 
