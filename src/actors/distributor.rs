@@ -156,6 +156,8 @@ pub struct Distributor {
     seen_models: std::collections::HashSet<String>,
     /// Jobs sent where their prompt's prefix was cached (cache-aware routing).
     prefix_routed: u64,
+    /// What the queues refused since the start (`/metrics`).
+    queue_refusals: QueueRefusals,
     /// The other servers of the network (empty when this one works alone).
     peers: Arc<Peers>,
     /// What sessions that left taught about their node keys, and when they left (a
@@ -197,6 +199,7 @@ impl Distributor {
             quarantined: HashMap::new(),
             seen_models: Default::default(),
             prefix_routed: 0,
+            queue_refusals: QueueRefusals::default(),
             peers,
             departed: HashMap::new(),
             usage: Arc::default(),
@@ -504,6 +507,7 @@ impl Distributor {
 
     fn sweep_queues(&mut self) {
         let timeout = self.config.queue_timeout;
+        let mut timed_out = 0;
         for queue in self.queues.values_mut() {
             queue.retain(|job| {
                 if job.cancelled() {
@@ -512,6 +516,7 @@ impl Distributor {
                 let waited = job.queued_at.elapsed();
                 let patience = if job.shadow_of.is_some() { timeout.max(RERUN_QUEUE_TIMEOUT) } else { timeout };
                 if waited > patience {
+                    timed_out += 1;
                     let _ = job
                         .events
                         .send(JobEvent::Failed(ServeError::QueueTimeout { model: job.model.clone(), waited }));
@@ -520,6 +525,7 @@ impl Distributor {
                 true
             });
         }
+        self.queue_refusals.timed_out += timed_out;
         self.queues.retain(|_, q| !q.is_empty());
         // What waited past its time has failed above: only jobs still in time move on.
         self.offer_queues_to_peers();
@@ -546,6 +552,17 @@ impl Distributor {
     pub fn queued(&self) -> usize {
         self.queues.values().map(VecDeque::len).sum()
     }
+}
+
+/// What the queues refused since the start.
+#[derive(Debug, Default)]
+struct QueueRefusals {
+    /// 429 `queue_full` to a new job.
+    full: u64,
+    /// Places given to another game's job in a full queue.
+    gave_way: u64,
+    /// Jobs that waited out the queue timeout.
+    timed_out: u64,
 }
 
 /// The tokens a job's sequence holds on its node: its prompt and the answer it may get.
@@ -654,7 +671,11 @@ impl Handler<Submit> for Distributor {
             // another server forwarded).
             let plain = |j: &Job| j.failed_nodes.is_empty() && j.shadow_of.is_none() && j.origin.is_none();
             let full = || ServeError::QueueFull { model: model.clone(), retry_after: QUEUE_FULL_RETRY_AFTER };
-            let gave_way = fair_queue::make_room(queue, &job.game_id, |j| j.game_id, plain).ok_or_else(full)?;
+            let Some(gave_way) = fair_queue::make_room(queue, &job.game_id, |j| j.game_id, plain) else {
+                self.queue_refusals.full += 1;
+                return Err(full());
+            };
+            self.queue_refusals.gave_way += 1;
             tracing::info!(task = %gave_way.id, game = %gave_way.game, to = %job.game, model = %model, "queue full: a job gave its place to another game's");
             let _ = gave_way.events.send(JobEvent::Failed(full()));
         }
@@ -948,6 +969,39 @@ impl Handler<PrefixCounters> for Distributor {
             totals.tokens_reused = totals.tokens_reused.saturating_add(p.tokens_reused);
         }
         MessageResult(totals)
+    }
+}
+
+impl Handler<QueueCounters> for Distributor {
+    type Result = MessageResult<QueueCounters>;
+
+    /// Each model's queue (jobs, games, oldest wait), and what the queues refused.
+    fn handle(&mut self, _: QueueCounters, _: &mut Self::Context) -> Self::Result {
+        let now = Instant::now();
+        let mut models: Vec<ModelQueue> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(model, q)| {
+                let games: std::collections::HashSet<_> = q.iter().map(|j| j.game_id).collect();
+                let oldest = q.iter().map(|j| now.saturating_duration_since(j.queued_at)).max().unwrap_or_default();
+                ModelQueue {
+                    model: model.clone(),
+                    jobs: q.len(),
+                    games: games.len(),
+                    oldest_wait_s: oldest.as_secs_f64(),
+                }
+            })
+            .collect();
+        models.sort_by(|a, b| a.model.cmp(&b.model));
+        let r = &self.queue_refusals;
+        MessageResult(QueueTotals {
+            models,
+            running: self.running.len(),
+            refused_full: r.full,
+            gave_way: r.gave_way,
+            timed_out: r.timed_out,
+        })
     }
 }
 

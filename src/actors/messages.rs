@@ -314,6 +314,36 @@ pub struct PrefixTotals {
     pub routed: u64,
 }
 
+/// The per-model queues as they stand, and what they refused since the start.
+#[derive(Message)]
+#[rtype(result = "QueueTotals")]
+pub struct QueueCounters;
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct QueueTotals {
+    /// Each model with queued jobs, by name.
+    pub models: Vec<ModelQueue>,
+    /// Jobs running on this server's nodes (not those forwarded to another server).
+    pub running: usize,
+    /// Jobs refused with 429 `queue_full`, and jobs that gave their place in a full queue
+    /// to another game's (they get that 429 too).
+    pub refused_full: u64,
+    pub gave_way: u64,
+    /// Jobs that waited out the queue timeout.
+    pub timed_out: u64,
+}
+
+/// One model's queue.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelQueue {
+    pub model: String,
+    /// Jobs waiting, and how many games they belong to.
+    pub jobs: usize,
+    pub games: usize,
+    /// How long its oldest job has waited, in seconds.
+    pub oldest_wait_s: f64,
+}
+
 /// Models with at least one live node, with their node counts.
 #[derive(Message)]
 #[rtype(result = "Vec<(String, usize)>")]

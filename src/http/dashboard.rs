@@ -3,7 +3,7 @@
 //! `GET /admin/dashboard` (admin token) every second and draws the network: live nodes,
 //! traffic over time (req/s, p50/p99 latency, tokens/s, errors — computed in the page from
 //! the deltas of the server's counters, sampled here every [`SAMPLE_EVERY`] for the last
-//! five minutes so the charts are full when the page opens), verification outcomes,
+//! five minutes so the charts are full when the page opens), the queues, verification outcomes,
 //! blocks, epochs and payouts.
 
 use std::collections::VecDeque;
@@ -16,7 +16,7 @@ use super::errors::ApiError;
 use super::metrics::{COMPLETION_TOKENS, PROMPT_TOKENS};
 use super::registry_api::{require_admin, unavailable};
 use super::server::AppState;
-use crate::actors::messages::{ListNodes, PrefixCounters};
+use crate::actors::messages::{ListNodes, PrefixCounters, QueueCounters};
 
 const PAGE: &str = include_str!("dashboard.html");
 
@@ -105,6 +105,7 @@ pub async fn data(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     let verification: serde_json::Map<String, serde_json::Value> =
         state.store.verification_counts().await.map_err(unavailable)?.into_iter().map(|(k, n)| (k, n.into())).collect();
     let prefix_cache = state.distributor.send(PrefixCounters).await.unwrap_or_default();
+    let queues = state.distributor.send(QueueCounters).await.unwrap_or_default();
     let blocks = state.store.recent_blocks(12).await.map_err(unavailable)?;
     let epochs = state.store.recent_epochs(8).await.map_err(unavailable)?;
     let anchoring = state.store.anchor_progress().await.map_err(unavailable)?;
@@ -123,6 +124,7 @@ pub async fn data(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         },
         "verification": verification,
         "prefix_cache": prefix_cache,
+        "queues": queues,
         "blocks": blocks,
         "epochs": epochs,
         "anchoring": anchoring,

@@ -150,6 +150,37 @@ fn gauge(out: &mut String, name: &str, help: &str, kind: &str, samples: &[(Strin
     }
 }
 
+/// The per-model queues: jobs waiting, the games they belong to, the oldest one's wait,
+/// and what the queues refused.
+fn render_queues(out: &mut String, queues: &crate::actors::messages::QueueTotals) {
+    let label = |model: &str| format!("{{model=\"{}\"}}", label_value(model));
+    let jobs: Vec<(String, u64)> = queues.models.iter().map(|q| (label(&q.model), q.jobs as u64)).collect();
+    gauge(out, "ludus_queued_jobs", "Jobs waiting in each model's queue on this server.", "gauge", &jobs);
+    let running = [(String::new(), queues.running as u64)];
+    gauge(out, "ludus_running_jobs", "Jobs running on this server's nodes.", "gauge", &running);
+    let games: Vec<(String, u64)> = queues.models.iter().map(|q| (label(&q.model), q.games as u64)).collect();
+    gauge(out, "ludus_queued_games", "Games with jobs waiting in each model's queue.", "gauge", &games);
+    let _ = writeln!(
+        out,
+        "# HELP ludus_queue_oldest_wait_seconds How long the oldest job in each model's queue has waited.\n# TYPE ludus_queue_oldest_wait_seconds gauge"
+    );
+    for q in &queues.models {
+        let _ = writeln!(out, "ludus_queue_oldest_wait_seconds{} {:.3}", label(&q.model), q.oldest_wait_s);
+    }
+    let refused = [
+        ("{reason=\"full\"}".to_string(), queues.refused_full),
+        ("{reason=\"gave_way\"}".to_string(), queues.gave_way),
+        ("{reason=\"timeout\"}".to_string(), queues.timed_out),
+    ];
+    gauge(
+        out,
+        "ludus_queue_refused_total",
+        "Jobs the queues refused: full (429 queue_full), gave_way (a full queue's place taken by a game holding far fewer), timeout (waited out queue_timeout_ms).",
+        "counter",
+        &refused,
+    );
+}
+
 /// `GET /metrics`.
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let mut out = String::new();
@@ -163,6 +194,8 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     let nodes: Vec<(String, u64)> =
         models.iter().map(|(model, n)| (format!("{{model=\"{}\"}}", label_value(model)), *n as u64)).collect();
     gauge(&mut out, "ludus_nodes", "Live nodes serving each model.", "gauge", &nodes);
+    let queues = state.distributor.send(crate::actors::messages::QueueCounters).await.unwrap_or_default();
+    render_queues(&mut out, &queues);
     let prefix = state.distributor.send(crate::actors::messages::PrefixCounters).await.unwrap_or_default();
     let requests = [("{result=\"hit\"}".to_string(), prefix.hits), ("{result=\"miss\"}".to_string(), prefix.misses)];
     gauge(
@@ -312,5 +345,53 @@ mod label_tests {
         let escaped = label_value(evil);
         assert!(!escaped.contains('\n'));
         assert_eq!(escaped, "x\\\"} 1\\nludus_fake_metric 999\\n\\\\");
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::render_queues;
+    use crate::actors::messages::{ModelQueue, QueueTotals};
+
+    #[test]
+    fn each_models_queue_is_one_line_per_figure_with_its_name_escaped() {
+        let queues = QueueTotals {
+            models: vec![
+                ModelQueue { model: "a\"} 9\nx".into(), jobs: 3, games: 2, oldest_wait_s: 1.23456 },
+                ModelQueue { model: "b".into(), jobs: 1, games: 1, oldest_wait_s: 0.0 },
+            ],
+            running: 4,
+            refused_full: 5,
+            gave_way: 6,
+            timed_out: 7,
+        };
+        let mut out = String::new();
+        render_queues(&mut out, &queues);
+        let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "ludus_queued_jobs{model=\"a\\\"} 9\\nx\"} 3",
+                "ludus_queued_jobs{model=\"b\"} 1",
+                "ludus_running_jobs 4",
+                "ludus_queued_games{model=\"a\\\"} 9\\nx\"} 2",
+                "ludus_queued_games{model=\"b\"} 1",
+                "ludus_queue_oldest_wait_seconds{model=\"a\\\"} 9\\nx\"} 1.235",
+                "ludus_queue_oldest_wait_seconds{model=\"b\"} 0.000",
+                "ludus_queue_refused_total{reason=\"full\"} 5",
+                "ludus_queue_refused_total{reason=\"gave_way\"} 6",
+                "ludus_queue_refused_total{reason=\"timeout\"} 7",
+            ]
+        );
+        // Every figure is declared once, with its type.
+        for name in [
+            "ludus_queued_jobs",
+            "ludus_running_jobs",
+            "ludus_queued_games",
+            "ludus_queue_oldest_wait_seconds",
+            "ludus_queue_refused_total",
+        ] {
+            assert_eq!(out.matches(&format!("# TYPE {name} ")).count(), 1, "{name}");
+        }
     }
 }

@@ -157,12 +157,14 @@ impl Cluster {
             format!(
                 "[server]\nbind = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nworkers = 2\nshutdown_grace_s = 5\n{server_extra}\
                  [database]\nurl = \"{db_url}\"\npool_size = 4\n{}\
-                 [distributor]\nheartbeat_interval_ms = 200\n{}queue_timeout_ms = 10000\n{extra}",
+                 [distributor]\nheartbeat_interval_ms = 200\n{}{}{extra}",
                 data.display(),
                 // A test may set its own block time.
                 if extra.contains("[clock]") { "" } else { "[clock]\nblock_time_ms = 300\n" },
                 // A test may allow nodes more time (long runs on a loaded machine).
                 if extra.contains("node_timeout_ms") { "" } else { "node_timeout_ms = 800\n" },
+                // Or jobs more patience in the queue.
+                if extra.contains("queue_timeout_ms") { "" } else { "queue_timeout_ms = 10000\n" },
             ),
         )
         .unwrap();

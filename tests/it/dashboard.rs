@@ -78,6 +78,8 @@ fn the_dashboard_shows_the_live_network_in_a_real_browser() {
         v["data"][0]["address"].as_str().unwrap().to_string()
     };
     assert!(dom.contains(&format!("data-address=\"{node_address}\"")), "node row missing:\n{dom}");
+    // Nothing waits in a queue once both answers are in.
+    assert!(dom.contains("id=\"c-queued\">0<"), "the queued-jobs card is missing or wrong:\n{dom}");
     assert!(dom.contains(MODEL), "model missing");
     assert!(
         dom.contains("Cpu/BFloat16/int4"),

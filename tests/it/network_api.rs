@@ -533,10 +533,11 @@ fn a_game_that_stops_reading_its_stream_has_its_answer_ended_and_billed_as_made(
 #[test]
 fn a_game_that_floods_a_models_queue_does_not_lock_other_games_out() {
     use std::time::Instant;
-    let mut c = Cluster::start("queue_capacity = 3\n");
-    // One slot, about two seconds a job: the first is still running when the last request
-    // below comes.
-    c.add_node(&["--fake-engine", "20:100", "--capacity", "1"]);
+    let mut c = Cluster::start("queue_capacity = 3\nqueue_timeout_ms = 60000\n");
+    // One slot, about four seconds a job: the first is still running when the last request
+    // below comes (each step waits for the server's own figures, not for a guessed delay),
+    // and the last served waits three jobs out.
+    c.add_node(&["--fake-engine", "20:200", "--capacity", "1"]);
     c.wait_nodes("fake", 1);
     let patient = c.add_game("patient", &[]);
     let body = r#"{"model":"fake","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -548,18 +549,28 @@ fn a_game_that_floods_a_models_queue_does_not_lock_other_games_out() {
             (r.status, code, Instant::now())
         })
     };
-    // The flooding game: one job runs, three fill the queue (one after another, so that
-    // their order is known).
-    let mut flood = Vec::new();
-    for _ in 0..4 {
+    let metric = |line: &str| {
+        let line = format!("\n{line}\n");
+        wait_for(line.trim(), Duration::from_secs(10), || c.get("/metrics").1.contains(&line));
+    };
+    // The flooding game: one job runs, three fill the queue, one after another, so that
+    // their order is known.
+    let mut flood = vec![send(c.key.clone())];
+    metric("ludus_running_jobs 1");
+    for queued in 1..=3 {
         flood.push(send(c.key.clone()));
-        std::thread::sleep(Duration::from_millis(150));
+        metric(&format!("ludus_queued_jobs{{model=\"fake\"}} {queued}"));
     }
+    metric("ludus_queued_games{model=\"fake\"} 1");
+    // The other game finds the queue full: the flood's newest job gives its place.
     let other = send(patient);
-    std::thread::sleep(Duration::from_millis(150));
+    metric("ludus_queue_refused_total{reason=\"gave_way\"} 1");
+    metric("ludus_queued_games{model=\"fake\"} 2");
+    // Now the flood holds two places and the other game one: the flood is refused.
     let more = post_with(&c.addr, "/v1/chat/completions", Some(&c.key), body.as_bytes());
     assert_eq!(more.status, 429, "{}", more.body);
     assert!(more.body.contains("queue_full"), "{}", more.body);
+    metric("ludus_queue_refused_total{reason=\"full\"} 1");
     let (status, code, other_done) = other.join().unwrap();
     assert_eq!(status, 200, "the other game was refused: {code:?}");
     let flood: Vec<_> = flood.into_iter().map(|t| t.join().unwrap()).collect();
@@ -569,4 +580,9 @@ fn a_game_that_floods_a_models_queue_does_not_lock_other_games_out() {
     // Turns: the flooding game's first queued job, the other game's, then the flood's next.
     assert!(flood[1].2 < other_done && other_done < flood[2].2, "{flood:?} / {other_done:?}");
     assert!(c.server.log_text().contains("gave its place to another game's"));
+    // Drained: nothing waits, nothing runs, and the refusals stay counted.
+    metric("ludus_running_jobs 0");
+    let text = c.get("/metrics").1;
+    assert!(!text.contains("ludus_queued_jobs{"), "{text}");
+    assert!(text.contains("\nludus_queue_refused_total{reason=\"timeout\"} 0\n"), "{text}");
 }
