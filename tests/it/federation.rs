@@ -724,10 +724,7 @@ fn a_server_restarted_under_its_name_is_not_taken_for_the_one_that_died() {
 fn a_forwarded_job_that_falls_silent_is_given_up() {
     use futures_util::StreamExt;
     let dir = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(dir.path()) else { return };
-    let servers = start_network(&nats, &["a"], "", dir.path());
-    let a = &servers[0];
-    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let Some((_nats, a, url)) = a_alone(dir.path()) else { return };
     let stop = Arc::new(AtomicBool::new(false));
     let fake_b = {
         let stop = stop.clone();
@@ -744,9 +741,10 @@ fn a_forwarded_job_that_falls_silent_is_given_up() {
                         let job: wire::ForwardedJob = serde_json::from_slice(&message.payload).unwrap();
                         advert.instance = 2;
                         let reply = wire::reply_subject("a", job.task, "b");
-                        for event in
-                            [wire::RemoteEvent::Alive { instance: 2 }, wire::RemoteEvent::Text(" hello".into())]
-                        {
+                        for event in [
+                            wire::RemoteEvent::Alive { instance: 2, sent: None },
+                            wire::RemoteEvent::Text(" hello".into()),
+                        ] {
                             client.publish(reply.clone(), serde_json::to_vec(&event).unwrap().into()).await.unwrap();
                         }
                     }
@@ -754,7 +752,7 @@ fn a_forwarded_job_that_falls_silent_is_given_up() {
             })
         })
     };
-    wait_servers(a, 2);
+    wait_servers(&a, 2);
     a.wait_nodes("fake", 9);
     let mut stream = SseStream::open(&a.addr, &a.key, &chat("fake", 100, true));
     assert_eq!(stream.status, 200);
@@ -768,6 +766,194 @@ fn a_forwarded_job_that_falls_silent_is_given_up() {
     let error = error.unwrap_or_else(|| panic!("the stream ended without an error: {rest:?}"));
     assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("sent nothing for")), "{error}");
     assert!(a.server.log_text().contains("a forwarded job fell silent; given up"));
+}
+
+/// NATS delivers at most once: an event of a forwarded job lost on the way used to leave
+/// a hole in the text the game read, and a lost `Done` turned an answer billed on the
+/// running server into a 502. Events are numbered now; the server holding the game's
+/// connection relays them in order and asks for a missing one again. A fake runner B
+/// "loses" events on purpose, three jobs in turn:
+/// 1. the second token (the third and the `Done` come): asked for again, the game reads
+///    the whole text;
+/// 2. the `Done`, after two tokens (then silence): asked for once the job falls silent,
+///    the game gets its answer;
+/// 3. the second token, and B does not answer when asked: the game gets an error, never
+///    the text around the hole.
+#[test]
+fn a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed() {
+    use futures_util::StreamExt;
+    use ludus::actors::cluster::{sequenced, wire};
+    use wire::RemoteEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_nats, a, url)) = a_alone(dir.path()) else { return };
+    let stop = Arc::new(AtomicBool::new(false));
+    let asked = Arc::new(std::sync::Mutex::new(Vec::<(usize, u64)>::new()));
+    let fake_b = {
+        let (stop, asked) = (stop.clone(), asked.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let client = async_nats::connect(url).await.unwrap();
+                let mut jobs = client.subscribe(wire::jobs_for("b")).await.unwrap();
+                let mut resends = client.subscribe("ludus.resend.b.*.*").await.unwrap();
+                let publish = |subject: String, seq: u64, event: &RemoteEvent| {
+                    let client = client.clone();
+                    let payload = serde_json::to_vec(event).unwrap();
+                    async move {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert(sequenced::SEQ_HEADER, seq.to_string().as_str());
+                        client.publish_with_headers(subject, headers, payload.into()).await.unwrap();
+                    }
+                };
+                let done = RemoteEvent::Done {
+                    finish_reason: ludus::protocol::FinishReason::Stop,
+                    usage: ludus::protocol::TaskUsage { prompt_tokens: 5, completion_tokens: 3 },
+                    task: None,
+                };
+                // Each job's whole sequence of events, and its reply subject.
+                let mut sent: Vec<(Vec<RemoteEvent>, String)> = Vec::new();
+                let mut advert = tokio::time::interval(Duration::from_millis(200));
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::select! {
+                        _ = advert.tick() => {
+                            client.publish("ludus.advert.b", fake_advert("b", "fake").into()).await.unwrap();
+                        }
+                        Some(message) = jobs.next() => {
+                            let job: wire::ForwardedJob = serde_json::from_slice(&message.payload).unwrap();
+                            let reply = wire::reply_subject("a", job.task, "b");
+                            let (n, whole) = (sent.len(), vec![
+                                RemoteEvent::Text("a".into()), RemoteEvent::Text("b".into()),
+                                RemoteEvent::Text("c".into()), done.clone(),
+                            ]);
+                            // Job 1 and 3 lose event 1; job 2 loses its `Done` (event 3).
+                            let lost = if n == 1 { 3 } else { 1 };
+                            for (seq, event) in whole.iter().enumerate() {
+                                if seq != lost {
+                                    publish(reply.clone(), seq as u64, event).await;
+                                }
+                            }
+                            sent.push((whole, reply));
+                        }
+                        Some(request) = resends.next() => {
+                            let from: u64 = std::str::from_utf8(&request.payload).unwrap().parse().unwrap();
+                            // `ludus.resend.b.<task>.a` for `ludus.reply.a.<task>.b`.
+                            let task = request.subject.as_str().split('.').nth(3);
+                            let n = sent.iter().position(|(_, reply)| reply.split('.').nth(3) == task)
+                                .expect("a request for a job sent");
+                            asked.lock().unwrap().push((n, from));
+                            if n == 2 {
+                                continue; // this one does not answer
+                            }
+                            let (whole, reply) = &sent[n];
+                            for (seq, event) in whole.iter().enumerate().skip(from as usize) {
+                                publish(reply.clone(), seq as u64, event).await;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+    };
+    wait_servers(&a, 2);
+    a.wait_nodes("fake", 9);
+    let ask = || post_with(&a.addr, "/v1/chat/completions", Some(&a.key), chat("fake", 100, false).as_bytes());
+    // 1. A hole in the middle.
+    let r = ask();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(content(&r.body), "abc");
+    // 2. The `Done` lost: asked for after the job's silence.
+    let r = ask();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(content(&r.body), "abc");
+    // 3. A hole nobody fills: an error, not "ac".
+    let r = ask();
+    stop.store(true, Ordering::Relaxed);
+    fake_b.join().unwrap();
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(!r.body.contains("\"ac\""), "{}", r.body);
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.first(), Some(&(0, 1)), "{asked:?}");
+    assert!(asked.contains(&(1, 3)), "{asked:?}");
+    assert!(asked.iter().any(|&(n, from)| n == 2 && from == 1), "{asked:?}");
+    assert!(a.server.log_text().contains("events of a forwarded job went missing; asked again"));
+}
+
+/// The running server's side of [`a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed`]:
+/// B numbers the events of a job A forwarded, says in its keepalives how many it sent, and
+/// sends them again from any number asked, while A relays each one to the game once. The
+/// test listens on the job's reply subject and asks B for everything again mid-answer.
+#[test]
+fn a_running_server_numbers_its_events_and_sends_them_again_when_asked() {
+    use futures_util::StreamExt;
+    use ludus::actors::cluster::{sequenced, wire};
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let mut servers = start_network(&nats, &["a", "b"], "", dir.path());
+    servers[1].add_node(&["--fake-engine", "20:100", "--capacity", "1"]);
+    for server in &servers {
+        server.wait_nodes("fake", 1);
+    }
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    // What came on the reply subject: (a keepalive, its count of events sent | an event, its number).
+    type Seen = Vec<(bool, Option<u64>)>;
+    let (listening, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Seen::new())));
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = {
+        let (listening, seen, stop) = (listening.clone(), seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let client = async_nats::connect(url).await.unwrap();
+                let mut replies = client.subscribe("ludus.reply.a.*.b").await.unwrap();
+                client.flush().await.unwrap();
+                listening.store(true, Ordering::Relaxed);
+                let mut asked = false;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+                    else {
+                        continue;
+                    };
+                    let event: wire::RemoteEvent = serde_json::from_slice(&message.payload).unwrap();
+                    let seq = sequenced::seq_of(&message);
+                    let entry = match event {
+                        wire::RemoteEvent::Alive { sent, .. } => (true, sent),
+                        _ => (false, seq),
+                    };
+                    seen.lock().unwrap().push(entry);
+                    // Mid-answer, everything again from the start.
+                    if !asked && seq == Some(6) {
+                        asked = true;
+                        let task = message.subject.as_str().split('.').nth(3).unwrap().to_string();
+                        client.publish(format!("ludus.resend.b.{task}.a"), "0".into()).await.unwrap();
+                    }
+                }
+            })
+        })
+    };
+    wait_for("the listener", Duration::from_secs(10), || listening.load(Ordering::Relaxed));
+    let a = &servers[0];
+    let mut stream = SseStream::open(&a.addr, &a.key, &chat("fake", 100, true));
+    assert_eq!(stream.status, 200);
+    let text: String = std::iter::from_fn(|| stream.next_data())
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    listener.join().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let numbered: Vec<u64> = seen.iter().filter(|(alive, _)| !alive).filter_map(|(_, n)| *n).collect();
+    // Every event numbered, in order; 0 to 6 at least twice (sent again once asked).
+    assert!(seen.iter().all(|(_, n)| n.is_some()), "an event or keepalive without its number: {seen:?}");
+    let first_again = numbered.windows(2).position(|w| w[1] <= w[0]).map(|i| i + 1);
+    let first_again = first_again.unwrap_or_else(|| panic!("nothing was sent again: {numbered:?}"));
+    assert_eq!(numbered[first_again], 0, "{numbered:?}");
+    assert!((0..=6).all(|n| numbered.iter().filter(|&&m| m == n).count() >= 2), "{numbered:?}");
+    // Keepalives counted what was sent.
+    assert!(seen.iter().any(|&(alive, sent)| alive && sent > Some(0)), "no keepalive counted: {seen:?}");
+    // The game read each token once.
+    assert_eq!(text.matches("tok").count(), 20, "{text:?}");
+    assert!(servers[1].server.log_text().contains("events of a forwarded job sent again"));
 }
 
 /// Jobs queued on a server go to another one once it has room: they used to wait for
@@ -831,6 +1017,15 @@ fn a_draining_server_is_offered_no_jobs() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(!a.server.log_text().contains("job forwarded"), "A sent a job to the draining B");
     drop((held, busy));
+}
+
+/// Server A alone on NATS, beside a fake server B that the test plays: NATS, A, and the
+/// URL of NATS.
+fn a_alone(dir: &Path) -> Option<(Nats, Cluster, String)> {
+    let nats = Nats::start(dir)?;
+    let a = start_network(&nats, &["a"], "", dir).pop()?;
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    Some((nats, a, url))
 }
 
 /// The models `server` lists, with their node counts.

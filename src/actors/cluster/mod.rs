@@ -8,7 +8,8 @@
 //!   the most room for its model ([`relay::forward`]). That server runs it as its own
 //!   ([`relay::serve`]): it counts the prompt, makes the text, checks the proof, records the
 //!   receipt and bills, as for any request. Events stream back over NATS to the server that
-//!   holds the game's connection, which relays them unchanged.
+//!   holds the game's connection, which relays them unchanged, whole and in order
+//!   ([`sequenced`]: numbered, and a lost one sent again).
 //! - **Trust.** Each subject ends with the name of the server that publishes it, so NATS
 //!   permissions per server ([`wire::Permissions`]) hold every server to its own name;
 //!   what a message says about its sender is checked against its subject.
@@ -28,6 +29,7 @@
 pub mod charges;
 pub mod peers;
 pub mod relay;
+pub mod sequenced;
 pub mod wire;
 
 use std::sync::Arc;

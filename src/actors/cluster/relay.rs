@@ -9,7 +9,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::charges::AwaitedCharges;
-use super::wire::{cancel_subject, job_subject, reply_subject, ForwardedJob, RemoteEvent, KEEPALIVE};
+use super::sequenced::{self, Reorder, SentEvents, LAST_ASK_GRACE, SEQ_HEADER};
+use super::wire::{cancel_subject, job_subject, reply_subject, resend_subject, ForwardedJob, RemoteEvent, KEEPALIVE};
 use super::Peers;
 use crate::actors::catalog::Catalog;
 use crate::actors::distributor::Distributor;
@@ -71,6 +72,13 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
         }
     };
     let (reply, stop) = (reply_subject(&origin, task, &to), cancel_subject(&to, task, &origin));
+    let resend = resend_subject(&to, task, &origin);
+    let ask_again = |from: u64| {
+        let (client, resend) = (client.clone(), resend.clone());
+        actix::spawn(async move {
+            let _ = client.publish(resend, from.to_string().into()).await;
+        });
+    };
     let fail = |job: &Job, e: ServeError| {
         let _ = job.events.send(JobEvent::Failed(e));
     };
@@ -110,7 +118,11 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     // (An older server sends no keepalive: its jobs keep only the liveness check.)
     let (silence, mut heard) = (peers.timeout().max(SILENCE_FLOOR), Instant::now());
     let keeps_alive = peers.keeps_alive(&to);
-    loop {
+    // Numbered events are relayed in order, a missing one asked for again
+    // ([`sequenced`]); `last_ask`: when a silent job was last asked for what it sent.
+    let (mut order, mut last_ask) = (Reorder::default(), None::<Instant>);
+    let mut relayed_whole = false;
+    'relay: loop {
         tokio::select! {
             message = events.next() => {
                 let Some(message) = message else {
@@ -118,25 +130,53 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                     cancel(&client, &stop);
                     break;
                 };
-                heard = Instant::now();
-                match serde_json::from_slice::<RemoteEvent>(&message.payload) {
-                    Ok(RemoteEvent::Alive { instance }) => runner = Some(instance),
-                    Ok(event) => {
-                        let ends = event.ends();
-                        if let RemoteEvent::Done { usage, .. } = &event {
-                            charge(usage);
-                        }
-                        if let Some(event) = event.for_game(task) {
-                            let _ = job.events.send(event);
-                        }
-                        if ends {
-                            break;
-                        }
-                    }
+                (heard, last_ask) = (Instant::now(), None);
+                let event = match serde_json::from_slice::<RemoteEvent>(&message.payload) {
+                    Ok(event) => event,
                     Err(e) => {
                         fail(&job, ServeError::Internal(format!("server `{to}` sent a malformed event: {e}")));
                         cancel(&client, &stop);
                         break;
+                    }
+                };
+                let sent = match event {
+                    RemoteEvent::Alive { instance, sent } => {
+                        runner = Some(instance);
+                        sent
+                    }
+                    event => {
+                        let ready = match order.accept(sequenced::seq_of(&message), event) {
+                            Ok(ready) => ready,
+                            Err(e) => {
+                                tracing::warn!(task = %task, server = %to, expected = e.expected, got = e.got,
+                                    "a forwarded job's events came too far out of order; given up");
+                                fail(&job, ServeError::NodeFailed(format!(
+                                    "server `{to}` lost part of the answer on the way (event {} of {})", e.expected, e.got
+                                )));
+                                cancel(&client, &stop);
+                                break;
+                            }
+                        };
+                        for event in ready {
+                            let ends = event.ends();
+                            if let RemoteEvent::Done { usage, .. } = &event {
+                                charge(usage);
+                            }
+                            if let Some(event) = event.for_game(task) {
+                                let _ = job.events.send(event);
+                            }
+                            if ends {
+                                relayed_whole = true;
+                                break 'relay;
+                            }
+                        }
+                        None
+                    }
+                };
+                if order.missing(sent) {
+                    if let Some(from) = order.ask(Instant::now()) {
+                        tracing::info!(task = %task, server = %to, from, "events of a forwarded job went missing; asked again");
+                        ask_again(from);
                     }
                 }
             }
@@ -166,7 +206,14 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                     cancel(&client, &stop);
                     break;
                 }
-                if keeps_alive && heard.elapsed() >= silence {
+                if keeps_alive && heard.elapsed() >= silence && last_ask.is_none() {
+                    // Its last events (its `Done`) may be what was lost: asked for once
+                    // more before the job is given up.
+                    last_ask = Some(Instant::now());
+                    ask_again(order.ask_now(Instant::now()));
+                    continue;
+                }
+                if keeps_alive && heard.elapsed() >= silence && last_ask.is_some_and(|at| at.elapsed() >= LAST_ASK_GRACE) {
                     tracing::warn!(task = %task, server = %to, silent_ms = heard.elapsed().as_millis() as u64,
                         "a forwarded job fell silent; given up");
                     // Should the job still run there, its server charges what it made once
@@ -183,6 +230,11 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                 }
             }
         }
+    }
+    // Everything came: the running server need not keep the events for asking again
+    // (an older one no longer listens; nothing is cancelled by this).
+    if relayed_whole {
+        let _ = client.publish(stop, Bytes::new()).await;
     }
     let _ = events.unsubscribe().await;
 }
@@ -226,19 +278,21 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
         Err(e) => return tracing::warn!(error = %e, "malformed forwarded job ignored"),
     };
     let task = forwarded.task;
-    let (client, reply) = (ctx.client.clone(), reply_subject(&publisher, task, &ctx.name));
-    let send = |event: RemoteEvent| {
-        let (client, reply) = (client.clone(), reply.clone());
-        async move {
-            let payload = serde_json::to_vec(&event).expect("events serialize");
-            client.publish(reply, payload.into()).await.is_ok()
-        }
+    let mut replies = Replies {
+        client: ctx.client.clone(),
+        subject: reply_subject(&publisher, task, &ctx.name),
+        sent: SentEvents::default(),
     };
-    // Subscribed before the job starts: a cancellation cannot slip past.
-    let mut cancel = match client.subscribe(cancel_subject(&ctx.name, task, &publisher)).await {
-        Ok(s) => s,
+    // Subscribed before the job starts: a cancellation, or a request for events again,
+    // cannot slip past.
+    let subscribed = futures_util::future::try_join(
+        ctx.client.subscribe(cancel_subject(&ctx.name, task, &publisher)),
+        ctx.client.subscribe(resend_subject(&ctx.name, task, &publisher)),
+    );
+    let (mut cancel, mut resend) = match subscribed.await {
+        Ok(both) => both,
         Err(e) => {
-            send(RemoteEvent::Failed(ServeError::Unavailable(format!("the cluster link failed: {e}")))).await;
+            replies.send(RemoteEvent::Failed(ServeError::Unavailable(format!("the cluster link failed: {e}")))).await;
             return;
         }
     };
@@ -251,17 +305,17 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
                 tracing::info!(task = %task, %origin, "running a job forwarded by another server")
             }
             Ok(Err(e)) => {
-                send(RemoteEvent::Failed(e)).await;
-                return;
+                replies.send(RemoteEvent::Failed(e)).await;
+                return linger(&mut replies, &mut resend, &mut cancel, ctx.peers.timeout()).await;
             }
             Err(e) => {
-                send(RemoteEvent::Failed(ServeError::Internal(format!("distributor unavailable: {e}")))).await;
-                return;
+                replies.send(RemoteEvent::Failed(ServeError::Internal(format!("distributor unavailable: {e}")))).await;
+                return linger(&mut replies, &mut resend, &mut cancel, ctx.peers.timeout()).await;
             }
         },
         Err(e) => {
-            send(RemoteEvent::Failed(e)).await;
-            return;
+            replies.send(RemoteEvent::Failed(e)).await;
+            return linger(&mut replies, &mut resend, &mut cancel, ctx.peers.timeout()).await;
         }
     }
     let (mut check, started) = (actix_web::rt::time::interval(LIVENESS_CHECK), std::time::Instant::now());
@@ -269,11 +323,16 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
     // KEEPALIVE that this one holds it. An older origin would take the word for a
     // malformed event.
     let (mut keepalive, keeps_alive) = (actix_web::rt::time::interval(KEEPALIVE), origin_instance.is_some());
-    loop {
+    let finished = loop {
         tokio::select! {
             _ = keepalive.tick(), if keeps_alive => {
-                if !send(RemoteEvent::Alive { instance: ctx.instance }).await {
-                    break;
+                if !replies.alive(ctx.instance).await {
+                    break false;
+                }
+            }
+            request = resend.next() => {
+                if let Some(from) = request.and_then(|r| sequenced::parse_request(&r.payload)) {
+                    replies.again(from).await;
                 }
             }
             _ = check.tick() => {
@@ -283,13 +342,13 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
                 let heard_long_enough = started.elapsed() >= ctx.peers.timeout();
                 if heard_long_enough && !ctx.peers.alive(&origin, std::time::Instant::now()) {
                     tracing::warn!(task = %task, %origin, "the server that forwarded a job went silent; cancelling it");
-                    break;
+                    break false;
                 }
                 // Restarted under its name: its adverts say "alive", but the process that
                 // holds the game's connection is gone; the rest would be billed unread.
                 if origin_instance.is_some_and(|instance| ctx.peers.restarted(&origin, instance, started)) {
                     tracing::warn!(task = %task, %origin, "the server that forwarded a job restarted; cancelling it");
-                    break;
+                    break false;
                 }
             }
             event = rx.recv() => {
@@ -299,8 +358,11 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
                 );
                 let ends = event.ends();
                 // NATS gone: nobody can read the rest; dropping `rx` cancels the job.
-                if !send(event).await || ends {
-                    break;
+                if !replies.send(event).await {
+                    break false;
+                }
+                if ends {
+                    break true;
                 }
             }
             _ = cancel.next() => {
@@ -309,14 +371,86 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
                 // it): it goes on, for the origin to charge the game by it.
                 while let Some(event) = rx.try_recv() {
                     if matches!(event, JobEvent::Done { .. }) {
-                        send(RemoteEvent::from(event)).await;
+                        replies.send(RemoteEvent::from(event)).await;
                     }
                 }
-                break;
+                break false;
+            }
+        }
+    };
+    // Its last events may be lost on the way: they stay to be asked for again a while.
+    if finished {
+        drop(rx);
+        linger(&mut replies, &mut resend, &mut cancel, ctx.peers.timeout()).await;
+    }
+    let _ = cancel.unsubscribe().await;
+    let _ = resend.unsubscribe().await;
+}
+
+/// The events of one forwarded job, numbered, on their way back to its origin.
+struct Replies {
+    client: async_nats::Client,
+    subject: String,
+    sent: SentEvents,
+}
+
+impl Replies {
+    /// Numbers `event`, keeps it and sends it (`false`: NATS is gone).
+    async fn send(&mut self, event: RemoteEvent) -> bool {
+        let (seq, payload) = self.sent.push(&event);
+        self.publish(seq, payload).await
+    }
+
+    async fn publish(&self, seq: u64, payload: Bytes) -> bool {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(SEQ_HEADER, seq.to_string().as_str());
+        self.client.publish_with_headers(self.subject.clone(), headers, payload).await.is_ok()
+    }
+
+    /// A keepalive: this process holds the job and has sent this many events.
+    async fn alive(&self, instance: u64) -> bool {
+        let event = RemoteEvent::Alive { instance, sent: Some(self.sent.count()) };
+        let payload = serde_json::to_vec(&event).expect("events serialize");
+        self.client.publish(self.subject.clone(), payload.into()).await.is_ok()
+    }
+
+    /// Sends again every event from number `from` on.
+    async fn again(&self, from: u64) {
+        tracing::info!(subject = %self.subject, from, sent = self.sent.count(), "events of a forwarded job sent again");
+        for (seq, payload) in self.sent.from(from) {
+            if !self.publish(seq, payload).await {
+                return;
             }
         }
     }
-    let _ = cancel.unsubscribe().await;
+}
+
+/// After a job's last event: answers requests for its events again until its origin
+/// would have given it up (`peer_timeout`, at least [`SILENCE_FLOOR`], and the last
+/// request's grace), or cancels it.
+async fn linger(
+    replies: &mut Replies,
+    resend: &mut async_nats::Subscriber,
+    cancel: &mut async_nats::Subscriber,
+    peer_timeout: Duration,
+) {
+    let until = Instant::now() + peer_timeout.max(SILENCE_FLOOR) + LAST_ASK_GRACE * 2;
+    let deadline = actix_web::rt::time::sleep_until(until.into());
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => return,
+            _ = cancel.next() => return,
+            request = resend.next() => match request {
+                Some(request) => {
+                    if let Some(from) = sequenced::parse_request(&request.payload) {
+                        replies.again(from).await;
+                    }
+                }
+                None => return,
+            },
+        }
+    }
 }
 
 /// The job for a forwarded request: checked against this server's own bounds, its prompt

@@ -13,6 +13,8 @@
 //! - `ludus.job.<runner>.<origin>` — a job `origin` forwards to `runner`; its events come
 //!   back, in order, on `ludus.reply.<origin>.<task>.<runner>`.
 //! - `ludus.cancel.<runner>.<task>.<origin>` — the game that asked went away: stop the job.
+//! - `ludus.resend.<runner>.<task>.<origin>` — events of the job went missing on the way:
+//!   send them again from this number ([`super::sequenced`]).
 //! - `ludus.quarantine.<server>` — a node failed a proof check here: no server gives it work.
 //! - `ludus.witness.<server>` — a node finished a task here with this output (before the
 //!   game is answered): if this server dies, the node's re-sent receipt is paid by another.
@@ -87,6 +89,11 @@ pub fn cancel_subject(runner: &str, task: TaskId, origin: &str) -> String {
     format!("ludus.cancel.{runner}.{:016x}.{origin}", task.0)
 }
 
+/// Where `origin` asks `runner` for the events of `task` again, from a number.
+pub fn resend_subject(runner: &str, task: TaskId, origin: &str) -> String {
+    format!("ludus.resend.{runner}.{:016x}.{origin}", task.0)
+}
+
 /// The server that published on `subject`: its last token.
 pub fn publisher(subject: &str) -> &str {
     subject.rsplit('.').next().unwrap_or_default()
@@ -111,6 +118,7 @@ impl Permissions {
                 format!("ludus.job.*.{name}"),
                 format!("ludus.reply.*.*.{name}"),
                 format!("ludus.cancel.*.*.{name}"),
+                format!("ludus.resend.*.*.{name}"),
                 format!("ludus.charge.*.{name}"),
             ],
             subscribe: vec![
@@ -121,6 +129,7 @@ impl Permissions {
                 jobs_for(name),
                 format!("ludus.reply.{name}.*.*"),
                 format!("ludus.cancel.{name}.*.*"),
+                format!("ludus.resend.{name}.*.*"),
                 charges_for(name),
             ],
         }
@@ -273,6 +282,10 @@ pub enum RemoteEvent {
     /// job) or once that process is gone. Never relayed to the game.
     Alive {
         instance: u64,
+        /// How many events of the job it has sent ([`super::sequenced`]): fewer received
+        /// means some were lost. Absent from an older server.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sent: Option<u64>,
     },
 }
 
@@ -330,7 +343,7 @@ mod tests {
                 task: Some(TaskId(9)),
             },
             RemoteEvent::Failed(ServeError::QueueFull { model: "m".into(), retry_after: Duration::from_millis(1500) }),
-            RemoteEvent::Alive { instance: 7 },
+            RemoteEvent::Alive { instance: 7, sent: Some(3) },
         ];
         for event in events {
             let back: RemoteEvent = serde_json::from_slice(&serde_json::to_vec(&event).unwrap()).unwrap();
@@ -393,6 +406,7 @@ mod tests {
             (job_subject("b", "a"), "b"),
             (reply_subject("b", task, "a"), "b"),
             (cancel_subject("b", task, "a"), "b"),
+            (resend_subject("b", task, "a"), "b"),
             (charge_subject("b", "a"), "b"),
         ];
         for (subject, reader) in &sent_by_a {
@@ -406,6 +420,7 @@ mod tests {
             job_subject("b", "c"),
             reply_subject("b", task, "c"),
             cancel_subject("b", task, "c"),
+            resend_subject("b", task, "c"),
             charge_subject("b", "c"),
         ];
         for private in private {
