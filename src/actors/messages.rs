@@ -325,11 +325,13 @@ pub struct QueueTotals {
     pub models: Vec<ModelQueue>,
     /// Jobs running on this server's nodes (not those forwarded to another server).
     pub running: usize,
-    /// Jobs refused with 429 `queue_full`, and jobs that gave their place in a full queue
-    /// to another game's (they get that 429 too).
+    /// New jobs refused with 429 `queue_full` (another server's forwarded ones too).
     pub refused_full: u64,
+    /// Queued jobs that gave their place in a full queue to another game's (they get that
+    /// 429 too).
     pub gave_way: u64,
-    /// Jobs that waited out the queue timeout.
+    /// Jobs that waited out their time in the queue (`queue_timeout_ms`; longer for a
+    /// quality-check re-run).
     pub timed_out: u64,
 }
 

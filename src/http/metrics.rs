@@ -175,7 +175,7 @@ fn render_queues(out: &mut String, queues: &crate::actors::messages::QueueTotals
     gauge(
         out,
         "ludus_queue_refused_total",
-        "Jobs the queues refused: full (429 queue_full), gave_way (a full queue's place taken by a game holding far fewer), timeout (waited out queue_timeout_ms).",
+        "Jobs the queues refused: full (429 queue_full, other servers' forwarded jobs too), gave_way (a full queue's place taken by a game holding far fewer), timeout (waited out queue_timeout_ms, or a quality-check re-run its longer wait).",
         "counter",
         &refused,
     );

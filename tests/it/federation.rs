@@ -835,7 +835,7 @@ fn a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed(
                             sent.push((whole, reply));
                         }
                         Some(request) = resends.next() => {
-                            let from: u64 = std::str::from_utf8(&request.payload).unwrap().parse().unwrap();
+                            let (from, to) = sequenced::parse_request(&request.payload).expect("a request");
                             // `ludus.resend.b.<task>.a` for `ludus.reply.a.<task>.b`.
                             let task = request.subject.as_str().split('.').nth(3);
                             let n = sent.iter().position(|(_, reply)| reply.split('.').nth(3) == task)
@@ -845,7 +845,8 @@ fn a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed(
                                 continue; // this one does not answer
                             }
                             let (whole, reply) = &sent[n];
-                            for (seq, event) in whole.iter().enumerate().skip(from as usize) {
+                            let to = to.map_or(whole.len(), |to| to as usize);
+                            for (seq, event) in whole.iter().enumerate().take(to).skip(from as usize) {
                                 publish(reply.clone(), seq as u64, event).await;
                             }
                         }

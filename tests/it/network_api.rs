@@ -534,10 +534,10 @@ fn a_game_that_stops_reading_its_stream_has_its_answer_ended_and_billed_as_made(
 fn a_game_that_floods_a_models_queue_does_not_lock_other_games_out() {
     use std::time::Instant;
     let mut c = Cluster::start("queue_capacity = 3\nqueue_timeout_ms = 60000\n");
-    // One slot, about four seconds a job: the first is still running when the last request
-    // below comes (each step waits for the server's own figures, not for a guessed delay),
-    // and the last served waits three jobs out.
-    c.add_node(&["--fake-engine", "20:200", "--capacity", "1"]);
+    // One slot, about six seconds a job: the first is still running when the last request
+    // below comes (each step waits for the server's own figures, not for a guessed delay,
+    // and has the six seconds for all of them), and the last served waits three jobs out.
+    c.add_node(&["--fake-engine", "20:300", "--capacity", "1"]);
     c.wait_nodes("fake", 1);
     let patient = c.add_game("patient", &[]);
     let body = r#"{"model":"fake","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;

@@ -73,10 +73,10 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     };
     let (reply, stop) = (reply_subject(&origin, task, &to), cancel_subject(&to, task, &origin));
     let resend = resend_subject(&to, task, &origin);
-    let ask_again = |from: u64| {
+    let ask_again = |request: String| {
         let (client, resend) = (client.clone(), resend.clone());
         actix::spawn(async move {
-            let _ = client.publish(resend, from.to_string().into()).await;
+            let _ = client.publish(resend, request.into()).await;
         });
     };
     let fail = |job: &Job, e: ServeError| {
@@ -122,6 +122,20 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     // ([`sequenced`]); `last_ask`: when a silent job was last asked for what it sent.
     let (mut order, mut last_ask) = (Reorder::default(), None::<Instant>);
     let mut relayed_whole = false;
+    // Ends the job with `error` before its end came through: the running server is told
+    // to stop, and the game's tokens per minute are charged by a `Done` held behind a
+    // hole (billed where it ran), or else by the hang-up charge that server sends.
+    let give_up = |order: &Reorder, error: ServeError| {
+        match order.held_done() {
+            Some(usage) => charge(&usage),
+            None if !job.key_hash.is_empty() => {
+                charges.expect(task, &to, &job.key_hash, bound, Instant::now());
+            }
+            None => {}
+        }
+        cancel(&client, &stop);
+        fail(&job, error);
+    };
     'relay: loop {
         tokio::select! {
             message = events.next() => {
@@ -145,15 +159,14 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                         sent
                     }
                     event => {
-                        let ready = match order.accept(sequenced::seq_of(&message), event) {
+                        let ready = match order.accept(sequenced::seq_of(&message), event, message.payload.len()) {
                             Ok(ready) => ready,
                             Err(e) => {
                                 tracing::warn!(task = %task, server = %to, expected = e.expected, got = e.got,
                                     "a forwarded job's events came too far out of order; given up");
-                                fail(&job, ServeError::NodeFailed(format!(
+                                give_up(&order, ServeError::NodeFailed(format!(
                                     "server `{to}` lost part of the answer on the way (event {} of {})", e.expected, e.got
                                 )));
-                                cancel(&client, &stop);
                                 break;
                             }
                         };
@@ -174,14 +187,27 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                     }
                 };
                 if order.missing(sent) {
-                    if let Some(from) = order.ask(Instant::now()) {
-                        tracing::info!(task = %task, server = %to, from, "events of a forwarded job went missing; asked again");
-                        ask_again(from);
+                    if order.stalled() {
+                        tracing::warn!(task = %task, server = %to, "events of a forwarded job never came again; given up");
+                        give_up(&order, ServeError::NodeFailed(format!(
+                            "server `{to}` lost part of the answer on the way and could not send it again"
+                        )));
+                        break;
+                    }
+                    if let Some(request) = order.ask(Instant::now()) {
+                        tracing::info!(task = %task, server = %to, %request, "events of a forwarded job went missing; asked again");
+                        ask_again(request);
                     }
                 }
             }
             _ = job.events.closed() => {
                 cancel(&client, &stop);
+                // A `Done` held behind a hole was counted as relayed there: no hang-up
+                // charge follows it, so it is charged here.
+                if let Some(usage) = order.held_done() {
+                    charge(&usage);
+                    break;
+                }
                 // The runner charges what the game received (`Charge`), unless a `Done`
                 // already on its way arrives first: that one is charged here.
                 if !job.key_hash.is_empty() && !charges.expect(task, &to, &job.key_hash, bound, Instant::now()) {
@@ -218,12 +244,9 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                         "a forwarded job fell silent; given up");
                     // Should the job still run there, its server charges what it made once
                     // cancelled: that charge is awaited, as for a game that left. (A `Done`
-                    // lost on the way was billed there and is not charged here.)
-                    if !job.key_hash.is_empty() {
-                        charges.expect(task, &to, &job.key_hash, bound, Instant::now());
-                    }
-                    cancel(&client, &stop);
-                    fail(&job, ServeError::NodeFailed(format!(
+                    // lost on the way, and not sent again, was billed there and is not
+                    // charged here.)
+                    give_up(&order, ServeError::NodeFailed(format!(
                         "server `{to}`, which was running it, sent nothing for {} s", silence.as_secs()
                     )));
                     break;
@@ -278,10 +301,13 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
         Err(e) => return tracing::warn!(error = %e, "malformed forwarded job ignored"),
     };
     let task = forwarded.task;
+    // An origin of a release before keepalives never asks for events again: nothing is
+    // kept for it, and nothing lingers.
     let mut replies = Replies {
         client: ctx.client.clone(),
         subject: reply_subject(&publisher, task, &ctx.name),
-        sent: SentEvents::default(),
+        sent: SentEvents::new(forwarded.origin_instance.is_some()),
+        instance: ctx.instance,
     };
     // Subscribed before the job starts: a cancellation, or a request for events again,
     // cannot slip past.
@@ -326,15 +352,11 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
     let finished = loop {
         tokio::select! {
             _ = keepalive.tick(), if keeps_alive => {
-                if !replies.alive(ctx.instance).await {
+                if !replies.alive().await {
                     break false;
                 }
             }
-            request = resend.next() => {
-                if let Some(from) = request.and_then(|r| sequenced::parse_request(&r.payload)) {
-                    replies.again(from).await;
-                }
-            }
+            Some(request) = resend.next() => replies.again(&request.payload).await,
             _ = check.tick() => {
                 // Its server is gone: nobody can read the rest; dropping `rx` cancels the job.
                 // (An origin not heard of yet is given the peers' timeout: this server may
@@ -392,6 +414,8 @@ struct Replies {
     client: async_nats::Client,
     subject: String,
     sent: SentEvents,
+    /// The process this server runs as, for keepalives.
+    instance: u64,
 }
 
 impl Replies {
@@ -408,16 +432,21 @@ impl Replies {
     }
 
     /// A keepalive: this process holds the job and has sent this many events.
-    async fn alive(&self, instance: u64) -> bool {
-        let event = RemoteEvent::Alive { instance, sent: Some(self.sent.count()) };
+    async fn alive(&self) -> bool {
+        let event = RemoteEvent::Alive { instance: self.instance, sent: Some(self.sent.count()) };
         let payload = serde_json::to_vec(&event).expect("events serialize");
         self.client.publish(self.subject.clone(), payload.into()).await.is_ok()
     }
 
-    /// Sends again every event from number `from` on.
-    async fn again(&self, from: u64) {
-        tracing::info!(subject = %self.subject, from, sent = self.sent.count(), "events of a forwarded job sent again");
-        for (seq, payload) in self.sent.from(from) {
+    /// Answers a request for events again ([`sequenced::parse_request`]): those asked
+    /// that are still kept, unless the same was answered a moment ago.
+    async fn again(&mut self, request: &[u8]) {
+        let Some((from, to)) = sequenced::parse_request(request) else { return };
+        if !self.sent.answer(from, Instant::now()) {
+            return;
+        }
+        tracing::info!(subject = %self.subject, from, ?to, sent = self.sent.count(), "events of a forwarded job sent again");
+        for (seq, payload) in self.sent.range(from, to) {
             if !self.publish(seq, payload).await {
                 return;
             }
@@ -425,28 +454,34 @@ impl Replies {
     }
 }
 
-/// After a job's last event: answers requests for its events again until its origin
-/// would have given it up (`peer_timeout`, at least [`SILENCE_FLOOR`], and the last
-/// request's grace), or cancels it.
+/// After a job's last event: says every [`KEEPALIVE`] how many events were sent (an
+/// origin missing the last ones asks for them at once) and answers requests for them,
+/// until the origin has them all (it says so on the cancel subject) or would have given
+/// the job up (`peer_timeout`, at least [`SILENCE_FLOOR`], and the last request's grace).
 async fn linger(
     replies: &mut Replies,
     resend: &mut async_nats::Subscriber,
     cancel: &mut async_nats::Subscriber,
     peer_timeout: Duration,
 ) {
+    if !replies.sent.keeps() {
+        return;
+    }
     let until = Instant::now() + peer_timeout.max(SILENCE_FLOOR) + LAST_ASK_GRACE * 2;
     let deadline = actix_web::rt::time::sleep_until(until.into());
     tokio::pin!(deadline);
+    let mut keepalive = actix_web::rt::time::interval(KEEPALIVE);
     loop {
         tokio::select! {
             () = &mut deadline => return,
             _ = cancel.next() => return,
-            request = resend.next() => match request {
-                Some(request) => {
-                    if let Some(from) = sequenced::parse_request(&request.payload) {
-                        replies.again(from).await;
-                    }
+            _ = keepalive.tick() => {
+                if !replies.alive().await {
+                    return;
                 }
+            }
+            request = resend.next() => match request {
+                Some(request) => replies.again(&request.payload).await,
                 None => return,
             },
         }
