@@ -102,7 +102,9 @@ impl SentEvents {
 
     /// The events kept of those numbered `from` up to `to` (excluded; `None`: the last).
     pub fn range(&self, from: u64, to: Option<u64>) -> impl Iterator<Item = (u64, Bytes)> + '_ {
-        let to = to.unwrap_or(u64::MAX).min(self.count());
+        // Both ends within what is kept: a request for events no longer kept (or ending
+        // before its start) gets none.
+        let to = to.unwrap_or(u64::MAX).min(self.count()).max(self.first);
         let from = from.max(self.first).min(to);
         let index = |seq: u64| usize::try_from(seq - self.first).unwrap_or(usize::MAX);
         self.kept.range(index(from)..index(to)).enumerate().map(move |(i, p)| (from + i as u64, p.clone()))
@@ -331,6 +333,10 @@ mod tests {
         let kept = numbers(&sent, 0, None);
         assert!(kept.len() < 7 && kept.last() == Some(&6), "{kept:?}");
         assert!(sent.range(0, None).map(|(_, p)| p.len()).sum::<usize>() <= MAX_KEPT_BYTES);
+        // Asked for events no longer kept, or a range upside down: none, whatever the numbers.
+        assert_eq!(numbers(&sent, 0, Some(1)), Vec::<u64>::new());
+        assert_eq!(numbers(&sent, 6, Some(2)), Vec::<u64>::new());
+        assert_eq!(numbers(&sent, 0, Some(u64::MAX)), kept);
         // For an origin that never asks: numbered, nothing kept.
         let mut numbered = SentEvents::new(false);
         assert_eq!(numbered.push(&text("a")).0, 0);
