@@ -4,8 +4,8 @@
 //! memory even on a machine without a GPU, so `inference::cuda` opens it at run time
 //! only when a GPU is asked for or present.
 //! It also compiles `csrc/`, the small C++ shim over libtorch functions tch does not bind
-//! (fbgemm's int8 GEMM) and the int4 weight dequantization for prefill, against the same
-//! libtorch headers.
+//! (fbgemm's int8 GEMM), the int4 weight dequantization for prefill and the fused batch-1
+//! int4 decode step, against the same libtorch headers.
 
 use std::path::PathBuf;
 
@@ -42,5 +42,6 @@ fn compile_shim(libtorch: &std::path::Path) {
         .file("csrc/fbgemm_int8.cpp")
         .file("csrc/int4_dequant.cpp")
         .file("csrc/attention_backend.cpp")
+        .file("csrc/fused_decode.cpp")
         .compile("ludus_shim");
 }

@@ -67,6 +67,9 @@ impl RuntimeArgs {
         {
             int4_prefill::prefer(product);
         }
+        crate::inference::fused_decode::set_enabled(
+            crate::inference::fused_decode::parse_setting(&settings.engine.fused_decode).map_err(anyhow::Error::msg)?,
+        );
         let mut load = |quantization| load_model(path, device, dtype, quantization, key.as_ref());
         let single = self.single_sequence_threads.unwrap_or(settings.engine.single_sequence_threads);
         let tuning = match self.tuning_plan(settings, device, threads)? {
@@ -97,12 +100,17 @@ impl RuntimeArgs {
         if let Some(b) = max_batch {
             config.max_batch = b;
         }
+        let fused = model.llama.fused_decode().map_err(str::to_string);
         let mut engine = Engine::start(model, config)?;
         let mut chosen: Vec<String> = tuning.map(|t| t.reason).into_iter().collect();
         if quantization == Quantization::Int4 && !device.is_cuda() && int4_prefill::layout().is_some() {
             // Decided now (a few tens of ms), not on the first prompt, and said with the rest.
             let (product, why) = int4_prefill::choice();
             chosen.push(format!("int4 prefill in {product} ({why})"));
+        }
+        match fused {
+            Ok(()) => chosen.push("fused decode for a lone sequence".into()),
+            Err(why) => tracing::debug!(%why, "a lone sequence decodes through libtorch"),
         }
         engine.tuning = (!chosen.is_empty()).then(|| chosen.join("; "));
         Ok(engine)

@@ -89,6 +89,11 @@ impl Int8Table {
         self.codes.numel() + self.scales.numel() * 2
     }
 
+    /// The codes `[rows, cols]` (int8) and their scales `[rows]` (bf16).
+    pub fn parts(&self) -> (&Tensor, &Tensor) {
+        (&self.codes, &self.scales)
+    }
+
     /// The codes' storage, to tell a tied head from an untied one.
     pub fn data_ptr(&self) -> *mut std::ffi::c_void {
         self.codes.data_ptr()

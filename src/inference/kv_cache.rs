@@ -103,6 +103,11 @@ impl KvCache {
         (&mut self.keys[layer], &mut self.values[layer])
     }
 
+    /// Every layer's keys and values (the fused decode step writes into them in place).
+    pub fn layers(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.keys, &self.values)
+    }
+
     /// Copies the first `len` cached positions of slot `from` into slot `to`.
     pub fn move_slot(&mut self, from: usize, to: usize) -> Result<()> {
         let len = self.lens[from];

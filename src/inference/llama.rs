@@ -15,6 +15,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{Activation, LlamaConfig};
 use super::error::Result;
+use super::fused_decode::{FusedDecode, Int4Part, LayerParts, ModelParts};
+use super::int4_prefill;
 use super::int8_table::Int8Table;
 use super::kv_cache::KvCache;
 use super::qlinear::{table_format, Embedding, Linear, Quantization, TableFormat};
@@ -178,6 +180,8 @@ pub struct Llama {
     rope_local: Option<Rope>,
     /// √hidden in the model's dtype (Gemma).
     embed_scale: Option<Tensor>,
+    /// A lone sequence's decode step in one call, or why this model cannot take it.
+    fused: std::result::Result<FusedDecode, String>,
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -289,7 +293,100 @@ impl Llama {
             Some(scale) => Some(Tensor::f_from_slice(&[scale as f32])?.f_to_kind(kind)?.f_to_device(device)?),
             None => None,
         };
-        Ok(Self { config: c, device, kind, quantization, embed, layers, norm, lm_head, rope, rope_local, embed_scale })
+        let mut model = Self {
+            config: c,
+            device,
+            kind,
+            quantization,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            rope_local,
+            embed_scale,
+            fused: Err("not built".into()),
+        };
+        model.fused = if super::fused_decode::enabled() {
+            model.fused_parts().and_then(|parts| FusedDecode::new(&parts))
+        } else {
+            Err("turned off ([engine] fused_decode)".into())
+        };
+        Ok(model)
+    }
+
+    /// Whether a lone sequence decodes through [`FusedDecode`], or why not.
+    pub fn fused_decode(&self) -> std::result::Result<(), &str> {
+        self.fused.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// Decodes through libtorch from now on (to compare the two steps).
+    pub fn disable_fused_decode(&mut self) {
+        self.fused = Err("turned off".into());
+    }
+
+    /// What [`FusedDecode`] reads, when this model is one it computes exactly.
+    fn fused_parts(&self) -> std::result::Result<ModelParts<'_>, String> {
+        let c = &self.config;
+        if self.device != Device::Cpu || self.kind != Kind::BFloat16 || self.quantization != Quantization::Int4 {
+            return Err(format!("{:?} {:?} {}: only int4 with bf16 activations on the CPU", self.device, self.kind, self.quantization));
+        }
+        let plain = !c.qkv_bias
+            && !c.qk_norm
+            && !c.sandwich_norms
+            && c.embedding_scale.is_none()
+            && c.activation == Activation::Silu
+            && c.attn_softcap.is_none()
+            && c.final_softcap.is_none()
+            && self.rope_local.is_none()
+            && self.rope.pass_through.is_none()
+            && self.layers.iter().all(|l| !l.sliding);
+        if !plain {
+            return Err("not a plain Llama block (biases, extra norms, soft-caps, windows or partial rotary)".into());
+        }
+        let layout = int4_prefill::layout().ok_or("libtorch's int4 packing is not a known one")?;
+        fn int4(l: &Linear) -> std::result::Result<Int4Part<'_>, String> {
+            match l {
+                Linear::Int4(w) => {
+                    let (packed, scales_zeros) = w.parts();
+                    Ok(Int4Part { packed, scales_zeros })
+                }
+                _ => Err("a projection is not int4".to_string()),
+            }
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for b in &self.layers {
+            layers.push(LayerParts {
+                attn_norm: &b.attn_norm,
+                ffn_norm: &b.ffn_norm,
+                qkv: int4(&b.qkv)?,
+                o: int4(&b.o)?,
+                gate_up: int4(&b.gate_up)?,
+                down: int4(&b.down)?,
+            });
+        }
+        let embed = self.embed.int8_table().ok_or("the embedding is not an int8 table")?.parts();
+        let head = match &self.lm_head {
+            Linear::Int8Rows(t) => t.parts(),
+            _ => return Err("the output head is not an int8 table".into()),
+        };
+        Ok(ModelParts {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps,
+            attn_scale: c.query_scale.unwrap_or(1.0 / (c.head_dim as f64).sqrt()),
+            layers,
+            embed,
+            head,
+            norm: &self.norm,
+            rope_cos: &self.rope.cos,
+            rope_sin: &self.rope.sin,
+            layout,
+        })
     }
 
     /// Bytes of weights read per decoded token (embedding rows excluded).
@@ -353,6 +450,13 @@ impl Llama {
         let b = tokens.len() as i64;
         for (slot, &pos) in positions.iter().enumerate() {
             cache.check(slot, pos + 1)?;
+        }
+        if let (Ok(fused), [token], [pos], None) = (&self.fused, tokens, positions, &prefill) {
+            cache.ensure_initialized(0, pos + 1)?;
+            let (keys, values) = cache.layers();
+            let (hidden, logits) = fused.step(keys, values, 0, *token, *pos)?;
+            cache.set_len(0, pos + 1);
+            return Ok(StepOutput { decode: ForwardOutput { hidden, logits }, prefill: None });
         }
         let longest = positions.iter().max().map_or(0, |&p| p + 1) as i64;
         for slot in 0..positions.len() {

@@ -2,7 +2,8 @@
 //! It knows nothing of the network, the ledger or the chain.
 //!
 //! - [`gguf`], [`safetensors`], [`quant`], [`weights`]: read checkpoints and dequantize.
-//! - [`config`], [`llama`], [`kv_cache`]: the Llama-family transformer and its cache.
+//! - [`config`], [`llama`], [`kv_cache`]: the Llama-family transformer and its cache;
+//!   [`fused_decode`]: a lone sequence's int4 step on the CPU in one call.
 //! - [`qlinear`], [`fbgemm`], [`int8_table`]: int8/int4 linear layers and vocabulary
 //!   tables that keep weights packed in memory.
 //! - [`memory_plan`]: weights + KV cache per quantization and context, against a budget.
@@ -33,6 +34,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fbgemm;
+pub mod fused_decode;
 pub mod gguf;
 pub mod grammar;
 pub mod int4_prefill;

@@ -350,6 +350,14 @@ impl Embedding {
         }
     }
 
+    /// The int8 table, when the embedding is one.
+    pub fn int8_table(&self) -> Option<&Int8Table> {
+        match self {
+            Self::Int8 { table, .. } => Some(table),
+            Self::Dense { .. } => None,
+        }
+    }
+
     /// An output head sharing this table (tied embeddings).
     pub fn tied_head(&self) -> Linear {
         match self {

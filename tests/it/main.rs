@@ -10,6 +10,7 @@ mod database;
 mod distill;
 mod economics;
 mod families;
+mod fused_decode;
 mod family_tokenizers;
 mod faults;
 mod federation;
