@@ -307,12 +307,18 @@ impl Llama {
             embed_scale,
             fused: Err("not built".into()),
         };
-        model.fused = if super::fused_decode::enabled() {
-            model.fused_parts().and_then(|parts| FusedDecode::new(&parts))
-        } else {
-            Err("turned off ([engine] fused_decode)".into())
-        };
+        model.fused = Err("off ([engine] fused_decode)".into());
+        if super::fused_decode::enabled() {
+            let _ = model.enable_fused_decode();
+        }
         Ok(model)
+    }
+
+    /// Decodes a lone sequence through [`FusedDecode`] from now on, where this model is one
+    /// it computes exactly; otherwise says why not and stays on libtorch.
+    pub fn enable_fused_decode(&mut self) -> std::result::Result<(), String> {
+        self.fused = self.fused_parts().and_then(|parts| FusedDecode::new(&parts));
+        self.fused_decode().map_err(str::to_string)
     }
 
     /// Whether a lone sequence decodes through [`FusedDecode`], or why not.
@@ -329,7 +335,10 @@ impl Llama {
     fn fused_parts(&self) -> std::result::Result<ModelParts<'_>, String> {
         let c = &self.config;
         if self.device != Device::Cpu || self.kind != Kind::BFloat16 || self.quantization != Quantization::Int4 {
-            return Err(format!("{:?} {:?} {}: only int4 with bf16 activations on the CPU", self.device, self.kind, self.quantization));
+            return Err(format!(
+                "{:?} {:?} {}: only int4 with bf16 activations on the CPU",
+                self.device, self.kind, self.quantization
+            ));
         }
         let plain = !c.qkv_bias
             && !c.qk_norm

@@ -77,7 +77,7 @@ fn distance(steps: &[Step], reference: &(Tensor, Tensor), first: usize) -> Dista
 /// The fused step's distance from the verifier's view, and libtorch's step's, on the same
 /// tokens; also checks that both steps wrote the same keys and values.
 fn compare(mut model: Model, prompt: &[u32], tokens: &[u32]) -> (Distance, Distance) {
-    assert_eq!(model.llama.fused_decode(), Ok(()), "this model should take the fused step");
+    assert_eq!(model.llama.enable_fused_decode(), Ok(()), "this model should take the fused step");
     let (fused, fused_cache) = run(&model, prompt, tokens);
     model.llama.disable_fused_decode();
     let (plain, plain_cache) = run(&model, prompt, tokens);
@@ -113,7 +113,10 @@ fn compare(mut model: Model, prompt: &[u32], tokens: &[u32]) -> (Distance, Dista
 /// cache position or scale gives errors of whole units.
 fn assert_as_close(fused: &Distance, plain: &Distance) {
     assert!(fused.mean_hidden <= plain.mean_hidden * 2.0 + 0.002, "mean hidden: fused {fused:?}, libtorch {plain:?}");
-    assert!(fused.worst_hidden <= plain.worst_hidden * 2.0 + 0.005, "worst hidden: fused {fused:?}, libtorch {plain:?}");
+    assert!(
+        fused.worst_hidden <= plain.worst_hidden * 2.0 + 0.005,
+        "worst hidden: fused {fused:?}, libtorch {plain:?}"
+    );
     assert!(fused.worst_logits <= plain.worst_logits * 2.0 + 0.01, "logits: fused {fused:?}, libtorch {plain:?}");
 }
 
@@ -137,8 +140,26 @@ fn tiny_int4_models_of_other_shapes_match_too() {
     // 80 = a full 64-row block and a partial one; one KV head for four query heads; a
     // hidden width that is not a multiple of 64.
     for spec in [
-        TinySpec { layers: 2, hidden: 96, heads: 6, kv_heads: 2, ffn: 160, context: 256, seed: 11, ..Default::default() },
-        TinySpec { layers: 3, hidden: 64, heads: 4, kv_heads: 1, ffn: 128, context: 256, seed: 12, ..Default::default() },
+        TinySpec {
+            layers: 2,
+            hidden: 96,
+            heads: 6,
+            kv_heads: 2,
+            ffn: 160,
+            context: 256,
+            seed: 11,
+            ..Default::default()
+        },
+        TinySpec {
+            layers: 3,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 1,
+            ffn: 128,
+            context: 256,
+            seed: 12,
+            ..Default::default()
+        },
     ] {
         let t = tiny(&spec);
         let model = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
@@ -154,22 +175,27 @@ fn tiny_int4_models_of_other_shapes_match_too() {
 #[test]
 fn models_the_fused_step_does_not_compute_stay_on_libtorch_and_say_why() {
     let t = tiny(&TinySpec::default());
-    let f32_model = Model::load(&t.gguf, Device::Cpu, None).unwrap();
-    let why = f32_model.llama.fused_decode().unwrap_err();
+    let mut f32_model = Model::load(&t.gguf, Device::Cpu, None).unwrap();
+    let why = f32_model.llama.enable_fused_decode().unwrap_err();
     assert!(why.contains("only int4"), "{why}");
+    assert!(f32_model.llama.fused_decode().is_err());
+    // Off by default ([engine] fused_decode), on where asked.
     let mut int4 = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
+    assert!(int4.llama.fused_decode().unwrap_err().contains("off"));
+    assert_eq!(int4.llama.enable_fused_decode(), Ok(()));
     assert_eq!(int4.llama.fused_decode(), Ok(()));
     int4.llama.disable_fused_decode();
     assert!(int4.llama.fused_decode().is_err());
     assert_eq!(fused_decode::parse_setting("off"), Ok(false));
-    assert_eq!(fused_decode::parse_setting("auto"), Ok(true));
-    assert!(fused_decode::parse_setting("fast").unwrap_err().contains("\"auto\" or \"off\""));
+    assert_eq!(fused_decode::parse_setting("on"), Ok(true));
+    assert!(fused_decode::parse_setting("fast").unwrap_err().contains("\"on\" or \"off\""));
 }
 
 #[test]
 fn a_position_past_the_cache_is_refused_not_written() {
     let t = tiny(&TinySpec::default());
-    let model = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
+    let mut model = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
+    model.llama.enable_fused_decode().unwrap();
     let llama = &model.llama;
     let mut cache = KvCache::new(&llama.config, 1, 16, Device::Cpu, llama.kind).unwrap();
     let err = llama.decode(&mut cache, &[5], &[16]).err().expect("position 16 of a 16-long cache");
