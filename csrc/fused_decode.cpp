@@ -5,14 +5,16 @@
 // writes, residual adds), each with its dispatch, allocation and iterator set-up
 // (docs/benchmarks.md, "Where a batch-1 step goes"). Here the step is plain loops over the
 // same memory: the weights as packed for libtorch's CPU int4 kernel (read in place, no copy),
-// the int8 vocabulary table, the bf16 KV cache.
+// the int8 vocabulary table, the bf16 KV cache; attention is one call of libtorch's own
+// flash-attention kernel per layer.
 //
-// The arithmetic follows the libtorch path it replaces (`inference::llama`), rounding to
-// bf16 where that path stores a bf16 tensor: the residual stream, every norm's output, each
-// projection's output, the rotated queries and keys, the attention output, the activation,
-// and the logits (the int8 head returns bf16). Inside each operation sums run in f32, as
-// libtorch's kernels do, in another order: outputs agree to within a bf16 step, which the
-// tests in `inference::fused_decode` check against the libtorch step.
+// The step gives the libtorch path it replaces (`inference::llama`) bit for bit. It rounds
+// to bf16 where that path stores a bf16 tensor (the residual stream, every norm's output,
+// each projection's output, the rotated queries and keys, the attention output, the
+// activation, the logits), and inside each operation it adds in the order of libtorch's own
+// CPU kernel: the int4 and int8 products (one fused multiply-add chain per output, k in
+// order), the norms' sums (the sum kernel's cascade). Those orders are libtorch 2.x's
+// AVX-512 kernels; tests/it/fused_decode.rs holds the step to libtorch's, bit for bit.
 //
 // Weight layout (see int4_dequant.cpp): rows in blocks of `block_n`; within a block, each
 // input k holds block_n / 2 bytes; a full block with `halves` pairs row j (low nibble) with
@@ -20,6 +22,7 @@
 // zero, with scale and zero (bf16) per group of `group` inputs and row.
 
 #include <ATen/Parallel.h>
+#include <ATen/ATen.h>
 
 #include <immintrin.h>
 
@@ -96,73 +99,88 @@ struct Q4Call {
   const LudusQ4* w;
   int64_t group, block_n;
   bool halves;
-  const float* x;     // [k], bf16 values
-  const float* xsum;  // [k / group]: sum of x over each group
-  float* out;         // [n], f32 sums (rounded by the caller)
+  const float* x;  // [k], bf16 values
+  float* out;      // [n], f32 sums (rounded by the caller)
 };
 
-// Any block, any CPU: the layout read byte by byte.
+// The products follow libtorch's AVX-512 int4 kernel (`_weight_int4pack_mm_for_cpu`)
+// operation for operation, so that they give its results bit for bit: each weight is
+// dequantized in f32 as w = (q - 8) * scale + zero (one fused multiply-add), and each row
+// sums x[k] * w in one f32 accumulator, k in order (another fused multiply-add). A cheaper
+// order (the codes summed per group, scaled once) differs from it in about 2 outputs in
+// 10,000, each a bf16 step that then spreads through the rest of the step.
+
+// Any block: the layout read byte by byte, the same arithmetic one row at a time.
 void q4_block_generic(const Q4Call& c, int64_t base) {
   const LudusQ4& w = *c.w;
   const int64_t nb = std::min(c.block_n, w.n - base);
   const bool halves = c.halves && nb == c.block_n;
   const uint8_t* block = w.packed + base * w.k / 2;
   float acc[64] = {0};
-  float q[64];
-  for (int64_t g = 0; g < w.k / c.group; ++g) {
-    std::fill(q, q + nb, 0.0f);
-    for (int64_t k = g * c.group; k < (g + 1) * c.group; ++k) {
-      const float xk = c.x[k];
-      const uint8_t* b = block + k * nb / 2;
-      for (int64_t j = 0; j < nb / 2; ++j) {
-        const int64_t lo = halves ? j : 2 * j, hi = halves ? j + nb / 2 : 2 * j + 1;
-        q[lo] += static_cast<float>(b[j] & 15) * xk;
-        q[hi] += static_cast<float>(b[j] >> 4) * xk;
+  float scale[64], zero[64];
+  for (int64_t k = 0; k < w.k; ++k) {
+    if (k % c.group == 0) {
+      const uint16_t* sz = w.scales_zeros + ((k / c.group) * w.n + base) * 2;
+      for (int64_t j = 0; j < nb; ++j) {
+        scale[j] = bf16_to_f32(sz[2 * j]);
+        zero[j] = bf16_to_f32(sz[2 * j + 1]);
       }
     }
-    const uint16_t* sz = w.scales_zeros + (g * w.n + base) * 2;
-    for (int64_t j = 0; j < nb; ++j) {
-      const float s = bf16_to_f32(sz[2 * j]), z = bf16_to_f32(sz[2 * j + 1]);
-      acc[j] += s * q[j] + (z - 8.0f * s) * c.xsum[g];
+    const float xk = c.x[k];
+    const uint8_t* b = block + k * nb / 2;
+    for (int64_t j = 0; j < nb / 2; ++j) {
+      const int64_t lo = halves ? j : 2 * j, hi = halves ? j + nb / 2 : 2 * j + 1;
+      const float wlo = std::fma(static_cast<float>(b[j] & 15) - 8.0f, scale[lo], zero[lo]);
+      const float whi = std::fma(static_cast<float>(b[j] >> 4) - 8.0f, scale[hi], zero[hi]);
+      acc[lo] = std::fma(xk, wlo, acc[lo]);
+      acc[hi] = std::fma(xk, whi, acc[hi]);
     }
   }
   std::copy(acc, acc + nb, c.out + base);
 }
 
-// A full 64-row AVX-512 block: 32 bytes per input, row j in the low nibble of byte j % 32
-// for j < 32, in the high nibble for j >= 32.
-__attribute__((target("avx512f"))) void q4_block64(const Q4Call& c, int64_t base) {
+// `B` full 64-row AVX-512 blocks from row `base` on: 32 bytes per input and block, row j
+// in the low nibble of byte j % 32 for j < 32, in the high nibble for j >= 32. Each row's
+// sum is its own chain of fused multiply-adds in k order, as in libtorch's kernel; the
+// blocks side by side give the CPU 4 * B independent chains, not 4, to overlap.
+template <int B>
+__attribute__((target("avx512f"))) void q4_blocks64(const Q4Call& c, int64_t base) {
   const LudusQ4& w = *c.w;
   const uint8_t* block = w.packed + base * w.k / 2;
-  const __m512i low = _mm512_set1_epi32(15);
+  const int64_t block_bytes = 32 * w.k;
+  // Code q as the f32 value q - 8, by table.
+  const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t g = 0; g < w.k / c.group; ++g) {
-    __m512 q0 = _mm512_setzero_ps(), q1 = _mm512_setzero_ps(), q2 = _mm512_setzero_ps(),
-           q3 = _mm512_setzero_ps();
-    for (int64_t k = g * c.group; k < (g + 1) * c.group; ++k) {
-      const __m512 xk = _mm512_set1_ps(c.x[k]);
-      const uint8_t* b = block + k * 32;
+  __m512 acc[B][4], scale[B][4], zero[B][4];
+  for (int i = 0; i < B; ++i)
+    for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < w.k; ++k) {
+    if (k % c.group == 0) {
+      const uint16_t* sz = w.scales_zeros + ((k / c.group) * w.n + base) * 2;
+      for (int i = 0; i < B; ++i)
+        for (int r = 0; r < 4; ++r) {
+          // 16 rows' (scale, zero) pairs: the scale in the low 16 bits of each 32-bit lane.
+          const __m512i pairs = _mm512_loadu_si512(sz + 128 * i + 32 * r);
+          scale[i][r] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+          zero[i][r] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
+        }
+    }
+    const __m512 xk = _mm512_set1_ps(c.x[k]);
+    for (int i = 0; i < B; ++i) {
+      const uint8_t* b = block + i * block_bytes + k * 32;
       const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
       const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
-      q0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v0, low)), xk, q0);
-      q1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v1, low)), xk, q1);
-      q2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)), xk, q2);
-      q3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4)), xk, q3);
-    }
-    const __m512 sx = _mm512_set1_ps(c.xsum[g]);
-    const __m512 qs[4] = {q0, q1, q2, q3};
-    const uint16_t* sz = w.scales_zeros + (g * w.n + base) * 2;
-    for (int r = 0; r < 4; ++r) {
-      // 16 rows' (scale, zero) pairs: the scale in the low 16 bits of each 32-bit lane.
-      const __m512i pairs = _mm512_loadu_si512(sz + 32 * r);
-      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-      const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
-      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);  // z - 8 s
-      acc[r] = _mm512_fmadd_ps(offset, sx, _mm512_fmadd_ps(s, qs[r], acc[r]));
+      // The table looks at the low 4 bits of each lane: rows 0-15, 16-31 (low nibbles),
+      // 32-47, 48-63 (high nibbles).
+      const __m512i codes[4] = {v0, v1, _mm512_srli_epi32(v0, 4), _mm512_srli_epi32(v1, 4)};
+      for (int r = 0; r < 4; ++r) {
+        const __m512 wr = _mm512_fmadd_ps(_mm512_permutexvar_ps(codes[r], centred), scale[i][r], zero[i][r]);
+        acc[i][r] = _mm512_fmadd_ps(xk, wr, acc[i][r]);
+      }
     }
   }
-  for (int r = 0; r < 4; ++r) _mm512_storeu_ps(c.out + base + 16 * r, acc[r]);
+  for (int i = 0; i < B; ++i)
+    for (int r = 0; r < 4; ++r) _mm512_storeu_ps(c.out + base + 64 * i + 16 * r, acc[i][r]);
 }
 
 void q4_blocks(const Q4Call& c, int64_t b0, int64_t b1) {
@@ -170,7 +188,7 @@ void q4_blocks(const Q4Call& c, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * c.block_n;
     if (fast && base + 64 <= c.w->n) {
-      q4_block64(c, base);
+      q4_blocks64<1>(c, base);
     } else {
       q4_block_generic(c, base);
     }
@@ -179,13 +197,7 @@ void q4_blocks(const Q4Call& c, int64_t b0, int64_t b1) {
 
 // out[0..n) = bf16(x W^T), x given as bf16 values in f32.
 void q4_product(const LudusQ4& w, int64_t group, int64_t block_n, bool halves, const float* x, float* out) {
-  std::vector<float> xsum(w.k / group);
-  for (int64_t g = 0; g < w.k / group; ++g) {
-    float s = 0.0f;
-    for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[k];
-    xsum[g] = s;
-  }
-  const Q4Call c{&w, group, block_n, halves, x, xsum.data(), out};
+  const Q4Call c{&w, group, block_n, halves, x, out};
   const int64_t blocks = (w.n + block_n - 1) / block_n;
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { q4_blocks(c, b0, b1); });
   for (int64_t j = 0; j < w.n; ++j) out[j] = round_bf16(out[j]);
@@ -193,34 +205,78 @@ void q4_product(const LudusQ4& w, int64_t group, int64_t block_n, bool halves, c
 
 // ---- the int8 vocabulary table ------------------------------------------------------------
 
-__attribute__((target("avx512f"))) float dot_i8_avx512(const int8_t* codes, const float* x, int64_t k) {
+// One logit as libtorch's AVX-512 int8 kernel (`_weight_int8pack_mm`) computes it: each
+// weight dequantized in f32 (code * scale), 16 lanes of fused multiply-adds, the lanes summed
+// by the compiler's reduction.
+__attribute__((target("avx512f"))) float dot_i8_avx512(const int8_t* codes, float scale, const float* x, int64_t k) {
+  const __m512 s = _mm512_set1_ps(scale);
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
-    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i))));
-    acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i), acc);
+    const __m512 w = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)))), s);
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), w, acc);
   }
-  float s = _mm512_reduce_add_ps(acc);
-  for (; i < k; ++i) s += static_cast<float>(codes[i]) * x[i];
-  return s;
+  float total = _mm512_reduce_add_ps(acc);
+  for (; i < k; ++i) total += x[i] * (static_cast<float>(codes[i]) * scale);
+  return total;
 }
 
-float dot_i8(const int8_t* codes, const float* x, int64_t k) {
-  if (has_avx512()) return dot_i8_avx512(codes, x, k);
-  float s = 0.0f;
-  for (int64_t i = 0; i < k; ++i) s += static_cast<float>(codes[i]) * x[i];
-  return s;
+float dot_i8(const int8_t* codes, float scale, const float* x, int64_t k) {
+  if (has_avx512()) return dot_i8_avx512(codes, scale, x, k);
+  float total = 0.0f;
+  for (int64_t i = 0; i < k; ++i) total += x[i] * (static_cast<float>(codes[i]) * scale);
+  return total;
 }
 
 // ---- the small operations ---------------------------------------------------------------
 
-// bf16(x * rsqrt(mean(x²) + eps) * weight), the sums in f32, rounded once (libtorch's
-// fused CPU kernel; rounding after the normalization too measured twice as far from the
-// verifier on a tiny model).
+// The sum of n f32 values (n >= 8) in the order libtorch's sum kernel adds a contiguous row
+// (`at::sum`, which the norm's mean is; libtorch has no AVX-512 build of that kernel, so its
+// AVX2 one runs, 8 lanes wide): lane-wise partial sums over groups of 4 vectors, those groups
+// added in a cascade of 16 at a time, the vectors past the last group, then the values past
+// the last vector, then the 8 lanes one by one. The same values in another order differ in
+// the last bit now and then, and a norm's output then in its last bf16 bit. Checked against
+// `at::sum` for every width from 8 to 5,000 (tests/it/fused_decode.rs).
+float row_sum(const float* v, int64_t n) {
+  constexpr int64_t lanes = 8, ilp = 4, levels = 4, step = 16;  // 16 = 2^max(4, log2(rows) / 4)
+  const int64_t vectors = n / lanes, rows = vectors / ilp;
+  float acc[levels][ilp][lanes] = {};
+  auto add_row = [&](int64_t r) {
+    for (int64_t t = 0; t < ilp; ++t)
+      for (int64_t l = 0; l < lanes; ++l) acc[0][t][l] += v[(r * ilp + t) * lanes + l];
+  };
+  int64_t r = 0;
+  while (r + step <= rows) {
+    for (int64_t j = 0; j < step; ++j, ++r) add_row(r);
+    for (int64_t lv = 1; lv < levels; ++lv) {
+      for (int64_t t = 0; t < ilp; ++t)
+        for (int64_t l = 0; l < lanes; ++l) {
+          acc[lv][t][l] += acc[lv - 1][t][l];
+          acc[lv - 1][t][l] = 0.0f;
+        }
+      if ((r & ((step - 1) << (lv * 4))) != 0) break;
+    }
+  }
+  for (; r < rows; ++r) add_row(r);
+  for (int64_t lv = 1; lv < levels; ++lv)
+    for (int64_t t = 0; t < ilp; ++t)
+      for (int64_t l = 0; l < lanes; ++l) acc[0][t][l] += acc[lv][t][l];
+  for (int64_t i = rows * ilp; i < vectors; ++i)
+    for (int64_t l = 0; l < lanes; ++l) acc[0][0][l] += v[i * lanes + l];
+  for (int64_t t = 1; t < ilp; ++t)
+    for (int64_t l = 0; l < lanes; ++l) acc[0][0][l] += acc[0][t][l];
+  float total = 0.0f;
+  for (int64_t i = vectors * lanes; i < n; ++i) total += v[i];
+  for (int64_t l = 0; l < lanes; ++l) total += acc[0][0][l];
+  return total;
+}
+
+// bf16(x * rsqrt(mean(x²) + eps) * weight) as libtorch's rms_norm computes it for bf16: in
+// f32, the mean as a sum divided by the width, one rounding at the end.
 void rms_norm(const float* x, const uint16_t* weight, int64_t d, float eps, float* out) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
-  const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = x[i] * x[i];  // exact: x holds bf16 values
+  const float rstd = 1.0f / std::sqrt(row_sum(out, d) / static_cast<float>(d) + eps);
   for (int64_t i = 0; i < d; ++i) out[i] = round_bf16(x[i] * rstd * bf16_to_f32(weight[i]));
 }
 
@@ -235,51 +291,26 @@ void rotate(float* v, const float* cos, const float* sin, int64_t half) {
   }
 }
 
-__attribute__((target("avx512f"))) float dot_bf16_avx512(const float* q, const uint16_t* k, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512i bits = _mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + i))), 16);
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_castsi512_ps(bits), acc);
-  }
-  float s = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) s += q[i] * bf16_to_f32(k[i]);
-  return s;
-}
-
-// q · k for bf16 k, summed in f32.
-float dot_bf16(const float* q, const uint16_t* k, int64_t n) {
-  if (has_avx512()) return dot_bf16_avx512(q, k, n);
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += q[i] * bf16_to_f32(k[i]);
-  return s;
-}
-
-// Attention of one query head over keys/values 0..=pos of its KV head ([max_len][hd], bf16),
-// as libtorch's CPU flash kernel computes it for bf16: scores and softmax in f32, the
-// weights rounded to bf16 for the product with the values.
-void attend(const float* q, const uint16_t* keys, const uint16_t* values, int64_t len, int64_t hd, float scale,
-            float* scores, float* out) {
-  float max = -INFINITY;
-  for (int64_t p = 0; p < len; ++p) {
-    scores[p] = dot_bf16(q, keys + p * hd, hd) * scale;
-    max = std::max(max, scores[p]);
-  }
-  float sum = 0.0f;
-  for (int64_t p = 0; p < len; ++p) {
-    scores[p] = std::exp(scores[p] - max);
-    sum += scores[p];
-  }
-  std::fill(out, out + hd, 0.0f);
-  for (int64_t p = 0; p < len; ++p) {
-    const uint16_t* vp = values + p * hd;
-    // libtorch's CPU flash kernel multiplies the values by the weights in bf16 (they are
-    // rounded before its bf16 product), and divides by the f32 sum of unrounded ones.
-    const float weight = round_bf16(scores[p]);
-    for (int64_t i = 0; i < hd; ++i) out[i] += weight * bf16_to_f32(vp[i]);
-  }
-  for (int64_t i = 0; i < hd; ++i) out[i] = round_bf16(out[i] / sum);
+// Attention of the step's query heads over keys and values 0..pos of the cache ([kv heads]
+// [max_len][hd] each, bf16), through libtorch's own CPU flash-attention kernel with the
+// shapes libtorch's step gives it (query [1, kv, groups, hd], the cache narrowed in place):
+// the scores, the softmax (its fast exp, its bf16 weights) and the product with the values
+// then come out bit for bit as libtorch's step computes them. A written-out loop in
+// another order, with another exp, put the step measurably farther from the verifier's
+// prefill than libtorch's own step (docs/benchmarks.md, "Fused batch-1 decode").
+void attend(const float* q, uint16_t* keys, uint16_t* values, int64_t kv, int64_t groups, int64_t max_len,
+            int64_t len, int64_t hd, float scale, uint16_t* q_bf16, float* out) {
+  const int64_t n = kv * groups * hd;
+  for (int64_t i = 0; i < n; ++i) q_bf16[i] = f32_to_bf16(q[i]);
+  const at::Tensor query = at::from_blob(q_bf16, {1, kv, groups, hd}, at::kBFloat16);
+  const std::vector<int64_t> strides{kv * max_len * hd, max_len * hd, hd, 1};
+  const at::Tensor k = at::from_blob(keys, {1, kv, len, hd}, strides, at::kBFloat16);
+  const at::Tensor v = at::from_blob(values, {1, kv, len, hd}, strides, at::kBFloat16);
+  const at::Tensor o =
+      std::get<0>(at::_scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, false, std::nullopt, scale))
+          .contiguous();
+  const auto* bits = reinterpret_cast<const uint16_t*>(o.const_data_ptr());
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(bits[i]);
 }
 
 std::string check_model(const LudusFusedModel& m) {
@@ -309,7 +340,8 @@ void decode(const LudusFusedModel& m, uint16_t* const* k_cache, uint16_t* const*
   const int64_t groups = h / kv, half = hd / 2;
   const bool halves = m.halves != 0;
   std::vector<float> x(d), normed(std::max(d, f)), qkv(m.layer[0].qkv.n), attn(h * hd), proj(std::max(d, 2 * f)),
-      scores(pos + 1), gu(m.layer[0].gate_up.n), act(f);
+      gu(m.layer[0].gate_up.n), act(f);
+  std::vector<uint16_t> q_bf16(h * hd);
   // The embedding row: bf16(code * scale).
   const float escale = bf16_to_f32(m.embed_scales[token]);
   for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(static_cast<float>(m.embed_codes[token * d + i]) * escale);
@@ -334,11 +366,7 @@ void decode(const LudusFusedModel& m, uint16_t* const* k_cache, uint16_t* const*
         vdst[i] = f32_to_bf16(vj[i]);
       }
     }
-    for (int64_t head = 0; head < h; ++head) {
-      const int64_t j = head / groups;
-      attend(qkv.data() + head * hd, keys + j * m.max_len * hd, values + j * m.max_len * hd, pos + 1, hd,
-             m.attn_scale, scores.data(), attn.data() + head * hd);
-    }
+    attend(qkv.data(), keys, values, kv, groups, m.max_len, pos + 1, hd, m.attn_scale, q_bf16.data(), attn.data());
     q4_product(L.o, m.group, m.block_n, halves, attn.data(), proj.data());
     for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(x[i] + proj[i]);
     rms_norm(x.data(), L.ffn_norm, d, m.eps, normed.data());
@@ -357,8 +385,7 @@ void decode(const LudusFusedModel& m, uint16_t* const* k_cache, uint16_t* const*
   const float* hrow = normed.data();
   at::parallel_for(0, m.vocab, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float s = dot_i8(m.head_codes + r * d, hrow, d) * bf16_to_f32(m.head_scales[r]);
-      logits_out[r] = round_bf16(s);
+      logits_out[r] = round_bf16(dot_i8(m.head_codes + r * d, bf16_to_f32(m.head_scales[r]), hrow, d));
     }
   });
 }
@@ -366,6 +393,9 @@ void decode(const LudusFusedModel& m, uint16_t* const* k_cache, uint16_t* const*
 
 extern "C" {
 const char* ludus_fused_last_error() { return fused_error.c_str(); }
+
+// The norms' sum of n values (libtorch's order for n >= 8), for the test that checks it.
+float ludus_fused_row_sum(const float* values, int64_t n) { return n > 0 ? row_sum(values, n) : 0.0f; }
 
 // One decode step of the sequence in cache `slot` at position `pos` (tokens 0..pos-1 are
 // cached): writes its key and value at `pos` in every layer, its final hidden state

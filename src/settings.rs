@@ -19,8 +19,8 @@ pub struct EngineSettings {
     /// How int4 prefill multiplies its unpacked weights on CPU: "auto" (timed once per
     /// process), "f32" or "bf16" ([`crate::inference::int4_prefill::Product`]).
     pub int4_prefill: String,
-    /// A lone sequence's int4 decode step in one call on CPU ("auto") or through libtorch
-    /// operation by operation ("off"): [`crate::inference::fused_decode`].
+    /// A lone sequence's int4 decode step in one call on CPU ("on", the default) or through
+    /// libtorch operation by operation ("off"): [`crate::inference::fused_decode`].
     pub fused_decode: String,
     pub threads: usize,
     /// Threads for a sequence decoded alone: a count (0 = `threads`) or measured (`auto`).

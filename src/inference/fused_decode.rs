@@ -3,26 +3,29 @@
 //!
 //! At batch 1 a CPU step costs more in libtorch's per-operation overhead than in the
 //! weights' bytes: about 400 small operations a token, half the step (docs/benchmarks.md,
-//! "Where a batch-1 step goes"). The fused step runs the same arithmetic as
-//! [`super::llama::Llama::step`] as plain loops over the same memory: the int4 weights as
-//! libtorch packed them (read in place, no copy), the int8 vocabulary table and the bf16 KV
-//! cache. It rounds to bf16 wherever that path holds a bf16 tensor, so its hidden states
-//! and logits agree with it to within a bf16 step (tested below), which is what a proof of
-//! inference allows an int4 node anyway: the verifier replays in a prefill, which rounds
-//! differently again.
+//! "Where a batch-1 step goes"). The fused step computes [`super::llama::Llama::step`]'s
+//! arithmetic in one call over the same memory: the int4 weights as libtorch packed them
+//! (read in place, no copy), the int8 vocabulary table and the bf16 KV cache.
+//!
+//! It gives libtorch's step bit for bit: the same hidden states, logits and cache entries
+//! (tests/it/fused_decode.rs). Each product and sum follows the order of libtorch's own
+//! kernel (the int4 and int8 products, the norms' sums), attention calls libtorch's CPU
+//! flash-attention kernel itself, and values round to bf16 wherever that path holds a bf16
+//! tensor. So nothing downstream can tell the two apart: greedy and seeded outputs, the
+//! proofs of inference and their calibration, speculative decoding's checks and the prefix
+//! cache are those of libtorch's step. (A first version summed in orders of its own: it was
+//! as close to the verifier on average, but one honest task in 150 went over int4's value
+//! limit in the proof calibration; docs/benchmarks.md, "Fused batch-1 decode".)
 //!
 //! Taken only where it computes exactly that model: CPU, bf16 activations, every projection
-//! int4 in a packing this libtorch is known to use ([`super::int4_prefill::layout`]), the
-//! vocabulary table in int8, and a plain Llama block (no biases, per-head norms, sandwich
-//! norms, soft-caps, sliding windows or partial rotary embeddings: SmolLM2, Llama, TinyLlama,
-//! Mistral without its window). Anything else, and every step of more than one row, stays
-//! on libtorch.
+//! int4 in libtorch's AVX-512 packing ([`super::int4_prefill::layout`]; on AVX2 CPUs
+//! libtorch's kernels sum in another order, and its own step stays), the vocabulary table
+//! in int8, and a plain Llama block (no biases, per-head norms, sandwich norms, soft-caps,
+//! sliding windows or partial rotary embeddings: SmolLM2, Llama, TinyLlama, Mistral without
+//! its window). Anything else, and every step of more than one row, stays on libtorch.
 //!
-//! Off unless `[engine] fused_decode = "on"`: it decodes 1.7–1.9× faster than libtorch's
-//! step (docs/benchmarks.md), but in the proof calibration at batch 1 one honest task of
-//! 150 exceeded int4's value limit (0.096 against 0.08; libtorch's step: worst 0.043 in
-//! the same 150), and the cause of that heavier tail is not found yet. Until it is, an
-//! honest node must not risk quarantine by default.
+//! On by default (`[engine] fused_decode = "on"`): it decodes 1.4–1.6× faster than
+//! libtorch's step here (docs/benchmarks.md).
 
 use std::ffi::CStr;
 use std::os::raw::c_char;
@@ -86,6 +89,7 @@ mod ffi {
 
     extern "C" {
         pub fn ludus_fused_last_error() -> *const c_char;
+        pub fn ludus_fused_row_sum(values: *const f32, n: i64) -> f32;
         pub fn ludus_fused_decode(
             model: *const Model,
             k_cache: *const *mut u16,
@@ -99,16 +103,24 @@ mod ffi {
     }
 }
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
+static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// `[engine] fused_decode`: whether models loaded from now on in this process take the
-/// fused step where they can ("on") or never ("off", the default).
+/// fused step where they can ("on", the default) or never ("off").
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
+}
+
+/// The sum of `values` in the order the fused step's norms add them, which is the order of
+/// libtorch's CPU sum kernel over a contiguous row of 8 values or more (exposed for the test
+/// that holds it to `at::sum`).
+pub fn row_sum(values: &[f32]) -> f32 {
+    // SAFETY: the shim reads `values.len()` f32s from the slice's start and keeps nothing.
+    unsafe { ffi::ludus_fused_row_sum(values.as_ptr(), values.len() as i64) }
 }
 
 /// Parses `[engine] fused_decode`.

@@ -354,6 +354,11 @@ impl Llama {
             return Err("not a plain Llama block (biases, extra norms, soft-caps, windows or partial rotary)".into());
         }
         let layout = int4_prefill::layout().ok_or("libtorch's int4 packing is not a known one")?;
+        if !(layout.block_rows == 64 && layout.halves) {
+            // The step's products follow libtorch's AVX-512 kernel; on other CPUs libtorch
+            // packs and sums differently, and its own step stays the reference.
+            return Err("libtorch runs its int4 kernel for AVX2 or plain CPUs here (the fused step is AVX-512 only)".into());
+        }
         fn int4(l: &Linear) -> std::result::Result<Int4Part<'_>, String> {
             match l {
                 Linear::Int4(w) => {

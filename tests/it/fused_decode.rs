@@ -1,5 +1,6 @@
 //! The fused batch-1 decode step (`inference::fused_decode`) against libtorch's step, on the
-//! real SmolLM2 and on tiny int4 models whose shapes take the kernel's other paths.
+//! real SmolLM2 and on tiny int4 models whose shapes take the kernel's other paths: the same
+//! numbers, bit for bit.
 
 use ludus::inference::fused_decode;
 use ludus::inference::kv_cache::KvCache;
@@ -20,7 +21,7 @@ struct Step {
 /// steps see the same inputs), with the model as it is.
 fn run(model: &Model, prompt: &[u32], tokens: &[u32]) -> (Vec<Step>, KvCache) {
     let llama = &model.llama;
-    let mut cache = KvCache::new(&llama.config, 2, 512, Device::Cpu, llama.kind).unwrap();
+    let mut cache = KvCache::new(&llama.config, 2, 1024, Device::Cpu, llama.kind).unwrap();
     llama.prefill(&mut cache, 0, prompt, 0, LogitsFor::Last).unwrap();
     let mut steps = Vec::new();
     for (i, &t) in tokens.iter().enumerate() {
@@ -74,102 +75,133 @@ fn distance(steps: &[Step], reference: &(Tensor, Tensor), first: usize) -> Dista
     d
 }
 
-/// The fused step's distance from the verifier's view, and libtorch's step's, on the same
-/// tokens; also checks that both steps wrote the same keys and values.
+/// Runs `tokens` through the fused step and through libtorch's, and checks that every hidden
+/// state, every logit and every key and value written is the same, bit for bit. Returns both
+/// runs' distance from the verifier's view (one prefill of prompt and answer), which are then
+/// equal too.
 fn compare(mut model: Model, prompt: &[u32], tokens: &[u32]) -> (Distance, Distance) {
     assert_eq!(model.llama.enable_fused_decode(), Ok(()), "this model should take the fused step");
     let (fused, fused_cache) = run(&model, prompt, tokens);
     model.llama.disable_fused_decode();
     let (plain, plain_cache) = run(&model, prompt, tokens);
-    // The verifier's view: prompt and answer in one prefill, every row's logits. Row
-    // `prompt.len() + i` is the row that decoded `tokens[i]`.
-    let all: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
-    let llama = &model.llama;
-    let mut cache = KvCache::new(&llama.config, 1, 512, Device::Cpu, llama.kind).unwrap();
-    let out = llama.prefill(&mut cache, 0, &all, 0, LogitsFor::All).unwrap();
-    let reference = (out.hidden, out.logits);
-    for (f, p) in fused.iter().zip(&plain) {
-        assert_eq!(f.hidden.size(), p.hidden.size());
-        assert_eq!(f.logits.size(), p.logits.size());
+    for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
         assert_eq!(f.logits.kind(), Kind::Float);
+        assert!(f.hidden.equal(&p.hidden), "step {i}: hidden states differ by {}", rel(&f.hidden, &p.hidden));
+        assert!(f.logits.equal(&p.logits), "step {i}: logits differ by {}", rel(&f.logits, &p.logits));
     }
-    // The keys and values written by the decode steps match too (they are the next steps'
-    // inputs, and a prefix cache may keep them).
+    // The keys and values written by the decode steps (the next steps' inputs, and what a
+    // prefix cache may keep).
     let written = (prompt.len() + tokens.len()) as i64;
     let (fk, fv) = fused_cache.layers();
     let (pk, pv) = plain_cache.layers();
-    for (f, p) in fk.iter().zip(pk).chain(fv.iter().zip(pv)) {
-        let f = f.narrow(0, 0, 1).narrow(2, 0, written).to_kind(Kind::Float);
-        let p = p.narrow(0, 0, 1).narrow(2, 0, written).to_kind(Kind::Float);
-        assert!(rel(&f, &p) < 0.03, "cache differs by {}", rel(&f, &p));
+    for (l, (f, p)) in fk.iter().zip(pk).chain(fv.iter().zip(pv)).enumerate() {
+        let (f, p) = (f.narrow(0, 0, 1).narrow(2, 0, written), p.narrow(0, 0, 1).narrow(2, 0, written));
+        assert!(f.equal(&p), "cache {l} differs by {}", rel(&f.to_kind(Kind::Float), &p.to_kind(Kind::Float)));
     }
     assert_eq!(fused_cache.len(0), written as usize);
+    let all: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
+    let llama = &model.llama;
+    let mut cache = KvCache::new(&llama.config, 1, 1024, Device::Cpu, llama.kind).unwrap();
+    let out = llama.prefill(&mut cache, 0, &all, 0, LogitsFor::All).unwrap();
+    let reference = (out.hidden, out.logits);
     (distance(&fused, &reference, prompt.len()), distance(&plain, &reference, prompt.len()))
 }
 
-/// The fused step is about as far from the verifier as libtorch's own decode step is (the
-/// distance the proof's limits were calibrated on). Measured: SmolLM2 0.015 against 0.016
-/// (mean hidden), tiny models 0.007 against 0.004 and 0.008 against 0.006; a wrong rotation,
-/// cache position or scale gives errors of whole units.
-fn assert_as_close(fused: &Distance, plain: &Distance) {
-    assert!(fused.mean_hidden <= plain.mean_hidden * 2.0 + 0.002, "mean hidden: fused {fused:?}, libtorch {plain:?}");
-    assert!(
-        fused.worst_hidden <= plain.worst_hidden * 2.0 + 0.005,
-        "worst hidden: fused {fused:?}, libtorch {plain:?}"
-    );
-    assert!(fused.worst_logits <= plain.worst_logits * 2.0 + 0.01, "logits: fused {fused:?}, libtorch {plain:?}");
+/// Whether this machine's libtorch packs int4 for AVX-512, where the fused step runs; says
+/// why not, and checks that the step then stays off, where it does not.
+fn fused_step_runs_here() -> bool {
+    let t = tiny(&TinySpec::default());
+    let mut model = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
+    match model.llama.enable_fused_decode() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(why.contains("AVX-512"), "{why}");
+            assert!(model.llama.fused_decode().is_err());
+            eprintln!("the fused step does not run on this CPU: {why}");
+            false
+        }
+    }
 }
 
 #[test]
-fn smollm2s_fused_step_is_as_close_to_the_verifier_as_libtorchs() {
+fn smollm2s_fused_step_is_libtorchs_step_bit_for_bit() {
     let Some(path) = smollm2() else { return };
+    if !fused_step_runs_here() {
+        return;
+    }
     let model = Model::load_quantized(&path, Device::Cpu, None, Quantization::Int4, None).unwrap();
     let prompt = model.completion_prompt("The capital of France is Paris. The capital of Italy is").unwrap();
     let tokens = greedy(&model, &prompt, 48);
     let (fused, plain) = compare(model, &prompt, &tokens);
     eprintln!("SmolLM2 int4 against the verifier's prefill: fused {fused:?}, libtorch {plain:?}");
-    assert_as_close(&fused, &plain);
-    // And the answer reads as SmolLM2's: a wrong rotation, cache position or scale gives
-    // errors of whole units and another text.
+    // And the answer reads as SmolLM2's (a wrong rotation, position or scale gives errors of
+    // whole units, on both paths alike if the fault were shared).
     assert!(fused.worst_hidden < 0.08, "{fused:?}");
-    assert!(fused.flips <= plain.flips + 2, "fused {fused:?}, libtorch {plain:?}");
 }
 
 #[test]
 fn tiny_int4_models_of_other_shapes_match_too() {
+    if !fused_step_runs_here() {
+        return;
+    }
     // 80 = a full 64-row block and a partial one; one KV head for four query heads; a
-    // hidden width that is not a multiple of 64.
-    for spec in [
-        TinySpec {
-            layers: 2,
-            hidden: 96,
-            heads: 6,
-            kv_heads: 2,
-            ffn: 160,
-            context: 256,
-            seed: 11,
-            ..Default::default()
-        },
-        TinySpec {
-            layers: 3,
-            hidden: 64,
-            heads: 4,
-            kv_heads: 1,
-            ffn: 128,
-            context: 256,
-            seed: 12,
-            ..Default::default()
-        },
+    // hidden width that is not a multiple of 64; a cache longer than one of the attention
+    // kernel's 512-key blocks.
+    for (spec, prompt_len) in [
+        (
+            TinySpec {
+                layers: 2,
+                hidden: 96,
+                heads: 6,
+                kv_heads: 2,
+                ffn: 160,
+                context: 1024,
+                seed: 11,
+                ..Default::default()
+            },
+            37,
+        ),
+        (
+            TinySpec {
+                layers: 3,
+                hidden: 64,
+                heads: 4,
+                kv_heads: 1,
+                ffn: 128,
+                context: 1024,
+                seed: 12,
+                ..Default::default()
+            },
+            500,
+        ),
     ] {
         let t = tiny(&spec);
         let model = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
-        let prompt: Vec<u32> = (3..40).map(|i| (i * 7 % 200) as u32).collect();
+        let prompt: Vec<u32> = (0..prompt_len).map(|i| ((i + 3) * 7 % 200) as u32).collect();
         let tokens: Vec<u32> = (0..30).map(|i| (i * 13 % 200) as u32).collect();
         let (fused, plain) = compare(model, &prompt, &tokens);
         eprintln!("tiny {spec:?}: fused {fused:?}, libtorch {plain:?}");
-        assert_as_close(&fused, &plain);
         assert!(fused.worst_hidden < 0.05, "{fused:?}");
     }
+}
+
+#[test]
+fn the_norms_sum_in_libtorchs_order() {
+    // Every width a model may have, against libtorch's own sum of the same row: equal, not
+    // close (a sum in another order differs in its last bit about half the time).
+    let mut differ = Vec::new();
+    for n in (8..300).chain((300..5000).step_by(37)) {
+        for seed in 0..3 {
+            tch::manual_seed(seed * 7919 + n);
+            let row = Tensor::rand([1, n], (Kind::Float, Device::Cpu)) * 3.0;
+            let values: Vec<f32> = Vec::<f32>::try_from(row.flatten(0, -1)).unwrap();
+            let theirs = row.sum_dim_intlist(-1, false, Kind::Float).double_value(&[0]) as f32;
+            if fused_decode::row_sum(&values) != theirs {
+                differ.push(n);
+            }
+        }
+    }
+    assert!(differ.is_empty(), "widths whose sum differs from libtorch's: {differ:?}");
 }
 
 #[test]
@@ -179,13 +211,14 @@ fn models_the_fused_step_does_not_compute_stay_on_libtorch_and_say_why() {
     let why = f32_model.llama.enable_fused_decode().unwrap_err();
     assert!(why.contains("only int4"), "{why}");
     assert!(f32_model.llama.fused_decode().is_err());
-    // Off by default ([engine] fused_decode), on where asked.
-    let mut int4 = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
-    assert!(int4.llama.fused_decode().unwrap_err().contains("off"));
-    assert_eq!(int4.llama.enable_fused_decode(), Ok(()));
-    assert_eq!(int4.llama.fused_decode(), Ok(()));
-    int4.llama.disable_fused_decode();
-    assert!(int4.llama.fused_decode().is_err());
+    // On by default ([engine] fused_decode) where the CPU allows, off where asked.
+    if fused_step_runs_here() {
+        let mut int4 = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
+        assert_eq!(int4.llama.fused_decode(), Ok(()));
+        int4.llama.disable_fused_decode();
+        assert!(int4.llama.fused_decode().unwrap_err().contains("off"));
+        assert_eq!(int4.llama.enable_fused_decode(), Ok(()));
+    }
     assert_eq!(fused_decode::parse_setting("off"), Ok(false));
     assert_eq!(fused_decode::parse_setting("on"), Ok(true));
     assert!(fused_decode::parse_setting("fast").unwrap_err().contains("\"on\" or \"off\""));
@@ -193,6 +226,9 @@ fn models_the_fused_step_does_not_compute_stay_on_libtorch_and_say_why() {
 
 #[test]
 fn a_position_past_the_cache_is_refused_not_written() {
+    if !fused_step_runs_here() {
+        return;
+    }
     let t = tiny(&TinySpec::default());
     let mut model = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
     model.llama.enable_fused_decode().unwrap();
@@ -206,3 +242,4 @@ fn a_position_past_the_cache_is_refused_not_written() {
     assert!(err.to_string().contains("out of range"), "{err}");
     assert_eq!(cache.len(0), 0);
 }
+
