@@ -357,7 +357,9 @@ impl Llama {
         if !(layout.block_rows == 64 && layout.halves) {
             // The step's products follow libtorch's AVX-512 kernel; on other CPUs libtorch
             // packs and sums differently, and its own step stays the reference.
-            return Err("libtorch runs its int4 kernel for AVX2 or plain CPUs here (the fused step is AVX-512 only)".into());
+            return Err(
+                "libtorch runs its int4 kernel for AVX2 or plain CPUs here (the fused step is AVX-512 only)".into()
+            );
         }
         fn int4(l: &Linear) -> std::result::Result<Int4Part<'_>, String> {
             match l {

@@ -242,4 +242,3 @@ fn a_position_past_the_cache_is_refused_not_written() {
     assert!(err.to_string().contains("out of range"), "{err}");
     assert_eq!(cache.len(0), 0);
 }
-
