@@ -21,6 +21,8 @@
 // row j + block_n / 2 (high nibble), otherwise rows 2j and 2j + 1. w = (q - 8) * scale +
 // zero, with scale and zero (bf16) per group of `group` inputs and row.
 
+#include "bf16.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
@@ -66,24 +68,9 @@ struct LudusFusedModel {
 namespace {
 thread_local std::string fused_error;
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Round to nearest even, as libtorch converts f32 to bf16.
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// f rounded to the nearest bf16, as an f32.
-inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+using ludus::bf16_to_f32;
+using ludus::f32_to_bf16;
+using ludus::round_bf16;
 
 bool has_avx512() {
   static const bool yes = [] {

@@ -20,6 +20,8 @@
 // block, or any block without vectorization, pairs rows 2j and 2j + 1. Which of these this
 // libtorch uses is probed at run time from Rust (`inference::int4_prefill`), never assumed.
 
+#include "bf16.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -39,20 +41,8 @@
 namespace {
 thread_local std::string int4_error;
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Round to nearest even, as libtorch converts f32 to bf16 (no NaNs reach here).
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using ludus::bf16_to_f32;
+using ludus::f32_to_bf16;
 
 inline void emit(int64_t n, int q, const float* scale, const float* zero, uint16_t* hi, uint16_t* lo) {
   const float w = static_cast<float>(q - 8) * scale[n] + zero[n];
