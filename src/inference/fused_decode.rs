@@ -24,7 +24,7 @@
 //! sliding windows or partial rotary embeddings: SmolLM2, Llama, TinyLlama, Mistral without
 //! its window). Anything else, and every step of more than one row, stays on libtorch.
 //!
-//! On by default (`[engine] fused_decode = "on"`): it decodes 1.4–1.6× faster than
+//! On by default (`[engine] fused_decode = "on"`): it decodes 1.2–1.7× faster than
 //! libtorch's step here (docs/benchmarks.md).
 
 use std::ffi::CStr;
