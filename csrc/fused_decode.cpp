@@ -13,8 +13,9 @@
 // each projection's output, the rotated queries and keys, the attention output, the
 // activation, the logits), and inside each operation it adds in the order of libtorch's own
 // CPU kernel: the int4 and int8 products (one fused multiply-add chain per output, k in
-// order), the norms' sums (the sum kernel's cascade). Those orders are libtorch 2.x's
-// AVX-512 kernels; tests/it/fused_decode.rs holds the step to libtorch's, bit for bit.
+// order), the norms' sums (the sum kernel's cascade); SiLU and attention are libtorch's own
+// ops. The products follow libtorch 2.x's AVX-512 kernels, the sum its AVX2 one (it has no
+// AVX-512 build); tests/it/fused_decode.rs holds the step to libtorch's, bit for bit.
 //
 // Weight layout (see int4_dequant.cpp): rows in blocks of `block_n`; within a block, each
 // input k holds block_n / 2 bytes; a full block with `halves` pairs row j (low nibble) with
@@ -126,48 +127,41 @@ void q4_block_generic(const Q4Call& c, int64_t base) {
   std::copy(acc, acc + nb, c.out + base);
 }
 
-// `B` full 64-row AVX-512 blocks from row `base` on: 32 bytes per input and block, row j
-// in the low nibble of byte j % 32 for j < 32, in the high nibble for j >= 32. Each row's
-// sum is its own chain of fused multiply-adds in k order, as in libtorch's kernel; the
-// blocks side by side give the CPU 4 * B independent chains, not 4, to overlap.
-template <int B>
-__attribute__((target("avx512f"))) void q4_blocks64(const Q4Call& c, int64_t base) {
+// A full 64-row AVX-512 block from row `base` on: 32 bytes per input, row j in the low
+// nibble of byte j % 32 for j < 32, in the high nibble for j >= 32. Each row's sum is its
+// own chain of fused multiply-adds in k order, as in libtorch's kernel. (Two blocks side by
+// side, to overlap more chains, measured slower: docs/benchmarks.md.)
+__attribute__((target("avx512f"))) void q4_block64(const Q4Call& c, int64_t base) {
   const LudusQ4& w = *c.w;
   const uint8_t* block = w.packed + base * w.k / 2;
-  const int64_t block_bytes = 32 * w.k;
   // Code q as the f32 value q - 8, by table.
   const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  __m512 acc[B][4], scale[B][4], zero[B][4];
-  for (int i = 0; i < B; ++i)
-    for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_setzero_ps();
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 scale[4], zero[4];
   for (int64_t k = 0; k < w.k; ++k) {
     if (k % c.group == 0) {
       const uint16_t* sz = w.scales_zeros + ((k / c.group) * w.n + base) * 2;
-      for (int i = 0; i < B; ++i)
-        for (int r = 0; r < 4; ++r) {
-          // 16 rows' (scale, zero) pairs: the scale in the low 16 bits of each 32-bit lane.
-          const __m512i pairs = _mm512_loadu_si512(sz + 128 * i + 32 * r);
-          scale[i][r] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-          zero[i][r] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
-        }
-    }
-    const __m512 xk = _mm512_set1_ps(c.x[k]);
-    for (int i = 0; i < B; ++i) {
-      const uint8_t* b = block + i * block_bytes + k * 32;
-      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-      const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
-      // The table looks at the low 4 bits of each lane: rows 0-15, 16-31 (low nibbles),
-      // 32-47, 48-63 (high nibbles).
-      const __m512i codes[4] = {v0, v1, _mm512_srli_epi32(v0, 4), _mm512_srli_epi32(v1, 4)};
       for (int r = 0; r < 4; ++r) {
-        const __m512 wr = _mm512_fmadd_ps(_mm512_permutexvar_ps(codes[r], centred), scale[i][r], zero[i][r]);
-        acc[i][r] = _mm512_fmadd_ps(xk, wr, acc[i][r]);
+        // 16 rows' (scale, zero) pairs: the scale in the low 16 bits of each 32-bit lane.
+        const __m512i pairs = _mm512_loadu_si512(sz + 32 * r);
+        scale[r] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+        zero[r] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
       }
     }
+    const __m512 xk = _mm512_set1_ps(c.x[k]);
+    const uint8_t* b = block + k * 32;
+    const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+    // The table looks at the low 4 bits of each lane: rows 0-15, 16-31 (low nibbles),
+    // 32-47, 48-63 (high nibbles).
+    const __m512i codes[4] = {v0, v1, _mm512_srli_epi32(v0, 4), _mm512_srli_epi32(v1, 4)};
+    for (int r = 0; r < 4; ++r) {
+      const __m512 wr = _mm512_fmadd_ps(_mm512_permutexvar_ps(codes[r], centred), scale[r], zero[r]);
+      acc[r] = _mm512_fmadd_ps(xk, wr, acc[r]);
+    }
   }
-  for (int i = 0; i < B; ++i)
-    for (int r = 0; r < 4; ++r) _mm512_storeu_ps(c.out + base + 64 * i + 16 * r, acc[i][r]);
+  for (int r = 0; r < 4; ++r) _mm512_storeu_ps(c.out + base + 16 * r, acc[r]);
 }
 
 void q4_blocks(const Q4Call& c, int64_t b0, int64_t b1) {
@@ -175,7 +169,7 @@ void q4_blocks(const Q4Call& c, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * c.block_n;
     if (fast && base + 64 <= c.w->n) {
-      q4_blocks64<1>(c, base);
+      q4_block64(c, base);
     } else {
       q4_block_generic(c, base);
     }
@@ -286,10 +280,10 @@ void rotate(float* v, const float* cos, const float* sin, int64_t half) {
 // another order, with another exp, put the step measurably farther from the verifier's
 // prefill than libtorch's own step (docs/benchmarks.md, "Fused batch-1 decode").
 void attend(const float* q, uint16_t* keys, uint16_t* values, int64_t kv, int64_t groups, int64_t max_len,
-            int64_t len, int64_t hd, float scale, uint16_t* q_bf16, float* out) {
+            int64_t len, int64_t hd, float scale, const at::Tensor& query, float* out) {
   const int64_t n = kv * groups * hd;
-  for (int64_t i = 0; i < n; ++i) q_bf16[i] = f32_to_bf16(q[i]);
-  const at::Tensor query = at::from_blob(q_bf16, {1, kv, groups, hd}, at::kBFloat16);
+  auto* q_bits = reinterpret_cast<uint16_t*>(query.data_ptr());
+  for (int64_t i = 0; i < n; ++i) q_bits[i] = f32_to_bf16(q[i]);
   const std::vector<int64_t> strides{kv * max_len * hd, max_len * hd, hd, 1};
   const at::Tensor k = at::from_blob(keys, {1, kv, len, hd}, strides, at::kBFloat16);
   const at::Tensor v = at::from_blob(values, {1, kv, len, hd}, strides, at::kBFloat16);
@@ -298,6 +292,17 @@ void attend(const float* q, uint16_t* keys, uint16_t* values, int64_t kv, int64_
           .contiguous();
   const auto* bits = reinterpret_cast<const uint16_t*>(o.const_data_ptr());
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(bits[i]);
+}
+
+// act = bf16(bf16(silu(gate)) * up) for bf16 gate and up values, with libtorch's own SiLU
+// (its vectorized exp differs from the C library's in the last bit now and then) on a
+// buffer of the gate's width, as libtorch's step runs it; the product of two bf16 values is
+// exact in f32, so its one rounding is libtorch's.
+void silu_times_up(const float* gate, const float* up, int64_t f, at::Tensor buffer, float* act) {
+  auto* g = reinterpret_cast<uint16_t*>(buffer.data_ptr());
+  for (int64_t i = 0; i < f; ++i) g[i] = f32_to_bf16(gate[i]);
+  at::silu_(buffer);
+  for (int64_t i = 0; i < f; ++i) act[i] = round_bf16(bf16_to_f32(g[i]) * up[i]);
 }
 
 std::string check_model(const LudusFusedModel& m) {
@@ -311,7 +316,9 @@ std::string check_model(const LudusFusedModel& m) {
     const LudusFusedLayer& L = m.layer[l];
     const bool fits = L.qkv.k == m.hidden && L.qkv.n >= qkv_rows && L.o.k == m.heads * m.head_dim &&
                       L.o.n >= m.hidden && L.gate_up.k == m.hidden && L.gate_up.n >= 2 * m.intermediate &&
-                      L.down.k == m.intermediate && L.down.n >= m.hidden;
+                      L.down.k == m.intermediate && L.down.n >= m.hidden &&
+                      L.o.n <= std::max(m.hidden, 2 * m.intermediate) &&
+                      L.down.n <= std::max(m.hidden, 2 * m.intermediate);
     const LudusQ4* all[] = {&L.qkv, &L.o, &L.gate_up, &L.down};
     for (const LudusQ4* w : all) {
       if (w->k % m.group != 0 || w->n % 2 != 0) return "layer " + std::to_string(l) + ": bad int4 shape";
@@ -328,7 +335,10 @@ void decode(const LudusFusedModel& m, uint16_t* const* k_cache, uint16_t* const*
   const bool halves = m.halves != 0;
   std::vector<float> x(d), normed(std::max(d, f)), qkv(m.layer[0].qkv.n), attn(h * hd), proj(std::max(d, 2 * f)),
       gu(m.layer[0].gate_up.n), act(f);
-  std::vector<uint16_t> q_bf16(h * hd);
+  // Buffers libtorch's ops read and write, allocated as libtorch allocates its own tensors
+  // (the same alignment, which some of MKL's code paths are sensitive to).
+  const at::Tensor query = at::empty({1, kv, groups, hd}, at::kBFloat16);
+  const at::Tensor gate = at::empty({1, f}, at::kBFloat16);
   // The embedding row: bf16(code * scale).
   const float escale = bf16_to_f32(m.embed_scales[token]);
   for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(static_cast<float>(m.embed_codes[token * d + i]) * escale);
@@ -353,17 +363,13 @@ void decode(const LudusFusedModel& m, uint16_t* const* k_cache, uint16_t* const*
         vdst[i] = f32_to_bf16(vj[i]);
       }
     }
-    attend(qkv.data(), keys, values, kv, groups, m.max_len, pos + 1, hd, m.attn_scale, q_bf16.data(), attn.data());
+    attend(qkv.data(), keys, values, kv, groups, m.max_len, pos + 1, hd, m.attn_scale, query, attn.data());
     q4_product(L.o, m.group, m.block_n, halves, attn.data(), proj.data());
     for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(x[i] + proj[i]);
     rms_norm(x.data(), L.ffn_norm, d, m.eps, normed.data());
     if (static_cast<int64_t>(gu.size()) < L.gate_up.n) gu.resize(L.gate_up.n);
     q4_product(L.gate_up, m.group, m.block_n, halves, normed.data(), gu.data());
-    for (int64_t i = 0; i < f; ++i) {
-      const float g = gu[i];
-      const float silu = round_bf16(g / (1.0f + std::exp(-g)));
-      act[i] = round_bf16(silu * gu[f + i]);
-    }
+    silu_times_up(gu.data(), gu.data() + f, f, gate, act.data());
     q4_product(L.down, m.group, m.block_n, halves, act.data(), proj.data());
     for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(x[i] + proj[i]);
   }

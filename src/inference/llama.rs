@@ -353,6 +353,11 @@ impl Llama {
         if !plain {
             return Err("not a plain Llama block (biases, extra norms, soft-caps, windows or partial rotary)".into());
         }
+        // From 32,768 values a row, libtorch splits its sums and element-wise ops across
+        // threads, in another order than the fused step's.
+        if c.hidden_size >= 32_768 || c.intermediate_size >= 32_768 {
+            return Err(format!("widths {} and {} are past 32,768", c.hidden_size, c.intermediate_size));
+        }
         let layout = int4_prefill::layout().ok_or("libtorch's int4 packing is not a known one")?;
         if !(layout.block_rows == 64 && layout.halves) {
             // The step's products follow libtorch's AVX-512 kernel; on other CPUs libtorch

@@ -115,7 +115,7 @@ fn fused_step_runs_here() -> bool {
     match model.llama.enable_fused_decode() {
         Ok(()) => true,
         Err(why) => {
-            assert!(why.contains("AVX-512"), "{why}");
+            assert!(why.contains("AVX-512") || why.contains("not a known one"), "{why}");
             assert!(model.llama.fused_decode().is_err());
             eprintln!("the fused step does not run on this CPU: {why}");
             false
@@ -187,10 +187,10 @@ fn tiny_int4_models_of_other_shapes_match_too() {
 
 #[test]
 fn the_norms_sum_in_libtorchs_order() {
-    // Every width a model may have, against libtorch's own sum of the same row: equal, not
-    // close (a sum in another order differs in its last bit about half the time).
+    // Every width a model may have (up to 28,672, Llama 70B's widest), against libtorch's own
+    // sum of the same row: equal, not close (a sum in another order differs in its last bit about half the time).
     let mut differ = Vec::new();
-    for n in (8..300).chain((300..5000).step_by(37)) {
+    for n in (8..300).chain((300..5000).step_by(37)).chain([8192, 16384, 28672]) {
         for seed in 0..3 {
             tch::manual_seed(seed * 7919 + n);
             let row = Tensor::rand([1, n], (Kind::Float, Device::Cpu)) * 3.0;
