@@ -23,6 +23,7 @@
 // zero, with scale and zero (bf16) per group of `group` inputs and row.
 
 #include "bf16.h"
+#include "cpu_features.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
@@ -73,13 +74,7 @@ using ludus::bf16_to_f32;
 using ludus::f32_to_bf16;
 using ludus::round_bf16;
 
-bool has_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-}
+using ludus::has_avx512;
 
 // ---- int4 products: one input row, rows [b0, b1) of blocks -------------------------------
 

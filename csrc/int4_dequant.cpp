@@ -21,6 +21,7 @@
 // libtorch uses is probed at run time from Rust (`inference::int4_prefill`), never assumed.
 
 #include "bf16.h"
+#include "cpu_features.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -115,14 +116,7 @@ __attribute__((target("avx512f"))) void block64(const uint8_t* bytes, const floa
   }
 }
 
-// Asked on first use: a static initializer could run before the CPU model is known.
-bool has_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-}
+using ludus::has_avx512;
 
 // What one call unpacks: rows [n0, n1) (block-aligned n0) of the weight, every k.
 struct Packed {
