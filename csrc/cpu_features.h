@@ -13,4 +13,13 @@ inline bool has_avx512() {
   return yes;
 }
 
+// Whether the CPU has AVX2 and FMA, what libtorch's AVX2 kernels need.
+inline bool has_avx2_fma() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0;
+  }();
+  return yes;
+}
+
 }  // namespace ludus

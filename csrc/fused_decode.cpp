@@ -14,8 +14,10 @@
 // activation, the logits), and inside each operation it adds in the order of libtorch's own
 // CPU kernel: the int4 and int8 products (one fused multiply-add chain per output, k in
 // order), the norms' sums (the sum kernel's cascade); SiLU and attention are libtorch's own
-// ops. The products follow libtorch 2.x's AVX-512 kernels, the sum its AVX2 one (it has no
-// AVX-512 build); tests/it/fused_decode.rs holds the step to libtorch's, bit for bit.
+// ops. The products follow whichever of libtorch 2.x's kernels runs here, its AVX-512 or its
+// AVX2 one (each packs int4 in its own layout, which says which one runs: 64-row blocks for
+// AVX-512, 32-row blocks for AVX2), and the sum its AVX2 one (it has no AVX-512 build);
+// tests/it/fused_decode.rs holds the step to libtorch's, bit for bit, with each kernel.
 //
 // Weight layout (see int4_dequant.cpp): rows in blocks of `block_n`; within a block, each
 // input k holds block_n / 2 bytes; a full block with `halves` pairs row j (low nibble) with
@@ -74,24 +76,44 @@ using ludus::bf16_to_f32;
 using ludus::f32_to_bf16;
 using ludus::round_bf16;
 
+using ludus::has_avx2_fma;
 using ludus::has_avx512;
 
 // ---- int4 products: one input row, rows [b0, b1) of blocks -------------------------------
+
+// Which of libtorch's int4 kernels the products follow: they dequantize alike, in another
+// order (see below).
+enum class Kernel { Avx512, Avx2 };
+
+// libtorch's AVX2 kernel runs where it packs 32-row blocks pairing row j with row j + 16;
+// its AVX-512 kernel packs 64-row blocks. (The plain build packs 32-row blocks of row pairs
+// and computes without fused multiply-adds; the fused step is not taken there.)
+Kernel kernel_of(int64_t block_n, bool halves) { return block_n == 32 && halves ? Kernel::Avx2 : Kernel::Avx512; }
 
 struct Q4Call {
   const LudusQ4* w;
   int64_t group, block_n;
   bool halves;
+  Kernel kernel;
   const float* x;  // [k], bf16 values
   float* out;      // [n], f32 sums (rounded by the caller)
 };
 
-// The products follow libtorch's AVX-512 int4 kernel (`_weight_int4pack_mm_for_cpu`)
-// operation for operation, so that they give its results bit for bit: each weight is
-// dequantized in f32 as w = (q - 8) * scale + zero (one fused multiply-add), and each row
-// sums x[k] * w in one f32 accumulator, k in order (another fused multiply-add). A cheaper
-// order (the codes summed per group, scaled once) differs from it in about 2 outputs in
-// 10,000, each a bf16 step that then spreads through the rest of the step.
+// The products follow libtorch's int4 kernel (`_weight_int4pack_mm_for_cpu`) operation for
+// operation, so that they give its results bit for bit: each row sums x[k] * w in one f32
+// accumulator, k in order (a fused multiply-add), with each weight dequantized in f32 by
+// another fused multiply-add:
+//   AVX-512 kernel: w = fma(q - 8, scale, zero);
+//   AVX2 kernel:    w = fma(q, scale, zero'), zero' = fma(scale, -8, zero) once per group.
+// The two differ in the last bit now and then. A cheaper order (the codes summed per group,
+// scaled once) differs from the kernel in about 2 outputs in 10,000, each a bf16 step that
+// then spreads through the rest of the step.
+
+// Dequantizes code q (0..15) as `kernel` does, with zero' already folded in for AVX2.
+inline float dequant(Kernel kernel, uint8_t q, float scale, float zero) {
+  return kernel == Kernel::Avx2 ? std::fma(static_cast<float>(q), scale, zero)
+                                : std::fma(static_cast<float>(q) - 8.0f, scale, zero);
+}
 
 // Any block: the layout read byte by byte, the same arithmetic one row at a time.
 void q4_block_generic(const Q4Call& c, int64_t base) {
@@ -107,14 +129,15 @@ void q4_block_generic(const Q4Call& c, int64_t base) {
       for (int64_t j = 0; j < nb; ++j) {
         scale[j] = bf16_to_f32(sz[2 * j]);
         zero[j] = bf16_to_f32(sz[2 * j + 1]);
+        if (c.kernel == Kernel::Avx2) zero[j] = std::fma(scale[j], -8.0f, zero[j]);
       }
     }
     const float xk = c.x[k];
     const uint8_t* b = block + k * nb / 2;
     for (int64_t j = 0; j < nb / 2; ++j) {
       const int64_t lo = halves ? j : 2 * j, hi = halves ? j + nb / 2 : 2 * j + 1;
-      const float wlo = std::fma(static_cast<float>(b[j] & 15) - 8.0f, scale[lo], zero[lo]);
-      const float whi = std::fma(static_cast<float>(b[j] >> 4) - 8.0f, scale[hi], zero[hi]);
+      const float wlo = dequant(c.kernel, b[j] & 15, scale[lo], zero[lo]);
+      const float whi = dequant(c.kernel, b[j] >> 4, scale[hi], zero[hi]);
       acc[lo] = std::fma(xk, wlo, acc[lo]);
       acc[hi] = std::fma(xk, whi, acc[hi]);
     }
@@ -159,12 +182,52 @@ __attribute__((target("avx512f"))) void q4_block64(const Q4Call& c, int64_t base
   for (int r = 0; r < 4; ++r) _mm512_storeu_ps(c.out + base + 16 * r, acc[r]);
 }
 
+// A full 32-row AVX2 block from row `base` on: 16 bytes per input, row j in the low nibble
+// of byte j for j < 16, in the high nibble of byte j - 16 for j >= 16; dequantized and summed
+// as libtorch's AVX2 kernel does, 8 rows to a vector.
+__attribute__((target("avx2,fma"))) void q4_block32_avx2(const Q4Call& c, int64_t base) {
+  const LudusQ4& w = *c.w;
+  const uint8_t* block = w.packed + base * w.k / 2;
+  const __m256i low_nibble = _mm256_set1_epi32(15);
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256 minus_eight = _mm256_set1_ps(-8.0f);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 scale[4], zero[4];
+  for (int64_t k = 0; k < w.k; ++k) {
+    if (k % c.group == 0) {
+      const uint16_t* sz = w.scales_zeros + ((k / c.group) * w.n + base) * 2;
+      for (int r = 0; r < 4; ++r) {
+        // 8 rows' (scale, zero) pairs: the scale in the low 16 bits of each 32-bit lane.
+        const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + 16 * r));
+        scale[r] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+        const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pairs, high_half));
+        zero[r] = _mm256_fmadd_ps(scale[r], minus_eight, z);
+      }
+    }
+    const __m256 xk = _mm256_set1_ps(c.x[k]);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + k * 16));
+    const __m256i v0 = _mm256_cvtepu8_epi32(bytes);                     // bytes 0-7
+    const __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));  // bytes 8-15
+    // Rows 0-7, 8-15 (low nibbles), 16-23, 24-31 (high nibbles).
+    const __m256i codes[4] = {_mm256_and_si256(v0, low_nibble), _mm256_and_si256(v1, low_nibble),
+                              _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)};
+    for (int r = 0; r < 4; ++r) {
+      const __m256 wr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes[r]), scale[r], zero[r]);
+      acc[r] = _mm256_fmadd_ps(xk, wr, acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) _mm256_storeu_ps(c.out + base + 8 * r, acc[r]);
+}
+
 void q4_blocks(const Q4Call& c, int64_t b0, int64_t b1) {
-  const bool fast = c.halves && c.block_n == 64 && has_avx512();
+  const bool fast512 = c.kernel == Kernel::Avx512 && c.halves && c.block_n == 64 && has_avx512();
+  const bool fast256 = c.kernel == Kernel::Avx2 && c.halves && c.block_n == 32 && has_avx2_fma();
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * c.block_n;
-    if (fast && base + 64 <= c.w->n) {
+    if (fast512 && base + 64 <= c.w->n) {
       q4_block64(c, base);
+    } else if (fast256 && base + 32 <= c.w->n) {
+      q4_block32_avx2(c, base);
     } else {
       q4_block_generic(c, base);
     }
@@ -173,13 +236,19 @@ void q4_blocks(const Q4Call& c, int64_t b0, int64_t b1) {
 
 // out[0..n) = bf16(x W^T), x given as bf16 values in f32.
 void q4_product(const LudusQ4& w, int64_t group, int64_t block_n, bool halves, const float* x, float* out) {
-  const Q4Call c{&w, group, block_n, halves, x, out};
+  const Q4Call c{&w, group, block_n, halves, kernel_of(block_n, halves), x, out};
   const int64_t blocks = (w.n + block_n - 1) / block_n;
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { q4_blocks(c, b0, b1); });
   for (int64_t j = 0; j < w.n; ++j) out[j] = round_bf16(out[j]);
 }
 
 // ---- the int8 vocabulary table ------------------------------------------------------------
+
+// Inputs `from..k` past the kernel's last whole vector, one at a time.
+float dot_i8_tail(const int8_t* codes, float scale, const float* x, int64_t from, int64_t k, float total) {
+  for (int64_t i = from; i < k; ++i) total += x[i] * (static_cast<float>(codes[i]) * scale);
+  return total;
+}
 
 // One logit as libtorch's AVX-512 int8 kernel (`_weight_int8pack_mm`) computes it: each
 // weight dequantized in f32 (code * scale), 16 lanes of fused multiply-adds, the lanes summed
@@ -193,16 +262,35 @@ __attribute__((target("avx512f"))) float dot_i8_avx512(const int8_t* codes, floa
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)))), s);
     acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), w, acc);
   }
-  float total = _mm512_reduce_add_ps(acc);
-  for (; i < k; ++i) total += x[i] * (static_cast<float>(codes[i]) * scale);
-  return total;
+  return dot_i8_tail(codes, scale, x, i, k, _mm512_reduce_add_ps(acc));
 }
 
-float dot_i8(const int8_t* codes, float scale, const float* x, int64_t k) {
+// The same logit as libtorch's AVX2 int8 kernel computes it: 8 lanes of fused multiply-adds
+// over k in steps of 8, then the lanes summed as its own reduction does: lane i with lane
+// i + 4, then i with i + 2, then the two left.
+float reduce8(const float lane[8]) {
+  const float a0 = lane[0] + lane[4], a1 = lane[1] + lane[5], a2 = lane[2] + lane[6], a3 = lane[3] + lane[7];
+  return (a0 + a2) + (a1 + a3);
+}
+
+__attribute__((target("avx2,fma"))) float dot_i8_avx2(const int8_t* codes, float scale, const float* x, int64_t k) {
+  const __m256 s = _mm256_set1_ps(scale);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 w = _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)))), s);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), w, acc);
+  }
+  alignas(32) float lane[8];
+  _mm256_store_ps(lane, acc);
+  return dot_i8_tail(codes, scale, x, i, k, reduce8(lane));
+}
+
+float dot_i8(Kernel kernel, const int8_t* codes, float scale, const float* x, int64_t k) {
+  if (kernel == Kernel::Avx2) return dot_i8_avx2(codes, scale, x, k);  // check_model: the CPU has AVX2
   if (has_avx512()) return dot_i8_avx512(codes, scale, x, k);
-  float total = 0.0f;
-  for (int64_t i = 0; i < k; ++i) total += x[i] * (static_cast<float>(codes[i]) * scale);
-  return total;
+  return dot_i8_tail(codes, scale, x, 0, k, 0.0f);
 }
 
 // ---- the small operations ---------------------------------------------------------------
@@ -306,6 +394,9 @@ std::string check_model(const LudusFusedModel& m) {
       m.block_n % 2 != 0 || m.layers <= 0 || m.vocab <= 0 || m.max_len <= 0 || m.slots <= 0) {
     return "bad model dimensions";
   }
+  if (kernel_of(m.block_n, m.halves != 0) == Kernel::Avx2 && !has_avx2_fma()) {
+    return "int4 packed for libtorch's AVX2 kernel on a CPU without AVX2";
+  }
   const int64_t qkv_rows = (m.heads + 2 * m.kv_heads) * m.head_dim;
   for (int64_t l = 0; l < m.layers; ++l) {
     const LudusFusedLayer& L = m.layer[l];
@@ -371,9 +462,10 @@ void decode(const LudusFusedModel& m, uint16_t* const* k_cache, uint16_t* const*
   rms_norm(x.data(), m.norm, d, m.eps, normed.data());
   for (int64_t i = 0; i < d; ++i) hidden_out[i] = f32_to_bf16(normed[i]);
   const float* hrow = normed.data();
+  const Kernel kernel = kernel_of(m.block_n, halves);
   at::parallel_for(0, m.vocab, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      logits_out[r] = round_bf16(dot_i8(m.head_codes + r * d, bf16_to_f32(m.head_scales[r]), hrow, d));
+      logits_out[r] = round_bf16(dot_i8(kernel, m.head_codes + r * d, bf16_to_f32(m.head_scales[r]), hrow, d));
     }
   });
 }

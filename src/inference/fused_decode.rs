@@ -17,9 +17,10 @@
 //! limit in the proof calibration; docs/benchmarks.md, "Fused batch-1 decode".)
 //!
 //! Taken only where it computes exactly that model: CPU, bf16 activations, every projection
-//! int4 in libtorch's AVX-512 packing ([`super::int4_prefill::layout`]; on AVX2 CPUs
-//! libtorch's kernels sum in another order, and its own step stays), the vocabulary table
-//! in int8, and a plain Llama block (no biases, per-head norms, sandwich norms, soft-caps,
+//! int4 in the packing of libtorch's AVX-512 or AVX2 kernel ([`super::int4_prefill::layout`],
+//! which also says which kernel's order the products follow; libtorch's plain build
+//! computes without fused multiply-adds, and its own step stays there), the vocabulary
+//! table in int8, and a plain Llama block (no biases, per-head norms, sandwich norms, soft-caps,
 //! sliding windows or partial rotary embeddings: SmolLM2, Llama, TinyLlama, Mistral without
 //! its window). Anything else, and every step of more than one row, stays on libtorch.
 //!

@@ -359,11 +359,12 @@ impl Llama {
             return Err(format!("widths {} and {} are past 32,768", c.hidden_size, c.intermediate_size));
         }
         let layout = int4_prefill::layout().ok_or("libtorch's int4 packing is not a known one")?;
-        if !(layout.block_rows == 64 && layout.halves) {
-            // The step's products follow libtorch's AVX-512 kernel; on other CPUs libtorch
-            // packs and sums differently, and its own step stays the reference.
+        if !layout.halves {
+            // The step's products follow libtorch's AVX-512 or AVX2 kernel (64- or 32-row
+            // blocks of halves); its plain build packs row pairs and sums without fused
+            // multiply-adds, and its own step stays the reference there.
             return Err(
-                "libtorch runs its int4 kernel for AVX2 or plain CPUs here (the fused step is AVX-512 only)".into()
+                "libtorch runs its plain int4 kernel here (the fused step follows its AVX-512 and AVX2 ones)".into()
             );
         }
         fn int4(l: &Linear) -> std::result::Result<Int4Part<'_>, String> {

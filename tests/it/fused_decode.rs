@@ -107,15 +107,18 @@ fn compare(mut model: Model, prompt: &[u32], tokens: &[u32]) -> (Distance, Dista
     (distance(&fused, &reference, prompt.len()), distance(&plain, &reference, prompt.len()))
 }
 
-/// Whether this machine's libtorch packs int4 for AVX-512, where the fused step runs; says
-/// why not, and checks that the step then stays off, where it does not.
+/// Whether this machine's libtorch packs int4 for its AVX-512 or AVX2 kernel, where the
+/// fused step runs; says why not, and checks that the step then stays off, where it does not.
 fn fused_step_runs_here() -> bool {
     let t = tiny(&TinySpec::default());
     let mut model = Model::load_quantized(&t.gguf, Device::Cpu, None, Quantization::Int4, None).unwrap();
     match model.llama.enable_fused_decode() {
-        Ok(()) => true,
+        Ok(()) => {
+            eprintln!("the fused step runs here, on libtorch's {:?}", ludus::inference::int4_prefill::layout());
+            true
+        }
         Err(why) => {
-            assert!(why.contains("AVX-512") || why.contains("not a known one"), "{why}");
+            assert!(why.contains("plain int4 kernel") || why.contains("not a known one"), "{why}");
             assert!(model.llama.fused_decode().is_err());
             eprintln!("the fused step does not run on this CPU: {why}");
             false
@@ -182,6 +185,36 @@ fn tiny_int4_models_of_other_shapes_match_too() {
         let (fused, plain) = compare(model, &prompt, &tokens);
         eprintln!("tiny {spec:?}: fused {fused:?}, libtorch {plain:?}");
         assert!(fused.worst_hidden < 0.05, "{fused:?}");
+    }
+}
+
+/// Desktop CPUs without AVX-512 run libtorch's AVX2 kernels: int4 packed in 32-row blocks,
+/// dequantized and summed in another order. The fused step follows those too. Checked on any
+/// CPU with AVX2 by running this file's exactness tests again in a process whose libtorch is
+/// held to its AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2`, read when libtorch starts).
+#[test]
+fn the_fused_step_is_libtorchs_step_with_its_avx2_kernels_too() {
+    // The child itself, or a run already held to one set of kernels.
+    if std::env::var_os("ATEN_CPU_CAPABILITY").is_some() {
+        return;
+    }
+    if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+        eprintln!("no AVX2 here: libtorch's AVX2 kernels cannot run");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["fused_decode::", "--test-threads", "1", "--nocapture"])
+        .env("ATEN_CPU_CAPABILITY", "avx2")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the exactness tests failed on libtorch's AVX2 kernels:\n{text}");
+    // They ran, on the AVX2 packing, rather than skipping.
+    assert!(text.contains("PackLayout { block_rows: 32, halves: true }"), "{text}");
+    assert!(!text.contains("does not run on this CPU"), "{text}");
+    assert!(text.contains("tiny TinySpec"), "{text}");
+    if smollm2().is_some() {
+        assert!(text.contains("SmolLM2 int4 against the verifier's prefill"), "{text}");
     }
 }
 
