@@ -102,16 +102,23 @@ pub fn side_by_side(engine: Engine, on: Speculation, tokens: usize) -> anyhow::R
     // What the engine chose at start, before the runs above (measured on its own thread).
     let cap = engine.load.draft_cap.load(std::sync::atomic::Ordering::Relaxed);
     let (engine, pass_ms) = pass_costs(engine, on.k + 1)?;
-    let shown: Vec<String> = pass_ms.iter().enumerate().map(|(i, ms)| format!("{} rows {ms:.1} ms", i + 1)).collect();
-    eprintln!("one pass after 32 tokens: {}; drafts capped at {cap} of k = {}", shown.join(", "), on.k);
+    let shown: Vec<String> = pass_ms
+        .iter()
+        .enumerate()
+        .map(|(i, ms)| match i {
+            0 => format!("a plain step {ms:.1} ms"),
+            _ => format!("{} rows {ms:.1} ms", i + 1),
+        })
+        .collect();
+    eprintln!("after 32 tokens: {}; drafts capped at {cap} of k = {}", shown.join(", "), on.k);
     let report = serde_json::json!({
         "draft": on.draft.to_string(), "k": on.k, "draft_cap": cap, "batch1": rows, "pass_ms_by_rows": pass_ms
     });
     Ok((engine, report))
 }
 
-/// Median time of one pass of 1..=`rows` rows (what a draft of each length costs against
-/// a plain decode step), with the engine's single-sequence threads
+/// Median time of a plain decode step and of one pass of 2..=`rows` rows (what a draft of
+/// each length costs against that step), with the engine's single-sequence threads
 /// ([`crate::inference::pass_cost::measure`], which the engine ran at start too).
 fn pass_costs(engine: Engine, rows: usize) -> anyhow::Result<(Engine, Vec<f64>)> {
     let config = engine.config.clone();

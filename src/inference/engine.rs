@@ -462,16 +462,17 @@ impl Scheduler {
         }
     }
 
-    /// With speculation on, on CPU: times passes of 1..=k+1 rows as a lone sequence runs
-    /// them (its threads) and caps drafts where one more row stops paying
-    /// ([`super::pass_cost`]). A failed measurement, or another device, leaves k.
+    /// With speculation on, on CPU: times a plain step and passes of 2..=k+1 rows as a lone
+    /// sequence runs them (its threads) and caps drafts where one more row stops paying,
+    /// at 0 where none does ([`super::pass_cost`]). A failed measurement, another device,
+    /// or `speculative.timed = false` leaves k.
     fn measure_draft_cap(&mut self) {
         let k = self.config.speculative.k;
         self.draft_cap = k;
         if !self.config.speculative.enabled() {
             return;
         }
-        if self.model.llama.device != Device::Cpu {
+        if self.model.llama.device != Device::Cpu || !self.config.speculative.timed {
             self.load.draft_cap.store(k, Ordering::Relaxed);
             return;
         }
@@ -481,8 +482,14 @@ impl Scheduler {
             Ok(costs) => {
                 self.draft_cap = super::pass_cost::draft_cap(&costs, k);
                 let ms: Vec<String> = costs.iter().map(|c| format!("{c:.1}")).collect();
-                tracing::info!(k, cap = self.draft_cap, pass_ms = %ms.join("/"),
-                    secs = started.elapsed().as_secs_f32(), "speculation: draft length capped by pass cost");
+                let secs = started.elapsed().as_secs_f32();
+                if self.draft_cap == 0 {
+                    tracing::info!(k, step_then_pass_ms = %ms.join("/"), secs,
+                        "speculation: off here, a pass of two rows costs more than a drafted token saves");
+                } else {
+                    tracing::info!(k, cap = self.draft_cap, step_then_pass_ms = %ms.join("/"), secs,
+                        "speculation: draft length capped by pass cost");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "could not time speculative passes; drafting up to k"),
         }
@@ -802,6 +809,9 @@ impl Scheduler {
             .min(self.config.max_context.saturating_sub(seq.tokens.len()))
             .min(seq.draft_len)
             .min(self.draft_cap);
+        if room == 0 {
+            return None;
+        }
         let draft = match self.drafter.as_mut() {
             Some(drafter) => drafter.propose(&seq.tokens, room).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "the draft model failed three passes in a row; it drafts no more");

@@ -10,6 +10,13 @@
 //! draft length; only near-ties between a one-row and a several-row pass can go either
 //! way, as between batch sizes.
 //!
+//! The baseline is the step the engine takes when it does not draft: with the fused
+//! batch-1 step on (`[engine] fused_decode`), one call of Ludus' own kernels, which costs
+//! well under a libtorch pass of even one row. Where a second row already costs more than
+//! a drafted token saves, the cap is 0 and the engine decodes plainly: speculation then
+//! costs nothing and changes no token (on the AMD EPYC of docs/benchmarks.md, the fused
+//! step took 5.5 ms and a libtorch pass of two rows 9.1 ms).
+//!
 //! The timing runs on CPU only (a CUDA pass would need a synchronize per timing, and a GPU
 //! has no such cliff at a few rows), after a short context, and stops at the first row
 //! that costs too much: a few dozen passes, about a second for SmolLM2, a few tens of
@@ -31,9 +38,11 @@ const REPETITIONS: usize = 5;
 /// do not depend on it; a longer one would only cost a longer prefill at start).
 const CONTEXT: usize = 32;
 
-/// Milliseconds of one pass of 1..=`rows` rows after [`CONTEXT`] tokens, in the model's
-/// own format, with the threads libtorch has now: index `n - 1` holds n rows. With
-/// `stop_after_cliff`, the timing ends at the first row [`draft_cap`] would not take.
+/// Milliseconds of a plain decode step (index 0: what a token costs without drafting,
+/// through the fused step where it is on) and of one pass of 2..=`rows` rows (index
+/// `n - 1`: the last token and n - 1 drafted ones), after [`CONTEXT`] tokens, in the model's
+/// own format, with the threads libtorch has now. With `stop_after_cliff`, the timing ends
+/// at the first row [`draft_cap`] would not take.
 pub fn measure(llama: &Llama, rows: usize, stop_after_cliff: bool) -> Result<Vec<f64>> {
     // Inside a small model's context and vocabulary too.
     let vocab = llama.config.vocab_size.max(1) as u32;
@@ -52,7 +61,11 @@ pub fn measure(llama: &Llama, rows: usize, stop_after_cliff: bool) -> Result<Vec
         for _ in 0..REPETITIONS {
             cache.set_len(0, context_len);
             let started = std::time::Instant::now();
-            llama.prefill(&mut cache, 0, &context[..n], context_len, LogitsFor::All)?;
+            if n == 1 {
+                llama.decode(&mut cache, &context[..1], &[context_len])?;
+            } else {
+                llama.prefill(&mut cache, 0, &context[..n], context_len, LogitsFor::All)?;
+            }
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);
@@ -61,12 +74,12 @@ pub fn measure(llama: &Llama, rows: usize, stop_after_cliff: bool) -> Result<Vec
     Ok(costs)
 }
 
-/// Draft tokens a pass may carry, at most `k` and at least 1: each row up to there costs
-/// at most [`WORTH`] of a plain step (`costs[0]`) more than the pass without it.
+/// Draft tokens a pass may carry, at most `k`: each row up to there costs at most
+/// [`WORTH`] of a plain step (`costs[0]`) more than the pass (or step) without it. 0 when
+/// even one drafted row costs more than that: drafting does not pay here.
 pub fn draft_cap(costs: &[f64], k: usize) -> usize {
-    let Some(&step) = costs.first() else { return k.max(1) };
-    let worth = costs.windows(2).take(k).take_while(|w| w[1] - w[0] <= WORTH * step).count();
-    worth.clamp(1, k.max(1))
+    let Some(&step) = costs.first() else { return k };
+    costs.windows(2).take(k).take_while(|w| w[1] - w[0] <= WORTH * step).count()
 }
 
 #[cfg(test)]
@@ -86,9 +99,13 @@ mod tests {
         // Fewer rows timed than k + 1, all cheap: only what was timed.
         assert_eq!(draft_cap(&[20.0, 21.0, 22.0], 4), 2);
         // A later cheap row does not make up for an expensive one before it.
-        assert_eq!(draft_cap(&[20.0, 40.0, 41.0, 42.0], 3), 1);
-        // Never below one token (speculation is on), nothing measured: k.
-        assert_eq!(draft_cap(&[20.0, 60.0], 4), 1);
+        assert_eq!(draft_cap(&[20.0, 21.0, 40.0, 41.0], 3), 1);
+        // The fused step against libtorch's passes, as measured on an AMD EPYC (2 cores):
+        // the first drafted row costs 0.65 of a step, so nothing is drafted; nor where a
+        // second row alone is past the cliff.
+        assert_eq!(draft_cap(&[5.5, 9.1, 10.1, 10.9, 16.2], 4), 0);
+        assert_eq!(draft_cap(&[20.0, 40.0, 41.0, 42.0], 3), 0);
+        // Nothing measured: k.
         assert_eq!(draft_cap(&[], 4), 4);
     }
 }

@@ -70,6 +70,16 @@ pub struct Speculation {
     pub draft: Draft,
     /// Tokens drafted per pass at most (each costs one more row in the target's pass).
     pub k: usize,
+    /// Whether the engine times a plain step and passes of 2..=k+1 rows at start and drafts
+    /// only as many tokens as pay (none where a second row already costs more than a
+    /// drafted token saves: [`super::pass_cost`]); false drafts up to `k` whatever a pass
+    /// costs here.
+    #[serde(default = "timed_by_default")]
+    pub timed: bool,
+}
+
+fn timed_by_default() -> bool {
+    true
 }
 
 /// Most tokens one pass may draft (a pass of more rows costs like a prefill chunk).
@@ -81,7 +91,7 @@ const MAX_NGRAM: usize = 4;
 const MIN_NGRAM: usize = 2;
 
 impl Speculation {
-    pub const OFF: Self = Self { draft: Draft::Off, k: 0 };
+    pub const OFF: Self = Self { draft: Draft::Off, k: 0, timed: true };
 
     /// Whether passes draft at all.
     pub fn enabled(&self) -> bool {
@@ -356,7 +366,7 @@ mod tests {
         let config = EngineConfig { max_batch: 2, max_context: 128, ..Default::default() };
         let plain = Engine::start(load(&t), config.clone()).unwrap();
         let drafting =
-            EngineConfig { speculative: Speculation { draft: Draft::Model, k: 2 }, draft_model: Some(d), ..config };
+            EngineConfig { speculative: Speculation { draft: Draft::Model, k: 2, timed: true }, draft_model: Some(d), ..config };
         let drafting = Engine::start(load(&t), drafting).unwrap();
         assert_eq!(drafting.model_bytes, plain.model_bytes + drafter.model_bytes());
         assert!(drafter.model_bytes() > 0);
@@ -366,19 +376,19 @@ mod tests {
 
     #[test]
     fn the_setting_bounds_the_draft() {
-        let s = Speculation { draft: Draft::Ngram, k: 2 };
+        let s = Speculation { draft: Draft::Ngram, k: 2, timed: true };
         let tokens = [1, 2, 3, 4, 5, 6, 1, 2];
         assert_eq!(s.propose(&tokens, 10), vec![3, 4]);
         assert_eq!(s.propose(&tokens, 1), vec![3], "no more than the sequence may still take");
         assert!(s.propose(&tokens, 0).is_empty());
         assert!(Speculation::OFF.propose(&tokens, 10).is_empty());
         assert!(!Speculation::OFF.enabled() && s.enabled());
-        assert!(Speculation { draft: Draft::Ngram, k: 0 }.validate().is_err());
-        assert!(Speculation { draft: Draft::Ngram, k: MAX_DRAFT_TOKENS + 1 }.validate().is_err());
-        assert!(Speculation { draft: Draft::Off, k: 0 }.validate().is_ok());
+        assert!(Speculation { draft: Draft::Ngram, k: 0, timed: true }.validate().is_err());
+        assert!(Speculation { draft: Draft::Ngram, k: MAX_DRAFT_TOKENS + 1, timed: true }.validate().is_err());
+        assert!(Speculation { draft: Draft::Off, k: 0, timed: true }.validate().is_ok());
         assert_eq!("ngram".parse::<Draft>(), Ok(Draft::Ngram));
         assert!("eagle".parse::<Draft>().unwrap_err().contains("off, ngram or model"));
         assert_eq!("model".parse::<Draft>(), Ok(Draft::Model));
-        assert!(Speculation { draft: Draft::Model, k: 4 }.propose(&tokens, 10).is_empty(), "the model proposes");
+        assert!(Speculation { draft: Draft::Model, k: 4, timed: true }.propose(&tokens, 10).is_empty(), "the model proposes");
     }
 }

@@ -46,6 +46,15 @@ fn start_with_draft(
 ) -> Engine {
     let path = smollm2().expect("checked by the caller");
     let model = Model::load_quantized(&path, Device::Cpu, None, quantization, None).unwrap();
+    engine_over(model, speculative, max_batch, draft_model)
+}
+
+fn engine_over(
+    model: Model,
+    speculative: Speculation,
+    max_batch: usize,
+    draft_model: Option<std::path::PathBuf>,
+) -> Engine {
     let config = EngineConfig {
         max_batch,
         max_context: 1024,
@@ -59,8 +68,11 @@ fn start_with_draft(
     Engine::start(model, config).unwrap()
 }
 
-const NGRAM: Speculation = Speculation { draft: Draft::Ngram, k: 4 };
-const DRAFT_MODEL: Speculation = Speculation { draft: Draft::Model, k: 4 };
+// These tests are about the drafting itself: up to k tokens whatever a pass costs on this
+// CPU (`timed: false`); with the default, timed, an engine may draft nothing here
+// (`with_the_fused_step_on_speculation_drafts_only_where_a_pass_pays`).
+const NGRAM: Speculation = Speculation { draft: Draft::Ngram, k: 4, timed: false };
+const DRAFT_MODEL: Speculation = Speculation { draft: Draft::Model, k: 4, timed: false };
 
 /// Runs `lines` on `engine`, `together` at a time; the ids of each answer. Together,
 /// answers get different lengths (8, 16, … 56 tokens at most, and the last 96), so that
@@ -153,6 +165,38 @@ fn compare_drafting(
     eprintln!("{what}: {identical}/{} identical; {s:?}", want.len());
     assert_eq!(plain.load.speculation(), SpeculationStats::default(), "off means no draft");
     (s, got.iter().map(Vec::len).sum())
+}
+
+/// With the default timing, the engine compares a pass of two rows with the step it takes
+/// when it does not draft (the fused batch-1 step, int4 on CPU), and drafts nothing where
+/// the second row costs more than a drafted token saves: the answers are then the plain
+/// engine's, token for token. Where a pass does pay, it drafts no more than the cap, and
+/// the answers may part only at near-ties, as above.
+#[test]
+fn with_the_fused_step_on_speculation_drafts_only_where_a_pass_pays() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path, Device::Cpu, None).unwrap();
+    let int4 = Model::load_quantized(&path, Device::Cpu, None, Quantization::Int4, None).unwrap();
+    if let Err(why) = int4.llama.fused_decode() {
+        eprintln!("no fused step here ({why})");
+    }
+    let greedy = SamplingParams::greedy();
+    let plain = start(Quantization::Int4, Speculation::OFF, 1);
+    let drafting = engine_over(int4, Speculation { timed: true, ..NGRAM }, 1, None);
+    let want = run(&plain, &model, &greedy, 1);
+    let got = run(&drafting, &model, &greedy, 1);
+    let cap = drafting.load.draft_cap.load(std::sync::atomic::Ordering::Relaxed);
+    let s = drafting.load.speculation();
+    eprintln!("int4, timed n-gram drafting: cap {cap} of k = 4; {s:?}");
+    assert!(cap <= 4, "cap {cap} for k = 4");
+    if cap == 0 {
+        assert_eq!(s, SpeculationStats::default(), "a cap of 0 drafts nothing");
+        assert_eq!(want, got, "without drafts, the plain engine's answers");
+    } else {
+        assert!(s.passes > 0 && s.drafted <= s.passes * cap as u64, "{s:?} with a cap of {cap}");
+        let reference = Model::load_quantized(&path, Device::Cpu, None, Quantization::Int4, None).unwrap();
+        same_up_to_near_ties(&reference, &model, &want, &got, &greedy, "int4 timed, greedy");
+    }
 }
 
 #[test]
@@ -280,11 +324,11 @@ fn speculation_stays_within_max_tokens_the_context_and_out_of_grammars() {
     let (_, text, _) = drain(engine.submit(request).unwrap());
     assert!(text.starts_with('{'), "{text}");
     assert_eq!(engine.load.speculation(), before, "no draft under a grammar");
-    // The draft cap the engine measured at start (pass costs) bounds every pass: what it is
-    // depends on this CPU; that it holds does not.
+    // Untimed, the cap is k, and it bounds every pass (a timed one:
+    // `with_the_fused_step_on_speculation_drafts_only_where_a_pass_pays`).
     let cap = engine.load.draft_cap.load(std::sync::atomic::Ordering::Relaxed) as u64;
     let s = engine.load.speculation();
-    assert!((1..=4).contains(&cap), "cap {cap} for k = 4");
+    assert_eq!(cap, 4, "cap {cap} for k = 4, untimed");
     assert!(s.passes > 0 && s.drafted <= s.passes * cap, "{s:?} with a cap of {cap}");
 }
 
