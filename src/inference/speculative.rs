@@ -365,8 +365,11 @@ mod tests {
         use crate::inference::{Engine, EngineConfig};
         let config = EngineConfig { max_batch: 2, max_context: 128, ..Default::default() };
         let plain = Engine::start(load(&t), config.clone()).unwrap();
-        let drafting =
-            EngineConfig { speculative: Speculation { draft: Draft::Model, k: 2, timed: true }, draft_model: Some(d), ..config };
+        let drafting = EngineConfig {
+            speculative: Speculation { draft: Draft::Model, k: 2, timed: true },
+            draft_model: Some(d),
+            ..config
+        };
         let drafting = Engine::start(load(&t), drafting).unwrap();
         assert_eq!(drafting.model_bytes, plain.model_bytes + drafter.model_bytes());
         assert!(drafter.model_bytes() > 0);
@@ -389,6 +392,9 @@ mod tests {
         assert_eq!("ngram".parse::<Draft>(), Ok(Draft::Ngram));
         assert!("eagle".parse::<Draft>().unwrap_err().contains("off, ngram or model"));
         assert_eq!("model".parse::<Draft>(), Ok(Draft::Model));
-        assert!(Speculation { draft: Draft::Model, k: 4, timed: true }.propose(&tokens, 10).is_empty(), "the model proposes");
+        assert!(
+            Speculation { draft: Draft::Model, k: 4, timed: true }.propose(&tokens, 10).is_empty(),
+            "the model proposes"
+        );
     }
 }

@@ -46,15 +46,6 @@ fn start_with_draft(
 ) -> Engine {
     let path = smollm2().expect("checked by the caller");
     let model = Model::load_quantized(&path, Device::Cpu, None, quantization, None).unwrap();
-    engine_over(model, speculative, max_batch, draft_model)
-}
-
-fn engine_over(
-    model: Model,
-    speculative: Speculation,
-    max_batch: usize,
-    draft_model: Option<std::path::PathBuf>,
-) -> Engine {
     let config = EngineConfig {
         max_batch,
         max_context: 1024,
@@ -176,13 +167,13 @@ fn compare_drafting(
 fn with_the_fused_step_on_speculation_drafts_only_where_a_pass_pays() {
     let Some(path) = smollm2() else { return };
     let model = Model::load(&path, Device::Cpu, None).unwrap();
-    let int4 = Model::load_quantized(&path, Device::Cpu, None, Quantization::Int4, None).unwrap();
-    if let Err(why) = int4.llama.fused_decode() {
+    let reference = Model::load_quantized(&path, Device::Cpu, None, Quantization::Int4, None).unwrap();
+    if let Err(why) = reference.llama.fused_decode() {
         eprintln!("no fused step here ({why})");
     }
     let greedy = SamplingParams::greedy();
     let plain = start(Quantization::Int4, Speculation::OFF, 1);
-    let drafting = engine_over(int4, Speculation { timed: true, ..NGRAM }, 1, None);
+    let drafting = start(Quantization::Int4, Speculation { timed: true, ..NGRAM }, 1);
     let want = run(&plain, &model, &greedy, 1);
     let got = run(&drafting, &model, &greedy, 1);
     let cap = drafting.load.draft_cap.load(std::sync::atomic::Ordering::Relaxed);
@@ -194,7 +185,6 @@ fn with_the_fused_step_on_speculation_drafts_only_where_a_pass_pays() {
         assert_eq!(want, got, "without drafts, the plain engine's answers");
     } else {
         assert!(s.passes > 0 && s.drafted <= s.passes * cap as u64, "{s:?} with a cap of {cap}");
-        let reference = Model::load_quantized(&path, Device::Cpu, None, Quantization::Int4, None).unwrap();
         same_up_to_near_ties(&reference, &model, &want, &got, &greedy, "int4 timed, greedy");
     }
 }
