@@ -394,6 +394,9 @@ std::string check_model(const LudusFusedModel& m) {
       m.block_n % 2 != 0 || m.layers <= 0 || m.vocab <= 0 || m.max_len <= 0 || m.slots <= 0) {
     return "bad model dimensions";
   }
+  if (m.halves == 0 || (m.block_n != 32 && m.block_n != 64)) {
+    return "int4 not packed for libtorch's AVX-512 or AVX2 kernel";
+  }
   if (kernel_of(m.block_n, m.halves != 0) == Kernel::Avx2 && !has_avx2_fma()) {
     return "int4 packed for libtorch's AVX2 kernel on a CPU without AVX2";
   }
@@ -471,18 +474,52 @@ void decode(const LudusFusedModel& m, uint16_t* const* k_cache, uint16_t* const*
 }
 }  // namespace
 
+// Runs `body` (which returns 0 on success), any C++ exception an error with its message.
+template <class F>
+int guarded(F&& body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    fused_error = e.what();
+    return 1;
+  } catch (...) {
+    fused_error = "unknown error";
+    return 1;
+  }
+}
+
 extern "C" {
 const char* ludus_fused_last_error() { return fused_error.c_str(); }
 
 // The norms' sum of n values (libtorch's order for n >= 8), for the test that checks it.
 float ludus_fused_row_sum(const float* values, int64_t n) { return n > 0 ? row_sum(values, n) : 0.0f; }
 
+// `rows` int4 products as the step computes them (x: rows × k bf16 values in f32, out: rows
+// × n bf16), for the test that holds them to libtorch's kernel. 0 on success.
+int ludus_fused_q4_product(const uint8_t* packed, const uint16_t* scales_zeros, int64_t n, int64_t k, int64_t group,
+                           int64_t block_n, int32_t halves, const float* x, int64_t rows, uint16_t* out) {
+  return guarded([&] {
+    if (n <= 0 || n % 2 != 0 || k <= 0 || group <= 0 || k % group != 0 || rows < 0 ||
+        (block_n != 32 && block_n != 64) || halves == 0) {
+      fused_error = "bad int4 product shape or layout";
+      return 1;
+    }
+    const LudusQ4 w{packed, scales_zeros, n, k};
+    std::vector<float> sums(n);
+    for (int64_t r = 0; r < rows; ++r) {
+      q4_product(w, group, block_n, halves != 0, x + r * k, sums.data());
+      for (int64_t j = 0; j < n; ++j) out[r * n + j] = f32_to_bf16(sums[j]);
+    }
+    return 0;
+  });
+}
+
 // One decode step of the sequence in cache `slot` at position `pos` (tokens 0..pos-1 are
 // cached): writes its key and value at `pos` in every layer, its final hidden state
 // (`hidden` bf16 values) and its logits (`vocab` f32 values, bf16-rounded). 0 on success.
 int ludus_fused_decode(const LudusFusedModel* model, uint16_t* const* k_cache, uint16_t* const* v_cache,
                        int64_t slot, int64_t token, int64_t pos, uint16_t* hidden_out, float* logits_out) {
-  try {
+  return guarded([&] {
     const LudusFusedModel& m = *model;
     const std::string bad = check_model(m);
     if (!bad.empty()) {
@@ -496,12 +533,6 @@ int ludus_fused_decode(const LudusFusedModel* model, uint16_t* const* k_cache, u
     }
     decode(m, k_cache, v_cache, slot, token, pos, hidden_out, logits_out);
     return 0;
-  } catch (const std::exception& e) {
-    fused_error = e.what();
-    return 1;
-  } catch (...) {
-    fused_error = "unknown error";
-    return 1;
-  }
+  });
 }
 }

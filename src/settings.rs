@@ -324,6 +324,14 @@ mod tests {
         assert_eq!(s.engine.prefill_chunk, 128, "unset keys keep their defaults");
         // The verifier's second replay cuts prompts as a node of the default does.
         assert_eq!(s.engine.prefill_chunk, crate::proof::verify::NODE_PREFILL_CHUNK);
+        // A speculation table written before `timed` existed still loads, timed.
+        std::fs::write(&path, "[engine]\nspeculative = { draft = \"ngram\", k = 2 }\n").unwrap();
+        let s = Settings::load(Some(&path)).unwrap().engine.speculative;
+        assert_eq!((s.draft, s.k, s.timed), (crate::inference::Draft::Ngram, 2, true));
+        std::fs::write(&path, "[engine]\nspeculative = { draft = \"ngram\", k = 2, timed = false }\n").unwrap();
+        assert!(!Settings::load(Some(&path)).unwrap().engine.speculative.timed);
+        let alone: crate::inference::Speculation = serde_json::from_str(r#"{"draft": "ngram", "k": 3}"#).unwrap();
+        assert!(alone.timed, "timed unless said otherwise");
     }
 
     #[test]

@@ -484,7 +484,7 @@ impl Scheduler {
                 let ms: Vec<String> = costs.iter().map(|c| format!("{c:.1}")).collect();
                 let secs = started.elapsed().as_secs_f32();
                 if self.draft_cap == 0 {
-                    tracing::info!(k, step_then_pass_ms = %ms.join("/"), secs,
+                    tracing::info!(k, step_then_pass_ms = %ms.join("/"), secs, draft_model_unused = self.drafter.is_some(),
                         "speculation: off here, a pass of two rows costs more than a drafted token saves");
                 } else {
                     tracing::info!(k, cap = self.draft_cap, step_then_pass_ms = %ms.join("/"), secs,

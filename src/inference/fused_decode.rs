@@ -90,6 +90,18 @@ mod ffi {
     extern "C" {
         pub fn ludus_fused_last_error() -> *const c_char;
         pub fn ludus_fused_row_sum(values: *const f32, n: i64) -> f32;
+        pub fn ludus_fused_q4_product(
+            packed: *const u8,
+            scales_zeros: *const u16,
+            n: i64,
+            k: i64,
+            group: i64,
+            block_n: i64,
+            halves: i32,
+            x: *const f32,
+            rows: i64,
+            out: *mut u16,
+        ) -> i32;
         pub fn ludus_fused_decode(
             model: *const Model,
             k_cache: *const *mut u16,
@@ -121,6 +133,42 @@ pub fn enabled() -> bool {
 pub fn row_sum(values: &[f32]) -> f32 {
     // SAFETY: the shim reads `values.len()` f32s from the slice's start and keeps nothing.
     unsafe { ffi::ludus_fused_row_sum(values.as_ptr(), values.len() as i64) }
+}
+
+/// `x · Wᵀ` for a weight packed by libtorch (`packed`, `[k / group, n, 2]` bf16
+/// `scales_zeros`) and bf16 rows `x` (`[rows, k]`), computed row by row as the fused step
+/// computes its products, in bf16: for the test that holds them to libtorch's int4 kernel.
+pub fn q4_product(packed: &Tensor, scales_zeros: &Tensor, group: i64, x: &Tensor) -> Result<Tensor> {
+    let bad = |what: String| InferError::Quantization(format!("fused int4 product: {what}"));
+    let layout = super::int4_prefill::layout().ok_or_else(|| bad("no known int4 layout".into()))?;
+    let (n, k) = super::int4_prefill::check(packed, scales_zeros, group)?;
+    let (rows, x_k) = x.size2()?;
+    if x_k != k {
+        return Err(bad(format!("{x_k} inputs for a weight of {k}")));
+    }
+    let x = x.f_to_kind(Kind::BFloat16)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let out = Tensor::f_empty([rows, n], (Kind::BFloat16, Device::Cpu))?;
+    // SAFETY: `check` verified `packed` (n*k/2 bytes) and `scales_zeros` (k/group*n*2 bf16
+    // values), contiguous on the CPU; `x` holds rows*k f32 values and `out` rows*n bf16, all
+    // alive for the call; the shim keeps nothing.
+    let status = unsafe {
+        ffi::ludus_fused_q4_product(
+            packed.data_ptr() as *const u8,
+            scales_zeros.data_ptr() as *const u16,
+            n,
+            k,
+            group,
+            layout.block_rows,
+            i32::from(layout.halves),
+            x.data_ptr() as *const f32,
+            rows,
+            out.data_ptr() as *mut u16,
+        )
+    };
+    if status != 0 {
+        return Err(bad(last_error()));
+    }
+    Ok(out)
 }
 
 /// Parses `[engine] fused_decode`.
@@ -350,10 +398,14 @@ impl FusedDecode {
             )
         };
         if rc != 0 {
-            // SAFETY: the shim returns a pointer to a thread-local, NUL-terminated string.
-            let msg = unsafe { CStr::from_ptr(ffi::ludus_fused_last_error() as *const c_char) };
-            return Err(InferError::InvalidRequest(format!("fused decode: {}", msg.to_string_lossy())));
+            return Err(InferError::InvalidRequest(format!("fused decode: {}", last_error())));
         }
         Ok((hidden, logits))
     }
+}
+
+/// The shim's last error on this thread.
+fn last_error() -> String {
+    // SAFETY: the shim returns a pointer to a thread-local, NUL-terminated string.
+    unsafe { CStr::from_ptr(ffi::ludus_fused_last_error() as *const c_char) }.to_string_lossy().into_owned()
 }

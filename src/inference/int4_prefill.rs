@@ -137,7 +137,7 @@ pub fn split_weight(packed: &Tensor, scales_zeros: &Tensor, group: i64, layout: 
 }
 
 /// `(n, k)` of a packed weight, after checking that its parts fit each other.
-fn check(packed: &Tensor, scales_zeros: &Tensor, group: i64) -> Result<(i64, i64)> {
+pub(crate) fn check(packed: &Tensor, scales_zeros: &Tensor, group: i64) -> Result<(i64, i64)> {
     let n = scales_zeros.size().get(1).copied().unwrap_or(0);
     let k = packed.numel() as i64 * 2 / n.max(1);
     let fits = packed.device() == Device::Cpu

@@ -358,6 +358,11 @@ impl Llama {
         if c.hidden_size >= 32_768 || c.intermediate_size >= 32_768 {
             return Err(format!("widths {} and {} are past 32,768", c.hidden_size, c.intermediate_size));
         }
+        // libtorch's int8 kernels (the head) read the width 16 (AVX-512) or 8 (AVX2) values
+        // at a time, with no tail.
+        if !c.hidden_size.is_multiple_of(16) {
+            return Err(format!("hidden width {} is not a multiple of 16", c.hidden_size));
+        }
         let layout = int4_prefill::layout().ok_or("libtorch's int4 packing is not a known one")?;
         if !layout.halves {
             // The step's products follow libtorch's AVX-512 or AVX2 kernel (64- or 32-row

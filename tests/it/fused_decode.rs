@@ -149,8 +149,22 @@ fn tiny_int4_models_of_other_shapes_match_too() {
     }
     // 80 = a full 64-row block and a partial one; one KV head for four query heads; a
     // hidden width that is not a multiple of 64; a cache longer than one of the attention
-    // kernel's 512-key blocks.
+    // kernel's 512-key blocks; 48 query, key and value rows (heads of 8): a partial block
+    // for either kernel, and for AVX2's (32-row blocks) a 16-row one.
     for (spec, prompt_len) in [
+        (
+            TinySpec {
+                layers: 2,
+                hidden: 32,
+                heads: 4,
+                kv_heads: 1,
+                ffn: 64,
+                context: 1024,
+                seed: 13,
+                ..Default::default()
+            },
+            50,
+        ),
         (
             TinySpec {
                 layers: 2,
@@ -216,6 +230,43 @@ fn the_fused_step_is_libtorchs_step_with_its_avx2_kernels_too() {
     if smollm2().is_some() {
         assert!(text.contains("SmolLM2 int4 against the verifier's prefill"), "{text}");
     }
+}
+
+/// The int4 products alone, against libtorch's kernel on the same packed weight: equal in
+/// every output, over enough outputs that a product in another order, or a weight
+/// dequantized as the other kernel does, shows (such differences reach a bf16 output about
+/// once in 10,000). 48 rows: for AVX-512 (64-row blocks) a partial block of 48, for AVX2
+/// (32-row blocks) a full one and a partial one of 16, whose layout and arithmetic no real
+/// model's step takes otherwise. Run on AVX2 kernels too, by the test above.
+#[test]
+fn int4_products_are_libtorchs_kernel_bit_for_bit_partial_blocks_too() {
+    if !fused_step_runs_here() {
+        return;
+    }
+    tch::manual_seed(21);
+    let (group, k) = (32i64, 128i64);
+    for n in [48i64, 304] {
+        let codes = Tensor::randint(16, [n, k], (Kind::Int, Device::Cpu));
+        let packed = codes.internal_convert_weight_to_int4pack_for_cpu(2).contiguous();
+        // Scales some 20 binary orders below their zeros: the two kernels' dequantizations
+        // (AVX2 folds -8 * scale into the zero first) then part in the last bit of many
+        // weights. With a real model's scales and zeros (a few orders apart) both are exact,
+        // and the products alone could not tell the kernels apart.
+        let scales = Tensor::rand([k / group, n, 1], (Kind::Float, Device::Cpu)) * 1e-6 + 1e-7;
+        let zeros = Tensor::randn([k / group, n, 1], (Kind::Float, Device::Cpu));
+        let scales_zeros = Tensor::cat(&[scales, zeros], 2).to_kind(Kind::BFloat16).contiguous();
+        let x = Tensor::randn([16000, k], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let theirs = x.internal_weight_int4pack_mm_for_cpu(&packed, group, &scales_zeros);
+        let ours = fused_decode::q4_product(&packed, &scales_zeros, group, &x).unwrap();
+        let differ = ours.ne_tensor(&theirs).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(differ, 0, "{differ} of {} outputs differ from libtorch's kernel (n = {n})", 16000 * n);
+    }
+    // A weight that is not what it says is an error, not a read past it.
+    let x = Tensor::zeros([1, 64], (Kind::BFloat16, Device::Cpu));
+    let packed = Tensor::zeros([16], (Kind::Uint8, Device::Cpu));
+    let scales_zeros = Tensor::zeros([2, 48, 2], (Kind::BFloat16, Device::Cpu));
+    let err = fused_decode::q4_product(&packed, &scales_zeros, 32, &x).unwrap_err();
+    assert!(err.to_string().contains("does not fit scales"), "{err}");
 }
 
 #[test]

@@ -179,7 +179,6 @@ fn with_the_fused_step_on_speculation_drafts_only_where_a_pass_pays() {
     let cap = drafting.load.draft_cap.load(std::sync::atomic::Ordering::Relaxed);
     let s = drafting.load.speculation();
     eprintln!("int4, timed n-gram drafting: cap {cap} of k = 4; {s:?}");
-    assert!(cap <= 4, "cap {cap} for k = 4");
     if cap == 0 {
         assert_eq!(s, SpeculationStats::default(), "a cap of 0 drafts nothing");
         assert_eq!(want, got, "without drafts, the plain engine's answers");
