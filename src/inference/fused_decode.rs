@@ -10,8 +10,8 @@
 //! It gives libtorch's step bit for bit: the same hidden states, logits and cache entries
 //! (tests/it/fused_decode.rs). Each product and sum follows the order of libtorch's own
 //! kernel (the int4 and int8 products, the norms' sums), attention and SiLU call libtorch's
-//! own CPU kernels, and values round to bf16 wherever that path holds a bf16 tensor. So nothing downstream can tell the two apart: greedy and seeded outputs, the
-//! proofs of inference and their calibration, speculative decoding's checks and the prefix
+//! own CPU kernels, and values round to bf16 wherever that path holds a bf16 tensor. So
+//! nothing downstream can tell the two apart: greedy and seeded outputs, the proofs of inference and their calibration, speculative decoding's checks and the prefix
 //! cache are those of libtorch's step. (A first version summed in orders of its own: it was
 //! as close to the verifier on average, but one honest task in 150 went over int4's value
 //! limit in the proof calibration; docs/benchmarks.md, "Fused batch-1 decode".)

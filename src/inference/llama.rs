@@ -188,6 +188,25 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.f_rms_norm(weight.size().as_slice(), Some(weight), eps)?)
 }
 
+/// Whether this CPU has the instructions of the libtorch int4 kernel that packs in
+/// `layout` (AVX-512F for 64-row blocks, AVX2 and FMA for 32-row ones), which the fused
+/// step's own kernels use too.
+fn cpu_runs_kernels_of(layout: int4_prefill::PackLayout) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match layout.block_rows {
+            64 => std::arch::is_x86_feature_detected!("avx512f"),
+            32 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = layout;
+        false
+    }
+}
+
 impl Llama {
     /// Loads every weight from `source` onto `device` in `kind`, unquantized.
     pub fn load(source: &WeightSource, device: Device, kind: Kind) -> Result<Self> {
@@ -364,6 +383,11 @@ impl Llama {
             return Err(format!("hidden width {} is not a multiple of 16", c.hidden_size));
         }
         let layout = int4_prefill::layout().ok_or("libtorch's int4 packing is not a known one")?;
+        if !cpu_runs_kernels_of(layout) {
+            // libtorch would not pick kernels the CPU lacks; should it, the step is never
+            // taken rather than refused at every token.
+            return Err(format!("this CPU lacks the instructions of libtorch's {layout:?} kernels"));
+        }
         if !layout.halves {
             // The step's products follow libtorch's AVX-512 or AVX2 kernel (64- or 32-row
             // blocks of halves); its plain build packs row pairs and sums without fused
