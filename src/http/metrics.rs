@@ -241,6 +241,14 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         "counter",
         &crossed,
     );
+    let undelivered = [(String::new(), peers.undelivered.load(Ordering::Relaxed))];
+    gauge(
+        &mut out,
+        "ludus_cluster_undelivered_total",
+        "Jobs sent to another server and given up before their answer came back whole: written off, not billed.",
+        "counter",
+        &undelivered,
+    );
     let panics = [(String::new(), crate::actors::supervisor::PANICS.load(Ordering::Relaxed))];
     gauge(&mut out, "ludus_actor_panics_total", "Actor panics caught and restarted.", "counter", &panics);
     let owed = [(String::new(), state.checks.owed() as u64)];

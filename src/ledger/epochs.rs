@@ -12,6 +12,7 @@
 
 use super::error::LedgerError;
 use super::store::Store;
+use super::undelivered::NOT_UNDELIVERED;
 use crate::books::Units;
 pub use crate::books::{EpochStatus, PayoutClaim, SentTx};
 use crate::crypto::merkle::{self, payout_leaf, Hash};
@@ -220,9 +221,12 @@ impl Store {
         .await?;
         let game_ids: Vec<i64> = budgets.iter().map(|(g, _)| *g).collect();
         let available: Vec<String> = budgets.iter().map(|(_, a)| a.to_string()).collect();
+        // An answer the network failed to deliver is neither charged nor paid: its receipt
+        // never joins an epoch.
         let settled = tx
             .execute(
-                "WITH budget AS (
+                &format!(
+                    "WITH budget AS (
                      SELECT b.game_id, b.available::numeric AS available
                      FROM unnest($2::bigint[], $3::text[]) AS b(game_id, available)
                  ), payable AS (
@@ -231,6 +235,7 @@ impl Store {
                      FROM receipts r JOIN games g ON g.id = r.game_id AND g.wallet IS NOT NULL
                      WHERE r.epoch IS NULL AND r.block <= $4 AND r.confirmation = 'confirmed'
                        AND r.verification IN ('verified', 'unchecked') AND r.game_id = ANY($2)
+                       AND {NOT_UNDELIVERED}
                  ), covered AS (
                      SELECT p.task_id, p.game_id, p.block, p.price_units FROM payable p
                      JOIN budget b ON b.game_id = p.game_id
@@ -244,7 +249,8 @@ impl Store {
                  )
                  UPDATE receipts r SET epoch = $1
                  FROM covered c
-                 WHERE r.task_id = c.task_id AND c.game_id IN (SELECT game_id FROM chosen)",
+                 WHERE r.task_id = c.task_id AND c.game_id IN (SELECT game_id FROM chosen)"
+                ),
                 &[&number, &game_ids, &available, &last_block, &(max_games.min(i64::MAX as usize) as i64)],
             )
             .await?;

@@ -6,6 +6,7 @@
 use super::error::LedgerError;
 use super::games::{GameStatus, SuspendedBy};
 use super::store::Store;
+use super::undelivered::NOT_UNDELIVERED;
 use crate::books::Units;
 
 /// A game as settlement sees it.
@@ -81,11 +82,12 @@ impl Store {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT g.id, g.name, g.wallet, (coalesce(o.owed, 0) + coalesce(p.pending, 0))::text, g.status,
+                &format!("SELECT g.id, g.name, g.wallet, (coalesce(o.owed, 0) + coalesce(p.pending, 0))::text, g.status,
                         g.suspended_by, g.internal
                  FROM games g LEFT JOIN (
-                     SELECT game_id, sum(price_units) AS owed FROM receipts
+                     SELECT game_id, sum(price_units) AS owed FROM receipts r
                      WHERE epoch IS NULL AND verification NOT IN ('failed', 'unverifiable') AND confirmation <> 'disputed'
+                       AND {NOT_UNDELIVERED}
                      GROUP BY game_id
                  ) o ON o.game_id = g.id
                  LEFT JOIN (
@@ -94,7 +96,7 @@ impl Store {
                      GROUP BY c.game_id
                  ) p ON p.game_id = g.id
                  WHERE g.status <> 'removed' AND (g.wallet IS NOT NULL OR o.owed > 0 OR p.pending > 0)
-                 ORDER BY g.id",
+                 ORDER BY g.id"),
                 &[&(posted.min(i64::MAX as u64) as i64)],
             )
             .await?;

@@ -21,6 +21,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (12, "delivery_unverifiable", include_str!("../../migrations/0012_delivery_unverifiable.sql")),
     (13, "quarantine", include_str!("../../migrations/0013_quarantine.sql")),
     (14, "delivered_steering", include_str!("../../migrations/0014_delivered_steering.sql")),
+    (15, "undelivered", include_str!("../../migrations/0015_undelivered.sql")),
 ];
 
 /// Advisory lock key held while migrating ("ludusmig").

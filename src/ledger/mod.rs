@@ -14,6 +14,8 @@
 //! - [`delivery_checks`]: checks of tokens a node delivered and then failed before its
 //!   proof; a failure costs reputation like a failed proof.
 //! - [`escrow`]: games' debts against their on-chain escrow; suspension.
+//! - [`undelivered`]: answers the network failed to deliver (a forwarded job given up),
+//!   neither charged nor paid.
 //! - [`cluster`]: a private Postgres cluster when no `database.url` is configured.
 
 pub mod anchors;
@@ -32,6 +34,7 @@ pub mod receipts;
 pub mod reports;
 pub mod steering;
 pub mod store;
+pub mod undelivered;
 pub mod verifications;
 
 pub use crate::books::{Price, PriceTable, Units};

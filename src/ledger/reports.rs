@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::error::LedgerError;
 use super::store::Store;
+use super::undelivered::NOT_UNDELIVERED;
 use crate::books::Units;
 
 fn units(s: Option<String>) -> Result<Units, LedgerError> {
@@ -76,12 +77,13 @@ impl Store {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') AS day, count(*),
+                &format!("SELECT to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') AS day, count(*),
                         coalesce(sum(prompt_tokens), 0)::bigint, coalesce(sum(completion_tokens), 0)::bigint,
                         sum(price_units)::text
-                 FROM receipts
+                 FROM receipts r
                  WHERE game_id = $1 AND created_at > now() - make_interval(days => $2) AND verification NOT IN ('failed', 'unverifiable')
-                 GROUP BY day ORDER BY day",
+                   AND {NOT_UNDELIVERED}
+                 GROUP BY day ORDER BY day"),
                 &[&game_id, &(days as i32)],
             )
             .await?;
@@ -103,9 +105,11 @@ impl Store {
         let conn = self.conn().await?;
         let Some(b) = conn
             .query_opt(
-                "SELECT number, merkle_root, receipt_count, committed_by, extract(epoch FROM committed_at)::bigint,
-                        (SELECT sum(price_units)::text FROM receipts WHERE block = $1)
-                 FROM blocks WHERE number = $1",
+                &format!(
+                    "SELECT number, merkle_root, receipt_count, committed_by, extract(epoch FROM committed_at)::bigint,
+                        (SELECT sum(price_units)::text FROM receipts r WHERE block = $1 AND {NOT_UNDELIVERED})
+                 FROM blocks WHERE number = $1"
+                ),
                 &[&number],
             )
             .await?
@@ -167,16 +171,17 @@ impl Store {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT n.address, n.status, n.reputation,
+                &format!("SELECT n.address, n.status, n.reputation,
                         count(r.task_id), coalesce(sum(r.completion_tokens), 0)::bigint,
-                        sum(r.price_units) FILTER (WHERE r.confirmation = 'confirmed' AND r.verification IN ('verified', 'unchecked'))::text,
+                        sum(r.price_units) FILTER (WHERE r.confirmation = 'confirmed' AND r.verification IN ('verified', 'unchecked')
+                            AND {NOT_UNDELIVERED})::text,
                         count(r.task_id) FILTER (WHERE r.confirmation = 'pending'),
                         count(r.task_id) FILTER (WHERE r.confirmation = 'disputed'),
                         (SELECT count(*) FROM confirmations c WHERE c.node_address = n.address AND c.status = 'mismatch'),
                         extract(epoch FROM n.last_seen)::bigint,
                         n.checked_tokens, n.wide_deviations, n.ends_passed, n.steering_reason
                  FROM nodes n LEFT JOIN receipts r ON r.node_address = n.address
-                 GROUP BY n.address ORDER BY n.address",
+                 GROUP BY n.address ORDER BY n.address"),
                 &[],
             )
             .await?;

@@ -107,7 +107,7 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         traffic: Default::default(),
     });
     let (addr, server) = crate::http::server::listen(state, &s.server)?;
-    tree::start_cluster(&s, &core, catalog, addr.port()).await?;
+    tree::start_cluster(&s, &core, catalog, &store, addr.port()).await?;
     let handle = ServerHandle {
         addr,
         distributor_address: identity.address,

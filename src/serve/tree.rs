@@ -114,7 +114,13 @@ pub fn start_core(s: &Settings, store: &Store, identity: &Identity) -> io::Resul
 
 /// Joins the network of servers when `[cluster] nats_url` is set: connects to NATS (in
 /// the background: a NATS down at start only delays joining) and starts the Cluster actor.
-pub async fn start_cluster(s: &Settings, core: &Core, catalog: Arc<Catalog>, port: u16) -> io::Result<()> {
+pub async fn start_cluster(
+    s: &Settings,
+    core: &Core,
+    catalog: Arc<Catalog>,
+    store: &Store,
+    port: u16,
+) -> io::Result<()> {
     if !s.cluster.enabled() {
         return Ok(());
     }
@@ -134,6 +140,7 @@ pub async fn start_cluster(s: &Settings, core: &Core, catalog: Arc<Catalog>, por
         completions: core.completions.clone(),
         usage: core.gateway.clone().recipient(),
         sessions: core.sessions.clone(),
+        ledger: store.clone(),
     };
     let cluster = supervisor::start("cluster", move |_| Cluster::new(client, config, parts));
     core.peers.join(cluster.clone().recipient());

@@ -879,6 +879,64 @@ fn a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed(
     assert!(a.server.log_text().contains("events of a forwarded job went missing; asked again"));
 }
 
+/// An answer lost between servers is not billed. B's own link to NATS is cut in the
+/// middle of a job A forwarded: B's node goes on and B bills what it made, as for any
+/// job, while A hears nothing more of it and gives it up. The game read an error; that
+/// answer used to be charged to it all the same (and paid to the node). Now A writes it
+/// off in the shared ledger and the game is told it is not billed: what the game owes is
+/// the answer it did read, delivered whole before the cut.
+#[test]
+fn an_answer_lost_between_servers_is_written_off_not_billed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let relay = Relay::start(nats.port);
+    let via = |name: &str| if name == "b" { format!("nats://127.0.0.1:{}", relay.port) } else { nats.url_for(name) };
+    let mut servers = start_network_via(&["a", "b"], "", dir.path(), &via, PEER_TIMEOUT_MS);
+    servers[1].add_node(&["--fake-engine", "40:100", "--capacity", "2"]);
+    let a = &servers[0];
+    for server in &servers {
+        server.wait_nodes("fake", 1);
+    }
+    let delivered = post_with(&a.addr, "/v1/chat/completions", Some(&a.key), chat("fake", 4, false).as_bytes());
+    assert_eq!(delivered.status, 200, "{}", delivered.body);
+    let delivered = task_of(&delivered.body);
+
+    let mut stream = SseStream::open(&a.addr, &a.key, &chat("fake", 40, true));
+    assert_eq!(stream.status, 200);
+    let first = stream.next_data().expect("a first chunk");
+    let lost = task_of(&first);
+    assert!(stream.next_data().is_some());
+    relay.cut();
+    let rest: Vec<String> = std::iter::from_fn(|| stream.next_data()).collect();
+    let error = rest
+        .iter()
+        .find_map(|d| serde_json::from_str::<serde_json::Value>(d).ok().filter(|v| v.get("error").is_some()));
+    let error = error.unwrap_or_else(|| panic!("the stream ended without an error: {:?}", rest.last()));
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("stopped answering") && message.contains("not billed"), "{error}");
+
+    // B bills what its node made, on the shared books, as it would any job.
+    let game = billed_game(a, lost);
+    assert_eq!(game, billed_game(a, delivered));
+    let store = a.store();
+    wait_for("A to write the lost answer off", Duration::from_secs(10), || {
+        block_on(store.undelivered(lost as u64)).unwrap().is_some()
+    });
+    let reason = block_on(store.undelivered(lost as u64)).unwrap().unwrap();
+    assert!(reason.contains("server `b`"), "{reason}");
+    assert_eq!(block_on(store.undelivered(delivered as u64)).unwrap(), None);
+    assert!(a.server.log_text().contains("an answer given up was written off"), "{}", a.server.log_text());
+    let price_of = |task: i64| -> i64 {
+        let sql = format!("SELECT (price_units / 1000)::bigint FROM receipts WHERE task_id = {task}");
+        crate::database::numbers(&store, &sql)[0]
+    };
+    assert!(price_of(lost) > 0, "B billed the lost answer's tokens");
+    let owed = block_on(store.game_balances(0)).unwrap().iter().find(|g| g.game_id == game).map(|g| g.owed.0);
+    assert_eq!(owed, Some(price_of(delivered) as u128 * 1000), "the game owes the answer it read, not the lost one");
+    let (_, metrics) = a.get("/metrics");
+    assert!(metrics.lines().any(|l| l == "ludus_cluster_undelivered_total 1"), "{metrics}");
+}
+
 /// The running server's side of [`a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed`]:
 /// B numbers the events of a job A forwarded, says in its keepalives how many it sent, and
 /// sends them again from any number asked, while A relays each one to the game once. The

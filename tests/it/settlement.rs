@@ -444,6 +444,54 @@ fn an_open_epochs_charges_are_owed_until_its_post_is_on_chain() {
     assert_eq!(owed(), before, "a chain view before the post still holds them");
 }
 
+/// An answer the network failed to deliver (a job forwarded to another server, given up
+/// by the one holding the game's connection) is written off: its receipt, recorded before
+/// or after the write-off, is not owed, not in the game's usage or the block's charges,
+/// not payable to its node, and never settled. It used to be billed where it ran while the
+/// game read a 502.
+#[test]
+fn an_answer_written_off_is_neither_charged_nor_paid() {
+    let store = open(&fresh_database());
+    let (game, _) = block_on(store.add_game("lost", 1000, 1_000_000)).unwrap();
+    block_on(store.set_game_wallet("lost", &format!("0x{:040x}", 0x1e))).unwrap();
+    let nodes = [Identity::generate(), Identity::generate()];
+    // Task 3 written off before its receipt is on the books, task 5 after.
+    assert!(block_on(store.record_undelivered(3, "a", "server `b`, which was running it, stopped answering")).unwrap());
+    record_day(&store, &nodes, &[game], 1, 6, 3);
+    assert!(block_on(store.record_undelivered(5, "a", "server `b` lost part of the answer\0")).unwrap());
+    assert!(!block_on(store.record_undelivered(5, "c", "again")).unwrap(), "a task is written off once");
+    assert_eq!(block_on(store.undelivered(5)).unwrap().as_deref(), Some("server `b` lost part of the answer\u{fffd}"));
+    assert_eq!(block_on(store.undelivered(4)).unwrap(), None);
+    let price = |tasks: &[u64]| -> u128 {
+        let list = tasks.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+        let sql = format!("SELECT (sum(price_units) / 1000000)::bigint FROM receipts WHERE task_id IN ({list})");
+        numbers(&store, &sql)[0] as u128 * 1_000_000
+    };
+    let (delivered, lost) = (price(&[1, 2, 4, 6]), price(&[3, 5]));
+    assert!(lost > 0 && delivered > 0);
+    let owed = block_on(store.game_balances(0)).unwrap().iter().find(|g| g.game_id == game).unwrap().owed;
+    assert_eq!(owed, Units(delivered), "owed: the delivered answers only");
+    let usage = block_on(store.usage(game, 1)).unwrap();
+    assert_eq!(
+        (usage.iter().map(|d| d.tasks).sum::<i64>(), usage.iter().map(|d| d.charges.0).sum::<u128>()),
+        (4, delivered)
+    );
+    let blocks: u128 = (1..=2).map(|b| block_on(store.block_report(b)).unwrap().expect("a block").charges.0).sum();
+    assert_eq!(blocks, delivered, "the blocks' charges");
+    let payable: u128 = block_on(store.node_reports()).unwrap().iter().map(|n| n.payable.0).sum();
+    assert_eq!(payable, delivered, "payable to the nodes");
+    let contract = "0x00000000000000000000000000000000000000cc";
+    let epoch = block_on(store.plan_epoch(contract, &[(game, Units(u128::MAX / 8))], SHARE_BPS as u32, 2))
+        .unwrap()
+        .expect("an epoch");
+    assert_eq!(epoch.task_count, 4);
+    assert_eq!(epoch.charge_total, Units(delivered));
+    assert!(epoch.payout_total.0 <= delivered * SHARE_BPS / 10_000, "{:?}", epoch.payout_total);
+    assert!(epoch.payout_total.0 + 2 > delivered * SHARE_BPS / 10_000, "{:?}", epoch.payout_total);
+    let unsettled = "SELECT min(task_id), max(task_id), count(*) FROM receipts WHERE epoch IS NULL";
+    assert_eq!(numbers(&store, unsettled), vec![3, 5, 2], "(first, last, count) left unsettled");
+}
+
 /// One post names every game it charges (about 8,000 gas each), so an epoch charges at
 /// most `MAX_GAMES_PER_EPOCH`: the games whose oldest receipt is oldest, the others in the
 /// next epoch. With no bound, enough games made the post too big for a block, and every

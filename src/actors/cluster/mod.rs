@@ -19,6 +19,11 @@
 //!   a forwarded job's tokens are charged where it was admitted (with its `Done`, or, when
 //!   the game left mid-answer, by a [`wire::Charge`] from the server that ran it).
 //!   Suspensions are in the shared database already.
+//! - **Money.** The server that runs a job bills it, as its own. One that its origin gives
+//!   up before the answer came back whole (a lost event never sent again, the running
+//!   server silent or restarted) is written off by the origin in the shared database
+//!   ([`relay::write_off`]): the game, which got an error, is not charged, and the node is
+//!   not paid.
 //! - **Failures.** NATS down: no other server is offered work or counted from that moment,
 //!   and each server serves from its own nodes; jobs already crossing are given
 //!   `peer_timeout_ms`. The client reconnects by itself and the adverts rebuild the table.
@@ -44,6 +49,7 @@ use super::distributor::Distributor;
 use super::messages::{Job, LocalRoom, QuarantineNode, RecordUsage};
 use super::sessions::Sessions;
 use crate::crypto::identity::Address;
+use crate::ledger::Store;
 use crate::protocol::TaskId;
 pub use peers::Peers;
 use wire::{Advert, Charge, Quarantine, SessionClaim, Witness};
@@ -89,6 +95,8 @@ pub struct ServerParts {
     pub usage: Recipient<RecordUsage>,
     /// The node sessions held here (one key, one session across the network).
     pub sessions: Arc<Sessions>,
+    /// The ledger, where a forwarded job given up is written off.
+    pub ledger: Store,
 }
 
 pub struct Cluster {
@@ -104,11 +112,12 @@ pub struct Cluster {
     charges: Arc<charges::AwaitedCharges>,
     /// Tells this process from another one configured with the same name.
     instance: u64,
+    ledger: Store,
 }
 
 impl Cluster {
     pub fn new(client: async_nats::Client, config: ClusterConfig, parts: ServerParts) -> Self {
-        let ServerParts { peers, distributor, catalog, completions, usage, sessions } = parts;
+        let ServerParts { peers, distributor, catalog, completions, usage, sessions, ledger } = parts;
         let charges = Default::default();
         Self {
             client,
@@ -121,6 +130,7 @@ impl Cluster {
             sessions,
             charges,
             instance: rand::random(),
+            ledger,
         }
     }
 
@@ -426,6 +436,7 @@ impl Handler<Outbound> for Cluster {
                     peers: self.peers.clone(),
                     usage: self.usage.clone(),
                     charges: self.charges.clone(),
+                    ledger: self.ledger.clone(),
                 };
                 // Not tied to this actor: a restart never cuts a game's stream.
                 actix::spawn(relay::forward(forwarding, to, *job));

@@ -49,6 +49,9 @@ pub struct Peers {
     pub forwarded: std::sync::atomic::AtomicU64,
     /// Jobs this server ran for another one (`/metrics`).
     pub served_for_others: std::sync::atomic::AtomicU64,
+    /// Jobs this server sent to another one and gave up before their answer came back
+    /// whole: written off, not billed (`/metrics`).
+    pub undelivered: std::sync::atomic::AtomicU64,
 }
 
 impl Peers {
@@ -64,6 +67,7 @@ impl Peers {
             restored_at: Mutex::new(None),
             forwarded: Default::default(),
             served_for_others: Default::default(),
+            undelivered: Default::default(),
         })
     }
 

@@ -16,7 +16,8 @@ use crate::actors::catalog::Catalog;
 use crate::actors::distributor::Distributor;
 use crate::actors::error::ServeError;
 use crate::actors::messages::{Billing, Job, JobEvent, JobRequest, RecordUsage, Submit};
-use crate::protocol::TaskUsage;
+use crate::ledger::Store;
+use crate::protocol::{TaskId, TaskUsage};
 
 /// How often a forwarding server checks that the server running its job is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
@@ -44,6 +45,8 @@ pub struct Forwarding {
     pub usage: Recipient<RecordUsage>,
     /// Where a hang-up's charge from the running server is awaited.
     pub charges: Arc<AwaitedCharges>,
+    /// Where an answer given up is written off ([`write_off`]).
+    pub ledger: Store,
 }
 
 /// Tells `runner` to stop `task`: now, and once more a moment later (a cancel that
@@ -61,7 +64,7 @@ fn cancel(client: &async_nats::Client, subject: &str) {
 /// game leaving (the other server is told to cancel), or `to` going silent (the game gets
 /// a clear error, and `to` is told to cancel should it come back).
 pub async fn forward(ctx: Forwarding, to: String, job: Job) {
-    let Forwarding { client, origin, instance, peers, usage, charges } = ctx;
+    let Forwarding { client, origin, instance, peers, usage, charges, ledger } = ctx;
     let task = job.id;
     // The most the job can count: whatever a server says, no more is charged to the game.
     let bound = u64::from(job.prompt.tokens).saturating_add(job.max_tokens as u64);
@@ -122,6 +125,9 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     // ([`sequenced`]); `last_ask`: when a silent job was last asked for what it sent.
     let (mut order, mut last_ask) = (Reorder::default(), None::<Instant>);
     let mut relayed_whole = false;
+    // Why the job was given up after it was sent, the game getting an error instead of
+    // its answer: the answer is then written off, whatever the running server bills.
+    let mut lost: Option<String> = None;
     // Ends the job with `error` before its end came through: the running server is told
     // to stop, and the game's tokens per minute are charged by a `Done` held behind a
     // hole (billed where it ran), or else by the hang-up charge that server sends.
@@ -140,7 +146,8 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
         tokio::select! {
             message = events.next() => {
                 let Some(message) = message else {
-                    fail(&job, ServeError::Unavailable("the cluster link closed".into()));
+                    lost = Some("the cluster link closed".into());
+                    fail(&job, ServeError::Unavailable(not_billed("the cluster link closed")));
                     cancel(&client, &stop);
                     break;
                 };
@@ -148,7 +155,9 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                 let event = match serde_json::from_slice::<RemoteEvent>(&message.payload) {
                     Ok(event) => event,
                     Err(e) => {
-                        fail(&job, ServeError::Internal(format!("server `{to}` sent a malformed event: {e}")));
+                        let reason = format!("server `{to}` sent a malformed event: {e}");
+                        fail(&job, ServeError::Internal(not_billed(&reason)));
+                        lost = Some(reason);
                         cancel(&client, &stop);
                         break;
                     }
@@ -164,9 +173,11 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                             Err(e) => {
                                 tracing::warn!(task = %task, server = %to, expected = e.expected, got = e.got,
                                     "a forwarded job's events came too far out of order; given up");
-                                give_up(&order, ServeError::NodeFailed(format!(
+                                let reason = format!(
                                     "server `{to}` lost part of the answer on the way (event {} of {})", e.expected, e.got
-                                )));
+                                );
+                                give_up(&order, ServeError::NodeFailed(not_billed(&reason)));
+                                lost = Some(reason);
                                 break;
                             }
                         };
@@ -189,9 +200,9 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                 if order.missing(sent) {
                     if order.stalled() {
                         tracing::warn!(task = %task, server = %to, "events of a forwarded job never came again; given up");
-                        give_up(&order, ServeError::NodeFailed(format!(
-                            "server `{to}` lost part of the answer on the way and could not send it again"
-                        )));
+                        let reason = format!("server `{to}` lost part of the answer on the way and could not send it again");
+                        give_up(&order, ServeError::NodeFailed(not_billed(&reason)));
+                        lost = Some(reason);
                         break;
                     }
                     if let Some(request) = order.ask(Instant::now()) {
@@ -222,13 +233,17 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
             _ = check.tick() => {
                 if !peers.alive(&to, Instant::now()) {
                     tracing::warn!(task = %task, server = %to, "the server running a forwarded job went silent");
-                    fail(&job, ServeError::NodeFailed(format!("server `{to}`, which was running it, stopped answering")));
+                    let reason = format!("server `{to}`, which was running it, stopped answering");
+                    fail(&job, ServeError::NodeFailed(not_billed(&reason)));
+                    lost = Some(reason);
                     cancel(&client, &stop);
                     break;
                 }
                 if runner.is_some_and(|runner| peers.restarted(&to, runner, sent)) {
                     tracing::warn!(task = %task, server = %to, "the server running a forwarded job restarted");
-                    fail(&job, ServeError::NodeFailed(format!("server `{to}`, which was running it, restarted")));
+                    let reason = format!("server `{to}`, which was running it, restarted");
+                    fail(&job, ServeError::NodeFailed(not_billed(&reason)));
+                    lost = Some(reason);
                     cancel(&client, &stop);
                     break;
                 }
@@ -246,9 +261,9 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                     // cancelled: that charge is awaited, as for a game that left. (A `Done`
                     // lost on the way, and not sent again, was billed there and is not
                     // charged here.)
-                    give_up(&order, ServeError::NodeFailed(format!(
-                        "server `{to}`, which was running it, sent nothing for {} s", silence.as_secs()
-                    )));
+                    let reason = format!("server `{to}`, which was running it, sent nothing for {} s", silence.as_secs());
+                    give_up(&order, ServeError::NodeFailed(not_billed(&reason)));
+                    lost = Some(reason);
                     break;
                 }
             }
@@ -259,7 +274,39 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     if relayed_whole {
         let _ = client.publish(stop, Bytes::new()).await;
     }
+    if let Some(reason) = lost {
+        peers.undelivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        actix::spawn(write_off(ledger, task, origin, reason));
+    }
     let _ = events.unsubscribe().await;
+}
+
+/// What the game reads when its answer is given up: the reason, and that it pays nothing.
+fn not_billed(reason: &str) -> String {
+    format!("{reason}; this answer is not billed")
+}
+
+/// How long a write-off is tried again while the database does not take it.
+const WRITE_OFF_RETRIES_FOR: Duration = Duration::from_secs(600);
+
+/// Writes off `task`, given up by this server (`origin`): the game got an error, so its
+/// receipt, recorded by whichever server ran it, is neither charged nor paid
+/// ([`crate::ledger::undelivered`]). Tried again for [`WRITE_OFF_RETRIES_FOR`] while the
+/// database is away (settlement is daily: a late write-off still counts).
+pub async fn write_off(ledger: Store, task: TaskId, origin: String, reason: String) {
+    let (started, mut wait) = (Instant::now(), Duration::from_millis(500));
+    loop {
+        match ledger.record_undelivered(task.0, &origin, &reason).await {
+            Ok(_) => return tracing::warn!(task = %task, %reason, "an answer given up was written off: not billed"),
+            Err(e) if started.elapsed() >= WRITE_OFF_RETRIES_FOR => {
+                return tracing::error!(task = %task, error = %e, %reason,
+                    "an answer given up could not be written off; its game may be billed for it");
+            }
+            Err(e) => tracing::warn!(task = %task, error = %e, "writing off an answer given up failed; trying again"),
+        }
+        actix_web::rt::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// The usage of a `Done` that arrives on `events` within `grace` (other events skipped;
