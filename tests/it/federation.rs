@@ -212,6 +212,14 @@ impl Relay {
     }
 }
 
+/// Servers `a` and `b` on `nats`, B's own link to it through a [`Relay`] that can be cut.
+fn b_behind_a_relay(nats: &Nats, dir: &Path) -> (Relay, Vec<Cluster>) {
+    let relay = Relay::start(nats.port);
+    let via = |name: &str| if name == "b" { format!("nats://127.0.0.1:{}", relay.port) } else { nats.url_for(name) };
+    let servers = start_network_via(&["a", "b"], "", dir, &via, PEER_TIMEOUT_MS);
+    (relay, servers)
+}
+
 /// Waits until `server` sees `n` servers in the network (itself included).
 fn wait_servers(server: &Cluster, n: usize) {
     wait_for(&format!("{} to see {n} servers", server.addr), Duration::from_secs(20), || {
@@ -889,9 +897,7 @@ fn a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed(
 fn an_answer_lost_between_servers_is_written_off_not_billed() {
     let dir = tempfile::tempdir().unwrap();
     let Some(nats) = Nats::start(dir.path()) else { return };
-    let relay = Relay::start(nats.port);
-    let via = |name: &str| if name == "b" { format!("nats://127.0.0.1:{}", relay.port) } else { nats.url_for(name) };
-    let mut servers = start_network_via(&["a", "b"], "", dir.path(), &via, PEER_TIMEOUT_MS);
+    let (relay, mut servers) = b_behind_a_relay(&nats, dir.path());
     servers[1].add_node(&["--fake-engine", "40:100", "--capacity", "2"]);
     let a = &servers[0];
     for server in &servers {
@@ -1308,9 +1314,7 @@ fn a_key_with_a_session_on_each_side_of_a_nats_split_keeps_one_when_it_heals() {
     use ludus::protocol::{NodeLoad, NodeMessage, ServerMessage};
     let dir = tempfile::tempdir().unwrap();
     let Some(nats) = Nats::start(dir.path()) else { return };
-    let relay = Relay::start(nats.port);
-    let via = |name: &str| if name == "b" { format!("nats://127.0.0.1:{}", relay.port) } else { nats.url_for(name) };
-    let servers = start_network_via(&["a", "b"], "", dir.path(), &via, PEER_TIMEOUT_MS);
+    let (relay, servers) = b_behind_a_relay(&nats, dir.path());
     let (a, b) = (&servers[0], &servers[1]);
     let id = || Identity::from_secret(&[11u8; 32]).unwrap();
     let system = actix_rt::System::new();
