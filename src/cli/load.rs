@@ -61,6 +61,10 @@ pub struct LoadArgs {
     /// Words per persona (SmolLM2's tokenizer makes about 1.3 tokens of a word).
     #[arg(long, default_value_t = 750)]
     pub persona_words: usize,
+    /// The number of the first persona: runs against one server with different numbers
+    /// meet personas no earlier run warmed (a cold prefix cache without a restart).
+    #[arg(long, default_value_t = 0)]
+    pub first_persona: usize,
 }
 
 #[derive(Default)]
@@ -107,7 +111,11 @@ pub fn run(settings: &Settings, mut args: LoadArgs) -> anyhow::Result<()> {
             url: format!("{base}/v1/chat/completions"),
             key,
             model: args.model.clone(),
-            personas: Rc::new((0..args.personas).map(|i| persona(i, args.persona_words)).collect()),
+            personas: Rc::new(
+                (args.first_persona..args.first_persona.saturating_add(args.personas))
+                    .map(|i| persona(i, args.persona_words))
+                    .collect(),
+            ),
             stream: args.stream,
             max_tokens: args.max_tokens,
             results: Rc::default(),
@@ -357,6 +365,7 @@ fn report(args: &LoadArgs, mode: String, elapsed: f64, r: &mut Results, direct: 
         "requests_per_s": n as f64 / elapsed,
         "latency_ms": {"p50": percentile(&r.latencies, 0.5), "p90": percentile(&r.latencies, 0.9), "p99": percentile(&r.latencies, 0.99)},
         "personas": args.personas,
+        "first_persona": args.first_persona,
     });
     if !r.first_tokens.is_empty() {
         let first = &r.first_tokens;
