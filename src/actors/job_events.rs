@@ -15,6 +15,11 @@
 //! Only tokens (text and log probabilities) count against the limit: a job's few control
 //! events (its end, a failure, a reset) always pass while the channel is open, so that a
 //! game reading normally never loses its `Done` to the limit.
+//!
+//! Tokens the server held where the game could not read them (a forwarded job's events
+//! waiting behind a lost one, [`EventSender::send_released`]) pass too, all at once, and
+//! raise the limit by what they weigh until the game has read that much: the game did
+//! not fall behind, the network held them.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,7 +40,17 @@ pub struct Gone;
 struct Unread {
     bytes: AtomicUsize,
     limit: usize,
+    /// What released tokens add to the limit: never more than the bytes still unread.
+    allowance: AtomicUsize,
     fell_behind: AtomicBool,
+}
+
+impl Unread {
+    /// Takes a read event's weight off; the allowance shrinks with what is left unread.
+    fn read(&self, weight: usize) {
+        let left = self.bytes.fetch_sub(weight, Ordering::AcqRel).saturating_sub(weight);
+        self.allowance.fetch_min(left, Ordering::AcqRel);
+    }
 }
 
 /// The sending end, held by the job.
@@ -55,7 +70,12 @@ pub struct EventReceiver {
 /// A channel whose reader may fall at most `limit` bytes of tokens behind.
 pub fn channel(limit: usize) -> (EventSender, EventReceiver) {
     let (tx, rx) = unbounded_channel();
-    let unread = Arc::new(Unread { bytes: AtomicUsize::new(0), limit, fell_behind: AtomicBool::new(false) });
+    let unread = Arc::new(Unread {
+        bytes: AtomicUsize::new(0),
+        limit,
+        allowance: AtomicUsize::new(0),
+        fell_behind: AtomicBool::new(false),
+    });
     (EventSender { tx, unread: unread.clone() }, EventReceiver { rx, unread })
 }
 
@@ -99,13 +119,30 @@ impl EventSender {
         self.send_within(JobEvent::Text(text), false)
     }
 
+    /// Sends a token the server held where the game could not read it (events of a
+    /// forwarded job released together once a lost one before them came): it passes while
+    /// the channel is open, and the limit grows by its weight until the game has read as
+    /// much, so that the tokens after it are not refused for a burst the game did not
+    /// cause. (What is held so is bounded where it is held.)
+    pub fn send_released(&self, event: JobEvent) -> Result<(), Gone> {
+        if !is_token(&event) {
+            return self.send(event);
+        }
+        if self.unread.fell_behind.load(Ordering::Acquire) {
+            return Err(Gone);
+        }
+        self.unread.allowance.fetch_add(weight(&event), Ordering::AcqRel);
+        self.send_within(event, false)
+    }
+
     fn send_within(&self, event: JobEvent, limited: bool) -> Result<(), Gone> {
         if self.unread.fell_behind.load(Ordering::Acquire) {
             return Err(Gone);
         }
         let weight = weight(&event);
         let before = self.unread.bytes.fetch_add(weight, Ordering::AcqRel);
-        if limited && before.saturating_add(weight) > self.unread.limit {
+        let limit = self.unread.limit.saturating_add(self.unread.allowance.load(Ordering::Acquire));
+        if limited && before.saturating_add(weight) > limit {
             self.unread.bytes.fetch_sub(weight, Ordering::AcqRel);
             self.unread.fell_behind.store(true, Ordering::Release);
             let why = JobEvent::Failed(ServeError::NotRead { limit_kib: self.unread.limit / 1024 });
@@ -115,7 +152,7 @@ impl EventSender {
             return Err(Gone);
         }
         self.tx.send(event).map_err(|_| {
-            self.unread.bytes.fetch_sub(weight, Ordering::AcqRel);
+            self.unread.read(weight);
             Gone
         })
     }
@@ -144,7 +181,7 @@ impl EventReceiver {
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<JobEvent>> {
         let polled = self.rx.poll_recv(cx);
         if let Poll::Ready(Some(event)) = &polled {
-            self.unread.bytes.fetch_sub(weight(event), Ordering::AcqRel);
+            self.unread.read(weight(event));
         }
         polled
     }
@@ -152,7 +189,7 @@ impl EventReceiver {
     /// The next event if one is there now.
     pub fn try_recv(&mut self) -> Option<JobEvent> {
         let event = self.rx.try_recv().ok()?;
-        self.unread.bytes.fetch_sub(weight(&event), Ordering::AcqRel);
+        self.unread.read(weight(&event));
         Some(event)
     }
 
@@ -228,6 +265,42 @@ mod tests {
         for expected in [text(10), text(10), JobEvent::Reset, JobEvent::Text("held back".into()), done()] {
             assert_eq!(rx.recv().await, Some(expected));
         }
+    }
+
+    #[tokio::test]
+    async fn tokens_released_together_pass_and_the_ones_after_them_while_the_game_reads() {
+        let limit = 4 * weight(&text(100));
+        let (tx, mut rx) = channel(limit);
+        // Ten tokens held behind a lost one, released at once: 2.5 times the limit.
+        for _ in 0..10 {
+            tx.send_released(text(100)).unwrap();
+        }
+        // The next token passes: the game did not fall behind.
+        tx.send(text(100)).unwrap();
+        assert!(!tx.is_closed());
+        // The game reads them; as it does, the limit comes back to its own.
+        for _ in 0..11 {
+            assert_eq!(rx.recv().await, Some(text(100)));
+        }
+        assert_eq!(rx.unread_bytes(), 0);
+        assert_eq!(tx.unread.allowance.load(Ordering::Acquire), 0, "the allowance went with what was read");
+        for _ in 0..4 {
+            tx.send(text(100)).unwrap();
+        }
+        assert_eq!(tx.send(text(100)), Err(Gone), "a game that stops reading still falls behind");
+        // A control event released is an ordinary one.
+        let (tx, mut rx) = channel(limit);
+        tx.send_released(done()).unwrap();
+        assert_eq!(rx.recv().await, Some(done()));
+        assert_eq!(tx.unread.allowance.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_fell_behind_is_sent_nothing_released() {
+        let (tx, _rx) = channel(weight(&text(100)));
+        tx.send(text(100)).unwrap();
+        assert_eq!(tx.send(text(100)), Err(Gone));
+        assert_eq!(tx.send_released(text(1)), Err(Gone));
     }
 
     #[tokio::test]

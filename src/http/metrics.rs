@@ -245,7 +245,7 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     gauge(
         &mut out,
         "ludus_cluster_undelivered_total",
-        "Jobs sent to another server and given up before their answer came back whole: written off, not billed.",
+        "Forwarded jobs this server wrote off, not billed: their answer never reached the game whole (given up here, or run here for a server that went away).",
         "counter",
         &undelivered,
     );

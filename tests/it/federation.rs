@@ -696,8 +696,8 @@ fn a_server_restarted_under_its_name_is_not_taken_for_the_one_that_died() {
     let error = error.unwrap_or_else(|| panic!("the stream ended without an error: {:?}", rest.last()));
     assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("restarted")), "{error}");
 
-    // The origin restarts: the runner stops the job nobody can read, and bills only what
-    // it made until then.
+    // The origin restarts: the runner stops the job nobody can read, its node stopping
+    // where it was.
     servers[1].wait_nodes("fake", 1);
     servers[0].wait_nodes("fake", 1);
     let mut stream = SseStream::open(&servers[0].addr, &key, &chat("fake", 3000, true));
@@ -718,7 +718,17 @@ fn a_server_restarted_under_its_name_is_not_taken_for_the_one_that_died() {
         !crate::database::numbers(&store, &made).is_empty()
     });
     let tokens = crate::database::numbers(&store, &made)[0];
-    assert!(tokens < 3000, "the job ran to its end, unread: {tokens} tokens billed");
+    assert!(tokens < 3000, "the job ran to its end, unread: {tokens} tokens made");
+    // Nobody read it whole, and the origin that would have written it off is gone: the
+    // runner writes it off (B's tokens are neither charged nor paid).
+    wait_for("B to write off the job nobody could read", Duration::from_secs(10), || {
+        block_on(store.undelivered(task as u64)).unwrap().is_some()
+    });
+    let reason = block_on(store.undelivered(task as u64)).unwrap().unwrap();
+    assert!(reason.contains("server `a`") && reason.contains("restarted"), "{reason}");
+    let game = billed_game(b, task);
+    let owed = block_on(store.game_balances(0)).unwrap().iter().find(|g| g.game_id == game).map(|g| g.owed.0);
+    assert_eq!(owed.unwrap_or(0), 0, "the game owes nothing for answers it never read");
 }
 
 /// A forwarded job whose running server falls silent while it still advertises (its
@@ -789,80 +799,18 @@ fn a_forwarded_job_that_falls_silent_is_given_up() {
 ///    the text around the hole.
 #[test]
 fn a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed() {
-    use futures_util::StreamExt;
-    use ludus::actors::cluster::{sequenced, wire};
-    use wire::RemoteEvent;
+    use ludus::actors::cluster::wire::RemoteEvent;
     let dir = tempfile::tempdir().unwrap();
     let Some((_nats, a, url)) = a_alone(dir.path()) else { return };
-    let stop = Arc::new(AtomicBool::new(false));
-    let asked = Arc::new(std::sync::Mutex::new(Vec::<(usize, u64)>::new()));
-    let fake_b = {
-        let (stop, asked) = (stop.clone(), asked.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let client = async_nats::connect(url).await.unwrap();
-                let mut jobs = client.subscribe(wire::jobs_for("b")).await.unwrap();
-                let mut resends = client.subscribe("ludus.resend.b.*.*").await.unwrap();
-                let publish = |subject: String, seq: u64, event: &RemoteEvent| {
-                    let client = client.clone();
-                    let payload = serde_json::to_vec(event).unwrap();
-                    async move {
-                        let mut headers = async_nats::HeaderMap::new();
-                        headers.insert(sequenced::SEQ_HEADER, seq.to_string().as_str());
-                        client.publish_with_headers(subject, headers, payload.into()).await.unwrap();
-                    }
-                };
-                let done = RemoteEvent::Done {
-                    finish_reason: ludus::protocol::FinishReason::Stop,
-                    usage: ludus::protocol::TaskUsage { prompt_tokens: 5, completion_tokens: 3 },
-                    task: None,
-                };
-                // Each job's whole sequence of events, and its reply subject.
-                let mut sent: Vec<(Vec<RemoteEvent>, String)> = Vec::new();
-                let mut advert = tokio::time::interval(Duration::from_millis(200));
-                while !stop.load(Ordering::Relaxed) {
-                    tokio::select! {
-                        _ = advert.tick() => {
-                            client.publish("ludus.advert.b", fake_advert("b", "fake").into()).await.unwrap();
-                        }
-                        Some(message) = jobs.next() => {
-                            let job: wire::ForwardedJob = serde_json::from_slice(&message.payload).unwrap();
-                            let reply = wire::reply_subject("a", job.task, "b");
-                            let (n, whole) = (sent.len(), vec![
-                                RemoteEvent::Text("a".into()), RemoteEvent::Text("b".into()),
-                                RemoteEvent::Text("c".into()), done.clone(),
-                            ]);
-                            // Job 1 and 3 lose event 1; job 2 loses its `Done` (event 3).
-                            let lost = if n == 1 { 3 } else { 1 };
-                            for (seq, event) in whole.iter().enumerate() {
-                                if seq != lost {
-                                    publish(reply.clone(), seq as u64, event).await;
-                                }
-                            }
-                            sent.push((whole, reply));
-                        }
-                        Some(request) = resends.next() => {
-                            let (from, to) = sequenced::parse_request(&request.payload).expect("a request");
-                            // `ludus.resend.b.<task>.a` for `ludus.reply.a.<task>.b`.
-                            let task = request.subject.as_str().split('.').nth(3);
-                            let n = sent.iter().position(|(_, reply)| reply.split('.').nth(3) == task)
-                                .expect("a request for a job sent");
-                            asked.lock().unwrap().push((n, from));
-                            if n == 2 {
-                                continue; // this one does not answer
-                            }
-                            let (whole, reply) = &sent[n];
-                            let to = to.map_or(whole.len(), |to| to as usize);
-                            for (seq, event) in whole.iter().enumerate().take(to).skip(from as usize) {
-                                publish(reply.clone(), seq as u64, event).await;
-                            }
-                        }
-                    }
-                }
-            })
-        })
+    let done = RemoteEvent::Done {
+        finish_reason: ludus::protocol::FinishReason::Stop,
+        usage: ludus::protocol::TaskUsage { prompt_tokens: 5, completion_tokens: 3 },
+        task: None,
     };
+    let whole = vec![RemoteEvent::Text("a".into()), RemoteEvent::Text("b".into()), RemoteEvent::Text("c".into()), done];
+    // Job 1 and 3 lose event 1, and job 3 is not sent again; job 2 loses its `Done` (event 3).
+    let script = move |n: usize| Script { events: whole.clone(), lost: if n == 1 { 3 } else { 1 }, answers: n != 2 };
+    let (stop, asked, fake_b) = fake_runner(url, script);
     wait_servers(&a, 2);
     a.wait_nodes("fake", 9);
     let ask = || post_with(&a.addr, "/v1/chat/completions", Some(&a.key), chat("fake", 100, false).as_bytes());
@@ -884,6 +832,56 @@ fn a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed(
     assert_eq!(asked.first(), Some(&(0, 1)), "{asked:?}");
     assert!(asked.contains(&(1, 3)), "{asked:?}");
     assert!(asked.iter().any(|&(n, from)| n == 2 && from == 1), "{asked:?}");
+    assert!(a.server.log_text().contains("events of a forwarded job went missing; asked again"));
+    // The answer with a hole is written off, not billed; the two delivered are not.
+    assert!(r.body.contains("not billed"), "{}", r.body);
+    wait_for("A to write off the answer with a hole", Duration::from_secs(10), || {
+        a.server.log_text().contains("an answer given up was written off")
+    });
+    let (_, metrics) = a.get("/metrics");
+    assert!(metrics.lines().any(|l| l == "ludus_cluster_undelivered_total 1"), "{metrics}");
+}
+
+/// Events that waited behind a lost one reach the game all at once when it comes: they
+/// used to count against what a streamed game may leave unread (`stream_unread_kib`), so
+/// a game reading normally was cut off as one that fell behind, and billed as one that
+/// left. A fake runner B sends a long answer (about 120 KiB, twice A's 64 KiB) with its
+/// second event lost, and sends it again when asked: the game reads the whole answer.
+#[test]
+fn events_released_after_a_lost_one_are_not_taken_for_a_game_falling_behind() {
+    use ludus::actors::cluster::wire::RemoteEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(dir.path()) else { return };
+    let key_file = format!("key_file = \"{}\"\nstream_unread_kib = 64\n", dir.path().join("distributor.key").display());
+    let a = Cluster::start_with_server(&key_file, &cluster_table(&nats.url_for("a"), "a", PEER_TIMEOUT_MS));
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    // 120 events of 1 KiB each, then the `Done`; the second one lost.
+    let chunk = "y".repeat(1023) + " ";
+    let whole: Vec<RemoteEvent> = (0..120)
+        .map(|_| RemoteEvent::Text(chunk.clone()))
+        .chain([RemoteEvent::Done {
+            finish_reason: ludus::protocol::FinishReason::Length,
+            usage: ludus::protocol::TaskUsage { prompt_tokens: 5, completion_tokens: 120 },
+            task: None,
+        }])
+        .collect();
+    let (stop, _, fake_b) = fake_runner(url, move |_| Script { events: whole.clone(), lost: 1, answers: true });
+    wait_servers(&a, 2);
+    a.wait_nodes("fake", 9);
+    let mut stream = SseStream::open(&a.addr, &a.key, &chat("fake", 200, true));
+    assert_eq!(stream.status, 200);
+    let data: Vec<String> = std::iter::from_fn(|| stream.next_data()).collect();
+    stop.store(true, Ordering::Relaxed);
+    fake_b.join().unwrap();
+    let error = data.iter().find(|d| d.contains("\"error\""));
+    assert!(error.is_none(), "the game was cut off: {error:?}");
+    let text: String = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, chunk.repeat(120), "the whole answer, in order");
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     assert!(a.server.log_text().contains("events of a forwarded job went missing; asked again"));
 }
 
@@ -1141,6 +1139,85 @@ fn a_node_key_holds_one_session_in_the_whole_network() {
         system.block_on(second.idle(&mut [], Duration::from_millis(250)));
         assert_eq!((counted(a), counted(b)), (1, 1), "the key counted once on each server");
     }
+}
+
+/// What a fake runner does with one job it takes.
+struct Script {
+    /// The job's events, numbered from 0.
+    events: Vec<ludus::actors::cluster::wire::RemoteEvent>,
+    /// The number of the one it "loses" (never published the first time).
+    lost: usize,
+    /// Whether it sends events again when asked.
+    answers: bool,
+}
+
+/// Requests for events again a fake runner heard: (its job, from which number).
+type Asked = Arc<Mutex<Vec<(usize, u64)>>>;
+
+/// A fake runner B on NATS at `url`, advertising nodes of model `fake` to origin A: the
+/// n-th job it takes gets `script(n)`'s events, numbered, all but the lost one, and
+/// events again when asked and the script answers. Runs until the switch it returns is
+/// set; every request for events again is recorded.
+fn fake_runner(
+    url: String,
+    script: impl Fn(usize) -> Script + Send + 'static,
+) -> (Arc<AtomicBool>, Asked, std::thread::JoinHandle<()>) {
+    use futures_util::StreamExt;
+    use ludus::actors::cluster::{sequenced, wire};
+    let (stop, asked) = (Arc::new(AtomicBool::new(false)), Asked::default());
+    let (stop2, asked2) = (stop.clone(), asked.clone());
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let client = async_nats::connect(url).await.unwrap();
+            let mut jobs = client.subscribe(wire::jobs_for("b")).await.unwrap();
+            let mut resends = client.subscribe("ludus.resend.b.*.*").await.unwrap();
+            let publish = |subject: String, seq: usize, event: &wire::RemoteEvent| {
+                let client = client.clone();
+                let payload = serde_json::to_vec(event).unwrap();
+                async move {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(sequenced::SEQ_HEADER, seq.to_string().as_str());
+                    client.publish_with_headers(subject, headers, payload.into()).await.unwrap();
+                }
+            };
+            // Each job's script, and its reply subject.
+            let mut taken: Vec<(Script, String)> = Vec::new();
+            let mut advert = tokio::time::interval(Duration::from_millis(200));
+            while !stop2.load(Ordering::Relaxed) {
+                tokio::select! {
+                    _ = advert.tick() => {
+                        client.publish("ludus.advert.b", fake_advert("b", "fake").into()).await.unwrap();
+                    }
+                    Some(message) = jobs.next() => {
+                        let job: wire::ForwardedJob = serde_json::from_slice(&message.payload).unwrap();
+                        let (reply, script) = (wire::reply_subject("a", job.task, "b"), script(taken.len()));
+                        for (seq, event) in script.events.iter().enumerate().filter(|&(seq, _)| seq != script.lost) {
+                            publish(reply.clone(), seq, event).await;
+                        }
+                        taken.push((script, reply));
+                    }
+                    Some(request) = resends.next() => {
+                        let (from, to) = sequenced::parse_request(&request.payload).expect("a request");
+                        // `ludus.resend.b.<task>.a` for `ludus.reply.a.<task>.b`.
+                        let task = request.subject.as_str().split('.').nth(3);
+                        let n = taken.iter().position(|(_, reply)| reply.split('.').nth(3) == task)
+                            .expect("a request for a job taken");
+                        asked2.lock().unwrap().push((n, from));
+                        let (script, reply) = &taken[n];
+                        if !script.answers {
+                            continue;
+                        }
+                        let to = to.map_or(script.events.len(), |to| to as usize);
+                        for (seq, event) in script.events.iter().enumerate().take(to).skip(from as usize) {
+                            publish(reply.clone(), seq, event).await;
+                        }
+                    }
+                }
+            }
+        })
+    });
+    (stop, asked, thread)
 }
 
 /// A fake advert for `model`, in the wire form, naming `server`.

@@ -23,7 +23,8 @@
 //!   up before the answer came back whole (a lost event never sent again, the running
 //!   server silent or restarted) is written off by the origin in the shared database
 //!   ([`relay::write_off`]): the game, which got an error, is not charged, and the node is
-//!   not paid.
+//!   not paid. The running server writes off a job it stops because its origin went away
+//!   (silent, restarted, or NATS lost): a dead origin cannot.
 //! - **Failures.** NATS down: no other server is offered work or counted from that moment,
 //!   and each server serves from its own nodes; jobs already crossing are given
 //!   `peer_timeout_ms`. The client reconnects by itself and the adverts rebuild the table.
@@ -263,6 +264,7 @@ impl Cluster {
             peers: self.peers.clone(),
             name: self.config.name.clone(),
             instance: self.instance,
+            ledger: self.ledger.clone(),
         };
         self.listen(ctx, wire::jobs_for(&self.config.name), move |publisher, payload| {
             actix::spawn(relay::serve(serving.clone(), publisher.to_string(), payload));

@@ -49,8 +49,9 @@ pub struct Peers {
     pub forwarded: std::sync::atomic::AtomicU64,
     /// Jobs this server ran for another one (`/metrics`).
     pub served_for_others: std::sync::atomic::AtomicU64,
-    /// Jobs this server sent to another one and gave up before their answer came back
-    /// whole: written off, not billed (`/metrics`).
+    /// Forwarded jobs this server wrote off, not billed (`/metrics`): sent to another
+    /// server and given up before their answer came back whole, or run here for a server
+    /// that went away.
     pub undelivered: std::sync::atomic::AtomicU64,
 }
 

@@ -181,13 +181,17 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
                                 break;
                             }
                         };
-                        for event in ready {
+                        for (i, event) in ready.into_iter().enumerate() {
                             let ends = event.ends();
                             if let RemoteEvent::Done { usage, .. } = &event {
                                 charge(usage);
                             }
-                            if let Some(event) = event.for_game(task) {
-                                let _ = job.events.send(event);
+                            // Those after the first waited behind a lost event, where the
+                            // game could not read them: their burst is not the game's doing.
+                            match event.for_game(task) {
+                                Some(event) if i == 0 => { let _ = job.events.send(event); }
+                                Some(event) => { let _ = job.events.send_released(event); }
+                                None => {}
                             }
                             if ends {
                                 relayed_whole = true;
@@ -276,6 +280,11 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
     }
     if let Some(reason) = lost {
         peers.undelivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A `Done` held behind the hole may name another task: the answer produced again
+        // there under a new id (its first node failed a synchronous check), billed by it.
+        if let Some(billed) = order.held_done_task().filter(|&billed| billed != task) {
+            actix::spawn(write_off(ledger.clone(), billed, origin.clone(), reason.clone()));
+        }
         actix::spawn(write_off(ledger, task, origin, reason));
     }
     let _ = events.unsubscribe().await;
@@ -337,6 +346,8 @@ pub struct Serving {
     pub name: String,
     /// The process this server runs as ([`super::wire::Advert::instance`]).
     pub instance: u64,
+    /// Where a job that can no longer reach its game is written off ([`write_off`]).
+    pub ledger: Store,
 }
 
 /// Runs a job server `publisher` forwarded, as a request of this server's own, and sends
@@ -396,10 +407,15 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
     // KEEPALIVE that this one holds it. An older origin would take the word for a
     // malformed event.
     let (mut keepalive, keeps_alive) = (actix_web::rt::time::interval(KEEPALIVE), origin_instance.is_some());
+    // Why the answer can no longer reach its game, when this server stops the job for it
+    // (not when its origin cancels it: the origin decides then): written off here too, for
+    // an origin that died cannot.
+    let mut unreachable: Option<String> = None;
     let finished = loop {
         tokio::select! {
             _ = keepalive.tick(), if keeps_alive => {
                 if !replies.alive().await {
+                    unreachable = Some("the cluster link failed while the job ran".into());
                     break false;
                 }
             }
@@ -411,12 +427,14 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
                 let heard_long_enough = started.elapsed() >= ctx.peers.timeout();
                 if heard_long_enough && !ctx.peers.alive(&origin, std::time::Instant::now()) {
                     tracing::warn!(task = %task, %origin, "the server that forwarded a job went silent; cancelling it");
+                    unreachable = Some(format!("server `{origin}`, which held the game's connection, went silent"));
                     break false;
                 }
                 // Restarted under its name: its adverts say "alive", but the process that
                 // holds the game's connection is gone; the rest would be billed unread.
                 if origin_instance.is_some_and(|instance| ctx.peers.restarted(&origin, instance, started)) {
                     tracing::warn!(task = %task, %origin, "the server that forwarded a job restarted; cancelling it");
+                    unreachable = Some(format!("server `{origin}`, which held the game's connection, restarted"));
                     break false;
                 }
             }
@@ -428,6 +446,7 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
                 let ends = event.ends();
                 // NATS gone: nobody can read the rest; dropping `rx` cancels the job.
                 if !replies.send(event).await {
+                    unreachable = Some("the cluster link failed while the job ran".into());
                     break false;
                 }
                 if ends {
@@ -447,6 +466,10 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
             }
         }
     };
+    if let Some(reason) = unreachable {
+        ctx.peers.undelivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        actix::spawn(write_off(ctx.ledger.clone(), task, ctx.name.clone(), reason));
+    }
     // Its last events may be lost on the way: they stay to be asked for again a while.
     if finished {
         drop(rx);

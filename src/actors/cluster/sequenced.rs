@@ -228,6 +228,15 @@ impl Reorder {
             _ => None,
         })
     }
+
+    /// The task a `Done` held behind a hole names, when it names one (an answer produced
+    /// again under a new id).
+    pub fn held_done_task(&self) -> Option<crate::protocol::TaskId> {
+        self.held.values().find_map(|(event, _)| match event {
+            RemoteEvent::Done { task, .. } => *task,
+            _ => None,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +316,12 @@ mod tests {
         assert_eq!(order.held_done(), None);
         assert!(order.accept(Some(1), done, 1).unwrap().is_empty());
         assert_eq!(order.held_done(), Some(usage));
+        assert_eq!(order.held_done_task(), None, "an older server names no task");
+        let mut order = Reorder::default();
+        let task = Some(crate::protocol::TaskId(7));
+        let done = RemoteEvent::Done { finish_reason: crate::protocol::FinishReason::Stop, usage, task };
+        assert!(order.accept(Some(2), done, 1).unwrap().is_empty());
+        assert_eq!(order.held_done_task(), task);
     }
 
     #[test]
