@@ -74,6 +74,11 @@ pub struct ReceiptProof {
     pub block_root: String,
     /// Null until the block is anchored on chain.
     pub anchor: Option<AnchorProof>,
+    /// Why the answer was written off, when it was: it never reached its game whole (a
+    /// job lost between servers), so it is neither charged nor paid whatever its price.
+    /// Absent otherwise, and from servers before write-offs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_off: Option<String>,
 }
 
 /// A block's place in its anchor.

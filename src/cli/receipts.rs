@@ -130,6 +130,9 @@ pub fn verify_receipt(args: VerifyReceiptArgs) -> anyhow::Result<()> {
             "task {:016x}: signed by {}, in block {}, anchored on chain by {} (anchor {})",
             checked.task, checked.node, checked.block, checked.anchor_tx, checked.anchor
         );
+        if let Some(reason) = &answer.proof.written_off {
+            eprintln!("task {:016x}: written off, neither charged nor paid: {reason}", checked.task);
+        }
         Ok(())
     })
 }

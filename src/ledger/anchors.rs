@@ -313,8 +313,10 @@ impl Store {
         let Some(r) = conn
             .query_opt(
                 "SELECT r.block, r.game_id, r.node_address, r.model, r.prompt_tokens, r.completion_tokens,
-                        r.price_units::text, r.signed_bytes, r.node_signature, r.receipt_hash, b.merkle_root
-                 FROM receipts r JOIN blocks b ON b.number = r.block WHERE r.task_id = $1",
+                        r.price_units::text, r.signed_bytes, r.node_signature, r.receipt_hash, b.merkle_root, u.reason
+                 FROM receipts r JOIN blocks b ON b.number = r.block
+                 LEFT JOIN undelivered u ON u.task_id = r.task_id
+                 WHERE r.task_id = $1",
                 &[&(task as i64)],
             )
             .await?
@@ -378,6 +380,7 @@ impl Store {
             receipt_path: receipt_path.iter().map(|h| hex0x(h)).collect(),
             block_root: hex0x(&block_root),
             anchor,
+            written_off: r.get(11),
         }))
     }
 }

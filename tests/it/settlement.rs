@@ -488,6 +488,10 @@ fn an_answer_written_off_is_neither_charged_nor_paid() {
     assert_eq!(epoch.charge_total, Units(delivered));
     assert!(epoch.payout_total.0 <= delivered * SHARE_BPS / 10_000, "{:?}", epoch.payout_total);
     assert!(epoch.payout_total.0 + 2 > delivered * SHARE_BPS / 10_000, "{:?}", epoch.payout_total);
+    // A game auditing its receipts sees which were written off.
+    let proof = |task| block_on(store.receipt_proof(task)).unwrap().expect("a receipt");
+    assert_eq!(proof(3).written_off.as_deref(), Some("server `b`, which was running it, stopped answering"));
+    assert_eq!(proof(4).written_off, None);
     let unsettled = "SELECT min(task_id), max(task_id), count(*) FROM receipts WHERE epoch IS NULL";
     assert_eq!(numbers(&store, unsettled), vec![3, 5, 2], "(first, last, count) left unsettled");
 }
