@@ -13,6 +13,7 @@ use std::time::Duration;
 use actix::Addr;
 use actix_web::web;
 
+use crate::actors::cluster::write_offs::WriteOffs;
 use crate::actors::messages::{Drain, FlushReceipts};
 use crate::actors::node_proxy::NodeProxyConfig;
 use crate::actors::{Distributor, Registry};
@@ -107,7 +108,10 @@ pub async fn start(settings: &Settings) -> std::io::Result<(ServerHandle, actix_
         traffic: Default::default(),
     });
     let (addr, server) = crate::http::server::listen(state, &s.server)?;
-    tree::start_cluster(&s, &core, catalog, &store, addr.port()).await?;
+    // Answers lost between servers, written off: those left unwritten by the last run go
+    // to the ledger now, whether or not this run is in a network.
+    let write_offs = WriteOffs::open(store.clone(), &s.server.data_dir.join("write-offs.log"))?;
+    tree::start_cluster(&s, &core, catalog, write_offs, addr.port()).await?;
     let handle = ServerHandle {
         addr,
         distributor_address: identity.address,

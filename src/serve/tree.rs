@@ -15,6 +15,7 @@ use crate::actors::catalog::Catalog;
 use crate::actors::check_backlog::{BacklogConfig, CheckBacklog, Replay};
 use crate::actors::check_log::{CheckLog, OwedCheck};
 use crate::actors::clock::{SubscribeBlocks, SubscribeEpochs};
+use crate::actors::cluster::write_offs::WriteOffs;
 use crate::actors::cluster::{wire, Cluster, ClusterConfig, Peers, ServerParts};
 use crate::actors::completion::{Completion, CompletionConfig, Verification};
 use crate::actors::completion_log::CompletionLog;
@@ -118,7 +119,7 @@ pub async fn start_cluster(
     s: &Settings,
     core: &Core,
     catalog: Arc<Catalog>,
-    store: &Store,
+    write_offs: Arc<WriteOffs>,
     port: u16,
 ) -> io::Result<()> {
     if !s.cluster.enabled() {
@@ -140,7 +141,7 @@ pub async fn start_cluster(
         completions: core.completions.clone(),
         usage: core.gateway.clone().recipient(),
         sessions: core.sessions.clone(),
-        ledger: store.clone(),
+        write_offs,
     };
     let cluster = supervisor::start("cluster", move |_| Cluster::new(client, config, parts));
     core.peers.join(cluster.clone().recipient());

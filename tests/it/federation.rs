@@ -842,6 +842,34 @@ fn a_forwarded_jobs_lost_events_are_asked_for_again_and_a_hole_is_never_relayed(
     assert!(metrics.lines().any(|l| l == "ludus_cluster_undelivered_total 1"), "{metrics}");
 }
 
+/// A write-off waits on disk (`data_dir/write-offs.log`) until the ledger has it: one left
+/// by a server stopped while its database was away reaches the ledger when the server
+/// starts again, in a network or not. It used to live in a retry loop only, and a restart
+/// lost it (the game billed for the answer it never got). Two written off before this
+/// start, and a line torn by the crash.
+#[test]
+fn write_offs_left_by_a_stopped_server_reach_the_ledger_at_its_next_start() {
+    use ludus::actors::cluster::write_offs::WriteOff;
+    let lines: Vec<String> = [7_u64, u64::MAX - 1]
+        .iter()
+        .map(|&task| {
+            let w = WriteOff { task, server: "a".into(), reason: format!("server `b` stopped answering ({task})") };
+            serde_json::to_string(&w).unwrap()
+        })
+        .collect();
+    let file = format!("{}\n{}\n{{\"task\": 9, \"serv", lines[0], lines[1]);
+    let server = Cluster::start_prepared("", |data| std::fs::write(data.join("write-offs.log"), &file).unwrap());
+    let store = server.store();
+    wait_for("the write-offs in the ledger", Duration::from_secs(20), || {
+        block_on(store.undelivered(u64::MAX - 1)).unwrap().is_some()
+    });
+    assert_eq!(block_on(store.undelivered(7)).unwrap().as_deref(), Some("server `b` stopped answering (7)"));
+    assert_eq!(block_on(store.undelivered(9)).unwrap(), None, "a torn line is skipped");
+    let path = server.dir.path().join("data").join("write-offs.log");
+    wait_for("the file emptied", Duration::from_secs(10), || std::fs::read(&path).unwrap().is_empty());
+    assert!(server.server.log_text().contains("write-offs left from before this start"));
+}
+
 /// Events that waited behind a lost one reach the game all at once when it comes: they
 /// used to count against what a streamed game may leave unread (`stream_unread_kib`), so
 /// a game reading normally was cut off as one that fell behind, and billed as one that

@@ -22,7 +22,7 @@
 //! - **Money.** The server that runs a job bills it, as its own. One that its origin gives
 //!   up before the answer came back whole (a lost event never sent again, the running
 //!   server silent or restarted) is written off by the origin in the shared database
-//!   ([`relay::write_off`]): the game, which got an error, is not charged, and the node is
+//!   ([`write_offs`]): the game, which got an error, is not charged, and the node is
 //!   not paid. The running server writes off a job it stops because its origin went away
 //!   (silent, restarted, or NATS lost): a dead origin cannot.
 //! - **Failures.** NATS down: no other server is offered work or counted from that moment,
@@ -37,6 +37,7 @@ pub mod peers;
 pub mod relay;
 pub mod sequenced;
 pub mod wire;
+pub mod write_offs;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +51,6 @@ use super::distributor::Distributor;
 use super::messages::{Job, LocalRoom, QuarantineNode, RecordUsage};
 use super::sessions::Sessions;
 use crate::crypto::identity::Address;
-use crate::ledger::Store;
 use crate::protocol::TaskId;
 pub use peers::Peers;
 use wire::{Advert, Charge, Quarantine, SessionClaim, Witness};
@@ -96,8 +96,8 @@ pub struct ServerParts {
     pub usage: Recipient<RecordUsage>,
     /// The node sessions held here (one key, one session across the network).
     pub sessions: Arc<Sessions>,
-    /// The ledger, where a forwarded job given up is written off.
-    pub ledger: Store,
+    /// Where a forwarded job given up is written off.
+    pub write_offs: Arc<write_offs::WriteOffs>,
 }
 
 pub struct Cluster {
@@ -113,12 +113,12 @@ pub struct Cluster {
     charges: Arc<charges::AwaitedCharges>,
     /// Tells this process from another one configured with the same name.
     instance: u64,
-    ledger: Store,
+    write_offs: Arc<write_offs::WriteOffs>,
 }
 
 impl Cluster {
     pub fn new(client: async_nats::Client, config: ClusterConfig, parts: ServerParts) -> Self {
-        let ServerParts { peers, distributor, catalog, completions, usage, sessions, ledger } = parts;
+        let ServerParts { peers, distributor, catalog, completions, usage, sessions, write_offs } = parts;
         let charges = Default::default();
         Self {
             client,
@@ -131,7 +131,7 @@ impl Cluster {
             sessions,
             charges,
             instance: rand::random(),
-            ledger,
+            write_offs,
         }
     }
 
@@ -264,7 +264,7 @@ impl Cluster {
             peers: self.peers.clone(),
             name: self.config.name.clone(),
             instance: self.instance,
-            ledger: self.ledger.clone(),
+            write_offs: self.write_offs.clone(),
         };
         self.listen(ctx, wire::jobs_for(&self.config.name), move |publisher, payload| {
             actix::spawn(relay::serve(serving.clone(), publisher.to_string(), payload));
@@ -438,7 +438,7 @@ impl Handler<Outbound> for Cluster {
                     peers: self.peers.clone(),
                     usage: self.usage.clone(),
                     charges: self.charges.clone(),
-                    ledger: self.ledger.clone(),
+                    write_offs: self.write_offs.clone(),
                 };
                 // Not tied to this actor: a restart never cuts a game's stream.
                 actix::spawn(relay::forward(forwarding, to, *job));

@@ -11,13 +11,13 @@ use futures_util::StreamExt;
 use super::charges::AwaitedCharges;
 use super::sequenced::{self, Reorder, SentEvents, LAST_ASK_GRACE, SEQ_HEADER};
 use super::wire::{cancel_subject, job_subject, reply_subject, resend_subject, ForwardedJob, RemoteEvent, KEEPALIVE};
+use super::write_offs::WriteOffs;
 use super::Peers;
 use crate::actors::catalog::Catalog;
 use crate::actors::distributor::Distributor;
 use crate::actors::error::ServeError;
 use crate::actors::messages::{Billing, Job, JobEvent, JobRequest, RecordUsage, Submit};
-use crate::ledger::Store;
-use crate::protocol::{TaskId, TaskUsage};
+use crate::protocol::TaskUsage;
 
 /// How often a forwarding server checks that the server running its job is still there.
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
@@ -45,8 +45,8 @@ pub struct Forwarding {
     pub usage: Recipient<RecordUsage>,
     /// Where a hang-up's charge from the running server is awaited.
     pub charges: Arc<AwaitedCharges>,
-    /// Where an answer given up is written off ([`write_off`]).
-    pub ledger: Store,
+    /// Where an answer given up is written off.
+    pub write_offs: Arc<WriteOffs>,
 }
 
 /// Tells `runner` to stop `task`: now, and once more a moment later (a cancel that
@@ -64,7 +64,7 @@ fn cancel(client: &async_nats::Client, subject: &str) {
 /// game leaving (the other server is told to cancel), or `to` going silent (the game gets
 /// a clear error, and `to` is told to cancel should it come back).
 pub async fn forward(ctx: Forwarding, to: String, job: Job) {
-    let Forwarding { client, origin, instance, peers, usage, charges, ledger } = ctx;
+    let Forwarding { client, origin, instance, peers, usage, charges, write_offs } = ctx;
     let task = job.id;
     // The most the job can count: whatever a server says, no more is charged to the game.
     let bound = u64::from(job.prompt.tokens).saturating_add(job.max_tokens as u64);
@@ -283,9 +283,9 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
         // A `Done` held behind the hole may name another task: the answer produced again
         // there under a new id (its first node failed a synchronous check), billed by it.
         if let Some(billed) = order.held_done_task().filter(|&billed| billed != task) {
-            actix::spawn(write_off(ledger.clone(), billed, origin.clone(), reason.clone()));
+            write_offs.record(billed, &origin, &reason);
         }
-        actix::spawn(write_off(ledger, task, origin, reason));
+        write_offs.record(task, &origin, &reason);
     }
     let _ = events.unsubscribe().await;
 }
@@ -293,29 +293,6 @@ pub async fn forward(ctx: Forwarding, to: String, job: Job) {
 /// What the game reads when its answer is given up: the reason, and that it pays nothing.
 fn not_billed(reason: &str) -> String {
     format!("{reason}; this answer is not billed")
-}
-
-/// How long a write-off is tried again while the database does not take it.
-const WRITE_OFF_RETRIES_FOR: Duration = Duration::from_secs(600);
-
-/// Writes off `task`, given up by this server (`origin`): the game got an error, so its
-/// receipt, recorded by whichever server ran it, is neither charged nor paid
-/// ([`crate::ledger::undelivered`]). Tried again for [`WRITE_OFF_RETRIES_FOR`] while the
-/// database is away (settlement is daily: a late write-off still counts).
-pub async fn write_off(ledger: Store, task: TaskId, origin: String, reason: String) {
-    let (started, mut wait) = (Instant::now(), Duration::from_millis(500));
-    loop {
-        match ledger.record_undelivered(task.0, &origin, &reason).await {
-            Ok(_) => return tracing::warn!(task = %task, %reason, "an answer given up was written off: not billed"),
-            Err(e) if started.elapsed() >= WRITE_OFF_RETRIES_FOR => {
-                return tracing::error!(task = %task, error = %e, %reason,
-                    "an answer given up could not be written off; its game may be billed for it");
-            }
-            Err(e) => tracing::warn!(task = %task, error = %e, "writing off an answer given up failed; trying again"),
-        }
-        actix_web::rt::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(30));
-    }
 }
 
 /// The usage of a `Done` that arrives on `events` within `grace` (other events skipped;
@@ -346,8 +323,8 @@ pub struct Serving {
     pub name: String,
     /// The process this server runs as ([`super::wire::Advert::instance`]).
     pub instance: u64,
-    /// Where a job that can no longer reach its game is written off ([`write_off`]).
-    pub ledger: Store,
+    /// Where a job that can no longer reach its game is written off.
+    pub write_offs: Arc<WriteOffs>,
 }
 
 /// Runs a job server `publisher` forwarded, as a request of this server's own, and sends
@@ -468,7 +445,7 @@ pub async fn serve(ctx: Serving, publisher: String, payload: Bytes) {
     };
     if let Some(reason) = unreachable {
         ctx.peers.undelivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        actix::spawn(write_off(ctx.ledger.clone(), task, ctx.name.clone(), reason));
+        ctx.write_offs.record(task, &ctx.name, &reason);
     }
     // Its last events may be lost on the way: they stay to be asked for again a while.
     if finished {
