@@ -19,7 +19,8 @@
 //! Tokens the server held where the game could not read them (a forwarded job's events
 //! waiting behind a lost one, [`EventSender::send_released`]) pass too, all at once, and
 //! raise the limit by what they weigh until the game has read that much: the game did
-//! not fall behind, the network held them.
+//! not fall behind, the network held them. The raise is [`MAX_ALLOWANCE`] at most, so a
+//! game that stops reading holds no more than the limit and that.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,6 +30,10 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::error::ServeError;
 use super::messages::JobEvent;
+
+/// The most released tokens raise a reader's limit by, however many holes they came from
+/// (a forwarded job holds at most as much behind one hole).
+pub const MAX_ALLOWANCE: usize = 16 << 20;
 
 /// The request reading these events has gone, or fell too far behind: the event was not
 /// sent.
@@ -46,10 +51,14 @@ struct Unread {
 }
 
 impl Unread {
-    /// Takes a read event's weight off; the allowance shrinks with what is left unread.
+    /// Takes a read event's weight off; the allowance shrinks by as much (the reader is
+    /// reading what was released, or what came before it), and never exceeds what is
+    /// left unread.
     fn read(&self, weight: usize) {
         let left = self.bytes.fetch_sub(weight, Ordering::AcqRel).saturating_sub(weight);
-        self.allowance.fetch_min(left, Ordering::AcqRel);
+        let _ = self
+            .allowance
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| Some(a.saturating_sub(weight).min(left)));
     }
 }
 
@@ -131,8 +140,14 @@ impl EventSender {
         if self.unread.fell_behind.load(Ordering::Acquire) {
             return Err(Gone);
         }
-        self.unread.allowance.fetch_add(weight(&event), Ordering::AcqRel);
-        self.send_within(event, false)
+        let weight = weight(&event);
+        // The bytes first: a read in between cannot clip the allowance below them.
+        self.send_within(event, false)?;
+        let _ = self
+            .unread
+            .allowance
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| Some(a.saturating_add(weight).min(MAX_ALLOWANCE)));
+        Ok(())
     }
 
     fn send_within(&self, event: JobEvent, limited: bool) -> Result<(), Gone> {
@@ -288,6 +303,16 @@ mod tests {
             tx.send(text(100)).unwrap();
         }
         assert_eq!(tx.send(text(100)), Err(Gone), "a game that stops reading still falls behind");
+        // A game that stops reading: holes one after another raise its limit by at most
+        // MAX_ALLOWANCE in all.
+        let (tx, _unread) = channel(limit);
+        let big = text(MAX_ALLOWANCE / 8);
+        for _ in 0..20 {
+            tx.send_released(big.clone()).unwrap();
+        }
+        assert_eq!(tx.unread.allowance.load(Ordering::Acquire), MAX_ALLOWANCE);
+        let passed = (0..1000).take_while(|_| tx.send(text(100_000)).is_ok()).count();
+        assert!(passed <= 1, "{passed} tokens passed past the limit and the allowance");
         // A control event released is an ordinary one.
         let (tx, mut rx) = channel(limit);
         tx.send_released(done()).unwrap();

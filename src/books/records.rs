@@ -76,7 +76,8 @@ pub struct ReceiptProof {
     pub anchor: Option<AnchorProof>,
     /// Why the answer was written off, when it was: it never reached its game whole (a
     /// job lost between servers), so it is neither charged nor paid whatever its price.
-    /// Absent otherwise, and from servers before write-offs.
+    /// Absent otherwise (a write-off after the receipt was settled included: it was
+    /// charged and paid), and from servers before write-offs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_off: Option<String>,
 }

@@ -313,7 +313,8 @@ impl Store {
         let Some(r) = conn
             .query_opt(
                 "SELECT r.block, r.game_id, r.node_address, r.model, r.prompt_tokens, r.completion_tokens,
-                        r.price_units::text, r.signed_bytes, r.node_signature, r.receipt_hash, b.merkle_root, u.reason
+                        r.price_units::text, r.signed_bytes, r.node_signature, r.receipt_hash, b.merkle_root,
+                        CASE WHEN r.epoch IS NULL THEN u.reason END
                  FROM receipts r JOIN blocks b ON b.number = r.block
                  LEFT JOIN undelivered u ON u.task_id = r.task_id
                  WHERE r.task_id = $1",

@@ -19,6 +19,7 @@ use ludus::chain::{ChainError, SettlementClient};
 use ludus::crypto::identity::Identity;
 use ludus::crypto::merkle;
 use ludus::crypto::merkle::payout_leaf;
+use ludus::ledger::undelivered::WriteOff;
 use ludus::ledger::{Receipt, Store, Units};
 use ludus::protocol::receipt::confirmation_message;
 
@@ -456,10 +457,11 @@ fn an_answer_written_off_is_neither_charged_nor_paid() {
     block_on(store.set_game_wallet("lost", &format!("0x{:040x}", 0x1e))).unwrap();
     let nodes = [Identity::generate(), Identity::generate()];
     // Task 3 written off before its receipt is on the books, task 5 after.
-    assert!(block_on(store.record_undelivered(3, "a", "server `b`, which was running it, stopped answering")).unwrap());
+    let first = block_on(store.record_undelivered(3, "a", "server `b`, which was running it, stopped answering"));
+    assert_eq!(first.unwrap(), WriteOff { new: true, settled_in: None });
     record_day(&store, &nodes, &[game], 1, 6, 3);
-    assert!(block_on(store.record_undelivered(5, "a", "server `b` lost part of the answer\0")).unwrap());
-    assert!(!block_on(store.record_undelivered(5, "c", "again")).unwrap(), "a task is written off once");
+    assert!(block_on(store.record_undelivered(5, "a", "server `b` lost part of the answer\0")).unwrap().new);
+    assert!(!block_on(store.record_undelivered(5, "c", "again")).unwrap().new, "a task is written off once");
     assert_eq!(block_on(store.undelivered(5)).unwrap().as_deref(), Some("server `b` lost part of the answer\u{fffd}"));
     assert_eq!(block_on(store.undelivered(4)).unwrap(), None);
     let price = |tasks: &[u64]| -> u128 {
@@ -494,6 +496,15 @@ fn an_answer_written_off_is_neither_charged_nor_paid() {
     assert_eq!(proof(4).written_off, None);
     let unsettled = "SELECT min(task_id), max(task_id), count(*) FROM receipts WHERE epoch IS NULL";
     assert_eq!(numbers(&store, unsettled), vec![3, 5, 2], "(first, last, count) left unsettled");
+    // Too late: a receipt settled before its write-off was charged and paid, and the
+    // books keep saying so.
+    let late = block_on(store.record_undelivered(4, "a", "too late")).unwrap();
+    assert_eq!(late, WriteOff { new: true, settled_in: Some(epoch.number) });
+    assert_eq!(proof(4).written_off, None, "settled: charged and paid");
+    let payable: u128 = block_on(store.node_reports()).unwrap().iter().map(|n| n.payable.0).sum();
+    assert_eq!(payable, delivered, "the settled receipt still counts");
+    let usage = block_on(store.usage(game, 1)).unwrap();
+    assert_eq!(usage.iter().map(|d| d.tasks).sum::<i64>(), 4);
 }
 
 /// One post names every game it charges (about 8,000 gas each), so an epoch charges at
