@@ -45,7 +45,8 @@ pub struct Gone;
 struct Unread {
     bytes: AtomicUsize,
     limit: usize,
-    /// What released tokens add to the limit: never more than the bytes still unread.
+    /// What released tokens add to the limit: never more than the bytes still unread, nor
+    /// than [`MAX_ALLOWANCE`].
     allowance: AtomicUsize,
     fell_behind: AtomicBool,
 }
@@ -132,7 +133,7 @@ impl EventSender {
     /// forwarded job released together once a lost one before them came): it passes while
     /// the channel is open, and the limit grows by its weight until the game has read as
     /// much, so that the tokens after it are not refused for a burst the game did not
-    /// cause. (What is held so is bounded where it is held.)
+    /// cause. The raise is [`MAX_ALLOWANCE`] at most, over every hole of the job.
     pub fn send_released(&self, event: JobEvent) -> Result<(), Gone> {
         if !is_token(&event) {
             return self.send(event);
